@@ -1,0 +1,231 @@
+//! The `macula` binary: the daemon (`macula start`) and the CLI.
+//!
+//! A thin clap shell: it layers configuration (`config.rs`), sets up logging
+//! and calls into the `macula` crate. CLI output goes to stdout; logs go to
+//! stderr through `tracing`.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+
+mod bench;
+mod config;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use macula::{IdentitySource, Limits, Node, NodeConfig, TlsMode, TlsOptions};
+use macula_runtime::Identity;
+
+use crate::config::{LogFormat, NodeArgs, Settings, TlsModeSetting};
+
+/// Macula: a zero-config application mesh over QUIC.
+#[derive(Parser, Debug)]
+#[command(name = "macula", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node in the foreground (zero config: `macula start`).
+    Start(Box<NodeArgs>),
+    /// Print this node's ID, creating the identity if it does not exist.
+    Identity(IdentityArgs),
+    /// Run a benchmark and print its figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct IdentityArgs {
+    /// Directory holding node.key [env: MACULA_DATA_DIR] [default: <user data dir>/macula]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON instead of the bare node ID.
+    #[arg(long)]
+    json: bool,
+}
+
+/// An error with the exit code it deserves.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            error: e.into(),
+        }
+    }
+}
+
+fn usage(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: 2,
+        error: error.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let env = |k: &str| std::env::var(k).ok();
+    match cli.command {
+        Command::Start(args) => {
+            let settings =
+                config::resolve(&args, &env).map_err(|e| usage(anyhow::anyhow!("{e}")))?;
+            init_logging(settings.log_format, "info");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(start(settings))
+        }
+        Command::Identity(args) => {
+            let dir = args
+                .data_dir
+                .or_else(|| {
+                    env("MACULA_DATA_DIR")
+                        .filter(|s| !s.is_empty())
+                        .map(PathBuf::from)
+                })
+                .unwrap_or_else(config::default_data_dir);
+            let identity = Identity::load_or_create(&dir)?;
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                let v = serde_json::json!({
+                    "node_id": identity.node_id().to_string(),
+                    "public_key": hex(&identity.public_key()),
+                    "key_file": dir.join(macula_runtime::identity::KEY_FILE_NAME),
+                });
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(out, "{}", identity.node_id())?;
+            }
+            Ok(())
+        }
+        Command::Bench(cmd) => {
+            // Per-connection logs would drown the figures; RUST_LOG still wins.
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(bench::run(cmd))?;
+            Ok(())
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    // A second init (only possible in tests) is harmless; ignore it.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Maps layered settings onto the runtime's typed configuration.
+fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
+    let mode = match s.tls_mode {
+        TlsModeSetting::SelfCertifying => TlsMode::SelfCertifying,
+        TlsModeSetting::Ca => {
+            let (Some(ca), Some(cert)) = (&s.tls_ca_cert_file, &s.tls_cert_file) else {
+                return Err(usage(anyhow::anyhow!(
+                    "TLS mode \"ca\" needs --tls-ca-cert-file and --tls-cert-file"
+                )));
+            };
+            TlsOptions::ca_from_files(ca, cert).map_err(usage)?
+        }
+    };
+    let limits = Limits {
+        max_frame_size: s.max_frame_size,
+        max_connections: s.max_connections,
+        idle_timeout: s.idle_timeout,
+        ..Limits::default()
+    };
+    Ok(NodeConfig {
+        listen: s.listen,
+        realm: s.realm.clone(),
+        bootstrap: s.bootstrap.clone(),
+        identity: IdentitySource::DataDir(s.data_dir.clone()),
+        tls: TlsOptions {
+            mode,
+            pinned: s.tls_pinned.clone(),
+        },
+        limits,
+        capabilities: Vec::new(),
+    })
+}
+
+async fn start(settings: Settings) -> Result<(), Failure> {
+    // Install signal handlers before anything is visible, so a SIGTERM sent
+    // as soon as the banner appears still gets a graceful shutdown.
+    let signals = Signals::install()?;
+    let config = node_config(&settings)?;
+    let node = Node::builder()
+        .config(config)
+        .start()
+        .await
+        .map_err(|e| match e {
+            macula::Error::Config { .. } => usage(e),
+            macula::Error::Start(macula::StartError::Config(_)) => usage(e),
+            other => Failure::from(other),
+        })?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "node_id: {}", node.id())?;
+        writeln!(out, "listen: {}", node.local_addr())?;
+        writeln!(out, "realm: {}", node.realm())?;
+        writeln!(out, "data_dir: {}", settings.data_dir.display())?;
+        if let Some(f) = &settings.config_file {
+            writeln!(out, "config: {}", f.display())?;
+        }
+        out.flush()?;
+    }
+    signals.wait().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, installed up front.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("received SIGTERM"),
+            _ = self.int.recv() => tracing::info!("received SIGINT"),
+        }
+    }
+}

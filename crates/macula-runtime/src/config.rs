@@ -1,0 +1,246 @@
+//! Typed node configuration with production defaults.
+//!
+//! This is what the runtime consumes. It knows nothing about flags, env vars
+//! or TOML (the binary layers those into a `NodeConfig`), so embedding
+//! applications and tests build one directly with zero configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use macula_wire::{DEFAULT_MAX_FRAME_SIZE, MAX_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE};
+
+use crate::peer_addr::PeerAddr;
+use crate::tls::TlsOptions;
+
+/// Default QUIC listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default realm: nodes that configure nothing find each other.
+pub const DEFAULT_REALM: &str = "default";
+
+/// Where the node's identity comes from.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// Load `node.key` from this directory, creating it on first start.
+    DataDir(PathBuf),
+    /// A fresh in-memory identity, gone when the process exits (tests, demos).
+    Ephemeral,
+}
+
+/// Every limit and timer of the connection layer. Each has a default that a
+/// production mesh can run with, and a knob.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest frame body accepted (and announced to peers in HELLO).
+    pub max_frame_size: u32,
+    /// Connections kept in the pool; past this the least recently used
+    /// connection is closed to make room.
+    pub max_connections: usize,
+    /// A pooled connection with no application traffic for this long is
+    /// closed (health pings do not count as traffic).
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive: keeps NAT bindings open and detects dead peers early.
+    pub keep_alive_interval: Duration,
+    /// QUIC idle timeout: a peer silent for this long (despite keep-alives)
+    /// is considered dead and its connection is dropped.
+    pub transport_idle_timeout: Duration,
+    /// Interval of application health pings, which also measure RTT.
+    pub health_ping_interval: Duration,
+    /// Deadline for TLS plus the HELLO exchange.
+    pub handshake_timeout: Duration,
+    /// Deadline for a PONG.
+    pub ping_timeout: Duration,
+    /// First reconnect delay after a bootstrap peer fails or disconnects.
+    pub reconnect_backoff_min: Duration,
+    /// Cap on the reconnect delay.
+    pub reconnect_backoff_max: Duration,
+    /// When two nodes dial each other at once, the losing connection stays
+    /// usable this long so exchanges already on it can finish.
+    pub duplicate_close_grace: Duration,
+    /// Concurrent bidirectional streams a peer may open on one connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            max_connections: 1000,
+            idle_timeout: Duration::from_secs(300),
+            keep_alive_interval: Duration::from_secs(10),
+            transport_idle_timeout: Duration::from_secs(30),
+            health_ping_interval: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(10),
+            reconnect_backoff_min: Duration::from_millis(250),
+            reconnect_backoff_max: Duration::from_secs(30),
+            duplicate_close_grace: Duration::from_secs(2),
+            max_streams_per_connection: 256,
+        }
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("invalid value {value:?} for {key}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Configuration of one node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// UDP address of the node's one QUIC socket (both directions).
+    pub listen: SocketAddr,
+    /// Realm; peers in another realm are refused.
+    pub realm: String,
+    /// Peers to join through; empty means this is a first node.
+    pub bootstrap: Vec<PeerAddr>,
+    pub identity: IdentitySource,
+    pub tls: TlsOptions,
+    pub limits: Limits,
+    /// Features announced in HELLO.
+    pub capabilities: Vec<String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            realm: DEFAULT_REALM.to_string(),
+            bootstrap: Vec::new(),
+            identity: IdentitySource::Ephemeral,
+            tls: TlsOptions::default(),
+            limits: Limits::default(),
+            capabilities: Vec::new(),
+        }
+    }
+}
+
+/// Checks a realm name: 1..=253 bytes of dot-separated DNS-style labels
+/// (`a-z`, `0-9`, `-`; no empty label; no label starting or ending with `-`).
+pub fn validate_realm(realm: &str) -> Result<(), String> {
+    if realm.is_empty() || realm.len() > macula_wire::MAX_REALM_LEN {
+        return Err(format!(
+            "must be 1 to {} characters",
+            macula_wire::MAX_REALM_LEN
+        ));
+    }
+    for label in realm.split('.') {
+        if label.is_empty() {
+            return Err("empty label (two dots, or a leading/trailing dot)".into());
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
+            return Err(format!(
+                "character {c:?} not allowed (use a-z, 0-9, '-' and '.')"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl NodeConfig {
+    /// Checks every value; the error names the setting and the value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, value: String, reason: String| ConfigError::Invalid {
+            key,
+            value,
+            reason,
+        };
+        validate_realm(&self.realm).map_err(|r| invalid("realm", self.realm.clone(), r))?;
+        let l = &self.limits;
+        if !(MIN_MAX_FRAME_SIZE..=MAX_MAX_FRAME_SIZE).contains(&l.max_frame_size) {
+            return Err(invalid(
+                "max_frame_size",
+                l.max_frame_size.to_string(),
+                format!("must be between {MIN_MAX_FRAME_SIZE} and {MAX_MAX_FRAME_SIZE} bytes"),
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid(
+                "max_connections",
+                "0".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if l.keep_alive_interval >= l.transport_idle_timeout {
+            return Err(invalid(
+                "keep_alive_interval",
+                format!("{:?}", l.keep_alive_interval),
+                format!(
+                    "must be shorter than the transport idle timeout ({:?})",
+                    l.transport_idle_timeout
+                ),
+            ));
+        }
+        for (key, d) in [
+            ("idle_timeout", l.idle_timeout),
+            ("handshake_timeout", l.handshake_timeout),
+            ("ping_timeout", l.ping_timeout),
+            ("health_ping_interval", l.health_ping_interval),
+            ("reconnect_backoff_min", l.reconnect_backoff_min),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "0".into(), "must be greater than zero".into()));
+            }
+        }
+        if l.reconnect_backoff_max < l.reconnect_backoff_min {
+            return Err(invalid(
+                "reconnect_backoff_max",
+                format!("{:?}", l.reconnect_backoff_max),
+                "must not be below reconnect_backoff_min".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn realm_rules() {
+        for ok in ["default", "io.example.shop", "a-b.c1", "x"] {
+            assert!(validate_realm(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a b",
+            &"a".repeat(254),
+        ] {
+            assert!(validate_realm(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let mut c = NodeConfig::default();
+        c.limits.max_frame_size = 10;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_frame_size") && e.contains("\"10\""), "{e}");
+    }
+}

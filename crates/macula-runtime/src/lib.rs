@@ -1,0 +1,26 @@
+//! Macula runtime: drives the pure protocol code over tokio and quinn.
+//!
+//! It owns everything with side effects — the identity file, the TLS
+//! configuration, the one UDP socket, the connection pool, tasks and timers —
+//! and keeps each of them thin: protocol decisions live in `macula-wire` and
+//! in the pure modules here (`pool::PoolTable`, `backoff`).
+//!
+//! **Invariant:** nothing reaches a peer-facing API before the peer has
+//! proved its node ID in TLS *and* completed the HELLO exchange.
+
+pub mod backoff;
+pub mod config;
+pub mod framed;
+pub mod identity;
+pub mod metrics;
+pub mod node;
+pub mod peer;
+pub mod peer_addr;
+pub mod pool;
+pub mod tls;
+
+pub use config::{IdentitySource, Limits, NodeConfig};
+pub use identity::Identity;
+pub use node::{ConnectError, NodeRuntime, PeerEvent, StartError};
+pub use peer::{Direction, Peer};
+pub use peer_addr::PeerAddr;

@@ -1,0 +1,706 @@
+//! The node runtime: one QUIC endpoint (one UDP socket for both directions),
+//! the connection pool, the accept loop and bootstrap supervisors.
+//!
+//! This is the thin async driver around the pure parts (`pool::PoolTable`,
+//! `backoff::Backoff`, the wire codec): it owns sockets, tasks and timers and
+//! makes no protocol decision those modules can make instead.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use macula_wire::{DisconnectReason, Hello, NodeId, PROTOCOL_VERSION};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::{broadcast, watch, Semaphore};
+
+use crate::backoff::{jitter, Backoff};
+use crate::config::{ConfigError, IdentitySource, NodeConfig};
+use crate::framed::FrameReader;
+use crate::identity::{Identity, IdentityError};
+use crate::metrics::{HandshakeFailure, Metrics};
+use crate::peer::{self, close_code, Direction, DriverConfig, HandshakeError, LocalInfo, Peer};
+use crate::peer_addr::PeerAddr;
+use crate::pool::{Admit, PoolTable, Pooled};
+use crate::tls::{self, TlsError};
+
+/// Handshakes (TLS + HELLO) in progress at once on the accept side; beyond
+/// this, new connection attempts are refused so a flood cannot pile up tasks.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Capacity of the peer event channel; a subscriber that falls this far
+/// behind gets `Lagged` (and must not assume it saw every event).
+pub const PEER_EVENT_CAPACITY: usize = 1024;
+/// Time allowed for a graceful shutdown to say goodbye to peers.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+impl Pooled for Peer {
+    fn node_id(&self) -> NodeId {
+        Peer::node_id(self)
+    }
+    fn outbound(&self) -> bool {
+        self.direction() == Direction::Outbound
+    }
+    fn conn_id(&self) -> usize {
+        self.connection_id()
+    }
+    fn kept(&self) -> bool {
+        self.is_kept()
+    }
+    fn addr(&self) -> SocketAddr {
+        self.remote_addr()
+    }
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("QUIC setup failed: {0}")]
+    Quic(String),
+}
+
+/// Why a connection to a peer could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error("cannot resolve {target}: {detail}")]
+    Resolve { target: String, detail: String },
+    #[error("identity error: the node at {addr} is not {expected}: {detail}")]
+    IdentityMismatch {
+        addr: SocketAddr,
+        expected: NodeId,
+        detail: String,
+    },
+    #[error("TLS handshake with {addr} failed: {detail}")]
+    Tls { addr: SocketAddr, detail: String },
+    #[error("{addr} is this node itself")]
+    SelfConnect { addr: SocketAddr },
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: HandshakeError,
+    },
+    #[error("connecting to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("connection limit of {max} reached and every connection is in use")]
+    ConnectionLimit { max: usize },
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("cannot connect to {addr}: {detail}")]
+    Io { addr: SocketAddr, detail: String },
+}
+
+impl ConnectError {
+    fn failure(&self) -> Option<HandshakeFailure> {
+        match self {
+            ConnectError::IdentityMismatch { .. } => Some(HandshakeFailure::IdentityMismatch),
+            ConnectError::Tls { .. } => Some(HandshakeFailure::Tls),
+            ConnectError::Handshake { source, .. } => Some(source.failure()),
+            ConnectError::Timeout { .. } => Some(HandshakeFailure::Timeout),
+            _ => None,
+        }
+    }
+}
+
+/// A change in the set of connected peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    Connected {
+        node_id: NodeId,
+        addr: SocketAddr,
+        direction: Direction,
+    },
+    Disconnected {
+        node_id: NodeId,
+        reason: String,
+    },
+}
+
+type DialFuture = Shared<BoxFuture<'static, Result<Peer, ConnectError>>>;
+
+struct NodeShared {
+    node_id: NodeId,
+    config: NodeConfig,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    local: LocalInfo,
+    table: Mutex<PoolTable<Peer>>,
+    dialing: Mutex<HashMap<SocketAddr, DialFuture>>,
+    metrics: Arc<Metrics>,
+    events: broadcast::Sender<PeerEvent>,
+    shutdown: watch::Sender<bool>,
+    started: Instant,
+}
+
+/// A running node's connection layer. Cheap to clone; all clones share it.
+#[derive(Clone)]
+pub struct NodeRuntime(Arc<NodeShared>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning means a panic elsewhere; the guarded data is still
+    // structurally valid (every mutation is a single call), so continue.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn transport_config(config: &NodeConfig) -> Result<Arc<quinn::TransportConfig>, StartError> {
+    let l = &config.limits;
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(l.transport_idle_timeout)
+        .map_err(|e| StartError::Quic(format!("transport idle timeout: {e}")))?;
+    t.max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(l.keep_alive_interval))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(l.max_streams_per_connection))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(l.max_streams_per_connection));
+    Ok(Arc::new(t))
+}
+
+/// The node ID proved by the peer's certificate in a finished TLS handshake.
+fn proved_id(conn: &quinn::Connection) -> Result<NodeId, String> {
+    let identity = conn
+        .peer_identity()
+        .ok_or_else(|| "peer presented no certificate".to_string())?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type".to_string())?;
+    tls::peer_node_id(&certs).map_err(|e| e.to_string())
+}
+
+impl NodeRuntime {
+    /// Loads or creates the identity, binds the QUIC socket, starts accepting
+    /// and starts joining through the bootstrap peers.
+    pub async fn start(config: NodeConfig) -> Result<NodeRuntime, StartError> {
+        config.validate()?;
+        let identity = match &config.identity {
+            IdentitySource::DataDir(dir) => Identity::load_or_create(dir)?,
+            IdentitySource::Ephemeral => Identity::generate(),
+        };
+        let node_id = identity.node_id();
+        let tls = tls::build(&identity, &config.tls)?;
+        let transport = transport_config(&config)?;
+        let server_crypto = QuicServerConfig::try_from(tls.server.clone())
+            .map_err(|e| StartError::Quic(e.to_string()))?;
+        let client_crypto = QuicClientConfig::try_from(tls.client.clone())
+            .map_err(|e| StartError::Quic(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+        let mut endpoint =
+            quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        endpoint.set_default_client_config(client);
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            node_id,
+            realm: config.realm.clone(),
+            capabilities: config.capabilities.clone(),
+            listen_addrs: vec![local_addr.to_string()],
+            max_frame_size: config.limits.max_frame_size,
+            agent: format!("macula/{}", env!("CARGO_PKG_VERSION")),
+        };
+        let (events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(NodeShared {
+            node_id,
+            local: LocalInfo {
+                hello,
+                max_frame_size: config.limits.max_frame_size,
+            },
+            table: Mutex::new(PoolTable::new(node_id, config.limits.max_connections)),
+            dialing: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::default()),
+            events,
+            shutdown,
+            started: Instant::now(),
+            endpoint,
+            local_addr,
+            config,
+        });
+        let node = NodeRuntime(shared);
+        tracing::info!(node_id = %node_id, listen = %local_addr, realm = %node.0.config.realm, "node started");
+        tokio::spawn(node.clone().accept_loop());
+        for target in node.0.config.bootstrap.clone() {
+            tokio::spawn(node.clone().supervise(target));
+        }
+        Ok(node)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.0.node_id
+    }
+
+    /// The bound QUIC address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.0.config.realm
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.0.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.0.metrics
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.0.started.elapsed()
+    }
+
+    /// Peer connect/disconnect notifications from now on.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.0.events.subscribe()
+    }
+
+    /// Every pooled connection.
+    pub fn peers(&self) -> Vec<Peer> {
+        lock(&self.0.table).all()
+    }
+
+    /// The pooled connection to `id`, if any (does not dial).
+    pub fn peer(&self, id: &NodeId) -> Option<Peer> {
+        lock(&self.0.table).peek(id).cloned()
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        *self.0.shutdown.borrow()
+    }
+
+    /// A connection to the node at `addr`, reusing the pooled one when there
+    /// is one. With `expected`, the peer must prove that node ID in the TLS
+    /// handshake or the connection fails with `IdentityMismatch`.
+    /// Concurrent calls for the same address share one dial.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Peer, ConnectError> {
+        if self.is_shutting_down() {
+            return Err(ConnectError::ShuttingDown);
+        }
+        let hit = {
+            let mut t = lock(&self.0.table);
+            match expected {
+                Some(id) => t.get(&id),
+                None => t.get_by_addr(&addr),
+            }
+        };
+        if let Some(p) = hit.filter(|p| !p.is_closed()) {
+            self.0.metrics.pool_hits_total.fetch_add(1, Relaxed);
+            p.touch();
+            return Ok(p);
+        }
+        self.0.metrics.pool_misses_total.fetch_add(1, Relaxed);
+        let fut = {
+            let mut dialing = lock(&self.0.dialing);
+            dialing
+                .entry(addr)
+                .or_insert_with(|| self.clone().dial(addr, expected).boxed().shared())
+                .clone()
+        };
+        let res = fut.await;
+        lock(&self.0.dialing).remove(&addr);
+        let peer = res?;
+        if let Some(want) = expected.filter(|want| *want != peer.node_id()) {
+            return Err(ConnectError::IdentityMismatch {
+                addr,
+                expected: want,
+                detail: format!("the node at this address is {}", peer.node_id()),
+            });
+        }
+        peer.touch();
+        Ok(peer)
+    }
+
+    /// Resolves a user-given address and connects to it.
+    pub async fn connect_addr(&self, target: &PeerAddr) -> Result<Peer, ConnectError> {
+        let addr = resolve(target).await?;
+        self.connect(addr, target.expected).await
+    }
+
+    /// Opens a new connection (TLS + HELLO) that bypasses the pool, for
+    /// benchmarks and diagnostics that must measure a fresh handshake. The
+    /// caller should `disconnect` it when done.
+    pub async fn dial_unpooled(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Peer, ConnectError> {
+        if self.is_shutting_down() {
+            return Err(ConnectError::ShuttingDown);
+        }
+        let timeout = self.0.config.limits.handshake_timeout;
+        let (peer, reader) = tokio::time::timeout(timeout, self.dial_inner(addr, expected))
+            .await
+            .unwrap_or(Err(ConnectError::Timeout {
+                addr,
+                after: timeout,
+            }))?;
+        self.spawn_driver(peer.clone(), reader);
+        Ok(peer)
+    }
+
+    async fn dial(self, addr: SocketAddr, expected: Option<NodeId>) -> Result<Peer, ConnectError> {
+        let timeout = self.0.config.limits.handshake_timeout;
+        let res = tokio::time::timeout(timeout, self.dial_inner(addr, expected))
+            .await
+            .unwrap_or(Err(ConnectError::Timeout {
+                addr,
+                after: timeout,
+            }));
+        match res {
+            Ok((peer, reader)) => self.register(peer, reader).await,
+            Err(e) => {
+                if let Some(f) = e.failure() {
+                    self.0.metrics.handshake_failure(f);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial_inner(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<(Peer, FrameReader), ConnectError> {
+        let sni = tls::server_name(expected);
+        let connecting = self
+            .0
+            .endpoint
+            .connect(addr, &sni)
+            .map_err(|e| ConnectError::Io {
+                addr,
+                detail: e.to_string(),
+            })?;
+        let conn = connecting.await.map_err(|e| {
+            let detail = e.to_string();
+            match expected {
+                Some(expected)
+                    if detail.contains("identity mismatch")
+                        || detail.contains("IdentityMismatch") =>
+                {
+                    ConnectError::IdentityMismatch {
+                        addr,
+                        expected,
+                        detail,
+                    }
+                }
+                _ if matches!(e, quinn::ConnectionError::TransportError(_))
+                    || detail.contains("certificate") =>
+                {
+                    ConnectError::Tls { addr, detail }
+                }
+                _ => ConnectError::Io { addr, detail },
+            }
+        })?;
+        let proved = proved_id(&conn).map_err(|detail| ConnectError::Tls { addr, detail })?;
+        if proved == self.0.node_id {
+            conn.close(close_code(DisconnectReason::Shutdown), b"self connection");
+            return Err(ConnectError::SelfConnect { addr });
+        }
+        peer::handshake(
+            conn,
+            proved,
+            Direction::Outbound,
+            &self.0.local,
+            self.0.metrics.clone(),
+        )
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })
+    }
+
+    /// Offers a handshaken connection to the pool and starts driving it.
+    async fn register(&self, peer: Peer, reader: FrameReader) -> Result<Peer, ConnectError> {
+        let admit = lock(&self.0.table).admit(peer.clone());
+        let m = &self.0.metrics;
+        let grace = self.0.config.limits.duplicate_close_grace;
+        let result = match admit {
+            Admit::Full => {
+                m.connections_refused_total.fetch_add(1, Relaxed);
+                let max = self.0.config.limits.max_connections;
+                tracing::warn!(peer = %peer.node_id(), max, "connection limit reached; refusing peer");
+                peer.disconnect(
+                    DisconnectReason::ConnectionLimit,
+                    "connection limit reached",
+                )
+                .await;
+                return Err(ConnectError::ConnectionLimit { max });
+            }
+            Admit::Inserted { evicted } => {
+                if let Some(old) = evicted {
+                    m.pool_evictions_total.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %old.node_id(), "evicting least recently used connection");
+                    tokio::spawn(async move {
+                        old.disconnect(DisconnectReason::Evicted, "connection pool full")
+                            .await
+                    });
+                }
+                self.announce(&peer);
+                Ok(peer.clone())
+            }
+            Admit::Replaced { old } => {
+                m.pool_duplicates_closed_total.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %peer.node_id(), "replacing a duplicate connection");
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    old.disconnect(DisconnectReason::Duplicate, "duplicate connection")
+                        .await
+                });
+                Ok(peer.clone())
+            }
+            Admit::Duplicate { kept } => {
+                m.pool_duplicates_closed_total.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %peer.node_id(), "closing a duplicate connection");
+                let loser = peer.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    loser
+                        .disconnect(DisconnectReason::Duplicate, "duplicate connection")
+                        .await
+                });
+                Ok(kept)
+            }
+        };
+        m.connections_current
+            .store(lock(&self.0.table).len() as u64, Relaxed);
+        self.spawn_driver(peer, reader);
+        result
+    }
+
+    fn spawn_driver(&self, peer: Peer, reader: FrameReader) {
+        let node = self.clone();
+        let cfg = DriverConfig {
+            idle_timeout: self.0.config.limits.idle_timeout,
+            health_ping_interval: self.0.config.limits.health_ping_interval,
+            ping_timeout: self.0.config.limits.ping_timeout,
+            max_frame_size: self.0.config.limits.max_frame_size,
+        };
+        let shutdown = self.0.shutdown.subscribe();
+        tokio::spawn(async move {
+            let why = peer::drive(peer.clone(), reader, cfg, shutdown).await;
+            node.forget(&peer, why);
+        });
+    }
+
+    fn announce(&self, peer: &Peer) {
+        let m = &self.0.metrics;
+        match peer.direction() {
+            Direction::Outbound => m.connections_outbound_total.fetch_add(1, Relaxed),
+            Direction::Inbound => m.connections_inbound_total.fetch_add(1, Relaxed),
+        };
+        tracing::info!(
+            peer = %peer.node_id(),
+            addr = %peer.remote_addr(),
+            direction = peer.direction().name(),
+            "peer connected"
+        );
+        let _ = self.0.events.send(PeerEvent::Connected {
+            node_id: peer.node_id(),
+            addr: peer.remote_addr(),
+            direction: peer.direction(),
+        });
+    }
+
+    fn forget(&self, peer: &Peer, why: String) {
+        let removed = {
+            let mut t = lock(&self.0.table);
+            let r = t.remove_if(&peer.node_id(), peer.connection_id());
+            self.0
+                .metrics
+                .connections_current
+                .store(t.len() as u64, Relaxed);
+            r.is_some()
+        };
+        self.0
+            .metrics
+            .connections_closed_total
+            .fetch_add(1, Relaxed);
+        if removed {
+            tracing::info!(peer = %peer.node_id(), reason = %why, "peer disconnected");
+            let _ = self.0.events.send(PeerEvent::Disconnected {
+                node_id: peer.node_id(),
+                reason: why,
+            });
+        } else {
+            tracing::debug!(peer = %peer.node_id(), reason = %why, "superseded connection closed");
+        }
+    }
+
+    async fn accept_loop(self) {
+        let slots = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        let mut shutdown = self.0.shutdown.subscribe();
+        loop {
+            let incoming = tokio::select! {
+                i = self.0.endpoint.accept() => i,
+                _ = shutdown.changed() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                self.0
+                    .metrics
+                    .connections_refused_total
+                    .fetch_add(1, Relaxed);
+                tracing::warn!(remote = %incoming.remote_address(), limit = MAX_PENDING_HANDSHAKES,
+                    "too many handshakes in progress; refusing connection");
+                incoming.refuse();
+                continue;
+            };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                node.accept_one(incoming).await;
+            });
+        }
+    }
+
+    async fn accept_one(&self, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let timeout = self.0.config.limits.handshake_timeout;
+        let fut = async {
+            let conn = incoming
+                .await
+                .map_err(|e| (HandshakeFailure::Tls, e.to_string()))?;
+            let proved = proved_id(&conn).map_err(|e| (HandshakeFailure::Tls, e))?;
+            if proved == self.0.node_id {
+                conn.close(close_code(DisconnectReason::Shutdown), b"self connection");
+                return Err((
+                    HandshakeFailure::Protocol,
+                    "connection from ourselves".into(),
+                ));
+            }
+            peer::handshake(
+                conn,
+                proved,
+                Direction::Inbound,
+                &self.0.local,
+                self.0.metrics.clone(),
+            )
+            .await
+            .map_err(|e| (e.failure(), e.to_string()))
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok((peer, reader))) => {
+                let _ = self.register(peer, reader).await;
+            }
+            Ok(Err((failure, detail))) => {
+                self.0.metrics.handshake_failure(failure);
+                tracing::warn!(remote = %remote, error = %detail, "inbound handshake failed");
+            }
+            Err(_) => {
+                self.0.metrics.handshake_failure(HandshakeFailure::Timeout);
+                tracing::warn!(remote = %remote, "inbound handshake timed out");
+            }
+        }
+    }
+
+    /// Keeps a connection to a bootstrap peer: reconnects with exponential
+    /// backoff whenever it fails or drops, until shutdown.
+    async fn supervise(self, target: PeerAddr) {
+        let l = &self.0.config.limits;
+        let mut backoff = Backoff::new(l.reconnect_backoff_min, l.reconnect_backoff_max);
+        let mut shutdown = self.0.shutdown.subscribe();
+        let mut last_error: Option<String> = None;
+        loop {
+            if self.is_shutting_down() {
+                return;
+            }
+            match self.connect_addr(&target).await {
+                Ok(peer) => {
+                    peer.set_kept(true);
+                    last_error = None;
+                    let connected_at = Instant::now();
+                    tokio::select! {
+                        _ = peer.connection().closed() => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    // A connection that lived a while was healthy: start over
+                    // with short delays.
+                    if connected_at.elapsed() > l.reconnect_backoff_max {
+                        backoff.reset();
+                    }
+                    tracing::info!(peer = %peer.node_id(), target = %target, "lost bootstrap peer; reconnecting");
+                }
+                Err(ConnectError::SelfConnect { .. }) => {
+                    tracing::info!(target = %target, "bootstrap address is this node; skipping it");
+                    return;
+                }
+                Err(ConnectError::ShuttingDown) => return,
+                Err(e) => {
+                    let msg = e.to_string();
+                    // Log a failure once, not on every retry.
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(target = %target, error = %msg, "cannot reach bootstrap peer; will retry");
+                        last_error = Some(msg);
+                    }
+                }
+            }
+            self.0
+                .metrics
+                .reconnect_attempts_total
+                .fetch_add(1, Relaxed);
+            let delay = backoff.next_delay(jitter());
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Graceful shutdown: tells every peer, closes the endpoint and waits (up
+    /// to `SHUTDOWN_GRACE`) for the goodbyes to be delivered.
+    pub async fn shutdown(&self) {
+        if self.0.shutdown.send_replace(true) {
+            return;
+        }
+        let peers = self.peers();
+        let goodbyes = peers
+            .iter()
+            .map(|p| p.disconnect(DisconnectReason::Shutdown, "node shutting down"));
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, futures::future::join_all(goodbyes)).await;
+        self.0.endpoint.close(
+            close_code(DisconnectReason::Shutdown),
+            b"node shutting down",
+        );
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.0.endpoint.wait_idle()).await;
+        tracing::info!(node_id = %self.0.node_id, "node stopped");
+    }
+}
+
+/// Resolves `host:port` (names through the system resolver).
+pub async fn resolve(target: &PeerAddr) -> Result<SocketAddr, ConnectError> {
+    let text = format!("{}:{}", target.host, target.port);
+    let host = target.host.trim_start_matches('[').trim_end_matches(']');
+    let mut addrs = tokio::net::lookup_host((host, target.port))
+        .await
+        .map_err(|e| ConnectError::Resolve {
+            target: text.clone(),
+            detail: e.to_string(),
+        })?;
+    addrs.next().ok_or_else(|| ConnectError::Resolve {
+        target: text,
+        detail: "no addresses".into(),
+    })
+}

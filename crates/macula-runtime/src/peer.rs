@@ -1,0 +1,721 @@
+//! One authenticated connection to a peer: the HELLO handshake, the control
+//! stream, health pings, and the task that drives it until it closes.
+//!
+//! The control stream is the first bidirectional stream, opened by the dialer.
+//! It carries HELLO, PING/PONG, ERROR and DISCONNECT. Every other stream a peer
+//! opens is served by `serve_stream`, which answers what it understands and
+//! reports what it does not. This module never decides pool membership; it
+//! asks the pool (through `NodeShared`) and reports back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use macula_wire::{
+    DecodeError, Disconnect, DisconnectReason, ErrorCode, ErrorFrame, Hello, Message, NodeId, Ping,
+    Pong, DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+};
+use quinn::VarInt;
+use tokio::sync::oneshot;
+
+use crate::framed::{FrameReader, FrameWriter, InFrame, ReadError};
+use crate::metrics::{HandshakeFailure, Metrics, ProtocolErrorKind};
+
+/// Which side opened the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// We dialed.
+    Outbound,
+    /// The peer dialed us.
+    Inbound,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// QUIC application close code for a disconnect reason: the same number as
+/// the DISCONNECT reason code, so a peer that only sees CONNECTION_CLOSE
+/// still learns why.
+pub fn close_code(reason: DisconnectReason) -> VarInt {
+    VarInt::from_u32(u32::from(u16::from(reason)))
+}
+
+/// Why the HELLO exchange failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    #[error("realm mismatch: we are in {ours:?}, the peer is in {theirs:?}")]
+    RealmMismatch { ours: String, theirs: String },
+    #[error("unsupported protocol version {theirs} (we speak {PROTOCOL_VERSION})")]
+    UnsupportedVersion { theirs: u8 },
+    #[error("peer's HELLO names node {claimed} but its certificate proves {proved}")]
+    IdentityMismatch { claimed: NodeId, proved: NodeId },
+    #[error("peer refused the connection ({code:?}): {message}")]
+    Rejected { code: ErrorCode, message: String },
+    #[error("protocol error during handshake: {0}")]
+    Protocol(String),
+    #[error("connection lost during handshake: {0}")]
+    Connection(String),
+    #[error("peer did not complete the handshake in time")]
+    Timeout,
+}
+
+impl HandshakeError {
+    /// The metric label for this failure.
+    pub fn failure(&self) -> HandshakeFailure {
+        match self {
+            HandshakeError::RealmMismatch { .. } => HandshakeFailure::RealmMismatch,
+            HandshakeError::UnsupportedVersion { .. } => HandshakeFailure::UnsupportedVersion,
+            HandshakeError::IdentityMismatch { .. } => HandshakeFailure::IdentityMismatch,
+            HandshakeError::Rejected { code, .. } => match code {
+                ErrorCode::RealmMismatch => HandshakeFailure::RealmMismatch,
+                ErrorCode::UnsupportedVersion => HandshakeFailure::UnsupportedVersion,
+                ErrorCode::IdentityMismatch => HandshakeFailure::IdentityMismatch,
+                _ => HandshakeFailure::Protocol,
+            },
+            HandshakeError::Protocol(_) | HandshakeError::Connection(_) => {
+                HandshakeFailure::Protocol
+            }
+            HandshakeError::Timeout => HandshakeFailure::Timeout,
+        }
+    }
+
+    /// What to tell the peer before closing, if anything.
+    fn reply(&self) -> Option<(ErrorCode, DisconnectReason)> {
+        match self {
+            HandshakeError::RealmMismatch { .. } => {
+                Some((ErrorCode::RealmMismatch, DisconnectReason::RealmMismatch))
+            }
+            HandshakeError::UnsupportedVersion { .. } => Some((
+                ErrorCode::UnsupportedVersion,
+                DisconnectReason::UnsupportedVersion,
+            )),
+            HandshakeError::IdentityMismatch { .. } => Some((
+                ErrorCode::IdentityMismatch,
+                DisconnectReason::IdentityMismatch,
+            )),
+            HandshakeError::Protocol(_) => {
+                Some((ErrorCode::Malformed, DisconnectReason::ProtocolError))
+            }
+            HandshakeError::Rejected { .. }
+            | HandshakeError::Connection(_)
+            | HandshakeError::Timeout => None,
+        }
+    }
+}
+
+/// Why a ping got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PingError {
+    #[error("no pong within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed")]
+    Closed,
+    #[error("could not send ping: {0}")]
+    Send(String),
+}
+
+/// What the local node says about itself and expects of peers.
+#[derive(Debug, Clone)]
+pub struct LocalInfo {
+    pub hello: Hello,
+    pub max_frame_size: u32,
+}
+
+/// A cheap, clonable handle to an authenticated peer connection.
+#[derive(Clone)]
+pub struct Peer(Arc<PeerShared>);
+
+struct PeerShared {
+    node_id: NodeId,
+    conn: quinn::Connection,
+    hello: Hello,
+    direction: Direction,
+    control: tokio::sync::Mutex<FrameWriter>,
+    pending_pings: Mutex<HashMap<u64, oneshot::Sender<Pong>>>,
+    next_nonce: AtomicU64,
+    /// Milliseconds since `epoch` of the last application activity.
+    last_activity_ms: AtomicU64,
+    epoch: Instant,
+    /// Kept connections are never idle-closed or evicted (bootstrap peers).
+    kept: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("node_id", &self.0.node_id)
+            .field("remote", &self.0.conn.remote_address())
+            .field("direction", &self.0.direction)
+            .finish()
+    }
+}
+
+impl Peer {
+    /// The node ID the peer proved in the TLS handshake.
+    pub fn node_id(&self) -> NodeId {
+        self.0.node_id
+    }
+
+    /// The peer's UDP address as we see it.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.0.conn.remote_address()
+    }
+
+    pub fn direction(&self) -> Direction {
+        self.0.direction
+    }
+
+    /// The peer's HELLO (realm, capabilities, listen addresses, limits).
+    pub fn hello(&self) -> &Hello {
+        &self.0.hello
+    }
+
+    /// QUIC's smoothed round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.0.conn.rtt()
+    }
+
+    /// The underlying QUIC connection, for services that open streams.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.0.conn
+    }
+
+    /// Identifies this connection among all connections of the endpoint.
+    pub fn connection_id(&self) -> usize {
+        self.0.conn.stable_id()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.conn.close_reason().is_some()
+    }
+
+    /// Marks the connection as used now (postpones the idle timeout).
+    pub fn touch(&self) {
+        let ms = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.last_activity_ms.store(ms, Relaxed);
+    }
+
+    /// Time since the last application activity.
+    pub fn idle_for(&self) -> Duration {
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.0.last_activity_ms.load(Relaxed)))
+    }
+
+    /// Keeps the connection open regardless of idleness and pool pressure.
+    pub fn set_kept(&self, kept: bool) {
+        self.0.kept.store(kept, Relaxed);
+    }
+
+    pub fn is_kept(&self) -> bool {
+        self.0.kept.load(Relaxed)
+    }
+
+    /// Sends a PING on the control stream and waits for its PONG.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, PingError> {
+        let nonce = self.0.next_nonce.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock_pings().insert(nonce, tx);
+        let start = Instant::now();
+        let msg = Message::Ping(Ping {
+            nonce,
+            sent_at_us: self.0.epoch.elapsed().as_micros() as u64,
+            keep: self.is_kept(),
+        });
+        if let Err(e) = self.send_control(&msg).await {
+            self.lock_pings().remove(&nonce);
+            return Err(PingError::Send(e));
+        }
+        let res = tokio::time::timeout(timeout, rx).await;
+        self.lock_pings().remove(&nonce);
+        match res {
+            Ok(Ok(_pong)) => Ok(start.elapsed()),
+            Ok(Err(_)) => Err(PingError::Closed),
+            Err(_) => Err(PingError::Timeout(timeout)),
+        }
+    }
+
+    /// Tells the peer why, then closes the connection.
+    pub async fn disconnect(&self, reason: DisconnectReason, message: &str) {
+        let msg = Message::Disconnect(Disconnect {
+            reason,
+            message: truncate(message),
+        });
+        // Best effort: the close below carries the reason code anyway.
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.send_control(&msg)).await;
+        self.0
+            .conn
+            .close(close_code(reason), truncate(message).as_bytes());
+    }
+
+    async fn send_control(&self, msg: &Message) -> Result<(), String> {
+        let mut w = self.0.control.lock().await;
+        w.send(msg).await.map_err(|e| e.to_string())?;
+        self.0.metrics.frames_sent_total.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    fn lock_pings(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Pong>>> {
+        // A poisoned map only means another thread panicked mid-insert; the
+        // map itself is still consistent, so keep going.
+        self.0
+            .pending_pings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn complete_ping(&self, pong: Pong) -> bool {
+        match self.lock_pings().remove(&pong.nonce) {
+            Some(tx) => tx.send(pong).is_ok(),
+            None => false,
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    let mut end = s.len().min(macula_wire::MAX_REASON_LEN);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Checks the peer's HELLO against what TLS proved and what we require.
+fn check_hello(local: &LocalInfo, proved: NodeId, hello: &Hello) -> Result<(), HandshakeError> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(HandshakeError::UnsupportedVersion {
+            theirs: hello.version,
+        });
+    }
+    if hello.realm != local.hello.realm {
+        return Err(HandshakeError::RealmMismatch {
+            ours: local.hello.realm.clone(),
+            theirs: hello.realm.clone(),
+        });
+    }
+    if hello.node_id != proved {
+        return Err(HandshakeError::IdentityMismatch {
+            claimed: hello.node_id,
+            proved,
+        });
+    }
+    Ok(())
+}
+
+fn conn_lost(e: &quinn::ConnectionError) -> HandshakeError {
+    if let quinn::ConnectionError::ApplicationClosed(close) = e {
+        let code = u16::try_from(close.error_code.into_inner())
+            .map(DisconnectReason::from)
+            .unwrap_or(DisconnectReason::Other(u16::MAX));
+        let message = String::from_utf8_lossy(&close.reason).into_owned();
+        let code = match code {
+            DisconnectReason::RealmMismatch => ErrorCode::RealmMismatch,
+            DisconnectReason::UnsupportedVersion => ErrorCode::UnsupportedVersion,
+            DisconnectReason::IdentityMismatch => ErrorCode::IdentityMismatch,
+            other => ErrorCode::Other(u16::from(other)),
+        };
+        return HandshakeError::Rejected { code, message };
+    }
+    HandshakeError::Connection(e.to_string())
+}
+
+fn read_err(e: ReadError) -> HandshakeError {
+    match e {
+        ReadError::Stream(quinn::ReadError::ConnectionLost(c)) => conn_lost(&c),
+        other => HandshakeError::Protocol(other.to_string()),
+    }
+}
+
+/// Reads the peer's HELLO (or a refusal) from the control stream.
+async fn read_hello(reader: &mut FrameReader) -> Result<Hello, HandshakeError> {
+    let frame = reader
+        .read()
+        .await
+        .map_err(read_err)?
+        .ok_or_else(|| HandshakeError::Protocol("control stream closed before HELLO".into()))?;
+    match frame.decode() {
+        Ok(Message::Hello(h)) => Ok(h),
+        Ok(Message::Error(e)) => Err(HandshakeError::Rejected {
+            code: e.code,
+            message: e.message,
+        }),
+        Ok(Message::Disconnect(d)) => Err(HandshakeError::Rejected {
+            code: ErrorCode::Other(u16::from(d.reason)),
+            message: d.message,
+        }),
+        Ok(other) => Err(HandshakeError::Protocol(format!(
+            "expected HELLO, got {}",
+            other.msg_type().name()
+        ))),
+        Err(e) => Err(HandshakeError::Protocol(e.to_string())),
+    }
+}
+
+/// Sends ERROR then closes: the frame explains, the close code survives even
+/// if the frame is lost. Waits briefly for the peer to read the frame and
+/// close first, so the explanation is not discarded with the connection.
+async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, err: &HandshakeError) {
+    let Some((code, reason)) = err.reply() else {
+        return;
+    };
+    let message = truncate(&err.to_string());
+    let frame = Message::Error(ErrorFrame {
+        code,
+        message: message.clone(),
+        msg_type: macula_wire::MessageType::Hello as u8,
+    });
+    if writer.send(&frame).await.is_ok() {
+        writer.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+    }
+    conn.close(close_code(reason), message.as_bytes());
+}
+
+/// Runs the HELLO exchange on a connection whose TLS handshake proved
+/// `proved`. The dialer speaks first.
+pub(crate) async fn handshake(
+    conn: quinn::Connection,
+    proved: NodeId,
+    direction: Direction,
+    local: &LocalInfo,
+    metrics: Arc<Metrics>,
+) -> Result<(Peer, FrameReader), HandshakeError> {
+    let ours = Message::Hello(local.hello.clone());
+    let (mut writer, mut reader, hello) = match direction {
+        Direction::Outbound => {
+            let (send, recv) = conn.open_bi().await.map_err(|e| conn_lost(&e))?;
+            let mut writer = FrameWriter::new(send, MIN_MAX_FRAME_SIZE.max(DEFAULT_MAX_FRAME_SIZE));
+            let mut reader = FrameReader::new(recv, local.max_frame_size);
+            writer
+                .send(&ours)
+                .await
+                .map_err(|e| HandshakeError::Connection(e.to_string()))?;
+            let hello = read_hello(&mut reader).await?;
+            if let Err(e) = check_hello(local, proved, &hello) {
+                refuse(&conn, &mut writer, &e).await;
+                return Err(e);
+            }
+            (writer, reader, hello)
+        }
+        Direction::Inbound => {
+            let (send, recv) = conn.accept_bi().await.map_err(|e| conn_lost(&e))?;
+            let mut writer = FrameWriter::new(send, DEFAULT_MAX_FRAME_SIZE);
+            let mut reader = FrameReader::new(recv, local.max_frame_size);
+            let hello = match read_hello(&mut reader).await {
+                Ok(h) => h,
+                Err(e) => {
+                    if let Some(kind) = match &e {
+                        HandshakeError::Protocol(_) => Some(ProtocolErrorKind::Unexpected),
+                        _ => None,
+                    } {
+                        metrics.protocol_error(kind);
+                    }
+                    refuse(&conn, &mut writer, &e).await;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = check_hello(local, proved, &hello) {
+                refuse(&conn, &mut writer, &e).await;
+                return Err(e);
+            }
+            writer
+                .send(&ours)
+                .await
+                .map_err(|e| HandshakeError::Connection(e.to_string()))?;
+            (writer, reader, hello)
+        }
+    };
+    writer.set_peer_max(hello.max_frame_size);
+    let _ = &mut reader;
+    let epoch = Instant::now();
+    let peer = Peer(Arc::new(PeerShared {
+        node_id: proved,
+        conn,
+        hello,
+        direction,
+        control: tokio::sync::Mutex::new(writer),
+        pending_pings: Mutex::new(HashMap::new()),
+        next_nonce: AtomicU64::new(1),
+        last_activity_ms: AtomicU64::new(0),
+        epoch,
+        kept: AtomicBool::new(false),
+        metrics,
+    }));
+    Ok((peer, reader))
+}
+
+/// What the control-stream loop should do after a frame.
+enum Next {
+    Continue,
+    Close(DisconnectReason, String),
+}
+
+/// Handles one frame on the control stream.
+async fn on_control_frame(peer: &Peer, frame: InFrame) -> Next {
+    let m = &peer.0.metrics;
+    m.frames_received_total.fetch_add(1, Relaxed);
+    match frame.decode() {
+        Ok(Message::Ping(p)) => {
+            m.pings_received_total.fetch_add(1, Relaxed);
+            if p.keep {
+                peer.touch();
+            }
+            let pong = Message::Pong(Pong {
+                nonce: p.nonce,
+                echo_sent_at_us: p.sent_at_us,
+                responder_unix_ms: unix_ms(),
+            });
+            match peer.send_control(&pong).await {
+                Ok(()) => Next::Continue,
+                Err(e) => Next::Close(DisconnectReason::ProtocolError, e),
+            }
+        }
+        Ok(Message::Pong(p)) => {
+            m.pongs_received_total.fetch_add(1, Relaxed);
+            if !peer.complete_ping(p) {
+                m.pongs_unmatched_total.fetch_add(1, Relaxed);
+            }
+            Next::Continue
+        }
+        Ok(Message::Disconnect(d)) => {
+            tracing::debug!(peer = %peer.node_id(), reason = ?d.reason, message = %d.message, "peer is disconnecting");
+            Next::Close(d.reason, format!("peer said: {}", d.message))
+        }
+        Ok(Message::Error(e)) => {
+            tracing::warn!(peer = %peer.node_id(), code = ?e.code, message = %e.message, "peer reported an error");
+            Next::Continue
+        }
+        Ok(Message::Hello(_)) => {
+            m.protocol_error(ProtocolErrorKind::Unexpected);
+            report(
+                peer,
+                ErrorCode::UnexpectedMessage,
+                "HELLO after handshake",
+                frame.msg_type,
+            )
+            .await;
+            Next::Continue
+        }
+        Err(DecodeError::UnknownType(t)) => {
+            m.protocol_error(ProtocolErrorKind::UnknownType);
+            report(
+                peer,
+                ErrorCode::UnknownMessageType,
+                &format!("unknown message type {t:#04x}"),
+                t,
+            )
+            .await;
+            Next::Continue
+        }
+        Err(e) => {
+            m.protocol_error(ProtocolErrorKind::Malformed);
+            report(peer, ErrorCode::Malformed, &e.to_string(), frame.msg_type).await;
+            Next::Close(DisconnectReason::ProtocolError, e.to_string())
+        }
+    }
+}
+
+async fn report(peer: &Peer, code: ErrorCode, message: &str, msg_type: u8) {
+    let frame = Message::Error(ErrorFrame {
+        code,
+        message: truncate(message),
+        msg_type,
+    });
+    if let Err(e) = peer.send_control(&frame).await {
+        tracing::debug!(peer = %peer.node_id(), error = %e, "could not send ERROR frame");
+    }
+}
+
+/// Serves a stream the peer opened after the handshake: answers PING, and
+/// reports anything it cannot serve. A malformed or oversized frame ends only
+/// this stream; the connection stays up.
+async fn serve_stream(peer: Peer, send: quinn::SendStream, recv: quinn::RecvStream, max: u32) {
+    let m = peer.0.metrics.clone();
+    let mut reader = FrameReader::new(recv, max);
+    let mut writer = FrameWriter::new(send, peer.hello().max_frame_size);
+    loop {
+        let frame = match reader.read().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                if let Some(kind) = e.protocol_kind() {
+                    m.protocol_error(kind);
+                    let err = Message::Error(ErrorFrame {
+                        code: kind.error_code(),
+                        message: truncate(&e.to_string()),
+                        msg_type: 0,
+                    });
+                    let _ = writer.send(&err).await;
+                    reader.stop(u32::from(u16::from(DisconnectReason::ProtocolError)));
+                    tracing::debug!(peer = %peer.node_id(), error = %e, "closed a stream after a protocol error");
+                }
+                break;
+            }
+        };
+        m.frames_received_total.fetch_add(1, Relaxed);
+        peer.touch();
+        let reply = match frame.decode() {
+            Ok(Message::Ping(p)) => {
+                m.pings_received_total.fetch_add(1, Relaxed);
+                Message::Pong(Pong {
+                    nonce: p.nonce,
+                    echo_sent_at_us: p.sent_at_us,
+                    responder_unix_ms: unix_ms(),
+                })
+            }
+            Ok(other) => {
+                m.protocol_error(ProtocolErrorKind::Unexpected);
+                Message::Error(ErrorFrame {
+                    code: ErrorCode::UnexpectedMessage,
+                    message: format!("{} is not served on this stream", other.msg_type().name()),
+                    msg_type: frame.msg_type,
+                })
+            }
+            Err(DecodeError::UnknownType(t)) => {
+                m.protocol_error(ProtocolErrorKind::UnknownType);
+                Message::Error(ErrorFrame {
+                    code: ErrorCode::UnknownMessageType,
+                    message: format!("unknown message type {t:#04x}"),
+                    msg_type: t,
+                })
+            }
+            Err(e) => {
+                m.protocol_error(ProtocolErrorKind::Malformed);
+                let _ = writer
+                    .send(&Message::Error(ErrorFrame {
+                        code: ErrorCode::Malformed,
+                        message: truncate(&e.to_string()),
+                        msg_type: frame.msg_type,
+                    }))
+                    .await;
+                reader.stop(u32::from(u16::from(DisconnectReason::ProtocolError)));
+                break;
+            }
+        };
+        if writer.send(&reply).await.is_err() {
+            break;
+        }
+        m.frames_sent_total.fetch_add(1, Relaxed);
+    }
+    writer.finish();
+}
+
+/// Timers and limits the driver needs.
+#[derive(Debug, Clone)]
+pub(crate) struct DriverConfig {
+    pub idle_timeout: Duration,
+    pub health_ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub max_frame_size: u32,
+}
+
+/// Drives a connection until it closes or shutdown is signalled: reads the
+/// control stream, serves peer-opened streams, sends health pings and closes
+/// the connection when idle. Returns why it ended.
+pub(crate) async fn drive(
+    peer: Peer,
+    mut control: FrameReader,
+    cfg: DriverConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> String {
+    let conn = peer.connection().clone();
+    let mut health = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.health_ping_interval,
+        cfg.health_ping_interval,
+    );
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    peer.touch();
+    let idle_sleep = tokio::time::sleep(cfg.idle_timeout);
+    tokio::pin!(idle_sleep);
+    let end = loop {
+        tokio::select! {
+            frame = control.read() => match frame {
+                Ok(Some(f)) => match on_control_frame(&peer, f).await {
+                    Next::Continue => {}
+                    Next::Close(reason, why) => {
+                        conn.close(close_code(reason), truncate(&why).as_bytes());
+                        break why;
+                    }
+                },
+                Ok(None) => {
+                    conn.close(close_code(DisconnectReason::ProtocolError), b"control stream finished");
+                    break "control stream finished".to_string();
+                }
+                Err(e) => {
+                    if let Some(kind) = e.protocol_kind() {
+                        peer.0.metrics.protocol_error(kind);
+                        report(&peer, kind.error_code(), &e.to_string(), 0).await;
+                        conn.close(close_code(DisconnectReason::ProtocolError), truncate(&e.to_string()).as_bytes());
+                    }
+                    break e.to_string();
+                }
+            },
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_stream(peer.clone(), send, recv, cfg.max_frame_size));
+                }
+                Err(e) => break e.to_string(),
+            },
+            _ = health.tick() => {
+                let p = peer.clone();
+                let timeout = cfg.ping_timeout;
+                tokio::spawn(async move {
+                    if let Err(e) = p.ping(timeout).await {
+                        if !p.is_closed() {
+                            tracing::warn!(peer = %p.node_id(), error = %e, "health ping failed; closing");
+                            p.0.conn.close(close_code(DisconnectReason::ProtocolError), b"health ping failed");
+                        }
+                    }
+                });
+            }
+            () = &mut idle_sleep => {
+                let idle = peer.idle_for();
+                if idle >= cfg.idle_timeout && !peer.is_kept() {
+                    peer.0.metrics.pool_idle_closed_total.fetch_add(1, Relaxed);
+                    peer.disconnect(DisconnectReason::Idle, "idle timeout").await;
+                    break format!("idle for {idle:?}");
+                }
+                let wait = cfg.idle_timeout.saturating_sub(idle).max(Duration::from_millis(50));
+                idle_sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
+            _ = shutdown.changed() => {
+                peer.disconnect(DisconnectReason::Shutdown, "node shutting down").await;
+                break "local shutdown".to_string();
+            }
+            err = conn.closed() => break describe_close(&err),
+        }
+    };
+    // Wake anyone still waiting for a pong.
+    peer.lock_pings().clear();
+    end
+}
+
+/// Human-readable close reason.
+pub(crate) fn describe_close(err: &quinn::ConnectionError) -> String {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = u16::try_from(c.error_code.into_inner())
+                .map(DisconnectReason::from)
+                .unwrap_or(DisconnectReason::Other(u16::MAX));
+            format!("{reason:?}: {}", String::from_utf8_lossy(&c.reason))
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,319 @@
+//! Connection pool bookkeeping: one connection per peer, LRU eviction at a
+//! maximum, and the simultaneous-dial tie-break.
+//!
+//! `PoolTable` is pure data: no I/O, no clock, no async. It tells the caller
+//! which connection to close and why; the node (`node.rs`) does the closing.
+//! That keeps the rules testable with plain values.
+//!
+//! **Invariant:** at most one entry per node ID, and `lru` holds exactly one
+//! key per entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use macula_wire::NodeId;
+
+/// What the table needs to know about a connection.
+pub(crate) trait Pooled: Clone {
+    fn node_id(&self) -> NodeId;
+    /// Did the local node dial this connection?
+    fn outbound(&self) -> bool;
+    /// Distinguishes two connections to the same peer.
+    fn conn_id(&self) -> usize;
+    /// Kept connections are never evicted.
+    fn kept(&self) -> bool;
+    fn addr(&self) -> SocketAddr;
+}
+
+/// The outcome of offering a new connection to the table.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admit<P> {
+    /// Added; the least recently used connection was evicted to make room
+    /// and must be closed.
+    Inserted { evicted: Option<P> },
+    /// The new connection replaces `old`, which must be closed (after a grace
+    /// period, so exchanges already on it can finish).
+    Replaced { old: P },
+    /// The existing connection wins; the offered one must be closed.
+    Duplicate { kept: P },
+    /// Every slot holds a kept connection; the offered one must be refused.
+    Full,
+}
+
+/// Which connection survives when two exist to the same peer.
+///
+/// Both nodes must reach the same answer without talking, so the rule only
+/// uses facts both sides know: the connection dialed by the node with the
+/// smaller node ID wins. Two connections in the same direction mean the peer
+/// (or we) reconnected, and the newer one wins because the older is likely
+/// dead.
+pub(crate) fn prefer_new(
+    local: NodeId,
+    peer: NodeId,
+    existing_outbound: bool,
+    new_outbound: bool,
+) -> bool {
+    if existing_outbound == new_outbound {
+        return true;
+    }
+    let winner_outbound = local < peer;
+    new_outbound == winner_outbound
+}
+
+pub(crate) struct PoolTable<P> {
+    local: NodeId,
+    max: usize,
+    entries: HashMap<NodeId, (P, u64)>,
+    lru: BTreeMap<u64, NodeId>,
+    by_addr: HashMap<SocketAddr, NodeId>,
+    clock: u64,
+}
+
+impl<P: Pooled> PoolTable<P> {
+    pub fn new(local: NodeId, max: usize) -> Self {
+        PoolTable {
+            local,
+            max: max.max(1),
+            entries: HashMap::new(),
+            lru: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn bump(&mut self, id: NodeId) {
+        if let Some((_, key)) = self.entries.get_mut(&id) {
+            self.lru.remove(key);
+            self.clock += 1;
+            *key = self.clock;
+            self.lru.insert(self.clock, id);
+        }
+    }
+
+    /// The connection to `id`, marking it most recently used.
+    pub fn get(&mut self, id: &NodeId) -> Option<P> {
+        let p = self.entries.get(id).map(|(p, _)| p.clone())?;
+        self.bump(*id);
+        Some(p)
+    }
+
+    /// The connection to whatever node answers at `addr`.
+    pub fn get_by_addr(&mut self, addr: &SocketAddr) -> Option<P> {
+        let id = *self.by_addr.get(addr)?;
+        self.get(&id)
+    }
+
+    /// Looks without touching the LRU order.
+    pub fn peek(&self, id: &NodeId) -> Option<&P> {
+        self.entries.get(id).map(|(p, _)| p)
+    }
+
+    pub fn all(&self) -> Vec<P> {
+        self.entries.values().map(|(p, _)| p.clone()).collect()
+    }
+
+    fn insert(&mut self, p: P) {
+        self.clock += 1;
+        let id = p.node_id();
+        self.by_addr.insert(p.addr(), id);
+        self.lru.insert(self.clock, id);
+        self.entries.insert(id, (p, self.clock));
+    }
+
+    /// Removes `id` only if its entry is still connection `conn_id` (a closed
+    /// duplicate must not remove the connection that replaced it).
+    pub fn remove_if(&mut self, id: &NodeId, conn_id: usize) -> Option<P> {
+        let same = self
+            .entries
+            .get(id)
+            .is_some_and(|(p, _)| p.conn_id() == conn_id);
+        if !same {
+            return None;
+        }
+        let (p, key) = self.entries.remove(id)?;
+        self.lru.remove(&key);
+        if self.by_addr.get(&p.addr()) == Some(id) {
+            self.by_addr.remove(&p.addr());
+        }
+        Some(p)
+    }
+
+    /// Offers a freshly handshaken connection.
+    pub fn admit(&mut self, p: P) -> Admit<P> {
+        let id = p.node_id();
+        debug_assert_ne!(id, self.local, "a node never pools itself");
+        if let Some((existing, _)) = self.entries.get(&id) {
+            let existing = existing.clone();
+            if existing.conn_id() == p.conn_id() {
+                return Admit::Duplicate { kept: existing };
+            }
+            if prefer_new(self.local, id, existing.outbound(), p.outbound()) {
+                self.remove_if(&id, existing.conn_id());
+                self.insert(p);
+                return Admit::Replaced { old: existing };
+            }
+            self.bump(id);
+            return Admit::Duplicate { kept: existing };
+        }
+        let mut evicted = None;
+        if self.entries.len() >= self.max {
+            let victim = self
+                .lru
+                .values()
+                .find(|v| self.entries.get(v).is_some_and(|(e, _)| !e.kept()))
+                .copied();
+            let Some(victim) = victim else {
+                return Admit::Full;
+            };
+            let conn = self.entries.get(&victim).map(|(e, _)| e.conn_id());
+            evicted = conn.and_then(|c| self.remove_if(&victim, c));
+        }
+        self.insert(p);
+        debug_assert_eq!(self.entries.len(), self.lru.len());
+        Admit::Inserted { evicted }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Fake {
+        id: NodeId,
+        outbound: bool,
+        conn: usize,
+        kept: bool,
+    }
+
+    impl Pooled for Fake {
+        fn node_id(&self) -> NodeId {
+            self.id
+        }
+        fn outbound(&self) -> bool {
+            self.outbound
+        }
+        fn conn_id(&self) -> usize {
+            self.conn
+        }
+        fn kept(&self) -> bool {
+            self.kept
+        }
+        fn addr(&self) -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 1], 1000 + self.id.as_bytes()[0] as u16))
+        }
+    }
+
+    fn id(n: u8) -> NodeId {
+        NodeId::from_bytes([n; 32])
+    }
+
+    fn fake(n: u8, outbound: bool, conn: usize) -> Fake {
+        Fake {
+            id: id(n),
+            outbound,
+            conn,
+            kept: false,
+        }
+    }
+
+    #[test]
+    fn tie_break_agrees_on_both_sides() {
+        let (a, b) = (id(1), id(2));
+        // A (smaller) dialed c1; B dialed c2. Both must keep c1.
+        // At A: c1 outbound, c2 inbound. At B: c1 inbound, c2 outbound.
+        let a_keeps_c1 = !prefer_new(a, b, true, false); // existing c1, new c2
+        let b_keeps_c1 = prefer_new(b, a, true, false); // existing c2, new c1
+        assert!(a_keeps_c1 && b_keeps_c1);
+        // Same in the other arrival order.
+        assert!(prefer_new(a, b, false, true)); // A had c2, gets c1: take c1
+        assert!(!prefer_new(b, a, false, true)); // B had c1, gets c2: keep c1
+    }
+
+    #[test]
+    fn simultaneous_dial_keeps_one_connection() {
+        let mut a = PoolTable::new(id(1), 10);
+        assert_eq!(
+            a.admit(fake(2, false, 20)),
+            Admit::Inserted { evicted: None }
+        );
+        // Our own dial completes later and wins (we are smaller).
+        assert_eq!(
+            a.admit(fake(2, true, 10)),
+            Admit::Replaced {
+                old: fake(2, false, 20)
+            }
+        );
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.peek(&id(2)).map(|p| p.conn), Some(10));
+        // Closing the loser does not remove the winner.
+        assert_eq!(a.remove_if(&id(2), 20), None);
+        assert_eq!(a.len(), 1);
+    }
+
+    #[test]
+    fn lru_eviction_skips_kept() {
+        let mut t = PoolTable::new(id(0), 2);
+        let mut kept = fake(1, true, 1);
+        kept.kept = true;
+        t.admit(kept);
+        t.admit(fake(2, true, 2));
+        assert_eq!(
+            t.admit(fake(3, true, 3)),
+            Admit::Inserted {
+                evicted: Some(fake(2, true, 2))
+            }
+        );
+        // Using 3 makes 1 (kept) the LRU, but kept is never evicted... and
+        // 3 is the only candidate.
+        t.get(&id(3));
+        assert_eq!(
+            t.admit(fake(4, true, 4)),
+            Admit::Inserted {
+                evicted: Some(fake(3, true, 3))
+            }
+        );
+        assert_eq!(
+            t.get_by_addr(&fake(4, true, 4).addr()).map(|p| p.conn),
+            Some(4)
+        );
+        assert!(t.get_by_addr(&fake(3, true, 3).addr()).is_none());
+    }
+
+    #[test]
+    fn full_of_kept_refuses() {
+        let mut t = PoolTable::new(id(0), 1);
+        let mut k = fake(1, true, 1);
+        k.kept = true;
+        t.admit(k);
+        assert_eq!(t.admit(fake(2, true, 2)), Admit::Full);
+    }
+
+    proptest! {
+        /// Random admits and removes never break the invariants.
+        #[test]
+        fn invariants_hold(ops in proptest::collection::vec((1u8..12, any::<bool>(), 0usize..40, any::<bool>(), any::<bool>()), 0..200)) {
+            let mut t = PoolTable::new(id(0), 5);
+            for (n, outbound, conn, kept, remove) in ops {
+                if remove {
+                    t.remove_if(&id(n), conn);
+                } else {
+                    let mut f = fake(n, outbound, conn);
+                    f.kept = kept;
+                    t.admit(f);
+                }
+                prop_assert!(t.len() <= 5);
+                prop_assert_eq!(t.entries.len(), t.lru.len());
+                for (i, (p, key)) in &t.entries {
+                    prop_assert_eq!(*i, p.id);
+                    prop_assert_eq!(t.lru.get(key), Some(i));
+                }
+            }
+        }
+    }
+}

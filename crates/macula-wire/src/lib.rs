@@ -1,0 +1,23 @@
+//! Macula wire protocol: node identifiers, protocol limits, the frame codec and
+//! every message type that crosses the network.
+//!
+//! This crate is the protocol boundary. It does no I/O, reads no clock and knows
+//! nothing about tokio or QUIC: callers hand it bytes and get typed messages back
+//! (or a typed error). Only types in this crate derive `Serialize`; everything
+//! serialisable here is a compatibility promise documented in `docs/PROTOCOL.md`.
+//!
+//! **Invariant:** decoding never panics and never allocates more than the frame
+//! length the caller allowed.
+
+pub mod frame;
+pub mod limits;
+pub mod message;
+pub mod node_id;
+
+pub use frame::{FrameDecoder, FrameError, FrameHeader, RawFrame, FRAME_HEADER_LEN};
+pub use limits::*;
+pub use message::{
+    DecodeError, Disconnect, DisconnectReason, EncodeError, ErrorCode, ErrorFrame, Hello, Message,
+    MessageType, Ping, Pong,
+};
+pub use node_id::{NodeId, ParseNodeIdError};

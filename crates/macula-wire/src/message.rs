@@ -1,0 +1,695 @@
+//! Message types of protocol version 1 and their MessagePack bodies.
+//!
+//! Each message is one frame: the header's type byte says which message the
+//! body holds, the body is one MessagePack *map* keyed by field name. Maps
+//! rather than positional arrays because they are self-describing for
+//! third-party clients and let later versions add optional fields without
+//! breaking older receivers (unknown keys are ignored). This module validates
+//! every limit after decoding, so a decoded message is always within bounds.
+//! It must not know about streams, connections or time.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
+use crate::limits::*;
+use crate::node_id::NodeId;
+
+/// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
+/// limit keeps skipping of unknown nested fields cheap and stack-safe.
+const MAX_BODY_DEPTH: usize = 16;
+
+/// Message type codes (the header's type byte). Ranges are reserved per
+/// subsystem so that implementations can route on the high bits:
+/// `0x01..=0x0f` connection control, `0x10..=0x2f` DHT, `0x30..=0x4f` pub/sub,
+/// `0x50..=0x6f` RPC, `0x70..=0x7f` relay and NAT traversal. `0x00` is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MessageType {
+    Hello = 0x01,
+    Ping = 0x02,
+    Pong = 0x03,
+    Disconnect = 0x04,
+    Error = 0x05,
+}
+
+impl MessageType {
+    /// Every type this version defines.
+    pub const ALL: [MessageType; 5] = [
+        MessageType::Hello,
+        MessageType::Ping,
+        MessageType::Pong,
+        MessageType::Disconnect,
+        MessageType::Error,
+    ];
+
+    /// Maps a type byte to a known type.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| *t as u8 == b)
+    }
+
+    /// Lower-case name used in logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageType::Hello => "hello",
+            MessageType::Ping => "ping",
+            MessageType::Pong => "pong",
+            MessageType::Disconnect => "disconnect",
+            MessageType::Error => "error",
+        }
+    }
+}
+
+/// First message on a connection, sent by both sides on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version the sender speaks.
+    pub version: u8,
+    /// The sender's node ID; must equal the ID it proved in the TLS handshake.
+    pub node_id: NodeId,
+    /// Realm the sender belongs to; both sides must agree.
+    pub realm: String,
+    /// Optional features the sender supports (e.g. `"dht"`, `"relay"`).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Addresses (`host:port`) the sender accepts connections on.
+    #[serde(default)]
+    pub listen_addrs: Vec<String>,
+    /// Largest frame body the sender accepts; peers must not send more.
+    pub max_frame_size: u32,
+    /// Free-form implementation name and version, for diagnostics.
+    #[serde(default)]
+    pub agent: String,
+}
+
+/// Liveness and round-trip probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Matches the `Pong` to this `Ping`.
+    pub nonce: u64,
+    /// Sender's clock in microseconds (any epoch); echoed back unchanged.
+    pub sent_at_us: u64,
+    /// The sender wants this connection kept open: the receiver counts the
+    /// ping as activity and does not close the connection as idle.
+    #[serde(default)]
+    pub keep: bool,
+}
+
+/// Answer to `Ping`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The ping's nonce.
+    pub nonce: u64,
+    /// The ping's `sent_at_us`, unchanged, so the pinger computes RTT locally.
+    pub echo_sent_at_us: u64,
+    /// Responder's wall clock (Unix epoch, milliseconds), for clock-skew hints.
+    pub responder_unix_ms: u64,
+}
+
+/// Why a connection is being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+pub enum DisconnectReason {
+    /// Orderly shutdown of the sender.
+    Shutdown,
+    /// No traffic for the idle timeout.
+    Idle,
+    /// Both nodes dialled each other; this one loses the tie-break.
+    Duplicate,
+    /// Evicted from the connection pool to make room.
+    Evicted,
+    /// The peer broke the protocol.
+    ProtocolError,
+    /// The nodes are in different realms.
+    RealmMismatch,
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// The sender is at its connection limit.
+    ConnectionLimit,
+    /// The peer's HELLO named a different node than its certificate.
+    IdentityMismatch,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+impl From<u16> for DisconnectReason {
+    fn from(v: u16) -> Self {
+        use DisconnectReason::*;
+        match v {
+            0 => Shutdown,
+            1 => Idle,
+            2 => Duplicate,
+            3 => Evicted,
+            4 => ProtocolError,
+            5 => RealmMismatch,
+            6 => UnsupportedVersion,
+            7 => ConnectionLimit,
+            8 => IdentityMismatch,
+            other => Other(other),
+        }
+    }
+}
+
+impl From<DisconnectReason> for u16 {
+    fn from(r: DisconnectReason) -> u16 {
+        use DisconnectReason::*;
+        match r {
+            Shutdown => 0,
+            Idle => 1,
+            Duplicate => 2,
+            Evicted => 3,
+            ProtocolError => 4,
+            RealmMismatch => 5,
+            UnsupportedVersion => 6,
+            ConnectionLimit => 7,
+            IdentityMismatch => 8,
+            Other(v) => v,
+        }
+    }
+}
+
+/// Sent before closing a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disconnect {
+    pub reason: DisconnectReason,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Error codes carried by `ERROR` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+pub enum ErrorCode {
+    /// The frame's type byte is not known to the receiver; connection stays up.
+    UnknownMessageType,
+    /// The body could not be decoded or broke a limit.
+    Malformed,
+    /// The frame exceeded the receiver's maximum frame size.
+    FrameTooLarge,
+    /// The frame or HELLO used a protocol version the receiver does not speak.
+    UnsupportedVersion,
+    /// The peer's realm differs from ours.
+    RealmMismatch,
+    /// A message other than HELLO arrived before the handshake completed.
+    HandshakeRequired,
+    /// A known message arrived where it makes no sense (e.g. a second HELLO).
+    UnexpectedMessage,
+    /// HELLO's node ID differs from the identity proved in TLS.
+    IdentityMismatch,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+impl From<u16> for ErrorCode {
+    fn from(v: u16) -> Self {
+        use ErrorCode::*;
+        match v {
+            1 => UnknownMessageType,
+            2 => Malformed,
+            3 => FrameTooLarge,
+            4 => UnsupportedVersion,
+            5 => RealmMismatch,
+            6 => HandshakeRequired,
+            7 => UnexpectedMessage,
+            8 => IdentityMismatch,
+            other => Other(other),
+        }
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        use ErrorCode::*;
+        match c {
+            UnknownMessageType => 1,
+            Malformed => 2,
+            FrameTooLarge => 3,
+            UnsupportedVersion => 4,
+            RealmMismatch => 5,
+            HandshakeRequired => 6,
+            UnexpectedMessage => 7,
+            IdentityMismatch => 8,
+            Other(v) => v,
+        }
+    }
+}
+
+impl ErrorCode {
+    /// Label for metrics and logs.
+    pub fn name(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            UnknownMessageType => "unknown_message_type",
+            Malformed => "malformed",
+            FrameTooLarge => "frame_too_large",
+            UnsupportedVersion => "unsupported_version",
+            RealmMismatch => "realm_mismatch",
+            HandshakeRequired => "handshake_required",
+            UnexpectedMessage => "unexpected_message",
+            IdentityMismatch => "identity_mismatch",
+            Other(_) => "other",
+        }
+    }
+}
+
+/// Reports a problem with something the peer sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+    /// Type byte of the offending frame, 0 if none.
+    #[serde(default)]
+    pub msg_type: u8,
+}
+
+/// Every message of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Ping(Ping),
+    Pong(Pong),
+    Disconnect(Disconnect),
+    Error(ErrorFrame),
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    #[error("{msg_type:?} body of {len} bytes exceeds the frame limit of {max} bytes")]
+    TooLarge {
+        msg_type: MessageType,
+        len: usize,
+        max: u32,
+    },
+    #[error("{msg_type:?} breaks a protocol limit: {reason}")]
+    Invalid {
+        msg_type: MessageType,
+        reason: String,
+    },
+    #[error("serialisation failed: {0}")]
+    Serialize(String),
+}
+
+/// Why a frame body could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The type byte is not defined by this version. Not fatal: answer with
+    /// an `ERROR(UnknownMessageType)` and keep the connection.
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    /// The body is not a valid message of its type. Fatal for the stream.
+    #[error("malformed {msg_type:?} body: {reason}")]
+    Malformed {
+        msg_type: MessageType,
+        reason: String,
+    },
+}
+
+fn check_len(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!("{what} is {} bytes, limit {max}", s.len()));
+    }
+    Ok(())
+}
+
+fn check_list(what: &str, items: &[String], max_n: usize, max_len: usize) -> Result<(), String> {
+    if items.len() > max_n {
+        return Err(format!("{} {what}s, limit {max_n}", items.len()));
+    }
+    items.iter().try_for_each(|s| check_len(what, s, max_len))
+}
+
+impl Message {
+    /// The message's type code.
+    pub fn msg_type(&self) -> MessageType {
+        match self {
+            Message::Hello(_) => MessageType::Hello,
+            Message::Ping(_) => MessageType::Ping,
+            Message::Pong(_) => MessageType::Pong,
+            Message::Disconnect(_) => MessageType::Disconnect,
+            Message::Error(_) => MessageType::Error,
+        }
+    }
+
+    /// Checks every protocol limit. Run after decoding and before encoding.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Message::Hello(h) => {
+                check_len("realm", &h.realm, MAX_REALM_LEN)?;
+                check_list(
+                    "capability",
+                    &h.capabilities,
+                    MAX_CAPABILITIES,
+                    MAX_CAPABILITY_LEN,
+                )?;
+                check_list(
+                    "listen address",
+                    &h.listen_addrs,
+                    MAX_LISTEN_ADDRS,
+                    MAX_ADDR_LEN,
+                )?;
+                check_len("agent", &h.agent, MAX_AGENT_LEN)?;
+                if h.max_frame_size < MIN_MAX_FRAME_SIZE {
+                    return Err(format!(
+                        "max_frame_size {} is below the minimum {MIN_MAX_FRAME_SIZE}",
+                        h.max_frame_size
+                    ));
+                }
+                Ok(())
+            }
+            Message::Disconnect(d) => check_len("message", &d.message, MAX_REASON_LEN),
+            Message::Error(e) => check_len("message", &e.message, MAX_REASON_LEN),
+            Message::Ping(_) | Message::Pong(_) => Ok(()),
+        }
+    }
+
+    /// Appends one whole frame (header and body) to `out`.
+    ///
+    /// Fails, leaving `out` as it was, if the message breaks a limit or its
+    /// body would exceed `max_len` (the peer's announced maximum) — we never
+    /// send a frame the receiver is bound to reject.
+    pub fn encode_frame(&self, out: &mut Vec<u8>, max_len: u32) -> Result<(), EncodeError> {
+        let msg_type = self.msg_type();
+        self.validate()
+            .map_err(|reason| EncodeError::Invalid { msg_type, reason })?;
+        let start = out.len();
+        out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+        let res = match self {
+            Message::Hello(m) => rmp_serde::encode::write_named(out, m),
+            Message::Ping(m) => rmp_serde::encode::write_named(out, m),
+            Message::Pong(m) => rmp_serde::encode::write_named(out, m),
+            Message::Disconnect(m) => rmp_serde::encode::write_named(out, m),
+            Message::Error(m) => rmp_serde::encode::write_named(out, m),
+        };
+        if let Err(e) = res {
+            out.truncate(start);
+            return Err(EncodeError::Serialize(e.to_string()));
+        }
+        let len = out.len() - start - FRAME_HEADER_LEN;
+        let fits = u32::try_from(len).ok().filter(|l| *l <= max_len);
+        let Some(len32) = fits else {
+            out.truncate(start);
+            return Err(EncodeError::TooLarge {
+                msg_type,
+                len,
+                max: max_len,
+            });
+        };
+        let header = FrameHeader::new(msg_type as u8, len32).encode();
+        out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
+        Ok(())
+    }
+
+    /// Decodes a frame body of type `msg_type`.
+    ///
+    /// The body must hold exactly one MessagePack value; trailing bytes,
+    /// missing required fields, wrong types and broken limits are `Malformed`.
+    pub fn decode(msg_type: u8, body: &[u8]) -> Result<Message, DecodeError> {
+        let t = MessageType::from_u8(msg_type).ok_or(DecodeError::UnknownType(msg_type))?;
+        let msg = match t {
+            MessageType::Hello => decode_body(t, body).map(Message::Hello),
+            MessageType::Ping => decode_body(t, body).map(Message::Ping),
+            MessageType::Pong => decode_body(t, body).map(Message::Pong),
+            MessageType::Disconnect => decode_body(t, body).map(Message::Disconnect),
+            MessageType::Error => decode_body(t, body).map(Message::Error),
+        }?;
+        msg.validate().map_err(|reason| DecodeError::Malformed {
+            msg_type: t,
+            reason,
+        })?;
+        Ok(msg)
+    }
+}
+
+/// Decodes one MessagePack value of type `T` that must span all of `body`.
+///
+/// Reads through `std::io::Read` on the slice: rmp-serde's reader then copies
+/// at most the bytes actually present, so a declared length larger than the
+/// body fails instead of allocating.
+fn decode_body<T: serde::de::DeserializeOwned>(
+    msg_type: MessageType,
+    body: &[u8],
+) -> Result<T, DecodeError> {
+    let malformed = |reason: String| DecodeError::Malformed { msg_type, reason };
+    let mut rest = body;
+    let value = {
+        let mut de = rmp_serde::Deserializer::new(&mut rest);
+        de.set_max_depth(MAX_BODY_DEPTH);
+        T::deserialize(&mut de).map_err(|e| malformed(e.to_string()))?
+    };
+    if !rest.is_empty() {
+        return Err(malformed(format!(
+            "{} trailing bytes after the body",
+            rest.len()
+        )));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameDecoder;
+    use proptest::prelude::*;
+
+    fn round_trip(msg: &Message) -> Message {
+        let mut buf = Vec::new();
+        msg.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        let (frame, used) = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE)
+            .decode(&buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used, buf.len());
+        Message::decode(frame.header.msg_type, frame.body).unwrap()
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            node_id: NodeId::from_bytes([3; 32]),
+            realm: "io.example.shop".into(),
+            capabilities: vec!["dht".into()],
+            listen_addrs: vec!["127.0.0.1:4433".into()],
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            agent: "macula/0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn unknown_type_is_not_malformed() {
+        assert_eq!(
+            Message::decode(0x7e, &[]),
+            Err(DecodeError::UnknownType(0x7e))
+        );
+        assert_eq!(Message::decode(0, &[]), Err(DecodeError::UnknownType(0)));
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        let cases: &[&[u8]] = &[
+            &[],
+            &[0xc1],                         // never-used marker
+            &[0x80],                         // empty map: missing fields
+            &[0xdd, 0xff, 0xff, 0xff, 0xff], // array32 declaring 4G elements
+            &[0xc6, 0xff, 0xff, 0xff, 0xff], // bin32 declaring 4 GiB
+        ];
+        for body in cases {
+            for t in MessageType::ALL {
+                assert!(
+                    matches!(
+                        Message::decode(t as u8, body),
+                        Err(DecodeError::Malformed { .. })
+                    ),
+                    "{t:?} {body:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_rejected() {
+        let mut buf = Vec::new();
+        Message::Ping(Ping {
+            nonce: 1,
+            sent_at_us: 2,
+            keep: false,
+        })
+        .encode_frame(&mut buf, 1024)
+        .unwrap();
+        buf.push(0);
+        let err = Message::decode(MessageType::Ping as u8, &buf[FRAME_HEADER_LEN..]).unwrap_err();
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        #[derive(Serialize)]
+        struct PingV2 {
+            nonce: u64,
+            sent_at_us: u64,
+            future_field: Vec<String>,
+        }
+        let body = rmp_serde::to_vec_named(&PingV2 {
+            nonce: 5,
+            sent_at_us: 6,
+            future_field: vec!["x".into()],
+        })
+        .unwrap();
+        assert_eq!(
+            Message::decode(MessageType::Ping as u8, &body),
+            Ok(Message::Ping(Ping {
+                nonce: 5,
+                sent_at_us: 6,
+                keep: false,
+            }))
+        );
+    }
+
+    #[test]
+    fn limits_enforced_both_ways() {
+        let mut h = hello();
+        h.realm = "r".repeat(MAX_REALM_LEN + 1);
+        let msg = Message::Hello(h.clone());
+        let mut buf = vec![9];
+        assert!(matches!(
+            msg.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE),
+            Err(EncodeError::Invalid { .. })
+        ));
+        assert_eq!(buf, vec![9], "failed encode leaves the buffer untouched");
+        // A peer that ignores the limit is caught on decode.
+        let body = rmp_serde::to_vec_named(&h).unwrap();
+        assert!(matches!(
+            Message::decode(MessageType::Hello as u8, &body),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn frame_limit_enforced_on_encode() {
+        let msg = Message::Error(ErrorFrame {
+            code: ErrorCode::Malformed,
+            message: "x".repeat(1000),
+            msg_type: 0,
+        });
+        let mut buf = Vec::new();
+        assert!(matches!(
+            msg.encode_frame(&mut buf, 100),
+            Err(EncodeError::TooLarge { .. })
+        ));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn codes_round_trip_including_unknown() {
+        for v in 0..20u16 {
+            assert_eq!(u16::from(DisconnectReason::from(v)), v);
+            assert_eq!(u16::from(ErrorCode::from(v)), v);
+        }
+    }
+
+    fn arb_string(max: usize) -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<char>(), 0..8).prop_map(move |cs| {
+            let mut s: String = cs.into_iter().collect();
+            while s.len() > max {
+                s.pop();
+            }
+            s
+        })
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                any::<[u8; 32]>(),
+                arb_string(MAX_REALM_LEN),
+                proptest::collection::vec(arb_string(MAX_CAPABILITY_LEN), 0..4),
+                proptest::collection::vec(arb_string(MAX_ADDR_LEN), 0..4),
+                MIN_MAX_FRAME_SIZE..=u32::MAX,
+                arb_string(MAX_AGENT_LEN),
+                any::<u8>(),
+            )
+                .prop_map(
+                    |(id, realm, capabilities, listen_addrs, max_frame_size, agent, version)| {
+                        Message::Hello(Hello {
+                            version,
+                            node_id: NodeId::from_bytes(id),
+                            realm,
+                            capabilities,
+                            listen_addrs,
+                            max_frame_size,
+                            agent,
+                        })
+                    }
+                ),
+            (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(nonce, sent_at_us, keep)| {
+                Message::Ping(Ping {
+                    nonce,
+                    sent_at_us,
+                    keep,
+                })
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(nonce, e, r)| {
+                Message::Pong(Pong {
+                    nonce,
+                    echo_sent_at_us: e,
+                    responder_unix_ms: r,
+                })
+            }),
+            (any::<u16>(), arb_string(MAX_REASON_LEN)).prop_map(|(r, message)| {
+                Message::Disconnect(Disconnect {
+                    reason: r.into(),
+                    message,
+                })
+            }),
+            (any::<u16>(), arb_string(MAX_REASON_LEN), any::<u8>()).prop_map(
+                |(c, message, msg_type)| {
+                    Message::Error(ErrorFrame {
+                        code: c.into(),
+                        message,
+                        msg_type,
+                    })
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(msg in arb_message()) {
+            prop_assert_eq!(round_trip(&msg), msg);
+        }
+
+        #[test]
+        fn concatenated_frames_split_exactly(msgs in proptest::collection::vec(arb_message(), 0..6)) {
+            let mut buf = Vec::new();
+            for m in &msgs {
+                m.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+            }
+            let dec = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE);
+            let mut rest = &buf[..];
+            let mut got = Vec::new();
+            while let Some((f, n)) = dec.decode(rest).unwrap() {
+                got.push(Message::decode(f.header.msg_type, f.body).unwrap());
+                rest = &rest[n..];
+            }
+            prop_assert!(rest.is_empty());
+            prop_assert_eq!(got, msgs);
+        }
+
+        #[test]
+        fn truncated_frames_ask_for_more(msg in arb_message(), cut in any::<prop::sample::Index>()) {
+            let mut buf = Vec::new();
+            msg.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+            let cut = cut.index(buf.len());
+            prop_assert_eq!(FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE).decode(&buf[..cut]), Ok(None));
+        }
+
+        #[test]
+        fn any_body_decodes_or_errors(t in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Message::decode(t, &body);
+        }
+    }
+}
