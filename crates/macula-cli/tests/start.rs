@@ -306,3 +306,97 @@ fn help_is_complete() {
         assert!(out.contains(sub), "{sub} missing from help:\n{out}");
     }
 }
+
+/// A test CA issuing certificates for node keys (serverAuth + clientAuth).
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "macula test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// Creates the node's identity in `dir` (through the binary) and writes
+    /// `dir/node.crt`, issued by this CA for that key.
+    fn issue_for(&self, dir: &Path) -> std::path::PathBuf {
+        let (code, out) = run(command(&["identity", "--data-dir", dir.to_str().unwrap()]));
+        assert_eq!(code, Some(0), "{out}");
+        let id = macula_runtime::Identity::load(&dir.join("node.key")).unwrap();
+        let pem = std::fs::read_to_string(dir.join("node.key")).unwrap();
+        let node_key = rcgen::KeyPair::from_pem(&pem).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec![format!("{}.id.macula", id.node_id())]).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&node_key, &self.cert, &self.key).unwrap();
+        let path = dir.join("node.crt");
+        std::fs::write(&path, cert.pem()).unwrap();
+        path
+    }
+}
+
+#[test]
+fn ca_mode_admits_issued_nodes_and_refuses_self_signed_ones() {
+    let ca = Ca::new();
+    let root = tempfile::tempdir().unwrap();
+    let ca_file = root.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+    let (da, db, dc) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let cert_a = ca.issue_for(da.path());
+    let cert_b = ca.issue_for(db.path());
+    let ca_arg = ca_file.to_str().unwrap();
+
+    let mut a = Proc::spawn(&start_args(
+        da.path(),
+        &[
+            "--tls-mode",
+            "ca",
+            "--tls-ca-cert-file",
+            ca_arg,
+            "--tls-cert-file",
+            cert_a.to_str().unwrap(),
+        ],
+    ));
+    let a_id = a.field("node_id");
+    let a_addr = a.field("listen");
+
+    // B: issued by the same CA, configured through the environment.
+    let mut cmd = command(&start_args(db.path(), &["--bootstrap", &a_addr]));
+    cmd.env("MACULA_TLS_MODE", "ca")
+        .env("MACULA_TLS_CACERTFILE", &ca_file)
+        .env("MACULA_TLS_CERTFILE", &cert_b);
+    let mut b = Proc::spawn_cmd(cmd);
+    let b_id = b.field("node_id");
+    b.wait_for(&["peer connected", &a_id]);
+    a.wait_for(&["peer connected", &b_id]);
+
+    // C: self-signed (default mode). A refuses it in the TLS handshake.
+    let mut c = Proc::spawn(&start_args(dc.path(), &["--bootstrap", &a_addr]));
+    let c_id = c.field("node_id");
+    c.wait_for(&["cannot reach bootstrap peer"]);
+    a.wait_for(&["inbound handshake failed"]);
+    assert!(!a
+        .seen
+        .iter()
+        .any(|l| l.contains("peer connected") && l.contains(&c_id)));
+    assert!(!c.seen.iter().any(|l| l.contains("peer connected")));
+}

@@ -1,0 +1,59 @@
+//! Time as plain numbers.
+//!
+//! The core never reads a clock: every entry point takes `now: Millis`, a reading
+//! of the caller's monotonic clock in milliseconds (the simulator's virtual clock,
+//! or the runtime's). This module must not know where that clock comes from.
+
+use std::fmt;
+
+/// Milliseconds: a reading of the caller's clock, or a span between two readings.
+///
+/// One type for both keeps the arithmetic simple. Every operation saturates, so a
+/// huge TTL sent by a peer can never wrap around into the past.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// Zero: the start of the clock, or an empty span.
+    pub const ZERO: Millis = Millis(0);
+
+    /// A span of whole seconds.
+    pub const fn from_secs(secs: u64) -> Millis {
+        Millis(secs.saturating_mul(1000))
+    }
+
+    /// `self + other`, saturating at `u64::MAX`.
+    pub const fn saturating_add(self, other: Millis) -> Millis {
+        Millis(self.0.saturating_add(other.0))
+    }
+
+    /// `self - other`, saturating at zero.
+    pub const fn saturating_sub(self, other: Millis) -> Millis {
+        Millis(self.0.saturating_sub(other.0))
+    }
+
+    /// `percent`% of this span, rounded down, without overflowing.
+    pub const fn percent(self, percent: u64) -> Millis {
+        Millis(self.0 / 100 * percent + self.0 % 100 * percent / 100)
+    }
+}
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arithmetic_saturates() {
+        assert_eq!(Millis(u64::MAX).saturating_add(Millis(1)), Millis(u64::MAX));
+        assert_eq!(Millis(1).saturating_sub(Millis(2)), Millis::ZERO);
+        assert_eq!(Millis(1000).percent(75), Millis(750));
+        assert_eq!(Millis(u64::MAX).percent(100), Millis(u64::MAX));
+        assert_eq!(Millis::from_secs(3), Millis(3000));
+    }
+}

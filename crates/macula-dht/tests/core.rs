@@ -1,0 +1,661 @@
+//! Unit-level behaviour of one `Dht`, driven by hand (exact control over which
+//! message arrives when) or through a small lossless simulated mesh.
+
+use macula_dht::sim::{NetConfig, Sim};
+use macula_dht::{
+    Config, Contact, CorrelationId, Dht, Event, InsecureNoAuth, LookupKind, LookupOutcome, Millis,
+    NodeId, Outgoing, PutError, Record, RecordAuth, RecordError, Request, RequestError, Response,
+};
+
+// ----- helpers --------------------------------------------------------------
+
+fn id(b: u8) -> NodeId {
+    NodeId::from_bytes([b; 32])
+}
+
+fn contact(b: u8) -> Contact {
+    Contact::new(id(b), format!("peer-{b}"))
+}
+
+fn node(b: u8, config: Config) -> Dht {
+    Dht::new(config, contact(b), Box::new(InsecureNoAuth), u64::from(b))
+}
+
+fn drain(dht: &mut Dht) -> (Vec<Outgoing>, Vec<Event>) {
+    let mut out = Vec::new();
+    while let Some(o) = dht.poll_transmit() {
+        out.push(o);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = dht.poll_event() {
+        events.push(e);
+    }
+    (out, events)
+}
+
+fn record(key: NodeId, publisher: NodeId, seq: u64, ttl: Millis, value: &[u8]) -> Record {
+    Record {
+        key,
+        publisher,
+        seq,
+        ttl,
+        value: value.to_vec(),
+        signature: Vec::new(),
+    }
+}
+
+/// Refuses every signature: a node using it accepts no record from anyone.
+struct RejectAll;
+
+impl RecordAuth for RejectAll {
+    fn sign(&self, _msg: &[u8]) -> Vec<u8> {
+        vec![1]
+    }
+    fn verify(&self, _publisher: &NodeId, _msg: &[u8], _signature: &[u8]) -> bool {
+        false
+    }
+}
+
+fn lossless() -> NetConfig {
+    NetConfig {
+        latency_min: Millis(5),
+        latency_max: Millis(20),
+        loss: 0.0,
+    }
+}
+
+/// `n` nodes joined through node 0, settled for 10 s of simulated time.
+fn mesh(n: usize, seed: u64, config: &Config) -> Sim {
+    let mut sim = Sim::new(lossless(), seed);
+    for _ in 0..n {
+        sim.add_node(config.clone());
+    }
+    sim.schedule_start(0, &[], Millis::ZERO);
+    for i in 1..n {
+        sim.schedule_start(i, &[0], Millis(10 * i as u64));
+    }
+    sim.run_until(Millis(10_000));
+    sim.take_events();
+    sim
+}
+
+/// Runs until node `i` reports an event matching `pick`, for at most 60 s.
+fn wait_event<T>(sim: &mut Sim, i: usize, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+    let deadline = sim.now().saturating_add(Millis(60_000));
+    let mut found = None;
+    sim.run_until_or(deadline, |s| {
+        s.events().iter().any(|(n, e)| *n == i && pick(e).is_some())
+    });
+    for (n, e) in sim.take_events() {
+        if n == i && found.is_none() {
+            found = pick(&e);
+        }
+    }
+    found.unwrap_or_else(|| panic!("sim seed {}: no event from node {i}", sim.seed()))
+}
+
+fn put(
+    sim: &mut Sim,
+    i: usize,
+    key: NodeId,
+    value: &[u8],
+    ttl: Millis,
+) -> Result<Vec<NodeId>, PutError> {
+    let value = value.to_vec();
+    let put_id = sim
+        .command(i, |d, now| d.put(key, value, ttl, now))
+        .expect("put accepted locally");
+    wait_event(sim, i, |e| match e {
+        Event::PutFinished { id, result, .. } if *id == put_id => Some(result.clone()),
+        _ => None,
+    })
+}
+
+fn get(sim: &mut Sim, i: usize, key: NodeId) -> LookupOutcome {
+    let lookup = sim
+        .command(i, |d, now| d.get(key, now))
+        .expect("lookup starts");
+    wait_event(sim, i, |e| match e {
+        Event::LookupFinished { id, outcome } if *id == lookup => Some(outcome.clone()),
+        _ => None,
+    })
+}
+
+// ----- bootstrap ------------------------------------------------------------
+
+#[test]
+fn first_node_waits_for_others() {
+    let mut d = node(1, Config::default());
+    d.bootstrap(Vec::new(), Millis(0));
+    let (out, events) = drain(&mut d);
+    assert!(out.is_empty());
+    assert_eq!(events, vec![Event::Bootstrapped { n_contacts: 0 }]);
+    // Only the refresh timer is armed.
+    assert_eq!(
+        d.poll_timeout(),
+        Some(Config::default().refresh_check_interval)
+    );
+}
+
+#[test]
+fn requests_from_our_own_id_are_refused_and_never_stored() {
+    let mut d = node(1, Config::default());
+    let r = d.handle_request(&contact(1), Request::Ping, Millis(0));
+    assert_eq!(r, Err(RequestError::FromSelf));
+    assert!(d.routing().is_empty());
+    assert_eq!(d.stats().requests_malformed, 1);
+}
+
+// ----- requests, timeouts, retries, unmatched responses ---------------------
+
+#[test]
+fn silent_peer_is_retried_once_then_evicted() {
+    let config = Config::default();
+    let timeout = config.request_timeout;
+    let mut d = node(1, config);
+    d.bootstrap(vec![contact(2)], Millis(0));
+    let (out, _) = drain(&mut d);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].to, contact(2));
+    assert_eq!(out[0].request, Request::FindNode { target: id(1) });
+    let first = out[0].correlation_id;
+    assert_eq!(d.poll_timeout(), Some(timeout));
+
+    // First timeout: the same request again, under a new correlation ID.
+    d.handle_timeout(timeout);
+    let (out, events) = drain(&mut d);
+    assert!(events.is_empty());
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].request, Request::FindNode { target: id(1) });
+    assert_ne!(out[0].correlation_id, first);
+    assert_eq!(d.stats().retries, 1);
+
+    // The answer to the first attempt arrives late: dropped and counted.
+    d.handle_response(
+        &id(2),
+        first,
+        Response::Nodes { closer: vec![] },
+        Millis(1_500),
+    );
+    assert_eq!(d.stats().responses_unmatched, 1);
+
+    // A peer that stays silent through the retry is evicted once it has not
+    // been heard from since the request went out.
+    let mut d = node(1, Config::default());
+    d.bootstrap(vec![contact(2)], Millis(0));
+    drain(&mut d);
+    d.handle_timeout(timeout);
+    drain(&mut d);
+    d.handle_timeout(Millis(2 * timeout.0));
+    let (out, events) = drain(&mut d);
+    assert!(out.is_empty());
+    assert_eq!(events, vec![Event::Bootstrapped { n_contacts: 0 }]);
+    let stats = d.stats();
+    assert_eq!(stats.request_timeouts, 2);
+    assert_eq!(stats.peers_evicted, 1);
+    assert!(!d.routing().contains(&id(2)));
+
+    // A join that reached nobody is retried soon, with a doubling backoff.
+    let retry_min = d.config().join_retry_min;
+    let rejoin = Millis(2 * timeout.0 + retry_min.0);
+    assert_eq!(d.poll_timeout(), Some(rejoin));
+    d.handle_timeout(rejoin);
+    let (out, _) = drain(&mut d);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].to.id, &out[0].request),
+        (id(2), &Request::FindNode { target: id(1) })
+    );
+    d.handle_timeout(Millis(rejoin.0 + timeout.0));
+    drain(&mut d);
+    d.handle_timeout(Millis(rejoin.0 + 2 * timeout.0));
+    drain(&mut d);
+    assert_eq!(
+        d.poll_timeout(),
+        Some(Millis(rejoin.0 + 2 * timeout.0 + 2 * retry_min.0))
+    );
+}
+
+#[test]
+fn unmatched_and_misattributed_responses_are_dropped() {
+    let mut d = node(1, Config::default());
+    d.bootstrap(vec![contact(2)], Millis(0));
+    let (out, _) = drain(&mut d);
+    let cid = out[0].correlation_id;
+
+    // Unknown correlation ID.
+    d.handle_response(
+        &id(2),
+        CorrelationId(cid.0.wrapping_add(1000)),
+        Response::Pong,
+        Millis(10),
+    );
+    // Right ID, wrong peer: must not cancel our request.
+    d.handle_response(
+        &id(3),
+        cid,
+        Response::Nodes {
+            closer: vec![contact(9)],
+        },
+        Millis(10),
+    );
+    assert_eq!(d.stats().responses_unmatched, 2);
+    assert_eq!(d.n_pending(), 1);
+
+    // The real answer still completes the join.
+    d.handle_response(&id(2), cid, Response::Nodes { closer: vec![] }, Millis(20));
+    let (_, events) = drain(&mut d);
+    assert!(events.contains(&Event::Bootstrapped { n_contacts: 1 }));
+    assert_eq!(d.stats().responses_unmatched, 2);
+}
+
+#[test]
+fn wrong_kind_and_oversized_responses_are_counted() {
+    let config = Config {
+        k: 4,
+        max_contacts_per_response: 4,
+        ..Config::default()
+    };
+    let mut d = node(1, config);
+    d.bootstrap(vec![contact(2), contact(3)], Millis(0));
+    let (out, _) = drain(&mut d);
+    let to2 = out.iter().find(|o| o.to.id == id(2)).expect("asks 2");
+    let to3 = out.iter().find(|o| o.to.id == id(3)).expect("asks 3");
+    // A FIND_NODE answered with Stored: malformed, that peer fails the lookup.
+    d.handle_response(&id(2), to2.correlation_id, Response::Stored, Millis(10));
+    // Ten contacts where at most four are allowed: truncated and counted.
+    let many: Vec<Contact> = (10..20).map(contact).collect();
+    d.handle_response(
+        &id(3),
+        to3.correlation_id,
+        Response::Nodes { closer: many },
+        Millis(10),
+    );
+    assert_eq!(d.stats().responses_malformed, 2);
+    let (out, _) = drain(&mut d);
+    // Only the first four contacts were taken up (3 asked now, alpha = 3).
+    assert!(
+        out.iter().all(|o| (10..14).any(|b| o.to.id == id(b))),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn flooding_peer_is_rate_limited_and_malformed_input_penalised() {
+    let config = Config {
+        rate_limit_burst: 5,
+        rate_limit_per_sec: 1,
+        ..Config::default()
+    };
+    let mut d = node(1, config);
+    for _ in 0..5 {
+        assert_eq!(
+            d.handle_request(&contact(2), Request::Ping, Millis(0)),
+            Ok(Response::Pong)
+        );
+    }
+    assert_eq!(
+        d.handle_request(&contact(2), Request::Ping, Millis(0)),
+        Err(RequestError::RateLimited)
+    );
+    // Another peer is unaffected; the flooder recovers with time.
+    assert_eq!(
+        d.handle_request(&contact(3), Request::Ping, Millis(0)),
+        Ok(Response::Pong)
+    );
+    assert_eq!(
+        d.handle_request(&contact(2), Request::Ping, Millis(1_000)),
+        Ok(Response::Pong)
+    );
+    // A malformed message costs the whole burst.
+    d.report_malformed(&id(3), Millis(1_000));
+    assert_eq!(
+        d.handle_request(&contact(3), Request::Ping, Millis(1_000)),
+        Err(RequestError::RateLimited)
+    );
+    let stats = d.stats();
+    assert_eq!(stats.requests_rate_limited, 2);
+    assert_eq!(stats.requests_malformed, 1);
+    assert_eq!(stats.requests_received, 9);
+}
+
+// ----- lookups --------------------------------------------------------------
+
+#[test]
+fn lookup_terminates_with_the_true_k_closest() {
+    let config = Config::default();
+    let mut sim = mesh(120, 11, &config);
+    let target = sim.id(77);
+    let outcome = get_node(&mut sim, 5, target);
+    assert!(outcome.found_target(), "seed 11: {outcome:?}");
+    // Brute force: the k closest of all node IDs other than the asker.
+    let mut all: Vec<NodeId> = (0..sim.len())
+        .filter(|&i| i != 5)
+        .map(|i| sim.id(i))
+        .collect();
+    all.sort_by_key(|n| n.distance(&target));
+    all.truncate(config.k);
+    let got: Vec<NodeId> = outcome.closest.iter().map(|c| c.id).collect();
+    assert_eq!(got, all, "seed 11");
+    assert!(outcome.stats.rounds >= 1);
+    assert!(outcome.stats.n_requests as usize >= config.k);
+    assert!(outcome.stats.n_requests as usize <= config.max_lookup_requests);
+}
+
+fn get_node(sim: &mut Sim, i: usize, target: NodeId) -> LookupOutcome {
+    let tag = sim.schedule_lookup(i, target, LookupKind::FindNode, sim.now());
+    let deadline = sim.now().saturating_add(Millis(60_000));
+    sim.run_until_or(deadline, |s| s.results().iter().any(|(t, _)| *t == tag));
+    sim.take_results()
+        .into_iter()
+        .find(|(t, _)| *t == tag)
+        .map(|(_, o)| o)
+        .unwrap_or_else(|| panic!("sim seed {}: lookup did not finish", sim.seed()))
+}
+
+#[test]
+fn lookup_with_empty_table_finishes_at_once() {
+    let mut d = node(1, Config::default());
+    let lookup = d
+        .start_lookup(id(9), LookupKind::FindNode, Millis(0))
+        .expect("starts");
+    let (out, events) = drain(&mut d);
+    assert!(out.is_empty());
+    match &events[..] {
+        [Event::LookupFinished { id, outcome }] => {
+            assert_eq!(*id, lookup);
+            assert!(outcome.closest.is_empty());
+            assert!(!outcome.found_target());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ----- records --------------------------------------------------------------
+
+#[test]
+fn put_reaches_quorum_and_get_collects_replicas() {
+    let config = Config::default();
+    let mut sim = mesh(60, 21, &config);
+    let key = NodeId::from_bytes([0x42; 32]);
+    let stored = put(&mut sim, 3, key, b"hello", Millis::from_secs(600)).expect("quorum");
+    assert_eq!(
+        stored.len(),
+        config.k,
+        "all 20 replicas confirm on a lossless net"
+    );
+    // Every confirmed replica holds it.
+    for n in &stored {
+        let i = (0..sim.len())
+            .find(|&i| sim.id(i) == *n)
+            .expect("known node");
+        assert!(sim.dht(i).store().get_one(&key, &sim.id(3)).is_some());
+    }
+    let outcome = get(&mut sim, 40, key);
+    assert_eq!(outcome.records.len(), 1);
+    assert_eq!(outcome.records[0].value, b"hello");
+    assert_eq!(outcome.records[0].publisher, sim.id(3));
+
+    // A second publisher under the same key: get returns both.
+    put(&mut sim, 7, key, b"world", Millis::from_secs(600)).expect("quorum");
+    let outcome = get(&mut sim, 50, key);
+    let mut values: Vec<&[u8]> = outcome.records.iter().map(|r| r.value.as_slice()).collect();
+    values.sort();
+    assert_eq!(values, vec![&b"hello"[..], &b"world"[..]]);
+}
+
+#[test]
+fn put_fails_below_quorum() {
+    // Every node but the publisher refuses all signatures.
+    let mut sim = Sim::new(lossless(), 31);
+    let mut rng = macula_dht::rng::Rng::new(31);
+    sim.add_node_with(rng.node_id(), Config::default(), Box::new(InsecureNoAuth));
+    for _ in 1..30 {
+        sim.add_node_with(rng.node_id(), Config::default(), Box::new(RejectAll));
+    }
+    sim.schedule_start(0, &[], Millis::ZERO);
+    for i in 1..30 {
+        sim.schedule_start(i, &[0], Millis(10 * i as u64));
+    }
+    sim.run_until(Millis(10_000));
+    sim.take_events();
+    let key = sim.id(0); // publisher is a replica, so exactly one confirmation
+    match put(&mut sim, 0, key, b"x", Millis::from_secs(60)) {
+        Err(PutError::QuorumNotReached { stored, needed }) => {
+            assert_eq!(stored, vec![sim.id(0)]);
+            assert_eq!(needed, Config::default().store_quorum(20));
+        }
+        other => panic!("seed 31: expected quorum failure, got {other:?}"),
+    }
+    assert!(sim.dht(0).stats().puts_failed >= 1);
+    assert!(
+        (1..30)
+            .map(|i| sim.dht(i).stats().records_rejected)
+            .sum::<u64>()
+            >= 19
+    );
+}
+
+#[test]
+fn records_expire_at_their_ttl_without_republish() {
+    let mut sim = mesh(40, 41, &Config::default());
+    let key = NodeId::from_bytes([0x11; 32]);
+    put(&mut sim, 2, key, b"short", Millis::from_secs(20)).expect("quorum");
+    // The publisher stops republishing before the first republish is due.
+    assert!(sim.command(2, |d, _| d.unpublish(&key)));
+    sim.run_until(sim.now().saturating_add(Millis::from_secs(10)));
+    assert_eq!(get(&mut sim, 30, key).records.len(), 1);
+    sim.run_until(sim.now().saturating_add(Millis::from_secs(11)));
+    assert!(
+        get(&mut sim, 30, key).records.is_empty(),
+        "seed 41: still there"
+    );
+    let expired: u64 = (0..sim.len())
+        .map(|i| sim.dht(i).stats().records_expired)
+        .sum();
+    assert!(expired >= 11, "expired {expired}");
+}
+
+#[test]
+fn publisher_republishes_before_expiry() {
+    let mut sim = mesh(40, 51, &Config::default());
+    let key = NodeId::from_bytes([0x22; 32]);
+    put(&mut sim, 4, key, b"kept", Millis::from_secs(20)).expect("quorum");
+    // Three TTLs later it is still there, because it was republished.
+    sim.run_until(sim.now().saturating_add(Millis::from_secs(60)));
+    assert_eq!(get(&mut sim, 33, key).records.len(), 1, "seed 51");
+    assert!(sim.dht(4).stats().republishes >= 3);
+    assert!(sim.dht(4).stats().puts_succeeded >= 4);
+}
+
+#[test]
+fn records_move_to_a_newly_joined_closer_node() {
+    let mut sim = mesh(40, 61, &Config::default());
+    let key = NodeId::from_bytes([0x33; 32]);
+    put(&mut sim, 6, key, b"moved", Millis::from_secs(600)).expect("quorum");
+    // A newcomer whose ID is the key but for its last bit: closer than anyone.
+    let mut bytes = *key.as_bytes();
+    bytes[31] ^= 1;
+    let newcomer = sim.add_node_with(
+        NodeId::from_bytes(bytes),
+        Config::default(),
+        Box::new(InsecureNoAuth),
+    );
+    sim.schedule_start(newcomer, &[0], sim.now());
+    sim.run_until(sim.now().saturating_add(Millis::from_secs(10)));
+    let held = sim.dht(newcomer).store().get_one(&key, &sim.id(6));
+    assert!(held.is_some(), "seed 61: not replicated to the newcomer");
+    let replicated: u64 = (0..sim.len())
+        .map(|i| sim.dht(i).stats().records_replicated)
+        .sum();
+    assert!(replicated >= 1);
+}
+
+#[test]
+fn record_limits_each_have_their_error() {
+    let config = Config {
+        max_value_len: 8,
+        max_ttl: Millis::from_secs(100),
+        max_records: 2,
+        max_records_per_publisher: 1,
+        ..Config::default()
+    };
+    let mut d = node(1, config.clone());
+    // Local puts.
+    assert_eq!(
+        d.put(id(9), vec![0; 9], Millis(10), Millis(0)),
+        Err(PutError::Record(RecordError::ValueTooLarge {
+            len: 9,
+            max: 8
+        }))
+    );
+    assert_eq!(
+        d.put(id(9), vec![], Millis::from_secs(101), Millis(0)),
+        Err(PutError::Record(RecordError::TtlTooLong {
+            ttl: Millis::from_secs(101),
+            max: Millis::from_secs(100)
+        }))
+    );
+    assert_eq!(
+        d.put(id(9), vec![], Millis(0), Millis(0)),
+        Err(PutError::Record(RecordError::TtlZero))
+    );
+    assert!(d.put(id(9), vec![1], Millis(10), Millis(0)).is_ok());
+    assert_eq!(
+        d.put(id(10), vec![1], Millis(10), Millis(0)),
+        Err(PutError::TooManyPublished { max: 1 })
+    );
+
+    // STOREs from peers.
+    let mut d = node(1, config);
+    let store = |key: u8, publisher: u8, seq: u64| Request::Store {
+        record: record(id(key), id(publisher), seq, Millis(100), b"v"),
+        ttl: Millis(100),
+    };
+    assert_eq!(
+        d.handle_request(&contact(2), store(50, 2, 5), Millis(0)),
+        Ok(Response::Stored)
+    );
+    assert_eq!(
+        d.handle_request(&contact(2), store(51, 2, 1), Millis(0)),
+        Ok(Response::StoreRejected(RecordError::PublisherFull {
+            max: 1
+        }))
+    );
+    assert_eq!(
+        d.handle_request(&contact(2), store(50, 2, 4), Millis(0)),
+        Ok(Response::StoreRejected(RecordError::Stale {
+            offered: 4,
+            stored: 5
+        }))
+    );
+    assert_eq!(
+        d.handle_request(&contact(3), store(52, 3, 1), Millis(0)),
+        Ok(Response::Stored)
+    );
+    assert_eq!(
+        d.handle_request(&contact(4), store(53, 4, 1), Millis(0)),
+        Ok(Response::StoreRejected(RecordError::StoreFull { max: 2 }))
+    );
+    let big = Request::Store {
+        record: record(id(54), id(4), 1, Millis(100), &[0; 9]),
+        ttl: Millis(100),
+    };
+    assert_eq!(
+        d.handle_request(&contact(4), big, Millis(0)),
+        Ok(Response::StoreRejected(RecordError::ValueTooLarge {
+            len: 9,
+            max: 8
+        }))
+    );
+    let stats = d.stats();
+    assert_eq!(stats.records_stored, 2);
+    assert_eq!(stats.records_rejected, 4);
+
+    // Expiry runs in handle_timeout and frees room.
+    assert_eq!(d.poll_timeout(), Some(Millis(100)));
+    d.handle_timeout(Millis(100));
+    assert!(d.store().is_empty());
+    assert_eq!(d.stats().records_expired, 2);
+}
+
+#[test]
+fn forged_records_are_refused() {
+    let mut d = Dht::new(Config::default(), contact(1), Box::new(RejectAll), 1);
+    let r = d.handle_request(
+        &contact(2),
+        Request::Store {
+            record: record(id(50), id(7), 1, Millis(100), b"forged"),
+            ttl: Millis(100),
+        },
+        Millis(0),
+    );
+    assert_eq!(r, Ok(Response::StoreRejected(RecordError::BadSignature)));
+
+    // The same record arriving in a FIND_VALUE answer is dropped, not returned.
+    d.handle_request(&contact(2), Request::Ping, Millis(0))
+        .expect("pong");
+    let lookup = d.get(id(50), Millis(0)).expect("starts");
+    let (out, _) = drain(&mut d);
+    let ask = out.iter().find(|o| o.to.id == id(2)).expect("asks 2");
+    d.handle_response(
+        &id(2),
+        ask.correlation_id,
+        Response::Value {
+            records: vec![record(id(50), id(7), 1, Millis(100), b"forged")],
+            closer: vec![],
+        },
+        Millis(10),
+    );
+    let (_, events) = drain(&mut d);
+    match &events[..] {
+        [Event::LookupFinished { id: l, outcome }] => {
+            assert_eq!(*l, lookup);
+            assert!(outcome.records.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.stats().records_rejected, 2);
+}
+
+#[test]
+fn full_bucket_pings_its_oldest_entry_and_keeps_it_if_alive() {
+    let config = Config {
+        k: 2,
+        probe_after: Millis(0),
+        ..Config::default()
+    };
+    let mut d = node(0x00, config);
+    // IDs starting with bit 1 all fall in bucket 0 of node 0x00..
+    let a = Contact::new(NodeId::from_bytes([0x80; 32]), "a");
+    let b = Contact::new(NodeId::from_bytes([0x81; 32]), "b");
+    let c = Contact::new(NodeId::from_bytes([0x82; 32]), "c");
+    d.handle_request(&a, Request::Ping, Millis(0))
+        .expect("pong");
+    d.handle_request(&b, Request::Ping, Millis(1))
+        .expect("pong");
+    // Bucket full: c waits as a replacement, a (least recently seen) is pinged.
+    d.handle_request(&c, Request::Ping, Millis(2))
+        .expect("pong");
+    let (out, _) = drain(&mut d);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].to.id, &out[0].request), (a.id, &Request::Ping));
+    // a answers: it stays, c stays a replacement.
+    d.handle_response(&a.id, out[0].correlation_id, Response::Pong, Millis(3));
+    assert!(d.routing().contains(&a.id) && !d.routing().contains(&c.id));
+
+    // Next newcomer: now b is the oldest; it stays silent and is replaced.
+    let e = Contact::new(NodeId::from_bytes([0x83; 32]), "e");
+    d.handle_request(&e, Request::Ping, Millis(4))
+        .expect("pong");
+    let (out, _) = drain(&mut d);
+    assert_eq!(out[0].to.id, b.id);
+    let timeout = d.config().request_timeout.0;
+    d.handle_timeout(Millis(4 + timeout));
+    drain(&mut d);
+    d.handle_timeout(Millis(4 + 2 * timeout));
+    assert!(!d.routing().contains(&b.id));
+    // The most recently seen replacement took the slot.
+    assert!(d.routing().contains(&e.id));
+    assert_eq!(d.routing().len(), 2);
+}
