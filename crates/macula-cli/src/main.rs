@@ -6,8 +6,10 @@
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 
+mod admin_cli;
 mod bench;
 mod config;
+mod dht_cli;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +39,15 @@ enum Command {
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// List the peers a running node is connected to (reads its admin HTTP API).
+    Nodes(admin_cli::ReadArgs),
+    /// Show a running node's health; exit code 1 unless it is ready.
+    Health(admin_cli::ReadArgs),
+    /// Show a running node's metrics as a table (--raw for Prometheus text).
+    Metrics(admin_cli::MetricsArgs),
+    /// Put and get DHT records, find the closest nodes (joins through --connect).
+    #[command(subcommand)]
+    Dht(dht_cli::DhtCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -122,6 +133,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
             rt.block_on(bench::run(cmd))?;
             Ok(())
         }
+        Command::Dht(cmd) => {
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            match rt.block_on(dht_cli::run(cmd))? {
+                dht_cli::Outcome::Ok => Ok(()),
+                dht_cli::Outcome::NotFound(what) => Err(Failure {
+                    code: 1,
+                    error: anyhow::anyhow!(what),
+                }),
+            }
+        }
+        Command::Nodes(args) => admin_cli::nodes(&args),
+        Command::Health(args) => admin_cli::health(&args),
+        Command::Metrics(args) => admin_cli::metrics(&args),
     }
 }
 
@@ -181,6 +206,11 @@ async fn start(settings: Settings) -> Result<(), Failure> {
     // as soon as the banner appears still gets a graceful shutdown.
     let signals = Signals::install()?;
     let config = node_config(&settings)?;
+    // Bind the admin port before the node joins, so a busy port fails fast.
+    let http = tokio::net::TcpListener::bind(settings.http)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for admin HTTP on {}: {e}", settings.http))?;
+    let http_addr = http.local_addr()?;
     let node = Node::builder()
         .config(config)
         .start()
@@ -190,10 +220,19 @@ async fn start(settings: Settings) -> Result<(), Failure> {
             macula::Error::Start(macula::StartError::Config(_)) => usage(e),
             other => Failure::from(other),
         })?;
+    let (stop_admin, admin_stop) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(macula_runtime::admin::serve(
+        http,
+        node.runtime().clone(),
+        async move {
+            let _ = admin_stop.await;
+        },
+    ));
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "node_id: {}", node.id())?;
         writeln!(out, "listen: {}", node.local_addr())?;
+        writeln!(out, "http: {http_addr}")?;
         writeln!(out, "realm: {}", node.realm())?;
         writeln!(out, "data_dir: {}", settings.data_dir.display())?;
         if let Some(f) = &settings.config_file {
@@ -203,9 +242,22 @@ async fn start(settings: Settings) -> Result<(), Failure> {
     }
     signals.wait().await;
     tracing::info!("shutting down");
+    let _ = stop_admin.send(());
     node.shutdown().await;
+    match tokio::time::timeout(ADMIN_STOP_GRACE, admin).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin HTTP server failed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "admin HTTP server task failed"),
+        Err(_) => tracing::warn!(
+            grace = ?ADMIN_STOP_GRACE,
+            "admin HTTP server did not stop in time; exiting anyway"
+        ),
+    }
     Ok(())
 }
+
+/// Time the admin HTTP server gets to finish open requests at shutdown.
+const ADMIN_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// SIGTERM and SIGINT, installed up front.
 struct Signals {

@@ -477,6 +477,30 @@ impl Dht {
         Ok(id)
     }
 
+    /// The transport learned that `id` is leaving the mesh (it said goodbye
+    /// before closing its connection): drop it from the routing table now and
+    /// fail its outstanding requests without retry, instead of waiting for
+    /// every one of them to time out twice.
+    pub fn peer_left(&mut self, id: &NodeId, now: Millis) {
+        if self.routing.mark_unresponsive(id, now) {
+            self.stats.peers_evicted += 1;
+        }
+        let cids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.to.id == *id)
+            .map(|(cid, _)| *cid)
+            .collect();
+        for cid in cids {
+            if let Some(mut p) = self.pending.remove(&cid) {
+                self.deadlines.remove(&(p.deadline, cid));
+                // Same path as a final timeout: no retry, peer marked failed.
+                p.attempt = self.config.request_attempts;
+                self.on_request_timeout(p, now);
+            }
+        }
+    }
+
     /// The runtime could not decode a DHT message from `from` (malformed or
     /// oversized): count it and empty the peer's token bucket.
     pub fn report_malformed(&mut self, from: &NodeId, now: Millis) {

@@ -217,6 +217,42 @@ fn silent_peer_is_retried_once_then_evicted() {
 }
 
 #[test]
+fn a_peer_that_leaves_is_dropped_without_waiting_for_timeouts() {
+    let mut d = node(1, Config::default());
+    // Learn two contacts: 2 answers the join, 3 is one of its neighbours.
+    d.bootstrap(vec![contact(2)], Millis(0));
+    let (out, _) = drain(&mut d);
+    d.handle_response(
+        &id(2),
+        out[0].correlation_id,
+        Response::Nodes {
+            closer: vec![contact(3)],
+        },
+        Millis(10),
+    );
+    let (out, _) = drain(&mut d);
+    assert!(out.iter().any(|o| o.to.id == id(3)), "asks 3 next: {out:?}");
+    assert!(d.routing().contains(&id(2)));
+    // 3 says goodbye before answering: its request fails at once, the join
+    // ends without waiting for two timeouts, and 3 is forgotten.
+    d.peer_left(&id(3), Millis(20));
+    let (out, events) = drain(&mut d);
+    assert!(
+        out.iter().all(|o| o.to.id != id(3)),
+        "no retry to 3: {out:?}"
+    );
+    assert!(!d.routing().contains(&id(3)));
+    assert_eq!(d.n_pending(), out.len());
+    if out.is_empty() {
+        assert_eq!(events, vec![Event::Bootstrapped { n_contacts: 1 }]);
+    }
+    assert_eq!(d.stats().retries, 0);
+    // A peer we never knew leaving is harmless.
+    d.peer_left(&id(9), Millis(30));
+    assert!(d.routing().contains(&id(2)));
+}
+
+#[test]
 fn unmatched_and_misattributed_responses_are_dropped() {
     let mut d = node(1, Config::default());
     d.bootstrap(vec![contact(2)], Millis(0));

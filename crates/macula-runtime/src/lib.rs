@@ -8,8 +8,10 @@
 //! **Invariant:** nothing reaches a peer-facing API before the peer has
 //! proved its node ID in TLS *and* completed the HELLO exchange.
 
+pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod dht;
 pub mod framed;
 pub mod identity;
 pub mod metrics;

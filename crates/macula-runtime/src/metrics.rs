@@ -1,13 +1,19 @@
 //! Counters and gauges of the connection layer, as plain atomics.
 //!
 //! One `Metrics` per node (several nodes in one process stay separate). The
-//! admin HTTP server renders a snapshot in Prometheus format; this module only
-//! counts and must not do I/O. Every drop, refusal and limit hit increments
-//! something here.
+//! admin HTTP server renders it in Prometheus format through
+//! [`MetricsCollector`], which reads the atomics at scrape time; this module
+//! only counts and describes, and must not do I/O. Every drop, refusal and
+//! limit hit increments something here.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use macula_wire::ErrorCode;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 /// Kinds of protocol error, used as the `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -245,6 +251,135 @@ impl Metrics {
     }
 }
 
+/// Help text for every family [`Metrics::snapshot`] exports, keyed by the
+/// exported name. Counters keep their `_total` suffix here; the encoder
+/// adds it back (`# TYPE macula_pool_hits counter` / `macula_pool_hits_total 3`).
+const HELP: &[(&str, &str)] = &[
+    (
+        "macula_connections_total",
+        "Connections established (TLS and HELLO complete), by direction.",
+    ),
+    (
+        "macula_connections_current",
+        "Connections currently in the pool.",
+    ),
+    (
+        "macula_connections_closed_total",
+        "Connections closed for any reason.",
+    ),
+    (
+        "macula_connections_refused_total",
+        "Incoming connections refused at the connection or pending-handshake limit.",
+    ),
+    (
+        "macula_pool_hits_total",
+        "connect() calls answered from the connection pool.",
+    ),
+    (
+        "macula_pool_misses_total",
+        "connect() calls that had to dial.",
+    ),
+    (
+        "macula_pool_evictions_total",
+        "Connections closed to make room in a full pool (least recently used).",
+    ),
+    (
+        "macula_pool_idle_closed_total",
+        "Connections closed after the idle timeout.",
+    ),
+    (
+        "macula_pool_duplicates_closed_total",
+        "Duplicate connections closed by the simultaneous-dial tie-break.",
+    ),
+    (
+        "macula_reconnect_attempts_total",
+        "Reconnect attempts to bootstrap peers.",
+    ),
+    (
+        "macula_frames_received_total",
+        "Frames received from peers, all message types.",
+    ),
+    (
+        "macula_frames_sent_total",
+        "Frames sent to peers, all message types.",
+    ),
+    (
+        "macula_pings_received_total",
+        "PING frames received and answered.",
+    ),
+    ("macula_pongs_received_total", "PONG frames received."),
+    (
+        "macula_pongs_unmatched_total",
+        "PONG frames that matched no outstanding PING (late or forged).",
+    ),
+    (
+        "macula_protocol_errors_total",
+        "Protocol errors from peers, by kind.",
+    ),
+    (
+        "macula_handshake_failures_total",
+        "Failed handshakes (TLS or HELLO), by reason.",
+    ),
+];
+
+/// Exposes one node's [`Metrics`] to a prometheus-client `Registry`: the
+/// atomics are read at scrape time, so the counting code stays plain
+/// `fetch_add`. Register one per node in that node's registry.
+#[derive(Debug, Clone)]
+pub struct MetricsCollector(pub Arc<Metrics>);
+
+impl Collector for MetricsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rows = self.0.snapshot();
+        let mut i = 0;
+        // Rows of one family are adjacent in the snapshot: emit one
+        // descriptor (HELP/TYPE) per run of equal names.
+        while i < rows.len() {
+            let name = rows[i].0;
+            let end = i + rows[i..].iter().take_while(|r| r.0 == name).count();
+            let help = HELP
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or("Macula connection-layer metric.", |(_, h)| *h);
+            let family = &rows[i..end];
+            match name.strip_suffix("_total") {
+                Some(base) => encode_family(&mut encoder, base, help, family, ConstCounter::new)?,
+                None => encode_family(&mut encoder, name, help, family, |v| {
+                    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+                })?,
+            }
+            i = end;
+        }
+        Ok(())
+    }
+}
+
+/// One descriptor and its samples: a single unlabelled sample, or one sample
+/// per label value.
+fn encode_family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[Sample],
+    metric: impl Fn(u64) -> M,
+) -> Result<(), std::fmt::Error> {
+    let Some((_, _, first)) = rows.first() else {
+        return Ok(());
+    };
+    let ty = metric(*first).metric_type();
+    let mut family = encoder.encode_descriptor(name, help, None, ty)?;
+    if let [(_, None, value)] = rows {
+        return metric(*value).encode(family);
+    }
+    for (_, label, value) in rows {
+        // Snapshot families with several rows are labelled on every row.
+        if let Some(label) = label {
+            metric(*value).encode(family.encode_family(&[*label])?)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +398,41 @@ mod tests {
         assert_eq!(m.protocol_errors_total(), 6);
         assert_eq!(m.handshake_failures(HandshakeFailure::Timeout), 1);
         assert_eq!(m.snapshot().len(), 16 + 6 + 6);
+    }
+
+    fn render(m: &Arc<Metrics>) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(MetricsCollector(m.clone())));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        out
+    }
+
+    #[test]
+    fn collector_exports_every_snapshot_row_with_help_and_type() {
+        let m = Arc::new(Metrics::default());
+        m.pool_hits_total.fetch_add(3, Relaxed);
+        m.connections_current.store(2, Relaxed);
+        m.protocol_error(ProtocolErrorKind::Malformed);
+        let text = render(&m);
+        for (name, label, value) in m.snapshot() {
+            let sample = match label {
+                Some((k, v)) => format!("{name}{{{k}=\"{v}\"}} {value}\n"),
+                None => format!("{name} {value}\n"),
+            };
+            assert!(text.contains(&sample), "missing {sample:?} in\n{text}");
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            assert!(text.contains(&format!("# TYPE {base} {kind}\n")), "{base}");
+            assert!(HELP.iter().any(|(n, _)| *n == name), "no help for {name}");
+        }
+        // One HELP line per family, not per labelled row.
+        assert_eq!(text.matches("# HELP macula_protocol_errors ").count(), 1);
+        assert!(text.contains("macula_pool_hits_total 3\n"));
+        assert!(text.contains("macula_protocol_errors_total{kind=\"malformed\"} 1\n"));
     }
 }

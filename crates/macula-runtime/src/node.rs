@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, watch, Semaphore};
 
 use crate::backoff::{jitter, Backoff};
 use crate::config::{ConfigError, IdentitySource, NodeConfig};
+use crate::dht::DhtHandle;
 use crate::framed::FrameReader;
 use crate::identity::{Identity, IdentityError};
 use crate::metrics::{HandshakeFailure, Metrics};
@@ -34,6 +35,10 @@ pub const MAX_PENDING_HANDSHAKES: usize = 256;
 pub const PEER_EVENT_CAPACITY: usize = 1024;
 /// Time allowed for a graceful shutdown to say goodbye to peers.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// After closing, how long to let QUIC drain (retransmit CONNECTION_CLOSE).
+/// The close itself is sent at once; a dial to a dead address can keep the
+/// endpoint busy far longer, so this wait is short.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_millis(500);
 
 impl Pooled for Peer {
     fn node_id(&self) -> NodeId {
@@ -143,6 +148,19 @@ struct NodeShared {
     events: broadcast::Sender<PeerEvent>,
     shutdown: watch::Sender<bool>,
     started: Instant,
+    dht: DhtHandle,
+}
+
+/// Dials DHT contacts through the pool. Holds the node weakly: the DHT task
+/// must not keep the node alive.
+#[derive(Clone)]
+struct PoolDialer(std::sync::Weak<NodeShared>);
+
+impl crate::dht::Dialer for PoolDialer {
+    async fn dial(&self, addr: SocketAddr, id: NodeId) -> Option<Peer> {
+        let node = NodeRuntime(self.0.upgrade()?);
+        node.connect(addr, Some(id)).await.ok()
+    }
 }
 
 /// A running node's connection layer. Cheap to clone; all clones share it.
@@ -219,7 +237,18 @@ impl NodeRuntime {
         };
         let (events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
         let (shutdown, _) = watch::channel(false);
-        let shared = Arc::new(NodeShared {
+        let dht_shutdown = shutdown.subscribe();
+        let first_node = config.bootstrap.is_empty();
+        let dht_identity = identity.clone();
+        let shared = Arc::new_cyclic(|weak| NodeShared {
+            dht: crate::dht::spawn(
+                dht_identity,
+                local_addr,
+                macula_dht::Config::default(),
+                first_node,
+                PoolDialer(weak.clone()),
+                dht_shutdown,
+            ),
             node_id,
             local: LocalInfo {
                 hello,
@@ -246,6 +275,11 @@ impl NodeRuntime {
 
     pub fn node_id(&self) -> NodeId {
         self.0.node_id
+    }
+
+    /// The node's DHT: put, get, closest.
+    pub fn dht(&self) -> &DhtHandle {
+        &self.0.dht
     }
 
     /// The bound QUIC address (useful with port 0).
@@ -317,12 +351,33 @@ impl NodeRuntime {
             let mut dialing = lock(&self.0.dialing);
             dialing
                 .entry(addr)
-                .or_insert_with(|| self.clone().dial(addr, expected).boxed().shared())
+                .or_insert_with(|| {
+                    // The dial runs as its own task, which removes its entry
+                    // when done. Driven inside the callers' futures instead,
+                    // a caller that gave up (timeout, select) left a pending
+                    // future in `dialing` that owns a clone of the node: a
+                    // reference cycle that leaked the node and its socket.
+                    // (Callers also removed entries that were not theirs.)
+                    let node = self.clone();
+                    let task = tokio::spawn(async move {
+                        let res = node.clone().dial(addr, expected).await;
+                        lock(&node.0.dialing).remove(&addr);
+                        res
+                    });
+                    async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(ConnectError::Io {
+                                addr,
+                                detail: format!("dial task failed: {e}"),
+                            })
+                        })
+                    }
+                    .boxed()
+                    .shared()
+                })
                 .clone()
         };
-        let res = fut.await;
-        lock(&self.0.dialing).remove(&addr);
-        let peer = res?;
+        let peer = fut.await?;
         if let Some(want) = expected.filter(|want| *want != peer.node_id()) {
             return Err(ConnectError::IdentityMismatch {
                 addr,
@@ -453,6 +508,13 @@ impl NodeRuntime {
                 if let Some(old) = evicted {
                     m.pool_evictions_total.fetch_add(1, Relaxed);
                     tracing::debug!(peer = %old.node_id(), "evicting least recently used connection");
+                    // The table no longer holds `old`, so `forget` will not
+                    // report it when its driver ends: report it here, or
+                    // subscribers would see it connected forever.
+                    let _ = self.0.events.send(PeerEvent::Disconnected {
+                        node_id: old.node_id(),
+                        reason: "Evicted: connection pool full".into(),
+                    });
                     tokio::spawn(async move {
                         old.disconnect(DisconnectReason::Evicted, "connection pool full")
                             .await
@@ -497,6 +559,7 @@ impl NodeRuntime {
             health_ping_interval: self.0.config.limits.health_ping_interval,
             ping_timeout: self.0.config.limits.ping_timeout,
             max_frame_size: self.0.config.limits.max_frame_size,
+            dht: Some(self.0.dht.clone()),
         };
         let shutdown = self.0.shutdown.subscribe();
         tokio::spawn(async move {
@@ -630,6 +693,7 @@ impl NodeRuntime {
             match self.connect_addr(&target).await {
                 Ok(peer) => {
                     peer.set_kept(true);
+                    self.0.dht.seed(&peer);
                     last_error = None;
                     let connected_at = Instant::now();
                     tokio::select! {
@@ -684,7 +748,7 @@ impl NodeRuntime {
             close_code(DisconnectReason::Shutdown),
             b"node shutting down",
         );
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.0.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
         tracing::info!(node_id = %self.0.node_id, "node stopped");
     }
 }

@@ -20,6 +20,7 @@ use macula_wire::{
 use quinn::VarInt;
 use tokio::sync::oneshot;
 
+use crate::dht::DhtHandle;
 use crate::framed::{FrameReader, FrameWriter, InFrame, ReadError};
 use crate::metrics::{HandshakeFailure, Metrics, ProtocolErrorKind};
 
@@ -48,6 +49,11 @@ pub fn close_code(reason: DisconnectReason) -> VarInt {
     VarInt::from_u32(u32::from(u16::from(reason)))
 }
 
+/// How long to wait, after an ERROR frame that precedes a close, for the peer
+/// to read it and close first. A QUIC close abandons stream data the peer has
+/// not received yet, so closing at once would usually lose the explanation.
+const ERROR_LINGER: Duration = Duration::from_millis(500);
+
 /// Why the HELLO exchange failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -58,6 +64,9 @@ pub enum HandshakeError {
     UnsupportedVersion { theirs: u8 },
     #[error("peer's HELLO names node {claimed} but its certificate proves {proved}")]
     IdentityMismatch { claimed: NodeId, proved: NodeId },
+    /// The peer sent another message (type byte `msg_type`) before HELLO.
+    #[error("peer sent message type {msg_type:#04x} before HELLO")]
+    HandshakeRequired { msg_type: u8 },
     #[error("peer refused the connection ({code:?}): {message}")]
     Rejected { code: ErrorCode, message: String },
     #[error("protocol error during handshake: {0}")]
@@ -81,9 +90,9 @@ impl HandshakeError {
                 ErrorCode::IdentityMismatch => HandshakeFailure::IdentityMismatch,
                 _ => HandshakeFailure::Protocol,
             },
-            HandshakeError::Protocol(_) | HandshakeError::Connection(_) => {
-                HandshakeFailure::Protocol
-            }
+            HandshakeError::Protocol(_)
+            | HandshakeError::HandshakeRequired { .. }
+            | HandshakeError::Connection(_) => HandshakeFailure::Protocol,
             HandshakeError::Timeout => HandshakeFailure::Timeout,
         }
     }
@@ -105,6 +114,10 @@ impl HandshakeError {
             HandshakeError::Protocol(_) => {
                 Some((ErrorCode::Malformed, DisconnectReason::ProtocolError))
             }
+            HandshakeError::HandshakeRequired { .. } => Some((
+                ErrorCode::HandshakeRequired,
+                DisconnectReason::ProtocolError,
+            )),
             HandshakeError::Rejected { .. }
             | HandshakeError::Connection(_)
             | HandshakeError::Timeout => None,
@@ -258,6 +271,12 @@ impl Peer {
             .close(close_code(reason), truncate(message).as_bytes());
     }
 
+    /// Sends one message on the control stream (used by services such as
+    /// the DHT, whose messages travel there).
+    pub async fn send(&self, msg: &Message) -> Result<(), String> {
+        self.send_control(msg).await
+    }
+
     async fn send_control(&self, msg: &Message) -> Result<(), String> {
         let mut w = self.0.control.lock().await;
         w.send(msg).await.map_err(|e| e.to_string())?;
@@ -360,10 +379,12 @@ async fn read_hello(reader: &mut FrameReader) -> Result<Hello, HandshakeError> {
             code: ErrorCode::Other(u16::from(d.reason)),
             message: d.message,
         }),
-        Ok(other) => Err(HandshakeError::Protocol(format!(
-            "expected HELLO, got {}",
-            other.msg_type().name()
-        ))),
+        // Anything else before HELLO (known or not) is answered with
+        // HandshakeRequired, as the protocol defines, not as Malformed.
+        Ok(other) => Err(HandshakeError::HandshakeRequired {
+            msg_type: other.msg_type() as u8,
+        }),
+        Err(DecodeError::UnknownType(t)) => Err(HandshakeError::HandshakeRequired { msg_type: t }),
         Err(e) => Err(HandshakeError::Protocol(e.to_string())),
     }
 }
@@ -376,14 +397,18 @@ async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, err: &Handsh
         return;
     };
     let message = truncate(&err.to_string());
+    let msg_type = match err {
+        HandshakeError::HandshakeRequired { msg_type } => *msg_type,
+        _ => macula_wire::MessageType::Hello as u8,
+    };
     let frame = Message::Error(ErrorFrame {
         code,
         message: message.clone(),
-        msg_type: macula_wire::MessageType::Hello as u8,
+        msg_type,
     });
     if writer.send(&frame).await.is_ok() {
         writer.finish();
-        let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+        let _ = tokio::time::timeout(ERROR_LINGER, conn.closed()).await;
     }
     conn.close(close_code(reason), message.as_bytes());
 }
@@ -422,7 +447,9 @@ pub(crate) async fn handshake(
                 Ok(h) => h,
                 Err(e) => {
                     if let Some(kind) = match &e {
-                        HandshakeError::Protocol(_) => Some(ProtocolErrorKind::Unexpected),
+                        HandshakeError::Protocol(_) | HandshakeError::HandshakeRequired { .. } => {
+                            Some(ProtocolErrorKind::Unexpected)
+                        }
                         _ => None,
                     } {
                         metrics.protocol_error(kind);
@@ -465,10 +492,12 @@ pub(crate) async fn handshake(
 enum Next {
     Continue,
     Close(DisconnectReason, String),
+    /// An ERROR frame was sent; close with ProtocolError once it is delivered.
+    Fail(String),
 }
 
 /// Handles one frame on the control stream.
-async fn on_control_frame(peer: &Peer, frame: InFrame) -> Next {
+async fn on_control_frame(peer: &Peer, frame: InFrame, dht: Option<&DhtHandle>) -> Next {
     let m = &peer.0.metrics;
     m.frames_received_total.fetch_add(1, Relaxed);
     match frame.decode() {
@@ -496,10 +525,38 @@ async fn on_control_frame(peer: &Peer, frame: InFrame) -> Next {
         }
         Ok(Message::Disconnect(d)) => {
             tracing::debug!(peer = %peer.node_id(), reason = ?d.reason, message = %d.message, "peer is disconnecting");
-            Next::Close(d.reason, format!("peer said: {}", d.message))
+            if d.reason == DisconnectReason::Shutdown {
+                // It is leaving the mesh, not just this connection.
+                if let Some(dht) = dht {
+                    dht.peer_left(peer);
+                }
+            }
+            // The reason code goes into the event text: it is the part a
+            // reader (or a test) can rely on; the message is free text.
+            Next::Close(
+                d.reason,
+                format!("peer disconnected ({:?}): {}", d.reason, d.message),
+            )
         }
         Ok(Message::Error(e)) => {
             tracing::warn!(peer = %peer.node_id(), code = ?e.code, message = %e.message, "peer reported an error");
+            Next::Continue
+        }
+        Ok(Message::Dht(msg)) => {
+            peer.touch();
+            match dht {
+                Some(dht) => dht.deliver(peer, msg),
+                None => {
+                    m.protocol_error(ProtocolErrorKind::Unexpected);
+                    report(
+                        peer,
+                        ErrorCode::UnexpectedMessage,
+                        "this node serves no DHT",
+                        frame.msg_type,
+                    )
+                    .await;
+                }
+            }
             Next::Continue
         }
         Ok(Message::Hello(_)) => {
@@ -527,9 +584,22 @@ async fn on_control_frame(peer: &Peer, frame: InFrame) -> Next {
         Err(e) => {
             m.protocol_error(ProtocolErrorKind::Malformed);
             report(peer, ErrorCode::Malformed, &e.to_string(), frame.msg_type).await;
-            Next::Close(DisconnectReason::ProtocolError, e.to_string())
+            Next::Fail(e.to_string())
         }
     }
+}
+
+/// Closes the connection with ProtocolError after an ERROR frame was sent on
+/// the control stream: finishes the stream and lingers (bounded) for the peer
+/// to read the frame and close first, as `refuse` does during the handshake.
+/// A macula peer closes as soon as it sees the control stream finish.
+async fn close_after_error(peer: &Peer, why: &str) {
+    peer.0.control.lock().await.finish();
+    let _ = tokio::time::timeout(ERROR_LINGER, peer.0.conn.closed()).await;
+    peer.0.conn.close(
+        close_code(DisconnectReason::ProtocolError),
+        truncate(why).as_bytes(),
+    );
 }
 
 async fn report(peer: &Peer, code: ErrorCode, message: &str, msg_type: u8) {
@@ -624,6 +694,8 @@ pub(crate) struct DriverConfig {
     pub health_ping_interval: Duration,
     pub ping_timeout: Duration,
     pub max_frame_size: u32,
+    /// Where DHT messages from this peer go (None: answered with ERROR).
+    pub dht: Option<DhtHandle>,
 }
 
 /// Drives a connection until it closes or shutdown is signalled: reads the
@@ -647,10 +719,14 @@ pub(crate) async fn drive(
     let end = loop {
         tokio::select! {
             frame = control.read() => match frame {
-                Ok(Some(f)) => match on_control_frame(&peer, f).await {
+                Ok(Some(f)) => match on_control_frame(&peer, f, cfg.dht.as_ref()).await {
                     Next::Continue => {}
                     Next::Close(reason, why) => {
                         conn.close(close_code(reason), truncate(&why).as_bytes());
+                        break why;
+                    }
+                    Next::Fail(why) => {
+                        close_after_error(&peer, &why).await;
                         break why;
                     }
                 },
@@ -662,16 +738,22 @@ pub(crate) async fn drive(
                     if let Some(kind) = e.protocol_kind() {
                         peer.0.metrics.protocol_error(kind);
                         report(&peer, kind.error_code(), &e.to_string(), 0).await;
-                        conn.close(close_code(DisconnectReason::ProtocolError), truncate(&e.to_string()).as_bytes());
+                        close_after_error(&peer, &e.to_string()).await;
+                        break e.to_string();
                     }
-                    break e.to_string();
+                    // Lost connection: describe it the same way whichever
+                    // branch noticed first, so the reason names the code.
+                    break match e {
+                        ReadError::Stream(quinn::ReadError::ConnectionLost(c)) => describe_close(&c),
+                        other => other.to_string(),
+                    };
                 }
             },
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     tokio::spawn(serve_stream(peer.clone(), send, recv, cfg.max_frame_size));
                 }
-                Err(e) => break e.to_string(),
+                Err(e) => break describe_close(&e),
             },
             _ = health.tick() => {
                 let p = peer.clone();
@@ -702,6 +784,24 @@ pub(crate) async fn drive(
             err = conn.closed() => break describe_close(&err),
         }
     };
+    // A peer that closed with code Shutdown is leaving the mesh (its
+    // DISCONNECT frame may not have arrived before the close). Checked here,
+    // not in one select arm: the control-stream read usually sees the close
+    // first.
+    // A transport timeout (silent despite keep-alives) means the peer
+    // crashed or became unreachable: the same conclusion, reached later.
+    let gone = match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == close_code(DisconnectReason::Shutdown)
+        }
+        Some(quinn::ConnectionError::TimedOut) => true,
+        _ => false,
+    };
+    if gone {
+        if let Some(dht) = &cfg.dht {
+            dht.peer_left(&peer);
+        }
+    }
     // Wake anyone still waiting for a pong.
     peer.lock_pings().clear();
     end

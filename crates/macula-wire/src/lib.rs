@@ -9,11 +9,13 @@
 //! **Invariant:** decoding never panics and never allocates more than the frame
 //! length the caller allowed.
 
+pub mod dht;
 pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod node_id;
 
+pub use dht::{dht_key, DhtMessage, WireContact, WireRecord};
 pub use frame::{FrameDecoder, FrameError, FrameHeader, RawFrame, FRAME_HEADER_LEN};
 pub use limits::*;
 pub use message::{

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
 use crate::node_id::NodeId;
@@ -30,16 +31,34 @@ pub enum MessageType {
     Pong = 0x03,
     Disconnect = 0x04,
     Error = 0x05,
+    DhtPing = 0x10,
+    DhtFindNode = 0x11,
+    DhtFindValue = 0x12,
+    DhtStore = 0x13,
+    DhtPong = 0x18,
+    DhtNodes = 0x19,
+    DhtValue = 0x1a,
+    DhtStored = 0x1b,
+    DhtStoreRejected = 0x1c,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 5] = [
+    pub const ALL: [MessageType; 14] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
         MessageType::Disconnect,
         MessageType::Error,
+        MessageType::DhtPing,
+        MessageType::DhtFindNode,
+        MessageType::DhtFindValue,
+        MessageType::DhtStore,
+        MessageType::DhtPong,
+        MessageType::DhtNodes,
+        MessageType::DhtValue,
+        MessageType::DhtStored,
+        MessageType::DhtStoreRejected,
     ];
 
     /// Maps a type byte to a known type.
@@ -55,6 +74,15 @@ impl MessageType {
             MessageType::Pong => "pong",
             MessageType::Disconnect => "disconnect",
             MessageType::Error => "error",
+            MessageType::DhtPing => "dht_ping",
+            MessageType::DhtFindNode => "dht_find_node",
+            MessageType::DhtFindValue => "dht_find_value",
+            MessageType::DhtStore => "dht_store",
+            MessageType::DhtPong => "dht_pong",
+            MessageType::DhtNodes => "dht_nodes",
+            MessageType::DhtValue => "dht_value",
+            MessageType::DhtStored => "dht_stored",
+            MessageType::DhtStoreRejected => "dht_store_rejected",
         }
     }
 }
@@ -271,6 +299,7 @@ pub enum Message {
     Pong(Pong),
     Disconnect(Disconnect),
     Error(ErrorFrame),
+    Dht(DhtMessage),
 }
 
 /// Why a message could not be encoded.
@@ -331,6 +360,17 @@ impl Message {
             Message::Pong(_) => MessageType::Pong,
             Message::Disconnect(_) => MessageType::Disconnect,
             Message::Error(_) => MessageType::Error,
+            Message::Dht(d) => match d {
+                DhtMessage::Ping(_) => MessageType::DhtPing,
+                DhtMessage::FindNode(_) => MessageType::DhtFindNode,
+                DhtMessage::FindValue(_) => MessageType::DhtFindValue,
+                DhtMessage::Store(_) => MessageType::DhtStore,
+                DhtMessage::Pong(_) => MessageType::DhtPong,
+                DhtMessage::Nodes(_) => MessageType::DhtNodes,
+                DhtMessage::Value(_) => MessageType::DhtValue,
+                DhtMessage::Stored(_) => MessageType::DhtStored,
+                DhtMessage::StoreRejected(_) => MessageType::DhtStoreRejected,
+            },
         }
     }
 
@@ -363,6 +403,7 @@ impl Message {
             Message::Disconnect(d) => check_len("message", &d.message, MAX_REASON_LEN),
             Message::Error(e) => check_len("message", &e.message, MAX_REASON_LEN),
             Message::Ping(_) | Message::Pong(_) => Ok(()),
+            Message::Dht(d) => d.validate(),
         }
     }
 
@@ -383,6 +424,17 @@ impl Message {
             Message::Pong(m) => rmp_serde::encode::write_named(out, m),
             Message::Disconnect(m) => rmp_serde::encode::write_named(out, m),
             Message::Error(m) => rmp_serde::encode::write_named(out, m),
+            Message::Dht(d) => match d {
+                DhtMessage::Ping(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::FindNode(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::FindValue(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::Store(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::Pong(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::Nodes(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::Value(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::Stored(m) => rmp_serde::encode::write_named(out, m),
+                DhtMessage::StoreRejected(m) => rmp_serde::encode::write_named(out, m),
+            },
         };
         if let Err(e) = res {
             out.truncate(start);
@@ -415,6 +467,29 @@ impl Message {
             MessageType::Pong => decode_body(t, body).map(Message::Pong),
             MessageType::Disconnect => decode_body(t, body).map(Message::Disconnect),
             MessageType::Error => decode_body(t, body).map(Message::Error),
+            MessageType::DhtPing => decode_body(t, body).map(|m| Message::Dht(DhtMessage::Ping(m))),
+            MessageType::DhtFindNode => {
+                decode_body(t, body).map(|m| Message::Dht(DhtMessage::FindNode(m)))
+            }
+            MessageType::DhtFindValue => {
+                decode_body(t, body).map(|m| Message::Dht(DhtMessage::FindValue(m)))
+            }
+            MessageType::DhtStore => {
+                decode_body(t, body).map(|m| Message::Dht(DhtMessage::Store(m)))
+            }
+            MessageType::DhtPong => decode_body(t, body).map(|m| Message::Dht(DhtMessage::Pong(m))),
+            MessageType::DhtNodes => {
+                decode_body(t, body).map(|m| Message::Dht(DhtMessage::Nodes(m)))
+            }
+            MessageType::DhtValue => {
+                decode_body(t, body).map(|m| Message::Dht(DhtMessage::Value(m)))
+            }
+            MessageType::DhtStored => {
+                decode_body(t, body).map(|m| Message::Dht(DhtMessage::Stored(m)))
+            }
+            MessageType::DhtStoreRejected => {
+                decode_body(t, body).map(|m| Message::Dht(DhtMessage::StoreRejected(m)))
+            }
         }?;
         msg.validate().map_err(|reason| DecodeError::Malformed {
             msg_type: t,
@@ -600,8 +675,81 @@ mod tests {
         })
     }
 
+    fn arb_contact() -> impl Strategy<Value = WireContact> {
+        (any::<[u8; 32]>(), arb_string(MAX_ADDR_LEN)).prop_map(|(id, addr)| WireContact {
+            id: NodeId::from_bytes(id),
+            addr,
+        })
+    }
+
+    fn arb_record() -> impl Strategy<Value = WireRecord> {
+        (
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            proptest::collection::vec(any::<u8>(), 0..96),
+        )
+            .prop_map(|(k, p, seq, ttl_ms, value, signature)| WireRecord {
+                key: NodeId::from_bytes(k),
+                publisher: NodeId::from_bytes(p),
+                seq,
+                ttl_ms,
+                value,
+                signature,
+            })
+    }
+
+    fn arb_dht() -> impl Strategy<Value = DhtMessage> {
+        let contacts = || proptest::collection::vec(arb_contact(), 0..4);
+        prop_oneof![
+            any::<u64>().prop_map(|id| DhtMessage::Ping(DhtPing { id })),
+            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(id, t)| DhtMessage::FindNode(
+                DhtFindNode {
+                    id,
+                    target: NodeId::from_bytes(t)
+                }
+            )),
+            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(id, k)| DhtMessage::FindValue(
+                DhtFindValue {
+                    id,
+                    key: NodeId::from_bytes(k)
+                }
+            )),
+            (any::<u64>(), arb_record(), any::<u64>()).prop_map(|(id, record, ttl_ms)| {
+                DhtMessage::Store(DhtStore { id, record, ttl_ms })
+            }),
+            any::<u64>().prop_map(|id| DhtMessage::Pong(DhtPong { id })),
+            (any::<u64>(), contacts())
+                .prop_map(|(id, closer)| DhtMessage::Nodes(DhtNodes { id, closer })),
+            (
+                any::<u64>(),
+                proptest::collection::vec(arb_record(), 0..3),
+                contacts()
+            )
+                .prop_map(|(id, records, closer)| DhtMessage::Value(DhtValue {
+                    id,
+                    records,
+                    closer
+                })),
+            any::<u64>().prop_map(|id| DhtMessage::Stored(DhtStored { id })),
+            (any::<u64>(), any::<u16>(), any::<u64>(), any::<u64>()).prop_map(
+                |(id, c, value, limit)| {
+                    DhtMessage::StoreRejected(DhtStoreRejected {
+                        id,
+                        code: c.into(),
+                        value,
+                        limit,
+                    })
+                }
+            ),
+        ]
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
+            arb_dht().prop_map(Message::Dht),
             (
                 any::<[u8; 32]>(),
                 arb_string(MAX_REALM_LEN),

@@ -25,13 +25,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::metrics::Metrics;
 pub use macula_runtime::tls::{TlsMode, TlsOptions};
 pub use macula_runtime::{
     ConnectError, Direction, IdentitySource, Limits, NodeConfig, Peer, PeerAddr, PeerEvent,
     StartError,
 };
-pub use macula_wire::NodeId;
+pub use macula_wire::{dht_key, NodeId};
 
 use macula_runtime::NodeRuntime;
 
@@ -207,6 +208,12 @@ impl Node {
             },
         )?;
         Ok(self.runtime.connect_addr(&addr).await?)
+    }
+
+    /// The node's DHT: `put(key, value, ttl)`, `get(key)`, `closest(key, n)`.
+    /// Keys are 256-bit; derive them from names with [`dht_key`].
+    pub fn dht(&self) -> &DhtHandle {
+        self.runtime.dht()
     }
 
     /// Peer connect/disconnect notifications.

@@ -1,0 +1,159 @@
+//! Shared helpers for the binary's end-to-end tests: spawn `macula`
+//! processes, collect their output lines, wait (bounded) for a line, stop
+//! them with SIGTERM, and kill them on drop even when an assertion fails.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_macula");
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A `macula` process whose stdout and stderr lines are collected.
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+pub fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MACULA_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_cmd(command(args))
+    }
+
+    pub fn spawn_cmd(mut cmd: Command) -> Proc {
+        let mut child = cmd.spawn().expect("spawn macula");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        for pipe in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing every needle; returns it.
+    pub fn wait_for(&mut self, needles: &[&str]) -> String {
+        if let Some(l) = self
+            .seen
+            .iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            return l.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = needles.iter().all(|n| line.contains(n));
+                    self.seen.push(line.clone());
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needles:?} within {WAIT:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The value of a `key: value` line on stdout.
+    pub fn field(&mut self, key: &str) -> String {
+        let prefix = format!("{key}: ");
+        let line = self.wait_for(&[&prefix]);
+        line[line.find(&prefix).unwrap() + prefix.len()..]
+            .trim()
+            .to_string()
+    }
+
+    /// SIGTERM, then the exit code (bounded wait).
+    pub fn terminate(&mut self) -> Option<i32> {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("process did not exit within {WAIT:?} of SIGTERM");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion (bounded) and returns (code, stdout+stderr).
+pub fn run(cmd: Command) -> (Option<i32>, String) {
+    let mut p = Proc::spawn_cmd(cmd);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            // Drain what is left.
+            std::thread::sleep(Duration::from_millis(50));
+            let mut all = std::mem::take(&mut p.seen);
+            all.extend(p.lines.try_iter());
+            return (status.code(), all.join("\n"));
+        }
+        assert!(Instant::now() < deadline, "command did not finish");
+        while let Ok(l) = p.lines.try_recv() {
+            p.seen.push(l);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `macula start` on loopback with ephemeral QUIC and admin ports, in `realm`.
+pub fn start_args<'a>(realm: &'a str, dir: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["start"];
+    if !extra.contains(&"--listen") {
+        v.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    }
+    if !extra.contains(&"--http") {
+        v.extend_from_slice(&["--http", "127.0.0.1:0"]);
+    }
+    v.extend_from_slice(&["--realm", realm, "--data-dir", dir.to_str().unwrap()]);
+    v.extend_from_slice(extra);
+    v
+}

@@ -1,0 +1,750 @@
+//! The DHT service: runs one `macula_dht::Dht` state machine in a task and
+//! connects it to the mesh.
+//!
+//! The task is the only owner of the state machine (no lock): DHT frames from
+//! peers, API calls and timer expiries all arrive as `Command`s on one bounded
+//! channel, and the task drains the core's outputs in the documented order
+//! (transmits, events, timer). DHT messages travel on each connection's
+//! control stream; requests go out over the pool (dialing the contact with
+//! its node ID expected), responses go back on the connection the request
+//! came on. This module converts between wire and core types and must not
+//! make Kademlia decisions itself.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use macula_dht::{
+    Contact, CorrelationId, Dht, Event, LookupError, LookupId, LookupKind, Millis, Outgoing,
+    PutError, PutId, Record, RecordAuth, RecordError, Request, Response, Stats,
+};
+use macula_wire::dht::*;
+use macula_wire::{Message, NodeId};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+use crate::identity::{verify_signature, Identity};
+use crate::peer::Peer;
+
+/// Commands queued for the DHT task; past this, inbound DHT frames are
+/// dropped (and counted) rather than buffered without bound.
+pub const DHT_QUEUE_CAPACITY: usize = 4096;
+/// Requests being sent at once (each may have to dial first); past this a
+/// request is dropped and the core times it out like a lost packet.
+pub const MAX_INFLIGHT_SENDS: usize = 1024;
+/// Upper bound on one API call (put, get, closest); the core's own lookups
+/// end sooner, this only guards against a stuck task.
+pub const DHT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Size of the signature field: Ed25519 public key + signature.
+const SIGNATURE_LEN: usize = 32 + 64;
+
+/// Why a DHT call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DhtError {
+    #[error(transparent)]
+    Put(#[from] PutError),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error("the DHT is overloaded ({DHT_QUEUE_CAPACITY} commands queued); try again")]
+    Overloaded,
+    #[error("the DHT did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// A record as returned to applications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhtRecord {
+    pub key: NodeId,
+    /// The node that published and signed it (verified).
+    pub publisher: NodeId,
+    pub seq: u64,
+    pub ttl: Duration,
+    pub value: Vec<u8>,
+}
+
+impl From<Record> for DhtRecord {
+    fn from(r: Record) -> Self {
+        DhtRecord {
+            key: r.key,
+            publisher: r.publisher,
+            seq: r.seq,
+            ttl: Duration::from_millis(r.ttl.0),
+            value: r.value,
+        }
+    }
+}
+
+/// A point-in-time view of the DHT, for health and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhtStatus {
+    pub routing_table_size: usize,
+    pub records: usize,
+    /// A join finished (or this is a first node).
+    pub bootstrapped: bool,
+    pub stats: Stats,
+}
+
+/// Counters kept outside the task (readable without a round trip).
+#[derive(Debug, Default)]
+pub struct DhtCounters {
+    /// Inbound DHT frames dropped because the queue was full.
+    pub inbound_dropped_total: AtomicU64,
+    /// Requests dropped because `MAX_INFLIGHT_SENDS` were in flight.
+    pub sends_dropped_total: AtomicU64,
+    /// Requests that could not be delivered (dial or write failed).
+    pub sends_failed_total: AtomicU64,
+    /// Contacts whose address could not be parsed.
+    pub bad_contact_addr_total: AtomicU64,
+}
+
+enum Command {
+    Inbound {
+        peer: Peer,
+        msg: DhtMessage,
+    },
+    Seed(Contact),
+    PeerLeft(NodeId),
+    Put {
+        key: NodeId,
+        value: Vec<u8>,
+        ttl: Duration,
+        reply: oneshot::Sender<Result<Vec<NodeId>, DhtError>>,
+    },
+    Get {
+        key: NodeId,
+        reply: oneshot::Sender<Result<Vec<DhtRecord>, DhtError>>,
+    },
+    Closest {
+        key: NodeId,
+        reply: oneshot::Sender<Result<Vec<Contact>, DhtError>>,
+    },
+    Unpublish {
+        key: NodeId,
+        reply: oneshot::Sender<bool>,
+    },
+    Status {
+        reply: oneshot::Sender<DhtStatus>,
+    },
+    WaitBootstrapped {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// The application's handle on the node's DHT. Cheap to clone.
+#[derive(Clone)]
+pub struct DhtHandle {
+    tx: mpsc::Sender<Command>,
+    counters: Arc<DhtCounters>,
+}
+
+impl std::fmt::Debug for DhtHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DhtHandle")
+            .field("queued", &(DHT_QUEUE_CAPACITY - self.tx.capacity()))
+            .finish()
+    }
+}
+
+impl DhtHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, DhtError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.try_send(make(reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DhtError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => DhtError::Stopped,
+        })?;
+        match tokio::time::timeout(DHT_CALL_TIMEOUT, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(DhtError::Stopped),
+            Err(_) => Err(DhtError::Timeout(DHT_CALL_TIMEOUT)),
+        }
+    }
+
+    /// Stores `value` under `key` on the k closest nodes, signed by this node,
+    /// and keeps republishing it before `ttl` runs out until `unpublish`.
+    /// Returns the nodes that confirmed; fails below a majority of them.
+    pub async fn put(
+        &self,
+        key: NodeId,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Vec<NodeId>, DhtError> {
+        self.call(|reply| Command::Put {
+            key,
+            value,
+            ttl,
+            reply,
+        })
+        .await?
+    }
+
+    /// Every record stored under `key` that the reachable replicas hold, one
+    /// per publisher (newest), each with a verified signature.
+    pub async fn get(&self, key: NodeId) -> Result<Vec<DhtRecord>, DhtError> {
+        self.call(|reply| Command::Get { key, reply }).await?
+    }
+
+    /// The nodes closest to `key` that answered an iterative lookup, nearest
+    /// first, as `(node ID, address)`; at most `n`.
+    pub async fn closest(&self, key: NodeId, n: usize) -> Result<Vec<(NodeId, String)>, DhtError> {
+        let found = self.call(|reply| Command::Closest { key, reply }).await??;
+        Ok(found
+            .into_iter()
+            .take(n)
+            .map(|c| (c.id, c.addr.to_string()))
+            .collect())
+    }
+
+    /// Stops republishing `key`; replicas drop it at its TTL. False if this
+    /// node was not publishing it.
+    pub async fn unpublish(&self, key: NodeId) -> Result<bool, DhtError> {
+        self.call(|reply| Command::Unpublish { key, reply }).await
+    }
+
+    pub async fn status(&self) -> Result<DhtStatus, DhtError> {
+        self.call(|reply| Command::Status { reply }).await
+    }
+
+    /// Resolves once the node has joined the DHT (or knows it is the first).
+    pub async fn wait_bootstrapped(&self) -> Result<(), DhtError> {
+        self.call(|reply| Command::WaitBootstrapped { reply }).await
+    }
+
+    pub fn counters(&self) -> &DhtCounters {
+        &self.counters
+    }
+
+    /// Hands a DHT frame from `peer` to the task; drops it when the queue is
+    /// full (the sender will time out and retry elsewhere).
+    pub(crate) fn deliver(&self, peer: &Peer, msg: DhtMessage) {
+        let cmd = Command::Inbound {
+            peer: peer.clone(),
+            msg,
+        };
+        if self.tx.try_send(cmd).is_err() {
+            self.counters.inbound_dropped_total.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Tells the DHT that `peer` announced its shutdown: forget it now.
+    pub(crate) fn peer_left(&self, peer: &Peer) {
+        let _ = self.tx.try_send(Command::PeerLeft(peer.node_id()));
+    }
+
+    /// Tells the DHT about a bootstrap peer that just connected.
+    pub(crate) fn seed(&self, peer: &Peer) {
+        let _ = self.tx.try_send(Command::Seed(contact_of(peer)));
+    }
+}
+
+/// How the node dials a contact: implemented by `NodeRuntime`.
+pub(crate) trait Dialer: Clone + Send + Sync + 'static {
+    fn dial(
+        &self,
+        addr: SocketAddr,
+        id: NodeId,
+    ) -> impl std::future::Future<Output = Option<Peer>> + Send;
+}
+
+/// Signs records with the node key; verifies that a record's signature field
+/// holds a public key whose node ID is the publisher, and a valid signature.
+struct IdentityAuth(Identity);
+
+impl RecordAuth for IdentityAuth {
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SIGNATURE_LEN);
+        out.extend_from_slice(&self.0.public_key());
+        out.extend_from_slice(&self.0.sign(msg));
+        out
+    }
+
+    fn verify(&self, publisher: &NodeId, msg: &[u8], signature: &[u8]) -> bool {
+        let Some((pk, sig)) = signature.split_first_chunk::<32>() else {
+            return false;
+        };
+        let Ok(sig) = <&[u8; 64]>::try_from(sig) else {
+            return false;
+        };
+        NodeId::from_public_key(pk) == *publisher && verify_signature(pk, msg, sig)
+    }
+}
+
+/// A contact for a connected peer: with one UDP socket per node, the address
+/// we see it at is the address it listens on.
+pub(crate) fn contact_of(peer: &Peer) -> Contact {
+    Contact::new(peer.node_id(), peer.remote_addr().to_string())
+}
+
+/// Milliseconds since the Unix epoch: the core also uses `now` to seed record
+/// sequence numbers, which must keep growing across restarts.
+fn now_ms() -> Millis {
+    Millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
+}
+
+fn wire_record(r: &Record) -> WireRecord {
+    WireRecord {
+        key: r.key,
+        publisher: r.publisher,
+        seq: r.seq,
+        ttl_ms: r.ttl.0,
+        value: r.value.clone(),
+        signature: r.signature.clone(),
+    }
+}
+
+fn core_record(r: WireRecord) -> Record {
+    Record {
+        key: r.key,
+        publisher: r.publisher,
+        seq: r.seq,
+        ttl: Millis(r.ttl_ms),
+        value: r.value,
+        signature: r.signature,
+    }
+}
+
+fn wire_contacts(c: &[Contact]) -> Vec<WireContact> {
+    c.iter()
+        .map(|c| WireContact {
+            id: c.id,
+            addr: c.addr.to_string(),
+        })
+        .collect()
+}
+
+fn core_contacts(c: Vec<WireContact>) -> Vec<Contact> {
+    c.into_iter().map(|c| Contact::new(c.id, c.addr)).collect()
+}
+
+fn reject_code(e: &RecordError) -> (StoreRejectCode, u64, u64) {
+    match e {
+        RecordError::ValueTooLarge { len, max } => {
+            (StoreRejectCode::ValueTooLarge, *len as u64, *max as u64)
+        }
+        RecordError::SignatureTooLarge { len, max } => {
+            (StoreRejectCode::SignatureTooLarge, *len as u64, *max as u64)
+        }
+        RecordError::TtlZero => (StoreRejectCode::TtlZero, 0, 0),
+        RecordError::TtlTooLong { ttl, max } => (StoreRejectCode::TtlTooLong, ttl.0, max.0),
+        RecordError::BadSignature => (StoreRejectCode::BadSignature, 0, 0),
+        RecordError::Stale { offered, stored } => (StoreRejectCode::Stale, *offered, *stored),
+        RecordError::PublisherFull { max } => (StoreRejectCode::PublisherFull, 0, *max as u64),
+        RecordError::StoreFull { max } => (StoreRejectCode::StoreFull, 0, *max as u64),
+        _ => (StoreRejectCode::Other(0), 0, 0),
+    }
+}
+
+fn record_error(m: &DhtStoreRejected) -> RecordError {
+    match m.code {
+        StoreRejectCode::ValueTooLarge => RecordError::ValueTooLarge {
+            len: m.value as usize,
+            max: m.limit as usize,
+        },
+        StoreRejectCode::SignatureTooLarge => RecordError::SignatureTooLarge {
+            len: m.value as usize,
+            max: m.limit as usize,
+        },
+        StoreRejectCode::TtlZero => RecordError::TtlZero,
+        StoreRejectCode::TtlTooLong => RecordError::TtlTooLong {
+            ttl: Millis(m.value),
+            max: Millis(m.limit),
+        },
+        StoreRejectCode::Stale => RecordError::Stale {
+            offered: m.value,
+            stored: m.limit,
+        },
+        StoreRejectCode::PublisherFull => RecordError::PublisherFull {
+            max: m.limit as usize,
+        },
+        StoreRejectCode::StoreFull => RecordError::StoreFull {
+            max: m.limit as usize,
+        },
+        // Unknown codes: the peer refused; the exact reason is not ours to keep.
+        StoreRejectCode::BadSignature | StoreRejectCode::Other(_) => RecordError::BadSignature,
+    }
+}
+
+/// Core request -> wire message.
+fn wire_request(id: CorrelationId, req: &Request) -> DhtMessage {
+    let id = id.0;
+    match req {
+        Request::Ping => DhtMessage::Ping(DhtPing { id }),
+        Request::FindNode { target } => DhtMessage::FindNode(DhtFindNode {
+            id,
+            target: *target,
+        }),
+        Request::FindValue { key } => DhtMessage::FindValue(DhtFindValue { id, key: *key }),
+        Request::Store { record, ttl } => DhtMessage::Store(DhtStore {
+            id,
+            record: wire_record(record),
+            ttl_ms: ttl.0,
+        }),
+    }
+}
+
+/// Core response -> wire message.
+fn wire_response(id: u64, resp: &Response) -> DhtMessage {
+    match resp {
+        Response::Pong => DhtMessage::Pong(DhtPong { id }),
+        Response::Nodes { closer } => DhtMessage::Nodes(DhtNodes {
+            id,
+            closer: wire_contacts(closer),
+        }),
+        Response::Value { records, closer } => DhtMessage::Value(DhtValue {
+            id,
+            records: records.iter().map(wire_record).collect(),
+            closer: wire_contacts(closer),
+        }),
+        Response::Stored => DhtMessage::Stored(DhtStored { id }),
+        Response::StoreRejected(e) => {
+            let (code, value, limit) = reject_code(e);
+            DhtMessage::StoreRejected(DhtStoreRejected {
+                id,
+                code,
+                value,
+                limit,
+            })
+        }
+    }
+}
+
+/// Wire message -> core request or response.
+enum Incoming {
+    Request(u64, Request),
+    Response(CorrelationId, Response),
+}
+
+fn incoming(msg: DhtMessage) -> Incoming {
+    use DhtMessage as M;
+    match msg {
+        M::Ping(m) => Incoming::Request(m.id, Request::Ping),
+        M::FindNode(m) => Incoming::Request(m.id, Request::FindNode { target: m.target }),
+        M::FindValue(m) => Incoming::Request(m.id, Request::FindValue { key: m.key }),
+        M::Store(m) => Incoming::Request(
+            m.id,
+            Request::Store {
+                record: core_record(m.record),
+                ttl: Millis(m.ttl_ms),
+            },
+        ),
+        M::Pong(m) => Incoming::Response(CorrelationId(m.id), Response::Pong),
+        M::Nodes(m) => Incoming::Response(
+            CorrelationId(m.id),
+            Response::Nodes {
+                closer: core_contacts(m.closer),
+            },
+        ),
+        M::Value(m) => Incoming::Response(
+            CorrelationId(m.id),
+            Response::Value {
+                records: m.records.into_iter().map(core_record).collect(),
+                closer: core_contacts(m.closer),
+            },
+        ),
+        M::Stored(m) => Incoming::Response(CorrelationId(m.id), Response::Stored),
+        M::StoreRejected(m) => Incoming::Response(
+            CorrelationId(m.id),
+            Response::StoreRejected(record_error(&m)),
+        ),
+    }
+}
+
+enum LookupWaiter {
+    Get(oneshot::Sender<Result<Vec<DhtRecord>, DhtError>>),
+    Closest(oneshot::Sender<Result<Vec<Contact>, DhtError>>),
+}
+
+struct Task<D: Dialer> {
+    dht: Dht,
+    dialer: D,
+    counters: Arc<DhtCounters>,
+    sends: Arc<Semaphore>,
+    lookups: HashMap<LookupId, LookupWaiter>,
+    puts: HashMap<PutId, oneshot::Sender<Result<Vec<NodeId>, DhtError>>>,
+    bootstrapped: bool,
+    first_node: bool,
+    bootstrap_waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// Starts the DHT task for a node. `first_node`: no bootstrap peers are
+/// configured, so the node does not wait for seeds.
+pub(crate) fn spawn<D: Dialer>(
+    identity: Identity,
+    own_addr: SocketAddr,
+    config: macula_dht::Config,
+    first_node: bool,
+    dialer: D,
+    mut shutdown: watch::Receiver<bool>,
+) -> DhtHandle {
+    let (tx, mut rx) = mpsc::channel(DHT_QUEUE_CAPACITY);
+    let counters = Arc::new(DhtCounters::default());
+    let own = Contact::new(identity.node_id(), own_addr.to_string());
+    let seed = u64::from_le_bytes(
+        identity.node_id().as_bytes()[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    ) ^ now_ms().0;
+    let mut task = Task {
+        dht: Dht::new(config, own, Box::new(IdentityAuth(identity)), seed),
+        dialer,
+        counters: counters.clone(),
+        sends: Arc::new(Semaphore::new(MAX_INFLIGHT_SENDS)),
+        lookups: HashMap::new(),
+        puts: HashMap::new(),
+        bootstrapped: false,
+        first_node,
+        bootstrap_waiters: Vec::new(),
+    };
+    if first_node {
+        task.dht.bootstrap(Vec::new(), now_ms());
+    }
+    tokio::spawn(async move {
+        loop {
+            task.drain();
+            let sleep = task.dht.poll_timeout().map(|at| {
+                let wait = Duration::from_millis(at.0.saturating_sub(now_ms().0));
+                tokio::time::Instant::now() + wait
+            });
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => task.apply(cmd),
+                    None => break,
+                },
+                () = async {
+                    match sleep {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => task.dht.handle_timeout(now_ms()),
+                _ = shutdown.changed() => break,
+            }
+        }
+        tracing::debug!("DHT task stopped");
+    });
+    DhtHandle { tx, counters }
+}
+
+impl<D: Dialer> Task<D> {
+    fn apply(&mut self, cmd: Command) {
+        let now = now_ms();
+        match cmd {
+            Command::Inbound { peer, msg } => self.inbound(peer, msg, now),
+            Command::Seed(contact) => self.dht.bootstrap(vec![contact], now),
+            Command::PeerLeft(id) => {
+                tracing::debug!(peer = %id, "peer left the mesh; dropping it from the DHT");
+                self.dht.peer_left(&id, now)
+            }
+            Command::Put {
+                key,
+                value,
+                ttl,
+                reply,
+            } => match self
+                .dht
+                .put(key, value, Millis(ttl.as_millis() as u64), now)
+            {
+                Ok(id) => {
+                    self.puts.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Command::Get { key, reply } => match self.dht.get(key, now) {
+                Ok(id) => {
+                    self.lookups.insert(id, LookupWaiter::Get(reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Command::Closest { key, reply } => {
+                match self.dht.start_lookup(key, LookupKind::FindNode, now) {
+                    Ok(id) => {
+                        self.lookups.insert(id, LookupWaiter::Closest(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::Unpublish { key, reply } => {
+                let _ = reply.send(self.dht.unpublish(&key));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(DhtStatus {
+                    routing_table_size: self.dht.routing().len(),
+                    records: self.dht.store().len(),
+                    bootstrapped: self.bootstrapped,
+                    stats: self.dht.stats(),
+                });
+            }
+            Command::WaitBootstrapped { reply } => {
+                if self.bootstrapped {
+                    let _ = reply.send(());
+                } else {
+                    self.bootstrap_waiters.push(reply);
+                }
+            }
+        }
+    }
+
+    fn inbound(&mut self, peer: Peer, msg: DhtMessage, now: Millis) {
+        let from = contact_of(&peer);
+        match incoming(msg) {
+            Incoming::Request(id, req) => match self.dht.handle_request(&from, req, now) {
+                Ok(resp) => {
+                    let msg = Message::Dht(wire_response(id, &resp));
+                    tokio::spawn(async move {
+                        if let Err(e) = peer.send(&msg).await {
+                            tracing::debug!(peer = %peer.node_id(), error = %e, "could not send DHT response");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %from.id, error = %e, "DHT request refused");
+                }
+            },
+            Incoming::Response(id, resp) => {
+                tracing::trace!(from = %from.id, id = id.0, "DHT response");
+                self.dht.handle_response(&from.id, id, resp, now)
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(out) = self.dht.poll_transmit() {
+            self.transmit(out);
+        }
+        while let Some(ev) = self.dht.poll_event() {
+            self.on_event(ev);
+        }
+    }
+
+    fn transmit(&mut self, out: Outgoing) {
+        tracing::trace!(to = %out.to.id, addr = %out.to.addr, request = out.request.name(), id = out.correlation_id.0, "DHT request");
+        let Ok(addr) = out.to.addr.parse::<SocketAddr>() else {
+            self.counters.bad_contact_addr_total.fetch_add(1, Relaxed);
+            return;
+        };
+        let Ok(permit) = self.sends.clone().try_acquire_owned() else {
+            self.counters.sends_dropped_total.fetch_add(1, Relaxed);
+            return;
+        };
+        let msg = Message::Dht(wire_request(out.correlation_id, &out.request));
+        let dialer = self.dialer.clone();
+        let counters = self.counters.clone();
+        let id = out.to.id;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let sent = match dialer.dial(addr, id).await {
+                Some(peer) => peer.send(&msg).await.is_ok(),
+                None => false,
+            };
+            if !sent {
+                // The core times the request out and retries or gives up.
+                counters.sends_failed_total.fetch_add(1, Relaxed);
+            }
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::LookupFinished { id, outcome } => match self.lookups.remove(&id) {
+                Some(LookupWaiter::Get(reply)) => {
+                    let _ = reply.send(Ok(outcome
+                        .records
+                        .into_iter()
+                        .map(DhtRecord::from)
+                        .collect()));
+                }
+                Some(LookupWaiter::Closest(reply)) => {
+                    let _ = reply.send(Ok(outcome.closest));
+                }
+                None => {}
+            },
+            Event::PutFinished { id, result, .. } => {
+                if let Some(reply) = self.puts.remove(&id) {
+                    let _ = reply.send(result.map_err(DhtError::from));
+                }
+            }
+            Event::Bootstrapped { n_contacts } => {
+                // A first node is bootstrapped by definition; a joining node
+                // once its join reached somebody (0 means it will retry).
+                if n_contacts > 0 || self.first_node {
+                    if !self.bootstrapped {
+                        tracing::info!(contacts = n_contacts, "joined the DHT");
+                    }
+                    self.bootstrapped = true;
+                } else {
+                    tracing::debug!("DHT join reached nobody yet; retrying");
+                }
+                if self.bootstrapped {
+                    for w in self.bootstrap_waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_signatures_verify_and_bind_the_publisher() {
+        let id = Identity::generate();
+        let auth = IdentityAuth(id.clone());
+        let sig = auth.sign(b"hello");
+        assert_eq!(sig.len(), SIGNATURE_LEN);
+        assert!(auth.verify(&id.node_id(), b"hello", &sig));
+        assert!(!auth.verify(&id.node_id(), b"hellp", &sig));
+        let other = Identity::generate();
+        assert!(
+            !auth.verify(&other.node_id(), b"hello", &sig),
+            "wrong publisher"
+        );
+        assert!(!auth.verify(&id.node_id(), b"hello", &sig[..95]));
+        assert!(!auth.verify(&id.node_id(), b"hello", &[]));
+    }
+
+    #[test]
+    fn reject_codes_round_trip() {
+        let cases = [
+            RecordError::ValueTooLarge { len: 9, max: 8 },
+            RecordError::SignatureTooLarge { len: 300, max: 256 },
+            RecordError::TtlZero,
+            RecordError::TtlTooLong {
+                ttl: Millis(5),
+                max: Millis(4),
+            },
+            RecordError::BadSignature,
+            RecordError::Stale {
+                offered: 1,
+                stored: 2,
+            },
+            RecordError::PublisherFull { max: 256 },
+            RecordError::StoreFull { max: 16384 },
+        ];
+        for e in cases {
+            let m = wire_response(7, &Response::StoreRejected(e.clone()));
+            let DhtMessage::StoreRejected(r) = m else {
+                panic!("not a rejection")
+            };
+            assert_eq!(record_error(&r), e);
+        }
+    }
+}
