@@ -22,6 +22,22 @@ pub enum BenchCommand {
     /// Request/response over one pooled connection versus a new connection
     /// per exchange, and the handshake time (two nodes on 127.0.0.1).
     Pool(PoolArgs),
+    /// DHT put, lookup and cached-lookup latency in a mesh of in-process
+    /// nodes, each with its own QUIC socket on 127.0.0.1.
+    Dht(DhtArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DhtArgs {
+    /// Nodes in the mesh (2..=200).
+    #[arg(long, default_value_t = 20)]
+    nodes: usize,
+    /// Keys to put and look up (1..=10000).
+    #[arg(long, default_value_t = 200)]
+    keys: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +53,9 @@ pub struct PoolArgs {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Pool(args) => tokio::time::timeout(MAX_RUNTIME, pool(args))
+            .await
+            .context("benchmark exceeded its time limit")?,
+        BenchCommand::Dht(args) => tokio::time::timeout(MAX_RUNTIME, dht(args))
             .await
             .context("benchmark exceeded its time limit")?,
     }
@@ -75,6 +94,133 @@ async fn local_node() -> anyhow::Result<Node> {
         .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
         .start()
         .await?)
+}
+
+/// A tiny deterministic generator (xorshift64*), so runs pick the same nodes.
+struct Pick(u64);
+
+impl Pick {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+async fn dht(args: DhtArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (2..=200).contains(&args.nodes),
+        "--nodes must be between 2 and 200"
+    );
+    anyhow::ensure!(
+        (1..=10_000).contains(&args.keys),
+        "--keys must be between 1 and 10000"
+    );
+    let first = local_node().await?;
+    let boot = first.local_addr().to_string();
+    let mut nodes = vec![first];
+    eprintln!("bench dht: starting {} nodes...", args.nodes);
+    for _ in 1..args.nodes {
+        let n = Node::builder()
+            .realm("bench")
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .bootstrap([boot.as_str()])
+            .start()
+            .await?;
+        n.dht().wait_bootstrapped().await?;
+        nodes.push(n);
+    }
+    let ttl = Duration::from_secs(3600);
+    let mut pick = Pick(0x9e37_79b9_7f4a_7c15);
+    let keys: Vec<_> = (0..args.keys)
+        .map(|i| macula_wire::dht_key(format!("bench-key-{i}").as_bytes()))
+        .collect();
+
+    eprintln!("bench dht: {} puts...", keys.len());
+    let mut puts = Vec::with_capacity(keys.len());
+    let mut replicas = 0usize;
+    for k in &keys {
+        let node = &nodes[pick.below(nodes.len())];
+        let t = Instant::now();
+        replicas += node
+            .dht()
+            .put(*k, b"benchmark value".to_vec(), ttl)
+            .await?
+            .len();
+        puts.push(t.elapsed());
+    }
+
+    eprintln!(
+        "bench dht: {} lookups from other nodes, then again (cached)...",
+        keys.len()
+    );
+    let (mut fresh, mut cached) = (Vec::new(), Vec::new());
+    let mut found = 0usize;
+    for k in &keys {
+        let node = &nodes[pick.below(nodes.len())];
+        let t = Instant::now();
+        let got = node.dht().get_fresh(*k).await?;
+        fresh.push(t.elapsed());
+        found += usize::from(!got.is_empty());
+        let t = Instant::now();
+        let again = node.dht().get(*k).await?;
+        cached.push(t.elapsed());
+        let same = |a: &[macula::DhtRecord], b: &[macula::DhtRecord]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x.publisher, x.seq, &x.value) == (y.publisher, y.seq, &y.value))
+        };
+        anyhow::ensure!(
+            got.is_empty() || same(&again, &got),
+            "cached answer differs"
+        );
+    }
+    let (puts, fresh, cached) = (
+        summarize(&mut puts),
+        summarize(&mut fresh),
+        summarize(&mut cached),
+    );
+    let success = found as f64 / keys.len() as f64 * 100.0;
+    let mean_replicas = replicas as f64 / keys.len() as f64;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let v = serde_json::json!({
+            "bench": "dht",
+            "nodes": args.nodes,
+            "keys": args.keys,
+            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "put": puts,
+            "lookup": fresh,
+            "cached_lookup": cached,
+            "success_percent": success,
+            "mean_replicas": mean_replicas,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        let build = if cfg!(debug_assertions) {
+            " (DEBUG build: use --release for figures)"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "dht benchmark: {} nodes on 127.0.0.1, {} keys{build}",
+            args.nodes, args.keys
+        )?;
+        writeln!(out, "  put (lookup + STORE to k closest)  p50 {:>9.1} us   p99 {:>9.1} us   mean replicas {mean_replicas:.1}", puts.p50_us, puts.p99_us)?;
+        writeln!(out, "  lookup (iterative FIND_VALUE)      p50 {:>9.1} us   p99 {:>9.1} us   found {success:.2}%", fresh.p50_us, fresh.p99_us)?;
+        writeln!(
+            out,
+            "  cached lookup                      p50 {:>9.1} us   p99 {:>9.1} us",
+            cached.p50_us, cached.p99_us
+        )?;
+    }
+    // All at once: stopping the bootstrap node first would only make the
+    // others log reconnect attempts.
+    futures::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
+    Ok(())
 }
 
 async fn pool(args: PoolArgs) -> anyhow::Result<()> {

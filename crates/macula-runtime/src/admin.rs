@@ -172,6 +172,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(MetricsCollector(node.metrics().clone())));
     registry.register_collector(Box::new(NodeCollector { node: node.clone() }));
+    registry.register_collector(Box::new(crate::dht::DhtCollector(
+        node.dht().counters().clone(),
+    )));
     registry
 }
 

@@ -24,6 +24,7 @@ use macula_wire::dht::*;
 use macula_wire::{Message, NodeId};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
+use crate::dht_cache::{GetCache, DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE};
 use crate::identity::{verify_signature, Identity};
 use crate::peer::Peer;
 
@@ -83,6 +84,8 @@ impl From<Record> for DhtRecord {
 pub struct DhtStatus {
     pub routing_table_size: usize,
     pub records: usize,
+    /// Keys whose last `get` result is cached.
+    pub cached_keys: usize,
     /// A join finished (or this is a first node).
     pub bootstrapped: bool,
     pub stats: Stats,
@@ -99,6 +102,156 @@ pub struct DhtCounters {
     pub sends_failed_total: AtomicU64,
     /// Contacts whose address could not be parsed.
     pub bad_contact_addr_total: AtomicU64,
+    /// `get` calls answered from the local cache.
+    pub cache_hits_total: AtomicU64,
+    /// `get` calls that ran an iterative lookup.
+    pub cache_misses_total: AtomicU64,
+    /// Mirrors of the core's state, refreshed by the task after each step.
+    pub records: AtomicU64,
+    pub routing_table_size: AtomicU64,
+    pub lookups_finished_total: AtomicU64,
+    pub requests_received_total: AtomicU64,
+    pub requests_rate_limited_total: AtomicU64,
+    pub request_timeouts_total: AtomicU64,
+    pub responses_unmatched_total: AtomicU64,
+    pub records_rejected_total: AtomicU64,
+    pub records_expired_total: AtomicU64,
+    pub puts_succeeded_total: AtomicU64,
+    pub puts_failed_total: AtomicU64,
+}
+
+impl DhtCounters {
+    fn sync(&self, dht: &Dht) {
+        let st = dht.stats();
+        let set = |a: &AtomicU64, v: u64| a.store(v, Relaxed);
+        set(&self.records, dht.store().len() as u64);
+        set(&self.routing_table_size, dht.routing().len() as u64);
+        set(&self.lookups_finished_total, st.lookups_finished);
+        set(&self.requests_received_total, st.requests_received);
+        set(&self.requests_rate_limited_total, st.requests_rate_limited);
+        set(&self.request_timeouts_total, st.request_timeouts);
+        set(&self.responses_unmatched_total, st.responses_unmatched);
+        set(&self.records_rejected_total, st.records_rejected);
+        set(&self.records_expired_total, st.records_expired);
+        set(&self.puts_succeeded_total, st.puts_succeeded);
+        set(&self.puts_failed_total, st.puts_failed);
+    }
+
+    fn rows(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        vec![
+            (
+                "macula_dht_records",
+                "Records held by this node.",
+                g(&self.records),
+            ),
+            (
+                "macula_dht_routing_table_size",
+                "Contacts in the routing table.",
+                g(&self.routing_table_size),
+            ),
+            (
+                "macula_dht_lookups_total",
+                "Iterative lookups finished.",
+                g(&self.lookups_finished_total),
+            ),
+            (
+                "macula_dht_requests_received_total",
+                "DHT requests from peers.",
+                g(&self.requests_received_total),
+            ),
+            (
+                "macula_dht_requests_rate_limited_total",
+                "DHT requests refused by the per-peer rate limit.",
+                g(&self.requests_rate_limited_total),
+            ),
+            (
+                "macula_dht_request_timeouts_total",
+                "DHT requests that got no answer in time.",
+                g(&self.request_timeouts_total),
+            ),
+            (
+                "macula_dht_responses_unmatched_total",
+                "DHT answers matching no outstanding request.",
+                g(&self.responses_unmatched_total),
+            ),
+            (
+                "macula_dht_records_rejected_total",
+                "Records refused (limits, signature, stale).",
+                g(&self.records_rejected_total),
+            ),
+            (
+                "macula_dht_records_expired_total",
+                "Records dropped at their TTL.",
+                g(&self.records_expired_total),
+            ),
+            (
+                "macula_dht_puts_succeeded_total",
+                "Puts and republishes that reached quorum.",
+                g(&self.puts_succeeded_total),
+            ),
+            (
+                "macula_dht_puts_failed_total",
+                "Puts and republishes that did not.",
+                g(&self.puts_failed_total),
+            ),
+            (
+                "macula_dht_inbound_dropped_total",
+                "DHT frames dropped because the DHT queue was full.",
+                g(&self.inbound_dropped_total),
+            ),
+            (
+                "macula_dht_sends_dropped_total",
+                "DHT requests dropped at the in-flight send limit.",
+                g(&self.sends_dropped_total),
+            ),
+            (
+                "macula_dht_sends_failed_total",
+                "DHT requests that could not be delivered.",
+                g(&self.sends_failed_total),
+            ),
+            (
+                "macula_dht_cache_hits_total",
+                "Gets answered from the local cache.",
+                g(&self.cache_hits_total),
+            ),
+            (
+                "macula_dht_cache_misses_total",
+                "Gets that ran a lookup.",
+                g(&self.cache_misses_total),
+            ),
+        ]
+    }
+}
+
+/// Exposes a node's DHT counters to its metrics registry.
+#[derive(Debug, Clone)]
+pub struct DhtCollector(pub Arc<DhtCounters>);
+
+impl prometheus_client::collector::Collector for DhtCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        for (name, help, value) in self.0.rows() {
+            let row = [(name, None, value)];
+            match name.strip_suffix("_total") {
+                Some(base) => crate::metrics::encode_family(
+                    &mut encoder,
+                    base,
+                    help,
+                    &row,
+                    ConstCounter::new,
+                )?,
+                None => crate::metrics::encode_family(&mut encoder, name, help, &row, |v| {
+                    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+                })?,
+            }
+        }
+        Ok(())
+    }
 }
 
 enum Command {
@@ -116,6 +269,8 @@ enum Command {
     },
     Get {
         key: NodeId,
+        /// Skip the cache and run a lookup.
+        fresh: bool,
         reply: oneshot::Sender<Result<Vec<DhtRecord>, DhtError>>,
     },
     Closest {
@@ -185,9 +340,26 @@ impl DhtHandle {
     }
 
     /// Every record stored under `key` that the reachable replicas hold, one
-    /// per publisher (newest), each with a verified signature.
+    /// per publisher (newest), each with a verified signature. A repeated get
+    /// may be answered from a local cache up to `DHT_CACHE_MAX_AGE` old (never
+    /// past a record's TTL); use `get_fresh` to always ask the mesh.
     pub async fn get(&self, key: NodeId) -> Result<Vec<DhtRecord>, DhtError> {
-        self.call(|reply| Command::Get { key, reply }).await?
+        self.call(|reply| Command::Get {
+            key,
+            fresh: false,
+            reply,
+        })
+        .await?
+    }
+
+    /// Like `get`, but always runs an iterative lookup (and refreshes the cache).
+    pub async fn get_fresh(&self, key: NodeId) -> Result<Vec<DhtRecord>, DhtError> {
+        self.call(|reply| Command::Get {
+            key,
+            fresh: true,
+            reply,
+        })
+        .await?
     }
 
     /// The nodes closest to `key` that answered an iterative lookup, nearest
@@ -216,7 +388,7 @@ impl DhtHandle {
         self.call(|reply| Command::WaitBootstrapped { reply }).await
     }
 
-    pub fn counters(&self) -> &DhtCounters {
+    pub fn counters(&self) -> &Arc<DhtCounters> {
         &self.counters
     }
 
@@ -461,7 +633,7 @@ fn incoming(msg: DhtMessage) -> Incoming {
 }
 
 enum LookupWaiter {
-    Get(oneshot::Sender<Result<Vec<DhtRecord>, DhtError>>),
+    Get(NodeId, oneshot::Sender<Result<Vec<DhtRecord>, DhtError>>),
     Closest(oneshot::Sender<Result<Vec<Contact>, DhtError>>),
 }
 
@@ -475,6 +647,7 @@ struct Task<D: Dialer> {
     bootstrapped: bool,
     first_node: bool,
     bootstrap_waiters: Vec<oneshot::Sender<()>>,
+    cache: GetCache,
 }
 
 /// Starts the DHT task for a node. `first_node`: no bootstrap peers are
@@ -505,6 +678,7 @@ pub(crate) fn spawn<D: Dialer>(
         bootstrapped: false,
         first_node,
         bootstrap_waiters: Vec::new(),
+        cache: GetCache::new(DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE),
     };
     if first_node {
         task.dht.bootstrap(Vec::new(), now_ms());
@@ -512,6 +686,7 @@ pub(crate) fn spawn<D: Dialer>(
     tokio::spawn(async move {
         loop {
             task.drain();
+            task.counters.sync(&task.dht);
             let sleep = task.dht.poll_timeout().map(|at| {
                 let wait = Duration::from_millis(at.0.saturating_sub(now_ms().0));
                 tokio::time::Instant::now() + wait
@@ -550,25 +725,39 @@ impl<D: Dialer> Task<D> {
                 value,
                 ttl,
                 reply,
-            } => match self
-                .dht
-                .put(key, value, Millis(ttl.as_millis() as u64), now)
-            {
-                Ok(id) => {
-                    self.puts.insert(id, reply);
+            } => {
+                // Our own write makes any cached answer for the key stale.
+                self.cache.invalidate(&key);
+                match self
+                    .dht
+                    .put(key, value, Millis(ttl.as_millis() as u64), now)
+                {
+                    Ok(id) => {
+                        self.puts.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
+            }
+            Command::Get { key, fresh, reply } => {
+                if !fresh {
+                    if let Some(records) = self.cache.get(&key, std::time::Instant::now()) {
+                        self.counters.cache_hits_total.fetch_add(1, Relaxed);
+                        let _ = reply.send(Ok(records));
+                        return;
+                    }
                 }
-            },
-            Command::Get { key, reply } => match self.dht.get(key, now) {
-                Ok(id) => {
-                    self.lookups.insert(id, LookupWaiter::Get(reply));
+                self.counters.cache_misses_total.fetch_add(1, Relaxed);
+                match self.dht.get(key, now) {
+                    Ok(id) => {
+                        self.lookups.insert(id, LookupWaiter::Get(key, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            },
+            }
             Command::Closest { key, reply } => {
                 match self.dht.start_lookup(key, LookupKind::FindNode, now) {
                     Ok(id) => {
@@ -586,6 +775,7 @@ impl<D: Dialer> Task<D> {
                 let _ = reply.send(DhtStatus {
                     routing_table_size: self.dht.routing().len(),
                     records: self.dht.store().len(),
+                    cached_keys: self.cache.len(),
                     bootstrapped: self.bootstrapped,
                     stats: self.dht.stats(),
                 });
@@ -662,12 +852,12 @@ impl<D: Dialer> Task<D> {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::LookupFinished { id, outcome } => match self.lookups.remove(&id) {
-                Some(LookupWaiter::Get(reply)) => {
-                    let _ = reply.send(Ok(outcome
-                        .records
-                        .into_iter()
-                        .map(DhtRecord::from)
-                        .collect()));
+                Some(LookupWaiter::Get(key, reply)) => {
+                    let records: Vec<DhtRecord> =
+                        outcome.records.into_iter().map(DhtRecord::from).collect();
+                    self.cache
+                        .insert(key, records.clone(), std::time::Instant::now());
+                    let _ = reply.send(Ok(records));
                 }
                 Some(LookupWaiter::Closest(reply)) => {
                     let _ = reply.send(Ok(outcome.closest));

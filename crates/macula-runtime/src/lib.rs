@@ -12,6 +12,7 @@ pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod dht;
+pub mod dht_cache;
 pub mod framed;
 pub mod identity;
 pub mod metrics;

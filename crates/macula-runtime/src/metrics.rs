@@ -356,7 +356,7 @@ impl Collector for MetricsCollector {
 
 /// One descriptor and its samples: a single unlabelled sample, or one sample
 /// per label value.
-fn encode_family<M: EncodeMetric>(
+pub(crate) fn encode_family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

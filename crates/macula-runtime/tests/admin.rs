@@ -155,6 +155,11 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_handshake_failures", "counter"),
     ("macula_uptime_seconds", "gauge"),
     ("macula_peers", "gauge"),
+    ("macula_dht_records", "gauge"),
+    ("macula_dht_routing_table_size", "gauge"),
+    ("macula_dht_lookups", "counter"),
+    ("macula_dht_request_timeouts", "counter"),
+    ("macula_dht_cache_hits", "counter"),
     ("macula_ready", "gauge"),
     ("macula_node", "info"),
 ];
