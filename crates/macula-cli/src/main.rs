@@ -242,8 +242,10 @@ async fn start(settings: Settings) -> Result<(), Failure> {
     }
     signals.wait().await;
     tracing::info!("shutting down");
-    let _ = stop_admin.send(());
+    // The admin server stays up while the node says goodbye, so probes see
+    // /ready turn 503 ("shutting down") rather than a refused connection.
     node.shutdown().await;
+    let _ = stop_admin.send(());
     match tokio::time::timeout(ADMIN_STOP_GRACE, admin).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin HTTP server failed"),

@@ -21,6 +21,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -72,6 +73,10 @@ pub struct HealthReport {
     pub peers: usize,
     /// The bound QUIC address.
     pub listen: SocketAddr,
+    /// Records this node holds for the DHT.
+    pub dht_records: u64,
+    /// Contacts in the DHT routing table.
+    pub dht_routing_table_size: u64,
 }
 
 /// `GET /ready`.
@@ -184,7 +189,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
 /// every peer is not ready until one returns.
 pub fn readiness(node: &NodeRuntime) -> ReadyReport {
     let peers = node.peers().len();
-    let (ready, reason) = if peers > 0 {
+    let (ready, reason) = if node.is_shutting_down() {
+        (false, "shutting down".to_string())
+    } else if peers > 0 {
         (true, format!("joined the mesh: {peers} peer(s) connected"))
     } else if node.config().bootstrap.is_empty() {
         (
@@ -289,6 +296,12 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
         uptime_secs: node.uptime().as_secs(),
         peers: node.peers().len(),
         listen: node.local_addr(),
+        dht_records: node.dht().counters().records.load(Ordering::Relaxed),
+        dht_routing_table_size: node
+            .dht()
+            .counters()
+            .routing_table_size
+            .load(Ordering::Relaxed),
     })
 }
 

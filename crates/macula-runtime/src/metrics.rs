@@ -137,9 +137,41 @@ pub struct Metrics {
     pub pongs_unmatched_total: AtomicU64,
     protocol_errors: [AtomicU64; 6],
     handshake_failures: [AtomicU64; 6],
+    /// Messages by type, indexed by position in `MessageType::ALL`; the last
+    /// slot counts type bytes this version does not know.
+    messages_received: [AtomicU64; MESSAGE_SLOTS],
+    messages_sent: [AtomicU64; MESSAGE_SLOTS],
+}
+
+/// Slots for per-type message counters: every known type plus "unknown".
+/// Fixed so the counters stay plain atomics (no map, no lock per message).
+const MESSAGE_SLOTS: usize = 32;
+const _: () = assert!(macula_wire::MessageType::ALL.len() < MESSAGE_SLOTS);
+
+fn message_slot(msg_type: u8) -> usize {
+    macula_wire::MessageType::ALL
+        .iter()
+        .position(|t| *t as u8 == msg_type)
+        .unwrap_or(MESSAGE_SLOTS - 1)
 }
 
 impl Metrics {
+    /// Counts one message received from a peer, by its type byte.
+    pub fn message_received(&self, msg_type: u8) {
+        self.messages_received[message_slot(msg_type)].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one message sent to a peer, by its type byte.
+    pub fn message_sent(&self, msg_type: u8) {
+        self.messages_sent[message_slot(msg_type)].fetch_add(1, Relaxed);
+    }
+
+    /// Messages received of one type (`None`: unknown types).
+    pub fn messages_received(&self, t: Option<macula_wire::MessageType>) -> u64 {
+        let slot = t.map_or(MESSAGE_SLOTS - 1, |t| message_slot(t as u8));
+        self.messages_received[slot].load(Relaxed)
+    }
+
     pub fn protocol_error(&self, kind: ProtocolErrorKind) {
         self.protocol_errors[kind as usize].fetch_add(1, Relaxed);
     }
@@ -240,6 +272,20 @@ impl Metrics {
                 self.protocol_errors(k),
             ));
         }
+        let types = macula_wire::MessageType::ALL;
+        for (family, counts) in [
+            ("macula_messages_total", &self.messages_received),
+            ("macula_messages_sent_total", &self.messages_sent),
+        ] {
+            for (i, t) in types.iter().enumerate() {
+                rows.push((family, Some(("type", t.name())), counts[i].load(Relaxed)));
+            }
+            rows.push((
+                family,
+                Some(("type", "unknown")),
+                counts[MESSAGE_SLOTS - 1].load(Relaxed),
+            ));
+        }
         for h in HandshakeFailure::ALL {
             rows.push((
                 "macula_handshake_failures_total",
@@ -311,6 +357,14 @@ const HELP: &[(&str, &str)] = &[
     (
         "macula_pongs_unmatched_total",
         "PONG frames that matched no outstanding PING (late or forged).",
+    ),
+    (
+        "macula_messages_total",
+        "Messages received from peers, by type.",
+    ),
+    (
+        "macula_messages_sent_total",
+        "Messages sent to peers, by type.",
     ),
     (
         "macula_protocol_errors_total",
@@ -397,7 +451,12 @@ mod tests {
         m.handshake_failure(HandshakeFailure::Timeout);
         assert_eq!(m.protocol_errors_total(), 6);
         assert_eq!(m.handshake_failures(HandshakeFailure::Timeout), 1);
-        assert_eq!(m.snapshot().len(), 16 + 6 + 6);
+        let n_types = macula_wire::MessageType::ALL.len() + 1;
+        assert_eq!(m.snapshot().len(), 16 + 6 + 6 + 2 * n_types);
+        m.message_received(macula_wire::MessageType::Ping as u8);
+        m.message_received(0x7e);
+        assert_eq!(m.messages_received(Some(macula_wire::MessageType::Ping)), 1);
+        assert_eq!(m.messages_received(None), 1);
     }
 
     fn render(m: &Arc<Metrics>) -> String {

@@ -318,7 +318,8 @@ impl NodeRuntime {
         lock(&self.0.table).peek(id).cloned()
     }
 
-    fn is_shutting_down(&self) -> bool {
+    /// True once `shutdown` has begun (readiness probes report not ready).
+    pub fn is_shutting_down(&self) -> bool {
         *self.0.shutdown.borrow()
     }
 

@@ -281,6 +281,7 @@ impl Peer {
         let mut w = self.0.control.lock().await;
         w.send(msg).await.map_err(|e| e.to_string())?;
         self.0.metrics.frames_sent_total.fetch_add(1, Relaxed);
+        self.0.metrics.message_sent(msg.msg_type() as u8);
         Ok(())
     }
 
@@ -500,6 +501,7 @@ enum Next {
 async fn on_control_frame(peer: &Peer, frame: InFrame, dht: Option<&DhtHandle>) -> Next {
     let m = &peer.0.metrics;
     m.frames_received_total.fetch_add(1, Relaxed);
+    m.message_received(frame.msg_type);
     match frame.decode() {
         Ok(Message::Ping(p)) => {
             m.pings_received_total.fetch_add(1, Relaxed);
@@ -640,6 +642,7 @@ async fn serve_stream(peer: Peer, send: quinn::SendStream, recv: quinn::RecvStre
             }
         };
         m.frames_received_total.fetch_add(1, Relaxed);
+        m.message_received(frame.msg_type);
         peer.touch();
         let reply = match frame.decode() {
             Ok(Message::Ping(p)) => {
@@ -683,6 +686,7 @@ async fn serve_stream(peer: Peer, send: quinn::SendStream, recv: quinn::RecvStre
             break;
         }
         m.frames_sent_total.fetch_add(1, Relaxed);
+        m.message_sent(reply.msg_type() as u8);
     }
     writer.finish();
 }

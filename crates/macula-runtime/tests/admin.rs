@@ -155,6 +155,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_handshake_failures", "counter"),
     ("macula_uptime_seconds", "gauge"),
     ("macula_peers", "gauge"),
+    ("macula_messages", "counter"),
+    ("macula_messages_sent", "counter"),
     ("macula_dht_records", "gauge"),
     ("macula_dht_routing_table_size", "gauge"),
     ("macula_dht_lookups", "counter"),
@@ -189,6 +191,7 @@ async fn every_endpoint_of_a_first_node() {
     assert_eq!(health.peers, 0);
     assert_eq!(health.listen, node.local_addr());
     assert!(health.uptime_secs < 60);
+    assert_eq!(health.dht_records, 0);
 
     let peers: PeersReport = admin.json("/admin/peers").await;
     assert_eq!(peers.node_id, node.node_id().to_string());
@@ -242,11 +245,18 @@ async fn every_endpoint_of_a_first_node() {
     let err: serde_json::Value = post.json();
     assert_eq!(err["status"], 405);
 
+    // Once shutdown has begun, readiness is withdrawn (the daemon keeps the
+    // admin server up while the node says goodbye).
+    node.shutdown().await;
+    let r = admin.get("/ready").await;
+    assert_eq!(r.status, 503);
+    let report: ReadyReport = r.json();
+    assert_eq!(report.reason, "shutting down");
+
     let addr = admin.addr;
     admin.stop().await;
     // Stopped means stopped: the port no longer answers.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
-    node.shutdown().await;
 }
 
 #[tokio::test]
@@ -299,6 +309,13 @@ async fn metrics_and_peers_follow_traffic_and_stay_per_node() {
     assert!(sample(&after, "macula_frames_received_total") > frames_before);
     assert_eq!(sample(&after, "macula_peers"), 1.0);
     assert_eq!(sample(&after, "macula_connections_current"), 1.0);
+    // Per-type message counters: the pings B sent, and the HELLO.
+    assert!(sample(&after, "macula_messages_total{type=\"ping\"}") >= 1.0);
+    assert_eq!(
+        sample(&after, "macula_messages_total{type=\"unknown\"}"),
+        0.0
+    );
+    assert!(sample(&after, "macula_messages_sent_total{type=\"pong\"}") >= 1.0);
 
     // Each node has its own registry: B dialed, A accepted.
     let mb = admin_b.metrics().await;
