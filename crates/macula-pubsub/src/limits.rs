@@ -1,0 +1,53 @@
+//! Every limit of the pub/sub core in one overridable struct.
+//!
+//! Each field defaults to a named constant that lives next to the code it
+//! bounds (and says why it has that value). This module only gathers them so
+//! the runtime can expose one set of knobs; it must not hold behaviour.
+
+use crate::dedup::MAX_PUBLISHERS;
+use crate::queue::QUEUE_CAPACITY;
+use crate::sublist::CACHE_CAPACITY;
+use crate::topic::{MAX_DOUBLE_WILDCARDS, MAX_SEGMENTS, MAX_TOPIC_LEN};
+
+/// The limits of the pub/sub core. `Limits::default()` is what a production
+/// mesh runs with; override single fields with struct update syntax:
+///
+/// ```
+/// let limits = macula_pubsub::Limits { queue_capacity: 64, ..Default::default() };
+/// assert_eq!(limits.max_segments, macula_pubsub::topic::MAX_SEGMENTS);
+/// ```
+///
+/// Every node of a mesh should validate topics with the same values: a topic
+/// one node accepts and another rejects is dropped (and counted) at the second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest topic or pattern, in bytes (see [`MAX_TOPIC_LEN`]).
+    pub max_topic_len: usize,
+    /// Most segments in a topic or pattern (see [`MAX_SEGMENTS`]).
+    pub max_segments: usize,
+    /// Most `**` segments in one pattern (see [`MAX_DOUBLE_WILDCARDS`]).
+    /// Raising it raises the worst-case cost of matching one topic.
+    pub max_double_wildcards: usize,
+    /// Entries in a [`crate::Sublist`]'s result cache; 0 disables the cache
+    /// (see [`CACHE_CAPACITY`]).
+    pub cache_capacity: usize,
+    /// Publishers a [`crate::SeqTracker`] remembers; at least 1 is used
+    /// (see [`MAX_PUBLISHERS`]).
+    pub max_publishers: usize,
+    /// Messages a [`crate::BoundedQueue`] holds before dropping the oldest;
+    /// at least 1 is used (see [`QUEUE_CAPACITY`]).
+    pub queue_capacity: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_topic_len: MAX_TOPIC_LEN,
+            max_segments: MAX_SEGMENTS,
+            max_double_wildcards: MAX_DOUBLE_WILDCARDS,
+            cache_capacity: CACHE_CAPACITY,
+            max_publishers: MAX_PUBLISHERS,
+            queue_capacity: QUEUE_CAPACITY,
+        }
+    }
+}
