@@ -25,6 +25,22 @@ pub enum BenchCommand {
     /// DHT put, lookup and cached-lookup latency in a mesh of in-process
     /// nodes, each with its own QUIC socket on 127.0.0.1.
     Dht(DhtArgs),
+    /// In-process pub/sub: publish-to-receive latency and throughput on one
+    /// node (no network hop).
+    Local(LocalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LocalArgs {
+    /// Messages for the latency run (1..=1000000); the throughput run sends 10x.
+    #[arg(long, default_value_t = 100_000)]
+    count: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -56,6 +72,9 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             .await
             .context("benchmark exceeded its time limit")?,
         BenchCommand::Dht(args) => tokio::time::timeout(MAX_RUNTIME, dht(args))
+            .await
+            .context("benchmark exceeded its time limit")?,
+        BenchCommand::Local(args) => tokio::time::timeout(MAX_RUNTIME, local(args))
             .await
             .context("benchmark exceeded its time limit")?,
     }
@@ -313,5 +332,122 @@ async fn pool(args: PoolArgs) -> anyhow::Result<()> {
     }
     client.shutdown().await;
     server.shutdown().await;
+    Ok(())
+}
+
+async fn local(args: LocalArgs) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&args.count),
+        "--count must be between 1 and 1000000"
+    );
+    anyhow::ensure!(args.size <= 64 * 1024, "--size must be at most 65536");
+    let node = local_node().await?;
+    let payload = bytes::Bytes::from(vec![7u8; args.size]);
+
+    // Latency: one message in flight at a time, publish to receive.
+    let mut sub = node.subscribe("bench.latency").await?;
+    let mut lat = Vec::with_capacity(args.count);
+    for _ in 0..args.count {
+        let t = Instant::now();
+        node.publish("bench.latency", payload.clone()).await?;
+        sub.next().await.context("subscription closed")?;
+        lat.push(t.elapsed());
+    }
+    drop(sub);
+    let lat = summarize(&mut lat);
+
+    // Latency to a subscriber in another task (woken across threads): the
+    // payload carries the send time; the subscriber reports each latency
+    // back, and the publisher waits for that before sending the next.
+    let base = Instant::now();
+    let mut sub = node.subscribe("bench.wake").await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Duration>(1);
+    let waiter = tokio::spawn(async move {
+        while let Some(macula::SubscriptionItem::Event(e)) = sub.next().await {
+            let sent = e
+                .payload
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_le_bytes);
+            let d = base.elapsed().saturating_sub(Duration::from_nanos(sent));
+            if tx.send(d).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut woken = Vec::with_capacity(args.count);
+    let mut buf = vec![7u8; args.size.max(8)];
+    for _ in 0..args.count {
+        let now = base.elapsed().as_nanos() as u64;
+        buf[..8].copy_from_slice(&now.to_le_bytes());
+        node.publish("bench.wake", bytes::Bytes::copy_from_slice(&buf))
+            .await?;
+        woken.push(rx.recv().await.context("subscriber task ended")?);
+    }
+    drop(rx);
+    waiter.abort();
+    let woken = summarize(&mut woken);
+
+    // Throughput: a consumer task drains while the publisher runs flat out;
+    // a slow consumer lags (counted) rather than slowing the publisher.
+    let n = args.count * 10;
+    let mut sub = node.subscribe("bench.tput.*").await?;
+    let consumer = tokio::spawn(async move {
+        let (mut got, mut lagged) = (0u64, 0u64);
+        while let Some(item) = sub.next().await {
+            match item {
+                macula::SubscriptionItem::Event(e) if e.topic == "bench.tput.end" => break,
+                macula::SubscriptionItem::Event(_) => got += 1,
+                macula::SubscriptionItem::Lagged(k) => lagged += k,
+            }
+        }
+        (got, lagged)
+    });
+    let t = Instant::now();
+    for _ in 0..n {
+        node.publish("bench.tput.data", payload.clone()).await?;
+    }
+    let publish_secs = t.elapsed().as_secs_f64();
+    node.publish("bench.tput.end", bytes::Bytes::new()).await?;
+    let (got, lagged) = consumer.await?;
+    let secs = t.elapsed().as_secs_f64();
+    let published_per_sec = n as f64 / publish_secs;
+    let delivered_per_sec = got as f64 / secs;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let v = serde_json::json!({
+            "bench": "local",
+            "count": args.count,
+            "payload_bytes": args.size,
+            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "latency_same_task": lat,
+            "latency_other_task": woken,
+            "published_per_sec": published_per_sec,
+            "delivered_per_sec": delivered_per_sec,
+            "delivered": got,
+            "lagged": lagged,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        let build = if cfg!(debug_assertions) {
+            " (DEBUG build: use --release for figures)"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "local pub/sub benchmark: one node, {}-byte payloads{build}",
+            args.size
+        )?;
+        writeln!(out, "  latency, subscriber in the same task   p50 {:>7.2} us   p99 {:>7.2} us   ({} messages, one in flight)", lat.p50_us, lat.p99_us, args.count)?;
+        writeln!(
+            out,
+            "  latency, subscriber in another task    p50 {:>7.2} us   p99 {:>7.2} us",
+            woken.p50_us, woken.p99_us
+        )?;
+        writeln!(out, "  throughput                       {published_per_sec:>10.0} published/s   {delivered_per_sec:>10.0} delivered/s   {lagged} dropped to a slow consumer of {n}")?;
+    }
+    node.shutdown().await;
     Ok(())
 }

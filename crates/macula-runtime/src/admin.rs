@@ -165,6 +165,7 @@ pub fn router(node: NodeRuntime) -> Router {
         .route("/ready", get(ready))
         .route("/live", get(live))
         .route("/admin/peers", get(peers))
+        .route("/admin/subscriptions", get(subscriptions))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -177,6 +178,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(MetricsCollector(node.metrics().clone())));
     registry.register_collector(Box::new(NodeCollector { node: node.clone() }));
+    registry.register_collector(Box::new(crate::pubsub::PubSubCollector(
+        node.pubsub().counters().clone(),
+    )));
     registry.register_collector(Box::new(crate::dht::DhtCollector(
         node.dht().counters().clone(),
     )));
@@ -302,6 +306,35 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
             .counters()
             .routing_table_size
             .load(Ordering::Relaxed),
+    })
+}
+
+/// `GET /admin/subscriptions`: this node's local subscriptions by pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SubscriptionsReport {
+    pub node_id: String,
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
+
+/// One subscribed pattern and how many local subscriptions use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SubscriptionInfo {
+    pub pattern: String,
+    pub count: usize,
+}
+
+async fn subscriptions(State(s): State<AdminState>) -> Json<SubscriptionsReport> {
+    Json(SubscriptionsReport {
+        node_id: s.node.node_id().to_string(),
+        subscriptions: s
+            .node
+            .pubsub()
+            .subscriptions()
+            .into_iter()
+            .map(|(pattern, count)| SubscriptionInfo { pattern, count })
+            .collect(),
     })
 }
 

@@ -233,24 +233,7 @@ impl prometheus_client::collector::Collector for DhtCollector {
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::metrics::counter::ConstCounter;
-        use prometheus_client::metrics::gauge::ConstGauge;
-        for (name, help, value) in self.0.rows() {
-            let row = [(name, None, value)];
-            match name.strip_suffix("_total") {
-                Some(base) => crate::metrics::encode_family(
-                    &mut encoder,
-                    base,
-                    help,
-                    &row,
-                    ConstCounter::new,
-                )?,
-                None => crate::metrics::encode_family(&mut encoder, name, help, &row, |v| {
-                    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
-                })?,
-            }
-        }
-        Ok(())
+        crate::metrics::encode_rows(&mut encoder, &self.0.rows())
     }
 }
 

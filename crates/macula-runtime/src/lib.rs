@@ -20,6 +20,7 @@ pub mod node;
 pub mod peer;
 pub mod peer_addr;
 pub mod pool;
+pub mod pubsub;
 pub mod tls;
 
 pub use config::{IdentitySource, Limits, NodeConfig};

@@ -408,6 +408,24 @@ impl Collector for MetricsCollector {
     }
 }
 
+/// Encodes unlabelled `(name, help, value)` rows: names ending in `_total`
+/// are counters, the rest gauges.
+pub(crate) fn encode_rows(
+    encoder: &mut DescriptorEncoder,
+    rows: &[(&'static str, &'static str, u64)],
+) -> Result<(), std::fmt::Error> {
+    for (name, help, value) in rows {
+        let row = [(*name, None, *value)];
+        match name.strip_suffix("_total") {
+            Some(base) => encode_family(encoder, base, help, &row, ConstCounter::new)?,
+            None => encode_family(encoder, name, help, &row, |v| {
+                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+            })?,
+        }
+    }
+    Ok(())
+}
+
 /// One descriptor and its samples: a single unlabelled sample, or one sample
 /// per label value.
 pub(crate) fn encode_family<M: EncodeMetric>(

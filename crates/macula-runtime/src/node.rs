@@ -149,6 +149,7 @@ struct NodeShared {
     shutdown: watch::Sender<bool>,
     started: Instant,
     dht: DhtHandle,
+    pubsub: crate::pubsub::PubSub,
 }
 
 /// Dials DHT contacts through the pool. Holds the node weakly: the DHT task
@@ -240,7 +241,13 @@ impl NodeRuntime {
         let dht_shutdown = shutdown.subscribe();
         let first_node = config.bootstrap.is_empty();
         let dht_identity = identity.clone();
+        let pubsub = crate::pubsub::PubSub::new(
+            node_id,
+            config.limits.max_frame_size,
+            macula_pubsub::Limits::default(),
+        );
         let shared = Arc::new_cyclic(|weak| NodeShared {
+            pubsub,
             dht: crate::dht::spawn(
                 dht_identity,
                 local_addr,
@@ -275,6 +282,11 @@ impl NodeRuntime {
 
     pub fn node_id(&self) -> NodeId {
         self.0.node_id
+    }
+
+    /// The node's pub/sub (subscriptions and local delivery).
+    pub fn pubsub(&self) -> &crate::pubsub::PubSub {
+        &self.0.pubsub
     }
 
     /// The node's DHT: put, get, closest.

@@ -156,6 +156,9 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_uptime_seconds", "gauge"),
     ("macula_peers", "gauge"),
     ("macula_messages", "counter"),
+    ("macula_pubsub_published", "counter"),
+    ("macula_pubsub_dropped_slow", "counter"),
+    ("macula_pubsub_subscriptions", "gauge"),
     ("macula_messages_sent", "counter"),
     ("macula_dht_records", "gauge"),
     ("macula_dht_routing_table_size", "gauge"),
@@ -196,6 +199,16 @@ async fn every_endpoint_of_a_first_node() {
     let peers: PeersReport = admin.json("/admin/peers").await;
     assert_eq!(peers.node_id, node.node_id().to_string());
     assert!(peers.peers.is_empty());
+
+    let sub = node.pubsub().subscribe("orders.**").unwrap();
+    let _twice = node.pubsub().subscribe("orders.**").unwrap();
+    let subs: serde_json::Value = admin.json("/admin/subscriptions").await;
+    assert_eq!(subs["node_id"], node.node_id().to_string());
+    assert_eq!(subs["subscriptions"][0]["pattern"], "orders.**");
+    assert_eq!(subs["subscriptions"][0]["count"], 2);
+    drop(sub);
+    let subs: serde_json::Value = admin.json("/admin/subscriptions").await;
+    assert_eq!(subs["subscriptions"][0]["count"], 1);
 
     let m = admin.get("/metrics").await;
     assert_eq!(m.status, 200);

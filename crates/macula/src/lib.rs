@@ -27,6 +27,9 @@ use std::sync::Arc;
 
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::metrics::Metrics;
+pub use macula_runtime::pubsub::{
+    Event, PubSubError, PublishOptions, Subscription, SubscriptionItem,
+};
 pub use macula_runtime::tls::{TlsMode, TlsOptions};
 pub use macula_runtime::{
     ConnectError, Direction, IdentitySource, Limits, NodeConfig, Peer, PeerAddr, PeerEvent,
@@ -53,6 +56,9 @@ pub enum Error {
     /// A peer could not be reached.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// A publish or subscribe was refused (invalid topic, limits).
+    #[error(transparent)]
+    PubSub(#[from] PubSubError),
 }
 
 /// A snapshot of one connected peer.
@@ -214,6 +220,39 @@ impl Node {
     /// Keys are 256-bit; derive them from names with [`dht_key`].
     pub fn dht(&self) -> &DhtHandle {
         self.runtime.dht()
+    }
+
+    /// Publishes `payload` on `topic` (dot-separated, no wildcards) and
+    /// returns its sequence number. Subscribers on this node receive it
+    /// without a network hop. (Delivery to other nodes' subscribers is being
+    /// built: see the pub/sub issue.)
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<bytes::Bytes>,
+    ) -> Result<u64, Error> {
+        self.publish_with(topic, payload, PublishOptions::default())
+            .await
+    }
+
+    /// `publish` with headers and an application message ID.
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        payload: impl Into<bytes::Bytes>,
+        options: PublishOptions,
+    ) -> Result<u64, Error> {
+        Ok(self
+            .runtime
+            .pubsub()
+            .publish(topic, payload.into(), options)?)
+    }
+
+    /// Subscribes to `pattern` (`*` matches one segment, `**` any number):
+    /// a `Stream` of [`SubscriptionItem`]s, bounded (a slow reader loses the
+    /// oldest events and gets `Lagged(n)`). Dropping it unsubscribes.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, Error> {
+        Ok(self.runtime.pubsub().subscribe(pattern)?)
     }
 
     /// Peer connect/disconnect notifications.
