@@ -31,13 +31,13 @@ pub enum DhtCommand {
 pub struct MeshArgs {
     /// Node(s) to join through: HOST:PORT or NODEID@HOST:PORT, comma-separated
     #[arg(long, value_name = "ADDR[,ADDR...]", default_value = "127.0.0.1:4433")]
-    connect: String,
+    pub connect: String,
     /// Realm of the mesh [env: MACULA_REALM] [default: default]
     #[arg(long, value_name = "REALM")]
-    realm: Option<String>,
+    pub realm: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,7 +81,9 @@ pub enum Outcome {
     NotFound(String),
 }
 
-async fn join(mesh: &MeshArgs) -> anyhow::Result<Node> {
+/// Joins the mesh as a short-lived node through `--connect` and waits until
+/// it is part of the DHT (shared by the `dht`, `pub` and `sub` commands).
+pub async fn join(mesh: &MeshArgs) -> anyhow::Result<Node> {
     let realm = mesh
         .realm
         .clone()

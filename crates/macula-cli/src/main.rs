@@ -10,6 +10,7 @@ mod admin_cli;
 mod bench;
 mod config;
 mod dht_cli;
+mod pubsub_cli;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -45,6 +46,10 @@ enum Command {
     Health(admin_cli::ReadArgs),
     /// Show a running node's metrics as a table (--raw for Prometheus text).
     Metrics(admin_cli::MetricsArgs),
+    /// Publish messages to a topic (joins through --connect).
+    Pub(pubsub_cli::PubArgs),
+    /// Subscribe to a pattern and print one line per event (joins through --connect).
+    Sub(pubsub_cli::SubArgs),
     /// Put and get DHT records, find the closest nodes (joins through --connect).
     #[command(subcommand)]
     Dht(dht_cli::DhtCommand),
@@ -131,6 +136,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             init_logging(LogFormat::Text, "warn");
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(bench::run(cmd))?;
+            Ok(())
+        }
+        Command::Pub(args) => {
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(pubsub_cli::publish(args))?;
+            Ok(())
+        }
+        Command::Sub(args) => {
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(pubsub_cli::subscribe(args))?;
             Ok(())
         }
         Command::Dht(cmd) => {

@@ -157,6 +157,23 @@ struct NodeShared {
 #[derive(Clone)]
 struct PoolDialer(std::sync::Weak<NodeShared>);
 
+impl crate::pubsub::Mesh for PoolDialer {
+    /// The pooled connection to `id`, or a new one to the address the DHT
+    /// knows for it.
+    fn reach(&self, id: NodeId) -> futures::future::BoxFuture<'static, Option<Peer>> {
+        let weak = self.0.clone();
+        Box::pin(async move {
+            let node = NodeRuntime(weak.upgrade()?);
+            if let Some(p) = node.peer(&id).filter(|p| !p.is_closed()) {
+                return Some(p);
+            }
+            let found = node.dht().closest(id, 1).await.ok()?;
+            let (_, addr) = found.into_iter().find(|(f, _)| *f == id)?;
+            node.connect(addr.parse().ok()?, Some(id)).await.ok()
+        })
+    }
+}
+
 impl crate::dht::Dialer for PoolDialer {
     async fn dial(&self, addr: SocketAddr, id: NodeId) -> Option<Peer> {
         let node = NodeRuntime(self.0.upgrade()?);
@@ -241,35 +258,45 @@ impl NodeRuntime {
         let dht_shutdown = shutdown.subscribe();
         let first_node = config.bootstrap.is_empty();
         let dht_identity = identity.clone();
-        let pubsub = crate::pubsub::PubSub::new(
-            node_id,
-            config.limits.max_frame_size,
-            macula_pubsub::Limits::default(),
-        );
-        let shared = Arc::new_cyclic(|weak| NodeShared {
-            pubsub,
-            dht: crate::dht::spawn(
+        let max_frame_size = config.limits.max_frame_size;
+        let realm = config.realm.clone();
+        let shared = Arc::new_cyclic(|weak| {
+            let dht = crate::dht::spawn(
                 dht_identity,
                 local_addr,
                 macula_dht::Config::default(),
                 first_node,
                 PoolDialer(weak.clone()),
                 dht_shutdown,
-            ),
-            node_id,
-            local: LocalInfo {
-                hello,
-                max_frame_size: config.limits.max_frame_size,
-            },
-            table: Mutex::new(PoolTable::new(node_id, config.limits.max_connections)),
-            dialing: Mutex::new(HashMap::new()),
-            metrics: Arc::new(Metrics::default()),
-            events,
-            shutdown,
-            started: Instant::now(),
-            endpoint,
-            local_addr,
-            config,
+            );
+            let pubsub = crate::pubsub::PubSub::with_mesh(
+                node_id,
+                max_frame_size,
+                macula_pubsub::Limits::default(),
+                Some(crate::pubsub::MeshLink {
+                    dht: dht.clone(),
+                    realm,
+                    mesh: Box::new(PoolDialer(weak.clone())),
+                }),
+            );
+            NodeShared {
+                pubsub,
+                dht,
+                node_id,
+                local: LocalInfo {
+                    hello,
+                    max_frame_size: config.limits.max_frame_size,
+                },
+                table: Mutex::new(PoolTable::new(node_id, config.limits.max_connections)),
+                dialing: Mutex::new(HashMap::new()),
+                metrics: Arc::new(Metrics::default()),
+                events,
+                shutdown,
+                started: Instant::now(),
+                endpoint,
+                local_addr,
+                config,
+            }
         });
         let node = NodeRuntime(shared);
         tracing::info!(node_id = %node_id, listen = %local_addr, realm = %node.0.config.realm, "node started");
@@ -573,6 +600,7 @@ impl NodeRuntime {
             ping_timeout: self.0.config.limits.ping_timeout,
             max_frame_size: self.0.config.limits.max_frame_size,
             dht: Some(self.0.dht.clone()),
+            pubsub: Some(self.0.pubsub.clone()),
         };
         let shutdown = self.0.shutdown.subscribe();
         tokio::spawn(async move {
@@ -749,6 +777,14 @@ impl NodeRuntime {
     /// Graceful shutdown: tells every peer, closes the endpoint and waits (up
     /// to `SHUTDOWN_GRACE`) for the goodbyes to be delivered.
     pub async fn shutdown(&self) {
+        if self.is_shutting_down() {
+            return;
+        }
+        // Deliver what was published before shutdown began (bounded), while
+        // connections are still up.
+        if !self.0.pubsub.flush(SHUTDOWN_GRACE).await {
+            tracing::warn!("shutdown: some published messages were not delivered in time");
+        }
         if self.0.shutdown.send_replace(true) {
             return;
         }

@@ -498,7 +498,12 @@ enum Next {
 }
 
 /// Handles one frame on the control stream.
-async fn on_control_frame(peer: &Peer, frame: InFrame, dht: Option<&DhtHandle>) -> Next {
+async fn on_control_frame(
+    peer: &Peer,
+    frame: InFrame,
+    dht: Option<&DhtHandle>,
+    pubsub: Option<&crate::pubsub::PubSub>,
+) -> Next {
     let m = &peer.0.metrics;
     m.frames_received_total.fetch_add(1, Relaxed);
     m.message_received(frame.msg_type);
@@ -542,6 +547,19 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, dht: Option<&DhtHandle>) 
         }
         Ok(Message::Error(e)) => {
             tracing::warn!(peer = %peer.node_id(), code = ?e.code, message = %e.message, "peer reported an error");
+            Next::Continue
+        }
+        Ok(Message::Publish(p)) => {
+            peer.touch();
+            let outcome = match pubsub {
+                Some(ps) => ps.deliver_remote(peer.node_id(), p),
+                None => Err("this node serves no pub/sub".to_string()),
+            };
+            if let Err(reason) = outcome {
+                // Refused and counted; the connection is still sound.
+                m.protocol_error(ProtocolErrorKind::Malformed);
+                report(peer, ErrorCode::Malformed, &reason, frame.msg_type).await;
+            }
             Next::Continue
         }
         Ok(Message::Dht(msg)) => {
@@ -700,6 +718,8 @@ pub(crate) struct DriverConfig {
     pub max_frame_size: u32,
     /// Where DHT messages from this peer go (None: answered with ERROR).
     pub dht: Option<DhtHandle>,
+    /// Where PUBLISH frames from this peer go.
+    pub pubsub: Option<crate::pubsub::PubSub>,
 }
 
 /// Drives a connection until it closes or shutdown is signalled: reads the
@@ -723,7 +743,7 @@ pub(crate) async fn drive(
     let end = loop {
         tokio::select! {
             frame = control.read() => match frame {
-                Ok(Some(f)) => match on_control_frame(&peer, f, cfg.dht.as_ref()).await {
+                Ok(Some(f)) => match on_control_frame(&peer, f, cfg.dht.as_ref(), cfg.pubsub.as_ref()).await {
                     Next::Continue => {}
                     Next::Close(reason, why) => {
                         conn.close(close_code(reason), truncate(&why).as_bytes());

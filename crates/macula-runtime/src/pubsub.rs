@@ -23,9 +23,17 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
-use macula_pubsub::{BoundedQueue, Limits, Pattern, Sublist, Topic, TopicError};
-use macula_wire::NodeId;
+use macula_pubsub::{
+    interest_name, lookup_names, BoundedQueue, Limits, Observed, Pattern, SeqTracker, Sublist,
+    Topic, TopicError,
+};
+use macula_wire::{Message, NodeId, Publish};
+use tokio::sync::mpsc;
+
+use crate::dht::DhtHandle;
+use crate::peer::Peer;
 
 /// Headers on one message; more is `PubSubError::TooManyHeaders`.
 pub const MAX_HEADERS: usize = 32;
@@ -38,6 +46,22 @@ pub const MAX_HEADER_VALUE_LEN: usize = 1024;
 pub const FRAME_HEADROOM: usize = 64 * 1024;
 /// Subscriptions one node holds; a bound on memory and on fan-out cost.
 pub const MAX_SUBSCRIPTIONS: usize = 100_000;
+/// Lifetime of an interest record in the DHT; the DHT republishes it at 75%
+/// while the subscription lives, and it lapses this long after a crash.
+pub const INTEREST_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long a publisher reuses what it learned about interest in a topic.
+/// This is the delivery bound: a publish that starts more than this long
+/// after `subscribe` returned reaches the new subscriber, and one that starts
+/// more than this long after the subscription was dropped is not sent to its
+/// node for it.
+pub const INTEREST_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Rendezvous names whose interest a publisher caches at once.
+pub const INTEREST_CACHE_CAPACITY: usize = 1024;
+/// Messages queued for one remote node; past this, new ones to it are
+/// dropped and counted (a peer that cannot keep up never stalls publishers).
+pub const PEER_QUEUE_CAPACITY: usize = 8192;
+/// Remote nodes with an outbound queue at once.
+pub const MAX_OUTBOUND_PEERS: usize = 1000;
 
 /// Why a publish or subscribe was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +79,10 @@ pub enum PubSubError {
     HeaderTooLong { name: String },
     #[error("this node already has {max} subscriptions")]
     TooManySubscriptions { max: usize },
+    /// The subscription could not be announced to the mesh (DHT put failed);
+    /// it was not created.
+    #[error("could not register interest in {pattern:?} with the mesh: {reason}")]
+    Interest { pattern: String, reason: String },
 }
 
 /// One delivered message.
@@ -99,10 +127,22 @@ pub struct PubSubCounters {
     /// Events dropped from full queues (slow subscribers).
     pub dropped_slow_total: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// PUBLISH frames queued to other nodes (one per interested node).
+    pub sent_remote_total: AtomicU64,
+    /// PUBLISH frames received from other nodes and delivered.
+    pub received_remote_total: AtomicU64,
+    /// Received duplicates (or stale sequence numbers) dropped.
+    pub duplicates_dropped_total: AtomicU64,
+    /// Messages the receiver saw as missing (sequence gaps).
+    pub gaps_total: AtomicU64,
+    /// Outbound messages dropped: peer queue full, or peer unreachable.
+    pub remote_dropped_total: AtomicU64,
+    /// Received PUBLISH frames refused (bad topic, publisher mismatch).
+    pub remote_rejected_total: AtomicU64,
 }
 
 impl PubSubCounters {
-    fn rows(&self) -> [(&'static str, &'static str, u64); 4] {
+    fn rows(&self) -> [(&'static str, &'static str, u64); 10] {
         let g = |a: &AtomicU64| a.load(Relaxed);
         [
             (
@@ -124,6 +164,36 @@ impl PubSubCounters {
                 "macula_pubsub_subscriptions",
                 "Live subscriptions on this node.",
                 g(&self.subscriptions),
+            ),
+            (
+                "macula_pubsub_sent_remote_total",
+                "PUBLISH frames queued to interested nodes.",
+                g(&self.sent_remote_total),
+            ),
+            (
+                "macula_pubsub_received_remote_total",
+                "PUBLISH frames received and delivered.",
+                g(&self.received_remote_total),
+            ),
+            (
+                "macula_pubsub_duplicates_dropped_total",
+                "Received duplicates dropped.",
+                g(&self.duplicates_dropped_total),
+            ),
+            (
+                "macula_pubsub_gaps_total",
+                "Messages seen missing from a publisher's sequence.",
+                g(&self.gaps_total),
+            ),
+            (
+                "macula_pubsub_remote_dropped_total",
+                "Outbound messages dropped (queue full or node unreachable).",
+                g(&self.remote_dropped_total),
+            ),
+            (
+                "macula_pubsub_remote_rejected_total",
+                "Received PUBLISH frames refused.",
+                g(&self.remote_rejected_total),
             ),
         ]
     }
@@ -160,6 +230,24 @@ struct State {
     next_id: u64,
 }
 
+/// How pub/sub reaches other nodes: implemented by the node runtime.
+pub(crate) trait Mesh: Send + Sync {
+    /// A connection to `id`, dialing (after finding it in the DHT) if needed.
+    fn reach(&self, id: NodeId) -> BoxFuture<'static, Option<Peer>>;
+}
+
+pub(crate) struct MeshLink {
+    pub dht: DhtHandle,
+    pub realm: String,
+    pub mesh: Box<dyn Mesh>,
+}
+
+struct InterestEntry {
+    fetched: std::time::Instant,
+    /// Interested nodes and their patterns under one rendezvous name.
+    nodes: Vec<(NodeId, Vec<Pattern>)>,
+}
+
 struct Inner {
     node_id: NodeId,
     epoch: u64,
@@ -168,6 +256,17 @@ struct Inner {
     limits: Limits,
     state: Mutex<State>,
     counters: Arc<PubSubCounters>,
+    mesh: Option<MeshLink>,
+    /// Serialises interest updates so the last DHT put carries the full set.
+    interest_lock: tokio::sync::Mutex<()>,
+    interest_cache: Mutex<HashMap<String, InterestEntry>>,
+    /// Held while assigning a sequence number and queueing the message to
+    /// every target, so each peer queue sees a publisher's messages in order.
+    order: Mutex<()>,
+    outbound: Mutex<HashMap<NodeId, mpsc::Sender<Message>>>,
+    seen: Mutex<SeqTracker<NodeId>>,
+    /// Messages queued to other nodes and not yet sent (or given up on).
+    inflight: AtomicU64,
 }
 
 /// A node's pub/sub. Cheap to clone.
@@ -200,8 +299,17 @@ fn check_headers(headers: &[(String, String)]) -> Result<(), PubSubError> {
 
 impl PubSub {
     /// Pub/sub for node `node_id`; payloads up to `max_frame_size` minus
-    /// `FRAME_HEADROOM`.
+    /// `FRAME_HEADROOM`. Without a mesh link it delivers locally only.
     pub fn new(node_id: NodeId, max_frame_size: u32, limits: Limits) -> PubSub {
+        Self::with_mesh(node_id, max_frame_size, limits, None)
+    }
+
+    pub(crate) fn with_mesh(
+        node_id: NodeId,
+        max_frame_size: u32,
+        limits: Limits,
+        mesh: Option<MeshLink>,
+    ) -> PubSub {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -216,8 +324,15 @@ impl PubSub {
                 subs: HashMap::new(),
                 next_id: 1,
             }),
+            seen: Mutex::new(SeqTracker::with_limits(&limits)),
             limits,
             counters: Arc::new(PubSubCounters::default()),
+            mesh,
+            interest_lock: tokio::sync::Mutex::new(()),
+            interest_cache: Mutex::new(HashMap::new()),
+            order: Mutex::new(()),
+            outbound: Mutex::new(HashMap::new()),
+            inflight: AtomicU64::new(0),
         }))
     }
 
@@ -274,14 +389,27 @@ impl PubSub {
         })
     }
 
-    /// Publishes `payload` on `topic` (no wildcards) to every matching
-    /// subscription. Returns the event's sequence number.
-    pub fn publish(
+    /// Waits (at most `limit`) until every message queued to other nodes has
+    /// been written or given up on. Graceful shutdown calls this first, so
+    /// what was published before it began is delivered. True if drained.
+    pub async fn flush(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.0.inflight.load(Relaxed) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        true
+    }
+
+    /// Checks a publish and parses its topic.
+    fn prepare(
         &self,
         topic: &str,
-        payload: Bytes,
-        opts: PublishOptions,
-    ) -> Result<u64, PubSubError> {
+        payload: &Bytes,
+        opts: &PublishOptions,
+    ) -> Result<Topic, PubSubError> {
         let parsed = Topic::with_limits(topic, &self.0.limits).map_err(|source| {
             PubSubError::InvalidTopic {
                 topic: topic.to_string(),
@@ -295,9 +423,45 @@ impl PubSub {
             });
         }
         check_headers(&opts.headers)?;
+        Ok(parsed)
+    }
+
+    /// Publishes `payload` on `topic` (no wildcards) to the matching
+    /// subscriptions **of this node only**. Returns the sequence number.
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+    ) -> Result<u64, PubSubError> {
+        let parsed = self.prepare(topic, &payload, &opts)?;
+        Ok(self.send(&parsed, payload, opts, &[]))
+    }
+
+    /// Publishes to every matching subscription in the mesh: local ones in
+    /// process, and one PUBLISH per other interested node (found through the
+    /// DHT, cached for `INTEREST_CACHE_TTL`). Returns the sequence number.
+    pub async fn publish_mesh(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+    ) -> Result<u64, PubSubError> {
+        let parsed = self.prepare(topic, &payload, &opts)?;
+        let targets = match &self.0.mesh {
+            Some(link) => self.interested_nodes(link, &parsed).await,
+            None => Vec::new(),
+        };
+        Ok(self.send(&parsed, payload, opts, &targets))
+    }
+
+    /// Assigns the sequence number, delivers locally and queues one copy per
+    /// remote target, all under `order` so every queue sees seq order.
+    fn send(&self, topic: &Topic, payload: Bytes, opts: PublishOptions, targets: &[NodeId]) -> u64 {
+        let _order = self.0.order.lock().unwrap_or_else(|e| e.into_inner());
         let seq = self.0.next_seq.fetch_add(1, Relaxed);
         let event = Event {
-            topic: parsed.as_str().to_string(),
+            topic: topic.as_str().to_string(),
             payload,
             publisher: self.0.node_id,
             seq,
@@ -306,8 +470,232 @@ impl PubSub {
             message_id: opts.message_id,
         };
         self.0.counters.published_total.fetch_add(1, Relaxed);
-        self.deliver_local(&parsed, event);
-        Ok(seq)
+        if !targets.is_empty() {
+            let wire = Message::Publish(Publish {
+                topic: event.topic.clone(),
+                payload: event.payload.to_vec(),
+                publisher: self.0.node_id,
+                epoch: self.0.epoch,
+                seq,
+                headers: event.headers.clone(),
+                message_id: event.message_id.clone(),
+            });
+            for t in targets {
+                self.enqueue(*t, wire.clone());
+            }
+        }
+        self.deliver_local(topic, event);
+        seq
+    }
+
+    /// Queues `msg` for `target`, starting its sender task if needed.
+    fn enqueue(&self, target: NodeId, msg: Message) {
+        let c = &self.0.counters;
+        let tx = {
+            let mut map = self.0.outbound.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&target) {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    if map.len() >= MAX_OUTBOUND_PEERS && !map.contains_key(&target) {
+                        c.remote_dropped_total.fetch_add(1, Relaxed);
+                        tracing::warn!(peer = %target, limit = MAX_OUTBOUND_PEERS, "too many outbound pub/sub peers; dropping");
+                        return;
+                    }
+                    let (tx, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
+                    tokio::spawn(sender(Arc::downgrade(&self.0), target, rx));
+                    map.insert(target, tx.clone());
+                    tx
+                }
+            }
+        };
+        self.0.inflight.fetch_add(1, Relaxed);
+        if tx.try_send(msg).is_ok() {
+            c.sent_remote_total.fetch_add(1, Relaxed);
+        } else {
+            self.0.inflight.fetch_sub(1, Relaxed);
+            c.remote_dropped_total.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Nodes other than this one with a pattern matching `topic`.
+    async fn interested_nodes(&self, link: &MeshLink, topic: &Topic) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = Vec::new();
+        for name in lookup_names(&link.realm, topic) {
+            let nodes = match self.cached_interest(&name) {
+                Some(n) => n,
+                None => {
+                    let key = macula_wire::dht_key(name.as_bytes());
+                    match link.dht.get_fresh(key).await {
+                        Ok(records) => {
+                            let nodes: Vec<(NodeId, Vec<Pattern>)> = records
+                                .into_iter()
+                                .map(|r| {
+                                    let text = String::from_utf8_lossy(&r.value);
+                                    let pats = text
+                                        .lines()
+                                        .filter_map(|l| {
+                                            Pattern::with_limits(l, &self.0.limits).ok()
+                                        })
+                                        .collect();
+                                    (r.publisher, pats)
+                                })
+                                .collect();
+                            tracing::debug!(name = %name, nodes = ?nodes.iter().map(|(n, p)| (n.short(), p.len())).collect::<Vec<_>>(), "interest looked up");
+                            self.cache_interest(name, nodes.clone());
+                            nodes
+                        }
+                        Err(e) => {
+                            tracing::debug!(name = %name, error = %e, "interest lookup failed");
+                            Vec::new()
+                        }
+                    }
+                }
+            };
+            for (node, pats) in nodes {
+                if node != self.0.node_id
+                    && !out.contains(&node)
+                    && pats.iter().any(|p| p.matches(topic))
+                {
+                    out.push(node);
+                }
+            }
+        }
+        out
+    }
+
+    fn cached_interest(&self, name: &str) -> Option<Vec<(NodeId, Vec<Pattern>)>> {
+        let cache = self
+            .0
+            .interest_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(name)
+            .filter(|e| e.fetched.elapsed() < INTEREST_CACHE_TTL)
+            .map(|e| e.nodes.clone())
+    }
+
+    fn cache_interest(&self, name: String, nodes: Vec<(NodeId, Vec<Pattern>)>) {
+        let mut cache = self
+            .0
+            .interest_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= INTEREST_CACHE_CAPACITY && !cache.contains_key(&name) {
+            cache.retain(|_, e| e.fetched.elapsed() < INTEREST_CACHE_TTL);
+            if cache.len() >= INTEREST_CACHE_CAPACITY {
+                let oldest = cache
+                    .iter()
+                    .min_by_key(|(_, e)| e.fetched)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    cache.remove(&k);
+                }
+            }
+        }
+        cache.insert(
+            name,
+            InterestEntry {
+                fetched: std::time::Instant::now(),
+                nodes,
+            },
+        );
+    }
+
+    /// Subscribes and, when the node is in a mesh, announces the interest in
+    /// the DHT before returning (so publishers can find this node).
+    pub async fn subscribe_mesh(&self, pattern: &str) -> Result<Subscription, PubSubError> {
+        let sub = self.subscribe(pattern)?;
+        if let Some(link) = &self.0.mesh {
+            let name = interest_name(&link.realm, &sub.pattern);
+            if let Err(reason) = self.update_interest(&name).await {
+                return Err(PubSubError::Interest {
+                    pattern: pattern.to_string(),
+                    reason,
+                });
+            }
+        }
+        Ok(sub)
+    }
+
+    /// Puts this node's patterns under `name` into the DHT; with none left,
+    /// puts the empty list (which replaces the old one on every replica) and
+    /// stops republishing it.
+    async fn update_interest(&self, name: &str) -> Result<(), String> {
+        let Some(link) = &self.0.mesh else {
+            return Ok(());
+        };
+        let _serial = self.0.interest_lock.lock().await;
+        let patterns: Vec<String> = {
+            let st = self.state();
+            let mut v: Vec<String> = st
+                .subs
+                .values()
+                .filter(|(p, _)| interest_name(&link.realm, p) == name)
+                .map(|(p, _)| p.as_str().to_string())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let key = macula_wire::dht_key(name.as_bytes());
+        tracing::debug!(name = %name, patterns = ?patterns, "updating interest");
+        link.dht
+            .put(key, patterns.join("\n").into_bytes(), INTEREST_TTL)
+            .await
+            .map_err(|e| e.to_string())?;
+        if patterns.is_empty() {
+            link.dht.unpublish(key).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// A PUBLISH from node `from`: checked, deduplicated, delivered locally.
+    pub(crate) fn deliver_remote(&self, from: NodeId, p: Publish) -> Result<(), String> {
+        let c = &self.0.counters;
+        if p.publisher != from {
+            c.remote_rejected_total.fetch_add(1, Relaxed);
+            return Err(format!(
+                "PUBLISH names publisher {} but came from {from}",
+                p.publisher
+            ));
+        }
+        let topic = Topic::with_limits(&p.topic, &self.0.limits).map_err(|e| {
+            c.remote_rejected_total.fetch_add(1, Relaxed);
+            format!("invalid topic {:?}: {e}", p.topic)
+        })?;
+        if p.payload.len() > self.0.max_payload {
+            c.remote_rejected_total.fetch_add(1, Relaxed);
+            return Err(format!("payload of {} bytes", p.payload.len()));
+        }
+        let observed = self
+            .0
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(&from, p.epoch, p.seq);
+        match observed {
+            Observed::Next => {}
+            Observed::Gap { missing } | Observed::Restarted { missing } => {
+                c.gaps_total.fetch_add(missing, Relaxed);
+            }
+            Observed::Duplicate | Observed::Invalid => {
+                c.duplicates_dropped_total.fetch_add(1, Relaxed);
+                return Ok(());
+            }
+        }
+        c.received_remote_total.fetch_add(1, Relaxed);
+        let event = Event {
+            topic: p.topic,
+            payload: Bytes::from(p.payload),
+            publisher: p.publisher,
+            seq: p.seq,
+            epoch: p.epoch,
+            headers: p.headers,
+            message_id: p.message_id,
+        };
+        self.deliver_local(&topic, event);
+        Ok(())
     }
 
     /// Pushes `event` into every local subscription matching `topic`. The
@@ -340,6 +728,48 @@ impl PubSub {
         let mut v: Vec<_> = by.into_iter().map(|(p, n)| (p.to_string(), n)).collect();
         v.sort();
         v
+    }
+}
+
+/// An outbound queue to one node is closed after this long without traffic.
+const SENDER_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sends one node's PUBLISH frames in order over its connection, reaching
+/// (and re-reaching) the node as needed. Exits when idle or when the node's
+/// pub/sub is gone.
+async fn sender(owner: Weak<Inner>, target: NodeId, mut rx: mpsc::Receiver<Message>) {
+    let mut peer: Option<Peer> = None;
+    loop {
+        let msg = match tokio::time::timeout(SENDER_IDLE, rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: retire this queue (unless a message raced in).
+                if let Some(inner) = owner.upgrade() {
+                    let mut map = inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
+                    if rx.is_empty() {
+                        map.remove(&target);
+                        break;
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(inner) = owner.upgrade() else { break };
+        let Some(link) = &inner.mesh else { break };
+        if peer.as_ref().is_none_or(|p| p.is_closed()) {
+            peer = link.mesh.reach(target).await;
+        }
+        let sent = match &peer {
+            Some(p) => p.send(&msg).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            inner.counters.remote_dropped_total.fetch_add(1, Relaxed);
+            tracing::debug!(peer = %target, "could not deliver PUBLISH");
+            peer = None;
+        }
+        inner.inflight.fetch_sub(1, Relaxed);
     }
 }
 
@@ -406,6 +836,17 @@ impl Drop for Subscription {
             .counters
             .subscriptions
             .store(st.subs.len() as u64, Relaxed);
+        drop(st);
+        // Tell the mesh: update (or withdraw) this node's interest record.
+        if let (Some(link), Ok(rt)) = (&inner.mesh, tokio::runtime::Handle::try_current()) {
+            let name = interest_name(&link.realm, &self.pattern);
+            let ps = PubSub(inner.clone());
+            rt.spawn(async move {
+                if let Err(e) = ps.update_interest(&name).await {
+                    tracing::warn!(name = %name, error = %e, "could not withdraw pub/sub interest");
+                }
+            });
+        }
     }
 }
 
@@ -580,6 +1021,45 @@ mod tests {
         let err = p.publish("a", Bytes::new(), opts).unwrap_err();
         assert_eq!(err, PubSubError::TooManyHeaders { n: MAX_HEADERS + 1 });
         assert_eq!(p.counters().published_total.load(Relaxed), 0);
+    }
+
+    fn wire(publisher: NodeId, topic: &str, epoch: u64, seq: u64) -> Publish {
+        Publish {
+            topic: topic.into(),
+            payload: b"p".to_vec(),
+            publisher,
+            epoch,
+            seq,
+            headers: vec![],
+            message_id: None,
+        }
+    }
+
+    #[test]
+    fn remote_messages_are_checked_deduplicated_and_delivered() {
+        let p = ps(64);
+        let mut s = p.subscribe("t.**").unwrap();
+        let from = NodeId::from_bytes([9; 32]);
+        // Delivered once, in order; a replay and a stale seq are dropped.
+        p.deliver_remote(from, wire(from, "t.a", 5, 1)).unwrap();
+        p.deliver_remote(from, wire(from, "t.a", 5, 2)).unwrap();
+        p.deliver_remote(from, wire(from, "t.a", 5, 2)).unwrap();
+        p.deliver_remote(from, wire(from, "t.a", 5, 1)).unwrap();
+        // A gap is counted, the message still delivered.
+        p.deliver_remote(from, wire(from, "t.b", 5, 5)).unwrap();
+        let got = drain(&mut s);
+        assert_eq!(topics(&got), ["t.a", "t.a", "t.b"]);
+        let c = p.counters();
+        assert_eq!(c.duplicates_dropped_total.load(Relaxed), 2);
+        assert_eq!(c.gaps_total.load(Relaxed), 2);
+        assert_eq!(c.received_remote_total.load(Relaxed), 3);
+        // Refused: a publisher other than the sender, a bad topic.
+        let other = NodeId::from_bytes([8; 32]);
+        assert!(p.deliver_remote(from, wire(other, "t.a", 1, 1)).is_err());
+        assert!(p.deliver_remote(from, wire(from, "t..a", 5, 6)).is_err());
+        assert!(p.deliver_remote(from, wire(from, "t.*", 5, 7)).is_err());
+        assert_eq!(c.remote_rejected_total.load(Relaxed), 3);
+        assert!(drain(&mut s).is_empty());
     }
 
     #[tokio::test]

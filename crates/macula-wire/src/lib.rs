@@ -14,6 +14,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod node_id;
+pub mod pubsub;
 
 pub use dht::{dht_key, DhtMessage, WireContact, WireRecord};
 pub use frame::{FrameDecoder, FrameError, FrameHeader, RawFrame, FRAME_HEADER_LEN};
@@ -23,3 +24,4 @@ pub use message::{
     MessageType, Ping, Pong,
 };
 pub use node_id::{NodeId, ParseNodeIdError};
+pub use pubsub::Publish;

@@ -14,6 +14,7 @@ use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
 use crate::node_id::NodeId;
+use crate::pubsub::Publish;
 
 /// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
 /// limit keeps skipping of unknown nested fields cheap and stack-safe.
@@ -40,11 +41,12 @@ pub enum MessageType {
     DhtValue = 0x1a,
     DhtStored = 0x1b,
     DhtStoreRejected = 0x1c,
+    Publish = 0x30,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 14] = [
+    pub const ALL: [MessageType; 15] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -59,6 +61,7 @@ impl MessageType {
         MessageType::DhtValue,
         MessageType::DhtStored,
         MessageType::DhtStoreRejected,
+        MessageType::Publish,
     ];
 
     /// Maps a type byte to a known type.
@@ -83,6 +86,7 @@ impl MessageType {
             MessageType::DhtValue => "dht_value",
             MessageType::DhtStored => "dht_stored",
             MessageType::DhtStoreRejected => "dht_store_rejected",
+            MessageType::Publish => "publish",
         }
     }
 }
@@ -300,6 +304,7 @@ pub enum Message {
     Disconnect(Disconnect),
     Error(ErrorFrame),
     Dht(DhtMessage),
+    Publish(Publish),
 }
 
 /// Why a message could not be encoded.
@@ -360,6 +365,7 @@ impl Message {
             Message::Pong(_) => MessageType::Pong,
             Message::Disconnect(_) => MessageType::Disconnect,
             Message::Error(_) => MessageType::Error,
+            Message::Publish(_) => MessageType::Publish,
             Message::Dht(d) => match d {
                 DhtMessage::Ping(_) => MessageType::DhtPing,
                 DhtMessage::FindNode(_) => MessageType::DhtFindNode,
@@ -404,6 +410,7 @@ impl Message {
             Message::Error(e) => check_len("message", &e.message, MAX_REASON_LEN),
             Message::Ping(_) | Message::Pong(_) => Ok(()),
             Message::Dht(d) => d.validate(),
+            Message::Publish(p) => p.validate(),
         }
     }
 
@@ -424,6 +431,7 @@ impl Message {
             Message::Pong(m) => rmp_serde::encode::write_named(out, m),
             Message::Disconnect(m) => rmp_serde::encode::write_named(out, m),
             Message::Error(m) => rmp_serde::encode::write_named(out, m),
+            Message::Publish(m) => rmp_serde::encode::write_named(out, m),
             Message::Dht(d) => match d {
                 DhtMessage::Ping(m) => rmp_serde::encode::write_named(out, m),
                 DhtMessage::FindNode(m) => rmp_serde::encode::write_named(out, m),
@@ -467,6 +475,7 @@ impl Message {
             MessageType::Pong => decode_body(t, body).map(Message::Pong),
             MessageType::Disconnect => decode_body(t, body).map(Message::Disconnect),
             MessageType::Error => decode_body(t, body).map(Message::Error),
+            MessageType::Publish => decode_body(t, body).map(Message::Publish),
             MessageType::DhtPing => decode_body(t, body).map(|m| Message::Dht(DhtMessage::Ping(m))),
             MessageType::DhtFindNode => {
                 decode_body(t, body).map(|m| Message::Dht(DhtMessage::FindNode(m)))
@@ -747,8 +756,32 @@ mod tests {
         ]
     }
 
+    fn arb_publish() -> impl Strategy<Value = Message> {
+        (
+            arb_string(64),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec((arb_string(16), arb_string(16)), 0..3),
+            proptest::option::of(arb_string(32)),
+        )
+            .prop_map(|(topic, payload, p, epoch, seq, headers, message_id)| {
+                Message::Publish(crate::pubsub::Publish {
+                    topic,
+                    payload,
+                    publisher: NodeId::from_bytes(p),
+                    epoch,
+                    seq,
+                    headers,
+                    message_id,
+                })
+            })
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
+            arb_publish(),
             arb_dht().prop_map(Message::Dht),
             (
                 any::<[u8; 32]>(),

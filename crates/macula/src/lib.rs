@@ -224,8 +224,9 @@ impl Node {
 
     /// Publishes `payload` on `topic` (dot-separated, no wildcards) and
     /// returns its sequence number. Subscribers on this node receive it
-    /// without a network hop. (Delivery to other nodes' subscribers is being
-    /// built: see the pub/sub issue.)
+    /// without a network hop; every other node with a matching subscription
+    /// gets one copy. A subscription made elsewhere is found within
+    /// `INTEREST_CACHE_TTL` (1 s) of its `subscribe` returning.
     pub async fn publish(
         &self,
         topic: &str,
@@ -245,14 +246,16 @@ impl Node {
         Ok(self
             .runtime
             .pubsub()
-            .publish(topic, payload.into(), options)?)
+            .publish_mesh(topic, payload.into(), options)
+            .await?)
     }
 
     /// Subscribes to `pattern` (`*` matches one segment, `**` any number):
     /// a `Stream` of [`SubscriptionItem`]s, bounded (a slow reader loses the
-    /// oldest events and gets `Lagged(n)`). Dropping it unsubscribes.
+    /// oldest events and gets `Lagged(n)`). The interest is registered in the
+    /// mesh (DHT) before this returns. Dropping it unsubscribes.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, Error> {
-        Ok(self.runtime.pubsub().subscribe(pattern)?)
+        Ok(self.runtime.pubsub().subscribe_mesh(pattern).await?)
     }
 
     /// Peer connect/disconnect notifications.

@@ -1,0 +1,143 @@
+//! `macula pub` and `macula sub`: publish and subscribe from the command line.
+//!
+//! Like `macula dht`, each joins the mesh briefly as an ephemeral node through
+//! `--connect` (a lightweight client mode comes with the gateway issue).
+//! `sub` prints one line per event (text or `--json`) and reports lag on
+//! stderr; `pub` sends `--count` messages at up to `--rate` per second. This
+//! module only parses, calls and prints.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use macula::SubscriptionItem;
+
+use crate::dht_cli::{join, MeshArgs};
+
+/// Upper bound on `--count`, so a typo cannot run forever.
+const MAX_COUNT: u64 = 10_000_000;
+
+#[derive(clap::Args, Debug)]
+pub struct PubArgs {
+    /// Topic: dot-separated segments, no wildcards.
+    topic: String,
+    /// Payload (UTF-8 text).
+    data: String,
+    /// How many messages to send.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Messages per second at most (0: as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SubArgs {
+    /// Pattern: `*` matches one segment, `**` any number.
+    pattern: String,
+    /// Exit after this many events (default: run until interrupted).
+    #[arg(long)]
+    count: Option<u64>,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_COUNT).contains(&a.count),
+        "--count must be between 1 and {MAX_COUNT}"
+    );
+    anyhow::ensure!(
+        a.rate >= 0.0 && a.rate.is_finite(),
+        "--rate must be a positive number"
+    );
+    // Refuse a bad topic before spending time joining the mesh.
+    macula_pubsub::Topic::new(&a.topic)
+        .map_err(|e| anyhow::anyhow!("invalid topic {:?}: {e}", a.topic))?;
+    let node = join(&a.mesh).await?;
+    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
+    let mut tick = interval.map(tokio::time::interval);
+    let mut result = Ok(());
+    for _ in 0..a.count {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        if let Err(e) = node.publish(&a.topic, a.data.clone().into_bytes()).await {
+            result = Err(e).context("publish failed");
+            break;
+        }
+    }
+    node.shutdown().await;
+    result?;
+    let mut out = std::io::stdout().lock();
+    if a.mesh.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"topic": a.topic, "published": a.count})
+        )?;
+    } else {
+        writeln!(out, "published {} message(s) to {}", a.count, a.topic)?;
+    }
+    Ok(())
+}
+
+pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
+    macula_pubsub::Pattern::new(&a.pattern)
+        .map_err(|e| anyhow::anyhow!("invalid pattern {:?}: {e}", a.pattern))?;
+    let node = join(&a.mesh).await?;
+    let mut sub = match node.subscribe(&a.pattern).await {
+        Ok(s) => s,
+        Err(e) => {
+            node.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    eprintln!("subscribed to {}", a.pattern);
+    let mut seen = 0u64;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        if a.count.is_some_and(|n| seen >= n) {
+            break;
+        }
+        let item = tokio::select! {
+            item = sub.next() => item,
+            _ = &mut interrupted => break,
+        };
+        let Some(item) = item else { break };
+        match item {
+            SubscriptionItem::Event(e) => {
+                seen += 1;
+                let mut out = std::io::stdout().lock();
+                if a.mesh.json {
+                    let v = serde_json::json!({
+                        "topic": e.topic,
+                        "publisher": e.publisher.to_string(),
+                        "seq": e.seq,
+                        "payload": String::from_utf8_lossy(&e.payload),
+                        "headers": e.headers,
+                    });
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}\t{}\tseq={}\t{}",
+                        e.topic,
+                        e.publisher.short(),
+                        e.seq,
+                        String::from_utf8_lossy(&e.payload)
+                    )?;
+                }
+                out.flush()?;
+            }
+            SubscriptionItem::Lagged(n) => eprintln!("warning: too slow, {n} events dropped"),
+        }
+    }
+    drop(sub);
+    node.shutdown().await;
+    Ok(())
+}
