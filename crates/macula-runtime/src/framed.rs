@@ -5,8 +5,8 @@
 //! body buffer is never larger than the limit. This module does not decide
 //! what to do about a bad frame; it reports precisely what went wrong.
 
-use macula_wire::{DecodeError, EncodeError, FrameError, FrameHeader, Message, FRAME_HEADER_LEN};
-use quinn::{ReadExactError, RecvStream, SendStream};
+use macula_wire::{DecodeError, EncodeError, FrameDecoder, FrameError, Message};
+use quinn::{RecvStream, SendStream};
 
 use crate::metrics::ProtocolErrorKind;
 
@@ -60,41 +60,65 @@ impl InFrame {
     }
 }
 
-/// Reads frames from one receive stream.
+/// Bytes asked of the stream per read: many small frames arrive per read
+/// instead of two reads per frame. Larger frames grow the buffer up to the
+/// frame limit, never beyond it.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads frames from one receive stream, through a buffer.
 pub struct FrameReader {
     recv: RecvStream,
-    max_len: u32,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    /// Start of the unread bytes in `buf`.
+    start: usize,
 }
 
 impl FrameReader {
     pub fn new(recv: RecvStream, max_len: u32) -> Self {
-        FrameReader { recv, max_len }
+        FrameReader {
+            recv,
+            decoder: FrameDecoder::new(max_len),
+            buf: Vec::new(),
+            start: 0,
+        }
     }
 
     /// Reads the next frame; `Ok(None)` when the peer finished the stream
-    /// cleanly between frames.
+    /// cleanly between frames. The header is validated (length against the
+    /// limit) as soon as its 8 bytes are buffered, before the body is read.
     pub async fn read(&mut self) -> Result<Option<InFrame>, ReadError> {
-        let mut head = [0u8; FRAME_HEADER_LEN];
-        match self.recv.read_exact(&mut head).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(ReadExactError::FinishedEarly(n)) => return Err(ReadError::Truncated(n)),
-            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
-        }
-        let header = FrameHeader::decode(&head, self.max_len)?;
-        // Bounded by `max_len`, checked just above.
-        let mut body = vec![0u8; header.len as usize];
-        match self.recv.read_exact(&mut body).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(n)) => {
-                return Err(ReadError::Truncated(FRAME_HEADER_LEN + n))
+        loop {
+            if let Some((frame, used)) = self.decoder.decode(&self.buf[self.start..])? {
+                let out = InFrame {
+                    msg_type: frame.header.msg_type,
+                    body: frame.body.to_vec(),
+                };
+                self.start += used;
+                return Ok(Some(out));
             }
-            Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+            // Need more bytes: drop what was consumed, then read a chunk.
+            // `read_chunk` takes data from the stream only when it completes,
+            // so this is cancel-safe (the caller polls it inside `select!`).
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+                // Do not keep a large buffer around on an idle connection.
+                if self.buf.is_empty() && self.buf.capacity() > READ_CHUNK {
+                    self.buf.shrink_to(READ_CHUNK / 8);
+                }
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    return match self.buf.len() {
+                        0 => Ok(None),
+                        n => Err(ReadError::Truncated(n)),
+                    };
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(Some(InFrame {
-            msg_type: header.msg_type,
-            body,
-        }))
     }
 
     /// Abandons the stream, telling the peer to stop sending.
@@ -132,6 +156,28 @@ impl FrameWriter {
         msg.encode_frame(&mut self.buf, self.peer_max)?;
         self.send.write_all(&self.buf).await?;
         Ok(())
+    }
+
+    /// Encodes several messages into one buffer and writes it at once: many
+    /// small messages become one stream write (and few QUIC packets). A
+    /// message that fails to encode is skipped and reported; the rest go.
+    pub async fn send_many(&mut self, msgs: &[Message]) -> Result<usize, WriteError> {
+        self.buf.clear();
+        let mut n = 0;
+        let mut first_err = None;
+        for m in msgs {
+            match m.encode_frame(&mut self.buf, self.peer_max) {
+                Ok(()) => n += 1,
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if n > 0 {
+            self.send.write_all(&self.buf).await?;
+        }
+        match first_err {
+            Some(e) if n == 0 => Err(e.into()),
+            _ => Ok(n),
+        }
     }
 
     /// Writes raw bytes (tests of bad input only use this through `send_raw`).

@@ -277,6 +277,19 @@ impl Peer {
         self.send_control(msg).await
     }
 
+    /// Sends several messages on the control stream in one write (used for
+    /// batches of PUBLISH frames). Returns how many were sent.
+    pub async fn send_many(&self, msgs: &[Message]) -> Result<usize, String> {
+        let mut w = self.0.control.lock().await;
+        let n = w.send_many(msgs).await.map_err(|e| e.to_string())?;
+        let m = &self.0.metrics;
+        m.frames_sent_total.fetch_add(n as u64, Relaxed);
+        for msg in msgs {
+            m.message_sent(msg.msg_type() as u8);
+        }
+        Ok(n)
+    }
+
     async fn send_control(&self, msg: &Message) -> Result<(), String> {
         let mut w = self.0.control.lock().await;
         w.send(msg).await.map_err(|e| e.to_string())?;

@@ -731,6 +731,10 @@ impl PubSub {
     }
 }
 
+/// Messages coalesced into one write: bounds the write buffer (at 64-byte
+/// payloads about 30 KiB) and the time one peer's batch holds the stream.
+const MAX_BATCH: usize = 256;
+
 /// An outbound queue to one node is closed after this long without traffic.
 const SENDER_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -760,16 +764,28 @@ async fn sender(owner: Weak<Inner>, target: NodeId, mut rx: mpsc::Receiver<Messa
         if peer.as_ref().is_none_or(|p| p.is_closed()) {
             peer = link.mesh.reach(target).await;
         }
+        // Coalesce whatever else is already queued into the same write.
+        let mut batch = vec![msg];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
         let sent = match &peer {
-            Some(p) => p.send(&msg).await.is_ok(),
-            None => false,
+            Some(p) => p.send_many(&batch).await.unwrap_or(0) as u64,
+            None => 0,
         };
-        if !sent {
-            inner.counters.remote_dropped_total.fetch_add(1, Relaxed);
-            tracing::debug!(peer = %target, "could not deliver PUBLISH");
+        if sent < n {
+            inner
+                .counters
+                .remote_dropped_total
+                .fetch_add(n - sent, Relaxed);
+            tracing::debug!(peer = %target, dropped = n - sent, "could not deliver PUBLISH");
             peer = None;
         }
-        inner.inflight.fetch_sub(1, Relaxed);
+        inner.inflight.fetch_sub(n, Relaxed);
     }
 }
 
