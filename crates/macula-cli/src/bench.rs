@@ -398,18 +398,8 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
     // Throughput: a consumer task drains while the publisher runs flat out;
     // a slow consumer lags (counted) rather than slowing the publisher.
     let n = args.count * 10;
-    let mut sub = node.subscribe("bench.tput.*").await?;
-    let consumer = tokio::spawn(async move {
-        let (mut got, mut lagged) = (0u64, 0u64);
-        while let Some(item) = sub.next().await {
-            match item {
-                macula::SubscriptionItem::Event(e) if e.topic == "bench.tput.end" => break,
-                macula::SubscriptionItem::Event(_) => got += 1,
-                macula::SubscriptionItem::Lagged(k) => lagged += k,
-            }
-        }
-        (got, lagged)
-    });
+    let sub = node.subscribe("bench.tput.*").await?;
+    let consumer = count_until(sub, "bench.tput.end");
     let t = Instant::now();
     for _ in 0..n {
         node.publish("bench.tput.data", payload.clone()).await?;
@@ -496,17 +486,7 @@ async fn remote_pubsub(args: LocalArgs) -> anyhow::Result<()> {
 
     // Throughput: publish flat out; the subscriber drains in its own task.
     let n = args.count;
-    let consumer = tokio::spawn(async move {
-        let (mut got, mut lagged) = (0u64, 0u64);
-        while let Some(item) = sub.next().await {
-            match item {
-                macula::SubscriptionItem::Event(e) if e.topic == "bench.remote.end" => break,
-                macula::SubscriptionItem::Event(_) => got += 1,
-                macula::SubscriptionItem::Lagged(k) => lagged += k,
-            }
-        }
-        (got, lagged)
-    });
+    let consumer = count_until(sub, "bench.remote.end");
     let t = Instant::now();
     for _ in 0..n {
         publisher
@@ -563,4 +543,24 @@ async fn remote_pubsub(args: LocalArgs) -> anyhow::Result<()> {
     }
     futures::future::join_all([publisher.shutdown(), subscriber.shutdown()]).await;
     Ok(())
+}
+
+/// Drains `sub` in its own task until an event on `end` arrives; returns
+/// (events before it, events reported lost to lag).
+fn count_until(
+    mut sub: macula::Subscription,
+    end: &'static str,
+) -> tokio::task::JoinHandle<(u64, u64)> {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let (mut got, mut lagged) = (0u64, 0u64);
+        while let Some(item) = sub.next().await {
+            match item {
+                macula::SubscriptionItem::Event(e) if e.topic == end => break,
+                macula::SubscriptionItem::Event(_) => got += 1,
+                macula::SubscriptionItem::Lagged(k) => lagged += k,
+            }
+        }
+        (got, lagged)
+    })
 }
