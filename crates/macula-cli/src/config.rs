@@ -1261,7 +1261,7 @@ mod tests {
     fn each_layer_beats_the_next() {
         let f = toml_file(
             r#"
-listen = "10.0.0.3:3"
+listen = "198.18.0.3:3"
 realm = "from-file"
 http = "127.0.0.1:9003"
 [limits]
@@ -1272,17 +1272,17 @@ format = "json"
 "#,
         );
         let env = env_of(&[
-            ("MACULA_LISTEN", "10.0.0.2:2"),
+            ("MACULA_LISTEN", "198.18.0.2:2"),
             ("MACULA_REALM", "from-env"),
             ("MACULA_MAX_CONNECTIONS", "20"),
         ]);
         let mut args = args_with_config(&f);
-        args.listen = Some("10.0.0.1:1".into());
+        args.listen = Some("198.18.0.1:1".into());
 
         let s = resolve(&args, &env).unwrap();
         assert_eq!(
             s.listen,
-            "10.0.0.1:1".parse().unwrap(),
+            "198.18.0.1:1".parse().unwrap(),
             "flag beats env and file"
         );
         assert_eq!(s.realm, "from-env", "env beats file");
@@ -1307,9 +1307,9 @@ format = "json"
         // Remove the flag: env wins; remove env: the file wins.
         args.listen = None;
         let s = resolve(&args, &env).unwrap();
-        assert_eq!(s.listen, "10.0.0.2:2".parse().unwrap());
+        assert_eq!(s.listen, "198.18.0.2:2".parse().unwrap());
         let s = resolve(&args, &no_env).unwrap();
-        assert_eq!(s.listen, "10.0.0.3:3".parse().unwrap());
+        assert_eq!(s.listen, "198.18.0.3:3".parse().unwrap());
         assert_eq!(s.realm, "from-file");
         assert_eq!(s.max_connections, 30);
 

@@ -318,8 +318,8 @@ mod tests {
                 PeerAddr::new("2001:db8::1", 65535),
             ),
             (
-                format!("{nid}@10.0.0.1:4433"),
-                PeerAddr::new("10.0.0.1", 4433).with_expected(nid),
+                format!("{nid}@198.18.0.1:4433"),
+                PeerAddr::new("198.18.0.1", 4433).with_expected(nid),
             ),
             (
                 format!("quic://{nid}@[::1]:4433"),
