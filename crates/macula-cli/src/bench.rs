@@ -86,6 +86,24 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// "debug" or "release": every figure says which build produced it.
+fn build_kind() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// Appended to the text headline of a debug build's figures.
+fn debug_note() -> &'static str {
+    if cfg!(debug_assertions) {
+        " (DEBUG build: use --release for figures)"
+    } else {
+        ""
+    }
+}
+
 /// Percentile summary of a set of durations, in microseconds.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 struct Summary {
@@ -215,7 +233,7 @@ async fn dht(args: DhtArgs) -> anyhow::Result<()> {
             "bench": "dht",
             "nodes": args.nodes,
             "keys": args.keys,
-            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "build": build_kind(),
             "put": puts,
             "lookup": fresh,
             "cached_lookup": cached,
@@ -224,11 +242,7 @@ async fn dht(args: DhtArgs) -> anyhow::Result<()> {
         });
         writeln!(out, "{v}")?;
     } else {
-        let build = if cfg!(debug_assertions) {
-            " (DEBUG build: use --release for figures)"
-        } else {
-            ""
-        };
+        let build = debug_note();
         writeln!(
             out,
             "dht benchmark: {} nodes on 127.0.0.1, {} keys{build}",
@@ -302,7 +316,7 @@ async fn pool(args: PoolArgs) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "bench": "pool",
             "count": n,
-            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "build": build_kind(),
             "pooled": pooled,
             "new_connection": fresh,
             "handshake": handshake,
@@ -310,11 +324,7 @@ async fn pool(args: PoolArgs) -> anyhow::Result<()> {
         });
         writeln!(out, "{v}")?;
     } else {
-        let build = if cfg!(debug_assertions) {
-            " (DEBUG build: use --release for figures)"
-        } else {
-            ""
-        };
+        let build = debug_note();
         writeln!(
             out,
             "pool benchmark: {n} request/response exchanges (PING/PONG) on 127.0.0.1{build}"
@@ -416,7 +426,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
             "bench": "local",
             "count": args.count,
             "payload_bytes": args.size,
-            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "build": build_kind(),
             "latency_same_task": lat,
             "latency_other_task": woken,
             "published_per_sec": published_per_sec,
@@ -426,11 +436,7 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         });
         writeln!(out, "{v}")?;
     } else {
-        let build = if cfg!(debug_assertions) {
-            " (DEBUG build: use --release for figures)"
-        } else {
-            ""
-        };
+        let build = debug_note();
         writeln!(
             out,
             "local pub/sub benchmark: one node, {}-byte payloads{build}",
@@ -518,7 +524,7 @@ async fn remote_pubsub(args: LocalArgs) -> anyhow::Result<()> {
             "bench": "pubsub",
             "count": n,
             "payload_bytes": args.size,
-            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "build": build_kind(),
             "latency": lat,
             "published_per_sec": n as f64 / publish_secs,
             "delivered_per_sec": got as f64 / secs,
@@ -528,11 +534,7 @@ async fn remote_pubsub(args: LocalArgs) -> anyhow::Result<()> {
         });
         writeln!(out, "{v}")?;
     } else {
-        let build = if cfg!(debug_assertions) {
-            " (DEBUG build: use --release for figures)"
-        } else {
-            ""
-        };
+        let build = debug_note();
         writeln!(
             out,
             "pub/sub benchmark: two nodes over QUIC on 127.0.0.1, {}-byte payloads{build}",

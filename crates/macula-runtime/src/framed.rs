@@ -180,7 +180,7 @@ impl FrameWriter {
         }
     }
 
-    /// Writes raw bytes (tests of bad input only use this through `send_raw`).
+    /// Writes raw bytes, unvalidated: for tests that must send bad input.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
         self.send.write_all(bytes).await?;
         Ok(())

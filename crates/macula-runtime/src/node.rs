@@ -446,25 +446,28 @@ impl NodeRuntime {
         if self.is_shutting_down() {
             return Err(ConnectError::ShuttingDown);
         }
-        let timeout = self.0.config.limits.handshake_timeout;
-        let (peer, reader) = tokio::time::timeout(timeout, self.dial_inner(addr, expected))
-            .await
-            .unwrap_or(Err(ConnectError::Timeout {
-                addr,
-                after: timeout,
-            }))?;
+        let (peer, reader) = self.dial_timed(addr, expected).await?;
         self.spawn_driver(peer.clone(), reader);
         Ok(peer)
     }
 
-    async fn dial(self, addr: SocketAddr, expected: Option<NodeId>) -> Result<Peer, ConnectError> {
+    /// `dial_inner` bounded by the handshake timeout.
+    async fn dial_timed(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<(Peer, FrameReader), ConnectError> {
         let timeout = self.0.config.limits.handshake_timeout;
-        let res = tokio::time::timeout(timeout, self.dial_inner(addr, expected))
+        tokio::time::timeout(timeout, self.dial_inner(addr, expected))
             .await
             .unwrap_or(Err(ConnectError::Timeout {
                 addr,
                 after: timeout,
-            }));
+            }))
+    }
+
+    async fn dial(self, addr: SocketAddr, expected: Option<NodeId>) -> Result<Peer, ConnectError> {
+        let res = self.dial_timed(addr, expected).await;
         match res {
             Ok((peer, reader)) => self.register(peer, reader).await,
             Err(e) => {

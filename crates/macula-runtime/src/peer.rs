@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use macula_wire::{
     DecodeError, Disconnect, DisconnectReason, ErrorCode, ErrorFrame, Hello, Message, NodeId, Ping,
-    Pong, DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+    Pong, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
 };
 use quinn::VarInt;
 use tokio::sync::oneshot;
@@ -437,10 +437,10 @@ pub(crate) async fn handshake(
     metrics: Arc<Metrics>,
 ) -> Result<(Peer, FrameReader), HandshakeError> {
     let ours = Message::Hello(local.hello.clone());
-    let (mut writer, mut reader, hello) = match direction {
+    let (mut writer, reader, hello) = match direction {
         Direction::Outbound => {
             let (send, recv) = conn.open_bi().await.map_err(|e| conn_lost(&e))?;
-            let mut writer = FrameWriter::new(send, MIN_MAX_FRAME_SIZE.max(DEFAULT_MAX_FRAME_SIZE));
+            let mut writer = FrameWriter::new(send, DEFAULT_MAX_FRAME_SIZE);
             let mut reader = FrameReader::new(recv, local.max_frame_size);
             writer
                 .send(&ours)
@@ -484,7 +484,6 @@ pub(crate) async fn handshake(
         }
     };
     writer.set_peer_max(hello.max_frame_size);
-    let _ = &mut reader;
     let epoch = Instant::now();
     let peer = Peer(Arc::new(PeerShared {
         node_id: proved,
