@@ -8,6 +8,8 @@
 //! | `GET /ready` | [`ReadyReport`]: 200 once joined (or first node), 503 before |
 //! | `GET /live` | 200 |
 //! | `GET /admin/peers` | [`PeersReport`]: the connected peers |
+//! | `GET /admin/subscriptions` | [`SubscriptionsReport`]: local subscriptions |
+//! | `GET /admin/services` | [`ServicesReport`]: local and mesh-wide RPC procedures |
 //!
 //! Anything else is a 404 (405 for another method) with a JSON
 //! [`ErrorReport`]. The JSON shapes are a compatibility promise to scripts:
@@ -166,6 +168,7 @@ pub fn router(node: NodeRuntime) -> Router {
         .route("/live", get(live))
         .route("/admin/peers", get(peers))
         .route("/admin/subscriptions", get(subscriptions))
+        .route("/admin/services", get(services))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -184,6 +187,12 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     registry.register_collector(Box::new(crate::dht::DhtCollector(
         node.dht().counters().clone(),
     )));
+    registry.register_collector(Box::new(node.rpc().collector()));
+    registry.register(
+        "macula_rpc_duration_seconds",
+        "Call duration as the caller sees it, by procedure (at most 64 procedure labels; the rest share `_other`).",
+        node.rpc().duration_family(),
+    );
     registry
 }
 
@@ -323,6 +332,112 @@ pub struct SubscriptionsReport {
 pub struct SubscriptionInfo {
     pub pattern: String,
     pub count: usize,
+}
+
+/// How long `/admin/services` spends reading the mesh's service index.
+pub const SERVICES_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `GET /admin/services`: what this node advertises, what the mesh
+/// advertises (from the DHT's service index), and what this node has
+/// learned about the providers it called.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ServicesReport {
+    pub node_id: String,
+    pub local: Vec<LocalService>,
+    pub mesh: Vec<MeshService>,
+    /// Set when the mesh-wide part could not be read (it is then partial).
+    pub mesh_error: Option<String>,
+    pub provider_health: Vec<ProviderHealth>,
+}
+
+/// A procedure this node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LocalService {
+    pub procedure: String,
+    pub weight: u32,
+    /// Requests the handler can still take before answering `Overloaded`.
+    pub available_slots: usize,
+}
+
+/// A procedure advertised somewhere in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MeshService {
+    pub procedure: String,
+    pub providers: Vec<ServiceProvider>,
+}
+
+/// One provider's advertisement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ServiceProvider {
+    pub node_id: String,
+    pub weight: u32,
+    pub addrs: Vec<String>,
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Circuit-breaker state and latency estimate of a provider this node called.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProviderHealth {
+    pub node_id: String,
+    pub breaker: String,
+    pub latency_us: Option<u64>,
+}
+
+async fn services(State(s): State<AdminState>) -> Json<ServicesReport> {
+    let rpc = s.node.rpc();
+    let (mesh, mesh_error) =
+        match tokio::time::timeout(SERVICES_LOOKUP_TIMEOUT, rpc.services()).await {
+            Ok(Ok(list)) => (list, None),
+            Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
+            Err(_) => (
+                Vec::new(),
+                Some(format!(
+                    "service lookup took over {SERVICES_LOOKUP_TIMEOUT:?}"
+                )),
+            ),
+        };
+    Json(ServicesReport {
+        node_id: s.node.node_id().to_string(),
+        local: rpc
+            .advertised()
+            .into_iter()
+            .map(|(procedure, weight, available_slots)| LocalService {
+                procedure,
+                weight,
+                available_slots,
+            })
+            .collect(),
+        mesh: mesh
+            .into_iter()
+            .map(|(procedure, providers)| MeshService {
+                procedure,
+                providers: providers
+                    .into_iter()
+                    .map(|p| ServiceProvider {
+                        node_id: p.node.to_string(),
+                        weight: p.weight,
+                        addrs: p.addrs,
+                        metadata: p.metadata,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        mesh_error,
+        provider_health: rpc
+            .provider_health()
+            .into_iter()
+            .map(|(id, breaker, latency_us)| ProviderHealth {
+                node_id: id.to_string(),
+                breaker: breaker.to_string(),
+                latency_us,
+            })
+            .collect(),
+    })
 }
 
 async fn subscriptions(State(s): State<AdminState>) -> Json<SubscriptionsReport> {

@@ -106,6 +106,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Features announced in HELLO.
     pub capabilities: Vec<String>,
+    /// RPC limits (in-flight calls, handler concurrency).
+    pub rpc: crate::rpc::RpcLimits,
 }
 
 impl Default for NodeConfig {
@@ -118,6 +120,7 @@ impl Default for NodeConfig {
             tls: TlsOptions::default(),
             limits: Limits::default(),
             capabilities: Vec::new(),
+            rpc: crate::rpc::RpcLimits::default(),
         }
     }
 }

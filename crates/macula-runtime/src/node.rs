@@ -150,6 +150,7 @@ struct NodeShared {
     started: Instant,
     dht: DhtHandle,
     pubsub: crate::pubsub::PubSub,
+    rpc: crate::rpc::Rpc,
 }
 
 /// Dials DHT contacts through the pool. Holds the node weakly: the DHT task
@@ -170,6 +171,35 @@ impl crate::pubsub::Mesh for PoolDialer {
             let found = node.dht().closest(id, 1).await.ok()?;
             let (_, addr) = found.into_iter().find(|(f, _)| *f == id)?;
             node.connect(addr.parse().ok()?, Some(id)).await.ok()
+        })
+    }
+}
+
+impl crate::rpc::Reach for PoolDialer {
+    /// The pooled connection to `id`, else a dial to the first address in
+    /// its advertisement that answers as `id`, else the DHT's address.
+    fn reach(
+        &self,
+        id: NodeId,
+        addrs: Vec<String>,
+    ) -> futures::future::BoxFuture<'static, Option<Peer>> {
+        let weak = self.0.clone();
+        let fallback = crate::pubsub::Mesh::reach(self, id);
+        Box::pin(async move {
+            let node = NodeRuntime(weak.upgrade()?);
+            if let Some(p) = node.peer(&id).filter(|p| !p.is_closed()) {
+                return Some(p);
+            }
+            for addr in addrs.iter().filter_map(|a| a.parse::<SocketAddr>().ok()) {
+                if addr.ip().is_unspecified() {
+                    continue;
+                }
+                if let Ok(p) = node.connect(addr, Some(id)).await {
+                    return Some(p);
+                }
+            }
+            drop(node);
+            fallback.await
         })
     }
 }
@@ -279,7 +309,23 @@ impl NodeRuntime {
                     mesh: Box::new(PoolDialer(weak.clone())),
                 }),
             );
+            let rpc = crate::rpc::Rpc::with_link(
+                node_id,
+                max_frame_size,
+                config.rpc,
+                Some(crate::rpc::RpcLink {
+                    dht: dht.clone(),
+                    realm: config.realm.clone(),
+                    reach: Box::new(PoolDialer(weak.clone())),
+                    addrs: if local_addr.ip().is_unspecified() {
+                        Vec::new()
+                    } else {
+                        vec![local_addr.to_string()]
+                    },
+                }),
+            );
             NodeShared {
+                rpc,
                 pubsub,
                 dht,
                 node_id,
@@ -317,6 +363,11 @@ impl NodeRuntime {
     }
 
     /// The node's DHT: put, get, closest.
+    /// This node's RPC.
+    pub fn rpc(&self) -> &crate::rpc::Rpc {
+        &self.0.rpc
+    }
+
     pub fn dht(&self) -> &DhtHandle {
         &self.0.dht
     }
@@ -604,6 +655,7 @@ impl NodeRuntime {
             max_frame_size: self.0.config.limits.max_frame_size,
             dht: Some(self.0.dht.clone()),
             pubsub: Some(self.0.pubsub.clone()),
+            rpc: Some(self.0.rpc.clone()),
         };
         let shutdown = self.0.shutdown.subscribe();
         tokio::spawn(async move {
@@ -783,10 +835,17 @@ impl NodeRuntime {
         if self.is_shutting_down() {
             return;
         }
+        // Take no new requests and withdraw advertisements first, so callers
+        // fail over while this node's connections are still up.
+        self.0.rpc.begin_shutdown(SHUTDOWN_GRACE).await;
         // Deliver what was published before shutdown began (bounded), while
         // connections are still up.
         if !self.0.pubsub.flush(SHUTDOWN_GRACE).await {
             tracing::warn!("shutdown: some published messages were not delivered in time");
+        }
+        // Let requests being served finish and their answers go out.
+        if !self.0.rpc.drain(SHUTDOWN_GRACE).await {
+            tracing::warn!("shutdown: some RPC requests were still running at the deadline");
         }
         if self.0.shutdown.send_replace(true) {
             return;

@@ -510,12 +510,8 @@ enum Next {
 }
 
 /// Handles one frame on the control stream.
-async fn on_control_frame(
-    peer: &Peer,
-    frame: InFrame,
-    dht: Option<&DhtHandle>,
-    pubsub: Option<&crate::pubsub::PubSub>,
-) -> Next {
+async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Next {
+    let (dht, pubsub) = (cfg.dht.as_ref(), cfg.pubsub.as_ref());
     let m = &peer.0.metrics;
     m.frames_received_total.fetch_add(1, Relaxed);
     m.message_received(frame.msg_type);
@@ -571,6 +567,23 @@ async fn on_control_frame(
                 // Refused and counted; the connection is still sound.
                 m.protocol_error(ProtocolErrorKind::Malformed);
                 report(peer, ErrorCode::Malformed, &reason, frame.msg_type).await;
+            }
+            Next::Continue
+        }
+        Ok(Message::Rpc(msg)) => {
+            peer.touch();
+            match &cfg.rpc {
+                Some(rpc) => rpc.on_message(peer, msg),
+                None => {
+                    m.protocol_error(ProtocolErrorKind::Unexpected);
+                    report(
+                        peer,
+                        ErrorCode::UnexpectedMessage,
+                        "this node serves no RPC",
+                        frame.msg_type,
+                    )
+                    .await;
+                }
             }
             Next::Continue
         }
@@ -732,6 +745,8 @@ pub(crate) struct DriverConfig {
     pub dht: Option<DhtHandle>,
     /// Where PUBLISH frames from this peer go.
     pub pubsub: Option<crate::pubsub::PubSub>,
+    /// Where RPC frames from this peer go.
+    pub rpc: Option<crate::rpc::Rpc>,
 }
 
 /// Drives a connection until it closes or shutdown is signalled: reads the
@@ -755,7 +770,7 @@ pub(crate) async fn drive(
     let end = loop {
         tokio::select! {
             frame = control.read() => match frame {
-                Ok(Some(f)) => match on_control_frame(&peer, f, cfg.dht.as_ref(), cfg.pubsub.as_ref()).await {
+                Ok(Some(f)) => match on_control_frame(&peer, f, &cfg).await {
                     Next::Continue => {}
                     Next::Close(reason, why) => {
                         conn.close(close_code(reason), truncate(&why).as_bytes());
@@ -840,6 +855,10 @@ pub(crate) async fn drive(
     }
     // Wake anyone still waiting for a pong.
     peer.lock_pings().clear();
+    // Requests this connection carried have no one to answer to.
+    if let Some(rpc) = &cfg.rpc {
+        rpc.connection_closed(peer.connection_id());
+    }
     end
 }
 

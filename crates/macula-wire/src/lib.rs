@@ -15,6 +15,7 @@ pub mod limits;
 pub mod message;
 pub mod node_id;
 pub mod pubsub;
+pub mod rpc;
 
 pub use dht::{dht_key, DhtMessage, WireContact, WireRecord};
 pub use frame::{FrameDecoder, FrameError, FrameHeader, RawFrame, FRAME_HEADER_LEN};
@@ -25,3 +26,4 @@ pub use message::{
 };
 pub use node_id::{NodeId, ParseNodeIdError};
 pub use pubsub::Publish;
+pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};

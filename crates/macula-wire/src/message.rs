@@ -15,6 +15,7 @@ use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
 use crate::node_id::NodeId;
 use crate::pubsub::Publish;
+use crate::rpc::*;
 
 /// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
 /// limit keeps skipping of unknown nested fields cheap and stack-safe.
@@ -42,11 +43,15 @@ pub enum MessageType {
     DhtStored = 0x1b,
     DhtStoreRejected = 0x1c,
     Publish = 0x30,
+    RpcCall = 0x50,
+    RpcReply = 0x51,
+    RpcError = 0x52,
+    RpcCancel = 0x53,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 15] = [
+    pub const ALL: [MessageType; 19] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -62,6 +67,10 @@ impl MessageType {
         MessageType::DhtStored,
         MessageType::DhtStoreRejected,
         MessageType::Publish,
+        MessageType::RpcCall,
+        MessageType::RpcReply,
+        MessageType::RpcError,
+        MessageType::RpcCancel,
     ];
 
     /// Maps a type byte to a known type.
@@ -87,6 +96,10 @@ impl MessageType {
             MessageType::DhtStored => "dht_stored",
             MessageType::DhtStoreRejected => "dht_store_rejected",
             MessageType::Publish => "publish",
+            MessageType::RpcCall => "rpc_call",
+            MessageType::RpcReply => "rpc_reply",
+            MessageType::RpcError => "rpc_error",
+            MessageType::RpcCancel => "rpc_cancel",
         }
     }
 }
@@ -305,6 +318,7 @@ pub enum Message {
     Error(ErrorFrame),
     Dht(DhtMessage),
     Publish(Publish),
+    Rpc(RpcMessage),
 }
 
 /// Why a message could not be encoded.
@@ -366,6 +380,12 @@ impl Message {
             Message::Disconnect(_) => MessageType::Disconnect,
             Message::Error(_) => MessageType::Error,
             Message::Publish(_) => MessageType::Publish,
+            Message::Rpc(r) => match r {
+                RpcMessage::Call(_) => MessageType::RpcCall,
+                RpcMessage::Reply(_) => MessageType::RpcReply,
+                RpcMessage::Error(_) => MessageType::RpcError,
+                RpcMessage::Cancel(_) => MessageType::RpcCancel,
+            },
             Message::Dht(d) => match d {
                 DhtMessage::Ping(_) => MessageType::DhtPing,
                 DhtMessage::FindNode(_) => MessageType::DhtFindNode,
@@ -411,6 +431,7 @@ impl Message {
             Message::Ping(_) | Message::Pong(_) => Ok(()),
             Message::Dht(d) => d.validate(),
             Message::Publish(p) => p.validate(),
+            Message::Rpc(r) => r.validate(),
         }
     }
 
@@ -432,6 +453,12 @@ impl Message {
             Message::Disconnect(m) => rmp_serde::encode::write_named(out, m),
             Message::Error(m) => rmp_serde::encode::write_named(out, m),
             Message::Publish(m) => rmp_serde::encode::write_named(out, m),
+            Message::Rpc(r) => match r {
+                RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
+                RpcMessage::Reply(m) => rmp_serde::encode::write_named(out, m),
+                RpcMessage::Error(m) => rmp_serde::encode::write_named(out, m),
+                RpcMessage::Cancel(m) => rmp_serde::encode::write_named(out, m),
+            },
             Message::Dht(d) => match d {
                 DhtMessage::Ping(m) => rmp_serde::encode::write_named(out, m),
                 DhtMessage::FindNode(m) => rmp_serde::encode::write_named(out, m),
@@ -476,6 +503,16 @@ impl Message {
             MessageType::Disconnect => decode_body(t, body).map(Message::Disconnect),
             MessageType::Error => decode_body(t, body).map(Message::Error),
             MessageType::Publish => decode_body(t, body).map(Message::Publish),
+            MessageType::RpcCall => decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Call(m))),
+            MessageType::RpcReply => {
+                decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Reply(m)))
+            }
+            MessageType::RpcError => {
+                decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Error(m)))
+            }
+            MessageType::RpcCancel => {
+                decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Cancel(m)))
+            }
             MessageType::DhtPing => decode_body(t, body).map(|m| Message::Dht(DhtMessage::Ping(m))),
             MessageType::DhtFindNode => {
                 decode_body(t, body).map(|m| Message::Dht(DhtMessage::FindNode(m)))
@@ -779,9 +816,51 @@ mod tests {
             })
     }
 
+    fn arb_rpc() -> impl Strategy<Value = Message> {
+        let headers = || proptest::collection::vec((arb_string(16), arb_string(16)), 0..3);
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..64);
+        prop_oneof![
+            (
+                any::<u64>(),
+                arb_string(64),
+                bytes(),
+                any::<u32>(),
+                headers()
+            )
+                .prop_map(|(id, procedure, payload, timeout_ms, headers)| {
+                    Message::Rpc(RpcMessage::Call(Call {
+                        id,
+                        procedure,
+                        payload,
+                        timeout_ms,
+                        headers,
+                    }))
+                }),
+            (any::<u64>(), bytes(), headers()).prop_map(|(id, payload, headers)| {
+                Message::Rpc(RpcMessage::Reply(Reply {
+                    id,
+                    payload,
+                    headers,
+                }))
+            }),
+            (any::<u64>(), any::<u16>(), any::<i64>(), arb_string(64)).prop_map(
+                |(id, kind, code, message)| {
+                    Message::Rpc(RpcMessage::Error(CallError {
+                        id,
+                        kind: kind.into(),
+                        code,
+                        message,
+                    }))
+                }
+            ),
+            any::<u64>().prop_map(|id| Message::Rpc(RpcMessage::Cancel(Cancel { id }))),
+        ]
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
             arb_publish(),
+            arb_rpc(),
             arb_dht().prop_map(Message::Dht),
             (
                 any::<[u8; 32]>(),

@@ -25,10 +25,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use macula_rpc::Strategy;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::metrics::Metrics;
 pub use macula_runtime::pubsub::{
     Event, PubSubError, PublishOptions, Subscription, SubscriptionItem,
+};
+pub use macula_runtime::rpc::{
+    AdvertiseOptions, CallBuilder, CallOptions, Handler, HandlerError, HandlerResult, ProviderInfo,
+    Registration, Request, Response, RpcError, RpcLimits,
 };
 pub use macula_runtime::tls::{TlsMode, TlsOptions};
 pub use macula_runtime::{
@@ -256,6 +261,57 @@ impl Node {
     /// mesh (DHT) before this returns. Dropping it unsubscribes.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, Error> {
         Ok(self.runtime.pubsub().subscribe_mesh(pattern).await?)
+    }
+
+    /// Serves `procedure` with `handler` (an async function from
+    /// [`Request`] to `Result<Bytes, HandlerError>`) and advertises it in
+    /// the mesh before returning. Dropping the [`Registration`] stops
+    /// serving and withdraws the advertisement.
+    pub async fn advertise<H: Handler>(
+        &self,
+        procedure: &str,
+        handler: H,
+    ) -> Result<Registration, RpcError> {
+        self.advertise_with(procedure, AdvertiseOptions::default(), handler)
+            .await
+    }
+
+    /// `advertise` with a weight, metadata and a concurrency limit.
+    pub async fn advertise_with<H: Handler>(
+        &self,
+        procedure: &str,
+        options: AdvertiseOptions,
+        handler: H,
+    ) -> Result<Registration, RpcError> {
+        self.runtime
+            .rpc()
+            .advertise(procedure, options, handler)
+            .await
+    }
+
+    /// Calls `procedure` on a provider found in the mesh (this node's own
+    /// handler, if it has one, without a network hop). Configure with
+    /// `.timeout(d)` (default 5 s, retries included), `.retries(n)`
+    /// (default 2, only on errors where the handler did not run) and
+    /// `.strategy(s)`, then `.await`. Dropping the future cancels the call
+    /// on the provider.
+    pub fn call(&self, procedure: &str, payload: impl Into<bytes::Bytes>) -> CallBuilder {
+        self.runtime.rpc().call(procedure, payload)
+    }
+
+    /// Calls `procedure` on one chosen provider (no failover).
+    pub fn call_to(
+        &self,
+        provider: NodeId,
+        procedure: &str,
+        payload: impl Into<bytes::Bytes>,
+    ) -> CallBuilder {
+        self.runtime.rpc().call_to(provider, procedure, payload)
+    }
+
+    /// Every procedure advertised in the mesh, with its providers.
+    pub async fn services(&self) -> Result<Vec<(String, Vec<ProviderInfo>)>, RpcError> {
+        self.runtime.rpc().services().await
     }
 
     /// Peer connect/disconnect notifications.

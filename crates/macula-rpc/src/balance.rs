@@ -1,0 +1,362 @@
+//! Choosing a provider for a call, and what we learn from each outcome.
+//!
+//! The [`Balancer`] keeps, per provider, a circuit [`Breaker`] and a latency
+//! estimate (EWMA), and per procedure a round-robin cursor. `pick` filters
+//! the candidates (not excluded, breaker available), orders them by key so
+//! the choice does not depend on the order a lookup returned them in, and
+//! applies the [`Strategy`].
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use crate::breaker::{Breaker, BreakerConfig, BreakerState};
+use crate::{Millis, Rng};
+
+/// How to choose among usable providers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Each in turn (per procedure).
+    #[default]
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// The lower latency estimate of two random providers ("power of two
+    /// choices": adapts to slow providers without herding onto one).
+    /// Providers with no estimate yet count as fastest, so they get tried.
+    LeastLatency,
+    /// At random in proportion to the advertised weights (all zero:
+    /// uniformly).
+    Weighted,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::Random => "random",
+            Strategy::LeastLatency => "least_latency",
+            Strategy::Weighted => "weighted",
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.replace('-', "_").as_str() {
+            "round_robin" => Ok(Strategy::RoundRobin),
+            "random" => Ok(Strategy::Random),
+            "least_latency" => Ok(Strategy::LeastLatency),
+            "weighted" => Ok(Strategy::Weighted),
+            other => Err(format!(
+                "unknown strategy {other:?} (round-robin, random, least-latency, weighted)"
+            )),
+        }
+    }
+}
+
+/// What a call told us about the provider it went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It answered (a reply or an application error) in `latency_us`.
+    Success { latency_us: u64 },
+    /// Unreachable, overloaded, not serving, or silent past the deadline.
+    Failure,
+    /// The caller gave up first; says nothing about the provider.
+    Abandoned,
+}
+
+/// Bounds on the balancer's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalancerLimits {
+    /// Providers with breaker/latency state; past it, the least recently
+    /// used provider whose breaker is closed is forgotten.
+    pub max_providers: usize,
+    /// Procedures with a round-robin cursor; past it, all cursors reset.
+    pub max_procedures: usize,
+}
+
+impl Default for BalancerLimits {
+    fn default() -> Self {
+        BalancerLimits {
+            max_providers: 10_000,
+            max_procedures: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ProviderState {
+    breaker: Breaker,
+    /// Latency estimate in microseconds (EWMA, weight 1/5 on the newest).
+    ewma_us: Option<u64>,
+    last_used: Millis,
+}
+
+/// Provider choice with per-provider breakers and latency estimates.
+#[derive(Debug, Clone)]
+pub struct Balancer<K> {
+    breaker_cfg: BreakerConfig,
+    limits: BalancerLimits,
+    rng: Rng,
+    providers: HashMap<K, ProviderState>,
+    cursors: HashMap<String, u64>,
+}
+
+impl<K: Clone + Eq + Hash + Ord> Balancer<K> {
+    pub fn new(breaker_cfg: BreakerConfig, limits: BalancerLimits, seed: u64) -> Balancer<K> {
+        Balancer {
+            breaker_cfg,
+            limits,
+            rng: Rng::new(seed),
+            providers: HashMap::new(),
+            cursors: HashMap::new(),
+        }
+    }
+
+    /// Chooses a provider of `procedure` among `candidates` (key, weight),
+    /// skipping `exclude` and providers whose breaker refuses calls at
+    /// `now`. None if no candidate is usable.
+    pub fn pick(
+        &mut self,
+        procedure: &str,
+        strategy: Strategy,
+        candidates: &[(K, u32)],
+        exclude: &[K],
+        now: Millis,
+    ) -> Option<K> {
+        let mut usable: Vec<&(K, u32)> = candidates
+            .iter()
+            .filter(|(k, _)| !exclude.contains(k))
+            .filter(|(k, _)| {
+                self.providers
+                    .get(k)
+                    .is_none_or(|p| p.breaker.available(now))
+            })
+            .collect();
+        if usable.is_empty() {
+            return None;
+        }
+        usable.sort_by(|a, b| a.0.cmp(&b.0));
+        usable.dedup_by(|a, b| a.0 == b.0);
+        let n = usable.len();
+        let idx = match strategy {
+            Strategy::RoundRobin => {
+                if self.cursors.len() >= self.limits.max_procedures
+                    && !self.cursors.contains_key(procedure)
+                {
+                    self.cursors.clear();
+                }
+                let c = self.cursors.entry(procedure.to_string()).or_insert(0);
+                let i = (*c % n as u64) as usize;
+                *c = c.wrapping_add(1);
+                i
+            }
+            Strategy::Random => self.rng.below(n as u64) as usize,
+            Strategy::LeastLatency => {
+                if n == 1 {
+                    0
+                } else {
+                    let a = self.rng.below(n as u64) as usize;
+                    let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+                    let est = |k: &K| self.providers.get(k).and_then(|p| p.ewma_us).unwrap_or(0);
+                    if est(&usable[b].0) < est(&usable[a].0) {
+                        b
+                    } else {
+                        a
+                    }
+                }
+            }
+            Strategy::Weighted => {
+                let total: u64 = usable.iter().map(|(_, w)| u64::from(*w)).sum();
+                if total == 0 {
+                    self.rng.below(n as u64) as usize
+                } else {
+                    let mut r = self.rng.below(total);
+                    let mut chosen = n - 1;
+                    for (i, (_, w)) in usable.iter().enumerate() {
+                        if r < u64::from(*w) {
+                            chosen = i;
+                            break;
+                        }
+                        r -= u64::from(*w);
+                    }
+                    chosen
+                }
+            }
+        };
+        let key = usable[idx].0.clone();
+        let state = self.state_mut(&key, now);
+        match state {
+            Some(s) => {
+                s.last_used = now;
+                // `available` held above, so this succeeds (and takes the
+                // probe slot if half-open).
+                s.breaker.acquire(now).then_some(key)
+            }
+            None => Some(key),
+        }
+    }
+
+    /// Reports how a call to `provider` ended.
+    pub fn record(&mut self, provider: &K, outcome: Outcome, now: Millis) {
+        let Some(s) = self.state_mut(provider, now) else {
+            return;
+        };
+        s.last_used = now;
+        match outcome {
+            Outcome::Success { latency_us } => {
+                s.breaker.on_success();
+                s.ewma_us = Some(match s.ewma_us {
+                    None => latency_us,
+                    Some(e) => (e.saturating_mul(4).saturating_add(latency_us)) / 5,
+                });
+            }
+            Outcome::Failure => s.breaker.on_failure(now),
+            Outcome::Abandoned => s.breaker.on_abandon(),
+        }
+    }
+
+    /// The breaker state of `provider` at `now` (closed if unknown).
+    pub fn breaker_state(&self, provider: &K, now: Millis) -> BreakerState {
+        self.providers
+            .get(provider)
+            .map_or(BreakerState::Closed, |p| p.breaker.state(now))
+    }
+
+    /// The latency estimate of `provider`, if any call has succeeded.
+    pub fn latency_us(&self, provider: &K) -> Option<u64> {
+        self.providers.get(provider).and_then(|p| p.ewma_us)
+    }
+
+    /// Providers tracked, with their breaker state at `now`.
+    pub fn providers(&self, now: Millis) -> Vec<(K, BreakerState, Option<u64>)> {
+        let mut v: Vec<_> = self
+            .providers
+            .iter()
+            .map(|(k, p)| (k.clone(), p.breaker.state(now), p.ewma_us))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// State for `key`, created if there is room (evicting the least
+    /// recently used provider with a closed breaker if needed). None when
+    /// full of providers whose breakers are not closed: the call is then
+    /// simply not tracked.
+    fn state_mut(&mut self, key: &K, now: Millis) -> Option<&mut ProviderState> {
+        if !self.providers.contains_key(key) {
+            if self.providers.len() >= self.limits.max_providers {
+                let victim = self
+                    .providers
+                    .iter()
+                    .filter(|(_, p)| p.breaker.state(now) == BreakerState::Closed)
+                    .min_by_key(|(_, p)| p.last_used)
+                    .map(|(k, _)| k.clone());
+                self.providers.remove(&victim?);
+            }
+            self.providers.insert(
+                key.clone(),
+                ProviderState {
+                    breaker: Breaker::new(self.breaker_cfg),
+                    ewma_us: None,
+                    last_used: now,
+                },
+            );
+        }
+        self.providers.get_mut(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bal() -> Balancer<u32> {
+        Balancer::new(BreakerConfig::default(), BalancerLimits::default(), 42)
+    }
+
+    #[test]
+    fn round_robin_is_even_and_order_independent() {
+        let mut b = bal();
+        let mut counts = [0u32; 3];
+        for i in 0..300 {
+            // Candidates arrive in a different order each time.
+            let mut c = vec![(0u32, 1u32), (1, 1), (2, 1)];
+            c.rotate_left(i % 3);
+            let k = b.pick("p", Strategy::RoundRobin, &c, &[], 0).unwrap();
+            counts[k as usize] += 1;
+            b.record(&k, Outcome::Success { latency_us: 10 }, 0);
+        }
+        assert_eq!(counts, [100, 100, 100]);
+    }
+
+    #[test]
+    fn weighted_follows_weights() {
+        let mut b = bal();
+        let c = [(0u32, 1u32), (1, 3), (2, 0)];
+        let mut counts = [0u32; 3];
+        for _ in 0..40_000 {
+            let k = b.pick("p", Strategy::Weighted, &c, &[], 0).unwrap();
+            counts[k as usize] += 1;
+        }
+        assert_eq!(counts[2], 0, "weight 0 is never chosen while others exist");
+        let ratio = f64::from(counts[1]) / f64::from(counts[0]);
+        assert!((2.7..3.3).contains(&ratio), "{counts:?}");
+    }
+
+    #[test]
+    fn least_latency_prefers_the_fast_provider() {
+        let mut b = bal();
+        let c = [(0u32, 1u32), (1, 1), (2, 1)];
+        for (k, lat) in [(0, 5_000), (1, 100), (2, 5_000)] {
+            b.record(&k, Outcome::Success { latency_us: lat }, 0);
+        }
+        let mut fast = 0;
+        for _ in 0..3000 {
+            if b.pick("p", Strategy::LeastLatency, &c, &[], 0) == Some(1) {
+                fast += 1;
+            }
+        }
+        // Picked whenever it is one of the two sampled: 2/3 of the time.
+        assert!((1800..2200).contains(&fast), "{fast}");
+    }
+
+    #[test]
+    fn open_breakers_and_exclusions_are_skipped() {
+        let mut b = bal();
+        let c = [(0u32, 1u32), (1, 1)];
+        for _ in 0..5 {
+            b.record(&0, Outcome::Failure, 100);
+        }
+        assert_eq!(b.breaker_state(&0, 100), BreakerState::Open);
+        for _ in 0..10 {
+            assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[], 200), Some(1));
+        }
+        assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[1], 200), None);
+        // After the open period: one probe to 0, then 0 is not usable until
+        // the probe's outcome is known.
+        assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[1], 1100), Some(0));
+        assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[1], 1100), None);
+        b.record(&0, Outcome::Success { latency_us: 1 }, 1101);
+        assert_eq!(b.breaker_state(&0, 1101), BreakerState::Closed);
+    }
+
+    #[test]
+    fn state_is_bounded() {
+        let mut b: Balancer<u32> = Balancer::new(
+            BreakerConfig::default(),
+            BalancerLimits {
+                max_providers: 4,
+                max_procedures: 2,
+            },
+            1,
+        );
+        for k in 0..100u32 {
+            b.record(&k, Outcome::Success { latency_us: 1 }, u64::from(k));
+            let _ = b.pick(&format!("p{k}"), Strategy::RoundRobin, &[(k, 1)], &[], 0);
+        }
+        assert!(b.providers(0).len() <= 4);
+        assert!(b.cursors.len() <= 2);
+    }
+}
