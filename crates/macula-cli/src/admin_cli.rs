@@ -17,7 +17,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use macula_runtime::admin::{ErrorReport, HealthReport, PeersReport};
+use macula_runtime::admin::{ErrorReport, HealthReport, PeersReport, ServicesReport};
 
 use crate::{usage, Failure};
 
@@ -102,6 +102,48 @@ pub fn nodes(args: &ReadArgs) -> Result<(), Failure> {
     ]
     .map(String::from);
     write_table(&mut out, &header, &rows)?;
+    Ok(())
+}
+
+/// `macula services`: procedures advertised in the mesh and their
+/// providers, as the node sees them (plus what it serves itself).
+pub fn services(args: &ReadArgs) -> Result<(), Failure> {
+    let target = Target::parse(&args.http)?;
+    let body = target.get_ok("/admin/services")?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", body.trim_end())?;
+        return Ok(());
+    }
+    let report: ServicesReport = target.decode("/admin/services", &body)?;
+    if let Some(e) = &report.mesh_error {
+        eprintln!("warning: the mesh-wide list is incomplete: {e}");
+    }
+    writeln!(
+        out,
+        "{} procedure(s) advertised in the mesh; node {} serves {}",
+        report.mesh.len(),
+        report.node_id,
+        report.local.len()
+    )?;
+    let rows: Vec<[String; 4]> = report
+        .mesh
+        .iter()
+        .flat_map(|s| {
+            s.providers.iter().map(|p| {
+                [
+                    s.procedure.clone(),
+                    p.node_id.clone(),
+                    p.weight.to_string(),
+                    p.addrs.join(","),
+                ]
+            })
+        })
+        .collect();
+    if !rows.is_empty() {
+        let header = ["PROCEDURE", "PROVIDER", "WEIGHT", "ADDRESSES"].map(String::from);
+        write_table(&mut out, &header, &rows)?;
+    }
     Ok(())
 }
 

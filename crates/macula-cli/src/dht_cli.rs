@@ -84,6 +84,15 @@ pub enum Outcome {
 /// Joins the mesh as a short-lived node through `--connect` and waits until
 /// it is part of the DHT (shared by the `dht`, `pub` and `sub` commands).
 pub async fn join(mesh: &MeshArgs) -> anyhow::Result<Node> {
+    join_with(
+        mesh,
+        Node::builder().listen(SocketAddr::from(([0, 0, 0, 0], 0))),
+    )
+    .await
+}
+
+/// `join` with a builder carrying more settings (listen address, identity).
+pub async fn join_with(mesh: &MeshArgs, builder: macula::NodeBuilder) -> anyhow::Result<Node> {
     let realm = mesh
         .realm
         .clone()
@@ -92,12 +101,7 @@ pub async fn join(mesh: &MeshArgs) -> anyhow::Result<Node> {
     validate_realm(&realm)
         .map_err(|e| anyhow::anyhow!("invalid value {realm:?} for --realm: {e}"))?;
     let peers: Vec<&str> = mesh.connect.split(',').map(str::trim).collect();
-    let node = Node::builder()
-        .realm(realm)
-        .listen(SocketAddr::from(([0, 0, 0, 0], 0)))
-        .bootstrap(peers)
-        .start()
-        .await?;
+    let node = builder.realm(realm).bootstrap(peers).start().await?;
     match tokio::time::timeout(JOIN_TIMEOUT, node.dht().wait_bootstrapped()).await {
         Ok(Ok(())) => Ok(node),
         Ok(Err(e)) => Err(e.into()),

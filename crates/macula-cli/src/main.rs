@@ -11,6 +11,7 @@ mod bench;
 mod config;
 mod dht_cli;
 mod pubsub_cli;
+mod rpc_cli;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -50,6 +51,12 @@ enum Command {
     Pub(pubsub_cli::PubArgs),
     /// Subscribe to a pattern and print one line per event (joins through --connect).
     Sub(pubsub_cli::SubArgs),
+    /// Call a procedure and print the reply (joins through --connect).
+    Call(rpc_cli::CallArgs),
+    /// Advertise a procedure and answer calls until interrupted (joins through --connect).
+    Serve(rpc_cli::ServeArgs),
+    /// List the procedures advertised in the mesh and their providers (reads a node's admin HTTP API).
+    Services(admin_cli::ReadArgs),
     /// Put and get DHT records, find the closest nodes (joins through --connect).
     #[command(subcommand)]
     Dht(dht_cli::DhtCommand),
@@ -161,6 +168,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }),
             }
         }
+        Command::Call(args) => {
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            match rt.block_on(rpc_cli::call(args))? {
+                rpc_cli::CallOutcome::Ok => Ok(()),
+                rpc_cli::CallOutcome::Failed(why) => Err(Failure {
+                    code: 1,
+                    error: anyhow::anyhow!(why),
+                }),
+            }
+        }
+        Command::Serve(args) => {
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(async {
+                let signals = Signals::install()?;
+                rpc_cli::serve(args, signals.wait()).await
+            })?;
+            Ok(())
+        }
+        Command::Services(args) => admin_cli::services(&args),
         Command::Nodes(args) => admin_cli::nodes(&args),
         Command::Health(args) => admin_cli::health(&args),
         Command::Metrics(args) => admin_cli::metrics(&args),
