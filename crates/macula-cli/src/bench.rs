@@ -31,6 +31,10 @@ pub enum BenchCommand {
     /// Pub/sub between two nodes over QUIC on 127.0.0.1: latency with one
     /// message in flight, then throughput.
     Pubsub(LocalArgs),
+    /// RPC between two node processes on 127.0.0.1 (this one calls, a
+    /// child `macula serve` answers): latency, concurrent throughput, and
+    /// pooled versus new connection per call.
+    Rpc(crate::bench_rpc::RpcArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,6 +85,9 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             .await
             .context("benchmark exceeded its time limit")?,
         BenchCommand::Pubsub(args) => tokio::time::timeout(MAX_RUNTIME, remote_pubsub(args))
+            .await
+            .context("benchmark exceeded its time limit")?,
+        BenchCommand::Rpc(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_rpc::run(args))
             .await
             .context("benchmark exceeded its time limit")?,
     }
