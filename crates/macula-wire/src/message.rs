@@ -14,7 +14,7 @@ use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
 use crate::node_id::NodeId;
-use crate::pubsub::Publish;
+use crate::pubsub::{Publish, PublishBatch, PublishBatchView};
 
 /// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
 /// limit keeps skipping of unknown nested fields cheap and stack-safe.
@@ -42,11 +42,12 @@ pub enum MessageType {
     DhtStored = 0x1b,
     DhtStoreRejected = 0x1c,
     Publish = 0x30,
+    PublishBatch = 0x31,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 15] = [
+    pub const ALL: [MessageType; 16] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -62,6 +63,7 @@ impl MessageType {
         MessageType::DhtStored,
         MessageType::DhtStoreRejected,
         MessageType::Publish,
+        MessageType::PublishBatch,
     ];
 
     /// Maps a type byte to a known type.
@@ -87,6 +89,7 @@ impl MessageType {
             MessageType::DhtStored => "dht_stored",
             MessageType::DhtStoreRejected => "dht_store_rejected",
             MessageType::Publish => "publish",
+            MessageType::PublishBatch => "publish_batch",
         }
     }
 }
@@ -305,6 +308,7 @@ pub enum Message {
     Error(ErrorFrame),
     Dht(DhtMessage),
     Publish(Publish),
+    PublishBatch(PublishBatch),
 }
 
 /// Why a message could not be encoded.
@@ -366,6 +370,7 @@ impl Message {
             Message::Disconnect(_) => MessageType::Disconnect,
             Message::Error(_) => MessageType::Error,
             Message::Publish(_) => MessageType::Publish,
+            Message::PublishBatch(_) => MessageType::PublishBatch,
             Message::Dht(d) => match d {
                 DhtMessage::Ping(_) => MessageType::DhtPing,
                 DhtMessage::FindNode(_) => MessageType::DhtFindNode,
@@ -411,6 +416,7 @@ impl Message {
             Message::Ping(_) | Message::Pong(_) => Ok(()),
             Message::Dht(d) => d.validate(),
             Message::Publish(p) => p.validate(),
+            Message::PublishBatch(b) => b.validate(),
         }
     }
 
@@ -432,6 +438,11 @@ impl Message {
             Message::Disconnect(m) => rmp_serde::encode::write_named(out, m),
             Message::Error(m) => rmp_serde::encode::write_named(out, m),
             Message::Publish(m) => rmp_serde::encode::write_named(out, m),
+            // A compact binary body (already validated above).
+            Message::PublishBatch(b) => b
+                .write_body(out)
+                .map(|_| ())
+                .map_err(|reason| rmp_serde::encode::Error::Syntax(reason)),
             Message::Dht(d) => match d {
                 DhtMessage::Ping(m) => rmp_serde::encode::write_named(out, m),
                 DhtMessage::FindNode(m) => rmp_serde::encode::write_named(out, m),
@@ -476,6 +487,12 @@ impl Message {
             MessageType::Disconnect => decode_body(t, body).map(Message::Disconnect),
             MessageType::Error => decode_body(t, body).map(Message::Error),
             MessageType::Publish => decode_body(t, body).map(Message::Publish),
+            MessageType::PublishBatch => PublishBatchView::decode(body)
+                .map(|v| Message::PublishBatch(v.to_owned_batch()))
+                .map_err(|reason| DecodeError::Malformed {
+                    msg_type: t,
+                    reason,
+                }),
             MessageType::DhtPing => decode_body(t, body).map(|m| Message::Dht(DhtMessage::Ping(m))),
             MessageType::DhtFindNode => {
                 decode_body(t, body).map(|m| Message::Dht(DhtMessage::FindNode(m)))

@@ -28,7 +28,7 @@ use std::sync::Arc;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::metrics::Metrics;
 pub use macula_runtime::pubsub::{
-    Event, PubSubError, PublishOptions, Subscription, SubscriptionItem,
+    Event, PubSubError, PublishOptions, Subscription, SubscriptionItem, TopicName,
 };
 pub use macula_runtime::tls::{TlsMode, TlsOptions};
 pub use macula_runtime::{
