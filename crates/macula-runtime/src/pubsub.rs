@@ -79,6 +79,10 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 /// Remote nodes with an outbound queue at once.
 pub const MAX_OUTBOUND_PEERS: usize = 1000;
 
+/// What one queued event weighs besides its payload, for the byte limit of
+/// subscription queues (`Limits::queue_bytes`).
+const EVENT_OVERHEAD: usize = std::mem::size_of::<Event>();
+
 /// Why a publish or subscribe was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -419,6 +423,14 @@ impl PeerQueue {
     }
 }
 
+/// The route cache, with the last route used in front of it (a publisher
+/// that repeats a topic skips hashing it).
+#[derive(Default)]
+struct Routes {
+    map: HashMap<Box<str>, Arc<Route>>,
+    last: Option<Arc<Route>>,
+}
+
 /// Where a topic's messages go, cached per topic for at most
 /// `INTEREST_CACHE_TTL` after the oldest interest record it was built from.
 struct Route {
@@ -451,7 +463,7 @@ struct Inner {
     /// every target, so each peer queue sees a publisher's messages in order.
     order: Mutex<()>,
     outbound: Mutex<HashMap<NodeId, Arc<PeerQueue>>>,
-    routes: Mutex<HashMap<Box<str>, Arc<Route>>>,
+    routes: Mutex<Routes>,
     seen: Mutex<SeqTracker<NodeId>>,
     /// Live subscriptions, readable without the state lock (publishing with
     /// no local subscriber skips local matching).
@@ -474,7 +486,10 @@ pub(crate) struct BatchReceiver {
     #[allow(clippy::type_complexity)]
     resolved: Vec<Option<(TopicName, Arc<Topic>, Vec<usize>)>>,
     keep: Vec<bool>,
+    idx: Vec<usize>,
     targets: Vec<(Arc<SubQueue>, Vec<Event>)>,
+    /// Event vectors kept for the next batch (their capacity is reused).
+    spare: Vec<Vec<Event>>,
 }
 
 impl BatchReceiver {
@@ -555,7 +570,7 @@ impl PubSub {
             interest_cache: Mutex::new(HashMap::new()),
             order: Mutex::new(()),
             outbound: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(Routes::default()),
             n_subs: std::sync::atomic::AtomicUsize::new(0),
             inflight: AtomicU64::new(0),
         }))
@@ -704,25 +719,35 @@ impl PubSub {
     /// The cached route of `topic`, if still fresh and every target's
     /// sender is alive.
     fn cached_route(&self, topic: &str) -> Option<Arc<Route>> {
-        let routes = self.0.routes.lock().unwrap_or_else(|e| e.into_inner());
-        let r = routes.get(topic)?;
+        let mut routes = self.0.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let r = match &routes.last {
+            Some(r) if r.topic.as_str() == topic => r.clone(),
+            _ => {
+                let r = routes.map.get(topic)?.clone();
+                routes.last = Some(r.clone());
+                r
+            }
+        };
         if r.fetched.elapsed() >= INTEREST_CACHE_TTL
             || r.targets.iter().any(|(_, q)| q.retired.load(Relaxed))
         {
             return None;
         }
-        Some(r.clone())
+        Some(r)
     }
 
     fn cache_route(&self, route: Arc<Route>) {
         let mut routes = self.0.routes.lock().unwrap_or_else(|e| e.into_inner());
-        if routes.len() >= ROUTE_CACHE_CAPACITY {
-            routes.retain(|_, r| r.fetched.elapsed() < INTEREST_CACHE_TTL);
-            if routes.len() >= ROUTE_CACHE_CAPACITY {
-                routes.clear();
+        if routes.map.len() >= ROUTE_CACHE_CAPACITY {
+            routes
+                .map
+                .retain(|_, r| r.fetched.elapsed() < INTEREST_CACHE_TTL);
+            if routes.map.len() >= ROUTE_CACHE_CAPACITY {
+                routes.map.clear();
             }
         }
-        routes.insert(route.topic.as_str().into(), route);
+        routes.last = Some(route.clone());
+        routes.map.insert(route.topic.as_str().into(), route);
     }
 
     /// Assigns the sequence number, delivers locally and queues one copy per
@@ -1061,30 +1086,40 @@ impl PubSub {
         }
         // Which messages are new: one lock on the tracker for the batch.
         rx.keep.clear();
-        let (mut rejected, mut dups, mut gaps) = (0u64, 0u64, 0u64);
+        rx.idx.clear();
+        let mut rejected = 0u64;
+        for (i, e) in view.entries.iter().enumerate() {
+            let ok = rx.resolved[e.topic_index].is_some() && e.payload.len() <= self.0.max_payload;
+            rx.keep.push(ok);
+            if ok {
+                rx.idx.push(i);
+            } else {
+                rejected += 1;
+            }
+        }
+        let (mut dups, mut gaps) = (0u64, 0u64);
         {
             let mut seen = self.0.seen.lock().unwrap_or_else(|e| e.into_inner());
-            for e in &view.entries {
-                let ok =
-                    rx.resolved[e.topic_index].is_some() && e.payload.len() <= self.0.max_payload;
-                if !ok {
-                    rejected += 1;
-                    rx.keep.push(false);
-                    continue;
-                }
-                let keep = match seen.observe(&from, view.epoch, e.seq) {
-                    Observed::Next => true,
-                    Observed::Gap { missing } | Observed::Restarted { missing } => {
-                        gaps += missing;
-                        true
+            let (keep, idx) = (&mut rx.keep, &rx.idx);
+            let mut at = idx.iter();
+            seen.observe_batch(
+                &from,
+                view.epoch,
+                idx.iter().map(|&i| view.entries[i].seq),
+                |o| {
+                    let Some(&i) = at.next() else { return };
+                    match o {
+                        Observed::Next => {}
+                        Observed::Gap { missing } | Observed::Restarted { missing } => {
+                            gaps += missing
+                        }
+                        Observed::Duplicate | Observed::Invalid => {
+                            dups += 1;
+                            keep[i] = false;
+                        }
                     }
-                    Observed::Duplicate | Observed::Invalid => {
-                        dups += 1;
-                        false
-                    }
-                };
-                rx.keep.push(keep);
-            }
+                },
+            );
         }
         if rejected > 0 {
             c.remote_rejected_total.fetch_add(rejected, Relaxed);
@@ -1114,7 +1149,8 @@ impl PubSub {
                     let i = match rx.targets.iter().position(|(t, _)| Arc::ptr_eq(t, q)) {
                         Some(i) => i,
                         None => {
-                            rx.targets.push((q.clone(), Vec::new()));
+                            let v = rx.spare.pop().unwrap_or_default();
+                            rx.targets.push((q.clone(), v));
                             rx.targets.len() - 1
                         }
                     };
@@ -1152,17 +1188,19 @@ impl PubSub {
             rx.targets[last].1.push(event);
         }
         let (mut delivered, mut dropped) = (0u64, 0u64);
-        for (q, events) in rx.targets.drain(..) {
+        for (q, mut events) in rx.targets.drain(..) {
             delivered += events.len() as u64;
             {
                 let mut g = q.lock();
-                for ev in events {
-                    if g.push(ev).is_some() {
-                        dropped += 1;
-                    }
+                for ev in events.drain(..) {
+                    let size = ev.payload.len() + EVENT_OVERHEAD;
+                    dropped += g.push_sized(ev, size);
                 }
             }
             q.waker.wake();
+            if rx.spare.len() < 16 {
+                rx.spare.push(events);
+            }
         }
         c.delivered_local_total.fetch_add(delivered, Relaxed);
         if dropped > 0 {
@@ -1181,9 +1219,11 @@ impl PubSub {
                 .collect()
         };
         let c = &self.0.counters;
+        let size = event.payload.len() + EVENT_OVERHEAD;
         for q in targets {
-            if q.lock().push(event.clone()).is_some() {
-                c.dropped_slow_total.fetch_add(1, Relaxed);
+            let dropped = q.lock().push_sized(event.clone(), size);
+            if dropped > 0 {
+                c.dropped_slow_total.fetch_add(dropped, Relaxed);
             }
             c.delivered_local_total.fetch_add(1, Relaxed);
             q.waker.wake();
@@ -1202,6 +1242,11 @@ impl PubSub {
         v
     }
 }
+
+/// A sender that finds fewer messages than this yields (at most
+/// `COALESCE_YIELDS` times, while more keep arriving) before writing.
+const COALESCE_TARGET: usize = 512;
+const COALESCE_YIELDS: usize = 4;
 
 /// An outbound queue to one node is closed after this long without traffic.
 const SENDER_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -1362,6 +1407,22 @@ async fn sender(owner: Weak<Inner>, target: NodeId, q: Arc<PeerQueue>) {
                 break;
             }
             continue;
+        }
+        // Coalesce: while the publisher keeps adding, let it (a few yields,
+        // no timer). Under load this turns many small writes (a packet
+        // each) into few large ones; with one message in flight the queue
+        // stays empty and the message goes at once.
+        for _ in 0..COALESCE_YIELDS {
+            if batch.len() >= COALESCE_TARGET {
+                break;
+            }
+            tokio::task::yield_now().await;
+            let mut st = q.lock();
+            if st.msgs.is_empty() {
+                break;
+            }
+            batch.append(&mut st.msgs);
+            st.bytes = 0;
         }
         let Some(inner) = owner.upgrade() else { break };
         let Some(link) = &inner.mesh else { break };
