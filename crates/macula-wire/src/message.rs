@@ -442,7 +442,7 @@ impl Message {
             Message::PublishBatch(b) => b
                 .write_body(out)
                 .map(|_| ())
-                .map_err(|reason| rmp_serde::encode::Error::Syntax(reason)),
+                .map_err(rmp_serde::encode::Error::Syntax),
             Message::Dht(d) => match d {
                 DhtMessage::Ping(m) => rmp_serde::encode::write_named(out, m),
                 DhtMessage::FindNode(m) => rmp_serde::encode::write_named(out, m),
