@@ -64,6 +64,42 @@ pub struct SeqStats {
     pub n_evicted: u64,
 }
 
+impl SeqStats {
+    fn count(&mut self, outcome: Observed) {
+        match outcome {
+            Observed::Next => self.n_next += 1,
+            Observed::Gap { missing } => {
+                self.n_gaps += 1;
+                self.n_missing += missing;
+            }
+            Observed::Restarted { missing } => {
+                self.n_restarts += 1;
+                self.n_missing += missing;
+            }
+            Observed::Duplicate => self.n_duplicates += 1,
+            Observed::Invalid => self.n_invalid += 1,
+        }
+    }
+}
+
+/// Classifies `seq` (non-zero) against a known publisher's entry.
+fn step(entry: &mut Entry, epoch: u64, seq: u64) -> Observed {
+    if epoch < entry.epoch || (epoch == entry.epoch && seq <= entry.last_seq) {
+        Observed::Duplicate
+    } else if epoch > entry.epoch {
+        entry.epoch = epoch;
+        entry.last_seq = seq;
+        Observed::Restarted { missing: seq - 1 }
+    } else if seq == entry.last_seq + 1 {
+        entry.last_seq = seq;
+        Observed::Next
+    } else {
+        let missing = seq - entry.last_seq - 1;
+        entry.last_seq = seq;
+        Observed::Gap { missing }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     epoch: u64,
@@ -117,19 +153,7 @@ impl<K: Clone + Eq + Hash> SeqTracker<K> {
     /// Classifies message `seq` of `publisher`'s `epoch` and records it.
     pub fn observe(&mut self, publisher: &K, epoch: u64, seq: u64) -> Observed {
         let outcome = self.classify(publisher, epoch, seq);
-        match outcome {
-            Observed::Next => self.stats.n_next += 1,
-            Observed::Gap { missing } => {
-                self.stats.n_gaps += 1;
-                self.stats.n_missing += missing;
-            }
-            Observed::Restarted { missing } => {
-                self.stats.n_restarts += 1;
-                self.stats.n_missing += missing;
-            }
-            Observed::Duplicate => self.stats.n_duplicates += 1,
-            Observed::Invalid => self.stats.n_invalid += 1,
-        }
+        self.stats.count(outcome);
         outcome
     }
 
@@ -150,25 +174,57 @@ impl<K: Clone + Eq + Hash> SeqTracker<K> {
             );
             return Observed::Next;
         };
-        let outcome = if epoch < entry.epoch || (epoch == entry.epoch && seq <= entry.last_seq) {
-            Observed::Duplicate
-        } else if epoch > entry.epoch {
-            entry.epoch = epoch;
-            entry.last_seq = seq;
-            Observed::Restarted { missing: seq - 1 }
-        } else if seq == entry.last_seq + 1 {
-            entry.last_seq = seq;
-            Observed::Next
-        } else {
-            let missing = seq - entry.last_seq - 1;
-            entry.last_seq = seq;
-            Observed::Gap { missing }
-        };
+        let outcome = step(entry, epoch, seq);
         // Any arrival, duplicates included, shows the publisher is alive.
         let old_tick = std::mem::replace(&mut entry.tick, tick);
         self.recency.remove(&old_tick);
         self.recency.insert(tick, publisher.clone());
         outcome
+    }
+
+    /// Classifies a run of messages of one publisher, exactly as `observe`
+    /// called once per `seq` would (outcomes, state and stats), but finds the
+    /// publisher's entry and updates the recency order once for the run:
+    /// what a receiver does with a batch. `each` gets the outcomes in order.
+    pub fn observe_batch(
+        &mut self,
+        publisher: &K,
+        epoch: u64,
+        seqs: impl IntoIterator<Item = u64>,
+        mut each: impl FnMut(Observed),
+    ) {
+        let mut seqs = seqs.into_iter();
+        // The first arrival may admit (or evict): the general path.
+        let Some(first) = seqs.next() else { return };
+        each(self.observe(publisher, epoch, first));
+        let tick = self.next_tick;
+        let Some(entry) = self.entries.get_mut(publisher) else {
+            // seq 0 is Invalid and not admitted: the rest one by one.
+            for seq in seqs {
+                each(self.observe(publisher, epoch, seq));
+            }
+            return;
+        };
+        let mut touched = false;
+        for seq in seqs {
+            let outcome = if seq == 0 {
+                Observed::Invalid
+            } else {
+                touched = true;
+                step(entry, epoch, seq)
+            };
+            self.stats.count(outcome);
+            each(outcome);
+        }
+        if touched {
+            // One tick for the run: it only orders publishers by recency,
+            // and this one is now the most recent either way.
+            let last = tick;
+            self.next_tick += 1;
+            let old = std::mem::replace(&mut entry.tick, last);
+            self.recency.remove(&old);
+            self.recency.insert(last, publisher.clone());
+        }
     }
 
     fn admit(&mut self, publisher: K, entry: Entry) {
@@ -392,5 +448,34 @@ mod tests {
         assert_eq!(t.len(), 100);
         assert_eq!(t.recency.len(), 100);
         assert_eq!(t.stats().n_evicted, 9_900);
+    }
+
+    proptest::proptest! {
+        /// A batch is classified exactly as the same arrivals one by one.
+        #[test]
+        fn batch_equals_one_by_one(
+            pre in proptest::collection::vec((0u8..3, 0u64..3, 0u64..40), 0..20),
+            who in 0u8..4,
+            epoch in 0u64..3,
+            seqs in proptest::collection::vec(0u64..40, 0..20),
+            max in 1usize..4,
+        ) {
+            let mut a = SeqTracker::new(max);
+            let mut b = SeqTracker::new(max);
+            for (p, e, s) in &pre {
+                a.observe(p, *e, *s);
+                b.observe(p, *e, *s);
+            }
+            let one: Vec<Observed> = seqs.iter().map(|s| a.observe(&who, epoch, *s)).collect();
+            let mut batch = Vec::new();
+            b.observe_batch(&who, epoch, seqs.iter().copied(), |o| batch.push(o));
+            proptest::prop_assert_eq!(one, batch);
+            proptest::prop_assert_eq!(a.stats(), b.stats());
+            proptest::prop_assert_eq!(a.len(), b.len());
+            // Same state afterwards: the same next arrivals classify alike.
+            for p in 0u8..4 {
+                proptest::prop_assert_eq!(a.observe(&p, epoch, 20), b.observe(&p, epoch, 20));
+            }
+        }
     }
 }

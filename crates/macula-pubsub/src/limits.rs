@@ -5,7 +5,7 @@
 //! the runtime can expose one set of knobs; it must not hold behaviour.
 
 use crate::dedup::MAX_PUBLISHERS;
-use crate::queue::QUEUE_CAPACITY;
+use crate::queue::{QUEUE_BYTES, QUEUE_CAPACITY};
 use crate::sublist::CACHE_CAPACITY;
 use crate::topic::{MAX_DOUBLE_WILDCARDS, MAX_SEGMENTS, MAX_TOPIC_LEN};
 
@@ -37,6 +37,9 @@ pub struct Limits {
     /// Messages a [`crate::BoundedQueue`] holds before dropping the oldest;
     /// at least 1 is used (see [`QUEUE_CAPACITY`]).
     pub queue_capacity: usize,
+    /// Bytes a [`crate::BoundedQueue`] holds (as weighed by `push_sized`)
+    /// before dropping the oldest (see [`QUEUE_BYTES`]).
+    pub queue_bytes: usize,
 }
 
 impl Default for Limits {
@@ -48,6 +51,7 @@ impl Default for Limits {
             cache_capacity: CACHE_CAPACITY,
             max_publishers: MAX_PUBLISHERS,
             queue_capacity: QUEUE_CAPACITY,
+            queue_bytes: QUEUE_BYTES,
         }
     }
 }

@@ -13,16 +13,24 @@ use std::collections::VecDeque;
 
 use crate::Limits;
 
-/// Messages a subscription may hold unread. About a second of a busy topic at
-/// a thousand messages per second; memory grows only as messages actually
-/// queue (nothing is preallocated).
-pub const QUEUE_CAPACITY: usize = 1024;
+/// Messages a subscription may hold unread. A remote node delivers in
+/// batches of up to about a thousand small messages, and a subscriber must
+/// absorb a few batches between two of its polls, so this is well above one
+/// batch (NATS's default pending limit per subscription is of this order).
+/// Memory grows only as messages actually queue (nothing is preallocated),
+/// and `QUEUE_BYTES` bounds it whatever the message size.
+pub const QUEUE_CAPACITY: usize = 65_536;
+/// Bytes a subscription may hold unread (as weighed by the caller of
+/// [`BoundedQueue::push_sized`]); past this the oldest are dropped too.
+pub const QUEUE_BYTES: usize = 64 << 20;
 
 /// A FIFO queue of at most `capacity` items that drops its oldest when full.
 #[derive(Clone, Debug)]
 pub struct BoundedQueue<T> {
-    items: VecDeque<T>,
+    items: VecDeque<(T, usize)>,
     capacity: usize,
+    max_bytes: usize,
+    bytes: usize,
     /// Dropped since the last `take_lagged`.
     lagged: u64,
     dropped_total: u64,
@@ -41,6 +49,8 @@ impl<T> BoundedQueue<T> {
         BoundedQueue {
             items: VecDeque::new(),
             capacity: capacity.max(1),
+            max_bytes: usize::MAX,
+            bytes: 0,
             lagged: 0,
             dropped_total: 0,
         }
@@ -48,27 +58,56 @@ impl<T> BoundedQueue<T> {
 
     /// An empty queue sized by [`Limits::queue_capacity`].
     pub fn with_limits(limits: &Limits) -> Self {
-        Self::new(limits.queue_capacity)
+        let mut q = Self::new(limits.queue_capacity);
+        q.max_bytes = limits.queue_bytes.max(1);
+        q
     }
 
     /// Appends `item`. When the queue was full, the oldest item is removed,
     /// counted as dropped, and returned (the caller may count or log it).
     pub fn push(&mut self, item: T) -> Option<T> {
-        let dropped = if self.items.len() >= self.capacity {
+        let mut dropped = None;
+        self.push_sized_with(item, 0, |d| dropped = Some(d));
+        dropped
+    }
+
+    /// Appends `item` weighing `size` bytes. Drops the oldest items (counted,
+    /// and returned as their number) while the queue holds more than its
+    /// capacity in items or its byte limit in bytes; the newest item always
+    /// stays, even if it alone is over the byte limit.
+    pub fn push_sized(&mut self, item: T, size: usize) -> u64 {
+        let mut n = 0;
+        self.push_sized_with(item, size, |_| n += 1);
+        n
+    }
+
+    fn push_sized_with(&mut self, item: T, size: usize, mut dropped: impl FnMut(T)) {
+        self.items.push_back((item, size));
+        self.bytes += size;
+        while self.items.len() > self.capacity
+            || (self.bytes > self.max_bytes && self.items.len() > 1)
+        {
+            let Some((old, old_size)) = self.items.pop_front() else {
+                break;
+            };
+            self.bytes -= old_size;
             self.lagged += 1;
             self.dropped_total += 1;
-            self.items.pop_front()
-        } else {
-            None
-        };
-        self.items.push_back(item);
+            dropped(old);
+        }
         debug_assert!(self.items.len() <= self.capacity);
-        dropped
     }
 
     /// Removes and returns the oldest item.
     pub fn pop(&mut self) -> Option<T> {
-        self.items.pop_front()
+        let (item, size) = self.items.pop_front()?;
+        self.bytes -= size;
+        Some(item)
+    }
+
+    /// Bytes held (as weighed by `push_sized`).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// How many items were dropped since the last call (and resets that
@@ -155,13 +194,31 @@ mod tests {
     }
 
     #[test]
+    fn byte_limit_drops_oldest_but_keeps_the_newest() {
+        let mut q = BoundedQueue::with_limits(&Limits {
+            queue_capacity: 100,
+            queue_bytes: 10,
+            ..Default::default()
+        });
+        assert_eq!(q.push_sized('a', 4), 0);
+        assert_eq!(q.push_sized('b', 4), 0);
+        assert_eq!(q.bytes(), 8);
+        assert_eq!(q.push_sized('c', 4), 1, "a is dropped");
+        assert_eq!(q.take_lagged(), 1);
+        assert_eq!(q.push_sized('d', 50), 2, "b and c go; d stays alone");
+        assert_eq!((q.len(), q.bytes()), (1, 50));
+        assert_eq!(q.pop(), Some('d'));
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
     fn never_exceeds_capacity() {
         let mut q = BoundedQueue::new(QUEUE_CAPACITY);
-        for i in 0..10_000u32 {
+        for i in 0..100_000u32 {
             q.push(i);
             assert!(q.len() <= QUEUE_CAPACITY);
         }
-        assert_eq!(q.dropped_total(), 10_000 - QUEUE_CAPACITY as u64);
-        assert_eq!(q.pop(), Some(10_000 - QUEUE_CAPACITY as u32));
+        assert_eq!(q.dropped_total(), 100_000 - QUEUE_CAPACITY as u64);
+        assert_eq!(q.pop(), Some(100_000 - QUEUE_CAPACITY as u32));
     }
 }

@@ -59,6 +59,10 @@ pub struct Limits {
     pub duplicate_close_grace: Duration,
     /// Concurrent bidirectional streams a peer may open on one connection.
     pub max_streams_per_connection: u32,
+    /// A peer whose pub/sub data stream accepts no bytes for this long is
+    /// cut off: the stream is reset and what was queued for it dropped
+    /// (`macula_pubsub_peers_cut_off_total`, a warning naming the peer).
+    pub pubsub_stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -76,6 +80,7 @@ impl Default for Limits {
             reconnect_backoff_max: Duration::from_secs(30),
             duplicate_close_grace: Duration::from_secs(2),
             max_streams_per_connection: 256,
+            pubsub_stall_timeout: crate::pubsub::PEER_STALL_TIMEOUT,
         }
     }
 }
@@ -193,6 +198,7 @@ impl NodeConfig {
             ("ping_timeout", l.ping_timeout),
             ("health_ping_interval", l.health_ping_interval),
             ("reconnect_backoff_min", l.reconnect_backoff_min),
+            ("pubsub_stall_timeout", l.pubsub_stall_timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "0".into(), "must be greater than zero".into()));

@@ -5,7 +5,8 @@
 //! body buffer is never larger than the limit. This module does not decide
 //! what to do about a bad frame; it reports precisely what went wrong.
 
-use macula_wire::{DecodeError, EncodeError, FrameDecoder, FrameError, Message};
+use bytes::{Buf, Bytes, BytesMut};
+use macula_wire::{DecodeError, EncodeError, FrameDecoder, FrameError, Message, FRAME_HEADER_LEN};
 use quinn::{RecvStream, SendStream};
 
 use crate::metrics::ProtocolErrorKind;
@@ -47,11 +48,12 @@ pub enum WriteError {
     Stream(#[from] quinn::WriteError),
 }
 
-/// A frame as read: its type byte and body, not yet decoded.
+/// A frame as read: its type byte and body, not yet decoded. The body is a
+/// slice of the read buffer: payloads can be sliced out of it without a copy.
 #[derive(Debug)]
 pub struct InFrame {
     pub msg_type: u8,
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
 impl InFrame {
@@ -69,9 +71,10 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct FrameReader {
     recv: RecvStream,
     decoder: FrameDecoder,
-    buf: Vec<u8>,
-    /// Start of the unread bytes in `buf`.
-    start: usize,
+    /// Unread bytes. Frames are split off it (shared, not copied); once
+    /// empty it is replaced, so a kept frame never pins more than the chunks
+    /// it was read from.
+    buf: BytesMut,
 }
 
 impl FrameReader {
@@ -79,9 +82,20 @@ impl FrameReader {
         FrameReader {
             recv,
             decoder: FrameDecoder::new(max_len),
-            buf: Vec::new(),
-            start: 0,
+            buf: BytesMut::new(),
         }
+    }
+
+    /// Reads one byte (a stream's kind, before any frame); `Ok(None)` if the
+    /// stream ended first.
+    pub async fn read_u8(&mut self) -> Result<Option<u8>, ReadError> {
+        while self.buf.is_empty() {
+            match self.recv.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(self.buf.get_u8()))
     }
 
     /// Reads the next frame; `Ok(None)` when the peer finished the stream
@@ -89,25 +103,25 @@ impl FrameReader {
     /// limit) as soon as its 8 bytes are buffered, before the body is read.
     pub async fn read(&mut self) -> Result<Option<InFrame>, ReadError> {
         loop {
-            if let Some((frame, used)) = self.decoder.decode(&self.buf[self.start..])? {
-                let out = InFrame {
-                    msg_type: frame.header.msg_type,
-                    body: frame.body.to_vec(),
-                };
-                self.start += used;
-                return Ok(Some(out));
-            }
-            // Need more bytes: drop what was consumed, then read a chunk.
-            // `read_chunk` takes data from the stream only when it completes,
-            // so this is cancel-safe (the caller polls it inside `select!`).
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
-                // Do not keep a large buffer around on an idle connection.
-                if self.buf.is_empty() && self.buf.capacity() > READ_CHUNK {
-                    self.buf.shrink_to(READ_CHUNK / 8);
+            let found = self
+                .decoder
+                .decode(&self.buf)?
+                .map(|(frame, used)| (frame.header.msg_type, used));
+            if let Some((msg_type, used)) = found {
+                let mut whole = self.buf.split_to(used);
+                whole.advance(FRAME_HEADER_LEN);
+                if self.buf.is_empty() {
+                    // Let go of the shared allocation (kept frames hold it).
+                    self.buf = BytesMut::new();
                 }
+                return Ok(Some(InFrame {
+                    msg_type,
+                    body: whole.freeze(),
+                }));
             }
+            // Need more bytes. `read_chunk` takes data from the stream only
+            // when it completes, so this is cancel-safe (the caller polls it
+            // inside `select!`).
             match self.recv.read_chunk(READ_CHUNK, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
                 Ok(None) => {

@@ -290,6 +290,7 @@ impl NodeRuntime {
         let dht_identity = identity.clone();
         let max_frame_size = config.limits.max_frame_size;
         let realm = config.realm.clone();
+        let stall_timeout = config.limits.pubsub_stall_timeout;
         let shared = Arc::new_cyclic(|weak| {
             let dht = crate::dht::spawn(
                 dht_identity,
@@ -307,6 +308,7 @@ impl NodeRuntime {
                     dht: dht.clone(),
                     realm,
                     mesh: Box::new(PoolDialer(weak.clone())),
+                    stall_timeout,
                 }),
             );
             let rpc = crate::rpc::Rpc::with_link(

@@ -615,6 +615,18 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             .await;
             Next::Continue
         }
+        Ok(Message::PublishBatch(_)) => {
+            // Batches travel on pub/sub data streams only.
+            m.protocol_error(ProtocolErrorKind::Unexpected);
+            report(
+                peer,
+                ErrorCode::UnexpectedMessage,
+                "PUBLISH_BATCH belongs on a pub/sub data stream",
+                frame.msg_type,
+            )
+            .await;
+            Next::Continue
+        }
         Err(DecodeError::UnknownType(t)) => {
             m.protocol_error(ProtocolErrorKind::UnknownType);
             report(
@@ -734,6 +746,60 @@ async fn serve_stream(peer: Peer, send: quinn::SendStream, recv: quinn::RecvStre
     writer.finish();
 }
 
+/// Serves a unidirectional stream the peer opened. Its first byte says what
+/// it carries; only pub/sub data (`STREAM_KIND_PUBSUB`) is defined. Bad input
+/// stops this stream only; the connection stays up.
+async fn serve_uni(
+    peer: Peer,
+    recv: quinn::RecvStream,
+    max: u32,
+    pubsub: Option<crate::pubsub::PubSub>,
+) {
+    let m = peer.0.metrics.clone();
+    let stop_code = u32::from(u16::from(DisconnectReason::ProtocolError));
+    let mut reader = FrameReader::new(recv, max);
+    let kind = match reader.read_u8().await {
+        Ok(Some(k)) => k,
+        _ => return,
+    };
+    let ps = match pubsub {
+        Some(ps) if kind == crate::pubsub::STREAM_KIND_PUBSUB => ps,
+        _ => {
+            m.protocol_error(ProtocolErrorKind::Unexpected);
+            reader.stop(stop_code);
+            tracing::debug!(peer = %peer.node_id(), kind, "refused a unidirectional stream of unknown kind");
+            return;
+        }
+    };
+    let mut rx = crate::pubsub::BatchReceiver::default();
+    loop {
+        let frame = match reader.read().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                if let Some(kind) = e.protocol_kind() {
+                    m.protocol_error(kind);
+                    ps.counters()
+                        .data_streams_rejected_total
+                        .fetch_add(1, Relaxed);
+                    reader.stop(stop_code);
+                    tracing::debug!(peer = %peer.node_id(), error = %e, "closed a pub/sub data stream after a protocol error");
+                }
+                break;
+            }
+        };
+        m.frames_received_total.fetch_add(1, Relaxed);
+        m.message_received(frame.msg_type);
+        peer.touch();
+        if let Err(reason) = ps.on_data_frame(peer.node_id(), &frame, &mut rx) {
+            m.protocol_error(ProtocolErrorKind::Malformed);
+            reader.stop(stop_code);
+            tracing::debug!(peer = %peer.node_id(), reason = %reason, "closed a pub/sub data stream after bad input");
+            break;
+        }
+    }
+}
+
 /// Timers and limits the driver needs.
 #[derive(Debug, Clone)]
 pub(crate) struct DriverConfig {
@@ -803,6 +869,12 @@ pub(crate) async fn drive(
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     tokio::spawn(serve_stream(peer.clone(), send, recv, cfg.max_frame_size));
+                }
+                Err(e) => break describe_close(&e),
+            },
+            stream = conn.accept_uni() => match stream {
+                Ok(recv) => {
+                    tokio::spawn(serve_uni(peer.clone(), recv, cfg.max_frame_size, cfg.pubsub.clone()));
                 }
                 Err(e) => break describe_close(&e),
             },

@@ -29,8 +29,8 @@ use macula_pubsub::{
     interest_name, lookup_names, BoundedQueue, Limits, Observed, Pattern, SeqTracker, Sublist,
     Topic, TopicError,
 };
-use macula_wire::{Message, NodeId, Publish};
-use tokio::sync::mpsc;
+use macula_wire::{BatchItem, NodeId, Publish, PublishBatchView};
+use tokio::sync::Notify;
 
 use crate::dht::DhtHandle;
 use crate::peer::Peer;
@@ -59,9 +59,29 @@ pub const INTEREST_CACHE_TTL: std::time::Duration = std::time::Duration::from_se
 pub const INTEREST_CACHE_CAPACITY: usize = 1024;
 /// Messages queued for one remote node; past this, new ones to it are
 /// dropped and counted (a peer that cannot keep up never stalls publishers).
-pub const PEER_QUEUE_CAPACITY: usize = 8192;
+pub const PEER_QUEUE_CAPACITY: usize = 65_536;
+/// Payload bytes queued for one remote node; past this, new messages to it
+/// are dropped and counted, like `PEER_QUEUE_CAPACITY`.
+pub const PEER_QUEUE_BYTES: usize = 32 << 20;
+/// Default for `Limits::pubsub_stall_timeout`: a peer whose pub/sub data
+/// stream accepts no bytes for this long is cut off (stream reset, queue
+/// dropped, `macula_pubsub_peers_cut_off_total`, a warning naming it).
+pub const PEER_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Topics whose interested nodes a publisher remembers at once (the route
+/// cache in front of the interest cache).
+pub const ROUTE_CACHE_CAPACITY: usize = 4096;
+/// First byte of a unidirectional stream that carries pub/sub data
+/// (PUBLISH_BATCH frames from the opener). See docs/PROTOCOL.md §3.
+pub const STREAM_KIND_PUBSUB: u8 = 0x01;
+/// Target size of one PUBLISH_BATCH body: bounds the write buffer and how
+/// much one frame pins in memory at the receiver (events slice the frame).
+pub const BATCH_BYTES: usize = 64 * 1024;
 /// Remote nodes with an outbound queue at once.
 pub const MAX_OUTBOUND_PEERS: usize = 1000;
+
+/// What one queued event weighs besides its payload, for the byte limit of
+/// subscription queues (`Limits::queue_bytes`).
+const EVENT_OVERHEAD: usize = std::mem::size_of::<Event>();
 
 /// Why a publish or subscribe was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,10 +105,96 @@ pub enum PubSubError {
     Interest { pattern: String, reason: String },
 }
 
+/// A topic name as events carry it: shared (cloning it is a reference-count
+/// increment, not a copy), compares with `&str` and `String`, and derefs to
+/// `str`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicName(Arc<str>);
+
+impl TopicName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TopicName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for TopicName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for TopicName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TopicName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for TopicName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for TopicName {
+    fn from(s: &str) -> Self {
+        TopicName(Arc::from(s))
+    }
+}
+
+impl From<String> for TopicName {
+    fn from(s: String) -> Self {
+        TopicName(Arc::from(s))
+    }
+}
+
+impl From<TopicName> for String {
+    fn from(t: TopicName) -> String {
+        t.0.to_string()
+    }
+}
+
+impl PartialEq<str> for TopicName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for TopicName {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for TopicName {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl serde::Serialize for TopicName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 /// One delivered message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    pub topic: String,
+    /// Shared between the events of one topic (see `TopicName`).
+    pub topic: TopicName,
     pub payload: Bytes,
     /// The node that published it.
     pub publisher: NodeId,
@@ -127,9 +233,9 @@ pub struct PubSubCounters {
     /// Events dropped from full queues (slow subscribers).
     pub dropped_slow_total: AtomicU64,
     pub subscriptions: AtomicU64,
-    /// PUBLISH frames queued to other nodes (one per interested node).
+    /// Messages queued to other nodes (one per interested node).
     pub sent_remote_total: AtomicU64,
-    /// PUBLISH frames received from other nodes and delivered.
+    /// Messages received from other nodes and delivered.
     pub received_remote_total: AtomicU64,
     /// Received duplicates (or stale sequence numbers) dropped.
     pub duplicates_dropped_total: AtomicU64,
@@ -137,12 +243,22 @@ pub struct PubSubCounters {
     pub gaps_total: AtomicU64,
     /// Outbound messages dropped: peer queue full, or peer unreachable.
     pub remote_dropped_total: AtomicU64,
-    /// Received PUBLISH frames refused (bad topic, publisher mismatch).
+    /// Received messages refused (bad topic, publisher mismatch, oversized).
     pub remote_rejected_total: AtomicU64,
+    /// PUBLISH_BATCH frames written to data streams.
+    pub batches_sent_total: AtomicU64,
+    /// PUBLISH_BATCH frames received.
+    pub batches_received_total: AtomicU64,
+    /// Peers cut off because their data stream accepted nothing for the
+    /// stall timeout.
+    pub peers_cut_off_total: AtomicU64,
+    /// Inbound data streams closed for bad input (malformed frame, wrong
+    /// kind, publisher mismatch).
+    pub data_streams_rejected_total: AtomicU64,
 }
 
 impl PubSubCounters {
-    fn rows(&self) -> [(&'static str, &'static str, u64); 10] {
+    fn rows(&self) -> [(&'static str, &'static str, u64); 14] {
         let g = |a: &AtomicU64| a.load(Relaxed);
         [
             (
@@ -167,12 +283,12 @@ impl PubSubCounters {
             ),
             (
                 "macula_pubsub_sent_remote_total",
-                "PUBLISH frames queued to interested nodes.",
+                "Messages queued to interested nodes (one per node).",
                 g(&self.sent_remote_total),
             ),
             (
                 "macula_pubsub_received_remote_total",
-                "PUBLISH frames received and delivered.",
+                "Messages received from other nodes and delivered.",
                 g(&self.received_remote_total),
             ),
             (
@@ -192,8 +308,28 @@ impl PubSubCounters {
             ),
             (
                 "macula_pubsub_remote_rejected_total",
-                "Received PUBLISH frames refused.",
+                "Received messages refused (bad topic, wrong publisher, oversized).",
                 g(&self.remote_rejected_total),
+            ),
+            (
+                "macula_pubsub_batches_sent_total",
+                "PUBLISH_BATCH frames written to pub/sub data streams.",
+                g(&self.batches_sent_total),
+            ),
+            (
+                "macula_pubsub_batches_received_total",
+                "PUBLISH_BATCH frames received.",
+                g(&self.batches_received_total),
+            ),
+            (
+                "macula_pubsub_peers_cut_off_total",
+                "Peers whose pub/sub data stream was reset because it accepted nothing for the stall timeout.",
+                g(&self.peers_cut_off_total),
+            ),
+            (
+                "macula_pubsub_data_streams_rejected_total",
+                "Inbound pub/sub data streams closed for bad input.",
+                g(&self.data_streams_rejected_total),
             ),
         ]
     }
@@ -240,6 +376,69 @@ pub(crate) struct MeshLink {
     pub dht: DhtHandle,
     pub realm: String,
     pub mesh: Box<dyn Mesh>,
+    /// A peer whose data stream accepts nothing for this long is cut off
+    /// (`Limits::pubsub_stall_timeout`).
+    pub stall_timeout: std::time::Duration,
+}
+
+/// One message waiting for a peer's sender task. Cloning it for another
+/// target copies no payload or topic bytes.
+#[derive(Clone)]
+struct OutMsg {
+    seq: u64,
+    topic: TopicName,
+    payload: Bytes,
+    /// Headers and message ID, when the publisher set any.
+    extra: Option<Arc<PublishOptions>>,
+}
+
+#[derive(Default)]
+struct PeerQueueState {
+    msgs: Vec<OutMsg>,
+    bytes: usize,
+    /// The sender task has exited; a new one must be started.
+    closed: bool,
+}
+
+/// The outbound queue to one node, drained by its sender task.
+struct PeerQueue {
+    state: Mutex<PeerQueueState>,
+    notify: Notify,
+    /// Mirrors `PeerQueueState::closed` for lock-free checks by publishers.
+    retired: AtomicBool,
+}
+
+impl PeerQueue {
+    fn lock(&self) -> MutexGuard<'_, PeerQueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the queue as having no sender; returns what was still queued.
+    fn close(&self) -> Vec<OutMsg> {
+        let mut st = self.lock();
+        st.closed = true;
+        self.retired.store(true, Relaxed);
+        st.bytes = 0;
+        std::mem::take(&mut st.msgs)
+    }
+}
+
+/// The route cache, with the last route used in front of it (a publisher
+/// that repeats a topic skips hashing it).
+#[derive(Default)]
+struct Routes {
+    map: HashMap<Box<str>, Arc<Route>>,
+    last: Option<Arc<Route>>,
+}
+
+/// Where a topic's messages go, cached per topic for at most
+/// `INTEREST_CACHE_TTL` after the oldest interest record it was built from.
+struct Route {
+    /// Oldest fetch time of the interest entries this route was built from.
+    fetched: std::time::Instant,
+    topic: Topic,
+    name: TopicName,
+    targets: Vec<(NodeId, Arc<PeerQueue>)>,
 }
 
 struct InterestEntry {
@@ -263,10 +462,49 @@ struct Inner {
     /// Held while assigning a sequence number and queueing the message to
     /// every target, so each peer queue sees a publisher's messages in order.
     order: Mutex<()>,
-    outbound: Mutex<HashMap<NodeId, mpsc::Sender<Message>>>,
+    outbound: Mutex<HashMap<NodeId, Arc<PeerQueue>>>,
+    routes: Mutex<Routes>,
     seen: Mutex<SeqTracker<NodeId>>,
+    /// Live subscriptions, readable without the state lock (publishing with
+    /// no local subscriber skips local matching).
+    n_subs: std::sync::atomic::AtomicUsize,
     /// Messages queued to other nodes and not yet sent (or given up on).
     inflight: AtomicU64,
+}
+
+/// Topics a data stream's receiver remembers as validated.
+const RECEIVER_TOPIC_CACHE: usize = 256;
+
+/// Per-data-stream receive state: topics already validated (so a topic seen
+/// in every batch is checked and allocated once) and buffers reused from one
+/// batch to the next.
+#[derive(Default)]
+pub(crate) struct BatchReceiver {
+    topics: HashMap<Box<str>, (TopicName, Arc<Topic>)>,
+    /// Per topic of the current batch: name, parsed topic, indices into
+    /// `targets` of the subscriptions it matches. `None`: invalid topic.
+    #[allow(clippy::type_complexity)]
+    resolved: Vec<Option<(TopicName, Arc<Topic>, Vec<usize>)>>,
+    keep: Vec<bool>,
+    idx: Vec<usize>,
+    targets: Vec<(Arc<SubQueue>, Vec<Event>)>,
+    /// Event vectors kept for the next batch (their capacity is reused).
+    spare: Vec<Vec<Event>>,
+}
+
+impl BatchReceiver {
+    fn topic(&mut self, t: &str, limits: &Limits) -> Option<(TopicName, Arc<Topic>)> {
+        if let Some(hit) = self.topics.get(t) {
+            return Some(hit.clone());
+        }
+        let topic = Topic::with_limits(t, limits).ok()?;
+        if self.topics.len() >= RECEIVER_TOPIC_CACHE {
+            self.topics.clear();
+        }
+        let entry = (TopicName::from(t), Arc::new(topic));
+        self.topics.insert(t.into(), entry.clone());
+        Some(entry)
+    }
 }
 
 /// A node's pub/sub. Cheap to clone.
@@ -332,6 +570,8 @@ impl PubSub {
             interest_cache: Mutex::new(HashMap::new()),
             order: Mutex::new(()),
             outbound: Mutex::new(HashMap::new()),
+            routes: Mutex::new(Routes::default()),
+            n_subs: std::sync::atomic::AtomicUsize::new(0),
             inflight: AtomicU64::new(0),
         }))
     }
@@ -379,6 +619,7 @@ impl PubSub {
                 .counters
                 .subscriptions
                 .store(st.subs.len() as u64, Relaxed);
+            self.0.n_subs.store(st.subs.len(), Relaxed);
             id
         };
         Ok(Subscription {
@@ -435,11 +676,12 @@ impl PubSub {
         opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
         let parsed = self.prepare(topic, &payload, &opts)?;
-        Ok(self.send(&parsed, payload, opts, &[]))
+        let name = TopicName::from(parsed.as_str());
+        Ok(self.send(&parsed, &name, payload, opts, &[]))
     }
 
     /// Publishes to every matching subscription in the mesh: local ones in
-    /// process, and one PUBLISH per other interested node (found through the
+    /// process, and one copy per other interested node (found through the
     /// DHT, cached for `INTEREST_CACHE_TTL`). Returns the sequence number.
     pub async fn publish_mesh(
         &self,
@@ -447,84 +689,174 @@ impl PubSub {
         payload: Bytes,
         opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
-        let parsed = self.prepare(topic, &payload, &opts)?;
-        let targets = match &self.0.mesh {
-            Some(link) => self.interested_nodes(link, &parsed).await,
-            None => Vec::new(),
+        let Some(link) = &self.0.mesh else {
+            return self.publish(topic, payload, opts);
         };
-        Ok(self.send(&parsed, payload, opts, &targets))
+        // Fast path: a topic published recently (validated, routed).
+        if let Some(route) = self.cached_route(topic) {
+            if payload.len() > self.0.max_payload {
+                return Err(PubSubError::PayloadTooLarge {
+                    len: payload.len(),
+                    max: self.0.max_payload,
+                });
+            }
+            check_headers(&opts.headers)?;
+            return Ok(self.send(&route.topic, &route.name, payload, opts, &route.targets));
+        }
+        let parsed = self.prepare(topic, &payload, &opts)?;
+        let (nodes, fetched) = self.interested_nodes(link, &parsed).await;
+        let targets = nodes.into_iter().map(|n| (n, self.queue_for(n))).collect();
+        let route = Arc::new(Route {
+            fetched,
+            name: TopicName::from(parsed.as_str()),
+            topic: parsed,
+            targets,
+        });
+        self.cache_route(route.clone());
+        Ok(self.send(&route.topic, &route.name, payload, opts, &route.targets))
+    }
+
+    /// The cached route of `topic`, if still fresh and every target's
+    /// sender is alive.
+    fn cached_route(&self, topic: &str) -> Option<Arc<Route>> {
+        let mut routes = self.0.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let r = match &routes.last {
+            Some(r) if r.topic.as_str() == topic => r.clone(),
+            _ => {
+                let r = routes.map.get(topic)?.clone();
+                routes.last = Some(r.clone());
+                r
+            }
+        };
+        if r.fetched.elapsed() >= INTEREST_CACHE_TTL
+            || r.targets.iter().any(|(_, q)| q.retired.load(Relaxed))
+        {
+            return None;
+        }
+        Some(r)
+    }
+
+    fn cache_route(&self, route: Arc<Route>) {
+        let mut routes = self.0.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.map.len() >= ROUTE_CACHE_CAPACITY {
+            routes
+                .map
+                .retain(|_, r| r.fetched.elapsed() < INTEREST_CACHE_TTL);
+            if routes.map.len() >= ROUTE_CACHE_CAPACITY {
+                routes.map.clear();
+            }
+        }
+        routes.last = Some(route.clone());
+        routes.map.insert(route.topic.as_str().into(), route);
     }
 
     /// Assigns the sequence number, delivers locally and queues one copy per
     /// remote target, all under `order` so every queue sees seq order.
-    fn send(&self, topic: &Topic, payload: Bytes, opts: PublishOptions, targets: &[NodeId]) -> u64 {
+    fn send(
+        &self,
+        topic: &Topic,
+        name: &TopicName,
+        payload: Bytes,
+        opts: PublishOptions,
+        targets: &[(NodeId, Arc<PeerQueue>)],
+    ) -> u64 {
+        let c = &self.0.counters;
+        let extra = (!opts.headers.is_empty() || opts.message_id.is_some()).then(|| Arc::new(opts));
         let _order = self.0.order.lock().unwrap_or_else(|e| e.into_inner());
         let seq = self.0.next_seq.fetch_add(1, Relaxed);
-        let event = Event {
-            topic: topic.as_str().to_string(),
-            payload,
-            publisher: self.0.node_id,
+        c.published_total.fetch_add(1, Relaxed);
+        let msg = OutMsg {
             seq,
-            epoch: self.0.epoch,
-            headers: opts.headers,
-            message_id: opts.message_id,
+            topic: name.clone(),
+            payload,
+            extra,
         };
-        self.0.counters.published_total.fetch_add(1, Relaxed);
-        if !targets.is_empty() {
-            let wire = Message::Publish(Publish {
-                topic: event.topic.clone(),
-                payload: event.payload.to_vec(),
-                publisher: self.0.node_id,
-                epoch: self.0.epoch,
-                seq,
-                headers: event.headers.clone(),
-                message_id: event.message_id.clone(),
-            });
-            for t in targets {
-                self.enqueue(*t, wire.clone());
-            }
+        for (node, q) in targets {
+            self.enqueue(*node, q, msg.clone());
         }
-        self.deliver_local(topic, event);
+        if self.0.n_subs.load(Relaxed) > 0 {
+            let opts = msg.extra.as_deref();
+            let event = Event {
+                topic: msg.topic,
+                payload: msg.payload,
+                publisher: self.0.node_id,
+                seq,
+                epoch: self.0.epoch,
+                headers: opts.map(|o| o.headers.clone()).unwrap_or_default(),
+                message_id: opts.and_then(|o| o.message_id.clone()),
+            };
+            self.deliver_local(topic, event);
+        }
         seq
     }
 
-    /// Queues `msg` for `target`, starting its sender task if needed.
-    fn enqueue(&self, target: NodeId, msg: Message) {
-        let c = &self.0.counters;
-        let tx = {
-            let mut map = self.0.outbound.lock().unwrap_or_else(|e| e.into_inner());
-            match map.get(&target) {
-                Some(tx) if !tx.is_closed() => tx.clone(),
-                _ => {
-                    if map.len() >= MAX_OUTBOUND_PEERS && !map.contains_key(&target) {
-                        c.remote_dropped_total.fetch_add(1, Relaxed);
-                        tracing::warn!(peer = %target, limit = MAX_OUTBOUND_PEERS, "too many outbound pub/sub peers; dropping");
-                        return;
-                    }
-                    let (tx, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
-                    tokio::spawn(sender(Arc::downgrade(&self.0), target, rx));
-                    map.insert(target, tx.clone());
-                    tx
-                }
+    /// The outbound queue to `target`, starting its sender task if needed.
+    fn queue_for(&self, target: NodeId) -> Arc<PeerQueue> {
+        let mut map = self.0.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = map.get(&target) {
+            if !q.lock().closed {
+                return q.clone();
             }
-        };
-        self.0.inflight.fetch_add(1, Relaxed);
-        if tx.try_send(msg).is_ok() {
-            c.sent_remote_total.fetch_add(1, Relaxed);
+        }
+        let q = Arc::new(PeerQueue {
+            state: Mutex::new(PeerQueueState::default()),
+            notify: Notify::new(),
+            retired: AtomicBool::new(false),
+        });
+        if map.len() >= MAX_OUTBOUND_PEERS && !map.contains_key(&target) {
+            // Over the limit: a queue with no sender, so everything sent to
+            // it is dropped (and counted) until a slot frees up.
+            tracing::warn!(peer = %target, limit = MAX_OUTBOUND_PEERS, "too many outbound pub/sub peers; dropping");
+            q.close();
+            return q;
+        }
+        map.insert(target, q.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sender(Arc::downgrade(&self.0), target, q.clone()));
         } else {
-            self.0.inflight.fetch_sub(1, Relaxed);
+            q.close();
+        }
+        q
+    }
+
+    /// Queues `msg` for one target; drops (and counts) it when the queue is
+    /// full or its sender has gone.
+    fn enqueue(&self, target: NodeId, q: &PeerQueue, msg: OutMsg) {
+        let c = &self.0.counters;
+        let len = msg.payload.len();
+        let mut st = q.lock();
+        if st.closed || st.msgs.len() >= PEER_QUEUE_CAPACITY || st.bytes + len > PEER_QUEUE_BYTES {
+            drop(st);
             c.remote_dropped_total.fetch_add(1, Relaxed);
+            tracing::trace!(peer = %target, "pub/sub queue full or closed; message dropped");
+            return;
+        }
+        let was_empty = st.msgs.is_empty();
+        st.msgs.push(msg);
+        st.bytes += len;
+        drop(st);
+        self.0.inflight.fetch_add(1, Relaxed);
+        c.sent_remote_total.fetch_add(1, Relaxed);
+        if was_empty {
+            q.notify.notify_one();
         }
     }
 
-    /// Nodes other than this one with a pattern matching `topic`.
-    async fn interested_nodes(&self, link: &MeshLink, topic: &Topic) -> Vec<NodeId> {
+    /// Nodes other than this one with a pattern matching `topic`, and the
+    /// oldest fetch time of the interest entries used.
+    async fn interested_nodes(
+        &self,
+        link: &MeshLink,
+        topic: &Topic,
+    ) -> (Vec<NodeId>, std::time::Instant) {
         let mut out: Vec<NodeId> = Vec::new();
+        let mut oldest = std::time::Instant::now();
         for name in lookup_names(&link.realm, topic) {
-            let nodes = match self.cached_interest(&name) {
+            let (nodes, fetched) = match self.cached_interest(&name) {
                 Some(n) => n,
                 None => {
                     let key = macula_wire::dht_key(name.as_bytes());
+                    let fetched = std::time::Instant::now();
                     match link.dht.get_fresh(key).await {
                         Ok(records) => {
                             let nodes: Vec<(NodeId, Vec<Pattern>)> = records
@@ -541,16 +873,17 @@ impl PubSub {
                                 })
                                 .collect();
                             tracing::debug!(name = %name, nodes = ?nodes.iter().map(|(n, p)| (n.short(), p.len())).collect::<Vec<_>>(), "interest looked up");
-                            self.cache_interest(name, nodes.clone());
-                            nodes
+                            self.cache_interest(name, nodes.clone(), fetched);
+                            (nodes, fetched)
                         }
                         Err(e) => {
                             tracing::debug!(name = %name, error = %e, "interest lookup failed");
-                            Vec::new()
+                            (Vec::new(), fetched)
                         }
                     }
                 }
             };
+            oldest = oldest.min(fetched);
             for (node, pats) in nodes {
                 if node != self.0.node_id
                     && !out.contains(&node)
@@ -560,10 +893,14 @@ impl PubSub {
                 }
             }
         }
-        out
+        (out, oldest)
     }
 
-    fn cached_interest(&self, name: &str) -> Option<Vec<(NodeId, Vec<Pattern>)>> {
+    #[allow(clippy::type_complexity)]
+    fn cached_interest(
+        &self,
+        name: &str,
+    ) -> Option<(Vec<(NodeId, Vec<Pattern>)>, std::time::Instant)> {
         let cache = self
             .0
             .interest_cache
@@ -572,10 +909,15 @@ impl PubSub {
         cache
             .get(name)
             .filter(|e| e.fetched.elapsed() < INTEREST_CACHE_TTL)
-            .map(|e| e.nodes.clone())
+            .map(|e| (e.nodes.clone(), e.fetched))
     }
 
-    fn cache_interest(&self, name: String, nodes: Vec<(NodeId, Vec<Pattern>)>) {
+    fn cache_interest(
+        &self,
+        name: String,
+        nodes: Vec<(NodeId, Vec<Pattern>)>,
+        fetched: std::time::Instant,
+    ) {
         let mut cache = self
             .0
             .interest_cache
@@ -593,13 +935,7 @@ impl PubSub {
                 }
             }
         }
-        cache.insert(
-            name,
-            InterestEntry {
-                fetched: std::time::Instant::now(),
-                nodes,
-            },
-        );
+        cache.insert(name, InterestEntry { fetched, nodes });
     }
 
     /// Subscribes and, when the node is in a mesh, announces the interest in
@@ -686,7 +1022,7 @@ impl PubSub {
         }
         c.received_remote_total.fetch_add(1, Relaxed);
         let event = Event {
-            topic: p.topic,
+            topic: TopicName::from(p.topic),
             payload: Bytes::from(p.payload),
             publisher: p.publisher,
             seq: p.seq,
@@ -696,6 +1032,180 @@ impl PubSub {
         };
         self.deliver_local(&topic, event);
         Ok(())
+    }
+
+    /// A frame from a peer's pub/sub data stream. `Err` means the stream
+    /// must be closed (malformed frame, a frame not allowed there, or a batch
+    /// that names another publisher); bad messages inside a well-formed batch
+    /// (invalid topic, oversized payload) are dropped and counted instead.
+    pub(crate) fn on_data_frame(
+        &self,
+        from: NodeId,
+        frame: &crate::framed::InFrame,
+        rx: &mut BatchReceiver,
+    ) -> Result<(), String> {
+        let c = &self.0.counters;
+        let fail = |reason: String| {
+            c.data_streams_rejected_total.fetch_add(1, Relaxed);
+            Err(reason)
+        };
+        if frame.msg_type != macula_wire::MessageType::PublishBatch as u8 {
+            return fail(format!(
+                "message type {:#04x} on a pub/sub data stream",
+                frame.msg_type
+            ));
+        }
+        let view = match PublishBatchView::decode(&frame.body) {
+            Ok(v) => v,
+            Err(reason) => return fail(format!("malformed PUBLISH_BATCH: {reason}")),
+        };
+        c.batches_received_total.fetch_add(1, Relaxed);
+        if view.publisher != from {
+            c.remote_rejected_total
+                .fetch_add(view.entries.len() as u64, Relaxed);
+            return fail(format!(
+                "PUBLISH_BATCH names publisher {} but came from {from}",
+                view.publisher
+            ));
+        }
+        self.deliver_batch(&view, &frame.body, rx);
+        Ok(())
+    }
+
+    /// Delivers a checked batch: one dedup lock for the batch, one sublist
+    /// match per distinct topic, one queue lock and one wake per matching
+    /// subscription; payloads are slices of `body` (no copy).
+    fn deliver_batch(&self, view: &PublishBatchView<'_>, body: &Bytes, rx: &mut BatchReceiver) {
+        let c = &self.0.counters;
+        let from = view.publisher;
+        rx.resolved.clear();
+        for t in &view.topics {
+            let r = rx.topic(t, &self.0.limits);
+            rx.resolved
+                .push(r.map(|(name, topic)| (name, topic, Vec::new())));
+        }
+        // Which messages are new: one lock on the tracker for the batch.
+        rx.keep.clear();
+        rx.idx.clear();
+        let mut rejected = 0u64;
+        for (i, e) in view.entries.iter().enumerate() {
+            let ok = rx.resolved[e.topic_index].is_some() && e.payload.len() <= self.0.max_payload;
+            rx.keep.push(ok);
+            if ok {
+                rx.idx.push(i);
+            } else {
+                rejected += 1;
+            }
+        }
+        let (mut dups, mut gaps) = (0u64, 0u64);
+        {
+            let mut seen = self.0.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let (keep, idx) = (&mut rx.keep, &rx.idx);
+            let mut at = idx.iter();
+            seen.observe_batch(
+                &from,
+                view.epoch,
+                idx.iter().map(|&i| view.entries[i].seq),
+                |o| {
+                    let Some(&i) = at.next() else { return };
+                    match o {
+                        Observed::Next => {}
+                        Observed::Gap { missing } | Observed::Restarted { missing } => {
+                            gaps += missing
+                        }
+                        Observed::Duplicate | Observed::Invalid => {
+                            dups += 1;
+                            keep[i] = false;
+                        }
+                    }
+                },
+            );
+        }
+        if rejected > 0 {
+            c.remote_rejected_total.fetch_add(rejected, Relaxed);
+            tracing::debug!(peer = %from, rejected, "dropped messages with an invalid topic or oversized payload");
+        }
+        if dups > 0 {
+            c.duplicates_dropped_total.fetch_add(dups, Relaxed);
+        }
+        if gaps > 0 {
+            c.gaps_total.fetch_add(gaps, Relaxed);
+        }
+        let accepted = view.entries.len() as u64 - rejected - dups;
+        c.received_remote_total.fetch_add(accepted, Relaxed);
+        if accepted == 0 || self.0.n_subs.load(Relaxed) == 0 {
+            return;
+        }
+        // Matching subscriptions per distinct topic: one state lock.
+        rx.targets.clear();
+        {
+            let mut st = self.state();
+            for slot in rx.resolved.iter_mut().flatten() {
+                let ids = st.sublist.matches(&slot.1);
+                for id in ids {
+                    let Some((_, q)) = st.subs.get(&id) else {
+                        continue;
+                    };
+                    let i = match rx.targets.iter().position(|(t, _)| Arc::ptr_eq(t, q)) {
+                        Some(i) => i,
+                        None => {
+                            let v = rx.spare.pop().unwrap_or_default();
+                            rx.targets.push((q.clone(), v));
+                            rx.targets.len() - 1
+                        }
+                    };
+                    slot.2.push(i);
+                }
+            }
+        }
+        // Events in batch order, grouped per subscription.
+        for (e, keep) in view.entries.iter().zip(&rx.keep) {
+            if !keep {
+                continue;
+            }
+            let Some((name, _, subs)) = &rx.resolved[e.topic_index] else {
+                continue;
+            };
+            let Some((&last, rest)) = subs.split_last() else {
+                continue;
+            };
+            let event = Event {
+                topic: name.clone(),
+                payload: body.slice_ref(e.payload),
+                publisher: from,
+                seq: e.seq,
+                epoch: view.epoch,
+                headers: e
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                message_id: e.message_id.map(str::to_string),
+            };
+            for &i in rest {
+                rx.targets[i].1.push(event.clone());
+            }
+            rx.targets[last].1.push(event);
+        }
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        for (q, mut events) in rx.targets.drain(..) {
+            delivered += events.len() as u64;
+            {
+                let mut g = q.lock();
+                for ev in events.drain(..) {
+                    let size = ev.payload.len() + EVENT_OVERHEAD;
+                    dropped += g.push_sized(ev, size);
+                }
+            }
+            q.waker.wake();
+            if rx.spare.len() < 16 {
+                rx.spare.push(events);
+            }
+        }
+        c.delivered_local_total.fetch_add(delivered, Relaxed);
+        if dropped > 0 {
+            c.dropped_slow_total.fetch_add(dropped, Relaxed);
+        }
     }
 
     /// Pushes `event` into every local subscription matching `topic`. The
@@ -709,9 +1219,11 @@ impl PubSub {
                 .collect()
         };
         let c = &self.0.counters;
+        let size = event.payload.len() + EVENT_OVERHEAD;
         for q in targets {
-            if q.lock().push(event.clone()).is_some() {
-                c.dropped_slow_total.fetch_add(1, Relaxed);
+            let dropped = q.lock().push_sized(event.clone(), size);
+            if dropped > 0 {
+                c.dropped_slow_total.fetch_add(dropped, Relaxed);
             }
             c.delivered_local_total.fetch_add(1, Relaxed);
             q.waker.wake();
@@ -731,63 +1243,252 @@ impl PubSub {
     }
 }
 
-/// Messages coalesced into one write: bounds the write buffer (at 64-byte
-/// payloads about 30 KiB) and the time one peer's batch holds the stream.
-const MAX_BATCH: usize = 256;
+/// A sender that finds fewer messages than this yields (at most
+/// `COALESCE_YIELDS` times, while more keep arriving) before writing.
+const COALESCE_TARGET: usize = 512;
+const COALESCE_YIELDS: usize = 4;
 
 /// An outbound queue to one node is closed after this long without traffic.
 const SENDER_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Sends one node's PUBLISH frames in order over its connection, reaching
-/// (and re-reaching) the node as needed. Exits when idle or when the node's
-/// pub/sub is gone.
-async fn sender(owner: Weak<Inner>, target: NodeId, mut rx: mpsc::Receiver<Message>) {
-    let mut peer: Option<Peer> = None;
-    loop {
-        let msg = match tokio::time::timeout(SENDER_IDLE, rx.recv()).await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(_) => {
-                // Idle: retire this queue (unless a message raced in).
-                if let Some(inner) = owner.upgrade() {
-                    let mut map = inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
-                    if rx.is_empty() {
-                        map.remove(&target);
-                        break;
+/// Why a batch could not be written.
+enum WriteFailure {
+    /// The peer accepted no bytes for the stall timeout.
+    Stalled,
+    /// The stream or connection failed.
+    Failed(String),
+}
+
+/// The open data stream to one peer.
+struct DataStream {
+    peer: Peer,
+    send: quinn::SendStream,
+}
+
+/// Opens the pub/sub data stream on `peer`'s connection: a unidirectional
+/// stream whose first byte is `STREAM_KIND_PUBSUB`.
+async fn open_data_stream(peer: Peer) -> Result<DataStream, String> {
+    let mut send = peer
+        .connection()
+        .open_uni()
+        .await
+        .map_err(|e| e.to_string())?;
+    send.write_all(&[STREAM_KIND_PUBSUB])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(DataStream { peer, send })
+}
+
+/// Writes `buf`, failing with `Stalled` if no byte is accepted for `stall`.
+async fn write_with_progress(
+    send: &mut quinn::SendStream,
+    buf: &[u8],
+    stall: std::time::Duration,
+) -> Result<(), WriteFailure> {
+    let mut off = 0;
+    while off < buf.len() {
+        match tokio::time::timeout(stall, send.write(&buf[off..])).await {
+            Ok(Ok(n)) => off += n,
+            Ok(Err(e)) => return Err(WriteFailure::Failed(e.to_string())),
+            Err(_) => return Err(WriteFailure::Stalled),
+        }
+    }
+    Ok(())
+}
+
+/// Encodes `msgs` (in seq order) as PUBLISH_BATCH frames into `out`: one
+/// frame per `BATCH_BYTES` of payload or `MAX_BATCH_TOPICS` distinct topics.
+/// Returns (frames, messages encoded); a message that cannot be encoded (it
+/// breaks the peer's frame limit) is skipped.
+fn encode_batches(
+    out: &mut Vec<u8>,
+    msgs: &[OutMsg],
+    publisher: &NodeId,
+    epoch: u64,
+    peer_max: u32,
+) -> (u64, usize) {
+    let (mut frames, mut encoded) = (0u64, 0usize);
+    let mut rest = msgs;
+    let mut topics: Vec<&str> = Vec::new();
+    let mut index: Vec<usize> = Vec::with_capacity(rest.len().min(4096));
+    while !rest.is_empty() {
+        topics.clear();
+        index.clear();
+        let mut bytes = 0usize;
+        let mut take = 0;
+        for m in rest {
+            let extra = m.extra.as_deref().map_or(0, |o| {
+                o.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 4)
+                    .sum::<usize>()
+                    + o.message_id.as_ref().map_or(0, |id| id.len() + 2)
+            });
+            let size = m.payload.len() + extra + 24;
+            // Same topic as the last message: the common case, no search.
+            let t = match topics.last() {
+                Some(last) if std::ptr::eq(*last, m.topic.as_str()) => topics.len() - 1,
+                _ => match topics.iter().position(|t| *t == m.topic.as_str()) {
+                    Some(i) => i,
+                    None if topics.len() == macula_wire::pubsub::MAX_BATCH_TOPICS => break,
+                    None => {
+                        bytes += m.topic.len() + 2;
+                        topics.push(m.topic.as_str());
+                        topics.len() - 1
                     }
-                }
+                },
+            };
+            if take > 0
+                && (bytes + size > BATCH_BYTES || take == macula_wire::pubsub::MAX_BATCH_MESSAGES)
+            {
+                break;
+            }
+            bytes += size;
+            index.push(t);
+            take += 1;
+        }
+        let (batch, tail) = rest.split_at(take);
+        rest = tail;
+        let items = batch.iter().zip(&index).map(|(m, &topic_index)| {
+            let o = m.extra.as_deref();
+            BatchItem {
+                seq: m.seq,
+                topic_index,
+                payload: &m.payload,
+                headers: o.map_or(&[][..], |o| &o.headers),
+                message_id: o.and_then(|o| o.message_id.as_deref()),
+            }
+        });
+        match macula_wire::encode_batch_frame(out, peer_max, publisher, epoch, &topics, items) {
+            Ok(n) => {
+                frames += 1;
+                encoded += n;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, messages = take, "could not encode a PUBLISH_BATCH");
+            }
+        }
+    }
+    (frames, encoded)
+}
+
+/// Sends one node's messages in order over a pub/sub data stream on its
+/// connection, reaching (and re-reaching) the node as needed. Cuts the peer
+/// off when its stream accepts nothing for the stall timeout. Exits when idle
+/// or when the node's pub/sub is gone.
+async fn sender(owner: Weak<Inner>, target: NodeId, q: Arc<PeerQueue>) {
+    let mut stream: Option<DataStream> = None;
+    let mut batch: Vec<OutMsg> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(BATCH_BYTES + 1024);
+    loop {
+        {
+            let mut st = q.lock();
+            std::mem::swap(&mut st.msgs, &mut batch);
+            st.bytes = 0;
+        }
+        if batch.is_empty() {
+            if tokio::time::timeout(SENDER_IDLE, q.notify.notified())
+                .await
+                .is_ok()
+            {
                 continue;
             }
-        };
+            // Idle: retire this queue (unless a message raced in).
+            let Some(inner) = owner.upgrade() else { break };
+            let mut map = inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = q.lock();
+            if st.msgs.is_empty() {
+                st.closed = true;
+                q.retired.store(true, Relaxed);
+                drop(st);
+                if map.get(&target).is_some_and(|m| Arc::ptr_eq(m, &q)) {
+                    map.remove(&target);
+                }
+                break;
+            }
+            continue;
+        }
+        // Coalesce: while the publisher keeps adding, let it (a few yields,
+        // no timer). Under load this turns many small writes (a packet
+        // each) into few large ones; with one message in flight the queue
+        // stays empty and the message goes at once.
+        for _ in 0..COALESCE_YIELDS {
+            if batch.len() >= COALESCE_TARGET {
+                break;
+            }
+            tokio::task::yield_now().await;
+            let mut st = q.lock();
+            if st.msgs.is_empty() {
+                break;
+            }
+            batch.append(&mut st.msgs);
+            st.bytes = 0;
+        }
         let Some(inner) = owner.upgrade() else { break };
         let Some(link) = &inner.mesh else { break };
-        if peer.as_ref().is_none_or(|p| p.is_closed()) {
-            peer = link.mesh.reach(target).await;
-        }
-        // Coalesce whatever else is already queued into the same write.
-        let mut batch = vec![msg];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+        let c = &inner.counters;
+        let n = batch.len();
+        if stream.as_ref().is_none_or(|s| s.peer.is_closed()) {
+            stream = None;
+            if let Some(peer) = link.mesh.reach(target).await {
+                match open_data_stream(peer).await {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => {
+                        tracing::debug!(peer = %target, error = %e, "could not open a pub/sub data stream")
+                    }
+                }
             }
         }
-        let n = batch.len() as u64;
-        let sent = match &peer {
-            Some(p) => p.send_many(&batch).await.unwrap_or(0) as u64,
-            None => 0,
-        };
-        if sent < n {
-            inner
-                .counters
-                .remote_dropped_total
-                .fetch_add(n - sent, Relaxed);
-            tracing::debug!(peer = %target, dropped = n - sent, "could not deliver PUBLISH");
-            peer = None;
+        let mut sent = 0;
+        if let Some(s) = &mut stream {
+            buf.clear();
+            let peer_max = s.peer.hello().max_frame_size;
+            let (frames, encoded) =
+                encode_batches(&mut buf, &batch, &inner.node_id, inner.epoch, peer_max);
+            match write_with_progress(&mut s.send, &buf, link.stall_timeout).await {
+                Ok(()) => {
+                    sent = encoded;
+                    c.batches_sent_total.fetch_add(frames, Relaxed);
+                    s.peer.touch();
+                }
+                Err(WriteFailure::Stalled) => {
+                    // Cut off: reset the stream (the peer learns why from the
+                    // code) and drop everything queued for it.
+                    let _ = s
+                        .send
+                        .reset(quinn::VarInt::from_u32(u32::from(STREAM_RESET_STALLED)));
+                    let queued = q.close().len();
+                    c.peers_cut_off_total.fetch_add(1, Relaxed);
+                    c.remote_dropped_total
+                        .fetch_add((n + queued) as u64, Relaxed);
+                    inner.inflight.fetch_sub((n + queued) as u64, Relaxed);
+                    tracing::warn!(peer = %target, stall = ?link.stall_timeout, dropped = n + queued,
+                        "pub/sub peer accepted no data for the stall timeout; cut off (data stream reset, queue dropped)");
+                    // A later publish starts a new queue and stream.
+                    inner
+                        .outbound
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|_, m| !Arc::ptr_eq(m, &q));
+                    break;
+                }
+                Err(WriteFailure::Failed(e)) => {
+                    tracing::debug!(peer = %target, error = %e, "pub/sub data stream failed");
+                    stream = None;
+                }
+            }
         }
-        inner.inflight.fetch_sub(n, Relaxed);
+        if sent < n {
+            c.remote_dropped_total.fetch_add((n - sent) as u64, Relaxed);
+            tracing::debug!(peer = %target, dropped = n - sent, "could not deliver pub/sub messages");
+        }
+        inner.inflight.fetch_sub(n as u64, Relaxed);
+        batch.clear();
     }
 }
+
+/// Stream reset code for a peer cut off for not reading (data stream).
+pub const STREAM_RESET_STALLED: u16 = 0x100;
 
 /// A live subscription: a `Stream` of `SubscriptionItem`s. Dropping it
 /// unsubscribes.
@@ -852,6 +1553,7 @@ impl Drop for Subscription {
             .counters
             .subscriptions
             .store(st.subs.len() as u64, Relaxed);
+        inner.n_subs.store(st.subs.len(), Relaxed);
         drop(st);
         // Tell the mesh: update (or withdraw) this node's interest record.
         if let (Some(link), Ok(rt)) = (&inner.mesh, tokio::runtime::Handle::try_current()) {
@@ -903,7 +1605,7 @@ mod tests {
         items
             .iter()
             .filter_map(|i| match i {
-                SubscriptionItem::Event(e) => Some(e.topic.clone()),
+                SubscriptionItem::Event(e) => Some(e.topic.to_string()),
                 SubscriptionItem::Lagged(_) => None,
             })
             .collect()

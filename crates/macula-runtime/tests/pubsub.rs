@@ -142,3 +142,158 @@ async fn local_and_remote_subscribers_and_withdrawal() {
         n.shutdown().await;
     }
 }
+
+/// A peer that completes the handshake, registers interest, and then never
+/// reads its streams: once its data stream accepts nothing for the stall
+/// timeout, the publisher cuts it off (stream reset, queue dropped, metric)
+/// and keeps the connection, whose control stream still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_cut_off() {
+    use macula_wire::dht::{DhtStore, WireRecord};
+    use macula_wire::{DhtMessage, Message, Ping};
+
+    init_tracing();
+    let mut cfg = config();
+    cfg.limits.pubsub_stall_timeout = Duration::from_millis(300);
+    let a = start(cfg).await;
+    let raw = RawClient::connect(&a).await;
+    let mut control = raw.handshake(&a).await;
+
+    // Interest as the raw peer: its signed record under the rendezvous name.
+    let pattern = macula_pubsub::Pattern::new("stall.*").expect("pattern");
+    let name = macula_pubsub::interest_name(macula_runtime::config::DEFAULT_REALM, &pattern);
+    let mut record = macula_dht::Record {
+        key: macula_wire::dht_key(name.as_bytes()),
+        publisher: raw.identity.node_id(),
+        seq: 1,
+        ttl: macula_dht::Millis(600_000),
+        value: b"stall.*".to_vec(),
+        signature: Vec::new(),
+    };
+    let mut signature = raw.identity.public_key().to_vec();
+    signature.extend_from_slice(&raw.identity.sign(&record.signed_bytes()));
+    record.signature = signature;
+    let store = DhtStore {
+        id: 7,
+        record: WireRecord {
+            key: record.key,
+            publisher: record.publisher,
+            seq: record.seq,
+            ttl_ms: record.ttl.0,
+            value: record.value.clone(),
+            signature: record.signature.clone(),
+        },
+        ttl_ms: 600_000,
+    };
+    control.send(&Message::Dht(DhtMessage::Store(store))).await;
+    loop {
+        match control.recv().await {
+            Message::Dht(DhtMessage::Stored(s)) if s.id == 7 => break,
+            Message::Dht(DhtMessage::StoreRejected(r)) => panic!("store refused: {r:?}"),
+            _ => {}
+        }
+    }
+
+    // Far more than one stream's flow-control window, well under the queue's
+    // byte limit: the writes block once the window is full.
+    let c = a.pubsub().counters().clone();
+    let payload = Bytes::from(vec![0u8; 60 * 1024]);
+    for _ in 0..100 {
+        a.pubsub()
+            .publish_mesh("stall.data", payload.clone(), PublishOptions::default())
+            .await
+            .expect("publish");
+    }
+    assert!(
+        c.sent_remote_total.load(Relaxed) > 0,
+        "routed to the raw peer"
+    );
+    eventually(STEP, "the stalled peer is cut off", || {
+        c.peers_cut_off_total.load(Relaxed) == 1
+    })
+    .await;
+    assert!(
+        c.remote_dropped_total.load(Relaxed) > 0,
+        "its queue was dropped"
+    );
+    let mut metrics = String::new();
+    prometheus_client::encoding::text::encode(&mut metrics, &macula_runtime::admin::registry(&a))
+        .expect("encode metrics");
+    assert!(
+        metrics.contains("macula_pubsub_peers_cut_off_total 1"),
+        "{metrics}"
+    );
+
+    // Only the data path was cut: the connection and its control stream live.
+    assert!(raw.conn.close_reason().is_none(), "connection kept");
+    control
+        .send(&Message::Ping(Ping {
+            nonce: 99,
+            sent_at_us: 1,
+            keep: false,
+        }))
+        .await;
+    loop {
+        if let Message::Pong(p) = control.recv().await {
+            assert_eq!(p.nonce, 99);
+            break;
+        }
+    }
+    a.shutdown().await;
+}
+
+/// A malformed PUBLISH_BATCH on a data stream closes that stream, is
+/// counted, and leaves the connection up; a stream of unknown kind likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_batch_closes_only_its_data_stream() {
+    use macula_wire::{FrameHeader, Message, MessageType, Ping};
+
+    init_tracing();
+    let a = start(config()).await;
+    let raw = RawClient::connect(&a).await;
+    let mut control = raw.handshake(&a).await;
+    let c = a.pubsub().counters().clone();
+
+    let mut data = within(STEP, "open_uni", raw.conn.open_uni())
+        .await
+        .expect("open a data stream");
+    let body = [1u8, 2, 3]; // batch format 1, then a truncated publisher
+    let mut bytes = vec![macula_runtime::pubsub::STREAM_KIND_PUBSUB];
+    bytes.extend_from_slice(&FrameHeader::new(MessageType::PublishBatch as u8, 3).encode());
+    bytes.extend_from_slice(&body);
+    within(STEP, "write", data.write_all(&bytes))
+        .await
+        .expect("write");
+    eventually(STEP, "the bad stream is counted", || {
+        c.data_streams_rejected_total.load(Relaxed) == 1
+    })
+    .await;
+    // The node stops the stream: our side learns it.
+    let stopped = within(STEP, "stream stopped", data.stopped()).await;
+    assert!(matches!(stopped, Ok(Some(_))), "{stopped:?}");
+
+    let mut other = within(STEP, "open_uni", raw.conn.open_uni())
+        .await
+        .expect("open a stream");
+    within(STEP, "write", other.write_all(&[0x7f, 0, 0]))
+        .await
+        .expect("write");
+    let stopped = within(STEP, "unknown kind stopped", other.stopped()).await;
+    assert!(matches!(stopped, Ok(Some(_))), "{stopped:?}");
+
+    assert!(raw.conn.close_reason().is_none(), "connection kept");
+    control
+        .send(&Message::Ping(Ping {
+            nonce: 5,
+            sent_at_us: 1,
+            keep: false,
+        }))
+        .await;
+    loop {
+        if let Message::Pong(p) = control.recv().await {
+            assert_eq!(p.nonce, 5);
+            break;
+        }
+    }
+    a.shutdown().await;
+}

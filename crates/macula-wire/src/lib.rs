@@ -25,5 +25,8 @@ pub use message::{
     MessageType, Ping, Pong,
 };
 pub use node_id::{NodeId, ParseNodeIdError};
-pub use pubsub::Publish;
+pub use pubsub::{
+    encode_batch_frame, BatchEntry, BatchItem, BatchMessage, Publish, PublishBatch,
+    PublishBatchView,
+};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};

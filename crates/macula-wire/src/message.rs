@@ -14,7 +14,7 @@ use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
 use crate::node_id::NodeId;
-use crate::pubsub::Publish;
+use crate::pubsub::{Publish, PublishBatch, PublishBatchView};
 use crate::rpc::*;
 
 /// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
@@ -43,6 +43,7 @@ pub enum MessageType {
     DhtStored = 0x1b,
     DhtStoreRejected = 0x1c,
     Publish = 0x30,
+    PublishBatch = 0x31,
     RpcCall = 0x50,
     RpcReply = 0x51,
     RpcError = 0x52,
@@ -51,7 +52,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 19] = [
+    pub const ALL: [MessageType; 20] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -67,6 +68,7 @@ impl MessageType {
         MessageType::DhtStored,
         MessageType::DhtStoreRejected,
         MessageType::Publish,
+        MessageType::PublishBatch,
         MessageType::RpcCall,
         MessageType::RpcReply,
         MessageType::RpcError,
@@ -96,6 +98,7 @@ impl MessageType {
             MessageType::DhtStored => "dht_stored",
             MessageType::DhtStoreRejected => "dht_store_rejected",
             MessageType::Publish => "publish",
+            MessageType::PublishBatch => "publish_batch",
             MessageType::RpcCall => "rpc_call",
             MessageType::RpcReply => "rpc_reply",
             MessageType::RpcError => "rpc_error",
@@ -318,6 +321,7 @@ pub enum Message {
     Error(ErrorFrame),
     Dht(DhtMessage),
     Publish(Publish),
+    PublishBatch(PublishBatch),
     Rpc(RpcMessage),
 }
 
@@ -380,6 +384,7 @@ impl Message {
             Message::Disconnect(_) => MessageType::Disconnect,
             Message::Error(_) => MessageType::Error,
             Message::Publish(_) => MessageType::Publish,
+            Message::PublishBatch(_) => MessageType::PublishBatch,
             Message::Rpc(r) => match r {
                 RpcMessage::Call(_) => MessageType::RpcCall,
                 RpcMessage::Reply(_) => MessageType::RpcReply,
@@ -431,6 +436,7 @@ impl Message {
             Message::Ping(_) | Message::Pong(_) => Ok(()),
             Message::Dht(d) => d.validate(),
             Message::Publish(p) => p.validate(),
+            Message::PublishBatch(b) => b.validate(),
             Message::Rpc(r) => r.validate(),
         }
     }
@@ -453,6 +459,11 @@ impl Message {
             Message::Disconnect(m) => rmp_serde::encode::write_named(out, m),
             Message::Error(m) => rmp_serde::encode::write_named(out, m),
             Message::Publish(m) => rmp_serde::encode::write_named(out, m),
+            // A compact binary body (already validated above).
+            Message::PublishBatch(b) => b
+                .write_body(out)
+                .map(|_| ())
+                .map_err(rmp_serde::encode::Error::Syntax),
             Message::Rpc(r) => match r {
                 RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
                 RpcMessage::Reply(m) => rmp_serde::encode::write_named(out, m),
@@ -503,6 +514,12 @@ impl Message {
             MessageType::Disconnect => decode_body(t, body).map(Message::Disconnect),
             MessageType::Error => decode_body(t, body).map(Message::Error),
             MessageType::Publish => decode_body(t, body).map(Message::Publish),
+            MessageType::PublishBatch => PublishBatchView::decode(body)
+                .map(|v| Message::PublishBatch(v.to_owned_batch()))
+                .map_err(|reason| DecodeError::Malformed {
+                    msg_type: t,
+                    reason,
+                }),
             MessageType::RpcCall => decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Call(m))),
             MessageType::RpcReply => {
                 decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Reply(m)))

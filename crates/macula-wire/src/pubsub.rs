@@ -64,3 +64,613 @@ impl Publish {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------------------
+// PUBLISH_BATCH (0x31): many messages of one publisher in one frame.
+//
+// A compact binary body (not MessagePack): pub/sub is the one message whose
+// per-message overhead decides throughput. Layout (docs/PROTOCOL.md §5.3):
+//
+//   u8 format (= BATCH_FORMAT) | publisher [32] | varint epoch
+//   varint n_topics | n_topics × str              (the batch's topic table)
+//   varint n_msgs   | n_msgs × message
+//   message = varint seq_delta | varint topic_index | u8 flags
+//             | varint payload_len | payload
+//             | [flags & 1: varint n_headers | n_headers × (str name, str value)]
+//             | [flags & 2: str message_id]
+//             | [flags & 4: varint ext_len | ext bytes (ignored)]
+//   str = varint len | UTF-8 bytes;  varint = unsigned LEB128, at most 10 bytes
+//
+// seq_delta is the first message's seq, then the difference to the previous
+// message's seq (>= 1): seqs in a batch strictly increase.
+// ---------------------------------------------------------------------------
+
+/// The batch body format this version writes; other formats are malformed.
+pub const BATCH_FORMAT: u8 = 1;
+/// Distinct topics in one batch (its topic table).
+pub const MAX_BATCH_TOPICS: usize = 256;
+/// Messages in one batch.
+pub const MAX_BATCH_MESSAGES: usize = 65_536;
+/// Message flag: headers follow the payload.
+pub const FLAG_HEADERS: u8 = 1;
+/// Message flag: a message ID follows.
+pub const FLAG_MESSAGE_ID: u8 = 2;
+/// Message flag: an extension block follows (length-prefixed, skipped by
+/// receivers of this version; later versions put new fields there).
+pub const FLAG_EXTENSION: u8 = 4;
+const KNOWN_MESSAGE_FLAGS: u8 = FLAG_HEADERS | FLAG_MESSAGE_ID | FLAG_EXTENSION;
+
+/// One message of an owned `PublishBatch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchMessage {
+    pub seq: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub message_id: Option<String>,
+}
+
+/// PUBLISH_BATCH, owned: what `Message::decode` returns. The runtime's hot
+/// path uses the borrowing `PublishBatchView` instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishBatch {
+    /// The publishing node; must be the node that sent the frame.
+    pub publisher: NodeId,
+    pub epoch: u64,
+    /// In increasing `seq` order.
+    pub messages: Vec<BatchMessage>,
+}
+
+/// One message to encode: its topic is an index into the batch's topic table.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    pub seq: u64,
+    pub topic_index: usize,
+    pub payload: &'a [u8],
+    pub headers: &'a [(String, String)],
+    pub message_id: Option<&'a str>,
+}
+
+/// One decoded message, borrowing from the frame body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry<'a> {
+    pub seq: u64,
+    /// Index into `PublishBatchView::topics`.
+    pub topic_index: usize,
+    pub payload: &'a [u8],
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub message_id: Option<&'a str>,
+}
+
+/// A decoded PUBLISH_BATCH body, borrowing topics and payloads from it. Every
+/// limit has been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishBatchView<'a> {
+    pub publisher: NodeId,
+    pub epoch: u64,
+    pub topics: Vec<&'a str>,
+    pub entries: Vec<BatchEntry<'a>>,
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s);
+}
+
+/// Writes a batch body (no frame header) to `out`. Checks every limit; on
+/// error `out` may hold a partial body (the caller truncates).
+pub(crate) fn write_batch_body<'a>(
+    out: &mut Vec<u8>,
+    publisher: &NodeId,
+    epoch: u64,
+    topics: &[&str],
+    items: impl IntoIterator<Item = BatchItem<'a>>,
+) -> Result<usize, String> {
+    if topics.is_empty() || topics.len() > MAX_BATCH_TOPICS {
+        return Err(format!(
+            "{} topics in a batch, must be 1 to {MAX_BATCH_TOPICS}",
+            topics.len()
+        ));
+    }
+    out.push(BATCH_FORMAT);
+    out.extend_from_slice(publisher.as_bytes());
+    put_varint(out, epoch);
+    put_varint(out, topics.len() as u64);
+    for t in topics {
+        if t.len() > MAX_WIRE_TOPIC_LEN {
+            return Err(format!("topic of {} bytes", t.len()));
+        }
+        put_str(out, t.as_bytes());
+    }
+    // The count goes before the messages; reserve the largest varint and
+    // move the messages down afterwards if fewer bytes were needed.
+    let count_at = out.len();
+    out.extend_from_slice(&[0; 3]);
+    let mut n = 0usize;
+    let mut prev = 0u64;
+    for it in items {
+        if n == MAX_BATCH_MESSAGES {
+            return Err(format!("more than {MAX_BATCH_MESSAGES} messages"));
+        }
+        if it.topic_index >= topics.len() {
+            return Err(format!("topic index {} out of range", it.topic_index));
+        }
+        if it.seq <= prev && n > 0 {
+            return Err(format!("seq {} after {prev}: not increasing", it.seq));
+        }
+        if it.seq == 0 && n == 0 {
+            return Err("seq 0".into());
+        }
+        put_varint(out, it.seq - if n == 0 { 0 } else { prev });
+        prev = it.seq;
+        put_varint(out, it.topic_index as u64);
+        let mut flags = 0;
+        if !it.headers.is_empty() {
+            flags |= FLAG_HEADERS;
+        }
+        if it.message_id.is_some() {
+            flags |= FLAG_MESSAGE_ID;
+        }
+        out.push(flags);
+        put_str(out, it.payload);
+        if !it.headers.is_empty() {
+            if it.headers.len() > MAX_WIRE_HEADERS {
+                return Err(format!("{} headers", it.headers.len()));
+            }
+            put_varint(out, it.headers.len() as u64);
+            for (k, v) in it.headers {
+                if k.len() > MAX_WIRE_HEADER_LEN || v.len() > MAX_WIRE_HEADER_LEN {
+                    return Err("header too long".into());
+                }
+                put_str(out, k.as_bytes());
+                put_str(out, v.as_bytes());
+            }
+        }
+        if let Some(id) = it.message_id {
+            if id.len() > MAX_WIRE_MESSAGE_ID_LEN {
+                return Err("message ID too long".into());
+            }
+            put_str(out, id.as_bytes());
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return Err("empty batch".into());
+    }
+    // n <= 65536 fits a 3-byte varint; write it minimal and close the gap.
+    let mut count = Vec::with_capacity(3);
+    put_varint(&mut count, n as u64);
+    let gap = 3 - count.len();
+    out[count_at..count_at + count.len()].copy_from_slice(&count);
+    if gap > 0 {
+        out.copy_within(count_at + 3.., count_at + count.len());
+        out.truncate(out.len() - gap);
+    }
+    Ok(n)
+}
+
+/// Appends one whole PUBLISH_BATCH frame (header and body) to `out`. Fails,
+/// leaving `out` as it was, if a limit is broken or the body would exceed
+/// `max_len` (the receiver's frame limit). Returns the messages encoded.
+pub fn encode_batch_frame<'a>(
+    out: &mut Vec<u8>,
+    max_len: u32,
+    publisher: &NodeId,
+    epoch: u64,
+    topics: &[&str],
+    items: impl IntoIterator<Item = BatchItem<'a>>,
+) -> Result<usize, crate::EncodeError> {
+    use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
+    let msg_type = crate::MessageType::PublishBatch;
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    let n = match write_batch_body(out, publisher, epoch, topics, items) {
+        Ok(n) => n,
+        Err(reason) => {
+            out.truncate(start);
+            return Err(crate::EncodeError::Invalid { msg_type, reason });
+        }
+    };
+    let len = out.len() - start - FRAME_HEADER_LEN;
+    let Some(len32) = u32::try_from(len).ok().filter(|l| *l <= max_len) else {
+        out.truncate(start);
+        return Err(crate::EncodeError::TooLarge {
+            msg_type,
+            len,
+            max: max_len,
+        });
+    };
+    out[start..start + FRAME_HEADER_LEN]
+        .copy_from_slice(&FrameHeader::new(msg_type as u8, len32).encode());
+    Ok(n)
+}
+
+/// A cursor over a batch body that never reads past its end.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn u8(&mut self) -> Result<u8, String> {
+        let (&b, rest) = self.buf.split_first().ok_or("truncated")?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            if i == 9 && b > 1 {
+                return Err("varint overflows u64".into());
+            }
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+
+    /// A length that must not exceed `max` nor the bytes left.
+    fn len(&mut self, what: &str, max: usize) -> Result<usize, String> {
+        let n = self.varint()?;
+        if n > max as u64 {
+            return Err(format!("{what} of {n} bytes, limit {max}"));
+        }
+        if n > self.buf.len() as u64 {
+            return Err(format!("{what} of {n} bytes runs past the body"));
+        }
+        Ok(n as usize)
+    }
+
+    fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        head
+    }
+
+    fn str(&mut self, what: &str, max: usize) -> Result<&'a str, String> {
+        let n = self.len(what, max)?;
+        std::str::from_utf8(self.bytes(n)).map_err(|_| format!("{what} is not UTF-8"))
+    }
+}
+
+impl<'a> PublishBatchView<'a> {
+    /// Decodes a PUBLISH_BATCH body. Never panics; allocates at most in
+    /// proportion to the body's length.
+    pub fn decode(body: &'a [u8]) -> Result<Self, String> {
+        let mut c = Cursor { buf: body };
+        let format = c.u8()?;
+        if format != BATCH_FORMAT {
+            return Err(format!(
+                "batch format {format}, this node reads {BATCH_FORMAT}"
+            ));
+        }
+        if c.buf.len() < 32 {
+            return Err("truncated".into());
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(c.bytes(32));
+        let publisher = NodeId::from_bytes(id);
+        let epoch = c.varint()?;
+        let n_topics = c.varint()?;
+        if n_topics == 0 || n_topics > MAX_BATCH_TOPICS as u64 {
+            return Err(format!(
+                "{n_topics} topics, must be 1 to {MAX_BATCH_TOPICS}"
+            ));
+        }
+        let mut topics = Vec::with_capacity((n_topics as usize).min(c.buf.len()));
+        for _ in 0..n_topics {
+            topics.push(c.str("topic", MAX_WIRE_TOPIC_LEN)?);
+        }
+        let n_msgs = c.varint()?;
+        if n_msgs == 0 || n_msgs > MAX_BATCH_MESSAGES as u64 {
+            return Err(format!(
+                "{n_msgs} messages, must be 1 to {MAX_BATCH_MESSAGES}"
+            ));
+        }
+        // Each message takes at least 4 bytes: never reserve beyond the body.
+        let mut entries = Vec::with_capacity((n_msgs as usize).min(c.buf.len() / 4));
+        let mut seq = 0u64;
+        for i in 0..n_msgs {
+            let delta = c.varint()?;
+            if delta == 0 {
+                return Err(if i == 0 {
+                    "seq 0"
+                } else {
+                    "seq not increasing"
+                }
+                .into());
+            }
+            seq = seq.checked_add(delta).ok_or("seq overflows u64")?;
+            let topic_index = c.varint()?;
+            if topic_index >= n_topics {
+                return Err(format!("topic index {topic_index} of {n_topics}"));
+            }
+            let flags = c.u8()?;
+            if flags & !KNOWN_MESSAGE_FLAGS != 0 {
+                return Err(format!("unknown message flags {flags:#04x}"));
+            }
+            let n = c.len("payload", usize::MAX)?;
+            let payload = c.bytes(n);
+            let mut headers = Vec::new();
+            if flags & FLAG_HEADERS != 0 {
+                let n = c.varint()?;
+                if n == 0 || n > MAX_WIRE_HEADERS as u64 {
+                    return Err(format!("{n} headers, must be 1 to {MAX_WIRE_HEADERS}"));
+                }
+                for _ in 0..n {
+                    let k = c.str("header name", MAX_WIRE_HEADER_LEN)?;
+                    let v = c.str("header value", MAX_WIRE_HEADER_LEN)?;
+                    headers.push((k, v));
+                }
+            }
+            let message_id = if flags & FLAG_MESSAGE_ID != 0 {
+                Some(c.str("message ID", MAX_WIRE_MESSAGE_ID_LEN)?)
+            } else {
+                None
+            };
+            if flags & FLAG_EXTENSION != 0 {
+                let n = c.len("extension", usize::MAX)?;
+                c.bytes(n);
+            }
+            entries.push(BatchEntry {
+                seq,
+                topic_index: topic_index as usize,
+                payload,
+                headers,
+                message_id,
+            });
+        }
+        if !c.buf.is_empty() {
+            return Err(format!("{} trailing bytes after the batch", c.buf.len()));
+        }
+        Ok(PublishBatchView {
+            publisher,
+            epoch,
+            topics,
+            entries,
+        })
+    }
+
+    /// The owned form.
+    pub fn to_owned_batch(&self) -> PublishBatch {
+        PublishBatch {
+            publisher: self.publisher,
+            epoch: self.epoch,
+            messages: self
+                .entries
+                .iter()
+                .map(|e| BatchMessage {
+                    seq: e.seq,
+                    topic: self.topics[e.topic_index].to_string(),
+                    payload: e.payload.to_vec(),
+                    headers: e
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    message_id: e.message_id.map(str::to_string),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl PublishBatch {
+    /// Topic table and items for the encoder (topics interned).
+    fn table(&self) -> Result<(Vec<&str>, Vec<BatchItem<'_>>), String> {
+        let mut topics: Vec<&str> = Vec::new();
+        let mut items = Vec::with_capacity(self.messages.len());
+        for m in &self.messages {
+            let topic_index = match topics.iter().position(|t| *t == m.topic) {
+                Some(i) => i,
+                None => {
+                    if topics.len() == MAX_BATCH_TOPICS {
+                        return Err(format!("more than {MAX_BATCH_TOPICS} topics"));
+                    }
+                    topics.push(&m.topic);
+                    topics.len() - 1
+                }
+            };
+            items.push(BatchItem {
+                seq: m.seq,
+                topic_index,
+                payload: &m.payload,
+                headers: &m.headers,
+                message_id: m.message_id.as_deref(),
+            });
+        }
+        Ok((topics, items))
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let mut scratch = Vec::new();
+        self.write_body(&mut scratch).map(|_| ())
+    }
+
+    pub(crate) fn write_body(&self, out: &mut Vec<u8>) -> Result<usize, String> {
+        let (topics, items) = self.table()?;
+        write_batch_body(out, &self.publisher, self.epoch, &topics, items)
+    }
+}
+
+/// Fuzz entry point for the PUBLISH_BATCH decoder: whatever decodes must
+/// re-encode and decode to the same messages. Shared by
+/// `fuzz/fuzz_targets/publish_batch.rs` and the property tests.
+pub fn fuzz_publish_batch(data: &[u8]) {
+    if let Ok(view) = PublishBatchView::decode(data) {
+        let owned = view.to_owned_batch();
+        let mut body = Vec::new();
+        assert!(
+            owned.write_body(&mut body).is_ok(),
+            "a decoded batch re-encodes"
+        );
+        let again = PublishBatchView::decode(&body).map(|v| v.to_owned_batch());
+        assert_eq!(again.as_ref(), Ok(&owned));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_str(max_chars: usize) -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<char>(), 0..max_chars).prop_map(|c| c.into_iter().collect())
+    }
+
+    fn arb_batch() -> impl Strategy<Value = PublishBatch> {
+        let msg = (
+            1u64..1000,
+            0usize..4,
+            proptest::collection::vec(any::<u8>(), 0..80),
+            proptest::collection::vec((arb_str(8), arb_str(8)), 0..3),
+            proptest::option::of(arb_str(16)),
+        );
+        (
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            proptest::collection::vec(arb_str(12), 4),
+            1u64..u64::MAX / 2,
+            proptest::collection::vec(msg, 1..20),
+        )
+            .prop_map(|(p, epoch, topics, first, msgs)| {
+                let mut seq = first;
+                let messages = msgs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (gap, t, payload, headers, message_id))| {
+                        if i > 0 {
+                            seq += gap;
+                        }
+                        BatchMessage {
+                            seq,
+                            topic: topics[t].clone(),
+                            payload,
+                            headers,
+                            message_id,
+                        }
+                    })
+                    .collect();
+                PublishBatch {
+                    publisher: NodeId::from_bytes(p),
+                    epoch,
+                    messages,
+                }
+            })
+    }
+
+    fn body(b: &PublishBatch) -> Vec<u8> {
+        let mut out = Vec::new();
+        b.write_body(&mut out).unwrap();
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn batches_round_trip(b in arb_batch()) {
+            let bytes = body(&b);
+            let view = PublishBatchView::decode(&bytes).unwrap();
+            prop_assert_eq!(view.to_owned_batch(), b);
+        }
+
+        #[test]
+        fn every_prefix_is_refused(b in arb_batch(), cut in any::<prop::sample::Index>()) {
+            let bytes = body(&b);
+            let cut = cut.index(bytes.len());
+            prop_assert!(PublishBatchView::decode(&bytes[..cut]).is_err());
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            fuzz_publish_batch(&data);
+        }
+
+        #[test]
+        fn mutated_bodies_never_panic(b in arb_batch(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut bytes = body(&b);
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            fuzz_publish_batch(&bytes);
+        }
+    }
+
+    #[test]
+    fn compact_for_small_messages() {
+        let b = PublishBatch {
+            publisher: NodeId::from_bytes([1; 32]),
+            epoch: 1_700_000_000_000,
+            messages: (1..=100)
+                .map(|seq| BatchMessage {
+                    seq,
+                    topic: "bench.remote.data".into(),
+                    payload: vec![7; 64],
+                    headers: vec![],
+                    message_id: None,
+                })
+                .collect(),
+        };
+        let bytes = body(&b);
+        // 4 bytes of overhead per 64-byte message, plus the batch header.
+        assert!(bytes.len() <= 100 * 68 + 64, "{}", bytes.len());
+    }
+
+    #[test]
+    fn limits_and_bad_input_are_refused() {
+        let one = |seq, flags: u8| {
+            let mut b = vec![BATCH_FORMAT];
+            b.extend_from_slice(&[0; 32]);
+            b.extend_from_slice(&[5, 1, 1, b'a', 1, seq, 0, flags, 0]);
+            b
+        };
+        assert!(PublishBatchView::decode(&one(1, 0)).is_ok());
+        assert!(PublishBatchView::decode(&one(0, 0)).is_err(), "seq 0");
+        assert!(
+            PublishBatchView::decode(&one(1, 0x80)).is_err(),
+            "unknown flag"
+        );
+        let mut ext = one(1, FLAG_EXTENSION);
+        ext.extend_from_slice(&[2, 9, 9]);
+        assert!(PublishBatchView::decode(&ext).is_ok(), "extension skipped");
+        let mut trailing = one(1, 0);
+        trailing.push(0);
+        assert!(PublishBatchView::decode(&trailing).is_err());
+        let mut v2 = one(1, 0);
+        v2[0] = 2;
+        assert!(PublishBatchView::decode(&v2).is_err(), "unknown format");
+        // A count far beyond the body allocates nothing large and fails.
+        let mut huge = vec![BATCH_FORMAT];
+        huge.extend_from_slice(&[0; 32]);
+        huge.extend_from_slice(&[5, 1, 1, b'a', 0x80, 0x80, 0x04]);
+        assert!(PublishBatchView::decode(&huge).is_err());
+        // Out-of-range topic index, seq going backwards.
+        let mut b = one(1, 0);
+        b[39] = 3;
+        assert!(PublishBatchView::decode(&b).is_err());
+        let dup = PublishBatch {
+            publisher: NodeId::from_bytes([1; 32]),
+            epoch: 1,
+            messages: vec![
+                BatchMessage {
+                    seq: 5,
+                    topic: "a".into(),
+                    payload: vec![],
+                    headers: vec![],
+                    message_id: None,
+                };
+                2
+            ],
+        };
+        assert!(dup.validate().is_err(), "equal seqs");
+    }
+}

@@ -29,7 +29,7 @@ pub use macula_rpc::Strategy;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::metrics::Metrics;
 pub use macula_runtime::pubsub::{
-    Event, PubSubError, PublishOptions, Subscription, SubscriptionItem,
+    Event, PubSubError, PublishOptions, Subscription, SubscriptionItem, TopicName,
 };
 pub use macula_runtime::rpc::{
     AdvertiseOptions, CallBuilder, CallOptions, Handler, HandlerError, HandlerResult, ProviderInfo,
