@@ -52,6 +52,8 @@ enum Command {
     Pub(pubsub_cli::PubArgs),
     /// Subscribe to a pattern and print one line per event (joins through --connect).
     Sub(pubsub_cli::SubArgs),
+    /// Follow the messages matching a pattern: one line each with the receive time (UTC) and publisher (joins through --connect).
+    Trace(pubsub_cli::SubArgs),
     /// Call a procedure and print the reply (joins through --connect).
     Call(rpc_cli::CallArgs),
     /// Advertise a procedure and answer calls until interrupted (joins through --connect).
@@ -168,6 +170,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     error: anyhow::anyhow!(what),
                 }),
             }
+        }
+        Command::Trace(args) => {
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(pubsub_cli::trace(args))?;
+            Ok(())
         }
         Command::Call(args) => {
             init_logging(LogFormat::Text, "warn");

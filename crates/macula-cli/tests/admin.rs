@@ -184,6 +184,39 @@ fn read_commands_against_a_three_node_mesh() {
         "{pool}"
     );
 
+    // services: a provider joins through C; A lists it (text and JSON).
+    let mut serve = Proc::spawn(&[
+        "serve",
+        "svc.admin",
+        "--echo",
+        "--realm",
+        "test.admin",
+        "--connect",
+        &c.listen,
+    ]);
+    let serving = serve.wait_for(&["serving svc.admin"]);
+    let provider = serving.rsplit(' ').next().unwrap().to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    let listed = loop {
+        let v = read_json(&["services", "--http", &a.http]);
+        if v["mesh"][0]["procedure"] == "svc.admin" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "never listed: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        listed["mesh"][0]["providers"][0]["node_id"],
+        provider.as_str()
+    );
+    assert_eq!(listed["local"].as_array().map(Vec::len), Some(0));
+    let text = read_ok(&["services", "--http", &a.http]);
+    assert!(
+        text.contains("svc.admin") && text.contains(&provider),
+        "{text}"
+    );
+    assert_eq!(serve.terminate(), Some(0));
+
     // The admin server stops with the node: SIGTERM still exits 0.
     assert_eq!(b.proc.terminate(), Some(0));
     assert_eq!(c.proc.terminate(), Some(0));

@@ -118,6 +118,21 @@ pub struct DhtCounters {
     pub records_expired_total: AtomicU64,
     pub puts_succeeded_total: AtomicU64,
     pub puts_failed_total: AtomicU64,
+    /// Request rounds of each completed lookup (`macula_dht_routing_hops`).
+    pub lookup_rounds: LookupRounds,
+}
+
+/// Histogram of request rounds per lookup: how many sequential hops through
+/// the DHT a lookup took (0 = answered from our own table).
+#[derive(Debug)]
+pub struct LookupRounds(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for LookupRounds {
+    fn default() -> Self {
+        LookupRounds(prometheus_client::metrics::histogram::Histogram::new([
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0,
+        ]))
+    }
 }
 
 impl DhtCounters {
@@ -233,7 +248,16 @@ impl prometheus_client::collector::Collector for DhtCollector {
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
-        crate::metrics::encode_rows(&mut encoder, &self.0.rows())
+        crate::metrics::encode_rows(&mut encoder, &self.0.rows())?;
+        use prometheus_client::encoding::EncodeMetric;
+        let h = &self.0.lookup_rounds.0;
+        let family = encoder.encode_descriptor(
+            "macula_dht_routing_hops",
+            "Request rounds (hops) per completed DHT lookup.",
+            None,
+            h.metric_type(),
+        )?;
+        h.encode(family)
     }
 }
 
@@ -834,19 +858,25 @@ impl<D: Dialer> Task<D> {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::LookupFinished { id, outcome } => match self.lookups.remove(&id) {
-                Some(LookupWaiter::Get(key, reply)) => {
-                    let records: Vec<DhtRecord> =
-                        outcome.records.into_iter().map(DhtRecord::from).collect();
-                    self.cache
-                        .insert(key, records.clone(), std::time::Instant::now());
-                    let _ = reply.send(Ok(records));
+            Event::LookupFinished { id, outcome } => {
+                self.counters
+                    .lookup_rounds
+                    .0
+                    .observe(f64::from(outcome.stats.rounds));
+                match self.lookups.remove(&id) {
+                    Some(LookupWaiter::Get(key, reply)) => {
+                        let records: Vec<DhtRecord> =
+                            outcome.records.into_iter().map(DhtRecord::from).collect();
+                        self.cache
+                            .insert(key, records.clone(), std::time::Instant::now());
+                        let _ = reply.send(Ok(records));
+                    }
+                    Some(LookupWaiter::Closest(reply)) => {
+                        let _ = reply.send(Ok(outcome.closest));
+                    }
+                    None => {}
                 }
-                Some(LookupWaiter::Closest(reply)) => {
-                    let _ = reply.send(Ok(outcome.closest));
-                }
-                None => {}
-            },
+            }
             Event::PutFinished { id, result, .. } => {
                 if let Some(reply) = self.puts.remove(&id) {
                     let _ = reply.send(result.map_err(DhtError::from));

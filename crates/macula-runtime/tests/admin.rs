@@ -166,6 +166,12 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_dht_request_timeouts", "counter"),
     ("macula_dht_cache_hits", "counter"),
     ("macula_ready", "gauge"),
+    ("macula_dht_routing_hops", "histogram"),
+    ("macula_rpc_calls", "counter"),
+    ("macula_rpc_served", "counter"),
+    ("macula_rpc_inflight_calls", "gauge"),
+    ("macula_rpc_advertised", "gauge"),
+    ("macula_rpc_duration_seconds", "histogram"),
     ("macula_node", "info"),
 ];
 
@@ -210,7 +216,41 @@ async fn every_endpoint_of_a_first_node() {
     let subs: serde_json::Value = admin.json("/admin/subscriptions").await;
     assert_eq!(subs["subscriptions"][0]["count"], 1);
 
+    // A procedure served and called on this node (in process).
+    let reg = node
+        .rpc()
+        .advertise(
+            "svc.echo",
+            macula_runtime::rpc::AdvertiseOptions::default(),
+            |r: macula_runtime::rpc::Request| async move {
+                Ok::<_, macula_runtime::rpc::HandlerError>(r.payload)
+            },
+        )
+        .await
+        .expect("advertise");
+    let reply = node.rpc().call("svc.echo", "hi").await.expect("call");
+    assert_eq!(reply.payload, "hi");
+    let services: serde_json::Value = admin.json("/admin/services").await;
+    assert_eq!(services["node_id"], node.node_id().to_string());
+    assert_eq!(services["local"][0]["procedure"], "svc.echo");
+    assert_eq!(services["mesh"][0]["procedure"], "svc.echo");
+    assert_eq!(
+        services["mesh"][0]["providers"][0]["node_id"],
+        node.node_id().to_string()
+    );
+    assert!(services["mesh_error"].is_null(), "{services}");
+
     let m = admin.get("/metrics").await;
+    assert_eq!(sample(&m.body, "macula_rpc_calls_total"), 1.0);
+    assert_eq!(sample(&m.body, "macula_rpc_advertised"), 1.0);
+    assert_eq!(
+        sample(
+            &m.body,
+            "macula_rpc_duration_seconds_count{procedure=\"svc.echo\"}"
+        ),
+        1.0
+    );
+    drop(reg);
     assert_eq!(m.status, 200);
     assert!(
         m.header("content-type")
