@@ -299,10 +299,13 @@ fn admin_port_in_use_is_a_clear_error() {
 #[test]
 fn read_commands_have_complete_help() {
     let out = read_ok(&["--help"]);
-    for sub in ["nodes", "health", "metrics"] {
+    for sub in [
+        "start", "identity", "bench", "nodes", "health", "metrics", "services", "pub", "sub",
+        "trace", "call", "serve", "dht",
+    ] {
         assert!(out.contains(sub), "{sub} missing from help:\n{out}");
     }
-    for sub in ["nodes", "health", "metrics"] {
+    for sub in ["nodes", "health", "metrics", "services"] {
         let out = read_ok(&[sub, "--help"]);
         for needle in ["--http", "--json", "MACULA_HTTP", "127.0.0.1:8080"] {
             assert!(
@@ -313,4 +316,36 @@ fn read_commands_have_complete_help() {
     }
     let out = read_ok(&["metrics", "--help"]);
     assert!(out.contains("--raw") && out.contains("FILTER"), "{out}");
+    // Mesh commands document how they join and what they print.
+    for (sub, needles) in [
+        (
+            "call",
+            &[
+                "--timeout",
+                "--retries",
+                "--strategy",
+                "--connect",
+                "--json",
+            ][..],
+        ),
+        (
+            "serve",
+            &[
+                "--echo",
+                "--reply",
+                "--weight",
+                "--max-concurrent",
+                "--connect",
+            ][..],
+        ),
+        ("trace", &["PATTERN", "--count", "--connect", "--json"][..]),
+    ] {
+        let out = read_ok(&[sub, "--help"]);
+        for needle in needles {
+            assert!(
+                out.contains(needle),
+                "{needle} missing from {sub} help:\n{out}"
+            );
+        }
+    }
 }

@@ -350,3 +350,50 @@ async fn round_robin_spreads_and_a_withdrawn_provider_is_skipped() {
         assert_eq!(r.payload, Bytes::from("2"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_in_flight_limit_answers_overloaded_at_once() {
+    init_tracing();
+    let node = start(NodeConfig {
+        rpc: macula_runtime::rpc::RpcLimits {
+            max_inflight_calls: 1,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let _reg = node
+        .rpc()
+        .advertise(
+            "svc.wait",
+            AdvertiseOptions::default(),
+            move |_r: Request| {
+                let g = g.clone();
+                async move {
+                    g.notified().await;
+                    Ok::<Bytes, HandlerError>(Bytes::from("done"))
+                }
+            },
+        )
+        .await
+        .expect("advertise");
+    let rpc = node.rpc().clone();
+    let first = tokio::spawn(async move { rpc.call("svc.wait", "").await });
+    eventually(STEP, "first call in flight", || {
+        node.rpc().counters().inflight_calls.load(Relaxed) == 1
+    })
+    .await;
+    match node.rpc().call("svc.wait", "").await {
+        Err(RpcError::Overloaded { provider: None, .. }) => {}
+        other => panic!("expected the caller's own limit, got {other:?}"),
+    }
+    assert_eq!(
+        node.rpc().counters().caller_overloaded_total.load(Relaxed),
+        1
+    );
+    gate.notify_one();
+    let r = within(STEP, "first call", first).await.expect("joins");
+    assert_eq!(r.expect("first call").payload, Bytes::from("done"));
+}
