@@ -81,7 +81,7 @@ const LARGE: usize = 1024;
 #[derive(clap::Args, Debug)]
 pub struct PubsubArgs {
     /// Messages per throughput run: 64 B, 1 KiB and fan-out (1..=1000000).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 500_000)]
     count: usize,
     /// Messages per latency run: one in flight, and paced (1..=100000).
     #[arg(long, default_value_t = 20_000)]
