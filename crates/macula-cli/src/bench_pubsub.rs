@@ -72,6 +72,8 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(60);
 /// A child gets this long to leave the mesh after its stdin closes; then it
 /// is killed.
 const CHILD_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long dropping the children waits for killed ones to be reaped.
+const CHILD_REAP_WAIT: Duration = Duration::from_secs(2);
 /// Progress lines on stderr at most this often during a long phase.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// The two payload sizes measured.
@@ -454,6 +456,24 @@ impl Children {
             {
                 tracing::warn!("a bench subscriber did not exit in time; killing it");
                 let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+impl Drop for Children {
+    /// Kills whatever is still running and reaps it (bounded), so no child
+    /// outlives the benchmark on any exit path: errors, timeouts, Ctrl-C.
+    fn drop(&mut self) {
+        for c in &mut self.procs {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.start_kill();
+            }
+        }
+        let deadline = Instant::now() + CHILD_REAP_WAIT;
+        for c in &mut self.procs {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
