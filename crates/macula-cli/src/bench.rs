@@ -28,9 +28,13 @@ pub enum BenchCommand {
     /// In-process pub/sub: publish-to-receive latency and throughput on one
     /// node (no network hop).
     Local(LocalArgs),
-    /// Pub/sub between two nodes over QUIC on 127.0.0.1: latency with one
-    /// message in flight, then throughput.
-    Pubsub(LocalArgs),
+    /// Pub/sub between node processes over QUIC on 127.0.0.1: latency (one
+    /// message in flight, and paced), throughput at 64 B and 1 KiB, fan-out.
+    /// Starts (and stops) the subscriber node processes itself.
+    Pubsub(crate::bench_pubsub::PubsubArgs),
+    /// A subscriber node process of `bench pubsub` (started by it).
+    #[command(hide = true)]
+    PubsubNode(crate::bench_pubsub::NodeArgs),
     /// RPC between two node processes on 127.0.0.1 (this one calls, a
     /// child `macula serve` answers): latency, concurrent throughput, and
     /// pooled versus new connection per call.
@@ -84,17 +88,42 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Local(args) => tokio::time::timeout(MAX_RUNTIME, local(args))
             .await
             .context("benchmark exceeded its time limit")?,
-        BenchCommand::Pubsub(args) => tokio::time::timeout(MAX_RUNTIME, remote_pubsub(args))
-            .await
-            .context("benchmark exceeded its time limit")?,
+        BenchCommand::Pubsub(args) => {
+            // Returning drops the benchmark, and with it the handles that
+            // kill its child processes: also on Ctrl-C and SIGTERM.
+            let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_pubsub::run(args));
+            tokio::select! {
+                r = bench => r.context("benchmark exceeded its time limit")?,
+                signal = interrupted() => {
+                    anyhow::bail!("interrupted by {signal}; subscriber processes stopped")
+                }
+            }
+        }
+        BenchCommand::PubsubNode(args) => crate::bench_pubsub::node(args).await,
         BenchCommand::Rpc(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_rpc::run(args))
             .await
             .context("benchmark exceeded its time limit")?,
     }
 }
 
+/// Resolves on SIGINT or SIGTERM, with the signal's name (never, if the
+/// handlers cannot be installed).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
 /// "debug" or "release": every figure says which build produced it.
-fn build_kind() -> &'static str {
+pub(crate) fn build_kind() -> &'static str {
     if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -103,7 +132,7 @@ fn build_kind() -> &'static str {
 }
 
 /// Appended to the text headline of a debug build's figures.
-fn debug_note() -> &'static str {
+pub(crate) fn debug_note() -> &'static str {
     if cfg!(debug_assertions) {
         " (DEBUG build: use --release for figures)"
     } else {
@@ -458,99 +487,6 @@ async fn local(args: LocalArgs) -> anyhow::Result<()> {
         writeln!(out, "  throughput                       {published_per_sec:>10.0} published/s   {delivered_per_sec:>10.0} delivered/s   {lagged} dropped to a slow consumer of {n}")?;
     }
     node.shutdown().await;
-    Ok(())
-}
-
-async fn remote_pubsub(args: LocalArgs) -> anyhow::Result<()> {
-    use futures::StreamExt;
-    anyhow::ensure!(
-        (1..=1_000_000).contains(&args.count),
-        "--count must be between 1 and 1000000"
-    );
-    anyhow::ensure!(args.size <= 64 * 1024, "--size must be at most 65536");
-    let publisher = local_node().await?;
-    let subscriber = Node::builder()
-        .realm("bench")
-        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .bootstrap([publisher.local_addr().to_string()])
-        .start()
-        .await?;
-    subscriber.dht().wait_bootstrapped().await?;
-    let payload = bytes::Bytes::from(vec![7u8; args.size]);
-
-    // Latency: one message in flight (the subscriber is polled right here).
-    let mut sub = subscriber.subscribe("bench.remote.*").await?;
-    // Warm up: interest lookup, connection, first frames.
-    publisher
-        .publish("bench.remote.lat", payload.clone())
-        .await?;
-    sub.next().await.context("subscription closed")?;
-    let n_lat = args.count.min(20_000);
-    let mut lat = Vec::with_capacity(n_lat);
-    for _ in 0..n_lat {
-        let t = Instant::now();
-        publisher
-            .publish("bench.remote.lat", payload.clone())
-            .await?;
-        sub.next().await.context("subscription closed")?;
-        lat.push(t.elapsed());
-    }
-    let lat = summarize(&mut lat);
-
-    // Throughput: publish flat out; the subscriber drains in its own task.
-    let n = args.count;
-    let consumer = count_until(sub, "bench.remote.end");
-    let t = Instant::now();
-    for _ in 0..n {
-        publisher
-            .publish("bench.remote.data", payload.clone())
-            .await?;
-    }
-    let publish_secs = t.elapsed().as_secs_f64();
-    // Let the queue to the subscriber drain, so the end marker is not one of
-    // the messages dropped at a full queue.
-    publisher
-        .runtime()
-        .pubsub()
-        .flush(Duration::from_secs(60))
-        .await;
-    publisher
-        .publish("bench.remote.end", bytes::Bytes::new())
-        .await?;
-    let (got, lagged) = tokio::time::timeout(Duration::from_secs(120), consumer)
-        .await
-        .context("subscriber did not finish")??;
-    let secs = t.elapsed().as_secs_f64();
-    let c = publisher.runtime().pubsub().counters();
-    let dropped_at_publisher = c
-        .remote_dropped_total
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let v = serde_json::json!({
-            "bench": "pubsub",
-            "count": n,
-            "payload_bytes": args.size,
-            "build": build_kind(),
-            "latency": lat,
-            "published_per_sec": n as f64 / publish_secs,
-            "delivered_per_sec": got as f64 / secs,
-            "delivered": got,
-            "lagged_at_subscriber": lagged,
-            "dropped_at_publisher": dropped_at_publisher,
-        });
-        writeln!(out, "{v}")?;
-    } else {
-        let build = debug_note();
-        writeln!(
-            out,
-            "pub/sub benchmark: two nodes over QUIC on 127.0.0.1, {}-byte payloads{build}",
-            args.size
-        )?;
-        writeln!(out, "  latency (publish -> remote subscriber)  p50 {:>8.1} us   p99 {:>8.1} us   ({n_lat} messages, one in flight)", lat.p50_us, lat.p99_us)?;
-        writeln!(out, "  throughput   {:>10.0} published/s   {:>10.0} delivered/s   delivered {got} of {n}, {lagged} lagged at the subscriber, {dropped_at_publisher} dropped at the publisher", n as f64 / publish_secs, got as f64 / secs)?;
-    }
-    futures::future::join_all([publisher.shutdown(), subscriber.shutdown()]).await;
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 
 mod admin_cli;
 mod bench;
+mod bench_pubsub;
 mod bench_rpc;
 mod config;
 mod dht_cli;

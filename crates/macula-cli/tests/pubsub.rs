@@ -88,6 +88,107 @@ fn sub_through_c_receives_what_pub_through_a_sends() {
     }
 }
 
+/// `macula pub` through `via` in the background: `count` messages at `rate`.
+fn pub_proc(via: &str, topic: &str, data: &str, count: u64, rate: u64) -> Proc {
+    Proc::spawn(&[
+        "pub",
+        topic,
+        data,
+        "--count",
+        &count.to_string(),
+        "--rate",
+        &rate.to_string(),
+        "--realm",
+        REALM,
+        "--connect",
+        via,
+    ])
+}
+
+#[test]
+fn ten_thousand_messages_arrive_in_order_per_publisher_without_duplicates() {
+    // Two publishers at once, through A and through B; the subscriber joins
+    // through C (which knows only B). Paced so that no queue legitimately
+    // overflows: then nothing may be missing either.
+    const FROM_A: u64 = 10_000;
+    const FROM_B: u64 = 2_000;
+    let (mut nodes, addrs, _dirs) = line();
+    let total = FROM_A + FROM_B;
+    let mut sub = Proc::spawn(&[
+        "sub",
+        "sensor.**",
+        "--count",
+        &total.to_string(),
+        "--json",
+        "--realm",
+        REALM,
+        "--connect",
+        &addrs[2],
+    ]);
+    sub.wait_for(&["subscribed to sensor.**"]);
+    let mut pubs = [
+        pub_proc(&addrs[0], "sensor.temp.room1", "a", FROM_A, 2_500),
+        pub_proc(&addrs[1], "sensor.hum.room2", "b", FROM_B, 500),
+    ];
+
+    // publisher -> (payload, seqs in arrival order)
+    let mut by_publisher: std::collections::BTreeMap<String, (String, Vec<u64>)> =
+        Default::default();
+    let mut other = Vec::new();
+    let mut events = 0u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while events < total {
+        let Some(line) = sub.next_line(deadline) else {
+            panic!("{events} of {total} events before the deadline; other output: {other:?}");
+        };
+        if !line.starts_with('{') {
+            other.push(line);
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+        let publisher = v["publisher"].as_str().expect("publisher").to_string();
+        let payload = v["payload"].as_str().expect("payload").to_string();
+        let seq = v["seq"].as_u64().expect("seq");
+        let entry = by_publisher
+            .entry(publisher)
+            .or_insert_with(|| (payload.clone(), Vec::new()));
+        assert_eq!(entry.0, payload, "one payload per publisher");
+        entry.1.push(seq);
+        events += 1;
+    }
+    let status = sub.wait_exit(WAIT).expect("sub exits after --count");
+    assert!(status.success(), "sub: {status}");
+    for p in &mut pubs {
+        let status = p.wait_exit(WAIT).expect("pub exits");
+        assert!(status.success(), "pub: {status}; {:?}", p.seen);
+    }
+
+    assert_eq!(
+        by_publisher.len(),
+        2,
+        "two publishers: {:?}",
+        by_publisher.keys()
+    );
+    for (publisher, (payload, seqs)) in &by_publisher {
+        let want = if payload == "a" { FROM_A } else { FROM_B };
+        // In order, no duplicate, none missing: exactly 1, 2, ..., want.
+        let first_bad = seqs
+            .iter()
+            .zip(1u64..)
+            .position(|(got, expected)| *got != expected);
+        assert!(
+            first_bad.is_none() && seqs.len() as u64 == want,
+            "publisher {publisher} ({payload:?}): {} events, first out of place at {first_bad:?} \
+             (around {:?}); sub said {other:?}",
+            seqs.len(),
+            first_bad.map(|i| &seqs[i.saturating_sub(2)..(i + 3).min(seqs.len())]),
+        );
+    }
+    for n in &mut nodes {
+        assert_eq!(n.terminate(), Some(0));
+    }
+}
+
 #[test]
 fn pub_and_sub_refuse_bad_topics_with_the_reason() {
     // Checked before joining, so no mesh is needed to see the error.
@@ -107,4 +208,118 @@ fn pub_and_sub_refuse_bad_topics_with_the_reason() {
     ]));
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("--rate"), "{out}");
+}
+
+/// `macula bench pubsub` with small counts, as a test: it starts its own
+/// subscriber processes and prints one JSON object with the figures.
+fn bench_command(extra: &[&str]) -> std::process::Command {
+    let mut args = vec![
+        "bench",
+        "pubsub",
+        "--json",
+        "--latency-count",
+        "200",
+        "--fanout",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = command(&args);
+    // Connection logs of the children would only be noise here.
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+#[test]
+fn bench_pubsub_json_has_positive_figures() {
+    let (code, out) = run(bench_command(&["--count", "2000"]));
+    assert_eq!(code, Some(0), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("{\"bench\""))
+        .unwrap_or_else(|| panic!("no JSON object in:\n{out}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+    let positive = |path: &str| {
+        let x = v.pointer(path).and_then(|x| x.as_f64());
+        assert!(x.is_some_and(|x| x > 0.0), "{path} = {x:?} in {v}");
+    };
+    for key in [
+        "/msgs_per_sec",
+        "/p50_us",
+        "/p99_us",
+        "/p999_us",
+        "/throughput_64/delivered_per_sec",
+        "/throughput_64/published_per_sec",
+        "/throughput_1k/delivered_per_sec",
+        "/latency_one_in_flight/one_way/p50_us",
+        "/latency_one_in_flight/one_way/p99_us",
+        "/latency_paced/one_way/p99_us",
+        "/latency_paced/achieved_rate",
+        "/fanout/total_delivered_per_sec",
+        "/fanout/min_per_subscriber_per_sec",
+    ] {
+        positive(key);
+    }
+    assert_eq!(v["fanout"]["subscribers"], 2, "{v}");
+    for d in v["fanout"]["per_subscriber"]
+        .as_array()
+        .expect("per_subscriber")
+    {
+        assert!(d["delivered"].as_u64().is_some_and(|n| n > 0), "{d}");
+        assert_eq!(d["out_of_order"], 0, "{d}");
+    }
+    for key in [
+        "/throughput_64/per_subscriber/0/out_of_order",
+        "/throughput_1k/per_subscriber/0/out_of_order",
+        "/latency_one_in_flight/out_of_order",
+        "/latency_paced/out_of_order",
+    ] {
+        assert_eq!(v.pointer(key), Some(&serde_json::json!(0)), "{key} in {v}");
+    }
+    // One message in flight and paced: nothing may be lost.
+    assert_eq!(v["latency_paced"]["delivered"], 200, "{v}");
+}
+
+/// Child processes of `pid` (from every thread's `children` list).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Gone, or a zombie waiting to be reaped: not running any more.
+fn is_dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S ...": the state follows the command's closing paren.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+#[test]
+fn bench_pubsub_stops_its_children_when_interrupted() {
+    let mut bench = Proc::spawn_cmd(bench_command(&["--count", "1000000"]));
+    // Wait until it is busy measuring, with its child running.
+    bench.wait_for(&["bench pubsub: latency"]);
+    let kids = children_of(bench.child.id());
+    assert!(!kids.is_empty(), "the bench has a subscriber process");
+    assert_eq!(bench.terminate(), Some(1), "{:?}", bench.seen);
+    bench.wait_for(&["interrupted by SIGTERM"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !kids.iter().all(|k| is_dead(*k)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscriber processes {kids:?} still running after the bench exited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -101,6 +101,28 @@ impl Proc {
             .to_string()
     }
 
+    /// The next output line (stdout or stderr) that arrives before
+    /// `deadline`, or `None` when the deadline passes or the process closed
+    /// both pipes. The line is not added to `seen`.
+    pub fn next_line(&mut self, deadline: Instant) -> Option<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.lines.recv_timeout(left).ok()
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then the exit code (bounded wait).
     pub fn terminate(&mut self) -> Option<i32> {
         unsafe {
