@@ -108,7 +108,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 /// Resolves on SIGINT or SIGTERM, with the signal's name (never, if the
 /// handlers cannot be installed).
-async fn interrupted() -> &'static str {
+pub(crate) async fn interrupted() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::interrupt()),

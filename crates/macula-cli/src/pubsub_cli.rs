@@ -132,7 +132,7 @@ async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
     };
     eprintln!("subscribed to {}", a.pattern);
     let mut seen = 0u64;
-    let interrupted = tokio::signal::ctrl_c();
+    let interrupted = crate::bench::interrupted();
     tokio::pin!(interrupted);
     loop {
         if a.count.is_some_and(|n| seen >= n) {

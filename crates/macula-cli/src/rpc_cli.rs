@@ -106,7 +106,7 @@ async fn calls(node: &Node, a: &CallArgs, strategy: Strategy) -> anyhow::Result<
     let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut last_error = None;
     let mut latencies = Vec::with_capacity(a.count.min(100_000) as usize);
-    let interrupted = tokio::signal::ctrl_c();
+    let interrupted = crate::bench::interrupted();
     tokio::pin!(interrupted);
     for i in 0..a.count {
         if i > 0 && a.interval > 0 {

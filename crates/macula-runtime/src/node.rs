@@ -839,7 +839,11 @@ impl NodeRuntime {
         }
         // Take no new requests and withdraw advertisements first, so callers
         // fail over while this node's connections are still up.
-        self.0.rpc.begin_shutdown(SHUTDOWN_GRACE).await;
+        // Withdraw pub/sub interest and RPC advertisements together.
+        tokio::join!(
+            self.0.rpc.begin_shutdown(SHUTDOWN_GRACE),
+            self.0.pubsub.withdraw_all(SHUTDOWN_GRACE),
+        );
         // Deliver what was published before shutdown began (bounded), while
         // connections are still up.
         if !self.0.pubsub.flush(SHUTDOWN_GRACE).await {

@@ -55,6 +55,13 @@ pub const INTEREST_TTL: std::time::Duration = std::time::Duration::from_secs(600
 /// more than this long after the subscription was dropped is not sent to its
 /// node for it.
 pub const INTEREST_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// An expired interest entry younger than this is still used while a
+/// background lookup refreshes it, so a slow DHT delays what publishers learn
+/// (by the lookup's duration) instead of stalling every publish.
+pub const INTEREST_STALE_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a publish waits for the refresh of an expired interest entry
+/// before using the expired one (the refresh goes on in the background).
+pub const INTEREST_REFRESH_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 /// Rendezvous names whose interest a publisher caches at once.
 pub const INTEREST_CACHE_CAPACITY: usize = 1024;
 /// Messages queued for one remote node; past this, new ones to it are
@@ -459,6 +466,13 @@ struct Inner {
     /// Serialises interest updates so the last DHT put carries the full set.
     interest_lock: tokio::sync::Mutex<()>,
     interest_cache: Mutex<HashMap<String, InterestEntry>>,
+    /// Rendezvous names under which this node has a non-empty interest
+    /// record in the DHT (what graceful shutdown withdraws).
+    published_names: Mutex<std::collections::HashSet<String>>,
+    /// Set by `withdraw_all`: the node is leaving; interest is not updated.
+    leaving: AtomicBool,
+    /// Rendezvous names being refreshed in the background (one lookup each).
+    refreshing: Mutex<std::collections::HashSet<String>>,
     /// Held while assigning a sequence number and queueing the message to
     /// every target, so each peer queue sees a publisher's messages in order.
     order: Mutex<()>,
@@ -568,6 +582,9 @@ impl PubSub {
             mesh,
             interest_lock: tokio::sync::Mutex::new(()),
             interest_cache: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(std::collections::HashSet::new()),
+            published_names: Mutex::new(std::collections::HashSet::new()),
+            leaving: AtomicBool::new(false),
             order: Mutex::new(()),
             outbound: Mutex::new(HashMap::new()),
             routes: Mutex::new(Routes::default()),
@@ -843,46 +860,19 @@ impl PubSub {
     }
 
     /// Nodes other than this one with a pattern matching `topic`, and the
-    /// oldest fetch time of the interest entries used.
+    /// oldest fetch time of the interest entries used. The topic's two
+    /// rendezvous names are read concurrently.
     async fn interested_nodes(
         &self,
         link: &MeshLink,
         topic: &Topic,
     ) -> (Vec<NodeId>, std::time::Instant) {
+        let names = lookup_names(&link.realm, topic);
+        let found =
+            futures::future::join_all(names.into_iter().map(|n| self.interest_for(link, n))).await;
         let mut out: Vec<NodeId> = Vec::new();
         let mut oldest = std::time::Instant::now();
-        for name in lookup_names(&link.realm, topic) {
-            let (nodes, fetched) = match self.cached_interest(&name) {
-                Some(n) => n,
-                None => {
-                    let key = macula_wire::dht_key(name.as_bytes());
-                    let fetched = std::time::Instant::now();
-                    match link.dht.get_fresh(key).await {
-                        Ok(records) => {
-                            let nodes: Vec<(NodeId, Vec<Pattern>)> = records
-                                .into_iter()
-                                .map(|r| {
-                                    let text = String::from_utf8_lossy(&r.value);
-                                    let pats = text
-                                        .lines()
-                                        .filter_map(|l| {
-                                            Pattern::with_limits(l, &self.0.limits).ok()
-                                        })
-                                        .collect();
-                                    (r.publisher, pats)
-                                })
-                                .collect();
-                            tracing::debug!(name = %name, nodes = ?nodes.iter().map(|(n, p)| (n.short(), p.len())).collect::<Vec<_>>(), "interest looked up");
-                            self.cache_interest(name, nodes.clone(), fetched);
-                            (nodes, fetched)
-                        }
-                        Err(e) => {
-                            tracing::debug!(name = %name, error = %e, "interest lookup failed");
-                            (Vec::new(), fetched)
-                        }
-                    }
-                }
-            };
+        for (nodes, fetched) in found {
             oldest = oldest.min(fetched);
             for (node, pats) in nodes {
                 if node != self.0.node_id
@@ -896,6 +886,89 @@ impl PubSub {
         (out, oldest)
     }
 
+    /// Interest under one rendezvous name: fresh from the cache; else, if
+    /// the cached entry is younger than `INTEREST_STALE_MAX`, a refresh
+    /// awaited for at most `INTEREST_REFRESH_WAIT` and the old entry if it
+    /// takes longer (a DHT slower than the cache TTL must not stall every
+    /// publish); else a lookup.
+    #[allow(clippy::type_complexity)]
+    async fn interest_for(
+        &self,
+        link: &MeshLink,
+        name: String,
+    ) -> (Vec<(NodeId, Vec<Pattern>)>, std::time::Instant) {
+        match self.cached_interest(&name) {
+            Some((nodes, fetched)) if fetched.elapsed() < INTEREST_CACHE_TTL => (nodes, fetched),
+            Some((nodes, fetched)) if fetched.elapsed() < INTEREST_STALE_MAX => {
+                let first = self
+                    .0
+                    .refreshing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone());
+                if !first {
+                    // Another publish is refreshing it right now.
+                    return (nodes, fetched);
+                }
+                let this = self.clone();
+                let refresh = tokio::spawn(async move {
+                    let res = match &this.0.mesh {
+                        Some(link) => Some(this.lookup_interest(link, name.clone()).await),
+                        None => None,
+                    };
+                    this.0
+                        .refreshing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&name);
+                    res
+                });
+                // A healthy DHT answers well within the wait: the bound of
+                // `INTEREST_CACHE_TTL` holds. A slow one finishes in the
+                // background while this publish uses the previous answer.
+                match tokio::time::timeout(INTEREST_REFRESH_WAIT, refresh).await {
+                    Ok(Ok(Some(fresh))) => fresh,
+                    _ => (nodes, fetched),
+                }
+            }
+            _ => self.lookup_interest(link, name).await,
+        }
+    }
+
+    /// Reads the interest records under `name` from the DHT and caches them
+    /// (a failed lookup caches nothing and yields no nodes).
+    #[allow(clippy::type_complexity)]
+    async fn lookup_interest(
+        &self,
+        link: &MeshLink,
+        name: String,
+    ) -> (Vec<(NodeId, Vec<Pattern>)>, std::time::Instant) {
+        let key = macula_wire::dht_key(name.as_bytes());
+        let fetched = std::time::Instant::now();
+        match link.dht.get_fresh(key).await {
+            Ok(records) => {
+                let nodes: Vec<(NodeId, Vec<Pattern>)> = records
+                    .into_iter()
+                    .map(|r| {
+                        let text = String::from_utf8_lossy(&r.value);
+                        let pats = text
+                            .lines()
+                            .filter_map(|l| Pattern::with_limits(l, &self.0.limits).ok())
+                            .collect();
+                        (r.publisher, pats)
+                    })
+                    .collect();
+                tracing::debug!(name = %name, nodes = ?nodes.iter().map(|(n, p)| (n.short(), p.len())).collect::<Vec<_>>(), "interest looked up");
+                self.cache_interest(name, nodes.clone(), fetched);
+                (nodes, fetched)
+            }
+            Err(e) => {
+                tracing::debug!(name = %name, error = %e, "interest lookup failed");
+                (Vec::new(), fetched)
+            }
+        }
+    }
+
     #[allow(clippy::type_complexity)]
     fn cached_interest(
         &self,
@@ -906,10 +979,7 @@ impl PubSub {
             .interest_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        cache
-            .get(name)
-            .filter(|e| e.fetched.elapsed() < INTEREST_CACHE_TTL)
-            .map(|e| (e.nodes.clone(), e.fetched))
+        cache.get(name).map(|e| (e.nodes.clone(), e.fetched))
     }
 
     fn cache_interest(
@@ -924,7 +994,7 @@ impl PubSub {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if cache.len() >= INTEREST_CACHE_CAPACITY && !cache.contains_key(&name) {
-            cache.retain(|_, e| e.fetched.elapsed() < INTEREST_CACHE_TTL);
+            cache.retain(|_, e| e.fetched.elapsed() < INTEREST_STALE_MAX);
             if cache.len() >= INTEREST_CACHE_CAPACITY {
                 let oldest = cache
                     .iter()
@@ -962,6 +1032,10 @@ impl PubSub {
             return Ok(());
         };
         let _serial = self.0.interest_lock.lock().await;
+        if self.0.leaving.load(Relaxed) {
+            // `withdraw_all` has withdrawn (or is withdrawing) everything.
+            return Ok(());
+        }
         let patterns: Vec<String> = {
             let st = self.state();
             let mut v: Vec<String> = st
@@ -980,10 +1054,53 @@ impl PubSub {
             .put(key, patterns.join("\n").into_bytes(), INTEREST_TTL)
             .await
             .map_err(|e| e.to_string())?;
+        {
+            let mut published = self
+                .0
+                .published_names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if patterns.is_empty() {
+                published.remove(name);
+            } else {
+                published.insert(name.to_string());
+            }
+        }
         if patterns.is_empty() {
             link.dht.unpublish(key).await.map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// Graceful shutdown: withdraws every interest record this node has in
+    /// the DHT (bounded by `limit`), so publishers stop sending here at once
+    /// instead of until the records expire. Later subscription changes no
+    /// longer touch the DHT.
+    pub async fn withdraw_all(&self, limit: std::time::Duration) {
+        let Some(link) = &self.0.mesh else {
+            return;
+        };
+        let work = async {
+            let _serial = self.0.interest_lock.lock().await;
+            self.0.leaving.store(true, Relaxed);
+            let names: Vec<String> = self
+                .0
+                .published_names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .collect();
+            for name in names {
+                let key = macula_wire::dht_key(name.as_bytes());
+                if let Err(e) = link.dht.put(key, Vec::new(), INTEREST_TTL).await {
+                    tracing::debug!(name = %name, error = %e, "could not withdraw interest");
+                }
+                let _ = link.dht.unpublish(key).await;
+            }
+        };
+        if tokio::time::timeout(limit, work).await.is_err() {
+            tracing::warn!("shutdown: pub/sub interest not all withdrawn in time");
+        }
     }
 
     /// A PUBLISH from node `from`: checked, deduplicated, delivered locally.
@@ -1561,7 +1678,11 @@ impl Drop for Subscription {
             let ps = PubSub(inner.clone());
             rt.spawn(async move {
                 if let Err(e) = ps.update_interest(&name).await {
-                    tracing::warn!(name = %name, error = %e, "could not withdraw pub/sub interest");
+                    if ps.0.leaving.load(Relaxed) {
+                        tracing::debug!(name = %name, error = %e, "interest update skipped: leaving");
+                    } else {
+                        tracing::warn!(name = %name, error = %e, "could not withdraw pub/sub interest");
+                    }
                 }
             });
         }

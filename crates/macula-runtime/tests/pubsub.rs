@@ -297,3 +297,35 @@ async fn a_malformed_batch_closes_only_its_data_stream() {
     }
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_withdraws_interest_at_once() {
+    init_tracing();
+    let a = start(config()).await;
+    let b = start(boot(&a)).await;
+    joined(&b).await;
+    let _sub = within(STEP, "subscribe", b.pubsub().subscribe_mesh("news.**"))
+        .await
+        .expect("subscribe");
+    let pattern = macula_pubsub::Pattern::new("news.**").expect("pattern");
+    let name = macula_pubsub::rendezvous::interest_name(b.realm(), &pattern);
+    let key = macula_wire::dht_key(name.as_bytes());
+    let live = |records: &[macula_runtime::dht::DhtRecord]| {
+        records
+            .iter()
+            .filter(|r| r.publisher == b.node_id() && !r.value.is_empty())
+            .count()
+    };
+    let before = within(STEP, "lookup", a.dht().get_fresh(key))
+        .await
+        .expect("lookup");
+    assert_eq!(live(&before), 1, "B's interest is in the DHT");
+
+    // Shutdown with the subscription still alive: the record is emptied
+    // before B leaves, not left to expire.
+    within(STEP, "shutdown", b.shutdown()).await;
+    let after = within(STEP, "lookup", a.dht().get_fresh(key))
+        .await
+        .expect("lookup");
+    assert_eq!(live(&after), 0, "B's interest was withdrawn: {after:?}");
+}
