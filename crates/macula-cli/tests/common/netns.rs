@@ -64,7 +64,7 @@ pub fn unsupported() -> Option<String> {
             .map(|s| s.success())
             .unwrap_or(false);
         if !ok {
-            return Some(format!("`{tool}` not found (install {pkg})"));
+            return Some(format!("needs `{tool}` (install {pkg})"));
         }
     }
     None
@@ -73,10 +73,13 @@ pub fn unsupported() -> Option<String> {
 /// True when the calling test must return early (it then passes as
 /// skipped): prints why to stderr. Panics instead when
 /// `MACULA_TEST_REQUIRE_NETNS=1`.
-pub fn skip(test: &str) -> bool {
+pub fn skip() -> bool {
     let Some(why) = unsupported() else {
         return false;
     };
+    // libtest names each test's thread after the test.
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{test}: network namespace test cannot run: {why} ({REQUIRE_ENV}=1)");
     }
@@ -310,16 +313,9 @@ impl Topology {
                 "lan0",
             ]);
             sh(&["ip", "-n", &router, "link", "set", "lan0", "up"]);
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &router,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
-            ]);
+            in_netns(&router, || {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding")
+            });
             sh_input(
                 &["ip", "netns", "exec", &router, "nft", "-f", "-"],
                 NAT_RULES,
@@ -453,15 +449,7 @@ impl Host {
     /// Runs `f` on a thread inside this host's network namespace; sockets
     /// it creates stay in the namespace wherever they are used afterwards.
     pub fn in_ns<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
-        let path = format!("/run/netns/{}", self.ns);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread inside the namespace panicked")
+        in_netns(&self.ns, f)
     }
 
     /// A TCP listener on this host's address (ephemeral port).
@@ -474,6 +462,20 @@ impl Host {
     pub fn tcp_connect(&self, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
         self.in_ns(move || TcpStream::connect_timeout(&to, timeout))
     }
+}
+
+/// Runs `f` on a thread that has joined network namespace `ns` (sockets
+/// and `/proc/sys/net` files it opens belong to `ns`).
+pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread inside the namespace panicked")
 }
 
 /// Accepts one connection on `l` within `WAIT`; returns the peer's address.
