@@ -30,6 +30,7 @@
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
@@ -42,9 +43,6 @@ pub const PREFIX: &str = "mnat-";
 /// Set to 1 to make a missing prerequisite fail the test instead of skipping
 /// it (CI sets it: it runs as root and must run these tests).
 pub const REQUIRE_ENV: &str = "MACULA_TEST_REQUIRE_NETNS";
-
-/// The public segment: 198.18.0.0/24.
-pub const PUBLIC_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 static STALE: Once = Once::new();
@@ -83,7 +81,7 @@ pub fn skip() -> bool {
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{test}: network namespace test cannot run: {why} ({REQUIRE_ENV}=1)");
     }
-    eprintln!("SKIPPED {test}: network namespace test {why}; run as root to include it");
+    eprintln!("SKIPPED {test}: network namespace test {why}");
     true
 }
 
@@ -420,10 +418,22 @@ table inet filter {
 "#;
 
 impl Host {
-    /// `program args...` inside this host's namespace.
+    /// `program args...` inside this host's namespace. The process gets
+    /// SIGKILL if the thread that spawned it dies (a test binary killed
+    /// mid-run leaves nothing running; its namespaces are removed as stale
+    /// by the next run).
     pub fn command(&self, program: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, program]).args(args);
+        // SAFETY: prctl is async-signal-safe; nothing is allocated.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 
