@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_macula");
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -21,8 +23,15 @@ pub struct Proc {
 
 pub fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("RUST_LOG", "info")
+    cmd.args(args);
+    prepare(&mut cmd);
+    cmd
+}
+
+/// What every spawned process gets: info logs, piped output, no stdin, and
+/// no `MACULA_*` settings inherited from the environment.
+pub fn prepare(cmd: &mut Command) {
+    cmd.env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -31,7 +40,6 @@ pub fn command(args: &[&str]) -> Command {
             cmd.env_remove(k);
         }
     }
-    cmd
 }
 
 impl Proc {

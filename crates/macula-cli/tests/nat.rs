@@ -1,0 +1,247 @@
+//! Real NAT in network namespaces (`common::netns`): one public host and two
+//! private sites, each behind its own masquerading router. Real `macula`
+//! processes: nodes in both sites join through the public node, which sees
+//! them at their routers' WAN addresses; a direct dial from site 1 to site 2
+//! fails, at the socket level and at the macula level.
+//!
+//! Needs root, `ip` and `nft`; skipped with a message otherwise (CI sets
+//! `MACULA_TEST_REQUIRE_NETNS=1`, which turns a skip into a failure).
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::netns::{self, Spec, Topology};
+use common::*;
+
+const REALM: &str = "test.nat";
+
+fn two_sites() -> Topology {
+    Topology::build(&Spec {
+        public_hosts: 1,
+        sites: vec![1, 1],
+    })
+}
+
+/// Plain sockets: the public host is reachable from both sites and sees
+/// each at its router's WAN address; nothing private is reachable from
+/// outside its site, not even through the other router's mapping.
+#[test]
+fn nat_topology_behaves_like_nat() {
+    if netns::skip() {
+        return;
+    }
+    let t = two_sites();
+    let (p, a, b) = (t.public(0), &t.site(1).hosts[0], &t.site(2).hosts[0]);
+    let short = Duration::from_secs(2);
+
+    let public = p.tcp_listen();
+    let public_addr = public.local_addr().expect("addr");
+    for (k, host) in [(1, a), (2, b)] {
+        let _conn = host
+            .tcp_connect(public_addr, short)
+            .unwrap_or_else(|e| panic!("site {k} cannot reach the public host: {e}"));
+        let from = netns::accept_from(&public);
+        assert_eq!(
+            from.ip(),
+            IpAddr::V4(t.site(k).wan_ip),
+            "site {k} is not masqueraded"
+        );
+    }
+
+    let private_b = b.tcp_listen();
+    let b_addr = private_b.local_addr().expect("addr");
+    // Site 1 -> site 2's private address: no route.
+    let err = a
+        .tcp_connect(b_addr, short)
+        .expect_err("site 1 reached site 2");
+    eprintln!("site 1 -> {b_addr}: {err}");
+    // The public host -> site 2's private address: no route either.
+    assert!(
+        p.tcp_connect(b_addr, short).is_err(),
+        "public reached site 2"
+    );
+    // Site 1 -> site 2's router at the same port: no port forward.
+    let via_router = SocketAddr::new(IpAddr::V4(t.site(2).wan_ip), b_addr.port());
+    assert!(
+        a.tcp_connect(via_router, short).is_err(),
+        "site 1 reached site 2 through its router"
+    );
+}
+
+/// A public node and one node per site: both sites join through the public
+/// node, which lists them at their routers' WAN addresses; a macula dial
+/// from site 1 to site 2 (private address, or the router's WAN address with
+/// the node's port) fails.
+#[test]
+fn nodes_behind_nat_join_through_the_public_node_but_cannot_dial_each_other() {
+    if netns::skip() {
+        return;
+    }
+    let started = Instant::now();
+    let t = two_sites();
+    let (p, a, b) = (t.public(0), &t.site(1).hosts[0], &t.site(2).hosts[0]);
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+
+    let listen = format!("{}:0", p.ip);
+    let mut public = p.spawn(&start_args(REALM, dirs[0].path(), &["--listen", &listen]));
+    let public_addr = public.field("listen");
+    let public_http = public.field("http");
+    assert!(
+        public_addr.starts_with(&format!("{}:", p.ip)),
+        "{public_addr}"
+    );
+
+    let mut site_nodes = Vec::new();
+    for (k, host, dir) in [(1, a, &dirs[1]), (2, b, &dirs[2])] {
+        let listen = format!("{}:0", host.ip);
+        let args = start_args(
+            REALM,
+            dir.path(),
+            &["--listen", &listen, "--bootstrap", &public_addr],
+        );
+        let mut n = host.spawn(&args);
+        let id = n.field("node_id");
+        let addr = n.field("listen");
+        site_nodes.push((k, n, id, addr));
+    }
+    let b_addr: SocketAddr = site_nodes[1].3.parse().expect("site 2 listen addr");
+
+    // Direct dials from site 1 to site 2, in the background (each takes the
+    // CLI's join timeout to give up): the private address, and site 2's
+    // router at the node's port (the mapping's likely port: masquerade
+    // keeps source ports when it can).
+    let via_router = SocketAddr::new(IpAddr::V4(t.site(2).wan_ip), b_addr.port());
+    let mut dials: Vec<(String, Proc)> = [b_addr, via_router]
+        .into_iter()
+        .map(|to| {
+            let to = to.to_string();
+            let p = a.spawn(&["dht", "get", "probe", "--connect", &to, "--realm", REALM]);
+            (to, p)
+        })
+        .collect();
+
+    // Both sites join through the public node.
+    for (k, n, _, _) in &mut site_nodes {
+        n.wait_for(&["peer connected", &public_addr]);
+        n.wait_for(&["joined the DHT"]);
+        eprintln!("site {k} joined");
+    }
+
+    // The public node sees each site at its router's WAN address.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, out) = p.run(&["nodes", "--json", "--http", &public_http]);
+        assert_eq!(code, Some(0), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line");
+        let json: serde_json::Value = serde_json::from_str(line).expect("json");
+        let peers = json["peers"].as_array().expect("peers array");
+        let seen: Vec<(String, String)> = peers
+            .iter()
+            .map(|p| {
+                (
+                    p["node_id"].as_str().unwrap_or_default().to_string(),
+                    p["addr"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let all = site_nodes.iter().all(|(k, _, id, _)| {
+            seen.iter().any(|(pid, addr)| {
+                pid == id && addr.starts_with(&format!("{}:", t.site(*k).wan_ip))
+            })
+        });
+        if all {
+            for (_, addr) in &seen {
+                assert!(addr.starts_with("198.18.0."), "a private address: {out}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the public node does not list both sites at their WAN addresses: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Each site node reports itself healthy (admin API on its own loopback).
+    for (k, n, _, _) in &mut site_nodes {
+        let http = n.field("http");
+        let host = t.site(*k).hosts[0].clone();
+        let (code, out) = host.run(&["health", "--http", &http]);
+        assert_eq!(code, Some(0), "site {k} health: {out}");
+    }
+
+    // The direct dials failed.
+    for (to, d) in &mut dials {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let code = loop {
+            if let Some(status) = d.child.try_wait().expect("try_wait") {
+                break status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dial from site 1 to {to} did not give up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        d.seen.extend(d.lines.try_iter());
+        let out = d.seen.join("\n");
+        assert_eq!(code, Some(1), "dial from site 1 to {to}: {out}");
+        assert!(out.contains("could not join the mesh"), "{to}: {out}");
+    }
+
+    for (_, n, _, _) in &mut site_nodes {
+        assert_eq!(n.terminate(), Some(0));
+    }
+    assert_eq!(public.terminate(), Some(0));
+    eprintln!("took {:?}", started.elapsed());
+}
+
+/// Dropping a topology kills what runs in it and deletes its namespaces;
+/// namespaces of a dead harness process are removed by the next one.
+#[test]
+fn teardown_removes_everything() {
+    if netns::skip() {
+        return;
+    }
+    let t = two_sites();
+    let names = t.namespaces().to_vec();
+    assert_eq!(names.len(), 6, "{names:?}");
+    let mut sleeper = t.site(1).hosts[0]
+        .command("sleep", &["600"])
+        .spawn()
+        .expect("spawn sleep");
+    drop(t);
+    let deadline = Instant::now() + WAIT;
+    while sleeper.try_wait().expect("try_wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "process in the namespace survived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = netns::list_namespaces();
+    for n in &names {
+        assert!(!left.contains(n), "{n} survived the drop");
+    }
+
+    // A namespace named after a dead pid is stale.
+    let mut gone = std::process::Command::new("true").spawn().expect("true");
+    let dead = gone.id();
+    gone.wait().expect("wait");
+    let stale = format!("{}{dead}-0-sw", netns::PREFIX);
+    let st = std::process::Command::new("ip")
+        .args(["netns", "add", &stale])
+        .status()
+        .expect("ip netns add");
+    assert!(st.success());
+    let removed = netns::remove_stale();
+    assert!(removed.contains(&stale), "{removed:?}");
+    assert!(!netns::list_namespaces().contains(&stale));
+}
