@@ -177,6 +177,37 @@ fn nodes_behind_nat_join_through_the_public_node_but_cannot_dial_each_other() {
         assert_eq!(code, Some(0), "site {k} health: {out}");
     }
 
+    // Reachability: peers' dial-backs find the public node public at its
+    // address and the site nodes private (their NATs drop a dial from a
+    // socket they never sent to).
+    let reach = |host: &netns::Host, http: &str, want: &str| -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (_, out) = host.run(&["health", "--json", "--http", http]);
+            let v: serde_json::Value = out
+                .lines()
+                .find(|l| l.starts_with('{'))
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or_default();
+            if v["reachability"] == want {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reachability never became {want}: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let v = reach(p, &public_http, "public");
+    assert_eq!(v["public_addrs"][0], public_addr.as_str(), "{v}");
+    for (k, n, _, _) in &mut site_nodes {
+        let http = n.field("http");
+        let host = t.site(*k).hosts[0].clone();
+        let v = reach(&host, &http, "private");
+        assert_eq!(v["public_addrs"].as_array().map(Vec::len), Some(0), "{v}");
+    }
+
     // The direct dials failed.
     for (to, d) in &mut dials {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -79,6 +79,13 @@ pub struct HealthReport {
     pub dht_records: u64,
     /// Contacts in the DHT routing table.
     pub dht_routing_table_size: u64,
+    /// Whether peers can dial this node: `unknown`, `public` or `private`
+    /// (behind NAT or a firewall), from peers' dial-backs.
+    #[serde(default)]
+    pub reachability: String,
+    /// Where a peer's dial-back reached this node (when `public`).
+    #[serde(default)]
+    pub public_addrs: Vec<String>,
 }
 
 /// `GET /ready`.
@@ -188,6 +195,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
         node.dht().counters().clone(),
     )));
     registry.register_collector(Box::new(node.rpc().collector()));
+    registry.register_collector(Box::new(crate::reachability::ReachCollector(
+        node.reachability().counters().clone(),
+    )));
     registry.register(
         "macula_rpc_duration_seconds",
         "Call duration as the caller sees it, by procedure (at most 64 procedure labels; the rest share `_other`).",
@@ -299,6 +309,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
     let node = &s.node;
     let ready = readiness(node);
+    let reach = node.reachability().state();
     Json(HealthReport {
         status: if ready.ready { "ok" } else { "degraded" }.to_string(),
         ready: ready.ready,
@@ -315,6 +326,11 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
             .counters()
             .routing_table_size
             .load(Ordering::Relaxed),
+        reachability: reach.name().to_string(),
+        public_addrs: match reach {
+            crate::reachability::ReachState::Public { addrs } => addrs,
+            _ => Vec::new(),
+        },
     })
 }
 

@@ -21,6 +21,7 @@ pub mod peer;
 pub mod peer_addr;
 pub mod pool;
 pub mod pubsub;
+pub mod reachability;
 pub mod rpc;
 pub mod tls;
 

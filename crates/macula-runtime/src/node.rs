@@ -151,6 +151,7 @@ struct NodeShared {
     dht: DhtHandle,
     pubsub: crate::pubsub::PubSub,
     rpc: crate::rpc::Rpc,
+    reach: crate::reachability::Reachability,
 }
 
 /// Dials DHT contacts through the pool. Holds the node weakly: the DHT task
@@ -269,6 +270,7 @@ impl NodeRuntime {
                 addr: config.listen,
                 source,
             })?;
+        let reach = crate::reachability::Reachability::new(client.clone(), config.listen.ip());
         endpoint.set_default_client_config(client);
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
@@ -327,6 +329,7 @@ impl NodeRuntime {
                 }),
             );
             NodeShared {
+                reach,
                 rpc,
                 pubsub,
                 dht,
@@ -349,6 +352,7 @@ impl NodeRuntime {
         let node = NodeRuntime(shared);
         tracing::info!(node_id = %node_id, listen = %local_addr, realm = %node.0.config.realm, "node started");
         tokio::spawn(node.clone().accept_loop());
+        tokio::spawn(node.clone().check_reachability());
         for target in node.0.config.bootstrap.clone() {
             tokio::spawn(node.clone().supervise(target));
         }
@@ -365,6 +369,11 @@ impl NodeRuntime {
     }
 
     /// The node's DHT: put, get, closest.
+    /// Whether other nodes can dial this one.
+    pub fn reachability(&self) -> &crate::reachability::Reachability {
+        &self.0.reach
+    }
+
     /// This node's RPC.
     pub fn rpc(&self) -> &crate::rpc::Rpc {
         &self.0.rpc
@@ -658,6 +667,7 @@ impl NodeRuntime {
             dht: Some(self.0.dht.clone()),
             pubsub: Some(self.0.pubsub.clone()),
             rpc: Some(self.0.rpc.clone()),
+            reach: Some(self.0.reach.clone()),
         };
         let shutdown = self.0.shutdown.subscribe();
         tokio::spawn(async move {
@@ -740,11 +750,13 @@ impl NodeRuntime {
     async fn accept_one(&self, incoming: quinn::Incoming) {
         let remote = incoming.remote_address();
         let timeout = self.0.config.limits.handshake_timeout;
+        let mut probe_conn: Option<quinn::Connection> = None;
         let fut = async {
             let conn = incoming
                 .await
                 .map_err(|e| (HandshakeFailure::Tls, e.to_string()))?;
             let proved = proved_id(&conn).map_err(|e| (HandshakeFailure::Tls, e))?;
+            probe_conn = Some(conn.clone());
             if proved == self.0.node_id {
                 conn.close(close_code(DisconnectReason::Shutdown), b"self connection");
                 return Err((
@@ -766,6 +778,11 @@ impl NodeRuntime {
             Ok(Ok((peer, reader))) => {
                 let _ = self.register(peer, reader).await;
             }
+            Ok(Err(_)) if is_dial_back(probe_conn.as_ref()) => {
+                // A peer checking our reachability: the TLS handshake was
+                // all it needed.
+                tracing::debug!(remote = %remote, "answered a reachability dial-back");
+            }
             Ok(Err((failure, detail))) => {
                 self.0.metrics.handshake_failure(failure);
                 tracing::warn!(remote = %remote, error = %detail, "inbound handshake failed");
@@ -773,6 +790,33 @@ impl NodeRuntime {
             Err(_) => {
                 self.0.metrics.handshake_failure(HandshakeFailure::Timeout);
                 tracing::warn!(remote = %remote, "inbound handshake timed out");
+            }
+        }
+    }
+
+    /// Asks peers to dial this node back, now and then (see
+    /// `reachability`), until shutdown.
+    async fn check_reachability(self) {
+        use crate::reachability::{ReachState, RECHECK_INTERVAL, RETRY_INTERVAL};
+        let mut shutdown = self.0.shutdown.subscribe();
+        loop {
+            let peers = self.peers();
+            let wait = if peers.is_empty() {
+                // Nobody to ask yet.
+                Duration::from_secs(1)
+            } else {
+                let addrs = self.0.local.hello.listen_addrs.clone();
+                match self.0.reach.check(peers, addrs).await {
+                    ReachState::Unknown => RETRY_INTERVAL,
+                    _ => RECHECK_INTERVAL,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            if self.is_shutting_down() {
+                return;
             }
         }
     }
@@ -868,6 +912,15 @@ impl NodeRuntime {
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
         tracing::info!(node_id = %self.0.node_id, "node stopped");
     }
+}
+
+/// Whether `conn` was closed by a peer's reachability dial-back.
+fn is_dial_back(conn: Option<&quinn::Connection>) -> bool {
+    matches!(
+        conn.and_then(quinn::Connection::close_reason),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == close_code(DisconnectReason::DialBack)
+    )
 }
 
 /// Resolves `host:port` (names through the system resolver).

@@ -570,6 +570,22 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             }
             Next::Continue
         }
+        Ok(msg @ (Message::DialBack(_) | Message::DialBackResult(_))) => {
+            match &cfg.reach {
+                Some(r) => r.on_message(peer, msg),
+                None => {
+                    m.protocol_error(ProtocolErrorKind::Unexpected);
+                    report(
+                        peer,
+                        ErrorCode::UnexpectedMessage,
+                        "this node does not check reachability",
+                        frame.msg_type,
+                    )
+                    .await;
+                }
+            }
+            Next::Continue
+        }
         Ok(Message::Rpc(msg)) => {
             peer.touch();
             match &cfg.rpc {
@@ -813,6 +829,8 @@ pub(crate) struct DriverConfig {
     pub pubsub: Option<crate::pubsub::PubSub>,
     /// Where RPC frames from this peer go.
     pub rpc: Option<crate::rpc::Rpc>,
+    /// Where DIAL_BACK requests and results go.
+    pub reach: Option<crate::reachability::Reachability>,
 }
 
 /// Drives a connection until it closes or shutdown is signalled: reads the

@@ -13,6 +13,7 @@ pub mod dht;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod nat;
 pub mod node_id;
 pub mod pubsub;
 pub mod rpc;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
+use crate::nat::{DialBack, DialBackResult};
 use crate::node_id::NodeId;
 use crate::pubsub::{Publish, PublishBatch, PublishBatchView};
 use crate::rpc::*;
@@ -48,11 +49,13 @@ pub enum MessageType {
     RpcReply = 0x51,
     RpcError = 0x52,
     RpcCancel = 0x53,
+    DialBack = 0x70,
+    DialBackResult = 0x71,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 20] = [
+    pub const ALL: [MessageType; 22] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -73,6 +76,8 @@ impl MessageType {
         MessageType::RpcReply,
         MessageType::RpcError,
         MessageType::RpcCancel,
+        MessageType::DialBack,
+        MessageType::DialBackResult,
     ];
 
     /// Maps a type byte to a known type.
@@ -103,6 +108,8 @@ impl MessageType {
             MessageType::RpcReply => "rpc_reply",
             MessageType::RpcError => "rpc_error",
             MessageType::RpcCancel => "rpc_cancel",
+            MessageType::DialBack => "dial_back",
+            MessageType::DialBackResult => "dial_back_result",
         }
     }
 }
@@ -175,6 +182,8 @@ pub enum DisconnectReason {
     ConnectionLimit,
     /// The peer's HELLO named a different node than its certificate.
     IdentityMismatch,
+    /// A reachability dial-back: the dialer only wanted the TLS handshake.
+    DialBack,
     /// A code this version does not know.
     Other(u16),
 }
@@ -192,6 +201,7 @@ impl From<u16> for DisconnectReason {
             6 => UnsupportedVersion,
             7 => ConnectionLimit,
             8 => IdentityMismatch,
+            9 => DialBack,
             other => Other(other),
         }
     }
@@ -210,6 +220,7 @@ impl From<DisconnectReason> for u16 {
             UnsupportedVersion => 6,
             ConnectionLimit => 7,
             IdentityMismatch => 8,
+            DialBack => 9,
             Other(v) => v,
         }
     }
@@ -323,6 +334,8 @@ pub enum Message {
     Publish(Publish),
     PublishBatch(PublishBatch),
     Rpc(RpcMessage),
+    DialBack(DialBack),
+    DialBackResult(DialBackResult),
 }
 
 /// Why a message could not be encoded.
@@ -385,6 +398,8 @@ impl Message {
             Message::Error(_) => MessageType::Error,
             Message::Publish(_) => MessageType::Publish,
             Message::PublishBatch(_) => MessageType::PublishBatch,
+            Message::DialBack(_) => MessageType::DialBack,
+            Message::DialBackResult(_) => MessageType::DialBackResult,
             Message::Rpc(r) => match r {
                 RpcMessage::Call(_) => MessageType::RpcCall,
                 RpcMessage::Reply(_) => MessageType::RpcReply,
@@ -438,6 +453,8 @@ impl Message {
             Message::Publish(p) => p.validate(),
             Message::PublishBatch(b) => b.validate(),
             Message::Rpc(r) => r.validate(),
+            Message::DialBack(d) => d.validate(),
+            Message::DialBackResult(d) => d.validate(),
         }
     }
 
@@ -464,6 +481,8 @@ impl Message {
                 .write_body(out)
                 .map(|_| ())
                 .map_err(rmp_serde::encode::Error::Syntax),
+            Message::DialBack(m) => rmp_serde::encode::write_named(out, m),
+            Message::DialBackResult(m) => rmp_serde::encode::write_named(out, m),
             Message::Rpc(r) => match r {
                 RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
                 RpcMessage::Reply(m) => rmp_serde::encode::write_named(out, m),
@@ -520,6 +539,8 @@ impl Message {
                     msg_type: t,
                     reason,
                 }),
+            MessageType::DialBack => decode_body(t, body).map(Message::DialBack),
+            MessageType::DialBackResult => decode_body(t, body).map(Message::DialBackResult),
             MessageType::RpcCall => decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Call(m))),
             MessageType::RpcReply => {
                 decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Reply(m)))
@@ -878,6 +899,23 @@ mod tests {
         prop_oneof![
             arb_publish(),
             arb_rpc(),
+            (
+                any::<u64>(),
+                proptest::collection::vec(arb_string(MAX_ADDR_LEN), 0..4)
+            )
+                .prop_map(|(nonce, addrs)| Message::DialBack(DialBack { nonce, addrs })),
+            (
+                any::<u64>(),
+                proptest::option::of(arb_string(MAX_ADDR_LEN)),
+                arb_string(64)
+            )
+                .prop_map(|(nonce, reached, error)| {
+                    Message::DialBackResult(DialBackResult {
+                        nonce,
+                        reached,
+                        error,
+                    })
+                }),
             arb_dht().prop_map(Message::Dht),
             (
                 any::<[u8; 32]>(),

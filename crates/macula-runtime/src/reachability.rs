@@ -1,0 +1,381 @@
+//! Reachability: can other nodes dial this one?
+//!
+//! A node asks up to [`CHECK_PEERS`] connected peers to dial it back
+//! (DIAL_BACK). A peer dials the requester's listen ports at the IP it sees
+//! the requester at, **from a separate UDP socket** (a NAT that only lets in
+//! replies to what the requester sent out must not let the dial through just
+//! because it comes from an address the requester already talks to), checks
+//! the requester's node ID in the TLS handshake, closes with
+//! `DisconnectReason::DialBack`, and answers DIAL_BACK_RESULT. One success
+//! makes the node `Public` (at the address reached); answers that all failed
+//! make it `Private`. The check repeats every [`RECHECK_INTERVAL`] (sooner
+//! while unknown).
+//!
+//! Limits: [`MAX_CONCURRENT_DIAL_BACKS`] served at once (more are refused
+//! with a reason), each bounded by [`DIAL_BACK_TIMEOUT`], at most
+//! [`MAX_DIAL_BACK_ADDRS`] addresses per request.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use macula_wire::nat::{DialBack, DialBackResult, MAX_DIAL_BACK_ADDRS, MAX_DIAL_BACK_ERROR_LEN};
+use macula_wire::{DisconnectReason, Message, NodeId};
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::peer::{close_code, Peer};
+
+/// Peers asked per check.
+pub const CHECK_PEERS: usize = 3;
+/// Bound on one dial-back (QUIC + TLS handshake).
+pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Dial-backs served at once.
+pub const MAX_CONCURRENT_DIAL_BACKS: usize = 8;
+/// Time between checks once the answer is known.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(600);
+/// Time between checks while it is unknown (no peer answered yet).
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What this node knows about its reachability.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReachState {
+    /// Not checked yet, or no peer answered.
+    #[default]
+    Unknown,
+    /// A peer dialed us at these addresses.
+    Public { addrs: Vec<String> },
+    /// Peers tried and could not dial us: we are behind NAT or a firewall.
+    Private,
+}
+
+impl ReachState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReachState::Unknown => "unknown",
+            ReachState::Public { .. } => "public",
+            ReachState::Private => "private",
+        }
+    }
+}
+
+/// Counters, read by the metrics collector.
+#[derive(Debug, Default)]
+pub struct ReachCounters {
+    pub requests_sent_total: AtomicU64,
+    pub served_total: AtomicU64,
+    pub served_reached_total: AtomicU64,
+    pub served_refused_total: AtomicU64,
+    /// 0 unknown, 1 public, 2 private.
+    pub state: AtomicU64,
+}
+
+impl ReachCounters {
+    fn rows(&self) -> [(&'static str, &'static str, u64); 5] {
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        [
+            (
+                "macula_reachability_requests_sent_total",
+                "DIAL_BACK requests this node sent to peers.",
+                g(&self.requests_sent_total),
+            ),
+            (
+                "macula_reachability_dial_backs_total",
+                "Dial-backs this node performed for peers.",
+                g(&self.served_total),
+            ),
+            (
+                "macula_reachability_dial_backs_reached_total",
+                "Dial-backs that reached the peer.",
+                g(&self.served_reached_total),
+            ),
+            (
+                "macula_reachability_dial_backs_refused_total",
+                "DIAL_BACK requests refused (too many at once).",
+                g(&self.served_refused_total),
+            ),
+            (
+                "macula_reachability_state",
+                "This node's reachability: 0 unknown, 1 public, 2 private.",
+                g(&self.state),
+            ),
+        ]
+    }
+}
+
+/// Exposes reachability counters to the node's registry.
+#[derive(Debug, Clone)]
+pub struct ReachCollector(pub Arc<ReachCounters>);
+
+impl prometheus_client::collector::Collector for ReachCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        crate::metrics::encode_rows(&mut encoder, &self.0.rows())
+    }
+}
+
+struct Inner {
+    client_config: quinn::ClientConfig,
+    bind_ip: IpAddr,
+    probe: tokio::sync::OnceCell<Option<quinn::Endpoint>>,
+    state: Mutex<ReachState>,
+    permits: Arc<Semaphore>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<DialBackResult>>>,
+    next_nonce: AtomicU64,
+    counters: Arc<ReachCounters>,
+}
+
+/// A node's reachability service. Cheap to clone.
+#[derive(Clone)]
+pub struct Reachability(Arc<Inner>);
+
+impl std::fmt::Debug for Reachability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reachability")
+            .field("state", &*self.lock_state())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn truncate(s: &str) -> String {
+    let mut end = s.len().min(MAX_DIAL_BACK_ERROR_LEN);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// The addresses to dial for a request from a peer seen at `observed`: each
+/// claimed port at the observed IP (never another IP: a node must not be
+/// usable to make us dial third parties), without duplicates.
+pub fn dial_targets(observed: SocketAddr, claimed: &[String]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in claimed.iter().take(MAX_DIAL_BACK_ADDRS) {
+        let Ok(addr) = a.parse::<SocketAddr>() else {
+            continue;
+        };
+        let target = SocketAddr::new(observed.ip(), addr.port());
+        if addr.port() != 0 && !out.contains(&target) {
+            out.push(target);
+        }
+    }
+    out
+}
+
+impl Reachability {
+    /// `client_config` is the node's QUIC client configuration (its TLS
+    /// identity); dial-backs bind a separate socket on `bind_ip`.
+    pub(crate) fn new(client_config: quinn::ClientConfig, bind_ip: IpAddr) -> Reachability {
+        Reachability(Arc::new(Inner {
+            client_config,
+            bind_ip,
+            probe: tokio::sync::OnceCell::new(),
+            state: Mutex::new(ReachState::Unknown),
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_DIAL_BACKS)),
+            pending: Mutex::new(HashMap::new()),
+            next_nonce: AtomicU64::new(1),
+            counters: Arc::new(ReachCounters::default()),
+        }))
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, ReachState> {
+        lock(&self.0.state)
+    }
+
+    /// The current answer.
+    pub fn state(&self) -> ReachState {
+        self.lock_state().clone()
+    }
+
+    pub fn counters(&self) -> &Arc<ReachCounters> {
+        &self.0.counters
+    }
+
+    fn set_state(&self, s: ReachState) {
+        let code = match &s {
+            ReachState::Unknown => 0,
+            ReachState::Public { .. } => 1,
+            ReachState::Private => 2,
+        };
+        let mut cur = self.lock_state();
+        if *cur != s {
+            tracing::info!(reachability = s.name(), detail = ?s, "reachability changed");
+        }
+        *cur = s;
+        self.0.counters.state.store(code, Relaxed);
+    }
+
+    /// A DIAL_BACK or DIAL_BACK_RESULT from `peer` (never blocks).
+    pub(crate) fn on_message(&self, peer: &Peer, msg: Message) {
+        match msg {
+            Message::DialBack(req) => self.serve(peer, req),
+            Message::DialBackResult(res) => {
+                if let Some(tx) = lock(&self.0.pending).remove(&res.nonce) {
+                    let _ = tx.send(res);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn serve(&self, peer: &Peer, req: DialBack) {
+        let c = &self.0.counters;
+        let peer = peer.clone();
+        let Ok(permit) = self.0.permits.clone().try_acquire_owned() else {
+            c.served_refused_total.fetch_add(1, Relaxed);
+            let msg = Message::DialBackResult(DialBackResult {
+                nonce: req.nonce,
+                reached: None,
+                error: "too many dial-backs in progress; try later".into(),
+            });
+            tokio::spawn(async move {
+                let _ = peer.send(&msg).await;
+            });
+            return;
+        };
+        c.served_total.fetch_add(1, Relaxed);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let targets = dial_targets(peer.remote_addr(), &req.addrs);
+            let mut errors = Vec::new();
+            let mut reached = None;
+            for t in targets {
+                match this.dial_back(t, peer.node_id()).await {
+                    Ok(()) => {
+                        reached = Some(t.to_string());
+                        break;
+                    }
+                    Err(e) => errors.push(format!("{t}: {e}")),
+                }
+            }
+            if reached.is_some() {
+                this.0.counters.served_reached_total.fetch_add(1, Relaxed);
+            }
+            let error = if errors.is_empty() && reached.is_none() {
+                "no dialable address".to_string()
+            } else {
+                truncate(&errors.join("; "))
+            };
+            tracing::debug!(peer = %peer.node_id(), reached = ?reached, error = %error, "dial-back done");
+            let msg = Message::DialBackResult(DialBackResult {
+                nonce: req.nonce,
+                reached,
+                error,
+            });
+            let _ = peer.send(&msg).await;
+        });
+    }
+
+    /// The separate socket dial-backs leave from (created on first use).
+    async fn probe_endpoint(&self) -> Option<quinn::Endpoint> {
+        self.0
+            .probe
+            .get_or_init(|| async {
+                let bind = SocketAddr::new(self.0.bind_ip, 0);
+                match quinn::Endpoint::client(bind) {
+                    Ok(mut e) => {
+                        e.set_default_client_config(self.0.client_config.clone());
+                        Some(e)
+                    }
+                    Err(e) => {
+                        tracing::warn!(bind = %bind, error = %e, "cannot open the dial-back socket");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// Dials `addr` from the probe socket and checks that `expected` answers
+    /// (the TLS verifier checks the ID carried in SNI), then closes.
+    async fn dial_back(&self, addr: SocketAddr, expected: NodeId) -> Result<(), String> {
+        let endpoint = self
+            .probe_endpoint()
+            .await
+            .ok_or_else(|| "no dial-back socket".to_string())?;
+        let sni = crate::tls::server_name(Some(expected));
+        let connecting = endpoint.connect(addr, &sni).map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(DIAL_BACK_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("no answer within {DIAL_BACK_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        conn.close(close_code(DisconnectReason::DialBack), b"dial-back");
+        Ok(())
+    }
+
+    /// Asks up to `CHECK_PEERS` of `peers` to dial us back at `addrs` and
+    /// records the answer.
+    pub(crate) async fn check(&self, peers: Vec<Peer>, addrs: Vec<String>) -> ReachState {
+        let asks = peers.into_iter().take(CHECK_PEERS).map(|peer| {
+            let addrs = addrs.clone();
+            async move {
+                let nonce = self.0.next_nonce.fetch_add(1, Relaxed);
+                let (tx, rx) = oneshot::channel();
+                lock(&self.0.pending).insert(nonce, tx);
+                self.0.counters.requests_sent_total.fetch_add(1, Relaxed);
+                let msg = Message::DialBack(DialBack { nonce, addrs });
+                let res = match peer.send(&msg).await {
+                    Ok(()) => tokio::time::timeout(DIAL_BACK_TIMEOUT * 3, rx)
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                    Err(_) => None,
+                };
+                lock(&self.0.pending).remove(&nonce);
+                res
+            }
+        });
+        let answers: Vec<DialBackResult> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let reached: Vec<String> = answers.iter().filter_map(|a| a.reached.clone()).collect();
+        let state = if !reached.is_empty() {
+            let mut addrs = reached;
+            addrs.sort();
+            addrs.dedup();
+            ReachState::Public { addrs }
+        } else if answers.iter().any(|a| !a.error.starts_with("too many")) {
+            ReachState::Private
+        } else {
+            ReachState::Unknown
+        };
+        self.set_state(state.clone());
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_targets_use_the_observed_ip_only() {
+        let observed: SocketAddr = "198.18.0.101:40000".parse().unwrap();
+        let claimed = vec![
+            "198.19.1.10:4433".to_string(),
+            "0.0.0.0:4433".to_string(),
+            "198.18.9.9:5000".to_string(),
+            "not an address".to_string(),
+            "198.18.0.101:0".to_string(),
+        ];
+        let t = dial_targets(observed, &claimed);
+        assert_eq!(
+            t,
+            vec![
+                "198.18.0.101:4433".parse::<SocketAddr>().unwrap(),
+                "198.18.0.101:5000".parse().unwrap()
+            ]
+        );
+    }
+}

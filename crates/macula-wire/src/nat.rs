@@ -1,0 +1,71 @@
+//! Reachability messages (types `0x70..=0x7f`, relay and NAT traversal).
+//!
+//! A node asks a connected peer to dial it back (as libp2p's AutoNAT does):
+//! DIAL_BACK names the addresses the node believes it listens on; the peer
+//! dials them **from a different UDP socket** (so an existing NAT mapping
+//! for the connection they share cannot let the dial through) at the IP it
+//! observes the node at, proves the node's identity in the TLS handshake,
+//! closes, and answers DIAL_BACK_RESULT.
+
+use serde::{Deserialize, Serialize};
+
+/// Addresses in one DIAL_BACK.
+pub const MAX_DIAL_BACK_ADDRS: usize = 4;
+/// Error text in DIAL_BACK_RESULT.
+pub const MAX_DIAL_BACK_ERROR_LEN: usize = 256;
+
+/// "Dial me back at one of these addresses."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialBack {
+    pub nonce: u64,
+    /// `host:port` the requester listens on. The dialer keeps the ports but
+    /// dials the IP it observes the requester at.
+    pub addrs: Vec<String>,
+}
+
+/// The answer to DIAL_BACK `nonce`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialBackResult {
+    pub nonce: u64,
+    /// The address a dial-back reached, if one did.
+    #[serde(default)]
+    pub reached: Option<String>,
+    /// Why none did (or why the request was refused), for logs.
+    #[serde(default)]
+    pub error: String,
+}
+
+impl DialBack {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.addrs.len() > MAX_DIAL_BACK_ADDRS {
+            return Err(format!(
+                "{} addresses, limit {MAX_DIAL_BACK_ADDRS}",
+                self.addrs.len()
+            ));
+        }
+        if self
+            .addrs
+            .iter()
+            .any(|a| a.len() > crate::limits::MAX_ADDR_LEN)
+        {
+            return Err("address too long".into());
+        }
+        Ok(())
+    }
+}
+
+impl DialBackResult {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self
+            .reached
+            .as_ref()
+            .is_some_and(|a| a.len() > crate::limits::MAX_ADDR_LEN)
+        {
+            return Err("address too long".into());
+        }
+        if self.error.len() > MAX_DIAL_BACK_ERROR_LEN {
+            return Err(format!("error text of {} bytes", self.error.len()));
+        }
+        Ok(())
+    }
+}
