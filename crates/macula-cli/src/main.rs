@@ -149,60 +149,40 @@ fn run(cli: Cli) -> Result<(), Failure> {
             rt.block_on(bench::run(cmd))?;
             Ok(())
         }
-        Command::Pub(args) => {
-            init_logging(LogFormat::Text, "warn");
-            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            rt.block_on(pubsub_cli::publish(args))?;
-            Ok(())
-        }
-        Command::Sub(args) => {
-            init_logging(LogFormat::Text, "warn");
-            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            rt.block_on(pubsub_cli::subscribe(args))?;
-            Ok(())
-        }
-        Command::Dht(cmd) => {
-            init_logging(LogFormat::Text, "warn");
-            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            match rt.block_on(dht_cli::run(cmd))? {
-                dht_cli::Outcome::Ok => Ok(()),
-                dht_cli::Outcome::NotFound(what) => Err(Failure {
-                    code: 1,
-                    error: anyhow::anyhow!(what),
-                }),
-            }
-        }
-        Command::Trace(args) => {
-            init_logging(LogFormat::Text, "warn");
-            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            rt.block_on(pubsub_cli::trace(args))?;
-            Ok(())
-        }
-        Command::Call(args) => {
-            init_logging(LogFormat::Text, "warn");
-            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            match rt.block_on(rpc_cli::call(args))? {
-                rpc_cli::CallOutcome::Ok => Ok(()),
-                rpc_cli::CallOutcome::Failed(why) => Err(Failure {
-                    code: 1,
-                    error: anyhow::anyhow!(why),
-                }),
-            }
-        }
-        Command::Serve(args) => {
-            init_logging(LogFormat::Text, "warn");
-            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            rt.block_on(async {
-                let signals = Signals::install()?;
-                rpc_cli::serve(args, signals.wait()).await
-            })?;
-            Ok(())
-        }
+        Command::Pub(args) => Ok(client(pubsub_cli::publish(args))?),
+        Command::Sub(args) => Ok(client(pubsub_cli::subscribe(args))?),
+        Command::Dht(cmd) => match client(dht_cli::run(cmd))? {
+            dht_cli::Outcome::Ok => Ok(()),
+            dht_cli::Outcome::NotFound(what) => Err(Failure {
+                code: 1,
+                error: anyhow::anyhow!(what),
+            }),
+        },
+        Command::Trace(args) => Ok(client(pubsub_cli::trace(args))?),
+        Command::Call(args) => match client(rpc_cli::call(args))? {
+            rpc_cli::CallOutcome::Ok => Ok(()),
+            rpc_cli::CallOutcome::Failed(why) => Err(Failure {
+                code: 1,
+                error: anyhow::anyhow!(why),
+            }),
+        },
+        Command::Serve(args) => Ok(client(async {
+            let signals = Signals::install()?;
+            rpc_cli::serve(args, signals.wait()).await
+        })?),
         Command::Services(args) => admin_cli::services(&args),
         Command::Nodes(args) => admin_cli::nodes(&args),
         Command::Health(args) => admin_cli::health(&args),
         Command::Metrics(args) => admin_cli::metrics(&args),
     }
+}
+
+/// Runs a mesh client command (`pub`, `sub`, `call`...) on a fresh runtime,
+/// logging warnings only (`RUST_LOG` still wins).
+fn client<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    init_logging(LogFormat::Text, "warn");
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(fut)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -574,14 +574,12 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             match &cfg.reach {
                 Some(r) => r.on_message(peer, msg),
                 None => {
-                    m.protocol_error(ProtocolErrorKind::Unexpected);
-                    report(
+                    unserved(
                         peer,
-                        ErrorCode::UnexpectedMessage,
                         "this node does not check reachability",
                         frame.msg_type,
                     )
-                    .await;
+                    .await
                 }
             }
             Next::Continue
@@ -590,16 +588,7 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             peer.touch();
             match &cfg.rpc {
                 Some(rpc) => rpc.on_message(peer, msg),
-                None => {
-                    m.protocol_error(ProtocolErrorKind::Unexpected);
-                    report(
-                        peer,
-                        ErrorCode::UnexpectedMessage,
-                        "this node serves no RPC",
-                        frame.msg_type,
-                    )
-                    .await;
-                }
+                None => unserved(peer, "this node serves no RPC", frame.msg_type).await,
             }
             Next::Continue
         }
@@ -607,16 +596,7 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             peer.touch();
             match dht {
                 Some(dht) => dht.deliver(peer, msg),
-                None => {
-                    m.protocol_error(ProtocolErrorKind::Unexpected);
-                    report(
-                        peer,
-                        ErrorCode::UnexpectedMessage,
-                        "this node serves no DHT",
-                        frame.msg_type,
-                    )
-                    .await;
-                }
+                None => unserved(peer, "this node serves no DHT", frame.msg_type).await,
             }
             Next::Continue
         }
@@ -673,6 +653,13 @@ async fn close_after_error(peer: &Peer, why: &str) {
         close_code(DisconnectReason::ProtocolError),
         truncate(why).as_bytes(),
     );
+}
+
+/// A message for a service this node does not run: counted and reported;
+/// the connection stays up.
+async fn unserved(peer: &Peer, why: &str, msg_type: u8) {
+    peer.0.metrics.protocol_error(ProtocolErrorKind::Unexpected);
+    report(peer, ErrorCode::UnexpectedMessage, why, msg_type).await;
 }
 
 async fn report(peer: &Peer, code: ErrorCode, message: &str, msg_type: u8) {

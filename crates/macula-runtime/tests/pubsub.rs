@@ -11,20 +11,7 @@ use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
 use macula_runtime::pubsub::{PublishOptions, Subscription, SubscriptionItem, INTEREST_CACHE_TTL};
-use macula_runtime::{NodeConfig, NodeRuntime, PeerAddr};
-
-fn boot(to: &NodeRuntime) -> NodeConfig {
-    NodeConfig {
-        bootstrap: vec![PeerAddr::from(to.local_addr())],
-        ..config()
-    }
-}
-
-async fn joined(n: &NodeRuntime) {
-    within(STEP, "DHT join", n.dht().wait_bootstrapped())
-        .await
-        .expect("joins");
-}
+use macula_runtime::NodeRuntime;
 
 async fn next_event(sub: &mut Subscription) -> macula_runtime::pubsub::Event {
     match within(STEP, "an event", sub.next()).await {
@@ -42,16 +29,6 @@ async fn publish(n: &NodeRuntime, topic: &str, body: &str) {
         )
         .await
         .expect("publish");
-}
-
-/// A - B - C in a line: C joins only through B, B through A.
-async fn line() -> (NodeRuntime, NodeRuntime, NodeRuntime) {
-    let a = start(config()).await;
-    let b = start(boot(&a)).await;
-    joined(&b).await;
-    let c = start(boot(&b)).await;
-    joined(&c).await;
-    (a, b, c)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

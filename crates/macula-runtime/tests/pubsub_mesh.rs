@@ -21,30 +21,7 @@ use macula_pubsub::queue::QUEUE_CAPACITY;
 use macula_runtime::pubsub::{
     Event, PublishOptions, Subscription, SubscriptionItem, INTEREST_CACHE_TTL,
 };
-use macula_runtime::{NodeConfig, NodeRuntime, PeerAddr};
-
-fn boot(to: &NodeRuntime) -> NodeConfig {
-    NodeConfig {
-        bootstrap: vec![PeerAddr::from(to.local_addr())],
-        ..config()
-    }
-}
-
-async fn joined(n: &NodeRuntime) {
-    within(STEP, "DHT join", n.dht().wait_bootstrapped())
-        .await
-        .expect("joins");
-}
-
-/// A - B - C in a line: B joins through A, C only through B.
-async fn line() -> (NodeRuntime, NodeRuntime, NodeRuntime) {
-    let a = start(config()).await;
-    let b = start(boot(&a)).await;
-    joined(&b).await;
-    let c = start(boot(&b)).await;
-    joined(&c).await;
-    (a, b, c)
-}
+use macula_runtime::NodeRuntime;
 
 async fn subscribe(n: &NodeRuntime, pattern: &str) -> Subscription {
     within(STEP, "subscribe", n.pubsub().subscribe_mesh(pattern))

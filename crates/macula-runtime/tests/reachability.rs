@@ -5,18 +5,13 @@ mod common;
 
 use common::*;
 use macula_runtime::reachability::ReachState;
-use macula_runtime::{NodeConfig, PeerAddr};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_on_loopback_are_public_at_their_address() {
     init_tracing();
     let a = start(config()).await;
     assert_eq!(a.reachability().state(), ReachState::Unknown);
-    let b = start(NodeConfig {
-        bootstrap: vec![PeerAddr::from(a.local_addr())],
-        ..config()
-    })
-    .await;
+    let b = start(boot(&a)).await;
     for n in [&a, &b] {
         let want = n.local_addr().to_string();
         eventually(STEP, "public", || {

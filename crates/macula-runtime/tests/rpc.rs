@@ -12,20 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use macula_runtime::rpc::{AdvertiseOptions, HandlerError, Request, RpcError};
-use macula_runtime::{NodeConfig, NodeRuntime, PeerAddr};
-
-fn boot(to: &NodeRuntime) -> NodeConfig {
-    NodeConfig {
-        bootstrap: vec![PeerAddr::from(to.local_addr())],
-        ..config()
-    }
-}
-
-async fn joined(n: &NodeRuntime) {
-    within(STEP, "DHT join", n.dht().wait_bootstrapped())
-        .await
-        .expect("joins");
-}
+use macula_runtime::{NodeConfig, NodeRuntime};
 
 async fn echo(req: Request) -> Result<Bytes, HandlerError> {
     Ok(req.payload)

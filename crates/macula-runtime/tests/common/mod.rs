@@ -232,3 +232,28 @@ impl RawStream {
         Ok(frame.map(|f| f.decode().expect("decodable frame")))
     }
 }
+
+/// A node bootstrapped through `to`.
+pub fn boot(to: &NodeRuntime) -> NodeConfig {
+    NodeConfig {
+        bootstrap: vec![macula_runtime::PeerAddr::from(to.local_addr())],
+        ..config()
+    }
+}
+
+/// Waits (bounded) until `n` has joined the DHT.
+pub async fn joined(n: &NodeRuntime) {
+    within(STEP, "DHT join", n.dht().wait_bootstrapped())
+        .await
+        .expect("joins");
+}
+
+/// A - B - C in a line: B joins through A, C only through B.
+pub async fn line() -> (NodeRuntime, NodeRuntime, NodeRuntime) {
+    let a = start(config()).await;
+    let b = start(boot(&a)).await;
+    joined(&b).await;
+    let c = start(boot(&b)).await;
+    joined(&c).await;
+    (a, b, c)
+}
