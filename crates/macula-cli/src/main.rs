@@ -234,6 +234,7 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         limits,
         capabilities: Vec::new(),
         rpc: Default::default(),
+        pubsub: Default::default(),
     })
 }
 

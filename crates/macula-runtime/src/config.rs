@@ -113,6 +113,9 @@ pub struct NodeConfig {
     pub capabilities: Vec<String>,
     /// RPC limits (in-flight calls, handler concurrency).
     pub rpc: crate::rpc::RpcLimits,
+    /// Pub/sub limits (subscription queue capacity and bytes, topic and
+    /// pattern sizes, match cache, publishers tracked).
+    pub pubsub: macula_pubsub::Limits,
 }
 
 impl Default for NodeConfig {
@@ -126,6 +129,7 @@ impl Default for NodeConfig {
             limits: Limits::default(),
             capabilities: Vec::new(),
             rpc: crate::rpc::RpcLimits::default(),
+            pubsub: macula_pubsub::Limits::default(),
         }
     }
 }

@@ -305,7 +305,7 @@ impl NodeRuntime {
             let pubsub = crate::pubsub::PubSub::with_mesh(
                 node_id,
                 max_frame_size,
-                macula_pubsub::Limits::default(),
+                config.pubsub,
                 Some(crate::pubsub::MeshLink {
                     dht: dht.clone(),
                     realm,

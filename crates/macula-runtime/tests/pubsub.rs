@@ -306,3 +306,27 @@ async fn graceful_shutdown_withdraws_interest_at_once() {
         .expect("lookup");
     assert_eq!(live(&after), 0, "B's interest was withdrawn: {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_queue_bound_is_a_node_setting() {
+    init_tracing();
+    let node = start(macula_runtime::NodeConfig {
+        pubsub: macula_pubsub::Limits {
+            queue_capacity: 4,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let mut sub = node.pubsub().subscribe("q.*").expect("subscribe");
+    for i in 0..10 {
+        node.pubsub()
+            .publish("q.x", Bytes::from(i.to_string()), PublishOptions::default())
+            .expect("publish");
+    }
+    assert_eq!(sub.pending(), 4);
+    match within(STEP, "lag", sub.next()).await {
+        Some(SubscriptionItem::Lagged(n)) => assert_eq!(n, 6),
+        other => panic!("expected Lagged(6), got {other:?}"),
+    }
+}
