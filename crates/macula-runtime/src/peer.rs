@@ -572,7 +572,13 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
         }
         Ok(msg @ (Message::DialBack(_) | Message::DialBackResult(_))) => {
             match &cfg.reach {
-                Some(r) => r.on_message(peer, msg),
+                Some(r) => {
+                    if let Some(answer) = r.on_message(peer, msg) {
+                        if let Err(e) = peer.send_control(&answer).await {
+                            return Next::Close(DisconnectReason::ProtocolError, e);
+                        }
+                    }
+                }
                 None => {
                     unserved(
                         peer,
@@ -587,7 +593,13 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
         Ok(Message::Rpc(msg)) => {
             peer.touch();
             match &cfg.rpc {
-                Some(rpc) => rpc.on_message(peer, msg),
+                Some(rpc) => {
+                    if let Some(answer) = rpc.on_message(peer, msg) {
+                        if let Err(e) = peer.send_control(&answer).await {
+                            return Next::Close(DisconnectReason::ProtocolError, e);
+                        }
+                    }
+                }
                 None => unserved(peer, "this node serves no RPC", frame.msg_type).await,
             }
             Next::Continue

@@ -212,33 +212,32 @@ impl Reachability {
         self.0.counters.state.store(code, Relaxed);
     }
 
-    /// A DIAL_BACK or DIAL_BACK_RESULT from `peer` (never blocks).
-    pub(crate) fn on_message(&self, peer: &Peer, msg: Message) {
+    /// A DIAL_BACK or DIAL_BACK_RESULT from `peer` (never blocks). Returns
+    /// an immediate answer (a refusal) for the driver to send itself.
+    pub(crate) fn on_message(&self, peer: &Peer, msg: Message) -> Option<Message> {
         match msg {
             Message::DialBack(req) => self.serve(peer, req),
             Message::DialBackResult(res) => {
                 if let Some(tx) = lock(&self.0.pending).remove(&res.nonce) {
                     let _ = tx.send(res);
                 }
+                None
             }
-            _ => {}
+            _ => None,
         }
     }
 
-    fn serve(&self, peer: &Peer, req: DialBack) {
+    /// Starts a dial-back in its own task, or returns the refusal.
+    fn serve(&self, peer: &Peer, req: DialBack) -> Option<Message> {
         let c = &self.0.counters;
         let peer = peer.clone();
         let Ok(permit) = self.0.permits.clone().try_acquire_owned() else {
             c.served_refused_total.fetch_add(1, Relaxed);
-            let msg = Message::DialBackResult(DialBackResult {
+            return Some(Message::DialBackResult(DialBackResult {
                 nonce: req.nonce,
                 reached: None,
                 error: "too many dial-backs in progress; try later".into(),
-            });
-            tokio::spawn(async move {
-                let _ = peer.send(&msg).await;
-            });
-            return;
+            }));
         };
         c.served_total.fetch_add(1, Relaxed);
         let this = self.clone();
@@ -272,6 +271,7 @@ impl Reachability {
             });
             let _ = peer.send(&msg).await;
         });
+        None
     }
 
     /// The separate socket dial-backs leave from (created on first use).

@@ -1208,10 +1208,12 @@ impl Rpc {
     // ----- serving and frames from peers -------------------------------
 
     /// An RPC frame from `peer` (called by the connection driver; never
-    /// blocks).
-    pub(crate) fn on_message(&self, peer: &Peer, msg: RpcMessage) {
+    /// blocks). Returns an immediate answer (a refusal) for the driver to
+    /// send itself, so a peer flooding refused calls is slowed down by its
+    /// own connection instead of piling up tasks here.
+    pub(crate) fn on_message(&self, peer: &Peer, msg: RpcMessage) -> Option<Message> {
         match msg {
-            RpcMessage::Call(call) => self.serve(peer, call),
+            RpcMessage::Call(call) => return self.serve(peer, call),
             RpcMessage::Reply(r) => self.complete(peer, r.id, Ok(r)),
             RpcMessage::Error(e) => self.complete(peer, e.id, Err(e)),
             RpcMessage::Cancel(Cancel { id }) => {
@@ -1225,6 +1227,7 @@ impl Rpc {
                 }
             }
         }
+        None
     }
 
     fn complete(&self, peer: &Peer, id: u64, answer: Result<Reply, CallError>) {
@@ -1242,19 +1245,16 @@ impl Rpc {
         }
     }
 
-    fn serve(&self, peer: &Peer, call: Call) {
+    /// Starts serving `call` in its own task, or returns the refusal.
+    fn serve(&self, peer: &Peer, call: Call) -> Option<Message> {
         let c = &self.0.counters;
         let refuse = |kind: RpcErrorKind, message: String| {
-            let peer = peer.clone();
-            let msg = Message::Rpc(RpcMessage::Error(CallError {
+            Some(Message::Rpc(RpcMessage::Error(CallError {
                 id: call.id,
                 kind,
                 code: 0,
                 message,
-            }));
-            tokio::spawn(async move {
-                let _ = peer.send(&msg).await;
-            });
+            })))
         };
         if self.0.shutting_down.load(Relaxed) {
             return refuse(RpcErrorKind::ShuttingDown, "node is shutting down".into());
@@ -1344,6 +1344,7 @@ impl Rpc {
             let _gauge = GaugeGuard(&counters.serving);
             let _ = Abortable::new(work, reg).await;
         });
+        None
     }
 
     /// The connection `conn_id` closed: abandon the requests it carried.
