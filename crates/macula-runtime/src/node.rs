@@ -321,11 +321,11 @@ impl NodeRuntime {
                     dht: dht.clone(),
                     realm: config.realm.clone(),
                     reach: Box::new(PoolDialer(weak.clone())),
-                    addrs: if local_addr.ip().is_unspecified() {
+                    addrs: Mutex::new(if local_addr.ip().is_unspecified() {
                         Vec::new()
                     } else {
                         vec![local_addr.to_string()]
-                    },
+                    }),
                 }),
             );
             NodeShared {
@@ -808,7 +808,17 @@ impl NodeRuntime {
                 let addrs = self.0.local.hello.listen_addrs.clone();
                 match self.0.reach.check(peers, addrs).await {
                     ReachState::Unknown => RETRY_INTERVAL,
-                    _ => RECHECK_INTERVAL,
+                    // Advertise where peers actually reached us (this also
+                    // gives a node listening on 0.0.0.0 a dialable address)
+                    // or, behind NAT, no address at all.
+                    ReachState::Public { addrs } => {
+                        self.0.rpc.set_addrs(addrs).await;
+                        RECHECK_INTERVAL
+                    }
+                    ReachState::Private => {
+                        self.0.rpc.set_addrs(Vec::new()).await;
+                        RECHECK_INTERVAL
+                    }
                 }
             };
             tokio::select! {

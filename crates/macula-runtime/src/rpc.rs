@@ -429,8 +429,9 @@ pub(crate) struct RpcLink {
     pub dht: DhtHandle,
     pub realm: String,
     pub reach: Box<dyn Reach>,
-    /// Addresses published in advertisements.
-    pub addrs: Vec<String>,
+    /// Addresses published in advertisements: the listen address at first,
+    /// then what reachability checks find (see `Rpc::set_addrs`).
+    pub addrs: Mutex<Vec<String>>,
 }
 
 struct LocalProvider {
@@ -656,7 +657,7 @@ impl Rpc {
                     procedure: procedure.to_string(),
                     weight: p.weight,
                     metadata: p.metadata.clone(),
-                    addrs: link.addrs.clone(),
+                    addrs: lock(&link.addrs).clone(),
                 };
                 let value = ad.encode().map_err(|e| e.to_string())?;
                 link.dht
@@ -690,6 +691,31 @@ impl Rpc {
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// Sets the addresses advertisements carry (a reachability check found
+    /// them: the public addresses, or none for a node behind NAT) and, if
+    /// they changed, republishes every advertisement.
+    pub(crate) async fn set_addrs(&self, addrs: Vec<String>) {
+        let Some(link) = &self.0.link else {
+            return;
+        };
+        {
+            let mut cur = lock(&link.addrs);
+            if *cur == addrs {
+                return;
+            }
+            *cur = addrs;
+        }
+        let local: Vec<(String, Arc<LocalProvider>)> = lock(&self.0.local)
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        for (procedure, p) in local {
+            if let Err(e) = self.publish_ad(&procedure, Some(&p)).await {
+                tracing::debug!(procedure, error = %e, "could not republish advertisement");
+            }
+        }
     }
 
     /// Procedures this node advertises, with weight and handler limit.

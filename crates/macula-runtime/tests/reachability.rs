@@ -38,3 +38,46 @@ async fn nodes_on_loopback_are_public_at_their_address() {
     assert_eq!(a.peers().len(), 1);
     assert_eq!(b.peers().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertisements_carry_the_address_peers_reached() {
+    init_tracing();
+    let a = start(config()).await;
+    // Listening on every interface: the listen address alone is not
+    // dialable, so advertisements start without one.
+    let b = start(macula_runtime::NodeConfig {
+        listen: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        ..boot(&a)
+    })
+    .await;
+    joined(&b).await;
+    let _reg = b
+        .rpc()
+        .advertise(
+            "svc.where",
+            macula_runtime::rpc::AdvertiseOptions::default(),
+            |r: macula_runtime::rpc::Request| async move {
+                Ok::<_, macula_runtime::rpc::HandlerError>(r.payload)
+            },
+        )
+        .await
+        .expect("advertise");
+    let want = format!("127.0.0.1:{}", b.local_addr().port());
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let services = a.rpc().services().await.expect("services");
+        let addrs: Vec<String> = services
+            .iter()
+            .filter(|(p, _)| p == "svc.where")
+            .flat_map(|(_, ps)| ps.iter().flat_map(|p| p.addrs.clone()))
+            .collect();
+        if addrs.contains(&want) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "advertisement never carried {want}: {addrs:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
