@@ -405,6 +405,9 @@ struct PeerQueueState {
     bytes: usize,
     /// The sender task has exited; a new one must be started.
     closed: bool,
+    /// Graceful shutdown asked the sender to finish its data stream once
+    /// the queue is empty (see `PubSub::flush`).
+    finish: bool,
 }
 
 /// The outbound queue to one node, drained by its sender task.
@@ -413,6 +416,9 @@ struct PeerQueue {
     notify: Notify,
     /// Mirrors `PeerQueueState::closed` for lock-free checks by publishers.
     retired: AtomicBool,
+    /// The sender finished its data stream after a `finish` request and
+    /// the peer acknowledged everything on it (or the wait timed out).
+    finished: AtomicBool,
 }
 
 impl PeerQueue {
@@ -658,7 +664,35 @@ impl PubSub {
             }
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        true
+        // Written is not delivered: a connection closed now would discard
+        // stream data the peer has not acknowledged. Ask every sender to
+        // finish its data stream and wait for the acknowledgements.
+        let queues: Vec<Arc<PeerQueue>> = self
+            .0
+            .outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for q in &queues {
+            q.lock().finish = true;
+            q.notify.notify_one();
+        }
+        loop {
+            let pending = queues
+                .iter()
+                .filter(|q| !q.finished.load(Relaxed) && !q.retired.load(Relaxed))
+                .count();
+            if pending == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::debug!(pending, "pub/sub data streams not all acknowledged in time");
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// Checks a publish and parses its topic.
@@ -819,6 +853,7 @@ impl PubSub {
             state: Mutex::new(PeerQueueState::default()),
             notify: Notify::new(),
             retired: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         });
         if map.len() >= MAX_OUTBOUND_PEERS && !map.contains_key(&target) {
             // Over the limit: a queue with no sender, so everything sent to
@@ -1504,6 +1539,26 @@ async fn sender(owner: Weak<Inner>, target: NodeId, q: Arc<PeerQueue>) {
             st.bytes = 0;
         }
         if batch.is_empty() {
+            if q.lock().finish {
+                // Graceful shutdown: end the stream and wait (bounded) until
+                // the peer has acknowledged all of it.
+                if let Some(mut s) = stream.take() {
+                    if s.send.finish().is_ok() {
+                        let _ = tokio::time::timeout(STREAM_FINISH_WAIT, s.send.stopped()).await;
+                    }
+                }
+                // Retire the queue: a later publish starts a new one.
+                let queued = q.close();
+                if let Some(inner) = owner.upgrade() {
+                    inner.inflight.fetch_sub(queued.len() as u64, Relaxed);
+                    inner
+                        .counters
+                        .remote_dropped_total
+                        .fetch_add(queued.len() as u64, Relaxed);
+                }
+                q.finished.store(true, Relaxed);
+                break;
+            }
             if tokio::time::timeout(SENDER_IDLE, q.notify.notified())
                 .await
                 .is_ok()
@@ -1603,6 +1658,10 @@ async fn sender(owner: Weak<Inner>, target: NodeId, q: Arc<PeerQueue>) {
         batch.clear();
     }
 }
+
+/// How long graceful shutdown waits for a peer to acknowledge the end of
+/// its data stream.
+pub const STREAM_FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Stream reset code for a peer cut off for not reading (data stream).
 pub const STREAM_RESET_STALLED: u16 = 0x100;
