@@ -17,7 +17,9 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use macula_runtime::admin::{ErrorReport, HealthReport, PeersReport, ServicesReport};
+use macula_runtime::admin::{
+    ErrorReport, HealthReport, PeersReport, RoutingReport, ServicesReport,
+};
 
 use crate::{usage, Failure};
 
@@ -44,6 +46,17 @@ pub struct ReadArgs {
     pub json: bool,
 }
 
+/// `macula nodes` options.
+#[derive(clap::Args, Debug)]
+pub struct NodesArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// List the DHT routing table (every known node) instead of the
+    /// connected peers.
+    #[arg(long)]
+    pub routing: bool,
+}
+
 /// `macula metrics` options.
 #[derive(clap::Args, Debug)]
 pub struct MetricsArgs {
@@ -57,8 +70,13 @@ pub struct MetricsArgs {
     pub filter: Option<String>,
 }
 
-/// `macula nodes`: the peers the node is connected to.
-pub fn nodes(args: &ReadArgs) -> Result<(), Failure> {
+/// `macula nodes`: the peers the node is connected to (or, with
+/// `--routing`, its DHT routing table).
+pub fn nodes(a: &NodesArgs) -> Result<(), Failure> {
+    let args = &a.read;
+    if a.routing {
+        return routing(args);
+    }
     let target = Target::parse(&args.http)?;
     let body = target.get_ok("/admin/peers")?;
     let mut out = std::io::stdout().lock();
@@ -101,6 +119,42 @@ pub fn nodes(args: &ReadArgs) -> Result<(), Failure> {
         "AGENT",
     ]
     .map(String::from);
+    write_table(&mut out, &header, &rows)?;
+    Ok(())
+}
+
+/// `macula nodes --routing`: the DHT routing table.
+fn routing(args: &ReadArgs) -> Result<(), Failure> {
+    let target = Target::parse(&args.http)?;
+    let body = target.get_ok("/admin/routing")?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", body.trim_end())?;
+        return Ok(());
+    }
+    let report: RoutingReport = target.decode("/admin/routing", &body)?;
+    writeln!(
+        out,
+        "node {} knows {} node(s) in its routing table",
+        report.node_id,
+        report.contacts.len()
+    )?;
+    if report.contacts.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<[String; 4]> = report
+        .contacts
+        .iter()
+        .map(|c| {
+            [
+                c.node_id.clone(),
+                c.addr.clone(),
+                c.bucket.to_string(),
+                duration(c.last_seen_secs),
+            ]
+        })
+        .collect();
+    let header = ["NODE ID", "ADDRESS", "BUCKET", "LAST SEEN"].map(String::from);
     write_table(&mut out, &header, &rows)?;
     Ok(())
 }

@@ -44,7 +44,7 @@ enum Command {
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// List the peers a running node is connected to (reads its admin HTTP API).
-    Nodes(admin_cli::ReadArgs),
+    Nodes(admin_cli::NodesArgs),
     /// Show a running node's health; exit code 1 unless it is ready.
     Health(admin_cli::ReadArgs),
     /// Show a running node's metrics as a table (--raw for Prometheus text).

@@ -94,6 +94,27 @@ fn read_commands_against_a_three_node_mesh() {
             .unwrap_or_else(|| panic!("{peer} not listed:\n{out}"));
         assert!(row.contains("inbound") && row.contains("macula/"), "{row}");
     }
+    // nodes --routing: A's DHT routing table lists B and C (text and JSON).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = read_json(&["nodes", "--routing", "--http", &a.http]);
+        let ids: Vec<&str> = v["contacts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["node_id"].as_str())
+            .collect();
+        if ids.contains(&b.id.as_str()) && ids.contains(&c.id.as_str()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "routing table: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let routing = read_ok(&["nodes", "--routing", "--http", &a.http]);
+    assert!(
+        routing.contains("BUCKET") && routing.contains(&b.id) && routing.contains(&c.id),
+        "{routing}"
+    );
     let json = read_json(&["nodes", "--http", &a.http]);
     assert_eq!(json["node_id"], a.id.as_str());
     let peers = json["peers"].as_array().expect("peers array");

@@ -9,6 +9,7 @@
 //! | `GET /live` | 200 |
 //! | `GET /admin/peers` | [`PeersReport`]: the connected peers |
 //! | `GET /admin/subscriptions` | [`SubscriptionsReport`]: local subscriptions |
+//! | `GET /admin/routing` | [`RoutingReport`]: the DHT routing table |
 //! | `GET /admin/services` | [`ServicesReport`]: local and mesh-wide RPC procedures |
 //!
 //! Anything else is a 404 (405 for another method) with a JSON
@@ -176,6 +177,7 @@ pub fn router(node: NodeRuntime) -> Router {
         .route("/admin/peers", get(peers))
         .route("/admin/subscriptions", get(subscriptions))
         .route("/admin/services", get(services))
+        .route("/admin/routing", get(routing))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -348,6 +350,51 @@ pub struct SubscriptionsReport {
 pub struct SubscriptionInfo {
     pub pattern: String,
     pub count: usize,
+}
+
+/// `GET /admin/routing`: the DHT routing table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RoutingReport {
+    pub node_id: String,
+    pub contacts: Vec<RoutingContact>,
+}
+
+/// One contact of the routing table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RoutingContact {
+    pub node_id: String,
+    pub addr: String,
+    /// Common-prefix length of its ID and ours (its k-bucket).
+    pub bucket: usize,
+    pub last_seen_secs: u64,
+}
+
+async fn routing(State(s): State<AdminState>) -> Response {
+    match s.node.dht().routing_table().await {
+        Ok(entries) => Json(RoutingReport {
+            node_id: s.node.node_id().to_string(),
+            contacts: entries
+                .into_iter()
+                .map(|e| RoutingContact {
+                    node_id: e.node_id.to_string(),
+                    addr: e.addr,
+                    bucket: e.bucket,
+                    last_seen_secs: e.last_seen.as_secs(),
+                })
+                .collect(),
+        })
+        .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(ErrorReport {
+                error: format!("the DHT is not available: {e}"),
+                status: 503,
+            }),
+        )
+            .into_response(),
+    }
 }
 
 /// How long `/admin/services` spends reading the mesh's service index.

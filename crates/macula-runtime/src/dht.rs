@@ -91,6 +91,18 @@ pub struct DhtStatus {
     pub stats: Stats,
 }
 
+/// One contact of the routing table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingEntry {
+    pub node_id: NodeId,
+    /// Where the DHT reaches it (the address it was seen at).
+    pub addr: String,
+    /// Bucket index: the length of the common prefix of its ID and ours.
+    pub bucket: usize,
+    /// Time since we last heard from it directly.
+    pub last_seen: Duration,
+}
+
 /// Counters kept outside the task (readable without a round trip).
 #[derive(Debug, Default)]
 pub struct DhtCounters {
@@ -291,6 +303,9 @@ enum Command {
     Status {
         reply: oneshot::Sender<DhtStatus>,
     },
+    Routing {
+        reply: oneshot::Sender<Vec<RoutingEntry>>,
+    },
     WaitBootstrapped {
         reply: oneshot::Sender<()>,
     },
@@ -388,6 +403,11 @@ impl DhtHandle {
 
     pub async fn status(&self) -> Result<DhtStatus, DhtError> {
         self.call(|reply| Command::Status { reply }).await
+    }
+
+    /// Every contact in the routing table, nearest bucket last.
+    pub async fn routing_table(&self) -> Result<Vec<RoutingEntry>, DhtError> {
+        self.call(|reply| Command::Routing { reply }).await
     }
 
     /// Resolves once the node has joined the DHT (or knows it is the first).
@@ -777,6 +797,20 @@ impl<D: Dialer> Task<D> {
             }
             Command::Unpublish { key, reply } => {
                 let _ = reply.send(self.dht.unpublish(&key));
+            }
+            Command::Routing { reply } => {
+                let now = now_ms().0;
+                let table = self.dht.routing();
+                let entries = table
+                    .iter()
+                    .map(|e| RoutingEntry {
+                        node_id: e.contact.id,
+                        addr: e.contact.addr.to_string(),
+                        bucket: table.bucket_index(&e.contact.id).unwrap_or(0),
+                        last_seen: Duration::from_millis(now.saturating_sub(e.last_seen.0)),
+                    })
+                    .collect();
+                let _ = reply.send(entries);
             }
             Command::Status { reply } => {
                 let _ = reply.send(DhtStatus {

@@ -429,6 +429,20 @@ async fn ready_flips_when_the_bootstrap_peer_connects() {
     let health: HealthReport = admin.json("/health").await;
     assert_eq!(health.status, "ok");
 
+    // Once B has joined the DHT, its routing table lists A.
+    within(STEP, "join", b.dht().wait_bootstrapped())
+        .await
+        .expect("joins");
+    let routing: serde_json::Value = admin.json("/admin/routing").await;
+    assert_eq!(routing["node_id"], b.node_id().to_string());
+    let contacts = routing["contacts"].as_array().expect("contacts");
+    let a_entry = contacts
+        .iter()
+        .find(|c| c["node_id"] == a.node_id().to_string().as_str())
+        .unwrap_or_else(|| panic!("A not in B's routing table: {routing}"));
+    assert_eq!(a_entry["addr"], a.local_addr().to_string().as_str());
+    assert!(a_entry["bucket"].as_u64().is_some(), "{routing}");
+
     admin.stop().await;
     b.shutdown().await;
     a.shutdown().await;
