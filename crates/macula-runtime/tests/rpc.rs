@@ -384,3 +384,37 @@ async fn the_callers_in_flight_limit_answers_overloaded_at_once() {
     let r = within(STEP, "first call", first).await.expect("joins");
     assert_eq!(r.expect("first call").payload, Bytes::from("done"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_deadline_reaches_the_handler() {
+    init_tracing();
+    let nodes = mesh(1).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let _reg = a
+        .rpc()
+        .advertise(
+            "svc.deadline",
+            AdvertiseOptions::default(),
+            |r: Request| async move {
+                let left = r
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                Ok::<Bytes, HandlerError>(Bytes::from(left.as_millis().to_string()))
+            },
+        )
+        .await
+        .expect("advertise");
+    let r = b
+        .rpc()
+        .call("svc.deadline", "")
+        .timeout(Duration::from_millis(1500))
+        .await
+        .expect("call");
+    let left: u64 = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
+    // What the provider has left is the caller's budget minus the trip.
+    assert!(
+        (500..=1500).contains(&left),
+        "{left} ms left at the provider"
+    );
+    assert_eq!(r.provider, a.node_id());
+}
