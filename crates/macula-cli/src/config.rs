@@ -54,6 +54,16 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest accepted idle timeout (one day; keeps deadline arithmetic far from overflow).
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default events queued per subscription before the oldest are dropped.
+pub const DEFAULT_PUBSUB_QUEUE_CAPACITY: usize = macula_pubsub::queue::QUEUE_CAPACITY;
+/// Accepted `pubsub_queue_capacity` range.
+pub const PUBSUB_QUEUE_CAPACITY_RANGE: (usize, usize) = (16, 10_000_000);
+/// Default time a peer's pub/sub data stream may accept nothing before the
+/// peer is cut off.
+pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula_runtime::pubsub::PEER_STALL_TIMEOUT;
+/// Accepted `pubsub_stall_timeout` range.
+pub const PUBSUB_STALL_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
 /// Default log format.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Data directory used when the platform has no user data directory.
@@ -181,6 +191,20 @@ pub mod keys {
         toml: "limits.idle_timeout",
         default: "5m",
     };
+    /// Subscription queue bound.
+    pub const PUBSUB_QUEUE_CAPACITY: Key = Key {
+        flag: "--pubsub-queue-capacity",
+        env: "MACULA_PUBSUB_QUEUE_CAPACITY",
+        toml: "limits.pubsub_queue_capacity",
+        default: "65536",
+    };
+    /// Cut-off of a peer that stops reading pub/sub data.
+    pub const PUBSUB_STALL_TIMEOUT: Key = Key {
+        flag: "--pubsub-stall-timeout",
+        env: "MACULA_PUBSUB_STALL_TIMEOUT",
+        toml: "limits.pubsub_stall_timeout",
+        default: "10s",
+    };
     /// Log format.
     pub const LOG_FORMAT: Key = Key {
         flag: "--log-format",
@@ -203,6 +227,8 @@ pub mod keys {
         MAX_FRAME_SIZE,
         MAX_CONNECTIONS,
         IDLE_TIMEOUT,
+        PUBSUB_QUEUE_CAPACITY,
+        PUBSUB_STALL_TIMEOUT,
         LOG_FORMAT,
     ];
 }
@@ -267,6 +293,14 @@ pub struct NodeArgs {
     /// Close a pooled connection idle this long: 300, 300s, 5m, 1h, 1500ms; 1s..24h [env: MACULA_IDLE_TIMEOUT] [default: 5m]
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+
+    /// Events queued per subscription before the oldest are dropped, 16..10000000 [env: MACULA_PUBSUB_QUEUE_CAPACITY] [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub pubsub_queue_capacity: Option<String>,
+
+    /// Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h [env: MACULA_PUBSUB_STALL_TIMEOUT] [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub pubsub_stall_timeout: Option<String>,
 
     /// Log format: "text" or "json" [env: MACULA_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "text|json")]
@@ -366,6 +400,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Idle timeout of pooled connections.
     pub idle_timeout: Duration,
+    /// Events queued per subscription.
+    pub pubsub_queue_capacity: usize,
+    /// Cut-off of a peer that stops reading pub/sub data.
+    pub pubsub_stall_timeout: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// The config file that was read, if any.
@@ -389,6 +427,8 @@ impl Default for Settings {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            pubsub_queue_capacity: DEFAULT_PUBSUB_QUEUE_CAPACITY,
+            pubsub_stall_timeout: DEFAULT_PUBSUB_STALL_TIMEOUT,
             log_format: DEFAULT_LOG_FORMAT,
             config_file: None,
         }
@@ -596,28 +636,43 @@ fn parse_max_frame_size(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_max_connections(s: &str) -> Result<usize, String> {
-    let range = MIN_MAX_CONNECTIONS..=MAX_MAX_CONNECTIONS;
+/// A whole number in `min..=max`.
+fn parse_count(s: &str, (min, max): (usize, usize)) -> Result<usize, String> {
     let t = s.trim();
     match t.parse::<usize>() {
-        Ok(n) if range.contains(&n) && t.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
-        _ => Err(format!(
-            "expected a whole number from {MIN_MAX_CONNECTIONS} to {MAX_MAX_CONNECTIONS}"
-        )),
+        Ok(n) if (min..=max).contains(&n) && t.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
     }
 }
 
-fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+/// A duration in `min..=max`.
+fn parse_duration_in(s: &str, (min, max): (Duration, Duration)) -> Result<Duration, String> {
     let d = parse_duration(s)?;
-    if (MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&d) {
+    if (min..=max).contains(&d) {
         Ok(d)
     } else {
         Err(format!(
             "must be at least {} and at most {}",
-            format_duration(MIN_IDLE_TIMEOUT),
-            format_duration(MAX_IDLE_TIMEOUT)
+            format_duration(min),
+            format_duration(max)
         ))
     }
+}
+
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    parse_count(s, (MIN_MAX_CONNECTIONS, MAX_MAX_CONNECTIONS))
+}
+
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, (MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT))
+}
+
+fn parse_pubsub_queue_capacity(s: &str) -> Result<usize, String> {
+    parse_count(s, PUBSUB_QUEUE_CAPACITY_RANGE)
+}
+
+fn parse_pubsub_stall_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, PUBSUB_STALL_TIMEOUT_RANGE)
 }
 
 fn parse_realm(s: &str) -> Result<String, String> {
@@ -693,6 +748,8 @@ struct FileLimits {
     max_frame_size: Option<toml::Value>,
     max_connections: Option<toml::Value>,
     idle_timeout: Option<toml::Value>,
+    pubsub_queue_capacity: Option<toml::Value>,
+    pubsub_stall_timeout: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -738,6 +795,11 @@ impl FileLayer {
             (keys::MAX_FRAME_SIZE.toml, limits.max_frame_size),
             (keys::MAX_CONNECTIONS.toml, limits.max_connections),
             (keys::IDLE_TIMEOUT.toml, limits.idle_timeout),
+            (
+                keys::PUBSUB_QUEUE_CAPACITY.toml,
+                limits.pubsub_queue_capacity,
+            ),
+            (keys::PUBSUB_STALL_TIMEOUT.toml, limits.pubsub_stall_timeout),
             (keys::LOG_FORMAT.toml, log.format),
         ]
         .into_iter()
@@ -1080,6 +1142,18 @@ pub fn resolve(
         true,
         parse_idle_timeout,
     )?);
+    let pubsub_queue_capacity = val(layers.value(
+        &args.pubsub_queue_capacity,
+        &keys::PUBSUB_QUEUE_CAPACITY,
+        true,
+        parse_pubsub_queue_capacity,
+    )?);
+    let pubsub_stall_timeout = val(layers.value(
+        &args.pubsub_stall_timeout,
+        &keys::PUBSUB_STALL_TIMEOUT,
+        true,
+        parse_pubsub_stall_timeout,
+    )?);
     let log_format = val(layers.value(&args.log_format, &keys::LOG_FORMAT, false, str::parse)?);
 
     let (tls_mode, mode_origin) = match tls_mode {
@@ -1101,6 +1175,8 @@ pub fn resolve(
         max_frame_size: max_frame_size.unwrap_or(d.max_frame_size),
         max_connections: max_connections.unwrap_or(d.max_connections),
         idle_timeout: idle_timeout.unwrap_or(d.idle_timeout),
+        pubsub_queue_capacity: pubsub_queue_capacity.unwrap_or(d.pubsub_queue_capacity),
+        pubsub_stall_timeout: pubsub_stall_timeout.unwrap_or(d.pubsub_stall_timeout),
         log_format: log_format.unwrap_or(d.log_format),
         config_file: d.config_file,
     })
@@ -1248,6 +1324,14 @@ mod tests {
             parse_idle_timeout(keys::IDLE_TIMEOUT.default),
             Ok(d.idle_timeout)
         );
+        assert_eq!(
+            parse_pubsub_queue_capacity(keys::PUBSUB_QUEUE_CAPACITY.default),
+            Ok(d.pubsub_queue_capacity)
+        );
+        assert_eq!(
+            parse_pubsub_stall_timeout(keys::PUBSUB_STALL_TIMEOUT.default),
+            Ok(d.pubsub_stall_timeout)
+        );
         assert_eq!(keys::LOG_FORMAT.default.parse(), Ok(d.log_format));
         for k in keys::ALL {
             assert!(
@@ -1267,6 +1351,8 @@ http = "127.0.0.1:9003"
 [limits]
 max_connections = 30
 idle_timeout = "30s"
+pubsub_queue_capacity = 1000
+pubsub_stall_timeout = "5s"
 [log]
 format = "json"
 "#,
@@ -1275,9 +1361,11 @@ format = "json"
             ("MACULA_LISTEN", "198.18.0.2:2"),
             ("MACULA_REALM", "from-env"),
             ("MACULA_MAX_CONNECTIONS", "20"),
+            ("MACULA_PUBSUB_STALL_TIMEOUT", "3s"),
         ]);
         let mut args = args_with_config(&f);
         args.listen = Some("198.18.0.1:1".into());
+        args.pubsub_queue_capacity = Some("2000".into());
 
         let s = resolve(&args, &env).unwrap();
         assert_eq!(
@@ -1287,6 +1375,12 @@ format = "json"
         );
         assert_eq!(s.realm, "from-env", "env beats file");
         assert_eq!(s.max_connections, 20, "env beats file");
+        assert_eq!(s.pubsub_queue_capacity, 2000, "flag beats file");
+        assert_eq!(
+            s.pubsub_stall_timeout,
+            Duration::from_secs(3),
+            "env beats file"
+        );
         assert_eq!(
             s.http,
             "127.0.0.1:9003".parse().unwrap(),

@@ -220,6 +220,7 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         max_frame_size: s.max_frame_size,
         max_connections: s.max_connections,
         idle_timeout: s.idle_timeout,
+        pubsub_stall_timeout: s.pubsub_stall_timeout,
         ..Limits::default()
     };
     Ok(NodeConfig {
@@ -234,7 +235,10 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         limits,
         capabilities: Vec::new(),
         rpc: Default::default(),
-        pubsub: Default::default(),
+        pubsub: macula_pubsub::Limits {
+            queue_capacity: s.pubsub_queue_capacity,
+            ..Default::default()
+        },
     })
 }
 
