@@ -148,15 +148,15 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
 
 /// Latency percentiles, in microseconds.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
-struct Latency {
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    max_us: f64,
-    samples: usize,
+pub(crate) struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub samples: usize,
 }
 
-fn latency(ns: &mut [u64]) -> Latency {
+pub(crate) fn latency(ns: &mut [u64]) -> Latency {
     ns.sort_unstable();
     let at = |q: f64| {
         if ns.is_empty() {

@@ -20,6 +20,9 @@ use macula::Node;
 use macula_wire::DisconnectReason;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::bench::{build_kind, debug_note};
+use crate::bench_pubsub::{latency, Latency};
+
 const PROCEDURE: &str = "bench.echo";
 /// Upper bound on `--count`.
 const MAX_COUNT: usize = 1_000_000;
@@ -45,30 +48,10 @@ pub struct RpcArgs {
     json: bool,
 }
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-struct Percentiles {
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    max_us: f64,
-}
-
-fn percentiles(samples: &mut [Duration]) -> Percentiles {
-    samples.sort_unstable();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let at = |q: f64| {
-        let n = samples.len();
-        if n == 0 {
-            return 0.0;
-        }
-        us(samples[((n as f64 * q).ceil() as usize).clamp(1, n) - 1])
-    };
-    Percentiles {
-        p50_us: at(0.5),
-        p99_us: at(0.99),
-        p999_us: at(0.999),
-        max_us: at(1.0),
-    }
+/// Latency percentiles (the same summary `bench pubsub` prints).
+fn percentiles(samples: &[Duration]) -> Latency {
+    let mut ns: Vec<u64> = samples.iter().map(|d| d.as_nanos() as u64).collect();
+    latency(&mut ns)
 }
 
 /// Starts `macula serve bench.echo --echo` joining through `via`; returns
@@ -181,7 +164,7 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
         }
     }
     let seq_rate = args.count as f64 / started.elapsed().as_secs_f64();
-    let seq_p = percentiles(&mut seq);
+    let seq_p = percentiles(&seq);
 
     let total = args.count * 4;
     eprintln!(
@@ -211,7 +194,7 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
         conc.extend(w.await.context("caller task")??);
     }
     let conc_rate = total as f64 / started.elapsed().as_secs_f64();
-    let conc_p = percentiles(&mut conc);
+    let conc_p = percentiles(&conc);
 
     eprintln!(
         "bench rpc: {} calls on a new connection each...",
@@ -233,7 +216,7 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
         peer.disconnect(DisconnectReason::Idle, "benchmark call done")
             .await;
     }
-    let fresh_p = percentiles(&mut fresh);
+    let fresh_p = percentiles(&fresh);
 
     let _ = child.kill().await;
 
@@ -241,7 +224,7 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
     if args.json {
         let v = serde_json::json!({
             "benchmark": "rpc",
-            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "build": build_kind(),
             "processes": 2,
             "payload_bytes": args.size,
             "calls_per_sec": conc_rate,
@@ -254,11 +237,7 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
         });
         writeln!(out, "{v}")?;
     } else {
-        let note = if cfg!(debug_assertions) {
-            " (DEBUG build: use --release for figures)"
-        } else {
-            ""
-        };
+        let note = debug_note();
         writeln!(
             out,
             "rpc between two processes on 127.0.0.1, {}-byte requests{note}",

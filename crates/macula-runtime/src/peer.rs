@@ -613,22 +613,13 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             Next::Continue
         }
         Ok(Message::Hello(_)) => {
-            m.protocol_error(ProtocolErrorKind::Unexpected);
-            report(
-                peer,
-                ErrorCode::UnexpectedMessage,
-                "HELLO after handshake",
-                frame.msg_type,
-            )
-            .await;
+            unserved(peer, "HELLO after handshake", frame.msg_type).await;
             Next::Continue
         }
         Ok(Message::PublishBatch(_)) => {
             // Batches travel on pub/sub data streams only.
-            m.protocol_error(ProtocolErrorKind::Unexpected);
-            report(
+            unserved(
                 peer,
-                ErrorCode::UnexpectedMessage,
                 "PUBLISH_BATCH belongs on a pub/sub data stream",
                 frame.msg_type,
             )
@@ -667,8 +658,9 @@ async fn close_after_error(peer: &Peer, why: &str) {
     );
 }
 
-/// A message for a service this node does not run: counted and reported;
-/// the connection stays up.
+/// A message this node does not take here (a service it does not run, or
+/// one that belongs elsewhere): counted and reported; the connection stays
+/// up.
 async fn unserved(peer: &Peer, why: &str, msg_type: u8) {
     peer.0.metrics.protocol_error(ProtocolErrorKind::Unexpected);
     report(peer, ErrorCode::UnexpectedMessage, why, msg_type).await;

@@ -1012,7 +1012,7 @@ impl Rpc {
                 .map(|p| p.addrs.clone())
                 .unwrap_or_default();
             tried.push(provider);
-            match self.attempt(b, provider, addrs, deadline).await {
+            let e = match self.attempt(b, provider, addrs, deadline).await {
                 Ok(payload) => {
                     return Ok(Response {
                         payload,
@@ -1020,31 +1020,27 @@ impl Rpc {
                         attempts: tried.len() as u32,
                     })
                 }
-                Err(e) if e.retryable() && (tried.len() as u32) <= b.opts.retries => {
-                    if matches!(e, RpcError::Unreachable { .. }) {
-                        self.drop_provider(&b.procedure, provider);
-                    }
-                    tracing::debug!(procedure = %b.procedure, provider = %provider, error = %e, "retrying on another provider");
-                    self.0.counters.retries_total.fetch_add(1, Relaxed);
-                    let delay = Backoff::default()
-                        .delay(tried.len() as u32, &mut lock(&self.0.backoff_rng));
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    last = Some(e);
-                }
-                Err(e) => {
-                    if matches!(e, RpcError::Unreachable { .. }) {
-                        self.drop_provider(&b.procedure, provider);
-                    }
-                    return Err(match e {
-                        RpcError::Unreachable { reason, .. } => RpcError::Unreachable {
-                            procedure: b.procedure.clone(),
-                            tried,
-                            reason,
-                        },
-                        other => other,
-                    });
-                }
+                Err(e) => e,
+            };
+            if matches!(e, RpcError::Unreachable { .. }) {
+                self.drop_provider(&b.procedure, provider);
             }
+            if !e.retryable() || (tried.len() as u32) > b.opts.retries {
+                return Err(match e {
+                    RpcError::Unreachable { reason, .. } => RpcError::Unreachable {
+                        procedure: b.procedure.clone(),
+                        tried,
+                        reason,
+                    },
+                    other => other,
+                });
+            }
+            tracing::debug!(procedure = %b.procedure, provider = %provider, error = %e, "retrying on another provider");
+            self.0.counters.retries_total.fetch_add(1, Relaxed);
+            let delay =
+                Backoff::default().delay(tried.len() as u32, &mut lock(&self.0.backoff_rng));
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            last = Some(e);
         }
     }
 
@@ -1118,11 +1114,7 @@ impl Rpc {
         addrs: Vec<String>,
         deadline: tokio::time::Instant,
     ) -> Result<Bytes, RpcError> {
-        let unreachable = |reason: String| RpcError::Unreachable {
-            procedure: b.procedure.clone(),
-            tried: vec![provider],
-            reason,
-        };
+        let unreachable = |reason: String| b.unreachable(provider, reason);
         let Some(link) = &self.0.link else {
             return Err(unreachable("this node is not in a mesh".into()));
         };
@@ -1145,11 +1137,7 @@ impl Rpc {
         deadline: tokio::time::Instant,
     ) -> Result<Bytes, RpcError> {
         let provider = peer.node_id();
-        let unreachable = |reason: String| RpcError::Unreachable {
-            procedure: b.procedure.clone(),
-            tried: vec![provider],
-            reason,
-        };
+        let unreachable = |reason: String| b.unreachable(provider, reason);
         let id = self.0.next_call_id.fetch_add(1, Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.0.pending).insert(id, Pending { provider, tx });
@@ -1633,6 +1621,15 @@ impl CallBuilder {
 
     pub fn options(&self) -> &CallOptions {
         &self.opts
+    }
+
+    /// `Unreachable` for this call after trying `provider`.
+    fn unreachable(&self, provider: NodeId, reason: String) -> RpcError {
+        RpcError::Unreachable {
+            procedure: self.procedure.clone(),
+            tried: vec![provider],
+            reason,
+        }
     }
 }
 

@@ -11,24 +11,12 @@ use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
 use macula_runtime::pubsub::{PublishOptions, Subscription, SubscriptionItem, INTEREST_CACHE_TTL};
-use macula_runtime::NodeRuntime;
 
 async fn next_event(sub: &mut Subscription) -> macula_runtime::pubsub::Event {
     match within(STEP, "an event", sub.next()).await {
         Some(SubscriptionItem::Event(e)) => e,
         other => panic!("expected an event, got {other:?}"),
     }
-}
-
-async fn publish(n: &NodeRuntime, topic: &str, body: &str) {
-    n.pubsub()
-        .publish_mesh(
-            topic,
-            Bytes::from(body.to_string()),
-            PublishOptions::default(),
-        )
-        .await
-        .expect("publish");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

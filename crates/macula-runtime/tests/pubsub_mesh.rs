@@ -18,26 +18,13 @@ use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
 use macula_pubsub::queue::QUEUE_CAPACITY;
-use macula_runtime::pubsub::{
-    Event, PublishOptions, Subscription, SubscriptionItem, INTEREST_CACHE_TTL,
-};
+use macula_runtime::pubsub::{Event, Subscription, SubscriptionItem, INTEREST_CACHE_TTL};
 use macula_runtime::NodeRuntime;
 
 async fn subscribe(n: &NodeRuntime, pattern: &str) -> Subscription {
     within(STEP, "subscribe", n.pubsub().subscribe_mesh(pattern))
         .await
         .unwrap_or_else(|e| panic!("subscribe {pattern:?}: {e}"))
-}
-
-async fn publish(n: &NodeRuntime, topic: &str, body: &str) {
-    n.pubsub()
-        .publish_mesh(
-            topic,
-            Bytes::from(body.to_string()),
-            PublishOptions::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("publish {topic:?}: {e}"));
 }
 
 async fn next_event(sub: &mut Subscription, what: &str) -> Event {

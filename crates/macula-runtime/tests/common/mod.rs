@@ -257,3 +257,15 @@ pub async fn line() -> (NodeRuntime, NodeRuntime, NodeRuntime) {
     joined(&c).await;
     (a, b, c)
 }
+
+/// Publishes `body` on `topic` through the mesh, failing the test on error.
+pub async fn publish(n: &NodeRuntime, topic: &str, body: &str) {
+    n.pubsub()
+        .publish_mesh(
+            topic,
+            bytes::Bytes::from(body.to_string()),
+            macula_runtime::pubsub::PublishOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("publish {topic:?}: {e}"));
+}
