@@ -16,6 +16,7 @@ pub mod message;
 pub mod nat;
 pub mod node_id;
 pub mod pubsub;
+pub mod relay;
 pub mod rpc;
 
 pub use dht::{dht_key, DhtMessage, WireContact, WireRecord};
@@ -30,4 +31,5 @@ pub use pubsub::{
     encode_batch_frame, BatchEntry, BatchItem, BatchMessage, Publish, PublishBatch,
     PublishBatchView,
 };
+pub use relay::{RelayCode, RelayMessage, RelayRecord};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};

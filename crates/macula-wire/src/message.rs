@@ -16,6 +16,7 @@ use crate::limits::*;
 use crate::nat::{DialBack, DialBackResult};
 use crate::node_id::NodeId;
 use crate::pubsub::{Publish, PublishBatch, PublishBatchView};
+use crate::relay::*;
 use crate::rpc::*;
 
 /// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
@@ -51,11 +52,16 @@ pub enum MessageType {
     RpcCancel = 0x53,
     DialBack = 0x70,
     DialBackResult = 0x71,
+    RelayReserve = 0x72,
+    RelayReserved = 0x73,
+    RelayConnect = 0x74,
+    RelayIncoming = 0x75,
+    RelayStatus = 0x76,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 22] = [
+    pub const ALL: [MessageType; 27] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -78,6 +84,11 @@ impl MessageType {
         MessageType::RpcCancel,
         MessageType::DialBack,
         MessageType::DialBackResult,
+        MessageType::RelayReserve,
+        MessageType::RelayReserved,
+        MessageType::RelayConnect,
+        MessageType::RelayIncoming,
+        MessageType::RelayStatus,
     ];
 
     /// Maps a type byte to a known type.
@@ -110,6 +121,11 @@ impl MessageType {
             MessageType::RpcCancel => "rpc_cancel",
             MessageType::DialBack => "dial_back",
             MessageType::DialBackResult => "dial_back_result",
+            MessageType::RelayReserve => "relay_reserve",
+            MessageType::RelayReserved => "relay_reserved",
+            MessageType::RelayConnect => "relay_connect",
+            MessageType::RelayIncoming => "relay_incoming",
+            MessageType::RelayStatus => "relay_status",
         }
     }
 }
@@ -336,6 +352,7 @@ pub enum Message {
     Rpc(RpcMessage),
     DialBack(DialBack),
     DialBackResult(DialBackResult),
+    Relay(RelayMessage),
 }
 
 /// Why a message could not be encoded.
@@ -400,6 +417,13 @@ impl Message {
             Message::PublishBatch(_) => MessageType::PublishBatch,
             Message::DialBack(_) => MessageType::DialBack,
             Message::DialBackResult(_) => MessageType::DialBackResult,
+            Message::Relay(r) => match r {
+                RelayMessage::Reserve(_) => MessageType::RelayReserve,
+                RelayMessage::Reserved(_) => MessageType::RelayReserved,
+                RelayMessage::Connect(_) => MessageType::RelayConnect,
+                RelayMessage::Incoming(_) => MessageType::RelayIncoming,
+                RelayMessage::Status(_) => MessageType::RelayStatus,
+            },
             Message::Rpc(r) => match r {
                 RpcMessage::Call(_) => MessageType::RpcCall,
                 RpcMessage::Reply(_) => MessageType::RpcReply,
@@ -455,6 +479,7 @@ impl Message {
             Message::Rpc(r) => r.validate(),
             Message::DialBack(d) => d.validate(),
             Message::DialBackResult(d) => d.validate(),
+            Message::Relay(r) => r.validate(),
         }
     }
 
@@ -483,6 +508,13 @@ impl Message {
                 .map_err(rmp_serde::encode::Error::Syntax),
             Message::DialBack(m) => rmp_serde::encode::write_named(out, m),
             Message::DialBackResult(m) => rmp_serde::encode::write_named(out, m),
+            Message::Relay(r) => match r {
+                RelayMessage::Reserve(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Reserved(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Connect(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Incoming(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Status(m) => rmp_serde::encode::write_named(out, m),
+            },
             Message::Rpc(r) => match r {
                 RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
                 RpcMessage::Reply(m) => rmp_serde::encode::write_named(out, m),
@@ -541,6 +573,21 @@ impl Message {
                 }),
             MessageType::DialBack => decode_body(t, body).map(Message::DialBack),
             MessageType::DialBackResult => decode_body(t, body).map(Message::DialBackResult),
+            MessageType::RelayReserve => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Reserve(m)))
+            }
+            MessageType::RelayReserved => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Reserved(m)))
+            }
+            MessageType::RelayConnect => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Connect(m)))
+            }
+            MessageType::RelayIncoming => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Incoming(m)))
+            }
+            MessageType::RelayStatus => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Status(m)))
+            }
             MessageType::RpcCall => decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Call(m))),
             MessageType::RpcReply => {
                 decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Reply(m)))
@@ -895,9 +942,41 @@ mod tests {
         ]
     }
 
+    fn arb_relay() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            any::<u64>().prop_map(|ttl_ms| RelayMessage::Reserve(RelayReserve { ttl_ms })),
+            (
+                any::<u16>(),
+                any::<u64>(),
+                arb_string(MAX_RELAY_MESSAGE_LEN)
+            )
+                .prop_map(|(c, ttl_ms, message)| RelayMessage::Reserved(
+                    RelayReserved {
+                        code: c.into(),
+                        ttl_ms,
+                        message,
+                    }
+                )),
+            any::<[u8; 32]>().prop_map(|t| RelayMessage::Connect(RelayConnect {
+                target: NodeId::from_bytes(t)
+            })),
+            any::<[u8; 32]>().prop_map(|t| RelayMessage::Incoming(RelayIncoming {
+                source: NodeId::from_bytes(t)
+            })),
+            (any::<u16>(), arb_string(MAX_RELAY_MESSAGE_LEN)).prop_map(|(c, message)| {
+                RelayMessage::Status(RelayStatus {
+                    code: c.into(),
+                    message,
+                })
+            }),
+        ]
+        .prop_map(Message::Relay)
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
             arb_publish(),
+            arb_relay(),
             arb_rpc(),
             (
                 any::<u64>(),
