@@ -30,6 +30,11 @@ pub struct PubArgs {
     /// Messages per second at most (0: as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Join as a full node (DHT peer, reachable, relaying). Today these
+    /// commands always do; the flag keeps scripts meaning the same once
+    /// they default to a lightweight client.
+    #[arg(long)]
+    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -41,6 +46,11 @@ pub struct SubArgs {
     /// Exit after this many events (default: run until interrupted).
     #[arg(long)]
     count: Option<u64>,
+    /// Join as a full node (DHT peer, reachable, relaying). Today these
+    /// commands always do; the flag keeps scripts meaning the same once
+    /// they default to a lightweight client.
+    #[arg(long)]
+    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
 }

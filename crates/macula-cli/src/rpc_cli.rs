@@ -42,6 +42,11 @@ pub struct CallArgs {
     /// Pause between calls with --count, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     interval: u64,
+    /// Join as a full node (DHT peer, reachable, relaying). Today these
+    /// commands always do; the flag keeps scripts meaning the same once
+    /// they default to a lightweight client.
+    #[arg(long)]
+    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -73,6 +78,11 @@ pub struct ServeArgs {
     /// UDP address to listen on (its address goes into the advertisement).
     #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:0")]
     listen: SocketAddr,
+    /// Join as a full node (DHT peer, reachable, relaying). Today these
+    /// commands always do; the flag keeps scripts meaning the same once
+    /// they default to a lightweight client.
+    #[arg(long)]
+    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
 }
