@@ -359,6 +359,7 @@ impl NodeRuntime {
                     peer
                 }),
                 Box::new(move || relay_reach.state() == crate::reachability::ReachState::Private),
+                Some(dht.clone()),
             );
             NodeShared {
                 relay,

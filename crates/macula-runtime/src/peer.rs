@@ -163,6 +163,8 @@ struct PeerShared {
     kept: AtomicBool,
     /// The relay splicing this connection, if it is relayed.
     relayed_via: std::sync::OnceLock<NodeId>,
+    /// Not a DHT contact for others: it cannot be dialed directly.
+    unlisted: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -242,9 +244,20 @@ impl Peer {
     }
 
     /// Marks the connection as relayed through `relay` (once, before it is
-    /// pooled).
+    /// pooled). A relayed peer is never handed out as a DHT contact.
     pub(crate) fn set_relayed_via(&self, relay: NodeId) {
         let _ = self.0.relayed_via.set(relay);
+        self.set_unlisted();
+    }
+
+    /// True when this peer must not be listed as a DHT contact (it is
+    /// private: relayed, or holding a reservation at this node).
+    pub fn is_unlisted(&self) -> bool {
+        self.0.unlisted.load(Relaxed)
+    }
+
+    pub(crate) fn set_unlisted(&self) {
+        self.0.unlisted.store(true, Relaxed);
     }
 
     /// Sends a PING on the control stream and waits for its PONG.
@@ -510,6 +523,7 @@ pub(crate) async fn handshake(
         epoch,
         kept: AtomicBool::new(false),
         relayed_via: std::sync::OnceLock::new(),
+        unlisted: AtomicBool::new(false),
         metrics,
     }));
     Ok((peer, reader))

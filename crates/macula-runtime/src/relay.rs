@@ -375,6 +375,7 @@ struct Inner {
     counters: Arc<RelayCounters>,
     peer: PeerLookup,
     is_private: IsPrivate,
+    dht: Option<crate::dht::DhtHandle>,
     epoch: Instant,
 }
 
@@ -405,6 +406,7 @@ impl Relay {
         counters: Arc<RelayCounters>,
         peer: PeerLookup,
         is_private: IsPrivate,
+        dht: Option<crate::dht::DhtHandle>,
     ) -> Relay {
         Relay(Arc::new(Inner {
             node_id,
@@ -414,6 +416,7 @@ impl Relay {
             counters,
             peer,
             is_private,
+            dht,
             epoch: Instant::now(),
         }))
     }
@@ -468,6 +471,11 @@ impl Relay {
             Ok(ttl_us) => {
                 self.0.counters.reservations_total.fetch_add(1, Relaxed);
                 tracing::debug!(peer = %peer.node_id(), ttl_s = ttl_us / 1_000_000, "relay reservation granted");
+                // A node that needs a relay cannot be dialed: stop handing
+                // it out as a DHT contact (others would wait on it).
+                if let Some(dht) = &self.0.dht {
+                    dht.unlist(&peer);
+                }
                 // The reservation ends with the connection that made it.
                 let this = self.clone();
                 let p = peer.clone();
