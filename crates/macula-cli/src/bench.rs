@@ -39,6 +39,9 @@ pub enum BenchCommand {
     /// child `macula serve` answers): latency, concurrent throughput, and
     /// pooled versus new connection per call.
     Rpc(crate::bench_rpc::RpcArgs),
+    /// A relayed path versus a direct one on the same topology (in-process
+    /// nodes on 127.0.0.1): RPC round-trip latency and bulk throughput.
+    Relay(crate::bench_relay::RelayArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,6 +106,11 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rpc(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_rpc::run(args))
             .await
             .context("benchmark exceeded its time limit")?,
+        BenchCommand::Relay(args) => {
+            tokio::time::timeout(MAX_RUNTIME, crate::bench_relay::run(args))
+                .await
+                .context("benchmark exceeded its time limit")?
+        }
     }
 }
 

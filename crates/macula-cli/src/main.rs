@@ -9,6 +9,7 @@
 mod admin_cli;
 mod bench;
 mod bench_pubsub;
+mod bench_relay;
 mod bench_rpc;
 mod config;
 mod dht_cli;
