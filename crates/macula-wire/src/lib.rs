@@ -9,6 +9,7 @@
 //! **Invariant:** decoding never panics and never allocates more than the frame
 //! length the caller allowed.
 
+pub mod client;
 pub mod dht;
 pub mod frame;
 pub mod limits;
@@ -18,6 +19,7 @@ pub mod node_id;
 pub mod pubsub;
 pub mod rpc;
 
+pub use client::ClientMessage;
 pub use dht::{dht_key, DhtMessage, WireContact, WireRecord};
 pub use frame::{FrameDecoder, FrameError, FrameHeader, RawFrame, FRAME_HEADER_LEN};
 pub use limits::*;
