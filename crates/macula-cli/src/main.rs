@@ -12,6 +12,7 @@ mod bench_pubsub;
 mod bench_rpc;
 mod config;
 mod dht_cli;
+mod member;
 mod pubsub_cli;
 mod rpc_cli;
 

@@ -46,6 +46,12 @@ use crate::pubsub::{PubSub, PubSubError, PublishOptions, Subscription};
 use crate::rpc::{AdvertiseOptions, CallBuilder, Handler, Registration, Rpc, RpcError, RpcLimits};
 use crate::tls::{self, TlsOptions};
 
+/// A silent gateway is given up after this long (the client's QUIC idle
+/// timeout; keep-alives go every second). With attaching and replaying
+/// on the next node, a client's subscriptions resume within about 5 s of
+/// its gateway dying.
+pub const GATEWAY_DEAD_AFTER: Duration = Duration::from_secs(4);
+
 /// How long a client waits for the gateway to acknowledge a request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,14 +87,21 @@ impl std::fmt::Debug for ClientConfig {
 }
 
 impl ClientConfig {
-    /// A client of `gateways` with defaults for everything else.
+    /// A client of `gateways` with defaults for everything else. A client
+    /// notices a dead gateway (killed, unplugged: no goodbye) within
+    /// `GATEWAY_DEAD_AFTER`: its QUIC keep-alives go every second and the
+    /// connection counts as dead after that much silence.
     pub fn new(gateways: Vec<PeerAddr>) -> ClientConfig {
         ClientConfig {
             gateways,
             realm: crate::config::DEFAULT_REALM.to_string(),
             identity: IdentitySource::Ephemeral,
             tls: TlsOptions::default(),
-            limits: Limits::default(),
+            limits: Limits {
+                keep_alive_interval: Duration::from_secs(1),
+                transport_idle_timeout: GATEWAY_DEAD_AFTER,
+                ..Limits::default()
+            },
             pubsub: macula_pubsub::Limits::default(),
             rpc: RpcLimits::default(),
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -141,6 +154,9 @@ struct Shared {
     /// Advertisements to replay on reconnect: procedure → (weight, metadata).
     ads: Mutex<BTreeMap<String, AdSpec>>,
     shutdown: watch::Sender<bool>,
+    /// Stops the connection drivers: set after graceful shutdown has
+    /// flushed and said goodbye (set first, it would cut the flush off).
+    stop_drivers: watch::Sender<bool>,
     failovers: AtomicU64,
     /// Errors of the last attach attempts, for `connect`'s error.
     last_error: Mutex<String>,
@@ -303,6 +319,7 @@ impl Client {
         };
         let (gateway, _) = watch::channel(None);
         let (shutdown, _) = watch::channel(false);
+        let (stop_drivers, _) = watch::channel(false);
         let max_frame = config.limits.max_frame_size;
         let stall_timeout = config.limits.pubsub_stall_timeout;
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
@@ -334,6 +351,7 @@ impl Client {
                 next_request: AtomicU64::new(1),
                 ads: Mutex::new(BTreeMap::new()),
                 shutdown,
+                stop_drivers,
                 failovers: AtomicU64::new(0),
                 last_error: Mutex::new(String::new()),
                 config,
@@ -440,6 +458,7 @@ impl Client {
             p.disconnect(DisconnectReason::Shutdown, "client shutting down")
                 .await;
         }
+        self.0.stop_drivers.send_replace(true);
         if self.0.own_endpoint {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.0.endpoint.wait_idle()).await;
         }
@@ -617,7 +636,7 @@ impl Client {
             reach: None,
             attach: Some(Arc::new(Acks(Arc::downgrade(&self.0)))),
         };
-        let (p, rpc, shutdown) = (peer.clone(), s.rpc.clone(), s.shutdown.subscribe());
+        let (p, rpc, shutdown) = (peer.clone(), s.rpc.clone(), s.stop_drivers.subscribe());
         tokio::spawn(async move {
             let why = peer::drive(p.clone(), reader, cfg, shutdown).await;
             tracing::debug!(gateway = %p.node_id(), reason = %why, "gateway connection ended");
