@@ -20,6 +20,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use macula_runtime::peer_addr::{self, PeerAddr};
+use macula_runtime::ReachabilityMode;
 use macula_wire::NodeId;
 use serde::Deserialize;
 
@@ -64,6 +65,13 @@ pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula_runtime::pubsub::PEER_
 /// Accepted `pubsub_stall_timeout` range.
 pub const PUBSUB_STALL_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `relay_max_sessions` and `relay_max_reservations` range.
+pub const RELAY_COUNT_RANGE: (usize, usize) = (1, 100_000);
+/// Accepted `relay_idle_timeout` range.
+pub const RELAY_IDLE_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+/// Largest `relay_bytes_per_second` (1 GiB/s; 0 means unlimited).
+pub const MAX_RELAY_BYTES_PER_SECOND: u64 = 1 << 30;
 /// Default log format.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Data directory used when the platform has no user data directory.
@@ -205,6 +213,41 @@ pub mod keys {
         toml: "limits.pubsub_stall_timeout",
         default: "10s",
     };
+    /// Relayed sessions this node carries at once.
+    pub const RELAY_MAX_SESSIONS: Key = Key {
+        flag: "--relay-max-sessions",
+        env: "MACULA_RELAY_MAX_SESSIONS",
+        toml: "relay.max_sessions",
+        default: "128",
+    };
+    /// Reservations this node holds for private peers at once.
+    pub const RELAY_MAX_RESERVATIONS: Key = Key {
+        flag: "--relay-max-reservations",
+        env: "MACULA_RELAY_MAX_RESERVATIONS",
+        toml: "relay.max_reservations",
+        default: "128",
+    };
+    /// Byte rate of one relayed session.
+    pub const RELAY_BYTES_PER_SECOND: Key = Key {
+        flag: "--relay-bytes-per-second",
+        env: "MACULA_RELAY_BYTES_PER_SECOND",
+        toml: "relay.bytes_per_second",
+        default: "1MiB",
+    };
+    /// Idle timeout of a relayed session.
+    pub const RELAY_IDLE_TIMEOUT: Key = Key {
+        flag: "--relay-idle-timeout",
+        env: "MACULA_RELAY_IDLE_TIMEOUT",
+        toml: "relay.idle_timeout",
+        default: "60s",
+    };
+    /// Reachability: detect, or assume private.
+    pub const REACHABILITY: Key = Key {
+        flag: "--reachability",
+        env: "MACULA_REACHABILITY",
+        toml: "reachability",
+        default: "auto",
+    };
     /// Log format.
     pub const LOG_FORMAT: Key = Key {
         flag: "--log-format",
@@ -229,6 +272,11 @@ pub mod keys {
         IDLE_TIMEOUT,
         PUBSUB_QUEUE_CAPACITY,
         PUBSUB_STALL_TIMEOUT,
+        RELAY_MAX_SESSIONS,
+        RELAY_MAX_RESERVATIONS,
+        RELAY_BYTES_PER_SECOND,
+        RELAY_IDLE_TIMEOUT,
+        REACHABILITY,
         LOG_FORMAT,
     ];
 }
@@ -301,6 +349,26 @@ pub struct NodeArgs {
     /// Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h [env: MACULA_PUBSUB_STALL_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub pubsub_stall_timeout: Option<String>,
+
+    /// Relayed sessions carried at once, 1..100000 [env: MACULA_RELAY_MAX_SESSIONS] [default: 128]
+    #[arg(long, value_name = "N")]
+    pub relay_max_sessions: Option<String>,
+
+    /// Reservations held for private peers at once, 1..100000 [env: MACULA_RELAY_MAX_RESERVATIONS] [default: 128]
+    #[arg(long, value_name = "N")]
+    pub relay_max_reservations: Option<String>,
+
+    /// Bytes per second of one relayed session (over it: throttled), bytes or KiB/MiB, 0 = unlimited [env: MACULA_RELAY_BYTES_PER_SECOND] [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub relay_bytes_per_second: Option<String>,
+
+    /// Close a relayed session idle this long; 1s..24h [env: MACULA_RELAY_IDLE_TIMEOUT] [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub relay_idle_timeout: Option<String>,
+
+    /// "auto" (peers dial back to tell) or "private" (behind NAT: use relays, accept no direct inbound connection) [env: MACULA_REACHABILITY] [default: auto]
+    #[arg(long, value_name = "auto|private")]
+    pub reachability: Option<String>,
 
     /// Log format: "text" or "json" [env: MACULA_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "text|json")]
@@ -404,6 +472,16 @@ pub struct Settings {
     pub pubsub_queue_capacity: usize,
     /// Cut-off of a peer that stops reading pub/sub data.
     pub pubsub_stall_timeout: Duration,
+    /// Relayed sessions carried at once.
+    pub relay_max_sessions: usize,
+    /// Reservations held for private peers at once.
+    pub relay_max_reservations: usize,
+    /// Byte rate of one relayed session (0: unlimited).
+    pub relay_bytes_per_second: u64,
+    /// Idle timeout of a relayed session.
+    pub relay_idle_timeout: Duration,
+    /// Detect reachability, or assume private.
+    pub reachability: ReachabilityMode,
     /// Log format.
     pub log_format: LogFormat,
     /// The config file that was read, if any.
@@ -414,6 +492,7 @@ impl Default for Settings {
     /// Every setting at its default; what `macula start` runs with when
     /// nothing is configured.
     fn default() -> Self {
+        let relay = macula_runtime::RelayLimits::default();
         Settings {
             listen: DEFAULT_LISTEN,
             realm: DEFAULT_REALM.to_string(),
@@ -429,6 +508,11 @@ impl Default for Settings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             pubsub_queue_capacity: DEFAULT_PUBSUB_QUEUE_CAPACITY,
             pubsub_stall_timeout: DEFAULT_PUBSUB_STALL_TIMEOUT,
+            relay_max_sessions: relay.max_sessions,
+            relay_max_reservations: relay.max_reservations,
+            relay_bytes_per_second: relay.bytes_per_second,
+            relay_idle_timeout: relay.idle_timeout,
+            reachability: ReachabilityMode::Auto,
             log_format: DEFAULT_LOG_FORMAT,
             config_file: None,
         }
@@ -675,6 +759,32 @@ fn parse_pubsub_stall_timeout(s: &str) -> Result<Duration, String> {
     parse_duration_in(s, PUBSUB_STALL_TIMEOUT_RANGE)
 }
 
+fn parse_relay_count(s: &str) -> Result<usize, String> {
+    parse_count(s, RELAY_COUNT_RANGE)
+}
+
+fn parse_relay_bytes_per_second(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n > MAX_RELAY_BYTES_PER_SECOND {
+        return Err(format!(
+            "must be at most {MAX_RELAY_BYTES_PER_SECOND} bytes (1GiB); 0 means unlimited"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_relay_idle_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, RELAY_IDLE_TIMEOUT_RANGE)
+}
+
+fn parse_reachability(s: &str) -> Result<ReachabilityMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(ReachabilityMode::Auto),
+        "private" => Ok(ReachabilityMode::Private),
+        _ => Err("expected \"auto\" or \"private\"".to_string()),
+    }
+}
+
 fn parse_realm(s: &str) -> Result<String, String> {
     let r = s.trim();
     validate_realm(r)?;
@@ -728,9 +838,20 @@ struct FileConfig {
     bootstrap: Option<toml::Value>,
     data_dir: Option<toml::Value>,
     http: Option<toml::Value>,
+    reachability: Option<toml::Value>,
     tls: Option<FileTls>,
     limits: Option<FileLimits>,
+    relay: Option<FileRelay>,
     log: Option<FileLog>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    max_sessions: Option<toml::Value>,
+    max_reservations: Option<toml::Value>,
+    bytes_per_second: Option<toml::Value>,
+    idle_timeout: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -782,6 +903,7 @@ impl FileLayer {
         let tls = cfg.tls.unwrap_or_default();
         let limits = cfg.limits.unwrap_or_default();
         let log = cfg.log.unwrap_or_default();
+        let relay = cfg.relay.unwrap_or_default();
         let values = [
             (keys::LISTEN.toml, cfg.listen),
             (keys::REALM.toml, cfg.realm),
@@ -800,6 +922,11 @@ impl FileLayer {
                 limits.pubsub_queue_capacity,
             ),
             (keys::PUBSUB_STALL_TIMEOUT.toml, limits.pubsub_stall_timeout),
+            (keys::RELAY_MAX_SESSIONS.toml, relay.max_sessions),
+            (keys::RELAY_MAX_RESERVATIONS.toml, relay.max_reservations),
+            (keys::RELAY_BYTES_PER_SECOND.toml, relay.bytes_per_second),
+            (keys::RELAY_IDLE_TIMEOUT.toml, relay.idle_timeout),
+            (keys::REACHABILITY.toml, cfg.reachability),
             (keys::LOG_FORMAT.toml, log.format),
         ]
         .into_iter()
@@ -1154,6 +1281,36 @@ pub fn resolve(
         true,
         parse_pubsub_stall_timeout,
     )?);
+    let relay_max_sessions = val(layers.value(
+        &args.relay_max_sessions,
+        &keys::RELAY_MAX_SESSIONS,
+        true,
+        parse_relay_count,
+    )?);
+    let relay_max_reservations = val(layers.value(
+        &args.relay_max_reservations,
+        &keys::RELAY_MAX_RESERVATIONS,
+        true,
+        parse_relay_count,
+    )?);
+    let relay_bytes_per_second = val(layers.value(
+        &args.relay_bytes_per_second,
+        &keys::RELAY_BYTES_PER_SECOND,
+        true,
+        parse_relay_bytes_per_second,
+    )?);
+    let relay_idle_timeout = val(layers.value(
+        &args.relay_idle_timeout,
+        &keys::RELAY_IDLE_TIMEOUT,
+        true,
+        parse_relay_idle_timeout,
+    )?);
+    let reachability = val(layers.value(
+        &args.reachability,
+        &keys::REACHABILITY,
+        false,
+        parse_reachability,
+    )?);
     let log_format = val(layers.value(&args.log_format, &keys::LOG_FORMAT, false, str::parse)?);
 
     let (tls_mode, mode_origin) = match tls_mode {
@@ -1177,6 +1334,11 @@ pub fn resolve(
         idle_timeout: idle_timeout.unwrap_or(d.idle_timeout),
         pubsub_queue_capacity: pubsub_queue_capacity.unwrap_or(d.pubsub_queue_capacity),
         pubsub_stall_timeout: pubsub_stall_timeout.unwrap_or(d.pubsub_stall_timeout),
+        relay_max_sessions: relay_max_sessions.unwrap_or(d.relay_max_sessions),
+        relay_max_reservations: relay_max_reservations.unwrap_or(d.relay_max_reservations),
+        relay_bytes_per_second: relay_bytes_per_second.unwrap_or(d.relay_bytes_per_second),
+        relay_idle_timeout: relay_idle_timeout.unwrap_or(d.relay_idle_timeout),
+        reachability: reachability.unwrap_or(d.reachability),
         log_format: log_format.unwrap_or(d.log_format),
         config_file: d.config_file,
     })
@@ -1331,6 +1493,26 @@ mod tests {
         assert_eq!(
             parse_pubsub_stall_timeout(keys::PUBSUB_STALL_TIMEOUT.default),
             Ok(d.pubsub_stall_timeout)
+        );
+        assert_eq!(
+            parse_relay_count(keys::RELAY_MAX_SESSIONS.default),
+            Ok(d.relay_max_sessions)
+        );
+        assert_eq!(
+            parse_relay_count(keys::RELAY_MAX_RESERVATIONS.default),
+            Ok(d.relay_max_reservations)
+        );
+        assert_eq!(
+            parse_relay_bytes_per_second(keys::RELAY_BYTES_PER_SECOND.default),
+            Ok(d.relay_bytes_per_second)
+        );
+        assert_eq!(
+            parse_relay_idle_timeout(keys::RELAY_IDLE_TIMEOUT.default),
+            Ok(d.relay_idle_timeout)
+        );
+        assert_eq!(
+            parse_reachability(keys::REACHABILITY.default),
+            Ok(d.reachability)
         );
         assert_eq!(keys::LOG_FORMAT.default.parse(), Ok(d.log_format));
         for k in keys::ALL {

@@ -240,6 +240,14 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             queue_capacity: s.pubsub_queue_capacity,
             ..Default::default()
         },
+        relay: macula_runtime::RelayLimits {
+            max_sessions: s.relay_max_sessions,
+            max_reservations: s.relay_max_reservations,
+            bytes_per_second: s.relay_bytes_per_second,
+            idle_timeout: s.relay_idle_timeout,
+            ..Default::default()
+        },
+        reachability: s.reachability,
     })
 }
 

@@ -2,7 +2,9 @@
 //! private sites, each behind its own masquerading router. Real `macula`
 //! processes: nodes in both sites join through the public node, which sees
 //! them at their routers' WAN addresses; a direct dial from site 1 to site 2
-//! fails, at the socket level and at the macula level.
+//! fails, at the socket level and at the macula level; yet two full nodes,
+//! one in each site, exchange an RPC call and pub/sub messages through the
+//! public node, which relays them.
 //!
 //! Needs root, `ip` and `nft`; skipped with a message otherwise (CI sets
 //! `MACULA_TEST_REQUIRE_NETNS=1`, which turns a skip into a failure).
@@ -230,6 +232,123 @@ fn nodes_behind_nat_join_through_the_public_node_but_cannot_dial_each_other() {
     for (_, n, _, _) in &mut site_nodes {
         assert_eq!(n.terminate(), Some(0));
     }
+    assert_eq!(public.terminate(), Some(0));
+    eprintln!("took {:?}", started.elapsed());
+}
+
+/// The value of an unlabelled series in Prometheus text (0 if absent).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Two private full nodes, one per site, bootstrapped to the public node:
+/// a direct dial from site 1 to site 2 fails, while an RPC call and pub/sub
+/// delivery from site 1 to site 2 succeed through the relay (the public
+/// node counts a relayed session for each).
+#[test]
+fn private_sites_reach_each_other_through_the_relay() {
+    if netns::skip() {
+        return;
+    }
+    let started = Instant::now();
+    let t = two_sites();
+    let (p, a, b) = (t.public(0), &t.site(1).hosts[0], &t.site(2).hosts[0]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("{}:0", p.ip);
+    let mut public = p.spawn(&start_args(REALM, dir.path(), &["--listen", &listen]));
+    let public_addr = public.field("listen");
+    let public_http = public.field("http");
+    let relay_metrics = || -> String {
+        let (code, out) = p.run(&["metrics", "--raw", "--http", &public_http]);
+        assert_eq!(code, Some(0), "{out}");
+        out
+    };
+    let mesh = ["--full-node", "--connect", &public_addr, "--realm", REALM];
+
+    // Site 2: a server and a subscriber, full nodes behind NAT.
+    let server_listen = format!("{}:4500", b.ip);
+    let mut serve_args = vec!["serve", "nat.echo", "--echo", "--listen", &server_listen];
+    serve_args.extend(mesh);
+    let mut server = b.spawn(&serve_args);
+    server.wait_for(&["serving nat.echo"]);
+    let mut sub_args = vec!["sub", "nat.**", "--count", "1"];
+    sub_args.extend(mesh);
+    let mut sub = b.spawn(&sub_args);
+    sub.wait_for(&["subscribed to nat.**"]);
+
+    // A direct dial from site 1 to the server (its router's WAN address at
+    // the server's port) fails.
+    let via_router = SocketAddr::new(IpAddr::V4(t.site(2).wan_ip), 4500).to_string();
+    let mut direct = a.spawn(&[
+        "dht",
+        "get",
+        "probe",
+        "--connect",
+        &via_router,
+        "--realm",
+        REALM,
+    ]);
+
+    // Site 1 calls the server: the call finds it private and goes through
+    // the public node. Retried while the server is still learning that it
+    // is private and reserving at the relay.
+    let mut call_args = vec!["call", "nat.echo", "through the relay", "--timeout", "8000"];
+    call_args.extend(mesh);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (code, out) = a.run(&call_args);
+        if code == Some(0) {
+            assert!(out.contains("through the relay"), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the call from site 1 to site 2 never went through: {out}"
+        );
+        eprintln!("call not through yet: {}", out.lines().last().unwrap_or(""));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after_call = metric(&relay_metrics(), "macula_relay_sessions_total");
+    assert!(after_call >= 1, "the call was not relayed");
+
+    // Site 1 publishes; the subscriber in site 2 receives through the relay.
+    let mut pub_args = vec!["pub", "nat.greeting", "hello site 2"];
+    pub_args.extend(mesh);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let (code, out) = a.run(&pub_args);
+        assert_eq!(code, Some(0), "pub: {out}");
+        if let Some(st) = sub.wait_exit(Duration::from_secs(2)) {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the subscriber in site 2 never received from site 1"
+        );
+    };
+    assert!(status.success(), "sub exited with {status:?}");
+    sub.seen.extend(sub.lines.try_iter());
+    let out = sub.seen.join("\n");
+    assert!(out.contains("hello site 2"), "{out}");
+    let text = relay_metrics();
+    let sessions = metric(&text, "macula_relay_sessions_total");
+    assert!(
+        sessions > after_call,
+        "the publish was not relayed ({sessions} sessions): {text}"
+    );
+    assert!(metric(&text, "macula_relay_bytes_total") > 0, "{text}");
+    assert!(metric(&text, "macula_relay_reservations") >= 1, "{text}");
+
+    // The direct dial gave up.
+    let st = direct
+        .wait_exit(Duration::from_secs(30))
+        .expect("the direct dial gives up");
+    direct.seen.extend(direct.lines.try_iter());
+    assert_eq!(st.code(), Some(1), "{}", direct.seen.join("\n"));
+
+    assert_eq!(server.terminate(), Some(0));
     assert_eq!(public.terminate(), Some(0));
     eprintln!("took {:?}", started.elapsed());
 }

@@ -518,6 +518,28 @@ impl Dht {
         request: Request,
         now: Millis,
     ) -> Result<Response, RequestError> {
+        self.serve_request(from, request, now, true)
+    }
+
+    /// Like `handle_request`, but `from` is not added to the routing table:
+    /// a peer others cannot dial (behind NAT, or reached through a relay)
+    /// is answered but never handed out as a contact.
+    pub fn handle_request_unlisted(
+        &mut self,
+        from: &Contact,
+        request: Request,
+        now: Millis,
+    ) -> Result<Response, RequestError> {
+        self.serve_request(from, request, now, false)
+    }
+
+    fn serve_request(
+        &mut self,
+        from: &Contact,
+        request: Request,
+        now: Millis,
+        list: bool,
+    ) -> Result<Response, RequestError> {
         self.stats.requests_received += 1;
         if from.id == self.own.id {
             self.stats.requests_malformed += 1;
@@ -527,8 +549,11 @@ impl Dht {
             self.stats.requests_rate_limited += 1;
             return Err(RequestError::RateLimited);
         }
-        // It spoke to us directly, so it is alive and worth a routing slot.
-        self.observe(from.clone(), now);
+        // It spoke to us directly, so it is alive and worth a routing slot
+        // (unless it cannot be dialed).
+        if list {
+            self.observe(from.clone(), now);
+        }
         let k = self.config.k;
         Ok(match request {
             Request::Ping => Response::Pong,

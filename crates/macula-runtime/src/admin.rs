@@ -116,6 +116,9 @@ pub struct PeerReport {
     pub idle_secs: u64,
     /// Kept connections (bootstrap peers) are never idle-closed or evicted.
     pub kept: bool,
+    /// The relay this connection runs through (node ID); absent when direct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed_via: Option<String>,
 }
 
 /// `GET /admin/peers`.
@@ -202,6 +205,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     )));
     registry.register_collector(Box::new(crate::reachability::ReachCollector(
         node.reachability().counters().clone(),
+    )));
+    registry.register_collector(Box::new(crate::relay::RelayCollector(
+        node.relay().counters().clone(),
     )));
     registry.register(
         "macula_rpc_duration_seconds",
@@ -547,6 +553,7 @@ async fn peers(State(s): State<AdminState>) -> Json<PeersReport> {
             agent: p.hello().agent.clone(),
             idle_secs: p.idle_for().as_secs(),
             kept: p.is_kept(),
+            relayed_via: p.relayed_via().map(|r| r.to_string()),
         })
         .collect();
     peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));

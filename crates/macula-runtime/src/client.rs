@@ -634,6 +634,7 @@ impl Client {
             pubsub: Some(s.pubsub.clone()),
             rpc: Some(s.rpc.clone()),
             reach: None,
+            relay: None,
             attach: Some(Arc::new(Acks(Arc::downgrade(&self.0)))),
         };
         let (p, rpc, shutdown) = (peer.clone(), s.rpc.clone(), s.stop_drivers.subscribe());

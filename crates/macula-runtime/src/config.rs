@@ -97,6 +97,57 @@ pub enum ConfigError {
     },
 }
 
+/// How the node decides whether peers can dial it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReachabilityMode {
+    /// Ask peers to dial back (AutoNAT-style) and act on the answer.
+    #[default]
+    Auto,
+    /// Behave as a node behind NAT without asking: reserve at relays,
+    /// publish a relay record, advertise no direct address, and accept no
+    /// direct inbound connection (as behind a symmetric NAT: only what
+    /// arrives through a relay gets in).
+    Private,
+}
+
+/// The relay this node runs for peers that cannot be dialed, and how many
+/// relays it reserves at when it is such a peer itself.
+#[derive(Clone, Debug)]
+pub struct RelayLimits {
+    /// Relay for others at all (only while this node is not private).
+    pub enabled: bool,
+    /// Relayed sessions at once; more are refused (`session_limit`).
+    pub max_sessions: usize,
+    /// Reservations held at once; more are refused (`reservation_limit`).
+    pub max_reservations: usize,
+    /// Bytes per second per session (both directions together); a session
+    /// over it is throttled (the relay stops reading). 0: unlimited.
+    pub bytes_per_second: u64,
+    /// Burst allowance of the per-session token bucket, bytes.
+    pub burst_bytes: u64,
+    /// A session with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Lifetime granted to a reservation (renewed by the holder at 75%).
+    pub reservation_ttl: Duration,
+    /// When private: relays to reserve at (and name in the relay record).
+    pub reserve_at: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            enabled: true,
+            max_sessions: 128,
+            max_reservations: 128,
+            bytes_per_second: 1 << 20,
+            burst_bytes: 256 * 1024,
+            idle_timeout: Duration::from_secs(60),
+            reservation_ttl: Duration::from_secs(3600),
+            reserve_at: 2,
+        }
+    }
+}
+
 /// Configuration of one node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -116,6 +167,10 @@ pub struct NodeConfig {
     /// Pub/sub limits (subscription queue capacity and bytes, topic and
     /// pattern sizes, match cache, publishers tracked).
     pub pubsub: macula_pubsub::Limits,
+    /// Relay limits (as a relay) and reservations (as a private node).
+    pub relay: RelayLimits,
+    /// Whether to detect reachability or assume this node is private.
+    pub reachability: ReachabilityMode,
 }
 
 impl Default for NodeConfig {
@@ -130,6 +185,8 @@ impl Default for NodeConfig {
             capabilities: Vec::new(),
             rpc: crate::rpc::RpcLimits::default(),
             pubsub: macula_pubsub::Limits::default(),
+            relay: RelayLimits::default(),
+            reachability: ReachabilityMode::Auto,
         }
     }
 }
@@ -203,10 +260,19 @@ impl NodeConfig {
             ("health_ping_interval", l.health_ping_interval),
             ("reconnect_backoff_min", l.reconnect_backoff_min),
             ("pubsub_stall_timeout", l.pubsub_stall_timeout),
+            ("relay_idle_timeout", self.relay.idle_timeout),
+            ("relay_reservation_ttl", self.relay.reservation_ttl),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "0".into(), "must be greater than zero".into()));
             }
+        }
+        if self.relay.bytes_per_second > 0 && self.relay.burst_bytes < 2048 {
+            return Err(invalid(
+                "relay_burst_bytes",
+                self.relay.burst_bytes.to_string(),
+                "must be at least 2048 bytes (one inner packet with its prefix)".into(),
+            ));
         }
         if l.reconnect_backoff_max < l.reconnect_backoff_min {
             return Err(invalid(

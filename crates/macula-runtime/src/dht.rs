@@ -436,6 +436,13 @@ impl DhtHandle {
         let _ = self.tx.try_send(Command::PeerLeft(peer.node_id()));
     }
 
+    /// Drops `peer` from the routing table (it cannot be dialed: it just
+    /// reserved at this node as a relay, or is reached through a relay).
+    pub(crate) fn unlist(&self, peer: &Peer) {
+        peer.set_unlisted();
+        let _ = self.tx.try_send(Command::PeerLeft(peer.node_id()));
+    }
+
     /// Tells the DHT about a bootstrap peer that just connected.
     pub(crate) fn seed(&self, peer: &Peer) {
         let _ = self.tx.try_send(Command::Seed(contact_of(peer)));
@@ -834,7 +841,11 @@ impl<D: Dialer> Task<D> {
     fn inbound(&mut self, peer: Peer, msg: DhtMessage, now: Millis) {
         let from = contact_of(&peer);
         match incoming(msg) {
-            Incoming::Request(id, req) => match self.dht.handle_request(&from, req, now) {
+            Incoming::Request(id, req) => match if peer.is_unlisted() {
+                self.dht.handle_request_unlisted(&from, req, now)
+            } else {
+                self.dht.handle_request(&from, req, now)
+            } {
                 Ok(resp) => {
                     let msg = Message::Dht(wire_response(id, &resp));
                     tokio::spawn(async move {

@@ -135,6 +135,12 @@ impl FrameReader {
         }
     }
 
+    /// The stream and the bytes read past the last frame: for a stream that
+    /// stops carrying frames (a relayed session after its status frame).
+    pub fn into_parts(self) -> (RecvStream, Bytes) {
+        (self.recv, self.buf.freeze())
+    }
+
     /// Abandons the stream, telling the peer to stop sending.
     pub fn stop(&mut self, code: u32) {
         // Fails only if already stopped or finished, which is fine.
@@ -198,6 +204,11 @@ impl FrameWriter {
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
         self.send.write_all(bytes).await?;
         Ok(())
+    }
+
+    /// The stream, for raw writes (a relayed session after its status frame).
+    pub fn into_inner(self) -> SendStream {
+        self.send
     }
 
     /// Finishes the stream gracefully.

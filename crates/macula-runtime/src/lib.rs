@@ -24,11 +24,13 @@ pub mod peer_addr;
 pub mod pool;
 pub mod pubsub;
 pub mod reachability;
+pub mod relay;
 pub mod rpc;
 pub mod tls;
+pub mod tunnel;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use config::{IdentitySource, Limits, NodeConfig};
+pub use config::{IdentitySource, Limits, NodeConfig, ReachabilityMode, RelayLimits};
 pub use identity::Identity;
 pub use node::{ConnectError, NodeRuntime, PeerEvent, StartError};
 pub use peer::{Direction, Peer};

@@ -17,7 +17,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::{broadcast, watch, Semaphore};
 
 use crate::backoff::{jitter, Backoff};
-use crate::config::{ConfigError, IdentitySource, NodeConfig};
+use crate::config::{ConfigError, IdentitySource, NodeConfig, ReachabilityMode};
 use crate::dht::DhtHandle;
 use crate::framed::FrameReader;
 use crate::identity::{Identity, IdentityError};
@@ -26,6 +26,8 @@ use crate::peer::{self, close_code, Direction, DriverConfig, HandshakeError, Loc
 use crate::peer_addr::PeerAddr;
 use crate::pool::{Admit, PoolTable, Pooled};
 use crate::tls::{self, TlsError};
+use crate::tunnel::{is_tunnel_addr, RelayError, SessionInfo, Tunnel};
+use macula_wire::relay::{relay_record_name, RelayEntry, RelayRecord};
 
 /// Handshakes (TLS + HELLO) in progress at once on the accept side; beyond
 /// this, new connection attempts are refused so a flood cannot pile up tasks.
@@ -106,6 +108,10 @@ pub enum ConnectError {
     ShuttingDown,
     #[error("cannot connect to {addr}: {detail}")]
     Io { addr: SocketAddr, detail: String },
+    /// A relayed connection failed at the relay (the error names the limit
+    /// or condition the relay reported).
+    #[error(transparent)]
+    Relay(#[from] RelayError),
 }
 
 impl ConnectError {
@@ -153,7 +159,14 @@ struct NodeShared {
     pubsub: crate::pubsub::PubSub,
     rpc: crate::rpc::Rpc,
     reach: crate::reachability::Reachability,
+    relay: crate::relay::Relay,
+    tunnel: Tunnel,
+    /// Relayed dials in progress, by target: concurrent callers share one.
+    relay_dialing: Mutex<HashMap<NodeId, DialFuture>>,
 }
+
+/// TTL of this node's relay record (republished by the DHT before expiry).
+pub const RELAY_RECORD_TTL: Duration = Duration::from_secs(120);
 
 /// Dials DHT contacts through the pool. Holds the node weakly: the DHT task
 /// must not keep the node alive.
@@ -167,12 +180,7 @@ impl crate::pubsub::Mesh for PoolDialer {
         let weak = self.0.clone();
         Box::pin(async move {
             let node = NodeRuntime(weak.upgrade()?);
-            if let Some(p) = node.peer(&id).filter(|p| !p.is_closed()) {
-                return Some(p);
-            }
-            let found = node.dht().closest(id, 1).await.ok()?;
-            let (_, addr) = found.into_iter().find(|(f, _)| *f == id)?;
-            node.connect(addr.parse().ok()?, Some(id)).await.ok()
+            node.route(id, Vec::new(), true).await
         })
     }
 }
@@ -186,22 +194,10 @@ impl crate::rpc::Reach for PoolDialer {
         addrs: Vec<String>,
     ) -> futures::future::BoxFuture<'static, Option<Peer>> {
         let weak = self.0.clone();
-        let fallback = crate::pubsub::Mesh::reach(self, id);
         Box::pin(async move {
             let node = NodeRuntime(weak.upgrade()?);
-            if let Some(p) = node.peer(&id).filter(|p| !p.is_closed()) {
-                return Some(p);
-            }
-            for addr in addrs.iter().filter_map(|a| a.parse::<SocketAddr>().ok()) {
-                if addr.ip().is_unspecified() {
-                    continue;
-                }
-                if let Ok(p) = node.connect(addr, Some(id)).await {
-                    return Some(p);
-                }
-            }
-            drop(node);
-            fallback.await
+            let addrs: Vec<SocketAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            node.route(id, addrs, true).await
         })
     }
 }
@@ -209,7 +205,9 @@ impl crate::rpc::Reach for PoolDialer {
 impl crate::dht::Dialer for PoolDialer {
     async fn dial(&self, addr: SocketAddr, id: NodeId) -> Option<Peer> {
         let node = NodeRuntime(self.0.upgrade()?);
-        node.connect(addr, Some(id)).await.ok()
+        // No DHT lookups from inside the DHT's own sends: a relayed route is
+        // used only when already known.
+        node.route(id, vec![addr], false).await
     }
 }
 
@@ -265,6 +263,7 @@ impl NodeRuntime {
             .map_err(|e| StartError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
+        let tunnel_server = server.clone();
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
         let mut endpoint =
@@ -273,17 +272,36 @@ impl NodeRuntime {
                 source,
             })?;
         let reach = crate::reachability::Reachability::new(client.clone(), config.listen.ip());
+        let relay_counters = Arc::new(crate::relay::RelayCounters::default());
+        let tunnel = Tunnel::new(
+            tunnel_server,
+            client.clone(),
+            config.limits.max_frame_size,
+            relay_counters.clone(),
+        )
+        .map_err(|e| StartError::Quic(format!("relay tunnel endpoint: {e}")))?;
         endpoint.set_default_client_config(client);
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
         })?;
+        let forced_private = config.reachability == ReachabilityMode::Private;
+        let mut capabilities = config.capabilities.clone();
+        if config.relay.enabled && !forced_private && !capabilities.iter().any(|c| c == "relay") {
+            capabilities.push("relay".to_string());
+        }
         let hello = Hello {
             version: PROTOCOL_VERSION,
             node_id,
             realm: config.realm.clone(),
-            capabilities: config.capabilities.clone(),
-            listen_addrs: vec![local_addr.to_string()],
+            capabilities,
+            // A node that knows it is behind NAT names no address: peers
+            // would only wait on it.
+            listen_addrs: if forced_private {
+                Vec::new()
+            } else {
+                vec![local_addr.to_string()]
+            },
             max_frame_size: config.limits.max_frame_size,
             agent: format!("macula/{}", env!("CARGO_PKG_VERSION")),
         };
@@ -324,7 +342,7 @@ impl NodeRuntime {
                     dht: dht.clone(),
                     realm: config.realm.clone(),
                     reach: Box::new(PoolDialer(weak.clone())),
-                    addrs: Mutex::new(if local_addr.ip().is_unspecified() {
+                    addrs: Mutex::new(if local_addr.ip().is_unspecified() || forced_private {
                         Vec::new()
                     } else {
                         vec![local_addr.to_string()]
@@ -332,8 +350,26 @@ impl NodeRuntime {
                 }),
             );
             let gateway = crate::gateway::Gateway::new(pubsub.clone(), rpc.clone());
+            let lookup = weak.clone();
+            let relay_reach = reach.clone();
+            let relay = crate::relay::Relay::new(
+                node_id,
+                config.relay.clone(),
+                config.limits.max_frame_size,
+                relay_counters,
+                Box::new(move |id| {
+                    let shared = lookup.upgrade()?;
+                    let peer = lock(&shared.table).peek(id).cloned();
+                    peer
+                }),
+                Box::new(move || relay_reach.state() == crate::reachability::ReachState::Private),
+                Some(dht.clone()),
+            );
             NodeShared {
                 gateway,
+                relay,
+                tunnel,
+                relay_dialing: Mutex::new(HashMap::new()),
                 reach,
                 rpc,
                 pubsub,
@@ -356,8 +392,13 @@ impl NodeRuntime {
         });
         let node = NodeRuntime(shared);
         tracing::info!(node_id = %node_id, listen = %local_addr, realm = %node.0.config.realm, "node started");
-        tokio::spawn(node.clone().accept_loop());
+        tokio::spawn(node.clone().accept_loop(node.0.endpoint.clone(), false));
+        tokio::spawn(
+            node.clone()
+                .accept_loop(node.0.tunnel.endpoint().clone(), true),
+        );
         tokio::spawn(node.clone().check_reachability());
+        tokio::spawn(node.clone().maintain_relays());
         for target in node.0.config.bootstrap.clone() {
             tokio::spawn(node.clone().supervise(target));
         }
@@ -396,6 +437,16 @@ impl NodeRuntime {
 
     pub fn dht(&self) -> &DhtHandle {
         &self.0.dht
+    }
+
+    /// The relay this node runs for others (limits, counters).
+    pub fn relay(&self) -> &crate::relay::Relay {
+        &self.0.relay
+    }
+
+    /// This node's relayed sessions and reservations.
+    pub fn tunnel(&self) -> &Tunnel {
+        &self.0.tunnel
     }
 
     /// The bound QUIC address (useful with port 0).
@@ -689,6 +740,7 @@ impl NodeRuntime {
             rpc: Some(self.0.rpc.clone()),
             reach: Some(self.0.reach.clone()),
             attach: Some(Arc::new(self.0.gateway.clone())),
+            relay: Some((self.0.relay.clone(), self.0.tunnel.clone())),
         };
         let shutdown = self.0.shutdown.subscribe();
         tokio::spawn(async move {
@@ -744,15 +796,39 @@ impl NodeRuntime {
         }
     }
 
-    async fn accept_loop(self) {
+    /// Accepts connections on `endpoint`: the node's UDP endpoint, or the
+    /// relay tunnel's (`tunneled`: relayed sessions).
+    async fn accept_loop(self, endpoint: quinn::Endpoint, tunneled: bool) {
         let slots = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
         let mut shutdown = self.0.shutdown.subscribe();
+        let forced_private = self.0.config.reachability == ReachabilityMode::Private;
         loop {
             let incoming = tokio::select! {
-                i = self.0.endpoint.accept() => i,
+                i = endpoint.accept() => i,
                 _ = shutdown.changed() => break,
             };
             let Some(incoming) = incoming else { break };
+            let session = if tunneled {
+                match self.0.tunnel.session(&incoming.remote_address()) {
+                    Some(s) => Some(s),
+                    None => {
+                        incoming.refuse();
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            if forced_private && !tunneled {
+                // What a symmetric NAT does: nothing unsolicited gets in.
+                self.0
+                    .metrics
+                    .connections_refused_total
+                    .fetch_add(1, Relaxed);
+                tracing::debug!(remote = %incoming.remote_address(), "private node: refusing a direct inbound connection");
+                incoming.refuse();
+                continue;
+            }
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 self.0
                     .metrics
@@ -766,12 +842,12 @@ impl NodeRuntime {
             let node = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                node.accept_one(incoming).await;
+                node.accept_one(incoming, session).await;
             });
         }
     }
 
-    async fn accept_one(&self, incoming: quinn::Incoming) {
+    async fn accept_one(&self, incoming: quinn::Incoming, session: Option<SessionInfo>) {
         let remote = incoming.remote_address();
         let timeout = self.0.config.limits.handshake_timeout;
         let mut probe_conn: Option<quinn::Connection> = None;
@@ -788,6 +864,20 @@ impl NodeRuntime {
                     "connection from ourselves".into(),
                 ));
             }
+            if let Some(s) = session.as_ref().filter(|s| s.remote != proved) {
+                // The relay named someone else than who proved it in TLS.
+                conn.close(
+                    close_code(DisconnectReason::IdentityMismatch),
+                    b"relayed peer is not who the relay announced",
+                );
+                return Err((
+                    HandshakeFailure::IdentityMismatch,
+                    format!(
+                        "relay {} announced {} but {proved} connected",
+                        s.relay, s.remote
+                    ),
+                ));
+            }
             peer::handshake(
                 conn,
                 proved,
@@ -800,6 +890,15 @@ impl NodeRuntime {
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok((peer, reader))) => {
+                if let Some(s) = &session {
+                    peer.set_relayed_via(s.relay);
+                    self.0.tunnel.bind(peer.connection().clone());
+                    self.0
+                        .relay
+                        .counters()
+                        .relayed_connections_total
+                        .fetch_add(1, Relaxed);
+                }
                 let _ = self.register(peer, reader).await;
             }
             Ok(Err(_)) if is_dial_back(probe_conn.as_ref()) => {
@@ -823,12 +922,17 @@ impl NodeRuntime {
     async fn check_reachability(self) {
         use crate::reachability::{ReachState, RECHECK_INTERVAL, RETRY_INTERVAL};
         let mut shutdown = self.0.shutdown.subscribe();
+        if self.0.config.reachability == ReachabilityMode::Private {
+            // Configured as behind NAT: nothing to ask.
+            self.0.reach.force(ReachState::Private);
+            self.0.rpc.set_addrs(Vec::new()).await;
+            return;
+        }
         loop {
-            // Clients listen on nothing and cannot dial back.
             let peers: Vec<Peer> = self
                 .peers()
                 .into_iter()
-                .filter(|p| !p.is_client())
+                .filter(|p| p.relayed_via().is_none() && !p.is_client())
                 .collect();
             let wait = if peers.is_empty() {
                 // Nobody to ask yet.
@@ -914,6 +1018,326 @@ impl NodeRuntime {
         }
     }
 
+    /// Reaches `id` the way pub/sub, RPC and the DHT do: the pooled
+    /// connection; else, for a node with a relay record (a private node),
+    /// a connection through one of its relays; else a direct dial (to
+    /// `addrs`, or the DHT's address when `use_dht`) raced against the
+    /// relayed route, first success wins. `use_dht: false` (the DHT's own
+    /// sends) uses only relay routes already looked up.
+    pub async fn route(&self, id: NodeId, addrs: Vec<SocketAddr>, use_dht: bool) -> Option<Peer> {
+        if let Some(p) = self.peer(&id).filter(|p| !p.is_closed()) {
+            return Some(p);
+        }
+        if id == self.0.node_id || self.is_shutting_down() {
+            return None;
+        }
+        let cached = self.0.tunnel.cached_routes(&id);
+        let known_private = cached.as_ref().is_some_and(|r| !r.is_empty());
+        let relayed = {
+            let node = self.clone();
+            async move {
+                let routes = match cached {
+                    Some(r) => r,
+                    None if use_dht => node.relay_routes(id).await,
+                    None => Vec::new(),
+                };
+                node.connect_through(&routes, id).await
+            }
+        };
+        if known_private {
+            return relayed.await;
+        }
+        let direct = {
+            let node = self.clone();
+            async move {
+                let mut addrs = addrs;
+                if addrs.is_empty() && use_dht {
+                    if let Ok(found) = node.dht().closest(id, 1).await {
+                        addrs = found
+                            .into_iter()
+                            .filter(|(f, _)| *f == id)
+                            .filter_map(|(_, a)| a.parse().ok())
+                            .collect();
+                    }
+                }
+                for a in addrs {
+                    if a.ip().is_unspecified() || is_tunnel_addr(&a) {
+                        continue;
+                    }
+                    if let Ok(p) = node.connect(a, Some(id)).await {
+                        return Some(p);
+                    }
+                }
+                None
+            }
+        };
+        first_some(direct, relayed).await
+    }
+
+    /// The relays named in `id`'s relay record (empty: none, so `id` is not
+    /// known to be private); cached for a few seconds.
+    pub async fn relay_routes(&self, id: NodeId) -> Vec<RelayEntry> {
+        if let Some(r) = self.0.tunnel.cached_routes(&id) {
+            return r;
+        }
+        let key = macula_wire::dht_key(relay_record_name(self.realm(), &id).as_bytes());
+        let relays: Vec<RelayEntry> = match self.0.dht.get(key).await {
+            Ok(records) => records
+                .into_iter()
+                .filter(|r| r.publisher == id && !r.value.is_empty())
+                .filter_map(|r| RelayRecord::decode(&r.value).ok())
+                .flat_map(|r| r.relays)
+                .filter(|e| e.id != id)
+                .collect(),
+            Err(e) => {
+                tracing::debug!(target = %id, error = %e, "relay record lookup failed");
+                return Vec::new();
+            }
+        };
+        self.0.tunnel.cache_routes(id, relays.clone());
+        relays
+    }
+
+    /// A connection to `target` through the first of `relays` that works.
+    async fn connect_through(&self, relays: &[RelayEntry], target: NodeId) -> Option<Peer> {
+        for entry in relays {
+            if entry.id == self.0.node_id {
+                continue;
+            }
+            let relay = match self.peer(&entry.id).filter(|p| !p.is_closed()) {
+                Some(p) => Some(p),
+                None => {
+                    let mut found = None;
+                    for a in entry
+                        .addrs
+                        .iter()
+                        .filter_map(|a| a.parse::<SocketAddr>().ok())
+                    {
+                        if let Ok(p) = self.connect(a, Some(entry.id)).await {
+                            found = Some(p);
+                            break;
+                        }
+                    }
+                    found
+                }
+            };
+            let Some(relay) = relay.filter(|r| r.relayed_via().is_none()) else {
+                continue;
+            };
+            match self.connect_via(&relay, target).await {
+                Ok(p) => return Some(p),
+                Err(e) => {
+                    tracing::debug!(relay = %entry.id, target = %target, error = %e, "relayed connection failed")
+                }
+            }
+        }
+        None
+    }
+
+    /// A connection to `target` through `relay`, a connected peer; the pooled
+    /// connection to `target` if there is one. Concurrent calls for the same
+    /// target share one attempt. The connection is end-to-end QUIC + TLS
+    /// (the relay cannot read or forge it), pooled like a direct one and
+    /// marked `relayed_via`.
+    pub async fn connect_via(&self, relay: &Peer, target: NodeId) -> Result<Peer, ConnectError> {
+        if self.is_shutting_down() {
+            return Err(ConnectError::ShuttingDown);
+        }
+        if let Some(p) = self.peer(&target).filter(|p| !p.is_closed()) {
+            return Ok(p);
+        }
+        let fut = {
+            let mut dialing = lock(&self.0.relay_dialing);
+            dialing
+                .entry(target)
+                .or_insert_with(|| {
+                    let node = self.clone();
+                    let relay = relay.clone();
+                    let addr = relay.remote_addr();
+                    let task = tokio::spawn(async move {
+                        let res = node.dial_relayed(&relay, target).await;
+                        lock(&node.0.relay_dialing).remove(&target);
+                        res
+                    });
+                    async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(ConnectError::Io {
+                                addr,
+                                detail: format!("relayed dial task failed: {e}"),
+                            })
+                        })
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let peer = fut.await?;
+        peer.touch();
+        Ok(peer)
+    }
+
+    async fn dial_relayed(&self, relay: &Peer, target: NodeId) -> Result<Peer, ConnectError> {
+        let addr = self.0.tunnel.open(relay, target).await?;
+        let timeout = self.0.config.limits.handshake_timeout;
+        let handshake = async {
+            let sni = tls::server_name(Some(target));
+            let connecting =
+                self.0
+                    .tunnel
+                    .endpoint()
+                    .connect(addr, &sni)
+                    .map_err(|e| ConnectError::Io {
+                        addr,
+                        detail: e.to_string(),
+                    })?;
+            let conn = connecting.await.map_err(|e| ConnectError::Tls {
+                addr,
+                detail: format!("through relay {}: {e}", relay.node_id()),
+            })?;
+            self.0.tunnel.bind(conn.clone());
+            let proved = proved_id(&conn).map_err(|detail| ConnectError::Tls { addr, detail })?;
+            if proved != target {
+                conn.close(
+                    close_code(DisconnectReason::IdentityMismatch),
+                    b"identity mismatch",
+                );
+                return Err(ConnectError::IdentityMismatch {
+                    addr,
+                    expected: target,
+                    detail: format!("{proved} answered through relay {}", relay.node_id()),
+                });
+            }
+            peer::handshake(
+                conn,
+                proved,
+                Direction::Outbound,
+                &self.0.local,
+                self.0.metrics.clone(),
+            )
+            .await
+            .map_err(|source| ConnectError::Handshake { addr, source })
+        };
+        let (peer, reader) = tokio::time::timeout(timeout, handshake)
+            .await
+            .unwrap_or(Err(ConnectError::Timeout {
+                addr,
+                after: timeout,
+            }))
+            .inspect_err(|e| {
+                if let Some(f) = e.failure() {
+                    self.0.metrics.handshake_failure(f);
+                }
+            })?;
+        peer.set_relayed_via(relay.node_id());
+        self.0
+            .relay
+            .counters()
+            .relayed_connections_total
+            .fetch_add(1, Relaxed);
+        tracing::debug!(peer = %target, relay = %relay.node_id(), "relayed connection established");
+        self.register(peer, reader).await
+    }
+
+    /// While this node is private: holds reservations at up to
+    /// `relay.reserve_at` directly connected peers that relay, renews them,
+    /// replaces lost ones, and publishes the relay record naming them (an
+    /// empty record once the node is no longer private).
+    async fn maintain_relays(self) {
+        use crate::reachability::ReachState;
+        let mut shutdown = self.0.shutdown.subscribe();
+        let mut published: Vec<NodeId> = Vec::new();
+        let mut last_error: Option<String> = None;
+        let want = self.0.config.relay.reserve_at;
+        let key = macula_wire::dht_key(relay_record_name(self.realm(), &self.0.node_id).as_bytes());
+        let mut wait = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            if self.is_shutting_down() {
+                return;
+            }
+            if self.0.reach.state() != ReachState::Private || want == 0 {
+                if !published.is_empty() {
+                    self.0.tunnel.release_all();
+                    let _ = self.0.dht.put(key, Vec::new(), RELAY_RECORD_TTL).await;
+                    let _ = self.0.dht.unpublish(key).await;
+                    published.clear();
+                }
+                wait = Duration::from_secs(1);
+                continue;
+            }
+            let mut held = self.0.tunnel.held();
+            if held.len() < want {
+                let mut candidates: Vec<Peer> = self
+                    .peers()
+                    .into_iter()
+                    .filter(|p| {
+                        !p.is_closed()
+                            && p.relayed_via().is_none()
+                            && p.hello().capabilities.iter().any(|c| c == "relay")
+                            && !held.iter().any(|h| h.node_id() == p.node_id())
+                    })
+                    .collect();
+                // Bootstrap (kept) peers first: they are the stable ones.
+                candidates.sort_by_key(|p| (!p.is_kept(), p.node_id()));
+                for c in candidates {
+                    if held.len() >= want {
+                        break;
+                    }
+                    match self.0.tunnel.reserve(&c).await {
+                        Ok(ttl) => {
+                            c.set_kept(true);
+                            tracing::info!(relay = %c.node_id(), ttl_s = ttl.as_secs(), "reserved at relay");
+                            held.push(c);
+                            last_error = None;
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            if last_error.as_deref() != Some(msg.as_str()) {
+                                tracing::warn!(relay = %c.node_id(), error = %msg, "relay reservation failed");
+                                last_error = Some(msg);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut ids: Vec<NodeId> = held.iter().map(Peer::node_id).collect();
+            ids.sort();
+            if ids != published && !held.is_empty() {
+                let record = RelayRecord {
+                    relays: held
+                        .iter()
+                        .take(macula_wire::relay::MAX_RELAYS_PER_RECORD)
+                        .map(|p| RelayEntry {
+                            id: p.node_id(),
+                            addrs: vec![p.remote_addr().to_string()],
+                        })
+                        .collect(),
+                };
+                match record.encode() {
+                    Ok(value) => match self.0.dht.put(key, value, RELAY_RECORD_TTL).await {
+                        Ok(_) => {
+                            tracing::info!(relays = ?ids, "published relay record");
+                            published = ids;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "could not publish the relay record yet")
+                        }
+                    },
+                    Err(e) => tracing::warn!(error = %e, "relay record does not encode"),
+                }
+            }
+            wait = if held.len() < want || published.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            };
+        }
+    }
+
     /// Graceful shutdown: tells every peer, closes the endpoint and waits (up
     /// to `SHUTDOWN_GRACE`) for the goodbyes to be delivered.
     pub async fn shutdown(&self) {
@@ -944,6 +1368,7 @@ impl NodeRuntime {
             .iter()
             .map(|p| p.disconnect(DisconnectReason::Shutdown, "node shutting down"));
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, futures::future::join_all(goodbyes)).await;
+        self.0.tunnel.close();
         self.0.endpoint.close(
             close_code(DisconnectReason::Shutdown),
             b"node shutting down",
@@ -951,6 +1376,34 @@ impl NodeRuntime {
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
         tracing::info!(node_id = %self.0.node_id, "node stopped");
     }
+}
+
+/// The first `Some` of two futures, or `None` once both gave up.
+async fn first_some<A, B>(a: A, b: B) -> Option<Peer>
+where
+    A: std::future::Future<Output = Option<Peer>>,
+    B: std::future::Future<Output = Option<Peer>>,
+{
+    tokio::pin!(a);
+    tokio::pin!(b);
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        tokio::select! {
+            r = &mut a, if !a_done => {
+                if r.is_some() {
+                    return r;
+                }
+                a_done = true;
+            }
+            r = &mut b, if !b_done => {
+                if r.is_some() {
+                    return r;
+                }
+                b_done = true;
+            }
+        }
+    }
+    None
 }
 
 /// Whether `conn` was closed by a peer's reachability dial-back.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use macula_wire::{
     DecodeError, Disconnect, DisconnectReason, ErrorCode, ErrorFrame, Hello, Message, NodeId, Ping,
-    Pong, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+    Pong, RelayMessage, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
 };
 use quinn::VarInt;
 use tokio::sync::oneshot;
@@ -161,6 +161,10 @@ struct PeerShared {
     epoch: Instant,
     /// Kept connections are never idle-closed or evicted (bootstrap peers).
     kept: AtomicBool,
+    /// The relay splicing this connection, if it is relayed.
+    relayed_via: std::sync::OnceLock<NodeId>,
+    /// Not a DHT contact for others: it cannot be dialed directly.
+    unlisted: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -240,6 +244,28 @@ impl Peer {
 
     pub fn is_kept(&self) -> bool {
         self.0.kept.load(Relaxed)
+    }
+
+    /// The relay this connection runs through; `None` for a direct one.
+    pub fn relayed_via(&self) -> Option<NodeId> {
+        self.0.relayed_via.get().copied()
+    }
+
+    /// Marks the connection as relayed through `relay` (once, before it is
+    /// pooled). A relayed peer is never handed out as a DHT contact.
+    pub(crate) fn set_relayed_via(&self, relay: NodeId) {
+        let _ = self.0.relayed_via.set(relay);
+        self.set_unlisted();
+    }
+
+    /// True when this peer must not be listed as a DHT contact (it is
+    /// private: relayed, or holding a reservation at this node).
+    pub fn is_unlisted(&self) -> bool {
+        self.0.unlisted.load(Relaxed)
+    }
+
+    pub(crate) fn set_unlisted(&self) {
+        self.0.unlisted.store(true, Relaxed);
     }
 
     /// Sends a PING on the control stream and waits for its PONG.
@@ -504,6 +530,8 @@ pub(crate) async fn handshake(
         last_activity_ms: AtomicU64::new(0),
         epoch,
         kept: AtomicBool::new(false),
+        relayed_via: std::sync::OnceLock::new(),
+        unlisted: AtomicBool::new(false),
         metrics,
     }));
     Ok((peer, reader))
@@ -645,6 +673,10 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             unserved(peer, "HELLO after handshake", frame.msg_type).await;
             Next::Continue
         }
+        Ok(Message::Relay(_)) => {
+            unserved(peer, "relay messages open their own stream", frame.msg_type).await;
+            Next::Continue
+        }
         Ok(Message::PublishBatch(_)) => {
             // Batches travel on pub/sub data streams only.
             unserved(
@@ -709,10 +741,17 @@ async fn report(peer: &Peer, code: ErrorCode, message: &str, msg_type: u8) {
 /// Serves a stream the peer opened after the handshake: answers PING, and
 /// reports anything it cannot serve. A malformed or oversized frame ends only
 /// this stream; the connection stays up.
-async fn serve_stream(peer: Peer, send: quinn::SendStream, recv: quinn::RecvStream, max: u32) {
+async fn serve_stream(
+    peer: Peer,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    max: u32,
+    relay: Option<(crate::relay::Relay, crate::tunnel::Tunnel)>,
+) {
     let m = peer.0.metrics.clone();
     let mut reader = FrameReader::new(recv, max);
     let mut writer = FrameWriter::new(send, peer.hello().max_frame_size);
+    let mut first = true;
     loop {
         let frame = match reader.read().await {
             Ok(Some(f)) => f,
@@ -735,7 +774,26 @@ async fn serve_stream(peer: Peer, send: quinn::SendStream, recv: quinn::RecvStre
         m.frames_received_total.fetch_add(1, Relaxed);
         m.message_received(frame.msg_type);
         peer.touch();
-        let reply = match frame.decode() {
+        let decoded = frame.decode();
+        if std::mem::take(&mut first) {
+            // The first frame decides what the stream is: a relay request
+            // takes the stream over (it becomes a spliced byte pipe).
+            if let (Ok(Message::Relay(msg)), Some((relay, tunnel))) = (&decoded, &relay) {
+                match msg {
+                    RelayMessage::Reserve(r) => {
+                        return relay.serve_reserve(peer, *r, writer).await;
+                    }
+                    RelayMessage::Connect(c) => {
+                        return relay.serve_connect(peer, *c, reader, writer).await;
+                    }
+                    RelayMessage::Incoming(i) => {
+                        return tunnel.serve_incoming(peer, i.source, reader, writer).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let reply = match decoded {
             Ok(Message::Ping(p)) => {
                 m.pings_received_total.fetch_add(1, Relaxed);
                 Message::Pong(Pong {
@@ -858,6 +916,8 @@ pub(crate) struct DriverConfig {
     pub reach: Option<crate::reachability::Reachability>,
     /// Where client attachment messages go: a gateway's, or a client's.
     pub attach: Option<Arc<dyn Attach>>,
+    /// Where relay requests (streams opening with a relay message) go.
+    pub relay: Option<(crate::relay::Relay, crate::tunnel::Tunnel)>,
 }
 
 /// Handles client attachment messages (CLIENT_*): the gateway serves a
@@ -920,7 +980,7 @@ pub(crate) async fn drive(
             },
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_stream(peer.clone(), send, recv, cfg.max_frame_size));
+                    tokio::spawn(serve_stream(peer.clone(), send, recv, cfg.max_frame_size, cfg.relay.clone()));
                 }
                 Err(e) => break describe_close(&e),
             },

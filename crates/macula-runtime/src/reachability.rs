@@ -198,6 +198,11 @@ impl Reachability {
         &self.0.counters
     }
 
+    /// Sets the state without asking anyone (a node configured as private).
+    pub(crate) fn force(&self, s: ReachState) {
+        self.set_state(s);
+    }
+
     fn set_state(&self, s: ReachState) {
         let code = match &s {
             ReachState::Unknown => 0,

@@ -17,6 +17,7 @@ pub mod message;
 pub mod nat;
 pub mod node_id;
 pub mod pubsub;
+pub mod relay;
 pub mod rpc;
 
 pub use client::ClientMessage;
@@ -32,4 +33,5 @@ pub use pubsub::{
     encode_batch_frame, BatchEntry, BatchItem, BatchMessage, Publish, PublishBatch,
     PublishBatchView,
 };
+pub use relay::{RelayCode, RelayMessage, RelayRecord};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};

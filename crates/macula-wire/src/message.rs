@@ -17,6 +17,7 @@ use crate::limits::*;
 use crate::nat::{DialBack, DialBackResult};
 use crate::node_id::NodeId;
 use crate::pubsub::{Publish, PublishBatch, PublishBatchView};
+use crate::relay::*;
 use crate::rpc::*;
 
 /// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
@@ -58,11 +59,16 @@ pub enum MessageType {
     ClientAdvertise = 0x82,
     ClientUnadvertise = 0x83,
     ClientAck = 0x84,
+    RelayReserve = 0x72,
+    RelayReserved = 0x73,
+    RelayConnect = 0x74,
+    RelayIncoming = 0x75,
+    RelayStatus = 0x76,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 27] = [
+    pub const ALL: [MessageType; 32] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -90,6 +96,11 @@ impl MessageType {
         MessageType::ClientAdvertise,
         MessageType::ClientUnadvertise,
         MessageType::ClientAck,
+        MessageType::RelayReserve,
+        MessageType::RelayReserved,
+        MessageType::RelayConnect,
+        MessageType::RelayIncoming,
+        MessageType::RelayStatus,
     ];
 
     /// Maps a type byte to a known type.
@@ -127,6 +138,11 @@ impl MessageType {
             MessageType::ClientAdvertise => "client_advertise",
             MessageType::ClientUnadvertise => "client_unadvertise",
             MessageType::ClientAck => "client_ack",
+            MessageType::RelayReserve => "relay_reserve",
+            MessageType::RelayReserved => "relay_reserved",
+            MessageType::RelayConnect => "relay_connect",
+            MessageType::RelayIncoming => "relay_incoming",
+            MessageType::RelayStatus => "relay_status",
         }
     }
 }
@@ -354,6 +370,7 @@ pub enum Message {
     DialBack(DialBack),
     DialBackResult(DialBackResult),
     Client(ClientMessage),
+    Relay(RelayMessage),
 }
 
 /// Why a message could not be encoded.
@@ -425,6 +442,13 @@ impl Message {
                 ClientMessage::Unadvertise(_) => MessageType::ClientUnadvertise,
                 ClientMessage::Ack(_) => MessageType::ClientAck,
             },
+            Message::Relay(r) => match r {
+                RelayMessage::Reserve(_) => MessageType::RelayReserve,
+                RelayMessage::Reserved(_) => MessageType::RelayReserved,
+                RelayMessage::Connect(_) => MessageType::RelayConnect,
+                RelayMessage::Incoming(_) => MessageType::RelayIncoming,
+                RelayMessage::Status(_) => MessageType::RelayStatus,
+            },
             Message::Rpc(r) => match r {
                 RpcMessage::Call(_) => MessageType::RpcCall,
                 RpcMessage::Reply(_) => MessageType::RpcReply,
@@ -481,6 +505,7 @@ impl Message {
             Message::DialBack(d) => d.validate(),
             Message::DialBackResult(d) => d.validate(),
             Message::Client(c) => c.validate(),
+            Message::Relay(r) => r.validate(),
         }
     }
 
@@ -515,6 +540,13 @@ impl Message {
                 ClientMessage::Advertise(m) => rmp_serde::encode::write_named(out, m),
                 ClientMessage::Unadvertise(m) => rmp_serde::encode::write_named(out, m),
                 ClientMessage::Ack(m) => rmp_serde::encode::write_named(out, m),
+            },
+            Message::Relay(r) => match r {
+                RelayMessage::Reserve(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Reserved(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Connect(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Incoming(m) => rmp_serde::encode::write_named(out, m),
+                RelayMessage::Status(m) => rmp_serde::encode::write_named(out, m),
             },
             Message::Rpc(r) => match r {
                 RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
@@ -588,6 +620,21 @@ impl Message {
             }
             MessageType::ClientAck => {
                 decode_body(t, body).map(|m| Message::Client(ClientMessage::Ack(m)))
+            }
+            MessageType::RelayReserve => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Reserve(m)))
+            }
+            MessageType::RelayReserved => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Reserved(m)))
+            }
+            MessageType::RelayConnect => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Connect(m)))
+            }
+            MessageType::RelayIncoming => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Incoming(m)))
+            }
+            MessageType::RelayStatus => {
+                decode_body(t, body).map(|m| Message::Relay(RelayMessage::Status(m)))
             }
             MessageType::RpcCall => decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Call(m))),
             MessageType::RpcReply => {
@@ -975,10 +1022,42 @@ mod tests {
         ]
     }
 
+    fn arb_relay() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            any::<u64>().prop_map(|ttl_ms| RelayMessage::Reserve(RelayReserve { ttl_ms })),
+            (
+                any::<u16>(),
+                any::<u64>(),
+                arb_string(MAX_RELAY_MESSAGE_LEN)
+            )
+                .prop_map(|(c, ttl_ms, message)| RelayMessage::Reserved(
+                    RelayReserved {
+                        code: c.into(),
+                        ttl_ms,
+                        message,
+                    }
+                )),
+            any::<[u8; 32]>().prop_map(|t| RelayMessage::Connect(RelayConnect {
+                target: NodeId::from_bytes(t)
+            })),
+            any::<[u8; 32]>().prop_map(|t| RelayMessage::Incoming(RelayIncoming {
+                source: NodeId::from_bytes(t)
+            })),
+            (any::<u16>(), arb_string(MAX_RELAY_MESSAGE_LEN)).prop_map(|(c, message)| {
+                RelayMessage::Status(RelayStatus {
+                    code: c.into(),
+                    message,
+                })
+            }),
+        ]
+        .prop_map(Message::Relay)
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
             arb_publish(),
             arb_client(),
+            arb_relay(),
             arb_rpc(),
             (
                 any::<u64>(),
