@@ -15,7 +15,7 @@ use macula::{Node, NodeId};
 use crate::config::{parse_duration, validate_realm, DEFAULT_REALM};
 
 /// How long to wait to join the DHT through `--connect` before giving up.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(clap::Subcommand, Debug)]
 pub enum DhtCommand {
@@ -93,13 +93,7 @@ pub async fn join(mesh: &MeshArgs) -> anyhow::Result<Node> {
 
 /// `join` with a builder carrying more settings (listen address, identity).
 pub async fn join_with(mesh: &MeshArgs, builder: macula::NodeBuilder) -> anyhow::Result<Node> {
-    let realm = mesh
-        .realm
-        .clone()
-        .or_else(|| std::env::var("MACULA_REALM").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| DEFAULT_REALM.to_string());
-    validate_realm(&realm)
-        .map_err(|e| anyhow::anyhow!("invalid value {realm:?} for --realm: {e}"))?;
+    let realm = realm(mesh)?;
     let peers: Vec<&str> = mesh.connect.split(',').map(str::trim).collect();
     let node = builder.realm(realm).bootstrap(peers).start().await?;
     match tokio::time::timeout(JOIN_TIMEOUT, node.dht().wait_bootstrapped()).await {
@@ -113,6 +107,18 @@ pub async fn join_with(mesh: &MeshArgs, builder: macula::NodeBuilder) -> anyhow:
             )
         }
     }
+}
+
+/// The realm from `--realm`, else `MACULA_REALM`, else the default.
+pub fn realm(mesh: &MeshArgs) -> anyhow::Result<String> {
+    let realm = mesh
+        .realm
+        .clone()
+        .or_else(|| std::env::var("MACULA_REALM").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| DEFAULT_REALM.to_string());
+    validate_realm(&realm)
+        .map_err(|e| anyhow::anyhow!("invalid value {realm:?} for --realm: {e}"))?;
+    Ok(realm)
 }
 
 pub async fn run(cmd: DhtCommand) -> anyhow::Result<Outcome> {

@@ -13,6 +13,7 @@ mod bench_relay;
 mod bench_rpc;
 mod config;
 mod dht_cli;
+mod member;
 mod pubsub_cli;
 mod rpc_cli;
 

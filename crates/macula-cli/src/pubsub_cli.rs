@@ -1,7 +1,8 @@
 //! `macula pub` and `macula sub`: publish and subscribe from the command line.
 //!
-//! Like `macula dht`, each joins the mesh briefly as an ephemeral node through
-//! `--connect` (a lightweight client mode comes with the gateway issue).
+//! Each attaches as a lightweight client to one of the `--connect` nodes
+//! (failing over to the next), or joins as a short-lived full node with
+//! `--full-node` (see `member.rs`).
 //! `sub` prints one line per event (text or `--json`) and reports lag on
 //! stderr; `pub` sends `--count` messages at up to `--rate` per second. This
 //! module only parses, calls and prints.
@@ -13,7 +14,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use macula::SubscriptionItem;
 
-use crate::dht_cli::{join, MeshArgs};
+use crate::dht_cli::MeshArgs;
+use crate::member::{Member, ModeArgs};
 
 /// Upper bound on `--count`, so a typo cannot run forever.
 const MAX_COUNT: u64 = 10_000_000;
@@ -30,13 +32,10 @@ pub struct PubArgs {
     /// Messages per second at most (0: as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
-    /// Join as a full node (DHT peer, reachable, relaying). Today these
-    /// commands always do; the flag keeps scripts meaning the same once
-    /// they default to a lightweight client.
-    #[arg(long)]
-    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
+    #[command(flatten)]
+    mode: ModeArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,13 +45,10 @@ pub struct SubArgs {
     /// Exit after this many events (default: run until interrupted).
     #[arg(long)]
     count: Option<u64>,
-    /// Join as a full node (DHT peer, reachable, relaying). Today these
-    /// commands always do; the flag keeps scripts meaning the same once
-    /// they default to a lightweight client.
-    #[arg(long)]
-    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
+    #[command(flatten)]
+    mode: ModeArgs,
 }
 
 pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
@@ -67,7 +63,7 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     // Refuse a bad topic before spending time joining the mesh.
     macula_pubsub::Topic::new(&a.topic)
         .map_err(|e| anyhow::anyhow!("invalid topic {:?}: {e}", a.topic))?;
-    let node = join(&a.mesh).await?;
+    let node = Member::start(&a.mesh, a.mode, None, None).await?;
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
     let mut tick = interval.map(tokio::time::interval);
     let mut result = Ok(());
@@ -75,7 +71,10 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
-        if let Err(e) = node.publish(&a.topic, a.data.clone().into_bytes()).await {
+        if let Err(e) = node
+            .publish(&a.topic, a.data.clone().into_bytes().into())
+            .await
+        {
             result = Err(e).context("publish failed");
             break;
         }
@@ -132,12 +131,12 @@ pub fn rfc3339(since_epoch: Duration) -> String {
 async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
     macula_pubsub::Pattern::new(&a.pattern)
         .map_err(|e| anyhow::anyhow!("invalid pattern {:?}: {e}", a.pattern))?;
-    let node = join(&a.mesh).await?;
+    let node = Member::start(&a.mesh, a.mode, None, None).await?;
     let mut sub = match node.subscribe(&a.pattern).await {
         Ok(s) => s,
         Err(e) => {
             node.shutdown().await;
-            return Err(e.into());
+            return Err(e);
         }
     };
     eprintln!("subscribed to {}", a.pattern);

@@ -1,7 +1,8 @@
 //! `macula call` and `macula serve`: RPC from the command line.
 //!
-//! Like `macula pub`/`sub`, each joins the mesh as a short-lived node
-//! through `--connect`. `call` prints the reply (or, with `--count`, one
+//! Like `macula pub`/`sub`, each attaches as a lightweight client to one of
+//! the `--connect` nodes, or joins as a short-lived full node with
+//! `--full-node`. `call` prints the reply (or, with `--count`, one
 //! line per call and a summary) and exits 1 naming the error kind on
 //! failure; `serve` advertises a procedure until SIGINT/SIGTERM, then
 //! withdraws it and leaves. This module only parses, calls and prints.
@@ -14,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use macula::{AdvertiseOptions, HandlerError, Node, Request, Strategy};
+use macula::{AdvertiseOptions, HandlerError, Request, Strategy};
 
 use crate::dht_cli::MeshArgs;
+use crate::member::{Member, ModeArgs};
 
 /// Upper bound on `--count`.
 const MAX_CALLS: u64 = 1_000_000;
@@ -42,13 +44,10 @@ pub struct CallArgs {
     /// Pause between calls with --count, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     interval: u64,
-    /// Join as a full node (DHT peer, reachable, relaying). Today these
-    /// commands always do; the flag keeps scripts meaning the same once
-    /// they default to a lightweight client.
-    #[arg(long)]
-    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
+    #[command(flatten)]
+    mode: ModeArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,16 +74,14 @@ pub struct ServeArgs {
     /// provider); default: a fresh identity.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// UDP address to listen on (its address goes into the advertisement).
+    /// UDP address to listen on with --full-node (it goes into the
+    /// advertisement); a client dials from it.
     #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:0")]
     listen: SocketAddr,
-    /// Join as a full node (DHT peer, reachable, relaying). Today these
-    /// commands always do; the flag keeps scripts meaning the same once
-    /// they default to a lightweight client.
-    #[arg(long)]
-    pub full_node: bool,
     #[command(flatten)]
     mesh: MeshArgs,
+    #[command(flatten)]
+    mode: ModeArgs,
 }
 
 /// How `call` ended.
@@ -103,13 +100,13 @@ pub async fn call(a: CallArgs) -> anyhow::Result<CallOutcome> {
     let strategy: Strategy = a.strategy.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     macula_rpc::validate_procedure(&a.procedure)
         .map_err(|e| anyhow::anyhow!("invalid procedure {:?}: {e}", a.procedure))?;
-    let node = crate::dht_cli::join(&a.mesh).await?;
+    let node = Member::start(&a.mesh, a.mode, None, None).await?;
     let result = calls(&node, &a, strategy).await;
     node.shutdown().await;
     result
 }
 
-async fn calls(node: &Node, a: &CallArgs, strategy: Strategy) -> anyhow::Result<CallOutcome> {
+async fn calls(node: &Member, a: &CallArgs, strategy: Strategy) -> anyhow::Result<CallOutcome> {
     let payload = Bytes::from(a.data.clone().into_bytes());
     let mut out = std::io::stdout().lock();
     let mut by_provider: BTreeMap<String, u64> = BTreeMap::new();
@@ -214,11 +211,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     macula_rpc::validate_procedure(&a.procedure)
         .map_err(|e| anyhow::anyhow!("invalid procedure {:?}: {e}", a.procedure))?;
-    let mut builder = Node::builder().listen(a.listen);
-    if let Some(dir) = &a.data_dir {
-        builder = builder.data_dir(dir.clone());
-    }
-    let node = crate::dht_cli::join_with(&a.mesh, builder).await?;
+    let node = Member::start(&a.mesh, a.mode, a.data_dir.clone(), Some(a.listen)).await?;
     let reply = a.reply.clone().map(|r| Bytes::from(r.into_bytes()));
     let delay = Duration::from_millis(a.delay);
     let handler = move |req: Request| {

@@ -214,6 +214,8 @@ fn read_commands_against_a_three_node_mesh() {
         "test.admin",
         "--connect",
         &c.listen,
+        // A full node is its own provider (a client's gateway would be).
+        "--full-node",
     ]);
     let serving = serve.wait_for(&["serving svc.admin"]);
     let provider = serving.rsplit(' ').next().unwrap().to_string();

@@ -50,6 +50,9 @@ fn provider(seed: &Seed, dir: &std::path::Path, tag: &str, extra: &[&str]) -> (P
         REALM,
         "--connect",
         &seed.addr,
+        // Full nodes: the mesh sees each provider (a client's calls reach
+        // the mesh through its gateway, see tests/client.rs).
+        "--full-node",
     ];
     args.extend_from_slice(extra);
     let mut p = Proc::spawn(&args);
@@ -72,6 +75,7 @@ fn call_args<'a>(seed: &'a Seed, count: &'a str, interval: &'a str) -> Vec<&'a s
         REALM,
         "--connect",
         &seed.addr,
+        "--full-node",
     ]
 }
 

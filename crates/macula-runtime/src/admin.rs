@@ -200,6 +200,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
         node.dht().counters().clone(),
     )));
     registry.register_collector(Box::new(node.rpc().collector()));
+    registry.register_collector(Box::new(crate::gateway::GatewayCollector(
+        node.gateway_counters().clone(),
+    )));
     registry.register_collector(Box::new(crate::reachability::ReachCollector(
         node.reachability().counters().clone(),
     )));

@@ -10,10 +10,12 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod client;
 pub mod config;
 pub mod dht;
 pub mod dht_cache;
 pub mod framed;
+pub mod gateway;
 pub mod identity;
 pub mod metrics;
 pub mod node;
@@ -27,6 +29,7 @@ pub mod rpc;
 pub mod tls;
 pub mod tunnel;
 
+pub use client::{Client, ClientConfig, ClientError};
 pub use config::{IdentitySource, Limits, NodeConfig, ReachabilityMode, RelayLimits};
 pub use identity::Identity;
 pub use node::{ConnectError, NodeRuntime, PeerEvent, StartError};

@@ -139,14 +139,31 @@ pub struct Metrics {
     handshake_failures: [AtomicU64; 6],
     /// Messages by type, indexed by position in `MessageType::ALL`; the last
     /// slot counts type bytes this version does not know.
-    messages_received: [AtomicU64; MESSAGE_SLOTS],
-    messages_sent: [AtomicU64; MESSAGE_SLOTS],
+    messages_received: Slots,
+    messages_sent: Slots,
 }
 
 /// Slots for per-type message counters: every known type plus "unknown".
 /// Fixed so the counters stay plain atomics (no map, no lock per message).
-const MESSAGE_SLOTS: usize = 32;
+const MESSAGE_SLOTS: usize = 48;
 const _: () = assert!(macula_wire::MessageType::ALL.len() < MESSAGE_SLOTS);
+
+/// One counter per message slot (`Default` is derived only up to 32).
+#[derive(Debug)]
+struct Slots([AtomicU64; MESSAGE_SLOTS]);
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [AtomicU64; MESSAGE_SLOTS];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
 
 fn message_slot(msg_type: u8) -> usize {
     macula_wire::MessageType::ALL

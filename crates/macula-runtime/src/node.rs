@@ -143,6 +143,7 @@ pub enum PeerEvent {
 type DialFuture = Shared<BoxFuture<'static, Result<Peer, ConnectError>>>;
 
 struct NodeShared {
+    gateway: crate::gateway::Gateway,
     node_id: NodeId,
     config: NodeConfig,
     endpoint: quinn::Endpoint,
@@ -220,8 +221,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn transport_config(config: &NodeConfig) -> Result<Arc<quinn::TransportConfig>, StartError> {
-    let l = &config.limits;
+pub(crate) fn transport_config(
+    l: &crate::config::Limits,
+) -> Result<Arc<quinn::TransportConfig>, StartError> {
     let mut t = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(l.transport_idle_timeout)
         .map_err(|e| StartError::Quic(format!("transport idle timeout: {e}")))?;
@@ -233,7 +235,7 @@ fn transport_config(config: &NodeConfig) -> Result<Arc<quinn::TransportConfig>, 
 }
 
 /// The node ID proved by the peer's certificate in a finished TLS handshake.
-fn proved_id(conn: &quinn::Connection) -> Result<NodeId, String> {
+pub(crate) fn proved_id(conn: &quinn::Connection) -> Result<NodeId, String> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| "peer presented no certificate".to_string())?;
@@ -254,7 +256,7 @@ impl NodeRuntime {
         };
         let node_id = identity.node_id();
         let tls = tls::build(&identity, &config.tls)?;
-        let transport = transport_config(&config)?;
+        let transport = transport_config(&config.limits)?;
         let server_crypto = QuicServerConfig::try_from(tls.server.clone())
             .map_err(|e| StartError::Quic(e.to_string()))?;
         let client_crypto = QuicClientConfig::try_from(tls.client.clone())
@@ -325,7 +327,8 @@ impl NodeRuntime {
                 max_frame_size,
                 config.pubsub,
                 Some(crate::pubsub::MeshLink {
-                    dht: dht.clone(),
+                    dht: Some(dht.clone()),
+                    upstream: None,
                     realm,
                     mesh: Box::new(PoolDialer(weak.clone())),
                     stall_timeout,
@@ -346,6 +349,7 @@ impl NodeRuntime {
                     }),
                 }),
             );
+            let gateway = crate::gateway::Gateway::new(pubsub.clone(), rpc.clone());
             let lookup = weak.clone();
             let relay_reach = reach.clone();
             let relay = crate::relay::Relay::new(
@@ -362,6 +366,7 @@ impl NodeRuntime {
                 Some(dht.clone()),
             );
             NodeShared {
+                gateway,
                 relay,
                 tunnel,
                 relay_dialing: Mutex::new(HashMap::new()),
@@ -416,6 +421,16 @@ impl NodeRuntime {
     }
 
     /// This node's RPC.
+    /// The gateway role's counters (clients attached, requests).
+    pub fn gateway_counters(&self) -> &Arc<crate::gateway::GatewayCounters> {
+        self.0.gateway.counters()
+    }
+
+    /// Patterns each attached client is subscribed to.
+    pub fn client_subscriptions(&self) -> Vec<(String, Vec<String>)> {
+        self.0.gateway.client_patterns()
+    }
+
     pub fn rpc(&self) -> &crate::rpc::Rpc {
         &self.0.rpc
     }
@@ -645,6 +660,11 @@ impl NodeRuntime {
 
     /// Offers a handshaken connection to the pool and starts driving it.
     async fn register(&self, peer: Peer, reader: FrameReader) -> Result<Peer, ConnectError> {
+        if peer.is_client() {
+            // A client keeps its one connection; evicting it to make room
+            // would cut it off until it fails over.
+            peer.set_kept(true);
+        }
         let admit = lock(&self.0.table).admit(peer.clone());
         let m = &self.0.metrics;
         let grace = self.0.config.limits.duplicate_close_grace;
@@ -719,6 +739,7 @@ impl NodeRuntime {
             pubsub: Some(self.0.pubsub.clone()),
             rpc: Some(self.0.rpc.clone()),
             reach: Some(self.0.reach.clone()),
+            attach: Some(Arc::new(self.0.gateway.clone())),
             relay: Some((self.0.relay.clone(), self.0.tunnel.clone())),
         };
         let shutdown = self.0.shutdown.subscribe();
@@ -748,6 +769,9 @@ impl NodeRuntime {
     }
 
     fn forget(&self, peer: &Peer, why: String) {
+        if peer.is_client() {
+            self.0.gateway.connection_closed(peer);
+        }
         let removed = {
             let mut t = lock(&self.0.table);
             let r = t.remove_if(&peer.node_id(), peer.connection_id());
@@ -908,7 +932,7 @@ impl NodeRuntime {
             let peers: Vec<Peer> = self
                 .peers()
                 .into_iter()
-                .filter(|p| p.relayed_via().is_none())
+                .filter(|p| p.relayed_via().is_none() && !p.is_client())
                 .collect();
             let wait = if peers.is_empty() {
                 // Nobody to ask yet.

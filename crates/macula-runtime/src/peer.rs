@@ -234,6 +234,14 @@ impl Peer {
         self.0.kept.store(kept, Relaxed);
     }
 
+    /// Is the peer a lightweight client (HELLO capability `client`)?
+    pub fn is_client(&self) -> bool {
+        self.hello()
+            .capabilities
+            .iter()
+            .any(|c| c == macula_wire::client::CLIENT_CAPABILITY)
+    }
+
     pub fn is_kept(&self) -> bool {
         self.0.kept.load(Relaxed)
     }
@@ -632,6 +640,27 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             }
             Next::Continue
         }
+        Ok(Message::Client(msg)) => {
+            peer.touch();
+            match &cfg.attach {
+                Some(a) => {
+                    if let Some(answer) = a.on_message(peer, msg) {
+                        if let Err(e) = peer.send_control(&answer).await {
+                            return Next::Close(DisconnectReason::ProtocolError, e);
+                        }
+                    }
+                }
+                None => {
+                    unserved(
+                        peer,
+                        "this node serves no client attachment",
+                        frame.msg_type,
+                    )
+                    .await
+                }
+            }
+            Next::Continue
+        }
         Ok(Message::Dht(msg)) => {
             peer.touch();
             match dht {
@@ -837,6 +866,7 @@ async fn serve_uni(
         }
     };
     let mut rx = crate::pubsub::BatchReceiver::default();
+    let from_client = peer.is_client();
     loop {
         let frame = match reader.read().await {
             Ok(Some(f)) => f,
@@ -862,6 +892,10 @@ async fn serve_uni(
             tracing::debug!(peer = %peer.node_id(), reason = %reason, "closed a pub/sub data stream after bad input");
             break;
         }
+        if from_client {
+            // A gateway passes its client's messages on into the mesh.
+            ps.forward_from_client(peer.node_id(), &frame.body).await;
+        }
     }
 }
 
@@ -880,8 +914,17 @@ pub(crate) struct DriverConfig {
     pub rpc: Option<crate::rpc::Rpc>,
     /// Where DIAL_BACK requests and results go.
     pub reach: Option<crate::reachability::Reachability>,
+    /// Where client attachment messages go: a gateway's, or a client's.
+    pub attach: Option<Arc<dyn Attach>>,
     /// Where relay requests (streams opening with a relay message) go.
     pub relay: Option<(crate::relay::Relay, crate::tunnel::Tunnel)>,
+}
+
+/// Handles client attachment messages (CLIENT_*): the gateway serves a
+/// client's requests, the client matches the gateway's acknowledgements.
+/// Never blocks; an immediate answer is returned for the driver to send.
+pub(crate) trait Attach: Send + Sync + std::fmt::Debug {
+    fn on_message(&self, peer: &Peer, msg: macula_wire::ClientMessage) -> Option<Message>;
 }
 
 /// Drives a connection until it closes or shutdown is signalled: reads the

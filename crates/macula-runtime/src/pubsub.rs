@@ -84,7 +84,7 @@ pub const STREAM_KIND_PUBSUB: u8 = 0x01;
 /// much one frame pins in memory at the receiver (events slice the frame).
 pub const BATCH_BYTES: usize = 64 * 1024;
 /// Remote nodes with an outbound queue at once.
-pub const MAX_OUTBOUND_PEERS: usize = 1000;
+pub const MAX_OUTBOUND_PEERS: usize = 65_536;
 
 /// What one queued event weighs besides its payload, for the byte limit of
 /// subscription queues (`Limits::queue_bytes`).
@@ -110,6 +110,10 @@ pub enum PubSubError {
     /// it was not created.
     #[error("could not register interest in {pattern:?} with the mesh: {reason}")]
     Interest { pattern: String, reason: String },
+    /// Client mode: no gateway connection right now (it is failing over to
+    /// another configured node); the message was not sent.
+    #[error("not attached to a gateway (client mode); retry once it reconnects")]
+    Detached,
 }
 
 /// A topic name as events carry it: shared (cloning it is a reference-count
@@ -262,10 +266,16 @@ pub struct PubSubCounters {
     /// Inbound data streams closed for bad input (malformed frame, wrong
     /// kind, publisher mismatch).
     pub data_streams_rejected_total: AtomicU64,
+    /// Messages received that another node forwarded for their publisher
+    /// (a gateway for its client).
+    pub forwarded_received_total: AtomicU64,
+    /// Messages this node forwarded as a gateway: clients' messages into
+    /// the mesh and matching events to clients (one per target).
+    pub forwarded_sent_total: AtomicU64,
 }
 
 impl PubSubCounters {
-    fn rows(&self) -> [(&'static str, &'static str, u64); 14] {
+    fn rows(&self) -> [(&'static str, &'static str, u64); 16] {
         let g = |a: &AtomicU64| a.load(Relaxed);
         [
             (
@@ -338,6 +348,16 @@ impl PubSubCounters {
                 "Inbound pub/sub data streams closed for bad input.",
                 g(&self.data_streams_rejected_total),
             ),
+            (
+                "macula_pubsub_forwarded_received_total",
+                "Messages received that another node forwarded for their publisher (a gateway for its client).",
+                g(&self.forwarded_received_total),
+            ),
+            (
+                "macula_pubsub_forwarded_sent_total",
+                "Messages this node forwarded as a gateway: clients' messages into the mesh and events to clients.",
+                g(&self.forwarded_sent_total),
+            ),
         ]
     }
 }
@@ -379,8 +399,22 @@ pub(crate) trait Mesh: Send + Sync {
     fn reach(&self, id: NodeId) -> BoxFuture<'static, Option<Peer>>;
 }
 
+/// A client's link to its gateway (client mode): interest is registered by
+/// the gateway instead of in the DHT, and every publish goes to the gateway,
+/// which forwards it into the mesh.
+pub(crate) trait Upstream: Send + Sync {
+    /// The gateway's node ID, if attached now.
+    fn gateway(&self) -> Option<NodeId>;
+    /// The client's first subscription to `pattern` appeared (`on`) or its
+    /// last one went away: tell the gateway (and wait for its answer).
+    fn interest(&self, pattern: String, on: bool) -> BoxFuture<'static, Result<(), String>>;
+}
+
 pub(crate) struct MeshLink {
-    pub dht: DhtHandle,
+    /// Interest records (a full node). `None` for a client.
+    pub dht: Option<DhtHandle>,
+    /// The gateway (a client). `None` for a full node.
+    pub upstream: Option<Arc<dyn Upstream>>,
     pub realm: String,
     pub mesh: Box<dyn Mesh>,
     /// A peer whose data stream accepts nothing for this long is cut off
@@ -397,6 +431,28 @@ struct OutMsg {
     payload: Bytes,
     /// Headers and message ID, when the publisher set any.
     extra: Option<Arc<PublishOptions>>,
+    /// Another publisher's message this node forwards (a gateway, for or to
+    /// its clients); `None`: this node's own.
+    origin: Option<Arc<Origin>>,
+}
+
+/// The publisher of a forwarded message.
+#[derive(Debug, PartialEq, Eq)]
+struct Origin {
+    publisher: NodeId,
+    epoch: u64,
+}
+
+/// The duplicate-suppression key of a batch that node `from` sent on behalf
+/// of `publisher` (a gateway forwarding its client's messages). Keyed by
+/// both, so a node naming another publisher can only ever disturb its own
+/// stream of that publisher's messages, never the publisher's direct one.
+fn forwarded_key(publisher: &NodeId, from: &NodeId) -> NodeId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"macula forwarded publisher");
+    h.update(publisher.as_bytes());
+    h.update(from.as_bytes());
+    NodeId::from_bytes(*h.finalize().as_bytes())
 }
 
 #[derive(Default)]
@@ -743,18 +799,38 @@ impl PubSub {
         let Some(link) = &self.0.mesh else {
             return self.publish(topic, payload, opts);
         };
-        // Fast path: a topic published recently (validated, routed).
-        if let Some(route) = self.cached_route(topic) {
-            if payload.len() > self.0.max_payload {
-                return Err(PubSubError::PayloadTooLarge {
-                    len: payload.len(),
-                    max: self.0.max_payload,
-                });
-            }
-            check_headers(&opts.headers)?;
-            return Ok(self.send(&route.topic, &route.name, payload, opts, &route.targets));
+        if let Some(up) = &link.upstream {
+            // A client: everything goes to the gateway, which routes it.
+            let parsed = self.prepare(topic, &payload, &opts)?;
+            let gateway = up.gateway().ok_or(PubSubError::Detached)?;
+            let name = TopicName::from(parsed.as_str());
+            let target = [(gateway, self.queue_for(gateway))];
+            return Ok(self.send(&parsed, &name, payload, opts, &target));
         }
-        let parsed = self.prepare(topic, &payload, &opts)?;
+        if payload.len() > self.0.max_payload {
+            return Err(PubSubError::PayloadTooLarge {
+                len: payload.len(),
+                max: self.0.max_payload,
+            });
+        }
+        check_headers(&opts.headers)?;
+        let route = self.route(link, topic).await?;
+        Ok(self.send(&route.topic, &route.name, payload, opts, &route.targets))
+    }
+
+    /// Where `topic`'s messages go: the cached route of a topic published
+    /// recently (validated, routed), else one built from the interest
+    /// records.
+    async fn route(&self, link: &MeshLink, topic: &str) -> Result<Arc<Route>, PubSubError> {
+        if let Some(route) = self.cached_route(topic) {
+            return Ok(route);
+        }
+        let parsed = Topic::with_limits(topic, &self.0.limits).map_err(|source| {
+            PubSubError::InvalidTopic {
+                topic: topic.to_string(),
+                source,
+            }
+        })?;
         let (nodes, fetched) = self.interested_nodes(link, &parsed).await;
         let targets = nodes.into_iter().map(|n| (n, self.queue_for(n))).collect();
         let route = Arc::new(Route {
@@ -764,7 +840,7 @@ impl PubSub {
             targets,
         });
         self.cache_route(route.clone());
-        Ok(self.send(&route.topic, &route.name, payload, opts, &route.targets))
+        Ok(route)
     }
 
     /// The cached route of `topic`, if still fresh and every target's
@@ -821,6 +897,7 @@ impl PubSub {
             topic: name.clone(),
             payload,
             extra,
+            origin: None,
         };
         for (node, q) in targets {
             self.enqueue(*node, q, msg.clone());
@@ -980,7 +1057,10 @@ impl PubSub {
     ) -> (Vec<(NodeId, Vec<Pattern>)>, std::time::Instant) {
         let key = macula_wire::dht_key(name.as_bytes());
         let fetched = std::time::Instant::now();
-        match link.dht.get_fresh(key).await {
+        let Some(dht) = &link.dht else {
+            return (Vec::new(), fetched);
+        };
+        match dht.get_fresh(key).await {
             Ok(records) => {
                 let nodes: Vec<(NodeId, Vec<Pattern>)> = records
                     .into_iter()
@@ -1047,6 +1127,18 @@ impl PubSub {
     /// the DHT before returning (so publishers can find this node).
     pub async fn subscribe_mesh(&self, pattern: &str) -> Result<Subscription, PubSubError> {
         let sub = self.subscribe(pattern)?;
+        if let Some(up) = self.0.mesh.as_ref().and_then(|l| l.upstream.as_ref()) {
+            // A client: the gateway subscribes for it (once per pattern).
+            if self.pattern_count(&sub.pattern) == 1 {
+                if let Err(reason) = up.interest(sub.pattern.as_str().to_string(), true).await {
+                    return Err(PubSubError::Interest {
+                        pattern: pattern.to_string(),
+                        reason,
+                    });
+                }
+            }
+            return Ok(sub);
+        }
         if let Some(link) = &self.0.mesh {
             let name = interest_name(&link.realm, &sub.pattern);
             if let Err(reason) = self.update_interest(&name).await {
@@ -1063,7 +1155,12 @@ impl PubSub {
     /// puts the empty list (which replaces the old one on every replica) and
     /// stops republishing it.
     async fn update_interest(&self, name: &str) -> Result<(), String> {
-        let Some(link) = &self.0.mesh else {
+        let Some((link, dht)) = self
+            .0
+            .mesh
+            .as_ref()
+            .and_then(|l| Some((l, l.dht.as_ref()?)))
+        else {
             return Ok(());
         };
         let _serial = self.0.interest_lock.lock().await;
@@ -1085,8 +1182,7 @@ impl PubSub {
         };
         let key = macula_wire::dht_key(name.as_bytes());
         tracing::debug!(name = %name, patterns = ?patterns, "updating interest");
-        link.dht
-            .put(key, patterns.join("\n").into_bytes(), INTEREST_TTL)
+        dht.put(key, patterns.join("\n").into_bytes(), INTEREST_TTL)
             .await
             .map_err(|e| e.to_string())?;
         {
@@ -1102,7 +1198,7 @@ impl PubSub {
             }
         }
         if patterns.is_empty() {
-            link.dht.unpublish(key).await.map_err(|e| e.to_string())?;
+            dht.unpublish(key).await.map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -1112,7 +1208,7 @@ impl PubSub {
     /// instead of until the records expire. Later subscription changes no
     /// longer touch the DHT.
     pub async fn withdraw_all(&self, limit: std::time::Duration) {
-        let Some(link) = &self.0.mesh else {
+        let Some(dht) = self.0.mesh.as_ref().and_then(|l| l.dht.as_ref()) else {
             return;
         };
         let work = async {
@@ -1127,10 +1223,10 @@ impl PubSub {
                 .collect();
             for name in names {
                 let key = macula_wire::dht_key(name.as_bytes());
-                if let Err(e) = link.dht.put(key, Vec::new(), INTEREST_TTL).await {
+                if let Err(e) = dht.put(key, Vec::new(), INTEREST_TTL).await {
                     tracing::debug!(name = %name, error = %e, "could not withdraw interest");
                 }
-                let _ = link.dht.unpublish(key).await;
+                let _ = dht.unpublish(key).await;
             }
         };
         if tokio::time::timeout(limit, work).await.is_err() {
@@ -1212,22 +1308,32 @@ impl PubSub {
             Err(reason) => return fail(format!("malformed PUBLISH_BATCH: {reason}")),
         };
         c.batches_received_total.fetch_add(1, Relaxed);
-        if view.publisher != from {
-            c.remote_rejected_total
+        // A batch naming another publisher is forwarded: by a gateway for
+        // its client, or (to a client) by its gateway. A client trusts the
+        // gateways it chose; a full node keeps such a stream apart from the
+        // publisher's own (see `forwarded_key`).
+        let upstream = self.0.mesh.as_ref().is_some_and(|l| l.upstream.is_some());
+        let key = if view.publisher == from || upstream {
+            view.publisher
+        } else {
+            c.forwarded_received_total
                 .fetch_add(view.entries.len() as u64, Relaxed);
-            return fail(format!(
-                "PUBLISH_BATCH names publisher {} but came from {from}",
-                view.publisher
-            ));
-        }
-        self.deliver_batch(&view, &frame.body, rx);
+            forwarded_key(&view.publisher, &from)
+        };
+        self.deliver_batch(&view, &frame.body, rx, key);
         Ok(())
     }
 
     /// Delivers a checked batch: one dedup lock for the batch, one sublist
     /// match per distinct topic, one queue lock and one wake per matching
     /// subscription; payloads are slices of `body` (no copy).
-    fn deliver_batch(&self, view: &PublishBatchView<'_>, body: &Bytes, rx: &mut BatchReceiver) {
+    fn deliver_batch(
+        &self,
+        view: &PublishBatchView<'_>,
+        body: &Bytes,
+        rx: &mut BatchReceiver,
+        key: NodeId,
+    ) {
         let c = &self.0.counters;
         let from = view.publisher;
         rx.resolved.clear();
@@ -1255,7 +1361,7 @@ impl PubSub {
             let (keep, idx) = (&mut rx.keep, &rx.idx);
             let mut at = idx.iter();
             seen.observe_batch(
-                &from,
+                &key,
                 view.epoch,
                 idx.iter().map(|&i| view.entries[i].seq),
                 |o| {
@@ -1393,6 +1499,311 @@ impl PubSub {
         v.sort();
         v
     }
+
+    /// Live subscriptions to exactly `pattern`.
+    fn pattern_count(&self, pattern: &Pattern) -> usize {
+        self.state()
+            .subs
+            .values()
+            .filter(|(p, _)| p == pattern)
+            .count()
+    }
+
+    // ----- gateway: forwarding for attached clients ---------------------
+
+    /// The feed of events for attached client `client`: its patterns all
+    /// fill one queue, so each publisher's events reach the client in the
+    /// order this node received them (per-pattern queues would interleave
+    /// them arbitrarily, and the client's sequence check would drop the
+    /// late ones). Dropping the feed removes every pattern.
+    pub(crate) fn client_feed(&self, client: NodeId) -> Arc<ClientFeed> {
+        Arc::new(ClientFeed {
+            client,
+            owner: Arc::downgrade(&self.0),
+            queue: Arc::new(SubQueue {
+                queue: Mutex::new(BoundedQueue::with_limits(&self.0.limits)),
+                waker: AtomicWaker::new(),
+                closed: AtomicBool::new(false),
+            }),
+            ids: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Subscribes `feed` to `pattern` (idempotent) and registers the
+    /// interest in the mesh before returning, like `subscribe_mesh`.
+    pub(crate) async fn feed_add(
+        &self,
+        feed: &ClientFeed,
+        pattern: &str,
+    ) -> Result<(), PubSubError> {
+        let parsed = Pattern::with_limits(pattern, &self.0.limits).map_err(|source| {
+            PubSubError::InvalidPattern {
+                pattern: pattern.to_string(),
+                source,
+            }
+        })?;
+        {
+            let mut ids = lock_map(&feed.ids);
+            if ids.contains_key(parsed.as_str()) {
+                return Ok(());
+            }
+            let mut st = self.state();
+            if st.subs.len() >= MAX_SUBSCRIPTIONS {
+                return Err(PubSubError::TooManySubscriptions {
+                    max: MAX_SUBSCRIPTIONS,
+                });
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            st.sublist.insert(&parsed, id);
+            st.subs.insert(id, (parsed.clone(), feed.queue.clone()));
+            self.0
+                .counters
+                .subscriptions
+                .store(st.subs.len() as u64, Relaxed);
+            self.0.n_subs.store(st.subs.len(), Relaxed);
+            ids.insert(parsed.as_str().to_string(), id);
+        }
+        if let Some(link) = &self.0.mesh {
+            let name = interest_name(&link.realm, &parsed);
+            if let Err(reason) = self.update_interest(&name).await {
+                self.feed_remove(feed, pattern).await;
+                return Err(PubSubError::Interest {
+                    pattern: pattern.to_string(),
+                    reason,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes `feed` from `pattern` and updates the interest record.
+    pub(crate) async fn feed_remove(&self, feed: &ClientFeed, pattern: &str) {
+        let Some(id) = lock_map(&feed.ids).remove(pattern) else {
+            return;
+        };
+        if let Some(p) = self.remove_sub(id) {
+            if let Some(link) = &self.0.mesh {
+                let name = interest_name(&link.realm, &p);
+                if let Err(e) = self.update_interest(&name).await {
+                    tracing::debug!(name = %name, error = %e, "could not update interest after a client unsubscribed");
+                }
+            }
+        }
+    }
+
+    /// Removes subscription `id`; returns its pattern.
+    fn remove_sub(&self, id: u64) -> Option<Pattern> {
+        let mut st = self.state();
+        let (p, _) = st.subs.remove(&id)?;
+        st.sublist.remove(&p, &id);
+        self.0
+            .counters
+            .subscriptions
+            .store(st.subs.len() as u64, Relaxed);
+        self.0.n_subs.store(st.subs.len(), Relaxed);
+        Some(p)
+    }
+
+    /// Forwards what `feed` receives to its client over the client's data
+    /// stream, keeping each event's publisher, epoch and sequence number
+    /// (the client's own messages are not echoed back). Runs until the feed
+    /// is dropped.
+    pub(crate) async fn forward_feed(&self, feed: Arc<ClientFeed>) {
+        let client = feed.client;
+        let mut events: Vec<Event> = Vec::new();
+        let mut last: Option<Arc<Origin>> = None;
+        loop {
+            let open = futures::future::poll_fn(|cx| feed.poll_drain(cx, &mut events)).await;
+            if !events.is_empty() {
+                let q = self.queue_for(client);
+                let _order = self.0.order.lock().unwrap_or_else(|e| e.into_inner());
+                for ev in events.drain(..) {
+                    if ev.publisher == client {
+                        continue;
+                    }
+                    let origin = match &last {
+                        Some(o) if o.publisher == ev.publisher && o.epoch == ev.epoch => o.clone(),
+                        _ => {
+                            let o = Arc::new(Origin {
+                                publisher: ev.publisher,
+                                epoch: ev.epoch,
+                            });
+                            last = Some(o.clone());
+                            o
+                        }
+                    };
+                    let extra = (!ev.headers.is_empty() || ev.message_id.is_some()).then(|| {
+                        Arc::new(PublishOptions {
+                            headers: ev.headers,
+                            message_id: ev.message_id,
+                        })
+                    });
+                    self.0.counters.forwarded_sent_total.fetch_add(1, Relaxed);
+                    self.enqueue(
+                        client,
+                        &q,
+                        OutMsg {
+                            seq: ev.seq,
+                            topic: ev.topic,
+                            payload: ev.payload,
+                            extra,
+                            origin: Some(origin),
+                        },
+                    );
+                }
+            }
+            if !open {
+                return;
+            }
+        }
+    }
+
+    /// A batch that attached client `from` published (already delivered
+    /// here): forwards each message to the other interested nodes, keeping
+    /// the client as publisher with its epoch and sequence numbers.
+    pub(crate) async fn forward_from_client(&self, from: NodeId, body: &Bytes) {
+        let Some(link) = self.0.mesh.as_ref().filter(|l| l.dht.is_some()) else {
+            return;
+        };
+        let Ok(view) = PublishBatchView::decode(body) else {
+            return;
+        };
+        if view.publisher != from {
+            // A client publishes only its own messages.
+            self.0
+                .counters
+                .remote_rejected_total
+                .fetch_add(view.entries.len() as u64, Relaxed);
+            return;
+        }
+        let mut routes = Vec::with_capacity(view.topics.len());
+        for t in &view.topics {
+            routes.push(self.route(link, t).await.ok());
+        }
+        let origin = Arc::new(Origin {
+            publisher: from,
+            epoch: view.epoch,
+        });
+        let _order = self.0.order.lock().unwrap_or_else(|e| e.into_inner());
+        for e in &view.entries {
+            let Some(route) = &routes[e.topic_index] else {
+                continue;
+            };
+            if e.payload.len() > self.0.max_payload {
+                continue;
+            }
+            let extra = (!e.headers.is_empty() || e.message_id.is_some()).then(|| {
+                Arc::new(PublishOptions {
+                    headers: e
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    message_id: e.message_id.map(str::to_string),
+                })
+            });
+            let msg = OutMsg {
+                seq: e.seq,
+                topic: route.name.clone(),
+                payload: body.slice_ref(e.payload),
+                extra,
+                origin: Some(origin.clone()),
+            };
+            for (node, q) in &route.targets {
+                if *node != from {
+                    self.0.counters.forwarded_sent_total.fetch_add(1, Relaxed);
+                    self.enqueue(*node, q, msg.clone());
+                }
+            }
+        }
+    }
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The events for one attached client (see `PubSub::client_feed`).
+pub(crate) struct ClientFeed {
+    client: NodeId,
+    owner: Weak<Inner>,
+    queue: Arc<SubQueue>,
+    /// Pattern → subscription ID in the owner's sublist.
+    ids: Mutex<HashMap<String, u64>>,
+}
+
+impl ClientFeed {
+    /// The client this feed serves.
+    pub(crate) fn client(&self) -> NodeId {
+        self.client
+    }
+
+    /// Patterns the feed is subscribed to.
+    pub(crate) fn patterns(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock_map(&self.ids).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Moves every queued event into `out`. Ready with `false` once the
+    /// feed is closed, with `true` when events arrived.
+    fn poll_drain(&self, cx: &mut Context<'_>, out: &mut Vec<Event>) -> Poll<bool> {
+        self.queue.waker.register(cx.waker());
+        let mut q = self.queue.lock();
+        let lagged = q.take_lagged();
+        if lagged > 0 {
+            tracing::debug!(client = %self.client, lagged, "client too slow; events dropped at its gateway");
+        }
+        while let Some(e) = q.pop() {
+            out.push(e);
+        }
+        if !out.is_empty() {
+            return Poll::Ready(true);
+        }
+        if self.queue.closed.load(Relaxed) {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    }
+
+    /// Ends the feed: its forwarder stops and every pattern is removed
+    /// (the interest records are updated in the background).
+    pub(crate) fn close(&self) {
+        self.queue.closed.store(true, Relaxed);
+        self.queue.waker.wake();
+        let ids: Vec<u64> = lock_map(&self.ids).drain().map(|(_, id)| id).collect();
+        let Some(inner) = self.owner.upgrade() else {
+            return;
+        };
+        let ps = PubSub(inner);
+        let mut names: Vec<String> = Vec::new();
+        for id in ids {
+            if let (Some(p), Some(link)) = (ps.remove_sub(id), &ps.0.mesh) {
+                names.push(interest_name(&link.realm, &p));
+            }
+        }
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for name in names {
+                    if let Err(e) = ps.update_interest(&name).await {
+                        tracing::debug!(name = %name, error = %e, "could not update interest after a client left");
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Drop for ClientFeed {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 /// A sender that finds fewer messages than this yields (at most
@@ -1453,6 +1864,38 @@ async fn write_with_progress(
 /// Returns (frames, messages encoded); a message that cannot be encoded (it
 /// breaks the peer's frame limit) is skipped.
 fn encode_batches(
+    out: &mut Vec<u8>,
+    msgs: &[OutMsg],
+    publisher: &NodeId,
+    epoch: u64,
+    peer_max: u32,
+) -> (u64, usize) {
+    // One batch names one publisher: split into runs of the same origin
+    // (a node sending only its own messages has one run).
+    let (mut frames, mut encoded) = (0u64, 0usize);
+    let mut rest = msgs;
+    while let Some(first) = rest.first() {
+        let same = |m: &OutMsg| match (&m.origin, &first.origin) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        };
+        let n = rest.iter().position(|m| !same(m)).unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        let (p, e) = match &first.origin {
+            Some(o) => (&o.publisher, o.epoch),
+            None => (publisher, epoch),
+        };
+        let (f, k) = encode_run(out, run, p, e, peer_max);
+        frames += f;
+        encoded += k;
+    }
+    (frames, encoded)
+}
+
+/// `encode_batches` for messages of one publisher.
+fn encode_run(
     out: &mut Vec<u8>,
     msgs: &[OutMsg],
     publisher: &NodeId,
@@ -1730,7 +2173,23 @@ impl Drop for Subscription {
             .subscriptions
             .store(st.subs.len() as u64, Relaxed);
         inner.n_subs.store(st.subs.len(), Relaxed);
+        let others = st.subs.values().any(|(p, _)| *p == self.pattern);
         drop(st);
+        if let (Some(up), Ok(rt)) = (
+            inner.mesh.as_ref().and_then(|l| l.upstream.clone()),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            // A client: the gateway unsubscribes once the last one is gone.
+            if !others {
+                let pattern = self.pattern.as_str().to_string();
+                rt.spawn(async move {
+                    if let Err(e) = up.interest(pattern.clone(), false).await {
+                        tracing::debug!(pattern = %pattern, error = %e, "gateway did not confirm the unsubscribe");
+                    }
+                });
+            }
+            return;
+        }
         // Tell the mesh: update (or withdraw) this node's interest record.
         if let (Some(link), Ok(rt)) = (&inner.mesh, tokio::runtime::Handle::try_current()) {
             let name = interest_name(&link.realm, &self.pattern);

@@ -425,6 +425,54 @@ pub(crate) trait Reach: Send + Sync {
     fn reach(&self, id: NodeId, addrs: Vec<String>) -> BoxFuture<'static, Option<Peer>>;
 }
 
+/// A client's link to its gateway (client mode): advertisements are made
+/// by the gateway, and every call goes to the gateway, which finds the
+/// provider.
+pub(crate) trait Upstream: Send + Sync {
+    /// The gateway connection, waiting up to `wait` while failing over.
+    fn gateway(&self, wait: Duration) -> BoxFuture<'static, Option<Peer>>;
+    /// Asks the gateway to advertise `procedure` (weight, metadata) for
+    /// this client, or with `None` to withdraw it; waits for the answer.
+    fn advertise(
+        &self,
+        procedure: String,
+        ad: Option<(u32, Vec<(String, String)>)>,
+    ) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// How long a client's call waits for a gateway connection (failover).
+pub const GATEWAY_WAIT: Duration = Duration::from_secs(5);
+
+/// The attached clients serving one procedure through this gateway, in
+/// round-robin order.
+#[derive(Default)]
+pub(crate) struct ClientProviders {
+    peers: Mutex<Vec<Peer>>,
+    next: AtomicU64,
+}
+
+impl ClientProviders {
+    /// The clients to try, starting at the next in turn.
+    fn rotation(&self) -> Vec<Peer> {
+        let peers = lock(&self.peers);
+        if peers.is_empty() {
+            return Vec::new();
+        }
+        let start = (self.next.fetch_add(1, Relaxed) as usize) % peers.len();
+        peers[start..]
+            .iter()
+            .chain(&peers[..start])
+            .cloned()
+            .collect()
+    }
+}
+
+/// A gateway's advertisement for its clients.
+struct ClientAd {
+    providers: Arc<ClientProviders>,
+    _registration: Registration,
+}
+
 pub(crate) struct RpcLink {
     pub dht: DhtHandle,
     pub realm: String,
@@ -436,6 +484,8 @@ pub(crate) struct RpcLink {
 
 struct LocalProvider {
     handler: Arc<dyn Handler>,
+    /// Served by attached clients: calls are forwarded to them.
+    clients: Option<Arc<ClientProviders>>,
     weight: u32,
     metadata: Vec<(String, String)>,
     permits: Arc<Semaphore>,
@@ -458,7 +508,10 @@ struct Inner {
     max_payload: usize,
     epoch: Instant,
     link: Option<RpcLink>,
+    upstream: Option<Arc<dyn Upstream>>,
     local: Mutex<HashMap<String, Arc<LocalProvider>>>,
+    /// Procedures this node advertises for attached clients.
+    client_ads: tokio::sync::Mutex<HashMap<String, ClientAd>>,
     next_token: AtomicU64,
     next_call_id: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -512,7 +565,29 @@ impl Rpc {
         limits: RpcLimits,
         link: Option<RpcLink>,
     ) -> Rpc {
+        Self::build(node_id, max_frame_size, limits, link, None)
+    }
+
+    /// A client's RPC: calls and advertisements go through the gateway.
+    pub(crate) fn with_upstream(
+        node_id: NodeId,
+        max_frame_size: u32,
+        limits: RpcLimits,
+        upstream: Arc<dyn Upstream>,
+    ) -> Rpc {
+        Self::build(node_id, max_frame_size, limits, None, Some(upstream))
+    }
+
+    fn build(
+        node_id: NodeId,
+        max_frame_size: u32,
+        limits: RpcLimits,
+        link: Option<RpcLink>,
+        upstream: Option<Arc<dyn Upstream>>,
+    ) -> Rpc {
         Rpc(Arc::new(Inner {
+            upstream,
+            client_ads: tokio::sync::Mutex::new(HashMap::new()),
             node_id,
             limits,
             max_payload: (max_frame_size as usize).saturating_sub(CALL_HEADROOM),
@@ -574,6 +649,17 @@ impl Rpc {
         opts: AdvertiseOptions,
         handler: H,
     ) -> Result<Registration, RpcError> {
+        self.advertise_inner(procedure, opts, Arc::new(handler), None)
+            .await
+    }
+
+    async fn advertise_inner(
+        &self,
+        procedure: &str,
+        opts: AdvertiseOptions,
+        handler: Arc<dyn Handler>,
+        clients: Option<Arc<ClientProviders>>,
+    ) -> Result<Registration, RpcError> {
         macula_rpc::validate_procedure(procedure).map_err(|source| RpcError::InvalidProcedure {
             procedure: procedure.to_string(),
             source,
@@ -583,7 +669,8 @@ impl Rpc {
         }
         let token = self.0.next_token.fetch_add(1, Relaxed);
         let provider = Arc::new(LocalProvider {
-            handler: Arc::new(handler),
+            handler,
+            clients,
             weight: opts.weight.unwrap_or(DEFAULT_WEIGHT),
             metadata: opts.metadata,
             permits: Arc::new(Semaphore::new(
@@ -646,6 +733,10 @@ impl Rpc {
         procedure: &str,
         provider: Option<&LocalProvider>,
     ) -> Result<(), String> {
+        if let Some(up) = &self.0.upstream {
+            let ad = provider.map(|p| (p.weight, p.metadata.clone()));
+            return up.advertise(procedure.to_string(), ad).await;
+        }
         let Some(link) = &self.0.link else {
             return Ok(());
         };
@@ -962,6 +1053,9 @@ impl Rpc {
             self.0.counters.calls_local_total.fetch_add(1, Relaxed);
             return self.call_local(b, &p, deadline).await;
         }
+        if let Some(up) = &self.0.upstream {
+            return self.attempts_upstream(up.as_ref(), b, deadline).await;
+        }
         if let Some(t) = b.target {
             if t == self.0.node_id {
                 return Err(RpcError::NoProviders {
@@ -1041,6 +1135,51 @@ impl Rpc {
                 Backoff::default().delay(tried.len() as u32, &mut lock(&self.0.backoff_rng));
             tokio::time::sleep(Duration::from_millis(delay)).await;
             last = Some(e);
+        }
+    }
+
+    /// A client's call: through the gateway, which finds the provider and
+    /// retries there. Only the gateway's loss is retried here, on the next
+    /// gateway once the client has failed over.
+    async fn attempts_upstream(
+        &self,
+        up: &dyn Upstream,
+        b: &CallBuilder,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response, RpcError> {
+        let mut attempts = 0u32;
+        loop {
+            let wait = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(GATEWAY_WAIT);
+            let Some(gateway) = up.gateway(wait).await else {
+                return Err(RpcError::Unreachable {
+                    procedure: b.procedure.clone(),
+                    tried: Vec::new(),
+                    reason: "not attached to a gateway (client mode)".into(),
+                });
+            };
+            attempts += 1;
+            match self.call_on(&gateway, b, deadline).await {
+                Ok(payload) => {
+                    return Ok(Response {
+                        payload,
+                        provider: gateway.node_id(),
+                        attempts,
+                    })
+                }
+                // The gateway itself went away: the call may be retried
+                // through the next one.
+                Err(e @ RpcError::Unreachable { .. })
+                    if gateway.is_closed() && attempts <= b.opts.retries =>
+                {
+                    tracing::debug!(procedure = %b.procedure, gateway = %gateway.node_id(), error = %e, "gateway lost during a call; retrying through the next");
+                    self.0.counters.retries_total.fetch_add(1, Relaxed);
+                    let delay = Backoff::default().delay(attempts, &mut lock(&self.0.backoff_rng));
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -1276,7 +1415,15 @@ impl Rpc {
         if let Err(e) = macula_rpc::validate_procedure(&call.procedure) {
             return refuse(RpcErrorKind::Invalid, e.to_string());
         }
-        let Some(p) = lock(&self.0.local).get(&call.procedure).cloned() else {
+        let local = lock(&self.0.local).get(&call.procedure).cloned();
+        if let Some(clients) = local.as_ref().and_then(|p| p.clients.clone()) {
+            return self.serve_forwarded(peer, call, Forward::ToClients(clients));
+        }
+        if local.is_none() && peer.is_client() && self.0.link.is_some() {
+            // An attached client's call: this node finds the provider.
+            return self.serve_forwarded(peer, call, Forward::Mesh);
+        }
+        let Some(p) = local else {
             c.not_found_total.fetch_add(1, Relaxed);
             return refuse(
                 RpcErrorKind::NotFound,
@@ -1359,6 +1506,152 @@ impl Rpc {
             let _ = Abortable::new(work, reg).await;
         });
         None
+    }
+
+    /// Serves `call` by calling onward (a gateway for its clients), in its
+    /// own task like a handler; the answer keeps the onward error's kind.
+    fn serve_forwarded(&self, peer: &Peer, call: Call, to: Forward) -> Option<Message> {
+        let c = &self.0.counters;
+        let key = (peer.connection_id(), call.id);
+        let (abort, reg) = AbortHandle::new_pair();
+        lock(&self.0.serving).insert(key, abort);
+        c.serving.fetch_add(1, Relaxed);
+        let rpc = self.clone();
+        let peer = peer.clone();
+        let id = call.id;
+        let timeout = Duration::from_millis(u64::from(call.timeout_ms));
+        let work = async move {
+            let res = match to {
+                Forward::Mesh => {
+                    let mut b = rpc.call(&call.procedure, call.payload).timeout(timeout);
+                    b.opts.headers = call.headers;
+                    b.await.map(|r| r.payload)
+                }
+                Forward::ToClients(clients) => {
+                    rpc.call_clients(&clients, &call.procedure, call.payload.into(), timeout)
+                        .await
+                }
+            };
+            lock(&rpc.0.serving).remove(&key);
+            let msg = match res {
+                Ok(payload) => {
+                    rpc.0.counters.served_total.fetch_add(1, Relaxed);
+                    Message::Rpc(RpcMessage::Reply(Reply {
+                        id,
+                        payload: payload.to_vec(),
+                        headers: Vec::new(),
+                    }))
+                }
+                Err(e) => {
+                    rpc.0.counters.served_failed_total.fetch_add(1, Relaxed);
+                    Message::Rpc(RpcMessage::Error(forwarded_error(id, &e)))
+                }
+            };
+            if let Err(e) = peer.send(&msg).await {
+                tracing::debug!(peer = %peer.node_id(), error = %e, "could not send a forwarded RPC answer");
+            }
+        };
+        let counters = self.0.counters.clone();
+        tokio::spawn(async move {
+            let _gauge = GaugeGuard(&counters.serving);
+            let _ = Abortable::new(work, reg).await;
+        });
+        None
+    }
+
+    /// Calls `procedure` on the attached clients that serve it, in turn,
+    /// moving on while a client proves unreachable.
+    async fn call_clients(
+        &self,
+        clients: &ClientProviders,
+        procedure: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, RpcError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        for client in clients.rotation() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self
+                .call_via(&client, procedure, payload.clone(), left)
+                .await
+            {
+                Err(e @ RpcError::Unreachable { .. }) if client.is_closed() => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| RpcError::NoProviders {
+            procedure: procedure.to_string(),
+        }))
+    }
+
+    /// A gateway advertises `procedure` for attached client `client` (the
+    /// first client creates the advertisement, later ones join it).
+    pub(crate) async fn advertise_for_client(
+        &self,
+        client: &Peer,
+        procedure: &str,
+        weight: u32,
+        metadata: Vec<(String, String)>,
+    ) -> Result<(), RpcError> {
+        let mut ads = self.0.client_ads.lock().await;
+        if let Some(ad) = ads.get(procedure) {
+            let mut peers = lock(&ad.providers.peers);
+            // A client that reconnected replaces its old connection.
+            peers.retain(|p| p.node_id() != client.node_id());
+            peers.push(client.clone());
+            return Ok(());
+        }
+        let providers = Arc::new(ClientProviders::default());
+        lock(&providers.peers).push(client.clone());
+        let weak = Arc::downgrade(&self.0);
+        let set = providers.clone();
+        let handler = move |req: Request| {
+            let (weak, set) = (weak.clone(), set.clone());
+            async move {
+                let Some(inner) = weak.upgrade() else {
+                    return Err(HandlerError::new(0, "node is shutting down"));
+                };
+                let left = req
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                Rpc(inner)
+                    .call_clients(&set, &req.procedure, req.payload, left)
+                    .await
+                    .map_err(|e| HandlerError::new(0, e.to_string()))
+            }
+        };
+        let opts = AdvertiseOptions {
+            weight: Some(weight.max(1)),
+            metadata,
+            max_concurrent: None,
+        };
+        let registration = self
+            .advertise_inner(procedure, opts, Arc::new(handler), Some(providers.clone()))
+            .await?;
+        ads.insert(
+            procedure.to_string(),
+            ClientAd {
+                providers,
+                _registration: registration,
+            },
+        );
+        Ok(())
+    }
+
+    /// Client `client` no longer serves `procedure` (or, with `None`,
+    /// anything: it left). An advertisement with no client left is
+    /// withdrawn.
+    pub(crate) async fn withdraw_for_client(&self, client: &Peer, procedure: Option<&str>) {
+        let mut ads = self.0.client_ads.lock().await;
+        ads.retain(|name, ad| {
+            if procedure.is_some_and(|p| p != name) {
+                return true;
+            }
+            let mut peers = lock(&ad.providers.peers);
+            peers.retain(|p| p.connection_id() != client.connection_id());
+            !peers.is_empty()
+        });
     }
 
     /// The connection `conn_id` closed: abandon the requests it carried.
@@ -1460,6 +1753,39 @@ async fn run_handler(
     }
 }
 
+/// Where a forwarded call goes.
+enum Forward {
+    /// Into the mesh, for an attached client.
+    Mesh,
+    /// To the attached clients serving the procedure.
+    ToClients(Arc<ClientProviders>),
+}
+
+/// The CALL_ERROR for a forwarded call's failure: the kind survives the hop.
+fn forwarded_error(id: u64, e: &RpcError) -> CallError {
+    let (kind, code) = match e {
+        RpcError::Handler { code, .. } => (RpcErrorKind::Handler, *code),
+        RpcError::Panicked { .. } => (RpcErrorKind::Panicked, 0),
+        RpcError::Timeout { .. } => (RpcErrorKind::Timeout, 0),
+        RpcError::Overloaded { .. } => (RpcErrorKind::Overloaded, 0),
+        RpcError::Cancelled { .. } => (RpcErrorKind::Cancelled, 0),
+        RpcError::ShuttingDown => (RpcErrorKind::ShuttingDown, 0),
+        RpcError::NoProviders { .. } => (RpcErrorKind::NoProviders, 0),
+        RpcError::Unreachable { .. } => (RpcErrorKind::Unreachable, 0),
+        _ => (RpcErrorKind::Invalid, 0),
+    };
+    let message = match e {
+        RpcError::Handler { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    CallError {
+        id,
+        kind,
+        code,
+        message: truncate(&message, macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN),
+    }
+}
+
 fn local_error(procedure: &str, me: NodeId, f: HandlerFailure, timeout: Duration) -> RpcError {
     match f {
         HandlerFailure::Error(e) => RpcError::Handler {
@@ -1501,6 +1827,12 @@ fn remote_error(procedure: &str, provider: NodeId, e: CallError, timeout: Durati
             provider: Some(provider),
         },
         RpcErrorKind::Cancelled => RpcError::Cancelled { procedure },
+        RpcErrorKind::NoProviders => RpcError::NoProviders { procedure },
+        RpcErrorKind::Unreachable => RpcError::Unreachable {
+            procedure,
+            tried: vec![provider],
+            reason: e.message,
+        },
         RpcErrorKind::NotFound | RpcErrorKind::ShuttingDown => RpcError::Unreachable {
             procedure,
             tried: vec![provider],

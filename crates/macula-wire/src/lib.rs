@@ -9,6 +9,7 @@
 //! **Invariant:** decoding never panics and never allocates more than the frame
 //! length the caller allowed.
 
+pub mod client;
 pub mod dht;
 pub mod frame;
 pub mod limits;
@@ -19,6 +20,7 @@ pub mod pubsub;
 pub mod relay;
 pub mod rpc;
 
+pub use client::ClientMessage;
 pub use dht::{dht_key, DhtMessage, WireContact, WireRecord};
 pub use frame::{FrameDecoder, FrameError, FrameHeader, RawFrame, FRAME_HEADER_LEN};
 pub use limits::*;

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::ClientMessage;
 use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
@@ -26,7 +27,8 @@ const MAX_BODY_DEPTH: usize = 16;
 /// Message type codes (the header's type byte). Ranges are reserved per
 /// subsystem so that implementations can route on the high bits:
 /// `0x01..=0x0f` connection control, `0x10..=0x2f` DHT, `0x30..=0x4f` pub/sub,
-/// `0x50..=0x6f` RPC, `0x70..=0x7f` relay and NAT traversal. `0x00` is invalid.
+/// `0x50..=0x6f` RPC, `0x70..=0x7f` relay and NAT traversal, `0x80..=0x8f`
+/// client attachment. `0x00` is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MessageType {
@@ -52,6 +54,11 @@ pub enum MessageType {
     RpcCancel = 0x53,
     DialBack = 0x70,
     DialBackResult = 0x71,
+    ClientSubscribe = 0x80,
+    ClientUnsubscribe = 0x81,
+    ClientAdvertise = 0x82,
+    ClientUnadvertise = 0x83,
+    ClientAck = 0x84,
     RelayReserve = 0x72,
     RelayReserved = 0x73,
     RelayConnect = 0x74,
@@ -61,7 +68,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 27] = [
+    pub const ALL: [MessageType; 32] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -84,6 +91,11 @@ impl MessageType {
         MessageType::RpcCancel,
         MessageType::DialBack,
         MessageType::DialBackResult,
+        MessageType::ClientSubscribe,
+        MessageType::ClientUnsubscribe,
+        MessageType::ClientAdvertise,
+        MessageType::ClientUnadvertise,
+        MessageType::ClientAck,
         MessageType::RelayReserve,
         MessageType::RelayReserved,
         MessageType::RelayConnect,
@@ -121,6 +133,11 @@ impl MessageType {
             MessageType::RpcCancel => "rpc_cancel",
             MessageType::DialBack => "dial_back",
             MessageType::DialBackResult => "dial_back_result",
+            MessageType::ClientSubscribe => "client_subscribe",
+            MessageType::ClientUnsubscribe => "client_unsubscribe",
+            MessageType::ClientAdvertise => "client_advertise",
+            MessageType::ClientUnadvertise => "client_unadvertise",
+            MessageType::ClientAck => "client_ack",
             MessageType::RelayReserve => "relay_reserve",
             MessageType::RelayReserved => "relay_reserved",
             MessageType::RelayConnect => "relay_connect",
@@ -352,6 +369,7 @@ pub enum Message {
     Rpc(RpcMessage),
     DialBack(DialBack),
     DialBackResult(DialBackResult),
+    Client(ClientMessage),
     Relay(RelayMessage),
 }
 
@@ -417,6 +435,13 @@ impl Message {
             Message::PublishBatch(_) => MessageType::PublishBatch,
             Message::DialBack(_) => MessageType::DialBack,
             Message::DialBackResult(_) => MessageType::DialBackResult,
+            Message::Client(c) => match c {
+                ClientMessage::Subscribe(_) => MessageType::ClientSubscribe,
+                ClientMessage::Unsubscribe(_) => MessageType::ClientUnsubscribe,
+                ClientMessage::Advertise(_) => MessageType::ClientAdvertise,
+                ClientMessage::Unadvertise(_) => MessageType::ClientUnadvertise,
+                ClientMessage::Ack(_) => MessageType::ClientAck,
+            },
             Message::Relay(r) => match r {
                 RelayMessage::Reserve(_) => MessageType::RelayReserve,
                 RelayMessage::Reserved(_) => MessageType::RelayReserved,
@@ -479,6 +504,7 @@ impl Message {
             Message::Rpc(r) => r.validate(),
             Message::DialBack(d) => d.validate(),
             Message::DialBackResult(d) => d.validate(),
+            Message::Client(c) => c.validate(),
             Message::Relay(r) => r.validate(),
         }
     }
@@ -508,6 +534,13 @@ impl Message {
                 .map_err(rmp_serde::encode::Error::Syntax),
             Message::DialBack(m) => rmp_serde::encode::write_named(out, m),
             Message::DialBackResult(m) => rmp_serde::encode::write_named(out, m),
+            Message::Client(c) => match c {
+                ClientMessage::Subscribe(m) => rmp_serde::encode::write_named(out, m),
+                ClientMessage::Unsubscribe(m) => rmp_serde::encode::write_named(out, m),
+                ClientMessage::Advertise(m) => rmp_serde::encode::write_named(out, m),
+                ClientMessage::Unadvertise(m) => rmp_serde::encode::write_named(out, m),
+                ClientMessage::Ack(m) => rmp_serde::encode::write_named(out, m),
+            },
             Message::Relay(r) => match r {
                 RelayMessage::Reserve(m) => rmp_serde::encode::write_named(out, m),
                 RelayMessage::Reserved(m) => rmp_serde::encode::write_named(out, m),
@@ -573,6 +606,21 @@ impl Message {
                 }),
             MessageType::DialBack => decode_body(t, body).map(Message::DialBack),
             MessageType::DialBackResult => decode_body(t, body).map(Message::DialBackResult),
+            MessageType::ClientSubscribe => {
+                decode_body(t, body).map(|m| Message::Client(ClientMessage::Subscribe(m)))
+            }
+            MessageType::ClientUnsubscribe => {
+                decode_body(t, body).map(|m| Message::Client(ClientMessage::Unsubscribe(m)))
+            }
+            MessageType::ClientAdvertise => {
+                decode_body(t, body).map(|m| Message::Client(ClientMessage::Advertise(m)))
+            }
+            MessageType::ClientUnadvertise => {
+                decode_body(t, body).map(|m| Message::Client(ClientMessage::Unadvertise(m)))
+            }
+            MessageType::ClientAck => {
+                decode_body(t, body).map(|m| Message::Client(ClientMessage::Ack(m)))
+            }
             MessageType::RelayReserve => {
                 decode_body(t, body).map(|m| Message::Relay(RelayMessage::Reserve(m)))
             }
@@ -942,6 +990,38 @@ mod tests {
         ]
     }
 
+    fn arb_client() -> impl Strategy<Value = Message> {
+        use crate::client::*;
+        prop_oneof![
+            (any::<u64>(), arb_string(64)).prop_map(|(id, pattern)| Message::Client(
+                ClientMessage::Subscribe(ClientSubscribe { id, pattern })
+            )),
+            (any::<u64>(), arb_string(64)).prop_map(|(id, pattern)| Message::Client(
+                ClientMessage::Unsubscribe(ClientUnsubscribe { id, pattern })
+            )),
+            (
+                any::<u64>(),
+                arb_string(64),
+                any::<u32>(),
+                proptest::collection::vec((arb_string(16), arb_string(16)), 0..3)
+            )
+                .prop_map(|(id, procedure, weight, metadata)| Message::Client(
+                    ClientMessage::Advertise(ClientAdvertise {
+                        id,
+                        procedure,
+                        weight,
+                        metadata
+                    })
+                )),
+            (any::<u64>(), arb_string(64)).prop_map(|(id, procedure)| Message::Client(
+                ClientMessage::Unadvertise(ClientUnadvertise { id, procedure })
+            )),
+            (any::<u64>(), proptest::option::of(arb_string(64))).prop_map(|(id, error)| {
+                Message::Client(ClientMessage::Ack(ClientAck { id, error }))
+            }),
+        ]
+    }
+
     fn arb_relay() -> impl Strategy<Value = Message> {
         prop_oneof![
             any::<u64>().prop_map(|ttl_ms| RelayMessage::Reserve(RelayReserve { ttl_ms })),
@@ -976,6 +1056,7 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
             arb_publish(),
+            arb_client(),
             arb_relay(),
             arb_rpc(),
             (

@@ -89,6 +89,10 @@ pub enum RpcErrorKind {
     ShuttingDown,
     /// The request breaks a rule (bad procedure name, too large...).
     Invalid,
+    /// A gateway calling for its client found no provider in the mesh.
+    NoProviders,
+    /// A gateway calling for its client could reach no provider.
+    Unreachable,
     /// A kind this version does not know.
     Other(u16),
 }
@@ -115,6 +119,8 @@ impl From<u16> for RpcErrorKind {
             6 => RpcErrorKind::Cancelled,
             7 => RpcErrorKind::ShuttingDown,
             8 => RpcErrorKind::Invalid,
+            9 => RpcErrorKind::NoProviders,
+            10 => RpcErrorKind::Unreachable,
             other => RpcErrorKind::Other(other),
         }
     }
@@ -131,6 +137,8 @@ impl From<RpcErrorKind> for u16 {
             RpcErrorKind::Cancelled => 6,
             RpcErrorKind::ShuttingDown => 7,
             RpcErrorKind::Invalid => 8,
+            RpcErrorKind::NoProviders => 9,
+            RpcErrorKind::Unreachable => 10,
             RpcErrorKind::Other(v) => v,
         }
     }

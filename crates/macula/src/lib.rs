@@ -36,6 +36,7 @@ pub use macula_runtime::rpc::{
     Registration, Request, Response, RpcError, RpcLimits,
 };
 pub use macula_runtime::tls::{TlsMode, TlsOptions};
+pub use macula_runtime::{Client, ClientConfig, ClientError};
 pub use macula_runtime::{
     ConnectError, Direction, IdentitySource, Limits, NodeConfig, Peer, PeerAddr, PeerEvent,
     StartError,
@@ -64,6 +65,34 @@ pub enum Error {
     /// A publish or subscribe was refused (invalid topic, limits).
     #[error(transparent)]
     PubSub(#[from] PubSubError),
+    /// A lightweight client could not attach.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Starts a lightweight client attached to the first of `gateways`
+/// (`HOST:PORT` or `NODEID@HOST:PORT`) that accepts it: it listens on
+/// nothing, stores no DHT records, and fails over to the next node (with
+/// its subscriptions and advertisements) when its gateway dies. For other
+/// settings build a [`ClientConfig`] and call [`Client::connect`].
+pub async fn connect_client<I, S>(gateways: I) -> Result<Client, Error>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut addrs = Vec::new();
+    for g in gateways {
+        let g = g.as_ref();
+        let addr = g
+            .parse::<macula_runtime::PeerAddr>()
+            .map_err(|e| Error::Config {
+                key: "gateway",
+                value: g.to_string(),
+                reason: e.to_string(),
+            })?;
+        addrs.push(addr);
+    }
+    Ok(Client::connect(ClientConfig::new(addrs)).await?)
 }
 
 /// A snapshot of one connected peer.

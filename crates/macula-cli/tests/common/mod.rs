@@ -72,6 +72,25 @@ impl Proc {
         }
     }
 
+    /// A line containing every needle, waiting at most `limit` for it.
+    pub fn poll_for(&mut self, needles: &[&str], limit: std::time::Duration) -> Option<String> {
+        let hit = |l: &String| needles.iter().all(|n| l.contains(n));
+        if let Some(l) = self.seen.iter().find(|l| hit(l)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + limit;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.clone());
+            if hit(&line) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
     /// Waits for a line containing every needle; returns it.
     pub fn wait_for(&mut self, needles: &[&str]) -> String {
         if let Some(l) = self

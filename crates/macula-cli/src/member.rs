@@ -1,0 +1,126 @@
+//! What `pub`, `sub`, `trace`, `call` and `serve` run as: by default a
+//! lightweight client attached to one of the `--connect` nodes (it listens
+//! on nothing and fails over to the next node with its subscriptions and
+//! advertisements), or with `--full-node` a short-lived full node that
+//! joins the mesh through them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bytes::Bytes;
+use macula::{
+    AdvertiseOptions, CallBuilder, Client, ClientConfig, Handler, Node, NodeId, Registration,
+    RpcError, Subscription,
+};
+
+use crate::dht_cli::MeshArgs;
+
+/// How the command takes part in the mesh.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct ModeArgs {
+    /// Join as a full (short-lived) node instead of attaching as a
+    /// lightweight client.
+    #[arg(long)]
+    pub full_node: bool,
+}
+
+/// A lightweight client or a full node.
+pub enum Member {
+    Client(Client),
+    Node(Node),
+}
+
+impl Member {
+    /// Attaches (client) or joins (full node) through `mesh.connect`.
+    /// `data_dir`: a persistent identity; `listen`: the full node's listen
+    /// address or the client's local UDP address.
+    pub async fn start(
+        mesh: &MeshArgs,
+        mode: ModeArgs,
+        data_dir: Option<PathBuf>,
+        listen: Option<SocketAddr>,
+    ) -> anyhow::Result<Member> {
+        let listen = listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        if mode.full_node {
+            let mut builder = Node::builder().listen(listen);
+            if let Some(dir) = data_dir {
+                builder = builder.data_dir(dir);
+            }
+            return Ok(Member::Node(
+                crate::dht_cli::join_with(mesh, builder).await?,
+            ));
+        }
+        let realm = crate::dht_cli::realm(mesh)?;
+        let mut gateways = Vec::new();
+        for g in mesh.connect.split(',').map(str::trim) {
+            gateways.push(
+                g.parse()
+                    .map_err(|e| anyhow::anyhow!("invalid value {g:?} for --connect: {e}"))?,
+            );
+        }
+        let mut cfg = ClientConfig::new(gateways);
+        cfg.realm = realm;
+        cfg.bind = listen;
+        cfg.attach_timeout = crate::dht_cli::JOIN_TIMEOUT;
+        if let Some(dir) = data_dir {
+            cfg.identity = macula::IdentitySource::DataDir(dir);
+        }
+        let client = Client::connect(cfg)
+            .await
+            .with_context(|| format!("could not attach to {}", mesh.connect))?;
+        Ok(Member::Client(client))
+    }
+
+    pub fn id(&self) -> NodeId {
+        match self {
+            Member::Client(c) => c.node_id(),
+            Member::Node(n) => n.id(),
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        match self {
+            Member::Client(c) => {
+                c.publish(topic, payload).await?;
+            }
+            Member::Node(n) => {
+                n.publish(topic, payload).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn subscribe(&self, pattern: &str) -> anyhow::Result<Subscription> {
+        Ok(match self {
+            Member::Client(c) => c.subscribe(pattern).await?,
+            Member::Node(n) => n.subscribe(pattern).await?,
+        })
+    }
+
+    pub fn call(&self, procedure: &str, payload: Bytes) -> CallBuilder {
+        match self {
+            Member::Client(c) => c.call(procedure, payload),
+            Member::Node(n) => n.call(procedure, payload),
+        }
+    }
+
+    pub async fn advertise_with<H: Handler>(
+        &self,
+        procedure: &str,
+        opts: AdvertiseOptions,
+        handler: H,
+    ) -> Result<Registration, RpcError> {
+        match self {
+            Member::Client(c) => c.advertise(procedure, opts, handler).await,
+            Member::Node(n) => n.advertise_with(procedure, opts, handler).await,
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        match self {
+            Member::Client(c) => c.shutdown().await,
+            Member::Node(n) => n.shutdown().await,
+        }
+    }
+}
