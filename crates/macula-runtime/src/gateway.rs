@@ -121,7 +121,7 @@ impl Gateway {
         let sessions = lock(&self.0.sessions);
         let mut v: Vec<_> = sessions
             .values()
-            .map(|s| (s.feed_client(), s.feed.patterns()))
+            .map(|s| (s.feed.client().to_string(), s.feed.patterns()))
             .collect();
         v.sort();
         v
@@ -177,12 +177,6 @@ impl Gateway {
             rpc.withdraw_for_client(&peer, None).await;
         });
         tracing::debug!("client detached");
-    }
-}
-
-impl Session {
-    fn feed_client(&self) -> String {
-        self.feed.client().to_string()
     }
 }
 

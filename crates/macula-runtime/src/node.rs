@@ -515,36 +515,12 @@ impl NodeRuntime {
             return Ok(p);
         }
         self.0.metrics.pool_misses_total.fetch_add(1, Relaxed);
-        let fut = {
-            let mut dialing = lock(&self.0.dialing);
-            dialing
-                .entry(addr)
-                .or_insert_with(|| {
-                    // The dial runs as its own task, which removes its entry
-                    // when done. Driven inside the callers' futures instead,
-                    // a caller that gave up (timeout, select) left a pending
-                    // future in `dialing` that owns a clone of the node: a
-                    // reference cycle that leaked the node and its socket.
-                    // (Callers also removed entries that were not theirs.)
-                    let node = self.clone();
-                    let task = tokio::spawn(async move {
-                        let res = node.clone().dial(addr, expected).await;
-                        lock(&node.0.dialing).remove(&addr);
-                        res
-                    });
-                    async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(ConnectError::Io {
-                                addr,
-                                detail: format!("dial task failed: {e}"),
-                            })
-                        })
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
+        let fut = self.shared_dial(
+            |s| &s.dialing,
+            addr,
+            addr,
+            |node| node.dial(addr, expected).boxed(),
+        );
         let peer = fut.await?;
         if let Some(want) = expected.filter(|want| *want != peer.node_id()) {
             return Err(ConnectError::IdentityMismatch {
@@ -1146,35 +1122,59 @@ impl NodeRuntime {
         if let Some(p) = self.peer(&target).filter(|p| !p.is_closed()) {
             return Ok(p);
         }
-        let fut = {
-            let mut dialing = lock(&self.0.relay_dialing);
-            dialing
-                .entry(target)
-                .or_insert_with(|| {
-                    let node = self.clone();
-                    let relay = relay.clone();
-                    let addr = relay.remote_addr();
-                    let task = tokio::spawn(async move {
-                        let res = node.dial_relayed(&relay, target).await;
-                        lock(&node.0.relay_dialing).remove(&target);
-                        res
-                    });
-                    async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(ConnectError::Io {
-                                addr,
-                                detail: format!("relayed dial task failed: {e}"),
-                            })
-                        })
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
+        let relay = relay.clone();
+        let addr = relay.remote_addr();
+        let fut = self.shared_dial(
+            |s| &s.relay_dialing,
+            target,
+            addr,
+            move |node| async move { node.dial_relayed(&relay, target).await }.boxed(),
+        );
         let peer = fut.await?;
         peer.touch();
         Ok(peer)
+    }
+
+    /// The dial in progress under `key` in the table `table` picks, or a
+    /// new one: `dial` runs as its own task, which removes its entry when
+    /// done, and every concurrent caller awaits the same result. Driven
+    /// inside the callers' futures instead, a caller that gave up (timeout,
+    /// select) left a pending future in the table that owns a clone of the
+    /// node: a reference cycle that leaked the node and its socket. (Callers
+    /// also removed entries that were not theirs.) `addr` names the dial in
+    /// the error if its task fails.
+    fn shared_dial<K>(
+        &self,
+        table: fn(&NodeShared) -> &Mutex<HashMap<K, DialFuture>>,
+        key: K,
+        addr: SocketAddr,
+        dial: impl FnOnce(NodeRuntime) -> BoxFuture<'static, Result<Peer, ConnectError>>,
+    ) -> DialFuture
+    where
+        K: std::hash::Hash + Eq + Copy + Send + 'static,
+    {
+        lock(table(&self.0))
+            .entry(key)
+            .or_insert_with(|| {
+                let node = self.clone();
+                let work = dial(self.clone());
+                let task = tokio::spawn(async move {
+                    let res = work.await;
+                    lock(table(&node.0)).remove(&key);
+                    res
+                });
+                async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(ConnectError::Io {
+                            addr,
+                            detail: format!("dial task failed: {e}"),
+                        })
+                    })
+                }
+                .boxed()
+                .shared()
+            })
+            .clone()
     }
 
     async fn dial_relayed(&self, relay: &Peer, target: NodeId) -> Result<Peer, ConnectError> {

@@ -546,6 +546,27 @@ enum Next {
 }
 
 /// Handles one frame on the control stream.
+/// After a message went to its service: sends the service's immediate
+/// answer, if any (a send failure closes the connection); `None` (no such
+/// service here) is reported to the peer as `refusal`.
+async fn dispatched(
+    peer: &Peer,
+    answer: Option<Option<Message>>,
+    refusal: &str,
+    msg_type: u8,
+) -> Next {
+    match answer {
+        Some(Some(a)) => {
+            if let Err(e) = peer.send_control(&a).await {
+                return Next::Close(DisconnectReason::ProtocolError, e);
+            }
+        }
+        Some(None) => {}
+        None => unserved(peer, refusal, msg_type).await,
+    }
+    Next::Continue
+}
+
 async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Next {
     let (dht, pubsub) = (cfg.dht.as_ref(), cfg.pubsub.as_ref());
     let m = &peer.0.metrics;
@@ -607,59 +628,20 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             Next::Continue
         }
         Ok(msg @ (Message::DialBack(_) | Message::DialBackResult(_))) => {
-            match &cfg.reach {
-                Some(r) => {
-                    if let Some(answer) = r.on_message(peer, msg) {
-                        if let Err(e) = peer.send_control(&answer).await {
-                            return Next::Close(DisconnectReason::ProtocolError, e);
-                        }
-                    }
-                }
-                None => {
-                    unserved(
-                        peer,
-                        "this node does not check reachability",
-                        frame.msg_type,
-                    )
-                    .await
-                }
-            }
-            Next::Continue
+            let answer = cfg.reach.as_ref().map(|r| r.on_message(peer, msg));
+            let refusal = "this node does not check reachability";
+            dispatched(peer, answer, refusal, frame.msg_type).await
         }
         Ok(Message::Rpc(msg)) => {
             peer.touch();
-            match &cfg.rpc {
-                Some(rpc) => {
-                    if let Some(answer) = rpc.on_message(peer, msg) {
-                        if let Err(e) = peer.send_control(&answer).await {
-                            return Next::Close(DisconnectReason::ProtocolError, e);
-                        }
-                    }
-                }
-                None => unserved(peer, "this node serves no RPC", frame.msg_type).await,
-            }
-            Next::Continue
+            let answer = cfg.rpc.as_ref().map(|r| r.on_message(peer, msg));
+            dispatched(peer, answer, "this node serves no RPC", frame.msg_type).await
         }
         Ok(Message::Client(msg)) => {
             peer.touch();
-            match &cfg.attach {
-                Some(a) => {
-                    if let Some(answer) = a.on_message(peer, msg) {
-                        if let Err(e) = peer.send_control(&answer).await {
-                            return Next::Close(DisconnectReason::ProtocolError, e);
-                        }
-                    }
-                }
-                None => {
-                    unserved(
-                        peer,
-                        "this node serves no client attachment",
-                        frame.msg_type,
-                    )
-                    .await
-                }
-            }
-            Next::Continue
+            let answer = cfg.attach.as_ref().map(|a| a.on_message(peer, msg));
+            let refusal = "this node serves no client attachment";
+            dispatched(peer, answer, refusal, frame.msg_type).await
         }
         Ok(Message::Dht(msg)) => {
             peer.touch();

@@ -672,41 +672,57 @@ impl PubSub {
     /// published after this returns are delivered; dropping the subscription
     /// unsubscribes.
     pub fn subscribe(&self, pattern: &str) -> Result<Subscription, PubSubError> {
-        let parsed = Pattern::with_limits(pattern, &self.0.limits).map_err(|source| {
-            PubSubError::InvalidPattern {
-                pattern: pattern.to_string(),
-                source,
-            }
-        })?;
-        let queue = Arc::new(SubQueue {
-            queue: Mutex::new(BoundedQueue::with_limits(&self.0.limits)),
-            waker: AtomicWaker::new(),
-            closed: AtomicBool::new(false),
-        });
-        let id = {
-            let mut st = self.state();
-            if st.subs.len() >= MAX_SUBSCRIPTIONS {
-                return Err(PubSubError::TooManySubscriptions {
-                    max: MAX_SUBSCRIPTIONS,
-                });
-            }
-            let id = st.next_id;
-            st.next_id += 1;
-            st.sublist.insert(&parsed, id);
-            st.subs.insert(id, (parsed.clone(), queue.clone()));
-            self.0
-                .counters
-                .subscriptions
-                .store(st.subs.len() as u64, Relaxed);
-            self.0.n_subs.store(st.subs.len(), Relaxed);
-            id
-        };
+        let parsed = self.parse_pattern(pattern)?;
+        let queue = self.new_queue();
+        let id = self.insert_sub(&mut self.state(), &parsed, queue.clone())?;
         Ok(Subscription {
             id,
             pattern: parsed,
             queue,
             owner: Arc::downgrade(&self.0),
         })
+    }
+
+    fn parse_pattern(&self, pattern: &str) -> Result<Pattern, PubSubError> {
+        Pattern::with_limits(pattern, &self.0.limits).map_err(|source| {
+            PubSubError::InvalidPattern {
+                pattern: pattern.to_string(),
+                source,
+            }
+        })
+    }
+
+    fn new_queue(&self) -> Arc<SubQueue> {
+        Arc::new(SubQueue {
+            queue: Mutex::new(BoundedQueue::with_limits(&self.0.limits)),
+            waker: AtomicWaker::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Adds a subscription to `pattern` delivering into `queue`; returns
+    /// its ID.
+    fn insert_sub(
+        &self,
+        st: &mut State,
+        parsed: &Pattern,
+        queue: Arc<SubQueue>,
+    ) -> Result<u64, PubSubError> {
+        if st.subs.len() >= MAX_SUBSCRIPTIONS {
+            return Err(PubSubError::TooManySubscriptions {
+                max: MAX_SUBSCRIPTIONS,
+            });
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.sublist.insert(parsed, id);
+        st.subs.insert(id, (parsed.clone(), queue));
+        self.0
+            .counters
+            .subscriptions
+            .store(st.subs.len() as u64, Relaxed);
+        self.0.n_subs.store(st.subs.len(), Relaxed);
+        Ok(id)
     }
 
     /// Waits (at most `limit`) until every message queued to other nodes has
@@ -1520,11 +1536,7 @@ impl PubSub {
         Arc::new(ClientFeed {
             client,
             owner: Arc::downgrade(&self.0),
-            queue: Arc::new(SubQueue {
-                queue: Mutex::new(BoundedQueue::with_limits(&self.0.limits)),
-                waker: AtomicWaker::new(),
-                closed: AtomicBool::new(false),
-            }),
+            queue: self.new_queue(),
             ids: Mutex::new(HashMap::new()),
         })
     }
@@ -1536,32 +1548,13 @@ impl PubSub {
         feed: &ClientFeed,
         pattern: &str,
     ) -> Result<(), PubSubError> {
-        let parsed = Pattern::with_limits(pattern, &self.0.limits).map_err(|source| {
-            PubSubError::InvalidPattern {
-                pattern: pattern.to_string(),
-                source,
-            }
-        })?;
+        let parsed = self.parse_pattern(pattern)?;
         {
             let mut ids = lock_map(&feed.ids);
             if ids.contains_key(parsed.as_str()) {
                 return Ok(());
             }
-            let mut st = self.state();
-            if st.subs.len() >= MAX_SUBSCRIPTIONS {
-                return Err(PubSubError::TooManySubscriptions {
-                    max: MAX_SUBSCRIPTIONS,
-                });
-            }
-            let id = st.next_id;
-            st.next_id += 1;
-            st.sublist.insert(&parsed, id);
-            st.subs.insert(id, (parsed.clone(), feed.queue.clone()));
-            self.0
-                .counters
-                .subscriptions
-                .store(st.subs.len() as u64, Relaxed);
-            self.0.n_subs.store(st.subs.len(), Relaxed);
+            let id = self.insert_sub(&mut self.state(), &parsed, feed.queue.clone())?;
             ids.insert(parsed.as_str().to_string(), id);
         }
         if let Some(link) = &self.0.mesh {

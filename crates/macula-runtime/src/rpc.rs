@@ -1437,12 +1437,6 @@ impl Rpc {
                 format!("{} is at its concurrency limit", call.procedure),
             );
         };
-        let key = (peer.connection_id(), call.id);
-        let (abort, reg) = AbortHandle::new_pair();
-        lock(&self.0.serving).insert(key, abort);
-        c.serving.fetch_add(1, Relaxed);
-        let rpc = self.clone();
-        let peer = peer.clone();
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(u64::from(call.timeout_ms));
         let req = Request {
@@ -1452,22 +1446,12 @@ impl Rpc {
             caller: peer.node_id(),
             deadline,
         };
-        let id = call.id;
-        let work = async move {
+        let (id, counters) = (call.id, self.0.counters.clone());
+        self.spawn_serving(peer, id, async move {
             let _permit = permit;
-            let outcome = run_handler(&rpc.0.counters, p.handler.as_ref(), req).await;
-            lock(&rpc.0.serving).remove(&key);
-            let msg = match outcome {
-                Ok(payload) => {
-                    rpc.0.counters.served_total.fetch_add(1, Relaxed);
-                    Message::Rpc(RpcMessage::Reply(Reply {
-                        id,
-                        payload: payload.to_vec(),
-                        headers: Vec::new(),
-                    }))
-                }
-                Err(f) => {
-                    rpc.0.counters.served_failed_total.fetch_add(1, Relaxed);
+            run_handler(&counters, p.handler.as_ref(), req)
+                .await
+                .map_err(|f| {
                     let (kind, code, message) = match f {
                         HandlerFailure::Error(e) => (RpcErrorKind::Handler, e.code, e.message),
                         HandlerFailure::Panicked => {
@@ -1477,12 +1461,46 @@ impl Rpc {
                             (RpcErrorKind::Timeout, 0, "deadline passed".to_string())
                         }
                     };
-                    Message::Rpc(RpcMessage::Error(CallError {
+                    CallError {
                         id,
                         kind,
                         code,
                         message: truncate(&message, macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN),
+                    }
+                })
+        });
+        None
+    }
+
+    /// Serves request `id` from `peer` with `work` in its own task (CANCEL
+    /// aborts it, as does the connection closing) and sends the answer:
+    /// REPLY, or CALL_ERROR; an answer that cannot be sent (too large for
+    /// a frame) is replaced by an `Invalid` error.
+    fn spawn_serving<F>(&self, peer: &Peer, id: u64, work: F)
+    where
+        F: Future<Output = Result<Bytes, CallError>> + Send + 'static,
+    {
+        let key = (peer.connection_id(), id);
+        let (abort, reg) = AbortHandle::new_pair();
+        lock(&self.0.serving).insert(key, abort);
+        self.0.counters.serving.fetch_add(1, Relaxed);
+        let (rpc, peer) = (self.clone(), peer.clone());
+        let task = async move {
+            let outcome = work.await;
+            lock(&rpc.0.serving).remove(&key);
+            let c = &rpc.0.counters;
+            let msg = match outcome {
+                Ok(payload) => {
+                    c.served_total.fetch_add(1, Relaxed);
+                    Message::Rpc(RpcMessage::Reply(Reply {
+                        id,
+                        payload: payload.to_vec(),
+                        headers: Vec::new(),
                     }))
+                }
+                Err(e) => {
+                    c.served_failed_total.fetch_add(1, Relaxed);
+                    Message::Rpc(RpcMessage::Error(e))
                 }
             };
             if let Err(e) = peer.send(&msg).await {
@@ -1503,24 +1521,16 @@ impl Rpc {
         let counters = self.0.counters.clone();
         tokio::spawn(async move {
             let _gauge = GaugeGuard(&counters.serving);
-            let _ = Abortable::new(work, reg).await;
+            let _ = Abortable::new(task, reg).await;
         });
-        None
     }
 
     /// Serves `call` by calling onward (a gateway for its clients), in its
     /// own task like a handler; the answer keeps the onward error's kind.
     fn serve_forwarded(&self, peer: &Peer, call: Call, to: Forward) -> Option<Message> {
-        let c = &self.0.counters;
-        let key = (peer.connection_id(), call.id);
-        let (abort, reg) = AbortHandle::new_pair();
-        lock(&self.0.serving).insert(key, abort);
-        c.serving.fetch_add(1, Relaxed);
-        let rpc = self.clone();
-        let peer = peer.clone();
-        let id = call.id;
+        let (rpc, id) = (self.clone(), call.id);
         let timeout = Duration::from_millis(u64::from(call.timeout_ms));
-        let work = async move {
+        self.spawn_serving(peer, id, async move {
             let res = match to {
                 Forward::Mesh => {
                     let mut b = rpc.call(&call.procedure, call.payload).timeout(timeout);
@@ -1532,29 +1542,7 @@ impl Rpc {
                         .await
                 }
             };
-            lock(&rpc.0.serving).remove(&key);
-            let msg = match res {
-                Ok(payload) => {
-                    rpc.0.counters.served_total.fetch_add(1, Relaxed);
-                    Message::Rpc(RpcMessage::Reply(Reply {
-                        id,
-                        payload: payload.to_vec(),
-                        headers: Vec::new(),
-                    }))
-                }
-                Err(e) => {
-                    rpc.0.counters.served_failed_total.fetch_add(1, Relaxed);
-                    Message::Rpc(RpcMessage::Error(forwarded_error(id, &e)))
-                }
-            };
-            if let Err(e) = peer.send(&msg).await {
-                tracing::debug!(peer = %peer.node_id(), error = %e, "could not send a forwarded RPC answer");
-            }
-        };
-        let counters = self.0.counters.clone();
-        tokio::spawn(async move {
-            let _gauge = GaugeGuard(&counters.serving);
-            let _ = Abortable::new(work, reg).await;
+            res.map_err(|e| forwarded_error(id, &e))
         });
         None
     }
