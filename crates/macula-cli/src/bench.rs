@@ -39,6 +39,11 @@ pub enum BenchCommand {
     /// child `macula serve` answers): latency, concurrent throughput, and
     /// pooled versus new connection per call.
     Rpc(crate::bench_rpc::RpcArgs),
+    /// Many lightweight client connections to one node: time to connect,
+    /// the node's memory per connection and idle CPU, and RPC and pub/sub
+    /// latency while they are all attached. Starts its own node process
+    /// unless given --node.
+    Connections(crate::bench_connections::ConnectionsArgs),
     /// A relayed path versus a direct one on the same topology (in-process
     /// nodes on 127.0.0.1): RPC round-trip latency and bulk throughput.
     Relay(crate::bench_relay::RelayArgs),
@@ -106,6 +111,14 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rpc(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_rpc::run(args))
             .await
             .context("benchmark exceeded its time limit")?,
+        BenchCommand::Connections(args) => {
+            // Returning drops the node process handle, which kills it.
+            let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_connections::run(args));
+            tokio::select! {
+                r = bench => r.context("benchmark exceeded its time limit")?,
+                signal = interrupted() => anyhow::bail!("interrupted by {signal}; node process stopped"),
+            }
+        }
         BenchCommand::Relay(args) => {
             tokio::time::timeout(MAX_RUNTIME, crate::bench_relay::run(args))
                 .await

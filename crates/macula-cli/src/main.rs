@@ -8,6 +8,7 @@
 
 mod admin_cli;
 mod bench;
+mod bench_connections;
 mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;

@@ -273,6 +273,14 @@ impl Attach for Acks {
 }
 
 impl Client {
+    /// A client-only QUIC endpoint (one UDP socket at `bind`, listening for
+    /// nothing) that many clients of one process can share through
+    /// `ClientConfig::endpoint`: QUIC tells their connections apart by
+    /// connection ID, so they need no port each.
+    pub fn endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+        quinn::Endpoint::client(bind).map_err(|source| ClientError::Bind { addr: bind, source })
+    }
+
     /// Starts a client and waits until it is attached to one of its nodes.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         if config.gateways.is_empty() {
@@ -297,13 +305,7 @@ impl Client {
         );
         let (endpoint, own_endpoint) = match &config.endpoint {
             Some(e) => (e.clone(), false),
-            None => (
-                quinn::Endpoint::client(config.bind).map_err(|source| ClientError::Bind {
-                    addr: config.bind,
-                    source,
-                })?,
-                true,
-            ),
+            None => (Client::endpoint(config.bind)?, true),
         };
         let local = LocalInfo {
             hello: Hello {
