@@ -13,8 +13,8 @@
 //! original publisher, and the client's sequence check (per publisher,
 //! across gateways) drops duplicates.
 //!
-//! **Failover.** When the gateway's connection closes (or fails its health
-//! ping), the client attaches to the next configured node, replays every
+//! **Failover.** When the gateway's connection closes (or stays silent
+//! despite keep-alives for `GATEWAY_DEAD_AFTER`), the client attaches to the next configured node, replays every
 //! subscription pattern and advertisement it holds, and only then resumes
 //! publishing and calling. Calls in flight on the lost gateway fail as
 //! unreachable and are retried through the next one (within their deadline
@@ -63,7 +63,7 @@ pub struct ClientConfig {
     pub realm: String,
     pub identity: IdentitySource,
     pub tls: TlsOptions,
-    /// Connection timers and limits (handshake timeout, health pings...).
+    /// Connection timers and limits (handshake timeout, keep-alive...).
     pub limits: Limits,
     pub pubsub: macula_pubsub::Limits,
     pub rpc: RpcLimits,
@@ -278,7 +278,13 @@ impl Client {
     /// `ClientConfig::endpoint`: QUIC tells their connections apart by
     /// connection ID, so they need no port each.
     pub fn endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
-        quinn::Endpoint::client(bind).map_err(|source| ClientError::Bind { addr: bind, source })
+        Client::endpoint_with(bind, Limits::default().socket_buffer)
+    }
+
+    /// `endpoint` with `buffer` bytes of kernel socket buffer each way.
+    fn endpoint_with(bind: SocketAddr, buffer: usize) -> Result<quinn::Endpoint, ClientError> {
+        crate::node::endpoint(bind, buffer, None)
+            .map_err(|source| ClientError::Bind { addr: bind, source })
     }
 
     /// Starts a client and waits until it is attached to one of its nodes.
@@ -305,7 +311,10 @@ impl Client {
         );
         let (endpoint, own_endpoint) = match &config.endpoint {
             Some(e) => (e.clone(), false),
-            None => (Client::endpoint(config.bind)?, true),
+            None => (
+                Client::endpoint_with(config.bind, config.limits.socket_buffer)?,
+                true,
+            ),
         };
         let local = LocalInfo {
             hello: Hello {
@@ -629,7 +638,9 @@ impl Client {
         peer.set_kept(true);
         let cfg = DriverConfig {
             idle_timeout: s.config.limits.idle_timeout,
-            health_ping_interval: s.config.limits.health_ping_interval,
+            // QUIC keep-alives (every `keep_alive_interval`) watch the
+            // gateway; pings would cost every gateway a pong per client.
+            health_ping_interval: None,
             ping_timeout: s.config.limits.ping_timeout,
             max_frame_size: s.config.limits.max_frame_size,
             dht: None,

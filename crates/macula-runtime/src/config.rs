@@ -27,6 +27,9 @@ pub enum IdentitySource {
     Ephemeral,
 }
 
+/// Smallest accepted flow-control window or send buffer (16 KiB).
+pub const MIN_WINDOW: u64 = 16 * 1024;
+
 /// Every limit and timer of the connection layer. Each has a default that a
 /// production mesh can run with, and a knob.
 #[derive(Clone, Debug)]
@@ -57,8 +60,30 @@ pub struct Limits {
     /// When two nodes dial each other at once, the losing connection stays
     /// usable this long so exchanges already on it can finish.
     pub duplicate_close_grace: Duration,
-    /// Concurrent bidirectional streams a peer may open on one connection.
+    /// Concurrent streams (of each direction kind) a full node may open on
+    /// one connection. Raised to this after its HELLO; until then, and for
+    /// a client always, `max_streams_per_client` applies.
     pub max_streams_per_connection: u32,
+    /// Concurrent streams (of each kind) a client, or any peer before its
+    /// HELLO, may open. QUIC preallocates bookkeeping for every stream a
+    /// peer may open, so this is most of a client connection's size; a
+    /// client needs two (its control stream and its pub/sub data stream).
+    pub max_streams_per_client: u32,
+    /// Bytes a peer may send on one stream ahead of what the node has read
+    /// (QUIC stream flow control). Memory is only taken while data waits.
+    pub stream_receive_window: u32,
+    /// Bytes a peer may send on all streams of one connection ahead of
+    /// what the node has read: bounds what one connection can make the
+    /// node buffer.
+    pub connection_receive_window: u32,
+    /// Bytes the node buffers per connection for sending, not yet
+    /// acknowledged; a writer waits beyond it.
+    pub send_window: u64,
+    /// Kernel receive and send buffer of the node's UDP socket (SO_RCVBUF,
+    /// SO_SNDBUF). Many connections handshaking at once overflow a small
+    /// one (packets dropped, handshakes retried after a second). The kernel
+    /// caps it at `net.core.rmem_max` / `wmem_max`.
+    pub socket_buffer: usize,
     /// A peer whose pub/sub data stream accepts no bytes for this long is
     /// cut off: the stream is reset and what was queued for it dropped
     /// (`macula_pubsub_peers_cut_off_total`, a warning naming the peer).
@@ -80,6 +105,11 @@ impl Default for Limits {
             reconnect_backoff_max: Duration::from_secs(30),
             duplicate_close_grace: Duration::from_secs(2),
             max_streams_per_connection: 256,
+            max_streams_per_client: 4,
+            stream_receive_window: 1 << 20,
+            connection_receive_window: 8 << 20,
+            send_window: 8 << 20,
+            socket_buffer: 4 << 20,
             pubsub_stall_timeout: crate::pubsub::PEER_STALL_TIMEOUT,
         }
     }
@@ -272,6 +302,42 @@ impl NodeConfig {
                 "relay_burst_bytes",
                 self.relay.burst_bytes.to_string(),
                 "must be at least 2048 bytes (one inner packet with its prefix)".into(),
+            ));
+        }
+        if !(2..=l.max_streams_per_connection).contains(&l.max_streams_per_client) {
+            return Err(invalid(
+                "max_streams_per_client",
+                l.max_streams_per_client.to_string(),
+                format!(
+                    "must be from 2 (a client's control and data streams) to max_streams_per_connection ({})",
+                    l.max_streams_per_connection
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("stream_receive_window", u64::from(l.stream_receive_window)),
+            (
+                "connection_receive_window",
+                u64::from(l.connection_receive_window),
+            ),
+            ("send_window", l.send_window),
+        ] {
+            if v < MIN_WINDOW {
+                return Err(invalid(
+                    key,
+                    v.to_string(),
+                    format!("must be at least {MIN_WINDOW} bytes"),
+                ));
+            }
+        }
+        if l.connection_receive_window < l.stream_receive_window {
+            return Err(invalid(
+                "connection_receive_window",
+                l.connection_receive_window.to_string(),
+                format!(
+                    "must not be below stream_receive_window ({})",
+                    l.stream_receive_window
+                ),
             ));
         }
         if l.reconnect_backoff_max < l.reconnect_backoff_min {

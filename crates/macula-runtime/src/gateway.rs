@@ -2,7 +2,8 @@
 //! attached to it (see `client.rs` for the other side).
 //!
 //! A client's requests (CLIENT_SUBSCRIBE/UNSUBSCRIBE/ADVERTISE/UNADVERTISE)
-//! are handled in order by one worker task per client connection and each
+//! are handled in order by one worker task per client connection (running
+//! only while requests wait, so an idle client costs no task) and each
 //! is acknowledged with CLIENT_ACK once it took effect in the mesh (the
 //! interest record or advertisement is in the DHT). The client's patterns
 //! feed one queue (`pubsub::ClientFeed`) drained onto the client's pub/sub
@@ -11,13 +12,12 @@
 //! forwards each call to the client (`Rpc::advertise_for_client`). When the
 //! client's connection closes, all of it is withdrawn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use macula_wire::client::{ClientAck, ClientMessage, MAX_CLIENT_ERROR_LEN};
 use macula_wire::Message;
-use tokio::sync::mpsc;
 
 use crate::peer::{Attach, Peer};
 use crate::pubsub::{ClientFeed, PubSub};
@@ -77,9 +77,19 @@ impl prometheus_client::collector::Collector for GatewayCollector {
 }
 
 struct Session {
-    tx: mpsc::Sender<ClientMessage>,
+    requests: Arc<Mutex<Requests>>,
     feed: Arc<ClientFeed>,
-    tasks: [tokio::task::AbortHandle; 2],
+    forwarder: tokio::task::AbortHandle,
+}
+
+/// One client's requests waiting at the gateway, handled in order by a
+/// worker task that exists only while there are some: an idle client costs
+/// no task and no channel (at 10,000 clients that is tens of MB).
+#[derive(Default)]
+struct Requests {
+    waiting: VecDeque<ClientMessage>,
+    /// The running worker, if any.
+    worker: Option<tokio::task::AbortHandle>,
 }
 
 struct Inner {
@@ -127,25 +137,25 @@ impl Gateway {
         v
     }
 
-    /// The session of `peer`'s connection, created on its first request.
-    fn session(&self, peer: &Peer) -> mpsc::Sender<ClientMessage> {
+    /// The session of `peer`'s connection (created on its first request):
+    /// its request queue and feed.
+    fn session(&self, peer: &Peer) -> (Arc<Mutex<Requests>>, Arc<ClientFeed>) {
         let mut sessions = lock(&self.0.sessions);
         if let Some(s) = sessions.get(&peer.connection_id()) {
-            return s.tx.clone();
+            return (s.requests.clone(), s.feed.clone());
         }
-        let (tx, rx) = mpsc::channel(MAX_PENDING_CLIENT_REQUESTS);
         let feed = self.0.pubsub.client_feed(peer.node_id());
         let forward = tokio::spawn({
             let (ps, feed) = (self.0.pubsub.clone(), feed.clone());
             async move { ps.forward_feed(feed).await }
         });
-        let worker = tokio::spawn(worker(self.clone(), peer.clone(), feed.clone(), rx));
+        let requests = Arc::new(Mutex::new(Requests::default()));
         sessions.insert(
             peer.connection_id(),
             Session {
-                tx: tx.clone(),
-                feed,
-                tasks: [forward.abort_handle(), worker.abort_handle()],
+                requests: requests.clone(),
+                feed: feed.clone(),
+                forwarder: forward.abort_handle(),
             },
         );
         self.0
@@ -153,7 +163,23 @@ impl Gateway {
             .clients
             .store(sessions.len() as u64, Relaxed);
         tracing::debug!(client = %peer.node_id(), "client attached");
-        tx
+        (requests, feed)
+    }
+
+    /// Queues `msg` for `peer`'s worker, starting one if none runs. Full
+    /// queue: `false`.
+    fn enqueue(&self, peer: &Peer, msg: ClientMessage) -> bool {
+        let (requests, feed) = self.session(peer);
+        let mut r = lock(&requests);
+        if r.waiting.len() >= MAX_PENDING_CLIENT_REQUESTS {
+            return false;
+        }
+        r.waiting.push_back(msg);
+        if r.worker.is_none() {
+            let task = tokio::spawn(worker(self.clone(), peer.clone(), feed, requests.clone()));
+            r.worker = Some(task.abort_handle());
+        }
+        true
     }
 
     /// `peer`'s connection closed: withdraw everything it had.
@@ -168,8 +194,9 @@ impl Gateway {
             s
         };
         let Some(s) = session else { return };
-        for t in &s.tasks {
-            t.abort();
+        s.forwarder.abort();
+        if let Some(w) = lock(&s.requests).worker.take() {
+            w.abort();
         }
         s.feed.close();
         let (rpc, peer) = (self.0.rpc.clone(), peer.clone());
@@ -193,9 +220,9 @@ impl Attach for Gateway {
                 Some("only a client (HELLO capability \"client\") may attach".into()),
             ));
         }
-        match self.session(peer).try_send(msg) {
-            Ok(()) => None,
-            Err(_) => {
+        match self.enqueue(peer, msg) {
+            true => None,
+            false => {
                 self.0.counters.requests_failed_total.fetch_add(1, Relaxed);
                 Some(ack(
                     id,
@@ -222,15 +249,23 @@ fn ack(id: u64, error: Option<String>) -> Message {
     Message::Client(ClientMessage::Ack(ClientAck { id, error }))
 }
 
-/// Handles one client's requests in order.
-async fn worker(
-    gw: Gateway,
-    peer: Peer,
-    feed: Arc<ClientFeed>,
-    mut rx: mpsc::Receiver<ClientMessage>,
-) {
+/// The next request waiting for `requests`' worker; `None` (and the worker
+/// is gone) when there is none.
+fn next_request(requests: &Mutex<Requests>) -> Option<ClientMessage> {
+    let mut r = lock(requests);
+    let next = r.waiting.pop_front();
+    if next.is_none() {
+        r.worker = None;
+        // Give back the queue's memory while the client is idle.
+        r.waiting = VecDeque::new();
+    }
+    next
+}
+
+/// Handles one client's requests in order, until none is waiting.
+async fn worker(gw: Gateway, peer: Peer, feed: Arc<ClientFeed>, requests: Arc<Mutex<Requests>>) {
     let (ps, rpc) = (&gw.0.pubsub, &gw.0.rpc);
-    while let Some(msg) = rx.recv().await {
+    while let Some(msg) = next_request(&requests) {
         let id = msg.id();
         let res: Result<(), String> = match msg {
             ClientMessage::Subscribe(m) => ps
@@ -259,6 +294,10 @@ async fn worker(
         }
         if let Err(e) = peer.send(&ack(id, res.err())).await {
             tracing::debug!(client = %peer.node_id(), error = %e, "could not acknowledge a client request");
+            // The connection is failing: what waits has no one to answer.
+            let mut r = lock(&requests);
+            r.worker = None;
+            r.waiting.clear();
             return;
         }
     }

@@ -227,11 +227,61 @@ pub(crate) fn transport_config(
     let mut t = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(l.transport_idle_timeout)
         .map_err(|e| StartError::Quic(format!("transport idle timeout: {e}")))?;
+    // Streams: what a peer may open before its HELLO says what it is (and
+    // all a client ever may); a full node's allowance is raised after HELLO
+    // (`allow_streams`). QUIC preallocates state for every allowed stream.
+    let streams = quinn::VarInt::from_u32(l.max_streams_per_client);
     t.max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(l.keep_alive_interval))
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(l.max_streams_per_connection))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(l.max_streams_per_connection));
+        .max_concurrent_bidi_streams(streams)
+        .max_concurrent_uni_streams(streams)
+        .stream_receive_window(quinn::VarInt::from_u32(l.stream_receive_window))
+        .receive_window(quinn::VarInt::from_u32(l.connection_receive_window))
+        .send_window(l.send_window)
+        // Unused: without this a peer could park unread datagrams here.
+        .datagram_receive_buffer_size(None);
     Ok(Arc::new(t))
+}
+
+/// Raises the streams a full node may open on `peer`'s connection to
+/// `max_streams_per_connection` (clients keep the small initial allowance).
+fn allow_streams(peer: &Peer, l: &crate::config::Limits) {
+    if !peer.is_client() {
+        let n = quinn::VarInt::from_u32(l.max_streams_per_connection);
+        peer.connection().set_max_concurrent_bi_streams(n);
+        peer.connection().set_max_concurrent_uni_streams(n);
+    }
+}
+
+/// A QUIC endpoint on a fresh UDP socket at `addr` whose kernel buffers are
+/// `buffer` bytes each (as far as the kernel allows); a server when given
+/// `server`.
+pub(crate) fn endpoint(
+    addr: SocketAddr,
+    buffer: usize,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&sock).into())?;
+    // Best effort: the kernel caps both (net.core.rmem_max, wmem_max).
+    let recv = state.set_recv_buffer_size((&sock).into(), buffer);
+    let send = state.set_send_buffer_size((&sock).into(), buffer);
+    if let (Err(e), _) | (_, Err(e)) = (&recv, &send) {
+        tracing::debug!(error = %e, buffer, "could not size the UDP socket buffers");
+    }
+    tracing::debug!(
+        addr = %addr,
+        want = buffer,
+        recv = ?state.recv_buffer_size((&sock).into()).ok(),
+        send = ?state.send_buffer_size((&sock).into()).ok(),
+        "UDP socket buffers"
+    );
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// The node ID proved by the peer's certificate in a finished TLS handshake.
@@ -266,8 +316,8 @@ impl NodeRuntime {
         let tunnel_server = server.clone();
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
-        let mut endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
+        let mut endpoint = endpoint(config.listen, config.limits.socket_buffer, Some(server))
+            .map_err(|source| StartError::Bind {
                 addr: config.listen,
                 source,
             })?;
@@ -706,9 +756,13 @@ impl NodeRuntime {
 
     fn spawn_driver(&self, peer: Peer, reader: FrameReader) {
         let node = self.clone();
+        allow_streams(&peer, &self.0.config.limits);
         let cfg = DriverConfig {
             idle_timeout: self.0.config.limits.idle_timeout,
-            health_ping_interval: self.0.config.limits.health_ping_interval,
+            // A client's QUIC keep-alives already tell whether it lives; a
+            // ping timer per client would only wake the node.
+            health_ping_interval: (!peer.is_client())
+                .then_some(self.0.config.limits.health_ping_interval),
             ping_timeout: self.0.config.limits.ping_timeout,
             max_frame_size: self.0.config.limits.max_frame_size,
             dht: Some(self.0.dht.clone()),

@@ -885,7 +885,8 @@ async fn serve_uni(
 #[derive(Debug, Clone)]
 pub(crate) struct DriverConfig {
     pub idle_timeout: Duration,
-    pub health_ping_interval: Duration,
+    /// `None`: no health pings (QUIC keep-alives alone watch the peer).
+    pub health_ping_interval: Option<Duration>,
     pub ping_timeout: Duration,
     pub max_frame_size: u32,
     /// Where DHT messages from this peer go (None: answered with ERROR).
@@ -919,25 +920,28 @@ pub(crate) async fn drive(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> String {
     let conn = peer.connection().clone();
-    let mut health = tokio::time::interval_at(
-        tokio::time::Instant::now() + cfg.health_ping_interval,
-        cfg.health_ping_interval,
-    );
-    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut health = cfg.health_ping_interval.map(|every| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     peer.touch();
     let idle_sleep = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle_sleep);
+    // This future lives as long as the connection (10,000 of them on a
+    // busy gateway), so the rarely taken, deep branches below are boxed:
+    // inline, their state would sit in every connection's task.
     let end = loop {
         tokio::select! {
             frame = control.read() => match frame {
-                Ok(Some(f)) => match on_control_frame(&peer, f, &cfg).await {
+                Ok(Some(f)) => match Box::pin(on_control_frame(&peer, f, &cfg)).await {
                     Next::Continue => {}
                     Next::Close(reason, why) => {
                         conn.close(close_code(reason), truncate(&why).as_bytes());
                         break why;
                     }
                     Next::Fail(why) => {
-                        close_after_error(&peer, &why).await;
+                        Box::pin(close_after_error(&peer, &why)).await;
                         break why;
                     }
                 },
@@ -948,8 +952,12 @@ pub(crate) async fn drive(
                 Err(e) => {
                     if let Some(kind) = e.protocol_kind() {
                         peer.0.metrics.protocol_error(kind);
-                        report(&peer, kind.error_code(), &e.to_string(), 0).await;
-                        close_after_error(&peer, &e.to_string()).await;
+                        let why = e.to_string();
+                        Box::pin(async {
+                            report(&peer, kind.error_code(), &why, 0).await;
+                            close_after_error(&peer, &why).await;
+                        })
+                        .await;
                         break e.to_string();
                     }
                     // Lost connection: describe it the same way whichever
@@ -972,7 +980,7 @@ pub(crate) async fn drive(
                 }
                 Err(e) => break describe_close(&e),
             },
-            _ = health.tick() => {
+            _ = tick(&mut health) => {
                 let p = peer.clone();
                 let timeout = cfg.ping_timeout;
                 tokio::spawn(async move {
@@ -986,16 +994,22 @@ pub(crate) async fn drive(
             }
             () = &mut idle_sleep => {
                 let idle = peer.idle_for();
-                if idle >= cfg.idle_timeout && !peer.is_kept() {
+                let kept = peer.is_kept();
+                if idle >= cfg.idle_timeout && !kept {
                     peer.0.metrics.pool_idle_closed_total.fetch_add(1, Relaxed);
-                    peer.disconnect(DisconnectReason::Idle, "idle timeout").await;
+                    Box::pin(peer.disconnect(DisconnectReason::Idle, "idle timeout")).await;
                     break format!("idle for {idle:?}");
                 }
-                let wait = cfg.idle_timeout.saturating_sub(idle).max(Duration::from_millis(50));
+                // A kept connection is looked at again a whole timeout
+                // later (it may stop being kept), not over and over.
+                let wait = match kept {
+                    true => cfg.idle_timeout,
+                    false => cfg.idle_timeout.saturating_sub(idle).max(Duration::from_millis(50)),
+                };
                 idle_sleep.as_mut().reset(tokio::time::Instant::now() + wait);
             }
             _ = shutdown.changed() => {
-                peer.disconnect(DisconnectReason::Shutdown, "node shutting down").await;
+                Box::pin(peer.disconnect(DisconnectReason::Shutdown, "node shutting down")).await;
                 break "local shutdown".to_string();
             }
             err = conn.closed() => break describe_close(&err),
@@ -1026,6 +1040,16 @@ pub(crate) async fn drive(
         rpc.connection_closed(peer.connection_id());
     }
     end
+}
+
+/// The next health-ping tick; never, without health pings.
+async fn tick(health: &mut Option<tokio::time::Interval>) {
+    match health {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Human-readable close reason.
