@@ -296,7 +296,8 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<()> {
         "--per-socket is too small: {sockets} sockets (at most 250 loopback source addresses)"
     );
     anyhow::ensure!(
-        args.keep_alive_ms.is_none_or(|ms| (100..=60_000).contains(&ms)),
+        args.keep_alive_ms
+            .is_none_or(|ms| (100..=60_000).contains(&ms)),
         "--keep-alive-ms must be between 100 and 60000"
     );
     let target = match &args.node {
