@@ -285,8 +285,8 @@ pub struct PubSubCounters {
     /// client feed here: dropped quietly. Expected after an interest record
     /// was summarized, and briefly after an unsubscribe.
     pub unmatched_total: AtomicU64,
-    /// Interest records put into the DHT (concurrent updates of one name
-    /// share a put).
+    /// Interest record puts into the DHT, failed ones included (concurrent
+    /// updates of one name share a put).
     pub interest_puts_total: AtomicU64,
     /// Interest records put as a summary (generalized patterns) because the
     /// exact list was over `INTEREST_RECORD_MAX`.
@@ -384,7 +384,7 @@ impl PubSubCounters {
             ),
             (
                 "macula_pubsub_interest_puts_total",
-                "Interest records put into the DHT (concurrent updates of one name share a put).",
+                "Interest record puts into the DHT, failed ones included (concurrent updates of one name share a put).",
                 g(&self.interest_puts_total),
             ),
             (
