@@ -27,7 +27,8 @@
 //! - [`sublist`]: the token trie with its result cache (after NATS's sublist).
 //! - [`dedup`]: per-publisher sequence tracking (epochs, gaps, duplicates).
 //! - [`queue`]: the drop-oldest queue of one subscription.
-//! - [`rendezvous`]: DHT names for interest.
+//! - [`rendezvous`]: DHT names for interest, and the summary of what one
+//!   interest record lists when the exact list is over the record limit.
 //! - [`limits`]: every limit in one overridable struct.
 
 pub mod dedup;
@@ -40,6 +41,8 @@ pub mod topic;
 pub use dedup::{Observed, SeqStats, SeqTracker};
 pub use limits::Limits;
 pub use queue::BoundedQueue;
-pub use rendezvous::{interest_name, lookup_names};
+pub use rendezvous::{
+    interest_name, interest_segment, lookup_names, segment_name, summarize, Summary,
+};
 pub use sublist::{Sublist, SublistStats};
 pub use topic::{Pattern, Segment, Topic, TopicError};

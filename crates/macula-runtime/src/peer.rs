@@ -847,8 +847,8 @@ async fn serve_uni(
             return;
         }
     };
-    let mut rx = crate::pubsub::BatchReceiver::default();
     let from_client = peer.is_client();
+    let mut rx = crate::pubsub::BatchReceiver::new(from_client);
     loop {
         let frame = match reader.read().await {
             Ok(Some(f)) => f,

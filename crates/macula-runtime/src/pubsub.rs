@@ -4,8 +4,10 @@
 //! `macula_pubsub::Sublist` trie and its cache) and pushes one event into each
 //! matching subscription's bounded queue; a `Subscription` is a
 //! `futures::Stream` that drains it. Local delivery never touches the
-//! network. Delivery to other nodes (interest in the DHT, one copy per
-//! interested node) builds on this and is not here yet.
+//! network. Delivery to other nodes builds on this: one interest record in
+//! the DHT per rendezvous name this node's patterns use (a summary when the
+//! exact list is over the DHT's value limit; messages the summary lets
+//! through are dropped here and counted), one copy per interested node.
 //!
 //! Flow control: each queue is bounded (`Limits::queue_capacity`, default
 //! 1024). A subscriber that falls behind loses its *oldest* events, never
@@ -15,7 +17,7 @@
 //! This module must not block on a subscriber, and must not hold its lock
 //! while waking one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -26,8 +28,8 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
 use macula_pubsub::{
-    interest_name, lookup_names, BoundedQueue, Limits, Observed, Pattern, SeqTracker, Sublist,
-    Topic, TopicError,
+    interest_segment, lookup_names, segment_name, summarize, BoundedQueue, Limits, Observed,
+    Pattern, SeqTracker, Sublist, Topic, TopicError,
 };
 use macula_wire::{BatchItem, NodeId, Publish, PublishBatchView};
 use tokio::sync::Notify;
@@ -49,6 +51,13 @@ pub const MAX_SUBSCRIPTIONS: usize = 100_000;
 /// Lifetime of an interest record in the DHT; the DHT republishes it at 75%
 /// while the subscription lives, and it lapses this long after a crash.
 pub const INTEREST_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+/// Largest interest record value: the DHT's record limit. A node whose
+/// patterns under one name do not fit publishes a summary
+/// (`macula_pubsub::summarize`) and drops what it did not ask for.
+pub const INTEREST_RECORD_MAX: usize = macula_dht::config::MAX_VALUE_LEN;
+/// Rendezvous names whose last interest put a node remembers beyond those
+/// it has a live record under (the rest only save a redundant empty put).
+const INTEREST_PUTS_REMEMBERED: usize = 4096;
 /// How long a publisher reuses what it learned about interest in a topic.
 /// This is the delivery bound: a publish that starts more than this long
 /// after `subscribe` returned reaches the new subscriber, and one that starts
@@ -272,10 +281,20 @@ pub struct PubSubCounters {
     /// Messages this node forwarded as a gateway: clients' messages into
     /// the mesh and matching events to clients (one per target).
     pub forwarded_sent_total: AtomicU64,
+    /// Received messages (new, valid) that matched no subscription or
+    /// client feed here: dropped quietly. Expected after an interest record
+    /// was summarized, and briefly after an unsubscribe.
+    pub unmatched_total: AtomicU64,
+    /// Interest record puts into the DHT, failed ones included (concurrent
+    /// updates of one name share a put).
+    pub interest_puts_total: AtomicU64,
+    /// Interest records put as a summary (generalized patterns) because the
+    /// exact list was over `INTEREST_RECORD_MAX`.
+    pub interest_summarized_total: AtomicU64,
 }
 
 impl PubSubCounters {
-    fn rows(&self) -> [(&'static str, &'static str, u64); 16] {
+    fn rows(&self) -> [(&'static str, &'static str, u64); 19] {
         let g = |a: &AtomicU64| a.load(Relaxed);
         [
             (
@@ -358,6 +377,21 @@ impl PubSubCounters {
                 "Messages this node forwarded as a gateway: clients' messages into the mesh and events to clients.",
                 g(&self.forwarded_sent_total),
             ),
+            (
+                "macula_pubsub_unmatched_total",
+                "Received messages that matched no subscription here, dropped (expected when an interest record is a summary, or just after an unsubscribe).",
+                g(&self.unmatched_total),
+            ),
+            (
+                "macula_pubsub_interest_puts_total",
+                "Interest record puts into the DHT, failed ones included (concurrent updates of one name share a put).",
+                g(&self.interest_puts_total),
+            ),
+            (
+                "macula_pubsub_interest_summarized_total",
+                "Interest records put as a summary (generalized patterns) because the exact list was over the DHT record size limit.",
+                g(&self.interest_summarized_total),
+            ),
         ]
     }
 }
@@ -391,6 +425,89 @@ struct State {
     sublist: Sublist<u64>,
     subs: HashMap<u64, (Pattern, Arc<SubQueue>)>,
     next_id: u64,
+    /// Per interest segment (`macula_pubsub::interest_segment`): each
+    /// distinct pattern, sorted, with how many subscriptions hold it. What
+    /// an interest record lists, read without scanning every subscription.
+    interest: HashMap<Box<str>, BTreeMap<Pattern, usize>>,
+    /// Bumped on every subscription added or removed (client feeds
+    /// included). An interest put whose snapshot was taken at or after a
+    /// change carries it (see `PubSub::update_interest`).
+    changes: u64,
+}
+
+impl State {
+    /// Adds subscription `id` (the caller checked `MAX_SUBSCRIPTIONS`).
+    fn add(&mut self, id: u64, pattern: &Pattern, queue: Arc<SubQueue>) {
+        self.sublist.insert(pattern, id);
+        *self
+            .interest
+            .entry(interest_segment(pattern).into())
+            .or_default()
+            .entry(pattern.clone())
+            .or_default() += 1;
+        self.subs.insert(id, (pattern.clone(), queue));
+        self.changes += 1;
+    }
+
+    /// Removes subscription `id`; returns its pattern.
+    fn remove(&mut self, id: u64) -> Option<Pattern> {
+        let (p, _) = self.subs.remove(&id)?;
+        self.sublist.remove(&p, &id);
+        let segment = interest_segment(&p);
+        if let Some(by_pattern) = self.interest.get_mut(segment) {
+            if let Some(n) = by_pattern.get_mut(&p) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    by_pattern.remove(&p);
+                }
+            }
+            if by_pattern.is_empty() {
+                self.interest.remove(segment);
+            }
+        }
+        self.changes += 1;
+        Some(p)
+    }
+
+    /// Live subscriptions to exactly `pattern`.
+    fn holders(&self, pattern: &Pattern) -> usize {
+        self.interest
+            .get(interest_segment(pattern))
+            .and_then(|m| m.get(pattern))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// What this node last put into the DHT under each rendezvous name. Behind
+/// the async lock that serialises interest updates.
+#[derive(Default)]
+struct InterestPuts {
+    by_name: HashMap<String, InterestPut>,
+}
+
+impl InterestPuts {
+    /// Records a successful put under `name`. Beyond
+    /// `INTEREST_PUTS_REMEMBERED` names, those without a live record are
+    /// forgotten (a late update of one then repeats an empty put).
+    fn remember(&mut self, name: String, put: InterestPut) {
+        if self.by_name.len() >= INTEREST_PUTS_REMEMBERED && !self.by_name.contains_key(&name) {
+            self.by_name.retain(|_, p| p.live);
+        }
+        self.by_name.insert(name, put);
+    }
+}
+
+/// The last successful interest put under one name.
+#[derive(Clone, Copy)]
+struct InterestPut {
+    /// `State::changes` when its snapshot was taken: it carries every
+    /// subscription change up to this one.
+    changes: u64,
+    /// It listed patterns (an empty one withdrew the record).
+    live: bool,
+    /// It was a summary rather than the exact list.
+    summarized: bool,
 }
 
 /// How pub/sub reaches other nodes: implemented by the node runtime.
@@ -525,12 +642,12 @@ struct Inner {
     state: Mutex<State>,
     counters: Arc<PubSubCounters>,
     mesh: Option<MeshLink>,
-    /// Serialises interest updates so the last DHT put carries the full set.
-    interest_lock: tokio::sync::Mutex<()>,
+    /// Serialises interest updates so the last DHT put carries the full
+    /// set, and remembers what each name's last put carried (so waiting
+    /// updates already covered by it skip their own put). Its live names
+    /// are what graceful shutdown withdraws.
+    interest_puts: tokio::sync::Mutex<InterestPuts>,
     interest_cache: Mutex<HashMap<String, InterestEntry>>,
-    /// Rendezvous names under which this node has a non-empty interest
-    /// record in the DHT (what graceful shutdown withdraws).
-    published_names: Mutex<std::collections::HashSet<String>>,
     /// Set by `withdraw_all`: the node is leaving; interest is not updated.
     leaving: AtomicBool,
     /// Rendezvous names being refreshed in the background (one lookup each).
@@ -546,6 +663,16 @@ struct Inner {
     n_subs: std::sync::atomic::AtomicUsize,
     /// Messages queued to other nodes and not yet sent (or given up on).
     inflight: AtomicU64,
+}
+
+impl Inner {
+    /// Publishes the subscription count after a change.
+    fn count_subs(&self, st: &State) {
+        self.counters
+            .subscriptions
+            .store(st.subs.len() as u64, Relaxed);
+        self.n_subs.store(st.subs.len(), Relaxed);
+    }
 }
 
 /// Topics a data stream's receiver remembers as validated.
@@ -566,9 +693,22 @@ pub(crate) struct BatchReceiver {
     targets: Vec<(Arc<SubQueue>, Vec<Event>)>,
     /// Event vectors kept for the next batch (their capacity is reused).
     spare: Vec<Vec<Event>>,
+    /// The sender is an attached client (this node is its gateway): its
+    /// messages go on into the mesh, so one that matches nothing here is
+    /// not counted as unmatched.
+    from_client: bool,
 }
 
 impl BatchReceiver {
+    /// Receive state for the data stream of `peer`; `from_client` when it is
+    /// an attached client.
+    pub(crate) fn new(from_client: bool) -> BatchReceiver {
+        BatchReceiver {
+            from_client,
+            ..BatchReceiver::default()
+        }
+    }
+
     fn topic(&mut self, t: &str, limits: &Limits) -> Option<(TopicName, Arc<Topic>)> {
         if let Some(hit) = self.topics.get(t) {
             return Some(hit.clone());
@@ -637,15 +777,16 @@ impl PubSub {
                 sublist: Sublist::with_limits(&limits),
                 subs: HashMap::new(),
                 next_id: 1,
+                interest: HashMap::new(),
+                changes: 0,
             }),
             seen: Mutex::new(SeqTracker::with_limits(&limits)),
             limits,
             counters: Arc::new(PubSubCounters::default()),
             mesh,
-            interest_lock: tokio::sync::Mutex::new(()),
+            interest_puts: tokio::sync::Mutex::new(InterestPuts::default()),
             interest_cache: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(std::collections::HashSet::new()),
-            published_names: Mutex::new(std::collections::HashSet::new()),
             leaving: AtomicBool::new(false),
             order: Mutex::new(()),
             outbound: Mutex::new(HashMap::new()),
@@ -715,13 +856,8 @@ impl PubSub {
         }
         let id = st.next_id;
         st.next_id += 1;
-        st.sublist.insert(parsed, id);
-        st.subs.insert(id, (parsed.clone(), queue));
-        self.0
-            .counters
-            .subscriptions
-            .store(st.subs.len() as u64, Relaxed);
-        self.0.n_subs.store(st.subs.len(), Relaxed);
+        st.add(id, parsed, queue);
+        self.0.count_subs(st);
         Ok(id)
     }
 
@@ -1155,9 +1291,8 @@ impl PubSub {
             }
             return Ok(sub);
         }
-        if let Some(link) = &self.0.mesh {
-            let name = interest_name(&link.realm, &sub.pattern);
-            if let Err(reason) = self.update_interest(&name).await {
+        if self.0.mesh.is_some() {
+            if let Err(reason) = self.update_interest(interest_segment(&sub.pattern)).await {
                 return Err(PubSubError::Interest {
                     pattern: pattern.to_string(),
                     reason,
@@ -1167,10 +1302,19 @@ impl PubSub {
         Ok(sub)
     }
 
-    /// Puts this node's patterns under `name` into the DHT; with none left,
+    /// Puts this node's patterns under the rendezvous name of `segment`
+    /// (`macula_pubsub::interest_segment`) into the DHT; with none left,
     /// puts the empty list (which replaces the old one on every replica) and
-    /// stops republishing it.
-    async fn update_interest(&self, name: &str) -> Result<(), String> {
+    /// stops republishing it. When the exact list is over
+    /// `INTEREST_RECORD_MAX`, the record is a summary that matches more
+    /// (`macula_pubsub::summarize`); what this node did not ask for is
+    /// dropped on arrival.
+    ///
+    /// Concurrent updates share puts: one returns at once when a put that
+    /// completed while it waited was built from a snapshot taken after its
+    /// own change (`State::changes`). A failed put records nothing, so the
+    /// next waiter puts again.
+    async fn update_interest(&self, segment: &str) -> Result<(), String> {
         let Some((link, dht)) = self
             .0
             .mesh
@@ -1179,41 +1323,57 @@ impl PubSub {
         else {
             return Ok(());
         };
-        let _serial = self.0.interest_lock.lock().await;
+        let name = segment_name(&link.realm, segment);
+        // Every change this update is for happened before this read.
+        let wanted = self.state().changes;
+        let mut puts = self.0.interest_puts.lock().await;
         if self.0.leaving.load(Relaxed) {
             // `withdraw_all` has withdrawn (or is withdrawing) everything.
             return Ok(());
         }
-        let patterns: Vec<String> = {
+        let last = puts.by_name.get(&name).copied();
+        if last.is_some_and(|l| l.changes >= wanted) {
+            return Ok(());
+        }
+        let (changes, patterns) = {
             let st = self.state();
-            let mut v: Vec<String> = st
-                .subs
-                .values()
-                .filter(|(p, _)| interest_name(&link.realm, p) == name)
-                .map(|(p, _)| p.as_str().to_string())
-                .collect();
-            v.sort();
-            v.dedup();
-            v
+            let patterns: Vec<Pattern> = st
+                .interest
+                .get(segment)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            (st.changes, patterns)
         };
+        let summary = summarize(&patterns, INTEREST_RECORD_MAX);
         let key = macula_wire::dht_key(name.as_bytes());
-        tracing::debug!(name = %name, patterns = ?patterns, "updating interest");
-        dht.put(key, patterns.join("\n").into_bytes(), INTEREST_TTL)
+        tracing::debug!(name = %name, n_patterns = patterns.len(), n_published = summary.patterns.len(), exact = summary.exact, "updating interest");
+        let c = &self.0.counters;
+        c.interest_puts_total.fetch_add(1, Relaxed);
+        dht.put(key, summary.patterns.join("\n").into_bytes(), INTEREST_TTL)
             .await
             .map_err(|e| e.to_string())?;
-        {
-            let mut published = self
-                .0
-                .published_names
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if patterns.is_empty() {
-                published.remove(name);
-            } else {
-                published.insert(name.to_string());
-            }
+        let summarized = !summary.exact;
+        if summarized {
+            c.interest_summarized_total.fetch_add(1, Relaxed);
         }
-        if patterns.is_empty() {
+        let was_summarized = last.is_some_and(|l| l.summarized);
+        if summarized && !was_summarized {
+            tracing::info!(name = %name, patterns = patterns.len(), published = summary.patterns.len(),
+                limit = INTEREST_RECORD_MAX, "interest record over the DHT value limit; publishing a summary (publishers may send messages this node drops)");
+        } else if was_summarized && !summarized && !patterns.is_empty() {
+            tracing::info!(name = %name, patterns = patterns.len(), limit = INTEREST_RECORD_MAX,
+                "interest record fits the DHT value limit again; publishing it exactly");
+        }
+        let live = !summary.patterns.is_empty();
+        puts.remember(
+            name,
+            InterestPut {
+                changes,
+                live,
+                summarized,
+            },
+        );
+        if !live {
             dht.unpublish(key).await.map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -1228,14 +1388,13 @@ impl PubSub {
             return;
         };
         let work = async {
-            let _serial = self.0.interest_lock.lock().await;
+            let mut puts = self.0.interest_puts.lock().await;
             self.0.leaving.store(true, Relaxed);
-            let names: Vec<String> = self
-                .0
-                .published_names
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            let names: Vec<String> = puts
+                .by_name
                 .drain()
+                .filter(|(_, p)| p.live)
+                .map(|(name, _)| name)
                 .collect();
             for name in names {
                 let key = macula_wire::dht_key(name.as_bytes());
@@ -1294,7 +1453,11 @@ impl PubSub {
             headers: p.headers,
             message_id: p.message_id,
         };
-        self.deliver_local(&topic, event);
+        if self.deliver_local(&topic, event) == 0 {
+            // Sent for a summarized interest record, or just after an
+            // unsubscribe: not an error.
+            c.unmatched_total.fetch_add(1, Relaxed);
+        }
         Ok(())
     }
 
@@ -1407,7 +1570,13 @@ impl PubSub {
         }
         let accepted = view.entries.len() as u64 - rejected - dups;
         c.received_remote_total.fetch_add(accepted, Relaxed);
-        if accepted == 0 || self.0.n_subs.load(Relaxed) == 0 {
+        if accepted == 0 {
+            return;
+        }
+        if self.0.n_subs.load(Relaxed) == 0 {
+            if !rx.from_client {
+                c.unmatched_total.fetch_add(accepted, Relaxed);
+            }
             return;
         }
         // Matching subscriptions per distinct topic: one state lock.
@@ -1432,7 +1601,10 @@ impl PubSub {
                 }
             }
         }
-        // Events in batch order, grouped per subscription.
+        // Events in batch order, grouped per subscription. A message that
+        // matches nothing here (sent for a summarized interest record, or
+        // just after an unsubscribe) is dropped quietly.
+        let mut unmatched = 0u64;
         for (e, keep) in view.entries.iter().zip(&rx.keep) {
             if !keep {
                 continue;
@@ -1441,6 +1613,7 @@ impl PubSub {
                 continue;
             };
             let Some((&last, rest)) = subs.split_last() else {
+                unmatched += 1;
                 continue;
             };
             let event = Event {
@@ -1480,11 +1653,15 @@ impl PubSub {
         if dropped > 0 {
             c.dropped_slow_total.fetch_add(dropped, Relaxed);
         }
+        if unmatched > 0 && !rx.from_client {
+            c.unmatched_total.fetch_add(unmatched, Relaxed);
+        }
     }
 
     /// Pushes `event` into every local subscription matching `topic`. The
     /// queues to wake are collected under the lock; waking happens after.
-    fn deliver_local(&self, topic: &Topic, event: Event) {
+    /// Returns how many subscriptions matched.
+    fn deliver_local(&self, topic: &Topic, event: Event) -> usize {
         let targets: Vec<Arc<SubQueue>> = {
             let mut st = self.state();
             let ids = st.sublist.matches(topic);
@@ -1494,6 +1671,7 @@ impl PubSub {
         };
         let c = &self.0.counters;
         let size = event.payload.len() + EVENT_OVERHEAD;
+        let n = targets.len();
         for q in targets {
             let dropped = q.lock().push_sized(event.clone(), size);
             if dropped > 0 {
@@ -1502,6 +1680,7 @@ impl PubSub {
             c.delivered_local_total.fetch_add(1, Relaxed);
             q.waker.wake();
         }
+        n
     }
 
     /// Patterns currently subscribed, with how many subscriptions each.
@@ -1518,11 +1697,7 @@ impl PubSub {
 
     /// Live subscriptions to exactly `pattern`.
     fn pattern_count(&self, pattern: &Pattern) -> usize {
-        self.state()
-            .subs
-            .values()
-            .filter(|(p, _)| p == pattern)
-            .count()
+        self.state().holders(pattern)
     }
 
     // ----- gateway: forwarding for attached clients ---------------------
@@ -1557,9 +1732,8 @@ impl PubSub {
             let id = self.insert_sub(&mut self.state(), &parsed, feed.queue.clone())?;
             ids.insert(parsed.as_str().to_string(), id);
         }
-        if let Some(link) = &self.0.mesh {
-            let name = interest_name(&link.realm, &parsed);
-            if let Err(reason) = self.update_interest(&name).await {
+        if self.0.mesh.is_some() {
+            if let Err(reason) = self.update_interest(interest_segment(&parsed)).await {
                 self.feed_remove(feed, pattern).await;
                 return Err(PubSubError::Interest {
                     pattern: pattern.to_string(),
@@ -1576,10 +1750,10 @@ impl PubSub {
             return;
         };
         if let Some(p) = self.remove_sub(id) {
-            if let Some(link) = &self.0.mesh {
-                let name = interest_name(&link.realm, &p);
-                if let Err(e) = self.update_interest(&name).await {
-                    tracing::debug!(name = %name, error = %e, "could not update interest after a client unsubscribed");
+            if self.0.mesh.is_some() {
+                let segment = interest_segment(&p);
+                if let Err(e) = self.update_interest(segment).await {
+                    tracing::debug!(segment, error = %e, "could not update interest after a client unsubscribed");
                 }
             }
         }
@@ -1588,13 +1762,8 @@ impl PubSub {
     /// Removes subscription `id`; returns its pattern.
     fn remove_sub(&self, id: u64) -> Option<Pattern> {
         let mut st = self.state();
-        let (p, _) = st.subs.remove(&id)?;
-        st.sublist.remove(&p, &id);
-        self.0
-            .counters
-            .subscriptions
-            .store(st.subs.len() as u64, Relaxed);
-        self.0.n_subs.store(st.subs.len(), Relaxed);
+        let p = st.remove(id)?;
+        self.0.count_subs(&st);
         Some(p)
     }
 
@@ -1770,22 +1939,24 @@ impl ClientFeed {
             return;
         };
         let ps = PubSub(inner);
-        let mut names: Vec<String> = Vec::new();
+        let mut segments: Vec<String> = Vec::new();
         for id in ids {
-            if let (Some(p), Some(link)) = (ps.remove_sub(id), &ps.0.mesh) {
-                names.push(interest_name(&link.realm, &p));
+            if let Some(p) = ps.remove_sub(id) {
+                if ps.0.mesh.is_some() {
+                    segments.push(interest_segment(&p).to_string());
+                }
             }
         }
-        names.sort();
-        names.dedup();
-        if names.is_empty() {
+        segments.sort();
+        segments.dedup();
+        if segments.is_empty() {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                for name in names {
-                    if let Err(e) = ps.update_interest(&name).await {
-                        tracing::debug!(name = %name, error = %e, "could not update interest after a client left");
+                for segment in segments {
+                    if let Err(e) = ps.update_interest(&segment).await {
+                        tracing::debug!(segment = %segment, error = %e, "could not update interest after a client left");
                     }
                 }
             });
@@ -2159,14 +2330,9 @@ impl Drop for Subscription {
             return;
         };
         let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.sublist.remove(&self.pattern, &self.id);
-        st.subs.remove(&self.id);
-        inner
-            .counters
-            .subscriptions
-            .store(st.subs.len() as u64, Relaxed);
-        inner.n_subs.store(st.subs.len(), Relaxed);
-        let others = st.subs.values().any(|(p, _)| *p == self.pattern);
+        st.remove(self.id);
+        inner.count_subs(&st);
+        let others = st.holders(&self.pattern) > 0;
         drop(st);
         if let (Some(up), Ok(rt)) = (
             inner.mesh.as_ref().and_then(|l| l.upstream.clone()),
@@ -2184,15 +2350,15 @@ impl Drop for Subscription {
             return;
         }
         // Tell the mesh: update (or withdraw) this node's interest record.
-        if let (Some(link), Ok(rt)) = (&inner.mesh, tokio::runtime::Handle::try_current()) {
-            let name = interest_name(&link.realm, &self.pattern);
+        if let (Some(_), Ok(rt)) = (&inner.mesh, tokio::runtime::Handle::try_current()) {
+            let segment = interest_segment(&self.pattern).to_string();
             let ps = PubSub(inner.clone());
             rt.spawn(async move {
-                if let Err(e) = ps.update_interest(&name).await {
+                if let Err(e) = ps.update_interest(&segment).await {
                     if ps.0.leaving.load(Relaxed) {
-                        tracing::debug!(name = %name, error = %e, "interest update skipped: leaving");
+                        tracing::debug!(segment = %segment, error = %e, "interest update skipped: leaving");
                     } else {
-                        tracing::warn!(name = %name, error = %e, "could not withdraw pub/sub interest");
+                        tracing::warn!(segment = %segment, error = %e, "could not withdraw pub/sub interest");
                     }
                 }
             });
@@ -2410,6 +2576,62 @@ mod tests {
         assert!(p.deliver_remote(from, wire(from, "t.*", 5, 7)).is_err());
         assert_eq!(c.remote_rejected_total.load(Relaxed), 3);
         assert!(drain(&mut s).is_empty());
+    }
+
+    #[test]
+    fn the_interest_index_follows_subscriptions() {
+        let p = ps(8);
+        let segments = |p: &PubSub| {
+            let st = p.state();
+            let mut v: Vec<(String, Vec<(String, usize)>)> = st
+                .interest
+                .iter()
+                .map(|(seg, m)| {
+                    let pats = m.iter().map(|(p, n)| (p.to_string(), *n)).collect();
+                    (seg.to_string(), pats)
+                })
+                .collect();
+            v.sort();
+            (v, st.changes)
+        };
+        let a1 = p.subscribe("a.x").unwrap();
+        let a2 = p.subscribe("a.x").unwrap();
+        let a3 = p.subscribe("a.*").unwrap();
+        let w = p.subscribe("**.z").unwrap();
+        let (v, changes) = segments(&p);
+        assert_eq!(
+            v,
+            [
+                ("*".into(), vec![("**.z".into(), 1)]),
+                ("a".into(), vec![("a.*".into(), 1), ("a.x".into(), 2)]),
+            ]
+        );
+        assert_eq!(changes, 4);
+        assert_eq!(p.pattern_count(&Pattern::new("a.x").unwrap()), 2);
+        drop((a1, w));
+        let (v, changes) = segments(&p);
+        assert_eq!(
+            v,
+            [("a".into(), vec![("a.*".into(), 1), ("a.x".into(), 1)])]
+        );
+        assert_eq!(changes, 6);
+        drop((a2, a3));
+        assert_eq!(segments(&p), (vec![], 8));
+    }
+
+    #[test]
+    fn unmatched_remote_messages_are_dropped_and_counted() {
+        let p = ps(8);
+        let mut s = p.subscribe("wanted.one").unwrap();
+        let from = NodeId::from_bytes([9; 32]);
+        p.deliver_remote(from, wire(from, "wanted.two", 5, 1))
+            .expect("not an error");
+        p.deliver_remote(from, wire(from, "wanted.one", 5, 2))
+            .expect("delivered");
+        assert_eq!(topics(&drain(&mut s)), ["wanted.one"]);
+        let c = p.counters();
+        assert_eq!(c.unmatched_total.load(Relaxed), 1);
+        assert_eq!(c.remote_rejected_total.load(Relaxed), 0);
     }
 
     #[tokio::test]

@@ -318,3 +318,99 @@ async fn the_subscription_queue_bound_is_a_node_setting() {
         other => panic!("expected Lagged(6), got {other:?}"),
     }
 }
+
+/// B's interest record under `name`, as A reads it from the DHT (`None`:
+/// no record of B's).
+async fn record_of(
+    a: &macula_runtime::NodeRuntime,
+    b: &macula_runtime::NodeRuntime,
+    name: &str,
+) -> Option<String> {
+    let key = macula_wire::dht_key(name.as_bytes());
+    let records = within(STEP, "lookup", a.dht().get_fresh(key))
+        .await
+        .expect("lookup");
+    records
+        .iter()
+        .find(|r| r.publisher == b.node_id())
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+}
+
+/// More patterns under one first segment than one interest record holds
+/// (1,000 × `wide.topic.<i>`: about 14 KiB against the 8 KiB DHT value
+/// limit). Every subscription succeeds, concurrent ones share DHT puts, the
+/// record is a summary, and a message from another node reaches exactly the
+/// subscription it is for; one the summary lets through that nobody wants
+/// is dropped quietly (and counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_over_the_record_limit_are_summarized_and_still_delivered() {
+    init_tracing();
+    let a = start(config()).await;
+    let b = start(boot(&a)).await;
+    joined(&b).await;
+    let ps = b.pubsub();
+    let subscribing = futures::future::join_all((0..1000).map(|i| {
+        let pattern = format!("wide.topic.{i}");
+        async move { ps.subscribe_mesh(&pattern).await }
+    }));
+    let mut subs: Vec<Subscription> = within(STEP, "1,000 subscriptions", subscribing)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("every subscription succeeds");
+    let c = ps.counters();
+    assert!(c.interest_summarized_total.load(Relaxed) > 0);
+    let puts = c.interest_puts_total.load(Relaxed);
+    assert!(puts < 100, "concurrent subscriptions share puts: {puts}");
+    let name = macula_pubsub::segment_name(b.realm(), "wide");
+    assert_eq!(
+        record_of(&a, &b, &name).await.as_deref(),
+        Some("wide.topic.**")
+    );
+
+    publish(&a, "wide.topic.777", "hit").await;
+    publish(&a, "wide.topic.5000", "nobody's").await;
+    publish(&a, "wide.topic.778", "fence").await;
+    assert_eq!(next_event(&mut subs[777]).await.payload, "hit");
+    // One publisher's messages arrive in order: past the fence, the
+    // unwanted one has arrived too.
+    assert_eq!(next_event(&mut subs[778]).await.payload, "fence");
+    eventually(STEP, "the unwanted message is counted", || {
+        c.unmatched_total.load(Relaxed) == 1
+    })
+    .await;
+    assert!(
+        subs.iter().all(|s| s.pending() == 0),
+        "nothing else arrived"
+    );
+    let mut metrics = String::new();
+    prometheus_client::encoding::text::encode(&mut metrics, &macula_runtime::admin::registry(&b))
+        .expect("encode metrics");
+    for metric in [
+        "macula_pubsub_interest_summarized_total",
+        "macula_pubsub_interest_puts_total",
+        "macula_pubsub_unmatched_total 1",
+    ] {
+        assert!(metrics.contains(metric), "{metric} in {metrics}");
+    }
+
+    // Dropping them all withdraws the record, again with shared puts.
+    drop(subs);
+    let withdrawn = async {
+        while record_of(&a, &b, &name)
+            .await
+            .is_some_and(|v| !v.is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    within(STEP, "the record is withdrawn", withdrawn).await;
+    eventually(STEP, "every drop's update is done", || {
+        ps.subscriptions().is_empty()
+    })
+    .await;
+    let puts = c.interest_puts_total.load(Relaxed) - puts;
+    assert!(puts < 200, "drops share puts: {puts}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
