@@ -72,6 +72,15 @@ pub const RELAY_IDLE_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(24 * 3600));
 /// Largest `relay_bytes_per_second` (1 GiB/s; 0 means unlimited).
 pub const MAX_RELAY_BYTES_PER_SECOND: u64 = 1 << 30;
+/// Accepted range of the QUIC flow-control windows and send buffer
+/// (`stream_receive_window`, `connection_receive_window`, `send_window`):
+/// 16 KiB to 1 GiB.
+pub const WINDOW_RANGE: (u64, u64) = (macula_runtime::config::MIN_WINDOW, 1 << 30);
+/// Accepted `socket_buffer` range: 64 KiB to 256 MiB (the kernel may cap it
+/// lower: net.core.rmem_max).
+pub const SOCKET_BUFFER_RANGE: (u64, u64) = (64 << 10, 256 << 20);
+/// Accepted `max_streams_per_client` range.
+pub const CLIENT_STREAMS_RANGE: (usize, usize) = (2, 256);
 /// Default log format.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Data directory used when the platform has no user data directory.
@@ -241,6 +250,41 @@ pub mod keys {
         toml: "relay.idle_timeout",
         default: "60s",
     };
+    /// Per-stream flow-control window.
+    pub const STREAM_RECEIVE_WINDOW: Key = Key {
+        flag: "--stream-receive-window",
+        env: "MACULA_STREAM_RECEIVE_WINDOW",
+        toml: "limits.stream_receive_window",
+        default: "1MiB",
+    };
+    /// Per-connection flow-control window.
+    pub const CONNECTION_RECEIVE_WINDOW: Key = Key {
+        flag: "--connection-receive-window",
+        env: "MACULA_CONNECTION_RECEIVE_WINDOW",
+        toml: "limits.connection_receive_window",
+        default: "8MiB",
+    };
+    /// Per-connection send buffer.
+    pub const SEND_WINDOW: Key = Key {
+        flag: "--send-window",
+        env: "MACULA_SEND_WINDOW",
+        toml: "limits.send_window",
+        default: "8MiB",
+    };
+    /// Kernel buffers of the UDP socket.
+    pub const SOCKET_BUFFER: Key = Key {
+        flag: "--socket-buffer",
+        env: "MACULA_SOCKET_BUFFER",
+        toml: "limits.socket_buffer",
+        default: "4MiB",
+    };
+    /// Streams a client may open.
+    pub const MAX_STREAMS_PER_CLIENT: Key = Key {
+        flag: "--max-streams-per-client",
+        env: "MACULA_MAX_STREAMS_PER_CLIENT",
+        toml: "limits.max_streams_per_client",
+        default: "4",
+    };
     /// Reachability: detect, or assume private.
     pub const REACHABILITY: Key = Key {
         flag: "--reachability",
@@ -272,6 +316,11 @@ pub mod keys {
         IDLE_TIMEOUT,
         PUBSUB_QUEUE_CAPACITY,
         PUBSUB_STALL_TIMEOUT,
+        STREAM_RECEIVE_WINDOW,
+        CONNECTION_RECEIVE_WINDOW,
+        SEND_WINDOW,
+        SOCKET_BUFFER,
+        MAX_STREAMS_PER_CLIENT,
         RELAY_MAX_SESSIONS,
         RELAY_MAX_RESERVATIONS,
         RELAY_BYTES_PER_SECOND,
@@ -349,6 +398,26 @@ pub struct NodeArgs {
     /// Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h [env: MACULA_PUBSUB_STALL_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub pubsub_stall_timeout: Option<String>,
+
+    /// Bytes a peer may send on one stream ahead of the node's reading, 16KiB..1GiB [env: MACULA_STREAM_RECEIVE_WINDOW] [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub stream_receive_window: Option<String>,
+
+    /// Bytes a peer may send on one connection ahead of the node's reading, 16KiB..1GiB [env: MACULA_CONNECTION_RECEIVE_WINDOW] [default: 8MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub connection_receive_window: Option<String>,
+
+    /// Bytes buffered per connection for sending, unacknowledged, 16KiB..1GiB [env: MACULA_SEND_WINDOW] [default: 8MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub send_window: Option<String>,
+
+    /// Kernel receive and send buffer of the UDP socket (capped by net.core.rmem_max), 64KiB..256MiB [env: MACULA_SOCKET_BUFFER] [default: 4MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub socket_buffer: Option<String>,
+
+    /// Streams of each kind a client may open at once, 2..256 [env: MACULA_MAX_STREAMS_PER_CLIENT] [default: 4]
+    #[arg(long, value_name = "N")]
+    pub max_streams_per_client: Option<String>,
 
     /// Relayed sessions carried at once, 1..100000 [env: MACULA_RELAY_MAX_SESSIONS] [default: 128]
     #[arg(long, value_name = "N")]
@@ -472,6 +541,16 @@ pub struct Settings {
     pub pubsub_queue_capacity: usize,
     /// Cut-off of a peer that stops reading pub/sub data.
     pub pubsub_stall_timeout: Duration,
+    /// Per-stream flow-control window, bytes.
+    pub stream_receive_window: u32,
+    /// Per-connection flow-control window, bytes.
+    pub connection_receive_window: u32,
+    /// Per-connection send buffer, bytes.
+    pub send_window: u64,
+    /// Kernel buffers of the UDP socket, bytes.
+    pub socket_buffer: usize,
+    /// Streams of each kind a client may open at once.
+    pub max_streams_per_client: u32,
     /// Relayed sessions carried at once.
     pub relay_max_sessions: usize,
     /// Reservations held for private peers at once.
@@ -493,6 +572,7 @@ impl Default for Settings {
     /// nothing is configured.
     fn default() -> Self {
         let relay = macula_runtime::RelayLimits::default();
+        let limits = macula_runtime::Limits::default();
         Settings {
             listen: DEFAULT_LISTEN,
             realm: DEFAULT_REALM.to_string(),
@@ -508,6 +588,11 @@ impl Default for Settings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             pubsub_queue_capacity: DEFAULT_PUBSUB_QUEUE_CAPACITY,
             pubsub_stall_timeout: DEFAULT_PUBSUB_STALL_TIMEOUT,
+            stream_receive_window: limits.stream_receive_window,
+            connection_receive_window: limits.connection_receive_window,
+            send_window: limits.send_window,
+            socket_buffer: limits.socket_buffer,
+            max_streams_per_client: limits.max_streams_per_client,
             relay_max_sessions: relay.max_sessions,
             relay_max_reservations: relay.max_reservations,
             relay_bytes_per_second: relay.bytes_per_second,
@@ -759,6 +844,33 @@ fn parse_pubsub_stall_timeout(s: &str) -> Result<Duration, String> {
     parse_duration_in(s, PUBSUB_STALL_TIMEOUT_RANGE)
 }
 
+/// A size in `min..=max` bytes.
+fn parse_size_in(s: &str, (min, max): (u64, u64)) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if (min..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be from {min} to {max} bytes"))
+    }
+}
+
+fn parse_window(s: &str) -> Result<u64, String> {
+    parse_size_in(s, WINDOW_RANGE)
+}
+
+/// A flow-control window (a QUIC varint, kept below 4 GiB here).
+fn parse_window_u32(s: &str) -> Result<u32, String> {
+    parse_window(s).map(|n| n as u32)
+}
+
+fn parse_socket_buffer(s: &str) -> Result<usize, String> {
+    parse_size_in(s, SOCKET_BUFFER_RANGE).map(|n| n as usize)
+}
+
+fn parse_client_streams(s: &str) -> Result<u32, String> {
+    parse_count(s, CLIENT_STREAMS_RANGE).map(|n| n as u32)
+}
+
 fn parse_relay_count(s: &str) -> Result<usize, String> {
     parse_count(s, RELAY_COUNT_RANGE)
 }
@@ -871,6 +983,11 @@ struct FileLimits {
     idle_timeout: Option<toml::Value>,
     pubsub_queue_capacity: Option<toml::Value>,
     pubsub_stall_timeout: Option<toml::Value>,
+    stream_receive_window: Option<toml::Value>,
+    connection_receive_window: Option<toml::Value>,
+    send_window: Option<toml::Value>,
+    socket_buffer: Option<toml::Value>,
+    max_streams_per_client: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -922,6 +1039,20 @@ impl FileLayer {
                 limits.pubsub_queue_capacity,
             ),
             (keys::PUBSUB_STALL_TIMEOUT.toml, limits.pubsub_stall_timeout),
+            (
+                keys::STREAM_RECEIVE_WINDOW.toml,
+                limits.stream_receive_window,
+            ),
+            (
+                keys::CONNECTION_RECEIVE_WINDOW.toml,
+                limits.connection_receive_window,
+            ),
+            (keys::SEND_WINDOW.toml, limits.send_window),
+            (keys::SOCKET_BUFFER.toml, limits.socket_buffer),
+            (
+                keys::MAX_STREAMS_PER_CLIENT.toml,
+                limits.max_streams_per_client,
+            ),
             (keys::RELAY_MAX_SESSIONS.toml, relay.max_sessions),
             (keys::RELAY_MAX_RESERVATIONS.toml, relay.max_reservations),
             (keys::RELAY_BYTES_PER_SECOND.toml, relay.bytes_per_second),
@@ -1281,6 +1412,32 @@ pub fn resolve(
         true,
         parse_pubsub_stall_timeout,
     )?);
+    let stream_receive_window = val(layers.value(
+        &args.stream_receive_window,
+        &keys::STREAM_RECEIVE_WINDOW,
+        true,
+        parse_window_u32,
+    )?);
+    let connection_receive_window = val(layers.value(
+        &args.connection_receive_window,
+        &keys::CONNECTION_RECEIVE_WINDOW,
+        true,
+        parse_window_u32,
+    )?);
+    let send_window =
+        val(layers.value(&args.send_window, &keys::SEND_WINDOW, true, parse_window)?);
+    let socket_buffer = val(layers.value(
+        &args.socket_buffer,
+        &keys::SOCKET_BUFFER,
+        true,
+        parse_socket_buffer,
+    )?);
+    let max_streams_per_client = val(layers.value(
+        &args.max_streams_per_client,
+        &keys::MAX_STREAMS_PER_CLIENT,
+        true,
+        parse_client_streams,
+    )?);
     let relay_max_sessions = val(layers.value(
         &args.relay_max_sessions,
         &keys::RELAY_MAX_SESSIONS,
@@ -1334,6 +1491,11 @@ pub fn resolve(
         idle_timeout: idle_timeout.unwrap_or(d.idle_timeout),
         pubsub_queue_capacity: pubsub_queue_capacity.unwrap_or(d.pubsub_queue_capacity),
         pubsub_stall_timeout: pubsub_stall_timeout.unwrap_or(d.pubsub_stall_timeout),
+        stream_receive_window: stream_receive_window.unwrap_or(d.stream_receive_window),
+        connection_receive_window: connection_receive_window.unwrap_or(d.connection_receive_window),
+        send_window: send_window.unwrap_or(d.send_window),
+        socket_buffer: socket_buffer.unwrap_or(d.socket_buffer),
+        max_streams_per_client: max_streams_per_client.unwrap_or(d.max_streams_per_client),
         relay_max_sessions: relay_max_sessions.unwrap_or(d.relay_max_sessions),
         relay_max_reservations: relay_max_reservations.unwrap_or(d.relay_max_reservations),
         relay_bytes_per_second: relay_bytes_per_second.unwrap_or(d.relay_bytes_per_second),
@@ -1515,6 +1677,23 @@ mod tests {
             Ok(d.reachability)
         );
         assert_eq!(keys::LOG_FORMAT.default.parse(), Ok(d.log_format));
+        assert_eq!(
+            parse_window_u32(keys::STREAM_RECEIVE_WINDOW.default),
+            Ok(d.stream_receive_window)
+        );
+        assert_eq!(
+            parse_window_u32(keys::CONNECTION_RECEIVE_WINDOW.default),
+            Ok(d.connection_receive_window)
+        );
+        assert_eq!(parse_window(keys::SEND_WINDOW.default), Ok(d.send_window));
+        assert_eq!(
+            parse_socket_buffer(keys::SOCKET_BUFFER.default),
+            Ok(d.socket_buffer)
+        );
+        assert_eq!(
+            parse_client_streams(keys::MAX_STREAMS_PER_CLIENT.default),
+            Ok(d.max_streams_per_client)
+        );
         for k in keys::ALL {
             assert!(
                 k.flag.starts_with("--") && k.env.starts_with("MACULA_"),
@@ -2164,6 +2343,41 @@ format = "json"
         for k in keys::ALL {
             assert!(help.contains(k.flag), "help lists {}", k.flag);
             assert!(help.contains(k.env), "help mentions {}", k.env);
+        }
+    }
+
+    #[test]
+    fn connection_buffers_layer_and_are_bounded() {
+        let f = toml_file(
+            "[limits]\nstream_receive_window = \"256KiB\"\nsend_window = 65536\nmax_streams_per_client = 6\n",
+        );
+        let env = env_of(&[("MACULA_SOCKET_BUFFER", "8MiB")]);
+        let args = NodeArgs {
+            config: Some(f.path().to_path_buf()),
+            connection_receive_window: Some("2MiB".into()),
+            ..Default::default()
+        };
+        let s = resolve(&args, &env).unwrap();
+        assert_eq!(s.stream_receive_window, 256 << 10);
+        assert_eq!(s.connection_receive_window, 2 << 20);
+        assert_eq!(s.send_window, 65536);
+        assert_eq!(s.socket_buffer, 8 << 20);
+        assert_eq!(s.max_streams_per_client, 6);
+        for (flag, bad) in [
+            ("stream", "1KiB"),
+            ("send", "2048MiB"),
+            ("socket", "1KiB"),
+            ("streams", "1"),
+        ] {
+            let mut a = NodeArgs::default();
+            match flag {
+                "stream" => a.stream_receive_window = Some(bad.into()),
+                "send" => a.send_window = Some(bad.into()),
+                "socket" => a.socket_buffer = Some(bad.into()),
+                _ => a.max_streams_per_client = Some(bad.into()),
+            }
+            let e = resolve(&a, &no_env).unwrap_err().to_string();
+            assert!(e.contains(bad), "{flag}: {e}");
         }
     }
 }

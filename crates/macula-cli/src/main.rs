@@ -148,6 +148,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(cmd) => {
             // Per-connection logs would drown the figures; RUST_LOG still wins.
             init_logging(LogFormat::Text, "warn");
+            raise_fd_limit();
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(bench::run(cmd))?;
             Ok(())
@@ -224,6 +225,11 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         max_connections: s.max_connections,
         idle_timeout: s.idle_timeout,
         pubsub_stall_timeout: s.pubsub_stall_timeout,
+        stream_receive_window: s.stream_receive_window,
+        connection_receive_window: s.connection_receive_window,
+        send_window: s.send_window,
+        socket_buffer: s.socket_buffer,
+        max_streams_per_client: s.max_streams_per_client,
         ..Limits::default()
     };
     Ok(NodeConfig {
@@ -253,7 +259,42 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
     })
 }
 
+/// Raises the soft limit on open files to the hard limit, where allowed.
+/// QUIC connections share the node's one UDP socket, so this is for what
+/// does take a descriptor each: admin HTTP connections, files, and the
+/// benchmark's client sockets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`, which
+    // lives for the whole call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    match unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } {
+        0 => tracing::debug!(
+            from = before,
+            to = lim.rlim_max,
+            "raised the open-file limit"
+        ),
+        _ => tracing::debug!(
+            limit = before,
+            error = %std::io::Error::last_os_error(),
+            "could not raise the open-file limit"
+        ),
+    }
+}
+
 async fn start(settings: Settings) -> Result<(), Failure> {
+    raise_fd_limit();
     // Install signal handlers before anything is visible, so a SIGTERM sent
     // as soon as the banner appears still gets a graceful shutdown.
     let signals = Signals::install()?;

@@ -132,6 +132,10 @@ pub enum ClientError {
     Quic(String),
     #[error("no node accepted the client within {after:?}: {last}")]
     Attach { after: Duration, last: String },
+    /// Every configured node answered and turned the client away (at its
+    /// connection limit, say); `reasons` names each node and its reason.
+    #[error("every node turned the client away: {reasons}")]
+    TurnedAway { reasons: String },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -160,6 +164,9 @@ struct Shared {
     failovers: AtomicU64,
     /// Errors of the last attach attempts, for `connect`'s error.
     last_error: Mutex<String>,
+    /// Set when the first round of attach attempts was turned away by
+    /// every node: `connect` fails at once with these reasons.
+    turned_away: watch::Sender<Option<String>>,
 }
 
 /// A lightweight client. Cheap to clone; `shutdown` ends it.
@@ -365,16 +372,29 @@ impl Client {
                 stop_drivers,
                 failovers: AtomicU64::new(0),
                 last_error: Mutex::new(String::new()),
+                turned_away: watch::channel(None).0,
                 config,
             }
         });
         let client = Client(shared);
         tokio::spawn(client.clone().supervise());
         let after = client.0.config.attach_timeout;
-        if client.wait_gateway(after).await.is_none() {
-            let last = lock(&client.0.last_error).clone();
+        let mut turned_away = client.0.turned_away.subscribe();
+        let failed = tokio::select! {
+            g = client.wait_gateway(after) => match g {
+                Some(_) => None,
+                None => Some(ClientError::Attach {
+                    after,
+                    last: lock(&client.0.last_error).clone(),
+                }),
+            },
+            Ok(r) = turned_away.wait_for(Option::is_some) => Some(ClientError::TurnedAway {
+                reasons: r.clone().unwrap_or_default(),
+            }),
+        };
+        if let Some(e) = failed {
             client.shutdown().await;
-            return Err(ClientError::Attach { after, last });
+            return Err(e);
         }
         Ok(client)
     }
@@ -552,6 +572,7 @@ impl Client {
                 return;
             }
             let mut attached = None;
+            let mut refusals = Vec::new();
             for k in 0..n {
                 let i = (next + k) % n;
                 let target = self.0.config.gateways[i].clone();
@@ -563,11 +584,19 @@ impl Client {
                     Err(e) => {
                         tracing::debug!(gateway = %target, error = %e, "could not attach");
                         *lock(&self.0.last_error) = format!("{target}: {e}");
+                        if let AttachFail::TurnedAway(why) = e {
+                            refusals.push(format!("{target}: {why}"));
+                        }
                     }
                 }
                 if self.is_shutting_down() {
                     return;
                 }
+            }
+            if attached.is_none() && !attached_before && refusals.len() == n {
+                // Nobody will have us: `connect` says so now rather than
+                // after its timeout (this loop keeps trying meanwhile).
+                self.0.turned_away.send_replace(Some(refusals.join("; ")));
             }
             let Some((i, peer)) = attached else {
                 let delay = backoff.next_delay(0.5);
@@ -607,34 +636,41 @@ impl Client {
 
     /// Dials `target`, proves identities, exchanges HELLO, starts driving
     /// the connection.
-    async fn attach(&self, target: &PeerAddr) -> Result<Peer, String> {
+    async fn attach(&self, target: &PeerAddr) -> Result<Peer, AttachFail> {
         let s = &self.0;
         let timeout = s.config.limits.handshake_timeout;
+        let other = |e: String| AttachFail::Other(e);
         let work = async {
             let addr = crate::node::resolve(target)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| other(e.to_string()))?;
             let sni = tls::server_name(target.expected);
             let conn = s
                 .endpoint
                 .connect_with(s.quic.clone(), addr, &sni)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| other(e.to_string()))?
                 .await
-                .map_err(|e| e.to_string())?;
-            let proved = crate::node::proved_id(&conn)?;
+                .map_err(|e| other(e.to_string()))?;
+            let proved = crate::node::proved_id(&conn).map_err(other)?;
             peer::handshake(
                 conn,
                 proved,
                 Direction::Outbound,
                 &s.local,
                 s.metrics.clone(),
+                None,
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                peer::HandshakeError::TurnedAway { .. } | peer::HandshakeError::Rejected { .. } => {
+                    AttachFail::TurnedAway(e.to_string())
+                }
+                e => other(e.to_string()),
+            })
         };
         let (peer, reader) = tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| format!("no handshake within {timeout:?}"))??;
+            .map_err(|_| other(format!("no handshake within {timeout:?}")))??;
         peer.set_kept(true);
         let cfg = DriverConfig {
             idle_timeout: s.config.limits.idle_timeout,
@@ -692,6 +728,23 @@ impl Client {
         });
         let results = futures::future::join_all(subs.chain(advs)).await;
         results.into_iter().collect()
+    }
+}
+
+/// Why one attach attempt failed.
+#[derive(Debug)]
+enum AttachFail {
+    /// The node answered and said no (connection limit, realm...).
+    TurnedAway(String),
+    /// Anything else: unreachable, TLS, timeout.
+    Other(String),
+}
+
+impl std::fmt::Display for AttachFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttachFail::TurnedAway(e) | AttachFail::Other(e) => f.write_str(e),
+        }
     }
 }
 

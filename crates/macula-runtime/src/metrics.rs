@@ -75,16 +75,19 @@ pub enum HandshakeFailure {
     UnsupportedVersion,
     IdentityMismatch,
     Protocol,
+    /// The peer was at its connection limit and refused us.
+    ConnectionLimit,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 6] = [
+    pub const ALL: [HandshakeFailure; 7] = [
         HandshakeFailure::Tls,
         HandshakeFailure::Timeout,
         HandshakeFailure::RealmMismatch,
         HandshakeFailure::UnsupportedVersion,
         HandshakeFailure::IdentityMismatch,
         HandshakeFailure::Protocol,
+        HandshakeFailure::ConnectionLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +98,7 @@ impl HandshakeFailure {
             HandshakeFailure::UnsupportedVersion => "unsupported_version",
             HandshakeFailure::IdentityMismatch => "identity_mismatch",
             HandshakeFailure::Protocol => "protocol",
+            HandshakeFailure::ConnectionLimit => "connection_limit",
         }
     }
 }
@@ -136,7 +140,7 @@ pub struct Metrics {
     /// Pongs that matched no outstanding ping (late or forged).
     pub pongs_unmatched_total: AtomicU64,
     protocol_errors: [AtomicU64; 6],
-    handshake_failures: [AtomicU64; 6],
+    handshake_failures: [AtomicU64; 7],
     /// Messages by type, indexed by position in `MessageType::ALL`; the last
     /// slot counts type bytes this version does not know.
     messages_received: Slots,
@@ -487,7 +491,7 @@ mod tests {
         assert_eq!(m.protocol_errors_total(), 6);
         assert_eq!(m.handshake_failures(HandshakeFailure::Timeout), 1);
         let n_types = macula_wire::MessageType::ALL.len() + 1;
-        assert_eq!(m.snapshot().len(), 16 + 6 + 6 + 2 * n_types);
+        assert_eq!(m.snapshot().len(), 16 + 6 + 7 + 2 * n_types);
         m.message_received(macula_wire::MessageType::Ping as u8);
         m.message_received(0x7e);
         assert_eq!(m.messages_received(Some(macula_wire::MessageType::Ping)), 1);

@@ -155,6 +155,8 @@ struct NodeShared {
     events: broadcast::Sender<PeerEvent>,
     shutdown: watch::Sender<bool>,
     started: Instant,
+    /// Second (of uptime, plus one) of the last connection-limit warning.
+    refusal_logged: std::sync::atomic::AtomicU64,
     dht: DhtHandle,
     pubsub: crate::pubsub::PubSub,
     rpc: crate::rpc::Rpc,
@@ -435,6 +437,7 @@ impl NodeRuntime {
                 events,
                 shutdown,
                 started: Instant::now(),
+                refusal_logged: std::sync::atomic::AtomicU64::new(0),
                 endpoint,
                 local_addr,
                 config,
@@ -679,9 +682,41 @@ impl NodeRuntime {
             Direction::Outbound,
             &self.0.local,
             self.0.metrics.clone(),
+            None,
         )
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })
+    }
+
+    /// Admission of an inbound peer, from its HELLO: refused when the pool
+    /// is full of connections that cannot be evicted (clients and kept
+    /// peers), so the peer learns why in the handshake instead of being
+    /// dropped right after it.
+    fn admit(&self, id: NodeId, _hello: &Hello) -> Result<(), (DisconnectReason, String)> {
+        if !lock(&self.0.table).would_refuse(&id) {
+            return Ok(());
+        }
+        let max = self.0.config.limits.max_connections;
+        self.0
+            .metrics
+            .connections_refused_total
+            .fetch_add(1, Relaxed);
+        self.warn_refusal(id, max);
+        Err((
+            DisconnectReason::ConnectionLimit,
+            format!("connection limit reached: this node holds its maximum of {max} connections"),
+        ))
+    }
+
+    /// Logs a refusal at the connection limit: the first one and then at
+    /// most one a second (a burst of refusals must not flood the log).
+    fn warn_refusal(&self, peer: NodeId, max: usize) {
+        let now = self.0.started.elapsed().as_secs();
+        let last = self.0.refusal_logged.swap(now + 1, Relaxed);
+        if last != now + 1 {
+            let refused = self.0.metrics.connections_refused_total.load(Relaxed);
+            tracing::warn!(peer = %peer, max, refused_total = refused, "connection limit reached; refusing new connections (limits.max_connections)");
+        }
     }
 
     /// Offers a handshaken connection to the pool and starts driving it.
@@ -698,12 +733,12 @@ impl NodeRuntime {
             Admit::Full => {
                 m.connections_refused_total.fetch_add(1, Relaxed);
                 let max = self.0.config.limits.max_connections;
-                tracing::warn!(peer = %peer.node_id(), max, "connection limit reached; refusing peer");
-                peer.disconnect(
-                    DisconnectReason::ConnectionLimit,
-                    "connection limit reached",
-                )
-                .await;
+                self.warn_refusal(peer.node_id(), max);
+                let why = format!(
+                    "connection limit reached: this node holds its maximum of {max} connections"
+                );
+                peer.disconnect(DisconnectReason::ConnectionLimit, &why)
+                    .await;
                 return Err(ConnectError::ConnectionLimit { max });
             }
             Admit::Inserted { evicted } => {
@@ -884,13 +919,13 @@ impl NodeRuntime {
         let fut = async {
             let conn = incoming
                 .await
-                .map_err(|e| (HandshakeFailure::Tls, e.to_string()))?;
-            let proved = proved_id(&conn).map_err(|e| (HandshakeFailure::Tls, e))?;
+                .map_err(|e| (Some(HandshakeFailure::Tls), e.to_string()))?;
+            let proved = proved_id(&conn).map_err(|e| (Some(HandshakeFailure::Tls), e))?;
             probe_conn = Some(conn.clone());
             if proved == self.0.node_id {
                 conn.close(close_code(DisconnectReason::Shutdown), b"self connection");
                 return Err((
-                    HandshakeFailure::Protocol,
+                    Some(HandshakeFailure::Protocol),
                     "connection from ourselves".into(),
                 ));
             }
@@ -901,22 +936,28 @@ impl NodeRuntime {
                     b"relayed peer is not who the relay announced",
                 );
                 return Err((
-                    HandshakeFailure::IdentityMismatch,
+                    Some(HandshakeFailure::IdentityMismatch),
                     format!(
                         "relay {} announced {} but {proved} connected",
                         s.relay, s.remote
                     ),
                 ));
             }
+            let admit = |hello: &Hello| self.admit(proved, hello);
             peer::handshake(
                 conn,
                 proved,
                 Direction::Inbound,
                 &self.0.local,
                 self.0.metrics.clone(),
+                Some(&admit),
             )
             .await
-            .map_err(|e| (e.failure(), e.to_string()))
+            .map_err(|e| match e {
+                // Counted and logged by `admit`; not a failed handshake.
+                HandshakeError::Refused { .. } => (None, e.to_string()),
+                e => (Some(e.failure()), e.to_string()),
+            })
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok((peer, reader))) => {
@@ -936,7 +977,10 @@ impl NodeRuntime {
                 // all it needed.
                 tracing::debug!(remote = %remote, "answered a reachability dial-back");
             }
-            Ok(Err((failure, detail))) => {
+            Ok(Err((None, detail))) => {
+                tracing::debug!(remote = %remote, reason = %detail, "inbound connection turned away");
+            }
+            Ok(Err((Some(failure), detail))) => {
                 self.0.metrics.handshake_failure(failure);
                 tracing::warn!(remote = %remote, error = %detail, "inbound handshake failed");
             }
@@ -1268,6 +1312,7 @@ impl NodeRuntime {
                 Direction::Outbound,
                 &self.0.local,
                 self.0.metrics.clone(),
+                None,
             )
             .await
             .map_err(|source| ConnectError::Handshake { addr, source })

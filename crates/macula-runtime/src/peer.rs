@@ -69,6 +69,19 @@ pub enum HandshakeError {
     HandshakeRequired { msg_type: u8 },
     #[error("peer refused the connection ({code:?}): {message}")]
     Rejected { code: ErrorCode, message: String },
+    /// The peer answered our HELLO with DISCONNECT (at its connection
+    /// limit, for one).
+    #[error("peer turned the connection away ({reason:?}): {message}")]
+    TurnedAway {
+        reason: DisconnectReason,
+        message: String,
+    },
+    /// We turned the peer away after its HELLO (see `Admission`).
+    #[error("turned the peer away ({reason:?}): {message}")]
+    Refused {
+        reason: DisconnectReason,
+        message: String,
+    },
     #[error("protocol error during handshake: {0}")]
     Protocol(String),
     #[error("connection lost during handshake: {0}")]
@@ -90,8 +103,14 @@ impl HandshakeError {
                 ErrorCode::IdentityMismatch => HandshakeFailure::IdentityMismatch,
                 _ => HandshakeFailure::Protocol,
             },
+            HandshakeError::TurnedAway {
+                reason: DisconnectReason::ConnectionLimit,
+                ..
+            } => HandshakeFailure::ConnectionLimit,
             HandshakeError::Protocol(_)
             | HandshakeError::HandshakeRequired { .. }
+            | HandshakeError::TurnedAway { .. }
+            | HandshakeError::Refused { .. }
             | HandshakeError::Connection(_) => HandshakeFailure::Protocol,
             HandshakeError::Timeout => HandshakeFailure::Timeout,
         }
@@ -119,6 +138,8 @@ impl HandshakeError {
                 DisconnectReason::ProtocolError,
             )),
             HandshakeError::Rejected { .. }
+            | HandshakeError::TurnedAway { .. }
+            | HandshakeError::Refused { .. }
             | HandshakeError::Connection(_)
             | HandshakeError::Timeout => None,
         }
@@ -423,8 +444,8 @@ async fn read_hello(reader: &mut FrameReader) -> Result<Hello, HandshakeError> {
             code: e.code,
             message: e.message,
         }),
-        Ok(Message::Disconnect(d)) => Err(HandshakeError::Rejected {
-            code: ErrorCode::Other(u16::from(d.reason)),
+        Ok(Message::Disconnect(d)) => Err(HandshakeError::TurnedAway {
+            reason: d.reason,
             message: d.message,
         }),
         // Anything else before HELLO (known or not) is answered with
@@ -461,14 +482,42 @@ async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, err: &Handsh
     conn.close(close_code(reason), message.as_bytes());
 }
 
+/// Decides, from its HELLO, whether an inbound peer may stay: `Err` with
+/// the reason and message of the DISCONNECT it gets instead of our HELLO.
+pub(crate) type Admission<'a> =
+    &'a (dyn Fn(&Hello) -> Result<(), (DisconnectReason, String)> + Sync);
+
+/// Answers an inbound HELLO with DISCONNECT and closes, lingering (bounded)
+/// so the dialer reads the reason before the close discards it.
+async fn turn_away(
+    conn: &quinn::Connection,
+    writer: &mut FrameWriter,
+    reason: DisconnectReason,
+    message: &str,
+) {
+    let message = truncate(message);
+    let frame = Message::Disconnect(Disconnect {
+        reason,
+        message: message.clone(),
+    });
+    if writer.send(&frame).await.is_ok() {
+        writer.finish();
+        let _ = tokio::time::timeout(ERROR_LINGER, conn.closed()).await;
+    }
+    conn.close(close_code(reason), message.as_bytes());
+}
+
 /// Runs the HELLO exchange on a connection whose TLS handshake proved
-/// `proved`. The dialer speaks first.
+/// `proved`. The dialer speaks first. An inbound peer that `admit` turns
+/// away is answered with DISCONNECT instead of HELLO (so its dialer learns
+/// why from the handshake itself) and `Refused` is returned.
 pub(crate) async fn handshake(
     conn: quinn::Connection,
     proved: NodeId,
     direction: Direction,
     local: &LocalInfo,
     metrics: Arc<Metrics>,
+    admit: Option<Admission<'_>>,
 ) -> Result<(Peer, FrameReader), HandshakeError> {
     let ours = Message::Hello(local.hello.clone());
     let (mut writer, reader, hello) = match direction {
@@ -509,6 +558,10 @@ pub(crate) async fn handshake(
             if let Err(e) = check_hello(local, proved, &hello) {
                 refuse(&conn, &mut writer, &e).await;
                 return Err(e);
+            }
+            if let Some(Err((reason, message))) = admit.map(|a| a(&hello)) {
+                turn_away(&conn, &mut writer, reason, &message).await;
+                return Err(HandshakeError::Refused { reason, message });
             }
             writer
                 .send(&ours)

@@ -142,6 +142,15 @@ impl<P: Pooled> PoolTable<P> {
         Some(p)
     }
 
+    /// Would `admit` refuse a new connection to `id` (`Full`): no
+    /// connection to it yet, every slot taken, none of them evictable?
+    /// Lets the handshake turn a peer away before it is set up.
+    pub fn would_refuse(&self, id: &NodeId) -> bool {
+        self.entries.len() >= self.max
+            && !self.entries.contains_key(id)
+            && self.entries.values().all(|(e, _)| e.kept())
+    }
+
     /// Offers a freshly handshaken connection.
     pub fn admit(&mut self, p: P) -> Admit<P> {
         let id = p.node_id();
@@ -290,8 +299,26 @@ mod tests {
         let mut t = PoolTable::new(id(0), 1);
         let mut k = fake(1, true, 1);
         k.kept = true;
+        assert!(!t.would_refuse(&id(1)));
         t.admit(k);
+        assert!(t.would_refuse(&id(2)));
+        // A connection to a peer already pooled replaces or duplicates it.
+        assert!(!t.would_refuse(&id(1)));
         assert_eq!(t.admit(fake(2, true, 2)), Admit::Full);
+    }
+
+    #[test]
+    fn full_with_an_evictable_entry_does_not_refuse() {
+        let mut t = PoolTable::new(id(0), 2);
+        let mut k = fake(1, true, 1);
+        k.kept = true;
+        t.admit(k);
+        t.admit(fake(2, true, 2));
+        assert!(!t.would_refuse(&id(3)));
+        assert!(matches!(
+            t.admit(fake(3, true, 3)),
+            Admit::Inserted { evicted: Some(_) }
+        ));
     }
 
     proptest! {
@@ -308,6 +335,11 @@ mod tests {
                     t.admit(f);
                 }
                 prop_assert!(t.len() <= 5);
+                // `would_refuse` predicts `admit`'s `Full` exactly.
+                let probe = fake(200, true, 999);
+                let predicted = t.would_refuse(&probe.id);
+                let mut copy = PoolTable { local: t.local, max: t.max, entries: t.entries.clone(), lru: t.lru.clone(), by_addr: t.by_addr.clone(), clock: t.clock };
+                prop_assert_eq!(predicted, copy.admit(probe) == Admit::Full);
                 prop_assert_eq!(t.entries.len(), t.lru.len());
                 for (i, (p, key)) in &t.entries {
                     prop_assert_eq!(*i, p.id);
