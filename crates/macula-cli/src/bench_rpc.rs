@@ -63,6 +63,9 @@ async fn start_provider(via: SocketAddr, realm: &str) -> anyhow::Result<tokio::p
             "serve",
             PROCEDURE,
             "--echo",
+            // A full node of its own: measured is node-to-node RPC (as a
+            // client it would be served through this node, its gateway).
+            "--full-node",
             "--listen",
             "127.0.0.1:0",
             "--realm",

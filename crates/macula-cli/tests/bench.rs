@@ -1,0 +1,90 @@
+//! `macula bench connections` and `macula bench rpc` with small counts, as
+//! tests: each starts its own node process on 127.0.0.1, runs to the end and
+//! prints one JSON object whose figures are present and plausible. (The
+//! figures themselves are benchmarks, in BENCHMARKS.md, not asserted here.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Runs `macula bench <args>` to completion (bounded) and returns its JSON.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let mut cmd = command(&[&["bench"], args].concat());
+    cmd.env("RUST_LOG", "warn");
+    let mut p = Proc::spawn_cmd(cmd);
+    let line = p
+        .poll_for(&["{\"benchmark\""], Duration::from_secs(240))
+        .unwrap_or_else(|| panic!("no JSON figures; output:\n{}", p.seen.join("\n")));
+    let status = p.wait_exit(Duration::from_secs(30)).expect("bench exits");
+    assert!(status.success(), "{status:?}\n{}", p.seen.join("\n"));
+    serde_json::from_str(&line).expect("one JSON object")
+}
+
+#[test]
+fn bench_connections_reports_memory_cpu_and_latency_per_connection() {
+    let v = bench_json(&[
+        "connections",
+        "--count",
+        "40",
+        "--idle-secs",
+        "1",
+        "--samples",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(v["benchmark"], "connections");
+    assert_eq!(v["connections"], 40, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    let rss = v["rss_bytes"].as_u64().expect("rss_bytes");
+    let before = v["rss_before_bytes"].as_u64().expect("rss_before_bytes");
+    assert!(rss > before, "{v}");
+    let per = v["bytes_per_connection"]
+        .as_u64()
+        .expect("bytes_per_connection");
+    assert_eq!(per, (rss - before) / 40, "{v}");
+    assert!(
+        v["idle_cpu_percent"].as_f64().is_some_and(|c| c >= 0.0),
+        "{v}"
+    );
+    for k in [
+        "rpc_baseline",
+        "rpc_loaded",
+        "pubsub_baseline",
+        "pubsub_loaded",
+    ] {
+        assert_eq!(v[k]["samples"], 20, "{k}: {v}");
+        assert!(v[k]["p99_us"].as_f64().is_some_and(|p| p > 0.0), "{k}: {v}");
+    }
+}
+
+#[test]
+fn bench_connections_refuses_bad_arguments() {
+    for (args, says) in [
+        (vec!["--count", "1"], "--count"),
+        (vec!["--node", "198.18.0.1:4433"], "loopback"),
+        (vec!["--keep-alive-ms", "5"], "--keep-alive-ms"),
+    ] {
+        let (code, out) = run(command(&[&["bench", "connections"], &args[..]].concat()));
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        assert!(out.contains(says), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn bench_rpc_measures_node_to_node_calls() {
+    let v = bench_json(&[
+        "rpc",
+        "--count",
+        "200",
+        "--concurrency",
+        "4",
+        "--fresh",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(v["benchmark"], "rpc");
+    assert_eq!(v["new_connection_per_call"]["latency"]["samples"], 5, "{v}");
+    assert!(v["calls_per_sec"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+}
