@@ -79,6 +79,9 @@ pub const WINDOW_RANGE: (u64, u64) = (macula_runtime::config::MIN_WINDOW, 1 << 3
 /// Accepted `socket_buffer` range: 64 KiB to 256 MiB (the kernel may cap it
 /// lower: net.core.rmem_max).
 pub const SOCKET_BUFFER_RANGE: (u64, u64) = (64 << 10, 256 << 20);
+/// Accepted `peer_slots` range (the node uses at most half of
+/// `max_connections`).
+pub const PEER_SLOTS_RANGE: (usize, usize) = (0, 100_000);
 /// Accepted `max_streams_per_client` range.
 pub const CLIENT_STREAMS_RANGE: (usize, usize) = (2, 256);
 /// Default log format.
@@ -250,6 +253,13 @@ pub mod keys {
         toml: "relay.idle_timeout",
         default: "60s",
     };
+    /// Connections clients can never take.
+    pub const PEER_SLOTS: Key = Key {
+        flag: "--peer-slots",
+        env: "MACULA_PEER_SLOTS",
+        toml: "limits.peer_slots",
+        default: "64",
+    };
     /// Per-stream flow-control window.
     pub const STREAM_RECEIVE_WINDOW: Key = Key {
         flag: "--stream-receive-window",
@@ -316,6 +326,7 @@ pub mod keys {
         IDLE_TIMEOUT,
         PUBSUB_QUEUE_CAPACITY,
         PUBSUB_STALL_TIMEOUT,
+        PEER_SLOTS,
         STREAM_RECEIVE_WINDOW,
         CONNECTION_RECEIVE_WINDOW,
         SEND_WINDOW,
@@ -398,6 +409,10 @@ pub struct NodeArgs {
     /// Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h [env: MACULA_PUBSUB_STALL_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub pubsub_stall_timeout: Option<String>,
+
+    /// Connections of --max-connections that clients can never take, kept for full nodes (at most half), 0..100000 [env: MACULA_PEER_SLOTS] [default: 64]
+    #[arg(long, value_name = "N")]
+    pub peer_slots: Option<String>,
 
     /// Bytes a peer may send on one stream ahead of the node's reading, 16KiB..1GiB [env: MACULA_STREAM_RECEIVE_WINDOW] [default: 1MiB]
     #[arg(long, value_name = "SIZE")]
@@ -541,6 +556,8 @@ pub struct Settings {
     pub pubsub_queue_capacity: usize,
     /// Cut-off of a peer that stops reading pub/sub data.
     pub pubsub_stall_timeout: Duration,
+    /// Connections clients can never take.
+    pub peer_slots: usize,
     /// Per-stream flow-control window, bytes.
     pub stream_receive_window: u32,
     /// Per-connection flow-control window, bytes.
@@ -588,6 +605,7 @@ impl Default for Settings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             pubsub_queue_capacity: DEFAULT_PUBSUB_QUEUE_CAPACITY,
             pubsub_stall_timeout: DEFAULT_PUBSUB_STALL_TIMEOUT,
+            peer_slots: limits.peer_slots,
             stream_receive_window: limits.stream_receive_window,
             connection_receive_window: limits.connection_receive_window,
             send_window: limits.send_window,
@@ -867,6 +885,10 @@ fn parse_socket_buffer(s: &str) -> Result<usize, String> {
     parse_size_in(s, SOCKET_BUFFER_RANGE).map(|n| n as usize)
 }
 
+fn parse_peer_slots(s: &str) -> Result<usize, String> {
+    parse_count(s, PEER_SLOTS_RANGE)
+}
+
 fn parse_client_streams(s: &str) -> Result<u32, String> {
     parse_count(s, CLIENT_STREAMS_RANGE).map(|n| n as u32)
 }
@@ -983,6 +1005,7 @@ struct FileLimits {
     idle_timeout: Option<toml::Value>,
     pubsub_queue_capacity: Option<toml::Value>,
     pubsub_stall_timeout: Option<toml::Value>,
+    peer_slots: Option<toml::Value>,
     stream_receive_window: Option<toml::Value>,
     connection_receive_window: Option<toml::Value>,
     send_window: Option<toml::Value>,
@@ -1039,6 +1062,7 @@ impl FileLayer {
                 limits.pubsub_queue_capacity,
             ),
             (keys::PUBSUB_STALL_TIMEOUT.toml, limits.pubsub_stall_timeout),
+            (keys::PEER_SLOTS.toml, limits.peer_slots),
             (
                 keys::STREAM_RECEIVE_WINDOW.toml,
                 limits.stream_receive_window,
@@ -1412,6 +1436,8 @@ pub fn resolve(
         true,
         parse_pubsub_stall_timeout,
     )?);
+    let peer_slots =
+        val(layers.value(&args.peer_slots, &keys::PEER_SLOTS, true, parse_peer_slots)?);
     let stream_receive_window = val(layers.value(
         &args.stream_receive_window,
         &keys::STREAM_RECEIVE_WINDOW,
@@ -1491,6 +1517,7 @@ pub fn resolve(
         idle_timeout: idle_timeout.unwrap_or(d.idle_timeout),
         pubsub_queue_capacity: pubsub_queue_capacity.unwrap_or(d.pubsub_queue_capacity),
         pubsub_stall_timeout: pubsub_stall_timeout.unwrap_or(d.pubsub_stall_timeout),
+        peer_slots: peer_slots.unwrap_or(d.peer_slots),
         stream_receive_window: stream_receive_window.unwrap_or(d.stream_receive_window),
         connection_receive_window: connection_receive_window.unwrap_or(d.connection_receive_window),
         send_window: send_window.unwrap_or(d.send_window),
@@ -1686,6 +1713,7 @@ mod tests {
             Ok(d.connection_receive_window)
         );
         assert_eq!(parse_window(keys::SEND_WINDOW.default), Ok(d.send_window));
+        assert_eq!(parse_peer_slots(keys::PEER_SLOTS.default), Ok(d.peer_slots));
         assert_eq!(
             parse_socket_buffer(keys::SOCKET_BUFFER.default),
             Ok(d.socket_buffer)
@@ -2351,7 +2379,10 @@ format = "json"
         let f = toml_file(
             "[limits]\nstream_receive_window = \"256KiB\"\nsend_window = 65536\nmax_streams_per_client = 6\n",
         );
-        let env = env_of(&[("MACULA_SOCKET_BUFFER", "8MiB")]);
+        let env = env_of(&[
+            ("MACULA_SOCKET_BUFFER", "8MiB"),
+            ("MACULA_PEER_SLOTS", "16"),
+        ]);
         let args = NodeArgs {
             config: Some(f.path().to_path_buf()),
             connection_receive_window: Some("2MiB".into()),
@@ -2363,6 +2394,7 @@ format = "json"
         assert_eq!(s.send_window, 65536);
         assert_eq!(s.socket_buffer, 8 << 20);
         assert_eq!(s.max_streams_per_client, 6);
+        assert_eq!(s.peer_slots, 16);
         for (flag, bad) in [
             ("stream", "1KiB"),
             ("send", "2048MiB"),

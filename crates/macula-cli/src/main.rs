@@ -225,6 +225,7 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         max_connections: s.max_connections,
         idle_timeout: s.idle_timeout,
         pubsub_stall_timeout: s.pubsub_stall_timeout,
+        peer_slots: s.peer_slots,
         stream_receive_window: s.stream_receive_window,
         connection_receive_window: s.connection_receive_window,
         send_window: s.send_window,

@@ -36,9 +36,14 @@ pub const MIN_WINDOW: u64 = 16 * 1024;
 pub struct Limits {
     /// Largest frame body accepted (and announced to peers in HELLO).
     pub max_frame_size: u32,
-    /// Connections kept in the pool; past this the least recently used
-    /// connection is closed to make room.
+    /// Connections kept in the pool (clients and full nodes); past this
+    /// the least recently used full-node connection is closed to make room,
+    /// and when none may be closed new connections are turned away.
     pub max_connections: usize,
+    /// Slots of `max_connections` clients can never take, so a gateway full
+    /// of clients can still reach the mesh it forwards their traffic into
+    /// (at most half of `max_connections`; see `max_clients`).
+    pub peer_slots: usize,
     /// A pooled connection with no application traffic for this long is
     /// closed (health pings do not count as traffic).
     pub idle_timeout: Duration,
@@ -90,11 +95,20 @@ pub struct Limits {
     pub pubsub_stall_timeout: Duration,
 }
 
+impl Limits {
+    /// Client connections the node holds at most: `max_connections` less
+    /// `peer_slots` (capped at half of `max_connections`).
+    pub fn max_clients(&self) -> usize {
+        self.max_connections - self.peer_slots.min(self.max_connections / 2)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_connections: 1000,
+            peer_slots: 64,
             idle_timeout: Duration::from_secs(300),
             keep_alive_interval: Duration::from_secs(10),
             transport_idle_timeout: Duration::from_secs(30),

@@ -24,7 +24,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::peer::{self, close_code, Direction, DriverConfig, HandshakeError, LocalInfo, Peer};
 use crate::peer_addr::PeerAddr;
-use crate::pool::{Admit, PoolTable, Pooled};
+use crate::pool::{Admit, PoolTable, Pooled, Refusal};
 use crate::tls::{self, TlsError};
 use crate::tunnel::{is_tunnel_addr, RelayError, SessionInfo, Tunnel};
 use macula_wire::relay::{relay_record_name, RelayEntry, RelayRecord};
@@ -54,6 +54,9 @@ impl Pooled for Peer {
     }
     fn kept(&self) -> bool {
         self.is_kept()
+    }
+    fn client(&self) -> bool {
+        self.is_client()
     }
     fn addr(&self) -> SocketAddr {
         self.remote_addr()
@@ -431,7 +434,11 @@ impl NodeRuntime {
                     hello,
                     max_frame_size: config.limits.max_frame_size,
                 },
-                table: Mutex::new(PoolTable::new(node_id, config.limits.max_connections)),
+                table: Mutex::new(PoolTable::new(
+                    node_id,
+                    config.limits.max_connections,
+                    config.limits.max_clients(),
+                )),
                 dialing: Mutex::new(HashMap::new()),
                 metrics: Arc::new(Metrics::default()),
                 events,
@@ -689,33 +696,57 @@ impl NodeRuntime {
     }
 
     /// Admission of an inbound peer, from its HELLO: refused when the pool
-    /// is full of connections that cannot be evicted (clients and kept
-    /// peers), so the peer learns why in the handshake instead of being
-    /// dropped right after it.
-    fn admit(&self, id: NodeId, _hello: &Hello) -> Result<(), (DisconnectReason, String)> {
-        if !lock(&self.0.table).would_refuse(&id) {
-            return Ok(());
+    /// cannot take it (full of connections it may not evict, or, for a
+    /// client, clients hold all the slots they may), so the peer learns why
+    /// in the handshake instead of being dropped right after it.
+    fn admit(&self, id: NodeId, hello: &Hello) -> Result<(), (DisconnectReason, String)> {
+        let client = hello
+            .capabilities
+            .iter()
+            .any(|c| c == macula_wire::client::CLIENT_CAPABILITY);
+        match lock(&self.0.table).refusal(&id, client) {
+            None => Ok(()),
+            Some(r) => Err((DisconnectReason::ConnectionLimit, self.refused(id, r))),
         }
-        let max = self.0.config.limits.max_connections;
+    }
+
+    /// Counts and logs a refusal; returns what the peer is told.
+    fn refused(&self, peer: NodeId, why: Refusal) -> String {
         self.0
             .metrics
             .connections_refused_total
             .fetch_add(1, Relaxed);
-        self.warn_refusal(id, max);
-        Err((
-            DisconnectReason::ConnectionLimit,
-            format!("connection limit reached: this node holds its maximum of {max} connections"),
-        ))
+        let l = &self.0.config.limits;
+        let (max, text) = match why {
+            Refusal::Full => (
+                l.max_connections,
+                format!(
+                    "connection limit reached: this node holds its maximum of {} connections",
+                    l.max_connections
+                ),
+            ),
+            Refusal::ClientLimit => (
+                l.max_clients(),
+                format!(
+                    "client limit reached: this node serves at most {} clients (max_connections {} less {} slots kept for full nodes)",
+                    l.max_clients(),
+                    l.max_connections,
+                    l.max_connections - l.max_clients()
+                ),
+            ),
+        };
+        self.warn_refusal(peer, max, &text);
+        text
     }
 
     /// Logs a refusal at the connection limit: the first one and then at
     /// most one a second (a burst of refusals must not flood the log).
-    fn warn_refusal(&self, peer: NodeId, max: usize) {
+    fn warn_refusal(&self, peer: NodeId, max: usize, why: &str) {
         let now = self.0.started.elapsed().as_secs();
         let last = self.0.refusal_logged.swap(now + 1, Relaxed);
         if last != now + 1 {
             let refused = self.0.metrics.connections_refused_total.load(Relaxed);
-            tracing::warn!(peer = %peer, max, refused_total = refused, "connection limit reached; refusing new connections (limits.max_connections)");
+            tracing::warn!(peer = %peer, max, refused_total = refused, "{why}; refusing new connections (limits.max_connections, limits.peer_slots)");
         }
     }
 
@@ -730,13 +761,12 @@ impl NodeRuntime {
         let m = &self.0.metrics;
         let grace = self.0.config.limits.duplicate_close_grace;
         let result = match admit {
-            Admit::Full => {
-                m.connections_refused_total.fetch_add(1, Relaxed);
-                let max = self.0.config.limits.max_connections;
-                self.warn_refusal(peer.node_id(), max);
-                let why = format!(
-                    "connection limit reached: this node holds its maximum of {max} connections"
-                );
+            Admit::Refused(r) => {
+                let why = self.refused(peer.node_id(), r);
+                let max = match r {
+                    Refusal::Full => self.0.config.limits.max_connections,
+                    Refusal::ClientLimit => self.0.config.limits.max_clients(),
+                };
                 peer.disconnect(DisconnectReason::ConnectionLimit, &why)
                     .await;
                 return Err(ConnectError::ConnectionLimit { max });

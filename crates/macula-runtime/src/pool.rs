@@ -22,6 +22,8 @@ pub(crate) trait Pooled: Clone {
     fn conn_id(&self) -> usize;
     /// Kept connections are never evicted.
     fn kept(&self) -> bool;
+    /// A lightweight client's connection (counted against the client cap).
+    fn client(&self) -> bool;
     fn addr(&self) -> SocketAddr;
 }
 
@@ -36,8 +38,18 @@ pub(crate) enum Admit<P> {
     Replaced { old: P },
     /// The existing connection wins; the offered one must be closed.
     Duplicate { kept: P },
-    /// Every slot holds a kept connection; the offered one must be refused.
+    /// Refused (see `Refusal`); the offered connection must be closed.
+    Refused(Refusal),
+}
+
+/// Why the table cannot take a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Every slot holds a connection that may not be evicted.
     Full,
+    /// A client, and clients already hold all the slots they may: the
+    /// rest are kept for full nodes (the mesh a gateway forwards into).
+    ClientLimit,
 }
 
 /// Which connection survives when two exist to the same peer.
@@ -63,6 +75,10 @@ pub(crate) fn prefer_new(
 pub(crate) struct PoolTable<P> {
     local: NodeId,
     max: usize,
+    /// Most client connections; `max - max_clients` slots stay for peers.
+    max_clients: usize,
+    /// Client connections held now.
+    clients: usize,
     entries: HashMap<NodeId, (P, u64)>,
     lru: BTreeMap<u64, NodeId>,
     by_addr: HashMap<SocketAddr, NodeId>,
@@ -70,10 +86,14 @@ pub(crate) struct PoolTable<P> {
 }
 
 impl<P: Pooled> PoolTable<P> {
-    pub fn new(local: NodeId, max: usize) -> Self {
+    /// A table of at most `max` connections, of which at most
+    /// `max_clients` clients.
+    pub fn new(local: NodeId, max: usize, max_clients: usize) -> Self {
         PoolTable {
             local,
             max: max.max(1),
+            max_clients: max_clients.min(max.max(1)),
+            clients: 0,
             entries: HashMap::new(),
             lru: BTreeMap::new(),
             by_addr: HashMap::new(),
@@ -83,6 +103,12 @@ impl<P: Pooled> PoolTable<P> {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Client connections held now.
+    #[cfg(test)]
+    pub fn clients(&self) -> usize {
+        self.clients
     }
 
     fn bump(&mut self, id: NodeId) {
@@ -119,6 +145,7 @@ impl<P: Pooled> PoolTable<P> {
     fn insert(&mut self, p: P) {
         self.clock += 1;
         let id = p.node_id();
+        self.clients += usize::from(p.client());
         self.by_addr.insert(p.addr(), id);
         self.lru.insert(self.clock, id);
         self.entries.insert(id, (p, self.clock));
@@ -135,6 +162,7 @@ impl<P: Pooled> PoolTable<P> {
             return None;
         }
         let (p, key) = self.entries.remove(id)?;
+        self.clients -= usize::from(p.client());
         self.lru.remove(&key);
         if self.by_addr.get(&p.addr()) == Some(id) {
             self.by_addr.remove(&p.addr());
@@ -142,13 +170,19 @@ impl<P: Pooled> PoolTable<P> {
         Some(p)
     }
 
-    /// Would `admit` refuse a new connection to `id` (`Full`): no
-    /// connection to it yet, every slot taken, none of them evictable?
-    /// Lets the handshake turn a peer away before it is set up.
-    pub fn would_refuse(&self, id: &NodeId) -> bool {
-        self.entries.len() >= self.max
-            && !self.entries.contains_key(id)
-            && self.entries.values().all(|(e, _)| e.kept())
+    /// Would `admit` refuse a new connection to `id` (a `client` or not),
+    /// and why? A connection to a node already held is never refused (it
+    /// replaces or duplicates that one). Lets the handshake turn a peer
+    /// away before it is set up.
+    pub fn refusal(&self, id: &NodeId, client: bool) -> Option<Refusal> {
+        if self.entries.contains_key(id) {
+            return None;
+        }
+        if client && self.clients >= self.max_clients {
+            return Some(Refusal::ClientLimit);
+        }
+        let full = self.entries.len() >= self.max && self.entries.values().all(|(e, _)| e.kept());
+        full.then_some(Refusal::Full)
     }
 
     /// Offers a freshly handshaken connection.
@@ -168,6 +202,9 @@ impl<P: Pooled> PoolTable<P> {
             self.bump(id);
             return Admit::Duplicate { kept: existing };
         }
+        if let Some(r) = self.refusal(&id, p.client()) {
+            return Admit::Refused(r);
+        }
         let mut evicted = None;
         if self.entries.len() >= self.max {
             let victim = self
@@ -176,7 +213,7 @@ impl<P: Pooled> PoolTable<P> {
                 .find(|v| self.entries.get(v).is_some_and(|(e, _)| !e.kept()))
                 .copied();
             let Some(victim) = victim else {
-                return Admit::Full;
+                return Admit::Refused(Refusal::Full);
             };
             let conn = self.entries.get(&victim).map(|(e, _)| e.conn_id());
             evicted = conn.and_then(|c| self.remove_if(&victim, c));
@@ -198,6 +235,7 @@ mod tests {
         outbound: bool,
         conn: usize,
         kept: bool,
+        client: bool,
     }
 
     impl Pooled for Fake {
@@ -212,6 +250,9 @@ mod tests {
         }
         fn kept(&self) -> bool {
             self.kept
+        }
+        fn client(&self) -> bool {
+            self.client
         }
         fn addr(&self) -> SocketAddr {
             SocketAddr::from(([127, 0, 0, 1], 1000 + self.id.as_bytes()[0] as u16))
@@ -228,6 +269,7 @@ mod tests {
             outbound,
             conn,
             kept: false,
+            client: false,
         }
     }
 
@@ -246,7 +288,7 @@ mod tests {
 
     #[test]
     fn simultaneous_dial_keeps_one_connection() {
-        let mut a = PoolTable::new(id(1), 10);
+        let mut a = PoolTable::new(id(1), 10, 10);
         assert_eq!(
             a.admit(fake(2, false, 20)),
             Admit::Inserted { evicted: None }
@@ -267,7 +309,7 @@ mod tests {
 
     #[test]
     fn lru_eviction_skips_kept() {
-        let mut t = PoolTable::new(id(0), 2);
+        let mut t = PoolTable::new(id(0), 2, 2);
         let mut kept = fake(1, true, 1);
         kept.kept = true;
         t.admit(kept);
@@ -296,25 +338,57 @@ mod tests {
 
     #[test]
     fn full_of_kept_refuses() {
-        let mut t = PoolTable::new(id(0), 1);
+        let mut t = PoolTable::new(id(0), 1, 1);
         let mut k = fake(1, true, 1);
         k.kept = true;
-        assert!(!t.would_refuse(&id(1)));
+        assert_eq!(t.refusal(&id(1), false), None);
         t.admit(k);
-        assert!(t.would_refuse(&id(2)));
+        assert_eq!(t.refusal(&id(2), false), Some(Refusal::Full));
         // A connection to a peer already pooled replaces or duplicates it.
-        assert!(!t.would_refuse(&id(1)));
-        assert_eq!(t.admit(fake(2, true, 2)), Admit::Full);
+        assert_eq!(t.refusal(&id(1), false), None);
+        assert_eq!(t.admit(fake(2, true, 2)), Admit::Refused(Refusal::Full));
+    }
+
+    #[test]
+    fn clients_leave_slots_for_peers() {
+        let mut t = PoolTable::new(id(0), 4, 2);
+        let client = |n: u8| Fake {
+            kept: true,
+            client: true,
+            ..fake(n, false, n as usize)
+        };
+        t.admit(client(1));
+        t.admit(client(2));
+        assert_eq!(t.clients(), 2);
+        // A third client is refused although slots are free...
+        assert_eq!(t.refusal(&id(3), true), Some(Refusal::ClientLimit));
+        assert_eq!(t.admit(client(3)), Admit::Refused(Refusal::ClientLimit));
+        // ...which full nodes may still take.
+        assert_eq!(t.admit(fake(4, true, 4)), Admit::Inserted { evicted: None });
+        assert_eq!(t.admit(fake(5, true, 5)), Admit::Inserted { evicted: None });
+        // A client that reconnects replaces its old connection.
+        assert!(matches!(
+            t.admit(Fake {
+                conn: 9,
+                ..client(1)
+            }),
+            Admit::Replaced { .. }
+        ));
+        assert_eq!(t.clients(), 2);
+        // One leaves: a new client fits again.
+        assert!(t.remove_if(&id(2), 2).is_some());
+        assert_eq!(t.clients(), 1);
+        assert_eq!(t.admit(client(3)), Admit::Inserted { evicted: None });
     }
 
     #[test]
     fn full_with_an_evictable_entry_does_not_refuse() {
-        let mut t = PoolTable::new(id(0), 2);
+        let mut t = PoolTable::new(id(0), 2, 2);
         let mut k = fake(1, true, 1);
         k.kept = true;
         t.admit(k);
         t.admit(fake(2, true, 2));
-        assert!(!t.would_refuse(&id(3)));
+        assert_eq!(t.refusal(&id(3), false), None);
         assert!(matches!(
             t.admit(fake(3, true, 3)),
             Admit::Inserted { evicted: Some(_) }
@@ -325,21 +399,28 @@ mod tests {
         /// Random admits and removes never break the invariants.
         #[test]
         fn invariants_hold(ops in proptest::collection::vec((1u8..12, any::<bool>(), 0usize..40, any::<bool>(), any::<bool>()), 0..200)) {
-            let mut t = PoolTable::new(id(0), 5);
+            let mut t = PoolTable::new(id(0), 5, 3);
             for (n, outbound, conn, kept, remove) in ops {
+                // Node IDs 1..=6 are clients (always kept), the rest peers.
+                let client = n <= 6;
                 if remove {
                     t.remove_if(&id(n), conn);
                 } else {
                     let mut f = fake(n, outbound, conn);
-                    f.kept = kept;
+                    f.kept = kept || client;
+                    f.client = client;
                     t.admit(f);
                 }
+                prop_assert_eq!(t.clients, t.entries.values().filter(|(p, _)| p.client).count());
+                prop_assert!(t.clients <= 3);
                 prop_assert!(t.len() <= 5);
-                // `would_refuse` predicts `admit`'s `Full` exactly.
-                let probe = fake(200, true, 999);
-                let predicted = t.would_refuse(&probe.id);
-                let mut copy = PoolTable { local: t.local, max: t.max, entries: t.entries.clone(), lru: t.lru.clone(), by_addr: t.by_addr.clone(), clock: t.clock };
-                prop_assert_eq!(predicted, copy.admit(probe) == Admit::Full);
+                // `refusal` predicts `admit`'s refusals exactly.
+                for probe in [fake(200, true, 999), Fake { client: true, kept: true, ..fake(3, true, 998) }] {
+                    let predicted = t.refusal(&probe.id, probe.client);
+                    let mut copy = PoolTable { local: t.local, max: t.max, max_clients: t.max_clients, clients: t.clients, entries: t.entries.clone(), lru: t.lru.clone(), by_addr: t.by_addr.clone(), clock: t.clock };
+                    let got = match copy.admit(probe) { Admit::Refused(r) => Some(r), _ => None };
+                    prop_assert_eq!(predicted, got);
+                }
                 prop_assert_eq!(t.entries.len(), t.lru.len());
                 for (i, (p, key)) in &t.entries {
                     prop_assert_eq!(*i, p.id);

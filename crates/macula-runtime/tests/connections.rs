@@ -1,9 +1,11 @@
-//! The connection limit with a few hundred real QUIC client connections on
-//! 127.0.0.1, all from one shared client socket: the node holds exactly its
-//! `max_connections`, turns the next ones away in the handshake with a
-//! reason that says so, keeps serving the ones it holds, and admits again
-//! once connections close. (The 10,000-connection run is a benchmark:
-//! `macula bench connections`.)
+//! The connection limits with a few hundred real QUIC client connections on
+//! 127.0.0.1, all from one shared client socket: the node holds exactly as
+//! many clients as `max_connections` less `peer_slots` allows, turns the
+//! next ones away in the handshake with a reason that says so, still takes
+//! full nodes in the slots kept for them, keeps serving the clients it
+//! holds, and admits again once connections close. A pool full of
+//! connections it may not evict turns anyone away. (The 10,000-connection
+//! run is a benchmark: `macula bench connections`.)
 
 mod common;
 
@@ -17,7 +19,10 @@ use macula_runtime::pubsub::SubscriptionItem;
 use macula_runtime::{Client, ClientConfig, ClientError, ConnectError, NodeRuntime, PeerAddr};
 use macula_wire::DisconnectReason;
 
+/// Clients the node takes.
 const LIMIT: usize = 300;
+/// Slots kept for full nodes.
+const PEER_SLOTS: usize = 8;
 
 fn client_config(node: &NodeRuntime, endpoint: &quinn::Endpoint) -> ClientConfig {
     let gw: PeerAddr = format!("{}@{}", node.node_id(), node.local_addr())
@@ -57,7 +62,8 @@ async fn attach(
 async fn clients_beyond_the_connection_limit_are_turned_away() {
     init_tracing();
     let mut cfg = config();
-    cfg.limits.max_connections = LIMIT;
+    cfg.limits.max_connections = LIMIT + PEER_SLOTS;
+    cfg.limits.peer_slots = PEER_SLOTS;
     let node = start(cfg).await;
     let endpoint = Client::endpoint("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
 
@@ -89,8 +95,7 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
     assert!(matches!(e, ClientError::TurnedAway { .. }), "{e:?}");
     let text = e.to_string();
     assert!(
-        text.contains("ConnectionLimit")
-            && text.contains(&format!("maximum of {LIMIT} connections")),
+        text.contains("ConnectionLimit") && text.contains(&format!("at most {LIMIT} clients")),
         "{text}"
     );
     // Several more, concurrently: each refused and counted.
@@ -104,34 +109,16 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
     assert_eq!(m.connections_refused_total.load(Relaxed), 11);
     assert_eq!(m.connections_current.load(Relaxed), LIMIT as u64);
 
-    // A full node dialing in is turned away too (clients are never evicted
-    // for it), and its dialer counts why.
+    // A full node still gets in: slots are kept for the mesh.
     let peer = start(config()).await;
-    let e = within(
+    within(
         STEP,
-        "a full node is refused",
+        "a full node connects",
         peer.connect(node.local_addr(), Some(node.node_id())),
     )
     .await
-    .expect_err("the node is full");
-    assert!(
-        matches!(
-            &e,
-            ConnectError::Handshake {
-                source: HandshakeError::TurnedAway {
-                    reason: DisconnectReason::ConnectionLimit,
-                    ..
-                },
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    assert_eq!(
-        peer.metrics()
-            .handshake_failures(macula_runtime::metrics::HandshakeFailure::ConnectionLimit),
-        1
-    );
+    .expect("a peer slot is free");
+    assert_eq!(m.connections_current.load(Relaxed), LIMIT as u64 + 1);
 
     // The clients it holds are served as before.
     let (last, mut inbox) = clients.pop().expect("a client");
@@ -155,7 +142,7 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
         c.shutdown().await;
     }
     eventually(STEP, "slots free up", || {
-        m.connections_current.load(Relaxed) <= (LIMIT - 11) as u64
+        m.connections_current.load(Relaxed) <= (LIMIT + 1 - 11) as u64
     })
     .await;
     let again = within(
@@ -175,33 +162,76 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_pool_makes_room_for_a_client_by_evicting_a_mesh_connection() {
+async fn a_full_pool_evicts_mesh_connections_and_turns_away_when_nothing_may_go() {
     init_tracing();
     let mut cfg = config();
-    cfg.limits.max_connections = 3;
+    // At most 2 clients (the peer slots are capped at half the pool).
+    cfg.limits.max_connections = 4;
     let node = start(cfg).await;
+    let m = node.metrics();
     let endpoint = Client::endpoint("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    // One evictable mesh connection, two clients: full.
-    let peer = start(config()).await;
-    within(
+    let dial = |p: &NodeRuntime| {
+        let (p, n) = (p.clone(), node.clone());
+        async move { p.connect(n.local_addr(), Some(n.node_id())).await }
+    };
+    let p1 = start(config()).await;
+    let p2 = start(config()).await;
+    within(STEP, "p1 dials", dial(&p1)).await.expect("p1 in");
+    let clients = attach(&node, &endpoint, 0..2).await;
+    within(STEP, "p2 dials", dial(&p2)).await.expect("p2 in");
+    assert_eq!(m.connections_current.load(Relaxed), 4);
+
+    // A third client: over the client cap, turned away at once.
+    let e = within(
         STEP,
-        "peer dials",
-        peer.connect(node.local_addr(), Some(node.node_id())),
+        "third client",
+        Client::connect(client_config(&node, &endpoint)),
     )
     .await
-    .expect("peer connects");
-    let clients = attach(&node, &endpoint, 0..2).await;
-    assert_eq!(node.metrics().connections_current.load(Relaxed), 3);
-    // A third client gets in: the mesh connection (redialed when needed)
-    // makes room; clients are never the ones evicted.
-    let third = within(STEP, "third client", attach(&node, &endpoint, 2..3)).await;
-    assert_eq!(node.metrics().pool_evictions_total.load(Relaxed), 1);
-    assert!(node.peer(&peer.node_id()).is_none());
-    assert_eq!(node.metrics().connections_current.load(Relaxed), 3);
-    for (c, s) in clients.into_iter().chain(third) {
+    .expect_err("client cap");
+    assert!(e.to_string().contains("at most 2 clients"), "{e}");
+
+    // A full node: the least recently used mesh connection makes room.
+    let p3 = start(config()).await;
+    within(STEP, "p3 dials", dial(&p3)).await.expect("p3 in");
+    assert_eq!(m.pool_evictions_total.load(Relaxed), 1);
+    assert!(node.peer(&p1.node_id()).is_none(), "p1 was the LRU");
+    assert_eq!(m.connections_current.load(Relaxed), 4);
+
+    // With every connection kept, a new full node is turned away in the
+    // handshake, and its dialer counts why.
+    for p in [&p2, &p3] {
+        node.peer(&p.node_id()).expect("pooled").set_kept(true);
+    }
+    let p4 = start(config()).await;
+    let e = within(STEP, "p4 dials", dial(&p4)).await.expect_err("full");
+    assert!(
+        matches!(
+            &e,
+            ConnectError::Handshake {
+                source: HandshakeError::TurnedAway {
+                    reason: DisconnectReason::ConnectionLimit,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("maximum of 4 connections"), "{e}");
+    assert_eq!(
+        p4.metrics()
+            .handshake_failures(macula_runtime::metrics::HandshakeFailure::ConnectionLimit),
+        1
+    );
+    assert_eq!(m.connections_refused_total.load(Relaxed), 2);
+
+    for (c, s) in clients {
         drop(s);
         c.shutdown().await;
     }
-    peer.shutdown().await;
+    for p in [p1, p2, p3, p4] {
+        p.shutdown().await;
+    }
     node.shutdown().await;
 }
