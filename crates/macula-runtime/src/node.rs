@@ -700,18 +700,15 @@ impl NodeRuntime {
     /// client, clients hold all the slots they may), so the peer learns why
     /// in the handshake instead of being dropped right after it.
     fn admit(&self, id: NodeId, hello: &Hello) -> Result<(), (DisconnectReason, String)> {
-        let client = hello
-            .capabilities
-            .iter()
-            .any(|c| c == macula_wire::client::CLIENT_CAPABILITY);
-        match lock(&self.0.table).refusal(&id, client) {
+        match lock(&self.0.table).refusal(&id, peer::is_client_hello(hello)) {
             None => Ok(()),
-            Some(r) => Err((DisconnectReason::ConnectionLimit, self.refused(id, r))),
+            Some(r) => Err((DisconnectReason::ConnectionLimit, self.refused(id, r).1)),
         }
     }
 
-    /// Counts and logs a refusal; returns what the peer is told.
-    fn refused(&self, peer: NodeId, why: Refusal) -> String {
+    /// Counts and logs a refusal; returns the limit hit and what the peer
+    /// is told.
+    fn refused(&self, peer: NodeId, why: Refusal) -> (usize, String) {
         self.0
             .metrics
             .connections_refused_total
@@ -736,7 +733,7 @@ impl NodeRuntime {
             ),
         };
         self.warn_refusal(peer, max, &text);
-        text
+        (max, text)
     }
 
     /// Logs a refusal at the connection limit: the first one and then at
@@ -762,11 +759,7 @@ impl NodeRuntime {
         let grace = self.0.config.limits.duplicate_close_grace;
         let result = match admit {
             Admit::Refused(r) => {
-                let why = self.refused(peer.node_id(), r);
-                let max = match r {
-                    Refusal::Full => self.0.config.limits.max_connections,
-                    Refusal::ClientLimit => self.0.config.limits.max_clients(),
-                };
+                let (max, why) = self.refused(peer.node_id(), r);
                 peer.disconnect(DisconnectReason::ConnectionLimit, &why)
                     .await;
                 return Err(ConnectError::ConnectionLimit { max });

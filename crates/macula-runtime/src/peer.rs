@@ -257,10 +257,7 @@ impl Peer {
 
     /// Is the peer a lightweight client (HELLO capability `client`)?
     pub fn is_client(&self) -> bool {
-        self.hello()
-            .capabilities
-            .iter()
-            .any(|c| c == macula_wire::client::CLIENT_CAPABILITY)
+        is_client_hello(self.hello())
     }
 
     pub fn is_kept(&self) -> bool {
@@ -370,6 +367,14 @@ impl Peer {
     }
 }
 
+/// Does this HELLO announce a lightweight client (capability `client`)?
+pub(crate) fn is_client_hello(hello: &Hello) -> bool {
+    hello
+        .capabilities
+        .iter()
+        .any(|c| c == macula_wire::client::CLIENT_CAPABILITY)
+}
+
 fn truncate(s: &str) -> String {
     let mut end = s.len().min(macula_wire::MAX_REASON_LEN);
     while !s.is_char_boundary(end) {
@@ -475,7 +480,19 @@ async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, err: &Handsh
         message: message.clone(),
         msg_type,
     });
-    if writer.send(&frame).await.is_ok() {
+    send_then_close(conn, writer, &frame, reason, &message).await;
+}
+
+/// Sends `frame` (the explanation), finishes the stream, waits briefly for
+/// the peer to read it and close first, then closes with `reason`.
+async fn send_then_close(
+    conn: &quinn::Connection,
+    writer: &mut FrameWriter,
+    frame: &Message,
+    reason: DisconnectReason,
+    message: &str,
+) {
+    if writer.send(frame).await.is_ok() {
         writer.finish();
         let _ = tokio::time::timeout(ERROR_LINGER, conn.closed()).await;
     }
@@ -500,11 +517,7 @@ async fn turn_away(
         reason,
         message: message.clone(),
     });
-    if writer.send(&frame).await.is_ok() {
-        writer.finish();
-        let _ = tokio::time::timeout(ERROR_LINGER, conn.closed()).await;
-    }
-    conn.close(close_code(reason), message.as_bytes());
+    send_then_close(conn, writer, &frame, reason, &message).await;
 }
 
 /// Runs the HELLO exchange on a connection whose TLS handshake proved
