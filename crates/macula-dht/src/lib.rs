@@ -64,16 +64,15 @@ mod lookup;
 pub mod message;
 mod ratelimit;
 pub mod record;
-pub mod rng;
+pub use macula_wire::rng;
 pub mod routing;
 pub mod sim;
 pub mod store;
-mod time;
 
 pub use config::Config;
 pub use dht::{Dht, Event, LookupError, PutError, PutId, RequestError, Stats};
 pub use lookup::{LookupId, LookupKind, LookupOutcome, LookupStats};
+pub use macula_wire::time::Millis;
 pub use macula_wire::NodeId;
 pub use message::{Contact, CorrelationId, Outgoing, Request, Response};
 pub use record::{InsecureNoAuth, Record, RecordAuth, RecordError};
-pub use time::Millis;

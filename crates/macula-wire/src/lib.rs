@@ -18,7 +18,9 @@ pub mod nat;
 pub mod node_id;
 pub mod pubsub;
 pub mod relay;
+pub mod rng;
 pub mod rpc;
+pub mod time;
 
 pub use client::ClientMessage;
 pub use dht::{dht_key, DhtMessage, WireContact, WireRecord};
@@ -35,3 +37,4 @@ pub use pubsub::{
 };
 pub use relay::{RelayCode, RelayMessage, RelayRecord};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};
+pub use time::Millis;

@@ -1,4 +1,5 @@
-//! Time as plain numbers.
+//! Time as plain numbers: the one clock type of every core (DHT, pub/sub,
+//! RPC, the simulator).
 //!
 //! The core never reads a clock: every entry point takes `now: Millis`, a reading
 //! of the caller's monotonic clock in milliseconds (the simulator's virtual clock,
@@ -32,6 +33,17 @@ impl Millis {
         Millis(self.0.saturating_sub(other.0))
     }
 
+    /// A span from a `Duration`, rounded down to whole milliseconds and
+    /// saturating at `u64::MAX`.
+    pub fn from_duration(d: std::time::Duration) -> Millis {
+        Millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// This span as a `Duration`.
+    pub const fn to_duration(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.0)
+    }
+
     /// `percent`% of this span, rounded down, without overflowing.
     pub const fn percent(self, percent: u64) -> Millis {
         Millis(self.0 / 100 * percent + self.0 % 100 * percent / 100)
@@ -55,5 +67,9 @@ mod tests {
         assert_eq!(Millis(1000).percent(75), Millis(750));
         assert_eq!(Millis(u64::MAX).percent(100), Millis(u64::MAX));
         assert_eq!(Millis::from_secs(3), Millis(3000));
+        let d = std::time::Duration::from_micros(2_999);
+        assert_eq!(Millis::from_duration(d), Millis(2));
+        assert_eq!(Millis(7).to_duration(), std::time::Duration::from_millis(7));
+        assert_eq!(Millis::from_duration(std::time::Duration::MAX), Millis(u64::MAX));
     }
 }

@@ -5,7 +5,7 @@
 //! any platform. It is not cryptographic and must never be used for keys or
 //! anything an attacker must not predict.
 
-use macula_wire::NodeId;
+use crate::NodeId;
 
 /// xoshiro256** (Blackman and Vigna): fast, 256 bits of state, passes BigCrush.
 #[derive(Clone, Debug)]
