@@ -14,7 +14,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { base: 5, max: 500 }
+        Backoff {
+            base: Millis(5),
+            max: Millis(500),
+        }
     }
 }
 
@@ -22,9 +25,9 @@ impl Backoff {
     /// The delay before retry `retry` (1 for the first retry).
     pub fn delay(&self, retry: u32, rng: &mut Rng) -> Millis {
         let shift = retry.saturating_sub(1).min(32);
-        let d = self.base.saturating_mul(1u64 << shift).min(self.max);
+        let d = self.base.0.saturating_mul(1u64 << shift).min(self.max.0);
         let half = d / 2;
-        half + rng.below(d - half + 1)
+        Millis(half + rng.below(d - half + 1))
     }
 }
 
@@ -34,15 +37,18 @@ mod tests {
 
     #[test]
     fn grows_and_is_capped() {
-        let b = Backoff { base: 10, max: 100 };
+        let b = Backoff {
+            base: Millis(10),
+            max: Millis(100),
+        };
         let mut rng = Rng::new(7);
         for _ in 0..100 {
             let d1 = b.delay(1, &mut rng);
-            assert!((5..=10).contains(&d1), "{d1}");
+            assert!((5..=10).contains(&d1.0), "{d1}");
             let d3 = b.delay(3, &mut rng);
-            assert!((20..=40).contains(&d3), "{d3}");
+            assert!((20..=40).contains(&d3.0), "{d3}");
             let d9 = b.delay(40, &mut rng);
-            assert!((50..=100).contains(&d9), "{d9}");
+            assert!((50..=100).contains(&d9.0), "{d9}");
         }
     }
 }

@@ -284,9 +284,11 @@ mod tests {
             // Candidates arrive in a different order each time.
             let mut c = vec![(0u32, 1u32), (1, 1), (2, 1)];
             c.rotate_left(i % 3);
-            let k = b.pick("p", Strategy::RoundRobin, &c, &[], 0).unwrap();
+            let k = b
+                .pick("p", Strategy::RoundRobin, &c, &[], Millis(0))
+                .unwrap();
             counts[k as usize] += 1;
-            b.record(&k, Outcome::Success { latency_us: 10 }, 0);
+            b.record(&k, Outcome::Success { latency_us: 10 }, Millis(0));
         }
         assert_eq!(counts, [100, 100, 100]);
     }
@@ -297,7 +299,7 @@ mod tests {
         let c = [(0u32, 1u32), (1, 3), (2, 0)];
         let mut counts = [0u32; 3];
         for _ in 0..40_000 {
-            let k = b.pick("p", Strategy::Weighted, &c, &[], 0).unwrap();
+            let k = b.pick("p", Strategy::Weighted, &c, &[], Millis(0)).unwrap();
             counts[k as usize] += 1;
         }
         assert_eq!(counts[2], 0, "weight 0 is never chosen while others exist");
@@ -310,11 +312,11 @@ mod tests {
         let mut b = bal();
         let c = [(0u32, 1u32), (1, 1), (2, 1)];
         for (k, lat) in [(0, 5_000), (1, 100), (2, 5_000)] {
-            b.record(&k, Outcome::Success { latency_us: lat }, 0);
+            b.record(&k, Outcome::Success { latency_us: lat }, Millis(0));
         }
         let mut fast = 0;
         for _ in 0..3000 {
-            if b.pick("p", Strategy::LeastLatency, &c, &[], 0) == Some(1) {
+            if b.pick("p", Strategy::LeastLatency, &c, &[], Millis(0)) == Some(1) {
                 fast += 1;
             }
         }
@@ -327,19 +329,31 @@ mod tests {
         let mut b = bal();
         let c = [(0u32, 1u32), (1, 1)];
         for _ in 0..5 {
-            b.record(&0, Outcome::Failure, 100);
+            b.record(&0, Outcome::Failure, Millis(100));
         }
-        assert_eq!(b.breaker_state(&0, 100), BreakerState::Open);
+        assert_eq!(b.breaker_state(&0, Millis(100)), BreakerState::Open);
         for _ in 0..10 {
-            assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[], 200), Some(1));
+            assert_eq!(
+                b.pick("p", Strategy::RoundRobin, &c, &[], Millis(200)),
+                Some(1)
+            );
         }
-        assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[1], 200), None);
+        assert_eq!(
+            b.pick("p", Strategy::RoundRobin, &c, &[1], Millis(200)),
+            None
+        );
         // After the open period: one probe to 0, then 0 is not usable until
         // the probe's outcome is known.
-        assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[1], 1100), Some(0));
-        assert_eq!(b.pick("p", Strategy::RoundRobin, &c, &[1], 1100), None);
-        b.record(&0, Outcome::Success { latency_us: 1 }, 1101);
-        assert_eq!(b.breaker_state(&0, 1101), BreakerState::Closed);
+        assert_eq!(
+            b.pick("p", Strategy::RoundRobin, &c, &[1], Millis(1100)),
+            Some(0)
+        );
+        assert_eq!(
+            b.pick("p", Strategy::RoundRobin, &c, &[1], Millis(1100)),
+            None
+        );
+        b.record(&0, Outcome::Success { latency_us: 1 }, Millis(1101));
+        assert_eq!(b.breaker_state(&0, Millis(1101)), BreakerState::Closed);
     }
 
     #[test]
@@ -353,10 +367,16 @@ mod tests {
             1,
         );
         for k in 0..100u32 {
-            b.record(&k, Outcome::Success { latency_us: 1 }, u64::from(k));
-            let _ = b.pick(&format!("p{k}"), Strategy::RoundRobin, &[(k, 1)], &[], 0);
+            b.record(&k, Outcome::Success { latency_us: 1 }, Millis(u64::from(k)));
+            let _ = b.pick(
+                &format!("p{k}"),
+                Strategy::RoundRobin,
+                &[(k, 1)],
+                &[],
+                Millis(0),
+            );
         }
-        assert!(b.providers(0).len() <= 4);
+        assert!(b.providers(Millis(0)).len() <= 4);
         assert!(b.cursors.len() <= 2);
     }
 }

@@ -1,7 +1,8 @@
 //! Property tests: breaker laws and balancer choice invariants.
 
 use macula_rpc::{
-    Balancer, BalancerLimits, Breaker, BreakerConfig, BreakerState, Outcome, Strategy as Pick,
+    Balancer, BalancerLimits, Breaker, BreakerConfig, BreakerState, Millis, Outcome,
+    Strategy as Pick,
 };
 use proptest::prelude::*;
 
@@ -39,9 +40,9 @@ proptest! {
     /// success always closes.
     #[test]
     fn breaker_laws(ops in proptest::collection::vec(op(), 0..200), threshold in 1u32..6) {
-        let cfg = BreakerConfig { failure_threshold: threshold, open_for: 500, max_open_for: 4000 };
+        let cfg = BreakerConfig { failure_threshold: threshold, open_for: Millis(500), max_open_for: Millis(4000) };
         let mut b = Breaker::new(cfg);
-        let mut now = 0u64;
+        let mut now = Millis(0);
         let mut probe_out = false;
         for op in ops {
             match op {
@@ -67,7 +68,7 @@ proptest! {
                     }
                 }
                 Op::Abandon => { b.on_abandon(); probe_out = false; }
-                Op::Advance(d) => now += d,
+                Op::Advance(d) => now = now.saturating_add(Millis(d)),
             }
             prop_assert_eq!(b.available(now), b.state(now) == BreakerState::Closed || (b.state(now) == BreakerState::HalfOpen && !probe_out));
         }
@@ -85,12 +86,12 @@ proptest! {
     ) {
         let mut b: Balancer<u32> = Balancer::new(BreakerConfig::default(), BalancerLimits::default(), seed);
         for f in &failures {
-            b.record(f, Outcome::Failure, 0);
+            b.record(f, Outcome::Failure, Millis(0));
         }
         let usable: Vec<u32> = cands.iter().map(|c| c.0)
-            .filter(|k| !exclude.contains(k) && b.breaker_state(k, 10) != BreakerState::Open)
+            .filter(|k| !exclude.contains(k) && b.breaker_state(k, Millis(10)) != BreakerState::Open)
             .collect();
-        match b.pick("p", strat, &cands, &exclude, 10) {
+        match b.pick("p", strat, &cands, &exclude, Millis(10)) {
             Some(k) => prop_assert!(usable.contains(&k)),
             None => prop_assert!(usable.is_empty()),
         }

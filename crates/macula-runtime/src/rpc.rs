@@ -636,7 +636,7 @@ impl Rpc {
     }
 
     fn now_ms(&self) -> macula_rpc::Millis {
-        self.0.epoch.elapsed().as_millis() as u64
+        macula_rpc::Millis::from_duration(self.0.epoch.elapsed())
     }
 
     // ----- advertising -------------------------------------------------
@@ -1133,7 +1133,7 @@ impl Rpc {
             self.0.counters.retries_total.fetch_add(1, Relaxed);
             let delay =
                 Backoff::default().delay(tried.len() as u32, &mut lock(&self.0.backoff_rng));
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+            tokio::time::sleep(delay.to_duration()).await;
             last = Some(e);
         }
     }
@@ -1176,7 +1176,7 @@ impl Rpc {
                     tracing::debug!(procedure = %b.procedure, gateway = %gateway.node_id(), error = %e, "gateway lost during a call; retrying through the next");
                     self.0.counters.retries_total.fetch_add(1, Relaxed);
                     let delay = Backoff::default().delay(attempts, &mut lock(&self.0.backoff_rng));
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    tokio::time::sleep(delay.to_duration()).await;
                 }
                 Err(e) => return Err(e),
             }
