@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use crate::dht_cache::{GetCache, DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE};
 use crate::identity::{verify_signature, Identity};
 use crate::peer::Peer;
+use crate::service::{Answer, PeerDown, Serves, Service};
 
 /// Commands queued for the DHT task; past this, inbound DHT frames are
 /// dropped (and counted) rather than buffered without bound.
@@ -56,28 +57,7 @@ pub enum DhtError {
     Stopped,
 }
 
-/// A record as returned to applications.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhtRecord {
-    pub key: NodeId,
-    /// The node that published and signed it (verified).
-    pub publisher: NodeId,
-    pub seq: u64,
-    pub ttl: Duration,
-    pub value: Vec<u8>,
-}
-
-impl From<Record> for DhtRecord {
-    fn from(r: Record) -> Self {
-        DhtRecord {
-            key: r.key,
-            publisher: r.publisher,
-            seq: r.seq,
-            ttl: Duration::from_millis(r.ttl.0),
-            value: r.value,
-        }
-    }
-}
+pub use crate::dht_cache::DhtRecord;
 
 /// A point-in-time view of the DHT, for health and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -478,6 +458,45 @@ impl RecordAuth for IdentityAuth {
             return false;
         };
         NodeId::from_public_key(pk) == *publisher && verify_signature(pk, msg, sig)
+    }
+}
+
+/// The DHT as a service: DHT_* frames go to the task; a node that left
+/// the mesh is dropped from the routing table at once.
+impl Service for DhtHandle {
+    fn name(&self) -> &'static str {
+        "dht"
+    }
+
+    fn serves(&self) -> Serves {
+        use macula_wire::MessageType as T;
+        Serves {
+            messages: &[
+                T::DhtPing,
+                T::DhtFindNode,
+                T::DhtFindValue,
+                T::DhtStore,
+                T::DhtPong,
+                T::DhtNodes,
+                T::DhtValue,
+                T::DhtStored,
+                T::DhtStoreRejected,
+            ],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        if let Message::Dht(msg) = msg {
+            self.deliver(peer, msg);
+        }
+        Answer::Done
+    }
+
+    fn peer_down(&self, peer: &Peer, why: PeerDown) {
+        if why == PeerDown::Left {
+            self.peer_left(peer);
+        }
     }
 }
 

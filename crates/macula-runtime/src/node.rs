@@ -19,12 +19,14 @@ use tokio::sync::{broadcast, watch, Semaphore};
 use crate::backoff::{jitter, Backoff};
 use crate::config::{ConfigError, IdentitySource, NodeConfig, ReachabilityMode};
 use crate::dht::DhtHandle;
+use crate::driver::{self, DriverConfig, Ended};
 use crate::framed::FrameReader;
 use crate::identity::{Identity, IdentityError};
 use crate::metrics::{HandshakeFailure, Metrics};
-use crate::peer::{self, close_code, Direction, DriverConfig, HandshakeError, LocalInfo, Peer};
+use crate::peer::{self, close_code, Direction, HandshakeError, LocalInfo, Peer};
 use crate::peer_addr::PeerAddr;
 use crate::pool::{Admit, PoolTable, Pooled, Refusal};
+use crate::service::{PeerDown, Services};
 use crate::tls::{self, TlsError};
 use crate::tunnel::{is_tunnel_addr, RelayError, SessionInfo, Tunnel};
 use macula_wire::relay::{relay_record_name, RelayEntry, RelayRecord};
@@ -146,6 +148,8 @@ pub enum PeerEvent {
 type DialFuture = Shared<BoxFuture<'static, Result<Peer, ConnectError>>>;
 
 struct NodeShared {
+    /// What the connection drivers dispatch to.
+    services: Services,
     gateway: crate::gateway::Gateway,
     node_id: NodeId,
     config: NodeConfig,
@@ -420,7 +424,18 @@ impl NodeRuntime {
                 Box::new(move || relay_reach.state() == crate::reachability::ReachState::Private),
                 Some(dht.clone()),
             );
+            // Every service this node runs: one line each.
+            let services = Services::new(vec![
+                Arc::new(dht.clone()),
+                Arc::new(pubsub.clone()),
+                Arc::new(rpc.clone()),
+                Arc::new(reach.clone()),
+                Arc::new(gateway.clone()),
+                Arc::new(relay.clone()),
+                Arc::new(tunnel.clone()),
+            ]);
             NodeShared {
+                services,
                 gateway,
                 relay,
                 tunnel,
@@ -823,17 +838,13 @@ impl NodeRuntime {
                 .then_some(self.0.config.limits.health_ping_interval),
             ping_timeout: self.0.config.limits.ping_timeout,
             max_frame_size: self.0.config.limits.max_frame_size,
-            dht: Some(self.0.dht.clone()),
-            pubsub: Some(self.0.pubsub.clone()),
-            rpc: Some(self.0.rpc.clone()),
-            reach: Some(self.0.reach.clone()),
-            attach: Some(Arc::new(self.0.gateway.clone())),
-            relay: Some((self.0.relay.clone(), self.0.tunnel.clone())),
+            services: self.0.services.clone(),
         };
         let shutdown = self.0.shutdown.subscribe();
+        self.0.services.peer_up(&peer);
         tokio::spawn(async move {
-            let why = peer::drive(peer.clone(), reader, cfg, shutdown).await;
-            node.forget(&peer, why);
+            let ended = driver::drive(peer.clone(), reader, cfg, shutdown).await;
+            node.forget(&peer, ended);
         });
     }
 
@@ -856,10 +867,8 @@ impl NodeRuntime {
         });
     }
 
-    fn forget(&self, peer: &Peer, why: String) {
-        if peer.is_client() {
-            self.0.gateway.connection_closed(peer);
-        }
+    fn forget(&self, peer: &Peer, ended: Ended) {
+        let why = ended.why;
         let removed = {
             let mut t = lock(&self.0.table);
             let r = t.remove_if(&peer.node_id(), peer.connection_id());
@@ -873,6 +882,14 @@ impl NodeRuntime {
             .metrics
             .connections_closed_total
             .fetch_add(1, Relaxed);
+        self.0.services.peer_down(
+            peer,
+            match (ended.left, removed) {
+                (true, _) => PeerDown::Left,
+                (false, true) => PeerDown::Closed,
+                (false, false) => PeerDown::Superseded,
+            },
+        );
         if removed {
             tracing::info!(peer = %peer.node_id(), reason = %why, "peer disconnected");
             let _ = self.0.events.send(PeerEvent::Disconnected {
