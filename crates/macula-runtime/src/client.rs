@@ -132,6 +132,8 @@ pub enum ClientError {
     },
     #[error("QUIC setup failed: {0}")]
     Quic(String),
+    #[error(transparent)]
+    Epoch(#[from] crate::clock::EpochError),
     #[error("no node accepted the client within {after:?}: {last}")]
     Attach { after: Duration, last: String },
     /// Every configured node answered and turned the client away (at its
@@ -321,6 +323,12 @@ impl Client {
             IdentitySource::Ephemeral => Identity::generate(),
         };
         let node_id = identity.node_id();
+        // Only the epoch matters to a client (it publishes; it keeps no
+        // DHT records), and recording it at start is enough to order runs.
+        let epoch = match &config.identity {
+            IdentitySource::DataDir(dir) => crate::clock::Epoch::start(dir)?,
+            IdentitySource::Ephemeral => crate::clock::Epoch::ephemeral(),
+        };
         let tls = tls::build(&identity, &config.tls)?;
         let crypto = QuicClientConfig::try_from(tls.client.clone())
             .map_err(|e| ClientError::Quic(e.to_string()))?;
@@ -356,6 +364,7 @@ impl Client {
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let pubsub = PubSub::with_mesh(
                 node_id,
+                epoch.value(),
                 max_frame,
                 config.pubsub,
                 Some(crate::pubsub::MeshLink {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use macula_dht::{
     Contact, CorrelationId, Dht, Event, LookupError, LookupId, LookupKind, Millis, Outgoing,
@@ -24,6 +24,7 @@ use macula_wire::dht::*;
 use macula_wire::{Message, NodeId};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
+use crate::clock::Clock;
 use crate::dht_cache::{GetCache, DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE};
 use crate::identity::{verify_signature, Identity};
 use crate::peer::Peer;
@@ -506,17 +507,6 @@ pub(crate) fn contact_of(peer: &Peer) -> Contact {
     Contact::new(peer.node_id(), peer.remote_addr().to_string())
 }
 
-/// Milliseconds since the Unix epoch: the core also uses `now` to seed record
-/// sequence numbers, which must keep growing across restarts.
-fn now_ms() -> Millis {
-    Millis(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    )
-}
-
 fn wire_record(r: &Record) -> WireRecord {
     WireRecord {
         key: r.key,
@@ -701,6 +691,8 @@ struct Task<D: Dialer> {
     first_node: bool,
     bootstrap_waiters: Vec<oneshot::Sender<()>>,
     cache: GetCache,
+    /// The node's monotonic clock: every `now` the core is given.
+    clock: Clock,
 }
 
 /// Starts the DHT task for a node. `first_node`: no bootstrap peers are
@@ -709,6 +701,7 @@ pub(crate) fn spawn<D: Dialer>(
     identity: Identity,
     own_addr: SocketAddr,
     config: macula_dht::Config,
+    clock: Clock,
     first_node: bool,
     dialer: D,
     mut shutdown: watch::Receiver<bool>,
@@ -720,9 +713,10 @@ pub(crate) fn spawn<D: Dialer>(
         identity.node_id().as_bytes()[..8]
             .try_into()
             .unwrap_or([0; 8]),
-    ) ^ now_ms().0;
+    ) ^ crate::clock::wall_ms();
     let mut task = Task {
         dht: Dht::new(config, own, Box::new(IdentityAuth(identity)), seed),
+        clock,
         dialer,
         counters: counters.clone(),
         sends: Arc::new(Semaphore::new(MAX_INFLIGHT_SENDS)),
@@ -734,16 +728,16 @@ pub(crate) fn spawn<D: Dialer>(
         cache: GetCache::new(DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE),
     };
     if first_node {
-        task.dht.bootstrap(Vec::new(), now_ms());
+        task.dht.bootstrap(Vec::new(), task.clock.now());
     }
     tokio::spawn(async move {
         loop {
             task.drain();
             task.counters.sync(&task.dht);
-            let sleep = task.dht.poll_timeout().map(|at| {
-                let wait = Duration::from_millis(at.0.saturating_sub(now_ms().0));
-                tokio::time::Instant::now() + wait
-            });
+            let sleep = task
+                .dht
+                .poll_timeout()
+                .map(|at| tokio::time::Instant::from_std(task.clock.instant(at)));
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => task.apply(cmd),
@@ -754,7 +748,7 @@ pub(crate) fn spawn<D: Dialer>(
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => task.dht.handle_timeout(now_ms()),
+                } => task.dht.handle_timeout(task.clock.now()),
                 _ = shutdown.changed() => break,
             }
         }
@@ -765,7 +759,7 @@ pub(crate) fn spawn<D: Dialer>(
 
 impl<D: Dialer> Task<D> {
     fn apply(&mut self, cmd: Command) {
-        let now = now_ms();
+        let now = self.clock.now();
         match cmd {
             Command::Inbound { peer, msg } => self.inbound(peer, msg, now),
             Command::Seed(contact) => self.dht.bootstrap(vec![contact], now),
@@ -825,7 +819,7 @@ impl<D: Dialer> Task<D> {
                 let _ = reply.send(self.dht.unpublish(&key));
             }
             Command::Routing { reply } => {
-                let now = now_ms().0;
+                let now = self.clock.now().0;
                 let table = self.dht.routing();
                 let entries = table
                     .iter()

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod dht;
 pub mod dht_cache;

@@ -17,6 +17,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::{broadcast, watch, Semaphore};
 
 use crate::backoff::{jitter, Backoff};
+use crate::clock::{Clock, Epoch, EPOCH_SAVE_INTERVAL};
 use crate::config::{ConfigError, IdentitySource, NodeConfig, ReachabilityMode};
 use crate::dht::DhtHandle;
 use crate::driver::{self, DriverConfig, Ended};
@@ -82,6 +83,8 @@ pub enum StartError {
     },
     #[error("QUIC setup failed: {0}")]
     Quic(String),
+    #[error(transparent)]
+    Epoch(#[from] crate::clock::EpochError),
 }
 
 /// Why a connection to a peer could not be made.
@@ -150,6 +153,10 @@ type DialFuture = Shared<BoxFuture<'static, Result<Peer, ConnectError>>>;
 struct NodeShared {
     /// What the connection drivers dispatch to.
     services: Services,
+    /// The monotonic clock every core of this node is fed from.
+    clock: Clock,
+    /// This run's epoch (see `clock.rs`), its mark saved while it runs.
+    epoch: Epoch,
     gateway: crate::gateway::Gateway,
     node_id: NodeId,
     config: NodeConfig,
@@ -314,6 +321,11 @@ impl NodeRuntime {
             IdentitySource::Ephemeral => Identity::generate(),
         };
         let node_id = identity.node_id();
+        let epoch = match &config.identity {
+            IdentitySource::DataDir(dir) => Epoch::start(dir)?,
+            IdentitySource::Ephemeral => Epoch::ephemeral(),
+        };
+        let clock = Clock::new();
         let tls = tls::build(&identity, &config.tls)?;
         let transport = transport_config(&config.limits)?;
         let server_crypto = QuicServerConfig::try_from(tls.server.clone())
@@ -376,13 +388,18 @@ impl NodeRuntime {
             let dht = crate::dht::spawn(
                 dht_identity,
                 local_addr,
-                macula_dht::Config::default(),
+                macula_dht::Config {
+                    seq_base: epoch.value(),
+                    ..macula_dht::Config::default()
+                },
+                clock,
                 first_node,
                 PoolDialer(weak.clone()),
                 dht_shutdown,
             );
             let pubsub = crate::pubsub::PubSub::with_mesh(
                 node_id,
+                epoch.value(),
                 max_frame_size,
                 config.pubsub,
                 Some(crate::pubsub::MeshLink {
@@ -436,6 +453,8 @@ impl NodeRuntime {
             ]);
             NodeShared {
                 services,
+                clock,
+                epoch: epoch.clone(),
                 gateway,
                 relay,
                 tunnel,
@@ -473,6 +492,7 @@ impl NodeRuntime {
                 .accept_loop(node.0.tunnel.endpoint().clone(), true),
         );
         tokio::spawn(node.clone().check_reachability());
+        tokio::spawn(node.clone().save_epoch());
         tokio::spawn(node.clone().maintain_relays());
         for target in node.0.config.bootstrap.clone() {
             tokio::spawn(node.clone().supervise(target));
@@ -1513,7 +1533,27 @@ impl NodeRuntime {
             b"node shutting down",
         );
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
+        self.mark_epoch();
         tracing::info!(node_id = %self.0.node_id, "node stopped");
+    }
+
+    /// Records the epoch's high-water mark now (see `clock.rs`).
+    fn mark_epoch(&self) {
+        if let Err(e) = self.0.epoch.save(self.0.clock.now()) {
+            tracing::warn!(error = %e, "could not record the epoch mark");
+        }
+    }
+
+    /// Keeps the epoch's high-water mark at most `EPOCH_SAVE_INTERVAL` old
+    /// until shutdown.
+    async fn save_epoch(self) {
+        let mut shutdown = self.0.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(EPOCH_SAVE_INTERVAL) => self.mark_epoch(),
+                _ = shutdown.changed() => break,
+            }
+        }
     }
 }
 

@@ -22,7 +22,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -757,19 +756,24 @@ impl PubSub {
     /// Pub/sub for node `node_id`; payloads up to `max_frame_size` minus
     /// `FRAME_HEADROOM`. Without a mesh link it delivers locally only.
     pub fn new(node_id: NodeId, max_frame_size: u32, limits: Limits) -> PubSub {
-        Self::with_mesh(node_id, max_frame_size, limits, None)
+        Self::with_mesh(
+            node_id,
+            crate::clock::wall_ms(),
+            max_frame_size,
+            limits,
+            None,
+        )
     }
 
+    /// A pub/sub instance publishing under `epoch` (the node's epoch: it
+    /// grows across restarts, see `clock.rs`).
     pub(crate) fn with_mesh(
         node_id: NodeId,
+        epoch: u64,
         max_frame_size: u32,
         limits: Limits,
         mesh: Option<MeshLink>,
     ) -> PubSub {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         PubSub(Arc::new(Inner {
             node_id,
             epoch,
