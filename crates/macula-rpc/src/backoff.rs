@@ -39,7 +39,10 @@ mod tests {
     fn range(b: Backoff, retry: u32) -> (u64, u64) {
         let mut rng = Rng::new(u64::from(retry));
         let draws: Vec<u64> = (0..4000).map(|_| b.delay(retry, &mut rng).0).collect();
-        (draws.iter().copied().min().unwrap_or(0), draws.iter().copied().max().unwrap_or(0))
+        (
+            draws.iter().copied().min().unwrap_or(0),
+            draws.iter().copied().max().unwrap_or(0),
+        )
     }
 
     #[test]

@@ -415,7 +415,10 @@ mod tests {
         b.record(&0, Outcome::Success { latency_us: 900 }, Millis(0));
         b.record(&1, Outcome::Success { latency_us: 901 }, Millis(0));
         for _ in 0..200 {
-            assert_eq!(b.pick("p", Strategy::LeastLatency, &c, &[], Millis(0)), Some(0));
+            assert_eq!(
+                b.pick("p", Strategy::LeastLatency, &c, &[], Millis(0)),
+                Some(0)
+            );
         }
         // A provider never measured counts as fastest.
         let c3 = [(0u32, 1u32), (1, 1), (2, 1)];
@@ -432,7 +435,13 @@ mod tests {
         b.record(&2, Outcome::Success { latency_us: 900 }, Millis(0));
         let (mut zero, mut n) = (0, 0);
         for _ in 0..400 {
-            match b.pick("p", Strategy::LeastLatency, &[(0, 1), (2, 1)], &[], Millis(0)) {
+            match b.pick(
+                "p",
+                Strategy::LeastLatency,
+                &[(0, 1), (2, 1)],
+                &[],
+                Millis(0),
+            ) {
                 Some(0) => zero += 1,
                 Some(2) => n += 1,
                 other => panic!("{other:?}"),
@@ -440,7 +449,10 @@ mod tests {
         }
         assert!(zero > 100 && n > 100, "{zero} {n}");
         // One candidate: that one.
-        assert_eq!(b.pick("p", Strategy::LeastLatency, &[(1, 1)], &[], Millis(0)), Some(1));
+        assert_eq!(
+            b.pick("p", Strategy::LeastLatency, &[(1, 1)], &[], Millis(0)),
+            Some(1)
+        );
     }
 
     #[test]
@@ -457,7 +469,13 @@ mod tests {
         b.record(&7, Outcome::Failure, Millis(0));
         b.record(&7, Outcome::Abandoned, Millis(0));
         assert_eq!(b.latency_us(&7), Some(1000));
-        b.record(&7, Outcome::Success { latency_us: u64::MAX }, Millis(0));
+        b.record(
+            &7,
+            Outcome::Success {
+                latency_us: u64::MAX,
+            },
+            Millis(0),
+        );
         assert_eq!(b.latency_us(&7), Some(u64::MAX / 5));
     }
 
@@ -534,7 +552,10 @@ mod tests {
         }
         b.record(&9, Outcome::Success { latency_us: 9 }, Millis(41));
         assert_eq!(b.latency_us(&9), None);
-        assert_eq!(b.pick("p", Strategy::RoundRobin, &[(9, 1)], &[], Millis(41)), Some(9));
+        assert_eq!(
+            b.pick("p", Strategy::RoundRobin, &[(9, 1)], &[], Millis(41)),
+            Some(9)
+        );
         let states: Vec<_> = b.providers(Millis(41)).into_iter().map(|p| p.1).collect();
         assert_eq!(states, [BreakerState::Open; 3]);
         // A pick also refreshes recency.
@@ -548,7 +569,10 @@ mod tests {
         );
         b.record(&1, Outcome::Success { latency_us: 1 }, Millis(0));
         b.record(&2, Outcome::Success { latency_us: 1 }, Millis(1));
-        assert_eq!(b.pick("p", Strategy::RoundRobin, &[(1, 1)], &[], Millis(2)), Some(1));
+        assert_eq!(
+            b.pick("p", Strategy::RoundRobin, &[(1, 1)], &[], Millis(2)),
+            Some(1)
+        );
         b.record(&3, Outcome::Success { latency_us: 1 }, Millis(3));
         let keys: Vec<u32> = b.providers(Millis(3)).into_iter().map(|p| p.0).collect();
         assert_eq!(keys, [1, 3]);
@@ -567,7 +591,9 @@ mod tests {
         }
         assert_eq!(Strategy::default(), Strategy::RoundRobin);
         assert_eq!(Strategy::LeastLatency.name(), "least_latency");
-        assert!("fastest".parse::<Strategy>().is_err_and(|e| e.contains("fastest")));
+        assert!("fastest"
+            .parse::<Strategy>()
+            .is_err_and(|e| e.contains("fastest")));
         assert_eq!(BreakerState::HalfOpen.name(), "half_open");
         assert_eq!(BreakerState::Open.name(), "open");
         assert_eq!(BreakerState::Closed.name(), "closed");

@@ -306,6 +306,44 @@ struct Call<K> {
     out: VecDeque<Action<K>>,
 }
 
+/// What the balancer made of a mesh call's providers.
+enum Choice<K> {
+    /// None but this node.
+    NoProviders,
+    /// Every usable one was tried or has an open breaker.
+    Exhausted,
+    /// This one, at these addresses.
+    Picked(K, Vec<String>),
+}
+
+fn choose<K: Key>(
+    me: &K,
+    balancer: &mut Balancer<K>,
+    providers: &[ProviderInfo<K>],
+    call: &Call<K>,
+    now: Millis,
+) -> Choice<K> {
+    let Route::Mesh { tried } = &call.route else {
+        return Choice::Exhausted;
+    };
+    let candidates: Vec<(K, u32)> = providers
+        .iter()
+        .filter(|p| p.node != *me)
+        .map(|p| (p.node.clone(), p.weight))
+        .collect();
+    if candidates.is_empty() && tried.is_empty() {
+        return Choice::NoProviders;
+    }
+    match balancer.pick(&call.procedure, call.strategy, &candidates, tried, now) {
+        None => Choice::Exhausted,
+        Some(k) => {
+            let addrs = providers.iter().find(|p| p.node == k);
+            let addrs = addrs.map(|p| p.addrs.clone()).unwrap_or_default();
+            Choice::Picked(k, addrs)
+        }
+    }
+}
+
 /// The RPC state machine of one node. `K` names nodes, `H` is whatever
 /// the driver runs for a handler (cloned out on admission).
 #[derive(Debug, Clone)]
@@ -786,10 +824,7 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
     fn step(&mut self, call: &mut Call<K>, now: Millis) {
         match &mut call.route {
             Route::Mesh { .. } => match self.cache.get(&call.procedure, now) {
-                Some(providers) => {
-                    let providers = providers.to_vec();
-                    self.pick(call, &providers, now);
-                }
+                Some(_) => self.pick_cached(call, now),
                 None => {
                     call.out.push_back(Action::Lookup {
                         procedure: call.procedure.clone(),
@@ -830,41 +865,41 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         }
     }
 
+    /// Chooses a provider of a mesh call among the cached ones (the hot
+    /// path: the list is read in place, not copied).
+    fn pick_cached(&mut self, call: &mut Call<K>, now: Millis) {
+        let providers = self.cache.get(&call.procedure, now).unwrap_or(&[]);
+        let choice = choose(&self.me, &mut self.balancer, providers, call, now);
+        self.apply(call, choice, now);
+    }
+
     /// Chooses a provider of a mesh call among `providers` and reaches it.
     fn pick(&mut self, call: &mut Call<K>, providers: &[ProviderInfo<K>], now: Millis) {
+        let choice = choose(&self.me, &mut self.balancer, providers, call, now);
+        self.apply(call, choice, now);
+    }
+
+    fn apply(&mut self, call: &mut Call<K>, choice: Choice<K>, now: Millis) {
         let Route::Mesh { tried } = &mut call.route else {
             return;
         };
-        let candidates: Vec<(K, u32)> = providers
-            .iter()
-            .filter(|p| p.node != self.me)
-            .map(|p| (p.node.clone(), p.weight))
-            .collect();
-        if candidates.is_empty() && tried.is_empty() {
-            self.finish(call, Err(CallFailure::NoProviders));
-            return;
+        match choice {
+            Choice::NoProviders => self.finish(call, Err(CallFailure::NoProviders)),
+            Choice::Exhausted => {
+                let e = call
+                    .last
+                    .take()
+                    .unwrap_or_else(|| CallFailure::Unreachable {
+                        tried: tried.clone(),
+                        reason: "every provider's circuit breaker is open".into(),
+                    });
+                self.finish(call, Err(e));
+            }
+            Choice::Picked(provider, addrs) => {
+                tried.push(provider.clone());
+                self.connect(call, provider, addrs, now);
+            }
         }
-        let choice = self
-            .balancer
-            .pick(&call.procedure, call.strategy, &candidates, tried, now);
-        let Some(provider) = choice else {
-            let e = call
-                .last
-                .take()
-                .unwrap_or_else(|| CallFailure::Unreachable {
-                    tried: tried.clone(),
-                    reason: "every provider's circuit breaker is open".into(),
-                });
-            self.finish(call, Err(e));
-            return;
-        };
-        tried.push(provider.clone());
-        let addrs = providers
-            .iter()
-            .find(|p| p.node == provider)
-            .map(|p| p.addrs.clone())
-            .unwrap_or_default();
-        self.connect(call, provider, addrs, now);
     }
 
     fn connect(&mut self, call: &mut Call<K>, provider: K, addrs: Vec<String>, now: Millis) {

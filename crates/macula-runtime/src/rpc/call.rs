@@ -244,6 +244,9 @@ impl Rpc {
             let now = self.now();
             let (action, wake) = {
                 let mut s = self.state();
+                // A waker left by a wait that ended otherwise (one lock
+                // per step, not two).
+                s.wakers.remove(&id);
                 let a = s.core.poll_call(id, now);
                 (a, s.core.poll_timeout(id))
             };
@@ -487,7 +490,6 @@ impl Driving<'_> {
                 }
             }
         }
-        self.rpc.state().wakers.remove(&id);
     }
 
     /// Tells the provider of `wire_id` to stop (CANCEL), in the background.
