@@ -8,7 +8,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -226,12 +225,20 @@ impl Rpc {
 
     /// Does call `id`'s actions until it is done. `via`: the connection to
     /// use instead of reaching the provider.
+    ///
+    /// One lock per step: what the last action led to (`input`) is fed to
+    /// the core under the same lock that takes the next action, and after
+    /// an action with nothing else queued the call waits without asking
+    /// again. A waiting call is woken through its own `Notify` (registered
+    /// at start), so waiting takes no lock.
     pub(super) async fn drive(
         &self,
         id: CallId,
         b: &CallBuilder,
         via: Option<&Peer>,
     ) -> Result<Response, RpcError> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        self.state().notify.insert(id, notify.clone());
         let mut call = Driving {
             rpc: self,
             id,
@@ -240,33 +247,40 @@ impl Rpc {
             probe: None,
             done: false,
         };
+        let mut input: Option<Input> = None;
+        let mut wait_until: Option<Millis> = None;
         loop {
+            if let Some(t) = wait_until.take() {
+                input = call.wait(&notify, self.sleep(t)).await;
+                continue;
+            }
             let now = self.now();
             let (action, wake) = {
                 let mut s = self.state();
-                // A waker left by a wait that ended otherwise (one lock
-                // per step, not two).
-                s.wakers.remove(&id);
+                if let Some(i) = input.take() {
+                    i.feed(&mut s.core, id, now);
+                }
                 let a = s.core.poll_call(id, now);
-                (a, s.core.poll_timeout(id))
+                if let Some(Action::Done(_)) = a {
+                    s.notify.remove(&id);
+                }
+                (a, s.core.poll_timeout(id).unwrap_or(now))
             };
-            let timer = tokio::time::sleep_until(self.instant(wake.unwrap_or(now)));
+            // Nothing else queued: wait for the next timer or an event.
+            let idle = wake != Millis::ZERO;
+            let timer = self.sleep(wake);
             let Some(action) = action else {
-                call.wait(timer).await;
+                wait_until = Some(wake);
                 continue;
             };
             match action {
                 Action::Lookup { procedure } => {
                     let Role::Node(link) = &self.0.role else {
-                        let now = self.now();
-                        self.state().core.handle_providers(id, now, Ok(Vec::new()));
+                        input = Some(Input::Providers(Ok(Vec::new())));
                         continue;
                     };
                     tokio::select! {
-                        found = link.lookup(&procedure) => {
-                            let now = self.now();
-                            self.state().core.handle_providers(id, now, found);
-                        }
+                        found = link.lookup(&procedure) => input = Some(Input::Providers(found)),
                         _ = timer => {}
                     }
                 }
@@ -279,12 +293,12 @@ impl Rpc {
                         },
                         _ => None,
                     };
-                    call.connected(reached, "could not connect", false);
+                    input = Some(call.connected(reached, "could not connect", false));
                 }
                 Action::ConnectClient { conn, .. } => {
                     let peer = lock(&self.0.clients).get(&conn).cloned();
                     let peer = peer.filter(|p| !p.is_closed());
-                    call.connected(peer, "the client's connection is gone", true);
+                    input = Some(call.connected(peer, "the client's connection is gone", true));
                 }
                 Action::AwaitGateway { wait } => {
                     let gw = match (&self.0.role, via) {
@@ -295,16 +309,19 @@ impl Rpc {
                         },
                         _ => None,
                     };
-                    let now = self.now();
-                    let g = gw.as_ref().map(Peer::node_id);
+                    input = Some(Input::Gateway(gw.as_ref().map(Peer::node_id)));
                     call.peer = gw;
-                    self.state().core.handle_gateway(id, now, g);
                 }
                 Action::Send {
                     wire_id,
                     timeout_ms,
                     ..
-                } => call.send(b, wire_id, timeout_ms, timer).await,
+                } => {
+                    input = call.send(b, wire_id, timeout_ms, timer).await;
+                    if input.is_none() && idle {
+                        wait_until = Some(wake);
+                    }
+                }
                 Action::Probe { wire_id, .. } => {
                     if let Some(p) = call.peer.clone() {
                         call.probe = Some((
@@ -316,6 +333,9 @@ impl Rpc {
                                     .map_err(|e| e.to_string())
                             }),
                         ));
+                    }
+                    if idle {
+                        wait_until = Some(wake);
                     }
                 }
                 Action::Close { provider, reason } => {
@@ -332,6 +352,9 @@ impl Rpc {
                 Action::Retrying { after } => {
                     self.0.counters.retries_total.fetch_add(1, Relaxed);
                     tracing::debug!(procedure = %b.procedure, error = ?after, "retrying on another provider");
+                    if idle {
+                        wait_until = Some(wake);
+                    }
                 }
                 Action::Done(r) => {
                     call.done = true;
@@ -347,6 +370,11 @@ impl Rpc {
         }
     }
 
+    /// A timer firing when the core's clock reads `t`.
+    fn sleep(&self, t: Millis) -> tokio::time::Sleep {
+        tokio::time::sleep_until(self.instant(t))
+    }
+
     /// Breaker state and latency estimate of every provider this node has
     /// called.
     pub fn provider_health(&self) -> Vec<(NodeId, &'static str, Option<u64>)> {
@@ -358,6 +386,29 @@ impl Rpc {
             .into_iter()
             .map(|(k, s, l)| (k, s.name(), l))
             .collect()
+    }
+}
+
+/// What an action led to, fed to the core with the next step's lock.
+enum Input {
+    Providers(Result<Vec<ProviderInfo>, String>),
+    Connected,
+    Failed { reason: String, lost: bool },
+    Gateway(Option<NodeId>),
+    Pong(u64),
+    ProbeFailed(u64, String),
+}
+
+impl Input {
+    fn feed(self, core: &mut super::Core, id: CallId, now: Millis) {
+        match self {
+            Input::Providers(found) => core.handle_providers(id, now, found),
+            Input::Connected => core.handle_connected(id, now),
+            Input::Failed { reason, lost } => core.handle_link_failed(id, now, reason, lost),
+            Input::Gateway(g) => core.handle_gateway(id, now, g),
+            Input::Pong(w) => core.handle_pong(id, now, w),
+            Input::ProbeFailed(w, why) => core.handle_probe_failed(id, now, w, why),
+        }
     }
 }
 
@@ -377,36 +428,32 @@ type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 impl Driving<'_> {
     /// The provider of the attempt was reached (`Some`) or not.
-    fn connected(&mut self, peer: Option<Peer>, why: &str, lost: bool) {
-        let now = self.rpc.now();
-        let mut s = self.rpc.state();
+    fn connected(&mut self, peer: Option<Peer>, why: &str, lost: bool) -> Input {
         match peer {
             Some(p) => {
                 self.peer = Some(p);
-                s.core.handle_connected(self.id, now);
+                Input::Connected
             }
-            None => s
-                .core
-                .handle_link_failed(self.id, now, why.to_string(), lost),
+            None => Input::Failed {
+                reason: why.to_string(),
+                lost,
+            },
         }
     }
 
-    /// Sends the attempt's CALL.
+    /// Sends the attempt's CALL; a failure is the next input.
     async fn send(
         &mut self,
         b: &CallBuilder,
         wire_id: u64,
         timeout_ms: u32,
         timer: tokio::time::Sleep,
-    ) {
+    ) -> Option<Input> {
         let Some(peer) = self.peer.clone() else {
-            let now = self.rpc.now();
-            let reason = "no connection to send on".to_string();
-            self.rpc
-                .state()
-                .core
-                .handle_link_failed(self.id, now, reason, true);
-            return;
+            return Some(Input::Failed {
+                reason: "no connection to send on".to_string(),
+                lost: true,
+            });
         };
         self.probe = None;
         self.watch = Some(peer.clone());
@@ -420,31 +467,21 @@ impl Driving<'_> {
         peer.touch();
         let sent = tokio::select! {
             r = peer.send(&call) => r,
-            _ = timer => return,
+            _ = timer => return None,
         };
-        if let Err(e) = sent {
-            let now = self.rpc.now();
-            let reason = format!("could not send the call: {e}");
-            let lost = peer.is_closed();
-            self.rpc
-                .state()
-                .core
-                .handle_link_failed(self.id, now, reason, lost);
-        }
+        sent.err().map(|e| Input::Failed {
+            reason: format!("could not send the call: {e}"),
+            lost: peer.is_closed(),
+        })
     }
 
-    /// Waits for an answer, the timer, the connection closing or the probe.
-    async fn wait(&mut self, timer: tokio::time::Sleep) {
-        let id = self.id;
-        let rpc = self.rpc;
-        let answered = std::future::poll_fn(|cx| {
-            let mut s = rpc.state();
-            if s.core.poll_timeout(id) != Some(Millis::ZERO) {
-                s.wakers.insert(id, cx.waker().clone());
-                return Poll::Pending;
-            }
-            Poll::Ready(())
-        });
+    /// Waits for an answer (`notify`), the timer, the connection closing or
+    /// the probe; returns what the core must be told.
+    async fn wait(
+        &mut self,
+        notify: &tokio::sync::Notify,
+        timer: tokio::time::Sleep,
+    ) -> Option<Input> {
         let (watch, probe) = (&self.watch, &mut self.probe);
         let closed = async {
             match watch {
@@ -452,42 +489,26 @@ impl Driving<'_> {
                 None => futures::future::pending().await,
             }
         };
-        let probe = async {
+        let probed = async {
             match probe {
                 Some((w, f)) => (*w, f.await),
                 None => futures::future::pending().await,
             }
         };
-        enum Woke {
-            Answer,
-            Timer,
-            Closed(String),
-            Probe(u64, Result<(), String>),
-        }
-        let woke = tokio::select! {
-            _ = answered => Woke::Answer,
-            _ = timer => Woke::Timer,
-            e = closed => Woke::Closed(crate::peer::describe_close(&e)),
-            (w, r) = probe => Woke::Probe(w, r),
-        };
-        let now = self.rpc.now();
-        match woke {
-            Woke::Answer | Woke::Timer => {}
-            Woke::Closed(why) => {
+        tokio::select! {
+            _ = notify.notified() => None,
+            _ = timer => None,
+            e = closed => {
                 self.watch = None;
-                let reason = format!("connection closed: {why}");
-                self.rpc
-                    .state()
-                    .core
-                    .handle_link_failed(id, now, reason, true);
+                let why = crate::peer::describe_close(&e);
+                Some(Input::Failed { reason: format!("connection closed: {why}"), lost: true })
             }
-            Woke::Probe(w, r) => {
+            (w, r) = probed => {
                 self.probe = None;
-                let mut s = self.rpc.state();
-                match r {
-                    Ok(()) => s.core.handle_pong(id, now, w),
-                    Err(why) => s.core.handle_probe_failed(id, now, w, why),
-                }
+                Some(match r {
+                    Ok(()) => Input::Pong(w),
+                    Err(why) => Input::ProbeFailed(w, why),
+                })
             }
         }
     }
@@ -516,7 +537,7 @@ impl Drop for Driving<'_> {
         let now = self.rpc.now();
         let cancel = {
             let mut s = self.rpc.state();
-            s.wakers.remove(&self.id);
+            s.notify.remove(&self.id);
             s.core.drop_call(self.id, now)
         };
         if let Some(Action::Cancel { wire_id, .. }) = cancel {

@@ -42,7 +42,6 @@ mod serve;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Waker;
 use std::time::Duration;
 
 use futures::future::AbortHandle;
@@ -60,10 +59,11 @@ use metrics::DurationFamily;
 
 type Core = RpcCore<NodeId, Arc<dyn Handler>>;
 
-/// The core, and the wakers of calls waiting for an answer.
+/// The core, and how to wake each call being driven (an answer for it
+/// arrived).
 struct State {
     core: Core,
-    wakers: HashMap<CallId, Waker>,
+    notify: HashMap<CallId, Arc<tokio::sync::Notify>>,
 }
 
 struct Inner {
@@ -164,7 +164,7 @@ impl Rpc {
             role,
             state: Mutex::new(State {
                 core,
-                wakers: HashMap::new(),
+                notify: HashMap::new(),
             }),
             serving: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),

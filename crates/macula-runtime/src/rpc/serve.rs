@@ -44,20 +44,21 @@ impl Rpc {
 
     pub(super) fn complete(&self, peer: &Peer, id: u64, answer: Result<Vec<u8>, CallError>) {
         let now = self.now();
-        let waker = {
+        let notify = {
             let mut s = self.state();
             // The core checks that only the provider the call went to
             // answers it.
             match s.core.handle_answer(now, &peer.node_id(), id, answer) {
-                Some(call) => s.wakers.remove(&call),
+                Some(call) => s.notify.get(&call).cloned(),
                 None => {
                     self.0.counters.late_replies_total.fetch_add(1, Relaxed);
                     return;
                 }
             }
         };
-        if let Some(w) = waker {
-            w.wake();
+        if let Some(n) = notify {
+            // Stored as a permit if the call is not waiting yet.
+            n.notify_one();
         }
     }
 
