@@ -27,9 +27,8 @@
 use std::time::Duration;
 
 pub use macula_runtime::config::{
-    ConfigError, IdentitySource, Limits, NodeConfig, ReachabilityMode, RelayLimits,
+    ConfigError, IdentitySource, Limits, NodeConfig, ReachabilityMode, RelayLimits, RpcLimits,
 };
-pub use macula_runtime::rpc::RpcLimits;
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 
 /// The limits of pub/sub: subscription queue capacity and bytes, topic and
@@ -63,7 +62,7 @@ pub const DEFAULT_PUBSUB_QUEUE_CAPACITY: usize = macula_pubsub::queue::QUEUE_CAP
 
 /// Default time a peer's pub/sub data stream may accept nothing before the
 /// peer is cut off ([`Limits::pubsub_stall_timeout`]).
-pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula_runtime::pubsub::PEER_STALL_TIMEOUT;
+pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula_runtime::config::PEER_STALL_TIMEOUT;
 
 /// Default deadline of a call, retries included ([`crate::CallBuilder`]).
 pub const DEFAULT_CALL_TIMEOUT: Duration = macula_runtime::rpc::DEFAULT_CALL_TIMEOUT;
