@@ -160,6 +160,7 @@ impl<K: Clone + Eq + Hash + Ord> Balancer<K> {
                     let a = self.rng.below(n as u64) as usize;
                     let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
                     let est = |k: &K| self.providers.get(k).and_then(|p| p.ewma_us).unwrap_or(0);
+                    // A tie goes to the first one sampled.
                     if est(&usable[b].0) < est(&usable[a].0) {
                         b
                     } else {
@@ -172,16 +173,17 @@ impl<K: Clone + Eq + Hash + Ord> Balancer<K> {
                 if total == 0 {
                     self.rng.below(n as u64) as usize
                 } else {
+                    // r < total, so some weight's interval holds it.
                     let mut r = self.rng.below(total);
-                    let mut chosen = n - 1;
-                    for (i, (_, w)) in usable.iter().enumerate() {
-                        if r < u64::from(*w) {
-                            chosen = i;
-                            break;
-                        }
-                        r -= u64::from(*w);
-                    }
-                    chosen
+                    usable
+                        .iter()
+                        .position(|(_, w)| {
+                            let w = u64::from(*w);
+                            let here = r < w;
+                            r = r.saturating_sub(w);
+                            here
+                        })
+                        .unwrap_or_default()
                 }
             }
         };
@@ -597,5 +599,43 @@ mod tests {
         assert_eq!(BreakerState::HalfOpen.name(), "half_open");
         assert_eq!(BreakerState::Open.name(), "open");
         assert_eq!(BreakerState::Closed.name(), "closed");
+    }
+
+    #[test]
+    fn least_latency_ties_go_to_the_first_sampled() {
+        let seed = 11;
+        let mut b: Balancer<u32> =
+            Balancer::new(BreakerConfig::default(), BalancerLimits::default(), seed);
+        // Replays the balancer's generator: two draws per pick.
+        let mut replay = Rng::new(seed);
+        for _ in 0..50 {
+            let a = replay.below(2) as u32;
+            let _ = replay.below(1);
+            let got = b.pick(
+                "p",
+                Strategy::LeastLatency,
+                &[(0, 1), (1, 1)],
+                &[],
+                Millis(0),
+            );
+            assert_eq!(got, Some(a));
+        }
+    }
+
+    #[test]
+    fn weighted_follows_the_intervals_exactly() {
+        let seed = 12;
+        let mut b: Balancer<u32> =
+            Balancer::new(BreakerConfig::default(), BalancerLimits::default(), seed);
+        let mut replay = Rng::new(seed);
+        let c = [(0u32, 2u32), (1, 0), (2, 3)];
+        for _ in 0..100 {
+            let r = replay.below(5);
+            let want = if r < 2 { 0 } else { 2 };
+            assert_eq!(
+                b.pick("p", Strategy::Weighted, &c, &[], Millis(0)),
+                Some(want)
+            );
+        }
     }
 }

@@ -173,6 +173,12 @@ mod tests {
         b.on_failure(Millis(10));
         assert_eq!(b.state(Millis(10)), BreakerState::Open);
         assert!(!b.available(Millis(109)));
+        assert_eq!(b.state(Millis(109)), BreakerState::Open);
+        assert_eq!(
+            b.state(Millis(110)),
+            BreakerState::HalfOpen,
+            "exactly at the end"
+        );
         assert!(!b.acquire(Millis(109)));
         assert!(b.available(Millis(110)));
         assert!(b.acquire(Millis(110)), "the probe");

@@ -154,11 +154,12 @@ mod tests {
         let mut c = ProviderCache::new(Millis(100), 2);
         c.insert("a", vec![p(1)], Millis(0));
         c.insert("b", vec![p(1)], Millis(50));
-        // "a" has expired at 120: it makes room, "b" stays.
-        c.insert("c", vec![p(1)], Millis(120));
+        assert!(!c.is_empty());
+        // "a" expires exactly at 100: it makes room, "b" stays.
+        c.insert("c", vec![p(1)], Millis(100));
         assert_eq!(c.len(), 2);
-        assert!(c.get("b", Millis(120)).is_some());
-        assert!(c.get("c", Millis(120)).is_some());
+        assert!(c.get("b", Millis(100)).is_some());
+        assert!(c.get("c", Millis(100)).is_some());
         // Updating a present entry never evicts.
         c.insert("c", vec![p(2)], Millis(121));
         assert_eq!(c.len(), 2);
