@@ -666,6 +666,8 @@ fn local_calls_take_a_handler_slot_and_an_inflight_place() {
     };
     assert_eq!(slot.procedure(), "p");
     assert_eq!(c.inflight(), 1);
+    assert_eq!(c.config().max_inflight_calls, 3);
+    assert_eq!(c.calls().count(), 0, "a local call is not driven");
     assert_eq!(
         c.start_call(Millis(10), spec("p")),
         Err(CallFailure::Overloaded { provider: Some(0) })
@@ -1126,4 +1128,31 @@ fn the_same_seed_replays_the_same_choices() {
     };
     assert_eq!(run(3), run(3));
     assert_ne!(run(3), run(4));
+}
+
+#[test]
+fn a_named_provider_is_called_even_when_this_node_serves_the_procedure() {
+    let mut c = core(Role::Node);
+    let ad = Advert {
+        handler: "h",
+        weight: 1,
+        metadata: vec![],
+        max_concurrent: None,
+    };
+    c.advertise("p", ad).expect("advertise");
+    let to = |t| CallSpec {
+        target: Some(t),
+        ..spec("p")
+    };
+    let id = remote(c.start_call(Millis(0), to(4)));
+    assert_eq!(c.calls().collect::<Vec<_>>(), vec![id]);
+    assert!(matches!(
+        one(&mut c, id, 0),
+        Action::Connect { provider: 4, .. }
+    ));
+    assert!(matches!(
+        c.start_call(Millis(0), to(0)),
+        Ok(Started::Local { .. })
+    ));
+    assert_eq!((*c.me(), c.role()), (0, Role::Node));
 }
