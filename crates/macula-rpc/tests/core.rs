@@ -756,9 +756,12 @@ fn serve_admission() {
     let t2 = c.advertise("p", ad(1)).expect("again");
     assert_ne!(t2, token);
     let held = serve(&mut c).expect("new advertisement, fresh limit");
+    assert!(!c.serving().is_empty());
+    assert!(!c.serving().is_shutting_down());
     assert_eq!(c.begin_shutdown(), vec![("p".to_string(), t2)]);
     c.release(held);
     assert!(c.serving().is_empty());
+    assert!(c.serving().is_shutting_down());
     assert_eq!(
         c.admit(Millis(0), "p", 1, false),
         Admission::Refuse {
@@ -903,6 +906,10 @@ fn a_gateway_forwards_to_its_clients_in_turn_and_moves_on_from_a_lost_one() {
             message: "p is not served by this node".into()
         }
     );
+    // Withdrawing another procedure leaves a client's only one alone.
+    c.advertise_for_client("x", 6, 7, 1, vec![]).expect("x");
+    assert_eq!(c.withdraw_client(7, Some("y")), vec![]);
+    assert_eq!(c.serving().advertised().len(), 1);
     // Nobody left between start and send: no providers.
     c.advertise_for_client("r", 7, 1, 1, vec![]).expect("r");
     assert_eq!(c.withdraw_client(1, None).len(), 1);
