@@ -304,7 +304,10 @@ mod tests {
         let got = frames(&buf, limit);
         assert_eq!(e.frames, 4);
         // Full frames carry as many 1,024-byte messages as 64 KiB holds.
-        assert_eq!(got[0].3.len(), (BATCH_BYTES - 3) / (1000 + MESSAGE_OVERHEAD));
+        assert_eq!(
+            got[0].3.len(),
+            (BATCH_BYTES - 3) / (1000 + MESSAGE_OVERHEAD)
+        );
         assert!(got.iter().all(|f| f.0 <= BATCH_BYTES + BATCH_BODY_OVERHEAD));
     }
 

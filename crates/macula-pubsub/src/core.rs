@@ -515,6 +515,15 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         }
     }
 
+    /// The cached route of `topic`, if fresh and all its queues alive (the
+    /// hot path of a full node's publish: one lock, no lookup).
+    pub fn cached_route(&mut self, topic: &str, now: Millis) -> Option<Arc<Route>> {
+        match &mut self.role {
+            RoleState::Node(mesh) => mesh.cached_route(topic, now, &self.out),
+            _ => None,
+        }
+    }
+
     /// Publishes along `route` (from [`Self::route`]): local delivery plus
     /// one copy per interested node.
     pub fn publish_routed(

@@ -70,6 +70,36 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Every counter as (metric name, help, value), for the driver's
+    /// metrics exporter: the names are a compatibility promise to dashboards.
+    pub fn rows(&self) -> [(&'static str, &'static str, u64); 22] {
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        [
+            ("macula_pubsub_published_total", "Messages published on this node.", g(&self.published_total)),
+            ("macula_pubsub_delivered_local_total", "Events queued to local subscriptions.", g(&self.delivered_local_total)),
+            ("macula_pubsub_dropped_slow_total", "Events dropped from full subscription queues (slow subscribers).", g(&self.dropped_slow_total)),
+            ("macula_pubsub_subscriptions", "Live subscriptions on this node.", g(&self.subscriptions)),
+            ("macula_pubsub_sent_remote_total", "Messages queued to interested nodes (one per node).", g(&self.sent_remote_total)),
+            ("macula_pubsub_received_remote_total", "Messages received from other nodes and delivered.", g(&self.received_remote_total)),
+            ("macula_pubsub_duplicates_dropped_total", "Received duplicates dropped.", g(&self.duplicates_dropped_total)),
+            ("macula_pubsub_gaps_total", "Messages seen missing from a publisher's sequence.", g(&self.gaps_total)),
+            ("macula_pubsub_remote_dropped_total", "Outbound messages dropped (queue full, node unreachable or cut off, too large for the node).", g(&self.remote_dropped_total)),
+            ("macula_pubsub_remote_rejected_total", "Received messages refused (bad topic, wrong publisher, oversized).", g(&self.remote_rejected_total)),
+            ("macula_pubsub_batches_sent_total", "PUBLISH_BATCH frames written to pub/sub data streams.", g(&self.batches_sent_total)),
+            ("macula_pubsub_batches_received_total", "PUBLISH_BATCH frames received.", g(&self.batches_received_total)),
+            ("macula_pubsub_peers_cut_off_total", "Peers whose pub/sub data stream was reset because it accepted nothing for the stall timeout.", g(&self.peers_cut_off_total)),
+            ("macula_pubsub_data_streams_rejected_total", "Inbound pub/sub data streams closed for bad input.", g(&self.data_streams_rejected_total)),
+            ("macula_pubsub_forwarded_received_total", "Messages received that another node forwarded for their publisher (a gateway for its client).", g(&self.forwarded_received_total)),
+            ("macula_pubsub_forwarded_sent_total", "Messages this node forwarded as a gateway: clients' messages into the mesh and events to clients.", g(&self.forwarded_sent_total)),
+            ("macula_pubsub_unmatched_total", "Received messages that matched no subscription here, dropped (expected when an interest record is a summary, or just after an unsubscribe).", g(&self.unmatched_total)),
+            ("macula_pubsub_interest_puts_total", "Interest record puts into the DHT, failed ones included (concurrent updates of one name share a put).", g(&self.interest_puts_total)),
+            ("macula_pubsub_interest_summarized_total", "Interest records put as a summary (generalized patterns) because the exact list was over the DHT record size limit.", g(&self.interest_summarized_total)),
+            ("macula_pubsub_too_large_for_peer_total", "Outbound messages dropped because they exceed the receiving node's frame limit (its HELLO max_frame_size).", g(&self.too_large_for_peer_total)),
+            ("macula_pubsub_peers_unreachable_total", "Interested nodes found unreachable (connection timed out, node left, or not reachable): their interest is set aside.", g(&self.peers_unreachable_total)),
+            ("macula_pubsub_peers_restored_total", "Nodes set aside as unreachable that came back (reconnected, or put a newer interest record).", g(&self.peers_restored_total)),
+        ]
+    }
+
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         if n > 0 {
             counter.fetch_add(n, Relaxed);
