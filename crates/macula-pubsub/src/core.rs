@@ -811,9 +811,12 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         Counters::add(&self.counters.remote_dropped_total, taken as u64);
     }
 
-    /// The pending write of `peer` accepted bytes.
-    pub fn handle_progress(&mut self, peer: PeerRef, now: Millis) {
+    /// The write of `peer` starts, or accepted bytes: returns when it is
+    /// cut off unless it progresses again (`None`: the queue was retired
+    /// meanwhile; stop writing).
+    pub fn handle_progress(&mut self, peer: PeerRef, now: Millis) -> Option<Millis> {
         self.out.progress(peer, now);
+        self.out.stall_deadline(peer)
     }
 
     /// When the pending write of `peer` is cut off unless it progresses.

@@ -234,15 +234,17 @@ impl PubSub {
     /// Releases the core and does what it asked for (a publish on the hot
     /// path usually finds nothing to do).
     fn after(&self, mut core: MutexGuard<'_, Core>) {
-        if !core.has_actions() {
+        let Some(first) = core.poll_action() else {
             return;
-        }
-        let mut actions = Vec::new();
-        while let Some(a) = core.poll_action() {
-            actions.push(a);
-        }
+        };
+        // Usually one (a sender's wake): no allocation for it.
+        let rest: Vec<_> = match core.has_actions() {
+            true => std::iter::from_fn(|| core.poll_action()).collect(),
+            false => Vec::new(),
+        };
         drop(core);
-        for a in actions {
+        self.act(first);
+        for a in rest {
             self.act(a);
         }
     }

@@ -64,26 +64,33 @@ enum Wrote {
     Failed(String),
 }
 
-/// Writes `buf`, reporting progress to the core and asking it whether a
-/// write that accepts nothing until its deadline is cut off.
+/// Writes `buf`, reporting progress to the core (which starts the stall
+/// clock) and asking it whether a write that accepts nothing until its
+/// deadline is cut off. One lock per `write` call.
 async fn write(inner: &Inner, q: PeerRef, send: &mut quinn::SendStream, buf: &[u8]) -> Wrote {
     let mut off = 0;
+    let Some(mut deadline) = inner.core().handle_progress(q, inner.now()) else {
+        return Wrote::Retired;
+    };
     while off < buf.len() {
-        let Some(deadline) = inner.core().stall_deadline(q) else {
-            return Wrote::Retired;
-        };
         let at = tokio::time::Instant::from_std(inner.clock.instant(deadline));
-        match tokio::time::timeout_at(at, send.write(&buf[off..])).await {
+        deadline = match tokio::time::timeout_at(at, send.write(&buf[off..])).await {
             Ok(Ok(n)) => {
                 off += n;
-                inner.core().handle_progress(q, inner.now());
+                if off == buf.len() {
+                    break;
+                }
+                match inner.core().handle_progress(q, inner.now()) {
+                    Some(d) => d,
+                    None => return Wrote::Retired,
+                }
             }
             Ok(Err(e)) => return Wrote::Failed(e.to_string()),
             Err(_) => match inner.core().handle_stall(q, inner.now()) {
-                Stall::Wait(_) => {}
+                Stall::Wait(d) => d,
                 Stall::CutOff { dropped } => return Wrote::CutOff(dropped),
             },
-        }
+        };
     }
     Wrote::Done
 }
@@ -168,8 +175,6 @@ pub(super) async fn run(owner: Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<
             tracing::warn!(peer = %node, n = encoded.too_large, limit = batch.frame_limit,
                 "pub/sub messages larger than the peer's frame limit dropped");
         }
-        // The stall clock starts with the write, not with the reach.
-        inner.core().handle_progress(q, inner.now());
         match write(&inner, q, &mut s.send, &buf).await {
             Wrote::Retired => return,
             Wrote::Done => {
