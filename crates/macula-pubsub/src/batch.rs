@@ -360,11 +360,11 @@ mod tests {
         let mut m = msg(1, &t, 3);
         m.extra = Some(Arc::new(PublishOptions {
             headers: vec![("k".into(), "vv".into())],
-            message_id: Some("id".into()),
+            message_id: Some("abc".into()),
         }));
         assert_eq!(
             m.encoded_size(),
-            3 + (1 + 2 + 4) + (2 + 2) + MESSAGE_OVERHEAD
+            3 + (1 + 2 + 4) + (3 + 2) + MESSAGE_OVERHEAD
         );
         let mut buf = Vec::new();
         let e = encode_batches(&mut buf, &[m], &ME, 1, 1 << 20, BATCH_BYTES);
@@ -372,7 +372,7 @@ mod tests {
         let (f, _) = FrameDecoder::new(1 << 20).decode(&buf).unwrap().unwrap();
         let v = PublishBatchView::decode(f.body).unwrap();
         assert_eq!(v.entries[0].headers, vec![("k", "vv")]);
-        assert_eq!(v.entries[0].message_id, Some("id"));
+        assert_eq!(v.entries[0].message_id, Some("abc"));
     }
 
     #[test]
@@ -396,6 +396,26 @@ mod tests {
         assert_ne!(forwarded_key(&a, &b), forwarded_key(&a, &c));
         assert_ne!(forwarded_key(&a, &b), forwarded_key(&b, &a));
         assert_ne!(forwarded_key(&a, &b), a);
+    }
+
+    #[test]
+    fn a_message_costing_exactly_the_budget_fits_the_worst_case_frame() {
+        // The documented bound: format, publisher, epoch, topic count and
+        // message count at their largest encodings.
+        assert_eq!(BATCH_BODY_OVERHEAD, 1 + 32 + 10 + 2 + 3);
+        let t = TopicName::from("t");
+        let limit = 1000u32;
+        let len = limit as usize - 48 - MESSAGE_OVERHEAD - (t.len() + 2);
+        let mut m = msg(u64::MAX / 2, &t, len);
+        m.payload = Bytes::from(vec![0; len]);
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &[m.clone()], &ME, u64::MAX, limit, BATCH_BYTES);
+        assert_eq!((e.messages, e.too_large, e.refused), (1, 0, 0));
+        assert!(buf.len() - macula_wire::FRAME_HEADER_LEN <= limit as usize);
+        // One byte more is too large for this receiver.
+        m.payload = Bytes::from(vec![0; len + 1]);
+        let e = encode_batches(&mut Vec::new(), &[m], &ME, u64::MAX, limit, BATCH_BYTES);
+        assert_eq!((e.messages, e.too_large), (0, 1));
     }
 
     #[test]

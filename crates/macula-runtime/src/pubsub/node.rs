@@ -71,6 +71,10 @@ impl PubSub {
     pub(super) fn lookup_interest(&self, name: String, key: NodeId) {
         let (Some(dht), Ok(rt)) = (self.dht().cloned(), tokio::runtime::Handle::try_current())
         else {
+            // Nothing can run it (no runtime: the node is gone): an answer
+            // all the same, so the core never waits for it.
+            let now = self.0.now();
+            self.run(|core, _, _| core.handle_interest_found(&name, Err("no runtime".into()), now));
             return;
         };
         let ps = self.clone();
@@ -98,6 +102,8 @@ impl PubSub {
     pub(super) fn put_interest(&self, put: InterestPut) {
         let (Some(dht), Ok(rt)) = (self.dht().cloned(), tokio::runtime::Handle::try_current())
         else {
+            let fail = Err("no runtime".to_string());
+            self.run(|core, _, _| core.handle_interest_put(&put.name, put.changes, fail));
             return;
         };
         let ps = self.clone();
