@@ -338,6 +338,39 @@ mod tests {
     }
 
     #[test]
+    fn equal_origins_make_one_run_even_in_different_arcs() {
+        let t = TopicName::from("t");
+        let origin = || {
+            Some(Arc::new(Origin {
+                publisher: NodeId::from_bytes([2; 32]),
+                epoch: 9,
+            }))
+        };
+        let mut a = msg(1, &t, 1);
+        a.origin = origin();
+        let mut b = msg(2, &t, 1);
+        b.origin = origin();
+        let e = encode_batches(&mut Vec::new(), &[a, b], &ME, 1, 1 << 20, BATCH_BYTES);
+        assert_eq!((e.frames, e.messages), (1, 2));
+    }
+
+    #[test]
+    fn a_frame_fills_its_budget_exactly() {
+        // Two messages whose cost adds up to the budget share one frame;
+        // one byte more and the second starts a new one.
+        let t = TopicName::from("t");
+        let budget = 1000;
+        let first = budget - MESSAGE_OVERHEAD - (t.len() + 2) - 100;
+        let second = 100 - MESSAGE_OVERHEAD;
+        let msgs = [msg(1, &t, first), msg(2, &t, second)];
+        let e = encode_batches(&mut Vec::new(), &msgs, &ME, 1, 1 << 20, budget);
+        assert_eq!((e.frames, e.messages), (1, 2));
+        let msgs = [msg(1, &t, first), msg(2, &t, second + 1)];
+        let e = encode_batches(&mut Vec::new(), &msgs, &ME, 1, 1 << 20, budget);
+        assert_eq!((e.frames, e.messages), (2, 2));
+    }
+
+    #[test]
     fn topic_tables_and_message_counts_are_bounded() {
         let names: Vec<TopicName> = (0..MAX_BATCH_TOPICS + 5)
             .map(|i| TopicName::from(format!("t{i}")))

@@ -197,12 +197,15 @@ fn counter(c: &Core, f: impl Fn(&macula_pubsub::Counters) -> &std::sync::atomic:
 #[test]
 fn a_subscription_puts_its_record_and_concurrent_changes_share_puts() {
     let mut c = node(1);
+    assert!(!c.has_actions());
     let a = c.subscribe("news.*", 1).unwrap();
+    assert!(c.has_actions(), "a put to do");
     let Interest::Record { name: n, changes } = a.interest.clone() else {
         panic!("{:?}", a.interest)
     };
     assert_eq!(n, name("news"));
     let acts = actions(&mut c);
+    assert!(!c.has_actions());
     let p = puts(&acts);
     assert_eq!(p.len(), 1);
     assert_eq!(value(&p[0]), "news.*");
@@ -237,8 +240,19 @@ fn a_subscription_puts_its_record_and_concurrent_changes_share_puts() {
         vec![("news.*".into(), 2), ("news.sport".into(), 1)]
     );
     assert_eq!(counter(&c, |c| &c.interest_puts_total), 2);
-    // Dropping all: the last put withdraws the record.
-    for s in [a.id, b.id, d.id] {
+    // An unsubscribe is a change like any other: waited for until a put
+    // carrying it is stored.
+    let Some(Interest::Record { changes: gone, .. }) = c.unsubscribe(d.id) else {
+        panic!()
+    };
+    assert!(gone > last);
+    assert_eq!(c.interest_outcome(&n, gone), None);
+    let p = puts(&actions(&mut c));
+    assert_eq!(p[0].changes, gone);
+    c.handle_interest_put(&n, gone, Ok(()));
+    assert_eq!(c.interest_outcome(&n, gone), Some(Ok(())));
+    // Dropping the rest: the last put withdraws the record.
+    for s in [a.id, b.id] {
         c.unsubscribe(s).unwrap();
     }
     let p3 = puts(&actions(&mut c));

@@ -226,6 +226,11 @@ impl PubSub {
         &self.0.counters
     }
 
+    /// Checks payload and options before any lookup is started for them.
+    fn check(&self, payload: &Bytes, opts: &PublishOptions) -> Result<(), PubSubError> {
+        self.0.core().check(payload, opts)
+    }
+
     /// Largest payload `publish` accepts.
     pub fn max_payload(&self) -> usize {
         self.0.max_payload
@@ -382,20 +387,28 @@ impl PubSub {
                     core.publish_upstream(topic, payload, opts, now, out)
                 })
             }
-            // The hot path: a fresh cached route, one lock.
-            Role::Node(_) => match self.run(|core, now, out| {
-                core.check(&payload, &opts)?;
-                match core.cached_route(topic, now) {
-                    Some(route) => core.publish_routed(&route, payload, opts, now, out).map(Ok),
-                    None => Ok(Err((payload, opts))),
+            // The hot path: a fresh cached route, one lock; the message is
+            // only taken (not moved back and forth) when there is one.
+            Role::Node(_) => {
+                let mut msg = Some((payload, opts));
+                let fast = self.run(|core, now, out| {
+                    let route = core.cached_route(topic, now)?;
+                    let (payload, opts) = msg.take()?;
+                    Some(core.publish_routed(&route, payload, opts, now, out))
+                });
+                match fast {
+                    Some(p) => p,
+                    None => {
+                        // No fresh route, so the message was not taken.
+                        let (payload, opts) = msg.unwrap_or_default();
+                        self.check(&payload, &opts)?;
+                        let route = self.route(topic).await?;
+                        self.run(|core, now, out| {
+                            core.publish_routed(&route, payload, opts, now, out)
+                        })
+                    }
                 }
-            })? {
-                Ok(p) => Ok(p),
-                Err((payload, opts)) => {
-                    let route = self.route(topic).await?;
-                    self.run(|core, now, out| core.publish_routed(&route, payload, opts, now, out))
-                }
-            },
+            }
         };
         published.map(|p| p.seq)
     }
