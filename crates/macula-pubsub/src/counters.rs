@@ -110,3 +110,30 @@ impl Counters {
         counter.fetch_add(1, Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_a_named_row() {
+        let c = Counters::default();
+        Counters::inc(&c.published_total);
+        Counters::add(&c.peers_restored_total, 3);
+        Counters::add(&c.gaps_total, 0);
+        let rows = c.rows();
+        let mut names: Vec<&str> = rows.iter().map(|r| r.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), rows.len(), "distinct names");
+        for (name, help, _) in &rows {
+            assert!(name.starts_with("macula_pubsub_"), "{name}");
+            assert!(help.len() > 10, "{name} has help");
+        }
+        let value = |n: &str| rows.iter().find(|r| r.0 == n).map(|r| r.2);
+        assert_eq!(value("macula_pubsub_published_total"), Some(1));
+        assert_eq!(value("macula_pubsub_peers_restored_total"), Some(3));
+        assert_eq!(value("macula_pubsub_gaps_total"), Some(0));
+        assert_eq!(rows.iter().map(|r| r.2).sum::<u64>(), 4);
+    }
+}

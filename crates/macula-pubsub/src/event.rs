@@ -229,6 +229,13 @@ mod tests {
         assert_eq!(TopicName::from("a.b".to_string()), t);
         let r: &str = t.as_ref();
         assert_eq!(r, "a.b");
+        assert_ne!(t, "a.c");
+        assert_ne!(t, *"a.c");
+        assert_ne!(t, "a.c".to_string());
+        let mut by_name = std::collections::HashMap::new();
+        by_name.insert(t.clone(), 1);
+        assert_eq!(by_name.get("a.b"), Some(&1), "borrows as its text");
+        assert_eq!(FRAME_HEADROOM, 65_536);
     }
 
     #[test]

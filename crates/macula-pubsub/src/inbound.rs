@@ -79,6 +79,11 @@ impl<S> BatchReceiver<S> {
         Some(entry)
     }
 
+    /// Topics remembered as validated (at most `RECEIVER_TOPIC_CACHE`).
+    pub fn n_topics(&self) -> usize {
+        self.topics.len()
+    }
+
     /// Hands each local subscription's events of the last batch to `push`
     /// (in batch order; `push` drains them). Returns how many there were.
     pub fn deliver(&mut self, mut push: impl FnMut(&S, &mut Vec<Event>)) -> u64 {

@@ -503,8 +503,7 @@ fn a_to_b() -> (Core, Arc<Route>, PeerRef) {
 fn publishes_reach_the_other_core_in_order_once_each() {
     let (mut a, r, q) = a_to_b();
     let mut b = node(2);
-    let sub = b.subscribe("t.*", 7).unwrap();
-    let _ = sub;
+    b.subscribe("t.*", 7).unwrap();
     for i in 0..5 {
         publish(&mut a, &r, &i.to_string(), ms(1));
     }
@@ -528,6 +527,50 @@ fn publishes_reach_the_other_core_in_order_once_each() {
     // The queue emptied: the next message wakes the sender.
     publish(&mut a, &r, "again", ms(5));
     assert!(matches!(actions(&mut a)[..], [Action::Wake(())]));
+}
+
+#[test]
+fn each_subscription_gets_each_event_once_and_gaps_are_counted() {
+    let (mut a, r, q) = a_to_b();
+    let mut b = node(2);
+    b.subscribe("t.*", 1).unwrap();
+    b.subscribe("t.x", 2).unwrap();
+    b.subscribe("**", 3).unwrap();
+    publish(&mut a, &r, "second", ms(0));
+    let bodies = transmit(&mut a, q, ms(0));
+    let mut rx = BatchReceiver::new(false);
+    let t = macula_wire::MessageType::PublishBatch as u8;
+    b.handle_batch(id(1), t, &bodies[0], &mut rx, ms(0))
+        .unwrap();
+    let mut got: Vec<(u32, String)> = Vec::new();
+    let n = rx.deliver(|s, events| {
+        for e in events.drain(..) {
+            got.push((*s, String::from_utf8_lossy(&e.payload).into_owned()));
+        }
+    });
+    assert_eq!(n, 6);
+    got.sort();
+    let want: Vec<(u32, String)> = [1, 2, 3]
+        .iter()
+        .flat_map(|s| [(*s, "first".to_string()), (*s, "second".to_string())])
+        .collect();
+    assert_eq!(got, want);
+    // Three messages lost on the way: the next batch says so.
+    for i in 0..4 {
+        publish(&mut a, &r, &i.to_string(), ms(1));
+    }
+    let mut bodies = Vec::new();
+    let mut msgs = Vec::new();
+    if let Transmit::Batch(bt) = a.poll_transmit(q, &mut msgs, ms(2)) {
+        let mut buf = Vec::new();
+        bt.encode(&mut buf, &msgs[3..]);
+        bodies.push(Bytes::copy_from_slice(
+            &buf[macula_wire::FRAME_HEADER_LEN..],
+        ));
+    }
+    assert_eq!(receive(&mut b, 1, &bodies, ms(3)).len(), 3);
+    assert_eq!(counter(&b, |c| &c.gaps_total), 3);
+    assert_eq!(counter(&b, |c| &c.received_remote_total), 3);
 }
 
 #[test]
@@ -746,6 +789,46 @@ fn bad_batches_close_the_stream_and_bad_messages_are_counted() {
     assert_eq!(got[0].payload, "ok");
     assert_eq!(counter(&small, |c| &c.remote_rejected_total), 2);
     assert_eq!(counter(&small, |c| &c.batches_received_total), 1);
+    assert_eq!(counter(&small, |c| &c.received_remote_total), 1);
+}
+
+#[test]
+fn a_receiver_remembers_a_bounded_number_of_topics() {
+    let mut b = node(2);
+    b.subscribe("**", 1).unwrap();
+    let mut rx = BatchReceiver::new(false);
+    let t = macula_wire::MessageType::PublishBatch as u8;
+    let mut seq = 0;
+    let mut send = |b: &mut Core, rx: &mut BatchReceiver<u32>, topics: &[String]| {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let mut buf = Vec::new();
+        let items: Vec<macula_wire::BatchItem> = (0..names.len())
+            .map(|i| {
+                seq += 1;
+                macula_wire::BatchItem {
+                    seq,
+                    topic_index: i,
+                    payload: b"x",
+                    headers: &[],
+                    message_id: None,
+                }
+            })
+            .collect();
+        macula_wire::encode_batch_frame(&mut buf, 1 << 20, &id(1), 1, &names, items).unwrap();
+        let body = Bytes::copy_from_slice(&buf[macula_wire::FRAME_HEADER_LEN..]);
+        b.handle_batch(id(1), t, &body, rx, ms(0)).unwrap();
+        rx.deliver(|_, e| e.clear())
+    };
+    let two: Vec<String> = vec!["a".into(), "b".into()];
+    assert_eq!(send(&mut b, &mut rx, &two), 2);
+    assert_eq!(rx.n_topics(), 2);
+    for round in 0..2 {
+        let many: Vec<String> = (0..200).map(|i| format!("t{round}.{i}")).collect();
+        assert_eq!(send(&mut b, &mut rx, &many), 200);
+    }
+    // Full at 256: forgotten all at once, then filled again.
+    assert_eq!(macula_pubsub::inbound::RECEIVER_TOPIC_CACHE, 256);
+    assert_eq!(rx.n_topics(), 2 + 400 - 256);
 }
 
 #[test]
@@ -799,13 +882,17 @@ fn single_publishes_are_checked_deduplicated_and_delivered() {
     let mut big = wire(from, "t.a", 5, 9);
     big.payload = vec![0; p.max_payload() + 1];
     assert!(deliver(&mut p, big).is_err());
+    let mut just = wire(from, "t.c", 5, 10);
+    just.payload = vec![0; p.max_payload()];
+    deliver(&mut p, just).unwrap();
+    out.pop();
     let topics: Vec<String> = out.iter().map(|(_, e)| e.topic.to_string()).collect();
     assert_eq!(topics, ["t.a", "t.a", "t.b"]);
     assert_eq!(out[0].1.publisher, from);
     assert_eq!(out[0].1.epoch, 5);
     assert_eq!(counter(&p, |c| &c.duplicates_dropped_total), 2);
-    assert_eq!(counter(&p, |c| &c.gaps_total), 2);
-    assert_eq!(counter(&p, |c| &c.received_remote_total), 4);
+    assert_eq!(counter(&p, |c| &c.gaps_total), 2 + 3);
+    assert_eq!(counter(&p, |c| &c.received_remote_total), 5);
     assert_eq!(counter(&p, |c| &c.unmatched_total), 1);
     assert_eq!(counter(&p, |c| &c.remote_rejected_total), 4);
 }
@@ -849,6 +936,16 @@ fn local_publishes_carry_seq_epoch_and_options() {
     assert_eq!(e.message_id.as_deref(), Some("m"));
     assert!(out[2].1.headers.is_empty() && out[2].1.message_id.is_none());
     assert_eq!(out[2].1.seq, 2);
+    assert_eq!(
+        c.max_payload(),
+        (1 << 20) - 64 * 1024,
+        "frame limit less headroom"
+    );
+    let just = Bytes::from(vec![0u8; c.max_payload()]);
+    assert!(c
+        .publish_local("a.b", just, PublishOptions::default(), ms(0), &mut out)
+        .is_ok());
+    out.clear();
     let too_big = Bytes::from(vec![0u8; c.max_payload() + 1]);
     let err = c
         .publish_local("a.b", too_big, PublishOptions::default(), ms(0), &mut out)
@@ -866,7 +963,7 @@ fn local_publishes_carry_seq_epoch_and_options() {
         c.subscribe("a..b", 3),
         Err(PubSubError::InvalidPattern { .. })
     ));
-    assert_eq!(counter(&c, |c| &c.published_total), 2);
+    assert_eq!(counter(&c, |c| &c.published_total), 3);
     assert_eq!(counter(&c, |c| &c.subscriptions), 2);
     assert_eq!((c.node_id(), c.epoch(), c.role()), (id(1), 101, Role::Node));
 }
@@ -1086,6 +1183,24 @@ fn a_gateway_feeds_its_clients_what_matches_except_their_own() {
     assert_eq!(gw.feed_remove(feed, "t.*"), Interest::None);
     // A feed that is gone takes nothing.
     assert_eq!(gw.feed_add(feed, "u").unwrap(), Interest::None);
+}
+
+#[test]
+fn a_single_publish_reaches_a_feed_with_its_publisher() {
+    let mut gw = node(2);
+    let feed = gw.open_feed(id(50));
+    gw.feed_add(feed, "t.*").unwrap();
+    actions(&mut gw);
+    let mut out = Vec::new();
+    let mut p = wire(id(9), "t.x", 77, 1);
+    p.headers = vec![("h".into(), "v".into())];
+    gw.handle_publish(id(9), p, ms(0), &mut out).unwrap();
+    assert!(out.is_empty());
+    let (q, _) = starts(&actions(&mut gw))[0];
+    let bodies = transmit(&mut gw, q, ms(0));
+    let v = macula_wire::PublishBatchView::decode(&bodies[0]).unwrap();
+    assert_eq!((v.publisher, v.epoch), (id(9), 77));
+    assert_eq!(v.entries[0].headers, vec![("h", "v")]);
 }
 
 #[test]
