@@ -141,6 +141,17 @@ pub enum PeerDown {
     Left,
 }
 
+/// How full the core's bounded tables are (see [`PubSubCore::sizes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sizes {
+    pub subscriptions: usize,
+    pub feeds: usize,
+    pub queues: usize,
+    pub interest_entries: usize,
+    pub routes: usize,
+    pub remembered_puts: usize,
+}
+
 /// One batch ready to encode (see [`PubSubCore::poll_transmit`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Batch {
@@ -942,5 +953,21 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     /// Live outbound queues.
     pub fn n_peers(&self) -> usize {
         self.out.len()
+    }
+
+    /// How full every bounded table is (for gauges and tests).
+    pub fn sizes(&self) -> Sizes {
+        let (interest_entries, routes, remembered_puts) = match &self.role {
+            RoleState::Node(mesh) => mesh.sizes(),
+            _ => (0, 0, 0),
+        };
+        Sizes {
+            subscriptions: self.local.subs.len(),
+            feeds: self.local.feeds.len(),
+            queues: self.out.len(),
+            interest_entries,
+            routes,
+            remembered_puts,
+        }
     }
 }

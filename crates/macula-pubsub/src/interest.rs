@@ -448,6 +448,12 @@ impl Mesh {
         self.lookups.len()
     }
 
+    /// How full each bounded table is: (interest entries, routes,
+    /// remembered puts).
+    pub(crate) fn sizes(&self) -> (usize, usize, usize) {
+        (self.cache.len(), self.routes.len(), self.puts.len())
+    }
+
     /// The lookup of `name` finished.
     pub(crate) fn handle_lookup(
         &mut self,

@@ -122,8 +122,8 @@ pub mod sublist;
 pub mod topic;
 
 pub use crate::core::{
-    Action, Batch, Config, Deliveries, Interest, PeerDown, PubSubCore, Published, Role, Subscribed,
-    Transmit,
+    Action, Batch, Config, Deliveries, Interest, PeerDown, PubSubCore, Published, Role, Sizes,
+    Subscribed, Transmit,
 };
 pub use batch::{encode_batches, Encoded, Origin, OutMsg, BATCH_BYTES};
 pub use counters::Counters;

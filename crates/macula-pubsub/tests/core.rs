@@ -280,6 +280,18 @@ fn a_failed_put_fails_its_waiters_and_the_next_change_puts_again() {
         puts(&actions(&mut c)).is_empty(),
         "no retry without a change"
     );
+    // A later change waits for its own put, not the failed one.
+    let again = c.subscribe("x.z", 2).unwrap();
+    let Interest::Record { changes: later, .. } = again.interest else {
+        panic!()
+    };
+    assert_eq!(c.interest_outcome(&n, later), None);
+    let p2 = puts(&actions(&mut c));
+    c.handle_interest_put(&n, p2[0].changes, Ok(()));
+    assert_eq!(c.interest_outcome(&n, later), Some(Ok(())));
+    c.unsubscribe(again.id);
+    let p3 = puts(&actions(&mut c));
+    c.handle_interest_put(&n, p3[0].changes, Ok(()));
     // A stale report (a put that is not the one running) changes nothing.
     assert_eq!(c.handle_interest_put(&n, 999, Ok(())), None);
     assert_eq!(c.handle_interest_put("ps:r:nope", 1, Ok(())), None);
@@ -322,6 +334,38 @@ fn a_record_over_the_limit_is_summarized_and_said_so() {
     assert_eq!(
         c.handle_interest_put(&n, p[0].changes, Ok(())),
         Some(RecordForm::BecameExact)
+    );
+}
+
+#[test]
+fn names_without_a_live_record_are_forgotten_past_the_limit() {
+    let mut cfg = config(1, Role::Node);
+    cfg.interest.puts_remembered = 1;
+    let mut c = PubSubCore::<u32, ()>::new(cfg);
+    let done = |c: &mut Core| {
+        for p in puts(&actions(c)) {
+            c.handle_interest_put(&p.name, p.changes, Ok(()));
+        }
+    };
+    let a = c.subscribe("a.x", 1).unwrap();
+    done(&mut c);
+    c.unsubscribe(a.id);
+    done(&mut c);
+    assert_eq!(c.sizes().remembered_puts, 1, "at the limit: kept");
+    c.subscribe("b.x", 2).unwrap();
+    done(&mut c);
+    assert_eq!(
+        c.sizes().remembered_puts,
+        1,
+        "a's empty record forgotten, b's live one kept"
+    );
+    assert_eq!(c.live_interest_names(), vec![name("b")]);
+    c.subscribe("c.x", 3).unwrap();
+    done(&mut c);
+    assert_eq!(
+        c.sizes().remembered_puts,
+        2,
+        "live records are never forgotten"
     );
 }
 
@@ -466,6 +510,76 @@ fn a_failed_lookup_means_no_targets_for_the_bound_and_keeps_a_good_entry() {
         panic!("the stale entry is used")
     };
     assert_eq!(nodes(&r), vec![id(2)]);
+}
+
+#[test]
+fn the_interest_bound_and_the_stale_limit_are_exact() {
+    let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
+    let mut c = node(1);
+    route(&mut c, &dht, "t.a", ms(0));
+    // 999 ms after the lookups started: still fresh, for a new topic too.
+    let RouteStep::Ready(_) = c.route("t.b", ms(999), Patience::Wait).unwrap() else {
+        panic!("fresh at 999 ms")
+    };
+    // At exactly 1 s: stale, refreshed.
+    let step = c.route("t.c", ms(1000), Patience::Wait).unwrap();
+    assert!(
+        matches!(
+            step,
+            RouteStep::Wait {
+                until: Some(Millis(1250))
+            }
+        ),
+        "{step:?}"
+    );
+    let acts = actions(&mut c);
+    for n in lookups(&acts) {
+        c.handle_interest_found(&n, Err("lost".into()), ms(1000));
+    }
+    // At exactly 30 s: too old to use while refreshing.
+    let step = c.route("t.d", ms(30_000), Patience::Wait).unwrap();
+    assert!(matches!(step, RouteStep::Wait { until: None }), "{step:?}");
+}
+
+#[test]
+fn the_route_cache_keeps_fresh_routes_when_full() {
+    let mut cfg = config(1, Role::Node);
+    cfg.interest.route_cache_capacity = 2;
+    let mut c = PubSubCore::<u32, ()>::new(cfg);
+    let dht = Dht::default();
+    route(&mut c, &dht, "a.x", ms(0));
+    route(&mut c, &dht, "b.x", ms(1200));
+    assert_eq!(c.sizes().routes, 2);
+    // Full: the expired a.x goes, the fresh b.x stays.
+    route(&mut c, &dht, "c.x", ms(1300));
+    assert_eq!(c.sizes().routes, 2);
+    assert!(c.cached_route("b.x", ms(1300)).is_some());
+    assert!(c.cached_route("c.x", ms(1300)).is_some());
+}
+
+#[test]
+fn a_full_interest_cache_drops_what_is_too_old_to_use_first() {
+    let mut cfg = config(1, Role::Node);
+    cfg.interest.cache_capacity = 2;
+    let mut c = PubSubCore::<u32, ()>::new(cfg);
+    let found =
+        |c: &mut Core, n: &str, at: u64| c.handle_interest_found(&name(n), Ok(vec![]), ms(at));
+    found(&mut c, "x", 0);
+    found(&mut c, "y", 35_000);
+    assert_eq!(c.sizes().interest_entries, 2);
+    // A refresh of a known name never evicts.
+    found(&mut c, "y", 35_500);
+    assert_eq!(c.sizes().interest_entries, 2);
+    // x is over 30 s old: it goes, y stays.
+    found(&mut c, "z", 36_000);
+    assert_eq!(c.sizes().interest_entries, 2);
+    let step = c.route("y.a", ms(36_000), Patience::Now).unwrap();
+    assert!(matches!(step, RouteStep::Ready(_)));
+    assert_eq!(
+        lookups(&actions(&mut c)),
+        vec![name("*")],
+        "y was kept (fresh), only the realm-wide name is missing"
+    );
 }
 
 #[test]
@@ -1062,6 +1176,29 @@ fn a_newer_record_or_the_end_of_the_hold_restores_a_node() {
 }
 
 #[test]
+fn a_hold_ends_exactly_at_its_end() {
+    let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
+    let mut a = node(1);
+    route(&mut a, &dht, "t.a", ms(0));
+    a.handle_peer_down(&id(2), PeerDown::Left, ms(0));
+    // Fresh entries at 29.5 s; then new topics at 29,999 and 30,000 ms.
+    assert!(nodes(&route(&mut a, &dht, "t.b", ms(29_500))).is_empty());
+    assert!(nodes(&route(&mut a, &dht, "t.c", ms(29_999))).is_empty());
+    assert_eq!(nodes(&route(&mut a, &dht, "t.d", ms(30_000))), vec![id(2)]);
+}
+
+#[test]
+fn a_node_known_only_from_its_records_is_set_aside_too() {
+    // Node 5 is interested in other topics: in the cache, never routed to.
+    let dht = Dht::with(&[("*", record(5, 1, "*.other"))]);
+    let mut a = node(1);
+    assert!(nodes(&route(&mut a, &dht, "t.a", ms(0))).is_empty());
+    a.handle_peer_down(&id(5), PeerDown::Left, ms(1));
+    assert_eq!(counter(&a, |c| &c.peers_unreachable_total), 1);
+    assert!(nodes(&route(&mut a, &dht, "x.other", ms(2))).is_empty());
+}
+
+#[test]
 fn unreachable_nodes_are_bounded() {
     let mut cfg = config(1, Role::Node);
     cfg.interest.max_down = 2;
@@ -1230,6 +1367,24 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
         gw.forward_from_client(id(51), &view, b, &[Some(r.clone())], ms(1));
     }
     assert_eq!(counter(&gw, |c| &c.remote_rejected_total), 1);
+    // Payloads over this node's limit are not forwarded; one at it is.
+    let mut small = config(1, Role::Node);
+    small.max_payload = 2;
+    let mut strict = PubSubCore::<u32, ()>::new(small);
+    let rs = route(&mut strict, &dht, "t.x", ms(0));
+    let view = macula_wire::PublishBatchView::decode(&bodies[0]).unwrap();
+    strict.forward_from_client(id(50), &view, &bodies[0], &[Some(rs.clone())], ms(1));
+    assert_eq!(
+        counter(&strict, |c| &c.forwarded_sent_total),
+        1,
+        "2 bytes: at the limit"
+    );
+    let mut tiny = config(1, Role::Node);
+    tiny.max_payload = 1;
+    let mut strict = PubSubCore::<u32, ()>::new(tiny);
+    let rs = route(&mut strict, &dht, "t.x", ms(0));
+    strict.forward_from_client(id(50), &view, &bodies[0], &[Some(rs)], ms(1));
+    assert_eq!(counter(&strict, |c| &c.forwarded_sent_total), 0);
     let (gq, to) = starts(&actions(&mut gw))[0];
     assert_eq!(to, id(2), "not back to the client");
     let fwd = transmit(&mut gw, gq, ms(2));
