@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use macula::{DisconnectReason, Node, NodeId};
 
+use crate::bench_stats::{build_kind, debug_note};
+
 /// Upper bound on `--count`, so a typo cannot run for hours.
 const MAX_COUNT: usize = 100_000;
 /// Every benchmark gives up after this long.
@@ -139,24 +141,6 @@ pub(crate) async fn interrupted() -> &'static str {
             _ = term.recv() => "SIGTERM",
         },
         _ => std::future::pending().await,
-    }
-}
-
-/// "debug" or "release": every figure says which build produced it.
-pub(crate) fn build_kind() -> &'static str {
-    if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    }
-}
-
-/// Appended to the text headline of a debug build's figures.
-pub(crate) fn debug_note() -> &'static str {
-    if cfg!(debug_assertions) {
-        " (DEBUG build: use --release for figures)"
-    } else {
-        ""
     }
 }
 

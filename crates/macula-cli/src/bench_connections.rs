@@ -33,8 +33,8 @@ use macula::{
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::bench::{build_kind, debug_note};
-use crate::bench_pubsub::{latency, Latency};
+use crate::bench_stats::{build_kind, debug_note};
+use crate::bench_stats::{latency, Latency};
 
 /// Upper bound on `--count`.
 const MAX_CONNECTIONS: usize = 50_000;

@@ -39,7 +39,7 @@ use macula::{Node, SubscriptionItem};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
-use crate::bench::{build_kind, debug_note};
+use crate::bench_stats::{build_kind, debug_note, latency, Latency};
 
 /// Realm of the benchmark's nodes.
 const REALM: &str = "bench.pubsub";
@@ -144,34 +144,6 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
         .get(..8)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_le_bytes)
-}
-
-/// Latency percentiles, in microseconds.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Latency {
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub max_us: f64,
-    pub samples: usize,
-}
-
-pub(crate) fn latency(ns: &mut [u64]) -> Latency {
-    ns.sort_unstable();
-    let at = |q: f64| {
-        if ns.is_empty() {
-            return 0.0;
-        }
-        let i = ((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1;
-        ns[i] as f64 / 1e3
-    };
-    Latency {
-        p50_us: at(0.50),
-        p99_us: at(0.99),
-        p999_us: at(0.999),
-        max_us: ns.last().map_or(0.0, |v| *v as f64 / 1e3),
-        samples: ns.len(),
-    }
 }
 
 /// What a child measured in one phase.

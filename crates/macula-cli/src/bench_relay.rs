@@ -16,8 +16,8 @@ use bytes::Bytes;
 use macula::config::{ReachabilityMode, RelayLimits};
 use macula::{HandlerError, Node, NodeId, Request};
 
-use crate::bench::{build_kind, debug_note};
-use crate::bench_pubsub::{latency, Latency};
+use crate::bench_stats::{build_kind, debug_note};
+use crate::bench_stats::{latency, Latency};
 
 const PROCEDURE: &str = "bench.relay.echo";
 const MAX_COUNT: usize = 1_000_000;

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use macula::{DisconnectReason, Node};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::bench::{build_kind, debug_note};
-use crate::bench_pubsub::{latency, Latency};
+use crate::bench_stats::{build_kind, debug_note};
+use crate::bench_stats::{latency, Latency};
 
 const PROCEDURE: &str = "bench.echo";
 /// Upper bound on `--count`.

@@ -12,6 +12,7 @@ mod bench_connections;
 mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;
+mod bench_stats;
 mod config;
 mod dht_cli;
 mod member;
