@@ -583,6 +583,22 @@ fn a_full_interest_cache_drops_what_is_too_old_to_use_first() {
 }
 
 #[test]
+fn a_full_interest_cache_drops_every_entry_exactly_stale_max_old() {
+    let mut cfg = config(1, Role::Node);
+    cfg.interest.cache_capacity = 2;
+    let stale_max = cfg.interest.stale_max.0;
+    let mut c = PubSubCore::<u32, ()>::new(cfg);
+    let found =
+        |c: &mut Core, n: &str, at: u64| c.handle_interest_found(&name(n), Ok(vec![]), ms(at));
+    found(&mut c, "x", 0);
+    found(&mut c, "y", 0);
+    // Both are exactly `stale_max` old: both go (not just the one evicted
+    // to make room).
+    found(&mut c, "z", stale_max);
+    assert_eq!(c.sizes().interest_entries, 1);
+}
+
+#[test]
 fn the_interest_and_route_caches_are_bounded() {
     let mut cfg = config(1, Role::Node);
     cfg.interest.cache_capacity = 2;
