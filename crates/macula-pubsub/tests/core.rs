@@ -1239,6 +1239,26 @@ fn unreachable_nodes_are_bounded() {
 // ----- gateway and client roles ---------------------------------------------
 
 #[test]
+fn each_attached_client_gets_a_feed_of_its_own() {
+    let mut gw = node(2);
+    let f1 = gw.open_feed(id(50));
+    let f2 = gw.open_feed(id(51));
+    let f3 = gw.open_feed(id(52));
+    assert!(f1 != f2 && f2 != f3 && f1 != f3, "{f1:?} {f2:?} {f3:?}");
+    gw.feed_add(f1, "a.*").unwrap();
+    gw.feed_add(f2, "b.*").unwrap();
+    assert_eq!(gw.feed_patterns(f1), vec!["a.*".to_string()]);
+    assert_eq!(gw.feed_patterns(f2), vec!["b.*".to_string()]);
+    assert!(gw.feed_patterns(f3).is_empty());
+}
+
+#[test]
+fn a_topic_reads_as_its_text() {
+    let t = macula_pubsub::Topic::new("a.b.c").unwrap();
+    assert_eq!(AsRef::<str>::as_ref(&t), "a.b.c");
+}
+
+#[test]
 fn a_gateway_feeds_its_clients_what_matches_except_their_own() {
     // Node 2 is the gateway of client 50; node 1 publishes to node 2.
     let mut gw = node(2);
