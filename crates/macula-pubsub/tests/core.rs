@@ -1253,9 +1253,13 @@ fn each_attached_client_gets_a_feed_of_its_own() {
 }
 
 #[test]
-fn a_topic_reads_as_its_text() {
+fn topics_and_patterns_read_as_their_text() {
     let t = macula_pubsub::Topic::new("a.b.c").unwrap();
     assert_eq!(AsRef::<str>::as_ref(&t), "a.b.c");
+    assert_eq!(t.to_string(), "a.b.c");
+    let p = macula_pubsub::Pattern::new("a.*.**").unwrap();
+    assert_eq!(AsRef::<str>::as_ref(&p), "a.*.**");
+    assert_eq!(p.to_string(), "a.*.**");
 }
 
 #[test]
