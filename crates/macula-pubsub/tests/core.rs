@@ -599,6 +599,23 @@ fn a_full_interest_cache_drops_every_entry_exactly_stale_max_old() {
 }
 
 #[test]
+fn a_full_route_cache_drops_every_route_exactly_a_ttl_old() {
+    let mut cfg = config(1, Role::Node);
+    cfg.interest.route_cache_capacity = 2;
+    let ttl = cfg.interest.cache_ttl.0;
+    let mut c = PubSubCore::<u32, ()>::new(cfg);
+    let dht = Dht::default();
+    route(&mut c, &dht, "a.x", ms(0));
+    // Every name b.x needs is looked up again at `ttl`: its route is that new.
+    route(&mut c, &dht, "b.x", ms(ttl));
+    assert_eq!(c.sizes().routes, 2);
+    // At 2 ttl both are too old, b.x exactly a TTL: both go, c.x is the one left.
+    route(&mut c, &dht, "c.x", ms(2 * ttl));
+    assert_eq!(c.sizes().routes, 1);
+    assert!(c.cached_route("c.x", ms(2 * ttl)).is_some());
+}
+
+#[test]
 fn the_interest_and_route_caches_are_bounded() {
     let mut cfg = config(1, Role::Node);
     cfg.interest.cache_capacity = 2;
