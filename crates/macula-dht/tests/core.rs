@@ -1,7 +1,7 @@
 //! Unit-level behaviour of one `Dht`, driven by hand (exact control over which
 //! message arrives when) or through a small lossless simulated mesh.
 
-use macula_dht::sim::{NetConfig, Sim};
+use macula_sim::{NetConfig, Sim};
 use macula_dht::{
     Config, Contact, CorrelationId, Dht, Event, InsecureNoAuth, LookupKind, LookupOutcome, Millis,
     NodeId, Outgoing, PutError, Record, RecordAuth, RecordError, Request, RequestError, Response,
@@ -57,11 +57,7 @@ impl RecordAuth for RejectAll {
 }
 
 fn lossless() -> NetConfig {
-    NetConfig {
-        latency_min: Millis(5),
-        latency_max: Millis(20),
-        loss: 0.0,
-    }
+    NetConfig::lossless(Millis(5), Millis(20))
 }
 
 /// `n` nodes joined through node 0, settled for 10 s of simulated time.

@@ -24,7 +24,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::peer::{self, close_code, Direction, DriverConfig, HandshakeError, LocalInfo, Peer};
 use crate::peer_addr::PeerAddr;
-use crate::pool::{Admit, PoolTable, Pooled, Refusal};
+use macula_pool::{Admit, PoolTable, Pooled, Refusal};
 use crate::tls::{self, TlsError};
 use crate::tunnel::{is_tunnel_addr, RelayError, SessionInfo, Tunnel};
 use macula_wire::relay::{relay_record_name, RelayEntry, RelayRecord};

@@ -2,8 +2,8 @@
 //! product targets, and a run must replay exactly from its seed. (10,000 nodes
 //! run in `benches/sim.rs`.) Every assertion message carries the seed.
 
-use macula_dht::sim::{run, Scenario};
-use macula_dht::Millis;
+use macula_sim::dht::{run, Scenario};
+use macula_sim::Millis;
 
 #[test]
 fn thousand_node_mesh_meets_the_targets() {

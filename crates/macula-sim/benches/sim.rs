@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use macula_dht::sim::{run, Scenario};
+use macula_sim::dht::{run, Scenario};
 
 fn main() {
     let mut nodes = 10_000usize;

@@ -1,0 +1,80 @@
+//! `macula-sim`: the one seeded whole-mesh simulator. It runs many nodes'
+//! *real* cores (the DHT core, the connection pool's rules; the pub/sub and
+//! RPC cores plug in the same way) over a simulated network with faults, and
+//! checks safety on every step and liveness after the faults heal.
+//!
+//! **Invariant:** no I/O, no clock, no threads, no tokio, no global state.
+//! Time is [`Millis`], randomness one seeded [`Rng`](macula_wire::rng::Rng);
+//! the simulator depends on the pure crates only, never on the runtime.
+//!
+//! # Node model ([`node`])
+//! A node is its persisted part (Ed25519 key, hence node ID; epoch) and a
+//! process: one `macula_dht::Dht`, one `macula_pool::PoolTable`, dials in
+//! progress. Each core is a [`node::Service`]: frames in (answers go back on
+//! the arriving connection), peer-up/peer-down events, one timer, frames out
+//! — the shape of the runtime's services. Records are signed and verified
+//! with the real `macula_dht::Ed25519Auth` the runtime uses.
+//!
+//! # Network and fault model ([`net`], [`engine`])
+//! - Latency per frame from a [`net::Latency`] distribution (fixed, uniform,
+//!   bimodal); loss, duplication and reordering per frame. The network is
+//!   worse than QUIC on purpose: cores must not rely on it for order or
+//!   exactly-once.
+//! - Connections: a frame to a peer not in the pool starts a dial (one round
+//!   trip, frames queued, bounded); both ends run `PoolTable::admit` and the
+//!   engine carries out its answer (eviction, duplicate tie-break, refusal).
+//!   Closes reach the other end after one latency, or at the transport idle
+//!   timeout (30 s) when it cannot be reached.
+//! - Partitions: groups of nodes that cannot reach each other until healed;
+//!   connections across the cut time out after the idle timeout.
+//! - Crashes lose the process (cores, pool, timers) and keep the key and the
+//!   epoch; peers notice at their idle timeout. Restarts raise the epoch and
+//!   join again; a restarted node resets connections of its previous life.
+//!   Goodbyes (`schedule_shutdown`) are seen at once and make peers'
+//!   DHTs drop the node (`peer_left`), as the runtime does.
+//!
+//! # What is checked ([`check`])
+//! On every step, on the node the event touched: its routing table and pool
+//! never hold itself, its pool stays within its maximum, every record it
+//! stores verifies (Ed25519, key deriving the publisher's ID), every record
+//! a lookup returns verifies and is under the key asked for. At phase ends:
+//! the same over every node, and two nodes holding connections to each
+//! other hold the same one unless a handshake or close is in flight. After
+//! the faults heal ([`mesh`]): every live node is found by a lookup; every
+//! live subscriber's interest (registered under the real rendezvous names)
+//! is found by a publisher of a matching topic; every procedure with a live
+//! provider is discovered and the real `Balancer` picks a live one. The
+//! pub/sub and RPC oracles ([`check::DeliveryChecker`],
+//! [`check::CallChecker`]: per-publisher order, no duplicates, no delivery
+//! to a non-matching pattern, answers only to their own call, at most once)
+//! are ready for the cores' adapters.
+//!
+//! # Replaying a seed
+//! One seed drives everything. A failure is a [`check::Failure`] whose text
+//! names the seed, the simulated time, the violation and the command that
+//! replays it, for example
+//! `MACULA_SIM_SEED=7 cargo test -p macula-sim --test mesh -- mesh_survives_faults`
+//! (the tests read `MACULA_SIM_SEED`), or
+//! `cargo bench -p macula-sim --bench sim -- --nodes 10000 --seed 7`. Runs
+//! replay bit for bit: nothing iterates a hash map in an order that reaches
+//! the event queue, and ties in time resolve in insertion order.
+//!
+//! # Code map
+//! - [`engine`]: the event queue, connections, faults, per-step checks.
+//! - [`node`]: a node, its services, the [`node::Service`] shape.
+//! - [`net`]: latency distributions and fault rates.
+//! - [`check`]: violations, failures, the pub/sub and RPC oracles.
+//! - [`dht`]: the DHT experiment whose figures BENCHMARKS.md quotes.
+//! - [`mesh`]: the fault scenario: safety phase, heal, liveness phase.
+
+pub mod check;
+pub mod dht;
+pub mod engine;
+pub mod mesh;
+pub mod net;
+pub mod node;
+
+pub use check::{CallChecker, DeliveryChecker, Failure, Violation};
+pub use engine::{OnViolation, Sim, SimCounters};
+pub use macula_wire::time::Millis;
+pub use net::{Latency, NetConfig};
