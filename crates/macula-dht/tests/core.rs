@@ -1,11 +1,11 @@
 //! Unit-level behaviour of one `Dht`, driven by hand (exact control over which
 //! message arrives when) or through a small lossless simulated mesh.
 
-use macula_sim::{NetConfig, Sim};
 use macula_dht::{
     Config, Contact, CorrelationId, Dht, Event, InsecureNoAuth, LookupKind, LookupOutcome, Millis,
     NodeId, Outgoing, PutError, Record, RecordAuth, RecordError, Request, RequestError, Response,
 };
+use macula_sim::{NetConfig, Sim};
 
 // ----- helpers --------------------------------------------------------------
 

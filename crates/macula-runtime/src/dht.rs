@@ -678,7 +678,12 @@ pub(crate) fn spawn<D: Dialer>(
             .unwrap_or([0; 8]),
     ) ^ now_ms().0;
     let mut task = Task {
-        dht: Dht::new(config, own, Box::new(Ed25519Auth::new(identity.signing_key().clone())), seed),
+        dht: Dht::new(
+            config,
+            own,
+            Box::new(Ed25519Auth::new(identity.signing_key().clone())),
+            seed,
+        ),
         dialer,
         counters: counters.clone(),
         sends: Arc::new(Semaphore::new(MAX_INFLIGHT_SENDS)),

@@ -111,7 +111,9 @@ pub enum Violation {
         sub: u64,
     },
     /// The same event twice on one subscription.
-    #[error("node {node} subscription {sub}: event ({epoch}, {seq}) of {publisher} delivered twice")]
+    #[error(
+        "node {node} subscription {sub}: event ({epoch}, {seq}) of {publisher} delivered twice"
+    )]
     DuplicateDelivery {
         /// Subscriber node.
         node: usize,
@@ -125,7 +127,9 @@ pub enum Violation {
         seq: u64,
     },
     /// A publisher's events out of order on one subscription.
-    #[error("node {node} subscription {sub}: event {got:?} of {publisher} delivered after {after:?}")]
+    #[error(
+        "node {node} subscription {sub}: event {got:?} of {publisher} delivered after {after:?}"
+    )]
     OutOfOrder {
         /// Subscriber node.
         node: usize,
@@ -196,8 +200,8 @@ pub struct Failure {
     pub seed: u64,
     /// Simulated time of the violation.
     pub at: Millis,
-    /// What broke.
-    pub violation: Violation,
+    /// What broke (boxed: failures travel in `Result`s and must stay small).
+    pub violation: Box<Violation>,
     /// The command that replays the run bit for bit.
     pub replay: String,
 }
@@ -517,7 +521,10 @@ mod tests {
         assert_eq!(c.answered(1, 10, id(5), 10), Ok(()));
         assert_eq!(
             c.answered(1, 10, id(5), 10),
-            Err(Violation::AnsweredTwice { caller: 1, call: 10 })
+            Err(Violation::AnsweredTwice {
+                caller: 1,
+                call: 10
+            })
         );
         // A retry on another provider may answer.
         c.sent(1, 11, id(7));
@@ -529,13 +536,16 @@ mod tests {
         let f = Failure {
             seed: 42,
             at: Millis(1500),
-            violation: Violation::RoutingHoldsSelf { node: 3 },
+            violation: Box::new(Violation::RoutingHoldsSelf { node: 3 }),
             replay: "MACULA_SIM_SEED=42 cargo test".into(),
         };
         let text = f.to_string();
         assert!(text.contains("seed 42"), "{text}");
         assert!(text.contains("1.500 s"), "{text}");
-        assert!(text.contains("replay: MACULA_SIM_SEED=42 cargo test"), "{text}");
+        assert!(
+            text.contains("replay: MACULA_SIM_SEED=42 cargo test"),
+            "{text}"
+        );
         assert!(text.contains("node 3"), "{text}");
     }
 }

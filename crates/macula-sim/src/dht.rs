@@ -13,7 +13,7 @@ use std::fmt;
 use macula_dht::{Config, LookupOutcome};
 use macula_wire::time::Millis;
 
-use crate::engine::{SimCounters, Sim};
+use crate::engine::{Sim, SimCounters};
 use crate::net::{Latency, NetConfig};
 
 /// Median, 99th percentile and maximum of a sample (nearest-rank).
@@ -361,12 +361,13 @@ impl fmt::Display for Report {
         }
         write!(
             f,
-            "network: {} messages, {} lost, {} to dead nodes; {} dials ({} failed), {} connections closed; {} frames delivered, {} safety checks; {} events; ended at {:.1}s simulated",
+            "network: {} messages, {} lost, {} to dead nodes; {} dials ({} failed, {} frames dropped with them), {} connections closed; {} frames delivered, {} safety checks; {} events; ended at {:.1}s simulated",
             self.counters.messages_sent,
             self.counters.messages_lost,
             self.counters.messages_to_dead,
             self.counters.dials,
             self.counters.dials_failed,
+            self.counters.dial_queue_dropped,
             self.counters.connections_closed,
             self.counters.frames_delivered,
             self.counters.checks,

@@ -38,9 +38,7 @@ use macula_wire::NodeId;
 use crate::check::{Failure, Violation};
 use crate::dht::LookupFigures;
 use crate::net::NetConfig;
-use crate::node::{
-    DownReason, Dialing, Frame, Identity, Process, SharedAuth, SimConn, SimNode,
-};
+use crate::node::{Dialing, DownReason, Frame, Identity, Process, SharedAuth, SimConn, SimNode};
 
 /// Record verifications remembered (by hash of signed bytes and signature)
 /// so that a store audit verifies each distinct record once; past this the
@@ -49,6 +47,10 @@ const MAX_VERIFIED_RECORDS: usize = 1 << 20;
 /// First retransmission delay of a lost handshake message (QUIC's initial
 /// probe timeout, three times the 333 ms initial RTT estimate).
 const HANDSHAKE_PTO: Millis = Millis(1_000);
+/// The runtime's reconnect backoff to bootstrap peers (`reconnect_backoff_min`
+/// and `_max`).
+const RECONNECT_MIN: Millis = Millis(250);
+const RECONNECT_MAX: Millis = Millis(30_000);
 
 /// Message and event counts of a run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -71,7 +73,8 @@ pub struct SimCounters {
     pub dials: u64,
     /// Dials refused or timed out (their queued frames dropped).
     pub dials_failed: u64,
-    /// Frames dropped because a dial's queue was full.
+    /// Frames dropped because a dial's queue was full, or because the dial
+    /// they waited for failed.
     pub dial_queue_dropped: u64,
     /// Connections closed (evicted, duplicate, timed out, reset, goodbye).
     pub connections_closed: u64,
@@ -170,6 +173,12 @@ enum Ev {
     PartitionExpire {
         generation: u64,
     },
+    Supervise {
+        node: usize,
+        inc: u32,
+        peer: usize,
+        backoff: Millis,
+    },
 }
 
 impl Ev {
@@ -245,6 +254,7 @@ pub struct Sim {
     on_violation: OnViolation,
     failure: Option<Failure>,
     replay: String,
+    supervise: bool,
 }
 
 impl fmt::Debug for Sim {
@@ -283,6 +293,7 @@ impl Sim {
             on_violation: OnViolation::Panic,
             failure: None,
             replay: format!("(replay with seed {seed})"),
+            supervise: false,
         }
     }
 
@@ -331,6 +342,15 @@ impl Sim {
         self.on_violation = on;
     }
 
+    /// Nodes keep a connection to each of their bootstrap peers (the seeds
+    /// they started or restarted with) and seed their DHT again whenever it
+    /// comes back, with the runtime's reconnect backoff: that is how a real
+    /// mesh heals a partition. Off by default: the DHT experiment measures
+    /// the core alone, its seeds used once.
+    pub fn set_supervise_bootstrap(&mut self, on: bool) {
+        self.supervise = on;
+    }
+
     /// The command that replays this run, printed with any failure.
     pub fn set_replay(&mut self, command: String) {
         self.replay = command;
@@ -351,7 +371,7 @@ impl Sim {
         let failure = Failure {
             seed: self.seed,
             at: self.now,
-            violation,
+            violation: Box::new(violation),
             replay: self.replay.clone(),
         };
         match self.on_violation {
@@ -379,7 +399,11 @@ impl Sim {
         config: Config,
         auth: Box<dyn RecordAuth + Send>,
     ) -> usize {
-        self.push_node(id, config, Identity::Custom(SharedAuth(Arc::new(Mutex::new(auth)))))
+        self.push_node(
+            id,
+            config,
+            Identity::Custom(SharedAuth(Arc::new(Mutex::new(auth)))),
+        )
     }
 
     fn push_node(&mut self, id: NodeId, config: Config, identity: Identity) -> usize {
@@ -557,6 +581,18 @@ impl Sim {
                 seeds: seeds.to_vec(),
             },
         );
+    }
+
+    /// Restarts stopped node `i` now (see [`Sim::schedule_restart`]).
+    pub fn restart_now(&mut self, i: usize, seeds: &[usize]) {
+        self.restart(i, seeds);
+    }
+
+    /// Sends `frame` from node `from` to node `to` as if a core of `from`
+    /// had produced it: a buggy or hostile peer, for fault injection.
+    pub fn inject_frame(&mut self, from: usize, to: usize, frame: Frame) {
+        let to = self.contact(to);
+        self.send_frame(from, &to, frame);
     }
 
     /// From `at`, node i can reach node j only if `groups[i] == groups[j]`
@@ -745,24 +781,26 @@ impl Sim {
             }
             return;
         }
+        self.dial(from, to_index, vec![frame]);
+    }
+
+    /// Node `from` dials node `to`; `queued` frames wait for the connection.
+    fn dial(&mut self, from: usize, to: usize, queued: Vec<Frame>) {
         let conn = self.next_conn;
         self.next_conn += 1;
-        process.dialing.insert(
-            to_index,
-            Dialing {
-                conn,
-                queued: vec![frame],
-            },
-        );
+        self.nodes[from]
+            .process
+            .dialing
+            .insert(to, Dialing { conn, queued });
         self.counters.dials += 1;
         let inc = self.nodes[from].incarnation;
         self.send_handshake(
             from,
-            to_index,
+            to,
             Ev::Dial {
                 from,
                 from_inc: inc,
-                to: to_index,
+                to,
                 conn,
             },
         );
@@ -772,23 +810,23 @@ impl Sim {
             Ev::DialTimeout {
                 node: from,
                 inc,
-                peer: to_index,
+                peer: to,
                 conn,
             },
         );
     }
 
     /// Offers `c` to node `i`'s pool and carries out the answer.
-    fn admit(&mut self, i: usize, c: SimConn) {
+    fn admit(&mut self, i: usize, mut c: SimConn) {
         let now = self.now;
-        let peer = self.nodes[c.peer_index].contact.clone();
+        let j = c.peer_index;
+        let peer = self.nodes[j].contact.clone();
+        c.kept = self.supervise && self.nodes[i].process.bootstrap.iter().any(|b| b.0 == j);
         match self.nodes[i].process.pool.admit(c.clone()) {
             Admit::Inserted { evicted } => {
                 if let Some(e) = evicted {
-                    self.nodes[i]
-                        .process
-                        .peer_down(&e.peer, DownReason::Evicted, now);
                     self.close_remote(i, &e);
+                    self.peer_down(i, e.peer_index, DownReason::Evicted);
                 }
                 self.nodes[i].process.peer_up(&peer, now);
             }
@@ -799,6 +837,45 @@ impl Sim {
                 }
             }
             Admit::Refused(_) => self.close_remote(i, &c),
+        }
+        // A bootstrap peer's connection is (back) up: seed the DHT with it,
+        // as the runtime's supervisor does on every reconnection.
+        let p = &mut self.nodes[i].process;
+        let connected = p.pool.peek(&peer.id).is_some();
+        if let Some(b) = p.bootstrap.iter_mut().find(|b| b.0 == j) {
+            if connected && !b.1 {
+                b.1 = true;
+                p.dht.core_mut().bootstrap(vec![peer], now);
+            }
+        }
+    }
+
+    /// Node `i` lost its last connection to node `j`: its services learn
+    /// why; a bootstrap peer is reconnected after the backoff.
+    fn peer_down(&mut self, i: usize, j: usize, reason: DownReason) {
+        let now = self.now;
+        let id = self.nodes[j].contact.id;
+        self.nodes[i].process.peer_down(&id, reason, now);
+        if !self.supervise {
+            return;
+        }
+        let inc = self.nodes[i].incarnation;
+        if let Some(b) = self.nodes[i]
+            .process
+            .bootstrap
+            .iter_mut()
+            .find(|b| b.0 == j)
+        {
+            b.1 = false;
+            self.push(
+                now.saturating_add(RECONNECT_MIN),
+                Ev::Supervise {
+                    node: i,
+                    inc,
+                    peer: j,
+                    backoff: RECONNECT_MIN,
+                },
+            );
         }
     }
 
@@ -879,13 +956,33 @@ impl Sim {
     }
 
     fn bootstrap(&mut self, i: usize, seeds: &[usize]) {
-        let seeds = seeds
-            .iter()
-            .filter(|&&s| s != i)
-            .map(|&s| self.contact(s))
-            .collect();
+        let mut seeds: Vec<usize> = seeds.iter().copied().filter(|&s| s != i).collect();
+        seeds.sort_unstable();
+        seeds.dedup();
+        let contacts = seeds.iter().map(|&s| self.contact(s)).collect();
         let now = self.now;
-        self.nodes[i].process.dht.core_mut().bootstrap(seeds, now);
+        self.nodes[i]
+            .process
+            .dht
+            .core_mut()
+            .bootstrap(contacts, now);
+        if self.supervise {
+            // Seeded just now; the supervisor checks on each connection once
+            // the join had time to make it.
+            let inc = self.nodes[i].incarnation;
+            self.nodes[i].process.bootstrap = seeds.iter().map(|&s| (s, true)).collect();
+            for &s in &seeds {
+                self.push(
+                    now.saturating_add(self.net.dial_timeout),
+                    Ev::Supervise {
+                        node: i,
+                        inc,
+                        peer: s,
+                        backoff: RECONNECT_MIN,
+                    },
+                );
+            }
+        }
         self.service(i);
     }
 
@@ -967,7 +1064,12 @@ impl Sim {
                     return;
                 }
                 let dialer = self.id(from);
-                if self.nodes[to].process.pool.refusal(&dialer, false).is_some() {
+                if self.nodes[to]
+                    .process
+                    .pool
+                    .refusal(&dialer, false)
+                    .is_some()
+                {
                     self.send_handshake(
                         to,
                         from,
@@ -989,6 +1091,7 @@ impl Sim {
                         peer_incarnation: from_inc,
                         conn,
                         outbound: false,
+                        kept: false,
                     },
                 );
                 self.send_handshake(
@@ -1018,6 +1121,7 @@ impl Sim {
                     peer_incarnation: acceptor_inc,
                     conn,
                     outbound: true,
+                    kept: false,
                 };
                 let current = self.live(dialer, dialer_inc)
                     && self.nodes[dialer]
@@ -1048,8 +1152,7 @@ impl Sim {
                     if self.nodes[dialer].process.pool.peek(&to.id).is_some() {
                         self.send_frame(dialer, &to, frame);
                     } else {
-                        self.counters.dials_failed += 1;
-                        break;
+                        self.counters.dial_queue_dropped += 1;
                     }
                 }
                 self.service(dialer);
@@ -1063,9 +1166,13 @@ impl Sim {
             } => {
                 if self.live(dialer, dialer_inc) {
                     let p = &mut self.nodes[dialer].process;
-                    if p.dialing.get(&acceptor).is_some_and(|d| d.conn == conn) {
-                        p.dialing.remove(&acceptor);
-                        self.counters.dials_failed += 1;
+                    if let Some(d) = p.dialing.remove(&acceptor) {
+                        if d.conn == conn {
+                            self.counters.dials_failed += 1;
+                            self.counters.dial_queue_dropped += d.queued.len() as u64;
+                        } else {
+                            p.dialing.insert(acceptor, d);
+                        }
                     }
                 }
             }
@@ -1077,9 +1184,13 @@ impl Sim {
             } => {
                 if self.live(node, inc) {
                     let p = &mut self.nodes[node].process;
-                    if p.dialing.get(&peer).is_some_and(|d| d.conn == conn) {
-                        p.dialing.remove(&peer);
-                        self.counters.dials_failed += 1;
+                    if let Some(d) = p.dialing.remove(&peer) {
+                        if d.conn == conn {
+                            self.counters.dials_failed += 1;
+                            self.counters.dial_queue_dropped += d.queued.len() as u64;
+                        } else {
+                            p.dialing.insert(peer, d);
+                        }
                     }
                 }
             }
@@ -1097,7 +1208,7 @@ impl Sim {
                 let p = &mut self.nodes[node].process;
                 if p.pool.remove_if(&peer_id, conn).is_some() {
                     self.counters.connections_closed += 1;
-                    p.peer_down(&peer_id, reason, now);
+                    self.peer_down(node, peer, reason);
                     self.service(node);
                 } else if p.dialing.get(&peer).is_some_and(|d| d.conn == conn) {
                     // The close overtook the accept (the acceptor kept
@@ -1109,10 +1220,11 @@ impl Sim {
                     self.counters.dials_failed += 1;
                     let to = self.contact(peer);
                     for frame in queued.unwrap_or_default() {
-                        if self.nodes[node].process.pool.peek(&peer_id).is_none() {
-                            break;
+                        if self.nodes[node].process.pool.peek(&peer_id).is_some() {
+                            self.send_frame(node, &to, frame);
+                        } else {
+                            self.counters.dial_queue_dropped += 1;
                         }
-                        self.send_frame(node, &to, frame);
                     }
                     self.service(node);
                 }
@@ -1185,8 +1297,41 @@ impl Sim {
                 self.push(at, Ev::PartitionExpire { generation });
             }
             Ev::Heal => self.partition = None,
+            Ev::Supervise {
+                node,
+                inc,
+                peer,
+                backoff,
+            } => {
+                if !self.live(node, inc)
+                    || self.nodes[node].process.pool.peek(&self.id(peer)).is_some()
+                {
+                    // Dead, or connected: a disconnection re-arms it.
+                    return;
+                }
+                if !self.nodes[node].process.dialing.contains_key(&peer) {
+                    self.dial(node, peer, Vec::new());
+                }
+                // Check again once this dial is decided, backing off.
+                let jitter = self.rng.below(backoff.0 / 2 + 1);
+                let next = Millis((backoff.0 * 2).min(RECONNECT_MAX.0));
+                self.push(
+                    now.saturating_add(self.net.dial_timeout)
+                        .saturating_add(Millis(backoff.0 / 2 + jitter)),
+                    Ev::Supervise {
+                        node,
+                        inc,
+                        peer,
+                        backoff: next,
+                    },
+                );
+            }
             Ev::PartitionExpire { generation } => {
-                if self.partition.as_ref().is_some_and(|(g, _)| *g == generation) {
+                if self
+                    .partition
+                    .as_ref()
+                    .is_some_and(|(g, _)| *g == generation)
+                {
                     self.cut_partitioned_connections();
                 }
             }
@@ -1196,7 +1341,6 @@ impl Sim {
     /// The partition lasted a transport idle timeout: every connection across
     /// it times out, at both ends.
     fn cut_partitioned_connections(&mut self) {
-        let now = self.now;
         for i in 0..self.nodes.len() {
             if !self.nodes[i].alive {
                 continue;
@@ -1206,11 +1350,14 @@ impl Sim {
                 if self.reachable(i, c.peer_index) {
                     continue;
                 }
-                if self.nodes[i].process.pool.remove_if(&c.peer, c.conn).is_some() {
+                if self.nodes[i]
+                    .process
+                    .pool
+                    .remove_if(&c.peer, c.conn)
+                    .is_some()
+                {
                     self.counters.connections_closed += 1;
-                    self.nodes[i]
-                        .process
-                        .peer_down(&c.peer, DownReason::TimedOut, now);
+                    self.peer_down(i, c.peer_index, DownReason::TimedOut);
                     touched = true;
                 }
             }

@@ -137,7 +137,9 @@ mod tests {
         for _ in 0..1000 {
             let t = l.sample(&mut a);
             assert_eq!(t, l.sample(&mut b));
-            assert!((Millis(1)..=Millis(5)).contains(&t) || (Millis(100)..=Millis(200)).contains(&t));
+            assert!(
+                (Millis(1)..=Millis(5)).contains(&t) || (Millis(100)..=Millis(200)).contains(&t)
+            );
             n_far += usize::from(t >= Millis(100));
         }
         assert!((100..300).contains(&n_far), "far draws: {n_far}");

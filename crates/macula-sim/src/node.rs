@@ -173,6 +173,9 @@ pub struct SimConn {
     pub conn: usize,
     /// This end dialed.
     pub outbound: bool,
+    /// The peer is one of this node's bootstrap peers, whose connection the
+    /// node keeps (never evicted), as the runtime's supervisor does.
+    pub kept: bool,
 }
 
 impl Pooled for SimConn {
@@ -186,7 +189,7 @@ impl Pooled for SimConn {
         self.conn
     }
     fn kept(&self) -> bool {
-        false
+        self.kept
     }
     fn client(&self) -> bool {
         false
@@ -253,6 +256,9 @@ pub(crate) struct Process {
     pub(crate) armed: Option<Millis>,
     /// `records_stored` when the store was last audited.
     pub(crate) audited_stores: u64,
+    /// Bootstrap peers (indices) the node keeps connected, and whether the
+    /// DHT was seeded with each since its connection last came up.
+    pub(crate) bootstrap: Vec<(usize, bool)>,
 }
 
 impl Process {
@@ -270,6 +276,7 @@ impl Process {
             dialing: HashMap::new(),
             armed: None,
             audited_stores: 0,
+            bootstrap: Vec::new(),
         }
     }
 

@@ -70,6 +70,9 @@ mod tests {
         let d = std::time::Duration::from_micros(2_999);
         assert_eq!(Millis::from_duration(d), Millis(2));
         assert_eq!(Millis(7).to_duration(), std::time::Duration::from_millis(7));
-        assert_eq!(Millis::from_duration(std::time::Duration::MAX), Millis(u64::MAX));
+        assert_eq!(
+            Millis::from_duration(std::time::Duration::MAX),
+            Millis(u64::MAX)
+        );
     }
 }
