@@ -188,6 +188,19 @@ pub enum Violation {
         /// Where it ran the second time.
         provider: NodeId,
     },
+    /// The event queue outgrew its bound: something floods the network.
+    #[error("the event queue holds more than {max} events")]
+    EventQueueFull {
+        /// The bound (`engine::MAX_QUEUED_EVENTS`).
+        max: usize,
+    },
+    /// Too many events at one instant of simulated time: a livelock (a
+    /// timer re-armed for now, forever, or a message storm at zero latency).
+    #[error("more than {max} events at one instant")]
+    Livelock {
+        /// The bound (`engine::MAX_EVENTS_PER_INSTANT`).
+        max: u64,
+    },
     /// A liveness property did not hold after the faults healed.
     #[error("liveness: {0}")]
     Liveness(String),

@@ -44,6 +44,13 @@ use crate::node::{Dialing, DownReason, Frame, Identity, Process, SharedAuth, Sim
 /// so that a store audit verifies each distinct record once; past this the
 /// memory is cleared and records are verified again.
 const MAX_VERIFIED_RECORDS: usize = 1 << 20;
+/// Events queued at once; past this the run fails (a flood is a bug in a
+/// core, and must not exhaust memory instead). A 10,000-node run peaks far
+/// below.
+pub const MAX_QUEUED_EVENTS: usize = 50_000_000;
+/// Events processed at one instant of simulated time; past this the run
+/// fails as a livelock instead of spinning forever.
+pub const MAX_EVENTS_PER_INSTANT: u64 = 10_000_000;
 /// First retransmission delay of a lost handshake message (QUIC's initial
 /// probe timeout, three times the 333 ms initial RTT estimate).
 const HANDSHAKE_PTO: Millis = Millis(1_000);
@@ -78,12 +85,17 @@ pub struct SimCounters {
     pub dial_queue_dropped: u64,
     /// Connections closed (evicted, duplicate, timed out, reset, goodbye).
     pub connections_closed: u64,
+    /// Times a node seeded its DHT again on reconnecting to a bootstrap peer
+    /// (each is a join: a self-lookup and bucket refreshes).
+    pub reseeds: u64,
     /// Crashes and goodbyes.
     pub stops: u64,
     /// Restarts after a stop.
     pub restarts: u64,
     /// Queue events processed.
     pub events_processed: u64,
+    /// Events not queued because the queue was full (the run fails).
+    pub events_dropped: u64,
     /// Safety checks run (each per-step check of a node, each record
     /// verified, each lookup result checked).
     pub checks: u64,
@@ -255,6 +267,8 @@ pub struct Sim {
     failure: Option<Failure>,
     replay: String,
     supervise: bool,
+    /// Events processed at the current instant.
+    same_instant: u64,
 }
 
 impl fmt::Debug for Sim {
@@ -294,6 +308,7 @@ impl Sim {
             failure: None,
             replay: format!("(replay with seed {seed})"),
             supervise: false,
+            same_instant: 0,
         }
     }
 
@@ -588,11 +603,27 @@ impl Sim {
         self.restart(i, seeds);
     }
 
-    /// Sends `frame` from node `from` to node `to` as if a core of `from`
-    /// had produced it: a buggy or hostile peer, for fault injection.
+    /// Delivers `frame` from node `from` to node `to` after one latency, as
+    /// if a core of `from` had sent it: a buggy or hostile peer, for fault
+    /// injection. No loss or partition applies (the injected fault is the
+    /// frame, and a test must not depend on the network letting it through).
     pub fn inject_frame(&mut self, from: usize, to: usize, frame: Frame) {
-        let to = self.contact(to);
-        self.send_frame(from, &to, frame);
+        self.counters.messages_sent += 1;
+        let latency = self.net.latency.sample(&mut self.rng);
+        let (from_inc, to_inc) = (self.nodes[from].incarnation, self.nodes[to].incarnation);
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.push(
+            self.now.saturating_add(latency),
+            Ev::Frame {
+                from,
+                from_inc,
+                to,
+                to_inc,
+                conn,
+                frame,
+            },
+        );
     }
 
     /// From `at`, node i can reach node j only if `groups[i] == groups[j]`
@@ -663,6 +694,13 @@ impl Sim {
     }
 
     fn push(&mut self, at: Millis, ev: Ev) {
+        if self.queue.len() >= MAX_QUEUED_EVENTS {
+            self.counters.events_dropped += 1;
+            self.fail(Violation::EventQueueFull {
+                max: MAX_QUEUED_EVENTS,
+            });
+            return;
+        }
         if let Some(pair) = ev.conn_pair() {
             *self.conn_events.entry(pair).or_insert(0) += 1;
         }
@@ -845,6 +883,7 @@ impl Sim {
         if let Some(b) = p.bootstrap.iter_mut().find(|b| b.0 == j) {
             if connected && !b.1 {
                 b.1 = true;
+                self.counters.reseeds += 1;
                 p.dht.core_mut().bootstrap(vec![peer], now);
             }
         }
@@ -1000,6 +1039,16 @@ impl Sim {
             "sim seed {}: time went backwards",
             self.seed
         );
+        if q.at == self.now {
+            self.same_instant += 1;
+            if self.same_instant > MAX_EVENTS_PER_INSTANT {
+                return self.fail(Violation::Livelock {
+                    max: MAX_EVENTS_PER_INSTANT,
+                });
+            }
+        } else {
+            self.same_instant = 0;
+        }
         self.now = q.at;
         self.counters.events_processed += 1;
         if let Some(pair) = q.ev.conn_pair() {
