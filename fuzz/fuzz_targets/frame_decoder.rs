@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    macula_wire::frame::fuzz_decode(data);
+    macula_wire::message::fuzz_decode(data);
 });

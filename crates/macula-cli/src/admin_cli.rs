@@ -17,9 +17,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use macula_runtime::admin::{
-    ErrorReport, HealthReport, PeersReport, RoutingReport, ServicesReport,
-};
+use macula::admin::{ErrorReport, HealthReport, PeersReport, RoutingReport, ServicesReport};
 
 use crate::{usage, Failure};
 

@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use macula::{Node, NodeId};
-use macula_wire::DisconnectReason;
+use macula::{DisconnectReason, Node, NodeId};
 
 /// Upper bound on `--count`, so a typo cannot run for hours.
 const MAX_COUNT: usize = 100_000;
@@ -234,7 +233,7 @@ async fn dht(args: DhtArgs) -> anyhow::Result<()> {
     let ttl = Duration::from_secs(3600);
     let mut pick = Pick(0x9e37_79b9_7f4a_7c15);
     let keys: Vec<_> = (0..args.keys)
-        .map(|i| macula_wire::dht_key(format!("bench-key-{i}").as_bytes()))
+        .map(|i| macula::dht_key(format!("bench-key-{i}").as_bytes()))
         .collect();
 
     eprintln!("bench dht: {} puts...", keys.len());
@@ -329,11 +328,10 @@ async fn pool(args: PoolArgs) -> anyhow::Result<()> {
     let client = local_node().await?;
     let addr = server.local_addr();
     let server_id: NodeId = server.id();
-    let rt = client.runtime();
     let timeout = Duration::from_secs(5);
 
     // Warm up: first connection, caches, allocator.
-    let warm = rt.connect(addr, Some(server_id)).await?;
+    let warm = client.connect_to(addr, Some(server_id)).await?;
     for _ in 0..50 {
         warm.ping(timeout).await?;
     }
@@ -342,7 +340,7 @@ async fn pool(args: PoolArgs) -> anyhow::Result<()> {
     let mut pooled = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let peer = rt.connect(addr, Some(server_id)).await?;
+        let peer = client.connect_to(addr, Some(server_id)).await?;
         peer.ping(timeout).await?;
         pooled.push(t.elapsed());
     }
@@ -352,14 +350,11 @@ async fn pool(args: PoolArgs) -> anyhow::Result<()> {
     let mut handshakes = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
-        let peer = rt.dial_unpooled(addr, Some(server_id)).await?;
+        let peer = client.dial_unpooled(addr, Some(server_id)).await?;
         handshakes.push(t.elapsed());
         peer.ping(timeout).await?;
         fresh.push(t.elapsed());
-        peer.connection().close(
-            macula_runtime::peer::close_code(DisconnectReason::Shutdown),
-            b"bench",
-        );
+        peer.close(DisconnectReason::Shutdown, "bench");
         if (i + 1) % 250 == 0 {
             eprintln!("  {}/{n}", i + 1);
         }

@@ -29,8 +29,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use macula::{
-    AdvertiseOptions, Client, ClientConfig, HandlerError, PeerAddr, Request, Subscription,
-    SubscriptionItem,
+    Client, ClientSocket, HandlerError, PeerAddr, Request, Subscription, SubscriptionItem,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -332,32 +331,22 @@ async fn measure(args: &ConnectionsArgs, target: &Target, sockets: usize) -> any
     let endpoints = (0..sockets)
         .map(|k| {
             let ip = Ipv4Addr::new(127, 0, 0, 2 + k as u8);
-            Client::endpoint(SocketAddr::from((ip, 0)))
+            ClientSocket::bind(SocketAddr::from((ip, 0)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut template = ClientConfig::new(vec![PeerAddr::from(target.addr)]);
-    template.realm = target.realm.clone();
+    let mut template = Client::builder([PeerAddr::from(target.addr)]).realm(target.realm.clone());
     if let Some(ms) = args.keep_alive_ms {
-        template.limits.keep_alive_interval = Duration::from_millis(ms);
-        template.limits.transport_idle_timeout = template
-            .limits
-            .transport_idle_timeout
-            .max(Duration::from_millis(ms * 4));
+        template = template.keep_alive(Duration::from_millis(ms));
     }
-    let keep_alive_ms = template.limits.keep_alive_interval.as_millis() as u64;
-    let config = |i: usize| ClientConfig {
-        endpoint: Some(endpoints[i / args.per_socket].clone()),
-        ..template.clone()
-    };
+    let keep_alive_ms = template.keep_alive_interval().as_millis() as u64;
+    let config = |i: usize| template.clone().socket(&endpoints[i / args.per_socket]);
     let rss_before = target.pid.and_then(rss_bytes);
 
     // The probes, and their round trips with nobody else attached.
-    let caller = Client::connect(config(0)).await.context("probe client 0")?;
+    let caller = config(0).connect().await.context("probe client 0")?;
     let inbox = caller.subscribe("bench.conn.0").await?;
-    let publisher = Client::connect(config(1)).await.context("probe client 1")?;
-    let _echo = publisher
-        .advertise(ECHO, AdvertiseOptions::default(), echo)
-        .await?;
+    let publisher = config(1).connect().await.context("probe client 1")?;
+    let _echo = publisher.advertise(ECHO, echo).await?;
     let _sub1 = publisher.subscribe("bench.conn.1").await?;
     let mut probes = Probes {
         caller,
@@ -381,7 +370,7 @@ async fn measure(args: &ConnectionsArgs, target: &Target, sockets: usize) -> any
             let cfg = config(i);
             async move {
                 let t = Instant::now();
-                let c = Client::connect(cfg).await.map_err(|e| e.to_string())?;
+                let c = cfg.connect().await.map_err(|e| e.to_string())?;
                 match c.subscribe(&format!("bench.conn.{i}")).await {
                     Ok(s) => Ok((c, s, t.elapsed())),
                     Err(e) => {
@@ -450,7 +439,7 @@ async fn measure(args: &ConnectionsArgs, target: &Target, sockets: usize) -> any
     probes.caller.shutdown().await;
     probes.publisher.shutdown().await;
     for e in &endpoints {
-        e.close(0u32.into(), b"benchmark done");
+        e.close("benchmark done");
     }
 
     let per_conn = match (rss_before, rss_after) {

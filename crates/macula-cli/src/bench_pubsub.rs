@@ -217,7 +217,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
         "--connect must be a loopback address (benchmarks stay on 127.0.0.0/8)"
     );
     anyhow::ensure!(
-        !args.prefix.contains('.') && macula_pubsub::Topic::new(&args.prefix).is_ok(),
+        !args.prefix.contains('.') && macula::names::validate_topic(&args.prefix).is_ok(),
         "--prefix must be one topic segment"
     );
     let node = Node::builder()
@@ -482,16 +482,12 @@ impl Drop for Children {
 /// Outbound PUBLISH frames the publisher dropped so far (queue full or node
 /// unreachable).
 fn dropped_at_publisher(node: &Node) -> u64 {
-    node.runtime()
-        .pubsub()
-        .counters()
-        .remote_dropped_total
-        .load(Relaxed)
+    node.stats().dropped_outbound
 }
 
 /// Lets the publisher's outbound queues drain, then ends the phase.
 async fn end_phase(publisher: &Node, prefix: &str, phase: &str) -> anyhow::Result<()> {
-    if !publisher.runtime().pubsub().flush(FLUSH_LIMIT).await {
+    if !publisher.flush(FLUSH_LIMIT).await {
         eprintln!("  warning: outbound queues not drained within {FLUSH_LIMIT:?}");
     }
     publisher

@@ -13,10 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use macula_runtime::config::{ReachabilityMode, RelayLimits};
-use macula_runtime::rpc::{AdvertiseOptions, HandlerError, Request};
-use macula_runtime::{IdentitySource, NodeConfig, NodeRuntime, PeerAddr};
-use macula_wire::NodeId;
+use macula::config::{ReachabilityMode, RelayLimits};
+use macula::{HandlerError, Node, NodeId, Request};
 
 use crate::bench::{build_kind, debug_note};
 use crate::bench_pubsub::{latency, Latency};
@@ -66,23 +64,23 @@ struct Report {
     relay_bytes: u64,
 }
 
-fn node(bootstrap: Option<SocketAddr>, private: bool) -> NodeConfig {
-    NodeConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        realm: "bench.relay".into(),
-        identity: IdentitySource::Ephemeral,
-        bootstrap: bootstrap.map(PeerAddr::from).into_iter().collect(),
-        reachability: if private {
+/// Starts one node of the topology on 127.0.0.1 (an in-memory identity).
+async fn node(bootstrap: Option<SocketAddr>, private: bool) -> anyhow::Result<Node> {
+    Ok(Node::builder()
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .realm("bench.relay")
+        .bootstrap(bootstrap.map(|a| a.to_string()))
+        .reachability(if private {
             ReachabilityMode::Private
         } else {
             ReachabilityMode::Auto
-        },
-        relay: RelayLimits {
+        })
+        .relay(RelayLimits {
             bytes_per_second: 0,
             ..RelayLimits::default()
-        },
-        ..NodeConfig::default()
-    }
+        })
+        .start()
+        .await?)
 }
 
 async fn echo(req: Request) -> Result<Bytes, HandlerError> {
@@ -104,11 +102,11 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<()> {
         a.bulk_size <= 512 * 1024,
         "--bulk-size must be at most 512 KiB"
     );
-    let r = NodeRuntime::start(node(None, false)).await?;
+    let r = node(None, false).await?;
     let ra = Some(r.local_addr());
-    let c = NodeRuntime::start(node(ra, true)).await?;
-    let d = NodeRuntime::start(node(ra, false)).await?;
-    let caller = NodeRuntime::start(node(ra, true)).await?;
+    let c = node(ra, true).await?;
+    let d = node(ra, false).await?;
+    let caller = node(ra, true).await?;
     let nodes = [caller.clone(), c.clone(), d.clone(), r.clone()];
     let res = measure(&a, &r, &caller, &c, &d).await;
     futures::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
@@ -144,60 +142,42 @@ pub async fn run(a: RelayArgs) -> anyhow::Result<()> {
 
 async fn measure(
     a: &RelayArgs,
-    r: &NodeRuntime,
-    caller: &NodeRuntime,
-    c: &NodeRuntime,
-    d: &NodeRuntime,
+    r: &Node,
+    caller: &Node,
+    c: &Node,
+    d: &Node,
 ) -> anyhow::Result<Report> {
-    let _rc = c
-        .rpc()
-        .advertise(PROCEDURE, AdvertiseOptions::default(), echo)
-        .await?;
-    let _rd = d
-        .rpc()
-        .advertise(PROCEDURE, AdvertiseOptions::default(), echo)
-        .await?;
+    let _rc = c.advertise(PROCEDURE, echo).await?;
+    let _rd = d.advertise(PROCEDURE, echo).await?;
     // Wait until C holds a reservation, then connect both paths.
     let setup = async {
-        while !c.tunnel().reserved_relays().contains(&r.node_id()) {
+        while !c.reserved_relays().contains(&r.id()) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let relay = loop {
-            if let Some(p) = caller.peer(&r.node_id()) {
+            if let Some(p) = caller.peer(r.id()) {
                 break p;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let relayed = caller.connect_via(&relay, c.node_id()).await?;
+        let relayed = caller.connect_via(&relay, c.id()).await?;
         anyhow::ensure!(relayed.relayed_via().is_some(), "the C path is not relayed");
-        let direct = caller.connect(d.local_addr(), Some(d.node_id())).await?;
+        let direct = caller.connect_to(d.local_addr(), Some(d.id())).await?;
         anyhow::ensure!(direct.relayed_via().is_none(), "the D path is relayed");
         Ok(())
     };
     tokio::time::timeout(SETUP_TIMEOUT, setup)
         .await
         .context("setup timed out")??;
-    let bytes0 = r
-        .relay()
-        .counters()
-        .bytes_total
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let bytes0 = r.stats().relayed_bytes;
     // The two paths are measured in turns (alternating calls for latency,
     // alternating rounds for throughput) so neither gains from running
     // second on a busy 2-core machine.
-    let [direct, relayed] = paths(a, caller, [d.node_id(), c.node_id()]).await?;
-    let relay_bytes = r
-        .relay()
-        .counters()
-        .bytes_total
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - bytes0;
+    let [direct, relayed] = paths(a, caller, [d.id(), c.id()]).await?;
+    let relay_bytes = r.stats().relayed_bytes - bytes0;
     // The relayed path really was relayed the whole time.
     anyhow::ensure!(
-        caller
-            .peer(&c.node_id())
-            .and_then(|p| p.relayed_via())
-            .is_some(),
+        caller.peer(c.id()).and_then(|p| p.relayed_via()).is_some(),
         "the relayed connection was replaced"
     );
     Ok(Report {
@@ -213,22 +193,18 @@ async fn measure(
 
 const ROUNDS: usize = 4;
 
-async fn paths(
-    a: &RelayArgs,
-    caller: &NodeRuntime,
-    to: [NodeId; 2],
-) -> anyhow::Result<[PathFigures; 2]> {
+async fn paths(a: &RelayArgs, caller: &Node, to: [NodeId; 2]) -> anyhow::Result<[PathFigures; 2]> {
     let small = Bytes::from(vec![1u8; a.size]);
     for t in to {
         for _ in 0..100.min(a.count) {
-            caller.rpc().call_to(t, PROCEDURE, small.clone()).await?;
+            caller.call_to(t, PROCEDURE, small.clone()).await?;
         }
     }
     let mut ns = [Vec::with_capacity(a.count), Vec::with_capacity(a.count)];
     for _ in 0..a.count {
         for (i, t) in to.iter().enumerate() {
             let start = Instant::now();
-            caller.rpc().call_to(*t, PROCEDURE, small.clone()).await?;
+            caller.call_to(*t, PROCEDURE, small.clone()).await?;
             ns[i].push(start.elapsed().as_nanos() as u64);
         }
     }
@@ -252,7 +228,7 @@ async fn paths(
 
 /// `concurrency` workers making `per_worker` calls each; the seconds taken.
 async fn bulk(
-    caller: &NodeRuntime,
+    caller: &Node,
     to: NodeId,
     big: &Bytes,
     concurrency: usize,
@@ -262,7 +238,6 @@ async fn bulk(
     let workers = (0..concurrency).map(|_| async move {
         for _ in 0..per_worker {
             caller
-                .rpc()
                 .call_to(to, PROCEDURE, big.clone())
                 .timeout(Duration::from_secs(30))
                 .await?;

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use macula::Node;
-use macula_wire::DisconnectReason;
+use macula::{DisconnectReason, Node};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::bench::{build_kind, debug_note};
@@ -178,14 +177,14 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
     let started = Instant::now();
     let workers: Vec<_> = (0..args.concurrency)
         .map(|_| {
-            let rpc = node.runtime().rpc().clone();
+            let node = node.clone();
             let next = next.clone();
             let payload = payload.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
                     let t = Instant::now();
-                    rpc.call(PROCEDURE, payload.clone()).await?;
+                    node.call(PROCEDURE, payload.clone()).await?;
                     lat.push(t.elapsed());
                 }
                 Ok::<_, macula::RpcError>(lat)
@@ -207,13 +206,10 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
     for _ in 0..args.fresh {
         let t = Instant::now();
         let peer = node
-            .runtime()
             .dial_unpooled(addr, Some(provider))
             .await
             .context("dialing the provider")?;
-        node.runtime()
-            .rpc()
-            .call_via(&peer, PROCEDURE, payload.clone(), Duration::from_secs(5))
+        node.call_via(&peer, PROCEDURE, payload.clone(), Duration::from_secs(5))
             .await?;
         fresh.push(t.elapsed());
         peer.disconnect(DisconnectReason::Idle, "benchmark call done")

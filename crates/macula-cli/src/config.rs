@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use macula_runtime::peer_addr::{self, PeerAddr};
-use macula_runtime::ReachabilityMode;
-use macula_wire::NodeId;
+use macula::config::ReachabilityMode;
+use macula::{NodeId, PeerAddr};
 use serde::Deserialize;
 
 // ---------------------------------------------------------------------------
@@ -38,11 +37,11 @@ pub const DEFAULT_HTTP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::
 /// Default TLS mode: self-certifying node identities.
 pub const DEFAULT_TLS_MODE: TlsModeSetting = TlsModeSetting::SelfCertifying;
 /// Default maximum frame body size (1 MiB).
-pub const DEFAULT_MAX_FRAME_SIZE: u32 = macula_wire::DEFAULT_MAX_FRAME_SIZE;
+pub const DEFAULT_MAX_FRAME_SIZE: u32 = macula::config::DEFAULT_MAX_FRAME_SIZE;
 /// Smallest accepted `max_frame_size` (1 KiB).
-pub const MIN_MAX_FRAME_SIZE: u32 = macula_wire::MIN_MAX_FRAME_SIZE;
+pub const MIN_MAX_FRAME_SIZE: u32 = macula::config::MIN_MAX_FRAME_SIZE;
 /// Largest accepted `max_frame_size` (16 MiB).
-pub const MAX_MAX_FRAME_SIZE: u32 = macula_wire::MAX_MAX_FRAME_SIZE;
+pub const MAX_MAX_FRAME_SIZE: u32 = macula::config::MAX_MAX_FRAME_SIZE;
 /// Default maximum number of pooled connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 /// Smallest accepted `max_connections`.
@@ -56,12 +55,12 @@ pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest accepted idle timeout (one day; keeps deadline arithmetic far from overflow).
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default events queued per subscription before the oldest are dropped.
-pub const DEFAULT_PUBSUB_QUEUE_CAPACITY: usize = macula_pubsub::queue::QUEUE_CAPACITY;
+pub const DEFAULT_PUBSUB_QUEUE_CAPACITY: usize = macula::config::DEFAULT_PUBSUB_QUEUE_CAPACITY;
 /// Accepted `pubsub_queue_capacity` range.
 pub const PUBSUB_QUEUE_CAPACITY_RANGE: (usize, usize) = (16, 10_000_000);
 /// Default time a peer's pub/sub data stream may accept nothing before the
 /// peer is cut off.
-pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula_runtime::pubsub::PEER_STALL_TIMEOUT;
+pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula::config::DEFAULT_PUBSUB_STALL_TIMEOUT;
 /// Accepted `pubsub_stall_timeout` range.
 pub const PUBSUB_STALL_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
@@ -75,7 +74,7 @@ pub const MAX_RELAY_BYTES_PER_SECOND: u64 = 1 << 30;
 /// Accepted range of the QUIC flow-control windows and send buffer
 /// (`stream_receive_window`, `connection_receive_window`, `send_window`):
 /// 16 KiB to 1 GiB.
-pub const WINDOW_RANGE: (u64, u64) = (macula_runtime::config::MIN_WINDOW, 1 << 30);
+pub const WINDOW_RANGE: (u64, u64) = (macula::config::MIN_WINDOW, 1 << 30);
 /// Accepted `socket_buffer` range: 64 KiB to 256 MiB (the kernel may cap it
 /// lower: net.core.rmem_max).
 pub const SOCKET_BUFFER_RANGE: (u64, u64) = (64 << 10, 256 << 20);
@@ -89,7 +88,7 @@ pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Data directory used when the platform has no user data directory.
 pub const FALLBACK_DATA_DIR: &str = "./.macula";
 /// Longest realm name.
-pub const MAX_REALM_LEN: usize = macula_wire::MAX_REALM_LEN;
+pub const MAX_REALM_LEN: usize = macula::names::MAX_REALM_LEN;
 
 /// Default data directory: the platform's user data directory joined with
 /// `macula` (e.g. `~/.local/share/macula`), or [`FALLBACK_DATA_DIR`].
@@ -588,8 +587,8 @@ impl Default for Settings {
     /// Every setting at its default; what `macula start` runs with when
     /// nothing is configured.
     fn default() -> Self {
-        let relay = macula_runtime::RelayLimits::default();
-        let limits = macula_runtime::Limits::default();
+        let relay = macula::config::RelayLimits::default();
+        let limits = macula::config::Limits::default();
         Settings {
             listen: DEFAULT_LISTEN,
             realm: DEFAULT_REALM.to_string(),
@@ -926,7 +925,7 @@ fn parse_realm(s: &str) -> Result<String, String> {
 }
 
 fn parse_peers(s: &str) -> Result<Vec<PeerAddr>, String> {
-    peer_addr::parse_list(s).map_err(|e| e.to_string())
+    macula::parse_peer_addrs(s).map_err(|e| e.to_string())
 }
 
 fn parse_peer(s: &str) -> Result<Vec<PeerAddr>, String> {

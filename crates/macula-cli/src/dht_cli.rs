@@ -127,7 +127,7 @@ pub async fn run(cmd: DhtCommand) -> anyhow::Result<Outcome> {
             let ttl = parse_duration(&a.ttl)
                 .map_err(|e| anyhow::anyhow!("invalid value {:?} for --ttl: {e}", a.ttl))?;
             let node = join(&a.mesh).await?;
-            let key = macula_wire::dht_key(a.key.as_bytes());
+            let key = macula::dht_key(a.key.as_bytes());
             let res = node.dht().put(key, a.value.into_bytes(), ttl).await;
             node.shutdown().await;
             let replicas = res.with_context(|| format!("put {:?} failed", a.key))?;
@@ -150,7 +150,7 @@ pub async fn run(cmd: DhtCommand) -> anyhow::Result<Outcome> {
         }
         DhtCommand::Get(a) => {
             let node = join(&a.mesh).await?;
-            let key = macula_wire::dht_key(a.key.as_bytes());
+            let key = macula::dht_key(a.key.as_bytes());
             let res = node.dht().get(key).await;
             node.shutdown().await;
             let records = res.with_context(|| format!("get {:?} failed", a.key))?;
@@ -191,7 +191,7 @@ pub async fn run(cmd: DhtCommand) -> anyhow::Result<Outcome> {
                     .parse::<NodeId>()
                     .map_err(|e| anyhow::anyhow!("invalid node ID {:?}: {e}", a.key))?
             } else {
-                macula_wire::dht_key(a.key.as_bytes())
+                macula::dht_key(a.key.as_bytes())
             };
             let node = join(&a.mesh).await?;
             let res = node.dht().closest(key, a.n).await;

@@ -24,8 +24,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use macula::{IdentitySource, Limits, Node, NodeConfig, TlsMode, TlsOptions};
-use macula_runtime::Identity;
+use macula::config::{
+    IdentitySource, Limits, NodeConfig, PubSubLimits, RelayLimits, TlsMode, TlsOptions,
+};
+use macula::{Identity, Node};
 
 use crate::config::{LogFormat, NodeArgs, Settings, TlsModeSetting};
 
@@ -137,7 +139,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let v = serde_json::json!({
                     "node_id": identity.node_id().to_string(),
                     "public_key": hex(&identity.public_key()),
-                    "key_file": dir.join(macula_runtime::identity::KEY_FILE_NAME),
+                    "key_file": dir.join(macula::config::KEY_FILE_NAME),
                 });
                 writeln!(out, "{v}")?;
             } else {
@@ -245,11 +247,11 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         limits,
         capabilities: Vec::new(),
         rpc: Default::default(),
-        pubsub: macula_pubsub::Limits {
+        pubsub: PubSubLimits {
             queue_capacity: s.pubsub_queue_capacity,
             ..Default::default()
         },
-        relay: macula_runtime::RelayLimits {
+        relay: RelayLimits {
             max_sessions: s.relay_max_sessions,
             max_reservations: s.relay_max_reservations,
             bytes_per_second: s.relay_bytes_per_second,
@@ -315,13 +317,9 @@ async fn start(settings: Settings) -> Result<(), Failure> {
             other => Failure::from(other),
         })?;
     let (stop_admin, admin_stop) = tokio::sync::oneshot::channel::<()>();
-    let admin = tokio::spawn(macula_runtime::admin::serve(
-        http,
-        node.runtime().clone(),
-        async move {
-            let _ = admin_stop.await;
-        },
-    ));
+    let admin = tokio::spawn(macula::admin::serve(http, node.clone(), async move {
+        let _ = admin_stop.await;
+    }));
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "node_id: {}", node.id())?;

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bytes::Bytes;
 use macula::{
-    AdvertiseOptions, CallBuilder, Client, ClientConfig, Handler, Node, NodeId, Registration,
-    RpcError, Subscription,
+    AdvertiseOptions, CallBuilder, Client, Handler, Node, NodeId, Registration, RpcError,
+    Subscription,
 };
 
 use crate::dht_cli::MeshArgs;
@@ -59,14 +59,15 @@ impl Member {
                     .map_err(|e| anyhow::anyhow!("invalid value {g:?} for --connect: {e}"))?,
             );
         }
-        let mut cfg = ClientConfig::new(gateways);
-        cfg.realm = realm;
-        cfg.bind = listen;
-        cfg.attach_timeout = crate::dht_cli::JOIN_TIMEOUT;
+        let mut builder = Client::builder(gateways)
+            .realm(realm)
+            .bind(listen)
+            .attach_timeout(crate::dht_cli::JOIN_TIMEOUT);
         if let Some(dir) = data_dir {
-            cfg.identity = macula::IdentitySource::DataDir(dir);
+            builder = builder.data_dir(dir);
         }
-        let client = Client::connect(cfg)
+        let client = builder
+            .connect()
             .await
             .with_context(|| format!("could not attach to {}", mesh.connect))?;
         Ok(Member::Client(client))
@@ -74,7 +75,7 @@ impl Member {
 
     pub fn id(&self) -> NodeId {
         match self {
-            Member::Client(c) => c.node_id(),
+            Member::Client(c) => c.id(),
             Member::Node(n) => n.id(),
         }
     }
@@ -112,7 +113,7 @@ impl Member {
         handler: H,
     ) -> Result<Registration, RpcError> {
         match self {
-            Member::Client(c) => c.advertise(procedure, opts, handler).await,
+            Member::Client(c) => c.advertise_with(procedure, opts, handler).await,
             Member::Node(n) => n.advertise_with(procedure, opts, handler).await,
         }
     }

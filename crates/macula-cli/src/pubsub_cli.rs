@@ -61,7 +61,7 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
         "--rate must be a positive number"
     );
     // Refuse a bad topic before spending time joining the mesh.
-    macula_pubsub::Topic::new(&a.topic)
+    macula::names::validate_topic(&a.topic)
         .map_err(|e| anyhow::anyhow!("invalid topic {:?}: {e}", a.topic))?;
     let node = Member::start(&a.mesh, a.mode, None, None).await?;
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
@@ -129,7 +129,7 @@ pub fn rfc3339(since_epoch: Duration) -> String {
 }
 
 async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
-    macula_pubsub::Pattern::new(&a.pattern)
+    macula::names::validate_pattern(&a.pattern)
         .map_err(|e| anyhow::anyhow!("invalid pattern {:?}: {e}", a.pattern))?;
     let node = Member::start(&a.mesh, a.mode, None, None).await?;
     let mut sub = match node.subscribe(&a.pattern).await {

@@ -33,7 +33,7 @@ pub struct CallArgs {
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     timeout: u64,
     /// Retries on other providers after a retryable failure.
-    #[arg(long, default_value_t = macula_runtime::rpc::DEFAULT_RETRIES)]
+    #[arg(long, default_value_t = macula::config::DEFAULT_CALL_RETRIES)]
     retries: u32,
     /// Provider choice: round-robin, random, least-latency, weighted.
     #[arg(long, default_value = "round-robin")]
@@ -65,7 +65,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS", default_value_t = 0)]
     delay: u64,
     /// Weight for weighted load balancing.
-    #[arg(long, default_value_t = macula_runtime::rpc::DEFAULT_WEIGHT)]
+    #[arg(long, default_value_t = macula::config::DEFAULT_WEIGHT)]
     weight: u32,
     /// Requests served at once; more get `overloaded`.
     #[arg(long)]
@@ -98,7 +98,7 @@ pub async fn call(a: CallArgs) -> anyhow::Result<CallOutcome> {
     );
     anyhow::ensure!(a.timeout > 0, "--timeout must be positive");
     let strategy: Strategy = a.strategy.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    macula_rpc::validate_procedure(&a.procedure)
+    macula::names::validate_procedure(&a.procedure)
         .map_err(|e| anyhow::anyhow!("invalid procedure {:?}: {e}", a.procedure))?;
     let node = Member::start(&a.mesh, a.mode, None, None).await?;
     let result = calls(&node, &a, strategy).await;
@@ -209,7 +209,7 @@ pub async fn serve(
     a: ServeArgs,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    macula_rpc::validate_procedure(&a.procedure)
+    macula::names::validate_procedure(&a.procedure)
         .map_err(|e| anyhow::anyhow!("invalid procedure {:?}: {e}", a.procedure))?;
     let node = Member::start(&a.mesh, a.mode, a.data_dir.clone(), Some(a.listen)).await?;
     let reply = a.reply.clone().map(|r| Bytes::from(r.into_bytes()));

@@ -193,7 +193,7 @@ impl Ca {
     fn issue_for(&self, dir: &Path) -> std::path::PathBuf {
         let (code, out) = run(command(&["identity", "--data-dir", dir.to_str().unwrap()]));
         assert_eq!(code, Some(0), "{out}");
-        let id = macula_runtime::Identity::load(&dir.join("node.key")).unwrap();
+        let id = macula::Identity::load(&dir.join("node.key")).unwrap();
         let pem = std::fs::read_to_string(dir.join("node.key")).unwrap();
         let node_key = rcgen::KeyPair::from_pem(&pem).unwrap();
         let mut params =

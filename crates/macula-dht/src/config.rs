@@ -152,6 +152,12 @@ pub struct Config {
     pub rate_limit_per_sec: u32,
     /// See [`MAX_RATE_LIMITED_PEERS`].
     pub max_rate_limited_peers: usize,
+    /// Added to `now` to seed the `seq` of this node's records (a later put
+    /// must carry a higher one than any earlier put of the same key, also
+    /// one from before a restart). `now` is a monotonic clock that restarts
+    /// at zero with the process, so the runtime passes its epoch here: a
+    /// value above every `seq_base + now` of earlier runs. 0 in simulations.
+    pub seq_base: u64,
 }
 
 impl Default for Config {
@@ -186,6 +192,7 @@ impl Default for Config {
             rate_limit_burst: RATE_LIMIT_BURST,
             rate_limit_per_sec: RATE_LIMIT_PER_SEC,
             max_rate_limited_peers: MAX_RATE_LIMITED_PEERS,
+            seq_base: 0,
         }
     }
 }

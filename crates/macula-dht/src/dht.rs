@@ -384,9 +384,9 @@ impl Dht {
     /// replica set confirmed. Until [`Dht::unpublish`], the record is
     /// republished after `republish_percent` of its TTL.
     ///
-    /// `now` also seeds the record's `seq` (a later put must carry a higher one),
-    /// so the runtime should pass a clock that does not restart from zero when
-    /// the process does (milliseconds since the Unix epoch, for instance).
+    /// `Config::seq_base + now` also seeds the record's `seq` (a later put
+    /// must carry a higher one), so that it keeps growing across restarts of
+    /// a process whose monotonic clock restarts at zero.
     pub fn put(
         &mut self,
         key: NodeId,
@@ -394,10 +394,11 @@ impl Dht {
         ttl: Millis,
         now: Millis,
     ) -> Result<PutId, PutError> {
+        let floor = self.config.seq_base.saturating_add(now.0);
         let seq = self
             .published
             .get(&key)
-            .map_or(now.0, |p| p.record.seq.saturating_add(1).max(now.0));
+            .map_or(floor, |p| p.record.seq.saturating_add(1).max(floor));
         let mut record = Record {
             key,
             publisher: self.own.id,

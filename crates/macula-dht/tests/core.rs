@@ -437,6 +437,27 @@ fn put_reaches_quorum_and_get_collects_replicas() {
 }
 
 #[test]
+fn record_seq_grows_from_the_seq_base_across_restarts() {
+    // A restarted node's clock restarts at zero; its seq base (the epoch)
+    // is what keeps its record seqs above the last run's.
+    let base = 5_000_000_000;
+    let config = Config {
+        seq_base: base,
+        ..Config::default()
+    };
+    let mut sim = mesh(8, 5, &config);
+    let key = NodeId::from_bytes([0x17; 32]);
+    let before = sim.now();
+    put(&mut sim, 2, key, b"one", Millis::from_secs(600)).expect("quorum");
+    let first = get(&mut sim, 4, key).records[0].seq;
+    assert!(first >= base + before.0, "seq {first} below base + now");
+    assert!(first <= base + sim.now().0, "seq {first} above base + now");
+    put(&mut sim, 2, key, b"two", Millis::from_secs(600)).expect("quorum");
+    let second = get(&mut sim, 5, key).records[0].seq;
+    assert!(second > first, "a later put carries a higher seq");
+}
+
+#[test]
 fn put_fails_below_quorum() {
     // Every node but the publisher refuses all signatures.
     let mut sim = Sim::new(lossless(), 31);

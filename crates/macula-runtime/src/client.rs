@@ -38,12 +38,14 @@ use tokio::sync::{oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::config::{IdentitySource, Limits};
+use crate::driver::{self, DriverConfig};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::peer::{self, Attach, Direction, DriverConfig, LocalInfo, Peer};
+use crate::peer::{self, Direction, LocalInfo, Peer};
 use crate::peer_addr::PeerAddr;
 use crate::pubsub::{PubSub, PubSubError, PublishOptions, Subscription};
 use crate::rpc::{AdvertiseOptions, CallBuilder, Handler, Registration, Rpc, RpcError, RpcLimits};
+use crate::service::{Answer, PeerDown, Serves, Service, Services};
 use crate::tls::{self, TlsOptions};
 
 /// A silent gateway is given up after this long (the client's QUIC idle
@@ -130,6 +132,8 @@ pub enum ClientError {
     },
     #[error("QUIC setup failed: {0}")]
     Quic(String),
+    #[error(transparent)]
+    Epoch(#[from] crate::clock::EpochError),
     #[error("no node accepted the client within {after:?}: {last}")]
     Attach { after: Duration, last: String },
     /// Every configured node answered and turned the client away (at its
@@ -268,14 +272,25 @@ type MakeMsg = Box<dyn FnOnce(u64) -> ClientMessage + Send>;
 #[derive(Debug)]
 struct Acks(Weak<Shared>);
 
-impl Attach for Acks {
-    fn on_message(&self, _peer: &Peer, msg: ClientMessage) -> Option<Message> {
-        if let (ClientMessage::Ack(a), Some(s)) = (msg, self.0.upgrade()) {
+impl Service for Acks {
+    fn name(&self) -> &'static str {
+        "client-acks"
+    }
+
+    fn serves(&self) -> Serves {
+        Serves {
+            messages: &[macula_wire::MessageType::ClientAck],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, _peer: &Peer, msg: Message) -> Answer {
+        if let (Message::Client(ClientMessage::Ack(a)), Some(s)) = (msg, self.0.upgrade()) {
             if let Some(tx) = lock(&s.pending).remove(&a.id) {
                 let _ = tx.send(a.error.map_or(Ok(()), Err));
             }
         }
-        None
+        Answer::Done
     }
 }
 
@@ -308,6 +323,12 @@ impl Client {
             IdentitySource::Ephemeral => Identity::generate(),
         };
         let node_id = identity.node_id();
+        // Only the epoch matters to a client (it publishes; it keeps no
+        // DHT records), and recording it at start is enough to order runs.
+        let epoch = match &config.identity {
+            IdentitySource::DataDir(dir) => crate::clock::Epoch::start(dir)?,
+            IdentitySource::Ephemeral => crate::clock::Epoch::ephemeral(),
+        };
         let tls = tls::build(&identity, &config.tls)?;
         let crypto = QuicClientConfig::try_from(tls.client.clone())
             .map_err(|e| ClientError::Quic(e.to_string()))?;
@@ -343,6 +364,7 @@ impl Client {
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let pubsub = PubSub::with_mesh(
                 node_id,
+                epoch.value(),
                 max_frame,
                 config.pubsub,
                 Some(crate::pubsub::MeshLink {
@@ -679,18 +701,25 @@ impl Client {
             health_ping_interval: None,
             ping_timeout: s.config.limits.ping_timeout,
             max_frame_size: s.config.limits.max_frame_size,
-            dht: None,
-            pubsub: Some(s.pubsub.clone()),
-            rpc: Some(s.rpc.clone()),
-            reach: None,
-            relay: None,
-            attach: Some(Arc::new(Acks(Arc::downgrade(&self.0)))),
+            // A client's services: what its gateway sends it.
+            services: Services::new(vec![
+                Arc::new(s.pubsub.clone()),
+                Arc::new(s.rpc.clone()),
+                Arc::new(Acks(Arc::downgrade(&self.0))),
+            ]),
         };
-        let (p, rpc, shutdown) = (peer.clone(), s.rpc.clone(), s.stop_drivers.subscribe());
+        let (p, shutdown) = (peer.clone(), s.stop_drivers.subscribe());
+        cfg.services.peer_up(&peer);
         tokio::spawn(async move {
-            let why = peer::drive(p.clone(), reader, cfg, shutdown).await;
-            tracing::debug!(gateway = %p.node_id(), reason = %why, "gateway connection ended");
-            rpc.connection_closed(p.connection_id());
+            let services = cfg.services.clone();
+            let ended = driver::drive(p.clone(), reader, cfg, shutdown).await;
+            tracing::debug!(gateway = %p.node_id(), reason = %ended.why, "gateway connection ended");
+            let why = if ended.left {
+                PeerDown::Left
+            } else {
+                PeerDown::Closed
+            };
+            services.peer_down(&p, why);
         });
         Ok(peer)
     }

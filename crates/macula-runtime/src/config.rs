@@ -13,6 +13,31 @@ use macula_wire::{DEFAULT_MAX_FRAME_SIZE, MAX_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 use crate::peer_addr::PeerAddr;
 use crate::tls::TlsOptions;
 
+/// Default for `Limits::pubsub_stall_timeout`: a peer whose pub/sub data
+/// stream accepts no bytes for this long is cut off (stream reset, queue
+/// dropped, `macula_pubsub_peers_cut_off_total`, a warning naming it).
+pub const PEER_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// RPC limits (each with a config knob).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RpcLimits {
+    /// Calls this node may have outstanding at once; past it `call` fails
+    /// with `Overloaded` at once.
+    pub max_inflight_calls: usize,
+    /// Default concurrent requests per advertised handler; past it callers
+    /// get `Overloaded` (and fail over to another provider).
+    pub handler_concurrency: usize,
+}
+
+impl Default for RpcLimits {
+    fn default() -> Self {
+        RpcLimits {
+            max_inflight_calls: 10_000,
+            handler_concurrency: 1024,
+        }
+    }
+}
+
 /// Default QUIC listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 /// Default realm: nodes that configure nothing find each other.
@@ -124,7 +149,7 @@ impl Default for Limits {
             connection_receive_window: 8 << 20,
             send_window: 8 << 20,
             socket_buffer: 4 << 20,
-            pubsub_stall_timeout: crate::pubsub::PEER_STALL_TIMEOUT,
+            pubsub_stall_timeout: PEER_STALL_TIMEOUT,
         }
     }
 }
@@ -207,7 +232,7 @@ pub struct NodeConfig {
     /// Features announced in HELLO.
     pub capabilities: Vec<String>,
     /// RPC limits (in-flight calls, handler concurrency).
-    pub rpc: crate::rpc::RpcLimits,
+    pub rpc: RpcLimits,
     /// Pub/sub limits (subscription queue capacity and bytes, topic and
     /// pattern sizes, match cache, publishers tracked).
     pub pubsub: macula_pubsub::Limits,
@@ -227,7 +252,7 @@ impl Default for NodeConfig {
             tls: TlsOptions::default(),
             limits: Limits::default(),
             capabilities: Vec::new(),
-            rpc: crate::rpc::RpcLimits::default(),
+            rpc: RpcLimits::default(),
             pubsub: macula_pubsub::Limits::default(),
             relay: RelayLimits::default(),
             reachability: ReachabilityMode::Auto,

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use macula_dht::{
     Contact, CorrelationId, Dht, Ed25519Auth, Event, LookupError, LookupId, LookupKind, Millis,
@@ -24,9 +24,11 @@ use macula_wire::dht::*;
 use macula_wire::{Message, NodeId};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
+use crate::clock::Clock;
 use crate::dht_cache::{GetCache, DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE};
 use crate::identity::Identity;
 use crate::peer::Peer;
+use crate::service::{Answer, PeerDown, Serves, Service};
 
 /// Commands queued for the DHT task; past this, inbound DHT frames are
 /// dropped (and counted) rather than buffered without bound.
@@ -54,28 +56,7 @@ pub enum DhtError {
     Stopped,
 }
 
-/// A record as returned to applications.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhtRecord {
-    pub key: NodeId,
-    /// The node that published and signed it (verified).
-    pub publisher: NodeId,
-    pub seq: u64,
-    pub ttl: Duration,
-    pub value: Vec<u8>,
-}
-
-impl From<Record> for DhtRecord {
-    fn from(r: Record) -> Self {
-        DhtRecord {
-            key: r.key,
-            publisher: r.publisher,
-            seq: r.seq,
-            ttl: Duration::from_millis(r.ttl.0),
-            value: r.value,
-        }
-    }
-}
+pub use crate::dht_cache::DhtRecord;
 
 /// A point-in-time view of the DHT, for health and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -456,21 +437,49 @@ pub(crate) trait Dialer: Clone + Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Option<Peer>> + Send;
 }
 
+/// The DHT as a service: DHT_* frames go to the task; a node that left
+/// the mesh is dropped from the routing table at once.
+impl Service for DhtHandle {
+    fn name(&self) -> &'static str {
+        "dht"
+    }
+
+    fn serves(&self) -> Serves {
+        use macula_wire::MessageType as T;
+        Serves {
+            messages: &[
+                T::DhtPing,
+                T::DhtFindNode,
+                T::DhtFindValue,
+                T::DhtStore,
+                T::DhtPong,
+                T::DhtNodes,
+                T::DhtValue,
+                T::DhtStored,
+                T::DhtStoreRejected,
+            ],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        if let Message::Dht(msg) = msg {
+            self.deliver(peer, msg);
+        }
+        Answer::Done
+    }
+
+    fn peer_down(&self, peer: &Peer, why: PeerDown) {
+        if why == PeerDown::Left {
+            self.peer_left(peer);
+        }
+    }
+}
+
 /// A contact for a connected peer: with one UDP socket per node, the address
 /// we see it at is the address it listens on.
 pub(crate) fn contact_of(peer: &Peer) -> Contact {
     Contact::new(peer.node_id(), peer.remote_addr().to_string())
-}
-
-/// Milliseconds since the Unix epoch: the core also uses `now` to seed record
-/// sequence numbers, which must keep growing across restarts.
-fn now_ms() -> Millis {
-    Millis(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    )
 }
 
 fn wire_record(r: &Record) -> WireRecord {
@@ -657,6 +666,8 @@ struct Task<D: Dialer> {
     first_node: bool,
     bootstrap_waiters: Vec<oneshot::Sender<()>>,
     cache: GetCache,
+    /// The node's monotonic clock: every `now` the core is given.
+    clock: Clock,
 }
 
 /// Starts the DHT task for a node. `first_node`: no bootstrap peers are
@@ -665,6 +676,7 @@ pub(crate) fn spawn<D: Dialer>(
     identity: Identity,
     own_addr: SocketAddr,
     config: macula_dht::Config,
+    clock: Clock,
     first_node: bool,
     dialer: D,
     mut shutdown: watch::Receiver<bool>,
@@ -676,7 +688,7 @@ pub(crate) fn spawn<D: Dialer>(
         identity.node_id().as_bytes()[..8]
             .try_into()
             .unwrap_or([0; 8]),
-    ) ^ now_ms().0;
+    ) ^ crate::clock::wall_ms();
     let mut task = Task {
         dht: Dht::new(
             config,
@@ -684,6 +696,7 @@ pub(crate) fn spawn<D: Dialer>(
             Box::new(Ed25519Auth::new(identity.signing_key().clone())),
             seed,
         ),
+        clock,
         dialer,
         counters: counters.clone(),
         sends: Arc::new(Semaphore::new(MAX_INFLIGHT_SENDS)),
@@ -695,16 +708,16 @@ pub(crate) fn spawn<D: Dialer>(
         cache: GetCache::new(DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE),
     };
     if first_node {
-        task.dht.bootstrap(Vec::new(), now_ms());
+        task.dht.bootstrap(Vec::new(), task.clock.now());
     }
     tokio::spawn(async move {
         loop {
             task.drain();
             task.counters.sync(&task.dht);
-            let sleep = task.dht.poll_timeout().map(|at| {
-                let wait = Duration::from_millis(at.0.saturating_sub(now_ms().0));
-                tokio::time::Instant::now() + wait
-            });
+            let sleep = task
+                .dht
+                .poll_timeout()
+                .map(|at| tokio::time::Instant::from_std(task.clock.instant(at)));
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => task.apply(cmd),
@@ -715,7 +728,7 @@ pub(crate) fn spawn<D: Dialer>(
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => task.dht.handle_timeout(now_ms()),
+                } => task.dht.handle_timeout(task.clock.now()),
                 _ = shutdown.changed() => break,
             }
         }
@@ -726,7 +739,7 @@ pub(crate) fn spawn<D: Dialer>(
 
 impl<D: Dialer> Task<D> {
     fn apply(&mut self, cmd: Command) {
-        let now = now_ms();
+        let now = self.clock.now();
         match cmd {
             Command::Inbound { peer, msg } => self.inbound(peer, msg, now),
             Command::Seed(contact) => self.dht.bootstrap(vec![contact], now),
@@ -786,7 +799,7 @@ impl<D: Dialer> Task<D> {
                 let _ = reply.send(self.dht.unpublish(&key));
             }
             Command::Routing { reply } => {
-                let now = now_ms().0;
+                let now = self.clock.now().0;
                 let table = self.dht.routing();
                 let entries = table
                     .iter()

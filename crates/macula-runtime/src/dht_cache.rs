@@ -11,7 +11,30 @@ use std::time::{Duration, Instant};
 
 use macula_wire::NodeId;
 
-use crate::dht::DhtRecord;
+use macula_dht::Record;
+
+/// A record as returned to applications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhtRecord {
+    pub key: NodeId,
+    /// The node that published and signed it (verified).
+    pub publisher: NodeId,
+    pub seq: u64,
+    pub ttl: Duration,
+    pub value: Vec<u8>,
+}
+
+impl From<Record> for DhtRecord {
+    fn from(r: Record) -> Self {
+        DhtRecord {
+            key: r.key,
+            publisher: r.publisher,
+            seq: r.seq,
+            ttl: Duration::from_millis(r.ttl.0),
+            value: r.value,
+        }
+    }
+}
 
 /// Keys cached at once; past this the entry closest to expiry is dropped.
 pub const DHT_CACHE_CAPACITY: usize = 1024;

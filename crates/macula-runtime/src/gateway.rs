@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use macula_wire::client::{ClientAck, ClientMessage, MAX_CLIENT_ERROR_LEN};
 use macula_wire::Message;
 
-use crate::peer::{Attach, Peer};
+use crate::peer::Peer;
 use crate::pubsub::{ClientFeed, PubSub};
 use crate::rpc::Rpc;
+use crate::service::{Answer, PeerDown, Serves, Service};
 
 /// Requests one client may have waiting at its gateway; past this the
 /// gateway answers at once with an error.
@@ -207,8 +208,46 @@ impl Gateway {
     }
 }
 
-impl Attach for Gateway {
-    fn on_message(&self, peer: &Peer, msg: ClientMessage) -> Option<Message> {
+/// The gateway role as a service: a client's CLIENT_* requests (each
+/// acknowledged), and its cleanup when the client's connection ends.
+impl Service for Gateway {
+    fn name(&self) -> &'static str {
+        "gateway"
+    }
+
+    fn serves(&self) -> Serves {
+        use macula_wire::MessageType as T;
+        Serves {
+            messages: &[
+                T::ClientSubscribe,
+                T::ClientUnsubscribe,
+                T::ClientAdvertise,
+                T::ClientUnadvertise,
+                T::ClientAck,
+            ],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        let Message::Client(msg) = msg else {
+            return Answer::Done;
+        };
+        match self.on_client_message(peer, msg) {
+            Some(reply) => Answer::Reply(reply),
+            None => Answer::Done,
+        }
+    }
+
+    fn peer_down(&self, peer: &Peer, _why: PeerDown) {
+        if peer.is_client() {
+            self.connection_closed(peer);
+        }
+    }
+}
+
+impl Gateway {
+    fn on_client_message(&self, peer: &Peer, msg: ClientMessage) -> Option<Message> {
         if let ClientMessage::Ack(_) = msg {
             // Only clients are acknowledged; a stray ACK is ignored.
             return None;

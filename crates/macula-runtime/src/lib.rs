@@ -12,9 +12,11 @@
 pub mod admin;
 pub mod backoff;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod dht;
 pub mod dht_cache;
+mod driver;
 pub mod framed;
 pub mod gateway;
 pub mod identity;
@@ -26,6 +28,7 @@ pub mod pubsub;
 pub mod reachability;
 pub mod relay;
 pub mod rpc;
+mod service;
 pub mod tls;
 pub mod tunnel;
 

@@ -17,13 +17,16 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::{broadcast, watch, Semaphore};
 
 use crate::backoff::{jitter, Backoff};
+use crate::clock::{Clock, Epoch, EPOCH_SAVE_INTERVAL};
 use crate::config::{ConfigError, IdentitySource, NodeConfig, ReachabilityMode};
 use crate::dht::DhtHandle;
+use crate::driver::{self, DriverConfig, Ended};
 use crate::framed::FrameReader;
 use crate::identity::{Identity, IdentityError};
 use crate::metrics::{HandshakeFailure, Metrics};
-use crate::peer::{self, close_code, Direction, DriverConfig, HandshakeError, LocalInfo, Peer};
+use crate::peer::{self, close_code, Direction, HandshakeError, LocalInfo, Peer};
 use crate::peer_addr::PeerAddr;
+use crate::service::{PeerDown, Services};
 use crate::tls::{self, TlsError};
 use crate::tunnel::{is_tunnel_addr, RelayError, SessionInfo, Tunnel};
 use macula_pool::{Admit, PoolTable, Pooled, Refusal};
@@ -80,6 +83,8 @@ pub enum StartError {
     },
     #[error("QUIC setup failed: {0}")]
     Quic(String),
+    #[error(transparent)]
+    Epoch(#[from] crate::clock::EpochError),
 }
 
 /// Why a connection to a peer could not be made.
@@ -146,6 +151,12 @@ pub enum PeerEvent {
 type DialFuture = Shared<BoxFuture<'static, Result<Peer, ConnectError>>>;
 
 struct NodeShared {
+    /// What the connection drivers dispatch to.
+    services: Services,
+    /// The monotonic clock every core of this node is fed from.
+    clock: Clock,
+    /// This run's epoch (see `clock.rs`), its mark saved while it runs.
+    epoch: Epoch,
     gateway: crate::gateway::Gateway,
     node_id: NodeId,
     config: NodeConfig,
@@ -310,6 +321,11 @@ impl NodeRuntime {
             IdentitySource::Ephemeral => Identity::generate(),
         };
         let node_id = identity.node_id();
+        let epoch = match &config.identity {
+            IdentitySource::DataDir(dir) => Epoch::start(dir)?,
+            IdentitySource::Ephemeral => Epoch::ephemeral(),
+        };
+        let clock = Clock::new();
         let tls = tls::build(&identity, &config.tls)?;
         let transport = transport_config(&config.limits)?;
         let server_crypto = QuicServerConfig::try_from(tls.server.clone())
@@ -372,13 +388,18 @@ impl NodeRuntime {
             let dht = crate::dht::spawn(
                 dht_identity,
                 local_addr,
-                macula_dht::Config::default(),
+                macula_dht::Config {
+                    seq_base: epoch.value(),
+                    ..macula_dht::Config::default()
+                },
+                clock,
                 first_node,
                 PoolDialer(weak.clone()),
                 dht_shutdown,
             );
             let pubsub = crate::pubsub::PubSub::with_mesh(
                 node_id,
+                epoch.value(),
                 max_frame_size,
                 config.pubsub,
                 Some(crate::pubsub::MeshLink {
@@ -420,7 +441,20 @@ impl NodeRuntime {
                 Box::new(move || relay_reach.state() == crate::reachability::ReachState::Private),
                 Some(dht.clone()),
             );
+            // Every service this node runs: one line each.
+            let services = Services::new(vec![
+                Arc::new(dht.clone()),
+                Arc::new(pubsub.clone()),
+                Arc::new(rpc.clone()),
+                Arc::new(reach.clone()),
+                Arc::new(gateway.clone()),
+                Arc::new(relay.clone()),
+                Arc::new(tunnel.clone()),
+            ]);
             NodeShared {
+                services,
+                clock,
+                epoch: epoch.clone(),
                 gateway,
                 relay,
                 tunnel,
@@ -458,6 +492,7 @@ impl NodeRuntime {
                 .accept_loop(node.0.tunnel.endpoint().clone(), true),
         );
         tokio::spawn(node.clone().check_reachability());
+        tokio::spawn(node.clone().save_epoch());
         tokio::spawn(node.clone().maintain_relays());
         for target in node.0.config.bootstrap.clone() {
             tokio::spawn(node.clone().supervise(target));
@@ -823,17 +858,13 @@ impl NodeRuntime {
                 .then_some(self.0.config.limits.health_ping_interval),
             ping_timeout: self.0.config.limits.ping_timeout,
             max_frame_size: self.0.config.limits.max_frame_size,
-            dht: Some(self.0.dht.clone()),
-            pubsub: Some(self.0.pubsub.clone()),
-            rpc: Some(self.0.rpc.clone()),
-            reach: Some(self.0.reach.clone()),
-            attach: Some(Arc::new(self.0.gateway.clone())),
-            relay: Some((self.0.relay.clone(), self.0.tunnel.clone())),
+            services: self.0.services.clone(),
         };
         let shutdown = self.0.shutdown.subscribe();
+        self.0.services.peer_up(&peer);
         tokio::spawn(async move {
-            let why = peer::drive(peer.clone(), reader, cfg, shutdown).await;
-            node.forget(&peer, why);
+            let ended = driver::drive(peer.clone(), reader, cfg, shutdown).await;
+            node.forget(&peer, ended);
         });
     }
 
@@ -856,10 +887,8 @@ impl NodeRuntime {
         });
     }
 
-    fn forget(&self, peer: &Peer, why: String) {
-        if peer.is_client() {
-            self.0.gateway.connection_closed(peer);
-        }
+    fn forget(&self, peer: &Peer, ended: Ended) {
+        let why = ended.why;
         let removed = {
             let mut t = lock(&self.0.table);
             let r = t.remove_if(&peer.node_id(), peer.connection_id());
@@ -873,6 +902,14 @@ impl NodeRuntime {
             .metrics
             .connections_closed_total
             .fetch_add(1, Relaxed);
+        self.0.services.peer_down(
+            peer,
+            match (ended.left, removed) {
+                (true, _) => PeerDown::Left,
+                (false, true) => PeerDown::Closed,
+                (false, false) => PeerDown::Superseded,
+            },
+        );
         if removed {
             tracing::info!(peer = %peer.node_id(), reason = %why, "peer disconnected");
             let _ = self.0.events.send(PeerEvent::Disconnected {
@@ -1496,7 +1533,27 @@ impl NodeRuntime {
             b"node shutting down",
         );
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
+        self.mark_epoch();
         tracing::info!(node_id = %self.0.node_id, "node stopped");
+    }
+
+    /// Records the epoch's high-water mark now (see `clock.rs`).
+    fn mark_epoch(&self) {
+        if let Err(e) = self.0.epoch.save(self.0.clock.now()) {
+            tracing::warn!(error = %e, "could not record the epoch mark");
+        }
+    }
+
+    /// Keeps the epoch's high-water mark at most `EPOCH_SAVE_INTERVAL` old
+    /// until shutdown.
+    async fn save_epoch(self) {
+        let mut shutdown = self.0.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(EPOCH_SAVE_INTERVAL) => self.mark_epoch(),
+                _ = shutdown.changed() => break,
+            }
+        }
     }
 }
 

@@ -1,11 +1,11 @@
-//! One authenticated connection to a peer: the HELLO handshake, the control
-//! stream, health pings, and the task that drives it until it closes.
+//! One authenticated connection to a peer: the HELLO handshake and the
+//! `Peer` handle services use to send and to open streams. The task that
+//! drives the connection afterwards is `driver.rs`.
 //!
 //! The control stream is the first bidirectional stream, opened by the dialer.
-//! It carries HELLO, PING/PONG, ERROR and DISCONNECT. Every other stream a peer
-//! opens is served by `serve_stream`, which answers what it understands and
-//! reports what it does not. This module never decides pool membership; it
-//! asks the pool (through `NodeShared`) and reports back.
+//! It carries HELLO, PING/PONG, ERROR and DISCONNECT, and the messages of the
+//! services that travel there. This module never decides pool membership; it
+//! asks the pool (through an `Admission` check) and reports back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,13 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use macula_wire::{
     DecodeError, Disconnect, DisconnectReason, ErrorCode, ErrorFrame, Hello, Message, NodeId, Ping,
-    Pong, RelayMessage, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+    Pong, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
 };
 use quinn::VarInt;
 use tokio::sync::oneshot;
 
-use crate::dht::DhtHandle;
-use crate::framed::{FrameReader, FrameWriter, InFrame, ReadError};
+use crate::framed::{FrameReader, FrameWriter, ReadError};
 use crate::metrics::{HandshakeFailure, Metrics, ProtocolErrorKind};
 
 /// Which side opened the connection.
@@ -52,7 +51,7 @@ pub fn close_code(reason: DisconnectReason) -> VarInt {
 /// How long to wait, after an ERROR frame that precedes a close, for the peer
 /// to read it and close first. A QUIC close abandons stream data the peer has
 /// not received yet, so closing at once would usually lose the explanation.
-const ERROR_LINGER: Duration = Duration::from_millis(500);
+pub(crate) const ERROR_LINGER: Duration = Duration::from_millis(500);
 
 /// Why the HELLO exchange failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -359,7 +358,23 @@ impl Peer {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn complete_ping(&self, pong: Pong) -> bool {
+    /// The node's metrics (for services counting what they receive).
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.0.metrics
+    }
+
+    /// Finishes our side of the control stream (before a close).
+    pub(crate) async fn finish_control(&self) {
+        self.0.control.lock().await.finish();
+    }
+
+    /// Wakes everyone still waiting for a pong (the connection ended).
+    pub(crate) fn clear_pings(&self) {
+        self.lock_pings().clear();
+    }
+
+    /// Hands a PONG to the ping waiting for it; false when none waits.
+    pub(crate) fn complete_ping(&self, pong: Pong) -> bool {
         match self.lock_pings().remove(&pong.nonce) {
             Some(tx) => tx.send(pong).is_ok(),
             None => false,
@@ -375,7 +390,7 @@ pub(crate) fn is_client_hello(hello: &Hello) -> bool {
         .any(|c| c == macula_wire::client::CLIENT_CAPABILITY)
 }
 
-fn truncate(s: &str) -> String {
+pub(crate) fn truncate(s: &str) -> String {
     let mut end = s.len().min(macula_wire::MAX_REASON_LEN);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -383,7 +398,7 @@ fn truncate(s: &str) -> String {
     s[..end].to_string()
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -601,521 +616,6 @@ pub(crate) async fn handshake(
         metrics,
     }));
     Ok((peer, reader))
-}
-
-/// What the control-stream loop should do after a frame.
-enum Next {
-    Continue,
-    Close(DisconnectReason, String),
-    /// An ERROR frame was sent; close with ProtocolError once it is delivered.
-    Fail(String),
-}
-
-/// Handles one frame on the control stream.
-/// After a message went to its service: sends the service's immediate
-/// answer, if any (a send failure closes the connection); `None` (no such
-/// service here) is reported to the peer as `refusal`.
-async fn dispatched(
-    peer: &Peer,
-    answer: Option<Option<Message>>,
-    refusal: &str,
-    msg_type: u8,
-) -> Next {
-    match answer {
-        Some(Some(a)) => {
-            if let Err(e) = peer.send_control(&a).await {
-                return Next::Close(DisconnectReason::ProtocolError, e);
-            }
-        }
-        Some(None) => {}
-        None => unserved(peer, refusal, msg_type).await,
-    }
-    Next::Continue
-}
-
-async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Next {
-    let (dht, pubsub) = (cfg.dht.as_ref(), cfg.pubsub.as_ref());
-    let m = &peer.0.metrics;
-    m.frames_received_total.fetch_add(1, Relaxed);
-    m.message_received(frame.msg_type);
-    match frame.decode() {
-        Ok(Message::Ping(p)) => {
-            m.pings_received_total.fetch_add(1, Relaxed);
-            if p.keep {
-                peer.touch();
-            }
-            let pong = Message::Pong(Pong {
-                nonce: p.nonce,
-                echo_sent_at_us: p.sent_at_us,
-                responder_unix_ms: unix_ms(),
-            });
-            match peer.send_control(&pong).await {
-                Ok(()) => Next::Continue,
-                Err(e) => Next::Close(DisconnectReason::ProtocolError, e),
-            }
-        }
-        Ok(Message::Pong(p)) => {
-            m.pongs_received_total.fetch_add(1, Relaxed);
-            if !peer.complete_ping(p) {
-                m.pongs_unmatched_total.fetch_add(1, Relaxed);
-            }
-            Next::Continue
-        }
-        Ok(Message::Disconnect(d)) => {
-            tracing::debug!(peer = %peer.node_id(), reason = ?d.reason, message = %d.message, "peer is disconnecting");
-            if d.reason == DisconnectReason::Shutdown {
-                // It is leaving the mesh, not just this connection.
-                if let Some(dht) = dht {
-                    dht.peer_left(peer);
-                }
-            }
-            // The reason code goes into the event text: it is the part a
-            // reader (or a test) can rely on; the message is free text.
-            Next::Close(
-                d.reason,
-                format!("peer disconnected ({:?}): {}", d.reason, d.message),
-            )
-        }
-        Ok(Message::Error(e)) => {
-            tracing::warn!(peer = %peer.node_id(), code = ?e.code, message = %e.message, "peer reported an error");
-            Next::Continue
-        }
-        Ok(Message::Publish(p)) => {
-            peer.touch();
-            let outcome = match pubsub {
-                Some(ps) => ps.deliver_remote(peer.node_id(), p),
-                None => Err("this node serves no pub/sub".to_string()),
-            };
-            if let Err(reason) = outcome {
-                // Refused and counted; the connection is still sound.
-                m.protocol_error(ProtocolErrorKind::Malformed);
-                report(peer, ErrorCode::Malformed, &reason, frame.msg_type).await;
-            }
-            Next::Continue
-        }
-        Ok(msg @ (Message::DialBack(_) | Message::DialBackResult(_))) => {
-            let answer = cfg.reach.as_ref().map(|r| r.on_message(peer, msg));
-            let refusal = "this node does not check reachability";
-            dispatched(peer, answer, refusal, frame.msg_type).await
-        }
-        Ok(Message::Rpc(msg)) => {
-            peer.touch();
-            let answer = cfg.rpc.as_ref().map(|r| r.on_message(peer, msg));
-            dispatched(peer, answer, "this node serves no RPC", frame.msg_type).await
-        }
-        Ok(Message::Client(msg)) => {
-            peer.touch();
-            let answer = cfg.attach.as_ref().map(|a| a.on_message(peer, msg));
-            let refusal = "this node serves no client attachment";
-            dispatched(peer, answer, refusal, frame.msg_type).await
-        }
-        Ok(Message::Dht(msg)) => {
-            peer.touch();
-            match dht {
-                Some(dht) => dht.deliver(peer, msg),
-                None => unserved(peer, "this node serves no DHT", frame.msg_type).await,
-            }
-            Next::Continue
-        }
-        Ok(Message::Hello(_)) => {
-            unserved(peer, "HELLO after handshake", frame.msg_type).await;
-            Next::Continue
-        }
-        Ok(Message::Relay(_)) => {
-            unserved(peer, "relay messages open their own stream", frame.msg_type).await;
-            Next::Continue
-        }
-        Ok(Message::PublishBatch(_)) => {
-            // Batches travel on pub/sub data streams only.
-            unserved(
-                peer,
-                "PUBLISH_BATCH belongs on a pub/sub data stream",
-                frame.msg_type,
-            )
-            .await;
-            Next::Continue
-        }
-        Err(DecodeError::UnknownType(t)) => {
-            m.protocol_error(ProtocolErrorKind::UnknownType);
-            report(
-                peer,
-                ErrorCode::UnknownMessageType,
-                &format!("unknown message type {t:#04x}"),
-                t,
-            )
-            .await;
-            Next::Continue
-        }
-        Err(e) => {
-            m.protocol_error(ProtocolErrorKind::Malformed);
-            report(peer, ErrorCode::Malformed, &e.to_string(), frame.msg_type).await;
-            Next::Fail(e.to_string())
-        }
-    }
-}
-
-/// Closes the connection with ProtocolError after an ERROR frame was sent on
-/// the control stream: finishes the stream and lingers (bounded) for the peer
-/// to read the frame and close first, as `refuse` does during the handshake.
-/// A macula peer closes as soon as it sees the control stream finish.
-async fn close_after_error(peer: &Peer, why: &str) {
-    peer.0.control.lock().await.finish();
-    let _ = tokio::time::timeout(ERROR_LINGER, peer.0.conn.closed()).await;
-    peer.0.conn.close(
-        close_code(DisconnectReason::ProtocolError),
-        truncate(why).as_bytes(),
-    );
-}
-
-/// A message this node does not take here (a service it does not run, or
-/// one that belongs elsewhere): counted and reported; the connection stays
-/// up.
-async fn unserved(peer: &Peer, why: &str, msg_type: u8) {
-    peer.0.metrics.protocol_error(ProtocolErrorKind::Unexpected);
-    report(peer, ErrorCode::UnexpectedMessage, why, msg_type).await;
-}
-
-async fn report(peer: &Peer, code: ErrorCode, message: &str, msg_type: u8) {
-    let frame = Message::Error(ErrorFrame {
-        code,
-        message: truncate(message),
-        msg_type,
-    });
-    if let Err(e) = peer.send_control(&frame).await {
-        tracing::debug!(peer = %peer.node_id(), error = %e, "could not send ERROR frame");
-    }
-}
-
-/// Serves a stream the peer opened after the handshake: answers PING, and
-/// reports anything it cannot serve. A malformed or oversized frame ends only
-/// this stream; the connection stays up.
-async fn serve_stream(
-    peer: Peer,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    max: u32,
-    relay: Option<(crate::relay::Relay, crate::tunnel::Tunnel)>,
-) {
-    let m = peer.0.metrics.clone();
-    let mut reader = FrameReader::new(recv, max);
-    let mut writer = FrameWriter::new(send, peer.hello().max_frame_size);
-    let mut first = true;
-    loop {
-        let frame = match reader.read().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
-                if let Some(kind) = e.protocol_kind() {
-                    m.protocol_error(kind);
-                    let err = Message::Error(ErrorFrame {
-                        code: kind.error_code(),
-                        message: truncate(&e.to_string()),
-                        msg_type: 0,
-                    });
-                    let _ = writer.send(&err).await;
-                    reader.stop(u32::from(u16::from(DisconnectReason::ProtocolError)));
-                    tracing::debug!(peer = %peer.node_id(), error = %e, "closed a stream after a protocol error");
-                }
-                break;
-            }
-        };
-        m.frames_received_total.fetch_add(1, Relaxed);
-        m.message_received(frame.msg_type);
-        peer.touch();
-        let decoded = frame.decode();
-        if std::mem::take(&mut first) {
-            // The first frame decides what the stream is: a relay request
-            // takes the stream over (it becomes a spliced byte pipe).
-            if let (Ok(Message::Relay(msg)), Some((relay, tunnel))) = (&decoded, &relay) {
-                match msg {
-                    RelayMessage::Reserve(r) => {
-                        return relay.serve_reserve(peer, *r, writer).await;
-                    }
-                    RelayMessage::Connect(c) => {
-                        return relay.serve_connect(peer, *c, reader, writer).await;
-                    }
-                    RelayMessage::Incoming(i) => {
-                        return tunnel.serve_incoming(peer, i.source, reader, writer).await;
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let reply = match decoded {
-            Ok(Message::Ping(p)) => {
-                m.pings_received_total.fetch_add(1, Relaxed);
-                Message::Pong(Pong {
-                    nonce: p.nonce,
-                    echo_sent_at_us: p.sent_at_us,
-                    responder_unix_ms: unix_ms(),
-                })
-            }
-            Ok(other) => {
-                m.protocol_error(ProtocolErrorKind::Unexpected);
-                Message::Error(ErrorFrame {
-                    code: ErrorCode::UnexpectedMessage,
-                    message: format!("{} is not served on this stream", other.msg_type().name()),
-                    msg_type: frame.msg_type,
-                })
-            }
-            Err(DecodeError::UnknownType(t)) => {
-                m.protocol_error(ProtocolErrorKind::UnknownType);
-                Message::Error(ErrorFrame {
-                    code: ErrorCode::UnknownMessageType,
-                    message: format!("unknown message type {t:#04x}"),
-                    msg_type: t,
-                })
-            }
-            Err(e) => {
-                m.protocol_error(ProtocolErrorKind::Malformed);
-                let _ = writer
-                    .send(&Message::Error(ErrorFrame {
-                        code: ErrorCode::Malformed,
-                        message: truncate(&e.to_string()),
-                        msg_type: frame.msg_type,
-                    }))
-                    .await;
-                reader.stop(u32::from(u16::from(DisconnectReason::ProtocolError)));
-                break;
-            }
-        };
-        if writer.send(&reply).await.is_err() {
-            break;
-        }
-        m.frames_sent_total.fetch_add(1, Relaxed);
-        m.message_sent(reply.msg_type() as u8);
-    }
-    writer.finish();
-}
-
-/// Serves a unidirectional stream the peer opened. Its first byte says what
-/// it carries; only pub/sub data (`STREAM_KIND_PUBSUB`) is defined. Bad input
-/// stops this stream only; the connection stays up.
-async fn serve_uni(
-    peer: Peer,
-    recv: quinn::RecvStream,
-    max: u32,
-    pubsub: Option<crate::pubsub::PubSub>,
-) {
-    let m = peer.0.metrics.clone();
-    let stop_code = u32::from(u16::from(DisconnectReason::ProtocolError));
-    let mut reader = FrameReader::new(recv, max);
-    let kind = match reader.read_u8().await {
-        Ok(Some(k)) => k,
-        _ => return,
-    };
-    let ps = match pubsub {
-        Some(ps) if kind == crate::pubsub::STREAM_KIND_PUBSUB => ps,
-        _ => {
-            m.protocol_error(ProtocolErrorKind::Unexpected);
-            reader.stop(stop_code);
-            tracing::debug!(peer = %peer.node_id(), kind, "refused a unidirectional stream of unknown kind");
-            return;
-        }
-    };
-    let from_client = peer.is_client();
-    let mut rx = crate::pubsub::BatchReceiver::new(from_client);
-    loop {
-        let frame = match reader.read().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
-                if let Some(kind) = e.protocol_kind() {
-                    m.protocol_error(kind);
-                    ps.counters()
-                        .data_streams_rejected_total
-                        .fetch_add(1, Relaxed);
-                    reader.stop(stop_code);
-                    tracing::debug!(peer = %peer.node_id(), error = %e, "closed a pub/sub data stream after a protocol error");
-                }
-                break;
-            }
-        };
-        m.frames_received_total.fetch_add(1, Relaxed);
-        m.message_received(frame.msg_type);
-        peer.touch();
-        if let Err(reason) = ps.on_data_frame(peer.node_id(), &frame, &mut rx) {
-            m.protocol_error(ProtocolErrorKind::Malformed);
-            reader.stop(stop_code);
-            tracing::debug!(peer = %peer.node_id(), reason = %reason, "closed a pub/sub data stream after bad input");
-            break;
-        }
-        if from_client {
-            // A gateway passes its client's messages on into the mesh.
-            ps.forward_from_client(peer.node_id(), &frame.body).await;
-        }
-    }
-}
-
-/// Timers and limits the driver needs.
-#[derive(Debug, Clone)]
-pub(crate) struct DriverConfig {
-    pub idle_timeout: Duration,
-    /// `None`: no health pings (QUIC keep-alives alone watch the peer).
-    pub health_ping_interval: Option<Duration>,
-    pub ping_timeout: Duration,
-    pub max_frame_size: u32,
-    /// Where DHT messages from this peer go (None: answered with ERROR).
-    pub dht: Option<DhtHandle>,
-    /// Where PUBLISH frames from this peer go.
-    pub pubsub: Option<crate::pubsub::PubSub>,
-    /// Where RPC frames from this peer go.
-    pub rpc: Option<crate::rpc::Rpc>,
-    /// Where DIAL_BACK requests and results go.
-    pub reach: Option<crate::reachability::Reachability>,
-    /// Where client attachment messages go: a gateway's, or a client's.
-    pub attach: Option<Arc<dyn Attach>>,
-    /// Where relay requests (streams opening with a relay message) go.
-    pub relay: Option<(crate::relay::Relay, crate::tunnel::Tunnel)>,
-}
-
-/// Handles client attachment messages (CLIENT_*): the gateway serves a
-/// client's requests, the client matches the gateway's acknowledgements.
-/// Never blocks; an immediate answer is returned for the driver to send.
-pub(crate) trait Attach: Send + Sync + std::fmt::Debug {
-    fn on_message(&self, peer: &Peer, msg: macula_wire::ClientMessage) -> Option<Message>;
-}
-
-/// Drives a connection until it closes or shutdown is signalled: reads the
-/// control stream, serves peer-opened streams, sends health pings and closes
-/// the connection when idle. Returns why it ended.
-pub(crate) async fn drive(
-    peer: Peer,
-    mut control: FrameReader,
-    cfg: DriverConfig,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> String {
-    let conn = peer.connection().clone();
-    let mut health = cfg.health_ping_interval.map(|every| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
-    peer.touch();
-    let idle_sleep = tokio::time::sleep(cfg.idle_timeout);
-    tokio::pin!(idle_sleep);
-    // This future lives as long as the connection (10,000 of them on a
-    // busy gateway), so the rarely taken, deep branches below are boxed:
-    // inline, their state would sit in every connection's task.
-    let end = loop {
-        tokio::select! {
-            frame = control.read() => match frame {
-                Ok(Some(f)) => match Box::pin(on_control_frame(&peer, f, &cfg)).await {
-                    Next::Continue => {}
-                    Next::Close(reason, why) => {
-                        conn.close(close_code(reason), truncate(&why).as_bytes());
-                        break why;
-                    }
-                    Next::Fail(why) => {
-                        Box::pin(close_after_error(&peer, &why)).await;
-                        break why;
-                    }
-                },
-                Ok(None) => {
-                    conn.close(close_code(DisconnectReason::ProtocolError), b"control stream finished");
-                    break "control stream finished".to_string();
-                }
-                Err(e) => {
-                    if let Some(kind) = e.protocol_kind() {
-                        peer.0.metrics.protocol_error(kind);
-                        let why = e.to_string();
-                        Box::pin(async {
-                            report(&peer, kind.error_code(), &why, 0).await;
-                            close_after_error(&peer, &why).await;
-                        })
-                        .await;
-                        break e.to_string();
-                    }
-                    // Lost connection: describe it the same way whichever
-                    // branch noticed first, so the reason names the code.
-                    break match e {
-                        ReadError::Stream(quinn::ReadError::ConnectionLost(c)) => describe_close(&c),
-                        other => other.to_string(),
-                    };
-                }
-            },
-            stream = conn.accept_bi() => match stream {
-                Ok((send, recv)) => {
-                    tokio::spawn(serve_stream(peer.clone(), send, recv, cfg.max_frame_size, cfg.relay.clone()));
-                }
-                Err(e) => break describe_close(&e),
-            },
-            stream = conn.accept_uni() => match stream {
-                Ok(recv) => {
-                    tokio::spawn(serve_uni(peer.clone(), recv, cfg.max_frame_size, cfg.pubsub.clone()));
-                }
-                Err(e) => break describe_close(&e),
-            },
-            _ = tick(&mut health) => {
-                let p = peer.clone();
-                let timeout = cfg.ping_timeout;
-                tokio::spawn(async move {
-                    if let Err(e) = p.ping(timeout).await {
-                        if !p.is_closed() {
-                            tracing::warn!(peer = %p.node_id(), error = %e, "health ping failed; closing");
-                            p.0.conn.close(close_code(DisconnectReason::ProtocolError), b"health ping failed");
-                        }
-                    }
-                });
-            }
-            () = &mut idle_sleep => {
-                let idle = peer.idle_for();
-                let kept = peer.is_kept();
-                if idle >= cfg.idle_timeout && !kept {
-                    peer.0.metrics.pool_idle_closed_total.fetch_add(1, Relaxed);
-                    Box::pin(peer.disconnect(DisconnectReason::Idle, "idle timeout")).await;
-                    break format!("idle for {idle:?}");
-                }
-                // A kept connection is looked at again a whole timeout
-                // later (it may stop being kept), not over and over.
-                let wait = match kept {
-                    true => cfg.idle_timeout,
-                    false => cfg.idle_timeout.saturating_sub(idle).max(Duration::from_millis(50)),
-                };
-                idle_sleep.as_mut().reset(tokio::time::Instant::now() + wait);
-            }
-            _ = shutdown.changed() => {
-                Box::pin(peer.disconnect(DisconnectReason::Shutdown, "node shutting down")).await;
-                break "local shutdown".to_string();
-            }
-            err = conn.closed() => break describe_close(&err),
-        }
-    };
-    // A peer that closed with code Shutdown is leaving the mesh (its
-    // DISCONNECT frame may not have arrived before the close). Checked here,
-    // not in one select arm: the control-stream read usually sees the close
-    // first.
-    // A transport timeout (silent despite keep-alives) means the peer
-    // crashed or became unreachable: the same conclusion, reached later.
-    let gone = match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-            c.error_code == close_code(DisconnectReason::Shutdown)
-        }
-        Some(quinn::ConnectionError::TimedOut) => true,
-        _ => false,
-    };
-    if gone {
-        if let Some(dht) = &cfg.dht {
-            dht.peer_left(&peer);
-        }
-    }
-    // Wake anyone still waiting for a pong.
-    peer.lock_pings().clear();
-    // Requests this connection carried have no one to answer to.
-    if let Some(rpc) = &cfg.rpc {
-        rpc.connection_closed(peer.connection_id());
-    }
-    end
-}
-
-/// The next health-ping tick; never, without health pings.
-async fn tick(health: &mut Option<tokio::time::Interval>) {
-    match health {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
-    }
 }
 
 /// Human-readable close reason.

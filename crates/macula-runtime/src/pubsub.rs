@@ -22,7 +22,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -31,11 +30,16 @@ use macula_pubsub::{
     interest_segment, lookup_names, segment_name, summarize, BoundedQueue, Limits, Observed,
     Pattern, SeqTracker, Sublist, Topic, TopicError,
 };
-use macula_wire::{BatchItem, NodeId, Publish, PublishBatchView};
+use macula_wire::{
+    BatchItem, DisconnectReason, ErrorCode, Message, MessageType, NodeId, Publish, PublishBatchView,
+};
 use tokio::sync::Notify;
 
 use crate::dht::DhtHandle;
+use crate::framed::FrameReader;
+use crate::metrics::ProtocolErrorKind;
 use crate::peer::Peer;
+use crate::service::{Answer, Serves, Service, ServiceFuture};
 
 /// Headers on one message; more is `PubSubError::TooManyHeaders`.
 pub const MAX_HEADERS: usize = 32;
@@ -79,10 +83,7 @@ pub const PEER_QUEUE_CAPACITY: usize = 65_536;
 /// Payload bytes queued for one remote node; past this, new messages to it
 /// are dropped and counted, like `PEER_QUEUE_CAPACITY`.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
-/// Default for `Limits::pubsub_stall_timeout`: a peer whose pub/sub data
-/// stream accepts no bytes for this long is cut off (stream reset, queue
-/// dropped, `macula_pubsub_peers_cut_off_total`, a warning naming it).
-pub const PEER_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub use crate::config::PEER_STALL_TIMEOUT;
 /// Topics whose interested nodes a publisher remembers at once (the route
 /// cache in front of the interest cache).
 pub const ROUTE_CACHE_CAPACITY: usize = 4096;
@@ -755,19 +756,24 @@ impl PubSub {
     /// Pub/sub for node `node_id`; payloads up to `max_frame_size` minus
     /// `FRAME_HEADROOM`. Without a mesh link it delivers locally only.
     pub fn new(node_id: NodeId, max_frame_size: u32, limits: Limits) -> PubSub {
-        Self::with_mesh(node_id, max_frame_size, limits, None)
+        Self::with_mesh(
+            node_id,
+            crate::clock::wall_ms(),
+            max_frame_size,
+            limits,
+            None,
+        )
     }
 
+    /// A pub/sub instance publishing under `epoch` (the node's epoch: it
+    /// grows across restarts, see `clock.rs`).
     pub(crate) fn with_mesh(
         node_id: NodeId,
+        epoch: u64,
         max_frame_size: u32,
         limits: Limits,
         mesh: Option<MeshLink>,
     ) -> PubSub {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         PubSub(Arc::new(Inner {
             node_id,
             epoch,
@@ -2362,6 +2368,87 @@ impl Drop for Subscription {
                     }
                 }
             });
+        }
+    }
+}
+
+/// Pub/sub as a service: PUBLISH on the control stream, and the pub/sub
+/// data streams (kind `STREAM_KIND_PUBSUB`) carrying PUBLISH_BATCH frames.
+impl Service for PubSub {
+    fn name(&self) -> &'static str {
+        "pubsub"
+    }
+
+    fn serves(&self) -> Serves {
+        Serves {
+            messages: &[MessageType::Publish, MessageType::PublishBatch],
+            uni_kinds: &[STREAM_KIND_PUBSUB],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        match msg {
+            Message::Publish(p) => match self.deliver_remote(peer.node_id(), p) {
+                Ok(()) => Answer::Done,
+                Err(reason) => Answer::Refuse {
+                    code: ErrorCode::Malformed,
+                    reason,
+                },
+            },
+            // Batches travel on pub/sub data streams only.
+            other => Answer::Refuse {
+                code: ErrorCode::UnexpectedMessage,
+                reason: format!(
+                    "{} belongs on a pub/sub data stream",
+                    other.msg_type().name()
+                ),
+            },
+        }
+    }
+
+    fn on_uni_stream(&self, peer: Peer, _kind: u8, reader: FrameReader) -> ServiceFuture {
+        Box::pin(self.clone().read_data_stream(peer, reader))
+    }
+}
+
+impl PubSub {
+    /// Reads one pub/sub data stream from `peer` until it ends. Bad input
+    /// stops this stream only; the connection stays up.
+    async fn read_data_stream(self, peer: Peer, mut reader: FrameReader) {
+        let m = peer.metrics().clone();
+        let stop_code = u32::from(u16::from(DisconnectReason::ProtocolError));
+        let from_client = peer.is_client();
+        let mut rx = BatchReceiver::new(from_client);
+        loop {
+            let frame = match reader.read().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(kind) = e.protocol_kind() {
+                        m.protocol_error(kind);
+                        self.counters()
+                            .data_streams_rejected_total
+                            .fetch_add(1, Relaxed);
+                        reader.stop(stop_code);
+                        tracing::debug!(peer = %peer.node_id(), error = %e, "closed a pub/sub data stream after a protocol error");
+                    }
+                    break;
+                }
+            };
+            m.frames_received_total.fetch_add(1, Relaxed);
+            m.message_received(frame.msg_type);
+            peer.touch();
+            if let Err(reason) = self.on_data_frame(peer.node_id(), &frame, &mut rx) {
+                m.protocol_error(ProtocolErrorKind::Malformed);
+                reader.stop(stop_code);
+                tracing::debug!(peer = %peer.node_id(), reason = %reason, "closed a pub/sub data stream after bad input");
+                break;
+            }
+            if from_client {
+                // A gateway passes its client's messages on into the mesh.
+                self.forward_from_client(peer.node_id(), &frame.body).await;
+            }
         }
     }
 }

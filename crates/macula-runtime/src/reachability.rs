@@ -26,6 +26,7 @@ use macula_wire::{DisconnectReason, Message, NodeId};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::peer::{close_code, Peer};
+use crate::service::{Answer, Serves, Service};
 
 /// Peers asked per check.
 pub const CHECK_PEERS: usize = 3;
@@ -357,6 +358,28 @@ impl Reachability {
         };
         self.set_state(state.clone());
         state
+    }
+}
+
+/// Dial-back as a service: DIAL_BACK requests are served, results matched.
+impl Service for Reachability {
+    fn name(&self) -> &'static str {
+        "reachability"
+    }
+
+    fn serves(&self) -> Serves {
+        use macula_wire::MessageType as T;
+        Serves {
+            messages: &[T::DialBack, T::DialBackResult],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        match Reachability::on_message(self, peer, msg) {
+            Some(reply) => Answer::Reply(reply),
+            None => Answer::Done,
+        }
     }
 }
 

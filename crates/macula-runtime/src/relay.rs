@@ -28,6 +28,7 @@ use macula_wire::{Message, NodeId};
 use crate::config::RelayLimits;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::peer::Peer;
+use crate::service::{Serves, Service, ServiceFuture};
 
 /// How long the relay waits for the target to answer RELAY_INCOMING.
 pub const TARGET_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -751,6 +752,43 @@ fn refusal_text(code: RelayCode, l: &RelayLimits) -> String {
             l.max_reservations
         ),
         other => other.name().replace('_', " "),
+    }
+}
+
+/// The relay as a service: streams opened with RELAY_RESERVE or
+/// RELAY_CONNECT are served (the second becomes a spliced byte pipe).
+impl Service for Relay {
+    fn name(&self) -> &'static str {
+        "relay"
+    }
+
+    fn serves(&self) -> Serves {
+        use macula_wire::MessageType as T;
+        Serves {
+            streams: &[T::RelayReserve, T::RelayConnect],
+            ..Serves::default()
+        }
+    }
+
+    fn on_stream(
+        &self,
+        peer: Peer,
+        first: Message,
+        reader: FrameReader,
+        writer: FrameWriter,
+    ) -> ServiceFuture {
+        let relay = self.clone();
+        Box::pin(async move {
+            match first {
+                Message::Relay(RelayMessage::Reserve(r)) => {
+                    relay.serve_reserve(peer, r, writer).await
+                }
+                Message::Relay(RelayMessage::Connect(c)) => {
+                    relay.serve_connect(peer, c, reader, writer).await
+                }
+                _ => {}
+            }
+        })
     }
 }
 

@@ -50,6 +50,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::dht::DhtHandle;
 use crate::peer::Peer;
+use crate::service::{Answer, PeerDown, Serves, Service};
 
 /// Default deadline of a call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,25 +84,7 @@ pub const MAX_CALL_HEADERS: usize = 32;
 /// Procedures one node may advertise (bounded by the index record).
 pub const MAX_ADVERTISED: usize = macula_wire::rpc::MAX_INDEX_PROCEDURES;
 
-/// RPC limits (each with a config knob).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RpcLimits {
-    /// Calls this node may have outstanding at once; past it `call` fails
-    /// with `Overloaded` at once.
-    pub max_inflight_calls: usize,
-    /// Default concurrent requests per advertised handler; past it callers
-    /// get `Overloaded` (and fail over to another provider).
-    pub handler_concurrency: usize,
-}
-
-impl Default for RpcLimits {
-    fn default() -> Self {
-        RpcLimits {
-            max_inflight_calls: 10_000,
-            handler_concurrency: 1024,
-        }
-    }
-}
+pub use crate::config::RpcLimits;
 
 /// Why a call or an advertisement failed. Match on it: every kind a caller
 /// needs to tell apart is its own variant.
@@ -2020,5 +2003,35 @@ impl Drop for Registration {
                 }
             });
         }
+    }
+}
+/// RPC as a service: CALL, REPLY, CALL_ERROR and CANCEL on the control
+/// stream; requests a connection carried are aborted when it ends.
+impl Service for Rpc {
+    fn name(&self) -> &'static str {
+        "rpc"
+    }
+
+    fn serves(&self) -> Serves {
+        use macula_wire::MessageType as T;
+        Serves {
+            messages: &[T::RpcCall, T::RpcReply, T::RpcError, T::RpcCancel],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        match msg {
+            Message::Rpc(msg) => match Rpc::on_message(self, peer, msg) {
+                Some(reply) => Answer::Reply(reply),
+                None => Answer::Done,
+            },
+            _ => Answer::Done,
+        }
+    }
+
+    fn peer_down(&self, peer: &Peer, _why: PeerDown) {
+        // Requests this connection carried have no one to answer to.
+        self.connection_closed(peer.connection_id());
     }
 }

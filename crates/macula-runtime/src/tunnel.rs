@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::framed::{FrameReader, FrameWriter};
 use crate::peer::Peer;
+use crate::service::{Serves, Service, ServiceFuture};
 
 /// Packets queued toward one session's stream; past this quinn's packets are
 /// dropped (as a full UDP socket buffer would) and QUIC recovers.
@@ -602,5 +603,34 @@ async fn read_status(r: &mut FrameReader) -> Result<RelayStatus, String> {
         Ok(Message::Error(e)) => Err(format!("{:?}: {}", e.code, e.message)),
         Ok(other) => Err(format!("unexpected {}", other.msg_type().name())),
         Err(e) => Err(e.to_string()),
+    }
+}
+/// The relay tunnel's target side as a service: a relay's RELAY_INCOMING
+/// stream becomes a relayed session of this node.
+impl Service for Tunnel {
+    fn name(&self) -> &'static str {
+        "tunnel"
+    }
+
+    fn serves(&self) -> Serves {
+        Serves {
+            streams: &[macula_wire::MessageType::RelayIncoming],
+            ..Serves::default()
+        }
+    }
+
+    fn on_stream(
+        &self,
+        peer: Peer,
+        first: Message,
+        reader: FrameReader,
+        writer: FrameWriter,
+    ) -> ServiceFuture {
+        let tunnel = self.clone();
+        Box::pin(async move {
+            if let Message::Relay(RelayMessage::Incoming(i)) = first {
+                tunnel.serve_incoming(peer, i.source, reader, writer).await;
+            }
+        })
     }
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use macula_runtime::metrics::{HandshakeFailure, ProtocolErrorKind};
 use macula_runtime::peer::HandshakeError;
-use macula_runtime::{ConnectError, Direction, Identity, NodeRuntime, PeerAddr, PeerEvent};
+use macula_runtime::{
+    ConnectError, Direction, Identity, NodeConfig, NodeRuntime, PeerAddr, PeerEvent,
+};
 use macula_wire::{
     DisconnectReason, ErrorCode, FrameHeader, Message, MessageType, Ping, DEFAULT_MAX_FRAME_SIZE,
 };
@@ -741,4 +743,49 @@ async fn a_node_never_connects_to_itself() {
         );
     }
     assert!(n.peers().is_empty());
+}
+
+// 11. The epoch orders a node's runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_publishes_under_a_higher_epoch_even_when_the_clock_stepped_back() {
+    use futures::StreamExt;
+    use macula_runtime::clock::{EPOCH_FILE_NAME, EPOCH_SAVE_INTERVAL};
+    use macula_runtime::pubsub::{PublishOptions, SubscriptionItem};
+
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let epoch_of_one_event = |n: NodeRuntime| async move {
+        let mut sub = n.pubsub().subscribe("epoch.check").expect("subscribe");
+        n.pubsub()
+            .publish(
+                "epoch.check",
+                bytes::Bytes::from_static(b"x"),
+                PublishOptions::default(),
+            )
+            .expect("publish");
+        let epoch = match within(STEP, "the event", sub.next()).await {
+            Some(SubscriptionItem::Event(e)) => e.epoch,
+            other => panic!("expected an event, got {other:?}"),
+        };
+        within(STEP, "shutdown", n.shutdown()).await;
+        epoch
+    };
+    let with_dir = || NodeConfig {
+        identity: macula_runtime::IdentitySource::DataDir(dir.path().to_path_buf()),
+        ..config()
+    };
+    let first = epoch_of_one_event(start(with_dir()).await).await;
+    // Pretend the last run reached an hour past now: the wall clock of the
+    // next start reads earlier than what that run used.
+    let mark = first + 3_600_000;
+    std::fs::write(dir.path().join(EPOCH_FILE_NAME), format!("{mark}\n")).expect("write mark");
+    let second = epoch_of_one_event(start(with_dir()).await).await;
+    assert!(
+        second > mark,
+        "epoch {second} not above the last run's mark {mark}"
+    );
+    assert!(second <= mark + EPOCH_SAVE_INTERVAL.as_millis() as u64 + 1);
+    // Shutdown recorded this run's mark, so a third run is above it too.
+    let third = epoch_of_one_event(start(with_dir()).await).await;
+    assert!(third > second);
 }

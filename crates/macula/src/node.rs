@@ -1,0 +1,503 @@
+//! A full mesh node ([`Node`], built by [`NodeBuilder`]) and a connection to
+//! one of its peers ([`Peer`]).
+//!
+//! Thin wrappers over the runtime's `NodeRuntime` and `Peer`: each method
+//! forwards to one runtime call. They exist so that what an application
+//! sees is this API, not the runtime's service modules and QUIC types.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use macula_runtime::NodeRuntime;
+
+use crate::config::{
+    IdentitySource, Limits, NodeConfig, PubSubLimits, ReachabilityMode, RelayLimits, RpcLimits,
+    TlsOptions,
+};
+use crate::{
+    AdvertiseOptions, CallBuilder, DhtHandle, Direction, DisconnectReason, Error, Handler, Metrics,
+    NodeId, PeerAddr, PeerEvent, PingError, ProviderInfo, PublishOptions, Registration, RpcError,
+    Subscription,
+};
+
+/// A snapshot of one connected peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The node ID the peer proved in the TLS handshake.
+    pub node_id: NodeId,
+    /// The peer's UDP address as this node sees it.
+    pub addr: SocketAddr,
+    /// Who dialed whom.
+    pub direction: Direction,
+    /// QUIC's smoothed round-trip time.
+    pub rtt: Duration,
+    /// Addresses the peer says it listens on (from its HELLO).
+    pub listen_addrs: Vec<String>,
+}
+
+/// Counters of one node since it started, read at one moment (each counter
+/// is exact; the set is not one atomic snapshot). The full set is served as
+/// Prometheus metrics by [`crate::admin::serve`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeStats {
+    /// Messages published on this node (by it or, as a gateway, its clients).
+    pub published: u64,
+    /// Events pushed into this node's own subscription queues.
+    pub delivered_local: u64,
+    /// Events dropped from full subscription queues (slow subscribers).
+    pub dropped_slow_subscriber: u64,
+    /// Messages queued to other nodes (one per interested node).
+    pub sent_remote: u64,
+    /// Messages received from other nodes and delivered.
+    pub received_remote: u64,
+    /// Outbound messages dropped: a peer's queue was full, or the peer was
+    /// unreachable.
+    pub dropped_outbound: u64,
+    /// Bytes this node forwarded as a relay, both directions.
+    pub relayed_bytes: u64,
+}
+
+/// Builds and starts a [`Node`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct NodeBuilder {
+    config: NodeConfig,
+    bootstrap_errors: Vec<(String, String)>,
+}
+
+impl NodeBuilder {
+    /// The realm to join (default `default`). Nodes in other realms are refused.
+    pub fn realm(mut self, realm: impl Into<String>) -> Self {
+        self.config.realm = realm.into();
+        self
+    }
+
+    /// Peers to join through: `HOST:PORT`, `quic://HOST:PORT` or
+    /// `NODEID@HOST:PORT` (the node must then prove that ID).
+    pub fn bootstrap<I, S>(mut self, peers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for p in peers {
+            match p.as_ref().parse::<PeerAddr>() {
+                Ok(addr) => self.config.bootstrap.push(addr),
+                Err(e) => self
+                    .bootstrap_errors
+                    .push((p.as_ref().to_string(), e.to_string())),
+            }
+        }
+        self
+    }
+
+    /// UDP address for QUIC (default `0.0.0.0:4433`; port 0 picks one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+
+    /// Persist the identity in `dir/node.key` (created on first start).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.identity = IdentitySource::DataDir(dir.into());
+        self
+    }
+
+    /// TLS mode and pinned peers (default: self-certifying, no pins).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.config.tls = tls;
+        self
+    }
+
+    /// Every limit and timer of the connection layer at once.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// Pub/sub limits (subscription queues, topic sizes).
+    pub fn pubsub_limits(mut self, limits: PubSubLimits) -> Self {
+        self.config.pubsub = limits;
+        self
+    }
+
+    /// RPC limits (calls in flight, handler concurrency).
+    pub fn rpc_limits(mut self, limits: RpcLimits) -> Self {
+        self.config.rpc = limits;
+        self
+    }
+
+    /// The relay this node runs for others, and how many relays it reserves
+    /// at when it cannot be dialed itself.
+    pub fn relay(mut self, relay: RelayLimits) -> Self {
+        self.config.relay = relay;
+        self
+    }
+
+    /// Whether to find out if peers can dial this node (default), or to
+    /// behave as a node behind NAT without asking.
+    pub fn reachability(mut self, mode: ReachabilityMode) -> Self {
+        self.config.reachability = mode;
+        self
+    }
+
+    /// Replaces the whole configuration (what the daemon does); bootstrap
+    /// peers given before are replaced too.
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Starts the node: identity, socket, accept loop, bootstrap.
+    pub async fn start(self) -> Result<Node, Error> {
+        if let Some((value, reason)) = self.bootstrap_errors.into_iter().next() {
+            return Err(Error::Config {
+                key: "bootstrap",
+                value,
+                reason,
+            });
+        }
+        let runtime = NodeRuntime::start(self.config).await?;
+        Ok(Node { runtime })
+    }
+}
+
+/// A running mesh node. Cheap to clone: clones share the node.
+#[derive(Clone)]
+pub struct Node {
+    runtime: NodeRuntime,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.runtime.node_id())
+            .field("addr", &self.runtime.local_addr())
+            .finish()
+    }
+}
+
+impl Node {
+    /// A builder with every setting at its default.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder {
+            config: NodeConfig::default(),
+            bootstrap_errors: Vec::new(),
+        }
+    }
+
+    /// This node's ID (the BLAKE3 hash of its public key).
+    pub fn id(&self) -> NodeId {
+        self.runtime.node_id()
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.runtime.local_addr()
+    }
+
+    /// The realm this node belongs to.
+    pub fn realm(&self) -> &str {
+        self.runtime.realm()
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        self.runtime.config()
+    }
+
+    /// Connected peers, sorted by node ID.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let mut v: Vec<_> = self
+            .runtime
+            .peers()
+            .into_iter()
+            .map(|p| PeerInfo {
+                node_id: p.node_id(),
+                addr: p.remote_addr(),
+                direction: p.direction(),
+                rtt: p.rtt(),
+                listen_addrs: p.hello().listen_addrs.clone(),
+            })
+            .collect();
+        v.sort_by_key(|p| p.node_id);
+        v
+    }
+
+    /// The pooled connection to `node_id`, if there is one.
+    pub fn peer(&self, node_id: NodeId) -> Option<Peer> {
+        self.runtime.peer(&node_id).map(Peer)
+    }
+
+    /// Connects (or reuses the pooled connection) to a peer given as
+    /// `HOST:PORT` or `NODEID@HOST:PORT`.
+    pub async fn connect(&self, peer: &str) -> Result<Peer, Error> {
+        let addr = crate::parse_peer("peer", peer)?;
+        Ok(Peer(self.runtime.connect_addr(&addr).await?))
+    }
+
+    /// Connects (or reuses the pooled connection) to the node at `addr`;
+    /// with `expected`, the peer must prove that node ID in the TLS
+    /// handshake. Concurrent calls for one address share one dial.
+    pub async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Peer, Error> {
+        Ok(Peer(self.runtime.connect(addr, expected).await?))
+    }
+
+    /// Opens a new connection (TLS and HELLO) outside the pool, for tools
+    /// and benchmarks that measure connection setup. Close it with
+    /// [`Peer::disconnect`] or [`Peer::close`] when done.
+    pub async fn dial_unpooled(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Peer, Error> {
+        Ok(Peer(self.runtime.dial_unpooled(addr, expected).await?))
+    }
+
+    /// Connects to `target` through `relay` (a node `target` holds a
+    /// reservation at): end-to-end QUIC and TLS that the relay cannot read,
+    /// pooled like a direct connection and marked [`Peer::relayed_via`].
+    pub async fn connect_via(&self, relay: &Peer, target: NodeId) -> Result<Peer, Error> {
+        Ok(Peer(self.runtime.connect_via(&relay.0, target).await?))
+    }
+
+    /// Relays this node holds a reservation at (when it is private).
+    pub fn reserved_relays(&self) -> Vec<NodeId> {
+        self.runtime
+            .tunnel()
+            .reserved_relays()
+            .into_iter()
+            .collect()
+    }
+
+    /// The node's DHT: `put(key, value, ttl)`, `get(key)`, `closest(key, n)`.
+    /// Keys are 256-bit; derive them from names with [`crate::dht_key`].
+    pub fn dht(&self) -> &DhtHandle {
+        self.runtime.dht()
+    }
+
+    /// Publishes `payload` on `topic` (dot-separated, no wildcards) and
+    /// returns its sequence number. Subscribers on this node receive it
+    /// without a network hop; every other node with a matching subscription
+    /// gets one copy. A subscription made elsewhere is found within
+    /// `INTEREST_CACHE_TTL` (1 s) of its `subscribe` returning.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<u64, Error> {
+        self.publish_with(topic, payload, PublishOptions::default())
+            .await
+    }
+
+    /// `publish` with headers and an application message ID.
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        options: PublishOptions,
+    ) -> Result<u64, Error> {
+        Ok(self
+            .runtime
+            .pubsub()
+            .publish_mesh(topic, payload.into(), options)
+            .await?)
+    }
+
+    /// Subscribes to `pattern` (`*` matches one segment, `**` any number):
+    /// a `Stream` of [`crate::SubscriptionItem`]s, bounded (a slow reader
+    /// loses the oldest events and gets `Lagged(n)`). The interest is
+    /// registered in the mesh (DHT) before this returns. Dropping it
+    /// unsubscribes.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, Error> {
+        Ok(self.runtime.pubsub().subscribe_mesh(pattern).await?)
+    }
+
+    /// Waits, at most `limit`, until every message this node queued for
+    /// other nodes has been written and acknowledged (or given up on).
+    /// True if everything drained. [`Node::shutdown`] does this itself.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        self.runtime.pubsub().flush(limit).await
+    }
+
+    /// Serves `procedure` with `handler` (an async function from
+    /// [`crate::Request`] to `Result<Bytes, HandlerError>`) and advertises
+    /// it in the mesh before returning. Dropping the [`Registration`] stops
+    /// serving and withdraws the advertisement.
+    pub async fn advertise<H: Handler>(
+        &self,
+        procedure: &str,
+        handler: H,
+    ) -> Result<Registration, RpcError> {
+        self.advertise_with(procedure, AdvertiseOptions::default(), handler)
+            .await
+    }
+
+    /// `advertise` with a weight, metadata and a concurrency limit.
+    pub async fn advertise_with<H: Handler>(
+        &self,
+        procedure: &str,
+        options: AdvertiseOptions,
+        handler: H,
+    ) -> Result<Registration, RpcError> {
+        self.runtime
+            .rpc()
+            .advertise(procedure, options, handler)
+            .await
+    }
+
+    /// Calls `procedure` on a provider found in the mesh (this node's own
+    /// handler, if it has one, without a network hop). Configure with
+    /// `.timeout(d)` (default 5 s, retries included), `.retries(n)`
+    /// (default 2, only on errors where the handler did not run) and
+    /// `.strategy(s)`, then `.await`. Dropping the future cancels the call
+    /// on the provider.
+    pub fn call(&self, procedure: &str, payload: impl Into<Bytes>) -> CallBuilder {
+        self.runtime.rpc().call(procedure, payload)
+    }
+
+    /// Calls `procedure` on one chosen provider (no failover).
+    pub fn call_to(
+        &self,
+        provider: NodeId,
+        procedure: &str,
+        payload: impl Into<Bytes>,
+    ) -> CallBuilder {
+        self.runtime.rpc().call_to(provider, procedure, payload)
+    }
+
+    /// Calls `procedure` over the connection `peer` (no discovery, no
+    /// retries); returns the reply payload. Benchmarks compare pooled and
+    /// fresh connections with this.
+    pub async fn call_via(
+        &self,
+        peer: &Peer,
+        procedure: &str,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes, RpcError> {
+        self.runtime
+            .rpc()
+            .call_via(&peer.0, procedure, payload, timeout)
+            .await
+    }
+
+    /// Every procedure advertised in the mesh, with its providers.
+    pub async fn services(&self) -> Result<Vec<(String, Vec<ProviderInfo>)>, RpcError> {
+        self.runtime.rpc().services().await
+    }
+
+    /// Peer connect/disconnect notifications.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<PeerEvent> {
+        self.runtime.subscribe_events()
+    }
+
+    /// Connection-layer counters (the `macula_pool_*`, `macula_connections_*`
+    /// metrics).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.runtime.metrics()
+    }
+
+    /// Pub/sub and relay counters, read now.
+    pub fn stats(&self) -> NodeStats {
+        let ps = self.runtime.pubsub().counters();
+        NodeStats {
+            published: ps.published_total.load(Relaxed),
+            delivered_local: ps.delivered_local_total.load(Relaxed),
+            dropped_slow_subscriber: ps.dropped_slow_total.load(Relaxed),
+            sent_remote: ps.sent_remote_total.load(Relaxed),
+            received_remote: ps.received_remote_total.load(Relaxed),
+            dropped_outbound: ps.remote_dropped_total.load(Relaxed),
+            relayed_bytes: self.runtime.relay().counters().bytes_total.load(Relaxed),
+        }
+    }
+
+    /// Time since the node started.
+    pub fn uptime(&self) -> Duration {
+        self.runtime.uptime()
+    }
+
+    /// Says goodbye to every peer and closes the socket.
+    pub async fn shutdown(&self) {
+        self.runtime.shutdown().await
+    }
+
+    /// The runtime underneath, for the admin server of this crate only.
+    pub(crate) fn runtime(&self) -> &NodeRuntime {
+        &self.runtime
+    }
+}
+
+/// A connection to one peer, authenticated (the peer proved its node ID)
+/// and past the HELLO exchange. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct Peer(macula_runtime::Peer);
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("node_id", &self.0.node_id())
+            .field("addr", &self.0.remote_addr())
+            .field("direction", &self.0.direction())
+            .finish()
+    }
+}
+
+impl Peer {
+    /// The node ID the peer proved.
+    pub fn node_id(&self) -> NodeId {
+        self.0.node_id()
+    }
+
+    /// The peer's UDP address as this node sees it.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.0.remote_addr()
+    }
+
+    /// Who dialed whom.
+    pub fn direction(&self) -> Direction {
+        self.0.direction()
+    }
+
+    /// QUIC's smoothed round-trip time.
+    pub fn rtt(&self) -> Duration {
+        self.0.rtt()
+    }
+
+    /// The relay this connection runs through; `None` when direct.
+    pub fn relayed_via(&self) -> Option<NodeId> {
+        self.0.relayed_via()
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
+    /// Sends a PING and waits (at most `timeout`) for its PONG; returns the
+    /// round-trip time.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, PingError> {
+        self.0.ping(timeout).await
+    }
+
+    /// Tells the peer why (a DISCONNECT frame, waited for at most 500 ms),
+    /// then closes the connection.
+    pub async fn disconnect(&self, reason: DisconnectReason, message: &str) {
+        self.0.disconnect(reason, message).await
+    }
+
+    /// Closes the connection at once, without a DISCONNECT frame: the peer
+    /// learns `reason` from the QUIC close code only, and data not yet
+    /// delivered is abandoned. For measuring connection setup without the
+    /// goodbye; otherwise prefer [`Peer::disconnect`].
+    pub fn close(&self, reason: DisconnectReason, message: &str) {
+        self.0
+            .connection()
+            .close(macula_runtime::peer::close_code(reason), message.as_bytes());
+    }
+}
