@@ -7,7 +7,8 @@
 //! DHT experiment (`macula_sim::dht`, the figures of the former
 //! `cargo bench -p macula-dht --bench sim`).
 //! `--subscribers N` and `--providers N` override the scenario's counts
-//! (past 32 under one name, the liveness check fails: see the crate docs).
+//! (past 32 under one name, the liveness check fails: see the crate docs);
+//! `--max-connections N` every node's pool size (1,000 by default).
 //!
 //! Figures are in simulated time, so they do not depend on the machine; the
 //! wall time printed last does. A failure prints its seed and the command
@@ -26,6 +27,7 @@ struct Args {
     loss: Option<f64>,
     subscribers: Option<usize>,
     providers: Option<usize>,
+    max_connections: Option<usize>,
 }
 
 fn parse() -> Args {
@@ -37,6 +39,7 @@ fn parse() -> Args {
         loss: None,
         subscribers: None,
         providers: None,
+        max_connections: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(x) = args.next() {
@@ -48,6 +51,7 @@ fn parse() -> Args {
             "--loss" => a.loss = args.next().and_then(|v| v.parse().ok()),
             "--subscribers" => a.subscribers = args.next().and_then(|v| v.parse().ok()),
             "--providers" => a.providers = args.next().and_then(|v| v.parse().ok()),
+            "--max-connections" => a.max_connections = args.next().and_then(|v| v.parse().ok()),
             // `cargo bench` passes `--bench`; ignore it and anything unknown.
             _ => {}
         }
@@ -83,6 +87,10 @@ fn main() {
     if let Some(n) = a.providers {
         s.n_providers = n;
     }
+    if let Some(n) = a.max_connections {
+        s.calm.max_connections = n;
+        s.faulty.max_connections = n;
+    }
     let mut replay = format!(
         "cargo bench -p macula-sim --bench sim -- --nodes {} --seed {}",
         a.nodes, a.seed
@@ -91,6 +99,7 @@ fn main() {
         ("--loss", a.loss.map(|l| l.to_string())),
         ("--subscribers", a.subscribers.map(|n| n.to_string())),
         ("--providers", a.providers.map(|n| n.to_string())),
+        ("--max-connections", a.max_connections.map(|n| n.to_string())),
     ] {
         if let Some(v) = v {
             replay.push_str(&format!(" {flag} {v}"));
