@@ -288,6 +288,17 @@ mod tests {
     }
 
     #[test]
+    fn emptiness_follows_what_is_remembered() {
+        let mut t: SeqTracker<char> = SeqTracker::new(8);
+        assert!(t.is_empty());
+        t.observe(&'a', 0, 1);
+        assert!(!t.is_empty());
+        assert_eq!(t.len(), 1);
+        assert!(t.forget(&'a'));
+        assert!(t.is_empty());
+    }
+
+    #[test]
     fn in_order_is_next() {
         check(
             8,

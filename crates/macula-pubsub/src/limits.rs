@@ -5,6 +5,8 @@
 //! the runtime can expose one set of knobs; it must not hold behaviour.
 
 use crate::dedup::MAX_PUBLISHERS;
+use crate::local::MAX_SUBSCRIPTIONS;
+use crate::outbound::{MAX_OUTBOUND_PEERS, PEER_QUEUE_BYTES, PEER_QUEUE_CAPACITY};
 use crate::queue::{QUEUE_BYTES, QUEUE_CAPACITY};
 use crate::sublist::CACHE_CAPACITY;
 use crate::topic::{MAX_DOUBLE_WILDCARDS, MAX_SEGMENTS, MAX_TOPIC_LEN};
@@ -40,6 +42,18 @@ pub struct Limits {
     /// Bytes a [`crate::BoundedQueue`] holds (as weighed by `push_sized`)
     /// before dropping the oldest (see [`QUEUE_BYTES`]).
     pub queue_bytes: usize,
+    /// Subscriptions one node holds, client feeds' patterns included
+    /// (see [`MAX_SUBSCRIPTIONS`]).
+    pub max_subscriptions: usize,
+    /// Messages queued for one remote node before new ones to it are
+    /// dropped (see [`PEER_QUEUE_CAPACITY`]).
+    pub peer_queue_capacity: usize,
+    /// Payload bytes queued for one remote node before new messages to it
+    /// are dropped (see [`PEER_QUEUE_BYTES`]).
+    pub peer_queue_bytes: usize,
+    /// Remote nodes with an outbound queue at once (see
+    /// [`MAX_OUTBOUND_PEERS`]).
+    pub max_outbound_peers: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +66,10 @@ impl Default for Limits {
             max_publishers: MAX_PUBLISHERS,
             queue_capacity: QUEUE_CAPACITY,
             queue_bytes: QUEUE_BYTES,
+            max_subscriptions: MAX_SUBSCRIPTIONS,
+            peer_queue_capacity: PEER_QUEUE_CAPACITY,
+            peer_queue_bytes: PEER_QUEUE_BYTES,
+            max_outbound_peers: MAX_OUTBOUND_PEERS,
         }
     }
 }

@@ -143,6 +143,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_byte_bound_keeps_the_newest_and_holds_exactly_its_limit() {
+        assert_eq!(QUEUE_BYTES, 64 * 1024 * 1024);
+        let limits = Limits {
+            queue_capacity: 10,
+            queue_bytes: 100,
+            ..Limits::default()
+        };
+        let mut q = BoundedQueue::with_limits(&limits);
+        // Alone over the limit: kept, so the subscriber still gets it.
+        assert_eq!(q.push_sized('a', 500), 0);
+        assert_eq!((q.len(), q.is_empty()), (1, false));
+        assert_eq!(q.push_sized('b', 50), 1);
+        // Exactly at the limit: nothing dropped.
+        assert_eq!(q.push_sized('c', 50), 0);
+        assert_eq!(q.bytes(), 100);
+        assert_eq!(q.push_sized('d', 1), 1);
+        assert_eq!(q.pop(), Some('c'));
+    }
+
+    #[test]
     fn fifo_until_full() {
         let mut q = BoundedQueue::new(3);
         assert!(q.is_empty());

@@ -414,3 +414,23 @@ impl<T> Cache<T> {
         evicted
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emptiness_and_the_cache_size_are_reported() {
+        let mut s: Sublist<u32> = Sublist::with_cache(true);
+        assert!(s.is_empty());
+        assert_eq!(s.cache_len(), 0);
+        s.insert(&Pattern::new("a.*").unwrap(), 1);
+        assert!(!s.is_empty());
+        assert_eq!(s.matches(&Topic::new("a.b").unwrap()), vec![1]);
+        assert_eq!(s.cache_len(), 1);
+        let mut off: Sublist<u32> = Sublist::with_cache(false);
+        off.insert(&Pattern::new("a.*").unwrap(), 1);
+        off.matches(&Topic::new("a.b").unwrap());
+        assert_eq!(off.cache_len(), 0);
+    }
+}

@@ -14,7 +14,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { base: 5, max: 500 }
+        Backoff {
+            base: Millis(5),
+            max: Millis(500),
+        }
     }
 }
 
@@ -22,9 +25,9 @@ impl Backoff {
     /// The delay before retry `retry` (1 for the first retry).
     pub fn delay(&self, retry: u32, rng: &mut Rng) -> Millis {
         let shift = retry.saturating_sub(1).min(32);
-        let d = self.base.saturating_mul(1u64 << shift).min(self.max);
+        let d = self.base.0.saturating_mul(1u64 << shift).min(self.max.0);
         let half = d / 2;
-        half + rng.below(d - half + 1)
+        Millis(half + rng.below(d - half + 1))
     }
 }
 
@@ -32,17 +35,54 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    /// The smallest and largest delay seen over many draws.
+    fn range(b: Backoff, retry: u32) -> (u64, u64) {
+        let mut rng = Rng::new(u64::from(retry));
+        let draws: Vec<u64> = (0..4000).map(|_| b.delay(retry, &mut rng).0).collect();
+        (
+            draws.iter().copied().min().unwrap_or(0),
+            draws.iter().copied().max().unwrap_or(0),
+        )
+    }
+
     #[test]
-    fn grows_and_is_capped() {
-        let b = Backoff { base: 10, max: 100 };
-        let mut rng = Rng::new(7);
-        for _ in 0..100 {
-            let d1 = b.delay(1, &mut rng);
-            assert!((5..=10).contains(&d1), "{d1}");
-            let d3 = b.delay(3, &mut rng);
-            assert!((20..=40).contains(&d3), "{d3}");
-            let d9 = b.delay(40, &mut rng);
-            assert!((50..=100).contains(&d9), "{d9}");
-        }
+    fn each_retry_draws_from_half_to_all_of_a_doubling_capped_delay() {
+        let b = Backoff {
+            base: Millis(10),
+            max: Millis(100),
+        };
+        // Both ends of [d/2, d] are reached: d = 10, 20, 40, 80, then 100.
+        assert_eq!(range(b, 1), (5, 10));
+        assert_eq!(range(b, 2), (10, 20));
+        assert_eq!(range(b, 3), (20, 40));
+        assert_eq!(range(b, 4), (40, 80));
+        assert_eq!(range(b, 5), (50, 100));
+        assert_eq!(range(b, 40), (50, 100));
+        // Retry 0 is treated as the first.
+        assert_eq!(range(b, 0), (5, 10));
+        // An odd delay: [3, 7] (half rounded down).
+        let odd = Backoff {
+            base: Millis(7),
+            max: Millis(7),
+        };
+        assert_eq!(range(odd, 1), (3, 7));
+        let zero = Backoff {
+            base: Millis(0),
+            max: Millis(0),
+        };
+        assert_eq!(range(zero, 3), (0, 0));
+        // Huge retry counts and bases saturate instead of overflowing.
+        let huge = Backoff {
+            base: Millis(u64::MAX / 2),
+            max: Millis(u64::MAX),
+        };
+        assert!(huge.delay(u32::MAX, &mut Rng::new(1)) >= Millis(u64::MAX / 2));
+        assert_eq!(
+            Backoff::default(),
+            Backoff {
+                base: Millis(5),
+                max: Millis(500)
+            }
+        );
     }
 }

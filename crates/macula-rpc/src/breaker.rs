@@ -25,8 +25,8 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
             failure_threshold: 5,
-            open_for: 1_000,
-            max_open_for: 30_000,
+            open_for: Millis(1_000),
+            max_open_for: Millis(30_000),
         }
     }
 }
@@ -129,9 +129,7 @@ impl Breaker {
             Inner::HalfOpen { .. } | Inner::Open { .. } => {
                 // A failed probe (or a late failure of a call let through
                 // before opening): open again for twice as long.
-                self.period = self
-                    .period
-                    .saturating_mul(2)
+                self.period = Millis(self.period.0.saturating_mul(2))
                     .min(self.cfg.max_open_for.max(self.cfg.open_for));
                 self.inner = Inner::Open {
                     until: now.saturating_add(self.period),
@@ -157,44 +155,50 @@ mod tests {
     fn opens_after_threshold_and_probes_once() {
         let cfg = BreakerConfig {
             failure_threshold: 3,
-            open_for: 100,
-            max_open_for: 350,
+            open_for: Millis(100),
+            max_open_for: Millis(350),
         };
         let mut b = Breaker::new(cfg);
         for t in 0..2 {
-            assert!(b.acquire(t));
-            b.on_failure(t);
-            assert_eq!(b.state(t), BreakerState::Closed);
+            assert!(b.acquire(Millis(t)));
+            b.on_failure(Millis(t));
+            assert_eq!(b.state(Millis(t)), BreakerState::Closed);
         }
         // A success in between resets the count.
         b.on_success();
         for _ in 0..2 {
-            b.on_failure(10);
+            b.on_failure(Millis(10));
         }
-        assert_eq!(b.state(10), BreakerState::Closed);
-        b.on_failure(10);
-        assert_eq!(b.state(10), BreakerState::Open);
-        assert!(!b.available(109));
-        assert!(!b.acquire(109));
-        assert!(b.available(110));
-        assert!(b.acquire(110), "the probe");
-        assert!(!b.acquire(110), "only one probe");
-        b.on_failure(120);
+        assert_eq!(b.state(Millis(10)), BreakerState::Closed);
+        b.on_failure(Millis(10));
+        assert_eq!(b.state(Millis(10)), BreakerState::Open);
+        assert!(!b.available(Millis(109)));
+        assert_eq!(b.state(Millis(109)), BreakerState::Open);
+        assert_eq!(
+            b.state(Millis(110)),
+            BreakerState::HalfOpen,
+            "exactly at the end"
+        );
+        assert!(!b.acquire(Millis(109)));
+        assert!(b.available(Millis(110)));
+        assert!(b.acquire(Millis(110)), "the probe");
+        assert!(!b.acquire(Millis(110)), "only one probe");
+        b.on_failure(Millis(120));
         // Period doubled: 200.
-        assert!(!b.acquire(319));
-        assert!(b.acquire(320));
-        b.on_failure(320);
+        assert!(!b.acquire(Millis(319)));
+        assert!(b.acquire(Millis(320)));
+        b.on_failure(Millis(320));
         // Capped at 350.
-        assert!(!b.acquire(669));
-        assert!(b.acquire(670));
+        assert!(!b.acquire(Millis(669)));
+        assert!(b.acquire(Millis(670)));
         b.on_abandon();
-        assert!(b.acquire(671), "abandoned probe frees the slot");
+        assert!(b.acquire(Millis(671)), "abandoned probe frees the slot");
         b.on_success();
-        assert_eq!(b.state(671), BreakerState::Closed);
+        assert_eq!(b.state(Millis(671)), BreakerState::Closed);
         // Period reset after closing.
         for _ in 0..3 {
-            b.on_failure(1000);
+            b.on_failure(Millis(1000));
         }
-        assert!(b.acquire(1100));
+        assert!(b.acquire(Millis(1100)));
     }
 }

@@ -362,18 +362,17 @@ impl Client {
         let max_frame = config.limits.max_frame_size;
         let stall_timeout = config.limits.pubsub_stall_timeout;
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
-            let pubsub = PubSub::with_mesh(
-                node_id,
-                epoch.value(),
-                max_frame,
-                config.pubsub,
-                Some(crate::pubsub::MeshLink {
-                    dht: None,
-                    upstream: Some(Arc::new(Link(weak.clone()))),
-                    realm: config.realm.clone(),
-                    mesh: Box::new(GatewayMesh(weak.clone())),
+            let pubsub = PubSub::client(
+                crate::pubsub::config(
+                    node_id,
+                    epoch.value(),
+                    max_frame,
+                    config.pubsub,
+                    "",
                     stall_timeout,
-                }),
+                ),
+                Box::new(Link(weak.clone())),
+                Box::new(GatewayMesh(weak.clone())),
             );
             let rpc =
                 Rpc::with_upstream(node_id, max_frame, config.rpc, Arc::new(Link(weak.clone())));

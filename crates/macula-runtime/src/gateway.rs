@@ -6,11 +6,11 @@
 //! only while requests wait, so an idle client costs no task) and each
 //! is acknowledged with CLIENT_ACK once it took effect in the mesh (the
 //! interest record or advertisement is in the DHT). The client's patterns
-//! feed one queue (`pubsub::ClientFeed`) drained onto the client's pub/sub
-//! data stream with each event's original publisher, epoch and sequence
-//! number. Its procedures are advertised by this node, whose handler
-//! forwards each call to the client (`Rpc::advertise_for_client`). When the
-//! client's connection closes, all of it is withdrawn.
+//! feed its outbound queue in the pub/sub core (a `Feed`), sent on its
+//! pub/sub data stream with each event's original publisher, epoch and
+//! sequence number. Its procedures are advertised by this node, whose
+//! handler forwards each call to the client (`Rpc::advertise_for_client`).
+//! When the client's connection closes, all of it is withdrawn.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -20,7 +20,7 @@ use macula_wire::client::{ClientAck, ClientMessage, MAX_CLIENT_ERROR_LEN};
 use macula_wire::Message;
 
 use crate::peer::Peer;
-use crate::pubsub::{ClientFeed, PubSub};
+use crate::pubsub::PubSub;
 use crate::rpc::Rpc;
 use crate::service::{Answer, PeerDown, Serves, Service};
 
@@ -79,8 +79,22 @@ impl prometheus_client::collector::Collector for GatewayCollector {
 
 struct Session {
     requests: Arc<Mutex<Requests>>,
-    feed: Arc<ClientFeed>,
-    forwarder: tokio::task::AbortHandle,
+    feed: Arc<Feed>,
+}
+
+/// One attached client's pub/sub feed: the pub/sub core matches the
+/// client's patterns and queues their events straight to the client.
+/// Dropping it (the session ends) closes the feed.
+struct Feed {
+    ps: PubSub,
+    id: macula_pubsub::FeedId,
+    client: macula_wire::NodeId,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.ps.close_feed(self.id);
+    }
 }
 
 /// One client's requests waiting at the gateway, handled in order by a
@@ -132,7 +146,12 @@ impl Gateway {
         let sessions = lock(&self.0.sessions);
         let mut v: Vec<_> = sessions
             .values()
-            .map(|s| (s.feed.client().to_string(), s.feed.patterns()))
+            .map(|s| {
+                (
+                    s.feed.client.to_string(),
+                    self.0.pubsub.feed_patterns(s.feed.id),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -140,15 +159,15 @@ impl Gateway {
 
     /// The session of `peer`'s connection (created on its first request):
     /// its request queue and feed.
-    fn session(&self, peer: &Peer) -> (Arc<Mutex<Requests>>, Arc<ClientFeed>) {
+    fn session(&self, peer: &Peer) -> (Arc<Mutex<Requests>>, Arc<Feed>) {
         let mut sessions = lock(&self.0.sessions);
         if let Some(s) = sessions.get(&peer.connection_id()) {
             return (s.requests.clone(), s.feed.clone());
         }
-        let feed = self.0.pubsub.client_feed(peer.node_id());
-        let forward = tokio::spawn({
-            let (ps, feed) = (self.0.pubsub.clone(), feed.clone());
-            async move { ps.forward_feed(feed).await }
+        let feed = Arc::new(Feed {
+            ps: self.0.pubsub.clone(),
+            id: self.0.pubsub.open_feed(peer.node_id()),
+            client: peer.node_id(),
         });
         let requests = Arc::new(Mutex::new(Requests::default()));
         sessions.insert(
@@ -156,7 +175,6 @@ impl Gateway {
             Session {
                 requests: requests.clone(),
                 feed: feed.clone(),
-                forwarder: forward.abort_handle(),
             },
         );
         self.0
@@ -195,11 +213,10 @@ impl Gateway {
             s
         };
         let Some(s) = session else { return };
-        s.forwarder.abort();
         if let Some(w) = lock(&s.requests).worker.take() {
             w.abort();
         }
-        s.feed.close();
+        self.0.pubsub.close_feed(s.feed.id);
         let (rpc, peer) = (self.0.rpc.clone(), peer.clone());
         tokio::spawn(async move {
             rpc.withdraw_for_client(&peer, None).await;
@@ -302,17 +319,17 @@ fn next_request(requests: &Mutex<Requests>) -> Option<ClientMessage> {
 }
 
 /// Handles one client's requests in order, until none is waiting.
-async fn worker(gw: Gateway, peer: Peer, feed: Arc<ClientFeed>, requests: Arc<Mutex<Requests>>) {
+async fn worker(gw: Gateway, peer: Peer, feed: Arc<Feed>, requests: Arc<Mutex<Requests>>) {
     let (ps, rpc) = (&gw.0.pubsub, &gw.0.rpc);
     while let Some(msg) = next_request(&requests) {
         let id = msg.id();
         let res: Result<(), String> = match msg {
             ClientMessage::Subscribe(m) => ps
-                .feed_add(&feed, &m.pattern)
+                .feed_add(feed.id, &m.pattern)
                 .await
                 .map_err(|e| e.to_string()),
             ClientMessage::Unsubscribe(m) => {
-                ps.feed_remove(&feed, &m.pattern).await;
+                ps.feed_remove(feed.id, &m.pattern).await;
                 Ok(())
             }
             ClientMessage::Advertise(m) => rpc

@@ -397,18 +397,21 @@ impl NodeRuntime {
                 PoolDialer(weak.clone()),
                 dht_shutdown,
             );
-            let pubsub = crate::pubsub::PubSub::with_mesh(
-                node_id,
-                epoch.value(),
-                max_frame_size,
-                config.pubsub,
-                Some(crate::pubsub::MeshLink {
-                    dht: Some(dht.clone()),
-                    upstream: None,
+            let pubsub = crate::pubsub::PubSub::node(
+                crate::pubsub::config(
+                    node_id,
+                    epoch.value(),
+                    max_frame_size,
+                    config.pubsub,
+                    &realm,
+                    stall_timeout,
+                ),
+                clock,
+                crate::pubsub::MeshLink {
+                    dht: dht.clone(),
                     realm,
                     mesh: Box::new(PoolDialer(weak.clone())),
-                    stall_timeout,
-                }),
+                },
             );
             let rpc = crate::rpc::Rpc::with_link(
                 node_id,

@@ -1,0 +1,494 @@
+//! Outbound messages and their encoding as PUBLISH_BATCH frames sized to
+//! the receiver.
+//!
+//! A message waiting for a peer is an [`OutMsg`]: topic, payload and options
+//! are shared (`Arc`, `Bytes`), so queueing one message for many peers
+//! copies no bytes. [`encode_batches`] turns a run of them into frames in
+//! one pass (topics interned per frame), never writing a frame larger than
+//! the receiving node announced in its HELLO. This module must not know
+//! about queues, peers or time.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use macula_wire::pubsub::{MAX_BATCH_MESSAGES, MAX_BATCH_TOPICS};
+use macula_wire::{BatchItem, NodeId};
+
+use crate::event::{PublishOptions, TopicName};
+
+/// Target size of one PUBLISH_BATCH body: bounds the write buffer and how
+/// much one frame pins in memory at the receiver (events slice the frame).
+/// A receiver with a smaller frame limit gets smaller batches.
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// Upper bound of a batch body's bytes besides its topics and messages:
+/// format (1), publisher (32), epoch (varint, 10), topic count (varint, 2),
+/// message count (3).
+pub const BATCH_BODY_OVERHEAD: usize = 1 + 32 + 10 + 2 + 3;
+
+/// Upper bound of one message's bytes in a batch besides payload, headers
+/// and message ID: seq delta (10), topic index (2), flags (1), payload
+/// length (10), header count (1).
+const MESSAGE_OVERHEAD: usize = 24;
+
+/// One message waiting for a peer's sender. Cloning it for another target
+/// copies no payload or topic bytes.
+#[derive(Clone, Debug)]
+pub struct OutMsg {
+    pub seq: u64,
+    pub topic: TopicName,
+    pub payload: Bytes,
+    /// Headers and message ID, when the publisher set any.
+    pub extra: Option<Arc<PublishOptions>>,
+    /// Another publisher's message this node forwards (a gateway, for or to
+    /// its clients); `None`: this node's own.
+    pub origin: Option<Arc<Origin>>,
+}
+
+impl OutMsg {
+    /// Upper bound of the bytes this message takes in a batch body, its
+    /// topic table entry excluded.
+    pub fn encoded_size(&self) -> usize {
+        let extra = self.extra.as_deref().map_or(0, |o| {
+            o.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+                + o.message_id.as_ref().map_or(0, |id| id.len() + 2)
+        });
+        self.payload.len() + extra + MESSAGE_OVERHEAD
+    }
+}
+
+/// The publisher of a forwarded message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub publisher: NodeId,
+    pub epoch: u64,
+}
+
+/// What [`encode_batches`] did with the messages it was given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Encoded {
+    /// Frames appended.
+    pub frames: u64,
+    /// Messages in those frames.
+    pub messages: usize,
+    /// Messages skipped because even alone they do not fit the receiver's
+    /// frame limit.
+    pub too_large: usize,
+    /// Messages skipped because the wire codec refused them (a limit of the
+    /// wire format the core did not check; a bug if it ever happens).
+    pub refused: usize,
+}
+
+impl std::ops::AddAssign for Encoded {
+    fn add_assign(&mut self, o: Encoded) {
+        self.frames += o.frames;
+        self.messages += o.messages;
+        self.too_large += o.too_large;
+        self.refused += o.refused;
+    }
+}
+
+/// The payload budget of one frame for a receiver whose frame limit is
+/// `frame_limit`: at most `batch_bytes`, and never more than its frame holds.
+pub fn batch_budget(frame_limit: u32, batch_bytes: usize) -> usize {
+    batch_bytes.min((frame_limit as usize).saturating_sub(BATCH_BODY_OVERHEAD))
+}
+
+/// Encodes `msgs` (in seq order per publisher) as PUBLISH_BATCH frames into
+/// `out`: a new frame after `batch_budget(frame_limit, batch_bytes)` bytes,
+/// `MAX_BATCH_TOPICS` distinct topics or `MAX_BATCH_MESSAGES` messages.
+/// Every frame's body is at most `frame_limit` bytes. A message that cannot
+/// fit any frame for this receiver is skipped and counted.
+pub fn encode_batches(
+    out: &mut Vec<u8>,
+    msgs: &[OutMsg],
+    publisher: &NodeId,
+    epoch: u64,
+    frame_limit: u32,
+    batch_bytes: usize,
+) -> Encoded {
+    let budget = batch_budget(frame_limit, batch_bytes);
+    // One batch names one publisher: split into runs of the same origin
+    // (a node sending only its own messages has one run).
+    let mut done = Encoded::default();
+    let mut rest = msgs;
+    while let Some(first) = rest.first() {
+        let same = |m: &OutMsg| match (&m.origin, &first.origin) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        };
+        let n = rest.iter().position(|m| !same(m)).unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        let (p, e) = match &first.origin {
+            Some(o) => (&o.publisher, o.epoch),
+            None => (publisher, epoch),
+        };
+        done += encode_run(out, run, p, e, frame_limit, budget);
+    }
+    done
+}
+
+/// `encode_batches` for messages of one publisher.
+fn encode_run(
+    out: &mut Vec<u8>,
+    msgs: &[OutMsg],
+    publisher: &NodeId,
+    epoch: u64,
+    frame_limit: u32,
+    budget: usize,
+) -> Encoded {
+    let mut done = Encoded::default();
+    let mut topics: Vec<&str> = Vec::new();
+    // (index into msgs, index into topics) of the current frame.
+    let mut picked: Vec<(usize, usize)> = Vec::with_capacity(msgs.len().min(4096));
+    let mut i = 0;
+    while i < msgs.len() {
+        topics.clear();
+        picked.clear();
+        let mut bytes = 0usize;
+        while let Some(m) = msgs.get(i) {
+            let size = m.encoded_size();
+            let topic_entry = m.topic.len() + 2;
+            if size + topic_entry > budget {
+                // Never fits this receiver: skip it (counted) rather than
+                // fail the frame it would be in.
+                done.too_large += 1;
+                i += 1;
+                continue;
+            }
+            // Same topic as the last message: the common case, no search.
+            let known = match topics.last() {
+                Some(last) if std::ptr::eq(*last, m.topic.as_str()) => Some(topics.len() - 1),
+                _ => topics.iter().position(|t| *t == m.topic.as_str()),
+            };
+            let cost = size + if known.is_some() { 0 } else { topic_entry };
+            if !picked.is_empty()
+                && (bytes + cost > budget
+                    || picked.len() == MAX_BATCH_MESSAGES
+                    || (known.is_none() && topics.len() == MAX_BATCH_TOPICS))
+            {
+                break;
+            }
+            let t = match known {
+                Some(t) => t,
+                None => {
+                    topics.push(m.topic.as_str());
+                    topics.len() - 1
+                }
+            };
+            bytes += cost;
+            picked.push((i, t));
+            i += 1;
+        }
+        if picked.is_empty() {
+            continue;
+        }
+        let items = picked.iter().map(|&(mi, topic_index)| {
+            let m = &msgs[mi];
+            let o = m.extra.as_deref();
+            BatchItem {
+                seq: m.seq,
+                topic_index,
+                payload: &m.payload,
+                headers: o.map_or(&[][..], |o| &o.headers),
+                message_id: o.and_then(|o| o.message_id.as_deref()),
+            }
+        });
+        match macula_wire::encode_batch_frame(out, frame_limit, publisher, epoch, &topics, items) {
+            Ok(n) => {
+                done.frames += 1;
+                done.messages += n;
+            }
+            Err(_) => done.refused += picked.len(),
+        }
+    }
+    done
+}
+
+/// The duplicate-suppression key of a batch that node `from` sent on behalf
+/// of `publisher` (a gateway forwarding its client's messages). Keyed by
+/// both, so a node naming another publisher can only ever disturb its own
+/// stream of that publisher's messages, never the publisher's direct one.
+pub fn forwarded_key(publisher: &NodeId, from: &NodeId) -> NodeId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"macula forwarded publisher");
+    h.update(publisher.as_bytes());
+    h.update(from.as_bytes());
+    NodeId::from_bytes(*h.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use macula_wire::frame::FrameDecoder;
+    use macula_wire::PublishBatchView;
+    use proptest::prelude::*;
+
+    fn msg(seq: u64, topic: &TopicName, len: usize) -> OutMsg {
+        OutMsg {
+            seq,
+            topic: topic.clone(),
+            payload: Bytes::from(vec![seq as u8; len]),
+            extra: None,
+            origin: None,
+        }
+    }
+
+    /// Every frame in `buf`: (body length, publisher, epoch, (seq, topic, payload len)).
+    #[allow(clippy::type_complexity)]
+    fn frames(buf: &[u8], limit: u32) -> Vec<(usize, NodeId, u64, Vec<(u64, String, usize)>)> {
+        let dec = FrameDecoder::new(limit);
+        let mut out = Vec::new();
+        let mut rest = buf;
+        while let Some((f, used)) = dec.decode(rest).expect("well-formed frames") {
+            rest = &rest[used..];
+            let v = PublishBatchView::decode(f.body).expect("decodes");
+            let msgs = v
+                .entries
+                .iter()
+                .map(|e| (e.seq, v.topics[e.topic_index].to_string(), e.payload.len()))
+                .collect();
+            out.push((f.body.len(), v.publisher, v.epoch, msgs));
+        }
+        assert!(rest.is_empty(), "only whole frames");
+        out
+    }
+
+    const ME: NodeId = NodeId::from_bytes([1; 32]);
+
+    #[test]
+    fn a_small_receiver_gets_small_frames_and_loses_nothing_that_fits() {
+        let t = TopicName::from("t.x");
+        let msgs: Vec<OutMsg> = (1..=40).map(|s| msg(s, &t, 1000)).collect();
+        let limit = 4096;
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &msgs, &ME, 7, limit, BATCH_BYTES);
+        assert_eq!(e.messages, 40);
+        assert_eq!(e.too_large + e.refused, 0);
+        let got = frames(&buf, limit);
+        assert_eq!(got.len() as u64, e.frames);
+        assert!(
+            got.len() >= 10,
+            "1000-byte messages, 4 KiB frames: {}",
+            got.len()
+        );
+        assert!(got.iter().all(|f| f.0 <= limit as usize));
+        let seqs: Vec<u64> = got.iter().flat_map(|f| f.3.iter().map(|m| m.0)).collect();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_message_too_large_for_the_receiver_is_skipped_and_counted() {
+        let t = TopicName::from("t");
+        let msgs = vec![msg(1, &t, 10), msg(2, &t, 5000), msg(3, &t, 10)];
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &msgs, &ME, 1, 2048, BATCH_BYTES);
+        assert_eq!((e.messages, e.too_large, e.refused), (2, 1, 0));
+        let got = frames(&buf, 2048);
+        let seqs: Vec<u64> = got.iter().flat_map(|f| f.3.iter().map(|m| m.0)).collect();
+        assert_eq!(seqs, [1, 3]);
+    }
+
+    #[test]
+    fn the_default_batch_is_64_kib_of_payload() {
+        let t = TopicName::from("t");
+        let msgs: Vec<OutMsg> = (1..=200).map(|s| msg(s, &t, 1000)).collect();
+        let mut buf = Vec::new();
+        let limit = 16 << 20;
+        let e = encode_batches(&mut buf, &msgs, &ME, 1, limit, BATCH_BYTES);
+        let got = frames(&buf, limit);
+        assert_eq!(e.frames, 4);
+        // Full frames carry as many 1,024-byte messages as 64 KiB holds.
+        assert_eq!(
+            got[0].3.len(),
+            (BATCH_BYTES - 3) / (1000 + MESSAGE_OVERHEAD)
+        );
+        assert!(got.iter().all(|f| f.0 <= BATCH_BYTES + BATCH_BODY_OVERHEAD));
+    }
+
+    #[test]
+    fn forwarded_messages_are_batched_per_publisher() {
+        let t = TopicName::from("t");
+        let other = Arc::new(Origin {
+            publisher: NodeId::from_bytes([2; 32]),
+            epoch: 9,
+        });
+        let mut msgs = vec![msg(1, &t, 1), msg(2, &t, 1)];
+        for s in [5, 6] {
+            let mut m = msg(s, &t, 1);
+            m.origin = Some(other.clone());
+            msgs.push(m);
+        }
+        msgs.push(msg(3, &t, 1));
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &msgs, &ME, 1, 1 << 20, BATCH_BYTES);
+        assert_eq!((e.frames, e.messages), (3, 5));
+        let got = frames(&buf, 1 << 20);
+        let who: Vec<(NodeId, u64, usize)> = got.iter().map(|f| (f.1, f.2, f.3.len())).collect();
+        assert_eq!(
+            who,
+            [(ME, 1, 2), (other.publisher, 9, 2), (ME, 1, 1)],
+            "one frame per run of one publisher"
+        );
+    }
+
+    #[test]
+    fn equal_origins_make_one_run_even_in_different_arcs() {
+        let t = TopicName::from("t");
+        let origin = || {
+            Some(Arc::new(Origin {
+                publisher: NodeId::from_bytes([2; 32]),
+                epoch: 9,
+            }))
+        };
+        let mut a = msg(1, &t, 1);
+        a.origin = origin();
+        let mut b = msg(2, &t, 1);
+        b.origin = origin();
+        let e = encode_batches(&mut Vec::new(), &[a, b], &ME, 1, 1 << 20, BATCH_BYTES);
+        assert_eq!((e.frames, e.messages), (1, 2));
+    }
+
+    #[test]
+    fn a_frame_fills_its_budget_exactly() {
+        // Two messages whose cost adds up to the budget share one frame;
+        // one byte more and the second starts a new one.
+        let t = TopicName::from("t");
+        let budget = 1000;
+        let first = budget - MESSAGE_OVERHEAD - (t.len() + 2) - 100;
+        let second = 100 - MESSAGE_OVERHEAD;
+        let msgs = [msg(1, &t, first), msg(2, &t, second)];
+        let e = encode_batches(&mut Vec::new(), &msgs, &ME, 1, 1 << 20, budget);
+        assert_eq!((e.frames, e.messages), (1, 2));
+        let msgs = [msg(1, &t, first), msg(2, &t, second + 1)];
+        let e = encode_batches(&mut Vec::new(), &msgs, &ME, 1, 1 << 20, budget);
+        assert_eq!((e.frames, e.messages), (2, 2));
+    }
+
+    #[test]
+    fn topic_tables_and_message_counts_are_bounded() {
+        let names: Vec<TopicName> = (0..MAX_BATCH_TOPICS + 5)
+            .map(|i| TopicName::from(format!("t{i}")))
+            .collect();
+        let msgs: Vec<OutMsg> = names
+            .iter()
+            .enumerate()
+            .map(|(i, t)| msg(i as u64 + 1, t, 0))
+            .collect();
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &msgs, &ME, 1, 1 << 24, 1 << 24);
+        assert_eq!((e.frames, e.messages), (2, MAX_BATCH_TOPICS + 5));
+        let got = frames(&buf, 1 << 24);
+        assert_eq!(got[0].3.len(), MAX_BATCH_TOPICS);
+    }
+
+    #[test]
+    fn headers_and_ids_are_carried_and_weighed() {
+        let t = TopicName::from("t");
+        let mut m = msg(1, &t, 3);
+        m.extra = Some(Arc::new(PublishOptions {
+            headers: vec![("k".into(), "vv".into())],
+            message_id: Some("abc".into()),
+        }));
+        assert_eq!(
+            m.encoded_size(),
+            3 + (1 + 2 + 4) + (3 + 2) + MESSAGE_OVERHEAD
+        );
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &[m], &ME, 1, 1 << 20, BATCH_BYTES);
+        assert_eq!(e.messages, 1);
+        let (f, _) = FrameDecoder::new(1 << 20).decode(&buf).unwrap().unwrap();
+        let v = PublishBatchView::decode(f.body).unwrap();
+        assert_eq!(v.entries[0].headers, vec![("k", "vv")]);
+        assert_eq!(v.entries[0].message_id, Some("abc"));
+    }
+
+    #[test]
+    fn a_refused_message_is_counted_not_lost_silently() {
+        // Seq 0 is never assigned by the core; the codec refuses it.
+        let t = TopicName::from("t");
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &[msg(0, &t, 1)], &ME, 1, 1 << 20, BATCH_BYTES);
+        assert_eq!((e.frames, e.messages, e.refused), (0, 0, 1));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn forwarded_keys_depend_on_publisher_and_sender() {
+        let (a, b, c) = (
+            NodeId::from_bytes([1; 32]),
+            NodeId::from_bytes([2; 32]),
+            NodeId::from_bytes([3; 32]),
+        );
+        assert_eq!(forwarded_key(&a, &b), forwarded_key(&a, &b));
+        assert_ne!(forwarded_key(&a, &b), forwarded_key(&a, &c));
+        assert_ne!(forwarded_key(&a, &b), forwarded_key(&b, &a));
+        assert_ne!(forwarded_key(&a, &b), a);
+    }
+
+    #[test]
+    fn a_message_costing_exactly_the_budget_fits_the_worst_case_frame() {
+        // The documented bound: format, publisher, epoch, topic count and
+        // message count at their largest encodings.
+        assert_eq!(BATCH_BODY_OVERHEAD, 1 + 32 + 10 + 2 + 3);
+        let t = TopicName::from("t");
+        let limit = 1000u32;
+        let len = limit as usize - 48 - MESSAGE_OVERHEAD - (t.len() + 2);
+        let mut m = msg(u64::MAX / 2, &t, len);
+        m.payload = Bytes::from(vec![0; len]);
+        let mut buf = Vec::new();
+        let e = encode_batches(&mut buf, &[m.clone()], &ME, u64::MAX, limit, BATCH_BYTES);
+        assert_eq!((e.messages, e.too_large, e.refused), (1, 0, 0));
+        assert!(buf.len() - macula_wire::FRAME_HEADER_LEN <= limit as usize);
+        // One byte more is too large for this receiver.
+        m.payload = Bytes::from(vec![0; len + 1]);
+        let e = encode_batches(&mut Vec::new(), &[m], &ME, u64::MAX, limit, BATCH_BYTES);
+        assert_eq!((e.messages, e.too_large), (0, 1));
+    }
+
+    #[test]
+    fn budget_is_the_smaller_of_batch_and_frame() {
+        assert_eq!(batch_budget(1 << 20, BATCH_BYTES), BATCH_BYTES);
+        assert_eq!(batch_budget(4096, BATCH_BYTES), 4096 - BATCH_BODY_OVERHEAD);
+        assert_eq!(batch_budget(10, BATCH_BYTES), 0);
+    }
+
+    proptest! {
+        /// Whatever the sizes and the receiver's limit: every frame fits the
+        /// limit, messages come out in order, and exactly those that cannot
+        /// fit alone are skipped.
+        #[test]
+        fn frames_fit_the_receiver_and_keep_order(
+            sizes in proptest::collection::vec((0usize..3000, 0usize..4), 1..80),
+            limit in 200u32..20_000,
+        ) {
+            let names: Vec<TopicName> = (0..4).map(|i| TopicName::from(format!("topic.{i}"))).collect();
+            let msgs: Vec<OutMsg> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &(len, t))| msg(i as u64 + 1, &names[t], len))
+                .collect();
+            let mut buf = Vec::new();
+            let e = encode_batches(&mut buf, &msgs, &ME, 3, limit, BATCH_BYTES);
+            let got = frames(&buf, limit);
+            prop_assert_eq!(got.len() as u64, e.frames);
+            prop_assert!(got.iter().all(|f| f.0 <= limit as usize));
+            let budget = batch_budget(limit, BATCH_BYTES);
+            let fits: Vec<u64> = msgs
+                .iter()
+                .filter(|m| m.encoded_size() + m.topic.len() + 2 <= budget)
+                .map(|m| m.seq)
+                .collect();
+            let seqs: Vec<u64> = got.iter().flat_map(|f| f.3.iter().map(|m| m.0)).collect();
+            prop_assert_eq!(&seqs, &fits);
+            prop_assert_eq!(e.messages, fits.len());
+            prop_assert_eq!(e.too_large, msgs.len() - fits.len());
+            prop_assert_eq!(e.refused, 0);
+        }
+    }
+}

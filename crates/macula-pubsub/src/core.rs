@@ -1,0 +1,973 @@
+//! The pub/sub state machine of one node: [`PubSubCore`].
+//!
+//! Inputs are method calls (`subscribe`, `publish_*`, `handle_*`), each
+//! taking `now`; outputs are deliveries returned to the caller (local
+//! subscribers' events, to push after releasing whatever lock guards the
+//! core) and [`Action`]s drained with [`PubSubCore::poll_action`]. It must
+//! not do I/O, read a clock, spawn, block or panic on anything a peer
+//! sends. See the crate docs for the driving order.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use macula_wire::{Millis, NodeId, Publish};
+
+use crate::batch::{Encoded, Origin, OutMsg};
+use crate::counters::Counters;
+use crate::dedup::{Observed, SeqTracker};
+use crate::event::{check_headers, Event, PubSubError, PublishOptions, TopicName};
+use crate::interest::{
+    InterestLimits, InterestPut, InterestRecord, Mesh, MeshAction, Patience, PutCtx, RecordForm,
+    Route, RouteStep,
+};
+use crate::local::{FeedId, Local, SubId, Target};
+use crate::outbound::{Enqueued, OutLimits, Outbound, PeerRef, Stall, Take, Wake};
+use crate::topic::{Pattern, Topic};
+use crate::Limits;
+
+/// Which of the three behaviours a node's pub/sub has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// No mesh: in-process delivery only.
+    Local,
+    /// A full node: interest records in the DHT, routes to interested
+    /// nodes, and the gateway of attached clients (their feeds and their
+    /// publishes into the mesh).
+    Node,
+    /// A lightweight client: interest is registered by its gateway and
+    /// every publish goes to the gateway.
+    Client,
+}
+
+/// How to build a core.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: NodeId,
+    /// This run's epoch: must grow across restarts of the node, so that
+    /// receivers tell a restart (sequence numbers from 1 again) from a
+    /// replay.
+    pub epoch: u64,
+    pub realm: String,
+    pub role: Role,
+    pub limits: Limits,
+    /// Largest payload accepted (this node's frame limit less headroom).
+    pub max_payload: usize,
+    /// Frame limit assumed for a peer whose HELLO is not known yet.
+    pub default_frame_limit: u32,
+    /// The stall timeout and other timers of the outbound side; its count
+    /// and byte limits come from `limits`.
+    pub out: OutLimits,
+    pub interest: InterestLimits,
+}
+
+impl Config {
+    /// A configuration with every default, for `node_id` in `realm`.
+    pub fn new(node_id: NodeId, epoch: u64, realm: &str, role: Role, max_frame_size: u32) -> Self {
+        Config {
+            node_id,
+            epoch,
+            realm: realm.to_string(),
+            role,
+            limits: Limits::default(),
+            max_payload: (max_frame_size as usize).saturating_sub(crate::event::FRAME_HEADROOM),
+            default_frame_limit: max_frame_size,
+            out: OutLimits::default(),
+            interest: InterestLimits::default(),
+        }
+    }
+}
+
+/// Something the driver must do.
+#[derive(Debug)]
+pub enum Action<W> {
+    /// Start the sender of `node`'s queue (its first message is queued):
+    /// it drains the queue through `poll_transmit(peer, ..)` and waits on
+    /// `sender` for wakes.
+    Start {
+        peer: PeerRef,
+        node: NodeId,
+        sender: W,
+    },
+    /// Wake this sender: its queue went from empty to not.
+    Wake(W),
+    /// Look up the interest records under `name` (DHT key `key`); report
+    /// with `handle_interest_found`.
+    LookupInterest { name: String, key: NodeId },
+    /// Put (or withdraw) this node's interest record; report with
+    /// `handle_interest_put`.
+    PutInterest(InterestPut),
+}
+
+/// What a subscription change needs from the mesh before it counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interest {
+    /// Nothing (no mesh, or nothing changed for it).
+    None,
+    /// A full node: wait until `interest_outcome(name, changes)` says the
+    /// record carrying it is in the DHT.
+    Record { name: String, changes: u64 },
+    /// A client: tell the gateway (`on`: subscribe, else unsubscribe), and
+    /// wait for its answer.
+    Upstream { pattern: String, on: bool },
+}
+
+/// A new subscription.
+#[derive(Debug)]
+pub struct Subscribed {
+    pub id: SubId,
+    pub pattern: Pattern,
+    pub interest: Interest,
+}
+
+/// What one publish did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    /// Copies queued to other nodes.
+    pub queued: u32,
+    /// Copies dropped (queue full, no queue); counted.
+    pub dropped: u32,
+}
+
+/// Why the connection to a peer ended (from the connection driver).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerDown {
+    /// Closed normally (idle, replaced by another connection): the node is
+    /// presumed alive and is dialed again when needed.
+    Closed,
+    /// The node left (said goodbye) or stopped answering (transport
+    /// timeout): its interest is set aside until it comes back.
+    Left,
+}
+
+/// How full the core's bounded tables are (see [`PubSubCore::sizes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sizes {
+    pub subscriptions: usize,
+    pub feeds: usize,
+    pub queues: usize,
+    pub interest_entries: usize,
+    pub routes: usize,
+    pub remembered_puts: usize,
+}
+
+/// One batch ready to encode (see [`PubSubCore::poll_transmit`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Batch {
+    /// Messages taken.
+    pub n: usize,
+    pub frame_limit: u32,
+    pub batch_bytes: usize,
+    pub publisher: NodeId,
+    pub epoch: u64,
+}
+
+impl Batch {
+    /// Encodes `msgs` (what was taken) into `out`: one encode per batch,
+    /// outside any lock.
+    pub fn encode(&self, out: &mut Vec<u8>, msgs: &[OutMsg]) -> Encoded {
+        crate::batch::encode_batches(
+            out,
+            msgs,
+            &self.publisher,
+            self.epoch,
+            self.frame_limit,
+            self.batch_bytes,
+        )
+    }
+}
+
+/// What a sender must do next.
+#[derive(Clone, Copy, Debug)]
+pub enum Transmit {
+    Batch(Batch),
+    /// See [`Take::Finish`].
+    Finish,
+    /// See [`Take::Empty`].
+    Empty,
+    /// See [`Take::Retired`].
+    Retired,
+}
+
+pub(crate) struct ClientState {
+    gateway: Option<NodeId>,
+}
+
+pub(crate) enum RoleState {
+    Local,
+    Node(Box<Mesh>),
+    Client(ClientState),
+}
+
+/// Local deliveries of one publish: (sink, event) pairs to push once the
+/// core is released.
+pub type Deliveries<S> = Vec<(S, Event)>;
+
+/// One node's pub/sub state machine. `S` is the driver's handle of a local
+/// subscription's queue; `W` its handle to wake one peer's sender (created
+/// here with `Default`, never used by the core).
+pub struct PubSubCore<S, W> {
+    pub(crate) node_id: NodeId,
+    pub(crate) epoch: u64,
+    next_seq: u64,
+    pub(crate) max_payload: usize,
+    pub(crate) limits: Limits,
+    pub(crate) frame_limit: u32,
+    pub(crate) local: Local<S>,
+    pub(crate) out: Outbound<W>,
+    pub(crate) seen: SeqTracker<NodeId>,
+    pub(crate) role: RoleState,
+    actions: VecDeque<Action<W>>,
+    mesh_actions: VecDeque<MeshAction>,
+    /// Bumped on every subscription added or removed (feeds included).
+    changes: u64,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
+    pub fn new(config: Config) -> Self {
+        let limits = config.limits;
+        let out = OutLimits {
+            queue_capacity: limits.peer_queue_capacity,
+            queue_bytes: limits.peer_queue_bytes,
+            max_peers: limits.max_outbound_peers,
+            ..config.out
+        };
+        let role = match config.role {
+            Role::Local => RoleState::Local,
+            Role::Node => RoleState::Node(Box::new(Mesh::new(
+                config.node_id,
+                config.realm,
+                config.interest,
+                limits,
+            ))),
+            Role::Client => RoleState::Client(ClientState { gateway: None }),
+        };
+        PubSubCore {
+            node_id: config.node_id,
+            epoch: config.epoch,
+            next_seq: 1,
+            max_payload: config.max_payload,
+            limits,
+            frame_limit: config.default_frame_limit,
+            local: Local::new(&limits),
+            out: Outbound::new(out),
+            seen: SeqTracker::with_limits(&limits),
+            role,
+            actions: VecDeque::new(),
+            mesh_actions: VecDeque::new(),
+            changes: 0,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Largest payload a publish accepts.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    pub fn role(&self) -> Role {
+        match self.role {
+            RoleState::Local => Role::Local,
+            RoleState::Node(_) => Role::Node,
+            RoleState::Client(_) => Role::Client,
+        }
+    }
+
+    /// The next thing for the driver to do, oldest first.
+    pub fn poll_action(&mut self) -> Option<Action<W>> {
+        if let Some(a) = self.actions.pop_front() {
+            return Some(a);
+        }
+        Some(match self.mesh_actions.pop_front()? {
+            MeshAction::Lookup { name, key } => Action::LookupInterest { name, key },
+            MeshAction::Put(p) => Action::PutInterest(p),
+        })
+    }
+
+    /// Whether `poll_action` has something (cheap; for the hot path).
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty() || !self.mesh_actions.is_empty()
+    }
+
+    // ----- subscriptions -----------------------------------------------
+
+    fn parse_pattern(&self, pattern: &str) -> Result<Pattern, PubSubError> {
+        Pattern::with_limits(pattern, &self.limits).map_err(|source| PubSubError::InvalidPattern {
+            pattern: pattern.to_string(),
+            source,
+        })
+    }
+
+    pub(crate) fn add_sub(
+        &mut self,
+        pattern: &Pattern,
+        target: Target<S>,
+    ) -> Result<SubId, PubSubError> {
+        let id = self
+            .local
+            .add(pattern, target)
+            .ok_or(PubSubError::TooManySubscriptions {
+                max: self.local.max_subscriptions,
+            })?;
+        self.changes += 1;
+        self.count_subs();
+        Ok(id)
+    }
+
+    fn count_subs(&self) {
+        self.counters.subscriptions.store(
+            self.local.subs.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The record change a subscription change under `pattern` needs.
+    pub(crate) fn interest_changed(&mut self, pattern: &Pattern, on: bool) -> Interest {
+        match &mut self.role {
+            RoleState::Local => Interest::None,
+            RoleState::Node(mesh) => {
+                let segment = crate::rendezvous::interest_segment(pattern);
+                let ctx = PutCtx {
+                    changes: self.changes,
+                    local: &self.local,
+                    actions: &mut self.mesh_actions,
+                    counters: &self.counters,
+                };
+                mesh.changed(segment, ctx);
+                Interest::Record {
+                    name: crate::rendezvous::segment_name(mesh.realm(), segment),
+                    changes: self.changes,
+                }
+            }
+            RoleState::Client(_) => {
+                // The gateway holds one subscription per pattern: tell it
+                // about the first and the last holder only.
+                let holders = self.local.holders(pattern);
+                if (on && holders == 1) || (!on && holders == 0) {
+                    Interest::Upstream {
+                        pattern: pattern.as_str().to_string(),
+                        on,
+                    }
+                } else {
+                    Interest::None
+                }
+            }
+        }
+    }
+
+    /// Subscribes `sink` to `pattern` (`*` one segment, `**` any number).
+    /// Events published after this returns are delivered locally; see
+    /// [`Subscribed::interest`] for what the mesh must learn first.
+    pub fn subscribe(&mut self, pattern: &str, sink: S) -> Result<Subscribed, PubSubError> {
+        let parsed = self.parse_pattern(pattern)?;
+        let id = self.add_sub(&parsed, Target::Local(sink))?;
+        let interest = self.interest_changed(&parsed, true);
+        Ok(Subscribed {
+            id,
+            pattern: parsed,
+            interest,
+        })
+    }
+
+    /// Removes subscription `id` (`None` if unknown).
+    pub fn unsubscribe(&mut self, id: SubId) -> Option<Interest> {
+        let p = self.local.remove(id)?;
+        self.changes += 1;
+        self.count_subs();
+        Some(self.interest_changed(&p, false))
+    }
+
+    /// Whether the record carrying subscription change `changes` under
+    /// `name` is in the DHT: `Some(Ok)` yes, `Some(Err)` its put failed,
+    /// `None` not yet.
+    pub fn interest_outcome(&self, name: &str, changes: u64) -> Option<Result<(), String>> {
+        match &self.role {
+            RoleState::Node(mesh) => mesh.outcome(name, changes),
+            _ => Some(Ok(())),
+        }
+    }
+
+    /// A put of this node's record finished. Returns a change of the
+    /// record's form worth logging.
+    pub fn handle_interest_put(
+        &mut self,
+        name: &str,
+        changes: u64,
+        result: Result<(), String>,
+    ) -> Option<RecordForm> {
+        let RoleState::Node(mesh) = &mut self.role else {
+            return None;
+        };
+        let ctx = PutCtx {
+            changes: self.changes,
+            local: &self.local,
+            actions: &mut self.mesh_actions,
+            counters: &self.counters,
+        };
+        mesh.handle_put(name, changes, result, ctx)
+    }
+
+    /// Graceful shutdown: withdraw every interest record (puts are emitted
+    /// now or after the ones under way); later changes touch no record.
+    pub fn leave(&mut self) {
+        if let RoleState::Node(mesh) = &mut self.role {
+            mesh.leave(PutCtx {
+                changes: self.changes,
+                local: &self.local,
+                actions: &mut self.mesh_actions,
+                counters: &self.counters,
+            });
+        }
+    }
+
+    /// No interest put is running or due.
+    pub fn interest_settled(&self) -> bool {
+        match &self.role {
+            RoleState::Node(mesh) => mesh.settled(),
+            _ => true,
+        }
+    }
+
+    /// Rendezvous names under which this node has a live record.
+    pub fn live_interest_names(&self) -> Vec<String> {
+        match &self.role {
+            RoleState::Node(mesh) => mesh.live_names(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Patterns currently subscribed (client feeds included), with how
+    /// many subscriptions each.
+    pub fn subscriptions(&self) -> Vec<(String, usize)> {
+        self.local.summary()
+    }
+
+    /// Live subscriptions, client feeds' patterns included.
+    pub fn n_subscriptions(&self) -> usize {
+        self.local.subs.len()
+    }
+
+    // ----- publishing --------------------------------------------------
+
+    /// Checks payload and options of a publish.
+    pub fn check(&self, payload: &Bytes, opts: &PublishOptions) -> Result<(), PubSubError> {
+        if payload.len() > self.max_payload {
+            return Err(PubSubError::PayloadTooLarge {
+                len: payload.len(),
+                max: self.max_payload,
+            });
+        }
+        check_headers(&opts.headers)
+    }
+
+    fn parse_topic(&self, topic: &str) -> Result<Topic, PubSubError> {
+        Topic::with_limits(topic, &self.limits).map_err(|source| PubSubError::InvalidTopic {
+            topic: topic.to_string(),
+            source,
+        })
+    }
+
+    /// Publishes to this node's own subscriptions (and attached clients)
+    /// only.
+    pub fn publish_local(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+        now: Millis,
+        out: &mut Deliveries<S>,
+    ) -> Result<Published, PubSubError> {
+        let parsed = self.parse_topic(topic)?;
+        self.check(&payload, &opts)?;
+        let name = TopicName::from(parsed.as_str());
+        Ok(self.send(&parsed, &name, payload, opts, &[], now, out))
+    }
+
+    /// Where `topic`'s messages go (a full node). See [`RouteStep`]; other
+    /// roles get an empty route.
+    pub fn route(
+        &mut self,
+        topic: &str,
+        now: Millis,
+        patience: Patience,
+    ) -> Result<RouteStep, PubSubError> {
+        match &mut self.role {
+            RoleState::Node(mesh) => mesh.route(
+                topic,
+                now,
+                patience,
+                &mut self.out,
+                self.frame_limit,
+                &mut self.mesh_actions,
+            ),
+            _ => {
+                let parsed = self.parse_topic(topic)?;
+                Ok(RouteStep::Ready(Arc::new(Route {
+                    fetched: now,
+                    name: TopicName::from(parsed.as_str()),
+                    topic: parsed,
+                    targets: Vec::new(),
+                })))
+            }
+        }
+    }
+
+    /// The cached route of `topic`, if fresh and all its queues alive (the
+    /// hot path of a full node's publish: one lock, no lookup).
+    pub fn cached_route(&mut self, topic: &str, now: Millis) -> Option<Arc<Route>> {
+        match &mut self.role {
+            RoleState::Node(mesh) => mesh.cached_route(topic, now, &self.out),
+            _ => None,
+        }
+    }
+
+    /// Publishes along `route` (from [`Self::route`]): local delivery plus
+    /// one copy per interested node.
+    pub fn publish_routed(
+        &mut self,
+        route: &Route,
+        payload: Bytes,
+        opts: PublishOptions,
+        now: Millis,
+        out: &mut Deliveries<S>,
+    ) -> Result<Published, PubSubError> {
+        self.check(&payload, &opts)?;
+        Ok(self.send(
+            &route.topic,
+            &route.name,
+            payload,
+            opts,
+            &route.targets,
+            now,
+            out,
+        ))
+    }
+
+    /// A client: the gateway is now `gateway` (`None`: detached).
+    pub fn set_gateway(&mut self, gateway: Option<NodeId>) {
+        if let RoleState::Client(c) = &mut self.role {
+            c.gateway = gateway;
+        }
+    }
+
+    /// A client: publishes through the gateway (local subscriptions get it
+    /// at once, the gateway routes it into the mesh).
+    pub fn publish_upstream(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+        now: Millis,
+        out: &mut Deliveries<S>,
+    ) -> Result<Published, PubSubError> {
+        let parsed = self.parse_topic(topic)?;
+        self.check(&payload, &opts)?;
+        let gateway = match &self.role {
+            RoleState::Client(c) => c.gateway.ok_or(PubSubError::Detached)?,
+            _ => return Err(PubSubError::Detached),
+        };
+        let q = self.out.queue_for(gateway, self.frame_limit, now);
+        let name = TopicName::from(parsed.as_str());
+        Ok(self.send(&parsed, &name, payload, opts, &[(gateway, q)], now, out))
+    }
+
+    /// Assigns the sequence number, queues one copy per target and delivers
+    /// locally.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        topic: &Topic,
+        name: &TopicName,
+        payload: Bytes,
+        opts: PublishOptions,
+        targets: &[(NodeId, Option<PeerRef>)],
+        now: Millis,
+        out: &mut Deliveries<S>,
+    ) -> Published {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Counters::inc(&self.counters.published_total);
+        let msg = OutMsg {
+            seq,
+            topic: name.clone(),
+            payload,
+            extra: opts.shared(),
+            origin: None,
+        };
+        let mut done = Published {
+            seq,
+            queued: 0,
+            dropped: 0,
+        };
+        for (_, q) in targets {
+            match self.enqueue(*q, msg.clone(), now).is_queued() {
+                true => done.queued += 1,
+                false => done.dropped += 1,
+            }
+        }
+        if !self.local.subs.is_empty() {
+            let me = self.node_id;
+            self.deliver_local(topic, msg, me, self.epoch, now, out);
+        }
+        done
+    }
+
+    /// Offers `msg` to a peer's queue; counts the outcome and emits the
+    /// sender's start or wake.
+    pub(crate) fn enqueue(&mut self, q: Option<PeerRef>, msg: OutMsg, now: Millis) -> Enqueued {
+        let mut wake = None;
+        let outcome = match q {
+            Some(q) => self.out.enqueue(q, msg, now, &mut wake),
+            None => Enqueued::NoQueue,
+        };
+        match outcome.is_queued() {
+            true => Counters::inc(&self.counters.sent_remote_total),
+            false => Counters::inc(&self.counters.remote_dropped_total),
+        }
+        match wake {
+            Some(Wake::Start(peer, node, sender)) => {
+                self.actions.push_back(Action::Start { peer, node, sender })
+            }
+            Some(Wake::Wake(w)) => self.actions.push_back(Action::Wake(w)),
+            None => {}
+        }
+        outcome
+    }
+
+    /// Delivers `msg` of `publisher` to every local subscription matching
+    /// `topic` (into `out`) and every attached client's feed (into its
+    /// queue). Returns how many subscriptions and feeds matched.
+    pub(crate) fn deliver_local(
+        &mut self,
+        topic: &Topic,
+        msg: OutMsg,
+        publisher: NodeId,
+        epoch: u64,
+        now: Millis,
+        out: &mut Deliveries<S>,
+    ) -> usize {
+        let ids = self.local.matches(topic);
+        let mut feeds: Vec<FeedId> = Vec::new();
+        let mut n = 0;
+        for id in &ids {
+            match self.local.subs.get(id).map(|s| &s.target) {
+                Some(Target::Local(sink)) => {
+                    n += 1;
+                    let o = msg.extra.as_deref();
+                    out.push((
+                        sink.clone(),
+                        Event {
+                            topic: msg.topic.clone(),
+                            payload: msg.payload.clone(),
+                            publisher,
+                            seq: msg.seq,
+                            epoch,
+                            headers: o.map(|o| o.headers.clone()).unwrap_or_default(),
+                            message_id: o.and_then(|o| o.message_id.clone()),
+                        },
+                    ));
+                }
+                Some(Target::Feed(f)) if !feeds.contains(f) => feeds.push(*f),
+                _ => {}
+            }
+        }
+        n += feeds.len();
+        if !feeds.is_empty() {
+            let origin = (publisher != self.node_id).then(|| Arc::new(Origin { publisher, epoch }));
+            for f in feeds {
+                let fwd = OutMsg {
+                    origin: origin.clone(),
+                    ..msg.clone()
+                };
+                self.forward_to_feed(f, publisher, fwd, now);
+            }
+        }
+        n
+    }
+
+    /// Queues a matching event for an attached client (not its own
+    /// messages: a client is not echoed).
+    pub(crate) fn forward_to_feed(
+        &mut self,
+        feed: FeedId,
+        publisher: NodeId,
+        msg: OutMsg,
+        now: Millis,
+    ) {
+        let Some(client) = self.local.feeds.get(&feed).map(|f| f.client) else {
+            return;
+        };
+        if client == publisher {
+            return;
+        }
+        Counters::inc(&self.counters.forwarded_sent_total);
+        let q = self.out.queue_for(client, self.frame_limit, now);
+        self.enqueue(q, msg, now);
+    }
+
+    /// A PUBLISH from node `from` (the single-message form): checked,
+    /// deduplicated, delivered. `Err` names what was wrong (the driver
+    /// reports it to the peer).
+    pub fn handle_publish(
+        &mut self,
+        from: NodeId,
+        p: Publish,
+        now: Millis,
+        out: &mut Deliveries<S>,
+    ) -> Result<(), String> {
+        let c = self.counters.clone();
+        if p.publisher != from {
+            Counters::inc(&c.remote_rejected_total);
+            return Err(format!(
+                "PUBLISH names publisher {} but came from {from}",
+                p.publisher
+            ));
+        }
+        let topic = Topic::with_limits(&p.topic, &self.limits).map_err(|e| {
+            Counters::inc(&c.remote_rejected_total);
+            format!("invalid topic {:?}: {e}", p.topic)
+        })?;
+        if p.payload.len() > self.max_payload {
+            Counters::inc(&c.remote_rejected_total);
+            return Err(format!("payload of {} bytes", p.payload.len()));
+        }
+        match self.seen.observe(&from, p.epoch, p.seq) {
+            Observed::Next => {}
+            Observed::Gap { missing } | Observed::Restarted { missing } => {
+                Counters::add(&c.gaps_total, missing);
+            }
+            Observed::Duplicate | Observed::Invalid => {
+                Counters::inc(&c.duplicates_dropped_total);
+                return Ok(());
+            }
+        }
+        Counters::inc(&c.received_remote_total);
+        let extra = PublishOptions {
+            headers: p.headers,
+            message_id: p.message_id,
+        }
+        .shared();
+        let msg = OutMsg {
+            seq: p.seq,
+            topic: TopicName::from(p.topic),
+            payload: Bytes::from(p.payload),
+            extra,
+            origin: None,
+        };
+        if self.deliver_local(&topic, msg, from, p.epoch, now, out) == 0 {
+            // Sent for a summarized interest record, or just after an
+            // unsubscribe: not an error.
+            Counters::inc(&c.unmatched_total);
+        }
+        Ok(())
+    }
+
+    // ----- senders -----------------------------------------------------
+
+    /// The sender of `peer` asks for work: messages are appended to `msgs`
+    /// (hand the same buffer back each time; it is swapped, not copied).
+    pub fn poll_transmit(
+        &mut self,
+        peer: PeerRef,
+        msgs: &mut Vec<OutMsg>,
+        now: Millis,
+    ) -> Transmit {
+        match self.out.take(peer, msgs, now) {
+            Take::Msgs(n) => Transmit::Batch(Batch {
+                n,
+                frame_limit: self.out.frame_limit(peer).unwrap_or(self.frame_limit),
+                batch_bytes: self.out.limits.batch_bytes,
+                publisher: self.node_id,
+                epoch: self.epoch,
+            }),
+            Take::Finish => Transmit::Finish,
+            Take::Empty => Transmit::Empty,
+            Take::Retired => Transmit::Retired,
+        }
+    }
+
+    /// The sender of `peer` wrote the `n` messages it took, as `encoded`
+    /// says (what could not be encoded is counted dropped).
+    pub fn handle_written(&mut self, peer: PeerRef, n: usize, encoded: Encoded, now: Millis) {
+        let c = &self.counters;
+        let taken = self.out.written(peer, n, now);
+        if taken == 0 {
+            return;
+        }
+        Counters::add(&c.batches_sent_total, encoded.frames);
+        let lost = (taken.saturating_sub(encoded.messages)) as u64;
+        Counters::add(&c.remote_dropped_total, lost);
+        Counters::add(&c.too_large_for_peer_total, encoded.too_large as u64);
+    }
+
+    /// The sender of `peer` could not write the `n` messages it took (the
+    /// stream or connection failed): they are dropped and counted; the next
+    /// batch reaches the node again.
+    pub fn handle_send_failed(&mut self, peer: PeerRef, n: usize, now: Millis) {
+        let taken = self.out.written(peer, n, now);
+        Counters::add(&self.counters.remote_dropped_total, taken as u64);
+    }
+
+    /// The write of `peer` starts, or accepted bytes: returns when it is
+    /// cut off unless it progresses again (`None`: the queue was retired
+    /// meanwhile; stop writing).
+    pub fn handle_progress(&mut self, peer: PeerRef, now: Millis) -> Option<Millis> {
+        self.out.progress(peer, now);
+        self.out.stall_deadline(peer)
+    }
+
+    /// When the pending write of `peer` is cut off unless it progresses.
+    pub fn stall_deadline(&self, peer: PeerRef) -> Option<Millis> {
+        self.out.stall_deadline(peer)
+    }
+
+    /// The pending write of `peer` has not progressed until `now`: the
+    /// verdict (see [`Stall`]). A cut-off peer keeps its connection; a
+    /// later publish starts a new queue and stream.
+    pub fn handle_stall(&mut self, peer: PeerRef, now: Millis) -> Stall {
+        let verdict = self.out.check_stall(peer, now);
+        if let Stall::CutOff { dropped } = verdict {
+            Counters::inc(&self.counters.peers_cut_off_total);
+            Counters::add(&self.counters.remote_dropped_total, dropped);
+        }
+        verdict
+    }
+
+    /// The sender of `peer` found nothing for the idle time: retires the
+    /// queue if it is still idle (`true`: the sender exits).
+    pub fn retire_if_idle(&mut self, peer: PeerRef, now: Millis) -> bool {
+        self.out.retire_if_idle(peer, now)
+    }
+
+    /// The sender of `peer` could not reach its node (no connection, no
+    /// address, dial failed): what it took and what is queued is dropped
+    /// and counted, the queue retired, and a full node sets the node's
+    /// interest aside (see the crate docs, stale interest).
+    pub fn handle_unreachable(&mut self, peer: PeerRef, now: Millis) {
+        let Some(node) = self.out.node_of(peer) else {
+            return;
+        };
+        self.node_unreachable(&node, now);
+    }
+
+    fn node_unreachable(&mut self, node: &NodeId, now: Millis) {
+        let known = match self.out.get(node) {
+            Some(q) => {
+                let r = self.out.retire(q);
+                Counters::add(&self.counters.remote_dropped_total, r.dropped);
+                true
+            }
+            None => false,
+        };
+        if let RoleState::Node(mesh) = &mut self.role {
+            if mesh.set_down(node, known, now) {
+                Counters::inc(&self.counters.peers_unreachable_total);
+            }
+        }
+    }
+
+    /// A connection to `node` is up; it announced `frame_limit` (its
+    /// HELLO). A node set aside as unreachable is routed to again.
+    pub fn handle_peer_up(&mut self, node: &NodeId, frame_limit: u32) {
+        self.out.set_frame_limit(node, frame_limit);
+        if let RoleState::Node(mesh) = &mut self.role {
+            if mesh.set_up(node) {
+                Counters::inc(&self.counters.peers_restored_total);
+            }
+        }
+    }
+
+    /// The connection to `node` ended, for `why`.
+    pub fn handle_peer_down(&mut self, node: &NodeId, why: PeerDown, now: Millis) {
+        if why == PeerDown::Left {
+            self.node_unreachable(node, now);
+        }
+    }
+
+    /// Nodes whose interest is set aside now.
+    pub fn n_unreachable(&self, now: Millis) -> usize {
+        match &self.role {
+            RoleState::Node(mesh) => mesh.n_down(now),
+            _ => 0,
+        }
+    }
+
+    /// The interest lookup of `name` finished (records, or why not).
+    pub fn handle_interest_found(
+        &mut self,
+        name: &str,
+        result: Result<Vec<InterestRecord>, String>,
+        now: Millis,
+    ) {
+        if let RoleState::Node(mesh) = &mut self.role {
+            mesh.handle_lookup(name, result, now, &self.counters);
+        }
+    }
+
+    /// Interest lookups running.
+    pub fn n_lookups(&self) -> usize {
+        match &self.role {
+            RoleState::Node(mesh) => mesh.n_lookups(),
+            _ => 0,
+        }
+    }
+
+    /// Graceful shutdown: every sender finishes its stream once its queue
+    /// is empty (wakes are emitted as actions).
+    pub fn begin_finish(&mut self) {
+        for w in self.out.begin_finish() {
+            self.actions.push_back(Action::Wake(w));
+        }
+    }
+
+    /// The sender of `peer` finished its stream (acknowledged or not).
+    pub fn handle_finished(&mut self, peer: PeerRef) {
+        let r = self.out.retire(peer);
+        Counters::add(&self.counters.remote_dropped_total, r.dropped);
+    }
+
+    /// Queues asked to finish that have not yet.
+    pub fn n_finishing(&self) -> usize {
+        self.out.n_finishing()
+    }
+
+    /// Messages queued to other nodes and not yet written (or given up on).
+    pub fn inflight(&self) -> u64 {
+        self.out.inflight()
+    }
+
+    /// Live outbound queues.
+    pub fn n_peers(&self) -> usize {
+        self.out.len()
+    }
+
+    /// How full every bounded table is (for gauges and tests).
+    pub fn sizes(&self) -> Sizes {
+        let (interest_entries, routes, remembered_puts) = match &self.role {
+            RoleState::Node(mesh) => mesh.sizes(),
+            _ => (0, 0, 0),
+        };
+        Sizes {
+            subscriptions: self.local.subs.len(),
+            feeds: self.local.feeds.len(),
+            queues: self.out.len(),
+            interest_entries,
+            routes,
+            remembered_puts,
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! Inbound batches: checked, deduplicated once per batch, matched once per
+//! topic, grouped per subscription, payloads sliced from the frame.
+//!
+//! [`BatchReceiver`] is the per-stream state (validated topics, buffers
+//! reused from batch to batch) and, after [`PubSubCore::handle_batch`],
+//! holds the events for local subscriptions until the driver pushes them
+//! with [`BatchReceiver::deliver`] (outside its lock). Events for attached
+//! clients go straight into the clients' outbound queues. This module must
+//! not trust anything in the batch beyond what the wire decoder checked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use macula_wire::{Millis, NodeId, PublishBatchView};
+
+use crate::batch::{forwarded_key, Origin, OutMsg};
+use crate::core::{PubSubCore, RoleState};
+use crate::counters::Counters;
+use crate::dedup::Observed;
+use crate::event::{Event, PublishOptions, TopicName};
+use crate::interest::Route;
+use crate::local::{FeedId, SubId, Target};
+use crate::topic::Topic;
+use crate::Limits;
+
+/// Topics a data stream's receiver remembers as validated.
+pub const RECEIVER_TOPIC_CACHE: usize = 256;
+
+struct Resolved {
+    name: TopicName,
+    topic: Arc<Topic>,
+    /// Indices into `targets` of the local subscriptions it matches.
+    locals: Vec<usize>,
+    feeds: Vec<FeedId>,
+}
+
+/// Per-data-stream receive state (see the module docs).
+pub struct BatchReceiver<S> {
+    topics: HashMap<Box<str>, (TopicName, Arc<Topic>)>,
+    /// Per topic of the current batch (`None`: invalid topic).
+    resolved: Vec<Option<Resolved>>,
+    keep: Vec<bool>,
+    idx: Vec<usize>,
+    targets: Vec<(SubId, S, Vec<Event>)>,
+    /// Event vectors kept for the next batch (their capacity is reused).
+    spare: Vec<Vec<Event>>,
+    /// The sender is an attached client (this node is its gateway): its
+    /// messages go on into the mesh, so one that matches nothing here is
+    /// not counted as unmatched.
+    from_client: bool,
+}
+
+impl<S> BatchReceiver<S> {
+    /// Receive state for one data stream; `from_client` when its sender is
+    /// an attached client.
+    pub fn new(from_client: bool) -> Self {
+        BatchReceiver {
+            topics: HashMap::new(),
+            resolved: Vec::new(),
+            keep: Vec::new(),
+            idx: Vec::new(),
+            targets: Vec::new(),
+            spare: Vec::new(),
+            from_client,
+        }
+    }
+
+    fn topic(&mut self, t: &str, limits: &Limits) -> Option<(TopicName, Arc<Topic>)> {
+        if let Some(hit) = self.topics.get(t) {
+            return Some(hit.clone());
+        }
+        let topic = Topic::with_limits(t, limits).ok()?;
+        if self.topics.len() >= RECEIVER_TOPIC_CACHE {
+            self.topics.clear();
+        }
+        let entry = (TopicName::from(t), Arc::new(topic));
+        self.topics.insert(t.into(), entry.clone());
+        Some(entry)
+    }
+
+    /// Topics remembered as validated (at most `RECEIVER_TOPIC_CACHE`).
+    pub fn n_topics(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Hands each local subscription's events of the last batch to `push`
+    /// (in batch order; `push` drains them). Returns how many there were.
+    pub fn deliver(&mut self, mut push: impl FnMut(&S, &mut Vec<Event>)) -> u64 {
+        let mut n = 0;
+        for (_, sink, mut events) in self.targets.drain(..) {
+            n += events.len() as u64;
+            push(&sink, &mut events);
+            events.clear();
+            if self.spare.len() < 16 {
+                self.spare.push(events);
+            }
+        }
+        n
+    }
+}
+
+impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
+    /// A frame from `from`'s pub/sub data stream. `Err` means the stream
+    /// must be closed (not a PUBLISH_BATCH, or malformed); bad messages
+    /// inside a well-formed batch (invalid topic, oversized payload) are
+    /// dropped and counted instead. Local events wait in `rx` (see
+    /// [`BatchReceiver::deliver`]).
+    pub fn handle_batch(
+        &mut self,
+        from: NodeId,
+        msg_type: u8,
+        body: &Bytes,
+        rx: &mut BatchReceiver<S>,
+        now: Millis,
+    ) -> Result<(), String> {
+        let c = self.counters.clone();
+        if msg_type != macula_wire::MessageType::PublishBatch as u8 {
+            Counters::inc(&c.data_streams_rejected_total);
+            return Err(format!(
+                "message type {msg_type:#04x} on a pub/sub data stream"
+            ));
+        }
+        let view = match PublishBatchView::decode(body) {
+            Ok(v) => v,
+            Err(reason) => {
+                Counters::inc(&c.data_streams_rejected_total);
+                return Err(format!("malformed PUBLISH_BATCH: {reason}"));
+            }
+        };
+        Counters::inc(&c.batches_received_total);
+        // A batch naming another publisher is forwarded: by a gateway for
+        // its client, or (to a client) by its gateway. A client trusts the
+        // gateway it chose; a full node keeps such a stream apart from the
+        // publisher's own (see `forwarded_key`).
+        let client = matches!(self.role, RoleState::Client(_));
+        let key = if view.publisher == from || client {
+            view.publisher
+        } else {
+            Counters::add(&c.forwarded_received_total, view.entries.len() as u64);
+            forwarded_key(&view.publisher, &from)
+        };
+        self.deliver_batch(&view, body, rx, key, now);
+        Ok(())
+    }
+
+    fn deliver_batch(
+        &mut self,
+        view: &PublishBatchView<'_>,
+        body: &Bytes,
+        rx: &mut BatchReceiver<S>,
+        key: NodeId,
+        now: Millis,
+    ) {
+        let c = self.counters.clone();
+        rx.resolved.clear();
+        for t in &view.topics {
+            let r = rx.topic(t, &self.limits);
+            rx.resolved.push(r.map(|(name, topic)| Resolved {
+                name,
+                topic,
+                locals: Vec::new(),
+                feeds: Vec::new(),
+            }));
+        }
+        rx.keep.clear();
+        rx.idx.clear();
+        let mut rejected = 0u64;
+        for (i, e) in view.entries.iter().enumerate() {
+            let ok = rx.resolved[e.topic_index].is_some() && e.payload.len() <= self.max_payload;
+            rx.keep.push(ok);
+            if ok {
+                rx.idx.push(i);
+            } else {
+                rejected += 1;
+            }
+        }
+        // Which messages are new: one pass over the tracker for the batch.
+        let (mut dups, mut gaps) = (0u64, 0u64);
+        {
+            let (keep, idx) = (&mut rx.keep, &rx.idx);
+            let mut at = idx.iter();
+            self.seen.observe_batch(
+                &key,
+                view.epoch,
+                idx.iter().map(|&i| view.entries[i].seq),
+                |o| {
+                    let Some(&i) = at.next() else { return };
+                    match o {
+                        Observed::Next => {}
+                        Observed::Gap { missing } | Observed::Restarted { missing } => {
+                            gaps += missing
+                        }
+                        Observed::Duplicate | Observed::Invalid => {
+                            dups += 1;
+                            keep[i] = false;
+                        }
+                    }
+                },
+            );
+        }
+        Counters::add(&c.remote_rejected_total, rejected);
+        Counters::add(&c.duplicates_dropped_total, dups);
+        Counters::add(&c.gaps_total, gaps);
+        let accepted = view.entries.len() as u64 - rejected - dups;
+        Counters::add(&c.received_remote_total, accepted);
+        if accepted == 0 {
+            return;
+        }
+        if self.local.subs.is_empty() {
+            if !rx.from_client {
+                Counters::add(&c.unmatched_total, accepted);
+            }
+            return;
+        }
+        // Matching subscriptions per distinct topic.
+        rx.targets.clear();
+        for slot in rx.resolved.iter_mut().flatten() {
+            for id in self.local.matches(&slot.topic) {
+                match self.local.subs.get(&id).map(|s| &s.target) {
+                    Some(Target::Local(sink)) => {
+                        let i = match rx.targets.iter().position(|t| t.0 == id) {
+                            Some(i) => i,
+                            None => {
+                                let v = rx.spare.pop().unwrap_or_default();
+                                rx.targets.push((id, sink.clone(), v));
+                                rx.targets.len() - 1
+                            }
+                        };
+                        slot.locals.push(i);
+                    }
+                    Some(Target::Feed(f)) if !slot.feeds.contains(f) => slot.feeds.push(*f),
+                    _ => {}
+                }
+            }
+        }
+        // Events in batch order, grouped per subscription. A message that
+        // matches nothing here (sent for a summarized interest record, or
+        // just after an unsubscribe) is dropped and counted.
+        let publisher = view.publisher;
+        let mut origin: Option<Arc<Origin>> = None;
+        let mut unmatched = 0u64;
+        for (e, keep) in view.entries.iter().zip(&rx.keep) {
+            if !keep {
+                continue;
+            }
+            let Some(r) = &rx.resolved[e.topic_index] else {
+                continue;
+            };
+            if r.locals.is_empty() && r.feeds.is_empty() {
+                unmatched += 1;
+                continue;
+            }
+            let event = Event {
+                topic: r.name.clone(),
+                payload: body.slice_ref(e.payload),
+                publisher,
+                seq: e.seq,
+                epoch: view.epoch,
+                headers: e
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                message_id: e.message_id.map(str::to_string),
+            };
+            if !r.feeds.is_empty() {
+                let o = origin
+                    .get_or_insert_with(|| {
+                        Arc::new(Origin {
+                            publisher,
+                            epoch: view.epoch,
+                        })
+                    })
+                    .clone();
+                let msg = OutMsg {
+                    seq: e.seq,
+                    topic: r.name.clone(),
+                    payload: event.payload.clone(),
+                    extra: PublishOptions {
+                        headers: event.headers.clone(),
+                        message_id: event.message_id.clone(),
+                    }
+                    .shared(),
+                    origin: Some(o),
+                };
+                for &f in &r.feeds {
+                    self.forward_to_feed(f, publisher, msg.clone(), now);
+                }
+            }
+            if let Some((&last, rest)) = r.locals.split_last() {
+                for &i in rest {
+                    rx.targets[i].2.push(event.clone());
+                }
+                rx.targets[last].2.push(event);
+            }
+        }
+        if !rx.from_client {
+            Counters::add(&c.unmatched_total, unmatched);
+        }
+    }
+
+    // ----- gateway: attached clients -------------------------------------
+
+    /// A feed for attached client `client`: its patterns' events go to its
+    /// outbound queue in the order this node receives them.
+    pub fn open_feed(&mut self, client: NodeId) -> FeedId {
+        self.local.open_feed(client)
+    }
+
+    /// Subscribes `feed` to `pattern` (idempotent: a pattern it has already
+    /// needs nothing).
+    pub fn feed_add(
+        &mut self,
+        feed: FeedId,
+        pattern: &str,
+    ) -> Result<crate::core::Interest, crate::event::PubSubError> {
+        let parsed =
+            crate::topic::Pattern::with_limits(pattern, &self.limits).map_err(|source| {
+                crate::event::PubSubError::InvalidPattern {
+                    pattern: pattern.to_string(),
+                    source,
+                }
+            })?;
+        match self.local.feeds.get(&feed) {
+            Some(f) if !f.patterns.contains_key(parsed.as_str()) => {}
+            _ => return Ok(crate::core::Interest::None),
+        }
+        let id = self.add_sub(&parsed, Target::Feed(feed))?;
+        if let Some(f) = self.local.feeds.get_mut(&feed) {
+            f.patterns.insert(parsed.as_str().to_string(), id);
+        }
+        Ok(self.interest_changed(&parsed, true))
+    }
+
+    /// Unsubscribes `feed` from `pattern`.
+    pub fn feed_remove(&mut self, feed: FeedId, pattern: &str) -> crate::core::Interest {
+        let Some(id) = self
+            .local
+            .feeds
+            .get_mut(&feed)
+            .and_then(|f| f.patterns.remove(pattern))
+        else {
+            return crate::core::Interest::None;
+        };
+        self.unsubscribe(id).unwrap_or(crate::core::Interest::None)
+    }
+
+    /// Ends `feed` (its client left): every pattern is removed and the
+    /// records updated in the background.
+    pub fn close_feed(&mut self, feed: FeedId) {
+        let Some(f) = self.local.feeds.remove(&feed) else {
+            return;
+        };
+        for id in f.patterns.into_values() {
+            self.unsubscribe(id);
+        }
+    }
+
+    /// The patterns of `feed`, sorted.
+    pub fn feed_patterns(&self, feed: FeedId) -> Vec<String> {
+        self.local
+            .feeds
+            .get(&feed)
+            .map(|f| f.patterns.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A batch that attached client `from` published (already delivered
+    /// here through `handle_batch`): forwards each message to the other
+    /// interested nodes along `routes` (one per topic of the batch, from
+    /// [`PubSubCore::route`]; `None`: not routable), keeping the client as
+    /// publisher with its epoch and sequence numbers.
+    pub fn forward_from_client(
+        &mut self,
+        from: NodeId,
+        view: &PublishBatchView<'_>,
+        body: &Bytes,
+        routes: &[Option<Arc<Route>>],
+        now: Millis,
+    ) {
+        let c = self.counters.clone();
+        if view.publisher != from {
+            // A client publishes only its own messages.
+            Counters::add(&c.remote_rejected_total, view.entries.len() as u64);
+            return;
+        }
+        let origin = Arc::new(Origin {
+            publisher: from,
+            epoch: view.epoch,
+        });
+        for e in &view.entries {
+            let Some(Some(route)) = routes.get(e.topic_index) else {
+                continue;
+            };
+            if e.payload.len() > self.max_payload {
+                continue;
+            }
+            let extra = PublishOptions {
+                headers: e
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                message_id: e.message_id.map(str::to_string),
+            }
+            .shared();
+            let msg = OutMsg {
+                seq: e.seq,
+                topic: route.name.clone(),
+                payload: body.slice_ref(e.payload),
+                extra,
+                origin: Some(origin.clone()),
+            };
+            for (node, q) in &route.targets {
+                if *node != from {
+                    Counters::inc(&c.forwarded_sent_total);
+                    self.enqueue(*q, msg.clone(), now);
+                }
+            }
+        }
+    }
+}

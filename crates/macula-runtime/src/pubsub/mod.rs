@@ -1,0 +1,654 @@
+//! Pub/sub on one node: the tokio driver of `macula_pubsub::PubSubCore`.
+//!
+//! Every decision (who is interested, where a message goes, sequence
+//! numbers, queue limits, batch sizes, when a peer is cut off or set aside
+//! as unreachable, what an inbound batch delivers) is the core's. This
+//! driver holds the core behind one mutex (as quinn holds its protocol
+//! connection), feeds it the clock (`Clock`), the network and the DHT, and
+//! does what it asks (`Action`s): start or wake a peer's sender
+//! (`sender.rs`), look interest up or put a record (`node.rs`). Deliveries
+//! are pushed into subscription queues after the mutex is released, and a
+//! subscriber is woken outside any lock.
+//!
+//! Roles are separate types around the same core: the full node's DHT link
+//! (`node.rs`, which is also the gateway of attached clients: `gateway.rs`),
+//! and the lightweight client's link to its gateway (`client.rs`).
+//!
+//! Flow control towards applications: each subscription queue is bounded
+//! (`Limits::queue_capacity`, default 65,536, and `queue_bytes`). A
+//! subscriber that falls behind loses its *oldest* events, never blocks the
+//! publisher or other subscribers, and is told: the stream yields
+//! `SubscriptionItem::Lagged(n)` before the next event. Every drop is counted.
+//!
+//! This module must not block on a subscriber, hold the core's lock across
+//! an await, or decide anything the core can.
+
+mod client;
+mod gateway;
+mod node;
+mod sender;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::task::AtomicWaker;
+use macula_pubsub::{
+    Action, BatchReceiver, BoundedQueue, Config, Deliveries, Interest, Limits, Millis, Pattern,
+    PubSubCore, Role as CoreRole,
+};
+use macula_wire::{DisconnectReason, ErrorCode, Message, MessageType, NodeId};
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+use crate::framed::FrameReader;
+use crate::metrics::ProtocolErrorKind;
+use crate::peer::Peer;
+use crate::service::{Answer, PeerDown, Serves, Service, ServiceFuture};
+
+pub use crate::config::PEER_STALL_TIMEOUT;
+pub(crate) use client::Upstream;
+pub use macula_pubsub::{Event, PubSubError, PublishOptions, SubscriptionItem, TopicName};
+pub(crate) use node::MeshLink;
+
+/// Counters, read by the metrics collector (the core's).
+pub type PubSubCounters = macula_pubsub::Counters;
+
+/// The delivery bound: how long a publisher reuses what it learned about
+/// interest in a topic (see `macula_pubsub::interest::INTEREST_CACHE_TTL`).
+pub const INTEREST_CACHE_TTL: Duration = macula_pubsub::interest::INTEREST_CACHE_TTL.to_duration();
+/// First byte of a unidirectional stream that carries pub/sub data
+/// (PUBLISH_BATCH frames from the opener). See docs/PROTOCOL.md §3.
+pub const STREAM_KIND_PUBSUB: u8 = 0x01;
+
+/// What one queued event weighs besides its payload, for the byte limit of
+/// subscription queues (`Limits::queue_bytes`).
+const EVENT_OVERHEAD: usize = std::mem::size_of::<Event>();
+
+/// The core as this driver instantiates it: subscriptions deliver into
+/// `SubQueue`s, senders are woken through a `Notify`.
+type Core = PubSubCore<Arc<SubQueue>, Arc<Notify>>;
+
+/// How pub/sub reaches other nodes: implemented by the node runtime (the
+/// pool, then the DHT for an address) and by a client (its gateway).
+pub(crate) trait Mesh: Send + Sync {
+    /// A connection to `id`, dialing (after finding it in the DHT) if needed.
+    fn reach(&self, id: NodeId) -> BoxFuture<'static, Option<Peer>>;
+}
+
+/// Exposes a node's pub/sub counters to its metrics registry.
+#[derive(Debug, Clone)]
+pub struct PubSubCollector(pub Arc<PubSubCounters>);
+
+impl prometheus_client::collector::Collector for PubSubCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        crate::metrics::encode_rows(&mut encoder, &self.0.rows())
+    }
+}
+
+/// One subscription's queue: filled by the driver (outside the core's
+/// lock), drained by its `Subscription`.
+pub(crate) struct SubQueue {
+    queue: Mutex<BoundedQueue<Event>>,
+    waker: AtomicWaker,
+    closed: AtomicBool,
+}
+
+impl SubQueue {
+    fn lock(&self) -> MutexGuard<'_, BoundedQueue<Event>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The role-specific half of the driver (see the module docs).
+pub(crate) enum Role {
+    Local,
+    /// A full node: interest lives in the DHT.
+    Node(crate::dht::DhtHandle),
+    /// A client: interest is registered by its gateway.
+    Client(Box<dyn Upstream>),
+}
+
+pub(crate) struct Inner {
+    core: Mutex<Core>,
+    counters: Arc<PubSubCounters>,
+    max_payload: usize,
+    limits: Limits,
+    clock: Clock,
+    role: Role,
+    /// Reaches peers for the senders (`None`: local only).
+    mesh: Option<Box<dyn Mesh>>,
+    /// Notified whenever an interest lookup or put finishes.
+    interest: Notify,
+}
+
+impl Inner {
+    fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A node's pub/sub. Cheap to clone.
+#[derive(Clone)]
+pub struct PubSub(Arc<Inner>);
+
+impl std::fmt::Debug for PubSub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PubSub")
+            .field(
+                "subscriptions",
+                &self.0.counters.subscriptions.load(Relaxed),
+            )
+            .finish()
+    }
+}
+
+/// The core's configuration for node `node_id` publishing under `epoch`
+/// (the node's epoch: it grows across restarts, see `clock.rs`); the
+/// constructor sets the role.
+pub(crate) fn config(
+    node_id: NodeId,
+    epoch: u64,
+    max_frame_size: u32,
+    limits: Limits,
+    realm: &str,
+    stall_timeout: Duration,
+) -> Config {
+    let mut c = Config::new(node_id, epoch, realm, CoreRole::Local, max_frame_size);
+    c.limits = limits;
+    c.out.stall_timeout = Millis::from_duration(stall_timeout);
+    c.interest.record_max = macula_dht::config::MAX_VALUE_LEN;
+    c
+}
+
+impl PubSub {
+    /// Pub/sub for node `node_id` that delivers in this process only;
+    /// payloads up to `max_frame_size` minus `FRAME_HEADROOM`.
+    pub fn new(node_id: NodeId, max_frame_size: u32, limits: Limits) -> PubSub {
+        let epoch = crate::clock::wall_ms();
+        let config = config(
+            node_id,
+            epoch,
+            max_frame_size,
+            limits,
+            "",
+            PEER_STALL_TIMEOUT,
+        );
+        Self::build(config, Clock::new(), Role::Local, None)
+    }
+
+    /// A full node's pub/sub (and the gateway of its attached clients).
+    pub(crate) fn node(config: Config, clock: Clock, link: MeshLink) -> PubSub {
+        let config = Config {
+            role: CoreRole::Node,
+            realm: link.realm,
+            ..config
+        };
+        Self::build(config, clock, Role::Node(link.dht), Some(link.mesh))
+    }
+
+    /// A lightweight client's pub/sub: through `gateway`, its only peer.
+    pub(crate) fn client(config: Config, up: Box<dyn Upstream>, gateway: Box<dyn Mesh>) -> PubSub {
+        let config = Config {
+            role: CoreRole::Client,
+            ..config
+        };
+        Self::build(config, Clock::new(), Role::Client(up), Some(gateway))
+    }
+
+    fn build(config: Config, clock: Clock, role: Role, mesh: Option<Box<dyn Mesh>>) -> PubSub {
+        let limits = config.limits;
+        let core = Core::new(config);
+        PubSub(Arc::new(Inner {
+            counters: core.counters().clone(),
+            max_payload: core.max_payload(),
+            core: Mutex::new(core),
+            limits,
+            clock,
+            role,
+            mesh,
+            interest: Notify::new(),
+        }))
+    }
+
+    pub fn counters(&self) -> &Arc<PubSubCounters> {
+        &self.0.counters
+    }
+
+    /// Checks payload and options before any lookup is started for them.
+    fn check(&self, payload: &Bytes, opts: &PublishOptions) -> Result<(), PubSubError> {
+        self.0.core().check(payload, opts)
+    }
+
+    /// Largest payload `publish` accepts.
+    pub fn max_payload(&self) -> usize {
+        self.0.max_payload
+    }
+
+    /// Releases the core and does what it asked for (a publish on the hot
+    /// path usually finds nothing to do).
+    fn after(&self, mut core: MutexGuard<'_, Core>) {
+        let Some(first) = core.poll_action() else {
+            return;
+        };
+        // Usually one (a sender's wake): no allocation for it.
+        let rest: Vec<_> = match core.has_actions() {
+            true => std::iter::from_fn(|| core.poll_action()).collect(),
+            false => Vec::new(),
+        };
+        drop(core);
+        self.act(first);
+        for a in rest {
+            self.act(a);
+        }
+    }
+
+    fn act(&self, action: Action<Arc<Notify>>) {
+        let rt = tokio::runtime::Handle::try_current();
+        match action {
+            Action::Wake(w) => w.notify_one(),
+            Action::Start { peer, node, sender } => match (&rt, &self.0.mesh) {
+                (Ok(rt), Some(_)) => {
+                    rt.spawn(sender::run(Arc::downgrade(&self.0), peer, node, sender));
+                }
+                _ => {
+                    // No runtime or no way to reach anyone: what was queued
+                    // is dropped, and counted.
+                    tracing::debug!(peer = %node, "pub/sub cannot send here; queue dropped");
+                    self.0.core().handle_unreachable(peer, self.0.now());
+                }
+            },
+            Action::LookupInterest { name, key } => self.lookup_interest(name, key),
+            Action::PutInterest(put) => self.put_interest(put),
+        }
+    }
+
+    /// Pushes a publish's local deliveries into their queues and wakes them.
+    fn push(&self, out: Deliveries<Arc<SubQueue>>) {
+        let c = &self.0.counters;
+        for (q, event) in out {
+            let size = event.payload.len() + EVENT_OVERHEAD;
+            let dropped = q.lock().push_sized(event, size);
+            c.dropped_slow_total.fetch_add(dropped, Relaxed);
+            c.delivered_local_total.fetch_add(1, Relaxed);
+            q.waker.wake();
+        }
+    }
+
+    fn new_queue(&self) -> Arc<SubQueue> {
+        Arc::new(SubQueue {
+            queue: Mutex::new(BoundedQueue::with_limits(&self.0.limits)),
+            waker: AtomicWaker::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Subscribes to `pattern` (`*` one segment, `**` any number). Events
+    /// published after this returns are delivered; dropping the subscription
+    /// unsubscribes. The mesh learns of it in the background (use
+    /// `subscribe_mesh` to wait until it has).
+    pub fn subscribe(&self, pattern: &str) -> Result<Subscription, PubSubError> {
+        self.subscribe_inner(pattern).map(|(s, _)| s)
+    }
+
+    fn subscribe_inner(&self, pattern: &str) -> Result<(Subscription, Interest), PubSubError> {
+        let queue = self.new_queue();
+        let mut core = self.0.core();
+        let s = core.subscribe(pattern, queue.clone())?;
+        self.after(core);
+        let sub = Subscription {
+            id: s.id,
+            pattern: s.pattern,
+            queue,
+            owner: Arc::downgrade(&self.0),
+        };
+        Ok((sub, s.interest))
+    }
+
+    /// Subscribes and, in a mesh, returns once the mesh knows (the interest
+    /// record is in the DHT, or the gateway acknowledged it), so publishers
+    /// can find this node.
+    pub async fn subscribe_mesh(&self, pattern: &str) -> Result<Subscription, PubSubError> {
+        let (sub, interest) = self.subscribe_inner(pattern)?;
+        match self.announce(interest).await {
+            Ok(()) => Ok(sub),
+            // Dropping the subscription takes the pattern back out.
+            Err(reason) => Err(PubSubError::Interest {
+                pattern: pattern.to_string(),
+                reason,
+            }),
+        }
+    }
+
+    /// Waits until the mesh has taken in a subscription change.
+    async fn announce(&self, interest: Interest) -> Result<(), String> {
+        match (interest, &self.0.role) {
+            (Interest::None, _) => Ok(()),
+            (Interest::Record { name, changes }, _) => self.record_stored(&name, changes).await,
+            (Interest::Upstream { pattern, on }, Role::Client(up)) => {
+                up.interest(pattern, on).await
+            }
+            (Interest::Upstream { .. }, _) => Ok(()),
+        }
+    }
+
+    /// Runs `f` on the core (one lock), does what it asked for, then pushes
+    /// the local deliveries it made (outside the lock).
+    fn run<T>(&self, f: impl FnOnce(&mut Core, Millis, &mut Deliveries<Arc<SubQueue>>) -> T) -> T {
+        let mut out = Vec::new();
+        let now = self.0.now();
+        let mut core = self.0.core();
+        let r = f(&mut core, now, &mut out);
+        self.after(core);
+        self.push(out);
+        r
+    }
+
+    /// Publishes `payload` on `topic` (no wildcards) to the matching
+    /// subscriptions **of this node only** (and its attached clients).
+    /// Returns the sequence number.
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+    ) -> Result<u64, PubSubError> {
+        self.run(|core, now, out| core.publish_local(topic, payload, opts, now, out))
+            .map(|p| p.seq)
+    }
+
+    /// Publishes to every matching subscription in the mesh: local ones in
+    /// process, and one copy per other interested node (found through the
+    /// DHT, cached for `INTEREST_CACHE_TTL`; a client sends it to its
+    /// gateway). Returns the sequence number.
+    pub async fn publish_mesh(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+    ) -> Result<u64, PubSubError> {
+        let published = match &self.0.role {
+            Role::Local => return self.publish(topic, payload, opts),
+            Role::Client(up) => {
+                let gateway = up.gateway();
+                self.run(|core, now, out| {
+                    core.set_gateway(gateway);
+                    core.publish_upstream(topic, payload, opts, now, out)
+                })
+            }
+            // The hot path: a fresh cached route, one lock; the message is
+            // only taken (not moved back and forth) when there is one.
+            Role::Node(_) => {
+                let mut msg = Some((payload, opts));
+                let fast = self.run(|core, now, out| {
+                    let route = core.cached_route(topic, now)?;
+                    let (payload, opts) = msg.take()?;
+                    Some(core.publish_routed(&route, payload, opts, now, out))
+                });
+                match fast {
+                    Some(p) => p,
+                    None => {
+                        // No fresh route, so the message was not taken.
+                        let (payload, opts) = msg.unwrap_or_default();
+                        self.check(&payload, &opts)?;
+                        let route = self.route(topic).await?;
+                        self.run(|core, now, out| {
+                            core.publish_routed(&route, payload, opts, now, out)
+                        })
+                    }
+                }
+            }
+        };
+        published.map(|p| p.seq)
+    }
+
+    /// Waits (at most `limit`) until every message queued to other nodes has
+    /// been written or given up on, then has every sender finish its data
+    /// stream and waits for the acknowledgements (written is not delivered:
+    /// a connection closed now would discard unacknowledged stream data).
+    /// Graceful shutdown calls this first. True if drained.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        if !self.wait_core(deadline, |core| core.inflight() == 0).await {
+            return false;
+        }
+        self.run(|core, _, _| core.begin_finish());
+        let finished = self
+            .wait_core(deadline, |core| core.n_finishing() == 0)
+            .await;
+        if !finished {
+            tracing::debug!("pub/sub data streams not all acknowledged in time");
+        }
+        finished
+    }
+
+    /// Polls (every 2 ms, until `deadline`) until `done` holds of the core.
+    async fn wait_core(&self, deadline: tokio::time::Instant, done: fn(&Core) -> bool) -> bool {
+        while !done(&self.0.core()) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+
+    /// Patterns currently subscribed (attached clients' included), with how
+    /// many subscriptions each.
+    pub fn subscriptions(&self) -> Vec<(String, usize)> {
+        self.0.core().subscriptions()
+    }
+
+    /// Reads one pub/sub data stream from `peer` until it ends. Bad input
+    /// stops this stream only; the connection stays up.
+    async fn read_data_stream(self, peer: Peer, mut reader: FrameReader) {
+        let m = peer.metrics().clone();
+        let stop_code = u32::from(u16::from(DisconnectReason::ProtocolError));
+        let from_client = peer.is_client();
+        let from = peer.node_id();
+        let mut rx = BatchReceiver::new(from_client);
+        loop {
+            let frame = match reader.read().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(kind) = e.protocol_kind() {
+                        m.protocol_error(kind);
+                        self.0
+                            .counters
+                            .data_streams_rejected_total
+                            .fetch_add(1, Relaxed);
+                        reader.stop(stop_code);
+                        tracing::debug!(peer = %from, error = %e, "closed a pub/sub data stream after a protocol error");
+                    }
+                    break;
+                }
+            };
+            m.frames_received_total.fetch_add(1, Relaxed);
+            m.message_received(frame.msg_type);
+            peer.touch();
+            let res = {
+                let now = self.0.now();
+                let mut core = self.0.core();
+                let res = core.handle_batch(from, frame.msg_type, &frame.body, &mut rx, now);
+                self.after(core);
+                res
+            };
+            if let Err(reason) = res {
+                m.protocol_error(ProtocolErrorKind::Malformed);
+                reader.stop(stop_code);
+                tracing::debug!(peer = %from, reason = %reason, "closed a pub/sub data stream after bad input");
+                break;
+            }
+            let c = &self.0.counters;
+            let (mut delivered, mut dropped) = (0u64, 0u64);
+            rx.deliver(|q, events| {
+                delivered += events.len() as u64;
+                {
+                    let mut g = q.lock();
+                    for ev in events.drain(..) {
+                        let size = ev.payload.len() + EVENT_OVERHEAD;
+                        dropped += g.push_sized(ev, size);
+                    }
+                }
+                q.waker.wake();
+            });
+            c.delivered_local_total.fetch_add(delivered, Relaxed);
+            c.dropped_slow_total.fetch_add(dropped, Relaxed);
+            if from_client {
+                // A gateway passes its client's messages on into the mesh.
+                self.forward_from_client(from, &frame.body).await;
+            }
+        }
+    }
+}
+
+/// Pub/sub as a service: PUBLISH on the control stream, the pub/sub data
+/// streams (kind `STREAM_KIND_PUBSUB`) carrying PUBLISH_BATCH frames, and
+/// peers coming and going (frame limits; stale interest).
+impl Service for PubSub {
+    fn name(&self) -> &'static str {
+        "pubsub"
+    }
+
+    fn serves(&self) -> Serves {
+        Serves {
+            messages: &[MessageType::Publish, MessageType::PublishBatch],
+            uni_kinds: &[STREAM_KIND_PUBSUB],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        match msg {
+            Message::Publish(p) => {
+                match self.run(|core, now, out| core.handle_publish(peer.node_id(), p, now, out)) {
+                    Ok(()) => Answer::Done,
+                    Err(reason) => Answer::Refuse {
+                        code: ErrorCode::Malformed,
+                        reason,
+                    },
+                }
+            }
+            // Batches travel on pub/sub data streams only.
+            other => Answer::Refuse {
+                code: ErrorCode::UnexpectedMessage,
+                reason: format!(
+                    "{} belongs on a pub/sub data stream",
+                    other.msg_type().name()
+                ),
+            },
+        }
+    }
+
+    fn on_uni_stream(&self, peer: Peer, _kind: u8, reader: FrameReader) -> ServiceFuture {
+        Box::pin(self.clone().read_data_stream(peer, reader))
+    }
+
+    fn peer_up(&self, peer: &Peer) {
+        self.0
+            .core()
+            .handle_peer_up(&peer.node_id(), peer.hello().max_frame_size);
+    }
+
+    /// Where stale interest starts: a node that left or timed out is set
+    /// aside by the core (nothing more is queued to it) until it returns.
+    fn peer_down(&self, peer: &Peer, why: PeerDown) {
+        let why = match why {
+            PeerDown::Left => macula_pubsub::PeerDown::Left,
+            PeerDown::Closed | PeerDown::Superseded => macula_pubsub::PeerDown::Closed,
+        };
+        let now = self.0.now();
+        let mut core = self.0.core();
+        core.handle_peer_down(&peer.node_id(), why, now);
+        self.after(core);
+        if why == macula_pubsub::PeerDown::Left {
+            tracing::debug!(peer = %peer.node_id(), "pub/sub: peer left; its interest is set aside until it returns");
+        }
+    }
+}
+
+/// A live subscription: a `Stream` of `SubscriptionItem`s. Dropping it
+/// unsubscribes.
+pub struct Subscription {
+    id: macula_pubsub::SubId,
+    pattern: Pattern,
+    queue: Arc<SubQueue>,
+    owner: Weak<Inner>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("pattern", &self.pattern.as_str())
+            .finish()
+    }
+}
+
+impl Subscription {
+    pub fn pattern(&self) -> &str {
+        self.pattern.as_str()
+    }
+
+    /// Events waiting in this subscription's queue.
+    pub fn pending(&self) -> usize {
+        self.queue.lock().len()
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = SubscriptionItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        // Register first, then look: a push between the two wakes us.
+        this.queue.waker.register(cx.waker());
+        let mut q = this.queue.lock();
+        let lagged = q.take_lagged();
+        if lagged > 0 {
+            return Poll::Ready(Some(SubscriptionItem::Lagged(lagged)));
+        }
+        if let Some(e) = q.pop() {
+            return Poll::Ready(Some(SubscriptionItem::Event(e)));
+        }
+        if this.queue.closed.load(Relaxed) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Relaxed);
+        let Some(inner) = self.owner.upgrade() else {
+            return;
+        };
+        let ps = PubSub(inner);
+        let mut core = ps.0.core();
+        let interest = core.unsubscribe(self.id);
+        ps.after(core);
+        // A full node's record update was emitted as an action; a client
+        // tells its gateway (once the last holder of the pattern is gone).
+        if let (Some(i @ Interest::Upstream { .. }), Ok(rt)) =
+            (interest, tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(async move {
+                if let Err(e) = ps.announce(i).await {
+                    tracing::debug!(error = %e, "gateway did not confirm the unsubscribe");
+                }
+            });
+        }
+    }
+}

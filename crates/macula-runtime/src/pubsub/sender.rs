@@ -1,0 +1,200 @@
+//! One peer's sender: drains its queue in the core into PUBLISH_BATCH frames
+//! on a unidirectional data stream on the peer's connection, reaching (and
+//! re-reaching) the node as needed.
+//!
+//! The core decides what is sent (`poll_transmit`), in which frames
+//! (`Batch::encode`, sized to the peer's frame limit), when a write that
+//! accepts nothing is cut off (`handle_stall`), when an idle sender exits
+//! (`retire_if_idle`) and what an unreachable node means
+//! (`handle_unreachable`). This task only does the I/O, never holding the
+//! core's lock across an await, and encodes outside it.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use macula_pubsub::outbound::SENDER_IDLE;
+use macula_pubsub::{OutMsg, PeerRef, Stall, Transmit, BATCH_BYTES};
+use macula_wire::NodeId;
+use tokio::sync::Notify;
+
+use super::{Inner, STREAM_KIND_PUBSUB};
+use crate::peer::Peer;
+
+/// How long graceful shutdown waits for a peer to acknowledge the end of
+/// its data stream.
+pub const STREAM_FINISH_WAIT: Duration = Duration::from_secs(1);
+
+/// Stream reset code for a peer cut off for not reading (data stream).
+pub const STREAM_RESET_STALLED: u16 = 0x100;
+
+/// A sender that finds fewer messages than this yields (at most
+/// `COALESCE_YIELDS` times, while more keep arriving) before writing: under
+/// load many small writes (a packet each) become few large ones, and with
+/// one message in flight it goes at once.
+const COALESCE_TARGET: usize = 512;
+const COALESCE_YIELDS: usize = 4;
+
+/// The open data stream to one peer.
+struct DataStream {
+    peer: Peer,
+    send: quinn::SendStream,
+}
+
+/// Opens the pub/sub data stream on `peer`'s connection: a unidirectional
+/// stream whose first byte is `STREAM_KIND_PUBSUB`.
+async fn open(peer: Peer) -> Result<DataStream, String> {
+    let mut send = peer
+        .connection()
+        .open_uni()
+        .await
+        .map_err(|e| e.to_string())?;
+    send.write_all(&[STREAM_KIND_PUBSUB])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(DataStream { peer, send })
+}
+
+/// How one write ended.
+enum Wrote {
+    Done,
+    /// The queue was retired meanwhile (the node was set aside); its
+    /// messages were counted then.
+    Retired,
+    CutOff(u64),
+    Failed(String),
+}
+
+/// Writes `buf`, reporting progress to the core (which starts the stall
+/// clock) and asking it whether a write that accepts nothing until its
+/// deadline is cut off. One lock per `write` call.
+async fn write(inner: &Inner, q: PeerRef, send: &mut quinn::SendStream, buf: &[u8]) -> Wrote {
+    let mut off = 0;
+    let Some(mut deadline) = inner.core().handle_progress(q, inner.now()) else {
+        return Wrote::Retired;
+    };
+    while off < buf.len() {
+        let at = tokio::time::Instant::from_std(inner.clock.instant(deadline));
+        deadline = match tokio::time::timeout_at(at, send.write(&buf[off..])).await {
+            Ok(Ok(n)) => {
+                off += n;
+                if off == buf.len() {
+                    break;
+                }
+                match inner.core().handle_progress(q, inner.now()) {
+                    Some(d) => d,
+                    None => return Wrote::Retired,
+                }
+            }
+            Ok(Err(e)) => return Wrote::Failed(e.to_string()),
+            Err(_) => match inner.core().handle_stall(q, inner.now()) {
+                Stall::Wait(d) => d,
+                Stall::CutOff { dropped } => return Wrote::CutOff(dropped),
+            },
+        };
+    }
+    Wrote::Done
+}
+
+/// Runs the sender of `node`'s queue `q` until the core retires it.
+pub(super) async fn run(owner: Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>) {
+    let mut stream: Option<DataStream> = None;
+    let mut msgs: Vec<OutMsg> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(BATCH_BYTES + 1024);
+    loop {
+        let Some(inner) = owner.upgrade() else { return };
+        let t = inner.core().poll_transmit(q, &mut msgs, inner.now());
+        let mut batch = match t {
+            Transmit::Retired => return,
+            Transmit::Empty => {
+                drop(inner);
+                if tokio::time::timeout(SENDER_IDLE.to_duration(), wake.notified())
+                    .await
+                    .is_err()
+                {
+                    let Some(inner) = owner.upgrade() else { return };
+                    if inner.core().retire_if_idle(q, inner.now()) {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Transmit::Finish => {
+                // Graceful shutdown: end the stream and wait (bounded) until
+                // the peer has acknowledged all of it.
+                if let Some(mut s) = stream.take() {
+                    if s.send.finish().is_ok() {
+                        let _ = tokio::time::timeout(STREAM_FINISH_WAIT, s.send.stopped()).await;
+                    }
+                }
+                inner.core().handle_finished(q);
+                return;
+            }
+            Transmit::Batch(b) => b,
+        };
+        // Coalesce while the publisher keeps adding (a few yields, no timer).
+        for _ in 0..COALESCE_YIELDS {
+            if msgs.len() >= COALESCE_TARGET {
+                break;
+            }
+            tokio::task::yield_now().await;
+            match inner.core().poll_transmit(q, &mut msgs, inner.now()) {
+                Transmit::Batch(more) => batch.n += more.n,
+                _ => break,
+            }
+        }
+        let n = batch.n;
+        if stream.as_ref().is_none_or(|s| s.peer.is_closed()) {
+            stream = None;
+            let reach = inner.mesh.as_ref().map(|m| m.reach(node));
+            let peer = match reach {
+                Some(r) => r.await,
+                None => None,
+            };
+            let Some(peer) = peer else {
+                tracing::debug!(peer = %node, dropped = n, "pub/sub peer unreachable; its interest is set aside");
+                inner.core().handle_unreachable(q, inner.now());
+                return;
+            };
+            batch.frame_limit = peer.hello().max_frame_size;
+            inner.core().handle_peer_up(&node, batch.frame_limit);
+            match open(peer).await {
+                Ok(s) => stream = Some(s),
+                Err(e) => {
+                    tracing::debug!(peer = %node, error = %e, dropped = n, "could not open a pub/sub data stream");
+                    inner.core().handle_send_failed(q, n, inner.now());
+                    msgs.clear();
+                    continue;
+                }
+            }
+        }
+        let Some(s) = &mut stream else { continue };
+        buf.clear();
+        let encoded = batch.encode(&mut buf, &msgs);
+        msgs.clear();
+        if encoded.too_large > 0 {
+            tracing::warn!(peer = %node, n = encoded.too_large, limit = batch.frame_limit,
+                "pub/sub messages larger than the peer's frame limit dropped");
+        }
+        match write(&inner, q, &mut s.send, &buf).await {
+            Wrote::Retired => return,
+            Wrote::Done => {
+                inner.core().handle_written(q, n, encoded, inner.now());
+                s.peer.touch();
+            }
+            Wrote::CutOff(dropped) => {
+                // The peer learns why from the reset code; a later publish
+                // starts a new queue and stream.
+                let _ = s
+                    .send
+                    .reset(quinn::VarInt::from_u32(u32::from(STREAM_RESET_STALLED)));
+                tracing::warn!(peer = %node, dropped, "pub/sub peer accepted no data for the stall timeout; cut off (data stream reset, queue dropped)");
+                return;
+            }
+            Wrote::Failed(e) => {
+                tracing::debug!(peer = %node, error = %e, dropped = n, "pub/sub data stream failed");
+                inner.core().handle_send_failed(q, n, inner.now());
+                stream = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! RPC across the mesh: the tokio driver of `macula_rpc::RpcCore`.
+//!
+//! The core decides everything about a call (provider cache, choice,
+//! breaker and latency feed, backoff, the one deadline, probes, cancel,
+//! retryable versus final errors), about each request served (admission:
+//! not served, at the handler's limit, shutting down; the deadline passed
+//! to the handler) and about a gateway's forwarding. This module does the
+//! I/O it asks for: DHT lookups and puts (`links.rs`), reaching providers,
+//! sending CALL/REPLY/CALL_ERROR/CANCEL frames on the control stream,
+//! running handler futures (panics caught, aborted on CANCEL or when their
+//! connection closes), pings and timers.
+//!
+//! **Shape.** One `Mutex<State>` holds the core; it is held only for a
+//! core call, never across an await. Each call is driven by its caller's
+//! future: it polls its own actions (`RpcCore::poll_call`), does them, and
+//! otherwise sleeps until the core's next timer, an answer (the connection
+//! driver feeds REPLY/CALL_ERROR to `handle_answer`, which wakes that call),
+//! its connection closing or its probe finishing. Dropping the future tells
+//! the core (`drop_call`) and sends the CANCEL it returns.
+//!
+//! **Discovery.** `advertise` stores one signed record per provider under
+//! `dht_key("rpc:{realm}:{procedure}")` (an `Advertisement`: weight,
+//! metadata, listen addresses) and lists the procedure in the node's record
+//! under `dht_key("rpcidx:{realm}")` (used by `macula services`). Records
+//! live [`AD_TTL`] and the DHT republishes them at 75% of it; dropping the
+//! [`Registration`] (or graceful shutdown) puts an empty value, which
+//! replaces the advertisement on every replica, and stops republishing.
+//!
+//! **Roles.** A full node, a lightweight client and a node alone share this
+//! driver and the core; what differs is the link (`links.rs`) and the
+//! core's `Role`. A full node is also the gateway of its attached clients
+//! (`gateway.rs` here: advertising their procedures, calling them).
+
+mod advertise;
+mod api;
+mod call;
+mod gateway;
+mod links;
+mod metrics;
+mod serve;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::AbortHandle;
+use macula_rpc::{AdvertiseError, CallId, Millis, RpcCore, Slot};
+use macula_wire::NodeId;
+use prometheus_client::metrics::family::Family;
+
+pub use api::*;
+pub(crate) use links::{Reach, RpcLink, Upstream};
+pub use metrics::{RpcCollector, RpcCounters};
+
+use crate::peer::Peer;
+use links::Role;
+use metrics::DurationFamily;
+
+type Core = RpcCore<NodeId, Arc<dyn Handler>>;
+
+/// The core, and how to wake each call being driven (an answer for it
+/// arrived).
+struct State {
+    core: Core,
+    notify: HashMap<CallId, Arc<tokio::sync::Notify>>,
+}
+
+struct Inner {
+    node_id: NodeId,
+    max_payload: usize,
+    /// The core's clock starts here.
+    epoch: tokio::time::Instant,
+    role: Role,
+    state: Mutex<State>,
+    /// Requests being served: (connection, call id) → abort handle.
+    serving: Mutex<HashMap<(usize, u64), AbortHandle>>,
+    /// A gateway's attached clients that serve procedures, by connection.
+    clients: Mutex<HashMap<u64, Peer>>,
+    /// Serialises DHT updates of advertisements and the index.
+    ad_lock: tokio::sync::Mutex<()>,
+    /// Serialises a gateway's changes to its clients' advertisements.
+    client_ads: tokio::sync::Mutex<()>,
+    counters: Arc<RpcCounters>,
+    durations: DurationFamily,
+    duration_labels: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A node's RPC. Cheap to clone.
+#[derive(Clone)]
+pub struct Rpc(Arc<Inner>);
+
+impl std::fmt::Debug for Rpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rpc")
+            .field("advertised", &self.0.counters.advertised.load(Relaxed))
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    // Only spreads load; a fixed seed is an acceptable fallback.
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn ms(d: Duration) -> Millis {
+    Millis::from_duration(d)
+}
+
+impl Rpc {
+    /// RPC for node `node_id`; without a link it serves and calls only
+    /// in process.
+    pub fn new(node_id: NodeId, max_frame_size: u32, limits: RpcLimits) -> Rpc {
+        Self::build(node_id, max_frame_size, limits, Role::Alone)
+    }
+
+    /// A full node's RPC (alone without a link).
+    pub(crate) fn with_link(
+        node_id: NodeId,
+        max_frame_size: u32,
+        limits: RpcLimits,
+        link: Option<RpcLink>,
+    ) -> Rpc {
+        let role = link.map_or(Role::Alone, Role::Node);
+        Self::build(node_id, max_frame_size, limits, role)
+    }
+
+    /// A client's RPC: calls and advertisements go through the gateway.
+    pub(crate) fn with_upstream(
+        node_id: NodeId,
+        max_frame_size: u32,
+        limits: RpcLimits,
+        upstream: Arc<dyn Upstream>,
+    ) -> Rpc {
+        Self::build(node_id, max_frame_size, limits, Role::Client(upstream))
+    }
+
+    fn build(node_id: NodeId, max_frame_size: u32, limits: RpcLimits, role: Role) -> Rpc {
+        let cfg = macula_rpc::Config {
+            max_inflight_calls: limits.max_inflight_calls,
+            handler_concurrency: limits.handler_concurrency,
+            max_advertised: MAX_ADVERTISED,
+            provider_cache_ttl: ms(PROVIDER_CACHE_TTL),
+            provider_cache_capacity: PROVIDER_CACHE_CAPACITY,
+            max_providers_per_procedure: MAX_PROVIDERS_PER_PROCEDURE,
+            reach_timeout: ms(REACH_TIMEOUT),
+            probe_after: ms(PROBE_AFTER),
+            probe_timeout: ms(PROBE_TIMEOUT),
+            probe_interval: ms(PROBE_INTERVAL),
+            gateway_wait: ms(GATEWAY_WAIT),
+            ..macula_rpc::Config::default()
+        };
+        let core = RpcCore::new(node_id, role.core_role(), cfg, seed());
+        Rpc(Arc::new(Inner {
+            node_id,
+            max_payload: (max_frame_size as usize).saturating_sub(CALL_HEADROOM),
+            epoch: tokio::time::Instant::now(),
+            role,
+            state: Mutex::new(State {
+                core,
+                notify: HashMap::new(),
+            }),
+            serving: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            ad_lock: tokio::sync::Mutex::new(()),
+            client_ads: tokio::sync::Mutex::new(()),
+            counters: Arc::new(RpcCounters::default()),
+            durations: Family::new_with_constructor(metrics::duration_histogram),
+            duration_labels: Mutex::new(std::collections::HashSet::new()),
+        }))
+    }
+
+    pub fn counters(&self) -> &Arc<RpcCounters> {
+        &self.0.counters
+    }
+
+    /// The collector for the node's registry.
+    pub fn collector(&self) -> RpcCollector {
+        RpcCollector {
+            counters: self.0.counters.clone(),
+        }
+    }
+
+    /// `macula_rpc_duration_seconds`, by procedure (bounded label set).
+    pub fn duration_family(&self) -> DurationFamily {
+        self.0.durations.clone()
+    }
+
+    /// Largest request or reply payload.
+    pub fn max_payload(&self) -> usize {
+        self.0.max_payload
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.0.state)
+    }
+
+    fn now(&self) -> Millis {
+        ms(self.0.epoch.elapsed())
+    }
+
+    /// The instant the core's clock reads `t`.
+    fn instant(&self, t: Millis) -> tokio::time::Instant {
+        self.0.epoch + t.to_duration()
+    }
+}
+
+/// Gives a handler slot back to the core when dropped (the handler ended,
+/// or its task was aborted).
+struct SlotGuard<'a>(&'a Rpc, Option<Slot>);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.1.take() {
+            self.0.state().core.release(slot);
+        }
+    }
+}
+
+/// Holds a gauge up while alive.
+struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    fn up(g: &'a AtomicU64) -> GaugeGuard<'a> {
+        g.fetch_add(1, Relaxed);
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+fn advertise_error(procedure: &str, e: AdvertiseError) -> RpcError {
+    let procedure = procedure.to_string();
+    match e {
+        AdvertiseError::InvalidProcedure(source) => {
+            RpcError::InvalidProcedure { procedure, source }
+        }
+        AdvertiseError::ShuttingDown => RpcError::ShuttingDown,
+        AdvertiseError::AlreadyAdvertised => RpcError::AlreadyAdvertised { procedure },
+        AdvertiseError::TooManyAdvertised { max } => RpcError::TooManyAdvertised { max },
+        other => RpcError::Advertise {
+            procedure,
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}

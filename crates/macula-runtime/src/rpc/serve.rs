@@ -1,0 +1,303 @@
+//! Serving: each CALL from a peer goes through the core's admission
+//! (refused at once, served by a handler in its own task, or forwarded by a
+//! gateway); REPLY and CALL_ERROR go to the core, which names the call they
+//! answer; CANCEL and a closing connection abort the requests they concern.
+
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use futures::future::{AbortHandle, Abortable};
+use futures::FutureExt;
+use macula_rpc::Admission;
+use macula_wire::rpc::{Call, CallError, Cancel, Reply, RpcErrorKind, RpcMessage};
+use macula_wire::Message;
+
+use super::*;
+use crate::service::{Answer, PeerDown, Serves, Service};
+
+impl Rpc {
+    // ----- serving and frames from peers -------------------------------
+
+    /// An RPC frame from `peer` (called by the connection driver; never
+    /// blocks). Returns an immediate answer (a refusal) for the driver to
+    /// send itself, so a peer flooding refused calls is slowed down by its
+    /// own connection instead of piling up tasks here.
+    pub(crate) fn on_message(&self, peer: &Peer, msg: RpcMessage) -> Option<Message> {
+        match msg {
+            RpcMessage::Call(call) => return self.serve(peer, call),
+            RpcMessage::Reply(r) => self.complete(peer, r.id, Ok(r.payload)),
+            RpcMessage::Error(e) => self.complete(peer, e.id, Err(e)),
+            RpcMessage::Cancel(Cancel { id }) => {
+                let handle = lock(&self.0.serving).remove(&(peer.connection_id(), id));
+                if let Some(h) = handle {
+                    h.abort();
+                    self.0
+                        .counters
+                        .cancelled_by_caller_total
+                        .fetch_add(1, Relaxed);
+                }
+            }
+        }
+        None
+    }
+
+    pub(super) fn complete(&self, peer: &Peer, id: u64, answer: Result<Vec<u8>, CallError>) {
+        let now = self.now();
+        let notify = {
+            let mut s = self.state();
+            // The core checks that only the provider the call went to
+            // answers it.
+            match s.core.handle_answer(now, &peer.node_id(), id, answer) {
+                Some(call) => s.notify.get(&call).cloned(),
+                None => {
+                    self.0.counters.late_replies_total.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        };
+        if let Some(n) = notify {
+            // Stored as a permit if the call is not waiting yet.
+            n.notify_one();
+        }
+    }
+
+    /// Starts serving `call` in its own task, or returns the refusal.
+    pub(super) fn serve(&self, peer: &Peer, call: Call) -> Option<Message> {
+        let c = &self.0.counters;
+        let now = self.now();
+        let admission =
+            self.state()
+                .core
+                .admit(now, &call.procedure, call.timeout_ms, peer.is_client());
+        match admission {
+            Admission::Refuse { kind, message } => {
+                match kind {
+                    RpcErrorKind::NotFound => c.not_found_total.fetch_add(1, Relaxed),
+                    RpcErrorKind::Overloaded => c.handler_overloaded_total.fetch_add(1, Relaxed),
+                    _ => 0,
+                };
+                Some(Message::Rpc(RpcMessage::Error(CallError {
+                    id: call.id,
+                    kind,
+                    code: 0,
+                    message,
+                })))
+            }
+            Admission::Serve {
+                handler,
+                slot,
+                deadline,
+            } => {
+                let req = Request {
+                    procedure: call.procedure,
+                    payload: Bytes::from(call.payload),
+                    headers: call.headers,
+                    caller: peer.node_id(),
+                    deadline: self.instant(deadline),
+                };
+                let (id, rpc) = (call.id, self.clone());
+                self.spawn_serving(peer, id, async move {
+                    let _slot = SlotGuard(&rpc, Some(slot));
+                    run_handler(&rpc.0.counters, handler.as_ref(), req)
+                        .await
+                        .map_err(|f| handler_failure(id, f))
+                });
+                None
+            }
+            Admission::Forward { timeout } => {
+                // A gateway calls onward (its clients, or the mesh for a
+                // client) in its own task, like a handler; the answer keeps
+                // the onward error's kind.
+                let (rpc, id) = (self.clone(), call.id);
+                self.spawn_serving(peer, id, async move {
+                    let mut b = rpc
+                        .call(&call.procedure, call.payload)
+                        .timeout(timeout.to_duration());
+                    b.opts.headers = call.headers;
+                    b.await
+                        .map(|r| r.payload)
+                        .map_err(|e| forwarded_error(id, &e))
+                });
+                None
+            }
+        }
+    }
+
+    /// Serves request `id` from `peer` with `work` in its own task (CANCEL
+    /// aborts it, as does the connection closing) and sends the answer:
+    /// REPLY, or CALL_ERROR; an answer that cannot be sent (too large for
+    /// a frame) is replaced by an `Invalid` error.
+    pub(super) fn spawn_serving<F>(&self, peer: &Peer, id: u64, work: F)
+    where
+        F: Future<Output = Result<Bytes, CallError>> + Send + 'static,
+    {
+        let key = (peer.connection_id(), id);
+        let (abort, reg) = AbortHandle::new_pair();
+        lock(&self.0.serving).insert(key, abort);
+        let (rpc, peer) = (self.clone(), peer.clone());
+        let task = async move {
+            let outcome = work.await;
+            lock(&rpc.0.serving).remove(&key);
+            let c = &rpc.0.counters;
+            let msg = match outcome {
+                Ok(payload) => {
+                    c.served_total.fetch_add(1, Relaxed);
+                    Message::Rpc(RpcMessage::Reply(Reply {
+                        id,
+                        payload: payload.to_vec(),
+                        headers: Vec::new(),
+                    }))
+                }
+                Err(e) => {
+                    c.served_failed_total.fetch_add(1, Relaxed);
+                    Message::Rpc(RpcMessage::Error(e))
+                }
+            };
+            if let Err(e) = peer.send(&msg).await {
+                // Too large for a frame, or the connection is gone.
+                tracing::debug!(peer = %peer.node_id(), error = %e, "could not send RPC answer");
+                let message = format!("answer could not be sent: {e}");
+                let fallback = Message::Rpc(RpcMessage::Error(CallError {
+                    id,
+                    kind: RpcErrorKind::Invalid,
+                    code: 0,
+                    message: truncate(&message, macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN),
+                }));
+                let _ = peer.send(&fallback).await;
+            }
+        };
+        let counters = self.0.counters.clone();
+        tokio::spawn(async move {
+            let _gauge = GaugeGuard::up(&counters.serving);
+            let _ = Abortable::new(task, reg).await;
+        });
+    }
+
+    /// The connection `conn_id` closed: abandon the requests it carried.
+    pub(crate) fn connection_closed(&self, conn_id: usize) {
+        let mut serving = lock(&self.0.serving);
+        serving.retain(|(c, _), h| {
+            if *c == conn_id {
+                h.abort();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Waits (at most `limit`) for requests being served to finish. True if
+    /// none is left.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.0.counters.serving.load(Relaxed) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+}
+
+pub(super) enum HandlerFailure {
+    Error(HandlerError),
+    Panicked,
+    Timeout,
+}
+
+/// Runs a handler until its deadline, turning a panic into an error.
+pub(super) async fn run_handler(
+    counters: &RpcCounters,
+    handler: &dyn Handler,
+    req: Request,
+) -> Result<Bytes, HandlerFailure> {
+    let deadline = req.deadline;
+    let procedure = req.procedure.clone();
+    let fut = std::panic::AssertUnwindSafe(handler.call(req)).catch_unwind();
+    match tokio::time::timeout_at(deadline, fut).await {
+        Ok(Ok(Ok(payload))) => Ok(payload),
+        Ok(Ok(Err(e))) => Err(HandlerFailure::Error(e)),
+        Ok(Err(_panic)) => {
+            counters.handler_panics_total.fetch_add(1, Relaxed);
+            tracing::error!(procedure, "RPC handler panicked; still serving");
+            Err(HandlerFailure::Panicked)
+        }
+        Err(_) => {
+            counters.handler_timeouts_total.fetch_add(1, Relaxed);
+            Err(HandlerFailure::Timeout)
+        }
+    }
+}
+
+/// The CALL_ERROR for a served request's handler failure.
+fn handler_failure(id: u64, f: HandlerFailure) -> CallError {
+    let (kind, code, message) = match f {
+        HandlerFailure::Error(e) => (RpcErrorKind::Handler, e.code, e.message),
+        HandlerFailure::Panicked => (RpcErrorKind::Panicked, 0, "handler panicked".to_string()),
+        HandlerFailure::Timeout => (RpcErrorKind::Timeout, 0, "deadline passed".to_string()),
+    };
+    CallError {
+        id,
+        kind,
+        code,
+        message: truncate(&message, macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN),
+    }
+}
+
+/// The CALL_ERROR for a forwarded call's failure: the kind survives the hop.
+fn forwarded_error(id: u64, e: &RpcError) -> CallError {
+    let (kind, code) = match e {
+        RpcError::Handler { code, .. } => (RpcErrorKind::Handler, *code),
+        RpcError::Panicked { .. } => (RpcErrorKind::Panicked, 0),
+        RpcError::Timeout { .. } => (RpcErrorKind::Timeout, 0),
+        RpcError::Overloaded { .. } => (RpcErrorKind::Overloaded, 0),
+        RpcError::Cancelled { .. } => (RpcErrorKind::Cancelled, 0),
+        RpcError::ShuttingDown => (RpcErrorKind::ShuttingDown, 0),
+        RpcError::NoProviders { .. } => (RpcErrorKind::NoProviders, 0),
+        RpcError::Unreachable { .. } => (RpcErrorKind::Unreachable, 0),
+        _ => (RpcErrorKind::Invalid, 0),
+    };
+    let message = match e {
+        RpcError::Handler { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    CallError {
+        id,
+        kind,
+        code,
+        message: truncate(&message, macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN),
+    }
+}
+
+/// RPC as a service: CALL, REPLY, CALL_ERROR and CANCEL on the control
+/// stream; requests a connection carried are aborted when it ends.
+impl Service for Rpc {
+    fn name(&self) -> &'static str {
+        "rpc"
+    }
+
+    fn serves(&self) -> Serves {
+        use macula_wire::MessageType as T;
+        Serves {
+            messages: &[T::RpcCall, T::RpcReply, T::RpcError, T::RpcCancel],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        match msg {
+            Message::Rpc(msg) => match Rpc::on_message(self, peer, msg) {
+                Some(reply) => Answer::Reply(reply),
+                None => Answer::Done,
+            },
+            _ => Answer::Done,
+        }
+    }
+
+    fn peer_down(&self, peer: &Peer, _why: PeerDown) {
+        // Requests this connection carried have no one to answer to.
+        self.connection_closed(peer.connection_id());
+    }
+}
