@@ -844,7 +844,7 @@ impl<'a> Mesh<'a> {
             for (k, (p, live)) in want.into_iter().enumerate() {
                 let found: Vec<NodeId> = got[k].iter().flatten().map(|r| r.publisher).collect();
                 let candidates: Vec<(NodeId, u32)> = found.iter().map(|&f| (f, 1)).collect();
-                let now = self.sim.now().0;
+                let now = self.sim.now();
                 if let Some(pick) = balancer.pick(p, Strategy::RoundRobin, &candidates, &[], now) {
                     if !found.contains(&pick) {
                         return Ok(Some(format!(
