@@ -99,7 +99,10 @@ fn main() {
         ("--loss", a.loss.map(|l| l.to_string())),
         ("--subscribers", a.subscribers.map(|n| n.to_string())),
         ("--providers", a.providers.map(|n| n.to_string())),
-        ("--max-connections", a.max_connections.map(|n| n.to_string())),
+        (
+            "--max-connections",
+            a.max_connections.map(|n| n.to_string()),
+        ),
     ] {
         if let Some(v) = v {
             replay.push_str(&format!(" {flag} {v}"));

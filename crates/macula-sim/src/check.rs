@@ -169,7 +169,19 @@ pub enum Violation {
         /// The call ID the answer carried.
         answered: u64,
     },
-    /// One call answered twice to the application.
+    /// A handler ran for a call that was never sent to its node.
+    #[error(
+        "node {caller} call {call}: handler ran on {provider}, which the call was not sent to"
+    )]
+    RanUnsent {
+        /// Calling node.
+        caller: usize,
+        /// The call.
+        call: u64,
+        /// Where the handler ran.
+        provider: NodeId,
+    },
+    /// One call ended twice for the application.
     #[error("node {caller} call {call}: answered twice")]
     AnsweredTwice {
         /// Calling node.
@@ -367,13 +379,21 @@ impl DeliveryChecker {
 #[derive(Debug)]
 struct CallState {
     sent_to: Vec<NodeId>,
-    ran_on: Option<NodeId>,
-    answered: bool,
+    ran_on: Vec<NodeId>,
+    /// Made with no retries: its handler runs at most once (with retries,
+    /// a failover after an unreachable provider may run it again elsewhere:
+    /// docs/PROTOCOL.md section 5.4, "Liveness").
+    at_most_once: bool,
+    /// Answered or failed (the application has its outcome).
+    done: bool,
 }
 
 /// The RPC oracle: an answer belongs to the call it is handed to and comes
-/// from a provider the call was sent to; each call is answered at most once,
-/// and its handler runs at most once.
+/// from a provider the call was sent to; each call ends at most once; a
+/// handler runs only for a call sent to its node, never twice on one node
+/// for one call (the core never sends a call to a provider twice, and the
+/// transport delivers a CALL at most once), and only once in all for a
+/// call made without retries.
 #[derive(Debug, Default)]
 pub struct CallChecker {
     calls: HashMap<(usize, u64), CallState>,
@@ -386,18 +406,28 @@ impl CallChecker {
         CallChecker::default()
     }
 
-    /// Node `caller` sent call `call` to `provider` (first try or retry).
-    pub fn sent(&mut self, caller: usize, call: u64, provider: NodeId) {
-        if !self.calls.contains_key(&(caller, call)) && self.calls.len() >= MAX_TRACKED_CALLS {
+    /// Node `caller` starts call `call` with `retries` retries.
+    pub fn started(&mut self, caller: usize, call: u64, retries: u32) {
+        if self.calls.len() >= MAX_TRACKED_CALLS {
             return;
         }
-        let state = self.calls.entry((caller, call)).or_insert(CallState {
-            sent_to: Vec::new(),
-            ran_on: None,
-            answered: false,
-        });
-        if state.sent_to.len() < MAX_ATTEMPTS_PER_CALL && !state.sent_to.contains(&provider) {
-            state.sent_to.push(provider);
+        self.calls.insert(
+            (caller, call),
+            CallState {
+                sent_to: Vec::new(),
+                ran_on: Vec::new(),
+                at_most_once: retries == 0,
+                done: false,
+            },
+        );
+    }
+
+    /// Node `caller` sent call `call` to `provider` (first try or retry).
+    pub fn sent(&mut self, caller: usize, call: u64, provider: NodeId) {
+        if let Some(state) = self.calls.get_mut(&(caller, call)) {
+            if state.sent_to.len() < MAX_ATTEMPTS_PER_CALL && !state.sent_to.contains(&provider) {
+                state.sent_to.push(provider);
+            }
         }
     }
 
@@ -407,14 +437,21 @@ impl CallChecker {
         let Some(state) = self.calls.get_mut(&(caller, call)) else {
             return Ok(());
         };
-        if state.ran_on.is_some() {
+        if !state.sent_to.contains(&provider) && state.sent_to.len() < MAX_ATTEMPTS_PER_CALL {
+            return Err(Violation::RanUnsent {
+                caller,
+                call,
+                provider,
+            });
+        }
+        if state.ran_on.contains(&provider) || (state.at_most_once && !state.ran_on.is_empty()) {
             return Err(Violation::HandlerRanTwice {
                 caller,
                 call,
                 provider,
             });
         }
-        state.ran_on = Some(provider);
+        state.ran_on.push(provider);
         Ok(())
     }
 
@@ -440,11 +477,24 @@ impl CallChecker {
         if answered != call || !state.sent_to.contains(&from) {
             return Err(wrong);
         }
-        if state.answered {
+        if state.done {
             return Err(Violation::AnsweredTwice { caller, call });
         }
-        state.answered = true;
+        state.done = true;
         Ok(())
+    }
+
+    /// The application of `caller` learned that `call` failed.
+    pub fn failed(&mut self, caller: usize, call: u64) -> Result<(), Violation> {
+        self.n_checked += 1;
+        match self.calls.get_mut(&(caller, call)) {
+            Some(state) if state.done => Err(Violation::AnsweredTwice { caller, call }),
+            Some(state) => {
+                state.done = true;
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Checks made.
@@ -512,6 +562,8 @@ mod tests {
     #[test]
     fn answers_must_belong_to_their_call() {
         let mut c = CallChecker::new();
+        c.started(1, 10, 0);
+        c.started(1, 11, 2);
         c.sent(1, 10, id(5));
         c.sent(1, 11, id(6));
         assert!(matches!(
@@ -526,7 +578,14 @@ mod tests {
             c.answered(2, 10, id(5), 10),
             Err(Violation::WrongCall { .. })
         ));
+        // A handler runs only where the call was sent.
+        assert!(matches!(
+            c.ran(id(6), 1, 10),
+            Err(Violation::RanUnsent { .. })
+        ));
         assert_eq!(c.ran(id(5), 1, 10), Ok(()));
+        // No retries: at most once, anywhere.
+        c.sent(1, 10, id(6));
         assert!(matches!(
             c.ran(id(6), 1, 10),
             Err(Violation::HandlerRanTwice { .. })
@@ -539,8 +598,19 @@ mod tests {
                 call: 10
             })
         );
-        // A retry on another provider may answer.
+        assert!(matches!(
+            c.failed(1, 10),
+            Err(Violation::AnsweredTwice { .. })
+        ));
+        // With retries a failover may run it again elsewhere, never twice
+        // on one provider.
+        assert_eq!(c.ran(id(6), 1, 11), Ok(()));
         c.sent(1, 11, id(7));
+        assert_eq!(c.ran(id(7), 1, 11), Ok(()));
+        assert!(matches!(
+            c.ran(id(7), 1, 11),
+            Err(Violation::HandlerRanTwice { .. })
+        ));
         assert_eq!(c.answered(1, 11, id(7), 11), Ok(()));
     }
 

@@ -35,10 +35,13 @@ use macula_wire::rng::Rng;
 use macula_wire::time::Millis;
 use macula_wire::NodeId;
 
-use crate::check::{Failure, Violation};
+use crate::check::{CallChecker, DeliveryChecker, Failure, Violation};
 use crate::dht::LookupFigures;
 use crate::net::NetConfig;
-use crate::node::{Dialing, DownReason, Frame, Identity, Process, SharedAuth, SimConn, SimNode};
+use crate::node::{
+    AppEvent, Dialing, DownReason, Frame, Identity, Process, SharedAuth, SimConn, SimNode,
+};
+use crate::rpc::{CallResult, Handler};
 
 /// Record verifications remembered (by hash of signed bytes and signature)
 /// so that a store audit verifies each distinct record once; past this the
@@ -97,8 +100,22 @@ pub struct SimCounters {
     /// Events not queued because the queue was full (the run fails).
     pub events_dropped: u64,
     /// Safety checks run (each per-step check of a node, each record
-    /// verified, each lookup result checked).
+    /// verified, each lookup result checked, each delivery and call
+    /// outcome checked).
     pub checks: u64,
+    /// Messages published (sent by a pub/sub core).
+    pub published: u64,
+    /// Deliveries to subscriptions, each checked by the
+    /// [`DeliveryChecker`].
+    pub deliveries: u64,
+    /// RPC calls started by applications.
+    pub calls: u64,
+    /// Of those, answered (each answer checked by the [`CallChecker`]).
+    pub calls_ok: u64,
+    /// Of those, failed (no providers, unreachable, timeout, ...).
+    pub calls_failed: u64,
+    /// Handler runs (each checked for at-most-once).
+    pub handler_runs: u64,
 }
 
 /// What the engine does when a safety check fails.
@@ -269,6 +286,20 @@ pub struct Sim {
     supervise: bool,
     /// Events processed at the current instant.
     same_instant: u64,
+    /// Pub/sub realm of every node.
+    realm: String,
+    deliveries: DeliveryChecker,
+    calls: CallChecker,
+    next_sub: u64,
+    next_call: u64,
+    /// (node, subscription, publisher, epoch, seq) of every delivery, while
+    /// logging is on.
+    delivery_log: Option<Vec<(usize, u64, NodeId, u64, u64)>>,
+    /// (publisher node, topic, epoch, seq) of every publish, while logging
+    /// is on.
+    publish_log: Option<Vec<(usize, String, u64, u64)>>,
+    /// Finished calls: (caller node, call, outcome).
+    call_outcomes: Vec<(usize, u64, CallResult)>,
 }
 
 impl fmt::Debug for Sim {
@@ -309,6 +340,14 @@ impl Sim {
             replay: format!("(replay with seed {seed})"),
             supervise: false,
             same_instant: 0,
+            realm: "io.macula.sim".into(),
+            deliveries: DeliveryChecker::new(),
+            calls: CallChecker::new(),
+            next_sub: 0,
+            next_call: 0,
+            delivery_log: None,
+            publish_log: None,
+            call_outcomes: Vec::new(),
         }
     }
 
@@ -436,6 +475,8 @@ impl Sim {
             identity.auth(),
             node_seed,
             self.net.max_connections,
+            1,
+            &self.realm,
         );
         self.nodes.push(SimNode {
             contact,
@@ -480,6 +521,8 @@ impl Sim {
             Box::new(SignsButAcceptsAll(Ed25519Signer(auth))),
             seed,
             self.net.max_connections,
+            node.epoch,
+            &self.realm,
         );
     }
 
@@ -567,6 +610,105 @@ impl Sim {
         let r = f(self.nodes[i].process.dht.core_mut(), now);
         self.service(i);
         r
+    }
+
+    /// The pub/sub realm of every node (set before adding nodes).
+    pub fn set_realm(&mut self, realm: &str) {
+        self.realm = realm.to_string();
+    }
+
+    /// Node `i`'s application subscribes to `pattern`; returns the
+    /// subscription's number (unique in the run), or why the core refused.
+    pub fn subscribe(&mut self, i: usize, pattern: &str) -> Result<u64, String> {
+        let p = macula_pubsub::Pattern::new(pattern).map_err(|e| e.to_string())?;
+        self.next_sub += 1;
+        let sub = self.next_sub;
+        self.nodes[i].process.pubsub.subscribe(pattern, sub)?;
+        self.deliveries.subscribed(i, sub, p);
+        self.service(i);
+        Ok(sub)
+    }
+
+    /// Node `i`'s application publishes `payload` on `topic` (in order
+    /// after its publishes still waiting for a route).
+    pub fn publish(&mut self, i: usize, topic: &str, payload: &[u8]) {
+        let now = self.now;
+        let payload = bytes::Bytes::copy_from_slice(payload);
+        self.nodes[i].process.pubsub.publish(topic, payload, now);
+        self.service(i);
+    }
+
+    /// Node `i` serves `procedure` with `handler` and advertises it.
+    pub fn advertise(&mut self, i: usize, procedure: &str, handler: Handler) -> Result<(), String> {
+        let r = self.nodes[i].process.rpc.advertise(procedure, handler);
+        self.service(i);
+        r
+    }
+
+    /// Node `i`'s application calls `procedure` within `timeout`, with
+    /// `retries` retries; returns the call's number (unique in the run).
+    /// Its outcome comes back through [`Sim::take_call_outcomes`].
+    pub fn call(&mut self, i: usize, procedure: &str, timeout: Millis, retries: u32) -> u64 {
+        self.next_call += 1;
+        let app = self.next_call;
+        self.counters.calls += 1;
+        self.calls.started(i, app, retries);
+        let now = self.now;
+        self.nodes[i]
+            .process
+            .rpc
+            .call(app, procedure, timeout, retries, now);
+        self.service(i);
+        app
+    }
+
+    /// Finished calls since the last call: (caller, call, outcome).
+    pub fn take_call_outcomes(&mut self) -> Vec<(usize, u64, CallResult)> {
+        std::mem::take(&mut self.call_outcomes)
+    }
+
+    /// Keeps a log of every publish and delivery from now on (`false`:
+    /// stops and drops it).
+    pub fn set_app_log(&mut self, on: bool) {
+        self.delivery_log = on.then(Vec::new);
+        self.publish_log = on.then(Vec::new);
+    }
+
+    /// Deliveries logged since the last call: (node, subscription,
+    /// publisher, epoch, seq).
+    pub fn take_deliveries(&mut self) -> Vec<(usize, u64, NodeId, u64, u64)> {
+        self.delivery_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Publishes logged since the last call: (node, topic, epoch, seq).
+    pub fn take_publishes(&mut self) -> Vec<(usize, String, u64, u64)> {
+        self.publish_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The pub/sub oracle.
+    pub fn deliveries(&mut self) -> &mut DeliveryChecker {
+        &mut self.deliveries
+    }
+
+    /// The RPC oracle.
+    pub fn call_checker(&self) -> &CallChecker {
+        &self.calls
+    }
+
+    /// Node `i`'s pub/sub service (the last process's after a crash).
+    pub fn pubsub(&self, i: usize) -> &crate::pubsub::PubSubService {
+        &self.nodes[i].process.pubsub
+    }
+
+    /// Node `i`'s RPC service (the last process's after a crash).
+    pub fn rpc(&self, i: usize) -> &crate::rpc::RpcService {
+        &self.nodes[i].process.rpc
     }
 
     /// Crashes node `i` now: its process and everything in it is lost; its
@@ -758,7 +900,8 @@ impl Sim {
             return;
         }
         let from_inc = self.nodes[from].incarnation;
-        if self.net.duplicate > 0.0 && self.rng.chance(self.net.duplicate) {
+        if frame.may_duplicate() && self.net.duplicate > 0.0 && self.rng.chance(self.net.duplicate)
+        {
             self.counters.messages_sent += 1;
             self.counters.messages_duplicated += 1;
             let at = self.frame_arrival();
@@ -799,15 +942,15 @@ impl Sim {
 
     /// Sends `frame` from node `from` to `to`: on the pooled connection, or
     /// queued on a dial.
-    fn send_frame(&mut self, from: usize, to: &Contact, frame: Frame) {
-        let Some(&to_index) = self.by_id.get(&to.id) else {
+    fn send_frame(&mut self, from: usize, to: &NodeId, frame: Frame) {
+        let Some(&to_index) = self.by_id.get(to) else {
             self.counters.frames_unroutable += 1;
             return;
         };
         debug_assert_ne!(to_index, from, "sim seed {}: a frame to self", self.seed);
         let max_queued = self.net.max_queued_per_dial;
         let process = &mut self.nodes[from].process;
-        if let Some(c) = process.pool.get(&to.id) {
+        if let Some(c) = process.pool.get(to) {
             self.transmit(from, to_index, c.peer_incarnation, c.conn, frame);
             return;
         }
@@ -959,6 +1102,7 @@ impl Sim {
             return;
         }
         self.nodes[i].alive = false;
+        self.deliveries.node_down(i);
         self.counters.stops += 1;
         for c in self.sorted_conns(i) {
             self.timed_out_later(i, &c);
@@ -990,6 +1134,8 @@ impl Sim {
             node.identity.auth(),
             seed,
             max,
+            node.epoch,
+            &self.realm,
         );
         self.bootstrap(i, seeds);
     }
@@ -1196,9 +1342,9 @@ impl Sim {
                     .map(|d| d.queued)
                     .unwrap_or_default();
                 self.admit(dialer, c);
-                let to = self.contact(acceptor);
+                let to = self.id(acceptor);
                 for frame in queued {
-                    if self.nodes[dialer].process.pool.peek(&to.id).is_some() {
+                    if self.nodes[dialer].process.pool.peek(&to).is_some() {
                         self.send_frame(dialer, &to, frame);
                     } else {
                         self.counters.dial_queue_dropped += 1;
@@ -1219,6 +1365,7 @@ impl Sim {
                         if d.conn == conn {
                             self.counters.dials_failed += 1;
                             self.counters.dial_queue_dropped += d.queued.len() as u64;
+                            self.dial_failed(dialer, acceptor);
                         } else {
                             p.dialing.insert(acceptor, d);
                         }
@@ -1237,6 +1384,7 @@ impl Sim {
                         if d.conn == conn {
                             self.counters.dials_failed += 1;
                             self.counters.dial_queue_dropped += d.queued.len() as u64;
+                            self.dial_failed(node, peer);
                         } else {
                             p.dialing.insert(peer, d);
                         }
@@ -1267,14 +1415,14 @@ impl Sim {
                     // closed back.
                     let queued = p.dialing.remove(&peer).map(|d| d.queued);
                     self.counters.dials_failed += 1;
-                    let to = self.contact(peer);
                     for frame in queued.unwrap_or_default() {
                         if self.nodes[node].process.pool.peek(&peer_id).is_some() {
-                            self.send_frame(node, &to, frame);
+                            self.send_frame(node, &peer_id, frame);
                         } else {
                             self.counters.dial_queue_dropped += 1;
                         }
                     }
+                    self.nodes[node].process.dial_failed(&peer_id, now);
                     self.service(node);
                 }
             }
@@ -1333,6 +1481,7 @@ impl Sim {
                     }
                 }
                 self.nodes[node].alive = false;
+                self.deliveries.node_down(node);
                 self.counters.stops += 1;
                 self.nodes[node].process.dialing.clear();
                 self.nodes[node].process.armed = None;
@@ -1416,25 +1565,50 @@ impl Sim {
         }
     }
 
-    /// Drains node `i`'s services (frames, then events), re-arms its timer,
-    /// and runs the per-step safety checks on it.
+    /// Drains node `i`'s services (application events, frames, connection
+    /// requests, DHT events) until they settle, re-arms its timer, and runs
+    /// the per-step safety checks on it.
     fn service(&mut self, i: usize) {
         if !self.nodes[i].alive {
             return;
         }
-        while let Some((to, frame)) = self.nodes[i].process.drain() {
-            self.send_frame(i, &to, frame);
-        }
-        while let Some(ev) = self.nodes[i].process.dht.poll_event() {
-            match ev {
-                Event::LookupFinished { id, outcome } => {
-                    self.check_lookup(i, &outcome);
-                    match self.tags.remove(&(i, id)) {
-                        Some(tag) => self.results.push((tag, outcome)),
-                        None => self.events.push((i, Event::LookupFinished { id, outcome })),
+        let now = self.now;
+        loop {
+            self.nodes[i].process.pump(now);
+            let mut any = false;
+            while let Some(ev) = self.nodes[i].process.poll_app() {
+                any = true;
+                self.check_app(i, ev);
+            }
+            for outcome in std::mem::take(&mut self.nodes[i].process.handed) {
+                self.check_lookup(i, &outcome);
+            }
+            while let Some((to, frame)) = self.nodes[i].process.drain() {
+                any = true;
+                self.send_frame(i, &to, frame);
+            }
+            while let Some(peer) = self.nodes[i].process.poll_dial() {
+                any = true;
+                self.want_dial(i, &peer);
+            }
+            while let Some(peer) = self.nodes[i].process.poll_close() {
+                any = true;
+                self.close_conn(i, &peer);
+            }
+            while let Some(ev) = self.nodes[i].process.poll_dht_event() {
+                match ev {
+                    Event::LookupFinished { id, outcome } => {
+                        self.check_lookup(i, &outcome);
+                        match self.tags.remove(&(i, id)) {
+                            Some(tag) => self.results.push((tag, outcome)),
+                            None => self.events.push((i, Event::LookupFinished { id, outcome })),
+                        }
                     }
+                    other => self.events.push((i, other)),
                 }
-                other => self.events.push((i, other)),
+            }
+            if !any || self.failure.is_some() {
+                break;
             }
         }
         let t = self.nodes[i].process.poll_timeout();
@@ -1446,6 +1620,112 @@ impl Sim {
             }
         }
         self.check_node(i);
+    }
+
+    /// Checks one thing node `i`'s application saw against the oracles.
+    fn check_app(&mut self, i: usize, ev: AppEvent) {
+        self.counters.checks += 1;
+        let me = self.nodes[i].contact.id;
+        let verdict = match ev {
+            AppEvent::Published { topic, epoch, seq } => {
+                self.counters.published += 1;
+                if let Ok(t) = macula_pubsub::Topic::new(&topic) {
+                    self.deliveries.published(me, epoch, seq, &t);
+                }
+                if let Some(log) = &mut self.publish_log {
+                    log.push((i, topic, epoch, seq));
+                }
+                Ok(())
+            }
+            AppEvent::Delivered {
+                sub,
+                publisher,
+                epoch,
+                seq,
+                topic,
+            } => {
+                self.counters.deliveries += 1;
+                if let Some(log) = &mut self.delivery_log {
+                    log.push((i, sub, publisher, epoch, seq));
+                }
+                match macula_pubsub::Topic::new(&topic) {
+                    Ok(t) => self.deliveries.delivered(i, sub, publisher, epoch, seq, &t),
+                    Err(_) => Err(Violation::NeverPublished {
+                        node: i,
+                        publisher,
+                        epoch,
+                        seq,
+                        topic,
+                    }),
+                }
+            }
+            AppEvent::CallSent { app, provider } => {
+                self.calls.sent(i, app, provider);
+                Ok(())
+            }
+            AppEvent::Ran { caller, app } => {
+                self.counters.handler_runs += 1;
+                match self.by_id.get(&caller) {
+                    Some(&c) => self.calls.ran(me, c, app),
+                    None => Ok(()),
+                }
+            }
+            AppEvent::CallDone { app, result } => {
+                let v = match &result {
+                    Ok((from, answered)) => {
+                        self.counters.calls_ok += 1;
+                        self.calls.answered(i, app, *from, *answered)
+                    }
+                    Err(_) => {
+                        self.counters.calls_failed += 1;
+                        self.calls.failed(i, app)
+                    }
+                };
+                self.call_outcomes.push((i, app, result));
+                v
+            }
+        };
+        if let Err(v) = verdict {
+            self.fail(v);
+        }
+    }
+
+    /// A service of node `i` wants a connection to `peer`: dial unless one
+    /// is pooled or being dialed.
+    fn want_dial(&mut self, i: usize, peer: &NodeId) {
+        let Some(&j) = self.by_id.get(peer) else {
+            let now = self.now;
+            self.nodes[i].process.dial_failed(peer, now);
+            return;
+        };
+        let p = &self.nodes[i].process;
+        if j == i || p.pool.peek(peer).is_some() || p.dialing.contains_key(&j) {
+            return;
+        }
+        self.dial(i, j, Vec::new());
+    }
+
+    /// A service of node `i` closes its connection to `peer` (a provider
+    /// that failed its liveness probe).
+    fn close_conn(&mut self, i: usize, peer: &NodeId) {
+        let Some(&j) = self.by_id.get(peer) else {
+            return;
+        };
+        let Some(c) = self.nodes[i].process.pool.peek(peer).cloned() else {
+            return;
+        };
+        if self.nodes[i].process.pool.remove_if(peer, c.conn).is_some() {
+            self.close_remote(i, &c);
+            self.peer_down(i, j, DownReason::Closed);
+        }
+    }
+
+    /// Node `i`'s dial to node `j` failed: its services learn it.
+    fn dial_failed(&mut self, i: usize, j: usize) {
+        let now = self.now;
+        let id = self.id(j);
+        self.nodes[i].process.dial_failed(&id, now);
+        self.service(i);
     }
 
     /// Per-step safety: the routing table and pool never hold the node

@@ -99,6 +99,8 @@ pub mod engine;
 pub mod mesh;
 pub mod net;
 pub mod node;
+pub mod pubsub;
+pub mod rpc;
 
 pub use check::{CallChecker, DeliveryChecker, Failure, Violation};
 pub use engine::{OnViolation, Sim, SimCounters};

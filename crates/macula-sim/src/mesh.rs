@@ -4,44 +4,50 @@
 //! 1. **Join**: every node starts within `join_spread`, through one of the
 //!    first 16 nodes and a random earlier node, and keeps both connected
 //!    (the runtime's bootstrap supervisor).
-//! 2. **Register**: subscribers put their interest under the real rendezvous
-//!    names (`macula_pubsub::interest_name`), providers their advertisement
-//!    under `macula_rpc::ad_name`, through the DHT core.
+//! 2. **Register**: subscribers subscribe a wildcard pattern through their
+//!    real pub/sub core (which puts the interest record under its real
+//!    rendezvous name through the node's DHT core), providers advertise a
+//!    procedure through their real RPC core (a signed `Advertisement`
+//!    record).
 //! 3. **Faults** for `fault_window`: the faulty network (loss, duplicates,
 //!    reordering), a partition cutting off a share of the nodes for longer
 //!    than the transport idle timeout, crashes at random times (half of the
 //!    crashed nodes restart, with their key and a higher epoch, and
 //!    register again), and lookups and gets from random live nodes
-//!    throughout. Safety is checked on every step (see [`crate::check`]).
+//!    throughout. Meanwhile publishers publish sequences on random topics
+//!    and callers call random procedures (with and without retries).
+//!    Safety is checked on every step: the DHT checks of [`crate::engine`],
+//!    and every delivery and call outcome against the oracles of
+//!    [`crate::check`] as it happens.
 //! 4. **Heal**: the partition ends, the network calms down, and the mesh
 //!    settles for `heal_settle` (longer than the idle timeout and the put
 //!    retry, so stale connections are gone and failed puts retried).
 //! 5. **Liveness**: every live node is found by a lookup; for every topic, a
 //!    publisher's lookups of `lookup_names` find every live subscriber whose
-//!    pattern matches (as the [`DeliveryChecker`] computes with a `Sublist`);
+//!    pattern matches (as the [`DeliveryChecker`](crate::DeliveryChecker)
+//!    computes with a `Sublist`);
 //!    for every procedure, a caller finds every live provider and the real
-//!    `Balancer` picks one of them. A pair that fails is tried once more (a
-//!    loss can fail one attempt, a hole in the mesh fails both). Then the
-//!    whole-mesh audit.
-//!
-//! Until the pub/sub and RPC cores land, what this scenario drives of them
-//! is their DHT footprint (interest records and advertisements under their
-//! real names); the delivery and call oracles wait for the cores' adapters
-//! (see [`crate::node`] for where they plug in).
+//!    `Balancer` picks one of them; a publish on every topic from a random
+//!    live node reaches every live subscription whose pattern matches; a
+//!    call of every procedure with a live provider, from a random live
+//!    node, is answered. A check that fails is tried once more (the calm
+//!    network still loses 1% of frames: a loss can fail one attempt, a hole
+//!    in the mesh fails both). Then the whole-mesh audit.
 
 use std::collections::HashMap;
 
 use macula_dht::{Config, CorrelationId, Event, LookupId, Millis, Record, Request, SIGNATURE_LEN};
-use macula_pubsub::{interest_name, lookup_names, Pattern, Topic};
+use macula_pubsub::{lookup_names, Pattern, Topic};
 use macula_rpc::{ad_name, Balancer, BalancerLimits, BreakerConfig, Strategy};
 use macula_wire::dht::dht_key;
 use macula_wire::NodeId;
 
-use crate::check::{DeliveryChecker, Failure, Violation};
+use crate::check::{Failure, Violation};
 use crate::dht::LookupFigures;
 use crate::engine::{OnViolation, Sim, SimCounters};
 use crate::net::{Latency, NetConfig};
 use crate::node::{DhtMsg, Frame};
+use crate::rpc::Handler;
 
 /// Patterns subscribers choose from: literal, `*`, `**`, and leading
 /// wildcards (registered under the realm-wide name).
@@ -75,6 +81,18 @@ const BOOTSTRAP_NODES: usize = 16;
 /// A batch of gets still running this long after it started counts as
 /// failed.
 const GET_GIVE_UP: Millis = Millis(30_000);
+/// How long a liveness publish has to reach every subscriber (its route's
+/// lookups, then one latency; the runtime bounds the route wait at 15 s).
+const DELIVERY_GIVE_UP: Millis = Millis(20_000);
+/// Timeout of the calls made during the faults and after the heal.
+const CALL_TIMEOUT: Millis = Millis(5_000);
+/// Retries of a call with retries (the runtime's default).
+const CALL_RETRIES: u32 = 2;
+/// Simulated handlers take this long: some past the 250 ms probe point.
+const HANDLER: Handler = Handler {
+    min: Millis(1),
+    max: Millis(400),
+};
 
 /// A whole run: sizes, networks, faults, and the command that replays it.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,6 +126,16 @@ pub struct MeshScenario {
     pub partition_for: Millis,
     /// Lookups and gets from random live nodes during the window.
     pub n_probes: usize,
+    /// Nodes publishing during the window.
+    pub n_publishers: usize,
+    /// Each publisher publishes this many messages, at random times of the
+    /// window (on random topics).
+    pub publishes_each: usize,
+    /// Nodes calling during the window.
+    pub n_callers: usize,
+    /// Each caller makes this many calls, at random times of the window
+    /// (half without retries: those must run their handler at most once).
+    pub calls_each: usize,
     /// Quiet time after the heal, before the liveness checks.
     pub heal_settle: Millis,
     /// A peer sends a forged record to a node during the window.
@@ -155,6 +183,10 @@ impl MeshScenario {
             partition_percent: 20,
             partition_for: Millis(40_000),
             n_probes: n_nodes,
+            n_publishers: (n_nodes / 20).clamp(1, 100),
+            publishes_each: 30,
+            n_callers: (n_nodes / 20).clamp(1, 100),
+            calls_each: 20,
             heal_settle: Millis(60_000),
             inject_forgery: None,
             realm: "io.macula.sim".into(),
@@ -208,6 +240,15 @@ pub struct MeshReport {
     pub n_providers_checked: usize,
     /// Of those, not found twice.
     pub n_providers_missing: usize,
+    /// Liveness: (topic, live matching subscription) pairs a publish after
+    /// the heal had to reach.
+    pub n_delivery_checked: usize,
+    /// Of those, not reached twice.
+    pub n_delivery_missing: usize,
+    /// Liveness: procedures with a live provider called after the heal.
+    pub n_calls_checked: usize,
+    /// Of those, not answered twice.
+    pub n_calls_missing: usize,
     /// Simulated time at the end.
     pub sim_end: Millis,
     /// Network and check counters.
@@ -256,6 +297,19 @@ impl std::fmt::Display for MeshReport {
             self.n_providers_missing
         )?;
         let c = &self.counters;
+        writeln!(
+            f,
+            "after heal: {} (topic, live subscription) deliveries, {} missing; {} procedures called, {} not answered",
+            self.n_delivery_checked,
+            self.n_delivery_missing,
+            self.n_calls_checked,
+            self.n_calls_missing
+        )?;
+        writeln!(
+            f,
+            "messages checked: {} published, {} deliveries; {} calls ({} answered, {} failed), {} handler runs",
+            c.published, c.deliveries, c.calls, c.calls_ok, c.calls_failed, c.handler_runs
+        )?;
         write!(
             f,
             "checked: {} frames delivered, {} safety checks; network: {} messages, {} lost, {} duplicated, {} cut by the partition, {} to dead nodes; {} dials ({} failed), {} connections closed, {} bootstrap re-seeds",
@@ -301,6 +355,8 @@ enum Action {
     Heal,
     Probe,
     Forge,
+    Publish(usize),
+    Call(usize, u32),
 }
 
 struct Mesh<'a> {
@@ -310,7 +366,6 @@ struct Mesh<'a> {
     patterns: HashMap<usize, Pattern>,
     /// Node -> its procedure.
     procedures: HashMap<usize, &'static str>,
-    deliveries: DeliveryChecker,
     probe_outcomes: Vec<macula_dht::LookupOutcome>,
     /// Probe lookups running: (node, lookup) -> a FIND_NODE (measured) or a
     /// get (only checked).
@@ -323,6 +378,7 @@ struct Mesh<'a> {
 impl<'a> Mesh<'a> {
     fn new(s: &'a MeshScenario) -> Mesh<'a> {
         let mut sim = Sim::new(s.calm.clone(), s.seed);
+        sim.set_realm(&s.realm);
         sim.set_on_violation(OnViolation::Stop);
         sim.set_supervise_bootstrap(true);
         sim.set_replay(s.replay.clone());
@@ -339,7 +395,6 @@ impl<'a> Mesh<'a> {
             sim,
             patterns: HashMap::new(),
             procedures: HashMap::new(),
-            deliveries: DeliveryChecker::new(),
             probe_outcomes: Vec::new(),
             probe_lookups: HashMap::new(),
             history: HashMap::new(),
@@ -358,6 +413,10 @@ impl<'a> Mesh<'a> {
                 n_interest_missing: 0,
                 n_providers_checked: 0,
                 n_providers_missing: 0,
+                n_delivery_checked: 0,
+                n_delivery_missing: 0,
+                n_calls_checked: 0,
+                n_calls_missing: 0,
                 sim_end: Millis::ZERO,
                 counters: SimCounters::default(),
             },
@@ -452,6 +511,8 @@ impl<'a> Mesh<'a> {
         failed.extend(self.check_coverage()?);
         failed.extend(self.check_interest()?);
         failed.extend(self.check_providers()?);
+        failed.extend(self.check_deliveries()?);
+        failed.extend(self.check_calls()?);
         self.sim.audit();
         self.ok()?;
         if !failed.is_empty() {
@@ -508,6 +569,22 @@ impl<'a> Mesh<'a> {
             let (t, k1) = at(&mut self.sim, window / 4, window / 2);
             actions.push((t, k1, Action::Forge));
         }
+        let mut nodes: Vec<usize> = (0..s.n_nodes).collect();
+        self.sim.rng().shuffle(&mut nodes);
+        for &p in nodes.iter().take(s.n_publishers) {
+            for _ in 0..s.publishes_each {
+                let (t, k1) = at(&mut self.sim, 0, window);
+                actions.push((t, k1, Action::Publish(p)));
+            }
+        }
+        self.sim.rng().shuffle(&mut nodes);
+        for &c in nodes.iter().take(s.n_callers) {
+            for j in 0..s.calls_each {
+                let (t, k1) = at(&mut self.sim, 0, window);
+                let retries = if j % 2 == 0 { 0 } else { CALL_RETRIES };
+                actions.push((t, k1, Action::Call(c, retries)));
+            }
+        }
         actions
     }
 
@@ -518,7 +595,6 @@ impl<'a> Mesh<'a> {
                 if self.sim.alive(v) {
                     self.note(v, "crashed");
                     self.sim.kill(v);
-                    self.deliveries.node_down(v);
                     self.report.n_crashed += 1;
                 }
             }
@@ -575,6 +651,18 @@ impl<'a> Mesh<'a> {
                 }
             }
             Action::Forge => self.forge(),
+            Action::Publish(i) => {
+                if self.sim.alive(i) {
+                    let t = TOPICS[self.sim.rng().below(TOPICS.len() as u64) as usize];
+                    self.sim.publish(i, t, b"sim");
+                }
+            }
+            Action::Call(i, retries) => {
+                if self.sim.alive(i) {
+                    let p = PROCEDURES[self.sim.rng().below(PROCEDURES.len() as u64) as usize];
+                    self.sim.call(i, p, CALL_TIMEOUT, retries);
+                }
+            }
         }
     }
 
@@ -659,23 +747,18 @@ impl<'a> Mesh<'a> {
         live
     }
 
-    /// Node `i`'s application (re)registers its interest and advertisement.
+    /// Node `i`'s application (re)subscribes and (re)advertises, through
+    /// its pub/sub and RPC cores.
     fn register(&mut self, i: usize) {
-        let s = self.s;
         if let Some(p) = self.patterns.get(&i).cloned() {
-            let key = dht_key(interest_name(&s.realm, &p).as_bytes());
-            let value = p.as_str().as_bytes().to_vec();
-            // A failed put is retried by the core itself; nothing to do.
-            let _ = self
-                .sim
-                .command(i, |d, now| d.put(key, value, RECORD_TTL, now));
-            self.deliveries.subscribed(i, 0, p);
+            if let Err(e) = self.sim.subscribe(i, p.as_str()) {
+                tracing::warn!(node = i, error = %e, "subscribe refused");
+            }
         }
         if let Some(proc_name) = self.procedures.get(&i).copied() {
-            let key = dht_key(ad_name(&s.realm, proc_name).as_bytes());
-            let _ = self
-                .sim
-                .command(i, |d, now| d.put(key, Vec::new(), RECORD_TTL, now));
+            if let Err(e) = self.sim.advertise(i, proc_name, HANDLER) {
+                tracing::warn!(node = i, error = %e, "advertise refused");
+            }
         }
     }
 
@@ -747,7 +830,8 @@ impl<'a> Mesh<'a> {
             for &t in TOPICS {
                 let topic = Topic::new(t).expect("valid topic");
                 let expected: Vec<usize> = self
-                    .deliveries
+                    .sim
+                    .deliveries()
                     .expected(&topic)
                     .into_iter()
                     .map(|(node, _)| node)
@@ -774,10 +858,10 @@ impl<'a> Mesh<'a> {
                     .flatten()
                     .flatten()
                     .filter(|r| {
-                        std::str::from_utf8(&r.value)
-                            .ok()
-                            .and_then(|p| Pattern::new(p).ok())
-                            .is_some_and(|p| p.matches(&topic))
+                        String::from_utf8_lossy(&r.value)
+                            .lines()
+                            .filter_map(|p| Pattern::new(p).ok())
+                            .any(|p| p.matches(&topic))
                     })
                     .map(|r| r.publisher)
                     .collect::<Vec<NodeId>>();
@@ -842,7 +926,12 @@ impl<'a> Mesh<'a> {
             self.ok()?;
             let mut still = Vec::new();
             for (k, (p, live)) in want.into_iter().enumerate() {
-                let found: Vec<NodeId> = got[k].iter().flatten().map(|r| r.publisher).collect();
+                let found: Vec<NodeId> = got[k]
+                    .iter()
+                    .flatten()
+                    .filter(|r| !r.value.is_empty())
+                    .map(|r| r.publisher)
+                    .collect();
                 let candidates: Vec<(NodeId, u32)> = found.iter().map(|&f| (f, 1)).collect();
                 let now = self.sim.now();
                 if let Some(pick) = balancer.pick(p, Strategy::RoundRobin, &candidates, &[], now) {
@@ -876,6 +965,168 @@ impl<'a> Mesh<'a> {
             "{} live providers not found by a caller after the heal (twice), e.g. {}",
             missing.len(),
             e.join(", ")
+        )))
+    }
+    /// `Err`: a safety failure; `Ok(Some(_))`: this liveness check failed.
+    /// A publish on every topic, from a random live node, reaches every
+    /// live subscription whose pattern matches.
+    fn check_deliveries(&mut self) -> Result<Option<String>, Failure> {
+        self.sim.set_app_log(true);
+        // (topic, node, subscription) still to reach.
+        let mut missing: Vec<(&'static str, usize, u64)> = Vec::new();
+        for attempt in 0..2 {
+            let mut want: Vec<(&'static str, usize, Vec<(usize, u64)>)> = Vec::new();
+            for &t in TOPICS {
+                let topic = Topic::new(t).expect("valid topic");
+                let expected: Vec<(usize, u64)> = self
+                    .sim
+                    .deliveries()
+                    .expected(&topic)
+                    .into_iter()
+                    .filter(|&(node, sub)| {
+                        attempt == 0 || missing.iter().any(|m| *m == (t, node, sub))
+                    })
+                    .collect();
+                if expected.is_empty() {
+                    continue;
+                }
+                let Some(&publisher) = self.random_live(1, usize::MAX).first() else {
+                    continue;
+                };
+                if attempt == 0 {
+                    self.report.n_delivery_checked += expected.len();
+                }
+                self.sim.publish(publisher, t, b"liveness");
+                want.push((t, publisher, expected));
+            }
+            let until = self.sim.now().saturating_add(DELIVERY_GIVE_UP);
+            self.sim.run_until(until);
+            self.ok()?;
+            let published = self.sim.take_publishes();
+            let delivered: std::collections::HashSet<(usize, u64, NodeId, u64, u64)> =
+                self.sim.take_deliveries().into_iter().collect();
+            let mut still = Vec::new();
+            for (t, publisher, expected) in want {
+                let sent = published
+                    .iter()
+                    .find(|(p, topic, _, _)| *p == publisher && topic == t);
+                let pid = self.sim.id(publisher);
+                for (node, sub) in expected {
+                    // A subscription that ended meanwhile (a crash) is not
+                    // owed anything.
+                    if !self.sim.alive(node) {
+                        continue;
+                    }
+                    let got = sent.is_some_and(|&(_, _, epoch, seq)| {
+                        delivered.contains(&(node, sub, pid, epoch, seq))
+                    });
+                    if !got {
+                        still.push((t, node, sub));
+                    }
+                }
+            }
+            missing = still;
+            if missing.is_empty() {
+                break;
+            }
+        }
+        self.sim.set_app_log(false);
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let e: Vec<String> = missing
+            .iter()
+            .take(5)
+            .map(|(t, n, _)| format!("{t} -> {}", self.describe(*n)))
+            .collect();
+        self.report.n_delivery_missing = missing.len();
+        Ok(Some(format!(
+            "{} live subscriptions not reached by a publish after the heal (twice), e.g. {}",
+            missing.len(),
+            e.join(", ")
+        )))
+    }
+
+    /// `Err`: a safety failure; `Ok(Some(_))`: this liveness check failed.
+    /// A call of every procedure with a live provider, from a random live
+    /// node, is answered by a live provider of it.
+    fn check_calls(&mut self) -> Result<Option<String>, Failure> {
+        self.sim.take_call_outcomes();
+        let mut missing: Vec<&'static str> = Vec::new();
+        let mut last_error: Vec<String> = Vec::new();
+        for attempt in 0..2 {
+            let mut calls: HashMap<u64, &'static str> = HashMap::new();
+            for &p in PROCEDURES {
+                let live = self
+                    .procedures
+                    .iter()
+                    .any(|(&i, &q)| q == p && self.sim.alive(i));
+                if !live || (attempt > 0 && !missing.contains(&p)) {
+                    continue;
+                }
+                let Some(&caller) = self.random_live(1, usize::MAX).first() else {
+                    continue;
+                };
+                if attempt == 0 {
+                    self.report.n_calls_checked += 1;
+                }
+                let app = self.sim.call(caller, p, CALL_TIMEOUT, CALL_RETRIES);
+                calls.insert(app, p);
+            }
+            let n = calls.len();
+            let until = self
+                .sim
+                .now()
+                .saturating_add(CALL_TIMEOUT)
+                .saturating_add(Millis(1_000));
+            let mut outcomes = Vec::new();
+            while outcomes.len() < n && self.sim.now() < until && self.sim.failure().is_none() {
+                let step = self.sim.now().saturating_add(Millis(500)).min(until);
+                self.sim.run_until(step);
+                outcomes.extend(
+                    self.sim
+                        .take_call_outcomes()
+                        .into_iter()
+                        .filter(|(_, app, _)| calls.contains_key(app)),
+                );
+            }
+            self.ok()?;
+            let mut answered = Vec::new();
+            last_error.clear();
+            for (_, app, result) in outcomes {
+                let Some(&p) = calls.get(&app) else { continue };
+                match result {
+                    Ok((from, _)) => {
+                        let served_by_live = self.sim.index_of(&from).is_some_and(|i| {
+                            self.sim.alive(i) && self.procedures.get(&i) == Some(&p)
+                        });
+                        if !served_by_live {
+                            return self
+                                .fail(format!(
+                                    "{p} was answered by {from}, not a live provider of it"
+                                ))
+                                .map(|()| None);
+                        }
+                        answered.push(p);
+                    }
+                    Err(e) => last_error.push(format!("{p}: {e:?}")),
+                }
+            }
+            missing = calls
+                .values()
+                .copied()
+                .filter(|p| !answered.contains(p))
+                .collect();
+            missing.sort_unstable();
+            if missing.is_empty() {
+                return Ok(None);
+            }
+        }
+        self.report.n_calls_missing = missing.len();
+        Ok(Some(format!(
+            "calls of {} not answered after the heal (twice): {}",
+            missing.join(", "),
+            last_error.join("; ")
         )))
     }
 }

@@ -8,23 +8,34 @@
 //! each input; it knows no protocol beyond the [`Frame`] enum that routes a
 //! frame to its service.
 //!
-//! **Adding a core** (the pub/sub and RPC cores, when they land): one
-//! adapter implementing [`Service`] in a module of its own, one [`Frame`]
-//! variant, one field in `Process`, one arm in `Process::deliver`,
-//! `Process::drain` and `Process::poll_timeout`, and its checks in
-//! [`crate::check`].
+//! Services that need the DHT (pub/sub interest, RPC advertisements and
+//! provider lookups) ask for it with [`DhtReq`]s, which `Process::pump`
+//! runs on the node's own DHT core and answers with [`DhtDone`]; they ask
+//! the engine for connections (dials, closes) the same way, and report
+//! what the application sees as [`AppEvent`]s, which the engine checks.
+//!
+//! **Adding a core**: one adapter implementing [`Service`] in a module of
+//! its own, one [`Frame`] variant, one field in `Process`, one arm in
+//! `Process::deliver`, `Process::drain` and `Process::poll_timeout`, and its
+//! checks in [`crate::check`].
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
+use std::collections::VecDeque;
+
 use macula_dht::{
-    Config, Contact, CorrelationId, Dht, Ed25519Auth, Event, RecordAuth, Request, Response,
+    Config, Contact, CorrelationId, Dht, Ed25519Auth, Event, LookupId, LookupOutcome, PutId,
+    Record, RecordAuth, Request, Response,
 };
 use macula_pool::{PoolTable, Pooled};
 use macula_wire::time::Millis;
 use macula_wire::NodeId;
+
+use crate::pubsub::{PubSubMsg, PubSubService};
+use crate::rpc::{CallResult, RpcMsg, RpcService};
 
 /// Why a node lost its connection to a peer (what the runtime's connection
 /// driver learns from quinn).
@@ -62,7 +73,7 @@ pub trait Service {
     /// The timer from [`Service::poll_timeout`] fired (harmless early).
     fn handle_timeout(&mut self, now: Millis);
     /// The next frame to send, and to whom.
-    fn poll_transmit(&mut self) -> Option<(Contact, Self::Msg)>;
+    fn poll_transmit(&mut self) -> Option<(NodeId, Self::Msg)>;
     /// When [`Service::handle_timeout`] next needs to run.
     fn poll_timeout(&self) -> Option<Millis>;
 }
@@ -78,10 +89,112 @@ pub enum DhtMsg {
 }
 
 /// What travels between simulated nodes: one variant per service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     /// For the DHT core.
     Dht(DhtMsg),
+    /// For the pub/sub core (a data stream's PUBLISH_BATCH).
+    PubSub(PubSubMsg),
+    /// For the RPC core (control-stream messages, probes).
+    Rpc(RpcMsg),
+}
+
+impl Frame {
+    /// Whether the network may deliver this frame twice. RPC messages
+    /// travel on the QUIC control stream, whose data QUIC delivers at most
+    /// once while the connection lives (a connection lost mid-call loses
+    /// frames, which the network models with loss); DHT requests and
+    /// answers, and pub/sub batches, must survive duplicates (the DHT
+    /// ignores a repeated answer, pub/sub deduplicates by `(epoch, seq)`).
+    pub fn may_duplicate(&self) -> bool {
+        !matches!(self, Frame::Rpc(_))
+    }
+}
+
+/// A DHT operation a service asks of its node's DHT core; the result comes
+/// back as a [`DhtDone`] with the same tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DhtReq {
+    /// Get the records under `key` (a fresh lookup, as `get_fresh`).
+    Get { key: NodeId, tag: u64 },
+    /// Put (and keep republishing) `value` under `key`.
+    Put {
+        key: NodeId,
+        value: Vec<u8>,
+        ttl: Millis,
+        tag: u64,
+    },
+}
+
+/// The outcome of a [`DhtReq`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DhtDone {
+    /// The records found, or why the lookup could not start.
+    Got {
+        tag: u64,
+        result: Result<Vec<Record>, String>,
+    },
+    /// Whether the put reached its quorum.
+    Put {
+        tag: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// What a node's application sees of pub/sub and RPC: the engine checks
+/// every one against the oracles of [`crate::check`] as it happens.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AppEvent {
+    /// A publish went out as `(epoch, seq)`.
+    Published {
+        /// Its topic.
+        topic: String,
+        /// The publisher's epoch.
+        epoch: u64,
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// An event reached subscription `sub`.
+    Delivered {
+        /// The application's subscription.
+        sub: u64,
+        /// Who published it.
+        publisher: NodeId,
+        /// Publisher epoch.
+        epoch: u64,
+        /// Sequence number.
+        seq: u64,
+        /// Its topic.
+        topic: String,
+    },
+    /// A CALL of the application's call `app` went to `provider`.
+    CallSent {
+        /// The application's call.
+        app: u64,
+        /// Where it went.
+        provider: NodeId,
+    },
+    /// This node ran its handler for `caller`'s call `app`.
+    Ran {
+        /// The calling node.
+        caller: NodeId,
+        /// The call (from its payload).
+        app: u64,
+    },
+    /// The application's call `app` ended.
+    CallDone {
+        /// The call.
+        app: u64,
+        /// Who answered with which call's payload, or why it failed.
+        result: CallResult,
+    },
+}
+
+/// Which service asked for a DHT operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    PubSub,
+    Rpc,
 }
 
 /// The DHT core (`macula_dht::Dht`) as a [`Service`], exactly as the
@@ -148,10 +261,10 @@ impl Service for DhtService {
         self.dht.handle_timeout(now);
     }
 
-    fn poll_transmit(&mut self) -> Option<(Contact, DhtMsg)> {
+    fn poll_transmit(&mut self) -> Option<(NodeId, DhtMsg)> {
         self.dht
             .poll_transmit()
-            .map(|o| (o.to, DhtMsg::Request(o.correlation_id, o.request)))
+            .map(|o| (o.to.id, DhtMsg::Request(o.correlation_id, o.request)))
     }
 
     fn poll_timeout(&self) -> Option<Millis> {
@@ -249,6 +362,8 @@ pub(crate) struct Dialing {
 /// What a crash loses: the running process.
 pub(crate) struct Process {
     pub(crate) dht: DhtService,
+    pub(crate) pubsub: PubSubService,
+    pub(crate) rpc: RpcService,
     pub(crate) pool: PoolTable<SimConn>,
     pub(crate) dialing: HashMap<usize, Dialing>,
     /// The time the node's timer is armed for (stale timer events are
@@ -259,24 +374,44 @@ pub(crate) struct Process {
     /// Bootstrap peers (indices) the node keeps connected, and whether the
     /// DHT was seeded with each since its connection last came up.
     pub(crate) bootstrap: Vec<(usize, bool)>,
+    /// DHT operations run for a service: whose, and its tag.
+    lookups: HashMap<LookupId, (Owner, u64)>,
+    puts: HashMap<PutId, (Owner, u64)>,
+    /// DHT events no service claimed (for the engine).
+    dht_events: VecDeque<Event>,
+    /// Lookups a service was handed, for the engine's record checks.
+    pub(crate) handed: Vec<LookupOutcome>,
 }
 
+/// Bounds the rounds of [`Process::pump`]: services feeding each other
+/// through the DHT settle in a few; more is a livelock.
+const MAX_PUMP_ROUNDS: usize = 1_000;
+
 impl Process {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Config,
         own: Contact,
         auth: Box<dyn RecordAuth + Send>,
         seed: u64,
         max_connections: usize,
+        epoch: u64,
+        realm: &str,
     ) -> Process {
         let id = own.id;
         Process {
             dht: DhtService::new(Dht::new(config, own, auth, seed)),
+            pubsub: PubSubService::new(id, epoch, realm),
+            rpc: RpcService::new(id, realm, seed.rotate_left(17)),
             pool: PoolTable::new(id, max_connections, 0),
             dialing: HashMap::new(),
             armed: None,
             audited_stores: 0,
             bootstrap: Vec::new(),
+            lookups: HashMap::new(),
+            puts: HashMap::new(),
+            dht_events: VecDeque::new(),
+            handed: Vec::new(),
         }
     }
 
@@ -284,29 +419,171 @@ impl Process {
     pub(crate) fn deliver(&mut self, from: &Contact, frame: Frame, now: Millis) -> Option<Frame> {
         match frame {
             Frame::Dht(m) => self.dht.handle_frame(from, m, now).map(Frame::Dht),
+            Frame::PubSub(m) => self.pubsub.handle_frame(from, m, now).map(Frame::PubSub),
+            Frame::Rpc(m) => self.rpc.handle_frame(from, m, now).map(Frame::Rpc),
         }
     }
 
     pub(crate) fn peer_up(&mut self, peer: &Contact, now: Millis) {
         self.dht.handle_peer_up(peer, now);
+        self.pubsub.handle_peer_up(peer, now);
+        self.rpc.handle_peer_up(peer, now);
     }
 
     pub(crate) fn peer_down(&mut self, peer: &NodeId, reason: DownReason, now: Millis) {
         self.dht.handle_peer_down(peer, reason, now);
+        self.pubsub.handle_peer_down(peer, reason, now);
+        self.rpc.handle_peer_down(peer, reason, now);
+    }
+
+    /// A dial to `peer` failed; services waiting to reach it learn it
+    /// (unless a connection came up the other way).
+    pub(crate) fn dial_failed(&mut self, peer: &NodeId, now: Millis) {
+        if self.pool.peek(peer).is_some() {
+            return;
+        }
+        self.pubsub.handle_dial_failed(peer, now);
+        self.rpc.handle_dial_failed(peer, now);
     }
 
     pub(crate) fn timeout(&mut self, now: Millis) {
         self.dht.handle_timeout(now);
+        self.pubsub.handle_timeout(now);
+        self.rpc.handle_timeout(now);
+    }
+
+    /// Moves work between the services until it settles: what pub/sub and
+    /// RPC ask of the DHT is started, and what the DHT finished for them is
+    /// handed back.
+    pub(crate) fn pump(&mut self, now: Millis) {
+        for _ in 0..MAX_PUMP_ROUNDS {
+            self.pubsub.pump(now, &self.pool);
+            self.rpc.pump(now, &self.pool);
+            let mut moved = false;
+            while let Some(r) = self.pubsub.poll_dht() {
+                moved = true;
+                self.dht_request(Owner::PubSub, r, now);
+            }
+            while let Some(r) = self.rpc.poll_dht() {
+                moved = true;
+                self.dht_request(Owner::Rpc, r, now);
+            }
+            while let Some(key) = self.pubsub.poll_unpublish() {
+                self.dht.core_mut().unpublish(&key);
+            }
+            while let Some(ev) = self.dht.poll_event() {
+                match ev {
+                    Event::LookupFinished { id, outcome } => match self.lookups.remove(&id) {
+                        Some((owner, tag)) => {
+                            moved = true;
+                            let records = outcome.records.clone();
+                            self.handed.push(outcome);
+                            let done = DhtDone::Got {
+                                tag,
+                                result: Ok(records),
+                            };
+                            self.dht_done(owner, done, now);
+                        }
+                        None => self
+                            .dht_events
+                            .push_back(Event::LookupFinished { id, outcome }),
+                    },
+                    Event::PutFinished { id, key, result } => match self.puts.remove(&id) {
+                        Some((owner, tag)) => {
+                            moved = true;
+                            let result = result.map(|_| ()).map_err(|e| e.to_string());
+                            self.dht_done(owner, DhtDone::Put { tag, result }, now);
+                        }
+                        None => self
+                            .dht_events
+                            .push_back(Event::PutFinished { id, key, result }),
+                    },
+                    other => self.dht_events.push_back(other),
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        tracing::warn!("services did not settle in {MAX_PUMP_ROUNDS} rounds");
+    }
+
+    fn dht_request(&mut self, owner: Owner, req: DhtReq, now: Millis) {
+        match req {
+            DhtReq::Get { key, tag } => match self.dht.core_mut().get(key, now) {
+                Ok(id) => {
+                    self.lookups.insert(id, (owner, tag));
+                }
+                Err(e) => {
+                    let result = Err(e.to_string());
+                    self.dht_done(owner, DhtDone::Got { tag, result }, now);
+                }
+            },
+            DhtReq::Put {
+                key,
+                value,
+                ttl,
+                tag,
+            } => match self.dht.core_mut().put(key, value, ttl, now) {
+                Ok(id) => {
+                    self.puts.insert(id, (owner, tag));
+                }
+                Err(e) => {
+                    let result = Err(e.to_string());
+                    self.dht_done(owner, DhtDone::Put { tag, result }, now);
+                }
+            },
+        }
+    }
+
+    fn dht_done(&mut self, owner: Owner, done: DhtDone, now: Millis) {
+        match owner {
+            Owner::PubSub => self.pubsub.handle_dht(done, now),
+            Owner::Rpc => self.rpc.handle_dht(done, now),
+        }
+    }
+
+    /// A DHT event no service claimed.
+    pub(crate) fn poll_dht_event(&mut self) -> Option<Event> {
+        self.dht_events.pop_front()
     }
 
     /// The next frame any service wants sent.
-    pub(crate) fn drain(&mut self) -> Option<(Contact, Frame)> {
-        self.dht.poll_transmit().map(|(c, m)| (c, Frame::Dht(m)))
+    pub(crate) fn drain(&mut self) -> Option<(NodeId, Frame)> {
+        if let Some((to, m)) = self.dht.poll_transmit() {
+            return Some((to, Frame::Dht(m)));
+        }
+        if let Some((to, m)) = self.pubsub.poll_transmit() {
+            return Some((to, Frame::PubSub(m)));
+        }
+        self.rpc.poll_transmit().map(|(to, m)| (to, Frame::Rpc(m)))
+    }
+
+    /// A peer a service wants a connection to.
+    pub(crate) fn poll_dial(&mut self) -> Option<NodeId> {
+        self.pubsub.poll_dial().or_else(|| self.rpc.poll_dial())
+    }
+
+    /// A peer whose connection a service wants closed.
+    pub(crate) fn poll_close(&mut self) -> Option<NodeId> {
+        self.rpc.poll_close()
+    }
+
+    /// The next thing the application saw.
+    pub(crate) fn poll_app(&mut self) -> Option<AppEvent> {
+        self.pubsub.poll_app().or_else(|| self.rpc.poll_app())
     }
 
     /// The earliest timer of any service.
     pub(crate) fn poll_timeout(&self) -> Option<Millis> {
-        self.dht.poll_timeout()
+        [
+            self.dht.poll_timeout(),
+            self.pubsub.poll_timeout(),
+            self.rpc.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
