@@ -248,6 +248,49 @@ fn a_peer_that_leaves_is_dropped_without_waiting_for_timeouts() {
     assert!(d.routing().contains(&id(2)));
 }
 
+/// Found by macula-sim (a partition cut many connections at once and two
+/// runs of one seed diverged): `peer_left` failed the peer's requests in
+/// hash-map order, so the requests the lookups sent next went out in a
+/// different order in two identical nodes.
+#[test]
+fn a_peer_leaving_fails_its_requests_in_a_replayable_order() {
+    let run = || {
+        let mut d = node(1, Config::default());
+        d.bootstrap(vec![contact(2)], Millis(0));
+        let (out, _) = drain(&mut d);
+        let closer = (3..=12).map(contact).collect();
+        d.handle_response(
+            &id(2),
+            out[0].correlation_id,
+            Response::Nodes { closer },
+            Millis(10),
+        );
+        // Everyone answers the join: all are in the routing table.
+        let (out, _) = drain(&mut d);
+        for o in out {
+            d.handle_response(
+                &o.to.id,
+                o.correlation_id,
+                Response::Nodes { closer: vec![] },
+                Millis(20),
+            );
+        }
+        drain(&mut d);
+        // Many lookups, several of them waiting on node 3.
+        for k in 0..40u8 {
+            let _ = d.get(NodeId::from_bytes([k.wrapping_mul(7); 32]), Millis(30));
+        }
+        drain(&mut d);
+        d.peer_left(&id(3), Millis(40));
+        let (out, events) = drain(&mut d);
+        format!("{out:?} {events:?}")
+    };
+    let first = run();
+    for _ in 0..4 {
+        assert_eq!(run(), first, "two identical nodes diverged");
+    }
+}
+
 #[test]
 fn unmatched_and_misattributed_responses_are_dropped() {
     let mut d = node(1, Config::default());

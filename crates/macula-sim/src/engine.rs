@@ -116,6 +116,8 @@ pub struct SimCounters {
     pub calls_failed: u64,
     /// Handler runs (each checked for at-most-once).
     pub handler_runs: u64,
+    /// Failed calls by why (`Timeout`, `Unreachable`, ...).
+    pub call_failures: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// What the engine does when a safety check fails.
@@ -1676,8 +1678,13 @@ impl Sim {
                         self.counters.calls_ok += 1;
                         self.calls.answered(i, app, *from, *answered)
                     }
-                    Err(_) => {
+                    Err(f) => {
                         self.counters.calls_failed += 1;
+                        *self
+                            .counters
+                            .call_failures
+                            .entry(failure_name(f))
+                            .or_insert(0) += 1;
                         self.calls.failed(i, app)
                     }
                 };
@@ -1954,6 +1961,20 @@ impl Sim {
         unfinished.sort_unstable();
         failed.extend(unfinished.into_iter().map(|(_, p)| p));
         (LookupFigures::from_outcomes(&outcomes, pairs.len()), failed)
+    }
+}
+
+/// The name of a call failure's kind.
+fn failure_name(f: &macula_rpc::CallFailure<NodeId>) -> &'static str {
+    use macula_rpc::CallFailure as F;
+    match f {
+        F::NoProviders => "NoProviders",
+        F::Timeout => "Timeout",
+        F::Handler { .. } => "Handler",
+        F::Panicked { .. } => "Panicked",
+        F::Overloaded { .. } => "Overloaded",
+        F::Unreachable { .. } => "Unreachable",
+        F::Cancelled => "Cancelled",
     }
 }
 

@@ -307,8 +307,14 @@ impl std::fmt::Display for MeshReport {
         )?;
         writeln!(
             f,
-            "messages checked: {} published, {} deliveries; {} calls ({} answered, {} failed), {} handler runs",
-            c.published, c.deliveries, c.calls, c.calls_ok, c.calls_failed, c.handler_runs
+            "messages checked: {} published, {} deliveries; {} calls ({} answered, {} failed: {:?}), {} handler runs",
+            c.published,
+            c.deliveries,
+            c.calls,
+            c.calls_ok,
+            c.calls_failed,
+            c.call_failures,
+            c.handler_runs
         )?;
         write!(
             f,
