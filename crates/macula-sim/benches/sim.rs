@@ -1,8 +1,10 @@
 //! The simulator at scale, printing the figures that go into BENCHMARKS.md.
 //!
 //! `cargo bench -p macula-sim --bench sim -- [--nodes N] [--seed S] [--json]`
-//! runs the fault scenario (`macula_sim::mesh`: safety under faults, then
-//! liveness after the heal) on N nodes (10,000 by default).
+//! runs the fault scenario (`macula_sim::mesh`: the DHT, pub/sub and RPC
+//! cores of every node; safety under faults, then liveness after the heal)
+//! on N nodes (10,000 by default), and prints nodes, simulated seconds, wall
+//! time and the messages checked (deliveries, calls, handler runs).
 //! `... -- --dht-only [--nodes N] [--seed S] [--loss P] [--json]` runs the
 //! DHT experiment (`macula_sim::dht`, the figures of the former
 //! `cargo bench -p macula-dht --bench sim`).
@@ -121,6 +123,21 @@ fn main() {
         None => println!("failures: none"),
         Some(f) => println!("failures: {f}"),
     }
+    if !a.json {
+        let c = &report.counters;
+        println!(
+            "figures: nodes={} simulated={:.1}s wall={wall:.1}s messages checked: {} deliveries ({} published), {} calls ({} answered), {} handler runs, {} frames, {} safety checks",
+            report.n_nodes,
+            report.sim_end.0 as f64 / 1000.0,
+            c.deliveries,
+            c.published,
+            c.calls,
+            c.calls_ok,
+            c.handler_runs,
+            c.frames_delivered,
+            c.checks
+        );
+    }
     println!("wall time: {wall:.1}s");
     if failure.is_some() {
         std::process::exit(1);
@@ -129,7 +146,7 @@ fn main() {
 
 fn json(r: &MeshReport, wall: f64, failed: bool) -> String {
     format!(
-        "{{\"seed\":{},\"nodes\":{},\"simulated_s\":{:.1},\"wall_s\":{:.1},\"frames_checked\":{},\"safety_checks\":{},\"crashed\":{},\"restarted\":{},\"partitioned\":{},\"faults_lookup_success\":{:.6},\"faults_rounds_median\":{},\"faults_rounds_p99\":{},\"healed_lookup_success\":{:.6},\"healed_rounds_median\":{},\"healed_rounds_p99\":{},\"not_found\":{},\"interest_pairs\":{},\"interest_missing\":{},\"provider_pairs\":{},\"providers_missing\":{},\"failed\":{}}}",
+        "{{\"seed\":{},\"nodes\":{},\"simulated_s\":{:.1},\"wall_s\":{:.1},\"frames_checked\":{},\"safety_checks\":{},\"crashed\":{},\"restarted\":{},\"partitioned\":{},\"faults_lookup_success\":{:.6},\"faults_rounds_median\":{},\"faults_rounds_p99\":{},\"healed_lookup_success\":{:.6},\"healed_rounds_median\":{},\"healed_rounds_p99\":{},\"not_found\":{},\"interest_pairs\":{},\"interest_missing\":{},\"provider_pairs\":{},\"providers_missing\":{},\"published\":{},\"deliveries\":{},\"calls\":{},\"calls_ok\":{},\"calls_failed\":{},\"handler_runs\":{},\"delivery_pairs\":{},\"delivery_missing\":{},\"calls_checked\":{},\"calls_missing\":{},\"failed\":{}}}",
         r.seed,
         r.n_nodes,
         r.sim_end.0 as f64 / 1000.0,
@@ -150,6 +167,16 @@ fn json(r: &MeshReport, wall: f64, failed: bool) -> String {
         r.n_interest_missing,
         r.n_providers_checked,
         r.n_providers_missing,
+        r.counters.published,
+        r.counters.deliveries,
+        r.counters.calls,
+        r.counters.calls_ok,
+        r.counters.calls_failed,
+        r.counters.handler_runs,
+        r.n_delivery_checked,
+        r.n_delivery_missing,
+        r.n_calls_checked,
+        r.n_calls_missing,
         failed,
     )
 }

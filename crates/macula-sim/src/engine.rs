@@ -62,6 +62,9 @@ const HANDSHAKE_PTO: Millis = Millis(1_000);
 const RECONNECT_MIN: Millis = Millis(250);
 const RECONNECT_MAX: Millis = Millis(30_000);
 
+/// One logged delivery: (node, subscription, publisher, epoch, seq).
+pub type Delivery = (usize, u64, NodeId, u64, u64);
+
 /// Message and event counts of a run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimCounters {
@@ -296,7 +299,7 @@ pub struct Sim {
     next_call: u64,
     /// (node, subscription, publisher, epoch, seq) of every delivery, while
     /// logging is on.
-    delivery_log: Option<Vec<(usize, u64, NodeId, u64, u64)>>,
+    delivery_log: Option<Vec<Delivery>>,
     /// (publisher node, topic, epoch, seq) of every publish, while logging
     /// is on.
     publish_log: Option<Vec<(usize, String, u64, u64)>>,
@@ -528,6 +531,24 @@ impl Sim {
         );
     }
 
+    /// A node whose pub/sub remembers one publisher only: after a message
+    /// of another, a copy of an old message is new to it again (the
+    /// documented limit of a bounded `SeqTracker`, made as bad as it gets),
+    /// for tests that the delivery checks catch what it lets through.
+    pub fn break_dedup(&mut self, i: usize) {
+        let limits = macula_pubsub::Limits {
+            max_publishers: 1,
+            ..macula_pubsub::Limits::default()
+        };
+        let node = &mut self.nodes[i];
+        node.process.pubsub = crate::pubsub::PubSubService::with_limits(
+            node.contact.id,
+            node.epoch,
+            &self.realm,
+            limits,
+        );
+    }
+
     /// Node `i`'s ID.
     pub fn id(&self, i: usize) -> NodeId {
         self.nodes[i].contact.id
@@ -678,7 +699,7 @@ impl Sim {
 
     /// Deliveries logged since the last call: (node, subscription,
     /// publisher, epoch, seq).
-    pub fn take_deliveries(&mut self) -> Vec<(usize, u64, NodeId, u64, u64)> {
+    pub fn take_deliveries(&mut self) -> Vec<Delivery> {
         self.delivery_log
             .as_mut()
             .map(std::mem::take)

@@ -981,7 +981,9 @@ impl<'a> Mesh<'a> {
         // (topic, node, subscription) still to reach.
         let mut missing: Vec<(&'static str, usize, u64)> = Vec::new();
         for attempt in 0..2 {
-            let mut want: Vec<(&'static str, usize, Vec<(usize, u64)>)> = Vec::new();
+            // (topic, publisher, subscriptions it must reach)
+            type Want = (&'static str, usize, Vec<(usize, u64)>);
+            let mut want: Vec<Want> = Vec::new();
             for &t in TOPICS {
                 let topic = Topic::new(t).expect("valid topic");
                 let expected: Vec<(usize, u64)> = self
@@ -989,9 +991,7 @@ impl<'a> Mesh<'a> {
                     .deliveries()
                     .expected(&topic)
                     .into_iter()
-                    .filter(|&(node, sub)| {
-                        attempt == 0 || missing.iter().any(|m| *m == (t, node, sub))
-                    })
+                    .filter(|&(node, sub)| attempt == 0 || missing.contains(&(t, node, sub)))
                     .collect();
                 if expected.is_empty() {
                     continue;
@@ -1009,7 +1009,7 @@ impl<'a> Mesh<'a> {
             self.sim.run_until(until);
             self.ok()?;
             let published = self.sim.take_publishes();
-            let delivered: std::collections::HashSet<(usize, u64, NodeId, u64, u64)> =
+            let delivered: std::collections::HashSet<crate::engine::Delivery> =
                 self.sim.take_deliveries().into_iter().collect();
             let mut still = Vec::new();
             for (t, publisher, expected) in want {

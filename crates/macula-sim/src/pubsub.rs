@@ -38,8 +38,8 @@ use macula_dht::{Contact, Record};
 use macula_pool::PoolTable;
 use macula_pubsub::outbound::SENDER_IDLE;
 use macula_pubsub::{
-    Action, BatchReceiver, Config, Deliveries, InterestRecord, OutMsg, Patience, PeerDown, PeerRef,
-    PubSubCore, PublishOptions, Role, RouteStep, Transmit,
+    Action, BatchReceiver, Config, Deliveries, InterestRecord, Limits, OutMsg, Patience, PeerDown,
+    PeerRef, PubSubCore, PublishOptions, Role, RouteStep, Transmit,
 };
 use macula_wire::time::Millis;
 use macula_wire::{FrameDecoder, MessageType, NodeId, DEFAULT_MAX_FRAME_SIZE};
@@ -121,8 +121,19 @@ pub struct PubSubService {
 
 impl PubSubService {
     pub(crate) fn new(node_id: NodeId, epoch: u64, realm: &str) -> PubSubService {
+        Self::with_limits(node_id, epoch, realm, Limits::default())
+    }
+
+    /// A core with these limits (tests shrink them to break it on purpose).
+    pub(crate) fn with_limits(
+        node_id: NodeId,
+        epoch: u64,
+        realm: &str,
+        limits: Limits,
+    ) -> PubSubService {
         let mut config = Config::new(node_id, epoch, realm, Role::Node, DEFAULT_MAX_FRAME_SIZE);
         config.interest.record_max = macula_dht::config::MAX_VALUE_LEN;
+        config.limits = limits;
         PubSubService {
             core: Core::new(config),
             senders: BTreeMap::new(),
