@@ -94,12 +94,18 @@ fn a_killed_subscriber_stops_getting_copies_within_the_bound() {
     let killed = Instant::now();
     let unreachable = "macula_pubsub_peers_unreachable_total";
     assert!(
-        poll(BOUND + Duration::from_secs(10), || metric(&http, unreachable) >= 1),
+        poll(BOUND + Duration::from_secs(10), || metric(
+            &http,
+            unreachable
+        ) >= 1),
         "S was never set aside; A's output:\n{}",
         a.seen.join("\n")
     );
     let took = killed.elapsed();
-    assert!(took <= BOUND, "S set aside after {took:?}, the bound is {BOUND:?}");
+    assert!(
+        took <= BOUND,
+        "S set aside after {took:?}, the bound is {BOUND:?}"
+    );
 
     // From now on nothing is queued to S, while P's messages keep arriving.
     let flat = metric(&http, sent);

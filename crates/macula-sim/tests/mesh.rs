@@ -1,7 +1,9 @@
-//! The whole-mesh simulation in the normal test suite: 200 nodes through
-//! crashes, restarts, a partition, loss, duplicates and reordering, for a few
-//! seeds; and a deliberately injected safety violation that must be caught
-//! and reported with its seed. `MACULA_SIM_SEED=<seed>` replays one seed.
+//! The whole-mesh simulation in the normal test suite: 200 nodes running
+//! their real DHT, pub/sub and RPC cores through crashes, restarts, a
+//! partition, loss, duplicates and reordering, for three seeds; and
+//! deliberately injected safety violations (a forged record, a replayed
+//! publish) that must be caught and reported with their seed.
+//! `MACULA_SIM_SEED=<seed>` replays one seed.
 
 use macula_sim::mesh::{run_mesh, Forgery, MeshScenario};
 use macula_sim::Violation;
@@ -22,25 +24,48 @@ fn scenario(seed: u64, test: &str) -> MeshScenario {
     s
 }
 
-#[test]
-fn mesh_survives_faults() {
-    for seed in seeds(&[1, 2, 3]) {
-        let s = scenario(seed, "mesh_survives_faults");
+/// One seed of the fault scenario at 200 nodes (a test per seed, so they
+/// run in parallel and each stays well under a minute).
+fn survives_faults(default_seed: u64, test: &str) {
+    for seed in seeds(&[default_seed]) {
+        let s = scenario(seed, test);
         match run_mesh(&s) {
             Ok(report) => {
                 // Visible with `cargo test -- --nocapture`.
                 println!("{report}");
+                let c = &report.counters;
                 assert!(report.n_crashed >= 5, "seed {seed}: {report}");
                 assert!(report.n_restarted >= 2, "seed {seed}: {report}");
                 assert_eq!(report.n_partitioned, 40, "seed {seed}: {report}");
                 assert!(report.n_interest_checked > 0, "seed {seed}: {report}");
                 assert!(report.n_providers_checked > 0, "seed {seed}: {report}");
-                assert!(report.counters.messages_duplicated > 0, "seed {seed}");
-                assert!(report.counters.messages_partitioned > 0, "seed {seed}");
+                assert!(report.n_delivery_checked > 0, "seed {seed}: {report}");
+                assert!(report.n_calls_checked > 0, "seed {seed}: {report}");
+                assert!(c.messages_duplicated > 0, "seed {seed}");
+                assert!(c.messages_partitioned > 0, "seed {seed}");
+                // The cores really ran: messages published and delivered,
+                // calls answered, handlers run (each checked on its step).
+                assert!(c.published > 100 && c.deliveries > 100, "seed {seed}: {report}");
+                assert!(c.calls_ok > 50 && c.handler_runs > 50, "seed {seed}: {report}");
             }
             Err(failure) => panic!("{failure}"),
         }
     }
+}
+
+#[test]
+fn mesh_survives_faults_seed_1() {
+    survives_faults(1, "mesh_survives_faults_seed_1");
+}
+
+#[test]
+fn mesh_survives_faults_seed_2() {
+    survives_faults(2, "mesh_survives_faults_seed_2");
+}
+
+#[test]
+fn mesh_survives_faults_seed_3() {
+    survives_faults(3, "mesh_survives_faults_seed_3");
 }
 
 #[test]
