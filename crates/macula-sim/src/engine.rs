@@ -8,7 +8,7 @@
 //! services' public `handle_*`/`poll_*` API, the way the runtime drives them.
 //!
 //! Connections are modelled because the pool is: a frame to a peer the
-//! node's [`PoolTable`](macula_pool::PoolTable) does not hold starts a dial
+//! node's [`PoolTable`] does not hold starts a dial
 //! (one round trip; frames wait, bounded, until it completes); both ends
 //! admit the connection into their pools, whose answers (evict, replace,
 //! keep the duplicate, refuse) are carried out: evicted and losing

@@ -9,8 +9,8 @@
 //! frame to its service.
 //!
 //! Services that need the DHT (pub/sub interest, RPC advertisements and
-//! provider lookups) ask for it with [`DhtReq`]s, which `Process::pump`
-//! runs on the node's own DHT core and answers with [`DhtDone`]; they ask
+//! provider lookups) ask for it with `DhtReq`s, which `Process::pump`
+//! runs on the node's own DHT core and answers with `DhtDone`; they ask
 //! the engine for connections (dials, closes) the same way, and report
 //! what the application sees as [`AppEvent`]s, which the engine checks.
 //!

@@ -3,7 +3,7 @@
 //! feeds it:
 //!
 //! - **Interest** ([`Action::LookupInterest`], [`Action::PutInterest`]) goes
-//!   through the node's own DHT core (see [`crate::node::DhtReq`]); results
+//!   through the node's own DHT core (`DhtReq`s); results
 //!   come back as `handle_interest_found` / `handle_interest_put`, a
 //!   withdrawal is followed by `unpublish`.
 //! - **Publishing** is one application task publishing in order: the head

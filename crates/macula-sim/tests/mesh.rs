@@ -45,8 +45,14 @@ fn survives_faults(default_seed: u64, test: &str) {
                 assert!(c.messages_partitioned > 0, "seed {seed}");
                 // The cores really ran: messages published and delivered,
                 // calls answered, handlers run (each checked on its step).
-                assert!(c.published > 100 && c.deliveries > 100, "seed {seed}: {report}");
-                assert!(c.calls_ok > 50 && c.handler_runs > 50, "seed {seed}: {report}");
+                assert!(
+                    c.published > 100 && c.deliveries > 100,
+                    "seed {seed}: {report}"
+                );
+                assert!(
+                    c.calls_ok > 50 && c.handler_runs > 50,
+                    "seed {seed}: {report}"
+                );
             }
             Err(failure) => panic!("{failure}"),
         }
