@@ -94,10 +94,14 @@
 //! (`a_peer_leaving_fails_its_requests_in_a_replayable_order`).
 //!
 //! With the pub/sub and RPC cores running, no safety check has failed on
-//! any seed tried (200 nodes, seeds 1-15; 1,000 and 10,000 nodes, seed 1):
-//! no duplicate or out-of-order delivery under 2% duplication and 5%
+//! any seed tried (200 nodes, seeds 1-27; 1,000 nodes, seed 1): no
+//! duplicate or out-of-order delivery under 2% duplication and 5%
 //! reordering, no answer to the wrong call, no second handler run of a
-//! call without retries. During the faults many calls fail (at 1,000
+//! call without retries. Every pub/sub and RPC liveness check passed too;
+//! two of those seeds (12, 13) fail the DHT's own coverage check (one live
+//! node not found by a lookup after the heal), as one seed in 20 did
+//! before the pub/sub and RPC cores ran (seed 8 then): the partition
+//! recovery limit described below. During the faults many calls fail (at 1,000
 //! nodes about half): most with `Timeout`, because the provider lookup
 //! (a DHT `FIND_VALUE` through a partition, 1 s per silent contact) takes
 //! longer than the 5 s deadline; a few because a CALL or REPLY was lost

@@ -814,7 +814,7 @@ impl<'a> Mesh<'a> {
             let ids: Vec<String> = failed
                 .iter()
                 .take(5)
-                .map(|(a, b)| format!("{a} -> {}", self.describe(*b)))
+                .map(|(a, b)| format!("{} -> {}", self.describe(*a), self.describe(*b)))
                 .collect();
             self.report.n_not_found = failed.len();
             return Ok(Some(format!(
