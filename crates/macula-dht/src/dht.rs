@@ -486,12 +486,15 @@ impl Dht {
         if self.routing.mark_unresponsive(id, now) {
             self.stats.peers_evicted += 1;
         }
-        let cids: Vec<u64> = self
+        let mut cids: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| p.to.id == *id)
             .map(|(cid, _)| *cid)
             .collect();
+        // In a fixed order (deadline, then ID), not the map's: what the
+        // lookups send next must not depend on hashing (replayable runs).
+        cids.sort_unstable_by_key(|cid| self.pending.get(cid).map(|p| (p.deadline, *cid)));
         for cid in cids {
             if let Some(mut p) = self.pending.remove(&cid) {
                 self.deadlines.remove(&(p.deadline, cid));

@@ -1,5 +1,6 @@
-//! Macula's Kademlia DHT as a pure, deterministic state machine, and a mesh
-//! simulator that drives many of them over a virtual network.
+//! Macula's Kademlia DHT as a pure, deterministic state machine, and its
+//! Ed25519 record signatures. The simulator that drives many of them over a
+//! virtual network is `macula-sim`.
 //!
 //! **Invariant:** no I/O, no clock, no threads, no async, no global state. Time
 //! comes in as [`Millis`] arguments, randomness from a seeded [`rng::Rng`], and
@@ -56,8 +57,9 @@
 //! - [`record`]: the signed record, its errors, the injected [`RecordAuth`].
 //! - [`message`]: requests, responses, contacts, the outgoing envelope.
 //! - `dht`: the [`Dht`] state machine tying them together.
-//! - [`sim`]: N nodes, one seed, simulated latency, loss and churn.
+//! - `auth`: [`Ed25519Auth`], the real [`RecordAuth`] (runtime and simulator).
 
+mod auth;
 pub mod config;
 mod dht;
 mod lookup;
@@ -66,9 +68,9 @@ mod ratelimit;
 pub mod record;
 pub use macula_wire::rng;
 pub mod routing;
-pub mod sim;
 pub mod store;
 
+pub use auth::{verify_record_signature, Ed25519Auth, SIGNATURE_LEN};
 pub use config::Config;
 pub use dht::{Dht, Event, LookupError, PutError, PutId, RequestError, Stats};
 pub use lookup::{LookupId, LookupKind, LookupOutcome, LookupStats};

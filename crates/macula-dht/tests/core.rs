@@ -1,11 +1,11 @@
 //! Unit-level behaviour of one `Dht`, driven by hand (exact control over which
 //! message arrives when) or through a small lossless simulated mesh.
 
-use macula_dht::sim::{NetConfig, Sim};
 use macula_dht::{
     Config, Contact, CorrelationId, Dht, Event, InsecureNoAuth, LookupKind, LookupOutcome, Millis,
     NodeId, Outgoing, PutError, Record, RecordAuth, RecordError, Request, RequestError, Response,
 };
+use macula_sim::{NetConfig, Sim};
 
 // ----- helpers --------------------------------------------------------------
 
@@ -57,11 +57,7 @@ impl RecordAuth for RejectAll {
 }
 
 fn lossless() -> NetConfig {
-    NetConfig {
-        latency_min: Millis(5),
-        latency_max: Millis(20),
-        loss: 0.0,
-    }
+    NetConfig::lossless(Millis(5), Millis(20))
 }
 
 /// `n` nodes joined through node 0, settled for 10 s of simulated time.
@@ -250,6 +246,49 @@ fn a_peer_that_leaves_is_dropped_without_waiting_for_timeouts() {
     // A peer we never knew leaving is harmless.
     d.peer_left(&id(9), Millis(30));
     assert!(d.routing().contains(&id(2)));
+}
+
+/// Found by macula-sim (a partition cut many connections at once and two
+/// runs of one seed diverged): `peer_left` failed the peer's requests in
+/// hash-map order, so the requests the lookups sent next went out in a
+/// different order in two identical nodes.
+#[test]
+fn a_peer_leaving_fails_its_requests_in_a_replayable_order() {
+    let run = || {
+        let mut d = node(1, Config::default());
+        d.bootstrap(vec![contact(2)], Millis(0));
+        let (out, _) = drain(&mut d);
+        let closer = (3..=12).map(contact).collect();
+        d.handle_response(
+            &id(2),
+            out[0].correlation_id,
+            Response::Nodes { closer },
+            Millis(10),
+        );
+        // Everyone answers the join: all are in the routing table.
+        let (out, _) = drain(&mut d);
+        for o in out {
+            d.handle_response(
+                &o.to.id,
+                o.correlation_id,
+                Response::Nodes { closer: vec![] },
+                Millis(20),
+            );
+        }
+        drain(&mut d);
+        // Many lookups, several of them waiting on node 3.
+        for k in 0..40u8 {
+            let _ = d.get(NodeId::from_bytes([k.wrapping_mul(7); 32]), Millis(30));
+        }
+        drain(&mut d);
+        d.peer_left(&id(3), Millis(40));
+        let (out, events) = drain(&mut d);
+        format!("{out:?} {events:?}")
+    };
+    let first = run();
+    for _ in 0..4 {
+        assert_eq!(run(), first, "two identical nodes diverged");
+    }
 }
 
 #[test]

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use macula_dht::{
-    Contact, CorrelationId, Dht, Event, LookupError, LookupId, LookupKind, Millis, Outgoing,
-    PutError, PutId, Record, RecordAuth, RecordError, Request, Response, Stats,
+    Contact, CorrelationId, Dht, Ed25519Auth, Event, LookupError, LookupId, LookupKind, Millis,
+    Outgoing, PutError, PutId, Record, RecordError, Request, Response, Stats,
 };
 use macula_wire::dht::*;
 use macula_wire::{Message, NodeId};
@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use crate::clock::Clock;
 use crate::dht_cache::{GetCache, DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE};
-use crate::identity::{verify_signature, Identity};
+use crate::identity::Identity;
 use crate::peer::Peer;
 use crate::service::{Answer, PeerDown, Serves, Service};
 
@@ -39,8 +39,6 @@ pub const MAX_INFLIGHT_SENDS: usize = 1024;
 /// Upper bound on one API call (put, get, closest); the core's own lookups
 /// end sooner, this only guards against a stuck task.
 pub const DHT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Size of the signature field: Ed25519 public key + signature.
-const SIGNATURE_LEN: usize = 32 + 64;
 
 /// Why a DHT call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -439,29 +437,6 @@ pub(crate) trait Dialer: Clone + Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Option<Peer>> + Send;
 }
 
-/// Signs records with the node key; verifies that a record's signature field
-/// holds a public key whose node ID is the publisher, and a valid signature.
-struct IdentityAuth(Identity);
-
-impl RecordAuth for IdentityAuth {
-    fn sign(&self, msg: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(SIGNATURE_LEN);
-        out.extend_from_slice(&self.0.public_key());
-        out.extend_from_slice(&self.0.sign(msg));
-        out
-    }
-
-    fn verify(&self, publisher: &NodeId, msg: &[u8], signature: &[u8]) -> bool {
-        let Some((pk, sig)) = signature.split_first_chunk::<32>() else {
-            return false;
-        };
-        let Ok(sig) = <&[u8; 64]>::try_from(sig) else {
-            return false;
-        };
-        NodeId::from_public_key(pk) == *publisher && verify_signature(pk, msg, sig)
-    }
-}
-
 /// The DHT as a service: DHT_* frames go to the task; a node that left
 /// the mesh is dropped from the routing table at once.
 impl Service for DhtHandle {
@@ -715,7 +690,12 @@ pub(crate) fn spawn<D: Dialer>(
             .unwrap_or([0; 8]),
     ) ^ crate::clock::wall_ms();
     let mut task = Task {
-        dht: Dht::new(config, own, Box::new(IdentityAuth(identity)), seed),
+        dht: Dht::new(
+            config,
+            own,
+            Box::new(Ed25519Auth::new(identity.signing_key().clone())),
+            seed,
+        ),
         clock,
         dialer,
         counters: counters.clone(),
@@ -964,23 +944,6 @@ impl<D: Dialer> Task<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn record_signatures_verify_and_bind_the_publisher() {
-        let id = Identity::generate();
-        let auth = IdentityAuth(id.clone());
-        let sig = auth.sign(b"hello");
-        assert_eq!(sig.len(), SIGNATURE_LEN);
-        assert!(auth.verify(&id.node_id(), b"hello", &sig));
-        assert!(!auth.verify(&id.node_id(), b"hellp", &sig));
-        let other = Identity::generate();
-        assert!(
-            !auth.verify(&other.node_id(), b"hello", &sig),
-            "wrong publisher"
-        );
-        assert!(!auth.verify(&id.node_id(), b"hello", &sig[..95]));
-        assert!(!auth.verify(&id.node_id(), b"hello", &[]));
-    }
 
     #[test]
     fn reject_codes_round_trip() {

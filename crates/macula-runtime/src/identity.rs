@@ -166,6 +166,12 @@ impl Identity {
         self.signing_key.verifying_key().to_bytes()
     }
 
+    /// The signing key, for the pure code that signs with it (DHT records:
+    /// `macula_dht::Ed25519Auth`).
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.signing_key
+    }
+
     /// Signs `msg` with the node key (pure Ed25519, RFC 8032).
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.signing_key.sign(msg).to_bytes()

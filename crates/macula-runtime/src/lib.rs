@@ -3,7 +3,8 @@
 //! It owns everything with side effects — the identity file, the TLS
 //! configuration, the one UDP socket, the connection pool, tasks and timers —
 //! and keeps each of them thin: protocol decisions live in `macula-wire` and
-//! in the pure modules here (`pool::PoolTable`, `backoff`).
+//! in the pure crates (`macula-pool`'s `PoolTable`, the protocol cores) and
+//! modules here (`backoff`).
 //!
 //! **Invariant:** nothing reaches a peer-facing API before the peer has
 //! proved its node ID in TLS *and* completed the HELLO exchange.
@@ -23,7 +24,6 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod peer_addr;
-pub mod pool;
 pub mod pubsub;
 pub mod reachability;
 pub mod relay;

@@ -26,10 +26,10 @@ use crate::identity::{Identity, IdentityError};
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::peer::{self, close_code, Direction, HandshakeError, LocalInfo, Peer};
 use crate::peer_addr::PeerAddr;
-use crate::pool::{Admit, PoolTable, Pooled, Refusal};
 use crate::service::{PeerDown, Services};
 use crate::tls::{self, TlsError};
 use crate::tunnel::{is_tunnel_addr, RelayError, SessionInfo, Tunnel};
+use macula_pool::{Admit, PoolTable, Pooled, Refusal};
 use macula_wire::relay::{relay_record_name, RelayEntry, RelayRecord};
 
 /// Handshakes (TLS + HELLO) in progress at once on the accept side; beyond

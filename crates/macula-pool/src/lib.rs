@@ -1,12 +1,24 @@
 //! Connection pool bookkeeping: one connection per peer, LRU eviction at a
-//! maximum, and the simultaneous-dial tie-break.
+//! maximum, kept connections, the client cap and the simultaneous-dial
+//! tie-break.
 //!
 //! `PoolTable` is pure data: no I/O, no clock, no async. It tells the caller
-//! which connection to close and why; the node (`node.rs`) does the closing.
-//! That keeps the rules testable with plain values.
+//! which connection to close and why; the caller does the closing (the
+//! runtime's `node.rs` over quinn, `macula-sim` over its simulated network).
+//! That keeps the rules testable with plain values, and lets the simulator
+//! run the very rules a node runs, once per simulated node.
+//!
+//! Why a crate of its own: the runtime and the simulator both need it, and
+//! the simulator must not depend on the runtime (tokio, quinn). The other
+//! pure crates are protocols (`macula-dht`, `macula-pubsub`, `macula-rpc`)
+//! or the wire boundary (`macula-wire`), and the pool is neither: it is
+//! transport bookkeeping. Later pure transport rules (relay reservations,
+//! hole-punch strategy) belong beside it.
 //!
 //! **Invariant:** at most one entry per node ID, and `lru` holds exactly one
 //! key per entry.
+//!
+//! **Invariant:** no I/O, no clock, no threads, no global state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -14,7 +26,8 @@ use std::net::SocketAddr;
 use macula_wire::NodeId;
 
 /// What the table needs to know about a connection.
-pub(crate) trait Pooled: Clone {
+pub trait Pooled: Clone {
+    /// The peer's node ID, as proved in the handshake.
     fn node_id(&self) -> NodeId;
     /// Did the local node dial this connection?
     fn outbound(&self) -> bool;
@@ -24,27 +37,37 @@ pub(crate) trait Pooled: Clone {
     fn kept(&self) -> bool;
     /// A lightweight client's connection (counted against the client cap).
     fn client(&self) -> bool;
+    /// The peer's address (the pool can be searched by it).
     fn addr(&self) -> SocketAddr;
 }
 
 /// The outcome of offering a new connection to the table.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Admit<P> {
+pub enum Admit<P> {
     /// Added; the least recently used connection was evicted to make room
     /// and must be closed.
-    Inserted { evicted: Option<P> },
+    Inserted {
+        /// The evicted connection, to be closed.
+        evicted: Option<P>,
+    },
     /// The new connection replaces `old`, which must be closed (after a grace
     /// period, so exchanges already on it can finish).
-    Replaced { old: P },
+    Replaced {
+        /// The superseded connection, to be closed after a grace period.
+        old: P,
+    },
     /// The existing connection wins; the offered one must be closed.
-    Duplicate { kept: P },
+    Duplicate {
+        /// The connection that stays.
+        kept: P,
+    },
     /// Refused (see `Refusal`); the offered connection must be closed.
     Refused(Refusal),
 }
 
 /// Why the table cannot take a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// Every slot holds a connection that may not be evicted.
     Full,
     /// A client, and clients already hold all the slots they may: the
@@ -59,7 +82,7 @@ pub(crate) enum Refusal {
 /// smaller node ID wins. Two connections in the same direction mean the peer
 /// (or we) reconnected, and the newer one wins because the older is likely
 /// dead.
-pub(crate) fn prefer_new(
+pub fn prefer_new(
     local: NodeId,
     peer: NodeId,
     existing_outbound: bool,
@@ -72,7 +95,10 @@ pub(crate) fn prefer_new(
     new_outbound == winner_outbound
 }
 
-pub(crate) struct PoolTable<P> {
+/// The pool's rules over connections of type `P` (a quinn connection handle
+/// in the runtime, a simulated connection in `macula-sim`).
+#[derive(Clone, Debug)]
+pub struct PoolTable<P> {
     local: NodeId,
     max: usize,
     /// Most client connections; `max - max_clients` slots stay for peers.
@@ -101,12 +127,22 @@ impl<P: Pooled> PoolTable<P> {
         }
     }
 
+    /// Connections held now.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True when no connection is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The most connections held at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Client connections held now.
-    #[cfg(test)]
     pub fn clients(&self) -> usize {
         self.clients
     }
@@ -138,6 +174,8 @@ impl<P: Pooled> PoolTable<P> {
         self.entries.get(id).map(|(p, _)| p)
     }
 
+    /// Every connection held, in no particular order (callers that must be
+    /// deterministic sort the result).
     pub fn all(&self) -> Vec<P> {
         self.entries.values().map(|(p, _)| p.clone()).collect()
     }

@@ -1,0 +1,603 @@
+//! One simulated node: what survives a crash (identity key, epoch), and the
+//! process state that does not (the cores, the pool, dials in progress).
+//!
+//! A node is a set of *services*, each a real core behind the [`Service`]
+//! shape the runtime's services have: frames in (with an immediate answer on
+//! the same connection), peer-up and peer-down events, one timer, frames out.
+//! The engine feeds every service of a node and drains all of them after
+//! each input; it knows no protocol beyond the [`Frame`] enum that routes a
+//! frame to its service.
+//!
+//! Services that need the DHT (pub/sub interest, RPC advertisements and
+//! provider lookups) ask for it with `DhtReq`s, which `Process::pump`
+//! runs on the node's own DHT core and answers with `DhtDone`; they ask
+//! the engine for connections (dials, closes) the same way, and report
+//! what the application sees as [`AppEvent`]s, which the engine checks.
+//!
+//! **Adding a core**: one adapter implementing [`Service`] in a module of
+//! its own, one [`Frame`] variant, one field in `Process`, one arm in
+//! `Process::deliver`, `Process::drain` and `Process::poll_timeout`, and its
+//! checks in [`crate::check`].
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::SigningKey;
+use std::collections::VecDeque;
+
+use macula_dht::{
+    Config, Contact, CorrelationId, Dht, Ed25519Auth, Event, LookupId, LookupOutcome, PutId,
+    Record, RecordAuth, Request, Response,
+};
+use macula_pool::{PoolTable, Pooled};
+use macula_wire::time::Millis;
+use macula_wire::NodeId;
+
+use crate::pubsub::{PubSubMsg, PubSubService};
+use crate::rpc::{CallResult, RpcMsg, RpcService};
+
+/// Why a node lost its connection to a peer (what the runtime's connection
+/// driver learns from quinn).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DownReason {
+    /// This node's pool evicted or replaced the connection.
+    Evicted,
+    /// The peer closed it (its pool evicted it, or it lost a duplicate
+    /// tie-break).
+    Closed,
+    /// Nothing got through for the transport idle timeout: the peer died, or
+    /// a partition cut it off.
+    TimedOut,
+    /// The peer said goodbye: it is leaving the mesh.
+    Shutdown,
+    /// The peer restarted and answered a packet of the old connection with a
+    /// stateless reset.
+    Reset,
+}
+
+/// A real core as the simulator drives it: the shape of the runtime's
+/// service plug-ins. Inputs are `handle_*`, outputs are drained with
+/// [`Service::poll_transmit`] until `None` after every input, and one timer
+/// is re-armed from [`Service::poll_timeout`].
+pub trait Service {
+    /// The service's own messages (what its frames carry).
+    type Msg;
+    /// A frame from `from`; an immediate answer goes back on the connection
+    /// the frame came on (as the runtime answers on the arriving stream).
+    fn handle_frame(&mut self, from: &Contact, msg: Self::Msg, now: Millis) -> Option<Self::Msg>;
+    /// A connection to `peer` came up.
+    fn handle_peer_up(&mut self, peer: &Contact, now: Millis);
+    /// The last connection to `peer` went away, for `reason`.
+    fn handle_peer_down(&mut self, peer: &NodeId, reason: DownReason, now: Millis);
+    /// The timer from [`Service::poll_timeout`] fired (harmless early).
+    fn handle_timeout(&mut self, now: Millis);
+    /// The next frame to send, and to whom.
+    fn poll_transmit(&mut self) -> Option<(NodeId, Self::Msg)>;
+    /// When [`Service::handle_timeout`] next needs to run.
+    fn poll_timeout(&self) -> Option<Millis>;
+}
+
+/// DHT frames: requests and responses under a correlation ID (the runtime
+/// maps them to `DHT_*` wire messages).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DhtMsg {
+    /// A request to answer.
+    Request(CorrelationId, Request),
+    /// The answer to our request.
+    Response(CorrelationId, Response),
+}
+
+/// What travels between simulated nodes: one variant per service.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// For the DHT core.
+    Dht(DhtMsg),
+    /// For the pub/sub core (a data stream's PUBLISH_BATCH).
+    PubSub(PubSubMsg),
+    /// For the RPC core (control-stream messages, probes).
+    Rpc(RpcMsg),
+}
+
+impl Frame {
+    /// Whether the network may deliver this frame twice. RPC messages
+    /// travel on the QUIC control stream, whose data QUIC delivers at most
+    /// once while the connection lives (a connection lost mid-call loses
+    /// frames, which the network models with loss); DHT requests and
+    /// answers, and pub/sub batches, must survive duplicates (the DHT
+    /// ignores a repeated answer, pub/sub deduplicates by `(epoch, seq)`).
+    pub fn may_duplicate(&self) -> bool {
+        !matches!(self, Frame::Rpc(_))
+    }
+}
+
+/// A DHT operation a service asks of its node's DHT core; the result comes
+/// back as a [`DhtDone`] with the same tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DhtReq {
+    /// Get the records under `key` (a fresh lookup, as `get_fresh`).
+    Get { key: NodeId, tag: u64 },
+    /// Put (and keep republishing) `value` under `key`.
+    Put {
+        key: NodeId,
+        value: Vec<u8>,
+        ttl: Millis,
+        tag: u64,
+    },
+}
+
+/// The outcome of a [`DhtReq`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DhtDone {
+    /// The records found, or why the lookup could not start.
+    Got {
+        tag: u64,
+        result: Result<Vec<Record>, String>,
+    },
+    /// Whether the put reached its quorum.
+    Put {
+        tag: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// What a node's application sees of pub/sub and RPC: the engine checks
+/// every one against the oracles of [`crate::check`] as it happens.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AppEvent {
+    /// A publish went out as `(epoch, seq)`.
+    Published {
+        /// Its topic.
+        topic: String,
+        /// The publisher's epoch.
+        epoch: u64,
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// An event reached subscription `sub`.
+    Delivered {
+        /// The application's subscription.
+        sub: u64,
+        /// Who published it.
+        publisher: NodeId,
+        /// Publisher epoch.
+        epoch: u64,
+        /// Sequence number.
+        seq: u64,
+        /// Its topic.
+        topic: String,
+    },
+    /// A CALL of the application's call `app` went to `provider`.
+    CallSent {
+        /// The application's call.
+        app: u64,
+        /// Where it went.
+        provider: NodeId,
+    },
+    /// This node ran its handler for `caller`'s call `app`.
+    Ran {
+        /// The calling node.
+        caller: NodeId,
+        /// The call (from its payload).
+        app: u64,
+    },
+    /// The application's call `app` ended.
+    CallDone {
+        /// The call.
+        app: u64,
+        /// Who answered with which call's payload, or why it failed.
+        result: CallResult,
+    },
+}
+
+/// Which service asked for a DHT operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    PubSub,
+    Rpc,
+}
+
+/// The DHT core (`macula_dht::Dht`) as a [`Service`], exactly as the
+/// runtime's DHT task drives it: requests answered at once, peers that time
+/// out or say goodbye dropped with `peer_left`, events kept for the
+/// application (the engine).
+pub struct DhtService {
+    dht: Dht,
+}
+
+impl DhtService {
+    fn new(dht: Dht) -> DhtService {
+        DhtService { dht }
+    }
+
+    /// The core, read-only.
+    pub fn core(&self) -> &Dht {
+        &self.dht
+    }
+
+    /// The core, for commands (`put`, `get`, ...); drain the node after.
+    pub fn core_mut(&mut self) -> &mut Dht {
+        &mut self.dht
+    }
+
+    /// The next event of the core.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.dht.poll_event()
+    }
+}
+
+impl Service for DhtService {
+    type Msg = DhtMsg;
+
+    fn handle_frame(&mut self, from: &Contact, msg: DhtMsg, now: Millis) -> Option<DhtMsg> {
+        match msg {
+            DhtMsg::Request(cid, request) => self
+                .dht
+                .handle_request(from, request, now)
+                .ok()
+                .map(|r| DhtMsg::Response(cid, r)),
+            DhtMsg::Response(cid, response) => {
+                self.dht.handle_response(&from.id, cid, response, now);
+                None
+            }
+        }
+    }
+
+    fn handle_peer_up(&mut self, _peer: &Contact, _now: Millis) {
+        // The runtime tells the DHT nothing on connect: contacts are learned
+        // from requests and answers, which prove the peer serves the DHT.
+    }
+
+    fn handle_peer_down(&mut self, peer: &NodeId, reason: DownReason, now: Millis) {
+        // Same rule as the runtime's connection driver: only a goodbye or a
+        // transport timeout means the peer left the mesh; an eviction or a
+        // reset says nothing about the peer.
+        if matches!(reason, DownReason::Shutdown | DownReason::TimedOut) {
+            self.dht.peer_left(peer, now);
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Millis) {
+        self.dht.handle_timeout(now);
+    }
+
+    fn poll_transmit(&mut self) -> Option<(NodeId, DhtMsg)> {
+        self.dht
+            .poll_transmit()
+            .map(|o| (o.to.id, DhtMsg::Request(o.correlation_id, o.request)))
+    }
+
+    fn poll_timeout(&self) -> Option<Millis> {
+        self.dht.poll_timeout()
+    }
+}
+
+/// A simulated connection, as each end's pool holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimConn {
+    /// The node at the other end.
+    pub peer: NodeId,
+    /// Its index in the simulation.
+    pub peer_index: usize,
+    /// The other end's incarnation when the connection was made: frames on
+    /// it reach only that process.
+    pub peer_incarnation: u32,
+    /// Unique in the whole run; both ends use the same number.
+    pub conn: usize,
+    /// This end dialed.
+    pub outbound: bool,
+    /// The peer is one of this node's bootstrap peers, whose connection the
+    /// node keeps (never evicted), as the runtime's supervisor does.
+    pub kept: bool,
+}
+
+impl Pooled for SimConn {
+    fn node_id(&self) -> NodeId {
+        self.peer
+    }
+    fn outbound(&self) -> bool {
+        self.outbound
+    }
+    fn conn_id(&self) -> usize {
+        self.conn
+    }
+    fn kept(&self) -> bool {
+        self.kept
+    }
+    fn client(&self) -> bool {
+        false
+    }
+    fn addr(&self) -> SocketAddr {
+        sim_addr(self.peer_index)
+    }
+}
+
+/// Node `i`'s made-up socket address (198.18.0.0/15, the benchmarking range,
+/// then further ports past 131,072 nodes).
+pub fn sim_addr(i: usize) -> SocketAddr {
+    let ip = Ipv4Addr::from(0xC612_0000 | (i as u32 & 0x1_FFFF));
+    SocketAddr::V4(SocketAddrV4::new(ip, 4433 + (i >> 17) as u16))
+}
+
+/// How a node signs and checks records.
+pub(crate) enum Identity {
+    /// The real thing: an Ed25519 key (its 32-byte secret), from which the
+    /// node ID derives. Survives crashes, like the runtime's `node.key`.
+    Key([u8; 32]),
+    /// A caller-supplied authenticator (protocol tests, injected faults),
+    /// shared by every incarnation of the node.
+    Custom(SharedAuth),
+}
+
+impl Identity {
+    pub(crate) fn auth(&self) -> Box<dyn RecordAuth + Send> {
+        match self {
+            Identity::Key(secret) => Box::new(Ed25519Auth::new(SigningKey::from_bytes(secret))),
+            Identity::Custom(shared) => Box::new(shared.clone()),
+        }
+    }
+}
+
+/// A caller's [`RecordAuth`], kept across restarts (the core takes a box).
+#[derive(Clone)]
+pub(crate) struct SharedAuth(pub(crate) Arc<Mutex<Box<dyn RecordAuth + Send>>>);
+
+impl RecordAuth for SharedAuth {
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.0.lock().map(|a| a.sign(msg)).unwrap_or_default()
+    }
+    fn verify(&self, publisher: &NodeId, msg: &[u8], signature: &[u8]) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|a| a.verify(publisher, msg, signature))
+    }
+}
+
+/// A dial in progress and the frames waiting for it.
+pub(crate) struct Dialing {
+    pub(crate) conn: usize,
+    pub(crate) queued: Vec<Frame>,
+}
+
+/// What a crash loses: the running process.
+pub(crate) struct Process {
+    pub(crate) dht: DhtService,
+    pub(crate) pubsub: PubSubService,
+    pub(crate) rpc: RpcService,
+    pub(crate) pool: PoolTable<SimConn>,
+    pub(crate) dialing: HashMap<usize, Dialing>,
+    /// The time the node's timer is armed for (stale timer events are
+    /// ignored).
+    pub(crate) armed: Option<Millis>,
+    /// `records_stored` when the store was last audited.
+    pub(crate) audited_stores: u64,
+    /// Bootstrap peers (indices) the node keeps connected, and whether the
+    /// DHT was seeded with each since its connection last came up.
+    pub(crate) bootstrap: Vec<(usize, bool)>,
+    /// DHT operations run for a service: whose, and its tag.
+    lookups: HashMap<LookupId, (Owner, u64)>,
+    puts: HashMap<PutId, (Owner, u64)>,
+    /// DHT events no service claimed (for the engine).
+    dht_events: VecDeque<Event>,
+    /// Lookups a service was handed, for the engine's record checks.
+    pub(crate) handed: Vec<LookupOutcome>,
+}
+
+/// Bounds the rounds of [`Process::pump`]: services feeding each other
+/// through the DHT settle in a few; more is a livelock.
+const MAX_PUMP_ROUNDS: usize = 1_000;
+
+impl Process {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: Config,
+        own: Contact,
+        auth: Box<dyn RecordAuth + Send>,
+        seed: u64,
+        max_connections: usize,
+        epoch: u64,
+        realm: &str,
+    ) -> Process {
+        let id = own.id;
+        Process {
+            dht: DhtService::new(Dht::new(config, own, auth, seed)),
+            pubsub: PubSubService::new(id, epoch, realm),
+            rpc: RpcService::new(id, realm, seed.rotate_left(17)),
+            pool: PoolTable::new(id, max_connections, 0),
+            dialing: HashMap::new(),
+            armed: None,
+            audited_stores: 0,
+            bootstrap: Vec::new(),
+            lookups: HashMap::new(),
+            puts: HashMap::new(),
+            dht_events: VecDeque::new(),
+            handed: Vec::new(),
+        }
+    }
+
+    /// Hands `frame` to its service; returns the immediate answer.
+    pub(crate) fn deliver(&mut self, from: &Contact, frame: Frame, now: Millis) -> Option<Frame> {
+        match frame {
+            Frame::Dht(m) => self.dht.handle_frame(from, m, now).map(Frame::Dht),
+            Frame::PubSub(m) => self.pubsub.handle_frame(from, m, now).map(Frame::PubSub),
+            Frame::Rpc(m) => self.rpc.handle_frame(from, m, now).map(Frame::Rpc),
+        }
+    }
+
+    pub(crate) fn peer_up(&mut self, peer: &Contact, now: Millis) {
+        self.dht.handle_peer_up(peer, now);
+        self.pubsub.handle_peer_up(peer, now);
+        self.rpc.handle_peer_up(peer, now);
+    }
+
+    pub(crate) fn peer_down(&mut self, peer: &NodeId, reason: DownReason, now: Millis) {
+        self.dht.handle_peer_down(peer, reason, now);
+        self.pubsub.handle_peer_down(peer, reason, now);
+        self.rpc.handle_peer_down(peer, reason, now);
+    }
+
+    /// A dial to `peer` failed; services waiting to reach it learn it
+    /// (unless a connection came up the other way).
+    pub(crate) fn dial_failed(&mut self, peer: &NodeId, now: Millis) {
+        if self.pool.peek(peer).is_some() {
+            return;
+        }
+        self.pubsub.handle_dial_failed(peer, now);
+        self.rpc.handle_dial_failed(peer, now);
+    }
+
+    pub(crate) fn timeout(&mut self, now: Millis) {
+        self.dht.handle_timeout(now);
+        self.pubsub.handle_timeout(now);
+        self.rpc.handle_timeout(now);
+    }
+
+    /// Moves work between the services until it settles: what pub/sub and
+    /// RPC ask of the DHT is started, and what the DHT finished for them is
+    /// handed back.
+    pub(crate) fn pump(&mut self, now: Millis) {
+        for _ in 0..MAX_PUMP_ROUNDS {
+            self.pubsub.pump(now, &self.pool);
+            self.rpc.pump(now, &self.pool);
+            let mut moved = false;
+            while let Some(r) = self.pubsub.poll_dht() {
+                moved = true;
+                self.dht_request(Owner::PubSub, r, now);
+            }
+            while let Some(r) = self.rpc.poll_dht() {
+                moved = true;
+                self.dht_request(Owner::Rpc, r, now);
+            }
+            while let Some(key) = self.pubsub.poll_unpublish() {
+                self.dht.core_mut().unpublish(&key);
+            }
+            while let Some(ev) = self.dht.poll_event() {
+                match ev {
+                    Event::LookupFinished { id, outcome } => match self.lookups.remove(&id) {
+                        Some((owner, tag)) => {
+                            moved = true;
+                            let records = outcome.records.clone();
+                            self.handed.push(outcome);
+                            let done = DhtDone::Got {
+                                tag,
+                                result: Ok(records),
+                            };
+                            self.dht_done(owner, done, now);
+                        }
+                        None => self
+                            .dht_events
+                            .push_back(Event::LookupFinished { id, outcome }),
+                    },
+                    Event::PutFinished { id, key, result } => match self.puts.remove(&id) {
+                        Some((owner, tag)) => {
+                            moved = true;
+                            let result = result.map(|_| ()).map_err(|e| e.to_string());
+                            self.dht_done(owner, DhtDone::Put { tag, result }, now);
+                        }
+                        None => self
+                            .dht_events
+                            .push_back(Event::PutFinished { id, key, result }),
+                    },
+                    other => self.dht_events.push_back(other),
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        tracing::warn!("services did not settle in {MAX_PUMP_ROUNDS} rounds");
+    }
+
+    fn dht_request(&mut self, owner: Owner, req: DhtReq, now: Millis) {
+        match req {
+            DhtReq::Get { key, tag } => match self.dht.core_mut().get(key, now) {
+                Ok(id) => {
+                    self.lookups.insert(id, (owner, tag));
+                }
+                Err(e) => {
+                    let result = Err(e.to_string());
+                    self.dht_done(owner, DhtDone::Got { tag, result }, now);
+                }
+            },
+            DhtReq::Put {
+                key,
+                value,
+                ttl,
+                tag,
+            } => match self.dht.core_mut().put(key, value, ttl, now) {
+                Ok(id) => {
+                    self.puts.insert(id, (owner, tag));
+                }
+                Err(e) => {
+                    let result = Err(e.to_string());
+                    self.dht_done(owner, DhtDone::Put { tag, result }, now);
+                }
+            },
+        }
+    }
+
+    fn dht_done(&mut self, owner: Owner, done: DhtDone, now: Millis) {
+        match owner {
+            Owner::PubSub => self.pubsub.handle_dht(done, now),
+            Owner::Rpc => self.rpc.handle_dht(done, now),
+        }
+    }
+
+    /// A DHT event no service claimed.
+    pub(crate) fn poll_dht_event(&mut self) -> Option<Event> {
+        self.dht_events.pop_front()
+    }
+
+    /// The next frame any service wants sent.
+    pub(crate) fn drain(&mut self) -> Option<(NodeId, Frame)> {
+        if let Some((to, m)) = self.dht.poll_transmit() {
+            return Some((to, Frame::Dht(m)));
+        }
+        if let Some((to, m)) = self.pubsub.poll_transmit() {
+            return Some((to, Frame::PubSub(m)));
+        }
+        self.rpc.poll_transmit().map(|(to, m)| (to, Frame::Rpc(m)))
+    }
+
+    /// A peer a service wants a connection to.
+    pub(crate) fn poll_dial(&mut self) -> Option<NodeId> {
+        self.pubsub.poll_dial().or_else(|| self.rpc.poll_dial())
+    }
+
+    /// A peer whose connection a service wants closed.
+    pub(crate) fn poll_close(&mut self) -> Option<NodeId> {
+        self.rpc.poll_close()
+    }
+
+    /// The next thing the application saw.
+    pub(crate) fn poll_app(&mut self) -> Option<AppEvent> {
+        self.pubsub.poll_app().or_else(|| self.rpc.poll_app())
+    }
+
+    /// The earliest timer of any service.
+    pub(crate) fn poll_timeout(&self) -> Option<Millis> {
+        [
+            self.dht.poll_timeout(),
+            self.pubsub.poll_timeout(),
+            self.rpc.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+/// One node: what persists, and the process if it runs.
+pub(crate) struct SimNode {
+    pub(crate) contact: Contact,
+    pub(crate) identity: Identity,
+    pub(crate) config: Config,
+    /// Persisted across restarts and raised at every start (a publisher's
+    /// epoch, which the runtime keeps in its data directory).
+    pub(crate) epoch: u64,
+    /// Which process this is (0 = never started); frames and timers of an
+    /// earlier process are dropped.
+    pub(crate) incarnation: u32,
+    pub(crate) process: Process,
+    pub(crate) alive: bool,
+}
