@@ -192,3 +192,27 @@ async fn a_waiting_subscriber_is_woken() {
         .expect("task");
     assert!(matches!(got, Some(SubscriptionItem::Event(e)) if e.payload == "now"));
 }
+
+#[tokio::test]
+async fn recv_gives_lag_then_events_in_order() {
+    let p = ps(2);
+    let mut s = p.subscribe("r.*").unwrap();
+    for body in ["a", "b", "c", "d"] {
+        publish(&p, "r.x", body);
+    }
+    assert_eq!(s.recv().await, Some(SubscriptionItem::Lagged(2)));
+    for want in ["c", "d"] {
+        match s.recv().await {
+            Some(SubscriptionItem::Event(e)) => assert_eq!(e.payload, want),
+            other => panic!("expected {want}, got {other:?}"),
+        }
+    }
+    let waiter = tokio::spawn(async move { s.recv().await });
+    tokio::task::yield_now().await;
+    publish(&p, "r.y", "e");
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        .await
+        .expect("woken in time")
+        .expect("task");
+    assert!(matches!(got, Some(SubscriptionItem::Event(e)) if e.payload == "e"));
+}

@@ -605,6 +605,15 @@ impl Subscription {
     pub fn pending(&self) -> usize {
         self.queue.lock().len()
     }
+
+    /// Waits for the next item, as `StreamExt::next` does without the
+    /// import: an event, or `Lagged(n)` when `n` events were dropped from
+    /// this subscription's full queue since the last item (told before the
+    /// next event); `None` once the subscription has ended (the node shut
+    /// down).
+    pub async fn recv(&mut self) -> Option<SubscriptionItem> {
+        futures::StreamExt::next(self).await
+    }
 }
 
 impl futures::Stream for Subscription {
