@@ -1381,39 +1381,13 @@ impl Sim {
                 dialer,
                 dialer_inc,
                 conn,
-            } => {
-                if self.live(dialer, dialer_inc) {
-                    let p = &mut self.nodes[dialer].process;
-                    if let Some(d) = p.dialing.remove(&acceptor) {
-                        if d.conn == conn {
-                            self.counters.dials_failed += 1;
-                            self.counters.dial_queue_dropped += d.queued.len() as u64;
-                            self.dial_failed(dialer, acceptor);
-                        } else {
-                            p.dialing.insert(acceptor, d);
-                        }
-                    }
-                }
-            }
+            } => self.dial_refused_or_timed_out(dialer, dialer_inc, acceptor, conn),
             Ev::DialTimeout {
                 node,
                 inc,
                 peer,
                 conn,
-            } => {
-                if self.live(node, inc) {
-                    let p = &mut self.nodes[node].process;
-                    if let Some(d) = p.dialing.remove(&peer) {
-                        if d.conn == conn {
-                            self.counters.dials_failed += 1;
-                            self.counters.dial_queue_dropped += d.queued.len() as u64;
-                            self.dial_failed(node, peer);
-                        } else {
-                            p.dialing.insert(peer, d);
-                        }
-                    }
-                }
-            }
+            } => self.dial_refused_or_timed_out(node, inc, peer, conn),
             Ev::Closed {
                 node,
                 inc,
@@ -1745,6 +1719,24 @@ impl Sim {
         if self.nodes[i].process.pool.remove_if(peer, c.conn).is_some() {
             self.close_remote(i, &c);
             self.peer_down(i, j, DownReason::Closed);
+        }
+    }
+
+    /// Node `i` (in incarnation `inc`) was refused by node `j`, or its dial
+    /// `conn` to `j` timed out: the dial fails unless a newer one replaced it.
+    fn dial_refused_or_timed_out(&mut self, i: usize, inc: u32, j: usize, conn: usize) {
+        if !self.live(i, inc) {
+            return;
+        }
+        let p = &mut self.nodes[i].process;
+        if let Some(d) = p.dialing.remove(&j) {
+            if d.conn == conn {
+                self.counters.dials_failed += 1;
+                self.counters.dial_queue_dropped += d.queued.len() as u64;
+                self.dial_failed(i, j);
+            } else {
+                p.dialing.insert(j, d);
+            }
         }
     }
 
