@@ -338,6 +338,23 @@ fn a_record_over_the_limit_is_summarized_and_said_so() {
 }
 
 #[test]
+fn a_put_under_way_is_never_forgotten_past_the_limit() {
+    let mut cfg = config(1, Role::Node);
+    cfg.interest.puts_remembered = 1;
+    let mut c = PubSubCore::<u32, ()>::new(cfg);
+    c.subscribe("a.x", 1).unwrap();
+    c.subscribe("b.x", 2).unwrap();
+    let under_way = puts(&actions(&mut c));
+    let (a, b): (Vec<_>, Vec<_>) = under_way.iter().partition(|p| p.name == name("a"));
+    assert_eq!((a.len(), b.len()), (1, 1), "{under_way:?}");
+    // b's put completes while a's is still under way: over the limit, but
+    // a's is kept (its waiters have no answer yet).
+    c.handle_interest_put(&b[0].name, b[0].changes, Ok(()));
+    assert_eq!(c.sizes().remembered_puts, 2);
+    assert_eq!(c.interest_outcome(&a[0].name, a[0].changes), None);
+}
+
+#[test]
 fn names_without_a_live_record_are_forgotten_past_the_limit() {
     let mut cfg = config(1, Role::Node);
     cfg.interest.puts_remembered = 1;
