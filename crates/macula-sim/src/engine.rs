@@ -36,7 +36,7 @@ use macula_wire::time::Millis;
 use macula_wire::NodeId;
 
 use crate::check::{CallChecker, DeliveryChecker, Failure, Violation};
-use crate::dht::LookupFigures;
+use crate::figures::LookupFigures;
 use crate::net::NetConfig;
 use crate::node::{
     AppEvent, Dialing, DownReason, Frame, Identity, Process, SharedAuth, SimConn, SimNode,

@@ -150,11 +150,13 @@
 pub mod check;
 pub mod dht;
 pub mod engine;
+pub mod figures;
 pub mod mesh;
 pub mod net;
 pub mod node;
 pub mod pubsub;
 pub mod rpc;
+pub mod service;
 
 pub use check::{CallChecker, DeliveryChecker, Failure, Violation};
 pub use engine::{OnViolation, Sim, SimCounters};

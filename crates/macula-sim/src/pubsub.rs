@@ -44,7 +44,8 @@ use macula_pubsub::{
 use macula_wire::time::Millis;
 use macula_wire::{FrameDecoder, MessageType, NodeId, DEFAULT_MAX_FRAME_SIZE};
 
-use crate::node::{AppEvent, DhtDone, DhtReq, DownReason, Service, SimConn};
+pub use crate::service::PubSubMsg;
+use crate::service::{AppEvent, DhtDone, DhtReq, DownReason, Service, SimConn};
 
 /// How long a publish waits for the interest lookups its route needs
 /// before it is routed with what is known (the runtime's `ROUTE_WAIT_MAX`).
@@ -53,14 +54,6 @@ pub const ROUTE_WAIT_MAX: Millis = Millis(15_000);
 /// refused (counted), as an application awaiting each publish would not
 /// queue without bound.
 pub const MAX_WAITING_PUBLISHES: usize = 1024;
-
-/// Pub/sub frames: the body of one PUBLISH_BATCH frame, as a data stream
-/// carries it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PubSubMsg {
-    /// One PUBLISH_BATCH body.
-    Batch(Bytes),
-}
 
 /// A subscription's sink in the core: the application's subscription tag.
 type Sink = u64;

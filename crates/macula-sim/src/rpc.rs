@@ -29,31 +29,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use macula_dht::{Contact, Record};
 use macula_pool::PoolTable;
 use macula_rpc::{
-    Action, Admission, Advert, CallFailure, CallId, CallSpec, Config, ProviderInfo, Role, RpcCore,
-    Slot, Started, Strategy,
+    Action, Admission, Advert, CallId, CallSpec, Config, ProviderInfo, Role, RpcCore, Slot,
+    Started, Strategy,
 };
 use macula_wire::rng::Rng;
 use macula_wire::rpc::{Advertisement, Call, CallError, Cancel, Reply, RpcErrorKind, RpcMessage};
 use macula_wire::time::Millis;
 use macula_wire::NodeId;
 
-use crate::node::{AppEvent, DhtDone, DhtReq, DownReason, Service, SimConn};
+use crate::service::{AppEvent, DhtDone, DhtReq, DownReason, Service, SimConn};
+pub use crate::service::{CallResult, RpcMsg};
 
 /// Lifetime of an advertisement (the runtime's `AD_TTL`); the DHT
 /// republishes it at 75%.
 pub const AD_TTL: Millis = Millis(120_000);
-
-/// RPC frames: the control-stream messages, plus the transport's PING and
-/// PONG that a probe uses.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RpcMsg {
-    /// CALL, REPLY, CALL_ERROR, CANCEL.
-    Rpc(RpcMessage),
-    /// A liveness probe (answered by the transport, not the core).
-    Ping(u64),
-    /// Its answer.
-    Pong(u64),
-}
 
 /// A simulated handler: it works for a time drawn in `min..=max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -649,7 +638,3 @@ impl RpcService {
         }
     }
 }
-
-/// What a finished call gives the application: who answered and the call
-/// number their answer carried, or why it failed.
-pub type CallResult = Result<(NodeId, u64), CallFailure<NodeId>>;
