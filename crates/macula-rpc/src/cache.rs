@@ -118,7 +118,7 @@ mod tests {
             node,
             weight: 1,
             metadata: Vec::new(),
-            addrs: vec![format!("10.0.0.{node}:1")],
+            addrs: vec![format!("198.18.0.{node}:1")],
         }
     }
 
@@ -138,7 +138,7 @@ mod tests {
         c.insert("a", Vec::new(), Millis(0));
         assert!(c.is_empty());
         c.insert("a", vec![p(1), p(2)], Millis(0));
-        assert_eq!(c.addrs_of("a", &2), vec!["10.0.0.2:1".to_string()]);
+        assert_eq!(c.addrs_of("a", &2), vec!["198.18.0.2:1".to_string()]);
         assert!(c.addrs_of("a", &3).is_empty());
         assert!(c.addrs_of("b", &1).is_empty());
         c.drop_provider("a", &1);
