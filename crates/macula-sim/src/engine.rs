@@ -927,19 +927,21 @@ impl Sim {
         {
             self.counters.messages_sent += 1;
             self.counters.messages_duplicated += 1;
-            let at = self.frame_arrival();
-            self.push(
-                at,
-                Ev::Frame {
-                    from,
-                    from_inc,
-                    to,
-                    to_inc,
-                    conn,
-                    frame: frame.clone(),
-                },
-            );
+            self.push_frame(from, from_inc, to, to_inc, conn, frame.clone());
         }
+        self.push_frame(from, from_inc, to, to_inc, conn, frame);
+    }
+
+    /// One copy of a frame on its way, arriving after a latency drawn now.
+    fn push_frame(
+        &mut self,
+        from: usize,
+        from_inc: u32,
+        to: usize,
+        to_inc: u32,
+        conn: usize,
+        frame: Frame,
+    ) {
         let at = self.frame_arrival();
         self.push(
             at,

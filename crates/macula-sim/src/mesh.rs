@@ -885,17 +885,26 @@ impl<'a> Mesh<'a> {
                 return Ok(None);
             }
         }
+        self.report.n_interest_missing = missing.len();
+        Ok(Some(self.not_found(
+            &missing,
+            "live subscribers not found by a publisher",
+        )))
+    }
+
+    /// The failure text of a liveness check: how many `what`, and the first
+    /// five (name -> node).
+    fn not_found<T: std::fmt::Display>(&self, missing: &[(T, usize)], what: &str) -> String {
         let e: Vec<String> = missing
             .iter()
             .take(5)
             .map(|(t, n)| format!("{t} -> {}", self.describe(*n)))
             .collect();
-        self.report.n_interest_missing = missing.len();
-        Ok(Some(format!(
-            "{} live subscribers not found by a publisher after the heal (twice), e.g. {}",
+        format!(
+            "{} {what} after the heal (twice), e.g. {}",
             missing.len(),
             e.join(", ")
-        )))
+        )
     }
 
     /// `Err`: a safety failure; `Ok(Some(_))`: this liveness check failed.
@@ -961,18 +970,13 @@ impl<'a> Mesh<'a> {
                 return Ok(None);
             }
         }
-        let e: Vec<String> = missing
-            .iter()
-            .take(5)
-            .map(|(p, n)| format!("{p} -> {}", self.describe(*n)))
-            .collect();
         self.report.n_providers_missing = missing.len();
-        Ok(Some(format!(
-            "{} live providers not found by a caller after the heal (twice), e.g. {}",
-            missing.len(),
-            e.join(", ")
+        Ok(Some(self.not_found(
+            &missing,
+            "live providers not found by a caller",
         )))
     }
+
     /// `Err`: a safety failure; `Ok(Some(_))`: this liveness check failed.
     /// A publish on every topic, from a random live node, reaches every
     /// live subscription whose pattern matches.
