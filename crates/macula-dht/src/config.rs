@@ -35,6 +35,27 @@ pub const JOIN_RETRY_MIN: Millis = Millis(1_000);
 /// Longest wait between join attempts (doubling from `JOIN_RETRY_MIN`), so an
 /// isolated node keeps knocking without hammering a dead seed.
 pub const JOIN_RETRY_MAX: Millis = Millis(60_000);
+/// Contacts remembered after the routing table dropped them for not answering,
+/// to be re-probed (see [`LOST_PROBE_MIN`]): more than the whole routing table
+/// of a node in a 10,000-node mesh (about k·log2(n/k) ≈ 180 entries), so a
+/// partition that cuts a node off from every contact forgets none of them,
+/// while a burst of probes stays at a few hundred pings. Past it the oldest
+/// loss is dropped. 0 turns re-probing off.
+pub const LOST_CONTACTS_LEN: usize = 256;
+/// First ping to a lost contact, after its loss (then 45 s, 105 s, ...): long
+/// enough that a peer that is really gone costs a handful of pings, short
+/// enough that a partition that healed is noticed well within a minute (a
+/// contact lost at the start of a 40 s partition fails its 15 s probe and
+/// answers the 45 s one).
+pub const LOST_PROBE_MIN: Millis = Millis(15_000);
+/// Longest wait between two pings to one lost contact (doubling from
+/// `LOST_PROBE_MIN`): a longer partition still heals within two minutes of
+/// the network healing, at one ping per lost contact per two minutes.
+pub const LOST_PROBE_MAX: Millis = Millis(120_000);
+/// A lost contact is given up this long after its loss (32 probes in
+/// all); from then on the bucket refresh, which runs on the same period, is
+/// what finds it again.
+pub const LOST_PROBE_HORIZON: Millis = REFRESH_INTERVAL;
 /// Shortlist length of one lookup: three times k keeps enough spare candidates
 /// when some of the closest are dead, while bounding memory per lookup.
 pub const MAX_LOOKUP_CANDIDATES: usize = 3 * K;
@@ -114,6 +135,14 @@ pub struct Config {
     pub join_retry_min: Millis,
     /// See [`JOIN_RETRY_MAX`].
     pub join_retry_max: Millis,
+    /// See [`LOST_CONTACTS_LEN`]; 0 turns re-probing off.
+    pub lost_contacts_len: usize,
+    /// See [`LOST_PROBE_MIN`]; positive, at most `lost_probe_max`.
+    pub lost_probe_min: Millis,
+    /// See [`LOST_PROBE_MAX`].
+    pub lost_probe_max: Millis,
+    /// See [`LOST_PROBE_HORIZON`]; longer than `lost_probe_min`.
+    pub lost_probe_horizon: Millis,
     /// See [`MAX_LOOKUP_CANDIDATES`].
     pub max_lookup_candidates: usize,
     /// See [`MAX_LOOKUP_REQUESTS`].
@@ -173,6 +202,10 @@ impl Default for Config {
             refresh_check_interval: REFRESH_CHECK_INTERVAL,
             join_retry_min: JOIN_RETRY_MIN,
             join_retry_max: JOIN_RETRY_MAX,
+            lost_contacts_len: LOST_CONTACTS_LEN,
+            lost_probe_min: LOST_PROBE_MIN,
+            lost_probe_max: LOST_PROBE_MAX,
+            lost_probe_horizon: LOST_PROBE_HORIZON,
             max_lookup_candidates: MAX_LOOKUP_CANDIDATES,
             max_lookup_requests: MAX_LOOKUP_REQUESTS,
             max_active_lookups: MAX_ACTIVE_LOOKUPS,
@@ -219,6 +252,14 @@ impl Config {
         assert!(self.max_pending_requests > 0 && self.max_active_lookups > 0);
         assert!(self.refresh_check_interval > Millis::ZERO);
         assert!(self.join_retry_min > Millis::ZERO && self.join_retry_min <= self.join_retry_max);
+        assert!(
+            self.lost_probe_min > Millis::ZERO && self.lost_probe_min <= self.lost_probe_max,
+            "lost_probe_min must be positive and at most lost_probe_max"
+        );
+        assert!(
+            self.lost_probe_horizon > self.lost_probe_min,
+            "lost_probe_horizon must leave room for at least one probe"
+        );
     }
 
     /// Confirmations a put needs from a replica set of `n_replicas` nodes.
@@ -240,5 +281,26 @@ mod tests {
         assert_eq!(c.store_quorum(5), 3);
         assert_eq!(c.store_quorum(1), 1);
         assert_eq!(c.store_quorum(0), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "lost_probe_min")]
+    fn lost_probe_min_above_its_cap_is_refused() {
+        Config {
+            lost_probe_min: Millis(10),
+            lost_probe_max: Millis(5),
+            ..Config::default()
+        }
+        .assert_valid();
+    }
+
+    #[test]
+    #[should_panic(expected = "lost_probe_horizon")]
+    fn lost_probe_horizon_without_a_probe_is_refused() {
+        Config {
+            lost_probe_horizon: LOST_PROBE_MIN,
+            ..Config::default()
+        }
+        .assert_valid();
     }
 }

@@ -1,5 +1,18 @@
 //! The Kademlia node as a state machine: routing table, iterative lookups,
-//! confirmed puts, record expiry and republish, replication, rate limiting.
+//! confirmed puts, record expiry and republish, replication, rate limiting,
+//! and re-probing of lost contacts.
+//!
+//! **Lost contacts:** a peer the routing table drops because it stopped
+//! answering (a request's last attempt timed out and `mark_unresponsive` really
+//! removed it, or [`Dht::peer_unreachable`]) goes on a bounded lost list and
+//! is pinged (the same PING as a bucket-head probe, through `send`, so within
+//! `max_pending_requests`) after `lost_probe_min`, then after doubling waits
+//! capped at `lost_probe_max`, until `lost_probe_horizon` after the loss. An
+//! answer goes through `observe` like any other, which re-inserts the contact
+//! (table or replacement cache, as `seen` decides) and takes it off the list;
+//! so does hearing from it any other way. A failed probe only grows its
+//! backoff: the contact is not in the table, so it is not evicted or counted
+//! again.
 //!
 //! Inputs are `handle_*` calls and commands, each taking `now`; outputs are
 //! drained with `poll_*`. It must not do I/O, read a clock, spawn, or block; it
@@ -12,6 +25,7 @@ use macula_wire::NodeId;
 
 use crate::config::Config;
 use crate::lookup::{Lookup, LookupId, LookupKind, LookupOutcome, Purpose as LookupPurpose};
+use crate::lost::{Due, LostContacts};
 use crate::message::{Contact, CorrelationId, Outgoing, Request, Response};
 use crate::ratelimit::RateLimiter;
 use crate::record::{Record, RecordAuth, RecordError};
@@ -129,6 +143,20 @@ pub struct Stats {
     pub responses_malformed: u64,
     /// Peers removed from the routing table after failing to answer.
     pub peers_evicted: u64,
+    /// Pings sent to lost contacts (peers evicted for not answering, kept on
+    /// the bounded lost list to be re-probed on a backoff).
+    pub lost_contacts_probed: u64,
+    /// Lost contacts heard from again (they answered a probe, or reached us
+    /// another way) and taken off the list: back in the routing table or its
+    /// replacement cache (unless they came unlisted).
+    pub lost_contacts_restored: u64,
+    /// Lost contacts given up `Config::lost_probe_horizon` after their loss.
+    pub lost_contacts_expired: u64,
+    /// Lost contacts dropped, oldest loss first, to keep the list within
+    /// `Config::lost_contacts_len`.
+    pub lost_contacts_dropped: u64,
+    /// Gauge, not a counter: contacts on the lost list now.
+    pub lost_contacts: u64,
     /// Times the rate limiter's peer table had to be cleared under a flood.
     pub rate_limiter_resets: u64,
     /// Records accepted into the local store (new or refreshed).
@@ -154,7 +182,10 @@ pub struct Stats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Purpose {
     Lookup(LookupId),
+    /// A ping to a full bucket's least recently seen entry.
     Probe,
+    /// A ping to a contact on the lost list.
+    LostProbe,
     Store(PutId),
     Replicate,
 }
@@ -197,6 +228,8 @@ pub struct Dht {
     auth: Box<dyn RecordAuth + Send>,
     rng: Rng,
     routing: RoutingTable,
+    /// Contacts evicted for not answering, re-probed on a backoff.
+    lost: LostContacts,
     store: RecordStore,
     limiter: RateLimiter,
     pending: HashMap<u64, Pending>,
@@ -224,6 +257,7 @@ impl std::fmt::Debug for Dht {
         f.debug_struct("Dht")
             .field("own", &self.own)
             .field("n_contacts", &self.routing.len())
+            .field("n_lost", &self.lost.len())
             .field("n_records", &self.store.len())
             .field("n_pending", &self.pending.len())
             .field("n_lookups", &self.lookups.len())
@@ -246,6 +280,12 @@ impl Dht {
                 config.k,
                 config.replacement_cache_len,
                 config.probe_after,
+            ),
+            lost: LostContacts::new(
+                config.lost_contacts_len,
+                config.lost_probe_min,
+                config.lost_probe_max,
+                config.lost_probe_horizon,
             ),
             store: RecordStore::new(config.max_records, config.max_records_per_publisher),
             limiter: RateLimiter::new(
@@ -300,7 +340,14 @@ impl Dht {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.rate_limiter_resets = self.limiter.n_resets;
+        s.lost_contacts = self.lost.len() as u64;
         s
+    }
+
+    /// True if `id` is on the lost list: evicted for not answering, and still
+    /// being re-probed.
+    pub fn is_lost(&self, id: &NodeId) -> bool {
+        self.lost.contains(id)
     }
 
     /// Requests awaiting a response.
@@ -482,9 +529,29 @@ impl Dht {
     /// before closing its connection): drop it from the routing table now and
     /// fail its outstanding requests without retry, instead of waiting for
     /// every one of them to time out twice.
+    ///
+    /// The peer is not put on the lost list (a peer that said goodbye, or one
+    /// the runtime unlists, must not be pinged back into the table); if it is
+    /// already there (it stopped answering earlier) it stays.
     pub fn peer_left(&mut self, id: &NodeId, now: Millis) {
+        self.drop_peer(id, now, false);
+    }
+
+    /// Like [`Dht::peer_left`], for a peer the transport found unreachable (a
+    /// connection that timed out, not a goodbye): it is dropped now, and, if
+    /// it was in the routing table, put on the lost list to be re-probed like
+    /// a peer whose requests timed out, so a partition heals by itself.
+    pub fn peer_unreachable(&mut self, id: &NodeId, now: Millis) {
+        self.drop_peer(id, now, true);
+    }
+
+    fn drop_peer(&mut self, id: &NodeId, now: Millis, remember: bool) {
+        let known = self.routing.get(id).map(|e| e.contact.clone());
         if self.routing.mark_unresponsive(id, now) {
             self.stats.peers_evicted += 1;
+            if let (true, Some(contact)) = (remember, known) {
+                self.remember_lost(contact, now);
+            }
         }
         let mut cids: Vec<u64> = self
             .pending
@@ -554,9 +621,12 @@ impl Dht {
             return Err(RequestError::RateLimited);
         }
         // It spoke to us directly, so it is alive and worth a routing slot
-        // (unless it cannot be dialed).
+        // (unless it cannot be dialed: then it must not be pinged back into
+        // the table either, so it leaves the lost list too).
         if list {
             self.observe(from.clone(), now);
+        } else if self.lost.remove(&from.id) {
+            self.stats.lost_contacts_restored += 1;
         }
         let k = self.config.k;
         Ok(match request {
@@ -604,8 +674,9 @@ impl Dht {
         self.observe(p.to.clone(), now);
         match p.purpose {
             Purpose::Lookup(id) => self.on_lookup_response(id, &p.to.id, response, now),
-            Purpose::Probe => {
-                // `observe` above already moved the probed entry to the tail.
+            Purpose::Probe | Purpose::LostProbe => {
+                // `observe` above already moved the probed entry to the tail,
+                // or put the lost contact back and took it off the lost list.
                 if response != Response::Pong {
                     self.stats.responses_malformed += 1;
                 }
@@ -626,8 +697,8 @@ impl Dht {
     }
 
     /// Fires every timer due at or before `now`: request timeouts (retry once,
-    /// then mark the peer unresponsive), record expiry, republish, and bucket
-    /// refresh. Harmless to call early or often.
+    /// then mark the peer unresponsive), lost-contact probes and expiry, record
+    /// expiry, republish, and bucket refresh. Harmless to call early or often.
     pub fn handle_timeout(&mut self, now: Millis) {
         self.stats.records_expired += self.store.expire(now) as u64;
 
@@ -640,6 +711,8 @@ impl Dht {
                 self.on_request_timeout(p, now);
             }
         }
+
+        self.probe_lost(now);
 
         while let Some(&(at, key)) = self.republish_queue.first() {
             if at > now {
@@ -693,6 +766,7 @@ impl Dht {
             self.republish_queue.first().map(|r| r.0),
             self.next_refresh,
             self.next_join,
+            self.lost.next_due(),
         ]
         .into_iter()
         .flatten()
@@ -702,9 +776,14 @@ impl Dht {
     // ----- internals ------------------------------------------------------
 
     /// We heard from `contact` directly: update the routing table, probe a full
-    /// bucket's stale head, and hand records to a newly added closer node.
+    /// bucket's stale head, hand records to a newly added closer node, and take
+    /// the contact off the lost list if it was there.
     fn observe(&mut self, contact: Contact, now: Millis) {
-        match self.routing.seen(contact.clone(), now) {
+        let insert = self.routing.seen(contact.clone(), now);
+        if insert != Insert::IsSelf && self.lost.remove(&contact.id) {
+            self.stats.lost_contacts_restored += 1;
+        }
+        match insert {
             Insert::Added => self.replicate_to(&contact, now),
             Insert::Cached { probe: Some(head) } => {
                 let id = head.id;
@@ -770,8 +849,11 @@ impl Dht {
             self.stats.retries += 1;
             return;
         }
+        // The table's entry may carry a newer address than the request did.
+        let known = self.routing.get(&p.to.id).map(|e| e.contact.clone());
         if self.routing.mark_unresponsive(&p.to.id, p.first_sent) {
             self.stats.peers_evicted += 1;
+            self.remember_lost(known.unwrap_or_else(|| p.to.clone()), now);
         }
         match p.purpose {
             Purpose::Lookup(id) => {
@@ -781,7 +863,36 @@ impl Dht {
                 self.advance_lookup(id, now);
             }
             Purpose::Store(put) => self.on_store_result(put, &p.to.id, false, now),
+            // Still lost (not in the table, so not removed or counted again):
+            // it keeps its place and its grown backoff.
+            Purpose::LostProbe => self.lost.set_probing(&p.to.id, false),
             Purpose::Probe | Purpose::Replicate => {}
+        }
+    }
+
+    /// `contact` was just evicted for not answering: keep it on the bounded
+    /// lost list, to be pinged on a backoff until it answers or the horizon.
+    fn remember_lost(&mut self, contact: Contact, now: Millis) {
+        self.stats.lost_contacts_dropped += self.lost.insert(contact, now) as u64;
+    }
+
+    /// Pings every lost contact whose probe is due and gives up those past the
+    /// horizon, earliest first. The pings go through `send`, so they count
+    /// against `max_pending_requests` like any request; one that cannot be
+    /// sent waits for its next (already scheduled) turn.
+    fn probe_lost(&mut self, now: Millis) {
+        while let Some(due) = self.lost.pop_due(now) {
+            match due {
+                Due::Probe(contact) => {
+                    let id = contact.id;
+                    if self.send(contact, Request::Ping, Purpose::LostProbe, now) {
+                        self.stats.lost_contacts_probed += 1;
+                        self.lost.set_probing(&id, true);
+                    }
+                }
+                Due::Expired(_) => self.stats.lost_contacts_expired += 1,
+                Due::StillProbing => {}
+            }
         }
     }
 

@@ -21,7 +21,9 @@
 //!    [`Dht::handle_timeout`] with the current time and go to 2.
 //!
 //! Requests that get no answer need no report: the core times them out, retries
-//! once, then marks the peer unresponsive.
+//! once, then marks the peer unresponsive. A peer that said goodbye goes to
+//! [`Dht::peer_left`]; one whose connection timed out can go to
+//! [`Dht::peer_unreachable`] (dropped the same way, but re-probed later).
 //!
 //! # Design decisions (defaults in [`config`], each with its reason)
 //! - **Buckets**: 256 fixed k-buckets (k = 20) with least-recently-seen
@@ -29,6 +31,16 @@
 //! - **Lookups**: alpha = 3 in flight; done when the k closest non-failed
 //!   candidates have all answered. Request timeout 1 s, one retry under a new
 //!   correlation ID, then the peer is evicted (unless heard from since).
+//! - **Lost contacts**: a peer evicted because its requests timed out (or
+//!   reported with [`Dht::peer_unreachable`]) is not forgotten: it goes on a
+//!   bounded lost list (256, oldest loss dropped first) and is pinged 15 s
+//!   after the loss, then after doubling waits capped at 120 s (15 s, 45 s,
+//!   105 s, 225 s, ...), until it answers (back into the table) or is heard
+//!   from some other way, or for 1 h (then the bucket refresh takes over).
+//!   After a partition both sides evicted each other, and a refresh lookup
+//!   only asks its own side: the probes are what bring them back within a
+//!   probe interval of the heal. A peer reported with [`Dht::peer_left`]
+//!   (goodbye, or unlisted) is not re-probed.
 //! - **Puts**: lookup, then STORE to the k closest (ourselves included when we
 //!   are among them); success needs a strict majority (51%) of that replica
 //!   set, so a later read reaching a majority of the same nodes overlaps it.
@@ -53,6 +65,7 @@
 //! - [`config`]: every limit and timer, with the reason for its default.
 //! - [`routing`]: k-buckets (ping-evict with replacement cache; why is there).
 //! - `lookup`: one iterative FIND_NODE / FIND_VALUE.
+//! - `lost`: contacts evicted for not answering, with their probe schedule.
 //! - [`store`]: records held, with TTL expiry and per-node/per-publisher limits.
 //! - [`record`]: the signed record, its errors, the injected [`RecordAuth`].
 //! - [`message`]: requests, responses, contacts, the outgoing envelope.
@@ -63,6 +76,7 @@ mod auth;
 pub mod config;
 mod dht;
 mod lookup;
+mod lost;
 pub mod message;
 mod ratelimit;
 pub mod record;

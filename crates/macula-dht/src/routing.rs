@@ -10,6 +10,12 @@
 //! identities cannot push out live, proven contacts. A newcomer that does not fit
 //! waits in the bucket's replacement cache and takes the first slot that frees.
 //!
+//! An entry that fails to answer is removed here and forgotten by this table;
+//! the [`crate::Dht`] keeps it on a bounded lost list and pings it on a backoff
+//! (15 s after the loss, doubling to 120 s, for 1 h; see
+//! [`crate::config::LOST_CONTACTS_LEN`]), so after a partition both sides find
+//! each other again through `seen` without waiting for the hourly refresh.
+//!
 //! **Invariant:** our own ID is never stored; a bucket never holds more than k
 //! entries; every entry of bucket `i` shares exactly `i` leading bits with us.
 //! This module must not send anything: it tells the caller whom to probe.
@@ -244,7 +250,9 @@ impl RoutingTable {
 
     /// `id` failed to answer requests sent at or after `since`: remove it and
     /// promote the most recently seen replacement. Does nothing (returns false)
-    /// if it was heard from after `since`, i.e. it is alive after all.
+    /// if it was heard from after `since`, i.e. it is alive after all, or if
+    /// it holds no entry. A `true` is the caller's cue to remember the contact
+    /// as lost (this table keeps nothing of it).
     pub fn mark_unresponsive(&mut self, id: &NodeId, since: Millis) -> bool {
         let Some(b) = self.bucket_index(id).and_then(|i| self.buckets.get_mut(i)) else {
             return false;

@@ -755,3 +755,303 @@ fn full_bucket_pings_its_oldest_entry_and_keeps_it_if_alive() {
     assert!(d.routing().contains(&e.id));
     assert_eq!(d.routing().len(), 2);
 }
+
+// ----- lost contacts ----------------------------------------------------------
+
+/// Node 1 knows `peers` (each sent it a ping at `at`), then looks up a far ID:
+/// the FIND_NODEs go unanswered, so each peer is evicted after its last
+/// attempt times out. Returns when they were evicted.
+fn evict_silent(d: &mut Dht, peers: &[u8], at: Millis) -> Millis {
+    for &p in peers {
+        d.handle_request(&contact(p), Request::Ping, at)
+            .expect("pong");
+    }
+    d.start_lookup(id(200), LookupKind::FindNode, at)
+        .expect("lookup starts");
+    let timeout = d.config().request_timeout.0;
+    let mut evicted = at;
+    drain(d);
+    for attempt in 1..=u64::from(d.config().request_attempts) {
+        evicted = Millis(at.0 + attempt * timeout);
+        d.handle_timeout(evicted);
+        drain(d);
+    }
+    for &p in peers {
+        assert!(!d.routing().contains(&id(p)), "{p} evicted");
+        assert!(d.is_lost(&id(p)), "{p} remembered as lost");
+    }
+    evicted
+}
+
+/// Runs `d` to time `t` and returns the pings it sent to `peer`.
+fn pings_at(d: &mut Dht, t: Millis, peer: u8) -> Vec<Outgoing> {
+    d.handle_timeout(t);
+    let (out, _) = drain(d);
+    assert!(
+        out.iter()
+            .all(|o| o.to == contact(peer) && o.request == Request::Ping),
+        "only pings to {peer}: {out:?}"
+    );
+    out
+}
+
+/// The probe times, relative to the loss, for the default configuration:
+/// 15 s, then doubling waits (30 s, 60 s) capped at 120 s, while under 1 h.
+fn default_schedule() -> Vec<u64> {
+    let mut at = vec![15_000, 45_000, 105_000];
+    while at[at.len() - 1] + 120_000 < 3_600_000 {
+        at.push(at[at.len() - 1] + 120_000);
+    }
+    at
+}
+
+#[test]
+fn a_silent_contact_is_reprobed_on_a_backoff_and_restored_when_it_answers() {
+    let mut d = node(1, Config::default());
+    let lost_at = evict_silent(&mut d, &[2], Millis(0));
+    assert_eq!(lost_at, Millis(2_000));
+    let stats = d.stats();
+    assert_eq!((stats.peers_evicted, stats.lost_contacts), (1, 1));
+    let timeout = d.config().request_timeout.0;
+    // Probes at 15 s, 45 s, 105 s, 225 s, 345 s after the loss; each one a
+    // ping, retried once, then given up without evicting or counting again.
+    for (n, rel) in [15_000u64, 45_000, 105_000, 225_000]
+        .into_iter()
+        .enumerate()
+    {
+        let at = lost_at.0 + rel;
+        assert_eq!(d.poll_timeout(), Some(Millis(at)), "probe {n}");
+        assert!(pings_at(&mut d, Millis(at - 1), 2).is_empty(), "not early");
+        assert_eq!(pings_at(&mut d, Millis(at), 2).len(), 1, "probe {n}");
+        assert_eq!(pings_at(&mut d, Millis(at + timeout), 2).len(), 1, "retry");
+        assert!(pings_at(&mut d, Millis(at + 2 * timeout), 2).is_empty());
+        assert!(d.is_lost(&id(2)) && !d.routing().contains(&id(2)));
+        let stats = d.stats();
+        assert_eq!(stats.lost_contacts_probed, n as u64 + 1);
+        assert_eq!((stats.peers_evicted, stats.lost_contacts), (1, 1));
+    }
+    // It comes back and answers the fifth probe: back in the table, off the
+    // list, never probed again.
+    let at = Millis(lost_at.0 + 345_000);
+    assert_eq!(d.poll_timeout(), Some(at));
+    let probe = pings_at(&mut d, at, 2).pop().expect("probe");
+    d.handle_response(
+        &id(2),
+        probe.correlation_id,
+        Response::Pong,
+        Millis(at.0 + 50),
+    );
+    assert!(d.routing().contains(&id(2)));
+    assert!(!d.is_lost(&id(2)));
+    let stats = d.stats();
+    assert_eq!(stats.lost_contacts_probed, 5);
+    assert_eq!(stats.lost_contacts_restored, 1);
+    assert_eq!(stats.lost_contacts, 0);
+    assert_eq!(stats.lost_contacts_expired, 0);
+    assert_eq!(d.poll_timeout(), None, "no timer left");
+    assert!(pings_at(&mut d, Millis(10_000_000), 2).is_empty());
+}
+
+#[test]
+fn a_lost_contact_is_given_up_at_the_horizon() {
+    // One attempt per request: every ping seen is a probe.
+    let config = Config {
+        request_attempts: 1,
+        ..Config::default()
+    };
+    let mut d = node(1, config);
+    let lost_at = evict_silent(&mut d, &[2], Millis(0));
+    let mut probes = Vec::new();
+    while let Some(t) = d.poll_timeout() {
+        if !pings_at(&mut d, t, 2).is_empty() {
+            probes.push(t.0 - lost_at.0);
+        }
+    }
+    let expected = default_schedule();
+    assert_eq!(expected.len(), 32);
+    assert_eq!(*expected.last().expect("probes"), 3_585_000);
+    assert_eq!(probes, expected);
+    let stats = d.stats();
+    assert_eq!(stats.lost_contacts_probed, 32);
+    assert_eq!(stats.lost_contacts_expired, 1);
+    assert_eq!(stats.lost_contacts, 0);
+    assert_eq!(stats.lost_contacts_restored, 0);
+    assert!(!d.is_lost(&id(2)) && !d.routing().contains(&id(2)));
+    // Gone for good: nothing is ever sent to it again.
+    assert!(pings_at(&mut d, Millis(100_000_000), 2).is_empty());
+}
+
+#[test]
+fn the_horizon_expires_exactly_on_time_and_counts_once() {
+    let mut d = node(1, Config::default());
+    let lost_at = evict_silent(&mut d, &[2], Millis(0));
+    let timeout = d.config().request_timeout.0;
+    let end = lost_at.saturating_add(d.config().lost_probe_horizon);
+    // A driver that wakes up only just before the horizon: one probe (missed
+    // ones are not replayed), and the next slot is the horizon itself.
+    assert_eq!(pings_at(&mut d, Millis(end.0 - 1), 2).len(), 1);
+    assert_eq!(d.poll_timeout(), Some(end));
+    assert!(pings_at(&mut d, end, 2).is_empty());
+    assert!(!d.is_lost(&id(2)));
+    // The probe already in flight still gets its retry, and its failure
+    // changes nothing: counted once, nothing left to do.
+    assert_eq!(pings_at(&mut d, Millis(end.0 - 1 + timeout), 2).len(), 1);
+    assert!(pings_at(&mut d, Millis(end.0 - 1 + 2 * timeout), 2).is_empty());
+    let stats = d.stats();
+    assert_eq!(
+        (stats.lost_contacts_probed, stats.lost_contacts_expired),
+        (1, 1)
+    );
+    assert_eq!((stats.peers_evicted, stats.lost_contacts), (1, 0));
+    assert_eq!(d.poll_timeout(), None);
+}
+
+#[test]
+fn past_the_bound_the_oldest_lost_contact_is_dropped() {
+    let config = Config {
+        lost_contacts_len: 2,
+        ..Config::default()
+    };
+    let mut d = node(1, config);
+    // Lost in order: 2, then 3, then 4 (each evicted 2 s after its lookup).
+    evict_silent(&mut d, &[2], Millis(0));
+    evict_silent(&mut d, &[3], Millis(10_000));
+    assert_eq!(d.stats().lost_contacts_dropped, 0);
+    evict_silent(&mut d, &[4], Millis(11_000));
+    assert!(!d.is_lost(&id(2)), "the oldest loss is dropped");
+    assert!(d.is_lost(&id(3)) && d.is_lost(&id(4)));
+    let stats = d.stats();
+    assert_eq!(stats.lost_contacts_dropped, 1);
+    assert_eq!(stats.lost_contacts, 2);
+    assert_eq!(stats.peers_evicted, 3);
+    // 2 is never probed; 3 and 4 are, 15 s after their losses.
+    let (t3, t4) = (Millis(12_000 + 15_000), Millis(13_000 + 15_000));
+    d.handle_timeout(t3);
+    let (out, _) = drain(&mut d);
+    assert_eq!(
+        out.iter().map(|o| o.to.id).collect::<Vec<_>>(),
+        vec![id(3)],
+        "{out:?}"
+    );
+    d.handle_timeout(t4);
+    let (out, _) = drain(&mut d);
+    assert!(out.iter().all(|o| o.to.id != id(2)), "{out:?}");
+    assert!(out.iter().any(|o| o.to.id == id(4)), "{out:?}");
+}
+
+#[test]
+fn a_lost_contact_heard_from_otherwise_leaves_the_list_unprobed() {
+    let mut d = node(1, Config::default());
+    evict_silent(&mut d, &[2, 3, 4], Millis(0));
+    assert_eq!(d.stats().lost_contacts, 3);
+    // 2 sends us a request: back in the table at once.
+    d.handle_request(&contact(2), Request::Ping, Millis(5_000))
+        .expect("pong");
+    assert!(d.routing().contains(&id(2)) && !d.is_lost(&id(2)));
+    // 3 shows up in an answer from 5 and answers the lookup's FIND_NODE.
+    d.handle_request(&contact(5), Request::Ping, Millis(6_000))
+        .expect("pong");
+    d.start_lookup(id(201), LookupKind::FindNode, Millis(6_000))
+        .expect("lookup starts");
+    let (out, _) = drain(&mut d);
+    assert!(out.iter().any(|o| o.to.id == id(5)), "asks 5: {out:?}");
+    for o in out {
+        let closer = if o.to.id == id(5) {
+            vec![contact(3)]
+        } else {
+            Vec::new()
+        };
+        d.handle_response(
+            &o.to.id,
+            o.correlation_id,
+            Response::Nodes { closer },
+            Millis(6_010),
+        );
+    }
+    let (out, _) = drain(&mut d);
+    let to3 = out.iter().find(|o| o.to.id == id(3)).expect("asks 3");
+    assert_eq!(to3.request, Request::FindNode { target: id(201) });
+    // Appearing in an answer is not hearing from it: still lost.
+    assert!(d.is_lost(&id(3)));
+    d.handle_response(
+        &id(3),
+        to3.correlation_id,
+        Response::Nodes { closer: vec![] },
+        Millis(6_020),
+    );
+    assert!(d.routing().contains(&id(3)) && !d.is_lost(&id(3)));
+    // 4 reaches us unlisted (behind NAT, or through a relay): it leaves the
+    // list, and stays out of the table.
+    d.handle_request_unlisted(&contact(4), Request::Ping, Millis(7_000))
+        .expect("pong");
+    assert!(!d.is_lost(&id(4)) && !d.routing().contains(&id(4)));
+    drain(&mut d);
+    let stats = d.stats();
+    assert_eq!(stats.lost_contacts_restored, 3);
+    assert_eq!(stats.lost_contacts, 0);
+    // Nobody is probed: the lookups were answered, no timer is left.
+    d.handle_timeout(Millis(60_000));
+    let (out, _) = drain(&mut d);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(d.stats().lost_contacts_probed, 0);
+}
+
+#[test]
+fn a_restarted_node_answers_the_probe_and_is_back() {
+    let mut a = node(1, Config::default());
+    let mut b = node(2, Config::default());
+    // b joins through a; a learns b from its request.
+    b.bootstrap(vec![contact(1)], Millis(0));
+    let (out, _) = drain(&mut b);
+    let r = a
+        .handle_request(&contact(2), out[0].request.clone(), Millis(5))
+        .expect("answered");
+    b.handle_response(&id(1), out[0].correlation_id, r, Millis(10));
+    drain(&mut b);
+    assert!(a.routing().contains(&id(2)) && b.routing().contains(&id(1)));
+
+    // b crashes: a's lookup through it goes unanswered, a evicts it.
+    let lost_at = evict_silent(&mut a, &[], Millis(1_000));
+    assert!(a.is_lost(&id(2)) && a.routing().is_empty());
+
+    // b restarts (same key, same address, a new process knowing nobody) and
+    // answers a's first probe: each is in the other's table again.
+    let mut b = Dht::new(Config::default(), contact(2), Box::new(InsecureNoAuth), 99);
+    b.bootstrap(Vec::new(), Millis(5_000));
+    drain(&mut b);
+    let at = lost_at.saturating_add(a.config().lost_probe_min);
+    assert_eq!(a.poll_timeout(), Some(at));
+    let probe = pings_at(&mut a, at, 2).pop().expect("probe");
+    let pong = b
+        .handle_request(&contact(1), probe.request, Millis(at.0 + 5))
+        .expect("answered");
+    assert_eq!(pong, Response::Pong);
+    a.handle_response(&id(2), probe.correlation_id, pong, Millis(at.0 + 10));
+    assert!(a.routing().contains(&id(2)) && !a.is_lost(&id(2)));
+    assert!(b.routing().contains(&id(1)));
+    let stats = a.stats();
+    assert_eq!(
+        (stats.lost_contacts_probed, stats.lost_contacts_restored),
+        (1, 1)
+    );
+}
+
+#[test]
+fn unreachable_peers_are_reprobed_but_peers_that_left_are_not() {
+    let mut d = node(1, Config::default());
+    for p in [2, 3] {
+        d.handle_request(&contact(p), Request::Ping, Millis(0))
+            .expect("pong");
+    }
+    d.peer_unreachable(&id(2), Millis(100));
+    d.peer_left(&id(3), Millis(100));
+    assert!(!d.routing().contains(&id(2)) && !d.routing().contains(&id(3)));
+    assert!(d.is_lost(&id(2)) && !d.is_lost(&id(3)));
+    assert_eq!(d.stats().peers_evicted, 2);
+    // Only the unreachable one is pinged, 15 s later.
+    assert_eq!(d.poll_timeout(), Some(Millis(15_100)));
+    assert_eq!(pings_at(&mut d, Millis(15_100), 2).len(), 1);
+    // A peer we never knew: nothing to remember.
+    d.peer_unreachable(&id(9), Millis(200));
+    assert!(!d.is_lost(&id(9)));
+}

@@ -38,7 +38,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::config::{IdentitySource, Limits};
-use crate::driver::{self, DriverConfig};
+use crate::driver::{self, DriverConfig, Gone};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::peer::{self, Direction, LocalInfo, Peer};
@@ -713,10 +713,10 @@ impl Client {
             let services = cfg.services.clone();
             let ended = driver::drive(p.clone(), reader, cfg, shutdown).await;
             tracing::debug!(gateway = %p.node_id(), reason = %ended.why, "gateway connection ended");
-            let why = if ended.left {
-                PeerDown::Left
-            } else {
-                PeerDown::Closed
+            let why = match ended.gone {
+                Gone::Left => PeerDown::Left,
+                Gone::Silent => PeerDown::Silent,
+                Gone::No => PeerDown::Closed,
             };
             services.peer_down(&p, why);
         });

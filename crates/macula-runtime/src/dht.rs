@@ -105,6 +105,9 @@ pub struct DhtCounters {
     pub requests_rate_limited_total: AtomicU64,
     pub request_timeouts_total: AtomicU64,
     pub responses_unmatched_total: AtomicU64,
+    pub lost_contacts: AtomicU64,
+    pub lost_contacts_probed_total: AtomicU64,
+    pub lost_contacts_restored_total: AtomicU64,
     pub records_rejected_total: AtomicU64,
     pub records_expired_total: AtomicU64,
     pub puts_succeeded_total: AtomicU64,
@@ -141,6 +144,12 @@ impl DhtCounters {
         set(&self.records_expired_total, st.records_expired);
         set(&self.puts_succeeded_total, st.puts_succeeded);
         set(&self.puts_failed_total, st.puts_failed);
+        set(&self.lost_contacts, st.lost_contacts);
+        set(&self.lost_contacts_probed_total, st.lost_contacts_probed);
+        set(
+            &self.lost_contacts_restored_total,
+            st.lost_contacts_restored,
+        );
     }
 
     fn rows(&self) -> Vec<(&'static str, &'static str, u64)> {
@@ -202,6 +211,21 @@ impl DhtCounters {
                 g(&self.puts_failed_total),
             ),
             (
+                "macula_dht_lost_contacts",
+                "Contacts dropped for not answering, still being probed again.",
+                g(&self.lost_contacts),
+            ),
+            (
+                "macula_dht_lost_contacts_probed_total",
+                "Pings sent to lost contacts.",
+                g(&self.lost_contacts_probed_total),
+            ),
+            (
+                "macula_dht_lost_contacts_restored_total",
+                "Lost contacts heard from again (back in the routing table).",
+                g(&self.lost_contacts_restored_total),
+            ),
+            (
                 "macula_dht_inbound_dropped_total",
                 "DHT frames dropped because the DHT queue was full.",
                 g(&self.inbound_dropped_total),
@@ -259,6 +283,8 @@ enum Command {
     },
     Seed(Contact),
     PeerLeft(NodeId),
+    /// Went silent: dropped, and probed again later.
+    PeerSilent(NodeId),
     Put {
         key: NodeId,
         value: Vec<u8>,
@@ -470,8 +496,14 @@ impl Service for DhtHandle {
     }
 
     fn peer_down(&self, peer: &Peer, why: PeerDown) {
-        if why == PeerDown::Left {
-            self.peer_left(peer);
+        match why {
+            PeerDown::Left => self.peer_left(peer),
+            // Re-probed with backoff: a partition heals without waiting for
+            // the hourly bucket refresh.
+            PeerDown::Silent => {
+                let _ = self.tx.try_send(Command::PeerSilent(peer.node_id()));
+            }
+            PeerDown::Closed | PeerDown::Superseded => {}
         }
     }
 }
@@ -746,6 +778,10 @@ impl<D: Dialer> Task<D> {
             Command::PeerLeft(id) => {
                 tracing::debug!(peer = %id, "peer left the mesh; dropping it from the DHT");
                 self.dht.peer_left(&id, now)
+            }
+            Command::PeerSilent(id) => {
+                tracing::debug!(peer = %id, "peer went silent; dropping it from the DHT, to be probed again");
+                self.dht.peer_unreachable(&id, now)
             }
             Command::Put {
                 key,

@@ -31,9 +31,20 @@ pub(crate) struct DriverConfig {
 pub(crate) struct Ended {
     /// Human-readable reason (logged, and the text of `PeerEvent::Disconnected`).
     pub why: String,
-    /// The node left the mesh (DISCONNECT or close code Shutdown) or went
-    /// silent (QUIC idle timeout despite keep-alives).
-    pub left: bool,
+    /// Whether the node left the mesh or went silent.
+    pub gone: Gone,
+}
+
+/// What the end of a connection says about the node behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// Nothing: the connection closed (idle, evicted, an error).
+    No,
+    /// It left the mesh (DISCONNECT or close code Shutdown).
+    Left,
+    /// It went silent (QUIC idle timeout despite keep-alives): crashed, or
+    /// cut off by the network.
+    Silent,
 }
 
 /// What the control-stream loop should do after a frame.
@@ -401,18 +412,18 @@ pub(crate) async fn drive(
     // A transport timeout (silent despite keep-alives) means the peer
     // crashed or became unreachable: the same conclusion, reached later.
     let gone = match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-            c.error_code == close_code(DisconnectReason::Shutdown)
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == close_code(DisconnectReason::Shutdown) =>
+        {
+            Gone::Left
         }
-        Some(quinn::ConnectionError::TimedOut) => true,
-        _ => false,
+        Some(quinn::ConnectionError::TimedOut) => Gone::Silent,
+        _ if left_said => Gone::Left,
+        _ => Gone::No,
     };
     // Wake anyone still waiting for a pong.
     peer.clear_pings();
-    Ended {
-        why: end,
-        left: gone || left_said,
-    }
+    Ended { why: end, gone }
 }
 
 /// The next health-ping tick; never, without health pings.

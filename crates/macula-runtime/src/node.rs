@@ -20,7 +20,7 @@ use crate::backoff::{jitter, Backoff};
 use crate::clock::{Clock, Epoch, EPOCH_SAVE_INTERVAL};
 use crate::config::{ConfigError, IdentitySource, NodeConfig, ReachabilityMode};
 use crate::dht::DhtHandle;
-use crate::driver::{self, DriverConfig, Ended};
+use crate::driver::{self, DriverConfig, Ended, Gone};
 use crate::framed::FrameReader;
 use crate::identity::{Identity, IdentityError};
 use crate::metrics::{HandshakeFailure, Metrics};
@@ -907,10 +907,11 @@ impl NodeRuntime {
             .fetch_add(1, Relaxed);
         self.0.services.peer_down(
             peer,
-            match (ended.left, removed) {
-                (true, _) => PeerDown::Left,
-                (false, true) => PeerDown::Closed,
-                (false, false) => PeerDown::Superseded,
+            match (ended.gone, removed) {
+                (Gone::Left, _) => PeerDown::Left,
+                (Gone::Silent, _) => PeerDown::Silent,
+                (Gone::No, true) => PeerDown::Closed,
+                (Gone::No, false) => PeerDown::Superseded,
             },
         );
         if removed {

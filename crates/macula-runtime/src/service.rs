@@ -65,10 +65,13 @@ pub(crate) enum PeerDown {
     /// The connection closed (idle, an error, evicted); the node may still
     /// be up and reachable by dialing it again.
     Closed,
-    /// The node left the mesh (it closed with `Shutdown`) or stopped
-    /// answering (the QUIC idle timeout expired despite keep-alives): treat
-    /// it as gone until it shows up again.
+    /// The node left the mesh (it closed with `Shutdown`): treat it as gone
+    /// until it shows up again.
     Left,
+    /// The node stopped answering (the QUIC idle timeout expired despite
+    /// keep-alives): crashed, or cut off by the network. Treated as gone
+    /// like `Left`, but the DHT keeps probing it (a partition heals).
+    Silent,
 }
 
 /// One service of a node or client. See the module docs.

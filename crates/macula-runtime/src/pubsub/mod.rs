@@ -566,7 +566,7 @@ impl Service for PubSub {
     /// aside by the core (nothing more is queued to it) until it returns.
     fn peer_down(&self, peer: &Peer, why: PeerDown) {
         let why = match why {
-            PeerDown::Left => macula_pubsub::PeerDown::Left,
+            PeerDown::Left | PeerDown::Silent => macula_pubsub::PeerDown::Left,
             PeerDown::Closed | PeerDown::Superseded => macula_pubsub::PeerDown::Closed,
         };
         let now = self.0.now();
