@@ -63,6 +63,14 @@ fn parse() -> Args {
 }
 
 fn main() {
+    // Progress (phases of the run) on stderr; `RUST_LOG=warn` silences it.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let a = parse();
     if a.dht_only {
         let mut scenario = Scenario::new(a.nodes, a.seed);

@@ -20,8 +20,7 @@
 //! This module must not use threads or the wall clock, and must not reach
 //! into core internals: what works here must work in the real node.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -39,8 +38,10 @@ use crate::check::{CallChecker, DeliveryChecker, Failure, Violation};
 use crate::figures::LookupFigures;
 use crate::net::NetConfig;
 use crate::node::{
-    AppEvent, Dialing, DownReason, Frame, Identity, Process, SharedAuth, SimConn, SimNode,
+    AppEvent, CryptoMemo, Dialing, DownReason, Frame, Identity, Process, SharedAuth, SimConn,
+    SimNode,
 };
+use crate::queue::EventQueue;
 use crate::rpc::{CallResult, Handler};
 
 /// Record verifications remembered (by hash of signed bytes and signature)
@@ -102,6 +103,10 @@ pub struct SimCounters {
     pub events_processed: u64,
     /// Events not queued because the queue was full (the run fails).
     pub events_dropped: u64,
+    /// Most events queued at once.
+    pub peak_queued: u64,
+    /// Timer events that found their node's timer re-armed for another time.
+    pub timers_stale: u64,
     /// Safety checks run (each per-step check of a node, each record
     /// verified, each lookup result checked, each delivery and call
     /// outcome checked).
@@ -234,32 +239,10 @@ impl Ev {
     }
 }
 
-#[derive(Debug)]
+/// An event taken off the queue.
 struct Queued {
     at: Millis,
-    seq: u64,
-    // Boxed: the heap moves entries on every push and pop, and an inline `Ev`
-    // (a STORE carries a whole record) would make that the dominant cost.
     ev: Box<Ev>,
-}
-
-// Ordered by (time, insertion sequence) only: ties resolve in insertion order,
-// which keeps runs deterministic.
-impl PartialEq for Queued {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
 }
 
 /// N nodes, one virtual clock, one seed.
@@ -268,8 +251,8 @@ pub struct Sim {
     seed: u64,
     rng: Rng,
     now: Millis,
-    seq: u64,
-    queue: BinaryHeap<Reverse<Queued>>,
+    // Boxed: a STORE carries a whole record, and slots keep capacity.
+    queue: EventQueue<Box<Ev>>,
     nodes: Vec<SimNode>,
     by_id: HashMap<NodeId, usize>,
     tags: HashMap<(usize, LookupId), u64>,
@@ -285,6 +268,8 @@ pub struct Sim {
     /// Connection events in flight per pair of nodes (smaller index first).
     conn_events: HashMap<(usize, usize), u32>,
     verified: HashSet<[u8; 32]>,
+    /// Signatures and verifications the nodes' real keys already made.
+    memo: CryptoMemo,
     on_violation: OnViolation,
     failure: Option<Failure>,
     replay: String,
@@ -326,8 +311,7 @@ impl Sim {
             seed,
             rng: Rng::new(seed),
             now: Millis::ZERO,
-            seq: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::default(),
             nodes: Vec::new(),
             by_id: HashMap::new(),
             tags: HashMap::new(),
@@ -340,6 +324,7 @@ impl Sim {
             partition_generation: 0,
             conn_events: HashMap::new(),
             verified: HashSet::new(),
+            memo: CryptoMemo::default(),
             on_violation: OnViolation::Panic,
             failure: None,
             replay: format!("(replay with seed {seed})"),
@@ -374,6 +359,11 @@ impl Sim {
     /// True if no node was created.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// Events queued now.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
     /// Counters so far.
@@ -477,7 +467,7 @@ impl Sim {
         let process = Process::new(
             config.clone(),
             contact.clone(),
-            identity.auth(),
+            identity.auth(&self.memo),
             node_seed,
             self.net.max_connections,
             1,
@@ -832,7 +822,7 @@ impl Sim {
     /// Processes events up to and including time `t`, then sets the clock to
     /// `t`. Stops early at a failure (with [`OnViolation::Stop`]).
     pub fn run_until(&mut self, t: Millis) {
-        while self.failure.is_none() && self.queue.peek().is_some_and(|q| q.0.at <= t) {
+        while self.failure.is_none() && self.queue.peek_time().is_some_and(|at| at <= t.0) {
             self.step();
         }
         if self.failure.is_none() {
@@ -850,7 +840,7 @@ impl Sim {
             if done(self) {
                 return true;
             }
-            if self.queue.peek().is_none_or(|q| q.0.at > deadline) {
+            if self.queue.peek_time().is_none_or(|at| at > deadline.0) {
                 self.now = self.now.max(deadline);
                 return done(self);
             }
@@ -869,13 +859,8 @@ impl Sim {
         if let Some(pair) = ev.conn_pair() {
             *self.conn_events.entry(pair).or_insert(0) += 1;
         }
-        let seq = self.seq;
-        self.seq += 1;
-        self.queue.push(Reverse(Queued {
-            at: at.max(self.now),
-            seq,
-            ev: Box::new(ev),
-        }));
+        self.counters.peak_queued = self.counters.peak_queued.max(self.queue.len() as u64 + 1);
+        self.queue.push(at.max(self.now).0, Box::new(ev));
     }
 
     fn reachable(&self, a: usize, b: usize) -> bool {
@@ -1156,7 +1141,7 @@ impl Sim {
         node.process = Process::new(
             node.config.clone(),
             node.contact.clone(),
-            node.identity.auth(),
+            node.identity.auth(&self.memo),
             seed,
             max,
             node.epoch,
@@ -1202,9 +1187,10 @@ impl Sim {
     }
 
     fn step(&mut self) {
-        let Some(Reverse(q)) = self.queue.pop() else {
+        let Some((at, ev)) = self.queue.pop() else {
             return;
         };
+        let q = Queued { at: Millis(at), ev };
         debug_assert!(
             q.at >= self.now,
             "sim seed {}: time went backwards",
@@ -1428,6 +1414,7 @@ impl Sim {
             Ev::Timer { node, inc } => {
                 let n = &mut self.nodes[node];
                 if !n.alive || n.incarnation != inc || n.process.armed != Some(q.at) {
+                    self.counters.timers_stale += 1;
                     return; // dead, or superseded by a re-arm
                 }
                 n.process.armed = None;

@@ -318,7 +318,7 @@ impl std::fmt::Display for MeshReport {
         )?;
         write!(
             f,
-            "checked: {} frames delivered, {} safety checks; network: {} messages, {} lost, {} duplicated, {} cut by the partition, {} to dead nodes; {} dials ({} failed), {} connections closed, {} bootstrap re-seeds",
+            "checked: {} frames delivered, {} safety checks; network: {} messages, {} lost, {} duplicated, {} cut by the partition, {} to dead nodes; {} dials ({} failed), {} connections closed, {} bootstrap re-seeds; engine: {} events ({} at most queued, {} stale timers)",
             c.frames_delivered,
             c.checks,
             c.messages_sent,
@@ -329,7 +329,10 @@ impl std::fmt::Display for MeshReport {
             c.dials,
             c.dials_failed,
             c.connections_closed,
-            c.reseeds
+            c.reseeds,
+            c.events_processed,
+            c.peak_queued,
+            c.timers_stale
         )
     }
 }
@@ -441,6 +444,18 @@ impl<'a> Mesh<'a> {
         self.ok()
     }
 
+    /// Logs how far the run got (a 10,000-node run takes minutes).
+    fn progress(&self, phase: &str) {
+        let c = self.sim.counters();
+        tracing::info!(
+            phase,
+            simulated_s = self.sim.now().0 as f64 / 1000.0,
+            events = c.events_processed,
+            queued = self.sim.queued(),
+            "mesh scenario"
+        );
+    }
+
     fn run(&mut self) -> Result<(), Failure> {
         let s = self.s;
         let n = s.n_nodes;
@@ -459,6 +474,7 @@ impl<'a> Mesh<'a> {
             self.sim.schedule_start(i, &[boot, other], at);
         }
         self.sim.run_until(s.join_spread.saturating_add(s.settle));
+        self.progress("joined");
         self.ok()?;
 
         // 2. Register.
@@ -469,9 +485,11 @@ impl<'a> Mesh<'a> {
             let pattern = Pattern::new(p).expect("valid pattern");
             self.patterns.insert(i, pattern);
         }
-        for &i in nodes.iter().rev().take(s.n_providers) {
-            let p = PROCEDURES[self.sim.rng().below(PROCEDURES.len() as u64) as usize];
-            self.procedures.insert(i, p);
+        // In turn, so that every procedure has a provider (from three
+        // providers on): a call to one nobody serves fails `NoProviders`,
+        // rightly, and would only blur what the checks measure.
+        for (k, &i) in nodes.iter().rev().take(s.n_providers).enumerate() {
+            self.procedures.insert(i, PROCEDURES[k % PROCEDURES.len()]);
         }
         for i in 0..n {
             self.register(i);
@@ -482,6 +500,7 @@ impl<'a> Mesh<'a> {
         self.ok()?;
 
         // 3. Faults.
+        self.progress("registered");
         let start = self.sim.now();
         self.sim.set_net(s.faulty.clone());
         let mut actions = self.plan_faults(start);
@@ -503,6 +522,7 @@ impl<'a> Mesh<'a> {
         self.ok()?;
 
         // 4. Heal.
+        self.progress("faults over");
         self.act(Action::Heal);
         self.sim.set_net(s.calm.clone());
         let t = self.sim.now().saturating_add(s.heal_settle);
@@ -513,6 +533,7 @@ impl<'a> Mesh<'a> {
         self.ok()?;
 
         // 5. Liveness: every check runs, and all that failed are reported.
+        self.progress("healed");
         let mut failed = Vec::new();
         failed.extend(self.check_coverage()?);
         failed.extend(self.check_interest()?);

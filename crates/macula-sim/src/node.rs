@@ -98,9 +98,12 @@ impl Service for DhtService {
     fn handle_peer_down(&mut self, peer: &NodeId, reason: DownReason, now: Millis) {
         // Same rule as the runtime's connection driver: only a goodbye or a
         // transport timeout means the peer left the mesh; an eviction or a
-        // reset says nothing about the peer.
-        if matches!(reason, DownReason::Shutdown | DownReason::TimedOut) {
-            self.dht.peer_left(peer, now);
+        // reset says nothing about the peer. A silent one is probed again
+        // later (the partition may heal).
+        match reason {
+            DownReason::Shutdown => self.dht.peer_left(peer, now),
+            DownReason::TimedOut => self.dht.peer_unreachable(peer, now),
+            _ => {}
         }
     }
 
@@ -130,11 +133,89 @@ pub(crate) enum Identity {
 }
 
 impl Identity {
-    pub(crate) fn auth(&self) -> Box<dyn RecordAuth + Send> {
+    /// The authenticator of a new process of this node. A real key signs
+    /// and verifies through `memo` (shared by every node of one run).
+    pub(crate) fn auth(&self, memo: &CryptoMemo) -> Box<dyn RecordAuth + Send> {
         match self {
-            Identity::Key(secret) => Box::new(Ed25519Auth::new(SigningKey::from_bytes(secret))),
+            Identity::Key(secret) => Box::new(MemoAuth {
+                inner: Ed25519Auth::new(SigningKey::from_bytes(secret)),
+                id: *secret,
+                memo: memo.clone(),
+            }),
             Identity::Custom(shared) => Box::new(shared.clone()),
         }
+    }
+}
+
+/// Signatures and verifications remembered per entry kind before the memory
+/// is cleared (each entry is a 32-byte digest and at most a signature).
+const MAX_MEMO_ENTRIES: usize = 1 << 20;
+
+/// What one run's nodes already signed and verified. Ed25519 signing is
+/// deterministic and verification a pure function of (publisher, message,
+/// signature), so remembering their results changes no outcome: each
+/// distinct signature is still made, and each distinct one checked, by the
+/// real code once. Without it a 10,000-node run spends most of its time
+/// verifying the same records again on every replica.
+#[derive(Clone, Default)]
+pub(crate) struct CryptoMemo(Arc<Mutex<MemoTables>>);
+
+#[derive(Default)]
+struct MemoTables {
+    signed: HashMap<[u8; 32], Vec<u8>>,
+    verified: HashMap<[u8; 32], bool>,
+}
+
+fn digest(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        // Length-prefixed, so no two different tuples hash the same bytes.
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
+fn bounded_insert<V>(map: &mut HashMap<[u8; 32], V>, k: [u8; 32], v: V) {
+    if map.len() >= MAX_MEMO_ENTRIES {
+        map.clear();
+    }
+    map.insert(k, v);
+}
+
+/// A node's real Ed25519 authenticator behind the run's [`CryptoMemo`].
+struct MemoAuth {
+    inner: Ed25519Auth,
+    /// The key's secret, naming the signer in the memo.
+    id: [u8; 32],
+    memo: CryptoMemo,
+}
+
+impl RecordAuth for MemoAuth {
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        let k = digest(&[&self.id, msg]);
+        let Ok(mut t) = self.memo.0.lock() else {
+            return self.inner.sign(msg);
+        };
+        if let Some(sig) = t.signed.get(&k) {
+            return sig.clone();
+        }
+        let sig = self.inner.sign(msg);
+        bounded_insert(&mut t.signed, k, sig.clone());
+        sig
+    }
+
+    fn verify(&self, publisher: &NodeId, msg: &[u8], signature: &[u8]) -> bool {
+        let k = digest(&[publisher.as_bytes(), msg, signature]);
+        let Ok(mut t) = self.memo.0.lock() else {
+            return self.inner.verify(publisher, msg, signature);
+        };
+        if let Some(&ok) = t.verified.get(&k) {
+            return ok;
+        }
+        let ok = self.inner.verify(publisher, msg, signature);
+        bounded_insert(&mut t.verified, k, ok);
+        ok
     }
 }
 
