@@ -394,6 +394,7 @@ mod tests {
         m.extra = Some(Arc::new(PublishOptions {
             headers: vec![("k".into(), "vv".into())],
             message_id: Some("abc".into()),
+            ..Default::default()
         }));
         assert_eq!(
             m.encoded_size(),

@@ -16,7 +16,7 @@ use macula_wire::{Millis, NodeId, Publish};
 use crate::batch::{Encoded, Origin, OutMsg};
 use crate::counters::Counters;
 use crate::dedup::{Observed, SeqTracker};
-use crate::event::{check_headers, Event, PubSubError, PublishOptions, TopicName};
+use crate::event::{check_headers, Event, Overflow, PubSubError, PublishOptions, TopicName};
 use crate::interest::{
     InterestLimits, InterestPut, InterestRecord, Mesh, MeshAction, Patience, PutCtx, RecordForm,
     Route, RouteStep,
@@ -128,6 +128,9 @@ pub struct Published {
     pub queued: u32,
     /// Copies dropped (queue full, no queue); counted.
     pub dropped: u32,
+    /// Older messages dropped to make room for this one
+    /// ([`crate::Overflow::DropOldest`]); counted.
+    pub evicted: u64,
 }
 
 /// Why the connection to a peer ended (from the connection driver).
@@ -494,7 +497,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         let parsed = self.parse_topic(topic)?;
         self.check(&payload, &opts)?;
         let name = TopicName::from(parsed.as_str());
-        Ok(self.send(&parsed, &name, payload, opts, &[], now, out))
+        self.send(&parsed, &name, payload, opts, &[], now, out)
     }
 
     /// Where `topic`'s messages go (a full node). See [`RouteStep`]; other
@@ -546,7 +549,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         out: &mut Deliveries<S>,
     ) -> Result<Published, PubSubError> {
         self.check(&payload, &opts)?;
-        Ok(self.send(
+        self.send(
             &route.topic,
             &route.name,
             payload,
@@ -554,7 +557,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             &route.targets,
             now,
             out,
-        ))
+        )
     }
 
     /// A client: the gateway is now `gateway` (`None`: detached).
@@ -582,11 +585,41 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         };
         let q = self.out.queue_for(gateway, self.frame_limit, now);
         let name = TopicName::from(parsed.as_str());
-        Ok(self.send(&parsed, &name, payload, opts, &[(gateway, q)], now, out))
+        self.send(&parsed, &name, payload, opts, &[(gateway, q)], now, out)
     }
 
-    /// Assigns the sequence number, queues one copy per target and delivers
-    /// locally.
+    /// The first interested node of `route` whose queue cannot take a
+    /// message of `len` payload bytes now: under [`crate::Overflow::Block`]
+    /// the driver waits (outside the lock) until a sender takes its queue,
+    /// or the node is cut off, then publishes.
+    pub fn blocked(&self, route: &Route, len: usize) -> Option<NodeId> {
+        self.first_full(&route.targets, len).map(|(node, _)| node)
+    }
+
+    /// A client: the gateway's queue cannot take a message of `len` payload
+    /// bytes now (see [`Self::blocked`]).
+    pub fn blocked_upstream(&self, len: usize) -> Option<NodeId> {
+        let RoleState::Client(c) = &self.role else {
+            return None;
+        };
+        let gateway = c.gateway?;
+        let q = self.out.get(&gateway)?;
+        self.out.full(q, len).map(|_| gateway)
+    }
+
+    fn first_full(
+        &self,
+        targets: &[(NodeId, Option<PeerRef>)],
+        len: usize,
+    ) -> Option<(NodeId, PeerRef)> {
+        targets.iter().find_map(|(node, q)| {
+            let q = (*q)?;
+            self.out.full(q, len).map(|_| (*node, q))
+        })
+    }
+
+    /// Assigns the sequence number, queues one copy per target (as
+    /// `opts.overflow` says when a queue is full) and delivers locally.
     #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
@@ -597,7 +630,20 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         targets: &[(NodeId, Option<PeerRef>)],
         now: Millis,
         out: &mut Deliveries<S>,
-    ) -> Published {
+    ) -> Result<Published, PubSubError> {
+        let overflow = opts.overflow;
+        let len = payload.len();
+        if overflow == Overflow::FailFast {
+            if let Some((node, q)) = self.first_full(targets, len) {
+                Counters::inc(&self.counters.publish_refused_total);
+                let (queued, bytes) = self.out.queued(q);
+                return Err(PubSubError::QueueFull {
+                    node,
+                    queued,
+                    bytes,
+                });
+            }
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         Counters::inc(&self.counters.published_total);
@@ -612,8 +658,15 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             seq,
             queued: 0,
             dropped: 0,
+            evicted: 0,
         };
         for (_, q) in targets {
+            if let (Overflow::DropOldest, Some(q)) = (overflow, q) {
+                let n = self.out.evict_for(*q, len);
+                done.evicted += n;
+                Counters::add(&self.counters.remote_evicted_total, n);
+                Counters::add(&self.counters.remote_dropped_total, n);
+            }
             match self.enqueue(*q, msg.clone(), now).is_queued() {
                 true => done.queued += 1,
                 false => done.dropped += 1,
@@ -623,7 +676,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             let me = self.node_id;
             self.deliver_local(topic, msg, me, self.epoch, now, out);
         }
-        done
+        Ok(done)
     }
 
     /// Offers `msg` to a peer's queue; counts the outcome and emits the
@@ -759,6 +812,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         let extra = PublishOptions {
             headers: p.headers,
             message_id: p.message_id,
+            overflow: Overflow::default(),
         }
         .shared();
         let msg = OutMsg {

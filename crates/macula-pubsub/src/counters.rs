@@ -67,12 +67,21 @@ pub struct Counters {
     /// Nodes set aside as unreachable that came back (reconnected, or put
     /// a newer interest record).
     pub peers_restored_total: AtomicU64,
+    /// Messages dropped from a full peer queue to make room for a newer one
+    /// ([`crate::Overflow::DropOldest`]); also in `remote_dropped_total`.
+    pub remote_evicted_total: AtomicU64,
+    /// Publishes that found a queue full and waited for room
+    /// ([`crate::Overflow::Block`], counted once per wait).
+    pub publish_blocked_total: AtomicU64,
+    /// Publishes refused because a queue was full
+    /// ([`crate::Overflow::FailFast`]).
+    pub publish_refused_total: AtomicU64,
 }
 
 impl Counters {
     /// Every counter as (metric name, help, value), for the driver's
     /// metrics exporter: the names are a compatibility promise to dashboards.
-    pub fn rows(&self) -> [(&'static str, &'static str, u64); 22] {
+    pub fn rows(&self) -> [(&'static str, &'static str, u64); 25] {
         let g = |a: &AtomicU64| a.load(Relaxed);
         [
             ("macula_pubsub_published_total", "Messages published on this node.", g(&self.published_total)),
@@ -97,6 +106,9 @@ impl Counters {
             ("macula_pubsub_too_large_for_peer_total", "Outbound messages dropped because they exceed the receiving node's frame limit (its HELLO max_frame_size).", g(&self.too_large_for_peer_total)),
             ("macula_pubsub_peers_unreachable_total", "Interested nodes found unreachable (connection timed out, node left, or not reachable): their interest is set aside.", g(&self.peers_unreachable_total)),
             ("macula_pubsub_peers_restored_total", "Nodes set aside as unreachable that came back (reconnected, or put a newer interest record).", g(&self.peers_restored_total)),
+            ("macula_pubsub_remote_evicted_total", "Messages dropped from a full peer queue to make room for a newer one (DropOldest); also in remote_dropped_total.", g(&self.remote_evicted_total)),
+            ("macula_pubsub_publish_blocked_total", "Publishes that found a peer queue full and waited for room (Block).", g(&self.publish_blocked_total)),
+            ("macula_pubsub_publish_refused_total", "Publishes refused because a peer queue was full (FailFast).", g(&self.publish_refused_total)),
         ]
     }
 

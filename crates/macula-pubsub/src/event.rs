@@ -46,6 +46,14 @@ pub enum PubSubError {
     /// another configured node); the message was not sent.
     #[error("not attached to a gateway (client mode); retry once it reconnects")]
     Detached,
+    /// [`Overflow::FailFast`]: the queue to an interested node is full;
+    /// nothing was published (no node got the message).
+    #[error("the queue to node {node} is full ({queued} messages, {bytes} bytes); nothing was published")]
+    QueueFull {
+        node: NodeId,
+        queued: usize,
+        bytes: usize,
+    },
 }
 
 /// Checks an application's headers against the limits above.
@@ -179,12 +187,36 @@ pub enum SubscriptionItem {
 pub struct PublishOptions {
     pub headers: Vec<(String, String)>,
     pub message_id: Option<String>,
+    /// What to do when the queue to an interested node is full (this node
+    /// only: not sent).
+    pub overflow: Overflow,
+}
+
+/// What a publish does when the queue to an interested node is full (see
+/// `outbound::PEER_QUEUE_CAPACITY` and `PEER_QUEUE_BYTES`). Every drop is
+/// counted (`macula_pubsub_remote_dropped_total`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Overflow {
+    /// Wait for room (the default): the publisher goes at the pace of the
+    /// network and of the slowest interested node. A node whose data stream
+    /// accepts nothing for the stall timeout (10 s) is cut off (counted,
+    /// logged) and the publish goes on without it: that is the longest one
+    /// stalled node holds the others up.
+    #[default]
+    Block,
+    /// Make room by dropping the oldest messages queued to that node.
+    DropOldest,
+    /// Drop this message for that node; the others still get it.
+    DropNewest,
+    /// Publish nothing and return [`PubSubError::QueueFull`].
+    FailFast,
 }
 
 impl PublishOptions {
     /// `None` when there is nothing to carry: most messages, which then cost
     /// no allocation for their options.
     pub(crate) fn shared(self) -> Option<Arc<PublishOptions>> {
+        // `overflow` is this node's business: it alone never costs an Arc.
         (!self.headers.is_empty() || self.message_id.is_some()).then(|| Arc::new(self))
     }
 }
@@ -244,12 +276,19 @@ mod tests {
         let o = PublishOptions {
             headers: vec![],
             message_id: Some("m".into()),
+            ..Default::default()
         };
         assert!(o.shared().is_some());
         let o = PublishOptions {
             headers: vec![("k".into(), "v".into())],
             message_id: None,
+            ..Default::default()
         };
         assert!(o.shared().is_some());
+        let o = PublishOptions {
+            overflow: Overflow::FailFast,
+            ..Default::default()
+        };
+        assert!(o.shared().is_none(), "the policy alone costs no Arc");
     }
 }

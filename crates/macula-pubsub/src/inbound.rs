@@ -18,7 +18,7 @@ use crate::batch::{forwarded_key, Origin, OutMsg};
 use crate::core::{PubSubCore, RoleState};
 use crate::counters::Counters;
 use crate::dedup::Observed;
-use crate::event::{Event, PublishOptions, TopicName};
+use crate::event::{Event, Overflow, PublishOptions, TopicName};
 use crate::interest::Route;
 use crate::local::{FeedId, SubId, Target};
 use crate::topic::Topic;
@@ -280,6 +280,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     extra: PublishOptions {
                         headers: event.headers.clone(),
                         message_id: event.message_id.clone(),
+                        overflow: Overflow::default(),
                     }
                     .shared(),
                     origin: Some(o),
@@ -403,6 +404,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 message_id: e.message_id.map(str::to_string),
+                overflow: Overflow::default(),
             }
             .shared();
             let msg = OutMsg {

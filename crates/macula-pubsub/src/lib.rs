@@ -82,6 +82,12 @@
 //! receiving node announced in its HELLO (property-tested); a message that
 //! cannot fit is dropped and counted, never silently lost.
 //!
+//! **Invariant:** a full peer queue does what the publish's [`Overflow`]
+//! says, and nothing else: `Block` publishes nothing until the driver saw
+//! room ([`PubSubCore::blocked`]), `DropOldest` evicts the oldest queued
+//! messages, `DropNewest` drops the new copy, `FailFast` publishes nothing
+//! and uses no sequence number. An empty queue always takes one message.
+//!
 //! **Invariant:** everything is bounded: subscriptions, peer queues (count
 //! and bytes), outbound peers, interest and route caches, remembered puts
 //! and unreachable nodes, the result cache, the publishers tracked, each
@@ -128,7 +134,7 @@ pub use crate::core::{
 pub use batch::{encode_batches, Encoded, Origin, OutMsg, BATCH_BYTES};
 pub use counters::Counters;
 pub use dedup::{Observed, SeqStats, SeqTracker};
-pub use event::{Event, PubSubError, PublishOptions, SubscriptionItem, TopicName};
+pub use event::{Event, Overflow, PubSubError, PublishOptions, SubscriptionItem, TopicName};
 pub use inbound::BatchReceiver;
 pub use interest::{
     InterestLimits, InterestPut, InterestRecord, Patience, RecordForm, Route, RouteStep,

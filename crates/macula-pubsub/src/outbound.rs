@@ -9,7 +9,7 @@
 //! must not know about topics, interest or time sources; `now` is always an
 //! argument.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use macula_wire::{Millis, NodeId};
 
@@ -126,7 +126,7 @@ impl Default for OutLimits {
 
 pub(crate) struct PeerOut<W> {
     pub(crate) node: NodeId,
-    msgs: Vec<OutMsg>,
+    msgs: VecDeque<OutMsg>,
     bytes: usize,
     /// Messages handed to the sender and not yet reported.
     taken: usize,
@@ -141,6 +141,22 @@ pub(crate) struct PeerOut<W> {
     progress: Option<Millis>,
     /// Graceful shutdown: finish the stream once the queue is empty.
     finish: bool,
+}
+
+impl<W> PeerOut<W> {
+    /// An empty queue takes any one message (a payload larger than the byte
+    /// limit must not block forever); otherwise both limits apply.
+    fn full(&self, limits: &OutLimits, len: usize) -> Option<Enqueued> {
+        if self.msgs.is_empty() {
+            None
+        } else if self.msgs.len() >= limits.queue_capacity {
+            Some(Enqueued::FullCount)
+        } else if self.bytes + len > limits.queue_bytes {
+            Some(Enqueued::FullBytes)
+        } else {
+            None
+        }
+    }
 }
 
 struct Slot<W> {
@@ -226,7 +242,7 @@ impl<W: Clone + Default> Outbound<W> {
         }
         let peer = PeerOut {
             node,
-            msgs: Vec::new(),
+            msgs: VecDeque::new(),
             bytes: 0,
             taken: 0,
             frame_limit,
@@ -266,18 +282,15 @@ impl<W: Clone + Default> Outbound<W> {
         wake: &mut Option<Wake<W>>,
     ) -> Enqueued {
         let limits = self.limits;
+        let len = msg.payload.len();
         let Some(p) = self.peer_mut(r) else {
             return Enqueued::NoQueue;
         };
-        if p.msgs.len() >= limits.queue_capacity {
-            return Enqueued::FullCount;
-        }
-        let len = msg.payload.len();
-        if p.bytes + len > limits.queue_bytes {
-            return Enqueued::FullBytes;
+        if let Some(full) = p.full(&limits, len) {
+            return full;
         }
         let was_empty = p.msgs.is_empty();
-        p.msgs.push(msg);
+        p.msgs.push_back(msg);
         p.bytes += len;
         p.last_active = now;
         let outcome = if !p.running {
@@ -294,6 +307,34 @@ impl<W: Clone + Default> Outbound<W> {
         outcome
     }
 
+    /// Why `r`'s queue cannot take a message of `len` payload bytes now
+    /// (`None`: it can, or `r` is not live).
+    pub(crate) fn full(&self, r: PeerRef, len: usize) -> Option<Enqueued> {
+        self.peer(r)?.full(&self.limits, len)
+    }
+
+    /// Messages and payload bytes queued to `r` now.
+    pub(crate) fn queued(&self, r: PeerRef) -> (usize, usize) {
+        self.peer(r).map_or((0, 0), |p| (p.msgs.len(), p.bytes))
+    }
+
+    /// Drops the oldest messages queued to `r` until a message of `len`
+    /// payload bytes fits; returns how many were dropped.
+    pub(crate) fn evict_for(&mut self, r: PeerRef, len: usize) -> u64 {
+        let limits = self.limits;
+        let Some(p) = self.peer_mut(r) else {
+            return 0;
+        };
+        let mut n = 0;
+        while p.full(&limits, len).is_some() {
+            let Some(old) = p.msgs.pop_front() else { break };
+            p.bytes -= old.payload.len();
+            n += 1;
+        }
+        self.inflight -= n;
+        n
+    }
+
     /// Moves what `r` has queued into `out` (see [`Take`]).
     pub(crate) fn take(&mut self, r: PeerRef, out: &mut Vec<OutMsg>, now: Millis) -> Take {
         let Some(p) = self.peer_mut(r) else {
@@ -303,13 +344,7 @@ impl<W: Clone + Default> Outbound<W> {
             return if p.finish { Take::Finish } else { Take::Empty };
         }
         let n = p.msgs.len();
-        if out.is_empty() {
-            // Hand the queue's buffer over and keep the sender's: both
-            // allocations live on, ping-ponging between the two.
-            std::mem::swap(&mut p.msgs, out);
-        } else {
-            out.append(&mut p.msgs);
-        }
+        out.extend(p.msgs.drain(..));
         p.bytes = 0;
         p.taken += n;
         p.last_active = now;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use macula_pubsub::{
     segment_name, Action, BatchReceiver, Config, Enqueued, Event, Interest, InterestPut,
-    InterestRecord, Millis, OutMsg, Patience, PeerDown, PeerRef, PubSubCore, PubSubError,
+    InterestRecord, Millis, OutMsg, Overflow, Patience, PeerDown, PeerRef, PubSubCore, PubSubError,
     PublishOptions, RecordForm, Role, Route, RouteStep, Stall, Transmit,
 };
 use macula_wire::frame::FrameDecoder;
@@ -760,6 +760,162 @@ fn batches_are_sized_to_the_receivers_frame_limit() {
     assert_eq!(counter(&b, |c| &c.gaps_total), 0);
 }
 
+/// A node whose queue to node 2 holds at most two messages (or 10 bytes),
+/// routed for "t.x", with its route.
+fn two_slot_queue() -> (Core, Arc<Route>) {
+    let mut cfg = config(1, Role::Node);
+    cfg.limits.peer_queue_capacity = 2;
+    cfg.limits.peer_queue_bytes = 10;
+    let mut a = PubSubCore::<u32, ()>::new(cfg);
+    let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
+    let r = route(&mut a, &dht, "t.x", ms(0));
+    (a, r)
+}
+
+/// The queue whose sender the last publish started.
+fn started(a: &mut Core) -> PeerRef {
+    starts(&actions(a))[0].0
+}
+
+fn publish_with(
+    a: &mut Core,
+    r: &Route,
+    body: &str,
+    overflow: Overflow,
+) -> Result<macula_pubsub::Published, PubSubError> {
+    let opts = PublishOptions {
+        overflow,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    a.publish_routed(r, Bytes::from(body.to_string()), opts, ms(0), &mut out)
+}
+
+/// What a sender would write to node 2 now, as payloads.
+fn drained(a: &mut Core, q: PeerRef) -> Vec<String> {
+    let mut msgs: Vec<OutMsg> = Vec::new();
+    let Transmit::Batch(b) = a.poll_transmit(q, &mut msgs, ms(0)) else {
+        return Vec::new();
+    };
+    let got = msgs
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    let mut buf = Vec::new();
+    let encoded = b.encode(&mut buf, &msgs);
+    a.handle_written(q, b.n, encoded, ms(0));
+    got
+}
+
+#[test]
+fn block_is_the_default_and_blocked_names_the_full_node_until_a_sender_takes_the_queue() {
+    assert_eq!(PublishOptions::default().overflow, Overflow::Block);
+    let (mut a, r) = two_slot_queue();
+    assert_eq!(a.blocked(&r, 1), None, "an empty queue has room");
+    publish_with(&mut a, &r, "a", Overflow::Block).unwrap();
+    let q = started(&mut a);
+    publish_with(&mut a, &r, "b", Overflow::Block).unwrap();
+    assert_eq!(a.blocked(&r, 1), Some(id(2)), "two messages: full by count");
+    assert_eq!(drained(&mut a, q), ["a", "b"]);
+    assert_eq!(a.blocked(&r, 1), None, "taken by the sender: room again");
+    publish_with(&mut a, &r, "12345678", Overflow::Block).unwrap();
+    assert_eq!(a.blocked(&r, 2), None, "8 + 2 bytes fit the 10-byte limit");
+    assert_eq!(a.blocked(&r, 3), Some(id(2)), "8 + 3 bytes do not");
+    assert_eq!(counter(&a, |c| &c.remote_dropped_total), 0);
+}
+
+#[test]
+fn an_empty_queue_takes_a_message_larger_than_its_byte_limit() {
+    let (mut a, r) = two_slot_queue();
+    let big = "x".repeat(11);
+    assert_eq!(
+        a.blocked(&r, big.len()),
+        None,
+        "else Block would wait forever"
+    );
+    let p = publish_with(&mut a, &r, &big, Overflow::Block).unwrap();
+    let q = started(&mut a);
+    assert_eq!((p.queued, p.dropped), (1, 0));
+    assert_eq!(a.blocked(&r, 1), Some(id(2)));
+    assert_eq!(drained(&mut a, q), [big]);
+}
+
+#[test]
+fn drop_newest_drops_the_new_message_for_the_full_node_and_counts_it() {
+    let (mut a, r) = two_slot_queue();
+    for body in ["a", "b", "c"] {
+        publish_with(&mut a, &r, body, Overflow::DropNewest).unwrap();
+    }
+    let q = started(&mut a);
+    assert_eq!(drained(&mut a, q), ["a", "b"]);
+    assert_eq!(counter(&a, |c| &c.remote_dropped_total), 1);
+    assert_eq!(counter(&a, |c| &c.remote_evicted_total), 0);
+    assert_eq!(counter(&a, |c| &c.published_total), 3);
+}
+
+#[test]
+fn drop_oldest_makes_room_by_dropping_the_oldest_queued_and_counts_them() {
+    let (mut a, r) = two_slot_queue();
+    let mut evicted = 0;
+    for body in ["a", "b", "c", "d"] {
+        let p = publish_with(&mut a, &r, body, Overflow::DropOldest).unwrap();
+        assert_eq!((p.queued, p.dropped), (1, 0), "{body} is always queued");
+        evicted += p.evicted;
+    }
+    let q = started(&mut a);
+    assert_eq!(evicted, 2);
+    assert_eq!(drained(&mut a, q), ["c", "d"]);
+    // By bytes: "1234567" then "abcd" (7 + 4 > 10) drops the first.
+    publish_with(&mut a, &r, "1234567", Overflow::DropOldest).unwrap();
+    let p = publish_with(&mut a, &r, "abcd", Overflow::DropOldest).unwrap();
+    assert_eq!(p.evicted, 1);
+    assert_eq!(drained(&mut a, q), ["abcd"]);
+    assert_eq!(counter(&a, |c| &c.remote_evicted_total), 3);
+    assert_eq!(counter(&a, |c| &c.remote_dropped_total), 3);
+    assert_eq!(a.inflight(), 0, "evicted messages are not in flight");
+}
+
+#[test]
+fn fail_fast_publishes_nothing_and_names_the_full_queue() {
+    let (mut a, r) = two_slot_queue();
+    let s1 = publish_with(&mut a, &r, "a", Overflow::FailFast)
+        .unwrap()
+        .seq;
+    let q = started(&mut a);
+    a.subscribe("t.*", 7).unwrap();
+    let _ = actions(&mut a);
+    publish_with(&mut a, &r, "b", Overflow::FailFast).unwrap();
+    let opts = PublishOptions {
+        overflow: Overflow::FailFast,
+        ..Default::default()
+    };
+    let mut local = Vec::new();
+    let err = a
+        .publish_routed(&r, Bytes::from_static(b"c"), opts, ms(0), &mut local)
+        .unwrap_err();
+    assert!(local.is_empty(), "nor delivered here");
+    assert_eq!(
+        err,
+        PubSubError::QueueFull {
+            node: id(2),
+            queued: 2,
+            bytes: 2
+        }
+    );
+    assert!(err.to_string().contains("nothing was published"), "{err}");
+    assert_eq!(counter(&a, |c| &c.publish_refused_total), 1);
+    assert_eq!(
+        counter(&a, |c| &c.published_total),
+        2,
+        "no sequence number used"
+    );
+    assert_eq!(drained(&mut a, q), ["a", "b"]);
+    let next = publish_with(&mut a, &r, "d", Overflow::FailFast)
+        .unwrap()
+        .seq;
+    assert_eq!(next, s1 + 2, "the refused publish took no sequence number");
+}
+
 #[test]
 fn a_full_queue_drops_new_messages_and_counts_them() {
     let mut cfg = config(1, Role::Node);
@@ -1070,6 +1226,7 @@ fn local_publishes_carry_seq_epoch_and_options() {
     let opts = PublishOptions {
         headers: vec![("k".into(), "v".into())],
         message_id: Some("m".into()),
+        ..Default::default()
     };
     let p = c
         .publish_local(
@@ -1118,6 +1275,7 @@ fn local_publishes_carry_seq_epoch_and_options() {
     let many = PublishOptions {
         headers: vec![("h".into(), "v".into()); 33],
         message_id: None,
+        ..Default::default()
     };
     assert!(matches!(
         c.publish_local("a.b", Bytes::new(), many, ms(0), &mut out),

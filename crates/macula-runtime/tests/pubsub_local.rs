@@ -103,6 +103,7 @@ fn events_carry_publisher_order_and_options() {
     let opts = PublishOptions {
         headers: vec![("k".into(), "v".into())],
         message_id: Some("m-1".into()),
+        ..Default::default()
     };
     p.publish("a.b", Bytes::from_static(b"1"), opts.clone())
         .unwrap();
@@ -173,6 +174,7 @@ fn bad_input_is_refused_with_the_reason() {
     let opts = PublishOptions {
         headers: vec![("h".into(), "v".into()); MAX_HEADERS + 1],
         message_id: None,
+        ..Default::default()
     };
     let err = p.publish("a", Bytes::new(), opts).unwrap_err();
     assert_eq!(err, PubSubError::TooManyHeaders { n: MAX_HEADERS + 1 });

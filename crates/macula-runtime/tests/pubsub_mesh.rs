@@ -18,7 +18,9 @@ use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
 use macula_pubsub::queue::QUEUE_CAPACITY;
-use macula_runtime::pubsub::{Event, Subscription, SubscriptionItem, INTEREST_CACHE_TTL};
+use macula_runtime::pubsub::{
+    Event, Overflow, PublishOptions, Subscription, SubscriptionItem, INTEREST_CACHE_TTL,
+};
 use macula_runtime::NodeRuntime;
 
 async fn subscribe(n: &NodeRuntime, pattern: &str) -> Subscription {
@@ -314,5 +316,115 @@ async fn a_stalled_subscriber_does_not_hold_back_another_on_the_same_node() {
     let pc = p.pubsub().counters();
     assert_eq!(pc.remote_dropped_total.load(Relaxed), 0);
     drop(stalled);
+    close_all(&[&p, &s]).await;
+}
+
+/// Messages of the flat-out publish: well past the small peer queue below,
+/// so the publisher must wait for room many times.
+const FLAT_OUT: usize = 50_000;
+/// The publisher's queue to the subscriber's node, kept small.
+const SMALL_PEER_QUEUE: usize = 256;
+
+/// A publisher whose node has a small queue to the subscriber's node
+/// (`SMALL_PEER_QUEUE`) and a subscriber draining in its own task.
+async fn small_queue_pair() -> (NodeRuntime, NodeRuntime, Subscription) {
+    let mut cfg = config();
+    cfg.pubsub.peer_queue_capacity = SMALL_PEER_QUEUE;
+    let p = start(cfg).await;
+    let s = start(boot(&p)).await;
+    joined(&s).await;
+    let sub = subscribe(&s, "flat.*").await;
+    (p, s, sub)
+}
+
+async fn publish_with(
+    n: &NodeRuntime,
+    body: String,
+    overflow: Overflow,
+) -> Result<u64, macula_runtime::pubsub::PubSubError> {
+    let opts = PublishOptions {
+        overflow,
+        ..Default::default()
+    };
+    n.pubsub()
+        .publish_mesh("flat.data", Bytes::from(body), opts)
+        .await
+}
+
+/// The default policy waits for room: every message of a flat-out publisher
+/// arrives, in order, and nothing is dropped anywhere (counts asserted, not
+/// timings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flat_out_publisher_loses_nothing_by_default() {
+    init_tracing();
+    let (p, s, mut sub) = small_queue_pair().await;
+    let reader = tokio::spawn(async move {
+        let mut next = 0usize;
+        while next < FLAT_OUT {
+            match sub.next().await {
+                Some(SubscriptionItem::Event(e)) => {
+                    assert_eq!(e.payload, Bytes::from(next.to_string()), "in order");
+                    next += 1;
+                }
+                other => panic!("after {next} events: {other:?}"),
+            }
+        }
+        next
+    });
+    for i in 0..FLAT_OUT {
+        publish_with(&p, i.to_string(), Overflow::Block)
+            .await
+            .expect("Block never fails for a full queue");
+    }
+    let got = within(Duration::from_secs(120), "subscriber", reader)
+        .await
+        .expect("reader");
+    assert_eq!(got, FLAT_OUT);
+    let pc = p.pubsub().counters();
+    assert_eq!(pc.remote_dropped_total.load(Relaxed), 0);
+    assert_eq!(pc.sent_remote_total.load(Relaxed), FLAT_OUT as u64);
+    assert!(
+        pc.publish_blocked_total.load(Relaxed) > 0,
+        "a {SMALL_PEER_QUEUE}-message queue never filled: the test proves nothing"
+    );
+    let sc = s.pubsub().counters();
+    assert_eq!(sc.received_remote_total.load(Relaxed), FLAT_OUT as u64);
+    assert_eq!(sc.dropped_slow_total.load(Relaxed), 0);
+    close_all(&[&p, &s]).await;
+}
+
+/// `FailFast` refuses a publish while the queue is full (nothing published,
+/// the node named); `DropNewest` drops and counts instead. Neither waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_fast_and_drop_newest_never_wait() {
+    init_tracing();
+    let (p, s, sub) = small_queue_pair().await;
+    // The subscriber reads nothing; the queue to its node fills as soon as
+    // QUIC's flow-control window is full.
+    let mut refused = None;
+    for i in 0..200_000 {
+        match publish_with(&p, format!("{i:0>1000}"), Overflow::FailFast).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (at, err) = refused.expect("a full queue refuses a FailFast publish");
+    assert!(
+        matches!(err, macula_runtime::pubsub::PubSubError::QueueFull { node, .. } if node == s.node_id()),
+        "{err}"
+    );
+    let pc = p.pubsub().counters();
+    assert_eq!(pc.publish_refused_total.load(Relaxed), 1);
+    assert_eq!(pc.remote_dropped_total.load(Relaxed), 0);
+    assert_eq!(pc.published_total.load(Relaxed), at as u64);
+    // DropNewest on the same full queue: published, dropped for that node.
+    publish_with(&p, "late".into(), Overflow::DropNewest)
+        .await
+        .expect("DropNewest publishes");
+    assert_eq!(pc.remote_dropped_total.load(Relaxed), 1);
+    drop(sub);
     close_all(&[&p, &s]).await;
 }

@@ -290,12 +290,21 @@ impl Node {
     /// without a network hop; every other node with a matching subscription
     /// gets one copy. A subscription made elsewhere is found within
     /// `INTEREST_CACHE_TTL` (1 s) of its `subscribe` returning.
+    ///
+    /// Flow control: when the queue to an interested node is full (65,536
+    /// messages or 32 MiB), this waits for room ([`crate::Overflow::Block`], the
+    /// default), so a fast publisher goes at the pace of the network and
+    /// the slowest interested node; a node that accepts nothing for the
+    /// stall timeout (10 s) is cut off and counted. Other policies
+    /// (`DropOldest`, `DropNewest`, `FailFast`) are set per publish with
+    /// [`Node::publish_with`] and [`PublishOptions::overflow`].
     pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<u64, Error> {
         self.publish_with(topic, payload, PublishOptions::default())
             .await
     }
 
-    /// `publish` with headers and an application message ID.
+    /// `publish` with headers, an application message ID, or an overflow
+    /// policy.
     pub async fn publish_with(
         &self,
         topic: &str,

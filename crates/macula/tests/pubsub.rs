@@ -32,6 +32,7 @@ async fn publish_reaches_matching_subscribers_in_order() {
     let opts = PublishOptions {
         headers: vec![("trace".into(), "abc".into())],
         message_id: Some("id-3".into()),
+        ..Default::default()
     };
     node.publish_with("orders.paid.eu", "third", opts)
         .await

@@ -14,6 +14,12 @@
 //! (`node.rs`, which is also the gateway of attached clients: `gateway.rs`),
 //! and the lightweight client's link to its gateway (`client.rs`).
 //!
+//! Flow control from publishers: a publish whose `Overflow` is `Block` (the
+//! default) and that finds an interested node's queue full waits on `room`,
+//! outside the core's lock, for that node's sender to take the queue (or for
+//! the node to be cut off after the stall timeout), then tries again; the
+//! other policies are the core's.
+//!
 //! Flow control towards applications: each subscription queue is bounded
 //! (`Limits::queue_capacity`, default 65,536, and `queue_bytes`). A
 //! subscriber that falls behind loses its *oldest* events, never blocks the
@@ -52,7 +58,9 @@ use crate::service::{Answer, PeerDown, Serves, Service, ServiceFuture};
 
 pub use crate::config::PEER_STALL_TIMEOUT;
 pub(crate) use client::Upstream;
-pub use macula_pubsub::{Event, PubSubError, PublishOptions, SubscriptionItem, TopicName};
+pub use macula_pubsub::{
+    Event, Overflow, PubSubError, PublishOptions, SubscriptionItem, TopicName,
+};
 pub(crate) use node::MeshLink;
 
 /// Counters, read by the metrics collector (the core's).
@@ -72,6 +80,15 @@ const EVENT_OVERHEAD: usize = std::mem::size_of::<Event>();
 /// The core as this driver instantiates it: subscriptions deliver into
 /// `SubQueue`s, senders are woken through a `Notify`.
 type Core = PubSubCore<Arc<SubQueue>, Arc<Notify>>;
+
+/// One attempt of a full node's publish.
+enum Try {
+    Done(Result<macula_pubsub::Published, PubSubError>),
+    /// `Overflow::Block` and an interested node's queue is full.
+    Blocked,
+    /// No fresh route cached: look interest up first.
+    NoRoute,
+}
 
 /// How pub/sub reaches other nodes: implemented by the node runtime (the
 /// pool, then the DHT for an address) and by a client (its gateway).
@@ -127,6 +144,12 @@ pub(crate) struct Inner {
     mesh: Option<Box<dyn Mesh>>,
     /// Notified whenever an interest lookup or put finishes.
     interest: Notify,
+    /// Notified whenever a peer queue may have room again (a sender took
+    /// it, or it was retired): publishes waiting under `Overflow::Block`.
+    room: Notify,
+    /// The longest a write may accept nothing before its peer is cut off:
+    /// the longest one publish waits for room before it looks again.
+    stall_timeout: Duration,
 }
 
 impl Inner {
@@ -209,6 +232,7 @@ impl PubSub {
 
     fn build(config: Config, clock: Clock, role: Role, mesh: Option<Box<dyn Mesh>>) -> PubSub {
         let limits = config.limits;
+        let stall_timeout = config.out.stall_timeout.to_duration();
         let core = Core::new(config);
         PubSub(Arc::new(Inner {
             counters: core.counters().clone(),
@@ -219,6 +243,8 @@ impl PubSub {
             role,
             mesh,
             interest: Notify::new(),
+            room: Notify::new(),
+            stall_timeout,
         }))
     }
 
@@ -267,6 +293,7 @@ impl PubSub {
                     // is dropped, and counted.
                     tracing::debug!(peer = %node, "pub/sub cannot send here; queue dropped");
                     self.0.core().handle_unreachable(peer, self.0.now());
+                    self.room_freed();
                 }
             },
             Action::LookupInterest { name, key } => self.lookup_interest(name, key),
@@ -378,39 +405,96 @@ impl PubSub {
         payload: Bytes,
         opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
+        let block = opts.overflow == Overflow::Block;
+        let len = payload.len();
+        let mut msg = Some((payload, opts));
+        let mut waited = false;
         let published = match &self.0.role {
-            Role::Local => return self.publish(topic, payload, opts),
-            Role::Client(up) => {
-                let gateway = up.gateway();
-                self.run(|core, now, out| {
-                    core.set_gateway(gateway);
-                    core.publish_upstream(topic, payload, opts, now, out)
-                })
+            Role::Local => {
+                let (payload, opts) = msg.unwrap_or_default();
+                return self.publish(topic, payload, opts);
             }
-            // The hot path: a fresh cached route, one lock; the message is
-            // only taken (not moved back and forth) when there is one.
-            Role::Node(_) => {
-                let mut msg = Some((payload, opts));
-                let fast = self.run(|core, now, out| {
-                    let route = core.cached_route(topic, now)?;
+            Role::Client(up) => loop {
+                let room = self.0.room.notified();
+                tokio::pin!(room);
+                room.as_mut().enable();
+                let gateway = up.gateway();
+                let tried = self.run(|core, now, out| {
+                    core.set_gateway(gateway);
+                    if block && core.blocked_upstream(len).is_some() {
+                        return None;
+                    }
                     let (payload, opts) = msg.take()?;
-                    Some(core.publish_routed(&route, payload, opts, now, out))
+                    Some(core.publish_upstream(topic, payload, opts, now, out))
                 });
-                match fast {
-                    Some(p) => p,
-                    None => {
-                        // No fresh route, so the message was not taken.
-                        let (payload, opts) = msg.unwrap_or_default();
-                        self.check(&payload, &opts)?;
-                        let route = self.route(topic).await?;
-                        self.run(|core, now, out| {
-                            core.publish_routed(&route, payload, opts, now, out)
-                        })
+                match tried {
+                    Some(p) => break p,
+                    None => self.wait_room(room, &mut waited).await,
+                }
+            },
+            Role::Node(_) => {
+                // The hot path: a fresh cached route with room, one lock;
+                // the message is only taken (not moved back and forth) when
+                // it is published.
+                let mut route = None;
+                loop {
+                    let room = self.0.room.notified();
+                    tokio::pin!(room);
+                    room.as_mut().enable();
+                    let tried = self.run(|core, now, out| {
+                        let r = match &route {
+                            Some(r) => Arc::clone(r),
+                            None => match core.cached_route(topic, now) {
+                                Some(r) => r,
+                                None => return Try::NoRoute,
+                            },
+                        };
+                        if block && core.blocked(&r, len).is_some() {
+                            return Try::Blocked;
+                        }
+                        match msg.take() {
+                            Some((payload, opts)) => {
+                                Try::Done(core.publish_routed(&r, payload, opts, now, out))
+                            }
+                            None => Try::NoRoute,
+                        }
+                    });
+                    match tried {
+                        Try::Done(p) => break p,
+                        Try::Blocked => self.wait_room(room, &mut waited).await,
+                        Try::NoRoute => {
+                            // No fresh route, so the message was not taken.
+                            if let Some((payload, opts)) = &msg {
+                                self.check(payload, opts)?;
+                            }
+                            route = Some(self.route(topic).await?);
+                        }
                     }
                 }
             }
         };
         published.map(|p| p.seq)
+    }
+
+    /// A publish under `Overflow::Block` found a queue full: waits until a
+    /// sender takes a queue (or one is retired), at most the stall timeout
+    /// (after which the full node has been cut off, or made progress).
+    /// Counted once per publish.
+    async fn wait_room(
+        &self,
+        room: Pin<&mut tokio::sync::futures::Notified<'_>>,
+        waited: &mut bool,
+    ) {
+        if !*waited {
+            *waited = true;
+            self.0.counters.publish_blocked_total.fetch_add(1, Relaxed);
+        }
+        let _ = tokio::time::timeout(self.0.stall_timeout, room).await;
+    }
+
+    /// A queue may have room again: publishes waiting for it look again.
+    pub(crate) fn room_freed(&self) {
+        self.0.room.notify_waiters();
     }
 
     /// Waits (at most `limit`) until every message queued to other nodes has
@@ -573,6 +657,7 @@ impl Service for PubSub {
         let mut core = self.0.core();
         core.handle_peer_down(&peer.node_id(), why, now);
         self.after(core);
+        self.room_freed();
         if why == macula_pubsub::PeerDown::Left {
             tracing::debug!(peer = %peer.node_id(), "pub/sub: peer left; its interest is set aside until it returns");
         }

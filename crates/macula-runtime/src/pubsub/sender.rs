@@ -95,8 +95,16 @@ async fn write(inner: &Inner, q: PeerRef, send: &mut quinn::SendStream, buf: &[u
     Wrote::Done
 }
 
-/// Runs the sender of `node`'s queue `q` until the core retires it.
+/// Runs the sender of `node`'s queue `q` until the core retires it; then
+/// publishes waiting for room in it look again.
 pub(super) async fn run(owner: Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>) {
+    drain(&owner, q, node, wake).await;
+    if let Some(inner) = owner.upgrade() {
+        inner.room.notify_waiters();
+    }
+}
+
+async fn drain(owner: &Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>) {
     let mut stream: Option<DataStream> = None;
     let mut msgs: Vec<OutMsg> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH_BYTES + 1024);
@@ -131,6 +139,8 @@ pub(super) async fn run(owner: Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<
             }
             Transmit::Batch(b) => b,
         };
+        // The queue was taken: publishes waiting for room go on.
+        inner.room.notify_waiters();
         // Coalesce while the publisher keeps adding (a few yields, no timer).
         for _ in 0..COALESCE_YIELDS {
             if msgs.len() >= COALESCE_TARGET {
@@ -138,7 +148,10 @@ pub(super) async fn run(owner: Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<
             }
             tokio::task::yield_now().await;
             match inner.core().poll_transmit(q, &mut msgs, inner.now()) {
-                Transmit::Batch(more) => batch.n += more.n,
+                Transmit::Batch(more) => {
+                    batch.n += more.n;
+                    inner.room.notify_waiters();
+                }
                 _ => break,
             }
         }
