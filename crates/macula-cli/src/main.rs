@@ -308,8 +308,11 @@ async fn start(settings: Settings) -> Result<(), Failure> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for admin HTTP on {}: {e}", settings.http))?;
     let http_addr = http.local_addr()?;
+    // A daemon starts whether or not its seeds answer yet, and keeps
+    // trying; `/ready` says when it joined.
     let node = Node::builder()
         .config(config)
+        .wait_for_join(None)
         .start()
         .await
         .map_err(|e| match e {

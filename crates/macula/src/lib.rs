@@ -67,7 +67,7 @@ pub mod names;
 mod node;
 
 pub use client::{connect_client, Client, ClientBuilder, ClientSocket};
-pub use node::{Node, NodeBuilder, NodeStats, Peer, PeerInfo};
+pub use node::{Node, NodeBuilder, NodeStats, Peer, PeerInfo, JOIN_WAIT};
 
 pub use macula_rpc::Strategy;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
@@ -111,6 +111,15 @@ pub enum Error {
     /// A lightweight client could not attach, or its socket not be bound.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The node started but none of its bootstrap peers answered within the
+    /// wait; it was shut down again.
+    #[error("could not join the mesh through {peers} within {waited:?}: no bootstrap peer answered (NodeBuilder::wait_for_join(None) starts anyway and keeps retrying)")]
+    Join {
+        /// The bootstrap peers, as given.
+        peers: String,
+        /// How long the start waited.
+        waited: std::time::Duration,
+    },
 }
 
 /// Parses a user-given peer address for the setting `key`.

@@ -69,7 +69,13 @@ pub struct NodeStats {
 pub struct NodeBuilder {
     config: NodeConfig,
     bootstrap_errors: Vec<(String, String)>,
+    join_wait: Option<Duration>,
 }
+
+/// How long [`NodeBuilder::start`] waits, by default, for the join through
+/// the bootstrap peers to reach one of them: several of the DHT's join
+/// retries (1 s, doubling), well past a handshake on any WAN.
+pub const JOIN_WAIT: Duration = Duration::from_secs(10);
 
 impl NodeBuilder {
     /// The realm to join (default `default`). Nodes in other realms are refused.
@@ -153,7 +159,20 @@ impl NodeBuilder {
         self
     }
 
-    /// Starts the node: identity, socket, accept loop, bootstrap.
+    /// How long [`NodeBuilder::start`] waits for the node to join the mesh
+    /// through its bootstrap peers: `Some(d)` (default [`JOIN_WAIT`]) fails
+    /// the start with [`Error::Join`] if none answered within `d`; `None`
+    /// returns at once and keeps retrying in the background (a daemon whose
+    /// seeds may come up later; `/ready` tells when it joined).
+    pub fn wait_for_join(mut self, wait: Option<Duration>) -> Self {
+        self.join_wait = wait;
+        self
+    }
+
+    /// Starts the node: identity, socket, accept loop, bootstrap; with
+    /// bootstrap peers, returns once the node has joined the mesh through
+    /// one of them (see [`NodeBuilder::wait_for_join`]), so what it does
+    /// next (subscribe, publish, call) reaches the mesh.
     pub async fn start(self) -> Result<Node, Error> {
         if let Some((value, reason)) = self.bootstrap_errors.into_iter().next() {
             return Err(Error::Config {
@@ -162,7 +181,23 @@ impl NodeBuilder {
                 reason,
             });
         }
+        let peers: Vec<String> = self
+            .config
+            .bootstrap
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
         let runtime = NodeRuntime::start(self.config).await?;
+        if let (Some(wait), false) = (self.join_wait, peers.is_empty()) {
+            let joined = tokio::time::timeout(wait, runtime.dht().wait_bootstrapped()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                runtime.shutdown().await;
+                return Err(Error::Join {
+                    peers: peers.join(", "),
+                    waited: wait,
+                });
+            }
+        }
         Ok(Node { runtime })
     }
 }
@@ -188,6 +223,7 @@ impl Node {
         NodeBuilder {
             config: NodeConfig::default(),
             bootstrap_errors: Vec::new(),
+            join_wait: Some(JOIN_WAIT),
         }
     }
 
