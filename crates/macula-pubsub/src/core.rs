@@ -484,6 +484,13 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         })
     }
 
+    /// How many of this node's subscriptions (and attached clients' feeds)
+    /// match `topic` now.
+    pub fn local_matches(&mut self, topic: &str) -> Result<usize, PubSubError> {
+        let parsed = self.parse_topic(topic)?;
+        Ok(self.local.matches(&parsed).len())
+    }
+
     /// Publishes to this node's own subscriptions (and attached clients)
     /// only.
     pub fn publish_local(

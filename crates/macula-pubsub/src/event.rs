@@ -46,6 +46,10 @@ pub enum PubSubError {
     /// another configured node); the message was not sent.
     #[error("not attached to a gateway (client mode); retry once it reconnects")]
     Detached,
+    /// The operation needs a full node's view of the mesh's interest (a
+    /// lightweight client only sees its gateway).
+    #[error("{what} needs a full node; a lightweight client does not see the mesh's interest")]
+    NeedsFullNode { what: &'static str },
     /// [`Overflow::FailFast`]: the queue to an interested node is full;
     /// nothing was published (no node got the message).
     #[error("the queue to node {node} is full ({queued} messages, {bytes} bytes); nothing was published")]

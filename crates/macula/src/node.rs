@@ -339,6 +339,22 @@ impl Node {
             .await
     }
 
+    /// Waits until a subscription matching `topic` exists somewhere in the
+    /// mesh (this node's own included), at most `timeout`; returns how many
+    /// nodes have one, `0` if none appeared in time. Use it before a first
+    /// publish that must not go to nobody.
+    pub async fn wait_for_subscribers(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<usize, Error> {
+        Ok(self
+            .runtime
+            .pubsub()
+            .wait_for_subscribers(topic, timeout)
+            .await?)
+    }
+
     /// `publish` with headers, an application message ID, or an overflow
     /// policy.
     pub async fn publish_with(

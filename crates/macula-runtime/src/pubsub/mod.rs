@@ -492,6 +492,40 @@ impl PubSub {
         let _ = tokio::time::timeout(self.0.stall_timeout, room).await;
     }
 
+    /// Waits until a subscription that matches `topic` exists somewhere in
+    /// the mesh (this node's own included), at most `timeout`; returns how
+    /// many nodes have one (this node counts once), `0` if none appeared in
+    /// time. Lets a first publish wait for its audience instead of going to
+    /// nobody. A full node looks interest up again each time its answer
+    /// "nobody" expires (`INTEREST_CACHE_TTL`, 1 s); a local-only node counts
+    /// its own subscriptions; a lightweight client cannot see the mesh's
+    /// interest (`NeedsFullNode`).
+    pub async fn wait_for_subscribers(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<usize, PubSubError> {
+        if matches!(self.0.role, Role::Client(_)) {
+            return Err(PubSubError::NeedsFullNode {
+                what: "wait_for_subscribers",
+            });
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let local = self.run(|core, _, _| core.local_matches(topic))?;
+            let remote = match &self.0.role {
+                Role::Node(_) => self.route(topic).await?.nodes().count(),
+                _ => 0,
+            };
+            let n = remote + usize::from(local > 0);
+            let now = tokio::time::Instant::now();
+            if n > 0 || now >= deadline {
+                return Ok(n);
+            }
+            tokio::time::sleep_until(deadline.min(now + INTEREST_CACHE_TTL)).await;
+        }
+    }
+
     /// A queue may have room again: publishes waiting for it look again.
     pub(crate) fn room_freed(&self) {
         self.0.room.notify_waiters();
