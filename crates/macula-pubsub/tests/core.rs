@@ -870,9 +870,36 @@ fn drop_oldest_makes_room_by_dropping_the_oldest_queued_and_counts_them() {
     let p = publish_with(&mut a, &r, "abcd", Overflow::DropOldest).unwrap();
     assert_eq!(p.evicted, 1);
     assert_eq!(drained(&mut a, q), ["abcd"]);
-    assert_eq!(counter(&a, |c| &c.remote_evicted_total), 3);
-    assert_eq!(counter(&a, |c| &c.remote_dropped_total), 3);
+    // Eviction frees exactly the evicted bytes: "12345" + "123" = 8, then
+    // "wxyz" (8 + 4 > 10) drops "12345" alone and fits beside "123".
+    publish_with(&mut a, &r, "12345", Overflow::DropOldest).unwrap();
+    publish_with(&mut a, &r, "123", Overflow::DropOldest).unwrap();
+    let p = publish_with(&mut a, &r, "wxyz", Overflow::DropOldest).unwrap();
+    assert_eq!(p.evicted, 1);
+    assert_eq!(drained(&mut a, q), ["123", "wxyz"]);
+    assert_eq!(counter(&a, |c| &c.remote_evicted_total), 4);
+    assert_eq!(counter(&a, |c| &c.remote_dropped_total), 4);
     assert_eq!(a.inflight(), 0, "evicted messages are not in flight");
+}
+
+#[test]
+fn after_an_eviction_the_queue_counts_exactly_the_bytes_left() {
+    let mut cfg = config(1, Role::Node);
+    cfg.limits.peer_queue_capacity = 10;
+    cfg.limits.peer_queue_bytes = 10;
+    let mut a = PubSubCore::<u32, ()>::new(cfg);
+    let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
+    let r = route(&mut a, &dht, "t.x", ms(0));
+    publish_with(&mut a, &r, "12", Overflow::DropOldest).unwrap();
+    let q = started(&mut a);
+    publish_with(&mut a, &r, "12345678", Overflow::DropOldest).unwrap();
+    // 10 bytes queued; one more byte evicts "12" and leaves 8 + 1 = 9.
+    let p = publish_with(&mut a, &r, "1", Overflow::DropOldest).unwrap();
+    assert_eq!(p.evicted, 1);
+    // 9 + 2 > 10: a two-byte message does not fit.
+    let p = publish_with(&mut a, &r, "ab", Overflow::DropNewest).unwrap();
+    assert_eq!((p.queued, p.dropped), (0, 1));
+    assert_eq!(drained(&mut a, q), ["12345678", "1"]);
 }
 
 #[test]
