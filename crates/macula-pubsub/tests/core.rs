@@ -1743,3 +1743,45 @@ fn a_node_only_publishes_upstream_as_a_client() {
         Err(PubSubError::Detached)
     );
 }
+
+#[test]
+fn a_client_is_blocked_by_a_full_queue_to_its_gateway_only() {
+    let mut cfg = config(50, Role::Client);
+    cfg.limits.peer_queue_capacity = 1;
+    let mut c = PubSubCore::<u32, ()>::new(cfg);
+    assert_eq!(c.blocked_upstream(1), None, "detached: nothing to wait for");
+    c.set_gateway(Some(id(1)));
+    assert_eq!(c.blocked_upstream(1), None, "no queue yet");
+    let mut out = Vec::new();
+    c.publish_upstream(
+        "t.x",
+        Bytes::from_static(b"m"),
+        PublishOptions::default(),
+        ms(0),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(c.blocked_upstream(1), Some(id(1)), "one message fills it");
+    let q = started(&mut c);
+    assert_eq!(drained(&mut c, q), ["m"]);
+    assert_eq!(c.blocked_upstream(1), None);
+    // A full node never is: it has no gateway.
+    let n = node(2);
+    assert_eq!(n.blocked_upstream(1), None);
+}
+
+#[test]
+fn local_matches_counts_this_nodes_matching_subscriptions() {
+    let mut c = node(1);
+    assert_eq!(c.local_matches("a.b"), Ok(0));
+    c.subscribe("a.*", 1).unwrap();
+    c.subscribe("a.**", 2).unwrap();
+    c.subscribe("b.*", 3).unwrap();
+    assert_eq!(c.local_matches("a.b"), Ok(2));
+    assert_eq!(c.local_matches("a.b.c"), Ok(1));
+    assert_eq!(c.local_matches("c"), Ok(0));
+    assert!(matches!(
+        c.local_matches("a.*"),
+        Err(PubSubError::InvalidTopic { .. })
+    ));
+}

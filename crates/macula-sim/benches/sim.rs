@@ -3,8 +3,8 @@
 //! `cargo bench -p macula-sim --bench sim -- [--nodes N] [--seed S] [--json]`
 //! runs the fault scenario (`macula_sim::mesh`: the DHT, pub/sub and RPC
 //! cores of every node; safety under faults, then liveness after the heal)
-//! on N nodes (1,000 by default; 10,000 does not finish within 45 minutes
-//! yet, see BENCHMARKS.md), and prints nodes, simulated seconds, wall
+//! on N nodes (1,000 by default, about 15 s; 10,000 takes about an hour and
+//! 9 GB, see BENCHMARKS.md), and prints nodes, simulated seconds, wall
 //! time and the messages checked (deliveries, calls, handler runs).
 //! `... -- --dht-only [--nodes N] [--seed S] [--loss P] [--json]` runs the
 //! DHT experiment (`macula_sim::dht`, the figures of the former
