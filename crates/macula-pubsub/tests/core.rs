@@ -760,16 +760,21 @@ fn batches_are_sized_to_the_receivers_frame_limit() {
     assert_eq!(counter(&b, |c| &c.gaps_total), 0);
 }
 
-/// A node whose queue to node 2 holds at most two messages (or 10 bytes),
-/// routed for "t.x", with its route.
-fn two_slot_queue() -> (Core, Arc<Route>) {
+/// A node whose queue to node 2 holds at most `capacity` messages and
+/// `bytes` payload bytes, routed for "t.x", with its route.
+fn queue_to_node_2(capacity: usize, bytes: usize) -> (Core, Arc<Route>) {
     let mut cfg = config(1, Role::Node);
-    cfg.limits.peer_queue_capacity = 2;
-    cfg.limits.peer_queue_bytes = 10;
+    cfg.limits.peer_queue_capacity = capacity;
+    cfg.limits.peer_queue_bytes = bytes;
     let mut a = PubSubCore::<u32, ()>::new(cfg);
     let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
     let r = route(&mut a, &dht, "t.x", ms(0));
     (a, r)
+}
+
+/// A queue to node 2 of two messages or 10 bytes.
+fn two_slot_queue() -> (Core, Arc<Route>) {
+    queue_to_node_2(2, 10)
 }
 
 /// The queue whose sender the last publish started.
@@ -884,12 +889,7 @@ fn drop_oldest_makes_room_by_dropping_the_oldest_queued_and_counts_them() {
 
 #[test]
 fn after_an_eviction_the_queue_counts_exactly_the_bytes_left() {
-    let mut cfg = config(1, Role::Node);
-    cfg.limits.peer_queue_capacity = 10;
-    cfg.limits.peer_queue_bytes = 10;
-    let mut a = PubSubCore::<u32, ()>::new(cfg);
-    let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
-    let r = route(&mut a, &dht, "t.x", ms(0));
+    let (mut a, r) = queue_to_node_2(10, 10);
     publish_with(&mut a, &r, "12", Overflow::DropOldest).unwrap();
     let q = started(&mut a);
     publish_with(&mut a, &r, "12345678", Overflow::DropOldest).unwrap();
@@ -945,12 +945,7 @@ fn fail_fast_publishes_nothing_and_names_the_full_queue() {
 
 #[test]
 fn a_full_queue_drops_new_messages_and_counts_them() {
-    let mut cfg = config(1, Role::Node);
-    cfg.limits.peer_queue_capacity = 3;
-    cfg.limits.peer_queue_bytes = 10;
-    let mut a = PubSubCore::<u32, ()>::new(cfg);
-    let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
-    let r = route(&mut a, &dht, "t.x", ms(0));
+    let (mut a, r) = queue_to_node_2(3, 10);
     let mut out = Vec::new();
     let mut send = |a: &mut Core, body: &str| {
         a.publish_routed(
@@ -968,10 +963,7 @@ fn a_full_queue_drops_new_messages_and_counts_them() {
     );
     let over_bytes = send(&mut a, "1");
     assert_eq!((over_bytes.queued, over_bytes.dropped), (0, 1));
-    let mut cfg = config(1, Role::Node);
-    cfg.limits.peer_queue_capacity = 2;
-    let mut a2 = PubSubCore::<u32, ()>::new(cfg);
-    let r2 = route(&mut a2, &dht, "t.x", ms(0));
+    let (mut a2, r2) = queue_to_node_2(2, macula_pubsub::outbound::PEER_QUEUE_BYTES);
     for i in 0..5 {
         publish(&mut a2, &r2, &i.to_string(), ms(0));
     }

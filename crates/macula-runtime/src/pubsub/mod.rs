@@ -452,12 +452,9 @@ impl PubSub {
                         if block && core.blocked(&r, len).is_some() {
                             return Try::Blocked;
                         }
-                        match msg.take() {
-                            Some((payload, opts)) => {
-                                Try::Done(core.publish_routed(&r, payload, opts, now, out))
-                            }
-                            None => Try::NoRoute,
-                        }
+                        // Taken once: a publish ends the loop.
+                        let (payload, opts) = msg.take().unwrap_or_default();
+                        Try::Done(core.publish_routed(&r, payload, opts, now, out))
                     });
                     match tried {
                         Try::Done(p) => break p,
