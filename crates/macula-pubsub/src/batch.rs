@@ -61,7 +61,7 @@ impl OutMsg {
 }
 
 /// The publisher of a forwarded message.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub publisher: NodeId,
     pub epoch: u64,
@@ -97,6 +97,12 @@ pub fn batch_budget(frame_limit: u32, batch_bytes: usize) -> usize {
     batch_bytes.min((frame_limit as usize).saturating_sub(BATCH_BODY_OVERHEAD))
 }
 
+/// Whether `m` fits a frame whose payload budget is `budget` (see
+/// [`batch_budget`]); one that does not is skipped by [`encode_batches`].
+pub fn fits(m: &OutMsg, budget: usize) -> bool {
+    m.encoded_size() + m.topic.len() + 2 <= budget
+}
+
 /// Encodes `msgs` (in seq order per publisher) as PUBLISH_BATCH frames into
 /// `out`: a new frame after `batch_budget(frame_limit, batch_bytes)` bytes,
 /// `MAX_BATCH_TOPICS` distinct topics or `MAX_BATCH_MESSAGES` messages.
@@ -109,6 +115,33 @@ pub fn encode_batches(
     epoch: u64,
     frame_limit: u32,
     batch_bytes: usize,
+) -> Encoded {
+    encode_batches_marked(out, msgs, publisher, epoch, frame_limit, batch_bytes, None)
+}
+
+/// Where one frame of [`encode_batches_marked`] ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    /// Bytes of `out` up to the end of this frame.
+    pub end: usize,
+    /// Messages of `msgs` dealt with (in this frame or an earlier one, or
+    /// skipped) once this frame is written.
+    pub consumed: usize,
+    /// Messages in this frame and the earlier ones.
+    pub messages: u64,
+}
+
+/// [`encode_batches`], also appending to `marks` where each frame ends: a
+/// write that stops part-way tells from them which messages went out in
+/// whole frames.
+pub fn encode_batches_marked(
+    out: &mut Vec<u8>,
+    msgs: &[OutMsg],
+    publisher: &NodeId,
+    epoch: u64,
+    frame_limit: u32,
+    batch_bytes: usize,
+    mut marks: Option<&mut Vec<Mark>>,
 ) -> Encoded {
     let budget = batch_budget(frame_limit, batch_bytes);
     // One batch names one publisher: split into runs of the same origin
@@ -123,17 +156,39 @@ pub fn encode_batches(
         };
         let n = rest.iter().position(|m| !same(m)).unwrap_or(rest.len());
         let (run, tail) = rest.split_at(n);
+        let base = msgs.len() - rest.len();
         rest = tail;
         let (p, e) = match &first.origin {
             Some(o) => (&o.publisher, o.epoch),
             None => (publisher, epoch),
         };
-        done += encode_run(out, run, p, e, frame_limit, budget);
+        let at = Marker {
+            base,
+            messages: done.messages as u64,
+        };
+        done += encode_run(
+            out,
+            run,
+            p,
+            e,
+            frame_limit,
+            budget,
+            at,
+            marks.as_deref_mut(),
+        );
     }
     done
 }
 
+/// Where a run starts, for its marks.
+#[derive(Clone, Copy)]
+struct Marker {
+    base: usize,
+    messages: u64,
+}
+
 /// `encode_batches` for messages of one publisher.
+#[allow(clippy::too_many_arguments)]
 fn encode_run(
     out: &mut Vec<u8>,
     msgs: &[OutMsg],
@@ -141,6 +196,8 @@ fn encode_run(
     epoch: u64,
     frame_limit: u32,
     budget: usize,
+    at: Marker,
+    mut marks: Option<&mut Vec<Mark>>,
 ) -> Encoded {
     let mut done = Encoded::default();
     let mut topics: Vec<&str> = Vec::new();
@@ -154,7 +211,7 @@ fn encode_run(
         while let Some(m) = msgs.get(i) {
             let size = m.encoded_size();
             let topic_entry = m.topic.len() + 2;
-            if size + topic_entry > budget {
+            if !fits(m, budget) {
                 // Never fits this receiver: skip it (counted) rather than
                 // fail the frame it would be in.
                 done.too_large += 1;
@@ -205,6 +262,13 @@ fn encode_run(
                 done.messages += n;
             }
             Err(_) => done.refused += picked.len(),
+        }
+        if let Some(marks) = marks.as_deref_mut() {
+            marks.push(Mark {
+                end: out.len(),
+                consumed: at.base + i,
+                messages: at.messages + done.messages as u64,
+            });
         }
     }
     done
@@ -260,6 +324,36 @@ mod tests {
     }
 
     const ME: NodeId = NodeId::from_bytes([1; 32]);
+
+    #[test]
+    fn marks_say_where_each_frame_ends_and_what_it_carried() {
+        let t = TopicName::from("t.x");
+        let mut msgs: Vec<OutMsg> = (1..=10).map(|s| msg(s, &t, 1000)).collect();
+        // One too large for any frame, and one of another publisher.
+        msgs.insert(3, msg(50, &t, 9000));
+        msgs[7].origin = Some(Arc::new(Origin {
+            publisher: NodeId::from_bytes([2; 32]),
+            epoch: 1,
+        }));
+        let mut buf = vec![0xAA; 5]; // bytes already there
+        let mut marks = Vec::new();
+        let e = encode_batches_marked(&mut buf, &msgs, &ME, 7, 4096, BATCH_BYTES, Some(&mut marks));
+        assert_eq!((e.messages, e.too_large), (10, 1));
+        assert_eq!(marks.len() as u64, e.frames);
+        assert_eq!(
+            marks.last().map(|m| (m.end, m.consumed, m.messages)),
+            Some((buf.len(), 11, 10))
+        );
+        // Frames are contiguous, every mark past the previous one.
+        let mut end = 5;
+        for w in marks.windows(2) {
+            assert!(w[0].end < w[1].end && w[0].consumed < w[1].consumed);
+        }
+        for (m, f) in marks.iter().zip(frames(&buf[5..], 4096)) {
+            end += f.0 + macula_wire::FRAME_HEADER_LEN;
+            assert_eq!(m.end, end);
+        }
+    }
 
     #[test]
     fn a_small_receiver_gets_small_frames_and_loses_nothing_that_fits() {

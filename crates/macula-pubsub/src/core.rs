@@ -7,13 +7,13 @@
 //! not do I/O, read a clock, spawn, block or panic on anything a peer
 //! sends. See the crate docs for the driving order.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use macula_wire::{Millis, NodeId, Publish};
 
-use crate::batch::{Encoded, Origin, OutMsg};
+use crate::batch::{batch_budget, fits, Encoded, Mark, Origin, OutMsg};
 use crate::counters::Counters;
 use crate::dedup::{Observed, SeqTracker};
 use crate::event::{check_headers, Event, Overflow, PubSubError, PublishOptions, TopicName};
@@ -22,6 +22,7 @@ use crate::interest::{
     Route, RouteStep,
 };
 use crate::local::{FeedId, Local, SubId, Target};
+use crate::loss::LossReport;
 use crate::outbound::{Enqueued, OutLimits, Outbound, PeerRef, Stall, Take, Wake};
 use crate::topic::{Pattern, Topic};
 use crate::Limits;
@@ -156,7 +157,7 @@ pub struct Sizes {
 }
 
 /// One batch ready to encode (see [`PubSubCore::poll_transmit`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Batch {
     /// Messages taken.
     pub n: usize,
@@ -164,25 +165,74 @@ pub struct Batch {
     pub batch_bytes: usize,
     pub publisher: NodeId,
     pub epoch: u64,
+    /// What the receiver missed: written as PUBLISH_DROPPED frames before
+    /// the messages. Hand it back (`handle_send_failed`,
+    /// `handle_cut_off`) when the write fails.
+    pub report: Option<LossReport>,
 }
 
 impl Batch {
-    /// Encodes `msgs` (what was taken) into `out`: one encode per batch,
-    /// outside any lock.
+    /// Encodes the loss report, then `msgs` (what was taken), into `out`:
+    /// one encode per batch, outside any lock.
     pub fn encode(&self, out: &mut Vec<u8>, msgs: &[OutMsg]) -> Encoded {
-        crate::batch::encode_batches(
+        self.encode_marked(out, msgs, &mut Vec::new())
+    }
+
+    /// [`Self::encode`], appending to `marks` where each frame ends (the
+    /// report's frames first, as one mark): `Mark::messages` counts what a
+    /// receiver counts on the stream (see [`Self::carried`]). A write cut
+    /// off part-way uses them for [`PubSubCore::handle_cut_off`].
+    pub fn encode_marked(
+        &self,
+        out: &mut Vec<u8>,
+        msgs: &[OutMsg],
+        marks: &mut Vec<Mark>,
+    ) -> Encoded {
+        let mut done = Encoded::default();
+        let mut base = 0;
+        if let Some(r) = &self.report {
+            done.frames += r.encode(out, self.publisher, self.epoch, self.frame_limit);
+            base = r.dropped();
+            marks.push(Mark {
+                end: out.len(),
+                consumed: 0,
+                messages: base,
+            });
+        }
+        let first = marks.len();
+        done += crate::batch::encode_batches_marked(
             out,
             msgs,
             &self.publisher,
             self.epoch,
             self.frame_limit,
             self.batch_bytes,
-        )
+            Some(marks),
+        );
+        for m in &mut marks[first..] {
+            m.messages += base;
+        }
+        done
+    }
+
+    /// What this batch, written whole, adds to the count a receiver keeps
+    /// of its data stream: the messages in its frames and the dropped
+    /// messages its report names (see `BatchReceiver::messages`).
+    pub fn carried(&self, encoded: &Encoded) -> u64 {
+        encoded.messages as u64 + self.report.as_ref().map_or(0, LossReport::dropped)
+    }
+
+    /// Takes what `more` (a later poll of the same sender) adds.
+    pub fn merge(&mut self, more: Batch) {
+        self.n += more.n;
+        if let Some(r) = more.report {
+            self.report.get_or_insert_with(LossReport::default).merge(r);
+        }
     }
 }
 
 /// What a sender must do next.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Transmit {
     Batch(Batch),
     /// See [`Take::Finish`].
@@ -226,6 +276,9 @@ pub struct PubSubCore<S, W> {
     /// Bumped on every subscription added or removed (feeds included).
     changes: u64,
     pub(crate) counters: Arc<Counters>,
+    /// Per peer whose data stream was reset: (messages read on it, messages
+    /// its sender says it wrote), until both are known.
+    pub(crate) in_flight: HashMap<NodeId, (Option<u64>, Option<u64>)>,
 }
 
 impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
@@ -262,6 +315,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             mesh_actions: VecDeque::new(),
             changes: 0,
             counters: Arc::new(Counters::default()),
+            in_flight: HashMap::new(),
         }
     }
 
@@ -698,13 +752,8 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             true => Counters::inc(&self.counters.sent_remote_total),
             false => Counters::inc(&self.counters.remote_dropped_total),
         }
-        match wake {
-            Some(Wake::Start(peer, node, sender)) => {
-                self.actions.push_back(Action::Start { peer, node, sender })
-            }
-            Some(Wake::Wake(w)) => self.actions.push_back(Action::Wake(w)),
-            None => {}
-        }
+        self.push_wake(wake);
+        self.count_unreported();
         outcome
     }
 
@@ -840,7 +889,8 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     // ----- senders -----------------------------------------------------
 
     /// The sender of `peer` asks for work: messages are appended to `msgs`
-    /// (hand the same buffer back each time; it is swapped, not copied).
+    /// (hand the same buffer back each time; it is swapped, not copied),
+    /// with the node's pending loss report.
     pub fn poll_transmit(
         &mut self,
         peer: PeerRef,
@@ -848,39 +898,163 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         now: Millis,
     ) -> Transmit {
         match self.out.take(peer, msgs, now) {
-            Take::Msgs(n) => Transmit::Batch(Batch {
-                n,
-                frame_limit: self.out.frame_limit(peer).unwrap_or(self.frame_limit),
-                batch_bytes: self.out.limits.batch_bytes,
-                publisher: self.node_id,
-                epoch: self.epoch,
-            }),
+            Take::Msgs(n) => {
+                let report = match self.out.node_of(peer) {
+                    Some(node) => self.out.take_report(&node),
+                    None => None,
+                };
+                Transmit::Batch(Batch {
+                    n,
+                    frame_limit: self.out.frame_limit(peer).unwrap_or(self.frame_limit),
+                    batch_bytes: self.out.limits.batch_bytes,
+                    publisher: self.node_id,
+                    epoch: self.epoch,
+                    report,
+                })
+            }
             Take::Finish => Transmit::Finish,
             Take::Empty => Transmit::Empty,
             Take::Retired => Transmit::Retired,
         }
     }
 
-    /// The sender of `peer` wrote the `n` messages it took, as `encoded`
-    /// says (what could not be encoded is counted dropped).
-    pub fn handle_written(&mut self, peer: PeerRef, n: usize, encoded: Encoded, now: Millis) {
-        let c = &self.counters;
-        let taken = self.out.written(peer, n, now);
+    /// The sender of `peer` wrote the `msgs` it took in `batch`, as
+    /// `encoded` says: what could not be encoded is counted dropped, and
+    /// what was too large for the node is put in its next loss report.
+    pub fn handle_written(
+        &mut self,
+        peer: PeerRef,
+        batch: &Batch,
+        msgs: &[OutMsg],
+        encoded: Encoded,
+        now: Millis,
+    ) {
+        let c = self.counters.clone();
+        let taken = self.out.written(peer, batch.n, now);
+        Counters::add(&c.batches_sent_total, encoded.frames);
+        if let Some(r) = &batch.report {
+            Counters::add(&c.loss_reported_total, r.dropped() + r.in_flight);
+        }
         if taken == 0 {
             return;
         }
-        Counters::add(&c.batches_sent_total, encoded.frames);
         let lost = (taken.saturating_sub(encoded.messages)) as u64;
         Counters::add(&c.remote_dropped_total, lost);
         Counters::add(&c.too_large_for_peer_total, encoded.too_large as u64);
+        if encoded.too_large > 0 {
+            if let Some(node) = self.out.node_of(peer) {
+                let budget = batch_budget(batch.frame_limit, batch.batch_bytes);
+                self.out.note_loss(node, |r| {
+                    msgs.iter()
+                        .filter(|m| !fits(m, budget))
+                        .for_each(|m| r.add(m, 1))
+                });
+                self.count_unreported();
+            }
+        }
     }
 
-    /// The sender of `peer` could not write the `n` messages it took (the
-    /// stream or connection failed): they are dropped and counted; the next
-    /// batch reaches the node again.
-    pub fn handle_send_failed(&mut self, peer: PeerRef, n: usize, now: Millis) {
-        let taken = self.out.written(peer, n, now);
+    /// The sender of `peer` could not write the `msgs` it took, nor the
+    /// report of that batch (the stream or connection failed): they are
+    /// dropped, counted, and put in the node's next report; the next batch
+    /// reaches the node again.
+    pub fn handle_send_failed(
+        &mut self,
+        peer: PeerRef,
+        msgs: &[OutMsg],
+        report: Option<LossReport>,
+        now: Millis,
+    ) {
+        let taken = self.out.written(peer, msgs.len(), now);
         Counters::add(&self.counters.remote_dropped_total, taken as u64);
+        if let Some(node) = self.out.node_of(peer) {
+            self.note_lost(node, &msgs[..taken.min(msgs.len())], report, 0);
+        }
+    }
+
+    /// The sender of `node` was cut off (see [`Self::handle_stall`]) while
+    /// writing `batch` (taking `msgs`) on a stream where it had written
+    /// `in_flight` messages before (see [`Batch::carried`]); `written` is
+    /// the last mark of the batch whose frames were written whole (none:
+    /// nothing of it). What went out in whole frames joins `in_flight` (the
+    /// receiver compares it with what it read); the rest of the messages,
+    /// and the report if it did not go out, go into the node's next report
+    /// by topic, and a new sender starts to deliver it (the connection is
+    /// kept).
+    pub fn handle_cut_off(
+        &mut self,
+        node: NodeId,
+        batch: Batch,
+        msgs: &[OutMsg],
+        written: Option<Mark>,
+        in_flight: u64,
+        now: Millis,
+    ) {
+        let (consumed, carried) = written.map_or((0, 0), |m| (m.consumed, m.messages));
+        // The report went out whole if any mark was reached (it comes first).
+        let report = if written.is_some() {
+            None
+        } else {
+            batch.report.clone()
+        };
+        let budget = batch_budget(batch.frame_limit, batch.batch_bytes);
+        let consumed = consumed.min(msgs.len());
+        let lost: Vec<OutMsg> = msgs[..consumed]
+            .iter()
+            .filter(|m| !fits(m, budget))
+            .chain(&msgs[consumed..])
+            .cloned()
+            .collect();
+        if let Some(r) = &batch.report {
+            if report.is_none() {
+                Counters::add(
+                    &self.counters.loss_reported_total,
+                    r.dropped() + r.in_flight,
+                );
+            }
+        }
+        self.note_lost(node, &lost, report, in_flight + carried);
+        if !self.out.has_report(&node) {
+            return;
+        }
+        let frame_limit = self.frame_limit;
+        if let Some(q) = self.out.queue_for(node, frame_limit, now) {
+            let mut wake = None;
+            self.out.kick(q, &mut wake);
+            self.push_wake(wake);
+        }
+    }
+
+    fn note_lost(
+        &mut self,
+        node: NodeId,
+        msgs: &[OutMsg],
+        report: Option<LossReport>,
+        in_flight: u64,
+    ) {
+        self.out.note_loss(node, |r| {
+            msgs.iter().for_each(|m| r.add(m, 1));
+            r.in_flight += in_flight;
+            if let Some(back) = report {
+                r.merge(back);
+            }
+        });
+        self.count_unreported();
+    }
+
+    pub(crate) fn count_unreported(&mut self) {
+        let n = std::mem::take(&mut self.out.unreported);
+        Counters::add(&self.counters.loss_unreported_total, n);
+    }
+
+    pub(crate) fn push_wake(&mut self, wake: Option<Wake<W>>) {
+        match wake {
+            Some(Wake::Start(peer, node, sender)) => {
+                self.actions.push_back(Action::Start { peer, node, sender })
+            }
+            Some(Wake::Wake(w)) => self.actions.push_back(Action::Wake(w)),
+            None => {}
+        }
     }
 
     /// The write of `peer` starts, or accepted bytes: returns when it is
@@ -934,6 +1108,9 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             }
             None => false,
         };
+        // Nobody left to tell.
+        let unreported = self.out.forget_report(node);
+        Counters::add(&self.counters.loss_unreported_total, unreported);
         if let RoleState::Node(mesh) = &mut self.role {
             if mesh.set_down(node, known, now) {
                 Counters::inc(&self.counters.peers_unreachable_total);
@@ -954,6 +1131,8 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
 
     /// The connection to `node` ended, for `why`.
     pub fn handle_peer_down(&mut self, node: &NodeId, why: PeerDown, now: Millis) {
+        // A new connection's streams start their counts afresh.
+        self.in_flight.remove(node);
         if why == PeerDown::Left {
             self.node_unreachable(node, now);
         }
@@ -997,8 +1176,13 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
 
     /// The sender of `peer` finished its stream (acknowledged or not).
     pub fn handle_finished(&mut self, peer: PeerRef) {
+        let node = self.out.node_of(peer);
         let r = self.out.retire(peer);
         Counters::add(&self.counters.remote_dropped_total, r.dropped);
+        if let Some(node) = node {
+            let unreported = self.out.forget_report(&node);
+            Counters::add(&self.counters.loss_unreported_total, unreported);
+        }
     }
 
     /// Queues asked to finish that have not yet.

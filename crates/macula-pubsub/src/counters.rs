@@ -76,12 +76,21 @@ pub struct Counters {
     /// Publishes refused because a queue was full
     /// ([`crate::Overflow::FailFast`]).
     pub publish_refused_total: AtomicU64,
+    /// Dropped messages named in loss reports sent to the nodes they were
+    /// for (PUBLISH_DROPPED), in-flight losses included.
+    pub loss_reported_total: AtomicU64,
+    /// Dropped messages that could not be reported: the node was gone (set
+    /// aside, or this node shut down) or the report table was full.
+    pub loss_unreported_total: AtomicU64,
+    /// Missed events told to local subscriptions (as `Lagged`) from loss
+    /// reports received, per subscription.
+    pub loss_told_total: AtomicU64,
 }
 
 impl Counters {
     /// Every counter as (metric name, help, value), for the driver's
     /// metrics exporter: the names are a compatibility promise to dashboards.
-    pub fn rows(&self) -> [(&'static str, &'static str, u64); 25] {
+    pub fn rows(&self) -> [(&'static str, &'static str, u64); 28] {
         let g = |a: &AtomicU64| a.load(Relaxed);
         [
             ("macula_pubsub_published_total", "Messages published on this node.", g(&self.published_total)),
@@ -109,6 +118,9 @@ impl Counters {
             ("macula_pubsub_remote_evicted_total", "Messages dropped from a full peer queue to make room for a newer one (DropOldest); also in remote_dropped_total.", g(&self.remote_evicted_total)),
             ("macula_pubsub_publish_blocked_total", "Publishes that found a peer queue full and waited for room (Block).", g(&self.publish_blocked_total)),
             ("macula_pubsub_publish_refused_total", "Publishes refused because a peer queue was full (FailFast).", g(&self.publish_refused_total)),
+            ("macula_pubsub_loss_reported_total", "Dropped messages named in loss reports (PUBLISH_DROPPED) sent to the nodes they were for.", g(&self.loss_reported_total)),
+            ("macula_pubsub_loss_unreported_total", "Dropped messages that could not be reported (node gone, shutting down, report table full).", g(&self.loss_unreported_total)),
+            ("macula_pubsub_loss_told_total", "Missed events told to local subscriptions as Lagged from loss reports received (per subscription).", g(&self.loss_told_total)),
         ]
     }
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use macula_wire::{Millis, NodeId, PublishBatchView};
+use macula_wire::{Millis, NodeId, PublishBatchView, PublishDropped};
 
 use crate::batch::{forwarded_key, Origin, OutMsg};
 use crate::core::{PubSubCore, RoleState};
@@ -26,6 +26,9 @@ use crate::Limits;
 
 /// Topics a data stream's receiver remembers as validated.
 pub const RECEIVER_TOPIC_CACHE: usize = 256;
+/// Peers whose reset data stream waits for its in-flight count (or the
+/// reverse) at once; past this the table starts over.
+pub const MAX_IN_FLIGHT_PEERS: usize = 4096;
 
 struct Resolved {
     name: TopicName,
@@ -49,6 +52,13 @@ pub struct BatchReceiver<S> {
     /// messages go on into the mesh, so one that matches nothing here is
     /// not counted as unmatched.
     from_client: bool,
+    /// Missed events to tell local subscriptions (from loss reports), per
+    /// subscription: pushed with [`BatchReceiver::deliver_lagged`].
+    lagged: Vec<(SubId, S, u64)>,
+    /// Messages in the batches read on this stream, plus the dropped
+    /// messages its loss reports named (compared with what a sender that
+    /// reset the stream says it wrote).
+    messages: u64,
 }
 
 impl<S> BatchReceiver<S> {
@@ -63,7 +73,38 @@ impl<S> BatchReceiver<S> {
             targets: Vec::new(),
             spare: Vec::new(),
             from_client,
+            lagged: Vec::new(),
+            messages: 0,
         }
+    }
+
+    /// Messages in the batches read on this stream so far.
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+
+    fn tell(&mut self, id: SubId, sink: &S, n: u64)
+    where
+        S: Clone,
+    {
+        match self.lagged.iter_mut().find(|l| l.0 == id) {
+            Some(l) => l.2 += n,
+            None => self.lagged.push((id, sink.clone(), n)),
+        }
+    }
+
+    /// Hands each local subscription's count of missed events (from loss
+    /// reports, see [`PubSubCore::handle_batch`] and
+    /// [`PubSubCore::handle_stream_reset`]) to `push`; returns the sum.
+    /// The driver adds them to the subscription's `Lagged` count, so the
+    /// application learns of the gap before the events that follow it.
+    pub fn deliver_lagged(&mut self, mut push: impl FnMut(&S, u64)) -> u64 {
+        let mut n = 0;
+        for (_, sink, missed) in self.lagged.drain(..) {
+            n += missed;
+            push(&sink, missed);
+        }
+        n
     }
 
     fn topic(&mut self, t: &str, limits: &Limits) -> Option<(TopicName, Arc<Topic>)> {
@@ -115,6 +156,9 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         now: Millis,
     ) -> Result<(), String> {
         let c = self.counters.clone();
+        if msg_type == macula_wire::MessageType::PublishDropped as u8 {
+            return self.handle_dropped(from, body, rx, now);
+        }
         if msg_type != macula_wire::MessageType::PublishBatch as u8 {
             Counters::inc(&c.data_streams_rejected_total);
             return Err(format!(
@@ -129,6 +173,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             }
         };
         Counters::inc(&c.batches_received_total);
+        rx.messages += view.entries.len() as u64;
         // A batch naming another publisher is forwarded: by a gateway for
         // its client, or (to a client) by its gateway. A client trusts the
         // gateway it chose; a full node keeps such a stream apart from the
@@ -142,6 +187,194 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         };
         self.deliver_batch(&view, body, rx, key, now);
         Ok(())
+    }
+
+    /// A PUBLISH_DROPPED from `from`'s data stream: each local subscription
+    /// matching a named topic is told of the messages it missed (all of
+    /// them for a report naming no topic); attached clients get a report of
+    /// their own; a gateway passes its client's report on to the nodes it
+    /// routes that topic to.
+    fn handle_dropped(
+        &mut self,
+        from: NodeId,
+        body: &Bytes,
+        rx: &mut BatchReceiver<S>,
+        now: Millis,
+    ) -> Result<(), String> {
+        let c = self.counters.clone();
+        let d = match PublishDropped::decode(body) {
+            Ok(d) => d,
+            Err(reason) => {
+                Counters::inc(&c.data_streams_rejected_total);
+                return Err(format!("malformed PUBLISH_DROPPED: {reason}"));
+            }
+        };
+        if rx.from_client && d.publisher != from {
+            // A client reports only its own messages.
+            Counters::inc(&c.data_streams_rejected_total);
+            return Err(format!(
+                "PUBLISH_DROPPED from client {from} names publisher {}",
+                d.publisher
+            ));
+        }
+        let origin = (d.publisher != self.node_id).then(|| {
+            Arc::new(Origin {
+                publisher: d.publisher,
+                epoch: d.epoch,
+            })
+        });
+        // What the report names counts as carried on the stream, like the
+        // messages of a batch (a reset stream's count includes it).
+        rx.messages += d.topics.iter().map(|t| t.1).sum::<u64>();
+        if d.in_flight > 0 {
+            self.in_flight_reported(from, None, Some(d.in_flight), rx, now);
+        }
+        for (t, n) in &d.topics {
+            if t.is_empty() {
+                self.tell_all(origin.clone(), *n, rx, now);
+                continue;
+            }
+            let Some((name, topic)) = rx.topic(t, &self.limits) else {
+                Counters::inc(&c.remote_rejected_total);
+                continue;
+            };
+            for id in self.local.matches(&topic) {
+                match self.local.subs.get(&id).map(|s| &s.target) {
+                    Some(Target::Local(sink)) => {
+                        let sink = sink.clone();
+                        rx.tell(id, &sink, *n);
+                    }
+                    Some(Target::Feed(f)) => {
+                        let f = *f;
+                        self.report_to_feed(f, origin.clone(), &name, *n, now);
+                    }
+                    None => {}
+                }
+            }
+            if rx.from_client {
+                self.report_onward(from, origin.clone(), &name, *n, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// The data stream from `from` that `rx` read was reset by its sender
+    /// for stalling (stream reset code 0x100): what the sender wrote on it
+    /// beyond what was read was lost in flight. The sender says how much it
+    /// wrote in its next loss report; whichever of the two comes second
+    /// tells every local subscription (the lost messages' topics are not
+    /// known).
+    pub fn handle_stream_reset(&mut self, from: NodeId, rx: &mut BatchReceiver<S>, now: Millis) {
+        let read = rx.messages;
+        self.in_flight_reported(from, Some(read), None, rx, now);
+    }
+
+    fn in_flight_reported(
+        &mut self,
+        from: NodeId,
+        read: Option<u64>,
+        written: Option<u64>,
+        rx: &mut BatchReceiver<S>,
+        now: Millis,
+    ) {
+        if self.in_flight.len() >= MAX_IN_FLIGHT_PEERS && !self.in_flight.contains_key(&from) {
+            self.in_flight.clear();
+        }
+        let slot = self.in_flight.entry(from).or_default();
+        if read.is_some() {
+            slot.0 = read;
+        }
+        if written.is_some() {
+            slot.1 = written;
+        }
+        if let (Some(read), Some(written)) = *slot {
+            self.in_flight.remove(&from);
+            let lost = written.saturating_sub(read);
+            if lost > 0 {
+                self.tell_all(None, lost, rx, now);
+            }
+        }
+    }
+
+    /// Tells every local subscription and attached client that it may have
+    /// missed `n` events (of `origin`'s, `None`: of the sender's).
+    fn tell_all(
+        &mut self,
+        origin: Option<Arc<Origin>>,
+        n: u64,
+        rx: &mut BatchReceiver<S>,
+        now: Millis,
+    ) {
+        let mut feeds = Vec::new();
+        for (id, sub) in &self.local.subs {
+            match &sub.target {
+                Target::Local(sink) => rx.tell(*id, sink, n),
+                Target::Feed(f) if !feeds.contains(f) => feeds.push(*f),
+                Target::Feed(_) => {}
+            }
+        }
+        let unnamed = TopicName::from("");
+        for f in feeds {
+            self.report_to_feed(f, origin.clone(), &unnamed, n, now);
+        }
+    }
+
+    /// An attached client misses `n` events of `origin` on `topic` (`""`:
+    /// any): its queue gets a loss report and its sender is woken.
+    fn report_to_feed(
+        &mut self,
+        feed: FeedId,
+        origin: Option<Arc<Origin>>,
+        topic: &TopicName,
+        n: u64,
+        now: Millis,
+    ) {
+        let Some(client) = self.local.feeds.get(&feed).map(|f| f.client) else {
+            return;
+        };
+        if origin.as_ref().is_some_and(|o| o.publisher == client) {
+            return;
+        }
+        self.report_to(client, origin, topic, n, now);
+    }
+
+    /// A gateway: its client `from` dropped `n` messages on `topic` before
+    /// they reached this node; the nodes this node routes `topic` to (a
+    /// fresh cached route; none: nobody was interested lately) are told.
+    fn report_onward(
+        &mut self,
+        from: NodeId,
+        origin: Option<Arc<Origin>>,
+        topic: &TopicName,
+        n: u64,
+        now: Millis,
+    ) {
+        let Some(route) = self.cached_route(topic, now) else {
+            return;
+        };
+        for (node, _) in &route.targets {
+            if *node != from {
+                self.report_to(*node, origin.clone(), topic, n, now);
+            }
+        }
+    }
+
+    fn report_to(
+        &mut self,
+        node: NodeId,
+        origin: Option<Arc<Origin>>,
+        topic: &TopicName,
+        n: u64,
+        now: Millis,
+    ) {
+        self.out.note_loss(node, |r| r.add_topic(origin, topic, n));
+        let frame_limit = self.frame_limit;
+        if let Some(q) = self.out.queue_for(node, frame_limit, now) {
+            let mut wake = None;
+            self.out.kick(q, &mut wake);
+            self.push_wake(wake);
+        }
+        self.count_unreported();
     }
 
     fn deliver_batch(

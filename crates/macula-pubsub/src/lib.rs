@@ -121,6 +121,7 @@ pub mod inbound;
 pub mod interest;
 pub mod limits;
 pub mod local;
+pub mod loss;
 pub mod outbound;
 pub mod queue;
 pub mod rendezvous;
@@ -131,7 +132,9 @@ pub use crate::core::{
     Action, Batch, Config, Deliveries, Interest, PeerDown, PubSubCore, Published, Role, Sizes,
     Subscribed, Transmit,
 };
-pub use batch::{encode_batches, Encoded, Origin, OutMsg, BATCH_BYTES};
+pub use batch::{
+    encode_batches, encode_batches_marked, Encoded, Mark, Origin, OutMsg, BATCH_BYTES,
+};
 pub use counters::Counters;
 pub use dedup::{Observed, SeqStats, SeqTracker};
 pub use event::{Event, Overflow, PubSubError, PublishOptions, SubscriptionItem, TopicName};
@@ -141,6 +144,7 @@ pub use interest::{
 };
 pub use limits::Limits;
 pub use local::{FeedId, SubId};
+pub use loss::LossReport;
 pub use macula_wire::Millis;
 pub use outbound::{Enqueued, OutLimits, PeerRef, Stall};
 pub use queue::BoundedQueue;

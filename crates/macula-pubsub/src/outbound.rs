@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use macula_wire::{Millis, NodeId};
 
 use crate::batch::OutMsg;
+use crate::loss::LossReport;
 
 /// Messages queued for one remote node; past this, new ones to it are
 /// dropped and counted (a peer that cannot keep up never stalls publishers).
@@ -178,6 +179,11 @@ pub(crate) struct Outbound<W> {
     pub(crate) limits: OutLimits,
     /// Messages queued or being written, not yet reported.
     inflight: u64,
+    /// What each receiver missed and has not been told yet (see
+    /// [`crate::loss`]); kept across a cut-off, dropped with the node.
+    reports: HashMap<NodeId, LossReport>,
+    /// Drops that could not be put in a report (the report table was full).
+    pub(crate) unreported: u64,
 }
 
 /// What retiring a queue dropped.
@@ -193,6 +199,8 @@ impl<W: Clone + Default> Outbound<W> {
             by_node: HashMap::new(),
             limits,
             inflight: 0,
+            reports: HashMap::new(),
+            unreported: 0,
         }
     }
 
@@ -287,6 +295,8 @@ impl<W: Clone + Default> Outbound<W> {
             return Enqueued::NoQueue;
         };
         if let Some(full) = p.full(&limits, len) {
+            let node = p.node;
+            self.note_loss(node, |rep| rep.add(&msg, 1));
             return full;
         }
         let was_empty = p.msgs.is_empty();
@@ -325,23 +335,89 @@ impl<W: Clone + Default> Outbound<W> {
         let Some(p) = self.peer_mut(r) else {
             return 0;
         };
-        let mut n = 0;
+        let node = p.node;
+        let mut evicted = Vec::new();
         while p.full(&limits, len).is_some() {
             let Some(old) = p.msgs.pop_front() else { break };
             p.bytes -= old.payload.len();
-            n += 1;
+            evicted.push(old);
         }
+        let n = evicted.len() as u64;
         self.inflight -= n;
+        if n > 0 {
+            self.note_loss(node, |rep| evicted.iter().for_each(|m| rep.add(m, 1)));
+        }
         n
+    }
+
+    /// Records in `node`'s pending report what `add` adds (if the report
+    /// table has room; else the drops are counted in `unreported`).
+    pub(crate) fn note_loss(&mut self, node: NodeId, add: impl FnOnce(&mut LossReport)) {
+        let room = self.reports.len() < self.limits.max_peers;
+        match self.reports.get_mut(&node) {
+            Some(rep) => add(rep),
+            None if room => {
+                let mut rep = LossReport::default();
+                add(&mut rep);
+                if !rep.is_empty() {
+                    self.reports.insert(node, rep);
+                }
+            }
+            None => {
+                let mut rep = LossReport::default();
+                add(&mut rep);
+                self.unreported += rep.dropped() + rep.in_flight;
+            }
+        }
+    }
+
+    /// Takes `node`'s pending report, if any.
+    pub(crate) fn take_report(&mut self, node: &NodeId) -> Option<LossReport> {
+        self.reports.remove(node)
+    }
+
+    /// Whether `node` has a report waiting.
+    pub(crate) fn has_report(&self, node: &NodeId) -> bool {
+        self.reports.contains_key(node)
+    }
+
+    /// Forgets `node`'s pending report (the node is gone, or this node is
+    /// shutting down); returns the messages it named.
+    pub(crate) fn forget_report(&mut self, node: &NodeId) -> u64 {
+        self.reports
+            .remove(node)
+            .map_or(0, |r| r.dropped() + r.in_flight)
+    }
+
+    /// Makes sure a sender runs for `r` (a report waits for it): like a
+    /// message into an empty queue.
+    pub(crate) fn kick(&mut self, r: PeerRef, wake: &mut Option<Wake<W>>) {
+        let Some(p) = self.peer_mut(r) else { return };
+        if !p.running {
+            p.running = true;
+            *wake = Some(Wake::Start(r, p.node, p.sender.clone()));
+        } else if p.msgs.is_empty() {
+            *wake = Some(Wake::Wake(p.sender.clone()));
+        }
     }
 
     /// Moves what `r` has queued into `out` (see [`Take`]).
     pub(crate) fn take(&mut self, r: PeerRef, out: &mut Vec<OutMsg>, now: Millis) -> Take {
+        let report = self
+            .node_of(r)
+            .is_some_and(|n| self.reports.contains_key(&n));
         let Some(p) = self.peer_mut(r) else {
             return Take::Retired;
         };
         if p.msgs.is_empty() {
-            return if p.finish { Take::Finish } else { Take::Empty };
+            return if p.finish {
+                Take::Finish
+            } else if report {
+                // Only a loss report to write.
+                Take::Msgs(0)
+            } else {
+                Take::Empty
+            };
         }
         let n = p.msgs.len();
         out.extend(p.msgs.drain(..));
@@ -398,7 +474,7 @@ impl<W: Clone + Default> Outbound<W> {
         match self.stall_deadline(r) {
             Some(deadline) if now < deadline => Stall::Wait(deadline),
             Some(_) => Stall::CutOff {
-                dropped: self.retire(r).dropped,
+                dropped: self.retire_reporting(r).dropped,
             },
             // No write pending (or already retired): nothing to cut.
             None => Stall::Wait(now.saturating_add(self.limits.stall_timeout)),
@@ -411,11 +487,32 @@ impl<W: Clone + Default> Outbound<W> {
         let Some(p) = self.peer(r) else {
             return true;
         };
-        if p.msgs.is_empty() && p.taken == 0 && now.saturating_sub(p.last_active) >= idle {
+        if p.msgs.is_empty()
+            && p.taken == 0
+            && !self.reports.contains_key(&p.node)
+            && now.saturating_sub(p.last_active) >= idle
+        {
             self.retire(r);
             return true;
         }
         false
+    }
+
+    /// Removes `r`'s queue like `retire`, noting the messages it held in
+    /// its node's report (the node is still there: it will be told).
+    pub(crate) fn retire_reporting(&mut self, r: PeerRef) -> Retired {
+        let queued: Vec<OutMsg> = match self.peer_mut(r) {
+            Some(p) => p.msgs.drain(..).collect(),
+            None => Vec::new(),
+        };
+        let node = self.node_of(r);
+        let mut retired = self.retire(r);
+        retired.dropped += queued.len() as u64;
+        self.inflight -= queued.len() as u64;
+        if let (Some(node), false) = (node, queued.is_empty()) {
+            self.note_loss(node, |rep| queued.iter().for_each(|m| rep.add(m, 1)));
+        }
+        retired
     }
 
     /// Removes `r`'s queue; what it held or was writing is dropped.

@@ -27,13 +27,16 @@ pub const QUEUE_BYTES: usize = 64 << 20;
 /// A FIFO queue of at most `capacity` items that drops its oldest when full.
 #[derive(Clone, Debug)]
 pub struct BoundedQueue<T> {
-    items: VecDeque<(T, usize)>,
+    /// (item, size, messages missed just before it: see `note_gap`).
+    items: VecDeque<(T, usize, u64)>,
     capacity: usize,
     max_bytes: usize,
     bytes: usize,
     /// Dropped since the last `take_lagged`.
     lagged: u64,
     dropped_total: u64,
+    /// Missed upstream (`note_gap`) after the last item pushed.
+    gap_next: u64,
 }
 
 impl<T> Default for BoundedQueue<T> {
@@ -53,6 +56,7 @@ impl<T> BoundedQueue<T> {
             bytes: 0,
             lagged: 0,
             dropped_total: 0,
+            gap_next: 0,
         }
     }
 
@@ -82,16 +86,17 @@ impl<T> BoundedQueue<T> {
     }
 
     fn push_sized_with(&mut self, item: T, size: usize, mut dropped: impl FnMut(T)) {
-        self.items.push_back((item, size));
+        self.items
+            .push_back((item, size, std::mem::take(&mut self.gap_next)));
         self.bytes += size;
         while self.items.len() > self.capacity
             || (self.bytes > self.max_bytes && self.items.len() > 1)
         {
-            let Some((old, old_size)) = self.items.pop_front() else {
+            let Some((old, old_size, gap)) = self.items.pop_front() else {
                 break;
             };
             self.bytes -= old_size;
-            self.lagged += 1;
+            self.lagged += 1 + gap;
             self.dropped_total += 1;
             dropped(old);
         }
@@ -100,9 +105,16 @@ impl<T> BoundedQueue<T> {
 
     /// Removes and returns the oldest item.
     pub fn pop(&mut self) -> Option<T> {
-        let (item, size) = self.items.pop_front()?;
+        let (item, size, _) = self.items.pop_front()?;
         self.bytes -= size;
         Some(item)
+    }
+
+    /// `n` messages were missed before whatever is pushed next (lost
+    /// upstream: a loss report). They are told by `take_lagged` exactly
+    /// where they were missed: after the items queued now.
+    pub fn note_gap(&mut self, n: u64) {
+        self.gap_next += n;
     }
 
     /// Bytes held (as weighed by `push_sized`).
@@ -110,11 +122,19 @@ impl<T> BoundedQueue<T> {
         self.bytes
     }
 
-    /// How many items were dropped since the last call (and resets that
-    /// count). A non-zero answer should reach the subscriber as a "lagged"
-    /// event before its next message.
+    /// How many items were missed before the next one `pop` returns (and
+    /// resets that count): dropped from this full queue since the last
+    /// call, plus those noted with `note_gap` just before the oldest item
+    /// (or, with the queue empty, after the last one). A non-zero answer
+    /// should reach the subscriber as a "lagged" event before its next
+    /// message.
     pub fn take_lagged(&mut self) -> u64 {
-        std::mem::take(&mut self.lagged)
+        let mut n = std::mem::take(&mut self.lagged);
+        match self.items.front_mut() {
+            Some(front) => n += std::mem::take(&mut front.2),
+            None => n += std::mem::take(&mut self.gap_next),
+        }
+        n
     }
 
     /// Items queued.
@@ -160,6 +180,32 @@ mod tests {
         assert_eq!(q.bytes(), 100);
         assert_eq!(q.push_sized('d', 1), 1);
         assert_eq!(q.pop(), Some('c'));
+    }
+
+    #[test]
+    fn gaps_are_told_where_they_happened() {
+        let mut q = BoundedQueue::new(3);
+        q.push('a');
+        q.note_gap(2);
+        q.push('b');
+        q.note_gap(1);
+        // 'a' first, with nothing missed before it; then the gap of 2.
+        assert_eq!(q.take_lagged(), 0);
+        assert_eq!(q.pop(), Some('a'));
+        assert_eq!(q.take_lagged(), 2);
+        assert_eq!(q.take_lagged(), 0, "told once");
+        assert_eq!(q.pop(), Some('b'));
+        // The gap after the last item is told once the queue is empty.
+        assert_eq!(q.take_lagged(), 1);
+        assert_eq!(q.take_lagged(), 0);
+        // An item dropped for room takes its gap with it into the count.
+        q.note_gap(5);
+        q.push('c');
+        q.push('d');
+        q.push('e');
+        q.push('f');
+        assert_eq!(q.take_lagged(), 6, "'c' and the 5 before it");
+        assert_eq!(q.pop(), Some('d'));
     }
 
     #[test]

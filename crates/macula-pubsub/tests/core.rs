@@ -143,42 +143,60 @@ fn publish(c: &mut Core, r: &Route, body: &str, now: Millis) -> u64 {
 }
 
 /// Drains `peer`'s queue like a sender: encodes to its frame limit and
-/// returns the frame bodies.
+/// returns the PUBLISH_BATCH frame bodies.
 fn transmit(c: &mut Core, peer: PeerRef, now: Millis) -> Vec<Bytes> {
+    transmit_frames(c, peer, now)
+        .into_iter()
+        .filter(|(t, _)| *t == macula_wire::MessageType::PublishBatch as u8)
+        .map(|(_, b)| b)
+        .collect()
+}
+
+/// Like `transmit`, every frame: (type, body), loss reports included.
+fn transmit_frames(c: &mut Core, peer: PeerRef, now: Millis) -> Vec<(u8, Bytes)> {
     let mut msgs: Vec<OutMsg> = Vec::new();
     let Transmit::Batch(b) = c.poll_transmit(peer, &mut msgs, now) else {
         return Vec::new();
     };
     let mut buf = Vec::new();
     let encoded = b.encode(&mut buf, &msgs);
-    c.handle_written(peer, b.n, encoded, now);
+    c.handle_written(peer, &b, &msgs, encoded, now);
     let dec = FrameDecoder::new(b.frame_limit);
-    let mut bodies = Vec::new();
+    let mut frames = Vec::new();
     let mut rest = &buf[..];
     while let Some((f, used)) = dec
         .decode(rest)
         .expect("frames within the receiver's limit")
     {
-        bodies.push(Bytes::copy_from_slice(f.body));
+        frames.push((f.header.msg_type, Bytes::copy_from_slice(f.body)));
         rest = &rest[used..];
     }
-    bodies
+    frames
 }
 
 /// Delivers frame bodies from `from` to `to`; returns (sink, payload) per
 /// local event.
 fn receive(to: &mut Core, from: u8, bodies: &[Bytes], now: Millis) -> Vec<(u32, String)> {
-    let mut rx = BatchReceiver::new(false);
+    let t = macula_wire::MessageType::PublishBatch as u8;
+    let frames: Vec<(u8, Bytes)> = bodies.iter().map(|b| (t, b.clone())).collect();
+    receive_frames(to, from, &frames, &mut BatchReceiver::new(false), now)
+}
+
+/// Delivers frames from `from` to `to` through `rx`; returns (sink,
+/// payload) per local event, and (sink, "lagged N") where a loss report
+/// told a subscription of N missed events.
+fn receive_frames(
+    to: &mut Core,
+    from: u8,
+    frames: &[(u8, Bytes)],
+    rx: &mut BatchReceiver<u32>,
+    now: Millis,
+) -> Vec<(u32, String)> {
     let mut got = Vec::new();
-    for b in bodies {
-        to.handle_batch(
-            id(from),
-            macula_wire::MessageType::PublishBatch as u8,
-            b,
-            &mut rx,
-            now,
-        )
-        .expect("a well-formed batch");
+    for (t, b) in frames {
+        to.handle_batch(id(from), *t, b, rx, now)
+            .expect("a well-formed frame");
+        rx.deliver_lagged(|s, n| got.push((*s, format!("lagged {n}"))));
         rx.deliver(|s, events| {
             for e in events.drain(..) {
                 got.push((*s, String::from_utf8_lossy(&e.payload).into_owned()));
@@ -808,7 +826,7 @@ fn drained(a: &mut Core, q: PeerRef) -> Vec<String> {
         .collect();
     let mut buf = Vec::new();
     let encoded = b.encode(&mut buf, &msgs);
-    a.handle_written(q, b.n, encoded, ms(0));
+    a.handle_written(q, &b, &msgs, encoded, ms(0));
     got
 }
 
@@ -1034,10 +1052,22 @@ fn a_peer_that_accepts_nothing_is_cut_off_at_the_stall_timeout() {
 fn idle_senders_retire_and_failed_sends_are_counted() {
     let (mut a, r, q) = a_to_b();
     let mut msgs = Vec::new();
-    a.poll_transmit(q, &mut msgs, ms(0));
-    a.handle_send_failed(q, 1, ms(1));
+    let Transmit::Batch(b) = a.poll_transmit(q, &mut msgs, ms(0)) else {
+        panic!("a batch");
+    };
+    assert!(b.report.is_none());
+    a.handle_send_failed(q, &msgs, b.report, ms(1));
     assert_eq!(counter(&a, |c| &c.remote_dropped_total), 1);
     assert_eq!(a.inflight(), 0);
+    // The lost message is reported to the node with the next batch, or
+    // alone: a batch of no messages.
+    msgs.clear();
+    let Transmit::Batch(b) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a report");
+    };
+    assert_eq!((b.n, b.report.as_ref().map(|r| r.dropped())), (0, Some(1)));
+    a.handle_written(q, &b, &msgs, Default::default(), ms(1));
+    assert_eq!(counter(&a, |c| &c.loss_reported_total), 1);
     assert!(matches!(
         a.poll_transmit(q, &mut msgs, ms(1)),
         Transmit::Empty
@@ -1057,11 +1087,10 @@ fn finishing_waits_for_queues_to_drain() {
     assert!(matches!(actions(&mut a)[..], [Action::Wake(())]));
     assert_eq!(a.n_finishing(), 1);
     let mut msgs = Vec::new();
-    assert!(matches!(
-        a.poll_transmit(q, &mut msgs, ms(1)),
-        Transmit::Batch(_)
-    ));
-    a.handle_written(q, 1, Default::default(), ms(1));
+    let Transmit::Batch(b) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a batch");
+    };
+    a.handle_written(q, &b, &msgs, Default::default(), ms(1));
     assert!(matches!(
         a.poll_transmit(q, &mut msgs, ms(1)),
         Transmit::Finish
@@ -1776,4 +1805,264 @@ fn local_matches_counts_this_nodes_matching_subscriptions() {
         c.local_matches("a.*"),
         Err(PubSubError::InvalidTopic { .. })
     ));
+}
+
+// ----- loss reports -------------------------------------------------------
+
+/// A queue of `capacity` messages to node 2 whose sender has started
+/// (with "m0" in it), and node 2 subscribed as sink 7.
+fn lossy_pair(capacity: usize) -> (Core, Arc<Route>, PeerRef, Core) {
+    let (mut a, r) = queue_to_node_2(capacity, 1 << 20);
+    publish_with(&mut a, &r, "m0", Overflow::DropNewest).unwrap();
+    let q = started(&mut a);
+    let mut b = node(2);
+    b.subscribe("t.*", 7).unwrap();
+    actions(&mut b);
+    (a, r, q, b)
+}
+
+#[test]
+fn drop_newest_losses_reach_the_subscriber_as_lagged_where_they_happened() {
+    let (mut a, r, q, mut b) = lossy_pair(2);
+    let mut rx = BatchReceiver::new(false);
+    publish_with(&mut a, &r, "m1", Overflow::DropNewest).unwrap();
+    for i in 2..5 {
+        let p = publish_with(&mut a, &r, &format!("m{i}"), Overflow::DropNewest).unwrap();
+        assert_eq!(p.dropped, 1);
+    }
+    let frames = transmit_frames(&mut a, q, ms(1));
+    let types: Vec<u8> = frames.iter().map(|f| f.0).collect();
+    let (dropped, batch) = (
+        macula_wire::MessageType::PublishDropped as u8,
+        macula_wire::MessageType::PublishBatch as u8,
+    );
+    assert_eq!(types, vec![dropped, batch], "the report goes first");
+    assert_eq!(counter(&a, |c| &c.loss_reported_total), 3);
+    let got = receive_frames(&mut b, 1, &frames, &mut rx, ms(2));
+    let want: Vec<(u32, String)> = [(7, "lagged 3"), (7, "m0"), (7, "m1")]
+        .iter()
+        .map(|(s, m)| (*s, m.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    // Nothing more to tell: the next take is empty.
+    assert!(transmit_frames(&mut a, q, ms(3)).is_empty());
+}
+
+#[test]
+fn drop_oldest_evictions_are_reported_per_topic_to_matching_subscriptions_only() {
+    let (mut a, r, q, mut b) = lossy_pair(1);
+    b.subscribe("t.y", 8).unwrap();
+    b.subscribe("t.x", 9).unwrap();
+    let mut rx = BatchReceiver::new(false);
+    for i in 1..4 {
+        let p = publish_with(&mut a, &r, &format!("m{i}"), Overflow::DropOldest).unwrap();
+        assert_eq!(p.evicted, 1);
+    }
+    let frames = transmit_frames(&mut a, q, ms(1));
+    let mut got = receive_frames(&mut b, 1, &frames, &mut rx, ms(2));
+    got.sort();
+    // t.* (7) and t.x (9) missed m0..m2; t.y (8) missed nothing.
+    let want: Vec<(u32, String)> = [(7, "lagged 3"), (7, "m3"), (9, "lagged 3"), (9, "m3")]
+        .iter()
+        .map(|(s, m)| (*s, m.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(counter(&a, |c| &c.loss_reported_total), 3);
+}
+
+#[test]
+fn a_cut_off_reports_what_was_queued_taken_and_lost_in_flight() {
+    let (mut a, r, q, mut b) = lossy_pair(16);
+    let mut rx = BatchReceiver::new(false);
+    // m0..m2 written in whole frames and read by b.
+    publish(&mut a, &r, "m1", ms(0));
+    publish(&mut a, &r, "m2", ms(0));
+    let first = transmit_frames(&mut a, q, ms(1));
+    assert_eq!(receive_frames(&mut b, 1, &first, &mut rx, ms(1)).len(), 3);
+    // m3, m4 written too, but never read: in flight when the stream resets.
+    publish(&mut a, &r, "m3", ms(2));
+    publish(&mut a, &r, "m4", ms(2));
+    let _unread = transmit_frames(&mut a, q, ms(2));
+    // m5 is being written, m6 queued, when the stall cut-off comes.
+    publish(&mut a, &r, "m5", ms(3));
+    let mut msgs = Vec::new();
+    let Transmit::Batch(b5) = a.poll_transmit(q, &mut msgs, ms(3)) else {
+        panic!("a batch");
+    };
+    publish(&mut a, &r, "m6", ms(4));
+    let later = ms(3).saturating_add(macula_pubsub::outbound::PEER_STALL_TIMEOUT);
+    assert_eq!(a.handle_stall(q, later), Stall::CutOff { dropped: 2 });
+    a.handle_cut_off(id(2), b5, &msgs, None, 5, later);
+    // A new sender starts at once to deliver the report.
+    let acts = actions(&mut a);
+    let (q2, to) = starts(&acts)[0];
+    assert_eq!(to, id(2));
+    let report = transmit_frames(&mut a, q2, later);
+    assert_eq!(report.len(), 1);
+    let d = macula_wire::PublishDropped::decode(&report[0].1).unwrap();
+    assert_eq!(
+        (d.in_flight, d.topics.clone()),
+        (5, vec![("t.x".into(), 2)])
+    );
+    // b: the stream was reset after 3 messages were read; of the 5 written,
+    // 2 were lost in flight (every subscription is told: topics unknown),
+    // then the 2 named ones.
+    b.handle_stream_reset(id(1), &mut rx, later);
+    let mut told = Vec::new();
+    rx.deliver_lagged(|s, n| told.push((*s, n)));
+    assert!(told.is_empty(), "the sender's count is not known yet");
+    let mut rx2 = BatchReceiver::new(false);
+    let got = receive_frames(&mut b, 1, &report, &mut rx2, later);
+    assert_eq!(got, vec![(7, "lagged 4".to_string())]);
+    assert_eq!(counter(&a, |c| &c.loss_reported_total), 7);
+}
+
+#[test]
+fn the_in_flight_count_may_arrive_before_the_reset_is_seen() {
+    let mut b = node(2);
+    b.subscribe("**", 7).unwrap();
+    let report = macula_wire::Message::PublishDropped(macula_wire::PublishDropped {
+        publisher: id(1),
+        epoch: 101,
+        in_flight: 10,
+        topics: vec![],
+    });
+    let mut buf = Vec::new();
+    report.encode_frame(&mut buf, 1 << 20).unwrap();
+    let body = Bytes::copy_from_slice(&buf[macula_wire::FRAME_HEADER_LEN..]);
+    let t = macula_wire::MessageType::PublishDropped as u8;
+    let mut new_rx = BatchReceiver::new(false);
+    assert!(receive_frames(&mut b, 1, &[(t, body)], &mut new_rx, ms(0)).is_empty());
+    // The old stream's reader learns of the reset later: 4 were read.
+    let mut old_rx = BatchReceiver::<u32>::new(false);
+    let bodies = {
+        let (mut a, r, q) = a_to_b();
+        for i in 0..3 {
+            publish(&mut a, &r, &i.to_string(), ms(0));
+        }
+        transmit(&mut a, q, ms(0))
+    };
+    let frames: Vec<(u8, Bytes)> = bodies
+        .iter()
+        .map(|b| (macula_wire::MessageType::PublishBatch as u8, b.clone()))
+        .collect();
+    assert_eq!(
+        receive_frames(&mut b, 1, &frames, &mut old_rx, ms(0)).len(),
+        4
+    );
+    assert_eq!(old_rx.messages(), 4);
+    b.handle_stream_reset(id(1), &mut old_rx, ms(1));
+    let mut told = Vec::new();
+    old_rx.deliver_lagged(|s, n| told.push((*s, n)));
+    assert_eq!(told, vec![(7, 6)]);
+    // Told once: a second reset report alone tells nothing.
+    b.handle_stream_reset(id(1), &mut old_rx, ms(2));
+    assert_eq!(old_rx.deliver_lagged(|_, _| {}), 0);
+}
+
+#[test]
+fn a_gateway_passes_losses_on_to_its_clients_and_from_them_into_the_mesh() {
+    // Node 2 is the gateway of client 50, which subscribes to t.*.
+    let mut gw = node(2);
+    let feed = gw.open_feed(id(50));
+    gw.feed_add(feed, "t.*").unwrap();
+    actions(&mut gw);
+    // Node 1 dropped 3 messages on t.x for node 2.
+    let (mut a, r, q, _b) = lossy_pair(1);
+    for i in 1..4 {
+        publish_with(&mut a, &r, &format!("m{i}"), Overflow::DropOldest).unwrap();
+    }
+    let frames = transmit_frames(&mut a, q, ms(1));
+    let mut rx = BatchReceiver::new(false);
+    receive_frames(&mut gw, 1, &frames, &mut rx, ms(1));
+    // The client's queue carries a report naming node 1 as the publisher.
+    let (cq, to) = starts(&actions(&mut gw))[0];
+    assert_eq!(to, id(50));
+    let to_client = transmit_frames(&mut gw, cq, ms(2));
+    let reports: Vec<_> = to_client
+        .iter()
+        .filter(|f| f.0 == macula_wire::MessageType::PublishDropped as u8)
+        .map(|f| macula_wire::PublishDropped::decode(&f.1).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].publisher, id(1));
+    assert_eq!(reports[0].epoch, 101);
+    assert_eq!(reports[0].topics, vec![("t.x".to_string(), 3)]);
+    // The client, in turn, reports its own drops to the gateway, which
+    // passes them to the nodes it routes t.x to (node 3 here).
+    let dht = Dht::with(&[("t", record(3, 1, "t.*"))]);
+    route(&mut gw, &dht, "t.x", ms(3));
+    actions(&mut gw);
+    let own = macula_wire::Message::PublishDropped(macula_wire::PublishDropped {
+        publisher: id(50),
+        epoch: 7,
+        in_flight: 0,
+        topics: vec![("t.x".into(), 2)],
+    });
+    let mut buf = Vec::new();
+    own.encode_frame(&mut buf, 1 << 20).unwrap();
+    let body = Bytes::copy_from_slice(&buf[macula_wire::FRAME_HEADER_LEN..]);
+    let t = macula_wire::MessageType::PublishDropped as u8;
+    let mut crx = BatchReceiver::new(true);
+    gw.handle_batch(id(50), t, &body, &mut crx, ms(3)).unwrap();
+    let (nq, to) = starts(&actions(&mut gw))[0];
+    assert_eq!(to, id(3));
+    let onward = transmit_frames(&mut gw, nq, ms(4));
+    let d = macula_wire::PublishDropped::decode(&onward[0].1).unwrap();
+    assert_eq!((d.publisher, d.epoch), (id(50), 7));
+    assert_eq!(d.topics, vec![("t.x".to_string(), 2)]);
+    // A client may not report another publisher's losses.
+    let forged = macula_wire::Message::PublishDropped(macula_wire::PublishDropped {
+        publisher: id(9),
+        epoch: 7,
+        in_flight: 0,
+        topics: vec![("t.x".into(), 2)],
+    });
+    let mut buf = Vec::new();
+    forged.encode_frame(&mut buf, 1 << 20).unwrap();
+    let body = Bytes::copy_from_slice(&buf[macula_wire::FRAME_HEADER_LEN..]);
+    assert!(gw.handle_batch(id(50), t, &body, &mut crx, ms(5)).is_err());
+}
+
+#[test]
+fn a_node_that_is_gone_is_not_told_and_the_loss_is_counted_unreported() {
+    let (mut a, r, q, _b) = lossy_pair(1);
+    publish_with(&mut a, &r, "m1", Overflow::DropNewest).unwrap();
+    a.handle_peer_down(&id(2), PeerDown::Left, ms(1));
+    assert_eq!(counter(&a, |c| &c.loss_unreported_total), 1);
+    let mut msgs = Vec::new();
+    assert!(matches!(
+        a.poll_transmit(q, &mut msgs, ms(2)),
+        Transmit::Retired
+    ));
+}
+
+#[test]
+fn a_write_cut_off_part_way_counts_its_whole_frames_as_in_flight() {
+    let (mut a, r, q, _b) = lossy_pair(16);
+    // Frames of one 1,000-byte message each (node 2's frame limit).
+    a.handle_peer_up(&id(2), 1500);
+    let body = "x".repeat(1000);
+    for _ in 0..3 {
+        publish(&mut a, &r, &body, ms(1));
+    }
+    let mut msgs = Vec::new();
+    let Transmit::Batch(b) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a batch");
+    };
+    assert_eq!(b.n, 4, "m0 and the three");
+    let mut buf = Vec::new();
+    let mut marks = Vec::new();
+    let e = b.encode_marked(&mut buf, &msgs, &mut marks);
+    assert_eq!((e.frames, marks.len()), (3, 3), "m0 fits with one other");
+    assert_eq!(marks[0].messages, 2);
+    // The first frame went out whole, the second did not.
+    let later = ms(1).saturating_add(macula_pubsub::outbound::PEER_STALL_TIMEOUT);
+    assert_eq!(a.handle_stall(q, later), Stall::CutOff { dropped: 4 });
+    a.handle_cut_off(id(2), b, &msgs, Some(marks[0]), 7, later);
+    let (q2, _) = starts(&actions(&mut a))[0];
+    let frames = transmit_frames(&mut a, q2, later);
+    let d = macula_wire::PublishDropped::decode(&frames[0].1).unwrap();
+    assert_eq!(d.in_flight, 7 + marks[0].messages);
+    assert_eq!(d.topics, vec![("t.x".to_string(), 4 - marks[0].messages)]);
 }

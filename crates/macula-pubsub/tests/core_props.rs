@@ -116,13 +116,17 @@ proptest! {
                     if let Transmit::Batch(b) = c.poll_transmit(q, &mut msgs, now) {
                         let mut buf = Vec::new();
                         let enc = b.encode(&mut buf, &msgs);
-                        c.handle_written(q, b.n, enc, now);
+                        c.handle_written(q, &b, &msgs, enc, now);
                         model_drop += (b.n - enc.messages) as u64;
                         let dec = FrameDecoder::new(b.frame_limit);
                         let mut rest = &buf[..];
                         while let Some((f, used)) = dec.decode(rest).unwrap() {
                             rest = &rest[used..];
                             prop_assert!(f.body.len() <= usize::from(limit));
+                            if f.header.msg_type == macula_wire::MessageType::PublishDropped as u8 {
+                                // A loss report (what was too large before).
+                                continue;
+                            }
                             let v = PublishBatchView::decode(f.body).unwrap();
                             for e in &v.entries {
                                 let last = last_seen.entry(id(node)).or_insert(0);
@@ -136,14 +140,14 @@ proptest! {
                     let Some(&q) = queues.get(&id(node)) else { continue };
                     msgs.clear();
                     if let Transmit::Batch(b) = c.poll_transmit(q, &mut msgs, now) {
-                        c.handle_send_failed(q, b.n, now);
+                        c.handle_send_failed(q, &msgs, b.report, now);
                         model_drop += b.n as u64;
                     }
                 }
                 Op::Stall { node } => {
                     let Some(&q) = queues.get(&id(node)) else { continue };
                     msgs.clear();
-                    c.poll_transmit(q, &mut msgs, now);
+                    let taken = c.poll_transmit(q, &mut msgs, now);
                     let later = now.saturating_add(Millis(5_000));
                     let before = c.inflight();
                     match c.handle_stall(q, later) {
@@ -155,8 +159,9 @@ proptest! {
                     }
                     if !msgs.is_empty() {
                         // Taken but the queue was cut: a late report counts nothing.
-                        let n = msgs.len();
-                        c.handle_written(q, n, Default::default(), later);
+                        if let Transmit::Batch(b) = &taken {
+                            c.handle_written(q, b, &msgs, Default::default(), later);
+                        }
                     }
                 }
                 Op::Down { node } => {
@@ -182,7 +187,7 @@ proptest! {
             if let Transmit::Batch(b) = c.poll_transmit(q, &mut msgs, now) {
                 let mut buf = Vec::new();
                 let enc = b.encode(&mut buf, &msgs);
-                c.handle_written(q, b.n, enc, now);
+                c.handle_written(q, &b, &msgs, enc, now);
             }
         }
         prop_assert_eq!(c.inflight(), 0);

@@ -189,6 +189,43 @@ async fn a_peer_that_stops_reading_is_cut_off() {
         "{metrics}"
     );
 
+    // The loss is reported on a new data stream: what was written on the
+    // reset one (in flight: the raw peer read none of it), and per topic
+    // what was queued or being written. Every message is accounted for.
+    let first = within(STEP, "accept the stalled stream", raw.conn.accept_uni())
+        .await
+        .expect("the stalled stream");
+    let mut next = within(STEP, "accept the report's stream", raw.conn.accept_uni())
+        .await
+        .expect("a new data stream");
+    drop(first);
+    let mut bytes = Vec::new();
+    let decoder = macula_wire::FrameDecoder::new(1 << 20);
+    let report = loop {
+        let chunk = within(STEP, "read the report", next.read_chunk(4096, true))
+            .await
+            .expect("read")
+            .expect("more bytes");
+        bytes.extend_from_slice(&chunk.bytes);
+        if bytes.len() > 1 {
+            if let Ok(Some((f, _))) = decoder.decode(&bytes[1..]) {
+                assert_eq!(bytes[0], 0x01, "a pub/sub data stream");
+                break Message::decode(f.header.msg_type, f.body).expect("a frame");
+            }
+        }
+    };
+    let Message::PublishDropped(d) = report else {
+        panic!("not a loss report: {report:?}")
+    };
+    assert_eq!(d.publisher, a.node_id());
+    assert_eq!(d.topics.len(), 1);
+    assert_eq!(d.topics[0].0, "stall.data");
+    assert_eq!(d.in_flight + d.topics[0].1, 100, "{d:?}");
+    eventually(STEP, "the report is counted", || {
+        c.loss_reported_total.load(Relaxed) == 100
+    })
+    .await;
+
     // Only the data path was cut: the connection and its control stream live.
     assert!(raw.conn.close_reason().is_none(), "connection kept");
     control

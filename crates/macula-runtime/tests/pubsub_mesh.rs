@@ -425,6 +425,30 @@ async fn fail_fast_and_drop_newest_never_wait() {
         .await
         .expect("DropNewest publishes");
     assert_eq!(pc.remote_dropped_total.load(Relaxed), 1);
+    // The subscriber reads again: every message arrives but the dropped
+    // one, which is told as Lagged(1) (a loss report), before the events
+    // still queued behind it.
+    let mut sub = sub;
+    let (mut events, mut lagged) = (0u64, 0u64);
+    let want = at as u64;
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while events < want || lagged < 1 {
+            match sub.next().await {
+                Some(SubscriptionItem::Event(_)) => events += 1,
+                Some(SubscriptionItem::Lagged(n)) => lagged += n,
+                None => break,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "{events} of {want} events, lagged {lagged}");
+    assert_eq!((events, lagged), (want, 1));
+    assert_eq!(pc.loss_reported_total.load(Relaxed), 1);
+    assert_eq!(
+        s.pubsub().counters().loss_told_total.load(Relaxed),
+        1,
+        "told to the one subscription"
+    );
     drop(sub);
     close_all(&[&p, &s]).await;
 }

@@ -110,6 +110,8 @@ pub struct PubSubService {
     pub refused: u64,
     /// Batches refused by `handle_batch` (the runtime closes the stream).
     pub bad_batches: u64,
+    /// Missed events told to subscriptions from loss reports.
+    pub missed_told: u64,
 }
 
 impl PubSubService {
@@ -144,6 +146,7 @@ impl PubSubService {
             buf: Vec::new(),
             refused: 0,
             bad_batches: 0,
+            missed_told: 0,
         }
     }
 
@@ -425,10 +428,15 @@ impl PubSubService {
             let mut at = 0;
             while let Ok(Some((f, used))) = decoder.decode(&self.buf[at..]) {
                 let body = Bytes::copy_from_slice(f.body);
-                self.frames.push_back((node, PubSubMsg::Batch(body)));
+                let msg = match f.header.msg_type {
+                    t if t == MessageType::PublishDropped as u8 => PubSubMsg::Dropped(body),
+                    _ => PubSubMsg::Batch(body),
+                };
+                self.frames.push_back((node, msg));
                 at += used;
             }
-            self.core.handle_written(peer, batch.n, encoded, now);
+            self.core
+                .handle_written(peer, &batch, &self.msgs, encoded, now);
         }
     }
 }
@@ -437,20 +445,24 @@ impl Service for PubSubService {
     type Msg = PubSubMsg;
 
     fn handle_frame(&mut self, from: &Contact, msg: PubSubMsg, now: Millis) -> Option<PubSubMsg> {
-        let PubSubMsg::Batch(body) = msg;
+        let (msg_type, body) = match msg {
+            PubSubMsg::Batch(b) => (MessageType::PublishBatch, b),
+            PubSubMsg::Dropped(b) => (MessageType::PublishDropped, b),
+        };
         let rx = self
             .receivers
             .entry(from.id)
             .or_insert_with(|| BatchReceiver::new(false));
         let r = self
             .core
-            .handle_batch(from.id, MessageType::PublishBatch as u8, &body, rx, now);
+            .handle_batch(from.id, msg_type as u8, &body, rx, now);
         if let Err(reason) = r {
             tracing::debug!(peer = %from.id, %reason, "bad pub/sub batch");
             self.bad_batches += 1;
             self.receivers.remove(&from.id);
             return None;
         }
+        self.missed_told += rx.deliver_lagged(|_, _| {});
         let app = &mut self.app;
         rx.deliver(|sub, events| {
             for e in events.drain(..) {

@@ -212,12 +212,13 @@ pub fn sim_addr(i: usize) -> SocketAddr {
     let ip = Ipv4Addr::from(0xC612_0000 | (i as u32 & 0x1_FFFF));
     SocketAddr::V4(SocketAddrV4::new(ip, 4433 + (i >> 17) as u16))
 }
-/// Pub/sub frames: the body of one PUBLISH_BATCH frame, as a data stream
-/// carries it.
+/// Pub/sub frames: the body of one frame a data stream carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PubSubMsg {
     /// One PUBLISH_BATCH body.
     Batch(Bytes),
+    /// One PUBLISH_DROPPED body (a loss report).
+    Dropped(Bytes),
 }
 
 /// RPC frames: the control-stream messages, plus the transport's PING and

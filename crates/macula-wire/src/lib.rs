@@ -33,7 +33,7 @@ pub use message::{
 pub use node_id::{NodeId, ParseNodeIdError};
 pub use pubsub::{
     encode_batch_frame, BatchEntry, BatchItem, BatchMessage, Publish, PublishBatch,
-    PublishBatchView,
+    PublishBatchView, PublishDropped,
 };
 pub use relay::{RelayCode, RelayMessage, RelayRecord};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};

@@ -16,7 +16,7 @@ use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
 use crate::nat::{DialBack, DialBackResult};
 use crate::node_id::NodeId;
-use crate::pubsub::{Publish, PublishBatch, PublishBatchView};
+use crate::pubsub::{Publish, PublishBatch, PublishBatchView, PublishDropped};
 use crate::relay::*;
 use crate::rpc::*;
 
@@ -48,6 +48,7 @@ pub enum MessageType {
     DhtStoreRejected = 0x1c,
     Publish = 0x30,
     PublishBatch = 0x31,
+    PublishDropped = 0x32,
     RpcCall = 0x50,
     RpcReply = 0x51,
     RpcError = 0x52,
@@ -68,7 +69,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 32] = [
+    pub const ALL: [MessageType; 33] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -85,6 +86,7 @@ impl MessageType {
         MessageType::DhtStoreRejected,
         MessageType::Publish,
         MessageType::PublishBatch,
+        MessageType::PublishDropped,
         MessageType::RpcCall,
         MessageType::RpcReply,
         MessageType::RpcError,
@@ -127,6 +129,7 @@ impl MessageType {
             MessageType::DhtStoreRejected => "dht_store_rejected",
             MessageType::Publish => "publish",
             MessageType::PublishBatch => "publish_batch",
+            MessageType::PublishDropped => "publish_dropped",
             MessageType::RpcCall => "rpc_call",
             MessageType::RpcReply => "rpc_reply",
             MessageType::RpcError => "rpc_error",
@@ -366,6 +369,7 @@ pub enum Message {
     Dht(DhtMessage),
     Publish(Publish),
     PublishBatch(PublishBatch),
+    PublishDropped(PublishDropped),
     Rpc(RpcMessage),
     DialBack(DialBack),
     DialBackResult(DialBackResult),
@@ -433,6 +437,7 @@ impl Message {
             Message::Error(_) => MessageType::Error,
             Message::Publish(_) => MessageType::Publish,
             Message::PublishBatch(_) => MessageType::PublishBatch,
+            Message::PublishDropped(_) => MessageType::PublishDropped,
             Message::DialBack(_) => MessageType::DialBack,
             Message::DialBackResult(_) => MessageType::DialBackResult,
             Message::Client(c) => match c {
@@ -501,6 +506,7 @@ impl Message {
             Message::Dht(d) => d.validate(),
             Message::Publish(p) => p.validate(),
             Message::PublishBatch(b) => b.validate(),
+            Message::PublishDropped(d) => d.validate(),
             Message::Rpc(r) => r.validate(),
             Message::DialBack(d) => d.validate(),
             Message::DialBackResult(d) => d.validate(),
@@ -532,6 +538,9 @@ impl Message {
                 .write_body(out)
                 .map(|_| ())
                 .map_err(rmp_serde::encode::Error::Syntax),
+            Message::PublishDropped(d) => {
+                d.write_body(out).map_err(rmp_serde::encode::Error::Syntax)
+            }
             Message::DialBack(m) => rmp_serde::encode::write_named(out, m),
             Message::DialBackResult(m) => rmp_serde::encode::write_named(out, m),
             Message::Client(c) => match c {
@@ -600,6 +609,12 @@ impl Message {
             MessageType::Publish => decode_body(t, body).map(Message::Publish),
             MessageType::PublishBatch => PublishBatchView::decode(body)
                 .map(|v| Message::PublishBatch(v.to_owned_batch()))
+                .map_err(|reason| DecodeError::Malformed {
+                    msg_type: t,
+                    reason,
+                }),
+            MessageType::PublishDropped => PublishDropped::decode(body)
+                .map(Message::PublishDropped)
                 .map_err(|reason| DecodeError::Malformed {
                     msg_type: t,
                     reason,

@@ -504,6 +504,155 @@ impl PublishBatch {
     }
 }
 
+// ---------------------------------------------------------------------------
+// PUBLISH_DROPPED (0x32): what a sender dropped for this receiver.
+//
+// Travels on a pub/sub data stream, before the batches that follow the
+// loss, so a receiver can tell each affected subscription where it missed
+// messages (docs/PROTOCOL.md §5.3, "Loss reports"). Binary, like the batch:
+//
+//   u8 format (= DROPPED_FORMAT) | publisher [32] | varint epoch
+//   varint in_flight
+//   varint n_topics | n_topics × (str topic, varint count)
+//
+// `in_flight`: messages in whole frames the sender wrote on its previous
+// data stream to this receiver before it reset that stream (the receiver
+// compares with what it read); 0 for none. A topic of "" stands for topics
+// the sender did not keep apart. At least one of `in_flight` and `n_topics`
+// is non-zero; every count is at least 1.
+// ---------------------------------------------------------------------------
+
+/// The loss report body format this version writes; others are malformed.
+pub const DROPPED_FORMAT: u8 = 1;
+/// Topics in one loss report.
+pub const MAX_DROPPED_TOPICS: usize = 256;
+/// Upper bound of a loss report's bytes besides its topic entries.
+pub const DROPPED_BODY_OVERHEAD: usize = 1 + 32 + 10 + 10 + 2;
+/// Upper bound of one topic entry's bytes besides the topic.
+pub const DROPPED_ENTRY_OVERHEAD: usize = 2 + 10;
+
+/// PUBLISH_DROPPED: messages of `publisher` that the sending node dropped
+/// for the receiver, per topic, and what it lost in flight when it reset a
+/// stalled data stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishDropped {
+    /// The publisher of the dropped messages (the sending node, or a client
+    /// it forwards for, or one whose messages it forwards to a client).
+    pub publisher: NodeId,
+    pub epoch: u64,
+    /// Messages in whole frames written on the sender's previous data stream
+    /// to this receiver before it was reset (0: none).
+    pub in_flight: u64,
+    /// `(topic, count)`; `""` names no topic (every subscription is told).
+    pub topics: Vec<(String, u64)>,
+}
+
+impl PublishDropped {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.topics.len() > MAX_DROPPED_TOPICS {
+            return Err(format!(
+                "{} topics in a loss report, limit {MAX_DROPPED_TOPICS}",
+                self.topics.len()
+            ));
+        }
+        if self.topics.is_empty() && self.in_flight == 0 {
+            return Err("empty loss report".into());
+        }
+        for (t, n) in &self.topics {
+            if t.len() > MAX_WIRE_TOPIC_LEN {
+                return Err(format!("topic of {} bytes", t.len()));
+            }
+            if *n == 0 {
+                return Err("a count of 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the body (exact).
+    pub fn body_len(&self) -> usize {
+        let mut scratch = Vec::new();
+        self.put(&mut scratch);
+        scratch.len()
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(DROPPED_FORMAT);
+        out.extend_from_slice(self.publisher.as_bytes());
+        put_varint(out, self.epoch);
+        put_varint(out, self.in_flight);
+        put_varint(out, self.topics.len() as u64);
+        for (t, n) in &self.topics {
+            put_str(out, t.as_bytes());
+            put_varint(out, *n);
+        }
+    }
+
+    /// Writes the body (no frame header) to `out`, checking every limit
+    /// first (on error `out` is unchanged).
+    pub(crate) fn write_body(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.validate()?;
+        self.put(out);
+        Ok(())
+    }
+
+    /// Decodes a PUBLISH_DROPPED body. Never panics; allocates at most in
+    /// proportion to the body's length.
+    pub fn decode(body: &[u8]) -> Result<Self, String> {
+        let mut c = Cursor { buf: body };
+        let format = c.u8()?;
+        if format != DROPPED_FORMAT {
+            return Err(format!(
+                "loss report format {format}, this node reads {DROPPED_FORMAT}"
+            ));
+        }
+        if c.buf.len() < 32 {
+            return Err("truncated".into());
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(c.bytes(32));
+        let epoch = c.varint()?;
+        let in_flight = c.varint()?;
+        let n = c.varint()?;
+        if n > MAX_DROPPED_TOPICS as u64 {
+            return Err(format!("{n} topics, limit {MAX_DROPPED_TOPICS}"));
+        }
+        // Each entry takes at least 2 bytes: never reserve beyond the body.
+        let mut topics = Vec::with_capacity((n as usize).min(c.buf.len() / 2));
+        for _ in 0..n {
+            let t = c.str("topic", MAX_WIRE_TOPIC_LEN)?;
+            let count = c.varint()?;
+            topics.push((t.to_string(), count));
+        }
+        if !c.buf.is_empty() {
+            return Err(format!("{} trailing bytes after the report", c.buf.len()));
+        }
+        let d = PublishDropped {
+            publisher: NodeId::from_bytes(id),
+            epoch,
+            in_flight,
+            topics,
+        };
+        d.validate()?;
+        Ok(d)
+    }
+}
+
+/// Fuzz entry point for the PUBLISH_DROPPED decoder: whatever decodes must
+/// re-encode to the same bytes. Shared by
+/// `fuzz/fuzz_targets/publish_dropped.rs` and the property tests.
+pub fn fuzz_publish_dropped(data: &[u8]) {
+    if let Ok(d) = PublishDropped::decode(data) {
+        let mut body = Vec::new();
+        assert!(
+            d.write_body(&mut body).is_ok(),
+            "a decoded report re-encodes"
+        );
+        assert_eq!(body, data, "one encoding per report");
+        assert_eq!(d.body_len(), data.len());
+    }
+}
+
 /// Fuzz entry point for the PUBLISH_BATCH decoder: whatever decodes must
 /// re-encode and decode to the same messages. Shared by
 /// `fuzz/fuzz_targets/publish_batch.rs` and the property tests.
@@ -603,6 +752,78 @@ mod tests {
             bytes[i] = byte;
             fuzz_publish_batch(&bytes);
         }
+    }
+
+    fn arb_dropped() -> impl Strategy<Value = PublishDropped> {
+        (
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec((arb_str(12), 1u64..u64::MAX), 0..8),
+        )
+            .prop_filter("not empty", |(_, _, f, t)| *f > 0 || !t.is_empty())
+            .prop_map(|(p, epoch, in_flight, topics)| PublishDropped {
+                publisher: NodeId::from_bytes(p),
+                epoch,
+                in_flight,
+                topics,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn loss_reports_round_trip(d in arb_dropped()) {
+            let mut bytes = Vec::new();
+            d.write_body(&mut bytes).unwrap();
+            prop_assert_eq!(bytes.len(), d.body_len());
+            prop_assert_eq!(PublishDropped::decode(&bytes), Ok(d.clone()));
+            let cut = bytes.len() - 1;
+            prop_assert!(PublishDropped::decode(&bytes[..cut]).is_err());
+        }
+
+        #[test]
+        fn arbitrary_loss_reports_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            fuzz_publish_dropped(&data);
+        }
+    }
+
+    #[test]
+    fn loss_reports_refuse_bad_input() {
+        let ok = PublishDropped {
+            publisher: NodeId::from_bytes([1; 32]),
+            epoch: 5,
+            in_flight: 0,
+            topics: vec![("a.b".into(), 3)],
+        };
+        let mut b = Vec::new();
+        ok.write_body(&mut b).unwrap();
+        // format, publisher, epoch 5, in_flight 0, 1 topic "a.b" count 3.
+        assert_eq!(b.len(), 1 + 32 + 1 + 1 + 1 + 4 + 1);
+        assert_eq!(&b[33..], &[5, 0, 1, 3, b'a', b'.', b'b', 3]);
+        let mut v2 = b.clone();
+        v2[0] = 2;
+        assert!(PublishDropped::decode(&v2).is_err(), "unknown format");
+        let mut zero = b.clone();
+        *zero.last_mut().unwrap() = 0;
+        assert!(PublishDropped::decode(&zero).is_err(), "count 0");
+        let mut trailing = b.clone();
+        trailing.push(0);
+        assert!(PublishDropped::decode(&trailing).is_err());
+        let empty = PublishDropped {
+            topics: vec![],
+            ..ok.clone()
+        };
+        assert!(empty.validate().is_err(), "nothing to report");
+        let in_flight_only = PublishDropped {
+            in_flight: 7,
+            ..empty
+        };
+        assert!(in_flight_only.validate().is_ok());
+        let many = PublishDropped {
+            topics: vec![("t".into(), 1); MAX_DROPPED_TOPICS + 1],
+            ..ok
+        };
+        assert!(many.validate().is_err(), "too many topics");
     }
 
     #[test]

@@ -565,6 +565,17 @@ impl PubSub {
         self.0.core().subscriptions()
     }
 
+    /// Tells each subscription the events it missed upstream (from loss
+    /// reports, see `BatchReceiver::deliver_lagged`): they reach it as
+    /// `Lagged` after the events already queued.
+    fn tell_lagged(&self, rx: &mut BatchReceiver<Arc<SubQueue>>) {
+        let told = rx.deliver_lagged(|q, n| {
+            q.lock().note_gap(n);
+            q.waker.wake();
+        });
+        self.0.counters.loss_told_total.fetch_add(told, Relaxed);
+    }
+
     /// Reads one pub/sub data stream from `peer` until it ends. Bad input
     /// stops this stream only; the connection stays up.
     async fn read_data_stream(self, peer: Peer, mut reader: FrameReader) {
@@ -577,6 +588,19 @@ impl PubSub {
             let frame = match reader.read().await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
+                Err(crate::framed::ReadError::Stream(quinn::ReadError::Reset(code)))
+                    if code == quinn::VarInt::from_u32(u32::from(sender::STREAM_RESET_STALLED)) =>
+                {
+                    // Cut off for stalling: what the sender wrote past what
+                    // was read here is lost; its next report says how much.
+                    let now = self.0.now();
+                    let mut core = self.0.core();
+                    core.handle_stream_reset(from, &mut rx, now);
+                    self.after(core);
+                    self.tell_lagged(&mut rx);
+                    tracing::debug!(peer = %from, read = rx.messages(), "pub/sub data stream cut off by its sender");
+                    break;
+                }
                 Err(e) => {
                     if let Some(kind) = e.protocol_kind() {
                         m.protocol_error(kind);
@@ -606,6 +630,8 @@ impl PubSub {
                 tracing::debug!(peer = %from, reason = %reason, "closed a pub/sub data stream after bad input");
                 break;
             }
+            // A loss report's gaps go in before the events after them.
+            self.tell_lagged(&mut rx);
             let c = &self.0.counters;
             let (mut delivered, mut dropped) = (0u64, 0u64);
             rx.deliver(|q, events| {

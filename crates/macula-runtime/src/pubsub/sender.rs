@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use macula_pubsub::outbound::SENDER_IDLE;
-use macula_pubsub::{OutMsg, PeerRef, Stall, Transmit, BATCH_BYTES};
+use macula_pubsub::{Mark, OutMsg, PeerRef, Stall, Transmit, BATCH_BYTES};
 use macula_wire::NodeId;
 use tokio::sync::Notify;
 
@@ -60,7 +60,11 @@ enum Wrote {
     /// The queue was retired meanwhile (the node was set aside); its
     /// messages were counted then.
     Retired,
-    CutOff(u64),
+    /// Cut off after this many bytes of the buffer were accepted.
+    CutOff {
+        dropped: u64,
+        accepted: usize,
+    },
     Failed(String),
 }
 
@@ -88,7 +92,12 @@ async fn write(inner: &Inner, q: PeerRef, send: &mut quinn::SendStream, buf: &[u
             Ok(Err(e)) => return Wrote::Failed(e.to_string()),
             Err(_) => match inner.core().handle_stall(q, inner.now()) {
                 Stall::Wait(d) => d,
-                Stall::CutOff { dropped } => return Wrote::CutOff(dropped),
+                Stall::CutOff { dropped } => {
+                    return Wrote::CutOff {
+                        dropped,
+                        accepted: off,
+                    }
+                }
             },
         };
     }
@@ -108,7 +117,12 @@ async fn drain(owner: &Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>)
     let mut stream: Option<DataStream> = None;
     let mut msgs: Vec<OutMsg> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH_BYTES + 1024);
+    let mut marks: Vec<Mark> = Vec::new();
+    // Messages in whole frames written on the current stream: told to the
+    // peer if the stream is ever reset, so it knows what it lost in flight.
+    let mut carried = 0u64;
     loop {
+        msgs.clear();
         let Some(inner) = owner.upgrade() else { return };
         let t = inner.core().poll_transmit(q, &mut msgs, inner.now());
         let mut batch = match t {
@@ -149,22 +163,22 @@ async fn drain(owner: &Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>)
             tokio::task::yield_now().await;
             match inner.core().poll_transmit(q, &mut msgs, inner.now()) {
                 Transmit::Batch(more) => {
-                    batch.n += more.n;
+                    batch.merge(more);
                     inner.room.notify_waiters();
                 }
                 _ => break,
             }
         }
-        let n = batch.n;
         if stream.as_ref().is_none_or(|s| s.peer.is_closed()) {
             stream = None;
+            carried = 0;
             let reach = inner.mesh.as_ref().map(|m| m.reach(node));
             let peer = match reach {
                 Some(r) => r.await,
                 None => None,
             };
             let Some(peer) = peer else {
-                tracing::debug!(peer = %node, dropped = n, "pub/sub peer unreachable; its interest is set aside");
+                tracing::debug!(peer = %node, dropped = batch.n, "pub/sub peer unreachable; its interest is set aside");
                 inner.core().handle_unreachable(q, inner.now());
                 return;
             };
@@ -173,39 +187,54 @@ async fn drain(owner: &Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>)
             match open(peer).await {
                 Ok(s) => stream = Some(s),
                 Err(e) => {
-                    tracing::debug!(peer = %node, error = %e, dropped = n, "could not open a pub/sub data stream");
-                    inner.core().handle_send_failed(q, n, inner.now());
-                    msgs.clear();
+                    tracing::debug!(peer = %node, error = %e, dropped = batch.n, "could not open a pub/sub data stream");
+                    inner
+                        .core()
+                        .handle_send_failed(q, &msgs, batch.report.take(), inner.now());
                     continue;
                 }
             }
         }
         let Some(s) = &mut stream else { continue };
         buf.clear();
-        let encoded = batch.encode(&mut buf, &msgs);
-        msgs.clear();
+        marks.clear();
+        let encoded = batch.encode_marked(&mut buf, &msgs, &mut marks);
         if encoded.too_large > 0 {
             tracing::warn!(peer = %node, n = encoded.too_large, limit = batch.frame_limit,
-                "pub/sub messages larger than the peer's frame limit dropped");
+                "pub/sub messages larger than the peer's frame limit dropped (reported to it)");
         }
         match write(&inner, q, &mut s.send, &buf).await {
             Wrote::Retired => return,
             Wrote::Done => {
-                inner.core().handle_written(q, n, encoded, inner.now());
+                carried += batch.carried(&encoded);
+                inner
+                    .core()
+                    .handle_written(q, &batch, &msgs, encoded, inner.now());
                 s.peer.touch();
             }
-            Wrote::CutOff(dropped) => {
-                // The peer learns why from the reset code; a later publish
-                // starts a new queue and stream.
+            Wrote::CutOff { dropped, accepted } => {
+                // The peer learns why from the reset code, and what it lost
+                // from the loss report a new sender writes on a new stream.
                 let _ = s
                     .send
                     .reset(quinn::VarInt::from_u32(u32::from(STREAM_RESET_STALLED)));
-                tracing::warn!(peer = %node, dropped, "pub/sub peer accepted no data for the stall timeout; cut off (data stream reset, queue dropped)");
+                tracing::warn!(peer = %node, dropped, in_flight = carried, "pub/sub peer accepted no data for the stall timeout; cut off (data stream reset, queue dropped, loss reported)");
+                let written = marks
+                    .iter()
+                    .take_while(|m| m.end <= accepted)
+                    .last()
+                    .copied();
+                let now = inner.now();
+                let mut core = inner.core();
+                core.handle_cut_off(node, batch, &msgs, written, carried, now);
+                super::PubSub(inner.clone()).after(core);
                 return;
             }
             Wrote::Failed(e) => {
-                tracing::debug!(peer = %node, error = %e, dropped = n, "pub/sub data stream failed");
-                inner.core().handle_send_failed(q, n, inner.now());
+                tracing::debug!(peer = %node, error = %e, dropped = batch.n, "pub/sub data stream failed");
+                inner
+                    .core()
+                    .handle_send_failed(q, &msgs, batch.report.take(), inner.now());
                 stream = None;
             }
         }

@@ -1,0 +1,276 @@
+//! Loss reports: what a node dropped for one receiver, per publisher and
+//! topic, kept until that receiver's sender writes them as PUBLISH_DROPPED
+//! frames ahead of its next batch (docs/PROTOCOL.md §5.3, "Loss reports").
+//!
+//! A report is bounded: at most [`MAX_REPORT_TOPICS`] (publisher, topic)
+//! entries; drops beyond them are still counted, under no topic (the
+//! receiver then tells every subscription). This module must not know
+//! about queues, peers or time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use macula_wire::pubsub::{
+    PublishDropped, DROPPED_BODY_OVERHEAD, DROPPED_ENTRY_OVERHEAD, MAX_DROPPED_TOPICS,
+};
+use macula_wire::{Message, NodeId};
+
+use crate::batch::{Origin, OutMsg};
+use crate::event::TopicName;
+
+/// Distinct (publisher, topic) entries one receiver's report keeps apart.
+pub const MAX_REPORT_TOPICS: usize = 256;
+
+/// What one receiver missed, not yet told.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LossReport {
+    /// Messages in whole frames written on the data stream the sender reset
+    /// (the receiver compares with what it read).
+    pub in_flight: u64,
+    /// Per publisher (`None`: this node) and topic: messages dropped.
+    pub(crate) dropped: HashMap<(Option<Arc<Origin>>, TopicName), u64>,
+    /// Dropped messages not kept apart by topic (past `MAX_REPORT_TOPICS`),
+    /// reported under this node with no topic.
+    pub(crate) unnamed: u64,
+}
+
+impl LossReport {
+    /// Nothing to tell.
+    pub fn is_empty(&self) -> bool {
+        self.in_flight == 0 && self.unnamed == 0 && self.dropped.is_empty()
+    }
+
+    /// Dropped messages named in this report (`in_flight` not included).
+    pub fn dropped(&self) -> u64 {
+        self.unnamed + self.dropped.values().sum::<u64>()
+    }
+
+    /// `n` copies of `msg` were dropped for the receiver.
+    pub fn add(&mut self, msg: &OutMsg, n: u64) {
+        self.add_topic(msg.origin.clone(), &msg.topic, n);
+    }
+
+    /// `n` messages of `origin` (`None`: this node) on `topic` were dropped.
+    pub fn add_topic(&mut self, origin: Option<Arc<Origin>>, topic: &TopicName, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let key = (origin, topic.clone());
+        if let Some(c) = self.dropped.get_mut(&key) {
+            *c += n;
+        } else if self.dropped.len() < MAX_REPORT_TOPICS {
+            self.dropped.insert(key, n);
+        } else {
+            self.unnamed += n;
+        }
+    }
+
+    /// Takes everything `other` holds.
+    pub fn merge(&mut self, other: LossReport) {
+        self.in_flight += other.in_flight;
+        self.unnamed += other.unnamed;
+        for ((origin, topic), n) in other.dropped {
+            self.add_topic(origin, &topic, n);
+        }
+    }
+
+    /// Appends the report as PUBLISH_DROPPED frames to `out`, none larger
+    /// than `frame_limit`: one group per publisher, `in_flight` and the
+    /// unnamed count under `publisher` (this node, run `epoch`). Returns the
+    /// frames written.
+    pub fn encode(
+        &self,
+        out: &mut Vec<u8>,
+        publisher: NodeId,
+        epoch: u64,
+        frame_limit: u32,
+    ) -> u64 {
+        let budget = (frame_limit as usize).saturating_sub(DROPPED_BODY_OVERHEAD);
+        let mut groups: HashMap<(NodeId, u64), Vec<(String, u64)>> = HashMap::new();
+        for ((origin, topic), n) in &self.dropped {
+            let key = origin
+                .as_deref()
+                .map_or((publisher, epoch), |o| (o.publisher, o.epoch));
+            groups.entry(key).or_default().push((topic.to_string(), *n));
+        }
+        let own = groups.remove(&(publisher, epoch)).unwrap_or_default();
+        let mut own_extra: Vec<(String, u64)> = Vec::new();
+        if self.unnamed > 0 {
+            own_extra.push((String::new(), self.unnamed));
+        }
+        let mut frames = 0;
+        let mut emit = |p: NodeId, e: u64, in_flight: u64, mut topics: Vec<(String, u64)>| {
+            topics.sort();
+            let mut chunk: Vec<(String, u64)> = Vec::new();
+            let mut bytes = 0;
+            let mut in_flight = in_flight;
+            let mut rest = topics.into_iter().peekable();
+            loop {
+                let next = rest.peek();
+                let flush = match next {
+                    None => true,
+                    Some((t, _)) => {
+                        chunk.len() == MAX_DROPPED_TOPICS
+                            || bytes + t.len() + DROPPED_ENTRY_OVERHEAD > budget
+                    }
+                };
+                if flush && (!chunk.is_empty() || in_flight > 0) {
+                    let d = PublishDropped {
+                        publisher: p,
+                        epoch: e,
+                        in_flight,
+                        topics: std::mem::take(&mut chunk),
+                    };
+                    if Message::PublishDropped(d)
+                        .encode_frame(out, frame_limit)
+                        .is_ok()
+                    {
+                        frames += 1;
+                    }
+                    in_flight = 0;
+                    bytes = 0;
+                }
+                let Some((t, n)) = rest.next() else { break };
+                if t.len() + DROPPED_ENTRY_OVERHEAD > budget {
+                    // A topic this receiver's frames cannot hold: reported
+                    // under no topic instead.
+                    chunk.push((String::new(), n));
+                    bytes += DROPPED_ENTRY_OVERHEAD;
+                } else {
+                    bytes += t.len() + DROPPED_ENTRY_OVERHEAD;
+                    chunk.push((t, n));
+                }
+            }
+        };
+        let mut own_all = own;
+        own_all.extend(own_extra);
+        if self.in_flight > 0 || !own_all.is_empty() {
+            emit(publisher, epoch, self.in_flight, own_all);
+        }
+        let mut others: Vec<_> = groups.into_iter().collect();
+        others.sort_by_key(|((p, e), _)| (*p, *e));
+        for ((p, e), topics) in others {
+            emit(p, e, 0, topics);
+        }
+        frames
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use macula_wire::FrameDecoder;
+
+    fn msg(topic: &str, origin: Option<Arc<Origin>>) -> OutMsg {
+        OutMsg {
+            seq: 1,
+            topic: TopicName::from(topic),
+            payload: Bytes::new(),
+            extra: None,
+            origin,
+        }
+    }
+
+    fn decode_all(buf: &[u8]) -> Vec<PublishDropped> {
+        let dec = FrameDecoder::new(u32::MAX);
+        let mut at = 0;
+        let mut v = Vec::new();
+        while let Ok(Some((f, used))) = dec.decode(&buf[at..]) {
+            match Message::decode(f.header.msg_type, f.body) {
+                Ok(Message::PublishDropped(d)) => v.push(d),
+                other => panic!("not a loss report: {other:?}"),
+            }
+            at += used;
+        }
+        assert_eq!(at, buf.len());
+        v
+    }
+
+    #[test]
+    fn counts_add_up_per_publisher_and_topic() {
+        let me = NodeId::from_bytes([1; 32]);
+        let other = Arc::new(Origin {
+            publisher: NodeId::from_bytes([2; 32]),
+            epoch: 9,
+        });
+        let mut r = LossReport::default();
+        assert!(r.is_empty());
+        r.add(&msg("a", None), 2);
+        r.add(&msg("a", None), 1);
+        r.add(&msg("b", None), 0);
+        r.add(&msg("a", Some(other.clone())), 4);
+        assert_eq!(r.dropped(), 7);
+        let mut more = LossReport {
+            in_flight: 5,
+            ..LossReport::default()
+        };
+        more.add(&msg("b", None), 1);
+        r.merge(more);
+        assert_eq!((r.dropped(), r.in_flight), (8, 5));
+        let mut buf = Vec::new();
+        assert_eq!(r.encode(&mut buf, me, 3, 1 << 20), 2);
+        let frames = decode_all(&buf);
+        assert_eq!(frames[0].publisher, me);
+        assert_eq!(frames[0].epoch, 3);
+        assert_eq!(frames[0].in_flight, 5);
+        assert_eq!(
+            frames[0].topics,
+            vec![("a".to_string(), 3), ("b".to_string(), 1)]
+        );
+        assert_eq!(frames[1].publisher, other.publisher);
+        assert_eq!(frames[1].epoch, 9);
+        assert_eq!(frames[1].in_flight, 0);
+        assert_eq!(frames[1].topics, vec![("a".to_string(), 4)]);
+    }
+
+    #[test]
+    fn entries_are_bounded_and_frames_fit_the_receiver() {
+        let me = NodeId::from_bytes([1; 32]);
+        let mut r = LossReport::default();
+        for i in 0..MAX_REPORT_TOPICS + 10 {
+            r.add(&msg(&format!("topic.number.{i:04}"), None), 1);
+        }
+        assert_eq!(r.dropped.len(), MAX_REPORT_TOPICS);
+        assert_eq!(r.unnamed, 10);
+        assert_eq!(r.dropped(), MAX_REPORT_TOPICS as u64 + 10);
+        // Small frames: many of them, each within the limit, nothing lost.
+        let limit = 400;
+        let mut buf = Vec::new();
+        let n = r.encode(&mut buf, me, 1, limit);
+        let frames = decode_all(&buf);
+        assert_eq!(frames.len() as u64, n);
+        assert!(n > 10, "{n} frames");
+        assert!(frames.iter().all(|f| f.body_len() <= limit as usize));
+        let total: u64 = frames.iter().flat_map(|f| &f.topics).map(|t| t.1).sum();
+        assert_eq!(total, MAX_REPORT_TOPICS as u64 + 10);
+        assert!(frames
+            .iter()
+            .flat_map(|f| &f.topics)
+            .any(|(t, n)| t.is_empty() && *n == 10));
+    }
+
+    #[test]
+    fn a_topic_too_long_for_the_receiver_is_reported_unnamed() {
+        let me = NodeId::from_bytes([1; 32]);
+        let mut r = LossReport::default();
+        r.add(&msg(&"x".repeat(300), None), 2);
+        let mut buf = Vec::new();
+        assert_eq!(r.encode(&mut buf, me, 1, 200), 1);
+        assert_eq!(decode_all(&buf)[0].topics, vec![(String::new(), 2)]);
+    }
+
+    #[test]
+    fn in_flight_alone_is_reported() {
+        let me = NodeId::from_bytes([1; 32]);
+        let r = LossReport {
+            in_flight: 3,
+            ..LossReport::default()
+        };
+        assert!(!r.is_empty());
+        let mut buf = Vec::new();
+        assert_eq!(r.encode(&mut buf, me, 1, 1000), 1);
+        let f = &decode_all(&buf)[0];
+        assert_eq!((f.in_flight, f.topics.len()), (3, 0));
+    }
+}
