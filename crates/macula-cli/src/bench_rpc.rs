@@ -187,7 +187,7 @@ async fn measure(node: &Node, realm: &str, args: &RpcArgs) -> anyhow::Result<()>
                     node.call(PROCEDURE, payload.clone()).await?;
                     lat.push(t.elapsed());
                 }
-                Ok::<_, macula::RpcError>(lat)
+                Ok::<_, macula::Error>(lat)
             })
         })
         .collect();

@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bytes::Bytes;
 use macula::{
-    AdvertiseOptions, CallBuilder, Client, Handler, Node, NodeId, Registration, RpcError,
-    Subscription,
+    AdvertiseOptions, CallBuilder, Client, Handler, Node, NodeId, Registration, Subscription,
 };
 
 use crate::dht_cli::MeshArgs;
@@ -111,7 +110,7 @@ impl Member {
         procedure: &str,
         opts: AdvertiseOptions,
         handler: H,
-    ) -> Result<Registration, RpcError> {
+    ) -> Result<Registration, macula::Error> {
         match self {
             Member::Client(c) => c.advertise_with(procedure, opts, handler).await,
             Member::Node(n) => n.advertise_with(procedure, opts, handler).await,

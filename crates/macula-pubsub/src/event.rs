@@ -58,6 +58,15 @@ pub enum PubSubError {
         queued: usize,
         bytes: usize,
     },
+    /// A flush did not finish in time: `pending` messages were still
+    /// queued or being written to other nodes (or, with acknowledgement,
+    /// `pending` data streams were not acknowledged yet).
+    #[error("flush not done after {waited:?}: {pending} {what} still pending")]
+    FlushTimeout {
+        pending: u64,
+        what: &'static str,
+        waited: std::time::Duration,
+    },
 }
 
 /// Checks an application's headers against the limits above.

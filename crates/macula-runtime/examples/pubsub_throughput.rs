@@ -76,11 +76,11 @@ fn main() {
                 .await
                 .expect("publish");
             if paced && i % 4096 == 4095 {
-                ps.flush(Duration::from_secs(10)).await;
+                ps.flush(Duration::from_secs(10)).await.expect("flush");
             }
         }
         let publish_secs = t.elapsed().as_secs_f64();
-        ps.flush(Duration::from_secs(30)).await;
+        ps.flush(Duration::from_secs(30)).await.expect("flush");
         ps.publish_mesh("tput.end", Bytes::new(), PublishOptions::default())
             .await
             .expect("publish");

@@ -503,7 +503,9 @@ impl Client {
         }
         let limit = Duration::from_secs(2);
         self.0.rpc.begin_shutdown(limit).await;
-        self.0.pubsub.flush(Duration::from_secs(2)).await;
+        if let Err(e) = self.0.pubsub.flush_acked(Duration::from_secs(2)).await {
+            tracing::debug!(error = %e, "client shutdown: pub/sub not flushed");
+        }
         self.0.rpc.drain(limit).await;
         let gw = self.0.gateway.send_replace(None);
         if let Some(p) = gw {

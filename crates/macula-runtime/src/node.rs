@@ -1516,8 +1516,8 @@ impl NodeRuntime {
         );
         // Deliver what was published before shutdown began (bounded), while
         // connections are still up.
-        if !self.0.pubsub.flush(SHUTDOWN_GRACE).await {
-            tracing::warn!("shutdown: some published messages were not delivered in time");
+        if let Err(e) = self.0.pubsub.flush_acked(SHUTDOWN_GRACE).await {
+            tracing::warn!(error = %e, "shutdown: some published messages were not delivered in time");
         }
         // Let requests being served finish and their answers go out.
         if !self.0.rpc.drain(SHUTDOWN_GRACE).await {

@@ -173,6 +173,14 @@ async fn a_peer_that_stops_reading_is_cut_off() {
         c.sent_remote_total.load(Relaxed) > 0,
         "routed to the raw peer"
     );
+    // A flush cannot finish while the peer reads nothing: it says what is
+    // pending when its time is up.
+    match a.pubsub().flush(Duration::from_millis(50)).await {
+        Err(macula_runtime::pubsub::PubSubError::FlushTimeout { pending, .. }) => {
+            assert!(pending > 0)
+        }
+        other => panic!("flush: {other:?}"),
+    }
     eventually(STEP, "the stalled peer is cut off", || {
         c.peers_cut_off_total.load(Relaxed) == 1
     })
@@ -225,6 +233,11 @@ async fn a_peer_that_stops_reading_is_cut_off() {
         c.loss_reported_total.load(Relaxed) == 100
     })
     .await;
+    // Everything was written or given up on (and reported): flushed.
+    a.pubsub()
+        .flush(Duration::from_secs(5))
+        .await
+        .expect("nothing pending");
 
     // Only the data path was cut: the connection and its control stream live.
     assert!(raw.conn.close_reason().is_none(), "connection kept");

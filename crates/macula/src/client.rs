@@ -29,7 +29,7 @@ use macula_runtime::ClientConfig;
 use crate::config::{IdentitySource, Limits, PubSubLimits, RpcLimits, TlsOptions};
 use crate::{
     AdvertiseOptions, CallBuilder, Error, Handler, Metrics, NodeId, PeerAddr, PublishOptions,
-    Registration, RpcError, Subscription,
+    Registration, Subscription,
 };
 
 /// Starts a lightweight client attached to the first of `gateways`
@@ -223,7 +223,7 @@ impl Client {
     /// A call through the gateway; configure it as with
     /// [`crate::Node::call`], then `.await` it.
     pub fn call(&self, procedure: &str, payload: impl Into<Bytes>) -> CallBuilder {
-        self.0.call(procedure, payload)
+        self.0.call(procedure, payload).into()
     }
 
     /// Serves `procedure`: the gateway advertises it and forwards its calls
@@ -233,7 +233,7 @@ impl Client {
         &self,
         procedure: &str,
         handler: H,
-    ) -> Result<Registration, RpcError> {
+    ) -> Result<Registration, Error> {
         self.advertise_with(procedure, AdvertiseOptions::default(), handler)
             .await
     }
@@ -244,8 +244,8 @@ impl Client {
         procedure: &str,
         options: AdvertiseOptions,
         handler: H,
-    ) -> Result<Registration, RpcError> {
-        self.0.advertise(procedure, options, handler).await
+    ) -> Result<Registration, Error> {
+        Ok(self.0.advertise(procedure, options, handler).await?)
     }
 
     /// Connection-layer counters.

@@ -61,11 +61,13 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod call;
 mod client;
 pub mod config;
 pub mod names;
 mod node;
 
+pub use call::CallBuilder;
 pub use client::{connect_client, Client, ClientBuilder, ClientSocket};
 pub use node::{Node, NodeBuilder, NodeStats, Peer, PeerInfo, JOIN_WAIT};
 
@@ -79,7 +81,7 @@ pub use macula_runtime::pubsub::{
     Event, Overflow, PubSubError, PublishOptions, Subscription, SubscriptionItem, TopicName,
 };
 pub use macula_runtime::rpc::{
-    AdvertiseOptions, CallBuilder, CallOptions, Handler, HandlerError, HandlerResult, ProviderInfo,
+    AdvertiseOptions, CallOptions, Handler, HandlerError, HandlerResult, ProviderInfo,
     Registration, Request, Response, RpcError,
 };
 pub use macula_runtime::{ClientError, ConnectError, Direction, PeerAddr, PeerEvent, StartError};
@@ -111,6 +113,10 @@ pub enum Error {
     /// A lightweight client could not attach, or its socket not be bound.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// An RPC call, advertisement or service listing failed (see
+    /// [`RpcError::kind`]).
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
     /// The node started but none of its bootstrap peers answered within the
     /// wait; it was shut down again.
     #[error("could not join the mesh through {peers} within {waited:?}: no bootstrap peer answered (NodeBuilder::wait_for_join(None) starts anyway and keeps retrying)")]
@@ -120,6 +126,78 @@ pub enum Error {
         /// How long the start waited.
         waited: std::time::Duration,
     },
+}
+
+impl Error {
+    /// A short stable name for what failed, for metrics, logs and matching
+    /// without the variant's fields: `config`, `start`, `connect`, `join`,
+    /// `client`, `pubsub.<kind>` (e.g. `pubsub.queue_full`) or
+    /// `rpc.<kind>` (e.g. `rpc.timeout`, see [`RpcError::kind`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Config { .. } => "config",
+            Error::Start(_) => "start",
+            Error::Connect(_) => "connect",
+            Error::Join { .. } => "join",
+            Error::Client(_) => "client",
+            Error::PubSub(e) => pubsub_kind(e),
+            Error::Rpc(e) => rpc_kind(e),
+        }
+    }
+
+    /// The RPC failure, if this is one.
+    pub fn as_rpc(&self) -> Option<&RpcError> {
+        match self {
+            Error::Rpc(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The pub/sub failure, if this is one.
+    pub fn as_pubsub(&self) -> Option<&PubSubError> {
+        match self {
+            Error::PubSub(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn pubsub_kind(e: &PubSubError) -> &'static str {
+    match e {
+        PubSubError::InvalidTopic { .. } => "pubsub.invalid_topic",
+        PubSubError::InvalidPattern { .. } => "pubsub.invalid_pattern",
+        PubSubError::PayloadTooLarge { .. } => "pubsub.payload_too_large",
+        PubSubError::TooManyHeaders { .. } | PubSubError::HeaderTooLong { .. } => {
+            "pubsub.bad_headers"
+        }
+        PubSubError::TooManySubscriptions { .. } => "pubsub.too_many_subscriptions",
+        PubSubError::Interest { .. } => "pubsub.interest",
+        PubSubError::Detached => "pubsub.detached",
+        PubSubError::NeedsFullNode { .. } => "pubsub.needs_full_node",
+        PubSubError::QueueFull { .. } => "pubsub.queue_full",
+        PubSubError::FlushTimeout { .. } => "pubsub.flush_timeout",
+        _ => "pubsub.other",
+    }
+}
+
+fn rpc_kind(e: &RpcError) -> &'static str {
+    match e {
+        RpcError::InvalidProcedure { .. } => "rpc.invalid_procedure",
+        RpcError::NoProviders { .. } => "rpc.no_providers",
+        RpcError::Timeout { .. } => "rpc.timeout",
+        RpcError::Handler { .. } => "rpc.handler_error",
+        RpcError::Panicked { .. } => "rpc.panicked",
+        RpcError::Overloaded { .. } => "rpc.overloaded",
+        RpcError::Unreachable { .. } => "rpc.unreachable",
+        RpcError::Cancelled { .. } => "rpc.cancelled",
+        RpcError::ShuttingDown => "rpc.shutting_down",
+        RpcError::AlreadyAdvertised { .. } => "rpc.already_advertised",
+        RpcError::PayloadTooLarge { .. } => "rpc.payload_too_large",
+        RpcError::TooManyHeaders { .. } => "rpc.too_many_headers",
+        RpcError::TooManyAdvertised { .. } => "rpc.too_many_advertised",
+        RpcError::Advertise { .. } => "rpc.advertise_failed",
+        _ => "rpc.other",
+    }
 }
 
 /// Parses a user-given peer address for the setting `key`.

@@ -20,7 +20,7 @@ use crate::config::{
 };
 use crate::{
     AdvertiseOptions, CallBuilder, DhtHandle, Direction, DisconnectReason, Error, Handler, Metrics,
-    NodeId, PeerAddr, PeerEvent, PingError, ProviderInfo, PublishOptions, Registration, RpcError,
+    NodeId, PeerAddr, PeerEvent, PingError, ProviderInfo, PublishOptions, Registration,
     Subscription,
 };
 
@@ -59,6 +59,20 @@ pub struct NodeStats {
     /// Outbound messages dropped: a peer's queue was full, or the peer was
     /// unreachable.
     pub dropped_outbound: u64,
+    /// Of those, dropped from a full queue to make room for a newer one
+    /// (`Overflow::DropOldest`).
+    pub evicted_outbound: u64,
+    /// Publishes that waited for room in a full queue (`Overflow::Block`).
+    pub publish_blocked: u64,
+    /// Publishes refused with `QueueFull` (`Overflow::FailFast`).
+    pub publish_refused: u64,
+    /// Dropped messages told to the nodes they were for (loss reports).
+    pub loss_reported: u64,
+    /// Dropped messages nobody could be told of (the node was gone).
+    pub loss_unreported: u64,
+    /// Missed events told to this node's subscriptions as `Lagged` from
+    /// other nodes' loss reports (per subscription).
+    pub loss_told: u64,
     /// Bytes this node forwarded as a relay, both directions.
     pub relayed_bytes: u64,
 }
@@ -379,11 +393,21 @@ impl Node {
         Ok(self.runtime.pubsub().subscribe_mesh(pattern).await?)
     }
 
-    /// Waits, at most `limit`, until every message this node queued for
-    /// other nodes has been written and acknowledged (or given up on).
-    /// True if everything drained. [`Node::shutdown`] does this itself.
-    pub async fn flush(&self, limit: Duration) -> bool {
-        self.runtime.pubsub().flush(limit).await
+    /// Waits, at most `limit`, until everything published so far has been
+    /// handed to QUIC (written to the data streams of the nodes it goes to,
+    /// or dropped and reported). `Err` (`pubsub.flush_timeout`) names what
+    /// was still pending. Handed to QUIC is not received: see
+    /// [`Node::flush_acked`].
+    pub async fn flush(&self, limit: Duration) -> Result<(), Error> {
+        Ok(self.runtime.pubsub().flush(limit).await?)
+    }
+
+    /// [`Node::flush`], then waits until every receiving node has
+    /// acknowledged the data (its pub/sub streams are finished and
+    /// acknowledged; the next publish opens new ones). [`Node::shutdown`]
+    /// does this itself.
+    pub async fn flush_acked(&self, limit: Duration) -> Result<(), Error> {
+        Ok(self.runtime.pubsub().flush_acked(limit).await?)
     }
 
     /// Serves `procedure` with `handler` (an async function from
@@ -394,7 +418,7 @@ impl Node {
         &self,
         procedure: &str,
         handler: H,
-    ) -> Result<Registration, RpcError> {
+    ) -> Result<Registration, Error> {
         self.advertise_with(procedure, AdvertiseOptions::default(), handler)
             .await
     }
@@ -405,11 +429,12 @@ impl Node {
         procedure: &str,
         options: AdvertiseOptions,
         handler: H,
-    ) -> Result<Registration, RpcError> {
-        self.runtime
+    ) -> Result<Registration, Error> {
+        Ok(self
+            .runtime
             .rpc()
             .advertise(procedure, options, handler)
-            .await
+            .await?)
     }
 
     /// Calls `procedure` on a provider found in the mesh (this node's own
@@ -419,7 +444,7 @@ impl Node {
     /// `.strategy(s)`, then `.await`. Dropping the future cancels the call
     /// on the provider.
     pub fn call(&self, procedure: &str, payload: impl Into<Bytes>) -> CallBuilder {
-        self.runtime.rpc().call(procedure, payload)
+        self.runtime.rpc().call(procedure, payload).into()
     }
 
     /// Calls `procedure` on one chosen provider (no failover).
@@ -429,7 +454,10 @@ impl Node {
         procedure: &str,
         payload: impl Into<Bytes>,
     ) -> CallBuilder {
-        self.runtime.rpc().call_to(provider, procedure, payload)
+        self.runtime
+            .rpc()
+            .call_to(provider, procedure, payload)
+            .into()
     }
 
     /// Calls `procedure` over the connection `peer` (no discovery, no
@@ -441,16 +469,17 @@ impl Node {
         procedure: &str,
         payload: impl Into<Bytes>,
         timeout: Duration,
-    ) -> Result<Bytes, RpcError> {
-        self.runtime
+    ) -> Result<Bytes, Error> {
+        Ok(self
+            .runtime
             .rpc()
             .call_via(&peer.0, procedure, payload, timeout)
-            .await
+            .await?)
     }
 
     /// Every procedure advertised in the mesh, with its providers.
-    pub async fn services(&self) -> Result<Vec<(String, Vec<ProviderInfo>)>, RpcError> {
-        self.runtime.rpc().services().await
+    pub async fn services(&self) -> Result<Vec<(String, Vec<ProviderInfo>)>, Error> {
+        Ok(self.runtime.rpc().services().await?)
     }
 
     /// Peer connect/disconnect notifications.
@@ -474,6 +503,12 @@ impl Node {
             sent_remote: ps.sent_remote_total.load(Relaxed),
             received_remote: ps.received_remote_total.load(Relaxed),
             dropped_outbound: ps.remote_dropped_total.load(Relaxed),
+            evicted_outbound: ps.remote_evicted_total.load(Relaxed),
+            publish_blocked: ps.publish_blocked_total.load(Relaxed),
+            publish_refused: ps.publish_refused_total.load(Relaxed),
+            loss_reported: ps.loss_reported_total.load(Relaxed),
+            loss_unreported: ps.loss_unreported_total.load(Relaxed),
+            loss_told: ps.loss_told_total.load(Relaxed),
             relayed_bytes: self.runtime.relay().counters().bytes_total.load(Relaxed),
         }
     }

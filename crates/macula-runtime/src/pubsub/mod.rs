@@ -528,24 +528,43 @@ impl PubSub {
         self.0.room.notify_waiters();
     }
 
-    /// Waits (at most `limit`) until every message queued to other nodes has
-    /// been written or given up on, then has every sender finish its data
-    /// stream and waits for the acknowledgements (written is not delivered:
-    /// a connection closed now would discard unacknowledged stream data).
-    /// Graceful shutdown calls this first. True if drained.
-    pub async fn flush(&self, limit: Duration) -> bool {
+    /// Waits (at most `limit`) until everything published so far has been
+    /// handed to QUIC: every message queued to other nodes written to its
+    /// data stream, or given up on (dropped, counted and reported). Handed
+    /// to QUIC is not yet received: see [`Self::flush_acked`].
+    pub async fn flush(&self, limit: Duration) -> Result<(), PubSubError> {
         let deadline = tokio::time::Instant::now() + limit;
-        if !self.wait_core(deadline, |core| core.inflight() == 0).await {
-            return false;
+        if self.wait_core(deadline, |core| core.inflight() == 0).await {
+            return Ok(());
         }
+        Err(PubSubError::FlushTimeout {
+            pending: self.0.core().inflight(),
+            what: "messages",
+            waited: limit,
+        })
+    }
+
+    /// [`Self::flush`], then every sender finishes its data stream and
+    /// waits until the receiving node has acknowledged all of it (QUIC
+    /// acknowledgements: the bytes reached the node; a connection closed
+    /// before then would have discarded them). The next publish opens new
+    /// streams. Graceful shutdown calls this.
+    pub async fn flush_acked(&self, limit: Duration) -> Result<(), PubSubError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        self.flush(limit).await?;
         self.run(|core, _, _| core.begin_finish());
-        let finished = self
+        if self
             .wait_core(deadline, |core| core.n_finishing() == 0)
-            .await;
-        if !finished {
-            tracing::debug!("pub/sub data streams not all acknowledged in time");
+            .await
+        {
+            return Ok(());
         }
-        finished
+        tracing::debug!("pub/sub data streams not all acknowledged in time");
+        Err(PubSubError::FlushTimeout {
+            pending: self.0.core().n_finishing() as u64,
+            what: "data streams",
+            waited: limit,
+        })
     }
 
     /// Polls (every 2 ms, until `deadline`) until `done` holds of the core.
