@@ -18,7 +18,15 @@
 //! - `t64`, `t1k`: throughput, publisher flat out, 64-byte and 1 KiB
 //!   payloads: events delivered to the child's subscription per second, from
 //!   the first publish to the last receive.
+//! - `t16k`: the same with 16 KiB payloads (`--large-count` messages).
+//! - `slow`: a subscriber process that reads at a tenth of the rate the
+//!   `t64` phase delivered: the publisher (default `Overflow::Block`) must
+//!   slow down to it and lose nothing; the child's peak memory shows that
+//!   nothing grows without bound.
 //! - fan-out: `t64` to N subscriber processes at once.
+//!
+//! Every throughput phase says whether it was lossless: delivered = sent, in
+//! order, nothing lagged at the subscriber or dropped at the publisher.
 //!
 //! Latency is one-way, from the publish call to the event leaving the
 //! subscriber's stream, both read from CLOCK_MONOTONIC (one clock for all
@@ -79,6 +87,11 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// The two payload sizes measured.
 const SMALL: usize = 64;
 const LARGE: usize = 1024;
+const HUGE: usize = 16 * 1024;
+/// Upper bound on `--large-count` (16 KiB messages per run).
+const MAX_LARGE_COUNT: usize = 200_000;
+/// The slow subscriber reads at this fraction of the flat-out rate.
+const SLOW_FRACTION: f64 = 0.1;
 
 #[derive(clap::Args, Debug)]
 pub struct PubsubArgs {
@@ -94,6 +107,13 @@ pub struct PubsubArgs {
     /// Subscriber processes in the fan-out run (0 skips it; at most 32).
     #[arg(long, default_value_t = 10)]
     fanout: usize,
+    /// Messages of 16 KiB in their throughput run (0 skips it; at most
+    /// 200000).
+    #[arg(long, default_value_t = 50_000)]
+    large_count: usize,
+    /// Messages in the slow-subscriber run (0 skips it; at most 1000000).
+    #[arg(long, default_value_t = 100_000)]
+    slow_count: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -111,6 +131,9 @@ pub struct NodeArgs {
     /// This child's number; echoes go to `ack.<index>`.
     #[arg(long)]
     index: usize,
+    /// Read at most this many events per second (0: as fast as they come).
+    #[arg(long, default_value_t = 0)]
+    read_rate: u64,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of this
@@ -161,6 +184,9 @@ struct Report {
     /// When the last event arrived (CLOCK_MONOTONIC ns).
     last_recv_ns: u64,
     latency: Latency,
+    /// The child process's peak resident memory so far (VmHWM, KiB).
+    #[serde(default)]
+    rss_peak_kib: u64,
 }
 
 /// One line a child prints on its stdout.
@@ -169,6 +195,19 @@ struct Report {
 enum ChildLine {
     Ready { index: usize, node_id: String },
     Report(Report),
+}
+
+/// This process's peak resident memory (VmHWM in /proc/self/status), KiB;
+/// 0 where it cannot be read.
+fn rss_peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn emit(line: &ChildLine) -> anyhow::Result<()> {
@@ -251,7 +290,19 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let ack = format!("ack.{}", args.index);
     let mut phase = Phase::default();
+    let paced_from = Instant::now();
+    let mut taken = 0u64;
     while let Some(item) = sub.next().await {
+        if args.read_rate > 0 {
+            // A slow reader: no faster than `read_rate` events per second
+            // (checked every 64 events; tokio's timer has 1 ms steps).
+            taken += 1;
+            if taken.is_multiple_of(64) {
+                let due =
+                    paced_from + Duration::from_secs_f64(taken as f64 / args.read_rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
         let e = match item {
             SubscriptionItem::Event(e) => e,
             SubscriptionItem::Lagged(n) => {
@@ -285,6 +336,7 @@ async fn consume(
                 out_of_order: phase.out_of_order,
                 last_recv_ns: phase.last_recv_ns,
                 latency: latency(&mut phase.samples),
+                rss_peak_kib: rss_peak_kib(),
             };
             emit(&ChildLine::Report(report))?;
             phase = Phase::default();
@@ -330,6 +382,17 @@ impl Children {
     /// Starts `n` subscriber processes joining through `connect`, and waits
     /// until each has subscribed.
     async fn start(connect: SocketAddr, prefix: &str, n: usize) -> anyhow::Result<Children> {
+        Self::start_reading(connect, prefix, n, 0).await
+    }
+
+    /// `start`, each child reading at most `read_rate` events per second
+    /// (0: unlimited).
+    async fn start_reading(
+        connect: SocketAddr,
+        prefix: &str,
+        n: usize,
+        read_rate: u64,
+    ) -> anyhow::Result<Children> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut kids = Children {
             prefix: prefix.to_string(),
@@ -344,6 +407,8 @@ impl Children {
                 .arg(connect.to_string())
                 .args(["--prefix", prefix, "--index"])
                 .arg(index.to_string())
+                .arg("--read-rate")
+                .arg(read_rate.to_string())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -498,6 +563,11 @@ struct Throughput {
     delivered_per_sec: f64,
     delivered: u64,
     dropped_at_publisher: u64,
+    /// Every subscriber got every message, in order; nothing lagged or
+    /// dropped anywhere.
+    lossless: bool,
+    /// The subscriber processes' largest peak resident memory (KiB).
+    subscriber_rss_peak_kib: u64,
     per_subscriber: Vec<Delivered>,
 }
 
@@ -539,7 +609,13 @@ async fn throughput(
         .collect();
     let delivered: u64 = reports.iter().map(|r| r.got).sum();
     let last = reports.iter().map(|r| r.last_recv_ns).max().unwrap_or(0);
+    let lossless = dropped == 0
+        && reports
+            .iter()
+            .all(|r| r.got == n as u64 && r.lagged == 0 && r.out_of_order == 0);
     Ok(Throughput {
+        lossless,
+        subscriber_rss_peak_kib: reports.iter().map(|r| r.rss_peak_kib).max().unwrap_or(0),
         payload_bytes: size,
         messages: n,
         subscribers: reports.len(),
@@ -664,6 +740,14 @@ pub async fn run(args: PubsubArgs) -> anyhow::Result<()> {
         args.fanout <= MAX_FANOUT,
         "--fanout must be at most {MAX_FANOUT}"
     );
+    anyhow::ensure!(
+        args.large_count <= MAX_LARGE_COUNT,
+        "--large-count must be at most {MAX_LARGE_COUNT}"
+    );
+    anyhow::ensure!(
+        args.slow_count <= MAX_COUNT,
+        "--slow-count must be at most {MAX_COUNT}"
+    );
     let load_before = loadavg();
     let publisher = Node::builder()
         .realm(REALM)
@@ -683,6 +767,9 @@ struct Measured {
     achieved_rate: f64,
     t64: Throughput,
     t1k: Throughput,
+    t16k: Option<Throughput>,
+    /// The slow-subscriber run and the rate its subscriber read at.
+    slow: Option<(Throughput, u64)>,
     fanout: Option<Throughput>,
 }
 
@@ -719,7 +806,30 @@ async fn measure(publisher: &Node, args: &PubsubArgs) -> anyhow::Result<Measured
         args.count
     );
     let t1k = throughput(publisher, &mut pair, "t1k", args.count, LARGE).await?;
+    let t16k = if args.large_count > 0 {
+        eprintln!(
+            "bench pubsub: throughput, {} messages of {HUGE} B...",
+            args.large_count
+        );
+        Some(throughput(publisher, &mut pair, "t16k", args.large_count, HUGE).await?)
+    } else {
+        None
+    };
     pair.stop().await;
+
+    let slow = if args.slow_count > 0 {
+        let read_rate = ((t64.delivered_per_sec * SLOW_FRACTION) as u64).max(1_000);
+        eprintln!(
+            "bench pubsub: slow subscriber, {} messages of {SMALL} B to a process reading {read_rate} msgs/s...",
+            args.slow_count
+        );
+        let mut slow = Children::start_reading(addr, "slow", 1, read_rate).await?;
+        let t = throughput(publisher, &mut slow, "t64", args.slow_count, SMALL).await?;
+        slow.stop().await;
+        Some((t, read_rate))
+    } else {
+        None
+    };
 
     let fanout = if args.fanout > 0 {
         eprintln!(
@@ -750,6 +860,8 @@ async fn measure(publisher: &Node, args: &PubsubArgs) -> anyhow::Result<Measured
         achieved_rate,
         t64,
         t1k,
+        t16k,
+        slow,
         fanout,
     })
 }
@@ -794,6 +906,15 @@ fn print(args: &PubsubArgs, m: &Measured, load: &str) -> anyhow::Result<()> {
             ),
             "throughput_64": m.t64,
             "throughput_1k": m.t1k,
+            "throughput_16k": m.t16k,
+            "slow_subscriber": m.slow.as_ref().map(|(t, rate)| serde_json::json!({
+                "read_rate": rate,
+                "run": t,
+            })),
+            "lossless": [Some(&m.t64), Some(&m.t1k), m.t16k.as_ref(), m.slow.as_ref().map(|s| &s.0), m.fanout.as_ref()]
+                .into_iter()
+                .flatten()
+                .all(|t| t.lossless),
             "latency_one_in_flight": {
                 "messages": args.latency_count,
                 "one_way": m.ping.latency,
@@ -839,19 +960,39 @@ fn print(args: &PubsubArgs, m: &Measured, load: &str) -> anyhow::Result<()> {
         lat(&m.paced.latency),
         m.achieved_rate
     )?;
-    for t in [&m.t64, &m.t1k] {
+    let verdict = |t: &Throughput| if t.lossless { "lossless" } else { "LOSSY" };
+    for t in [Some(&m.t64), Some(&m.t1k), m.t16k.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         let d = first(t);
         writeln!(
             out,
-            "  throughput, {:>4} B payloads   {:>10.0} delivered/s ({:.1} MB/s)   {:>10.0} published/s   delivered {} of {}, {} lagged at the subscriber, {} dropped at the publisher",
+            "  throughput, {:>5} B payloads   {:>10.0} delivered/s ({:.1} MB/s)   {:>10.0} published/s   {}: delivered {} of {}, {} lagged at the subscriber, {} dropped at the publisher",
             t.payload_bytes,
             t.delivered_per_sec,
             t.delivered_per_sec * t.payload_bytes as f64 / 1e6,
             t.published_per_sec,
+            verdict(t),
             t.delivered,
             t.messages,
             d.map_or(0, |d| d.lagged_at_subscriber),
             t.dropped_at_publisher
+        )?;
+    }
+    if let Some((t, rate)) = &m.slow {
+        let d = first(t);
+        writeln!(
+            out,
+            "  slow subscriber reading {rate} msgs/s ({SMALL} B)   {:>10.0} delivered/s   {:>10.0} published/s   {}: delivered {} of {}, {} lagged, {} dropped; subscriber peak RSS {:.1} MiB",
+            t.delivered_per_sec,
+            t.published_per_sec,
+            verdict(t),
+            t.delivered,
+            t.messages,
+            d.map_or(0, |d| d.lagged_at_subscriber),
+            t.dropped_at_publisher,
+            t.subscriber_rss_peak_kib as f64 / 1024.0
         )?;
     }
     if let Some(f) = &m.fanout {
@@ -865,8 +1006,8 @@ fn print(args: &PubsubArgs, m: &Measured, load: &str) -> anyhow::Result<()> {
         let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
         writeln!(
             out,
-            "  fan-out to {} subscriber processes ({SMALL} B)   {:>10.0} delivered/s in total   per subscriber min {min:.0} / mean {mean:.0} / max {max:.0}   {} dropped at the publisher",
-            f.subscribers, f.delivered_per_sec, f.dropped_at_publisher
+            "  fan-out to {} subscriber processes ({SMALL} B)   {:>10.0} delivered/s in total   per subscriber min {min:.0} / mean {mean:.0} / max {max:.0}   {}: {} dropped at the publisher",
+            f.subscribers, f.delivered_per_sec, verdict(f), f.dropped_at_publisher
         )?;
     }
     Ok(())

@@ -147,16 +147,18 @@ async fn calls(node: &Member, a: &CallArgs, strategy: Strategy) -> anyhow::Resul
                 }
             }
             Err(e) => {
-                *errors.entry(e.kind()).or_default() += 1;
+                // The RPC kind as the CLI has always printed it (`timeout`).
+                let kind = e.as_rpc().map_or(e.kind(), macula::RpcError::kind);
+                *errors.entry(kind).or_default() += 1;
                 if a.mesh.json {
                     let v = serde_json::json!({
                         "ok": false,
-                        "error": e.kind(),
+                        "error": kind,
                         "message": e.to_string(),
                     });
                     writeln!(out, "{v}")?;
                 }
-                last_error = Some(format!("{}: {e}", e.kind()));
+                last_error = Some(format!("{kind}: {e}"));
             }
         }
         out.flush()?;

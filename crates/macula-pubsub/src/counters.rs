@@ -85,12 +85,16 @@ pub struct Counters {
     /// Missed events told to local subscriptions (as `Lagged`) from loss
     /// reports received, per subscription.
     pub loss_told_total: AtomicU64,
+    /// Subscriptions that took nothing while a data stream waited on them
+    /// for the subscriber bound (half the stall timeout): readers stopped
+    /// waiting for them (their full queues drop their oldest, `Lagged`).
+    pub subscriber_overruns_total: AtomicU64,
 }
 
 impl Counters {
     /// Every counter as (metric name, help, value), for the driver's
     /// metrics exporter: the names are a compatibility promise to dashboards.
-    pub fn rows(&self) -> [(&'static str, &'static str, u64); 28] {
+    pub fn rows(&self) -> [(&'static str, &'static str, u64); 29] {
         let g = |a: &AtomicU64| a.load(Relaxed);
         [
             ("macula_pubsub_published_total", "Messages published on this node.", g(&self.published_total)),
@@ -120,6 +124,7 @@ impl Counters {
             ("macula_pubsub_publish_refused_total", "Publishes refused because a peer queue was full (FailFast).", g(&self.publish_refused_total)),
             ("macula_pubsub_loss_reported_total", "Dropped messages named in loss reports (PUBLISH_DROPPED) sent to the nodes they were for.", g(&self.loss_reported_total)),
             ("macula_pubsub_loss_unreported_total", "Dropped messages that could not be reported (node gone, shutting down, report table full).", g(&self.loss_unreported_total)),
+            ("macula_pubsub_subscriber_overruns_total", "Subscriptions that took nothing for half the stall timeout while a data stream waited for room in them; no longer waited for until they catch up (their full queues drop the oldest, told as Lagged).", g(&self.subscriber_overruns_total)),
             ("macula_pubsub_loss_told_total", "Missed events told to local subscriptions as Lagged from loss reports received (per subscription).", g(&self.loss_told_total)),
         ]
     }

@@ -125,6 +125,16 @@ impl<S> BatchReceiver<S> {
         self.topics.len()
     }
 
+    /// Each local subscription the last batch goes to, with how many events
+    /// and payload bytes it gets (before `deliver`): a driver that applies
+    /// backpressure waits for room for them.
+    pub fn pending(&self) -> impl Iterator<Item = (&S, usize, usize)> + '_ {
+        self.targets.iter().map(|(_, sink, events)| {
+            let bytes = events.iter().map(|e| e.payload.len()).sum();
+            (sink, events.len(), bytes)
+        })
+    }
+
     /// Hands each local subscription's events of the last batch to `push`
     /// (in batch order; `push` drains them). Returns how many there were.
     pub fn deliver(&mut self, mut push: impl FnMut(&S, &mut Vec<Event>)) -> u64 {

@@ -117,6 +117,14 @@ impl<T> BoundedQueue<T> {
         self.gap_next += n;
     }
 
+    /// Whether `n` more items weighing `bytes` in all fit without dropping
+    /// any (an empty queue always takes one item: the newest always stays).
+    pub fn room_for(&self, n: usize, bytes: usize) -> bool {
+        (self.items.is_empty() && n <= 1)
+            || (self.items.len() + n <= self.capacity
+                && self.bytes.saturating_add(bytes) <= self.max_bytes)
+    }
+
     /// Bytes held (as weighed by `push_sized`).
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -180,6 +188,21 @@ mod tests {
         assert_eq!(q.bytes(), 100);
         assert_eq!(q.push_sized('d', 1), 1);
         assert_eq!(q.pop(), Some('c'));
+    }
+
+    #[test]
+    fn room_for_counts_items_and_bytes() {
+        let mut q = BoundedQueue::with_limits(&Limits {
+            queue_capacity: 3,
+            queue_bytes: 10,
+            ..Limits::default()
+        });
+        assert!(q.room_for(1, 100), "empty: any one item");
+        assert!(!q.room_for(4, 0), "but not more than it holds");
+        q.push_sized('a', 4);
+        assert!(q.room_for(2, 6));
+        assert!(!q.room_for(3, 0), "count");
+        assert!(!q.room_for(1, 7), "bytes");
     }
 
     #[test]

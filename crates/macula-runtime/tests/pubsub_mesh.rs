@@ -393,6 +393,56 @@ async fn a_flat_out_publisher_loses_nothing_by_default() {
     close_all(&[&p, &s]).await;
 }
 
+/// A subscriber slower than its publisher, with a small subscription queue:
+/// its node's reader waits for room instead of dropping (QUIC flow control
+/// carries the wait back to the publisher's queue, where `Block` waits), so
+/// every event arrives in order and nothing is lagged (counts asserted, no
+/// timings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_slows_its_publisher_and_loses_nothing() {
+    const N: usize = 20_000;
+    init_tracing();
+    let mut pcfg = config();
+    pcfg.pubsub.peer_queue_capacity = SMALL_PEER_QUEUE;
+    let p = start(pcfg).await;
+    let mut scfg = boot(&p);
+    scfg.pubsub.queue_capacity = 128;
+    let s = start(scfg).await;
+    joined(&s).await;
+    let mut sub = subscribe(&s, "flat.*").await;
+    let reader = tokio::spawn(async move {
+        let mut next = 0usize;
+        while next < N {
+            match sub.next().await {
+                Some(SubscriptionItem::Event(e)) => {
+                    assert_eq!(e.payload, Bytes::from(next.to_string()), "in order");
+                    next += 1;
+                    if next.is_multiple_of(200) {
+                        // A reader far slower than a flat-out publisher.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                other => panic!("after {next} events: {other:?}"),
+            }
+        }
+        next
+    });
+    for i in 0..N {
+        publish_with(&p, i.to_string(), Overflow::Block)
+            .await
+            .expect("Block never fails for a full queue");
+    }
+    let got = within(Duration::from_secs(120), "subscriber", reader)
+        .await
+        .expect("reader");
+    assert_eq!(got, N);
+    let sc = s.pubsub().counters();
+    assert_eq!(sc.dropped_slow_total.load(Relaxed), 0);
+    assert_eq!(sc.subscriber_overruns_total.load(Relaxed), 0);
+    assert_eq!(p.pubsub().counters().remote_dropped_total.load(Relaxed), 0);
+    close_all(&[&p, &s]).await;
+}
+
 /// `FailFast` refuses a publish while the queue is full (nothing published,
 /// the node named); `DropNewest` drops and counts instead. Neither waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,6 +116,14 @@ pub(crate) struct SubQueue {
     queue: Mutex<BoundedQueue<Event>>,
     waker: AtomicWaker,
     closed: AtomicBool,
+    /// A data stream's reader waits for room here (see `wait_for_room`);
+    /// the subscription notifies after taking an event while this is set.
+    room: Notify,
+    waiting: AtomicBool,
+    /// Took nothing for the subscriber bound: readers no longer wait for
+    /// it (its full queue drops its oldest, told as `Lagged`) until it has
+    /// caught up to half its queue.
+    lossy: AtomicBool,
 }
 
 impl SubQueue {
@@ -318,6 +326,9 @@ impl PubSub {
             queue: Mutex::new(BoundedQueue::with_limits(&self.0.limits)),
             waker: AtomicWaker::new(),
             closed: AtomicBool::new(false),
+            room: Notify::new(),
+            waiting: AtomicBool::new(false),
+            lossy: AtomicBool::new(false),
         })
     }
 
@@ -584,6 +595,46 @@ impl PubSub {
         self.0.core().subscriptions()
     }
 
+    /// Pushes `events` into `q` as room appears, so a subscriber slower
+    /// than its publishers slows them down (end-to-end flow control: this
+    /// stream is not read meanwhile, QUIC holds the sender) instead of
+    /// losing events. Bounded: a subscription that takes nothing for half
+    /// the stall timeout is marked lossy and waited for no more (its full
+    /// queue drops its oldest events, told as `Lagged`, and it is counted in
+    /// `subscriber_overruns_total`) until it has caught up to half its
+    /// queue; so one stalled subscriber holds the others on this node back
+    /// at most that long, and never long enough for the sender to cut the
+    /// stream off. Returns the events dropped.
+    async fn push_waiting(&self, q: &SubQueue, mut events: Vec<Event>) -> u64 {
+        let bound = self.0.stall_timeout / 2;
+        let mut deadline = tokio::time::Instant::now() + bound;
+        let mut dropped = 0;
+        while !events.is_empty() {
+            let room = q.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            q.waiting.store(true, Relaxed);
+            let (n, d) = push_fitting(q, &mut events);
+            dropped += d;
+            if n > 0 {
+                q.waker.wake();
+                deadline = tokio::time::Instant::now() + bound;
+            }
+            if events.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                q.lossy.store(true, Relaxed);
+                self.0
+                    .counters
+                    .subscriber_overruns_total
+                    .fetch_add(1, Relaxed);
+                tracing::warn!(waited = ?bound, "a subscription took nothing for the subscriber bound; its oldest events are dropped (Lagged) until it catches up");
+            }
+        }
+        dropped
+    }
+
     /// Tells each subscription the events it missed upstream (from loss
     /// reports, see `BatchReceiver::deliver_lagged`): they reach it as
     /// `Lagged` after the events already queued.
@@ -651,19 +702,23 @@ impl PubSub {
             }
             // A loss report's gaps go in before the events after them.
             self.tell_lagged(&mut rx);
+            // Backpressure: a full subscription holds this stream (and so,
+            // through QUIC flow control, the sender) until it has room.
             let c = &self.0.counters;
             let (mut delivered, mut dropped) = (0u64, 0u64);
+            let mut rest: Vec<(Arc<SubQueue>, Vec<Event>)> = Vec::new();
             rx.deliver(|q, events| {
                 delivered += events.len() as u64;
-                {
-                    let mut g = q.lock();
-                    for ev in events.drain(..) {
-                        let size = ev.payload.len() + EVENT_OVERHEAD;
-                        dropped += g.push_sized(ev, size);
-                    }
+                let (_, d) = push_fitting(q, events);
+                dropped += d;
+                if !events.is_empty() {
+                    rest.push((q.clone(), std::mem::take(events)));
                 }
                 q.waker.wake();
             });
+            for (q, events) in rest {
+                dropped += self.push_waiting(&q, events).await;
+            }
             c.delivered_local_total.fetch_add(delivered, Relaxed);
             c.dropped_slow_total.fetch_add(dropped, Relaxed);
             if from_client {
@@ -672,6 +727,37 @@ impl PubSub {
             }
         }
     }
+}
+
+/// Pushes (and removes) the first of `events` that fit `q` without
+/// dropping any (all of them if `q` is lossy or closed); returns how many
+/// were pushed and how many older ones that dropped.
+fn push_fitting(q: &SubQueue, events: &mut Vec<Event>) -> (usize, u64) {
+    let mut g = q.lock();
+    if q.lossy.load(Relaxed) && g.len() <= g.capacity() / 2 {
+        // Caught up: waited for again.
+        q.lossy.store(false, Relaxed);
+    }
+    let n = if q.lossy.load(Relaxed) || q.closed.load(Relaxed) {
+        events.len()
+    } else {
+        let (mut n, mut bytes) = (0, 0);
+        for ev in events.iter() {
+            let size = ev.payload.len() + EVENT_OVERHEAD;
+            if !g.room_for(n + 1, bytes + size) {
+                break;
+            }
+            n += 1;
+            bytes += size;
+        }
+        n
+    };
+    let mut dropped = 0;
+    for ev in events.drain(..n) {
+        let size = ev.payload.len() + EVENT_OVERHEAD;
+        dropped += g.push_sized(ev, size);
+    }
+    (n, dropped)
 }
 
 /// Pub/sub as a service: PUBLISH on the control stream, the pub/sub data
@@ -790,6 +876,10 @@ impl futures::Stream for Subscription {
             return Poll::Ready(Some(SubscriptionItem::Lagged(lagged)));
         }
         if let Some(e) = q.pop() {
+            drop(q);
+            if this.queue.waiting.swap(false, Relaxed) {
+                this.queue.room.notify_waiters();
+            }
             return Poll::Ready(Some(SubscriptionItem::Event(e)));
         }
         if this.queue.closed.load(Relaxed) {
