@@ -891,6 +891,16 @@ fn print(args: &PubsubArgs, m: &Measured, load: &str) -> anyhow::Result<()> {
                 "per_subscriber": f.per_subscriber,
             })
         });
+        let lossless = [
+            Some(&m.t64),
+            Some(&m.t1k),
+            m.t16k.as_ref(),
+            m.slow.as_ref().map(|s| &s.0),
+            m.fanout.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|t| t.lossless);
         let v = serde_json::json!({
             "bench": "pubsub",
             "build": build_kind(),
@@ -911,10 +921,7 @@ fn print(args: &PubsubArgs, m: &Measured, load: &str) -> anyhow::Result<()> {
                 "read_rate": rate,
                 "run": t,
             })),
-            "lossless": [Some(&m.t64), Some(&m.t1k), m.t16k.as_ref(), m.slow.as_ref().map(|s| &s.0), m.fanout.as_ref()]
-                .into_iter()
-                .flatten()
-                .all(|t| t.lossless),
+            "lossless": lossless,
             "latency_one_in_flight": {
                 "messages": args.latency_count,
                 "one_way": m.ping.latency,
