@@ -112,7 +112,7 @@ pub struct PubsubArgs {
     #[arg(long, default_value_t = 50_000)]
     large_count: usize,
     /// Messages in the slow-subscriber run (0 skips it; at most 1000000).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 400_000)]
     slow_count: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -888,6 +888,8 @@ fn print(args: &PubsubArgs, m: &Measured, load: &str) -> anyhow::Result<()> {
                 "mean_per_subscriber_per_sec": mean,
                 "delivered": f.delivered,
                 "dropped_at_publisher": f.dropped_at_publisher,
+                "lossless": f.lossless,
+                "subscriber_rss_peak_kib": f.subscriber_rss_peak_kib,
                 "per_subscriber": f.per_subscriber,
             })
         });

@@ -231,7 +231,17 @@ fn bench_command(extra: &[&str]) -> std::process::Command {
 
 #[test]
 fn bench_pubsub_json_has_positive_figures() {
-    let (code, out) = run(bench_command(&["--count", "2000"]));
+    // Flat-out bursts between processes, a slow subscriber process, fan-out:
+    // each must be lossless (every message delivered, in order, nothing
+    // lagged or dropped; counts asserted, no timings).
+    let (code, out) = run(bench_command(&[
+        "--count",
+        "20000",
+        "--large-count",
+        "300",
+        "--slow-count",
+        "5000",
+    ]));
     assert_eq!(code, Some(0), "{out}");
     let line = out
         .lines()
@@ -277,6 +287,25 @@ fn bench_pubsub_json_has_positive_figures() {
     }
     // One message in flight and paced: nothing may be lost.
     assert_eq!(v["latency_paced"]["delivered"], 200, "{v}");
+    for (run, n) in [
+        ("throughput_64", 20_000),
+        ("throughput_1k", 20_000),
+        ("throughput_16k", 300),
+        ("fanout", 20_000),
+    ] {
+        assert_eq!(v[run]["lossless"], true, "{run} in {v}");
+        for d in v[run]["per_subscriber"].as_array().expect("per_subscriber") {
+            assert_eq!(d["delivered"], n, "{run}: {d}");
+            assert_eq!(d["lagged_at_subscriber"], 0, "{run}: {d}");
+        }
+    }
+    let slow = &v["slow_subscriber"]["run"];
+    assert_eq!(slow["lossless"], true, "{v}");
+    assert_eq!(slow["delivered"], 5000, "{v}");
+    assert!(v["slow_subscriber"]["read_rate"]
+        .as_u64()
+        .is_some_and(|r| r >= 1000));
+    assert_eq!(v["lossless"], true, "{v}");
 }
 
 /// Child processes of `pid` (from every thread's `children` list).
