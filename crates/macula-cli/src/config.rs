@@ -58,6 +58,22 @@ pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_PUBSUB_QUEUE_CAPACITY: usize = macula::config::DEFAULT_PUBSUB_QUEUE_CAPACITY;
 /// Accepted `pubsub_queue_capacity` range.
 pub const PUBSUB_QUEUE_CAPACITY_RANGE: (usize, usize) = (16, 10_000_000);
+/// Default payload bytes queued per subscription before the oldest are
+/// dropped (64 MiB).
+pub const DEFAULT_PUBSUB_QUEUE_BYTES: usize = macula::config::DEFAULT_PUBSUB_QUEUE_BYTES;
+/// Accepted `pubsub_queue_bytes` range: 64 KiB to 16 GiB.
+pub const PUBSUB_QUEUE_BYTES_RANGE: (u64, u64) = (64 << 10, 16 << 30);
+/// Default messages queued for one remote node before a publish waits or
+/// drops.
+pub const DEFAULT_PUBSUB_PEER_QUEUE_CAPACITY: usize =
+    macula::config::DEFAULT_PUBSUB_PEER_QUEUE_CAPACITY;
+/// Accepted `pubsub_peer_queue_capacity` range.
+pub const PUBSUB_PEER_QUEUE_CAPACITY_RANGE: (usize, usize) = (16, 10_000_000);
+/// Default payload bytes queued for one remote node before a publish waits
+/// or drops (32 MiB).
+pub const DEFAULT_PUBSUB_PEER_QUEUE_BYTES: usize = macula::config::DEFAULT_PUBSUB_PEER_QUEUE_BYTES;
+/// Accepted `pubsub_peer_queue_bytes` range: 64 KiB to 16 GiB.
+pub const PUBSUB_PEER_QUEUE_BYTES_RANGE: (u64, u64) = (64 << 10, 16 << 30);
 /// Default time a peer's pub/sub data stream may accept nothing before the
 /// peer is cut off.
 pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula::config::DEFAULT_PUBSUB_STALL_TIMEOUT;
@@ -217,6 +233,27 @@ pub mod keys {
         toml: "limits.pubsub_queue_capacity",
         default: "65536",
     };
+    /// Subscription queue bound in payload bytes.
+    pub const PUBSUB_QUEUE_BYTES: Key = Key {
+        flag: "--pubsub-queue-bytes",
+        env: "MACULA_PUBSUB_QUEUE_BYTES",
+        toml: "limits.pubsub_queue_bytes",
+        default: "64MiB",
+    };
+    /// Messages queued for one remote node.
+    pub const PUBSUB_PEER_QUEUE_CAPACITY: Key = Key {
+        flag: "--pubsub-peer-queue-capacity",
+        env: "MACULA_PUBSUB_PEER_QUEUE_CAPACITY",
+        toml: "limits.pubsub_peer_queue_capacity",
+        default: "65536",
+    };
+    /// Payload bytes queued for one remote node.
+    pub const PUBSUB_PEER_QUEUE_BYTES: Key = Key {
+        flag: "--pubsub-peer-queue-bytes",
+        env: "MACULA_PUBSUB_PEER_QUEUE_BYTES",
+        toml: "limits.pubsub_peer_queue_bytes",
+        default: "32MiB",
+    };
     /// Cut-off of a peer that stops reading pub/sub data.
     pub const PUBSUB_STALL_TIMEOUT: Key = Key {
         flag: "--pubsub-stall-timeout",
@@ -324,6 +361,9 @@ pub mod keys {
         MAX_CONNECTIONS,
         IDLE_TIMEOUT,
         PUBSUB_QUEUE_CAPACITY,
+        PUBSUB_QUEUE_BYTES,
+        PUBSUB_PEER_QUEUE_CAPACITY,
+        PUBSUB_PEER_QUEUE_BYTES,
         PUBSUB_STALL_TIMEOUT,
         PEER_SLOTS,
         STREAM_RECEIVE_WINDOW,
@@ -404,6 +444,18 @@ pub struct NodeArgs {
     /// Events queued per subscription before the oldest are dropped, 16..10000000 [env: MACULA_PUBSUB_QUEUE_CAPACITY] [default: 65536]
     #[arg(long, value_name = "N")]
     pub pubsub_queue_capacity: Option<String>,
+
+    /// Payload bytes queued per subscription before the oldest are dropped, in bytes or with KiB/MiB, 64KiB..16384MiB [env: MACULA_PUBSUB_QUEUE_BYTES] [default: 64MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub pubsub_queue_bytes: Option<String>,
+
+    /// Messages queued for one remote node before a publish waits (or drops, as it asks), 16..10000000 [env: MACULA_PUBSUB_PEER_QUEUE_CAPACITY] [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub pubsub_peer_queue_capacity: Option<String>,
+
+    /// Payload bytes queued for one remote node before a publish waits (or drops, as it asks), in bytes or with KiB/MiB, 64KiB..16384MiB [env: MACULA_PUBSUB_PEER_QUEUE_BYTES] [default: 32MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub pubsub_peer_queue_bytes: Option<String>,
 
     /// Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h [env: MACULA_PUBSUB_STALL_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
@@ -553,6 +605,12 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Events queued per subscription.
     pub pubsub_queue_capacity: usize,
+    /// Payload bytes queued per subscription.
+    pub pubsub_queue_bytes: usize,
+    /// Messages queued for one remote node.
+    pub pubsub_peer_queue_capacity: usize,
+    /// Payload bytes queued for one remote node.
+    pub pubsub_peer_queue_bytes: usize,
     /// Cut-off of a peer that stops reading pub/sub data.
     pub pubsub_stall_timeout: Duration,
     /// Connections clients can never take.
@@ -603,6 +661,9 @@ impl Default for Settings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             pubsub_queue_capacity: DEFAULT_PUBSUB_QUEUE_CAPACITY,
+            pubsub_queue_bytes: DEFAULT_PUBSUB_QUEUE_BYTES,
+            pubsub_peer_queue_capacity: DEFAULT_PUBSUB_PEER_QUEUE_CAPACITY,
+            pubsub_peer_queue_bytes: DEFAULT_PUBSUB_PEER_QUEUE_BYTES,
             pubsub_stall_timeout: DEFAULT_PUBSUB_STALL_TIMEOUT,
             peer_slots: limits.peer_slots,
             stream_receive_window: limits.stream_receive_window,
@@ -857,6 +918,24 @@ fn parse_pubsub_queue_capacity(s: &str) -> Result<usize, String> {
     parse_count(s, PUBSUB_QUEUE_CAPACITY_RANGE)
 }
 
+/// A size in `min..=max` bytes that also fits this platform's `usize`.
+fn parse_size_usize(s: &str, range: (u64, u64)) -> Result<usize, String> {
+    let n = parse_size_in(s, range)?;
+    usize::try_from(n).map_err(|_| format!("must be at most {} bytes on this platform", usize::MAX))
+}
+
+fn parse_pubsub_queue_bytes(s: &str) -> Result<usize, String> {
+    parse_size_usize(s, PUBSUB_QUEUE_BYTES_RANGE)
+}
+
+fn parse_pubsub_peer_queue_capacity(s: &str) -> Result<usize, String> {
+    parse_count(s, PUBSUB_PEER_QUEUE_CAPACITY_RANGE)
+}
+
+fn parse_pubsub_peer_queue_bytes(s: &str) -> Result<usize, String> {
+    parse_size_usize(s, PUBSUB_PEER_QUEUE_BYTES_RANGE)
+}
+
 fn parse_pubsub_stall_timeout(s: &str) -> Result<Duration, String> {
     parse_duration_in(s, PUBSUB_STALL_TIMEOUT_RANGE)
 }
@@ -1003,6 +1082,9 @@ struct FileLimits {
     max_connections: Option<toml::Value>,
     idle_timeout: Option<toml::Value>,
     pubsub_queue_capacity: Option<toml::Value>,
+    pubsub_queue_bytes: Option<toml::Value>,
+    pubsub_peer_queue_capacity: Option<toml::Value>,
+    pubsub_peer_queue_bytes: Option<toml::Value>,
     pubsub_stall_timeout: Option<toml::Value>,
     peer_slots: Option<toml::Value>,
     stream_receive_window: Option<toml::Value>,
@@ -1059,6 +1141,15 @@ impl FileLayer {
             (
                 keys::PUBSUB_QUEUE_CAPACITY.toml,
                 limits.pubsub_queue_capacity,
+            ),
+            (keys::PUBSUB_QUEUE_BYTES.toml, limits.pubsub_queue_bytes),
+            (
+                keys::PUBSUB_PEER_QUEUE_CAPACITY.toml,
+                limits.pubsub_peer_queue_capacity,
+            ),
+            (
+                keys::PUBSUB_PEER_QUEUE_BYTES.toml,
+                limits.pubsub_peer_queue_bytes,
             ),
             (keys::PUBSUB_STALL_TIMEOUT.toml, limits.pubsub_stall_timeout),
             (keys::PEER_SLOTS.toml, limits.peer_slots),
@@ -1429,6 +1520,24 @@ pub fn resolve(
         true,
         parse_pubsub_queue_capacity,
     )?);
+    let pubsub_queue_bytes = val(layers.value(
+        &args.pubsub_queue_bytes,
+        &keys::PUBSUB_QUEUE_BYTES,
+        true,
+        parse_pubsub_queue_bytes,
+    )?);
+    let pubsub_peer_queue_capacity = val(layers.value(
+        &args.pubsub_peer_queue_capacity,
+        &keys::PUBSUB_PEER_QUEUE_CAPACITY,
+        true,
+        parse_pubsub_peer_queue_capacity,
+    )?);
+    let pubsub_peer_queue_bytes = val(layers.value(
+        &args.pubsub_peer_queue_bytes,
+        &keys::PUBSUB_PEER_QUEUE_BYTES,
+        true,
+        parse_pubsub_peer_queue_bytes,
+    )?);
     let pubsub_stall_timeout = val(layers.value(
         &args.pubsub_stall_timeout,
         &keys::PUBSUB_STALL_TIMEOUT,
@@ -1515,6 +1624,10 @@ pub fn resolve(
         max_connections: max_connections.unwrap_or(d.max_connections),
         idle_timeout: idle_timeout.unwrap_or(d.idle_timeout),
         pubsub_queue_capacity: pubsub_queue_capacity.unwrap_or(d.pubsub_queue_capacity),
+        pubsub_queue_bytes: pubsub_queue_bytes.unwrap_or(d.pubsub_queue_bytes),
+        pubsub_peer_queue_capacity: pubsub_peer_queue_capacity
+            .unwrap_or(d.pubsub_peer_queue_capacity),
+        pubsub_peer_queue_bytes: pubsub_peer_queue_bytes.unwrap_or(d.pubsub_peer_queue_bytes),
         pubsub_stall_timeout: pubsub_stall_timeout.unwrap_or(d.pubsub_stall_timeout),
         peer_slots: peer_slots.unwrap_or(d.peer_slots),
         stream_receive_window: stream_receive_window.unwrap_or(d.stream_receive_window),
@@ -1651,6 +1764,10 @@ mod tests {
         assert_eq!(s.max_frame_size, 1_048_576);
         assert_eq!(s.max_connections, 1000);
         assert_eq!(s.idle_timeout, Duration::from_secs(300));
+        assert_eq!(s.pubsub_queue_capacity, 65_536);
+        assert_eq!(s.pubsub_queue_bytes, 64 << 20);
+        assert_eq!(s.pubsub_peer_queue_capacity, 65_536);
+        assert_eq!(s.pubsub_peer_queue_bytes, 32 << 20);
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.config_file, None);
     }
@@ -1678,6 +1795,24 @@ mod tests {
             parse_pubsub_queue_capacity(keys::PUBSUB_QUEUE_CAPACITY.default),
             Ok(d.pubsub_queue_capacity)
         );
+        assert_eq!(
+            parse_pubsub_queue_bytes(keys::PUBSUB_QUEUE_BYTES.default),
+            Ok(d.pubsub_queue_bytes)
+        );
+        assert_eq!(
+            parse_pubsub_peer_queue_capacity(keys::PUBSUB_PEER_QUEUE_CAPACITY.default),
+            Ok(d.pubsub_peer_queue_capacity)
+        );
+        assert_eq!(
+            parse_pubsub_peer_queue_bytes(keys::PUBSUB_PEER_QUEUE_BYTES.default),
+            Ok(d.pubsub_peer_queue_bytes)
+        );
+        // The daemon's defaults are the pub/sub core's.
+        let pubsub = macula::config::PubSubLimits::default();
+        assert_eq!(d.pubsub_queue_capacity, pubsub.queue_capacity);
+        assert_eq!(d.pubsub_queue_bytes, pubsub.queue_bytes);
+        assert_eq!(d.pubsub_peer_queue_capacity, pubsub.peer_queue_capacity);
+        assert_eq!(d.pubsub_peer_queue_bytes, pubsub.peer_queue_bytes);
         assert_eq!(
             parse_pubsub_stall_timeout(keys::PUBSUB_STALL_TIMEOUT.default),
             Ok(d.pubsub_stall_timeout)
@@ -1740,6 +1875,9 @@ http = "127.0.0.1:9003"
 max_connections = 30
 idle_timeout = "30s"
 pubsub_queue_capacity = 1000
+pubsub_queue_bytes = "1MiB"
+pubsub_peer_queue_capacity = 100
+pubsub_peer_queue_bytes = 131072
 pubsub_stall_timeout = "5s"
 [log]
 format = "json"
@@ -1750,10 +1888,14 @@ format = "json"
             ("MACULA_REALM", "from-env"),
             ("MACULA_MAX_CONNECTIONS", "20"),
             ("MACULA_PUBSUB_STALL_TIMEOUT", "3s"),
+            ("MACULA_PUBSUB_QUEUE_BYTES", "4MiB"),
+            ("MACULA_PUBSUB_PEER_QUEUE_CAPACITY", "300"),
         ]);
         let mut args = args_with_config(&f);
         args.listen = Some("198.18.0.1:1".into());
         args.pubsub_queue_capacity = Some("2000".into());
+        args.pubsub_queue_bytes = Some("2MiB".into());
+        args.pubsub_peer_queue_capacity = Some("200".into());
 
         let s = resolve(&args, &env).unwrap();
         assert_eq!(
@@ -1764,6 +1906,9 @@ format = "json"
         assert_eq!(s.realm, "from-env", "env beats file");
         assert_eq!(s.max_connections, 20, "env beats file");
         assert_eq!(s.pubsub_queue_capacity, 2000, "flag beats file");
+        assert_eq!(s.pubsub_queue_bytes, 2 << 20, "flag beats env and file");
+        assert_eq!(s.pubsub_peer_queue_capacity, 200, "flag beats env and file");
+        assert_eq!(s.pubsub_peer_queue_bytes, 128 << 10, "file beats default");
         assert_eq!(
             s.pubsub_stall_timeout,
             Duration::from_secs(3),
@@ -1788,12 +1933,19 @@ format = "json"
 
         // Remove the flag: env wins; remove env: the file wins.
         args.listen = None;
+        args.pubsub_queue_bytes = None;
+        args.pubsub_peer_queue_capacity = None;
         let s = resolve(&args, &env).unwrap();
         assert_eq!(s.listen, "198.18.0.2:2".parse().unwrap());
+        assert_eq!(s.pubsub_queue_bytes, 4 << 20, "env beats file");
+        assert_eq!(s.pubsub_peer_queue_capacity, 300, "env beats file");
         let s = resolve(&args, &no_env).unwrap();
         assert_eq!(s.listen, "198.18.0.3:3".parse().unwrap());
         assert_eq!(s.realm, "from-file");
         assert_eq!(s.max_connections, 30);
+        assert_eq!(s.pubsub_queue_bytes, 1 << 20);
+        assert_eq!(s.pubsub_peer_queue_capacity, 100);
+        assert_eq!(s.pubsub_peer_queue_bytes, 128 << 10);
 
         // Flags beat env for every kind of setting.
         let args = NodeArgs {
@@ -2409,6 +2561,87 @@ format = "json"
             }
             let e = resolve(&a, &no_env).unwrap_err().to_string();
             assert!(e.contains(bad), "{flag}: {e}");
+        }
+    }
+
+    #[test]
+    fn pubsub_queue_bounds_are_refused_naming_the_key() {
+        // In range at both ends, through every layer.
+        let args = NodeArgs {
+            pubsub_queue_bytes: Some("64KiB".into()),
+            pubsub_peer_queue_capacity: Some("10000000".into()),
+            pubsub_peer_queue_bytes: Some("16384MiB".into()),
+            ..Default::default()
+        };
+        let s = resolve(&args, &no_env).unwrap();
+        assert_eq!(s.pubsub_queue_bytes, 64 << 10);
+        assert_eq!(s.pubsub_peer_queue_capacity, 10_000_000);
+        assert_eq!(s.pubsub_peer_queue_bytes as u64, 16 << 30);
+
+        // Out of range: the flag, the variable or the file key is named with
+        // the value.
+        let over = (16u64 << 30) + 1;
+        // (flags, environment, expected start of the message)
+        type Case = (NodeArgs, Vec<(&'static str, String)>, String);
+        let cases: Vec<Case> = vec![
+            (
+                NodeArgs {
+                    pubsub_queue_bytes: Some("65535".into()),
+                    ..Default::default()
+                },
+                vec![],
+                "invalid value \"65535\" for --pubsub-queue-bytes: must be from 65536 to 17179869184 bytes".into(),
+            ),
+            (
+                NodeArgs::default(),
+                vec![("MACULA_PUBSUB_QUEUE_BYTES", over.to_string())],
+                format!("invalid value \"{over}\" for MACULA_PUBSUB_QUEUE_BYTES: must be from 65536"),
+            ),
+            (
+                NodeArgs {
+                    pubsub_peer_queue_capacity: Some("15".into()),
+                    ..Default::default()
+                },
+                vec![],
+                "invalid value \"15\" for --pubsub-peer-queue-capacity: expected a whole number from 16 to 10000000".into(),
+            ),
+            (
+                NodeArgs::default(),
+                vec![("MACULA_PUBSUB_PEER_QUEUE_CAPACITY", "10000001".into())],
+                "invalid value \"10000001\" for MACULA_PUBSUB_PEER_QUEUE_CAPACITY: expected a whole number".into(),
+            ),
+            (
+                NodeArgs {
+                    pubsub_peer_queue_bytes: Some("1KiB".into()),
+                    ..Default::default()
+                },
+                vec![],
+                "invalid value \"1KiB\" for --pubsub-peer-queue-bytes: must be from 65536 to 17179869184 bytes".into(),
+            ),
+            (
+                NodeArgs::default(),
+                vec![("MACULA_PUBSUB_PEER_QUEUE_BYTES", "lots".into())],
+                "invalid value \"lots\" for MACULA_PUBSUB_PEER_QUEUE_BYTES: expected a size".into(),
+            ),
+        ];
+        for (args, env, want) in cases {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let got = err_of(&args, &env_of(&env));
+            assert!(got.starts_with(&want), "\n got: {got}\nwant: {want}...");
+        }
+        for (key, bad) in [
+            ("pubsub_queue_bytes", "0"),
+            ("pubsub_peer_queue_capacity", "0"),
+            ("pubsub_peer_queue_bytes", "\"32GiB\""),
+        ] {
+            let f = toml_file(&format!("[limits]\n{key} = {bad}\n"));
+            let got = err_of(&args_with_config(&f), &no_env);
+            let want = format!(
+                "invalid value {:?} for `limits.{key}` in {}",
+                bad.trim_matches('"'),
+                f.path().display()
+            );
+            assert!(got.starts_with(&want), "\n got: {got}\nwant: {want}...");
         }
     }
 }

@@ -250,6 +250,9 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         rpc: Default::default(),
         pubsub: PubSubLimits {
             queue_capacity: s.pubsub_queue_capacity,
+            queue_bytes: s.pubsub_queue_bytes,
+            peer_queue_capacity: s.pubsub_peer_queue_capacity,
+            peer_queue_bytes: s.pubsub_peer_queue_bytes,
             ..Default::default()
         },
         relay: RelayLimits {

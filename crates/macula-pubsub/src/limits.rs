@@ -45,11 +45,11 @@ pub struct Limits {
     /// Subscriptions one node holds, client feeds' patterns included
     /// (see [`MAX_SUBSCRIPTIONS`]).
     pub max_subscriptions: usize,
-    /// Messages queued for one remote node before new ones to it are
-    /// dropped (see [`PEER_QUEUE_CAPACITY`]).
+    /// Messages queued for one remote node before a publish waits or
+    /// drops, as its `Overflow` says (see [`PEER_QUEUE_CAPACITY`]).
     pub peer_queue_capacity: usize,
-    /// Payload bytes queued for one remote node before new messages to it
-    /// are dropped (see [`PEER_QUEUE_BYTES`]).
+    /// Payload bytes queued for one remote node before a publish waits or
+    /// drops (see [`PEER_QUEUE_BYTES`]).
     pub peer_queue_bytes: usize,
     /// Remote nodes with an outbound queue at once (see
     /// [`MAX_OUTBOUND_PEERS`]).

@@ -16,11 +16,13 @@ use macula_wire::{Millis, NodeId};
 use crate::batch::OutMsg;
 use crate::loss::LossReport;
 
-/// Messages queued for one remote node; past this, new ones to it are
-/// dropped and counted (a peer that cannot keep up never stalls publishers).
+/// Messages queued for one remote node; past this a publish does what its
+/// `Overflow` says: waits for room (`Block`, the default; the stall cut-off
+/// bounds the wait), drops the oldest or the newest (counted, and reported
+/// to the node), or fails (`FailFast`).
 pub const PEER_QUEUE_CAPACITY: usize = 65_536;
-/// Payload bytes queued for one remote node; past this, new messages to it
-/// are dropped and counted, like `PEER_QUEUE_CAPACITY`.
+/// Payload bytes queued for one remote node; past this, as for
+/// `PEER_QUEUE_CAPACITY`.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 /// Remote nodes with an outbound queue at once.
 pub const MAX_OUTBOUND_PEERS: usize = 65_536;

@@ -59,6 +59,16 @@ pub const MIN_WINDOW: u64 = macula_runtime::config::MIN_WINDOW;
 /// Default events a subscription queues before the oldest are dropped
 /// ([`PubSubLimits::queue_capacity`]).
 pub const DEFAULT_PUBSUB_QUEUE_CAPACITY: usize = macula_pubsub::queue::QUEUE_CAPACITY;
+/// Default payload bytes a subscription queues before the oldest are
+/// dropped ([`PubSubLimits::queue_bytes`]).
+pub const DEFAULT_PUBSUB_QUEUE_BYTES: usize = macula_pubsub::queue::QUEUE_BYTES;
+/// Default messages queued for one remote node before a publish waits or
+/// drops, as its [`crate::Overflow`] says
+/// ([`PubSubLimits::peer_queue_capacity`]).
+pub const DEFAULT_PUBSUB_PEER_QUEUE_CAPACITY: usize = macula_pubsub::outbound::PEER_QUEUE_CAPACITY;
+/// Default payload bytes queued for one remote node before a publish waits
+/// or drops ([`PubSubLimits::peer_queue_bytes`]).
+pub const DEFAULT_PUBSUB_PEER_QUEUE_BYTES: usize = macula_pubsub::outbound::PEER_QUEUE_BYTES;
 
 /// Default time a peer's pub/sub data stream may accept nothing before the
 /// peer is cut off ([`Limits::pubsub_stall_timeout`]).
