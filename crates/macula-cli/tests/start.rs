@@ -134,6 +134,27 @@ fn bad_config_values_name_key_and_value() {
 }
 
 #[test]
+fn a_second_process_on_the_same_data_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut first = Proc::spawn(&start_args(d.path(), &[]));
+    let id = first.field("node_id");
+    // The same directory again: refused at once, naming the directory and
+    // the process that holds it; the first one runs on untouched.
+    let (code, out) = run(command(&start_args(d.path(), &[])));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&d.path().display().to_string()), "{out}");
+    assert!(out.contains("in use by another process"), "{out}");
+    assert!(out.contains(&format!("pid {}", first.child.id())), "{out}");
+    assert!(!out.contains(&id), "the second never started: {out}");
+    // Killed (kill -9), the first leaves no lock behind: a restart works.
+    first.child.kill().expect("SIGKILL the first");
+    let _ = first.child.wait();
+    let mut again = Proc::spawn(&start_args(d.path(), &[]));
+    assert_eq!(again.field("node_id"), id);
+    assert_eq!(again.terminate(), Some(0));
+}
+
+#[test]
 fn port_in_use_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

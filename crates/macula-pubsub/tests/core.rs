@@ -2066,3 +2066,125 @@ fn a_write_cut_off_part_way_counts_its_whole_frames_as_in_flight() {
     assert_eq!(d.in_flight, 7 + marks[0].messages);
     assert_eq!(d.topics, vec![("t.x".to_string(), 4 - marks[0].messages)]);
 }
+
+#[test]
+fn a_batch_with_a_report_counts_what_the_receiver_counts() {
+    let (mut a, r, q, mut b) = lossy_pair(1);
+    for i in 1..4 {
+        publish_with(&mut a, &r, &format!("m{i}"), Overflow::DropOldest).unwrap();
+    }
+    let mut msgs = Vec::new();
+    let Transmit::Batch(batch) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a batch");
+    };
+    assert_eq!(batch.report.as_ref().map(|r| r.dropped()), Some(3));
+    let mut buf = Vec::new();
+    let mut marks = Vec::new();
+    let e = batch.encode_marked(&mut buf, &msgs, &mut marks);
+    // The report's mark, then the batch's: both count the 3 reported.
+    assert_eq!(marks.len(), 2);
+    assert_eq!((marks[0].messages, marks[1].messages), (3, 4));
+    assert_eq!(batch.carried(&e), 4);
+    assert_eq!(e.frames, 2);
+    // The receiver counts the same on its stream.
+    let dec = FrameDecoder::new(1 << 20);
+    let mut rx = BatchReceiver::new(false);
+    let mut rest = &buf[..];
+    while let Some((f, used)) = dec.decode(rest).unwrap() {
+        b.handle_batch(
+            id(1),
+            f.header.msg_type,
+            &Bytes::copy_from_slice(f.body),
+            &mut rx,
+            ms(2),
+        )
+        .unwrap();
+        rest = &rest[used..];
+    }
+    assert_eq!(rx.messages(), 4);
+    // One subscription, told of 3, with one event pending for it.
+    let pending: Vec<(u32, usize, usize)> =
+        rx.pending().map(|(s, n, bytes)| (*s, n, bytes)).collect();
+    assert_eq!(pending, vec![(7, 1, 2)]);
+    assert_eq!(rx.deliver_lagged(|_, _| {}), 3);
+}
+
+#[test]
+fn merged_batches_add_their_messages_and_reports() {
+    let (mut a, r, q, _b) = lossy_pair(1);
+    publish_with(&mut a, &r, "m1", Overflow::DropNewest).unwrap();
+    let mut msgs = Vec::new();
+    let Transmit::Batch(mut first) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a batch");
+    };
+    publish_with(&mut a, &r, "m2", Overflow::DropNewest).unwrap();
+    publish_with(&mut a, &r, "m3", Overflow::DropNewest).unwrap();
+    publish_with(&mut a, &r, "m4", Overflow::DropNewest).unwrap();
+    let Transmit::Batch(second) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a batch");
+    };
+    assert_eq!((first.n, second.n), (1, 1));
+    first.merge(second);
+    assert_eq!(first.n, 2);
+    assert_eq!(first.report.as_ref().map(|r| r.dropped()), Some(3));
+}
+
+#[test]
+fn a_report_that_went_out_before_a_cut_off_is_counted_reported_once() {
+    let (mut a, r, q, _b) = lossy_pair(1);
+    for i in 1..3 {
+        publish_with(&mut a, &r, &format!("m{i}"), Overflow::DropNewest).unwrap();
+    }
+    let mut msgs = Vec::new();
+    let Transmit::Batch(b1) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a batch");
+    };
+    // An earlier cut-off's in-flight count rides along.
+    let mut b1 = b1;
+    if let Some(rep) = b1.report.as_mut() {
+        rep.in_flight = 5;
+    }
+    let mut buf = Vec::new();
+    let mut marks = Vec::new();
+    b1.encode_marked(&mut buf, &msgs, &mut marks);
+    let later = ms(1).saturating_add(macula_pubsub::outbound::PEER_STALL_TIMEOUT);
+    assert!(matches!(a.handle_stall(q, later), Stall::CutOff { .. }));
+    // The report's frames went out whole, the message did not.
+    a.handle_cut_off(id(2), b1, &msgs, Some(marks[0]), 0, later);
+    assert_eq!(counter(&a, |c| &c.loss_reported_total), 2 + 5);
+    let (q2, _) = starts(&actions(&mut a))[0];
+    let frames = transmit_frames(&mut a, q2, later);
+    let d = macula_wire::PublishDropped::decode(&frames[0].1).unwrap();
+    // Not reported again; the unsent message is, with what went out whole.
+    assert_eq!(d.topics, vec![("t.x".to_string(), 1)]);
+    assert_eq!(d.in_flight, 2);
+}
+
+#[test]
+fn drops_with_no_room_in_the_report_table_are_counted_unreported() {
+    // A gateway with room for one outbound queue (and one pending report),
+    // two attached clients subscribed to t.*.
+    let mut cfg = config(2, Role::Node);
+    cfg.limits.max_outbound_peers = 1;
+    let mut gw = PubSubCore::<u32, ()>::new(cfg);
+    for client in [50, 51] {
+        let feed = gw.open_feed(id(client));
+        gw.feed_add(feed, "t.*").unwrap();
+    }
+    actions(&mut gw);
+    let report = macula_wire::Message::PublishDropped(macula_wire::PublishDropped {
+        publisher: id(1),
+        epoch: 101,
+        in_flight: 0,
+        topics: vec![("t.x".into(), 4)],
+    });
+    let mut buf = Vec::new();
+    report.encode_frame(&mut buf, 1 << 20).unwrap();
+    let body = Bytes::copy_from_slice(&buf[macula_wire::FRAME_HEADER_LEN..]);
+    let t = macula_wire::MessageType::PublishDropped as u8;
+    let mut rx = BatchReceiver::new(false);
+    gw.handle_batch(id(1), t, &body, &mut rx, ms(0)).unwrap();
+    // One client's report fits; the other's 4 are counted unreported.
+    assert_eq!(counter(&gw, |c| &c.loss_unreported_total), 4);
+    assert_eq!(starts(&actions(&mut gw)).len(), 1);
+}

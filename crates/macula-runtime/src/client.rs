@@ -134,6 +134,9 @@ pub enum ClientError {
     Quic(String),
     #[error(transparent)]
     Epoch(#[from] crate::clock::EpochError),
+    /// Another process runs on the same data directory.
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
     #[error("no node accepted the client within {after:?}: {last}")]
     Attach { after: Duration, last: String },
     /// Every configured node answered and turned the client away (at its
@@ -148,6 +151,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Shared {
     node_id: NodeId,
+    /// The data directory's lock (see `datadir.rs`), released at shutdown.
+    dir_lock: std::sync::Mutex<Option<crate::datadir::DirLock>>,
     config: ClientConfig,
     endpoint: quinn::Endpoint,
     own_endpoint: bool,
@@ -318,6 +323,11 @@ impl Client {
             realm: config.realm.clone(),
             reason,
         })?;
+        // One process per data directory, before anything in it is read.
+        let dir_lock = match &config.identity {
+            IdentitySource::DataDir(dir) => Some(crate::datadir::DirLock::acquire(dir)?),
+            IdentitySource::Ephemeral => None,
+        };
         let identity = match &config.identity {
             IdentitySource::DataDir(dir) => Identity::load_or_create(dir)?,
             IdentitySource::Ephemeral => Identity::generate(),
@@ -378,6 +388,7 @@ impl Client {
                 Rpc::with_upstream(node_id, max_frame, config.rpc, Arc::new(Link(weak.clone())));
             Shared {
                 node_id,
+                dir_lock: std::sync::Mutex::new(dir_lock),
                 endpoint,
                 own_endpoint,
                 quic,
@@ -515,6 +526,15 @@ impl Client {
         self.0.stop_drivers.send_replace(true);
         if self.0.own_endpoint {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.0.endpoint.wait_idle()).await;
+        }
+        let held = self
+            .0
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(l) = held {
+            l.release();
         }
     }
 

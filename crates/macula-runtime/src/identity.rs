@@ -360,7 +360,7 @@ fn algorithm_name(oid: &str) -> String {
 
 /// Creates `dir` (and missing parents) with mode 0700. An existing directory
 /// is left as it is.
-fn create_dir_private(dir: &Path) -> io::Result<()> {
+pub(crate) fn create_dir_private(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }

@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod datadir;
 pub mod dht;
 pub mod dht_cache;
 mod driver;

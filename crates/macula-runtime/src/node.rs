@@ -85,6 +85,9 @@ pub enum StartError {
     Quic(String),
     #[error(transparent)]
     Epoch(#[from] crate::clock::EpochError),
+    /// Another process runs on the same data directory.
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
 }
 
 /// Why a connection to a peer could not be made.
@@ -157,6 +160,8 @@ struct NodeShared {
     clock: Clock,
     /// This run's epoch (see `clock.rs`), its mark saved while it runs.
     epoch: Epoch,
+    /// The data directory's lock (see `datadir.rs`), released at shutdown.
+    dir_lock: Mutex<Option<crate::datadir::DirLock>>,
     gateway: crate::gateway::Gateway,
     node_id: NodeId,
     config: NodeConfig,
@@ -316,6 +321,11 @@ impl NodeRuntime {
     /// and starts joining through the bootstrap peers.
     pub async fn start(config: NodeConfig) -> Result<NodeRuntime, StartError> {
         config.validate()?;
+        // One process per data directory, before anything in it is read.
+        let dir_lock = match &config.identity {
+            IdentitySource::DataDir(dir) => Some(crate::datadir::DirLock::acquire(dir)?),
+            IdentitySource::Ephemeral => None,
+        };
         let identity = match &config.identity {
             IdentitySource::DataDir(dir) => Identity::load_or_create(dir)?,
             IdentitySource::Ephemeral => Identity::generate(),
@@ -458,6 +468,7 @@ impl NodeRuntime {
                 services,
                 clock,
                 epoch: epoch.clone(),
+                dir_lock: Mutex::new(dir_lock),
                 gateway,
                 relay,
                 tunnel,
@@ -1538,6 +1549,9 @@ impl NodeRuntime {
         );
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
         self.mark_epoch();
+        if let Some(l) = lock(&self.0.dir_lock).take() {
+            l.release();
+        }
         tracing::info!(node_id = %self.0.node_id, "node stopped");
     }
 
