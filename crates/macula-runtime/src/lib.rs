@@ -26,6 +26,7 @@ pub mod node;
 pub mod peer;
 pub mod peer_addr;
 pub mod pubsub;
+pub mod quiet;
 pub mod reachability;
 pub mod relay;
 pub mod rpc;

@@ -126,6 +126,29 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// The node answered and will keep saying no until someone changes a
+    /// configuration: another realm, another protocol version, or another
+    /// node than the one asked for. Retrying does not help.
+    pub fn is_permanent(&self) -> bool {
+        use macula_wire::ErrorCode;
+        match self {
+            ConnectError::IdentityMismatch { .. } => true,
+            ConnectError::Handshake { source, .. } => matches!(
+                source,
+                HandshakeError::RealmMismatch { .. }
+                    | HandshakeError::UnsupportedVersion { .. }
+                    | HandshakeError::IdentityMismatch { .. }
+                    | HandshakeError::Rejected {
+                        code: ErrorCode::RealmMismatch
+                            | ErrorCode::UnsupportedVersion
+                            | ErrorCode::IdentityMismatch,
+                        ..
+                    }
+            ),
+            _ => false,
+        }
+    }
+
     fn failure(&self) -> Option<HandshakeFailure> {
         match self {
             ConnectError::IdentityMismatch { .. } => Some(HandshakeFailure::IdentityMismatch),
@@ -162,6 +185,14 @@ struct NodeShared {
     epoch: Epoch,
     /// The data directory's lock (see `datadir.rs`), released at shutdown.
     dir_lock: Mutex<Option<crate::datadir::DirLock>>,
+    /// Bootstrap peers that refused this node for good (see
+    /// `ConnectError::is_permanent`): target as configured, and why.
+    bootstrap_refused: Mutex<HashMap<String, String>>,
+    /// Notified when `bootstrap_refused` changes.
+    bootstrap_changed: tokio::sync::Notify,
+    /// Rate limits of warnings that junk traffic could repeat at will.
+    quiet_handshakes: crate::quiet::LogLimit,
+    quiet_pending: crate::quiet::LogLimit,
     gateway: crate::gateway::Gateway,
     node_id: NodeId,
     config: NodeConfig,
@@ -469,6 +500,10 @@ impl NodeRuntime {
                 clock,
                 epoch: epoch.clone(),
                 dir_lock: Mutex::new(dir_lock),
+                bootstrap_refused: Mutex::new(HashMap::new()),
+                bootstrap_changed: tokio::sync::Notify::new(),
+                quiet_handshakes: crate::quiet::LogLimit::new(Duration::from_secs(1)),
+                quiet_pending: crate::quiet::LogLimit::new(Duration::from_secs(1)),
                 gateway,
                 relay,
                 tunnel,
@@ -974,8 +1009,10 @@ impl NodeRuntime {
                     .metrics
                     .connections_refused_total
                     .fetch_add(1, Relaxed);
-                tracing::warn!(remote = %incoming.remote_address(), limit = MAX_PENDING_HANDSHAKES,
-                    "too many handshakes in progress; refusing connection");
+                if let Some(held_back) = self.0.quiet_pending.allow() {
+                    tracing::warn!(remote = %incoming.remote_address(), limit = MAX_PENDING_HANDSHAKES, held_back,
+                        "too many handshakes in progress; refusing connection (at most one such line a second; held_back: lines not written since the last)");
+                }
                 incoming.refuse();
                 continue;
             };
@@ -1057,11 +1094,15 @@ impl NodeRuntime {
             }
             Ok(Err((Some(failure), detail))) => {
                 self.0.metrics.handshake_failure(failure);
-                tracing::warn!(remote = %remote, error = %detail, "inbound handshake failed");
+                if let Some(held_back) = self.0.quiet_handshakes.allow() {
+                    tracing::warn!(remote = %remote, error = %detail, held_back, "inbound handshake failed (at most one such line a second; held_back: lines not written since the last; every failure is counted in macula_handshake_failures_total)");
+                }
             }
             Err(_) => {
                 self.0.metrics.handshake_failure(HandshakeFailure::Timeout);
-                tracing::warn!(remote = %remote, "inbound handshake timed out");
+                if let Some(held_back) = self.0.quiet_handshakes.allow() {
+                    tracing::warn!(remote = %remote, held_back, "inbound handshake timed out (at most one such line a second)");
+                }
             }
         }
     }
@@ -1148,6 +1189,12 @@ impl NodeRuntime {
                 Err(ConnectError::ShuttingDown) => return,
                 Err(e) => {
                     let msg = e.to_string();
+                    if e.is_permanent() {
+                        // Said so at once to whoever waits for the join; the
+                        // loop keeps trying (the peer may be reconfigured).
+                        lock(&self.0.bootstrap_refused).insert(target.to_string(), msg.clone());
+                        self.0.bootstrap_changed.notify_waiters();
+                    }
                     // Log a failure once, not on every retry.
                     if last_error.as_deref() != Some(msg.as_str()) {
                         tracing::warn!(target = %target, error = %msg, "cannot reach bootstrap peer; will retry");
@@ -1553,6 +1600,52 @@ impl NodeRuntime {
             l.release();
         }
         tracing::info!(node_id = %self.0.node_id, "node stopped");
+    }
+
+    /// Waits until the node has joined the mesh through a bootstrap peer
+    /// (see `DhtHandle::wait_bootstrapped`), or every bootstrap peer has
+    /// refused it for good (another realm, version or identity: retrying
+    /// cannot help), then `Err` lists each peer with its refusal.
+    pub async fn wait_joined(&self) -> Result<(), Vec<(String, String)>> {
+        let targets: std::collections::HashSet<String> = self
+            .0
+            .config
+            .bootstrap
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let joined = self.0.dht.wait_bootstrapped();
+        tokio::pin!(joined);
+        loop {
+            let changed = self.0.bootstrap_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let refused = lock(&self.0.bootstrap_refused);
+                if !targets.is_empty() && targets.iter().all(|t| refused.contains_key(t)) {
+                    let mut all: Vec<(String, String)> = refused
+                        .iter()
+                        .map(|(t, r)| (t.clone(), r.clone()))
+                        .collect();
+                    all.sort();
+                    return Err(all);
+                }
+            }
+            tokio::select! {
+                r = &mut joined => return r.map_err(|e| vec![(String::new(), e.to_string())]),
+                _ = &mut changed => {}
+            }
+        }
+    }
+
+    /// Bootstrap peers that refused this node for good, with why.
+    pub fn bootstrap_refusals(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = lock(&self.0.bootstrap_refused)
+            .iter()
+            .map(|(t, r)| (t.clone(), r.clone()))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Records the epoch's high-water mark now (see `clock.rs`).

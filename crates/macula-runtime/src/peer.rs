@@ -115,6 +115,24 @@ impl HandshakeError {
         }
     }
 
+    /// The explanation as the peer should read it: our `Display` speaks
+    /// from this node's side ("we are in ..."), which read by the peer would
+    /// swap the two sides.
+    fn to_peer(&self) -> String {
+        match self {
+            HandshakeError::RealmMismatch { ours, theirs } => {
+                format!("realm mismatch: you are in {theirs:?}, this node is in {ours:?}")
+            }
+            HandshakeError::UnsupportedVersion { theirs } => format!(
+                "unsupported protocol version {theirs}: this node speaks {PROTOCOL_VERSION}"
+            ),
+            HandshakeError::IdentityMismatch { claimed, proved } => {
+                format!("your HELLO names node {claimed} but your certificate proves {proved}")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// What to tell the peer before closing, if anything.
     fn reply(&self) -> Option<(ErrorCode, DisconnectReason)> {
         match self {
@@ -485,7 +503,8 @@ async fn refuse(conn: &quinn::Connection, writer: &mut FrameWriter, err: &Handsh
     let Some((code, reason)) = err.reply() else {
         return;
     };
-    let message = truncate(&err.to_string());
+    // Told to the peer: from its point of view ("you", "this node").
+    let message = truncate(&err.to_peer());
     let msg_type = match err {
         HandshakeError::HandshakeRequired { msg_type } => *msg_type,
         _ => macula_wire::MessageType::Hello as u8,

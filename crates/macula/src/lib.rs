@@ -126,12 +126,20 @@ pub enum Error {
         /// How long the start waited.
         waited: std::time::Duration,
     },
+    /// Every bootstrap peer answered and refused this node for good
+    /// (another realm, protocol version or node identity): the start ended
+    /// at once instead of retrying, and the node was shut down again.
+    #[error("could not join the mesh: every bootstrap peer refused this node: {refusals}")]
+    JoinRefused {
+        /// Each peer and its refusal, `; `-separated.
+        refusals: String,
+    },
 }
 
 impl Error {
     /// A short stable name for what failed, for metrics, logs and matching
     /// without the variant's fields: `config`, `start`, `connect`, `join`,
-    /// `client`, `pubsub.<kind>` (e.g. `pubsub.queue_full`) or
+    /// `join_refused`, `client`, `pubsub.<kind>` (e.g. `pubsub.queue_full`) or
     /// `rpc.<kind>` (e.g. `rpc.timeout`, see [`RpcError::kind`]).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -139,6 +147,7 @@ impl Error {
             Error::Start(_) => "start",
             Error::Connect(_) => "connect",
             Error::Join { .. } => "join",
+            Error::JoinRefused { .. } => "join_refused",
             Error::Client(_) => "client",
             Error::PubSub(e) => pubsub_kind(e),
             Error::Rpc(e) => rpc_kind(e),

@@ -203,13 +203,25 @@ impl NodeBuilder {
             .collect();
         let runtime = NodeRuntime::start(self.config).await?;
         if let (Some(wait), false) = (self.join_wait, peers.is_empty()) {
-            let joined = tokio::time::timeout(wait, runtime.dht().wait_bootstrapped()).await;
-            if !matches!(joined, Ok(Ok(()))) {
-                runtime.shutdown().await;
-                return Err(Error::Join {
+            let joined = tokio::time::timeout(wait, runtime.wait_joined()).await;
+            let err = match joined {
+                Ok(Ok(())) => None,
+                // Every bootstrap peer said no for good: at once, with why.
+                Ok(Err(refusals)) => Some(Error::JoinRefused {
+                    refusals: refusals
+                        .iter()
+                        .map(|(t, r)| format!("{t}: {r}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                }),
+                Err(_) => Some(Error::Join {
                     peers: peers.join(", "),
                     waited: wait,
-                });
+                }),
+            };
+            if let Some(e) = err {
+                runtime.shutdown().await;
+                return Err(e);
             }
         }
         Ok(Node { runtime })

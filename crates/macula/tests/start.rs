@@ -66,3 +66,30 @@ async fn no_bootstrap_peer_answering_fails_the_start_and_names_them() {
         .expect("starts without waiting");
     alone.shutdown().await;
 }
+
+/// A bootstrap peer in another realm answers with a refusal: `start()` ends
+/// with `JoinRefused` (not the join timeout), naming the realms the right
+/// way round for this node: "you" is this node, "this node" the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_peer_in_another_realm_refuses_at_once_with_the_reason() {
+    let a = builder().start().await.expect("a starts alone");
+    let err = Node::builder()
+        .realm("test.other")
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .bootstrap([a.local_addr().to_string()])
+        // Far longer than a refusal takes: the variant says it did not wait.
+        .wait_for_join(Some(Duration::from_secs(60)))
+        .start()
+        .await
+        .expect_err("another realm");
+    let Error::JoinRefused { refusals } = &err else {
+        panic!("not a refusal: {err}");
+    };
+    assert_eq!(err.kind(), "join_refused");
+    assert!(refusals.contains(&a.local_addr().to_string()), "{refusals}");
+    assert!(
+        refusals.contains("you are in \"test.other\", this node is in \"test.start\""),
+        "{refusals}"
+    );
+    a.shutdown().await;
+}
