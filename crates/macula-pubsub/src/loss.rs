@@ -251,6 +251,33 @@ mod tests {
     }
 
     #[test]
+    fn frames_hold_as_many_entries_as_the_budget_allows() {
+        let me = NodeId::from_bytes([1; 32]);
+        let mut r = LossReport::default();
+        // 40 topics of 17 bytes: each entry is budgeted at 17 + 12 bytes.
+        for i in 0..40 {
+            r.add(&msg(&format!("topic.number.{i:04}"), None), 1);
+        }
+        let more = LossReport {
+            in_flight: 2,
+            ..LossReport::default()
+        };
+        r.merge(more.clone());
+        r.merge(more);
+        assert_eq!(r.in_flight, 4);
+        let limit = DROPPED_BODY_OVERHEAD as u32 + 10 * (17 + DROPPED_ENTRY_OVERHEAD as u32);
+        let mut buf = Vec::new();
+        assert_eq!(r.encode(&mut buf, me, 1, limit), 4, "10 entries a frame");
+        let frames = decode_all(&buf);
+        assert!(frames.iter().all(|f| f.topics.len() == 10));
+        assert_eq!(frames[0].in_flight, 4);
+        assert!(frames[1..].iter().all(|f| f.in_flight == 0));
+        // One byte less: 9 a frame.
+        let mut buf = Vec::new();
+        assert_eq!(r.encode(&mut buf, me, 1, limit - 1), 5);
+    }
+
+    #[test]
     fn a_topic_too_long_for_the_receiver_is_reported_unnamed() {
         let me = NodeId::from_bytes([1; 32]);
         let mut r = LossReport::default();

@@ -1960,6 +1960,145 @@ fn the_in_flight_count_may_arrive_before_the_reset_is_seen() {
     assert_eq!(old_rx.deliver_lagged(|_, _| {}), 0);
 }
 
+/// Builds a PUBLISH_DROPPED body.
+fn dropped_body(publisher: u8, in_flight: u64, topics: &[(&str, u64)]) -> Bytes {
+    let d = macula_wire::Message::PublishDropped(macula_wire::PublishDropped {
+        publisher: id(publisher),
+        epoch: 100 + u64::from(publisher),
+        in_flight,
+        topics: topics.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+    });
+    let mut buf = Vec::new();
+    d.encode_frame(&mut buf, 1 << 20).unwrap();
+    Bytes::copy_from_slice(&buf[macula_wire::FRAME_HEADER_LEN..])
+}
+
+#[test]
+fn a_reset_stream_that_lost_nothing_tells_nobody() {
+    let mut b = node(2);
+    b.subscribe("**", 7).unwrap();
+    let t = macula_wire::MessageType::PublishDropped as u8;
+    let mut rx = BatchReceiver::new(false);
+    // 0 read on the reset stream, 0 written on it: nothing lost.
+    b.handle_stream_reset(id(1), &mut rx, ms(0));
+    let mut rx2 = BatchReceiver::new(false);
+    // A report with nothing in flight and one named topic.
+    b.handle_batch(
+        id(1),
+        t,
+        &dropped_body(1, 0, &[("a.b", 2)]),
+        &mut rx2,
+        ms(0),
+    )
+    .unwrap();
+    let mut told = Vec::new();
+    rx.deliver_lagged(|s, n| told.push((*s, n)));
+    rx2.deliver_lagged(|s, n| told.push((*s, n)));
+    assert_eq!(told, vec![(7, 2)], "only the named loss");
+    // The reset's slot is still waiting for a count: a count equal to what
+    // was read tells nothing either.
+    let mut rx3 = BatchReceiver::new(false);
+    b.handle_batch(id(1), t, &dropped_body(1, 2, &[]), &mut rx3, ms(1))
+        .unwrap();
+    // 0 read, 2 written: 2 lost in flight.
+    assert_eq!(rx3.deliver_lagged(|_, _| {}), 2);
+}
+
+#[test]
+fn the_in_flight_table_is_bounded() {
+    let mut b = node(2);
+    b.subscribe("**", 7).unwrap();
+    let t = macula_wire::MessageType::PublishDropped as u8;
+    let peer = |i: usize| {
+        let mut raw = [0u8; 32];
+        raw[..8].copy_from_slice(&(i as u64 + 1000).to_le_bytes());
+        NodeId::from_bytes(raw)
+    };
+    let mut rx = BatchReceiver::<u32>::new(false);
+    for i in 0..macula_pubsub::inbound::MAX_IN_FLIGHT_PEERS {
+        b.handle_stream_reset(peer(i), &mut rx, ms(0));
+    }
+    // Full, not over: the first peer's count still finds its reset.
+    let mut rx1 = BatchReceiver::new(false);
+    b.handle_batch(peer(0), t, &dropped_body(9, 3, &[]), &mut rx1, ms(1))
+        .unwrap();
+    assert_eq!(rx1.deliver_lagged(|_, _| {}), 3);
+    // Two more peers: past the bound the table starts over, so peer 1's
+    // reset is forgotten (its count alone tells nothing).
+    b.handle_stream_reset(peer(5000), &mut rx, ms(2));
+    b.handle_stream_reset(peer(5001), &mut rx, ms(2));
+    let mut rx2 = BatchReceiver::new(false);
+    b.handle_batch(peer(1), t, &dropped_body(9, 3, &[]), &mut rx2, ms(3))
+        .unwrap();
+    assert_eq!(rx2.deliver_lagged(|_, _| {}), 0);
+}
+
+#[test]
+fn a_client_with_two_matching_patterns_gets_one_report_for_an_unnamed_loss() {
+    let mut gw = node(2);
+    let feed = gw.open_feed(id(50));
+    gw.feed_add(feed, "t.*").unwrap();
+    gw.feed_add(feed, "t.x").unwrap();
+    actions(&mut gw);
+    let t = macula_wire::MessageType::PublishDropped as u8;
+    let mut rx = BatchReceiver::new(false);
+    gw.handle_batch(id(1), t, &dropped_body(1, 0, &[("", 5)]), &mut rx, ms(0))
+        .unwrap();
+    let (q, _) = starts(&actions(&mut gw))[0];
+    let frames = transmit_frames(&mut gw, q, ms(1));
+    let d = macula_wire::PublishDropped::decode(&frames[0].1).unwrap();
+    assert_eq!(d.topics, vec![(String::new(), 5)], "once, not per pattern");
+}
+
+#[test]
+fn a_cut_off_with_nothing_lost_starts_no_sender() {
+    let (mut a, _r, q, _b) = lossy_pair(16);
+    let mut msgs = Vec::new();
+    let Transmit::Batch(b) = a.poll_transmit(q, &mut msgs, ms(1)) else {
+        panic!("a batch");
+    };
+    let mut buf = Vec::new();
+    let mut marks = Vec::new();
+    b.encode_marked(&mut buf, &msgs, &mut marks);
+    let later = ms(1).saturating_add(macula_pubsub::outbound::PEER_STALL_TIMEOUT);
+    assert!(matches!(a.handle_stall(q, later), Stall::CutOff { .. }));
+    // Everything went out whole before, and nothing was in flight.
+    a.handle_cut_off(id(2), b, &msgs, marks.last().copied(), 0, later);
+    // m0 went out whole: it is in flight now (1), so there is a report.
+    assert_eq!(starts(&actions(&mut a)).len(), 1);
+    let mut a2 = lossy_pair(16).0;
+    let q2 = a2.cached_route("t.x", ms(0)).map(|_| ());
+    let _ = q2;
+    // A sender with nothing taken and nothing queued, cut off: no report.
+    let (mut c, r) = queue_to_node_2(16, 1 << 20);
+    publish(&mut c, &r, "x", ms(0));
+    let cq = started(&mut c);
+    let mut none = Vec::new();
+    let Transmit::Batch(cb) = c.poll_transmit(cq, &mut none, ms(0)) else {
+        panic!("a batch");
+    };
+    let mut cbuf = Vec::new();
+    let mut cmarks = Vec::new();
+    let e = cb.encode_marked(&mut cbuf, &none, &mut cmarks);
+    c.handle_written(cq, &cb, &none, e, ms(0));
+    // A write starts (empty) and stalls.
+    c.handle_progress(cq, ms(0));
+    assert!(matches!(
+        c.handle_stall(cq, later),
+        Stall::CutOff { dropped: 0 }
+    ));
+    let empty = macula_pubsub::Batch {
+        n: 0,
+        frame_limit: 1 << 20,
+        batch_bytes: macula_pubsub::BATCH_BYTES,
+        publisher: id(1),
+        epoch: 101,
+        report: None,
+    };
+    c.handle_cut_off(id(2), empty, &[], None, 0, later);
+    assert!(starts(&actions(&mut c)).is_empty(), "nothing to tell");
+}
+
 #[test]
 fn a_gateway_passes_losses_on_to_its_clients_and_from_them_into_the_mesh() {
     // Node 2 is the gateway of client 50, which subscribes to t.*.
@@ -2028,8 +2167,18 @@ fn a_gateway_passes_losses_on_to_its_clients_and_from_them_into_the_mesh() {
 fn a_node_that_is_gone_is_not_told_and_the_loss_is_counted_unreported() {
     let (mut a, r, q, _b) = lossy_pair(1);
     publish_with(&mut a, &r, "m1", Overflow::DropNewest).unwrap();
+    publish_with(&mut a, &r, "m2", Overflow::DropNewest).unwrap();
+    // And an in-flight count from a cut-off that was never told either.
+    let no_msgs: Vec<OutMsg> = Vec::new();
+    let mut probe = Vec::new();
+    let Transmit::Batch(b) = a.poll_transmit(q, &mut probe, ms(1)) else {
+        panic!("a batch");
+    };
+    a.handle_send_failed(q, &probe, b.report, ms(1));
+    let _ = no_msgs;
     a.handle_peer_down(&id(2), PeerDown::Left, ms(1));
-    assert_eq!(counter(&a, |c| &c.loss_unreported_total), 1);
+    // m0 (taken, then the stream failed), m1, m2.
+    assert_eq!(counter(&a, |c| &c.loss_unreported_total), 3);
     let mut msgs = Vec::new();
     assert!(matches!(
         a.poll_transmit(q, &mut msgs, ms(2)),

@@ -22,10 +22,10 @@
 //! says otherwise.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures::task::AtomicWaker;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -41,19 +42,32 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::metrics::MetricsCollector;
 use crate::node::NodeRuntime;
 
-/// Admin HTTP connections served at once; further clients wait in the
-/// listen backlog until one closes. HTTP/1 handles one request at a time per
-/// connection, so this also bounds concurrent requests.
+/// Admin HTTP connections served at once. HTTP/1 handles one request at a
+/// time per connection, so this also bounds concurrent requests. When every
+/// slot is taken the server still accepts: the new connection takes the slot
+/// of one already open (see [`serve`]), so idle or slow clients cannot keep
+/// the health probes out.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Admin connections from one source IP address open at once (see
+/// [`serve`] for what happens to the next one).
+pub const MAX_ADMIN_CONNECTIONS_PER_IP: usize = 16;
+/// A connection must receive a response within this long of being accepted
+/// or of its previous response: it has this long to send a complete request
+/// head (a slow-loris client does not), and an idle keep-alive connection is
+/// closed after this long. Once a complete request head has arrived, the
+/// handler has [`ADMIN_IDLE_TIMEOUT`] to answer instead.
+pub const ADMIN_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// A connection that sends nothing for this long is closed: bounds slow
 /// request headers and idle keep-alive connections.
 pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most one warning line per this long about evicted or refused admin
+/// connections; the line counts the ones not logged in between.
+const ADMIN_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Content type of `/metrics` (what prometheus-client's text encoder writes).
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -145,20 +159,80 @@ struct AdminState {
     registry: Arc<Registry>,
 }
 
+/// Connection limits of the admin server. [`serve`] uses the defaults (the
+/// `MAX_ADMIN_*` and `ADMIN_*` constants); [`serve_with`] takes others, e.g.
+/// a short request deadline in tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdminLimits {
+    /// Connections served at once ([`MAX_ADMIN_CONNECTIONS`]).
+    pub max_connections: usize,
+    /// Connections from one source IP at once ([`MAX_ADMIN_CONNECTIONS_PER_IP`]).
+    pub max_connections_per_ip: usize,
+    /// Time to a response after accept or the previous response
+    /// ([`ADMIN_REQUEST_DEADLINE`]).
+    pub request_deadline: Duration,
+    /// Time without a byte from the client, and time a handler has to answer
+    /// a complete request ([`ADMIN_IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: MAX_ADMIN_CONNECTIONS,
+            max_connections_per_ip: MAX_ADMIN_CONNECTIONS_PER_IP,
+            request_deadline: ADMIN_REQUEST_DEADLINE,
+            idle_timeout: ADMIN_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// Serves the admin API on an already-bound listener until `shutdown`
 /// completes, then stops accepting and lets open requests finish.
+///
+/// The server cannot be starved by clients that hold connections open:
+///
+/// * a connection must get a response within [`ADMIN_REQUEST_DEADLINE`] of
+///   being accepted or of its previous response, so it must send a complete
+///   request head quickly (slow-loris clients trickling bytes are closed);
+/// * when all [`MAX_ADMIN_CONNECTIONS`] slots are taken, a new connection is
+///   still accepted and an open one is closed ("evicted") to make room: the
+///   oldest one never answered and without a complete request, else the one
+///   whose last response is oldest, else (every slot has a request in
+///   flight) the oldest;
+/// * one source IP holds at most [`MAX_ADMIN_CONNECTIONS_PER_IP`]
+///   connections: the next one from it closes that source's oldest
+///   connection without a request in flight, or, when all of them have one,
+///   is itself closed at once ("refused").
+///
+/// Both are counted (`macula_admin_connections_evicted_total`,
+/// `macula_admin_connections_refused_total`, and
+/// `macula_admin_requests_timed_out_total` for the deadline) in the
+/// `/metrics` this server answers, and logged at most once per 10 s.
 pub async fn serve(
     listener: TcpListener,
     node: NodeRuntime,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, node, shutdown, AdminLimits::default()).await
+}
+
+/// [`serve`] with other connection limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    node: NodeRuntime,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: AdminLimits,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, node_id = %node.node_id(), "admin HTTP server listening");
+    let counters = Arc::new(AdminCounters::default());
     let listener = LimitedListener {
         inner: listener,
-        slots: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+        table: Arc::new(ConnTable::new(limits, counters.clone())),
     };
-    axum::serve(listener, router(node))
+    axum::serve(listener, router_with(node, Some(counters)))
         .with_graceful_shutdown(shutdown)
         .await?;
     tracing::info!(addr = %addr, "admin HTTP server stopped");
@@ -168,8 +242,18 @@ pub async fn serve(
 /// The admin routes over `node`, for embedding in another server or for
 /// tests. A new endpoint is one `.route` line here.
 pub fn router(node: NodeRuntime) -> Router {
+    router_with(node, None)
+}
+
+/// The admin routes; `counters` (the connection counters of [`serve`]) are
+/// added to `/metrics` when given.
+fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Router {
+    let mut registry = registry(&node);
+    if let Some(counters) = counters {
+        registry.register_collector(Box::new(AdminCollector(counters)));
+    }
     let state = AdminState {
-        registry: Arc::new(registry(&node)),
+        registry: Arc::new(registry),
         node,
     };
     Router::new()
@@ -577,11 +661,275 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// A TCP listener that serves at most [`MAX_ADMIN_CONNECTIONS`] connections
-/// at once and closes connections idle for [`ADMIN_IDLE_TIMEOUT`].
+// ---------------------------------------------------------------------------
+// Connection limits
+// ---------------------------------------------------------------------------
+
+/// What the connection limits of [`serve`] did, read at scrape time.
+#[derive(Debug, Default)]
+struct AdminCounters {
+    /// Connections closed to make room for a new one (server full).
+    evicted: AtomicU64,
+    /// Connections closed over the per-source-IP limit.
+    refused: AtomicU64,
+    /// Connections closed at the request deadline.
+    timed_out: AtomicU64,
+}
+
+/// Exposes one admin server's [`AdminCounters`] in its node's registry.
+#[derive(Debug)]
+struct AdminCollector(Arc<AdminCounters>);
+
+impl Collector for AdminCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        crate::metrics::encode_rows(
+            &mut encoder,
+            &[
+                (
+                    "macula_admin_connections_evicted_total",
+                    "Admin HTTP connections closed to make room for a new one while all slots were taken.",
+                    c.evicted.load(Ordering::Relaxed),
+                ),
+                (
+                    "macula_admin_connections_refused_total",
+                    "Admin HTTP connections closed because their source IP had the most connections allowed open.",
+                    c.refused.load(Ordering::Relaxed),
+                ),
+                (
+                    "macula_admin_requests_timed_out_total",
+                    "Admin HTTP connections closed because no complete request arrived before the request deadline.",
+                    c.timed_out.load(Ordering::Relaxed),
+                ),
+            ],
+        )
+    }
+}
+
+/// The part of one admin connection that the listener (to evict it) and the
+/// stream share.
+#[derive(Debug)]
+struct ConnShared {
+    /// Accept order: lower is older.
+    id: u64,
+    /// The client's address, IPv4-mapped IPv6 shown as IPv4.
+    ip: IpAddr,
+    /// Set to close the connection; its reads and writes fail from then on.
+    closed: AtomicBool,
+    /// Wakes the connection's task so it sees `closed`.
+    waker: AtomicWaker,
+    /// A response byte has been written.
+    responded: AtomicBool,
+    /// A complete request head arrived and its response is not written yet.
+    request_pending: AtomicBool,
+    /// When the last response byte was written, or the connection accepted
+    /// (ms since the table's epoch).
+    last_answer_ms: AtomicU64,
+}
+
+impl ConnShared {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
+
+    /// Which connection to close first, lowest first: one never answered
+    /// and without a complete request (a would-be slow-loris), oldest first;
+    /// then an answered one waiting for its next request, longest waiting
+    /// first; then one with a request in flight, oldest first.
+    fn eviction_rank(&self) -> (u8, u64) {
+        if self.request_pending.load(Ordering::Relaxed) {
+            (2, self.id)
+        } else if self.responded.load(Ordering::Relaxed) {
+            (1, self.last_answer_ms.load(Ordering::Relaxed))
+        } else {
+            (0, self.id)
+        }
+    }
+}
+
+/// Why [`ConnTable::admit`] closed a connection.
+enum Closed {
+    /// Another connection, to make room (server full).
+    Evicted(IpAddr),
+    /// The source's oldest idle connection, over the per-IP limit.
+    SameSource,
+    /// The new connection itself, over the per-IP limit.
+    Refused,
+}
+
+/// Every open admin connection of one server.
+#[derive(Debug)]
+struct ConnTable {
+    limits: AdminLimits,
+    counters: Arc<AdminCounters>,
+    epoch: Instant,
+    next_id: AtomicU64,
+    conns: Mutex<Vec<Arc<ConnShared>>>,
+    warn: crate::quiet::LogLimit,
+}
+
+impl ConnTable {
+    fn new(limits: AdminLimits, counters: Arc<AdminCounters>) -> Self {
+        let limits = AdminLimits {
+            max_connections: limits.max_connections.max(1),
+            max_connections_per_ip: limits.max_connections_per_ip.max(1),
+            ..limits
+        };
+        ConnTable {
+            limits,
+            counters,
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            conns: Mutex::new(Vec::new()),
+            warn: crate::quiet::LogLimit::new(ADMIN_WARN_INTERVAL),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<ConnShared>>> {
+        // The entries are atomics: a panic elsewhere leaves them usable.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Registers a connection just accepted from `ip`, closing another one
+    /// if a limit requires; `None` when the new connection must be closed
+    /// instead.
+    fn admit(&self, ip: IpAddr) -> Option<Arc<ConnShared>> {
+        let ip = ip.to_canonical();
+        let mut conns = self.lock();
+        let from_ip = conns.iter().filter(|c| c.is_open() && c.ip == ip).count();
+        let closed = if from_ip >= self.limits.max_connections_per_ip {
+            // Over the per-source limit: that source's own connections make
+            // room (never another source's), unless all have a request in
+            // flight.
+            let victim = conns
+                .iter()
+                .filter(|c| c.is_open() && c.ip == ip && c.eviction_rank().0 < 2)
+                .min_by_key(|c| c.eviction_rank());
+            match victim {
+                Some(v) => {
+                    v.close();
+                    Some(Closed::SameSource)
+                }
+                None => {
+                    drop(conns);
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    self.log(ip, Closed::Refused);
+                    return None;
+                }
+            }
+        } else if conns.iter().filter(|c| c.is_open()).count() >= self.limits.max_connections {
+            let victim = conns
+                .iter()
+                .filter(|c| c.is_open())
+                .min_by_key(|c| c.eviction_rank());
+            victim.map(|v| {
+                v.close();
+                Closed::Evicted(v.ip)
+            })
+        } else {
+            None
+        };
+        let shared = Arc::new(ConnShared {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            ip,
+            closed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            responded: AtomicBool::new(false),
+            request_pending: AtomicBool::new(false),
+            last_answer_ms: AtomicU64::new(self.now_ms()),
+        });
+        conns.push(shared.clone());
+        drop(conns);
+        if let Some(closed) = closed {
+            match closed {
+                Closed::SameSource => self.counters.refused.fetch_add(1, Ordering::Relaxed),
+                _ => self.counters.evicted.fetch_add(1, Ordering::Relaxed),
+            };
+            self.log(ip, closed);
+        }
+        Some(shared)
+    }
+
+    /// One rate-limited warning line.
+    fn log(&self, ip: IpAddr, closed: Closed) {
+        let Some(suppressed) = self.warn.allow() else {
+            return;
+        };
+        let limits = &self.limits;
+        match closed {
+            Closed::Evicted(victim) => tracing::warn!(
+                new = %ip,
+                closed = %victim,
+                max = limits.max_connections,
+                suppressed,
+                "admin HTTP server full: closed an open connection to accept a new one (slow or idle clients?)"
+            ),
+            Closed::SameSource => tracing::warn!(
+                source = %ip,
+                max_per_ip = limits.max_connections_per_ip,
+                suppressed,
+                "too many admin HTTP connections from one address: closed its oldest idle one"
+            ),
+            Closed::Refused => tracing::warn!(
+                source = %ip,
+                max_per_ip = limits.max_connections_per_ip,
+                suppressed,
+                "too many admin HTTP connections from one address: refused a new one"
+            ),
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().retain(|c| c.id != id);
+    }
+}
+
+/// Finds the end of an HTTP/1 request head (an empty line after some
+/// content) in the bytes a client sends. Only a hint for the deadline and
+/// eviction; hyper does the parsing.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// A byte other than CR/LF arrived since the last response.
+    content: bool,
+    /// Line feeds in a row (CRs between them ignored).
+    newlines: u8,
+}
+
+impl HeadScan {
+    /// Feeds received bytes; true once the head is complete.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            match b {
+                b'\n' if self.content => {
+                    self.newlines += 1;
+                    if self.newlines >= 2 {
+                        return true;
+                    }
+                }
+                b'\r' | b'\n' => {}
+                _ => {
+                    self.content = true;
+                    self.newlines = 0;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A TCP listener that applies the [`AdminLimits`] (see [`serve`]).
 struct LimitedListener {
     inner: TcpListener,
-    slots: Arc<Semaphore>,
+    table: Arc<ConnTable>,
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -589,21 +937,28 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // The semaphore is never closed, so acquiring only waits; were it
-        // closed, accept nothing more rather than serve without a limit.
-        let permit = match self.slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => std::future::pending().await,
-        };
-        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (
-            LimitedStream {
-                inner: stream,
-                idle: Box::pin(tokio::time::sleep(ADMIN_IDLE_TIMEOUT)),
-                _permit: permit,
-            },
-            addr,
-        )
+        loop {
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            let Some(shared) = self.table.admit(addr.ip()) else {
+                // Over the per-source limit: close it at once.
+                drop(stream);
+                continue;
+            };
+            let limits = self.table.limits;
+            let now = Instant::now();
+            return (
+                LimitedStream {
+                    inner: stream,
+                    idle: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+                    deadline: Box::pin(tokio::time::sleep_until(now + limits.request_deadline)),
+                    head: HeadScan::default(),
+                    timed_out: false,
+                    shared,
+                    table: self.table.clone(),
+                },
+                addr,
+            );
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
@@ -611,30 +966,122 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// One admin connection: holds its connection slot and fails reads after
-/// [`ADMIN_IDLE_TIMEOUT`] without a byte from the client.
+/// One admin connection: fails reads after [`AdminLimits::idle_timeout`]
+/// without a byte from the client or once the request deadline passes, and
+/// fails reads and writes once evicted. Leaves the table when dropped.
 struct LimitedStream {
     inner: TcpStream,
     idle: Pin<Box<Sleep>>,
-    _permit: OwnedSemaphorePermit,
+    /// The request deadline; reset by every response write.
+    deadline: Pin<Box<Sleep>>,
+    head: HeadScan,
+    timed_out: bool,
+    shared: Arc<ConnShared>,
+    table: Arc<ConnTable>,
+}
+
+impl LimitedStream {
+    fn evicted() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "admin connection closed to make room for another",
+        )
+    }
+
+    /// A response byte was written: the next request's deadline starts.
+    fn answered(&mut self) {
+        let shared = &self.shared;
+        shared.responded.store(true, Ordering::Relaxed);
+        shared.request_pending.store(false, Ordering::Relaxed);
+        shared
+            .last_answer_ms
+            .store(self.table.now_ms(), Ordering::Relaxed);
+        self.head = HeadScan::default();
+        let deadline = Instant::now() + self.table.limits.request_deadline;
+        self.deadline.as_mut().reset(deadline);
+    }
+
+    /// Bytes arrived from the client.
+    fn received(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() || self.shared.request_pending.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.head.feed(bytes) {
+            // The request is complete: the handler gets the longer budget.
+            self.shared.request_pending.store(true, Ordering::Relaxed);
+            let deadline = Instant::now() + self.table.limits.idle_timeout;
+            self.deadline.as_mut().reset(deadline);
+        }
+    }
+
+    /// The deadline passed: count it (once, and not for a keep-alive
+    /// connection that simply sent no further request) and fail the read.
+    fn deadline_passed(&mut self) -> std::io::Error {
+        if !self.timed_out {
+            self.timed_out = true;
+            let shared = &self.shared;
+            let idle_keep_alive = shared.responded.load(Ordering::Relaxed)
+                && !shared.request_pending.load(Ordering::Relaxed)
+                && !self.head.content;
+            if !idle_keep_alive {
+                self.table
+                    .counters
+                    .timed_out
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    client = %shared.ip,
+                    "admin connection closed: no complete request before the deadline"
+                );
+            }
+        }
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "admin connection closed at the request deadline",
+        )
+    }
+}
+
+impl Drop for LimitedStream {
+    fn drop(&mut self) {
+        self.table.remove(self.shared.id);
+    }
 }
 
 impl AsyncRead for LimitedStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+        let this = self.get_mut();
+        this.shared.waker.register(cx.waker());
+        if !this.shared.is_open() {
+            return Poll::Ready(Err(Self::evicted()));
+        }
+        // Polling the deadline registers this task's waker with it, so a
+        // silent connection is closed when it fires.
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(this.deadline_passed()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                let deadline = tokio::time::Instant::now() + ADMIN_IDLE_TIMEOUT;
-                self.idle.as_mut().reset(deadline);
+                let deadline = Instant::now() + this.table.limits.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                if r.is_ok() {
+                    let filled = buf.filled();
+                    let new = filled.get(before..).unwrap_or_default();
+                    this.received(new);
+                }
                 Poll::Ready(r)
             }
-            Poll::Pending => match self.idle.as_mut().poll(cx) {
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("admin connection idle for {ADMIN_IDLE_TIMEOUT:?}"),
+                    format!(
+                        "admin connection idle for {:?}",
+                        this.table.limits.idle_timeout
+                    ),
                 ))),
                 Poll::Pending => Poll::Pending,
             },
@@ -644,11 +1091,22 @@ impl AsyncRead for LimitedStream {
 
 impl AsyncWrite for LimitedStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.shared.waker.register(cx.waker());
+        if !this.shared.is_open() {
+            return Poll::Ready(Err(Self::evicted()));
+        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.answered();
+            }
+        }
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -660,14 +1118,111 @@ impl AsyncWrite for LimitedStream {
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.shared.waker.register(cx.waker());
+        if !this.shared.is_open() {
+            return Poll::Ready(Err(Self::evicted()));
+        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                this.answered();
+            }
+        }
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(max: usize, per_ip: usize) -> (ConnTable, Arc<AdminCounters>) {
+        let counters = Arc::new(AdminCounters::default());
+        let limits = AdminLimits {
+            max_connections: max,
+            max_connections_per_ip: per_ip,
+            ..AdminLimits::default()
+        };
+        (ConnTable::new(limits, counters.clone()), counters)
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[test]
+    fn admin_head_scan_finds_the_empty_line() {
+        let mut h = HeadScan::default();
+        assert!(!h.feed(b"\r\n\r\n"), "leading blank lines are no request");
+        assert!(!h.feed(b"GET /live HTTP/1.1\r\nHost: x\r"));
+        assert!(!h.feed(b"\n"));
+        assert!(h.feed(b"\r\n"));
+        let mut h = HeadScan::default();
+        assert!(h.feed(b"GET / HTTP/1.1\n\n"));
+        let mut h = HeadScan::default();
+        assert!(!h.feed(b"GET / HTTP/1.1\r\nX-a: b\r\nX"));
+    }
+
+    #[test]
+    fn admin_full_server_evicts_the_oldest_unanswered() {
+        let (t, counters) = table(3, 3);
+        let a = t.admit(ip(2)).expect("a");
+        let b = t.admit(ip(3)).expect("b");
+        let c = t.admit(ip(4)).expect("c");
+        // `a` was answered and waits for its next request; `b` never was.
+        a.responded.store(true, Ordering::Relaxed);
+        let d = t.admit(ip(5)).expect("d");
+        assert!(a.is_open() && !b.is_open() && c.is_open() && d.is_open());
+        assert_eq!(counters.evicted.load(Ordering::Relaxed), 1);
+        // `c` has a request in flight, `d` never answered: `d` goes first.
+        c.request_pending.store(true, Ordering::Relaxed);
+        t.remove(b.id);
+        let _e = t.admit(ip(6)).expect("e");
+        assert!(!d.is_open() && c.is_open() && a.is_open());
+        assert_eq!(counters.evicted.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn admin_all_answered_evicts_the_longest_waiting() {
+        let (t, _) = table(2, 2);
+        let a = t.admit(ip(2)).expect("a");
+        let b = t.admit(ip(3)).expect("b");
+        for (conn, at) in [(&a, 500), (&b, 100)] {
+            conn.responded.store(true, Ordering::Relaxed);
+            conn.last_answer_ms.store(at, Ordering::Relaxed);
+        }
+        let _c = t.admit(ip(4)).expect("c");
+        assert!(a.is_open() && !b.is_open());
+    }
+
+    #[test]
+    fn admin_per_ip_limit_closes_that_sources_own_connections() {
+        let (t, counters) = table(10, 2);
+        let other = t.admit(ip(9)).expect("other source");
+        let a = t.admit(ip(2)).expect("a");
+        let b = t.admit(ip(2)).expect("b");
+        // Over the limit: the source's oldest idle connection makes room.
+        let c = t.admit(ip(2)).expect("c");
+        assert!(!a.is_open() && b.is_open() && c.is_open() && other.is_open());
+        assert_eq!(counters.refused.load(Ordering::Relaxed), 1);
+        // When all of them have a request in flight, the new one is refused.
+        b.request_pending.store(true, Ordering::Relaxed);
+        c.request_pending.store(true, Ordering::Relaxed);
+        assert!(t.admit(ip(2)).is_none());
+        assert!(b.is_open() && c.is_open());
+        assert_eq!(counters.refused.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.evicted.load(Ordering::Relaxed), 0);
+        // IPv4-mapped IPv6 counts as the same source.
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().expect("mapped address");
+        assert!(t.admit(mapped).is_none());
     }
 }

@@ -39,19 +39,35 @@ use tokio::net::TcpListener;
 use crate::Node;
 
 pub use macula_runtime::admin::{
-    ErrorReport, HealthReport, LocalService, MeshService, PeerReport, PeersReport, ProviderHealth,
-    ReadyReport, RoutingContact, RoutingReport, ServiceProvider, ServicesReport, SubscriptionInfo,
-    SubscriptionsReport, ADMIN_IDLE_TIMEOUT, MAX_ADMIN_CONNECTIONS, METRICS_CONTENT_TYPE,
+    AdminLimits, ErrorReport, HealthReport, LocalService, MeshService, PeerReport, PeersReport,
+    ProviderHealth, ReadyReport, RoutingContact, RoutingReport, ServiceProvider, ServicesReport,
+    SubscriptionInfo, SubscriptionsReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE,
+    MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP, METRICS_CONTENT_TYPE,
 };
 
 /// Serves the admin API for `node` on an already-bound `listener` (so a
 /// busy port fails before anything starts, and tests can bind port 0) until
 /// `shutdown` completes; then stops accepting and lets open requests finish.
-/// At most [`MAX_ADMIN_CONNECTIONS`] connections are served at once.
+/// At most [`MAX_ADMIN_CONNECTIONS`] connections are served at once
+/// ([`MAX_ADMIN_CONNECTIONS_PER_IP`] from one address); it cannot be starved:
+/// a connection that sends no whole request within
+/// [`ADMIN_REQUEST_DEADLINE`] is closed, and when every slot is taken a new
+/// connection evicts the oldest one that was never answered, so `/live`,
+/// `/ready` and `/health` answer through a slow-loris flood.
 pub async fn serve(
     listener: TcpListener,
     node: Node,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     macula_runtime::admin::serve(listener, node.runtime().clone(), shutdown).await
+}
+
+/// [`serve`] with other limits ([`AdminLimits::default`] are `serve`'s).
+pub async fn serve_with(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: AdminLimits,
+) -> std::io::Result<()> {
+    macula_runtime::admin::serve_with(listener, node.runtime().clone(), shutdown, limits).await
 }
