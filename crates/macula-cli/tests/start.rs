@@ -155,6 +155,42 @@ fn a_second_process_on_the_same_data_directory_is_refused() {
 }
 
 #[test]
+fn a_cli_in_another_realm_is_told_why_with_the_realms_the_right_way_round() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = Proc::spawn(&start_args(d.path(), &[]));
+    let addr = a.field("listen");
+    let want = "you are in \"test.elsewhere\", this node is in \"test.e2e\"";
+    // As a short-lived full node (the DHT commands) and as a client.
+    for args in [
+        vec![
+            "dht",
+            "get",
+            "some-key",
+            "--realm",
+            "test.elsewhere",
+            "--connect",
+            &addr,
+        ],
+        vec![
+            "sub",
+            "x.*",
+            "--count",
+            "1",
+            "--realm",
+            "test.elsewhere",
+            "--connect",
+            &addr,
+        ],
+    ] {
+        let (code, out) = run(command(&args));
+        assert_ne!(code, Some(0), "{args:?}: {out}");
+        assert!(out.contains("realm mismatch"), "{args:?}: {out}");
+        assert!(out.contains(want), "{args:?}: {out}");
+    }
+    assert_eq!(a.terminate(), Some(0));
+}
+
+#[test]
 fn port_in_use_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
