@@ -2002,6 +2002,25 @@ fn a_reset_stream_that_lost_nothing_tells_nobody() {
         .unwrap();
     // 0 read, 2 written: 2 lost in flight.
     assert_eq!(rx3.deliver_lagged(|_, _| {}), 2);
+    // Read exactly what was written: nobody is told anything (not even 0).
+    let mut rx4 = BatchReceiver::new(false);
+    b.handle_batch(
+        id(3),
+        t,
+        &dropped_body(3, 0, &[("a.b", 2)]),
+        &mut rx4,
+        ms(2),
+    )
+    .unwrap();
+    rx4.deliver_lagged(|_, _| {});
+    b.handle_stream_reset(id(3), &mut rx4, ms(2));
+    let mut rx5 = BatchReceiver::new(false);
+    b.handle_batch(id(3), t, &dropped_body(3, 2, &[]), &mut rx5, ms(3))
+        .unwrap();
+    let mut none = Vec::new();
+    rx4.deliver_lagged(|s, n| none.push((*s, n)));
+    rx5.deliver_lagged(|s, n| none.push((*s, n)));
+    assert!(none.is_empty(), "{none:?}");
 }
 
 #[test]
