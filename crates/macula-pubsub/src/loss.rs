@@ -99,7 +99,19 @@ impl LossReport {
             own_extra.push((String::new(), self.unnamed));
         }
         let mut frames = 0;
-        let mut emit = |p: NodeId, e: u64, in_flight: u64, mut topics: Vec<(String, u64)>| {
+        let mut emit = |p: NodeId, e: u64, in_flight: u64, named: Vec<(String, u64)>| {
+            // A topic this receiver's frames cannot hold is reported under no
+            // topic instead (one entry for all of them).
+            let (mut topics, too_long): (Vec<_>, Vec<_>) = named
+                .into_iter()
+                .partition(|(t, _)| t.len() + DROPPED_ENTRY_OVERHEAD <= budget);
+            let unnamed: u64 = too_long.iter().map(|(_, n)| n).sum();
+            if unnamed > 0 {
+                match topics.iter_mut().find(|(t, _)| t.is_empty()) {
+                    Some(entry) => entry.1 += unnamed,
+                    None => topics.push((String::new(), unnamed)),
+                }
+            }
             topics.sort();
             let mut chunk: Vec<(String, u64)> = Vec::new();
             let mut bytes = 0;
@@ -131,15 +143,8 @@ impl LossReport {
                     bytes = 0;
                 }
                 let Some((t, n)) = rest.next() else { break };
-                if t.len() + DROPPED_ENTRY_OVERHEAD > budget {
-                    // A topic this receiver's frames cannot hold: reported
-                    // under no topic instead.
-                    chunk.push((String::new(), n));
-                    bytes += DROPPED_ENTRY_OVERHEAD;
-                } else {
-                    bytes += t.len() + DROPPED_ENTRY_OVERHEAD;
-                    chunk.push((t, n));
-                }
+                bytes += t.len() + DROPPED_ENTRY_OVERHEAD;
+                chunk.push((t, n));
             }
         };
         let mut own_all = own;
@@ -285,6 +290,45 @@ mod tests {
         let mut buf = Vec::new();
         assert_eq!(r.encode(&mut buf, me, 1, 200), 1);
         assert_eq!(decode_all(&buf)[0].topics, vec![(String::new(), 2)]);
+    }
+
+    #[test]
+    fn merging_keeps_unnamed_counts_and_a_topic_that_just_fits_is_named() {
+        let me = NodeId::from_bytes([1; 32]);
+        let mut full = LossReport::default();
+        for i in 0..MAX_REPORT_TOPICS + 3 {
+            full.add(&msg(&format!("t{i}"), None), 1);
+        }
+        let mut r = LossReport {
+            unnamed: 2,
+            ..LossReport::default()
+        };
+        r.merge(full);
+        assert_eq!((r.unnamed, r.dropped()), (5, MAX_REPORT_TOPICS as u64 + 5));
+        // A topic of exactly the frame's room for one entry keeps its name.
+        let limit = 300u32;
+        let room = limit as usize - DROPPED_BODY_OVERHEAD - DROPPED_ENTRY_OVERHEAD;
+        let mut one = LossReport::default();
+        one.add(&msg(&"y".repeat(room), None), 1);
+        let mut buf = Vec::new();
+        assert_eq!(one.encode(&mut buf, me, 1, limit), 1);
+        assert_eq!(decode_all(&buf)[0].topics[0].0.len(), room);
+        // Topics too long for the frame are reported unnamed, together with
+        // the count already kept unnamed: one entry.
+        let mut long = LossReport::default();
+        for i in 0..30 {
+            long.add(&msg(&format!("{}{i:02}", "z".repeat(room)), None), 1);
+        }
+        long.add(&msg("short", None), 4);
+        long.unnamed = 5;
+        let mut buf = Vec::new();
+        assert_eq!(long.encode(&mut buf, me, 1, limit), 1);
+        let got = decode_all(&buf);
+        assert_eq!(
+            got[0].topics,
+            vec![(String::new(), 35), ("short".to_string(), 4)],
+            "one unnamed entry for all of them"
+        );
     }
 
     #[test]

@@ -2198,6 +2198,19 @@ fn a_node_that_is_gone_is_not_told_and_the_loss_is_counted_unreported() {
     a.handle_peer_down(&id(2), PeerDown::Left, ms(1));
     // m0 (taken, then the stream failed), m1, m2.
     assert_eq!(counter(&a, |c| &c.loss_unreported_total), 3);
+    // A report with an in-flight count, forgotten with its node, counts it.
+    let (mut c, r2, q2, _d) = lossy_pair(4);
+    publish_with(&mut c, &r2, "n1", Overflow::DropNewest).unwrap();
+    let mut taken = Vec::new();
+    let Transmit::Batch(tb) = c.poll_transmit(q2, &mut taken, ms(1)) else {
+        panic!("a batch");
+    };
+    let later = ms(1).saturating_add(macula_pubsub::outbound::PEER_STALL_TIMEOUT);
+    assert!(matches!(c.handle_stall(q2, later), Stall::CutOff { .. }));
+    c.handle_cut_off(id(2), tb, &taken, None, 6, later);
+    c.handle_peer_down(&id(2), PeerDown::Left, later);
+    // m0 and n1 lost with the cut-off, 6 in flight: 8 nobody will hear of.
+    assert_eq!(counter(&c, |c| &c.loss_unreported_total), 8);
     let mut msgs = Vec::new();
     assert!(matches!(
         a.poll_transmit(q, &mut msgs, ms(2)),
