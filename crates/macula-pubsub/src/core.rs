@@ -1014,9 +1014,14 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             }
         }
         self.note_lost(node, &lost, report, in_flight + carried);
-        if !self.out.has_report(&node) {
-            return;
+        if self.out.has_report(&node) {
+            self.send_report(node, now);
         }
+    }
+
+    /// Makes sure a sender runs for `node` to write its pending report: its
+    /// queue (created if needed) gets a sender started or woken.
+    pub(crate) fn send_report(&mut self, node: NodeId, now: Millis) {
         let frame_limit = self.frame_limit;
         if let Some(q) = self.out.queue_for(node, frame_limit, now) {
             let mut wake = None;

@@ -378,12 +378,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         now: Millis,
     ) {
         self.out.note_loss(node, |r| r.add_topic(origin, topic, n));
-        let frame_limit = self.frame_limit;
-        if let Some(q) = self.out.queue_for(node, frame_limit, now) {
-            let mut wake = None;
-            self.out.kick(q, &mut wake);
-            self.push_wake(wake);
-        }
+        self.send_report(node, now);
         self.count_unreported();
     }
 

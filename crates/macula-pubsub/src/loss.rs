@@ -93,10 +93,11 @@ impl LossReport {
                 .map_or((publisher, epoch), |o| (o.publisher, o.epoch));
             groups.entry(key).or_default().push((topic.to_string(), *n));
         }
-        let own = groups.remove(&(publisher, epoch)).unwrap_or_default();
-        let mut own_extra: Vec<(String, u64)> = Vec::new();
+        // This node's own: its named drops and what was kept unnamed (`emit`
+        // merges that with any too-long topic), with the in-flight count.
+        let mut own = groups.remove(&(publisher, epoch)).unwrap_or_default();
         if self.unnamed > 0 {
-            own_extra.push((String::new(), self.unnamed));
+            own.push((String::new(), self.unnamed));
         }
         let mut frames = 0;
         let mut emit = |p: NodeId, e: u64, in_flight: u64, named: Vec<(String, u64)>| {
@@ -147,10 +148,8 @@ impl LossReport {
                 chunk.push((t, n));
             }
         };
-        let mut own_all = own;
-        own_all.extend(own_extra);
-        if self.in_flight > 0 || !own_all.is_empty() {
-            emit(publisher, epoch, self.in_flight, own_all);
+        if self.in_flight > 0 || !own.is_empty() {
+            emit(publisher, epoch, self.in_flight, own);
         }
         let mut others: Vec<_> = groups.into_iter().collect();
         others.sort_by_key(|((p, e), _)| (*p, *e));

@@ -116,7 +116,7 @@ pub(crate) struct SubQueue {
     queue: Mutex<BoundedQueue<Event>>,
     waker: AtomicWaker,
     closed: AtomicBool,
-    /// A data stream's reader waits for room here (see `wait_for_room`);
+    /// A data stream's reader waits for room here (see `push_waiting`);
     /// the subscription notifies after taking an event while this is set.
     room: Notify,
     waiting: AtomicBool,
