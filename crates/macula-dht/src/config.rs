@@ -56,6 +56,17 @@ pub const LOST_PROBE_MAX: Millis = Millis(120_000);
 /// all); from then on the bucket refresh, which runs on the same period, is
 /// what finds it again.
 pub const LOST_PROBE_HORIZON: Millis = REFRESH_INTERVAL;
+/// A node that stopped answering (a request to it timed out twice, or the
+/// runtime's failure detector declared it down) is *suspected* this long:
+/// lookups still ask it (an answer ends the suspicion) but do not wait on
+/// it: the next candidate takes its slot and termination does not count
+/// it, until it is heard from again (a request or an answer from it, a
+/// lost-contact probe it answers) or this passes. A minute covers the time other nodes keep it in
+/// their answers (until their own requests to it time out).
+pub const SUSPECT_TTL: Millis = Millis(60_000);
+/// Nodes suspected at once; past it the oldest suspicion is dropped (that
+/// node is then asked, and waited on, once more).
+pub const MAX_SUSPECTS: usize = 1_024;
 /// Shortlist length of one lookup: three times k keeps enough spare candidates
 /// when some of the closest are dead, while bounding memory per lookup.
 pub const MAX_LOOKUP_CANDIDATES: usize = 3 * K;
@@ -143,6 +154,10 @@ pub struct Config {
     pub lost_probe_max: Millis,
     /// See [`LOST_PROBE_HORIZON`]; longer than `lost_probe_min`.
     pub lost_probe_horizon: Millis,
+    /// See [`SUSPECT_TTL`].
+    pub suspect_ttl: Millis,
+    /// See [`MAX_SUSPECTS`]; 0 turns suspicion off.
+    pub max_suspects: usize,
     /// See [`MAX_LOOKUP_CANDIDATES`].
     pub max_lookup_candidates: usize,
     /// See [`MAX_LOOKUP_REQUESTS`].
@@ -206,6 +221,8 @@ impl Default for Config {
             lost_probe_min: LOST_PROBE_MIN,
             lost_probe_max: LOST_PROBE_MAX,
             lost_probe_horizon: LOST_PROBE_HORIZON,
+            suspect_ttl: SUSPECT_TTL,
+            max_suspects: MAX_SUSPECTS,
             max_lookup_candidates: MAX_LOOKUP_CANDIDATES,
             max_lookup_requests: MAX_LOOKUP_REQUESTS,
             max_active_lookups: MAX_ACTIVE_LOOKUPS,

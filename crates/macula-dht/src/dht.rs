@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use macula_wire::suspect::SuspectList;
 use macula_wire::NodeId;
 
 use crate::config::Config;
@@ -157,6 +158,13 @@ pub struct Stats {
     pub lost_contacts_dropped: u64,
     /// Gauge, not a counter: contacts on the lost list now.
     pub lost_contacts: u64,
+    /// Nodes suspected (stopped answering, or declared down by the runtime).
+    pub suspects_declared: u64,
+    /// Lookup requests to suspected nodes, sent but not waited on: each is
+    /// a request timeout (1 s, twice) no lookup waited for.
+    pub suspects_not_waited: u64,
+    /// Gauge: nodes suspected now.
+    pub suspects: u64,
     /// Times the rate limiter's peer table had to be cleared under a flood.
     pub rate_limiter_resets: u64,
     /// Records accepted into the local store (new or refreshed).
@@ -230,6 +238,9 @@ pub struct Dht {
     routing: RoutingTable,
     /// Contacts evicted for not answering, re-probed on a backoff.
     lost: LostContacts,
+    /// Nodes that stopped answering (or the runtime declared down): lookups
+    /// do not wait on them until they are heard from (`Config::suspect_ttl`).
+    suspects: SuspectList<NodeId>,
     store: RecordStore,
     limiter: RateLimiter,
     pending: HashMap<u64, Pending>,
@@ -287,6 +298,7 @@ impl Dht {
                 config.lost_probe_max,
                 config.lost_probe_horizon,
             ),
+            suspects: SuspectList::new(config.suspect_ttl, config.max_suspects),
             store: RecordStore::new(config.max_records, config.max_records_per_publisher),
             limiter: RateLimiter::new(
                 config.rate_limit_burst,
@@ -341,6 +353,7 @@ impl Dht {
         let mut s = self.stats.clone();
         s.rate_limiter_resets = self.limiter.n_resets;
         s.lost_contacts = self.lost.len() as u64;
+        s.suspects = self.suspects.len() as u64;
         s
     }
 
@@ -546,6 +559,9 @@ impl Dht {
     }
 
     fn drop_peer(&mut self, id: &NodeId, now: Millis, remember: bool) {
+        if remember {
+            self.suspect(*id, now);
+        }
         let known = self.routing.get(id).map(|e| e.contact.clone());
         if self.routing.mark_unresponsive(id, now) {
             self.stats.peers_evicted += 1;
@@ -701,6 +717,7 @@ impl Dht {
     /// expiry, republish, and bucket refresh. Harmless to call early or often.
     pub fn handle_timeout(&mut self, now: Millis) {
         self.stats.records_expired += self.store.expire(now) as u64;
+        self.suspects.expire(now);
 
         while let Some(&(at, cid)) = self.deadlines.first() {
             if at > now {
@@ -779,6 +796,7 @@ impl Dht {
     /// bucket's stale head, hand records to a newly added closer node, and take
     /// the contact off the lost list if it was there.
     fn observe(&mut self, contact: Contact, now: Millis) {
+        self.suspects.heard_from(&contact.id);
         let insert = self.routing.seen(contact.clone(), now);
         if insert != Insert::IsSelf && self.lost.remove(&contact.id) {
             self.stats.lost_contacts_restored += 1;
@@ -849,6 +867,7 @@ impl Dht {
             self.stats.retries += 1;
             return;
         }
+        self.suspect(p.to.id, now);
         // The table's entry may carry a newer address than the request did.
         let known = self.routing.get(&p.to.id).map(|e| e.contact.clone());
         if self.routing.mark_unresponsive(&p.to.id, p.first_sent) {
@@ -868,6 +887,17 @@ impl Dht {
             Purpose::LostProbe => self.lost.set_probing(&p.to.id, false),
             Purpose::Probe | Purpose::Replicate => {}
         }
+    }
+
+    fn suspect(&mut self, id: NodeId, now: Millis) {
+        if self.suspects.declare_down(id, now) {
+            self.stats.suspects_declared += 1;
+        }
+    }
+
+    /// Is `id` suspected (see [`crate::config::SUSPECT_TTL`]) at `now`?
+    pub fn is_suspected(&self, id: &NodeId, now: Millis) -> bool {
+        self.suspects.is_down(id, now)
     }
 
     /// `contact` was just evicted for not answering: keep it on the bounded
@@ -960,9 +990,15 @@ impl Dht {
                 LookupKind::FindValue => Request::FindValue { key: l.target },
             };
             let peer = contact.id;
-            if !self.send(contact, request, Purpose::Lookup(id), now) {
-                if let Some(l) = self.lookups.get_mut(&id) {
+            let suspected = self.suspects.is_down(&peer, now);
+            let sent = self.send(contact, request, Purpose::Lookup(id), now);
+            if let Some(l) = self.lookups.get_mut(&id) {
+                if !sent {
                     l.on_failure(&peer);
+                } else if suspected {
+                    // Asked (an answer puts it back), never waited on.
+                    self.stats.suspects_not_waited += 1;
+                    l.not_waited(&peer);
                 }
             }
         }

@@ -94,6 +94,16 @@ enum State {
     InFlight,
     Answered,
     Failed,
+    /// Asked, but suspected dead: counted as failed (not in flight, not
+    /// among the k closest the lookup waits for) unless it answers.
+    Unwaited,
+}
+
+impl State {
+    /// Failed, or asked without being waited on: out of the running.
+    fn out(self) -> bool {
+        matches!(self, State::Failed | State::Unwaited)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -224,7 +234,7 @@ impl Lookup {
     pub(crate) fn is_done(&self, k: usize) -> bool {
         self.candidates
             .iter()
-            .filter(|c| c.state != State::Failed)
+            .filter(|c| !c.state.out())
             .take(k)
             .all(|c| c.state == State::Answered)
     }
@@ -239,7 +249,7 @@ impl Lookup {
         for c in self
             .candidates
             .iter_mut()
-            .filter(|c| c.state != State::Failed)
+            .filter(|c| !c.state.out())
             .take(k)
         {
             if c.state == State::Waiting {
@@ -262,12 +272,14 @@ impl Lookup {
         let Some(c) = self.candidates.iter_mut().find(|c| c.contact.id == *from) else {
             return;
         };
-        if c.state != State::InFlight {
-            return;
+        match c.state {
+            State::InFlight => self.in_flight -= 1,
+            // A suspect that answered after all: its answer counts.
+            State::Unwaited => {}
+            _ => return,
         }
         c.state = State::Answered;
         let depth = c.depth;
-        self.in_flight -= 1;
         self.rounds = self.rounds.max(depth + 1);
         if !records.is_empty() {
             if self.hops.is_none() {
@@ -281,8 +293,26 @@ impl Lookup {
     /// `from` did not answer (after the retry) or answered nonsense.
     pub(crate) fn on_failure(&mut self, from: &NodeId) {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.contact.id == *from) {
+            match c.state {
+                State::InFlight => {
+                    c.state = State::Failed;
+                    self.in_flight -= 1;
+                    self.n_failed += 1;
+                }
+                State::Unwaited => c.state = State::Failed,
+                _ => {}
+            }
+        }
+    }
+
+    /// `from`, just taken by [`Lookup::next`], is suspected dead: its request
+    /// goes out, but the lookup goes on as if it had failed (the next
+    /// candidate takes its slot, termination does not wait for it). An
+    /// answer still counts.
+    pub(crate) fn not_waited(&mut self, from: &NodeId) {
+        if let Some(c) = self.candidates.iter_mut().find(|c| c.contact.id == *from) {
             if c.state == State::InFlight {
-                c.state = State::Failed;
+                c.state = State::Unwaited;
                 self.in_flight -= 1;
                 self.n_failed += 1;
             }

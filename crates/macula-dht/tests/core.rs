@@ -1055,3 +1055,76 @@ fn unreachable_peers_are_reprobed_but_peers_that_left_are_not() {
     d.peer_unreachable(&id(9), Millis(200));
     assert!(!d.is_lost(&id(9)));
 }
+
+/// The failure detector's verdict reaches the lookups: a node that went
+/// silent (its requests timed out, or the runtime declared it down) is
+/// still asked, but no lookup waits for it, until it is heard from.
+#[test]
+fn a_suspected_node_is_asked_but_never_waited_on() {
+    let mut d = node(1, Config::default());
+    // 2 and 3 stop answering: their requests time out twice.
+    let t = evict_silent(&mut d, &[2, 3], Millis(0));
+    assert!(d.is_suspected(&id(2), t) && d.is_suspected(&id(3), t));
+    assert_eq!(d.stats().suspects, 2);
+    // 4 is alive; 2 and 3 are named again in its answer.
+    d.handle_request(&contact(4), Request::Ping, t)
+        .expect("pong");
+    let lookup = d.get(id(200), t).expect("lookup starts");
+    let (out, _) = drain(&mut d);
+    assert_eq!(out.len(), 1, "only 4 is in the table: {out:?}");
+    d.handle_response(
+        &id(4),
+        out[0].correlation_id,
+        Response::Nodes {
+            closer: vec![contact(2), contact(3)],
+        },
+        Millis(t.0 + 10),
+    );
+    // Both suspects are asked, and the lookup is over without waiting.
+    let (out, events) = drain(&mut d);
+    let asked: Vec<NodeId> = out.iter().map(|o| o.to.id).collect();
+    assert!(
+        asked.contains(&id(2)) && asked.contains(&id(3)),
+        "{asked:?}"
+    );
+    let finished = events.iter().find_map(|e| match e {
+        Event::LookupFinished { id, outcome } if *id == lookup => Some(outcome.clone()),
+        _ => None,
+    });
+    let outcome = finished.expect("finished without waiting for the suspects");
+    assert_eq!(outcome.closest, vec![contact(4)]);
+    assert_eq!(d.stats().suspects_not_waited, 2);
+    // 3 answers after all: no longer suspected, and back in the table.
+    let to3 = out.iter().find(|o| o.to.id == id(3)).expect("asked 3");
+    d.handle_response(
+        &id(3),
+        to3.correlation_id,
+        Response::Nodes { closer: vec![] },
+        Millis(t.0 + 20),
+    );
+    assert!(!d.is_suspected(&id(3), Millis(t.0 + 20)));
+    assert!(d.routing().contains(&id(3)));
+    // 2 stays suspected until the suspicion expires.
+    let ttl = d.config().suspect_ttl;
+    assert!(d.is_suspected(&id(2), Millis(t.0 + ttl.0 - 1)));
+    d.handle_timeout(Millis(t.0 + ttl.0));
+    assert!(!d.is_suspected(&id(2), Millis(t.0 + ttl.0)));
+    assert_eq!(d.stats().suspects, 0);
+}
+
+/// `peer_unreachable` (the runtime's failure detector) makes a node a
+/// suspect at once, even one that was never in the routing table;
+/// `peer_left` (a goodbye) does not.
+#[test]
+fn the_runtime_declares_suspects() {
+    let mut d = node(1, Config::default());
+    d.peer_unreachable(&id(9), Millis(5));
+    assert!(d.is_suspected(&id(9), Millis(5)));
+    d.peer_left(&id(8), Millis(5));
+    assert!(!d.is_suspected(&id(8), Millis(5)));
+    assert_eq!(d.stats().suspects_declared, 1);
+    // Heard from: a request from it.
+    d.handle_request(&contact(9), Request::Ping, Millis(6))
+        .expect("pong");
+    assert!(!d.is_suspected(&id(9), Millis(6)));
+}

@@ -20,6 +20,10 @@
 //!
 //! **Invariant:** no I/O, no clock, no threads, no global state.
 
+pub mod liveness;
+
+pub use liveness::{Liveness, LivenessConfig, Verdict};
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 

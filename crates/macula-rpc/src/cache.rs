@@ -22,6 +22,9 @@ pub struct ProviderInfo<K> {
     pub weight: u32,
     pub metadata: Vec<(String, String)>,
     pub addrs: Vec<String>,
+    /// The advertisement record's sequence number: a provider that
+    /// restarted publishes a higher one (0 when unknown).
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +122,7 @@ mod tests {
             weight: 1,
             metadata: Vec::new(),
             addrs: vec![format!("198.18.0.{node}:1")],
+            seq: 0,
         }
     }
 

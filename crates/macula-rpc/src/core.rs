@@ -9,6 +9,7 @@ use std::hash::Hash;
 
 use macula_wire::rng::Rng;
 use macula_wire::rpc::{CallError, RpcErrorKind};
+use macula_wire::suspect::SuspectList;
 use macula_wire::time::Millis;
 
 use crate::backoff::Backoff;
@@ -73,6 +74,14 @@ pub struct Config {
     pub probe_interval: Millis,
     /// How long a client's call waits for a gateway connection (failover).
     pub gateway_wait: Millis,
+    /// A provider declared down (its connection went silent, or it could
+    /// not be reached) is tried only after every other provider for this
+    /// long, or until it is heard from: as long as an advertisement record
+    /// lives (120 s), so a dead provider's record expires before its
+    /// suspicion does. Remembered beyond the provider cache's few seconds.
+    pub down_ttl: Millis,
+    /// Providers remembered as down at once (the oldest forgotten first).
+    pub max_down: usize,
     pub backoff: Backoff,
     pub breaker: BreakerConfig,
     pub balancer: BalancerLimits,
@@ -92,6 +101,8 @@ impl Default for Config {
             probe_timeout: Millis::from_secs(1),
             probe_interval: Millis::from_secs(1),
             gateway_wait: Millis::from_secs(5),
+            down_ttl: Millis::from_secs(120),
+            max_down: 1024,
             backoff: Backoff::default(),
             breaker: BreakerConfig::default(),
             balancer: BalancerLimits::default(),
@@ -319,6 +330,7 @@ enum Choice<K> {
 fn choose<K: Key>(
     me: &K,
     balancer: &mut Balancer<K>,
+    down: &SuspectList<K>,
     providers: &[ProviderInfo<K>],
     call: &Call<K>,
     now: Millis,
@@ -334,7 +346,15 @@ fn choose<K: Key>(
     if candidates.is_empty() && tried.is_empty() {
         return Choice::NoProviders;
     }
-    match balancer.pick(&call.procedure, call.strategy, &candidates, tried, now) {
+    // Providers declared down come last: tried only when no other is left
+    // (a suspicion may be wrong; a call must not fail for it).
+    let (up, suspects): (Vec<_>, Vec<_>) = candidates
+        .into_iter()
+        .partition(|(k, _)| !down.is_down(k, now));
+    let picked = balancer
+        .pick(&call.procedure, call.strategy, &up, tried, now)
+        .or_else(|| balancer.pick(&call.procedure, call.strategy, &suspects, tried, now));
+    match picked {
         None => Choice::Exhausted,
         Some(k) => {
             let addrs = providers.iter().find(|p| p.node == k);
@@ -354,6 +374,13 @@ pub struct RpcCore<K, H> {
     rng: Rng,
     balancer: Balancer<K>,
     cache: ProviderCache<K>,
+    /// Providers declared down: tried last (see `Config::down_ttl`).
+    down: SuspectList<K>,
+    /// The advertisement `seq` of each suspect when it was declared down
+    /// (`None`: not known then; the next lookup's record sets it). A
+    /// record with a higher one means the provider restarted: the
+    /// suspicion ends.
+    down_seq: HashMap<K, Option<u64>>,
     serve: ServeTable<K, H>,
     calls: HashMap<CallId, Call<K>>,
     /// Wire IDs of CALLs awaiting an answer: the call and the only
@@ -373,6 +400,8 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         let balancer = Balancer::new(cfg.breaker, cfg.balancer, rng.next_u64());
         RpcCore {
             cache: ProviderCache::new(cfg.provider_cache_ttl, cfg.provider_cache_capacity),
+            down: SuspectList::new(cfg.down_ttl, cfg.max_down),
+            down_seq: HashMap::new(),
             serve: ServeTable::new(cfg.handler_concurrency, cfg.max_advertised),
             me,
             role,
@@ -572,8 +601,45 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         mut providers: Vec<ProviderInfo<K>>,
     ) -> Vec<ProviderInfo<K>> {
         providers.truncate(self.cfg.max_providers_per_procedure);
+        for p in &providers {
+            if !self.down.is_down(&p.node, now) {
+                continue;
+            }
+            match self.down_seq.get_mut(&p.node) {
+                Some(Some(seq)) if p.seq > *seq => {
+                    // Re-advertised since: it restarted.
+                    self.down.heard_from(&p.node);
+                    self.down_seq.remove(&p.node);
+                }
+                Some(known @ None) => *known = Some(p.seq),
+                Some(Some(_)) => {}
+                None => {
+                    self.down_seq.insert(p.node.clone(), Some(p.seq));
+                }
+            }
+        }
         self.cache.insert(procedure, providers.clone(), now);
         providers
+    }
+
+    /// `node` is down from `now` on; `seq` is its advertisement's, if known.
+    fn declare_down(&mut self, node: &K, seq: Option<u64>, now: Millis) {
+        self.down.declare_down(node.clone(), now);
+        if self.down_seq.len() >= self.cfg.max_down.saturating_mul(2) {
+            let down = &self.down;
+            self.down_seq.retain(|k, _| down.is_down(k, now));
+        }
+        self.down_seq.insert(node.clone(), seq);
+    }
+
+    /// The advertisement `seq` of `node` among the cached providers of
+    /// `procedure`.
+    fn cached_seq(&self, procedure: &str, node: &K, now: Millis) -> Option<u64> {
+        self.cache
+            .get(procedure, now)?
+            .iter()
+            .find(|p| p.node == *node)
+            .map(|p| p.seq)
     }
 
     /// The provider of call `id` was reached: the CALL goes out.
@@ -647,6 +713,9 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
             _ => return None,
         };
         self.pending.remove(&wire_id);
+        if self.down.heard_from(from) {
+            self.down_seq.remove(from);
+        }
         let mut call = self.calls.remove(&id)?;
         let matched = matches!(call.phase, Phase::Waiting { wire_id: w, .. } if w == wire_id);
         if matched {
@@ -699,6 +768,52 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         }
         self.inflight = self.inflight.saturating_sub(1);
         self.abandon(&mut call, now)
+    }
+
+    /// The failure detector declared `node` down (its connection went
+    /// silent): it is tried last from now on (see `Config::down_ttl`), and
+    /// every call whose current attempt is reaching or waiting on it moves
+    /// on to another provider at once instead of waiting for its probe.
+    /// Returns those calls (their drivers have actions to take).
+    pub fn handle_peer_down(&mut self, node: &K, now: Millis) -> Vec<CallId> {
+        self.declare_down(node, None, now);
+        let mut ids: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| {
+                c.attempt.as_ref().is_some_and(|a| a.provider == *node)
+                    && matches!(c.phase, Phase::Connecting { .. } | Phase::Waiting { .. })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        // In ID order, not the map's: replayable runs.
+        ids.sort_unstable();
+        for id in &ids {
+            self.handle_link_failed(
+                *id,
+                now,
+                "the provider's node was declared down".into(),
+                true,
+            );
+        }
+        ids
+    }
+
+    /// `node` connected again: no longer suspected.
+    pub fn handle_peer_up(&mut self, node: &K) {
+        self.down.heard_from(node);
+        self.down_seq.remove(node);
+    }
+
+    /// Is `node` suspected down (tried after every other provider)?
+    pub fn is_down(&self, node: &K, now: Millis) -> bool {
+        self.down.is_down(node, now)
+    }
+
+    /// Providers suspected down now (some may have expired) and how many
+    /// suspicions were declared in all.
+    pub fn down_stats(&self) -> (usize, u64) {
+        (self.down.len(), self.down.declared_total())
     }
 
     // ----- serving ------------------------------------------------------
@@ -869,13 +984,27 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
     /// path: the list is read in place, not copied).
     fn pick_cached(&mut self, call: &mut Call<K>, now: Millis) {
         let providers = self.cache.get(&call.procedure, now).unwrap_or(&[]);
-        let choice = choose(&self.me, &mut self.balancer, providers, call, now);
+        let choice = choose(
+            &self.me,
+            &mut self.balancer,
+            &self.down,
+            providers,
+            call,
+            now,
+        );
         self.apply(call, choice, now);
     }
 
     /// Chooses a provider of a mesh call among `providers` and reaches it.
     fn pick(&mut self, call: &mut Call<K>, providers: &[ProviderInfo<K>], now: Millis) {
-        let choice = choose(&self.me, &mut self.balancer, providers, call, now);
+        let choice = choose(
+            &self.me,
+            &mut self.balancer,
+            &self.down,
+            providers,
+            call,
+            now,
+        );
         self.apply(call, choice, now);
     }
 
@@ -958,6 +1087,12 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
             Some(a) => a.provider.clone(),
             None => return,
         };
+        if call.attempt.as_ref().is_some_and(|a| a.record) {
+            // A provider we could not reach, or whose connection died under
+            // the call: others go first from now on.
+            let seq = self.cached_seq(&call.procedure, &provider, now);
+            self.declare_down(&provider, seq, now);
+        }
         let e = CallFailure::Unreachable {
             tried: vec![provider],
             reason,

@@ -29,6 +29,7 @@ fn info(node: u32) -> ProviderInfo<u32> {
         weight: 1,
         metadata: Vec::new(),
         addrs: vec![format!("127.0.0.{node}:4000")],
+        seq: 1,
     }
 }
 
@@ -1162,4 +1163,113 @@ fn a_named_provider_is_called_even_when_this_node_serves_the_procedure() {
         Ok(Started::Local { .. })
     ));
     assert_eq!((*c.me(), c.role()), (0, Role::Node));
+}
+
+/// Answers call `id`'s CALL out to the provider it connects to now; returns
+/// that provider.
+fn answered(c: &mut Core, id: CallId, first: Option<u32>, now: u64) -> u32 {
+    let provider = match first {
+        Some(p) => p,
+        None => connect_to(&one(c, id, now)),
+    };
+    let w = send(c, id, now);
+    c.handle_answer(Millis(now), &provider, w, Ok(Vec::new()));
+    match one(c, id, now) {
+        Action::Done(Ok(a)) => assert_eq!(a.provider, provider),
+        other => panic!("{other:?}"),
+    }
+    provider
+}
+
+/// Issue 17: a call waiting on a node the failure detector declares down
+/// moves on at once, and later calls (after the provider cache expired and
+/// the dead node's advertisement came back from the DHT) go to the live
+/// provider first, until the dead one is heard from again.
+#[test]
+fn a_provider_declared_down_is_left_at_once_and_tried_last() {
+    let mut c = core(Role::Node);
+    let (id, first) = started(&mut c, &[1, 2], spec("p"), 0);
+    let _w = send(&mut c, id, 0);
+    let woken = c.handle_peer_down(&first, Millis(100));
+    assert_eq!(woken, vec![id]);
+    assert!(c.is_down(&first, Millis(100)));
+    assert!(matches!(one(&mut c, id, 100), Action::Retrying { .. }));
+    let at = c.poll_timeout(id).expect("backing off").0;
+    let second = answered(&mut c, id, None, at);
+    assert_ne!(second, first);
+    // Round robin would alternate; the suspect is never picked while the
+    // other provider is there, also after the cache expired (lookups still
+    // return both: the dead node's record outlives it).
+    for n in 0..6u64 {
+        let now = 1_000 + n * 3_000;
+        let (id, picked) = started(&mut c, &[1, 2], spec("p"), now);
+        assert_eq!(picked, second, "call {n} at {now} ms");
+        answered(&mut c, id, Some(picked), now);
+    }
+    // Heard from again: back in the rotation.
+    c.handle_peer_up(&first);
+    assert!(!c.is_down(&first, Millis(20_000)));
+    let picks: Vec<u32> = (0..2u64)
+        .map(|n| {
+            let (id, p) = started(&mut c, &[1, 2], spec("p"), 20_000 + n);
+            answered(&mut c, id, Some(p), 20_000 + n)
+        })
+        .collect();
+    assert!(picks.contains(&first), "{picks:?}");
+}
+
+/// A provider that could not be reached is remembered as down beyond the
+/// provider cache; when it is the only provider it is still tried (a
+/// suspicion must not fail a call), and the suspicion ends with its TTL or
+/// an answer.
+#[test]
+fn an_unreachable_provider_is_tried_last_but_still_tried() {
+    let mut c = core(Role::Node);
+    let (id, first) = started(&mut c, &[1, 2], spec("p"), 0);
+    c.handle_link_failed(id, Millis(3), "could not connect".into(), false);
+    assert!(c.is_down(&first, Millis(3)));
+    assert_eq!(c.down_stats(), (1, 1));
+    drain(&mut c, id, 3);
+    let at = c.poll_timeout(id).expect("backing off").0;
+    answered(&mut c, id, None, at);
+    // Alone: still called, and its answer clears the suspicion.
+    let (id, picked) = started(&mut c, &[first], spec("p"), 10_000);
+    assert_eq!(picked, first);
+    answered(&mut c, id, Some(picked), 10_000);
+    assert!(!c.is_down(&first, Millis(10_000)));
+    // Suspected again; the suspicion expires with `down_ttl`.
+    let (id, picked) = started(&mut c, &[first], spec("p"), 20_000);
+    c.handle_link_failed(id, Millis(20_000), "no".into(), false);
+    assert!(c.is_down(&picked, Millis(20_000)));
+    let ttl = Config::default().down_ttl.0;
+    assert!(c.is_down(&picked, Millis(20_000 + ttl - 1)));
+    assert!(!c.is_down(&picked, Millis(20_000 + ttl)));
+}
+
+/// A suspect that restarted re-advertises (a higher record `seq`): the
+/// suspicion ends with the lookup that finds the new record, not with its
+/// TTL; the old record, found again, changes nothing.
+#[test]
+fn a_re_advertised_provider_is_no_longer_suspected() {
+    let mut c = core(Role::Node);
+    let (id, first) = started(&mut c, &[1, 2], spec("p"), 0);
+    c.handle_link_failed(id, Millis(3), "could not connect".into(), false);
+    drain(&mut c, id, 3);
+    let at = c.poll_timeout(id).expect("backing off").0;
+    answered(&mut c, id, None, at);
+    let lookup = |c: &mut Core, now: u64, seq: u64| {
+        let found = vec![ProviderInfo { seq, ..info(first) }, info(3 - first)];
+        c.cache_providers(Millis(now), "p", found);
+    };
+    lookup(&mut c, 6_000, 1);
+    assert!(c.is_down(&first, Millis(6_000)), "the same record");
+    lookup(&mut c, 12_000, 2);
+    assert!(!c.is_down(&first, Millis(12_000)), "a newer record");
+    // Declared down by the detector (no seq known): the next record seen
+    // is the baseline, a later one ends it.
+    c.handle_peer_down(&first, Millis(13_000));
+    lookup(&mut c, 13_001, 2);
+    assert!(c.is_down(&first, Millis(13_001)));
+    lookup(&mut c, 20_000, 3);
+    assert!(!c.is_down(&first, Millis(20_000)));
 }

@@ -201,6 +201,7 @@ mod lifecycle {
             weight: node,
             metadata: Vec::new(),
             addrs: Vec::new(),
+            seq: 0,
         }
     }
 

@@ -720,6 +720,7 @@ impl Client {
             // QUIC keep-alives (every `keep_alive_interval`) watch the
             // gateway; pings would cost every gateway a pong per client.
             health_ping_interval: None,
+            liveness: None,
             ping_timeout: s.config.limits.ping_timeout,
             max_frame_size: s.config.limits.max_frame_size,
             // A client's services: what its gateway sends it.

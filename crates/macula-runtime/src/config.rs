@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use macula_wire::time::Millis;
 use macula_wire::{DEFAULT_MAX_FRAME_SIZE, MAX_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE};
 
 use crate::peer_addr::PeerAddr;
@@ -79,6 +80,16 @@ pub struct Limits {
     pub transport_idle_timeout: Duration,
     /// Interval of application health pings, which also measure RTT.
     pub health_ping_interval: Duration,
+    /// Failure detector (full nodes only; see `macula_pool::liveness`): a
+    /// full node silent this long (no datagram at all) is sent a probe.
+    pub peer_probe_after: Duration,
+    /// Failure detector: a full node silent this long is declared down (its
+    /// connection closed, every service told `PeerDown::Silent`). Raised on
+    /// slow paths to `peer_probe_after` plus eight round trips, capped at
+    /// `peer_down_after_max`.
+    pub peer_down_after: Duration,
+    /// Failure detector: the most the RTT may raise `peer_down_after` to.
+    pub peer_down_after_max: Duration,
     /// Deadline for TLS plus the HELLO exchange.
     pub handshake_timeout: Duration,
     /// Deadline for a PONG.
@@ -121,6 +132,16 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The failure detector's timers, as the pure detector takes them.
+    pub fn liveness(&self) -> macula_pool::LivenessConfig {
+        macula_pool::LivenessConfig {
+            probe_after: Millis::from_duration(self.peer_probe_after),
+            down_after: Millis::from_duration(self.peer_down_after),
+            down_after_max: Millis::from_duration(self.peer_down_after_max),
+            ..macula_pool::LivenessConfig::default()
+        }
+    }
+
     /// Client connections the node holds at most: `max_connections` less
     /// `peer_slots` (capped at half of `max_connections`).
     pub fn max_clients(&self) -> usize {
@@ -138,6 +159,9 @@ impl Default for Limits {
             keep_alive_interval: Duration::from_secs(10),
             transport_idle_timeout: Duration::from_secs(30),
             health_ping_interval: Duration::from_secs(30),
+            peer_probe_after: macula_pool::liveness::PROBE_AFTER.to_duration(),
+            peer_down_after: macula_pool::liveness::DOWN_AFTER.to_duration(),
+            peer_down_after_max: macula_pool::liveness::DOWN_AFTER_MAX.to_duration(),
             handshake_timeout: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(10),
             reconnect_backoff_min: Duration::from_millis(250),
@@ -322,8 +346,23 @@ impl NodeConfig {
                 ),
             ));
         }
+        if !(l.peer_probe_after < l.peer_down_after
+            && l.peer_down_after <= l.peer_down_after_max
+            && l.peer_down_after_max < l.transport_idle_timeout)
+        {
+            return Err(invalid(
+                "peer_down_after",
+                format!("{:?}", l.peer_down_after),
+                format!(
+                    "must be longer than peer_probe_after ({:?}), at most peer_down_after_max ({:?}), \
+                     which must be shorter than the transport idle timeout ({:?})",
+                    l.peer_probe_after, l.peer_down_after_max, l.transport_idle_timeout
+                ),
+            ));
+        }
         for (key, d) in [
             ("idle_timeout", l.idle_timeout),
+            ("peer_probe_after", l.peer_probe_after),
             ("handshake_timeout", l.handshake_timeout),
             ("ping_timeout", l.ping_timeout),
             ("health_ping_interval", l.health_ping_interval),

@@ -108,6 +108,8 @@ pub struct DhtCounters {
     pub lost_contacts: AtomicU64,
     pub lost_contacts_probed_total: AtomicU64,
     pub lost_contacts_restored_total: AtomicU64,
+    pub suspects: AtomicU64,
+    pub suspects_not_waited_total: AtomicU64,
     pub records_rejected_total: AtomicU64,
     pub records_expired_total: AtomicU64,
     pub puts_succeeded_total: AtomicU64,
@@ -150,6 +152,8 @@ impl DhtCounters {
             &self.lost_contacts_restored_total,
             st.lost_contacts_restored,
         );
+        set(&self.suspects, st.suspects);
+        set(&self.suspects_not_waited_total, st.suspects_not_waited);
     }
 
     fn rows(&self) -> Vec<(&'static str, &'static str, u64)> {
@@ -224,6 +228,16 @@ impl DhtCounters {
                 "macula_dht_lost_contacts_restored_total",
                 "Lost contacts heard from again (back in the routing table).",
                 g(&self.lost_contacts_restored_total),
+            ),
+            (
+                "macula_dht_suspects",
+                "Nodes suspected dead (silent, or declared down): asked in lookups but not waited on.",
+                g(&self.suspects),
+            ),
+            (
+                "macula_dht_suspects_not_waited_total",
+                "Lookup requests to suspected nodes that no lookup waited for.",
+                g(&self.suspects_not_waited_total),
             ),
             (
                 "macula_dht_inbound_dropped_total",

@@ -7,6 +7,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use macula_pool::{Liveness, LivenessConfig, Verdict};
+use macula_wire::time::Millis;
 use macula_wire::{DecodeError, DisconnectReason, ErrorCode, ErrorFrame, Message, Pong};
 
 use crate::framed::{FrameReader, FrameWriter, InFrame, ReadError};
@@ -20,6 +22,9 @@ pub(crate) struct DriverConfig {
     pub idle_timeout: Duration,
     /// `None`: no health pings (QUIC keep-alives alone watch the peer).
     pub health_ping_interval: Option<Duration>,
+    /// The failure detector's timers; `None` (a client): QUIC keep-alives
+    /// and the transport idle timeout alone watch the peer.
+    pub liveness: Option<LivenessConfig>,
     pub ping_timeout: Duration,
     pub max_frame_size: u32,
     /// Who serves what arrives on this connection.
@@ -42,8 +47,9 @@ pub(crate) enum Gone {
     No,
     /// It left the mesh (DISCONNECT or close code Shutdown).
     Left,
-    /// It went silent (QUIC idle timeout despite keep-alives): crashed, or
-    /// cut off by the network.
+    /// It went silent (the failure detector's bound, a failed health ping,
+    /// or the QUIC idle timeout despite keep-alives): crashed, or cut off by
+    /// the network.
     Silent,
 }
 
@@ -311,6 +317,7 @@ pub(crate) async fn drive(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
+    let mut watch = cfg.liveness.map(|c| Watch::new(&conn, c));
     peer.touch();
     let idle_sleep = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle_sleep);
@@ -318,6 +325,8 @@ pub(crate) async fn drive(
     // busy gateway), so the rarely taken, deep branches below are boxed:
     // inline, their state would sit in every connection's task.
     let mut left_said = false;
+    let mut silent_said = false;
+    let ping_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let end = loop {
         tokio::select! {
             frame = control.read() => match frame {
@@ -373,15 +382,39 @@ pub(crate) async fn drive(
             _ = tick(&mut health) => {
                 let p = peer.clone();
                 let timeout = cfg.ping_timeout;
+                let failed = ping_failed.clone();
                 tokio::spawn(async move {
                     if let Err(e) = p.ping(timeout).await {
                         if !p.is_closed() {
+                            failed.store(true, Relaxed);
                             tracing::warn!(peer = %p.node_id(), error = %e, "health ping failed; closing");
-                            p.connection().close(close_code(DisconnectReason::ProtocolError), b"health ping failed");
+                            p.metrics().peers_declared_down_total.fetch_add(1, Relaxed);
+                            p.connection().close(close_code(DisconnectReason::Unresponsive), b"health ping failed");
                         }
                     }
                 });
             }
+            verdict = look(&mut watch, &conn) => match verdict {
+                Verdict::Alive => {}
+                Verdict::Probe => {
+                    peer.metrics().peer_probes_total.fetch_add(1, Relaxed);
+                    let p = peer.clone();
+                    let timeout = watch.as_ref().map_or(cfg.ping_timeout, Watch::bound);
+                    // The answer does not matter: its datagrams are what the
+                    // detector looks for.
+                    tokio::spawn(async move {
+                        let _ = p.ping(timeout).await;
+                    });
+                }
+                Verdict::Down { silent_for } => {
+                    let why = format!("declared down: nothing heard for {:?}", silent_for.to_duration());
+                    tracing::warn!(peer = %peer.node_id(), silent_ms = silent_for.0, "peer declared down by the failure detector; closing");
+                    peer.metrics().peers_declared_down_total.fetch_add(1, Relaxed);
+                    conn.close(close_code(DisconnectReason::Unresponsive), why.as_bytes());
+                    silent_said = true;
+                    break why;
+                }
+            },
             () = &mut idle_sleep => {
                 let idle = peer.idle_for();
                 let kept = peer.is_kept();
@@ -418,12 +451,56 @@ pub(crate) async fn drive(
             Gone::Left
         }
         Some(quinn::ConnectionError::TimedOut) => Gone::Silent,
+        // Closed here for silence: by the detector, or a failed health ping.
+        _ if silent_said || ping_failed.load(Relaxed) => Gone::Silent,
         _ if left_said => Gone::Left,
         _ => Gone::No,
     };
     // Wake anyone still waiting for a pong.
     peer.clear_pings();
     Ended { why: end, gone }
+}
+
+/// The failure detector of one connection and its timer.
+struct Watch {
+    liveness: Liveness,
+    every: tokio::time::Interval,
+    started: tokio::time::Instant,
+}
+
+impl Watch {
+    fn new(conn: &quinn::Connection, cfg: LivenessConfig) -> Watch {
+        let every = cfg.tick.to_duration();
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // A late tick must stay late (the detector reads lateness as our
+        // own stall), not be made up for by a burst.
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Watch {
+            liveness: Liveness::new(cfg, Millis::ZERO, conn.stats().udp_rx.datagrams),
+            every: i,
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The silence that declares this peer down now (probes wait this long
+    /// for their PONG at most).
+    fn bound(&self) -> Duration {
+        self.liveness.config().bound(Millis::ZERO).to_duration()
+    }
+}
+
+/// The failure detector's next verdict, at its next tick; never, without
+/// a detector (a client's connection).
+async fn look(watch: &mut Option<Watch>, conn: &quinn::Connection) -> Verdict {
+    match watch {
+        Some(w) => {
+            w.every.tick().await;
+            let now = Millis::from_duration(w.started.elapsed());
+            let rtt = Millis::from_duration(conn.rtt());
+            w.liveness.look(now, conn.stats().udp_rx.datagrams, rtt)
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The next health-ping tick; never, without health pings.

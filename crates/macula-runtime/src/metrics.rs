@@ -139,6 +139,15 @@ pub struct Metrics {
     pub pongs_received_total: AtomicU64,
     /// Pongs that matched no outstanding ping (late or forged).
     pub pongs_unmatched_total: AtomicU64,
+    /// Failure detector: probes sent to silent full nodes.
+    pub peer_probes_total: AtomicU64,
+    /// Failure detector: nodes declared down (a connection silent for the
+    /// bound, a transport timeout, a failed health ping, a failed dial).
+    pub peers_declared_down_total: AtomicU64,
+    /// Nodes suspected down that were heard from again.
+    pub peers_restored_total: AtomicU64,
+    /// Nodes currently suspected down.
+    pub peers_suspected: AtomicU64,
     protocol_errors: [AtomicU64; 6],
     handshake_failures: [AtomicU64; 7],
     /// Messages by type, indexed by position in `MessageType::ALL`; the last
@@ -285,6 +294,18 @@ impl Metrics {
                 None,
                 g(&self.pongs_unmatched_total),
             ),
+            ("macula_peer_probes_total", None, g(&self.peer_probes_total)),
+            (
+                "macula_peers_declared_down_total",
+                None,
+                g(&self.peers_declared_down_total),
+            ),
+            (
+                "macula_peers_restored_total",
+                None,
+                g(&self.peers_restored_total),
+            ),
+            ("macula_peers_suspected", None, g(&self.peers_suspected)),
         ];
         for k in ProtocolErrorKind::ALL {
             rows.push((
@@ -375,6 +396,22 @@ const HELP: &[(&str, &str)] = &[
         "PING frames received and answered.",
     ),
     ("macula_pongs_received_total", "PONG frames received."),
+    (
+        "macula_peer_probes_total",
+        "Failure detector: probes (PING) sent to full nodes silent for peer_probe_after.",
+    ),
+    (
+        "macula_peers_declared_down_total",
+        "Nodes declared down: silent for the failure detector's bound, a transport timeout, a failed health ping or dial.",
+    ),
+    (
+        "macula_peers_restored_total",
+        "Nodes suspected down that connected again.",
+    ),
+    (
+        "macula_peers_suspected",
+        "Nodes currently suspected down (services avoid waiting on them).",
+    ),
     (
         "macula_pongs_unmatched_total",
         "PONG frames that matched no outstanding PING (late or forged).",
@@ -491,7 +528,7 @@ mod tests {
         assert_eq!(m.protocol_errors_total(), 6);
         assert_eq!(m.handshake_failures(HandshakeFailure::Timeout), 1);
         let n_types = macula_wire::MessageType::ALL.len() + 1;
-        assert_eq!(m.snapshot().len(), 16 + 6 + 7 + 2 * n_types);
+        assert_eq!(m.snapshot().len(), 20 + 6 + 7 + 2 * n_types);
         m.message_received(macula_wire::MessageType::Ping as u8);
         m.message_received(0x7e);
         assert_eq!(m.messages_received(Some(macula_wire::MessageType::Ping)), 1);

@@ -31,6 +31,7 @@ use crate::tls::{self, TlsError};
 use crate::tunnel::{is_tunnel_addr, RelayError, SessionInfo, Tunnel};
 use macula_pool::{Admit, PoolTable, Pooled, Refusal};
 use macula_wire::relay::{relay_record_name, RelayEntry, RelayRecord};
+use macula_wire::suspect::SuspectList;
 
 /// Handshakes (TLS + HELLO) in progress at once on the accept side; beyond
 /// this, new connection attempts are refused so a flood cannot pile up tasks.
@@ -38,6 +39,11 @@ pub const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Capacity of the peer event channel; a subscriber that falls this far
 /// behind gets `Lagged` (and must not assume it saw every event).
 pub const PEER_EVENT_CAPACITY: usize = 1024;
+/// How long a node whose connection went silent is listed as suspected
+/// (`macula_peers_suspected`) unless it connects again.
+pub const SUSPECT_TTL: macula_wire::time::Millis = macula_wire::time::Millis(60_000);
+/// Nodes listed as suspected at once (the oldest suspicion goes first).
+pub const MAX_SUSPECTS: usize = 4_096;
 /// Time allowed for a graceful shutdown to say goodbye to peers.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// After closing, how long to let QUIC drain (retransmit CONNECTION_CLOSE).
@@ -200,6 +206,11 @@ struct NodeShared {
     local_addr: SocketAddr,
     local: LocalInfo,
     table: Mutex<PoolTable<Peer>>,
+    /// Nodes whose connection went silent (the failure detector, a failed
+    /// health ping, the transport timeout), until they connect again:
+    /// `/admin/peers` and `macula_peers_suspected` (each core keeps its own
+    /// list for its decisions).
+    suspects: Mutex<SuspectList<NodeId>>,
     dialing: Mutex<HashMap<SocketAddr, DialFuture>>,
     metrics: Arc<Metrics>,
     events: broadcast::Sender<PeerEvent>,
@@ -522,6 +533,7 @@ impl NodeRuntime {
                     config.limits.max_connections,
                     config.limits.max_clients(),
                 )),
+                suspects: Mutex::new(SuspectList::new(SUSPECT_TTL, MAX_SUSPECTS)),
                 dialing: Mutex::new(HashMap::new()),
                 metrics: Arc::new(Metrics::default()),
                 events,
@@ -905,11 +917,23 @@ impl NodeRuntime {
             // ping timer per client would only wake the node.
             health_ping_interval: (!peer.is_client())
                 .then_some(self.0.config.limits.health_ping_interval),
+            // The failure detector watches full nodes only: a client is
+            // watched by QUIC keep-alives (a probe timer per client would
+            // wake a gateway of 10,000 clients 40,000 times a second).
+            liveness: (!peer.is_client()).then(|| self.0.config.limits.liveness()),
             ping_timeout: self.0.config.limits.ping_timeout,
             max_frame_size: self.0.config.limits.max_frame_size,
             services: self.0.services.clone(),
         };
         let shutdown = self.0.shutdown.subscribe();
+        {
+            let mut s = lock(&self.0.suspects);
+            if s.heard_from(&peer.node_id()) {
+                let m = &self.0.metrics;
+                m.peers_restored_total.fetch_add(1, Relaxed);
+                m.peers_suspected.store(s.len() as u64, Relaxed);
+            }
+        }
         self.0.services.peer_up(&peer);
         tokio::spawn(async move {
             let ended = driver::drive(peer.clone(), reader, cfg, shutdown).await;
@@ -951,6 +975,16 @@ impl NodeRuntime {
             .metrics
             .connections_closed_total
             .fetch_add(1, Relaxed);
+        if ended.gone == Gone::Silent {
+            let mut s = lock(&self.0.suspects);
+            let now = self.0.clock.now();
+            s.expire(now);
+            s.declare_down(peer.node_id(), now);
+            self.0
+                .metrics
+                .peers_suspected
+                .store(s.len() as u64, Relaxed);
+        }
         self.0.services.peer_down(
             peer,
             match (ended.gone, removed) {

@@ -500,6 +500,7 @@ fn providers(procedure: &str, records: Vec<Record>) -> Vec<ProviderInfo<NodeId>>
                 weight: ad.weight,
                 metadata: ad.metadata,
                 addrs: ad.addrs,
+                seq: r.seq,
             })
         })
         .collect()

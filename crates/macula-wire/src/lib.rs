@@ -20,6 +20,7 @@ pub mod pubsub;
 pub mod relay;
 pub mod rng;
 pub mod rpc;
+pub mod suspect;
 pub mod time;
 
 pub use client::ClientMessage;

@@ -220,6 +220,10 @@ pub enum DisconnectReason {
     IdentityMismatch,
     /// A reachability dial-back: the dialer only wanted the TLS handshake.
     DialBack,
+    /// The sender heard nothing from the peer for its failure detector's
+    /// bound and declared it down (a crash, or a network that drops
+    /// everything; the close usually reaches no one).
+    Unresponsive,
     /// A code this version does not know.
     Other(u16),
 }
@@ -238,6 +242,7 @@ impl From<u16> for DisconnectReason {
             7 => ConnectionLimit,
             8 => IdentityMismatch,
             9 => DialBack,
+            10 => Unresponsive,
             other => Other(other),
         }
     }
@@ -257,6 +262,7 @@ impl From<DisconnectReason> for u16 {
             ConnectionLimit => 7,
             IdentityMismatch => 8,
             DialBack => 9,
+            Unresponsive => 10,
             Other(v) => v,
         }
     }

@@ -125,6 +125,7 @@ impl Rpc {
                         weight,
                         metadata: Vec::new(),
                         addrs: Vec::new(),
+                        seq: 0,
                     };
                     (p, vec![info])
                 })

@@ -90,6 +90,7 @@ impl RpcLink {
                     weight: ad.weight,
                     metadata: ad.metadata,
                     addrs: ad.addrs,
+                    seq: r.seq,
                 })
             })
             .collect())

@@ -296,8 +296,27 @@ impl Service for Rpc {
         }
     }
 
-    fn peer_down(&self, peer: &Peer, _why: PeerDown) {
+    fn peer_up(&self, peer: &Peer) {
+        self.state().core.handle_peer_up(&peer.node_id());
+    }
+
+    fn peer_down(&self, peer: &Peer, why: PeerDown) {
         // Requests this connection carried have no one to answer to.
         self.connection_closed(peer.connection_id());
+        if matches!(why, PeerDown::Silent | PeerDown::Left) {
+            // The node is gone (crashed, cut off, or leaving): calls to it
+            // move on now, and it is tried last until it is heard from.
+            let now = self.now();
+            let wake: Vec<_> = {
+                let mut s = self.state();
+                let ids = s.core.handle_peer_down(&peer.node_id(), now);
+                ids.iter()
+                    .filter_map(|id| s.notify.get(id).cloned())
+                    .collect()
+            };
+            for n in wake {
+                n.notify_one();
+            }
+        }
     }
 }
