@@ -80,6 +80,13 @@ pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula::config::DEFAULT_PUBSU
 /// Accepted `pubsub_stall_timeout` range.
 pub const PUBSUB_STALL_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// Default silence after which the failure detector declares a full node
+/// down (on a fast path; slow paths get more).
+pub const DEFAULT_PEER_DOWN_AFTER: Duration = Duration::from_secs(2);
+/// Accepted `peer_down_after` range: at least two probes (500 ms apart),
+/// below the transport idle timeout (30 s).
+pub const PEER_DOWN_AFTER_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(20));
 /// Accepted `relay_max_sessions` and `relay_max_reservations` range.
 pub const RELAY_COUNT_RANGE: (usize, usize) = (1, 100_000);
 /// Accepted `relay_idle_timeout` range.
@@ -261,6 +268,13 @@ pub mod keys {
         toml: "limits.pubsub_stall_timeout",
         default: "10s",
     };
+    /// Failure detector: silence that declares a full node down.
+    pub const PEER_DOWN_AFTER: Key = Key {
+        flag: "--peer-down-after",
+        env: "MACULA_PEER_DOWN_AFTER",
+        toml: "limits.peer_down_after",
+        default: "2s",
+    };
     /// Relayed sessions this node carries at once.
     pub const RELAY_MAX_SESSIONS: Key = Key {
         flag: "--relay-max-sessions",
@@ -365,6 +379,7 @@ pub mod keys {
         PUBSUB_PEER_QUEUE_CAPACITY,
         PUBSUB_PEER_QUEUE_BYTES,
         PUBSUB_STALL_TIMEOUT,
+        PEER_DOWN_AFTER,
         PEER_SLOTS,
         STREAM_RECEIVE_WINDOW,
         CONNECTION_RECEIVE_WINDOW,
@@ -460,6 +475,10 @@ pub struct NodeArgs {
     /// Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h [env: MACULA_PUBSUB_STALL_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub pubsub_stall_timeout: Option<String>,
+
+    /// Failure detector: a full node silent this long (no packet, no answer to probes) is declared down, its connection closed and every service told; raised on slow paths; 1s..20s [env: MACULA_PEER_DOWN_AFTER] [default: 2s]
+    #[arg(long, value_name = "DURATION")]
+    pub peer_down_after: Option<String>,
 
     /// Connections of --max-connections that clients can never take, kept for full nodes (at most half), 0..100000 [env: MACULA_PEER_SLOTS] [default: 64]
     #[arg(long, value_name = "N")]
@@ -613,6 +632,8 @@ pub struct Settings {
     pub pubsub_peer_queue_bytes: usize,
     /// Cut-off of a peer that stops reading pub/sub data.
     pub pubsub_stall_timeout: Duration,
+    /// Failure detector: silence that declares a full node down.
+    pub peer_down_after: Duration,
     /// Connections clients can never take.
     pub peer_slots: usize,
     /// Per-stream flow-control window, bytes.
@@ -665,6 +686,7 @@ impl Default for Settings {
             pubsub_peer_queue_capacity: DEFAULT_PUBSUB_PEER_QUEUE_CAPACITY,
             pubsub_peer_queue_bytes: DEFAULT_PUBSUB_PEER_QUEUE_BYTES,
             pubsub_stall_timeout: DEFAULT_PUBSUB_STALL_TIMEOUT,
+            peer_down_after: DEFAULT_PEER_DOWN_AFTER,
             peer_slots: limits.peer_slots,
             stream_receive_window: limits.stream_receive_window,
             connection_receive_window: limits.connection_receive_window,
@@ -940,6 +962,10 @@ fn parse_pubsub_stall_timeout(s: &str) -> Result<Duration, String> {
     parse_duration_in(s, PUBSUB_STALL_TIMEOUT_RANGE)
 }
 
+fn parse_peer_down_after(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, PEER_DOWN_AFTER_RANGE)
+}
+
 /// A size in `min..=max` bytes.
 fn parse_size_in(s: &str, (min, max): (u64, u64)) -> Result<u64, String> {
     let n = parse_size(s)?;
@@ -1086,6 +1112,7 @@ struct FileLimits {
     pubsub_peer_queue_capacity: Option<toml::Value>,
     pubsub_peer_queue_bytes: Option<toml::Value>,
     pubsub_stall_timeout: Option<toml::Value>,
+    peer_down_after: Option<toml::Value>,
     peer_slots: Option<toml::Value>,
     stream_receive_window: Option<toml::Value>,
     connection_receive_window: Option<toml::Value>,
@@ -1152,6 +1179,7 @@ impl FileLayer {
                 limits.pubsub_peer_queue_bytes,
             ),
             (keys::PUBSUB_STALL_TIMEOUT.toml, limits.pubsub_stall_timeout),
+            (keys::PEER_DOWN_AFTER.toml, limits.peer_down_after),
             (keys::PEER_SLOTS.toml, limits.peer_slots),
             (
                 keys::STREAM_RECEIVE_WINDOW.toml,
@@ -1544,6 +1572,12 @@ pub fn resolve(
         true,
         parse_pubsub_stall_timeout,
     )?);
+    let peer_down_after = val(layers.value(
+        &args.peer_down_after,
+        &keys::PEER_DOWN_AFTER,
+        true,
+        parse_peer_down_after,
+    )?);
     let peer_slots =
         val(layers.value(&args.peer_slots, &keys::PEER_SLOTS, true, parse_peer_slots)?);
     let stream_receive_window = val(layers.value(
@@ -1629,6 +1663,7 @@ pub fn resolve(
             .unwrap_or(d.pubsub_peer_queue_capacity),
         pubsub_peer_queue_bytes: pubsub_peer_queue_bytes.unwrap_or(d.pubsub_peer_queue_bytes),
         pubsub_stall_timeout: pubsub_stall_timeout.unwrap_or(d.pubsub_stall_timeout),
+        peer_down_after: peer_down_after.unwrap_or(d.peer_down_after),
         peer_slots: peer_slots.unwrap_or(d.peer_slots),
         stream_receive_window: stream_receive_window.unwrap_or(d.stream_receive_window),
         connection_receive_window: connection_receive_window.unwrap_or(d.connection_receive_window),
@@ -1816,6 +1851,14 @@ mod tests {
         assert_eq!(
             parse_pubsub_stall_timeout(keys::PUBSUB_STALL_TIMEOUT.default),
             Ok(d.pubsub_stall_timeout)
+        );
+        assert_eq!(
+            parse_peer_down_after(keys::PEER_DOWN_AFTER.default),
+            Ok(d.peer_down_after)
+        );
+        assert_eq!(
+            d.peer_down_after,
+            macula::config::Limits::default().peer_down_after
         );
         assert_eq!(
             parse_relay_count(keys::RELAY_MAX_SESSIONS.default),

@@ -228,6 +228,11 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         max_connections: s.max_connections,
         idle_timeout: s.idle_timeout,
         pubsub_stall_timeout: s.pubsub_stall_timeout,
+        peer_down_after: s.peer_down_after,
+        // A longer bound than the default ceiling raises the ceiling too.
+        peer_down_after_max: s
+            .peer_down_after
+            .max(macula::config::Limits::default().peer_down_after_max),
         peer_slots: s.peer_slots,
         stream_receive_window: s.stream_receive_window,
         connection_receive_window: s.connection_receive_window,

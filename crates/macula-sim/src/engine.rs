@@ -13,8 +13,8 @@
 //! admit the connection into their pools, whose answers (evict, replace,
 //! keep the duplicate, refuse) are carried out: evicted and losing
 //! connections are closed, the other end learns after one latency, or after
-//! the transport idle timeout when it cannot be reached. A crashed node's
-//! peers learn at their idle timeout; a restarted node answers frames of
+//! the failure detector's bound when it cannot be reached. A crashed node's
+//! peers learn at that bound; a restarted node answers frames of
 //! its previous life with a reset.
 //!
 //! This module must not use threads or the wall clock, and must not reach
@@ -725,8 +725,8 @@ impl Sim {
     }
 
     /// Crashes node `i` now: its process and everything in it is lost; its
-    /// key and epoch are kept for a restart. Peers notice at their transport
-    /// idle timeout.
+    /// key and epoch are kept for a restart. Peers notice when their failure
+    /// detector declares it down ([`NetConfig::detect_after`]).
     pub fn kill(&mut self, i: usize) {
         self.crash(i);
     }
@@ -783,8 +783,8 @@ impl Sim {
 
     /// From `at`, node i can reach node j only if `groups[i] == groups[j]`
     /// (nodes past the end of `groups` are in group 0), until
-    /// [`Sim::schedule_heal`]. Connections across the cut close at the
-    /// transport idle timeout if it lasts that long.
+    /// [`Sim::schedule_heal`]. Connections across the cut are declared down
+    /// at the failure detector's bound if it lasts that long.
     pub fn schedule_partition(&mut self, groups: Vec<u16>, at: Millis) {
         self.push(at, Ev::Partition { groups });
     }
@@ -1072,7 +1072,7 @@ impl Sim {
     }
 
     /// Node `i` closed `c` (already out of its pool): the other end learns
-    /// after one latency, or at its idle timeout if it cannot be reached.
+    /// after one latency, or at its detector's bound if it cannot be reached.
     fn close_remote(&mut self, i: usize, c: &SimConn) {
         self.counters.connections_closed += 1;
         let j = c.peer_index;
@@ -1092,9 +1092,9 @@ impl Sim {
     }
 
     /// The other end of `c` (held by node `i`) notices nothing gets through,
-    /// at its transport idle timeout.
+    /// when its failure detector declares the node down.
     fn timed_out_later(&mut self, i: usize, c: &SimConn) {
-        let at = self.now.saturating_add(self.net.transport_idle_timeout);
+        let at = self.now.saturating_add(self.net.detect_after());
         self.push(
             at,
             Ev::Closed {
@@ -1338,7 +1338,7 @@ impl Sim {
                 if !current {
                     // The dialer died, or gave up on this dial: the
                     // acceptor's end is closed (at once if the dialer runs,
-                    // else at the acceptor's idle timeout).
+                    // else at the acceptor's detector bound).
                     if self.nodes[dialer].alive {
                         self.close_remote(dialer, &c);
                     } else {
@@ -1477,7 +1477,7 @@ impl Sim {
                 self.partition_generation += 1;
                 let generation = self.partition_generation;
                 self.partition = Some((generation, groups));
-                let at = now.saturating_add(self.net.transport_idle_timeout);
+                let at = now.saturating_add(self.net.detect_after());
                 self.push(at, Ev::PartitionExpire { generation });
             }
             Ev::Heal => self.partition = None,
@@ -1522,8 +1522,8 @@ impl Sim {
         }
     }
 
-    /// The partition lasted a transport idle timeout: every connection across
-    /// it times out, at both ends.
+    /// The partition lasted the failure detector's bound: every connection
+    /// across it is declared down, at both ends.
     fn cut_partitioned_connections(&mut self) {
         for i in 0..self.nodes.len() {
             if !self.nodes[i].alive {

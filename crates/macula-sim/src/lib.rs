@@ -38,12 +38,14 @@
 //! - Connections: a frame to a peer not in the pool starts a dial (one round
 //!   trip, frames queued, bounded); both ends run `PoolTable::admit` and the
 //!   engine carries out its answer (eviction, duplicate tie-break, refusal).
-//!   Closes reach the other end after one latency, or at the transport idle
-//!   timeout (30 s) when it cannot be reached.
+//!   Closes reach the other end after one latency, or, when it cannot be
+//!   reached, when the runtime's failure detector (`macula_pool::liveness`,
+//!   its bound for the network's slowest round trip plus one look: 2.35 s
+//!   with the default 10-100 ms latencies) declares it down.
 //! - Partitions: groups of nodes that cannot reach each other until healed;
-//!   connections across the cut time out after the idle timeout.
+//!   connections across the cut are declared down at that bound.
 //! - Crashes lose the process (cores, pool, timers) and keep the key and the
-//!   epoch; peers notice at their idle timeout. Restarts raise the epoch and
+//!   epoch; peers notice at that bound. Restarts raise the epoch and
 //!   join again; a restarted node resets connections of its previous life.
 //!   Goodbyes (`schedule_shutdown`) are seen at once and make peers'
 //!   DHTs drop the node (`peer_left`), as the runtime does.
@@ -122,7 +124,7 @@
 //! (`peer_unreachable`, as the runtime does for `PeerDown::Silent`), as does a
 //! contact whose requests time out. Lost contacts are pinged again after
 //! 15 s, then at doubling waits of at most 120 s, for an hour: a partition
-//! longer than the 30 s idle timeout empties each side's routing tables of
+//! longer than the failure detector's bound empties each side's routing tables of
 //! the other, and those pings bring them back within about a minute of the
 //! heal, without waiting for the hourly bucket refresh. Before them 147 of
 //! 4,000 nodes were still not found 60 s after the heal; with them none are.

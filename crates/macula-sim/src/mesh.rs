@@ -11,7 +11,7 @@
 //!    record).
 //! 3. **Faults** for `fault_window`: the faulty network (loss, duplicates,
 //!    reordering), a partition cutting off a share of the nodes for longer
-//!    than the transport idle timeout, crashes at random times (half of the
+//!    than the failure detector's bound, crashes at random times (half of the
 //!    crashed nodes restart, with their key and a higher epoch, and
 //!    register again), and lookups and gets from random live nodes
 //!    throughout. Meanwhile publishers publish sequences on random topics
@@ -20,7 +20,7 @@
 //!    and every delivery and call outcome against the oracles of
 //!    [`crate::check`] as it happens.
 //! 4. **Heal**: the partition ends, the network calms down, and the mesh
-//!    settles for `heal_settle` (longer than the idle timeout and the put
+//!    settles for `heal_settle` (longer than the detector's bound and the put
 //!    retry, so stale connections are gone and failed puts retried).
 //! 5. **Liveness**: every live node is found by a lookup; for every topic, a
 //!    publisher's lookups of `lookup_names` find every live subscriber whose

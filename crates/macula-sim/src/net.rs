@@ -6,6 +6,7 @@
 //! the transport for ordering or exactly-once delivery fails its checks here
 //! instead of in production under a reset or a reconnect.
 
+use macula_pool::LivenessConfig;
 use macula_wire::rng::Rng;
 use macula_wire::time::Millis;
 
@@ -78,15 +79,27 @@ pub struct NetConfig {
     /// A dial with no answer by then fails and drops the frames queued on it
     /// (the runtime's connect timeout).
     pub dial_timeout: Millis,
-    /// A connection whose other end died, or that a partition cuts, closes
-    /// this long after the last packet got through (the runtime's
-    /// `transport_idle_timeout`, 30 s).
-    pub transport_idle_timeout: Millis,
+    /// The failure detector every full-node connection runs (the runtime's
+    /// `Limits::liveness`): a connection whose other end died, or that a
+    /// partition cuts, is declared down [`NetConfig::detect_after`] after
+    /// the last packet got through.
+    pub liveness: LivenessConfig,
     /// Every node's pool size (the runtime's `max_connections`, 1000).
     pub max_connections: usize,
     /// Frames queued on one dial in progress; past this they are dropped and
     /// counted (the runtime bounds its per-peer queues the same way).
     pub max_queued_per_dial: usize,
+}
+
+impl NetConfig {
+    /// When the failure detector declares a silent peer down: its bound for
+    /// the slowest round trip this network has (twice the largest one-way
+    /// latency), plus one look (the detector looks every tick, so a
+    /// silence is noticed at most a tick late).
+    pub fn detect_after(&self) -> Millis {
+        let rtt = Millis(self.latency.max().0.saturating_mul(2));
+        self.liveness.bound(rtt).saturating_add(self.liveness.tick)
+    }
 }
 
 impl Default for NetConfig {
@@ -102,7 +115,7 @@ impl Default for NetConfig {
             duplicate: 0.0,
             reorder: 0.0,
             dial_timeout: Millis(5_000),
-            transport_idle_timeout: Millis(30_000),
+            liveness: LivenessConfig::default(),
             max_connections: 1000,
             max_queued_per_dial: 256,
         }

@@ -537,11 +537,12 @@ impl Service for RpcService {
         }
     }
 
-    fn handle_peer_up(&mut self, _peer: &Contact, _now: Millis) {
+    fn handle_peer_up(&mut self, peer: &Contact, _now: Millis) {
         // Calls waiting for this peer are taken up by the next pump.
+        self.core.handle_peer_up(&peer.id);
     }
 
-    fn handle_peer_down(&mut self, peer: &NodeId, _reason: DownReason, now: Millis) {
+    fn handle_peer_down(&mut self, peer: &NodeId, reason: DownReason, now: Millis) {
         // Requests the connection carried have no one to answer to.
         let gone: Vec<(Millis, u64)> = self
             .serving
@@ -566,6 +567,13 @@ impl Service for RpcService {
             self.core
                 .handle_link_failed(id, now, "connection closed".into(), true);
             self.dirty.insert(id);
+        }
+        if matches!(reason, DownReason::TimedOut | DownReason::Shutdown) {
+            // The node is gone (the failure detector, or a goodbye), as the
+            // runtime tells its RPC core: tried last until heard from.
+            for id in self.core.handle_peer_down(peer, now) {
+                self.dirty.insert(id);
+            }
         }
     }
 

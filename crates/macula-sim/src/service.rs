@@ -22,8 +22,8 @@ pub enum DownReason {
     /// The peer closed it (its pool evicted it, or it lost a duplicate
     /// tie-break).
     Closed,
-    /// Nothing got through for the transport idle timeout: the peer died, or
-    /// a partition cut it off.
+    /// Nothing got through for the failure detector's bound: the peer died,
+    /// or a partition cut it off.
     TimedOut,
     /// The peer said goodbye: it is leaving the mesh.
     Shutdown,
