@@ -51,26 +51,25 @@ fn poll(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
-#[test]
-fn a_killed_subscriber_stops_getting_copies_within_the_bound() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut a = Proc::spawn(&start_args(REALM, dir.path(), &[]));
-    let a_addr = a.field("listen");
-    let http = a.field("http");
-
-    let mut s = Proc::spawn(&[
+/// A full node subscribed to `stale.**` through A.
+fn subscriber(a_addr: &str) -> Proc {
+    let mut p = Proc::spawn(&[
         "sub",
         "stale.**",
         "--full-node",
         "--realm",
         REALM,
         "--connect",
-        &a_addr,
+        a_addr,
     ]);
-    s.wait_for(&["subscribed to stale.**"]);
+    p.wait_for(&["subscribed to stale.**"]);
+    p
+}
 
-    // 100 messages a second for at most 200 s (killed on drop long before).
-    let _p = Proc::spawn(&[
+/// A client of A publishing 100 messages a second for at most 200 s
+/// (killed on drop long before).
+fn publisher(a_addr: &str) -> Proc {
+    Proc::spawn(&[
         "pub",
         "stale.x",
         "tick",
@@ -81,8 +80,19 @@ fn a_killed_subscriber_stops_getting_copies_within_the_bound() {
         "--realm",
         REALM,
         "--connect",
-        &a_addr,
-    ]);
+        a_addr,
+    ])
+}
+
+#[test]
+fn a_killed_subscriber_stops_getting_copies_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Proc::spawn(&start_args(REALM, dir.path(), &[]));
+    let a_addr = a.field("listen");
+    let http = a.field("http");
+
+    let mut s = subscriber(&a_addr);
+    let _p = publisher(&a_addr);
     s.wait_for(&["tick"]);
     let sent = "macula_pubsub_sent_remote_total";
     assert!(metric(&http, sent) > 0, "A routes P's messages to S");
@@ -119,4 +129,42 @@ fn a_killed_subscriber_stops_getting_copies_within_the_bound() {
     assert!(progressed, "P's messages stopped arriving at A");
     assert_eq!(copies, flat, "A queued copies after S was set aside");
     eprintln!("S (killed) set aside after {took:?}; no copies queued to it after that");
+}
+
+/// Issue 17, "interest follows liveness": while a killed subscriber node is
+/// being detected and set aside, a live subscriber elsewhere keeps getting
+/// the stream. At most one publish waits, for `INTEREST_REFRESH_WAIT`
+/// (250 ms), on an interest lookup that met the dead node before the
+/// detector spoke; after that lookups do not wait on it (measured: one
+/// 260 ms pause, then none, where the issue saw 250 ms every 2 s for
+/// minutes).
+#[test]
+fn a_live_subscriber_does_not_stall_while_another_is_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Proc::spawn(&start_args(REALM, dir.path(), &[]));
+    let a_addr = a.field("listen");
+    let mut s = subscriber(&a_addr);
+    let mut l = subscriber(&a_addr);
+    let _p = publisher(&a_addr);
+    s.wait_for(&["tick"]);
+    l.wait_for(&["tick"]);
+    unsafe {
+        libc::kill(s.child.id() as i32, libc::SIGKILL);
+    }
+    let killed = Instant::now();
+    let (mut got, mut longest, mut last) = (0u32, Duration::ZERO, Instant::now());
+    while let Some(line) = l.next_line(killed + Duration::from_secs(6)) {
+        if line.contains("seq=") {
+            got += 1;
+            longest = longest.max(last.elapsed());
+            last = Instant::now();
+        }
+    }
+    eprintln!("live subscriber: {got} events in the 6 s after the other's kill, longest pause {longest:?}");
+    // About 600 were published meanwhile; a stall of seconds would cost
+    // hundreds.
+    assert!(
+        got >= 450,
+        "{got} of about 600 events while the other subscriber was dead"
+    );
 }
