@@ -1,8 +1,9 @@
 //! What `pub`, `sub`, `trace`, `call` and `serve` run as: by default a
 //! lightweight client attached to one of the `--connect` nodes (it listens
 //! on nothing and fails over to the next node with its subscriptions and
-//! advertisements), or with `--full-node` a short-lived full node that
-//! joins the mesh through them.
+//! advertisements; given several nodes, its subscriptions also go through a
+//! second one unless `--single-gateway`), or with `--full-node` a
+//! short-lived full node that joins the mesh through them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,6 +23,12 @@ pub struct ModeArgs {
     /// lightweight client.
     #[arg(long)]
     pub full_node: bool,
+    /// As a client: subscribe through one gateway at a time instead of two
+    /// (with several --connect nodes, the default is two at once, so that
+    /// a gateway's death loses no event; with one, events published during
+    /// a failover are lost and reported as missed).
+    #[arg(long, conflicts_with = "full_node")]
+    pub single_gateway: bool,
 }
 
 /// A lightweight client or a full node.
@@ -61,7 +68,8 @@ impl Member {
         let mut builder = Client::builder(gateways)
             .realm(realm)
             .bind(listen)
-            .attach_timeout(crate::dht_cli::JOIN_TIMEOUT);
+            .attach_timeout(crate::dht_cli::JOIN_TIMEOUT)
+            .redundant_subscriptions(!mode.single_gateway);
         if let Some(dir) = data_dir {
             builder = builder.data_dir(dir);
         }

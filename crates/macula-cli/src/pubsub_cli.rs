@@ -3,8 +3,8 @@
 //! Each attaches as a lightweight client to one of the `--connect` nodes
 //! (failing over to the next), or joins as a short-lived full node with
 //! `--full-node` (see `member.rs`).
-//! `sub` prints one line per event (text or `--json`) and reports lag on
-//! stderr; `pub` sends `--count` messages at up to `--rate` per second. This
+//! `sub` prints one line per event (text or `--json`) and reports missed
+//! events (`Lagged`: a full queue, or a gateway failover) on stderr; `pub` sends `--count` messages at up to `--rate` per second. This
 //! module only parses, calls and prints.
 
 use std::io::Write;
@@ -200,7 +200,9 @@ async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
                 }
                 out.flush()?;
             }
-            SubscriptionItem::Lagged(n) => eprintln!("warning: too slow, {n} events dropped"),
+            SubscriptionItem::Lagged(n) => eprintln!(
+                "warning: missed {n} events (dropped while too slow, or lost in a gateway failover)"
+            ),
         }
     }
     drop(sub);

@@ -195,8 +195,55 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             Counters::add(&c.forwarded_received_total, view.entries.len() as u64);
             forwarded_key(&view.publisher, &from)
         };
-        self.deliver_batch(&view, body, rx, key, now);
+        self.deliver_batch(&view, body, rx, key, from, now);
         Ok(())
+    }
+
+    // ----- client: gateway failover ---------------------------------------
+
+    /// A client lost gateway `gone`. Each publisher whose stream no other
+    /// gateway had joined (see [`crate::SeqTracker::admit_source`]), or
+    /// every publisher with `uncovered` (the client cannot tell that another
+    /// gateway carried every event: its subscriptions there were too new),
+    /// is watched: what it sent until another gateway carried it is lost
+    /// without a report, so its next event through another gateway tells
+    /// every local subscription `Lagged(n)`, `n` the sequence numbers
+    /// skipped (exact when the client subscribes to all the publisher's
+    /// topics, an upper bound otherwise). Not a client: nothing.
+    pub fn gateway_lost(&mut self, gone: NodeId, uncovered: bool) {
+        if matches!(self.role, RoleState::Client(_)) {
+            match uncovered {
+                true => self.seen.watch_all(gone),
+                false => self.seen.source_gone(gone),
+            }
+        }
+    }
+
+    /// A client attached to `gateway` (again): its events may join the
+    /// publishers' streams.
+    pub fn gateway_up(&mut self, gateway: &NodeId) {
+        self.seen.source_up(gateway);
+    }
+
+    /// Publishers under a failover watch (see [`Self::gateway_lost`]).
+    pub fn n_watched(&self) -> usize {
+        self.seen.n_watched()
+    }
+
+    /// The sequence tracker's counters (failover watches included).
+    pub fn seq_stats(&self) -> crate::SeqStats {
+        self.seen.stats()
+    }
+
+    /// A watched publisher's first delivered arrival through `from` ended
+    /// its watch with `missing` sequence numbers skipped: every local
+    /// subscription is told (their topics are not known).
+    fn tell_failover_gap(&mut self, missing: u64, rx: &mut BatchReceiver<S>) {
+        for (id, sub) in &self.local.subs {
+            if let Target::Local(sink) = &sub.target {
+                rx.tell(*id, sink, missing);
+            }
+        }
     }
 
     /// A PUBLISH_DROPPED from `from`'s data stream: each local subscription
@@ -388,6 +435,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         body: &Bytes,
         rx: &mut BatchReceiver<S>,
         key: NodeId,
+        from: NodeId,
         now: Millis,
     ) {
         let c = self.counters.clone();
@@ -413,8 +461,25 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 rejected += 1;
             }
         }
+        // A client's gateway that runs ahead of the publisher's stream as
+        // delivered has not joined it yet: its copies are dropped (the
+        // gateway that has joined delivers them).
+        if let (RoleState::Client(_), Some(&f), Some(&l)) =
+            (&self.role, rx.idx.first(), rx.idx.last())
+        {
+            let (first, last) = (view.entries[f].seq, view.entries[l].seq);
+            if !self.seen.admit_source(&key, &from, view.epoch, first, last) {
+                Counters::add(&c.remote_rejected_total, rejected);
+                Counters::add(&c.duplicates_dropped_total, rx.idx.len() as u64);
+                return;
+            }
+        }
         // Which messages are new: one pass over the tracker for the batch.
         let (mut dups, mut gaps) = (0u64, 0u64);
+        // A client's publisher under a failover watch: the first delivered
+        // arrival's gap may be a loss (see `gateway_lost`).
+        let watched = self.seen.is_watched(&key);
+        let mut first: Option<Observed> = None;
         {
             let (keep, idx) = (&mut rx.keep, &rx.idx);
             let mut at = idx.iter();
@@ -432,10 +497,20 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                         Observed::Duplicate | Observed::Invalid => {
                             dups += 1;
                             keep[i] = false;
+                            return;
                         }
+                    }
+                    if first.is_none() {
+                        first = Some(o);
                     }
                 },
             );
+        }
+        if let (true, Some(o)) = (watched, first) {
+            match self.seen.settle(&key, &from, o) {
+                Some(missing) if missing > 0 => self.tell_failover_gap(missing, rx),
+                _ => {}
+            }
         }
         Counters::add(&c.remote_rejected_total, rejected);
         Counters::add(&c.duplicates_dropped_total, dups);

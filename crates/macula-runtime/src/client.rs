@@ -13,12 +13,31 @@
 //! original publisher, and the client's sequence check (per publisher,
 //! across gateways) drops duplicates.
 //!
-//! **Failover.** When the gateway's connection closes (or stays silent
-//! despite keep-alives for `GATEWAY_DEAD_AFTER`), the client attaches to the next configured node, replays every
-//! subscription pattern and advertisement it holds, and only then resumes
-//! publishing and calling. Calls in flight on the lost gateway fail as
-//! unreachable and are retried through the next one (within their deadline
-//! and retry budget).
+//! **Two gateways.** Given two or more nodes (and
+//! `ClientConfig::redundant_subscriptions`, the default), a client with
+//! subscriptions keeps a second connection to another of them carrying them
+//! (never its publishes, calls or advertisements: one publisher sequence,
+//! one provider). Every event then arrives twice, and the sequence check
+//! delivers it once; when either gateway dies, the other has carried
+//! everything all along, so nothing is lost, and a new second gateway is
+//! attached from the list in the background.
+//!
+//! **Failover.** When the primary gateway's connection closes (or stays
+//! silent despite keep-alives for `GATEWAY_DEAD_AFTER`), the second one (if
+//! any) becomes the primary, or else the client attaches to the next
+//! configured node; it replays every subscription pattern and advertisement
+//! it holds, and only then resumes publishing and calling. Calls in flight
+//! on the lost gateway fail as unreachable and are retried through the next
+//! one (within their deadline and retry budget). A publisher's events
+//! count as carried by the remaining gateway once its stream through it
+//! overlapped what was delivered (a newly attached gateway may run ahead of
+//! the old one: `SeqTracker::admit_source`). For each publisher not carried
+//! so, and for every publisher when the remaining gateway had not carried
+//! the subscriptions long enough (`covered`), the gap is told: the
+//! publisher's next event reaches every subscription after `Lagged(n)`, `n`
+//! the sequence numbers skipped (`PubSubCore::gateway_lost`: exact when
+//! the client subscribes to every topic the publisher uses, an upper bound
+//! otherwise).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -49,10 +68,19 @@ use crate::service::{Answer, PeerDown, Serves, Service, Services};
 use crate::tls::{self, TlsOptions};
 
 /// A silent gateway is given up after this long (the client's QUIC idle
-/// timeout; keep-alives go every second). With attaching and replaying
-/// on the next node, a client's subscriptions resume within about 5 s of
-/// its gateway dying.
+/// timeout; keep-alives go every second, and the first one after the last
+/// packet restarts the timer: a killed gateway is given up 5 s after its
+/// death). With one gateway, attaching and replaying on the next node and
+/// the publishers' interest bound come on top: events resumed 5.2-5.5 s
+/// after a kill -9 of the gateway on loopback (BENCHMARKS.md, "Gateway
+/// failover"); with two, the stream does not stop.
 pub const GATEWAY_DEAD_AFTER: Duration = Duration::from_secs(4);
+
+/// A remaining gateway counts as carrying everything the lost one did when
+/// it acknowledged the subscriptions at least this long (publishers' 1 s
+/// interest bound, plus margin for events in flight) before the lost one's
+/// last packet (see `Client::covered`).
+pub const COVER_MARGIN: Duration = Duration::from_secs(2);
 
 /// How long a client waits for the gateway to acknowledge a request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +104,12 @@ pub struct ClientConfig {
     /// A shared QUIC endpoint to dial from (many clients in one process);
     /// `None`: the client binds its own at `bind`.
     pub endpoint: Option<quinn::Endpoint>,
+    /// With two or more `gateways`: keep a second gateway carrying the same
+    /// subscriptions (from the first one), so a gateway's death loses no
+    /// event (default `true`).
+    /// `false`: one gateway at a time; after a failover the gap is told as
+    /// `Lagged`.
+    pub redundant_subscriptions: bool,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -84,6 +118,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("gateways", &self.gateways)
             .field("realm", &self.realm)
             .field("bind", &self.bind)
+            .field("redundant_subscriptions", &self.redundant_subscriptions)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +144,7 @@ impl ClientConfig {
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             attach_timeout: Duration::from_secs(15),
             endpoint: None,
+            redundant_subscriptions: true,
         }
     }
 }
@@ -161,7 +197,15 @@ struct Shared {
     metrics: Arc<Metrics>,
     pubsub: PubSub,
     rpc: Rpc,
-    gateway: watch::Sender<Option<Peer>>,
+    /// The primary gateway: publishes, calls, advertisements, subscriptions.
+    gateway: watch::Sender<Option<Attached>>,
+    /// The second gateway: the same subscriptions, nothing else.
+    second: watch::Sender<Option<Attached>>,
+    /// Which configured node each connection uses or is dialing.
+    claims: Mutex<Claims>,
+    /// Notified when a pattern is subscribed: a client without
+    /// subscriptions keeps no second gateway.
+    subscribed: tokio::sync::Notify,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
     next_request: AtomicU64,
     /// Advertisements to replay on reconnect: procedure → (weight, metadata).
@@ -171,11 +215,66 @@ struct Shared {
     /// flushed and said goodbye (set first, it would cut the flush off).
     stop_drivers: watch::Sender<bool>,
     failovers: AtomicU64,
+    /// Second gateways attached (their subscriptions acknowledged).
+    seconds_attached: AtomicU64,
+    /// Gateways lost with no other one covering them: the gap was watched.
+    gap_watches: AtomicU64,
     /// Errors of the last attach attempts, for `connect`'s error.
     last_error: Mutex<String>,
     /// Set when the first round of attach attempts was turned away by
     /// every node: `connect` fails at once with these reasons.
     turned_away: watch::Sender<Option<String>>,
+}
+
+/// A gateway connection the client uses.
+#[derive(Clone)]
+struct Attached {
+    peer: Peer,
+    /// Its index in `ClientConfig::gateways`.
+    index: usize,
+    /// When it had acknowledged every subscription: it carries every event
+    /// published from about the interest bound later.
+    complete_at: tokio::time::Instant,
+}
+
+/// The configured node (index) each of the two connections uses or is
+/// dialing, so they never take the same one.
+#[derive(Debug, Default)]
+struct Claims {
+    primary: Option<usize>,
+    second: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Primary,
+    Second,
+}
+
+impl Claims {
+    /// Takes `i` for `slot` unless the other slot holds it.
+    fn claim(&mut self, slot: Slot, i: usize) -> bool {
+        let (mine, other) = match slot {
+            Slot::Primary => (&mut self.primary, self.second),
+            Slot::Second => (&mut self.second, self.primary),
+        };
+        if other == Some(i) {
+            return false;
+        }
+        *mine = Some(i);
+        true
+    }
+
+    /// Gives `i` back, if `slot` still holds it.
+    fn release(&mut self, slot: Slot, i: usize) {
+        let mine = match slot {
+            Slot::Primary => &mut self.primary,
+            Slot::Second => &mut self.second,
+        };
+        if *mine == Some(i) {
+            *mine = None;
+        }
+    }
 }
 
 /// A lightweight client. Cheap to clone; `shutdown` ends it.
@@ -187,6 +286,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("node_id", &self.0.node_id)
             .field("gateway", &self.gateway())
+            .field("second_gateway", &self.second_gateway())
             .finish()
     }
 }
@@ -210,12 +310,31 @@ impl crate::pubsub::Upstream for Link {
         let Some(c) = self.client() else {
             return futures::future::ready(Ok(())).boxed();
         };
+        if on {
+            c.0.subscribed.notify_waiters();
+        }
         async move {
-            let msg = |id| match on {
-                true => ClientMessage::Subscribe(ClientSubscribe { id, pattern }),
-                false => ClientMessage::Unsubscribe(ClientUnsubscribe { id, pattern }),
-            };
-            c.request_current(on, msg).await
+            // The second gateway carries the same subscriptions. One that
+            // fails what the primary took is out of step: it is dropped and
+            // a new one attached (and replayed) in its place.
+            let second = c.second();
+            let to_second = interest_msg(pattern.clone(), on);
+            let (res, other) = futures::join!(
+                c.request_current(on, interest_msg(pattern, on)),
+                async {
+                    match &second {
+                        Some(g) => c.request(&g.peer, to_second).await,
+                        None => Ok(()),
+                    }
+                }
+            );
+            if let (Ok(()), Err(e), Some(g)) = (&res, other, second) {
+                tracing::warn!(gateway = %g.peer.node_id(), error = %e, "the second gateway did not take a subscription change; replacing it");
+                g.peer
+                    .disconnect(DisconnectReason::ProtocolError, "subscription not taken")
+                    .await;
+            }
+            res
         }
         .boxed()
     }
@@ -264,6 +383,14 @@ impl crate::rpc::Upstream for Link {
             c.request_current(on, msg).await
         }
         .boxed()
+    }
+}
+
+/// CLIENT_SUBSCRIBE (`on`) or CLIENT_UNSUBSCRIBE of `pattern`.
+fn interest_msg(pattern: String, on: bool) -> impl FnOnce(u64) -> ClientMessage {
+    move |id| match on {
+        true => ClientMessage::Subscribe(ClientSubscribe { id, pattern }),
+        false => ClientMessage::Unsubscribe(ClientUnsubscribe { id, pattern }),
     }
 }
 
@@ -367,6 +494,7 @@ impl Client {
             max_frame_size: config.limits.max_frame_size,
         };
         let (gateway, _) = watch::channel(None);
+        let (second, _) = watch::channel(None);
         let (shutdown, _) = watch::channel(false);
         let (stop_drivers, _) = watch::channel(false);
         let max_frame = config.limits.max_frame_size;
@@ -397,12 +525,17 @@ impl Client {
                 pubsub,
                 rpc,
                 gateway,
+                second,
+                claims: Mutex::new(Claims::default()),
+                subscribed: tokio::sync::Notify::new(),
                 pending: Mutex::new(HashMap::new()),
                 next_request: AtomicU64::new(1),
                 ads: Mutex::new(BTreeMap::new()),
                 shutdown,
                 stop_drivers,
                 failovers: AtomicU64::new(0),
+                seconds_attached: AtomicU64::new(0),
+                gap_watches: AtomicU64::new(0),
                 last_error: Mutex::new(String::new()),
                 turned_away: watch::channel(None).0,
                 config,
@@ -410,6 +543,7 @@ impl Client {
         });
         let client = Client(shared);
         tokio::spawn(client.clone().supervise());
+        tokio::spawn(client.clone().keep_second());
         let after = client.0.config.attach_timeout;
         let mut turned_away = client.0.turned_away.subscribe();
         let failed = tokio::select! {
@@ -435,19 +569,54 @@ impl Client {
         self.0.node_id
     }
 
-    /// The node this client is attached to now.
+    /// The node this client is attached to now (its primary gateway:
+    /// publishes, calls, advertisements and subscriptions).
     pub fn gateway(&self) -> Option<NodeId> {
         self.0
             .gateway
             .borrow()
             .as_ref()
-            .filter(|p| !p.is_closed())
-            .map(|p| p.node_id())
+            .filter(|g| !g.peer.is_closed())
+            .map(|g| g.peer.node_id())
+    }
+
+    /// The second gateway carrying the same subscriptions now, if any (see
+    /// `ClientConfig::redundant_subscriptions`).
+    pub fn second_gateway(&self) -> Option<NodeId> {
+        self.second().map(|g| g.peer.node_id())
+    }
+
+    fn second(&self) -> Option<Attached> {
+        self.0
+            .second
+            .borrow()
+            .as_ref()
+            .filter(|g| !g.peer.is_closed())
+            .cloned()
     }
 
     /// Times the client lost its gateway and attached again.
     pub fn failovers(&self) -> u64 {
         self.0.failovers.load(Relaxed)
+    }
+
+    /// Second gateways attached so far (the first one included).
+    pub fn second_gateways_attached(&self) -> u64 {
+        self.0.seconds_attached.load(Relaxed)
+    }
+
+    /// Gateways lost while no other one had carried the subscriptions long
+    /// enough: after each, the gap was told as `Lagged` (see the module
+    /// docs).
+    pub fn uncovered_failovers(&self) -> u64 {
+        self.0.gap_watches.load(Relaxed)
+    }
+
+    /// Sequence numbers told as possibly missed after uncovered failovers
+    /// (the sum of those `Lagged` counts, per publisher, before they were
+    /// told to each subscription).
+    pub fn missed_after_failover(&self) -> u64 {
+        self.0.pubsub.failover_stats().n_watch_missing
     }
 
     pub fn pubsub(&self) -> &PubSub {
@@ -518,9 +687,11 @@ impl Client {
             tracing::debug!(error = %e, "client shutdown: pub/sub not flushed");
         }
         self.0.rpc.drain(limit).await;
+        let second = self.0.second.send_replace(None);
         let gw = self.0.gateway.send_replace(None);
-        if let Some(p) = gw {
-            p.disconnect(DisconnectReason::Shutdown, "client shutting down")
+        for g in [gw, second].into_iter().flatten() {
+            g.peer
+                .disconnect(DisconnectReason::Shutdown, "client shutting down")
                 .await;
         }
         self.0.stop_drivers.send_replace(true);
@@ -547,8 +718,12 @@ impl Client {
         let mut rx = self.0.gateway.subscribe();
         let found = tokio::time::timeout(wait, async {
             loop {
-                if let Some(p) = rx.borrow_and_update().as_ref().filter(|p| !p.is_closed()) {
-                    return Some(p.clone());
+                if let Some(g) = rx
+                    .borrow_and_update()
+                    .as_ref()
+                    .filter(|g| !g.peer.is_closed())
+                {
+                    return Some(g.peer.clone());
                 }
                 if self.is_shutting_down() || rx.changed().await.is_err() {
                     return None;
@@ -570,7 +745,7 @@ impl Client {
     ) -> Result<(), String> {
         let gw = match wait {
             true => self.wait_gateway(crate::rpc::GATEWAY_WAIT).await,
-            false => self.0.gateway.borrow().clone(),
+            false => self.0.gateway.borrow().as_ref().map(|g| g.peer.clone()),
         };
         match gw {
             Some(p) => self.request(&p, make).await,
@@ -603,10 +778,12 @@ impl Client {
 
     /// Keeps the client attached: to the configured nodes in turn, with
     /// backoff when none answers, replaying its state on every new gateway.
+    /// When the primary is lost, the second gateway (if any) takes its place.
     async fn supervise(self) {
         let l = &self.0.config.limits;
         let mut backoff = Backoff::new(l.reconnect_backoff_min, l.reconnect_backoff_max);
         let mut shutdown = self.0.shutdown.subscribe();
+        let mut second_rx = self.0.second.subscribe();
         let n = self.0.config.gateways.len();
         let mut next = 0usize;
         let mut attached_before = false;
@@ -614,26 +791,41 @@ impl Client {
             if self.is_shutting_down() {
                 return;
             }
-            let mut attached = None;
+            // The second gateway carries the subscriptions already: it only
+            // needs the advertisements (and a replay costs it nothing more).
+            let promoted = self.0.second.send_replace(None).filter(|g| {
+                let alive = !g.peer.is_closed();
+                let mut c = lock(&self.0.claims);
+                c.release(Slot::Second, g.index);
+                alive && c.claim(Slot::Primary, g.index)
+            });
+            let mut attached = promoted.map(|g| (g.index, g.peer, Some(g.complete_at)));
             let mut refusals = Vec::new();
-            for k in 0..n {
-                let i = (next + k) % n;
-                let target = self.0.config.gateways[i].clone();
-                match self.attach(&target).await {
-                    Ok(p) => {
-                        attached = Some((i, p));
-                        break;
+            if attached.is_none() {
+                for k in 0..n {
+                    let i = (next + k) % n;
+                    if !lock(&self.0.claims).claim(Slot::Primary, i) {
+                        // The second gateway is being dialed there.
+                        continue;
                     }
-                    Err(e) => {
-                        tracing::debug!(gateway = %target, error = %e, "could not attach");
-                        *lock(&self.0.last_error) = format!("{target}: {e}");
-                        if let AttachFail::TurnedAway(why) = e {
-                            refusals.push(format!("{target}: {why}"));
+                    let target = self.0.config.gateways[i].clone();
+                    match self.attach(&target).await {
+                        Ok(p) => {
+                            attached = Some((i, p, None));
+                            break;
+                        }
+                        Err(e) => {
+                            lock(&self.0.claims).release(Slot::Primary, i);
+                            tracing::debug!(gateway = %target, error = %e, "could not attach");
+                            *lock(&self.0.last_error) = format!("{target}: {e}");
+                            if let AttachFail::TurnedAway(why) = e {
+                                refusals.push(format!("{target}: {why}"));
+                            }
                         }
                     }
-                }
-                if self.is_shutting_down() {
-                    return;
+                    if self.is_shutting_down() {
+                        return;
+                    }
                 }
             }
             if attached.is_none() && !attached_before && refusals.len() == n {
@@ -641,19 +833,23 @@ impl Client {
                 // after its timeout (this loop keeps trying meanwhile).
                 self.0.turned_away.send_replace(Some(refusals.join("; ")));
             }
-            let Some((i, peer)) = attached else {
+            let Some((i, peer, complete_at)) = attached else {
                 let delay = backoff.next_delay(0.5);
+                second_rx.borrow_and_update();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
+                    // A second gateway came up: it can be promoted.
+                    _ = second_rx.changed() => {}
                     _ = shutdown.changed() => return,
                 }
                 continue;
             };
             backoff.reset();
-            if let Err(e) = self.replay(&peer).await {
+            if let Err(e) = self.replay(&peer, true).await {
                 tracing::warn!(gateway = %peer.node_id(), error = %e, "could not replay subscriptions and advertisements; trying the next node");
                 peer.disconnect(DisconnectReason::ProtocolError, "replay failed")
                     .await;
+                lock(&self.0.claims).release(Slot::Primary, i);
                 next = i + 1;
                 continue;
             }
@@ -661,20 +857,237 @@ impl Client {
                 self.0.failovers.fetch_add(1, Relaxed);
             }
             attached_before = true;
-            tracing::info!(gateway = %peer.node_id(), addr = %peer.remote_addr(), "client attached");
-            self.0.gateway.send_replace(Some(peer.clone()));
-            tokio::select! {
-                _ = peer.connection().closed() => {}
+            let promoted = complete_at.is_some();
+            tracing::info!(gateway = %peer.node_id(), addr = %peer.remote_addr(), promoted, "client attached");
+            let complete_at = complete_at.unwrap_or_else(tokio::time::Instant::now);
+            self.0.gateway.send_replace(Some(Attached {
+                peer: peer.clone(),
+                index: i,
+                complete_at,
+            }));
+            let silent = tokio::select! {
+                e = peer.connection().closed() => matches!(e, quinn::ConnectionError::TimedOut),
                 _ = shutdown.changed() => return,
-            }
+            };
             self.0.gateway.send_replace(None);
+            lock(&self.0.claims).release(Slot::Primary, i);
             if self.is_shutting_down() {
                 return;
             }
-            tracing::warn!(gateway = %peer.node_id(), "lost the gateway; attaching to the next node");
+            let second = self.second();
+            tracing::warn!(gateway = %peer.node_id(), second = ?second.as_ref().map(|g| g.peer.node_id()), "lost the gateway; moving to the next");
+            self.lost(&peer, silent, second.as_ref());
             // The lost node is likely dead: start with the next one.
             next = i + 1;
         }
+    }
+
+    /// `gone` (a gateway carrying the subscriptions) was lost, `silent`:
+    /// after the transport idle timeout without a packet (else it closed
+    /// the connection just now); `rest` is the other one, if any. The gap
+    /// of each publisher `rest` had not joined is told; of every publisher
+    /// unless `rest` carried the subscriptions long enough to have every
+    /// event `gone` did (`PubSubCore::gateway_lost`).
+    fn lost(&self, gone: &Peer, silent: bool, rest: Option<&Attached>) {
+        let now = tokio::time::Instant::now();
+        let silence = match silent {
+            true => self.0.config.limits.transport_idle_timeout,
+            false => Duration::ZERO,
+        };
+        let uncovered = !rest.is_some_and(|g| covered(g.complete_at, now, silence));
+        self.0.pubsub.gateway_lost(gone.node_id(), uncovered);
+        if uncovered {
+            self.0.gap_watches.fetch_add(1, Relaxed);
+            tracing::info!(gateway = %gone.node_id(), "no other gateway carried every event: the gap is told to subscriptions as Lagged");
+        }
+    }
+
+    /// Keeps a second gateway carrying the subscriptions (with two or more
+    /// configured nodes and `redundant_subscriptions`, once the client has
+    /// subscribed): another node than the primary's, attached in the
+    /// background, replacing one that is lost or promoted.
+    async fn keep_second(self) {
+        let cfg = &self.0.config;
+        let n = cfg.gateways.len();
+        if !cfg.redundant_subscriptions || n < 2 {
+            return;
+        }
+        let mut backoff = Backoff::new(
+            cfg.limits.reconnect_backoff_min,
+            cfg.limits.reconnect_backoff_max,
+        );
+        let mut shutdown = self.0.shutdown.subscribe();
+        let mut next = 1usize;
+        loop {
+            if self.is_shutting_down() {
+                return;
+            }
+            // Only for a client with subscriptions (one that only publishes
+            // or calls would double its connections for nothing).
+            let subscribed = self.0.subscribed.notified();
+            tokio::pin!(subscribed);
+            subscribed.as_mut().enable();
+            if self.patterns().is_empty() {
+                tokio::select! {
+                    _ = subscribed => {}
+                    _ = shutdown.changed() => return,
+                }
+                continue;
+            }
+            // Only beside a primary (first attach, then after each failover).
+            let Some(primary) = self.wait_gateway(crate::rpc::GATEWAY_WAIT).await else {
+                continue;
+            };
+            let mut got = None;
+            for k in 0..n {
+                let i = (next + k) % n;
+                let target = &cfg.gateways[i];
+                if target.expected == Some(primary.node_id())
+                    || !lock(&self.0.claims).claim(Slot::Second, i)
+                {
+                    continue;
+                }
+                match self.attach_second(i, &primary).await {
+                    Ok(g) => {
+                        got = Some(g);
+                        break;
+                    }
+                    Err(e) => {
+                        lock(&self.0.claims).release(Slot::Second, i);
+                        tracing::debug!(gateway = %target, error = %e, "could not attach a second gateway");
+                    }
+                }
+                if self.is_shutting_down() {
+                    return;
+                }
+            }
+            let Some(g) = got else {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay(0.5)) => {}
+                    _ = shutdown.changed() => return,
+                }
+                continue;
+            };
+            backoff.reset();
+            let (i, peer) = (g.index, g.peer.clone());
+            next = i + 1;
+            self.0.seconds_attached.fetch_add(1, Relaxed);
+            tracing::info!(gateway = %peer.node_id(), addr = %peer.remote_addr(), "second gateway attached");
+            let mut slot = self.0.second.subscribe();
+            let ours = |s: &Option<Attached>| {
+                s.as_ref()
+                    .is_some_and(|s| s.peer.connection_id() == peer.connection_id())
+            };
+            let mut silent = false;
+            // Promoted to primary (possibly already, while catching up).
+            let promoted = loop {
+                if !ours(&slot.borrow_and_update()) {
+                    break true;
+                }
+                tokio::select! {
+                    e = peer.connection().closed() => {
+                        silent = matches!(e, quinn::ConnectionError::TimedOut);
+                        break false;
+                    }
+                    r = slot.changed() => {
+                        if r.is_err() {
+                            break true;
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            };
+            if promoted {
+                continue;
+            }
+            // Lost while still the second gateway.
+            let was_ours = {
+                let mut cur = None;
+                self.0.second.send_if_modified(|s| {
+                    let mine = ours(s);
+                    if mine {
+                        cur = s.take();
+                    }
+                    mine
+                });
+                cur.is_some()
+            };
+            if !was_ours {
+                continue;
+            }
+            lock(&self.0.claims).release(Slot::Second, i);
+            if self.is_shutting_down() {
+                return;
+            }
+            let primary = self.0.gateway.borrow().clone();
+            tracing::warn!(gateway = %peer.node_id(), "lost the second gateway; attaching another");
+            self.lost(
+                &peer,
+                silent,
+                primary.as_ref().filter(|g| !g.peer.is_closed()),
+            );
+        }
+    }
+
+    /// Dials the `i`th configured node as the second gateway (beside
+    /// `primary`), replays the subscriptions on it and publishes it in the
+    /// `second` slot; then catches up with subscription changes made
+    /// meanwhile (a change made after the slot was set reaches it directly).
+    async fn attach_second(&self, i: usize, primary: &Peer) -> Result<Attached, String> {
+        let target = self.0.config.gateways[i].clone();
+        let peer = self.attach(&target).await.map_err(|e| e.to_string())?;
+        let fail = |peer: Peer, why: String| async move {
+            peer.disconnect(DisconnectReason::Shutdown, "not kept as second gateway")
+                .await;
+            Err(why)
+        };
+        if peer.node_id() == primary.node_id() {
+            return fail(peer, "the same node as the primary gateway".into()).await;
+        }
+        let replayed = match self.replay(&peer, false).await {
+            Ok(p) => p,
+            Err(e) => return fail(peer, format!("replay failed: {e}")).await,
+        };
+        let g = Attached {
+            peer: peer.clone(),
+            index: i,
+            complete_at: tokio::time::Instant::now(),
+        };
+        if self.is_shutting_down() || primary.is_closed() {
+            // The primary went meanwhile: start over beside the next one.
+            return fail(peer, "the primary gateway changed".into()).await;
+        }
+        self.0.second.send_replace(Some(g.clone()));
+        let now: std::collections::BTreeSet<String> = self.patterns().into_iter().collect();
+        let before: std::collections::BTreeSet<String> = replayed.into_iter().collect();
+        let changes = now
+            .difference(&before)
+            .map(|p| (p.clone(), true))
+            .chain(before.difference(&now).map(|p| (p.clone(), false)));
+        let results = futures::future::join_all(
+            changes.map(|(pattern, on)| self.request(&peer, interest_msg(pattern, on))),
+        )
+        .await;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            // Out of step: dropped; the loop attaches a new one.
+            peer.disconnect(DisconnectReason::ProtocolError, "subscription not taken")
+                .await;
+            return Err(format!("catching up failed: {e}"));
+        }
+        Ok(Attached {
+            complete_at: tokio::time::Instant::now(),
+            ..g
+        })
+    }
+
+    /// The subscription patterns the client holds now.
+    fn patterns(&self) -> Vec<String> {
+        self.0
+            .pubsub
+            .subscriptions()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
     }
 
     /// Dials `target`, proves identities, exchanges HELLO, starts driving
@@ -715,6 +1128,7 @@ impl Client {
             .await
             .map_err(|_| other(format!("no handshake within {timeout:?}")))??;
         peer.set_kept(true);
+        s.pubsub.gateway_up(&peer.node_id());
         let cfg = DriverConfig {
             idle_timeout: s.config.limits.idle_timeout,
             // QUIC keep-alives (every `keep_alive_interval`) watch the
@@ -746,25 +1160,21 @@ impl Client {
         Ok(peer)
     }
 
-    /// Repeats every subscription pattern and advertisement on a new
-    /// gateway (all at once; each is acknowledged).
-    async fn replay(&self, gateway: &Peer) -> Result<(), String> {
-        let patterns: Vec<String> = self
-            .0
-            .pubsub
-            .subscriptions()
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
-        let ads: Vec<(String, AdSpec)> = lock(&self.0.ads)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let subs = patterns.into_iter().map(|pattern| {
-            self.request(gateway, move |id| {
-                ClientMessage::Subscribe(ClientSubscribe { id, pattern })
-            })
-            .boxed()
+    /// Repeats every subscription pattern (and, with `ads`, advertisement)
+    /// on a new gateway (all at once; each is acknowledged). Returns the
+    /// patterns replayed.
+    async fn replay(&self, gateway: &Peer, ads: bool) -> Result<Vec<String>, String> {
+        let patterns = self.patterns();
+        let ads: Vec<(String, AdSpec)> = match ads {
+            true => lock(&self.0.ads)
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            false => Vec::new(),
+        };
+        let subs = patterns.iter().map(|pattern| {
+            self.request(gateway, interest_msg(pattern.clone(), true))
+                .boxed()
         });
         let advs = ads.into_iter().map(|(procedure, (weight, metadata))| {
             self.request(gateway, move |id| {
@@ -778,8 +1188,19 @@ impl Client {
             .boxed()
         });
         let results = futures::future::join_all(subs.chain(advs)).await;
-        results.into_iter().collect()
+        results.into_iter().collect::<Result<(), String>>()?;
+        Ok(patterns)
     }
+}
+
+/// Whether a gateway that had acknowledged every subscription at
+/// `complete_at` carried every event another gateway did, that other one
+/// having been found dead at `now` after `silent` without a packet (zero:
+/// it closed the connection): its subscriptions had reached publishers
+/// (`COVER_MARGIN`) before the other one's last packet.
+fn covered(complete_at: tokio::time::Instant, now: tokio::time::Instant, silent: Duration) -> bool {
+    now.checked_sub(silent)
+        .is_some_and(|last_heard| complete_at + COVER_MARGIN <= last_heard)
 }
 
 /// Why one attach attempt failed.
@@ -814,5 +1235,50 @@ impl crate::pubsub::Mesh for GatewayMesh {
                 .filter(|p| p.node_id() == id)
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn claims_keep_the_two_connections_on_different_nodes() {
+        let mut c = Claims::default();
+        assert!(c.claim(Slot::Primary, 0));
+        assert!(!c.claim(Slot::Second, 0), "the primary's node");
+        assert!(c.claim(Slot::Second, 1));
+        assert!(!c.claim(Slot::Primary, 1), "the second's node");
+        // Released only by its holder, only for the node it holds.
+        c.release(Slot::Primary, 1);
+        assert_eq!((c.primary, c.second), (Some(0), Some(1)));
+        c.release(Slot::Second, 1);
+        assert!(c.claim(Slot::Primary, 1));
+        assert_eq!((c.primary, c.second), (Some(1), None));
+    }
+
+    #[test]
+    fn a_gateway_covers_another_only_if_complete_before_its_last_packet() {
+        let silent = GATEWAY_DEAD_AFTER;
+        let t0 = Instant::now();
+        // Found dead at t0 + 10 s: last heard at t0 + 6 s.
+        let now = t0 + Duration::from_secs(10);
+        assert!(covered(t0, now, silent));
+        assert!(covered(t0 + Duration::from_secs(4), now, silent));
+        assert!(!covered(
+            t0 + Duration::from_secs(4) + Duration::from_millis(1),
+            now,
+            silent
+        ));
+        // Attached after the other one's death: never.
+        assert!(!covered(t0 + Duration::from_secs(8), now, silent));
+    }
+
+    #[test]
+    fn redundant_subscriptions_are_the_default() {
+        let c = ClientConfig::new(vec!["127.0.0.1:1".parse().unwrap()]);
+        assert!(c.redundant_subscriptions);
+        assert!(format!("{c:?}").contains("redundant_subscriptions: true"));
     }
 }

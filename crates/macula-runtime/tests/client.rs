@@ -1,7 +1,8 @@
 //! Client mode over real QUIC on 127.0.0.1: clients attached to different
 //! gateways exchange pub/sub messages and RPC calls, keep the publisher's
 //! identity and order, and fail over to their next node with their
-//! subscriptions and advertisements replayed.
+//! subscriptions and advertisements replayed; a client subscribed through
+//! two gateways gets each event once and loses none when one goes.
 
 mod common;
 
@@ -227,6 +228,127 @@ async fn client_fails_over_and_replays_without_duplicates() {
     c.shutdown().await;
     b.shutdown().await;
     pubr.shutdown().await;
+}
+
+/// Every event of `sub` until `n` have arrived: seqs in order, each once,
+/// never `Lagged`.
+async fn take_seqs(sub: &mut Subscription, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::with_capacity(n);
+    while seqs.len() < n {
+        seqs.push(next_event(sub).await.seq);
+    }
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_subscribes_through_two_gateways_and_loses_nothing_when_one_goes() {
+    init_tracing();
+    let a = start(config()).await;
+    let b = start(boot(&a)).await;
+    joined(&b).await;
+    let p = start(boot(&a)).await;
+    joined(&p).await;
+    let c = client(&[&a, &b, &p]).await;
+    assert_eq!(c.gateway(), Some(a.node_id()));
+    // No subscription, no second gateway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.second_gateway(), None);
+    let mut sub = c.subscribe("feed.*").await.expect("subscribe");
+    within(STEP, "second gateway", async {
+        while c.second_gateway() != Some(b.node_id()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Both gateways carry it: each event arrives twice, is delivered once.
+    for g in [&a, &b] {
+        assert!(g
+            .client_subscriptions()
+            .iter()
+            .any(|(_, ps)| ps == &["feed.*".to_string()]));
+    }
+    let publish = |n: u64| {
+        let ps = p.pubsub().clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                ps.publish_mesh("feed.x", Bytes::from(i.to_string()), Default::default())
+                    .await
+                    .expect("publish");
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    publish(200).await.expect("publisher");
+    assert_eq!(
+        take_seqs(&mut sub, 200).await,
+        (1..=200).collect::<Vec<_>>()
+    );
+    eventually(STEP, "the second copies arrive and are dropped", || {
+        c.pubsub().counters().duplicates_dropped_total.load(Relaxed) == 200
+    })
+    .await;
+    assert_eq!(sub.pending(), 0, "delivered once");
+
+    // The primary goes while events flow: the second one is promoted, a
+    // new second gateway (p) attached, and every event arrives once.
+    let flow = publish(400);
+    a.shutdown().await;
+    flow.await.expect("publisher");
+    assert_eq!(
+        take_seqs(&mut sub, 400).await,
+        (201..=600).collect::<Vec<_>>()
+    );
+    within(STEP, "promoted and replaced", async {
+        while c.gateway() != Some(b.node_id()) || c.second_gateway() != Some(p.node_id()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(c.failovers(), 1);
+    assert_eq!(c.second_gateways_attached(), 2);
+    assert_eq!(c.missed_after_failover(), 0);
+    // Publishing goes on through the new primary, once per message.
+    let mut own = c.subscribe("mine.*").await.expect("subscribe own");
+    let mut on_p = p
+        .pubsub()
+        .subscribe_mesh("mine.*")
+        .await
+        .expect("node subscribes");
+    c.publish("mine.x", "hello").await.expect("publish");
+    assert_eq!(next_event(&mut own).await.payload, Bytes::from("hello"));
+    let e = next_event(&mut on_p).await;
+    assert_eq!((e.publisher, e.seq), (c.node_id(), 1));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        on_p.pending(),
+        0,
+        "published once, through the primary only"
+    );
+    c.shutdown().await;
+    b.shutdown().await;
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_gateway_client_keeps_one_connection() {
+    init_tracing();
+    let a = start(config()).await;
+    let b = start(boot(&a)).await;
+    joined(&b).await;
+    let mut cfg = ClientConfig::new(vec![addr_of(&a), addr_of(&b)]);
+    cfg.redundant_subscriptions = false;
+    let c = within(STEP, "client attaches", Client::connect(cfg))
+        .await
+        .expect("client attaches");
+    let _sub = c.subscribe("feed.*").await.expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.second_gateway(), None);
+    assert!(b.client_subscriptions().is_empty());
+    c.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

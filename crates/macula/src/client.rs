@@ -1,7 +1,10 @@
 //! A lightweight client ([`Client`], built by [`ClientBuilder`]): it attaches
 //! to one node of the mesh (its gateway), listens on nothing, stores no DHT
 //! records, and fails over to the next node with its subscriptions and
-//! advertisements when its gateway dies.
+//! advertisements when its gateway dies. Given two or more nodes, it also
+//! keeps its subscriptions on a second one (events delivered once), so a
+//! gateway's death loses no event
+//! ([`ClientBuilder::redundant_subscriptions`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), macula::Error> {
@@ -144,6 +147,22 @@ impl ClientBuilder {
         self.config.limits.keep_alive_interval
     }
 
+    /// With two or more gateways, subscribe through two at once (default
+    /// `true`; the second connection is made at the first subscription):
+    /// every event comes through both and is delivered once, so
+    /// the death of either loses nothing, and a new second gateway is
+    /// attached in the background. `false`: one gateway at a time; the
+    /// events published while the client fails over (about 5 s after a
+    /// gateway is killed) are lost, and told to each subscription as
+    /// `Lagged(n)`, `n` the publisher's sequence numbers skipped (exact
+    /// when the client subscribes to every topic the publisher uses, an
+    /// upper bound otherwise). Only the primary gateway carries publishes,
+    /// calls and advertisements either way.
+    pub fn redundant_subscriptions(mut self, on: bool) -> Self {
+        self.config.redundant_subscriptions = on;
+        self
+    }
+
     /// Pub/sub limits (subscription queues, topic sizes).
     pub fn pubsub_limits(mut self, limits: PubSubLimits) -> Self {
         self.config.pubsub = limits;
@@ -171,6 +190,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("id", &self.0.node_id())
             .field("gateway", &self.0.gateway())
+            .field("second_gateway", &self.0.second_gateway())
             .finish()
     }
 }
@@ -197,6 +217,24 @@ impl Client {
     /// Times the client lost its gateway and attached again.
     pub fn failovers(&self) -> u64 {
         self.0.failovers()
+    }
+
+    /// The second gateway carrying this client's subscriptions now, if any
+    /// (see [`ClientBuilder::redundant_subscriptions`]).
+    pub fn second_gateway(&self) -> Option<NodeId> {
+        self.0.second_gateway()
+    }
+
+    /// Gateways lost while no other one had carried every event: after
+    /// each, the gap was told to subscriptions as `Lagged`.
+    pub fn uncovered_failovers(&self) -> u64 {
+        self.0.uncovered_failovers()
+    }
+
+    /// Publishers' sequence numbers told as possibly missed after those
+    /// failovers (summed over publishers).
+    pub fn missed_after_failover(&self) -> u64 {
+        self.0.missed_after_failover()
     }
 
     /// Publishes through the gateway; returns the sequence number.
