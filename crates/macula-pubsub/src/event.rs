@@ -191,7 +191,11 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubscriptionItem {
     Event(Event),
-    /// The subscriber was too slow: this many older events were dropped.
+    /// This many events were lost before the next one: the subscriber was
+    /// too slow (its queue dropped its oldest), a node on the way dropped
+    /// them and said so (a loss report), or a lightweight client lost the
+    /// gateway that carried them (an upper bound when the publisher also
+    /// publishes on topics this client does not take).
     Lagged(u64),
 }
 

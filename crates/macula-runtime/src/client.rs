@@ -437,7 +437,7 @@ impl Client {
 
     /// `endpoint` with `buffer` bytes of kernel socket buffer each way.
     fn endpoint_with(bind: SocketAddr, buffer: usize) -> Result<quinn::Endpoint, ClientError> {
-        crate::node::endpoint(bind, buffer, None)
+        crate::node::endpoint(bind, buffer, None, None)
             .map_err(|source| ClientError::Bind { addr: bind, source })
     }
 

@@ -172,6 +172,26 @@ impl Identity {
         &self.signing_key
     }
 
+    /// The keys of this node's QUIC stateless resets and of its connection
+    /// IDs' validation, derived from the node key (BLAKE3 `derive_key`,
+    /// contexts of their own: they reveal nothing of the node key). Being
+    /// the same in every run of the same identity, a node restarted after a
+    /// crash recognises its previous run's connection IDs and answers their
+    /// packets with a reset the peers accept, so they learn of the restart
+    /// at their next packet instead of at their failure detector's bound
+    /// (PROTOCOL.md §6.2).
+    pub(crate) fn restart_keys(&self) -> RestartKeys {
+        let secret = self.signing_key.as_bytes();
+        let reset = blake3::derive_key("macula 2026-12 QUIC stateless reset key", secret);
+        let cid = blake3::derive_key("macula 2026-12 QUIC connection ID key", secret);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&cid[..8]);
+        RestartKeys {
+            reset: std::sync::Arc::new(ResetKey(Zeroizing::new(reset))),
+            cid: u64::from_le_bytes(first),
+        }
+    }
+
     /// Signs `msg` with the node key (pure Ed25519, RFC 8032).
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.signing_key.sign(msg).to_bytes()
@@ -194,6 +214,39 @@ impl Identity {
         base64_encode_into(&der, &mut pem);
         pem.push_str("\n-----END PRIVATE KEY-----\n");
         pem
+    }
+}
+
+/// See [`Identity::restart_keys`].
+#[derive(Clone)]
+pub(crate) struct RestartKeys {
+    /// Keys the stateless-reset tokens.
+    pub reset: std::sync::Arc<dyn quinn::crypto::HmacKey>,
+    /// Keys quinn's `HashedConnectionIdGenerator`.
+    pub cid: u64,
+}
+
+/// A stateless-reset key: BLAKE3 keyed hashing as the HMAC quinn asks for.
+struct ResetKey(Zeroizing<[u8; 32]>);
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let n = signature_out.len().min(32);
+        signature_out[..n].copy_from_slice(&mac.as_bytes()[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let mac = blake3::keyed_hash(&self.0, data);
+        // `blake3::Hash` compares in constant time.
+        match <[u8; 32]>::try_from(signature) {
+            Ok(sig) if mac == blake3::Hash::from(sig) => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
     }
 }
 
@@ -462,6 +515,33 @@ mod tests {
     use super::*;
     #[cfg(unix)]
     use std::os::unix::fs::PermissionsExt;
+
+    /// The same identity gives the same restart keys in every run (what a
+    /// restarted node needs to reset its old connections); another identity
+    /// gives others; the reset MAC verifies only its own output.
+    #[test]
+    fn restart_keys_follow_the_identity() {
+        let a = Identity::from_secret_bytes(&[7; 32]);
+        let a_again = Identity::from_secret_bytes(&[7; 32]);
+        let b = Identity::from_secret_bytes(&[8; 32]);
+        let (ka, ka2, kb) = (a.restart_keys(), a_again.restart_keys(), b.restart_keys());
+        assert_eq!(ka.cid, ka2.cid);
+        assert_ne!(ka.cid, kb.cid);
+        let cid = b"\x01\x02\x03\x04\x05\x06\x07\x08";
+        let sign = |k: &RestartKeys| {
+            let mut out = [0u8; 32];
+            assert_eq!(k.reset.signature_len(), 32);
+            k.reset.sign(cid, &mut out);
+            out
+        };
+        assert_eq!(sign(&ka), sign(&ka2));
+        assert_ne!(sign(&ka), sign(&kb));
+        assert!(ka2.reset.verify(cid, &sign(&ka)).is_ok());
+        assert!(kb.reset.verify(cid, &sign(&ka)).is_err());
+        assert!(ka.reset.verify(cid, &sign(&ka)[..16]).is_err());
+        // Neither key is the node key.
+        assert_ne!(&sign(&ka)[..], a.signing_key().as_bytes());
+    }
 
     fn write_key_file(dir: &Path, contents: &[u8]) -> PathBuf {
         let path = dir.join(KEY_FILE_NAME);

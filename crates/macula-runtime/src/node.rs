@@ -318,11 +318,14 @@ fn allow_streams(peer: &Peer, l: &crate::config::Limits) {
 
 /// A QUIC endpoint on a fresh UDP socket at `addr` whose kernel buffers are
 /// `buffer` bytes each (as far as the kernel allows); a server when given
-/// `server`.
+/// `server`; its stateless resets and connection IDs keyed with `keys` (a
+/// node's, the same across restarts: see `Identity::restart_keys`), else
+/// random keys.
 pub(crate) fn endpoint(
     addr: SocketAddr,
     buffer: usize,
     server: Option<quinn::ServerConfig>,
+    keys: Option<crate::identity::RestartKeys>,
 ) -> std::io::Result<quinn::Endpoint> {
     let sock = std::net::UdpSocket::bind(addr)?;
     let state = quinn::udp::UdpSocketState::new((&sock).into())?;
@@ -339,12 +342,16 @@ pub(crate) fn endpoint(
         send = ?state.send_buffer_size((&sock).into()).ok(),
         "UDP socket buffers"
     );
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        sock,
-        Arc::new(quinn::TokioRuntime),
-    )
+    let mut config = quinn::EndpointConfig::default();
+    if let Some(keys) = keys {
+        config.reset_key(keys.reset);
+        let cid = keys.cid;
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid))
+                as Box<dyn quinn::ConnectionIdGenerator>
+        });
+    }
+    quinn::Endpoint::new(config, server, sock, Arc::new(quinn::TokioRuntime))
 }
 
 /// The node ID proved by the peer's certificate in a finished TLS handshake.
@@ -389,11 +396,16 @@ impl NodeRuntime {
         let tunnel_server = server.clone();
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
-        let mut endpoint = endpoint(config.listen, config.limits.socket_buffer, Some(server))
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let mut endpoint = endpoint(
+            config.listen,
+            config.limits.socket_buffer,
+            Some(server),
+            Some(identity.restart_keys()),
+        )
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let reach = crate::reachability::Reachability::new(client.clone(), config.listen.ip());
         let relay_counters = Arc::new(crate::relay::RelayCounters::default());
         let tunnel = Tunnel::new(
