@@ -45,6 +45,8 @@ fn calls_with_a_500_ms_deadline_survive_a_providers_crash() {
             ..NetConfig::default()
         };
         let detect = net.detect_after();
+        // Issue 17's target: a dead peer declared down within 3 s.
+        assert!(detect < Millis(3_000), "{detect:?}");
         let mut sim = Sim::new(net, seed);
         sim.set_realm(REALM);
         sim.set_supervise_bootstrap(true);
@@ -161,6 +163,113 @@ fn calls_with_a_500_ms_deadline_survive_a_providers_crash() {
                 "seed {seed}: a lookup took {took:?}, waiting on a request timeout"
             );
         }
+        assert!(sim.failure().is_none(), "seed {seed}: {:?}", sim.failure());
+    }
+}
+
+/// Issue 17, "interest follows liveness", in the simulator: a subscriber
+/// node crashes; the publisher's node stops queueing copies to it once its
+/// failure detector declares it down (plus the 1 s interest bound), not
+/// when its interest record expires (600 s), while a live subscriber keeps
+/// getting every message.
+#[test]
+fn publishers_stop_sending_to_a_crashed_subscriber_node() {
+    for seed in [1, 2, 3] {
+        let net = NetConfig {
+            latency: Latency::Uniform {
+                min: Millis(5),
+                max: Millis(40),
+            },
+            loss: 0.0,
+            ..NetConfig::default()
+        };
+        let detect = net.detect_after();
+        // Issue 17's target: a dead peer declared down within 3 s.
+        assert!(detect < Millis(3_000), "{detect:?}");
+        let mut sim = Sim::new(net, seed);
+        sim.set_realm(REALM);
+        sim.set_supervise_bootstrap(true);
+        sim.set_app_log(true);
+        for _ in 0..N {
+            sim.add_node(Config::default());
+        }
+        sim.schedule_start(0, &[], Millis::ZERO);
+        for i in 1..N {
+            sim.schedule_start(i, &[0], Millis(10 * i as u64));
+        }
+        sim.run_until(Millis(5_000));
+        let (dead, live, publisher) = (4, 6, 5);
+        sim.subscribe(dead, "t.**")
+            .expect("subscribe on the doomed node");
+        let live_sub = sim
+            .subscribe(live, "t.**")
+            .expect("subscribe on a live node");
+        sim.run_until(Millis(8_000));
+        let sent = |sim: &Sim| {
+            sim.pubsub(publisher)
+                .core()
+                .counters()
+                .sent_remote_total
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let mut t = 8_000;
+        let mut publish_until = |sim: &mut Sim, to: u64| {
+            while t < to {
+                sim.run_until(Millis(t));
+                sim.publish(publisher, "t.x", b"tick");
+                t += 50;
+            }
+        };
+        publish_until(&mut sim, 10_000);
+        let before = sent(&sim);
+        assert!(before > 0, "seed {seed}: copies go out");
+        let crash = Millis(10_000);
+        // Count the live subscriber's deliveries from the crash on.
+        sim.take_deliveries();
+        sim.take_publishes();
+        sim.kill(dead);
+        // Detector bound, then the interest bound (1 s), and one publish.
+        let settled = crash.0 + detect.0 + 1_000 + 50;
+        publish_until(&mut sim, settled);
+        let flat = sent(&sim);
+        publish_until(&mut sim, settled + 5_000);
+        sim.run_until(Millis(settled + 5_500));
+        let after = sent(&sim);
+        let published_after = (settled + 5_000 - settled).div_ceil(50);
+        // From then on the only copies are the live subscriber's.
+        assert_eq!(
+            after - flat,
+            published_after,
+            "seed {seed}: copies still queued to the crashed node"
+        );
+        let unreachable = sim
+            .pubsub(publisher)
+            .core()
+            .counters()
+            .peers_unreachable_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(unreachable >= 1, "seed {seed}: never set aside");
+        let seqs: Vec<u64> = sim
+            .take_deliveries()
+            .iter()
+            .filter(|d| d.1 == live_sub)
+            .map(|d| d.4)
+            .collect();
+        let published: Vec<u64> = sim
+            .take_publishes()
+            .iter()
+            .filter(|p| p.0 == publisher)
+            .map(|p| p.3)
+            .collect();
+        let missed: Vec<&u64> = published.iter().filter(|p| !seqs.contains(p)).collect();
+        assert!(
+            missed.is_empty(),
+            "seed {seed}: the live subscriber missed {missed:?} while the other node was dead"
+        );
+        assert_eq!(
+            published.len() as u64,
+            (settled + 5_000 - crash.0).div_ceil(50)
+        );
         assert!(sim.failure().is_none(), "seed {seed}: {:?}", sim.failure());
     }
 }
