@@ -182,6 +182,16 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 return Err(format!("malformed PUBLISH_BATCH: {reason}"));
             }
         };
+        if rx.from_client && view.publisher != from {
+            // A client publishes only as itself: a batch naming another
+            // publisher is a forgery, refused whole (neither delivered here
+            // nor to other clients, nor forwarded).
+            Counters::inc(&c.data_streams_rejected_total);
+            return Err(format!(
+                "PUBLISH_BATCH from client {from} names publisher {}",
+                view.publisher
+            ));
+        }
         Counters::inc(&c.batches_received_total);
         rx.messages += view.entries.len() as u64;
         // A batch naming another publisher is forwarded: by a gateway for

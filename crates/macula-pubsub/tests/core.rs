@@ -2369,3 +2369,54 @@ fn drops_with_no_room_in_the_report_table_are_counted_unreported() {
     assert_eq!(counter(&gw, |c| &c.loss_unreported_total), 4);
     assert_eq!(starts(&actions(&mut gw)).len(), 1);
 }
+
+/// Issue 15 (security): a client may publish only as itself. A batch on a
+/// client's data stream naming another publisher is refused as a whole
+/// (the stream is stopped, PROTOCOL.md §7), so the gateway neither forwards
+/// it nor delivers it to its other clients or its own subscriptions.
+#[test]
+fn a_gateway_refuses_a_clients_batch_naming_another_publisher() {
+    // Node 2 is the gateway of clients 50 and 51; 51 subscribes.
+    let mut gw = node(2);
+    let feed = gw.open_feed(id(51));
+    gw.feed_add(feed, "t.*").unwrap();
+    actions(&mut gw);
+    // A batch published by 50 ...
+    let mut mine = node(50);
+    let dht = Dht::with(&[("t", record(2, 1, "t.*"))]);
+    let rm = route(&mut mine, &dht, "t.x", ms(0));
+    publish(&mut mine, &rm, "forged", ms(0));
+    let (mq, _) = starts(&actions(&mut mine))[0];
+    let bodies = transmit(&mut mine, mq, ms(0));
+    // ... sent by client 52 on its own data stream.
+    let mut rx = BatchReceiver::new(true);
+    let res = gw.handle_batch(
+        id(52),
+        macula_wire::MessageType::PublishBatch as u8,
+        &bodies[0],
+        &mut rx,
+        ms(1),
+    );
+    let err = res.expect_err("refused");
+    assert!(err.contains("names publisher"), "{err}");
+    assert_eq!(counter(&gw, |c| &c.data_streams_rejected_total), 1);
+    assert_eq!(counter(&gw, |c| &c.forwarded_sent_total), 0);
+    let mut delivered = 0;
+    rx.deliver(|_, e| delivered += e.len());
+    assert_eq!(delivered, 0);
+    assert!(
+        starts(&actions(&mut gw)).is_empty(),
+        "nothing queued to client 51"
+    );
+    // The same batch from its real publisher goes through.
+    let mut rx = BatchReceiver::new(true);
+    gw.handle_batch(
+        id(50),
+        macula_wire::MessageType::PublishBatch as u8,
+        &bodies[0],
+        &mut rx,
+        ms(2),
+    )
+    .expect("its own batch");
+    assert_eq!(counter(&gw, |c| &c.forwarded_sent_total), 1);
+}
