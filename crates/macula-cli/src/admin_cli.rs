@@ -1,7 +1,9 @@
 //! `macula nodes`, `macula health` and `macula metrics`: read a running
 //! node's admin HTTP API and print a table, or the JSON for scripts.
 //!
-//! Read-only: these commands only send `GET`s and never change the node.
+//! Read-only: these commands only send `GET`s and never change the node
+//! (`macula raft` and `macula kv`, in `raft_cli.rs`, use the same client for
+//! the writing Raft endpoints).
 //! Exit codes: 0 success; 1 the node is unreachable, answered an HTTP error
 //! or (for `health`) is not ready, with a message naming the address; 2 usage.
 //!
@@ -263,12 +265,12 @@ pub fn metrics(args: &MetricsArgs) -> Result<(), Failure> {
 }
 
 /// A node's admin address as given, checked for `HOST:PORT` shape.
-struct Target {
-    text: String,
+pub(crate) struct Target {
+    pub(crate) text: String,
 }
 
 impl Target {
-    fn parse(text: &str) -> Result<Target, Failure> {
+    pub(crate) fn parse(text: &str) -> Result<Target, Failure> {
         let ok = text
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -306,7 +308,11 @@ impl Target {
         Ok(reply.body)
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(&self, path: &str, body: &str) -> anyhow::Result<T> {
+    pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<T> {
         serde_json::from_str(body)
             .with_context(|| format!("unexpected answer from {} for {path}", self.text))
     }
@@ -314,14 +320,27 @@ impl Target {
 
 /// One HTTP answer.
 #[derive(Debug, PartialEq, Eq)]
-struct Reply {
-    status: u16,
-    body: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: String,
 }
 
 /// A blocking HTTP/1.1 `GET` with `Connection: close`, bounded by
 /// [`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`] and [`MAX_RESPONSE_BYTES`].
 fn get(target: &str, path: &str) -> anyhow::Result<Reply> {
+    request(target, "GET", path, None, REQUEST_TIMEOUT)
+}
+
+/// A blocking HTTP/1.1 request with `Connection: close` and an optional
+/// body `(content type, bytes)`, bounded by [`CONNECT_TIMEOUT`], `timeout`
+/// (connect to last byte) and [`MAX_RESPONSE_BYTES`].
+pub(crate) fn request(
+    target: &str,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
     let addrs: Vec<SocketAddr> = target
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {target}"))?
@@ -338,20 +357,32 @@ fn get(target: &str, path: &str) -> anyhow::Result<Reply> {
         }
     }
     let mut stream = stream.ok_or(last_error)?;
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: macula-cli/{}\r\n\
-         Accept: */*\r\nConnection: close\r\n\r\n",
+    let deadline = Instant::now() + timeout;
+    stream.set_write_timeout(Some(timeout))?;
+    let content = match body {
+        Some((kind, bytes)) => format!(
+            "Content-Type: {kind}\r\nContent-Length: {}\r\n",
+            bytes.len()
+        ),
+        None if method == "GET" => String::new(),
+        None => "Content-Length: 0\r\n".to_string(),
+    };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: macula-cli/{}\r\n\
+         Accept: */*\r\n{content}Connection: close\r\n\r\n",
         env!("CARGO_PKG_VERSION")
     );
-    stream.write_all(request.as_bytes())?;
+    let mut message = head.into_bytes();
+    if let Some((_, bytes)) = body {
+        message.extend_from_slice(bytes);
+    }
+    stream.write_all(&message)?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("no complete answer within {REQUEST_TIMEOUT:?}");
+            bail!("no complete answer within {timeout:?}");
         }
         stream.set_read_timeout(Some(left))?;
         let n = match stream.read(&mut buf) {
@@ -363,7 +394,7 @@ fn get(target: &str, path: &str) -> anyhow::Result<Reply> {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                bail!("no complete answer within {REQUEST_TIMEOUT:?}")
+                bail!("no complete answer within {timeout:?}")
             }
             Err(e) => return Err(e).context("reading the answer"),
         };
@@ -543,7 +574,7 @@ fn parse_labels(mut s: &str) -> Result<(BTreeMap<String, String>, &str), String>
 }
 
 /// `90061` seconds as `1d 1h 1m 1s` (leading zero units left out).
-fn duration(secs: u64) -> String {
+pub(crate) fn duration(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86_400, secs / 3_600 % 24, secs / 60 % 60, secs % 60);
     let parts = [(d, "d"), (h, "h"), (m, "m")];
     let mut out: Vec<String> = parts
@@ -556,7 +587,7 @@ fn duration(secs: u64) -> String {
 }
 
 /// Left-aligned columns separated by two spaces.
-fn write_table<const N: usize>(
+pub(crate) fn write_table<const N: usize>(
     out: &mut impl Write,
     header: &[String; N],
     rows: &[[String; N]],

@@ -48,6 +48,10 @@ pub enum BenchCommand {
     /// A relayed path versus a direct one on the same topology (in-process
     /// nodes on 127.0.0.1): RPC round-trip latency and bulk throughput.
     Relay(crate::bench_relay::RelayArgs),
+    /// A Raft group's KV (or an etcd cluster, for comparison) under load:
+    /// put and linearizable get latency, concurrent put throughput, or the
+    /// write gap across a leader kill (`scripts/bench-raft.py` runs both).
+    Kv(crate::bench_kv::KvArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -125,6 +129,9 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 .await
                 .context("benchmark exceeded its time limit")?
         }
+        BenchCommand::Kv(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_kv::run(args))
+            .await
+            .context("benchmark exceeded its time limit")?,
     }
 }
 

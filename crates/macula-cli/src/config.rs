@@ -106,6 +106,17 @@ pub const SOCKET_BUFFER_RANGE: (u64, u64) = (64 << 10, 256 << 20);
 pub const PEER_SLOTS_RANGE: (usize, usize) = (0, 100_000);
 /// Accepted `max_streams_per_client` range.
 pub const CLIENT_STREAMS_RANGE: (usize, usize) = (2, 256);
+/// Longest Raft group name (names are `[A-Za-z0-9._-]`, not starting with
+/// `.`: they name files in the data directory).
+pub const MAX_RAFT_GROUP_NAME_LEN: usize = 128;
+/// Accepted `raft_timeout` range.
+pub const RAFT_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(60));
+/// Accepted `raft_max_groups` range.
+pub const RAFT_MAX_GROUPS_RANGE: (usize, usize) = (1, 4096);
+/// Accepted `raft_election_timeout` range (the heartbeat is a quarter of it).
+pub const RAFT_ELECTION_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(60));
 /// Default log format.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Data directory used when the platform has no user data directory.
@@ -352,6 +363,41 @@ pub mod keys {
         toml: "reachability",
         default: "auto",
     };
+    /// Raft groups this node is a member of.
+    pub const RAFT_GROUPS: Key = Key {
+        flag: "--raft-group",
+        env: "MACULA_RAFT_GROUPS",
+        toml: "raft_groups",
+        default: "",
+    };
+    /// Founding voters of the Raft groups.
+    pub const RAFT_MEMBERS: Key = Key {
+        flag: "--raft-members",
+        env: "MACULA_RAFT_MEMBERS",
+        toml: "raft_members",
+        default: "",
+    };
+    /// Time a Raft request (write, read, membership change) may take.
+    pub const RAFT_TIMEOUT: Key = Key {
+        flag: "--raft-timeout",
+        env: "MACULA_RAFT_TIMEOUT",
+        toml: "raft_timeout",
+        default: "5s",
+    };
+    /// Raft groups one node may run.
+    pub const RAFT_MAX_GROUPS: Key = Key {
+        flag: "--raft-max-groups",
+        env: "MACULA_RAFT_MAX_GROUPS",
+        toml: "raft_max_groups",
+        default: "64",
+    };
+    /// Shortest time without a leader before a member starts an election.
+    pub const RAFT_ELECTION_TIMEOUT: Key = Key {
+        flag: "--raft-election-timeout",
+        env: "MACULA_RAFT_ELECTION_TIMEOUT",
+        toml: "raft_election_timeout",
+        default: "200ms",
+    };
     /// Log format.
     pub const LOG_FORMAT: Key = Key {
         flag: "--log-format",
@@ -391,6 +437,11 @@ pub mod keys {
         RELAY_BYTES_PER_SECOND,
         RELAY_IDLE_TIMEOUT,
         REACHABILITY,
+        RAFT_GROUPS,
+        RAFT_MEMBERS,
+        RAFT_TIMEOUT,
+        RAFT_MAX_GROUPS,
+        RAFT_ELECTION_TIMEOUT,
         LOG_FORMAT,
     ];
 }
@@ -524,6 +575,26 @@ pub struct NodeArgs {
     #[arg(long, value_name = "auto|private")]
     pub reachability: Option<String>,
 
+    /// Raft group to be a member of (consistent KV, leader election); the log is kept in <data dir>/raft; comma-separated, repeatable [env: MACULA_RAFT_GROUPS] [default: none]
+    #[arg(long = "raft-group", value_name = "NAME[,NAME...]")]
+    pub raft_groups: Vec<String>,
+
+    /// Founding voters of the --raft-group groups: node IDs, this node's own among them; every founder passes the same list. Without it the node joins as a not-yet-member and waits for `macula raft add`; comma-separated, repeatable [env: MACULA_RAFT_MEMBERS] [default: none]
+    #[arg(long, value_name = "NODEID[,NODEID...]")]
+    pub raft_members: Vec<String>,
+
+    /// Time a Raft group request (write, linearizable read, membership change) may take, leader changes included; 100ms..60s [env: MACULA_RAFT_TIMEOUT] [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub raft_timeout: Option<String>,
+
+    /// Raft groups this node may run at once, 1..4096 [env: MACULA_RAFT_MAX_GROUPS] [default: 64]
+    #[arg(long, value_name = "N")]
+    pub raft_max_groups: Option<String>,
+
+    /// A member that hears no leader for a random time between this and twice this starts an election; the leader's heartbeat is a quarter of it; 100ms..60s; raise it on links slower than 20 ms round trip [env: MACULA_RAFT_ELECTION_TIMEOUT] [default: 200ms]
+    #[arg(long, value_name = "DURATION")]
+    pub raft_election_timeout: Option<String>,
+
     /// Log format: "text" or "json" [env: MACULA_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "text|json")]
     pub log_format: Option<String>,
@@ -656,6 +727,16 @@ pub struct Settings {
     pub relay_idle_timeout: Duration,
     /// Detect reachability, or assume private.
     pub reachability: ReachabilityMode,
+    /// Raft groups to join at start (validated names, no duplicates).
+    pub raft_groups: Vec<String>,
+    /// Founding voters of `raft_groups`; empty: join as a not-yet-member.
+    pub raft_members: Vec<NodeId>,
+    /// Request timeout of Raft group operations.
+    pub raft_timeout: Duration,
+    /// Raft groups the node may run at once.
+    pub raft_max_groups: usize,
+    /// Minimum election timeout (the heartbeat is a quarter of it).
+    pub raft_election_timeout: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// The config file that was read, if any.
@@ -668,6 +749,7 @@ impl Default for Settings {
     fn default() -> Self {
         let relay = macula::config::RelayLimits::default();
         let limits = macula::config::Limits::default();
+        let raft = macula::config::RaftLimits::default();
         Settings {
             listen: DEFAULT_LISTEN,
             realm: DEFAULT_REALM.to_string(),
@@ -698,6 +780,11 @@ impl Default for Settings {
             relay_bytes_per_second: relay.bytes_per_second,
             relay_idle_timeout: relay.idle_timeout,
             reachability: ReachabilityMode::Auto,
+            raft_groups: Vec::new(),
+            raft_members: Vec::new(),
+            raft_timeout: raft.request_timeout,
+            raft_max_groups: raft.max_groups,
+            raft_election_timeout: raft.election_min,
             log_format: DEFAULT_LOG_FORMAT,
             config_file: None,
         }
@@ -1015,6 +1102,54 @@ fn parse_relay_idle_timeout(s: &str) -> Result<Duration, String> {
     parse_duration_in(s, RELAY_IDLE_TIMEOUT_RANGE)
 }
 
+fn parse_raft_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, RAFT_TIMEOUT_RANGE)
+}
+
+fn parse_raft_max_groups(s: &str) -> Result<usize, String> {
+    parse_count(s, RAFT_MAX_GROUPS_RANGE)
+}
+
+fn parse_raft_election_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_in(s, RAFT_ELECTION_TIMEOUT_RANGE)
+}
+
+/// Checks a Raft group name: 1 to 128 characters of `A-Z a-z 0-9 . _ -`,
+/// not starting with `.` (the name is the file name of the group's log).
+pub fn validate_raft_group(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_RAFT_GROUP_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid Raft group name {name:?}: 1 to {MAX_RAFT_GROUP_NAME_LEN} characters of \
+             A-Z a-z 0-9 . _ - not starting with '.'"
+        ))
+    }
+}
+
+fn parse_raft_group(s: &str) -> Result<Vec<String>, String> {
+    let name = s.trim();
+    validate_raft_group(name)?;
+    Ok(vec![name.to_string()])
+}
+
+fn parse_raft_groups(s: &str) -> Result<Vec<String>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        out.extend(parse_raft_group(item)?);
+    }
+    Ok(out)
+}
+
 fn parse_reachability(s: &str) -> Result<ReachabilityMode, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "auto" => Ok(ReachabilityMode::Auto),
@@ -1077,6 +1212,11 @@ struct FileConfig {
     data_dir: Option<toml::Value>,
     http: Option<toml::Value>,
     reachability: Option<toml::Value>,
+    raft_groups: Option<toml::Value>,
+    raft_members: Option<toml::Value>,
+    raft_timeout: Option<toml::Value>,
+    raft_max_groups: Option<toml::Value>,
+    raft_election_timeout: Option<toml::Value>,
     tls: Option<FileTls>,
     limits: Option<FileLimits>,
     relay: Option<FileRelay>,
@@ -1200,6 +1340,11 @@ impl FileLayer {
             (keys::RELAY_BYTES_PER_SECOND.toml, relay.bytes_per_second),
             (keys::RELAY_IDLE_TIMEOUT.toml, relay.idle_timeout),
             (keys::REACHABILITY.toml, cfg.reachability),
+            (keys::RAFT_GROUPS.toml, cfg.raft_groups),
+            (keys::RAFT_MEMBERS.toml, cfg.raft_members),
+            (keys::RAFT_TIMEOUT.toml, cfg.raft_timeout),
+            (keys::RAFT_MAX_GROUPS.toml, cfg.raft_max_groups),
+            (keys::RAFT_ELECTION_TIMEOUT.toml, cfg.raft_election_timeout),
             (keys::LOG_FORMAT.toml, log.format),
         ]
         .into_iter()
@@ -1636,6 +1781,36 @@ pub fn resolve(
         false,
         parse_reachability,
     )?);
+    let raft_groups = layers.list(
+        &args.raft_groups,
+        &keys::RAFT_GROUPS,
+        parse_raft_groups,
+        parse_raft_group,
+    )?;
+    let raft_members = layers.list(
+        &args.raft_members,
+        &keys::RAFT_MEMBERS,
+        parse_node_ids,
+        parse_node_id,
+    )?;
+    let raft_timeout = val(layers.value(
+        &args.raft_timeout,
+        &keys::RAFT_TIMEOUT,
+        true,
+        parse_raft_timeout,
+    )?);
+    let raft_max_groups = val(layers.value(
+        &args.raft_max_groups,
+        &keys::RAFT_MAX_GROUPS,
+        true,
+        parse_raft_max_groups,
+    )?);
+    let raft_election_timeout = val(layers.value(
+        &args.raft_election_timeout,
+        &keys::RAFT_ELECTION_TIMEOUT,
+        true,
+        parse_raft_election_timeout,
+    )?);
     let log_format = val(layers.value(&args.log_format, &keys::LOG_FORMAT, false, str::parse)?);
 
     let (tls_mode, mode_origin) = match tls_mode {
@@ -1643,6 +1818,12 @@ pub fn resolve(
         None => (d.tls_mode, "the default".to_string()),
     };
     let (tls_ca_cert_file, tls_cert_file) = check_tls(tls_mode, &mode_origin, ca, cert)?;
+    let raft_max_groups = raft_max_groups.unwrap_or(d.raft_max_groups);
+    let (raft_groups, raft_members) = check_raft(
+        raft_groups.unwrap_or_default(),
+        raft_members.unwrap_or_default(),
+        raft_max_groups,
+    )?;
 
     Ok(Settings {
         listen: listen.unwrap_or(d.listen),
@@ -1675,6 +1856,11 @@ pub fn resolve(
         relay_bytes_per_second: relay_bytes_per_second.unwrap_or(d.relay_bytes_per_second),
         relay_idle_timeout: relay_idle_timeout.unwrap_or(d.relay_idle_timeout),
         reachability: reachability.unwrap_or(d.reachability),
+        raft_groups,
+        raft_members,
+        raft_timeout: raft_timeout.unwrap_or(d.raft_timeout),
+        raft_max_groups,
+        raft_election_timeout: raft_election_timeout.unwrap_or(d.raft_election_timeout),
         log_format: log_format.unwrap_or(d.log_format),
         config_file: d.config_file,
     })
@@ -1687,6 +1873,55 @@ fn val<T>(o: Option<(T, Origin)>) -> Option<T> {
 
 type TlsFiles = (Option<PathBuf>, Option<PathBuf>);
 
+/// Every name of a setting, for messages about settings that clash.
+fn all_names(k: &Key) -> String {
+    format!(
+        "{} (or {}, or `{}` in the config file)",
+        k.flag, k.env, k.toml
+    )
+}
+
+/// Drops repeated group names and members (keeping the first), refuses
+/// members without a group (they would be silently ignored) and more groups
+/// than the node may run.
+fn check_raft(
+    groups: Vec<String>,
+    members: Vec<NodeId>,
+    max_groups: usize,
+) -> Result<(Vec<String>, Vec<NodeId>), ConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    let groups: Vec<String> = groups
+        .into_iter()
+        .filter(|g| seen.insert(g.clone()))
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let members: Vec<NodeId> = members.into_iter().filter(|m| seen.insert(*m)).collect();
+    if groups.is_empty() && !members.is_empty() {
+        let list: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+        return Err(ConfigError::Conflict {
+            key: all_names(&keys::RAFT_MEMBERS),
+            value: list.join(","),
+            reason: format!(
+                "no Raft group is named: the members are the founding voters of the groups \
+                 named with {}",
+                all_names(&keys::RAFT_GROUPS)
+            ),
+        });
+    }
+    if groups.len() > max_groups {
+        return Err(ConfigError::Conflict {
+            key: all_names(&keys::RAFT_GROUPS),
+            value: groups.join(","),
+            reason: format!(
+                "that is {} groups and a node runs at most {max_groups} ({})",
+                groups.len(),
+                keys::RAFT_MAX_GROUPS.flag
+            ),
+        });
+    }
+    Ok((groups, members))
+}
+
 /// CA mode needs both files; self mode must not be given them (they would be
 /// silently ignored, which looks like CA verification but is not).
 fn check_tls(
@@ -1695,12 +1930,6 @@ fn check_tls(
     ca: Option<(PathBuf, Origin)>,
     cert: Option<(PathBuf, Origin)>,
 ) -> Result<TlsFiles, ConfigError> {
-    let all_names = |k: &Key| {
-        format!(
-            "{} (or {}, or `{}` in the config file)",
-            k.flag, k.env, k.toml
-        )
-    };
     match mode {
         TlsModeSetting::Ca => {
             let Some((ca, _)) = ca else {
@@ -1881,6 +2110,22 @@ mod tests {
             Ok(d.reachability)
         );
         assert_eq!(keys::LOG_FORMAT.default.parse(), Ok(d.log_format));
+        assert_eq!(
+            parse_raft_timeout(keys::RAFT_TIMEOUT.default),
+            Ok(d.raft_timeout)
+        );
+        assert_eq!(
+            parse_raft_max_groups(keys::RAFT_MAX_GROUPS.default),
+            Ok(d.raft_max_groups)
+        );
+        assert_eq!(
+            parse_raft_election_timeout(keys::RAFT_ELECTION_TIMEOUT.default),
+            Ok(d.raft_election_timeout)
+        );
+        // The daemon's defaults are the runtime's (heartbeat: a quarter).
+        let raft = macula::config::RaftLimits::default();
+        assert_eq!(d.raft_election_timeout / 4, raft.heartbeat);
+        assert!(d.raft_groups.is_empty() && d.raft_members.is_empty());
         assert_eq!(
             parse_window_u32(keys::STREAM_RECEIVE_WINDOW.default),
             Ok(d.stream_receive_window)
@@ -2565,6 +2810,81 @@ format = "json"
         for k in keys::ALL {
             assert!(help.contains(k.flag), "help lists {}", k.flag);
             assert!(help.contains(k.env), "help mentions {}", k.env);
+        }
+    }
+
+    #[test]
+    fn raft_settings_layer_and_are_checked() {
+        let (a, b) = (nid(1), nid(2));
+        let f = toml_file(&format!(
+            "raft_groups = [\"cfg\", \"locks\", \"cfg\"]\nraft_members = [\"{a}\", \"{b}\"]\n\
+             raft_timeout = \"2s\"\nraft_max_groups = 8\nraft_election_timeout = \"200ms\"\n"
+        ));
+        let s = resolve(&args_with_config(&f), &no_env).unwrap();
+        assert_eq!(s.raft_groups, ["cfg", "locks"], "repeats dropped");
+        assert_eq!(s.raft_members, vec![a, b]);
+        assert_eq!(s.raft_timeout, Duration::from_secs(2));
+        assert_eq!(s.raft_max_groups, 8);
+        assert_eq!(s.raft_election_timeout, Duration::from_millis(200));
+
+        let env = env_of(&[
+            ("MACULA_RAFT_GROUPS", "x,y"),
+            ("MACULA_RAFT_TIMEOUT", "1s"),
+            ("MACULA_RAFT_ELECTION_TIMEOUT", "1s"),
+        ]);
+        let s = resolve(&args_with_config(&f), &env).unwrap();
+        assert_eq!(s.raft_groups, ["x", "y"], "env beats file");
+        assert_eq!(s.raft_timeout, Duration::from_secs(1));
+        assert_eq!(s.raft_election_timeout, Duration::from_secs(1));
+        let args = NodeArgs {
+            raft_groups: vec!["z".into(), "w.1,v_2".into()],
+            raft_members: vec![b.to_string()],
+            raft_max_groups: Some("3".into()),
+            ..args_with_config(&f)
+        };
+        let s = resolve(&args, &env).unwrap();
+        assert_eq!(s.raft_groups, ["z", "w.1", "v_2"], "flags beat env");
+        assert_eq!(s.raft_members, vec![b]);
+        assert_eq!(s.raft_max_groups, 3);
+
+        // Members without a group would be ignored: refused, naming both.
+        let args = NodeArgs {
+            raft_members: vec![a.to_string()],
+            ..NodeArgs::default()
+        };
+        let e = err_of(&args, &no_env);
+        assert!(
+            e.contains("--raft-members") && e.contains("--raft-group"),
+            "{e}"
+        );
+        // Bad names, too many groups, out-of-range timings.
+        for bad in ["a/b", ".hidden", "", &"g".repeat(129)] {
+            let args = NodeArgs {
+                raft_groups: vec![format!("ok,{bad}")],
+                ..NodeArgs::default()
+            };
+            let e = err_of(&args, &no_env);
+            assert!(e.contains("--raft-group"), "{bad:?}: {e}");
+        }
+        let args = NodeArgs {
+            raft_groups: vec!["a,b".into()],
+            raft_max_groups: Some("1".into()),
+            ..NodeArgs::default()
+        };
+        let e = err_of(&args, &no_env);
+        assert!(
+            e.contains("at most 1") && e.contains("--raft-max-groups"),
+            "{e}"
+        );
+        for (flag, bad) in [("timeout", "50ms"), ("election", "2m"), ("max", "0")] {
+            let mut a = NodeArgs::default();
+            match flag {
+                "timeout" => a.raft_timeout = Some(bad.into()),
+                "election" => a.raft_election_timeout = Some(bad.into()),
+                _ => a.raft_max_groups = Some(bad.into()),
+            }
+            let e = resolve(&a, &no_env).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("--raft-"), "{flag}: {e}");
         }
     }
 

@@ -4,11 +4,13 @@
 //! and calls into the `macula` crate. CLI output goes to stdout; logs go to
 //! stderr through `tracing`.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+//! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error,
+//! 3 a compare-and-swap whose comparison failed (`macula kv cas`).
 
 mod admin_cli;
 mod bench;
 mod bench_connections;
+mod bench_kv;
 mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;
@@ -17,6 +19,7 @@ mod config;
 mod dht_cli;
 mod member;
 mod pubsub_cli;
+mod raft_cli;
 mod rpc_cli;
 
 use std::io::Write;
@@ -26,7 +29,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use macula::config::{
-    IdentitySource, Limits, NodeConfig, PubSubLimits, RelayLimits, TlsMode, TlsOptions,
+    IdentitySource, Limits, NodeConfig, PubSubLimits, RaftLimits, RelayLimits, TlsMode, TlsOptions,
 };
 use macula::{Identity, Node};
 
@@ -70,6 +73,12 @@ enum Command {
     /// Put and get DHT records, find the closest nodes (joins through --connect).
     #[command(subcommand)]
     Dht(dht_cli::DhtCommand),
+    /// Raft groups of a running node: status, members, membership changes (through its admin HTTP API).
+    #[command(subcommand)]
+    Raft(raft_cli::RaftCommand),
+    /// A Raft group's consistent key-value store: get, put, del, ls, cas, watch (through a member's admin HTTP API).
+    #[command(subcommand, after_help = raft_cli::KV_EXIT_CODES)]
+    Kv(raft_cli::KvCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -181,6 +190,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Nodes(args) => admin_cli::nodes(&args),
         Command::Health(args) => admin_cli::health(&args),
         Command::Metrics(args) => admin_cli::metrics(&args),
+        Command::Raft(cmd) => raft_cli::raft(&cmd),
+        Command::Kv(cmd) => raft_cli::kv(&cmd),
     }
 }
 
@@ -197,8 +208,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
+    // openraft logs every failed RPC to a member that is down (5 a second,
+    // at ERROR) and dumps whole state structs at INFO; the Raft service
+    // warns once per member and 30 s instead (`raft/network.rs`).
+    let default = format!(
+        "{default_level},openraft=warn,openraft::replication=off,openraft::core::raft_core=off"
+    );
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -267,6 +284,15 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             idle_timeout: s.relay_idle_timeout,
             ..Default::default()
         },
+        raft: RaftLimits {
+            max_groups: s.raft_max_groups,
+            request_timeout: s.raft_timeout,
+            election_min: s.raft_election_timeout,
+            // A quarter of the election timeout: several heartbeats fit in
+            // one, so one lost heartbeat does not start an election.
+            heartbeat: s.raft_election_timeout / 4,
+            ..RaftLimits::default()
+        },
         reachability: s.reachability,
     })
 }
@@ -332,6 +358,17 @@ async fn start(settings: Settings) -> Result<(), Failure> {
     let admin = tokio::spawn(macula::admin::serve(http, node.clone(), async move {
         let _ = admin_stop.await;
     }));
+    // Kept for the daemon's lifetime: dropping a group stops serving it to
+    // non-members.
+    let groups = match join_groups(&node, &settings).await {
+        Ok(groups) => groups,
+        Err(e) => {
+            node.shutdown().await;
+            let _ = stop_admin.send(());
+            let _ = tokio::time::timeout(ADMIN_STOP_GRACE, admin).await;
+            return Err(e);
+        }
+    };
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "node_id: {}", node.id())?;
@@ -339,6 +376,10 @@ async fn start(settings: Settings) -> Result<(), Failure> {
         writeln!(out, "http: {http_addr}")?;
         writeln!(out, "realm: {}", node.realm())?;
         writeln!(out, "data_dir: {}", settings.data_dir.display())?;
+        if !groups.is_empty() {
+            let names: Vec<&str> = groups.iter().map(|g| g.name()).collect();
+            writeln!(out, "raft_groups: {}", names.join(","))?;
+        }
         if let Some(f) = &settings.config_file {
             writeln!(out, "config: {}", f.display())?;
         }
@@ -349,6 +390,7 @@ async fn start(settings: Settings) -> Result<(), Failure> {
     // The admin server stays up while the node says goodbye, so probes see
     // /ready turn 503 ("shutting down") rather than a refused connection.
     node.shutdown().await;
+    drop(groups);
     let _ = stop_admin.send(());
     match tokio::time::timeout(ADMIN_STOP_GRACE, admin).await {
         Ok(Ok(Ok(()))) => {}
@@ -360,6 +402,51 @@ async fn start(settings: Settings) -> Result<(), Failure> {
         ),
     }
     Ok(())
+}
+
+/// Longest time joining one Raft group may take at start (opening its log,
+/// advertising its RPC procedure); joining does not wait for a quorum.
+const RAFT_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Joins every `--raft-group` with the `--raft-members` as founders.
+async fn join_groups(
+    node: &Node,
+    settings: &Settings,
+) -> Result<Vec<macula::raft::Group>, Failure> {
+    let mut groups = Vec::new();
+    for name in &settings.raft_groups {
+        let joined = tokio::time::timeout(
+            RAFT_JOIN_TIMEOUT,
+            node.raft_group(name, settings.raft_members.iter().copied()),
+        )
+        .await;
+        let group = match joined {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                let error = anyhow::anyhow!("cannot join Raft group {name:?}: {e}");
+                return Err(match e {
+                    macula::Error::Raft(
+                        macula::raft::GroupError::BadName(_)
+                        | macula::raft::GroupError::TooManyGroups { .. }
+                        | macula::raft::GroupError::NoDataDir,
+                    ) => usage(error),
+                    _ => Failure::from(error),
+                });
+            }
+            Err(_) => {
+                return Err(Failure::from(anyhow::anyhow!(
+                    "cannot join Raft group {name:?}: not done within {RAFT_JOIN_TIMEOUT:?}"
+                )))
+            }
+        };
+        let founders = settings.raft_members.len();
+        if founders > 0 && !settings.raft_members.contains(&node.id()) {
+            tracing::warn!(group = %name, "this node is not among --raft-members: it waits to be added (macula raft add)");
+        }
+        tracing::info!(group = %name, founders, "joined Raft group");
+        groups.push(group);
+    }
+    Ok(groups)
 }
 
 /// Time the admin HTTP server gets to finish open requests at shutdown.

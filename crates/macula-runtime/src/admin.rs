@@ -11,15 +11,19 @@
 //! | `GET /admin/subscriptions` | [`SubscriptionsReport`]: local subscriptions |
 //! | `GET /admin/routing` | [`RoutingReport`]: the DHT routing table |
 //! | `GET /admin/services` | [`ServicesReport`]: local and mesh-wide RPC procedures |
+//! | `/admin/raft...` | Raft groups and their key-value store (`admin/raft.rs`: [`RaftReport`], [`KvGetReport`], [`CasReport`], [`WatchReport`]...) |
 //!
 //! Anything else is a 404 (405 for another method) with a JSON
 //! [`ErrorReport`]. The JSON shapes are a compatibility promise to scripts:
 //! add fields, never rename or remove them.
 //!
-//! This module only reads the node's state; it must not change it (no
-//! connect, no disconnect) and must not read request bodies. It is plain
-//! HTTP without authentication, so it listens on loopback unless the operator
-//! says otherwise.
+//! Apart from `/admin/raft`, this module only reads the node's state; it
+//! must not change it (no connect, no disconnect) and must not read request
+//! bodies. The Raft endpoints are the exception: they write to a group's
+//! key-value store and change its membership, through the node's own member,
+//! with bounded bodies (axum's 2 MB default) and a bounded time
+//! ([`RAFT_ADMIN_DEADLINE`]). It is plain HTTP without authentication, so it
+//! listens on loopback unless the operator says otherwise.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -32,7 +36,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::task::AtomicWaker;
 use prometheus_client::collector::Collector;
@@ -46,6 +50,14 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics::MetricsCollector;
 use crate::node::NodeRuntime;
+
+mod raft;
+
+pub use raft::{
+    CasReport, CasRequest, EventReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
+    MembersRequest, RaftGroupReport, RaftReport, WatchReport, KV_LIST_DEFAULT_LIMIT,
+    KV_LIST_MAX_LIMIT, RAFT_ADMIN_DEADLINE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS, WATCH_MAX_WAIT,
+};
 
 /// Admin HTTP connections served at once. HTTP/1 handles one request at a
 /// time per connection, so this also bounds concurrent requests. When every
@@ -151,6 +163,10 @@ pub struct PeersReport {
 pub struct ErrorReport {
     pub error: String,
     pub status: u16,
+    /// What failed, for scripts: e.g. `raft.no_leader`, `raft.no_key`
+    /// (absent on errors that need no more than the status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 #[derive(Clone)]
@@ -265,6 +281,19 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         .route("/admin/subscriptions", get(subscriptions))
         .route("/admin/services", get(services))
         .route("/admin/routing", get(routing))
+        .route("/admin/raft", get(raft::status))
+        .route("/admin/raft/{group}", get(raft::group))
+        .route(
+            "/admin/raft/{group}/members",
+            get(raft::group).post(raft::members),
+        )
+        .route("/admin/raft/{group}/kv", get(raft::list))
+        .route(
+            "/admin/raft/{group}/kv/{*key}",
+            get(raft::get).put(raft::put).delete(raft::delete),
+        )
+        .route("/admin/raft/{group}/cas", post(raft::cas))
+        .route("/admin/raft/{group}/watch", get(raft::watch))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -293,6 +322,7 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     registry.register_collector(Box::new(crate::relay::RelayCollector(
         node.relay().counters().clone(),
     )));
+    registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
     registry.register(
         "macula_rpc_duration_seconds",
         "Call duration as the caller sees it, by procedure (at most 64 procedure labels; the rest share `_other`).",
@@ -383,6 +413,17 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = ErrorReport {
         error: message.into(),
         status: status.as_u16(),
+        kind: None,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// An error answer whose `kind` names the cause.
+fn error_kind(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = ErrorReport {
+        error: message.into(),
+        status: status.as_u16(),
+        kind: Some(kind.to_string()),
     };
     (status, Json(body)).into_response()
 }
@@ -484,6 +525,7 @@ async fn routing(State(s): State<AdminState>) -> Response {
             Json(ErrorReport {
                 error: format!("the DHT is not available: {e}"),
                 status: 503,
+                kind: None,
             }),
         )
             .into_response(),
@@ -654,10 +696,14 @@ async fn not_found(uri: Uri) -> Response {
     )
 }
 
-async fn method_not_allowed() -> Response {
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed: the admin API is read-only (GET)",
+        format!(
+            "method {method} not allowed for {}: the admin API is read-only (GET) except the \
+             Raft key-value and membership endpoints under /admin/raft",
+            uri.path()
+        ),
     )
 }
 

@@ -241,6 +241,40 @@ impl Default for RelayLimits {
     }
 }
 
+/// Limits and timings of the node's Raft groups (`raft.rs`).
+#[derive(Debug, Clone)]
+pub struct RaftLimits {
+    /// Groups one node may run at once.
+    pub max_groups: usize,
+    /// How long a write, read or membership change may take, forwarding
+    /// and leader changes included, before the caller gets a timeout.
+    pub request_timeout: Duration,
+    /// Leader heartbeat period.
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for a random time in
+    /// `[election_min, 2 * election_min)` starts an election.
+    pub election_min: Duration,
+    /// A snapshot is taken after this many log entries since the last one
+    /// (then the log before it is purged).
+    pub snapshot_every: u64,
+    /// Log entries kept behind the last snapshot (a follower that is at
+    /// most this far behind catches up from the log instead of a snapshot).
+    pub log_kept_after_snapshot: u64,
+}
+
+impl Default for RaftLimits {
+    fn default() -> Self {
+        RaftLimits {
+            max_groups: 64,
+            request_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(200),
+            snapshot_every: 10_000,
+            log_kept_after_snapshot: 1_000,
+        }
+    }
+}
+
 /// Configuration of one node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -262,6 +296,8 @@ pub struct NodeConfig {
     pub pubsub: macula_pubsub::Limits,
     /// Relay limits (as a relay) and reservations (as a private node).
     pub relay: RelayLimits,
+    /// Raft groups: how many, timings, request timeout.
+    pub raft: RaftLimits,
     /// Whether to detect reachability or assume this node is private.
     pub reachability: ReachabilityMode,
 }
@@ -279,6 +315,7 @@ impl Default for NodeConfig {
             rpc: RpcLimits::default(),
             pubsub: macula_pubsub::Limits::default(),
             relay: RelayLimits::default(),
+            raft: RaftLimits::default(),
             reachability: ReachabilityMode::Auto,
         }
     }

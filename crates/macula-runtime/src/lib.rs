@@ -27,6 +27,7 @@ pub mod peer;
 pub mod peer_addr;
 pub mod pubsub;
 pub mod quiet;
+pub mod raft;
 pub mod reachability;
 pub mod relay;
 pub mod rpc;
@@ -35,7 +36,7 @@ pub mod tls;
 pub mod tunnel;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use config::{IdentitySource, Limits, NodeConfig, ReachabilityMode, RelayLimits};
+pub use config::{IdentitySource, Limits, NodeConfig, RaftLimits, ReachabilityMode, RelayLimits};
 pub use identity::Identity;
 pub use node::{ConnectError, NodeRuntime, PeerEvent, StartError};
 pub use peer::{Direction, Peer};

@@ -224,6 +224,7 @@ struct NodeShared {
     reach: crate::reachability::Reachability,
     relay: crate::relay::Relay,
     tunnel: Tunnel,
+    raft: crate::raft::RaftGroups,
     /// Relayed dials in progress, by target: concurrent callers share one.
     relay_dialing: Mutex<HashMap<NodeId, DialFuture>>,
 }
@@ -261,6 +262,18 @@ impl crate::rpc::Reach for PoolDialer {
             let node = NodeRuntime(weak.upgrade()?);
             let addrs: Vec<SocketAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
             node.route(id, addrs, true).await
+        })
+    }
+}
+
+impl crate::raft::Reach for PoolDialer {
+    /// The pooled connection to member `id`, else a dial to the address
+    /// the DHT knows for it.
+    fn reach(&self, id: NodeId) -> futures::future::BoxFuture<'static, Option<Peer>> {
+        let weak = self.0.clone();
+        Box::pin(async move {
+            let node = NodeRuntime(weak.upgrade()?);
+            node.route(id, Vec::new(), true).await
         })
     }
 }
@@ -508,6 +521,16 @@ impl NodeRuntime {
                 Box::new(move || relay_reach.state() == crate::reachability::ReachState::Private),
                 Some(dht.clone()),
             );
+            let raft = crate::raft::RaftGroups::new(
+                node_id,
+                match &config.identity {
+                    IdentitySource::DataDir(dir) => Some(dir.clone()),
+                    IdentitySource::Ephemeral => None,
+                },
+                config.raft.clone(),
+                config.limits.max_frame_size,
+                Arc::new(PoolDialer(weak.clone())),
+            );
             // Every service this node runs: one line each.
             let services = Services::new(vec![
                 Arc::new(dht.clone()),
@@ -517,6 +540,7 @@ impl NodeRuntime {
                 Arc::new(gateway.clone()),
                 Arc::new(relay.clone()),
                 Arc::new(tunnel.clone()),
+                Arc::new(raft.clone()),
             ]);
             NodeShared {
                 services,
@@ -530,6 +554,7 @@ impl NodeRuntime {
                 gateway,
                 relay,
                 tunnel,
+                raft,
                 relay_dialing: Mutex::new(HashMap::new()),
                 reach,
                 rpc,
@@ -613,6 +638,11 @@ impl NodeRuntime {
     }
 
     /// This node's relayed sessions and reservations.
+    /// The Raft groups this node runs.
+    pub fn raft(&self) -> &crate::raft::RaftGroups {
+        &self.0.raft
+    }
+
     pub fn tunnel(&self) -> &Tunnel {
         &self.0.tunnel
     }
@@ -1627,6 +1657,9 @@ impl NodeRuntime {
         if !self.0.rpc.drain(SHUTDOWN_GRACE).await {
             tracing::warn!("shutdown: some RPC requests were still running at the deadline");
         }
+        // Stop the Raft groups while the connections are up, so a leader's
+        // last heartbeats and answers still go out.
+        self.0.raft.shutdown().await;
         if self.0.shutdown.send_replace(true) {
             return;
         }

@@ -156,6 +156,7 @@
 //!   faults (safety), heal, liveness phase.
 
 pub mod check;
+pub mod crdt;
 pub mod dht;
 pub mod engine;
 pub mod figures;

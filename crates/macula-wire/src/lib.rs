@@ -17,6 +17,7 @@ pub mod message;
 pub mod nat;
 pub mod node_id;
 pub mod pubsub;
+pub mod raft;
 pub mod relay;
 pub mod rng;
 pub mod rpc;
@@ -36,6 +37,7 @@ pub use pubsub::{
     encode_batch_frame, BatchEntry, BatchItem, BatchMessage, Publish, PublishBatch,
     PublishBatchView, PublishDropped,
 };
+pub use raft::{RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 pub use relay::{RelayCode, RelayMessage, RelayRecord};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};
 pub use time::Millis;

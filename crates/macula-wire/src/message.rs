@@ -17,6 +17,7 @@ use crate::limits::*;
 use crate::nat::{DialBack, DialBackResult};
 use crate::node_id::NodeId;
 use crate::pubsub::{Publish, PublishBatch, PublishBatchView, PublishDropped};
+use crate::raft::*;
 use crate::relay::*;
 use crate::rpc::*;
 
@@ -65,11 +66,13 @@ pub enum MessageType {
     RelayConnect = 0x74,
     RelayIncoming = 0x75,
     RelayStatus = 0x76,
+    RaftRequest = 0x90,
+    RaftResponse = 0x91,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 33] = [
+    pub const ALL: [MessageType; 35] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -103,6 +106,8 @@ impl MessageType {
         MessageType::RelayConnect,
         MessageType::RelayIncoming,
         MessageType::RelayStatus,
+        MessageType::RaftRequest,
+        MessageType::RaftResponse,
     ];
 
     /// Maps a type byte to a known type.
@@ -146,6 +151,8 @@ impl MessageType {
             MessageType::RelayConnect => "relay_connect",
             MessageType::RelayIncoming => "relay_incoming",
             MessageType::RelayStatus => "relay_status",
+            MessageType::RaftRequest => "raft_request",
+            MessageType::RaftResponse => "raft_response",
         }
     }
 }
@@ -381,6 +388,7 @@ pub enum Message {
     DialBackResult(DialBackResult),
     Client(ClientMessage),
     Relay(RelayMessage),
+    Raft(RaftMessage),
 }
 
 /// Why a message could not be encoded.
@@ -460,6 +468,10 @@ impl Message {
                 RelayMessage::Incoming(_) => MessageType::RelayIncoming,
                 RelayMessage::Status(_) => MessageType::RelayStatus,
             },
+            Message::Raft(r) => match r {
+                RaftMessage::Request(_) => MessageType::RaftRequest,
+                RaftMessage::Response(_) => MessageType::RaftResponse,
+            },
             Message::Rpc(r) => match r {
                 RpcMessage::Call(_) => MessageType::RpcCall,
                 RpcMessage::Reply(_) => MessageType::RpcReply,
@@ -518,6 +530,7 @@ impl Message {
             Message::DialBackResult(d) => d.validate(),
             Message::Client(c) => c.validate(),
             Message::Relay(r) => r.validate(),
+            Message::Raft(r) => r.validate(),
         }
     }
 
@@ -562,6 +575,10 @@ impl Message {
                 RelayMessage::Connect(m) => rmp_serde::encode::write_named(out, m),
                 RelayMessage::Incoming(m) => rmp_serde::encode::write_named(out, m),
                 RelayMessage::Status(m) => rmp_serde::encode::write_named(out, m),
+            },
+            Message::Raft(r) => match r {
+                RaftMessage::Request(m) => rmp_serde::encode::write_named(out, m),
+                RaftMessage::Response(m) => rmp_serde::encode::write_named(out, m),
             },
             Message::Rpc(r) => match r {
                 RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
@@ -656,6 +673,12 @@ impl Message {
             }
             MessageType::RelayStatus => {
                 decode_body(t, body).map(|m| Message::Relay(RelayMessage::Status(m)))
+            }
+            MessageType::RaftRequest => {
+                decode_body(t, body).map(|m| Message::Raft(RaftMessage::Request(m)))
+            }
+            MessageType::RaftResponse => {
+                decode_body(t, body).map(|m| Message::Raft(RaftMessage::Response(m)))
             }
             MessageType::RpcCall => decode_body(t, body).map(|m| Message::Rpc(RpcMessage::Call(m))),
             MessageType::RpcReply => {
@@ -1113,9 +1136,38 @@ mod tests {
         .prop_map(Message::Relay)
     }
 
+    fn arb_raft() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                "[a-z0-9._-]{1,128}",
+                any::<u8>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(group, kind, body)| RaftMessage::Request(RaftRequest {
+                    group,
+                    kind: kind.into(),
+                    body
+                })),
+            (
+                any::<u8>(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+                arb_string(MAX_RAFT_REASON_LEN)
+            )
+                .prop_map(|(status, body, reason)| RaftMessage::Response(
+                    RaftResponse {
+                        status: status.into(),
+                        body,
+                        reason
+                    }
+                )),
+        ]
+        .prop_map(Message::Raft)
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
             arb_publish(),
+            arb_raft(),
             arb_client(),
             arb_relay(),
             arb_rpc(),

@@ -11,13 +11,26 @@
 //! | `GET /admin/subscriptions` | [`SubscriptionsReport`]: local subscriptions |
 //! | `GET /admin/routing` | [`RoutingReport`]: the DHT routing table |
 //! | `GET /admin/services` | [`ServicesReport`]: local and mesh-wide RPC procedures |
+//! | `GET /admin/raft` | [`RaftReport`]: the Raft groups this node is a member of |
+//! | `GET /admin/raft/{group}` | [`RaftGroupReport`] (also `.../members`) |
+//! | `POST /admin/raft/{group}/members` | [`MembersRequest`] → [`RaftGroupReport`] |
+//! | `GET /admin/raft/{group}/kv/{key}` | [`KvGetReport`] (`?stale=true`: this member's own state) |
+//! | `GET /admin/raft/{group}/kv?prefix=P&limit=N` | [`KvListReport`] |
+//! | `PUT /admin/raft/{group}/kv/{key}` | body = value, `?lease=ID` → [`KvWriteReport`] |
+//! | `DELETE /admin/raft/{group}/kv/{key}` | `?prefix=true` → [`KvWriteReport`] |
+//! | `POST /admin/raft/{group}/cas` | [`CasRequest`] → [`CasReport`] (409 when the comparison failed) |
+//! | `GET /admin/raft/{group}/watch?prefix=P&from=REV&wait_ms=MS` | long poll → [`WatchReport`] |
 //!
-//! Anything else is a 404 (405 for another method) with an [`ErrorReport`].
-//! The report types are the JSON shapes, a compatibility promise to
-//! scripts (fields are added, never renamed or removed); a client of the API
-//! deserializes them. The server only reads the node's state. It is plain
-//! HTTP without authentication: bind it to loopback unless the operator
-//! says otherwise.
+//! Anything else is a 404 (405 for another method) with an [`ErrorReport`]
+//! (its `kind` names the cause, e.g. `raft.no_leader`). The report types are
+//! the JSON shapes, a compatibility promise to scripts (fields are added,
+//! never renamed or removed); a client of the API deserializes them. Keys
+//! and values in JSON are strings when they are UTF-8, else `key_base64` /
+//! `value_base64` (standard base64); in URLs they are percent-encoded bytes.
+//! The server only reads the node's state, except under `/admin/raft`
+//! (key-value writes and membership changes, through this node's member of
+//! the group). It is plain HTTP without authentication: bind it to loopback
+//! unless the operator says otherwise.
 //!
 //! ```no_run
 //! # async fn demo(node: macula::Node) -> std::io::Result<()> {
@@ -39,10 +52,13 @@ use tokio::net::TcpListener;
 use crate::Node;
 
 pub use macula_runtime::admin::{
-    AdminLimits, ErrorReport, HealthReport, LocalService, MeshService, PeerReport, PeersReport,
-    ProviderHealth, ReadyReport, RoutingContact, RoutingReport, ServiceProvider, ServicesReport,
-    SubscriptionInfo, SubscriptionsReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE,
-    MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP, METRICS_CONTENT_TYPE,
+    AdminLimits, CasReport, CasRequest, ErrorReport, EventReport, HealthReport, KvGetReport,
+    KvListReport, KvReport, KvWriteReport, LocalService, MembersRequest, MeshService, PeerReport,
+    PeersReport, ProviderHealth, RaftGroupReport, RaftReport, ReadyReport, RoutingContact,
+    RoutingReport, ServiceProvider, ServicesReport, SubscriptionInfo, SubscriptionsReport,
+    WatchReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE, KV_LIST_DEFAULT_LIMIT,
+    KV_LIST_MAX_LIMIT, MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP, METRICS_CONTENT_TYPE,
+    RAFT_ADMIN_DEADLINE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS, WATCH_MAX_WAIT,
 };
 
 /// Serves the admin API for `node` on an already-bound `listener` (so a

@@ -264,6 +264,27 @@ impl Client {
         self.0.call(procedure, payload).into()
     }
 
+    /// The key-value store of Raft group `group`, through its gateway and
+    /// any member (see [`crate::Node::kv`]).
+    pub fn kv(&self, group: &str, timeout: Duration) -> crate::raft::Kv {
+        let client = self.clone();
+        crate::raft::Kv::remote(crate::raft::Remote {
+            procedure: crate::raft::procedure(group),
+            timeout,
+            call: Arc::new(move |procedure, body, timeout| {
+                let client = client.clone();
+                Box::pin(async move {
+                    let r = client
+                        .call(&procedure, body)
+                        .timeout(timeout)
+                        .retries(0)
+                        .await?;
+                    Ok(r.payload)
+                })
+            }),
+        })
+    }
+
     /// Serves `procedure`: the gateway advertises it and forwards its calls
     /// here (after a failover, the next gateway). Dropping the registration
     /// withdraws it.

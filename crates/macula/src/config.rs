@@ -27,7 +27,8 @@
 use std::time::Duration;
 
 pub use macula_runtime::config::{
-    ConfigError, IdentitySource, Limits, NodeConfig, ReachabilityMode, RelayLimits, RpcLimits,
+    ConfigError, IdentitySource, Limits, NodeConfig, RaftLimits, ReachabilityMode, RelayLimits,
+    RpcLimits,
 };
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 

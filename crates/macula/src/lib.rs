@@ -66,6 +66,7 @@ mod client;
 pub mod config;
 pub mod names;
 mod node;
+pub mod raft;
 
 pub use call::CallBuilder;
 pub use client::{connect_client, Client, ClientBuilder, ClientSocket};
@@ -134,6 +135,9 @@ pub enum Error {
         /// Each peer and its refusal, `; `-separated.
         refusals: String,
     },
+    /// A Raft group operation failed (see [`raft::GroupError`]).
+    #[error(transparent)]
+    Raft(#[from] raft::GroupError),
 }
 
 impl Error {
@@ -151,6 +155,7 @@ impl Error {
             Error::Client(_) => "client",
             Error::PubSub(e) => pubsub_kind(e),
             Error::Rpc(e) => rpc_kind(e),
+            Error::Raft(e) => raft_kind(e),
         }
     }
 
@@ -186,6 +191,23 @@ fn pubsub_kind(e: &PubSubError) -> &'static str {
         PubSubError::QueueFull { .. } => "pubsub.queue_full",
         PubSubError::FlushTimeout { .. } => "pubsub.flush_timeout",
         _ => "pubsub.other",
+    }
+}
+
+fn raft_kind(e: &raft::GroupError) -> &'static str {
+    use raft::GroupError as G;
+    match e {
+        G::NoDataDir => "raft.no_data_dir",
+        G::BadName(_) => "raft.bad_name",
+        G::TooManyGroups { .. } => "raft.too_many_groups",
+        G::Store(_) => "raft.store",
+        G::NoLeader(_) => "raft.no_leader",
+        G::Uncertain { .. } => "raft.uncertain",
+        G::Kv(_) => "raft.kv",
+        G::Membership(_) => "raft.membership",
+        G::Stopped(_) => "raft.stopped",
+        G::NoLease(_) => "raft.no_lease",
+        _ => "raft.other",
     }
 }
 

@@ -224,7 +224,10 @@ impl NodeBuilder {
                 return Err(e);
             }
         }
-        Ok(Node { runtime })
+        Ok(Node {
+            runtime,
+            raft_served: Arc::default(),
+        })
     }
 }
 
@@ -232,6 +235,10 @@ impl NodeBuilder {
 #[derive(Clone)]
 pub struct Node {
     runtime: NodeRuntime,
+    /// The `_raft.<group>` advertisements of the groups joined through
+    /// this node, shared by every `raft::Group` handle of a group.
+    raft_served:
+        Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Registration>>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -487,6 +494,79 @@ impl Node {
             .rpc()
             .call_via(&peer.0, procedure, payload, timeout)
             .await?)
+    }
+
+    /// Joins (or re-opens) the Raft group `name` as a member and serves it
+    /// to non-members (RPC procedure `_raft.<name>`). `members` are the
+    /// founding voters: every founder passes the same list (this node
+    /// among them) and the group starts once a majority has joined. A node
+    /// joining an existing group passes no members and is added by the
+    /// leader ([`raft::Group::add_voter`](crate::raft::Group::add_voter)).
+    /// Needs a data directory (the log is kept on disk). Calling it again
+    /// returns another handle to the same group. The group runs until the
+    /// node stops; dropping every handle only withdraws `_raft.<name>`.
+    pub async fn raft_group(
+        &self,
+        name: &str,
+        members: impl IntoIterator<Item = NodeId>,
+    ) -> Result<crate::raft::Group, Error> {
+        let g = self
+            .runtime
+            .raft()
+            .join(
+                name,
+                crate::raft::GroupOptions {
+                    members: members.into_iter().collect(),
+                },
+            )
+            .await?;
+        let live = self
+            .raft_served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .and_then(std::sync::Weak::upgrade);
+        let reg = match live {
+            Some(reg) => reg,
+            None => {
+                let served = g.clone();
+                let reg = Arc::new(
+                    self.advertise(&crate::raft::procedure(name), move |req: crate::Request| {
+                        crate::raft::serve(served.clone(), req.payload)
+                    })
+                    .await?,
+                );
+                self.raft_served
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.to_string(), Arc::downgrade(&reg));
+                reg
+            }
+        };
+        Ok(crate::raft::Group::new(g, self.id(), reg))
+    }
+
+    /// The key-value store of Raft group `group`, reached over RPC through
+    /// any member (this node need not be one; a member's own
+    /// [`raft::Group::kv`](crate::raft::Group::kv) skips the hop). Requests
+    /// time out after `timeout`; writes are never retried once sent.
+    pub fn kv(&self, group: &str, timeout: Duration) -> crate::raft::Kv {
+        let node = self.clone();
+        crate::raft::Kv::remote(crate::raft::Remote {
+            procedure: crate::raft::procedure(group),
+            timeout,
+            call: Arc::new(move |procedure, body, timeout| {
+                let node = node.clone();
+                Box::pin(async move {
+                    let r = node
+                        .call(&procedure, body)
+                        .timeout(timeout)
+                        .retries(0)
+                        .await?;
+                    Ok(r.payload)
+                })
+            }),
+        })
     }
 
     /// Every procedure advertised in the mesh, with its providers.

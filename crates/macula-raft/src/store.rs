@@ -1,0 +1,1158 @@
+//! The redb-backed log store and state machine of one Raft group
+//! (openraft storage v2: [`RaftLogStorage`] and [`RaftStateMachine`]).
+//!
+//! [`open`] opens (or creates) one database file and returns both halves,
+//! which share it. The table layout, encoding and durability rules are in
+//! the crate documentation.
+//!
+//! The state machine keeps the key space in memory ([`Kv`]) and writes every
+//! change through to redb. `apply` updates memory, the watch history and the
+//! broadcast channel under one write lock, then commits the changed rows
+//! outside the lock, so readers are never blocked by an fsync. Entries being
+//! applied are committed in the Raft sense, so readers may see them before
+//! the state-machine commit: after a crash the same entries are re-applied.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageIOError, Vote,
+};
+use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::kv::{
+    Event, KeyValue, Kv, KvError, KvSnapshot, Lease, LeaseRecord, Limits, Response, Workload,
+};
+use crate::watch::History;
+use crate::{LogId, MemberId, StorageError, StoredMembership, TypeConfig};
+
+/// One log entry of this type configuration.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A snapshot of this type configuration.
+pub type Snapshot = openraft::Snapshot<TypeConfig>;
+/// The live receiver of a watch: every change of the group as `(revision, event)`.
+pub type EventReceiver = broadcast::Receiver<(u64, Event)>;
+/// Snapshot metadata of this type configuration.
+pub type Meta = SnapshotMeta<MemberId, openraft::EmptyNode>;
+
+/// The on-disk format version stored under `sm_meta/format`.
+pub const FORMAT_VERSION: u32 = 1;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("log_meta");
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged";
+const FORMAT: &str = "format";
+const LAST_APPLIED: &str = "last_applied";
+const LAST_MEMBERSHIP: &str = "last_membership";
+const REVISION: &str = "revision";
+const SNAPSHOT_SEQ: &str = "snapshot_seq";
+const SNAPSHOT_META: &str = "meta";
+const SNAPSHOT_DATA: &str = "data";
+
+/// A key's row in the `kv` table (the key is the row's key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredValue {
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+    pub version: u64,
+    pub lease: Option<u64>,
+}
+
+/// A lease's row in the `leases` table (the id is the row's key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredLease {
+    pub ttl_ms: u64,
+}
+
+/// Tuning of one group's store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Limits of the key space.
+    pub limits: Limits,
+    /// Events kept for watches that start in the past (default 10,000).
+    pub history_events: usize,
+    /// Bound of the same history by size: key and value bytes plus 64 per
+    /// event (default 64 MiB).
+    pub history_bytes: usize,
+    /// Capacity of the live event channel: how far a receiver may fall
+    /// behind before it sees `Lagged` (default 1,024; at least 1). A slow
+    /// receiver pins up to this many events in memory.
+    pub broadcast_capacity: usize,
+    /// Commit every `apply` with `Durability::Immediate` (default `true`).
+    /// With `false` the state machine commits without fsync and relies on
+    /// the log (always durable) and the persisted snapshot: after a crash
+    /// openraft re-applies the committed log.
+    pub durable_apply: bool,
+    /// redb page cache in bytes (default 16 MiB).
+    pub cache_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            limits: Limits::default(),
+            history_events: 10_000,
+            history_bytes: 64 * 1024 * 1024,
+            broadcast_capacity: 1_024,
+            durable_apply: true,
+            cache_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why the store could not be opened or an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redb: {0}")]
+    Redb(Box<redb::Error>),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("encoding {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+    #[error("decoding {what}: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    #[error("unsupported store format {found} (this build reads {expected})")]
+    Format { found: u32, expected: u32 },
+    #[error("storage task failed: {0}")]
+    Task(String),
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    rmp_serde::to_vec_named(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+/// Wraps a store error as openraft's storage error.
+fn sto(
+    subject: ErrorSubject<MemberId>,
+    verb: ErrorVerb,
+) -> impl FnOnce(StoreError) -> StorageError {
+    move |e| StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+/// Runs blocking redb work (write transactions, fsync) off the async threads.
+async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+fn get_meta<T, R>(table: &R, key: &str, what: &'static str) -> Result<Option<T>, StoreError>
+where
+    T: DeserializeOwned,
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    match table.get(key)? {
+        Some(v) => Ok(Some(decode(what, v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn read_meta<T: DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    what: &'static str,
+) -> Result<Option<T>, StoreError> {
+    let txn = db.begin_read()?;
+    let t = txn.open_table(table)?;
+    get_meta(&t, key, what)
+}
+
+/// Opens (or creates) the store of one group at `path` with default
+/// [`Options`]. Blocking: call it from `spawn_blocking` or before the
+/// runtime is busy.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    open_with(path, Options::default())
+}
+
+/// Opens (or creates) the store of one group at `path`, creating the parent
+/// directory if needed. Refuses a file of another format version; restores
+/// the state machine from the persisted snapshot when that is newer.
+pub fn open_with(
+    path: &Path,
+    options: Options,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)?;
+        }
+    }
+    let shown = path.display().to_string();
+    let db = Database::builder()
+        .set_cache_size(options.cache_bytes)
+        .set_repair_callback(move |session| {
+            tracing::warn!(
+                path = %shown,
+                progress = session.progress(),
+                "repairing the raft store after an unclean shutdown"
+            );
+        })
+        .create(path)?;
+    let txn = db.begin_write()?;
+    {
+        txn.open_table(LOG)?;
+        txn.open_table(LOG_META)?;
+        txn.open_table(KV)?;
+        txn.open_table(LEASES)?;
+        txn.open_table(SNAPSHOT)?;
+        let mut meta = txn.open_table(SM_META)?;
+        let found: Option<u32> = get_meta(&meta, FORMAT, "format version")?;
+        match found {
+            Some(v) if v != FORMAT_VERSION => {
+                return Err(StoreError::Format {
+                    found: v,
+                    expected: FORMAT_VERSION,
+                })
+            }
+            Some(_) => {}
+            None => {
+                meta.insert(
+                    FORMAT,
+                    encode("format version", &FORMAT_VERSION)?.as_slice(),
+                )?;
+            }
+        }
+    }
+    txn.commit()?;
+    let db = Arc::new(db);
+
+    let (mut kv, mut last_applied, mut last_membership, seq) =
+        load_state_machine(&db, &options.limits)?;
+    let snap_meta: Option<Meta> = read_meta(&db, SNAPSHOT, SNAPSHOT_META, "snapshot meta")?;
+    if let Some(meta) = snap_meta {
+        if meta.last_log_id.map(|l| l.index) > last_applied.map(|l| l.index) {
+            tracing::warn!(
+                path = %path.display(),
+                snapshot = %meta,
+                "state machine older than its snapshot: restoring from the snapshot"
+            );
+            let data: Vec<u8> = {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(SNAPSHOT)?;
+                let data = t.get(SNAPSHOT_DATA)?;
+                match data {
+                    Some(d) => d.value().to_vec(),
+                    None => return Err(StoreError::Corrupt("snapshot meta without data".into())),
+                }
+            };
+            kv = install_state(&db, &meta, &data, &options.limits)?;
+            last_applied = meta.last_log_id;
+            last_membership = meta.last_membership.clone();
+        }
+    }
+    tracing::debug!(
+        path = %path.display(),
+        revision = kv.revision(),
+        keys = kv.len(),
+        last_applied = ?last_applied,
+        "raft store opened"
+    );
+    let (tx, _) = broadcast::channel(options.broadcast_capacity.max(1));
+    let state = SmState {
+        history: History::new(kv.revision(), options.history_events, options.history_bytes),
+        kv,
+        last_applied,
+        last_membership,
+        events: tx,
+    };
+    let sm = StateMachineStore {
+        shared: Arc::new(SmShared {
+            db: db.clone(),
+            options,
+            state: RwLock::new(state),
+            snapshot_seq: AtomicU64::new(seq),
+        }),
+    };
+    Ok((LogStore { db }, sm))
+}
+
+type Loaded = (Kv, Option<LogId>, StoredMembership, u64);
+
+fn load_state_machine(db: &Database, limits: &Limits) -> Result<Loaded, StoreError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(SM_META)?;
+    let last_applied: Option<LogId> =
+        get_meta::<Option<LogId>, _>(&meta, LAST_APPLIED, "last applied")?.flatten();
+    let last_membership: StoredMembership =
+        get_meta(&meta, LAST_MEMBERSHIP, "last membership")?.unwrap_or_default();
+    let revision: u64 = get_meta(&meta, REVISION, "revision")?.unwrap_or(0);
+    let seq: u64 = get_meta(&meta, SNAPSHOT_SEQ, "snapshot sequence")?.unwrap_or(0);
+    let mut entries = Vec::new();
+    for row in txn.open_table(KV)?.iter()? {
+        let (k, v) = row?;
+        let s: StoredValue = decode("kv row", v.value())?;
+        entries.push(KeyValue {
+            key: k.value().to_vec(),
+            value: s.value,
+            create_revision: s.create_revision,
+            mod_revision: s.mod_revision,
+            version: s.version,
+            lease: s.lease,
+        });
+    }
+    let mut leases = Vec::new();
+    for row in txn.open_table(LEASES)?.iter()? {
+        let (k, v) = row?;
+        let s: StoredLease = decode("lease row", v.value())?;
+        leases.push(LeaseRecord {
+            id: k.value(),
+            ttl_ms: s.ttl_ms,
+        });
+    }
+    let kv = Kv::from_snapshot(
+        KvSnapshot {
+            revision,
+            entries,
+            leases,
+        },
+        limits.clone(),
+    )
+    .map_err(|e| StoreError::Corrupt(e.0))?;
+    Ok((kv, last_applied, last_membership, seq))
+}
+
+/// Replaces the whole persisted state machine with a snapshot's content and
+/// makes it the current snapshot, in one durable transaction. Returns the
+/// key space.
+fn install_state(
+    db: &Database,
+    meta: &Meta,
+    data: &[u8],
+    limits: &Limits,
+) -> Result<Kv, StoreError> {
+    let snap: KvSnapshot = decode("snapshot data", data)?;
+    let txn = db.begin_write()?;
+    txn.delete_table(KV)?;
+    txn.delete_table(LEASES)?;
+    {
+        let mut kv_t = txn.open_table(KV)?;
+        for e in &snap.entries {
+            let row = StoredValue {
+                value: e.value.clone(),
+                create_revision: e.create_revision,
+                mod_revision: e.mod_revision,
+                version: e.version,
+                lease: e.lease,
+            };
+            kv_t.insert(e.key.as_slice(), encode("kv row", &row)?.as_slice())?;
+        }
+        let mut lease_t = txn.open_table(LEASES)?;
+        for l in &snap.leases {
+            lease_t.insert(
+                l.id,
+                encode("lease row", &StoredLease { ttl_ms: l.ttl_ms })?.as_slice(),
+            )?;
+        }
+        let mut m = txn.open_table(SM_META)?;
+        m.insert(
+            LAST_APPLIED,
+            encode("last applied", &meta.last_log_id)?.as_slice(),
+        )?;
+        m.insert(
+            LAST_MEMBERSHIP,
+            encode("last membership", &meta.last_membership)?.as_slice(),
+        )?;
+        m.insert(REVISION, encode("revision", &snap.revision)?.as_slice())?;
+        let mut s = txn.open_table(SNAPSHOT)?;
+        s.insert(SNAPSHOT_META, encode("snapshot meta", meta)?.as_slice())?;
+        s.insert(SNAPSHOT_DATA, data)?;
+    }
+    txn.commit()?;
+    Kv::from_snapshot(snap, limits.clone()).map_err(|e| StoreError::Corrupt(e.0))
+}
+
+// ---------------------------------------------------------------------------
+// Log store
+// ---------------------------------------------------------------------------
+
+/// The Raft log and vote of one group ([`RaftLogStorage`]); also its own
+/// [`RaftLogReader`]. Cheap to clone (shares the database).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(LOG)?;
+        let mut out = Vec::new();
+        for row in t.range::<u64>(range)? {
+            let (_, v) = row?;
+            out.push(decode("log entry", v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn log_state(&self) -> Result<LogState<TypeConfig>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(LOG)?;
+        let last = match t.last()? {
+            Some((_, v)) => Some(decode::<Entry>("log entry", v.value())?.log_id),
+            None => None,
+        };
+        let meta = txn.open_table(LOG_META)?;
+        let last_purged: Option<LogId> = get_meta(&meta, LAST_PURGED, "last purged")?;
+        Ok(LogState {
+            last_log_id: last.or(last_purged),
+            last_purged_log_id: last_purged,
+        })
+    }
+
+    async fn write<F>(&self, durability: Durability, f: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        blocking(move || {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(durability);
+            f(&txn)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.entries(range)
+            .map_err(sto(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        self.log_state()
+            .map_err(sto(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<MemberId>) -> Result<(), StorageError> {
+        let bytes = encode("vote", vote).map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))?;
+        self.write(Durability::Immediate, move |txn| {
+            txn.open_table(LOG_META)?.insert(VOTE, bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+        .map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<MemberId>>, StorageError> {
+        read_meta(&self.db, LOG_META, VOTE, "vote")
+            .map_err(sto(ErrorSubject::Vote, ErrorVerb::Read))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let bytes =
+            encode("committed", &committed).map_err(sto(ErrorSubject::Store, ErrorVerb::Write))?;
+        self.write(Durability::None, move |txn| {
+            txn.open_table(LOG_META)?
+                .insert(COMMITTED, bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+        .map_err(sto(ErrorSubject::Store, ErrorVerb::Write))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        read_meta::<Option<LogId>>(&self.db, LOG_META, COMMITTED, "committed")
+            .map(Option::flatten)
+            .map_err(sto(ErrorSubject::Store, ErrorVerb::Read))
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            let bytes =
+                encode("log entry", &e).map_err(sto(ErrorSubject::Logs, ErrorVerb::Write))?;
+            rows.push((e.log_id.index, bytes));
+        }
+        if rows.is_empty() {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
+        let result = self
+            .write(Durability::Immediate, move |txn| {
+                let mut t = txn.open_table(LOG)?;
+                for (index, bytes) in &rows {
+                    t.insert(*index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "raft log append failed");
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(sto(ErrorSubject::Logs, ErrorVerb::Write)(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(%log_id, "truncating raft log");
+        self.write(Durability::Immediate, move |txn| {
+            txn.open_table(LOG)?
+                .retain_in::<u64, _>(log_id.index.., |_, _| false)?;
+            Ok(())
+        })
+        .await
+        .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(%log_id, "purging raft log");
+        let bytes = encode("last purged", &log_id)
+            .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))?;
+        self.write(Durability::Immediate, move |txn| {
+            txn.open_table(LOG_META)?
+                .insert(LAST_PURGED, bytes.as_slice())?;
+            txn.open_table(LOG)?
+                .retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
+            Ok(())
+        })
+        .await
+        .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// State machine
+// ---------------------------------------------------------------------------
+
+struct SmState {
+    kv: Kv,
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    history: History,
+    events: broadcast::Sender<(u64, Event)>,
+}
+
+struct SmShared {
+    db: Arc<Database>,
+    options: Options,
+    state: RwLock<SmState>,
+    snapshot_seq: AtomicU64,
+}
+
+/// The KV state machine of one group ([`RaftStateMachine`]) and its read
+/// side. Cheap to clone: every clone shares the same state; give one to
+/// openraft and keep others for reads and watches.
+///
+/// Reads are local: for a linearizable read call
+/// `raft.ensure_linearizable().await` first; without it a read is stale
+/// by however far this member is behind.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<SmShared>,
+}
+
+impl Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state();
+        f.debug_struct("StateMachineStore")
+            .field("revision", &st.kv.revision())
+            .field("keys", &st.kv.len())
+            .field("last_applied", &st.last_applied)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rows changed by one `apply` call, written after the in-memory apply.
+#[derive(Default)]
+struct Writes {
+    kv: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    leases: BTreeMap<u64, Option<u64>>,
+    membership_changed: bool,
+}
+
+impl StateMachineStore {
+    fn state(&self) -> RwLockReadGuard<'_, SmState> {
+        self.shared
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, SmState> {
+        self.shared
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One key (reserved keys included).
+    pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
+        self.state().kv.get(key)
+    }
+
+    /// Keys starting with `prefix` in key order, at most `limit` (0: all).
+    /// Reserved keys only when `prefix` starts with `0x00`.
+    pub fn range(&self, prefix: &[u8], limit: usize) -> Vec<KeyValue> {
+        self.state().kv.range(prefix, limit)
+    }
+
+    /// Number of keys starting with `prefix` (same visibility as `range`).
+    pub fn count(&self, prefix: &[u8]) -> usize {
+        self.state().kv.count(prefix)
+    }
+
+    /// The group's current revision.
+    pub fn revision(&self) -> u64 {
+        self.state().kv.revision()
+    }
+
+    /// Runs `f` on the key space under one read lock, for consistent
+    /// multi-key reads (e.g. a range together with its revision).
+    pub fn read<R>(&self, f: impl FnOnce(&Kv) -> R) -> R {
+        f(&self.state().kv)
+    }
+
+    /// The last applied log id.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.state().last_applied
+    }
+
+    /// The last applied membership.
+    pub fn membership(&self) -> StoredMembership {
+        self.state().last_membership.clone()
+    }
+
+    /// Every lease with its keys; a new leader restarts each timer at the
+    /// full `ttl_ms`.
+    pub fn leases(&self) -> Vec<Lease> {
+        self.state().kv.leases()
+    }
+
+    /// One lease.
+    pub fn lease(&self, id: u64) -> Option<Lease> {
+        self.state().kv.lease(id)
+    }
+
+    /// The members registered for workload `name`.
+    pub fn workloads(&self, name: &str) -> Vec<Workload> {
+        self.state().kv.workloads(name)
+    }
+
+    /// Every workload registration, by name then member.
+    pub fn all_workloads(&self) -> Vec<Workload> {
+        self.state().kv.all_workloads()
+    }
+
+    /// The oldest revision a watch can start from.
+    pub fn oldest_watchable(&self) -> u64 {
+        self.state().history.oldest()
+    }
+
+    /// Starts a watch of `prefix` from `from_revision` (0: from now).
+    ///
+    /// Returns the retained events matching `prefix` with revision `>=
+    /// from_revision`, and a receiver of every later change of the group
+    /// (not filtered: keep those where
+    /// [`crate::kv::matches_prefix`]`(prefix, event.key())`). The backlog
+    /// ends exactly where the receiver starts. See [`crate::watch`] for
+    /// `Lagged` and `Closed`. Fails with [`KvError::Compacted`] when
+    /// `from_revision` is older than the history.
+    pub fn watch(
+        &self,
+        prefix: &[u8],
+        from_revision: u64,
+    ) -> Result<(Vec<Event>, EventReceiver), KvError> {
+        let st = self.state();
+        let backlog = st.history.backlog(prefix, from_revision)?;
+        Ok((backlog, st.events.subscribe()))
+    }
+
+    fn io_sm(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError {
+        sto(ErrorSubject::StateMachine, verb)
+    }
+
+    fn persist_writes(
+        db: &Database,
+        durable: bool,
+        writes: &Writes,
+        last_applied: Option<LogId>,
+        membership: &StoredMembership,
+        revision: u64,
+    ) -> Result<(), StoreError> {
+        let mut txn = db.begin_write()?;
+        if !durable {
+            txn.set_durability(Durability::None);
+        }
+        {
+            let mut kv_t = txn.open_table(KV)?;
+            for (key, kv) in &writes.kv {
+                match kv {
+                    Some(kv) => {
+                        let row = StoredValue {
+                            value: kv.value.clone(),
+                            create_revision: kv.create_revision,
+                            mod_revision: kv.mod_revision,
+                            version: kv.version,
+                            lease: kv.lease,
+                        };
+                        kv_t.insert(key.as_slice(), encode("kv row", &row)?.as_slice())?;
+                    }
+                    None => {
+                        kv_t.remove(key.as_slice())?;
+                    }
+                }
+            }
+            let mut lease_t = txn.open_table(LEASES)?;
+            for (&id, ttl) in &writes.leases {
+                match ttl {
+                    Some(ttl_ms) => {
+                        lease_t.insert(
+                            id,
+                            encode("lease row", &StoredLease { ttl_ms: *ttl_ms })?.as_slice(),
+                        )?;
+                    }
+                    None => {
+                        lease_t.remove(id)?;
+                    }
+                }
+            }
+            let mut m = txn.open_table(SM_META)?;
+            m.insert(
+                LAST_APPLIED,
+                encode("last applied", &last_applied)?.as_slice(),
+            )?;
+            if writes.membership_changed {
+                m.insert(
+                    LAST_MEMBERSHIP,
+                    encode("last membership", membership)?.as_slice(),
+                )?;
+            }
+            m.insert(REVISION, encode("revision", &revision)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let st = self.state();
+        Ok((st.last_applied, st.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut writes = Writes::default();
+        let (last_applied, membership, revision) = {
+            let mut guard = self.state_mut();
+            let st = &mut *guard;
+            for entry in entries {
+                st.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => responses.push(Response::Empty),
+                    EntryPayload::Normal(request) => {
+                        let applied = st.kv.apply(request);
+                        for event in applied.events {
+                            match &event {
+                                Event::Put(kv) => {
+                                    writes.kv.insert(kv.key.clone(), Some(kv.clone()))
+                                }
+                                Event::Delete { key, .. } => writes.kv.insert(key.clone(), None),
+                            };
+                            st.history.push(event.clone());
+                            // No receivers is not an error.
+                            let _ = st.events.send((event.revision(), event));
+                        }
+                        for (id, ttl) in applied.lease_changes {
+                            writes.leases.insert(id, ttl);
+                        }
+                        responses.push(applied.response);
+                    }
+                    EntryPayload::Membership(m) => {
+                        st.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                        writes.membership_changed = true;
+                        responses.push(Response::Empty);
+                    }
+                }
+            }
+            (
+                st.last_applied,
+                st.last_membership.clone(),
+                st.kv.revision(),
+            )
+        };
+        if responses.is_empty() {
+            return Ok(responses);
+        }
+        let db = self.shared.db.clone();
+        let durable = self.shared.options.durable_apply;
+        blocking(move || {
+            Self::persist_writes(&db, durable, &writes, last_applied, &membership, revision)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "raft state machine commit failed");
+            Self::io_sm(ErrorVerb::Write)(e)
+        })?;
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { sm: self.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        tracing::info!(snapshot = %meta, "installing raft snapshot");
+        let data = snapshot.into_inner();
+        let db = self.shared.db.clone();
+        let limits = self.shared.options.limits.clone();
+        let owned_meta = meta.clone();
+        let kv = blocking(move || install_state(&db, &owned_meta, &data, &limits))
+            .await
+            .map_err(sto(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+            ))?;
+        let mut st = self.state_mut();
+        st.history.reset(kv.revision());
+        st.kv = kv;
+        st.last_applied = meta.last_log_id;
+        st.last_membership = meta.last_membership.clone();
+        // Receivers of the old channel see `Closed` and re-subscribe.
+        st.events = broadcast::channel(self.shared.options.broadcast_capacity.max(1)).0;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let read = || -> Result<Option<Snapshot>, StoreError> {
+            let txn = self.shared.db.begin_read()?;
+            let t = txn.open_table(SNAPSHOT)?;
+            let Some(meta) = get_meta::<Meta, _>(&t, SNAPSHOT_META, "snapshot meta")? else {
+                return Ok(None);
+            };
+            let data = match t.get(SNAPSHOT_DATA)? {
+                Some(d) => d.value().to_vec(),
+                None => return Err(StoreError::Corrupt("snapshot meta without data".into())),
+            };
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
+        };
+        read().map_err(sto(ErrorSubject::Snapshot(None), ErrorVerb::Read))
+    }
+}
+
+/// Builds a snapshot of the whole state machine and persists it as the
+/// current snapshot ([`RaftSnapshotBuilder`]).
+pub struct SnapshotBuilder {
+    sm: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (snap, last_applied, last_membership) = {
+            let st = self.sm.state();
+            (
+                st.kv.to_snapshot(),
+                st.last_applied,
+                st.last_membership.clone(),
+            )
+        };
+        let seq = self.sm.shared.snapshot_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
+            None => format!("0-0-{seq}"),
+        };
+        let meta = Meta {
+            last_log_id: last_applied,
+            last_membership,
+            snapshot_id,
+        };
+        let db = self.sm.shared.db.clone();
+        let owned_meta = meta.clone();
+        let data = blocking(move || {
+            let data = encode("snapshot data", &snap)?;
+            let txn = db.begin_write()?;
+            {
+                let mut t = txn.open_table(SNAPSHOT)?;
+                let current: Option<Meta> = get_meta(&t, SNAPSHOT_META, "snapshot meta")?;
+                let newer = current.is_none_or(|c| {
+                    c.last_log_id.map(|l| l.index) <= owned_meta.last_log_id.map(|l| l.index)
+                });
+                if newer {
+                    t.insert(
+                        SNAPSHOT_META,
+                        encode("snapshot meta", &owned_meta)?.as_slice(),
+                    )?;
+                    t.insert(SNAPSHOT_DATA, data.as_slice())?;
+                } else {
+                    tracing::debug!(snapshot = %owned_meta, "a newer snapshot is already current");
+                }
+                txn.open_table(SM_META)?
+                    .insert(SNAPSHOT_SEQ, encode("snapshot sequence", &seq)?.as_slice())?;
+            }
+            txn.commit()?;
+            Ok(data)
+        })
+        .await
+        .map_err(sto(
+            ErrorSubject::Snapshot(Some(meta.signature())),
+            ErrorVerb::Write,
+        ))?;
+        tracing::info!(snapshot = %meta, bytes = data.len(), "raft snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+    use crate::kv::Request;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, MemberId::from(1)), index)
+    }
+
+    fn put(index: u64, key: &str) -> Entry {
+        Entry {
+            log_id: log_id(index),
+            payload: EntryPayload::Normal(Request::Put {
+                key: key.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                lease: None,
+                prev_kv: false,
+            }),
+        }
+    }
+
+    /// Rewrites rows of a closed store's file.
+    fn poke(path: &Path, f: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>) {
+        let db = Database::create(path).expect("db");
+        let txn = db.begin_write().expect("txn");
+        f(&txn).expect("poke");
+        txn.commit().expect("commit");
+    }
+
+    #[tokio::test]
+    async fn undecodable_rows_are_storage_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.redb");
+        {
+            let (mut log, _sm) = open(&p).expect("open");
+            log.blocking_append([put(1, "a"), put(2, "b")])
+                .await
+                .expect("append");
+        }
+        poke(&p, |txn| {
+            txn.open_table(LOG)?.insert(2, [0xc1u8, 0xff].as_slice())?;
+            txn.open_table(LOG_META)?
+                .insert(VOTE, [0x93u8].as_slice())?;
+            Ok(())
+        });
+        let (mut log, _sm) = open(&p).expect("open");
+        assert!(log
+            .try_get_log_entries(0..1)
+            .await
+            .expect("before")
+            .is_empty());
+        assert_eq!(log.try_get_log_entries(1..2).await.expect("one").len(), 1);
+        assert!(log.try_get_log_entries(1..3).await.is_err());
+        assert!(log.get_log_state().await.is_err());
+        assert!(log.read_vote().await.is_err());
+        drop((log, _sm));
+
+        poke(&p, |txn| {
+            txn.open_table(KV)?
+                .insert(b"x".as_slice(), [0xc1u8].as_slice())?;
+            Ok(())
+        });
+        assert!(matches!(
+            open(&p),
+            Err(StoreError::Decode { what: "kv row", .. })
+        ));
+    }
+
+    #[test]
+    fn other_format_versions_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.redb");
+        drop(open(&p).expect("open"));
+        poke(&p, |txn| {
+            txn.open_table(SM_META)?
+                .insert(FORMAT, encode("format", &99u32)?.as_slice())?;
+            Ok(())
+        });
+        assert!(matches!(
+            open(&p),
+            Err(StoreError::Format {
+                found: 99,
+                expected: FORMAT_VERSION
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn state_machine_behind_its_snapshot_is_restored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.redb");
+        let expected = {
+            let (_log, mut sm) = open(&p).expect("open");
+            sm.apply([put(1, "a"), put(2, "b"), put(3, "c")])
+                .await
+                .expect("apply");
+            sm.get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .expect("snapshot");
+            sm.read(|kv| kv.clone())
+        };
+        // Simulate a crash that lost the last state-machine commits.
+        poke(&p, |txn| {
+            txn.open_table(KV)?.remove(b"c".as_slice())?;
+            let mut m = txn.open_table(SM_META)?;
+            m.insert(
+                LAST_APPLIED,
+                encode("last applied", &Some(log_id(2)))?.as_slice(),
+            )?;
+            m.insert(REVISION, encode("revision", &2u64)?.as_slice())?;
+            Ok(())
+        });
+        let (_log, sm) = open(&p).expect("reopen");
+        assert_eq!(sm.last_applied(), Some(log_id(3)));
+        assert_eq!(sm.read(|kv| kv.clone()), expected);
+        drop((_log, sm));
+        // The restore was written back.
+        let db = Database::create(&p).expect("db");
+        let (kv, applied, _, _) = load_state_machine(&db, &Limits::default()).expect("load");
+        assert_eq!(kv, expected);
+        assert_eq!(applied, Some(log_id(3)));
+    }
+
+    #[tokio::test]
+    async fn older_snapshot_does_not_replace_newer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_log, mut sm) = open(&dir.path().join("g.redb")).expect("open");
+        sm.apply([put(1, "a")]).await.expect("apply");
+        let mut stale_builder = sm.get_snapshot_builder().await;
+        sm.apply([put(2, "b")]).await.expect("apply");
+        let newer = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("newer");
+        // Simulate the stale builder having read the state at index 1.
+        {
+            let mut st = sm.state_mut();
+            st.last_applied = Some(log_id(1));
+        }
+        stale_builder.build_snapshot().await.expect("stale");
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .expect("read")
+            .expect("some");
+        assert_eq!(current.meta, newer.meta);
+    }
+}

@@ -1,0 +1,865 @@
+//! One Raft group on this node: the openraft instance, its store, the
+//! forwarding of client requests to the leader, the leader's lease timers
+//! and the leadership watch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use macula_raft::openraft::error::{
+    CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, RaftError,
+};
+use macula_raft::openraft::{ChangeMembers, Config, EmptyNode, ServerState, SnapshotPolicy};
+use macula_raft::{Event, KeyValue, KvError, MemberId, Raft, Request, Response, StateMachineStore};
+use macula_wire::{NodeId, RaftKind, RaftResponse, RaftStatus};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::network::{decode, encode, MeshNetworkFactory, Transport, TransportError};
+use super::RaftLimits;
+
+/// Longest group name; names are `[A-Za-z0-9._-]` (they name files).
+pub const MAX_GROUP_NAME_LEN: usize = 128;
+
+/// Bytes of a frame that are not a value's: the largest key (4 KiB), the
+/// entry's and the request's framing, with room to spare.
+const ENTRY_OVERHEAD: usize = 8 * 1024;
+
+/// How a group was asked to start.
+#[derive(Debug, Clone, Default)]
+pub struct GroupOptions {
+    /// The founding voters. A node in this list with an empty log
+    /// initializes the group with exactly these voters (all founders may,
+    /// with the same list). Empty: join an existing group, as a learner
+    /// until the leader promotes this node.
+    pub members: Vec<NodeId>,
+}
+
+/// Who leads a group, as this member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeaderState {
+    /// The leader this member follows (itself included), if it knows one.
+    pub leader: Option<NodeId>,
+    /// The Raft term.
+    pub term: u64,
+    /// Voting members.
+    pub voters: Vec<NodeId>,
+    /// Non-voting members (catching up, or kept as read replicas).
+    pub learners: Vec<NodeId>,
+    /// This node is the leader.
+    pub is_leader: bool,
+}
+
+/// Where this member's log and state machine are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogProgress {
+    /// Index of the last entry in the log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied to the state machine.
+    pub last_applied: Option<u64>,
+    /// Index the last snapshot covers (built here or installed from the
+    /// leader).
+    pub snapshot: Option<u64>,
+    /// Entries up to here were purged from the log (covered by a snapshot).
+    pub purged: Option<u64>,
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadConsistency {
+    /// Linearizable: the leader confirms it still leads (ReadIndex, one
+    /// heartbeat round to a quorum) and answers once its state machine has
+    /// applied everything committed before the read began.
+    #[default]
+    Linearizable,
+    /// This member's own state machine, possibly behind the leader.
+    Stale,
+}
+
+/// Why a group operation failed. Serializable: the facade carries it to
+/// callers that reach a group through RPC.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum GroupError {
+    #[error("a Raft group needs a data directory (its log must survive a restart); this node runs without one")]
+    NoDataDir,
+    #[error("invalid group name {0:?}: 1 to 128 characters of A-Z a-z 0-9 . _ -")]
+    BadName(String),
+    #[error("this node already runs {max} Raft groups (raft_max_groups)")]
+    TooManyGroups { max: usize },
+    #[error("the group's store failed: {0}")]
+    Store(String),
+    #[error("no leader answered within {0:?} (no quorum reachable, or an election is under way)")]
+    NoLeader(Duration),
+    #[error("the request was sent to the leader {leader} but no answer came back in time: it may or may not have been applied")]
+    Uncertain { leader: NodeId },
+    #[error("the key-value request failed: {0}")]
+    Kv(KvError),
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("the group has stopped: {0}")]
+    Stopped(String),
+    #[error("no lease {0} (expired or revoked)")]
+    NoLease(u64),
+}
+
+pub(crate) fn check_name(name: &str) -> Result<(), GroupError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_GROUP_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(GroupError::BadName(name.to_string()))
+    }
+}
+
+/// A read the leader serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ReadOp {
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    Range {
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        limit: usize,
+    },
+}
+
+/// The answer to a read: the state machine's revision when it was served.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ReadAnswer {
+    pub revision: u64,
+    pub kvs: Vec<KeyValue>,
+}
+
+/// A membership change the leader makes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum MembershipOp {
+    AddLearner(NodeId),
+    AddVoter(NodeId),
+    Remove(NodeId),
+}
+
+/// What a member asks the leader for.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Write(Request),
+    Read(ReadOp),
+    Membership(MembershipOp),
+    KeepAlive(u64),
+}
+
+impl Op {
+    fn kind(&self) -> RaftKind {
+        match self {
+            Op::Write(_) => RaftKind::Write,
+            Op::Read(_) => RaftKind::Read,
+            Op::Membership(_) => RaftKind::Membership,
+            Op::KeepAlive(_) => RaftKind::KeepAlive,
+        }
+    }
+
+    fn body(&self) -> Result<Vec<u8>, TransportError> {
+        match self {
+            Op::Write(r) => encode(r),
+            Op::Read(r) => encode(r),
+            Op::Membership(m) => encode(m),
+            Op::KeepAlive(id) => encode(id),
+        }
+    }
+
+    fn decode(kind: RaftKind, body: &[u8]) -> Option<Op> {
+        match kind {
+            RaftKind::Write => decode(body).ok().map(Op::Write),
+            RaftKind::Read => decode(body).ok().map(Op::Read),
+            RaftKind::Membership => decode(body).ok().map(Op::Membership),
+            RaftKind::KeepAlive => decode(body).ok().map(Op::KeepAlive),
+            _ => None,
+        }
+    }
+}
+
+/// Why the leader-side of an `Op` did not produce an answer.
+enum LocalError {
+    /// Not (or no longer) the leader: nothing was proposed.
+    NotLeader(Option<NodeId>),
+    Failed(GroupError),
+}
+
+/// One group. Cheap to clone.
+#[derive(Clone)]
+pub struct Group(Arc<Inner>);
+
+struct Inner {
+    name: Arc<str>,
+    me: NodeId,
+    raft: Raft,
+    sm: StateMachineStore,
+    transport: Transport,
+    timeout: Duration,
+    leader: watch::Receiver<LeaderState>,
+    /// The leader's lease deadlines (empty on followers).
+    leases: Mutex<HashMap<u64, Instant>>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("name", &self.0.name).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ids(set: impl IntoIterator<Item = MemberId>) -> Vec<NodeId> {
+    set.into_iter().map(|m| m.0).collect()
+}
+
+impl Group {
+    pub(crate) async fn open(
+        me: NodeId,
+        name: &str,
+        dir: &Path,
+        limits: &RaftLimits,
+        transport: Transport,
+        options: GroupOptions,
+    ) -> Result<Group, GroupError> {
+        let max_frame = transport.max_frame;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| GroupError::Store(format!("{}: {e}", dir.display())))?;
+        let store = macula_raft::Options {
+            limits: macula_raft::Limits {
+                // A value travels in one log entry, and an entry in one frame.
+                max_value_bytes: (max_frame as usize).saturating_sub(ENTRY_OVERHEAD),
+                ..macula_raft::Limits::default()
+            },
+            // The log is fsynced; the state machine is rebuilt from the
+            // last snapshot and the log after a crash, so its own commits
+            // need not wait for the disk (one fsync per write batch, not two).
+            durable_apply: false,
+            ..macula_raft::Options::default()
+        };
+        let (log, sm) = macula_raft::open_with(&dir.join(format!("{name}.redb")), store)
+            .map_err(|e| GroupError::Store(e.to_string()))?;
+        let heartbeat = limits.heartbeat.as_millis().max(1) as u64;
+        let election = limits.election_min.as_millis().max(2) as u64;
+        let config = Config {
+            cluster_name: name.to_string(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            // Chunks well inside the default 1 MiB frame.
+            snapshot_max_chunk_size: 256 * 1024,
+            max_payload_entries: 256,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(limits.snapshot_every),
+            max_in_snapshot_log_to_keep: limits.log_kept_after_snapshot,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| GroupError::Store(format!("raft config: {e}")))?;
+        let factory = MeshNetworkFactory {
+            transport: transport.clone(),
+            group: Arc::from(name),
+        };
+        let raft = Raft::new(MemberId(me), Arc::new(config), factory, log, sm.clone())
+            .await
+            .map_err(|e| GroupError::Stopped(e.to_string()))?;
+        if options.members.contains(&me) {
+            let founders: BTreeSet<MemberId> =
+                options.members.iter().copied().map(MemberId).collect();
+            let initialized = raft
+                .is_initialized()
+                .await
+                .map_err(|e| GroupError::Stopped(e.to_string()))?;
+            if !initialized {
+                if let Err(e) = raft.initialize(founders).await {
+                    // Another founder got there first: that is the goal.
+                    tracing::debug!(group = name, error = %e, "raft initialize");
+                }
+            }
+        }
+        let (leader_tx, leader_rx) = watch::channel(LeaderState::default());
+        let (stop, _) = watch::channel(false);
+        let g = Group(Arc::new(Inner {
+            name: Arc::from(name),
+            me,
+            raft,
+            sm,
+            transport,
+            timeout: limits.request_timeout,
+            leader: leader_rx,
+            leases: Mutex::new(HashMap::new()),
+            stop,
+        }));
+        tokio::spawn(g.clone().watch_leadership(leader_tx));
+        tokio::spawn(g.clone().expire_leases());
+        tracing::info!(group = name, "raft group running");
+        Ok(g)
+    }
+
+    /// The group's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The current leadership as this member sees it.
+    pub fn leader_state(&self) -> LeaderState {
+        self.0.leader.borrow().clone()
+    }
+
+    /// The leader this member knows, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.0.leader.borrow().leader
+    }
+
+    /// This node leads the group.
+    pub fn is_leader(&self) -> bool {
+        self.0.leader.borrow().is_leader
+    }
+
+    /// Leadership changes: the receiver holds the current state at once
+    /// (`borrow`) and wakes on every change.
+    pub fn watch_leader(&self) -> watch::Receiver<LeaderState> {
+        self.0.leader.clone()
+    }
+
+    /// Where this member's log, state machine and snapshot are.
+    pub fn progress(&self) -> LogProgress {
+        let m = self.0.raft.metrics();
+        let m = m.borrow();
+        LogProgress {
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot: m.snapshot.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
+        }
+    }
+
+    /// The state machine's revision on this member.
+    pub fn local_revision(&self) -> u64 {
+        self.0.sm.revision()
+    }
+
+    /// Watches keys under `prefix` from revision `from` (0: from now): the
+    /// events since `from` that this member still holds, then every later
+    /// one. Served from this member's state machine (events arrive as this
+    /// member applies them). Fails with `KvError::Compacted` when `from` is
+    /// older than the history kept.
+    pub fn watch(
+        &self,
+        prefix: &[u8],
+        from: u64,
+    ) -> Result<(Vec<Event>, macula_raft::store::EventReceiver), GroupError> {
+        self.0.sm.watch(prefix, from).map_err(GroupError::Kv)
+    }
+
+    /// Proposes `req` (through the leader) and returns its result once it is
+    /// committed and applied. Retried on a leader change only while nothing
+    /// was proposed; an answer lost after it was sent is `Uncertain`.
+    pub async fn write(&self, req: Request) -> Result<Response, GroupError> {
+        let answer = self.on_leader(Op::Write(req)).await?;
+        decode(&answer).map_err(|e| GroupError::Stopped(e.to_string()))
+    }
+
+    /// Reads `key`.
+    pub async fn get(
+        &self,
+        key: &[u8],
+        consistency: ReadConsistency,
+    ) -> Result<(u64, Option<KeyValue>), GroupError> {
+        let (rev, mut kvs) = self
+            .read(ReadOp::Get { key: key.to_vec() }, consistency)
+            .await?;
+        Ok((rev, kvs.pop()))
+    }
+
+    /// Reads up to `limit` keys under `prefix`, in key order.
+    pub async fn range(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+        consistency: ReadConsistency,
+    ) -> Result<(u64, Vec<KeyValue>), GroupError> {
+        self.read(
+            ReadOp::Range {
+                prefix: prefix.to_vec(),
+                limit,
+            },
+            consistency,
+        )
+        .await
+    }
+
+    async fn read(
+        &self,
+        op: ReadOp,
+        consistency: ReadConsistency,
+    ) -> Result<(u64, Vec<KeyValue>), GroupError> {
+        let a = match consistency {
+            ReadConsistency::Stale => self.read_local(&op),
+            ReadConsistency::Linearizable => {
+                let answer = self.on_leader(Op::Read(op)).await?;
+                decode::<ReadAnswer>(&answer).map_err(|e| GroupError::Stopped(e.to_string()))?
+            }
+        };
+        Ok((a.revision, a.kvs))
+    }
+
+    fn read_local(&self, op: &ReadOp) -> ReadAnswer {
+        let sm = &self.0.sm;
+        match op {
+            ReadOp::Get { key } => ReadAnswer {
+                revision: sm.revision(),
+                kvs: sm.get(key).into_iter().collect(),
+            },
+            ReadOp::Range { prefix, limit } => ReadAnswer {
+                revision: sm.revision(),
+                kvs: sm.range(prefix, *limit),
+            },
+        }
+    }
+
+    /// Keeps lease `id` alive for another full TTL; its TTL in ms.
+    pub async fn keep_alive(&self, id: u64) -> Result<u64, GroupError> {
+        let answer = self.on_leader(Op::KeepAlive(id)).await?;
+        let ttl: Option<u64> = decode(&answer).map_err(|e| GroupError::Stopped(e.to_string()))?;
+        ttl.ok_or(GroupError::NoLease(id))
+    }
+
+    /// Adds `id` as a learner (it replicates but does not vote). Returns
+    /// once it has caught up with the leader's log.
+    pub async fn add_learner(&self, id: NodeId) -> Result<(), GroupError> {
+        self.on_leader(Op::Membership(MembershipOp::AddLearner(id)))
+            .await
+            .map(drop)
+    }
+
+    /// Adds `id` as a voter: first as a learner until it has caught up, then
+    /// promoted (joint consensus).
+    pub async fn add_voter(&self, id: NodeId) -> Result<(), GroupError> {
+        self.on_leader(Op::Membership(MembershipOp::AddVoter(id)))
+            .await
+            .map(drop)
+    }
+
+    /// Removes `id` from the group (voter or learner).
+    pub async fn remove(&self, id: NodeId) -> Result<(), GroupError> {
+        self.on_leader(Op::Membership(MembershipOp::Remove(id)))
+            .await
+            .map(drop)
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        let _ = self.0.stop.send(true);
+        if let Err(e) = self.0.raft.shutdown().await {
+            tracing::debug!(group = %self.0.name, error = %e, "raft shutdown");
+        }
+    }
+
+    /// Runs `op` on the leader: here when this node leads, else forwarded.
+    /// Retries (until the request timeout) while the leader is unknown,
+    /// unreachable or has just stepped down, i.e. while nothing was
+    /// proposed.
+    async fn on_leader(&self, op: Op) -> Result<Vec<u8>, GroupError> {
+        let deadline = Instant::now() + self.0.timeout;
+        let mut leader_rx = self.0.leader.clone();
+        let body = op.body().map_err(|e| GroupError::Stopped(e.to_string()))?;
+        let mut hint: Option<NodeId> = None;
+        loop {
+            let leader = hint.take().or_else(|| leader_rx.borrow_and_update().leader);
+            match leader {
+                Some(l) if l == self.0.me => match self.execute_until(op.clone(), deadline).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(LocalError::Failed(e)) => return Err(e),
+                    Err(LocalError::NotLeader(h)) => hint = h.filter(|h| *h != self.0.me),
+                },
+                Some(l) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    self.0
+                        .transport
+                        .counters
+                        .forwarded_total
+                        .fetch_add(1, Relaxed);
+                    let request = self.0.transport.request(
+                        l,
+                        &self.0.name,
+                        op.kind(),
+                        body.clone(),
+                        remaining,
+                    );
+                    // A leader that dies with our request in flight never
+                    // answers: once another leader is known, stop waiting.
+                    let mut moved = self.0.leader.clone();
+                    let term = moved.borrow_and_update().term;
+                    let replaced = async move {
+                        let _ = moved
+                            .wait_for(|s| {
+                                s.term > term && s.leader.is_some() && s.leader != Some(l)
+                            })
+                            .await;
+                    };
+                    let answer = tokio::select! {
+                        r = request => r,
+                        _ = replaced => Err(TransportError::Timeout(l)),
+                    };
+                    match answer {
+                        Ok(answer) => return Ok(answer),
+                        Err(TransportError::Refused {
+                            status: RaftStatus::NotLeader,
+                            reason,
+                            ..
+                        }) => hint = reason.parse().ok().filter(|h| *h != l),
+                        Err(TransportError::Refused {
+                            status: RaftStatus::Failed,
+                            reason,
+                            ..
+                        }) => return Err(failed_from_remote(&reason, l)),
+                        // Nothing was sent: safe to try again.
+                        Err(TransportError::Unreachable(_))
+                        | Err(TransportError::Refused { .. }) => {}
+                        Err(TransportError::Timeout(_)) | Err(TransportError::Stream { .. })
+                            if matches!(op, Op::Write(_) | Op::Membership(_)) =>
+                        {
+                            return Err(GroupError::Uncertain { leader: l })
+                        }
+                        Err(_) => {}
+                    }
+                }
+                None => {}
+            }
+            if hint.is_some() {
+                continue;
+            }
+            // Wait for news of a leader, or a short while, before trying
+            // again.
+            let pause = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                _ = leader_rx.changed() => {}
+                _ = pause => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(GroupError::NoLeader(self.0.timeout));
+            }
+        }
+    }
+
+    /// `execute` with a deadline: a leader cut off from its majority
+    /// cannot commit and would wait for ever. A write or membership change
+    /// proposed but not committed in time is `Uncertain` (a later leader
+    /// may still commit it, or drop it); a read or keep-alive, `NoLeader`.
+    async fn execute_until(&self, op: Op, deadline: Instant) -> Result<Vec<u8>, LocalError> {
+        let proposes = matches!(op, Op::Write(_) | Op::Membership(_));
+        match tokio::time::timeout_at(deadline, self.execute(op)).await {
+            Ok(r) => r,
+            Err(_) if proposes => Err(LocalError::Failed(GroupError::Uncertain {
+                leader: self.0.me,
+            })),
+            Err(_) => Err(LocalError::Failed(GroupError::NoLeader(self.0.timeout))),
+        }
+    }
+
+    /// The leader's side of `op`.
+    async fn execute(&self, op: Op) -> Result<Vec<u8>, LocalError> {
+        let failed = |e: GroupError| LocalError::Failed(e);
+        let enc = |r: Result<Vec<u8>, TransportError>| {
+            r.map_err(|e| LocalError::Failed(GroupError::Stopped(e.to_string())))
+        };
+        match op {
+            Op::Write(req) => match self.0.raft.client_write(req).await {
+                Ok(resp) => enc(encode(&resp.data)),
+                Err(e) => Err(write_error(e)),
+            },
+            Op::Read(read) => match self.0.raft.ensure_linearizable().await {
+                Ok(_) => enc(encode(&self.read_local(&read))),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    Err(LocalError::NotLeader(f.leader_id.map(|m| m.0)))
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                    tracing::debug!(group = %self.0.name, why = %q, "linearizable read: no quorum");
+                    Err(failed(GroupError::NoLeader(self.0.timeout)))
+                }
+                Err(RaftError::Fatal(f)) => Err(failed(GroupError::Stopped(f.to_string()))),
+            },
+            Op::KeepAlive(id) => {
+                if !self.is_leader() {
+                    return Err(LocalError::NotLeader(self.leader()));
+                }
+                let ttl = self
+                    .0
+                    .sm
+                    .leases()
+                    .into_iter()
+                    .find(|l| l.id == id)
+                    .map(|l| l.ttl_ms);
+                if let Some(ttl) = ttl {
+                    lock(&self.0.leases).insert(id, Instant::now() + Duration::from_millis(ttl));
+                }
+                enc(encode(&ttl))
+            }
+            Op::Membership(m) => {
+                let raft = &self.0.raft;
+                let r = match m {
+                    MembershipOp::AddLearner(id) => raft
+                        .add_learner(MemberId(id), EmptyNode::default(), true)
+                        .await
+                        .map(drop),
+                    MembershipOp::AddVoter(id) => {
+                        match raft
+                            .add_learner(MemberId(id), EmptyNode::default(), true)
+                            .await
+                        {
+                            Ok(_) => raft
+                                .change_membership(
+                                    ChangeMembers::AddVoterIds(BTreeSet::from([MemberId(id)])),
+                                    false,
+                                )
+                                .await
+                                .map(drop),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    MembershipOp::Remove(id) => {
+                        let state = self.leader_state();
+                        let change = if state.voters.contains(&id) {
+                            ChangeMembers::RemoveVoters(BTreeSet::from([MemberId(id)]))
+                        } else {
+                            ChangeMembers::RemoveNodes(BTreeSet::from([MemberId(id)]))
+                        };
+                        raft.change_membership(change, false).await.map(drop)
+                    }
+                };
+                match r {
+                    Ok(()) => enc(encode(&())),
+                    Err(e) => Err(write_error(e)),
+                }
+            }
+        }
+    }
+
+    /// A request from member `from` (openraft's own RPCs, or an `Op`
+    /// forwarded to us as the leader).
+    pub(crate) async fn serve(&self, from: NodeId, kind: RaftKind, body: &[u8]) -> RaftResponse {
+        let ok = |body: Vec<u8>| RaftResponse {
+            status: RaftStatus::Ok,
+            body,
+            reason: String::new(),
+        };
+        let refuse = |status: RaftStatus, reason: String| RaftResponse {
+            status,
+            body: Vec::new(),
+            reason,
+        };
+        let malformed = |e: TransportError| refuse(RaftStatus::Malformed, e.to_string());
+        let raft = &self.0.raft;
+        let answer = match kind {
+            RaftKind::AppendEntries => match decode(body) {
+                Ok(req) => encode(&raft.append_entries(req).await),
+                Err(e) => return malformed(e),
+            },
+            RaftKind::Vote => match decode(body) {
+                Ok(req) => encode(&raft.vote(req).await),
+                Err(e) => return malformed(e),
+            },
+            RaftKind::InstallSnapshot => match decode(body) {
+                Ok(req) => encode(&raft.install_snapshot(req).await),
+                Err(e) => return malformed(e),
+            },
+            RaftKind::Other(k) => {
+                return refuse(RaftStatus::Unsupported, format!("unknown raft kind {k}"))
+            }
+            kind => {
+                let Some(op) = Op::decode(kind, body) else {
+                    return refuse(RaftStatus::Malformed, format!("bad {kind:?} body"));
+                };
+                tracing::trace!(group = %self.0.name, %from, ?kind, "forwarded request");
+                match self
+                    .execute_until(op, Instant::now() + self.0.timeout)
+                    .await
+                {
+                    Ok(answer) => Ok(answer),
+                    Err(LocalError::NotLeader(l)) => {
+                        return refuse(
+                            RaftStatus::NotLeader,
+                            l.map(|l| l.to_string()).unwrap_or_default(),
+                        )
+                    }
+                    Err(LocalError::Failed(e)) => {
+                        return refuse(RaftStatus::Failed, remote_text(&e))
+                    }
+                }
+            }
+        };
+        match answer {
+            Ok(body) => ok(body),
+            Err(e) => refuse(RaftStatus::Failed, e.to_string()),
+        }
+    }
+
+    /// Maps openraft's metrics to `LeaderState` for the watch, counts
+    /// leader changes, and restarts lease timers when this node takes
+    /// office.
+    async fn watch_leadership(self, tx: watch::Sender<LeaderState>) {
+        let mut metrics = self.0.raft.metrics();
+        let mut stop = self.0.stop.subscribe();
+        let mut failed = false;
+        loop {
+            let state = {
+                let m = metrics.borrow_and_update();
+                let membership = m.membership_config.membership();
+                let voters: BTreeSet<MemberId> = membership.voter_ids().collect();
+                let learners: Vec<NodeId> = ids(membership.learner_ids());
+                LeaderState {
+                    leader: m.current_leader.map(|l| l.0),
+                    term: m.current_term,
+                    voters: ids(voters),
+                    learners,
+                    is_leader: m.state == ServerState::Leader,
+                }
+            };
+            if let Err(fatal) = &metrics.borrow().running_state {
+                // A storage error or a panic inside openraft: the group is
+                // dead on this node until it restarts (say it once).
+                if !matches!(fatal, Fatal::Stopped) && !std::mem::replace(&mut failed, true) {
+                    tracing::error!(group = %self.0.name, error = %fatal, "raft group failed on this node");
+                }
+            }
+            let before = tx.borrow().clone();
+            if before.leader != state.leader || before.term != state.term {
+                if state.leader.is_some() && before.leader != state.leader {
+                    self.0
+                        .transport
+                        .counters
+                        .leader_changes_total
+                        .fetch_add(1, Relaxed);
+                    tracing::info!(group = %self.0.name, leader = ?state.leader, term = state.term, "raft leader");
+                }
+                if state.is_leader && !before.is_leader {
+                    self.restart_lease_timers();
+                }
+                if !state.is_leader {
+                    lock(&self.0.leases).clear();
+                }
+            }
+            tx.send_if_modified(|cur| {
+                if *cur != state {
+                    *cur = state;
+                    true
+                } else {
+                    false
+                }
+            });
+            tokio::select! {
+                r = metrics.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn restart_lease_timers(&self) {
+        let now = Instant::now();
+        let mut leases = lock(&self.0.leases);
+        leases.clear();
+        for l in self.0.sm.leases() {
+            leases.insert(l.id, now + Duration::from_millis(l.ttl_ms));
+        }
+    }
+
+    /// On the leader: every 100 ms, start timers for new leases and revoke
+    /// the expired ones through the log.
+    async fn expire_leases(self) {
+        let mut stop = self.0.stop.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            let now = Instant::now();
+            let expired: Vec<u64> = {
+                let live = self.0.sm.leases();
+                let mut leases = lock(&self.0.leases);
+                let known: BTreeMap<u64, u64> =
+                    live.into_iter().map(|l| (l.id, l.ttl_ms)).collect();
+                leases.retain(|id, _| known.contains_key(id));
+                for (id, ttl) in &known {
+                    leases
+                        .entry(*id)
+                        .or_insert_with(|| now + Duration::from_millis(*ttl));
+                }
+                leases
+                    .iter()
+                    .filter(|(_, d)| **d <= now)
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            for id in expired {
+                match self.0.raft.client_write(Request::LeaseRevoke { id }).await {
+                    Ok(_) => {
+                        lock(&self.0.leases).remove(&id);
+                        self.0
+                            .transport
+                            .counters
+                            .leases_expired_total
+                            .fetch_add(1, Relaxed);
+                        tracing::debug!(group = %self.0.name, lease = id, "lease expired");
+                    }
+                    Err(e) => {
+                        tracing::debug!(group = %self.0.name, lease = id, error = %e, "could not revoke an expired lease");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_error(e: RaftError<MemberId, ClientWriteError<MemberId, EmptyNode>>) -> LocalError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader {
+            leader_id,
+            ..
+        })) => LocalError::NotLeader(leader_id.map(|m| m.0)),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            LocalError::Failed(GroupError::Membership(c.to_string()))
+        }
+        RaftError::Fatal(f) => LocalError::Failed(GroupError::Stopped(f.to_string())),
+    }
+}
+
+/// A `GroupError` as the text a remote caller turns back into one.
+fn remote_text(e: &GroupError) -> String {
+    match e {
+        GroupError::Membership(m) => format!("membership: {m}"),
+        GroupError::NoLeader(_) => "no-quorum".to_string(),
+        GroupError::Uncertain { .. } => "uncertain".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn failed_from_remote(reason: &str, leader: NodeId) -> GroupError {
+    if let Some(m) = reason.strip_prefix("membership: ") {
+        GroupError::Membership(m.to_string())
+    } else if reason == "no-quorum" {
+        GroupError::NoLeader(Duration::ZERO)
+    } else if reason == "uncertain" {
+        GroupError::Uncertain { leader }
+    } else {
+        GroupError::Stopped(reason.to_string())
+    }
+}

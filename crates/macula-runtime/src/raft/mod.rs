@@ -1,0 +1,252 @@
+//! Raft groups as a service: openraft (`macula-raft`) over the mesh.
+//!
+//! A node runs any number of named groups ([`RaftGroups::join`]); each has
+//! its own openraft instance and its own redb file
+//! (`<data dir>/raft/<group>.redb`). Members are node IDs: openraft's RPCs
+//! travel as RAFT_REQUEST streams on the pooled connections
+//! (`network.rs`), so a group needs no addresses of its own and works
+//! through relays like everything else.
+//!
+//! Clients of a group (the facade's KV, election and lock API) may call any
+//! member: writes, linearizable reads, membership changes and lease
+//! keep-alives are forwarded to the leader over the same streams
+//! (`RaftKind::Write` etc.), retried on a leader change until the request's
+//! deadline. Stale reads and watches are served from the local state
+//! machine.
+//!
+//! Leases: the state machine never reads a clock. The leader keeps every
+//! lease's deadline in memory, restarts all of them at full TTL when it
+//! takes office (as etcd does: a lease never expires early because the
+//! leader changed) and proposes `LeaseRevoke` for the ones that ran out.
+
+mod group;
+mod network;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use macula_wire::{Message, NodeId, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
+
+pub use crate::config::RaftLimits;
+pub use group::{Group, GroupError, GroupOptions, LeaderState, LogProgress, ReadConsistency};
+pub(crate) use network::Reach;
+use network::Transport;
+
+use crate::framed::{FrameReader, FrameWriter};
+use crate::peer::Peer;
+use crate::service::{Serves, Service, ServiceFuture};
+
+/// Counters of the Raft service (`/metrics`: `macula_raft_*`).
+#[derive(Debug, Default)]
+pub struct RaftCounters {
+    pub requests_sent_total: AtomicU64,
+    pub requests_failed_total: AtomicU64,
+    pub requests_served_total: AtomicU64,
+    pub requests_refused_total: AtomicU64,
+    pub forwarded_total: AtomicU64,
+    pub payload_too_large_total: AtomicU64,
+    pub leader_changes_total: AtomicU64,
+    pub leases_expired_total: AtomicU64,
+    pub groups_refused_total: AtomicU64,
+}
+
+/// Every Raft group of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftGroups(Arc<Inner>);
+
+struct Inner {
+    node_id: NodeId,
+    /// Where group files live; `None` for a node without a data directory
+    /// (it cannot join groups: a Raft log must survive a restart).
+    dir: Option<PathBuf>,
+    limits: RaftLimits,
+    transport: Transport,
+    groups: Mutex<HashMap<String, Group>>,
+    joining: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for RaftGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftGroups")
+            .field("groups", &self.names())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RaftGroups {
+    pub(crate) fn new(
+        node_id: NodeId,
+        dir: Option<PathBuf>,
+        limits: RaftLimits,
+        max_frame: u32,
+        reach: Arc<dyn Reach>,
+    ) -> Self {
+        RaftGroups(Arc::new(Inner {
+            node_id,
+            dir,
+            limits,
+            transport: Transport {
+                reach,
+                max_frame,
+                counters: Arc::new(RaftCounters::default()),
+                cut_off: Arc::default(),
+            },
+            groups: Mutex::new(HashMap::new()),
+            joining: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Joins (or re-opens) the group `name`. With `options.members` set and
+    /// a fresh log, the group is initialized with those voters (every
+    /// founding member may do so with the same list: openraft makes the
+    /// repeats no-ops). A member added later joins with no members and is
+    /// added by the leader (`Group::add_learner`, `Group::add_voter`).
+    /// Joining a group this node already runs returns the running one.
+    pub async fn join(&self, name: &str, options: GroupOptions) -> Result<Group, GroupError> {
+        // One join at a time: two of the same name would open one file twice.
+        let _joining = self.0.joining.lock().await;
+        if let Some(g) = lock(&self.0.groups).get(name) {
+            return Ok(g.clone());
+        }
+        group::check_name(name)?;
+        let dir = self.0.dir.clone().ok_or(GroupError::NoDataDir)?;
+        if lock(&self.0.groups).len() >= self.0.limits.max_groups {
+            self.0
+                .transport
+                .counters
+                .groups_refused_total
+                .fetch_add(1, Relaxed);
+            return Err(GroupError::TooManyGroups {
+                max: self.0.limits.max_groups,
+            });
+        }
+        let g = Group::open(
+            self.0.node_id,
+            name,
+            &dir.join("raft"),
+            &self.0.limits,
+            self.0.transport.clone(),
+            options,
+        )
+        .await?;
+        lock(&self.0.groups).insert(name.to_string(), g.clone());
+        Ok(g)
+    }
+
+    /// The running group `name`.
+    pub fn get(&self, name: &str) -> Option<Group> {
+        lock(&self.0.groups).get(name).cloned()
+    }
+
+    /// Names of the groups this node runs.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.0.groups).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Stops the group `name` here (its file stays; joining again resumes
+    /// it). Membership is unchanged: remove the member first to leave.
+    pub async fn leave(&self, name: &str) -> bool {
+        let g = lock(&self.0.groups).remove(name);
+        match g {
+            Some(g) => {
+                g.shutdown().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every group (node shutdown).
+    pub async fn shutdown(&self) {
+        let all: Vec<Group> = lock(&self.0.groups).drain().map(|(_, g)| g).collect();
+        for g in all {
+            g.shutdown().await;
+        }
+    }
+
+    /// Fault injection for tests of partitions: from now on this node's
+    /// groups neither send Raft requests to the nodes in `peers` nor answer
+    /// theirs (an empty list heals). Call it on both sides for a clean cut.
+    #[doc(hidden)]
+    pub fn partition(&self, peers: &[NodeId]) {
+        if let Ok(mut set) = self.0.transport.cut_off.write() {
+            *set = peers.iter().copied().collect();
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<RaftCounters> {
+        &self.0.transport.counters
+    }
+
+    pub fn limits(&self) -> &RaftLimits {
+        &self.0.limits
+    }
+
+    async fn serve(&self, peer: Peer, req: RaftRequest, mut w: FrameWriter) {
+        let counters = &self.0.transport.counters;
+        if self.0.transport.is_cut_off(&peer.node_id()) {
+            // Partitioned (tests): no answer at all, as if lost.
+            w.finish();
+            return;
+        }
+        let resp = match self.get(&req.group) {
+            None => RaftResponse {
+                status: RaftStatus::NoGroup,
+                body: Vec::new(),
+                reason: format!("no group {:?} runs here", req.group),
+            },
+            Some(g) => g.serve(peer.node_id(), req.kind, &req.body).await,
+        };
+        if resp.status == RaftStatus::Ok {
+            counters.requests_served_total.fetch_add(1, Relaxed);
+        } else {
+            counters.requests_refused_total.fetch_add(1, Relaxed);
+            tracing::debug!(peer = %peer.node_id(), group = %req.group, kind = ?req.kind, status = ?resp.status, reason = %resp.reason, "raft request refused");
+        }
+        if let Err(e) = w.send(&Message::Raft(RaftMessage::Response(resp))).await {
+            tracing::debug!(peer = %peer.node_id(), error = %e, "could not answer a raft request");
+        }
+        w.finish();
+    }
+}
+
+/// Raft groups as a service: streams opened with RAFT_REQUEST.
+impl Service for RaftGroups {
+    fn name(&self) -> &'static str {
+        "raft"
+    }
+
+    fn serves(&self) -> Serves {
+        Serves {
+            streams: &[macula_wire::MessageType::RaftRequest],
+            ..Serves::default()
+        }
+    }
+
+    fn on_stream(
+        &self,
+        peer: Peer,
+        first: Message,
+        _reader: FrameReader,
+        writer: FrameWriter,
+    ) -> ServiceFuture {
+        let groups = self.clone();
+        Box::pin(async move {
+            if peer.is_client() {
+                // Lightweight clients are not members of anything.
+                return;
+            }
+            if let Message::Raft(RaftMessage::Request(req)) = first {
+                groups.serve(peer, req, writer).await;
+            }
+        })
+    }
+}
