@@ -132,6 +132,11 @@ pub enum Request {
     /// Remove `member`'s registration for workload `name` (answered with
     /// [`Response::Deleted`]).
     Unregister { name: String, member: MemberId },
+    /// Several requests in one log entry, applied in order exactly as if
+    /// they were consecutive entries (each its own revision); answered with
+    /// [`Response::Batch`]. The leader batches concurrent writes this way.
+    /// A batch inside a batch is refused.
+    Batch(Vec<Request>),
 }
 
 /// A key with its value and metadata.
@@ -186,6 +191,8 @@ pub enum Response {
     Empty,
     /// The request was refused and changed nothing.
     Error(KvError),
+    /// The answers to a [`Request::Batch`], in order.
+    Batch(Vec<Response>),
 }
 
 /// A change to one key, at the revision it carries.
@@ -242,6 +249,9 @@ pub enum KvError {
     InvalidLease,
     #[error("invalid workload name")]
     InvalidName,
+    /// A batch inside a batch.
+    #[error("a batch cannot contain a batch")]
+    NestedBatch,
     /// A watch asked for revisions older than the retained history; the
     /// oldest revision that can still be watched from is `oldest`.
     #[error("revisions before {oldest} are compacted")]
@@ -673,6 +683,25 @@ impl Kv {
     /// revision) and the lease changes. A refused request changes nothing.
     pub fn apply(&mut self, request: Request) -> Applied {
         match request {
+            Request::Batch(requests) => {
+                let mut all = Applied {
+                    response: Response::Empty,
+                    events: Vec::new(),
+                    lease_changes: Vec::new(),
+                };
+                let mut responses = Vec::with_capacity(requests.len());
+                for r in requests {
+                    let a = match r {
+                        Request::Batch(_) => Applied::error(KvError::NestedBatch),
+                        r => self.apply(r),
+                    };
+                    responses.push(a.response);
+                    all.events.extend(a.events);
+                    all.lease_changes.extend(a.lease_changes);
+                }
+                all.response = Response::Batch(responses);
+                all
+            }
             Request::Put {
                 key,
                 value,

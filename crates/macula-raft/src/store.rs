@@ -104,6 +104,10 @@ pub struct Options {
     pub durable_apply: bool,
     /// redb page cache in bytes (default 16 MiB).
     pub cache_bytes: usize,
+    /// This member's ID, if known: the log store then lets the leader's
+    /// own appends return before their fsync (see [`LogStore`]). `None`
+    /// (the default) makes every append wait for the disk.
+    pub member: Option<MemberId>,
 }
 
 impl Default for Options {
@@ -115,6 +119,7 @@ impl Default for Options {
             broadcast_capacity: 1_024,
             durable_apply: true,
             cache_bytes: 16 * 1024 * 1024,
+            member: None,
         }
     }
 }
@@ -227,6 +232,7 @@ pub fn open_with(
     path: &Path,
     options: Options,
 ) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let member = options.member;
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)?;
@@ -270,6 +276,16 @@ pub fn open_with(
     }
     txn.commit()?;
     let db = Arc::new(db);
+    let (writer, sm_thread) = if options.durable_apply {
+        (None, None)
+    } else {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("raft-sm-writer".into())
+            .spawn(move || sm_writer(writer_db, rx))?;
+        (Some(std::sync::Mutex::new(tx)), Some(thread))
+    };
 
     let (mut kv, mut last_applied, mut last_membership, seq) =
         load_state_machine(&db, &options.limits)?;
@@ -316,9 +332,11 @@ pub fn open_with(
             options,
             state: RwLock::new(state),
             snapshot_seq: AtomicU64::new(seq),
+            writer,
+            thread: std::sync::Mutex::new(sm_thread),
         }),
     };
-    Ok((LogStore { db }, sm))
+    Ok((LogStore::new(db, member)?, sm))
 }
 
 type Loaded = (Kv, Option<LogId>, StoredMembership, u64);
@@ -421,10 +439,186 @@ fn install_state(
 // ---------------------------------------------------------------------------
 
 /// The Raft log and vote of one group ([`RaftLogStorage`]); also its own
-/// [`RaftLogReader`]. Cheap to clone (shares the database).
+/// [`RaftLogReader`]. Cheap to clone (shares the database and the writer).
+///
+/// **Writes go through one writer thread** that takes every operation
+/// queued while the previous transaction was being committed and commits
+/// them together (group commit: one fsync for many appends). Appends are
+/// readable at once (held in `pending` until they are on disk).
+///
+/// **The leader does not wait for its own fsync**: an append of entries
+/// of the leader this member voted for itself returns before the commit,
+/// and openraft is told through the flush callback, which is what it
+/// counts toward the commit quorum; its core goes on meanwhile. (openraft
+/// 0.9 still sends an entry to followers only once the leader flushed it,
+/// so a write costs two fsyncs in a row, the leader's then the followers':
+/// the main part of a lone write's latency; see BENCHMARKS.md.) Every other
+/// append (a follower's) returns only once durable, because openraft 0.9
+/// answers AppendEntries when `append` returns.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    shared: Arc<LogShared>,
+}
+
+struct LogShared {
+    /// Appended entries not yet known to be on disk, by index.
+    pending: std::sync::Mutex<BTreeMap<u64, Entry>>,
+    /// The last vote saved (to recognise this member's own leader entries).
+    vote: std::sync::Mutex<Option<Vote<MemberId>>>,
+    /// This member, when known ([`Options::member`]).
+    member: Option<MemberId>,
+    writer: std::sync::Mutex<Option<std::sync::mpsc::Sender<LogOp>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for LogShared {
+    /// Stops the writer and waits for it, so that the database file is
+    /// closed when the last handle is gone (a reopen right after works).
+    fn drop(&mut self) {
+        lock(&self.writer).take();
+        join_unless_self(lock(&self.thread).take());
+    }
+}
+
+/// Joins `thread` unless the caller is that thread (a writer may drop the
+/// last handle itself).
+fn join_unless_self(thread: Option<std::thread::JoinHandle<()>>) {
+    if let Some(t) = thread {
+        if t.thread().id() != std::thread::current().id() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One write for the writer thread.
+enum LogOp {
+    Append {
+        rows: Vec<(u64, Vec<u8>, LogId)>,
+        callback: LogFlushed<TypeConfig>,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    },
+    Truncate {
+        from: u64,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    Purge {
+        upto: u64,
+        bytes: Vec<u8>,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    Meta {
+        key: &'static str,
+        bytes: Vec<u8>,
+        durable: bool,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Most operations committed in one transaction.
+const MAX_GROUP_COMMIT: usize = 4096;
+
+impl LogOp {
+    fn durable(&self) -> bool {
+        !matches!(self, LogOp::Meta { durable: false, .. })
+    }
+
+    fn apply(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        match self {
+            LogOp::Append { rows, .. } => {
+                let mut t = txn.open_table(LOG)?;
+                for (index, bytes, _) in rows {
+                    t.insert(*index, bytes.as_slice())?;
+                }
+            }
+            LogOp::Truncate { from, .. } => {
+                txn.open_table(LOG)?
+                    .retain_in::<u64, _>(*from.., |_, _| false)?;
+            }
+            LogOp::Purge { upto, bytes, .. } => {
+                txn.open_table(LOG_META)?
+                    .insert(LAST_PURGED, bytes.as_slice())?;
+                txn.open_table(LOG)?
+                    .retain_in::<u64, _>(..=*upto, |_, _| false)?;
+            }
+            LogOp::Meta { key, bytes, .. } => {
+                txn.open_table(LOG_META)?.insert(*key, bytes.as_slice())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The writer thread: group commits until every `LogStore` clone is gone.
+fn log_writer(
+    db: Arc<Database>,
+    shared: std::sync::Weak<LogShared>,
+    rx: std::sync::mpsc::Receiver<LogOp>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP_COMMIT {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(LogOp::durable);
+        let result = (|| -> Result<(), StoreError> {
+            let mut txn = db.begin_write()?;
+            if !durable {
+                txn.set_durability(Durability::None);
+            }
+            for op in &batch {
+                op.apply(&txn)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        let err = result.as_ref().err().map(|e| e.to_string());
+        if let Some(e) = &err {
+            tracing::error!(error = %e, "raft log write failed");
+        }
+        let shared = shared.upgrade();
+        for op in batch {
+            let answer = match &err {
+                None => Ok(()),
+                Some(e) => Err(e.clone()),
+            };
+            match op {
+                LogOp::Append {
+                    rows,
+                    callback,
+                    done,
+                } => {
+                    if answer.is_ok() {
+                        if let Some(shared) = &shared {
+                            let mut pending = lock(&shared.pending);
+                            for (index, _, log_id) in &rows {
+                                // Unless truncated and appended anew since.
+                                if pending.get(index).is_some_and(|e| e.log_id == *log_id) {
+                                    pending.remove(index);
+                                }
+                            }
+                        }
+                    }
+                    callback.log_io_completed(answer.clone().map_err(std::io::Error::other));
+                    if let Some(done) = done {
+                        let _ = done.send(answer);
+                    }
+                }
+                LogOp::Truncate { done, .. }
+                | LogOp::Purge { done, .. }
+                | LogOp::Meta { done, .. } => {
+                    let _ = done.send(answer);
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Debug for LogStore {
@@ -434,15 +628,45 @@ impl Debug for LogStore {
 }
 
 impl LogStore {
+    fn new(db: Arc<Database>, member: Option<MemberId>) -> Result<Self, StoreError> {
+        // Only a hint for `own_leader_entries` (a corrupt vote is reported
+        // by `read_vote`, where openraft reads it): unknown means "wait".
+        let vote = read_meta(&db, LOG_META, VOTE, "vote").ok().flatten();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(LogShared {
+            pending: std::sync::Mutex::new(BTreeMap::new()),
+            vote: std::sync::Mutex::new(vote),
+            member,
+            writer: std::sync::Mutex::new(Some(tx)),
+            thread: std::sync::Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&shared);
+        let writer_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || log_writer(writer_db, weak, rx))?;
+        *lock(&shared.thread) = Some(thread);
+        Ok(LogStore { db, shared })
+    }
+
     fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(LOG)?;
-        let mut out = Vec::new();
-        for row in t.range::<u64>(range)? {
-            let (_, v) = row?;
-            out.push(decode("log entry", v.value())?);
+        let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
+        {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(LOG)?;
+            for row in t.range::<u64>((range.start_bound().cloned(), range.end_bound().cloned()))? {
+                let (k, v) = row?;
+                out.insert(k.value(), decode("log entry", v.value())?);
+            }
         }
-        Ok(out)
+        // Entries not yet on disk (newer than what the disk holds at the
+        // same index, if anything).
+        for (i, e) in lock(&self.shared.pending)
+            .range((range.start_bound().cloned(), range.end_bound().cloned()))
+        {
+            out.insert(*i, e.clone());
+        }
+        Ok(out.into_values().collect())
     }
 
     fn log_state(&self) -> Result<LogState<TypeConfig>, StoreError> {
@@ -452,27 +676,53 @@ impl LogStore {
             Some((_, v)) => Some(decode::<Entry>("log entry", v.value())?.log_id),
             None => None,
         };
+        let pending_last = lock(&self.shared.pending)
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
         let meta = txn.open_table(LOG_META)?;
         let last_purged: Option<LogId> = get_meta(&meta, LAST_PURGED, "last purged")?;
         Ok(LogState {
-            last_log_id: last.or(last_purged),
+            last_log_id: pending_last.or(last).or(last_purged),
             last_purged_log_id: last_purged,
         })
     }
 
-    async fn write<F>(&self, durability: Durability, f: F) -> Result<(), StoreError>
-    where
-        F: FnOnce(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
-    {
-        let db = self.db.clone();
-        blocking(move || {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(durability);
-            f(&txn)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
+    fn send(&self, op: LogOp) -> Result<(), StoreError> {
+        lock(&self.shared.writer)
+            .as_ref()
+            .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?
+            .send(op)
+            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))
+    }
+
+    /// Queues `make(done)` and waits for its commit.
+    async fn write_wait(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), String>>) -> LogOp,
+    ) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(make(tx))?;
+        rx.await
+            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))?
+            .map_err(StoreError::Task)
+    }
+
+    /// Whether these entries are this member's own, as the leader it voted
+    /// for itself: then `append` need not wait for the disk.
+    fn own_leader_entries(&self, rows: &[(u64, Vec<u8>, LogId)]) -> bool {
+        let Some(me) = self.shared.member else {
+            return false;
+        };
+        let vote = lock(&self.shared.vote);
+        let Some(vote) = vote.as_ref() else {
+            return false;
+        };
+        if !vote.is_committed() || vote.leader_id().voted_for() != Some(me) {
+            return false;
+        }
+        // Without `single-term-leader`, a log id's leader is a `LeaderId`.
+        let leader = vote.leader_id();
+        rows.iter().all(|(_, _, id)| id.leader_id == *leader)
     }
 }
 
@@ -500,12 +750,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<MemberId>) -> Result<(), StorageError> {
         let bytes = encode("vote", vote).map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))?;
-        self.write(Durability::Immediate, move |txn| {
-            txn.open_table(LOG_META)?.insert(VOTE, bytes.as_slice())?;
-            Ok(())
+        self.write_wait(|done| LogOp::Meta {
+            key: VOTE,
+            bytes,
+            durable: true,
+            done,
         })
         .await
-        .map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))
+        .map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))?;
+        *lock(&self.shared.vote) = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<MemberId>>, StorageError> {
@@ -516,12 +770,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let bytes =
             encode("committed", &committed).map_err(sto(ErrorSubject::Store, ErrorVerb::Write))?;
-        self.write(Durability::None, move |txn| {
-            txn.open_table(LOG_META)?
-                .insert(COMMITTED, bytes.as_slice())?;
-            Ok(())
+        // A hint for restarts (re-apply less): queued behind the appends,
+        // not waited for.
+        let (done, _) = tokio::sync::oneshot::channel();
+        self.send(LogOp::Meta {
+            key: COMMITTED,
+            bytes,
+            durable: false,
+            done,
         })
-        .await
         .map_err(sto(ErrorSubject::Store, ErrorVerb::Write))
     }
 
@@ -541,43 +798,52 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut rows = Vec::new();
+        let mut fresh = Vec::new();
         for e in entries {
             let bytes =
                 encode("log entry", &e).map_err(sto(ErrorSubject::Logs, ErrorVerb::Write))?;
-            rows.push((e.log_id.index, bytes));
+            rows.push((e.log_id.index, bytes, e.log_id));
+            fresh.push(e);
         }
         if rows.is_empty() {
             callback.log_io_completed(Ok(()));
             return Ok(());
         }
-        let result = self
-            .write(Durability::Immediate, move |txn| {
-                let mut t = txn.open_table(LOG)?;
-                for (index, bytes) in &rows {
-                    t.insert(*index, bytes.as_slice())?;
-                }
-                Ok(())
-            })
-            .await;
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "raft log append failed");
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(sto(ErrorSubject::Logs, ErrorVerb::Write)(e))
+        let early = self.own_leader_entries(&rows);
+        {
+            // Readable from now on, before they reach the disk.
+            let mut pending = lock(&self.shared.pending);
+            for e in fresh {
+                pending.insert(e.log_id.index, e);
             }
         }
+        let (done, wait) = if early {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        self.send(LogOp::Append {
+            rows,
+            callback,
+            done,
+        })
+        .map_err(sto(ErrorSubject::Logs, ErrorVerb::Write))?;
+        if let Some(rx) = wait {
+            rx.await
+                .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))
+                .and_then(|r| r.map_err(StoreError::Task))
+                .map_err(sto(ErrorSubject::Logs, ErrorVerb::Write))?;
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating raft log");
-        self.write(Durability::Immediate, move |txn| {
-            txn.open_table(LOG)?
-                .retain_in::<u64, _>(log_id.index.., |_, _| false)?;
-            Ok(())
+        lock(&self.shared.pending).retain(|i, _| *i < log_id.index);
+        self.write_wait(|done| LogOp::Truncate {
+            from: log_id.index,
+            done,
         })
         .await
         .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))
@@ -587,12 +853,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         tracing::debug!(%log_id, "purging raft log");
         let bytes = encode("last purged", &log_id)
             .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))?;
-        self.write(Durability::Immediate, move |txn| {
-            txn.open_table(LOG_META)?
-                .insert(LAST_PURGED, bytes.as_slice())?;
-            txn.open_table(LOG)?
-                .retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
-            Ok(())
+        lock(&self.shared.pending).retain(|i, _| *i > log_id.index);
+        self.write_wait(|done| LogOp::Purge {
+            upto: log_id.index,
+            bytes,
+            done,
         })
         .await
         .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))
@@ -616,6 +881,81 @@ struct SmShared {
     options: Options,
     state: RwLock<SmState>,
     snapshot_seq: AtomicU64,
+    /// With `durable_apply = false`: the thread that writes applied changes
+    /// behind `apply`, merging whatever queued up into one transaction.
+    writer: Option<std::sync::Mutex<std::sync::mpsc::Sender<SmOp>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for SmShared {
+    fn drop(&mut self) {
+        self.writer.take();
+        join_unless_self(lock(&self.thread).take());
+    }
+}
+
+/// One state-machine write for the writer thread.
+enum SmOp {
+    Write(Box<SmWrite>),
+    /// Answered once everything queued before it is committed.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+struct SmWrite {
+    writes: Writes,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    revision: u64,
+}
+
+impl SmWrite {
+    /// Folds a later write into this one (the later value of a key wins).
+    fn absorb(&mut self, later: SmWrite) {
+        self.writes.kv.extend(later.writes.kv);
+        self.writes.leases.extend(later.writes.leases);
+        self.writes.membership_changed |= later.writes.membership_changed;
+        self.last_applied = later.last_applied;
+        self.membership = later.membership;
+        self.revision = later.revision;
+    }
+}
+
+/// The state machine's writer thread: runs until the store is dropped.
+fn sm_writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<SmOp>) {
+    let flush = |w: &mut Option<SmWrite>| {
+        if let Some(w) = w.take() {
+            if let Err(e) = StateMachineStore::persist_writes(
+                &db,
+                false,
+                &w.writes,
+                w.last_applied,
+                &w.membership,
+                w.revision,
+            ) {
+                // Not lost: after a restart the state machine is rebuilt
+                // from the last snapshot and the log.
+                tracing::error!(error = %e, "raft state machine write failed");
+            }
+        }
+    };
+    while let Ok(first) = rx.recv() {
+        let mut merged: Option<SmWrite> = None;
+        let mut next = Some(first);
+        while let Some(op) = next.take() {
+            match op {
+                SmOp::Write(w) => match &mut merged {
+                    Some(m) => m.absorb(*w),
+                    None => merged = Some(*w),
+                },
+                SmOp::Barrier(done) => {
+                    flush(&mut merged);
+                    let _ = done.send(());
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        flush(&mut merged);
+    }
 }
 
 /// The KV state machine of one group ([`RaftStateMachine`]) and its read
@@ -869,6 +1209,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if responses.is_empty() {
             return Ok(responses);
         }
+        if let Some(writer) = &self.shared.writer {
+            // Committed in the Raft sense already: persisted behind, merged
+            // with the next applies (see `Options::durable_apply`).
+            let op = SmOp::Write(Box::new(SmWrite {
+                writes,
+                last_applied,
+                membership,
+                revision,
+            }));
+            lock(writer)
+                .send(op)
+                .map_err(|_| StoreError::Task("the state machine writer has stopped".into()))
+                .map_err(Self::io_sm(ErrorVerb::Write))?;
+            return Ok(responses);
+        }
         let db = self.shared.db.clone();
         let durable = self.shared.options.durable_apply;
         blocking(move || {
@@ -896,6 +1251,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         tracing::info!(snapshot = %meta, "installing raft snapshot");
+        // Changes applied before the snapshot reach the disk first; the
+        // snapshot then replaces them.
+        if let Some(writer) = &self.shared.writer {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if lock(writer).send(SmOp::Barrier(tx)).is_ok() {
+                let _ = rx.await;
+            }
+        }
         let data = snapshot.into_inner();
         let db = self.shared.db.clone();
         let limits = self.shared.options.limits.clone();
@@ -1023,6 +1386,83 @@ mod tests {
                 prev_kv: false,
             }),
         }
+    }
+
+    #[tokio::test]
+    async fn only_the_members_own_leader_entries_skip_the_fsync_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let other = MemberId::from(2u64);
+        let opts = |member| Options {
+            member,
+            ..Options::default()
+        };
+        let (mut log, _sm) = open_with(&dir.path().join("a.redb"), opts(Some(me))).expect("open");
+        let rows = |leader: MemberId| {
+            vec![(
+                1u64,
+                Vec::new(),
+                LogId::new(openraft::CommittedLeaderId::new(3, leader), 1),
+            )]
+        };
+        // No vote yet, then a vote not yet committed: wait.
+        assert!(!log.own_leader_entries(&rows(me)));
+        log.save_vote(&Vote::new(3, me)).await.expect("vote");
+        assert!(!log.own_leader_entries(&rows(me)));
+        // Leader of term 3: its own entries need not wait; another's must.
+        log.save_vote(&Vote::new_committed(3, me))
+            .await
+            .expect("vote");
+        assert!(log.own_leader_entries(&rows(me)));
+        assert!(!log.own_leader_entries(&rows(other)));
+        // A follower of `other`.
+        log.save_vote(&Vote::new_committed(4, other))
+            .await
+            .expect("vote");
+        assert!(!log.own_leader_entries(&rows(other)));
+        // Without a member ID, always wait.
+        let (mut anon, _sm2) = open_with(&dir.path().join("b.redb"), opts(None)).expect("open");
+        anon.save_vote(&Vote::new_committed(3, me))
+            .await
+            .expect("vote");
+        assert!(!anon.own_leader_entries(&rows(me)));
+        // Appends are readable at once and on disk after the callback.
+        log.save_vote(&Vote::new_committed(1, me))
+            .await
+            .expect("vote");
+        let leader_put = |index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, me), index),
+            payload: EntryPayload::Blank,
+        };
+        log.blocking_append((1..=3).map(leader_put))
+            .await
+            .expect("append");
+        assert_eq!(log.try_get_log_entries(1..=3).await.expect("read").len(), 3);
+        drop((log, _sm, anon, _sm2));
+        let (mut again, _sm) =
+            open_with(&dir.path().join("a.redb"), opts(Some(me))).expect("reopen");
+        assert_eq!(
+            again.try_get_log_entries(1..=3).await.expect("read").len(),
+            3
+        );
+        // A truncate drops what it covers, pending or not.
+        again
+            .truncate(LogId::new(openraft::CommittedLeaderId::new(1, me), 2))
+            .await
+            .expect("truncate");
+        assert_eq!(
+            again.try_get_log_entries(1..=3).await.expect("read").len(),
+            1
+        );
+        assert_eq!(
+            again
+                .get_log_state()
+                .await
+                .expect("state")
+                .last_log_id
+                .map(|l| l.index),
+            Some(1)
+        );
     }
 
     /// Rewrites rows of a closed store's file.

@@ -271,9 +271,12 @@ impl Client {
         crate::raft::Kv::remote(crate::raft::Remote {
             procedure: crate::raft::procedure(group),
             timeout,
-            call: Arc::new(move |procedure, body, timeout| {
+            call: Arc::new(move |member, procedure, body, timeout| {
                 let client = client.clone();
                 Box::pin(async move {
+                    // A client's calls go through its gateway, which picks
+                    // the member: the leader hint is not used.
+                    let _ = member;
                     let r = client
                         .call(&procedure, body)
                         .timeout(timeout)
@@ -282,6 +285,7 @@ impl Client {
                     Ok(r.payload)
                 })
             }),
+            leader: Arc::default(),
         })
     }
 

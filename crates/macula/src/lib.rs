@@ -64,12 +64,14 @@ pub mod admin;
 mod call;
 mod client;
 pub mod config;
+pub mod crdt;
 pub mod names;
 mod node;
 pub mod raft;
 
 pub use call::CallBuilder;
 pub use client::{connect_client, Client, ClientBuilder, ClientSocket};
+pub use crdt::{Crdt, CrdtError, CrdtOptions};
 pub use node::{Node, NodeBuilder, NodeStats, Peer, PeerInfo, JOIN_WAIT};
 
 pub use macula_rpc::Strategy;
@@ -138,13 +140,18 @@ pub enum Error {
     /// A Raft group operation failed (see [`raft::GroupError`]).
     #[error(transparent)]
     Raft(#[from] raft::GroupError),
+    /// A replicated CRDT could not be opened or updated (see
+    /// [`crdt::CrdtError`]).
+    #[error(transparent)]
+    Crdt(#[from] crdt::CrdtError),
 }
 
 impl Error {
     /// A short stable name for what failed, for metrics, logs and matching
     /// without the variant's fields: `config`, `start`, `connect`, `join`,
     /// `join_refused`, `client`, `pubsub.<kind>` (e.g. `pubsub.queue_full`) or
-    /// `rpc.<kind>` (e.g. `rpc.timeout`, see [`RpcError::kind`]).
+    /// `rpc.<kind>` (e.g. `rpc.timeout`, see [`RpcError::kind`]), `raft.<kind>`
+    /// or `crdt.<kind>` (see [`crdt::CrdtError::kind`]).
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Config { .. } => "config",
@@ -156,6 +163,7 @@ impl Error {
             Error::PubSub(e) => pubsub_kind(e),
             Error::Rpc(e) => rpc_kind(e),
             Error::Raft(e) => raft_kind(e),
+            Error::Crdt(e) => e.kind(),
         }
     }
 

@@ -555,17 +555,18 @@ impl Node {
         crate::raft::Kv::remote(crate::raft::Remote {
             procedure: crate::raft::procedure(group),
             timeout,
-            call: Arc::new(move |procedure, body, timeout| {
+            call: Arc::new(move |member, procedure, body, timeout| {
                 let node = node.clone();
                 Box::pin(async move {
-                    let r = node
-                        .call(&procedure, body)
-                        .timeout(timeout)
-                        .retries(0)
-                        .await?;
+                    let call = match member {
+                        Some(m) => node.call_to(m, &procedure, body),
+                        None => node.call(&procedure, body),
+                    };
+                    let r = call.timeout(timeout).retries(0).await?;
                     Ok(r.payload)
                 })
             }),
+            leader: Arc::default(),
         })
     }
 
@@ -618,6 +619,19 @@ impl Node {
     /// The runtime underneath, for the admin server of this crate only.
     pub(crate) fn runtime(&self) -> &NodeRuntime {
         &self.runtime
+    }
+
+    /// Opens the replicated CRDT `name` (one topic segment: ASCII letters,
+    /// digits, `_`, `-`) of type `T` (an [`crate::crdt::OrSet`],
+    /// [`crate::crdt::PnCounter`], ...), with the default
+    /// [`crate::CrdtOptions`]; [`crate::crdt::open`] takes options. Every
+    /// node that opens the name holds a replica; they converge by delta
+    /// and digest exchange over pub/sub. See [`crate::crdt`].
+    pub async fn crdt<T: crate::crdt::Replicated>(
+        &self,
+        name: &str,
+    ) -> Result<crate::Crdt<T>, Error> {
+        crate::crdt::open(self, name, crate::CrdtOptions::default()).await
     }
 }
 

@@ -117,13 +117,12 @@ impl Group {
     }
 
     /// Registers this node as running workload `name` with `capabilities`
-    /// (replacing an earlier registration); returns the leader and the
-    /// number of members now registered for `name`.
+    /// (replacing an earlier registration), as the seeds' platform API did.
     pub async fn register_workload(
         &self,
         name: &str,
         capabilities: Vec<String>,
-    ) -> Result<(Option<NodeId>, usize), Error> {
+    ) -> Result<Registered, Error> {
         let r = self
             .inner
             .write(KvRequest::Register {
@@ -133,7 +132,15 @@ impl Group {
             })
             .await?;
         match r {
-            KvResponse::Registered { members, .. } => Ok((self.leader(), members)),
+            KvResponse::Registered { members, revision } => {
+                let state = self.members();
+                Ok(Registered {
+                    leader: state.leader,
+                    cluster_size: state.voters.len() + state.learners.len(),
+                    registered: members,
+                    revision,
+                })
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -144,6 +151,19 @@ impl Group {
             backend: Backend::Local(self.inner.clone()),
         }
     }
+}
+
+/// What [`Group::register_workload`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The group's leader as this member knows it.
+    pub leader: Option<NodeId>,
+    /// Members of the group (voters and learners).
+    pub cluster_size: usize,
+    /// Members now registered for the workload's name.
+    pub registered: usize,
+    /// The revision the registration was stored at.
+    pub revision: u64,
 }
 
 /// A group's key-value store: through a local member ([`Group::kv`]) or
@@ -164,7 +184,21 @@ enum Backend {
 pub(crate) struct Remote {
     pub(crate) procedure: String,
     pub(crate) timeout: Duration,
-    pub(crate) call: Arc<dyn Fn(String, Bytes, Duration) -> CallFuture + Send + Sync>,
+    /// Calls the procedure on the given member, or on any provider.
+    pub(crate) call:
+        Arc<dyn Fn(Option<NodeId>, String, Bytes, Duration) -> CallFuture + Send + Sync>,
+    /// The leader the last answer named: calls go straight to it (no
+    /// forwarding hop) while it answers.
+    pub(crate) leader: Arc<std::sync::Mutex<Option<NodeId>>>,
+}
+
+/// The reply to a `RemoteOp`: the result, and the leader as the answering
+/// member knows it (so the caller can call the leader directly next time).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RemoteReply {
+    pub result: Result<RemoteAnswer, GroupError>,
+    #[serde(default)]
+    pub leader: Option<NodeId>,
 }
 
 pub(crate) type CallFuture =
@@ -264,7 +298,11 @@ pub(crate) async fn serve(
             })
         }
     };
-    rmp_serde::to_vec_named(&answer)
+    let reply = RemoteReply {
+        result: answer,
+        leader: group.leader(),
+    };
+    rmp_serde::to_vec_named(&reply)
         .map(Bytes::from)
         .map_err(|e| HandlerError::new(500, e.to_string()))
 }
@@ -277,12 +315,29 @@ impl Kv {
     }
 
     async fn remote_op(r: &Remote, op: &RemoteOp) -> Result<RemoteAnswer, Error> {
-        let body = rmp_serde::to_vec_named(op)
-            .map_err(|e| Error::Raft(GroupError::Stopped(e.to_string())))?;
-        let reply = (r.call)(r.procedure.clone(), Bytes::from(body), r.timeout).await?;
-        let answer: Result<RemoteAnswer, GroupError> = rmp_serde::from_slice(&reply)
+        let body = Bytes::from(
+            rmp_serde::to_vec_named(op)
+                .map_err(|e| Error::Raft(GroupError::Stopped(e.to_string())))?,
+        );
+        let leader = *r.leader.lock().unwrap_or_else(|e| e.into_inner());
+        let reply = match (r.call)(leader, r.procedure.clone(), body.clone(), r.timeout).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The leader we knew may be gone: forget it. A write is not
+                // sent again (it may have reached the group); a read is,
+                // through any member.
+                *r.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let is_write = matches!(op, RemoteOp::Write(_));
+                if leader.is_none() || is_write {
+                    return Err(e);
+                }
+                (r.call)(None, r.procedure.clone(), body, r.timeout).await?
+            }
+        };
+        let reply: RemoteReply = rmp_serde::from_slice(&reply)
             .map_err(|e| Error::Raft(GroupError::Stopped(format!("bad answer: {e}"))))?;
-        Ok(answer?)
+        *r.leader.lock().unwrap_or_else(|e| e.into_inner()) = reply.leader;
+        Ok(reply.result?)
     }
 
     /// Proposes a raw request; the state machine's answer. A refused

@@ -98,12 +98,18 @@ async fn members_and_non_members_share_one_consistent_store() {
     let e = outside.put("", "x").await.expect_err("empty key");
     assert_eq!(e.kind(), "raft.kv", "{e}");
 
-    let (leader, registered) = groups[1]
+    let r = groups[1]
         .register_workload("billing", vec!["v2".into()])
         .await
         .expect("register");
-    assert!(leader.is_some());
-    assert_eq!(registered, 1);
+    assert!(r.leader.is_some());
+    assert_eq!(r.cluster_size, 3);
+    assert_eq!(r.registered, 1);
+    let r = groups[2]
+        .register_workload("billing", vec!["v2".into()])
+        .await
+        .expect("register");
+    assert_eq!(r.registered, 2);
     assert_eq!(groups[0].members().voters.len(), 3);
     // Joining again is another handle to the same group.
     let again = m.nodes[0]

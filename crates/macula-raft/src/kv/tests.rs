@@ -750,3 +750,47 @@ proptest! {
         prop_assert_eq!(back.as_ref(), Ok(&s));
     }
 }
+
+#[test]
+fn a_batch_applies_like_consecutive_entries() {
+    let mut batched = kv();
+    let mut one_by_one = kv();
+    let requests = vec![
+        put("a", "1"),
+        cas("a", Expect::Value(b"1".to_vec()), "2"),
+        cas("a", Expect::Value(b"1".to_vec()), "3"),
+        put("", "refused"),
+        del("a", false),
+        put("b", "x"),
+    ];
+    let applied = batched.apply(Request::Batch(requests.clone()));
+    let singles: Vec<Applied> = requests.into_iter().map(|r| one_by_one.apply(r)).collect();
+    let Response::Batch(responses) = &applied.response else {
+        panic!("not a batch answer: {:?}", applied.response)
+    };
+    assert_eq!(
+        responses,
+        &singles.iter().map(|a| a.response.clone()).collect::<Vec<_>>()
+    );
+    let events: Vec<Event> = singles.iter().flat_map(|a| a.events.clone()).collect();
+    assert_eq!(applied.events, events);
+    assert_eq!(batched.revision(), one_by_one.revision());
+    assert_eq!(batched.revision(), 4, "put, cas, delete, put");
+    assert_eq!(batched.range(b"", 0), one_by_one.range(b"", 0));
+    // No batch inside a batch; the rest of the batch still applies.
+    let nested = batched.apply(Request::Batch(vec![
+        Request::Batch(vec![put("c", "1")]),
+        put("d", "1"),
+    ]));
+    assert_eq!(
+        nested.response,
+        Response::Batch(vec![
+            Response::Error(KvError::NestedBatch),
+            Response::Put {
+                revision: 5,
+                prev: None
+            }
+        ])
+    );
+    assert!(batched.get(b"c").is_none());
+}

@@ -395,7 +395,8 @@ fn kv_status(e: &KvError) -> StatusCode {
         | KvError::ValueTooLarge { .. }
         | KvError::ReservedKey
         | KvError::InvalidLease
-        | KvError::InvalidName => StatusCode::BAD_REQUEST,
+        | KvError::InvalidName
+        | KvError::NestedBatch => StatusCode::BAD_REQUEST,
         KvError::TooManyKeys { .. } | KvError::TooManyLeases { .. } => {
             StatusCode::INSUFFICIENT_STORAGE
         }

@@ -210,6 +210,40 @@ struct Inner {
     /// The leader's lease deadlines (empty on followers).
     leases: Mutex<HashMap<u64, Instant>>,
     stop: watch::Sender<bool>,
+    /// Writes waiting for the proposer (`propose`), which puts everything
+    /// queued while the previous entry was being committed into one entry.
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
+    /// The largest batch entry, in bytes of keys and values (well inside a
+    /// frame: an entry travels in one AppendEntries).
+    batch_bytes: usize,
+}
+
+/// Why openraft did not commit a write.
+type WriteError = RaftError<MemberId, ClientWriteError<MemberId, EmptyNode>>;
+
+/// A write waiting to be proposed.
+struct Proposal {
+    request: Request,
+    answer: tokio::sync::oneshot::Sender<Result<Response, WriteError>>,
+}
+
+/// Writes in one batch entry at most.
+const MAX_BATCH: usize = 1024;
+
+/// Bytes of a request's keys and values, to bound a batch.
+fn request_bytes(r: &Request) -> usize {
+    64 + match r {
+        Request::Put { key, value, .. }
+        | Request::Cas { key, value, .. }
+        | Request::PutIfAbsent { key, value, .. } => key.len() + value.len(),
+        Request::Delete { key, .. } => key.len(),
+        Request::Register {
+            name, capabilities, ..
+        } => name.len() + capabilities.iter().map(String::len).sum::<usize>(),
+        Request::Unregister { name, .. } => name.len(),
+        Request::Batch(v) => v.iter().map(request_bytes).sum(),
+        Request::LeaseGrant { .. } | Request::LeaseRevoke { .. } => 0,
+    }
 }
 
 impl std::fmt::Debug for Group {
@@ -248,6 +282,8 @@ impl Group {
             // last snapshot and the log after a crash, so its own commits
             // need not wait for the disk (one fsync per write batch, not two).
             durable_apply: false,
+            // The leader's appends overlap its fsync with replication.
+            member: Some(MemberId(me)),
             ..macula_raft::Options::default()
         };
         let (log, sm) = macula_raft::open_with(&dir.join(format!("{name}.redb")), store)
@@ -291,6 +327,7 @@ impl Group {
         }
         let (leader_tx, leader_rx) = watch::channel(LeaderState::default());
         let (stop, _) = watch::channel(false);
+        let (proposals, proposals_rx) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
         let g = Group(Arc::new(Inner {
             name: Arc::from(name),
             me,
@@ -301,7 +338,10 @@ impl Group {
             leader: leader_rx,
             leases: Mutex::new(HashMap::new()),
             stop,
+            proposals,
+            batch_bytes: (max_frame as usize / 2).max(1),
         }));
+        tokio::spawn(g.clone().propose(proposals_rx));
         tokio::spawn(g.clone().watch_leadership(leader_tx));
         tokio::spawn(g.clone().expire_leases());
         tracing::info!(group = name, "raft group running");
@@ -577,10 +617,21 @@ impl Group {
             r.map_err(|e| LocalError::Failed(GroupError::Stopped(e.to_string())))
         };
         match op {
-            Op::Write(req) => match self.0.raft.client_write(req).await {
-                Ok(resp) => enc(encode(&resp.data)),
-                Err(e) => Err(write_error(e)),
-            },
+            Op::Write(req) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let queued = self.0.proposals.send(Proposal {
+                    request: req,
+                    answer: tx,
+                });
+                if queued.await.is_err() {
+                    return Err(failed(GroupError::Stopped("the group has stopped".into())));
+                }
+                match rx.await {
+                    Ok(Ok(resp)) => enc(encode(&resp)),
+                    Ok(Err(e)) => Err(write_error(e)),
+                    Err(_) => Err(failed(GroupError::Stopped("the group has stopped".into()))),
+                }
+            }
             Op::Read(read) => match self.0.raft.ensure_linearizable().await {
                 Ok(_) => enc(encode(&self.read_local(&read))),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -707,6 +758,74 @@ impl Group {
         }
     }
 
+    /// The proposer: takes the writes that queued up while the previous
+    /// entry was being committed and proposes them as one entry (a
+    /// `Request::Batch` when there are several), like etcd's batching: many
+    /// concurrent writers share one log entry, one fsync per member and one
+    /// AppendEntries per follower. A lone write is proposed as itself at
+    /// once.
+    async fn propose(self, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
+        let mut stop = self.0.stop.subscribe();
+        let mut carry: Option<Proposal> = None;
+        loop {
+            let first = match carry.take() {
+                Some(p) => p,
+                None => tokio::select! {
+                    p = rx.recv() => match p {
+                        Some(p) => p,
+                        None => return,
+                    },
+                    _ = stop.changed() => return,
+                },
+            };
+            let mut bytes = request_bytes(&first.request);
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        let b = request_bytes(&p.request);
+                        if bytes + b > self.0.batch_bytes {
+                            carry = Some(p);
+                            break;
+                        }
+                        bytes += b;
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if batch.len() == 1 {
+                let p = batch.remove(0);
+                let r = self.0.raft.client_write(p.request).await;
+                let _ = p.answer.send(r.map(|w| w.data));
+                continue;
+            }
+            let (requests, answers): (Vec<Request>, Vec<_>) =
+                batch.into_iter().map(|p| (p.request, p.answer)).unzip();
+            match self.0.raft.client_write(Request::Batch(requests)).await {
+                Ok(w) => match w.data {
+                    Response::Batch(responses) if responses.len() == answers.len() => {
+                        for (a, r) in answers.into_iter().zip(responses) {
+                            let _ = a.send(Ok(r));
+                        }
+                    }
+                    other => {
+                        // Not what a batch answers: tell every writer.
+                        tracing::error!(group = %self.0.name, answer = ?other, "unexpected answer to a batch");
+                        for a in answers {
+                            let _ = a.send(Ok(Response::Error(KvError::NestedBatch)));
+                        }
+                    }
+                },
+                Err(e) => {
+                    for a in answers {
+                        let _ = a.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
     /// Maps openraft's metrics to `LeaderState` for the watch, counts
     /// leader changes, and restarts lease timers when this node takes
     /// office.
@@ -829,7 +948,7 @@ impl Group {
     }
 }
 
-fn write_error(e: RaftError<MemberId, ClientWriteError<MemberId, EmptyNode>>) -> LocalError {
+fn write_error(e: WriteError) -> LocalError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(ForwardToLeader {
             leader_id,
