@@ -52,6 +52,13 @@ pub enum BenchCommand {
     /// put and linearizable get latency, concurrent put throughput, or the
     /// write gap across a leader kill (`scripts/bench-raft.py` runs both).
     Kv(crate::bench_kv::KvArgs),
+    /// CRDT convergence across node processes on 127.0.0.1: this one and
+    /// `--nodes - 1` children add to one OR-set at once; the time until
+    /// every replica holds every element.
+    Crdt(crate::bench_crdt::CrdtArgs),
+    /// A node process of `bench crdt` (started by it).
+    #[command(hide = true)]
+    CrdtNode(crate::bench_crdt::CrdtNodeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,6 +136,15 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 .await
                 .context("benchmark exceeded its time limit")?
         }
+        BenchCommand::Crdt(args) => {
+            // Returning drops the child handles, which kills them.
+            let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_crdt::run(args));
+            tokio::select! {
+                r = bench => r.context("benchmark exceeded its time limit")?,
+                signal = interrupted() => anyhow::bail!("interrupted by {signal}; node processes stopped"),
+            }
+        }
+        BenchCommand::CrdtNode(args) => crate::bench_crdt::node(args).await,
         BenchCommand::Kv(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_kv::run(args))
             .await
             .context("benchmark exceeded its time limit")?,

@@ -10,6 +10,7 @@
 mod admin_cli;
 mod bench;
 mod bench_connections;
+mod bench_crdt;
 mod bench_kv;
 mod bench_pubsub;
 mod bench_relay;

@@ -1,4 +1,4 @@
-//! `macula bench connections` and `macula bench rpc` with small counts, as
+//! `macula bench connections`, `bench rpc` and `bench crdt` with small counts, as
 //! tests: each starts its own node process on 127.0.0.1, runs to the end and
 //! prints one JSON object whose figures are present and plausible. (The
 //! figures themselves are benchmarks, in BENCHMARKS.md, not asserted here.)
@@ -87,4 +87,15 @@ fn bench_rpc_measures_node_to_node_calls() {
     assert_eq!(v["benchmark"], "rpc");
     assert_eq!(v["new_connection_per_call"]["latency"]["samples"], 5, "{v}");
     assert!(v["calls_per_sec"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+}
+
+#[test]
+fn bench_crdt_converges_across_node_processes() {
+    let v = bench_json(&["crdt", "--nodes", "3", "--adds", "5", "--json"]);
+    assert_eq!(v["benchmark"], "crdt");
+    assert_eq!(v["nodes"], 3, "{v}");
+    assert!(
+        v["converged_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{v}"
+    );
 }

@@ -463,7 +463,9 @@ pub struct LogStore {
 
 struct LogShared {
     /// Appended entries not yet known to be on disk, by index.
-    pending: std::sync::Mutex<BTreeMap<u64, Entry>>,
+    /// Shared with the writer thread (which never holds `LogShared`, so the
+    /// last handle is always dropped, and the writer joined, off it).
+    pending: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
     /// The last vote saved (to recognise this member's own leader entries).
     vote: std::sync::Mutex<Option<Vote<MemberId>>>,
     /// This member, when known ([`Options::member`]).
@@ -552,7 +554,7 @@ impl LogOp {
 /// The writer thread: group commits until every `LogStore` clone is gone.
 fn log_writer(
     db: Arc<Database>,
-    shared: std::sync::Weak<LogShared>,
+    pending: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
     rx: std::sync::mpsc::Receiver<LogOp>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -579,7 +581,6 @@ fn log_writer(
         if let Some(e) = &err {
             tracing::error!(error = %e, "raft log write failed");
         }
-        let shared = shared.upgrade();
         for op in batch {
             let answer = match &err {
                 None => Ok(()),
@@ -592,8 +593,8 @@ fn log_writer(
                     done,
                 } => {
                     if answer.is_ok() {
-                        if let Some(shared) = &shared {
-                            let mut pending = lock(&shared.pending);
+                        {
+                            let mut pending = lock(&pending);
                             for (index, _, log_id) in &rows {
                                 // Unless truncated and appended anew since.
                                 if pending.get(index).is_some_and(|e| e.log_id == *log_id) {
@@ -634,17 +635,17 @@ impl LogStore {
         let vote = read_meta(&db, LOG_META, VOTE, "vote").ok().flatten();
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(LogShared {
-            pending: std::sync::Mutex::new(BTreeMap::new()),
+            pending: Arc::default(),
             vote: std::sync::Mutex::new(vote),
             member,
             writer: std::sync::Mutex::new(Some(tx)),
             thread: std::sync::Mutex::new(None),
         });
-        let weak = Arc::downgrade(&shared);
+        let pending = shared.pending.clone();
         let writer_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || log_writer(writer_db, weak, rx))?;
+            .spawn(move || log_writer(writer_db, pending, rx))?;
         *lock(&shared.thread) = Some(thread);
         Ok(LogStore { db, shared })
     }

@@ -506,6 +506,9 @@ struct Shared<T: Replicated> {
     wake: Notify,
     /// Set (and `wake` notified) when the last handle is dropped.
     closing: AtomicBool,
+    /// Test hook (`Crdt::pause`): the task waits here, without blocking a
+    /// runtime thread, between two rounds.
+    pause: Arc<tokio::sync::Mutex<()>>,
     max_state_bytes: usize,
     counters: Counters,
 }
@@ -585,6 +588,14 @@ impl<T: Replicated> Crdt<T> {
     /// The CRDT's name.
     pub fn name(&self) -> &str {
         &self.shared().name
+    }
+
+    /// Test hook: the replica's task stops taking messages (its
+    /// subscriptions fill up and lose the oldest, as a slow replica's do)
+    /// until the guard is dropped.
+    #[doc(hidden)]
+    pub async fn pause(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.shared().pause.clone().lock_owned().await
     }
 
     /// This replica's node: the `node` of the timestamps its updates get.
@@ -1064,6 +1075,7 @@ async fn start<T: Replicated>(
         }),
         wake: Notify::new(),
         closing: AtomicBool::new(false),
+        pause: Arc::default(),
         max_state_bytes: options.max_state_bytes.unwrap_or(usize::MAX).min(state_max),
         counters: Counters::default(),
     });
@@ -1118,6 +1130,7 @@ impl<T: Replicated> Driver<T> {
     ) {
         let shared = self.shared.clone();
         loop {
+            drop(shared.pause.lock().await);
             self.flush().await;
             if shared.closing.load(Relaxed) || shared.mesh.runtime().is_shutting_down() {
                 break;

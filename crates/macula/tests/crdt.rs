@@ -403,20 +403,9 @@ async fn lost_deltas_are_told_as_lagged_and_repaired_by_a_digest_exchange() {
     let sb = b.crdt::<OrSet<String>>("lossy").await.unwrap();
     wait_replicas(&[sa.clone(), sb.clone()], 2).await;
 
-    // Stall B's replica: hold its state's lock on a blocking thread (B's
-    // task waits for it); A's deltas pile up in B's subscription queue.
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    let (locked, is_locked) = tokio::sync::oneshot::channel();
-    let blocker = {
-        let sb = sb.clone();
-        tokio::task::spawn_blocking(move || {
-            sb.read(|_| {
-                let _ = locked.send(());
-                let _ = held.recv();
-            })
-        })
-    };
-    is_locked.await.unwrap();
+    // Stall B's replica (its task waits on a test hook, no runtime thread
+    // blocked): A's deltas pile up in B's subscription queue.
+    let paused = sb.pause().await;
     let dropped_before = b.stats().dropped_slow_subscriber;
     for k in 0..20 {
         let sent = sa.stats().replica.deltas_sent;
@@ -437,8 +426,7 @@ async fn lost_deltas_are_told_as_lagged_and_repaired_by_a_digest_exchange() {
     })
     .await
     .expect("B's queue overflowed");
-    release.send(()).unwrap();
-    blocker.await.unwrap();
+    drop(paused);
 
     let start = Instant::now();
     converge(&[sa.clone(), sb.clone()], |s| s.len() == 20, LIMIT).await;

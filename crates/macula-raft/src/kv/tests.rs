@@ -770,7 +770,10 @@ fn a_batch_applies_like_consecutive_entries() {
     };
     assert_eq!(
         responses,
-        &singles.iter().map(|a| a.response.clone()).collect::<Vec<_>>()
+        &singles
+            .iter()
+            .map(|a| a.response.clone())
+            .collect::<Vec<_>>()
     );
     let events: Vec<Event> = singles.iter().flat_map(|a| a.events.clone()).collect();
     assert_eq!(applied.events, events);
