@@ -17,6 +17,7 @@ use common::*;
 const REALM: &str = "test.natclients";
 
 #[test]
+#[ignore = "needs root: network namespaces (scripts/test.sh runs these with --ignored as root)"]
 fn clients_in_two_nat_sites_talk_through_the_public_node() {
     if netns::skip() {
         return;

@@ -90,6 +90,9 @@ async fn clients_on_two_gateways_exchange_messages_and_calls() {
     c1.publish("orders.new", "self").await.expect("publish");
     let e = next_event(&mut own).await;
     assert_eq!(e.payload, Bytes::from("self"));
+    // An echo through the gateway would follow one loopback round trip
+    // (under 1 ms here) after the local delivery: 200 ms of nothing is
+    // hundreds of round trips, so a duplicate would have shown.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(own.pending(), 0, "delivered once, locally");
     assert!(a
@@ -250,7 +253,10 @@ async fn a_client_subscribes_through_two_gateways_and_loses_nothing_when_one_goe
     joined(&p).await;
     let c = client(&[&a, &b, &p]).await;
     assert_eq!(c.gateway(), Some(a.node_id()));
-    // No subscription, no second gateway.
+    // No subscription, no second gateway. A second gateway is attached as
+    // soon as there is a subscription (`keep_second` waits on that event, no
+    // timer), in one loopback handshake (a few ms): 300 ms without one
+    // shows none is coming.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(c.second_gateway(), None);
     let mut sub = c.subscribe("feed.*").await.expect("subscribe");
@@ -320,6 +326,8 @@ async fn a_client_subscribes_through_two_gateways_and_loses_nothing_when_one_goe
     assert_eq!(next_event(&mut own).await.payload, Bytes::from("hello"));
     let e = next_event(&mut on_p).await;
     assert_eq!((e.publisher, e.seq), (c.node_id(), 1));
+    // A second copy (through another gateway) would arrive within a
+    // loopback round trip of the first: 200 ms of nothing rules it out.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         on_p.pending(),
@@ -343,6 +351,9 @@ async fn a_single_gateway_client_keeps_one_connection() {
         .await
         .expect("client attaches");
     let _sub = c.subscribe("feed.*").await.expect("subscribe");
+    // With redundancy on, the second gateway would be attached right after
+    // this subscription, in one loopback handshake (a few ms); 300 ms
+    // without one shows redundancy is really off.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(c.second_gateway(), None);
     assert!(b.client_subscriptions().is_empty());

@@ -288,6 +288,8 @@ async fn simultaneous_dial_keeps_the_smaller_nodes_connection() {
                 .unwrap_or_else(|e| panic!("round {round}: {who} pings over the winner: {e}"));
         }
         // Past the grace, the loser is gone on both sides and the winner stays.
+        // What could wrongly close the winner is the duplicate timer, which
+        // fires once at `grace`: waiting three graces lets it have fired.
         tokio::time::sleep(grace * 3).await;
         for (n, other, want, who) in [(&a, &b, a_wants, "A"), (&b, &a, b_wants, "B")] {
             let peers = n.peers();
@@ -728,7 +730,9 @@ async fn a_node_never_connects_to_itself() {
     let mut en = n.subscribe_events();
     let own = n.local_addr();
 
-    // Give the bootstrap supervisor time to (not) spin.
+    // Give the bootstrap supervisor time to (not) spin: with its backoff at
+    // 50-100 ms, one second is ten or more retry periods, so a supervisor
+    // that retried its own address would show many attempts.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(n.peers().is_empty(), "a node must not pool itself");
     let attempts = n.metrics().reconnect_attempts_total.load(Relaxed);
