@@ -475,7 +475,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Admin HTTP address (/metrics, /health, dashboard) [env: MACULA_HTTP] [default: 127.0.0.1:8080]
+    /// Admin HTTP address (/metrics, /health, /admin/*) [env: MACULA_HTTP] [default: 127.0.0.1:8080]
     #[arg(long, value_name = "IP:PORT")]
     pub http: Option<String>,
 

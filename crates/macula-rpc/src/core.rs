@@ -174,7 +174,10 @@ pub enum CallFailure<K> {
 }
 
 impl<K> CallFailure<K> {
-    /// Whether another provider may be tried: the handler did not run.
+    /// Whether another provider may be tried. `Overloaded` (and not served,
+    /// shutting down) mean the handler did not run; `Unreachable` may come
+    /// after the CALL went out (the connection died), so a retry can run a
+    /// handler twice: retries are at-least-once.
     pub fn retryable(&self) -> bool {
         matches!(
             self,

@@ -57,10 +57,11 @@
 //! # Decisions
 //! - One deadline covers the whole call, retries and backoff included; at
 //!   it the call ends with `Timeout` and a CALL out is cancelled.
-//! - Retryable failures (unreachable, overloaded, not served, shutting
-//!   down: the handler did not run) go to a different provider after
-//!   [`Backoff`], up to `retries` times; handler errors, panics and
-//!   timeouts are final (the handler may have run).
+//! - Retryable failures (overloaded, not served, shutting down: the
+//!   handler did not run; unreachable: it may have, if the CALL went out
+//!   before the connection died, so retries are at-least-once) go to a
+//!   different provider after [`Backoff`], up to `retries` times; handler
+//!   errors, panics and timeouts are final (the handler may have run).
 //! - An unreachable provider is dropped from the [`ProviderCache`].
 //! - The [`Balancer`] learns every direct attempt: an answer (reply or
 //!   handler error) is a success with its latency, anything else a failure,

@@ -33,8 +33,10 @@ impl CallBuilder {
         CallBuilder(self.0.timeout(d))
     }
 
-    /// Retries on another provider when the handler did not run
-    /// (default 2).
+    /// Retries on another provider (default 2) after errors where the
+    /// handler did not run (not found, overloaded, shutting down) and after
+    /// `Unreachable`, which can come after the CALL was sent: a retried call
+    /// may run twice (at-least-once). Use 0 for calls that must not.
     pub fn retries(self, n: u32) -> Self {
         CallBuilder(self.0.retries(n))
     }

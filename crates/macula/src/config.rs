@@ -77,8 +77,8 @@ pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula_runtime::config::PEER_
 
 /// Default deadline of a call, retries included ([`crate::CallBuilder`]).
 pub const DEFAULT_CALL_TIMEOUT: Duration = macula_runtime::rpc::DEFAULT_CALL_TIMEOUT;
-/// Default retries of a call on another provider, only where the handler
-/// did not run ([`crate::CallBuilder`]).
+/// Default retries of a call on another provider (at-least-once: see
+/// [`crate::CallBuilder::retries`]).
 pub const DEFAULT_CALL_RETRIES: u32 = macula_runtime::rpc::DEFAULT_RETRIES;
 /// Default load-balancing weight of an advertisement
 /// ([`crate::AdvertiseOptions`]).

@@ -459,7 +459,8 @@ impl Node {
     /// Calls `procedure` on a provider found in the mesh (this node's own
     /// handler, if it has one, without a network hop). Configure with
     /// `.timeout(d)` (default 5 s, retries included), `.retries(n)`
-    /// (default 2, only on errors where the handler did not run) and
+    /// (default 2, on another provider; at-least-once, see
+    /// [`CallBuilder::retries`]) and
     /// `.strategy(s)`, then `.await`. Dropping the future cancels the call
     /// on the provider.
     pub fn call(&self, procedure: &str, payload: impl Into<Bytes>) -> CallBuilder {
