@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::bench_stats::mono_ns;
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use macula::crdt::OrSet;
@@ -49,22 +50,6 @@ pub struct CrdtNodeArgs {
     /// Elements each node adds.
     #[arg(long)]
     adds: usize,
-}
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, exclusively borrowed timespec for the call;
-    // clock_gettime only writes to it.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Adds this replica's elements, then waits until the set holds all

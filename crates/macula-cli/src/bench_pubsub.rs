@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::bench_stats::mono_ns;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -134,25 +135,6 @@ pub struct NodeArgs {
     /// Read at most this many events per second (0: as fast as they come).
     #[arg(long, default_value_t = 0)]
     read_rate: u64,
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of this
-/// machine, so a send time taken here can be compared with a receive time
-/// taken in a child.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, exclusively borrowed timespec for the call;
-    // clock_gettime only writes to it.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// A payload of `size` bytes (at least 8) carrying the send time.

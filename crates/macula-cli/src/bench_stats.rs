@@ -1,5 +1,5 @@
-//! What every benchmark shares: which build produced a figure, and latency
-//! percentiles. Each `bench_*` module imports this; this imports none.
+//! What every benchmark shares: which build produced a figure, latency
+//! percentiles, and the clock shared by a benchmark's processes. Each `bench_*` module imports this; this imports none.
 
 /// "debug" or "release": every figure says which build produced it.
 pub(crate) fn build_kind() -> &'static str {
@@ -45,4 +45,23 @@ pub(crate) fn latency(ns: &mut [u64]) -> Latency {
         max_us: ns.last().map_or(0.0, |v| *v as f64 / 1e3),
         samples: ns.len(),
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of this
+/// machine, so a send time taken here can be compared with a receive time
+/// taken in a child.
+pub(crate) fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, exclusively borrowed timespec for the call;
+    // clock_gettime only writes to it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }

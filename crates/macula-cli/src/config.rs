@@ -108,7 +108,7 @@ pub const PEER_SLOTS_RANGE: (usize, usize) = (0, 100_000);
 pub const CLIENT_STREAMS_RANGE: (usize, usize) = (2, 256);
 /// Longest Raft group name (names are `[A-Za-z0-9._-]`, not starting with
 /// `.`: they name files in the data directory).
-pub const MAX_RAFT_GROUP_NAME_LEN: usize = 128;
+pub const MAX_RAFT_GROUP_NAME_LEN: usize = macula::raft::MAX_GROUP_NAME_LEN;
 /// Accepted `raft_timeout` range.
 pub const RAFT_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(60));
@@ -1117,13 +1117,7 @@ fn parse_raft_election_timeout(s: &str) -> Result<Duration, String> {
 /// Checks a Raft group name: 1 to 128 characters of `A-Z a-z 0-9 . _ -`,
 /// not starting with `.` (the name is the file name of the group's log).
 pub fn validate_raft_group(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_RAFT_GROUP_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-        && !name.starts_with('.');
-    if ok {
+    if macula::raft::validate_group_name(name).is_ok() {
         Ok(())
     } else {
         Err(format!(

@@ -737,27 +737,17 @@ fn kv_watch(a: &KvWatchArgs) -> Result<(), Failure> {
     }
 }
 
+/// Standard base64: padded on output, padding optional on input (as the
+/// admin API writes and reads it).
+pub(crate) const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
 /// Decodes standard base64 (padding optional); `None` if malformed.
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let text = text.trim().trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for c in text.bytes() {
-        let v = B64.iter().position(|&b| b == c)? as u32;
-        acc = acc << 6 | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    if bits >= 6 || acc != 0 {
-        return None;
-    }
-    Some(out)
+    base64::Engine::decode(&BASE64, text.trim()).ok()
 }
 
 #[cfg(test)]

@@ -42,7 +42,8 @@ use tokio::sync::watch;
 use macula_raft::Request as KvRequest;
 pub use macula_raft::{Event, Expect, KeyValue, KvError, Response as KvResponse};
 pub use macula_runtime::raft::{
-    GroupError, GroupOptions, LeaderState, RaftLimits, ReadConsistency,
+    validate_group_name, GroupError, GroupOptions, LeaderState, RaftLimits, ReadConsistency,
+    MAX_GROUP_NAME_LEN,
 };
 
 use crate::{Error, HandlerError, NodeId, Registration};

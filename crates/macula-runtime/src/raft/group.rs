@@ -22,7 +22,7 @@ use super::network::{decode, encode, MeshNetworkFactory, Transport, TransportErr
 use super::RaftLimits;
 
 /// Longest group name; names are `[A-Za-z0-9._-]` (they name files).
-pub const MAX_GROUP_NAME_LEN: usize = 128;
+pub const MAX_GROUP_NAME_LEN: usize = macula_wire::raft::MAX_RAFT_GROUP_LEN;
 
 /// Bytes of a frame that are not a value's: the largest key (4 KiB), the
 /// entry's and the request's framing, with room to spare.
@@ -106,7 +106,9 @@ pub enum GroupError {
     NoLease(u64),
 }
 
-pub(crate) fn check_name(name: &str) -> Result<(), GroupError> {
+/// Checks a group name: 1 to [`MAX_GROUP_NAME_LEN`] bytes of
+/// `A-Z a-z 0-9 . _ -`, not starting with `.` (it names the group's file).
+pub fn check_name(name: &str) -> Result<(), GroupError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_GROUP_NAME_LEN
         && name

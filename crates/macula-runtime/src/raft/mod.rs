@@ -30,7 +30,10 @@ use std::sync::{Arc, Mutex};
 use macula_wire::{Message, NodeId, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 
 pub use crate::config::RaftLimits;
-pub use group::{Group, GroupError, GroupOptions, LeaderState, LogProgress, ReadConsistency};
+pub use group::{
+    check_name as validate_group_name, Group, GroupError, GroupOptions, LeaderState, LogProgress,
+    ReadConsistency, MAX_GROUP_NAME_LEN,
+};
 pub(crate) use network::Reach;
 use network::Transport;
 
