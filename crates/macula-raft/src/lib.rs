@@ -69,7 +69,7 @@ pub mod watch;
 
 pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};
 pub use store::{
-    open, open_with, LogStore, Options, SnapshotBuilder, StateMachineStore, StoreError,
+    open, open_with, Durable, LogStore, Options, SnapshotBuilder, StateMachineStore, StoreError,
 };
 
 /// A group member: a Macula node ID.

@@ -318,6 +318,15 @@ pub fn open_with(
         last_applied = ?last_applied,
         "raft store opened"
     );
+    let durable_tx = tokio::sync::watch::Sender::new(DurableState {
+        // An undecodable last row is reported where openraft reads the log
+        // (`get_log_state`), which it does first.
+        last: last_log_id(&db).unwrap_or_default(),
+        failed: None,
+    });
+    let durable = Durable {
+        rx: durable_tx.subscribe(),
+    };
     let (tx, _) = broadcast::channel(options.broadcast_capacity.max(1));
     let state = SmState {
         history: History::new(kv.revision(), options.history_events, options.history_bytes),
@@ -334,12 +343,24 @@ pub fn open_with(
             snapshot_seq: AtomicU64::new(seq),
             writer,
             thread: std::sync::Mutex::new(sm_thread),
+            durable: durable.clone(),
         }),
     };
-    Ok((LogStore::new(db, member)?, sm))
+    Ok((LogStore::new(db, member, (durable_tx, durable))?, sm))
 }
 
 type Loaded = (Kv, Option<LogId>, StoredMembership, u64);
+
+/// The last log id in the log table, or the last purged one.
+fn last_log_id(db: &Database) -> Result<Option<LogId>, StoreError> {
+    let txn = db.begin_read()?;
+    let t = txn.open_table(LOG)?;
+    if let Some((_, v)) = t.last()? {
+        return Ok(Some(decode::<Entry>("log entry", v.value())?.log_id));
+    }
+    let meta = txn.open_table(LOG_META)?;
+    get_meta(&meta, LAST_PURGED, "last purged")
+}
 
 fn load_state_machine(db: &Database, limits: &Limits) -> Result<Loaded, StoreError> {
     let txn = db.begin_read()?;
@@ -438,6 +459,60 @@ fn install_state(
 // Log store
 // ---------------------------------------------------------------------------
 
+/// How far this member's log is on disk: the last log id the log writer
+/// committed, or the error that stopped it. Cheap to clone.
+///
+/// A leader acknowledges its own appends to openraft before their fsync
+/// (see [`LogStore`]), so openraft may count an entry as committed while
+/// the leader's copy is still on its way to the disk. Nothing of such an
+/// entry leaves the leader until its copy is durable: the state machine
+/// applies it only then ([`StateMachineStore`] waits here), and the
+/// network layer sends followers a commit index no higher than
+/// [`Durable::clamp`]. So every commit anyone outside the leader's memory
+/// sees is on the disks of a majority, as Raft requires.
+#[derive(Clone, Debug)]
+pub struct Durable {
+    rx: tokio::sync::watch::Receiver<DurableState>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct DurableState {
+    last: Option<LogId>,
+    failed: Option<String>,
+}
+
+impl Durable {
+    /// The last log id on disk.
+    pub fn last(&self) -> Option<LogId> {
+        self.rx.borrow().last
+    }
+
+    /// `commit`, lowered to the last log id on disk if that is behind.
+    pub fn clamp(&self, commit: Option<LogId>) -> Option<LogId> {
+        let last = self.last();
+        match (commit, last) {
+            (Some(c), Some(l)) if l.index < c.index => Some(l),
+            (Some(_), None) => None,
+            (c, _) => c,
+        }
+    }
+
+    /// Waits until the log is on disk up to `index`; an error if the log
+    /// writer failed (the group must stop: an acknowledged append is not
+    /// on disk).
+    pub async fn wait(&self, index: u64) -> Result<(), StoreError> {
+        let mut rx = self.rx.clone();
+        let state = rx
+            .wait_for(|s| s.failed.is_some() || s.last.is_some_and(|l| l.index >= index))
+            .await
+            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))?;
+        match &state.failed {
+            Some(e) => Err(StoreError::Task(format!("the raft log write failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The Raft log and vote of one group ([`RaftLogStorage`]); also its own
 /// [`RaftLogReader`]. Cheap to clone (shares the database and the writer).
 ///
@@ -446,15 +521,17 @@ fn install_state(
 /// them together (group commit: one fsync for many appends). Appends are
 /// readable at once (held in `pending` until they are on disk).
 ///
-/// **The leader does not wait for its own fsync**: an append of entries
-/// of the leader this member voted for itself returns before the commit,
-/// and openraft is told through the flush callback, which is what it
-/// counts toward the commit quorum; its core goes on meanwhile. (openraft
-/// 0.9 still sends an entry to followers only once the leader flushed it,
-/// so a write costs two fsyncs in a row, the leader's then the followers':
-/// the main part of a lone write's latency; see BENCHMARKS.md.) Every other
-/// append (a follower's) returns only once durable, because openraft 0.9
-/// answers AppendEntries when `append` returns.
+/// **The leader does not wait for its own fsync** (with
+/// [`Options::member`] set): an append of entries of the leader this
+/// member voted for itself is reported flushed to openraft at once, so
+/// that openraft 0.9, which sends an entry to followers only after the
+/// leader's flush callback, replicates it while the leader's copy is being
+/// written: the leader's fsync and the followers' overlap instead of
+/// following each other (Raft thesis §10.2.1). What keeps this safe is
+/// [`Durable`]: nothing of an entry leaves the leader before its copy is
+/// on disk. Every other append (a follower's) is reported, and returns,
+/// only once durable, because openraft 0.9 answers AppendEntries when
+/// `append` returns.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
@@ -466,12 +543,16 @@ struct LogShared {
     /// Shared with the writer thread (which never holds `LogShared`, so the
     /// last handle is always dropped, and the writer joined, off it).
     pending: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
+    /// The last commit openraft reported, not yet written: the writer
+    /// writes it with its next transaction (shared like `pending`).
+    committed: Arc<std::sync::Mutex<Option<LogId>>>,
     /// The last vote saved (to recognise this member's own leader entries).
     vote: std::sync::Mutex<Option<Vote<MemberId>>>,
     /// This member, when known ([`Options::member`]).
     member: Option<MemberId>,
     writer: std::sync::Mutex<Option<std::sync::mpsc::Sender<LogOp>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    durable: Durable,
 }
 
 impl Drop for LogShared {
@@ -497,11 +578,14 @@ fn join_unless_self(thread: Option<std::thread::JoinHandle<()>>) {
 enum LogOp {
     Append {
         rows: Vec<(u64, Vec<u8>, LogId)>,
-        callback: LogFlushed<TypeConfig>,
+        /// `None` when already told (a leader's own entries).
+        callback: Option<LogFlushed<TypeConfig>>,
         done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     },
     Truncate {
         from: u64,
+        /// The log id left last (at `from - 1`), if any.
+        keep: Option<LogId>,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
     Purge {
@@ -512,7 +596,6 @@ enum LogOp {
     Meta {
         key: &'static str,
         bytes: Vec<u8>,
-        durable: bool,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
 }
@@ -521,10 +604,6 @@ enum LogOp {
 const MAX_GROUP_COMMIT: usize = 4096;
 
 impl LogOp {
-    fn durable(&self) -> bool {
-        !matches!(self, LogOp::Meta { durable: false, .. })
-    }
-
     fn apply(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
         match self {
             LogOp::Append { rows, .. } => {
@@ -551,11 +630,30 @@ impl LogOp {
     }
 }
 
+/// Writes the commit hint `c`, lowered to `last` (the log's last entry
+/// once this transaction is committed) if that is behind.
+fn write_committed(
+    txn: &WriteTransaction,
+    c: LogId,
+    last: Option<LogId>,
+) -> Result<(), StoreError> {
+    let c = match last {
+        Some(l) if l.index < c.index => Some(l),
+        None => None,
+        _ => Some(c),
+    };
+    txn.open_table(LOG_META)?
+        .insert(COMMITTED, encode("committed", &c)?.as_slice())?;
+    Ok(())
+}
+
 /// The writer thread: group commits until every `LogStore` clone is gone.
 fn log_writer(
     db: Arc<Database>,
     pending: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
+    committed: Arc<std::sync::Mutex<Option<LogId>>>,
     rx: std::sync::mpsc::Receiver<LogOp>,
+    on_disk: tokio::sync::watch::Sender<DurableState>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -565,19 +663,56 @@ fn log_writer(
                 Err(_) => break,
             }
         }
-        let durable = batch.iter().any(LogOp::durable);
         let result = (|| -> Result<(), StoreError> {
-            let mut txn = db.begin_write()?;
-            if !durable {
-                txn.set_durability(Durability::None);
-            }
+            let txn = db.begin_write()?;
             for op in &batch {
                 op.apply(&txn)?;
+            }
+            // The commit hint rides along, never ahead of the log it names.
+            let hint = lock(&committed).take();
+            if let Some(c) = hint {
+                let mut last = on_disk.borrow().last;
+                for op in &batch {
+                    match op {
+                        LogOp::Append { rows, .. } => {
+                            last = rows.last().map(|r| r.2).or(last);
+                        }
+                        LogOp::Truncate { from, keep, .. } => {
+                            if last.is_some_and(|l| l.index >= *from) {
+                                last = *keep;
+                            }
+                        }
+                        LogOp::Purge { .. } | LogOp::Meta { .. } => {}
+                    }
+                }
+                write_committed(&txn, c, last)?;
             }
             txn.commit()?;
             Ok(())
         })();
         let err = result.as_ref().err().map(|e| e.to_string());
+        on_disk.send_modify(|d| match &err {
+            Some(e) => {
+                d.failed.get_or_insert_with(|| e.clone());
+            }
+            None => {
+                for op in &batch {
+                    match op {
+                        LogOp::Append { rows, .. } => {
+                            if let Some((_, _, id)) = rows.last() {
+                                d.last = Some(*id);
+                            }
+                        }
+                        LogOp::Truncate { from, keep, .. } => {
+                            if d.last.is_some_and(|l| l.index >= *from) {
+                                d.last = *keep;
+                            }
+                        }
+                        LogOp::Purge { .. } | LogOp::Meta { .. } => {}
+                    }
+                }
+            }
+        });
         if let Some(e) = &err {
             tracing::error!(error = %e, "raft log write failed");
         }
@@ -603,7 +738,9 @@ fn log_writer(
                             }
                         }
                     }
-                    callback.log_io_completed(answer.clone().map_err(std::io::Error::other));
+                    if let Some(callback) = callback {
+                        callback.log_io_completed(answer.clone().map_err(std::io::Error::other));
+                    }
                     if let Some(done) = done {
                         let _ = done.send(answer);
                     }
@@ -614,6 +751,19 @@ fn log_writer(
                     let _ = done.send(answer);
                 }
             }
+        }
+    }
+    // Closed: the last commit hint, if it is not written yet.
+    if let Some(c) = lock(&committed).take() {
+        let last = on_disk.borrow().last;
+        let written = (|| -> Result<(), StoreError> {
+            let txn = db.begin_write()?;
+            write_committed(&txn, c, last)?;
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not save the raft commit index at close");
         }
     }
 }
@@ -629,57 +779,75 @@ impl Debug for LogStore {
 }
 
 impl LogStore {
-    fn new(db: Arc<Database>, member: Option<MemberId>) -> Result<Self, StoreError> {
+    fn new(
+        db: Arc<Database>,
+        member: Option<MemberId>,
+        durable: (tokio::sync::watch::Sender<DurableState>, Durable),
+    ) -> Result<Self, StoreError> {
         // Only a hint for `own_leader_entries` (a corrupt vote is reported
         // by `read_vote`, where openraft reads it): unknown means "wait".
         let vote = read_meta(&db, LOG_META, VOTE, "vote").ok().flatten();
         let (tx, rx) = std::sync::mpsc::channel();
+        let (durable_tx, durable) = durable;
         let shared = Arc::new(LogShared {
             pending: Arc::default(),
+            committed: Arc::default(),
             vote: std::sync::Mutex::new(vote),
             member,
             writer: std::sync::Mutex::new(Some(tx)),
             thread: std::sync::Mutex::new(None),
+            durable,
         });
         let pending = shared.pending.clone();
+        let committed = shared.committed.clone();
         let writer_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || log_writer(writer_db, pending, rx))?;
+            .spawn(move || log_writer(writer_db, pending, committed, rx, durable_tx))?;
         *lock(&shared.thread) = Some(thread);
         Ok(LogStore { db, shared })
     }
 
+    /// How far this log is on disk.
+    pub fn durable(&self) -> Durable {
+        self.shared.durable.clone()
+    }
+
     fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
+        let bounds = || (range.start_bound().cloned(), range.end_bound().cloned());
+        // Entries not yet on disk first: one the writer commits (and drops
+        // from `pending`) after this is then in the disk's view read next.
+        // The other order could miss it in both.
+        let pending: Vec<(u64, Entry)> = lock(&self.shared.pending)
+            .range(bounds())
+            .map(|(i, e)| (*i, e.clone()))
+            .collect();
         let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
         {
             let txn = self.db.begin_read()?;
             let t = txn.open_table(LOG)?;
-            for row in t.range::<u64>((range.start_bound().cloned(), range.end_bound().cloned()))? {
+            for row in t.range::<u64>(bounds())? {
                 let (k, v) = row?;
                 out.insert(k.value(), decode("log entry", v.value())?);
             }
         }
-        // Entries not yet on disk (newer than what the disk holds at the
-        // same index, if anything).
-        for (i, e) in lock(&self.shared.pending)
-            .range((range.start_bound().cloned(), range.end_bound().cloned()))
-        {
-            out.insert(*i, e.clone());
-        }
+        // A pending entry is newer than what the disk holds at its index
+        // (a truncated tail appended anew).
+        out.extend(pending);
         Ok(out.into_values().collect())
     }
 
     fn log_state(&self) -> Result<LogState<TypeConfig>, StoreError> {
+        // Pending first, as in `entries`.
+        let pending_last = lock(&self.shared.pending)
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
         let txn = self.db.begin_read()?;
         let t = txn.open_table(LOG)?;
         let last = match t.last()? {
             Some((_, v)) => Some(decode::<Entry>("log entry", v.value())?.log_id),
             None => None,
         };
-        let pending_last = lock(&self.shared.pending)
-            .last_key_value()
-            .map(|(_, e)| e.log_id);
         let meta = txn.open_table(LOG_META)?;
         let last_purged: Option<LogId> = get_meta(&meta, LAST_PURGED, "last purged")?;
         Ok(LogState {
@@ -754,7 +922,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_wait(|done| LogOp::Meta {
             key: VOTE,
             bytes,
-            durable: true,
             done,
         })
         .await
@@ -769,18 +936,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let bytes =
-            encode("committed", &committed).map_err(sto(ErrorSubject::Store, ErrorVerb::Write))?;
-        // A hint for restarts (re-apply less): queued behind the appends,
-        // not waited for.
-        let (done, _) = tokio::sync::oneshot::channel();
-        self.send(LogOp::Meta {
-            key: COMMITTED,
-            bytes,
-            durable: false,
-            done,
-        })
-        .map_err(sto(ErrorSubject::Store, ErrorVerb::Write))
+        // A hint for restarts (re-apply less): written with the writer's
+        // next transaction, not one of its own (a follower hears of a
+        // commit after every write; a transaction each would cost it CPU
+        // on the path of the next write).
+        if committed.is_some() {
+            *lock(&self.shared.committed) = committed;
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -818,11 +981,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 pending.insert(e.log_id.index, e);
             }
         }
-        let (done, wait) = if early {
-            (None, None)
+        let (callback, done, wait) = if early {
+            // Reported flushed now; see the type's documentation and
+            // `Durable` for why this is safe.
+            callback.log_io_completed(Ok(()));
+            (None, None, None)
         } else {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            (Some(tx), Some(rx))
+            (Some(callback), Some(tx), Some(rx))
         };
         self.send(LogOp::Append {
             rows,
@@ -842,8 +1008,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating raft log");
         lock(&self.shared.pending).retain(|i, _| *i < log_id.index);
+        let keep = match log_id.index.checked_sub(1) {
+            None => None,
+            Some(i) => self
+                .entries(i..=i)
+                .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Read))?
+                .last()
+                .map(|e| e.log_id)
+                .or(self.log_state().ok().and_then(|s| s.last_purged_log_id)),
+        };
         self.write_wait(|done| LogOp::Truncate {
             from: log_id.index,
+            keep,
             done,
         })
         .await
@@ -886,6 +1062,9 @@ struct SmShared {
     /// behind `apply`, merging whatever queued up into one transaction.
     writer: Option<std::sync::Mutex<std::sync::mpsc::Sender<SmOp>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The log's progress to disk: with `Options::member` set, entries are
+    /// applied only once on disk here (see [`Durable`]).
+    durable: Durable,
 }
 
 impl Drop for SmShared {
@@ -939,25 +1118,50 @@ fn sm_writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<SmOp>) {
             }
         }
     };
+    let mut last_flush: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
         let mut merged: Option<SmWrite> = None;
         let mut next = Some(first);
-        while let Some(op) = next.take() {
-            match op {
-                SmOp::Write(w) => match &mut merged {
-                    Some(m) => m.absorb(*w),
-                    None => merged = Some(*w),
-                },
-                SmOp::Barrier(done) => {
-                    flush(&mut merged);
-                    let _ = done.send(());
+        let mut waited = false;
+        loop {
+            while let Some(op) = next.take() {
+                match op {
+                    SmOp::Write(w) => match &mut merged {
+                        Some(m) => m.absorb(*w),
+                        None => merged = Some(*w),
+                    },
+                    SmOp::Barrier(done) => {
+                        flush(&mut merged);
+                        last_flush = Some(std::time::Instant::now());
+                        let _ = done.send(());
+                    }
                 }
+                next = rx.try_recv().ok();
             }
-            next = rx.try_recv().ok();
+            // At most one transaction per SM_FLUSH_EVERY: what applies
+            // meanwhile is merged into it (less CPU beside the writes).
+            let due = last_flush.map(|t| t + SM_FLUSH_EVERY);
+            match due {
+                Some(due) if !waited && merged.is_some() => {
+                    let now = std::time::Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    waited = true;
+                    next = rx.try_recv().ok();
+                }
+                _ => break,
+            }
         }
-        flush(&mut merged);
+        if merged.is_some() {
+            flush(&mut merged);
+            last_flush = Some(std::time::Instant::now());
+        }
     }
 }
+
+/// The state machine writer's pace: at most one transaction this often.
+const SM_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The KV state machine of one group ([`RaftStateMachine`]) and its read
 /// side. Cheap to clone: every clone shares the same state; give one to
@@ -1167,6 +1371,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(last), Some(_)) = (entries.last(), self.shared.options.member) {
+            // A leader's own entries may be committed before its copy is
+            // on disk: applied (and so answered) only once it is.
+            self.shared
+                .durable
+                .wait(last.log_id.index)
+                .await
+                .map_err(Self::io_sm(ErrorVerb::Write))?;
+        }
         let mut responses = Vec::new();
         let mut writes = Writes::default();
         let (last_applied, membership, revision) = {
@@ -1464,6 +1678,73 @@ mod tests {
                 .map(|l| l.index),
             Some(1)
         );
+    }
+
+    /// A leader's own entries are reported flushed before they are on disk
+    /// (so openraft replicates them meanwhile), but nothing of them leaves
+    /// the leader before they are: the state machine applies them only
+    /// then, and `Durable::clamp` keeps the commit index sent to followers
+    /// at what is on disk.
+    #[tokio::test]
+    async fn a_leaders_own_entries_are_applied_only_once_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let opts = Options {
+            member: Some(me),
+            // As the runtime runs it: `apply` itself does not write.
+            durable_apply: false,
+            ..Options::default()
+        };
+        let (mut log, mut sm) = open_with(&dir.path().join("a.redb"), opts.clone()).expect("open");
+        log.save_vote(&Vote::new_committed(1, me))
+            .await
+            .expect("vote");
+        let durable = log.durable();
+        let id = move |index| LogId::new(CommittedLeaderId::new(1, me), index);
+        let entry = move |index: u64| Entry {
+            log_id: id(index),
+            ..put(index, "k")
+        };
+        // Hold the database's one write transaction: the log writer cannot
+        // commit until it is dropped.
+        let blocker = log.db.begin_write().expect("txn");
+        // Reported flushed at once (this returns although nothing can
+        // reach the disk) and readable, for replication.
+        log.blocking_append([entry(1), entry(2)])
+            .await
+            .expect("append");
+        assert_eq!(log.try_get_log_entries(1..=2).await.expect("read").len(), 2);
+        assert_eq!(durable.last(), None);
+        assert_eq!(durable.clamp(Some(id(2))), None);
+        assert_eq!(durable.clamp(None), None);
+        let applying = tokio::spawn(async move {
+            let r = sm.apply([entry(1), entry(2)]).await;
+            (r, sm)
+        });
+        // Not applied while the writer is held (an absence check: the
+        // writer cannot commit before `blocker` is dropped, so no wait is
+        // long enough for the apply to finish).
+        let held = tokio::time::timeout(std::time::Duration::from_millis(100), async {
+            while !applying.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        drop(blocker);
+        assert!(held.is_err(), "applied before on disk");
+        durable.wait(2).await.expect("on disk");
+        let (r, sm) = applying.await.expect("join");
+        assert_eq!(r.expect("apply").len(), 2);
+        assert_eq!(sm.get(b"k").map(|kv| kv.mod_revision), Some(2));
+        assert_eq!(durable.last(), Some(id(2)));
+        assert_eq!(durable.clamp(Some(id(5))), Some(id(2)));
+        assert_eq!(durable.clamp(Some(id(1))), Some(id(1)));
+        // A truncate lowers it; a reopen starts from what the file holds.
+        log.truncate(id(2)).await.expect("truncate");
+        assert_eq!(durable.last(), Some(id(1)));
+        drop((log, sm));
+        let (log, _sm) = open_with(&dir.path().join("a.redb"), opts).expect("reopen");
+        assert_eq!(log.durable().last(), Some(id(1)));
     }
 
     /// Rewrites rows of a closed store's file.

@@ -309,6 +309,7 @@ impl Group {
         let factory = MeshNetworkFactory {
             transport: transport.clone(),
             group: Arc::from(name),
+            durable: log.durable(),
         };
         let raft = Raft::new(MemberId(me), Arc::new(config), factory, log, sm.clone())
             .await

@@ -17,7 +17,7 @@ use macula_raft::openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use macula_raft::openraft::{EmptyNode, RPCTypes};
-use macula_raft::{MemberId, TypeConfig};
+use macula_raft::{Durable, MemberId, TypeConfig};
 use macula_wire::{Message, NodeId, RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -181,6 +181,9 @@ pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, TransportError>
 pub(crate) struct MeshNetworkFactory {
     pub(crate) transport: Transport,
     pub(crate) group: Arc<str>,
+    /// This member's log on disk: the commit index sent to followers never
+    /// runs ahead of it (see `macula_raft::Durable`).
+    pub(crate) durable: Durable,
 }
 
 impl RaftNetworkFactory<TypeConfig> for MeshNetworkFactory {
@@ -192,6 +195,7 @@ impl RaftNetworkFactory<TypeConfig> for MeshNetworkFactory {
             group: self.group.clone(),
             target,
             quiet: LogLimit::new(UNREACHABLE_LOG_EVERY),
+            durable: self.durable.clone(),
         }
     }
 }
@@ -205,6 +209,7 @@ pub(crate) struct MeshNetwork {
     /// per interval says so (the daemon's default log filter hides
     /// openraft's own line per retry).
     quiet: LogLimit,
+    durable: Durable,
 }
 
 /// At most one "member unreachable" warning per member and interval.
@@ -279,9 +284,24 @@ impl MeshNetwork {
 impl RaftNetwork<TypeConfig> for MeshNetwork {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<MemberId>, RpcErr> {
+        // The leader counts its own copy of an entry before that copy is on
+        // disk; followers hear of a commit only once it is. A message that
+        // only carries the commit waits for the disk (a fraction of an
+        // fsync: it was started before the entry was replicated); one that
+        // carries entries is not held back and says what is on disk.
+        if let Some(commit) = rpc.leader_commit {
+            if self.durable.last().map(|l| l.index) < Some(commit.index) {
+                if rpc.entries.is_empty() {
+                    let _ =
+                        tokio::time::timeout(option.soft_ttl(), self.durable.wait(commit.index))
+                            .await;
+                }
+                rpc.leader_commit = self.durable.clamp(rpc.leader_commit);
+            }
+        }
         let n = rpc.entries.len();
         self.call(
             RaftKind::AppendEntries,
