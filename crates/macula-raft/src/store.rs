@@ -104,9 +104,12 @@ pub struct Options {
     pub durable_apply: bool,
     /// redb page cache in bytes (default 16 MiB).
     pub cache_bytes: usize,
-    /// This member's ID, if known: the log store then lets the leader's
-    /// own appends return before their fsync (see [`LogStore`]). `None`
-    /// (the default) makes every append wait for the disk.
+    /// This member's ID, if known: the log store then reports the leader's
+    /// own appends flushed before their fsync (see [`LogStore`]), and the
+    /// state machine applies an entry only once the log has it on disk
+    /// ([`Durable`]); whoever sends AppendEntries must clamp the commit
+    /// index with [`Durable::clamp`]. `None` (the default) makes every
+    /// append wait for the disk.
     pub member: Option<MemberId>,
 }
 
