@@ -492,12 +492,7 @@ impl Durable {
 
     /// `commit`, lowered to the last log id on disk if that is behind.
     pub fn clamp(&self, commit: Option<LogId>) -> Option<LogId> {
-        let last = self.last();
-        match (commit, last) {
-            (Some(c), Some(l)) if l.index < c.index => Some(l),
-            (Some(_), None) => None,
-            (c, _) => c,
-        }
+        clamp_to(commit, self.last())
     }
 
     /// Waits until the log is on disk up to `index`; an error if the log
@@ -633,6 +628,31 @@ impl LogOp {
     }
 }
 
+/// `commit`, lowered to `last` if that is behind (`None` is the lowest).
+fn clamp_to(commit: Option<LogId>, last: Option<LogId>) -> Option<LogId> {
+    match (commit, last) {
+        (Some(c), Some(l)) if l.index < c.index => Some(l),
+        (Some(_), None) => None,
+        (c, _) => c,
+    }
+}
+
+/// The log's last entry once `batch` is committed, from `last` before it.
+fn last_after(batch: &[LogOp], mut last: Option<LogId>) -> Option<LogId> {
+    for op in batch {
+        match op {
+            LogOp::Append { rows, .. } => last = rows.last().map(|r| r.2).or(last),
+            LogOp::Truncate { from, keep, .. } => {
+                if last.is_some_and(|l| l.index >= *from) {
+                    last = *keep;
+                }
+            }
+            LogOp::Purge { .. } | LogOp::Meta { .. } => {}
+        }
+    }
+    last
+}
+
 /// Writes the commit hint `c`, lowered to `last` (the log's last entry
 /// once this transaction is committed) if that is behind.
 fn write_committed(
@@ -640,11 +660,7 @@ fn write_committed(
     c: LogId,
     last: Option<LogId>,
 ) -> Result<(), StoreError> {
-    let c = match last {
-        Some(l) if l.index < c.index => Some(l),
-        None => None,
-        _ => Some(c),
-    };
+    let c = clamp_to(Some(c), last);
     txn.open_table(LOG_META)?
         .insert(COMMITTED, encode("committed", &c)?.as_slice())?;
     Ok(())
@@ -666,6 +682,7 @@ fn log_writer(
                 Err(_) => break,
             }
         }
+        let last = last_after(&batch, on_disk.borrow().last);
         let result = (|| -> Result<(), StoreError> {
             let txn = db.begin_write()?;
             for op in &batch {
@@ -674,20 +691,6 @@ fn log_writer(
             // The commit hint rides along, never ahead of the log it names.
             let hint = lock(&committed).take();
             if let Some(c) = hint {
-                let mut last = on_disk.borrow().last;
-                for op in &batch {
-                    match op {
-                        LogOp::Append { rows, .. } => {
-                            last = rows.last().map(|r| r.2).or(last);
-                        }
-                        LogOp::Truncate { from, keep, .. } => {
-                            if last.is_some_and(|l| l.index >= *from) {
-                                last = *keep;
-                            }
-                        }
-                        LogOp::Purge { .. } | LogOp::Meta { .. } => {}
-                    }
-                }
                 write_committed(&txn, c, last)?;
             }
             txn.commit()?;
@@ -698,23 +701,7 @@ fn log_writer(
             Some(e) => {
                 d.failed.get_or_insert_with(|| e.clone());
             }
-            None => {
-                for op in &batch {
-                    match op {
-                        LogOp::Append { rows, .. } => {
-                            if let Some((_, _, id)) = rows.last() {
-                                d.last = Some(*id);
-                            }
-                        }
-                        LogOp::Truncate { from, keep, .. } => {
-                            if d.last.is_some_and(|l| l.index >= *from) {
-                                d.last = *keep;
-                            }
-                        }
-                        LogOp::Purge { .. } | LogOp::Meta { .. } => {}
-                    }
-                }
-            }
+            None => d.last = last,
         });
         if let Some(e) = &err {
             tracing::error!(error = %e, "raft log write failed");
