@@ -43,14 +43,19 @@ pub struct ClientAdvertise {
     pub id: u64,
     pub procedure: String,
     /// Relative share under weighted balancing (at least 1).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "nil_one")]
     pub weight: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub metadata: Vec<(String, String)>,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// `weight`: nil is absent, 1 (PROTOCOL.md 4.1).
+fn nil_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    Ok(<Option<u32> as Deserialize>::deserialize(d)?.unwrap_or_else(one))
 }
 
 /// "Stop advertising `procedure` for me."
@@ -64,7 +69,7 @@ pub struct ClientUnadvertise {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientAck {
     pub id: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

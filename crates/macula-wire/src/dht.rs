@@ -158,10 +158,10 @@ pub struct DhtStoreRejected {
     pub id: u64,
     pub code: StoreRejectCode,
     /// The offending figure (length, TTL in ms, offered seq), 0 if none.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub value: u64,
     /// The limit it broke (or the stored seq for `Stale`), 0 if none.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub limit: u64,
 }
 

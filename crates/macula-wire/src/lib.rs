@@ -41,3 +41,14 @@ pub use raft::{RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 pub use relay::{RelayCode, RelayMessage, RelayRecord};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};
 pub use time::Millis;
+
+/// Decodes an optional body field: nil is the same as absent, the stated
+/// default (PROTOCOL.md 4.1). Senders omit absent fields instead of
+/// sending nil (`skip_serializing_if` on `Option` fields).
+pub(crate) fn nil_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de> + Default,
+{
+    Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
+}

@@ -167,15 +167,15 @@ pub struct Hello {
     /// Realm the sender belongs to; both sides must agree.
     pub realm: String,
     /// Optional features the sender supports (e.g. `"dht"`, `"relay"`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub capabilities: Vec<String>,
     /// Addresses (`host:port`) the sender accepts connections on.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub listen_addrs: Vec<String>,
     /// Largest frame body the sender accepts; peers must not send more.
     pub max_frame_size: u32,
     /// Free-form implementation name and version, for diagnostics.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub agent: String,
 }
 
@@ -188,7 +188,7 @@ pub struct Ping {
     pub sent_at_us: u64,
     /// The sender wants this connection kept open: the receiver counts the
     /// ping as activity and does not close the connection as idle.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub keep: bool,
 }
 
@@ -279,7 +279,7 @@ impl From<DisconnectReason> for u16 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Disconnect {
     pub reason: DisconnectReason,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub message: String,
 }
 
@@ -364,10 +364,10 @@ impl ErrorCode {
 pub struct ErrorFrame {
     pub code: ErrorCode,
     /// Human-readable explanation.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub message: String,
     /// Type byte of the offending frame, 0 if none.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub msg_type: u8,
 }
 
@@ -883,6 +883,85 @@ mod tests {
                 keep: false,
             }))
         );
+    }
+
+    /// PROTOCOL.md 4.1: nil in an optional field is the same as absent, and
+    /// senders omit absent fields instead of sending nil.
+    #[test]
+    fn nil_means_absent_both_ways() {
+        #[derive(Serialize)]
+        struct Nils<'a> {
+            nonce: u64,
+            sent_at_us: u64,
+            keep: Option<bool>,
+            id: u64,
+            procedure: &'a str,
+            weight: Option<u32>,
+            metadata: Option<u8>,
+            error: Option<String>,
+            status: crate::raft::RaftStatus,
+            body: Option<u8>,
+            reason: Option<u8>,
+        }
+        let body = rmp_serde::to_vec_named(&Nils {
+            nonce: 5,
+            sent_at_us: 6,
+            keep: None,
+            id: 7,
+            procedure: "svc.add",
+            weight: None,
+            metadata: None,
+            error: None,
+            status: crate::raft::RaftStatus::Ok,
+            body: None,
+            reason: None,
+        })
+        .unwrap();
+        assert_eq!(
+            Message::decode(MessageType::Ping as u8, &body),
+            Ok(Message::Ping(Ping {
+                nonce: 5,
+                sent_at_us: 6,
+                keep: false,
+            }))
+        );
+        assert_eq!(
+            Message::decode(MessageType::ClientAdvertise as u8, &body),
+            Ok(Message::Client(ClientMessage::Advertise(
+                crate::client::ClientAdvertise {
+                    id: 7,
+                    procedure: "svc.add".into(),
+                    weight: 1,
+                    metadata: Vec::new(),
+                }
+            )))
+        );
+        assert_eq!(
+            Message::decode(MessageType::ClientAck as u8, &body),
+            Ok(Message::Client(ClientMessage::Ack(
+                crate::client::ClientAck { id: 7, error: None }
+            )))
+        );
+        assert_eq!(
+            Message::decode(MessageType::RaftResponse as u8, &body),
+            Ok(Message::Raft(crate::raft::RaftMessage::Response(
+                crate::raft::RaftResponse {
+                    status: crate::raft::RaftStatus::Ok,
+                    body: Vec::new(),
+                    reason: String::new(),
+                }
+            )))
+        );
+        // An absent `error` is not sent, nil or otherwise.
+        let ack = Message::Client(ClientMessage::Ack(crate::client::ClientAck {
+            id: 7,
+            error: None,
+        }));
+        let mut buf = Vec::new();
+        ack.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE).unwrap();
+        let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            rmp_serde::from_slice(&buf[FRAME_HEADER_LEN..]).unwrap();
+        assert_eq!(keys.keys().collect::<Vec<_>>(), vec!["id"]);
     }
 
     #[test]

@@ -28,10 +28,10 @@ pub struct DialBack {
 pub struct DialBackResult {
     pub nonce: u64,
     /// The address a dial-back reached, if one did.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reached: Option<String>,
     /// Why none did (or why the request was refused), for logs.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub error: String,
 }
 

@@ -30,9 +30,9 @@ pub struct Publish {
     pub epoch: u64,
     /// Per-publisher sequence number: delivery is in this order, once.
     pub seq: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub headers: Vec<(String, String)>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
 }
 

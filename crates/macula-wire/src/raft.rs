@@ -129,9 +129,13 @@ pub struct RaftRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftResponse {
     pub status: RaftStatus,
-    #[serde(default, with = "serde_bytes")]
+    #[serde(
+        default,
+        serialize_with = "serde_bytes::serialize",
+        deserialize_with = "nil_bytes"
+    )]
     pub body: Vec<u8>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub reason: String,
 }
 
@@ -162,4 +166,13 @@ impl RaftMessage {
             }
         }
     }
+}
+
+/// `body`: nil is absent, empty (PROTOCOL.md 4.1).
+fn nil_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    Ok(
+        <Option<serde_bytes::ByteBuf> as Deserialize>::deserialize(d)?
+            .map(serde_bytes::ByteBuf::into_vec)
+            .unwrap_or_default(),
+    )
 }

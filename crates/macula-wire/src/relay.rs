@@ -125,9 +125,9 @@ pub struct RelayReserved {
     pub code: RelayCode,
     /// Lifetime granted, milliseconds (0 when refused). The reservation also
     /// ends when the connection that made it closes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub ttl_ms: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub message: String,
 }
 
@@ -151,7 +151,7 @@ pub struct RelayIncoming {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayStatus {
     pub code: RelayCode,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub message: String,
 }
 

@@ -38,7 +38,7 @@ pub struct Call {
     /// Relative, so the two nodes' clocks need not agree. Past it the
     /// provider abandons the work and answers `Timeout` (if anything).
     pub timeout_ms: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub headers: Vec<(String, String)>,
 }
 
@@ -48,7 +48,7 @@ pub struct Reply {
     pub id: u64,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub headers: Vec<(String, String)>,
 }
 
@@ -58,7 +58,7 @@ pub struct CallError {
     pub id: u64,
     pub kind: RpcErrorKind,
     /// Application error code when `kind` is `Handler`; 0 otherwise.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub code: i64,
     pub message: String,
 }
@@ -196,10 +196,10 @@ pub struct Advertisement {
     /// Relative share for weighted load balancing (0 = only when nothing else).
     pub weight: u32,
     /// Free-form key/value pairs from the provider.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub metadata: Vec<(String, String)>,
     /// Where the provider accepts connections (`host:port`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::nil_default")]
     pub addrs: Vec<String>,
 }
 
