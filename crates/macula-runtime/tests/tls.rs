@@ -182,10 +182,16 @@ async fn wrong_expected_node_id_is_an_identity_error() {
     assert!(err.contains("identity mismatch"), "{err}");
     assert!(err.contains(&impostor_target.to_string()), "{err}");
     assert!(err.contains(&b.node_id().to_string()), "{err}");
+    let server = out
+        .server
+        .expect_err("server must not see an established connection");
+    // PROTOCOL.md 2.3: the dialer closes with CRYPTO_ERROR 0x0128 (TLS
+    // alert 40, handshake_failure), the reason naming both IDs.
     assert!(
-        out.server.is_err(),
-        "server must not see an established connection"
+        server.contains("cryptographic handshake failed: error 40"),
+        "{server}"
     );
+    assert!(server.contains(&impostor_target.to_string()), "{server}");
 }
 
 #[tokio::test]
@@ -239,6 +245,26 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
     }
 }
 
+/// PROTOCOL.md 2.3: only the dialer checks the server name; the accepting
+/// node serves its one certificate whatever name (or none) it is sent.
+#[tokio::test]
+async fn the_accepting_node_ignores_the_server_name() {
+    let a = Identity::generate();
+    let b = Identity::generate();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // An IP address is sent as no SNI at all.
+    for name in ["example.com", "127.0.0.1"] {
+        // A third-party dialer with a's certificate that checks nothing.
+        let mut client = (*self_certifying(&a).client).clone();
+        client
+            .dangerous()
+            .set_certificate_verifier(Arc::new(AcceptAnything(provider.clone())));
+        let out = dial(&self_certifying(&b), Arc::new(client), name).await;
+        assert_eq!(out.server.expect("server side").1, a.node_id(), "{name}");
+        assert_eq!(out.client.expect("client side").1, b.node_id(), "{name}");
+    }
+}
+
 #[tokio::test]
 async fn client_without_certificate_is_rejected() {
     let b = Identity::generate();
@@ -283,7 +309,10 @@ async fn pinning_rejects_unpinned_peers() {
         server_err.contains(&a.node_id().to_string()),
         "{server_err}"
     );
-    assert!(out.client.is_err());
+    // The same alert as for an identity error (PROTOCOL.md 2.3): 0x28 = 40.
+    // TLS 1.3 lets the client finish first, so it learns on first use.
+    let client_err = out.client.expect_err("client must be refused");
+    assert!(client_err.contains("crypto(28)"), "{client_err}");
 
     // Client pins someone else: the client refuses the server.
     let out = dial(
