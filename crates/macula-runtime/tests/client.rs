@@ -362,6 +362,36 @@ async fn a_single_gateway_client_keeps_one_connection() {
     b.shutdown().await;
 }
 
+/// PROTOCOL.md 6.2: the idle close does not apply to a client's connection,
+/// on either side; the client's QUIC keep-alives are what keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_client_is_not_closed_as_idle() {
+    init_tracing();
+    let idle = Duration::from_millis(300);
+    let mut gw = config();
+    gw.limits.idle_timeout = idle;
+    let a = start(gw).await;
+    let mut cfg = ClientConfig::new(vec![addr_of(&a)]);
+    cfg.limits.idle_timeout = idle;
+    let c = within(STEP, "client attaches", Client::connect(cfg))
+        .await
+        .expect("client attaches");
+    // An absence check: four idle timeouts without traffic. An idle close
+    // would be due after one, so this wait cannot be too short to see it.
+    tokio::time::sleep(idle * 4).await;
+    assert_eq!(a.metrics().pool_idle_closed_total.load(Relaxed), 0);
+    assert_eq!(c.metrics().pool_idle_closed_total.load(Relaxed), 0);
+    assert_eq!(c.failovers(), 0);
+    assert_eq!(c.gateway(), Some(a.node_id()));
+    // And it still works.
+    let mut sub = c.subscribe("quiet.*").await.expect("subscribe");
+    a.pubsub()
+        .publish_mesh("quiet.x", Bytes::from("hi"), Default::default())
+        .await
+        .expect("publish");
+    assert_eq!(next_event(&mut sub).await.payload, Bytes::from("hi"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_with_no_reachable_node_fails_clearly() {
     let port = free_port();
