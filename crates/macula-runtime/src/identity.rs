@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::pkcs8::{DecodePrivateKey, PrivateKeyInfo};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use macula_wire::NodeId;
+use rustls_pki_types::pem::{self, SectionKind};
 use zeroize::Zeroizing;
 
 /// Name of the key file inside the data directory.
@@ -348,24 +349,25 @@ fn parse_key_pem(path: &Path, contents: &[u8]) -> Result<Identity, IdentityError
     let mut reader = contents;
     let mut key = None;
     loop {
-        let item = rustls_pemfile::read_one(&mut reader)
+        let item = pem::from_buf(&mut reader)
             .map_err(|e| IdentityError::corrupt(path, format!("invalid PEM: {e}")))?;
-        let Some(item) = item else { break };
-        match item {
-            rustls_pemfile::Item::Pkcs8Key(der) if key.is_none() => key = Some(der),
-            rustls_pemfile::Item::Pkcs8Key(_) => {
+        let Some((kind, der)) = item else { break };
+        let der = Zeroizing::new(der);
+        match kind {
+            SectionKind::PrivateKey if key.is_none() => key = Some(der),
+            SectionKind::PrivateKey => {
                 return Err(IdentityError::corrupt(
                     path,
                     "more than one PRIVATE KEY section".to_string(),
                 ))
             }
-            rustls_pemfile::Item::Pkcs1Key(_) => {
+            SectionKind::RsaPrivateKey => {
                 return Err(IdentityError::WrongAlgorithm {
                     path: path.to_path_buf(),
                     found: "RSA (PKCS#1)".to_string(),
                 })
             }
-            rustls_pemfile::Item::Sec1Key(_) => {
+            SectionKind::EcPrivateKey => {
                 return Err(IdentityError::WrongAlgorithm {
                     path: path.to_path_buf(),
                     found: "EC (SEC1)".to_string(),
@@ -385,7 +387,6 @@ fn parse_key_pem(path: &Path, contents: &[u8]) -> Result<Identity, IdentityError
             format!("no complete `-----BEGIN {PEM_LABEL}-----` section found"),
         ));
     };
-    let der = Zeroizing::new(der.secret_pkcs8_der().to_vec());
     let info = PrivateKeyInfo::try_from(der.as_slice())
         .map_err(|e| IdentityError::corrupt(path, format!("invalid PKCS#8 DER: {e}")))?;
     if info.algorithm.oid != ed25519_dalek::pkcs8::ALGORITHM_OID {
@@ -640,11 +641,9 @@ mod tests {
         let pem = id.pkcs8_pem();
         // Same PEM as the `pkcs8` crate would produce for a v1 key.
         let mut reader = pem.as_bytes();
-        let item = rustls_pemfile::read_one(&mut reader).unwrap().unwrap();
-        let rustls_pemfile::Item::Pkcs8Key(der) = item else {
-            panic!("not pkcs8")
-        };
-        assert_eq!(der.secret_pkcs8_der(), id.pkcs8_der().as_slice());
+        let (kind, der) = pem::from_buf(&mut reader).unwrap().unwrap();
+        assert_eq!(kind, SectionKind::PrivateKey);
+        assert_eq!(der.as_slice(), id.pkcs8_der().as_slice());
     }
 
     #[test]
