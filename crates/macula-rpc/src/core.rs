@@ -12,11 +12,11 @@ use macula_wire::rpc::{CallError, RpcErrorKind};
 use macula_wire::suspect::SuspectList;
 use macula_wire::time::Millis;
 
-use crate::backoff::Backoff;
 use crate::balance::{Balancer, BalancerLimits, Outcome, Strategy};
 use crate::breaker::BreakerConfig;
 use crate::cache::{ProviderCache, ProviderInfo};
 use crate::serve::{Admission, Advert, AdvertiseError, ClientAd, ConnId, ServeTable, Slot, Token};
+use crate::Backoff;
 
 /// What a provider key must be: node IDs in the runtime, small integers in
 /// tests.

@@ -86,9 +86,8 @@
 //! - [`name`]: procedure-name validation and DHT names.
 //! - [`breaker`]: the per-provider circuit breaker state machine.
 //! - [`balance`]: provider choice and per-provider latency/breaker state.
-//! - [`backoff`]: exponential backoff with jitter between attempts.
+//! - [`Backoff`] (from `macula_wire::backoff`): exponential backoff with jitter between attempts.
 
-pub mod backoff;
 pub mod balance;
 pub mod breaker;
 pub mod cache;
@@ -100,10 +99,10 @@ pub use crate::core::{
     remote_failure, Action, Answer, CallFailure, CallId, CallSpec, Config, Key, Role, RpcCore,
     Started,
 };
-pub use backoff::Backoff;
 pub use balance::{Balancer, BalancerLimits, Outcome, Strategy};
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
 pub use cache::{ProviderCache, ProviderInfo};
+pub use macula_wire::backoff::Backoff;
 pub use macula_wire::rng::Rng;
 pub use macula_wire::time::Millis;
 pub use name::{ad_name, index_name, validate_procedure, NameError, MAX_PROCEDURE_LEN};

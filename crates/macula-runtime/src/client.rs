@@ -55,7 +55,7 @@ use macula_wire::{ClientMessage, DisconnectReason, Hello, Message, NodeId, PROTO
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::sync::{oneshot, watch};
 
-use crate::backoff::Backoff;
+use crate::backoff::reconnects;
 use crate::config::{IdentitySource, Limits};
 use crate::driver::{self, DriverConfig, Gone};
 use crate::identity::Identity;
@@ -781,7 +781,7 @@ impl Client {
     /// When the primary is lost, the second gateway (if any) takes its place.
     async fn supervise(self) {
         let l = &self.0.config.limits;
-        let mut backoff = Backoff::new(l.reconnect_backoff_min, l.reconnect_backoff_max);
+        let mut backoff = reconnects(l.reconnect_backoff_min, l.reconnect_backoff_max);
         let mut shutdown = self.0.shutdown.subscribe();
         let mut second_rx = self.0.second.subscribe();
         let n = self.0.config.gateways.len();
@@ -834,7 +834,7 @@ impl Client {
                 self.0.turned_away.send_replace(Some(refusals.join("; ")));
             }
             let Some((i, peer, complete_at)) = attached else {
-                let delay = backoff.next_delay(0.5);
+                let delay = backoff.next_delay().to_duration();
                 second_rx.borrow_and_update();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -912,7 +912,7 @@ impl Client {
         if !cfg.redundant_subscriptions || n < 2 {
             return;
         }
-        let mut backoff = Backoff::new(
+        let mut backoff = reconnects(
             cfg.limits.reconnect_backoff_min,
             cfg.limits.reconnect_backoff_max,
         );
@@ -963,7 +963,7 @@ impl Client {
             }
             let Some(g) = got else {
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay(0.5)) => {}
+                    _ = tokio::time::sleep(backoff.next_delay().to_duration()) => {}
                     _ = shutdown.changed() => return,
                 }
                 continue;

@@ -94,7 +94,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Deadline for a PONG.
     pub ping_timeout: Duration,
-    /// First reconnect delay after a bootstrap peer fails or disconnects.
+    /// First reconnect delay after a bootstrap peer fails or disconnects
+    /// (each delay is drawn from the upper half of its step).
     pub reconnect_backoff_min: Duration,
     /// Cap on the reconnect delay.
     pub reconnect_backoff_max: Duration,

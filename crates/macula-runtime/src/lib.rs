@@ -10,7 +10,7 @@
 //! proved its node ID in TLS *and* completed the HELLO exchange.
 
 pub mod admin;
-pub mod backoff;
+mod backoff;
 pub mod client;
 pub mod clock;
 pub mod config;

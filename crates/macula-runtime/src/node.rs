@@ -2,7 +2,7 @@
 //! the connection pool, the accept loop and bootstrap supervisors.
 //!
 //! This is the thin async driver around the pure parts (`pool::PoolTable`,
-//! `backoff::Backoff`, the wire codec): it owns sockets, tasks and timers and
+//! `macula_wire::backoff`, the wire codec): it owns sockets, tasks and timers and
 //! makes no protocol decision those modules can make instead.
 
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use macula_wire::{DisconnectReason, Hello, NodeId, PROTOCOL_VERSION};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::{broadcast, watch, Semaphore};
 
-use crate::backoff::{jitter, Backoff};
+use crate::backoff::reconnects;
 use crate::clock::{Clock, Epoch, EPOCH_SAVE_INTERVAL};
 use crate::config::{ConfigError, IdentitySource, NodeConfig, ReachabilityMode};
 use crate::dht::DhtHandle;
@@ -1234,7 +1234,7 @@ impl NodeRuntime {
     /// backoff whenever it fails or drops, until shutdown.
     async fn supervise(self, target: PeerAddr) {
         let l = &self.0.config.limits;
-        let mut backoff = Backoff::new(l.reconnect_backoff_min, l.reconnect_backoff_max);
+        let mut backoff = reconnects(l.reconnect_backoff_min, l.reconnect_backoff_max);
         let mut shutdown = self.0.shutdown.subscribe();
         let mut last_error: Option<String> = None;
         loop {
@@ -1282,7 +1282,7 @@ impl NodeRuntime {
                 .metrics
                 .reconnect_attempts_total
                 .fetch_add(1, Relaxed);
-            let delay = backoff.next_delay(jitter());
+            let delay = backoff.next_delay().to_duration();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => return,

@@ -9,6 +9,7 @@
 //! **Invariant:** decoding never panics and never allocates more than the frame
 //! length the caller allowed.
 
+pub mod backoff;
 pub mod client;
 pub mod dht;
 pub mod frame;

@@ -102,13 +102,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn seed() -> u64 {
-    let mut b = [0u8; 8];
-    // Only spreads load; a fixed seed is an acceptable fallback.
-    let _ = getrandom::getrandom(&mut b);
-    u64::from_le_bytes(b)
-}
-
 fn ms(d: Duration) -> Millis {
     Millis::from_duration(d)
 }
@@ -156,7 +149,7 @@ impl Rpc {
             gateway_wait: ms(GATEWAY_WAIT),
             ..macula_rpc::Config::default()
         };
-        let core = RpcCore::new(node_id, role.core_role(), cfg, seed());
+        let core = RpcCore::new(node_id, role.core_role(), cfg, crate::backoff::seed());
         Rpc(Arc::new(Inner {
             node_id,
             max_payload: (max_frame_size as usize).saturating_sub(CALL_HEADROOM),

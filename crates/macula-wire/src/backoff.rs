@@ -1,6 +1,9 @@
-//! Exponential backoff with jitter between retry attempts.
+//! Exponential backoff with jitter between retry attempts: the one
+//! schedule the mesh uses (RPC retries, reconnects). Pure: the caller
+//! supplies the randomness and sleeps for what it is told.
 
-use crate::{Millis, Rng};
+use crate::rng::Rng;
+use crate::time::Millis;
 
 /// Delay before retry `n` (1-based) is drawn uniformly from
 /// `[d/2, d]` where `d = min(max, base * 2^(n-1))` ("equal jitter": it always
@@ -28,6 +31,37 @@ impl Backoff {
         let d = self.base.0.saturating_mul(1u64 << shift).min(self.max.0);
         let half = d / 2;
         Millis(half + rng.below(d - half + 1))
+    }
+}
+
+/// A run of retries on one [`Backoff`]: each [`Retries::next_delay`] is the
+/// next retry's delay; [`Retries::reset`] starts over after a success.
+#[derive(Debug, Clone)]
+pub struct Retries {
+    schedule: Backoff,
+    retry: u32,
+    rng: Rng,
+}
+
+impl Retries {
+    /// Retries on `schedule`, jittered by `rng`.
+    pub fn new(schedule: Backoff, rng: Rng) -> Retries {
+        Retries {
+            schedule,
+            retry: 0,
+            rng,
+        }
+    }
+
+    /// The delay before the next retry.
+    pub fn next_delay(&mut self) -> Millis {
+        self.retry = self.retry.saturating_add(1);
+        self.schedule.delay(self.retry, &mut self.rng)
+    }
+
+    /// Back to the shortest delay.
+    pub fn reset(&mut self) {
+        self.retry = 0;
     }
 }
 
@@ -84,5 +118,25 @@ mod tests {
                 max: Millis(500)
             }
         );
+    }
+
+    #[test]
+    fn retries_walk_the_schedule_and_reset() {
+        let b = Backoff {
+            base: Millis(100),
+            max: Millis(1000),
+        };
+        let mut r = Retries::new(b, Rng::new(7));
+        let caps = [100, 200, 400, 800, 1000, 1000];
+        for cap in caps {
+            let d = r.next_delay().0;
+            assert!(
+                (cap / 2..=cap).contains(&d),
+                "{d} not in [{}, {cap}]",
+                cap / 2
+            );
+        }
+        r.reset();
+        assert!(r.next_delay().0 <= 100);
     }
 }
