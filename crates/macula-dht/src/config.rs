@@ -192,7 +192,7 @@ pub struct Config {
     pub max_replicate_per_contact: usize,
     /// See [`RATE_LIMIT_BURST`].
     pub rate_limit_burst: u32,
-    /// See [`RATE_LIMIT_PER_SEC`].
+    /// See [`RATE_LIMIT_PER_SEC`]; at least 1.
     pub rate_limit_per_sec: u32,
     /// See [`MAX_RATE_LIMITED_PEERS`].
     pub max_rate_limited_peers: usize,
@@ -267,6 +267,10 @@ impl Config {
             "republish_percent must be 1..=99"
         );
         assert!(self.max_pending_requests > 0 && self.max_active_lookups > 0);
+        assert!(
+            self.rate_limit_per_sec > 0,
+            "rate_limit_per_sec must be positive"
+        );
         assert!(self.refresh_check_interval > Millis::ZERO);
         assert!(self.join_retry_min > Millis::ZERO && self.join_retry_min <= self.join_retry_max);
         assert!(
@@ -306,6 +310,16 @@ mod tests {
         Config {
             lost_probe_min: Millis(10),
             lost_probe_max: Millis(5),
+            ..Config::default()
+        }
+        .assert_valid();
+    }
+
+    #[test]
+    #[should_panic(expected = "rate_limit_per_sec")]
+    fn a_rate_limit_that_never_refills_is_refused() {
+        Config {
+            rate_limit_per_sec: 0,
             ..Config::default()
         }
         .assert_valid();

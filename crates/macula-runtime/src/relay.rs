@@ -39,57 +39,7 @@ const SPLICE_CHUNK: usize = 16 * 1024;
 // Pure: token bucket
 // ---------------------------------------------------------------------------
 
-/// Scale of the bucket's fixed-point tokens (micro-bytes), so refills at any
-/// rate are exact in integer arithmetic.
-const SCALE: i128 = 1_000_000;
-
-/// A token bucket in bytes, time in microseconds since any epoch. `take`
-/// always consumes (the bytes are already read) and answers how long to wait
-/// before reading more; the balance may go negative (debt), so over any
-/// window `T` at most `burst + rate * T` bytes pass.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    /// Bytes per second; 0 means unlimited.
-    rate: u64,
-    burst: i128,
-    tokens: i128,
-    last_us: u64,
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(rate: u64, burst: u64, now_us: u64) -> TokenBucket {
-        let burst = i128::from(burst) * SCALE;
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            last_us: now_us,
-        }
-    }
-
-    fn refill(&mut self, now_us: u64) {
-        let elapsed = now_us.saturating_sub(self.last_us);
-        self.last_us = self.last_us.max(now_us);
-        self.tokens = (self.tokens + i128::from(elapsed) * i128::from(self.rate)).min(self.burst);
-    }
-
-    /// Consumes `n` bytes at `now_us`; returns the wait (microseconds) until
-    /// the balance is back to zero, 0 if it did not go negative.
-    pub fn take(&mut self, n: u64, now_us: u64) -> u64 {
-        if self.rate == 0 {
-            return 0;
-        }
-        self.refill(now_us);
-        self.tokens -= i128::from(n) * SCALE;
-        if self.tokens >= 0 {
-            return 0;
-        }
-        let debt = -self.tokens;
-        let rate = i128::from(self.rate);
-        u64::try_from((debt + rate - 1) / rate).unwrap_or(u64::MAX)
-    }
-}
+pub use macula_wire::bucket::TokenBucket;
 
 // ---------------------------------------------------------------------------
 // Pure: reservations and sessions
@@ -810,50 +760,7 @@ mod tests {
         NodeId::from_bytes([b; 32])
     }
 
-    #[test]
-    fn bucket_allows_burst_then_paces() {
-        let mut b = TokenBucket::new(1000, 500, 0);
-        assert_eq!(b.take(500, 0), 0);
-        // 100 bytes of debt at 1000 B/s: 100 ms.
-        assert_eq!(b.take(100, 0), 100_000);
-        // After 100 ms the debt is paid.
-        assert_eq!(b.take(0, 100_000), 0);
-        // Refill never exceeds the burst.
-        assert_eq!(b.take(500, 10_000_000), 0);
-        assert!(b.take(1, 10_000_000) > 0);
-    }
-
-    #[test]
-    fn bucket_rate_zero_is_unlimited() {
-        let mut b = TokenBucket::new(0, 0, 0);
-        assert_eq!(b.take(u64::MAX, 0), 0);
-    }
-
     proptest! {
-        /// Over any run, bytes passed by a reader that waits as told never
-        /// exceed burst + rate * elapsed.
-        #[test]
-        fn bucket_bounds_throughput(
-            rate in 1u64..10_000_000,
-            burst in 2048u64..1_000_000,
-            chunks in proptest::collection::vec(1u64..20_000, 1..200),
-        ) {
-            let mut b = TokenBucket::new(rate, burst, 0);
-            let mut now = 0u64;
-            let mut passed: u128 = 0;
-            for n in chunks {
-                // The reader forwards n bytes at `now`, then waits.
-                passed += u128::from(n);
-                let allowed = u128::from(burst) + u128::from(rate) * u128::from(now) / 1_000_000 + u128::from(n) + 20_000;
-                prop_assert!(passed <= allowed, "passed {passed} allowed {allowed}");
-                now += b.take(n, now);
-            }
-            // And it is not slower than the rate: the final time is at most
-            // what the bytes beyond the burst need (plus rounding).
-            let need = passed.saturating_sub(u128::from(burst)) * 1_000_000 / u128::from(rate);
-            prop_assert!(u128::from(now) <= need + 200);
-        }
-
         /// The session count never exceeds the limit, whatever the order.
         #[test]
         fn sessions_never_exceed_limit(max in 1usize..8, ops in proptest::collection::vec(any::<bool>(), 0..100)) {

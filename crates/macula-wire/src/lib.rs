@@ -10,6 +10,7 @@
 //! length the caller allowed.
 
 pub mod backoff;
+pub mod bucket;
 pub mod client;
 pub mod dht;
 pub mod frame;
