@@ -9,7 +9,7 @@
 //! the relay sees sizes and timing, never content, and cannot forge.
 //!
 //! Pure parts (time as an argument, unit- and property-tested):
-//! [`TokenBucket`] (bytes per second per session) and [`RelayTable`]
+//! [`TokenBucket`] (`macula_wire::bucket`: bytes per second per session) and [`RelayTable`]
 //! (reservations and the session count). The async part serves the streams
 //! and splices them under the limits of [`RelayLimits`], counting every limit
 //! hit in [`RelayCounters`].
