@@ -42,7 +42,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -179,10 +181,6 @@ pub enum ClientError {
     /// connection limit, say); `reasons` names each node and its reason.
     #[error("every node turned the client away: {reasons}")]
     TurnedAway { reasons: String },
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Shared {
@@ -359,7 +357,7 @@ impl crate::rpc::Upstream for Link {
         async move {
             let on = ad.is_some();
             let msg: MakeMsg = {
-                let mut ads = lock(&c.0.ads);
+                let mut ads = c.0.ads.lock();
                 match ad {
                     Some((weight, metadata)) => {
                         ads.insert(procedure.clone(), (weight, metadata.clone()));
@@ -418,7 +416,7 @@ impl Service for Acks {
 
     fn on_message(&self, _peer: &Peer, msg: Message) -> Answer {
         if let (Message::Client(ClientMessage::Ack(a)), Some(s)) = (msg, self.0.upgrade()) {
-            if let Some(tx) = lock(&s.pending).remove(&a.id) {
+            if let Some(tx) = s.pending.lock().remove(&a.id) {
                 let _ = tx.send(a.error.map_or(Ok(()), Err));
             }
         }
@@ -551,7 +549,7 @@ impl Client {
                 Some(_) => None,
                 None => Some(ClientError::Attach {
                     after,
-                    last: lock(&client.0.last_error).clone(),
+                    last: client.0.last_error.lock().clone(),
                 }),
             },
             Ok(r) = turned_away.wait_for(Option::is_some) => Some(ClientError::TurnedAway {
@@ -762,7 +760,7 @@ impl Client {
     ) -> Result<(), String> {
         let id = self.0.next_request.fetch_add(1, Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.0.pending).insert(id, tx);
+        self.0.pending.lock().insert(id, tx);
         let res = async {
             gateway.send(&Message::Client(make(id))).await?;
             tokio::select! {
@@ -772,7 +770,7 @@ impl Client {
             }
         }
         .await;
-        lock(&self.0.pending).remove(&id);
+        self.0.pending.lock().remove(&id);
         res
     }
 
@@ -795,7 +793,7 @@ impl Client {
             // needs the advertisements (and a replay costs it nothing more).
             let promoted = self.0.second.send_replace(None).filter(|g| {
                 let alive = !g.peer.is_closed();
-                let mut c = lock(&self.0.claims);
+                let mut c = self.0.claims.lock();
                 c.release(Slot::Second, g.index);
                 alive && c.claim(Slot::Primary, g.index)
             });
@@ -804,7 +802,7 @@ impl Client {
             if attached.is_none() {
                 for k in 0..n {
                     let i = (next + k) % n;
-                    if !lock(&self.0.claims).claim(Slot::Primary, i) {
+                    if !self.0.claims.lock().claim(Slot::Primary, i) {
                         // The second gateway is being dialed there.
                         continue;
                     }
@@ -815,9 +813,9 @@ impl Client {
                             break;
                         }
                         Err(e) => {
-                            lock(&self.0.claims).release(Slot::Primary, i);
+                            self.0.claims.lock().release(Slot::Primary, i);
                             tracing::debug!(gateway = %target, error = %e, "could not attach");
-                            *lock(&self.0.last_error) = format!("{target}: {e}");
+                            *self.0.last_error.lock() = format!("{target}: {e}");
                             if let AttachFail::TurnedAway(why) = e {
                                 refusals.push(format!("{target}: {why}"));
                             }
@@ -849,7 +847,7 @@ impl Client {
                 tracing::warn!(gateway = %peer.node_id(), error = %e, "could not replay subscriptions and advertisements; trying the next node");
                 peer.disconnect(DisconnectReason::ProtocolError, "replay failed")
                     .await;
-                lock(&self.0.claims).release(Slot::Primary, i);
+                self.0.claims.lock().release(Slot::Primary, i);
                 next = i + 1;
                 continue;
             }
@@ -870,7 +868,7 @@ impl Client {
                 _ = shutdown.changed() => return,
             };
             self.0.gateway.send_replace(None);
-            lock(&self.0.claims).release(Slot::Primary, i);
+            self.0.claims.lock().release(Slot::Primary, i);
             if self.is_shutting_down() {
                 return;
             }
@@ -943,7 +941,7 @@ impl Client {
                 let i = (next + k) % n;
                 let target = &cfg.gateways[i];
                 if target.expected == Some(primary.node_id())
-                    || !lock(&self.0.claims).claim(Slot::Second, i)
+                    || !self.0.claims.lock().claim(Slot::Second, i)
                 {
                     continue;
                 }
@@ -953,7 +951,7 @@ impl Client {
                         break;
                     }
                     Err(e) => {
-                        lock(&self.0.claims).release(Slot::Second, i);
+                        self.0.claims.lock().release(Slot::Second, i);
                         tracing::debug!(gateway = %target, error = %e, "could not attach a second gateway");
                     }
                 }
@@ -1015,7 +1013,7 @@ impl Client {
             if !was_ours {
                 continue;
             }
-            lock(&self.0.claims).release(Slot::Second, i);
+            self.0.claims.lock().release(Slot::Second, i);
             if self.is_shutting_down() {
                 return;
             }
@@ -1166,7 +1164,10 @@ impl Client {
     async fn replay(&self, gateway: &Peer, ads: bool) -> Result<Vec<String>, String> {
         let patterns = self.patterns();
         let ads: Vec<(String, AdSpec)> = match ads {
-            true => lock(&self.0.ads)
+            true => self
+                .0
+                .ads
+                .lock()
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),

@@ -14,7 +14,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use macula_wire::client::{ClientAck, ClientMessage, MAX_CLIENT_ERROR_LEN};
 use macula_wire::Message;
@@ -27,10 +29,6 @@ use crate::service::{Answer, PeerDown, Serves, Service};
 /// Requests one client may have waiting at its gateway; past this the
 /// gateway answers at once with an error.
 pub const MAX_PENDING_CLIENT_REQUESTS: usize = 256;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Counters of the gateway role.
 #[derive(Debug, Default)]
@@ -143,7 +141,7 @@ impl Gateway {
 
     /// Patterns each attached client is subscribed to (for the admin API).
     pub(crate) fn client_patterns(&self) -> Vec<(String, Vec<String>)> {
-        let sessions = lock(&self.0.sessions);
+        let sessions = self.0.sessions.lock();
         let mut v: Vec<_> = sessions
             .values()
             .map(|s| {
@@ -160,7 +158,7 @@ impl Gateway {
     /// The session of `peer`'s connection (created on its first request):
     /// its request queue and feed.
     fn session(&self, peer: &Peer) -> (Arc<Mutex<Requests>>, Arc<Feed>) {
-        let mut sessions = lock(&self.0.sessions);
+        let mut sessions = self.0.sessions.lock();
         if let Some(s) = sessions.get(&peer.connection_id()) {
             return (s.requests.clone(), s.feed.clone());
         }
@@ -189,7 +187,7 @@ impl Gateway {
     /// queue: `false`.
     fn enqueue(&self, peer: &Peer, msg: ClientMessage) -> bool {
         let (requests, feed) = self.session(peer);
-        let mut r = lock(&requests);
+        let mut r = requests.lock();
         if r.waiting.len() >= MAX_PENDING_CLIENT_REQUESTS {
             return false;
         }
@@ -204,7 +202,7 @@ impl Gateway {
     /// `peer`'s connection closed: withdraw everything it had.
     pub(crate) fn connection_closed(&self, peer: &Peer) {
         let session = {
-            let mut sessions = lock(&self.0.sessions);
+            let mut sessions = self.0.sessions.lock();
             let s = sessions.remove(&peer.connection_id());
             self.0
                 .counters
@@ -213,7 +211,7 @@ impl Gateway {
             s
         };
         let Some(s) = session else { return };
-        if let Some(w) = lock(&s.requests).worker.take() {
+        if let Some(w) = s.requests.lock().worker.take() {
             w.abort();
         }
         self.0.pubsub.close_feed(s.feed.id);
@@ -308,7 +306,7 @@ fn ack(id: u64, error: Option<String>) -> Message {
 /// The next request waiting for `requests`' worker; `None` (and the worker
 /// is gone) when there is none.
 fn next_request(requests: &Mutex<Requests>) -> Option<ClientMessage> {
-    let mut r = lock(requests);
+    let mut r = requests.lock();
     let next = r.waiting.pop_front();
     if next.is_none() {
         r.worker = None;
@@ -351,7 +349,7 @@ async fn worker(gw: Gateway, peer: Peer, feed: Arc<Feed>, requests: Arc<Mutex<Re
         if let Err(e) = peer.send(&ack(id, res.err())).await {
             tracing::debug!(client = %peer.node_id(), error = %e, "could not acknowledge a client request");
             // The connection is failing: what waits has no one to answer.
-            let mut r = lock(&requests);
+            let mut r = requests.lock();
             r.worker = None;
             r.waiting.clear();
             return;

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -291,12 +293,6 @@ impl crate::dht::Dialer for PoolDialer {
 #[derive(Clone)]
 pub struct NodeRuntime(Arc<NodeShared>);
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Poisoning means a panic elsewhere; the guarded data is still
-    // structurally valid (every mutation is a single call), so continue.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub(crate) fn transport_config(
     l: &crate::config::Limits,
 ) -> Result<Arc<quinn::TransportConfig>, StartError> {
@@ -515,7 +511,7 @@ impl NodeRuntime {
                 relay_counters,
                 Box::new(move |id| {
                     let shared = lookup.upgrade()?;
-                    let peer = lock(&shared.table).peek(id).cloned();
+                    let peer = shared.table.lock().peek(id).cloned();
                     peer
                 }),
                 Box::new(move || relay_reach.state() == crate::reachability::ReachState::Private),
@@ -675,12 +671,12 @@ impl NodeRuntime {
 
     /// Every pooled connection.
     pub fn peers(&self) -> Vec<Peer> {
-        lock(&self.0.table).all()
+        self.0.table.lock().all()
     }
 
     /// The pooled connection to `id`, if any (does not dial).
     pub fn peer(&self, id: &NodeId) -> Option<Peer> {
-        lock(&self.0.table).peek(id).cloned()
+        self.0.table.lock().peek(id).cloned()
     }
 
     /// True once `shutdown` has begun (readiness probes report not ready).
@@ -701,7 +697,7 @@ impl NodeRuntime {
             return Err(ConnectError::ShuttingDown);
         }
         let hit = {
-            let mut t = lock(&self.0.table);
+            let mut t = self.0.table.lock();
             match expected {
                 Some(id) => t.get(&id),
                 None => t.get_by_addr(&addr),
@@ -838,7 +834,12 @@ impl NodeRuntime {
     /// client, clients hold all the slots they may), so the peer learns why
     /// in the handshake instead of being dropped right after it.
     fn admit(&self, id: NodeId, hello: &Hello) -> Result<(), (DisconnectReason, String)> {
-        match lock(&self.0.table).refusal(&id, peer::is_client_hello(hello)) {
+        match self
+            .0
+            .table
+            .lock()
+            .refusal(&id, peer::is_client_hello(hello))
+        {
             None => Ok(()),
             Some(r) => Err((DisconnectReason::ConnectionLimit, self.refused(id, r).1)),
         }
@@ -892,7 +893,7 @@ impl NodeRuntime {
             // would cut it off until it fails over.
             peer.set_kept(true);
         }
-        let admit = lock(&self.0.table).admit(peer.clone());
+        let admit = self.0.table.lock().admit(peer.clone());
         let m = &self.0.metrics;
         let grace = self.0.config.limits.duplicate_close_grace;
         let result = match admit {
@@ -945,7 +946,7 @@ impl NodeRuntime {
             }
         };
         m.connections_current
-            .store(lock(&self.0.table).len() as u64, Relaxed);
+            .store(self.0.table.lock().len() as u64, Relaxed);
         self.spawn_driver(peer, reader);
         result
     }
@@ -969,7 +970,7 @@ impl NodeRuntime {
         };
         let shutdown = self.0.shutdown.subscribe();
         {
-            let mut s = lock(&self.0.suspects);
+            let mut s = self.0.suspects.lock();
             if s.heard_from(&peer.node_id()) {
                 let m = &self.0.metrics;
                 m.peers_restored_total.fetch_add(1, Relaxed);
@@ -1005,7 +1006,7 @@ impl NodeRuntime {
     fn forget(&self, peer: &Peer, ended: Ended) {
         let why = ended.why;
         let removed = {
-            let mut t = lock(&self.0.table);
+            let mut t = self.0.table.lock();
             let r = t.remove_if(&peer.node_id(), peer.connection_id());
             self.0
                 .metrics
@@ -1018,7 +1019,7 @@ impl NodeRuntime {
             .connections_closed_total
             .fetch_add(1, Relaxed);
         if ended.gone == Gone::Silent {
-            let mut s = lock(&self.0.suspects);
+            let mut s = self.0.suspects.lock();
             let now = self.0.clock.now();
             s.expire(now);
             s.declare_down(peer.node_id(), now);
@@ -1268,7 +1269,10 @@ impl NodeRuntime {
                     if e.is_permanent() {
                         // Said so at once to whoever waits for the join; the
                         // loop keeps trying (the peer may be reconfigured).
-                        lock(&self.0.bootstrap_refused).insert(target.to_string(), msg.clone());
+                        self.0
+                            .bootstrap_refused
+                            .lock()
+                            .insert(target.to_string(), msg.clone());
                         self.0.bootstrap_changed.notify_waiters();
                     }
                     // Log a failure once, not on every retry.
@@ -1449,14 +1453,15 @@ impl NodeRuntime {
     where
         K: std::hash::Hash + Eq + Copy + Send + 'static,
     {
-        lock(table(&self.0))
+        table(&self.0)
+            .lock()
             .entry(key)
             .or_insert_with(|| {
                 let node = self.clone();
                 let work = dial(self.clone());
                 let task = tokio::spawn(async move {
                     let res = work.await;
-                    lock(table(&node.0)).remove(&key);
+                    table(&node.0).lock().remove(&key);
                     res
                 });
                 async move {
@@ -1675,7 +1680,7 @@ impl NodeRuntime {
         );
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
         self.mark_epoch();
-        if let Some(l) = lock(&self.0.dir_lock).take() {
+        if let Some(l) = self.0.dir_lock.lock().take() {
             l.release();
         }
         tracing::info!(node_id = %self.0.node_id, "node stopped");
@@ -1700,7 +1705,7 @@ impl NodeRuntime {
             tokio::pin!(changed);
             changed.as_mut().enable();
             {
-                let refused = lock(&self.0.bootstrap_refused);
+                let refused = self.0.bootstrap_refused.lock();
                 if !targets.is_empty() && targets.iter().all(|t| refused.contains_key(t)) {
                     let mut all: Vec<(String, String)> = refused
                         .iter()
@@ -1719,7 +1724,10 @@ impl NodeRuntime {
 
     /// Bootstrap peers that refused this node for good, with why.
     pub fn bootstrap_refusals(&self) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = lock(&self.0.bootstrap_refused)
+        let mut v: Vec<(String, String)> = self
+            .0
+            .bootstrap_refused
+            .lock()
             .iter()
             .map(|(t, r)| (t.clone(), r.clone()))
             .collect();

@@ -18,7 +18,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use macula_wire::nat::{DialBack, DialBackResult, MAX_DIAL_BACK_ADDRS, MAX_DIAL_BACK_ERROR_LEN};
@@ -141,10 +143,6 @@ impl std::fmt::Debug for Reachability {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn truncate(s: &str) -> String {
     let mut end = s.len().min(MAX_DIAL_BACK_ERROR_LEN);
     while !s.is_char_boundary(end) {
@@ -187,7 +185,7 @@ impl Reachability {
     }
 
     fn lock_state(&self) -> MutexGuard<'_, ReachState> {
-        lock(&self.0.state)
+        self.0.state.lock()
     }
 
     /// The current answer.
@@ -224,7 +222,7 @@ impl Reachability {
         match msg {
             Message::DialBack(req) => self.serve(peer, req),
             Message::DialBackResult(res) => {
-                if let Some(tx) = lock(&self.0.pending).remove(&res.nonce) {
+                if let Some(tx) = self.0.pending.lock().remove(&res.nonce) {
                     let _ = tx.send(res);
                 }
                 None
@@ -326,7 +324,7 @@ impl Reachability {
             async move {
                 let nonce = self.0.next_nonce.fetch_add(1, Relaxed);
                 let (tx, rx) = oneshot::channel();
-                lock(&self.0.pending).insert(nonce, tx);
+                self.0.pending.lock().insert(nonce, tx);
                 self.0.counters.requests_sent_total.fetch_add(1, Relaxed);
                 let msg = Message::DialBack(DialBack { nonce, addrs });
                 let res = match peer.send(&msg).await {
@@ -336,7 +334,7 @@ impl Reachability {
                         .and_then(Result::ok),
                     Err(_) => None,
                 };
-                lock(&self.0.pending).remove(&nonce);
+                self.0.pending.lock().remove(&nonce);
                 res
             }
         });

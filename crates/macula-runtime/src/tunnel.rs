@@ -18,7 +18,9 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -87,10 +89,6 @@ struct TunnelSocket {
     dropped: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[derive(Debug)]
 struct AlwaysWritable;
 
@@ -106,7 +104,7 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
     }
 
     fn try_send(&self, t: &Transmit) -> io::Result<()> {
-        let Some(tx) = lock(&self.out).get(&t.destination).cloned() else {
+        let Some(tx) = self.out.lock().get(&t.destination).cloned() else {
             // No such session (any more): lost, like a datagram to nowhere.
             return Ok(());
         };
@@ -125,7 +123,7 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let mut rx = lock(&self.in_rx);
+        let mut rx = self.in_rx.lock();
         let mut n = 0;
         while n < bufs.len().min(meta.len()) {
             let item = if n == 0 {
@@ -209,7 +207,7 @@ pub struct Tunnel(Arc<Inner>);
 impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tunnel")
-            .field("sessions", &lock(&self.0.sessions).len())
+            .field("sessions", &self.0.sessions.lock().len())
             .finish()
     }
 }
@@ -261,7 +259,7 @@ impl Tunnel {
 
     /// The session behind a placeholder address.
     pub fn session(&self, addr: &SocketAddr) -> Option<SessionInfo> {
-        lock(&self.0.sessions).get(addr).cloned()
+        self.0.sessions.lock().get(addr).cloned()
     }
 
     /// Packets dropped at the tunnel (full session queue, oversized).
@@ -298,8 +296,8 @@ impl Tunnel {
     ) -> SocketAddr {
         let addr = self.next_addr();
         let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(SESSION_OUT_QUEUE);
-        lock(&self.0.socket.out).insert(addr, out_tx);
-        lock(&self.0.sessions).insert(addr, info.clone());
+        self.0.socket.out.lock().insert(addr, out_tx);
+        self.0.sessions.lock().insert(addr, info.clone());
         tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(WRITE_BATCH);
             while let Some(first) = out_rx.recv().await {
@@ -347,7 +345,7 @@ impl Tunnel {
             };
             tracing::debug!(relay = %info.relay, remote = %info.remote, reason = %why, "relayed session ended");
             this.detach(&addr);
-            if let Some(conn) = lock(&this.0.conns).remove(&addr) {
+            if let Some(conn) = this.0.conns.lock().remove(&addr) {
                 // Nothing can reach the other end any more: close at once
                 // instead of waiting for the QUIC idle timeout.
                 conn.close(quinn::VarInt::from_u32(0), why.as_bytes());
@@ -359,19 +357,19 @@ impl Tunnel {
     /// Forgets a session: its writer finishes the stream once its queue is
     /// drained.
     fn detach(&self, addr: &SocketAddr) {
-        lock(&self.0.socket.out).remove(addr);
-        lock(&self.0.sessions).remove(addr);
+        self.0.socket.out.lock().remove(addr);
+        self.0.sessions.lock().remove(addr);
     }
 
     /// Ends the session of an inner connection once that connection closed
     /// (after a moment, so its CONNECTION_CLOSE goes out first).
     pub(crate) fn bind(&self, conn: quinn::Connection) {
         let addr = conn.remote_address();
-        lock(&self.0.conns).insert(addr, conn.clone());
+        self.0.conns.lock().insert(addr, conn.clone());
         let this = self.clone();
         tokio::spawn(async move {
             conn.closed().await;
-            lock(&this.0.conns).remove(&addr);
+            this.0.conns.lock().remove(&addr);
             tokio::time::sleep(Duration::from_millis(200)).await;
             this.detach(&addr);
         });
@@ -432,7 +430,7 @@ impl Tunnel {
         reader: FrameReader,
         mut writer: FrameWriter,
     ) {
-        let reserved = lock(&self.0.reservations).contains_key(&relay.node_id());
+        let reserved = self.0.reservations.lock().contains_key(&relay.node_id());
         let status = if reserved {
             RelayStatus {
                 code: RelayCode::Ok,
@@ -510,7 +508,7 @@ impl Tunnel {
             });
         }
         let ttl = Duration::from_millis(res.ttl_ms.max(1000));
-        lock(&self.0.reservations).insert(
+        self.0.reservations.lock().insert(
             rid,
             Reservation {
                 peer: relay.clone(),
@@ -522,7 +520,7 @@ impl Tunnel {
     }
 
     fn sync_held(&self) {
-        let n = lock(&self.0.reservations).len() as u64;
+        let n = self.0.reservations.lock().len() as u64;
         self.0.counters.reservations_held.store(n, Relaxed);
     }
 
@@ -531,7 +529,7 @@ impl Tunnel {
     pub(crate) fn held(&self) -> Vec<Peer> {
         let now = Instant::now();
         let kept: Vec<Peer> = {
-            let mut r = lock(&self.0.reservations);
+            let mut r = self.0.reservations.lock();
             r.retain(|_, v| !v.peer.is_closed() && v.renew_at > now);
             r.values().map(|v| v.peer.clone()).collect()
         };
@@ -541,14 +539,14 @@ impl Tunnel {
 
     /// Forgets every reservation (this node became public).
     pub(crate) fn release_all(&self) {
-        lock(&self.0.reservations).clear();
+        self.0.reservations.lock().clear();
         self.sync_held();
     }
 
     /// A cached relay-record answer for `id`: `Some(relays)` (maybe empty:
     /// no record) if looked up within [`ROUTE_CACHE_TTL`].
     pub(crate) fn cached_routes(&self, id: &NodeId) -> Option<Vec<RelayEntry>> {
-        let routes = lock(&self.0.routes);
+        let routes = self.0.routes.lock();
         routes
             .get(id)
             .filter(|(at, _)| at.elapsed() < ROUTE_CACHE_TTL)
@@ -556,7 +554,7 @@ impl Tunnel {
     }
 
     pub(crate) fn cache_routes(&self, id: NodeId, relays: Vec<RelayEntry>) {
-        let mut routes = lock(&self.0.routes);
+        let mut routes = self.0.routes.lock();
         if routes.len() >= ROUTE_CACHE_MAX {
             routes.retain(|_, (at, _)| at.elapsed() < ROUTE_CACHE_TTL);
             if routes.len() >= ROUTE_CACHE_MAX {
@@ -568,14 +566,14 @@ impl Tunnel {
 
     /// Relays this node reserved at, by ID.
     pub fn reserved_relays(&self) -> HashSet<NodeId> {
-        lock(&self.0.reservations).keys().copied().collect()
+        self.0.reservations.lock().keys().copied().collect()
     }
 
     pub(crate) fn close(&self) {
         self.0
             .endpoint
             .close(quinn::VarInt::from_u32(0), b"node shutting down");
-        let addrs: Vec<SocketAddr> = lock(&self.0.sessions).keys().copied().collect();
+        let addrs: Vec<SocketAddr> = self.0.sessions.lock().keys().copied().collect();
         for a in addrs {
             self.detach(&a);
         }

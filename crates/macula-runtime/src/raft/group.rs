@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use macula_raft::openraft::error::{
@@ -252,10 +254,6 @@ impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Group").field("name", &self.0.name).finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn ids(set: impl IntoIterator<Item = MemberId>) -> Vec<NodeId> {
@@ -658,7 +656,10 @@ impl Group {
                     .find(|l| l.id == id)
                     .map(|l| l.ttl_ms);
                 if let Some(ttl) = ttl {
-                    lock(&self.0.leases).insert(id, Instant::now() + Duration::from_millis(ttl));
+                    self.0
+                        .leases
+                        .lock()
+                        .insert(id, Instant::now() + Duration::from_millis(ttl));
                 }
                 enc(encode(&ttl))
             }
@@ -871,7 +872,7 @@ impl Group {
                     self.restart_lease_timers();
                 }
                 if !state.is_leader {
-                    lock(&self.0.leases).clear();
+                    self.0.leases.lock().clear();
                 }
             }
             tx.send_if_modified(|cur| {
@@ -891,7 +892,7 @@ impl Group {
 
     fn restart_lease_timers(&self) {
         let now = Instant::now();
-        let mut leases = lock(&self.0.leases);
+        let mut leases = self.0.leases.lock();
         leases.clear();
         for l in self.0.sm.leases() {
             leases.insert(l.id, now + Duration::from_millis(l.ttl_ms));
@@ -915,7 +916,7 @@ impl Group {
             let now = Instant::now();
             let expired: Vec<u64> = {
                 let live = self.0.sm.leases();
-                let mut leases = lock(&self.0.leases);
+                let mut leases = self.0.leases.lock();
                 let known: BTreeMap<u64, u64> =
                     live.into_iter().map(|l| (l.id, l.ttl_ms)).collect();
                 leases.retain(|id, _| known.contains_key(id));
@@ -933,7 +934,7 @@ impl Group {
             for id in expired {
                 match self.0.raft.client_write(Request::LeaseRevoke { id }).await {
                     Ok(_) => {
-                        lock(&self.0.leases).remove(&id);
+                        self.0.leases.lock().remove(&id);
                         self.0
                             .transport
                             .counters

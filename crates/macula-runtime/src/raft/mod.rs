@@ -25,7 +25,9 @@ mod network;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use macula_wire::{Message, NodeId, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 
@@ -78,10 +80,6 @@ impl std::fmt::Debug for RaftGroups {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl RaftGroups {
     pub(crate) fn new(
         node_id: NodeId,
@@ -114,12 +112,12 @@ impl RaftGroups {
     pub async fn join(&self, name: &str, options: GroupOptions) -> Result<Group, GroupError> {
         // One join at a time: two of the same name would open one file twice.
         let _joining = self.0.joining.lock().await;
-        if let Some(g) = lock(&self.0.groups).get(name) {
+        if let Some(g) = self.0.groups.lock().get(name) {
             return Ok(g.clone());
         }
         group::check_name(name)?;
         let dir = self.0.dir.clone().ok_or(GroupError::NoDataDir)?;
-        if lock(&self.0.groups).len() >= self.0.limits.max_groups {
+        if self.0.groups.lock().len() >= self.0.limits.max_groups {
             self.0
                 .transport
                 .counters
@@ -138,18 +136,18 @@ impl RaftGroups {
             options,
         )
         .await?;
-        lock(&self.0.groups).insert(name.to_string(), g.clone());
+        self.0.groups.lock().insert(name.to_string(), g.clone());
         Ok(g)
     }
 
     /// The running group `name`.
     pub fn get(&self, name: &str) -> Option<Group> {
-        lock(&self.0.groups).get(name).cloned()
+        self.0.groups.lock().get(name).cloned()
     }
 
     /// Names of the groups this node runs.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = lock(&self.0.groups).keys().cloned().collect();
+        let mut v: Vec<String> = self.0.groups.lock().keys().cloned().collect();
         v.sort();
         v
     }
@@ -157,7 +155,7 @@ impl RaftGroups {
     /// Stops the group `name` here (its file stays; joining again resumes
     /// it). Membership is unchanged: remove the member first to leave.
     pub async fn leave(&self, name: &str) -> bool {
-        let g = lock(&self.0.groups).remove(name);
+        let g = self.0.groups.lock().remove(name);
         match g {
             Some(g) => {
                 g.shutdown().await;
@@ -169,7 +167,7 @@ impl RaftGroups {
 
     /// Stops every group (node shutdown).
     pub async fn shutdown(&self) {
-        let all: Vec<Group> = lock(&self.0.groups).drain().map(|(_, g)| g).collect();
+        let all: Vec<Group> = self.0.groups.lock().drain().map(|(_, g)| g).collect();
         for g in all {
             g.shutdown().await;
         }

@@ -93,7 +93,7 @@ impl Rpc {
             return;
         };
         {
-            let mut cur = lock(&link.addrs);
+            let mut cur = link.addrs.lock();
             if *cur == addrs {
                 return;
             }

@@ -145,7 +145,7 @@ impl Rpc {
 
     pub(super) fn observe_duration(&self, procedure: &str, d: Duration) {
         let label = {
-            let mut seen = lock(&self.0.duration_labels);
+            let mut seen = self.0.duration_labels.lock();
             if seen.contains(procedure) {
                 procedure.to_string()
             } else if seen.len() < MAX_DURATION_LABELS {
@@ -296,7 +296,7 @@ impl Rpc {
                     input = Some(call.connected(reached, "could not connect", false));
                 }
                 Action::ConnectClient { conn, .. } => {
-                    let peer = lock(&self.0.clients).get(&conn).cloned();
+                    let peer = self.0.clients.lock().get(&conn).cloned();
                     let peer = peer.filter(|p| !p.is_closed());
                     input = Some(call.connected(peer, "the client's connection is gone", true));
                 }

@@ -7,7 +7,7 @@
 
 use macula_rpc::ClientAd;
 
-use super::{advertise_error, lock, Rpc, RpcError};
+use super::{advertise_error, Rpc, RpcError};
 use crate::peer::Peer;
 
 impl Rpc {
@@ -23,7 +23,7 @@ impl Rpc {
         // waits for the first one's put instead of seeing a half-made ad.
         let _serial = self.0.client_ads.lock().await;
         let conn = client.connection_id() as u64;
-        lock(&self.0.clients).insert(conn, client.clone());
+        self.0.clients.lock().insert(conn, client.clone());
         let ad = self.state().core.advertise_for_client(
             procedure,
             client.node_id(),
@@ -54,7 +54,7 @@ impl Rpc {
         let conn = client.connection_id() as u64;
         let gone = self.state().core.withdraw_client(conn, procedure);
         if procedure.is_none() {
-            lock(&self.0.clients).remove(&conn);
+            self.0.clients.lock().remove(&conn);
         }
         self.count_advertised();
         for (procedure, _) in gone {

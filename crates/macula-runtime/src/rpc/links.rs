@@ -11,14 +11,14 @@
 //! The decisions (which provider, when to retry, what to forward) are the
 //! core's, for every role; nothing here decides.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use macula_wire::rpc::Advertisement;
 use macula_wire::{NodeId, ServiceIndex};
 
-use super::{lock, ProviderInfo, AD_TTL};
+use super::{ProviderInfo, AD_TTL};
 use crate::dht::DhtHandle;
 use crate::peer::Peer;
 
@@ -127,7 +127,7 @@ impl RpcLink {
                     procedure: procedure.to_string(),
                     weight,
                     metadata,
-                    addrs: lock(&self.addrs).clone(),
+                    addrs: self.addrs.lock().clone(),
                 };
                 let value = ad.encode().map_err(|e| e.to_string())?;
                 self.dht.put(key, value, AD_TTL).await.map_err(err)?;

@@ -41,7 +41,9 @@ mod serve;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::AbortHandle;
@@ -96,10 +98,6 @@ impl std::fmt::Debug for Rpc {
             .field("advertised", &self.0.counters.advertised.load(Relaxed))
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn ms(d: Duration) -> Millis {
@@ -191,7 +189,7 @@ impl Rpc {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.0.state)
+        self.0.state.lock()
     }
 
     fn now(&self) -> Millis {

@@ -29,7 +29,7 @@ impl Rpc {
             RpcMessage::Reply(r) => self.complete(peer, r.id, Ok(r.payload)),
             RpcMessage::Error(e) => self.complete(peer, e.id, Err(e)),
             RpcMessage::Cancel(Cancel { id }) => {
-                let handle = lock(&self.0.serving).remove(&(peer.connection_id(), id));
+                let handle = self.0.serving.lock().remove(&(peer.connection_id(), id));
                 if let Some(h) = handle {
                     h.abort();
                     self.0
@@ -134,11 +134,11 @@ impl Rpc {
     {
         let key = (peer.connection_id(), id);
         let (abort, reg) = AbortHandle::new_pair();
-        lock(&self.0.serving).insert(key, abort);
+        self.0.serving.lock().insert(key, abort);
         let (rpc, peer) = (self.clone(), peer.clone());
         let task = async move {
             let outcome = work.await;
-            lock(&rpc.0.serving).remove(&key);
+            rpc.0.serving.lock().remove(&key);
             let c = &rpc.0.counters;
             let msg = match outcome {
                 Ok(payload) => {
@@ -176,7 +176,7 @@ impl Rpc {
 
     /// The connection `conn_id` closed: abandon the requests it carried.
     pub(crate) fn connection_closed(&self, conn_id: usize) {
-        let mut serving = lock(&self.0.serving);
+        let mut serving = self.0.serving.lock();
         serving.retain(|(c, _), h| {
             if *c == conn_id {
                 h.abort();
