@@ -251,6 +251,10 @@ pub struct Dht {
     puts: HashMap<PutId, PutOp>,
     next_put_id: u64,
     published: HashMap<NodeId, Published>,
+    /// The last seq of keys unpublished while it was still above the seq
+    /// floor (`seq_base + now`): a put of the key again must go above it.
+    /// Entries leave once the floor has passed them.
+    retired: HashMap<NodeId, u64>,
     republish_queue: BTreeSet<(Millis, NodeId)>,
     seeds: Vec<Contact>,
     /// Re-join at this time (set when a join reached nobody).
@@ -317,6 +321,7 @@ impl Dht {
             puts: HashMap::new(),
             next_put_id: 0,
             published: HashMap::new(),
+            retired: HashMap::new(),
             republish_queue: BTreeSet::new(),
             seeds: Vec::new(),
             next_join: None,
@@ -455,10 +460,13 @@ impl Dht {
         now: Millis,
     ) -> Result<PutId, PutError> {
         let floor = self.config.seq_base.saturating_add(now.0);
-        let seq = self
+        self.retired.retain(|_, seq| *seq >= floor);
+        let last = self
             .published
             .get(&key)
-            .map_or(floor, |p| p.record.seq.saturating_add(1).max(floor));
+            .map(|p| p.record.seq)
+            .or_else(|| self.retired.get(&key).copied());
+        let seq = last.map_or(floor, |s| s.saturating_add(1).max(floor));
         let mut record = Record {
             key,
             publisher: self.own.id,
@@ -485,6 +493,7 @@ impl Dht {
         if let Some(old) = self.published.remove(&key) {
             self.republish_queue.remove(&(old.republish_at, key));
         }
+        self.retired.remove(&key);
         let republish_at =
             now.saturating_add(ttl.percent(u64::from(self.config.republish_percent)));
         self.republish_queue.insert((republish_at, key));
@@ -504,6 +513,9 @@ impl Dht {
         match self.published.remove(key) {
             Some(p) => {
                 self.republish_queue.remove(&(p.republish_at, *key));
+                // A put of this key soon after must still carry a higher seq
+                // (puts within one millisecond count up past the floor).
+                self.retired.insert(*key, p.record.seq);
                 true
             }
             None => false,

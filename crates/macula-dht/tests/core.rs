@@ -501,6 +501,25 @@ fn record_seq_grows_from_the_seq_base_across_restarts() {
 }
 
 #[test]
+fn a_put_right_after_an_unpublish_is_not_stale() {
+    // Puts within one millisecond count the seq up past `seq_base + now`;
+    // an unpublish must not forget that, or the next put of the key carries
+    // a lower seq and every replica refuses it as stale.
+    let config = Config::default();
+    let mut sim = mesh(8, 5, &config);
+    let key = NodeId::from_bytes([0x2a; 32]);
+    for v in 0..5u8 {
+        sim.command(2, |d, now| d.put(key, vec![v], Millis::from_secs(600), now))
+            .expect("put accepted locally");
+    }
+    assert!(sim.command(2, |d, _| d.unpublish(&key)));
+    put(&mut sim, 2, key, b"again", Millis::from_secs(600)).expect("quorum, not stale");
+    let outcome = get(&mut sim, 4, key);
+    assert_eq!(outcome.records.len(), 1);
+    assert_eq!(outcome.records[0].value, b"again");
+}
+
+#[test]
 fn put_fails_below_quorum() {
     // Every node but the publisher refuses all signatures.
     let mut sim = Sim::new(lossless(), 31);
