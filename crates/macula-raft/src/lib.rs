@@ -4,21 +4,25 @@
 //! type configuration ([`TypeConfig`], members are [`MemberId`]s), the
 //! key-value state machine with etcd-v3 semantics ([`kv`]: one revision per
 //! group, per-key create/mod revision and version, leases, a workload
-//! registry), bounded watch history ([`watch`]) and the redb-backed log and
-//! state-machine store ([`store`]). The runtime (`macula-runtime`) carries
+//! registry), bounded watch history ([`watch`]) and the store: the log in
+//! files of its own ([`wal`]), the state machine in redb ([`store`]). The runtime (`macula-runtime`) carries
 //! openraft's RPCs over the mesh and decides lease expiry; it reads the state
 //! machine directly through [`StateMachineStore`] after
 //! `raft.ensure_linearizable()`.
 //!
 //! # On-disk layout
 //!
-//! One [redb] database file per group (the runtime uses
-//! `<data_dir>/raft/<group>.redb`), holding these tables:
+//! Per group, a directory of log files and one [redb] database file (the
+//! runtime uses `<data_dir>/raft/<group>.wal/` and
+//! `<data_dir>/raft/<group>.redb`; [`store::log_dir`]). The log files hold
+//! the entries, the vote, the commit hint and the last purged id as
+//! checksummed records ([`wal`] documents the format). Earlier versions
+//! kept the log in the redb file (tables `log` and `log_meta`); [`open`]
+//! moves such a log into the log files, whole, and drops those tables.
+//! The database holds these tables:
 //!
 //! | table        | key                      | value                                             |
 //! |--------------|--------------------------|---------------------------------------------------|
-//! | `log`        | `u64` log index          | one `openraft::Entry<TypeConfig>`                 |
-//! | `log_meta`   | `&str`: `vote`, `committed`, `last_purged` | `Vote`, `LogId`, `LogId`        |
 //! | `sm_meta`    | `&str`: `format`, `last_applied`, `last_membership`, `revision`, `snapshot_seq` | see below |
 //! | `kv`         | key bytes                | [`store::StoredValue`]: value, revisions, version, lease |
 //! | `leases`     | `u64` lease id           | [`store::StoredLease`]: `ttl_ms`                 |
@@ -35,13 +39,13 @@
 //!
 //! # Durability
 //!
-//! * `append` writes a whole batch of entries in one redb write transaction
-//!   (group commit) with `Durability::Immediate` and calls openraft's
-//!   callback only after that commit returned, i.e. after fsync.
-//! * `save_vote`, `truncate`, `purge` (with `last_purged`) commit with
-//!   `Durability::Immediate` before returning; `save_committed` commits with
-//!   `Durability::None` (it is an optimisation: losing it only means
-//!   re-applying less on restart, and any later durable commit persists it).
+//! * `append` writes a whole batch of entries (and whatever else was queued
+//!   meanwhile) to the log files with one `fdatasync` (group commit) and
+//!   calls openraft's callback only after it returned; a leader's own
+//!   entries are the exception described at [`store::LogStore`].
+//! * `save_vote`, `truncate`, `purge` (with `last_purged`) return once
+//!   their record is synced; `save_committed` is a hint written with the
+//!   next record (losing it only means re-applying more on restart).
 //! * `apply` writes the changed keys, leases, `last_applied`,
 //!   `last_membership` and `revision` in one transaction, by default
 //!   `Durability::Immediate` (see [`store::Options::durable_apply`]).
@@ -65,6 +69,7 @@ pub use openraft;
 pub mod kv;
 pub mod linearizability;
 pub mod store;
+pub mod wal;
 pub mod watch;
 
 pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};

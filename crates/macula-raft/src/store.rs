@@ -1,9 +1,9 @@
-//! The redb-backed log store and state machine of one Raft group
-//! (openraft storage v2: [`RaftLogStorage`] and [`RaftStateMachine`]).
+//! The log store and state machine of one Raft group (openraft storage v2:
+//! [`RaftLogStorage`] and [`RaftStateMachine`]).
 //!
-//! [`open`] opens (or creates) one database file and returns both halves,
-//! which share it. The table layout, encoding and durability rules are in
-//! the crate documentation.
+//! [`open`] opens (or creates) one group's database file and log files
+//! ([`crate::wal`]) and returns both halves. The layout, encoding and
+//! durability rules are in the crate documentation.
 //!
 //! The state machine keeps the key space in memory ([`Kv`]) and writes every
 //! change through to redb. `apply` updates memory, the watch history and the
@@ -18,14 +18,16 @@ use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StorageIOError, Vote,
 };
-use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -33,6 +35,7 @@ use tokio::sync::broadcast;
 use crate::kv::{
     Event, KeyValue, Kv, KvError, KvSnapshot, Lease, LeaseRecord, Limits, Response, Workload,
 };
+use crate::wal::{Record, Wal, WalReader};
 use crate::watch::History;
 use crate::{LogId, MemberId, StorageError, StoredMembership, TypeConfig};
 
@@ -172,11 +175,14 @@ redb_from!(
     redb::CommitError
 );
 
-fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     rmp_serde::to_vec_named(value).map_err(|source| StoreError::Encode { what, source })
 }
 
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|source| StoreError::Decode { what, source })
 }
 
@@ -254,8 +260,6 @@ pub fn open_with(
         .create(path)?;
     let txn = db.begin_write()?;
     {
-        txn.open_table(LOG)?;
-        txn.open_table(LOG_META)?;
         txn.open_table(KV)?;
         txn.open_table(LEASES)?;
         txn.open_table(SNAPSHOT)?;
@@ -287,7 +291,7 @@ pub fn open_with(
         let thread = std::thread::Builder::new()
             .name("raft-sm-writer".into())
             .spawn(move || sm_writer(writer_db, rx))?;
-        (Some(std::sync::Mutex::new(tx)), Some(thread))
+        (Some(Mutex::new(tx)), Some(thread))
     };
 
     let (mut kv, mut last_applied, mut last_membership, seq) =
@@ -321,10 +325,9 @@ pub fn open_with(
         last_applied = ?last_applied,
         "raft store opened"
     );
+    let wal = open_log(&db, &log_dir(path))?;
     let durable_tx = tokio::sync::watch::Sender::new(DurableState {
-        // An undecodable last row is reported where openraft reads the log
-        // (`get_log_state`), which it does first.
-        last: last_log_id(&db).unwrap_or_default(),
+        last: wal.reader().last(),
         failed: None,
     });
     let durable = Durable {
@@ -345,24 +348,95 @@ pub fn open_with(
             state: RwLock::new(state),
             snapshot_seq: AtomicU64::new(seq),
             writer,
-            thread: std::sync::Mutex::new(sm_thread),
+            thread: Mutex::new(sm_thread),
             durable: durable.clone(),
         }),
     };
-    Ok((LogStore::new(db, member, (durable_tx, durable))?, sm))
+    Ok((LogStore::new(wal, member, (durable_tx, durable))?, sm))
 }
 
 type Loaded = (Kv, Option<LogId>, StoredMembership, u64);
 
-/// The last log id in the log table, or the last purged one.
-fn last_log_id(db: &Database) -> Result<Option<LogId>, StoreError> {
-    let txn = db.begin_read()?;
-    let t = txn.open_table(LOG)?;
-    if let Some((_, v)) = t.last()? {
-        return Ok(Some(decode::<Entry>("log entry", v.value())?.log_id));
+/// Where the log of the store at `path` lives: `<group>.wal` beside
+/// `<group>.redb` (see [`crate::wal`]).
+pub fn log_dir(path: &Path) -> std::path::PathBuf {
+    path.with_extension("wal")
+}
+
+/// Opens the log files in `dir`. A store written by an earlier version
+/// kept its log in the redb file (tables `log` and `log_meta`): that log is
+/// first copied into a new directory, which is renamed into place once
+/// durable, and only then are the old tables dropped, so a crash at any
+/// point leaves one whole copy.
+fn open_log(db: &Database, dir: &Path) -> Result<Wal, StoreError> {
+    let staging = dir.with_extension("wal.migrating");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
     }
-    let meta = txn.open_table(LOG_META)?;
-    get_meta(&meta, LAST_PURGED, "last purged")
+    if !dir.exists() {
+        if let Some(old) = old_log(db)? {
+            tracing::info!(path = %dir.display(), entries = old.entries.len(), "moving the raft log out of the redb file");
+            let mut wal = Wal::open(&staging)?;
+            let mut records: Vec<Record<'_>> = Vec::new();
+            if let Some(p) = old.last_purged {
+                records.push(Record::Purge { upto: p });
+            }
+            if let Some(v) = old.vote {
+                records.push(Record::Vote(v));
+            }
+            records.push(Record::Committed(old.committed));
+            records.extend(old.entries.iter().map(|(log_id, bytes)| Record::Entry {
+                log_id: *log_id,
+                bytes,
+            }));
+            wal.write(&records)?;
+            drop(wal);
+            std::fs::rename(&staging, dir)?;
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
+    }
+    let wal = Wal::open(dir)?;
+    // The old tables, once the log files hold their content.
+    let txn = db.begin_write()?;
+    let dropped = txn.delete_table(LOG)? | txn.delete_table(LOG_META)?;
+    txn.commit()?;
+    if dropped {
+        tracing::info!(path = %dir.display(), "dropped the raft log tables of the redb file");
+    }
+    Ok(wal)
+}
+
+/// A log as earlier versions kept it in the redb file.
+struct OldLog {
+    entries: Vec<(LogId, Vec<u8>)>,
+    vote: Option<Vote<MemberId>>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+}
+
+/// The log in the redb file's `log` and `log_meta` tables, if there is one.
+fn old_log(db: &Database) -> Result<Option<OldLog>, StoreError> {
+    let txn = db.begin_read()?;
+    let (log, meta) = match (txn.open_table(LOG), txn.open_table(LOG_META)) {
+        (Ok(log), Ok(meta)) => (log, meta),
+        (Err(redb::TableError::TableDoesNotExist(_)), _)
+        | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(None),
+        (Err(e), _) | (_, Err(e)) => return Err(e.into()),
+    };
+    let mut entries = Vec::new();
+    for row in log.iter()? {
+        let (_, v) = row?;
+        let e: Entry = decode("log entry", v.value())?;
+        entries.push((e.log_id, v.value().to_vec()));
+    }
+    Ok(Some(OldLog {
+        entries,
+        vote: get_meta(&meta, VOTE, "vote")?,
+        committed: get_meta::<Option<LogId>, _>(&meta, COMMITTED, "committed")?.flatten(),
+        last_purged: get_meta(&meta, LAST_PURGED, "last purged")?,
+    }))
 }
 
 fn load_state_machine(db: &Database, limits: &Limits) -> Result<Loaded, StoreError> {
@@ -512,11 +586,11 @@ impl Durable {
 }
 
 /// The Raft log and vote of one group ([`RaftLogStorage`]); also its own
-/// [`RaftLogReader`]. Cheap to clone (shares the database and the writer).
+/// [`RaftLogReader`]. Cheap to clone (shares the log files and the writer).
 ///
 /// **Writes go through one writer thread** that takes every operation
-/// queued while the previous transaction was being committed and commits
-/// them together (group commit: one fsync for many appends). Appends are
+/// queued while the previous write was being synced and writes them
+/// together (group commit: one `fdatasync` for many appends). Appends are
 /// readable at once (held in `pending` until they are on disk).
 ///
 /// **The leader does not wait for its own fsync** (with
@@ -532,7 +606,7 @@ impl Durable {
 /// `append` returns.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    wal: WalReader,
     shared: Arc<LogShared>,
 }
 
@@ -540,16 +614,16 @@ struct LogShared {
     /// Appended entries not yet known to be on disk, by index.
     /// Shared with the writer thread (which never holds `LogShared`, so the
     /// last handle is always dropped, and the writer joined, off it).
-    pending: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
     /// The last commit openraft reported, not yet written: the writer
     /// writes it with its next transaction (shared like `pending`).
-    committed: Arc<std::sync::Mutex<Option<LogId>>>,
+    committed: Arc<Mutex<Option<LogId>>>,
     /// The last vote saved (to recognise this member's own leader entries).
-    vote: std::sync::Mutex<Option<Vote<MemberId>>>,
+    vote: Mutex<Option<Vote<MemberId>>>,
     /// This member, when known ([`Options::member`]).
     member: Option<MemberId>,
-    writer: std::sync::Mutex<Option<std::sync::mpsc::Sender<LogOp>>>,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    writer: Mutex<Option<std::sync::mpsc::Sender<LogOp>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     durable: Durable,
 }
 
@@ -557,8 +631,8 @@ impl Drop for LogShared {
     /// Stops the writer and waits for it, so that the database file is
     /// closed when the last handle is gone (a reopen right after works).
     fn drop(&mut self) {
-        lock(&self.writer).take();
-        join_unless_self(lock(&self.thread).take());
+        self.writer.lock().take();
+        join_unless_self(self.thread.lock().take());
     }
 }
 
@@ -587,13 +661,11 @@ enum LogOp {
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
     Purge {
-        upto: u64,
-        bytes: Vec<u8>,
+        upto: LogId,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
-    Meta {
-        key: &'static str,
-        bytes: Vec<u8>,
+    Vote {
+        vote: Vote<MemberId>,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
 }
@@ -602,29 +674,19 @@ enum LogOp {
 const MAX_GROUP_COMMIT: usize = 4096;
 
 impl LogOp {
-    fn apply(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+    /// Adds this operation's log records to `out`.
+    fn records<'a>(&'a self, out: &mut Vec<Record<'a>>) {
         match self {
             LogOp::Append { rows, .. } => {
-                let mut t = txn.open_table(LOG)?;
-                for (index, bytes, _) in rows {
-                    t.insert(*index, bytes.as_slice())?;
-                }
+                out.extend(rows.iter().map(|(_, bytes, log_id)| Record::Entry {
+                    log_id: *log_id,
+                    bytes,
+                }));
             }
-            LogOp::Truncate { from, .. } => {
-                txn.open_table(LOG)?
-                    .retain_in::<u64, _>(*from.., |_, _| false)?;
-            }
-            LogOp::Purge { upto, bytes, .. } => {
-                txn.open_table(LOG_META)?
-                    .insert(LAST_PURGED, bytes.as_slice())?;
-                txn.open_table(LOG)?
-                    .retain_in::<u64, _>(..=*upto, |_, _| false)?;
-            }
-            LogOp::Meta { key, bytes, .. } => {
-                txn.open_table(LOG_META)?.insert(*key, bytes.as_slice())?;
-            }
+            LogOp::Truncate { from, .. } => out.push(Record::Truncate { from: *from }),
+            LogOp::Purge { upto, .. } => out.push(Record::Purge { upto: *upto }),
+            LogOp::Vote { vote, .. } => out.push(Record::Vote(*vote)),
         }
-        Ok(())
     }
 }
 
@@ -647,30 +709,17 @@ fn last_after(batch: &[LogOp], mut last: Option<LogId>) -> Option<LogId> {
                     last = *keep;
                 }
             }
-            LogOp::Purge { .. } | LogOp::Meta { .. } => {}
+            LogOp::Purge { .. } | LogOp::Vote { .. } => {}
         }
     }
     last
 }
 
-/// Writes the commit hint `c`, lowered to `last` (the log's last entry
-/// once this transaction is committed) if that is behind.
-fn write_committed(
-    txn: &WriteTransaction,
-    c: LogId,
-    last: Option<LogId>,
-) -> Result<(), StoreError> {
-    let c = clamp_to(Some(c), last);
-    txn.open_table(LOG_META)?
-        .insert(COMMITTED, encode("committed", &c)?.as_slice())?;
-    Ok(())
-}
-
 /// The writer thread: group commits until every `LogStore` clone is gone.
 fn log_writer(
-    db: Arc<Database>,
-    pending: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
-    committed: Arc<std::sync::Mutex<Option<LogId>>>,
+    mut wal: Wal,
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    committed: Arc<Mutex<Option<LogId>>>,
     rx: std::sync::mpsc::Receiver<LogOp>,
     on_disk: tokio::sync::watch::Sender<DurableState>,
 ) {
@@ -683,19 +732,16 @@ fn log_writer(
             }
         }
         let last = last_after(&batch, on_disk.borrow().last);
-        let result = (|| -> Result<(), StoreError> {
-            let txn = db.begin_write()?;
-            for op in &batch {
-                op.apply(&txn)?;
-            }
-            // The commit hint rides along, never ahead of the log it names.
-            let hint = lock(&committed).take();
-            if let Some(c) = hint {
-                write_committed(&txn, c, last)?;
-            }
-            txn.commit()?;
-            Ok(())
-        })();
+        let mut records = Vec::new();
+        for op in &batch {
+            op.records(&mut records);
+        }
+        // The commit hint rides along, never ahead of the log it names.
+        if let Some(c) = committed.lock().take() {
+            records.push(Record::Committed(clamp_to(Some(c), last)));
+        }
+        let result = wal.write(&records);
+        drop(records);
         let err = result.as_ref().err().map(|e| e.to_string());
         on_disk.send_modify(|d| match &err {
             Some(e) => {
@@ -719,7 +765,7 @@ fn log_writer(
                 } => {
                     if answer.is_ok() {
                         {
-                            let mut pending = lock(&pending);
+                            let mut pending = pending.lock();
                             for (index, _, log_id) in &rows {
                                 // Unless truncated and appended anew since.
                                 if pending.get(index).is_some_and(|e| e.log_id == *log_id) {
@@ -737,29 +783,19 @@ fn log_writer(
                 }
                 LogOp::Truncate { done, .. }
                 | LogOp::Purge { done, .. }
-                | LogOp::Meta { done, .. } => {
+                | LogOp::Vote { done, .. } => {
                     let _ = done.send(answer);
                 }
             }
         }
     }
     // Closed: the last commit hint, if it is not written yet.
-    if let Some(c) = lock(&committed).take() {
+    if let Some(c) = committed.lock().take() {
         let last = on_disk.borrow().last;
-        let written = (|| -> Result<(), StoreError> {
-            let txn = db.begin_write()?;
-            write_committed(&txn, c, last)?;
-            txn.commit()?;
-            Ok(())
-        })();
-        if let Err(e) = written {
+        if let Err(e) = wal.write(&[Record::Committed(clamp_to(Some(c), last))]) {
             tracing::warn!(error = %e, "could not save the raft commit index at close");
         }
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Debug for LogStore {
@@ -770,32 +806,33 @@ impl Debug for LogStore {
 
 impl LogStore {
     fn new(
-        db: Arc<Database>,
+        wal: Wal,
         member: Option<MemberId>,
         durable: (tokio::sync::watch::Sender<DurableState>, Durable),
     ) -> Result<Self, StoreError> {
-        // Only a hint for `own_leader_entries` (a corrupt vote is reported
-        // by `read_vote`, where openraft reads it): unknown means "wait".
-        let vote = read_meta(&db, LOG_META, VOTE, "vote").ok().flatten();
+        let reader = wal.reader();
+        let vote = reader.vote();
         let (tx, rx) = std::sync::mpsc::channel();
         let (durable_tx, durable) = durable;
         let shared = Arc::new(LogShared {
             pending: Arc::default(),
             committed: Arc::default(),
-            vote: std::sync::Mutex::new(vote),
+            vote: Mutex::new(vote),
             member,
-            writer: std::sync::Mutex::new(Some(tx)),
-            thread: std::sync::Mutex::new(None),
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(None),
             durable,
         });
         let pending = shared.pending.clone();
         let committed = shared.committed.clone();
-        let writer_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || log_writer(writer_db, pending, committed, rx, durable_tx))?;
-        *lock(&shared.thread) = Some(thread);
-        Ok(LogStore { db, shared })
+            .spawn(move || log_writer(wal, pending, committed, rx, durable_tx))?;
+        *shared.thread.lock() = Some(thread);
+        Ok(LogStore {
+            wal: reader,
+            shared,
+        })
     }
 
     /// How far this log is on disk.
@@ -808,46 +845,43 @@ impl LogStore {
         // Entries not yet on disk first: one the writer commits (and drops
         // from `pending`) after this is then in the disk's view read next.
         // The other order could miss it in both.
-        let pending: Vec<(u64, Entry)> = lock(&self.shared.pending)
+        let pending: Vec<(u64, Entry)> = self
+            .shared
+            .pending
+            .lock()
             .range(bounds())
             .map(|(i, e)| (*i, e.clone()))
             .collect();
-        let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
-        {
-            let txn = self.db.begin_read()?;
-            let t = txn.open_table(LOG)?;
-            for row in t.range::<u64>(bounds())? {
-                let (k, v) = row?;
-                out.insert(k.value(), decode("log entry", v.value())?);
-            }
-        }
+        let mut out: BTreeMap<u64, Entry> = self
+            .wal
+            .entries(bounds())?
+            .into_iter()
+            .map(|e| (e.log_id.index, e))
+            .collect();
         // A pending entry is newer than what the disk holds at its index
         // (a truncated tail appended anew).
         out.extend(pending);
         Ok(out.into_values().collect())
     }
 
-    fn log_state(&self) -> Result<LogState<TypeConfig>, StoreError> {
+    fn log_state(&self) -> LogState<TypeConfig> {
         // Pending first, as in `entries`.
-        let pending_last = lock(&self.shared.pending)
+        let pending_last = self
+            .shared
+            .pending
+            .lock()
             .last_key_value()
             .map(|(_, e)| e.log_id);
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(LOG)?;
-        let last = match t.last()? {
-            Some((_, v)) => Some(decode::<Entry>("log entry", v.value())?.log_id),
-            None => None,
-        };
-        let meta = txn.open_table(LOG_META)?;
-        let last_purged: Option<LogId> = get_meta(&meta, LAST_PURGED, "last purged")?;
-        Ok(LogState {
-            last_log_id: pending_last.or(last).or(last_purged),
-            last_purged_log_id: last_purged,
-        })
+        LogState {
+            last_log_id: pending_last.or(self.wal.last()),
+            last_purged_log_id: self.wal.last_purged(),
+        }
     }
 
     fn send(&self, op: LogOp) -> Result<(), StoreError> {
-        lock(&self.shared.writer)
+        self.shared
+            .writer
+            .lock()
             .as_ref()
             .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?
             .send(op)
@@ -872,7 +906,7 @@ impl LogStore {
         let Some(me) = self.shared.member else {
             return false;
         };
-        let vote = lock(&self.shared.vote);
+        let vote = self.shared.vote.lock();
         let Some(vote) = vote.as_ref() else {
             return false;
         };
@@ -899,8 +933,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        self.log_state()
-            .map_err(sto(ErrorSubject::Logs, ErrorVerb::Read))
+        Ok(self.log_state())
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -908,21 +941,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<MemberId>) -> Result<(), StorageError> {
-        let bytes = encode("vote", vote).map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))?;
-        self.write_wait(|done| LogOp::Meta {
-            key: VOTE,
-            bytes,
-            done,
-        })
-        .await
-        .map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))?;
-        *lock(&self.shared.vote) = Some(*vote);
+        self.write_wait(|done| LogOp::Vote { vote: *vote, done })
+            .await
+            .map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))?;
+        *self.shared.vote.lock() = Some(*vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<MemberId>>, StorageError> {
-        read_meta(&self.db, LOG_META, VOTE, "vote")
-            .map_err(sto(ErrorSubject::Vote, ErrorVerb::Read))
+        Ok(self.wal.vote())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
@@ -931,15 +958,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // commit after every write; a transaction each would cost it CPU
         // on the path of the next write).
         if committed.is_some() {
-            *lock(&self.shared.committed) = committed;
+            *self.shared.committed.lock() = committed;
         }
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        read_meta::<Option<LogId>>(&self.db, LOG_META, COMMITTED, "committed")
-            .map(Option::flatten)
-            .map_err(sto(ErrorSubject::Store, ErrorVerb::Read))
+        Ok(self.wal.committed())
     }
 
     async fn append<I>(
@@ -966,7 +991,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let early = self.own_leader_entries(&rows);
         {
             // Readable from now on, before they reach the disk.
-            let mut pending = lock(&self.shared.pending);
+            let mut pending = self.shared.pending.lock();
             for e in fresh {
                 pending.insert(e.log_id.index, e);
             }
@@ -997,7 +1022,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating raft log");
-        lock(&self.shared.pending).retain(|i, _| *i < log_id.index);
+        self.shared.pending.lock().retain(|i, _| *i < log_id.index);
         let keep = match log_id.index.checked_sub(1) {
             None => None,
             Some(i) => self
@@ -1005,7 +1030,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Read))?
                 .last()
                 .map(|e| e.log_id)
-                .or(self.log_state().ok().and_then(|s| s.last_purged_log_id)),
+                .or(self.wal.last_purged()),
         };
         self.write_wait(|done| LogOp::Truncate {
             from: log_id.index,
@@ -1018,16 +1043,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging raft log");
-        let bytes = encode("last purged", &log_id)
-            .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))?;
-        lock(&self.shared.pending).retain(|i, _| *i > log_id.index);
-        self.write_wait(|done| LogOp::Purge {
-            upto: log_id.index,
-            bytes,
-            done,
-        })
-        .await
-        .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))
+        self.shared.pending.lock().retain(|i, _| *i > log_id.index);
+        self.write_wait(|done| LogOp::Purge { upto: log_id, done })
+            .await
+            .map_err(sto(ErrorSubject::Log(log_id), ErrorVerb::Delete))
     }
 }
 
@@ -1050,8 +1069,8 @@ struct SmShared {
     snapshot_seq: AtomicU64,
     /// With `durable_apply = false`: the thread that writes applied changes
     /// behind `apply`, merging whatever queued up into one transaction.
-    writer: Option<std::sync::Mutex<std::sync::mpsc::Sender<SmOp>>>,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    writer: Option<Mutex<std::sync::mpsc::Sender<SmOp>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The log's progress to disk: with `Options::member` set, entries are
     /// applied only once on disk here (see [`Durable`]).
     durable: Durable,
@@ -1060,7 +1079,7 @@ struct SmShared {
 impl Drop for SmShared {
     fn drop(&mut self) {
         self.writer.take();
-        join_unless_self(lock(&self.thread).take());
+        join_unless_self(self.thread.lock().take());
     }
 }
 
@@ -1186,17 +1205,11 @@ struct Writes {
 
 impl StateMachineStore {
     fn state(&self) -> RwLockReadGuard<'_, SmState> {
-        self.shared
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared.state.read()
     }
 
     fn state_mut(&self) -> RwLockWriteGuard<'_, SmState> {
-        self.shared
-            .state
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared.state.write()
     }
 
     /// One key (reserved keys included).
@@ -1423,7 +1436,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 membership,
                 revision,
             }));
-            lock(writer)
+            writer
+                .lock()
                 .send(op)
                 .map_err(|_| StoreError::Task("the state machine writer has stopped".into()))
                 .map_err(Self::io_sm(ErrorVerb::Write))?;
@@ -1460,7 +1474,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // snapshot then replaces them.
         if let Some(writer) = &self.shared.writer {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if lock(writer).send(SmOp::Barrier(tx)).is_ok() {
+            if writer.lock().send(SmOp::Barrier(tx)).is_ok() {
                 let _ = rx.await;
             }
         }
@@ -1676,6 +1690,9 @@ mod tests {
     /// then, and `Durable::clamp` keeps the commit index sent to followers
     /// at what is on disk.
     #[tokio::test]
+    // The gate is held across awaits on purpose: it stands for a disk that
+    // has not finished the write (the writer is another OS thread).
+    #[allow(clippy::await_holding_lock)]
     async fn a_leaders_own_entries_are_applied_only_once_on_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         let me = MemberId::from(1u64);
@@ -1695,9 +1712,10 @@ mod tests {
             log_id: id(index),
             ..put(index, "k")
         };
-        // Hold the database's one write transaction: the log writer cannot
-        // commit until it is dropped.
-        let blocker = log.db.begin_write().expect("txn");
+        // Hold the log's write gate: the log writer cannot write until it
+        // is released.
+        let gate = log.wal.gate.clone();
+        let blocker = gate.lock();
         // Reported flushed at once (this returns although nothing can
         // reach the disk) and readable, for replication.
         log.blocking_append([entry(1), entry(2)])
@@ -1738,7 +1756,7 @@ mod tests {
     }
 
     /// Rewrites rows of a closed store's file.
-    fn poke(path: &Path, f: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>) {
+    fn poke(path: &Path, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>) {
         let db = Database::create(path).expect("db");
         let txn = db.begin_write().expect("txn");
         f(&txn).expect("poke");
@@ -1755,12 +1773,15 @@ mod tests {
                 .await
                 .expect("append");
         }
-        poke(&p, |txn| {
-            txn.open_table(LOG)?.insert(2, [0xc1u8, 0xff].as_slice())?;
-            txn.open_table(LOG_META)?
-                .insert(VOTE, [0x93u8].as_slice())?;
-            Ok(())
-        });
+        {
+            // An intact record whose entry does not decode.
+            let mut wal = Wal::open(&log_dir(&p)).expect("wal");
+            wal.write(&[Record::Entry {
+                log_id: log_id(2),
+                bytes: &[0xc1, 0xff],
+            }])
+            .expect("write");
+        }
         let (mut log, _sm) = open(&p).expect("open");
         assert!(log
             .try_get_log_entries(0..1)
@@ -1769,8 +1790,6 @@ mod tests {
             .is_empty());
         assert_eq!(log.try_get_log_entries(1..2).await.expect("one").len(), 1);
         assert!(log.try_get_log_entries(1..3).await.is_err());
-        assert!(log.get_log_state().await.is_err());
-        assert!(log.read_vote().await.is_err());
         drop((log, _sm));
 
         poke(&p, |txn| {
@@ -1782,6 +1801,51 @@ mod tests {
             open(&p),
             Err(StoreError::Decode { what: "kv row", .. })
         ));
+    }
+
+    /// A store of an earlier version kept its log in the redb file: it is
+    /// moved into the log files at open, whole.
+    #[tokio::test]
+    async fn a_log_in_the_redb_file_is_moved_to_the_log_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.redb");
+        drop(open(&p).expect("open"));
+        std::fs::remove_dir_all(log_dir(&p)).expect("rm wal");
+        let vote = Vote::new_committed(3, MemberId::from(1u64));
+        poke(&p, |txn| {
+            let mut log = txn.open_table(LOG)?;
+            for i in 2..=4 {
+                log.insert(i, encode("log entry", &put(i, "k"))?.as_slice())?;
+            }
+            let mut meta = txn.open_table(LOG_META)?;
+            meta.insert(VOTE, encode("vote", &vote)?.as_slice())?;
+            meta.insert(COMMITTED, encode("c", &Some(log_id(3)))?.as_slice())?;
+            meta.insert(LAST_PURGED, encode("p", &log_id(1))?.as_slice())?;
+            Ok(())
+        });
+        // A half-done earlier attempt is thrown away.
+        std::fs::create_dir_all(log_dir(&p).with_extension("wal.migrating")).expect("mkdir");
+        let (mut log, _sm) = open(&p).expect("open");
+        let ids: Vec<u64> = log
+            .try_get_log_entries(..)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(ids, vec![2, 3, 4]);
+        assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+        assert_eq!(log.read_committed().await.expect("c"), Some(log_id(3)));
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1)));
+        assert_eq!(state.last_log_id, Some(log_id(4)));
+        assert!(!log_dir(&p).with_extension("wal.migrating").exists());
+        drop((log, _sm));
+        // The old tables are gone.
+        let db = Database::create(&p).expect("db");
+        let txn = db.begin_read().expect("txn");
+        assert!(txn.open_table(LOG).is_err());
+        assert!(txn.open_table(LOG_META).is_err());
     }
 
     #[test]

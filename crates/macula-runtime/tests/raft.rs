@@ -218,6 +218,61 @@ async fn a_stopped_leader_is_replaced_and_no_acknowledged_write_is_lost() {
     }
 }
 
+/// With openraft's own election timer off on the followers, only the
+/// election watchdog (`raft/watchdog.rs`) can start an election: it must
+/// replace a stopped leader, and the group must take writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_election_watchdog_alone_replaces_a_stopped_leader() {
+    use std::sync::atomic::Ordering::Relaxed;
+    init_tracing();
+    let m = mesh(3).await;
+    let groups = join_all(&m.nodes, "watchdog").await;
+    let l = agreed_leader(&groups).await;
+    groups[l].write(put("before", "1")).await.expect("put");
+    let rest: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+    for &i in &rest {
+        groups[i].set_election_timer(false);
+    }
+    let started = |i: usize| {
+        m.nodes[i]
+            .raft()
+            .counters()
+            .watchdog_elections_total
+            .load(Relaxed)
+    };
+    let before: u64 = rest.iter().map(|&i| started(i)).sum();
+    let old = m.nodes[l].node_id();
+    m.nodes[l].shutdown().await;
+    let stopped = std::time::Instant::now();
+    let mut new = None;
+    eventually(
+        Duration::from_secs(3),
+        "a new leader, elected by the watchdog",
+        || {
+            new = groups[rest[0]].leader().filter(|n| *n != old);
+            new.is_some() && groups[rest[1]].leader() == new
+        },
+    )
+    .await;
+    eprintln!("new leader after {:?}", stopped.elapsed());
+    let after: u64 = rest.iter().map(|&i| started(i)).sum();
+    assert!(after > before, "no election came from the watchdog");
+    within(
+        STEP,
+        "write after failover",
+        groups[rest[1]].write(put("after", "1")),
+    )
+    .await
+    .expect("write after failover");
+    assert_eq!(
+        value(&groups[rest[0]], "before", ReadConsistency::Linearizable).await,
+        Some(b"1".to_vec())
+    );
+    for n in &m.nodes {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_expires_on_the_leader_and_takes_its_keys() {
     init_tracing();

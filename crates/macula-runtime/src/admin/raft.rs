@@ -998,6 +998,11 @@ impl Collector for RaftCollector {
                     c.leases_expired_total.load(Relaxed),
                 ),
                 (
+                    "macula_raft_watchdog_elections_total",
+                    "Elections started by the election watchdog (no leader heard for openraft's election timeout, without openraft 0.9's stale smaller-log backoff), all groups.",
+                    c.watchdog_elections_total.load(Relaxed),
+                ),
+                (
                     "macula_raft_groups_refused_total",
                     "Group joins refused at the raft_max_groups limit.",
                     c.groups_refused_total.load(Relaxed),

@@ -1,6 +1,6 @@
 //! One Raft group on this node: the openraft instance, its store, the
-//! forwarding of client requests to the leader, the leader's lease timers
-//! and the leadership watch.
+//! forwarding of client requests to the leader, the leader's lease timers,
+//! the leadership watch and the election watchdog (`watchdog.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -13,14 +13,18 @@ use std::time::Duration;
 use macula_raft::openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, RaftError,
 };
+use macula_raft::openraft::raft::{AppendEntriesResponse, InstallSnapshotRequest};
 use macula_raft::openraft::{ChangeMembers, Config, EmptyNode, ServerState, SnapshotPolicy};
-use macula_raft::{Event, KeyValue, KvError, MemberId, Raft, Request, Response, StateMachineStore};
+use macula_raft::{
+    Event, KeyValue, KvError, MemberId, Raft, Request, Response, StateMachineStore, TypeConfig,
+};
 use macula_wire::{NodeId, RaftKind, RaftResponse, RaftStatus};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::network::{decode, encode, MeshNetworkFactory, Transport, TransportError};
+use super::watchdog::{Heard, Timing, Watchdog};
 use super::RaftLimits;
 
 /// Longest group name; names are `[A-Za-z0-9._-]` (they name files).
@@ -220,6 +224,8 @@ struct Inner {
     /// The largest batch entry, in bytes of keys and values (well inside a
     /// frame: an entry travels in one AppendEntries).
     batch_bytes: usize,
+    /// News of a leader, for the election watchdog.
+    heard: Arc<Heard>,
 }
 
 /// Why openraft did not commit a write.
@@ -304,10 +310,12 @@ impl Group {
         }
         .validate()
         .map_err(|e| GroupError::Store(format!("raft config: {e}")))?;
+        let heard = Arc::new(Heard::new());
         let factory = MeshNetworkFactory {
             transport: transport.clone(),
             group: Arc::from(name),
             durable: log.durable(),
+            heard: heard.clone(),
         };
         let raft = Raft::new(MemberId(me), Arc::new(config), factory, log, sm.clone())
             .await
@@ -341,10 +349,23 @@ impl Group {
             stop,
             proposals,
             batch_bytes: (max_frame as usize / 2).max(1),
+            heard: heard.clone(),
         }));
         tokio::spawn(g.clone().propose(proposals_rx));
         tokio::spawn(g.clone().watch_leadership(leader_tx));
         tokio::spawn(g.clone().expire_leases());
+        tokio::spawn(
+            Watchdog {
+                raft: g.0.raft.clone(),
+                me: MemberId(me),
+                group: g.0.name.clone(),
+                heard,
+                timing: Timing::new(election, heartbeat),
+                counters: g.0.transport.counters.clone(),
+                stop: g.0.stop.subscribe(),
+            }
+            .run(),
+        );
         tracing::info!(group = name, "raft group running");
         Ok(g)
     }
@@ -499,6 +520,14 @@ impl Group {
         self.on_leader(Op::Membership(MembershipOp::Remove(id)))
             .await
             .map(drop)
+    }
+
+    /// Turns openraft's own election timer off or on (on by default). With
+    /// it off, only the election watchdog starts elections: the tests use
+    /// this to show that the watchdog alone replaces a lost leader.
+    #[doc(hidden)]
+    pub fn set_election_timer(&self, on: bool) {
+        self.0.raft.runtime_config().elect(on);
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -720,15 +749,31 @@ impl Group {
         let raft = &self.0.raft;
         let answer = match kind {
             RaftKind::AppendEntries => match decode(body) {
-                Ok(req) => encode(&raft.append_entries(req).await),
+                Ok(req) => {
+                    let r = raft.append_entries(req).await;
+                    // Anything but "higher vote" means this node follows
+                    // the sender (heartbeats are AppendEntries too).
+                    if matches!(&r, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                        self.0.heard.leader();
+                    }
+                    encode(&r)
+                }
                 Err(e) => return malformed(e),
             },
             RaftKind::Vote => match decode(body) {
                 Ok(req) => encode(&raft.vote(req).await),
                 Err(e) => return malformed(e),
             },
-            RaftKind::InstallSnapshot => match decode(body) {
-                Ok(req) => encode(&raft.install_snapshot(req).await),
+            RaftKind::InstallSnapshot => match decode::<InstallSnapshotRequest<TypeConfig>>(body) {
+                Ok(req) => {
+                    let vote = req.vote;
+                    let r = raft.install_snapshot(req).await;
+                    // Accepted: the sender's vote is not below ours.
+                    if matches!(&r, Ok(a) if vote >= a.vote) {
+                        self.0.heard.leader();
+                    }
+                    encode(&r)
+                }
                 Err(e) => return malformed(e),
             },
             RaftKind::Other(k) => {

@@ -22,6 +22,7 @@ use macula_wire::{Message, NodeId, RaftKind, RaftMessage, RaftRequest, RaftRespo
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::watchdog::Heard;
 use super::RaftCounters;
 use crate::framed::{FrameReader, FrameWriter};
 use crate::peer::Peer;
@@ -184,6 +185,8 @@ pub(crate) struct MeshNetworkFactory {
     /// This member's log on disk: the commit index sent to followers never
     /// runs ahead of it (see `macula_raft::Durable`).
     pub(crate) durable: Durable,
+    /// Greater logs seen in vote answers, for the election watchdog.
+    pub(crate) heard: Arc<Heard>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for MeshNetworkFactory {
@@ -196,6 +199,7 @@ impl RaftNetworkFactory<TypeConfig> for MeshNetworkFactory {
             target,
             quiet: LogLimit::new(UNREACHABLE_LOG_EVERY),
             durable: self.durable.clone(),
+            heard: self.heard.clone(),
         }
     }
 }
@@ -210,6 +214,7 @@ pub(crate) struct MeshNetwork {
     /// openraft's own line per retry).
     quiet: LogLimit,
     durable: Durable,
+    heard: Arc<Heard>,
 }
 
 /// At most one "member unreachable" warning per member and interval.
@@ -333,8 +338,19 @@ impl RaftNetwork<TypeConfig> for MeshNetwork {
         rpc: VoteRequest<MemberId>,
         option: RPCOption,
     ) -> Result<VoteResponse<MemberId>, RpcErr> {
-        self.call(RaftKind::Vote, &rpc, &option, RPCTypes::Vote, 0)
-            .await
+        let answer: Result<VoteResponse<MemberId>, RpcErr> = self
+            .call(RaftKind::Vote, &rpc, &option, RPCTypes::Vote, 0)
+            .await;
+        if let Ok(resp) = &answer {
+            // The watchdog backs off while this node's log is smaller.
+            if let Some(theirs) = resp
+                .last_log_id
+                .filter(|_| resp.last_log_id > rpc.last_log_id)
+            {
+                self.heard.greater_log(theirs);
+            }
+        }
+        answer
     }
 
     fn backoff(&self) -> macula_raft::openraft::network::Backoff {
