@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, every test, and the fuzz targets
-# building. README's second command and CI's .ci/run both run exactly this.
+# The whole test suite: formatting, lints, every test, the dependency policy
+# (cargo deny) and the fuzz targets building. README's second command and
+# CI's .ci/run both run exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,24 @@ if [ "$(id -u)" = 0 ]; then
     cargo test --locked -p macula-cli --test nat --test nat_clients -- --ignored
 else
     echo "note: network-namespace tests ignored (not root); run scripts/test.sh as root to include them"
+fi
+
+step "cargo deny: licenses, bans, sources, advisories (deny.toml)"
+if ! cargo deny --version >/dev/null 2>&1; then
+    cargo install cargo-deny --locked --version 0.20.2
+fi
+cargo deny --locked check licenses bans sources
+# Advisories need the RustSec database, a git repository on github.com: a
+# machine that cannot reach it checks against a copy it already has, or says
+# plainly that it checked none.
+dbs="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
+if cargo deny --locked fetch db >/dev/null 2>&1; then
+    cargo deny --locked check advisories
+elif ls -d "$dbs"/advisory-db-* >/dev/null 2>&1; then
+    echo "note: the RustSec advisory database cannot be fetched: checking against the copy in $dbs"
+    cargo deny --locked --offline check advisories
+else
+    echo "note: the RustSec advisory database (github.com/rustsec/advisory-db) cannot be fetched and no copy is in $dbs: advisories NOT checked"
 fi
 
 step "fuzz targets build (cargo fuzz run needs nightly; see docs/PROTOCOL.md)"

@@ -7,18 +7,20 @@
 //! Exit codes: 0 success; 1 the node is unreachable, answered an HTTP error
 //! or (for `health`) is not ready, with a message naming the address; 2 usage.
 //!
-//! The HTTP client is a small blocking HTTP/1.1 `GET` over `std::net`
-//! (`Connection: close`, bounded time and size) rather than a crate such as
-//! `ureq`: four loopback-style requests per run need no connection pooling,
-//! TLS or async, and on a 2-core build a dependency tree costs more than these
-//! ~100 lines.
+//! The HTTP client is `ureq` (plain HTTP/1.1: the admin server has no TLS;
+//! no proxy, no redirects followed, bounded time and size) and the tables
+//! are `comfy-table` without styling. The Prometheus/OpenMetrics text is
+//! read by the small parser at the end of this file: the crates.io parsers
+//! were either LGPL (`openmetrics-parser`), lossy (`prometheus-parse` splits
+//! labels on `,` and `=`, ignores escapes, silently skips bad lines and pulls
+//! in `regex` and `chrono`) or a single unmaintained release
+//! (`prom_text_format_parser`); a property test checks ours instead.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use macula::admin::{ErrorReport, HealthReport, PeersReport, RoutingReport, ServicesReport};
 
 use crate::{usage, Failure};
@@ -325,15 +327,16 @@ pub(crate) struct Reply {
     pub(crate) body: String,
 }
 
-/// A blocking HTTP/1.1 `GET` with `Connection: close`, bounded by
-/// [`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`] and [`MAX_RESPONSE_BYTES`].
+/// A blocking `GET`, bounded by [`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`]
+/// and [`MAX_RESPONSE_BYTES`].
 fn get(target: &str, path: &str) -> anyhow::Result<Reply> {
     request(target, "GET", path, None, REQUEST_TIMEOUT)
 }
 
-/// A blocking HTTP/1.1 request with `Connection: close` and an optional
+/// A blocking HTTP/1.1 request to `http://{target}{path}` with an optional
 /// body `(content type, bytes)`, bounded by [`CONNECT_TIMEOUT`], `timeout`
-/// (connect to last byte) and [`MAX_RESPONSE_BYTES`].
+/// (connect to last byte) and [`MAX_RESPONSE_BYTES`]. Any status is an
+/// answer; proxies are not used and redirects are not followed.
 pub(crate) fn request(
     target: &str,
     method: &str,
@@ -341,140 +344,55 @@ pub(crate) fn request(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> anyhow::Result<Reply> {
-    let addrs: Vec<SocketAddr> = target
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {target}"))?
-        .collect();
-    let mut last_error = anyhow!("{target} resolves to no address");
-    let mut stream = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last_error = anyhow!("cannot connect to {addr}: {e}"),
-        }
-    }
-    let mut stream = stream.ok_or(last_error)?;
-    let deadline = Instant::now() + timeout;
-    stream.set_write_timeout(Some(timeout))?;
-    let content = match body {
-        Some((kind, bytes)) => format!(
-            "Content-Type: {kind}\r\nContent-Length: {}\r\n",
-            bytes.len()
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .proxy(None)
+        .user_agent(concat!("macula-cli/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    let builder = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("http://{target}{path}"));
+    let answer = match body {
+        Some((kind, bytes)) => agent.run(
+            builder
+                .header(ureq::http::header::CONTENT_TYPE, kind)
+                .body(bytes)?,
         ),
-        None if method == "GET" => String::new(),
-        None => "Content-Length: 0\r\n".to_string(),
+        None => agent.run(builder.body(())?),
     };
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: macula-cli/{}\r\n\
-         Accept: */*\r\n{content}Connection: close\r\n\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    let mut message = head.into_bytes();
-    if let Some((_, bytes)) = body {
-        message.extend_from_slice(bytes);
-    }
-    stream.write_all(&message)?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            bail!("no complete answer within {timeout:?}");
-        }
-        stream.set_read_timeout(Some(left))?;
-        let n = match stream.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                bail!("no complete answer within {timeout:?}")
-            }
-            Err(e) => return Err(e).context("reading the answer"),
-        };
-        if n == 0 {
-            break;
-        }
-        if raw.len() + n > MAX_RESPONSE_BYTES {
-            bail!("answer larger than {MAX_RESPONSE_BYTES} bytes");
-        }
-        raw.extend_from_slice(&buf[..n]);
-    }
-    parse_reply(&raw)
-}
-
-/// Parses a complete HTTP/1.x response (read until the server closed).
-fn parse_reply(raw: &[u8]) -> anyhow::Result<Reply> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("not an HTTP answer (no end of headers)"))?;
-    let head = std::str::from_utf8(&raw[..end]).context("HTTP headers are not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let (version, code) = (parts.next().unwrap_or_default(), parts.next());
-    let status = code
-        .filter(|_| version.starts_with("HTTP/1."))
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| anyhow!("not an HTTP answer: {status_line:?}"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
-        let v = v.trim();
-        if k.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = v.to_ascii_lowercase().contains("chunked");
-        } else if k.eq_ignore_ascii_case("content-length") {
-            length = Some(
-                v.parse::<usize>()
-                    .map_err(|_| anyhow!("bad Content-Length {v:?}"))?,
-            );
-        }
-    }
-    let rest = &raw[end + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(len) = length {
-        rest.get(..len)
-            .ok_or_else(|| anyhow!("answer cut short: {} of {len} bytes", rest.len()))?
-            .to_vec()
-    } else {
-        rest.to_vec()
-    };
+    let mut answer = answer.map_err(|e| explain(e, target, timeout))?;
+    let status = answer.status().as_u16();
+    let body = answer
+        .body_mut()
+        .with_config()
+        .limit(MAX_RESPONSE_BYTES as u64)
+        .read_to_vec()
+        .map_err(|e| explain(e, target, timeout))?;
     let body = String::from_utf8(body).context("the answer is not UTF-8")?;
     Ok(Reply { status, body })
 }
 
-/// Decodes a `Transfer-Encoding: chunked` body.
-fn dechunk(mut rest: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let eol = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("chunked answer cut short"))?;
-        let size_text = std::str::from_utf8(&rest[..eol]).context("bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| anyhow!("bad chunk size {size_text:?}"))?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok(body);
+/// A client error as a short sentence (the caller names the node).
+fn explain(e: ureq::Error, target: &str, timeout: Duration) -> anyhow::Error {
+    match e {
+        ureq::Error::Timeout(ureq::Timeout::Connect) => {
+            anyhow!("cannot connect to {target} within {CONNECT_TIMEOUT:?}")
         }
-        let chunk = rest
-            .get(..size)
-            .ok_or_else(|| anyhow!("chunked answer cut short"))?;
-        body.extend_from_slice(chunk);
-        rest = rest.get(size + 2..).unwrap_or_default();
+        ureq::Error::Timeout(_) => anyhow!("no complete answer within {timeout:?}"),
+        ureq::Error::HostNotFound => anyhow!("cannot resolve {target}"),
+        ureq::Error::BodyExceedsLimit(_) => {
+            anyhow!("answer larger than {MAX_RESPONSE_BYTES} bytes")
+        }
+        ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            anyhow!("answer cut short: the node closed the connection")
+        }
+        ureq::Error::Io(e) => anyhow!("{e}"),
+        ureq::Error::Protocol(e) => anyhow!("not an HTTP answer: {e}"),
+        other => anyhow!(other),
     }
 }
 
@@ -586,57 +504,223 @@ pub(crate) fn duration(secs: u64) -> String {
     out.join(" ")
 }
 
-/// Left-aligned columns separated by two spaces.
+/// Left-aligned columns separated by two spaces, a header line first; no
+/// borders, no styling, trailing spaces trimmed.
 pub(crate) fn write_table<const N: usize>(
     out: &mut impl Write,
     header: &[String; N],
     rows: &[[String; N]],
 ) -> std::io::Result<()> {
-    let mut widths = header.each_ref().map(|h| h.chars().count());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_header(header)
+        .add_rows(rows);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
     }
-    for row in std::iter::once(header).chain(rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        writeln!(out, "{}", cells.join("  ").trim_end())?;
-    }
-    Ok(())
+    writeln!(out, "{}", table.trim_fmt())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Serves one connection on 127.0.0.1: reads the request (head, and a
+    /// body of its Content-Length), writes `answer` unless it is `None`
+    /// (then holds the connection open for a second), closes. Returns the
+    /// address and the request as received.
+    fn serve_once(answer: Option<Vec<u8>>) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&seen).to_lowercase();
+            let length = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let head = text.find("\r\n\r\n").map_or(seen.len(), |i| i + 4);
+            while seen.len() < head + length {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            match answer {
+                Some(bytes) => {
+                    let _ = conn.write_all(&bytes);
+                }
+                None => std::thread::sleep(Duration::from_secs(1)),
+            }
+            String::from_utf8_lossy(&seen).into_owned()
+        });
+        (addr, server)
+    }
+
+    fn answer_to(raw: &[u8]) -> (anyhow::Result<Reply>, String) {
+        let (addr, server) = serve_once(Some(raw.to_vec()));
+        let reply = request(&addr, "GET", "/x", None, REQUEST_TIMEOUT);
+        (reply, server.join().unwrap())
+    }
+
     #[test]
-    fn parses_replies_with_length_chunked_and_close() {
-        let r = parse_reply(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").unwrap();
+    fn reads_answers_with_length_chunked_and_close() {
+        let (r, sent) = answer_to(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello");
         assert_eq!(
-            r,
+            r.unwrap(),
             Reply {
                 status: 200,
                 body: "hello".into()
             }
         );
-        let r = parse_reply(
+        assert!(sent.starts_with("GET /x HTTP/1.1\r\n"), "{sent}");
+        let agent = format!("macula-cli/{}", env!("CARGO_PKG_VERSION"));
+        assert!(sent.to_lowercase().contains(&agent), "{sent}");
+        let (r, _) = answer_to(
             b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n\
               3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.body.as_str()), (503, "abcde"));
-        let r = parse_reply(b"HTTP/1.0 404 Not Found\r\n\r\n{}").unwrap();
-        assert_eq!((r.status, r.body.as_str()), (404, "{}"));
-        assert!(parse_reply(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhi").is_err());
-        assert!(parse_reply(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
-        assert!(parse_reply(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(
-            parse_reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
         );
+        let r = r.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (503, "abcde"));
+        let (r, _) = answer_to(b"HTTP/1.0 404 Not Found\r\n\r\n{}");
+        let r = r.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (404, "{}"));
+    }
+
+    #[test]
+    fn broken_answers_are_errors() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhi"[..],
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n\xff\xfe",
+        ] {
+            let (r, _) = answer_to(raw);
+            assert!(
+                r.is_err(),
+                "{:?} was read as {r:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let big = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n{}",
+            "x".repeat(MAX_RESPONSE_BYTES + 1),
+            n = MAX_RESPONSE_BYTES + 1
+        );
+        let (r, _) = answer_to(big.as_bytes());
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn a_silent_node_times_out() {
+        let (addr, server) = serve_once(None);
+        let t = Duration::from_millis(300);
+        let e = request(&addr, "GET", "/x", None, t).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("no complete answer within"),
+            "{e:#}"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_unreachable_node_is_an_error() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        assert!(request(&dead, "GET", "/x", None, REQUEST_TIMEOUT).is_err());
+        let e = Target { text: dead.clone() }
+            .get_ok("/health")
+            .err()
+            .unwrap();
+        assert_eq!(e.code, 1);
+        let text = format!("{:#}", e.error);
+        assert!(
+            text.contains("cannot reach") && text.contains(&dead),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn sends_bodies_with_their_type() {
+        let (addr, server) = serve_once(Some(b"HTTP/1.1 200 OK\r\n\r\n".to_vec()));
+        let body = Some(("application/json", &b"{\"a\":1}"[..]));
+        let r = request(
+            &addr,
+            "POST",
+            "/admin/raft/g%2F1/cas?x=1",
+            body,
+            REQUEST_TIMEOUT,
+        );
+        assert_eq!(r.unwrap().status, 200);
+        let sent = server.join().unwrap();
+        assert!(
+            sent.starts_with("POST /admin/raft/g%2F1/cas?x=1 HTTP/1.1\r\n"),
+            "{sent}"
+        );
+        let lower = sent.to_lowercase();
+        assert!(lower.contains("content-type: application/json"), "{sent}");
+        assert!(lower.contains("content-length: 7"), "{sent}");
+        assert!(sent.ends_with("\r\n\r\n{\"a\":1}"), "{sent}");
+    }
+
+    #[test]
+    fn a_refusal_names_the_status_and_the_node() {
+        let error = r#"{"error":"no such route","status":404}"#;
+        let raw = format!(
+            "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n{error}",
+            error.len()
+        );
+        let (addr, server) = serve_once(Some(raw.into_bytes()));
+        let e = Target { text: addr.clone() }
+            .get_ok("/admin/peers")
+            .err()
+            .unwrap();
+        server.join().unwrap();
+        assert_eq!(e.code, 1);
+        let text = format!("{:#}", e.error);
+        assert_eq!(
+            text,
+            format!(
+                "the node at {addr} answered HTTP 404 for /admin/peers: no such route \
+                 (is this a macula admin address?)"
+            )
+        );
+    }
+
+    #[test]
+    fn tables_are_left_aligned_plain_text() {
+        let mut out = Vec::new();
+        let header = ["NODE ID", "RTT", "AGENT"].map(String::from);
+        let rows = [
+            ["abc", "1.5ms", "macula/0.1"].map(String::from),
+            ["a-longer-id", "10.0ms", ""].map(String::from),
+        ];
+        write_table(&mut out, &header, &rows).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "NODE ID      RTT     AGENT\n\
+             abc          1.5ms   macula/0.1\n\
+             a-longer-id  10.0ms\n"
+        );
+        let mut out = Vec::new();
+        write_table(&mut out, &["SERIES".into(), "VALUE".into()], &[]).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "SERIES  VALUE\n");
     }
 
     #[test]
@@ -673,5 +757,74 @@ mod tests {
         assert_eq!(duration(61), "1m 1s");
         assert_eq!(duration(3_600), "1h 0m 0s");
         assert_eq!(duration(90_061), "1d 1h 1m 1s");
+    }
+
+    /// `v` as exposition text, escaped.
+    fn escape(v: &str) -> String {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    }
+
+    fn value_strategy() -> impl proptest::strategy::Strategy<Value = f64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::num::f64::NORMAL | proptest::num::f64::SUBNORMAL | proptest::num::f64::ZERO,
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY),
+            (-1_000_000i64..1_000_000).prop_map(|n| n as f64),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever samples a node writes, escaped as the format says, with
+        /// comments and timestamps around them, read back the same.
+        #[test]
+        fn exposition_text_round_trips(
+            samples in proptest::collection::vec(
+                (
+                    "[a-zA-Z_:][a-zA-Z0-9_:]{0,12}",
+                    proptest::collection::btree_map("[a-zA-Z_][a-zA-Z0-9_]{0,6}", ".*", 0..4),
+                    value_strategy(),
+                    proptest::option::of(0u64..u64::MAX / 2),
+                ),
+                0..8,
+            )
+        ) {
+            let mut text = String::from("# HELP x Something.\n# TYPE x gauge\n");
+            for (name, labels, value, timestamp) in &samples {
+                text.push_str(name);
+                if !labels.is_empty() {
+                    let labels: Vec<String> = labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                        .collect();
+                    text.push_str(&format!("{{{}}}", labels.join(",")));
+                }
+                let value = match *value {
+                    f64::INFINITY => "+Inf".to_string(),
+                    f64::NEG_INFINITY => "-Inf".to_string(),
+                    v => v.to_string(),
+                };
+                text.push_str(&format!(" {value}"));
+                if let Some(t) = timestamp {
+                    text.push_str(&format!(" {t}"));
+                }
+                text.push('\n');
+            }
+            text.push_str("# EOF\n");
+            let parsed = parse_exposition(&text).map_err(proptest::test_runner::TestCaseError::fail)?;
+            let want: Vec<Sample> = samples
+                .into_iter()
+                .map(|(name, labels, value, _)| Sample { name, labels, value })
+                .collect();
+            proptest::prop_assert_eq!(parsed, want);
+        }
+
+        /// Any text, however broken, is read or refused without a panic.
+        #[test]
+        fn any_text_is_read_or_refused(text in "[a-z_{}=\",\\\\ #\n0-9.+eInf-]{0,80}|.{0,80}") {
+            let _ = parse_exposition(&text);
+        }
     }
 }

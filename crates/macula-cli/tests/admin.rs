@@ -281,6 +281,87 @@ fn unreachable_node_exits_1_naming_the_address() {
     assert_eq!(code, Some(2));
 }
 
+/// A stand-in admin server on 127.0.0.1 that answers one request with
+/// `answer` (status line, headers and body); returns its address.
+fn answer_once(answer: String) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(WAIT));
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn.write_all(answer.as_bytes());
+    });
+    addr
+}
+
+fn http_answer(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn error_answers_exit_1_naming_the_address() {
+    // An HTTP error: the node's message, the status and a hint.
+    let error = r#"{"error":"no route for GET /admin/peers","status":404}"#;
+    let addr = answer_once(http_answer("404 Not Found", error));
+    let (code, out) = run(command(&["nodes", "--http", &addr]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "the node at {addr} answered HTTP 404 for /admin/peers: no route for GET /admin/peers (is this a macula admin address?)"
+        )),
+        "{out}"
+    );
+    let addr = answer_once(http_answer("500 Internal Server Error", "boom"));
+    let (code, out) = run(command(&["health", "--json", "--http", &addr]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("answered HTTP 500 for /health: boom"), "{out}");
+    // Metrics text that is not the exposition format.
+    let addr = answer_once(http_answer("200 OK", "# TYPE x gauge\nx one\n"));
+    let (code, out) = run(command(&["metrics", "--http", &addr]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("the node at {addr} sent unreadable metrics"))
+            && out.contains("line 2: bad value"),
+        "{out}"
+    );
+    // JSON that is not what the endpoint serves.
+    let addr = answer_once(http_answer("200 OK", "<html></html>"));
+    let (code, out) = run(command(&["services", "--http", &addr]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "unexpected answer from {addr} for /admin/services"
+        )),
+        "{out}"
+    );
+    // Not HTTP at all.
+    let addr = answer_once("SSH-2.0-OpenSSH_9.6\r\n\r\n".to_string());
+    let (code, out) = run(command(&["health", "--http", &addr]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("cannot reach the node's admin API at {addr}")),
+        "{out}"
+    );
+    // --raw prints the text as served, unparsed.
+    let addr = answer_once(http_answer("200 OK", "x one\n"));
+    let (code, out) = run(command(&["metrics", "--raw", "--http", &addr]));
+    assert_eq!((code, out.trim()), (Some(0), "x one"));
+}
+
 #[test]
 fn health_of_a_node_that_has_not_joined_exits_1() {
     // Bootstrap to a UDP port where nothing listens: never joins.

@@ -19,6 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use macula_wire::ttl_cache::TtlCache;
 use macula_wire::{Millis, NodeId};
 
 use crate::counters::Counters;
@@ -255,10 +256,15 @@ pub(crate) struct Mesh {
     realm: String,
     pub(crate) limits: InterestLimits,
     topic_limits: Limits,
-    cache: HashMap<String, Entry>,
+    /// Interest by name, expiring `stale_max` after its lookup started (too
+    /// old to use while refreshing). Read with `peek`: an entry is still
+    /// used past that while nothing newer is known (a refresh failed, or the
+    /// route is built without waiting); the expiry only orders eviction.
+    cache: TtlCache<String, Entry>,
     /// Lookups running, by name: when each started.
     lookups: HashMap<String, Millis>,
-    routes: HashMap<Box<str>, Arc<Route>>,
+    /// Routes by topic, expiring `cache_ttl` after `Route::fetched`.
+    routes: TtlCache<Box<str>, Arc<Route>>,
     last: Option<Arc<Route>>,
     down: HashMap<NodeId, Down>,
     puts: HashMap<String, NamePuts>,
@@ -283,9 +289,10 @@ impl Mesh {
             realm,
             limits,
             topic_limits,
-            cache: HashMap::new(),
+            // A capacity of 0 has always kept one entry.
+            cache: TtlCache::new(limits.cache_capacity.max(1)),
             lookups: HashMap::new(),
-            routes: HashMap::new(),
+            routes: TtlCache::new(limits.route_cache_capacity.max(1)),
             last: None,
             down: HashMap::new(),
             puts: HashMap::new(),
@@ -306,7 +313,7 @@ impl Mesh {
         let r = match &self.last {
             Some(r) if r.topic.as_str() == topic => r.clone(),
             _ => {
-                let r = self.routes.get(topic)?.clone();
+                let r = self.routes.get(topic, now)?.clone();
                 self.last = Some(r.clone());
                 r
             }
@@ -346,7 +353,7 @@ impl Mesh {
         for name in &names {
             let age = self
                 .cache
-                .get(name)
+                .peek(name)
                 .map(|e| (now.saturating_sub(e.fetched), e.failed));
             match age {
                 Some((age, _)) if age < self.limits.cache_ttl => {}
@@ -389,7 +396,7 @@ impl Mesh {
         let mut fetched = now;
         let mut nodes: Vec<NodeId> = Vec::new();
         for name in names {
-            let Some(e) = self.cache.get(name) else {
+            let Some(e) = self.cache.peek(name) else {
                 continue;
             };
             fetched = fetched.min(e.fetched);
@@ -416,16 +423,10 @@ impl Mesh {
     }
 
     fn cache_route(&mut self, route: Arc<Route>, now: Millis) {
-        let ttl = self.limits.cache_ttl;
-        if self.routes.len() >= self.limits.route_cache_capacity {
-            self.routes
-                .retain(|_, r| now.saturating_sub(r.fetched) < ttl);
-            if self.routes.len() >= self.limits.route_cache_capacity {
-                self.routes.clear();
-            }
-        }
+        let expires = route.fetched.saturating_add(self.limits.cache_ttl);
         self.last = Some(route.clone());
-        self.routes.insert(route.topic.as_str().into(), route);
+        self.routes
+            .insert(route.topic.as_str().into(), route, expires, now);
     }
 
     fn forget_routes(&mut self) {
@@ -497,7 +498,7 @@ impl Mesh {
                 }
             }
             Err(_) => {
-                if self.cache.get(name).is_some_and(|e| !e.failed) {
+                if self.cache.peek(name).is_some_and(|e| !e.failed) {
                     // Keep what we knew; the next publish past the TTL
                     // tries again.
                     return;
@@ -509,22 +510,9 @@ impl Mesh {
                 }
             }
         };
-        if self.cache.len() >= self.limits.cache_capacity && !self.cache.contains_key(name) {
-            let stale_max = self.limits.stale_max;
-            self.cache
-                .retain(|_, e| now.saturating_sub(e.fetched) < stale_max);
-            if self.cache.len() >= self.limits.cache_capacity {
-                let oldest = self
-                    .cache
-                    .iter()
-                    .min_by_key(|(_, e)| e.fetched)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = oldest {
-                    self.cache.remove(&k);
-                }
-            }
-        }
-        self.cache.insert(name.to_string(), entry);
+        // Full: what is too old to use goes first, then the oldest.
+        let expires = entry.fetched.saturating_add(self.limits.stale_max);
+        self.cache.insert(name.to_string(), entry, expires, now);
     }
 
     // ----- unreachable nodes -------------------------------------------
@@ -543,8 +531,8 @@ impl Mesh {
     pub(crate) fn set_down(&mut self, node: &NodeId, known: bool, now: Millis) -> bool {
         let seq = self
             .cache
-            .values()
-            .flat_map(|e| e.nodes.iter())
+            .peek_iter()
+            .flat_map(|(_, e)| e.nodes.iter())
             .filter(|n| n.node == *node)
             .map(|n| n.seq)
             .max();

@@ -5,15 +5,15 @@
 //! procedure called a moment ago, so its providers are kept for a short TTL.
 //! A provider that proves unreachable is dropped at once, so the next attempt
 //! does not pick it again from a stale list. Bounded by a capacity: past it,
-//! expired entries go first, and if all are fresh the whole cache is cleared
-//! (cheap, and a burst of distinct procedures only costs lookups).
+//! expired entries go first, then the one fetched longest ago (the
+//! [`TtlCache`] rule: with one TTL for all, the closest to expiry).
 //!
-//! **Invariant:** no entry is served at or past `fetched + ttl`; no entry is
-//! empty (an empty list is a miss); at most `capacity` procedures.
-
-use std::collections::HashMap;
+//! **Invariant:** no entry is served at or past `fetched + ttl` (the
+//! addresses of [`ProviderCache::addrs_of`] are dial hints of any age); no
+//! entry is empty (an empty list is a miss); at most `capacity` procedures.
 
 use macula_wire::time::Millis;
+use macula_wire::ttl_cache::TtlCache;
 
 /// One provider as found in the DHT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,67 +27,41 @@ pub struct ProviderInfo<K> {
     pub seq: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Entry<K> {
-    fetched: Millis,
-    providers: Vec<ProviderInfo<K>>,
-}
-
 /// Providers by procedure, each list trusted for `ttl`.
 #[derive(Debug, Clone)]
 pub struct ProviderCache<K> {
     ttl: Millis,
-    capacity: usize,
-    entries: HashMap<String, Entry<K>>,
+    entries: TtlCache<String, Vec<ProviderInfo<K>>>,
 }
 
 impl<K: Clone + PartialEq> ProviderCache<K> {
     pub fn new(ttl: Millis, capacity: usize) -> ProviderCache<K> {
         ProviderCache {
             ttl,
-            capacity,
-            entries: HashMap::new(),
+            entries: TtlCache::new(capacity),
         }
     }
 
     /// The providers of `procedure` if fetched less than `ttl` before `now`.
     pub fn get(&self, procedure: &str, now: Millis) -> Option<&[ProviderInfo<K>]> {
-        self.entries
-            .get(procedure)
-            .filter(|e| self.fresh(e, now))
-            .map(|e| e.providers.as_slice())
-    }
-
-    fn fresh(&self, e: &Entry<K>, now: Millis) -> bool {
-        now < e.fetched.saturating_add(self.ttl)
+        self.entries.get(procedure, now).map(Vec::as_slice)
     }
 
     /// Stores what a lookup at `now` found (an empty list is not stored).
     pub fn insert(&mut self, procedure: &str, providers: Vec<ProviderInfo<K>>, now: Millis) {
-        if providers.is_empty() || self.capacity == 0 {
+        if providers.is_empty() {
             return;
         }
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(procedure) {
-            let (ttl, entries) = (self.ttl, &mut self.entries);
-            entries.retain(|_, e| now < e.fetched.saturating_add(ttl));
-            if entries.len() >= self.capacity {
-                entries.clear();
-            }
-        }
-        self.entries.insert(
-            procedure.to_string(),
-            Entry {
-                fetched: now,
-                providers,
-            },
-        );
+        let expires = now.saturating_add(self.ttl);
+        self.entries
+            .insert(procedure.to_string(), providers, expires, now);
     }
 
     /// Forgets `provider` for `procedure` until the next lookup.
     pub fn drop_provider(&mut self, procedure: &str, provider: &K) {
-        if let Some(e) = self.entries.get_mut(procedure) {
-            e.providers.retain(|p| p.node != *provider);
-            if e.providers.is_empty() {
+        if let Some(providers) = self.entries.peek_mut(procedure) {
+            providers.retain(|p| p.node != *provider);
+            if providers.is_empty() {
                 self.entries.remove(procedure);
             }
         }
@@ -96,8 +70,8 @@ impl<K: Clone + PartialEq> ProviderCache<K> {
     /// Addresses `provider` advertised for `procedure` (empty if unknown).
     pub fn addrs_of(&self, procedure: &str, provider: &K) -> Vec<String> {
         self.entries
-            .get(procedure)
-            .and_then(|e| e.providers.iter().find(|p| p.node == *provider))
+            .peek(procedure)
+            .and_then(|providers| providers.iter().find(|p| p.node == *provider))
             .map(|p| p.addrs.clone())
             .unwrap_or_default()
     }
@@ -154,7 +128,7 @@ mod tests {
     }
 
     #[test]
-    fn capacity_evicts_expired_entries_first_then_everything() {
+    fn capacity_evicts_expired_entries_first_then_the_oldest() {
         let mut c = ProviderCache::new(Millis(100), 2);
         c.insert("a", vec![p(1)], Millis(0));
         c.insert("b", vec![p(1)], Millis(50));
@@ -167,9 +141,11 @@ mod tests {
         // Updating a present entry never evicts.
         c.insert("c", vec![p(2)], Millis(121));
         assert_eq!(c.len(), 2);
-        // Both fresh: the cache starts over.
+        // Both fresh: "b", fetched longest ago, goes.
         c.insert("d", vec![p(1)], Millis(130));
-        assert_eq!(c.len(), 1);
+        assert_eq!(c.len(), 2);
+        assert!(c.get("b", Millis(130)).is_none());
+        assert!(c.get("c", Millis(130)).is_some());
         assert!(c.get("d", Millis(130)).is_some());
         let mut none = ProviderCache::new(Millis(100), 0);
         none.insert("a", vec![p(1)], Millis(0));

@@ -29,7 +29,9 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -838,7 +840,7 @@ impl ConnTable {
 
     fn lock(&self) -> MutexGuard<'_, Vec<Arc<ConnShared>>> {
         // The entries are atomics: a panic elsewhere leaves them usable.
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+        self.conns.lock()
     }
 
     fn now_ms(&self) -> u64 {

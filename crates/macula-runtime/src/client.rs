@@ -186,7 +186,7 @@ pub enum ClientError {
 struct Shared {
     node_id: NodeId,
     /// The data directory's lock (see `datadir.rs`), released at shutdown.
-    dir_lock: std::sync::Mutex<Option<crate::datadir::DirLock>>,
+    dir_lock: Mutex<Option<crate::datadir::DirLock>>,
     config: ClientConfig,
     endpoint: quinn::Endpoint,
     own_endpoint: bool,
@@ -514,7 +514,7 @@ impl Client {
                 Rpc::with_upstream(node_id, max_frame, config.rpc, Arc::new(Link(weak.clone())));
             Shared {
                 node_id,
-                dir_lock: std::sync::Mutex::new(dir_lock),
+                dir_lock: Mutex::new(dir_lock),
                 endpoint,
                 own_endpoint,
                 quic,
@@ -696,12 +696,7 @@ impl Client {
         if self.0.own_endpoint {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.0.endpoint.wait_idle()).await;
         }
-        let held = self
-            .0
-            .dir_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let held = self.0.dir_lock.lock().take();
         if let Some(l) = held {
             l.release();
         }

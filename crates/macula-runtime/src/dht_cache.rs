@@ -6,9 +6,9 @@
 //! empty results are not cached (a record published a moment later must be
 //! found). The local node invalidates a key when it puts to it.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use macula_wire::ttl_cache::TtlCache;
 use macula_wire::NodeId;
 
 use macula_dht::Record;
@@ -36,7 +36,8 @@ impl From<Record> for DhtRecord {
     }
 }
 
-/// Keys cached at once; past this the entry closest to expiry is dropped.
+/// Keys cached at once; past this expired entries are dropped, then the one
+/// closest to expiry.
 pub const DHT_CACHE_CAPACITY: usize = 1024;
 /// How stale a cached answer may be: other publishers' updates to the same
 /// key become visible after at most this long.
@@ -45,20 +46,19 @@ pub const DHT_CACHE_MAX_AGE: Duration = Duration::from_secs(30);
 struct Entry {
     records: Vec<DhtRecord>,
     stored: Instant,
-    expires: Instant,
 }
 
 pub(crate) struct GetCache {
-    entries: HashMap<NodeId, Entry>,
-    capacity: usize,
+    /// Each entry expires `max_age` after it was stored, or earlier at its
+    /// shortest record TTL.
+    entries: TtlCache<NodeId, Entry, Instant>,
     max_age: Duration,
 }
 
 impl GetCache {
     pub fn new(capacity: usize, max_age: Duration) -> Self {
         GetCache {
-            entries: HashMap::new(),
-            capacity: capacity.max(1),
+            entries: TtlCache::new(capacity.max(1)),
             max_age,
         }
     }
@@ -70,11 +70,10 @@ impl GetCache {
     /// The cached records for `key`, their TTLs reduced by the time spent in
     /// the cache; `None` when absent or expired.
     pub fn get(&mut self, key: &NodeId, now: Instant) -> Option<Vec<DhtRecord>> {
-        let e = self.entries.get(key)?;
-        if now >= e.expires {
+        let Some(e) = self.entries.get(key, now) else {
             self.entries.remove(key);
             return None;
-        }
+        };
         let age = now.saturating_duration_since(e.stored);
         Some(
             e.records
@@ -95,24 +94,11 @@ impl GetCache {
         if life.is_zero() {
             return;
         }
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
-            let victim = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.expires)
-                .map(|(k, _)| *k);
-            if let Some(v) = victim {
-                self.entries.remove(&v);
-            }
-        }
-        self.entries.insert(
-            key,
-            Entry {
-                records,
-                stored: now,
-                expires: now + life,
-            },
-        );
+        let stored = Entry {
+            records,
+            stored: now,
+        };
+        self.entries.insert(key, stored, now + life, now);
     }
 
     pub fn invalidate(&mut self, key: &NodeId) {

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use macula_wire::{
@@ -367,13 +369,10 @@ impl Peer {
         Ok(())
     }
 
-    fn lock_pings(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Pong>>> {
+    fn lock_pings(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, oneshot::Sender<Pong>>> {
         // A poisoned map only means another thread panicked mid-insert; the
         // map itself is still consistent, so keep going.
-        self.0
-            .pending_pings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.0.pending_pings.lock()
     }
 
     /// The node's metrics (for services counting what they receive).

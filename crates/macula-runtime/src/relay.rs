@@ -16,7 +16,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -373,7 +375,7 @@ impl Relay {
     }
 
     fn lock(&self) -> MutexGuard<'_, RelayTable> {
-        self.0.table.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.table.lock()
     }
 
     fn now_us(&self) -> u64 {
@@ -677,10 +679,7 @@ impl Relay {
                 let _ = recv.stop(stream_code(RelayCode::TargetRefused));
                 return;
             }
-            let wait = bucket
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(n, now);
+            let wait = bucket.lock().take(n, now);
             if wait > 0 {
                 // Over the rate: stop reading (QUIC flow control then holds
                 // the sender back) until the bucket has paid off its debt.

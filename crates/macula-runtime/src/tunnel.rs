@@ -28,6 +28,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use macula_wire::relay::{
     RelayCode, RelayConnect, RelayEntry, RelayMessage, RelayReserve, RelayStatus,
 };
+use macula_wire::ttl_cache::TtlCache;
 use macula_wire::{Message, NodeId};
 use quinn::udp::{RecvMeta, Transmit};
 use tokio::sync::mpsc;
@@ -47,7 +48,8 @@ const WRITE_BATCH: usize = 64 * 1024;
 pub const RELAY_ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long a relay record lookup result is reused.
 pub const ROUTE_CACHE_TTL: Duration = Duration::from_secs(5);
-/// Relay-record lookups cached at once (oldest dropped beyond).
+/// Relay-record lookups cached at once (beyond: the expired, then the
+/// oldest are dropped).
 const ROUTE_CACHE_MAX: usize = 4096;
 
 /// Why a relayed connection or reservation failed.
@@ -195,7 +197,7 @@ struct Inner {
     /// Inner connections by placeholder address, closed when their session ends.
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     reservations: Mutex<HashMap<NodeId, Reservation>>,
-    routes: Mutex<HashMap<NodeId, (Instant, Vec<RelayEntry>)>>,
+    routes: Mutex<TtlCache<NodeId, Vec<RelayEntry>, Instant>>,
     max_frame_size: u32,
     counters: Arc<crate::relay::RelayCounters>,
 }
@@ -247,7 +249,7 @@ impl Tunnel {
             sessions: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             reservations: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(TtlCache::new(ROUTE_CACHE_MAX)),
             max_frame_size,
             counters,
         })))
@@ -546,22 +548,13 @@ impl Tunnel {
     /// A cached relay-record answer for `id`: `Some(relays)` (maybe empty:
     /// no record) if looked up within [`ROUTE_CACHE_TTL`].
     pub(crate) fn cached_routes(&self, id: &NodeId) -> Option<Vec<RelayEntry>> {
-        let routes = self.0.routes.lock();
-        routes
-            .get(id)
-            .filter(|(at, _)| at.elapsed() < ROUTE_CACHE_TTL)
-            .map(|(_, r)| r.clone())
+        self.0.routes.lock().get(id, Instant::now()).cloned()
     }
 
     pub(crate) fn cache_routes(&self, id: NodeId, relays: Vec<RelayEntry>) {
-        let mut routes = self.0.routes.lock();
-        if routes.len() >= ROUTE_CACHE_MAX {
-            routes.retain(|_, (at, _)| at.elapsed() < ROUTE_CACHE_TTL);
-            if routes.len() >= ROUTE_CACHE_MAX {
-                routes.clear();
-            }
-        }
-        routes.insert(id, (Instant::now(), relays));
+        let now = Instant::now();
+        let expires = now + ROUTE_CACHE_TTL;
+        self.0.routes.lock().insert(id, relays, expires, now);
     }
 
     /// Relays this node reserved at, by ID.

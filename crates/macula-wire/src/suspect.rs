@@ -5,34 +5,31 @@
 //! *suspected* until it is heard from again or the suspicion expires. A core
 //! consults the list so that it does not wait on a dead node: the DHT does
 //! not ask it in lookups, RPC tries every other provider first. Bounded by
-//! count (oldest suspicion out) and by age. Pure: time is an argument.
+//! count (oldest suspicion out) and by age: a [`TtlCache`] whose entries
+//! expire `ttl` after they were declared. Pure: time is an argument.
 
-use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 
 use crate::time::Millis;
+use crate::ttl_cache::TtlCache;
 
 /// Suspected nodes (see the module docs), each kept for `ttl` at most, at
-/// most `capacity` of them (the oldest suspicion goes first).
+/// most `capacity` of them (the oldest suspicion goes first: with one TTL
+/// for all, it is the closest to expiry).
 #[derive(Clone, Debug)]
 pub struct SuspectList<K> {
     ttl: Millis,
-    capacity: usize,
-    since: HashMap<K, Millis>,
-    /// (declared at, node): the oldest first.
-    order: BTreeSet<(Millis, K)>,
+    suspects: TtlCache<K, ()>,
     declared: u64,
     cleared: u64,
 }
 
-impl<K: Ord + Hash + Clone> SuspectList<K> {
+impl<K: Hash + Eq + Clone> SuspectList<K> {
     /// A list remembering at most `capacity` nodes for `ttl` each.
     pub fn new(ttl: Millis, capacity: usize) -> SuspectList<K> {
         SuspectList {
             ttl,
-            capacity,
-            since: HashMap::new(),
-            order: BTreeSet::new(),
+            suspects: TtlCache::new(capacity),
             declared: 0,
             cleared: 0,
         }
@@ -42,19 +39,11 @@ impl<K: Ord + Hash + Clone> SuspectList<K> {
     /// a dial that failed). True when it was not already suspected.
     pub fn declare_down(&mut self, node: K, now: Millis) -> bool {
         self.expire(now);
-        if self.capacity == 0 || self.since.contains_key(&node) {
+        if self.suspects.capacity() == 0 || self.suspects.peek(&node).is_some() {
             return false;
         }
-        while self.since.len() >= self.capacity {
-            match self.order.pop_first() {
-                Some((_, oldest)) => {
-                    self.since.remove(&oldest);
-                }
-                None => break,
-            }
-        }
-        self.order.insert((now, node.clone()));
-        self.since.insert(node, now);
+        let until = now.saturating_add(self.ttl);
+        self.suspects.insert(node, (), until, now);
         self.declared += 1;
         true
     }
@@ -62,43 +51,29 @@ impl<K: Ord + Hash + Clone> SuspectList<K> {
     /// `node` answered (a connection to it came up): no longer suspected.
     /// True when it was.
     pub fn heard_from(&mut self, node: &K) -> bool {
-        match self.since.remove(node) {
-            Some(at) => {
-                self.order.remove(&(at, node.clone()));
-                self.cleared += 1;
-                true
-            }
-            None => false,
-        }
+        let was = self.suspects.remove(node).is_some();
+        self.cleared += u64::from(was);
+        was
     }
 
     /// Is `node` suspected to be down at `now`?
     pub fn is_down(&self, node: &K, now: Millis) -> bool {
-        self.since
-            .get(node)
-            .is_some_and(|at| now.saturating_sub(*at) < self.ttl)
+        self.suspects.get(node, now).is_some()
     }
 
     /// Forgets suspicions older than the TTL.
     pub fn expire(&mut self, now: Millis) {
-        while let Some((at, _)) = self.order.first() {
-            if now.saturating_sub(*at) < self.ttl {
-                break;
-            }
-            if let Some((_, node)) = self.order.pop_first() {
-                self.since.remove(&node);
-            }
-        }
+        self.suspects.expire(now);
     }
 
     /// Nodes suspected now (some may be past their TTL until `expire`).
     pub fn len(&self) -> usize {
-        self.since.len()
+        self.suspects.len()
     }
 
     /// No node is suspected.
     pub fn is_empty(&self) -> bool {
-        self.since.is_empty()
+        self.suspects.is_empty()
     }
 
     /// Nodes declared down so far (each new suspicion counts once).

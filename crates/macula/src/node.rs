@@ -238,7 +238,7 @@ pub struct Node {
     /// The `_raft.<group>` advertisements of the groups joined through
     /// this node, shared by every `raft::Group` handle of a group.
     raft_served:
-        Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Registration>>>>,
+        Arc<parking_lot::Mutex<std::collections::HashMap<String, std::sync::Weak<Registration>>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -524,7 +524,6 @@ impl Node {
         let live = self
             .raft_served
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .and_then(std::sync::Weak::upgrade);
         let reg = match live {
@@ -539,7 +538,6 @@ impl Node {
                 );
                 self.raft_served
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner())
                     .insert(name.to_string(), Arc::downgrade(&reg));
                 reg
             }

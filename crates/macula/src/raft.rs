@@ -190,7 +190,7 @@ pub(crate) struct Remote {
         Arc<dyn Fn(Option<NodeId>, String, Bytes, Duration) -> CallFuture + Send + Sync>,
     /// The leader the last answer named: calls go straight to it (no
     /// forwarding hop) while it answers.
-    pub(crate) leader: Arc<std::sync::Mutex<Option<NodeId>>>,
+    pub(crate) leader: Arc<parking_lot::Mutex<Option<NodeId>>>,
 }
 
 /// The reply to a `RemoteOp`: the result, and the leader as the answering
@@ -320,14 +320,14 @@ impl Kv {
             rmp_serde::to_vec_named(op)
                 .map_err(|e| Error::Raft(GroupError::Stopped(e.to_string())))?,
         );
-        let leader = *r.leader.lock().unwrap_or_else(|e| e.into_inner());
+        let leader = *r.leader.lock();
         let reply = match (r.call)(leader, r.procedure.clone(), body.clone(), r.timeout).await {
             Ok(reply) => reply,
             Err(e) => {
                 // The leader we knew may be gone: forget it. A write is not
                 // sent again (it may have reached the group); a read is,
                 // through any member.
-                *r.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *r.leader.lock() = None;
                 let is_write = matches!(op, RemoteOp::Write(_));
                 if leader.is_none() || is_write {
                     return Err(e);
@@ -337,7 +337,7 @@ impl Kv {
         };
         let reply: RemoteReply = rmp_serde::from_slice(&reply)
             .map_err(|e| Error::Raft(GroupError::Stopped(format!("bad answer: {e}"))))?;
-        *r.leader.lock().unwrap_or_else(|e| e.into_inner()) = reply.leader;
+        *r.leader.lock() = reply.leader;
         Ok(reply.result?)
     }
 

@@ -36,7 +36,9 @@ mod sender;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -128,7 +130,7 @@ pub(crate) struct SubQueue {
 
 impl SubQueue {
     fn lock(&self) -> MutexGuard<'_, BoundedQueue<Event>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue.lock()
     }
 }
 
@@ -166,7 +168,7 @@ impl Inner {
     }
 
     fn core(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.lock()
     }
 }
 
