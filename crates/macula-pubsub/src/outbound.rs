@@ -5,7 +5,7 @@
 //! Queues live in a slab addressed by [`PeerRef`] (index and generation), so
 //! a cached route reaches its targets' queues without hashing a node ID,
 //! and a retired queue is recognised by its generation. A sender is only
-//! asked to run while its queue has work ([`Enqueued::Start`]). This module
+//! asked to run while its queue has work ([`Enqueued::Started`]). This module
 //! must not know about topics, interest or time sources; `now` is always an
 //! argument.
 

@@ -66,6 +66,7 @@ use serde::{Deserialize, Serialize};
 
 pub use openraft;
 
+mod error;
 pub mod kv;
 pub mod linearizability;
 pub mod store;

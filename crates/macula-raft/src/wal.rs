@@ -58,8 +58,10 @@ use std::sync::Arc;
 use openraft::Vote;
 use parking_lot::{Mutex, RwLock};
 
-use crate::store::{decode, encode, Entry, StoreError};
-use crate::{LogId, MemberId};
+use crate::error::{decode, encode, StoreError};
+use crate::{LogId, MemberId, TypeConfig};
+
+type Entry = openraft::Entry<TypeConfig>;
 
 /// A segment is closed, and the next one started, past this size.
 pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
@@ -209,12 +211,6 @@ impl WalReader {
 
     pub fn committed(&self) -> Option<LogId> {
         self.state.read().committed
-    }
-
-    /// Whether the log holds anything at all (entries, a vote or ids).
-    pub fn is_empty(&self) -> bool {
-        let s = self.state.read();
-        s.index.is_empty() && s.vote.is_none() && s.committed.is_none() && s.last_purged.is_none()
     }
 }
 
@@ -821,6 +817,8 @@ mod tests {
         let mut wal = Wal::open(&p).expect("open");
         append(&mut wal, &[id(1, 1)]);
         let seg = p.join(segment_name(1));
+        // The sizes the module documentation promises.
+        assert_eq!((CHUNK, SEGMENT_BYTES), (1 << 20, 32 << 20));
         assert_eq!(std::fs::metadata(&seg).expect("meta").len(), CHUNK);
         let big = vec![7u8; CHUNK as usize];
         wal.write(&[Record::Entry {
