@@ -1,0 +1,8 @@
+//! Feeds arbitrary bytes to the grant decoder and verifier
+//! (`macula_auth`): decode, verify against a fixed realm, re-encode.
+//! Nothing may panic or over-allocate.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    macula_auth::grant::fuzz_grant(data);
+});
