@@ -10,11 +10,13 @@
 //!   principals, spread through the mesh.
 //! * [`policy`]: rules (`allow publish orders.*`, `deny subscribe **`) and
 //!   decisions; deny wins, nothing is allowed by default.
+//! * [`audit`]: the hash chain of the audit trail, with signed checkpoints.
 //!
 //! The wiring (grants in the handshake, enforcement where a request enters
 //! the mesh and where it is delivered, the CLI, the audit trail) is built on
 //! top of this crate by the runtime.
 
+pub mod audit;
 pub mod grant;
 pub mod policy;
 pub mod revocation;
