@@ -811,6 +811,46 @@ mod tests {
     }
 
     #[test]
+    fn other_files_in_the_directory_are_not_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.wal");
+        {
+            let mut wal = Wal::open(&p).expect("open");
+            append(&mut wal, &[id(1, 1)]);
+        }
+        for stray in [
+            "notes.txt",
+            "123.wal",
+            "0000000000000000000x.wal",
+            "00000000000000000002.wal.tmp",
+        ] {
+            std::fs::write(p.join(stray), b"garbage").expect("write");
+        }
+        let wal = Wal::open(&p).expect("reopen");
+        assert_eq!(wal.segments(), vec![1]);
+        assert_eq!(indexes(&wal.reader()), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn an_entry_record_shorter_than_its_log_id_is_corrupt() {
+        // Intact (checksum and all) but its log id runs past the record.
+        let body = [ENTRY, 200, 0, 1, 2, 3];
+        assert!(matches!(
+            parse_body(1, 0, &body),
+            Err(StoreError::Corrupt(_))
+        ));
+        // A zero length with anything after it is damage, not the end.
+        let mut state = State::default();
+        let mut high = None;
+        let mut header = [0u8; HEADER + 4];
+        header[5] = 1;
+        let found = scan(1, &header, &mut state, &mut high).expect("scan");
+        assert!(found.torn);
+        let zeros = [0u8; HEADER + 4];
+        assert!(!scan(1, &zeros, &mut state, &mut high).expect("scan").torn);
+    }
+
+    #[test]
     fn files_grow_in_zeroed_chunks() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("g.wal");
