@@ -23,7 +23,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use macula_wire::NodeId;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{decide, Decision, PolicyError, Request, Rule, MAX_RULES};
+use crate::policy::{Decision, Policy, PolicyError, Request, Rule, MAX_RULES};
 use crate::revocation::Revocations;
 
 /// Prefix of the signed bytes of a grant.
@@ -253,14 +253,21 @@ impl Verified {
         })
     }
 
-    /// The decision for `req`: allowed by this grant's rules and, for a
-    /// signer's grant, within the signer's rules too.
-    pub fn decide(&self, req: &Request) -> Decision {
+    /// This grant's rules (and, for a signer's grant, the signer's scope)
+    /// compiled for its subject.
+    pub fn policy(&self) -> Policy {
         let subject = self.body.subject.id();
         match &self.signer {
-            None => decide(&[&self.body.rules], &subject, req),
-            Some(s) => decide(&[&self.body.rules, &s.rules], &subject, req),
+            None => Policy::new(&[&self.body.rules], &subject),
+            Some(s) => Policy::new(&[&self.body.rules, &s.rules], &subject),
         }
+    }
+
+    /// The decision for `req`: allowed by this grant's rules and, for a
+    /// signer's grant, within the signer's rules too. Compiles the rules:
+    /// hold [`Verified::policy`] to decide many requests.
+    pub fn decide(&self, req: &Request) -> Decision {
+        self.policy().decide(req)
     }
 }
 

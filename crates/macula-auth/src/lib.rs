@@ -22,7 +22,9 @@ pub mod policy;
 pub mod revocation;
 
 pub use grant::{sign, Grant, GrantBody, GrantError, GrantId, Key, Signed, Subject, Verified};
-pub use policy::{Action, Decision, Denial, Effect, PolicyError, Request, Rule};
+pub use policy::{
+    Action, Decision, DecisionCache, Denial, Effect, Policy, PolicyError, Request, Rule,
+};
 pub use revocation::{RevocationBody, RevocationError, RevocationList, Revocations};
 
 #[cfg(test)]

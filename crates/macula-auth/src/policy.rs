@@ -21,6 +21,24 @@ use std::fmt;
 use std::str::FromStr;
 
 use macula_pubsub::topic::{Pattern, Segment, Topic};
+
+/// A pattern's segment, owned (compiled rules and requests keep theirs).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Seg {
+    Lit(Box<str>),
+    Star,
+    Double,
+}
+
+fn segs(p: &Pattern) -> Vec<Seg> {
+    p.segments()
+        .map(|s| match s {
+            Segment::Literal(l) => Seg::Lit(l.into()),
+            Segment::Star => Seg::Star,
+            Segment::DoubleStar => Seg::Double,
+        })
+        .collect()
+}
 use serde::{Deserialize, Serialize};
 
 /// What a principal may do.
@@ -170,6 +188,7 @@ impl fmt::Display for Rule {
 pub struct Request {
     pub action: Action,
     resource: Pattern,
+    segs: Vec<Seg>,
 }
 
 impl Request {
@@ -186,7 +205,12 @@ impl Request {
             let topic = Topic::from_str(resource).map_err(|e| bad(e.to_string()))?;
             Pattern::from_str(topic.as_str()).map_err(|e| bad(e.to_string()))?
         };
-        Ok(Request { action, resource })
+        let segs = segs(&resource);
+        Ok(Request {
+            action,
+            resource,
+            segs,
+        })
     }
 
     pub fn resource(&self) -> &str {
@@ -248,45 +272,232 @@ impl fmt::Display for Denial {
 }
 
 /// Decides `req` for the principal `subject` holding `scopes` (its own rules
-/// first, then its signer's scope, if any).
+/// first, then its signer's scope, if any). Compiles the rules each time:
+/// hold a [`Policy`] to decide many requests.
 pub fn decide(scopes: &[&[Rule]], subject: &str, req: &Request) -> Decision {
-    let mut allowed_by = None;
-    for (scope, rules) in scopes.iter().enumerate() {
-        let mut allow = None;
-        for rule in rules.iter().filter(|r| r.action == req.action) {
-            // A rule that does not parse with this subject allows nothing
-            // and denies everything it might have meant: refuse.
-            let Ok(pattern) = rule.pattern_for(subject) else {
-                if rule.effect == Effect::Deny {
-                    return Decision::Deny(Denial::DeniedBy {
-                        rule: rule.clone(),
-                        scope,
-                    });
-                }
-                continue;
-            };
-            match rule.effect {
-                Effect::Deny if overlaps(&pattern, &req.resource) => {
-                    return Decision::Deny(Denial::DeniedBy {
-                        rule: rule.clone(),
-                        scope,
-                    });
-                }
-                Effect::Allow if allow.is_none() && covers(&pattern, &req.resource) => {
-                    allow = Some(rule);
-                }
-                _ => {}
-            }
+    Policy::new(scopes, subject).decide(req)
+}
+
+/// One rule, compiled for a subject.
+#[derive(Debug, Clone)]
+enum Compiled {
+    Rule {
+        effect: Effect,
+        segs: Vec<Seg>,
+        index: usize,
+    },
+    /// A deny rule whose pattern does not parse with this subject: it
+    /// denies every request of its action (never a silent allow).
+    BrokenDeny { index: usize },
+}
+
+/// One scope's rules for one action, indexed by their first segment: a
+/// request whose first segment is a literal is checked against the rules
+/// that start with it and those that start with a wildcard, in rule order.
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    rules: Vec<Compiled>,
+    /// Positions in `rules` by first literal segment.
+    by_first: std::collections::HashMap<Box<str>, Vec<usize>>,
+    /// Positions of rules that start with `*` or `**` (or deny everything).
+    wild: Vec<usize>,
+}
+
+impl Bucket {
+    fn push(&mut self, c: Compiled) {
+        let at = self.rules.len();
+        match &c {
+            Compiled::Rule { segs, .. } => match segs.first() {
+                Some(Seg::Lit(l)) => self.by_first.entry(l.clone()).or_default().push(at),
+                _ => self.wild.push(at),
+            },
+            Compiled::BrokenDeny { .. } => self.wild.push(at),
         }
-        match allow {
-            None => return Decision::Deny(Denial::NotAllowed { scope }),
-            Some(rule) if scope == 0 => allowed_by = Some(rule.clone()),
-            Some(_) => {}
+        self.rules.push(c);
+    }
+
+    /// The rules that may touch `req`, in rule order.
+    fn candidates<'a>(&'a self, req: &Request) -> Box<dyn Iterator<Item = &'a Compiled> + 'a> {
+        match req.segs.first() {
+            Some(Seg::Lit(l)) => {
+                let own = self.by_first.get(l).map_or(&[][..], Vec::as_slice);
+                // Merge the two sorted position lists.
+                let (mut a, mut b) = (own.iter().peekable(), self.wild.iter().peekable());
+                Box::new(std::iter::from_fn(move || {
+                    let next = match (a.peek(), b.peek()) {
+                        (Some(x), Some(y)) if x < y => a.next(),
+                        (_, Some(_)) => b.next(),
+                        (Some(_), None) => a.next(),
+                        (None, None) => None,
+                    };
+                    next.map(|i| &self.rules[*i])
+                }))
+            }
+            _ => Box::new(self.rules.iter()),
         }
     }
-    match allowed_by {
-        Some(rule) => Decision::Allow { rule },
-        None => Decision::Deny(Denial::NotAllowed { scope: 0 }),
+}
+
+/// A principal's rules compiled once for its subject: patterns parsed, rules
+/// grouped by action and indexed by first segment. Decisions are what
+/// [`decide`] says.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Vec<Rule>>,
+    /// Per scope, per action (in [`Action::ALL`] order).
+    compiled: Vec<[Bucket; 6]>,
+}
+
+fn slot(a: Action) -> usize {
+    a as usize
+}
+
+impl Policy {
+    pub fn new(scopes: &[&[Rule]], subject: &str) -> Policy {
+        let compiled = scopes
+            .iter()
+            .map(|rules| {
+                let mut by_action: [Bucket; 6] = Default::default();
+                for (index, rule) in rules.iter().enumerate() {
+                    let c = match (rule.pattern_for(subject), rule.effect) {
+                        (Ok(pattern), effect) => Compiled::Rule {
+                            effect,
+                            segs: segs(&pattern),
+                            index,
+                        },
+                        (Err(_), Effect::Deny) => Compiled::BrokenDeny { index },
+                        (Err(_), Effect::Allow) => continue,
+                    };
+                    by_action[slot(rule.action)].push(c);
+                }
+                by_action
+            })
+            .collect();
+        Policy {
+            rules: scopes.iter().map(|r| r.to_vec()).collect(),
+            compiled,
+        }
+    }
+
+    /// The decision for `req`: deny wins, every scope must allow.
+    pub fn decide(&self, req: &Request) -> Decision {
+        let mut allowed_by = None;
+        for (scope, by_action) in self.compiled.iter().enumerate() {
+            let mut allow = None;
+            for c in by_action[slot(req.action)].candidates(req) {
+                match c {
+                    Compiled::BrokenDeny { index } => {
+                        return self.denied(scope, *index);
+                    }
+                    Compiled::Rule {
+                        effect: Effect::Deny,
+                        segs,
+                        index,
+                    } if overlaps_at(segs, &req.segs) => {
+                        return self.denied(scope, *index);
+                    }
+                    Compiled::Rule {
+                        effect: Effect::Allow,
+                        segs,
+                        index,
+                    } if allow.is_none() && covers_at(segs, &req.segs) => {
+                        allow = Some(*index);
+                    }
+                    Compiled::Rule { .. } => {}
+                }
+            }
+            match allow {
+                None => return Decision::Deny(Denial::NotAllowed { scope }),
+                Some(index) if scope == 0 => allowed_by = Some(index),
+                Some(_) => {}
+            }
+        }
+        match allowed_by {
+            Some(index) => Decision::Allow {
+                rule: self.rules[0][index].clone(),
+            },
+            None => Decision::Deny(Denial::NotAllowed { scope: 0 }),
+        }
+    }
+
+    fn denied(&self, scope: usize, index: usize) -> Decision {
+        Decision::Deny(Denial::DeniedBy {
+            rule: self.rules[scope][index].clone(),
+            scope,
+        })
+    }
+
+    /// How many rules it holds, over every scope.
+    pub fn len(&self) -> usize {
+        self.rules.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Recent decisions of one [`Policy`], by action and resource: a bounded
+/// FIFO (a hit writes nothing; the oldest goes first when full). Drop it
+/// with the policy it caches (a new grant or revocation list means a new
+/// policy).
+#[derive(Debug)]
+pub struct DecisionCache {
+    capacity: usize,
+    /// Per action (in [`Action::ALL`] order), so a lookup borrows `&str`.
+    maps: [std::collections::HashMap<Box<str>, Decision>; 6],
+    order: std::collections::VecDeque<(Action, Box<str>)>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// Decisions cached per principal by default.
+pub const DECISION_CACHE_CAPACITY: usize = 4096;
+
+impl DecisionCache {
+    pub fn new(capacity: usize) -> DecisionCache {
+        DecisionCache {
+            capacity,
+            maps: Default::default(),
+            order: std::collections::VecDeque::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// `policy`'s decision for `action` on `resource`, from the cache when
+    /// it was asked before. A malformed resource is an error, not cached.
+    pub fn decide(
+        &mut self,
+        policy: &Policy,
+        action: Action,
+        resource: &str,
+    ) -> Result<Decision, PolicyError> {
+        if let Some(d) = self.maps[slot(action)].get(resource) {
+            self.hits += 1;
+            return Ok(d.clone());
+        }
+        self.misses += 1;
+        let d = policy.decide(&Request::new(action, resource)?);
+        if self.capacity > 0 {
+            if self.order.len() >= self.capacity {
+                if let Some((a, old)) = self.order.pop_front() {
+                    self.maps[slot(a)].remove(&old);
+                }
+            }
+            let key: Box<str> = Box::from(resource);
+            self.order.push_back((action, key.clone()));
+            self.maps[slot(action)].insert(key, d.clone());
+        }
+        Ok(d)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
     }
 }
 
@@ -294,22 +505,20 @@ pub fn decide(scopes: &[&[Rule]], subject: &str, req: &Request) -> Decision {
 /// true wrongly); it may say false for exotic pairs of `**` a human would
 /// call covered, which only refuses.
 pub fn covers(outer: &Pattern, inner: &Pattern) -> bool {
-    let o: Vec<Segment<'_>> = outer.segments().collect();
-    let i: Vec<Segment<'_>> = inner.segments().collect();
-    covers_at(&o, &i)
+    covers_at(&segs(outer), &segs(inner))
 }
 
-fn covers_at(o: &[Segment<'_>], i: &[Segment<'_>]) -> bool {
+fn covers_at(o: &[Seg], i: &[Seg]) -> bool {
     match o.split_first() {
         None => i.is_empty(),
         // `**` takes any run of the inner pattern's segments, wildcards too.
-        Some((Segment::DoubleStar, rest)) => (0..=i.len()).any(|k| covers_at(rest, &i[k..])),
-        Some((Segment::Star, rest)) => match i.split_first() {
-            Some((Segment::Literal(_) | Segment::Star, irest)) => covers_at(rest, irest),
+        Some((Seg::Double, rest)) => (0..=i.len()).any(|k| covers_at(rest, &i[k..])),
+        Some((Seg::Star, rest)) => match i.split_first() {
+            Some((Seg::Lit(_) | Seg::Star, irest)) => covers_at(rest, irest),
             _ => false,
         },
-        Some((Segment::Literal(lit), rest)) => match i.split_first() {
-            Some((Segment::Literal(l), irest)) if l == lit => covers_at(rest, irest),
+        Some((Seg::Lit(lit), rest)) => match i.split_first() {
+            Some((Seg::Lit(l), irest)) if l == lit => covers_at(rest, irest),
             _ => false,
         },
     }
@@ -317,29 +526,23 @@ fn covers_at(o: &[Segment<'_>], i: &[Segment<'_>]) -> bool {
 
 /// Whether some topic matches both patterns.
 pub fn overlaps(a: &Pattern, b: &Pattern) -> bool {
-    let a: Vec<Segment<'_>> = a.segments().collect();
-    let b: Vec<Segment<'_>> = b.segments().collect();
-    overlaps_at(&a, &b)
+    overlaps_at(&segs(a), &segs(b))
 }
 
-fn overlaps_at(a: &[Segment<'_>], b: &[Segment<'_>]) -> bool {
+fn overlaps_at(a: &[Seg], b: &[Seg]) -> bool {
     match (a.split_first(), b.split_first()) {
         (None, None) => true,
         // `**` matches nothing here, or takes one more segment of a topic
-        // that the other side matches with its first segment.
-        (Some((Segment::DoubleStar, arest)), _) => {
-            overlaps_at(arest, b)
-                || match b.split_first() {
-                    None => false,
-                    Some((Segment::DoubleStar, _)) => overlaps_at(a, &b[1..]),
-                    Some(_) => overlaps_at(a, &b[1..]),
-                }
+        // that the other side matches with its first segment (or the other
+        // side's `**` takes nothing).
+        (Some((Seg::Double, arest)), _) => {
+            overlaps_at(arest, b) || (!b.is_empty() && overlaps_at(a, &b[1..]))
         }
-        (_, Some((Segment::DoubleStar, _))) => overlaps_at(b, a),
+        (_, Some((Seg::Double, _))) => overlaps_at(b, a),
         (None, Some(_)) | (Some(_), None) => false,
         (Some((x, arest)), Some((y, brest))) => {
             let one = match (x, y) {
-                (Segment::Literal(p), Segment::Literal(q)) => p == q,
+                (Seg::Lit(p), Seg::Lit(q)) => p == q,
                 _ => true,
             };
             one && overlaps_at(arest, brest)
@@ -438,6 +641,44 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_answers_as_the_policy_and_stays_bounded() {
+        let rs = rules("allow publish a.*; deny publish a.x");
+        let p = Policy::new(&[&rs], "me");
+        let mut c = DecisionCache::new(2);
+        for t in ["a.b", "a.x", "b.c", "a.b", "a.x"] {
+            let want = p.decide(&Request::new(Action::Publish, t).expect("req"));
+            assert_eq!(
+                c.decide(&p, Action::Publish, t).expect("decide"),
+                want,
+                "{t}"
+            );
+            assert!(c.len() <= 2);
+        }
+        // a.b, a.x, b.c miss; a.b was evicted by b.c, a.x too by a.b.
+        assert_eq!((c.hits, c.misses), (0, 5));
+        assert!(c.decide(&p, Action::Publish, "a.*").is_err());
+        let mut c = DecisionCache::new(8);
+        for _ in 0..3 {
+            assert!(c
+                .decide(&p, Action::Publish, "a.b")
+                .expect("decide")
+                .is_allowed());
+        }
+        assert_eq!((c.hits, c.misses), (2, 1));
+        // A deny rule that cannot be read for this subject denies all.
+        let broken = vec![Rule {
+            effect: Effect::Deny,
+            action: Action::Publish,
+            pattern: "a.{{subject}}".into(),
+        }];
+        let allow = rules("allow publish **");
+        let p = Policy::new(&[&[allow, broken].concat()], "x y");
+        assert!(!p
+            .decide(&Request::new(Action::Publish, "z").expect("req"))
+            .is_allowed());
+    }
+
+    #[test]
     fn rules_parse_and_print() {
         for text in [
             "allow publish a.b",
@@ -496,7 +737,58 @@ mod tests {
         out
     }
 
+    /// The reference: every rule in order, no index.
+    fn naive(rules: &[Rule], req: &Request) -> Decision {
+        let mut allow = None;
+        for rule in rules.iter().filter(|r| r.action == req.action) {
+            let p = rule.pattern_for("me").expect("pattern");
+            match rule.effect {
+                Effect::Deny if overlaps(&p, &req.resource) => {
+                    return Decision::Deny(Denial::DeniedBy {
+                        rule: rule.clone(),
+                        scope: 0,
+                    })
+                }
+                Effect::Allow if allow.is_none() && covers(&p, &req.resource) => {
+                    allow = Some(rule.clone())
+                }
+                _ => {}
+            }
+        }
+        match allow {
+            Some(rule) => Decision::Allow { rule },
+            None => Decision::Deny(Denial::NotAllowed { scope: 0 }),
+        }
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        (any::<bool>(), any::<bool>(), pattern()).prop_map(|(allow, publish, p)| Rule {
+            effect: if allow { Effect::Allow } else { Effect::Deny },
+            action: if publish {
+                Action::Publish
+            } else {
+                Action::Subscribe
+            },
+            pattern: p.as_str().to_string(),
+        })
+    }
+
     proptest! {
+        /// The compiled, indexed policy decides as the plain reading of the
+        /// rules does.
+        #[test]
+        fn the_indexed_policy_decides_as_the_rules_read(
+            rules in prop::collection::vec(rule(), 0..12),
+            requests in prop::collection::vec((any::<bool>(), pattern()), 1..12),
+        ) {
+            let policy = Policy::new(&[&rules], "me");
+            for (publish, p) in requests {
+                let action = if publish { Action::Publish } else { Action::Subscribe };
+                let Ok(req) = Request::new(action, p.as_str()) else { continue };
+                prop_assert_eq!(policy.decide(&req), naive(&rules, &req), "{}", req);
+            }
+        }
+
         /// `covers` never says yes wrongly, `overlaps` is exact, against
         /// every short topic (patterns of up to 4 segments match topics of
         /// up to 5 whenever they match any longer one).
