@@ -1,6 +1,12 @@
 //! The daemon's layered configuration: command-line flags, then `MACULA_*`
 //! environment variables, then an optional TOML file, then defaults.
 //!
+//! Every setting is declared once, in the `settings!` table below: its
+//! field, type, default, parser, kind, flag, environment variable, TOML key
+//! and help. The table generates the [`keys`] constants, the clap flags of
+//! [`NodeArgs`], the fields of [`Settings`] and their resolution; nothing
+//! else names a setting unless it needs that one (cross-checks, tests).
+//!
 //! [`resolve`] turns [`NodeArgs`] (the flags of `macula start`) plus an
 //! environment lookup into validated [`Settings`]. Every error names the key
 //! as the user wrote it (`--listen`, `MACULA_REALM`, `` `limits.max_frame_size`
@@ -8,9 +14,10 @@
 //!
 //! This module must not start anything, bind sockets, read TLS files or touch
 //! the process environment: the environment comes in through a closure so
-//! tests stay hermetic. The only I/O is reading the config file, and only
-//! when one is named (`--config` / `MACULA_CONFIG`): zero config stays zero
-//! config.
+//! tests stay hermetic (which is why the flags do not use clap's `env`: it
+//! reads the process environment itself, and counts a set-but-blank variable
+//! as a value). The only I/O is reading the config file, and only when one
+//! is named (`--config` / `MACULA_CONFIG`): zero config stays zero config.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,9 +26,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use macula::config::ReachabilityMode;
+use macula::config::{Limits, RaftLimits, ReachabilityMode, RelayLimits};
 use macula::{NodeId, PeerAddr};
-use serde::Deserialize;
 
 // ---------------------------------------------------------------------------
 // Defaults and bounds
@@ -133,10 +139,10 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------
-// Key names
+// Keys
 // ---------------------------------------------------------------------------
 
-/// The three names of one setting and its default, as shown to users.
+/// The names of one setting and its default, as shown to users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
     /// The command-line flag, e.g. `--listen`.
@@ -145,463 +151,466 @@ pub struct Key {
     pub env: &'static str,
     /// The dotted TOML key, e.g. `limits.max_frame_size`.
     pub toml: &'static str,
-    /// The default in the form a user would write it.
+    /// The default as `--help` shows it (`none` for an empty list, a
+    /// description where it depends on the machine); empty: none shown.
     pub default: &'static str,
+    /// The flag's value in `--help`, e.g. `IP:PORT`.
+    pub value_name: &'static str,
+    /// The flag's help, before `[env: ...] [default: ...]`.
+    pub help: &'static str,
 }
 
-/// The names of every setting, for code, docs and tests.
-pub mod keys {
-    use super::Key;
+/// Declares every setting, one entry each:
+///
+/// ```text
+/// field KEY: Type = default, Kind(parser...),
+///     flag "--flag" "VALUE", env "MACULA_X", toml "section.key", default "shown",
+///     "help";
+/// ```
+///
+/// `Kind` is [`Text`], [`Number`], [`FilePath`] or [`List`]: how the value is
+/// written in each layer. The parser turns the text into the value (`Type`
+/// must be `From` it); [`FilePath`] has none, [`List`] two (a comma-separated
+/// list, and one item of a TOML array).
+macro_rules! settings {
+    ($(
+        $field:ident $KEY:ident: $ty:ty = $default:expr, $kind:ident($($parse:expr),*),
+        flag $flag:literal $value_name:literal, env $env:literal, toml $toml:literal,
+        default $shown:literal, $help:literal;
+    )*) => {
+        /// The names of every setting, for code, docs and tests.
+        pub mod keys {
+            use super::Key;
 
-    /// The config file itself (no TOML key: a file cannot name another).
-    pub const CONFIG: Key = Key {
-        flag: "--config",
-        env: "MACULA_CONFIG",
-        toml: "",
-        default: "(none: no file is read)",
-    };
-    /// QUIC listen address.
-    pub const LISTEN: Key = Key {
-        flag: "--listen",
-        env: "MACULA_LISTEN",
-        toml: "listen",
-        default: "0.0.0.0:4433",
-    };
-    /// Realm.
-    pub const REALM: Key = Key {
-        flag: "--realm",
-        env: "MACULA_REALM",
-        toml: "realm",
-        default: "default",
-    };
-    /// Bootstrap peers.
-    pub const BOOTSTRAP: Key = Key {
-        flag: "--bootstrap",
-        env: "MACULA_BOOTSTRAP_PEERS",
-        toml: "bootstrap",
-        default: "",
-    };
-    /// Data directory.
-    pub const DATA_DIR: Key = Key {
-        flag: "--data-dir",
-        env: "MACULA_DATA_DIR",
-        toml: "data_dir",
-        default: "(user data dir)/macula",
-    };
-    /// Admin HTTP address.
-    pub const HTTP: Key = Key {
-        flag: "--http",
-        env: "MACULA_HTTP",
-        toml: "http",
-        default: "127.0.0.1:8080",
-    };
-    /// TLS mode.
-    pub const TLS_MODE: Key = Key {
-        flag: "--tls-mode",
-        env: "MACULA_TLS_MODE",
-        toml: "tls.mode",
-        default: "self",
-    };
-    /// CA certificate (ca mode).
-    pub const TLS_CA_CERT_FILE: Key = Key {
-        flag: "--tls-ca-cert-file",
-        env: "MACULA_TLS_CACERTFILE",
-        toml: "tls.ca_cert_file",
-        default: "",
-    };
-    /// The node's certificate chain (ca mode).
-    pub const TLS_CERT_FILE: Key = Key {
-        flag: "--tls-cert-file",
-        env: "MACULA_TLS_CERTFILE",
-        toml: "tls.cert_file",
-        default: "",
-    };
-    /// Pinned node IDs.
-    pub const TLS_PINNED: Key = Key {
-        flag: "--tls-pinned",
-        env: "MACULA_TLS_PINNED",
-        toml: "tls.pinned",
-        default: "",
-    };
-    /// Maximum frame size.
-    pub const MAX_FRAME_SIZE: Key = Key {
-        flag: "--max-frame-size",
-        env: "MACULA_MAX_FRAME_SIZE",
-        toml: "limits.max_frame_size",
-        default: "1MiB",
-    };
-    /// Maximum pooled connections.
-    pub const MAX_CONNECTIONS: Key = Key {
-        flag: "--max-connections",
-        env: "MACULA_MAX_CONNECTIONS",
-        toml: "limits.max_connections",
-        default: "1000",
-    };
-    /// Idle timeout.
-    pub const IDLE_TIMEOUT: Key = Key {
-        flag: "--idle-timeout",
-        env: "MACULA_IDLE_TIMEOUT",
-        toml: "limits.idle_timeout",
-        default: "5m",
-    };
-    /// Subscription queue bound.
-    pub const PUBSUB_QUEUE_CAPACITY: Key = Key {
-        flag: "--pubsub-queue-capacity",
-        env: "MACULA_PUBSUB_QUEUE_CAPACITY",
-        toml: "limits.pubsub_queue_capacity",
-        default: "65536",
-    };
-    /// Subscription queue bound in payload bytes.
-    pub const PUBSUB_QUEUE_BYTES: Key = Key {
-        flag: "--pubsub-queue-bytes",
-        env: "MACULA_PUBSUB_QUEUE_BYTES",
-        toml: "limits.pubsub_queue_bytes",
-        default: "64MiB",
-    };
-    /// Messages queued for one remote node.
-    pub const PUBSUB_PEER_QUEUE_CAPACITY: Key = Key {
-        flag: "--pubsub-peer-queue-capacity",
-        env: "MACULA_PUBSUB_PEER_QUEUE_CAPACITY",
-        toml: "limits.pubsub_peer_queue_capacity",
-        default: "65536",
-    };
-    /// Payload bytes queued for one remote node.
-    pub const PUBSUB_PEER_QUEUE_BYTES: Key = Key {
-        flag: "--pubsub-peer-queue-bytes",
-        env: "MACULA_PUBSUB_PEER_QUEUE_BYTES",
-        toml: "limits.pubsub_peer_queue_bytes",
-        default: "32MiB",
-    };
-    /// Cut-off of a peer that stops reading pub/sub data.
-    pub const PUBSUB_STALL_TIMEOUT: Key = Key {
-        flag: "--pubsub-stall-timeout",
-        env: "MACULA_PUBSUB_STALL_TIMEOUT",
-        toml: "limits.pubsub_stall_timeout",
-        default: "10s",
-    };
-    /// Failure detector: silence that declares a full node down.
-    pub const PEER_DOWN_AFTER: Key = Key {
-        flag: "--peer-down-after",
-        env: "MACULA_PEER_DOWN_AFTER",
-        toml: "limits.peer_down_after",
-        default: "2s",
-    };
-    /// Relayed sessions this node carries at once.
-    pub const RELAY_MAX_SESSIONS: Key = Key {
-        flag: "--relay-max-sessions",
-        env: "MACULA_RELAY_MAX_SESSIONS",
-        toml: "relay.max_sessions",
-        default: "128",
-    };
-    /// Reservations this node holds for private peers at once.
-    pub const RELAY_MAX_RESERVATIONS: Key = Key {
-        flag: "--relay-max-reservations",
-        env: "MACULA_RELAY_MAX_RESERVATIONS",
-        toml: "relay.max_reservations",
-        default: "128",
-    };
-    /// Byte rate of one relayed session.
-    pub const RELAY_BYTES_PER_SECOND: Key = Key {
-        flag: "--relay-bytes-per-second",
-        env: "MACULA_RELAY_BYTES_PER_SECOND",
-        toml: "relay.bytes_per_second",
-        default: "1MiB",
-    };
-    /// Idle timeout of a relayed session.
-    pub const RELAY_IDLE_TIMEOUT: Key = Key {
-        flag: "--relay-idle-timeout",
-        env: "MACULA_RELAY_IDLE_TIMEOUT",
-        toml: "relay.idle_timeout",
-        default: "60s",
-    };
-    /// Connections clients can never take.
-    pub const PEER_SLOTS: Key = Key {
-        flag: "--peer-slots",
-        env: "MACULA_PEER_SLOTS",
-        toml: "limits.peer_slots",
-        default: "64",
-    };
-    /// Per-stream flow-control window.
-    pub const STREAM_RECEIVE_WINDOW: Key = Key {
-        flag: "--stream-receive-window",
-        env: "MACULA_STREAM_RECEIVE_WINDOW",
-        toml: "limits.stream_receive_window",
-        default: "1MiB",
-    };
-    /// Per-connection flow-control window.
-    pub const CONNECTION_RECEIVE_WINDOW: Key = Key {
-        flag: "--connection-receive-window",
-        env: "MACULA_CONNECTION_RECEIVE_WINDOW",
-        toml: "limits.connection_receive_window",
-        default: "8MiB",
-    };
-    /// Per-connection send buffer.
-    pub const SEND_WINDOW: Key = Key {
-        flag: "--send-window",
-        env: "MACULA_SEND_WINDOW",
-        toml: "limits.send_window",
-        default: "8MiB",
-    };
-    /// Kernel buffers of the UDP socket.
-    pub const SOCKET_BUFFER: Key = Key {
-        flag: "--socket-buffer",
-        env: "MACULA_SOCKET_BUFFER",
-        toml: "limits.socket_buffer",
-        default: "4MiB",
-    };
-    /// Streams a client may open.
-    pub const MAX_STREAMS_PER_CLIENT: Key = Key {
-        flag: "--max-streams-per-client",
-        env: "MACULA_MAX_STREAMS_PER_CLIENT",
-        toml: "limits.max_streams_per_client",
-        default: "4",
-    };
-    /// Reachability: detect, or assume private.
-    pub const REACHABILITY: Key = Key {
-        flag: "--reachability",
-        env: "MACULA_REACHABILITY",
-        toml: "reachability",
-        default: "auto",
-    };
-    /// Raft groups this node is a member of.
-    pub const RAFT_GROUPS: Key = Key {
-        flag: "--raft-group",
-        env: "MACULA_RAFT_GROUPS",
-        toml: "raft_groups",
-        default: "",
-    };
-    /// Founding voters of the Raft groups.
-    pub const RAFT_MEMBERS: Key = Key {
-        flag: "--raft-members",
-        env: "MACULA_RAFT_MEMBERS",
-        toml: "raft_members",
-        default: "",
-    };
-    /// Time a Raft request (write, read, membership change) may take.
-    pub const RAFT_TIMEOUT: Key = Key {
-        flag: "--raft-timeout",
-        env: "MACULA_RAFT_TIMEOUT",
-        toml: "raft_timeout",
-        default: "5s",
-    };
-    /// Raft groups one node may run.
-    pub const RAFT_MAX_GROUPS: Key = Key {
-        flag: "--raft-max-groups",
-        env: "MACULA_RAFT_MAX_GROUPS",
-        toml: "raft_max_groups",
-        default: "64",
-    };
-    /// Shortest time without a leader before a member starts an election.
-    pub const RAFT_ELECTION_TIMEOUT: Key = Key {
-        flag: "--raft-election-timeout",
-        env: "MACULA_RAFT_ELECTION_TIMEOUT",
-        toml: "raft_election_timeout",
-        default: "200ms",
-    };
-    /// Log format.
-    pub const LOG_FORMAT: Key = Key {
-        flag: "--log-format",
-        env: "MACULA_LOG_FORMAT",
-        toml: "log.format",
-        default: "text",
-    };
+            /// The config file itself (no TOML key: a file cannot name another).
+            pub const CONFIG: Key = Key {
+                flag: "--config",
+                env: "MACULA_CONFIG",
+                toml: "",
+                default: "",
+                value_name: "PATH",
+                help: "TOML config file; none is read unless given",
+            };
+            $(
+                #[doc = $help]
+                pub const $KEY: Key = Key {
+                    flag: $flag,
+                    env: $env,
+                    toml: $toml,
+                    default: $shown,
+                    value_name: $value_name,
+                    help: $help,
+                };
+            )*
 
-    /// Every setting that can appear in the TOML file, in documentation order.
-    pub const ALL: &[Key] = &[
-        LISTEN,
-        REALM,
-        BOOTSTRAP,
-        DATA_DIR,
-        HTTP,
-        TLS_MODE,
-        TLS_CA_CERT_FILE,
-        TLS_CERT_FILE,
-        TLS_PINNED,
-        MAX_FRAME_SIZE,
-        MAX_CONNECTIONS,
-        IDLE_TIMEOUT,
-        PUBSUB_QUEUE_CAPACITY,
-        PUBSUB_QUEUE_BYTES,
-        PUBSUB_PEER_QUEUE_CAPACITY,
-        PUBSUB_PEER_QUEUE_BYTES,
-        PUBSUB_STALL_TIMEOUT,
-        PEER_DOWN_AFTER,
-        PEER_SLOTS,
-        STREAM_RECEIVE_WINDOW,
-        CONNECTION_RECEIVE_WINDOW,
-        SEND_WINDOW,
-        SOCKET_BUFFER,
-        MAX_STREAMS_PER_CLIENT,
-        RELAY_MAX_SESSIONS,
-        RELAY_MAX_RESERVATIONS,
-        RELAY_BYTES_PER_SECOND,
-        RELAY_IDLE_TIMEOUT,
-        REACHABILITY,
-        RAFT_GROUPS,
-        RAFT_MEMBERS,
-        RAFT_TIMEOUT,
-        RAFT_MAX_GROUPS,
-        RAFT_ELECTION_TIMEOUT,
-        LOG_FORMAT,
-    ];
+            /// Every setting that can appear in the TOML file, in documentation order.
+            pub const ALL: &[Key] = &[$($KEY),*];
+        }
+
+        /// The node's settings as command-line flags. Every flag is optional;
+        /// an unset flag falls back to its environment variable, then to the
+        /// config file, then to the default.
+        #[derive(Debug, Default, Clone)]
+        pub struct NodeArgs {
+            /// TOML config file; none is read unless given.
+            pub config: Option<PathBuf>,
+            $(
+                #[doc = $help]
+                pub $field: <$kind as Kind>::Flag,
+            )*
+        }
+
+        impl clap::Args for NodeArgs {
+            fn augment_args(cmd: clap::Command) -> clap::Command {
+                cmd.arg(FilePath::arg(&keys::CONFIG, "config"))
+                    $(.arg($kind::arg(&keys::$KEY, stringify!($field))))*
+            }
+
+            fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+                Self::augment_args(cmd)
+            }
+        }
+
+        impl clap::FromArgMatches for NodeArgs {
+            fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+                let mut args = NodeArgs::default();
+                args.update_from_arg_matches(m)?;
+                Ok(args)
+            }
+
+            fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+                FilePath::update(&mut self.config, m, "config");
+                $($kind::update(&mut self.$field, m, stringify!($field));)*
+                Ok(())
+            }
+        }
+
+        /// The resolved, validated configuration of a node.
+        #[derive(Debug, Clone)]
+        pub struct Settings {
+            $(
+                #[doc = $help]
+                pub $field: $ty,
+            )*
+            /// The config file that was read, if any.
+            pub config_file: Option<PathBuf>,
+        }
+
+        impl Default for Settings {
+            /// Every setting at its default; what `macula start` runs with
+            /// when nothing is configured.
+            fn default() -> Self {
+                Settings {
+                    $($field: $default,)*
+                    config_file: None,
+                }
+            }
+        }
+
+        /// Every setting from the highest layer that has it (or its
+        /// default), and where each set one came from.
+        fn resolve_keys(layers: &Layers, args: &NodeArgs) -> Result<(Settings, Origins), ConfigError> {
+            let mut s = Settings::default();
+            let mut origins = Origins::new();
+            $(
+                if let Some((value, origin)) =
+                    $kind::get(layers, &args.$field, &keys::$KEY, $($parse),*)?
+                {
+                    set(&mut s.$field, value);
+                    origins.insert(keys::$KEY.flag, origin);
+                }
+            )*
+            Ok((s, origins))
+        }
+
+        #[cfg(test)]
+        impl Settings {
+            /// The setting named by `key`, debug-formatted (for tests over
+            /// every key).
+            fn field_debug(&self, key: &Key) -> String {
+                $(if key == &keys::$KEY {
+                    return format!("{:?}", self.$field);
+                })*
+                panic!("no setting {key:?}")
+            }
+        }
+    };
 }
 
-// ---------------------------------------------------------------------------
-// Flags
-// ---------------------------------------------------------------------------
+settings! {
+    listen LISTEN: SocketAddr = DEFAULT_LISTEN, Text(parse_socket_addr),
+        flag "--listen" "IP:PORT", env "MACULA_LISTEN", toml "listen",
+        default "0.0.0.0:4433", "QUIC (UDP) listen address";
+    realm REALM: String = DEFAULT_REALM.to_string(), Text(parse_realm),
+        flag "--realm" "REALM", env "MACULA_REALM", toml "realm",
+        default "default", "Realm to join: dot-separated labels of a-z, 0-9, '-'";
+    bootstrap BOOTSTRAP: Vec<PeerAddr> = Vec::new(), List(parse_peers, parse_peer),
+        flag "--bootstrap" "ADDR[,ADDR...]", env "MACULA_BOOTSTRAP_PEERS", toml "bootstrap",
+        default "none",
+        "Bootstrap peers: HOST:PORT, quic://HOST:PORT or NODEID@HOST:PORT; comma-separated, \
+         repeatable";
+    data_dir DATA_DIR: PathBuf = default_data_dir(), FilePath(),
+        flag "--data-dir" "DIR", env "MACULA_DATA_DIR", toml "data_dir",
+        default "<user data dir>/macula", "Directory for the node key and state";
+    http HTTP: SocketAddr = DEFAULT_HTTP, Text(parse_socket_addr),
+        flag "--http" "IP:PORT", env "MACULA_HTTP", toml "http",
+        default "127.0.0.1:8080", "Admin HTTP address (/metrics, /health, /admin/*)";
+    tls_mode TLS_MODE: TlsModeSetting = DEFAULT_TLS_MODE, Text(str::parse::<TlsModeSetting>),
+        flag "--tls-mode" "self|ca", env "MACULA_TLS_MODE", toml "tls.mode",
+        default "self",
+        "TLS mode: \"self\" (self-certifying node IDs) or \"ca\" (also require a chain to a CA)";
+    tls_ca_cert_file TLS_CA_CERT_FILE: Option<PathBuf> = None, FilePath(),
+        flag "--tls-ca-cert-file" "PATH", env "MACULA_TLS_CACERTFILE", toml "tls.ca_cert_file",
+        default "", "CA certificate (PEM) peers must chain to; required with --tls-mode ca";
+    tls_cert_file TLS_CERT_FILE: Option<PathBuf> = None, FilePath(),
+        flag "--tls-cert-file" "PATH", env "MACULA_TLS_CERTFILE", toml "tls.cert_file",
+        default "",
+        "This node's certificate chain (PEM), issued by the CA for the node key; required with \
+         --tls-mode ca";
+    tls_pinned TLS_PINNED: Vec<NodeId> = Vec::new(), List(parse_node_ids, parse_node_id),
+        flag "--tls-pinned" "NODEID[,NODEID...]", env "MACULA_TLS_PINNED", toml "tls.pinned",
+        default "none", "Only accept peers with these node IDs; comma-separated, repeatable";
+    max_frame_size MAX_FRAME_SIZE: u32 = DEFAULT_MAX_FRAME_SIZE, Number(parse_max_frame_size),
+        flag "--max-frame-size" "SIZE", env "MACULA_MAX_FRAME_SIZE",
+        toml "limits.max_frame_size", default "1MiB",
+        "Maximum frame body size, in bytes or with KiB/MiB, 1KiB..16MiB";
+    max_connections MAX_CONNECTIONS: usize = DEFAULT_MAX_CONNECTIONS,
+        Number(|s| parse_count(s, (MIN_MAX_CONNECTIONS, MAX_MAX_CONNECTIONS))),
+        flag "--max-connections" "N", env "MACULA_MAX_CONNECTIONS",
+        toml "limits.max_connections", default "1000",
+        "Maximum pooled peer connections, 1..100000";
+    idle_timeout IDLE_TIMEOUT: Duration = DEFAULT_IDLE_TIMEOUT,
+        Number(|s| parse_duration_in(s, (MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT))),
+        flag "--idle-timeout" "DURATION", env "MACULA_IDLE_TIMEOUT",
+        toml "limits.idle_timeout", default "5m",
+        "Close a pooled connection idle this long: 300, 300s, 5m, 1h, 1500ms; 1s..24h";
+    pubsub_queue_capacity PUBSUB_QUEUE_CAPACITY: usize = DEFAULT_PUBSUB_QUEUE_CAPACITY,
+        Number(|s| parse_count(s, PUBSUB_QUEUE_CAPACITY_RANGE)),
+        flag "--pubsub-queue-capacity" "N", env "MACULA_PUBSUB_QUEUE_CAPACITY",
+        toml "limits.pubsub_queue_capacity", default "65536",
+        "Events queued per subscription before the oldest are dropped, 16..10000000";
+    pubsub_queue_bytes PUBSUB_QUEUE_BYTES: usize = DEFAULT_PUBSUB_QUEUE_BYTES,
+        Number(|s| parse_size_usize(s, PUBSUB_QUEUE_BYTES_RANGE)),
+        flag "--pubsub-queue-bytes" "SIZE", env "MACULA_PUBSUB_QUEUE_BYTES",
+        toml "limits.pubsub_queue_bytes", default "64MiB",
+        "Payload bytes queued per subscription before the oldest are dropped, in bytes or with \
+         KiB/MiB, 64KiB..16384MiB";
+    pubsub_peer_queue_capacity PUBSUB_PEER_QUEUE_CAPACITY: usize =
+        DEFAULT_PUBSUB_PEER_QUEUE_CAPACITY,
+        Number(|s| parse_count(s, PUBSUB_PEER_QUEUE_CAPACITY_RANGE)),
+        flag "--pubsub-peer-queue-capacity" "N", env "MACULA_PUBSUB_PEER_QUEUE_CAPACITY",
+        toml "limits.pubsub_peer_queue_capacity", default "65536",
+        "Messages queued for one remote node before a publish waits (or drops, as it asks), \
+         16..10000000";
+    pubsub_peer_queue_bytes PUBSUB_PEER_QUEUE_BYTES: usize = DEFAULT_PUBSUB_PEER_QUEUE_BYTES,
+        Number(|s| parse_size_usize(s, PUBSUB_PEER_QUEUE_BYTES_RANGE)),
+        flag "--pubsub-peer-queue-bytes" "SIZE", env "MACULA_PUBSUB_PEER_QUEUE_BYTES",
+        toml "limits.pubsub_peer_queue_bytes", default "32MiB",
+        "Payload bytes queued for one remote node before a publish waits (or drops, as it \
+         asks), in bytes or with KiB/MiB, 64KiB..16384MiB";
+    pubsub_stall_timeout PUBSUB_STALL_TIMEOUT: Duration = DEFAULT_PUBSUB_STALL_TIMEOUT,
+        Number(|s| parse_duration_in(s, PUBSUB_STALL_TIMEOUT_RANGE)),
+        flag "--pubsub-stall-timeout" "DURATION", env "MACULA_PUBSUB_STALL_TIMEOUT",
+        toml "limits.pubsub_stall_timeout", default "10s",
+        "Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h";
+    peer_down_after PEER_DOWN_AFTER: Duration = DEFAULT_PEER_DOWN_AFTER,
+        Number(|s| parse_duration_in(s, PEER_DOWN_AFTER_RANGE)),
+        flag "--peer-down-after" "DURATION", env "MACULA_PEER_DOWN_AFTER",
+        toml "limits.peer_down_after", default "2s",
+        "Failure detector: a full node silent this long (no packet, no answer to probes) is \
+         declared down, its connection closed and every service told; raised on slow paths; \
+         1s..20s";
+    peer_slots PEER_SLOTS: usize = Limits::default().peer_slots,
+        Number(|s| parse_count(s, PEER_SLOTS_RANGE)),
+        flag "--peer-slots" "N", env "MACULA_PEER_SLOTS", toml "limits.peer_slots",
+        default "64",
+        "Connections of --max-connections that clients can never take, kept for full nodes (at \
+         most half), 0..100000";
+    stream_receive_window STREAM_RECEIVE_WINDOW: u32 = Limits::default().stream_receive_window,
+        Number(|s| parse_size_in(s, WINDOW_RANGE).map(|n| n as u32)),
+        flag "--stream-receive-window" "SIZE", env "MACULA_STREAM_RECEIVE_WINDOW",
+        toml "limits.stream_receive_window", default "1MiB",
+        "Bytes a peer may send on one stream ahead of the node's reading, 16KiB..1GiB";
+    connection_receive_window CONNECTION_RECEIVE_WINDOW: u32 =
+        Limits::default().connection_receive_window,
+        Number(|s| parse_size_in(s, WINDOW_RANGE).map(|n| n as u32)),
+        flag "--connection-receive-window" "SIZE", env "MACULA_CONNECTION_RECEIVE_WINDOW",
+        toml "limits.connection_receive_window", default "8MiB",
+        "Bytes a peer may send on one connection ahead of the node's reading, 16KiB..1GiB";
+    send_window SEND_WINDOW: u64 = Limits::default().send_window,
+        Number(|s| parse_size_in(s, WINDOW_RANGE)),
+        flag "--send-window" "SIZE", env "MACULA_SEND_WINDOW", toml "limits.send_window",
+        default "8MiB", "Bytes buffered per connection for sending, unacknowledged, 16KiB..1GiB";
+    socket_buffer SOCKET_BUFFER: usize = Limits::default().socket_buffer,
+        Number(|s| parse_size_in(s, SOCKET_BUFFER_RANGE).map(|n| n as usize)),
+        flag "--socket-buffer" "SIZE", env "MACULA_SOCKET_BUFFER", toml "limits.socket_buffer",
+        default "4MiB",
+        "Kernel receive and send buffer of the UDP socket (capped by net.core.rmem_max), \
+         64KiB..256MiB";
+    max_streams_per_client MAX_STREAMS_PER_CLIENT: u32 = Limits::default().max_streams_per_client,
+        Number(|s| parse_count(s, CLIENT_STREAMS_RANGE).map(|n| n as u32)),
+        flag "--max-streams-per-client" "N", env "MACULA_MAX_STREAMS_PER_CLIENT",
+        toml "limits.max_streams_per_client", default "4",
+        "Streams of each kind a client may open at once, 2..256";
+    relay_max_sessions RELAY_MAX_SESSIONS: usize = RelayLimits::default().max_sessions,
+        Number(|s| parse_count(s, RELAY_COUNT_RANGE)),
+        flag "--relay-max-sessions" "N", env "MACULA_RELAY_MAX_SESSIONS",
+        toml "relay.max_sessions", default "128", "Relayed sessions carried at once, 1..100000";
+    relay_max_reservations RELAY_MAX_RESERVATIONS: usize = RelayLimits::default().max_reservations,
+        Number(|s| parse_count(s, RELAY_COUNT_RANGE)),
+        flag "--relay-max-reservations" "N", env "MACULA_RELAY_MAX_RESERVATIONS",
+        toml "relay.max_reservations", default "128",
+        "Reservations held for private peers at once, 1..100000";
+    relay_bytes_per_second RELAY_BYTES_PER_SECOND: u64 = RelayLimits::default().bytes_per_second,
+        Number(parse_relay_bytes_per_second),
+        flag "--relay-bytes-per-second" "SIZE", env "MACULA_RELAY_BYTES_PER_SECOND",
+        toml "relay.bytes_per_second", default "1MiB",
+        "Bytes per second of one relayed session (over it: throttled), bytes or KiB/MiB, 0 = \
+         unlimited";
+    relay_idle_timeout RELAY_IDLE_TIMEOUT: Duration = RelayLimits::default().idle_timeout,
+        Number(|s| parse_duration_in(s, RELAY_IDLE_TIMEOUT_RANGE)),
+        flag "--relay-idle-timeout" "DURATION", env "MACULA_RELAY_IDLE_TIMEOUT",
+        toml "relay.idle_timeout", default "60s", "Close a relayed session idle this long; 1s..24h";
+    reachability REACHABILITY: ReachabilityMode = ReachabilityMode::Auto, Text(parse_reachability),
+        flag "--reachability" "auto|private", env "MACULA_REACHABILITY", toml "reachability",
+        default "auto",
+        "\"auto\" (peers dial back to tell) or \"private\" (behind NAT: use relays, accept no \
+         direct inbound connection)";
+    raft_groups RAFT_GROUPS: Vec<String> = Vec::new(), List(parse_raft_groups, parse_raft_group),
+        flag "--raft-group" "NAME[,NAME...]", env "MACULA_RAFT_GROUPS", toml "raft_groups",
+        default "none",
+        "Raft group to be a member of (consistent KV, leader election); the log is kept in \
+         <data dir>/raft; comma-separated, repeatable";
+    raft_members RAFT_MEMBERS: Vec<NodeId> = Vec::new(), List(parse_node_ids, parse_node_id),
+        flag "--raft-members" "NODEID[,NODEID...]", env "MACULA_RAFT_MEMBERS", toml "raft_members",
+        default "none",
+        "Founding voters of the --raft-group groups: node IDs, this node's own among them; every \
+         founder passes the same list. Without it the node joins as a not-yet-member and waits \
+         for `macula raft add`; comma-separated, repeatable";
+    raft_timeout RAFT_TIMEOUT: Duration = RaftLimits::default().request_timeout,
+        Number(|s| parse_duration_in(s, RAFT_TIMEOUT_RANGE)),
+        flag "--raft-timeout" "DURATION", env "MACULA_RAFT_TIMEOUT", toml "raft_timeout",
+        default "5s",
+        "Time a Raft group request (write, linearizable read, membership change) may take, \
+         leader changes included; 100ms..60s";
+    raft_max_groups RAFT_MAX_GROUPS: usize = RaftLimits::default().max_groups,
+        Number(|s| parse_count(s, RAFT_MAX_GROUPS_RANGE)),
+        flag "--raft-max-groups" "N", env "MACULA_RAFT_MAX_GROUPS", toml "raft_max_groups",
+        default "64", "Raft groups this node may run at once, 1..4096";
+    raft_election_timeout RAFT_ELECTION_TIMEOUT: Duration = RaftLimits::default().election_min,
+        Number(|s| parse_duration_in(s, RAFT_ELECTION_TIMEOUT_RANGE)),
+        flag "--raft-election-timeout" "DURATION", env "MACULA_RAFT_ELECTION_TIMEOUT",
+        toml "raft_election_timeout", default "200ms",
+        "A member that hears no leader for a random time between this and twice this starts an \
+         election; the leader's heartbeat is a quarter of it; 100ms..60s; raise it on links \
+         slower than 20 ms round trip";
+    log_format LOG_FORMAT: LogFormat = DEFAULT_LOG_FORMAT, Text(str::parse::<LogFormat>),
+        flag "--log-format" "text|json", env "MACULA_LOG_FORMAT", toml "log.format",
+        default "text", "Log format: \"text\" or \"json\"";
+}
 
-/// The node's settings as command-line flags. Every flag is optional; an
-/// unset flag falls back to its environment variable, then to the config
-/// file, then to the default.
-#[derive(clap::Args, Debug, Default, Clone)]
-pub struct NodeArgs {
-    /// TOML config file; none is read unless given [env: MACULA_CONFIG]
-    #[arg(long, value_name = "PATH")]
-    pub config: Option<PathBuf>,
-
-    /// QUIC (UDP) listen address [env: MACULA_LISTEN] [default: 0.0.0.0:4433]
-    #[arg(long, value_name = "IP:PORT")]
-    pub listen: Option<String>,
-
-    /// Realm to join: dot-separated labels of a-z, 0-9, '-' [env: MACULA_REALM] [default: default]
-    #[arg(long, value_name = "REALM")]
-    pub realm: Option<String>,
-
-    /// Bootstrap peers: HOST:PORT, quic://HOST:PORT or NODEID@HOST:PORT; comma-separated, repeatable [env: MACULA_BOOTSTRAP_PEERS] [default: none]
-    #[arg(long, value_name = "ADDR[,ADDR...]")]
-    pub bootstrap: Vec<String>,
-
-    /// Directory for the node key and state [env: MACULA_DATA_DIR] [default: <user data dir>/macula]
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-
-    /// Admin HTTP address (/metrics, /health, /admin/*) [env: MACULA_HTTP] [default: 127.0.0.1:8080]
-    #[arg(long, value_name = "IP:PORT")]
-    pub http: Option<String>,
-
-    /// TLS mode: "self" (self-certifying node IDs) or "ca" (also require a chain to a CA) [env: MACULA_TLS_MODE] [default: self]
-    #[arg(long, value_name = "self|ca")]
-    pub tls_mode: Option<String>,
-
-    /// CA certificate (PEM) peers must chain to; required with --tls-mode ca [env: MACULA_TLS_CACERTFILE]
-    #[arg(long, value_name = "PATH")]
-    pub tls_ca_cert_file: Option<PathBuf>,
-
-    /// This node's certificate chain (PEM), issued by the CA for the node key; required with --tls-mode ca [env: MACULA_TLS_CERTFILE]
-    #[arg(long, value_name = "PATH")]
-    pub tls_cert_file: Option<PathBuf>,
-
-    /// Only accept peers with these node IDs; comma-separated, repeatable [env: MACULA_TLS_PINNED] [default: none]
-    #[arg(long, value_name = "NODEID[,NODEID...]")]
-    pub tls_pinned: Vec<String>,
-
-    /// Maximum frame body size, in bytes or with KiB/MiB, 1KiB..16MiB [env: MACULA_MAX_FRAME_SIZE] [default: 1MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub max_frame_size: Option<String>,
-
-    /// Maximum pooled peer connections, 1..100000 [env: MACULA_MAX_CONNECTIONS] [default: 1000]
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<String>,
-
-    /// Close a pooled connection idle this long: 300, 300s, 5m, 1h, 1500ms; 1s..24h [env: MACULA_IDLE_TIMEOUT] [default: 5m]
-    #[arg(long, value_name = "DURATION")]
-    pub idle_timeout: Option<String>,
-
-    /// Events queued per subscription before the oldest are dropped, 16..10000000 [env: MACULA_PUBSUB_QUEUE_CAPACITY] [default: 65536]
-    #[arg(long, value_name = "N")]
-    pub pubsub_queue_capacity: Option<String>,
-
-    /// Payload bytes queued per subscription before the oldest are dropped, in bytes or with KiB/MiB, 64KiB..16384MiB [env: MACULA_PUBSUB_QUEUE_BYTES] [default: 64MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub pubsub_queue_bytes: Option<String>,
-
-    /// Messages queued for one remote node before a publish waits (or drops, as it asks), 16..10000000 [env: MACULA_PUBSUB_PEER_QUEUE_CAPACITY] [default: 65536]
-    #[arg(long, value_name = "N")]
-    pub pubsub_peer_queue_capacity: Option<String>,
-
-    /// Payload bytes queued for one remote node before a publish waits (or drops, as it asks), in bytes or with KiB/MiB, 64KiB..16384MiB [env: MACULA_PUBSUB_PEER_QUEUE_BYTES] [default: 32MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub pubsub_peer_queue_bytes: Option<String>,
-
-    /// Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h [env: MACULA_PUBSUB_STALL_TIMEOUT] [default: 10s]
-    #[arg(long, value_name = "DURATION")]
-    pub pubsub_stall_timeout: Option<String>,
-
-    /// Failure detector: a full node silent this long (no packet, no answer to probes) is declared down, its connection closed and every service told; raised on slow paths; 1s..20s [env: MACULA_PEER_DOWN_AFTER] [default: 2s]
-    #[arg(long, value_name = "DURATION")]
-    pub peer_down_after: Option<String>,
-
-    /// Connections of --max-connections that clients can never take, kept for full nodes (at most half), 0..100000 [env: MACULA_PEER_SLOTS] [default: 64]
-    #[arg(long, value_name = "N")]
-    pub peer_slots: Option<String>,
-
-    /// Bytes a peer may send on one stream ahead of the node's reading, 16KiB..1GiB [env: MACULA_STREAM_RECEIVE_WINDOW] [default: 1MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub stream_receive_window: Option<String>,
-
-    /// Bytes a peer may send on one connection ahead of the node's reading, 16KiB..1GiB [env: MACULA_CONNECTION_RECEIVE_WINDOW] [default: 8MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub connection_receive_window: Option<String>,
-
-    /// Bytes buffered per connection for sending, unacknowledged, 16KiB..1GiB [env: MACULA_SEND_WINDOW] [default: 8MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub send_window: Option<String>,
-
-    /// Kernel receive and send buffer of the UDP socket (capped by net.core.rmem_max), 64KiB..256MiB [env: MACULA_SOCKET_BUFFER] [default: 4MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub socket_buffer: Option<String>,
-
-    /// Streams of each kind a client may open at once, 2..256 [env: MACULA_MAX_STREAMS_PER_CLIENT] [default: 4]
-    #[arg(long, value_name = "N")]
-    pub max_streams_per_client: Option<String>,
-
-    /// Relayed sessions carried at once, 1..100000 [env: MACULA_RELAY_MAX_SESSIONS] [default: 128]
-    #[arg(long, value_name = "N")]
-    pub relay_max_sessions: Option<String>,
-
-    /// Reservations held for private peers at once, 1..100000 [env: MACULA_RELAY_MAX_RESERVATIONS] [default: 128]
-    #[arg(long, value_name = "N")]
-    pub relay_max_reservations: Option<String>,
-
-    /// Bytes per second of one relayed session (over it: throttled), bytes or KiB/MiB, 0 = unlimited [env: MACULA_RELAY_BYTES_PER_SECOND] [default: 1MiB]
-    #[arg(long, value_name = "SIZE")]
-    pub relay_bytes_per_second: Option<String>,
-
-    /// Close a relayed session idle this long; 1s..24h [env: MACULA_RELAY_IDLE_TIMEOUT] [default: 60s]
-    #[arg(long, value_name = "DURATION")]
-    pub relay_idle_timeout: Option<String>,
-
-    /// "auto" (peers dial back to tell) or "private" (behind NAT: use relays, accept no direct inbound connection) [env: MACULA_REACHABILITY] [default: auto]
-    #[arg(long, value_name = "auto|private")]
-    pub reachability: Option<String>,
-
-    /// Raft group to be a member of (consistent KV, leader election); the log is kept in <data dir>/raft; comma-separated, repeatable [env: MACULA_RAFT_GROUPS] [default: none]
-    #[arg(long = "raft-group", value_name = "NAME[,NAME...]")]
-    pub raft_groups: Vec<String>,
-
-    /// Founding voters of the --raft-group groups: node IDs, this node's own among them; every founder passes the same list. Without it the node joins as a not-yet-member and waits for `macula raft add`; comma-separated, repeatable [env: MACULA_RAFT_MEMBERS] [default: none]
-    #[arg(long, value_name = "NODEID[,NODEID...]")]
-    pub raft_members: Vec<String>,
-
-    /// Time a Raft group request (write, linearizable read, membership change) may take, leader changes included; 100ms..60s [env: MACULA_RAFT_TIMEOUT] [default: 5s]
-    #[arg(long, value_name = "DURATION")]
-    pub raft_timeout: Option<String>,
-
-    /// Raft groups this node may run at once, 1..4096 [env: MACULA_RAFT_MAX_GROUPS] [default: 64]
-    #[arg(long, value_name = "N")]
-    pub raft_max_groups: Option<String>,
-
-    /// A member that hears no leader for a random time between this and twice this starts an election; the leader's heartbeat is a quarter of it; 100ms..60s; raise it on links slower than 20 ms round trip [env: MACULA_RAFT_ELECTION_TIMEOUT] [default: 200ms]
-    #[arg(long, value_name = "DURATION")]
-    pub raft_election_timeout: Option<String>,
-
-    /// Log format: "text" or "json" [env: MACULA_LOG_FORMAT] [default: text]
-    #[arg(long, value_name = "text|json")]
-    pub log_format: Option<String>,
+/// Stores a resolved value (`Option<PathBuf>` settings take a `PathBuf`).
+fn set<T, U: From<T>>(slot: &mut U, value: T) {
+    *slot = U::from(value);
 }
 
 // ---------------------------------------------------------------------------
-// Settings
+// Kinds: how a setting is written in each layer
+// ---------------------------------------------------------------------------
+
+/// The clap side of a kind of setting: the type of its [`NodeArgs`] field
+/// and its argument. (Each kind's `get` is where [`Layers`] looks for it.)
+pub trait Kind {
+    /// The [`NodeArgs`] field.
+    type Flag: Clone + Default + fmt::Debug;
+    /// The flag of `key`, whose clap id is `id` (the field name).
+    fn arg(key: &Key, id: &'static str) -> clap::Arg;
+    /// Sets `flag` from the command line, if it was given there.
+    fn update(flag: &mut Self::Flag, m: &clap::ArgMatches, id: &str);
+}
+
+/// A word or address: a TOML string in the file.
+pub struct Text;
+/// A count, size or duration: a TOML integer or string in the file.
+pub struct Number;
+/// A path: in the file, a non-empty string, relative to the file's directory.
+pub struct FilePath;
+/// A list: comma-separated in flags (also repeatable) and the environment;
+/// in the file, an array of strings or one comma-separated string.
+pub struct List;
+
+/// Result of looking a setting up: its value and where it came from.
+type Found<T> = Result<Option<(T, Origin)>, ConfigError>;
+
+/// A flag with its help: `HELP [env: VAR] [default: X]`.
+fn flag_arg(key: &Key, id: &'static str) -> clap::Arg {
+    let mut help = format!("{} [env: {}]", key.help, key.env);
+    if !key.default.is_empty() {
+        help.push_str(&format!(" [default: {}]", key.default));
+    }
+    clap::Arg::new(id)
+        .long(key.flag.trim_start_matches('-'))
+        .value_name(key.value_name)
+        .help(help)
+}
+
+/// One optional value of type `T` (a flag given twice is a usage error).
+fn single<T: Clone + Send + Sync + 'static>(flag: &mut Option<T>, m: &clap::ArgMatches, id: &str) {
+    if let Some(v) = m.get_one::<T>(id) {
+        *flag = Some(v.clone());
+    }
+}
+
+impl Kind for Text {
+    type Flag = Option<String>;
+    fn arg(key: &Key, id: &'static str) -> clap::Arg {
+        flag_arg(key, id)
+            .action(clap::ArgAction::Set)
+            .value_parser(clap::value_parser!(String))
+    }
+    fn update(flag: &mut Self::Flag, m: &clap::ArgMatches, id: &str) {
+        single(flag, m, id);
+    }
+}
+
+impl Kind for Number {
+    type Flag = Option<String>;
+    fn arg(key: &Key, id: &'static str) -> clap::Arg {
+        Text::arg(key, id)
+    }
+    fn update(flag: &mut Self::Flag, m: &clap::ArgMatches, id: &str) {
+        single(flag, m, id);
+    }
+}
+
+impl Kind for FilePath {
+    type Flag = Option<PathBuf>;
+    fn arg(key: &Key, id: &'static str) -> clap::Arg {
+        flag_arg(key, id)
+            .action(clap::ArgAction::Set)
+            .value_parser(clap::value_parser!(PathBuf))
+    }
+    fn update(flag: &mut Self::Flag, m: &clap::ArgMatches, id: &str) {
+        single(flag, m, id);
+    }
+}
+
+impl Kind for List {
+    type Flag = Vec<String>;
+    fn arg(key: &Key, id: &'static str) -> clap::Arg {
+        flag_arg(key, id)
+            .action(clap::ArgAction::Append)
+            .value_parser(clap::value_parser!(String))
+    }
+    fn update(flag: &mut Self::Flag, m: &clap::ArgMatches, id: &str) {
+        if let Some(values) = m.get_many::<String>(id) {
+            *flag = values.cloned().collect();
+        }
+    }
+}
+
+impl Text {
+    fn get<T>(
+        layers: &Layers,
+        flag: &Option<String>,
+        key: &Key,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Found<T> {
+        layers.value(flag, key, false, parse)
+    }
+}
+
+impl Number {
+    fn get<T>(
+        layers: &Layers,
+        flag: &Option<String>,
+        key: &Key,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Found<T> {
+        layers.value(flag, key, true, parse)
+    }
+}
+
+impl FilePath {
+    fn get(layers: &Layers, flag: &Option<PathBuf>, key: &Key) -> Found<PathBuf> {
+        layers.path(flag, key)
+    }
+}
+
+impl List {
+    fn get<T>(
+        layers: &Layers,
+        flags: &[String],
+        key: &Key,
+        parse_list: fn(&str) -> Result<Vec<T>, String>,
+        parse_one: fn(&str) -> Result<Vec<T>, String>,
+    ) -> Found<Vec<T>> {
+        layers.list(flags, key, parse_list, parse_one)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Setting types
 // ---------------------------------------------------------------------------
 
 /// How peers' certificates are verified.
@@ -662,131 +671,6 @@ impl FromStr for LogFormat {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             _ => Err("expected \"text\" or \"json\"".to_string()),
-        }
-    }
-}
-
-/// The resolved, validated configuration of a node.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// QUIC listen address.
-    pub listen: SocketAddr,
-    /// Realm (validated with [`validate_realm`]).
-    pub realm: String,
-    /// Peers to dial at start.
-    pub bootstrap: Vec<PeerAddr>,
-    /// Directory holding the node key and state.
-    pub data_dir: PathBuf,
-    /// Admin HTTP address.
-    pub http: SocketAddr,
-    /// TLS verification mode.
-    pub tls_mode: TlsModeSetting,
-    /// CA certificate (PEM); `Some` whenever `tls_mode` is `Ca`, `None` otherwise.
-    pub tls_ca_cert_file: Option<PathBuf>,
-    /// The node's certificate chain (PEM); `Some` whenever `tls_mode` is `Ca`, `None` otherwise.
-    pub tls_cert_file: Option<PathBuf>,
-    /// If non-empty, only these node IDs are accepted as peers.
-    pub tls_pinned: Vec<NodeId>,
-    /// Maximum frame body size in bytes.
-    pub max_frame_size: u32,
-    /// Maximum pooled connections.
-    pub max_connections: usize,
-    /// Idle timeout of pooled connections.
-    pub idle_timeout: Duration,
-    /// Events queued per subscription.
-    pub pubsub_queue_capacity: usize,
-    /// Payload bytes queued per subscription.
-    pub pubsub_queue_bytes: usize,
-    /// Messages queued for one remote node.
-    pub pubsub_peer_queue_capacity: usize,
-    /// Payload bytes queued for one remote node.
-    pub pubsub_peer_queue_bytes: usize,
-    /// Cut-off of a peer that stops reading pub/sub data.
-    pub pubsub_stall_timeout: Duration,
-    /// Failure detector: silence that declares a full node down.
-    pub peer_down_after: Duration,
-    /// Connections clients can never take.
-    pub peer_slots: usize,
-    /// Per-stream flow-control window, bytes.
-    pub stream_receive_window: u32,
-    /// Per-connection flow-control window, bytes.
-    pub connection_receive_window: u32,
-    /// Per-connection send buffer, bytes.
-    pub send_window: u64,
-    /// Kernel buffers of the UDP socket, bytes.
-    pub socket_buffer: usize,
-    /// Streams of each kind a client may open at once.
-    pub max_streams_per_client: u32,
-    /// Relayed sessions carried at once.
-    pub relay_max_sessions: usize,
-    /// Reservations held for private peers at once.
-    pub relay_max_reservations: usize,
-    /// Byte rate of one relayed session (0: unlimited).
-    pub relay_bytes_per_second: u64,
-    /// Idle timeout of a relayed session.
-    pub relay_idle_timeout: Duration,
-    /// Detect reachability, or assume private.
-    pub reachability: ReachabilityMode,
-    /// Raft groups to join at start (validated names, no duplicates).
-    pub raft_groups: Vec<String>,
-    /// Founding voters of `raft_groups`; empty: join as a not-yet-member.
-    pub raft_members: Vec<NodeId>,
-    /// Request timeout of Raft group operations.
-    pub raft_timeout: Duration,
-    /// Raft groups the node may run at once.
-    pub raft_max_groups: usize,
-    /// Minimum election timeout (the heartbeat is a quarter of it).
-    pub raft_election_timeout: Duration,
-    /// Log format.
-    pub log_format: LogFormat,
-    /// The config file that was read, if any.
-    pub config_file: Option<PathBuf>,
-}
-
-impl Default for Settings {
-    /// Every setting at its default; what `macula start` runs with when
-    /// nothing is configured.
-    fn default() -> Self {
-        let relay = macula::config::RelayLimits::default();
-        let limits = macula::config::Limits::default();
-        let raft = macula::config::RaftLimits::default();
-        Settings {
-            listen: DEFAULT_LISTEN,
-            realm: DEFAULT_REALM.to_string(),
-            bootstrap: Vec::new(),
-            data_dir: default_data_dir(),
-            http: DEFAULT_HTTP,
-            tls_mode: DEFAULT_TLS_MODE,
-            tls_ca_cert_file: None,
-            tls_cert_file: None,
-            tls_pinned: Vec::new(),
-            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            pubsub_queue_capacity: DEFAULT_PUBSUB_QUEUE_CAPACITY,
-            pubsub_queue_bytes: DEFAULT_PUBSUB_QUEUE_BYTES,
-            pubsub_peer_queue_capacity: DEFAULT_PUBSUB_PEER_QUEUE_CAPACITY,
-            pubsub_peer_queue_bytes: DEFAULT_PUBSUB_PEER_QUEUE_BYTES,
-            pubsub_stall_timeout: DEFAULT_PUBSUB_STALL_TIMEOUT,
-            peer_down_after: DEFAULT_PEER_DOWN_AFTER,
-            peer_slots: limits.peer_slots,
-            stream_receive_window: limits.stream_receive_window,
-            connection_receive_window: limits.connection_receive_window,
-            send_window: limits.send_window,
-            socket_buffer: limits.socket_buffer,
-            max_streams_per_client: limits.max_streams_per_client,
-            relay_max_sessions: relay.max_sessions,
-            relay_max_reservations: relay.max_reservations,
-            relay_bytes_per_second: relay.bytes_per_second,
-            relay_idle_timeout: relay.idle_timeout,
-            reachability: ReachabilityMode::Auto,
-            raft_groups: Vec::new(),
-            raft_members: Vec::new(),
-            raft_timeout: raft.request_timeout,
-            raft_max_groups: raft.max_groups,
-            raft_election_timeout: raft.election_min,
-            log_format: DEFAULT_LOG_FORMAT,
-            config_file: None,
         }
     }
 }
@@ -1015,42 +899,10 @@ fn parse_duration_in(s: &str, (min, max): (Duration, Duration)) -> Result<Durati
     }
 }
 
-fn parse_max_connections(s: &str) -> Result<usize, String> {
-    parse_count(s, (MIN_MAX_CONNECTIONS, MAX_MAX_CONNECTIONS))
-}
-
-fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration_in(s, (MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT))
-}
-
-fn parse_pubsub_queue_capacity(s: &str) -> Result<usize, String> {
-    parse_count(s, PUBSUB_QUEUE_CAPACITY_RANGE)
-}
-
 /// A size in `min..=max` bytes that also fits this platform's `usize`.
 fn parse_size_usize(s: &str, range: (u64, u64)) -> Result<usize, String> {
     let n = parse_size_in(s, range)?;
     usize::try_from(n).map_err(|_| format!("must be at most {} bytes on this platform", usize::MAX))
-}
-
-fn parse_pubsub_queue_bytes(s: &str) -> Result<usize, String> {
-    parse_size_usize(s, PUBSUB_QUEUE_BYTES_RANGE)
-}
-
-fn parse_pubsub_peer_queue_capacity(s: &str) -> Result<usize, String> {
-    parse_count(s, PUBSUB_PEER_QUEUE_CAPACITY_RANGE)
-}
-
-fn parse_pubsub_peer_queue_bytes(s: &str) -> Result<usize, String> {
-    parse_size_usize(s, PUBSUB_PEER_QUEUE_BYTES_RANGE)
-}
-
-fn parse_pubsub_stall_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration_in(s, PUBSUB_STALL_TIMEOUT_RANGE)
-}
-
-fn parse_peer_down_after(s: &str) -> Result<Duration, String> {
-    parse_duration_in(s, PEER_DOWN_AFTER_RANGE)
 }
 
 /// A size in `min..=max` bytes.
@@ -1063,31 +915,6 @@ fn parse_size_in(s: &str, (min, max): (u64, u64)) -> Result<u64, String> {
     }
 }
 
-fn parse_window(s: &str) -> Result<u64, String> {
-    parse_size_in(s, WINDOW_RANGE)
-}
-
-/// A flow-control window (a QUIC varint, kept below 4 GiB here).
-fn parse_window_u32(s: &str) -> Result<u32, String> {
-    parse_window(s).map(|n| n as u32)
-}
-
-fn parse_socket_buffer(s: &str) -> Result<usize, String> {
-    parse_size_in(s, SOCKET_BUFFER_RANGE).map(|n| n as usize)
-}
-
-fn parse_peer_slots(s: &str) -> Result<usize, String> {
-    parse_count(s, PEER_SLOTS_RANGE)
-}
-
-fn parse_client_streams(s: &str) -> Result<u32, String> {
-    parse_count(s, CLIENT_STREAMS_RANGE).map(|n| n as u32)
-}
-
-fn parse_relay_count(s: &str) -> Result<usize, String> {
-    parse_count(s, RELAY_COUNT_RANGE)
-}
-
 fn parse_relay_bytes_per_second(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
     if n > MAX_RELAY_BYTES_PER_SECOND {
@@ -1096,22 +923,6 @@ fn parse_relay_bytes_per_second(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(n)
-}
-
-fn parse_relay_idle_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration_in(s, RELAY_IDLE_TIMEOUT_RANGE)
-}
-
-fn parse_raft_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration_in(s, RAFT_TIMEOUT_RANGE)
-}
-
-fn parse_raft_max_groups(s: &str) -> Result<usize, String> {
-    parse_count(s, RAFT_MAX_GROUPS_RANGE)
-}
-
-fn parse_raft_election_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration_in(s, RAFT_ELECTION_TIMEOUT_RANGE)
 }
 
 /// Checks a Raft group name: 1 to 128 characters of `A-Z a-z 0-9 . _ -`,
@@ -1195,76 +1006,13 @@ fn parse_node_ids(s: &str) -> Result<Vec<NodeId>, String> {
 // The config file
 // ---------------------------------------------------------------------------
 
-/// The file's shape. Leaves are kept as raw TOML values so that a wrong type
-/// is reported like any other invalid value (key and value named).
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<toml::Value>,
-    realm: Option<toml::Value>,
-    bootstrap: Option<toml::Value>,
-    data_dir: Option<toml::Value>,
-    http: Option<toml::Value>,
-    reachability: Option<toml::Value>,
-    raft_groups: Option<toml::Value>,
-    raft_members: Option<toml::Value>,
-    raft_timeout: Option<toml::Value>,
-    raft_max_groups: Option<toml::Value>,
-    raft_election_timeout: Option<toml::Value>,
-    tls: Option<FileTls>,
-    limits: Option<FileLimits>,
-    relay: Option<FileRelay>,
-    log: Option<FileLog>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileRelay {
-    max_sessions: Option<toml::Value>,
-    max_reservations: Option<toml::Value>,
-    bytes_per_second: Option<toml::Value>,
-    idle_timeout: Option<toml::Value>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileTls {
-    mode: Option<toml::Value>,
-    ca_cert_file: Option<toml::Value>,
-    cert_file: Option<toml::Value>,
-    pinned: Option<toml::Value>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    max_frame_size: Option<toml::Value>,
-    max_connections: Option<toml::Value>,
-    idle_timeout: Option<toml::Value>,
-    pubsub_queue_capacity: Option<toml::Value>,
-    pubsub_queue_bytes: Option<toml::Value>,
-    pubsub_peer_queue_capacity: Option<toml::Value>,
-    pubsub_peer_queue_bytes: Option<toml::Value>,
-    pubsub_stall_timeout: Option<toml::Value>,
-    peer_down_after: Option<toml::Value>,
-    peer_slots: Option<toml::Value>,
-    stream_receive_window: Option<toml::Value>,
-    connection_receive_window: Option<toml::Value>,
-    send_window: Option<toml::Value>,
-    socket_buffer: Option<toml::Value>,
-    max_streams_per_client: Option<toml::Value>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileLog {
-    format: Option<toml::Value>,
-}
-
-/// A loaded config file: its path and its values by dotted key.
+/// A loaded config file: its path and its table, whose keys are all known
+/// (checked on load). Values are looked up by dotted key and kept as raw TOML
+/// so that a wrong type is reported like any other invalid value (key and
+/// value named).
 struct FileLayer {
     path: PathBuf,
-    values: BTreeMap<&'static str, toml::Value>,
+    table: toml::Table,
 }
 
 impl FileLayer {
@@ -1273,81 +1021,26 @@ impl FileLayer {
             path: path.to_path_buf(),
             source,
         })?;
-        let parse_err = |e: toml::de::Error| ConfigError::ParseFile {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        };
-        // Syntax first, then unknown keys (with their full dotted name), then
-        // the typed shape (deny_unknown_fields is the backstop).
-        let table: toml::Table = text.parse().map_err(parse_err)?;
+        // Syntax first, then unknown keys (with their full dotted name).
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::ParseFile {
+                    path: path.to_path_buf(),
+                    message: e.to_string().trim_end().to_string(),
+                })?;
         check_keys(&table, path)?;
-        let cfg: FileConfig = toml::from_str(&text).map_err(parse_err)?;
-        let tls = cfg.tls.unwrap_or_default();
-        let limits = cfg.limits.unwrap_or_default();
-        let log = cfg.log.unwrap_or_default();
-        let relay = cfg.relay.unwrap_or_default();
-        let values = [
-            (keys::LISTEN.toml, cfg.listen),
-            (keys::REALM.toml, cfg.realm),
-            (keys::BOOTSTRAP.toml, cfg.bootstrap),
-            (keys::DATA_DIR.toml, cfg.data_dir),
-            (keys::HTTP.toml, cfg.http),
-            (keys::TLS_MODE.toml, tls.mode),
-            (keys::TLS_CA_CERT_FILE.toml, tls.ca_cert_file),
-            (keys::TLS_CERT_FILE.toml, tls.cert_file),
-            (keys::TLS_PINNED.toml, tls.pinned),
-            (keys::MAX_FRAME_SIZE.toml, limits.max_frame_size),
-            (keys::MAX_CONNECTIONS.toml, limits.max_connections),
-            (keys::IDLE_TIMEOUT.toml, limits.idle_timeout),
-            (
-                keys::PUBSUB_QUEUE_CAPACITY.toml,
-                limits.pubsub_queue_capacity,
-            ),
-            (keys::PUBSUB_QUEUE_BYTES.toml, limits.pubsub_queue_bytes),
-            (
-                keys::PUBSUB_PEER_QUEUE_CAPACITY.toml,
-                limits.pubsub_peer_queue_capacity,
-            ),
-            (
-                keys::PUBSUB_PEER_QUEUE_BYTES.toml,
-                limits.pubsub_peer_queue_bytes,
-            ),
-            (keys::PUBSUB_STALL_TIMEOUT.toml, limits.pubsub_stall_timeout),
-            (keys::PEER_DOWN_AFTER.toml, limits.peer_down_after),
-            (keys::PEER_SLOTS.toml, limits.peer_slots),
-            (
-                keys::STREAM_RECEIVE_WINDOW.toml,
-                limits.stream_receive_window,
-            ),
-            (
-                keys::CONNECTION_RECEIVE_WINDOW.toml,
-                limits.connection_receive_window,
-            ),
-            (keys::SEND_WINDOW.toml, limits.send_window),
-            (keys::SOCKET_BUFFER.toml, limits.socket_buffer),
-            (
-                keys::MAX_STREAMS_PER_CLIENT.toml,
-                limits.max_streams_per_client,
-            ),
-            (keys::RELAY_MAX_SESSIONS.toml, relay.max_sessions),
-            (keys::RELAY_MAX_RESERVATIONS.toml, relay.max_reservations),
-            (keys::RELAY_BYTES_PER_SECOND.toml, relay.bytes_per_second),
-            (keys::RELAY_IDLE_TIMEOUT.toml, relay.idle_timeout),
-            (keys::REACHABILITY.toml, cfg.reachability),
-            (keys::RAFT_GROUPS.toml, cfg.raft_groups),
-            (keys::RAFT_MEMBERS.toml, cfg.raft_members),
-            (keys::RAFT_TIMEOUT.toml, cfg.raft_timeout),
-            (keys::RAFT_MAX_GROUPS.toml, cfg.raft_max_groups),
-            (keys::RAFT_ELECTION_TIMEOUT.toml, cfg.raft_election_timeout),
-            (keys::LOG_FORMAT.toml, log.format),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v)))
-        .collect();
         Ok(FileLayer {
             path: path.to_path_buf(),
-            values,
+            table,
         })
+    }
+
+    /// The value of a dotted key (`listen`, `tls.mode`), if the file sets it.
+    fn get(&self, key: &Key) -> Option<&toml::Value> {
+        match key.toml.split_once('.') {
+            None => self.table.get(key.toml),
+            Some((section, name)) => self.table.get(section)?.as_table()?.get(name),
+        }
     }
 
     fn origin(&self, key: &Key) -> Origin {
@@ -1367,7 +1060,7 @@ impl FileLayer {
 
     /// A string-valued key (`allow_int`: integers are accepted too).
     fn scalar(&self, key: &Key, allow_int: bool) -> Result<Option<Raw>, ConfigError> {
-        let Some(v) = self.values.get(key.toml) else {
+        let Some(v) = self.get(key) else {
             return Ok(None);
         };
         let value = match v {
@@ -1383,8 +1076,8 @@ impl FileLayer {
     }
 
     /// A path-valued key; relative paths are taken from the file's directory.
-    fn path(&self, key: &Key) -> Result<Option<(PathBuf, Origin)>, ConfigError> {
-        let Some(v) = self.values.get(key.toml) else {
+    fn path(&self, key: &Key) -> Found<PathBuf> {
+        let Some(v) = self.get(key) else {
             return Ok(None);
         };
         match v {
@@ -1402,20 +1095,16 @@ impl FileLayer {
 
     /// A list-valued key: an array of strings (one item each) or a string
     /// (comma-separated). Returns the raw items and whether each is a list.
-    fn list(&self, key: &Key) -> Result<Option<Vec<(Raw, bool)>>, ConfigError> {
-        let Some(v) = self.values.get(key.toml) else {
+    fn list(&self, key: &Key) -> Result<Option<Vec<(String, bool)>>, ConfigError> {
+        let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let raw = |s: &str| Raw {
-            value: s.to_string(),
-            origin: self.origin(key),
-        };
         match v {
-            toml::Value::String(s) => Ok(Some(vec![(raw(s), true)])),
+            toml::Value::String(s) => Ok(Some(vec![(s.clone(), true)])),
             toml::Value::Array(items) => items
                 .iter()
                 .map(|item| match item {
-                    toml::Value::String(s) => Ok((raw(s), false)),
+                    toml::Value::String(s) => Ok((s.clone(), false)),
                     other => Err(self.invalid(key, other, "expected an array of strings")),
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -1433,7 +1122,8 @@ fn value_text(v: &toml::Value) -> String {
     }
 }
 
-/// Rejects keys the file format does not have, naming them in dotted form.
+/// Rejects keys the file format does not have, naming them in dotted form,
+/// and sections that are not tables.
 fn check_keys(table: &toml::Table, path: &Path) -> Result<(), ConfigError> {
     let known = |k: &str| keys::ALL.iter().any(|key| key.toml == k);
     let unknown = |k: String| ConfigError::UnknownKey {
@@ -1441,6 +1131,24 @@ fn check_keys(table: &toml::Table, path: &Path) -> Result<(), ConfigError> {
         path: path.to_path_buf(),
     };
     for (k, v) in table {
+        if k.contains('.') {
+            // A quoted `"tls.mode"` is not `mode` in `[tls]`: the file has the
+            // wrong shape, as a serde struct would say.
+            let mut top: Vec<&str> = Vec::new();
+            for key in keys::ALL {
+                let name = key.toml.split('.').next().unwrap_or(key.toml);
+                if !top.contains(&name) {
+                    top.push(name);
+                }
+            }
+            return Err(ConfigError::ParseFile {
+                path: path.to_path_buf(),
+                message: format!(
+                    "unknown field `{k}`, expected one of `{}`",
+                    top.join("`, `")
+                ),
+            });
+        }
         if known(k) {
             continue;
         }
@@ -1489,6 +1197,9 @@ impl fmt::Display for Origin {
     }
 }
 
+/// Where each setting that is not at its default came from, by flag.
+type Origins = BTreeMap<&'static str, Origin>;
+
 /// One value as given, with its origin.
 struct Raw {
     value: String,
@@ -1511,7 +1222,7 @@ struct Layers<'a> {
 }
 
 impl Layers<'_> {
-    /// The environment variable, treating set-but-empty as unset.
+    /// The environment variable, treating set-but-blank as unset.
     fn env(&self, key: &Key) -> Option<Raw> {
         (self.env)(key.env)
             .filter(|v| !v.trim().is_empty())
@@ -1521,46 +1232,33 @@ impl Layers<'_> {
             })
     }
 
-    /// The highest-precedence raw value of a scalar setting.
-    fn scalar(
-        &self,
-        flag: &Option<String>,
-        key: &Key,
-        file_allows_int: bool,
-    ) -> Result<Option<Raw>, ConfigError> {
-        if let Some(v) = flag {
-            return Ok(Some(Raw {
-                value: v.clone(),
-                origin: Origin::Flag(key.flag),
-            }));
-        }
-        if let Some(raw) = self.env(key) {
-            return Ok(Some(raw));
-        }
-        match &self.file {
-            Some(file) => file.scalar(key, file_allows_int),
-            None => Ok(None),
-        }
-    }
-
+    /// A scalar setting: the flag, else the variable, else the file.
     fn value<T>(
         &self,
         flag: &Option<String>,
         key: &Key,
         file_allows_int: bool,
         parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Result<Option<(T, Origin)>, ConfigError> {
-        match self.scalar(flag, key, file_allows_int)? {
+    ) -> Found<T> {
+        let raw = match flag {
+            Some(v) => Some(Raw {
+                value: v.clone(),
+                origin: Origin::Flag(key.flag),
+            }),
+            None => match (self.env(key), &self.file) {
+                (Some(raw), _) => Some(raw),
+                (None, Some(file)) => file.scalar(key, file_allows_int)?,
+                (None, None) => None,
+            },
+        };
+        match raw {
             Some(raw) => Ok(Some((raw.parse(parse)?, raw.origin))),
             None => Ok(None),
         }
     }
 
-    fn path(
-        &self,
-        flag: &Option<PathBuf>,
-        key: &Key,
-    ) -> Result<Option<(PathBuf, Origin)>, ConfigError> {
+    /// A path setting; flags and the environment are taken as given.
+    fn path(&self, flag: &Option<PathBuf>, key: &Key) -> Found<PathBuf> {
         if let Some(p) = flag {
             if p.as_os_str().is_empty() {
                 return Err(ConfigError::InvalidValue {
@@ -1580,41 +1278,39 @@ impl Layers<'_> {
         }
     }
 
-    /// A list setting. Flags and env are comma-separated (flags repeatable);
-    /// the file has an array of strings or one comma-separated string.
+    /// A list setting, layered as a whole. Flags and env are comma-separated
+    /// (flags repeatable); the file has an array of strings or one
+    /// comma-separated string.
     fn list<T>(
         &self,
         flags: &[String],
         key: &Key,
         parse_list: fn(&str) -> Result<Vec<T>, String>,
         parse_one: fn(&str) -> Result<Vec<T>, String>,
-    ) -> Result<Option<Vec<T>>, ConfigError> {
-        let raws: Vec<(Raw, bool)> = if !flags.is_empty() {
-            flags
-                .iter()
-                .map(|v| {
-                    let raw = Raw {
-                        value: v.clone(),
-                        origin: Origin::Flag(key.flag),
-                    };
-                    (raw, true)
-                })
-                .collect()
+    ) -> Found<Vec<T>> {
+        let (items, origin) = if !flags.is_empty() {
+            let items = flags.iter().map(|v| (v.clone(), true)).collect();
+            (items, Origin::Flag(key.flag))
         } else if let Some(raw) = self.env(key) {
-            vec![(raw, true)]
-        } else if let Some(file) = &self.file {
-            match file.list(key)? {
-                Some(items) => items,
+            (vec![(raw.value, true)], raw.origin)
+        } else {
+            match &self.file {
+                Some(file) => match file.list(key)? {
+                    Some(items) => (items, file.origin(key)),
+                    None => return Ok(None),
+                },
                 None => return Ok(None),
             }
-        } else {
-            return Ok(None);
         };
         let mut out = Vec::new();
-        for (raw, is_list) in raws {
+        for (value, is_list) in items {
+            let raw = Raw {
+                value,
+                origin: origin.clone(),
+            };
             out.extend(raw.parse(if is_list { parse_list } else { parse_one })?);
         }
-        Ok(Some(out))
+        Ok(Some((out, origin)))
     }
 }
 
@@ -1622,7 +1318,7 @@ impl Layers<'_> {
 /// config file (`--config` / `MACULA_CONFIG`, read only when given) > default.
 ///
 /// `env` looks up an environment variable; the binary passes
-/// `|k| std::env::var(k).ok()`. A variable that is set but empty counts as
+/// `|k| std::env::var(k).ok()`. A variable that is set but blank counts as
 /// unset. Relative paths in the file are taken from the file's directory.
 pub fn resolve(
     args: &NodeArgs,
@@ -1643,229 +1339,12 @@ pub fn resolve(
     if let Some(path) = &config_file {
         layers.file = Some(FileLayer::load(path)?);
     }
-
-    let d = Settings {
-        config_file,
-        ..Settings::default()
-    };
-
-    let listen = val(layers.value(&args.listen, &keys::LISTEN, false, parse_socket_addr)?);
-    let realm = val(layers.value(&args.realm, &keys::REALM, false, parse_realm)?);
-    let bootstrap = layers.list(&args.bootstrap, &keys::BOOTSTRAP, parse_peers, parse_peer)?;
-    let data_dir = val(layers.path(&args.data_dir, &keys::DATA_DIR)?);
-    let http = val(layers.value(&args.http, &keys::HTTP, false, parse_socket_addr)?);
-    let tls_mode = layers.value(&args.tls_mode, &keys::TLS_MODE, false, str::parse)?;
-    let ca = layers.path(&args.tls_ca_cert_file, &keys::TLS_CA_CERT_FILE)?;
-    let cert = layers.path(&args.tls_cert_file, &keys::TLS_CERT_FILE)?;
-    let tls_pinned = layers.list(
-        &args.tls_pinned,
-        &keys::TLS_PINNED,
-        parse_node_ids,
-        parse_node_id,
-    )?;
-    let max_frame_size = val(layers.value(
-        &args.max_frame_size,
-        &keys::MAX_FRAME_SIZE,
-        true,
-        parse_max_frame_size,
-    )?);
-    let max_connections = val(layers.value(
-        &args.max_connections,
-        &keys::MAX_CONNECTIONS,
-        true,
-        parse_max_connections,
-    )?);
-    let idle_timeout = val(layers.value(
-        &args.idle_timeout,
-        &keys::IDLE_TIMEOUT,
-        true,
-        parse_idle_timeout,
-    )?);
-    let pubsub_queue_capacity = val(layers.value(
-        &args.pubsub_queue_capacity,
-        &keys::PUBSUB_QUEUE_CAPACITY,
-        true,
-        parse_pubsub_queue_capacity,
-    )?);
-    let pubsub_queue_bytes = val(layers.value(
-        &args.pubsub_queue_bytes,
-        &keys::PUBSUB_QUEUE_BYTES,
-        true,
-        parse_pubsub_queue_bytes,
-    )?);
-    let pubsub_peer_queue_capacity = val(layers.value(
-        &args.pubsub_peer_queue_capacity,
-        &keys::PUBSUB_PEER_QUEUE_CAPACITY,
-        true,
-        parse_pubsub_peer_queue_capacity,
-    )?);
-    let pubsub_peer_queue_bytes = val(layers.value(
-        &args.pubsub_peer_queue_bytes,
-        &keys::PUBSUB_PEER_QUEUE_BYTES,
-        true,
-        parse_pubsub_peer_queue_bytes,
-    )?);
-    let pubsub_stall_timeout = val(layers.value(
-        &args.pubsub_stall_timeout,
-        &keys::PUBSUB_STALL_TIMEOUT,
-        true,
-        parse_pubsub_stall_timeout,
-    )?);
-    let peer_down_after = val(layers.value(
-        &args.peer_down_after,
-        &keys::PEER_DOWN_AFTER,
-        true,
-        parse_peer_down_after,
-    )?);
-    let peer_slots =
-        val(layers.value(&args.peer_slots, &keys::PEER_SLOTS, true, parse_peer_slots)?);
-    let stream_receive_window = val(layers.value(
-        &args.stream_receive_window,
-        &keys::STREAM_RECEIVE_WINDOW,
-        true,
-        parse_window_u32,
-    )?);
-    let connection_receive_window = val(layers.value(
-        &args.connection_receive_window,
-        &keys::CONNECTION_RECEIVE_WINDOW,
-        true,
-        parse_window_u32,
-    )?);
-    let send_window =
-        val(layers.value(&args.send_window, &keys::SEND_WINDOW, true, parse_window)?);
-    let socket_buffer = val(layers.value(
-        &args.socket_buffer,
-        &keys::SOCKET_BUFFER,
-        true,
-        parse_socket_buffer,
-    )?);
-    let max_streams_per_client = val(layers.value(
-        &args.max_streams_per_client,
-        &keys::MAX_STREAMS_PER_CLIENT,
-        true,
-        parse_client_streams,
-    )?);
-    let relay_max_sessions = val(layers.value(
-        &args.relay_max_sessions,
-        &keys::RELAY_MAX_SESSIONS,
-        true,
-        parse_relay_count,
-    )?);
-    let relay_max_reservations = val(layers.value(
-        &args.relay_max_reservations,
-        &keys::RELAY_MAX_RESERVATIONS,
-        true,
-        parse_relay_count,
-    )?);
-    let relay_bytes_per_second = val(layers.value(
-        &args.relay_bytes_per_second,
-        &keys::RELAY_BYTES_PER_SECOND,
-        true,
-        parse_relay_bytes_per_second,
-    )?);
-    let relay_idle_timeout = val(layers.value(
-        &args.relay_idle_timeout,
-        &keys::RELAY_IDLE_TIMEOUT,
-        true,
-        parse_relay_idle_timeout,
-    )?);
-    let reachability = val(layers.value(
-        &args.reachability,
-        &keys::REACHABILITY,
-        false,
-        parse_reachability,
-    )?);
-    let raft_groups = layers.list(
-        &args.raft_groups,
-        &keys::RAFT_GROUPS,
-        parse_raft_groups,
-        parse_raft_group,
-    )?;
-    let raft_members = layers.list(
-        &args.raft_members,
-        &keys::RAFT_MEMBERS,
-        parse_node_ids,
-        parse_node_id,
-    )?;
-    let raft_timeout = val(layers.value(
-        &args.raft_timeout,
-        &keys::RAFT_TIMEOUT,
-        true,
-        parse_raft_timeout,
-    )?);
-    let raft_max_groups = val(layers.value(
-        &args.raft_max_groups,
-        &keys::RAFT_MAX_GROUPS,
-        true,
-        parse_raft_max_groups,
-    )?);
-    let raft_election_timeout = val(layers.value(
-        &args.raft_election_timeout,
-        &keys::RAFT_ELECTION_TIMEOUT,
-        true,
-        parse_raft_election_timeout,
-    )?);
-    let log_format = val(layers.value(&args.log_format, &keys::LOG_FORMAT, false, str::parse)?);
-
-    let (tls_mode, mode_origin) = match tls_mode {
-        Some((mode, origin)) => (mode, format!("set by {origin}")),
-        None => (d.tls_mode, "the default".to_string()),
-    };
-    let (tls_ca_cert_file, tls_cert_file) = check_tls(tls_mode, &mode_origin, ca, cert)?;
-    let raft_max_groups = raft_max_groups.unwrap_or(d.raft_max_groups);
-    let (raft_groups, raft_members) = check_raft(
-        raft_groups.unwrap_or_default(),
-        raft_members.unwrap_or_default(),
-        raft_max_groups,
-    )?;
-
-    Ok(Settings {
-        listen: listen.unwrap_or(d.listen),
-        realm: realm.unwrap_or(d.realm),
-        bootstrap: bootstrap.unwrap_or(d.bootstrap),
-        data_dir: data_dir.unwrap_or(d.data_dir),
-        http: http.unwrap_or(d.http),
-        tls_mode,
-        tls_ca_cert_file,
-        tls_cert_file,
-        tls_pinned: tls_pinned.unwrap_or(d.tls_pinned),
-        max_frame_size: max_frame_size.unwrap_or(d.max_frame_size),
-        max_connections: max_connections.unwrap_or(d.max_connections),
-        idle_timeout: idle_timeout.unwrap_or(d.idle_timeout),
-        pubsub_queue_capacity: pubsub_queue_capacity.unwrap_or(d.pubsub_queue_capacity),
-        pubsub_queue_bytes: pubsub_queue_bytes.unwrap_or(d.pubsub_queue_bytes),
-        pubsub_peer_queue_capacity: pubsub_peer_queue_capacity
-            .unwrap_or(d.pubsub_peer_queue_capacity),
-        pubsub_peer_queue_bytes: pubsub_peer_queue_bytes.unwrap_or(d.pubsub_peer_queue_bytes),
-        pubsub_stall_timeout: pubsub_stall_timeout.unwrap_or(d.pubsub_stall_timeout),
-        peer_down_after: peer_down_after.unwrap_or(d.peer_down_after),
-        peer_slots: peer_slots.unwrap_or(d.peer_slots),
-        stream_receive_window: stream_receive_window.unwrap_or(d.stream_receive_window),
-        connection_receive_window: connection_receive_window.unwrap_or(d.connection_receive_window),
-        send_window: send_window.unwrap_or(d.send_window),
-        socket_buffer: socket_buffer.unwrap_or(d.socket_buffer),
-        max_streams_per_client: max_streams_per_client.unwrap_or(d.max_streams_per_client),
-        relay_max_sessions: relay_max_sessions.unwrap_or(d.relay_max_sessions),
-        relay_max_reservations: relay_max_reservations.unwrap_or(d.relay_max_reservations),
-        relay_bytes_per_second: relay_bytes_per_second.unwrap_or(d.relay_bytes_per_second),
-        relay_idle_timeout: relay_idle_timeout.unwrap_or(d.relay_idle_timeout),
-        reachability: reachability.unwrap_or(d.reachability),
-        raft_groups,
-        raft_members,
-        raft_timeout: raft_timeout.unwrap_or(d.raft_timeout),
-        raft_max_groups,
-        raft_election_timeout: raft_election_timeout.unwrap_or(d.raft_election_timeout),
-        log_format: log_format.unwrap_or(d.log_format),
-        config_file: d.config_file,
-    })
+    let (mut settings, origins) = resolve_keys(&layers, args)?;
+    check_tls(&settings, &origins)?;
+    check_raft(&mut settings)?;
+    settings.config_file = config_file;
+    Ok(settings)
 }
-
-/// Drops the origin of a resolved value.
-fn val<T>(o: Option<(T, Origin)>) -> Option<T> {
-    o.map(|(v, _)| v)
-}
-
-type TlsFiles = (Option<PathBuf>, Option<PathBuf>);
 
 /// Every name of a setting, for messages about settings that clash.
 fn all_names(k: &Key) -> String {
@@ -1878,20 +1357,13 @@ fn all_names(k: &Key) -> String {
 /// Drops repeated group names and members (keeping the first), refuses
 /// members without a group (they would be silently ignored) and more groups
 /// than the node may run.
-fn check_raft(
-    groups: Vec<String>,
-    members: Vec<NodeId>,
-    max_groups: usize,
-) -> Result<(Vec<String>, Vec<NodeId>), ConfigError> {
+fn check_raft(s: &mut Settings) -> Result<(), ConfigError> {
     let mut seen = std::collections::BTreeSet::new();
-    let groups: Vec<String> = groups
-        .into_iter()
-        .filter(|g| seen.insert(g.clone()))
-        .collect();
+    s.raft_groups.retain(|g| seen.insert(g.clone()));
     let mut seen = std::collections::BTreeSet::new();
-    let members: Vec<NodeId> = members.into_iter().filter(|m| seen.insert(*m)).collect();
-    if groups.is_empty() && !members.is_empty() {
-        let list: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+    s.raft_members.retain(|m| seen.insert(*m));
+    if s.raft_groups.is_empty() && !s.raft_members.is_empty() {
+        let list: Vec<String> = s.raft_members.iter().map(|m| m.to_string()).collect();
         return Err(ConfigError::Conflict {
             key: all_names(&keys::RAFT_MEMBERS),
             value: list.join(","),
@@ -1902,63 +1374,63 @@ fn check_raft(
             ),
         });
     }
-    if groups.len() > max_groups {
+    if s.raft_groups.len() > s.raft_max_groups {
         return Err(ConfigError::Conflict {
             key: all_names(&keys::RAFT_GROUPS),
-            value: groups.join(","),
+            value: s.raft_groups.join(","),
             reason: format!(
-                "that is {} groups and a node runs at most {max_groups} ({})",
-                groups.len(),
+                "that is {} groups and a node runs at most {} ({})",
+                s.raft_groups.len(),
+                s.raft_max_groups,
                 keys::RAFT_MAX_GROUPS.flag
             ),
         });
     }
-    Ok((groups, members))
+    Ok(())
 }
 
 /// CA mode needs both files; self mode must not be given them (they would be
 /// silently ignored, which looks like CA verification but is not).
-fn check_tls(
-    mode: TlsModeSetting,
-    mode_origin: &str,
-    ca: Option<(PathBuf, Origin)>,
-    cert: Option<(PathBuf, Origin)>,
-) -> Result<TlsFiles, ConfigError> {
-    match mode {
+fn check_tls(s: &Settings, origins: &Origins) -> Result<(), ConfigError> {
+    let mode_origin = match origins.get(keys::TLS_MODE.flag) {
+        Some(origin) => format!("set by {origin}"),
+        None => "the default".to_string(),
+    };
+    let files = [
+        (&keys::TLS_CA_CERT_FILE, &s.tls_ca_cert_file),
+        (&keys::TLS_CERT_FILE, &s.tls_cert_file),
+    ];
+    match s.tls_mode {
         TlsModeSetting::Ca => {
-            let Some((ca, _)) = ca else {
-                return Err(ConfigError::Missing {
-                    key: all_names(&keys::TLS_CA_CERT_FILE),
-                    reason: format!(
-                        "TLS mode \"ca\" ({mode_origin}) needs the CA certificate (PEM) \
-                         that every peer's chain must lead to"
-                    ),
-                });
-            };
-            let Some((cert, _)) = cert else {
-                return Err(ConfigError::Missing {
-                    key: all_names(&keys::TLS_CERT_FILE),
-                    reason: format!(
-                        "TLS mode \"ca\" ({mode_origin}) needs this node's certificate \
-                         chain (PEM), issued by the CA for the node key"
-                    ),
-                });
-            };
-            Ok((Some(ca), Some(cert)))
+            let needs = [
+                "the CA certificate (PEM) that every peer's chain must lead to",
+                "this node's certificate chain (PEM), issued by the CA for the node key",
+            ];
+            for ((key, file), what) in files.into_iter().zip(needs) {
+                if file.is_none() {
+                    return Err(ConfigError::Missing {
+                        key: all_names(key),
+                        reason: format!("TLS mode \"ca\" ({mode_origin}) needs {what}"),
+                    });
+                }
+            }
+            Ok(())
         }
         TlsModeSetting::SelfCertifying => {
-            if let Some((path, origin)) = ca.or(cert) {
-                return Err(ConfigError::Conflict {
-                    key: origin.to_string(),
-                    value: path.display().to_string(),
-                    reason: format!(
-                        "the TLS mode is \"self\" ({mode_origin}); CA files are only used \
-                         with TLS mode \"ca\": set {} ca or remove the setting",
-                        keys::TLS_MODE.flag
-                    ),
-                });
+            for (key, file) in files {
+                if let (Some(path), Some(origin)) = (file, origins.get(key.flag)) {
+                    return Err(ConfigError::Conflict {
+                        key: origin.to_string(),
+                        value: path.display().to_string(),
+                        reason: format!(
+                            "the TLS mode is \"self\" ({mode_origin}); CA files are only used \
+                             with TLS mode \"ca\": set {} ca or remove the setting",
+                            keys::TLS_MODE.flag
+                        ),
+                    });
+                }
             }
-            Ok((None, None))
+            Ok(())
         }
     }
 }
@@ -2007,6 +1479,28 @@ mod tests {
         NodeId::from_bytes([n; 32])
     }
 
+    /// `macula start`'s flags alone, as clap parses them.
+    #[derive(clap::Parser)]
+    struct StartFlags {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    /// `--flag=value` for `key` (through clap), nothing else set.
+    fn flag_args(key: &Key, value: &str) -> NodeArgs {
+        use clap::Parser;
+        let flag = format!("{}={value}", key.flag);
+        match StartFlags::try_parse_from(["macula", &flag]) {
+            Ok(cli) => cli.node,
+            Err(e) => panic!("{flag}: {e}"),
+        }
+    }
+
+    /// Resolves `key` given as a flag, nothing else set.
+    fn with_flag(key: &Key, value: &str) -> Result<Settings, ConfigError> {
+        resolve(&flag_args(key, value), &no_env)
+    }
+
     #[test]
     fn zero_config_gives_defaults() {
         let s = resolve(&NodeArgs::default(), &no_env).unwrap();
@@ -2033,38 +1527,38 @@ mod tests {
     #[test]
     fn documented_defaults_match_the_constants() {
         let d = Settings::default();
-        assert_eq!(parse_socket_addr(keys::LISTEN.default), Ok(d.listen));
+        // Every default `--help` shows is the value the node runs with, but
+        // for those that describe what is not a value: an empty list, a
+        // per-machine directory, a file only CA mode needs.
+        let described = [
+            keys::BOOTSTRAP,
+            keys::DATA_DIR,
+            keys::TLS_CA_CERT_FILE,
+            keys::TLS_CERT_FILE,
+            keys::TLS_PINNED,
+            keys::RAFT_GROUPS,
+            keys::RAFT_MEMBERS,
+        ];
+        for k in keys::ALL.iter().filter(|k| !described.contains(k)) {
+            let s = with_flag(k, k.default).unwrap_or_else(|e| panic!("{}: {e}", k.flag));
+            assert_eq!(
+                s.field_debug(k),
+                d.field_debug(k),
+                "{} {}",
+                k.flag,
+                k.default
+            );
+        }
+        assert_eq!(
+            keys::ALL.len() - described.len(),
+            28,
+            "keys with a value default"
+        );
+        assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());
         assert_eq!(keys::REALM.default, d.realm);
-        assert_eq!(parse_socket_addr(keys::HTTP.default), Ok(d.http));
-        assert_eq!(keys::TLS_MODE.default.parse(), Ok(d.tls_mode));
-        assert_eq!(
-            parse_max_frame_size(keys::MAX_FRAME_SIZE.default),
-            Ok(d.max_frame_size)
-        );
-        assert_eq!(
-            parse_max_connections(keys::MAX_CONNECTIONS.default),
-            Ok(d.max_connections)
-        );
-        assert_eq!(
-            parse_idle_timeout(keys::IDLE_TIMEOUT.default),
-            Ok(d.idle_timeout)
-        );
-        assert_eq!(
-            parse_pubsub_queue_capacity(keys::PUBSUB_QUEUE_CAPACITY.default),
-            Ok(d.pubsub_queue_capacity)
-        );
-        assert_eq!(
-            parse_pubsub_queue_bytes(keys::PUBSUB_QUEUE_BYTES.default),
-            Ok(d.pubsub_queue_bytes)
-        );
-        assert_eq!(
-            parse_pubsub_peer_queue_capacity(keys::PUBSUB_PEER_QUEUE_CAPACITY.default),
-            Ok(d.pubsub_peer_queue_capacity)
-        );
-        assert_eq!(
-            parse_pubsub_peer_queue_bytes(keys::PUBSUB_PEER_QUEUE_BYTES.default),
-            Ok(d.pubsub_peer_queue_bytes)
-        );
+        assert_eq!(keys::DATA_DIR.default, "<user data dir>/macula");
+        assert!(d.bootstrap.is_empty() && d.tls_pinned.is_empty());
+        assert!(d.tls_ca_cert_file.is_none() && d.tls_cert_file.is_none());
         // The daemon's defaults are the pub/sub core's.
         let pubsub = macula::config::PubSubLimits::default();
         assert_eq!(d.pubsub_queue_capacity, pubsub.queue_capacity);
@@ -2072,72 +1566,13 @@ mod tests {
         assert_eq!(d.pubsub_peer_queue_capacity, pubsub.peer_queue_capacity);
         assert_eq!(d.pubsub_peer_queue_bytes, pubsub.peer_queue_bytes);
         assert_eq!(
-            parse_pubsub_stall_timeout(keys::PUBSUB_STALL_TIMEOUT.default),
-            Ok(d.pubsub_stall_timeout)
-        );
-        assert_eq!(
-            parse_peer_down_after(keys::PEER_DOWN_AFTER.default),
-            Ok(d.peer_down_after)
-        );
-        assert_eq!(
             d.peer_down_after,
             macula::config::Limits::default().peer_down_after
-        );
-        assert_eq!(
-            parse_relay_count(keys::RELAY_MAX_SESSIONS.default),
-            Ok(d.relay_max_sessions)
-        );
-        assert_eq!(
-            parse_relay_count(keys::RELAY_MAX_RESERVATIONS.default),
-            Ok(d.relay_max_reservations)
-        );
-        assert_eq!(
-            parse_relay_bytes_per_second(keys::RELAY_BYTES_PER_SECOND.default),
-            Ok(d.relay_bytes_per_second)
-        );
-        assert_eq!(
-            parse_relay_idle_timeout(keys::RELAY_IDLE_TIMEOUT.default),
-            Ok(d.relay_idle_timeout)
-        );
-        assert_eq!(
-            parse_reachability(keys::REACHABILITY.default),
-            Ok(d.reachability)
-        );
-        assert_eq!(keys::LOG_FORMAT.default.parse(), Ok(d.log_format));
-        assert_eq!(
-            parse_raft_timeout(keys::RAFT_TIMEOUT.default),
-            Ok(d.raft_timeout)
-        );
-        assert_eq!(
-            parse_raft_max_groups(keys::RAFT_MAX_GROUPS.default),
-            Ok(d.raft_max_groups)
-        );
-        assert_eq!(
-            parse_raft_election_timeout(keys::RAFT_ELECTION_TIMEOUT.default),
-            Ok(d.raft_election_timeout)
         );
         // The daemon's defaults are the runtime's (heartbeat: a quarter).
         let raft = macula::config::RaftLimits::default();
         assert_eq!(d.raft_election_timeout / 4, raft.heartbeat);
         assert!(d.raft_groups.is_empty() && d.raft_members.is_empty());
-        assert_eq!(
-            parse_window_u32(keys::STREAM_RECEIVE_WINDOW.default),
-            Ok(d.stream_receive_window)
-        );
-        assert_eq!(
-            parse_window_u32(keys::CONNECTION_RECEIVE_WINDOW.default),
-            Ok(d.connection_receive_window)
-        );
-        assert_eq!(parse_window(keys::SEND_WINDOW.default), Ok(d.send_window));
-        assert_eq!(parse_peer_slots(keys::PEER_SLOTS.default), Ok(d.peer_slots));
-        assert_eq!(
-            parse_socket_buffer(keys::SOCKET_BUFFER.default),
-            Ok(d.socket_buffer)
-        );
-        assert_eq!(
-            parse_client_streams(keys::MAX_STREAMS_PER_CLIENT.default),
-            Ok(d.max_streams_per_client)
-        );
         for k in keys::ALL {
             assert!(
                 k.flag.starts_with("--") && k.env.starts_with("MACULA_"),
@@ -2707,12 +2142,13 @@ format = "json"
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(parse_idle_timeout("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_idle_timeout("1000ms"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_idle_timeout("24h"), Ok(Duration::from_secs(86_400)));
-        assert!(parse_idle_timeout("999ms").is_err());
-        assert!(parse_idle_timeout("0").is_err());
-        assert!(parse_idle_timeout("25h").is_err());
+        let idle = |v: &str| with_flag(&keys::IDLE_TIMEOUT, v).map(|s| s.idle_timeout);
+        assert_eq!(idle("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(idle("1000ms").unwrap(), Duration::from_secs(1));
+        assert_eq!(idle("24h").unwrap(), Duration::from_secs(86_400));
+        assert!(idle("999ms").is_err());
+        assert!(idle("0").is_err());
+        assert!(idle("25h").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
     }
@@ -2999,6 +2435,80 @@ format = "json"
                 f.path().display()
             );
             assert!(got.starts_with(&want), "\n got: {got}\nwant: {want}...");
+        }
+    }
+
+    /// A setting is one entry of the `settings!` table. From that entry
+    /// alone it has names no other setting has, a flag in `--help` with its
+    /// variable and default, and is read from every layer under its own name
+    /// (or refused, naming it); a neighbour of its TOML key is refused.
+    #[test]
+    fn a_new_key_is_one_declaration() {
+        use clap::CommandFactory;
+        let all: Vec<&Key> = std::iter::once(&keys::CONFIG).chain(keys::ALL).collect();
+        let help = StartFlags::command().render_long_help().to_string();
+        for (i, k) in all.iter().enumerate() {
+            for other in &all[i + 1..] {
+                assert!(
+                    k.flag != other.flag
+                        && k.env != other.env
+                        && (k.toml.is_empty() || k.toml != other.toml),
+                    "{k:?} and {other:?} share a name"
+                );
+            }
+            assert!(
+                k.flag.starts_with("--") && k.env.starts_with("MACULA_"),
+                "{k:?}"
+            );
+            assert!(
+                help.contains(&format!("{} <{}>", k.flag, k.value_name)),
+                "help lists {}",
+                k.flag
+            );
+            let mut shown = format!("{} [env: {}]", k.help, k.env);
+            if !k.default.is_empty() {
+                shown = format!("{shown} [default: {}]", k.default);
+            }
+            assert!(help.contains(&format!("{shown}\n")), "help of {}", k.flag);
+        }
+
+        let bogus = "bogus!";
+        for k in keys::ALL {
+            let (section, name) = match k.toml.split_once('.') {
+                Some((section, name)) => (format!("[{section}]\n"), name),
+                None => (String::new(), k.toml),
+            };
+            assert!(
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{k:?}"
+            );
+            let file = toml_file(&format!("{section}{name} = \"{bogus}\"\n"));
+            let in_file = format!("`{}` in {}", k.toml, file.path().display());
+            let env = env_of(&[(k.env, bogus)]);
+            type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+            let layers: [(NodeArgs, Env, &str); 3] = [
+                (flag_args(k, bogus), &no_env, k.flag),
+                (NodeArgs::default(), &env, k.env),
+                (args_with_config(&file), &no_env, &in_file),
+            ];
+            for (args, env, given) in layers {
+                match resolve(&args, env) {
+                    Ok(s) => assert!(s.field_debug(k).contains(bogus), "{given} is ignored"),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        assert!(
+                            msg.starts_with(&format!("invalid value \"{bogus}\" for {given}: "))
+                                || msg.starts_with(&format!("{given} is set to ")),
+                            "{given}: {msg}"
+                        );
+                    }
+                }
+            }
+            let f = toml_file(&format!("{section}{name}x = 1\n"));
+            match resolve(&args_with_config(&f), &no_env) {
+                Err(ConfigError::UnknownKey { key, .. }) => assert_eq!(key, format!("{}x", k.toml)),
+                other => panic!("`{}x` is not refused: {other:?}", k.toml),
+            }
         }
     }
 }
