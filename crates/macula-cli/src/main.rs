@@ -21,6 +21,7 @@ mod dht_cli;
 mod member;
 mod pubsub_cli;
 mod raft_cli;
+mod realm_cli;
 mod rpc_cli;
 
 use std::io::Write;
@@ -80,6 +81,18 @@ enum Command {
     /// A Raft group's consistent key-value store: get, put, del, ls, cas, watch (through a member's admin HTTP API).
     #[command(subcommand, after_help = raft_cli::KV_EXIT_CODES)]
     Kv(raft_cli::KvCommand),
+    /// A realm authority: its key, the grants it issues, revocations (offline, on this machine's files).
+    #[command(subcommand)]
+    Realm(realm_cli::RealmCommand),
+    /// Explain an authorization decision: exit 0 if allowed, 1 if denied (with the reason).
+    #[command(subcommand)]
+    Authz(AuthzCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthzCommand {
+    /// Check whether a grant allows ACTION on RESOURCE, and say why.
+    Check(realm_cli::CheckArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -193,6 +206,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Metrics(args) => admin_cli::metrics(&args),
         Command::Raft(cmd) => raft_cli::raft(&cmd),
         Command::Kv(cmd) => raft_cli::kv(&cmd),
+        Command::Realm(cmd) => realm_cli::run(cmd),
+        Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
     }
 }
 

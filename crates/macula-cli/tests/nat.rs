@@ -313,7 +313,7 @@ fn private_sites_reach_each_other_through_the_relay() {
         eprintln!("call not through yet: {}", out.lines().last().unwrap_or(""));
         std::thread::sleep(Duration::from_millis(500));
     }
-    let after_call = metric(&relay_metrics(), "macula_relay_sessions_total");
+    let after_call = metric(&relay_metrics(), "macula_relay_sessions_opened_total");
     assert!(after_call >= 1, "the call was not relayed");
 
     // Site 1 publishes; the subscriber in site 2 receives through the relay.
@@ -336,7 +336,7 @@ fn private_sites_reach_each_other_through_the_relay() {
     let out = sub.seen.join("\n");
     assert!(out.contains("hello site 2"), "{out}");
     let text = relay_metrics();
-    let sessions = metric(&text, "macula_relay_sessions_total");
+    let sessions = metric(&text, "macula_relay_sessions_opened_total");
     assert!(
         sessions > after_call,
         "the publish was not relayed ({sessions} sessions): {text}"

@@ -386,10 +386,9 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     }
 
     fn count_subs(&self) {
-        self.counters.subscriptions.store(
-            self.local.subs.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.counters
+            .subscriptions
+            .set(self.local.subs.len() as u64);
     }
 
     /// The record change a subscription change under `pattern` needs.
@@ -696,7 +695,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         let len = payload.len();
         if overflow == Overflow::FailFast {
             if let Some((node, q)) = self.first_full(targets, len) {
-                Counters::inc(&self.counters.publish_refused_total);
+                self.counters.publish_refused_total.inc();
                 let (queued, bytes) = self.out.queued(q);
                 return Err(PubSubError::QueueFull {
                     node,
@@ -707,7 +706,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        Counters::inc(&self.counters.published_total);
+        self.counters.published_total.inc();
         let msg = OutMsg {
             seq,
             topic: name.clone(),
@@ -748,10 +747,11 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             Some(q) => self.out.enqueue(q, msg, now, &mut wake),
             None => Enqueued::NoQueue,
         };
-        match outcome.is_queued() {
-            true => Counters::inc(&self.counters.sent_remote_total),
-            false => Counters::inc(&self.counters.remote_dropped_total),
-        }
+        let counted = match outcome.is_queued() {
+            true => &self.counters.sent_remote_total,
+            false => &self.counters.remote_dropped_total,
+        };
+        counted.inc();
         self.push_wake(wake);
         self.count_unreported();
         outcome
@@ -823,7 +823,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         if client == publisher {
             return;
         }
-        Counters::inc(&self.counters.forwarded_sent_total);
+        self.counters.forwarded_sent_total.inc();
         let q = self.out.queue_for(client, self.frame_limit, now);
         self.enqueue(q, msg, now);
     }
@@ -840,18 +840,18 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     ) -> Result<(), String> {
         let c = self.counters.clone();
         if p.publisher != from {
-            Counters::inc(&c.remote_rejected_total);
+            c.remote_rejected_total.inc();
             return Err(format!(
                 "PUBLISH names publisher {} but came from {from}",
                 p.publisher
             ));
         }
         let topic = Topic::with_limits(&p.topic, &self.limits).map_err(|e| {
-            Counters::inc(&c.remote_rejected_total);
+            c.remote_rejected_total.inc();
             format!("invalid topic {:?}: {e}", p.topic)
         })?;
         if p.payload.len() > self.max_payload {
-            Counters::inc(&c.remote_rejected_total);
+            c.remote_rejected_total.inc();
             return Err(format!("payload of {} bytes", p.payload.len()));
         }
         match self.seen.observe(&from, p.epoch, p.seq) {
@@ -860,11 +860,11 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 Counters::add(&c.gaps_total, missing);
             }
             Observed::Duplicate | Observed::Invalid => {
-                Counters::inc(&c.duplicates_dropped_total);
+                c.duplicates_dropped_total.inc();
                 return Ok(());
             }
         }
-        Counters::inc(&c.received_remote_total);
+        c.received_remote_total.inc();
         let extra = PublishOptions {
             headers: p.headers,
             message_id: p.message_id,
@@ -881,7 +881,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         if self.deliver_local(&topic, msg, from, p.epoch, now, out) == 0 {
             // Sent for a summarized interest record, or just after an
             // unsubscribe: not an error.
-            Counters::inc(&c.unmatched_total);
+            c.unmatched_total.inc();
         }
         Ok(())
     }
@@ -1081,7 +1081,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     pub fn handle_stall(&mut self, peer: PeerRef, now: Millis) -> Stall {
         let verdict = self.out.check_stall(peer, now);
         if let Stall::CutOff { dropped } = verdict {
-            Counters::inc(&self.counters.peers_cut_off_total);
+            self.counters.peers_cut_off_total.inc();
             Counters::add(&self.counters.remote_dropped_total, dropped);
         }
         verdict
@@ -1118,7 +1118,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         Counters::add(&self.counters.loss_unreported_total, unreported);
         if let RoleState::Node(mesh) = &mut self.role {
             if mesh.set_down(node, known, now) {
-                Counters::inc(&self.counters.peers_unreachable_total);
+                self.counters.peers_unreachable_total.inc();
             }
         }
     }
@@ -1129,7 +1129,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         self.out.set_frame_limit(node, frame_limit);
         if let RoleState::Node(mesh) = &mut self.role {
             if mesh.set_up(node) {
-                Counters::inc(&self.counters.peers_restored_total);
+                self.counters.peers_restored_total.inc();
             }
         }
     }

@@ -170,7 +170,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             return self.handle_dropped(from, body, rx, now);
         }
         if msg_type != macula_wire::MessageType::PublishBatch as u8 {
-            Counters::inc(&c.data_streams_rejected_total);
+            c.data_streams_rejected_total.inc();
             return Err(format!(
                 "message type {msg_type:#04x} on a pub/sub data stream"
             ));
@@ -178,7 +178,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         let view = match PublishBatchView::decode(body) {
             Ok(v) => v,
             Err(reason) => {
-                Counters::inc(&c.data_streams_rejected_total);
+                c.data_streams_rejected_total.inc();
                 return Err(format!("malformed PUBLISH_BATCH: {reason}"));
             }
         };
@@ -186,13 +186,13 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             // A client publishes only as itself: a batch naming another
             // publisher is a forgery, refused whole (neither delivered here
             // nor to other clients, nor forwarded).
-            Counters::inc(&c.data_streams_rejected_total);
+            c.data_streams_rejected_total.inc();
             return Err(format!(
                 "PUBLISH_BATCH from client {from} names publisher {}",
                 view.publisher
             ));
         }
-        Counters::inc(&c.batches_received_total);
+        c.batches_received_total.inc();
         rx.messages += view.entries.len() as u64;
         // A batch naming another publisher is forwarded: by a gateway for
         // its client, or (to a client) by its gateway. A client trusts the
@@ -272,13 +272,13 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         let d = match PublishDropped::decode(body) {
             Ok(d) => d,
             Err(reason) => {
-                Counters::inc(&c.data_streams_rejected_total);
+                c.data_streams_rejected_total.inc();
                 return Err(format!("malformed PUBLISH_DROPPED: {reason}"));
             }
         };
         if rx.from_client && d.publisher != from {
             // A client reports only its own messages.
-            Counters::inc(&c.data_streams_rejected_total);
+            c.data_streams_rejected_total.inc();
             return Err(format!(
                 "PUBLISH_DROPPED from client {from} names publisher {}",
                 d.publisher
@@ -302,7 +302,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 continue;
             }
             let Some((name, topic)) = rx.topic(t, &self.limits) else {
-                Counters::inc(&c.remote_rejected_total);
+                c.remote_rejected_total.inc();
                 continue;
             };
             for id in self.local.matches(&topic) {
@@ -739,7 +739,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             };
             for (node, q) in &route.targets {
                 if *node != from {
-                    Counters::inc(&c.forwarded_sent_total);
+                    c.forwarded_sent_total.inc();
                     self.enqueue(*q, msg.clone(), now);
                 }
             }

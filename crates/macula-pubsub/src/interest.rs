@@ -474,7 +474,7 @@ impl Mesh {
                         if r.seq > d.seq {
                             // A newer record: the node is back.
                             self.down.remove(&r.publisher);
-                            Counters::inc(&counters.peers_restored_total);
+                            counters.peers_restored_total.inc();
                             self.forget_routes();
                         }
                     }
@@ -623,7 +623,7 @@ impl Mesh {
             live: !value.is_empty(),
             summarized: !summary.exact,
         });
-        Counters::inc(&counters.interest_puts_total);
+        counters.interest_puts_total.inc();
         actions.push_back(MeshAction::Put(InterestPut {
             name: name.to_string(),
             key: macula_wire::dht_key(name.as_bytes()),
@@ -652,7 +652,7 @@ impl Mesh {
             Ok(()) => {
                 let was = p.ok.is_some_and(|o| o.summarized);
                 if put.summarized {
-                    Counters::inc(&counters.interest_summarized_total);
+                    counters.interest_summarized_total.inc();
                     if !was {
                         form = Some(RecordForm::BecameSummary);
                     }

@@ -5,7 +5,6 @@
 //! the other's `handle_batch` gets.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,6 +15,7 @@ use macula_pubsub::{
 };
 use macula_wire::frame::FrameDecoder;
 use macula_wire::{NodeId, Publish};
+use prometheus_client::metrics::counter::Counter;
 
 type Core = PubSubCore<u32, ()>;
 
@@ -206,8 +206,8 @@ fn receive_frames(
     got
 }
 
-fn counter(c: &Core, f: impl Fn(&macula_pubsub::Counters) -> &std::sync::atomic::AtomicU64) -> u64 {
-    f(c.counters()).load(Relaxed)
+fn counter(c: &Core, f: impl Fn(&macula_pubsub::Counters) -> &Counter) -> u64 {
+    f(c.counters()).get()
 }
 
 // ----- interest records ---------------------------------------------------
@@ -1334,7 +1334,7 @@ fn local_publishes_carry_seq_epoch_and_options() {
         Err(PubSubError::InvalidPattern { .. })
     ));
     assert_eq!(counter(&c, |c| &c.published_total), 3);
-    assert_eq!(counter(&c, |c| &c.subscriptions), 2);
+    assert_eq!(c.counters().subscriptions.get(), 2);
     assert_eq!((c.node_id(), c.epoch(), c.role()), (id(1), 101, Role::Node));
 }
 

@@ -5,7 +5,6 @@
 //! dropped and counted).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use macula_pubsub::{
@@ -81,7 +80,7 @@ proptest! {
         let mut last_seen: HashMap<NodeId, u64> = HashMap::new();
         let mut msgs: Vec<OutMsg> = Vec::new();
         let topics = ["a.x", "b.y", "c"];
-        let count = |c: &Core| c.counters().remote_dropped_total.load(Relaxed);
+        let count = |c: &Core| c.counters().remote_dropped_total.get();
         for op in ops {
             let dropped_before = count(&c);
             let mut model_drop = 0u64;

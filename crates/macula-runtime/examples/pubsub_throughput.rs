@@ -10,7 +10,6 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -95,8 +94,8 @@ fn main() {
             if paced { " paced" } else { "" },
             count as f64 / publish_secs,
             got as f64 / secs,
-            c.remote_dropped_total.load(Relaxed),
-            c.batches_sent_total.load(Relaxed),
+            c.remote_dropped_total.get(),
+            c.batches_sent_total.get(),
         );
         a.shutdown().await;
         b.shutdown().await;

@@ -43,6 +43,7 @@ use axum::{Json, Router};
 use futures::task::AtomicWaker;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use serde::{Deserialize, Serialize};
@@ -50,7 +51,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::MetricsCollector;
+use crate::metrics::register;
 use crate::node::NodeRuntime;
 
 mod raft;
@@ -268,7 +269,7 @@ pub fn router(node: NodeRuntime) -> Router {
 fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Router {
     let mut registry = registry(&node);
     if let Some(counters) = counters {
-        registry.register_collector(Box::new(AdminCollector(counters)));
+        counters.register(&mut registry);
     }
     let state = AdminState {
         registry: Arc::new(registry),
@@ -301,35 +302,22 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         .with_state(state)
 }
 
-/// This node's metrics registry: every collector of the node registers here
-/// (one registry per node, so nodes sharing a process stay separate). Later
-/// subsystems (pub/sub, RPC, DHT) add their collector with one line.
+/// This node's metrics registry: every subsystem registers its counters
+/// and gauges here, with one line each (one registry per node, so nodes
+/// sharing a process stay separate); values read from live state at scrape
+/// time (uptime, peers, Raft groups) come from collectors.
 pub fn registry(node: &NodeRuntime) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(MetricsCollector(node.metrics().clone())));
+    node.metrics().register(&mut registry);
     registry.register_collector(Box::new(NodeCollector { node: node.clone() }));
-    registry.register_collector(Box::new(crate::pubsub::PubSubCollector(
-        node.pubsub().counters().clone(),
-    )));
-    registry.register_collector(Box::new(crate::dht::DhtCollector(
-        node.dht().counters().clone(),
-    )));
-    registry.register_collector(Box::new(node.rpc().collector()));
-    registry.register_collector(Box::new(crate::gateway::GatewayCollector(
-        node.gateway_counters().clone(),
-    )));
-    registry.register_collector(Box::new(crate::reachability::ReachCollector(
-        node.reachability().counters().clone(),
-    )));
-    registry.register_collector(Box::new(crate::relay::RelayCollector(
-        node.relay().counters().clone(),
-    )));
+    node.pubsub().counters().register(&mut registry);
+    node.dht().counters().register(&mut registry);
+    node.rpc().register(&mut registry);
+    node.gateway_counters().register(&mut registry);
+    node.reachability().counters().register(&mut registry);
+    node.relay().counters().register(&mut registry);
+    node.raft().counters().register(&mut registry);
     registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
-    registry.register(
-        "macula_rpc_duration_seconds",
-        "Call duration as the caller sees it, by procedure (at most 64 procedure labels; the rest share `_other`).",
-        node.rpc().duration_family(),
-    );
     registry
 }
 
@@ -458,12 +446,8 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
         uptime_secs: node.uptime().as_secs(),
         peers: node.peers().len(),
         listen: node.local_addr(),
-        dht_records: node.dht().counters().records.load(Ordering::Relaxed),
-        dht_routing_table_size: node
-            .dht()
-            .counters()
-            .routing_table_size
-            .load(Ordering::Relaxed),
+        dht_records: node.dht().counters().records.get(),
+        dht_routing_table_size: node.dht().counters().routing_table_size.get(),
         reachability: reach.name().to_string(),
         public_addrs: match reach {
             crate::reachability::ReachState::Public { addrs } => addrs,
@@ -713,44 +697,38 @@ async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
 // Connection limits
 // ---------------------------------------------------------------------------
 
-/// What the connection limits of [`serve`] did, read at scrape time.
+/// What the connection limits of [`serve`] did.
 #[derive(Debug, Default)]
 struct AdminCounters {
     /// Connections closed to make room for a new one (server full).
-    evicted: AtomicU64,
+    evicted: Counter,
     /// Connections closed over the per-source-IP limit.
-    refused: AtomicU64,
+    refused: Counter,
     /// Connections closed at the request deadline.
-    timed_out: AtomicU64,
+    timed_out: Counter,
 }
 
-/// Exposes one admin server's [`AdminCounters`] in its node's registry.
-#[derive(Debug)]
-struct AdminCollector(Arc<AdminCounters>);
-
-impl Collector for AdminCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let c = &self.0;
-        crate::metrics::encode_rows(
-            &mut encoder,
-            &[
-                (
-                    "macula_admin_connections_evicted_total",
-                    "Admin HTTP connections closed to make room for a new one while all slots were taken.",
-                    c.evicted.load(Ordering::Relaxed),
-                ),
-                (
-                    "macula_admin_connections_refused_total",
-                    "Admin HTTP connections closed because their source IP had the most connections allowed open.",
-                    c.refused.load(Ordering::Relaxed),
-                ),
-                (
-                    "macula_admin_requests_timed_out_total",
-                    "Admin HTTP connections closed because no complete request arrived before the request deadline.",
-                    c.timed_out.load(Ordering::Relaxed),
-                ),
-            ],
-        )
+impl AdminCounters {
+    /// Registers the counters in the node's registry (one admin server's).
+    fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_admin_connections_evicted",
+            "Admin HTTP connections closed to make room for a new one while all slots were taken.",
+            self.evicted.clone(),
+        );
+        register(
+            r,
+            "macula_admin_connections_refused",
+            "Admin HTTP connections closed because their source IP had the most connections allowed open.",
+            self.refused.clone(),
+        );
+        register(
+            r,
+            "macula_admin_requests_timed_out",
+            "Admin HTTP connections closed because no complete request arrived before the request deadline.",
+            self.timed_out.clone(),
+        );
     }
 }
 
@@ -869,7 +847,7 @@ impl ConnTable {
                 }
                 None => {
                     drop(conns);
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    self.counters.refused.inc();
                     self.log(ip, Closed::Refused);
                     return None;
                 }
@@ -899,8 +877,8 @@ impl ConnTable {
         drop(conns);
         if let Some(closed) = closed {
             match closed {
-                Closed::SameSource => self.counters.refused.fetch_add(1, Ordering::Relaxed),
-                _ => self.counters.evicted.fetch_add(1, Ordering::Relaxed),
+                Closed::SameSource => self.counters.refused.inc(),
+                _ => self.counters.evicted.inc(),
             };
             self.log(ip, closed);
         }
@@ -1072,10 +1050,7 @@ impl LimitedStream {
                 && !shared.request_pending.load(Ordering::Relaxed)
                 && !self.head.content;
             if !idle_keep_alive {
-                self.table
-                    .counters
-                    .timed_out
-                    .fetch_add(1, Ordering::Relaxed);
+                self.table.counters.timed_out.inc();
                 tracing::debug!(
                     client = %shared.ip,
                     "admin connection closed: no complete request before the deadline"
@@ -1230,13 +1205,13 @@ mod tests {
         a.responded.store(true, Ordering::Relaxed);
         let d = t.admit(ip(5)).expect("d");
         assert!(a.is_open() && !b.is_open() && c.is_open() && d.is_open());
-        assert_eq!(counters.evicted.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.evicted.get(), 1);
         // `c` has a request in flight, `d` never answered: `d` goes first.
         c.request_pending.store(true, Ordering::Relaxed);
         t.remove(b.id);
         let _e = t.admit(ip(6)).expect("e");
         assert!(!d.is_open() && c.is_open() && a.is_open());
-        assert_eq!(counters.evicted.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.evicted.get(), 2);
     }
 
     #[test]
@@ -1261,14 +1236,14 @@ mod tests {
         // Over the limit: the source's oldest idle connection makes room.
         let c = t.admit(ip(2)).expect("c");
         assert!(!a.is_open() && b.is_open() && c.is_open() && other.is_open());
-        assert_eq!(counters.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.refused.get(), 1);
         // When all of them have a request in flight, the new one is refused.
         b.request_pending.store(true, Ordering::Relaxed);
         c.request_pending.store(true, Ordering::Relaxed);
         assert!(t.admit(ip(2)).is_none());
         assert!(b.is_open() && c.is_open());
-        assert_eq!(counters.refused.load(Ordering::Relaxed), 2);
-        assert_eq!(counters.evicted.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.refused.get(), 2);
+        assert_eq!(counters.evicted.get(), 0);
         // IPv4-mapped IPv6 counts as the same source.
         let mapped: IpAddr = "::ffff:127.0.0.2".parse().expect("mapped address");
         assert!(t.admit(mapped).is_none());

@@ -22,11 +22,14 @@ use macula_dht::{
 };
 use macula_wire::dht::*;
 use macula_wire::{Message, NodeId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use crate::clock::Clock;
 use crate::dht_cache::{GetCache, DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE};
 use crate::identity::Identity;
+use crate::metrics::{register, CountGauge};
 use crate::peer::Peer;
 use crate::service::{Answer, PeerDown, Serves, Service};
 
@@ -82,38 +85,39 @@ pub struct RoutingEntry {
     pub last_seen: Duration,
 }
 
-/// Counters kept outside the task (readable without a round trip).
+/// Counters kept outside the task (readable without a round trip),
+/// registered in the node's metrics registry.
 #[derive(Debug, Default)]
 pub struct DhtCounters {
     /// Inbound DHT frames dropped because the queue was full.
-    pub inbound_dropped_total: AtomicU64,
+    pub inbound_dropped_total: Counter,
     /// Requests dropped because `MAX_INFLIGHT_SENDS` were in flight.
-    pub sends_dropped_total: AtomicU64,
+    pub sends_dropped_total: Counter,
     /// Requests that could not be delivered (dial or write failed).
-    pub sends_failed_total: AtomicU64,
-    /// Contacts whose address could not be parsed.
+    pub sends_failed_total: Counter,
+    /// Contacts whose address could not be parsed (not exported).
     pub bad_contact_addr_total: AtomicU64,
     /// `get` calls answered from the local cache.
-    pub cache_hits_total: AtomicU64,
+    pub cache_hits_total: Counter,
     /// `get` calls that ran an iterative lookup.
-    pub cache_misses_total: AtomicU64,
+    pub cache_misses_total: Counter,
     /// Mirrors of the core's state, refreshed by the task after each step.
-    pub records: AtomicU64,
-    pub routing_table_size: AtomicU64,
-    pub lookups_finished_total: AtomicU64,
-    pub requests_received_total: AtomicU64,
-    pub requests_rate_limited_total: AtomicU64,
-    pub request_timeouts_total: AtomicU64,
-    pub responses_unmatched_total: AtomicU64,
-    pub lost_contacts: AtomicU64,
-    pub lost_contacts_probed_total: AtomicU64,
-    pub lost_contacts_restored_total: AtomicU64,
-    pub suspects: AtomicU64,
-    pub suspects_not_waited_total: AtomicU64,
-    pub records_rejected_total: AtomicU64,
-    pub records_expired_total: AtomicU64,
-    pub puts_succeeded_total: AtomicU64,
-    pub puts_failed_total: AtomicU64,
+    pub records: CountGauge,
+    pub routing_table_size: CountGauge,
+    pub lookups_finished_total: Counter,
+    pub requests_received_total: Counter,
+    pub requests_rate_limited_total: Counter,
+    pub request_timeouts_total: Counter,
+    pub responses_unmatched_total: Counter,
+    pub lost_contacts: CountGauge,
+    pub lost_contacts_probed_total: Counter,
+    pub lost_contacts_restored_total: Counter,
+    pub suspects: CountGauge,
+    pub suspects_not_waited_total: Counter,
+    pub records_rejected_total: Counter,
+    pub records_expired_total: Counter,
+    pub puts_succeeded_total: Counter,
+    pub puts_failed_total: Counter,
     /// Request rounds of each completed lookup (`macula_dht_routing_hops`).
     pub lookup_rounds: LookupRounds,
 }
@@ -134,9 +138,11 @@ impl Default for LookupRounds {
 impl DhtCounters {
     fn sync(&self, dht: &Dht) {
         let st = dht.stats();
-        let set = |a: &AtomicU64, v: u64| a.store(v, Relaxed);
-        set(&self.records, dht.store().len() as u64);
-        set(&self.routing_table_size, dht.routing().len() as u64);
+        // The core counts; these mirror its counts (a counter's value is
+        // stored, not added: the core's is the running total).
+        let set = |c: &Counter, v: u64| c.inner().store(v, Relaxed);
+        self.records.set(dht.store().len() as u64);
+        self.routing_table_size.set(dht.routing().len() as u64);
         set(&self.lookups_finished_total, st.lookups_finished);
         set(&self.requests_received_total, st.requests_received);
         set(&self.requests_rate_limited_total, st.requests_rate_limited);
@@ -146,147 +152,150 @@ impl DhtCounters {
         set(&self.records_expired_total, st.records_expired);
         set(&self.puts_succeeded_total, st.puts_succeeded);
         set(&self.puts_failed_total, st.puts_failed);
-        set(&self.lost_contacts, st.lost_contacts);
+        self.lost_contacts.set(st.lost_contacts);
         set(&self.lost_contacts_probed_total, st.lost_contacts_probed);
         set(
             &self.lost_contacts_restored_total,
             st.lost_contacts_restored,
         );
-        set(&self.suspects, st.suspects);
+        self.suspects.set(st.suspects);
         set(&self.suspects_not_waited_total, st.suspects_not_waited);
     }
 
-    fn rows(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let g = |a: &AtomicU64| a.load(Relaxed);
-        vec![
-            (
-                "macula_dht_records",
-                "Records held by this node.",
-                g(&self.records),
-            ),
-            (
-                "macula_dht_routing_table_size",
-                "Contacts in the routing table.",
-                g(&self.routing_table_size),
-            ),
-            (
-                "macula_dht_lookups_total",
-                "Iterative lookups finished.",
-                g(&self.lookups_finished_total),
-            ),
-            (
-                "macula_dht_requests_received_total",
-                "DHT requests from peers.",
-                g(&self.requests_received_total),
-            ),
-            (
-                "macula_dht_requests_rate_limited_total",
-                "DHT requests refused by the per-peer rate limit.",
-                g(&self.requests_rate_limited_total),
-            ),
-            (
-                "macula_dht_request_timeouts_total",
-                "DHT requests that got no answer in time.",
-                g(&self.request_timeouts_total),
-            ),
-            (
-                "macula_dht_responses_unmatched_total",
-                "DHT answers matching no outstanding request.",
-                g(&self.responses_unmatched_total),
-            ),
-            (
-                "macula_dht_records_rejected_total",
-                "Records refused (limits, signature, stale).",
-                g(&self.records_rejected_total),
-            ),
-            (
-                "macula_dht_records_expired_total",
-                "Records dropped at their TTL.",
-                g(&self.records_expired_total),
-            ),
-            (
-                "macula_dht_puts_succeeded_total",
-                "Puts and republishes that reached quorum.",
-                g(&self.puts_succeeded_total),
-            ),
-            (
-                "macula_dht_puts_failed_total",
-                "Puts and republishes that did not.",
-                g(&self.puts_failed_total),
-            ),
-            (
-                "macula_dht_lost_contacts",
-                "Contacts dropped for not answering, still being probed again.",
-                g(&self.lost_contacts),
-            ),
-            (
-                "macula_dht_lost_contacts_probed_total",
-                "Pings sent to lost contacts.",
-                g(&self.lost_contacts_probed_total),
-            ),
-            (
-                "macula_dht_lost_contacts_restored_total",
-                "Lost contacts heard from again (back in the routing table).",
-                g(&self.lost_contacts_restored_total),
-            ),
-            (
-                "macula_dht_suspects",
-                "Nodes suspected dead (silent, or declared down): asked in lookups but not waited on.",
-                g(&self.suspects),
-            ),
-            (
-                "macula_dht_suspects_not_waited_total",
-                "Lookup requests to suspected nodes that no lookup waited for.",
-                g(&self.suspects_not_waited_total),
-            ),
-            (
-                "macula_dht_inbound_dropped_total",
-                "DHT frames dropped because the DHT queue was full.",
-                g(&self.inbound_dropped_total),
-            ),
-            (
-                "macula_dht_sends_dropped_total",
-                "DHT requests dropped at the in-flight send limit.",
-                g(&self.sends_dropped_total),
-            ),
-            (
-                "macula_dht_sends_failed_total",
-                "DHT requests that could not be delivered.",
-                g(&self.sends_failed_total),
-            ),
-            (
-                "macula_dht_cache_hits_total",
-                "Gets answered from the local cache.",
-                g(&self.cache_hits_total),
-            ),
-            (
-                "macula_dht_cache_misses_total",
-                "Gets that ran a lookup.",
-                g(&self.cache_misses_total),
-            ),
-        ]
-    }
-}
-
-/// Exposes a node's DHT counters to its metrics registry.
-#[derive(Debug, Clone)]
-pub struct DhtCollector(pub Arc<DhtCounters>);
-
-impl prometheus_client::collector::Collector for DhtCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        crate::metrics::encode_rows(&mut encoder, &self.0.rows())?;
-        use prometheus_client::encoding::EncodeMetric;
-        let h = &self.0.lookup_rounds.0;
-        let family = encoder.encode_descriptor(
+    /// Registers every metric in the node's registry.
+    pub fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_dht_records",
+            "Records held by this node.",
+            self.records.clone(),
+        );
+        register(
+            r,
+            "macula_dht_routing_table_size",
+            "Contacts in the routing table.",
+            self.routing_table_size.clone(),
+        );
+        register(
+            r,
+            "macula_dht_lookups",
+            "Iterative lookups finished.",
+            self.lookups_finished_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_requests_received",
+            "DHT requests from peers.",
+            self.requests_received_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_requests_rate_limited",
+            "DHT requests refused by the per-peer rate limit.",
+            self.requests_rate_limited_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_request_timeouts",
+            "DHT requests that got no answer in time.",
+            self.request_timeouts_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_responses_unmatched",
+            "DHT answers matching no outstanding request.",
+            self.responses_unmatched_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_records_rejected",
+            "Records refused (limits, signature, stale).",
+            self.records_rejected_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_records_expired",
+            "Records dropped at their TTL.",
+            self.records_expired_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_puts_succeeded",
+            "Puts and republishes that reached quorum.",
+            self.puts_succeeded_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_puts_failed",
+            "Puts and republishes that did not.",
+            self.puts_failed_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_lost_contacts",
+            "Contacts dropped for not answering, still being probed again.",
+            self.lost_contacts.clone(),
+        );
+        register(
+            r,
+            "macula_dht_lost_contacts_probed",
+            "Pings sent to lost contacts.",
+            self.lost_contacts_probed_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_lost_contacts_restored",
+            "Lost contacts heard from again (back in the routing table).",
+            self.lost_contacts_restored_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_suspects",
+            "Nodes suspected dead (silent, or declared down): asked in lookups but not waited on.",
+            self.suspects.clone(),
+        );
+        register(
+            r,
+            "macula_dht_suspects_not_waited",
+            "Lookup requests to suspected nodes that no lookup waited for.",
+            self.suspects_not_waited_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_inbound_dropped",
+            "DHT frames dropped because the DHT queue was full.",
+            self.inbound_dropped_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_sends_dropped",
+            "DHT requests dropped at the in-flight send limit.",
+            self.sends_dropped_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_sends_failed",
+            "DHT requests that could not be delivered.",
+            self.sends_failed_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_cache_hits",
+            "Gets answered from the local cache.",
+            self.cache_hits_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_cache_misses",
+            "Gets that ran a lookup.",
+            self.cache_misses_total.clone(),
+        );
+        register(
+            r,
             "macula_dht_routing_hops",
             "Request rounds (hops) per completed DHT lookup.",
-            None,
-            h.metric_type(),
-        )?;
-        h.encode(family)
+            self.lookup_rounds.0.clone(),
+        );
     }
 }
 
@@ -446,7 +455,7 @@ impl DhtHandle {
             msg,
         };
         if self.tx.try_send(cmd).is_err() {
-            self.counters.inbound_dropped_total.fetch_add(1, Relaxed);
+            self.counters.inbound_dropped_total.inc();
         }
     }
 
@@ -820,12 +829,12 @@ impl<D: Dialer> Task<D> {
             Command::Get { key, fresh, reply } => {
                 if !fresh {
                     if let Some(records) = self.cache.get(&key, std::time::Instant::now()) {
-                        self.counters.cache_hits_total.fetch_add(1, Relaxed);
+                        self.counters.cache_hits_total.inc();
                         let _ = reply.send(Ok(records));
                         return;
                     }
                 }
-                self.counters.cache_misses_total.fetch_add(1, Relaxed);
+                self.counters.cache_misses_total.inc();
                 match self.dht.get(key, now) {
                     Ok(id) => {
                         self.lookups.insert(id, LookupWaiter::Get(key, reply));
@@ -924,7 +933,7 @@ impl<D: Dialer> Task<D> {
             return;
         };
         let Ok(permit) = self.sends.clone().try_acquire_owned() else {
-            self.counters.sends_dropped_total.fetch_add(1, Relaxed);
+            self.counters.sends_dropped_total.inc();
             return;
         };
         let msg = Message::Dht(wire_request(out.correlation_id, &out.request));
@@ -939,7 +948,7 @@ impl<D: Dialer> Task<D> {
             };
             if !sent {
                 // The core times the request out and retries or gives up.
-                counters.sends_failed_total.fetch_add(1, Relaxed);
+                counters.sends_failed_total.inc();
             }
         });
     }

@@ -65,7 +65,7 @@ enum Next {
 /// the rest through the services table.
 async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Next {
     let m = peer.metrics();
-    m.frames_received_total.fetch_add(1, Relaxed);
+    m.frames_received_total.inc();
     m.message_received(frame.msg_type);
     let msg = match frame.decode() {
         Ok(msg) => msg,
@@ -83,7 +83,7 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
     };
     match msg {
         Message::Ping(p) => {
-            m.pings_received_total.fetch_add(1, Relaxed);
+            m.pings_received_total.inc();
             if p.keep {
                 peer.touch();
             }
@@ -98,9 +98,9 @@ async fn on_control_frame(peer: &Peer, frame: InFrame, cfg: &DriverConfig) -> Ne
             }
         }
         Message::Pong(p) => {
-            m.pongs_received_total.fetch_add(1, Relaxed);
+            m.pongs_received_total.inc();
             if !peer.complete_ping(p) {
-                m.pongs_unmatched_total.fetch_add(1, Relaxed);
+                m.pongs_unmatched_total.inc();
             }
             Next::Continue
         }
@@ -221,7 +221,7 @@ async fn serve_stream(
                 break;
             }
         };
-        m.frames_received_total.fetch_add(1, Relaxed);
+        m.frames_received_total.inc();
         m.message_received(frame.msg_type);
         peer.touch();
         let decoded = frame.decode();
@@ -236,7 +236,7 @@ async fn serve_stream(
         }
         let reply = match decoded {
             Ok(Message::Ping(p)) => {
-                m.pings_received_total.fetch_add(1, Relaxed);
+                m.pings_received_total.inc();
                 Message::Pong(Pong {
                     nonce: p.nonce,
                     echo_sent_at_us: p.sent_at_us,
@@ -275,7 +275,7 @@ async fn serve_stream(
         if writer.send(&reply).await.is_err() {
             break;
         }
-        m.frames_sent_total.fetch_add(1, Relaxed);
+        m.frames_sent_total.inc();
         m.message_sent(reply.msg_type() as u8);
     }
     writer.finish();
@@ -388,7 +388,7 @@ pub(crate) async fn drive(
                         if !p.is_closed() {
                             failed.store(true, Relaxed);
                             tracing::warn!(peer = %p.node_id(), error = %e, "health ping failed; closing");
-                            p.metrics().peers_declared_down_total.fetch_add(1, Relaxed);
+                            p.metrics().peers_declared_down_total.inc();
                             p.connection().close(close_code(DisconnectReason::Unresponsive), b"health ping failed");
                         }
                     }
@@ -397,7 +397,7 @@ pub(crate) async fn drive(
             verdict = look(&mut watch, &conn) => match verdict {
                 Verdict::Alive => {}
                 Verdict::Probe => {
-                    peer.metrics().peer_probes_total.fetch_add(1, Relaxed);
+                    peer.metrics().peer_probes_total.inc();
                     let p = peer.clone();
                     let timeout = watch.as_ref().map_or(cfg.ping_timeout, Watch::bound);
                     // The answer does not matter: its datagrams are what the
@@ -409,7 +409,7 @@ pub(crate) async fn drive(
                 Verdict::Down { silent_for } => {
                     let why = format!("declared down: nothing heard for {:?}", silent_for.to_duration());
                     tracing::warn!(peer = %peer.node_id(), silent_ms = silent_for.0, "peer declared down by the failure detector; closing");
-                    peer.metrics().peers_declared_down_total.fetch_add(1, Relaxed);
+                    peer.metrics().peers_declared_down_total.inc();
                     conn.close(close_code(DisconnectReason::Unresponsive), why.as_bytes());
                     silent_said = true;
                     break why;
@@ -419,7 +419,7 @@ pub(crate) async fn drive(
                 let idle = peer.idle_for();
                 let kept = peer.is_kept();
                 if idle >= cfg.idle_timeout && !kept {
-                    peer.metrics().pool_idle_closed_total.fetch_add(1, Relaxed);
+                    peer.metrics().pool_idle_closed_total.inc();
                     Box::pin(peer.disconnect(DisconnectReason::Idle, "idle timeout")).await;
                     break format!("idle for {idle:?}");
                 }

@@ -13,14 +13,16 @@
 //! When the client's connection closes, all of it is withdrawn.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use macula_wire::client::{ClientAck, ClientMessage, MAX_CLIENT_ERROR_LEN};
 use macula_wire::Message;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 
+use crate::metrics::{register, CountGauge};
 use crate::peer::Peer;
 use crate::pubsub::PubSub;
 use crate::rpc::Rpc;
@@ -34,44 +36,32 @@ pub const MAX_PENDING_CLIENT_REQUESTS: usize = 256;
 #[derive(Debug, Default)]
 pub struct GatewayCounters {
     /// Clients attached now (connections that sent a request).
-    pub clients: AtomicU64,
-    pub requests_total: AtomicU64,
-    pub requests_failed_total: AtomicU64,
+    pub clients: CountGauge,
+    pub requests_total: Counter,
+    pub requests_failed_total: Counter,
 }
 
 impl GatewayCounters {
-    pub(crate) fn rows(&self) -> [(&'static str, &'static str, u64); 3] {
-        let g = |a: &AtomicU64| a.load(Relaxed);
-        [
-            (
-                "macula_gateway_clients",
-                "Lightweight clients attached to this node now.",
-                g(&self.clients),
-            ),
-            (
-                "macula_gateway_requests_total",
-                "Client requests (subscribe, advertise, and their withdrawals) handled.",
-                g(&self.requests_total),
-            ),
-            (
-                "macula_gateway_requests_failed_total",
-                "Client requests answered with an error.",
-                g(&self.requests_failed_total),
-            ),
-        ]
-    }
-}
-
-/// Exposes the gateway counters.
-#[derive(Debug)]
-pub struct GatewayCollector(pub Arc<GatewayCounters>);
-
-impl prometheus_client::collector::Collector for GatewayCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        crate::metrics::encode_rows(&mut encoder, &self.0.rows())
+    /// Registers every metric in the node's registry.
+    pub fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_gateway_clients",
+            "Lightweight clients attached to this node now.",
+            self.clients.clone(),
+        );
+        register(
+            r,
+            "macula_gateway_requests",
+            "Client requests (subscribe, advertise, and their withdrawals) handled.",
+            self.requests_total.clone(),
+        );
+        register(
+            r,
+            "macula_gateway_requests_failed",
+            "Client requests answered with an error.",
+            self.requests_failed_total.clone(),
+        );
     }
 }
 
@@ -120,7 +110,7 @@ pub(crate) struct Gateway(Arc<Inner>);
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("clients", &self.0.counters.clients.load(Relaxed))
+            .field("clients", &self.0.counters.clients.get())
             .finish()
     }
 }
@@ -175,10 +165,7 @@ impl Gateway {
                 feed: feed.clone(),
             },
         );
-        self.0
-            .counters
-            .clients
-            .store(sessions.len() as u64, Relaxed);
+        self.0.counters.clients.set(sessions.len() as u64);
         tracing::debug!(client = %peer.node_id(), "client attached");
         (requests, feed)
     }
@@ -204,10 +191,7 @@ impl Gateway {
         let session = {
             let mut sessions = self.0.sessions.lock();
             let s = sessions.remove(&peer.connection_id());
-            self.0
-                .counters
-                .clients
-                .store(sessions.len() as u64, Relaxed);
+            self.0.counters.clients.set(sessions.len() as u64);
             s
         };
         let Some(s) = session else { return };
@@ -277,7 +261,7 @@ impl Gateway {
         match self.enqueue(peer, msg) {
             true => None,
             false => {
-                self.0.counters.requests_failed_total.fetch_add(1, Relaxed);
+                self.0.counters.requests_failed_total.inc();
                 Some(ack(
                     id,
                     Some(format!(
@@ -341,9 +325,9 @@ async fn worker(gw: Gateway, peer: Peer, feed: Arc<Feed>, requests: Arc<Mutex<Re
             ClientMessage::Ack(_) => continue,
         };
         let c = &gw.0.counters;
-        c.requests_total.fetch_add(1, Relaxed);
+        c.requests_total.inc();
         if let Err(e) = &res {
-            c.requests_failed_total.fetch_add(1, Relaxed);
+            c.requests_failed_total.inc();
             tracing::debug!(client = %peer.node_id(), error = %e, "client request failed");
         }
         if let Err(e) = peer.send(&ack(id, res.err())).await {

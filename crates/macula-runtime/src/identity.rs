@@ -97,7 +97,16 @@ impl Identity {
     /// if it does not exist. An existing key file is never overwritten: if it is
     /// unusable, this returns an error naming it and leaves it untouched.
     pub fn load_or_create(data_dir: &Path) -> Result<Identity, IdentityError> {
-        let path = data_dir.join(KEY_FILE_NAME);
+        Self::load_or_create_file(&data_dir.join(KEY_FILE_NAME))
+    }
+
+    /// [`Identity::load_or_create`] for a key file of any name (a realm
+    /// authority's key, say): its directory is created mode `0700` if
+    /// needed, the file mode `0600`, and an existing file is never
+    /// overwritten.
+    pub fn load_or_create_file(path: &Path) -> Result<Identity, IdentityError> {
+        let path = path.to_path_buf();
+        let data_dir = path.parent().unwrap_or(Path::new("."));
         // `symlink_metadata` so that a dangling symlink counts as "exists" and
         // is reported rather than replaced.
         match fs::symlink_metadata(&path) {
@@ -112,7 +121,7 @@ impl Identity {
         })?;
         match write_new_key_file(&path, &identity) {
             Ok(()) => {
-                tracing::info!(path = %path.display(), node_id = %identity.node_id, "created new node identity");
+                tracing::info!(path = %path.display(), node_id = %identity.node_id, "created a new key");
                 Ok(identity)
             }
             // Another process created the file between our check and our link:

@@ -1,19 +1,21 @@
-//! Counters and gauges of the connection layer, as plain atomics.
+//! Counters and gauges of the connection layer, as prometheus-client
+//! metrics (relaxed atomics: counting is one `fetch_add`).
 //!
-//! One `Metrics` per node (several nodes in one process stay separate). The
-//! admin HTTP server renders it in Prometheus format through
-//! [`MetricsCollector`], which reads the atomics at scrape time; this module
-//! only counts and describes, and must not do I/O. Every drop, refusal and
-//! limit hit increments something here.
+//! One `Metrics` per node (several nodes in one process stay separate);
+//! [`Metrics::register`] declares each metric once (its exported name, help
+//! text and, by its type, kind) in the node's registry, which the admin HTTP
+//! server renders. This module only counts and describes, and must not do
+//! I/O. Every drop, refusal and limit hit increments something here.
+//!
+//! Also the helpers the other subsystems' counters use: [`register`] and
+//! [`LabelledCounters`].
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
-use macula_wire::ErrorCode;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use macula_wire::{ErrorCode, MessageType};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Kinds of protocol error, used as the `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,411 +105,349 @@ impl HandshakeFailure {
     }
 }
 
-/// One exported sample: metric name, optional `(label, value)`, count.
-pub type Sample = (&'static str, Option<(&'static str, &'static str)>, u64);
+/// A gauge of a count (connections, sessions): never negative.
+pub type CountGauge = Gauge<u64, AtomicU64>;
+
+/// Registers `metric` as `name`, with `help` as exported: prometheus-client
+/// appends the final period itself. A counter's samples are exported with
+/// `_total` appended to `name`.
+pub fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    registry.register(name, help.strip_suffix('.').unwrap_or(help), metric);
+}
+
+/// A counter family with one label whose values are all known up front
+/// (every value is exported, zeros included, in the order given). Counting
+/// is one atomic add on the value's own `Counter`, not a map lookup.
+#[derive(Debug, Clone)]
+pub struct LabelledCounters<const N: usize> {
+    labels: [[(&'static str, &'static str); 1]; N],
+    counters: [Counter; N],
+}
+
+impl<const N: usize> LabelledCounters<N> {
+    /// One counter per value of `label`.
+    pub fn new(label: &'static str, values: [&'static str; N]) -> Self {
+        LabelledCounters {
+            labels: values.map(|v| [(label, v)]),
+            counters: std::array::from_fn(|_| Counter::default()),
+        }
+    }
+
+    /// The counter of the `i`th value given to [`LabelledCounters::new`].
+    pub fn at(&self, i: usize) -> &Counter {
+        &self.counters[i]
+    }
+
+    /// Registers the family as `name`.
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        register(registry, name, help, self.clone());
+    }
+}
+
+/// Encoded as one counter family, its series in the order the values were
+/// given (a `Family` would order them by hash, differently in every
+/// process, and `macula metrics` prints them in exposition order).
+impl<const N: usize> prometheus_client::encoding::EncodeMetric for LabelledCounters<N> {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        for (labels, counter) in self.labels.iter().zip(&self.counters) {
+            counter.encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
+}
 
 /// The node's connection-layer metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Connections established (handshake complete), outbound.
-    pub connections_outbound_total: AtomicU64,
+    pub connections_outbound_total: Counter,
     /// Connections established (handshake complete), inbound.
-    pub connections_inbound_total: AtomicU64,
+    pub connections_inbound_total: Counter,
     /// Connections currently in the pool.
-    pub connections_current: AtomicU64,
+    pub connections_current: CountGauge,
     /// Connections closed for any reason.
-    pub connections_closed_total: AtomicU64,
+    pub connections_closed_total: Counter,
     /// Incoming connections refused at the connection limit.
-    pub connections_refused_total: AtomicU64,
+    pub connections_refused_total: Counter,
     /// `connect` answered from the pool.
-    pub pool_hits_total: AtomicU64,
+    pub pool_hits_total: Counter,
     /// `connect` that had to dial.
-    pub pool_misses_total: AtomicU64,
+    pub pool_misses_total: Counter,
     /// Connections closed to make room (LRU).
-    pub pool_evictions_total: AtomicU64,
+    pub pool_evictions_total: Counter,
     /// Connections closed after the idle timeout.
-    pub pool_idle_closed_total: AtomicU64,
+    pub pool_idle_closed_total: Counter,
     /// Duplicate connections closed by the simultaneous-dial tie-break.
-    pub pool_duplicates_closed_total: AtomicU64,
+    pub pool_duplicates_closed_total: Counter,
     /// Reconnect attempts to bootstrap peers.
-    pub reconnect_attempts_total: AtomicU64,
+    pub reconnect_attempts_total: Counter,
     /// Frames received and sent, all types.
-    pub frames_received_total: AtomicU64,
-    pub frames_sent_total: AtomicU64,
+    pub frames_received_total: Counter,
+    pub frames_sent_total: Counter,
     /// Pings answered and pongs received.
-    pub pings_received_total: AtomicU64,
-    pub pongs_received_total: AtomicU64,
+    pub pings_received_total: Counter,
+    pub pongs_received_total: Counter,
     /// Pongs that matched no outstanding ping (late or forged).
-    pub pongs_unmatched_total: AtomicU64,
+    pub pongs_unmatched_total: Counter,
     /// Failure detector: probes sent to silent full nodes.
-    pub peer_probes_total: AtomicU64,
+    pub peer_probes_total: Counter,
     /// Failure detector: nodes declared down (a connection silent for the
     /// bound, a transport timeout, a failed health ping, a failed dial).
-    pub peers_declared_down_total: AtomicU64,
+    pub peers_declared_down_total: Counter,
     /// Nodes suspected down that were heard from again.
-    pub peers_restored_total: AtomicU64,
+    pub peers_restored_total: Counter,
     /// Nodes currently suspected down.
-    pub peers_suspected: AtomicU64,
-    protocol_errors: [AtomicU64; 6],
-    handshake_failures: [AtomicU64; 7],
+    pub peers_suspected: CountGauge,
+    /// By direction: outbound, inbound (the two counters above).
+    connections: LabelledCounters<2>,
+    /// By kind, indexed by `ProtocolErrorKind as usize`.
+    protocol_errors: LabelledCounters<6>,
+    /// By reason, indexed by `HandshakeFailure as usize`.
+    handshake_failures: LabelledCounters<7>,
     /// Messages by type, indexed by position in `MessageType::ALL`; the last
     /// slot counts type bytes this version does not know.
-    messages_received: Slots,
-    messages_sent: Slots,
+    messages_received: LabelledCounters<MESSAGE_SLOTS>,
+    messages_sent: LabelledCounters<MESSAGE_SLOTS>,
 }
 
 /// Slots for per-type message counters: every known type plus "unknown".
-/// Fixed so the counters stay plain atomics (no map, no lock per message).
-const MESSAGE_SLOTS: usize = 48;
-const _: () = assert!(macula_wire::MessageType::ALL.len() < MESSAGE_SLOTS);
+const MESSAGE_SLOTS: usize = MessageType::ALL.len() + 1;
 
-/// One counter per message slot (`Default` is derived only up to 32).
-#[derive(Debug)]
-struct Slots([AtomicU64; MESSAGE_SLOTS]);
-
-impl Default for Slots {
-    fn default() -> Self {
-        Slots(std::array::from_fn(|_| AtomicU64::new(0)))
-    }
-}
-
-impl std::ops::Deref for Slots {
-    type Target = [AtomicU64; MESSAGE_SLOTS];
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
+/// The `type` label of each message slot.
+fn message_labels() -> [&'static str; MESSAGE_SLOTS] {
+    std::array::from_fn(|i| MessageType::ALL.get(i).map_or("unknown", |t| t.name()))
 }
 
 fn message_slot(msg_type: u8) -> usize {
-    macula_wire::MessageType::ALL
+    MessageType::ALL
         .iter()
         .position(|t| *t as u8 == msg_type)
         .unwrap_or(MESSAGE_SLOTS - 1)
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        let connections = LabelledCounters::new("direction", ["outbound", "inbound"]);
+        Metrics {
+            connections_outbound_total: connections.at(0).clone(),
+            connections_inbound_total: connections.at(1).clone(),
+            connections,
+            connections_current: CountGauge::default(),
+            connections_closed_total: Counter::default(),
+            connections_refused_total: Counter::default(),
+            pool_hits_total: Counter::default(),
+            pool_misses_total: Counter::default(),
+            pool_evictions_total: Counter::default(),
+            pool_idle_closed_total: Counter::default(),
+            pool_duplicates_closed_total: Counter::default(),
+            reconnect_attempts_total: Counter::default(),
+            frames_received_total: Counter::default(),
+            frames_sent_total: Counter::default(),
+            pings_received_total: Counter::default(),
+            pongs_received_total: Counter::default(),
+            pongs_unmatched_total: Counter::default(),
+            peer_probes_total: Counter::default(),
+            peers_declared_down_total: Counter::default(),
+            peers_restored_total: Counter::default(),
+            peers_suspected: CountGauge::default(),
+            protocol_errors: LabelledCounters::new(
+                "kind",
+                ProtocolErrorKind::ALL.map(|k| k.name()),
+            ),
+            handshake_failures: LabelledCounters::new(
+                "reason",
+                HandshakeFailure::ALL.map(|h| h.name()),
+            ),
+            messages_received: LabelledCounters::new("type", message_labels()),
+            messages_sent: LabelledCounters::new("type", message_labels()),
+        }
+    }
+}
+
 impl Metrics {
     /// Counts one message received from a peer, by its type byte.
     pub fn message_received(&self, msg_type: u8) {
-        self.messages_received[message_slot(msg_type)].fetch_add(1, Relaxed);
+        self.messages_received.at(message_slot(msg_type)).inc();
     }
 
     /// Counts one message sent to a peer, by its type byte.
     pub fn message_sent(&self, msg_type: u8) {
-        self.messages_sent[message_slot(msg_type)].fetch_add(1, Relaxed);
+        self.messages_sent.at(message_slot(msg_type)).inc();
     }
 
     /// Messages received of one type (`None`: unknown types).
-    pub fn messages_received(&self, t: Option<macula_wire::MessageType>) -> u64 {
+    pub fn messages_received(&self, t: Option<MessageType>) -> u64 {
         let slot = t.map_or(MESSAGE_SLOTS - 1, |t| message_slot(t as u8));
-        self.messages_received[slot].load(Relaxed)
+        self.messages_received.at(slot).get()
     }
 
     pub fn protocol_error(&self, kind: ProtocolErrorKind) {
-        self.protocol_errors[kind as usize].fetch_add(1, Relaxed);
+        self.protocol_errors.at(kind as usize).inc();
     }
 
     pub fn protocol_errors(&self, kind: ProtocolErrorKind) -> u64 {
-        self.protocol_errors[kind as usize].load(Relaxed)
+        self.protocol_errors.at(kind as usize).get()
     }
 
     pub fn protocol_errors_total(&self) -> u64 {
-        self.protocol_errors.iter().map(|c| c.load(Relaxed)).sum()
+        ProtocolErrorKind::ALL
+            .iter()
+            .map(|k| self.protocol_errors(*k))
+            .sum()
     }
 
     pub fn handshake_failure(&self, why: HandshakeFailure) {
-        self.handshake_failures[why as usize].fetch_add(1, Relaxed);
+        self.handshake_failures.at(why as usize).inc();
     }
 
     pub fn handshake_failures(&self, why: HandshakeFailure) -> u64 {
-        self.handshake_failures[why as usize].load(Relaxed)
+        self.handshake_failures.at(why as usize).get()
     }
 
-    /// All counters as `(name, labels, value)` rows, for exposition.
-    pub fn snapshot(&self) -> Vec<Sample> {
-        let g = |a: &AtomicU64| a.load(Relaxed);
-        let mut rows = vec![
-            (
-                "macula_connections_total",
-                Some(("direction", "outbound")),
-                g(&self.connections_outbound_total),
-            ),
-            (
-                "macula_connections_total",
-                Some(("direction", "inbound")),
-                g(&self.connections_inbound_total),
-            ),
-            (
-                "macula_connections_current",
-                None,
-                g(&self.connections_current),
-            ),
-            (
-                "macula_connections_closed_total",
-                None,
-                g(&self.connections_closed_total),
-            ),
-            (
-                "macula_connections_refused_total",
-                None,
-                g(&self.connections_refused_total),
-            ),
-            ("macula_pool_hits_total", None, g(&self.pool_hits_total)),
-            ("macula_pool_misses_total", None, g(&self.pool_misses_total)),
-            (
-                "macula_pool_evictions_total",
-                None,
-                g(&self.pool_evictions_total),
-            ),
-            (
-                "macula_pool_idle_closed_total",
-                None,
-                g(&self.pool_idle_closed_total),
-            ),
-            (
-                "macula_pool_duplicates_closed_total",
-                None,
-                g(&self.pool_duplicates_closed_total),
-            ),
-            (
-                "macula_reconnect_attempts_total",
-                None,
-                g(&self.reconnect_attempts_total),
-            ),
-            (
-                "macula_frames_received_total",
-                None,
-                g(&self.frames_received_total),
-            ),
-            ("macula_frames_sent_total", None, g(&self.frames_sent_total)),
-            (
-                "macula_pings_received_total",
-                None,
-                g(&self.pings_received_total),
-            ),
-            (
-                "macula_pongs_received_total",
-                None,
-                g(&self.pongs_received_total),
-            ),
-            (
-                "macula_pongs_unmatched_total",
-                None,
-                g(&self.pongs_unmatched_total),
-            ),
-            ("macula_peer_probes_total", None, g(&self.peer_probes_total)),
-            (
-                "macula_peers_declared_down_total",
-                None,
-                g(&self.peers_declared_down_total),
-            ),
-            (
-                "macula_peers_restored_total",
-                None,
-                g(&self.peers_restored_total),
-            ),
-            ("macula_peers_suspected", None, g(&self.peers_suspected)),
-        ];
-        for k in ProtocolErrorKind::ALL {
-            rows.push((
-                "macula_protocol_errors_total",
-                Some(("kind", k.name())),
-                self.protocol_errors(k),
-            ));
-        }
-        let types = macula_wire::MessageType::ALL;
-        for (family, counts) in [
-            ("macula_messages_total", &self.messages_received),
-            ("macula_messages_sent_total", &self.messages_sent),
-        ] {
-            for (i, t) in types.iter().enumerate() {
-                rows.push((family, Some(("type", t.name())), counts[i].load(Relaxed)));
-            }
-            rows.push((
-                family,
-                Some(("type", "unknown")),
-                counts[MESSAGE_SLOTS - 1].load(Relaxed),
-            ));
-        }
-        for h in HandshakeFailure::ALL {
-            rows.push((
-                "macula_handshake_failures_total",
-                Some(("reason", h.name())),
-                self.handshake_failures(h),
-            ));
-        }
-        rows
+    /// Registers every metric in the node's registry (the names are a
+    /// compatibility promise to dashboards).
+    pub fn register(&self, r: &mut Registry) {
+        self.connections.register(
+            r,
+            "macula_connections",
+            "Connections established (TLS and HELLO complete), by direction.",
+        );
+        register(
+            r,
+            "macula_connections_current",
+            "Connections currently in the pool.",
+            self.connections_current.clone(),
+        );
+        register(
+            r,
+            "macula_connections_closed",
+            "Connections closed for any reason.",
+            self.connections_closed_total.clone(),
+        );
+        register(
+            r,
+            "macula_connections_refused",
+            "Incoming connections refused at the connection or pending-handshake limit.",
+            self.connections_refused_total.clone(),
+        );
+        register(
+            r,
+            "macula_pool_hits",
+            "connect() calls answered from the connection pool.",
+            self.pool_hits_total.clone(),
+        );
+        register(
+            r,
+            "macula_pool_misses",
+            "connect() calls that had to dial.",
+            self.pool_misses_total.clone(),
+        );
+        register(
+            r,
+            "macula_pool_evictions",
+            "Connections closed to make room in a full pool (least recently used).",
+            self.pool_evictions_total.clone(),
+        );
+        register(
+            r,
+            "macula_pool_idle_closed",
+            "Connections closed after the idle timeout.",
+            self.pool_idle_closed_total.clone(),
+        );
+        register(
+            r,
+            "macula_pool_duplicates_closed",
+            "Duplicate connections closed by the simultaneous-dial tie-break.",
+            self.pool_duplicates_closed_total.clone(),
+        );
+        register(
+            r,
+            "macula_reconnect_attempts",
+            "Reconnect attempts to bootstrap peers.",
+            self.reconnect_attempts_total.clone(),
+        );
+        register(
+            r,
+            "macula_frames_received",
+            "Frames received from peers, all message types.",
+            self.frames_received_total.clone(),
+        );
+        register(
+            r,
+            "macula_frames_sent",
+            "Frames sent to peers, all message types.",
+            self.frames_sent_total.clone(),
+        );
+        register(
+            r,
+            "macula_pings_received",
+            "PING frames received and answered.",
+            self.pings_received_total.clone(),
+        );
+        register(
+            r,
+            "macula_pongs_received",
+            "PONG frames received.",
+            self.pongs_received_total.clone(),
+        );
+        register(
+            r,
+            "macula_pongs_unmatched",
+            "PONG frames that matched no outstanding PING (late or forged).",
+            self.pongs_unmatched_total.clone(),
+        );
+        register(
+            r,
+            "macula_peer_probes",
+            "Failure detector: probes (PING) sent to full nodes silent for peer_probe_after.",
+            self.peer_probes_total.clone(),
+        );
+        register(
+            r,
+            "macula_peers_declared_down",
+            "Nodes declared down: silent for the failure detector's bound, a transport timeout, a failed health ping or dial.",
+            self.peers_declared_down_total.clone(),
+        );
+        register(
+            r,
+            "macula_peers_restored",
+            "Nodes suspected down that connected again.",
+            self.peers_restored_total.clone(),
+        );
+        register(
+            r,
+            "macula_peers_suspected",
+            "Nodes currently suspected down (services avoid waiting on them).",
+            self.peers_suspected.clone(),
+        );
+        self.protocol_errors.register(
+            r,
+            "macula_protocol_errors",
+            "Protocol errors from peers, by kind.",
+        );
+        self.messages_received.register(
+            r,
+            "macula_messages",
+            "Messages received from peers, by type.",
+        );
+        self.messages_sent.register(
+            r,
+            "macula_messages_sent",
+            "Messages sent to peers, by type.",
+        );
+        self.handshake_failures.register(
+            r,
+            "macula_handshake_failures",
+            "Failed handshakes (TLS or HELLO), by reason.",
+        );
     }
-}
-
-/// Help text for every family [`Metrics::snapshot`] exports, keyed by the
-/// exported name. Counters keep their `_total` suffix here; the encoder
-/// adds it back (`# TYPE macula_pool_hits counter` / `macula_pool_hits_total 3`).
-const HELP: &[(&str, &str)] = &[
-    (
-        "macula_connections_total",
-        "Connections established (TLS and HELLO complete), by direction.",
-    ),
-    (
-        "macula_connections_current",
-        "Connections currently in the pool.",
-    ),
-    (
-        "macula_connections_closed_total",
-        "Connections closed for any reason.",
-    ),
-    (
-        "macula_connections_refused_total",
-        "Incoming connections refused at the connection or pending-handshake limit.",
-    ),
-    (
-        "macula_pool_hits_total",
-        "connect() calls answered from the connection pool.",
-    ),
-    (
-        "macula_pool_misses_total",
-        "connect() calls that had to dial.",
-    ),
-    (
-        "macula_pool_evictions_total",
-        "Connections closed to make room in a full pool (least recently used).",
-    ),
-    (
-        "macula_pool_idle_closed_total",
-        "Connections closed after the idle timeout.",
-    ),
-    (
-        "macula_pool_duplicates_closed_total",
-        "Duplicate connections closed by the simultaneous-dial tie-break.",
-    ),
-    (
-        "macula_reconnect_attempts_total",
-        "Reconnect attempts to bootstrap peers.",
-    ),
-    (
-        "macula_frames_received_total",
-        "Frames received from peers, all message types.",
-    ),
-    (
-        "macula_frames_sent_total",
-        "Frames sent to peers, all message types.",
-    ),
-    (
-        "macula_pings_received_total",
-        "PING frames received and answered.",
-    ),
-    ("macula_pongs_received_total", "PONG frames received."),
-    (
-        "macula_peer_probes_total",
-        "Failure detector: probes (PING) sent to full nodes silent for peer_probe_after.",
-    ),
-    (
-        "macula_peers_declared_down_total",
-        "Nodes declared down: silent for the failure detector's bound, a transport timeout, a failed health ping or dial.",
-    ),
-    (
-        "macula_peers_restored_total",
-        "Nodes suspected down that connected again.",
-    ),
-    (
-        "macula_peers_suspected",
-        "Nodes currently suspected down (services avoid waiting on them).",
-    ),
-    (
-        "macula_pongs_unmatched_total",
-        "PONG frames that matched no outstanding PING (late or forged).",
-    ),
-    (
-        "macula_messages_total",
-        "Messages received from peers, by type.",
-    ),
-    (
-        "macula_messages_sent_total",
-        "Messages sent to peers, by type.",
-    ),
-    (
-        "macula_protocol_errors_total",
-        "Protocol errors from peers, by kind.",
-    ),
-    (
-        "macula_handshake_failures_total",
-        "Failed handshakes (TLS or HELLO), by reason.",
-    ),
-];
-
-/// Exposes one node's [`Metrics`] to a prometheus-client `Registry`: the
-/// atomics are read at scrape time, so the counting code stays plain
-/// `fetch_add`. Register one per node in that node's registry.
-#[derive(Debug, Clone)]
-pub struct MetricsCollector(pub Arc<Metrics>);
-
-impl Collector for MetricsCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let rows = self.0.snapshot();
-        let mut i = 0;
-        // Rows of one family are adjacent in the snapshot: emit one
-        // descriptor (HELP/TYPE) per run of equal names.
-        while i < rows.len() {
-            let name = rows[i].0;
-            let end = i + rows[i..].iter().take_while(|r| r.0 == name).count();
-            let help = HELP
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or("Macula connection-layer metric.", |(_, h)| *h);
-            let family = &rows[i..end];
-            match name.strip_suffix("_total") {
-                Some(base) => encode_family(&mut encoder, base, help, family, ConstCounter::new)?,
-                None => encode_family(&mut encoder, name, help, family, |v| {
-                    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
-                })?,
-            }
-            i = end;
-        }
-        Ok(())
-    }
-}
-
-/// Encodes unlabelled `(name, help, value)` rows: names ending in `_total`
-/// are counters, the rest gauges.
-pub(crate) fn encode_rows(
-    encoder: &mut DescriptorEncoder,
-    rows: &[(&'static str, &'static str, u64)],
-) -> Result<(), std::fmt::Error> {
-    for (name, help, value) in rows {
-        let row = [(*name, None, *value)];
-        match name.strip_suffix("_total") {
-            Some(base) => encode_family(encoder, base, help, &row, ConstCounter::new)?,
-            None => encode_family(encoder, name, help, &row, |v| {
-                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
-            })?,
-        }
-    }
-    Ok(())
-}
-
-/// One descriptor and its samples: a single unlabelled sample, or one sample
-/// per label value.
-pub(crate) fn encode_family<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[Sample],
-    metric: impl Fn(u64) -> M,
-) -> Result<(), std::fmt::Error> {
-    let Some((_, _, first)) = rows.first() else {
-        return Ok(());
-    };
-    let ty = metric(*first).metric_type();
-    let mut family = encoder.encode_descriptor(name, help, None, ty)?;
-    if let [(_, None, value)] = rows {
-        return metric(*value).encode(family);
-    }
-    for (_, label, value) in rows {
-        // Snapshot families with several rows are labelled on every row.
-        if let Some(label) = label {
-            metric(*value).encode(family.encode_family(&[*label])?)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -527,47 +467,53 @@ mod tests {
         m.handshake_failure(HandshakeFailure::Timeout);
         assert_eq!(m.protocol_errors_total(), 6);
         assert_eq!(m.handshake_failures(HandshakeFailure::Timeout), 1);
-        let n_types = macula_wire::MessageType::ALL.len() + 1;
-        assert_eq!(m.snapshot().len(), 20 + 6 + 7 + 2 * n_types);
-        m.message_received(macula_wire::MessageType::Ping as u8);
+        m.message_received(MessageType::Ping as u8);
         m.message_received(0x7e);
-        assert_eq!(m.messages_received(Some(macula_wire::MessageType::Ping)), 1);
+        assert_eq!(m.messages_received(Some(MessageType::Ping)), 1);
         assert_eq!(m.messages_received(None), 1);
+        m.connections_inbound_total.inc();
+        assert_eq!(m.connections.at(1).get(), 1);
     }
 
-    fn render(m: &Arc<Metrics>) -> String {
-        let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(MetricsCollector(m.clone())));
+    fn render(m: &Metrics) -> String {
+        let mut registry = Registry::default();
+        m.register(&mut registry);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
         out
     }
 
     #[test]
-    fn collector_exports_every_snapshot_row_with_help_and_type() {
-        let m = Arc::new(Metrics::default());
-        m.pool_hits_total.fetch_add(3, Relaxed);
-        m.connections_current.store(2, Relaxed);
+    fn every_metric_is_registered_with_help_type_and_every_label() {
+        let m = Metrics::default();
+        m.pool_hits_total.inc_by(3);
+        m.connections_current.set(2);
         m.protocol_error(ProtocolErrorKind::Malformed);
+        m.message_sent(0x7e);
         let text = render(&m);
-        for (name, label, value) in m.snapshot() {
-            let sample = match label {
-                Some((k, v)) => format!("{name}{{{k}=\"{v}\"}} {value}\n"),
-                None => format!("{name} {value}\n"),
-            };
-            assert!(text.contains(&sample), "missing {sample:?} in\n{text}");
-            let base = name.strip_suffix("_total").unwrap_or(name);
-            let kind = if name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            };
-            assert!(text.contains(&format!("# TYPE {base} {kind}\n")), "{base}");
-            assert!(HELP.iter().any(|(n, _)| *n == name), "no help for {name}");
-        }
-        // One HELP line per family, not per labelled row.
+        assert_eq!(text.matches("# HELP ").count(), 23);
+        assert_eq!(text.matches("# TYPE ").count(), 23);
+        assert_eq!(text.matches(" gauge\n").count(), 2);
+        // One HELP line per family, not per labelled row; every label value
+        // exported.
         assert_eq!(text.matches("# HELP macula_protocol_errors ").count(), 1);
+        assert_eq!(text.matches("macula_protocol_errors_total{").count(), 6);
+        assert_eq!(text.matches("macula_handshake_failures_total{").count(), 7);
+        assert_eq!(text.matches("macula_connections_total{").count(), 2);
+        assert_eq!(
+            text.matches("macula_messages_total{").count(),
+            MESSAGE_SLOTS
+        );
+        assert!(text.contains(
+            "# HELP macula_pool_hits connect() calls answered from the connection pool.\n"
+        ));
+        assert!(text.contains("# TYPE macula_pool_hits counter\n"));
         assert!(text.contains("macula_pool_hits_total 3\n"));
+        assert!(text.contains("# TYPE macula_connections_current gauge\n"));
+        assert!(text.contains("macula_connections_current 2\n"));
         assert!(text.contains("macula_protocol_errors_total{kind=\"malformed\"} 1\n"));
+        assert!(text.contains("macula_messages_sent_total{type=\"unknown\"} 1\n"));
+        assert!(text.contains("macula_messages_total{type=\"ping\"} 0\n"));
+        assert!(!text.contains(".."), "one final period per help text");
     }
 }

@@ -704,11 +704,11 @@ impl NodeRuntime {
             }
         };
         if let Some(p) = hit.filter(|p| !p.is_closed()) {
-            self.0.metrics.pool_hits_total.fetch_add(1, Relaxed);
+            self.0.metrics.pool_hits_total.inc();
             p.touch();
             return Ok(p);
         }
-        self.0.metrics.pool_misses_total.fetch_add(1, Relaxed);
+        self.0.metrics.pool_misses_total.inc();
         let fut = self.shared_dial(
             |s| &s.dialing,
             addr,
@@ -848,10 +848,7 @@ impl NodeRuntime {
     /// Counts and logs a refusal; returns the limit hit and what the peer
     /// is told.
     fn refused(&self, peer: NodeId, why: Refusal) -> (usize, String) {
-        self.0
-            .metrics
-            .connections_refused_total
-            .fetch_add(1, Relaxed);
+        self.0.metrics.connections_refused_total.inc();
         let l = &self.0.config.limits;
         let (max, text) = match why {
             Refusal::Full => (
@@ -881,7 +878,7 @@ impl NodeRuntime {
         let now = self.0.started.elapsed().as_secs();
         let last = self.0.refusal_logged.swap(now + 1, Relaxed);
         if last != now + 1 {
-            let refused = self.0.metrics.connections_refused_total.load(Relaxed);
+            let refused = self.0.metrics.connections_refused_total.get();
             tracing::warn!(peer = %peer, max, refused_total = refused, "{why}; refusing new connections (limits.max_connections, limits.peer_slots)");
         }
     }
@@ -905,7 +902,7 @@ impl NodeRuntime {
             }
             Admit::Inserted { evicted } => {
                 if let Some(old) = evicted {
-                    m.pool_evictions_total.fetch_add(1, Relaxed);
+                    m.pool_evictions_total.inc();
                     tracing::debug!(peer = %old.node_id(), "evicting least recently used connection");
                     // The table no longer holds `old`, so `forget` will not
                     // report it when its driver ends: report it here, or
@@ -923,7 +920,7 @@ impl NodeRuntime {
                 Ok(peer.clone())
             }
             Admit::Replaced { old } => {
-                m.pool_duplicates_closed_total.fetch_add(1, Relaxed);
+                m.pool_duplicates_closed_total.inc();
                 tracing::debug!(peer = %peer.node_id(), "replacing a duplicate connection");
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
@@ -933,7 +930,7 @@ impl NodeRuntime {
                 Ok(peer.clone())
             }
             Admit::Duplicate { kept } => {
-                m.pool_duplicates_closed_total.fetch_add(1, Relaxed);
+                m.pool_duplicates_closed_total.inc();
                 tracing::debug!(peer = %peer.node_id(), "closing a duplicate connection");
                 let loser = peer.clone();
                 tokio::spawn(async move {
@@ -945,8 +942,7 @@ impl NodeRuntime {
                 Ok(kept)
             }
         };
-        m.connections_current
-            .store(self.0.table.lock().len() as u64, Relaxed);
+        m.connections_current.set(self.0.table.lock().len() as u64);
         self.spawn_driver(peer, reader);
         result
     }
@@ -973,8 +969,8 @@ impl NodeRuntime {
             let mut s = self.0.suspects.lock();
             if s.heard_from(&peer.node_id()) {
                 let m = &self.0.metrics;
-                m.peers_restored_total.fetch_add(1, Relaxed);
-                m.peers_suspected.store(s.len() as u64, Relaxed);
+                m.peers_restored_total.inc();
+                m.peers_suspected.set(s.len() as u64);
             }
         }
         self.0.services.peer_up(&peer);
@@ -987,8 +983,8 @@ impl NodeRuntime {
     fn announce(&self, peer: &Peer) {
         let m = &self.0.metrics;
         match peer.direction() {
-            Direction::Outbound => m.connections_outbound_total.fetch_add(1, Relaxed),
-            Direction::Inbound => m.connections_inbound_total.fetch_add(1, Relaxed),
+            Direction::Outbound => m.connections_outbound_total.inc(),
+            Direction::Inbound => m.connections_inbound_total.inc(),
         };
         tracing::info!(
             peer = %peer.node_id(),
@@ -1008,25 +1004,16 @@ impl NodeRuntime {
         let removed = {
             let mut t = self.0.table.lock();
             let r = t.remove_if(&peer.node_id(), peer.connection_id());
-            self.0
-                .metrics
-                .connections_current
-                .store(t.len() as u64, Relaxed);
+            self.0.metrics.connections_current.set(t.len() as u64);
             r.is_some()
         };
-        self.0
-            .metrics
-            .connections_closed_total
-            .fetch_add(1, Relaxed);
+        self.0.metrics.connections_closed_total.inc();
         if ended.gone == Gone::Silent {
             let mut s = self.0.suspects.lock();
             let now = self.0.clock.now();
             s.expire(now);
             s.declare_down(peer.node_id(), now);
-            self.0
-                .metrics
-                .peers_suspected
-                .store(s.len() as u64, Relaxed);
+            self.0.metrics.peers_suspected.set(s.len() as u64);
         }
         self.0.services.peer_down(
             peer,
@@ -1073,19 +1060,13 @@ impl NodeRuntime {
             };
             if forced_private && !tunneled {
                 // What a symmetric NAT does: nothing unsolicited gets in.
-                self.0
-                    .metrics
-                    .connections_refused_total
-                    .fetch_add(1, Relaxed);
+                self.0.metrics.connections_refused_total.inc();
                 tracing::debug!(remote = %incoming.remote_address(), "private node: refusing a direct inbound connection");
                 incoming.refuse();
                 continue;
             }
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                self.0
-                    .metrics
-                    .connections_refused_total
-                    .fetch_add(1, Relaxed);
+                self.0.metrics.connections_refused_total.inc();
                 if let Some(held_back) = self.0.quiet_pending.allow() {
                     tracing::warn!(remote = %incoming.remote_address(), limit = MAX_PENDING_HANDSHAKES, held_back,
                         "too many handshakes in progress; refusing connection (at most one such line a second; held_back: lines not written since the last)");
@@ -1153,11 +1134,7 @@ impl NodeRuntime {
                 if let Some(s) = &session {
                     peer.set_relayed_via(s.relay);
                     self.0.tunnel.bind(peer.connection().clone());
-                    self.0
-                        .relay
-                        .counters()
-                        .relayed_connections_total
-                        .fetch_add(1, Relaxed);
+                    self.0.relay.counters().relayed_connections_total.inc();
                 }
                 let _ = self.register(peer, reader).await;
             }
@@ -1282,10 +1259,7 @@ impl NodeRuntime {
                     }
                 }
             }
-            self.0
-                .metrics
-                .reconnect_attempts_total
-                .fetch_add(1, Relaxed);
+            self.0.metrics.reconnect_attempts_total.inc();
             let delay = backoff.next_delay().to_duration();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -1532,11 +1506,7 @@ impl NodeRuntime {
                 }
             })?;
         peer.set_relayed_via(relay.node_id());
-        self.0
-            .relay
-            .counters()
-            .relayed_connections_total
-            .fetch_add(1, Relaxed);
+        self.0.relay.counters().relayed_connections_total.inc();
         tracing::debug!(peer = %target, relay = %relay.node_id(), "relayed connection established");
         self.register(peer, reader).await
     }

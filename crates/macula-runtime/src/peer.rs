@@ -354,7 +354,7 @@ impl Peer {
         let mut w = self.0.control.lock().await;
         let n = w.send_many(msgs).await.map_err(|e| e.to_string())?;
         let m = &self.0.metrics;
-        m.frames_sent_total.fetch_add(n as u64, Relaxed);
+        m.frames_sent_total.inc_by(n as u64);
         for msg in msgs {
             m.message_sent(msg.msg_type() as u8);
         }
@@ -364,7 +364,7 @@ impl Peer {
     async fn send_control(&self, msg: &Message) -> Result<(), String> {
         let mut w = self.0.control.lock().await;
         w.send(msg).await.map_err(|e| e.to_string())?;
-        self.0.metrics.frames_sent_total.fetch_add(1, Relaxed);
+        self.0.metrics.frames_sent_total.inc();
         self.0.metrics.message_sent(msg.msg_type() as u8);
         Ok(())
     }

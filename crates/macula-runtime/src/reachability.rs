@@ -25,8 +25,11 @@ use std::time::Duration;
 
 use macula_wire::nat::{DialBack, DialBackResult, MAX_DIAL_BACK_ADDRS, MAX_DIAL_BACK_ERROR_LEN};
 use macula_wire::{DisconnectReason, Message, NodeId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::sync::{oneshot, Semaphore};
 
+use crate::metrics::{register, CountGauge};
 use crate::peer::{close_code, Peer};
 use crate::service::{Answer, Serves, Service};
 
@@ -63,60 +66,50 @@ impl ReachState {
     }
 }
 
-/// Counters, read by the metrics collector.
+/// Counters, registered in the node's metrics registry.
 #[derive(Debug, Default)]
 pub struct ReachCounters {
-    pub requests_sent_total: AtomicU64,
-    pub served_total: AtomicU64,
-    pub served_reached_total: AtomicU64,
-    pub served_refused_total: AtomicU64,
+    pub requests_sent_total: Counter,
+    pub served_total: Counter,
+    pub served_reached_total: Counter,
+    pub served_refused_total: Counter,
     /// 0 unknown, 1 public, 2 private.
-    pub state: AtomicU64,
+    pub state: CountGauge,
 }
 
 impl ReachCounters {
-    fn rows(&self) -> [(&'static str, &'static str, u64); 5] {
-        let g = |a: &AtomicU64| a.load(Relaxed);
-        [
-            (
-                "macula_reachability_requests_sent_total",
-                "DIAL_BACK requests this node sent to peers.",
-                g(&self.requests_sent_total),
-            ),
-            (
-                "macula_reachability_dial_backs_total",
-                "Dial-backs this node performed for peers.",
-                g(&self.served_total),
-            ),
-            (
-                "macula_reachability_dial_backs_reached_total",
-                "Dial-backs that reached the peer.",
-                g(&self.served_reached_total),
-            ),
-            (
-                "macula_reachability_dial_backs_refused_total",
-                "DIAL_BACK requests refused (too many at once).",
-                g(&self.served_refused_total),
-            ),
-            (
-                "macula_reachability_state",
-                "This node's reachability: 0 unknown, 1 public, 2 private.",
-                g(&self.state),
-            ),
-        ]
-    }
-}
-
-/// Exposes reachability counters to the node's registry.
-#[derive(Debug, Clone)]
-pub struct ReachCollector(pub Arc<ReachCounters>);
-
-impl prometheus_client::collector::Collector for ReachCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        crate::metrics::encode_rows(&mut encoder, &self.0.rows())
+    /// Registers every metric in the node's registry.
+    pub fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_reachability_requests_sent",
+            "DIAL_BACK requests this node sent to peers.",
+            self.requests_sent_total.clone(),
+        );
+        register(
+            r,
+            "macula_reachability_dial_backs",
+            "Dial-backs this node performed for peers.",
+            self.served_total.clone(),
+        );
+        register(
+            r,
+            "macula_reachability_dial_backs_reached",
+            "Dial-backs that reached the peer.",
+            self.served_reached_total.clone(),
+        );
+        register(
+            r,
+            "macula_reachability_dial_backs_refused",
+            "DIAL_BACK requests refused (too many at once).",
+            self.served_refused_total.clone(),
+        );
+        register(
+            r,
+            "macula_reachability_state",
+            "This node's reachability: 0 unknown, 1 public, 2 private.",
+            self.state.clone(),
+        );
     }
 }
 
@@ -213,7 +206,7 @@ impl Reachability {
             tracing::info!(reachability = s.name(), detail = ?s, "reachability changed");
         }
         *cur = s;
-        self.0.counters.state.store(code, Relaxed);
+        self.0.counters.state.set(code);
     }
 
     /// A DIAL_BACK or DIAL_BACK_RESULT from `peer` (never blocks). Returns
@@ -236,14 +229,14 @@ impl Reachability {
         let c = &self.0.counters;
         let peer = peer.clone();
         let Ok(permit) = self.0.permits.clone().try_acquire_owned() else {
-            c.served_refused_total.fetch_add(1, Relaxed);
+            c.served_refused_total.inc();
             return Some(Message::DialBackResult(DialBackResult {
                 nonce: req.nonce,
                 reached: None,
                 error: "too many dial-backs in progress; try later".into(),
             }));
         };
-        c.served_total.fetch_add(1, Relaxed);
+        c.served_total.inc();
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -260,7 +253,7 @@ impl Reachability {
                 }
             }
             if reached.is_some() {
-                this.0.counters.served_reached_total.fetch_add(1, Relaxed);
+                this.0.counters.served_reached_total.inc();
             }
             let error = if errors.is_empty() && reached.is_none() {
                 "no dialable address".to_string()
@@ -325,7 +318,7 @@ impl Reachability {
                 let nonce = self.0.next_nonce.fetch_add(1, Relaxed);
                 let (tx, rx) = oneshot::channel();
                 self.0.pending.lock().insert(nonce, tx);
-                self.0.counters.requests_sent_total.fetch_add(1, Relaxed);
+                self.0.counters.requests_sent_total.inc();
                 let msg = Message::DialBack(DialBack { nonce, addrs });
                 let res = match peer.send(&msg).await {
                     Ok(()) => tokio::time::timeout(DIAL_BACK_TIMEOUT * 3, rx)

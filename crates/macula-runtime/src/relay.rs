@@ -26,9 +26,12 @@ use macula_wire::relay::{
     RelayCode, RelayConnect, RelayIncoming, RelayMessage, RelayReserve, RelayReserved, RelayStatus,
 };
 use macula_wire::{Message, NodeId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 
 use crate::config::RelayLimits;
 use crate::framed::{FrameReader, FrameWriter};
+use crate::metrics::{register, CountGauge, LabelledCounters};
 use crate::peer::Peer;
 use crate::service::{Serves, Service, ServiceFuture};
 
@@ -177,22 +180,44 @@ const REFUSALS: [RelayCode; 7] = [
 ];
 
 /// The relay's counters (server side) and the relayed connections this
-/// node made or accepted (client side).
-#[derive(Debug, Default)]
+/// node made or accepted (client side), registered in the node's metrics
+/// registry.
+#[derive(Debug)]
 pub struct RelayCounters {
-    pub sessions: AtomicU64,
-    pub sessions_total: AtomicU64,
-    pub reservations: AtomicU64,
-    pub reservations_total: AtomicU64,
-    pub bytes_total: AtomicU64,
-    pub throttled_total: AtomicU64,
-    refused: [AtomicU64; REFUSALS.len()],
-    pub closed_ended_total: AtomicU64,
-    pub closed_idle_total: AtomicU64,
+    pub sessions: CountGauge,
+    pub sessions_total: Counter,
+    pub reservations: CountGauge,
+    pub reservations_total: Counter,
+    pub bytes_total: Counter,
+    pub throttled_total: Counter,
+    /// By reason, in `REFUSALS` order.
+    refused: LabelledCounters<{ REFUSALS.len() }>,
+    /// By reason, indexed by `CloseReason as usize`.
+    closed: LabelledCounters<2>,
     /// Client side: relayed connections established through some relay.
-    pub relayed_connections_total: AtomicU64,
+    pub relayed_connections_total: Counter,
     /// Client side: reservations this node holds at relays.
-    pub reservations_held: AtomicU64,
+    pub reservations_held: CountGauge,
+}
+
+impl Default for RelayCounters {
+    fn default() -> Self {
+        RelayCounters {
+            sessions: CountGauge::default(),
+            sessions_total: Counter::default(),
+            reservations: CountGauge::default(),
+            reservations_total: Counter::default(),
+            bytes_total: Counter::default(),
+            throttled_total: Counter::default(),
+            refused: LabelledCounters::new("reason", REFUSALS.map(RelayCode::name)),
+            closed: LabelledCounters::new(
+                "reason",
+                [CloseReason::Ended, CloseReason::Idle].map(CloseReason::name),
+            ),
+            relayed_connections_total: Counter::default(),
+            reservations_held: CountGauge::default(),
+        }
+    }
 }
 
 impl RelayCounters {
@@ -200,116 +225,82 @@ impl RelayCounters {
         REFUSALS
             .iter()
             .position(|c| *c == code)
-            .map(|i| self.refused[i].load(Relaxed))
+            .map(|i| self.refused.at(i).get())
             .unwrap_or(0)
     }
 
     fn count_refusal(&self, code: RelayCode) {
         if let Some(i) = REFUSALS.iter().position(|c| *c == code) {
-            self.refused[i].fetch_add(1, Relaxed);
+            self.refused.at(i).inc();
         }
     }
 
     pub fn closed(&self, reason: CloseReason) -> u64 {
-        match reason {
-            CloseReason::Ended => self.closed_ended_total.load(Relaxed),
-            CloseReason::Idle => self.closed_idle_total.load(Relaxed),
-        }
+        self.closed.at(reason as usize).get()
     }
-}
 
-/// Exposes relay counters to the node's registry.
-#[derive(Debug, Clone)]
-pub struct RelayCollector(pub Arc<RelayCounters>);
-
-impl prometheus_client::collector::Collector for RelayCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::metrics::counter::ConstCounter;
-        let c = &self.0;
-        let g = |a: &AtomicU64| a.load(Relaxed);
-        crate::metrics::encode_rows(
-            &mut encoder,
-            &[
-                (
-                    "macula_relay_sessions",
-                    "Relayed sessions open through this node.",
-                    g(&c.sessions),
-                ),
-                (
-                    "macula_relay_sessions_total",
-                    "Relayed sessions this node opened for others.",
-                    g(&c.sessions_total),
-                ),
-                (
-                    "macula_relay_reservations",
-                    "Reservations peers hold at this node.",
-                    g(&c.reservations),
-                ),
-                (
-                    "macula_relay_reservations_total",
-                    "Reservations granted (including renewals).",
-                    g(&c.reservations_total),
-                ),
-                (
-                    "macula_relay_bytes_total",
-                    "Bytes this node forwarded in relayed sessions (both directions).",
-                    g(&c.bytes_total),
-                ),
-                (
-                    "macula_relay_throttled_total",
-                    "Times a relayed session went over its byte rate and was paused.",
-                    g(&c.throttled_total),
-                ),
-                (
-                    "macula_relay_connections_total",
-                    "Connections this node made or accepted through a relay.",
-                    g(&c.relayed_connections_total),
-                ),
-                (
-                    "macula_relay_reservations_held",
-                    "Relays this node holds a reservation at (it is private).",
-                    g(&c.reservations_held),
-                ),
-            ],
-        )?;
-        let refused: Vec<crate::metrics::Sample> = REFUSALS
-            .iter()
-            .enumerate()
-            .map(|(i, code)| {
-                (
-                    "macula_relay_refused_total",
-                    Some(("reason", code.name())),
-                    c.refused[i].load(Relaxed),
-                )
-            })
-            .collect();
-        crate::metrics::encode_family(
-            &mut encoder,
+    /// Registers every metric in the node's registry.
+    pub fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_relay_sessions",
+            "Relayed sessions open through this node.",
+            self.sessions.clone(),
+        );
+        register(
+            r,
+            // Not `macula_relay_sessions`: that family is the gauge above
+            // (two families of one name are invalid exposition).
+            "macula_relay_sessions_opened",
+            "Relayed sessions this node opened for others.",
+            self.sessions_total.clone(),
+        );
+        register(
+            r,
+            "macula_relay_reservations",
+            "Reservations peers hold at this node.",
+            self.reservations.clone(),
+        );
+        register(
+            r,
+            "macula_relay_reservations_granted",
+            "Reservations granted (including renewals).",
+            self.reservations_total.clone(),
+        );
+        register(
+            r,
+            "macula_relay_bytes",
+            "Bytes this node forwarded in relayed sessions (both directions).",
+            self.bytes_total.clone(),
+        );
+        register(
+            r,
+            "macula_relay_throttled",
+            "Times a relayed session went over its byte rate and was paused.",
+            self.throttled_total.clone(),
+        );
+        register(
+            r,
+            "macula_relay_connections",
+            "Connections this node made or accepted through a relay.",
+            self.relayed_connections_total.clone(),
+        );
+        register(
+            r,
+            "macula_relay_reservations_held",
+            "Relays this node holds a reservation at (it is private).",
+            self.reservations_held.clone(),
+        );
+        self.refused.register(
+            r,
             "macula_relay_refused",
             "Relay requests refused, by reason (the limit or condition named in the refusal).",
-            &refused,
-            ConstCounter::new,
-        )?;
-        let closed: Vec<crate::metrics::Sample> = [CloseReason::Ended, CloseReason::Idle]
-            .into_iter()
-            .map(|r| {
-                (
-                    "macula_relay_closed_total",
-                    Some(("reason", r.name())),
-                    c.closed(r),
-                )
-            })
-            .collect();
-        crate::metrics::encode_family(
-            &mut encoder,
+        );
+        self.closed.register(
+            r,
             "macula_relay_closed",
             "Relayed sessions closed, by reason.",
-            &closed,
-            ConstCounter::new,
-        )
+        );
     }
 }
 
@@ -388,8 +379,8 @@ impl Relay {
 
     fn sync_gauges(&self, t: &RelayTable) {
         let c = &self.0.counters;
-        c.sessions.store(t.sessions() as u64, Relaxed);
-        c.reservations.store(t.reservations() as u64, Relaxed);
+        c.sessions.set(t.sessions() as u64);
+        c.reservations.set(t.reservations() as u64);
     }
 
     fn serving(&self) -> Result<(), (RelayCode, String)> {
@@ -422,7 +413,7 @@ impl Relay {
         });
         let answer = match granted {
             Ok(ttl_us) => {
-                self.0.counters.reservations_total.fetch_add(1, Relaxed);
+                self.0.counters.reservations_total.inc();
                 tracing::debug!(peer = %peer.node_id(), ttl_s = ttl_us / 1_000_000, "relay reservation granted");
                 // A node that needs a relay cannot be dialed: stop handing
                 // it out as a DHT contact (others would wait on it).
@@ -545,14 +536,11 @@ impl Relay {
             return;
         }
         let c = &self.0.counters;
-        c.sessions_total.fetch_add(1, Relaxed);
+        c.sessions_total.inc();
         tracing::debug!(source = %source.node_id(), target = %target, "relay session open");
         let reason = self.splice((reader, writer), (t_reader, t_writer)).await;
         self.end_session();
-        match reason {
-            CloseReason::Ended => c.closed_ended_total.fetch_add(1, Relaxed),
-            CloseReason::Idle => c.closed_idle_total.fetch_add(1, Relaxed),
-        };
+        c.closed.at(reason as usize).inc();
         tracing::debug!(source = %source.node_id(), target = %target, reason = reason.name(), "relay session closed");
     }
 
@@ -674,7 +662,7 @@ impl Relay {
             let n = data.len() as u64;
             let now = self.now_us();
             last.store(now, Relaxed);
-            c.bytes_total.fetch_add(n, Relaxed);
+            c.bytes_total.inc_by(n);
             if send.write_all(&data).await.is_err() {
                 let _ = recv.stop(stream_code(RelayCode::TargetRefused));
                 return;
@@ -683,7 +671,7 @@ impl Relay {
             if wait > 0 {
                 // Over the rate: stop reading (QUIC flow control then holds
                 // the sender back) until the bucket has paid off its debt.
-                c.throttled_total.fetch_add(1, Relaxed);
+                c.throttled_total.inc();
                 tokio::time::sleep(Duration::from_micros(wait)).await;
             }
         }

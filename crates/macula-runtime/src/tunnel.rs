@@ -523,7 +523,7 @@ impl Tunnel {
 
     fn sync_held(&self) {
         let n = self.0.reservations.lock().len() as u64;
-        self.0.counters.reservations_held.store(n, Relaxed);
+        self.0.counters.reservations_held.set(n);
     }
 
     /// Drops reservations whose connection closed or that are due for

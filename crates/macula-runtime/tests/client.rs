@@ -7,7 +7,6 @@
 mod common;
 
 use std::future::IntoFuture;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -148,12 +147,12 @@ async fn clients_on_two_gateways_exchange_messages_and_calls() {
         !b.rpc().advertised().iter().any(|(p, _, _)| p == "svc.echo")
     })
     .await;
-    assert_eq!(b.gateway_counters().clients.load(Relaxed), 1);
+    assert_eq!(b.gateway_counters().clients.get(), 1);
 
     c1.shutdown().await;
     c2.shutdown().await;
     eventually(STEP, "client detached", || {
-        b.gateway_counters().clients.load(Relaxed) == 0
+        b.gateway_counters().clients.get() == 0
     })
     .await;
     eventually(STEP, "client ads withdrawn", || {
@@ -292,7 +291,7 @@ async fn a_client_subscribes_through_two_gateways_and_loses_nothing_when_one_goe
         (1..=200).collect::<Vec<_>>()
     );
     eventually(STEP, "the second copies arrive and are dropped", || {
-        c.pubsub().counters().duplicates_dropped_total.load(Relaxed) == 200
+        c.pubsub().counters().duplicates_dropped_total.get() == 200
     })
     .await;
     assert_eq!(sub.pending(), 0, "delivered once");
@@ -379,8 +378,8 @@ async fn a_quiet_client_is_not_closed_as_idle() {
     // An absence check: four idle timeouts without traffic. An idle close
     // would be due after one, so this wait cannot be too short to see it.
     tokio::time::sleep(idle * 4).await;
-    assert_eq!(a.metrics().pool_idle_closed_total.load(Relaxed), 0);
-    assert_eq!(c.metrics().pool_idle_closed_total.load(Relaxed), 0);
+    assert_eq!(a.metrics().pool_idle_closed_total.get(), 0);
+    assert_eq!(c.metrics().pool_idle_closed_total.get(), 0);
     assert_eq!(c.failovers(), 0);
     assert_eq!(c.gateway(), Some(a.node_id()));
     // And it still works.

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -74,8 +73,8 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
     )
     .await;
     let m = node.metrics();
-    assert_eq!(m.connections_current.load(Relaxed), LIMIT as u64);
-    assert_eq!(node.gateway_counters().clients.load(Relaxed), LIMIT as u64);
+    assert_eq!(m.connections_current.get(), LIMIT as u64);
+    assert_eq!(node.gateway_counters().clients.get(), LIMIT as u64);
 
     // One more: turned away in the handshake, at once (not after the
     // 15 s attach timeout), saying why.
@@ -106,8 +105,8 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
     assert!(refused
         .iter()
         .all(|r| matches!(r, Err(ClientError::TurnedAway { .. }))));
-    assert_eq!(m.connections_refused_total.load(Relaxed), 11);
-    assert_eq!(m.connections_current.load(Relaxed), LIMIT as u64);
+    assert_eq!(m.connections_refused_total.get(), 11);
+    assert_eq!(m.connections_current.get(), LIMIT as u64);
 
     // A full node still gets in: slots are kept for the mesh.
     let peer = start(config()).await;
@@ -118,7 +117,7 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
     )
     .await
     .expect("a peer slot is free");
-    assert_eq!(m.connections_current.load(Relaxed), LIMIT as u64 + 1);
+    assert_eq!(m.connections_current.get(), LIMIT as u64 + 1);
 
     // The clients it holds are served as before.
     let (last, mut inbox) = clients.pop().expect("a client");
@@ -142,7 +141,7 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
         c.shutdown().await;
     }
     eventually(STEP, "slots free up", || {
-        m.connections_current.load(Relaxed) <= (LIMIT + 1 - 11) as u64
+        m.connections_current.get() <= (LIMIT + 1 - 11) as u64
     })
     .await;
     let again = within(
@@ -179,7 +178,7 @@ async fn a_full_pool_evicts_mesh_connections_and_turns_away_when_nothing_may_go(
     within(STEP, "p1 dials", dial(&p1)).await.expect("p1 in");
     let clients = attach(&node, &endpoint, 0..2).await;
     within(STEP, "p2 dials", dial(&p2)).await.expect("p2 in");
-    assert_eq!(m.connections_current.load(Relaxed), 4);
+    assert_eq!(m.connections_current.get(), 4);
 
     // A third client: over the client cap, turned away at once.
     let e = within(
@@ -194,9 +193,9 @@ async fn a_full_pool_evicts_mesh_connections_and_turns_away_when_nothing_may_go(
     // A full node: the least recently used mesh connection makes room.
     let p3 = start(config()).await;
     within(STEP, "p3 dials", dial(&p3)).await.expect("p3 in");
-    assert_eq!(m.pool_evictions_total.load(Relaxed), 1);
+    assert_eq!(m.pool_evictions_total.get(), 1);
     assert!(node.peer(&p1.node_id()).is_none(), "p1 was the LRU");
-    assert_eq!(m.connections_current.load(Relaxed), 4);
+    assert_eq!(m.connections_current.get(), 4);
 
     // With every connection kept, a new full node is turned away in the
     // handshake, and its dialer counts why.
@@ -224,7 +223,7 @@ async fn a_full_pool_evicts_mesh_connections_and_turns_away_when_nothing_may_go(
             .handshake_failures(macula_runtime::metrics::HandshakeFailure::ConnectionLimit),
         1
     );
-    assert_eq!(m.connections_refused_total.load(Relaxed), 2);
+    assert_eq!(m.connections_refused_total.get(), 2);
 
     for (c, s) in clients {
         drop(s);

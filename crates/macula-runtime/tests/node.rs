@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -78,16 +77,16 @@ async fn connect_reuses_the_pooled_connection() {
     assert_eq!(first.connection_id(), second.connection_id());
     assert_eq!(first.node_id(), b.node_id());
     assert_eq!(first.direction(), Direction::Outbound);
-    assert_eq!(a.metrics().pool_misses_total.load(Relaxed), 1);
-    assert_eq!(a.metrics().pool_hits_total.load(Relaxed), 1);
+    assert_eq!(a.metrics().pool_misses_total.get(), 1);
+    assert_eq!(a.metrics().pool_hits_total.get(), 1);
 
     // By address alone (no expected ID) it is the same connection too.
     let third = within(STEP, "connect by addr", a.connect(b.local_addr(), None))
         .await
         .expect("connect by address");
     assert_eq!(third.connection_id(), first.connection_id());
-    assert_eq!(a.metrics().pool_hits_total.load(Relaxed), 2);
-    assert_eq!(a.metrics().pool_misses_total.load(Relaxed), 1);
+    assert_eq!(a.metrics().pool_hits_total.get(), 2);
+    assert_eq!(a.metrics().pool_misses_total.get(), 1);
 
     let ev = next_event(&mut ea, STEP, "A: Connected", |e| {
         is_connected(e, b.node_id())
@@ -121,8 +120,8 @@ async fn connect_reuses_the_pooled_connection() {
     let at_b = b.peer(&a.node_id()).expect("B pooled A");
     assert_eq!(at_b.direction(), Direction::Inbound);
     assert_eq!(at_b.hello().node_id, a.node_id());
-    assert_eq!(a.metrics().connections_current.load(Relaxed), 1);
-    assert_eq!(b.metrics().connections_current.load(Relaxed), 1);
+    assert_eq!(a.metrics().connections_current.get(), 1);
+    assert_eq!(b.metrics().connections_current.get(), 1);
 
     first.ping(PING).await.expect("A pings B");
     at_b.ping(PING).await.expect("B pings A");
@@ -253,7 +252,7 @@ async fn simultaneous_dial_keeps_the_smaller_nodes_connection() {
         // Both must have dialed for the tie-break to apply. On a loaded
         // machine one `connect` may start late and find the other's
         // connection already pooled: then that is the only connection.
-        let misses = |n: &NodeRuntime| n.metrics().pool_misses_total.load(Relaxed);
+        let misses = |n: &NodeRuntime| n.metrics().pool_misses_total.get();
         let (a_wants, b_wants) = if misses(&a) + misses(&b) < 2 {
             assert_ne!(pa.direction(), pb.direction(), "one shared connection");
             (pa.direction(), pb.direction())
@@ -304,7 +303,7 @@ async fn simultaneous_dial_keeps_the_smaller_nodes_connection() {
             // starved machine the loser can be closed before the slower side
             // registers it, so that side saw no duplicate.
             assert!(
-                n.metrics().pool_duplicates_closed_total.load(Relaxed) <= 1,
+                n.metrics().pool_duplicates_closed_total.get() <= 1,
                 "round {round}: {who} closed more than one duplicate"
             );
             // A later connect returns the winner.
@@ -377,7 +376,7 @@ async fn lru_connection_is_evicted_at_the_limit() {
     .await
     .expect("pooled p1");
     assert_eq!(used.direction(), Direction::Inbound, "reused, not redialed");
-    assert_eq!(n.metrics().pool_hits_total.load(Relaxed), 1);
+    assert_eq!(n.metrics().pool_hits_total.get(), 1);
 
     within(
         STEP,
@@ -393,7 +392,7 @@ async fn lru_connection_is_evicted_at_the_limit() {
     ];
     assert!(is_disconnected(&evs[0], p2.node_id()), "{evs:?}");
     assert!(is_connected(&evs[1], p3.node_id()), "{evs:?}");
-    assert_eq!(n.metrics().pool_evictions_total.load(Relaxed), 1);
+    assert_eq!(n.metrics().pool_evictions_total.get(), 1);
 
     let ev = next_event(&mut e2, STEP, "p2: Disconnected", |e| {
         is_disconnected(e, n.node_id())
@@ -409,7 +408,7 @@ async fn lru_connection_is_evicted_at_the_limit() {
     let mut want = vec![p1.node_id(), p3.node_id()];
     want.sort();
     assert_eq!(ids, want);
-    assert_eq!(n.metrics().connections_current.load(Relaxed), 2);
+    assert_eq!(n.metrics().connections_current.get(), 2);
     for p in [&p1, &p3] {
         let conn = p.peer(&n.node_id()).expect("still pooled");
         conn.ping(PING).await.expect("survivor still works");
@@ -444,7 +443,7 @@ async fn idle_connections_close_but_kept_ones_stay() {
         "closed after {waited:?}"
     );
     assert!(p.is_closed());
-    assert_eq!(a.metrics().pool_idle_closed_total.load(Relaxed), 1);
+    assert_eq!(a.metrics().pool_idle_closed_total.get(), 1);
     let ev = next_event(&mut eb, STEP, "B: Disconnected", |e| {
         is_disconnected(e, a.node_id())
     })
@@ -472,7 +471,7 @@ async fn idle_connections_close_but_kept_ones_stay() {
     .await;
     assert!(quiet.is_err(), "kept connection was closed: {quiet:?}");
     assert!(!kept.is_closed());
-    assert_eq!(c.metrics().pool_idle_closed_total.load(Relaxed), 0);
+    assert_eq!(c.metrics().pool_idle_closed_total.get(), 0);
     kept.ping(PING).await.expect("kept connection works");
     // Un-keeping it lets the idle timer close it: the flag is what held it.
     kept.set_kept(false);
@@ -633,7 +632,7 @@ async fn bootstrap_peer_is_reconnected_with_backoff() {
     let b = start(cb).await;
     let mut eb = b.subscribe_events();
     eventually(STEP, "B retries the missing bootstrap peer", || {
-        b.metrics().reconnect_attempts_total.load(Relaxed) > 0
+        b.metrics().reconnect_attempts_total.get() > 0
     })
     .await;
 
@@ -645,7 +644,7 @@ async fn bootstrap_peer_is_reconnected_with_backoff() {
     assert!(
         matches!(ev, PeerEvent::Connected { direction: Direction::Outbound, addr, .. } if addr == a1.local_addr())
     );
-    let before = b.metrics().reconnect_attempts_total.load(Relaxed);
+    let before = b.metrics().reconnect_attempts_total.get();
     assert!(before > 0);
     // The supervisor marks its connection kept right after `connect` returns.
     eventually(STEP, "bootstrap connection is kept", || {
@@ -667,7 +666,7 @@ async fn bootstrap_peer_is_reconnected_with_backoff() {
         is_connected(e, a2.node_id())
     })
     .await;
-    assert!(b.metrics().reconnect_attempts_total.load(Relaxed) > before);
+    assert!(b.metrics().reconnect_attempts_total.get() > before);
     let p = b.peer(&a2.node_id()).expect("pooled A2");
     p.ping(PING).await.expect("B pings A2");
     assert!(b.peer(&a1_id).is_none(), "A1 is forgotten");
@@ -735,7 +734,7 @@ async fn a_node_never_connects_to_itself() {
     // that retried its own address would show many attempts.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(n.peers().is_empty(), "a node must not pool itself");
-    let attempts = n.metrics().reconnect_attempts_total.load(Relaxed);
+    let attempts = n.metrics().reconnect_attempts_total.get();
     assert!(attempts <= 1, "supervisor spins: {attempts} attempts");
     assert!(drain(&mut en).is_empty());
 

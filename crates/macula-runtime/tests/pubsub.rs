@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,10 +54,10 @@ async fn a_subscriber_two_hops_away_gets_every_message_once_in_order() {
     // Nothing else: no duplicate, and nothing for the unmatched topic.
     assert!(on_c.pending() == 0 && on_b.pending() == 0);
     let cc = c.pubsub().counters();
-    assert_eq!(cc.received_remote_total.load(Relaxed), 101);
-    assert_eq!(cc.duplicates_dropped_total.load(Relaxed), 0);
+    assert_eq!(cc.received_remote_total.get(), 101);
+    assert_eq!(cc.duplicates_dropped_total.get(), 0);
     // One copy per interested node: 101 to C and 100 to B.
-    assert_eq!(a.pubsub().counters().sent_remote_total.load(Relaxed), 201);
+    assert_eq!(a.pubsub().counters().sent_remote_total.get(), 201);
     for n in [&a, &b, &c] {
         n.shutdown().await;
     }
@@ -78,7 +77,7 @@ async fn local_and_remote_subscribers_and_withdrawal() {
     assert_eq!(next_event(&mut local).await.topic, "orders.new");
     let mut remote = remote;
     assert_eq!(next_event(&mut remote).await.topic, "orders.new");
-    let sent = a.pubsub().counters().sent_remote_total.load(Relaxed);
+    let sent = a.pubsub().counters().sent_remote_total.get();
     assert_eq!(sent, 1, "local delivery used no network");
 
     // Drop the remote subscription: once the withdrawal is stored and the
@@ -87,9 +86,9 @@ async fn local_and_remote_subscribers_and_withdrawal() {
     let withdrawn = async {
         loop {
             tokio::time::sleep(INTEREST_CACHE_TTL + Duration::from_millis(100)).await;
-            let before = a.pubsub().counters().sent_remote_total.load(Relaxed);
+            let before = a.pubsub().counters().sent_remote_total.get();
             publish(&a, "orders.new", "y").await;
-            if a.pubsub().counters().sent_remote_total.load(Relaxed) == before {
+            if a.pubsub().counters().sent_remote_total.get() == before {
                 return;
             }
         }
@@ -169,10 +168,7 @@ async fn a_peer_that_stops_reading_is_cut_off() {
             .await
             .expect("publish");
     }
-    assert!(
-        c.sent_remote_total.load(Relaxed) > 0,
-        "routed to the raw peer"
-    );
+    assert!(c.sent_remote_total.get() > 0, "routed to the raw peer");
     // A flush cannot finish while the peer reads nothing: it says what is
     // pending when its time is up.
     match a.pubsub().flush(Duration::from_millis(50)).await {
@@ -182,13 +178,10 @@ async fn a_peer_that_stops_reading_is_cut_off() {
         other => panic!("flush: {other:?}"),
     }
     eventually(STEP, "the stalled peer is cut off", || {
-        c.peers_cut_off_total.load(Relaxed) == 1
+        c.peers_cut_off_total.get() == 1
     })
     .await;
-    assert!(
-        c.remote_dropped_total.load(Relaxed) > 0,
-        "its queue was dropped"
-    );
+    assert!(c.remote_dropped_total.get() > 0, "its queue was dropped");
     let mut metrics = String::new();
     prometheus_client::encoding::text::encode(&mut metrics, &macula_runtime::admin::registry(&a))
         .expect("encode metrics");
@@ -230,7 +223,7 @@ async fn a_peer_that_stops_reading_is_cut_off() {
     assert_eq!(d.topics[0].0, "stall.data");
     assert_eq!(d.in_flight + d.topics[0].1, 100, "{d:?}");
     eventually(STEP, "the report is counted", || {
-        c.loss_reported_total.load(Relaxed) == 100
+        c.loss_reported_total.get() == 100
     })
     .await;
     // Everything was written or given up on (and reported): flushed.
@@ -280,7 +273,7 @@ async fn a_malformed_batch_closes_only_its_data_stream() {
         .await
         .expect("write");
     eventually(STEP, "the bad stream is counted", || {
-        c.data_streams_rejected_total.load(Relaxed) == 1
+        c.data_streams_rejected_total.get() == 1
     })
     .await;
     // The node stops the stream: our side learns it.
@@ -409,8 +402,8 @@ async fn patterns_over_the_record_limit_are_summarized_and_still_delivered() {
         .collect::<Result<_, _>>()
         .expect("every subscription succeeds");
     let c = ps.counters();
-    assert!(c.interest_summarized_total.load(Relaxed) > 0);
-    let puts = c.interest_puts_total.load(Relaxed);
+    assert!(c.interest_summarized_total.get() > 0);
+    let puts = c.interest_puts_total.get();
     assert!(puts < 100, "concurrent subscriptions share puts: {puts}");
     let name = macula_pubsub::segment_name(b.realm(), "wide");
     assert_eq!(
@@ -426,7 +419,7 @@ async fn patterns_over_the_record_limit_are_summarized_and_still_delivered() {
     // unwanted one has arrived too.
     assert_eq!(next_event(&mut subs[778]).await.payload, "fence");
     eventually(STEP, "the unwanted message is counted", || {
-        c.unmatched_total.load(Relaxed) == 1
+        c.unmatched_total.get() == 1
     })
     .await;
     assert!(
@@ -459,7 +452,7 @@ async fn patterns_over_the_record_limit_are_summarized_and_still_delivered() {
         ps.subscriptions().is_empty()
     })
     .await;
-    let puts = c.interest_puts_total.load(Relaxed) - puts;
+    let puts = c.interest_puts_total.get() - puts;
     assert!(puts < 200, "drops share puts: {puts}");
     a.shutdown().await;
     b.shutdown().await;

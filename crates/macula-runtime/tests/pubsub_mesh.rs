@@ -149,11 +149,11 @@ async fn wildcard_matrix_across_nodes_positive_and_negative() {
     }
     // One copy per interested node: every topic and fence was matched by at
     // least one pattern on C (`**`), so exactly one PUBLISH each went out.
-    let sent = a.pubsub().counters().sent_remote_total.load(Relaxed);
+    let sent = a.pubsub().counters().sent_remote_total.get();
     assert_eq!(sent, (TOPICS.len() + MATRIX.len()) as u64);
     let cc = c.pubsub().counters();
-    assert_eq!(cc.duplicates_dropped_total.load(Relaxed), 0);
-    assert_eq!(cc.gaps_total.load(Relaxed), 0);
+    assert_eq!(cc.duplicates_dropped_total.get(), 0);
+    assert_eq!(cc.gaps_total.get(), 0);
     drop((remote, local));
     close_all(&[&a, &b, &c]).await;
 }
@@ -176,8 +176,8 @@ async fn unsubscribe_stops_delivery_to_that_node() {
     assert_eq!(next_event(&mut orders, "orders").await.payload, "o1");
     assert_eq!(next_event(&mut payments, "payments").await.payload, "p1");
 
-    let sent = || a.pubsub().counters().sent_remote_total.load(Relaxed);
-    let received = || c.pubsub().counters().received_remote_total.load(Relaxed);
+    let sent = || a.pubsub().counters().sent_remote_total.get();
+    let received = || c.pubsub().counters().received_remote_total.get();
     assert_eq!((sent(), received()), (2, 2));
 
     // Drop `orders.*` and keep publishing on it. Until the bound a publish
@@ -310,11 +310,11 @@ async fn a_stalled_subscriber_does_not_hold_back_another_on_the_same_node() {
     }
     assert_eq!(stalled.pending(), 0);
     let sc = s.pubsub().counters();
-    assert_eq!(sc.dropped_slow_total.load(Relaxed), dropped);
-    assert_eq!(sc.received_remote_total.load(Relaxed), STALL_TOTAL as u64);
-    assert_eq!(sc.gaps_total.load(Relaxed), 0);
+    assert_eq!(sc.dropped_slow_total.get(), dropped);
+    assert_eq!(sc.received_remote_total.get(), STALL_TOTAL as u64);
+    assert_eq!(sc.gaps_total.get(), 0);
     let pc = p.pubsub().counters();
-    assert_eq!(pc.remote_dropped_total.load(Relaxed), 0);
+    assert_eq!(pc.remote_dropped_total.get(), 0);
     drop(stalled);
     close_all(&[&p, &s]).await;
 }
@@ -381,15 +381,15 @@ async fn a_flat_out_publisher_loses_nothing_by_default() {
         .expect("reader");
     assert_eq!(got, FLAT_OUT);
     let pc = p.pubsub().counters();
-    assert_eq!(pc.remote_dropped_total.load(Relaxed), 0);
-    assert_eq!(pc.sent_remote_total.load(Relaxed), FLAT_OUT as u64);
+    assert_eq!(pc.remote_dropped_total.get(), 0);
+    assert_eq!(pc.sent_remote_total.get(), FLAT_OUT as u64);
     assert!(
-        pc.publish_blocked_total.load(Relaxed) > 0,
+        pc.publish_blocked_total.get() > 0,
         "a {SMALL_PEER_QUEUE}-message queue never filled: the test proves nothing"
     );
     let sc = s.pubsub().counters();
-    assert_eq!(sc.received_remote_total.load(Relaxed), FLAT_OUT as u64);
-    assert_eq!(sc.dropped_slow_total.load(Relaxed), 0);
+    assert_eq!(sc.received_remote_total.get(), FLAT_OUT as u64);
+    assert_eq!(sc.dropped_slow_total.get(), 0);
     close_all(&[&p, &s]).await;
 }
 
@@ -437,9 +437,9 @@ async fn a_slow_subscriber_slows_its_publisher_and_loses_nothing() {
         .expect("reader");
     assert_eq!(got, N);
     let sc = s.pubsub().counters();
-    assert_eq!(sc.dropped_slow_total.load(Relaxed), 0);
-    assert_eq!(sc.subscriber_overruns_total.load(Relaxed), 0);
-    assert_eq!(p.pubsub().counters().remote_dropped_total.load(Relaxed), 0);
+    assert_eq!(sc.dropped_slow_total.get(), 0);
+    assert_eq!(sc.subscriber_overruns_total.get(), 0);
+    assert_eq!(p.pubsub().counters().remote_dropped_total.get(), 0);
     close_all(&[&p, &s]).await;
 }
 
@@ -467,14 +467,14 @@ async fn fail_fast_and_drop_newest_never_wait() {
         "{err}"
     );
     let pc = p.pubsub().counters();
-    assert_eq!(pc.publish_refused_total.load(Relaxed), 1);
-    assert_eq!(pc.remote_dropped_total.load(Relaxed), 0);
-    assert_eq!(pc.published_total.load(Relaxed), at as u64);
+    assert_eq!(pc.publish_refused_total.get(), 1);
+    assert_eq!(pc.remote_dropped_total.get(), 0);
+    assert_eq!(pc.published_total.get(), at as u64);
     // DropNewest on the same full queue: published, dropped for that node.
     publish_with(&p, "late".into(), Overflow::DropNewest)
         .await
         .expect("DropNewest publishes");
-    assert_eq!(pc.remote_dropped_total.load(Relaxed), 1);
+    assert_eq!(pc.remote_dropped_total.get(), 1);
     // The subscriber reads again: every message arrives but the dropped
     // one, which is told as Lagged(1) (a loss report), before the events
     // still queued behind it.
@@ -493,9 +493,9 @@ async fn fail_fast_and_drop_newest_never_wait() {
     .await;
     assert!(read.is_ok(), "{events} of {want} events, lagged {lagged}");
     assert_eq!((events, lagged), (want, 1));
-    assert_eq!(pc.loss_reported_total.load(Relaxed), 1);
+    assert_eq!(pc.loss_reported_total.get(), 1);
     assert_eq!(
-        s.pubsub().counters().loss_told_total.load(Relaxed),
+        s.pubsub().counters().loss_told_total.get(),
         1,
         "told to the one subscription"
     );

@@ -223,7 +223,6 @@ async fn a_stopped_leader_is_replaced_and_no_acknowledged_write_is_lost() {
 /// replace a stopped leader, and the group must take writes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_election_watchdog_alone_replaces_a_stopped_leader() {
-    use std::sync::atomic::Ordering::Relaxed;
     init_tracing();
     let m = mesh(3).await;
     let groups = join_all(&m.nodes, "watchdog").await;
@@ -233,13 +232,7 @@ async fn the_election_watchdog_alone_replaces_a_stopped_leader() {
     for &i in &rest {
         groups[i].set_election_timer(false);
     }
-    let started = |i: usize| {
-        m.nodes[i]
-            .raft()
-            .counters()
-            .watchdog_elections_total
-            .load(Relaxed)
-    };
+    let started = |i: usize| m.nodes[i].raft().counters().watchdog_elections_total.get();
     let before: u64 = rest.iter().map(|&i| started(i)).sum();
     let old = m.nodes[l].node_id();
     m.nodes[l].shutdown().await;

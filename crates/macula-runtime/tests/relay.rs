@@ -109,8 +109,8 @@ async fn private_nodes_talk_through_the_relay() {
     let ca = c.peer(&a.node_id()).expect("C is connected to A");
     assert_eq!(ca.relayed_via(), Some(r.node_id()));
     let rc = r.relay().counters();
-    assert!(rc.sessions_total.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-    assert!(rc.bytes_total.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(rc.sessions_total.get() >= 1);
+    assert!(rc.bytes_total.get() > 0);
 
     // Pub/sub both ways over the same relayed connection.
     let mut sub_c = within(STEP, "subscribe", c.pubsub().subscribe_mesh("relay.*"))
@@ -143,12 +143,7 @@ async fn private_nodes_talk_through_the_relay() {
         Some(r.node_id())
     );
     assert_eq!(
-        a.metrics()
-            .connections_outbound_total
-            .load(std::sync::atomic::Ordering::Relaxed)
-            + a.metrics()
-                .connections_inbound_total
-                .load(std::sync::atomic::Ordering::Relaxed),
+        a.metrics().connections_outbound_total.get() + a.metrics().connections_inbound_total.get(),
         2,
         "A has exactly two connections: to R (direct) and to C (relayed)"
     );
@@ -308,16 +303,8 @@ async fn a_session_over_its_byte_rate_is_throttled() {
     .expect("relayed connection");
 
     let counters = r.relay().counters().clone();
-    let bytes = || {
-        counters
-            .bytes_total
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let throttled = || {
-        counters
-            .throttled_total
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let bytes = || counters.bytes_total.get();
+    let throttled = || counters.throttled_total.get();
     let (bytes0, throttled0) = (bytes(), throttled());
     let start_at = Instant::now();
     // 4 x 64 KiB each way: 512 KiB through a 256 KiB/s session.
@@ -388,10 +375,7 @@ async fn an_idle_session_is_closed() {
         a.peer(&c.node_id()).is_none_or(|p| p.is_closed())
     })
     .await;
-    assert_eq!(
-        counters.sessions.load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(counters.sessions.get(), 0);
 
     for n in [&a, &c, &r] {
         n.shutdown().await;

@@ -54,10 +54,10 @@ async fn remote_and_local_calls() {
     assert_eq!(r.payload, Bytes::from("hi"));
     assert_eq!(r.provider, a.node_id());
     assert_eq!(r.attempts, 1);
-    assert_eq!(a.rpc().counters().served_total.load(Relaxed), 1);
+    assert_eq!(a.rpc().counters().served_total.get(), 1);
 
     // The provider calling its own procedure stays in process.
-    let sent_before = a.metrics().frames_sent_total.load(Relaxed);
+    let sent_before = a.metrics().frames_sent_total.get();
     let r = within(
         STEP,
         "local call",
@@ -66,9 +66,9 @@ async fn remote_and_local_calls() {
     .await
     .expect("local call answers");
     assert_eq!(r.provider, a.node_id());
-    assert_eq!(a.rpc().counters().calls_local_total.load(Relaxed), 1);
-    assert_eq!(a.rpc().counters().served_total.load(Relaxed), 1);
-    assert_eq!(a.metrics().frames_sent_total.load(Relaxed), sent_before);
+    assert_eq!(a.rpc().counters().calls_local_total.get(), 1);
+    assert_eq!(a.rpc().counters().served_total.get(), 1);
+    assert_eq!(a.metrics().frames_sent_total.get(), sent_before);
 
     // call_to names the provider.
     let r = within(
@@ -145,7 +145,7 @@ async fn typed_errors() {
     }
     // The provider keeps serving after a panic.
     assert!(b.rpc().call("svc.echo", "still up").await.is_ok());
-    assert_eq!(a.rpc().counters().handler_panics_total.load(Relaxed), 1);
+    assert_eq!(a.rpc().counters().handler_panics_total.get(), 1);
 
     let started = std::time::Instant::now();
     match b
@@ -160,7 +160,7 @@ async fn typed_errors() {
     assert!(started.elapsed() < Duration::from_secs(3));
     // The provider abandons the handler at the deadline (or on CANCEL).
     eventually(STEP, "slow handler abandoned", || {
-        a.rpc().counters().serving.load(Relaxed) == 0
+        a.rpc().counters().serving.get() == 0
     })
     .await;
 
@@ -230,10 +230,7 @@ async fn dropping_the_call_cancels_the_handler_on_the_provider() {
         dropped.load(Relaxed)
     })
     .await;
-    assert_eq!(
-        a.rpc().counters().cancelled_by_caller_total.load(Relaxed),
-        1
-    );
+    assert_eq!(a.rpc().counters().cancelled_by_caller_total.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +270,7 @@ async fn a_handler_at_its_limit_answers_overloaded() {
         Err(RpcError::Overloaded { provider, .. }) => assert_eq!(provider, Some(a.node_id())),
         other => panic!("expected overloaded, got {other:?}"),
     }
-    assert_eq!(a.rpc().counters().handler_overloaded_total.load(Relaxed), 1);
+    assert_eq!(a.rpc().counters().handler_overloaded_total.get(), 1);
     gate.notify_one();
     let r = within(STEP, "first call", first)
         .await
@@ -369,17 +366,14 @@ async fn the_callers_in_flight_limit_answers_overloaded_at_once() {
     let rpc = node.rpc().clone();
     let first = tokio::spawn(async move { rpc.call("svc.wait", "").await });
     eventually(STEP, "first call in flight", || {
-        node.rpc().counters().inflight_calls.load(Relaxed) == 1
+        node.rpc().counters().inflight_calls.get() == 1
     })
     .await;
     match node.rpc().call("svc.wait", "").await {
         Err(RpcError::Overloaded { provider: None, .. }) => {}
         other => panic!("expected the caller's own limit, got {other:?}"),
     }
-    assert_eq!(
-        node.rpc().counters().caller_overloaded_total.load(Relaxed),
-        1
-    );
+    assert_eq!(node.rpc().counters().caller_overloaded_total.get(), 1);
     gate.notify_one();
     let r = within(STEP, "first call", first).await.expect("joins");
     assert_eq!(r.expect("first call").payload, Bytes::from("done"));

@@ -210,7 +210,7 @@ fn publishers_stop_sending_to_a_crashed_subscriber_node() {
                 .core()
                 .counters()
                 .sent_remote_total
-                .load(std::sync::atomic::Ordering::Relaxed)
+                .get()
         };
         let mut t = 8_000;
         let mut publish_until = |sim: &mut Sim, to: u64| {
@@ -247,7 +247,7 @@ fn publishers_stop_sending_to_a_crashed_subscriber_node() {
             .core()
             .counters()
             .peers_unreachable_total
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .get();
         assert!(unreachable >= 1, "seed {seed}: never set aside");
         let seqs: Vec<u64> = sim
             .take_deliveries()

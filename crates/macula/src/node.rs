@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -589,19 +588,19 @@ impl Node {
     pub fn stats(&self) -> NodeStats {
         let ps = self.runtime.pubsub().counters();
         NodeStats {
-            published: ps.published_total.load(Relaxed),
-            delivered_local: ps.delivered_local_total.load(Relaxed),
-            dropped_slow_subscriber: ps.dropped_slow_total.load(Relaxed),
-            sent_remote: ps.sent_remote_total.load(Relaxed),
-            received_remote: ps.received_remote_total.load(Relaxed),
-            dropped_outbound: ps.remote_dropped_total.load(Relaxed),
-            evicted_outbound: ps.remote_evicted_total.load(Relaxed),
-            publish_blocked: ps.publish_blocked_total.load(Relaxed),
-            publish_refused: ps.publish_refused_total.load(Relaxed),
-            loss_reported: ps.loss_reported_total.load(Relaxed),
-            loss_unreported: ps.loss_unreported_total.load(Relaxed),
-            loss_told: ps.loss_told_total.load(Relaxed),
-            relayed_bytes: self.runtime.relay().counters().bytes_total.load(Relaxed),
+            published: ps.published_total.get(),
+            delivered_local: ps.delivered_local_total.get(),
+            dropped_slow_subscriber: ps.dropped_slow_total.get(),
+            sent_remote: ps.sent_remote_total.get(),
+            received_remote: ps.received_remote_total.get(),
+            dropped_outbound: ps.remote_dropped_total.get(),
+            evicted_outbound: ps.remote_evicted_total.get(),
+            publish_blocked: ps.publish_blocked_total.get(),
+            publish_refused: ps.publish_refused_total.get(),
+            loss_reported: ps.loss_reported_total.get(),
+            loss_unreported: ps.loss_unreported_total.get(),
+            loss_told: ps.loss_told_total.get(),
+            relayed_bytes: self.runtime.relay().counters().bytes_total.get(),
         }
     }
 

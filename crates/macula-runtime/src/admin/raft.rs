@@ -937,7 +937,8 @@ async fn poll_events(
 // Metrics
 // ---------------------------------------------------------------------------
 
-/// The Raft service's counters and per-group gauges, read at scrape time.
+/// The Raft service's gauges, read from its groups at scrape time (its
+/// counters are registered by `RaftCounters::register`).
 pub(super) struct RaftCollector {
     pub(super) node: NodeRuntime,
 }
@@ -950,70 +951,15 @@ impl std::fmt::Debug for RaftCollector {
 
 impl Collector for RaftCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use std::sync::atomic::Ordering::Relaxed;
         let raft = self.node.raft();
-        let c = raft.counters();
         let names = raft.names();
-        crate::metrics::encode_rows(
-            &mut encoder,
-            &[
-                (
-                    "macula_raft_requests_sent_total",
-                    "Raft requests (openraft RPCs and forwarded client requests) sent to other members.",
-                    c.requests_sent_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_requests_failed_total",
-                    "Raft requests sent that got no answer (unreachable member, stream error, timeout).",
-                    c.requests_failed_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_requests_served_total",
-                    "Raft requests from other members answered successfully.",
-                    c.requests_served_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_requests_refused_total",
-                    "Raft requests from other members refused (no such group, not the leader, malformed, failed).",
-                    c.requests_refused_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_forwarded_total",
-                    "Client requests (writes, linearizable reads, membership changes, keep-alives) forwarded to the leader.",
-                    c.forwarded_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_payload_too_large_total",
-                    "Log batches too large for a member's frame limit (sent again in smaller batches).",
-                    c.payload_too_large_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_leader_changes_total",
-                    "Leader changes seen, all groups.",
-                    c.leader_changes_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_leases_expired_total",
-                    "Leases this node revoked as leader because their TTL ran out.",
-                    c.leases_expired_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_watchdog_elections_total",
-                    "Elections started by the election watchdog (no leader heard for openraft's election timeout, without openraft 0.9's stale smaller-log backoff), all groups.",
-                    c.watchdog_elections_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_groups_refused_total",
-                    "Group joins refused at the raft_max_groups limit.",
-                    c.groups_refused_total.load(Relaxed),
-                ),
-                (
-                    "macula_raft_groups",
-                    "Raft groups this node runs.",
-                    names.len() as u64,
-                ),
-            ],
-        )?;
+        let groups = ConstGauge::new(names.len() as i64);
+        groups.encode(encoder.encode_descriptor(
+            "macula_raft_groups",
+            "Raft groups this node runs.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         if names.is_empty() {
             return Ok(());
         }

@@ -65,7 +65,7 @@ pub use macula_pubsub::{
 };
 pub(crate) use node::MeshLink;
 
-/// Counters, read by the metrics collector (the core's).
+/// Counters (the core's), registered in the node's metrics registry.
 pub type PubSubCounters = macula_pubsub::Counters;
 
 /// The delivery bound: how long a publisher reuses what it learned about
@@ -97,19 +97,6 @@ enum Try {
 pub(crate) trait Mesh: Send + Sync {
     /// A connection to `id`, dialing (after finding it in the DHT) if needed.
     fn reach(&self, id: NodeId) -> BoxFuture<'static, Option<Peer>>;
-}
-
-/// Exposes a node's pub/sub counters to its metrics registry.
-#[derive(Debug, Clone)]
-pub struct PubSubCollector(pub Arc<PubSubCounters>);
-
-impl prometheus_client::collector::Collector for PubSubCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        crate::metrics::encode_rows(&mut encoder, &self.0.rows())
-    }
 }
 
 /// One subscription's queue: filled by the driver (outside the core's
@@ -179,10 +166,7 @@ pub struct PubSub(Arc<Inner>);
 impl std::fmt::Debug for PubSub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PubSub")
-            .field(
-                "subscriptions",
-                &self.0.counters.subscriptions.load(Relaxed),
-            )
+            .field("subscriptions", &self.0.counters.subscriptions.get())
             .finish()
     }
 }
@@ -317,8 +301,8 @@ impl PubSub {
         for (q, event) in out {
             let size = event.payload.len() + EVENT_OVERHEAD;
             let dropped = q.lock().push_sized(event, size);
-            c.dropped_slow_total.fetch_add(dropped, Relaxed);
-            c.delivered_local_total.fetch_add(1, Relaxed);
+            c.dropped_slow_total.inc_by(dropped);
+            c.delivered_local_total.inc();
             q.waker.wake();
         }
     }
@@ -497,7 +481,7 @@ impl PubSub {
     ) {
         if !*waited {
             *waited = true;
-            self.0.counters.publish_blocked_total.fetch_add(1, Relaxed);
+            self.0.counters.publish_blocked_total.inc();
         }
         let _ = tokio::time::timeout(self.0.stall_timeout, room).await;
     }
@@ -627,10 +611,7 @@ impl PubSub {
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
                 q.lossy.store(true, Relaxed);
-                self.0
-                    .counters
-                    .subscriber_overruns_total
-                    .fetch_add(1, Relaxed);
+                self.0.counters.subscriber_overruns_total.inc();
                 tracing::warn!(waited = ?bound, "a subscription took nothing for the subscriber bound; its oldest events are dropped (Lagged) until it catches up");
             }
         }
@@ -645,7 +626,7 @@ impl PubSub {
             q.lock().note_gap(n);
             q.waker.wake();
         });
-        self.0.counters.loss_told_total.fetch_add(told, Relaxed);
+        self.0.counters.loss_told_total.inc_by(told);
     }
 
     /// Reads one pub/sub data stream from `peer` until it ends. Bad input
@@ -676,17 +657,14 @@ impl PubSub {
                 Err(e) => {
                     if let Some(kind) = e.protocol_kind() {
                         m.protocol_error(kind);
-                        self.0
-                            .counters
-                            .data_streams_rejected_total
-                            .fetch_add(1, Relaxed);
+                        self.0.counters.data_streams_rejected_total.inc();
                         reader.stop(stop_code);
                         tracing::debug!(peer = %from, error = %e, "closed a pub/sub data stream after a protocol error");
                     }
                     break;
                 }
             };
-            m.frames_received_total.fetch_add(1, Relaxed);
+            m.frames_received_total.inc();
             m.message_received(frame.msg_type);
             peer.touch();
             let res = {
@@ -721,8 +699,8 @@ impl PubSub {
             for (q, events) in rest {
                 dropped += self.push_waiting(&q, events).await;
             }
-            c.delivered_local_total.fetch_add(delivered, Relaxed);
-            c.dropped_slow_total.fetch_add(dropped, Relaxed);
+            c.delivered_local_total.inc_by(delivered);
+            c.dropped_slow_total.inc_by(dropped);
             if from_client {
                 // A gateway passes its client's messages on into the mesh.
                 self.forward_from_client(from, &frame.body).await;

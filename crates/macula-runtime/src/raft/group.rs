@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -556,11 +555,7 @@ impl Group {
                 },
                 Some(l) => {
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    self.0
-                        .transport
-                        .counters
-                        .forwarded_total
-                        .fetch_add(1, Relaxed);
+                    self.0.transport.counters.forwarded_total.inc();
                     let request = self.0.transport.request(
                         l,
                         &self.0.name,
@@ -906,11 +901,7 @@ impl Group {
             let before = tx.borrow().clone();
             if before.leader != state.leader || before.term != state.term {
                 if state.leader.is_some() && before.leader != state.leader {
-                    self.0
-                        .transport
-                        .counters
-                        .leader_changes_total
-                        .fetch_add(1, Relaxed);
+                    self.0.transport.counters.leader_changes_total.inc();
                     tracing::info!(group = %self.0.name, leader = ?state.leader, term = state.term, "raft leader");
                 }
                 if state.is_leader && !before.is_leader {
@@ -980,11 +971,7 @@ impl Group {
                 match self.0.raft.client_write(Request::LeaseRevoke { id }).await {
                     Ok(_) => {
                         self.0.leases.lock().remove(&id);
-                        self.0
-                            .transport
-                            .counters
-                            .leases_expired_total
-                            .fetch_add(1, Relaxed);
+                        self.0.transport.counters.leases_expired_total.inc();
                         tracing::debug!(group = %self.0.name, lease = id, "lease expired");
                     }
                     Err(e) => {

@@ -31,12 +31,13 @@ mod watchdog;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use macula_wire::{Message, NodeId, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 
 pub use crate::config::RaftLimits;
 pub use group::{
@@ -47,23 +48,90 @@ pub(crate) use network::Reach;
 use network::Transport;
 
 use crate::framed::{FrameReader, FrameWriter};
+use crate::metrics::register;
 use crate::peer::Peer;
 use crate::service::{Serves, Service, ServiceFuture};
 
 /// Counters of the Raft service (`/metrics`: `macula_raft_*`).
 #[derive(Debug, Default)]
 pub struct RaftCounters {
-    pub requests_sent_total: AtomicU64,
-    pub requests_failed_total: AtomicU64,
-    pub requests_served_total: AtomicU64,
-    pub requests_refused_total: AtomicU64,
-    pub forwarded_total: AtomicU64,
-    pub payload_too_large_total: AtomicU64,
-    pub leader_changes_total: AtomicU64,
-    pub leases_expired_total: AtomicU64,
-    pub groups_refused_total: AtomicU64,
+    pub requests_sent_total: Counter,
+    pub requests_failed_total: Counter,
+    pub requests_served_total: Counter,
+    pub requests_refused_total: Counter,
+    pub forwarded_total: Counter,
+    pub payload_too_large_total: Counter,
+    pub leader_changes_total: Counter,
+    pub leases_expired_total: Counter,
+    pub groups_refused_total: Counter,
     /// Elections the watchdog started (`watchdog.rs`).
-    pub watchdog_elections_total: AtomicU64,
+    pub watchdog_elections_total: Counter,
+}
+
+impl RaftCounters {
+    /// Registers every counter in the node's registry.
+    pub fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_raft_requests_sent",
+            "Raft requests (openraft RPCs and forwarded client requests) sent to other members.",
+            self.requests_sent_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_requests_failed",
+            "Raft requests sent that got no answer (unreachable member, stream error, timeout).",
+            self.requests_failed_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_requests_served",
+            "Raft requests from other members answered successfully.",
+            self.requests_served_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_requests_refused",
+            "Raft requests from other members refused (no such group, not the leader, malformed, failed).",
+            self.requests_refused_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_forwarded",
+            "Client requests (writes, linearizable reads, membership changes, keep-alives) forwarded to the leader.",
+            self.forwarded_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_payload_too_large",
+            "Log batches too large for a member's frame limit (sent again in smaller batches).",
+            self.payload_too_large_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_leader_changes",
+            "Leader changes seen, all groups.",
+            self.leader_changes_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_leases_expired",
+            "Leases this node revoked as leader because their TTL ran out.",
+            self.leases_expired_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_watchdog_elections",
+            "Elections started by the election watchdog (no leader heard for openraft's election timeout, without openraft 0.9's stale smaller-log backoff), all groups.",
+            self.watchdog_elections_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_groups_refused",
+            "Group joins refused at the raft_max_groups limit.",
+            self.groups_refused_total.clone(),
+        );
+    }
 }
 
 /// Every Raft group of one node. Cheap to clone.
@@ -127,11 +195,7 @@ impl RaftGroups {
         group::check_name(name)?;
         let dir = self.0.dir.clone().ok_or(GroupError::NoDataDir)?;
         if self.0.groups.lock().len() >= self.0.limits.max_groups {
-            self.0
-                .transport
-                .counters
-                .groups_refused_total
-                .fetch_add(1, Relaxed);
+            self.0.transport.counters.groups_refused_total.inc();
             return Err(GroupError::TooManyGroups {
                 max: self.0.limits.max_groups,
             });
@@ -216,9 +280,9 @@ impl RaftGroups {
             Some(g) => g.serve(peer.node_id(), req.kind, &req.body).await,
         };
         if resp.status == RaftStatus::Ok {
-            counters.requests_served_total.fetch_add(1, Relaxed);
+            counters.requests_served_total.inc();
         } else {
-            counters.requests_refused_total.fetch_add(1, Relaxed);
+            counters.requests_refused_total.inc();
             tracing::debug!(peer = %peer.node_id(), group = %req.group, kind = ?req.kind, status = ?resp.status, reason = %resp.reason, "raft request refused");
         }
         if let Err(e) = w.send(&Message::Raft(RaftMessage::Response(resp))).await {

@@ -3,7 +3,6 @@
 //! through the pool, found through the DHT), opened with RAFT_REQUEST and
 //! answered with one RAFT_RESPONSE (`docs/PROTOCOL.md` §5.8).
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,14 +91,14 @@ impl Transport {
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
         if self.is_cut_off(&target) {
-            self.counters.requests_failed_total.fetch_add(1, Relaxed);
+            self.counters.requests_failed_total.inc();
             return Err(TransportError::Unreachable(target));
         }
-        self.counters.requests_sent_total.fetch_add(1, Relaxed);
+        self.counters.requests_sent_total.inc();
         let r = tokio::time::timeout(timeout, self.exchange(target, group, kind, body)).await;
         let r = r.unwrap_or(Err(TransportError::Timeout(target)));
         if r.is_err() {
-            self.counters.requests_failed_total.fetch_add(1, Relaxed);
+            self.counters.requests_failed_total.inc();
         }
         r
     }
@@ -250,10 +249,7 @@ impl MeshNetwork {
                 // Ask openraft for fewer entries: a share that fits, at
                 // least one.
                 let fit = (entries as u64 * u64::from(max) / (2 * len.max(1) as u64)).max(1);
-                self.transport
-                    .counters
-                    .payload_too_large_total
-                    .fetch_add(1, Relaxed);
+                self.transport.counters.payload_too_large_total.inc();
                 return Err(RPCError::PayloadTooLarge(
                     PayloadTooLarge::new_entries_hint(fit),
                 ));

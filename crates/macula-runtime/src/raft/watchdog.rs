@@ -29,7 +29,6 @@
 //! smaller-log backoff keeps liveness: a node that is behind does not keep
 //! raising the term under the one that could win.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,7 +212,7 @@ impl Watchdog {
             if silent <= patience {
                 continue;
             }
-            self.counters.watchdog_elections_total.fetch_add(1, Relaxed);
+            self.counters.watchdog_elections_total.inc();
             tracing::info!(group = %self.group, term = current.leader_id().term, silent_ms = silent.as_millis() as u64, "no leader heard: the watchdog starts an election");
             // The clock restarts now (and again when the vote changes):
             // at most one election per `own`.

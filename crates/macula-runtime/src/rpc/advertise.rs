@@ -2,7 +2,6 @@
 //! the role's link (DHT records for a full node, CLIENT_ADVERTISE for a
 //! client), withdrawn on drop and at shutdown.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +50,7 @@ impl Rpc {
 
     pub(super) fn count_advertised(&self) {
         let n = self.state().core.serving().len();
-        self.0.counters.advertised.store(n as u64, Relaxed);
+        self.0.counters.advertised.set(n as u64);
     }
 
     /// Stops serving `procedure` if `token` is still its advertisement.

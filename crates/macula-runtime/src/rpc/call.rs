@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,9 +106,9 @@ impl Rpc {
         let now = self.now();
         let started = self.state().core.start_call(now, spec);
         if let Err(CallFailure::Overloaded { provider: None }) = started {
-            c.caller_overloaded_total.fetch_add(1, Relaxed);
+            c.caller_overloaded_total.inc();
         } else {
-            c.calls_total.fetch_add(1, Relaxed);
+            c.calls_total.inc();
         }
         let at = std::time::Instant::now();
         let res = match started {
@@ -117,7 +116,7 @@ impl Rpc {
             Err(f @ CallFailure::Overloaded { provider: None }) => return Err(self.error(b, f)),
             Err(f) => {
                 if let CallFailure::Overloaded { provider: Some(_) } = f {
-                    c.handler_overloaded_total.fetch_add(1, Relaxed);
+                    c.handler_overloaded_total.inc();
                 }
                 Err(self.error(b, f))
             }
@@ -126,7 +125,7 @@ impl Rpc {
                 slot,
                 deadline,
             }) => {
-                c.calls_local_total.fetch_add(1, Relaxed);
+                c.calls_local_total.inc();
                 let _gauge = GaugeGuard::up(&c.inflight_calls);
                 self.call_local(b, handler, slot, deadline).await
             }
@@ -136,8 +135,8 @@ impl Rpc {
             }
         };
         match &res {
-            Ok(_) => c.calls_ok_total.fetch_add(1, Relaxed),
-            Err(_) => c.calls_failed_total.fetch_add(1, Relaxed),
+            Ok(_) => c.calls_ok_total.inc(),
+            Err(_) => c.calls_failed_total.inc(),
         };
         self.observe_duration(&b.procedure, at.elapsed());
         res
@@ -339,7 +338,7 @@ impl Rpc {
                     }
                 }
                 Action::Close { provider, reason } => {
-                    self.0.counters.probes_failed_total.fetch_add(1, Relaxed);
+                    self.0.counters.probes_failed_total.inc();
                     tracing::warn!(peer = %provider, procedure = %b.procedure, reason, "provider failed a liveness probe during a call; closing its connection");
                     if let Some(p) = &call.peer {
                         p.connection().close(
@@ -350,7 +349,7 @@ impl Rpc {
                 }
                 Action::Cancel { wire_id, .. } => call.cancel(wire_id),
                 Action::Retrying { after } => {
-                    self.0.counters.retries_total.fetch_add(1, Relaxed);
+                    self.0.counters.retries_total.inc();
                     tracing::debug!(procedure = %b.procedure, error = ?after, "retrying on another provider");
                     if idle {
                         wait_until = Some(wake);

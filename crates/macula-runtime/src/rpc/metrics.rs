@@ -1,130 +1,146 @@
-//! RPC counters (`macula_rpc_*`) and the call-duration histogram, read at
-//! scrape time.
+//! RPC counters (`macula_rpc_*`) and the call-duration histogram.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
-/// Counters, read by the metrics collector.
+use crate::metrics::{register, CountGauge};
+
+/// Counters and gauges of a node's RPC.
 #[derive(Debug, Default)]
 pub struct RpcCounters {
-    pub calls_total: AtomicU64,
-    pub calls_ok_total: AtomicU64,
-    pub calls_failed_total: AtomicU64,
-    pub calls_local_total: AtomicU64,
-    pub retries_total: AtomicU64,
-    pub inflight_calls: AtomicU64,
-    pub caller_overloaded_total: AtomicU64,
-    pub served_total: AtomicU64,
-    pub served_failed_total: AtomicU64,
-    pub handler_overloaded_total: AtomicU64,
-    pub handler_panics_total: AtomicU64,
-    pub handler_timeouts_total: AtomicU64,
-    pub cancelled_by_caller_total: AtomicU64,
-    pub not_found_total: AtomicU64,
-    pub serving: AtomicU64,
-    pub advertised: AtomicU64,
-    pub probes_failed_total: AtomicU64,
-    pub late_replies_total: AtomicU64,
+    pub calls_total: Counter,
+    pub calls_ok_total: Counter,
+    pub calls_failed_total: Counter,
+    pub calls_local_total: Counter,
+    pub retries_total: Counter,
+    pub inflight_calls: CountGauge,
+    pub caller_overloaded_total: Counter,
+    pub served_total: Counter,
+    pub served_failed_total: Counter,
+    pub handler_overloaded_total: Counter,
+    pub handler_panics_total: Counter,
+    pub handler_timeouts_total: Counter,
+    pub cancelled_by_caller_total: Counter,
+    pub not_found_total: Counter,
+    pub serving: CountGauge,
+    pub advertised: CountGauge,
+    pub probes_failed_total: Counter,
+    pub late_replies_total: Counter,
 }
 
 impl RpcCounters {
-    fn rows(&self) -> [(&'static str, &'static str, u64); 18] {
-        let g = |a: &AtomicU64| a.load(Relaxed);
-        [
-            (
-                "macula_rpc_calls_total",
-                "Calls made by this node.",
-                g(&self.calls_total),
-            ),
-            (
-                "macula_rpc_calls_ok_total",
-                "Calls that got a reply.",
-                g(&self.calls_ok_total),
-            ),
-            (
-                "macula_rpc_calls_failed_total",
-                "Calls that ended in an error.",
-                g(&self.calls_failed_total),
-            ),
-            (
-                "macula_rpc_calls_local_total",
-                "Calls served in process by this node's own handler.",
-                g(&self.calls_local_total),
-            ),
-            (
-                "macula_rpc_retries_total",
-                "Retries on another provider after a retryable failure.",
-                g(&self.retries_total),
-            ),
-            (
-                "macula_rpc_inflight_calls",
-                "Calls outstanding now.",
-                g(&self.inflight_calls),
-            ),
-            (
-                "macula_rpc_caller_overloaded_total",
-                "Calls refused because this node's in-flight limit was reached.",
-                g(&self.caller_overloaded_total),
-            ),
-            (
-                "macula_rpc_served_total",
-                "Requests this node's handlers answered.",
-                g(&self.served_total),
-            ),
-            (
-                "macula_rpc_served_failed_total",
-                "Requests answered with an error (handler error, panic, timeout).",
-                g(&self.served_failed_total),
-            ),
-            (
-                "macula_rpc_handler_overloaded_total",
-                "Requests refused because the handler was at its concurrency limit.",
-                g(&self.handler_overloaded_total),
-            ),
-            (
-                "macula_rpc_handler_panics_total",
-                "Handler panics (the node keeps serving).",
-                g(&self.handler_panics_total),
-            ),
-            (
-                "macula_rpc_handler_timeouts_total",
-                "Requests abandoned at their deadline.",
-                g(&self.handler_timeouts_total),
-            ),
-            (
-                "macula_rpc_cancelled_by_caller_total",
-                "Requests whose caller cancelled them.",
-                g(&self.cancelled_by_caller_total),
-            ),
-            (
-                "macula_rpc_not_found_total",
-                "Requests for procedures this node does not serve.",
-                g(&self.not_found_total),
-            ),
-            (
-                "macula_rpc_serving",
-                "Requests being handled now.",
-                g(&self.serving),
-            ),
-            (
-                "macula_rpc_advertised",
-                "Procedures this node advertises.",
-                g(&self.advertised),
-            ),
-            (
-                "macula_rpc_probes_failed_total",
-                "Providers found dead by a liveness probe during a call.",
-                g(&self.probes_failed_total),
-            ),
-            (
-                "macula_rpc_late_replies_total",
-                "Replies that arrived after their call ended (ignored).",
-                g(&self.late_replies_total),
-            ),
-        ]
+    /// Registers every metric in the node's registry.
+    pub fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_rpc_calls",
+            "Calls made by this node.",
+            self.calls_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_calls_ok",
+            "Calls that got a reply.",
+            self.calls_ok_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_calls_failed",
+            "Calls that ended in an error.",
+            self.calls_failed_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_calls_local",
+            "Calls served in process by this node's own handler.",
+            self.calls_local_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_retries",
+            "Retries on another provider after a retryable failure.",
+            self.retries_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_inflight_calls",
+            "Calls outstanding now.",
+            self.inflight_calls.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_caller_overloaded",
+            "Calls refused because this node's in-flight limit was reached.",
+            self.caller_overloaded_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_served",
+            "Requests this node's handlers answered.",
+            self.served_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_served_failed",
+            "Requests answered with an error (handler error, panic, timeout).",
+            self.served_failed_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_handler_overloaded",
+            "Requests refused because the handler was at its concurrency limit.",
+            self.handler_overloaded_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_handler_panics",
+            "Handler panics (the node keeps serving).",
+            self.handler_panics_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_handler_timeouts",
+            "Requests abandoned at their deadline.",
+            self.handler_timeouts_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_cancelled_by_caller",
+            "Requests whose caller cancelled them.",
+            self.cancelled_by_caller_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_not_found",
+            "Requests for procedures this node does not serve.",
+            self.not_found_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_serving",
+            "Requests being handled now.",
+            self.serving.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_advertised",
+            "Procedures this node advertises.",
+            self.advertised.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_probes_failed",
+            "Providers found dead by a liveness probe during a call.",
+            self.probes_failed_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_late_replies",
+            "Replies that arrived after their call ended (ignored).",
+            self.late_replies_total.clone(),
+        );
     }
 }
 
@@ -133,19 +149,4 @@ pub(crate) type DurationFamily = Family<Vec<(String, String)>, Histogram, fn() -
 pub(super) fn duration_histogram() -> Histogram {
     // 20 µs .. ~10 s.
     Histogram::new(exponential_buckets(0.000_02, 2.0, 20))
-}
-
-/// Exposes a node's RPC counters and call-duration histogram.
-#[derive(Debug, Clone)]
-pub struct RpcCollector {
-    pub(super) counters: Arc<RpcCounters>,
-}
-
-impl prometheus_client::collector::Collector for RpcCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        crate::metrics::encode_rows(&mut encoder, &self.counters.rows())
-    }
 }

@@ -40,7 +40,6 @@ mod metrics;
 mod serve;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -53,8 +52,9 @@ use prometheus_client::metrics::family::Family;
 
 pub use api::*;
 pub(crate) use links::{Reach, RpcLink, Upstream};
-pub use metrics::{RpcCollector, RpcCounters};
+pub use metrics::RpcCounters;
 
+use crate::metrics::CountGauge;
 use crate::peer::Peer;
 use links::Role;
 use metrics::DurationFamily;
@@ -95,7 +95,7 @@ pub struct Rpc(Arc<Inner>);
 impl std::fmt::Debug for Rpc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rpc")
-            .field("advertised", &self.0.counters.advertised.load(Relaxed))
+            .field("advertised", &self.0.counters.advertised.get())
             .finish()
     }
 }
@@ -171,16 +171,17 @@ impl Rpc {
         &self.0.counters
     }
 
-    /// The collector for the node's registry.
-    pub fn collector(&self) -> RpcCollector {
-        RpcCollector {
-            counters: self.0.counters.clone(),
-        }
-    }
-
-    /// `macula_rpc_duration_seconds`, by procedure (bounded label set).
-    pub fn duration_family(&self) -> DurationFamily {
-        self.0.durations.clone()
+    /// Registers the RPC counters and `macula_rpc_duration_seconds` (by
+    /// procedure, a bounded label set) in the node's registry.
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        self.0.counters.register(r);
+        // Registered directly, so exported with the period prometheus-client
+        // appends after the text's own (`..`), as it always was.
+        r.register(
+            "macula_rpc_duration_seconds",
+            "Call duration as the caller sees it, by procedure (at most 64 procedure labels; the rest share `_other`).",
+            self.0.durations.clone(),
+        );
     }
 
     /// Largest request or reply payload.
@@ -215,18 +216,18 @@ impl Drop for SlotGuard<'_> {
 }
 
 /// Holds a gauge up while alive.
-struct GaugeGuard<'a>(&'a AtomicU64);
+struct GaugeGuard<'a>(&'a CountGauge);
 
 impl<'a> GaugeGuard<'a> {
-    fn up(g: &'a AtomicU64) -> GaugeGuard<'a> {
-        g.fetch_add(1, Relaxed);
+    fn up(g: &'a CountGauge) -> GaugeGuard<'a> {
+        g.inc();
         GaugeGuard(g)
     }
 }
 
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.dec();
     }
 }
 

@@ -4,7 +4,6 @@
 //! answer; CANCEL and a closing connection abort the requests they concern.
 
 use std::future::Future;
-use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use futures::future::{AbortHandle, Abortable};
@@ -32,10 +31,7 @@ impl Rpc {
                 let handle = self.0.serving.lock().remove(&(peer.connection_id(), id));
                 if let Some(h) = handle {
                     h.abort();
-                    self.0
-                        .counters
-                        .cancelled_by_caller_total
-                        .fetch_add(1, Relaxed);
+                    self.0.counters.cancelled_by_caller_total.inc();
                 }
             }
         }
@@ -51,7 +47,7 @@ impl Rpc {
             match s.core.handle_answer(now, &peer.node_id(), id, answer) {
                 Some(call) => s.notify.get(&call).cloned(),
                 None => {
-                    self.0.counters.late_replies_total.fetch_add(1, Relaxed);
+                    self.0.counters.late_replies_total.inc();
                     return;
                 }
             }
@@ -73,8 +69,8 @@ impl Rpc {
         match admission {
             Admission::Refuse { kind, message } => {
                 match kind {
-                    RpcErrorKind::NotFound => c.not_found_total.fetch_add(1, Relaxed),
-                    RpcErrorKind::Overloaded => c.handler_overloaded_total.fetch_add(1, Relaxed),
+                    RpcErrorKind::NotFound => c.not_found_total.inc(),
+                    RpcErrorKind::Overloaded => c.handler_overloaded_total.inc(),
                     _ => 0,
                 };
                 Some(Message::Rpc(RpcMessage::Error(CallError {
@@ -142,7 +138,7 @@ impl Rpc {
             let c = &rpc.0.counters;
             let msg = match outcome {
                 Ok(payload) => {
-                    c.served_total.fetch_add(1, Relaxed);
+                    c.served_total.inc();
                     Message::Rpc(RpcMessage::Reply(Reply {
                         id,
                         payload: payload.to_vec(),
@@ -150,7 +146,7 @@ impl Rpc {
                     }))
                 }
                 Err(e) => {
-                    c.served_failed_total.fetch_add(1, Relaxed);
+                    c.served_failed_total.inc();
                     Message::Rpc(RpcMessage::Error(e))
                 }
             };
@@ -191,7 +187,7 @@ impl Rpc {
     /// none is left.
     pub async fn drain(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while self.0.counters.serving.load(Relaxed) > 0 {
+        while self.0.counters.serving.get() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
@@ -220,12 +216,12 @@ pub(super) async fn run_handler(
         Ok(Ok(Ok(payload))) => Ok(payload),
         Ok(Ok(Err(e))) => Err(HandlerFailure::Error(e)),
         Ok(Err(_panic)) => {
-            counters.handler_panics_total.fetch_add(1, Relaxed);
+            counters.handler_panics_total.inc();
             tracing::error!(procedure, "RPC handler panicked; still serving");
             Err(HandlerFailure::Panicked)
         }
         Err(_) => {
-            counters.handler_timeouts_total.fetch_add(1, Relaxed);
+            counters.handler_timeouts_total.inc();
             Err(HandlerFailure::Timeout)
         }
     }

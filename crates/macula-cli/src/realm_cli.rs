@@ -1,0 +1,608 @@
+//! `macula realm ...` and `macula authz check`: a realm authority's key,
+//! the grants it issues, its revocation list, and explaining decisions
+//! (issue 18; the formats are `macula_auth`'s, PROTOCOL.md section 5.10).
+//!
+//! Everything lives in `<data dir>/realms/<NAME>/`: `authority.key` (the
+//! authority's Ed25519 key, PKCS#8 PEM, mode 0600, never overwritten),
+//! `grants.jsonl` (one line per grant issued, with its token), and
+//! `revocations` (the current signed revocation list). These commands work
+//! offline: nodes will take grants in their handshake and lists through the
+//! mesh once the runtime side of issue 18 lands.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+use ed25519_dalek::pkcs8::DecodePrivateKey;
+use ed25519_dalek::SigningKey;
+use macula::NodeId;
+use macula_auth::policy::{parse_rules, Action, Decision, Rule};
+use macula_auth::{
+    sign, Grant, GrantBody, GrantId, Key, RevocationBody, RevocationList, Revocations, Subject,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::Failure;
+
+/// Grants and realm keys travel as URL-safe base64 without padding.
+const TOKEN: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+#[derive(Subcommand, Debug)]
+pub enum RealmCommand {
+    /// Create a realm authority (its signing key) and print the realm key.
+    Init(NameArgs),
+    /// Print a realm's key (the authority's public key).
+    Key(NameArgs),
+    /// Issue a grant and print it as a token.
+    Grant(GrantArgs),
+    /// Revoke a grant (by serial) or a principal, and re-sign the revocation list.
+    Revoke(RevokeArgs),
+    /// List the grants a realm issued, with their state.
+    List(ListArgs),
+    /// Decode a grant token, and verify it when --realm is given.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NameArgs {
+    /// The realm's name (a label on this machine; the realm is its key).
+    pub name: String,
+    /// Directory holding realms/ [env: MACULA_DATA_DIR] [default: <user data dir>/macula]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct GrantArgs {
+    #[command(flatten)]
+    pub realm: NameArgs,
+    /// Who the grant is for: node:<NODE_ID>, client:<KEY> or signer:<KEY>.
+    #[arg(long, value_name = "SUBJECT")]
+    pub subject: String,
+    /// A permission, `ACTION PATTERN` (publish, subscribe, call, advertise,
+    /// relay, admin; `{{subject}}` stands for the subject's ID). Repeatable.
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<String>,
+    /// A denial, `ACTION PATTERN`; deny wins. Repeatable.
+    #[arg(long, value_name = "RULE")]
+    pub deny: Vec<String>,
+    /// A role label. Repeatable.
+    #[arg(long, value_name = "ROLE")]
+    pub role: Vec<String>,
+    /// How long the grant is valid: 90d, 12h, 30m, 300s.
+    #[arg(long, default_value = "30d", value_name = "DURATION")]
+    pub ttl: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    pub realm: NameArgs,
+    /// A grant's serial (32 hex digits, as `realm list` shows it). Repeatable.
+    #[arg(long, value_name = "SERIAL")]
+    pub grant: Vec<String>,
+    /// A principal: node:<NODE_ID>, client:<KEY> or signer:<KEY>. Repeatable.
+    #[arg(long, value_name = "SUBJECT")]
+    pub subject: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub realm: NameArgs,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A grant token, or @FILE to read one.
+    pub token: String,
+    /// Verify against this realm key (as `realm key` prints it).
+    #[arg(long, value_name = "KEY")]
+    pub realm: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The principal's grant token, or @FILE.
+    #[arg(long, value_name = "TOKEN")]
+    pub grant: String,
+    /// The realm key the grant must be for.
+    #[arg(long, value_name = "KEY")]
+    pub realm: String,
+    /// The realm's revocation list (the file `realm revoke` writes).
+    #[arg(long, value_name = "FILE")]
+    pub revocations: Option<PathBuf>,
+    /// publish, subscribe, call, advertise, relay or admin.
+    pub action: String,
+    /// A topic or procedure name (a pattern for subscribe).
+    pub resource: String,
+}
+
+/// One issued grant, as `grants.jsonl` keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Issued {
+    serial: String,
+    subject: String,
+    rules: Vec<String>,
+    roles: Vec<String>,
+    issued_ms: u64,
+    expires_ms: u64,
+    token: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn realm_dir(args: &NameArgs) -> Result<PathBuf, Failure> {
+    if args.name.is_empty()
+        || args.name.len() > 64
+        || !args
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        || args.name.starts_with('.')
+    {
+        return Err(crate::usage(anyhow!(
+            "realm name {:?}: 1-64 characters of A-Z a-z 0-9 . _ - (not starting with '.')",
+            args.name
+        )));
+    }
+    let base = args
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(crate::config::default_data_dir);
+    Ok(base.join("realms").join(&args.name))
+}
+
+fn authority_path(dir: &Path) -> PathBuf {
+    dir.join("authority.key")
+}
+
+/// The authority's signing key; `create` makes it if it does not exist.
+fn authority(dir: &Path, create: bool) -> Result<SigningKey, Failure> {
+    let path = authority_path(dir);
+    if !create && !path.exists() {
+        return Err(anyhow!(
+            "no realm authority at {} (create one with `macula realm init`)",
+            path.display()
+        )
+        .into());
+    }
+    let id = macula::Identity::load_or_create_file(&path)?;
+    let key = SigningKey::from_pkcs8_der(&id.pkcs8_der())
+        .map_err(|e| anyhow!("the key in {} does not load: {e}", path.display()))?;
+    Ok(key)
+}
+
+pub fn parse_subject(s: &str) -> anyhow::Result<Subject> {
+    let (kind, id) = s.split_once(':').ok_or_else(|| {
+        anyhow!("subject {s:?}: expected node:<ID>, client:<KEY> or signer:<KEY>")
+    })?;
+    let key = || id.parse::<Key>().map_err(|e| anyhow!("subject {s:?}: {e}"));
+    Ok(match kind {
+        "node" => Subject::Node(
+            id.parse::<NodeId>()
+                .map_err(|e| anyhow!("subject {s:?}: {e}"))?,
+        ),
+        "client" => Subject::Client(key()?),
+        "signer" => Subject::Signer(key()?),
+        _ => bail!("subject {s:?}: expected node:<ID>, client:<KEY> or signer:<KEY>"),
+    })
+}
+
+fn subject_text(s: &Subject) -> String {
+    match s {
+        Subject::Node(n) => format!("node:{n}"),
+        Subject::Client(k) => format!("client:{k}"),
+        Subject::Signer(k) => format!("signer:{k}"),
+    }
+}
+
+/// `90d`, `12h`, `30m`, `300s`, `300`, `250ms`.
+fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
+    if let Some(days) = s.strip_suffix('d') {
+        let n: u64 = days
+            .parse()
+            .map_err(|_| anyhow!("--ttl {s:?}: expected a duration such as 90d, 12h, 30m"))?;
+        return n
+            .checked_mul(86_400)
+            .map(Duration::from_secs)
+            .ok_or_else(|| anyhow!("--ttl {s:?} is too long"));
+    }
+    crate::config::parse_duration(s).map_err(|e| anyhow!("--ttl {s:?}: {e}"))
+}
+
+fn serial_hex(id: &GrantId) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_serial(s: &str) -> anyhow::Result<GrantId> {
+    let mut id = [0u8; 16];
+    if s.len() != 32 || !s.is_ascii() {
+        bail!("serial {s:?}: expected 32 hex digits");
+    }
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+            .map_err(|_| anyhow!("serial {s:?}: expected 32 hex digits"))?;
+    }
+    Ok(id)
+}
+
+fn read_token(arg: &str) -> anyhow::Result<Grant> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
+        }
+        None => arg.to_string(),
+    };
+    let bytes = TOKEN
+        .decode(text.trim())
+        .map_err(|e| anyhow!("not a grant token (base64): {e}"))?;
+    Ok(Grant::from_bytes(&bytes)?)
+}
+
+fn token_of(g: &Grant) -> anyhow::Result<String> {
+    Ok(TOKEN.encode(g.to_bytes()?))
+}
+
+/// The current revocation list of a realm, verified (none yet: version 0).
+fn revocations(dir: &Path, realm: &Key) -> anyhow::Result<(Revocations, RevocationBody)> {
+    let path = dir.join("revocations");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let list = RevocationList::from_bytes(&bytes)
+                .with_context(|| format!("{} does not decode", path.display()))?;
+            let r = list
+                .verify(realm)
+                .with_context(|| format!("{} does not verify", path.display()))?;
+            let body: RevocationBody = rmp_serde::from_slice(&list.0.body)?;
+            Ok((r, body))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((
+            Revocations::default(),
+            RevocationBody {
+                realm: *realm,
+                version: 0,
+                issued_ms: 0,
+                grants: Vec::new(),
+                subjects: Vec::new(),
+            },
+        )),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn read_issued(dir: &Path) -> anyhow::Result<Vec<Issued>> {
+    let path = dir.join("grants.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not a grant record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+pub fn run(cmd: RealmCommand) -> Result<(), Failure> {
+    match cmd {
+        RealmCommand::Init(args) => {
+            let dir = realm_dir(&args)?;
+            let existed = authority_path(&dir).exists();
+            let key = authority(&dir, true)?;
+            println!("{}", Key::of(&key));
+            if existed {
+                eprintln!(
+                    "(the realm {} already had an authority: unchanged)",
+                    args.name
+                );
+            }
+            Ok(())
+        }
+        RealmCommand::Key(args) => {
+            let key = authority(&realm_dir(&args)?, false)?;
+            println!("{}", Key::of(&key));
+            Ok(())
+        }
+        RealmCommand::Grant(args) => grant(args),
+        RealmCommand::Revoke(args) => revoke(args),
+        RealmCommand::List(args) => list(args),
+        RealmCommand::Inspect(args) => inspect(args),
+    }
+}
+
+fn grant(args: GrantArgs) -> Result<(), Failure> {
+    let dir = realm_dir(&args.realm)?;
+    let key = authority(&dir, false)?;
+    let subject = parse_subject(&args.subject).map_err(crate::usage)?;
+    let mut text = Vec::new();
+    for r in &args.allow {
+        text.push(format!("allow {r}"));
+    }
+    for r in &args.deny {
+        text.push(format!("deny {r}"));
+    }
+    let rules = parse_rules(&text.join("\n")).map_err(|e| crate::usage(anyhow!(e)))?;
+    if rules.is_empty() && !matches!(subject, Subject::Signer(_)) {
+        return Err(crate::usage(anyhow!(
+            "a grant without --allow allows nothing (nothing is allowed by default)"
+        )));
+    }
+    let ttl = parse_ttl(&args.ttl).map_err(crate::usage)?;
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| anyhow!("no randomness for a serial: {e}"))?;
+    let now = now_ms();
+    let body = GrantBody {
+        realm: Key::of(&key),
+        issuer: Key::of(&key),
+        id,
+        subject,
+        rules,
+        roles: args.role.clone(),
+        not_before_ms: now,
+        expires_ms: now.saturating_add(ttl.as_millis() as u64),
+    };
+    let g = Grant {
+        grant: sign(&body, &key)?,
+        signer: None,
+    };
+    let token = token_of(&g)?;
+    let record = Issued {
+        serial: serial_hex(&id),
+        subject: subject_text(&subject),
+        rules: body.rules.iter().map(Rule::to_string).collect(),
+        roles: body.roles.clone(),
+        issued_ms: now,
+        expires_ms: body.expires_ms,
+        token: token.clone(),
+    };
+    let path = dir.join("grants.jsonl");
+    let mut line = serde_json::to_string(&record).map_err(anyhow::Error::from)?;
+    line.push('\n');
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .with_context(|| format!("cannot record the grant in {}", path.display()))?;
+    println!("{token}");
+    eprintln!(
+        "grant {} for {} until {} (unix ms)",
+        record.serial, record.subject, record.expires_ms
+    );
+    Ok(())
+}
+
+fn revoke(args: RevokeArgs) -> Result<(), Failure> {
+    let dir = realm_dir(&args.realm)?;
+    let key = authority(&dir, false)?;
+    let realm = Key::of(&key);
+    if args.grant.is_empty() && args.subject.is_empty() {
+        return Err(crate::usage(anyhow!(
+            "name what to revoke: --grant SERIAL or --subject SUBJECT"
+        )));
+    }
+    let (_, mut body) = revocations(&dir, &realm)?;
+    for g in &args.grant {
+        let id = parse_serial(g).map_err(crate::usage)?;
+        if !body.grants.contains(&id) {
+            body.grants.push(id);
+        }
+    }
+    for s in &args.subject {
+        let subject = parse_subject(s).map_err(crate::usage)?;
+        if !body.subjects.contains(&subject) {
+            body.subjects.push(subject);
+        }
+    }
+    body.version += 1;
+    body.issued_ms = now_ms();
+    let list = RevocationList::sign(&body, &key)?;
+    let path = dir.join("revocations");
+    write_atomic(&path, &list.to_bytes()?)?;
+    println!("{}", path.display());
+    eprintln!(
+        "revocation list version {}: {} serials, {} principals",
+        body.version,
+        body.grants.len(),
+        body.subjects.len()
+    );
+    Ok(())
+}
+
+fn list(args: ListArgs) -> Result<(), Failure> {
+    let dir = realm_dir(&args.realm)?;
+    let key = authority(&dir, false)?;
+    let realm = Key::of(&key);
+    let (revoked, _) = revocations(&dir, &realm)?;
+    let now = now_ms();
+    let mut rows = Vec::new();
+    for issued in read_issued(&dir)? {
+        let state = match read_token(&issued.token)
+            .map_err(|e| e.to_string())
+            .and_then(|g| {
+                g.verify(&realm, now, 0, &revoked)
+                    .map_err(|e| e.kind().to_string())
+            }) {
+            Ok(_) => "valid".to_string(),
+            Err(kind) => kind,
+        };
+        if args.json {
+            let mut v = serde_json::to_value(&issued).map_err(anyhow::Error::from)?;
+            v["state"] = serde_json::Value::String(state);
+            println!("{v}");
+        } else {
+            rows.push([
+                issued.serial,
+                issued.subject,
+                issued.rules.join("; "),
+                state,
+            ]);
+        }
+    }
+    if !args.json {
+        let header = ["SERIAL", "SUBJECT", "RULES", "STATE"].map(String::from);
+        crate::admin_cli::write_table(&mut std::io::stdout().lock(), &header, &rows)
+            .context("cannot write to stdout")?;
+    }
+    Ok(())
+}
+
+fn inspect(args: InspectArgs) -> Result<(), Failure> {
+    let g = read_token(&args.token).map_err(crate::usage)?;
+    let body: GrantBody = rmp_serde::from_slice(&g.grant.body)
+        .map_err(|e| crate::usage(anyhow!("the grant does not decode: {e}")))?;
+    let verdict = match &args.realm {
+        None => None,
+        Some(k) => {
+            let realm: Key = k
+                .parse()
+                .map_err(|e| crate::usage(anyhow!("--realm: {e}")))?;
+            Some(
+                match g.verify(&realm, now_ms(), 0, &Revocations::default()) {
+                    Ok(_) => "valid".to_string(),
+                    Err(e) => format!("{} ({e})", e.kind()),
+                },
+            )
+        }
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "serial": serial_hex(&body.id),
+            "realm": body.realm.to_string(),
+            "issuer": body.issuer.to_string(),
+            "subject": subject_text(&body.subject),
+            "rules": body.rules.iter().map(Rule::to_string).collect::<Vec<_>>(),
+            "roles": body.roles,
+            "not_before_ms": body.not_before_ms,
+            "expires_ms": body.expires_ms,
+            "signed_by_signer": g.signer.is_some(),
+            "verdict": verdict,
+        });
+        println!("{v}");
+    } else {
+        println!("serial:     {}", serial_hex(&body.id));
+        println!("realm:      {}", body.realm);
+        println!("issuer:     {}", body.issuer);
+        println!("subject:    {}", subject_text(&body.subject));
+        for r in &body.rules {
+            println!("rule:       {r}");
+        }
+        for r in &body.roles {
+            println!("role:       {r}");
+        }
+        println!(
+            "valid:      {} .. {} (unix ms)",
+            body.not_before_ms, body.expires_ms
+        );
+        if let Some(v) = &verdict {
+            println!("verdict:    {v}");
+        }
+    }
+    match verdict.as_deref() {
+        Some(v) if v != "valid" => Err(Failure {
+            code: 1,
+            error: anyhow!("the grant is not valid for that realm: {v}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `macula authz check`: exit 0 when allowed, 1 when denied (with why).
+pub fn check(args: CheckArgs) -> Result<(), Failure> {
+    let realm: Key = args
+        .realm
+        .parse()
+        .map_err(|e| crate::usage(anyhow!("--realm: {e}")))?;
+    let g = read_token(&args.grant).map_err(crate::usage)?;
+    let action: Action = args
+        .action
+        .parse()
+        .map_err(|e| crate::usage(anyhow!("{e}")))?;
+    let revoked = match &args.revocations {
+        None => Revocations::default(),
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            RevocationList::from_bytes(&bytes)
+                .and_then(|l| l.verify(&realm))
+                .with_context(|| {
+                    format!("{} is not a revocation list of that realm", path.display())
+                })?
+        }
+    };
+    let verified = g
+        .verify(&realm, now_ms(), 0, &revoked)
+        .map_err(|e| Failure {
+            code: 1,
+            error: anyhow!("denied: the grant is not valid ({}): {e}", e.kind()),
+        })?;
+    let req =
+        macula_auth::Request::new(action, &args.resource).map_err(|e| crate::usage(anyhow!(e)))?;
+    match verified.decide(&req) {
+        Decision::Allow { rule } => {
+            println!(
+                "allowed: {req} for {} by `{rule}`",
+                subject_text(&verified.subject())
+            );
+            Ok(())
+        }
+        Decision::Deny(why) => Err(Failure {
+            code: 1,
+            error: anyhow!(
+                "denied: {req} for {}: {why} ({})",
+                subject_text(&verified.subject()),
+                why.kind()
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_serials_and_ttls_parse() {
+        let id = NodeId::from_bytes([3; 32]);
+        let s = parse_subject(&format!("node:{id}")).expect("node");
+        assert_eq!(subject_text(&s), format!("node:{id}"));
+        assert!(parse_subject("node").is_err());
+        assert!(parse_subject("robot:abc").is_err());
+        assert!(parse_subject("client:xyz").is_err());
+        let serial = [0xab; 16];
+        assert_eq!(parse_serial(&serial_hex(&serial)).expect("serial"), serial);
+        assert!(parse_serial("abc").is_err());
+        assert!(parse_serial(&"zz".repeat(16)).is_err());
+        assert_eq!(parse_ttl("2d").expect("d"), Duration::from_secs(172_800));
+        assert_eq!(parse_ttl("90m").expect("m"), Duration::from_secs(5_400));
+        assert!(parse_ttl("forever").is_err());
+        assert!(parse_ttl(&format!("{}d", u64::MAX)).is_err());
+    }
+}
