@@ -202,18 +202,6 @@ async fn local_node() -> anyhow::Result<Node> {
         .await?)
 }
 
-/// A tiny deterministic generator (xorshift64*), so runs pick the same nodes.
-struct Pick(u64);
-
-impl Pick {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
-    }
-}
-
 async fn dht(args: DhtArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (2..=200).contains(&args.nodes),
@@ -238,7 +226,8 @@ async fn dht(args: DhtArgs) -> anyhow::Result<()> {
         nodes.push(n);
     }
     let ttl = Duration::from_secs(3600);
-    let mut pick = Pick(0x9e37_79b9_7f4a_7c15);
+    // Seeded, so runs pick the same nodes.
+    let mut pick = macula_wire::rng::Rng::new(0x9e37_79b9_7f4a_7c15);
     let keys: Vec<_> = (0..args.keys)
         .map(|i| macula::dht_key(format!("bench-key-{i}").as_bytes()))
         .collect();
@@ -247,7 +236,7 @@ async fn dht(args: DhtArgs) -> anyhow::Result<()> {
     let mut puts = Vec::with_capacity(keys.len());
     let mut replicas = 0usize;
     for k in &keys {
-        let node = &nodes[pick.below(nodes.len())];
+        let node = &nodes[pick.below(nodes.len() as u64) as usize];
         let t = Instant::now();
         replicas += node
             .dht()
@@ -264,7 +253,7 @@ async fn dht(args: DhtArgs) -> anyhow::Result<()> {
     let (mut fresh, mut cached) = (Vec::new(), Vec::new());
     let mut found = 0usize;
     for k in &keys {
-        let node = &nodes[pick.below(nodes.len())];
+        let node = &nodes[pick.below(nodes.len() as u64) as usize];
         let t = Instant::now();
         let got = node.dht().get_fresh(*k).await?;
         fresh.push(t.elapsed());
