@@ -16,15 +16,12 @@
 //! signatures, the validity window (with a clock skew allowance), and the
 //! revocation list; each refusal is a named [`GrantError`].
 
-use std::fmt;
-use std::str::FromStr;
-
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
-use macula_wire::NodeId;
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Decision, Policy, PolicyError, Request, Rule, MAX_RULES};
 use crate::revocation::Revocations;
+pub use crate::types::{GrantId, Key, Signed, Subject};
 
 /// Prefix of the signed bytes of a grant.
 pub const GRANT_DOMAIN: &[u8] = b"macula grant v1\0";
@@ -33,89 +30,6 @@ pub const MAX_GRANT_BYTES: usize = 64 * 1024;
 /// Most roles in one grant, and longest role name.
 pub const MAX_ROLES: usize = 64;
 pub const MAX_ROLE_LEN: usize = 64;
-
-/// An Ed25519 public key: a realm authority's or a signer's. Its text form
-/// is the same lowercase base32 as a node ID's.
-/// On the wire it is 32 bytes (MessagePack bin), as a node ID is.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(pub [u8; 32]);
-
-impl Serialize for Key {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        NodeId::from_bytes(self.0).serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
-        NodeId::deserialize(d).map(|id| Key(*id.as_bytes()))
-    }
-}
-
-impl Key {
-    pub fn of(signing: &SigningKey) -> Key {
-        Key(signing.verifying_key().to_bytes())
-    }
-
-    fn verifying(&self) -> Result<VerifyingKey, GrantError> {
-        VerifyingKey::from_bytes(&self.0).map_err(|_| GrantError::BadKey)
-    }
-}
-
-impl fmt::Display for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        NodeId::from_bytes(self.0).fmt(f)
-    }
-}
-
-impl fmt::Debug for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({self})")
-    }
-}
-
-impl FromStr for Key {
-    type Err = GrantError;
-    fn from_str(s: &str) -> Result<Key, GrantError> {
-        let id = NodeId::from_str(s).map_err(|_| GrantError::BadKey)?;
-        Ok(Key(*id.as_bytes()))
-    }
-}
-
-/// Who a grant is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Subject {
-    /// A full node, by node ID.
-    Node(NodeId),
-    /// A lightweight client, by its key.
-    Client(Key),
-    /// A signing key the authority delegates to.
-    Signer(Key),
-}
-
-impl Subject {
-    /// The text `{{subject}}` stands for in rules: the ID or key.
-    pub fn id(&self) -> String {
-        match self {
-            Subject::Node(n) => n.to_string(),
-            Subject::Client(k) | Subject::Signer(k) => k.to_string(),
-        }
-    }
-}
-
-impl fmt::Display for Subject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Subject::Node(n) => write!(f, "node {n}"),
-            Subject::Client(k) => write!(f, "client {k}"),
-            Subject::Signer(k) => write!(f, "signer {k}"),
-        }
-    }
-}
-
-/// A grant's serial number, unique per authority (random at issue).
-pub type GrantId = [u8; 16];
 
 /// What a grant says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,15 +46,6 @@ pub struct GrantBody {
     /// Unix milliseconds.
     pub not_before_ms: u64,
     pub expires_ms: u64,
-}
-
-/// A body as signed: the exact bytes and the signature over them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Signed {
-    #[serde(with = "serde_bytes")]
-    pub body: Vec<u8>,
-    #[serde(with = "serde_bytes")]
-    pub signature: Vec<u8>,
 }
 
 /// A grant as it travels: the principal's signed body, and the signer's
@@ -216,7 +121,8 @@ fn check_signature(signed: &Signed, key: &Key) -> Result<(), GrantError> {
     let mut msg = Vec::with_capacity(GRANT_DOMAIN.len() + signed.body.len());
     msg.extend_from_slice(GRANT_DOMAIN);
     msg.extend_from_slice(&signed.body);
-    key.verifying()?
+    key.verifying()
+        .map_err(|_| GrantError::BadKey)?
         .verify(&msg, &sig)
         .map_err(|_| GrantError::BadSignature)
 }
@@ -277,6 +183,11 @@ impl Grant {
         rmp_serde::to_vec_named(self).map_err(|e| GrantError::Decode(e.to_string()))
     }
 
+    /// The principal's body, decoded but not verified (for display).
+    pub fn body(&self) -> Result<GrantBody, GrantError> {
+        decode_body(&self.grant)
+    }
+
     /// Decodes a grant, bounded by [`MAX_GRANT_BYTES`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Grant, GrantError> {
         if bytes.len() > MAX_GRANT_BYTES {
@@ -327,7 +238,7 @@ impl Grant {
                 }
                 check_signature(&self.grant, &body.issuer)?;
                 check_time(&s, now_ms, skew_ms)?;
-                revoked.check(&s)?;
+                check_revoked(revoked, &s)?;
                 Some(s)
             }
         };
@@ -338,7 +249,7 @@ impl Grant {
             }
         }
         check_time(&body, now_ms, skew_ms)?;
-        revoked.check(&body)?;
+        check_revoked(revoked, &body)?;
         Ok(Verified { body, signer })
     }
 }
@@ -364,6 +275,15 @@ fn check_body(body: &GrantBody, realm: &Key) -> Result<(), GrantError> {
             n: body.roles.len(),
             max: MAX_ROLES,
             max_len: MAX_ROLE_LEN,
+        });
+    }
+    Ok(())
+}
+
+fn check_revoked(revoked: &Revocations, body: &GrantBody) -> Result<(), GrantError> {
+    if revoked.revokes_grant(&body.id) || revoked.revokes(&body.subject) {
+        return Err(GrantError::Revoked {
+            version: revoked.version,
         });
     }
     Ok(())
@@ -425,7 +345,7 @@ pub(crate) mod tests {
     }
 
     fn node(n: u8) -> Subject {
-        Subject::Node(NodeId::from_bytes([n; 32]))
+        Subject::Node(macula_wire::NodeId::from_bytes([n; 32]))
     }
 
     fn none() -> Revocations {

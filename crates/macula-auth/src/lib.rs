@@ -20,12 +20,14 @@ pub mod audit;
 pub mod grant;
 pub mod policy;
 pub mod revocation;
+mod types;
 
-pub use grant::{sign, Grant, GrantBody, GrantError, GrantId, Key, Signed, Subject, Verified};
+pub use grant::{sign, Grant, GrantBody, GrantError, Verified};
 pub use policy::{
     Action, Decision, DecisionCache, Denial, Effect, Policy, PolicyError, Request, Rule,
 };
 pub use revocation::{RevocationBody, RevocationError, RevocationList, Revocations};
+pub use types::{BadKey, GrantId, Key, Signed, Subject};
 
 #[cfg(test)]
 mod tests {

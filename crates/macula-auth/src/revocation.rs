@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier};
 use serde::{Deserialize, Serialize};
 
-use crate::grant::{GrantBody, GrantError, GrantId, Key, Signed, Subject};
+use crate::types::{GrantId, Key, Signed, Subject};
 
 /// Prefix of the signed bytes of a revocation list.
 pub const REVOCATION_DOMAIN: &[u8] = b"macula revocations v1\0";
@@ -82,6 +82,11 @@ impl RevocationList {
         rmp_serde::from_slice(bytes).map_err(|e| RevocationError::Decode(e.to_string()))
     }
 
+    /// The body, decoded but not verified (to re-sign a new version).
+    pub fn body(&self) -> Result<RevocationBody, RevocationError> {
+        rmp_serde::from_slice(&self.0.body).map_err(|e| RevocationError::Decode(e.to_string()))
+    }
+
     /// Checks the list for `realm` and returns what it revokes.
     pub fn verify(&self, realm: &Key) -> Result<Revocations, RevocationError> {
         let body: RevocationBody = rmp_serde::from_slice(&self.0.body)
@@ -132,14 +137,9 @@ pub struct Revocations {
 }
 
 impl Revocations {
-    /// Whether `body` (a grant or a signer's grant) is revoked.
-    pub fn check(&self, body: &GrantBody) -> Result<(), GrantError> {
-        if self.grants.contains(&body.id) || self.subjects.contains(&body.subject) {
-            return Err(GrantError::Revoked {
-                version: self.version,
-            });
-        }
-        Ok(())
+    /// Whether the grant with serial `id` is revoked.
+    pub fn revokes_grant(&self, id: &GrantId) -> bool {
+        self.grants.contains(id)
     }
 
     /// Whether `subject` itself is revoked (to disconnect it at once).

@@ -227,7 +227,7 @@ async fn dht(args: DhtArgs) -> anyhow::Result<()> {
     }
     let ttl = Duration::from_secs(3600);
     // Seeded, so runs pick the same nodes.
-    let mut pick = macula_wire::rng::Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut pick = macula::rng::Rng::new(0x9e37_79b9_7f4a_7c15);
     let keys: Vec<_> = (0..args.keys)
         .map(|i| macula::dht_key(format!("bench-key-{i}").as_bytes()))
         .collect();

@@ -1,6 +1,6 @@
 //! `macula realm ...` and `macula authz check`: a realm authority's key,
 //! the grants it issues, its revocation list, and explaining decisions
-//! (issue 18; the formats are `macula_auth`'s, PROTOCOL.md section 5.10).
+//! (issue 18; the formats are `macula::auth`'s, PROTOCOL.md section 5.10).
 //!
 //! Everything lives in `<data dir>/realms/<NAME>/`: `authority.key` (the
 //! authority's Ed25519 key, PKCS#8 PEM, mode 0600, never overwritten),
@@ -17,11 +17,11 @@ use base64::Engine as _;
 use clap::{Args, Subcommand};
 use ed25519_dalek::pkcs8::DecodePrivateKey;
 use ed25519_dalek::SigningKey;
-use macula::NodeId;
-use macula_auth::policy::{parse_rules, Action, Decision, Rule};
-use macula_auth::{
+use macula::auth::policy::{parse_rules, Action, Decision, Rule};
+use macula::auth::{
     sign, Grant, GrantBody, GrantId, Key, RevocationBody, RevocationList, Revocations, Subject,
 };
+use macula::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::Failure;
@@ -267,7 +267,7 @@ fn revocations(dir: &Path, realm: &Key) -> anyhow::Result<(Revocations, Revocati
             let r = list
                 .verify(realm)
                 .with_context(|| format!("{} does not verify", path.display()))?;
-            let body: RevocationBody = rmp_serde::from_slice(&list.0.body)?;
+            let body = list.body()?;
             Ok((r, body))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((
@@ -476,7 +476,8 @@ fn list(args: ListArgs) -> Result<(), Failure> {
 
 fn inspect(args: InspectArgs) -> Result<(), Failure> {
     let g = read_token(&args.token).map_err(crate::usage)?;
-    let body: GrantBody = rmp_serde::from_slice(&g.grant.body)
+    let body = g
+        .body()
         .map_err(|e| crate::usage(anyhow!("the grant does not decode: {e}")))?;
     let verdict = match &args.realm {
         None => None,
@@ -564,7 +565,7 @@ pub fn check(args: CheckArgs) -> Result<(), Failure> {
             error: anyhow!("denied: the grant is not valid ({}): {e}", e.kind()),
         })?;
     let req =
-        macula_auth::Request::new(action, &args.resource).map_err(|e| crate::usage(anyhow!(e)))?;
+        macula::auth::Request::new(action, &args.resource).map_err(|e| crate::usage(anyhow!(e)))?;
     match verified.decide(&req) {
         Decision::Allow { rule } => {
             println!(

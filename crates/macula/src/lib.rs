@@ -74,6 +74,9 @@ pub use client::{connect_client, Client, ClientBuilder, ClientSocket};
 pub use crdt::{Crdt, CrdtError, CrdtOptions};
 pub use node::{Node, NodeBuilder, NodeStats, Peer, PeerInfo, JOIN_WAIT};
 
+/// Realm admission and authorization (issue 18): grants, revocation
+/// lists, policies. The runtime does not enforce them yet.
+pub use macula_auth as auth;
 pub use macula_rpc::Strategy;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::identity::{Identity, IdentityError};
@@ -88,6 +91,9 @@ pub use macula_runtime::rpc::{
     Registration, Request, Response, RpcError,
 };
 pub use macula_runtime::{ClientError, ConnectError, Direction, PeerAddr, PeerEvent, StartError};
+/// A small seedable PRNG (xoshiro256**), for tests and benchmarks that
+/// must pick the same things every run.
+pub use macula_wire::rng;
 pub use macula_wire::{dht_key, DisconnectReason, NodeId};
 
 /// Errors from the public API.
