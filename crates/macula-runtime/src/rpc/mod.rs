@@ -175,9 +175,8 @@ impl Rpc {
     /// procedure, a bounded label set) in the node's registry.
     pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
         self.0.counters.register(r);
-        // Registered directly, so exported with the period prometheus-client
-        // appends after the text's own (`..`), as it always was.
-        r.register(
+        crate::metrics::register(
+            r,
             "macula_rpc_duration_seconds",
             "Call duration as the caller sees it, by procedure (at most 64 procedure labels; the rest share `_other`).",
             self.0.durations.clone(),
