@@ -312,6 +312,40 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_signs_where_the_chain_stands() {
+        let k = key(5);
+        // A genuine checkpoint after one entry...
+        let mut a = Chain::default();
+        let _ = a.append(1, "admission", "node 1");
+        let genuine: Entry = serde_json::from_str(&a.checkpoint(2, &k)).expect("entry");
+        // ...copied onto a rewritten chain (rehashed, so only the signature
+        // can tell): it does not verify there.
+        let mut b = Chain::default();
+        let first = b.append(1, "admission", "node 666");
+        let prev = b.last_hash.clone();
+        let hash = hex(&entry_hash(1, 2, CHECKPOINT, &genuine.detail, &prev));
+        let copied = Entry {
+            seq: 1,
+            time_ms: 2,
+            kind: CHECKPOINT.into(),
+            detail: genuine.detail.clone(),
+            prev,
+            hash,
+        };
+        let lines = [first, serde_json::to_string(&copied).expect("json")];
+        let broken = verify(
+            lines.iter().map(String::as_str),
+            Some(Chain::default()),
+            Some(&k.verifying_key()),
+        )
+        .expect_err("copied checkpoint");
+        assert_eq!(
+            (broken.line, broken.reason),
+            (2, BreakReason::BadCheckpoint)
+        );
+    }
+
+    #[test]
     fn long_fields_are_cut_at_a_character_boundary() {
         let mut c = Chain::default();
         let line = c.append(1, &"k".repeat(100), &"é".repeat(3000));
