@@ -87,6 +87,9 @@ enum Command {
     /// Explain an authorization decision: exit 0 if allowed, 1 if denied (with the reason).
     #[command(subcommand)]
     Authz(AuthzCommand),
+    /// Audit logs: verify a hash chain and its signed checkpoints.
+    #[command(subcommand)]
+    Audit(realm_cli::AuditCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,6 +211,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Kv(cmd) => raft_cli::kv(&cmd),
         Command::Realm(cmd) => realm_cli::run(cmd),
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
+        Command::Audit(cmd) => realm_cli::audit(cmd),
     }
 }
 

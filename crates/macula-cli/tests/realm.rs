@@ -167,3 +167,49 @@ fn a_realm_grants_decides_and_revokes() {
     ]);
     assert_eq!(code(&out), 2);
 }
+
+#[test]
+fn audit_verify_names_the_broken_line() {
+    use macula::auth::audit::Chain;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let pubkey = macula::auth::Key(key.verifying_key().to_bytes()).to_string();
+    let mut c = Chain::default();
+    let mut first: Vec<String> = (0..3)
+        .map(|i| c.append(i, "admission", &format!("node {i}")))
+        .collect();
+    first.push(c.checkpoint(10, &key));
+    let second: Vec<String> = (0..2).map(|i| c.append(20 + i, "denial", "x")).collect();
+    let a = dir.path().join("audit.1.log");
+    let b = dir.path().join("audit.2.log");
+    std::fs::write(&a, first.join("\n")).expect("write");
+    std::fs::write(&b, second.join("\n")).expect("write");
+    let (a, b) = (a.to_str().expect("path"), b.to_str().expect("path"));
+    let out = ok(&["audit", "verify", a, b, "--key", &pubkey]);
+    assert!(
+        out.contains("intact: 6 entries, 1 checkpoints verified"),
+        "{out}"
+    );
+    // Alone, a later file verifies from its own first entry.
+    assert!(ok(&["audit", "verify", b]).contains("intact: 2 entries"));
+    // Files out of order, an edit, and another node's key are all caught.
+    let out = macula(&["audit", "verify", b, a]);
+    assert_eq!(code(&out), 1);
+    let mut edited = first.clone();
+    edited[1] = edited[1].replace("node 1", "node 7");
+    std::fs::write(a, edited.join("\n")).expect("write");
+    let out = macula(&["audit", "verify", a, b]);
+    assert_eq!(code(&out), 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("edited"), "{err}");
+    std::fs::write(a, first.join("\n")).expect("write");
+    let other = macula::auth::Key(
+        ed25519_dalek::SigningKey::from_bytes(&[8; 32])
+            .verifying_key()
+            .to_bytes(),
+    )
+    .to_string();
+    let out = macula(&["audit", "verify", a, "--key", &other]);
+    assert_eq!(code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint"));
+}
