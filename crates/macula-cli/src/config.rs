@@ -436,6 +436,17 @@ settings! {
         default "auto",
         "\"auto\" (peers dial back to tell) or \"private\" (behind NAT: use relays, accept no \
          direct inbound connection)";
+    realm_authority REALM_AUTHORITY: Option<macula::auth::Key> = None,
+        Text(|s: &str| s.parse::<macula::auth::Key>().map_err(|e| e.to_string())),
+        flag "--realm-authority" "KEY", env "MACULA_REALM_AUTHORITY", toml "realm_authority",
+        default "none (an open realm)",
+        "The realm authority's key (`macula realm key`): only peers presenting a valid grant for \
+         their node ID are admitted";
+    grant_file GRANT_FILE: Option<PathBuf> = None, FilePath(),
+        flag "--grant-file" "PATH", env "MACULA_GRANT_FILE", toml "grant_file",
+        default "",
+        "This node's grant token (from `macula realm grant`), presented to peers; with \
+         --realm-authority";
     raft_groups RAFT_GROUPS: Vec<String> = Vec::new(), List(parse_raft_groups, parse_raft_group),
         flag "--raft-group" "NAME[,NAME...]", env "MACULA_RAFT_GROUPS", toml "raft_groups",
         default "none",
@@ -1538,6 +1549,8 @@ mod tests {
             keys::TLS_PINNED,
             keys::RAFT_GROUPS,
             keys::RAFT_MEMBERS,
+            keys::REALM_AUTHORITY,
+            keys::GRANT_FILE,
         ];
         for k in keys::ALL.iter().filter(|k| !described.contains(k)) {
             let s = with_flag(k, k.default).unwrap_or_else(|e| panic!("{}: {e}", k.flag));

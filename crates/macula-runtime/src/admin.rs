@@ -116,6 +116,11 @@ pub struct HealthReport {
     /// Where a peer's dial-back reached this node (when `public`).
     #[serde(default)]
     pub public_addrs: Vec<String>,
+    /// The realm authority's key when the realm has one (peers need a
+    /// grant), `null` for an open realm (anyone who knows its name joins:
+    /// for development).
+    #[serde(default)]
+    pub realm_authority: Option<String>,
 }
 
 /// `GET /ready`.
@@ -442,6 +447,11 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
         reason: ready.reason,
         node_id: node.node_id().to_string(),
         realm: node.realm().to_string(),
+        realm_authority: node
+            .config()
+            .admission
+            .as_ref()
+            .map(|a| a.authority.to_string()),
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_secs: node.uptime().as_secs(),
         peers: node.peers().len(),

@@ -112,6 +112,10 @@ pub struct ClientConfig {
     /// `false`: one gateway at a time; after a failover the gap is told as
     /// `Lagged`.
     pub redundant_subscriptions: bool,
+    /// This client's grant (`macula_auth::Grant` bytes, for its node ID),
+    /// sent in HELLO: a gateway whose realm has an authority admits only
+    /// clients with a valid one.
+    pub grant: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -147,6 +151,7 @@ impl ClientConfig {
             attach_timeout: Duration::from_secs(15),
             endpoint: None,
             redundant_subscriptions: true,
+            grant: None,
         }
     }
 }
@@ -488,8 +493,11 @@ impl Client {
                 listen_addrs: Vec::new(),
                 max_frame_size: config.limits.max_frame_size,
                 agent: format!("macula-client/{}", env!("CARGO_PKG_VERSION")),
+                grant: config.grant.clone().map(serde_bytes::ByteBuf::from),
             },
             max_frame_size: config.limits.max_frame_size,
+            // A client checks no one: its gateway proves its node ID in TLS.
+            admission: None,
         };
         let (gateway, _) = watch::channel(None);
         let (second, _) = watch::channel(None);

@@ -301,6 +301,36 @@ pub struct NodeConfig {
     pub raft: RaftLimits,
     /// Whether to detect reachability or assume this node is private.
     pub reachability: ReachabilityMode,
+    /// The realm's authority and this node's grant (issue 18): with an
+    /// authority, only peers presenting a valid grant for the node ID they
+    /// proved are admitted. `None`: an open realm, as before.
+    pub admission: Option<Admission>,
+}
+
+/// Admission to a realm that has an authority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// The realm authority's public key.
+    pub authority: macula_auth::Key,
+    /// This node's own grant (`macula_auth::Grant` bytes), sent in HELLO;
+    /// peers of the realm refuse a node without one.
+    pub grant: Option<Vec<u8>>,
+    /// Clock difference tolerated at both ends of a grant's validity.
+    pub clock_skew: Duration,
+}
+
+/// Default [`Admission::clock_skew`].
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+impl Admission {
+    /// An authority and this node's grant, with the default clock skew.
+    pub fn new(authority: macula_auth::Key, grant: Option<Vec<u8>>) -> Admission {
+        Admission {
+            authority,
+            grant,
+            clock_skew: DEFAULT_CLOCK_SKEW,
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -318,6 +348,7 @@ impl Default for NodeConfig {
             relay: RelayLimits::default(),
             raft: RaftLimits::default(),
             reachability: ReachabilityMode::Auto,
+            admission: None,
         }
     }
 }

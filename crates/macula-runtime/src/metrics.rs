@@ -79,10 +79,13 @@ pub enum HandshakeFailure {
     Protocol,
     /// The peer was at its connection limit and refused us.
     ConnectionLimit,
+    /// The realm has an authority and a grant was missing or not valid
+    /// (ours, refused by the peer, or the peer's, refused by us).
+    Unauthorized,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 7] = [
+    pub const ALL: [HandshakeFailure; 8] = [
         HandshakeFailure::Tls,
         HandshakeFailure::Timeout,
         HandshakeFailure::RealmMismatch,
@@ -90,6 +93,7 @@ impl HandshakeFailure {
         HandshakeFailure::IdentityMismatch,
         HandshakeFailure::Protocol,
         HandshakeFailure::ConnectionLimit,
+        HandshakeFailure::Unauthorized,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +105,7 @@ impl HandshakeFailure {
             HandshakeFailure::IdentityMismatch => "identity_mismatch",
             HandshakeFailure::Protocol => "protocol",
             HandshakeFailure::ConnectionLimit => "connection_limit",
+            HandshakeFailure::Unauthorized => "unauthorized",
         }
     }
 }
@@ -210,7 +215,7 @@ pub struct Metrics {
     /// By kind, indexed by `ProtocolErrorKind as usize`.
     protocol_errors: LabelledCounters<6>,
     /// By reason, indexed by `HandshakeFailure as usize`.
-    handshake_failures: LabelledCounters<7>,
+    handshake_failures: LabelledCounters<8>,
     /// Messages by type, indexed by position in `MessageType::ALL`; the last
     /// slot counts type bytes this version does not know.
     messages_received: LabelledCounters<MESSAGE_SLOTS>,

@@ -448,6 +448,11 @@ impl NodeRuntime {
             },
             max_frame_size: config.limits.max_frame_size,
             agent: format!("macula/{}", env!("CARGO_PKG_VERSION")),
+            grant: config
+                .admission
+                .as_ref()
+                .and_then(|a| a.grant.clone())
+                .map(serde_bytes::ByteBuf::from),
         };
         let (events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
         let (shutdown, _) = watch::channel(false);
@@ -560,6 +565,7 @@ impl NodeRuntime {
                 local: LocalInfo {
                     hello,
                     max_frame_size: config.limits.max_frame_size,
+                    admission: config.admission.clone(),
                 },
                 table: Mutex::new(PoolTable::new(
                     node_id,

@@ -65,6 +65,10 @@ pub enum HandshakeError {
     UnsupportedVersion { theirs: u8 },
     #[error("peer's HELLO names node {claimed} but its certificate proves {proved}")]
     IdentityMismatch { claimed: NodeId, proved: NodeId },
+    /// The realm has an authority and the peer's grant is missing or not
+    /// valid; `kind` names why (`missing`, `expired`, `wrong_subject`...).
+    #[error("no valid grant for this realm ({kind}): {message}")]
+    Unauthorized { kind: &'static str, message: String },
     /// The peer sent another message (type byte `msg_type`) before HELLO.
     #[error("peer sent message type {msg_type:#04x} before HELLO")]
     HandshakeRequired { msg_type: u8 },
@@ -98,7 +102,9 @@ impl HandshakeError {
             HandshakeError::RealmMismatch { .. } => HandshakeFailure::RealmMismatch,
             HandshakeError::UnsupportedVersion { .. } => HandshakeFailure::UnsupportedVersion,
             HandshakeError::IdentityMismatch { .. } => HandshakeFailure::IdentityMismatch,
+            HandshakeError::Unauthorized { .. } => HandshakeFailure::Unauthorized,
             HandshakeError::Rejected { code, .. } => match code {
+                ErrorCode::Unauthorized => HandshakeFailure::Unauthorized,
                 ErrorCode::RealmMismatch => HandshakeFailure::RealmMismatch,
                 ErrorCode::UnsupportedVersion => HandshakeFailure::UnsupportedVersion,
                 ErrorCode::IdentityMismatch => HandshakeFailure::IdentityMismatch,
@@ -131,6 +137,9 @@ impl HandshakeError {
             HandshakeError::IdentityMismatch { claimed, proved } => {
                 format!("your HELLO names node {claimed} but your certificate proves {proved}")
             }
+            HandshakeError::Unauthorized { kind, message } => {
+                format!("this realm needs a valid grant for your node ID ({kind}): {message}")
+            }
             other => other.to_string(),
         }
     }
@@ -149,6 +158,9 @@ impl HandshakeError {
                 ErrorCode::IdentityMismatch,
                 DisconnectReason::IdentityMismatch,
             )),
+            HandshakeError::Unauthorized { .. } => {
+                Some((ErrorCode::Unauthorized, DisconnectReason::Unauthorized))
+            }
             HandshakeError::Protocol(_) => {
                 Some((ErrorCode::Malformed, DisconnectReason::ProtocolError))
             }
@@ -182,6 +194,8 @@ pub enum PingError {
 pub struct LocalInfo {
     pub hello: Hello,
     pub max_frame_size: u32,
+    /// The realm's authority, when it has one: peers need a grant.
+    pub admission: Option<crate::config::Admission>,
 }
 
 /// A cheap, clonable handle to an authenticated peer connection.
@@ -441,7 +455,48 @@ fn check_hello(local: &LocalInfo, proved: NodeId, hello: &Hello) -> Result<(), H
             proved,
         });
     }
+    if let Some(admission) = &local.admission {
+        check_grant(
+            admission,
+            proved,
+            hello.grant.as_ref().map(|g| g.as_slice()),
+            unix_ms(),
+        )?;
+    }
     Ok(())
+}
+
+/// Whether `grant` admits the peer that proved `proved` to the realm of
+/// `admission` at `now_ms` (unix ms).
+pub(crate) fn check_grant(
+    admission: &crate::config::Admission,
+    proved: NodeId,
+    grant: Option<&[u8]>,
+    now_ms: u64,
+) -> Result<macula_auth::Verified, HandshakeError> {
+    use macula_auth::{Grant, Revocations, Subject};
+    let refuse = |e: macula_auth::GrantError| HandshakeError::Unauthorized {
+        kind: e.kind(),
+        message: e.to_string(),
+    };
+    let Some(bytes) = grant else {
+        return Err(HandshakeError::Unauthorized {
+            kind: "missing",
+            message: "HELLO carried no grant".into(),
+        });
+    };
+    let g = Grant::from_bytes(bytes).map_err(refuse)?;
+    let skew = admission.clock_skew.as_millis() as u64;
+    let verified = g
+        .verify(&admission.authority, now_ms, skew, &Revocations::default())
+        .map_err(refuse)?;
+    if verified.subject() != Subject::Node(proved) {
+        return Err(refuse(macula_auth::GrantError::WrongSubject {
+            found: verified.subject(),
+            presented: Subject::Node(proved),
+        }));
+    }
+    Ok(verified)
 }
 
 fn conn_lost(e: &quinn::ConnectionError) -> HandshakeError {
@@ -454,6 +509,7 @@ fn conn_lost(e: &quinn::ConnectionError) -> HandshakeError {
             DisconnectReason::RealmMismatch => ErrorCode::RealmMismatch,
             DisconnectReason::UnsupportedVersion => ErrorCode::UnsupportedVersion,
             DisconnectReason::IdentityMismatch => ErrorCode::IdentityMismatch,
+            DisconnectReason::Unauthorized => ErrorCode::Unauthorized,
             other => ErrorCode::Other(u16::from(other)),
         };
         return HandshakeError::Rejected { code, message };

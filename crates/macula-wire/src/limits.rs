@@ -28,3 +28,5 @@ pub const MAX_ADDR_LEN: usize = 128;
 pub const MAX_REASON_LEN: usize = 1024;
 /// Length of the agent string in `HELLO` (`macula/0.1.0` and friends).
 pub const MAX_AGENT_LEN: usize = 128;
+/// Length of the grant in `HELLO` (`macula_auth`'s own limit).
+pub const MAX_GRANT_LEN: usize = 64 * 1024;

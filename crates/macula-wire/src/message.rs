@@ -177,6 +177,16 @@ pub struct Hello {
     /// Free-form implementation name and version, for diagnostics.
     #[serde(default, deserialize_with = "crate::nil_default")]
     pub agent: String,
+    /// The sender's grant from the realm authority (a `macula_auth::Grant`,
+    /// MessagePack), when it has one: a node whose realm has an authority
+    /// admits only peers whose grant is for the node ID they proved.
+    /// Absent (not nil) when none.
+    #[serde(
+        default,
+        deserialize_with = "crate::nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub grant: Option<serde_bytes::ByteBuf>,
 }
 
 /// Liveness and round-trip probe.
@@ -231,6 +241,9 @@ pub enum DisconnectReason {
     /// bound and declared it down (a crash, or a network that drops
     /// everything; the close usually reaches no one).
     Unresponsive,
+    /// The realm has an authority and the peer's grant is missing or not
+    /// valid (the message says why).
+    Unauthorized,
     /// A code this version does not know.
     Other(u16),
 }
@@ -250,6 +263,7 @@ impl From<u16> for DisconnectReason {
             8 => IdentityMismatch,
             9 => DialBack,
             10 => Unresponsive,
+            11 => Unauthorized,
             other => Other(other),
         }
     }
@@ -270,6 +284,7 @@ impl From<DisconnectReason> for u16 {
             IdentityMismatch => 8,
             DialBack => 9,
             Unresponsive => 10,
+            Unauthorized => 11,
             Other(v) => v,
         }
     }
@@ -303,6 +318,9 @@ pub enum ErrorCode {
     UnexpectedMessage,
     /// HELLO's node ID differs from the identity proved in TLS.
     IdentityMismatch,
+    /// The realm has an authority and HELLO carried no valid grant for the
+    /// sender.
+    Unauthorized,
     /// A code this version does not know.
     Other(u16),
 }
@@ -319,6 +337,7 @@ impl From<u16> for ErrorCode {
             6 => HandshakeRequired,
             7 => UnexpectedMessage,
             8 => IdentityMismatch,
+            9 => Unauthorized,
             other => Other(other),
         }
     }
@@ -336,6 +355,7 @@ impl From<ErrorCode> for u16 {
             HandshakeRequired => 6,
             UnexpectedMessage => 7,
             IdentityMismatch => 8,
+            Unauthorized => 9,
             Other(v) => v,
         }
     }
@@ -354,6 +374,7 @@ impl ErrorCode {
             HandshakeRequired => "handshake_required",
             UnexpectedMessage => "unexpected_message",
             IdentityMismatch => "identity_mismatch",
+            Unauthorized => "unauthorized",
             Other(_) => "other",
         }
     }
@@ -510,6 +531,14 @@ impl Message {
                     MAX_ADDR_LEN,
                 )?;
                 check_len("agent", &h.agent, MAX_AGENT_LEN)?;
+                if let Some(g) = &h.grant {
+                    if g.len() > MAX_GRANT_LEN {
+                        return Err(format!(
+                            "grant of {} bytes, over the limit of {MAX_GRANT_LEN}",
+                            g.len()
+                        ));
+                    }
+                }
                 if h.max_frame_size < MIN_MAX_FRAME_SIZE {
                     return Err(format!(
                         "max_frame_size {} is below the minimum {MIN_MAX_FRAME_SIZE}",
@@ -812,6 +841,7 @@ mod tests {
             listen_addrs: vec!["127.0.0.1:4433".into()],
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             agent: "macula/0.1.0".into(),
+            grant: None,
         }
     }
 
@@ -1276,9 +1306,19 @@ mod tests {
                 MIN_MAX_FRAME_SIZE..=u32::MAX,
                 arb_string(MAX_AGENT_LEN),
                 any::<u8>(),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
             )
                 .prop_map(
-                    |(id, realm, capabilities, listen_addrs, max_frame_size, agent, version)| {
+                    |(
+                        id,
+                        realm,
+                        capabilities,
+                        listen_addrs,
+                        max_frame_size,
+                        agent,
+                        version,
+                        grant,
+                    )| {
                         Message::Hello(Hello {
                             version,
                             node_id: NodeId::from_bytes(id),
@@ -1287,6 +1327,7 @@ mod tests {
                             listen_addrs,
                             max_frame_size,
                             agent,
+                            grant: grant.map(serde_bytes::ByteBuf::from),
                         })
                     }
                 ),

@@ -91,6 +91,13 @@ impl ClientBuilder {
         self
     }
 
+    /// This client's grant (a token's bytes, `macula::auth::Grant`), for a
+    /// gateway whose realm has an authority.
+    pub fn grant(mut self, grant: Vec<u8>) -> Self {
+        self.config.grant = Some(grant);
+        self
+    }
+
     /// Persist the client's identity in `dir/node.key` (default: a fresh
     /// in-memory identity).
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {

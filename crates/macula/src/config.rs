@@ -27,8 +27,8 @@
 use std::time::Duration;
 
 pub use macula_runtime::config::{
-    ConfigError, IdentitySource, Limits, NodeConfig, RaftLimits, ReachabilityMode, RelayLimits,
-    RpcLimits,
+    Admission, ConfigError, IdentitySource, Limits, NodeConfig, RaftLimits, ReachabilityMode,
+    RelayLimits, RpcLimits,
 };
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 

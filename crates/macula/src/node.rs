@@ -165,6 +165,15 @@ impl NodeBuilder {
         self
     }
 
+    /// The realm has an authority (`macula realm key` prints it): only
+    /// peers with a valid grant for their node ID are admitted, and this
+    /// node presents `grant` (a token's bytes, `macula::auth::Grant`).
+    /// Without this the realm is open, as by default.
+    pub fn realm_authority(mut self, authority: crate::auth::Key, grant: Option<Vec<u8>>) -> Self {
+        self.config.admission = Some(crate::config::Admission::new(authority, grant));
+        self
+    }
+
     /// Replaces the whole configuration (what the daemon does); bootstrap
     /// peers given before are replaced too.
     pub fn config(mut self, config: NodeConfig) -> Self {

@@ -169,6 +169,7 @@ impl RawClient {
             listen_addrs: vec![],
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             agent: "raw-test-client".into(),
+            grant: None,
         }
     }
 
