@@ -503,7 +503,7 @@ mod tests {
         // exported.
         assert_eq!(text.matches("# HELP macula_protocol_errors ").count(), 1);
         assert_eq!(text.matches("macula_protocol_errors_total{").count(), 6);
-        assert_eq!(text.matches("macula_handshake_failures_total{").count(), 7);
+        assert_eq!(text.matches("macula_handshake_failures_total{").count(), 8);
         assert_eq!(text.matches("macula_connections_total{").count(), 2);
         assert_eq!(
             text.matches("macula_messages_total{").count(),
