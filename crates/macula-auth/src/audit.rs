@@ -40,7 +40,7 @@ pub struct Entry {
     pub hash: String,
 }
 
-fn hex(bytes: &[u8; 32]) -> String {
+fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -109,8 +109,7 @@ impl Chain {
     pub fn checkpoint(&mut self, time_ms: u64, key: &SigningKey) -> String {
         let seq = self.next_seq.checked_sub(1).unwrap_or(u64::MAX);
         let sig = key.sign(&checkpoint_message(seq, &self.last_hash));
-        let detail: String = sig.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-        self.append(time_ms, CHECKPOINT, &detail)
+        self.append(time_ms, CHECKPOINT, &hex(&sig.to_bytes()))
     }
 }
 

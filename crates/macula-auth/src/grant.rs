@@ -16,7 +16,7 @@
 //! signatures, the validity window (with a clock skew allowance), and the
 //! revocation list; each refusal is a named [`GrantError`].
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier};
+use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Decision, Policy, PolicyError, Request, Rule, MAX_RULES};
@@ -117,26 +117,17 @@ fn decode_body(signed: &Signed) -> Result<GrantBody, GrantError> {
 }
 
 fn check_signature(signed: &Signed, key: &Key) -> Result<(), GrantError> {
-    let sig = Signature::from_slice(&signed.signature).map_err(|_| GrantError::BadSignature)?;
-    let mut msg = Vec::with_capacity(GRANT_DOMAIN.len() + signed.body.len());
-    msg.extend_from_slice(GRANT_DOMAIN);
-    msg.extend_from_slice(&signed.body);
-    key.verifying()
-        .map_err(|_| GrantError::BadKey)?
-        .verify(&msg, &sig)
-        .map_err(|_| GrantError::BadSignature)
+    match signed.verifies(GRANT_DOMAIN, key) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(GrantError::BadSignature),
+        Err(_) => Err(GrantError::BadKey),
+    }
 }
 
 /// Signs `body` with `key` (which must be `body.issuer`'s).
 pub fn sign(body: &GrantBody, key: &SigningKey) -> Result<Signed, GrantError> {
     let bytes = rmp_serde::to_vec_named(body).map_err(|e| GrantError::Decode(e.to_string()))?;
-    let mut msg = Vec::with_capacity(GRANT_DOMAIN.len() + bytes.len());
-    msg.extend_from_slice(GRANT_DOMAIN);
-    msg.extend_from_slice(&bytes);
-    Ok(Signed {
-        body: bytes,
-        signature: key.sign(&msg).to_bytes().to_vec(),
-    })
+    Ok(Signed::sign(GRANT_DOMAIN, bytes, key))
 }
 
 /// A grant that verified: who it is for and what it allows.

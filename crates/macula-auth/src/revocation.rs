@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier};
+use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use crate::types::{GrantId, Key, Signed, Subject};
@@ -61,11 +61,11 @@ impl RevocationList {
     ) -> Result<RevocationList, RevocationError> {
         let bytes =
             rmp_serde::to_vec_named(body).map_err(|e| RevocationError::Decode(e.to_string()))?;
-        let sig = authority.sign(&signed_message(&bytes));
-        Ok(RevocationList(Signed {
-            body: bytes,
-            signature: sig.to_bytes().to_vec(),
-        }))
+        Ok(RevocationList(Signed::sign(
+            REVOCATION_DOMAIN,
+            bytes,
+            authority,
+        )))
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, RevocationError> {
@@ -104,12 +104,9 @@ impl RevocationList {
                 max: MAX_REVOKED,
             });
         }
-        let sig =
-            Signature::from_slice(&self.0.signature).map_err(|_| RevocationError::BadSignature)?;
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&realm.0)
-            .map_err(|_| RevocationError::BadSignature)?;
-        key.verify(&signed_message(&self.0.body), &sig)
-            .map_err(|_| RevocationError::BadSignature)?;
+        if !self.0.verifies(REVOCATION_DOMAIN, realm).unwrap_or(false) {
+            return Err(RevocationError::BadSignature);
+        }
         Ok(Revocations {
             version: body.version,
             issued_ms: body.issued_ms,
@@ -117,13 +114,6 @@ impl RevocationList {
             subjects: body.subjects.into_iter().collect(),
         })
     }
-}
-
-fn signed_message(body: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(REVOCATION_DOMAIN.len() + body.len());
-    msg.extend_from_slice(REVOCATION_DOMAIN);
-    msg.extend_from_slice(body);
-    msg
 }
 
 /// A verified list, ready for lookups. The default revokes nothing

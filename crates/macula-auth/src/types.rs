@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use macula_wire::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -103,4 +103,29 @@ pub struct Signed {
     pub body: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
+}
+
+impl Signed {
+    /// `body` signed by `key` under the domain tag `domain`.
+    pub(crate) fn sign(domain: &[u8], body: Vec<u8>, key: &SigningKey) -> Signed {
+        let signature = key.sign(&domain_message(domain, &body)).to_bytes().to_vec();
+        Signed { body, signature }
+    }
+
+    /// Whether the signature verifies for `key` over `domain || body` (the
+    /// bytes as received); an error when `key` is no Ed25519 key.
+    pub(crate) fn verifies(&self, domain: &[u8], key: &Key) -> Result<bool, BadKey> {
+        let key = key.verifying()?;
+        Ok(Signature::from_slice(&self.signature).is_ok_and(|sig| {
+            key.verify(&domain_message(domain, &self.body), &sig)
+                .is_ok()
+        }))
+    }
+}
+
+fn domain_message(domain: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(domain.len() + body.len());
+    msg.extend_from_slice(domain);
+    msg.extend_from_slice(body);
+    msg
 }

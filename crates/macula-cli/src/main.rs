@@ -323,28 +323,10 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             }
             (Some(authority), grant) => Some(macula::config::Admission::new(
                 authority,
-                grant.as_deref().map(read_grant_file).transpose()?,
+                grant.as_deref().map(realm_cli::grant_file).transpose()?,
             )),
         },
     })
-}
-
-/// A grant token file (`macula realm grant`'s output): its bytes.
-fn read_grant_file(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
-    use base64::Engine as _;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the grant file {}", path.display()))?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text.trim())
-        .map_err(|e| {
-            usage(anyhow::anyhow!(
-                "{} is not a grant token: {e}",
-                path.display()
-            ))
-        })?;
-    macula::auth::Grant::from_bytes(&bytes)
-        .map_err(|e| usage(anyhow::anyhow!("{} is not a grant: {e}", path.display())))?;
-    Ok(bytes)
 }
 
 /// Raises the soft limit on open files to the hard limit, where allowed.

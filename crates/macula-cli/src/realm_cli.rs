@@ -280,10 +280,6 @@ fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
     crate::config::parse_duration(s).map_err(|e| anyhow!("--ttl {s:?}: {e}"))
 }
 
-fn serial_hex(id: &GrantId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn parse_serial(s: &str) -> anyhow::Result<GrantId> {
     let mut id = [0u8; 16];
     if s.len() != 32 || !s.is_ascii() {
@@ -307,6 +303,19 @@ fn read_token(arg: &str) -> anyhow::Result<Grant> {
         .decode(text.trim())
         .map_err(|e| anyhow!("not a grant token (base64): {e}"))?;
     Ok(Grant::from_bytes(&bytes)?)
+}
+
+/// The bytes of the grant token in the file at `path` (`macula start
+/// --grant-file`), checked to decode as a grant.
+pub fn grant_file(path: &Path) -> Result<Vec<u8>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the grant file {}", path.display()))?;
+    let bytes = TOKEN
+        .decode(text.trim())
+        .map_err(|e| crate::usage(anyhow!("{} is not a grant token: {e}", path.display())))?;
+    Grant::from_bytes(&bytes)
+        .map_err(|e| crate::usage(anyhow!("{} is not a grant: {e}", path.display())))?;
+    Ok(bytes)
 }
 
 fn token_of(g: &Grant) -> anyhow::Result<String> {
@@ -429,7 +438,7 @@ fn grant(args: GrantArgs) -> Result<(), Failure> {
     };
     let token = token_of(&g)?;
     let record = Issued {
-        serial: serial_hex(&id),
+        serial: crate::hex(&id),
         subject: subject_text(&subject),
         rules: body.rules.iter().map(Rule::to_string).collect(),
         roles: body.roles.clone(),
@@ -551,7 +560,7 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
     };
     if args.json {
         let v = serde_json::json!({
-            "serial": serial_hex(&body.id),
+            "serial": crate::hex(&body.id),
             "realm": body.realm.to_string(),
             "issuer": body.issuer.to_string(),
             "subject": subject_text(&body.subject),
@@ -564,7 +573,7 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
         });
         println!("{v}");
     } else {
-        println!("serial:     {}", serial_hex(&body.id));
+        println!("serial:     {}", crate::hex(&body.id));
         println!("realm:      {}", body.realm);
         println!("issuer:     {}", body.issuer);
         println!("subject:    {}", subject_text(&body.subject));
@@ -654,7 +663,7 @@ mod tests {
         assert!(parse_subject("robot:abc").is_err());
         assert!(parse_subject("client:xyz").is_err());
         let serial = [0xab; 16];
-        assert_eq!(parse_serial(&serial_hex(&serial)).expect("serial"), serial);
+        assert_eq!(parse_serial(&crate::hex(&serial)).expect("serial"), serial);
         assert!(parse_serial("abc").is_err());
         assert!(parse_serial(&"zz".repeat(16)).is_err());
         assert_eq!(parse_ttl("2d").expect("d"), Duration::from_secs(172_800));

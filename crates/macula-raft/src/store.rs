@@ -27,7 +27,7 @@ use openraft::{
     AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader,
     RaftSnapshotBuilder, SnapshotMeta, StorageIOError, Vote,
 };
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -344,11 +344,17 @@ fn open_log(db: &Database, dir: &Path) -> Result<Wal, StoreError> {
         }
     }
     let wal = Wal::open(dir)?;
-    // The old tables, once the log files hold their content.
-    let txn = db.begin_write()?;
-    let dropped = txn.delete_table(LOG)? | txn.delete_table(LOG_META)?;
-    txn.commit()?;
-    if dropped {
+    // The old tables, once the log files hold their content (a write
+    // transaction only when there are any: opening costs no commit).
+    let old_tables = db
+        .begin_read()?
+        .list_tables()?
+        .any(|t| t.name() == LOG.name() || t.name() == LOG_META.name());
+    if old_tables {
+        let txn = db.begin_write()?;
+        txn.delete_table(LOG)?;
+        txn.delete_table(LOG_META)?;
+        txn.commit()?;
         tracing::info!(path = %dir.display(), "dropped the raft log tables of the redb file");
     }
     Ok(wal)
