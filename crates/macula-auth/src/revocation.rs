@@ -137,6 +137,14 @@ impl Revocations {
         self.subjects.contains(subject)
     }
 
+    /// Whether this list revokes a grant that verified earlier (against an
+    /// older list): its serial, its subject, or its signer's.
+    pub fn revokes_verified(&self, v: &crate::Verified) -> bool {
+        std::iter::once(&v.body)
+            .chain(v.signer.as_ref())
+            .any(|b| self.revokes_grant(&b.id) || self.revokes(&b.subject))
+    }
+
     pub fn len(&self) -> usize {
         self.grants.len() + self.subjects.len()
     }
@@ -165,6 +173,45 @@ pub fn fuzz_revocations(data: &[u8]) {
 mod tests {
     use super::*;
     use crate::grant::tests::key;
+
+    #[test]
+    fn a_verified_grant_is_revoked_by_serial_subject_or_signer() {
+        use crate::grant::tests::body;
+        use crate::{sign, Grant, Subject};
+        let auth = key(1);
+        let realm = Key::of(&auth);
+        let signer = key(3);
+        let subject = Subject::Client(Key::of(&key(4)));
+        let mut delegation = body(
+            &auth,
+            &auth,
+            Subject::Signer(Key::of(&signer)),
+            "allow publish **",
+        );
+        delegation.id = [1; 16];
+        let signer_grant = sign(&delegation, &auth).expect("sign");
+        let mut mine = body(&auth, &signer, subject, "allow publish a.*");
+        mine.id = [2; 16];
+        let g = Grant {
+            grant: sign(&mine, &signer).expect("sign"),
+            signer: Some(signer_grant.clone()),
+        };
+        let v = g
+            .verify(&realm, 5_000, 0, &Revocations::default())
+            .expect("verify");
+        let signer_body = v.signer.clone().expect("signer");
+        let list = |grants: Vec<GrantId>, subjects: Vec<Subject>| Revocations {
+            version: 1,
+            issued_ms: 0,
+            grants: grants.into_iter().collect(),
+            subjects: subjects.into_iter().collect(),
+        };
+        assert!(!list(vec![[9; 16]], vec![]).revokes_verified(&v));
+        assert!(list(vec![mine.id], vec![]).revokes_verified(&v));
+        assert!(list(vec![], vec![subject]).revokes_verified(&v));
+        assert!(list(vec![signer_body.id], vec![]).revokes_verified(&v));
+        assert!(list(vec![], vec![Subject::Signer(Key::of(&signer))]).revokes_verified(&v));
+    }
 
     #[test]
     fn lists_verify_only_for_their_realm_and_key() {

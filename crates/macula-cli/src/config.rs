@@ -447,6 +447,12 @@ settings! {
         default "",
         "This node's grant token (from `macula realm grant`), presented to peers; with \
          --realm-authority";
+    revocations_file REVOCATIONS_FILE: Option<PathBuf> = None, FilePath(),
+        flag "--revocations" "PATH", env "MACULA_REVOCATIONS", toml "revocations",
+        default "",
+        "The realm's signed revocation list to start with (the file `macula realm revoke` \
+         writes); a newer one from peers or the data directory replaces it; with \
+         --realm-authority";
     raft_groups RAFT_GROUPS: Vec<String> = Vec::new(), List(parse_raft_groups, parse_raft_group),
         flag "--raft-group" "NAME[,NAME...]", env "MACULA_RAFT_GROUPS", toml "raft_groups",
         default "none",

@@ -7,6 +7,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,9 +36,46 @@ pub struct MeshArgs {
     /// Realm of the mesh [env: MACULA_REALM] [default: default]
     #[arg(long, value_name = "REALM")]
     pub realm: Option<String>,
+    /// In a realm with an authority: this principal's grant token file
+    /// (`macula realm grant`, for the node ID in --data-dir) [env: MACULA_GRANT_FILE]
+    #[arg(long, value_name = "PATH")]
+    pub grant_file: Option<PathBuf>,
+    /// The realm authority's key (`macula realm key`); needed with
+    /// --full-node in a realm with an authority [env: MACULA_REALM_AUTHORITY]
+    #[arg(long, value_name = "KEY")]
+    pub realm_authority: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The grant token bytes from --grant-file or `MACULA_GRANT_FILE`.
+pub fn grant(mesh: &MeshArgs) -> anyhow::Result<Option<Vec<u8>>> {
+    let path = mesh.grant_file.clone().or_else(|| {
+        std::env::var_os("MACULA_GRANT_FILE")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
+    match path {
+        None => Ok(None),
+        Some(p) => crate::realm_cli::grant_file(&p)
+            .map(Some)
+            .map_err(|e| e.error),
+    }
+}
+
+/// The realm authority from --realm-authority or `MACULA_REALM_AUTHORITY`.
+pub fn realm_authority(mesh: &MeshArgs) -> anyhow::Result<Option<macula::auth::Key>> {
+    let text = mesh.realm_authority.clone().or_else(|| {
+        std::env::var("MACULA_REALM_AUTHORITY")
+            .ok()
+            .filter(|s| !s.is_empty())
+    });
+    text.map(|t| {
+        t.parse::<macula::auth::Key>()
+            .map_err(|e| anyhow::anyhow!("invalid value {t:?} for --realm-authority: {e}"))
+    })
+    .transpose()
 }
 
 #[derive(clap::Args, Debug)]
@@ -95,7 +133,15 @@ pub async fn join(mesh: &MeshArgs) -> anyhow::Result<Node> {
 pub async fn join_with(mesh: &MeshArgs, builder: macula::NodeBuilder) -> anyhow::Result<Node> {
     let realm = realm(mesh)?;
     let peers: Vec<&str> = mesh.connect.split(',').map(str::trim).collect();
-    let node = builder.realm(realm).bootstrap(peers).start().await?;
+    let mut builder = builder.realm(realm).bootstrap(peers);
+    match (realm_authority(mesh)?, grant(mesh)?) {
+        (Some(authority), grant) => builder = builder.realm_authority(authority, grant),
+        (None, Some(_)) => anyhow::bail!(
+            "a full node needs --realm-authority with --grant-file (the realm the grant is for)"
+        ),
+        (None, None) => {}
+    }
+    let node = builder.start().await?;
     match tokio::time::timeout(JOIN_TIMEOUT, node.dht().wait_bootstrapped()).await {
         Ok(Ok(())) => Ok(node),
         Ok(Err(e)) => Err(e.into()),

@@ -314,17 +314,23 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             ..RaftLimits::default()
         },
         reachability: s.reachability,
-        admission: match (s.realm_authority, &s.grant_file) {
-            (None, None) => None,
-            (None, Some(_)) => {
+        admission: match (s.realm_authority, &s.grant_file, &s.revocations_file) {
+            (None, None, None) => None,
+            (None, _, _) => {
                 return Err(usage(anyhow::anyhow!(
-                    "--grant-file needs --realm-authority (the realm the grant is for)"
+                    "--grant-file and --revocations need --realm-authority (the realm they are for)"
                 )))
             }
-            (Some(authority), grant) => Some(macula::config::Admission::new(
-                authority,
-                grant.as_deref().map(realm_cli::grant_file).transpose()?,
-            )),
+            (Some(authority), grant, revocations) => Some(macula::config::Admission {
+                revocations: revocations
+                    .as_deref()
+                    .map(realm_cli::revocations_file)
+                    .transpose()?,
+                ..macula::config::Admission::new(
+                    authority,
+                    grant.as_deref().map(realm_cli::grant_file).transpose()?,
+                )
+            }),
         },
     })
 }

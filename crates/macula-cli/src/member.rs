@@ -73,6 +73,9 @@ impl Member {
         if let Some(dir) = data_dir {
             builder = builder.data_dir(dir);
         }
+        if let Some(grant) = crate::dht_cli::grant(mesh)? {
+            builder = builder.grant(grant);
+        }
         let client = builder
             .connect()
             .await

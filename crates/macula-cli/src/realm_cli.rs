@@ -43,6 +43,19 @@ pub enum RealmCommand {
     List(ListArgs),
     /// Decode a grant token, and verify it when --realm is given.
     Inspect(InspectArgs),
+    /// Send the realm's current revocation list to running nodes (they
+    /// adopt it when newer and pass it on through the mesh).
+    Push(PushArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub realm: NameArgs,
+    /// Admin HTTP address of a node to send it to (any one node spreads it
+    /// to the mesh). Repeatable.
+    #[arg(long = "http", value_name = "HOST:PORT", required = true)]
+    pub http: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +99,10 @@ pub struct RevokeArgs {
     /// A principal: node:<NODE_ID>, client:<KEY> or signer:<KEY>. Repeatable.
     #[arg(long, value_name = "SUBJECT")]
     pub subject: Vec<String>,
+    /// Then send the new list to the node at this admin HTTP address (as
+    /// `realm push`). Repeatable.
+    #[arg(long = "push", value_name = "HOST:PORT")]
+    pub push: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -318,6 +335,16 @@ pub fn grant_file(path: &Path) -> Result<Vec<u8>, Failure> {
     Ok(bytes)
 }
 
+/// Reads a signed revocation list file (as `realm revoke` writes it);
+/// checked to decode here, verified by the node against its authority.
+pub fn revocations_file(path: &Path) -> Result<Vec<u8>, Failure> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the revocation list {}", path.display()))?;
+    RevocationList::from_bytes(&bytes)
+        .map_err(|e| crate::usage(anyhow!("{} is not a revocation list: {e}", path.display())))?;
+    Ok(bytes)
+}
+
 fn token_of(g: &Grant) -> anyhow::Result<String> {
     Ok(TOKEN.encode(g.to_bytes()?))
 }
@@ -398,7 +425,45 @@ pub fn run(cmd: RealmCommand) -> Result<(), Failure> {
         RealmCommand::Revoke(args) => revoke(args),
         RealmCommand::List(args) => list(args),
         RealmCommand::Inspect(args) => inspect(args),
+        RealmCommand::Push(args) => {
+            let dir = realm_dir(&args.realm)?;
+            let path = dir.join("revocations");
+            if !path.exists() {
+                return Err(crate::usage(anyhow!(
+                    "realm {} has no revocation list yet (`macula realm revoke` makes one)",
+                    args.realm.name
+                )));
+            }
+            push(&revocations_file(&path)?, &args.http)
+        }
     }
+}
+
+/// Posts a signed revocation list to each node's admin API; every node
+/// answers, or the command fails naming the first that did not.
+fn push(list: &[u8], targets: &[String]) -> Result<(), Failure> {
+    for target in targets {
+        let reply = crate::admin_cli::request(
+            target,
+            "POST",
+            "/admin/realm/revocations",
+            Some(("application/octet-stream", list)),
+            std::time::Duration::from_secs(10),
+        )
+        .with_context(|| format!("could not send the revocation list to {target}"))?;
+        if reply.status != 200 {
+            return Err(anyhow!(
+                "the node at {target} refused the revocation list (HTTP {}): {}",
+                reply.status,
+                reply.body.trim()
+            )
+            .into());
+        }
+        let r: macula::admin::RevocationsReport = serde_json::from_str(&reply.body)
+            .with_context(|| format!("unexpected answer from {target}"))?;
+        eprintln!("{target}: {} (version {})", r.outcome, r.version);
+    }
+    Ok(())
 }
 
 fn grant(args: GrantArgs) -> Result<(), Failure> {
@@ -490,7 +555,8 @@ fn revoke(args: RevokeArgs) -> Result<(), Failure> {
     body.issued_ms = now_ms();
     let list = RevocationList::sign(&body, &key)?;
     let path = dir.join("revocations");
-    write_atomic(&path, &list.to_bytes()?)?;
+    let bytes = list.to_bytes()?;
+    write_atomic(&path, &bytes)?;
     println!("{}", path.display());
     eprintln!(
         "revocation list version {}: {} serials, {} principals",
@@ -498,7 +564,7 @@ fn revoke(args: RevokeArgs) -> Result<(), Failure> {
         body.grants.len(),
         body.subjects.len()
     );
-    Ok(())
+    push(&bytes, &args.push)
 }
 
 fn list(args: ListArgs) -> Result<(), Failure> {

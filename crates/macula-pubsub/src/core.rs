@@ -169,6 +169,10 @@ pub struct Batch {
     /// the messages. Hand it back (`handle_send_failed`,
     /// `handle_cut_off`) when the write fails.
     pub report: Option<LossReport>,
+    /// Messages taken but removed from `msgs` before encoding because the
+    /// receiver may not have them (the realm's permissions): neither sent
+    /// nor counted lost.
+    pub refused: usize,
 }
 
 impl Batch {
@@ -225,6 +229,7 @@ impl Batch {
     /// Takes what `more` (a later poll of the same sender) adds.
     pub fn merge(&mut self, more: Batch) {
         self.n += more.n;
+        self.refused += more.refused;
         if let Some(r) = more.report {
             self.report.get_or_insert_with(LossReport::default).merge(r);
         }
@@ -910,6 +915,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     publisher: self.node_id,
                     epoch: self.epoch,
                     report,
+                    refused: 0,
                 })
             }
             Take::Finish => Transmit::Finish,
@@ -938,7 +944,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         if taken == 0 {
             return;
         }
-        let lost = (taken.saturating_sub(encoded.messages)) as u64;
+        let lost = (taken.saturating_sub(encoded.messages + batch.refused)) as u64;
         Counters::add(&c.remote_dropped_total, lost);
         Counters::add(&c.too_large_for_peer_total, encoded.too_large as u64);
         if encoded.too_large > 0 {

@@ -22,6 +22,10 @@ pub struct Counters {
     pub delivered_local_total: Counter,
     /// Events dropped from full subscription queues (slow subscribers).
     pub dropped_slow_total: Counter,
+    /// Messages refused by the realm's permissions where they were
+    /// delivered: received from a peer that may not publish them, or kept
+    /// from a peer that may not subscribe to them.
+    pub unauthorized_dropped_total: Counter,
     /// Live subscriptions (a gauge).
     pub subscriptions: Gauge<u64, AtomicU64>,
     /// Messages queued to other nodes (one per interested node).
@@ -120,6 +124,12 @@ impl Counters {
             "macula_pubsub_dropped_slow",
             "Events dropped from full subscription queues (slow subscribers).",
             self.dropped_slow_total.clone(),
+        );
+        register(
+            r,
+            "macula_pubsub_unauthorized_dropped",
+            "Messages refused by the realm's permissions where they were delivered (a sender that may not publish them, a receiver that may not subscribe to them).",
+            self.unauthorized_dropped_total.clone(),
         );
         register(
             r,
@@ -313,9 +323,9 @@ mod tests {
         Counters::add(&c.gaps_total, 0);
         c.subscriptions.set(2);
         let text = render(&c);
-        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 29);
-        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 29);
-        assert_eq!(text.matches(" counter\n").count(), 28);
+        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 30);
+        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 30);
+        assert_eq!(text.matches(" counter\n").count(), 29);
         assert!(text.contains("# TYPE macula_pubsub_subscriptions gauge\n"));
         assert!(text.contains("# HELP macula_pubsub_published Messages published on this node.\n"));
         assert!(text.contains("macula_pubsub_published_total 1\n"));

@@ -67,6 +67,10 @@ pub enum PubSubError {
         what: &'static str,
         waited: std::time::Duration,
     },
+    /// The realm's permissions refuse it (`kind`: why, e.g.
+    /// `not_allowed`, `denied_by_rule`).
+    #[error("{message}")]
+    Unauthorized { kind: &'static str, message: String },
 }
 
 /// Checks an application's headers against the limits above.

@@ -83,6 +83,13 @@ impl<S> BatchReceiver<S> {
         self.messages
     }
 
+    /// A batch of `n` messages was read but refused whole before the core
+    /// saw it (the realm's permissions): it still counts as read, so a
+    /// stream reset does not report it lost in flight.
+    pub fn count_refused(&mut self, n: u64) {
+        self.messages += n;
+    }
+
     fn tell(&mut self, id: SubId, sink: &S, n: u64)
     where
         S: Clone,

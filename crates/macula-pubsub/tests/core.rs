@@ -830,6 +830,34 @@ fn drained(a: &mut Core, q: PeerRef) -> Vec<String> {
     got
 }
 
+/// Messages a sender removes before encoding (the receiver may not have
+/// them: the realm's permissions) leave the queue like written ones and are
+/// not counted lost.
+#[test]
+fn refused_messages_free_the_queue_and_are_not_counted_lost() {
+    let (mut a, r) = two_slot_queue();
+    publish_with(&mut a, &r, "a", Overflow::Block).unwrap();
+    let q = started(&mut a);
+    publish_with(&mut a, &r, "b", Overflow::Block).unwrap();
+    let mut msgs: Vec<OutMsg> = Vec::new();
+    let Transmit::Batch(mut b) = a.poll_transmit(q, &mut msgs, ms(0)) else {
+        panic!("a batch");
+    };
+    assert_eq!(msgs.len(), 2);
+    msgs.retain(|m| &m.payload[..] != b"a");
+    b.refused += 1;
+    let mut buf = Vec::new();
+    let encoded = b.encode(&mut buf, &msgs);
+    assert_eq!(encoded.messages, 1);
+    a.handle_written(q, &b, &msgs, encoded, ms(0));
+    assert_eq!(a.counters().remote_dropped_total.get(), 0);
+    // Room for two again.
+    assert_eq!(a.blocked(&r, 1), None);
+    publish_with(&mut a, &r, "c", Overflow::FailFast).unwrap();
+    publish_with(&mut a, &r, "d", Overflow::FailFast).unwrap();
+    assert!(publish_with(&mut a, &r, "e", Overflow::FailFast).is_err());
+}
+
 #[test]
 fn block_is_the_default_and_blocked_names_the_full_node_until_a_sender_takes_the_queue() {
     assert_eq!(PublishOptions::default().overflow, Overflow::Block);
@@ -2113,6 +2141,7 @@ fn a_cut_off_with_nothing_lost_starts_no_sender() {
         publisher: id(1),
         epoch: 101,
         report: None,
+        refused: 0,
     };
     c.handle_cut_off(id(2), empty, &[], None, 0, later);
     assert!(starts(&actions(&mut c)).is_empty(), "nothing to tell");

@@ -171,6 +171,12 @@ pub enum CallFailure<K> {
         reason: String,
     },
     Cancelled,
+    /// The realm's permissions refused the call (final: every provider
+    /// would refuse it the same way).
+    Unauthorized {
+        provider: K,
+        message: String,
+    },
 }
 
 impl<K> CallFailure<K> {
@@ -202,6 +208,10 @@ pub fn remote_failure<K>(provider: K, e: CallError) -> CallFailure<K> {
         },
         RpcErrorKind::Cancelled => CallFailure::Cancelled,
         RpcErrorKind::NoProviders => CallFailure::NoProviders,
+        RpcErrorKind::Unauthorized => CallFailure::Unauthorized {
+            provider,
+            message: e.message,
+        },
         RpcErrorKind::Unreachable | RpcErrorKind::NotFound | RpcErrorKind::ShuttingDown => {
             CallFailure::Unreachable {
                 tried: vec![provider],

@@ -11,6 +11,7 @@
 //! | `GET /admin/subscriptions` | [`SubscriptionsReport`]: local subscriptions |
 //! | `GET /admin/routing` | [`RoutingReport`]: the DHT routing table |
 //! | `GET /admin/services` | [`ServicesReport`]: local and mesh-wide RPC procedures |
+//! | `/admin/realm`, `POST /admin/realm/revocations` | the realm's authority, grant and revocation list (`admin/realm.rs`: [`RealmReport`], [`RevocationsReport`]) |
 //! | `/admin/raft...` | Raft groups and their key-value store (`admin/raft.rs`: [`RaftReport`], [`KvGetReport`], [`CasReport`], [`WatchReport`]...) |
 //!
 //! Anything else is a 404 (405 for another method) with a JSON
@@ -55,12 +56,14 @@ use crate::metrics::register;
 use crate::node::NodeRuntime;
 
 mod raft;
+mod realm;
 
 pub use raft::{
     CasReport, CasRequest, EventReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
     MembersRequest, RaftGroupReport, RaftReport, WatchReport, KV_LIST_DEFAULT_LIMIT,
     KV_LIST_MAX_LIMIT, RAFT_ADMIN_DEADLINE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS, WATCH_MAX_WAIT,
 };
+pub use realm::{GrantReport, RealmReport, RevocationsReport};
 
 /// Admin HTTP connections served at once. HTTP/1 handles one request at a
 /// time per connection, so this also bounds concurrent requests. When every
@@ -302,6 +305,8 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         )
         .route("/admin/raft/{group}/cas", post(raft::cas))
         .route("/admin/raft/{group}/watch", get(raft::watch))
+        .route("/admin/realm", get(realm::status))
+        .route("/admin/realm/revocations", post(realm::revocations))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -322,6 +327,7 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.reachability().counters().register(&mut registry);
     node.relay().counters().register(&mut registry);
     node.raft().counters().register(&mut registry);
+    node.realm_service().counters().register(&mut registry);
     registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
     registry
 }

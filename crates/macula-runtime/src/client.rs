@@ -497,7 +497,7 @@ impl Client {
             },
             max_frame_size: config.limits.max_frame_size,
             // A client checks no one: its gateway proves its node ID in TLS.
-            admission: None,
+            authz: None,
         };
         let (gateway, _) = watch::channel(None);
         let (second, _) = watch::channel(None);

@@ -317,6 +317,9 @@ pub struct Admission {
     pub grant: Option<Vec<u8>>,
     /// Clock difference tolerated at both ends of a grant's validity.
     pub clock_skew: Duration,
+    /// A signed revocation list to start with (`macula_auth::RevocationList`
+    /// bytes); a newer one from the data directory or a peer replaces it.
+    pub revocations: Option<Vec<u8>>,
 }
 
 /// Default [`Admission::clock_skew`].
@@ -329,6 +332,7 @@ impl Admission {
             authority,
             grant,
             clock_skew: DEFAULT_CLOCK_SKEW,
+            revocations: None,
         }
     }
 }

@@ -300,11 +300,34 @@ fn next_request(requests: &Mutex<Requests>) -> Option<ClientMessage> {
     next
 }
 
+/// In a realm with an authority, where a client's subscription or
+/// advertisement enters the mesh: its own grant must allow it.
+fn client_denied(gw: &Gateway, peer: &Peer, msg: &ClientMessage) -> Option<crate::authz::Denied> {
+    let authz = gw.0.pubsub.authz()?;
+    let (action, name) = match msg {
+        ClientMessage::Subscribe(m) => (macula_auth::Action::Subscribe, &m.pattern),
+        ClientMessage::Advertise(m) => (macula_auth::Action::Advertise, &m.procedure),
+        _ => return None,
+    };
+    let grant = peer.grant().map(|g| &**g);
+    authz.check(grant, peer.node_id(), action, name).err()
+}
+
 /// Handles one client's requests in order, until none is waiting.
 async fn worker(gw: Gateway, peer: Peer, feed: Arc<Feed>, requests: Arc<Mutex<Requests>>) {
     let (ps, rpc) = (&gw.0.pubsub, &gw.0.rpc);
     while let Some(msg) = next_request(&requests) {
         let id = msg.id();
+        if let Some(d) = client_denied(&gw, &peer, &msg) {
+            let c = &gw.0.counters;
+            c.requests_total.inc();
+            c.requests_failed_total.inc();
+            tracing::debug!(client = %peer.node_id(), error = %d, "client request refused by the realm's permissions");
+            if let Err(e) = peer.send(&ack(id, Some(d.to_string()))).await {
+                tracing::debug!(client = %peer.node_id(), error = %e, "could not answer a client request");
+            }
+            continue;
+        }
         let res: Result<(), String> = match msg {
             ClientMessage::Subscribe(m) => ps
                 .feed_add(feed.id, &m.pattern)

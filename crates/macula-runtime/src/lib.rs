@@ -10,6 +10,7 @@
 //! proved its node ID in TLS *and* completed the HELLO exchange.
 
 pub mod admin;
+pub mod authz;
 mod backoff;
 pub mod client;
 pub mod clock;
@@ -29,6 +30,7 @@ pub mod pubsub;
 pub mod quiet;
 pub mod raft;
 pub mod reachability;
+pub mod realm;
 pub mod relay;
 pub mod rpc;
 mod service;

@@ -187,6 +187,8 @@ type DialFuture = Shared<BoxFuture<'static, Result<Peer, ConnectError>>>;
 struct NodeShared {
     /// What the connection drivers dispatch to.
     services: Services,
+    /// The realm's permissions and revocation list (issue 18).
+    realm: crate::realm::Realm,
     /// The monotonic clock every core of this node is fed from.
     clock: Clock,
     /// This run's epoch (see `clock.rs`), its mark saved while it runs.
@@ -462,6 +464,14 @@ impl NodeRuntime {
         let max_frame_size = config.limits.max_frame_size;
         let realm = config.realm.clone();
         let stall_timeout = config.limits.pubsub_stall_timeout;
+        let realm_counters = Arc::new(crate::authz::RealmCounters::default());
+        let authz = config.admission.as_ref().map(|a| {
+            let z = crate::authz::Authz::new(a, node_id, peer::unix_ms(), realm_counters.clone());
+            if let Some(e) = z.own_error() {
+                tracing::error!(error = %e, "this node's grant is not used: it may do nothing itself, and the realm's nodes will refuse it");
+            }
+            Arc::new(z)
+        });
         let shared = Arc::new_cyclic(|weak| {
             let dht = crate::dht::spawn(
                 dht_identity,
@@ -489,6 +499,7 @@ impl NodeRuntime {
                     dht: dht.clone(),
                     realm,
                     mesh: Box::new(PoolDialer(weak.clone())),
+                    authz: authz.clone(),
                 },
             );
             let rpc = crate::rpc::Rpc::with_link(
@@ -504,6 +515,7 @@ impl NodeRuntime {
                     } else {
                         vec![local_addr.to_string()]
                     }),
+                    authz: authz.clone(),
                 }),
             );
             let gateway = crate::gateway::Gateway::new(pubsub.clone(), rpc.clone());
@@ -532,8 +544,24 @@ impl NodeRuntime {
                 config.limits.max_frame_size,
                 Arc::new(PoolDialer(weak.clone())),
             );
+            let listed: std::sync::Weak<NodeShared> = weak.clone();
+            let realm = crate::realm::Realm::new(
+                authz.clone(),
+                realm_counters,
+                Box::new(move || {
+                    listed
+                        .upgrade()
+                        .map(|s| s.table.lock().all())
+                        .unwrap_or_default()
+                }),
+                match &config.identity {
+                    IdentitySource::DataDir(dir) => Some(dir.clone()),
+                    IdentitySource::Ephemeral => None,
+                },
+            );
             // Every service this node runs: one line each.
             let services = Services::new(vec![
+                Arc::new(realm.clone()),
                 Arc::new(dht.clone()),
                 Arc::new(pubsub.clone()),
                 Arc::new(rpc.clone()),
@@ -545,6 +573,7 @@ impl NodeRuntime {
             ]);
             NodeShared {
                 services,
+                realm,
                 clock,
                 epoch: epoch.clone(),
                 dir_lock: Mutex::new(dir_lock),
@@ -565,7 +594,7 @@ impl NodeRuntime {
                 local: LocalInfo {
                     hello,
                     max_frame_size: config.limits.max_frame_size,
-                    admission: config.admission.clone(),
+                    authz: authz.clone(),
                 },
                 table: Mutex::new(PoolTable::new(
                     node_id,
@@ -593,6 +622,14 @@ impl NodeRuntime {
         );
         tokio::spawn(node.clone().check_reachability());
         tokio::spawn(node.clone().save_epoch());
+        node.0.realm.load(
+            node.0
+                .config
+                .admission
+                .as_ref()
+                .and_then(|a| a.revocations.as_deref()),
+        );
+        tokio::spawn(node.0.realm.clone().sweep(node.0.shutdown.subscribe()));
         tokio::spawn(node.clone().maintain_relays());
         for target in node.0.config.bootstrap.clone() {
             tokio::spawn(node.clone().supervise(target));
@@ -602,6 +639,11 @@ impl NodeRuntime {
 
     pub fn node_id(&self) -> NodeId {
         self.0.node_id
+    }
+
+    /// The realm service: permissions, the revocation list.
+    pub fn realm_service(&self) -> &crate::realm::Realm {
+        &self.0.realm
     }
 
     /// The node's pub/sub (subscriptions and local delivery).

@@ -22,6 +22,7 @@ use macula_wire::{
 use quinn::VarInt;
 use tokio::sync::oneshot;
 
+use crate::authz::PeerGrant;
 use crate::framed::{FrameReader, FrameWriter, ReadError};
 use crate::metrics::{HandshakeFailure, Metrics, ProtocolErrorKind};
 
@@ -195,7 +196,7 @@ pub struct LocalInfo {
     pub hello: Hello,
     pub max_frame_size: u32,
     /// The realm's authority, when it has one: peers need a grant.
-    pub admission: Option<crate::config::Admission>,
+    pub authz: Option<Arc<crate::authz::Authz>>,
 }
 
 /// A cheap, clonable handle to an authenticated peer connection.
@@ -219,6 +220,8 @@ struct PeerShared {
     relayed_via: std::sync::OnceLock<NodeId>,
     /// Not a DHT contact for others: it cannot be dialed directly.
     unlisted: AtomicBool,
+    /// The grant the peer proved in HELLO (a realm with an authority).
+    grant: Option<Arc<PeerGrant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -250,6 +253,12 @@ impl Peer {
     /// The peer's HELLO (realm, capabilities, listen addresses, limits).
     pub fn hello(&self) -> &Hello {
         &self.0.hello
+    }
+
+    /// The grant the peer presented and this node verified (only in a realm
+    /// with an authority): what it may do.
+    pub fn grant(&self) -> Option<&Arc<PeerGrant>> {
+        self.0.grant.as_ref()
     }
 
     /// QUIC's smoothed round-trip time estimate.
@@ -436,8 +445,13 @@ pub(crate) fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Checks the peer's HELLO against what TLS proved and what we require.
-fn check_hello(local: &LocalInfo, proved: NodeId, hello: &Hello) -> Result<(), HandshakeError> {
+/// Checks the peer's HELLO against what TLS proved and what we require;
+/// in a realm with an authority, returns the grant it proved.
+fn check_hello(
+    local: &LocalInfo,
+    proved: NodeId,
+    hello: &Hello,
+) -> Result<Option<Arc<PeerGrant>>, HandshakeError> {
     if hello.version != PROTOCOL_VERSION {
         return Err(HandshakeError::UnsupportedVersion {
             theirs: hello.version,
@@ -455,48 +469,22 @@ fn check_hello(local: &LocalInfo, proved: NodeId, hello: &Hello) -> Result<(), H
             proved,
         });
     }
-    if let Some(admission) = &local.admission {
-        check_grant(
-            admission,
-            proved,
-            hello.grant.as_ref().map(|g| g.as_slice()),
-            unix_ms(),
-        )?;
-    }
-    Ok(())
-}
-
-/// Whether `grant` admits the peer that proved `proved` to the realm of
-/// `admission` at `now_ms` (unix ms).
-pub(crate) fn check_grant(
-    admission: &crate::config::Admission,
-    proved: NodeId,
-    grant: Option<&[u8]>,
-    now_ms: u64,
-) -> Result<macula_auth::Verified, HandshakeError> {
-    use macula_auth::{Grant, Revocations, Subject};
-    let refuse = |e: macula_auth::GrantError| HandshakeError::Unauthorized {
-        kind: e.kind(),
-        message: e.to_string(),
+    let Some(authz) = &local.authz else {
+        return Ok(None);
     };
-    let Some(bytes) = grant else {
-        return Err(HandshakeError::Unauthorized {
+    match hello.grant.as_ref() {
+        None => Err(HandshakeError::Unauthorized {
             kind: "missing",
             message: "HELLO carried no grant".into(),
-        });
-    };
-    let g = Grant::from_bytes(bytes).map_err(refuse)?;
-    let skew = admission.clock_skew.as_millis() as u64;
-    let verified = g
-        .verify(&admission.authority, now_ms, skew, &Revocations::default())
-        .map_err(refuse)?;
-    if verified.subject() != Subject::Node(proved) {
-        return Err(refuse(macula_auth::GrantError::WrongSubject {
-            found: verified.subject(),
-            presented: Subject::Node(proved),
-        }));
+        }),
+        Some(g) => authz
+            .admit(proved, Some(g.as_slice()), unix_ms())
+            .map(|g| Some(Arc::new(g)))
+            .map_err(|e| HandshakeError::Unauthorized {
+                kind: e.kind(),
+                message: e.to_string(),
+            }),
     }
-    Ok(verified)
 }
 
 fn conn_lost(e: &quinn::ConnectionError) -> HandshakeError {
@@ -622,7 +610,7 @@ pub(crate) async fn handshake(
     admit: Option<Admission<'_>>,
 ) -> Result<(Peer, FrameReader), HandshakeError> {
     let ours = Message::Hello(local.hello.clone());
-    let (mut writer, reader, hello) = match direction {
+    let (mut writer, reader, hello, grant) = match direction {
         Direction::Outbound => {
             let (send, recv) = conn.open_bi().await.map_err(|e| conn_lost(&e))?;
             let mut writer = FrameWriter::new(send, DEFAULT_MAX_FRAME_SIZE);
@@ -632,11 +620,14 @@ pub(crate) async fn handshake(
                 .await
                 .map_err(|e| HandshakeError::Connection(e.to_string()))?;
             let hello = read_hello(&mut reader).await?;
-            if let Err(e) = check_hello(local, proved, &hello) {
-                refuse(&conn, &mut writer, &e).await;
-                return Err(e);
-            }
-            (writer, reader, hello)
+            let grant = match check_hello(local, proved, &hello) {
+                Ok(g) => g,
+                Err(e) => {
+                    refuse(&conn, &mut writer, &e).await;
+                    return Err(e);
+                }
+            };
+            (writer, reader, hello, grant)
         }
         Direction::Inbound => {
             let (send, recv) = conn.accept_bi().await.map_err(|e| conn_lost(&e))?;
@@ -657,10 +648,13 @@ pub(crate) async fn handshake(
                     return Err(e);
                 }
             };
-            if let Err(e) = check_hello(local, proved, &hello) {
-                refuse(&conn, &mut writer, &e).await;
-                return Err(e);
-            }
+            let grant = match check_hello(local, proved, &hello) {
+                Ok(g) => g,
+                Err(e) => {
+                    refuse(&conn, &mut writer, &e).await;
+                    return Err(e);
+                }
+            };
             if let Some(Err((reason, message))) = admit.map(|a| a(&hello)) {
                 turn_away(&conn, &mut writer, reason, &message).await;
                 return Err(HandshakeError::Refused { reason, message });
@@ -669,7 +663,7 @@ pub(crate) async fn handshake(
                 .send(&ours)
                 .await
                 .map_err(|e| HandshakeError::Connection(e.to_string()))?;
-            (writer, reader, hello)
+            (writer, reader, hello, grant)
         }
     };
     writer.set_peer_max(hello.max_frame_size);
@@ -687,6 +681,7 @@ pub(crate) async fn handshake(
         kept: AtomicBool::new(false),
         relayed_via: std::sync::OnceLock::new(),
         unlisted: AtomicBool::new(false),
+        grant,
         metrics,
     }));
     Ok((peer, reader))

@@ -1977,6 +1977,7 @@ fn failure_name(f: &macula_rpc::CallFailure<NodeId>) -> &'static str {
         F::Overloaded { .. } => "Overloaded",
         F::Unreachable { .. } => "Unreachable",
         F::Cancelled => "Cancelled",
+        F::Unauthorized { .. } => "Unauthorized",
     }
 }
 

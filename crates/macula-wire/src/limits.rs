@@ -30,3 +30,6 @@ pub const MAX_REASON_LEN: usize = 1024;
 pub const MAX_AGENT_LEN: usize = 128;
 /// Length of the grant in `HELLO` (`macula_auth`'s own limit).
 pub const MAX_GRANT_LEN: usize = 64 * 1024;
+/// Length of a signed revocation list in `REVOCATIONS`: it fits the default
+/// frame limit (about 60,000 revoked serials).
+pub const MAX_REVOCATIONS_LEN: usize = 1_000_000;

@@ -68,11 +68,12 @@ pub enum MessageType {
     RelayStatus = 0x76,
     RaftRequest = 0x90,
     RaftResponse = 0x91,
+    Revocations = 0xa0,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 35] = [
+    pub const ALL: [MessageType; 36] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -108,6 +109,7 @@ impl MessageType {
         MessageType::RelayStatus,
         MessageType::RaftRequest,
         MessageType::RaftResponse,
+        MessageType::Revocations,
     ];
 
     /// Maps a type byte to a known type.
@@ -153,6 +155,7 @@ impl MessageType {
             MessageType::RelayStatus => "relay_status",
             MessageType::RaftRequest => "raft_request",
             MessageType::RaftResponse => "raft_response",
+            MessageType::Revocations => "revocations",
         }
     }
 }
@@ -410,6 +413,16 @@ pub enum Message {
     Client(ClientMessage),
     Relay(RelayMessage),
     Raft(RaftMessage),
+    Revocations(Revocations),
+}
+
+/// A realm's signed revocation list (issue 18), spread through the mesh:
+/// a node that adopts a newer list passes it on to its other peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocations {
+    /// `macula_auth::RevocationList` bytes, at most `MAX_REVOCATIONS_LEN`.
+    #[serde(with = "serde_bytes")]
+    pub list: Vec<u8>,
 }
 
 /// Why a message could not be encoded.
@@ -489,6 +502,7 @@ impl Message {
                 RelayMessage::Incoming(_) => MessageType::RelayIncoming,
                 RelayMessage::Status(_) => MessageType::RelayStatus,
             },
+            Message::Revocations(_) => MessageType::Revocations,
             Message::Raft(r) => match r {
                 RaftMessage::Request(_) => MessageType::RaftRequest,
                 RaftMessage::Response(_) => MessageType::RaftResponse,
@@ -560,6 +574,13 @@ impl Message {
             Message::Client(c) => c.validate(),
             Message::Relay(r) => r.validate(),
             Message::Raft(r) => r.validate(),
+            Message::Revocations(r) => match r.list.len() {
+                0 => Err("empty revocation list".into()),
+                n if n > MAX_REVOCATIONS_LEN => Err(format!(
+                    "revocation list of {n} bytes, over the limit of {MAX_REVOCATIONS_LEN}"
+                )),
+                _ => Ok(()),
+            },
         }
     }
 
@@ -609,6 +630,7 @@ impl Message {
                 RaftMessage::Request(m) => rmp_serde::encode::write_named(out, m),
                 RaftMessage::Response(m) => rmp_serde::encode::write_named(out, m),
             },
+            Message::Revocations(m) => rmp_serde::encode::write_named(out, m),
             Message::Rpc(r) => match r {
                 RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
                 RpcMessage::Reply(m) => rmp_serde::encode::write_named(out, m),
@@ -703,6 +725,7 @@ impl Message {
             MessageType::RelayStatus => {
                 decode_body(t, body).map(|m| Message::Relay(RelayMessage::Status(m)))
             }
+            MessageType::Revocations => decode_body(t, body).map(Message::Revocations),
             MessageType::RaftRequest => {
                 decode_body(t, body).map(|m| Message::Raft(RaftMessage::Request(m)))
             }
@@ -1275,6 +1298,8 @@ mod tests {
 
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
+            proptest::collection::vec(any::<u8>(), 1..256)
+                .prop_map(|list| Message::Revocations(Revocations { list })),
             arb_publish(),
             arb_raft(),
             arb_client(),

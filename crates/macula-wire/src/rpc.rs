@@ -93,6 +93,9 @@ pub enum RpcErrorKind {
     NoProviders,
     /// A gateway calling for its client could reach no provider.
     Unreachable,
+    /// The realm's permissions refuse it: the caller may not call the
+    /// procedure, or no provider may serve it (issue 18).
+    Unauthorized,
     /// A kind this version does not know.
     Other(u16),
 }
@@ -121,6 +124,7 @@ impl From<u16> for RpcErrorKind {
             8 => RpcErrorKind::Invalid,
             9 => RpcErrorKind::NoProviders,
             10 => RpcErrorKind::Unreachable,
+            11 => RpcErrorKind::Unauthorized,
             other => RpcErrorKind::Other(other),
         }
     }
@@ -139,6 +143,7 @@ impl From<RpcErrorKind> for u16 {
             RpcErrorKind::Invalid => 8,
             RpcErrorKind::NoProviders => 9,
             RpcErrorKind::Unreachable => 10,
+            RpcErrorKind::Unauthorized => 11,
             RpcErrorKind::Other(v) => v,
         }
     }

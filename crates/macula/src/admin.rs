@@ -20,6 +20,8 @@
 //! | `DELETE /admin/raft/{group}/kv/{key}` | `?prefix=true` → [`KvWriteReport`] |
 //! | `POST /admin/raft/{group}/cas` | [`CasRequest`] → [`CasReport`] (409 when the comparison failed) |
 //! | `GET /admin/raft/{group}/watch?prefix=P&from=REV&wait_ms=MS` | long poll → [`WatchReport`] |
+//! | `GET /admin/realm` | [`RealmReport`]: the realm's authority, this node's grant, the revocation list held |
+//! | `POST /admin/realm/revocations` | body = a signed revocation list → [`RevocationsReport`] (adopted when newer, then spread through the mesh) |
 //!
 //! Anything else is a 404 (405 for another method) with an [`ErrorReport`]
 //! (its `kind` names the cause, e.g. `raft.no_leader`). The report types are
@@ -52,13 +54,14 @@ use tokio::net::TcpListener;
 use crate::Node;
 
 pub use macula_runtime::admin::{
-    AdminLimits, CasReport, CasRequest, ErrorReport, EventReport, HealthReport, KvGetReport,
-    KvListReport, KvReport, KvWriteReport, LocalService, MembersRequest, MeshService, PeerReport,
-    PeersReport, ProviderHealth, RaftGroupReport, RaftReport, ReadyReport, RoutingContact,
-    RoutingReport, ServiceProvider, ServicesReport, SubscriptionInfo, SubscriptionsReport,
-    WatchReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE, KV_LIST_DEFAULT_LIMIT,
-    KV_LIST_MAX_LIMIT, MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP, METRICS_CONTENT_TYPE,
-    RAFT_ADMIN_DEADLINE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS, WATCH_MAX_WAIT,
+    AdminLimits, CasReport, CasRequest, ErrorReport, EventReport, GrantReport, HealthReport,
+    KvGetReport, KvListReport, KvReport, KvWriteReport, LocalService, MembersRequest, MeshService,
+    PeerReport, PeersReport, ProviderHealth, RaftGroupReport, RaftReport, ReadyReport, RealmReport,
+    RevocationsReport, RoutingContact, RoutingReport, ServiceProvider, ServicesReport,
+    SubscriptionInfo, SubscriptionsReport, WatchReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE,
+    KV_LIST_DEFAULT_LIMIT, KV_LIST_MAX_LIMIT, MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP,
+    METRICS_CONTENT_TYPE, RAFT_ADMIN_DEADLINE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS,
+    WATCH_MAX_WAIT,
 };
 
 /// Serves the admin API for `node` on an already-bound `listener` (so a

@@ -204,6 +204,7 @@ fn pubsub_kind(e: &PubSubError) -> &'static str {
         PubSubError::NeedsFullNode { .. } => "pubsub.needs_full_node",
         PubSubError::QueueFull { .. } => "pubsub.queue_full",
         PubSubError::FlushTimeout { .. } => "pubsub.flush_timeout",
+        PubSubError::Unauthorized { .. } => "pubsub.unauthorized",
         _ => "pubsub.other",
     }
 }
@@ -238,6 +239,7 @@ fn rpc_kind(e: &RpcError) -> &'static str {
         RpcError::ShuttingDown => "rpc.shutting_down",
         RpcError::AlreadyAdvertised { .. } => "rpc.already_advertised",
         RpcError::PayloadTooLarge { .. } => "rpc.payload_too_large",
+        RpcError::Unauthorized { .. } => "rpc.unauthorized",
         RpcError::TooManyHeaders { .. } => "rpc.too_many_headers",
         RpcError::TooManyAdvertised { .. } => "rpc.too_many_advertised",
         RpcError::Advertise { .. } => "rpc.advertise_failed",

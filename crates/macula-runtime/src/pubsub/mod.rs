@@ -52,11 +52,13 @@ use macula_pubsub::{
 use macula_wire::{DisconnectReason, ErrorCode, Message, MessageType, NodeId};
 use tokio::sync::Notify;
 
+use crate::authz::{Authz, Denied};
 use crate::clock::Clock;
 use crate::framed::FrameReader;
 use crate::metrics::ProtocolErrorKind;
 use crate::peer::Peer;
 use crate::service::{Answer, PeerDown, Serves, Service, ServiceFuture};
+use macula_auth::Action as Perm;
 
 pub use crate::config::PEER_STALL_TIMEOUT;
 pub(crate) use client::Upstream;
@@ -147,6 +149,8 @@ pub(crate) struct Inner {
     /// The longest a write may accept nothing before its peer is cut off:
     /// the longest one publish waits for room before it looks again.
     stall_timeout: Duration,
+    /// The realm's permissions (a full node of a realm with an authority).
+    authz: Option<Arc<Authz>>,
 }
 
 impl Inner {
@@ -202,7 +206,7 @@ impl PubSub {
             "",
             PEER_STALL_TIMEOUT,
         );
-        Self::build(config, Clock::new(), Role::Local, None)
+        Self::build(config, Clock::new(), Role::Local, None, None)
     }
 
     /// A full node's pub/sub (and the gateway of its attached clients).
@@ -212,7 +216,13 @@ impl PubSub {
             realm: link.realm,
             ..config
         };
-        Self::build(config, clock, Role::Node(link.dht), Some(link.mesh))
+        Self::build(
+            config,
+            clock,
+            Role::Node(link.dht),
+            Some(link.mesh),
+            link.authz,
+        )
     }
 
     /// A lightweight client's pub/sub: through `gateway`, its only peer.
@@ -221,10 +231,16 @@ impl PubSub {
             role: CoreRole::Client,
             ..config
         };
-        Self::build(config, Clock::new(), Role::Client(up), Some(gateway))
+        Self::build(config, Clock::new(), Role::Client(up), Some(gateway), None)
     }
 
-    fn build(config: Config, clock: Clock, role: Role, mesh: Option<Box<dyn Mesh>>) -> PubSub {
+    fn build(
+        config: Config,
+        clock: Clock,
+        role: Role,
+        mesh: Option<Box<dyn Mesh>>,
+        authz: Option<Arc<Authz>>,
+    ) -> PubSub {
         let limits = config.limits;
         let stall_timeout = config.out.stall_timeout.to_duration();
         let core = Core::new(config);
@@ -239,7 +255,21 @@ impl PubSub {
             interest: Notify::new(),
             room: Notify::new(),
             stall_timeout,
+            authz,
         }))
+    }
+
+    /// The realm's permissions, in a realm with an authority.
+    pub(crate) fn authz(&self) -> Option<&Arc<Authz>> {
+        self.0.authz.as_ref()
+    }
+
+    /// Whether this node's own application may do `action` on `name`.
+    fn allowed_here(&self, action: Perm, name: &str) -> Result<(), PubSubError> {
+        match &self.0.authz {
+            None => Ok(()),
+            Some(a) => a.local(action, name).map_err(unauthorized),
+        }
     }
 
     pub fn counters(&self) -> &Arc<PubSubCounters> {
@@ -327,6 +357,7 @@ impl PubSub {
     }
 
     fn subscribe_inner(&self, pattern: &str) -> Result<(Subscription, Interest), PubSubError> {
+        self.allowed_here(Perm::Subscribe, pattern)?;
         let queue = self.new_queue();
         let mut core = self.0.core();
         let s = core.subscribe(pattern, queue.clone())?;
@@ -388,6 +419,7 @@ impl PubSub {
         payload: Bytes,
         opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
+        self.allowed_here(Perm::Publish, topic)?;
         self.run(|core, now, out| core.publish_local(topic, payload, opts, now, out))
             .map(|p| p.seq)
     }
@@ -402,6 +434,7 @@ impl PubSub {
         payload: Bytes,
         opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
+        self.allowed_here(Perm::Publish, topic)?;
         let block = opts.overflow == Overflow::Block;
         let len = payload.len();
         let mut msg = Some((payload, opts));
@@ -667,6 +700,10 @@ impl PubSub {
             m.frames_received_total.inc();
             m.message_received(frame.msg_type);
             peer.touch();
+            if let Some(n) = self.refused_batch(&peer, frame.msg_type, &frame.body) {
+                rx.count_refused(n);
+                continue;
+            }
             let res = {
                 let now = self.0.now();
                 let mut core = self.0.core();
@@ -706,6 +743,44 @@ impl PubSub {
                 self.forward_from_client(from, &frame.body).await;
             }
         }
+    }
+}
+
+impl PubSub {
+    /// In a realm with an authority: whether `peer` may hand over every
+    /// topic of this PUBLISH_BATCH (a client publishes for itself; a node
+    /// for itself, or carries others' with `relay`). A batch with any
+    /// topic refused is refused whole: an honest sender never writes one
+    /// (it checked where the messages entered the mesh), so this is a
+    /// misbehaving or misconfigured node. Returns how many messages it
+    /// carried, counted and logged; `None`: go on.
+    fn refused_batch(&self, peer: &Peer, msg_type: u8, body: &Bytes) -> Option<u64> {
+        let authz = self.0.authz.as_ref()?;
+        if msg_type != MessageType::PublishBatch as u8 {
+            return None;
+        }
+        // A body that does not decode is the core's to refuse.
+        let view = macula_wire::PublishBatchView::decode(body).ok()?;
+        let grant = peer.grant().map(|g| &**g);
+        let from = peer.node_id();
+        let refused = view.topics.iter().find_map(|t| {
+            let r = match peer.is_client() {
+                true => authz.check(grant, from, Perm::Publish, t),
+                false => authz.check_peer(grant, from, Perm::Publish, t),
+            };
+            r.err()
+        })?;
+        let n = view.entries.len() as u64;
+        self.0.counters.unauthorized_dropped_total.inc_by(n);
+        tracing::warn!(peer = %from, messages = n, error = %refused, "refused a pub/sub batch: its sender may not publish it");
+        Some(n)
+    }
+}
+
+fn unauthorized(d: Denied) -> PubSubError {
+    PubSubError::Unauthorized {
+        kind: d.kind,
+        message: d.to_string(),
     }
 }
 
@@ -759,6 +834,20 @@ impl Service for PubSub {
     fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
         match msg {
             Message::Publish(p) => {
+                if let Some(a) = &self.0.authz {
+                    let grant = peer.grant().map(|g| &**g);
+                    let checked = match peer.is_client() {
+                        true => a.check(grant, peer.node_id(), Perm::Publish, &p.topic),
+                        false => a.check_peer(grant, peer.node_id(), Perm::Publish, &p.topic),
+                    };
+                    if let Err(d) = checked {
+                        self.0.counters.unauthorized_dropped_total.inc();
+                        return Answer::Refuse {
+                            code: ErrorCode::Unauthorized,
+                            reason: d.to_string(),
+                        };
+                    }
+                }
                 match self.run(|core, now, out| core.handle_publish(peer.node_id(), p, now, out)) {
                     Ok(()) => Answer::Done,
                     Err(reason) => Answer::Refuse {

@@ -24,6 +24,8 @@ pub(crate) struct MeshLink {
     pub dht: DhtHandle,
     pub realm: String,
     pub mesh: Box<dyn Mesh>,
+    /// The realm's permissions (`None`: an open realm).
+    pub authz: Option<std::sync::Arc<crate::authz::Authz>>,
 }
 
 /// What a wait on interest events sees each time it looks.

@@ -104,6 +104,43 @@ async fn write(inner: &Inner, q: PeerRef, send: &mut quinn::SendStream, buf: &[u
     Wrote::Done
 }
 
+/// In a realm with an authority: removes from `msgs` what `peer` may not
+/// receive (a client: its own `subscribe`; a node: `subscribe`, or `relay`
+/// for the clients it carries), so it is never written; counted, not lost.
+fn refuse_unauthorized(
+    authz: &crate::authz::Authz,
+    peer: &crate::peer::Peer,
+    batch: &mut macula_pubsub::Batch,
+    msgs: &mut Vec<OutMsg>,
+    counters: &macula_pubsub::Counters,
+) {
+    let grant = peer.grant().map(|g| &**g);
+    let node = peer.node_id();
+    let client = peer.is_client();
+    let before = msgs.len();
+    let mut first = None;
+    msgs.retain(|m| {
+        let topic = m.topic.as_str();
+        let r = match client {
+            true => authz.check(grant, node, macula_auth::Action::Subscribe, topic),
+            false => authz.check_peer(grant, node, macula_auth::Action::Subscribe, topic),
+        };
+        match r {
+            Ok(()) => true,
+            Err(d) => {
+                first.get_or_insert(d);
+                false
+            }
+        }
+    });
+    let refused = before - msgs.len();
+    if let Some(d) = first {
+        batch.refused += refused;
+        counters.unauthorized_dropped_total.inc_by(refused as u64);
+        tracing::debug!(peer = %node, refused, error = %d, "pub/sub messages kept from a peer that may not subscribe to them");
+    }
+}
+
 /// Runs the sender of `node`'s queue `q` until the core retires it; then
 /// publishes waiting for room in it look again.
 pub(super) async fn run(owner: Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>) {
@@ -196,6 +233,9 @@ async fn drain(owner: &Weak<Inner>, q: PeerRef, node: NodeId, wake: Arc<Notify>)
             }
         }
         let Some(s) = &mut stream else { continue };
+        if let Some(authz) = &inner.authz {
+            refuse_unauthorized(authz, &s.peer, &mut batch, &mut msgs, &inner.counters);
+        }
         buf.clear();
         marks.clear();
         let encoded = batch.encode_marked(&mut buf, &msgs, &mut marks);

@@ -21,6 +21,7 @@ impl Rpc {
         opts: AdvertiseOptions,
         handler: H,
     ) -> Result<Registration, RpcError> {
+        self.allowed_here(macula_auth::Action::Advertise, procedure)?;
         let ad = Advert {
             handler: Arc::new(handler) as Arc<dyn Handler>,
             weight: opts.weight.unwrap_or(DEFAULT_WEIGHT),

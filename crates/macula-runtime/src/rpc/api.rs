@@ -100,6 +100,14 @@ pub enum RpcError {
     TooManyAdvertised { max: usize },
     #[error("could not advertise {procedure:?} in the mesh: {reason}")]
     Advertise { procedure: String, reason: String },
+    /// The realm's permissions refuse it: this node (`provider` None) or
+    /// the provider refused the call, or this node may not advertise.
+    #[error("{procedure:?} refused{}: {message}", .provider.map(|p| format!(" by {p}")).unwrap_or_default())]
+    Unauthorized {
+        procedure: String,
+        provider: Option<NodeId>,
+        message: String,
+    },
 }
 
 impl RpcError {
@@ -120,6 +128,7 @@ impl RpcError {
             RpcError::TooManyHeaders { .. } => "too_many_headers",
             RpcError::TooManyAdvertised { .. } => "too_many_advertised",
             RpcError::Advertise { .. } => "advertise_failed",
+            RpcError::Unauthorized { .. } => "unauthorized",
         }
     }
 }

@@ -86,6 +86,7 @@ impl Rpc {
 
     pub(super) async fn run_call(self, b: CallBuilder) -> Result<Response, RpcError> {
         self.check_call(&b)?;
+        self.allowed_here(macula_auth::Action::Call, &b.procedure)?;
         self.run(&b, None).await
     }
 
@@ -209,6 +210,11 @@ impl Rpc {
                 procedure,
                 provider,
             },
+            CallFailure::Unauthorized { provider, message } => RpcError::Unauthorized {
+                procedure,
+                provider: Some(provider),
+                message,
+            },
             CallFailure::Overloaded { provider } => RpcError::Overloaded {
                 procedure,
                 provider,
@@ -292,6 +298,15 @@ impl Rpc {
                         },
                         _ => None,
                     };
+                    if let Some(d) = reached.as_ref().and_then(|p| self.provider_denied(p, b)) {
+                        // Not this provider: the next one is tried.
+                        tracing::warn!(peer = %provider, procedure = %b.procedure, error = %d, "provider may not serve this procedure; not calling it");
+                        input = Some(Input::Failed {
+                            reason: d.to_string(),
+                            lost: false,
+                        });
+                        continue;
+                    }
                     input = Some(call.connected(reached, "could not connect", false));
                 }
                 Action::ConnectClient { conn, .. } => {
@@ -367,6 +382,21 @@ impl Rpc {
                 }
             }
         }
+    }
+
+    /// In a realm with an authority: why `provider` may not serve the
+    /// call (it must hold `advertise`, or `relay` for a client it carries).
+    fn provider_denied(&self, provider: &Peer, b: &CallBuilder) -> Option<crate::authz::Denied> {
+        let authz = self.authz()?;
+        let grant = provider.grant().map(|g| &**g);
+        authz
+            .check_peer(
+                grant,
+                provider.node_id(),
+                macula_auth::Action::Advertise,
+                &b.procedure,
+            )
+            .err()
     }
 
     /// A timer firing when the core's clock reads `t`.

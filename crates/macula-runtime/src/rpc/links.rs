@@ -52,6 +52,8 @@ pub(crate) struct RpcLink {
     /// Addresses published in advertisements: the listen address at first,
     /// then what reachability checks find (see `Rpc::set_addrs`).
     pub addrs: Mutex<Vec<String>>,
+    /// The realm's permissions (`None`: an open realm).
+    pub authz: Option<std::sync::Arc<crate::authz::Authz>>,
 }
 
 /// The role-specific link of an `Rpc`.

@@ -24,6 +24,7 @@ pub struct RpcCounters {
     pub handler_timeouts_total: Counter,
     pub cancelled_by_caller_total: Counter,
     pub not_found_total: Counter,
+    pub unauthorized_total: Counter,
     pub serving: CountGauge,
     pub advertised: CountGauge,
     pub probes_failed_total: Counter,
@@ -116,6 +117,12 @@ impl RpcCounters {
             "macula_rpc_not_found",
             "Requests for procedures this node does not serve.",
             self.not_found_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_unauthorized",
+            "Calls refused because the caller may not call the procedure (the realm's permissions).",
+            self.unauthorized_total.clone(),
         );
         register(
             r,

@@ -132,6 +132,32 @@ impl Rpc {
         Self::build(node_id, max_frame_size, limits, Role::Client(upstream))
     }
 
+    /// The realm's permissions (a full node of a realm with an authority).
+    pub(crate) fn authz(&self) -> Option<&Arc<crate::authz::Authz>> {
+        match &self.0.role {
+            Role::Node(link) => link.authz.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Whether this node's own application may do `action` on `procedure`.
+    pub(crate) fn allowed_here(
+        &self,
+        action: macula_auth::Action,
+        procedure: &str,
+    ) -> Result<(), RpcError> {
+        match self.authz() {
+            None => Ok(()),
+            Some(a) => a
+                .local(action, procedure)
+                .map_err(|d| RpcError::Unauthorized {
+                    procedure: procedure.to_string(),
+                    provider: None,
+                    message: d.to_string(),
+                }),
+        }
+    }
+
     fn build(node_id: NodeId, max_frame_size: u32, limits: RpcLimits, role: Role) -> Rpc {
         let cfg = macula_rpc::Config {
             max_inflight_calls: limits.max_inflight_calls,

@@ -58,9 +58,32 @@ impl Rpc {
         }
     }
 
+    /// In a realm with an authority: why `peer` may not call `procedure`
+    /// here (a client for itself; a node for itself or, with `relay`, for
+    /// the clients it carries).
+    fn caller_denied(&self, peer: &Peer, procedure: &str) -> Option<crate::authz::Denied> {
+        let authz = self.authz()?;
+        let grant = peer.grant().map(|g| &**g);
+        let action = macula_auth::Action::Call;
+        match peer.is_client() {
+            true => authz.check(grant, peer.node_id(), action, procedure),
+            false => authz.check_peer(grant, peer.node_id(), action, procedure),
+        }
+        .err()
+    }
+
     /// Starts serving `call` in its own task, or returns the refusal.
     pub(super) fn serve(&self, peer: &Peer, call: Call) -> Option<Message> {
         let c = &self.0.counters;
+        if let Some(d) = self.caller_denied(peer, &call.procedure) {
+            c.unauthorized_total.inc();
+            return Some(Message::Rpc(RpcMessage::Error(CallError {
+                id: call.id,
+                kind: RpcErrorKind::Unauthorized,
+                code: 0,
+                message: truncate(&d.to_string(), macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN),
+            })));
+        }
         let now = self.now();
         let admission =
             self.state()
@@ -253,6 +276,7 @@ fn forwarded_error(id: u64, e: &RpcError) -> CallError {
         RpcError::ShuttingDown => (RpcErrorKind::ShuttingDown, 0),
         RpcError::NoProviders { .. } => (RpcErrorKind::NoProviders, 0),
         RpcError::Unreachable { .. } => (RpcErrorKind::Unreachable, 0),
+        RpcError::Unauthorized { .. } => (RpcErrorKind::Unauthorized, 0),
         _ => (RpcErrorKind::Invalid, 0),
     };
     let message = match e {
