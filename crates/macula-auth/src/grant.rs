@@ -179,6 +179,16 @@ impl Grant {
         decode_body(&self.grant)
     }
 
+    /// The grant decoded but **not verified**: what its holder (a client,
+    /// which knows no authority key) may expect to be allowed, to refuse
+    /// itself what its gateway would refuse anyway.
+    pub fn unverified(&self) -> Result<Verified, GrantError> {
+        Ok(Verified {
+            body: decode_body(&self.grant)?,
+            signer: self.signer.as_ref().map(decode_body).transpose()?,
+        })
+    }
+
     /// Decodes a grant, bounded by [`MAX_GRANT_BYTES`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Grant, GrantError> {
         if bytes.len() > MAX_GRANT_BYTES {

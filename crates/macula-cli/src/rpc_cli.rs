@@ -44,6 +44,10 @@ pub struct CallArgs {
     /// Pause between calls with --count, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     interval: u64,
+    /// Keep a persistent identity in DIR (a grant names it); default: a
+    /// fresh identity.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     mesh: MeshArgs,
     #[command(flatten)]
@@ -100,7 +104,7 @@ pub async fn call(a: CallArgs) -> anyhow::Result<CallOutcome> {
     let strategy: Strategy = a.strategy.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     macula::names::validate_procedure(&a.procedure)
         .map_err(|e| anyhow::anyhow!("invalid procedure {:?}: {e}", a.procedure))?;
-    let node = Member::start(&a.mesh, a.mode, None, None).await?;
+    let node = Member::start(&a.mesh, a.mode, a.data_dir.clone(), None).await?;
     let result = calls(&node, &a, strategy).await;
     node.shutdown().await;
     result

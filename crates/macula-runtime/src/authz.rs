@@ -246,6 +246,23 @@ impl Authz {
         }
     }
 
+    /// A lightweight client's own view of its grant, decoded but not
+    /// verified (a client knows no authority key): only [`Authz::local`]
+    /// is meaningful, so the client refuses itself what its gateway would
+    /// refuse, with the same error, instead of sending it.
+    pub fn for_client(grant: &[u8], counters: Arc<RealmCounters>) -> Result<Authz, GrantError> {
+        let g = Grant::from_bytes(grant)?;
+        let v = g.unverified()?;
+        Ok(Authz {
+            authority: v.body.realm,
+            skew_ms: 0,
+            own: Some(PeerGrant::new(v)),
+            own_error: None,
+            revoked: RwLock::new(Arc::new(Revoked::default())),
+            counters,
+        })
+    }
+
     /// Why this node's own grant was not taken, if it was not.
     pub fn own_error(&self) -> Option<&OwnGrantError> {
         self.own_error.as_ref()

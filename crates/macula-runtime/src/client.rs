@@ -186,6 +186,9 @@ pub enum ClientError {
     /// connection limit, say); `reasons` names each node and its reason.
     #[error("every node turned the client away: {reasons}")]
     TurnedAway { reasons: String },
+    /// The client's grant (`ClientConfig::grant`) does not decode.
+    #[error("the client's grant does not decode: {0}")]
+    Grant(String),
 }
 
 struct Shared {
@@ -505,6 +508,15 @@ impl Client {
         let (stop_drivers, _) = watch::channel(false);
         let max_frame = config.limits.max_frame_size;
         let stall_timeout = config.limits.pubsub_stall_timeout;
+        // The client's own view of its grant: it refuses itself what its
+        // gateway would refuse (the gateway checks it for real).
+        let own = match &config.grant {
+            None => None,
+            Some(g) => Some(Arc::new(
+                crate::authz::Authz::for_client(g, Arc::default())
+                    .map_err(|e| ClientError::Grant(e.to_string()))?,
+            )),
+        };
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let pubsub = PubSub::client(
                 crate::pubsub::config(
@@ -517,9 +529,15 @@ impl Client {
                 ),
                 Box::new(Link(weak.clone())),
                 Box::new(GatewayMesh(weak.clone())),
+                own.clone(),
             );
-            let rpc =
-                Rpc::with_upstream(node_id, max_frame, config.rpc, Arc::new(Link(weak.clone())));
+            let rpc = Rpc::with_upstream(
+                node_id,
+                max_frame,
+                config.rpc,
+                Arc::new(Link(weak.clone())),
+                own,
+            );
             Shared {
                 node_id,
                 dir_lock: Mutex::new(dir_lock),

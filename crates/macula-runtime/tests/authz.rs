@@ -22,6 +22,7 @@ use macula_runtime::rpc::{AdvertiseOptions, HandlerError, Request, RpcError};
 use macula_runtime::{
     Client, ClientConfig, Identity, IdentitySource, NodeConfig, NodeRuntime, PeerAddr,
 };
+use macula_wire::client::{ClientMessage, ClientSubscribe};
 use macula_wire::pubsub::{BatchMessage, Publish, PublishBatch};
 use macula_wire::rpc::{Call, RpcMessage};
 use macula_wire::{ErrorCode, Message, NodeId, RpcErrorKind};
@@ -218,11 +219,49 @@ async fn pubsub_is_checked_where_it_enters_and_where_it_is_delivered() {
         "allow subscribe orders.*\nallow subscribe payments.*",
     )
     .await;
+    // The client refuses itself what its grant does not allow ...
     let e = c
         .subscribe("secret.*")
         .await
         .expect_err("outside the client's grant");
     assert!(e.to_string().contains("may not subscribe"), "{e}");
+    // ... and its gateway refuses a client that does not (a raw one).
+    let raw_client = RawClient::connect(&g).await;
+    let mut hello = raw_client.hello();
+    hello.capabilities = vec![macula_wire::client::CLIENT_CAPABILITY.to_string()];
+    hello.grant = Some(serde_bytes::ByteBuf::from(grant(
+        &authority,
+        6,
+        raw_client.identity.node_id(),
+        "allow subscribe orders.*",
+    )));
+    let mut rc = raw_client.open().await;
+    rc.send(&Message::Hello(hello)).await;
+    assert!(matches!(rc.recv().await, Message::Hello(_)));
+    for (id, pattern) in [(1, "secret.*"), (2, "orders.*")] {
+        rc.send(&Message::Client(ClientMessage::Subscribe(
+            ClientSubscribe {
+                id,
+                pattern: pattern.into(),
+            },
+        )))
+        .await;
+    }
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        if let Message::Client(ClientMessage::Ack(a)) = rc.recv().await {
+            acks.push(a);
+        }
+    }
+    assert_eq!(acks[0].id, 1);
+    assert!(
+        acks[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("may not subscribe")),
+        "{acks:?}"
+    );
+    assert_eq!((acks[1].id, acks[1].error.clone()), (2, None));
     let pay = c.subscribe("payments.*").await.expect("client subscribes");
     let mut orders = c.subscribe("orders.*").await.expect("client subscribes");
     s.pubsub()
@@ -324,4 +363,90 @@ async fn rpc_is_checked_where_it_enters_and_where_it_is_served() {
     .await
     .expect_err("G may not serve orders.audit");
     assert!(e.to_string().contains("may not advertise"), "{e}");
+}
+
+fn revocations(authority: &SigningKey, version: u64, serials: &[u8]) -> Vec<u8> {
+    macula_auth::RevocationList::sign(
+        &macula_auth::RevocationBody {
+            realm: Key::of(authority),
+            version,
+            issued_ms: 0,
+            grants: serials.iter().map(|s| [*s; 16]).collect(),
+            subjects: vec![],
+        },
+        authority,
+    )
+    .expect("sign")
+    .to_bytes()
+    .expect("encode")
+}
+
+fn connected(n: &NodeRuntime, id: NodeId) -> bool {
+    n.peers()
+        .iter()
+        .any(|p| p.node_id() == id && !p.is_closed())
+}
+
+#[tokio::test]
+async fn a_revocation_spreads_through_the_mesh_and_closes_the_revoked() {
+    use macula_runtime::authz::Installed;
+    let authority = SigningKey::from_bytes(&[1; 32]);
+    let all = "allow publish **\nallow subscribe **";
+    let (a, ad) = member(&authority, 1, all, None).await;
+    let (b, bd) = member(&authority, 2, all, Some(&a)).await;
+    let (c, _cd) = member(&authority, 3, all, Some(&b)).await;
+    let (k, _kd) = client_of(&b, &authority, 4, all).await;
+    common::eventually(STEP, "b connected to c and k", || {
+        connected(&b, c.node_id()) && connected(&b, k.node_id())
+    })
+    .await;
+
+    // Revoke c's grant and k's, at a only.
+    let list = revocations(&authority, 1, &[3, 4]);
+    let t = std::time::Instant::now();
+    assert_eq!(
+        a.realm_service().install(&list),
+        Ok(Installed::Adopted { version: 1 })
+    );
+    common::eventually(STEP, "the revoked are disconnected everywhere", || {
+        !connected(&a, c.node_id()) && !connected(&b, c.node_id()) && !connected(&b, k.node_id())
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("revoked principals disconnected {took:?} after the list reached one node");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    for n in [&a, &b] {
+        let held = n.realm_service().authz().expect("authz").revoked();
+        assert_eq!(held.list.version, 1);
+    }
+    assert!(b.realm_service().counters().closed.at(0).get() >= 1);
+    // Kept in the data directory; an older or equal list changes nothing.
+    for d in [&ad, &bd] {
+        assert_eq!(
+            std::fs::read(d.path().join(macula_runtime::realm::REVOCATIONS_FILE)).expect("kept"),
+            list
+        );
+    }
+    assert_eq!(
+        b.realm_service().install(&revocations(&authority, 1, &[])),
+        Ok(Installed::Stale { have: 1 })
+    );
+    assert!(b.realm_service().install(b"forged").is_err());
+    // c cannot come back.
+    let e = within(
+        STEP,
+        "redial",
+        c.connect_addr(&PeerAddr::from(a.local_addr())),
+    )
+    .await
+    .expect_err("revoked");
+    assert!(e.to_string().contains("revoked"), "{e}");
+    // A node that joins later gets the list from its first peer.
+    let (d, _dd) = member(&authority, 5, all, Some(&b)).await;
+    common::eventually(STEP, "d learns the list", || {
+        d.realm_service()
+            .authz()
+            .is_some_and(|z| z.revoked().list.version == 1)
+    })
+    .await;
 }

@@ -151,6 +151,9 @@ pub(crate) struct Inner {
     stall_timeout: Duration,
     /// The realm's permissions (a full node of a realm with an authority).
     authz: Option<Arc<Authz>>,
+    /// What this node's (or client's) own application may do: the node's
+    /// `authz`, or a client's view of its own grant.
+    own: Option<Arc<Authz>>,
 }
 
 impl Inner {
@@ -206,7 +209,7 @@ impl PubSub {
             "",
             PEER_STALL_TIMEOUT,
         );
-        Self::build(config, Clock::new(), Role::Local, None, None)
+        Self::build(config, Clock::new(), Role::Local, None, (None, None))
     }
 
     /// A full node's pub/sub (and the gateway of its attached clients).
@@ -221,17 +224,29 @@ impl PubSub {
             clock,
             Role::Node(link.dht),
             Some(link.mesh),
-            link.authz,
+            (link.authz.clone(), link.authz),
         )
     }
 
     /// A lightweight client's pub/sub: through `gateway`, its only peer.
-    pub(crate) fn client(config: Config, up: Box<dyn Upstream>, gateway: Box<dyn Mesh>) -> PubSub {
+    /// `own`: the client's view of its own grant (checks its own requests).
+    pub(crate) fn client(
+        config: Config,
+        up: Box<dyn Upstream>,
+        gateway: Box<dyn Mesh>,
+        own: Option<Arc<Authz>>,
+    ) -> PubSub {
         let config = Config {
             role: CoreRole::Client,
             ..config
         };
-        Self::build(config, Clock::new(), Role::Client(up), Some(gateway), None)
+        Self::build(
+            config,
+            Clock::new(),
+            Role::Client(up),
+            Some(gateway),
+            (None, own),
+        )
     }
 
     fn build(
@@ -239,7 +254,7 @@ impl PubSub {
         clock: Clock,
         role: Role,
         mesh: Option<Box<dyn Mesh>>,
-        authz: Option<Arc<Authz>>,
+        (authz, own): (Option<Arc<Authz>>, Option<Arc<Authz>>),
     ) -> PubSub {
         let limits = config.limits;
         let stall_timeout = config.out.stall_timeout.to_duration();
@@ -256,6 +271,7 @@ impl PubSub {
             room: Notify::new(),
             stall_timeout,
             authz,
+            own,
         }))
     }
 
@@ -266,7 +282,7 @@ impl PubSub {
 
     /// Whether this node's own application may do `action` on `name`.
     fn allowed_here(&self, action: Perm, name: &str) -> Result<(), PubSubError> {
-        match &self.0.authz {
+        match &self.0.own {
             None => Ok(()),
             Some(a) => a.local(action, name).map_err(unauthorized),
         }

@@ -86,6 +86,8 @@ struct Inner {
     counters: Arc<RpcCounters>,
     durations: DurationFamily,
     duration_labels: Mutex<std::collections::HashSet<String>>,
+    /// What this node's (or client's) own application may do.
+    own: Option<Arc<crate::authz::Authz>>,
 }
 
 /// A node's RPC. Cheap to clone.
@@ -108,7 +110,7 @@ impl Rpc {
     /// RPC for node `node_id`; without a link it serves and calls only
     /// in process.
     pub fn new(node_id: NodeId, max_frame_size: u32, limits: RpcLimits) -> Rpc {
-        Self::build(node_id, max_frame_size, limits, Role::Alone)
+        Self::build(node_id, max_frame_size, limits, Role::Alone, None)
     }
 
     /// A full node's RPC (alone without a link).
@@ -118,8 +120,9 @@ impl Rpc {
         limits: RpcLimits,
         link: Option<RpcLink>,
     ) -> Rpc {
+        let own = link.as_ref().and_then(|l| l.authz.clone());
         let role = link.map_or(Role::Alone, Role::Node);
-        Self::build(node_id, max_frame_size, limits, role)
+        Self::build(node_id, max_frame_size, limits, role, own)
     }
 
     /// A client's RPC: calls and advertisements go through the gateway.
@@ -128,8 +131,9 @@ impl Rpc {
         max_frame_size: u32,
         limits: RpcLimits,
         upstream: Arc<dyn Upstream>,
+        own: Option<Arc<crate::authz::Authz>>,
     ) -> Rpc {
-        Self::build(node_id, max_frame_size, limits, Role::Client(upstream))
+        Self::build(node_id, max_frame_size, limits, Role::Client(upstream), own)
     }
 
     /// The realm's permissions (a full node of a realm with an authority).
@@ -146,7 +150,7 @@ impl Rpc {
         action: macula_auth::Action,
         procedure: &str,
     ) -> Result<(), RpcError> {
-        match self.authz() {
+        match &self.0.own {
             None => Ok(()),
             Some(a) => a
                 .local(action, procedure)
@@ -158,7 +162,13 @@ impl Rpc {
         }
     }
 
-    fn build(node_id: NodeId, max_frame_size: u32, limits: RpcLimits, role: Role) -> Rpc {
+    fn build(
+        node_id: NodeId,
+        max_frame_size: u32,
+        limits: RpcLimits,
+        role: Role,
+        own: Option<Arc<crate::authz::Authz>>,
+    ) -> Rpc {
         let cfg = macula_rpc::Config {
             max_inflight_calls: limits.max_inflight_calls,
             handler_concurrency: limits.handler_concurrency,
@@ -190,6 +200,7 @@ impl Rpc {
             counters: Arc::new(RpcCounters::default()),
             durations: Family::new_with_constructor(metrics::duration_histogram),
             duration_labels: Mutex::new(std::collections::HashSet::new()),
+            own,
         }))
     }
 
