@@ -317,6 +317,11 @@ pub struct Admission {
     pub grant: Option<Vec<u8>>,
     /// Clock difference tolerated at both ends of a grant's validity.
     pub clock_skew: Duration,
+    /// API keys this node accepts from lightweight clients instead of a
+    /// grant (`crate::apikey`; the `--api-keys` file): `None`, none.
+    pub api_keys: Option<crate::apikey::ApiKeyStore>,
+    /// Limits on failed API-key attempts.
+    pub api_key_limits: crate::apikey::ApiKeyLimits,
 }
 
 /// Default [`Admission::clock_skew`].
@@ -329,6 +334,8 @@ impl Admission {
             authority,
             grant,
             clock_skew: DEFAULT_CLOCK_SKEW,
+            api_keys: None,
+            api_key_limits: crate::apikey::ApiKeyLimits::default(),
         }
     }
 }
@@ -390,6 +397,11 @@ impl NodeConfig {
             reason,
         };
         validate_realm(&self.realm).map_err(|r| invalid("realm", self.realm.clone(), r))?;
+        if let Some(a) = &self.admission {
+            a.api_key_limits
+                .validate()
+                .map_err(|r| invalid("api_key_limits", format!("{:?}", a.api_key_limits), r))?;
+        }
         let l = &self.limits;
         if !(MIN_MAX_FRAME_SIZE..=MAX_MAX_FRAME_SIZE).contains(&l.max_frame_size) {
             return Err(invalid(

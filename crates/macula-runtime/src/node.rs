@@ -453,7 +453,25 @@ impl NodeRuntime {
                 .as_ref()
                 .and_then(|a| a.grant.clone())
                 .map(serde_bytes::ByteBuf::from),
+            // Full nodes present grants; API keys are for clients.
+            api_key: None,
         };
+        // The node's metrics, shared with the API-key gate (apikey.rs).
+        let metrics = Arc::new(Metrics::default());
+        let api_keys = crate::apikey::gate_of(config.admission.as_ref(), &metrics);
+        if let (Some(a), Some(keys)) = (
+            &config.admission,
+            &config.admission.as_ref().and_then(|a| a.api_keys.as_ref()),
+        ) {
+            let foreign = crate::apikey::foreign_grants(keys, &a.authority);
+            tracing::info!(keys = keys.len(), "accepting API keys from clients");
+            if foreign > 0 {
+                tracing::warn!(
+                    foreign,
+                    "API keys whose grant is for another realm: they will be refused"
+                );
+            }
+        }
         let (events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
         let (shutdown, _) = watch::channel(false);
         let dht_shutdown = shutdown.subscribe();
@@ -566,6 +584,7 @@ impl NodeRuntime {
                     hello,
                     max_frame_size: config.limits.max_frame_size,
                     admission: config.admission.clone(),
+                    api_keys,
                 },
                 table: Mutex::new(PoolTable::new(
                     node_id,
@@ -574,7 +593,7 @@ impl NodeRuntime {
                 )),
                 suspects: Mutex::new(SuspectList::new(SUSPECT_TTL, MAX_SUSPECTS)),
                 dialing: Mutex::new(HashMap::new()),
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 events,
                 shutdown,
                 started: Instant::now(),

@@ -69,6 +69,10 @@ pub enum HandshakeError {
     /// valid; `kind` names why (`missing`, `expired`, `wrong_subject`...).
     #[error("no valid grant for this realm ({kind}): {message}")]
     Unauthorized { kind: &'static str, message: String },
+    /// Too many failed API-key attempts from the peer's address (or in the
+    /// realm) lately: refused before its key was looked at (`apikey.rs`).
+    #[error("API-key attempt refused: {message}")]
+    RateLimited { message: String },
     /// The peer sent another message (type byte `msg_type`) before HELLO.
     #[error("peer sent message type {msg_type:#04x} before HELLO")]
     HandshakeRequired { msg_type: u8 },
@@ -103,8 +107,10 @@ impl HandshakeError {
             HandshakeError::UnsupportedVersion { .. } => HandshakeFailure::UnsupportedVersion,
             HandshakeError::IdentityMismatch { .. } => HandshakeFailure::IdentityMismatch,
             HandshakeError::Unauthorized { .. } => HandshakeFailure::Unauthorized,
+            HandshakeError::RateLimited { .. } => HandshakeFailure::RateLimited,
             HandshakeError::Rejected { code, .. } => match code {
                 ErrorCode::Unauthorized => HandshakeFailure::Unauthorized,
+                ErrorCode::RateLimited => HandshakeFailure::RateLimited,
                 ErrorCode::RealmMismatch => HandshakeFailure::RealmMismatch,
                 ErrorCode::UnsupportedVersion => HandshakeFailure::UnsupportedVersion,
                 ErrorCode::IdentityMismatch => HandshakeFailure::IdentityMismatch,
@@ -161,6 +167,9 @@ impl HandshakeError {
             HandshakeError::Unauthorized { .. } => {
                 Some((ErrorCode::Unauthorized, DisconnectReason::Unauthorized))
             }
+            HandshakeError::RateLimited { .. } => {
+                Some((ErrorCode::RateLimited, DisconnectReason::RateLimited))
+            }
             HandshakeError::Protocol(_) => {
                 Some((ErrorCode::Malformed, DisconnectReason::ProtocolError))
             }
@@ -196,6 +205,8 @@ pub struct LocalInfo {
     pub max_frame_size: u32,
     /// The realm's authority, when it has one: peers need a grant.
     pub admission: Option<crate::config::Admission>,
+    /// The API keys this node accepts from clients (`apikey.rs`), if any.
+    pub api_keys: Option<Arc<crate::apikey::ApiKeyGate>>,
 }
 
 /// A cheap, clonable handle to an authenticated peer connection.
@@ -437,7 +448,14 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 /// Checks the peer's HELLO against what TLS proved and what we require.
-fn check_hello(local: &LocalInfo, proved: NodeId, hello: &Hello) -> Result<(), HandshakeError> {
+/// `remote`: where the peer's packets come from (API-key failures are
+/// limited per address).
+fn check_hello(
+    local: &LocalInfo,
+    proved: NodeId,
+    hello: &Hello,
+    remote: SocketAddr,
+) -> Result<(), HandshakeError> {
     if hello.version != PROTOCOL_VERSION {
         return Err(HandshakeError::UnsupportedVersion {
             theirs: hello.version,
@@ -454,6 +472,20 @@ fn check_hello(local: &LocalInfo, proved: NodeId, hello: &Hello) -> Result<(), H
             claimed: hello.node_id,
             proved,
         });
+    }
+    // A client with an API key instead of a grant (apikey.rs): admitted
+    // with the grant the key is bound to.
+    if let (Some(admission), None, Some(key)) = (&local.admission, &hello.grant, &hello.api_key) {
+        crate::apikey::check(
+            local.api_keys.as_deref(),
+            admission,
+            hello,
+            key,
+            remote,
+            &macula_auth::Revocations::default(),
+            unix_ms(),
+        )?;
+        return Ok(());
     }
     if let Some(admission) = &local.admission {
         check_grant(
@@ -510,6 +542,7 @@ fn conn_lost(e: &quinn::ConnectionError) -> HandshakeError {
             DisconnectReason::UnsupportedVersion => ErrorCode::UnsupportedVersion,
             DisconnectReason::IdentityMismatch => ErrorCode::IdentityMismatch,
             DisconnectReason::Unauthorized => ErrorCode::Unauthorized,
+            DisconnectReason::RateLimited => ErrorCode::RateLimited,
             other => ErrorCode::Other(u16::from(other)),
         };
         return HandshakeError::Rejected { code, message };
@@ -632,7 +665,7 @@ pub(crate) async fn handshake(
                 .await
                 .map_err(|e| HandshakeError::Connection(e.to_string()))?;
             let hello = read_hello(&mut reader).await?;
-            if let Err(e) = check_hello(local, proved, &hello) {
+            if let Err(e) = check_hello(local, proved, &hello, conn.remote_address()) {
                 refuse(&conn, &mut writer, &e).await;
                 return Err(e);
             }
@@ -657,7 +690,7 @@ pub(crate) async fn handshake(
                     return Err(e);
                 }
             };
-            if let Err(e) = check_hello(local, proved, &hello) {
+            if let Err(e) = check_hello(local, proved, &hello, conn.remote_address()) {
                 refuse(&conn, &mut writer, &e).await;
                 return Err(e);
             }

@@ -30,3 +30,6 @@ pub const MAX_REASON_LEN: usize = 1024;
 pub const MAX_AGENT_LEN: usize = 128;
 /// Length of the grant in `HELLO` (`macula_auth`'s own limit).
 pub const MAX_GRANT_LEN: usize = 64 * 1024;
+/// Length of the API key in `HELLO` (a key is 32 bytes; room for a longer
+/// format later).
+pub const MAX_API_KEY_LEN: usize = 64;

@@ -82,6 +82,8 @@ pub struct NodeStats {
 pub struct NodeBuilder {
     config: NodeConfig,
     bootstrap_errors: Vec<(String, String)>,
+    /// `api_keys` was called without `realm_authority` before it.
+    api_keys_without_authority: bool,
     join_wait: Option<Duration>,
 }
 
@@ -174,6 +176,30 @@ impl NodeBuilder {
         self
     }
 
+    /// Accept lightweight clients presenting one of these API keys instead
+    /// of a grant (`macula realm apikey` issues them; [`ApiKeyStore::load`]
+    /// reads the file `macula realm apikeys --export` writes): each is
+    /// admitted with the grant its key is bound to, verified against the
+    /// realm authority, so call [`NodeBuilder::realm_authority`] first
+    /// ([`NodeBuilder::start`] fails otherwise). `limits`: failed attempts
+    /// tolerated per address and in the realm.
+    ///
+    /// [`ApiKeyStore::load`]: crate::apikey::ApiKeyStore::load
+    pub fn api_keys(
+        mut self,
+        keys: crate::apikey::ApiKeyStore,
+        limits: crate::apikey::ApiKeyLimits,
+    ) -> Self {
+        match self.config.admission.as_mut() {
+            Some(a) => {
+                a.api_keys = Some(keys);
+                a.api_key_limits = limits;
+            }
+            None => self.api_keys_without_authority = true,
+        }
+        self
+    }
+
     /// Replaces the whole configuration (what the daemon does); bootstrap
     /// peers given before are replaced too.
     pub fn config(mut self, config: NodeConfig) -> Self {
@@ -201,6 +227,14 @@ impl NodeBuilder {
                 key: "bootstrap",
                 value,
                 reason,
+            });
+        }
+        if self.api_keys_without_authority {
+            return Err(Error::Config {
+                key: "api_keys",
+                value: String::new(),
+                reason: "API keys need a realm authority (realm_authority) to verify their grants"
+                    .into(),
             });
         }
         let peers: Vec<String> = self
@@ -264,6 +298,7 @@ impl Node {
         NodeBuilder {
             config: NodeConfig::default(),
             bootstrap_errors: Vec::new(),
+            api_keys_without_authority: false,
             join_wait: Some(JOIN_WAIT),
         }
     }
