@@ -925,6 +925,216 @@ mod tests {
         assert_ne!(bucket(v4(1)), bucket(v4(2)));
     }
 
+    mod check {
+        use super::*;
+        use crate::config::Admission;
+        use ed25519_dalek::SigningKey;
+        use macula_auth::policy::parse_rules;
+        use macula_auth::{sign, GrantBody, RevocationBody, RevocationList, Subject};
+        use macula_wire::NodeId;
+
+        const FAR: u64 = u64::MAX / 2;
+        const NOW: u64 = 1_000_000;
+
+        fn grant(authority: &SigningKey, serial: u8, expires_ms: u64) -> Vec<u8> {
+            let realm = Key::of(authority);
+            let body = GrantBody {
+                realm,
+                issuer: realm,
+                id: [serial; 16],
+                subject: Subject::Client(Key([serial; 32])),
+                rules: parse_rules("allow publish **").expect("rules"),
+                roles: vec![],
+                not_before_ms: 0,
+                expires_ms,
+            };
+            Grant {
+                grant: sign(&body, authority).expect("sign"),
+                signer: None,
+            }
+            .to_bytes()
+            .expect("encode")
+        }
+
+        fn hello(client: bool) -> Hello {
+            Hello {
+                version: macula_wire::PROTOCOL_VERSION,
+                node_id: NodeId::from_bytes([9; 32]),
+                realm: "default".into(),
+                capabilities: if client {
+                    vec![macula_wire::client::CLIENT_CAPABILITY.to_string()]
+                } else {
+                    vec![]
+                },
+                listen_addrs: vec![],
+                max_frame_size: macula_wire::DEFAULT_MAX_FRAME_SIZE,
+                agent: String::new(),
+                grant: None,
+                api_key: None,
+            }
+        }
+
+        fn from(d: u8) -> SocketAddr {
+            SocketAddr::new(v4(d), 40_000)
+        }
+
+        struct Fixture {
+            authority: SigningKey,
+            admission: Admission,
+            gate: ApiKeyGate,
+            good: ApiKey,
+            expired: ApiKey,
+            foreign: ApiKey,
+            metrics: Arc<Metrics>,
+        }
+
+        fn fixture() -> Fixture {
+            let authority = SigningKey::from_bytes(&[1; 32]);
+            let other = SigningKey::from_bytes(&[2; 32]);
+            let (good, expired, foreign) = (
+                ApiKey::generate().unwrap(),
+                ApiKey::generate().unwrap(),
+                ApiKey::generate().unwrap(),
+            );
+            let store = ApiKeyStore::from_keys([
+                (&good, grant(&authority, 1, FAR)),
+                (&expired, grant(&authority, 2, NOW - 120_000)),
+                (&foreign, grant(&other, 3, FAR)),
+            ]);
+            let metrics = Arc::new(Metrics::default());
+            let gate = ApiKeyGate::new(store, ApiKeyLimits::default(), metrics.clone());
+            Fixture {
+                admission: Admission::new(Key::of(&authority), None),
+                authority,
+                gate,
+                good,
+                expired,
+                foreign,
+                metrics,
+            }
+        }
+
+        fn attempt(
+            f: &Fixture,
+            key: &ApiKey,
+            d: u8,
+            revoked: &Revocations,
+        ) -> Result<Verified, HandshakeError> {
+            super::super::check(
+                Some(&f.gate),
+                &f.admission,
+                &hello(true),
+                key.as_bytes(),
+                from(d),
+                revoked,
+                NOW,
+            )
+        }
+
+        fn kind(r: Result<Verified, HandshakeError>) -> &'static str {
+            match r {
+                Ok(_) => "ok",
+                Err(HandshakeError::Unauthorized { kind, .. }) => kind,
+                Err(HandshakeError::RateLimited { .. }) => "rate_limited",
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn keys_admit_with_their_grant_and_every_refusal_is_named() {
+            let f = fixture();
+            let none = Revocations::default();
+            let v = attempt(&f, &f.good, 1, &none).expect("good key");
+            assert_eq!(
+                v.subject(),
+                Subject::Client(Key([1; 32])),
+                "the grant's subject"
+            );
+            assert_eq!(
+                kind(attempt(&f, &ApiKey::generate().unwrap(), 1, &none)),
+                "unknown_key"
+            );
+            assert_eq!(kind(attempt(&f, &f.expired, 2, &none)), "expired");
+            assert_eq!(kind(attempt(&f, &f.foreign, 3, &none)), "wrong_realm");
+            let list = RevocationList::sign(
+                &RevocationBody {
+                    realm: Key::of(&f.authority),
+                    version: 1,
+                    issued_ms: NOW,
+                    grants: vec![[1; 16]],
+                    subjects: vec![],
+                },
+                &f.authority,
+            )
+            .unwrap()
+            .verify(&Key::of(&f.authority))
+            .unwrap();
+            assert_eq!(kind(attempt(&f, &f.good, 4, &list)), "revoked");
+            // A full node may not use a key, even a good one.
+            let r = super::super::check(
+                Some(&f.gate),
+                &f.admission,
+                &hello(false),
+                f.good.as_bytes(),
+                from(5),
+                &none,
+                NOW,
+            );
+            assert_eq!(kind(r), "not_client");
+            // A node without API keys says so.
+            let r = super::super::check(
+                None,
+                &f.admission,
+                &hello(true),
+                f.good.as_bytes(),
+                from(6),
+                &none,
+                NOW,
+            );
+            assert_eq!(kind(r), "api_keys_not_accepted");
+            let m = &f.metrics;
+            assert_eq!(m.api_key_failures(ApiKeyFailure::UnknownKey), 1);
+            assert_eq!(m.api_key_failures(ApiKeyFailure::BadGrant), 3);
+            assert_eq!(m.api_key_failures(ApiKeyFailure::NotClient), 1);
+            assert_eq!(m.api_key_admitted_total.get(), 1);
+            assert_eq!(m.api_keys_loaded.get(), 3);
+            assert_eq!(m.api_key_tracked_addresses.get(), 5);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_sixth_attempt_after_five_failures_is_rate_limited_until_the_window_passes() {
+            let f = fixture();
+            let none = Revocations::default();
+            for i in 0..5 {
+                let bad = ApiKey::generate().unwrap();
+                assert_eq!(
+                    kind(attempt(&f, &bad, 1, &none)),
+                    "unknown_key",
+                    "attempt {}",
+                    i + 1
+                );
+            }
+            // Refused at once, the good key too, from that address only.
+            let r = attempt(&f, &f.good, 1, &none);
+            match &r {
+                Err(HandshakeError::RateLimited { message }) => {
+                    assert!(message.contains("retry in 60 s"), "{message}")
+                }
+                other => panic!("expected rate_limited, got {other:?}"),
+            }
+            assert_eq!(
+                r.unwrap_err().failure(),
+                crate::metrics::HandshakeFailure::RateLimited
+            );
+            assert_eq!(f.metrics.api_key_rate_limited_total.get(), 1);
+            assert_eq!(kind(attempt(&f, &f.good, 2, &none)), "ok");
+            tokio::time::advance(Duration::from_secs(59)).await;
+            assert_eq!(kind(attempt(&f, &f.good, 1, &none)), "rate_limited");
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(kind(attempt(&f, &f.good, 1, &none)), "ok");
+        }
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;
