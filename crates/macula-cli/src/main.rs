@@ -315,9 +315,11 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         },
         reachability: s.reachability,
         admission: match (s.realm_authority, &s.grant_file) {
-            (None, _) if s.api_keys.is_some() => return Err(usage(anyhow::anyhow!(
+            (None, _) if s.api_keys.is_some() => {
+                return Err(usage(anyhow::anyhow!(
                 "--api-keys needs --realm-authority (the realm whose grants the keys are bound to)"
-            ))),
+            )))
+            }
             (None, None) => None,
             (None, Some(_)) => {
                 return Err(usage(anyhow::anyhow!(
