@@ -241,13 +241,14 @@ struct Stored {
     label: String,
 }
 
-/// The keys a gateway accepts, from an API keys file.
+/// The keys a gateway accepts, from an API keys file. Cheap to clone
+/// (shared): the node's configuration and its gateway hold the same one.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ApiKeyStore {
-    keys: Vec<Stored>,
+    keys: Arc<Vec<Stored>>,
     /// Positions in `keys` by the hash's first four bytes: a lookup
     /// compares (in constant time) only the few hashes sharing them.
-    index: HashMap<[u8; 4], Vec<usize>>,
+    index: Arc<HashMap<[u8; 4], Vec<usize>>>,
 }
 
 impl fmt::Debug for ApiKeyStore {
@@ -337,8 +338,12 @@ impl ApiKeyStore {
     fn insert(&mut self, s: Stored) {
         let mut head = [0u8; 4];
         head.copy_from_slice(&s.hash.0[..4]);
-        self.index.entry(head).or_default().push(self.keys.len());
-        self.keys.push(s);
+        let at = self.keys.len();
+        Arc::make_mut(&mut self.index)
+            .entry(head)
+            .or_default()
+            .push(at);
+        Arc::make_mut(&mut self.keys).push(s);
     }
 
     /// How many keys.
@@ -657,9 +662,14 @@ impl ApiKeyGate {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn failed(&self, remote: IpAddr, why: ApiKeyFailure, now_ms: u64) {
+    fn failed(
+        &self,
+        limiter: &mut FailureLimiter,
+        remote: IpAddr,
+        why: ApiKeyFailure,
+        now_ms: u64,
+    ) {
         self.metrics.api_key_failure(why);
-        let mut limiter = self.limiter.lock();
         limiter.failure(remote, now_ms);
         self.metrics
             .api_key_tracked_addresses
@@ -698,21 +708,25 @@ pub(crate) fn check(
     };
     let ip = remote.ip();
     let now = gate.now_ms();
-    if let Err(limited) = gate.limiter.lock().check(ip, now) {
+    // Held through the check (no await inside, one signature check at
+    // most), so concurrent attempts from one address cannot all pass the
+    // limit before any of their failures is counted.
+    let mut limiter = gate.limiter.lock();
+    if let Err(limited) = limiter.check(ip, now) {
         gate.metrics.api_key_rate_limited_total.inc();
         return Err(HandshakeError::RateLimited {
             message: limited.to_string(),
         });
     }
     if !crate::peer::is_client_hello(hello) {
-        gate.failed(ip, ApiKeyFailure::NotClient, now);
+        gate.failed(&mut limiter, ip, ApiKeyFailure::NotClient, now);
         return Err(unauthorized(
             "not_client",
             "API keys are for lightweight clients; a full node needs a grant for its node ID",
         ));
     }
     let Some((grant, label)) = gate.store.lookup(key) else {
-        gate.failed(ip, ApiKeyFailure::UnknownKey, now);
+        gate.failed(&mut limiter, ip, ApiKeyFailure::UnknownKey, now);
         return Err(unauthorized(
             "unknown_key",
             "this gateway does not know the API key",
@@ -728,7 +742,7 @@ pub(crate) fn check(
             Ok(v)
         }
         Err(e) => {
-            gate.failed(ip, ApiKeyFailure::BadGrant, now);
+            gate.failed(&mut limiter, ip, ApiKeyFailure::BadGrant, now);
             Err(unauthorized(
                 e.kind(),
                 format!("the API key's grant is not valid: {e}"),
@@ -751,8 +765,8 @@ pub(crate) fn gate_of(
     )))
 }
 
-/// Checks an authority key names the realm a store's grants are for
-/// (`Some(n)`: how many grants are for another realm), for a warning at
+/// How many of a store's grants do not decode as grants of `authority`'s
+/// realm (their keys will be refused as `wrong_realm`), for a warning at
 /// start.
 pub fn foreign_grants(store: &ApiKeyStore, authority: &Key) -> usize {
     store
