@@ -121,6 +121,10 @@ fn clients_with_api_keys_attach_and_bad_keys_are_refused_then_rate_limited() {
     let gw_id = gw.field("node_id");
     let gw_addr = format!("{gw_id}@{}", gw.field("listen"));
     let http = gw.field("http");
+    // /health tells how many keys the gateway takes.
+    let health: serde_json::Value =
+        serde_json::from_str(&out(&["health", "--http", &http, "--json"])).unwrap();
+    assert_eq!(health["api_keys"], 3);
 
     // Alice subscribes, Bob publishes (his key from the environment).
     let mut sub = Proc::spawn(&[

@@ -758,6 +758,14 @@ pub(crate) fn gate_of(
 ) -> Option<Arc<ApiKeyGate>> {
     let a = admission?;
     let store = a.api_keys.clone()?;
+    tracing::info!(keys = store.len(), "accepting API keys from clients");
+    let foreign = foreign_grants(&store, &a.authority);
+    if foreign > 0 {
+        tracing::warn!(
+            foreign,
+            "API keys whose grant is not for this realm's authority: they will be refused"
+        );
+    }
     Some(Arc::new(ApiKeyGate::new(
         store,
         a.api_key_limits,

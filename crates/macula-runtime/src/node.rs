@@ -459,19 +459,6 @@ impl NodeRuntime {
         // The node's metrics, shared with the API-key gate (apikey.rs).
         let metrics = Arc::new(Metrics::default());
         let api_keys = crate::apikey::gate_of(config.admission.as_ref(), &metrics);
-        if let (Some(a), Some(keys)) = (
-            &config.admission,
-            &config.admission.as_ref().and_then(|a| a.api_keys.as_ref()),
-        ) {
-            let foreign = crate::apikey::foreign_grants(keys, &a.authority);
-            tracing::info!(keys = keys.len(), "accepting API keys from clients");
-            if foreign > 0 {
-                tracing::warn!(
-                    foreign,
-                    "API keys whose grant is for another realm: they will be refused"
-                );
-            }
-        }
         let (events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
         let (shutdown, _) = watch::channel(false);
         let dht_shutdown = shutdown.subscribe();
