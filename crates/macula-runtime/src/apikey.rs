@@ -670,7 +670,11 @@ impl ApiKeyGate {
         now_ms: u64,
     ) {
         self.metrics.api_key_failure(why);
+        let evicted = limiter.evicted();
         limiter.failure(remote, now_ms);
+        self.metrics
+            .api_key_limiter_evictions_total
+            .inc_by(limiter.evicted() - evicted);
         self.metrics
             .api_key_tracked_addresses
             .set(limiter.tracked() as u64);
@@ -1121,6 +1125,33 @@ mod tests {
             assert_eq!(m.api_key_admitted_total.get(), 1);
             assert_eq!(m.api_keys_loaded.get(), 3);
             assert_eq!(m.api_key_tracked_addresses.get(), 5);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_limiter_bound_is_counted() {
+            let f = fixture();
+            let gate = ApiKeyGate::new(
+                ApiKeyStore::default(),
+                ApiKeyLimits {
+                    max_tracked_addresses: 2,
+                    ..ApiKeyLimits::default()
+                },
+                f.metrics.clone(),
+            );
+            for d in 1..=3 {
+                let r = super::super::check(
+                    Some(&gate),
+                    &f.admission,
+                    &hello(true),
+                    f.good.as_bytes(),
+                    from(d),
+                    &Revocations::default(),
+                    NOW,
+                );
+                assert_eq!(kind(r), "unknown_key");
+            }
+            assert_eq!(f.metrics.api_key_tracked_addresses.get(), 2);
+            assert_eq!(f.metrics.api_key_limiter_evictions_total.get(), 1);
         }
 
         #[tokio::test(start_paused = true)]

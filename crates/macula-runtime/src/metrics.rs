@@ -231,6 +231,9 @@ pub struct Metrics {
     pub api_keys_loaded: CountGauge,
     /// Source addresses the API-key failure limiter tracks now.
     pub api_key_tracked_addresses: CountGauge,
+    /// Addresses the API-key failure limiter forgot to stay within its
+    /// bound (their failures forgotten too).
+    pub api_key_limiter_evictions_total: Counter,
     /// Messages by type, indexed by position in `MessageType::ALL`; the last
     /// slot counts type bytes this version does not know.
     messages_received: LabelledCounters<MESSAGE_SLOTS>,
@@ -293,6 +296,7 @@ impl Default for Metrics {
             api_key_admitted_total: Counter::default(),
             api_keys_loaded: CountGauge::default(),
             api_key_tracked_addresses: CountGauge::default(),
+            api_key_limiter_evictions_total: Counter::default(),
             messages_received: LabelledCounters::new("type", message_labels()),
             messages_sent: LabelledCounters::new("type", message_labels()),
         }
@@ -512,6 +516,12 @@ impl Metrics {
             "Source addresses the API-key failure limiter tracks (at most --api-key-max-tracked).",
             self.api_key_tracked_addresses.clone(),
         );
+        register(
+            r,
+            "macula_api_key_limiter_evictions",
+            "Addresses the API-key failure limiter forgot, full (--api-key-max-tracked), with their failures.",
+            self.api_key_limiter_evictions_total.clone(),
+        );
     }
 }
 
@@ -556,8 +566,8 @@ mod tests {
         m.protocol_error(ProtocolErrorKind::Malformed);
         m.message_sent(0x7e);
         let text = render(&m);
-        assert_eq!(text.matches("# HELP ").count(), 28);
-        assert_eq!(text.matches("# TYPE ").count(), 28);
+        assert_eq!(text.matches("# HELP ").count(), 29);
+        assert_eq!(text.matches("# TYPE ").count(), 29);
         assert_eq!(text.matches(" gauge\n").count(), 4);
         // One HELP line per family, not per labelled row; every label value
         // exported.
