@@ -98,6 +98,13 @@ pub const RELAY_COUNT_RANGE: (usize, usize) = (1, 100_000);
 /// Accepted `relay_idle_timeout` range.
 pub const RELAY_IDLE_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+/// Accepted `api_key_max_failures` and `api_key_realm_max_failures` range.
+pub const API_KEY_FAILURES_RANGE: (usize, usize) = (1, 1_000_000);
+/// Accepted `api_key_failure_window` range.
+pub const API_KEY_WINDOW_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+/// Accepted `api_key_max_tracked` range.
+pub const API_KEY_TRACKED_RANGE: (usize, usize) = (1, 10_000_000);
 /// Largest `relay_bytes_per_second` (1 GiB/s; 0 means unlimited).
 pub const MAX_RELAY_BYTES_PER_SECOND: u64 = 1 << 30;
 /// Accepted range of the QUIC flow-control windows and send buffer
@@ -453,6 +460,39 @@ settings! {
         "The realm's signed revocation list to start with (the file `macula realm revoke` \
          writes); a newer one from peers or the data directory replaces it; with \
          --realm-authority";
+    api_keys API_KEYS: Option<PathBuf> = None, FilePath(),
+        flag "--api-keys" "PATH", env "MACULA_API_KEYS", toml "api_keys.file",
+        default "",
+        "API keys file (`macula realm apikeys NAME --export FILE`: hashes of client API keys \
+         with their grants, never the keys): a client presenting one of the keys instead of a \
+         grant is admitted with its grant; with --realm-authority";
+    api_key_max_failures API_KEY_MAX_FAILURES: u32 =
+        macula::apikey::DEFAULT_MAX_FAILURES_PER_ADDRESS,
+        Number(|s| parse_count(s, API_KEY_FAILURES_RANGE).map(|n| n as u32)),
+        flag "--api-key-max-failures" "N", env "MACULA_API_KEY_MAX_FAILURES",
+        toml "api_keys.max_failures_per_address", default "5",
+        "Failed API-key attempts from one address (an IPv6 /64) within the window after which \
+         its attempts are refused (rate_limited) until the window passes, 1..1000000";
+    api_key_realm_max_failures API_KEY_REALM_MAX_FAILURES: u32 =
+        macula::apikey::DEFAULT_MAX_FAILURES_PER_REALM,
+        Number(|s| parse_count(s, API_KEY_FAILURES_RANGE).map(|n| n as u32)),
+        flag "--api-key-realm-max-failures" "N", env "MACULA_API_KEY_REALM_MAX_FAILURES",
+        toml "api_keys.max_failures_per_realm", default "100",
+        "Failed API-key attempts at this node, from anywhere, within the window after which \
+         every API-key attempt is refused until it passes, 1..1000000";
+    api_key_failure_window API_KEY_FAILURE_WINDOW: Duration =
+        macula::apikey::DEFAULT_FAILURE_WINDOW,
+        Number(|s| parse_duration_in(s, API_KEY_WINDOW_RANGE)),
+        flag "--api-key-failure-window" "DURATION", env "MACULA_API_KEY_FAILURE_WINDOW",
+        toml "api_keys.failure_window", default "60s",
+        "The window of the API-key failure limits, from the first failure; 1s..24h";
+    api_key_max_tracked API_KEY_MAX_TRACKED: usize =
+        macula::apikey::DEFAULT_MAX_TRACKED_ADDRESSES,
+        Number(|s| parse_count(s, API_KEY_TRACKED_RANGE)),
+        flag "--api-key-max-tracked" "N", env "MACULA_API_KEY_MAX_TRACKED",
+        toml "api_keys.max_tracked_addresses", default "10000",
+        "Source addresses the API-key failure limiter remembers at once (the oldest forgotten \
+         beyond), 1..10000000";
     raft_groups RAFT_GROUPS: Vec<String> = Vec::new(), List(parse_raft_groups, parse_raft_group),
         flag "--raft-group" "NAME[,NAME...]", env "MACULA_RAFT_GROUPS", toml "raft_groups",
         default "none",
@@ -1557,6 +1597,8 @@ mod tests {
             keys::RAFT_MEMBERS,
             keys::REALM_AUTHORITY,
             keys::GRANT_FILE,
+            keys::API_KEYS,
+            keys::REVOCATIONS_FILE,
         ];
         for k in keys::ALL.iter().filter(|k| !described.contains(k)) {
             let s = with_flag(k, k.default).unwrap_or_else(|e| panic!("{}: {e}", k.flag));
@@ -1570,7 +1612,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            28,
+            32,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -315,22 +315,40 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         },
         reachability: s.reachability,
         admission: match (s.realm_authority, &s.grant_file, &s.revocations_file) {
+            (None, _, _) if s.api_keys.is_some() => {
+                return Err(usage(anyhow::anyhow!(
+                "--api-keys needs --realm-authority (the realm whose grants the keys are bound to)"
+            )))
+            }
             (None, None, None) => None,
             (None, _, _) => {
                 return Err(usage(anyhow::anyhow!(
                     "--grant-file and --revocations need --realm-authority (the realm they are for)"
                 )))
             }
-            (Some(authority), grant, revocations) => Some(macula::config::Admission {
-                revocations: revocations
-                    .as_deref()
-                    .map(realm_cli::revocations_file)
-                    .transpose()?,
-                ..macula::config::Admission::new(
+            (Some(authority), grant, revocations) => {
+                let mut admission = macula::config::Admission::new(
                     authority,
                     grant.as_deref().map(realm_cli::grant_file).transpose()?,
-                )
-            }),
+                );
+                admission.revocations = revocations
+                    .as_deref()
+                    .map(realm_cli::revocations_file)
+                    .transpose()?;
+                admission.api_keys = s
+                    .api_keys
+                    .as_deref()
+                    .map(macula::apikey::ApiKeyStore::load)
+                    .transpose()
+                    .map_err(usage)?;
+                admission.api_key_limits = macula::apikey::ApiKeyLimits {
+                    max_failures_per_address: s.api_key_max_failures,
+                    max_failures_per_realm: s.api_key_realm_max_failures,
+                    window: s.api_key_failure_window,
+                    max_tracked_addresses: s.api_key_max_tracked,
+                };
+                Some(admission)
+            }
         },
     })
 }

@@ -17,7 +17,7 @@ use macula::{
 use crate::dht_cli::MeshArgs;
 
 /// How the command takes part in the mesh.
-#[derive(clap::Args, Debug, Clone, Copy, Default)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModeArgs {
     /// Join as a full (short-lived) node instead of attaching as a
     /// lightweight client.
@@ -29,6 +29,17 @@ pub struct ModeArgs {
     /// a failover are lost and reported as missed).
     #[arg(long, conflicts_with = "full_node")]
     pub single_gateway: bool,
+    /// As a client: the API key to present to the gateway (`macula realm
+    /// apikey` prints one, `mk_...`), for a realm with an authority; the
+    /// gateway admits the client with the grant the key is bound to.
+    #[arg(
+        long,
+        env = "MACULA_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true,
+        conflicts_with = "full_node"
+    )]
+    pub api_key: Option<String>,
 }
 
 /// A lightweight client or a full node.
@@ -43,7 +54,7 @@ impl Member {
     /// address or the client's local UDP address.
     pub async fn start(
         mesh: &MeshArgs,
-        mode: ModeArgs,
+        mode: &ModeArgs,
         data_dir: Option<PathBuf>,
         listen: Option<SocketAddr>,
     ) -> anyhow::Result<Member> {
@@ -75,6 +86,12 @@ impl Member {
         }
         if let Some(grant) = crate::dht_cli::grant(mesh)? {
             builder = builder.grant(grant);
+        }
+        if let Some(key) = &mode.api_key {
+            let key: macula::apikey::ApiKey = key
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--api-key (or MACULA_API_KEY): {e}"))?;
+            builder = builder.api_key(key);
         }
         let client = builder
             .connect()

@@ -71,7 +71,7 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     // Refuse a bad topic before spending time joining the mesh.
     macula::names::validate_topic(&a.topic)
         .map_err(|e| anyhow::anyhow!("invalid topic {:?}: {e}", a.topic))?;
-    let node = Member::start(&a.mesh, a.mode, a.data_dir.clone(), None).await?;
+    let node = Member::start(&a.mesh, &a.mode, a.data_dir.clone(), None).await?;
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
     let mut tick = interval.map(tokio::time::interval);
     let mut result = Ok(());
@@ -139,7 +139,7 @@ pub fn rfc3339(since_epoch: Duration) -> String {
 async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
     macula::names::validate_pattern(&a.pattern)
         .map_err(|e| anyhow::anyhow!("invalid pattern {:?}: {e}", a.pattern))?;
-    let node = Member::start(&a.mesh, a.mode, a.data_dir.clone(), None).await?;
+    let node = Member::start(&a.mesh, &a.mode, a.data_dir.clone(), None).await?;
     let mut sub = match node.subscribe(&a.pattern).await {
         Ok(s) => s,
         Err(e) => {

@@ -17,6 +17,7 @@ use base64::Engine as _;
 use clap::{Args, Subcommand};
 use ed25519_dalek::pkcs8::DecodePrivateKey;
 use ed25519_dalek::SigningKey;
+use macula::apikey::{ApiKey, ApiKeyEntry, ApiKeyStore};
 use macula::auth::policy::{parse_rules, Action, Decision, Rule};
 use macula::auth::{
     sign, Grant, GrantBody, GrantId, Key, RevocationBody, RevocationList, Revocations, Subject,
@@ -46,6 +47,12 @@ pub enum RealmCommand {
     /// Send the realm's current revocation list to running nodes (they
     /// adopt it when newer and pass it on through the mesh).
     Push(PushArgs),
+    /// Issue an API key for a lightweight client, bound to a grant the
+    /// realm issued: the key is printed once; the realm keeps its hash.
+    Apikey(ApiKeyArgs),
+    /// List a realm's API keys (label, hash prefix, grant, state), or
+    /// --export the file gateways take (`macula start --api-keys FILE`).
+    Apikeys(ApiKeysArgs),
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +63,32 @@ pub struct PushArgs {
     /// to the mesh). Repeatable.
     #[arg(long = "http", value_name = "HOST:PORT", required = true)]
     pub http: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ApiKeyArgs {
+    #[command(flatten)]
+    pub realm: NameArgs,
+    /// The grant the key stands for (as `realm grant` printed it; any
+    /// subject: the key's holder acts as it), or @FILE.
+    #[arg(long, value_name = "TOKEN")]
+    pub grant: String,
+    /// Who or what the key is for (shown by `realm apikeys`).
+    #[arg(long, value_name = "LABEL", default_value = "")]
+    pub label: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ApiKeysArgs {
+    #[command(flatten)]
+    pub realm: NameArgs,
+    /// Write the gateways' API keys file (hashes and grants, never keys)
+    /// to FILE, `-` for stdout, instead of listing.
+    #[arg(long, value_name = "FILE")]
+    pub export: Option<PathBuf>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -425,6 +458,8 @@ pub fn run(cmd: RealmCommand) -> Result<(), Failure> {
         RealmCommand::Revoke(args) => revoke(args),
         RealmCommand::List(args) => list(args),
         RealmCommand::Inspect(args) => inspect(args),
+        RealmCommand::Apikey(args) => apikey(args),
+        RealmCommand::Apikeys(args) => apikeys(args),
         RealmCommand::Push(args) => {
             let dir = realm_dir(&args.realm)?;
             let path = dir.join("revocations");
@@ -462,6 +497,129 @@ fn push(list: &[u8], targets: &[String]) -> Result<(), Failure> {
         let r: macula::admin::RevocationsReport = serde_json::from_str(&reply.body)
             .with_context(|| format!("unexpected answer from {target}"))?;
         eprintln!("{target}: {} (version {})", r.outcome, r.version);
+    }
+    Ok(())
+}
+
+/// The realm's API keys file: `apikeys.jsonl`, one `ApiKeyEntry` a line
+/// (the format gateways read).
+fn apikeys_path(dir: &Path) -> PathBuf {
+    dir.join("apikeys.jsonl")
+}
+
+fn read_apikeys(dir: &Path) -> anyhow::Result<Vec<ApiKeyEntry>> {
+    let path = apikeys_path(dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    // The gateway's own parser first: what is exported must load.
+    ApiKeyStore::parse(&text).with_context(|| format!("{}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}: not an API key line", path.display()))
+        })
+        .collect()
+}
+
+fn apikey(args: ApiKeyArgs) -> Result<(), Failure> {
+    let dir = realm_dir(&args.realm)?;
+    let key = authority(&dir, false)?;
+    let realm = Key::of(&key);
+    let g = read_token(&args.grant).map_err(crate::usage)?;
+    let (revoked, _) = revocations(&dir, &realm)?;
+    let now = now_ms();
+    let verified = g.verify(&realm, now, 0, &revoked).map_err(|e| {
+        anyhow!(
+            "the grant is not valid for realm {} ({}): {e}",
+            args.realm.name,
+            e.kind()
+        )
+    })?;
+    let api_key = ApiKey::generate()?;
+    let entry = ApiKeyEntry::new(&api_key, &g.to_bytes()?, &args.label, now)
+        .map_err(|e| anyhow!("the grant does not encode: {e}"))?;
+    let path = apikeys_path(&dir);
+    let mut line = entry.to_line();
+    line.push('\n');
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .with_context(|| format!("cannot record the API key in {}", path.display()))?;
+    println!("{api_key}");
+    eprintln!(
+        "API key {} for {} (grant {}, until {} unix ms); shown only this once: the realm keeps its hash. \
+         Give gateways the file `macula realm apikeys {} --export FILE` writes.",
+        api_key.hash().prefix(),
+        subject_text(&verified.subject()),
+        entry.serial,
+        verified.expires_ms(),
+        args.realm.name,
+    );
+    Ok(())
+}
+
+fn apikeys(args: ApiKeysArgs) -> Result<(), Failure> {
+    let dir = realm_dir(&args.realm)?;
+    let key = authority(&dir, false)?;
+    let realm = Key::of(&key);
+    let entries = read_apikeys(&dir)?;
+    if let Some(out) = &args.export {
+        let mut text = String::new();
+        for e in &entries {
+            text.push_str(&e.to_line());
+            text.push('\n');
+        }
+        if out.as_os_str() == "-" {
+            print!("{text}");
+        } else {
+            write_atomic(out, text.as_bytes())?;
+            eprintln!("{} API keys written to {}", entries.len(), out.display());
+        }
+        return Ok(());
+    }
+    let (revoked, _) = revocations(&dir, &realm)?;
+    let now = now_ms();
+    let mut rows = Vec::new();
+    for e in entries {
+        let (subject, state) = match read_token(&e.grant) {
+            Err(err) => (String::new(), format!("malformed ({err})")),
+            Ok(g) => (
+                g.body()
+                    .map(|b| subject_text(&b.subject))
+                    .unwrap_or_default(),
+                match g.verify(&realm, now, 0, &revoked) {
+                    Ok(_) => "valid".to_string(),
+                    Err(err) => err.kind().to_string(),
+                },
+            ),
+        };
+        let hash = e.hash.get(..12).unwrap_or(&e.hash).to_string();
+        if args.json {
+            let v = serde_json::json!({
+                "label": e.label,
+                "hash_prefix": hash,
+                "serial": e.serial,
+                "subject": subject,
+                "created_ms": e.created_ms,
+                "state": state,
+            });
+            println!("{v}");
+        } else {
+            rows.push([e.label, hash, e.serial, subject, state]);
+        }
+    }
+    if !args.json {
+        let header = ["LABEL", "HASH", "GRANT", "SUBJECT", "STATE"].map(String::from);
+        crate::admin_cli::write_table(&mut std::io::stdout().lock(), &header, &rows)
+            .context("cannot write to stdout")?;
     }
     Ok(())
 }

@@ -104,7 +104,7 @@ pub async fn call(a: CallArgs) -> anyhow::Result<CallOutcome> {
     let strategy: Strategy = a.strategy.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     macula::names::validate_procedure(&a.procedure)
         .map_err(|e| anyhow::anyhow!("invalid procedure {:?}: {e}", a.procedure))?;
-    let node = Member::start(&a.mesh, a.mode, a.data_dir.clone(), None).await?;
+    let node = Member::start(&a.mesh, &a.mode, a.data_dir.clone(), None).await?;
     let result = calls(&node, &a, strategy).await;
     node.shutdown().await;
     result
@@ -217,7 +217,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     macula::names::validate_procedure(&a.procedure)
         .map_err(|e| anyhow::anyhow!("invalid procedure {:?}: {e}", a.procedure))?;
-    let node = Member::start(&a.mesh, a.mode, a.data_dir.clone(), Some(a.listen)).await?;
+    let node = Member::start(&a.mesh, &a.mode, a.data_dir.clone(), Some(a.listen)).await?;
     let reply = a.reply.clone().map(|r| Bytes::from(r.into_bytes()));
     let delay = Duration::from_millis(a.delay);
     let handler = move |req: Request| {

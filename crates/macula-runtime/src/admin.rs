@@ -124,6 +124,10 @@ pub struct HealthReport {
     /// for development).
     #[serde(default)]
     pub realm_authority: Option<String>,
+    /// How many client API keys this node accepts (`--api-keys`), `null`
+    /// when it takes none.
+    #[serde(default)]
+    pub api_keys: Option<usize>,
 }
 
 /// `GET /ready`.
@@ -458,6 +462,12 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
             .admission
             .as_ref()
             .map(|a| a.authority.to_string()),
+        api_keys: node
+            .config()
+            .admission
+            .as_ref()
+            .and_then(|a| a.api_keys.as_ref())
+            .map(|k| k.len()),
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_secs: node.uptime().as_secs(),
         peers: node.peers().len(),

@@ -281,6 +281,13 @@ impl Authz {
         self.own.as_ref()
     }
 
+    /// Verifies a grant for this realm at `now_ms` against the current
+    /// revocations, whoever its subject (an API key's grant).
+    pub fn verify(&self, grant: &[u8], now_ms: u64) -> Result<Verified, GrantError> {
+        let g = Grant::from_bytes(grant)?;
+        g.verify(&self.authority, now_ms, self.skew_ms, &self.revoked().list)
+    }
+
     /// Verifies the grant a peer presented for the node ID it proved
     /// (`Subject::Node`), against the current revocations.
     pub fn admit(
@@ -292,9 +299,7 @@ impl Authz {
         let Some(bytes) = grant else {
             return Err(GrantError::Decode("HELLO carried no grant".into()));
         };
-        let g = Grant::from_bytes(bytes)?;
-        let revoked = self.revoked();
-        let v = g.verify(&self.authority, now_ms, self.skew_ms, &revoked.list)?;
+        let v = self.verify(bytes, now_ms)?;
         if v.subject() != Subject::Node(proved) {
             return Err(GrantError::WrongSubject {
                 found: v.subject(),

@@ -116,6 +116,10 @@ pub struct ClientConfig {
     /// sent in HELLO: a gateway whose realm has an authority admits only
     /// clients with a valid one.
     pub grant: Option<Vec<u8>>,
+    /// This client's API key (`apikey.rs`), sent in HELLO when it has no
+    /// grant: a gateway keeping API keys admits it with the grant the key
+    /// is bound to.
+    pub api_key: Option<crate::apikey::ApiKey>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -152,6 +156,7 @@ impl ClientConfig {
             endpoint: None,
             redundant_subscriptions: true,
             grant: None,
+            api_key: None,
         }
     }
 }
@@ -497,10 +502,15 @@ impl Client {
                 max_frame_size: config.limits.max_frame_size,
                 agent: format!("macula-client/{}", env!("CARGO_PKG_VERSION")),
                 grant: config.grant.clone().map(serde_bytes::ByteBuf::from),
+                api_key: match (&config.grant, &config.api_key) {
+                    (None, Some(k)) => Some(serde_bytes::ByteBuf::from(k.as_bytes().to_vec())),
+                    _ => None,
+                },
             },
             max_frame_size: config.limits.max_frame_size,
             // A client checks no one: its gateway proves its node ID in TLS.
             authz: None,
+            api_keys: None,
         };
         let (gateway, _) = watch::channel(None);
         let (second, _) = watch::channel(None);

@@ -320,6 +320,11 @@ pub struct Admission {
     /// A signed revocation list to start with (`macula_auth::RevocationList`
     /// bytes); a newer one from the data directory or a peer replaces it.
     pub revocations: Option<Vec<u8>>,
+    /// API keys this node accepts from lightweight clients instead of a
+    /// grant (`crate::apikey`; the `--api-keys` file): `None`, none.
+    pub api_keys: Option<crate::apikey::ApiKeyStore>,
+    /// Limits on failed API-key attempts.
+    pub api_key_limits: crate::apikey::ApiKeyLimits,
 }
 
 /// Default [`Admission::clock_skew`].
@@ -333,6 +338,8 @@ impl Admission {
             grant,
             clock_skew: DEFAULT_CLOCK_SKEW,
             revocations: None,
+            api_keys: None,
+            api_key_limits: crate::apikey::ApiKeyLimits::default(),
         }
     }
 }
@@ -394,6 +401,11 @@ impl NodeConfig {
             reason,
         };
         validate_realm(&self.realm).map_err(|r| invalid("realm", self.realm.clone(), r))?;
+        if let Some(a) = &self.admission {
+            a.api_key_limits
+                .validate()
+                .map_err(|r| invalid("api_key_limits", format!("{:?}", a.api_key_limits), r))?;
+        }
         let l = &self.limits;
         if !(MIN_MAX_FRAME_SIZE..=MAX_MAX_FRAME_SIZE).contains(&l.max_frame_size) {
             return Err(invalid(

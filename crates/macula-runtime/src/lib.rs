@@ -10,6 +10,7 @@
 //! proved its node ID in TLS *and* completed the HELLO exchange.
 
 pub mod admin;
+pub mod apikey;
 pub mod authz;
 mod backoff;
 pub mod client;

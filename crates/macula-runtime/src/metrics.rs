@@ -82,10 +82,13 @@ pub enum HandshakeFailure {
     /// The realm has an authority and a grant was missing or not valid
     /// (ours, refused by the peer, or the peer's, refused by us).
     Unauthorized,
+    /// Too many failed API-key attempts (from the peer's address, or in
+    /// the realm): refused by us, or by the gateway.
+    RateLimited,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 8] = [
+    pub const ALL: [HandshakeFailure; 9] = [
         HandshakeFailure::Tls,
         HandshakeFailure::Timeout,
         HandshakeFailure::RealmMismatch,
@@ -94,6 +97,7 @@ impl HandshakeFailure {
         HandshakeFailure::Protocol,
         HandshakeFailure::ConnectionLimit,
         HandshakeFailure::Unauthorized,
+        HandshakeFailure::RateLimited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -106,6 +110,7 @@ impl HandshakeFailure {
             HandshakeFailure::Protocol => "protocol",
             HandshakeFailure::ConnectionLimit => "connection_limit",
             HandshakeFailure::Unauthorized => "unauthorized",
+            HandshakeFailure::RateLimited => "rate_limited",
         }
     }
 }
@@ -215,7 +220,20 @@ pub struct Metrics {
     /// By kind, indexed by `ProtocolErrorKind as usize`.
     protocol_errors: LabelledCounters<6>,
     /// By reason, indexed by `HandshakeFailure as usize`.
-    handshake_failures: LabelledCounters<8>,
+    handshake_failures: LabelledCounters<9>,
+    /// Failed API-key attempts by reason, indexed by `ApiKeyFailure as usize`.
+    api_key_failures: LabelledCounters<4>,
+    /// API-key attempts refused by the failure limiter.
+    pub api_key_rate_limited_total: Counter,
+    /// Clients admitted by an API key.
+    pub api_key_admitted_total: Counter,
+    /// API keys this node accepts.
+    pub api_keys_loaded: CountGauge,
+    /// Source addresses the API-key failure limiter tracks now.
+    pub api_key_tracked_addresses: CountGauge,
+    /// Addresses the API-key failure limiter forgot to stay within its
+    /// bound (their failures forgotten too).
+    pub api_key_limiter_evictions_total: Counter,
     /// Messages by type, indexed by position in `MessageType::ALL`; the last
     /// slot counts type bytes this version does not know.
     messages_received: LabelledCounters<MESSAGE_SLOTS>,
@@ -270,6 +288,15 @@ impl Default for Metrics {
                 "reason",
                 HandshakeFailure::ALL.map(|h| h.name()),
             ),
+            api_key_failures: LabelledCounters::new(
+                "reason",
+                crate::apikey::ApiKeyFailure::ALL.map(|f| f.name()),
+            ),
+            api_key_rate_limited_total: Counter::default(),
+            api_key_admitted_total: Counter::default(),
+            api_keys_loaded: CountGauge::default(),
+            api_key_tracked_addresses: CountGauge::default(),
+            api_key_limiter_evictions_total: Counter::default(),
             messages_received: LabelledCounters::new("type", message_labels()),
             messages_sent: LabelledCounters::new("type", message_labels()),
         }
@@ -314,6 +341,14 @@ impl Metrics {
 
     pub fn handshake_failures(&self, why: HandshakeFailure) -> u64 {
         self.handshake_failures.at(why as usize).get()
+    }
+
+    pub fn api_key_failure(&self, why: crate::apikey::ApiKeyFailure) {
+        self.api_key_failures.at(why as usize).inc();
+    }
+
+    pub fn api_key_failures(&self, why: crate::apikey::ApiKeyFailure) -> u64 {
+        self.api_key_failures.at(why as usize).get()
     }
 
     /// Registers every metric in the node's registry (the names are a
@@ -452,6 +487,41 @@ impl Metrics {
             "macula_handshake_failures",
             "Failed handshakes (TLS or HELLO), by reason.",
         );
+        self.api_key_failures.register(
+            r,
+            "macula_api_key_failures",
+            "Failed API-key attempts of clients, by reason.",
+        );
+        register(
+            r,
+            "macula_api_key_rate_limited",
+            "API-key attempts refused at once: too many failures from the address or in the realm.",
+            self.api_key_rate_limited_total.clone(),
+        );
+        register(
+            r,
+            "macula_api_key_admitted",
+            "Clients admitted by an API key.",
+            self.api_key_admitted_total.clone(),
+        );
+        register(
+            r,
+            "macula_api_keys",
+            "API keys this node accepts (the --api-keys file).",
+            self.api_keys_loaded.clone(),
+        );
+        register(
+            r,
+            "macula_api_key_tracked_addresses",
+            "Source addresses the API-key failure limiter tracks (at most --api-key-max-tracked).",
+            self.api_key_tracked_addresses.clone(),
+        );
+        register(
+            r,
+            "macula_api_key_limiter_evictions",
+            "Addresses the API-key failure limiter forgot, full (--api-key-max-tracked), with their failures.",
+            self.api_key_limiter_evictions_total.clone(),
+        );
     }
 }
 
@@ -496,14 +566,15 @@ mod tests {
         m.protocol_error(ProtocolErrorKind::Malformed);
         m.message_sent(0x7e);
         let text = render(&m);
-        assert_eq!(text.matches("# HELP ").count(), 23);
-        assert_eq!(text.matches("# TYPE ").count(), 23);
-        assert_eq!(text.matches(" gauge\n").count(), 2);
+        assert_eq!(text.matches("# HELP ").count(), 29);
+        assert_eq!(text.matches("# TYPE ").count(), 29);
+        assert_eq!(text.matches(" gauge\n").count(), 4);
         // One HELP line per family, not per labelled row; every label value
         // exported.
         assert_eq!(text.matches("# HELP macula_protocol_errors ").count(), 1);
         assert_eq!(text.matches("macula_protocol_errors_total{").count(), 6);
-        assert_eq!(text.matches("macula_handshake_failures_total{").count(), 8);
+        assert_eq!(text.matches("macula_handshake_failures_total{").count(), 9);
+        assert_eq!(text.matches("macula_api_key_failures_total{").count(), 4);
         assert_eq!(text.matches("macula_connections_total{").count(), 2);
         assert_eq!(
             text.matches("macula_messages_total{").count(),

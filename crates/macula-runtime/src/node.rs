@@ -455,7 +455,12 @@ impl NodeRuntime {
                 .as_ref()
                 .and_then(|a| a.grant.clone())
                 .map(serde_bytes::ByteBuf::from),
+            // Full nodes present grants; API keys are for clients.
+            api_key: None,
         };
+        // The node's metrics, shared with the API-key gate (apikey.rs).
+        let metrics = Arc::new(Metrics::default());
+        let api_keys = crate::apikey::gate_of(config.admission.as_ref(), &metrics);
         let (events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
         let (shutdown, _) = watch::channel(false);
         let dht_shutdown = shutdown.subscribe();
@@ -595,6 +600,7 @@ impl NodeRuntime {
                     hello,
                     max_frame_size: config.limits.max_frame_size,
                     authz: authz.clone(),
+                    api_keys,
                 },
                 table: Mutex::new(PoolTable::new(
                     node_id,
@@ -603,7 +609,7 @@ impl NodeRuntime {
                 )),
                 suspects: Mutex::new(SuspectList::new(SUSPECT_TTL, MAX_SUSPECTS)),
                 dialing: Mutex::new(HashMap::new()),
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 events,
                 shutdown,
                 started: Instant::now(),

@@ -70,6 +70,10 @@ pub enum HandshakeError {
     /// valid; `kind` names why (`missing`, `expired`, `wrong_subject`...).
     #[error("no valid grant for this realm ({kind}): {message}")]
     Unauthorized { kind: &'static str, message: String },
+    /// Too many failed API-key attempts from the peer's address (or in the
+    /// realm) lately: refused before its key was looked at (`apikey.rs`).
+    #[error("API-key attempt refused: {message}")]
+    RateLimited { message: String },
     /// The peer sent another message (type byte `msg_type`) before HELLO.
     #[error("peer sent message type {msg_type:#04x} before HELLO")]
     HandshakeRequired { msg_type: u8 },
@@ -104,8 +108,10 @@ impl HandshakeError {
             HandshakeError::UnsupportedVersion { .. } => HandshakeFailure::UnsupportedVersion,
             HandshakeError::IdentityMismatch { .. } => HandshakeFailure::IdentityMismatch,
             HandshakeError::Unauthorized { .. } => HandshakeFailure::Unauthorized,
+            HandshakeError::RateLimited { .. } => HandshakeFailure::RateLimited,
             HandshakeError::Rejected { code, .. } => match code {
                 ErrorCode::Unauthorized => HandshakeFailure::Unauthorized,
+                ErrorCode::RateLimited => HandshakeFailure::RateLimited,
                 ErrorCode::RealmMismatch => HandshakeFailure::RealmMismatch,
                 ErrorCode::UnsupportedVersion => HandshakeFailure::UnsupportedVersion,
                 ErrorCode::IdentityMismatch => HandshakeFailure::IdentityMismatch,
@@ -162,6 +168,9 @@ impl HandshakeError {
             HandshakeError::Unauthorized { .. } => {
                 Some((ErrorCode::Unauthorized, DisconnectReason::Unauthorized))
             }
+            HandshakeError::RateLimited { .. } => {
+                Some((ErrorCode::RateLimited, DisconnectReason::RateLimited))
+            }
             HandshakeError::Protocol(_) => {
                 Some((ErrorCode::Malformed, DisconnectReason::ProtocolError))
             }
@@ -197,6 +206,8 @@ pub struct LocalInfo {
     pub max_frame_size: u32,
     /// The realm's authority, when it has one: peers need a grant.
     pub authz: Option<Arc<crate::authz::Authz>>,
+    /// The API keys this node accepts from clients (`apikey.rs`), if any.
+    pub api_keys: Option<Arc<crate::apikey::ApiKeyGate>>,
 }
 
 /// A cheap, clonable handle to an authenticated peer connection.
@@ -446,11 +457,14 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 /// Checks the peer's HELLO against what TLS proved and what we require;
-/// in a realm with an authority, returns the grant it proved.
+/// in a realm with an authority, returns the grant it proved (or the grant
+/// its API key stands for). `remote`: where the peer's packets come from
+/// (API-key failures are limited per address).
 fn check_hello(
     local: &LocalInfo,
     proved: NodeId,
     hello: &Hello,
+    remote: SocketAddr,
 ) -> Result<Option<Arc<PeerGrant>>, HandshakeError> {
     if hello.version != PROTOCOL_VERSION {
         return Err(HandshakeError::UnsupportedVersion {
@@ -472,6 +486,19 @@ fn check_hello(
     let Some(authz) = &local.authz else {
         return Ok(None);
     };
+    // A client with an API key instead of a grant (apikey.rs): admitted
+    // with the grant the key is bound to.
+    if let (None, Some(key)) = (&hello.grant, &hello.api_key) {
+        let v = crate::apikey::check(
+            local.api_keys.as_deref(),
+            authz,
+            hello,
+            key,
+            remote,
+            unix_ms(),
+        )?;
+        return Ok(Some(Arc::new(PeerGrant::new(v))));
+    }
     match hello.grant.as_ref() {
         None => Err(HandshakeError::Unauthorized {
             kind: "missing",
@@ -498,6 +525,7 @@ fn conn_lost(e: &quinn::ConnectionError) -> HandshakeError {
             DisconnectReason::UnsupportedVersion => ErrorCode::UnsupportedVersion,
             DisconnectReason::IdentityMismatch => ErrorCode::IdentityMismatch,
             DisconnectReason::Unauthorized => ErrorCode::Unauthorized,
+            DisconnectReason::RateLimited => ErrorCode::RateLimited,
             other => ErrorCode::Other(u16::from(other)),
         };
         return HandshakeError::Rejected { code, message };
@@ -620,7 +648,7 @@ pub(crate) async fn handshake(
                 .await
                 .map_err(|e| HandshakeError::Connection(e.to_string()))?;
             let hello = read_hello(&mut reader).await?;
-            let grant = match check_hello(local, proved, &hello) {
+            let grant = match check_hello(local, proved, &hello, conn.remote_address()) {
                 Ok(g) => g,
                 Err(e) => {
                     refuse(&conn, &mut writer, &e).await;
@@ -648,7 +676,7 @@ pub(crate) async fn handshake(
                     return Err(e);
                 }
             };
-            let grant = match check_hello(local, proved, &hello) {
+            let grant = match check_hello(local, proved, &hello, conn.remote_address()) {
                 Ok(g) => g,
                 Err(e) => {
                     refuse(&conn, &mut writer, &e).await;

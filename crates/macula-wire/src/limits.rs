@@ -33,3 +33,6 @@ pub const MAX_GRANT_LEN: usize = 64 * 1024;
 /// Length of a signed revocation list in `REVOCATIONS`: it fits the default
 /// frame limit (about 60,000 revoked serials).
 pub const MAX_REVOCATIONS_LEN: usize = 1_000_000;
+/// Length of the API key in `HELLO` (a key is 32 bytes; room for a longer
+/// format later).
+pub const MAX_API_KEY_LEN: usize = 64;

@@ -190,6 +190,16 @@ pub struct Hello {
         skip_serializing_if = "Option::is_none"
     )]
     pub grant: Option<serde_bytes::ByteBuf>,
+    /// A lightweight client's API key (the key's bytes, at most
+    /// `MAX_API_KEY_LEN`), presented instead of a grant to a gateway that
+    /// keeps API keys: the gateway admits the client with the grant the
+    /// key is bound to. Absent (not nil) when none.
+    #[serde(
+        default,
+        deserialize_with = "crate::nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub api_key: Option<serde_bytes::ByteBuf>,
 }
 
 /// Liveness and round-trip probe.
@@ -247,6 +257,9 @@ pub enum DisconnectReason {
     /// The realm has an authority and the peer's grant is missing or not
     /// valid (the message says why).
     Unauthorized,
+    /// Too many failed API-key attempts from the peer's address (or in the
+    /// realm) lately; the message says when to retry.
+    RateLimited,
     /// A code this version does not know.
     Other(u16),
 }
@@ -267,6 +280,7 @@ impl From<u16> for DisconnectReason {
             9 => DialBack,
             10 => Unresponsive,
             11 => Unauthorized,
+            12 => RateLimited,
             other => Other(other),
         }
     }
@@ -288,6 +302,7 @@ impl From<DisconnectReason> for u16 {
             DialBack => 9,
             Unresponsive => 10,
             Unauthorized => 11,
+            RateLimited => 12,
             Other(v) => v,
         }
     }
@@ -324,6 +339,9 @@ pub enum ErrorCode {
     /// The realm has an authority and HELLO carried no valid grant for the
     /// sender.
     Unauthorized,
+    /// Too many failed API-key attempts from the sender's address (or in
+    /// the realm) lately: refused without looking at the key.
+    RateLimited,
     /// A code this version does not know.
     Other(u16),
 }
@@ -341,6 +359,7 @@ impl From<u16> for ErrorCode {
             7 => UnexpectedMessage,
             8 => IdentityMismatch,
             9 => Unauthorized,
+            10 => RateLimited,
             other => Other(other),
         }
     }
@@ -359,6 +378,7 @@ impl From<ErrorCode> for u16 {
             UnexpectedMessage => 7,
             IdentityMismatch => 8,
             Unauthorized => 9,
+            RateLimited => 10,
             Other(v) => v,
         }
     }
@@ -378,6 +398,7 @@ impl ErrorCode {
             UnexpectedMessage => "unexpected_message",
             IdentityMismatch => "identity_mismatch",
             Unauthorized => "unauthorized",
+            RateLimited => "rate_limited",
             Other(_) => "other",
         }
     }
@@ -545,6 +566,14 @@ impl Message {
                     MAX_ADDR_LEN,
                 )?;
                 check_len("agent", &h.agent, MAX_AGENT_LEN)?;
+                if let Some(k) = &h.api_key {
+                    if k.len() > MAX_API_KEY_LEN {
+                        return Err(format!(
+                            "api_key of {} bytes, over the limit of {MAX_API_KEY_LEN}",
+                            k.len()
+                        ));
+                    }
+                }
                 if let Some(g) = &h.grant {
                     if g.len() > MAX_GRANT_LEN {
                         return Err(format!(
@@ -865,6 +894,7 @@ mod tests {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             agent: "macula/0.1.0".into(),
             grant: None,
+            api_key: None,
         }
     }
 
@@ -1015,6 +1045,38 @@ mod tests {
         let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
             rmp_serde::from_slice(&buf[FRAME_HEADER_LEN..]).unwrap();
         assert_eq!(keys.keys().collect::<Vec<_>>(), vec!["id"]);
+    }
+
+    #[test]
+    fn hello_api_key_is_optional_and_bounded() {
+        // Without a key the field is absent, as before it existed.
+        let h = hello();
+        let body = rmp_serde::to_vec_named(&h).unwrap();
+        let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            rmp_serde::from_slice(&body).unwrap();
+        assert!(!keys.contains_key("api_key"));
+        let mut with_key = h.clone();
+        with_key.api_key = Some(serde_bytes::ByteBuf::from(vec![7u8; 32]));
+        let body = rmp_serde::to_vec_named(&with_key).unwrap();
+        assert_eq!(
+            Message::decode(MessageType::Hello as u8, &body),
+            Ok(Message::Hello(with_key.clone()))
+        );
+        with_key.api_key = Some(serde_bytes::ByteBuf::from(vec![7u8; MAX_API_KEY_LEN + 1]));
+        let body = rmp_serde::to_vec_named(&with_key).unwrap();
+        assert!(matches!(
+            Message::decode(MessageType::Hello as u8, &body),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn rate_limited_codes() {
+        assert_eq!(u16::from(DisconnectReason::RateLimited), 12);
+        assert_eq!(DisconnectReason::from(12), DisconnectReason::RateLimited);
+        assert_eq!(u16::from(ErrorCode::RateLimited), 10);
+        assert_eq!(ErrorCode::from(10), ErrorCode::RateLimited);
+        assert_eq!(ErrorCode::RateLimited.name(), "rate_limited");
     }
 
     #[test]
@@ -1332,6 +1394,7 @@ mod tests {
                 arb_string(MAX_AGENT_LEN),
                 any::<u8>(),
                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=MAX_API_KEY_LEN,)),
             )
                 .prop_map(
                     |(
@@ -1343,6 +1406,7 @@ mod tests {
                         agent,
                         version,
                         grant,
+                        api_key,
                     )| {
                         Message::Hello(Hello {
                             version,
@@ -1353,6 +1417,7 @@ mod tests {
                             max_frame_size,
                             agent,
                             grant: grant.map(serde_bytes::ByteBuf::from),
+                            api_key: api_key.map(serde_bytes::ByteBuf::from),
                         })
                     }
                 ),

@@ -98,6 +98,14 @@ impl ClientBuilder {
         self
     }
 
+    /// This client's API key (`macula realm apikey` prints one), for a
+    /// gateway that keeps API keys: it admits the client with the grant
+    /// the key is bound to. Sent only when no [`ClientBuilder::grant`] is.
+    pub fn api_key(mut self, key: crate::apikey::ApiKey) -> Self {
+        self.config.api_key = Some(key);
+        self
+    }
+
     /// Persist the client's identity in `dir/node.key` (default: a fresh
     /// in-memory identity).
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {

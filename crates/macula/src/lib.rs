@@ -77,6 +77,16 @@ pub use node::{Node, NodeBuilder, NodeStats, Peer, PeerInfo, JOIN_WAIT};
 /// Realm admission and authorization (issue 18): grants, revocation
 /// lists, policies. The runtime does not enforce them yet.
 pub use macula_auth as auth;
+
+/// API keys for lightweight clients: the key, the gateway's store of
+/// hashes and grants (its file's lines), the failure limits.
+pub mod apikey {
+    pub use macula_runtime::apikey::{
+        ApiKey, ApiKeyEntry, ApiKeyError, ApiKeyLimits, ApiKeyStore, KeyHash, API_KEY_BYTES,
+        API_KEY_PREFIX, DEFAULT_FAILURE_WINDOW, DEFAULT_MAX_FAILURES_PER_ADDRESS,
+        DEFAULT_MAX_FAILURES_PER_REALM, DEFAULT_MAX_TRACKED_ADDRESSES, MAX_API_KEYS,
+    };
+}
 pub use macula_rpc::Strategy;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::identity::{Identity, IdentityError};

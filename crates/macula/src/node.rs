@@ -82,6 +82,9 @@ pub struct NodeStats {
 pub struct NodeBuilder {
     config: NodeConfig,
     bootstrap_errors: Vec<(String, String)>,
+    /// Set by `api_keys`, applied at `start` (in either order with
+    /// `realm_authority`).
+    api_keys: Option<(crate::apikey::ApiKeyStore, crate::apikey::ApiKeyLimits)>,
     join_wait: Option<Duration>,
 }
 
@@ -174,6 +177,24 @@ impl NodeBuilder {
         self
     }
 
+    /// Accept lightweight clients presenting one of these API keys instead
+    /// of a grant (`macula realm apikey` issues them; [`ApiKeyStore::load`]
+    /// reads the file `macula realm apikeys --export` writes): each is
+    /// admitted with the grant its key is bound to, verified against the
+    /// realm authority, so [`NodeBuilder::realm_authority`] is needed too
+    /// ([`NodeBuilder::start`] fails without it). `limits`: failed
+    /// attempts tolerated per address and in the realm.
+    ///
+    /// [`ApiKeyStore::load`]: crate::apikey::ApiKeyStore::load
+    pub fn api_keys(
+        mut self,
+        keys: crate::apikey::ApiKeyStore,
+        limits: crate::apikey::ApiKeyLimits,
+    ) -> Self {
+        self.api_keys = Some((keys, limits));
+        self
+    }
+
     /// Replaces the whole configuration (what the daemon does); bootstrap
     /// peers given before are replaced too.
     pub fn config(mut self, config: NodeConfig) -> Self {
@@ -195,13 +216,26 @@ impl NodeBuilder {
     /// bootstrap peers, returns once the node has joined the mesh through
     /// one of them (see [`NodeBuilder::wait_for_join`]), so what it does
     /// next (subscribe, publish, call) reaches the mesh.
-    pub async fn start(self) -> Result<Node, Error> {
+    pub async fn start(mut self) -> Result<Node, Error> {
         if let Some((value, reason)) = self.bootstrap_errors.into_iter().next() {
             return Err(Error::Config {
                 key: "bootstrap",
                 value,
                 reason,
             });
+        }
+        if let Some((keys, limits)) = self.api_keys.take() {
+            let Some(a) = self.config.admission.as_mut() else {
+                return Err(Error::Config {
+                    key: "api_keys",
+                    value: format!("{} keys", keys.len()),
+                    reason: "API keys need a realm authority (realm_authority) to verify their \
+                             grants"
+                        .into(),
+                });
+            };
+            a.api_keys = Some(keys);
+            a.api_key_limits = limits;
         }
         let peers: Vec<String> = self
             .config
@@ -264,6 +298,7 @@ impl Node {
         NodeBuilder {
             config: NodeConfig::default(),
             bootstrap_errors: Vec::new(),
+            api_keys: None,
             join_wait: Some(JOIN_WAIT),
         }
     }

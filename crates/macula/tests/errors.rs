@@ -69,3 +69,20 @@ async fn every_failure_is_a_macula_error_with_a_kind() {
     n.flush_acked(Duration::from_secs(5)).await.expect("acked");
     n.shutdown().await;
 }
+
+#[tokio::test]
+async fn api_keys_without_a_realm_authority_are_a_config_error() {
+    use macula::apikey::{ApiKey, ApiKeyLimits, ApiKeyStore};
+    let key = ApiKey::generate().expect("key");
+    let err = Node::builder()
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .api_keys(
+            ApiKeyStore::from_keys([(&key, vec![1])]),
+            ApiKeyLimits::default(),
+        )
+        .start()
+        .await
+        .expect_err("no authority");
+    assert_eq!(err.kind(), "config", "{err}");
+    assert!(err.to_string().contains("api_keys"), "{err}");
+}

@@ -170,6 +170,7 @@ impl RawClient {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             agent: "raw-test-client".into(),
             grant: None,
+            api_key: None,
         }
     }
 
