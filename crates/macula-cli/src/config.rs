@@ -95,6 +95,8 @@ pub const PEER_DOWN_AFTER_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(20));
 /// Accepted `relay_max_sessions` and `relay_max_reservations` range.
 pub const RELAY_COUNT_RANGE: (usize, usize) = (1, 100_000);
+/// Range of `--trust-max-pins` (0: trust on first use off).
+pub const TRUST_PINS_RANGE: (usize, usize) = (0, 1_000_000);
 /// Accepted `relay_idle_timeout` range.
 pub const RELAY_IDLE_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(24 * 3600));
@@ -443,6 +445,13 @@ settings! {
         default "auto",
         "\"auto\" (peers dial back to tell) or \"private\" (behind NAT: use relays, accept no \
          direct inbound connection)";
+    trust_max_pins TRUST_MAX_PINS: usize = macula::config::DEFAULT_MAX_PINS,
+        Number(|s| parse_count(s, TRUST_PINS_RANGE)),
+        flag "--trust-max-pins" "N", env "MACULA_TRUST_MAX_PINS", toml "trust.max_pins",
+        default "4096",
+        "Trust on first use in an open realm: a --bootstrap address given without a node ID is \
+         pinned to the node first seen there (<data dir>/trust.json; `macula trust list|revoke`) \
+         and another node there later refused; at most N pins, 0 = off";
     realm_authority REALM_AUTHORITY: Option<macula::auth::Key> = None,
         Text(|s: &str| s.parse::<macula::auth::Key>().map_err(|e| e.to_string())),
         flag "--realm-authority" "KEY", env "MACULA_REALM_AUTHORITY", toml "realm_authority",
@@ -1612,7 +1621,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            32,
+            33,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -23,6 +23,7 @@ mod pubsub_cli;
 mod raft_cli;
 mod realm_cli;
 mod rpc_cli;
+mod trust_cli;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -90,6 +91,9 @@ enum Command {
     /// Audit logs: verify a hash chain and its signed checkpoints.
     #[command(subcommand)]
     Audit(realm_cli::AuditCommand),
+    /// Trust on first use in an open realm: the node IDs pinned to configured addresses.
+    #[command(subcommand)]
+    Trust(trust_cli::TrustCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +216,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Realm(cmd) => realm_cli::run(cmd),
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
         Command::Audit(cmd) => realm_cli::audit(cmd),
+        Command::Trust(cmd) => trust_cli::run(cmd),
     }
 }
 
@@ -314,6 +319,10 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             ..RaftLimits::default()
         },
         reachability: s.reachability,
+        trust: macula::config::TrustLimits {
+            enabled: s.trust_max_pins > 0,
+            max_pins: s.trust_max_pins,
+        },
         admission: match (s.realm_authority, &s.grant_file, &s.revocations_file) {
             (None, _, _) if s.api_keys.is_some() => {
                 return Err(usage(anyhow::anyhow!(

@@ -331,6 +331,7 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.reachability().counters().register(&mut registry);
     node.relay().counters().register(&mut registry);
     node.raft().counters().register(&mut registry);
+    node.trust().counters().register(&mut registry);
     node.realm_service().counters().register(&mut registry);
     registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
     registry

@@ -301,6 +301,9 @@ pub struct NodeConfig {
     pub raft: RaftLimits,
     /// Whether to detect reachability or assume this node is private.
     pub reachability: ReachabilityMode,
+    /// Trust on first use of configured addresses in an open realm
+    /// (`trust.rs`): on by default for nodes with a data directory.
+    pub trust: crate::trust::TrustLimits,
     /// The realm's authority and this node's grant (issue 18): with an
     /// authority, only peers presenting a valid grant for the node ID they
     /// proved are admitted. `None`: an open realm, as before.
@@ -359,6 +362,7 @@ impl Default for NodeConfig {
             relay: RelayLimits::default(),
             raft: RaftLimits::default(),
             reachability: ReachabilityMode::Auto,
+            trust: crate::trust::TrustLimits::default(),
             admission: None,
         }
     }

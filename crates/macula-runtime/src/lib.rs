@@ -36,6 +36,7 @@ pub mod relay;
 pub mod rpc;
 mod service;
 pub mod tls;
+pub mod trust;
 pub mod tunnel;
 
 pub use client::{Client, ClientConfig, ClientError};

@@ -112,6 +112,14 @@ pub enum ConnectError {
     },
     #[error("TLS handshake with {addr} failed: {detail}")]
     Tls { addr: SocketAddr, detail: String },
+    /// Trust on first use: `target` was pinned to `pinned` and another node
+    /// answered there (see `trust.rs`).
+    #[error("{target} was pinned to node {pinned} on first use, but another node answers there ({detail}); if that is expected, `macula trust revoke {target}`")]
+    Untrusted {
+        target: String,
+        pinned: NodeId,
+        detail: String,
+    },
     #[error("{addr} is this node itself")]
     SelfConnect { addr: SocketAddr },
     #[error("handshake with {addr} failed: {source}")]
@@ -140,7 +148,7 @@ impl ConnectError {
     pub fn is_permanent(&self) -> bool {
         use macula_wire::ErrorCode;
         match self {
-            ConnectError::IdentityMismatch { .. } => true,
+            ConnectError::IdentityMismatch { .. } | ConnectError::Untrusted { .. } => true,
             ConnectError::Handshake { source, .. } => matches!(
                 source,
                 HandshakeError::RealmMismatch { .. }
@@ -159,7 +167,9 @@ impl ConnectError {
 
     fn failure(&self) -> Option<HandshakeFailure> {
         match self {
-            ConnectError::IdentityMismatch { .. } => Some(HandshakeFailure::IdentityMismatch),
+            ConnectError::IdentityMismatch { .. } | ConnectError::Untrusted { .. } => {
+                Some(HandshakeFailure::IdentityMismatch)
+            }
             ConnectError::Tls { .. } => Some(HandshakeFailure::Tls),
             ConnectError::Handshake { source, .. } => Some(source.failure()),
             ConnectError::Timeout { .. } => Some(HandshakeFailure::Timeout),
@@ -189,6 +199,8 @@ struct NodeShared {
     services: Services,
     /// The realm's permissions and revocation list (issue 18).
     realm: crate::realm::Realm,
+    /// Trust on first use of configured addresses (open realms).
+    trust: crate::trust::Trust,
     /// The monotonic clock every core of this node is fed from.
     clock: Clock,
     /// This run's epoch (see `clock.rs`), its mark saved while it runs.
@@ -579,6 +591,13 @@ impl NodeRuntime {
             NodeShared {
                 services,
                 realm,
+                trust: crate::trust::Trust::new(
+                    match (&config.identity, &config.admission) {
+                        (IdentitySource::DataDir(dir), None) => Some(dir.clone()),
+                        _ => None,
+                    },
+                    config.trust,
+                ),
                 clock,
                 epoch: epoch.clone(),
                 dir_lock: Mutex::new(dir_lock),
@@ -782,9 +801,39 @@ impl NodeRuntime {
     }
 
     /// Resolves a user-given address and connects to it.
+    /// Without a node ID in `target`, trust on first use applies (open
+    /// realms, nodes with a data directory; see `trust.rs`): the first node
+    /// that answers at `target` is pinned, and another one later refused.
     pub async fn connect_addr(&self, target: &PeerAddr) -> Result<Peer, ConnectError> {
         let addr = resolve(target).await?;
-        self.connect(addr, target.expected).await
+        if target.expected.is_some() {
+            return self.connect(addr, target.expected).await;
+        }
+        let key = target.authority();
+        match self.0.trust.check(&key) {
+            crate::trust::Checked::Pinned(pinned) => match self.connect(addr, Some(pinned)).await {
+                Err(ConnectError::IdentityMismatch { detail, .. }) => {
+                    self.0.trust.refused();
+                    tracing::warn!(target = %key, pinned = %pinned, "trust on first use: another node answers at a pinned address; refused");
+                    Err(ConnectError::Untrusted {
+                        target: key,
+                        pinned,
+                        detail,
+                    })
+                }
+                other => other,
+            },
+            crate::trust::Checked::New => {
+                let peer = self.connect(addr, None).await?;
+                self.0.trust.pin(&key, peer.node_id(), peer::unix_ms());
+                Ok(peer)
+            }
+        }
+    }
+
+    /// Trust on first use (pins of configured addresses).
+    pub fn trust(&self) -> &crate::trust::Trust {
+        &self.0.trust
     }
 
     /// Opens a new connection (TLS + HELLO) that bypasses the pool, for

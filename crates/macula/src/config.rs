@@ -31,6 +31,7 @@ pub use macula_runtime::config::{
     RelayLimits, RpcLimits,
 };
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
+pub use macula_runtime::trust::{Pin, Pins, TrustLimits, DEFAULT_MAX_PINS};
 
 /// The limits of pub/sub: subscription queue capacity and bytes, topic and
 /// pattern sizes, the match cache, publishers tracked
