@@ -129,37 +129,86 @@ pub struct CheckArgs {
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
     /// Verify an audit log's hash chain (and its signed checkpoints with
-    /// --key): exit 0 if intact, 1 naming the first broken line.
+    /// --key or --data-dir): exit 0 if intact, 1 naming the first broken line.
     Verify(AuditVerifyArgs),
+    /// Print a node's latest audit entries (<data dir>/audit/), oldest first.
+    Tail(AuditTailArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct AuditVerifyArgs {
     /// Audit log files, oldest first (a rotated set continues one chain).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "data_dir")]
     pub files: Vec<PathBuf>,
     /// The node's public key (52 base32 characters), to check checkpoints.
     #[arg(long, value_name = "KEY")]
     pub key: Option<String>,
+    /// A node's data directory: verify its audit/ files (audit.log.N ..
+    /// audit.log, in order) unless FILES are given, and check checkpoints
+    /// with its node.key unless --key is given.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
-/// `macula audit verify`.
+#[derive(Args, Debug)]
+pub struct AuditTailArgs {
+    /// The node's data directory [env: MACULA_DATA_DIR] [default: <user data dir>/macula]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// How many of the latest entries to print.
+    #[arg(short = 'n', long = "lines", default_value_t = 20, value_name = "N")]
+    pub n: usize,
+    /// Keep printing entries as they are written (across rotations) until interrupted.
+    #[arg(long)]
+    pub follow: bool,
+    /// Print each entry as its JSON line instead of a table row.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `macula audit verify` and `macula audit tail`.
 pub fn audit(cmd: AuditCommand) -> Result<(), Failure> {
-    let AuditCommand::Verify(args) = cmd;
-    let key = match &args.key {
-        None => None,
-        Some(k) => {
+    match cmd {
+        AuditCommand::Verify(args) => audit_verify(args),
+        AuditCommand::Tail(args) => audit_tail(args),
+    }
+}
+
+fn audit_verify(args: AuditVerifyArgs) -> Result<(), Failure> {
+    let key = match (&args.key, &args.data_dir) {
+        (Some(k), _) => {
             let k: Key = k.parse().map_err(|e| crate::usage(anyhow!("--key: {e}")))?;
             Some(
                 ed25519_dalek::VerifyingKey::from_bytes(&k.0)
                     .map_err(|e| crate::usage(anyhow!("--key: {e}")))?,
             )
         }
+        (None, Some(dir)) => {
+            let id = macula::Identity::load(&dir.join("node.key"))
+                .with_context(|| format!("the node key of {}", dir.display()))?;
+            Some(
+                ed25519_dalek::VerifyingKey::from_bytes(&id.public_key())
+                    .map_err(|e| anyhow!("the node key of {}: {e}", dir.display()))?,
+            )
+        }
+        (None, None) => None,
+    };
+    let files = match (&args.data_dir, args.files.is_empty()) {
+        (Some(dir), true) => {
+            let audit = dir.join("audit");
+            let files = macula::audit_log::files(&audit)
+                .with_context(|| format!("cannot list {}", audit.display()))?;
+            if files.is_empty() {
+                return Err(anyhow!("no audit log in {}", audit.display()).into());
+            }
+            files
+        }
+        _ => args.files.clone(),
     };
     let mut chain = None;
     let mut entries = 0usize;
     let mut checkpoints = 0usize;
-    for path in &args.files {
+    for path in &files {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let (end, n) = macula::auth::audit::verify(text.lines(), chain.take(), key.as_ref())
@@ -180,6 +229,134 @@ pub fn audit(cmd: AuditCommand) -> Result<(), Failure> {
         }
     );
     Ok(())
+}
+
+fn audit_tail(args: AuditTailArgs) -> Result<(), Failure> {
+    use macula::audit_log::FILE_NAME;
+    use std::io::Write as _;
+    let base = args
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(crate::config::default_data_dir);
+    let dir = base.join("audit");
+    let files = macula::audit_log::files(&dir)
+        .with_context(|| format!("no audit log in {}", dir.display()))?;
+    // The latest N entries: newest file first until there are enough.
+    let mut latest: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    for path in files.iter().rev() {
+        if latest.len() >= args.n {
+            break;
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        for l in lines.iter().rev() {
+            if latest.len() >= args.n {
+                break;
+            }
+            latest.push_front((*l).to_string());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{:>8}  {:<24}  {:<20}  DETAIL",
+            "SEQ", "TIME (UTC)", "KIND"
+        )?;
+    }
+    for l in &latest {
+        print_entry(&mut out, l, args.json)?;
+    }
+    out.flush()?;
+    if !args.follow {
+        return Ok(());
+    }
+    drop(out);
+    // Follow audit.log from its end; a rotation renames it (the open file
+    // is read to its end) and a new audit.log is read from its start.
+    let path = dir.join(FILE_NAME);
+    let open = |at_end: bool| -> anyhow::Result<(std::fs::File, u64)> {
+        use std::io::Seek as _;
+        let mut f = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let pos = if at_end {
+            f.seek(std::io::SeekFrom::End(0))?
+        } else {
+            0
+        };
+        Ok((f, pos))
+    };
+    let (mut file, _) = open(true)?;
+    let mut partial = String::new();
+    loop {
+        read_new_lines(&mut file, &mut partial, args.json)?;
+        let rotated = match (std::fs::metadata(&path), file.metadata()) {
+            (Ok(now), Ok(ours)) => {
+                use std::os::unix::fs::MetadataExt as _;
+                now.ino() != ours.ino()
+            }
+            _ => false,
+        };
+        if rotated {
+            read_new_lines(&mut file, &mut partial, args.json)?;
+            partial.clear();
+            file = open(false)?.0;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Prints the complete lines appended to `file` since the last call.
+fn read_new_lines(
+    file: &mut std::fs::File,
+    partial: &mut String,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut buf = String::new();
+    file.read_to_string(&mut buf)?;
+    if buf.is_empty() {
+        return Ok(());
+    }
+    partial.push_str(&buf);
+    let mut out = std::io::stdout().lock();
+    while let Some(i) = partial.find('\n') {
+        let line: String = partial.drain(..=i).collect();
+        if !line.trim().is_empty() {
+            print_entry(&mut out, line.trim_end(), json)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_entry(out: &mut impl std::io::Write, line: &str, json: bool) -> std::io::Result<()> {
+    if json {
+        return writeln!(out, "{line}");
+    }
+    match serde_json::from_str::<macula::auth::audit::Entry>(line) {
+        Ok(e) => {
+            let time = crate::pubsub_cli::rfc3339(Duration::from_millis(e.time_ms));
+            let detail = if e.kind == macula::auth::audit::CHECKPOINT {
+                format!("signature {}...", e.detail.get(..16).unwrap_or(&e.detail))
+            } else {
+                e.detail
+            };
+            writeln!(
+                out,
+                "{:>8}  {:<24}  {:<20}  {}",
+                e.seq, time, e.kind, detail
+            )
+        }
+        Err(_) => writeln!(
+            out,
+            "{:>8}  {:<24}  {:<20}  {line}",
+            "?", "?", "(unreadable)"
+        ),
+    }
 }
 
 /// One issued grant, as `grants.jsonl` keeps it.

@@ -10,6 +10,7 @@
 //! proved its node ID in TLS *and* completed the HELLO exchange.
 
 pub mod admin;
+pub mod audit_log;
 mod backoff;
 pub mod client;
 pub mod clock;
