@@ -176,3 +176,70 @@ fn refusals_are_audited_and_the_trail_verifies_to_the_line() {
     // Intact again once restored.
     assert_eq!(verify(dir).0, Some(0));
 }
+
+/// Exit 0 expected; the longest output line without a space (a key or a
+/// token: the logs and notes around it have spaces).
+fn last_line(args: &[&str]) -> String {
+    let (code, out) = bare(args);
+    assert_eq!(code, Some(0), "macula {args:?}:\n{out}");
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.contains(' '))
+        .max_by_key(|l| l.len())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn admin_commands_sign_requests_under_an_admin_grant() {
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path().to_str().unwrap();
+    let realm = last_line(&["realm", "init", "acme", "--data-dir", k]);
+    // The operator's key: any Ed25519 key file (here made as `realm init` makes them).
+    let ops = last_line(&["realm", "init", "ops", "--data-dir", k]);
+    let ops_key = keys.path().join("realms/ops/authority.key");
+    let write = |name: &str, rules: &[&str]| -> String {
+        let mut args = vec!["realm", "grant", "acme", "--data-dir", k];
+        let subject = format!("client:{ops}");
+        args.extend_from_slice(&["--subject", &subject]);
+        for r in rules {
+            args.extend_from_slice(&["--allow", r]);
+        }
+        let token = last_line(&args);
+        let path = keys.path().join(name);
+        std::fs::write(&path, token).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let all = write("all.grant", &["admin admin.**"]);
+    let peers_only = write("peers.grant", &["admin admin.peers"]);
+
+    let d = tempfile::tempdir().unwrap();
+    let mut node = Proc::spawn(&common::start_args(
+        "test.audit",
+        d.path(),
+        &["--realm-authority", &realm],
+    ));
+    let http = node.field("http");
+    let key = ops_key.to_str().unwrap();
+    let signed = |grant: &str, cmd: &[&str]| {
+        let mut args = cmd.to_vec();
+        args.extend_from_slice(&["--http", &http, "--admin-grant", grant, "--admin-key", key]);
+        bare(&args)
+    };
+    let (code, out) = signed(&all, &["nodes"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = signed(&all, &["raft", "status"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = signed(&peers_only, &["nodes"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = signed(&peers_only, &["nodes", "--routing"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("HTTP 401") && out.contains("admin admin.routing"),
+        "{out}"
+    );
+    // --admin-grant needs --admin-key.
+    let (code, out) = bare(&["nodes", "--http", &http, "--admin-grant", &all]);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(node.terminate(), Some(0));
+}
