@@ -123,6 +123,8 @@ pub const RAFT_MAX_GROUPS_RANGE: (usize, usize) = (1, 4096);
 /// Accepted `admin_request_window` and `admin_failure_window` range.
 pub const ADMIN_WINDOW_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `admin_failure_sources` and `admin_replay_cache` range.
+pub const ADMIN_TABLE_RANGE: (usize, usize) = (1, 10_000_000);
 /// Accepted `admin_max_failures` range.
 pub const ADMIN_MAX_FAILURES_RANGE: (usize, usize) = (1, 100_000);
 /// Accepted `audit_max_bytes` range: 64 KiB to 16 GiB.
@@ -485,6 +487,19 @@ settings! {
         flag "--admin-failure-window" "DURATION", env "MACULA_ADMIN_FAILURE_WINDOW",
         toml "admin.failure_window", default "60s",
         "The window of --admin-max-failures; 1s..1h";
+    admin_failure_sources ADMIN_FAILURE_SOURCES: usize =
+        macula::config::DEFAULT_ADMIN_FAILURE_SOURCES,
+        Number(|s| parse_count(s, ADMIN_TABLE_RANGE)),
+        flag "--admin-failure-sources" "N", env "MACULA_ADMIN_FAILURE_SOURCES",
+        toml "admin.failure_sources", default "4096",
+        "Addresses whose failed admin requests are tracked at once (the oldest is forgotten to \
+         make room: macula_admin_failure_sources_evicted_total), 1..10000000";
+    admin_replay_cache ADMIN_REPLAY_CACHE: usize = macula::config::DEFAULT_ADMIN_REPLAY_CACHE,
+        Number(|s| parse_count(s, ADMIN_TABLE_RANGE)),
+        flag "--admin-replay-cache" "N", env "MACULA_ADMIN_REPLAY_CACHE",
+        toml "admin.replay_cache", default "16384",
+        "Grant-signed admin requests remembered to refuse replays; when full of live ones, new \
+         signed requests are refused (reason=replayed) until some expire, 1..10000000";
     audit_max_bytes AUDIT_MAX_BYTES: u64 = macula::config::DEFAULT_AUDIT_MAX_BYTES,
         Number(|s| parse_size_in(s, AUDIT_MAX_BYTES_RANGE)),
         flag "--audit-max-bytes" "SIZE", env "MACULA_AUDIT_MAX_BYTES", toml "audit.max_bytes",
@@ -1625,7 +1640,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            35,
+            37,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

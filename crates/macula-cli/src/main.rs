@@ -332,7 +332,8 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             request_window: s.admin_request_window,
             max_failures: u32::try_from(s.admin_max_failures).unwrap_or(u32::MAX),
             failure_window: s.admin_failure_window,
-            ..AdminAuthConfig::default()
+            failure_sources_max: s.admin_failure_sources,
+            replay_cache_max: s.admin_replay_cache,
         },
         audit: AuditLimits {
             max_bytes: s.audit_max_bytes,

@@ -144,6 +144,8 @@ pub struct AdminAuth {
     replay: Mutex<HashMap<[u8; 64], u64>>,
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     unauthorized: LabelledCounters<7>,
+    /// Addresses whose failure count was forgotten to make room.
+    failure_sources_evicted: prometheus_client::metrics::counter::Counter,
 }
 
 impl AdminAuth {
@@ -171,6 +173,7 @@ impl AdminAuth {
             replay: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             unauthorized: LabelledCounters::new("reason", REASONS),
+            failure_sources_evicted: Default::default(),
         })
     }
 
@@ -190,6 +193,12 @@ impl AdminAuth {
             r,
             "macula_admin_unauthorized",
             "Admin API requests refused for their credentials (reason), or for too many failures from their address (rate_limited).",
+        );
+        crate::metrics::register(
+            r,
+            "macula_admin_failure_sources_evicted",
+            "Addresses whose failed admin requests were forgotten because failure_sources_max addresses were tracked.",
+            self.failure_sources_evicted.clone(),
         );
     }
 
@@ -418,6 +427,7 @@ impl AdminAuth {
                     .map(|(ip, _)| *ip)
                 {
                     failures.remove(&oldest);
+                    self.failure_sources_evicted.inc();
                 }
             }
         }
@@ -579,6 +589,37 @@ mod tests {
             ("/admin/raft/orders/watch?from=3", "admin.raft.orders.kv"),
         ] {
             assert_eq!(resource(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn admin_failures_are_limited_per_address_in_a_bounded_table() {
+        let mut config = NodeConfig::default();
+        config.admin_auth.max_failures = 2;
+        config.admin_auth.failure_sources_max = 2;
+        let auth = AdminAuth::prepare(&config).expect("no token file needed");
+        let ip = |n: u8| Some(IpAddr::from([127, 0, 0, n]));
+        let fail = |n: u8| auth.check(ip(n), "GET", "/admin/peers", None, 0);
+        for _ in 0..2 {
+            assert_eq!(fail(1).expect_err("no credentials").reason, "missing");
+        }
+        assert_eq!(fail(1).expect_err("limited").reason, "rate_limited");
+        assert_eq!(fail(2).expect_err("another address").reason, "missing");
+        assert_eq!(auth.failure_sources_evicted.get(), 0);
+        // A third address: the oldest (127.0.0.1) is forgotten.
+        assert_eq!(fail(3).expect_err("third").reason, "missing");
+        assert_eq!(auth.failure_sources_evicted.get(), 1);
+        assert_eq!(fail(1).expect_err("forgotten").reason, "missing");
+        assert_eq!(auth.refused("rate_limited"), 1);
+        assert_eq!(auth.refused("missing"), 5);
+        // An unknown source is never limited (the router served elsewhere).
+        for _ in 0..5 {
+            assert_eq!(
+                auth.check(None, "GET", "/x", None, 0)
+                    .expect_err("none")
+                    .reason,
+                "missing"
+            );
         }
     }
 
