@@ -233,63 +233,64 @@ fn audit_verify(args: AuditVerifyArgs) -> Result<(), Failure> {
 
 fn audit_tail(args: AuditTailArgs) -> Result<(), Failure> {
     use macula::audit_log::FILE_NAME;
-    use std::io::Write as _;
+    use std::io::{Read as _, Write as _};
     let base = args
         .data_dir
         .clone()
         .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
         .unwrap_or_else(crate::config::default_data_dir);
     let dir = base.join("audit");
-    let files = macula::audit_log::files(&dir)
-        .with_context(|| format!("no audit log in {}", dir.display()))?;
-    // The latest N entries: newest file first until there are enough.
+    let path = dir.join(FILE_NAME);
+    // The current file is opened once: the listing and --follow read the
+    // same handle, so no entry falls between them.
+    let mut file = std::fs::File::open(&path)
+        .with_context(|| format!("no audit log at {}", path.display()))?;
+    let mut current = String::new();
+    file.read_to_string(&mut current)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let complete = current.rfind('\n').map_or(0, |i| i + 1);
+    let mut partial = current.split_off(complete);
+    // The latest N entries: the current file's, then older files' (newest
+    // first) until there are enough.
     let mut latest: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    for path in files.iter().rev() {
-        if latest.len() >= args.n {
-            break;
-        }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        for l in lines.iter().rev() {
+    let take = |text: &str, latest: &mut std::collections::VecDeque<String>| {
+        for l in text.lines().rev().filter(|l| !l.trim().is_empty()) {
             if latest.len() >= args.n {
                 break;
             }
-            latest.push_front((*l).to_string());
+            latest.push_front(l.to_string());
         }
+    };
+    take(&current, &mut latest);
+    let older =
+        macula::audit_log::files(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for p in older.iter().rev().filter(|p| **p != path) {
+        if latest.len() >= args.n {
+            break;
+        }
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        take(&text, &mut latest);
     }
-    let mut out = std::io::stdout().lock();
-    if !args.json {
-        writeln!(
-            out,
-            "{:>8}  {:<24}  {:<20}  DETAIL",
-            "SEQ", "TIME (UTC)", "KIND"
-        )?;
+    {
+        let mut out = std::io::stdout().lock();
+        if !args.json {
+            writeln!(
+                out,
+                "{:>8}  {:<24}  {:<20}  DETAIL",
+                "SEQ", "TIME (UTC)", "KIND"
+            )?;
+        }
+        for l in &latest {
+            print_entry(&mut out, l, args.json)?;
+        }
+        out.flush()?;
     }
-    for l in &latest {
-        print_entry(&mut out, l, args.json)?;
-    }
-    out.flush()?;
     if !args.follow {
         return Ok(());
     }
-    drop(out);
-    // Follow audit.log from its end; a rotation renames it (the open file
-    // is read to its end) and a new audit.log is read from its start.
-    let path = dir.join(FILE_NAME);
-    let open = |at_end: bool| -> anyhow::Result<(std::fs::File, u64)> {
-        use std::io::Seek as _;
-        let mut f = std::fs::File::open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let pos = if at_end {
-            f.seek(std::io::SeekFrom::End(0))?
-        } else {
-            0
-        };
-        Ok((f, pos))
-    };
-    let (mut file, _) = open(true)?;
-    let mut partial = String::new();
+    // A rotation renames audit.log (the open file is read to its end) and a
+    // new audit.log is read from its start.
     loop {
         read_new_lines(&mut file, &mut partial, args.json)?;
         let rotated = match (std::fs::metadata(&path), file.metadata()) {
@@ -302,7 +303,8 @@ fn audit_tail(args: AuditTailArgs) -> Result<(), Failure> {
         if rotated {
             read_new_lines(&mut file, &mut partial, args.json)?;
             partial.clear();
-            file = open(false)?.0;
+            file = std::fs::File::open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
             continue;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -243,3 +243,81 @@ fn admin_commands_sign_requests_under_an_admin_grant() {
     assert_eq!(code, Some(2), "{out}");
     assert_eq!(node.terminate(), Some(0));
 }
+
+/// One request without credentials (refused, so audited) by hand.
+fn refused_get(http: &str, path: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.0 401"), "{answer}");
+}
+
+#[test]
+fn tail_follows_across_rotations_and_the_rotated_set_verifies() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    let mut node = Proc::spawn(&common::start_args(
+        "test.audit",
+        d.path(),
+        &[
+            "--audit-max-bytes",
+            "64KiB",
+            "--audit-files",
+            "3",
+            "--admin-max-failures",
+            "100000",
+        ],
+    ));
+    let http = node.field("http");
+    let mut tail = Proc::spawn(&[
+        "audit",
+        "tail",
+        "--data-dir",
+        dir,
+        "-n",
+        "0",
+        "--follow",
+        "--json",
+    ]);
+    // The follower is reading before the first entry is written.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let n = 600;
+    for i in 0..n {
+        refused_get(&http, &format!("/admin/r{i}"));
+    }
+    tail.wait_for(&[&format!("GET /admin/r{}: missing", n - 1)]);
+    let entries: Vec<serde_json::Value> = tail
+        .seen
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let seqs: Vec<u64> = entries
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    let first = seqs[0];
+    assert_eq!(
+        seqs,
+        (first..first + seqs.len() as u64).collect::<Vec<_>>(),
+        "no gap, no repeat"
+    );
+    let denied = entries
+        .iter()
+        .filter(|e| e["kind"] == "admin_denied")
+        .count();
+    assert_eq!(denied, n, "every refusal followed");
+    assert!(
+        entries.iter().any(|e| e["kind"] == "checkpoint"),
+        "a rotated file ends with a checkpoint"
+    );
+    let audit = d.path().join("audit");
+    assert!(audit.join("audit.log.2").exists() && !audit.join("audit.log.3").exists());
+    assert_eq!(node.terminate(), Some(0));
+    let (code, out) = verify(d.path());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("intact"), "{out}");
+}
