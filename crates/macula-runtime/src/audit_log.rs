@@ -329,12 +329,7 @@ impl Writer {
         limits: AuditLimits,
     ) -> Result<(Writer, Option<u64>), AuditError> {
         let path = dir.join(FILE_NAME);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io_err(&path, "open"))?;
+        let mut file = open_append(&path).map_err(io_err(&path, "open"))?;
         let mut text = Vec::new();
         file.read_to_end(&mut text).map_err(io_err(&path, "read"))?;
         let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -502,11 +497,7 @@ impl Writer {
         } else {
             fs::remove_file(self.dir.join(FILE_NAME))?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(self.dir.join(FILE_NAME))?;
+        let file = open_append(&self.dir.join(FILE_NAME))?;
         self.file = Some(file);
         self.size = 0;
         Ok(())
@@ -557,6 +548,18 @@ pub fn files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
     out.extend(current);
     Ok(out)
+}
+
+/// Opens (creating it, mode 0600) an audit file for appending.
+fn open_append(path: &Path) -> io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)
 }
 
 fn create_private_dir(dir: &Path) -> io::Result<()> {
@@ -642,6 +645,12 @@ mod tests {
         let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [0, 1, 2, 3, 4]);
         assert_eq!(log.counters().entries.get(), 2);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(mode(&dir.path().join(FILE_NAME)), 0o600);
+        }
     }
 
     #[test]

@@ -596,30 +596,39 @@ impl NodeConfig {
                 "must be at least 4096 bytes".into(),
             ));
         }
-        if a.files == 0 || a.queue == 0 || a.checkpoint_every == 0 {
+        for (key, value) in [
+            ("audit_files", a.files as u64),
+            ("audit_queue", a.queue as u64),
+            ("audit_checkpoint_every", a.checkpoint_every),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0".into(), "must be at least 1".into()));
+            }
+        }
+        if a.checkpoint_interval.is_zero() {
             return Err(invalid(
-                "audit_files",
-                format!(
-                    "files={} queue={} checkpoint_every={}",
-                    a.files, a.queue, a.checkpoint_every
-                ),
-                "audit files, queue and checkpoint_every must each be at least 1".into(),
+                "audit_checkpoint_interval",
+                "0s".into(),
+                "must be longer than zero".into(),
             ));
         }
         let m = &self.admin_auth;
-        if m.request_window.is_zero() || m.failure_window.is_zero() {
-            return Err(invalid(
-                "admin_request_window",
-                format!("{:?} / {:?}", m.request_window, m.failure_window),
-                "the admin request and failure windows must be longer than zero".into(),
-            ));
+        for (key, window) in [
+            ("admin_request_window", m.request_window),
+            ("admin_failure_window", m.failure_window),
+        ] {
+            if window.is_zero() {
+                return Err(invalid(key, "0s".into(), "must be longer than zero".into()));
+            }
         }
-        if m.max_failures == 0 || m.replay_cache_max == 0 || m.failure_sources_max == 0 {
-            return Err(invalid(
-                "admin_max_failures",
-                m.max_failures.to_string(),
-                "admin failures, replay cache and failure sources must each be at least 1".into(),
-            ));
+        for (key, value) in [
+            ("admin_max_failures", m.max_failures as usize),
+            ("admin_replay_cache", m.replay_cache_max),
+            ("admin_failure_sources", m.failure_sources_max),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0".into(), "must be at least 1".into()));
+            }
         }
         Ok(())
     }
@@ -632,6 +641,31 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn audit_and_admin_limits_are_checked_by_name() {
+        let mut c = NodeConfig::default();
+        c.audit.files = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("audit_files"));
+        let mut c = NodeConfig::default();
+        c.admin_auth.replay_cache_max = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin_replay_cache"));
+        let mut c = NodeConfig::default();
+        c.admin_auth.request_window = Duration::ZERO;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin_request_window"));
     }
 
     #[test]
