@@ -327,6 +327,16 @@ pub fn health(args: &ReadArgs) -> Result<(), Failure> {
             writeln!(out, "uptime: {}", duration(report.uptime_secs))?;
             writeln!(out, "peers: {}", report.peers)?;
             writeln!(out, "listen: {}", report.listen)?;
+            let methods = if report.admin_auth_methods.is_empty() {
+                "none usable".to_string()
+            } else {
+                report.admin_auth_methods.join(", ")
+            };
+            if report.admin_auth {
+                writeln!(out, "admin_auth: {methods}")?;
+            } else {
+                writeln!(out, "admin_auth: off (a node older than issue 18)")?;
+            }
         }
         out.flush()?;
     }
