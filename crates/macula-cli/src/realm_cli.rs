@@ -289,25 +289,43 @@ fn audit_tail(args: AuditTailArgs) -> Result<(), Failure> {
     if !args.follow {
         return Ok(());
     }
-    // A rotation renames audit.log (the open file is read to its end) and a
-    // new audit.log is read from its start.
+    // A rotation renames audit.log: the open file is read to its end, then
+    // the files written after it, oldest first (several rotations may have
+    // happened between two looks), each from its start.
+    use std::os::unix::fs::MetadataExt as _;
     loop {
         read_new_lines(&mut file, &mut partial, args.json)?;
-        let rotated = match (std::fs::metadata(&path), file.metadata()) {
-            (Ok(now), Ok(ours)) => {
-                use std::os::unix::fs::MetadataExt as _;
-                now.ino() != ours.ino()
-            }
-            _ => false,
-        };
-        if rotated {
-            read_new_lines(&mut file, &mut partial, args.json)?;
-            partial.clear();
-            file = std::fs::File::open(&path)
-                .with_context(|| format!("cannot open {}", path.display()))?;
+        let ours = file.metadata()?.ino();
+        let current = std::fs::metadata(&path).map(|m| m.ino()).ok();
+        if current == Some(ours) {
+            std::thread::sleep(Duration::from_millis(200));
             continue;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        let set = macula::audit_log::files(&dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+        let inodes: Vec<Option<u64>> = set
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.ino()).ok())
+            .collect();
+        let next = match inodes.iter().position(|i| *i == Some(ours)) {
+            Some(at) => set.get(at + 1),
+            None => {
+                eprintln!(
+                    "warning: the audit log rotated faster than it could be followed; \
+                     some entries were rotated away unread"
+                );
+                set.first()
+            }
+        };
+        let Some(next) = next else {
+            // Renamed, the new audit.log not created yet.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        read_new_lines(&mut file, &mut partial, args.json)?;
+        partial.clear();
+        file =
+            std::fs::File::open(next).with_context(|| format!("cannot open {}", next.display()))?;
     }
 }
 

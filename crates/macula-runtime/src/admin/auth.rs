@@ -9,7 +9,8 @@
 //!   without padding for the grant bytes and the signature): a
 //!   `macula_auth::Grant` for subject `client:<KEY>` that verifies for the
 //!   node's realm authority, and `KEY`'s Ed25519 signature over
-//!   [`request_message`] (method, path with query, `unix_ms`). The stamp
+//!   [`request_message`] (method, path with query, `unix_ms`, the grant's
+//!   hash). The stamp
 //!   must be within [`AdminAuthConfig::request_window`] of the node's clock,
 //!   a signature is accepted once (a bounded replay cache), and the grant's
 //!   rules must allow `admin <resource>` ([`resource`]).
@@ -314,7 +315,7 @@ impl AdminAuth {
         else {
             return Err(malformed("expected three dot-separated parts"));
         };
-        let grant = B64
+        let grant_bytes = B64
             .decode(grant)
             .map_err(|e| malformed(&format!("grant: {e}")))?;
         let stamp: u64 = stamp
@@ -325,8 +326,8 @@ impl AdminAuth {
             .ok()
             .and_then(|s| s.try_into().ok())
             .ok_or_else(|| malformed("the signature is not 64 bytes of base64"))?;
-        let grant =
-            Grant::from_bytes(&grant).map_err(|e| Refusal::bad_grant(e.kind(), e.to_string()))?;
+        let grant = Grant::from_bytes(&grant_bytes)
+            .map_err(|e| Refusal::bad_grant(e.kind(), e.to_string()))?;
         let skew = u64::try_from(admission.clock_skew.as_millis()).unwrap_or(u64::MAX);
         let verified = grant
             .verify(&admission.authority, now_ms, skew, &Revocations::default())
@@ -343,7 +344,7 @@ impl AdminAuth {
         let vk = VerifyingKey::from_bytes(&key.0).map_err(|_| {
             Refusal::bad_grant("bad_signature", "the grant's subject is no Ed25519 key")
         })?;
-        let msg = request_message(method, path_and_query, stamp);
+        let msg = request_message(&grant_bytes, method, path_and_query, stamp);
         if vk.verify(&msg, &Signature::from_bytes(&sig)).is_err() {
             return Err(Refusal::bad_grant(
                 "bad_signature",
@@ -444,9 +445,12 @@ impl AdminAuth {
     }
 }
 
-/// The bytes a `Macula-Grant` request signature covers.
-pub fn request_message(method: &str, path_and_query: &str, unix_ms: u64) -> Vec<u8> {
-    format!("{REQUEST_DOMAIN}\n{method}\n{path_and_query}\n{unix_ms}").into_bytes()
+/// The bytes a `Macula-Grant` request signature covers: the method, the
+/// path with its query, the stamp and the BLAKE3 hash of the grant's bytes
+/// (so one signature is bound to one grant).
+pub fn request_message(grant: &[u8], method: &str, path_and_query: &str, unix_ms: u64) -> Vec<u8> {
+    let grant = blake3::hash(grant).to_hex();
+    format!("{REQUEST_DOMAIN}\n{method}\n{path_and_query}\n{unix_ms}\n{grant}").into_bytes()
 }
 
 /// The `Authorization` header value of a request signed by `key` under the
@@ -458,7 +462,7 @@ pub fn sign_request(
     path_and_query: &str,
     unix_ms: u64,
 ) -> String {
-    let sig = key.sign(&request_message(method, path_and_query, unix_ms));
+    let sig = key.sign(&request_message(grant, method, path_and_query, unix_ms));
     format!(
         "{GRANT_SCHEME} {}.{unix_ms}.{}",
         B64.encode(grant),
