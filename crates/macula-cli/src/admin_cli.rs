@@ -20,7 +20,11 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{anyhow, Context};
+use ed25519_dalek::pkcs8::DecodePrivateKey;
+use ed25519_dalek::SigningKey;
 use macula::admin::{ErrorReport, HealthReport, PeersReport, RoutingReport, ServicesReport};
 
 use crate::{usage, Failure};
@@ -31,6 +35,105 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest admin response accepted (headers and body).
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The admin API's credentials (see [`Credentials::resolve`] for the order
+/// in which they are looked for).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AuthArgs {
+    /// File holding the node's admin token (`macula start` creates
+    /// <data dir>/admin-token); env MACULA_ADMIN_TOKEN may hold the token itself
+    #[arg(long, value_name = "FILE", env = "MACULA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The node's data directory, whose admin-token is sent when no other
+    /// credentials are given [default: <user data dir>/macula]
+    #[arg(long, value_name = "DIR", env = "MACULA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// An admin grant token file (`macula realm grant --subject client:KEY
+    /// --allow 'admin admin.**'`); each request is signed with --admin-key
+    #[arg(long, value_name = "FILE", requires = "admin_key")]
+    pub admin_grant: Option<PathBuf>,
+    /// The grant subject's signing key (PKCS#8 PEM, as `macula realm init`
+    /// writes keys)
+    #[arg(long, value_name = "FILE", requires = "admin_grant")]
+    pub admin_key: Option<PathBuf>,
+}
+
+/// What a request to the admin API carries.
+pub(crate) enum Credentials {
+    None,
+    /// `Authorization: Bearer <token>`.
+    Token(String),
+    /// Requests signed under an admin grant (its bytes) with the subject's key.
+    Grant {
+        grant: Vec<u8>,
+        key: Box<SigningKey>,
+    },
+}
+
+impl Credentials {
+    /// In order: `--admin-grant` with `--admin-key`; `--admin-token-file`;
+    /// env `MACULA_ADMIN_TOKEN`; `<data dir>/admin-token` if it exists;
+    /// else none.
+    pub(crate) fn resolve(a: &AuthArgs) -> Result<Credentials, Failure> {
+        if let (Some(grant), Some(key)) = (&a.admin_grant, &a.admin_key) {
+            let grant = crate::realm_cli::grant_file(grant)?;
+            let id = macula::Identity::load(key)
+                .with_context(|| format!("--admin-key {}", key.display()))?;
+            let key = SigningKey::from_pkcs8_der(&id.pkcs8_der())
+                .map_err(|e| anyhow!("the key in {} does not load: {e}", key.display()))?;
+            return Ok(Credentials::Grant {
+                grant,
+                key: Box::new(key),
+            });
+        }
+        if let Some(f) = &a.admin_token_file {
+            return Ok(Credentials::Token(read_token(f)?));
+        }
+        if let Ok(t) = std::env::var("MACULA_ADMIN_TOKEN") {
+            if !t.trim().is_empty() {
+                return Ok(Credentials::Token(t.trim().to_string()));
+            }
+        }
+        let dir = a
+            .data_dir
+            .clone()
+            .unwrap_or_else(crate::config::default_data_dir);
+        let f = dir.join(macula::admin::TOKEN_FILE);
+        match std::fs::symlink_metadata(&f) {
+            Ok(_) => Ok(Credentials::Token(read_token(&f)?)),
+            Err(_) => Ok(Credentials::None),
+        }
+    }
+
+    /// The `Authorization` header of `method path`, if any.
+    fn authorization(&self, method: &str, path: &str) -> Option<String> {
+        match self {
+            Credentials::None => None,
+            Credentials::Token(t) => Some(format!("{} {t}", macula::admin::BEARER)),
+            Credentials::Grant { grant, key } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                Some(macula::admin::sign_request(grant, key, method, path, now))
+            }
+        }
+    }
+}
+
+/// The token in an admin token file (one line).
+fn read_token(path: &Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+    let t = text.trim();
+    if t.is_empty() || t.contains(char::is_whitespace) {
+        return Err(anyhow!(
+            "the admin token file {} must hold one token on one line",
+            path.display()
+        )
+        .into());
+    }
+    Ok(t.to_string())
+}
 
 /// Where to find the node, and how to print.
 #[derive(clap::Args, Debug)]
@@ -46,6 +149,8 @@ pub struct ReadArgs {
     /// Print the endpoint's JSON instead of a table (for scripts).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// `macula nodes` options.
@@ -79,7 +184,7 @@ pub fn nodes(a: &NodesArgs) -> Result<(), Failure> {
     if a.routing {
         return routing(args);
     }
-    let target = Target::parse(&args.http)?;
+    let target = Target::of(args)?;
     let body = target.get_ok("/admin/peers")?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -127,7 +232,7 @@ pub fn nodes(a: &NodesArgs) -> Result<(), Failure> {
 
 /// `macula nodes --routing`: the DHT routing table.
 fn routing(args: &ReadArgs) -> Result<(), Failure> {
-    let target = Target::parse(&args.http)?;
+    let target = Target::of(args)?;
     let body = target.get_ok("/admin/routing")?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -164,7 +269,7 @@ fn routing(args: &ReadArgs) -> Result<(), Failure> {
 /// `macula services`: procedures advertised in the mesh and their
 /// providers, as the node sees them (plus what it serves itself).
 pub fn services(args: &ReadArgs) -> Result<(), Failure> {
-    let target = Target::parse(&args.http)?;
+    let target = Target::of(args)?;
     let body = target.get_ok("/admin/services")?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -205,7 +310,7 @@ pub fn services(args: &ReadArgs) -> Result<(), Failure> {
 
 /// `macula health`: the node's health; exit code 1 unless it is ready.
 pub fn health(args: &ReadArgs) -> Result<(), Failure> {
-    let target = Target::parse(&args.http)?;
+    let target = Target::of(args)?;
     let body = target.get_ok("/health")?;
     let report: HealthReport = target.decode("/health", &body)?;
     {
@@ -222,6 +327,16 @@ pub fn health(args: &ReadArgs) -> Result<(), Failure> {
             writeln!(out, "uptime: {}", duration(report.uptime_secs))?;
             writeln!(out, "peers: {}", report.peers)?;
             writeln!(out, "listen: {}", report.listen)?;
+            let methods = if report.admin_auth_methods.is_empty() {
+                "none usable".to_string()
+            } else {
+                report.admin_auth_methods.join(", ")
+            };
+            if report.admin_auth {
+                writeln!(out, "admin_auth: {methods}")?;
+            } else {
+                writeln!(out, "admin_auth: off (a node older than issue 18)")?;
+            }
         }
         out.flush()?;
     }
@@ -238,7 +353,7 @@ pub fn health(args: &ReadArgs) -> Result<(), Failure> {
 
 /// `macula metrics`: every sample as a table, as JSON, or raw.
 pub fn metrics(args: &MetricsArgs) -> Result<(), Failure> {
-    let target = Target::parse(&args.read.http)?;
+    let target = Target::of(&args.read)?;
     let body = target.get_ok("/metrics")?;
     let mut out = std::io::stdout().lock();
     if args.raw {
@@ -269,6 +384,7 @@ pub fn metrics(args: &MetricsArgs) -> Result<(), Failure> {
 /// A node's admin address as given, checked for `HOST:PORT` shape.
 pub(crate) struct Target {
     pub(crate) text: String,
+    pub(crate) creds: Credentials,
 }
 
 impl Target {
@@ -283,12 +399,33 @@ impl Target {
         }
         Ok(Target {
             text: text.to_string(),
+            creds: Credentials::None,
         })
+    }
+
+    /// The node of `--http`, with the credentials of `args`.
+    pub(crate) fn of(args: &ReadArgs) -> Result<Target, Failure> {
+        let mut t = Target::parse(&args.http)?;
+        t.creds = Credentials::resolve(&args.auth)?;
+        Ok(t)
+    }
+
+    /// `method path` with this target's credentials.
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &[u8])>,
+        timeout: Duration,
+    ) -> anyhow::Result<Reply> {
+        let auth = self.creds.authorization(method, path);
+        request_with(&self.text, method, path, body, timeout, auth.as_deref())
     }
 
     /// `GET path`, requiring a 200; errors name the address.
     fn get_ok(&self, path: &str) -> Result<String, Failure> {
-        let reply = get(&self.text, path)
+        let reply = self
+            .request("GET", path, None, REQUEST_TIMEOUT)
             .with_context(|| format!("cannot reach the node's admin API at {}", self.text))?;
         if reply.status != 200 {
             let detail = serde_json::from_str::<ErrorReport>(&reply.body)
@@ -297,7 +434,7 @@ impl Target {
             let hint = if reply.status == 404 {
                 " (is this a macula admin address?)"
             } else {
-                ""
+                auth_hint(reply.status)
             };
             return Err(anyhow!(
                 "the node at {} answered HTTP {} for {path}: {}{hint}",
@@ -327,22 +464,41 @@ pub(crate) struct Reply {
     pub(crate) body: String,
 }
 
-/// A blocking `GET`, bounded by [`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`]
-/// and [`MAX_RESPONSE_BYTES`].
-fn get(target: &str, path: &str) -> anyhow::Result<Reply> {
-    request(target, "GET", path, None, REQUEST_TIMEOUT)
+/// What to do about a 401 or 429 answer.
+pub(crate) fn auth_hint(status: u16) -> &'static str {
+    match status {
+        401 => {
+            " (the admin API needs credentials: --admin-token-file FILE, env MACULA_ADMIN_TOKEN, \
+             --data-dir DIR of the node (its admin-token), or --admin-grant FILE --admin-key FILE)"
+        }
+        429 => " (too many failed attempts from this address: wait a minute and retry)",
+        _ => "",
+    }
 }
 
 /// A blocking HTTP/1.1 request to `http://{target}{path}` with an optional
 /// body `(content type, bytes)`, bounded by [`CONNECT_TIMEOUT`], `timeout`
 /// (connect to last byte) and [`MAX_RESPONSE_BYTES`]. Any status is an
 /// answer; proxies are not used and redirects are not followed.
+#[cfg(test)]
 pub(crate) fn request(
     target: &str,
     method: &str,
     path: &str,
     body: Option<(&str, &[u8])>,
     timeout: Duration,
+) -> anyhow::Result<Reply> {
+    request_with(target, method, path, body, timeout, None)
+}
+
+/// [`request`] with an `Authorization` header.
+fn request_with(
+    target: &str,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+    authorization: Option<&str>,
 ) -> anyhow::Result<Reply> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(CONNECT_TIMEOUT))
@@ -353,9 +509,12 @@ pub(crate) fn request(
         .user_agent(concat!("macula-cli/", env!("CARGO_PKG_VERSION")))
         .build()
         .into();
-    let builder = ureq::http::Request::builder()
+    let mut builder = ureq::http::Request::builder()
         .method(method)
         .uri(format!("http://{target}{path}"));
+    if let Some(a) = authorization {
+        builder = builder.header(ureq::http::header::AUTHORIZATION, a);
+    }
     let answer = match body {
         Some((kind, bytes)) => agent.run(
             builder
@@ -644,7 +803,9 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         assert!(request(&dead, "GET", "/x", None, REQUEST_TIMEOUT).is_err());
-        let e = Target { text: dead.clone() }
+        let e = Target::parse(&dead)
+            .ok()
+            .expect("target")
             .get_ok("/health")
             .err()
             .unwrap();
@@ -687,7 +848,9 @@ mod tests {
             error.len()
         );
         let (addr, server) = serve_once(Some(raw.into_bytes()));
-        let e = Target { text: addr.clone() }
+        let e = Target::parse(&addr)
+            .ok()
+            .expect("target")
             .get_ok("/admin/peers")
             .err()
             .unwrap();

@@ -129,6 +129,22 @@ pub const RAFT_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(60));
 /// Accepted `raft_max_groups` range.
 pub const RAFT_MAX_GROUPS_RANGE: (usize, usize) = (1, 4096);
+/// Accepted `admin_request_window` and `admin_failure_window` range.
+pub const ADMIN_WINDOW_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `admin_failure_sources` and `admin_replay_cache` range.
+pub const ADMIN_TABLE_RANGE: (usize, usize) = (1, 10_000_000);
+/// Accepted `admin_max_failures` range.
+pub const ADMIN_MAX_FAILURES_RANGE: (usize, usize) = (1, 100_000);
+/// Accepted `audit_max_bytes` range: 64 KiB to 16 GiB.
+pub const AUDIT_MAX_BYTES_RANGE: (u64, u64) = (64 << 10, 16 << 30);
+/// Accepted `audit_files` range.
+pub const AUDIT_FILES_RANGE: (usize, usize) = (1, 10_000);
+/// Accepted `audit_checkpoint_every` range.
+pub const AUDIT_CHECKPOINT_EVERY_RANGE: (usize, usize) = (1, 1_000_000);
+/// Accepted `audit_checkpoint_interval` range.
+pub const AUDIT_CHECKPOINT_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
 /// Accepted `raft_election_timeout` range (the heartbeat is a quarter of it).
 pub const RAFT_ELECTION_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(60));
@@ -502,6 +518,65 @@ settings! {
         toml "api_keys.max_tracked_addresses", default "10000",
         "Source addresses the API-key failure limiter remembers at once (the oldest forgotten \
          beyond), 1..10000000";
+    admin_token_file ADMIN_TOKEN_FILE: Option<PathBuf> = None, FilePath(),
+        flag "--admin-token-file" "PATH", env "MACULA_ADMIN_TOKEN_FILE", toml "admin.token_file",
+        default "<data dir>/admin-token (created at first start)",
+        "The admin API's bearer token (one line, mode 0600); `macula` admin commands send it";
+    admin_request_window ADMIN_REQUEST_WINDOW: Duration =
+        macula::config::DEFAULT_ADMIN_REQUEST_WINDOW,
+        Number(|s| parse_duration_in(s, ADMIN_WINDOW_RANGE)),
+        flag "--admin-request-window" "DURATION", env "MACULA_ADMIN_REQUEST_WINDOW",
+        toml "admin.request_window", default "30s",
+        "A request signed under an admin grant must be stamped within this of the node's \
+         clock; 1s..1h";
+    admin_max_failures ADMIN_MAX_FAILURES: usize =
+        macula::config::DEFAULT_ADMIN_MAX_FAILURES as usize,
+        Number(|s| parse_count(s, ADMIN_MAX_FAILURES_RANGE)),
+        flag "--admin-max-failures" "N", env "MACULA_ADMIN_MAX_FAILURES",
+        toml "admin.max_failures", default "5",
+        "Failed admin requests one address may make per --admin-failure-window before it gets \
+         429; 1..100000";
+    admin_failure_window ADMIN_FAILURE_WINDOW: Duration =
+        macula::config::DEFAULT_ADMIN_FAILURE_WINDOW,
+        Number(|s| parse_duration_in(s, ADMIN_WINDOW_RANGE)),
+        flag "--admin-failure-window" "DURATION", env "MACULA_ADMIN_FAILURE_WINDOW",
+        toml "admin.failure_window", default "60s",
+        "The window of --admin-max-failures; 1s..1h";
+    admin_failure_sources ADMIN_FAILURE_SOURCES: usize =
+        macula::config::DEFAULT_ADMIN_FAILURE_SOURCES,
+        Number(|s| parse_count(s, ADMIN_TABLE_RANGE)),
+        flag "--admin-failure-sources" "N", env "MACULA_ADMIN_FAILURE_SOURCES",
+        toml "admin.failure_sources", default "4096",
+        "Addresses whose failed admin requests are tracked at once (the oldest is forgotten to \
+         make room: macula_admin_failure_sources_evicted_total), 1..10000000";
+    admin_replay_cache ADMIN_REPLAY_CACHE: usize = macula::config::DEFAULT_ADMIN_REPLAY_CACHE,
+        Number(|s| parse_count(s, ADMIN_TABLE_RANGE)),
+        flag "--admin-replay-cache" "N", env "MACULA_ADMIN_REPLAY_CACHE",
+        toml "admin.replay_cache", default "16384",
+        "Grant-signed admin requests remembered to refuse replays; when full of live ones, new \
+         signed requests are refused (reason=replayed) until some expire, 1..10000000";
+    audit_max_bytes AUDIT_MAX_BYTES: u64 = macula::config::DEFAULT_AUDIT_MAX_BYTES,
+        Number(|s| parse_size_in(s, AUDIT_MAX_BYTES_RANGE)),
+        flag "--audit-max-bytes" "SIZE", env "MACULA_AUDIT_MAX_BYTES", toml "audit.max_bytes",
+        default "16MiB",
+        "Rotate <data dir>/audit/audit.log when it grows over this, in bytes or with KiB/MiB, \
+         64KiB..16384MiB";
+    audit_files AUDIT_FILES: usize = macula::config::DEFAULT_AUDIT_FILES,
+        Number(|s| parse_count(s, AUDIT_FILES_RANGE)),
+        flag "--audit-files" "N", env "MACULA_AUDIT_FILES", toml "audit.files", default "8",
+        "Audit log files kept (audit.log and its rotated predecessors), 1..10000";
+    audit_checkpoint_every AUDIT_CHECKPOINT_EVERY: usize =
+        macula::config::DEFAULT_AUDIT_CHECKPOINT_EVERY as usize,
+        Number(|s| parse_count(s, AUDIT_CHECKPOINT_EVERY_RANGE)),
+        flag "--audit-checkpoint-every" "N", env "MACULA_AUDIT_CHECKPOINT_EVERY",
+        toml "audit.checkpoint_every", default "1000",
+        "A checkpoint signed with the node key after this many audit entries, 1..1000000";
+    audit_checkpoint_interval AUDIT_CHECKPOINT_INTERVAL: Duration =
+        macula::config::DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
+        Number(|s| parse_duration_in(s, AUDIT_CHECKPOINT_INTERVAL_RANGE)),
+        flag "--audit-checkpoint-interval" "DURATION", env "MACULA_AUDIT_CHECKPOINT_INTERVAL",
+        toml "audit.checkpoint_interval", default "5m",
+        "...or this long after the last checkpoint, once there are new entries; 1s..24h";
     raft_groups RAFT_GROUPS: Vec<String> = Vec::new(), List(parse_raft_groups, parse_raft_group),
         flag "--raft-group" "NAME[,NAME...]", env "MACULA_RAFT_GROUPS", toml "raft_groups",
         default "none",
@@ -1608,6 +1683,7 @@ mod tests {
             keys::GRANT_FILE,
             keys::API_KEYS,
             keys::REVOCATIONS_FILE,
+            keys::ADMIN_TOKEN_FILE,
         ];
         for k in keys::ALL.iter().filter(|k| !described.contains(k)) {
             let s = with_flag(k, k.default).unwrap_or_else(|e| panic!("{}: {e}", k.flag));
@@ -1621,7 +1697,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            33,
+            42,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -32,7 +32,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use macula::config::{
-    IdentitySource, Limits, NodeConfig, PubSubLimits, RaftLimits, RelayLimits, TlsMode, TlsOptions,
+    AdminAuthConfig, AuditLimits, IdentitySource, Limits, NodeConfig, PubSubLimits, RaftLimits,
+    RelayLimits, TlsMode, TlsOptions,
 };
 use macula::{Identity, Node};
 
@@ -358,6 +359,21 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
                 };
                 Some(admission)
             }
+        },
+        admin_auth: AdminAuthConfig {
+            token_file: s.admin_token_file.clone(),
+            request_window: s.admin_request_window,
+            max_failures: u32::try_from(s.admin_max_failures).unwrap_or(u32::MAX),
+            failure_window: s.admin_failure_window,
+            failure_sources_max: s.admin_failure_sources,
+            replay_cache_max: s.admin_replay_cache,
+        },
+        audit: AuditLimits {
+            max_bytes: s.audit_max_bytes,
+            files: s.audit_files,
+            checkpoint_every: s.audit_checkpoint_every as u64,
+            checkpoint_interval: s.audit_checkpoint_interval,
+            ..AuditLimits::default()
         },
     })
 }

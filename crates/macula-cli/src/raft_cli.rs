@@ -25,7 +25,7 @@ use macula::admin::{
 };
 use macula::NodeId;
 
-use crate::admin_cli::{request, write_table, ReadArgs, Target};
+use crate::admin_cli::{write_table, ReadArgs, Target};
 use crate::{usage, Failure};
 
 /// The `--help` text on exit codes of `macula kv`.
@@ -291,7 +291,7 @@ fn send(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> Result<crate::admin_cli::Reply, Failure> {
-    request(&target.text, method, path, body, timeout).map_err(|e| {
+    target.request(method, path, body, timeout).map_err(|e| {
         anyhow!(
             "cannot reach the node's admin API at {}: {e:#}",
             target.text
@@ -311,7 +311,7 @@ fn refused(target: &Target, method: &str, path: &str, reply: &crate::admin_cli::
     let hint = if reply.status == 404 && !reply.body.contains("\"kind\"") {
         " (is this a macula admin address, and does this version serve /admin/raft?)"
     } else {
-        ""
+        crate::admin_cli::auth_hint(reply.status)
     };
     anyhow!(
         "the node at {} answered HTTP {} for {method} {path}: {}{hint}",
@@ -369,7 +369,7 @@ fn role(node_id: &str, g: &RaftGroupReport) -> &'static str {
 }
 
 fn status(read: &ReadArgs) -> Result<(), Failure> {
-    let target = Target::parse(&read.http)?;
+    let target = Target::of(read)?;
     let body = call(&target, "GET", "/admin/raft", None)?;
     if read.json {
         return print_json(&body);
@@ -444,7 +444,7 @@ fn print_members(g: &RaftGroupReport) -> Result<(), Failure> {
 }
 
 fn members(a: &GroupArgs) -> Result<(), Failure> {
-    let target = Target::parse(&a.read.http)?;
+    let target = Target::of(&a.read)?;
     let path = format!("{}/members", group_path(&a.group));
     let body = call(&target, "GET", &path, None)?;
     if a.read.json {
@@ -455,7 +455,7 @@ fn members(a: &GroupArgs) -> Result<(), Failure> {
 }
 
 fn change(group: &str, op: &str, node: &str, read: &ReadArgs) -> Result<(), Failure> {
-    let target = Target::parse(&read.http)?;
+    let target = Target::of(read)?;
     let node = check_node_id(node)?;
     let path = format!("{}/members", group_path(group));
     let req = serde_json::to_vec(&MembersRequest::new(op, node.to_string()))?;
@@ -511,7 +511,7 @@ fn value_of(kv: &KvReport) -> Vec<u8> {
 }
 
 fn kv_get(a: &KvGetArgs) -> Result<(), Failure> {
-    let target = Target::parse(&a.read.http)?;
+    let target = Target::of(&a.read)?;
     let mut path = key_path(&a.group, &a.key);
     if a.stale {
         path.push_str("?stale=true");
@@ -535,7 +535,7 @@ fn kv_get(a: &KvGetArgs) -> Result<(), Failure> {
 }
 
 fn kv_put(a: &KvPutArgs) -> Result<(), Failure> {
-    let target = Target::parse(&a.read.http)?;
+    let target = Target::of(&a.read)?;
     let mut path = key_path(&a.group, &a.key);
     if let Some(lease) = a.lease {
         path.push_str(&format!("?lease={lease}"));
@@ -555,7 +555,7 @@ fn kv_put(a: &KvPutArgs) -> Result<(), Failure> {
 }
 
 fn kv_del(a: &KvDelArgs) -> Result<(), Failure> {
-    let target = Target::parse(&a.read.http)?;
+    let target = Target::of(&a.read)?;
     let mut path = key_path(&a.group, &a.key);
     if a.prefix {
         path.push_str("?prefix=true");
@@ -574,7 +574,7 @@ fn kv_del(a: &KvDelArgs) -> Result<(), Failure> {
 }
 
 fn kv_ls(a: &KvLsArgs) -> Result<(), Failure> {
-    let target = Target::parse(&a.read.http)?;
+    let target = Target::of(&a.read)?;
     if !(1..=macula::admin::KV_LIST_MAX_LIMIT as u32).contains(&a.limit) {
         return Err(usage(anyhow!(
             "invalid value {} for --limit: expected 1 to {}",
@@ -636,7 +636,7 @@ fn describe(kv: &Option<KvReport>) -> String {
 }
 
 fn kv_cas(a: &KvCasArgs) -> Result<(), Failure> {
-    let target = Target::parse(&a.read.http)?;
+    let target = Target::of(&a.read)?;
     let mut req = CasRequest::new(a.key.clone(), "", a.value.clone());
     if let Some(v) = &a.expect_value {
         req.expect = "value".into();
@@ -704,7 +704,7 @@ fn print_event(out: &mut impl Write, e: &EventReport) -> std::io::Result<()> {
 }
 
 fn kv_watch(a: &KvWatchArgs) -> Result<(), Failure> {
-    let target = Target::parse(&a.read.http)?;
+    let target = Target::of(&a.read)?;
     let mut from = a.from.unwrap_or(0);
     let mut seen = 0u64;
     loop {

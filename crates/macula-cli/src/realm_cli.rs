@@ -63,6 +63,26 @@ pub struct PushArgs {
     /// to the mesh). Repeatable.
     #[arg(long = "http", value_name = "HOST:PORT", required = true)]
     pub http: Vec<String>,
+    #[command(flatten)]
+    pub auth: PushAuth,
+}
+
+/// The admin credentials `realm push` and `realm revoke --push` send.
+#[derive(Args, Debug, Default)]
+pub struct PushAuth {
+    /// The node's admin token file; env MACULA_ADMIN_TOKEN may hold the token
+    #[arg(long, value_name = "FILE", env = "MACULA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The node's data directory, whose admin-token is sent when no other
+    /// credentials are given
+    #[arg(long, value_name = "DIR")]
+    pub node_data_dir: Option<PathBuf>,
+    /// An admin grant token file; each request is signed with --admin-key
+    #[arg(long, value_name = "FILE", requires = "admin_key")]
+    pub admin_grant: Option<PathBuf>,
+    /// The grant subject's signing key (PKCS#8 PEM)
+    #[arg(long, value_name = "FILE", requires = "admin_grant")]
+    pub admin_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +156,8 @@ pub struct RevokeArgs {
     /// `realm push`). Repeatable.
     #[arg(long = "push", value_name = "HOST:PORT")]
     pub push: Vec<String>,
+    #[command(flatten)]
+    pub auth: PushAuth,
 }
 
 #[derive(Args, Debug)]
@@ -179,37 +201,86 @@ pub struct CheckArgs {
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
     /// Verify an audit log's hash chain (and its signed checkpoints with
-    /// --key): exit 0 if intact, 1 naming the first broken line.
+    /// --key or --data-dir): exit 0 if intact, 1 naming the first broken line.
     Verify(AuditVerifyArgs),
+    /// Print a node's latest audit entries (<data dir>/audit/), oldest first.
+    Tail(AuditTailArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct AuditVerifyArgs {
     /// Audit log files, oldest first (a rotated set continues one chain).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "data_dir")]
     pub files: Vec<PathBuf>,
     /// The node's public key (52 base32 characters), to check checkpoints.
     #[arg(long, value_name = "KEY")]
     pub key: Option<String>,
+    /// A node's data directory: verify its audit/ files (audit.log.N ..
+    /// audit.log, in order) unless FILES are given, and check checkpoints
+    /// with its node.key unless --key is given.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
-/// `macula audit verify`.
+#[derive(Args, Debug)]
+pub struct AuditTailArgs {
+    /// The node's data directory [env: MACULA_DATA_DIR] [default: <user data dir>/macula]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// How many of the latest entries to print.
+    #[arg(short = 'n', long = "lines", default_value_t = 20, value_name = "N")]
+    pub n: usize,
+    /// Keep printing entries as they are written (across rotations) until interrupted.
+    #[arg(long)]
+    pub follow: bool,
+    /// Print each entry as its JSON line instead of a table row.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `macula audit verify` and `macula audit tail`.
 pub fn audit(cmd: AuditCommand) -> Result<(), Failure> {
-    let AuditCommand::Verify(args) = cmd;
-    let key = match &args.key {
-        None => None,
-        Some(k) => {
+    match cmd {
+        AuditCommand::Verify(args) => audit_verify(args),
+        AuditCommand::Tail(args) => audit_tail(args),
+    }
+}
+
+fn audit_verify(args: AuditVerifyArgs) -> Result<(), Failure> {
+    let key = match (&args.key, &args.data_dir) {
+        (Some(k), _) => {
             let k: Key = k.parse().map_err(|e| crate::usage(anyhow!("--key: {e}")))?;
             Some(
                 ed25519_dalek::VerifyingKey::from_bytes(&k.0)
                     .map_err(|e| crate::usage(anyhow!("--key: {e}")))?,
             )
         }
+        (None, Some(dir)) => {
+            let id = macula::Identity::load(&dir.join("node.key"))
+                .with_context(|| format!("the node key of {}", dir.display()))?;
+            Some(
+                ed25519_dalek::VerifyingKey::from_bytes(&id.public_key())
+                    .map_err(|e| anyhow!("the node key of {}: {e}", dir.display()))?,
+            )
+        }
+        (None, None) => None,
+    };
+    let files = match (&args.data_dir, args.files.is_empty()) {
+        (Some(dir), true) => {
+            let audit = dir.join("audit");
+            let files = macula::audit_log::files(&audit)
+                .with_context(|| format!("cannot list {}", audit.display()))?;
+            if files.is_empty() {
+                return Err(anyhow!("no audit log in {}", audit.display()).into());
+            }
+            files
+        }
+        _ => args.files.clone(),
     };
     let mut chain = None;
     let mut entries = 0usize;
     let mut checkpoints = 0usize;
-    for path in &args.files {
+    for path in &files {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let (end, n) = macula::auth::audit::verify(text.lines(), chain.take(), key.as_ref())
@@ -230,6 +301,154 @@ pub fn audit(cmd: AuditCommand) -> Result<(), Failure> {
         }
     );
     Ok(())
+}
+
+fn audit_tail(args: AuditTailArgs) -> Result<(), Failure> {
+    use macula::audit_log::FILE_NAME;
+    use std::io::{Read as _, Write as _};
+    let base = args
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(crate::config::default_data_dir);
+    let dir = base.join("audit");
+    let path = dir.join(FILE_NAME);
+    // The current file is opened once: the listing and --follow read the
+    // same handle, so no entry falls between them.
+    let mut file = std::fs::File::open(&path)
+        .with_context(|| format!("no audit log at {}", path.display()))?;
+    let mut current = String::new();
+    file.read_to_string(&mut current)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let complete = current.rfind('\n').map_or(0, |i| i + 1);
+    let mut partial = current.split_off(complete);
+    // The latest N entries: the current file's, then older files' (newest
+    // first) until there are enough.
+    let mut latest: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let take = |text: &str, latest: &mut std::collections::VecDeque<String>| {
+        for l in text.lines().rev().filter(|l| !l.trim().is_empty()) {
+            if latest.len() >= args.n {
+                break;
+            }
+            latest.push_front(l.to_string());
+        }
+    };
+    take(&current, &mut latest);
+    let older =
+        macula::audit_log::files(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for p in older.iter().rev().filter(|p| **p != path) {
+        if latest.len() >= args.n {
+            break;
+        }
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        take(&text, &mut latest);
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        if !args.json {
+            writeln!(
+                out,
+                "{:>8}  {:<24}  {:<20}  DETAIL",
+                "SEQ", "TIME (UTC)", "KIND"
+            )?;
+        }
+        for l in &latest {
+            print_entry(&mut out, l, args.json)?;
+        }
+        out.flush()?;
+    }
+    if !args.follow {
+        return Ok(());
+    }
+    // A rotation renames audit.log: the open file is read to its end, then
+    // the files written after it, oldest first (several rotations may have
+    // happened between two looks), each from its start.
+    use std::os::unix::fs::MetadataExt as _;
+    loop {
+        read_new_lines(&mut file, &mut partial, args.json)?;
+        let ours = file.metadata()?.ino();
+        let current = std::fs::metadata(&path).map(|m| m.ino()).ok();
+        if current == Some(ours) {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let set = macula::audit_log::files(&dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+        let inodes: Vec<Option<u64>> = set
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.ino()).ok())
+            .collect();
+        let next = match inodes.iter().position(|i| *i == Some(ours)) {
+            Some(at) => set.get(at + 1),
+            None => {
+                eprintln!(
+                    "warning: the audit log rotated faster than it could be followed; \
+                     some entries were rotated away unread"
+                );
+                set.first()
+            }
+        };
+        let Some(next) = next else {
+            // Renamed, the new audit.log not created yet.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        read_new_lines(&mut file, &mut partial, args.json)?;
+        partial.clear();
+        file =
+            std::fs::File::open(next).with_context(|| format!("cannot open {}", next.display()))?;
+    }
+}
+
+/// Prints the complete lines appended to `file` since the last call.
+fn read_new_lines(
+    file: &mut std::fs::File,
+    partial: &mut String,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut buf = String::new();
+    file.read_to_string(&mut buf)?;
+    if buf.is_empty() {
+        return Ok(());
+    }
+    partial.push_str(&buf);
+    let mut out = std::io::stdout().lock();
+    while let Some(i) = partial.find('\n') {
+        let line: String = partial.drain(..=i).collect();
+        if !line.trim().is_empty() {
+            print_entry(&mut out, line.trim_end(), json)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_entry(out: &mut impl std::io::Write, line: &str, json: bool) -> std::io::Result<()> {
+    if json {
+        return writeln!(out, "{line}");
+    }
+    match serde_json::from_str::<macula::auth::audit::Entry>(line) {
+        Ok(e) => {
+            let time = crate::pubsub_cli::rfc3339(Duration::from_millis(e.time_ms));
+            let detail = if e.kind == macula::auth::audit::CHECKPOINT {
+                format!("signature {}...", e.detail.get(..16).unwrap_or(&e.detail))
+            } else {
+                e.detail
+            };
+            writeln!(
+                out,
+                "{:>8}  {:<24}  {:<20}  {}",
+                e.seq, time, e.kind, detail
+            )
+        }
+        Err(_) => writeln!(
+            out,
+            "{:>8}  {:<24}  {:<20}  {line}",
+            "?", "?", "(unreadable)"
+        ),
+    }
 }
 
 /// One issued grant, as `grants.jsonl` keeps it.
@@ -469,28 +688,37 @@ pub fn run(cmd: RealmCommand) -> Result<(), Failure> {
                     args.realm.name
                 )));
             }
-            push(&revocations_file(&path)?, &args.http)
+            push(&revocations_file(&path)?, &args.http, &args.auth)
         }
     }
 }
 
 /// Posts a signed revocation list to each node's admin API; every node
 /// answers, or the command fails naming the first that did not.
-fn push(list: &[u8], targets: &[String]) -> Result<(), Failure> {
+fn push(list: &[u8], targets: &[String], auth: &PushAuth) -> Result<(), Failure> {
+    let creds = crate::admin_cli::AuthArgs {
+        admin_token_file: auth.admin_token_file.clone(),
+        data_dir: auth.node_data_dir.clone(),
+        admin_grant: auth.admin_grant.clone(),
+        admin_key: auth.admin_key.clone(),
+    };
     for target in targets {
-        let reply = crate::admin_cli::request(
-            target,
-            "POST",
-            "/admin/realm/revocations",
-            Some(("application/octet-stream", list)),
-            std::time::Duration::from_secs(10),
-        )
-        .with_context(|| format!("could not send the revocation list to {target}"))?;
+        let mut t = crate::admin_cli::Target::parse(target)?;
+        t.creds = crate::admin_cli::Credentials::resolve(&creds)?;
+        let reply = t
+            .request(
+                "POST",
+                "/admin/realm/revocations",
+                Some(("application/octet-stream", list)),
+                std::time::Duration::from_secs(10),
+            )
+            .with_context(|| format!("could not send the revocation list to {target}"))?;
         if reply.status != 200 {
             return Err(anyhow!(
-                "the node at {target} refused the revocation list (HTTP {}): {}",
+                "the node at {target} refused the revocation list (HTTP {}): {}{}",
                 reply.status,
-                reply.body.trim()
+                reply.body.trim(),
+                crate::admin_cli::auth_hint(reply.status)
             )
             .into());
         }
@@ -722,7 +950,7 @@ fn revoke(args: RevokeArgs) -> Result<(), Failure> {
         body.grants.len(),
         body.subjects.len()
     );
-    push(&bytes, &args.push)
+    push(&bytes, &args.push, &args.auth)
 }
 
 fn list(args: ListArgs) -> Result<(), Failure> {

@@ -153,6 +153,7 @@ fn read_commands_against_a_three_node_mesh() {
         "peers: 2".to_string(),
         format!("listen: {}", a.listen),
         format!("version: {}", env!("CARGO_PKG_VERSION")),
+        "admin_auth: token".to_string(),
     ] {
         assert!(out.contains(&line), "{line:?} missing:\n{out}");
     }

@@ -44,7 +44,11 @@ fn metric(http: &str, name: &str) -> u64 {
 fn routing(http: &str) -> String {
     let mut s = std::net::TcpStream::connect(http).expect("connect to the admin server");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET /admin/routing HTTP/1.0\r\nHost: {http}\r\n\r\n").expect("send request");
+    write!(
+        s,
+        "GET /admin/routing HTTP/1.0\r\nHost: {http}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+    )
+    .expect("send request");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("read /admin/routing");
     body

@@ -3,7 +3,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /metrics` | OpenMetrics text from this node's own prometheus-client `Registry` |
+//! | `GET /metrics` | OpenMetrics text from this node's own prometheus-client `Registry` (credentials needed unless the client is on loopback) |
 //! | `GET /health` | [`HealthReport`] (always 200 while the process answers) |
 //! | `GET /ready` | [`ReadyReport`]: 200 once joined (or first node), 503 before |
 //! | `GET /live` | 200 |
@@ -18,13 +18,23 @@
 //! [`ErrorReport`]. The JSON shapes are a compatibility promise to scripts:
 //! add fields, never rename or remove them.
 //!
+//! **Credentials** (`admin/auth.rs`): every route but `/live`, `/ready` and
+//! `/health` needs `Authorization: Bearer <admin token>` or a request signed
+//! under an admin grant (`Macula-Grant`); `/metrics` also answers loopback
+//! clients without them. A refusal is a 401 [`ErrorReport`] whose `kind`
+//! names the reason, with a `WWW-Authenticate` header; an address with too
+//! many failures gets 429 for a while. Refusals are counted in
+//! `macula_admin_unauthorized_total{reason}` and recorded in the node's
+//! audit trail (`admin_denied`; not the 429s, so a flood cannot rotate the
+//! trail away).
+//!
 //! Apart from `/admin/raft`, this module only reads the node's state; it
 //! must not change it (no connect, no disconnect) and must not read request
 //! bodies. The Raft endpoints are the exception: they write to a group's
 //! key-value store and change its membership, through the node's own member,
 //! with bounded bodies (axum's 2 MB default) and a bounded time
-//! ([`RAFT_ADMIN_DEADLINE`]). It is plain HTTP without authentication, so it
-//! listens on loopback unless the operator says otherwise.
+//! ([`RAFT_ADMIN_DEADLINE`]). It is plain HTTP (credentials travel in the
+//! clear), so it listens on loopback unless the operator says otherwise.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -55,8 +65,14 @@ use tokio::time::{Instant, Sleep};
 use crate::metrics::register;
 use crate::node::NodeRuntime;
 
+mod auth;
 mod raft;
 mod realm;
+
+pub use auth::{
+    request_message, resource, sign_request, AdminAuth, AdminAuthError, Principal, Refusal, BEARER,
+    GRANT_SCHEME, TOKEN_FILE,
+};
 
 pub use raft::{
     CasReport, CasRequest, EventReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
@@ -128,6 +144,14 @@ pub struct HealthReport {
     /// when it takes none.
     #[serde(default)]
     pub api_keys: Option<usize>,
+    /// Whether the admin API needs credentials (always, since issue 18;
+    /// `false` from older nodes).
+    #[serde(default)]
+    pub admin_auth: bool,
+    /// The credentials this node takes: `token` (it has an admin token
+    /// file), `grant` (its realm has an authority).
+    #[serde(default)]
+    pub admin_auth_methods: Vec<String>,
 }
 
 /// `GET /ready`.
@@ -263,7 +287,8 @@ pub async fn serve_with(
         inner: listener,
         table: Arc::new(ConnTable::new(limits, counters.clone())),
     };
-    axum::serve(listener, router_with(node, Some(counters)))
+    let app = router_with(node, Some(counters)).into_make_service_with_connect_info::<Remote>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
     tracing::info!(addr = %addr, "admin HTTP server stopped");
@@ -313,7 +338,93 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         .route("/admin/realm/revocations", post(realm::revocations))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_credentials,
+        ))
         .with_state(state)
+}
+
+/// The client's address, as the listener of [`serve`] saw it (absent when
+/// the router is served by something else: then only credentials count).
+#[derive(Debug, Clone, Copy)]
+struct Remote(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>>
+    for Remote
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, LimitedListener>) -> Remote {
+        Remote(*stream.remote_addr())
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The credentials check in front of every route (see the module doc).
+async fn require_credentials(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    if matches!(path.as_str(), "/live" | "/ready" | "/health") {
+        return next.run(req).await;
+    }
+    let source = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Remote>>()
+        .map(|c| c.0 .0.ip().to_canonical());
+    if path == "/metrics" && source.is_some_and(|ip| ip.is_loopback()) {
+        return next.run(req).await;
+    }
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or(path.as_str(), |p| p.as_str())
+        .to_string();
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let auth = s.node.admin_auth();
+    let method = req.method().to_string();
+    match auth.check(source, &method, &path_and_query, header, unix_ms()) {
+        Ok(_) => next.run(req).await,
+        Err(refusal) => {
+            let who = source.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+            tracing::debug!(source = %who, method, path, reason = %refusal.reason, "admin request refused");
+            if refusal.is_rate_limited() {
+                let retry = auth.failure_window().as_secs().max(1).to_string();
+                let mut r = error_kind(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &refusal.reason,
+                    refusal.message,
+                );
+                if let Ok(v) = header::HeaderValue::from_str(&retry) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return r;
+            }
+            if let Some(audit) = s.node.audit() {
+                audit.record(
+                    "admin_denied",
+                    &format!("{who} {method} {path}: {}", refusal.reason),
+                );
+            }
+            let mut r = error_kind(StatusCode::UNAUTHORIZED, &refusal.reason, refusal.message);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static(
+                    "Bearer realm=\"macula admin\", Macula-Grant realm=\"macula admin\"",
+                ),
+            );
+            r
+        }
+    }
 }
 
 /// This node's metrics registry: every subsystem registers its counters
@@ -334,6 +445,10 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.trust().counters().register(&mut registry);
     node.realm_service().counters().register(&mut registry);
     registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
+    node.admin_auth().register(&mut registry);
+    if let Some(audit) = node.audit() {
+        audit.counters().register(&mut registry);
+    }
     registry
 }
 
@@ -469,6 +584,18 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
             .as_ref()
             .and_then(|a| a.api_keys.as_ref())
             .map(|k| k.len()),
+        admin_auth: true,
+        admin_auth_methods: {
+            let auth = node.admin_auth();
+            let mut m = Vec::new();
+            if auth.token_file().is_some() {
+                m.push("token".to_string());
+            }
+            if auth.accepts_grants() {
+                m.push("grant".to_string());
+            }
+            m
+        },
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_secs: node.uptime().as_secs(),
         peers: node.peers().len(),

@@ -308,6 +308,98 @@ pub struct NodeConfig {
     /// authority, only peers presenting a valid grant for the node ID they
     /// proved are admitted. `None`: an open realm, as before.
     pub admission: Option<Admission>,
+    /// Who may use the admin API (`admin/auth.rs`): the token file, the
+    /// signed-request window, replay cache and failure rate limit.
+    pub admin_auth: AdminAuthConfig,
+    /// The audit trail in `<data dir>/audit/` (`audit_log.rs`): rotation,
+    /// checkpoints, queue.
+    pub audit: AuditLimits,
+}
+
+/// Settings of the admin API's authentication (`admin/auth.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminAuthConfig {
+    /// The file holding the admin token (hex). `None`: `<data dir>/admin-token`,
+    /// created at first start (an ephemeral node then has no token, and
+    /// only admin grants are accepted).
+    pub token_file: Option<std::path::PathBuf>,
+    /// A signed request (`Macula-Grant`) must be stamped within this long
+    /// of the node's clock, either way.
+    pub request_window: Duration,
+    /// Signatures remembered to refuse replays (within the window); when
+    /// full, new signed requests are refused (`replayed`) until entries expire.
+    pub replay_cache_max: usize,
+    /// Failed attempts one source address may make per `failure_window`
+    /// before it is answered 429.
+    pub max_failures: u32,
+    /// The window of `max_failures`.
+    pub failure_window: Duration,
+    /// Source addresses whose failures are tracked at once (the oldest
+    /// window is forgotten to make room).
+    pub failure_sources_max: usize,
+}
+
+/// Default [`AdminAuthConfig::request_window`].
+pub const DEFAULT_ADMIN_REQUEST_WINDOW: Duration = Duration::from_secs(30);
+/// Default [`AdminAuthConfig::replay_cache_max`].
+pub const DEFAULT_ADMIN_REPLAY_CACHE: usize = 16 * 1024;
+/// Default [`AdminAuthConfig::max_failures`].
+pub const DEFAULT_ADMIN_MAX_FAILURES: u32 = 5;
+/// Default [`AdminAuthConfig::failure_window`].
+pub const DEFAULT_ADMIN_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Default [`AdminAuthConfig::failure_sources_max`].
+pub const DEFAULT_ADMIN_FAILURE_SOURCES: usize = 4096;
+
+impl Default for AdminAuthConfig {
+    fn default() -> Self {
+        AdminAuthConfig {
+            token_file: None,
+            request_window: DEFAULT_ADMIN_REQUEST_WINDOW,
+            replay_cache_max: DEFAULT_ADMIN_REPLAY_CACHE,
+            max_failures: DEFAULT_ADMIN_MAX_FAILURES,
+            failure_window: DEFAULT_ADMIN_FAILURE_WINDOW,
+            failure_sources_max: DEFAULT_ADMIN_FAILURE_SOURCES,
+        }
+    }
+}
+
+/// Limits of the audit trail file (`audit_log.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditLimits {
+    /// `audit.log` is rotated once it is larger than this.
+    pub max_bytes: u64,
+    /// Files kept: `audit.log` and `audit.log.1 ..` up to this many in all.
+    pub files: usize,
+    /// A signed checkpoint after this many entries...
+    pub checkpoint_every: u64,
+    /// ...or this long after the last one, whichever comes first (and at close).
+    pub checkpoint_interval: Duration,
+    /// Entries waiting for the writer thread; more are counted as dropped
+    /// and recorded as one `audit_dropped` entry once there is room.
+    pub queue: usize,
+}
+
+/// Default [`AuditLimits::max_bytes`] (16 MiB).
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 16 << 20;
+/// Default [`AuditLimits::files`].
+pub const DEFAULT_AUDIT_FILES: usize = 8;
+/// Default [`AuditLimits::checkpoint_every`].
+pub const DEFAULT_AUDIT_CHECKPOINT_EVERY: u64 = 1000;
+/// Default [`AuditLimits::checkpoint_interval`].
+pub const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
+/// Default [`AuditLimits::queue`].
+pub const DEFAULT_AUDIT_QUEUE: usize = 4096;
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        AuditLimits {
+            max_bytes: DEFAULT_AUDIT_MAX_BYTES,
+            files: DEFAULT_AUDIT_FILES,
+            checkpoint_every: DEFAULT_AUDIT_CHECKPOINT_EVERY,
+            checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
+            queue: DEFAULT_AUDIT_QUEUE,
+        }
+    }
 }
 
 /// Admission to a realm that has an authority.
@@ -364,6 +456,8 @@ impl Default for NodeConfig {
             reachability: ReachabilityMode::Auto,
             trust: crate::trust::TrustLimits::default(),
             admission: None,
+            admin_auth: AdminAuthConfig::default(),
+            audit: AuditLimits::default(),
         }
     }
 }
@@ -514,6 +608,48 @@ impl NodeConfig {
                 "must not be below reconnect_backoff_min".into(),
             ));
         }
+        let a = &self.audit;
+        if a.max_bytes < 4096 {
+            return Err(invalid(
+                "audit_max_bytes",
+                a.max_bytes.to_string(),
+                "must be at least 4096 bytes".into(),
+            ));
+        }
+        for (key, value) in [
+            ("audit_files", a.files as u64),
+            ("audit_queue", a.queue as u64),
+            ("audit_checkpoint_every", a.checkpoint_every),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0".into(), "must be at least 1".into()));
+            }
+        }
+        if a.checkpoint_interval.is_zero() {
+            return Err(invalid(
+                "audit_checkpoint_interval",
+                "0s".into(),
+                "must be longer than zero".into(),
+            ));
+        }
+        let m = &self.admin_auth;
+        for (key, window) in [
+            ("admin_request_window", m.request_window),
+            ("admin_failure_window", m.failure_window),
+        ] {
+            if window.is_zero() {
+                return Err(invalid(key, "0s".into(), "must be longer than zero".into()));
+            }
+        }
+        for (key, value) in [
+            ("admin_max_failures", m.max_failures as usize),
+            ("admin_replay_cache", m.replay_cache_max),
+            ("admin_failure_sources", m.failure_sources_max),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0".into(), "must be at least 1".into()));
+            }
+        }
         Ok(())
     }
 }
@@ -525,6 +661,31 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn audit_and_admin_limits_are_checked_by_name() {
+        let mut c = NodeConfig::default();
+        c.audit.files = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("audit_files"));
+        let mut c = NodeConfig::default();
+        c.admin_auth.replay_cache_max = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin_replay_cache"));
+        let mut c = NodeConfig::default();
+        c.admin_auth.request_window = Duration::ZERO;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin_request_window"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod apikey;
+pub mod audit_log;
 pub mod authz;
 mod backoff;
 pub mod client;

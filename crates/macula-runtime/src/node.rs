@@ -96,6 +96,12 @@ pub enum StartError {
     /// Another process runs on the same data directory.
     #[error(transparent)]
     DataDir(#[from] crate::datadir::DataDirError),
+    /// The admin token file could not be read or created.
+    #[error(transparent)]
+    AdminAuth(#[from] crate::admin::AdminAuthError),
+    /// The audit log in the data directory could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit_log::AuditError),
 }
 
 /// Why a connection to a peer could not be made.
@@ -243,6 +249,30 @@ struct NodeShared {
     raft: crate::raft::RaftGroups,
     /// Relayed dials in progress, by target: concurrent callers share one.
     relay_dialing: Mutex<HashMap<NodeId, DialFuture>>,
+    /// Issue 18: the admin API's credentials and the audit trail.
+    security: Security,
+}
+
+/// The admin API's credentials check and the node's audit trail (in
+/// `<data dir>/audit/`, signed with the node key), set up at start.
+struct Security {
+    admin_auth: Arc<crate::admin::AdminAuth>,
+    audit: Option<crate::audit_log::AuditLog>,
+}
+
+impl Security {
+    fn open(config: &NodeConfig, identity: &Identity) -> Result<Security, StartError> {
+        let admin_auth = Arc::new(crate::admin::AdminAuth::prepare(config)?);
+        let audit = match &config.identity {
+            IdentitySource::DataDir(dir) => Some(crate::audit_log::AuditLog::open(
+                &dir.join("audit"),
+                identity.signing_key().clone(),
+                config.audit.clone(),
+            )?),
+            IdentitySource::Ephemeral => None,
+        };
+        Ok(Security { admin_auth, audit })
+    }
 }
 
 /// TTL of this node's relay record (republished by the DHT before expiry).
@@ -408,6 +438,7 @@ impl NodeRuntime {
             IdentitySource::Ephemeral => Epoch::ephemeral(),
         };
         let clock = Clock::new();
+        let security = Security::open(&config, &identity)?;
         let tls = tls::build(&identity, &config.tls)?;
         let transport = transport_config(&config.limits)?;
         let server_crypto = QuicServerConfig::try_from(tls.server.clone())
@@ -636,6 +667,7 @@ impl NodeRuntime {
                 endpoint,
                 local_addr,
                 config,
+                security,
             }
         });
         let node = NodeRuntime(shared);
@@ -723,6 +755,16 @@ impl NodeRuntime {
 
     pub fn realm(&self) -> &str {
         &self.0.config.realm
+    }
+
+    /// The admin API's credentials check.
+    pub fn admin_auth(&self) -> &Arc<crate::admin::AdminAuth> {
+        &self.0.security.admin_auth
+    }
+
+    /// The node's audit trail (`None` without a data directory).
+    pub fn audit(&self) -> Option<&crate::audit_log::AuditLog> {
+        self.0.security.audit.as_ref()
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -1753,6 +1795,10 @@ impl NodeRuntime {
         );
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.0.endpoint.wait_idle()).await;
         self.mark_epoch();
+        if let Some(audit) = self.0.security.audit.clone() {
+            // The final checkpoint, written by the audit thread.
+            let _ = tokio::task::spawn_blocking(move || audit.close()).await;
+        }
         if let Some(l) = self.0.dir_lock.lock().take() {
             l.release();
         }

@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{config, start, within, STEP};
+use common::{config, start, within, ADMIN_TOKEN, STEP};
 use macula_runtime::admin::{self, HealthReport, PeersReport, ReadyReport};
 use macula_runtime::{NodeRuntime, PeerAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -85,12 +85,15 @@ impl Reply {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; reads to EOF.
+/// One HTTP/1.1 request with `Connection: close` and the admin token;
+/// reads to EOF.
 async fn http(addr: SocketAddr, method: &str, path: &str) -> Reply {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to admin server");
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.expect("send request");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.expect("read response");

@@ -172,7 +172,13 @@ async fn peers_report(n: &NodeRuntime) -> Vec<serde_json::Value> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
-        .write_all(b"GET /admin/peers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .write_all(
+            format!(
+                "GET /admin/peers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                common::ADMIN_TOKEN
+            )
+            .as_bytes(),
+        )
         .await
         .unwrap();
     let mut body = Vec::new();

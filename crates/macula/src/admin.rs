@@ -31,7 +31,17 @@
 //! `value_base64` (standard base64); in URLs they are percent-encoded bytes.
 //! The server only reads the node's state, except under `/admin/raft`
 //! (key-value writes and membership changes, through this node's member of
-//! the group). It is plain HTTP without authentication: bind it to loopback
+//! the group).
+//!
+//! Every route but `/live`, `/ready` and `/health` needs credentials
+//! (`/metrics` not from loopback): `Authorization: Bearer <token>` with the
+//! node's admin token ([`TOKEN_FILE`] in its data directory, or
+//! [`crate::config::AdminAuthConfig::token_file`]), or a request signed with
+//! [`sign_request`] under an admin grant of the realm authority (rules
+//! `allow admin admin.**`; the resource of each path is [`resource`]). A
+//! refusal is a 401 [`ErrorReport`] whose `kind` names why (`missing`,
+//! `bad_token`, `bad_grant:<kind>`, `stale`, `replayed`, `denied`); too many
+//! failures from one address get 429. It is plain HTTP: bind it to loopback
 //! unless the operator says otherwise.
 //!
 //! ```no_run
@@ -54,13 +64,14 @@ use tokio::net::TcpListener;
 use crate::Node;
 
 pub use macula_runtime::admin::{
-    AdminLimits, CasReport, CasRequest, ErrorReport, EventReport, GrantReport, HealthReport,
-    KvGetReport, KvListReport, KvReport, KvWriteReport, LocalService, MembersRequest, MeshService,
-    PeerReport, PeersReport, ProviderHealth, RaftGroupReport, RaftReport, ReadyReport, RealmReport,
-    RevocationsReport, RoutingContact, RoutingReport, ServiceProvider, ServicesReport,
-    SubscriptionInfo, SubscriptionsReport, WatchReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE,
+    request_message, resource, sign_request, AdminLimits, CasReport, CasRequest, ErrorReport,
+    EventReport, GrantReport, HealthReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
+    LocalService, MembersRequest, MeshService, PeerReport, PeersReport, ProviderHealth,
+    RaftGroupReport, RaftReport, ReadyReport, RealmReport, RevocationsReport, RoutingContact,
+    RoutingReport, ServiceProvider, ServicesReport, SubscriptionInfo, SubscriptionsReport,
+    WatchReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE, BEARER, GRANT_SCHEME,
     KV_LIST_DEFAULT_LIMIT, KV_LIST_MAX_LIMIT, MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP,
-    METRICS_CONTENT_TYPE, RAFT_ADMIN_DEADLINE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS,
+    METRICS_CONTENT_TYPE, RAFT_ADMIN_DEADLINE, TOKEN_FILE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS,
     WATCH_MAX_WAIT,
 };
 

@@ -27,8 +27,12 @@
 use std::time::Duration;
 
 pub use macula_runtime::config::{
-    Admission, ConfigError, IdentitySource, Limits, NodeConfig, RaftLimits, ReachabilityMode,
-    RelayLimits, RpcLimits,
+    AdminAuthConfig, Admission, AuditLimits, ConfigError, IdentitySource, Limits, NodeConfig,
+    RaftLimits, ReachabilityMode, RelayLimits, RpcLimits, DEFAULT_ADMIN_FAILURE_SOURCES,
+    DEFAULT_ADMIN_FAILURE_WINDOW, DEFAULT_ADMIN_MAX_FAILURES, DEFAULT_ADMIN_REPLAY_CACHE,
+    DEFAULT_ADMIN_REQUEST_WINDOW, DEFAULT_AUDIT_CHECKPOINT_EVERY,
+    DEFAULT_AUDIT_CHECKPOINT_INTERVAL, DEFAULT_AUDIT_FILES, DEFAULT_AUDIT_MAX_BYTES,
+    DEFAULT_AUDIT_QUEUE,
 };
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 pub use macula_runtime::trust::{Pin, Pins, TrustLimits, DEFAULT_MAX_PINS};

@@ -75,7 +75,7 @@ pub use crdt::{Crdt, CrdtError, CrdtOptions};
 pub use node::{Node, NodeBuilder, NodeStats, Peer, PeerInfo, JOIN_WAIT};
 
 /// Realm admission and authorization (issue 18): grants, revocation
-/// lists, policies. The runtime does not enforce them yet.
+/// lists, policies; admission at the handshake and admin grants use them.
 pub use macula_auth as auth;
 
 /// API keys for lightweight clients: the key, the gateway's store of
@@ -88,6 +88,10 @@ pub mod apikey {
     };
 }
 pub use macula_rpc::Strategy;
+/// The node's audit trail file: [`audit_log::AuditLog`] (see
+/// [`Node::audit`]) and [`audit_log::files`] (a directory's rotated set,
+/// oldest first).
+pub use macula_runtime::audit_log;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
 pub use macula_runtime::identity::{Identity, IdentityError};
 pub use macula_runtime::metrics::Metrics;

@@ -658,6 +658,13 @@ impl Node {
         self.runtime.shutdown().await
     }
 
+    /// The node's audit trail in `<data dir>/audit/` (`None` for a node
+    /// without a data directory): [`crate::audit_log::AuditLog::record`]
+    /// appends to its hash chain; checkpoints are signed with the node key.
+    pub fn audit(&self) -> Option<&crate::audit_log::AuditLog> {
+        self.runtime.audit()
+    }
+
     /// The runtime underneath, for the admin server of this crate only.
     pub(crate) fn runtime(&self) -> &NodeRuntime {
         &self.runtime

@@ -28,8 +28,27 @@ pub fn command(args: &[&str]) -> Command {
     cmd
 }
 
-/// What every spawned process gets: info logs, piped output, no stdin, and
-/// no `MACULA_*` settings inherited from the environment.
+/// The admin token of every node [`start_args`] starts (from
+/// [`admin_token_file`]); every command gets it as `MACULA_ADMIN_TOKEN`.
+pub const ADMIN_TOKEN: &str = "cli-test-admin-token-0123456789abcdef";
+
+/// A file (mode 0600, one per test process) holding [`ADMIN_TOKEN`].
+pub fn admin_token_file() -> &'static str {
+    static FILE: std::sync::OnceLock<(tempfile::TempPath, String)> = std::sync::OnceLock::new();
+    &FILE
+        .get_or_init(|| {
+            let mut f = tempfile::NamedTempFile::new().expect("token file");
+            std::io::Write::write_all(&mut f, ADMIN_TOKEN.as_bytes()).expect("write token");
+            let path = f.into_temp_path();
+            let text = path.to_str().expect("UTF-8 temp path").to_string();
+            (path, text)
+        })
+        .1
+}
+
+/// What every spawned process gets: info logs, piped output, no stdin, no
+/// `MACULA_*` settings inherited from the environment, and the test nodes'
+/// admin token (`MACULA_ADMIN_TOKEN`).
 pub fn prepare(cmd: &mut Command) {
     cmd.env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -40,6 +59,7 @@ pub fn prepare(cmd: &mut Command) {
             cmd.env_remove(k);
         }
     }
+    cmd.env("MACULA_ADMIN_TOKEN", ADMIN_TOKEN);
 }
 
 impl Proc {
@@ -193,7 +213,8 @@ pub fn run(cmd: Command) -> (Option<i32>, String) {
     }
 }
 
-/// `macula start` on loopback with ephemeral QUIC and admin ports, in `realm`.
+/// `macula start` on loopback with ephemeral QUIC and admin ports, in
+/// `realm`, with the test admin token.
 pub fn start_args<'a>(realm: &'a str, dir: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["start"];
     if !extra.contains(&"--listen") {
@@ -201,6 +222,9 @@ pub fn start_args<'a>(realm: &'a str, dir: &'a Path, extra: &[&'a str]) -> Vec<&
     }
     if !extra.contains(&"--http") {
         v.extend_from_slice(&["--http", "127.0.0.1:0"]);
+    }
+    if !extra.contains(&"--admin-token-file") {
+        v.extend_from_slice(&["--admin-token-file", admin_token_file()]);
     }
     v.extend_from_slice(&["--realm", realm, "--data-dir", dir.to_str().unwrap()]);
     v.extend_from_slice(extra);

@@ -49,13 +49,31 @@ pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
-/// A zero-config node on an ephemeral loopback port with a fresh identity.
+/// The admin token of every test node ([`admin_token_file`]).
+pub const ADMIN_TOKEN: &str = "0123456789abcdef0123456789abcdef-test-admin-token";
+
+/// A file (mode 0600, one per test process) holding [`ADMIN_TOKEN`].
+pub fn admin_token_file() -> std::path::PathBuf {
+    static FILE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let mut f = tempfile::NamedTempFile::new().expect("token file");
+        std::io::Write::write_all(&mut f, ADMIN_TOKEN.as_bytes()).expect("write token");
+        // NamedTempFile is created 0600.
+        f.into_temp_path()
+    })
+    .to_path_buf()
+}
+
+/// A zero-config node on an ephemeral loopback port with a fresh identity
+/// and the test admin token.
 pub fn config() -> NodeConfig {
-    NodeConfig {
+    let mut cfg = NodeConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         identity: macula_runtime::IdentitySource::Ephemeral,
         ..Default::default()
-    }
+    };
+    cfg.admin_auth.token_file = Some(admin_token_file());
+    cfg
 }
 
 pub async fn start(cfg: NodeConfig) -> NodeRuntime {
