@@ -781,6 +781,17 @@ fn apikey(args: ApiKeyArgs) -> Result<(), Failure> {
         .open(&path)
         .and_then(|mut f| f.write_all(line.as_bytes()))
         .with_context(|| format!("cannot record the API key in {}", path.display()))?;
+    realm_audit(
+        &dir,
+        &key,
+        "apikey",
+        &format!(
+            "API key {} for {} (grant {})",
+            api_key.hash().prefix(),
+            subject_text(&verified.subject()),
+            entry.serial
+        ),
+    )?;
     println!("{api_key}");
     eprintln!(
         "API key {} for {} (grant {}, until {} unix ms); shown only this once: the realm keeps its hash. \
@@ -907,11 +918,37 @@ fn grant(args: GrantArgs) -> Result<(), Failure> {
         .open(&path)
         .and_then(|mut f| f.write_all(line.as_bytes()))
         .with_context(|| format!("cannot record the grant in {}", path.display()))?;
+    realm_audit(
+        &dir,
+        &key,
+        "grant",
+        &format!(
+            "grant {} for {} until {} (unix ms): {}",
+            record.serial,
+            record.subject,
+            record.expires_ms,
+            record.rules.join("; ")
+        ),
+    )?;
     println!("{token}");
     eprintln!(
         "grant {} for {} until {} (unix ms)",
         record.serial, record.subject, record.expires_ms
     );
+    Ok(())
+}
+
+/// Appends one entry to the realm's own audit trail (`<realm dir>/audit/`,
+/// checkpoints signed with the authority key): what this machine issued.
+fn realm_audit(dir: &Path, key: &SigningKey, kind: &str, detail: &str) -> Result<(), Failure> {
+    let log = macula::audit_log::AuditLog::open(
+        &dir.join("audit"),
+        key.clone(),
+        macula::config::AuditLimits::default(),
+    )
+    .with_context(|| format!("cannot open the realm's audit trail in {}", dir.display()))?;
+    log.record(kind, detail);
+    log.close();
     Ok(())
 }
 
@@ -943,6 +980,25 @@ fn revoke(args: RevokeArgs) -> Result<(), Failure> {
     let path = dir.join("revocations");
     let bytes = list.to_bytes()?;
     write_atomic(&path, &bytes)?;
+    realm_audit(
+        &dir,
+        &key,
+        "revocation",
+        &format!(
+            "revocation list version {}: serials [{}], principals [{}]",
+            body.version,
+            body.grants
+                .iter()
+                .map(|g| crate::hex(g))
+                .collect::<Vec<_>>()
+                .join(", "),
+            body.subjects
+                .iter()
+                .map(subject_text)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )?;
     println!("{}", path.display());
     eprintln!(
         "revocation list version {}: {} serials, {} principals",

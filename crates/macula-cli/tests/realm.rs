@@ -141,6 +141,17 @@ fn a_realm_grants_decides_and_revokes() {
     let out = check("publish", "orders.new", Some(&list));
     assert_eq!(code(&out), 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+    // The realm's own audit trail holds the grant and the revocation, its
+    // checkpoints signed with the authority key.
+    let trail = format!("{d}/realms/acme/audit/audit.log");
+    let text = std::fs::read_to_string(&trail).expect("the realm's audit trail");
+    assert!(
+        text.contains("\"kind\":\"grant\"") && text.contains(&serial),
+        "{text}"
+    );
+    assert!(text.contains("\"kind\":\"revocation\""), "{text}");
+    let out = ok(&["audit", "verify", &trail, "--key", &realm]);
+    assert!(out.contains("intact"), "{out}");
     // Without an authority, nothing can be granted.
     let out = macula(&[
         "realm",

@@ -36,11 +36,75 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::audit_log::AuditLog;
 use crate::config::Admission;
 use crate::metrics::{register, LabelledCounters};
 
 /// Decisions cached per grant.
 pub const DECISION_CACHE: usize = macula_auth::policy::DECISION_CACHE_CAPACITY;
+
+/// How long a repeat of the same security event stays out of the audit
+/// trail (see [`AuditTrail`]).
+pub const AUDIT_REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Distinct events remembered for that.
+pub const AUDIT_REPEAT_KEYS: usize = 4096;
+
+/// The node's audit trail as security events reach it (admissions and
+/// refusals, denials, revocations, trust changes): each distinct event
+/// (kind and key, e.g. a denial of one principal's action on one resource)
+/// is written at most once per [`AUDIT_REPEAT_WINDOW`]; how many repeats
+/// were left out is written with the next one after the window (every
+/// repeat is in the metrics anyway). So a flood of refused requests cannot
+/// rotate the trail's history away. Without a data directory there is no
+/// trail and this does nothing.
+pub struct AuditTrail {
+    log: Option<AuditLog>,
+    recent: Mutex<macula_wire::ttl_cache::TtlCache<String, u64, std::time::Instant>>,
+}
+
+impl std::fmt::Debug for AuditTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTrail")
+            .field("on", &self.log.is_some())
+            .finish()
+    }
+}
+
+impl AuditTrail {
+    pub fn new(log: Option<AuditLog>) -> AuditTrail {
+        AuditTrail {
+            log,
+            recent: Mutex::new(macula_wire::ttl_cache::TtlCache::new(AUDIT_REPEAT_KEYS)),
+        }
+    }
+
+    /// Writes `kind` with `detail()` unless the same `kind` and `key` was
+    /// written less than [`AUDIT_REPEAT_WINDOW`] ago.
+    pub fn record(&self, kind: &str, key: &str, detail: impl FnOnce() -> String) {
+        let Some(log) = &self.log else { return };
+        let now = std::time::Instant::now();
+        let k = format!("{kind}\0{key}");
+        let before = {
+            let mut recent = self.recent.lock();
+            if recent.get(&k, now).is_some() {
+                if let Some(n) = recent.peek_mut(&k) {
+                    *n += 1;
+                }
+                return;
+            }
+            let before = recent.remove(&k).unwrap_or(0);
+            recent.insert(k, 0, now + AUDIT_REPEAT_WINDOW, now);
+            before
+        };
+        let mut d = detail();
+        if before > 0 {
+            d.push_str(&format!(
+                " ({before} more like it left out in the minute before)"
+            ));
+        }
+        log.record(kind, &d);
+    }
+}
 
 /// A request a realm's permissions refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +257,8 @@ pub struct Authz {
     own_error: Option<OwnGrantError>,
     revoked: RwLock<Arc<Revoked>>,
     counters: Arc<RealmCounters>,
+    /// Where denials are written (set once by the node).
+    trail: std::sync::OnceLock<Arc<AuditTrail>>,
 }
 
 /// Why this node's own grant cannot be used.
@@ -243,7 +309,13 @@ impl Authz {
             own_error,
             revoked: RwLock::new(Arc::new(Revoked::default())),
             counters,
+            trail: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Denials go to `trail` from now on.
+    pub fn set_trail(&self, trail: Arc<AuditTrail>) {
+        let _ = self.trail.set(trail);
     }
 
     /// A lightweight client's own view of its grant, decoded but not
@@ -260,6 +332,7 @@ impl Authz {
             own_error: None,
             revoked: RwLock::new(Arc::new(Revoked::default())),
             counters,
+            trail: std::sync::OnceLock::new(),
         })
     }
 
@@ -370,13 +443,18 @@ impl Authz {
         if let Some(i) = Action::ALL.iter().position(|a| *a == action) {
             self.counters.denied.at(i).inc();
         }
-        Denied {
+        let d = Denied {
             principal: principal.to_string(),
             action,
             resource: resource.to_string(),
             kind,
             reason,
+        };
+        if let Some(t) = self.trail.get() {
+            let key = format!("{} {} {}", d.principal, d.action, d.resource);
+            t.record("denied", &key, || d.to_string());
         }
+        d
     }
 
     /// The revocation list held now.

@@ -207,6 +207,8 @@ struct NodeShared {
     realm: crate::realm::Realm,
     /// Trust on first use of configured addresses (open realms).
     trust: crate::trust::Trust,
+    /// Security events on their way to the audit trail.
+    trail: Arc<crate::authz::AuditTrail>,
     /// The monotonic clock every core of this node is fed from.
     clock: Clock,
     /// This run's epoch (see `clock.rs`), its mark saved while it runs.
@@ -520,6 +522,10 @@ impl NodeRuntime {
             }
             Arc::new(z)
         });
+        let trail = Arc::new(crate::authz::AuditTrail::new(security.audit.clone()));
+        if let Some(z) = &authz {
+            z.set_trail(trail.clone());
+        }
         let shared = Arc::new_cyclic(|weak| {
             let dht = crate::dht::spawn(
                 dht_identity,
@@ -596,6 +602,7 @@ impl NodeRuntime {
             let realm = crate::realm::Realm::new(
                 authz.clone(),
                 realm_counters,
+                trail.clone(),
                 Box::new(move || {
                     listed
                         .upgrade()
@@ -622,6 +629,7 @@ impl NodeRuntime {
             NodeShared {
                 services,
                 realm,
+                trail: trail.clone(),
                 trust: crate::trust::Trust::new(
                     match (&config.identity, &config.admission) {
                         (IdentitySource::DataDir(dir), None) => Some(dir.clone()),
@@ -856,6 +864,9 @@ impl NodeRuntime {
             crate::trust::Checked::Pinned(pinned) => match self.connect(addr, Some(pinned)).await {
                 Err(ConnectError::IdentityMismatch { detail, .. }) => {
                     self.0.trust.refused();
+                    self.0.trail.record("trust_refused", &key, || {
+                        format!("{key} is pinned to node {pinned}; another node answered: {detail}")
+                    });
                     tracing::warn!(target = %key, pinned = %pinned, "trust on first use: another node answers at a pinned address; refused");
                     Err(ConnectError::Untrusted {
                         target: key,
@@ -867,7 +878,12 @@ impl NodeRuntime {
             },
             crate::trust::Checked::New => {
                 let peer = self.connect(addr, None).await?;
-                self.0.trust.pin(&key, peer.node_id(), peer::unix_ms());
+                if self.0.trust.pin(&key, peer.node_id(), peer::unix_ms()) {
+                    let id = peer.node_id();
+                    self.0.trail.record("trust_pinned", &key, || {
+                        format!("{key} pinned to node {id} on first use")
+                    });
+                }
                 Ok(peer)
             }
         }
@@ -1046,6 +1062,18 @@ impl NodeRuntime {
                 return Err(ConnectError::ConnectionLimit { max });
             }
             Admit::Inserted { evicted } => {
+                if let Some(g) = peer.grant() {
+                    let id = peer.node_id();
+                    let (remote, dir) = (peer.remote_addr(), peer.direction());
+                    self.0.trail.record("admitted", &id.to_string(), || {
+                        let b = &g.verified().body;
+                        let serial: String = b.id.iter().map(|x| format!("{x:02x}")).collect();
+                        format!(
+                            "node {id} ({dir:?}, {remote}) admitted as {} with grant {serial}",
+                            b.subject
+                        )
+                    });
+                }
                 if let Some(old) = evicted {
                     m.pool_evictions_total.inc();
                     tracing::debug!(peer = %old.node_id(), "evicting least recently used connection");
@@ -1293,6 +1321,12 @@ impl NodeRuntime {
             }
             Ok(Err((Some(failure), detail))) => {
                 self.0.metrics.handshake_failure(failure);
+                if failure == HandshakeFailure::Unauthorized {
+                    let ip = remote.ip().to_string();
+                    self.0.trail.record("admission_refused", &ip, || {
+                        format!("inbound from {remote}: {detail}")
+                    });
+                }
                 if let Some(held_back) = self.0.quiet_handshakes.allow() {
                     tracing::warn!(remote = %remote, error = %detail, held_back, "inbound handshake failed (at most one such line a second; held_back: lines not written since the last; every failure is counted in macula_handshake_failures_total)");
                 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 use macula_wire::{DisconnectReason, ErrorCode, Message, MessageType, NodeId};
 use tokio::sync::watch;
 
-use crate::authz::{Authz, Installed, RealmCounters};
+use crate::authz::{AuditTrail, Authz, Installed, RealmCounters};
 use crate::peer::{unix_ms, Peer};
 use crate::service::{Answer, Serves, Service};
 
@@ -46,6 +46,7 @@ pub struct Realm(Arc<Inner>);
 
 struct Inner {
     authz: Option<Arc<Authz>>,
+    trail: Arc<AuditTrail>,
     counters: Arc<RealmCounters>,
     peers: PeerList,
     /// Where the adopted list is kept (`None`: an ephemeral node).
@@ -73,11 +74,13 @@ impl Realm {
     pub(crate) fn new(
         authz: Option<Arc<Authz>>,
         counters: Arc<RealmCounters>,
+        trail: Arc<AuditTrail>,
         peers: PeerList,
         dir: Option<PathBuf>,
     ) -> Realm {
         Realm(Arc::new(Inner {
             authz,
+            trail,
             counters,
             peers,
             dir,
@@ -128,6 +131,15 @@ impl Realm {
         let outcome = authz.install(bytes)?;
         if let Installed::Adopted { version } = outcome {
             tracing::info!(version, from = ?from, "realm revocation list adopted");
+            let n = authz.revoked().list.len();
+            self.0
+                .trail
+                .record("revocations", &version.to_string(), || {
+                    let by = from.map_or("the admin API or a file".to_string(), |f| {
+                        format!("node {f}")
+                    });
+                    format!("revocation list version {version} adopted ({n} entries), from {by}")
+                });
             self.keep(bytes);
             let peers = (self.0.peers)();
             self.close_revoked(authz, &peers);
@@ -163,6 +175,10 @@ impl Realm {
             if revoked && !p.is_closed() {
                 self.0.counters.closed.at(0).inc();
                 tracing::info!(peer = %p.node_id(), version, "closing a connection: its grant was revoked");
+                let id = p.node_id();
+                self.0.trail.record("revoked_closed", &id.to_string(), || {
+                    format!("closed the connection of node {id}: grant revoked (list version {version})")
+                });
                 let p = p.clone();
                 tokio::spawn(async move {
                     let why = format!("your grant was revoked (revocation list version {version})");
@@ -190,6 +206,10 @@ impl Realm {
                 if expired && !p.is_closed() {
                     self.0.counters.closed.at(1).inc();
                     tracing::info!(peer = %p.node_id(), "closing a connection: its grant expired");
+                    let id = p.node_id();
+                    self.0.trail.record("expired_closed", &id.to_string(), || {
+                        format!("closed the connection of node {id}: grant expired")
+                    });
                     let p = p.clone();
                     tokio::spawn(async move {
                         p.disconnect(DisconnectReason::Unauthorized, "your grant expired")

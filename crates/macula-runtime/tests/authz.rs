@@ -277,6 +277,10 @@ async fn pubsub_is_checked_where_it_enters_and_where_it_is_delivered() {
     // would be queued by now.
     assert_eq!(pay.pending(), 0);
     assert_eq!(s.pubsub().counters().unauthorized_dropped_total.get(), 4);
+    // Denials are in the audit trail (each distinct one once a minute).
+    let trail = audit_text(&s);
+    assert!(trail.contains("\"kind\":\"denied\""), "{trail}");
+    assert_eq!(trail.matches("payments.1").count(), 1, "{trail}");
 }
 
 #[tokio::test]
@@ -381,6 +385,19 @@ fn revocations(authority: &SigningKey, version: u64, serials: &[u8]) -> Vec<u8> 
     .expect("encode")
 }
 
+/// The node's audit trail so far, as text (flushed first).
+fn audit_text(n: &NodeRuntime) -> String {
+    let log = n
+        .audit()
+        .expect("a node with a data directory keeps an audit trail");
+    log.flush();
+    let mut text = String::new();
+    for f in macula_runtime::audit_log::files(log.dir()).expect("audit files") {
+        text.push_str(&std::fs::read_to_string(f).expect("read"));
+    }
+    text
+}
+
 fn connected(n: &NodeRuntime, id: NodeId) -> bool {
     n.peers()
         .iter()
@@ -420,6 +437,11 @@ async fn a_revocation_spreads_through_the_mesh_and_closes_the_revoked() {
         assert_eq!(held.list.version, 1);
     }
     assert!(b.realm_service().counters().closed.at(0).get() >= 1);
+    // In the audit trails: the adoption, and the closings.
+    let trail = audit_text(&b);
+    assert!(trail.contains("\"kind\":\"revocations\""), "{trail}");
+    assert!(trail.contains("\"kind\":\"revoked_closed\""), "{trail}");
+    assert!(trail.contains("\"kind\":\"admitted\""), "{trail}");
     // Kept in the data directory; an older or equal list changes nothing.
     for d in [&ad, &bd] {
         assert_eq!(
