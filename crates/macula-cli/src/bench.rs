@@ -59,6 +59,10 @@ pub enum BenchCommand {
     /// A node process of `bench crdt` (started by it).
     #[command(hide = true)]
     CrdtNode(crate::bench_crdt::CrdtNodeArgs),
+    /// A realm with an authority and 1,000-rule grants versus an open realm
+    /// (in-process nodes on 127.0.0.1, rounds alternating): handshake time,
+    /// publish and call throughput.
+    Authz(crate::bench_authz::AuthzArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -145,6 +149,11 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::CrdtNode(args) => crate::bench_crdt::node(args).await,
+        BenchCommand::Authz(args) => {
+            tokio::time::timeout(MAX_RUNTIME, crate::bench_authz::run(args))
+                .await
+                .context("benchmark exceeded its time limit")?
+        }
         BenchCommand::Kv(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_kv::run(args))
             .await
             .context("benchmark exceeded its time limit")?,

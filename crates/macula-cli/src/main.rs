@@ -9,6 +9,7 @@
 
 mod admin_cli;
 mod bench;
+mod bench_authz;
 mod bench_connections;
 mod bench_crdt;
 mod bench_kv;

@@ -40,6 +40,10 @@ use crate::audit_log::AuditLog;
 use crate::config::Admission;
 use crate::metrics::{register, LabelledCounters};
 
+/// Grants remembered as verified (see [`Authz::admit`]), and for how long.
+pub const VERIFIED_GRANTS: usize = 1024;
+pub const VERIFIED_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Decisions cached per grant.
 pub const DECISION_CACHE: usize = macula_auth::policy::DECISION_CACHE_CAPACITY;
 
@@ -259,6 +263,8 @@ pub struct Authz {
     counters: Arc<RealmCounters>,
     /// Where denials are written (set once by the node).
     trail: std::sync::OnceLock<Arc<AuditTrail>>,
+    /// Grants verified lately, by the BLAKE3 hash of their bytes.
+    verified: Mutex<macula_wire::ttl_cache::TtlCache<[u8; 32], Arc<PeerGrant>, std::time::Instant>>,
 }
 
 /// Why this node's own grant cannot be used.
@@ -310,6 +316,7 @@ impl Authz {
             revoked: RwLock::new(Arc::new(Revoked::default())),
             counters,
             trail: std::sync::OnceLock::new(),
+            verified: Mutex::new(macula_wire::ttl_cache::TtlCache::new(VERIFIED_GRANTS)),
         }
     }
 
@@ -333,6 +340,7 @@ impl Authz {
             revoked: RwLock::new(Arc::new(Revoked::default())),
             counters,
             trail: std::sync::OnceLock::new(),
+            verified: Mutex::new(macula_wire::ttl_cache::TtlCache::new(0)),
         })
     }
 
@@ -362,24 +370,60 @@ impl Authz {
     }
 
     /// Verifies the grant a peer presented for the node ID it proved
-    /// (`Subject::Node`), against the current revocations.
+    /// (`Subject::Node`), against the current revocations. A grant seen
+    /// before (same bytes, within [`VERIFIED_TTL`]) is not verified and
+    /// compiled again: its validity window, subject and revocation are
+    /// checked, and its compiled policy (with its decision cache) shared.
     pub fn admit(
         &self,
         proved: NodeId,
         grant: Option<&[u8]>,
         now_ms: u64,
-    ) -> Result<PeerGrant, GrantError> {
+    ) -> Result<Arc<PeerGrant>, GrantError> {
         let Some(bytes) = grant else {
             return Err(GrantError::Decode("HELLO carried no grant".into()));
         };
-        let v = self.verify(bytes, now_ms)?;
-        if v.subject() != Subject::Node(proved) {
+        let key = *blake3::hash(bytes).as_bytes();
+        let now = std::time::Instant::now();
+        let seen = self.verified.lock().get(&key, now).cloned();
+        let g = match seen {
+            Some(g) => {
+                let b = &g.verified.body;
+                if now_ms >= g.expires_ms().saturating_add(self.skew_ms) {
+                    return Err(GrantError::Expired {
+                        expires_ms: g.expires_ms(),
+                        now_ms,
+                    });
+                }
+                if now_ms.saturating_add(self.skew_ms) < b.not_before_ms {
+                    return Err(GrantError::NotYetValid {
+                        not_before_ms: b.not_before_ms,
+                        now_ms,
+                    });
+                }
+                let revoked = self.revoked();
+                if revoked.list.revokes_verified(&g.verified) {
+                    return Err(GrantError::Revoked {
+                        version: revoked.list.version,
+                    });
+                }
+                g
+            }
+            None => {
+                let g = Arc::new(PeerGrant::new(self.verify(bytes, now_ms)?));
+                self.verified
+                    .lock()
+                    .insert(key, g.clone(), now + VERIFIED_TTL, now);
+                g
+            }
+        };
+        if g.subject() != Subject::Node(proved) {
             return Err(GrantError::WrongSubject {
-                found: v.subject(),
+                found: g.subject(),
                 presented: Subject::Node(proved),
             });
         }
-        Ok(PeerGrant::new(v))
+        Ok(g)
     }
 
     /// Whether this node's own application may do `action` on `resource`.
@@ -646,6 +690,17 @@ mod tests {
         assert!(!z.is_revoked(&admitted));
         assert!(!z.is_expired(&admitted, 9_999));
         assert!(z.is_expired(&admitted, 10_000));
+        // Seen before: not verified again, but still checked in time.
+        assert!(Arc::ptr_eq(
+            &admitted,
+            &z.admit(node(3), Some(&g), 6).expect("cached")
+        ));
+        assert_eq!(
+            z.admit(node(3), Some(&g), 10_000)
+                .expect_err("expired")
+                .kind(),
+            "expired"
+        );
         // A newer list is adopted, an older or equal one ignored, a forged
         // one refused.
         assert_eq!(

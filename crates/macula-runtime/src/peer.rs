@@ -506,7 +506,7 @@ fn check_hello(
         }),
         Some(g) => authz
             .admit(proved, Some(g.as_slice()), unix_ms())
-            .map(|g| Some(Arc::new(g)))
+            .map(Some)
             .map_err(|e| HandshakeError::Unauthorized {
                 kind: e.kind(),
                 message: e.to_string(),

@@ -37,7 +37,7 @@ pub use message::{
 };
 pub use node_id::{NodeId, ParseNodeIdError};
 pub use pubsub::{
-    encode_batch_frame, BatchEntry, BatchItem, BatchMessage, Publish, PublishBatch,
+    encode_batch_frame, BatchEntry, BatchHead, BatchItem, BatchMessage, Publish, PublishBatch,
     PublishBatchView, PublishDropped,
 };
 pub use raft::{RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};

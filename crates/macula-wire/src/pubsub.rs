@@ -142,6 +142,65 @@ pub struct BatchEntry<'a> {
     pub message_id: Option<&'a str>,
 }
 
+/// The head of a PUBLISH_BATCH body: who published, the topic table and
+/// how many messages follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchHead<'a> {
+    pub publisher: NodeId,
+    pub epoch: u64,
+    pub topics: Vec<&'a str>,
+    /// How many messages the batch says it carries.
+    pub messages: u64,
+}
+
+impl<'a> BatchHead<'a> {
+    /// The head of a PUBLISH_BATCH body (publisher, epoch, topic table,
+    /// message count) without its messages: what a receiver checks before
+    /// it reads them (the realm's permissions). As strict as
+    /// [`PublishBatchView::decode`] on what it reads.
+    pub fn decode(body: &'a [u8]) -> Result<Self, String> {
+        Self::read(&mut Cursor { buf: body })
+    }
+
+    fn read(c: &mut Cursor<'a>) -> Result<Self, String> {
+        let format = c.u8()?;
+        if format != BATCH_FORMAT {
+            return Err(format!(
+                "batch format {format}, this node reads {BATCH_FORMAT}"
+            ));
+        }
+        if c.buf.len() < 32 {
+            return Err("truncated".into());
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(c.bytes(32));
+        let publisher = NodeId::from_bytes(id);
+        let epoch = c.varint()?;
+        let n_topics = c.varint()?;
+        if n_topics == 0 || n_topics > MAX_BATCH_TOPICS as u64 {
+            return Err(format!(
+                "{n_topics} topics, must be 1 to {MAX_BATCH_TOPICS}"
+            ));
+        }
+        let mut topics = Vec::with_capacity((n_topics as usize).min(c.buf.len()));
+        for _ in 0..n_topics {
+            topics.push(c.str("topic", MAX_WIRE_TOPIC_LEN)?);
+        }
+        let messages = c.varint()?;
+        if messages == 0 || messages > MAX_BATCH_MESSAGES as u64 {
+            return Err(format!(
+                "{messages} messages, must be 1 to {MAX_BATCH_MESSAGES}"
+            ));
+        }
+        Ok(BatchHead {
+            publisher,
+            epoch,
+            topics,
+            messages,
+        })
+    }
+}
+
 /// A decoded PUBLISH_BATCH body, borrowing topics and payloads from it. Every
 /// limit has been checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,35 +408,13 @@ impl<'a> PublishBatchView<'a> {
     /// proportion to the body's length.
     pub fn decode(body: &'a [u8]) -> Result<Self, String> {
         let mut c = Cursor { buf: body };
-        let format = c.u8()?;
-        if format != BATCH_FORMAT {
-            return Err(format!(
-                "batch format {format}, this node reads {BATCH_FORMAT}"
-            ));
-        }
-        if c.buf.len() < 32 {
-            return Err("truncated".into());
-        }
-        let mut id = [0u8; 32];
-        id.copy_from_slice(c.bytes(32));
-        let publisher = NodeId::from_bytes(id);
-        let epoch = c.varint()?;
-        let n_topics = c.varint()?;
-        if n_topics == 0 || n_topics > MAX_BATCH_TOPICS as u64 {
-            return Err(format!(
-                "{n_topics} topics, must be 1 to {MAX_BATCH_TOPICS}"
-            ));
-        }
-        let mut topics = Vec::with_capacity((n_topics as usize).min(c.buf.len()));
-        for _ in 0..n_topics {
-            topics.push(c.str("topic", MAX_WIRE_TOPIC_LEN)?);
-        }
-        let n_msgs = c.varint()?;
-        if n_msgs == 0 || n_msgs > MAX_BATCH_MESSAGES as u64 {
-            return Err(format!(
-                "{n_msgs} messages, must be 1 to {MAX_BATCH_MESSAGES}"
-            ));
-        }
+        let BatchHead {
+            publisher,
+            epoch,
+            topics,
+            messages: n_msgs,
+        } = BatchHead::read(&mut c)?;
+        let n_topics = topics.len() as u64;
         // Each message takes at least 4 bytes: never reserve beyond the body.
         let mut entries = Vec::with_capacity((n_msgs as usize).min(c.buf.len() / 4));
         let mut seq = 0u64;
@@ -657,6 +694,7 @@ pub fn fuzz_publish_dropped(data: &[u8]) {
 /// re-encode and decode to the same messages. Shared by
 /// `fuzz/fuzz_targets/publish_batch.rs` and the property tests.
 pub fn fuzz_publish_batch(data: &[u8]) {
+    let _ = BatchHead::decode(data);
     if let Ok(view) = PublishBatchView::decode(data) {
         let owned = view.to_owned_batch();
         let mut body = Vec::new();
@@ -730,6 +768,12 @@ mod tests {
         fn batches_round_trip(b in arb_batch()) {
             let bytes = body(&b);
             let view = PublishBatchView::decode(&bytes).unwrap();
+            // The head alone agrees with the whole.
+            let head = BatchHead::decode(&bytes).unwrap();
+            prop_assert_eq!(head.publisher, view.publisher);
+            prop_assert_eq!(head.epoch, view.epoch);
+            prop_assert_eq!(&head.topics, &view.topics);
+            prop_assert_eq!(head.messages, view.entries.len() as u64);
             prop_assert_eq!(view.to_owned_batch(), b);
         }
 
@@ -743,6 +787,10 @@ mod tests {
         #[test]
         fn arbitrary_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             fuzz_publish_batch(&data);
+            // What the full decode takes, the head takes too.
+            if PublishBatchView::decode(&data).is_ok() {
+                prop_assert!(BatchHead::decode(&data).is_ok());
+            }
         }
 
         #[test]
