@@ -225,6 +225,9 @@ async fn round(a: &Node, b: &Node, args: &AuthzArgs) -> anyhow::Result<Round> {
     })
 }
 
+/// One figure of a round, by name.
+type Figure = fn(&Round) -> f64;
+
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs.get(xs.len() / 2).copied().unwrap_or(0.0)
@@ -270,8 +273,8 @@ pub async fn run(args: AuthzArgs) -> anyhow::Result<()> {
     for n in [oa, ob, ra, rb] {
         n.shutdown().await;
     }
-    let pick = |v: &[Round], f: fn(&Round) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
-    let fields: [(&str, fn(&Round) -> f64); 4] = [
+    let pick = |v: &[Round], f: Figure| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let fields: [(&str, Figure); 4] = [
         ("handshake_p50_us", |r| r.handshake_p50_us),
         ("handshake_mean_us", |r| r.handshake_mean_us),
         ("publish_msgs_per_s", |r| r.publish_msgs_per_s),
