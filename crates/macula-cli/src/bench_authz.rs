@@ -283,7 +283,7 @@ pub async fn run(args: AuthzArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         let mut v = serde_json::json!({
-            "bench": "authz",
+            "benchmark": "authz",
             "build": build_kind(),
             "rules": args.rules,
             "rounds": {"open": open, "realm": realm},

@@ -1,4 +1,4 @@
-//! `macula bench connections`, `bench rpc` and `bench crdt` with small counts, as
+//! `macula bench connections`, `bench rpc`, `bench crdt` and `bench authz` with small counts, as
 //! tests: each starts its own node process on 127.0.0.1, runs to the end and
 //! prints one JSON object whose figures are present and plausible. (The
 //! figures themselves are benchmarks, in BENCHMARKS.md, not asserted here.)
@@ -98,4 +98,25 @@ fn bench_crdt_converges_across_node_processes() {
         v["converged_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
         "{v}"
     );
+}
+
+#[test]
+fn bench_authz_compares_an_open_realm_with_a_granted_one() {
+    let v = bench_json(&[
+        "authz",
+        "--handshakes",
+        "5",
+        "--messages",
+        "500",
+        "--calls",
+        "50",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["benchmark"], "authz");
+    assert_eq!(v["rules"], 1000);
+    for figure in ["handshake_p50_us", "publish_msgs_per_s", "calls_per_s"] {
+        assert!(v[figure]["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    }
 }
