@@ -76,7 +76,7 @@ impl Credentials {
     /// else none.
     pub(crate) fn resolve(a: &AuthArgs) -> Result<Credentials, Failure> {
         if let (Some(grant), Some(key)) = (&a.admin_grant, &a.admin_key) {
-            let grant = crate::realm_cli::grant_file(grant)?;
+            let grant = crate::tokens::grant_file(grant)?;
             let id = macula::Identity::load(key)
                 .with_context(|| format!("--admin-key {}", key.display()))?;
             let key = SigningKey::from_pkcs8_der(&id.pkcs8_der())

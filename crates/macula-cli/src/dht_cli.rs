@@ -58,9 +58,7 @@ pub fn grant(mesh: &MeshArgs) -> anyhow::Result<Option<Vec<u8>>> {
     });
     match path {
         None => Ok(None),
-        Some(p) => crate::realm_cli::grant_file(&p)
-            .map(Some)
-            .map_err(|e| e.error),
+        Some(p) => crate::tokens::grant_file(&p).map(Some).map_err(|e| e.error),
     }
 }
 

@@ -24,6 +24,8 @@ mod pubsub_cli;
 mod raft_cli;
 mod realm_cli;
 mod rpc_cli;
+mod text;
+mod tokens;
 mod trust_cli;
 
 use std::io::Write;
@@ -340,11 +342,11 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             (Some(authority), grant, revocations) => {
                 let mut admission = macula::config::Admission::new(
                     authority,
-                    grant.as_deref().map(realm_cli::grant_file).transpose()?,
+                    grant.as_deref().map(tokens::grant_file).transpose()?,
                 );
                 admission.revocations = revocations
                     .as_deref()
-                    .map(realm_cli::revocations_file)
+                    .map(tokens::revocations_file)
                     .transpose()?;
                 admission.api_keys = s
                     .api_keys

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::Failure;
 
 /// Grants and realm keys travel as URL-safe base64 without padding.
-const TOKEN: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use crate::tokens::{revocations_file, TOKEN};
 
 #[derive(Subcommand, Debug)]
 pub enum RealmCommand {
@@ -431,7 +431,7 @@ fn print_entry(out: &mut impl std::io::Write, line: &str, json: bool) -> std::io
     }
     match serde_json::from_str::<macula::auth::audit::Entry>(line) {
         Ok(e) => {
-            let time = crate::pubsub_cli::rfc3339(Duration::from_millis(e.time_ms));
+            let time = crate::text::rfc3339(Duration::from_millis(e.time_ms));
             let detail = if e.kind == macula::auth::audit::CHECKPOINT {
                 format!("signature {}...", e.detail.get(..16).unwrap_or(&e.detail))
             } else {
@@ -572,29 +572,6 @@ fn read_token(arg: &str) -> anyhow::Result<Grant> {
         .decode(text.trim())
         .map_err(|e| anyhow!("not a grant token (base64): {e}"))?;
     Ok(Grant::from_bytes(&bytes)?)
-}
-
-/// The bytes of the grant token in the file at `path` (`macula start
-/// --grant-file`), checked to decode as a grant.
-pub fn grant_file(path: &Path) -> Result<Vec<u8>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the grant file {}", path.display()))?;
-    let bytes = TOKEN
-        .decode(text.trim())
-        .map_err(|e| crate::usage(anyhow!("{} is not a grant token: {e}", path.display())))?;
-    Grant::from_bytes(&bytes)
-        .map_err(|e| crate::usage(anyhow!("{} is not a grant: {e}", path.display())))?;
-    Ok(bytes)
-}
-
-/// Reads a signed revocation list file (as `realm revoke` writes it);
-/// checked to decode here, verified by the node against its authority.
-pub fn revocations_file(path: &Path) -> Result<Vec<u8>, Failure> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the revocation list {}", path.display()))?;
-    RevocationList::from_bytes(&bytes)
-        .map_err(|e| crate::usage(anyhow!("{} is not a revocation list: {e}", path.display())))?;
-    Ok(bytes)
 }
 
 fn token_of(g: &Grant) -> anyhow::Result<String> {

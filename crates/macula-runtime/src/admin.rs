@@ -65,7 +65,7 @@ use tokio::time::{Instant, Sleep};
 use crate::metrics::register;
 use crate::node::NodeRuntime;
 
-mod auth;
+pub mod auth;
 mod raft;
 mod realm;
 

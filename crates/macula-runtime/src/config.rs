@@ -303,7 +303,7 @@ pub struct NodeConfig {
     pub reachability: ReachabilityMode,
     /// Trust on first use of configured addresses in an open realm
     /// (`trust.rs`): on by default for nodes with a data directory.
-    pub trust: crate::trust::TrustLimits,
+    pub trust: TrustLimits,
     /// The realm's authority and this node's grant (issue 18): with an
     /// authority, only peers presenting a valid grant for the node ID they
     /// proved are admitted. `None`: an open realm, as before.
@@ -402,6 +402,25 @@ impl Default for AuditLimits {
     }
 }
 
+/// Default [`TrustLimits::max_pins`].
+pub const DEFAULT_MAX_PINS: usize = 4096;
+
+/// Trust on first use (`trust.rs`): on or off, and how many pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustLimits {
+    pub enabled: bool,
+    pub max_pins: usize,
+}
+
+impl Default for TrustLimits {
+    fn default() -> Self {
+        TrustLimits {
+            enabled: true,
+            max_pins: DEFAULT_MAX_PINS,
+        }
+    }
+}
+
 /// Admission to a realm that has an authority.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admission {
@@ -454,7 +473,7 @@ impl Default for NodeConfig {
             relay: RelayLimits::default(),
             raft: RaftLimits::default(),
             reachability: ReachabilityMode::Auto,
-            trust: crate::trust::TrustLimits::default(),
+            trust: TrustLimits::default(),
             admission: None,
             admin_auth: AdminAuthConfig::default(),
             audit: AuditLimits::default(),

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod apikey;
+pub mod apikey_gate;
 pub mod audit_log;
 pub mod authz;
 mod backoff;
@@ -23,6 +24,7 @@ pub mod dht_cache;
 mod driver;
 pub mod framed;
 pub mod gateway;
+pub mod handshake_error;
 pub mod identity;
 pub mod metrics;
 pub mod node;

@@ -98,7 +98,7 @@ pub enum StartError {
     DataDir(#[from] crate::datadir::DataDirError),
     /// The admin token file could not be read or created.
     #[error(transparent)]
-    AdminAuth(#[from] crate::admin::AdminAuthError),
+    AdminAuth(#[from] crate::admin::auth::AdminAuthError),
     /// The audit log in the data directory could not be opened.
     #[error(transparent)]
     Audit(#[from] crate::audit_log::AuditError),
@@ -258,13 +258,13 @@ struct NodeShared {
 /// The admin API's credentials check and the node's audit trail (in
 /// `<data dir>/audit/`, signed with the node key), set up at start.
 struct Security {
-    admin_auth: Arc<crate::admin::AdminAuth>,
+    admin_auth: Arc<crate::admin::auth::AdminAuth>,
     audit: Option<crate::audit_log::AuditLog>,
 }
 
 impl Security {
     fn open(config: &NodeConfig, identity: &Identity) -> Result<Security, StartError> {
-        let admin_auth = Arc::new(crate::admin::AdminAuth::prepare(config)?);
+        let admin_auth = Arc::new(crate::admin::auth::AdminAuth::prepare(config)?);
         let audit = match &config.identity {
             IdentitySource::DataDir(dir) => Some(crate::audit_log::AuditLog::open(
                 &dir.join("audit"),
@@ -505,7 +505,7 @@ impl NodeRuntime {
         };
         // The node's metrics, shared with the API-key gate (apikey.rs).
         let metrics = Arc::new(Metrics::default());
-        let api_keys = crate::apikey::gate_of(config.admission.as_ref(), &metrics);
+        let api_keys = crate::apikey_gate::gate_of(config.admission.as_ref(), &metrics);
         let (events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
         let (shutdown, _) = watch::channel(false);
         let dht_shutdown = shutdown.subscribe();
@@ -766,7 +766,7 @@ impl NodeRuntime {
     }
 
     /// The admin API's credentials check.
-    pub fn admin_auth(&self) -> &Arc<crate::admin::AdminAuth> {
+    pub fn admin_auth(&self) -> &Arc<crate::admin::auth::AdminAuth> {
         &self.0.security.admin_auth
     }
 

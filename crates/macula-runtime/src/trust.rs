@@ -22,29 +22,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use crate::config::TrustLimits;
 use crate::metrics::register;
 
 /// The pins' file in the data directory.
 pub const TRUST_FILE: &str = "trust.json";
-/// Default [`TrustLimits::max_pins`].
-pub const DEFAULT_MAX_PINS: usize = 4096;
-
-/// Trust on first use: on or off, and how many pins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TrustLimits {
-    pub enabled: bool,
-    pub max_pins: usize,
-}
-
-impl Default for TrustLimits {
-    fn default() -> Self {
-        TrustLimits {
-            enabled: true,
-            max_pins: DEFAULT_MAX_PINS,
-        }
-    }
-}
-
 /// One pin: the node ID first seen at a target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pin {

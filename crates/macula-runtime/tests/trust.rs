@@ -6,8 +6,8 @@
 mod common;
 
 use common::{config, free_port, start, start_on_port, within, STEP};
+use macula_runtime::config::TrustLimits;
 use macula_runtime::trust::Pins;
-use macula_runtime::trust::TrustLimits;
 use macula_runtime::{ConnectError, IdentitySource, NodeConfig, PeerAddr};
 
 #[tokio::test]
