@@ -525,6 +525,7 @@ impl NodeRuntime {
         let trail = Arc::new(crate::authz::AuditTrail::new(security.audit.clone()));
         if let Some(z) = &authz {
             z.set_trail(trail.clone());
+            security.admin_auth.set_authz(z.clone());
         }
         let shared = Arc::new_cyclic(|weak| {
             let dht = crate::dht::spawn(

@@ -334,7 +334,28 @@ async fn admin_grants_with_signed_requests() {
         "bad_grant:malformed",
     );
 
-    assert_eq!(admin.sample(&unauthorized("bad_grant")).await, 5.0);
+    // Revoked through the realm's list: refused from then on.
+    let list = macula_auth::RevocationList::sign(
+        &macula_auth::RevocationBody {
+            realm: Key::of(&authority),
+            version: 1,
+            issued_ms: now,
+            grants: vec![[9; 16]],
+            subjects: vec![],
+        },
+        &authority,
+    )
+    .expect("sign")
+    .to_bytes()
+    .expect("encode");
+    node.realm_service().install(&list).expect("adopted");
+    let header = signed(&all, &ops, "GET", "/admin/peers", now_ms());
+    check(
+        admin.get("/admin/peers", Some(&header)).await,
+        "bad_grant:revoked",
+    );
+
+    assert_eq!(admin.sample(&unauthorized("bad_grant")).await, 6.0);
     assert_eq!(admin.sample(&unauthorized("denied")).await, 2.0);
     assert_eq!(admin.sample(&unauthorized("stale")).await, 1.0);
     assert_eq!(admin.sample(&unauthorized("replayed")).await, 1.0);

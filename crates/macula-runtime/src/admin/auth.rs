@@ -147,6 +147,9 @@ pub struct AdminAuth {
     unauthorized: LabelledCounters<7>,
     /// Addresses whose failure count was forgotten to make room.
     failure_sources_evicted: prometheus_client::metrics::counter::Counter,
+    /// The realm's permissions, for the revocation list it holds (set
+    /// once by the node).
+    authz: std::sync::OnceLock<std::sync::Arc<crate::authz::Authz>>,
 }
 
 impl AdminAuth {
@@ -175,7 +178,14 @@ impl AdminAuth {
             failures: Mutex::new(HashMap::new()),
             unauthorized: LabelledCounters::new("reason", REASONS),
             failure_sources_evicted: Default::default(),
+            authz: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Admin grants are checked against `authz`'s revocation list from now
+    /// on (before: none revoked).
+    pub fn set_authz(&self, authz: std::sync::Arc<crate::authz::Authz>) {
+        let _ = self.authz.set(authz);
     }
 
     /// The token file in use, if any.
@@ -329,8 +339,11 @@ impl AdminAuth {
         let grant = Grant::from_bytes(&grant_bytes)
             .map_err(|e| Refusal::bad_grant(e.kind(), e.to_string()))?;
         let skew = u64::try_from(admission.clock_skew.as_millis()).unwrap_or(u64::MAX);
+        let held = self.authz.get().map(|a| a.revoked());
+        let none = Revocations::default();
+        let revoked = held.as_ref().map_or(&none, |h| &h.list);
         let verified = grant
-            .verify(&admission.authority, now_ms, skew, &Revocations::default())
+            .verify(&admission.authority, now_ms, skew, revoked)
             .map_err(|e| Refusal::bad_grant(e.kind(), e.to_string()))?;
         let Subject::Client(key) = verified.subject() else {
             return Err(Refusal::bad_grant(
