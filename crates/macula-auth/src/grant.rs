@@ -353,6 +353,75 @@ pub(crate) mod tests {
         Revocations::default()
     }
 
+    /// Every limit holds exactly at its bound and refuses one past it.
+    #[test]
+    fn limits_hold_at_their_bounds() {
+        assert_eq!(
+            (MAX_GRANT_BYTES, MAX_RULES, MAX_ROLES, MAX_ROLE_LEN),
+            (65_536, 1024, 64, 64)
+        );
+        let too_large = |n: usize| {
+            matches!(
+                Grant::from_bytes(&vec![0xc1; n]),
+                Err(GrantError::TooLarge { .. })
+            )
+        };
+        assert!(!too_large(MAX_GRANT_BYTES));
+        assert!(too_large(MAX_GRANT_BYTES + 1));
+        let auth = key(1);
+        let realm = Key::of(&auth);
+        let verify = |b: &GrantBody| {
+            Grant {
+                grant: sign(b, &auth).expect("sign"),
+                signer: None,
+            }
+            .verify(&realm, 5_000, 0, &none())
+        };
+        let mut b = body(&auth, &auth, node(2), "allow publish a");
+        b.rules = vec![b.rules[0].clone(); MAX_RULES];
+        assert!(verify(&b).is_ok(), "{} rules", MAX_RULES);
+        b.rules.push(b.rules[0].clone());
+        assert_eq!(verify(&b).map_err(|e| e.kind()), Err("bad_rule"));
+        let mut b = body(&auth, &auth, node(2), "allow publish a");
+        b.roles = vec!["r".repeat(MAX_ROLE_LEN); MAX_ROLES];
+        assert!(verify(&b).is_ok());
+        b.roles.push("r".into());
+        assert_eq!(verify(&b).map_err(|e| e.kind()), Err("bad_rule"));
+        b.roles = vec!["r".repeat(MAX_ROLE_LEN + 1)];
+        assert_eq!(verify(&b).map_err(|e| e.kind()), Err("bad_rule"));
+    }
+
+    /// A signer's grant ends the grants it signed no later than itself.
+    #[test]
+    fn a_grant_expires_with_its_signer() {
+        let auth = key(1);
+        let signer = key(3);
+        let mut delegation = body(
+            &auth,
+            &auth,
+            Subject::Signer(Key::of(&signer)),
+            "allow publish **",
+        );
+        delegation.expires_ms = 7_000;
+        let mine = body(&auth, &signer, node(4), "allow publish a");
+        let v = Verified {
+            body: mine.clone(),
+            signer: Some(delegation.clone()),
+        };
+        assert_eq!(v.expires_ms(), 7_000);
+        delegation.expires_ms = 20_000;
+        let v = Verified {
+            body: mine,
+            signer: Some(delegation),
+        };
+        assert_eq!(v.expires_ms(), 10_000);
+        let alone = Verified {
+            body: body(&auth, &auth, node(4), "allow publish a"),
+            signer: None,
+        };
+        assert_eq!(alone.expires_ms(), 10_000);
+    }
+
     #[test]
     fn an_authority_grant_verifies_and_decides() {
         let auth = key(1);

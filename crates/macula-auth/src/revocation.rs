@@ -175,6 +175,45 @@ mod tests {
     use crate::grant::tests::key;
 
     #[test]
+    fn limits_hold_at_their_bounds_and_sizes_count_both_kinds() {
+        assert_eq!((MAX_LIST_BYTES, MAX_REVOKED), (8 * 1024 * 1024, 100_000));
+        let too_large = |n: usize| {
+            matches!(
+                RevocationList::from_bytes(&vec![0xc1; n]),
+                Err(RevocationError::TooLarge { .. })
+            )
+        };
+        assert!(!too_large(MAX_LIST_BYTES));
+        assert!(too_large(MAX_LIST_BYTES + 1));
+        let auth = key(1);
+        let realm = Key::of(&auth);
+        let list = |grants: Vec<GrantId>, subjects: Vec<crate::Subject>| {
+            RevocationList::sign(
+                &RevocationBody {
+                    realm,
+                    version: 1,
+                    issued_ms: 0,
+                    grants,
+                    subjects,
+                },
+                &auth,
+            )
+            .expect("sign")
+            .verify(&realm)
+        };
+        let at_bound = list(
+            vec![[0; 16]; MAX_REVOKED - 1],
+            vec![crate::Subject::Client(realm)],
+        );
+        assert!(at_bound.is_ok(), "exactly {MAX_REVOKED} entries");
+        let r = list(vec![[1; 16]], vec![crate::Subject::Client(realm)]).expect("verify");
+        assert_eq!(r.len(), 2);
+        assert!(!r.is_empty());
+        assert!(Revocations::default().is_empty());
+        assert_eq!(Revocations::default().len(), 0);
+    }
+
+    #[test]
     fn a_verified_grant_is_revoked_by_serial_subject_or_signer() {
         use crate::grant::tests::body;
         use crate::{sign, Grant, Subject};
