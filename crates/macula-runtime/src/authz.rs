@@ -200,8 +200,9 @@ pub struct RealmCounters {
     pub decisions_total: Counter,
     /// The revocation list's version held (0: none).
     pub revocations_version: Gauge,
-    /// Revocation lists received, by outcome.
-    pub revocation_lists: LabelledCounters<3>,
+    /// Revocation lists received, by outcome; `too_large`: one not sent
+    /// to a peer whose frame limit it exceeds.
+    pub revocation_lists: LabelledCounters<4>,
     /// Connections closed because their grant was revoked, or expired.
     pub closed: LabelledCounters<2>,
 }
@@ -212,7 +213,10 @@ impl Default for RealmCounters {
             denied: LabelledCounters::new("action", Action::ALL.map(Action::name)),
             decisions_total: Counter::default(),
             revocations_version: Gauge::default(),
-            revocation_lists: LabelledCounters::new("outcome", ["adopted", "stale", "invalid"]),
+            revocation_lists: LabelledCounters::new(
+                "outcome",
+                ["adopted", "stale", "invalid", "too_large"],
+            ),
             closed: LabelledCounters::new("reason", ["revoked", "expired"]),
         }
     }
@@ -240,7 +244,7 @@ impl RealmCounters {
         self.revocation_lists.register(
             r,
             "macula_realm_revocation_lists",
-            "Revocation lists received (from peers, the admin API or the data directory), by outcome.",
+            "Revocation lists received (from peers, the admin API or the data directory), by outcome; too_large: not sent to a peer whose frame limit it exceeds.",
         );
         self.closed.register(
             r,

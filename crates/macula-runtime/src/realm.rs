@@ -150,7 +150,7 @@ impl Realm {
                 if Some(p.node_id()) == from || p.is_client() || p.is_closed() {
                     continue;
                 }
-                send(p, msg.clone());
+                send(p, msg.clone(), &self.0.counters);
             }
         }
         Ok(outcome)
@@ -222,8 +222,20 @@ impl Realm {
     }
 }
 
-/// Sends `msg` to `p` in a task of its own (never blocks the caller).
-fn send(p: Peer, msg: Message) {
+/// Sends the list `msg` to `p` in a task of its own (never blocks the
+/// caller); a list over the peer's frame limit is not sent, said and
+/// counted.
+fn send(p: Peer, msg: Message, counters: &RealmCounters) {
+    let size = match &msg {
+        Message::Revocations(r) => r.list.len(),
+        _ => 0,
+    };
+    // The body's MessagePack framing adds a few bytes to the list.
+    if size + 64 > p.hello().max_frame_size as usize {
+        counters.revocation_lists.at(3).inc();
+        tracing::warn!(peer = %p.node_id(), size, limit = p.hello().max_frame_size, "the realm revocation list is over the peer's frame limit; not sent (the peer can take it from the admin API or --revocations)");
+        return;
+    }
     tokio::spawn(async move {
         if let Err(e) = p.send(&msg).await {
             tracing::debug!(peer = %p.node_id(), error = %e, "could not send the realm revocation list");
@@ -302,6 +314,7 @@ impl Service for Realm {
                 Message::Revocations(macula_wire::message::Revocations {
                     list: held.bytes.clone(),
                 }),
+                &self.0.counters,
             );
         }
     }

@@ -472,3 +472,51 @@ async fn a_revocation_spreads_through_the_mesh_and_closes_the_revoked() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_list_over_a_peers_frame_limit_is_not_sent_and_counted() {
+    let authority = SigningKey::from_bytes(&[1; 32]);
+    let all = "allow publish **";
+    let (a, _ad) = member(&authority, 1, all, None).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let g = grant(&authority, 2, id_in(dir.path()), all);
+    let mut cfg = NodeConfig {
+        identity: IdentitySource::DataDir(dir.path().to_path_buf()),
+        admission: Some(Admission::new(Key::of(&authority), Some(g))),
+        ..common::boot(&a)
+    };
+    cfg.limits.max_frame_size = 16 * 1024;
+    let b = start(cfg).await;
+    joined(&b).await;
+    // 2,000 serials: about 36 KB, over b's 16 KiB frames.
+    let serials: Vec<u8> = (0..=255).collect();
+    let big = macula_auth::RevocationList::sign(
+        &macula_auth::RevocationBody {
+            realm: Key::of(&authority),
+            version: 1,
+            issued_ms: 0,
+            grants: (0..2000u32)
+                .map(|i| {
+                    let mut id = [serials[(i % 256) as usize]; 16];
+                    id[0..4].copy_from_slice(&i.to_be_bytes());
+                    id
+                })
+                .collect(),
+            subjects: vec![],
+        },
+        &authority,
+    )
+    .expect("sign")
+    .to_bytes()
+    .expect("encode");
+    assert!(big.len() > 16 * 1024);
+    a.realm_service().install(&big).expect("adopted");
+    common::eventually(STEP, "counted as too large", || {
+        a.realm_service().counters().revocation_lists.at(3).get() >= 1
+    })
+    .await;
+    assert_eq!(
+        b.realm_service().authz().map(|z| z.revoked().list.version),
+        Some(0)
+    );
+}
