@@ -100,6 +100,24 @@ pub struct Counters {
     /// for the subscriber bound (half the stall timeout): readers stopped
     /// waiting for them (their full queues drop their oldest, `Lagged`).
     pub subscriber_overruns_total: Counter,
+    /// Seconds events waited in local subscription queues (the driver,
+    /// which has a clock, observes it as the application takes each event).
+    pub delivery_wait: DeliveryWait,
+}
+
+/// Histogram of how long an event waited in a subscription queue, from
+/// being queued (arrived at the node, or published locally) to the
+/// application taking it (`macula_pubsub_delivery_wait_seconds`).
+#[derive(Debug, Clone)]
+pub struct DeliveryWait(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for DeliveryWait {
+    fn default() -> Self {
+        // 10 µs .. ~10 s.
+        DeliveryWait(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 4.0, 11),
+        ))
+    }
 }
 
 impl Counters {
@@ -287,6 +305,12 @@ impl Counters {
             "Missed events told to local subscriptions as Lagged from loss reports received (per subscription).",
             self.loss_told_total.clone(),
         );
+        register(
+            r,
+            "macula_pubsub_delivery_wait_seconds",
+            "Seconds an event waited in a local subscription queue before the application took it.",
+            self.delivery_wait.0.clone(),
+        );
     }
 
     /// Adds `n`, skipping the atomic write when there is nothing to add.
@@ -323,9 +347,13 @@ mod tests {
         Counters::add(&c.gaps_total, 0);
         c.subscriptions.set(2);
         let text = render(&c);
-        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 30);
-        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 30);
+        c.delivery_wait.0.observe(0.5);
+        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 31);
+        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 31);
         assert_eq!(text.matches(" counter\n").count(), 29);
+        assert!(text.contains("# TYPE macula_pubsub_delivery_wait_seconds histogram\n"));
+        assert!(text.contains("macula_pubsub_delivery_wait_seconds_count 0\n"));
+        assert!(render(&c).contains("macula_pubsub_delivery_wait_seconds_count 1\n"));
         assert!(text.contains("# TYPE macula_pubsub_subscriptions gauge\n"));
         assert!(text.contains("# HELP macula_pubsub_published Messages published on this node.\n"));
         assert!(text.contains("macula_pubsub_published_total 1\n"));

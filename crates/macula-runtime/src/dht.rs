@@ -120,6 +120,21 @@ pub struct DhtCounters {
     pub puts_failed_total: Counter,
     /// Request rounds of each completed lookup (`macula_dht_routing_hops`).
     pub lookup_rounds: LookupRounds,
+    /// Seconds from start to end of each completed lookup, by the runtime's
+    /// clock (`macula_dht_lookup_duration_seconds`, millisecond resolution).
+    pub lookup_duration: LookupDuration,
+}
+
+/// Histogram of lookup durations in seconds: 1 ms .. ~16 s.
+#[derive(Debug)]
+pub struct LookupDuration(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for LookupDuration {
+    fn default() -> Self {
+        LookupDuration(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        ))
+    }
 }
 
 /// Histogram of request rounds per lookup: how many sequential hops through
@@ -295,6 +310,12 @@ impl DhtCounters {
             "macula_dht_routing_hops",
             "Request rounds (hops) per completed DHT lookup.",
             self.lookup_rounds.0.clone(),
+        );
+        register(
+            r,
+            "macula_dht_lookup_duration_seconds",
+            "Seconds from start to end of each completed DHT lookup.",
+            self.lookup_duration.0.clone(),
         );
     }
 }
@@ -960,6 +981,12 @@ impl<D: Dialer> Task<D> {
                     .lookup_rounds
                     .0
                     .observe(f64::from(outcome.stats.rounds));
+                let took = outcome.stats.finished.saturating_sub(outcome.stats.started);
+                // Milliseconds of the runtime's clock (`now` given to the core).
+                self.counters
+                    .lookup_duration
+                    .0
+                    .observe(took.0 as f64 / 1000.0);
                 match self.lookups.remove(&id) {
                     Some(LookupWaiter::Get(key, reply)) => {
                         let records: Vec<DhtRecord> =

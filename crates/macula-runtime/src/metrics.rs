@@ -173,6 +173,35 @@ impl<const N: usize> prometheus_client::encoding::EncodeMetric for LabelledCount
     }
 }
 
+/// `macula_messages_total{type, direction}`: the per-type received and
+/// sent counters exported once more as one family (direction `in`, `out`),
+/// so no message is counted twice on the hot path.
+#[derive(Debug, Clone)]
+struct MessagesByDirection {
+    received: LabelledCounters<MESSAGE_SLOTS>,
+    sent: LabelledCounters<MESSAGE_SLOTS>,
+}
+
+impl prometheus_client::encoding::EncodeMetric for MessagesByDirection {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        for (direction, counters) in [("in", &self.received), ("out", &self.sent)] {
+            for (labels, counter) in counters.labels.iter().zip(&counters.counters) {
+                let [(name, value)] = labels;
+                let labels = [(*name, *value), ("direction", direction)];
+                counter.encode(encoder.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
+}
+
 /// The node's connection-layer metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -472,15 +501,19 @@ impl Metrics {
             "macula_protocol_errors",
             "Protocol errors from peers, by kind.",
         );
-        self.messages_received.register(
+        register(
             r,
             "macula_messages",
-            "Messages received from peers, by type.",
+            "Messages received from (in) and sent to (out) peers, by type.",
+            MessagesByDirection {
+                received: self.messages_received.clone(),
+                sent: self.messages_sent.clone(),
+            },
         );
         self.messages_sent.register(
             r,
             "macula_messages_sent",
-            "Messages sent to peers, by type.",
+            "Messages sent to peers, by type (also macula_messages_total with direction=\"out\").",
         );
         self.handshake_failures.register(
             r,
@@ -578,7 +611,7 @@ mod tests {
         assert_eq!(text.matches("macula_connections_total{").count(), 2);
         assert_eq!(
             text.matches("macula_messages_total{").count(),
-            MESSAGE_SLOTS
+            2 * MESSAGE_SLOTS
         );
         assert!(text.contains(
             "# HELP macula_pool_hits connect() calls answered from the connection pool.\n"
@@ -589,7 +622,9 @@ mod tests {
         assert!(text.contains("macula_connections_current 2\n"));
         assert!(text.contains("macula_protocol_errors_total{kind=\"malformed\"} 1\n"));
         assert!(text.contains("macula_messages_sent_total{type=\"unknown\"} 1\n"));
-        assert!(text.contains("macula_messages_total{type=\"ping\"} 0\n"));
+        assert!(text.contains("macula_messages_total{type=\"ping\",direction=\"in\"} 0\n"));
+        assert!(text.contains("macula_messages_total{type=\"unknown\",direction=\"out\"} 1\n"));
+        assert!(text.contains("macula_messages_total{type=\"unknown\",direction=\"in\"} 0\n"));
         assert!(!text.contains(".."), "one final period per help text");
     }
 }

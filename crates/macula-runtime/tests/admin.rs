@@ -170,6 +170,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_dht_cache_hits", "counter"),
     ("macula_ready", "gauge"),
     ("macula_dht_routing_hops", "histogram"),
+    ("macula_dht_lookup_duration_seconds", "histogram"),
+    ("macula_pubsub_delivery_wait_seconds", "histogram"),
     ("macula_rpc_calls", "counter"),
     ("macula_rpc_served", "counter"),
     ("macula_rpc_inflight_calls", "gauge"),
@@ -210,7 +212,7 @@ async fn every_endpoint_of_a_first_node() {
     assert!(peers.peers.is_empty());
 
     let sub = node.pubsub().subscribe("orders.**").unwrap();
-    let _twice = node.pubsub().subscribe("orders.**").unwrap();
+    let mut twice = node.pubsub().subscribe("orders.**").unwrap();
     let subs: serde_json::Value = admin.json("/admin/subscriptions").await;
     assert_eq!(subs["node_id"], node.node_id().to_string());
     assert_eq!(subs["subscriptions"][0]["pattern"], "orders.**");
@@ -218,6 +220,34 @@ async fn every_endpoint_of_a_first_node() {
     drop(sub);
     let subs: serde_json::Value = admin.json("/admin/subscriptions").await;
     assert_eq!(subs["subscriptions"][0]["count"], 1);
+
+    // An event waits in the subscription's queue until taken: its wait is
+    // observed (the first event a subscription takes always is).
+    node.pubsub()
+        .publish(
+            "orders.new",
+            bytes::Bytes::from_static(b"o1"),
+            Default::default(),
+        )
+        .expect("publish");
+    let got = within(STEP, "pub/sub event", twice.recv()).await;
+    assert!(
+        matches!(
+            got,
+            Some(macula_runtime::pubsub::SubscriptionItem::Event(_))
+        ),
+        "{got:?}"
+    );
+    // A lookup that finishes (alone: nothing to ask) is timed and its
+    // rounds counted.
+    within(
+        STEP,
+        "DHT lookup",
+        node.dht()
+            .get_fresh(macula_wire::NodeId::from_bytes([7; 32])),
+    )
+    .await
+    .expect("lookup");
 
     // A procedure served and called on this node (in process).
     let reg = node
@@ -252,6 +282,18 @@ async fn every_endpoint_of_a_first_node() {
             "macula_rpc_duration_seconds_count{procedure=\"svc.echo\"}"
         ),
         1.0
+    );
+    assert_eq!(
+        sample(&m.body, "macula_pubsub_delivery_wait_seconds_count"),
+        1.0
+    );
+    assert!(sample(&m.body, "macula_dht_lookup_duration_seconds_count") >= 1.0);
+    assert!(sample(&m.body, "macula_dht_routing_hops_count") >= 1.0);
+    assert!(
+        sample(
+            &m.body,
+            "macula_messages_total{type=\"ping\",direction=\"out\"}"
+        ) >= 0.0
     );
     drop(reg);
     assert_eq!(m.status, 200);
@@ -366,9 +408,23 @@ async fn metrics_and_peers_follow_traffic_and_stay_per_node() {
     assert_eq!(sample(&after, "macula_peers"), 1.0);
     assert_eq!(sample(&after, "macula_connections_current"), 1.0);
     // Per-type message counters: the pings B sent, and the HELLO.
-    assert!(sample(&after, "macula_messages_total{type=\"ping\"}") >= 1.0);
+    assert!(
+        sample(
+            &after,
+            "macula_messages_total{type=\"ping\",direction=\"in\"}"
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &after,
+            "macula_messages_total{type=\"pong\",direction=\"out\"}"
+        ) >= 1.0
+    );
     assert_eq!(
-        sample(&after, "macula_messages_total{type=\"unknown\"}"),
+        sample(
+            &after,
+            "macula_messages_total{type=\"unknown\",direction=\"in\"}"
+        ),
         0.0
     );
     assert!(sample(&after, "macula_messages_sent_total{type=\"pong\"}") >= 1.0);

@@ -40,7 +40,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -81,6 +81,16 @@ pub const STREAM_KIND_PUBSUB: u8 = 0x01;
 /// subscription queues (`Limits::queue_bytes`).
 const EVENT_OVERHEAD: usize = std::mem::size_of::<Event>();
 
+/// One in this many events a subscription takes has its queue wait
+/// observed in `macula_pubsub_delivery_wait_seconds` (the first always):
+/// a clock read and a histogram update per event would cost the hot path
+/// more than the estimate gains.
+pub const DELIVERY_WAIT_SAMPLE: u32 = 8;
+
+/// A queued event and when it was queued (arrived at the node, or was
+/// published locally): one clock read per publish or received batch.
+type Queued = (Event, Instant);
+
 /// The core as this driver instantiates it: subscriptions deliver into
 /// `SubQueue`s, senders are woken through a `Notify`.
 type Core = PubSubCore<Arc<SubQueue>, Arc<Notify>>;
@@ -104,7 +114,7 @@ pub(crate) trait Mesh: Send + Sync {
 /// One subscription's queue: filled by the driver (outside the core's
 /// lock), drained by its `Subscription`.
 pub(crate) struct SubQueue {
-    queue: Mutex<BoundedQueue<Event>>,
+    queue: Mutex<BoundedQueue<Queued>>,
     waker: AtomicWaker,
     closed: AtomicBool,
     /// A data stream's reader waits for room here (see `push_waiting`);
@@ -115,10 +125,12 @@ pub(crate) struct SubQueue {
     /// it (its full queue drops its oldest, told as `Lagged`) until it has
     /// caught up to half its queue.
     lossy: AtomicBool,
+    /// The node's `macula_pubsub_delivery_wait_seconds` histogram.
+    wait: macula_pubsub::counters::DeliveryWait,
 }
 
 impl SubQueue {
-    fn lock(&self) -> MutexGuard<'_, BoundedQueue<Event>> {
+    fn lock(&self) -> MutexGuard<'_, BoundedQueue<Queued>> {
         self.queue.lock()
     }
 }
@@ -344,9 +356,10 @@ impl PubSub {
     /// Pushes a publish's local deliveries into their queues and wakes them.
     fn push(&self, out: Deliveries<Arc<SubQueue>>) {
         let c = &self.0.counters;
+        let at = Instant::now();
         for (q, event) in out {
             let size = event.payload.len() + EVENT_OVERHEAD;
-            let dropped = q.lock().push_sized(event, size);
+            let dropped = q.lock().push_sized((event, at), size);
             c.dropped_slow_total.inc_by(dropped);
             c.delivered_local_total.inc();
             q.waker.wake();
@@ -361,6 +374,7 @@ impl PubSub {
             room: Notify::new(),
             waiting: AtomicBool::new(false),
             lossy: AtomicBool::new(false),
+            wait: self.0.counters.delivery_wait.clone(),
         })
     }
 
@@ -383,6 +397,7 @@ impl PubSub {
             pattern: s.pattern,
             queue,
             owner: Arc::downgrade(&self.0),
+            taken: 0,
         };
         Ok((sub, s.interest))
     }
@@ -640,7 +655,7 @@ impl PubSub {
     /// queue; so one stalled subscriber holds the others on this node back
     /// at most that long, and never long enough for the sender to cut the
     /// stream off. Returns the events dropped.
-    async fn push_waiting(&self, q: &SubQueue, mut events: Vec<Event>) -> u64 {
+    async fn push_waiting(&self, q: &SubQueue, mut events: Vec<Event>, at: Instant) -> u64 {
         let bound = self.0.stall_timeout / 2;
         let mut deadline = tokio::time::Instant::now() + bound;
         let mut dropped = 0;
@@ -649,7 +664,7 @@ impl PubSub {
             tokio::pin!(room);
             room.as_mut().enable();
             q.waiting.store(true, Relaxed);
-            let (n, d) = push_fitting(q, &mut events);
+            let (n, d) = push_fitting(q, &mut events, at);
             dropped += d;
             if n > 0 {
                 q.waker.wake();
@@ -740,9 +755,11 @@ impl PubSub {
             let c = &self.0.counters;
             let (mut delivered, mut dropped) = (0u64, 0u64);
             let mut rest: Vec<(Arc<SubQueue>, Vec<Event>)> = Vec::new();
+            // The batch arrived now: its events' queue wait starts here.
+            let at = Instant::now();
             rx.deliver(|q, events| {
                 delivered += events.len() as u64;
-                let (_, d) = push_fitting(q, events);
+                let (_, d) = push_fitting(q, events, at);
                 dropped += d;
                 if !events.is_empty() {
                     rest.push((q.clone(), std::mem::take(events)));
@@ -750,7 +767,7 @@ impl PubSub {
                 q.waker.wake();
             });
             for (q, events) in rest {
-                dropped += self.push_waiting(&q, events).await;
+                dropped += self.push_waiting(&q, events, at).await;
             }
             c.delivered_local_total.inc_by(delivered);
             c.dropped_slow_total.inc_by(dropped);
@@ -804,7 +821,7 @@ fn unauthorized(d: Denied) -> PubSubError {
 /// Pushes (and removes) the first of `events` that fit `q` without
 /// dropping any (all of them if `q` is lossy or closed); returns how many
 /// were pushed and how many older ones that dropped.
-fn push_fitting(q: &SubQueue, events: &mut Vec<Event>) -> (usize, u64) {
+fn push_fitting(q: &SubQueue, events: &mut Vec<Event>, at: Instant) -> (usize, u64) {
     let mut g = q.lock();
     if q.lossy.load(Relaxed) && g.len() <= g.capacity() / 2 {
         // Caught up: waited for again.
@@ -827,7 +844,7 @@ fn push_fitting(q: &SubQueue, events: &mut Vec<Event>) -> (usize, u64) {
     let mut dropped = 0;
     for ev in events.drain(..n) {
         let size = ev.payload.len() + EVENT_OVERHEAD;
-        dropped += g.push_sized(ev, size);
+        dropped += g.push_sized((ev, at), size);
     }
     (n, dropped)
 }
@@ -919,6 +936,8 @@ pub struct Subscription {
     pattern: Pattern,
     queue: Arc<SubQueue>,
     owner: Weak<Inner>,
+    /// Events taken, for sampling their queue wait (`DELIVERY_WAIT_SAMPLE`).
+    taken: u32,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -961,8 +980,12 @@ impl futures::Stream for Subscription {
         if lagged > 0 {
             return Poll::Ready(Some(SubscriptionItem::Lagged(lagged)));
         }
-        if let Some(e) = q.pop() {
+        if let Some((e, at)) = q.pop() {
             drop(q);
+            if this.taken.is_multiple_of(DELIVERY_WAIT_SAMPLE) {
+                this.queue.wait.0.observe(at.elapsed().as_secs_f64());
+            }
+            this.taken = this.taken.wrapping_add(1);
             if this.queue.waiting.swap(false, Relaxed) {
                 this.queue.room.notify_waiters();
             }
