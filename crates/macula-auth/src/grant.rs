@@ -150,6 +150,15 @@ impl Verified {
         })
     }
 
+    /// Whether this grant (and its signer's) is valid at `now_ms`, allowing
+    /// `skew_ms` at both ends: for a grant verified earlier.
+    pub fn check_time(&self, now_ms: u64, skew_ms: u64) -> Result<(), GrantError> {
+        if let Some(s) = &self.signer {
+            check_time(s, now_ms, skew_ms)?;
+        }
+        check_time(&self.body, now_ms, skew_ms)
+    }
+
     /// This grant's rules (and, for a signer's grant, the signer's scope)
     /// compiled for its subject.
     pub fn policy(&self) -> Policy {

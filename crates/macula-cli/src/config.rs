@@ -157,6 +157,14 @@ pub const MAX_REALM_LEN: usize = macula::names::MAX_REALM_LEN;
 
 /// Default data directory: the platform's user data directory joined with
 /// `macula` (e.g. `~/.local/share/macula`), or [`FALLBACK_DATA_DIR`].
+/// `given` (a `--data-dir`), else `MACULA_DATA_DIR`, else
+/// [`default_data_dir`]: where the offline commands look.
+pub fn data_dir_or_env(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(default_data_dir)
+}
+
 pub fn default_data_dir() -> PathBuf {
     dirs::data_dir()
         .map(|d| d.join("macula"))

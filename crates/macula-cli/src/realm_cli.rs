@@ -306,11 +306,7 @@ fn audit_verify(args: AuditVerifyArgs) -> Result<(), Failure> {
 fn audit_tail(args: AuditTailArgs) -> Result<(), Failure> {
     use macula::audit_log::FILE_NAME;
     use std::io::{Read as _, Write as _};
-    let base = args
-        .data_dir
-        .clone()
-        .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
-        .unwrap_or_else(crate::config::default_data_dir);
+    let base = crate::config::data_dir_or_env(args.data_dir.clone());
     let dir = base.join("audit");
     let path = dir.join(FILE_NAME);
     // The current file is opened once: the listing and --follow read the
@@ -483,11 +479,7 @@ fn realm_dir(args: &NameArgs) -> Result<PathBuf, Failure> {
             args.name
         )));
     }
-    let base = args
-        .data_dir
-        .clone()
-        .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
-        .unwrap_or_else(crate::config::default_data_dir);
+    let base = crate::config::data_dir_or_env(args.data_dir.clone());
     Ok(base.join("realms").join(&args.name))
 }
 
@@ -748,16 +740,7 @@ fn apikey(args: ApiKeyArgs) -> Result<(), Failure> {
     let api_key = ApiKey::generate()?;
     let entry = ApiKeyEntry::new(&api_key, &g.to_bytes()?, &args.label, now)
         .map_err(|e| anyhow!("the grant does not encode: {e}"))?;
-    let path = apikeys_path(&dir);
-    let mut line = entry.to_line();
-    line.push('\n');
-    use std::io::Write as _;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| f.write_all(line.as_bytes()))
-        .with_context(|| format!("cannot record the API key in {}", path.display()))?;
+    append_line(&apikeys_path(&dir), &entry.to_line(), "the API key")?;
     realm_audit(
         &dir,
         &key,
@@ -885,16 +868,8 @@ fn grant(args: GrantArgs) -> Result<(), Failure> {
         expires_ms: body.expires_ms,
         token: token.clone(),
     };
-    let path = dir.join("grants.jsonl");
-    let mut line = serde_json::to_string(&record).map_err(anyhow::Error::from)?;
-    line.push('\n');
-    use std::io::Write as _;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| f.write_all(line.as_bytes()))
-        .with_context(|| format!("cannot record the grant in {}", path.display()))?;
+    let line = serde_json::to_string(&record).map_err(anyhow::Error::from)?;
+    append_line(&dir.join("grants.jsonl"), &line, "the grant")?;
     realm_audit(
         &dir,
         &key,
@@ -913,6 +888,17 @@ fn grant(args: GrantArgs) -> Result<(), Failure> {
         record.serial, record.subject, record.expires_ms
     );
     Ok(())
+}
+
+/// Appends `line` and a newline to the JSON-lines file at `path`.
+fn append_line(path: &Path, line: &str, what: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()))
+        .with_context(|| format!("cannot record {what} in {}", path.display()))
 }
 
 /// Appends one entry to the realm's own audit trail (`<realm dir>/audit/`,

@@ -44,10 +44,7 @@ pub struct TrustRevokeArgs {
 }
 
 fn dir_of(d: &TrustDir) -> PathBuf {
-    d.data_dir
-        .clone()
-        .or_else(|| std::env::var_os("MACULA_DATA_DIR").map(PathBuf::from))
-        .unwrap_or_else(crate::config::default_data_dir)
+    crate::config::data_dir_or_env(d.data_dir.clone())
 }
 
 pub fn run(cmd: TrustCommand) -> Result<(), Failure> {

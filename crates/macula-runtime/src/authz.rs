@@ -392,19 +392,7 @@ impl Authz {
         let seen = self.verified.lock().get(&key, now).cloned();
         let g = match seen {
             Some(g) => {
-                let b = &g.verified.body;
-                if now_ms >= g.expires_ms().saturating_add(self.skew_ms) {
-                    return Err(GrantError::Expired {
-                        expires_ms: g.expires_ms(),
-                        now_ms,
-                    });
-                }
-                if now_ms.saturating_add(self.skew_ms) < b.not_before_ms {
-                    return Err(GrantError::NotYetValid {
-                        not_before_ms: b.not_before_ms,
-                        now_ms,
-                    });
-                }
+                g.verified.check_time(now_ms, self.skew_ms)?;
                 let revoked = self.revoked();
                 if revoked.list.revokes_verified(&g.verified) {
                     return Err(GrantError::Revoked {

@@ -309,8 +309,7 @@ fn client_denied(gw: &Gateway, peer: &Peer, msg: &ClientMessage) -> Option<crate
         ClientMessage::Advertise(m) => (macula_auth::Action::Advertise, &m.procedure),
         _ => return None,
     };
-    let grant = peer.grant().map(|g| &**g);
-    authz.check(grant, peer.node_id(), action, name).err()
+    peer.authorized(authz, action, name).err()
 }
 
 /// Handles one client's requests in order, until none is waiting.

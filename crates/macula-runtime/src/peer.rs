@@ -143,6 +143,22 @@ impl Peer {
         self.0.grant.as_ref()
     }
 
+    /// Whether this peer may hand over (or be handed) `action` on
+    /// `resource` in the realm of `authz`: a client for itself, a node for
+    /// itself or as a carrier of others' traffic (`relay`).
+    pub fn authorized(
+        &self,
+        authz: &crate::authz::Authz,
+        action: macula_auth::Action,
+        resource: &str,
+    ) -> Result<(), crate::authz::Denied> {
+        let grant = self.grant().map(|g| &**g);
+        match self.is_client() {
+            true => authz.check(grant, self.0.node_id, action, resource),
+            false => authz.check_peer(grant, self.0.node_id, action, resource),
+        }
+    }
+
     /// QUIC's smoothed round-trip time estimate.
     pub fn rtt(&self) -> Duration {
         self.0.conn.rtt()

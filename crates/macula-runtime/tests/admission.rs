@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use common::{config, start, within, STEP};
 use ed25519_dalek::SigningKey;
-use macula_auth::policy::parse_rules;
-use macula_auth::{sign, Grant, GrantBody, Key, Subject};
+use macula_auth::{Key, Subject};
 use macula_runtime::config::Admission;
 use macula_runtime::metrics::HandshakeFailure;
 use macula_runtime::{Identity, IdentitySource, NodeConfig, NodeRuntime, PeerAddr};
@@ -21,23 +20,14 @@ fn id_in(dir: &Path) -> NodeId {
 }
 
 fn grant(authority: &SigningKey, serial: u8, subject: NodeId, expires_ms: u64) -> Vec<u8> {
-    let realm = Key::of(authority);
-    let body = GrantBody {
-        realm,
-        issuer: realm,
-        id: [serial; 16],
-        subject: Subject::Node(subject),
-        rules: parse_rules("allow publish **").expect("rules"),
-        roles: vec![],
-        not_before_ms: 0,
+    common::signed_grant(
+        authority,
+        serial,
+        Subject::Node(subject),
+        "allow publish **",
+        0,
         expires_ms,
-    };
-    Grant {
-        grant: sign(&body, authority).expect("sign"),
-        signer: None,
-    }
-    .to_bytes()
-    .expect("encode")
+    )
 }
 
 fn member(dir: &Path, realm: Key, grant: Option<Vec<u8>>) -> NodeConfig {

@@ -12,8 +12,7 @@ use std::time::Duration;
 use common::{config, start, within, RawClient, STEP};
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
-use macula_auth::policy::parse_rules;
-use macula_auth::{sign, Grant, GrantBody, Key, Subject};
+use macula_auth::{Key, Subject};
 use macula_runtime::apikey::{ApiKey, ApiKeyFailure, ApiKeyLimits, ApiKeyStore};
 use macula_runtime::config::Admission;
 use macula_runtime::metrics::HandshakeFailure;
@@ -24,23 +23,14 @@ use macula_wire::{ErrorCode, Message};
 const FAR: u64 = u64::MAX / 2;
 
 fn client_grant(authority: &SigningKey, serial: u8, expires_ms: u64) -> Vec<u8> {
-    let realm = Key::of(authority);
-    let body = GrantBody {
-        realm,
-        issuer: realm,
-        id: [serial; 16],
-        subject: Subject::Client(Key([serial; 32])),
-        rules: parse_rules("allow publish **\nallow subscribe **").expect("rules"),
-        roles: vec![],
-        not_before_ms: 0,
+    common::signed_grant(
+        authority,
+        serial,
+        Subject::Client(Key([serial; 32])),
+        "allow publish **\nallow subscribe **",
+        0,
         expires_ms,
-    };
-    Grant {
-        grant: sign(&body, authority).expect("sign"),
-        signer: None,
-    }
-    .to_bytes()
-    .expect("encode")
+    )
 }
 
 fn gateway(authority: &SigningKey, store: ApiKeyStore) -> NodeConfig {

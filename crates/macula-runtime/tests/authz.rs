@@ -14,8 +14,7 @@ use bytes::Bytes;
 use common::{boot, config, joined, start, within, RawClient, STEP};
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
-use macula_auth::policy::parse_rules;
-use macula_auth::{sign, Grant, GrantBody, Key, Subject};
+use macula_auth::{Key, Subject};
 use macula_runtime::config::Admission;
 use macula_runtime::pubsub::{Subscription, SubscriptionItem};
 use macula_runtime::rpc::{AdvertiseOptions, HandlerError, Request, RpcError};
@@ -34,23 +33,7 @@ fn id_in(dir: &Path) -> NodeId {
 }
 
 fn grant(authority: &SigningKey, serial: u8, subject: NodeId, rules: &str) -> Vec<u8> {
-    let realm = Key::of(authority);
-    let body = GrantBody {
-        realm,
-        issuer: realm,
-        id: [serial; 16],
-        subject: Subject::Node(subject),
-        rules: parse_rules(rules).expect("rules"),
-        roles: vec![],
-        not_before_ms: 0,
-        expires_ms: FAR,
-    };
-    Grant {
-        grant: sign(&body, authority).expect("sign"),
-        signer: None,
-    }
-    .to_bytes()
-    .expect("encode")
+    common::signed_grant(authority, serial, Subject::Node(subject), rules, 0, FAR)
 }
 
 /// A node of the realm with a grant of `rules`, joined through `via`.

@@ -795,15 +795,11 @@ impl PubSub {
         // A body that does not decode is the core's to refuse. Only the
         // head is read here: the topic table and the message count.
         let head = macula_wire::BatchHead::decode(body).ok()?;
-        let grant = peer.grant().map(|g| &**g);
         let from = peer.node_id();
-        let refused = head.topics.iter().find_map(|t| {
-            let r = match peer.is_client() {
-                true => authz.check(grant, from, Perm::Publish, t),
-                false => authz.check_peer(grant, from, Perm::Publish, t),
-            };
-            r.err()
-        })?;
+        let refused = head
+            .topics
+            .iter()
+            .find_map(|t| peer.authorized(authz, Perm::Publish, t).err())?;
         let n = head.messages;
         self.0.counters.unauthorized_dropped_total.inc_by(n);
         tracing::warn!(peer = %from, messages = n, error = %refused, "refused a pub/sub batch: its sender may not publish it");
@@ -869,12 +865,7 @@ impl Service for PubSub {
         match msg {
             Message::Publish(p) => {
                 if let Some(a) = &self.0.authz {
-                    let grant = peer.grant().map(|g| &**g);
-                    let checked = match peer.is_client() {
-                        true => a.check(grant, peer.node_id(), Perm::Publish, &p.topic),
-                        false => a.check_peer(grant, peer.node_id(), Perm::Publish, &p.topic),
-                    };
-                    if let Err(d) = checked {
+                    if let Err(d) = peer.authorized(a, Perm::Publish, &p.topic) {
                         self.0.counters.unauthorized_dropped_total.inc();
                         return Answer::Refuse {
                             code: ErrorCode::Unauthorized,

@@ -114,46 +114,27 @@ fn refuse_unauthorized(
     msgs: &mut Vec<OutMsg>,
     counters: &macula_pubsub::Counters,
 ) {
-    let grant = peer.grant().map(|g| &**g);
     let node = peer.node_id();
-    let client = peer.is_client();
     let before = msgs.len();
     let mut first = None;
     // A batch's messages mostly share a few topics: each topic is decided
     // once per batch.
-    let mut decided: Vec<(&str, bool)> = Vec::new();
-    let mut keep = Vec::with_capacity(msgs.len());
-    for m in msgs.iter() {
-        let topic = m.topic.as_str();
-        let ok = match decided.iter().find(|(t, _)| *t == topic) {
-            Some((_, ok)) => *ok,
-            None => {
-                let r = match client {
-                    true => authz.check(grant, node, macula_auth::Action::Subscribe, topic),
-                    false => authz.check_peer(grant, node, macula_auth::Action::Subscribe, topic),
-                };
-                let ok = match r {
-                    Ok(()) => true,
-                    Err(d) => {
-                        first.get_or_insert(d);
-                        false
-                    }
-                };
-                if decided.len() < 16 {
-                    decided.push((topic, ok));
-                }
-                ok
+    let mut decided: Vec<(macula_pubsub::TopicName, bool)> = Vec::new();
+    msgs.retain(|m| {
+        if let Some((_, ok)) = decided.iter().find(|(t, _)| *t == m.topic) {
+            return *ok;
+        }
+        let ok = match peer.authorized(authz, macula_auth::Action::Subscribe, m.topic.as_str()) {
+            Ok(()) => true,
+            Err(d) => {
+                first.get_or_insert(d);
+                false
             }
         };
-        keep.push(ok);
-    }
-    if keep.iter().all(|k| *k) {
-        return;
-    }
-    let mut i = 0;
-    msgs.retain(|_| {
-        i += 1;
-        keep[i - 1]
+        if decided.len() < 16 {
+            decided.push((m.topic.clone(), ok));
+        }
+        ok
     });
     let refused = before - msgs.len();
     if let Some(d) = first {

@@ -388,14 +388,8 @@ impl Rpc {
     /// call (it must hold `advertise`, or `relay` for a client it carries).
     fn provider_denied(&self, provider: &Peer, b: &CallBuilder) -> Option<crate::authz::Denied> {
         let authz = self.authz()?;
-        let grant = provider.grant().map(|g| &**g);
-        authz
-            .check_peer(
-                grant,
-                provider.node_id(),
-                macula_auth::Action::Advertise,
-                &b.procedure,
-            )
+        provider
+            .authorized(authz, macula_auth::Action::Advertise, &b.procedure)
             .err()
     }
 

@@ -63,13 +63,8 @@ impl Rpc {
     /// the clients it carries).
     fn caller_denied(&self, peer: &Peer, procedure: &str) -> Option<crate::authz::Denied> {
         let authz = self.authz()?;
-        let grant = peer.grant().map(|g| &**g);
-        let action = macula_auth::Action::Call;
-        match peer.is_client() {
-            true => authz.check(grant, peer.node_id(), action, procedure),
-            false => authz.check_peer(grant, peer.node_id(), action, procedure),
-        }
-        .err()
+        peer.authorized(authz, macula_auth::Action::Call, procedure)
+            .err()
     }
 
     /// Starts serving `call` in its own task, or returns the refusal.

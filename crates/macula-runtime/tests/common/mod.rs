@@ -19,6 +19,35 @@ use macula_wire::{Hello, Message, NodeId, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSI
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::sync::broadcast;
 
+/// A grant token's bytes: `authority` grants `subject` (serial all
+/// `serial`) the `rules`, valid from `not_before_ms` to `expires_ms`.
+pub fn signed_grant(
+    authority: &ed25519_dalek::SigningKey,
+    serial: u8,
+    subject: macula_auth::Subject,
+    rules: &str,
+    not_before_ms: u64,
+    expires_ms: u64,
+) -> Vec<u8> {
+    let realm = macula_auth::Key::of(authority);
+    let body = macula_auth::GrantBody {
+        realm,
+        issuer: realm,
+        id: [serial; 16],
+        subject,
+        rules: macula_auth::policy::parse_rules(rules).expect("rules"),
+        roles: vec![],
+        not_before_ms,
+        expires_ms,
+    };
+    macula_auth::Grant {
+        grant: macula_auth::sign(&body, authority).expect("sign"),
+        signer: None,
+    }
+    .to_bytes()
+    .expect("encode")
+}
+
 /// Upper bound for any single step that should take milliseconds.
 pub const STEP: Duration = Duration::from_secs(10);
 
