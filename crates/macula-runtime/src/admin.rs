@@ -446,6 +446,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.realm_service().counters().register(&mut registry);
     registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
     node.admin_auth().register(&mut registry);
+    if let Some(mqtt) = node.mqtt() {
+        mqtt.register(&mut registry);
+    }
     if let Some(audit) = node.audit() {
         audit.counters().register(&mut registry);
     }

@@ -34,6 +34,7 @@ pub use macula_runtime::config::{
     DEFAULT_AUDIT_CHECKPOINT_INTERVAL, DEFAULT_AUDIT_FILES, DEFAULT_AUDIT_MAX_BYTES,
     DEFAULT_AUDIT_QUEUE,
 };
+pub use macula_runtime::config::{MqttConfig, MqttLimits, MqttMillis, MqttTls};
 pub use macula_runtime::config::{TrustLimits, DEFAULT_MAX_PINS};
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 pub use macula_runtime::trust::{Pin, Pins};
