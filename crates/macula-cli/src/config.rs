@@ -1204,7 +1204,9 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 
 fn parse_mqtt_user(s: &str) -> Result<Vec<(String, String)>, String> {
     match s.split_once(':') {
-        Some((u, p)) if !u.is_empty() && !u.contains(',') => Ok(vec![(u.to_string(), p.to_string())]),
+        Some((u, p)) if !u.is_empty() && !u.contains(',') => {
+            Ok(vec![(u.to_string(), p.to_string())])
+        }
         _ => Err("expected NAME:PASSWORD (a non-empty name, no comma)".to_string()),
     }
 }

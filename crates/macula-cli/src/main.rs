@@ -493,6 +493,9 @@ async fn start(settings: Settings) -> Result<(), Failure> {
         writeln!(out, "node_id: {}", node.id())?;
         writeln!(out, "listen: {}", node.local_addr())?;
         writeln!(out, "http: {http_addr}")?;
+        if let Some(mqtt) = node.mqtt_addr() {
+            writeln!(out, "mqtt_addr: {mqtt}")?;
+        }
         writeln!(out, "realm: {}", node.realm())?;
         writeln!(out, "data_dir: {}", settings.data_dir.display())?;
         if !groups.is_empty() {

@@ -531,7 +531,9 @@ impl Broker {
             self.refused(Refusal::ServerBusy);
             return Err(Refusal::ServerBusy);
         }
-        if existing.is_none() && self.sessions.len() >= self.limits.max_sessions && !self.evict_one()
+        if existing.is_none()
+            && self.sessions.len() >= self.limits.max_sessions
+            && !self.evict_one()
         {
             self.refused(Refusal::ServerBusy);
             return Err(Refusal::ServerBusy);
@@ -1077,7 +1079,13 @@ impl Broker {
     }
 
     /// A message from the mesh for session `sid`'s subscription at `qos`.
-    pub fn deliver(&mut self, sid: SessionId, mesh_topic: &str, payload: Bytes, qos: u8) -> Delivery {
+    pub fn deliver(
+        &mut self,
+        sid: SessionId,
+        mesh_topic: &str,
+        payload: Bytes,
+        qos: u8,
+    ) -> Delivery {
         let msg = Msg {
             topic: mesh_to_mqtt(mesh_topic),
             payload,

@@ -24,11 +24,19 @@ pub enum In {
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
-    Subscribe { id: u16, filters: Vec<(String, u8)> },
-    Unsubscribe { id: u16, filters: Vec<String> },
+    Subscribe {
+        id: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        id: u16,
+        filters: Vec<String>,
+    },
     PingReq,
     /// `with_will`: 5.0 reason 0x04 (send the will anyway).
-    Disconnect { with_will: bool },
+    Disconnect {
+        with_will: bool,
+    },
     /// A packet only a server sends, or AUTH (not supported): a protocol
     /// error.
     Unexpected(&'static str),
@@ -264,7 +272,10 @@ fn from_v5(p: v5::Packet) -> In {
             })
         }
         v5::Packet::Publish(p) => {
-            if p.properties.as_ref().is_some_and(|x| x.topic_alias.is_some()) {
+            if p.properties
+                .as_ref()
+                .is_some_and(|x| x.topic_alias.is_some())
+            {
                 // The CONNACK announced no topic aliases.
                 return In::Unexpected("a topic alias");
             }

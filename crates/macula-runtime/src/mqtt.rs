@@ -49,7 +49,7 @@ use crate::apikey_gate::ApiKeyGate;
 use crate::authz::{Authz, PeerGrant};
 use crate::clock::Clock;
 use crate::config::MqttConfig;
-use crate::pubsub::{PublishOptions, PubSub, Subscription, SubscriptionItem};
+use crate::pubsub::{PubSub, PublishOptions, Subscription, SubscriptionItem};
 
 /// How long a new connection may take to send its CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -425,7 +425,9 @@ where
         inner.core.lock().refused(why);
         why
     };
-    let principal = inner.authenticate(&connect, remote).map_err(|why| refused(&inner, why));
+    let principal = inner
+        .authenticate(&connect, remote)
+        .map_err(|why| refused(&inner, why));
     let principal = principal.and_then(|p| match &connect.will {
         Some(w) => match macula_mqtt::mqtt_to_mesh(&w.topic) {
             Ok(t) if inner.allowed(&p, Perm::Publish, t.as_str()) => Ok(p),
@@ -573,7 +575,11 @@ async fn handle(inner: &Arc<Inner>, conn: ConnId, who: &Principal, p: In) {
             } else {
                 match inner
                     .pubsub
-                    .publish_mesh(f.topic.as_str(), f.payload.clone(), PublishOptions::default())
+                    .publish_mesh(
+                        f.topic.as_str(),
+                        f.payload.clone(),
+                        PublishOptions::default(),
+                    )
                     .await
                 {
                     Ok(_) => Outcome::Published,
@@ -604,9 +610,14 @@ async fn handle(inner: &Arc<Inner>, conn: ConnId, who: &Principal, p: In) {
                 let mut core = inner.core.lock();
                 (core.unsubscribe(conn, id, &filters), core.session_of(conn))
             };
-            if let Some(pumps) = sid.and_then(|s| inner.pumps.lock().get_mut(&s).map(|p| {
-                removed.iter().filter_map(|f| p.remove(f)).collect::<Vec<_>>()
-            })) {
+            if let Some(pumps) = sid.and_then(|s| {
+                inner.pumps.lock().get_mut(&s).map(|p| {
+                    removed
+                        .iter()
+                        .filter_map(|f| p.remove(f))
+                        .collect::<Vec<_>>()
+                })
+            }) {
                 for p in pumps {
                     p.abort();
                 }
@@ -737,12 +748,37 @@ impl Collector for MqttCollector {
             )
         };
         let c = &inner.counters;
-        gauge(&mut e, "macula_mqtt_clients", "MQTT clients connected now (limit: mqtt_max_clients)", clients as i64)?;
-        gauge(&mut e, "macula_mqtt_sessions", "MQTT sessions kept, connected or not (limit: mqtt_max_sessions)", sessions as i64)?;
-        gauge(&mut e, "macula_mqtt_retained", "Retained MQTT messages kept on this node (limit: mqtt_max_retained)", retained as i64)?;
-        gauge(&mut e, "macula_mqtt_retained_bytes", "Payload bytes of the retained MQTT messages kept", retained_bytes as i64)?;
+        gauge(
+            &mut e,
+            "macula_mqtt_clients",
+            "MQTT clients connected now (limit: mqtt_max_clients)",
+            clients as i64,
+        )?;
+        gauge(
+            &mut e,
+            "macula_mqtt_sessions",
+            "MQTT sessions kept, connected or not (limit: mqtt_max_sessions)",
+            sessions as i64,
+        )?;
+        gauge(
+            &mut e,
+            "macula_mqtt_retained",
+            "Retained MQTT messages kept on this node (limit: mqtt_max_retained)",
+            retained as i64,
+        )?;
+        gauge(
+            &mut e,
+            "macula_mqtt_retained_bytes",
+            "Payload bytes of the retained MQTT messages kept",
+            retained_bytes as i64,
+        )?;
         gauge(&mut e, "macula_mqtt_queued", "Messages queued or in flight to MQTT clients (limits: mqtt_queue_len, mqtt_max_inflight)", queued as i64)?;
-        counter(&mut e, "macula_mqtt_connects", "MQTT CONNECTs accepted", s.connects)?;
+        counter(
+            &mut e,
+            "macula_mqtt_connects",
+            "MQTT CONNECTs accepted",
+            s.connects,
+        )?;
         {
             let mut f = e.encode_descriptor(
                 "macula_mqtt_refused",
@@ -767,9 +803,24 @@ impl Collector for MqttCollector {
                     .encode(f.encode_family(&[("reason", r.name())])?)?;
             }
         }
-        counter(&mut e, "macula_mqtt_messages_in", "PUBLISH packets received from MQTT clients", s.messages_in)?;
-        counter(&mut e, "macula_mqtt_messages_out", "PUBLISH packets sent to MQTT clients (redeliveries not included)", s.messages_out)?;
-        counter(&mut e, "macula_mqtt_redelivered", "Unacknowledged QoS 1 messages sent again (DUP) to a reconnected client", s.redelivered)?;
+        counter(
+            &mut e,
+            "macula_mqtt_messages_in",
+            "PUBLISH packets received from MQTT clients",
+            s.messages_in,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_messages_out",
+            "PUBLISH packets sent to MQTT clients (redeliveries not included)",
+            s.messages_out,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_redelivered",
+            "Unacknowledged QoS 1 messages sent again (DUP) to a reconnected client",
+            s.redelivered,
+        )?;
         {
             let mut f = e.encode_descriptor(
                 "macula_mqtt_dropped",
@@ -789,14 +840,49 @@ impl Collector for MqttCollector {
         counter(&mut e, "macula_mqtt_queue_full_waits", "Times a QoS 1 message found a client's queue full (mqtt_queue_len): its mesh subscription waited", s.queue_full_waits)?;
         counter(&mut e, "macula_mqtt_inflight_full", "Times sending to an MQTT client waited for its inflight window (mqtt_max_inflight or the client's receive maximum)", s.inflight_full)?;
         counter(&mut e, "macula_mqtt_wills", "Last wills published", s.wills)?;
-        counter(&mut e, "macula_mqtt_retained_refused", "Retained messages not kept (mqtt_max_retained, mqtt_max_retained_bytes)", s.retained_refused)?;
-        counter(&mut e, "macula_mqtt_sessions_expired", "Disconnected persistent sessions that expired", s.sessions_expired)?;
-        counter(&mut e, "macula_mqtt_sessions_evicted", "Disconnected sessions dropped to make room (mqtt_max_sessions)", s.sessions_evicted)?;
+        counter(
+            &mut e,
+            "macula_mqtt_retained_refused",
+            "Retained messages not kept (mqtt_max_retained, mqtt_max_retained_bytes)",
+            s.retained_refused,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_sessions_expired",
+            "Disconnected persistent sessions that expired",
+            s.sessions_expired,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_sessions_evicted",
+            "Disconnected sessions dropped to make room (mqtt_max_sessions)",
+            s.sessions_evicted,
+        )?;
         counter(&mut e, "macula_mqtt_subscriptions_refused", "Topic filters refused in SUBACK (invalid, mqtt_max_subscriptions, permissions, the mesh)", s.subscriptions_refused)?;
-        counter(&mut e, "macula_mqtt_publish_failed", "MQTT publishes (and wills) the mesh refused", c.publish_failed.get())?;
-        counter(&mut e, "macula_mqtt_denied", "MQTT requests refused by the realm's permissions", c.denied.get())?;
-        counter(&mut e, "macula_mqtt_no_connect", "MQTT connections closed before a valid CONNECT (timeout, garbage)", c.no_connect.get())?;
-        counter(&mut e, "macula_mqtt_tls_failed", "MQTT TLS handshakes that failed", c.tls_failed.get())?;
+        counter(
+            &mut e,
+            "macula_mqtt_publish_failed",
+            "MQTT publishes (and wills) the mesh refused",
+            c.publish_failed.get(),
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_denied",
+            "MQTT requests refused by the realm's permissions",
+            c.denied.get(),
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_no_connect",
+            "MQTT connections closed before a valid CONNECT (timeout, garbage)",
+            c.no_connect.get(),
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_tls_failed",
+            "MQTT TLS handshakes that failed",
+            c.tls_failed.get(),
+        )?;
         Ok(())
     }
 }

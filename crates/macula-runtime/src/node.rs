@@ -704,7 +704,9 @@ impl NodeRuntime {
                 node.0.shutdown.subscribe(),
             )
             .await
-            .map_err(|crate::mqtt::MqttError::Bind { addr, source }| StartError::Bind { addr, source })?;
+            .map_err(
+                |crate::mqtt::MqttError::Bind { addr, source }| StartError::Bind { addr, source },
+            )?;
             let _ = node.0.mqtt.set(bridge);
         }
         tracing::info!(node_id = %node_id, listen = %local_addr, realm = %node.0.config.realm, "node started");
