@@ -966,22 +966,21 @@ impl Broker {
     /// subscription limit). The runtime then checks permissions and
     /// subscribes in the mesh, and calls `subscribe` with the results.
     pub fn plan_subscribe(&mut self, conn: ConnId, filters: &[(String, u8)]) -> Vec<Planned> {
-        let have: Vec<String> = self
+        let mut have: Vec<String> = self
             .session_of(conn)
             .and_then(|s| self.sessions.get(&s))
             .map(|s| s.subs.iter().map(|(f, _, _)| f.clone()).collect())
             .unwrap_or_default();
-        let mut n = have.len();
         let mut planned = Vec::with_capacity(filters.len());
         for (filter, qos) in filters {
             let pattern = match filter_to_mesh(filter) {
                 Err(_) => Err(SubCode::FilterInvalid),
-                Ok(_) if !have.contains(filter) && n >= self.limits.max_subscriptions => {
+                Ok(_) if !have.contains(filter) && have.len() >= self.limits.max_subscriptions => {
                     Err(SubCode::Quota)
                 }
                 Ok(p) => {
                     if !have.contains(filter) {
-                        n += 1;
+                        have.push(filter.clone());
                     }
                     Ok(p)
                 }
