@@ -498,3 +498,84 @@ pub fn fuzz_stream(data: &[u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CONNECT_311: &[u8] = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04abcd";
+    const CONNECT_5: &[u8] = b"\x10\x11\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x04abcd";
+
+    fn codec() -> Codec {
+        Codec::new(ServerInfo {
+            receive_max: 8,
+            max_packet_size: 1024,
+        })
+    }
+
+    #[test]
+    fn negotiates_both_versions_and_round_trips_publish() {
+        for (bytes, version) in [(CONNECT_311, Version::V3), (CONNECT_5, Version::V5)] {
+            let mut c = codec();
+            let mut buf = BytesMut::from(bytes);
+            match c.decode(&mut buf).unwrap() {
+                Some(In::Connect(k)) => assert_eq!(k.client_id, "abcd"),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(c.version(), Some(version));
+            let mut out = BytesMut::new();
+            let msg = crate::broker::Msg {
+                topic: "a/b".into(),
+                payload: bytes::Bytes::from_static(b"hi"),
+                qos: 1,
+                retain: false,
+            };
+            c.encode(
+                Out::Publish {
+                    msg,
+                    packet_id: Some(7),
+                    dup: false,
+                },
+                &mut out,
+            )
+            .unwrap();
+            // A client's PUBLISH has the same form: decode it back.
+            match c.decode(&mut out).unwrap() {
+                Some(In::Publish(p)) => {
+                    assert_eq!((p.topic.as_str(), p.qos, p.packet_id), ("a/b", 1, Some(7)));
+                    assert_eq!(&p.payload[..], b"hi");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_packet_is_refused_before_its_body() {
+        let mut c = codec();
+        let mut buf = BytesMut::from(CONNECT_311);
+        c.decode(&mut buf).unwrap();
+        // A PUBLISH announcing 2,000 bytes, none of them sent yet.
+        let mut buf = BytesMut::from(&b"\x30\xd0\x0f"[..]);
+        let e = c.decode(&mut buf).unwrap_err();
+        assert_eq!(decode_reason(&e), Reason::PacketTooLarge);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            fuzz_stream(&data);
+        }
+
+        #[test]
+        fn bytes_after_a_connect_never_panic(
+            v5 in any::<bool>(),
+            data in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut all = if v5 { CONNECT_5.to_vec() } else { CONNECT_311.to_vec() };
+            all.extend(data);
+            fuzz_stream(&all);
+        }
+    }
+}
