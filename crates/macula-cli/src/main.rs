@@ -13,6 +13,7 @@ mod bench_authz;
 mod bench_connections;
 mod bench_crdt;
 mod bench_kv;
+mod bench_mqtt;
 mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;
