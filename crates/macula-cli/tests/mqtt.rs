@@ -514,3 +514,59 @@ fn malformed_and_oversized_packets_close_only_that_client() {
     );
     assert!(metric(&n.http, "macula_mqtt_clients") >= 1.0);
 }
+
+#[test]
+fn tls_listener_with_a_configured_certificate() {
+    if skip() {
+        return;
+    }
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let files = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: a leaf named like its issuer looks self-signed.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "macula test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let path = |n: &str| files.path().join(n).to_str().unwrap().to_string();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    let (cert_file, key_file, ca_file) = (path("cert.pem"), path("key.pem"), path("ca.pem"));
+    let n = node(
+        None,
+        &[
+            "--mqtt-tls",
+            "on",
+            "--mqtt-cert-file",
+            &cert_file,
+            "--mqtt-key-file",
+            &key_file,
+        ],
+    );
+    let mut sub = mosquitto_sub(&n.mqtt, &["--cafile", &ca_file, "-t", "secure/#"]);
+    until_seen(&mut sub, &["secure/a sealed"], || {
+        let (code, out) = mosquitto_pub(
+            &n.mqtt,
+            &["--cafile", &ca_file, "-t", "secure/a", "-m", "sealed"],
+        );
+        assert_eq!(code, Some(0), "{out}");
+    });
+    // A plain-TCP client gets nowhere.
+    let (code, _) = mosquitto_pub(&n.mqtt, &["-t", "secure/a", "-m", "plain"]);
+    assert_ne!(code, Some(0));
+    assert!(sub
+        .poll_for(&["plain"], Duration::from_millis(500))
+        .is_none());
+}

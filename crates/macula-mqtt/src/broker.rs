@@ -675,7 +675,9 @@ impl Broker {
         self.stats.disconnects[reason as usize] += 1;
         let sid = c.session.take();
         self.clients = self.clients.saturating_sub(1);
-        if reason == Reason::TakenOver {
+        if !matches!(reason, Reason::Gone | Reason::Normal) {
+            // Its task writes the DISCONNECT and closes (it may be idle:
+            // taken over, or its keep-alive ran out).
             self.events.push_back(Event::Close(conn));
         }
         if let Some(will) = will {
@@ -802,6 +804,24 @@ impl Broker {
 
     pub fn handle_timeout(&mut self, conn: ConnId, now: Millis) {
         if self.poll_timeout(conn).is_some_and(|t| now >= t) {
+            self.detach(conn, Reason::KeepAlive, now);
+        }
+    }
+
+    /// Closes every connection whose keep-alive ran out (one sweep for
+    /// all clients: no timer per connection).
+    pub fn handle_timeouts(&mut self, now: Millis) {
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !c.closing
+                    && c.keep_alive > Millis::ZERO
+                    && now >= c.last_rx.saturating_add(c.keep_alive)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in late {
             self.detach(conn, Reason::KeepAlive, now);
         }
     }
@@ -1120,6 +1140,10 @@ impl Broker {
         let c = self.conns.get_mut(&conn)?;
         if let Some(o) = c.out.pop_front() {
             return Some(o);
+        }
+        if c.out.capacity() > 0 {
+            // An idle client keeps no packet buffer.
+            c.out = VecDeque::new();
         }
         if c.closing {
             return None;

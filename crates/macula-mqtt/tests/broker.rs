@@ -320,6 +320,20 @@ fn will_on_lost_connection_and_keep_alive_not_on_disconnect() {
 }
 
 #[test]
+fn one_sweep_times_out_every_silent_client() {
+    let mut b = Broker::new(small());
+    b.connect(1, Version::V5, connect("a", true), ms(0))
+        .unwrap();
+    b.connect(2, Version::V5, connect("b", true), ms(0))
+        .unwrap();
+    b.received(2, ms(14_000));
+    b.handle_timeouts(ms(15_000));
+    assert!(b.is_closing(1) && !b.is_closing(2));
+    assert!(events(&mut b).contains(&Event::Close(1)));
+    assert!(drain(&mut b, 1).contains(&Out::Disconnect(Reason::KeepAlive)));
+}
+
+#[test]
 fn subscription_limit_and_invalid_filters() {
     let mut b = Broker::new(small());
     b.connect(1, Version::V5, connect("a", true), ms(0))

@@ -53,7 +53,8 @@ use crate::pubsub::{PubSub, PublishOptions, Subscription, SubscriptionItem};
 
 /// How long a new connection may take to send its CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often disconnected sessions are checked for expiry.
+/// How often keep-alives and disconnected sessions are checked (one sweep
+/// for every client: no timer per connection).
 const EXPIRY_TICK: Duration = Duration::from_secs(1);
 /// Largest write buffered before it is written out.
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -247,7 +248,11 @@ async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
             return;
         };
         let now = inner.clock.now();
-        inner.core.lock().expire(now);
+        {
+            let mut core = inner.core.lock();
+            core.handle_timeouts(now);
+            core.expire(now);
+        }
         inner.after();
     }
 }
@@ -408,7 +413,8 @@ where
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
     };
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, c.read()).await;
+    // Boxed: the CONNECT phase's timer is not carried by an idle connection.
+    let first = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, c.read())).await;
     let connect = match first {
         Ok(Ok(Some(In::Connect(connect)))) => connect,
         _ => {
@@ -523,22 +529,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if !write_out(inner, conn, c).await {
             return;
         }
-        let deadline = inner.core.lock().poll_timeout(conn);
-        let sleep = async {
-            match deadline {
-                Some(t) => {
-                    let wait = t.saturating_sub(inner.clock.now()).to_duration();
-                    tokio::time::sleep(wait).await
-                }
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             p = c.read() => match p {
                 Ok(Some(p)) => {
                     let now = inner.clock.now();
                     inner.core.lock().received(conn, now);
-                    handle(inner, conn, who, p).await;
+                    // Boxed: a publish or subscribe awaits the mesh (a DHT
+                    // put), a large future an idle connection need not carry.
+                    Box::pin(handle(inner, conn, who, p)).await;
                 }
                 Ok(None) => return,
                 Err(reason) => {
@@ -546,9 +544,6 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
             },
             _ = notify.notified() => {}
-            _ = sleep => {
-                inner.core.lock().handle_timeout(conn, inner.clock.now());
-            }
             _ = shutdown.changed() => {
                 inner.core.lock().close(conn, Reason::ShuttingDown, inner.clock.now());
             }
