@@ -881,3 +881,86 @@ impl Collector for MqttCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use macula_wire::NodeId;
+
+    async fn bridge(config: MqttConfig) -> (Bridge, watch::Sender<bool>) {
+        let ps = PubSub::new(
+            NodeId::from_bytes([7; 32]),
+            1 << 20,
+            macula_pubsub::Limits::default(),
+        );
+        let (stop, shutdown) = watch::channel(false);
+        let b = Bridge::start(
+            &config,
+            "127.0.0.1:0".parse().unwrap(),
+            ps,
+            Clock::new(),
+            None,
+            None,
+            None,
+            shutdown,
+        )
+        .await
+        .unwrap();
+        (b, stop)
+    }
+
+    #[tokio::test]
+    async fn every_metric_family_is_exported_once() {
+        let (b, _stop) = bridge(MqttConfig::default()).await;
+        let mut r = Registry::default();
+        b.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert_eq!(text.matches("# TYPE macula_mqtt_").count(), 23, "{text}");
+        assert_eq!(text.matches("# HELP macula_mqtt_").count(), 23);
+        for reason in Reason::ALL {
+            assert!(
+                text.contains(&format!(
+                    "macula_mqtt_disconnects_total{{reason=\"{}\"}} 0",
+                    reason.name()
+                )),
+                "{text}"
+            );
+        }
+        assert!(text.contains("macula_mqtt_refused_total{reason=\"max_clients\"} 0"));
+        assert!(text.contains("macula_mqtt_clients 0"));
+    }
+
+    /// A CONNECT with credentials not on the list gets CONNACK 4 (3.1.1),
+    /// counted; one on the list is accepted.
+    #[tokio::test]
+    async fn users_list_is_checked() {
+        let config = MqttConfig {
+            users: vec![("dev".into(), "s3cret".into())],
+            ..MqttConfig::default()
+        };
+        let (b, _stop) = bridge(config).await;
+        let connect = |user: &str, pass: &str| {
+            let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 60, 0, 1, b'c'];
+            for f in [user, pass] {
+                body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+                body.extend_from_slice(f.as_bytes());
+            }
+            let mut p = vec![0x10, body.len() as u8];
+            p.extend(body);
+            p
+        };
+        for (user, pass, code) in [("dev", "wrong", 4u8), ("dev", "s3cret", 0)] {
+            let mut s = tokio::net::TcpStream::connect(b.local_addr())
+                .await
+                .unwrap();
+            s.write_all(&connect(user, pass)).await.unwrap();
+            let mut ack = [0u8; 4];
+            s.read_exact(&mut ack).await.unwrap();
+            assert_eq!(ack, [0x20, 2, 0, code], "{user}:{pass}");
+        }
+        let core = b.0.core.lock();
+        assert_eq!(core.stats().refused[Refusal::BadCredentials as usize], 1);
+        assert_eq!(core.stats().connects, 1);
+    }
+}
