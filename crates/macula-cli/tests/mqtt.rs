@@ -53,7 +53,8 @@ fn skip() -> bool {
 }
 
 struct Node {
-    proc: Proc,
+    /// Killed on drop.
+    _proc: Proc,
     quic: String,
     mqtt: String,
     http: String,
@@ -75,7 +76,7 @@ fn node(bootstrap: Option<&str>, extra: &[&str]) -> Node {
         proc.wait_for(&["joined the DHT"]);
     }
     Node {
-        proc,
+        _proc: proc,
         quic,
         mqtt,
         http,

@@ -116,6 +116,18 @@ impl std::fmt::Debug for Bridge {
     }
 }
 
+/// What the bridge uses of its node.
+pub(crate) struct Parts {
+    pub pubsub: PubSub,
+    pub clock: Clock,
+    /// The realm's permissions (a realm with an authority).
+    pub authz: Option<Arc<Authz>>,
+    /// The node's API keys, if it keeps any.
+    pub gate: Option<Arc<ApiKeyGate>>,
+    /// TLS on the listener.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
 /// Who a connection is, for the realm's permissions.
 struct Principal {
     name: String,
@@ -127,13 +139,16 @@ impl Bridge {
     pub(crate) async fn start(
         config: &MqttConfig,
         listen: SocketAddr,
-        pubsub: PubSub,
-        clock: Clock,
-        authz: Option<Arc<Authz>>,
-        gate: Option<Arc<ApiKeyGate>>,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        parts: Parts,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Bridge, MqttError> {
+        let Parts {
+            pubsub,
+            clock,
+            authz,
+            gate,
+            tls,
+        } = parts;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| MqttError::Bind {
@@ -664,7 +679,7 @@ async fn subscribe(
     }
     inner.core.lock().subscribe(conn, id, planned);
     // The session may have ended while the mesh took the subscriptions.
-    let gone = !inner.core.lock().session_of(conn).is_some_and(|s| s == sid);
+    let gone = inner.core.lock().session_of(conn).is_none_or(|s| s != sid);
     if gone {
         if let Some(pumps) = inner.pumps.lock().remove(&sid) {
             for (_, p) in pumps {
@@ -894,18 +909,16 @@ mod tests {
             macula_pubsub::Limits::default(),
         );
         let (stop, shutdown) = watch::channel(false);
-        let b = Bridge::start(
-            &config,
-            "127.0.0.1:0".parse().unwrap(),
-            ps,
-            Clock::new(),
-            None,
-            None,
-            None,
-            shutdown,
-        )
-        .await
-        .unwrap();
+        let parts = Parts {
+            pubsub: ps,
+            clock: Clock::new(),
+            authz: None,
+            gate: None,
+            tls: None,
+        };
+        let b = Bridge::start(&config, "127.0.0.1:0".parse().unwrap(), parts, shutdown)
+            .await
+            .unwrap();
         (b, stop)
     }
 

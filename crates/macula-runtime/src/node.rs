@@ -693,14 +693,17 @@ impl NodeRuntime {
                     Some(tls::mqtt_server(&identity, Some((cert, key)))?)
                 }
             };
+            let parts = crate::mqtt::Parts {
+                pubsub: node.0.pubsub.clone(),
+                clock,
+                authz: node.0.local.authz.clone(),
+                gate: node.0.local.api_keys.clone(),
+                tls,
+            };
             let bridge = crate::mqtt::Bridge::start(
                 &node.0.config.mqtt,
                 listen,
-                node.0.pubsub.clone(),
-                clock,
-                node.0.local.authz.clone(),
-                node.0.local.api_keys.clone(),
-                tls,
+                parts,
                 node.0.shutdown.subscribe(),
             )
             .await
