@@ -441,7 +441,7 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({ "build": build_kind(), "size": args.size, "window": args.window, "results": all })
+            serde_json::json!({ "benchmark": "mqtt", "build": build_kind(), "size": args.size, "window": args.window, "results": all })
         );
         return Ok(());
     }

@@ -571,3 +571,56 @@ fn tls_listener_with_a_configured_certificate() {
         .poll_for(&["plain"], Duration::from_millis(500))
         .is_none());
 }
+
+#[test]
+fn bench_mqtt_runs_both_brokers_side_by_side() {
+    if skip() {
+        return;
+    }
+    let mosquitto = ["/usr/sbin/mosquitto", "mosquitto"]
+        .into_iter()
+        .find(|m| Command::new(m).arg("-h").output().is_ok());
+    let Some(mosquitto) = mosquitto else {
+        if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+            panic!("mosquitto (Debian package mosquitto) not found ({REQUIRE_ENV}=1)");
+        }
+        eprintln!("SKIPPED bench_mqtt_runs_both_brokers_side_by_side: mosquitto not found");
+        return;
+    };
+    let mut cmd = command(&[
+        "bench",
+        "mqtt",
+        "--count",
+        "2000",
+        "--rtt-count",
+        "50",
+        "--idle",
+        "50",
+        "--mosquitto",
+        mosquitto,
+        "--json",
+    ]);
+    cmd.env("RUST_LOG", "warn");
+    let mut p = Proc::spawn_cmd(cmd);
+    let line = p
+        .poll_for(&["{\"benchmark\":\"mqtt\""], Duration::from_secs(240))
+        .unwrap_or_else(|| panic!("no JSON figures; output:\n{}", p.seen.join("\n")));
+    let status = p.wait_exit(Duration::from_secs(30)).expect("bench exits");
+    assert!(status.success(), "{status:?}");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object");
+    let results = v["results"].as_array().expect("results");
+    let brokers: Vec<&str> = results
+        .iter()
+        .filter_map(|r| r["broker"].as_str())
+        .collect();
+    assert_eq!(brokers, ["macula", "mosquitto"]);
+    for r in results {
+        assert_eq!(r["qos1_received"], 2000, "{r}");
+        assert!(
+            r["qos0_msgs_per_s"].as_f64().is_some_and(|x| x > 0.0),
+            "{r}"
+        );
+        assert!(r["rtt"]["p50_us"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+        assert!(r["rss_after_bytes"].as_u64().is_some_and(|x| x > 0), "{r}");
+    }
+}
