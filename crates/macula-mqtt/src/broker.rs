@@ -421,8 +421,10 @@ struct Conn {
 /// The bridge's state on one node. See the module docs.
 pub struct Broker {
     limits: Limits,
-    conns: HashMap<ConnId, Conn>,
-    sessions: HashMap<SessionId, Session>,
+    /// Boxed values: a map's spare buckets (up to half of them just after
+    /// it grew) then cost a pointer each, not a whole entry.
+    conns: HashMap<ConnId, Box<Conn>>,
+    sessions: HashMap<SessionId, Box<Session>>,
     by_client: HashMap<String, SessionId>,
     retained: std::collections::BTreeMap<String, (Topic, Msg)>,
     retained_bytes: usize,
@@ -567,7 +569,7 @@ impl Broker {
                 self.next_session += 1;
                 self.sessions.insert(
                     sid,
-                    Session {
+                    Box::new(Session {
                         id: sid,
                         client_id: client_id.clone(),
                         conn: None,
@@ -578,7 +580,7 @@ impl Broker {
                         qos2_in: Vec::new(),
                         expiry,
                         expires_at: None,
-                    },
+                    }),
                 );
                 self.by_client.insert(client_id.clone(), sid);
                 sid
@@ -609,7 +611,7 @@ impl Broker {
         }
         self.conns.insert(
             conn,
-            Conn {
+            Box::new(Conn {
                 session: Some(sid),
                 version,
                 keep_alive: Millis(u64::from(c.keep_alive) * 1500),
@@ -619,7 +621,7 @@ impl Broker {
                 client_max_packet: c.max_packet_size.unwrap_or(u32::MAX),
                 will: c.will,
                 closing: false,
-            },
+            }),
         );
         self.clients += 1;
         self.stats.connects += 1;
@@ -771,6 +773,14 @@ impl Broker {
     /// clients get a DISCONNECT with it.
     pub fn close(&mut self, conn: ConnId, reason: Reason, now: Millis) {
         self.detach(conn, reason, now);
+    }
+
+    /// Ends every connection for `reason` (the node shuts down).
+    pub fn close_all(&mut self, reason: Reason, now: Millis) {
+        let all: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in all {
+            self.detach(conn, reason, now);
+        }
     }
 
     /// The client sent DISCONNECT (`with_will`: 5.0 reason 0x04).

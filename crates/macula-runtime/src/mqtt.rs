@@ -228,16 +228,15 @@ async fn accept_loop(
             return;
         };
         let _ = stream.set_nodelay(true);
-        let shutdown = shutdown.clone();
         match &tls {
             None => {
-                tokio::spawn(serve(inner, stream, remote, shutdown));
+                tokio::spawn(serve(inner, stream, remote));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve(inner, s, remote, shutdown).await,
+                        Ok(Ok(s)) => serve(inner, s, remote).await,
                         Ok(Err(e)) => {
                             inner.counters.tls_failed.inc();
                             tracing::debug!(%remote, error = %e, "MQTT TLS handshake failed");
@@ -255,13 +254,22 @@ async fn accept_loop(
 
 async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(EXPIRY_TICK) => {}
-            _ = shutdown.changed() => return,
-        }
+        let stop = tokio::select! {
+            _ = tokio::time::sleep(EXPIRY_TICK) => false,
+            _ = shutdown.changed() => true,
+        };
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        if stop {
+            // Every connection writes its DISCONNECT (0x8B) and closes.
+            inner
+                .core
+                .lock()
+                .close_all(Reason::ShuttingDown, inner.clock.now());
+            inner.after();
+            return;
+        }
         let now = inner.clock.now();
         {
             let mut core = inner.core.lock();
@@ -417,7 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-async fn serve<S>(inner: Arc<Inner>, io: S, remote: SocketAddr, shutdown: watch::Receiver<bool>)
+async fn serve<S>(inner: Arc<Inner>, io: S, remote: SocketAddr)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -481,7 +489,7 @@ where
     };
     tracing::debug!(%remote, client_id, ?version, "MQTT client connected");
     inner.after();
-    run(&inner, conn, &mut c, &principal, &notify, shutdown).await;
+    run(&inner, conn, &mut c, &principal, &notify).await;
     let _ = c.io.shutdown().await;
     inner.conns.lock().remove(&conn);
     inner.core.lock().closed(conn, inner.clock.now());
@@ -538,7 +546,6 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     c: &mut Conn<S>,
     who: &Principal,
     notify: &Notify,
-    mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         if !write_out(inner, conn, c).await {
@@ -559,9 +566,6 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
             },
             _ = notify.notified() => {}
-            _ = shutdown.changed() => {
-                inner.core.lock().close(conn, Reason::ShuttingDown, inner.clock.now());
-            }
         }
         inner.after();
     }
@@ -975,5 +979,34 @@ mod tests {
         let core = b.0.core.lock();
         assert_eq!(core.stats().refused[Refusal::BadCredentials as usize], 1);
         assert_eq!(core.stats().connects, 1);
+    }
+
+    /// Shutting down tells every 5.0 client (DISCONNECT 0x8B) and closes.
+    #[tokio::test]
+    async fn shutdown_disconnects_every_client() {
+        let (b, stop) = bridge(MqttConfig::default()).await;
+        let mut s = tokio::net::TcpStream::connect(b.local_addr())
+            .await
+            .unwrap();
+        let connect = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 0];
+        s.write_all(&connect).await.unwrap();
+        let mut ack = [0u8; 2];
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack[0], 0x20);
+        let mut rest = vec![0u8; usize::from(ack[1])];
+        s.read_exact(&mut rest).await.unwrap();
+        stop.send(true).unwrap();
+        let mut d = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut d))
+            .await
+            .expect("DISCONNECT in time")
+            .unwrap();
+        assert_eq!((d[0], d[2]), (0xe0, 0x8b), "{d:?}");
+        let mut more = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut more))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert!(n <= 1, "closed after the DISCONNECT");
     }
 }
