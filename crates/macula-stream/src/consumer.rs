@@ -444,6 +444,9 @@ impl Consumer {
         loop {
             let from_initial = !self.initial.is_empty();
             let m = if let Some(&seq) = self.initial.front() {
+                if seq > stream.visible_upto() {
+                    return Next::Idle;
+                }
                 match stream.get(seq) {
                     Some(m) => m,
                     None => {
@@ -453,7 +456,7 @@ impl Consumer {
                 }
             } else {
                 let Some(m) = stream.next_from(self.next_seq) else {
-                    self.next_seq = self.next_seq.max(stream.last_seq() + 1);
+                    self.next_seq = self.next_seq.max(stream.visible_upto() + 1);
                     return Next::Idle;
                 };
                 if !self.wants(stream, &m) {
@@ -771,6 +774,11 @@ impl Consumer {
         .min()
         .unwrap_or(self.next_seq);
         first_open.saturating_sub(1)
+    }
+
+    /// Whether deliveries are due again.
+    pub fn has_redeliveries(&self) -> bool {
+        !self.redeliver.is_empty()
     }
 
     /// Delivered and waiting for an ack.

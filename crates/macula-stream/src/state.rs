@@ -272,6 +272,7 @@ pub struct StreamState {
     ttl: BTreeSet<(u64, u64)>,
     ttl_of: BTreeMap<u64, u64>,
     counters: StreamCounters,
+    visible: Option<u64>,
 }
 
 impl StreamState {
@@ -292,54 +293,51 @@ impl StreamState {
             ttl: BTreeSet::new(),
             ttl_of: BTreeMap::new(),
             counters: StreamCounters::default(),
+            visible: None,
         })
     }
 
-    /// A stream rebuilt from its stored messages (ascending `seq`, each at
-    /// most `last_seq`), its last sequence and last timestamp. `now` (Unix
-    /// ms) decides which message IDs are still in the window. Entries that
-    /// break the order are skipped and counted in the returned number.
-    pub fn restore<'a>(
-        cfg: StreamConfig,
-        last_seq: u64,
-        last_ts: u64,
-        now: u64,
-        msgs: impl IntoIterator<Item = Restored<'a>>,
-    ) -> Result<(Self, u64), ConfigError> {
+    /// An empty index to rebuild from the store at start: its last
+    /// sequence and last timestamp (kept beside the messages, since every
+    /// message may have been removed); then [`StreamState::restore_msg`]
+    /// for each stored message, ascending.
+    pub fn restore(cfg: StreamConfig, last_seq: u64, last_ts: u64) -> Result<Self, ConfigError> {
         let mut s = StreamState::new(cfg)?;
         s.last_seq = last_seq;
         s.last_ts = last_ts;
-        let mut skipped = 0;
-        let mut prev = 0;
-        for m in msgs {
-            if m.seq <= prev || m.seq > last_seq || m.ts > last_ts {
-                skipped += 1;
-                continue;
-            }
-            prev = m.seq;
-            let subject = s.subjects.intern(m.subject);
-            s.entries.push_back(Entry {
-                seq: m.seq,
-                ts: m.ts,
-                size: m.size,
-                subject,
-            });
-            s.msgs += 1;
-            s.bytes += u64::from(m.size);
-            if let Some(at) = m.expires {
-                s.ttl.insert((at, m.seq));
-                s.ttl_of.insert(m.seq, at);
-            }
-            if let Some(id) = m.msg_id {
-                if s.cfg.duplicate_window > Millis::ZERO
-                    && m.ts.saturating_add(s.cfg.duplicate_window.0) > now
-                {
-                    let forgotten = s.dedup.insert(id, m.seq, m.ts, s.cfg.max_dedup_ids);
-                    s.counters.dedup_forgotten_early += forgotten;
-                }
+        Ok(s)
+    }
+
+    /// Puts back one stored message; `now` (Unix ms) decides whether its
+    /// message ID is still in the de-duplication window. False (and nothing
+    /// changed) when it breaks the order: a sequence not above the last one
+    /// restored, above `last_seq`, or a timestamp above `last_ts`.
+    pub fn restore_msg(&mut self, now: u64, m: Restored<'_>) -> bool {
+        let prev = self.entries.back().map_or(0, |e| e.seq);
+        if m.seq <= prev || m.seq > self.last_seq || m.ts > self.last_ts {
+            return false;
+        }
+        let subject = self.subjects.intern(m.subject);
+        self.entries.push_back(Entry {
+            seq: m.seq,
+            ts: m.ts,
+            size: m.size,
+            subject,
+        });
+        self.msgs += 1;
+        self.bytes += u64::from(m.size);
+        if let Some(at) = m.expires {
+            self.ttl.insert((at, m.seq));
+            self.ttl_of.insert(m.seq, at);
+        }
+        if let Some(id) = m.msg_id {
+            let window = self.cfg.duplicate_window;
+            if window > Millis::ZERO && m.ts.saturating_add(window.0) > now {
+                let forgotten = self.dedup.insert(id, m.seq, m.ts, self.cfg.max_dedup_ids);
+                self.counters.dedup_forgotten_early += forgotten;
             }
         }
-        Ok((s, skipped))
+        true
     }
 
     /// Its configuration.
@@ -657,9 +655,25 @@ impl StreamState {
             .map(|e| self.meta(e))
     }
 
-    /// The first stored message at or after `seq`.
+    /// The first stored message at or after `seq` that consumers may see
+    /// (see [`StreamState::set_visible_upto`]).
     pub fn next_from(&self, seq: u64) -> Option<MsgMeta<'_>> {
-        self.iter_from(seq).next()
+        self.iter_from(seq)
+            .next()
+            .filter(|m| self.visible.is_none_or(|v| m.seq <= v))
+    }
+
+    /// Consumers see messages up to `seq` only (`None`: all): the caller
+    /// stores a message after the index took it, and raises this once the
+    /// store has it (durable on its disk, or committed by its replicas), so
+    /// no consumer is handed a message that a crash could still lose.
+    pub fn set_visible_upto(&mut self, seq: Option<u64>) {
+        self.visible = seq;
+    }
+
+    /// The last sequence consumers may see.
+    pub fn visible_upto(&self) -> u64 {
+        self.visible.map_or(self.last_seq, |v| v.min(self.last_seq))
     }
 
     /// The sequence of the first message stored at or after `t` (Unix
@@ -1061,8 +1075,9 @@ mod tests {
                 expires: None,
             },
         ];
-        let (mut s, skipped) = StreamState::restore(c, 9, 950, 1000, msgs).unwrap();
-        assert_eq!(skipped, 1);
+        let mut s = StreamState::restore(c, 9, 950).unwrap();
+        let restored: Vec<bool> = msgs.into_iter().map(|m| s.restore_msg(1000, m)).collect();
+        assert_eq!(restored, [true, true, false]);
         assert_eq!(
             (s.first_seq(), s.last_seq(), s.msgs(), s.bytes()),
             (3, 9, 2, 11)
@@ -1077,6 +1092,21 @@ mod tests {
         };
         assert_eq!(s.append(1000, m("new")), Ok(Appended::Duplicate { seq: 7 }));
         assert_eq!(seq(&s.append(1000, m("old")).unwrap()), 10);
+    }
+
+    #[test]
+    fn consumers_see_only_what_is_visible() {
+        let mut s = stream(|_| {});
+        put(&mut s, 0, "a.x", 1);
+        put(&mut s, 0, "a.x", 1);
+        s.set_visible_upto(Some(1));
+        assert_eq!(s.next_from(1).map(|m| m.seq), Some(1));
+        assert_eq!(s.next_from(2), None);
+        assert_eq!(s.visible_upto(), 1);
+        s.set_visible_upto(Some(2));
+        assert_eq!(s.next_from(2).map(|m| m.seq), Some(2));
+        s.set_visible_upto(None);
+        assert_eq!(s.visible_upto(), 2);
     }
 
     #[test]

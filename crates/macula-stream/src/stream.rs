@@ -12,7 +12,8 @@ use macula_wire::Millis;
 
 use crate::config::{ConfigError, ConsumerConfig, DeliverPolicy, Retention, StreamConfig};
 use crate::consumer::{
-    AckError, Consumer, ConsumerState, Exhausted, Next, PullError, PullEvent, PullRequest,
+    AckError, Consumer, ConsumerInfo, ConsumerState, Exhausted, Next, PullError, PullEvent,
+    PullRequest,
 };
 use crate::state::{AppendError, Appended, Incoming, Purge, StreamState};
 
@@ -256,6 +257,42 @@ impl Stream {
             .get_mut(name)
             .ok_or_else(|| ConsumerError::NotFound(name.to_string()))?;
         Ok(c.next(now, &self.state))
+    }
+
+    /// The next delivery of consumer `name` of a message no larger than
+    /// `max_size` bytes (a pull with bytes left).
+    pub fn next_within(
+        &mut self,
+        name: &str,
+        now: Millis,
+        max_size: Option<u64>,
+    ) -> Result<Next, ConsumerError> {
+        let c = self
+            .consumers
+            .get_mut(name)
+            .ok_or_else(|| ConsumerError::NotFound(name.to_string()))?;
+        Ok(c.next_within(now, &self.state, max_size))
+    }
+
+    /// Consumer `name`'s numbers.
+    pub fn consumer_info(&mut self, name: &str) -> Result<ConsumerInfo, ConsumerError> {
+        let c = self
+            .consumers
+            .get_mut(name)
+            .ok_or_else(|| ConsumerError::NotFound(name.to_string()))?;
+        Ok(c.info(&self.state))
+    }
+
+    /// Whether some consumer has deliveries due again (its pullers should
+    /// be woken).
+    pub fn has_redeliveries(&self) -> bool {
+        self.consumers.values().any(Consumer::has_redeliveries)
+    }
+
+    /// Consumers see messages up to `seq` only (see
+    /// [`StreamState::set_visible_upto`]).
+    pub fn set_visible_upto(&mut self, seq: u64) {
+        self.state.set_visible_upto(Some(seq));
     }
 
     /// Acknowledges for consumer `name`; returns the messages the ack

@@ -21,6 +21,7 @@
 //! | `POST /admin/raft/{group}/cas` | [`CasRequest`] → [`CasReport`] (409 when the comparison failed) |
 //! | `GET /admin/raft/{group}/watch?prefix=P&from=REV&wait_ms=MS` | long poll → [`WatchReport`] |
 //! | `GET /admin/realm` | [`RealmReport`]: the realm's authority, this node's grant, the revocation list held |
+//! | `/admin/streams...` | durable streams, their messages and consumers (see `macula_runtime::admin::stream` for every route): [`StreamsReport`], [`MsgReport`] ... |
 //! | `POST /admin/realm/revocations` | body = a signed revocation list → [`RevocationsReport`] (adopted when newer, then spread through the mesh) |
 //!
 //! Anything else is a 404 (405 for another method) with an [`ErrorReport`]
@@ -63,6 +64,10 @@ use tokio::net::TcpListener;
 
 use crate::Node;
 
+pub use macula_runtime::admin::stream::{
+    AckRequest, BrokenStream, MsgReport, NextRequest, PublishRequest, PurgeReport, PurgeRequest,
+    StreamsReport, MAX_NEXT_WAIT,
+};
 pub use macula_runtime::admin::{
     request_message, resource, sign_request, AdminLimits, CasReport, CasRequest, ErrorReport,
     EventReport, GrantReport, HealthReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
