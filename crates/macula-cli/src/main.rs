@@ -17,6 +17,7 @@ mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;
 mod bench_stats;
+mod bench_stream;
 mod config;
 mod dht_cli;
 mod member;

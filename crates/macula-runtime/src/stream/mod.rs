@@ -420,29 +420,52 @@ impl Streams {
             what: format!("configuration: {e}"),
         })?;
         let now = now_wall();
-        let mut state = macula_stream::StreamState::restore(cfg, last_seq, last_ts)?;
-        let mut skipped = 0u64;
-        let n = store.scan(|seq, size, h| {
-            let ok = state.restore_msg(
-                now,
-                Restored {
-                    seq,
-                    ts: h.ts,
-                    size,
-                    subject: h.subject,
-                    msg_id: h.msg_id,
-                    expires: h.expires,
-                },
-            );
-            skipped += u64::from(!ok);
-        })?;
-        if skipped > 0 {
-            return Err(StoreError::Corrupt {
-                path: path.to_path_buf(),
-                what: format!("{skipped} messages out of order or past the last sequence"),
+        // A clean shutdown left the index: one read instead of every
+        // message's head. It is removed before anything else is written,
+        // so after a crash the next start scans.
+        let snapshot = store
+            .index_snapshot()?
+            .and_then(|b| {
+                macula_stream::StreamState::from_snapshot(cfg.clone(), &b)
+                    .ok()
+                    .flatten()
+            })
+            .filter(|s| s.last_seq() == last_seq && s.last_ts() == last_ts);
+        let (mut state, n) = match snapshot {
+            Some(state) => {
+                store.write_now(vec![Write::Index(None)])?;
+                let n = state.msgs();
+                (state, n)
             }
-            .into());
-        }
+            None => {
+                let mut state = macula_stream::StreamState::restore(cfg, last_seq, last_ts)?;
+                let mut skipped = 0u64;
+                let n = store.scan(|seq, size, h| {
+                    let ok = state.restore_msg(
+                        now,
+                        Restored {
+                            seq,
+                            ts: h.ts,
+                            size,
+                            subject: h.subject,
+                            msg_id: h.msg_id,
+                            expires: h.expires,
+                        },
+                    );
+                    skipped += u64::from(!ok);
+                })?;
+                if skipped > 0 {
+                    return Err(StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        what: format!("{skipped} messages out of order or past the last sequence"),
+                    }
+                    .into());
+                }
+                // Drop any stale snapshot too.
+                store.write_now(vec![Write::Index(None)])?;
+                (state, n)
+            }
+        };
         state.set_visible_upto(Some(last_seq));
         let mut stream = Stream::from_state(state);
         let mono = self.0.clock.now();
@@ -987,6 +1010,11 @@ impl Streams {
         let hosted: Vec<Arc<Hosted>> = self.0.hosted.lock().values().cloned().collect();
         for h in hosted {
             h.stop();
+            // Nothing changes the stream from here on (publishes and acks
+            // still running are refused).
+            h.failed
+                .lock()
+                .get_or_insert_with(|| "the node is shutting down".into());
             flush_dirty(&h);
             tokio::task::spawn_blocking(move || h.store.close())
                 .await
@@ -1087,21 +1115,34 @@ async fn read(
 ) -> Result<Vec<StreamMsg>, StreamError> {
     let h2 = h.clone();
     tokio::task::spawn_blocking(move || {
+        let seqs: Vec<u64> = picked.iter().map(|p| p.0).collect();
+        let mut found = h2.store.get_batch(&seqs)?.into_iter().peekable();
         let mut out = Vec::with_capacity(picked.len());
         for (seq, consumer_seq, deliveries) in picked {
-            if let Some(m) = h2.store.get(seq)? {
-                out.push(StreamMsg {
-                    stream: h2.name.clone(),
-                    seq,
-                    consumer_seq,
-                    deliveries,
-                    ts: m.ts,
-                    subject: m.subject,
-                    headers: m.headers,
-                    msg_id: m.msg_id,
-                    payload: m.payload,
-                });
-            }
+            // `get_batch` keeps the order of an ascending batch; otherwise
+            // look the sequence up among what was found.
+            let m = match found.peek() {
+                Some((s, _)) if *s == seq => found.next().map(|(_, m)| m),
+                _ => None,
+            };
+            let m = match m {
+                Some(m) => m,
+                None => match h2.store.get(seq)? {
+                    Some(m) => m,
+                    None => continue,
+                },
+            };
+            out.push(StreamMsg {
+                stream: h2.name.clone(),
+                seq,
+                consumer_seq,
+                deliveries,
+                ts: m.ts,
+                subject: m.subject,
+                headers: m.headers,
+                msg_id: m.msg_id,
+                payload: m.payload,
+            });
         }
         Ok(out)
     })

@@ -31,6 +31,10 @@ const CONSUMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumers"
 pub const META_CONFIG: &str = "config";
 /// `meta` key of the last sequence and timestamp (16 bytes, LE).
 pub const META_LAST: &str = "last";
+/// `meta` key of the index snapshot written at a clean shutdown (removed by
+/// the first write after the next start, so a crash never leaves a stale
+/// one).
+pub const META_INDEX: &str = "index";
 
 /// Writes one group commit takes at most (more wait for the next).
 const MAX_GROUP: usize = 8192;
@@ -82,11 +86,19 @@ pub enum Write {
     Config(Vec<u8>),
     /// Set (`Some`) or delete a consumer's record.
     Consumer(String, Option<Vec<u8>>),
+    /// Set (`Some`) or delete the index snapshot.
+    Index(Option<Vec<u8>>),
+}
+
+/// Who waits for a group commit: an async caller or a blocking one.
+enum Done {
+    Async(oneshot::Sender<Result<(), String>>),
+    Blocking(mpsc::Sender<Result<(), String>>),
 }
 
 struct Job {
     writes: Vec<Write>,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+    done: Option<Done>,
 }
 
 /// What the writer counted.
@@ -205,15 +217,29 @@ impl StreamStore {
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
         };
-        tx.send(Job { writes, done })
-            .map_err(|_| StoreError::Closed(self.path.clone()))
+        tx.send(Job {
+            writes,
+            done: done.map(Done::Async),
+        })
+        .map_err(|_| StoreError::Closed(self.path.clone()))
     }
 
-    /// Writes and waits (blocking) until they are on disk.
+    /// Writes and waits (blocking the thread; also from inside a runtime)
+    /// until they are on disk.
     pub fn write_now(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(writes, Some(tx))?;
-        rx.blocking_recv()
+        let (tx, rx) = mpsc::channel();
+        {
+            let jobs = self.jobs.lock();
+            let Some(jobs) = jobs.as_ref() else {
+                return Err(StoreError::Closed(self.path.clone()));
+            };
+            jobs.send(Job {
+                writes,
+                done: Some(Done::Blocking(tx)),
+            })
+            .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        }
+        rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
             .map_err(io(&self.path))
     }
@@ -254,6 +280,49 @@ impl StreamStore {
             .map_err(|c| self.corrupt(seq, &c))
     }
 
+    /// Reads several messages in one read transaction (one range scan when
+    /// they are ascending, as a consumer's batch is); a sequence not stored
+    /// is left out.
+    pub fn get_batch(&self, seqs: &[u64]) -> Result<Vec<(u64, StoredMsg)>, StoreError> {
+        let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = match txn.open_table(MSGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x.to_string())),
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        let ascending = seqs.windows(2).all(|w| w[0] < w[1]);
+        // A dense ascending batch is one range scan; anything else is one
+        // lookup per sequence.
+        if ascending && hi - lo < 4 * seqs.len() as u64 {
+            let mut want = seqs.iter().copied().peekable();
+            for item in t.range(lo..=hi).map_err(|x| e(x.to_string()))? {
+                let (k, v) = item.map_err(|x| e(x.to_string()))?;
+                let seq = k.value();
+                while want.peek().is_some_and(|&w| w < seq) {
+                    want.next();
+                }
+                if want.peek() == Some(&seq) {
+                    want.next();
+                    let m = record::decode(v.value()).map_err(|c| self.corrupt(seq, &c))?;
+                    out.push((seq, m));
+                }
+            }
+        } else {
+            for &seq in seqs {
+                if let Some(v) = t.get(seq).map_err(|x| e(x.to_string()))? {
+                    let m = record::decode(v.value()).map_err(|c| self.corrupt(seq, &c))?;
+                    out.push((seq, m));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn corrupt(&self, seq: u64, c: &CorruptRecord) -> StoreError {
         StoreError::Corrupt {
             path: self.path.clone(),
@@ -276,6 +345,15 @@ impl StreamStore {
                 what: "no configuration".into(),
             })?;
         Ok((cfg, last, ts))
+    }
+
+    /// The index snapshot of the last clean shutdown, if there is one.
+    pub fn index_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
+        let v = t.get(META_INDEX).map_err(|x| e(x.to_string()))?;
+        Ok(v.map(|v| v.value().to_vec()))
     }
 
     fn last(&self) -> Result<(u64, u64), StoreError> {
@@ -417,8 +495,14 @@ fn writer(
             }
         }
         for j in group {
-            if let Some(done) = j.done {
-                let _ = done.send(result.clone());
+            match j.done {
+                Some(Done::Async(tx)) => {
+                    let _ = tx.send(result.clone());
+                }
+                Some(Done::Blocking(tx)) => {
+                    let _ = tx.send(result.clone());
+                }
+                None => {}
             }
         }
     }
@@ -459,6 +543,13 @@ fn commit(db: &Database, group: &[Job]) -> Result<(), String> {
                 }
                 Write::Consumer(name, None) => {
                     consumers.remove(name.as_str()).map_err(|e| e.to_string())?;
+                }
+                Write::Index(Some(v)) => {
+                    meta.insert(META_INDEX, v.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Write::Index(None) => {
+                    meta.remove(META_INDEX).map_err(|e| e.to_string())?;
                 }
             }
         }
