@@ -441,21 +441,21 @@ impl StreamState {
             }
             max_id = max_id.max(id);
         }
+        for (id, name) in &names {
+            self.subjects.ids.insert(name.clone(), *id);
+            self.subjects.names.insert(*id, (name.clone(), 0));
+        }
         let n = r.u64()?;
         let mut prev = 0u64;
+        self.entries
+            .reserve(usize::try_from(n).unwrap_or(0).min(r.buf.len() / 24));
         for _ in 0..n {
             let (seq, ts, size, subject) = (r.u64()?, r.u64()?, r.u32()?, r.u32()?);
-            let name = names.get(&subject)?;
             if seq <= prev || seq > self.last_seq || ts > self.last_ts {
                 return None;
             }
             prev = seq;
-            self.subjects.ids.entry(name.clone()).or_insert(subject);
-            self.subjects
-                .names
-                .entry(subject)
-                .or_insert_with(|| (name.clone(), 0))
-                .1 += 1;
+            self.subjects.names.get_mut(&subject)?.1 += 1;
             self.entries.push_back(Entry {
                 seq,
                 ts,
@@ -464,6 +464,19 @@ impl StreamState {
             });
             self.msgs += 1;
             self.bytes += u64::from(size);
+        }
+        // A subject no message has is not kept.
+        let unused: Vec<u32> = self
+            .subjects
+            .names
+            .iter()
+            .filter(|(_, (_, count))| *count == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unused {
+            if let Some((name, _)) = self.subjects.names.remove(&id) {
+                self.subjects.ids.remove(&name);
+            }
         }
         self.subjects.next = max_id.checked_add(1)?;
         let n = r.u64()?;
