@@ -336,3 +336,55 @@ async fn workqueue_consumers_share_the_work() {
     assert_eq!(s.info("jobs").unwrap().messages, 0);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn old_messages_leave_the_store_and_replay_starts_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = pubsub();
+    let s = open(dir.path(), &ps);
+    let mut cfg = orders();
+    cfg.max_age = Some(macula_wire::Millis(300));
+    s.add(cfg).await.unwrap();
+    publish(&s, "orders.a", "old").await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mid = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    publish(&s, "orders.a", "new").await;
+    // From a time: only what was stored at or after it.
+    let mut sub = s
+        .subscribe("orders", &[], DeliverPolicy::ByStartTime(mid))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.seq, &m.payload[..]), (2, &b"new"[..]));
+    publish(&s, "orders.b", "live").await;
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], b"live");
+    drop(sub);
+    // The age limit empties the stream, store included.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.info("orders").unwrap().messages > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "messages never aged out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.info("orders").unwrap().counters.removed_age, 3);
+    assert!(s.get_msg("orders", 1).await.unwrap().is_none());
+    s.shutdown().await;
+    drop(s);
+    // And the store agrees after a restart.
+    let s = open(dir.path(), &ps);
+    let info = s.info("orders").unwrap();
+    assert_eq!((info.messages, info.last_seq, info.first_seq), (0, 3, 4));
+    s.shutdown().await;
+}

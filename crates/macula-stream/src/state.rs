@@ -828,6 +828,11 @@ impl StreamState {
         self.visible = seq;
     }
 
+    /// The bound [`StreamState::set_visible_upto`] set (`None`: all).
+    pub fn visible_bound(&self) -> Option<u64> {
+        self.visible
+    }
+
     /// The last sequence consumers may see.
     pub fn visible_upto(&self) -> u64 {
         self.visible.map_or(self.last_seq, |v| v.min(self.last_seq))

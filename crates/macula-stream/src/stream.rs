@@ -290,9 +290,13 @@ impl Stream {
     }
 
     /// Consumers see messages up to `seq` only (see
-    /// [`StreamState::set_visible_upto`]).
+    /// [`StreamState::set_visible_upto`]); once set, the bound only rises (a
+    /// durable sequence reported late never hides what was shown).
     pub fn set_visible_upto(&mut self, seq: u64) {
-        self.state.set_visible_upto(Some(seq));
+        match self.state.visible_bound() {
+            Some(v) if v >= seq => {}
+            _ => self.state.set_visible_upto(Some(seq)),
+        }
     }
 
     /// Acknowledges for consumer `name`; returns the messages the ack
@@ -561,6 +565,22 @@ mod tests {
         assert_eq!(s.remove_inactive(Millis(99)), (vec![], vec![]));
         assert_eq!(s.remove_inactive(Millis(100)), (vec![e], vec![1]));
         assert_eq!(s.num_consumers(), 0);
+    }
+
+    #[test]
+    fn the_visible_bound_only_rises() {
+        let mut s = stream(Retention::Limits);
+        for _ in 0..3 {
+            put(&mut s, "a.x");
+        }
+        s.set_visible_upto(2);
+        s.set_visible_upto(1);
+        assert_eq!(s.state().visible_upto(), 2);
+        s.add_consumer(ConsumerConfig::durable("c"), Millis(0))
+            .unwrap();
+        assert_eq!(take(&mut s, "c"), vec![1, 2]);
+        s.set_visible_upto(3);
+        assert_eq!(take(&mut s, "c"), vec![3]);
     }
 
     #[test]

@@ -38,8 +38,8 @@
 //! [`AckPolicy`], [`ReplayPolicy`], [`Retention`], [`Discard`].
 
 pub use macula_runtime::stream::{
-    AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamInfo, StreamMsg, Streams,
-    SEQ_HEADER, STREAM_HEADER,
+    AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamInfo, StreamMsg,
+    StreamSubscription, Streams, SEQ_HEADER, STREAM_HEADER,
 };
 pub use macula_stream::{
     AckPolicy, ConfigError, ConsumerConfig, DeliverPolicy, Discard, Purge, ReplayPolicy, Retention,

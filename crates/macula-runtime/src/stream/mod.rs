@@ -751,6 +751,11 @@ impl Streams {
             },
             Appending::Stored(seq, rx) => {
                 wait_written(&h, rx).await?;
+                // On disk: visible at once, so a consumer reads what its
+                // own acknowledged publish stored (the visibility task
+                // would raise the bound too, a moment later).
+                h.core.lock().set_visible_upto(seq);
+                h.changed.notify_waiters();
                 self.0.publishes.fetch_add(1, Ordering::Relaxed);
                 PubAck {
                     stream: h.name.clone(),
@@ -931,6 +936,32 @@ impl Streams {
         }
     }
 
+    /// Reads a stream from `from` on, as messages come: an ephemeral
+    /// consumer without acks (filtered by `filter`, empty for all) pulled in
+    /// batches. Dropping the subscription removes the consumer (at the
+    /// latest after its idle threshold).
+    pub async fn subscribe(
+        &self,
+        stream: &str,
+        filter: &[&str],
+        from: DeliverPolicy,
+    ) -> Result<StreamSubscription, StreamError> {
+        let cfg = ConsumerConfig {
+            deliver: from,
+            ack: AckPolicy::None,
+            filter: filter.iter().map(|f| f.to_string()).collect(),
+            inactive_threshold: Millis::from_duration(self.0.limits.max_wait * 2),
+            ..Default::default()
+        };
+        let consumer = self.add_consumer(stream, cfg).await?;
+        Ok(StreamSubscription {
+            streams: self.clone(),
+            stream: stream.to_string(),
+            consumer,
+            buffered: std::collections::VecDeque::new(),
+        })
+    }
+
     /// Acknowledges (or naks, ...) a delivered message.
     pub async fn ack(
         &self,
@@ -1030,6 +1061,61 @@ impl Streams {
             self.0.pulls.load(Ordering::Relaxed),
             self.0.delivered.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// A stream read from a position on (see [`Streams::subscribe`]).
+pub struct StreamSubscription {
+    streams: Streams,
+    stream: String,
+    consumer: String,
+    buffered: std::collections::VecDeque<StreamMsg>,
+}
+
+impl std::fmt::Debug for StreamSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSubscription")
+            .field("stream", &self.stream)
+            .field("consumer", &self.consumer)
+            .finish()
+    }
+}
+
+/// Messages one [`StreamSubscription::recv`] pulls at most.
+const SUBSCRIPTION_BATCH: usize = 1000;
+
+impl StreamSubscription {
+    /// The next message, waiting for one; an error when the stream or its
+    /// consumer went away.
+    pub async fn recv(&mut self) -> Result<StreamMsg, StreamError> {
+        loop {
+            if let Some(m) = self.buffered.pop_front() {
+                return Ok(m);
+            }
+            let wait = self.streams.0.limits.max_wait;
+            let got = self
+                .streams
+                .next(&self.stream, &self.consumer, SUBSCRIPTION_BATCH, None, wait)
+                .await?;
+            self.buffered.extend(got);
+        }
+    }
+
+    /// The ephemeral consumer's name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+}
+
+impl Drop for StreamSubscription {
+    fn drop(&mut self) {
+        let streams = self.streams.clone();
+        let (stream, consumer) = (self.stream.clone(), std::mem::take(&mut self.consumer));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = streams.delete_consumer(&stream, &consumer).await;
+            });
+        }
     }
 }
 
