@@ -1,0 +1,435 @@
+//! Node status messages (types `0xb0..=0xb7`, observability): what a node
+//! tells a connected peer about itself, for the peer's dashboard.
+//!
+//! A node asks with STATUS_REQUEST (a nonce); the peer answers
+//! STATUS_REPORT with the same nonce and either a bounded [`NodeStatus`]
+//! (identity, addresses, uptime, its links with direct/relayed, its
+//! lightweight clients, running totals of messages, publishes, calls and
+//! DHT lookups) or the reason it refused. Totals rather than rates: the
+//! asker computes rates from two reports, so both sides need no clock
+//! agreement. One hop only: a node learns its peers' links, never asks a
+//! peer to ask further.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{MAX_ADDR_LEN, MAX_AGENT_LEN, MAX_LISTEN_ADDRS, MAX_REASON_LEN};
+use crate::node_id::NodeId;
+
+/// Links listed in one [`NodeStatus`]; a sender with more lists the first
+/// ones and counts the rest in `links_omitted`.
+pub const MAX_STATUS_LINKS: usize = 1024;
+/// Longest `reachability` word.
+pub const MAX_REACHABILITY_LEN: usize = 16;
+
+/// "Tell me about yourself."
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    /// Echoed in the report.
+    pub nonce: u64,
+}
+
+/// The answer to STATUS_REQUEST `nonce`: a status, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub nonce: u64,
+    /// Absent when refused.
+    #[serde(
+        default,
+        deserialize_with = "crate::nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub status: Option<NodeStatus>,
+    /// Why the request was refused (e.g. the asker's grant does not allow
+    /// `admin admin.dashboard`); empty when `status` is present.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub refused: String,
+}
+
+/// A node's summary of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Must be the node ID the sender proved in TLS.
+    pub node_id: NodeId,
+    /// Addresses it listens on (`host:port`).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub addrs: Vec<String>,
+    /// Its software (as in HELLO).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub agent: String,
+    /// Milliseconds since it started.
+    pub uptime_ms: u64,
+    /// Joined the mesh (or the first node), as its `/ready`.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub ready: bool,
+    /// `unknown`, `public` or `private`.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub reachability: String,
+    /// Its connections to other full nodes.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub links: Vec<StatusLink>,
+    /// Connections to full nodes not listed (over the sender's limit).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub links_omitted: u32,
+    /// Lightweight clients attached to it (it is their gateway).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub clients: u32,
+    /// Running totals (rates come from two reports).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub totals: StatusTotals,
+}
+
+/// One connection of the reporting node to another full node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusLink {
+    pub node_id: NodeId,
+    /// The relay the connection runs through; absent when direct.
+    #[serde(
+        default,
+        deserialize_with = "crate::nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub relayed_via: Option<NodeId>,
+    /// Smoothed round-trip time, microseconds.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub rtt_us: u64,
+    /// The reporting node dialled it.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub outbound: bool,
+}
+
+/// Running totals and sizes since the node started. Every field is
+/// optional on the wire (0 when absent), so later versions can add some.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusTotals {
+    /// Frames received from peers.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub messages_in: u64,
+    /// Frames sent to peers.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub messages_out: u64,
+    /// Messages published on this node.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub published: u64,
+    /// Messages delivered to local subscribers.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub delivered: u64,
+    /// Calls made from this node.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub rpc_calls: u64,
+    /// Calls served by this node's handlers.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub rpc_served: u64,
+    /// DHT records held.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub dht_records: u64,
+    /// Contacts in the DHT routing table.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub dht_contacts: u64,
+    /// DHT lookups finished.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub dht_lookups: u64,
+    /// Sum of the request rounds (hops) of those lookups.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub dht_lookup_hops: u64,
+    /// Local subscriptions.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub subscriptions: u64,
+    /// Procedures this node serves.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub services: u64,
+}
+
+/// STATUS_REQUEST and STATUS_REPORT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusMessage {
+    Request(StatusRequest),
+    Report(StatusReport),
+}
+
+impl StatusMessage {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        match self {
+            StatusMessage::Request(_) => Ok(()),
+            StatusMessage::Report(r) => r.validate(),
+        }
+    }
+}
+
+impl StatusReport {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.refused.len() > MAX_REASON_LEN {
+            return Err(format!(
+                "refused is {} bytes, limit {MAX_REASON_LEN}",
+                self.refused.len()
+            ));
+        }
+        match &self.status {
+            Some(_) if !self.refused.is_empty() => {
+                Err("a report has a status or a refusal, not both".into())
+            }
+            Some(s) => s.validate(),
+            None if self.refused.is_empty() => Err("a report without a status says why".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl NodeStatus {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.addrs.len() > MAX_LISTEN_ADDRS {
+            return Err(format!(
+                "{} addresses, limit {MAX_LISTEN_ADDRS}",
+                self.addrs.len()
+            ));
+        }
+        if self.addrs.iter().any(|a| a.len() > MAX_ADDR_LEN) {
+            return Err(format!("an address is over {MAX_ADDR_LEN} bytes"));
+        }
+        if self.agent.len() > MAX_AGENT_LEN {
+            return Err(format!(
+                "agent is {} bytes, limit {MAX_AGENT_LEN}",
+                self.agent.len()
+            ));
+        }
+        if self.reachability.len() > MAX_REACHABILITY_LEN {
+            return Err(format!(
+                "reachability is {} bytes, limit {MAX_REACHABILITY_LEN}",
+                self.reachability.len()
+            ));
+        }
+        if self.links.len() > MAX_STATUS_LINKS {
+            return Err(format!(
+                "{} links, limit {MAX_STATUS_LINKS}",
+                self.links.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Fuzz entry point (`fuzz/fuzz_targets/status_report.rs`): decodes `data`
+/// as both status messages; whatever decodes must re-encode within the
+/// limits it was checked against.
+pub fn fuzz_status(data: &[u8]) {
+    use crate::message::{Message, MessageType};
+    for t in [MessageType::StatusRequest, MessageType::StatusReport] {
+        if let Ok(msg) = Message::decode(t as u8, data) {
+            let mut out = Vec::new();
+            assert!(msg.encode_frame(&mut out, u32::MAX).is_ok());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameDecoder;
+    use crate::message::{Message, MessageType};
+    use crate::DEFAULT_MAX_FRAME_SIZE;
+    use proptest::prelude::*;
+
+    fn id() -> impl Strategy<Value = NodeId> {
+        any::<[u8; 32]>().prop_map(NodeId::from_bytes)
+    }
+
+    fn link() -> impl Strategy<Value = StatusLink> {
+        (id(), proptest::option::of(id()), any::<u64>(), any::<bool>()).prop_map(
+            |(node_id, relayed_via, rtt_us, outbound)| StatusLink {
+                node_id,
+                relayed_via,
+                rtt_us,
+                outbound,
+            },
+        )
+    }
+
+    fn totals() -> impl Strategy<Value = StatusTotals> {
+        proptest::array::uniform12(any::<u64>()).prop_map(|v| StatusTotals {
+            messages_in: v[0],
+            messages_out: v[1],
+            published: v[2],
+            delivered: v[3],
+            rpc_calls: v[4],
+            rpc_served: v[5],
+            dht_records: v[6],
+            dht_contacts: v[7],
+            dht_lookups: v[8],
+            dht_lookup_hops: v[9],
+            subscriptions: v[10],
+            services: v[11],
+        })
+    }
+
+    fn status() -> impl Strategy<Value = NodeStatus> {
+        (
+            id(),
+            proptest::collection::vec("[0-9.:a-z]{0,40}", 0..=MAX_LISTEN_ADDRS),
+            "[ -~]{0,64}",
+            any::<u64>(),
+            any::<bool>(),
+            "[a-z]{0,16}",
+            proptest::collection::vec(link(), 0..40),
+            any::<u32>(),
+            any::<u32>(),
+            totals(),
+        )
+            .prop_map(
+                |(
+                    node_id,
+                    addrs,
+                    agent,
+                    uptime_ms,
+                    ready,
+                    reachability,
+                    links,
+                    links_omitted,
+                    clients,
+                    totals,
+                )| NodeStatus {
+                    node_id,
+                    addrs,
+                    agent,
+                    uptime_ms,
+                    ready,
+                    reachability,
+                    links,
+                    links_omitted,
+                    clients,
+                    totals,
+                },
+            )
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            any::<u64>().prop_map(|nonce| Message::Status(StatusMessage::Request(
+                StatusRequest { nonce }
+            ))),
+            (any::<u64>(), status()).prop_map(|(nonce, s)| Message::Status(
+                StatusMessage::Report(StatusReport {
+                    nonce,
+                    status: Some(s),
+                    refused: String::new(),
+                })
+            )),
+            (any::<u64>(), "[ -~]{1,200}").prop_map(|(nonce, why)| Message::Status(
+                StatusMessage::Report(StatusReport {
+                    nonce,
+                    status: None,
+                    refused: why,
+                })
+            )),
+        ]
+    }
+
+    fn round_trip(msg: &Message) -> Message {
+        let mut buf = Vec::new();
+        msg.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE)
+            .expect("encodes");
+        let (frame, used) = FrameDecoder::new(DEFAULT_MAX_FRAME_SIZE)
+            .decode(&buf)
+            .expect("a frame")
+            .expect("complete");
+        assert_eq!(used, buf.len());
+        Message::decode(frame.header.msg_type, frame.body).expect("decodes")
+    }
+
+    proptest! {
+        #[test]
+        fn status_messages_round_trip(msg in message()) {
+            prop_assert_eq!(round_trip(&msg), msg);
+        }
+
+        #[test]
+        fn status_decoder_never_panics(
+            t in prop_oneof![Just(MessageType::StatusRequest as u8), Just(MessageType::StatusReport as u8)],
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let _ = Message::decode(t, &body);
+            fuzz_status(&body);
+        }
+
+        /// Mutated valid reports: decoding never panics, and whatever
+        /// decodes re-encodes.
+        #[test]
+        fn status_decoder_survives_mutations(msg in message(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+            let mut buf = Vec::new();
+            msg.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE).expect("encodes");
+            let mut body = buf[crate::FRAME_HEADER_LEN..].to_vec();
+            for (i, b) in flips {
+                let at = i.index(body.len());
+                body[at] = b;
+            }
+            if let Ok(m) = Message::decode(buf[1], &body) {
+                let mut out = Vec::new();
+                prop_assert!(m.encode_frame(&mut out, u32::MAX).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn status_limits_are_checked() {
+        let base = NodeStatus {
+            node_id: NodeId::from_bytes([1; 32]),
+            addrs: vec![],
+            agent: String::new(),
+            uptime_ms: 0,
+            ready: true,
+            reachability: "public".into(),
+            links: vec![],
+            links_omitted: 0,
+            clients: 0,
+            totals: StatusTotals::default(),
+        };
+        let link = StatusLink {
+            node_id: NodeId::from_bytes([2; 32]),
+            relayed_via: None,
+            rtt_us: 1,
+            outbound: true,
+        };
+        let too_many = NodeStatus {
+            links: vec![link; MAX_STATUS_LINKS + 1],
+            ..base.clone()
+        };
+        assert!(too_many.validate().unwrap_err().contains("links"));
+        let long_agent = NodeStatus {
+            agent: "a".repeat(MAX_AGENT_LEN + 1),
+            ..base.clone()
+        };
+        assert!(long_agent.validate().is_err());
+        let both = StatusReport {
+            nonce: 1,
+            status: Some(base.clone()),
+            refused: "no".into(),
+        };
+        assert!(both.validate().is_err());
+        let neither = StatusReport {
+            nonce: 1,
+            status: None,
+            refused: String::new(),
+        };
+        assert!(neither.validate().is_err());
+        // The largest report fits the smallest frame limit a peer may have.
+        let full = Message::Status(StatusMessage::Report(StatusReport {
+            nonce: u64::MAX,
+            status: Some(NodeStatus {
+                links: vec![
+                    StatusLink {
+                        relayed_via: Some(NodeId::from_bytes([3; 32])),
+                        rtt_us: u64::MAX,
+                        ..link
+                    };
+                    MAX_STATUS_LINKS
+                ],
+                addrs: vec!["a".repeat(MAX_ADDR_LEN); MAX_LISTEN_ADDRS],
+                agent: "a".repeat(MAX_AGENT_LEN),
+                ..base
+            }),
+            refused: String::new(),
+        }));
+        let mut buf = Vec::new();
+        full.encode_frame(&mut buf, DEFAULT_MAX_FRAME_SIZE)
+            .expect("the largest report fits the default frame limit");
+        assert!(buf.len() < 200 * 1024, "{}", buf.len());
+    }
+}
