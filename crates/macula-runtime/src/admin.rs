@@ -77,12 +77,12 @@ pub use auth::{
     GRANT_SCHEME, TOKEN_FILE,
 };
 
+pub use dashboard::{DashboardLink, DashboardNode, DashboardReport, NodeReport};
 pub use raft::{
     CasReport, CasRequest, EventReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
     MembersRequest, RaftGroupReport, RaftReport, WatchReport, KV_LIST_DEFAULT_LIMIT,
     KV_LIST_MAX_LIMIT, RAFT_ADMIN_DEADLINE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS, WATCH_MAX_WAIT,
 };
-pub use dashboard::{DashboardLink, DashboardNode, DashboardReport, NodeReport};
 pub use realm::{GrantReport, RealmReport, RevocationsReport};
 
 /// Admin HTTP connections served at once. HTTP/1 handles one request at a
@@ -384,7 +384,12 @@ async fn require_credentials(
     // it from /admin/dashboard with the admin token).
     if matches!(
         path.as_str(),
-        "/live" | "/ready" | "/health" | "/dashboard" | "/dashboard/app.js" | "/dashboard/style.css"
+        "/live"
+            | "/ready"
+            | "/health"
+            | "/dashboard"
+            | "/dashboard/app.js"
+            | "/dashboard/style.css"
     ) {
         return next.run(req).await;
     }

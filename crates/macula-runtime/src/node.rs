@@ -819,11 +819,15 @@ impl NodeRuntime {
                 messages_out: m.frames_sent_total.get(),
                 published: ps.published_total.get(),
                 delivered: ps.delivered_local_total.get(),
+                pubsub_in: ps.received_remote_total.get(),
+                pubsub_out: ps.sent_remote_total.get(),
                 rpc_calls: rpc.calls_total.get(),
                 rpc_served: rpc.served_total.get(),
                 dht_records: dht.records.get(),
                 dht_contacts: dht.routing_table_size.get(),
-                dht_lookups: dht.lookups_observed.load(std::sync::atomic::Ordering::Relaxed),
+                dht_lookups: dht
+                    .lookups_observed
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 dht_lookup_hops: dht
                     .lookup_rounds_sum
                     .load(std::sync::atomic::Ordering::Relaxed),

@@ -113,6 +113,12 @@ pub struct StatusTotals {
     /// Messages delivered to local subscribers.
     #[serde(default, deserialize_with = "crate::nil_default")]
     pub delivered: u64,
+    /// Pub/sub messages received from peers and clients (accepted).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub pubsub_in: u64,
+    /// Pub/sub messages queued to peers and clients (forwarded included).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub pubsub_out: u64,
     /// Calls made from this node.
     #[serde(default, deserialize_with = "crate::nil_default")]
     pub rpc_calls: u64,
@@ -233,18 +239,22 @@ mod tests {
     }
 
     fn link() -> impl Strategy<Value = StatusLink> {
-        (id(), proptest::option::of(id()), any::<u64>(), any::<bool>()).prop_map(
-            |(node_id, relayed_via, rtt_us, outbound)| StatusLink {
+        (
+            id(),
+            proptest::option::of(id()),
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(|(node_id, relayed_via, rtt_us, outbound)| StatusLink {
                 node_id,
                 relayed_via,
                 rtt_us,
                 outbound,
-            },
-        )
+            })
     }
 
     fn totals() -> impl Strategy<Value = StatusTotals> {
-        proptest::array::uniform12(any::<u64>()).prop_map(|v| StatusTotals {
+        proptest::array::uniform14(any::<u64>()).prop_map(|v| StatusTotals {
             messages_in: v[0],
             messages_out: v[1],
             published: v[2],
@@ -257,6 +267,8 @@ mod tests {
             dht_lookup_hops: v[9],
             subscriptions: v[10],
             services: v[11],
+            pubsub_in: v[12],
+            pubsub_out: v[13],
         })
     }
 
@@ -302,16 +314,15 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            any::<u64>().prop_map(|nonce| Message::Status(StatusMessage::Request(
-                StatusRequest { nonce }
-            ))),
-            (any::<u64>(), status()).prop_map(|(nonce, s)| Message::Status(
-                StatusMessage::Report(StatusReport {
+            any::<u64>()
+                .prop_map(|nonce| Message::Status(StatusMessage::Request(StatusRequest { nonce }))),
+            (any::<u64>(), status()).prop_map(|(nonce, s)| Message::Status(StatusMessage::Report(
+                StatusReport {
                     nonce,
                     status: Some(s),
                     refused: String::new(),
-                })
-            )),
+                }
+            ))),
             (any::<u64>(), "[ -~]{1,200}").prop_map(|(nonce, why)| Message::Status(
                 StatusMessage::Report(StatusReport {
                     nonce,

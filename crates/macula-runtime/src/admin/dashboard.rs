@@ -105,8 +105,10 @@ pub struct NodeReport {
     pub clients: u32,
     /// Links to full nodes (those listed and those omitted).
     pub peers: u64,
-    /// Per second: `messages_in`, `messages_out`, `published`,
-    /// `delivered`, `rpc_calls`, `rpc_served`.
+    /// Per second: `messages_in`, `messages_out` (frames), `pubsub_in`,
+    /// `pubsub_out` (pub/sub messages from and to peers and clients),
+    /// `published` (by local applications), `delivered` (to local
+    /// subscriptions), `rpc_calls`, `rpc_served`.
     pub rates: BTreeMap<String, f64>,
     pub dht_records: u64,
     pub dht_contacts: u64,
@@ -282,7 +284,10 @@ pub(super) async fn events(State(s): State<AdminState>) -> Response {
     let permit = match s.node.status_service().open_stream() {
         Ok(p) => p,
         Err(full) => {
-            tracing::warn!(max = full.max, "dashboard event stream refused: too many open");
+            tracing::warn!(
+                max = full.max,
+                "dashboard event stream refused: too many open"
+            );
             return error_kind(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "dashboard.too_many_streams",
@@ -306,7 +311,9 @@ pub(super) async fn events(State(s): State<AdminState>) -> Response {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot encode a dashboard snapshot");
-                    Event::default().event("error").data("cannot encode the snapshot")
+                    Event::default()
+                        .event("error")
+                        .data("cannot encode the snapshot")
                 }
             };
             Some((Ok::<Event, Infallible>(event), (node, tick, permit)))

@@ -320,9 +320,10 @@ impl StatusService {
             self.0.counters.requests_sent.inc();
             let counters = self.0.counters.clone();
             tokio::spawn(async move {
-                let msg = Message::Status(StatusMessage::Request(
-                    macula_wire::status::StatusRequest { nonce },
-                ));
+                let msg =
+                    Message::Status(StatusMessage::Request(macula_wire::status::StatusRequest {
+                        nonce,
+                    }));
                 if let Err(e) = peer.send(&msg).await {
                     counters.send_failed.inc();
                     tracing::debug!(peer = %peer.node_id(), error = %e, "could not send STATUS_REQUEST");

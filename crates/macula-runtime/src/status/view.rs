@@ -9,20 +9,27 @@ use macula_wire::status::{NodeStatus, StatusReport, StatusTotals};
 use macula_wire::{Millis, NodeId};
 
 /// The rates a dashboard shows, in this order.
-pub const RATE_NAMES: [&str; 6] = [
+pub const RATE_NAMES: [&str; RATES] = [
     "messages_in",
     "messages_out",
+    "pubsub_in",
+    "pubsub_out",
     "published",
     "delivered",
     "rpc_calls",
     "rpc_served",
 ];
 
+/// How many rates.
+pub const RATES: usize = 8;
+
 /// The totals [`RATE_NAMES`] are computed from.
-pub fn rate_totals(t: &StatusTotals) -> [u64; 6] {
+pub fn rate_totals(t: &StatusTotals) -> [u64; RATES] {
     [
         t.messages_in,
         t.messages_out,
+        t.pubsub_in,
+        t.pubsub_out,
         t.published,
         t.delivered,
         t.rpc_calls,
@@ -97,7 +104,7 @@ pub struct Known {
     pub refused: Option<String>,
     /// When the last report (or refusal) arrived.
     pub at: Millis,
-    pub rates: RateWindow<6>,
+    pub rates: RateWindow<RATES>,
 }
 
 /// Why a STATUS_REPORT was not taken.
@@ -477,7 +484,10 @@ mod tests {
         assert!(v.may_answer(id(2), Millis(1_100)), "another peer");
         assert!(v.may_answer(id(1), Millis(1_250)));
         v.peer_gone(&id(1));
-        assert!(v.may_answer(id(1), Millis(1_260)), "forgotten with its connection");
+        assert!(
+            v.may_answer(id(1), Millis(1_260)),
+            "forgotten with its connection"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@
 (function () {
   const TOKEN_KEY = 'macula-admin-token';
   const SVG = 'http://www.w3.org/2000/svg';
-  const RATES = ['messages_in', 'messages_out', 'published', 'delivered', 'rpc_calls', 'rpc_served'];
+  const RATES = ['messages_in', 'messages_out', 'pubsub_in', 'pubsub_out', 'published', 'delivered', 'rpc_calls', 'rpc_served'];
   const $ = (id) => document.getElementById(id);
 
   function takeToken() {
@@ -176,19 +176,20 @@
       r.interval_ms + ' ms · ' + r.streams_open + '/' + r.streams_max + ' streams';
   }
 
-  // This node in the middle, reporting peers on a ring, nodes only seen in
-  // their links on an outer ring: the same input always draws the same.
+  // This node at the top of a ring with the peers that report (so every
+  // link between them is a visible chord), nodes only seen in their links
+  // on an outer ring: the same input always draws the same.
   function layout(nodes) {
     const pos = new Map();
-    const cx = 400, cy = 230;
+    const cx = 400, cy = 225;
     const ring = (list, rx, ry, turn) => list.forEach((n, i) => {
       const a = turn + (2 * Math.PI * i) / list.length - Math.PI / 2;
       pos.set(n.node_id, [cx + rx * Math.cos(a), cy + ry * Math.sin(a)]);
     });
-    const self = nodes.filter((n) => n.source === 'self');
-    ring(self, 0, 0, 0);
-    ring(nodes.filter((n) => n.source === 'peer'), 230, 130, 0);
-    ring(nodes.filter((n) => n.source === 'seen'), 360, 200, Math.PI / 7);
+    const inner = nodes.filter((n) => n.source !== 'seen');
+    if (inner.length === 1) pos.set(inner[0].node_id, [cx, cy]);
+    else ring(inner, 220, 150, 0);
+    ring(nodes.filter((n) => n.source === 'seen'), 360, 205, Math.PI / 7);
     return pos;
   }
 
@@ -233,7 +234,7 @@
       tr.appendChild(el('td', { class: 'id', title: n.node_id }, short(n.node_id)));
       tr.appendChild(el('td', { class: 'text' }, n.source));
       if (!s) {
-        tr.appendChild(el('td', { class: 'text', colspan: '16' },
+        tr.appendChild(el('td', { class: 'text', colspan: '18' },
           n.refused ? 'refused: ' + n.refused : 'not connected to this node: no report'));
         body.appendChild(tr);
         continue;
