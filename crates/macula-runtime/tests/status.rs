@@ -278,3 +278,99 @@ async fn event_streams_are_bounded() {
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
     node.shutdown().await;
 }
+
+/// A node of a realm with an authority whose grant has `rules`, joined
+/// through `via`.
+async fn member(
+    authority: &ed25519_dalek::SigningKey,
+    serial: u8,
+    rules: &str,
+    via: Option<&NodeRuntime>,
+) -> (NodeRuntime, tempfile::TempDir) {
+    use macula_runtime::{config::Admission, Identity, IdentitySource, NodeConfig};
+    let dir = tempfile::tempdir().expect("dir");
+    let id = Identity::load_or_create(dir.path())
+        .expect("identity")
+        .node_id();
+    let g = common::signed_grant(
+        authority,
+        serial,
+        macula_auth::Subject::Node(id),
+        rules,
+        0,
+        u64::MAX / 2,
+    );
+    let node = start(NodeConfig {
+        identity: IdentitySource::DataDir(dir.path().to_path_buf()),
+        admission: Some(Admission::new(macula_auth::Key::of(authority), Some(g))),
+        ..via.map(common::boot).unwrap_or_else(config)
+    })
+    .await;
+    if via.is_some() {
+        common::joined(&node).await;
+    }
+    (node, dir)
+}
+
+/// In a realm with an authority a node reports only to peers whose grant
+/// allows `admin admin.dashboard`; the other's dashboard shows why not.
+#[tokio::test]
+async fn with_an_authority_only_allowed_peers_get_a_report() {
+    common::init_tracing();
+    let authority = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let (ops, _od) = member(
+        &authority,
+        1,
+        "allow publish **\nallow admin admin.dashboard",
+        None,
+    )
+    .await;
+    let (plain, _pd) = member(&authority, 2, "allow publish **", Some(&ops)).await;
+    let (ops_http, plain_http) = (admin(&ops).await, admin(&plain).await);
+    let (ops_id, plain_id) = (ops.node_id().to_string(), plain.node_id().to_string());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut at_ops, mut at_plain) = (report(ops_http).await, report(plain_http).await);
+    let reported = |r: &DashboardReport, id: &str| {
+        r.nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .map(|n| (n.status.is_some(), n.refused.clone()))
+    };
+    while tokio::time::Instant::now() < deadline
+        && !(reported(&at_ops, &plain_id).is_some_and(|(s, _)| s)
+            && reported(&at_plain, &ops_id).is_some_and(|(_, r)| r.is_some()))
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        at_ops = report(ops_http).await;
+        at_plain = report(plain_http).await;
+    }
+    assert_eq!(
+        reported(&at_ops, &plain_id),
+        Some((true, None)),
+        "the allowed node gets the report: {at_ops:#?}"
+    );
+    let (has_status, refused) = reported(&at_plain, &ops_id).expect("ops in plain's view");
+    assert!(!has_status);
+    let why = refused.expect("the refusal");
+    assert!(why.contains("admin.dashboard"), "{why}");
+    assert!(
+        ops.status_service()
+            .counters()
+            .requests_received
+            .at(1)
+            .get()
+            >= 1
+    );
+    assert!(
+        plain
+            .status_service()
+            .counters()
+            .reports_received
+            .at(1)
+            .get()
+            >= 1
+    );
+    for n in [ops, plain] {
+        n.shutdown().await;
+    }
+}

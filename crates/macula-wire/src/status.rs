@@ -38,7 +38,7 @@ pub struct StatusReport {
         deserialize_with = "crate::nil_default",
         skip_serializing_if = "Option::is_none"
     )]
-    pub status: Option<NodeStatus>,
+    pub status: Option<Box<NodeStatus>>,
     /// Why the request was refused (e.g. the asker's grant does not allow
     /// `admin admin.dashboard`); empty when `status` is present.
     #[serde(default, deserialize_with = "crate::nil_default")]
@@ -319,7 +319,7 @@ mod tests {
             (any::<u64>(), status()).prop_map(|(nonce, s)| Message::Status(StatusMessage::Report(
                 StatusReport {
                     nonce,
-                    status: Some(s),
+                    status: Some(Box::new(s)),
                     refused: String::new(),
                 }
             ))),
@@ -410,7 +410,7 @@ mod tests {
         assert!(long_agent.validate().is_err());
         let both = StatusReport {
             nonce: 1,
-            status: Some(base.clone()),
+            status: Some(Box::new(base.clone())),
             refused: "no".into(),
         };
         assert!(both.validate().is_err());
@@ -423,7 +423,7 @@ mod tests {
         // The largest report fits the smallest frame limit a peer may have.
         let full = Message::Status(StatusMessage::Report(StatusReport {
             nonce: u64::MAX,
-            status: Some(NodeStatus {
+            status: Some(Box::new(NodeStatus {
                 links: vec![
                     StatusLink {
                         relayed_via: Some(NodeId::from_bytes([3; 32])),
@@ -435,7 +435,7 @@ mod tests {
                 addrs: vec!["a".repeat(MAX_ADDR_LEN); MAX_LISTEN_ADDRS],
                 agent: "a".repeat(MAX_AGENT_LEN),
                 ..base
-            }),
+            })),
             refused: String::new(),
         }));
         let mut buf = Vec::new();

@@ -374,7 +374,7 @@ impl StatusService {
                 counters.requests_received.at(0).inc();
                 Answer::Reply(Message::Status(StatusMessage::Report(StatusReport {
                     nonce,
-                    status: Some(status),
+                    status: Some(Box::new(status)),
                     refused: String::new(),
                 })))
             }

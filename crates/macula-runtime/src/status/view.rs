@@ -253,7 +253,7 @@ impl View {
         match report.status {
             Some(s) => {
                 k.rates.record(now, rate_totals(&s.totals));
-                k.status = Some(s);
+                k.status = Some(*s);
                 k.refused = None;
             }
             None => {
@@ -392,7 +392,7 @@ mod tests {
                 id(3),
                 StatusReport {
                     nonce: 1,
-                    status: Some(status(id(3), 1)),
+                    status: Some(Box::new(status(id(3), 1))),
                     refused: String::new(),
                 },
                 Millis(1_100),
@@ -404,7 +404,7 @@ mod tests {
                 id(3),
                 StatusReport {
                     nonce: 9,
-                    status: Some(status(id(9), 1)),
+                    status: Some(Box::new(status(id(9), 1))),
                     refused: String::new(),
                 },
                 Millis(1_100),
@@ -415,7 +415,7 @@ mod tests {
             id(3),
             StatusReport {
                 nonce: 9,
-                status: Some(status(id(3), 1)),
+                status: Some(Box::new(status(id(3), 1))),
                 refused: String::new(),
             },
             Millis(1_100),
@@ -426,7 +426,7 @@ mod tests {
                 id(3),
                 StatusReport {
                     nonce: 9,
-                    status: Some(status(id(3), 1)),
+                    status: Some(Box::new(status(id(3), 1))),
                     refused: String::new(),
                 },
                 Millis(1_200),
@@ -462,7 +462,7 @@ mod tests {
                 id(1),
                 StatusReport {
                     nonce,
-                    status: Some(status(id(1), 40 * i as u64)),
+                    status: Some(Box::new(status(id(1), 40 * i as u64))),
                     refused: String::new(),
                 },
                 Millis(t + 10),
