@@ -4,5 +4,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    macula_wire::status::fuzz_status(data);
+    macula_wire::message::fuzz_status(data);
 });

@@ -8,7 +8,8 @@
 //! `<target dir>/test-artifacts/`.
 //!
 //! Without Chromium (`/usr/bin/chromium`, Debian's `chromium`) the test is
-//! skipped with a loud line, unless `MACULA_TEST_REQUIRE_CHROMIUM=1` (CI,
+//! skipped with a loud line (`MACULA_TEST_CHROMIUM` names another binary),
+//! unless `MACULA_TEST_REQUIRE_CHROMIUM=1` (CI,
 //! `.ci/run`), where it fails.
 
 mod common;
@@ -25,8 +26,13 @@ use common::*;
 use serde_json::{json, Value};
 
 const REALM: &str = "test.dashboard";
-/// The browser binary (Debian's `chromium` package).
+/// The browser binary (Debian's `chromium` package), unless
+/// `MACULA_TEST_CHROMIUM` names another.
 const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn chromium() -> String {
+    std::env::var("MACULA_TEST_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_string())
+}
 /// Set to 1 to make a missing browser fail the test instead of skipping it.
 const REQUIRE_ENV: &str = "MACULA_TEST_REQUIRE_CHROMIUM";
 /// Until the page shows the whole mesh with traffic.
@@ -37,14 +43,20 @@ const STEP_DEADLINE: Duration = Duration::from_secs(20);
 /// True when the test must return early (then it passes as skipped, saying
 /// so on stderr); panics instead when `MACULA_TEST_REQUIRE_CHROMIUM=1`.
 fn skip() -> bool {
-    if Path::new(CHROMIUM).exists() {
+    let browser = chromium();
+    if Path::new(&browser).exists() {
         return false;
     }
-    let why = format!("needs {CHROMIUM} (apt-get install chromium)");
+    let why = format!("needs {browser} (apt-get install chromium)");
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("dashboard browser test cannot run: {why} ({REQUIRE_ENV}=1)");
     }
-    eprintln!("SKIPPED dashboard browser test: {why}; set {REQUIRE_ENV}=1 to make this a failure");
+    // Straight to the process's stderr: libtest captures `eprintln!` of a
+    // passing test, and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\nSKIPPED dashboard browser test: {why}; set {REQUIRE_ENV}=1 to make this a failure\n"
+    );
     true
 }
 
@@ -100,12 +112,13 @@ impl Browser {
     fn start() -> Browser {
         let profile = tempfile::tempdir().expect("profile dir");
         let user_data = format!("--user-data-dir={}", profile.path().display());
+        let browser = chromium();
         // The shell puts our pipes on fds 3 and 4 and gets out of the way.
         let mut child = Command::new("sh")
             .args([
                 "-c",
                 "exec \"$0\" \"$@\" 3<&0 4>&1 0</dev/null 1>/dev/null",
-                CHROMIUM,
+                &browser,
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
@@ -343,7 +356,9 @@ fn dashboard_in_headless_chromium_shows_the_mesh() {
     );
     let html_path = dir.join("dashboard.html");
     std::fs::write(&html_path, html["result"]["value"].as_str().unwrap_or("")).expect("write DOM");
-    eprintln!(
+    // Not captured by libtest, so the path shows in every run.
+    let _ = writeln!(
+        std::io::stderr(),
         "dashboard artifacts: {} ({} bytes), {}",
         png_path.display(),
         png.len(),

@@ -213,12 +213,12 @@
       const s = n.status;
       const down = s && !s.ready;
       const node = svg('g', { class: 'node ' + n.source + (down ? ' down' : ''), 'data-node-id': n.node_id });
-      node.appendChild(svg('circle', { cx: x, cy: y, r: n.source === 'self' ? 26 : 20 }));
-      node.appendChild(svg('text', { x: x, y: y + 4 }, short(n.node_id)));
+      node.appendChild(svg('circle', { cx: x, cy: y, r: n.source === 'self' ? 18 : 14 }));
+      node.appendChild(svg('text', { x: x, y: y + 34 }, short(n.node_id)));
       let sub = '';
       if (s) sub = s.clients > 0 ? s.clients + ' client' + (s.clients > 1 ? 's' : '') : '';
       if (n.refused) sub = 'refused';
-      if (sub) node.appendChild(svg('text', { class: 'sub', x: x, y: y + 40 }, sub));
+      if (sub) node.appendChild(svg('text', { class: 'sub', x: x, y: y + 49 }, sub));
       node.appendChild(svg('title', {}, n.node_id + (s ? '\n' + s.addrs.join(', ') + '\n' + s.agent : '') +
         (n.refused ? '\nrefused: ' + n.refused : '')));
       g.appendChild(node);
