@@ -245,7 +245,7 @@ fn status_report_sizes() {
             node_id: NodeId::from_bytes([i as u8; 32]),
             relayed_via: None,
             rtt_us: 1_500,
-            outbound: i % 2 == 0,
+            outbound: i.is_multiple_of(2),
         };
         let msg = Message::Status(StatusMessage::Report(StatusReport {
             nonce: u64::MAX / 3,

@@ -25,7 +25,7 @@
 //! this node, and every peer that answered its STATUS_REQUEST, with rates
 //! computed from their running totals.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -38,7 +38,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{error_kind, AdminState, LocalService, SubscriptionInfo};
 use crate::node::NodeRuntime;
-use crate::status::view::RATE_NAMES;
+use crate::status::view::{Known, RATES, RATE_NAMES};
+use macula_wire::{Millis, NodeId, NodeStatus};
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
@@ -141,15 +142,49 @@ pub fn report(node: &NodeRuntime) -> DashboardReport {
     let service = node.status_service();
     let limits = service.limits();
     let me = node.node_id();
-    let known = service.snapshot();
-    let clock_now = service.now();
+    let (nodes, links) = mesh(me, &service.snapshot(), service.now());
+    DashboardReport {
+        node_id: me.to_string(),
+        realm: node.realm().to_string(),
+        interval_ms: u64::try_from(limits.interval.as_millis()).unwrap_or(u64::MAX),
+        rate_window_ms: u64::try_from(limits.rate_window.as_millis()).unwrap_or(u64::MAX),
+        nodes,
+        links,
+        subscriptions: node
+            .pubsub()
+            .subscriptions()
+            .into_iter()
+            .map(|(pattern, count)| SubscriptionInfo { pattern, count })
+            .collect(),
+        services: node
+            .rpc()
+            .advertised()
+            .into_iter()
+            .map(|(procedure, weight, available_slots)| LocalService {
+                procedure,
+                weight,
+                available_slots,
+            })
+            .collect(),
+        streams_open: service.counters().streams.get(),
+        streams_max: limits.max_streams,
+    }
+}
+
+/// The nodes and links of a view (`known`, this node `me` first) at
+/// `now`: each link once, relayed when either end says so; nodes only named
+/// in links appended as `seen`. Pure: the whole of what the graph shows.
+pub fn mesh(
+    me: NodeId,
+    known: &[(NodeId, Known)],
+    now: Millis,
+) -> (Vec<DashboardNode>, Vec<DashboardLink>) {
     let mut nodes = Vec::new();
     let mut links: BTreeMap<(String, String), DashboardLink> = BTreeMap::new();
-    let mut listed = std::collections::BTreeSet::new();
-    for (id, k) in &known {
+    let mut listed = BTreeSet::new();
+    for (id, k) in known {
         listed.insert(id.to_string());
         let status = k.status.as_ref().map(|s| {
-            let rates = k.rates.rates();
             for l in &s.links {
                 let (x, y) = (id.to_string(), l.node_id.to_string());
                 let key = if x < y { (x, y) } else { (y, x) };
@@ -171,36 +206,12 @@ pub fn report(node: &NodeRuntime) -> DashboardReport {
                     link.reported_by.push(reporter);
                 }
             }
-            let t = &s.totals;
-            NodeReport {
-                addrs: s.addrs.clone(),
-                agent: s.agent.clone(),
-                uptime_secs: s.uptime_ms / 1000,
-                ready: s.ready,
-                reachability: s.reachability.clone(),
-                clients: s.clients,
-                peers: s.links.len() as u64 + u64::from(s.links_omitted),
-                rates: RATE_NAMES
-                    .iter()
-                    .zip(rates)
-                    .map(|(n, r)| (n.to_string(), (r * 100.0).round() / 100.0))
-                    .collect(),
-                dht_records: t.dht_records,
-                dht_contacts: t.dht_contacts,
-                dht_lookups: t.dht_lookups,
-                dht_mean_hops: if t.dht_lookups == 0 {
-                    0.0
-                } else {
-                    ((t.dht_lookup_hops as f64 / t.dht_lookups as f64) * 100.0).round() / 100.0
-                },
-                subscriptions: t.subscriptions,
-                services: t.services,
-            }
+            node_report(s, k.rates.rates())
         });
         nodes.push(DashboardNode {
             node_id: id.to_string(),
             source: if *id == me { "self" } else { "peer" }.into(),
-            age_ms: clock_now.saturating_sub(k.at).0,
+            age_ms: now.saturating_sub(k.at).0,
             refused: k.refused.clone(),
             status,
         });
@@ -218,31 +229,39 @@ pub fn report(node: &NodeRuntime) -> DashboardReport {
             }
         }
     }
-    DashboardReport {
-        node_id: me.to_string(),
-        realm: node.realm().to_string(),
-        interval_ms: u64::try_from(limits.interval.as_millis()).unwrap_or(u64::MAX),
-        rate_window_ms: u64::try_from(limits.rate_window.as_millis()).unwrap_or(u64::MAX),
-        nodes,
-        links: links.into_values().collect(),
-        subscriptions: node
-            .pubsub()
-            .subscriptions()
-            .into_iter()
-            .map(|(pattern, count)| SubscriptionInfo { pattern, count })
+    (nodes, links.into_values().collect())
+}
+
+/// Two decimals are plenty on a dashboard.
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn node_report(s: &NodeStatus, rates: [f64; RATES]) -> NodeReport {
+    let t = &s.totals;
+    NodeReport {
+        addrs: s.addrs.clone(),
+        agent: s.agent.clone(),
+        uptime_secs: s.uptime_ms / 1000,
+        ready: s.ready,
+        reachability: s.reachability.clone(),
+        clients: s.clients,
+        peers: s.links.len() as u64 + u64::from(s.links_omitted),
+        rates: RATE_NAMES
+            .iter()
+            .zip(rates)
+            .map(|(n, r)| (n.to_string(), round2(r)))
             .collect(),
-        services: node
-            .rpc()
-            .advertised()
-            .into_iter()
-            .map(|(procedure, weight, available_slots)| LocalService {
-                procedure,
-                weight,
-                available_slots,
-            })
-            .collect(),
-        streams_open: service.counters().streams.get(),
-        streams_max: limits.max_streams,
+        dht_records: t.dht_records,
+        dht_contacts: t.dht_contacts,
+        dht_lookups: t.dht_lookups,
+        dht_mean_hops: if t.dht_lookups == 0 {
+            0.0
+        } else {
+            round2(t.dht_lookup_hops as f64 / t.dht_lookups as f64)
+        },
+        subscriptions: t.subscriptions,
+        services: t.services,
     }
 }
 
@@ -322,4 +341,123 @@ pub(super) async fn events(State(s): State<AdminState>) -> Response {
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::view::{View, ViewLimits};
+    use macula_wire::status::{StatusLink, StatusReport, StatusTotals};
+
+    fn id(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 32])
+    }
+
+    fn status(of: NodeId, links: &[(NodeId, Option<NodeId>)], published: u64) -> NodeStatus {
+        NodeStatus {
+            node_id: of,
+            addrs: vec![],
+            agent: "macula/test".into(),
+            uptime_ms: 5_500,
+            ready: true,
+            reachability: "public".into(),
+            links: links
+                .iter()
+                .map(|(n, via)| StatusLink {
+                    node_id: *n,
+                    relayed_via: *via,
+                    rtt_us: 100 + u64::from(n.as_bytes()[0]),
+                    outbound: true,
+                })
+                .collect(),
+            links_omitted: 1,
+            clients: 2,
+            totals: StatusTotals {
+                published,
+                dht_lookups: 4,
+                dht_lookup_hops: 6,
+                ..StatusTotals::default()
+            },
+        }
+    }
+
+    /// A sees B (direct) and C (relayed through B); B reports D, which A
+    /// does not know: D is `seen`; the A-C link is relayed whoever says so.
+    #[test]
+    fn the_mesh_of_a_view() {
+        let (a, b, c, d) = (id(1), id(2), id(3), id(4));
+        let mut v = View::new(
+            a,
+            ViewLimits {
+                max_peers: 8,
+                stale_after: Millis(10_000),
+                min_answer_interval: Millis(250),
+                rate_window: Millis(10_000),
+            },
+            0,
+        );
+        for (t, published) in [(0u64, 0u64), (2_000, 50)] {
+            v.record_local(Millis(t), status(a, &[(b, None), (c, Some(b))], published));
+            let (asks, _) = v.round(Millis(t), &[b, c]);
+            for (peer, nonce) in asks {
+                let report = if peer == b {
+                    StatusReport {
+                        nonce,
+                        status: Some(Box::new(status(b, &[(a, None), (c, None), (d, None)], 0))),
+                        refused: String::new(),
+                    }
+                } else {
+                    StatusReport {
+                        nonce,
+                        status: None,
+                        refused: "not allowed".into(),
+                    }
+                };
+                v.on_report(peer, report, Millis(t + 5)).expect("taken");
+            }
+        }
+        let known: Vec<(NodeId, Known)> =
+            v.known().into_iter().map(|(i, k)| (i, k.clone())).collect();
+        let (nodes, links) = mesh(a, &known, Millis(3_000));
+        let source = |n: NodeId| {
+            nodes
+                .iter()
+                .find(|x| x.node_id == n.to_string())
+                .map(|x| x.source.clone())
+        };
+        assert_eq!(nodes[0].node_id, a.to_string());
+        assert_eq!(source(a).as_deref(), Some("self"));
+        assert_eq!(source(b).as_deref(), Some("peer"));
+        assert_eq!(source(c).as_deref(), Some("peer"));
+        assert_eq!(source(d).as_deref(), Some("seen"));
+        let c_node = nodes
+            .iter()
+            .find(|x| x.node_id == c.to_string())
+            .expect("c");
+        assert_eq!(c_node.refused.as_deref(), Some("not allowed"));
+        assert!(c_node.status.is_none());
+        assert_eq!(nodes[1].age_ms, 995, "B reported at 2005");
+        let a_status = nodes[0].status.as_ref().expect("a's status");
+        assert_eq!(a_status.rates["published"], 25.0);
+        assert_eq!(a_status.dht_mean_hops, 1.5);
+        assert_eq!(a_status.peers, 3, "two listed, one omitted");
+        assert_eq!(a_status.uptime_secs, 5);
+        // A-B, A-C (relayed via B), B-C, B-D: each once.
+        assert_eq!(links.len(), 4, "{links:#?}");
+        let link = |x: NodeId, y: NodeId| {
+            links
+                .iter()
+                .find(|l| {
+                    (l.a == x.to_string() && l.b == y.to_string())
+                        || (l.a == y.to_string() && l.b == x.to_string())
+                })
+                .unwrap_or_else(|| panic!("no link {x}-{y}: {links:#?}"))
+        };
+        assert_eq!(link(a, b).kind, "direct");
+        assert_eq!(link(a, b).reported_by.len(), 2, "both ends");
+        assert_eq!(link(a, c).kind, "relayed");
+        assert_eq!(link(a, c).relayed_via, Some(b.to_string()));
+        assert_eq!(link(b, d).reported_by, vec![b.to_string()]);
+        assert!(links.iter().all(|l| l.a < l.b));
+    }
 }
