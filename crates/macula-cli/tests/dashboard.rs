@@ -435,6 +435,22 @@ fn dashboard_in_headless_chromium_shows_the_mesh() {
     let report: Value = serde_json::from_str(&body).expect("report");
     assert_eq!(report["streams_open"], 1, "{report:#}");
 
+    // A stops cleanly and at once with the page still streaming from it:
+    // the stream ends at the node's shutdown.
+    drop(publisher);
+    drop(sub);
+    let stopping = Instant::now();
+    assert_eq!(a.terminate(), Some(0));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let rest: Vec<String> = a.lines.try_iter().collect();
+    assert!(
+        !rest.iter().any(|l| l.contains("did not stop in time")),
+        "{rest:#?}"
+    );
     browser.call(
         None,
         "Browser.close",
@@ -442,9 +458,7 @@ fn dashboard_in_headless_chromium_shows_the_mesh() {
         Instant::now() + STEP_DEADLINE,
     );
     drop(browser);
-    drop(publisher);
-    drop(sub);
-    for p in [&mut a, &mut b, &mut c] {
+    for p in [&mut b, &mut c] {
         p.terminate();
     }
 }

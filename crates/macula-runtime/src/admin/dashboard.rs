@@ -19,7 +19,8 @@
 //! Event streams are bounded: at most `dashboard_max_streams` at once (the
 //! next one is answered 503 `dashboard.too_many_streams`,
 //! `macula_dashboard_streams_refused_total`), each ending after
-//! `dashboard_stream_max_duration` (the page reconnects).
+//! `dashboard_stream_max_duration` (the page reconnects), and at the
+//! node's shutdown.
 //!
 //! What the report holds comes from the node status service (`status/`):
 //! this node, and every peer that answered its STATUS_REQUEST, with rates
@@ -323,7 +324,9 @@ pub(super) async fn events(State(s): State<AdminState>) -> Response {
         (node, tick, permit),
         move |(node, mut tick, permit)| async move {
             tick.tick().await;
-            if tokio::time::Instant::now() >= ends {
+            // Ends at its time limit, and when the node shuts down (the
+            // admin server's graceful stop waits for open responses).
+            if tokio::time::Instant::now() >= ends || node.is_shutting_down() {
                 return None;
             }
             let event = match Event::default().event("snapshot").json_data(report(&node)) {
