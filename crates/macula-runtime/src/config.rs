@@ -328,11 +328,13 @@ pub struct DashboardLimits {
     /// (`macula_dashboard_streams_refused_total`).
     pub max_streams: usize,
     /// Between two snapshots of a stream, and between two rounds of
-    /// STATUS_REQUESTs to peers while a dashboard is open.
+    /// STATUS_REQUESTs to peers while a dashboard is open (rounds: never
+    /// under `status::MIN_ROUND_INTERVAL`, 250 ms).
     pub interval: Duration,
     /// A stream ends after this long; the page opens another.
     pub stream_max_duration: Duration,
-    /// Peers asked per round (the others in later rounds, in turn).
+    /// Peers asked per round (the others in later rounds, in turn); 0:
+    /// none (the dashboard shows this node only).
     pub max_peers: usize,
     /// Links listed in this node's STATUS_REPORT (more are counted in
     /// `links_omitted`); also capped by the asker's frame limit.

@@ -52,6 +52,12 @@ pub(crate) type PeerList = Box<dyn Fn() -> Vec<Peer> + Send + Sync>;
 /// report to it (in a realm with an authority).
 pub const STATUS_RESOURCE: &str = "admin.dashboard";
 
+/// Rounds of STATUS_REQUESTs are at least this far apart, however short
+/// `dashboard_interval` is: a peer with the default answer limit answers
+/// every one.
+pub const MIN_ROUND_INTERVAL: std::time::Duration =
+    crate::config::DEFAULT_STATUS_MIN_ANSWER_INTERVAL;
+
 /// Outcomes of a STATUS_REQUEST received (label `outcome`).
 const REQUEST_OUTCOMES: [&str; 3] = ["answered", "refused", "rate_limited"];
 
@@ -280,10 +286,12 @@ impl StatusService {
         }
     }
 
-    /// Every `interval` while watched: samples this node and asks the
-    /// peers, until `shutdown`.
+    /// Every `interval` (never more often than [`MIN_ROUND_INTERVAL`])
+    /// while watched: samples this node and asks the peers, until
+    /// `shutdown`.
     pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.0.limits.interval);
+        let every = self.0.limits.interval.max(MIN_ROUND_INTERVAL);
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
