@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use macula::config::{Limits, RaftLimits, ReachabilityMode, RelayLimits};
+use macula::config::{Limits, RaftLimits, ReachabilityMode, RelayLimits, StreamLimits};
 use macula::{NodeId, PeerAddr};
 
 // ---------------------------------------------------------------------------
@@ -129,6 +129,8 @@ pub const RAFT_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(60));
 /// Accepted `raft_max_groups` range.
 pub const RAFT_MAX_GROUPS_RANGE: (usize, usize) = (1, 4096);
+/// Accepted `max_streams` range.
+pub const MAX_STREAMS_RANGE: (usize, usize) = (1, 4096);
 /// Accepted `admin_request_window` and `admin_failure_window` range.
 pub const ADMIN_WINDOW_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
@@ -634,6 +636,10 @@ settings! {
         Number(|s| parse_count(s, RAFT_MAX_GROUPS_RANGE)),
         flag "--raft-max-groups" "N", env "MACULA_RAFT_MAX_GROUPS", toml "raft_max_groups",
         default "64", "Raft groups this node may run at once, 1..4096";
+    max_streams MAX_STREAMS: usize = StreamLimits::default().max_streams,
+        Number(|s| parse_count(s, MAX_STREAMS_RANGE)),
+        flag "--max-streams" "N", env "MACULA_MAX_STREAMS", toml "max_streams",
+        default "64", "Durable streams this node may host (`macula stream add`), 1..4096";
     raft_election_timeout RAFT_ELECTION_TIMEOUT: Duration = RaftLimits::default().election_min,
         Number(|s| parse_duration_in(s, RAFT_ELECTION_TIMEOUT_RANGE)),
         flag "--raft-election-timeout" "DURATION", env "MACULA_RAFT_ELECTION_TIMEOUT",
@@ -995,8 +1001,8 @@ fn split_number(s: &str) -> Option<(u64, &str)> {
 }
 
 /// Parses a byte size: plain bytes (`1048576`, `1048576B`) or a binary
-/// suffix (`64KiB`, `1MiB`, case-insensitive, optional space). `KB`/`MB`
-/// are rejected as ambiguous.
+/// suffix (`64KiB`, `1MiB`, `1GiB`, case-insensitive, optional space).
+/// `KB`/`MB`/`GB` are rejected as ambiguous.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     const EXPECTED: &str =
         "expected a size in bytes or with a KiB/MiB suffix, e.g. 1048576 or 1MiB";
@@ -1005,9 +1011,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "" | "b" => 1,
         "kib" => 1 << 10,
         "mib" => 1 << 20,
-        "k" | "kb" | "m" | "mb" => {
+        "gib" => 1 << 30,
+        "k" | "kb" | "m" | "mb" | "g" | "gb" => {
             return Err(format!(
-                "ambiguous unit {unit:?}: use KiB (1024 bytes) or MiB (1048576 bytes)"
+                "ambiguous unit {unit:?}: use KiB (1024 bytes), MiB (1048576 bytes) or GiB"
             ))
         }
         _ => return Err(EXPECTED.to_string()),
@@ -1733,7 +1740,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            45,
+            46,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());
@@ -2284,18 +2291,12 @@ format = "json"
         assert_eq!(parse_size("64 kib"), Ok(65_536));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("16mib"), Ok(16 << 20));
-        for bad in [
-            "",
-            "MiB",
-            "1.5MiB",
-            "-1",
-            "1GiB",
-            "1 M iB",
-            "99999999999999999999",
-        ] {
+        for bad in ["", "MiB", "1.5MiB", "-1", "1 M iB", "99999999999999999999"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
         assert!(parse_size("1MB").unwrap_err().contains("ambiguous"));
+        assert!(parse_size("1G").unwrap_err().contains("ambiguous"));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert!(parse_size("18446744073709551615MiB").is_err(), "overflow");
         assert_eq!(parse_max_frame_size("1KiB"), Ok(1024));
         assert_eq!(parse_max_frame_size("16MiB"), Ok(16 << 20));

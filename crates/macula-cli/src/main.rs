@@ -24,6 +24,7 @@ mod pubsub_cli;
 mod raft_cli;
 mod realm_cli;
 mod rpc_cli;
+mod stream_cli;
 mod text;
 mod tokens;
 mod trust_cli;
@@ -83,6 +84,12 @@ enum Command {
     /// Raft groups of a running node: status, members, membership changes (through its admin HTTP API).
     #[command(subcommand)]
     Raft(raft_cli::RaftCommand),
+    /// Durable streams of a running node: add, ls, info, edit, purge, rm, pub, get, sub (through its admin HTTP API).
+    #[command(subcommand)]
+    Stream(stream_cli::StreamCommand),
+    /// Consumers of a node's streams: add, ls, info, rm, next (through its admin HTTP API).
+    #[command(subcommand)]
+    Consumer(stream_cli::ConsumerCommand),
     /// A Raft group's consistent key-value store: get, put, del, ls, cas, watch (through a member's admin HTTP API).
     #[command(subcommand, after_help = raft_cli::KV_EXIT_CODES)]
     Kv(raft_cli::KvCommand),
@@ -217,6 +224,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Metrics(args) => admin_cli::metrics(&args),
         Command::Raft(cmd) => raft_cli::raft(&cmd),
         Command::Kv(cmd) => raft_cli::kv(&cmd),
+        Command::Stream(cmd) => stream_cli::stream(cmd),
+        Command::Consumer(cmd) => stream_cli::consumer(cmd),
         Command::Realm(cmd) => realm_cli::run(cmd),
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
         Command::Audit(cmd) => realm_cli::audit(cmd),
@@ -321,6 +330,10 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             // one, so one lost heartbeat does not start an election.
             heartbeat: s.raft_election_timeout / 4,
             ..RaftLimits::default()
+        },
+        streams: macula::config::StreamLimits {
+            max_streams: s.max_streams,
+            ..Default::default()
         },
         reachability: s.reachability,
         trust: macula::config::TrustLimits {

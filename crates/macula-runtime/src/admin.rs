@@ -71,6 +71,7 @@ pub mod auth;
 pub mod dashboard;
 mod raft;
 mod realm;
+pub mod stream;
 
 pub use auth::{
     request_message, resource, sign_request, AdminAuth, AdminAuthError, Principal, Refusal, BEARER,
@@ -345,6 +346,30 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         .route("/admin/dashboard/events", get(dashboard::events))
         .route("/admin/realm", get(realm::status))
         .route("/admin/realm/revocations", post(realm::revocations))
+        .route("/admin/streams", get(stream::list).post(stream::add))
+        .route(
+            "/admin/streams/{name}",
+            get(stream::info).put(stream::edit).delete(stream::delete),
+        )
+        .route("/admin/streams/{name}/purge", post(stream::purge))
+        .route("/admin/streams/{name}/publish", post(stream::publish))
+        .route("/admin/streams/{name}/msg/{seq}", get(stream::msg))
+        .route(
+            "/admin/streams/{name}/consumers",
+            get(stream::consumers).post(stream::add_consumer),
+        )
+        .route(
+            "/admin/streams/{name}/consumers/{consumer}",
+            get(stream::consumer).delete(stream::delete_consumer),
+        )
+        .route(
+            "/admin/streams/{name}/consumers/{consumer}/next",
+            post(stream::next),
+        )
+        .route(
+            "/admin/streams/{name}/consumers/{consumer}/ack",
+            post(stream::ack),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -465,6 +490,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.realm_service().counters().register(&mut registry);
     node.status_service().counters().register(&mut registry);
     registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
+    registry.register_collector(Box::new(crate::stream::metrics::StreamCollector {
+        streams: node.streams().clone(),
+    }));
     node.admin_auth().register(&mut registry);
     if let Some(audit) = node.audit() {
         audit.counters().register(&mut registry);

@@ -276,6 +276,45 @@ impl Default for RaftLimits {
     }
 }
 
+/// Limits of the durable streams a node hosts (`stream/`).
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Streams one node hosts at most.
+    pub max_streams: usize,
+    /// redb page cache per stream, in bytes.
+    pub cache_bytes: usize,
+    /// Messages one pull returns at most.
+    pub max_batch: usize,
+    /// How long one pull may wait at most.
+    pub max_wait: Duration,
+    /// Durable consumers' positions are written at most this often.
+    pub flush_every: Duration,
+    /// The timer task runs at least this often.
+    pub tick: Duration,
+}
+
+/// Default [`StreamLimits::max_streams`].
+pub const DEFAULT_MAX_STREAMS: usize = 64;
+/// Default [`StreamLimits::cache_bytes`] (4 MiB).
+pub const DEFAULT_CACHE_BYTES: usize = 4 << 20;
+/// Default [`StreamLimits::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 10_000;
+/// Default [`StreamLimits::max_wait`].
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            max_streams: DEFAULT_MAX_STREAMS,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_wait: DEFAULT_MAX_WAIT,
+            flush_every: Duration::from_millis(200),
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
 /// Configuration of one node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -299,6 +338,8 @@ pub struct NodeConfig {
     pub relay: RelayLimits,
     /// Raft groups: how many, timings, request timeout.
     pub raft: RaftLimits,
+    /// Durable streams: how many, caches, pulls.
+    pub streams: StreamLimits,
     /// Whether to detect reachability or assume this node is private.
     pub reachability: ReachabilityMode,
     /// Trust on first use of configured addresses in an open realm
@@ -580,6 +621,7 @@ impl Default for NodeConfig {
             pubsub: macula_pubsub::Limits::default(),
             relay: RelayLimits::default(),
             raft: RaftLimits::default(),
+            streams: StreamLimits::default(),
             reachability: ReachabilityMode::Auto,
             trust: TrustLimits::default(),
             admission: None,

@@ -39,6 +39,7 @@ pub mod relay;
 pub mod rpc;
 mod service;
 pub mod status;
+pub mod stream;
 pub mod tls;
 pub mod trust;
 pub mod tunnel;

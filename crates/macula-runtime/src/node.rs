@@ -251,6 +251,8 @@ struct NodeShared {
     relay: crate::relay::Relay,
     tunnel: Tunnel,
     raft: crate::raft::RaftGroups,
+    /// Durable streams hosted here (issue 21).
+    streams: crate::stream::Streams,
     /// Relayed dials in progress, by target: concurrent callers share one.
     relay_dialing: Mutex<HashMap<NodeId, DialFuture>>,
     /// Issue 18: the admin API's credentials and the audit trail.
@@ -636,6 +638,15 @@ impl NodeRuntime {
                 }),
                 authz.clone(),
             );
+            let streams = crate::stream::Streams::open(
+                match &config.identity {
+                    IdentitySource::DataDir(dir) => Some(dir.clone()),
+                    IdentitySource::Ephemeral => None,
+                },
+                pubsub.clone(),
+                config.streams.clone(),
+                clock,
+            );
             // Every service this node runs: one line each.
             let services = Services::new(vec![
                 Arc::new(realm.clone()),
@@ -672,6 +683,7 @@ impl NodeRuntime {
                 relay,
                 tunnel,
                 raft,
+                streams,
                 relay_dialing: Mutex::new(HashMap::new()),
                 reach,
                 rpc,
@@ -876,6 +888,11 @@ impl NodeRuntime {
     /// The Raft groups this node runs.
     pub fn raft(&self) -> &crate::raft::RaftGroups {
         &self.0.raft
+    }
+
+    /// The durable streams this node hosts.
+    pub fn streams(&self) -> &crate::stream::Streams {
+        &self.0.streams
     }
 
     pub fn tunnel(&self) -> &Tunnel {
@@ -1940,6 +1957,8 @@ impl NodeRuntime {
         // Stop the Raft groups while the connections are up, so a leader's
         // last heartbeats and answers still go out.
         self.0.raft.shutdown().await;
+        // Write the streams' consumer positions and close their stores.
+        self.0.streams.shutdown().await;
         if self.0.shutdown.send_replace(true) {
             return;
         }

@@ -24,6 +24,7 @@
 //! | `GET /dashboard` | the live web dashboard (a static page; its data needs the admin token) |
 //! | `GET /admin/dashboard` | [`DashboardReport`]: this node and what its peers report over the mesh |
 //! | `GET /admin/dashboard/events` | the same as a server-sent event stream (`snapshot` events), at most `dashboard_max_streams` at once |
+//! | `/admin/streams...` | durable streams, their messages and consumers (see `macula_runtime::admin::stream` for every route): [`StreamsReport`], [`MsgReport`] ... |
 //! | `POST /admin/realm/revocations` | body = a signed revocation list → [`RevocationsReport`] (adopted when newer, then spread through the mesh) |
 //!
 //! Anything else is a 404 (405 for another method) with an [`ErrorReport`]
@@ -66,6 +67,10 @@ use tokio::net::TcpListener;
 
 use crate::Node;
 
+pub use macula_runtime::admin::stream::{
+    AckRequest, BrokenStream, MsgReport, NextRequest, PublishRequest, PurgeReport, PurgeRequest,
+    StreamsReport, MAX_NEXT_WAIT,
+};
 pub use macula_runtime::admin::{
     request_message, resource, sign_request, AdminLimits, CasReport, CasRequest, ErrorReport,
     EventReport, GrantReport, HealthReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
