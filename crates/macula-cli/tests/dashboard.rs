@@ -435,6 +435,55 @@ fn dashboard_in_headless_chromium_shows_the_mesh() {
     let report: Value = serde_json::from_str(&body).expect("report");
     assert_eq!(report["streams_open"], 1, "{report:#}");
 
+    // A wrong token: the page says the node refused it and asks for one.
+    let deadline = Instant::now() + STEP_DEADLINE;
+    let wrong = format!("http://{a_http}/dashboard#token=not-the-token");
+    let target = browser.call(
+        None,
+        "Target.createTarget",
+        json!({ "url": wrong }),
+        deadline,
+    );
+    let attached = browser.call(
+        None,
+        "Target.attachToTarget",
+        json!({ "targetId": target["targetId"], "flatten": true }),
+        deadline,
+    );
+    let refused_session = attached["sessionId"]
+        .as_str()
+        .expect("sessionId")
+        .to_string();
+    let ask = r#"JSON.stringify({ conn: document.getElementById('conn').dataset.state,
+        form: !document.getElementById('auth').hidden,
+        why: document.getElementById('auth-why').textContent })"#;
+    let mut page = Value::Null;
+    while Instant::now() < deadline {
+        let r = browser.call(
+            Some(&refused_session),
+            "Runtime.evaluate",
+            json!({ "expression": ask, "returnByValue": true }),
+            deadline,
+        );
+        page = r["result"]["value"]
+            .as_str()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(Value::Null);
+        if page["conn"] == "unauthorized" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(page["conn"], "unauthorized", "{page:#}");
+    assert_eq!(page["form"], true, "{page:#}");
+    assert!(
+        page["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("refused the token"),
+        "{page:#}"
+    );
+
     // A stops cleanly and at once with the page still streaming from it:
     // the stream ends at the node's shutdown.
     drop(publisher);
