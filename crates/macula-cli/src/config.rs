@@ -134,6 +134,14 @@ pub const MAX_STREAMS_RANGE: (usize, usize) = (1, 4096);
 /// Accepted `admin_request_window` and `admin_failure_window` range.
 pub const ADMIN_WINDOW_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `dashboard_max_streams` range.
+pub const DASHBOARD_STREAMS_RANGE: (usize, usize) = (1, 1024);
+/// Accepted `dashboard_interval` range (a stream must write within the
+/// admin server's 5 s request deadline).
+pub const DASHBOARD_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(4));
+/// Accepted `dashboard_max_peers` range.
+pub const DASHBOARD_PEERS_RANGE: (usize, usize) = (0, 4096);
 /// Accepted `admin_failure_sources` and `admin_replay_cache` range.
 pub const ADMIN_TABLE_RANGE: (usize, usize) = (1, 10_000_000);
 /// Accepted `admin_max_failures` range.
@@ -349,7 +357,8 @@ settings! {
         default "<user data dir>/macula", "Directory for the node key and state";
     http HTTP: SocketAddr = DEFAULT_HTTP, Text(parse_socket_addr),
         flag "--http" "IP:PORT", env "MACULA_HTTP", toml "http",
-        default "127.0.0.1:8080", "Admin HTTP address (/metrics, /health, /admin/*)";
+        default "127.0.0.1:8080", "Admin HTTP address (/metrics, /health, /admin/*, the live \
+        dashboard at /dashboard)";
     tls_mode TLS_MODE: TlsModeSetting = DEFAULT_TLS_MODE, Text(str::parse::<TlsModeSetting>),
         flag "--tls-mode" "self|ca", env "MACULA_TLS_MODE", toml "tls.mode",
         default "self",
@@ -565,6 +574,25 @@ settings! {
         toml "admin.replay_cache", default "16384",
         "Grant-signed admin requests remembered to refuse replays; when full of live ones, new \
          signed requests are refused (reason=replayed) until some expire, 1..10000000";
+    dashboard_max_streams DASHBOARD_MAX_STREAMS: usize =
+        macula::config::DEFAULT_DASHBOARD_MAX_STREAMS,
+        Number(|s| parse_count(s, DASHBOARD_STREAMS_RANGE)),
+        flag "--dashboard-max-streams" "N", env "MACULA_DASHBOARD_MAX_STREAMS",
+        toml "dashboard.max_streams", default "8",
+        "Live dashboard event streams (/admin/dashboard/events) open at once; one more gets 503 \
+         (macula_dashboard_streams_refused_total), 1..1024";
+    dashboard_interval DASHBOARD_INTERVAL: Duration = macula::config::DEFAULT_DASHBOARD_INTERVAL,
+        Number(|s| parse_duration_in(s, DASHBOARD_INTERVAL_RANGE)),
+        flag "--dashboard-interval" "DURATION", env "MACULA_DASHBOARD_INTERVAL",
+        toml "dashboard.interval", default "1s",
+        "Between two dashboard updates, and two rounds of status requests to peers while a \
+         dashboard is open; 100ms..4s";
+    dashboard_max_peers DASHBOARD_MAX_PEERS: usize = macula::config::DEFAULT_DASHBOARD_MAX_PEERS,
+        Number(|s| parse_count(s, DASHBOARD_PEERS_RANGE)),
+        flag "--dashboard-max-peers" "N", env "MACULA_DASHBOARD_MAX_PEERS",
+        toml "dashboard.max_peers", default "64",
+        "Peers asked for their status per round while a dashboard is open (the others in later \
+         rounds, in turn), 0..4096";
     audit_max_bytes AUDIT_MAX_BYTES: u64 = macula::config::DEFAULT_AUDIT_MAX_BYTES,
         Number(|s| parse_size_in(s, AUDIT_MAX_BYTES_RANGE)),
         flag "--audit-max-bytes" "SIZE", env "MACULA_AUDIT_MAX_BYTES", toml "audit.max_bytes",
@@ -1712,7 +1740,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            43,
+            46,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

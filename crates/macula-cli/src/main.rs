@@ -37,8 +37,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use macula::config::{
-    AdminAuthConfig, AuditLimits, IdentitySource, Limits, NodeConfig, PubSubLimits, RaftLimits,
-    RelayLimits, TlsMode, TlsOptions,
+    AdminAuthConfig, AuditLimits, DashboardLimits, IdentitySource, Limits, NodeConfig,
+    PubSubLimits, RaftLimits, RelayLimits, TlsMode, TlsOptions,
 };
 use macula::{Identity, Node};
 
@@ -385,6 +385,12 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             failure_sources_max: s.admin_failure_sources,
             replay_cache_max: s.admin_replay_cache,
         },
+        dashboard: DashboardLimits {
+            max_streams: s.dashboard_max_streams,
+            interval: s.dashboard_interval,
+            max_peers: s.dashboard_max_peers,
+            ..DashboardLimits::default()
+        },
         audit: AuditLimits {
             max_bytes: s.audit_max_bytes,
             files: s.audit_files,
@@ -472,6 +478,7 @@ async fn start(settings: Settings) -> Result<(), Failure> {
         writeln!(out, "node_id: {}", node.id())?;
         writeln!(out, "listen: {}", node.local_addr())?;
         writeln!(out, "http: {http_addr}")?;
+        writeln!(out, "dashboard: http://{http_addr}/dashboard")?;
         writeln!(out, "realm: {}", node.realm())?;
         writeln!(out, "data_dir: {}", settings.data_dir.display())?;
         if !groups.is_empty() {

@@ -38,6 +38,7 @@ pub mod realm;
 pub mod relay;
 pub mod rpc;
 mod service;
+pub mod status;
 pub mod stream;
 pub mod tls;
 pub mod trust;

@@ -34,6 +34,11 @@ pub use macula_runtime::config::{
     DEFAULT_AUDIT_CHECKPOINT_INTERVAL, DEFAULT_AUDIT_FILES, DEFAULT_AUDIT_MAX_BYTES,
     DEFAULT_AUDIT_QUEUE,
 };
+pub use macula_runtime::config::{
+    DashboardLimits, DEFAULT_DASHBOARD_INTERVAL, DEFAULT_DASHBOARD_MAX_PEERS,
+    DEFAULT_DASHBOARD_MAX_STREAMS, DEFAULT_DASHBOARD_RATE_WINDOW, DEFAULT_DASHBOARD_STALE_AFTER,
+    DEFAULT_DASHBOARD_STREAM_MAX, DEFAULT_STATUS_MAX_LINKS, DEFAULT_STATUS_MIN_ANSWER_INTERVAL,
+};
 pub use macula_runtime::config::{TrustLimits, DEFAULT_MAX_PINS};
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 pub use macula_runtime::trust::{Pin, Pins};

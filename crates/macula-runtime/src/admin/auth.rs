@@ -19,6 +19,7 @@
 //! |---|---|
 //! | `/metrics` | `admin.metrics` |
 //! | `/admin/peers`, `/admin/routing`, `/admin/subscriptions`, `/admin/services` | `admin.peers`, `admin.routing`, ... |
+//! | `/admin/dashboard`, `/admin/dashboard/events` | `admin.dashboard` |
 //! | `/admin/raft` | `admin.raft` |
 //! | `/admin/raft/{group}` and `/admin/raft/{group}/members` | `admin.raft.<group>` and `admin.raft.<group>.members` |
 //! | `/admin/raft/{group}/kv...`, `/cas`, `/watch` | `admin.raft.<group>.kv` |
