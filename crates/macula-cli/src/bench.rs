@@ -67,6 +67,10 @@ pub enum BenchCommand {
     /// QoS 0 and QoS 1 throughput (1 publisher -> 1 subscriber), round-trip
     /// latency, and memory per idle connection. Starts both itself.
     Mqtt(crate::bench_mqtt::MqttArgs),
+    /// Durable streams against NATS JetStream (`nats-server -js`, file
+    /// storage) in one run: acknowledged publish throughput and latency,
+    /// replay throughput and restart time with --replay messages stored.
+    Stream(crate::bench_stream::StreamArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,6 +169,14 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             tokio::time::timeout(MAX_RUNTIME, crate::bench_authz::run(args))
                 .await
                 .context("benchmark exceeded its time limit")?
+        }
+        BenchCommand::Stream(args) => {
+            // Returning drops the nats-server child, which kills it.
+            let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_stream::run(args));
+            tokio::select! {
+                r = bench => r.context("benchmark exceeded its time limit")?,
+                signal = interrupted() => anyhow::bail!("interrupted by {signal}; nats-server stopped"),
+            }
         }
         BenchCommand::Kv(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_kv::run(args))
             .await
