@@ -63,6 +63,10 @@ pub enum BenchCommand {
     /// (in-process nodes on 127.0.0.1, rounds alternating): handshake time,
     /// publish and call throughput.
     Authz(crate::bench_authz::AuthzArgs),
+    /// The MQTT bridge against Debian's mosquitto broker, side by side:
+    /// QoS 0 and QoS 1 throughput (1 publisher -> 1 subscriber), round-trip
+    /// latency, and memory per idle connection. Starts both itself.
+    Mqtt(crate::bench_mqtt::MqttArgs),
     /// Durable streams against NATS JetStream (`nats-server -js`, file
     /// storage) in one run: acknowledged publish throughput and latency,
     /// replay throughput and restart time with --replay messages stored.
@@ -131,6 +135,14 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rpc(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_rpc::run(args))
             .await
             .context("benchmark exceeded its time limit")?,
+        BenchCommand::Mqtt(args) => {
+            // Returning drops both brokers' handles, which kill them.
+            let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_mqtt::run(args));
+            tokio::select! {
+                r = bench => r.context("benchmark exceeded its time limit")?,
+                signal = interrupted() => anyhow::bail!("interrupted by {signal}; brokers stopped"),
+            }
+        }
         BenchCommand::Connections(args) => {
             // Returning drops the node process handle, which kills it.
             let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_connections::run(args));

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use macula::config::{Limits, RaftLimits, ReachabilityMode, RelayLimits, StreamLimits};
+use macula::config::{Limits, MqttLimits, RaftLimits, ReachabilityMode, RelayLimits, StreamLimits};
 use macula::{NodeId, PeerAddr};
 
 // ---------------------------------------------------------------------------
@@ -158,6 +158,17 @@ pub const AUDIT_CHECKPOINT_INTERVAL_RANGE: (Duration, Duration) =
 /// Accepted `raft_election_timeout` range (the heartbeat is a quarter of it).
 pub const RAFT_ELECTION_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(60));
+/// Accepted MQTT client, session and subscription counts.
+pub const MQTT_COUNT_RANGE: (usize, usize) = (1, 1_000_000);
+/// Accepted `mqtt_max_packet_size` range: 1 KiB to 16 MiB.
+pub const MQTT_PACKET_RANGE: (u64, u64) = (1 << 10, 16 << 20);
+/// Accepted `mqtt_max_inflight` range.
+pub const MQTT_INFLIGHT_RANGE: (usize, usize) = (1, 65_535);
+/// Accepted `mqtt_queue_len` range.
+pub const MQTT_QUEUE_RANGE: (usize, usize) = (1, 10_000_000);
+/// Accepted `mqtt_session_expiry` range.
+pub const MQTT_EXPIRY_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(30 * 24 * 3600));
 /// Default log format.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Data directory used when the platform has no user data directory.
@@ -647,6 +658,77 @@ settings! {
         "A member that hears no leader for a random time between this and twice this starts an \
          election; the leader's heartbeat is a quarter of it; 100ms..60s; raise it on links \
          slower than 20 ms round trip";
+    mqtt MQTT: Option<SocketAddr> = None, Text(parse_socket_addr),
+        flag "--mqtt" "IP:PORT", env "MACULA_MQTT", toml "mqtt.listen", default "off",
+        "MQTT 3.1.1 and 5.0 listener (TCP) for devices and tools: their publishes go into the \
+         mesh and their subscriptions take from it (docs/MQTT.md); e.g. 127.0.0.1:1883";
+    mqtt_tls MQTT_TLS: bool = false, Text(parse_on_off),
+        flag "--mqtt-tls" "on|off", env "MACULA_MQTT_TLS", toml "mqtt.tls", default "off",
+        "TLS 1.3 on the MQTT listener: with --mqtt-cert-file and --mqtt-key-file, else the \
+         node's own self-signed certificate";
+    mqtt_cert_file MQTT_CERT_FILE: Option<PathBuf> = None, FilePath(),
+        flag "--mqtt-cert-file" "PATH", env "MACULA_MQTT_CERT_FILE", toml "mqtt.cert_file",
+        default "", "Certificate chain (PEM) of the MQTT listener, with --mqtt-tls on";
+    mqtt_key_file MQTT_KEY_FILE: Option<PathBuf> = None, FilePath(),
+        flag "--mqtt-key-file" "PATH", env "MACULA_MQTT_KEY_FILE", toml "mqtt.key_file",
+        default "", "Private key (PEM) of --mqtt-cert-file";
+    mqtt_users MQTT_USERS: Vec<(String, String)> = Vec::new(), List(parse_mqtt_users, parse_mqtt_user),
+        flag "--mqtt-user" "NAME:PASSWORD[,...]", env "MACULA_MQTT_USERS", toml "mqtt.users",
+        default "none (anyone)",
+        "MQTT usernames and passwords accepted in a realm without an authority (none: any client \
+         is accepted); with --realm-authority the password is an API key instead; \
+         comma-separated, repeatable";
+    mqtt_max_clients MQTT_MAX_CLIENTS: usize = MqttLimits::default().max_clients,
+        Number(|s| parse_count(s, MQTT_COUNT_RANGE)),
+        flag "--mqtt-max-clients" "N", env "MACULA_MQTT_MAX_CLIENTS", toml "mqtt.max_clients",
+        default "10000",
+        "MQTT clients connected at once; more are refused (CONNACK server busy), 1..1000000";
+    mqtt_max_sessions MQTT_MAX_SESSIONS: usize = MqttLimits::default().max_sessions,
+        Number(|s| parse_count(s, MQTT_COUNT_RANGE)),
+        flag "--mqtt-max-sessions" "N", env "MACULA_MQTT_MAX_SESSIONS", toml "mqtt.max_sessions",
+        default "20000",
+        "MQTT sessions kept, connected or not (past it the disconnected one expiring first is \
+         dropped), at least --mqtt-max-clients, 1..1000000";
+    mqtt_max_packet_size MQTT_MAX_PACKET_SIZE: u32 = MqttLimits::default().max_packet_size,
+        Number(|s| parse_size_in(s, MQTT_PACKET_RANGE).map(|n| n as u32)),
+        flag "--mqtt-max-packet-size" "SIZE", env "MACULA_MQTT_MAX_PACKET_SIZE",
+        toml "mqtt.max_packet_size", default "256KiB",
+        "Largest MQTT packet accepted (larger closes that client: packet too large), 1KiB..16MiB";
+    mqtt_max_inflight MQTT_MAX_INFLIGHT: u16 = MqttLimits::default().max_inflight,
+        Number(|s| parse_count(s, MQTT_INFLIGHT_RANGE).map(|n| n as u16)),
+        flag "--mqtt-max-inflight" "N", env "MACULA_MQTT_MAX_INFLIGHT", toml "mqtt.max_inflight",
+        default "32",
+        "QoS 1 messages sent to one MQTT client and not yet acknowledged (also the receive \
+         maximum announced to 5.0 clients), 1..65535";
+    mqtt_queue_len MQTT_QUEUE_LEN: usize = MqttLimits::default().queue_len,
+        Number(|s| parse_count(s, MQTT_QUEUE_RANGE)),
+        flag "--mqtt-queue-len" "N", env "MACULA_MQTT_QUEUE_LEN", toml "mqtt.queue_len",
+        default "1000",
+        "Messages queued for one MQTT client (also while a persistent session is disconnected); \
+         a QoS 0 message finding it full is dropped, a QoS 1 message waits in the mesh, \
+         1..10000000";
+    mqtt_max_subscriptions MQTT_MAX_SUBSCRIPTIONS: usize = MqttLimits::default().max_subscriptions,
+        Number(|s| parse_count(s, MQTT_COUNT_RANGE)),
+        flag "--mqtt-max-subscriptions" "N", env "MACULA_MQTT_MAX_SUBSCRIPTIONS",
+        toml "mqtt.max_subscriptions", default "100",
+        "Topic filters one MQTT session may subscribe to, 1..1000000";
+    mqtt_max_retained MQTT_MAX_RETAINED: usize = MqttLimits::default().max_retained,
+        Number(|s| parse_count(s, (0, 10_000_000))),
+        flag "--mqtt-max-retained" "N", env "MACULA_MQTT_MAX_RETAINED", toml "mqtt.max_retained",
+        default "10000", "Retained MQTT messages this node keeps, 0..10000000";
+    mqtt_max_retained_bytes MQTT_MAX_RETAINED_BYTES: usize =
+        MqttLimits::default().max_retained_bytes,
+        Number(|s| parse_size_usize(s, (0, 16 << 30))),
+        flag "--mqtt-max-retained-bytes" "SIZE", env "MACULA_MQTT_MAX_RETAINED_BYTES",
+        toml "mqtt.max_retained_bytes", default "64MiB",
+        "Payload bytes of the retained MQTT messages this node keeps, 0..16384MiB";
+    mqtt_session_expiry MQTT_SESSION_EXPIRY: Duration =
+        MqttLimits::default().session_expiry_max.to_duration(),
+        Number(|s| parse_duration_in(s, MQTT_EXPIRY_RANGE)),
+        flag "--mqtt-session-expiry" "DURATION", env "MACULA_MQTT_SESSION_EXPIRY",
+        toml "mqtt.session_expiry", default "1h",
+        "Longest a disconnected persistent MQTT session is kept (3.1.1 sessions get this, 5.0 \
+         ones at most this); 1s..30d";
     log_format LOG_FORMAT: LogFormat = DEFAULT_LOG_FORMAT, Text(str::parse::<LogFormat>),
         flag "--log-format" "text|json", env "MACULA_LOG_FORMAT", toml "log.format",
         default "text", "Log format: \"text\" or \"json\"";
@@ -1145,6 +1227,34 @@ fn parse_reachability(s: &str) -> Result<ReachabilityMode, String> {
         "private" => Ok(ReachabilityMode::Private),
         _ => Err("expected \"auto\" or \"private\"".to_string()),
     }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err("expected \"on\" or \"off\"".to_string()),
+    }
+}
+
+fn parse_mqtt_user(s: &str) -> Result<Vec<(String, String)>, String> {
+    match s.split_once(':') {
+        Some((u, p)) if !u.is_empty() && !u.contains(',') => {
+            Ok(vec![(u.to_string(), p.to_string())])
+        }
+        _ => Err("expected NAME:PASSWORD (a non-empty name, no comma)".to_string()),
+    }
+}
+
+fn parse_mqtt_users(s: &str) -> Result<Vec<(String, String)>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        out.extend(parse_mqtt_user(item)?);
+    }
+    Ok(out)
 }
 
 fn parse_realm(s: &str) -> Result<String, String> {
@@ -1727,6 +1837,10 @@ mod tests {
             keys::API_KEYS,
             keys::REVOCATIONS_FILE,
             keys::ADMIN_TOKEN_FILE,
+            keys::MQTT,
+            keys::MQTT_CERT_FILE,
+            keys::MQTT_KEY_FILE,
+            keys::MQTT_USERS,
         ];
         for k in keys::ALL.iter().filter(|k| !described.contains(k)) {
             let s = with_flag(k, k.default).unwrap_or_else(|e| panic!("{}: {e}", k.flag));
@@ -1740,7 +1854,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            46,
+            56,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -13,6 +13,7 @@ mod bench_authz;
 mod bench_connections;
 mod bench_crdt;
 mod bench_kv;
+mod bench_mqtt;
 mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;
@@ -398,6 +399,41 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             checkpoint_interval: s.audit_checkpoint_interval,
             ..AuditLimits::default()
         },
+        mqtt: macula::config::MqttConfig {
+            listen: s.mqtt,
+            tls: match (s.mqtt_tls, &s.mqtt_cert_file, &s.mqtt_key_file) {
+                (false, None, None) => None,
+                (false, _, _) => {
+                    return Err(usage(anyhow::anyhow!(
+                        "--mqtt-cert-file and --mqtt-key-file need --mqtt-tls on"
+                    )))
+                }
+                (true, None, None) => Some(macula::config::MqttTls::NodeCertificate),
+                (true, Some(cert), Some(key)) => Some(macula::config::MqttTls::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                (true, _, _) => {
+                    return Err(usage(anyhow::anyhow!(
+                        "--mqtt-cert-file and --mqtt-key-file go together"
+                    )))
+                }
+            },
+            users: s.mqtt_users.clone(),
+            limits: macula::config::MqttLimits {
+                max_clients: s.mqtt_max_clients,
+                max_sessions: s.mqtt_max_sessions,
+                max_packet_size: s.mqtt_max_packet_size,
+                max_inflight: s.mqtt_max_inflight,
+                queue_len: s.mqtt_queue_len,
+                max_subscriptions: s.mqtt_max_subscriptions,
+                max_retained: s.mqtt_max_retained,
+                max_retained_bytes: s.mqtt_max_retained_bytes,
+                session_expiry_max: macula::config::MqttMillis::from_duration(
+                    s.mqtt_session_expiry,
+                ),
+            },
+        },
     })
 }
 
@@ -478,6 +514,9 @@ async fn start(settings: Settings) -> Result<(), Failure> {
         writeln!(out, "node_id: {}", node.id())?;
         writeln!(out, "listen: {}", node.local_addr())?;
         writeln!(out, "http: {http_addr}")?;
+        if let Some(mqtt) = node.mqtt_addr() {
+            writeln!(out, "mqtt_addr: {mqtt}")?;
+        }
         writeln!(out, "dashboard: http://{http_addr}/dashboard")?;
         writeln!(out, "realm: {}", node.realm())?;
         writeln!(out, "data_dir: {}", settings.data_dir.display())?;

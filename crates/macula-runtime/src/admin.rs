@@ -494,6 +494,9 @@ pub fn registry(node: &NodeRuntime) -> Registry {
         streams: node.streams().clone(),
     }));
     node.admin_auth().register(&mut registry);
+    if let Some(mqtt) = node.mqtt() {
+        mqtt.register(&mut registry);
+    }
     if let Some(audit) = node.audit() {
         audit.counters().register(&mut registry);
     }

@@ -94,49 +94,65 @@ pub(crate) fn check(
             "this node accepts no API keys: present a grant",
         ));
     };
-    let ip = remote.ip();
-    let now = gate.now_ms();
-    // Held through the check (no await inside, one signature check at
-    // most), so concurrent attempts from one address cannot all pass the
-    // limit before any of their failures is counted.
-    let mut limiter = gate.limiter.lock();
-    if let Err(limited) = limiter.check(ip, now) {
-        gate.metrics.api_key_rate_limited_total.inc();
-        return Err(HandshakeError::RateLimited {
-            message: limited.to_string(),
-        });
-    }
-    if !hello
+    let client = hello
         .capabilities
         .iter()
-        .any(|c| c == macula_wire::client::CLIENT_CAPABILITY)
-    {
-        gate.failed(&mut limiter, ip, ApiKeyFailure::NotClient, now);
-        return Err(unauthorized(
-            "not_client",
-            "API keys are for lightweight clients; a full node needs a grant for its node ID",
-        ));
-    }
-    let Some((grant, label)) = gate.store.lookup(key) else {
-        gate.failed(&mut limiter, ip, ApiKeyFailure::UnknownKey, now);
-        return Err(unauthorized(
-            "unknown_key",
-            "this gateway does not know the API key",
-        ));
-    };
-    let verified = authz.verify(grant, unix_ms);
-    match verified {
-        Ok(v) => {
-            gate.metrics.api_key_admitted_total.inc();
-            tracing::debug!(%remote, label, subject = %v.subject(), "client admitted by API key");
-            Ok(v)
+        .any(|c| c == macula_wire::client::CLIENT_CAPABILITY);
+    gate.admit(authz, key, remote, unix_ms, client)
+}
+
+impl ApiKeyGate {
+    /// [`check`] once the gate is known: `client` says whether the peer is
+    /// a lightweight client (an MQTT client of the bridge is one).
+    pub(crate) fn admit(
+        &self,
+        authz: &crate::authz::Authz,
+        key: &[u8],
+        remote: SocketAddr,
+        unix_ms: u64,
+        client: bool,
+    ) -> Result<Verified, HandshakeError> {
+        let gate = self;
+        let ip = remote.ip();
+        let now = gate.now_ms();
+        // Held through the check (no await inside, one signature check at
+        // most), so concurrent attempts from one address cannot all pass the
+        // limit before any of their failures is counted.
+        let mut limiter = gate.limiter.lock();
+        if let Err(limited) = limiter.check(ip, now) {
+            gate.metrics.api_key_rate_limited_total.inc();
+            return Err(HandshakeError::RateLimited {
+                message: limited.to_string(),
+            });
         }
-        Err(e) => {
-            gate.failed(&mut limiter, ip, ApiKeyFailure::BadGrant, now);
-            Err(unauthorized(
-                e.kind(),
-                format!("the API key's grant is not valid: {e}"),
-            ))
+        if !client {
+            gate.failed(&mut limiter, ip, ApiKeyFailure::NotClient, now);
+            return Err(unauthorized(
+                "not_client",
+                "API keys are for lightweight clients; a full node needs a grant for its node ID",
+            ));
+        }
+        let Some((grant, label)) = gate.store.lookup(key) else {
+            gate.failed(&mut limiter, ip, ApiKeyFailure::UnknownKey, now);
+            return Err(unauthorized(
+                "unknown_key",
+                "this gateway does not know the API key",
+            ));
+        };
+        let verified = authz.verify(grant, unix_ms);
+        match verified {
+            Ok(v) => {
+                gate.metrics.api_key_admitted_total.inc();
+                tracing::debug!(%remote, label, subject = %v.subject(), "client admitted by API key");
+                Ok(v)
+            }
+            Err(e) => {
+                gate.failed(&mut limiter, ip, ApiKeyFailure::BadGrant, now);
+                Err(unauthorized(
+                    e.kind(),
+                    format!("the API key's grant is not valid: {e}"),
+                ))
+            }
         }
     }
 }

@@ -355,9 +355,46 @@ pub struct NodeConfig {
     /// The audit trail in `<data dir>/audit/` (`audit_log.rs`): rotation,
     /// checkpoints, queue.
     pub audit: AuditLimits,
+    /// The MQTT bridge (off unless `mqtt.listen` is set).
+    pub mqtt: MqttConfig,
     /// The live dashboard (`/dashboard`, `admin/dashboard.rs`) and the node
     /// status service that tells it about peers (`status/`).
     pub dashboard: DashboardLimits,
+}
+
+/// The MQTT bridge's limits (`macula_mqtt::Limits`) and the millisecond
+/// type of its session expiry.
+pub use macula_mqtt::{Limits as MqttLimits, Millis as MqttMillis};
+
+/// The MQTT bridge's settings (`mqtt.rs`; docs/MQTT.md).
+#[derive(Debug, Clone, Default)]
+pub struct MqttConfig {
+    /// TCP address of the MQTT listener; `None`: no listener (the default).
+    pub listen: Option<SocketAddr>,
+    /// TLS on the listener: the certificate chain and key (PEM); `None`:
+    /// plain TCP.
+    pub tls: Option<MqttTls>,
+    /// `username:password` pairs accepted in a realm without an authority;
+    /// empty: any client is accepted (anonymous). In a realm with an
+    /// authority the password is an API key instead (docs/MQTT.md).
+    pub users: Vec<(String, String)>,
+    /// Clients, packet size, inflight window, queue, subscriptions,
+    /// retained messages, session expiry.
+    pub limits: MqttLimits,
+}
+
+/// The MQTT listener's certificate: the node's own (self-signed, for its
+/// node ID) or configured files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttTls {
+    /// The node's self-signed certificate (clients must pin it or skip
+    /// verification).
+    NodeCertificate,
+    /// A certificate chain and its private key, PEM files.
+    Files {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+    },
 }
 
 /// Limits of the live dashboard and of the node status service
@@ -627,6 +664,7 @@ impl Default for NodeConfig {
             admission: None,
             admin_auth: AdminAuthConfig::default(),
             audit: AuditLimits::default(),
+            mqtt: MqttConfig::default(),
             dashboard: DashboardLimits::default(),
         }
     }
@@ -803,6 +841,26 @@ impl NodeConfig {
                 "audit_checkpoint_interval",
                 "0s".into(),
                 "must be longer than zero".into(),
+            ));
+        }
+        let q = &self.mqtt.limits;
+        for (key, value) in [
+            ("mqtt_max_clients", q.max_clients as u64),
+            ("mqtt_max_sessions", q.max_sessions as u64),
+            ("mqtt_max_packet_size", u64::from(q.max_packet_size)),
+            ("mqtt_max_inflight", u64::from(q.max_inflight)),
+            ("mqtt_queue_len", q.queue_len as u64),
+            ("mqtt_max_subscriptions", q.max_subscriptions as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0".into(), "must be at least 1".into()));
+            }
+        }
+        if q.max_sessions < q.max_clients {
+            return Err(invalid(
+                "mqtt_max_sessions",
+                q.max_sessions.to_string(),
+                format!("must not be below mqtt_max_clients ({})", q.max_clients),
             ));
         }
         let m = &self.admin_auth;

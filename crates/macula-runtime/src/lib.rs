@@ -27,6 +27,7 @@ pub mod gateway;
 pub mod handshake_error;
 pub mod identity;
 pub mod metrics;
+pub mod mqtt;
 pub mod node;
 pub mod peer;
 pub mod peer_addr;

@@ -257,6 +257,8 @@ struct NodeShared {
     relay_dialing: Mutex<HashMap<NodeId, DialFuture>>,
     /// Issue 18: the admin API's credentials and the audit trail.
     security: Security,
+    /// The MQTT bridge, when `mqtt.listen` is set (issue 24).
+    mqtt: std::sync::OnceLock<crate::mqtt::Bridge>,
 }
 
 /// The admin API's credentials check and the node's audit trail (in
@@ -712,9 +714,39 @@ impl NodeRuntime {
                 local_addr,
                 config,
                 security,
+                mqtt: std::sync::OnceLock::new(),
             }
         });
         let node = NodeRuntime(shared);
+        if let Some(listen) = node.0.config.mqtt.listen {
+            let tls = match &node.0.config.mqtt.tls {
+                None => None,
+                Some(crate::config::MqttTls::NodeCertificate) => {
+                    Some(tls::mqtt_server(&identity, None)?)
+                }
+                Some(crate::config::MqttTls::Files { cert, key }) => {
+                    Some(tls::mqtt_server(&identity, Some((cert, key)))?)
+                }
+            };
+            let parts = crate::mqtt::Parts {
+                pubsub: node.0.pubsub.clone(),
+                clock,
+                authz: node.0.local.authz.clone(),
+                gate: node.0.local.api_keys.clone(),
+                tls,
+            };
+            let bridge = crate::mqtt::Bridge::start(
+                &node.0.config.mqtt,
+                listen,
+                parts,
+                node.0.shutdown.subscribe(),
+            )
+            .await
+            .map_err(
+                |crate::mqtt::MqttError::Bind { addr, source }| StartError::Bind { addr, source },
+            )?;
+            let _ = node.0.mqtt.set(bridge);
+        }
         tracing::info!(node_id = %node_id, listen = %local_addr, realm = %node.0.config.realm, "node started");
         tokio::spawn(node.clone().accept_loop(node.0.endpoint.clone(), false));
         tokio::spawn(
@@ -741,6 +773,11 @@ impl NodeRuntime {
 
     pub fn node_id(&self) -> NodeId {
         self.0.node_id
+    }
+
+    /// The MQTT bridge, when this node listens for MQTT.
+    pub fn mqtt(&self) -> Option<&crate::mqtt::Bridge> {
+        self.0.mqtt.get()
     }
 
     /// The realm service: permissions, the revocation list.

@@ -257,6 +257,44 @@ pub fn build(identity: &Identity, opts: &TlsOptions) -> Result<TlsConfigs, TlsEr
     })
 }
 
+/// The MQTT listener's TLS configuration (TLS 1.3, no client
+/// certificates): the node's own self-signed certificate, or the PEM
+/// certificate chain and private key in `files`.
+pub fn mqtt_server(
+    identity: &Identity,
+    files: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (chain, key) = match files {
+        None => (
+            vec![self_signed_certificate(identity)?],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.pkcs8_der().to_vec())),
+        ),
+        Some((cert, key)) => {
+            let bad = |path: &std::path::Path, reason: String| TlsError::CertFile {
+                path: path.to_path_buf(),
+                reason,
+            };
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| bad(cert, e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(cert, e.to_string()))?;
+            if chain.is_empty() {
+                return Err(bad(cert, "no certificate in the file".into()));
+            }
+            let k = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+            (chain, k)
+        }
+    };
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    server.alpn_protocols = vec![b"mqtt".to_vec()];
+    server.max_early_data_size = 0;
+    Ok(Arc::new(server))
+}
+
 /// A self-signed certificate for the node key, valid (as far as dates go) for
 /// as long as anyone will care: in self-certifying mode only the key matters.
 fn self_signed_certificate(identity: &Identity) -> Result<CertificateDer<'static>, TlsError> {

@@ -39,6 +39,7 @@ pub use macula_runtime::config::{
     DEFAULT_DASHBOARD_MAX_STREAMS, DEFAULT_DASHBOARD_RATE_WINDOW, DEFAULT_DASHBOARD_STALE_AFTER,
     DEFAULT_DASHBOARD_STREAM_MAX, DEFAULT_STATUS_MAX_LINKS, DEFAULT_STATUS_MIN_ANSWER_INTERVAL,
 };
+pub use macula_runtime::config::{MqttConfig, MqttLimits, MqttMillis, MqttTls};
 pub use macula_runtime::config::{TrustLimits, DEFAULT_MAX_PINS};
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 pub use macula_runtime::trust::{Pin, Pins};

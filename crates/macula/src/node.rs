@@ -313,6 +313,12 @@ impl Node {
         self.runtime.local_addr()
     }
 
+    /// The MQTT listener's address, when the node has one
+    /// (`NodeConfig::mqtt`; docs/MQTT.md).
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.runtime.mqtt().map(|m| m.local_addr())
+    }
+
     /// The realm this node belongs to.
     pub fn realm(&self) -> &str {
         self.runtime.realm()

@@ -1,0 +1,1012 @@
+//! The MQTT bridge (issue 24): a TCP (or TLS) listener for MQTT 3.1.1 and
+//! 5.0 clients, driving `macula_mqtt::Broker` (every session decision is
+//! the core's) and connecting it to this node's pub/sub: a client's PUBLISH
+//! is a mesh publish (`PubSub::publish_mesh`, so it reaches native and MQTT
+//! subscribers on every node), and each of its subscriptions is a mesh
+//! subscription (`PubSub::subscribe_mesh`) whose events a pump task hands
+//! to the core. See docs/MQTT.md.
+//!
+//! One task per connection: it reads packets (`rmqtt-codec`, size-limited
+//! before the body is read), feeds the core under its mutex (never held
+//! across an await), publishes and subscribes in the mesh, and writes what
+//! the core queued. A PUBLISH is acknowledged after the mesh took it, and
+//! the next packet is read only then: a client publishing faster than the
+//! mesh accepts is slowed by TCP, not buffered. One pump task per
+//! subscription of a session (while the session lives, connected or not).
+//!
+//! Credentials: in a realm with an authority the CONNECT's password is an
+//! API key of the node's `--api-keys` file (username free, logged), checked
+//! like a QUIC client's (`ApiKeyGate::admit`: failure limits, the grant
+//! verified against the revocation list held); each publish and subscribe
+//! is then checked against the key's grant (`Authz::check`), as the gateway
+//! does for its clients. Without an authority, a configured
+//! `username:password` list, or anyone when none is configured.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use macula_auth::Action as Perm;
+use macula_mqtt::{
+    codec::decode_reason, Broker, Codec, ConnId, Event, In, Out, Outcome, Reason, Refusal,
+    ServerInfo, SessionId, SubCode, Version,
+};
+use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::apikey_gate::ApiKeyGate;
+use crate::authz::{Authz, PeerGrant};
+use crate::clock::Clock;
+use crate::config::MqttConfig;
+use crate::pubsub::{PubSub, PublishOptions, Subscription, SubscriptionItem};
+
+/// How long a new connection may take to send its CONNECT.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often keep-alives and disconnected sessions are checked (one sweep
+/// for every client: no timer per connection).
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
+/// Largest write buffered before it is written out.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Counters the runtime keeps (the core's own are in its `Stats`).
+#[derive(Debug, Default)]
+struct Counters {
+    /// Events a mesh subscription of an MQTT session lost (`Lagged`).
+    lagged: Counter,
+    /// Publishes the mesh refused (payload too large, ...).
+    publish_failed: Counter,
+    /// Requests refused by the realm's permissions.
+    denied: Counter,
+    /// Connections that ended before a CONNECT (timeout, garbage, I/O).
+    no_connect: Counter,
+    /// TLS handshakes that failed.
+    tls_failed: Counter,
+}
+
+struct Inner {
+    core: Mutex<Broker>,
+    pubsub: PubSub,
+    clock: Clock,
+    authz: Option<Arc<Authz>>,
+    gate: Option<Arc<ApiKeyGate>>,
+    /// BLAKE3 of `username:password`, for constant-time comparison.
+    users: Vec<blake3::Hash>,
+    info: ServerInfo,
+    /// Connected clients' wake-ups.
+    conns: Mutex<HashMap<ConnId, Arc<Notify>>>,
+    /// Each session's pumps, by filter.
+    pumps: Mutex<HashMap<SessionId, HashMap<String, tokio::task::AbortHandle>>>,
+    /// Notified when client queues may have room (pumps waiting on it).
+    room: Notify,
+    next_conn: AtomicU64,
+    counters: Counters,
+    local_addr: SocketAddr,
+}
+
+/// A running MQTT listener. Cheap to clone.
+#[derive(Clone)]
+pub struct Bridge(Arc<Inner>);
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("listen", &self.0.local_addr)
+            .finish()
+    }
+}
+
+/// What the bridge uses of its node.
+pub(crate) struct Parts {
+    pub pubsub: PubSub,
+    pub clock: Clock,
+    /// The realm's permissions (a realm with an authority).
+    pub authz: Option<Arc<Authz>>,
+    /// The node's API keys, if it keeps any.
+    pub gate: Option<Arc<ApiKeyGate>>,
+    /// TLS on the listener.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Who a connection is, for the realm's permissions.
+struct Principal {
+    name: String,
+    grant: Option<Arc<PeerGrant>>,
+}
+
+impl Bridge {
+    /// Binds the listener and starts accepting (until `shutdown`).
+    pub(crate) async fn start(
+        config: &MqttConfig,
+        listen: SocketAddr,
+        parts: Parts,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Bridge, MqttError> {
+        let Parts {
+            pubsub,
+            clock,
+            authz,
+            gate,
+            tls,
+        } = parts;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| MqttError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| MqttError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let limits = config.limits;
+        let bridge = Bridge(Arc::new(Inner {
+            core: Mutex::new(Broker::new(limits)),
+            pubsub,
+            clock,
+            authz,
+            gate,
+            users: config
+                .users
+                .iter()
+                .map(|(u, p)| blake3::hash(format!("{u}:{p}").as_bytes()))
+                .collect(),
+            info: ServerInfo {
+                receive_max: limits.max_inflight,
+                max_packet_size: limits.max_packet_size,
+            },
+            conns: Mutex::new(HashMap::new()),
+            pumps: Mutex::new(HashMap::new()),
+            room: Notify::new(),
+            next_conn: AtomicU64::new(1),
+            counters: Counters::default(),
+            local_addr,
+        }));
+        tracing::info!(listen = %local_addr, tls = tls.is_some(), "MQTT listener started");
+        tokio::spawn(accept_loop(
+            Arc::downgrade(&bridge.0),
+            listener,
+            tls.map(tokio_rustls::TlsAcceptor::from),
+            shutdown.clone(),
+        ));
+        tokio::spawn(expiry_loop(Arc::downgrade(&bridge.0), shutdown));
+        Ok(bridge)
+    }
+
+    /// The listener's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr
+    }
+
+    /// Registers `macula_mqtt_*` in the node's registry.
+    pub fn register(&self, r: &mut Registry) {
+        r.register_collector(Box::new(MqttCollector(self.clone())));
+    }
+}
+
+async fn accept_loop(
+    inner: Weak<Inner>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little, go on.
+                tracing::debug!(error = %e, "MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        match &tls {
+            None => {
+                tokio::spawn(serve(inner, stream, remote));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve(inner, s, remote).await,
+                        Ok(Err(e)) => {
+                            inner.counters.tls_failed.inc();
+                            tracing::debug!(%remote, error = %e, "MQTT TLS handshake failed");
+                        }
+                        Err(_) => {
+                            inner.counters.tls_failed.inc();
+                            tracing::debug!(%remote, "MQTT TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let stop = tokio::select! {
+            _ = tokio::time::sleep(EXPIRY_TICK) => false,
+            _ = shutdown.changed() => true,
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if stop {
+            // Every connection writes its DISCONNECT (0x8B) and closes.
+            inner
+                .core
+                .lock()
+                .close_all(Reason::ShuttingDown, inner.clock.now());
+            inner.after();
+            return;
+        }
+        let now = inner.clock.now();
+        {
+            let mut core = inner.core.lock();
+            core.handle_timeouts(now);
+            core.expire(now);
+        }
+        inner.after();
+    }
+}
+
+impl Inner {
+    /// Does what the core asked for (outside its lock).
+    fn after(self: &Arc<Self>) {
+        loop {
+            let Some(ev) = self.core.lock().poll_event() else {
+                return;
+            };
+            match ev {
+                Event::Wake(c) | Event::Close(c) => {
+                    if let Some(n) = self.conns.lock().get(&c) {
+                        n.notify_one();
+                    }
+                }
+                Event::SessionGone(sid) => {
+                    if let Some(pumps) = self.pumps.lock().remove(&sid) {
+                        for (_, p) in pumps {
+                            p.abort();
+                        }
+                    }
+                }
+                Event::Will { topic, payload } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me
+                            .pubsub
+                            .publish_mesh(topic.as_str(), payload, PublishOptions::default())
+                            .await
+                        {
+                            me.counters.publish_failed.inc();
+                            tracing::debug!(topic = %topic, error = %e, "MQTT will not published");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn allowed(&self, who: &Principal, action: Perm, resource: &str) -> bool {
+        let Some(authz) = &self.authz else {
+            return true;
+        };
+        match authz.check(who.grant.as_deref(), &who.name, action, resource) {
+            Ok(()) => true,
+            Err(d) => {
+                self.counters.denied.inc();
+                tracing::debug!(error = %d, "MQTT request refused by the realm's permissions");
+                false
+            }
+        }
+    }
+
+    /// Checks a CONNECT's credentials (see the module docs).
+    fn authenticate(
+        &self,
+        c: &macula_mqtt::Connect,
+        remote: SocketAddr,
+    ) -> Result<Principal, Refusal> {
+        let user = c.username.clone().unwrap_or_default();
+        if let Some(authz) = &self.authz {
+            let Some(gate) = &self.gate else {
+                return Err(Refusal::NotAuthorized);
+            };
+            let password = c.password.as_deref().unwrap_or_default();
+            let text = std::str::from_utf8(password).unwrap_or_default();
+            let key: Vec<u8> = match text.parse::<crate::apikey::ApiKey>() {
+                Ok(k) => k.as_bytes().to_vec(),
+                Err(_) => password.to_vec(),
+            };
+            return match gate.admit(authz, &key, remote, crate::peer::unix_ms(), true) {
+                Ok(v) => {
+                    let grant = PeerGrant::new(v);
+                    Ok(Principal {
+                        name: format!("mqtt client {} ({})", c.client_id, grant.subject()),
+                        grant: Some(Arc::new(grant)),
+                    })
+                }
+                Err(crate::handshake_error::HandshakeError::RateLimited { .. }) => {
+                    Err(Refusal::RateLimited)
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, user, error = %e, "MQTT client refused");
+                    Err(Refusal::BadCredentials)
+                }
+            };
+        }
+        if self.users.is_empty() {
+            return Ok(Principal {
+                name: format!("mqtt client {}", c.client_id),
+                grant: None,
+            });
+        }
+        let mut given = user.clone().into_bytes();
+        given.push(b':');
+        given.extend_from_slice(c.password.as_deref().unwrap_or_default());
+        let h = blake3::hash(&given);
+        // blake3::Hash compares in constant time; every entry is compared.
+        let ok = self.users.iter().fold(false, |ok, u| ok | (*u == h));
+        if ok {
+            Ok(Principal {
+                name: format!("mqtt user {user}"),
+                grant: None,
+            })
+        } else {
+            tracing::debug!(%remote, user, "MQTT client refused: bad username or password");
+            Err(Refusal::BadCredentials)
+        }
+    }
+}
+
+/// One connection's reading side and write buffer.
+struct Conn<S> {
+    io: S,
+    codec: Codec,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// The next packet; `Ok(None)` at the end of the stream.
+    async fn read(&mut self) -> Result<Option<In>, Reason> {
+        loop {
+            match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(p)) => return Ok(Some(p)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "MQTT packet refused");
+                    return Err(decode_reason(&e));
+                }
+            }
+            match self.io.read_buf(&mut self.rbuf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.io.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+}
+
+async fn serve<S>(inner: Arc<Inner>, io: S, remote: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let conn = inner.next_conn.fetch_add(1, Relaxed);
+    let mut c = Conn {
+        io,
+        codec: Codec::new(inner.info),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+    };
+    // Boxed: the CONNECT phase's timer is not carried by an idle connection.
+    let first = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, c.read())).await;
+    let connect = match first {
+        Ok(Ok(Some(In::Connect(connect)))) => connect,
+        _ => {
+            inner.counters.no_connect.inc();
+            tracing::debug!(%remote, "MQTT connection closed before a valid CONNECT");
+            return;
+        }
+    };
+    let version = c.codec.version().unwrap_or(Version::V3);
+    if let Some(max) = connect.max_packet_size {
+        c.codec.set_client_max(max);
+    }
+    let refused = |inner: &Arc<Inner>, why: Refusal| {
+        inner.core.lock().refused(why);
+        why
+    };
+    let principal = inner
+        .authenticate(&connect, remote)
+        .map_err(|why| refused(&inner, why));
+    let principal = principal.and_then(|p| match &connect.will {
+        Some(w) => match macula_mqtt::mqtt_to_mesh(&w.topic) {
+            Ok(t) if inner.allowed(&p, Perm::Publish, t.as_str()) => Ok(p),
+            Ok(_) => Err(refused(&inner, Refusal::NotAuthorized)),
+            Err(_) => Err(refused(&inner, Refusal::NotAuthorized)),
+        },
+        None => Ok(p),
+    });
+    let client_id = connect.client_id.clone();
+    let notify = Arc::new(Notify::new());
+    let accepted = principal.and_then(|p| {
+        inner.conns.lock().insert(conn, notify.clone());
+        let r = inner
+            .core
+            .lock()
+            .connect(conn, version, connect, inner.clock.now());
+        r.map(|_| p)
+    });
+    let principal = match accepted {
+        Ok(p) => p,
+        Err(why) => {
+            inner.conns.lock().remove(&conn);
+            tracing::debug!(%remote, client_id, reason = why.name(), "MQTT CONNECT refused");
+            if c.codec.encode_refusal(why, &mut c.wbuf).is_ok() {
+                let _ = c.flush().await;
+            }
+            let _ = c.io.shutdown().await;
+            return;
+        }
+    };
+    tracing::debug!(%remote, client_id, ?version, "MQTT client connected");
+    inner.after();
+    run(&inner, conn, &mut c, &principal, &notify).await;
+    let _ = c.io.shutdown().await;
+    inner.conns.lock().remove(&conn);
+    inner.core.lock().closed(conn, inner.clock.now());
+    inner.after();
+    inner.room.notify_waiters();
+    tracing::debug!(%remote, client_id, "MQTT client disconnected");
+}
+
+/// Writes what the core queued for `conn`; false when the connection is
+/// done (closing, or the write failed).
+async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Arc<Inner>,
+    conn: ConnId,
+    c: &mut Conn<S>,
+) -> bool {
+    loop {
+        let (outs, closing) = {
+            let mut core = inner.core.lock();
+            let mut outs = Vec::new();
+            while outs.len() < 256 {
+                match core.poll_transmit(conn) {
+                    Some(o) => outs.push(o),
+                    None => break,
+                }
+            }
+            (outs, core.is_closing(conn))
+        };
+        let more = outs.len() == 256;
+        let mut freed = false;
+        for o in outs {
+            freed |= matches!(o, Out::Publish { .. });
+            if let Err(e) = c.codec.encode(o, &mut c.wbuf) {
+                tracing::debug!(error = %e, "MQTT packet not encoded; dropped");
+            }
+            if c.wbuf.len() >= WRITE_CHUNK && c.flush().await.is_err() {
+                return false;
+            }
+        }
+        if freed {
+            inner.room.notify_waiters();
+        }
+        if c.flush().await.is_err() {
+            return false;
+        }
+        if !more {
+            return !closing;
+        }
+    }
+}
+
+async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    inner: &Arc<Inner>,
+    conn: ConnId,
+    c: &mut Conn<S>,
+    who: &Principal,
+    notify: &Notify,
+) {
+    loop {
+        if !write_out(inner, conn, c).await {
+            return;
+        }
+        tokio::select! {
+            p = c.read() => match p {
+                Ok(Some(p)) => {
+                    let now = inner.clock.now();
+                    inner.core.lock().received(conn, now);
+                    // Boxed: a publish or subscribe awaits the mesh (a DHT
+                    // put), a large future an idle connection need not carry.
+                    Box::pin(handle(inner, conn, who, p)).await;
+                }
+                Ok(None) => return,
+                Err(reason) => {
+                    inner.core.lock().close(conn, reason, inner.clock.now());
+                }
+            },
+            _ = notify.notified() => {}
+        }
+        inner.after();
+    }
+}
+
+async fn handle(inner: &Arc<Inner>, conn: ConnId, who: &Principal, p: In) {
+    let now = inner.clock.now();
+    match p {
+        In::Connect(_) => inner.core.lock().close(conn, Reason::Protocol, now),
+        In::Unexpected(what) => {
+            tracing::debug!(what, "MQTT client sent an unexpected packet");
+            inner.core.lock().close(conn, Reason::Protocol, now);
+        }
+        In::Publish(p) => {
+            let fwd = inner.core.lock().publish(conn, p, now);
+            let Some(f) = fwd else {
+                return;
+            };
+            let outcome = if !inner.allowed(who, Perm::Publish, f.topic.as_str()) {
+                Outcome::NotAuthorized
+            } else {
+                match inner
+                    .pubsub
+                    .publish_mesh(
+                        f.topic.as_str(),
+                        f.payload.clone(),
+                        PublishOptions::default(),
+                    )
+                    .await
+                {
+                    Ok(_) => Outcome::Published,
+                    Err(e) => {
+                        inner.counters.publish_failed.inc();
+                        tracing::debug!(topic = %f.topic, error = %e, "MQTT publish refused by the mesh");
+                        Outcome::Failed
+                    }
+                }
+            };
+            inner
+                .core
+                .lock()
+                .published(conn, &f, outcome, inner.clock.now());
+        }
+        In::PubAck(id) => {
+            inner.core.lock().puback(conn, id);
+            inner.room.notify_waiters();
+        }
+        // The bridge never sends QoS 2: nothing waits for these.
+        In::PubRec(_) | In::PubComp(_) => {}
+        In::PubRel(id) => inner.core.lock().pubrel(conn, id),
+        In::PingReq => inner.core.lock().ping(conn),
+        In::Disconnect { with_will } => inner.core.lock().disconnect(conn, with_will, now),
+        In::Subscribe { id, filters } => subscribe(inner, conn, who, id, filters).await,
+        In::Unsubscribe { id, filters } => {
+            let (removed, sid) = {
+                let mut core = inner.core.lock();
+                (core.unsubscribe(conn, id, &filters), core.session_of(conn))
+            };
+            if let Some(pumps) = sid.and_then(|s| {
+                inner.pumps.lock().get_mut(&s).map(|p| {
+                    removed
+                        .iter()
+                        .filter_map(|f| p.remove(f))
+                        .collect::<Vec<_>>()
+                })
+            }) {
+                for p in pumps {
+                    p.abort();
+                }
+            }
+        }
+    }
+}
+
+async fn subscribe(
+    inner: &Arc<Inner>,
+    conn: ConnId,
+    who: &Principal,
+    id: u16,
+    filters: Vec<(String, u8)>,
+) {
+    let (mut planned, sid) = {
+        let mut core = inner.core.lock();
+        (core.plan_subscribe(conn, &filters), core.session_of(conn))
+    };
+    let Some(sid) = sid else {
+        return;
+    };
+    for p in &mut planned {
+        let Ok(pattern) = &p.pattern else {
+            continue;
+        };
+        if !inner.allowed(who, Perm::Subscribe, pattern.as_str()) {
+            p.pattern = Err(SubCode::NotAuthorized);
+            continue;
+        }
+        match inner.pubsub.subscribe_mesh(pattern.as_str()).await {
+            Ok(sub) => {
+                let task = tokio::spawn(pump(Arc::downgrade(inner), sid, p.qos, sub));
+                let old = inner
+                    .pumps
+                    .lock()
+                    .entry(sid)
+                    .or_default()
+                    .insert(p.filter.clone(), task.abort_handle());
+                if let Some(old) = old {
+                    old.abort();
+                }
+            }
+            Err(e) => {
+                tracing::debug!(filter = p.filter, error = %e, "MQTT subscription refused by the mesh");
+                p.pattern = Err(SubCode::Failed);
+            }
+        }
+    }
+    inner.core.lock().subscribe(conn, id, planned);
+    // The session may have ended while the mesh took the subscriptions.
+    let gone = inner.core.lock().session_of(conn).is_none_or(|s| s != sid);
+    if gone {
+        if let Some(pumps) = inner.pumps.lock().remove(&sid) {
+            for (_, p) in pumps {
+                p.abort();
+            }
+        }
+    }
+}
+
+/// Hands a mesh subscription's events to session `sid` at `qos`; a full
+/// client queue stops it (QoS 1) until there is room.
+async fn pump(inner: Weak<Inner>, sid: SessionId, qos: u8, mut sub: Subscription) {
+    while let Some(item) = sub.next().await {
+        let ev = match item {
+            SubscriptionItem::Event(ev) => ev,
+            SubscriptionItem::Lagged(n) => {
+                if let Some(i) = inner.upgrade() {
+                    i.counters.lagged.inc_by(n);
+                }
+                continue;
+            }
+        };
+        loop {
+            let Some(i) = inner.upgrade() else {
+                return;
+            };
+            let room = i.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let d = i
+                .core
+                .lock()
+                .deliver(sid, ev.topic.as_str(), ev.payload.clone(), qos);
+            i.after();
+            match d {
+                macula_mqtt::Delivery::Full => {
+                    // Bounded: look again at least once a second.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), room).await;
+                }
+                macula_mqtt::Delivery::Gone => return,
+                _ => break,
+            }
+        }
+    }
+}
+
+struct MqttCollector(Bridge);
+
+impl std::fmt::Debug for MqttCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttCollector").finish()
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for MqttCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let inner = &self.0 .0;
+        let (s, clients, sessions, (retained, retained_bytes), queued) = {
+            let core = inner.core.lock();
+            (
+                core.stats().clone(),
+                core.clients(),
+                core.sessions(),
+                core.retained(),
+                core.queued(),
+            )
+        };
+        let c = &inner.counters;
+        gauge(
+            &mut e,
+            "macula_mqtt_clients",
+            "MQTT clients connected now (limit: mqtt_max_clients)",
+            clients as i64,
+        )?;
+        gauge(
+            &mut e,
+            "macula_mqtt_sessions",
+            "MQTT sessions kept, connected or not (limit: mqtt_max_sessions)",
+            sessions as i64,
+        )?;
+        gauge(
+            &mut e,
+            "macula_mqtt_retained",
+            "Retained MQTT messages kept on this node (limit: mqtt_max_retained)",
+            retained as i64,
+        )?;
+        gauge(
+            &mut e,
+            "macula_mqtt_retained_bytes",
+            "Payload bytes of the retained MQTT messages kept",
+            retained_bytes as i64,
+        )?;
+        gauge(&mut e, "macula_mqtt_queued", "Messages queued or in flight to MQTT clients (limits: mqtt_queue_len, mqtt_max_inflight)", queued as i64)?;
+        counter(
+            &mut e,
+            "macula_mqtt_connects",
+            "MQTT CONNECTs accepted",
+            s.connects,
+        )?;
+        {
+            let mut f = e.encode_descriptor(
+                "macula_mqtt_refused",
+                "MQTT CONNECTs refused, by CONNACK reason (max_clients: mqtt_max_clients or mqtt_max_sessions)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for r in Refusal::ALL {
+                ConstCounter::new(s.refused[r as usize])
+                    .encode(f.encode_family(&[("reason", r.name())])?)?;
+            }
+        }
+        {
+            let mut f = e.encode_descriptor(
+                "macula_mqtt_disconnects",
+                "MQTT connections ended, by reason (packet_too_large: mqtt_max_packet_size; receive_maximum_exceeded: mqtt_max_inflight)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for r in Reason::ALL {
+                ConstCounter::new(s.disconnects[r as usize])
+                    .encode(f.encode_family(&[("reason", r.name())])?)?;
+            }
+        }
+        counter(
+            &mut e,
+            "macula_mqtt_messages_in",
+            "PUBLISH packets received from MQTT clients",
+            s.messages_in,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_messages_out",
+            "PUBLISH packets sent to MQTT clients (redeliveries not included)",
+            s.messages_out,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_redelivered",
+            "Unacknowledged QoS 1 messages sent again (DUP) to a reconnected client",
+            s.redelivered,
+        )?;
+        {
+            let mut f = e.encode_descriptor(
+                "macula_mqtt_dropped",
+                "Messages for MQTT clients dropped, by reason (queue_full: a QoS 0 message found mqtt_queue_len messages waiting; too_large: over the client's maximum packet size; retained_queue_full: a retained message replayed on subscribe found the queue full; lagged: a session's mesh subscription lost events)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, v) in [
+                ("queue_full", s.dropped_queue_full),
+                ("too_large", s.dropped_too_large),
+                ("retained_queue_full", s.dropped_retained),
+                ("lagged", c.lagged.get()),
+            ] {
+                ConstCounter::new(v).encode(f.encode_family(&[("reason", reason)])?)?;
+            }
+        }
+        counter(&mut e, "macula_mqtt_queue_full_waits", "Times a QoS 1 message found a client's queue full (mqtt_queue_len): its mesh subscription waited", s.queue_full_waits)?;
+        counter(&mut e, "macula_mqtt_inflight_full", "Times sending to an MQTT client waited for its inflight window (mqtt_max_inflight or the client's receive maximum)", s.inflight_full)?;
+        counter(&mut e, "macula_mqtt_wills", "Last wills published", s.wills)?;
+        counter(
+            &mut e,
+            "macula_mqtt_retained_refused",
+            "Retained messages not kept (mqtt_max_retained, mqtt_max_retained_bytes)",
+            s.retained_refused,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_sessions_expired",
+            "Disconnected persistent sessions that expired",
+            s.sessions_expired,
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_sessions_evicted",
+            "Disconnected sessions dropped to make room (mqtt_max_sessions)",
+            s.sessions_evicted,
+        )?;
+        counter(&mut e, "macula_mqtt_subscriptions_refused", "Topic filters refused in SUBACK (invalid, mqtt_max_subscriptions, permissions, the mesh)", s.subscriptions_refused)?;
+        counter(
+            &mut e,
+            "macula_mqtt_publish_failed",
+            "MQTT publishes (and wills) the mesh refused",
+            c.publish_failed.get(),
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_denied",
+            "MQTT requests refused by the realm's permissions",
+            c.denied.get(),
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_no_connect",
+            "MQTT connections closed before a valid CONNECT (timeout, garbage)",
+            c.no_connect.get(),
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_tls_failed",
+            "MQTT TLS handshakes that failed",
+            c.tls_failed.get(),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use macula_wire::NodeId;
+
+    async fn bridge(config: MqttConfig) -> (Bridge, watch::Sender<bool>) {
+        let ps = PubSub::new(
+            NodeId::from_bytes([7; 32]),
+            1 << 20,
+            macula_pubsub::Limits::default(),
+        );
+        let (stop, shutdown) = watch::channel(false);
+        let parts = Parts {
+            pubsub: ps,
+            clock: Clock::new(),
+            authz: None,
+            gate: None,
+            tls: None,
+        };
+        let b = Bridge::start(&config, "127.0.0.1:0".parse().unwrap(), parts, shutdown)
+            .await
+            .unwrap();
+        (b, stop)
+    }
+
+    #[tokio::test]
+    async fn every_metric_family_is_exported_once() {
+        let (b, _stop) = bridge(MqttConfig::default()).await;
+        let mut r = Registry::default();
+        b.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert_eq!(text.matches("# TYPE macula_mqtt_").count(), 23, "{text}");
+        assert_eq!(text.matches("# HELP macula_mqtt_").count(), 23);
+        for reason in Reason::ALL {
+            assert!(
+                text.contains(&format!(
+                    "macula_mqtt_disconnects_total{{reason=\"{}\"}} 0",
+                    reason.name()
+                )),
+                "{text}"
+            );
+        }
+        assert!(text.contains("macula_mqtt_refused_total{reason=\"max_clients\"} 0"));
+        assert!(text.contains("macula_mqtt_clients 0"));
+    }
+
+    /// A CONNECT with credentials not on the list gets CONNACK 4 (3.1.1),
+    /// counted; one on the list is accepted.
+    #[tokio::test]
+    async fn users_list_is_checked() {
+        let config = MqttConfig {
+            users: vec![("dev".into(), "s3cret".into())],
+            ..MqttConfig::default()
+        };
+        let (b, _stop) = bridge(config).await;
+        let connect = |user: &str, pass: &str| {
+            let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 60, 0, 1, b'c'];
+            for f in [user, pass] {
+                body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+                body.extend_from_slice(f.as_bytes());
+            }
+            let mut p = vec![0x10, body.len() as u8];
+            p.extend(body);
+            p
+        };
+        for (user, pass, code) in [("dev", "wrong", 4u8), ("dev", "s3cret", 0)] {
+            let mut s = tokio::net::TcpStream::connect(b.local_addr())
+                .await
+                .unwrap();
+            s.write_all(&connect(user, pass)).await.unwrap();
+            let mut ack = [0u8; 4];
+            s.read_exact(&mut ack).await.unwrap();
+            assert_eq!(ack, [0x20, 2, 0, code], "{user}:{pass}");
+        }
+        let core = b.0.core.lock();
+        assert_eq!(core.stats().refused[Refusal::BadCredentials as usize], 1);
+        assert_eq!(core.stats().connects, 1);
+    }
+
+    /// Shutting down tells every 5.0 client (DISCONNECT 0x8B) and closes.
+    #[tokio::test]
+    async fn shutdown_disconnects_every_client() {
+        let (b, stop) = bridge(MqttConfig::default()).await;
+        let mut s = tokio::net::TcpStream::connect(b.local_addr())
+            .await
+            .unwrap();
+        let connect = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 0];
+        s.write_all(&connect).await.unwrap();
+        let mut ack = [0u8; 2];
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack[0], 0x20);
+        let mut rest = vec![0u8; usize::from(ack[1])];
+        s.read_exact(&mut rest).await.unwrap();
+        stop.send(true).unwrap();
+        let mut d = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut d))
+            .await
+            .expect("DISCONNECT in time")
+            .unwrap();
+        assert_eq!((d[0], d[2]), (0xe0, 0x8b), "{d:?}");
+        let mut more = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut more))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert!(n <= 1, "closed after the DISCONNECT");
+    }
+}
