@@ -63,6 +63,22 @@ pub enum BenchCommand {
     /// (in-process nodes on 127.0.0.1, rounds alternating): handshake time,
     /// publish and call throughput.
     Authz(crate::bench_authz::AuthzArgs),
+    /// Pub/sub and RPC with tracing off, on at 1% and at 100% sampling
+    /// (in-process nodes on 127.0.0.1, spans exported to a local OTLP sink):
+    /// throughput and latency side by side. Needs the `otlp` feature.
+    Tracing(crate::bench_tracing::TracingArgs),
+}
+
+/// The tracing flags a benchmark runs with: the given ones, except
+/// `bench tracing`, which exports to a sink of its own.
+pub fn trace_args(
+    cmd: &BenchCommand,
+    given: &crate::otlp::TraceArgs,
+) -> anyhow::Result<crate::otlp::TraceArgs> {
+    match cmd {
+        BenchCommand::Tracing(_) => crate::bench_tracing::trace_args(given),
+        _ => Ok(given.clone()),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,6 +140,11 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::PubsubNode(args) => crate::bench_pubsub::node(args).await,
+        BenchCommand::Tracing(args) => {
+            tokio::time::timeout(MAX_RUNTIME, crate::bench_tracing::run(args))
+                .await
+                .context("benchmark exceeded its time limit")?
+        }
         BenchCommand::Rpc(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_rpc::run(args))
             .await
             .context("benchmark exceeded its time limit")?,

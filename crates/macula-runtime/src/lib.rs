@@ -39,6 +39,7 @@ pub mod relay;
 pub mod rpc;
 mod service;
 pub mod tls;
+pub mod trace;
 pub mod trust;
 pub mod tunnel;
 

@@ -409,6 +409,15 @@ impl Tunnel {
             }
             Ok((r, w))
         };
+        // Tracing: a session opened for a traced publish or call (dialing
+        // a node only reachable through `relay`) is a span of that trace.
+        let span = crate::trace::child(|| {
+            tracing::info_span!(target: crate::trace::TARGET, "macula.relay.open",
+                macula.relay = %rid,
+                macula.target = %target)
+        });
+        let exchange =
+            tracing::Instrument::instrument(exchange, span.unwrap_or_else(tracing::Span::none));
         let (r, w) = tokio::time::timeout(RELAY_ANSWER_TIMEOUT, exchange)
             .await
             .map_err(|_| RelayError::Timeout {

@@ -25,6 +25,7 @@ pub mod rng;
 pub mod rpc;
 pub mod suspect;
 pub mod time;
+pub mod trace;
 pub mod ttl_cache;
 
 pub use client::ClientMessage;
