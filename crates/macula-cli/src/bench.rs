@@ -69,15 +69,12 @@ pub enum BenchCommand {
     Tracing(crate::bench_tracing::TracingArgs),
 }
 
-/// The tracing flags a benchmark runs with: the given ones, except
-/// `bench tracing`, which exports to a sink of its own.
-pub fn trace_args(
-    cmd: &BenchCommand,
-    given: &crate::otlp::TraceArgs,
-) -> anyhow::Result<crate::otlp::TraceArgs> {
+/// The tracing flags a benchmark runs with: none, except `bench tracing`,
+/// which exports to a sink of its own.
+pub fn trace_args(cmd: &BenchCommand) -> anyhow::Result<crate::otlp::TraceArgs> {
     match cmd {
-        BenchCommand::Tracing(_) => crate::bench_tracing::trace_args(given),
-        _ => Ok(given.clone()),
+        BenchCommand::Tracing(_) => crate::bench_tracing::trace_args(),
+        _ => Ok(crate::otlp::TraceArgs::default()),
     }
 }
 

@@ -60,15 +60,11 @@ static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
 
 /// The tracing flags `bench tracing` runs with: its own sink as the
 /// collector (started here, before logging is set up).
-pub fn trace_args(given: &TraceArgs) -> anyhow::Result<TraceArgs> {
+pub fn trace_args() -> anyhow::Result<TraceArgs> {
     anyhow::ensure!(
         cfg!(feature = "otlp"),
         "bench tracing needs a macula built with the `otlp` cargo feature \
          (cargo build --release -p macula-cli --features otlp)"
-    );
-    anyhow::ensure!(
-        given.otlp.is_none(),
-        "bench tracing exports to a sink of its own: drop --otlp"
     );
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind the OTLP sink")?;
     let addr = listener.local_addr()?;

@@ -50,8 +50,6 @@ use crate::config::{LogFormat, NodeArgs, Settings, TlsModeSetting};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    #[command(flatten)]
-    trace: otlp::TraceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,12 +153,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let env = |k: &str| std::env::var(k).ok();
-    let trace = &cli.trace;
     match cli.command {
         Command::Start(args) => {
             let settings =
                 config::resolve(&args, &env).map_err(|e| usage(anyhow::anyhow!("{e}")))?;
-            let _trace = otlp::init(settings.log_format, "info", trace).map_err(usage)?;
+            let trace = otlp::TraceArgs {
+                otlp: settings.otlp.clone(),
+                trace_sample: settings.trace_sample,
+            };
+            let _trace = otlp::init(settings.log_format, "info", &trace).map_err(usage)?;
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(start(settings))
         }
@@ -189,31 +190,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Bench(cmd) => {
             // Per-connection logs would drown the figures; RUST_LOG still wins.
-            let _trace = otlp::init(LogFormat::Text, "warn", &bench::trace_args(&cmd, trace)?)
-                .map_err(usage)?;
+            let _trace =
+                otlp::init(LogFormat::Text, "warn", &bench::trace_args(&cmd)?).map_err(usage)?;
             raise_fd_limit();
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(bench::run(cmd))?;
             Ok(())
         }
-        Command::Pub(args) => Ok(client(trace, pubsub_cli::publish(args))?),
-        Command::Sub(args) => Ok(client(trace, pubsub_cli::subscribe(args))?),
-        Command::Dht(cmd) => match client(trace, dht_cli::run(cmd))? {
+        Command::Pub(args) => Ok(client(&args.mesh.trace.clone(), pubsub_cli::publish(args))?),
+        Command::Sub(args) => Ok(client(
+            &args.mesh.trace.clone(),
+            pubsub_cli::subscribe(args),
+        )?),
+        Command::Dht(cmd) => match client(&cmd.mesh().trace.clone(), dht_cli::run(cmd))? {
             dht_cli::Outcome::Ok => Ok(()),
             dht_cli::Outcome::NotFound(what) => Err(Failure {
                 code: 1,
                 error: anyhow::anyhow!(what),
             }),
         },
-        Command::Trace(args) => Ok(client(trace, pubsub_cli::trace(args))?),
-        Command::Call(args) => match client(trace, rpc_cli::call(args))? {
+        Command::Trace(args) => Ok(client(&args.mesh.trace.clone(), pubsub_cli::trace(args))?),
+        Command::Call(args) => match client(&args.mesh.trace.clone(), rpc_cli::call(args))? {
             rpc_cli::CallOutcome::Ok => Ok(()),
             rpc_cli::CallOutcome::Failed(why) => Err(Failure {
                 code: 1,
                 error: anyhow::anyhow!(why),
             }),
         },
-        Command::Serve(args) => Ok(client(trace, async {
+        Command::Serve(args) => Ok(client(&args.mesh.trace.clone(), async {
             let signals = Signals::install()?;
             rpc_cli::serve(args, signals.wait()).await
         })?),

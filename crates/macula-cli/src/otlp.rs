@@ -15,22 +15,25 @@ use tracing_subscriber::{Layer, Registry};
 
 use crate::config::LogFormat;
 
-/// The tracing flags, accepted by every command.
+/// The tracing flags of the mesh client commands (`pub`, `sub`, `trace`,
+/// `call`, `serve`, `dht`); `macula start` has the same ones as settings
+/// (`config::keys::OTLP` and `TRACE_SAMPLE`, also in its config file).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TraceArgs {
     /// Export spans (publish, deliver, call, handle, reply, DHT lookups, relay
-    /// hops, gateway forwarding) to this OTLP/HTTP collector, e.g.
-    /// http://127.0.0.1:4318 (needs a macula built with the `otlp` feature).
-    #[arg(long, global = true, env = "MACULA_OTLP", value_name = "URL")]
+    /// hops, gateway forwarding) to this OTLP/HTTP collector, http://HOST:PORT
+    /// (needs a macula built with the `otlp` cargo feature).
+    #[arg(long, env = "MACULA_OTLP", value_name = "URL", value_parser = crate::config::parse_otlp)]
     pub otlp: Option<String>,
-    /// Share of the operations that start a trace here (0.0 to 1.0); a
-    /// message or call from a traced parent follows its parent's decision.
+    /// With --otlp: share of the operations starting here that start a
+    /// trace, 0..1; a message or call from a traced parent follows its
+    /// parent's decision.
     #[arg(
         long,
-        global = true,
         env = "MACULA_TRACE_SAMPLE",
         value_name = "RATIO",
-        default_value_t = 1.0
+        default_value_t = crate::config::DEFAULT_TRACE_SAMPLE,
+        value_parser = crate::config::parse_ratio
     )]
     pub trace_sample: f64,
 }
@@ -60,11 +63,6 @@ pub fn init(
     default_level: &str,
     trace: &TraceArgs,
 ) -> anyhow::Result<TraceGuard> {
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&trace.trace_sample),
-        "--trace-sample must be between 0.0 and 1.0, not {}",
-        trace.trace_sample
-    );
     // openraft logs every failed RPC to a member that is down (5 a second,
     // at ERROR) and dumps whole state structs at INFO; the Raft service
     // warns once per member and 30 s instead (`raft/network.rs`).
@@ -115,12 +113,8 @@ fn exporter(
     use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
     use std::time::Duration;
 
-    let base = url.trim_end_matches('/');
-    anyhow::ensure!(
-        base.starts_with("http://") && base.len() > "http://".len(),
-        "--otlp {url:?}: expected http://HOST:PORT (OTLP/HTTP; no TLS: run a collector \
-         on this host or its network)"
-    );
+    let base =
+        crate::config::parse_otlp(url).map_err(|e| anyhow::anyhow!("--otlp {url:?}: {e}"))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))

@@ -37,7 +37,7 @@ pub struct PubArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
-    mesh: MeshArgs,
+    pub(crate) mesh: MeshArgs,
     #[command(flatten)]
     mode: ModeArgs,
 }
@@ -54,7 +54,7 @@ pub struct SubArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
-    mesh: MeshArgs,
+    pub(crate) mesh: MeshArgs,
     #[command(flatten)]
     mode: ModeArgs,
 }

@@ -245,20 +245,16 @@ fn otlp_flags_are_checked() {
         "--otlp",
         "https://127.0.0.1:4318",
     ]));
-    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("expected http://HOST:PORT"), "{out}");
-    let (code, out) = run(command(&[
-        "pub",
-        "a.b",
-        "x",
-        "--otlp",
-        "http://127.0.0.1:4318",
-        "--trace-sample",
-        "2",
-    ]));
-    assert_eq!(code, Some(1), "{out}");
-    assert!(
-        out.contains("--trace-sample must be between 0.0 and 1.0"),
-        "{out}"
-    );
+    let (code, out) = run(command(&["sub", "a.*", "--trace-sample", "2"]));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("expected a number from 0 to 1"), "{out}");
+    // `macula start` reads them as settings (flag, environment, file).
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = start_args(REALM, dir.path(), &[]);
+    args.extend(["--trace-sample", "1.5"]);
+    let (code, out) = run(command(&args));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("--trace-sample"), "{out}");
 }
