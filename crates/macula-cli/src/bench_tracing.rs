@@ -46,8 +46,15 @@ pub struct TracingArgs {
     json: bool,
 }
 
-/// The modes, in the order each round runs them.
-const MODES: [(&str, Option<f64>); 3] = [("off", None), ("1%", Some(0.01)), ("100%", Some(1.0))];
+/// The modes, in the order each round runs them: off (the default), on
+/// but sampling nothing (the cost of the hooks and the decision), 1% and
+/// 100% of the operations traced.
+const MODES: [(&str, Option<f64>); 4] = [
+    ("off", None),
+    ("0%", Some(0.0)),
+    ("1%", Some(0.01)),
+    ("100%", Some(1.0)),
+];
 
 /// The in-process OTLP sink: requests and bytes received.
 #[derive(Default)]
@@ -227,8 +234,10 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
     }
     clat.sort_unstable();
     drop(reg);
-    // What this mode exported (the processor sends every 500 ms).
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // What this mode exported: everything, before the next mode starts
+    // (the processor sends every 500 ms; a backlog of spans being encoded
+    // and sent would steal the next mode's CPU).
+    quiesce(&sink).await;
     Ok(Round {
         publish_msgs_per_s,
         publish_p50_us: pct(&lat, 0.5),
@@ -238,6 +247,18 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
         call_p99_us: pct(&clat, 0.99),
         spans_exported_bytes: sink.bytes.load(Relaxed) - before,
     })
+}
+
+/// Waits until the sink has received nothing new for 1.5 s (at most 60 s).
+async fn quiesce(sink: &Sink) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut still) = (sink.bytes.load(Relaxed), 0);
+    while still < 6 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = sink.bytes.load(Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
 }
 
 struct Dirs(Vec<PathBuf>);
@@ -340,34 +361,35 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             args.rounds,
             debug_note()
         )?;
-        writeln!(
-            out,
-            "  {:<20} {:>12} {:>12} {:>12}  1%/off  100%/off",
-            "", "off", "1%", "100%"
-        )?;
+        let mut head = format!("  {:<20}", "");
+        for (mode, _) in MODES {
+            head.push_str(&format!(" {mode:>12}"));
+        }
+        for (mode, _) in &MODES[1..] {
+            head.push_str(&format!(" {:>9}", format!("{mode}/off")));
+        }
+        writeln!(out, "{head}")?;
         for (name, f) in FIGURES {
             let v: Vec<f64> = (0..MODES.len())
                 .map(|m| median(rounds[m].iter().map(f).collect()))
                 .collect();
-            writeln!(
-                out,
-                "  {name:<20} {:>12.1} {:>12.1} {:>12.1}  {:>6.3}  {:>8.3}",
-                v[0],
-                v[1],
-                v[2],
-                v[1] / v[0],
-                v[2] / v[0]
-            )?;
+            let mut line = format!("  {name:<20}");
+            for x in &v {
+                line.push_str(&format!(" {x:>12.1}"));
+            }
+            for x in &v[1..] {
+                line.push_str(&format!(" {:>9.3}", x / v[0]));
+            }
+            writeln!(out, "{line}")?;
         }
-        let exported: Vec<u64> = (0..MODES.len())
-            .map(|m| rounds[m].iter().map(|r| r.spans_exported_bytes).sum())
-            .collect();
+        let mut line = "  OTLP bytes exported:".to_string();
+        for (m, (mode, _)) in MODES.iter().enumerate() {
+            let bytes: u64 = rounds[m].iter().map(|r| r.spans_exported_bytes).sum();
+            line.push_str(&format!(" {mode} {bytes},"));
+        }
         writeln!(
             out,
-            "  OTLP bytes exported: off {}, 1% {}, 100% {} ({} requests in all)",
-            exported[0],
-            exported[1],
-            exported[2],
+            "{line} {} requests in all",
             sink.requests.load(Relaxed)
         )?;
     }

@@ -147,7 +147,16 @@ fn exporter(
                 .build(),
         )
         .build();
+    // Only the spans' own fields as attributes: no source location, thread,
+    // target or busy/idle time (each would cost every span allocations and
+    // export bytes), and no OpenTelemetry context activated on each entry
+    // (nothing else here reads it).
     let layer = tracing_opentelemetry::layer()
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
         .with_tracer(provider.tracer("macula"))
         .with_filter(
             tracing_subscriber::filter::Targets::new()

@@ -313,4 +313,77 @@ mod tests {
         );
         assert_eq!(trace_id(&[]), None);
     }
+
+    /// The SDK sampler agrees with `start` and `remote`: a parent decides;
+    /// a root span of this crate was sampled before it was made; any other
+    /// root gets the ratio (0 until `enable`: no test here enables).
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn the_sampler_is_parent_based_and_trusts_our_own_roots() {
+        use opentelemetry::trace::{SpanKind, TraceId};
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+        let decide = |parent: Option<&opentelemetry::Context>, name: &str| {
+            Sampler
+                .should_sample(
+                    parent,
+                    TraceId::from_bytes([7; 16]),
+                    name,
+                    &SpanKind::Internal,
+                    &[],
+                    &[],
+                )
+                .decision
+        };
+        let tp = |flags| TraceParent {
+            trace_id: [1; 16],
+            parent_id: [2; 8],
+            flags,
+        };
+        let sampled = remote_context(&tp(1), None);
+        let unsampled = remote_context(&tp(0), Some("k=v"));
+        assert_eq!(
+            decide(Some(&sampled), "app"),
+            SamplingDecision::RecordAndSample
+        );
+        assert_eq!(
+            decide(Some(&unsampled), "macula.deliver"),
+            SamplingDecision::Drop
+        );
+        assert_eq!(
+            decide(None, "macula.publish"),
+            SamplingDecision::RecordAndSample
+        );
+        assert_eq!(ratio(), Ratio::NEVER);
+        assert_eq!(decide(None, "app.request"), SamplingDecision::Drop);
+        // An empty context is no parent.
+        let empty = opentelemetry::Context::new();
+        assert_eq!(
+            decide(Some(&empty), "macula.call"),
+            SamplingDecision::RecordAndSample
+        );
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn trace_context_is_put_in_place_of_the_old() {
+        let mut h = vec![("a".to_string(), "b".to_string())];
+        let t = TraceParent {
+            trace_id: [1; 16],
+            parent_id: [2; 8],
+            flags: 1,
+        };
+        put(&mut h, &t);
+        put(&mut h, &t.with_parent([3; 8]));
+        assert_eq!(h.len(), 2);
+        assert_eq!(find(&h), Some(t.with_parent([3; 8])));
+        // Off (the default): nothing is made, headers stay as they are.
+        let mut called = false;
+        assert!(start(&mut h, || {
+            called = true;
+            tracing::Span::none()
+        })
+        .is_none());
+        assert!(remote_in(&h, tracing::Span::none).is_none());
+        assert!(!called && h.len() == 2);
+    }
 }
