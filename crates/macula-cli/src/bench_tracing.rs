@@ -46,7 +46,7 @@ pub struct TracingArgs {
     json: bool,
 }
 
-/// The modes, in the order each round runs them: off (the default), on
+/// The modes (each round runs them all, starting one further): off (the default), on
 /// but sampling nothing (the cost of the hooks and the decision), 1% and
 /// 100% of the operations traced.
 const MODES: [(&str, Option<f64>); 4] = [
@@ -310,7 +310,10 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); MODES.len()];
     for r in 0..args.rounds {
-        for (m, (name, ratio)) in MODES.iter().enumerate() {
+        // Each round starts with the next mode (a mode's place in a round
+        // must not weigh on its figures).
+        for m in (0..MODES.len()).map(|k| (k + r) % MODES.len()) {
+            let (name, ratio) = MODES[m];
             eprintln!(
                 "bench tracing: round {}/{} tracing {name}...",
                 r + 1,
@@ -319,7 +322,7 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             match ratio {
                 None => macula::trace::disable(),
                 #[cfg(feature = "otlp")]
-                Some(x) => macula::trace::enable(*x),
+                Some(x) => macula::trace::enable(x),
                 #[cfg(not(feature = "otlp"))]
                 Some(_) => anyhow::bail!("built without the `otlp` feature"),
             }
