@@ -137,7 +137,7 @@ pub struct RelayReserved {
 pub struct RelayConnect {
     pub target: NodeId,
     /// Optional W3C `traceparent` of the initiator's span (the relay's hop
-    /// span is its child: PROTOCOL.md 5.11); at most
+    /// span is its child: PROTOCOL.md 5.13); at most
     /// `MAX_RELAY_TRACEPARENT_LEN` bytes.
     #[serde(
         default,
