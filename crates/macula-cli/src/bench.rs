@@ -63,6 +63,10 @@ pub enum BenchCommand {
     /// (in-process nodes on 127.0.0.1, rounds alternating): handshake time,
     /// publish and call throughput.
     Authz(crate::bench_authz::AuthzArgs),
+    /// Durable streams against NATS JetStream (`nats-server -js`, file
+    /// storage) in one run: acknowledged publish throughput and latency,
+    /// replay throughput and restart time with --replay messages stored.
+    Stream(crate::bench_stream::StreamArgs),
     /// Pub/sub and RPC with tracing off, on at 1% and at 100% sampling
     /// (in-process nodes on 127.0.0.1, spans exported to a local OTLP sink):
     /// throughput and latency side by side. Needs the `otlp` feature.
@@ -171,6 +175,14 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             tokio::time::timeout(MAX_RUNTIME, crate::bench_authz::run(args))
                 .await
                 .context("benchmark exceeded its time limit")?
+        }
+        BenchCommand::Stream(args) => {
+            // Returning drops the nats-server child, which kills it.
+            let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_stream::run(args));
+            tokio::select! {
+                r = bench => r.context("benchmark exceeded its time limit")?,
+                signal = interrupted() => anyhow::bail!("interrupted by {signal}; nats-server stopped"),
+            }
         }
         BenchCommand::Kv(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_kv::run(args))
             .await

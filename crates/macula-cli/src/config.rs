@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use macula::config::{Limits, RaftLimits, ReachabilityMode, RelayLimits};
+use macula::config::{Limits, RaftLimits, ReachabilityMode, RelayLimits, StreamLimits};
 use macula::{NodeId, PeerAddr};
 
 // ---------------------------------------------------------------------------
@@ -129,9 +129,19 @@ pub const RAFT_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(60));
 /// Accepted `raft_max_groups` range.
 pub const RAFT_MAX_GROUPS_RANGE: (usize, usize) = (1, 4096);
+/// Accepted `max_streams` range.
+pub const MAX_STREAMS_RANGE: (usize, usize) = (1, 4096);
 /// Accepted `admin_request_window` and `admin_failure_window` range.
 pub const ADMIN_WINDOW_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `dashboard_max_streams` range.
+pub const DASHBOARD_STREAMS_RANGE: (usize, usize) = (1, 1024);
+/// Accepted `dashboard_interval` range (a stream must write within the
+/// admin server's 5 s request deadline).
+pub const DASHBOARD_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(4));
+/// Accepted `dashboard_max_peers` range.
+pub const DASHBOARD_PEERS_RANGE: (usize, usize) = (0, 4096);
 /// Accepted `admin_failure_sources` and `admin_replay_cache` range.
 pub const ADMIN_TABLE_RANGE: (usize, usize) = (1, 10_000_000);
 /// Accepted `admin_max_failures` range.
@@ -349,7 +359,8 @@ settings! {
         default "<user data dir>/macula", "Directory for the node key and state";
     http HTTP: SocketAddr = DEFAULT_HTTP, Text(parse_socket_addr),
         flag "--http" "IP:PORT", env "MACULA_HTTP", toml "http",
-        default "127.0.0.1:8080", "Admin HTTP address (/metrics, /health, /admin/*)";
+        default "127.0.0.1:8080", "Admin HTTP address (/metrics, /health, /admin/*, the live \
+        dashboard at /dashboard)";
     tls_mode TLS_MODE: TlsModeSetting = DEFAULT_TLS_MODE, Text(str::parse::<TlsModeSetting>),
         flag "--tls-mode" "self|ca", env "MACULA_TLS_MODE", toml "tls.mode",
         default "self",
@@ -565,6 +576,25 @@ settings! {
         toml "admin.replay_cache", default "16384",
         "Grant-signed admin requests remembered to refuse replays; when full of live ones, new \
          signed requests are refused (reason=replayed) until some expire, 1..10000000";
+    dashboard_max_streams DASHBOARD_MAX_STREAMS: usize =
+        macula::config::DEFAULT_DASHBOARD_MAX_STREAMS,
+        Number(|s| parse_count(s, DASHBOARD_STREAMS_RANGE)),
+        flag "--dashboard-max-streams" "N", env "MACULA_DASHBOARD_MAX_STREAMS",
+        toml "dashboard.max_streams", default "8",
+        "Live dashboard event streams (/admin/dashboard/events) open at once; one more gets 503 \
+         (macula_dashboard_streams_refused_total), 1..1024";
+    dashboard_interval DASHBOARD_INTERVAL: Duration = macula::config::DEFAULT_DASHBOARD_INTERVAL,
+        Number(|s| parse_duration_in(s, DASHBOARD_INTERVAL_RANGE)),
+        flag "--dashboard-interval" "DURATION", env "MACULA_DASHBOARD_INTERVAL",
+        toml "dashboard.interval", default "1s",
+        "Between two dashboard updates, and two rounds of status requests to peers while a \
+         dashboard is open; 100ms..4s";
+    dashboard_max_peers DASHBOARD_MAX_PEERS: usize = macula::config::DEFAULT_DASHBOARD_MAX_PEERS,
+        Number(|s| parse_count(s, DASHBOARD_PEERS_RANGE)),
+        flag "--dashboard-max-peers" "N", env "MACULA_DASHBOARD_MAX_PEERS",
+        toml "dashboard.max_peers", default "64",
+        "Peers asked for their status per round while a dashboard is open (the others in later \
+         rounds, in turn), 0..4096";
     audit_max_bytes AUDIT_MAX_BYTES: u64 = macula::config::DEFAULT_AUDIT_MAX_BYTES,
         Number(|s| parse_size_in(s, AUDIT_MAX_BYTES_RANGE)),
         flag "--audit-max-bytes" "SIZE", env "MACULA_AUDIT_MAX_BYTES", toml "audit.max_bytes",
@@ -608,6 +638,10 @@ settings! {
         Number(|s| parse_count(s, RAFT_MAX_GROUPS_RANGE)),
         flag "--raft-max-groups" "N", env "MACULA_RAFT_MAX_GROUPS", toml "raft_max_groups",
         default "64", "Raft groups this node may run at once, 1..4096";
+    max_streams MAX_STREAMS: usize = StreamLimits::default().max_streams,
+        Number(|s| parse_count(s, MAX_STREAMS_RANGE)),
+        flag "--max-streams" "N", env "MACULA_MAX_STREAMS", toml "max_streams",
+        default "64", "Durable streams this node may host (`macula stream add`), 1..4096";
     raft_election_timeout RAFT_ELECTION_TIMEOUT: Duration = RaftLimits::default().election_min,
         Number(|s| parse_duration_in(s, RAFT_ELECTION_TIMEOUT_RANGE)),
         flag "--raft-election-timeout" "DURATION", env "MACULA_RAFT_ELECTION_TIMEOUT",
@@ -1003,8 +1037,8 @@ fn split_number(s: &str) -> Option<(u64, &str)> {
 }
 
 /// Parses a byte size: plain bytes (`1048576`, `1048576B`) or a binary
-/// suffix (`64KiB`, `1MiB`, case-insensitive, optional space). `KB`/`MB`
-/// are rejected as ambiguous.
+/// suffix (`64KiB`, `1MiB`, `1GiB`, case-insensitive, optional space).
+/// `KB`/`MB`/`GB` are rejected as ambiguous.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     const EXPECTED: &str =
         "expected a size in bytes or with a KiB/MiB suffix, e.g. 1048576 or 1MiB";
@@ -1013,9 +1047,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "" | "b" => 1,
         "kib" => 1 << 10,
         "mib" => 1 << 20,
-        "k" | "kb" | "m" | "mb" => {
+        "gib" => 1 << 30,
+        "k" | "kb" | "m" | "mb" | "g" | "gb" => {
             return Err(format!(
-                "ambiguous unit {unit:?}: use KiB (1024 bytes) or MiB (1048576 bytes)"
+                "ambiguous unit {unit:?}: use KiB (1024 bytes), MiB (1048576 bytes) or GiB"
             ))
         }
         _ => return Err(EXPECTED.to_string()),
@@ -1743,7 +1778,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            43,
+            47,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());
@@ -2294,18 +2329,12 @@ format = "json"
         assert_eq!(parse_size("64 kib"), Ok(65_536));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("16mib"), Ok(16 << 20));
-        for bad in [
-            "",
-            "MiB",
-            "1.5MiB",
-            "-1",
-            "1GiB",
-            "1 M iB",
-            "99999999999999999999",
-        ] {
+        for bad in ["", "MiB", "1.5MiB", "-1", "1 M iB", "99999999999999999999"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
         assert!(parse_size("1MB").unwrap_err().contains("ambiguous"));
+        assert!(parse_size("1G").unwrap_err().contains("ambiguous"));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert!(parse_size("18446744073709551615MiB").is_err(), "overflow");
         assert_eq!(parse_max_frame_size("1KiB"), Ok(1024));
         assert_eq!(parse_max_frame_size("16MiB"), Ok(16 << 20));

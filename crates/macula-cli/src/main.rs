@@ -17,6 +17,7 @@ mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;
 mod bench_stats;
+mod bench_stream;
 mod bench_tracing;
 mod config;
 mod dht_cli;
@@ -26,6 +27,7 @@ mod pubsub_cli;
 mod raft_cli;
 mod realm_cli;
 mod rpc_cli;
+mod stream_cli;
 mod text;
 mod tokens;
 mod trust_cli;
@@ -37,8 +39,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use macula::config::{
-    AdminAuthConfig, AuditLimits, IdentitySource, Limits, NodeConfig, PubSubLimits, RaftLimits,
-    RelayLimits, TlsMode, TlsOptions,
+    AdminAuthConfig, AuditLimits, DashboardLimits, IdentitySource, Limits, NodeConfig,
+    PubSubLimits, RaftLimits, RelayLimits, TlsMode, TlsOptions,
 };
 use macula::{Identity, Node};
 
@@ -85,6 +87,12 @@ enum Command {
     /// Raft groups of a running node: status, members, membership changes (through its admin HTTP API).
     #[command(subcommand)]
     Raft(raft_cli::RaftCommand),
+    /// Durable streams of a running node: add, ls, info, edit, purge, rm, pub, get, sub (through its admin HTTP API).
+    #[command(subcommand)]
+    Stream(stream_cli::StreamCommand),
+    /// Consumers of a node's streams: add, ls, info, rm, next (through its admin HTTP API).
+    #[command(subcommand)]
+    Consumer(stream_cli::ConsumerCommand),
     /// A Raft group's consistent key-value store: get, put, del, ls, cas, watch (through a member's admin HTTP API).
     #[command(subcommand, after_help = raft_cli::KV_EXIT_CODES)]
     Kv(raft_cli::KvCommand),
@@ -227,6 +235,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Metrics(args) => admin_cli::metrics(&args),
         Command::Raft(cmd) => raft_cli::raft(&cmd),
         Command::Kv(cmd) => raft_cli::kv(&cmd),
+        Command::Stream(cmd) => stream_cli::stream(cmd),
+        Command::Consumer(cmd) => stream_cli::consumer(cmd),
         Command::Realm(cmd) => realm_cli::run(cmd),
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
         Command::Audit(cmd) => realm_cli::audit(cmd),
@@ -315,6 +325,10 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             heartbeat: s.raft_election_timeout / 4,
             ..RaftLimits::default()
         },
+        streams: macula::config::StreamLimits {
+            max_streams: s.max_streams,
+            ..Default::default()
+        },
         reachability: s.reachability,
         trust: macula::config::TrustLimits {
             enabled: s.trust_max_pins > 0,
@@ -363,6 +377,12 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             failure_window: s.admin_failure_window,
             failure_sources_max: s.admin_failure_sources,
             replay_cache_max: s.admin_replay_cache,
+        },
+        dashboard: DashboardLimits {
+            max_streams: s.dashboard_max_streams,
+            interval: s.dashboard_interval,
+            max_peers: s.dashboard_max_peers,
+            ..DashboardLimits::default()
         },
         audit: AuditLimits {
             max_bytes: s.audit_max_bytes,
@@ -451,6 +471,7 @@ async fn start(settings: Settings) -> Result<(), Failure> {
         writeln!(out, "node_id: {}", node.id())?;
         writeln!(out, "listen: {}", node.local_addr())?;
         writeln!(out, "http: {http_addr}")?;
+        writeln!(out, "dashboard: http://{http_addr}/dashboard")?;
         writeln!(out, "realm: {}", node.realm())?;
         writeln!(out, "data_dir: {}", settings.data_dir.display())?;
         if !groups.is_empty() {

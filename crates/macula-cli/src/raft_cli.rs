@@ -284,7 +284,7 @@ fn group_path(group: &str) -> String {
 }
 
 /// One request; the answer whatever its status (errors name the address).
-fn send(
+pub(crate) fn send(
     target: &Target,
     method: &str,
     path: &str,
@@ -301,7 +301,12 @@ fn send(
 }
 
 /// The failure for a non-200 answer: the node's message, exit code 1.
-fn refused(target: &Target, method: &str, path: &str, reply: &crate::admin_cli::Reply) -> Failure {
+pub(crate) fn refused(
+    target: &Target,
+    method: &str,
+    path: &str,
+    reply: &crate::admin_cli::Reply,
+) -> Failure {
     let detail = serde_json::from_str::<ErrorReport>(&reply.body)
         .map(|e| match e.kind {
             Some(kind) => format!("{} [{kind}]", e.error),
@@ -323,7 +328,7 @@ fn refused(target: &Target, method: &str, path: &str, reply: &crate::admin_cli::
 }
 
 /// A request that must answer 200; its body.
-fn call(
+pub(crate) fn call(
     target: &Target,
     method: &str,
     path: &str,
@@ -336,7 +341,7 @@ fn call(
     Ok(reply.body)
 }
 
-fn print_json(body: &str) -> Result<(), Failure> {
+pub(crate) fn print_json(body: &str) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", body.trim_end())?;
     out.flush()?;

@@ -11,6 +11,8 @@
 //! | `GET /admin/subscriptions` | [`SubscriptionsReport`]: local subscriptions |
 //! | `GET /admin/routing` | [`RoutingReport`]: the DHT routing table |
 //! | `GET /admin/services` | [`ServicesReport`]: local and mesh-wide RPC procedures |
+//! | `GET /dashboard` (and its `app.js`, `style.css`) | the live web dashboard, a static page (`admin/dashboard.rs`) |
+//! | `GET /admin/dashboard`, `GET /admin/dashboard/events` | [`DashboardReport`] once, or as a server-sent event stream (bounded: `dashboard_max_streams`) |
 //! | `/admin/realm`, `POST /admin/realm/revocations` | the realm's authority, grant and revocation list (`admin/realm.rs`: [`RealmReport`], [`RevocationsReport`]) |
 //! | `/admin/raft...` | Raft groups and their key-value store (`admin/raft.rs`: [`RaftReport`], [`KvGetReport`], [`CasReport`], [`WatchReport`]...) |
 //!
@@ -18,8 +20,8 @@
 //! [`ErrorReport`]. The JSON shapes are a compatibility promise to scripts:
 //! add fields, never rename or remove them.
 //!
-//! **Credentials** (`admin/auth.rs`): every route but `/live`, `/ready` and
-//! `/health` needs `Authorization: Bearer <admin token>` or a request signed
+//! **Credentials** (`admin/auth.rs`): every route but `/live`, `/ready`,
+//! `/health` and the dashboard's static page and assets needs `Authorization: Bearer <admin token>` or a request signed
 //! under an admin grant (`Macula-Grant`); `/metrics` also answers loopback
 //! clients without them. A refusal is a 401 [`ErrorReport`] whose `kind`
 //! names the reason, with a `WWW-Authenticate` header; an address with too
@@ -66,14 +68,17 @@ use crate::metrics::register;
 use crate::node::NodeRuntime;
 
 pub mod auth;
+pub mod dashboard;
 mod raft;
 mod realm;
+pub mod stream;
 
 pub use auth::{
     request_message, resource, sign_request, AdminAuth, AdminAuthError, Principal, Refusal, BEARER,
     GRANT_SCHEME, TOKEN_FILE,
 };
 
+pub use dashboard::{DashboardLink, DashboardNode, DashboardReport, NodeReport};
 pub use raft::{
     CasReport, CasRequest, EventReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
     MembersRequest, RaftGroupReport, RaftReport, WatchReport, KV_LIST_DEFAULT_LIMIT,
@@ -334,8 +339,37 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         )
         .route("/admin/raft/{group}/cas", post(raft::cas))
         .route("/admin/raft/{group}/watch", get(raft::watch))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/style.css", get(dashboard::style))
+        .route("/admin/dashboard", get(dashboard::snapshot))
+        .route("/admin/dashboard/events", get(dashboard::events))
         .route("/admin/realm", get(realm::status))
         .route("/admin/realm/revocations", post(realm::revocations))
+        .route("/admin/streams", get(stream::list).post(stream::add))
+        .route(
+            "/admin/streams/{name}",
+            get(stream::info).put(stream::edit).delete(stream::delete),
+        )
+        .route("/admin/streams/{name}/purge", post(stream::purge))
+        .route("/admin/streams/{name}/publish", post(stream::publish))
+        .route("/admin/streams/{name}/msg/{seq}", get(stream::msg))
+        .route(
+            "/admin/streams/{name}/consumers",
+            get(stream::consumers).post(stream::add_consumer),
+        )
+        .route(
+            "/admin/streams/{name}/consumers/{consumer}",
+            get(stream::consumer).delete(stream::delete_consumer),
+        )
+        .route(
+            "/admin/streams/{name}/consumers/{consumer}/next",
+            post(stream::next),
+        )
+        .route(
+            "/admin/streams/{name}/consumers/{consumer}/ack",
+            post(stream::ack),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -371,7 +405,17 @@ async fn require_credentials(
     next: axum::middleware::Next,
 ) -> Response {
     let path = req.uri().path().to_string();
-    if matches!(path.as_str(), "/live" | "/ready" | "/health") {
+    // The dashboard's page, script and style hold no data (the page reads
+    // it from /admin/dashboard with the admin token).
+    if matches!(
+        path.as_str(),
+        "/live"
+            | "/ready"
+            | "/health"
+            | "/dashboard"
+            | "/dashboard/app.js"
+            | "/dashboard/style.css"
+    ) {
         return next.run(req).await;
     }
     let source = req
@@ -444,7 +488,11 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.raft().counters().register(&mut registry);
     node.trust().counters().register(&mut registry);
     node.realm_service().counters().register(&mut registry);
+    node.status_service().counters().register(&mut registry);
     registry.register_collector(Box::new(raft::RaftCollector { node: node.clone() }));
+    registry.register_collector(Box::new(crate::stream::metrics::StreamCollector {
+        streams: node.streams().clone(),
+    }));
     node.admin_auth().register(&mut registry);
     if let Some(audit) = node.audit() {
         audit.counters().register(&mut registry);
@@ -457,25 +505,7 @@ pub fn registry(node: &NodeRuntime) -> Registry {
 /// the current state, not a latch: a node with bootstrap peers that loses
 /// every peer is not ready until one returns.
 pub fn readiness(node: &NodeRuntime) -> ReadyReport {
-    let peers = node.peers().len();
-    let (ready, reason) = if node.is_shutting_down() {
-        (false, "shutting down".to_string())
-    } else if peers > 0 {
-        (true, format!("joined the mesh: {peers} peer(s) connected"))
-    } else if node.config().bootstrap.is_empty() {
-        (
-            true,
-            "first node: no bootstrap peers configured".to_string(),
-        )
-    } else {
-        (
-            false,
-            format!(
-                "joining: none of {} bootstrap peer(s) connected yet",
-                node.config().bootstrap.len()
-            ),
-        )
-    };
+    let (ready, reason) = node.readiness();
     ReadyReport { ready, reason }
 }
 
@@ -1177,8 +1207,15 @@ impl LimitedStream {
             .last_answer_ms
             .store(self.table.now_ms(), Ordering::Relaxed);
         self.head = HeadScan::default();
-        let deadline = Instant::now() + self.table.limits.request_deadline;
-        self.deadline.as_mut().reset(deadline);
+        let now = Instant::now();
+        self.deadline
+            .as_mut()
+            .reset(now + self.table.limits.request_deadline);
+        // A response that keeps streaming (the dashboard's events) keeps
+        // the connection busy: idle counts from its last byte too.
+        self.idle
+            .as_mut()
+            .reset(now + self.table.limits.idle_timeout);
     }
 
     /// Bytes arrived from the client.

@@ -276,6 +276,45 @@ impl Default for RaftLimits {
     }
 }
 
+/// Limits of the durable streams a node hosts (`stream/`).
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Streams one node hosts at most.
+    pub max_streams: usize,
+    /// redb page cache per stream, in bytes.
+    pub cache_bytes: usize,
+    /// Messages one pull returns at most.
+    pub max_batch: usize,
+    /// How long one pull may wait at most.
+    pub max_wait: Duration,
+    /// Durable consumers' positions are written at most this often.
+    pub flush_every: Duration,
+    /// The timer task runs at least this often.
+    pub tick: Duration,
+}
+
+/// Default [`StreamLimits::max_streams`].
+pub const DEFAULT_MAX_STREAMS: usize = 64;
+/// Default [`StreamLimits::cache_bytes`] (4 MiB).
+pub const DEFAULT_CACHE_BYTES: usize = 4 << 20;
+/// Default [`StreamLimits::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 10_000;
+/// Default [`StreamLimits::max_wait`].
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(30);
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            max_streams: DEFAULT_MAX_STREAMS,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_wait: DEFAULT_MAX_WAIT,
+            flush_every: Duration::from_millis(200),
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
 /// Configuration of one node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -299,6 +338,8 @@ pub struct NodeConfig {
     pub relay: RelayLimits,
     /// Raft groups: how many, timings, request timeout.
     pub raft: RaftLimits,
+    /// Durable streams: how many, caches, pulls.
+    pub streams: StreamLimits,
     /// Whether to detect reachability or assume this node is private.
     pub reachability: ReachabilityMode,
     /// Trust on first use of configured addresses in an open realm
@@ -314,6 +355,114 @@ pub struct NodeConfig {
     /// The audit trail in `<data dir>/audit/` (`audit_log.rs`): rotation,
     /// checkpoints, queue.
     pub audit: AuditLimits,
+    /// The live dashboard (`/dashboard`, `admin/dashboard.rs`) and the node
+    /// status service that tells it about peers (`status/`).
+    pub dashboard: DashboardLimits,
+}
+
+/// Limits of the live dashboard and of the node status service
+/// (STATUS_REQUEST / STATUS_REPORT).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DashboardLimits {
+    /// Dashboard event streams (`GET /admin/dashboard/events`) open at
+    /// once; one more is answered 503 `dashboard.too_many_streams`
+    /// (`macula_dashboard_streams_refused_total`).
+    pub max_streams: usize,
+    /// Between two snapshots of a stream, and between two rounds of
+    /// STATUS_REQUESTs to peers while a dashboard is open (rounds: never
+    /// under `status::MIN_ROUND_INTERVAL`, 250 ms).
+    pub interval: Duration,
+    /// A stream ends after this long; the page opens another.
+    pub stream_max_duration: Duration,
+    /// Peers asked per round (the others in later rounds, in turn); 0:
+    /// none (the dashboard shows this node only).
+    pub max_peers: usize,
+    /// Links listed in this node's STATUS_REPORT (more are counted in
+    /// `links_omitted`); also capped by the asker's frame limit.
+    pub max_links: usize,
+    /// One peer's STATUS_REQUESTs are answered at most once per this
+    /// long; faster ones are refused `rate_limited`
+    /// (`macula_status_requests_received_total{outcome="rate_limited"}`).
+    pub min_answer_interval: Duration,
+    /// A peer's report is dropped from the view this long after it
+    /// arrived without a newer one; a request unanswered this long is
+    /// counted as unanswered. Peers are asked only while a dashboard was
+    /// read within this long.
+    pub stale_after: Duration,
+    /// Rates are computed over the reports of this last stretch of time.
+    pub rate_window: Duration,
+}
+
+/// Default [`DashboardLimits::max_streams`].
+pub const DEFAULT_DASHBOARD_MAX_STREAMS: usize = 8;
+/// Default [`DashboardLimits::interval`].
+pub const DEFAULT_DASHBOARD_INTERVAL: Duration = Duration::from_secs(1);
+/// Default [`DashboardLimits::stream_max_duration`].
+pub const DEFAULT_DASHBOARD_STREAM_MAX: Duration = Duration::from_secs(600);
+/// Default [`DashboardLimits::max_peers`].
+pub const DEFAULT_DASHBOARD_MAX_PEERS: usize = 64;
+/// Default [`DashboardLimits::max_links`].
+pub const DEFAULT_STATUS_MAX_LINKS: usize = 256;
+/// Default [`DashboardLimits::min_answer_interval`].
+pub const DEFAULT_STATUS_MIN_ANSWER_INTERVAL: Duration = Duration::from_millis(250);
+/// Default [`DashboardLimits::stale_after`].
+pub const DEFAULT_DASHBOARD_STALE_AFTER: Duration = Duration::from_secs(10);
+/// Default [`DashboardLimits::rate_window`].
+pub const DEFAULT_DASHBOARD_RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Default for DashboardLimits {
+    fn default() -> Self {
+        DashboardLimits {
+            max_streams: DEFAULT_DASHBOARD_MAX_STREAMS,
+            interval: DEFAULT_DASHBOARD_INTERVAL,
+            stream_max_duration: DEFAULT_DASHBOARD_STREAM_MAX,
+            max_peers: DEFAULT_DASHBOARD_MAX_PEERS,
+            max_links: DEFAULT_STATUS_MAX_LINKS,
+            min_answer_interval: DEFAULT_STATUS_MIN_ANSWER_INTERVAL,
+            stale_after: DEFAULT_DASHBOARD_STALE_AFTER,
+            rate_window: DEFAULT_DASHBOARD_RATE_WINDOW,
+        }
+    }
+}
+
+impl DashboardLimits {
+    /// Checks every limit; the error names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = |key: &'static str, d: Duration| {
+            if d.is_zero() {
+                Err((key, "must be more than zero".to_string()))
+            } else {
+                Ok(())
+            }
+        };
+        if self.max_streams == 0 {
+            return Err(("dashboard_max_streams", "must be at least 1".into()));
+        }
+        if self.max_links > macula_wire::status::MAX_STATUS_LINKS {
+            return Err((
+                "dashboard_max_links",
+                format!("at most {}", macula_wire::status::MAX_STATUS_LINKS),
+            ));
+        }
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(4) {
+            return Err((
+                "dashboard_interval",
+                "must be 100ms..4s (the admin server closes a connection that gets no response \
+                 byte for 5 s, and a stream is one long response)"
+                    .into(),
+            ));
+        }
+        positive("dashboard_stream_max_duration", self.stream_max_duration)?;
+        positive("dashboard_stale_after", self.stale_after)?;
+        positive("dashboard_rate_window", self.rate_window)?;
+        if self.rate_window < self.interval {
+            return Err((
+                "dashboard_rate_window",
+                "must be at least dashboard_interval (rates need two reports)".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Settings of the admin API's authentication (`admin/auth.rs`).
@@ -472,11 +621,13 @@ impl Default for NodeConfig {
             pubsub: macula_pubsub::Limits::default(),
             relay: RelayLimits::default(),
             raft: RaftLimits::default(),
+            streams: StreamLimits::default(),
             reachability: ReachabilityMode::Auto,
             trust: TrustLimits::default(),
             admission: None,
             admin_auth: AdminAuthConfig::default(),
             audit: AuditLimits::default(),
+            dashboard: DashboardLimits::default(),
         }
     }
 }
@@ -518,6 +669,9 @@ impl NodeConfig {
             reason,
         };
         validate_realm(&self.realm).map_err(|r| invalid("realm", self.realm.clone(), r))?;
+        self.dashboard
+            .validate()
+            .map_err(|(key, r)| invalid(key, format!("{:?}", self.dashboard), r))?;
         if let Some(a) = &self.admission {
             a.api_key_limits
                 .validate()
@@ -705,6 +859,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("admin_request_window"));
+    }
+
+    #[test]
+    fn dashboard_limits_are_checked_by_name() {
+        let mut c = NodeConfig::default();
+        c.dashboard.max_streams = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("dashboard_max_streams"));
+        let mut c = NodeConfig::default();
+        c.dashboard.rate_window = Duration::from_millis(10);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("dashboard_rate_window"));
     }
 
     #[test]

@@ -120,6 +120,11 @@ pub struct DhtCounters {
     pub puts_failed_total: Counter,
     /// Request rounds of each completed lookup (`macula_dht_routing_hops`).
     pub lookup_rounds: LookupRounds,
+    /// Lookups observed in `lookup_rounds` and the sum of their rounds
+    /// (not exported: the histogram's `_count` and `_sum`; read by the
+    /// node status for the dashboard's mean hops).
+    pub lookups_observed: AtomicU64,
+    pub lookup_rounds_sum: AtomicU64,
     /// Seconds from start to end of each completed lookup, by the runtime's
     /// clock (`macula_dht_lookup_duration_seconds`, millisecond resolution).
     pub lookup_duration: LookupDuration,
@@ -1025,6 +1030,10 @@ impl<D: Dialer> Task<D> {
                     .lookup_rounds
                     .0
                     .observe(f64::from(outcome.stats.rounds));
+                self.counters.lookups_observed.fetch_add(1, Relaxed);
+                self.counters
+                    .lookup_rounds_sum
+                    .fetch_add(u64::from(outcome.stats.rounds), Relaxed);
                 let took = outcome.stats.finished.saturating_sub(outcome.stats.started);
                 // Milliseconds of the runtime's clock (`now` given to the core).
                 self.counters

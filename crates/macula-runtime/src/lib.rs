@@ -38,6 +38,8 @@ pub mod realm;
 pub mod relay;
 pub mod rpc;
 mod service;
+pub mod status;
+pub mod stream;
 pub mod tls;
 pub mod trace;
 pub mod trust;

@@ -205,6 +205,8 @@ struct NodeShared {
     services: Services,
     /// The realm's permissions and revocation list (issue 18).
     realm: crate::realm::Realm,
+    /// The node status service (STATUS_REQUEST/REPORT, the dashboard's view).
+    status: crate::status::StatusService,
     /// Trust on first use of configured addresses (open realms).
     trust: crate::trust::Trust,
     /// Security events on their way to the audit trail.
@@ -249,6 +251,8 @@ struct NodeShared {
     relay: crate::relay::Relay,
     tunnel: Tunnel,
     raft: crate::raft::RaftGroups,
+    /// Durable streams hosted here (issue 21).
+    streams: crate::stream::Streams,
     /// Relayed dials in progress, by target: concurrent callers share one.
     relay_dialing: Mutex<HashMap<NodeId, DialFuture>>,
     /// Issue 18: the admin API's credentials and the audit trail.
@@ -615,9 +619,38 @@ impl NodeRuntime {
                     IdentitySource::Ephemeral => None,
                 },
             );
+            let status_of = weak.clone();
+            let status_peers = weak.clone();
+            let status = crate::status::StatusService::new(
+                node_id,
+                config.dashboard.clone(),
+                clock,
+                Box::new(move |max_links| {
+                    status_of
+                        .upgrade()
+                        .map(|s| NodeRuntime(s).local_status(max_links))
+                }),
+                Box::new(move || {
+                    status_peers
+                        .upgrade()
+                        .map(|s| s.table.lock().all())
+                        .unwrap_or_default()
+                }),
+                authz.clone(),
+            );
+            let streams = crate::stream::Streams::open(
+                match &config.identity {
+                    IdentitySource::DataDir(dir) => Some(dir.clone()),
+                    IdentitySource::Ephemeral => None,
+                },
+                pubsub.clone(),
+                config.streams.clone(),
+                clock,
+            );
             // Every service this node runs: one line each.
             let services = Services::new(vec![
                 Arc::new(realm.clone()),
+                Arc::new(status.clone()),
                 Arc::new(dht.clone()),
                 Arc::new(pubsub.clone()),
                 Arc::new(rpc.clone()),
@@ -630,6 +663,7 @@ impl NodeRuntime {
             NodeShared {
                 services,
                 realm,
+                status,
                 trail: trail.clone(),
                 trust: crate::trust::Trust::new(
                     match (&config.identity, &config.admission) {
@@ -649,6 +683,7 @@ impl NodeRuntime {
                 relay,
                 tunnel,
                 raft,
+                streams,
                 relay_dialing: Mutex::new(HashMap::new()),
                 reach,
                 rpc,
@@ -696,6 +731,7 @@ impl NodeRuntime {
                 .and_then(|a| a.revocations.as_deref()),
         );
         tokio::spawn(node.0.realm.clone().sweep(node.0.shutdown.subscribe()));
+        tokio::spawn(node.0.status.clone().run(node.0.shutdown.subscribe()));
         tokio::spawn(node.clone().maintain_relays());
         for target in node.0.config.bootstrap.clone() {
             tokio::spawn(node.clone().supervise(target));
@@ -710,6 +746,107 @@ impl NodeRuntime {
     /// The realm service: permissions, the revocation list.
     pub fn realm_service(&self) -> &crate::realm::Realm {
         &self.0.realm
+    }
+
+    /// The node status service: what peers report, for the dashboard.
+    pub fn status_service(&self) -> &crate::status::StatusService {
+        &self.0.status
+    }
+
+    /// Whether the node is ready, and why: it has at least one connected
+    /// peer, or it has no bootstrap peers configured (it is the first
+    /// node). The current state, not a latch (`/ready`).
+    pub fn readiness(&self) -> (bool, String) {
+        let peers = self.peers().len();
+        if self.is_shutting_down() {
+            (false, "shutting down".to_string())
+        } else if peers > 0 {
+            (true, format!("joined the mesh: {peers} peer(s) connected"))
+        } else if self.0.config.bootstrap.is_empty() {
+            (
+                true,
+                "first node: no bootstrap peers configured".to_string(),
+            )
+        } else {
+            (
+                false,
+                format!(
+                    "joining: none of {} bootstrap peer(s) connected yet",
+                    self.0.config.bootstrap.len()
+                ),
+            )
+        }
+    }
+
+    /// This node's summary for STATUS_REPORT and the dashboard: identity,
+    /// addresses, links to full nodes (at most `max_links`, by node ID),
+    /// clients, running totals.
+    pub fn local_status(&self, max_links: usize) -> macula_wire::NodeStatus {
+        use macula_wire::status::{StatusLink, StatusTotals};
+        let mut links = Vec::new();
+        let mut clients = 0u32;
+        for p in self.peers() {
+            if p.is_client() {
+                clients = clients.saturating_add(1);
+            } else {
+                links.push(StatusLink {
+                    node_id: p.node_id(),
+                    relayed_via: p.relayed_via(),
+                    rtt_us: u64::try_from(p.rtt().as_micros()).unwrap_or(u64::MAX),
+                    outbound: p.direction() == crate::peer::Direction::Outbound,
+                });
+            }
+        }
+        links.sort_by_key(|l| l.node_id);
+        links.dedup_by_key(|l| l.node_id);
+        let omitted = links.len().saturating_sub(max_links);
+        links.truncate(max_links);
+        let reach = self.0.reach.state();
+        let mut addrs = self.0.local.hello.listen_addrs.clone();
+        if let crate::reachability::ReachState::Public { addrs: public } = &reach {
+            for a in public {
+                if !addrs.contains(a) {
+                    addrs.push(a.clone());
+                }
+            }
+        }
+        addrs.retain(|a| a.len() <= macula_wire::MAX_ADDR_LEN);
+        addrs.truncate(macula_wire::MAX_LISTEN_ADDRS);
+        let m = &self.0.metrics;
+        let ps = self.0.pubsub.counters();
+        let rpc = self.0.rpc.counters();
+        let dht = self.0.dht.counters();
+        macula_wire::NodeStatus {
+            node_id: self.0.node_id,
+            addrs,
+            agent: self.0.local.hello.agent.clone(),
+            uptime_ms: u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX),
+            ready: self.readiness().0,
+            reachability: reach.name().to_string(),
+            links,
+            links_omitted: u32::try_from(omitted).unwrap_or(u32::MAX),
+            clients,
+            totals: StatusTotals {
+                messages_in: m.frames_received_total.get(),
+                messages_out: m.frames_sent_total.get(),
+                published: ps.published_total.get(),
+                delivered: ps.delivered_local_total.get(),
+                pubsub_in: ps.received_remote_total.get(),
+                pubsub_out: ps.sent_remote_total.get(),
+                rpc_calls: rpc.calls_total.get(),
+                rpc_served: rpc.served_total.get(),
+                dht_records: dht.records.get(),
+                dht_contacts: dht.routing_table_size.get(),
+                dht_lookups: dht
+                    .lookups_observed
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                dht_lookup_hops: dht
+                    .lookup_rounds_sum
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                subscriptions: ps.subscriptions.get(),
+                services: self.0.rpc.advertised().len() as u64,
+            },
+        }
     }
 
     /// The node's pub/sub (subscriptions and local delivery).
@@ -751,6 +888,11 @@ impl NodeRuntime {
     /// The Raft groups this node runs.
     pub fn raft(&self) -> &crate::raft::RaftGroups {
         &self.0.raft
+    }
+
+    /// The durable streams this node hosts.
+    pub fn streams(&self) -> &crate::stream::Streams {
+        &self.0.streams
     }
 
     pub fn tunnel(&self) -> &Tunnel {
@@ -1830,6 +1972,8 @@ impl NodeRuntime {
         // Stop the Raft groups while the connections are up, so a leader's
         // last heartbeats and answers still go out.
         self.0.raft.shutdown().await;
+        // Write the streams' consumer positions and close their stores.
+        self.0.streams.shutdown().await;
         if self.0.shutdown.send_replace(true) {
             return;
         }

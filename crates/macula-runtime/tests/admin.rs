@@ -139,6 +139,13 @@ fn sample(text: &str, series: &str) -> f64 {
 
 /// Families every node exports, as (name in `# TYPE`, type).
 const FAMILIES: &[(&str, &str)] = &[
+    ("macula_streams", "gauge"),
+    ("macula_streams_broken", "gauge"),
+    ("macula_stream_publishes", "counter"),
+    ("macula_stream_pulls", "counter"),
+    ("macula_stream_delivered", "counter"),
+    ("macula_stream_messages", "gauge"),
+    ("macula_stream_removed", "counter"),
     ("macula_connections", "counter"),
     ("macula_connections_current", "gauge"),
     ("macula_connections_closed", "counter"),

@@ -23,6 +23,7 @@ pub mod raft;
 pub mod relay;
 pub mod rng;
 pub mod rpc;
+pub mod status;
 pub mod suspect;
 pub mod time;
 pub mod trace;
@@ -44,6 +45,9 @@ pub use pubsub::{
 pub use raft::{RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 pub use relay::{RelayCode, RelayMessage, RelayRecord};
 pub use rpc::{Advertisement, RpcErrorKind, RpcMessage, ServiceIndex};
+pub use status::{
+    NodeStatus, StatusLink, StatusMessage, StatusReport, StatusRequest, StatusTotals,
+};
 pub use time::Millis;
 
 /// Decodes an optional body field: nil is the same as absent, the stated

@@ -20,6 +20,7 @@ use crate::pubsub::{Publish, PublishBatch, PublishBatchView, PublishDropped};
 use crate::raft::*;
 use crate::relay::*;
 use crate::rpc::*;
+use crate::status::{StatusMessage, StatusReport, StatusRequest};
 
 /// Nesting depth allowed in a body. Our deepest message is 3 levels; a small
 /// limit keeps skipping of unknown nested fields cheap and stack-safe.
@@ -29,7 +30,8 @@ const MAX_BODY_DEPTH: usize = 16;
 /// subsystem so that implementations can route on the high bits:
 /// `0x01..=0x0f` connection control, `0x10..=0x2f` DHT, `0x30..=0x4f` pub/sub,
 /// `0x50..=0x6f` RPC, `0x70..=0x7f` relay and NAT traversal, `0x80..=0x8f`
-/// client attachment. `0x00` is invalid.
+/// client attachment, `0x90..` Raft, `0xa0..` the realm, `0xb0..=0xb7` node
+/// status (observability). `0x00` is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MessageType {
@@ -69,11 +71,13 @@ pub enum MessageType {
     RaftRequest = 0x90,
     RaftResponse = 0x91,
     Revocations = 0xa0,
+    StatusRequest = 0xb0,
+    StatusReport = 0xb1,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 36] = [
+    pub const ALL: [MessageType; 38] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -110,6 +114,8 @@ impl MessageType {
         MessageType::RaftRequest,
         MessageType::RaftResponse,
         MessageType::Revocations,
+        MessageType::StatusRequest,
+        MessageType::StatusReport,
     ];
 
     /// Maps a type byte to a known type.
@@ -156,6 +162,8 @@ impl MessageType {
             MessageType::RaftRequest => "raft_request",
             MessageType::RaftResponse => "raft_response",
             MessageType::Revocations => "revocations",
+            MessageType::StatusRequest => "status_request",
+            MessageType::StatusReport => "status_report",
         }
     }
 }
@@ -435,6 +443,7 @@ pub enum Message {
     Relay(RelayMessage),
     Raft(RaftMessage),
     Revocations(Revocations),
+    Status(StatusMessage),
 }
 
 /// A realm's signed revocation list (issue 18), spread through the mesh:
@@ -524,6 +533,8 @@ impl Message {
                 RelayMessage::Status(_) => MessageType::RelayStatus,
             },
             Message::Revocations(_) => MessageType::Revocations,
+            Message::Status(StatusMessage::Request(_)) => MessageType::StatusRequest,
+            Message::Status(StatusMessage::Report(_)) => MessageType::StatusReport,
             Message::Raft(r) => match r {
                 RaftMessage::Request(_) => MessageType::RaftRequest,
                 RaftMessage::Response(_) => MessageType::RaftResponse,
@@ -610,6 +621,7 @@ impl Message {
                 )),
                 _ => Ok(()),
             },
+            Message::Status(s) => s.validate(),
         }
     }
 
@@ -660,6 +672,8 @@ impl Message {
                 RaftMessage::Response(m) => rmp_serde::encode::write_named(out, m),
             },
             Message::Revocations(m) => rmp_serde::encode::write_named(out, m),
+            Message::Status(StatusMessage::Request(m)) => rmp_serde::encode::write_named(out, m),
+            Message::Status(StatusMessage::Report(m)) => rmp_serde::encode::write_named(out, m),
             Message::Rpc(r) => match r {
                 RpcMessage::Call(m) => rmp_serde::encode::write_named(out, m),
                 RpcMessage::Reply(m) => rmp_serde::encode::write_named(out, m),
@@ -755,6 +769,10 @@ impl Message {
                 decode_body(t, body).map(|m| Message::Relay(RelayMessage::Status(m)))
             }
             MessageType::Revocations => decode_body(t, body).map(Message::Revocations),
+            MessageType::StatusRequest => decode_body::<StatusRequest>(t, body)
+                .map(|m| Message::Status(StatusMessage::Request(m))),
+            MessageType::StatusReport => decode_body::<StatusReport>(t, body)
+                .map(|m| Message::Status(StatusMessage::Report(m))),
             MessageType::RaftRequest => {
                 decode_body(t, body).map(|m| Message::Raft(RaftMessage::Request(m)))
             }
@@ -843,6 +861,18 @@ pub fn fuzz_decode(data: &[u8]) {
             assert!(msg.encode_frame(&mut out, u32::MAX).is_ok());
         }
         rest = &rest[used..];
+    }
+}
+
+/// Fuzz entry point (`fuzz/fuzz_targets/status_report.rs`): decodes `data`
+/// as both status messages (`status.rs`); whatever decodes must re-encode within the
+/// limits it was checked against.
+pub fn fuzz_status(data: &[u8]) {
+    for t in [MessageType::StatusRequest, MessageType::StatusReport] {
+        if let Ok(msg) = Message::decode(t as u8, data) {
+            let mut out = Vec::new();
+            assert!(msg.encode_frame(&mut out, u32::MAX).is_ok());
+        }
     }
 }
 

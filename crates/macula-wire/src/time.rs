@@ -10,8 +10,22 @@ use std::fmt;
 /// Milliseconds: a reading of the caller's clock, or a span between two readings.
 ///
 /// One type for both keeps the arithmetic simple. Every operation saturates, so a
-/// huge TTL sent by a peer can never wrap around into the past.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// huge TTL sent by a peer can never wrap around into the past. Serialized
+/// as the bare number of milliseconds.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Millis(pub u64);
 
 impl Millis {

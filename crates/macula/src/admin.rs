@@ -21,6 +21,10 @@
 //! | `POST /admin/raft/{group}/cas` | [`CasRequest`] → [`CasReport`] (409 when the comparison failed) |
 //! | `GET /admin/raft/{group}/watch?prefix=P&from=REV&wait_ms=MS` | long poll → [`WatchReport`] |
 //! | `GET /admin/realm` | [`RealmReport`]: the realm's authority, this node's grant, the revocation list held |
+//! | `GET /dashboard` | the live web dashboard (a static page; its data needs the admin token) |
+//! | `GET /admin/dashboard` | [`DashboardReport`]: this node and what its peers report over the mesh |
+//! | `GET /admin/dashboard/events` | the same as a server-sent event stream (`snapshot` events), at most `dashboard_max_streams` at once |
+//! | `/admin/streams...` | durable streams, their messages and consumers (see `macula_runtime::admin::stream` for every route): [`StreamsReport`], [`MsgReport`] ... |
 //! | `POST /admin/realm/revocations` | body = a signed revocation list → [`RevocationsReport`] (adopted when newer, then spread through the mesh) |
 //!
 //! Anything else is a 404 (405 for another method) with an [`ErrorReport`]
@@ -63,6 +67,10 @@ use tokio::net::TcpListener;
 
 use crate::Node;
 
+pub use macula_runtime::admin::stream::{
+    AckRequest, BrokenStream, MsgReport, NextRequest, PublishRequest, PurgeReport, PurgeRequest,
+    StreamsReport, MAX_NEXT_WAIT,
+};
 pub use macula_runtime::admin::{
     request_message, resource, sign_request, AdminLimits, CasReport, CasRequest, ErrorReport,
     EventReport, GrantReport, HealthReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
@@ -74,6 +82,7 @@ pub use macula_runtime::admin::{
     METRICS_CONTENT_TYPE, RAFT_ADMIN_DEADLINE, TOKEN_FILE, WATCH_DEFAULT_WAIT, WATCH_MAX_EVENTS,
     WATCH_MAX_WAIT,
 };
+pub use macula_runtime::admin::{DashboardLink, DashboardNode, DashboardReport, NodeReport};
 
 /// Serves the admin API for `node` on an already-bound `listener` (so a
 /// busy port fails before anything starts, and tests can bind port 0) until

@@ -68,6 +68,7 @@ pub mod crdt;
 pub mod names;
 mod node;
 pub mod raft;
+pub mod stream;
 
 pub use call::CallBuilder;
 pub use client::{connect_client, Client, ClientBuilder, ClientSocket};

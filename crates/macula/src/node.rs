@@ -540,6 +540,12 @@ impl Node {
             .await?)
     }
 
+    /// The durable streams this node hosts (see [`crate::stream`]); they
+    /// need a data directory.
+    pub fn streams(&self) -> &crate::stream::Streams {
+        self.runtime.streams()
+    }
+
     /// Joins (or re-opens) the Raft group `name` as a member and serves it
     /// to non-members (RPC procedure `_raft.<name>`). `members` are the
     /// founding voters: every founder passes the same list (this node

@@ -19,9 +19,12 @@
 //! |---|---|
 //! | `/metrics` | `admin.metrics` |
 //! | `/admin/peers`, `/admin/routing`, `/admin/subscriptions`, `/admin/services` | `admin.peers`, `admin.routing`, ... |
+//! | `/admin/dashboard`, `/admin/dashboard/events` | `admin.dashboard` |
 //! | `/admin/raft` | `admin.raft` |
 //! | `/admin/raft/{group}` and `/admin/raft/{group}/members` | `admin.raft.<group>` and `admin.raft.<group>.members` |
 //! | `/admin/raft/{group}/kv...`, `/cas`, `/watch` | `admin.raft.<group>.kv` |
+//! | `/admin/streams` | `admin.streams` |
+//! | `/admin/streams/{name}...` (the stream, its messages and consumers) | `admin.streams.<name>` |
 //!
 //! so `allow admin admin.**` allows everything and `allow admin
 //! admin.raft.orders.*` one group's key-value store and membership.
@@ -494,6 +497,7 @@ pub fn resource(path_and_query: &str) -> String {
         ["admin", "raft", group] => format!("admin.raft.{group}"),
         ["admin", "raft", group, "members"] => format!("admin.raft.{group}.members"),
         ["admin", "raft", group, ..] => format!("admin.raft.{group}.kv"),
+        ["admin", "streams", name, ..] => format!("admin.streams.{name}"),
         ["admin", what, ..] => format!("admin.{what}"),
         _ => "admin".to_string(),
     }
@@ -604,6 +608,11 @@ mod tests {
             ("/admin/raft/orders/kv", "admin.raft.orders.kv"),
             ("/admin/raft/orders/cas", "admin.raft.orders.kv"),
             ("/admin/raft/orders/watch?from=3", "admin.raft.orders.kv"),
+            ("/admin/streams", "admin.streams"),
+            (
+                "/admin/streams/orders/consumers/c/next",
+                "admin.streams.orders",
+            ),
         ] {
             assert_eq!(resource(path), want, "{path}");
         }

@@ -1,0 +1,540 @@
+//! `macula bench stream`: durable streams against NATS JetStream (Debian's
+//! `nats-server -js`, file storage) on the same machine, in one run:
+//! acknowledged publish throughput (async: `--window` publishes in flight)
+//! at 64 B and 1 KiB, acknowledged publish latency with one in flight,
+//! replay throughput of `--replay` stored messages, and restart time with
+//! them stored.
+//!
+//! Macula runs in this process (a node with a data directory in a temp
+//! dir; the application API `node.streams()`, the path an embedding
+//! application takes); JetStream runs as a `nats-server -js` child on
+//! 127.0.0.1 and is driven by a minimal NATS protocol client here (`PUB`
+//! with a reply inbox, JetStream's JSON API for stream and consumer, pull
+//! batches), so its figures include a loopback TCP hop ours do not.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures::StreamExt;
+use macula::stream::{AckPolicy, ConsumerConfig, PersistOptions, StreamConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::bench_stats::{build_kind, latency, Latency};
+
+#[derive(clap::Args, Debug)]
+pub struct StreamArgs {
+    /// Messages per throughput run (1..=10000000).
+    #[arg(long, default_value_t = 100_000)]
+    msgs: usize,
+    /// Acknowledged publishes in flight in the throughput runs.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Sequential publishes for the latency run.
+    #[arg(long, default_value_t = 2_000)]
+    latency_count: usize,
+    /// Stored messages (64 B) for the replay and restart runs.
+    #[arg(long, default_value_t = 1_000_000)]
+    replay: usize,
+    /// The nats-server binary (JetStream is skipped, and said so, when it
+    /// cannot be run).
+    #[arg(long, default_value = "nats-server")]
+    nats_server: String,
+    /// Only Macula.
+    #[arg(long)]
+    no_nats: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Side {
+    target: String,
+    publish_64_per_s: f64,
+    publish_1k_per_s: f64,
+    publish_latency_64: Option<Latency>,
+    replay_per_s: f64,
+    replayed: usize,
+    restart_ms: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    build: &'static str,
+    msgs: usize,
+    window: usize,
+    replay: usize,
+    sides: Vec<Side>,
+}
+
+pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
+    if !(1..=10_000_000).contains(&a.msgs) || !(1..=10_000_000).contains(&a.replay) {
+        bail!("--msgs and --replay must be 1..=10000000");
+    }
+    if !(1..=65_536).contains(&a.window) {
+        bail!("--window must be 1..=65536");
+    }
+    let mut sides = vec![macula_side(&a).await?];
+    if !a.no_nats {
+        match nats_side(&a).await {
+            Ok(s) => sides.push(s),
+            Err(e) => eprintln!("JetStream skipped: {e:#}"),
+        }
+    }
+    let report = Report {
+        build: build_kind(),
+        msgs: a.msgs,
+        window: a.window,
+        replay: a.replay,
+        sides,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "durable streams ({} build), {} msgs per throughput run, {} in flight, {} stored for replay/restart",
+        report.build, report.msgs, report.window, report.replay
+    );
+    println!(
+        "{:<10} {:>14} {:>14} {:>10} {:>10} {:>14} {:>12}",
+        "target", "pub 64B/s", "pub 1KiB/s", "p50 us", "p99 us", "replay msg/s", "restart ms"
+    );
+    for s in &report.sides {
+        let (p50, p99) = s
+            .publish_latency_64
+            .as_ref()
+            .map_or((0.0, 0.0), |l| (l.p50_us, l.p99_us));
+        println!(
+            "{:<10} {:>14.0} {:>14.0} {:>10.0} {:>10.0} {:>14.0} {:>12.1}",
+            s.target,
+            s.publish_64_per_s,
+            s.publish_1k_per_s,
+            p50,
+            p99,
+            s.replay_per_s,
+            s.restart_ms
+        );
+    }
+    if let [m, n] = &report.sides[..] {
+        println!(
+            "ratio macula/jetstream: pub 64B {:.2}, pub 1KiB {:.2}, p50 latency {:.2} (lower is better), replay {:.2}, restart {:.2} (lower is better)",
+            m.publish_64_per_s / n.publish_64_per_s,
+            m.publish_1k_per_s / n.publish_1k_per_s,
+            m.publish_latency_64.as_ref().map_or(0.0, |l| l.p50_us)
+                / n.publish_latency_64.as_ref().map_or(1.0, |l| l.p50_us),
+            m.replay_per_s / n.replay_per_s,
+            m.restart_ms / n.restart_ms,
+        );
+    }
+    Ok(())
+}
+
+async fn start_node(dir: &Path) -> anyhow::Result<macula::Node> {
+    Ok(macula::Node::builder()
+        .listen("127.0.0.1:0".parse()?)
+        .data_dir(dir)
+        .start()
+        .await?)
+}
+
+async fn macula_publish(
+    node: &macula::Node,
+    stream: &str,
+    n: usize,
+    size: usize,
+    window: usize,
+) -> anyhow::Result<f64> {
+    let streams = node.streams();
+    streams
+        .add(StreamConfig::new(stream, &[&format!("{stream}.**")]))
+        .await?;
+    let payload = Bytes::from(vec![b'x'; size]);
+    let topic = format!("{stream}.x");
+    let started = Instant::now();
+    let mut acks = futures::stream::iter(0..n)
+        .map(|_| streams.publish(&topic, payload.clone(), PersistOptions::new()))
+        .buffer_unordered(window);
+    let mut done = 0usize;
+    while let Some(r) = acks.next().await {
+        r?;
+        done += 1;
+    }
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
+    let dir = tempfile::tempdir()?;
+    let node = start_node(dir.path()).await?;
+    let mut side = Side {
+        target: "macula".into(),
+        ..Default::default()
+    };
+    side.publish_64_per_s = macula_publish(&node, "t64", a.msgs, 64, a.window).await?;
+    side.publish_1k_per_s = macula_publish(&node, "t1k", a.msgs, 1024, a.window).await?;
+    let streams = node.streams();
+    streams.add(StreamConfig::new("lat", &["lat.**"])).await?;
+    let mut ns = Vec::with_capacity(a.latency_count);
+    let payload = Bytes::from(vec![b'x'; 64]);
+    for _ in 0..a.latency_count {
+        let t = Instant::now();
+        streams
+            .publish("lat.x", payload.clone(), PersistOptions::new())
+            .await?;
+        ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    side.publish_latency_64 = Some(latency(&mut ns));
+    // Replay: fill, then read everything through one consumer.
+    macula_publish(&node, "replay", a.replay, 64, a.window).await?;
+    let c = streams
+        .add_consumer(
+            "replay",
+            ConsumerConfig {
+                ack: AckPolicy::None,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let started = Instant::now();
+    let mut got = 0usize;
+    while got < a.replay {
+        let batch = streams
+            .next("replay", &c, 10_000, None, Duration::from_secs(5))
+            .await?;
+        if batch.is_empty() {
+            bail!("macula replay stopped at {got} of {}", a.replay);
+        }
+        got += batch.len();
+    }
+    side.replay_per_s = got as f64 / started.elapsed().as_secs_f64();
+    side.replayed = got;
+    node.shutdown().await;
+    drop(node);
+    // Restart with everything stored: until the node serves the streams.
+    let started = Instant::now();
+    let node = start_node(dir.path()).await?;
+    let info = node.streams().info("replay")?;
+    side.restart_ms = started.elapsed().as_secs_f64() * 1e3;
+    if info.messages as usize != a.replay {
+        bail!(
+            "after restart the stream holds {} of {}",
+            info.messages,
+            a.replay
+        );
+    }
+    node.shutdown().await;
+    Ok(side)
+}
+
+// ---------------------------------------------------------------------------
+// NATS JetStream
+// ---------------------------------------------------------------------------
+
+/// A message received on the client's inbox.
+struct NatsMsg {
+    subject: String,
+    /// The status of a JetStream status message (`NATS/1.0 404`), if any.
+    status: Option<u16>,
+    payload: Vec<u8>,
+}
+
+struct Nats {
+    w: BufWriter<OwnedWriteHalf>,
+    rx: mpsc::Receiver<NatsMsg>,
+}
+
+impl Nats {
+    async fn connect(addr: &str) -> anyhow::Result<Nats> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut info = String::new();
+        r.read_line(&mut info).await?;
+        if !info.starts_with("INFO ") {
+            bail!("not a NATS server at {addr}: {info:?}");
+        }
+        let (tx, rx) = mpsc::channel(1 << 16);
+        let mut w = BufWriter::new(w);
+        w.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"no_responders\":true}\r\nSUB _INBOX.b.> 1\r\n")
+            .await?;
+        w.flush().await?;
+        let (pong_tx, mut pong_rx) = mpsc::channel::<()>(16);
+        tokio::spawn(async move {
+            let _ = read_loop(r, tx, pong_tx).await;
+        });
+        let mut n = Nats { w, rx };
+        n.w.write_all(b"PING\r\n").await?;
+        n.w.flush().await?;
+        tokio::time::timeout(Duration::from_secs(5), pong_rx.recv())
+            .await
+            .context("no PONG from nats-server")?;
+        Ok(n)
+    }
+
+    async fn publish(&mut self, subject: &str, reply: &str, payload: &[u8]) -> anyhow::Result<()> {
+        self.w
+            .write_all(format!("PUB {subject} {reply} {}\r\n", payload.len()).as_bytes())
+            .await?;
+        self.w.write_all(payload).await?;
+        self.w.write_all(b"\r\n").await?;
+        Ok(())
+    }
+
+    async fn request(
+        &mut self,
+        subject: &str,
+        payload: &[u8],
+    ) -> anyhow::Result<serde_json::Value> {
+        self.publish(subject, "_INBOX.b.req", payload).await?;
+        self.w.flush().await?;
+        let m = self.recv().await?;
+        let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        if v.get("error").is_some() {
+            bail!("{subject}: {v}");
+        }
+        Ok(v)
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<NatsMsg> {
+        tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+            .await
+            .context("nats-server did not answer within 30 s")?
+            .context("connection to nats-server closed")
+    }
+}
+
+async fn read_loop(
+    mut r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tx: mpsc::Sender<NatsMsg>,
+    pong: mpsc::Sender<()>,
+) -> anyhow::Result<()> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.first().copied() {
+            Some("MSG") => {
+                let len: usize = parts.last().context("MSG")?.parse()?;
+                let mut buf = vec![0u8; len + 2];
+                r.read_exact(&mut buf).await?;
+                buf.truncate(len);
+                let m = NatsMsg {
+                    subject: parts.get(1).unwrap_or(&"").to_string(),
+                    status: None,
+                    payload: buf,
+                };
+                if tx.send(m).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some("HMSG") => {
+                let total: usize = parts.last().context("HMSG")?.parse()?;
+                let hdr: usize = parts[parts.len() - 2].parse()?;
+                let mut buf = vec![0u8; total + 2];
+                r.read_exact(&mut buf).await?;
+                let head = String::from_utf8_lossy(&buf[..hdr]).to_string();
+                let status = head
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|c| c.parse().ok());
+                let payload = buf[hdr..total].to_vec();
+                let m = NatsMsg {
+                    subject: parts.get(1).unwrap_or(&"").to_string(),
+                    status,
+                    payload,
+                };
+                if tx.send(m).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some("PING") => {
+                // The writer half belongs to the client; a bench run never
+                // idles long enough for the server's ping interval (2 min).
+            }
+            Some("PONG") => {
+                let _ = pong.send(()).await;
+            }
+            Some("-ERR") => bail!("nats-server: {}", line.trim()),
+            _ => {}
+        }
+    }
+}
+
+/// A `nats-server -js` child on 127.0.0.1 with its store in `dir`.
+struct NatsServer {
+    child: tokio::process::Child,
+    addr: String,
+}
+
+impl NatsServer {
+    async fn start(bin: &str, dir: &Path, port: u16) -> anyhow::Result<NatsServer> {
+        let child = tokio::process::Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot run {bin} (Debian package nats-server)"))?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&addr).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("{bin} did not listen on {addr} within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(NatsServer { child, addr })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            // SIGTERM: a clean shutdown, as ours in the restart run.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        Ok(())
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn js_add_stream(c: &mut Nats, name: &str) -> anyhow::Result<()> {
+    let cfg = format!(
+        r#"{{"name":"{name}","subjects":["{name}.>"],"storage":"file","num_replicas":1,"retention":"limits","discard":"old"}}"#
+    );
+    c.request(&format!("$JS.API.STREAM.CREATE.{name}"), cfg.as_bytes())
+        .await?;
+    Ok(())
+}
+
+async fn js_publish(
+    c: &mut Nats,
+    name: &str,
+    n: usize,
+    size: usize,
+    window: usize,
+) -> anyhow::Result<f64> {
+    js_add_stream(c, name).await?;
+    let payload = vec![b'x'; size];
+    let subject = format!("{name}.x");
+    let started = Instant::now();
+    let (mut sent, mut acked) = (0usize, 0usize);
+    while acked < n {
+        while sent < n && sent - acked < window {
+            c.publish(&subject, "_INBOX.b.ack", &payload).await?;
+            sent += 1;
+        }
+        c.w.flush().await?;
+        let m = c.recv().await?;
+        if m.status.is_some() || m.payload.starts_with(b"{\"error\"") {
+            bail!(
+                "JetStream refused a publish: {}",
+                String::from_utf8_lossy(&m.payload)
+            );
+        }
+        acked += 1;
+    }
+    Ok(acked as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let server = NatsServer::start(&a.nats_server, dir.path(), port).await?;
+    let mut c = Nats::connect(&server.addr).await?;
+    let mut side = Side {
+        target: "jetstream".into(),
+        ..Default::default()
+    };
+    side.publish_64_per_s = js_publish(&mut c, "t64", a.msgs, 64, a.window).await?;
+    side.publish_1k_per_s = js_publish(&mut c, "t1k", a.msgs, 1024, a.window).await?;
+    js_add_stream(&mut c, "lat").await?;
+    let payload = vec![b'x'; 64];
+    let mut ns = Vec::with_capacity(a.latency_count);
+    for _ in 0..a.latency_count {
+        let t = Instant::now();
+        c.publish("lat.x", "_INBOX.b.ack", &payload).await?;
+        c.w.flush().await?;
+        c.recv().await?;
+        ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    side.publish_latency_64 = Some(latency(&mut ns));
+    js_publish(&mut c, "replay", a.replay, 64, a.window).await?;
+    c.request(
+        "$JS.API.CONSUMER.DURABLE.CREATE.replay.r",
+        br#"{"stream_name":"replay","config":{"durable_name":"r","deliver_policy":"all","ack_policy":"none","max_waiting":512}}"#,
+    )
+    .await?;
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut pending: VecDeque<()> = VecDeque::new();
+    while got < a.replay {
+        if pending.is_empty() {
+            c.publish(
+                "$JS.API.CONSUMER.MSG.NEXT.replay.r",
+                "_INBOX.b.pull",
+                br#"{"batch":10000,"expires":5000000000}"#,
+            )
+            .await?;
+            c.w.flush().await?;
+            pending.push_back(());
+        }
+        let m = c.recv().await?;
+        match m.status {
+            None => {
+                got += 1;
+                if got.is_multiple_of(10_000) {
+                    pending.pop_front();
+                }
+            }
+            Some(408) | Some(404) => {
+                pending.pop_front();
+            }
+            Some(s) => bail!("JetStream pull: status {s} on {}", m.subject),
+        }
+    }
+    side.replay_per_s = got as f64 / started.elapsed().as_secs_f64();
+    side.replayed = got;
+    drop(c);
+    server.stop().await?;
+    // Restart with everything stored: until the stream answers its info.
+    let started = Instant::now();
+    let server = NatsServer::start(&a.nats_server, dir.path(), port).await?;
+    let mut c = Nats::connect(&server.addr).await?;
+    let info = loop {
+        match c.request("$JS.API.STREAM.INFO.replay", b"").await {
+            Ok(v) => break v,
+            Err(_) if started.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    side.restart_ms = started.elapsed().as_secs_f64() * 1e3;
+    let stored = info["state"]["messages"].as_u64().unwrap_or(0) as usize;
+    if stored != a.replay {
+        bail!("after restart JetStream holds {stored} of {}", a.replay);
+    }
+    drop(c);
+    server.stop().await?;
+    Ok(side)
+}

@@ -1,0 +1,1376 @@
+//! Durable streams hosted by this node (issue 21): the driver of
+//! `macula_stream`'s pure core.
+//!
+//! Each stream is one `Hosted`: the core (`macula_stream::Stream`: index,
+//! limits, retention, consumers) behind one mutex never held across an
+//! await, and its store (`store.rs`, one redb file with group commit).
+//!
+//! **Capture.** Every event published on a topic a stream's subjects match
+//! reaches this node through an ordinary subscription and is appended (no
+//! one waits for it; if the subscription's queue overflows, the loss is
+//! counted in `macula_stream_capture_lost_total`). An **acknowledged
+//! publish** ([`Streams::publish`]) is appended directly, answered once it
+//! is on disk, and then published to the mesh's live subscribers with the
+//! header `macula-stream: <name>` (which the capture skips).
+//!
+//! **Visibility.** A message enters the index when it is appended and the
+//! store's writer raises the durable sequence after its group commit;
+//! consumers only see messages up to that sequence
+//! (`StreamState::set_visible_upto`), so nothing a crash can lose is ever
+//! delivered.
+//!
+//! **Consumers** are pulled ([`Streams::next`]): a batch of up to `batch`
+//! messages, waiting up to `wait` for the first. Flow control is the core's
+//! `max_ack_pending`; nothing is buffered for a slow consumer. Durable
+//! consumers' positions are written to the store at most every
+//! `StreamLimits::flush_every` (a crash may redeliver what was acked in
+//! that window: delivery is at least once).
+//!
+//! **Timers.** One task per stream runs the core's timers (age and TTL
+//! expiry, ack waits, idle ephemeral consumers) at their deadlines, at
+//! least every `StreamLimits::tick`.
+
+pub mod metrics;
+pub mod record;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use macula_pubsub::{PublishOptions, SubscriptionItem, Topic};
+use macula_stream::{
+    AppendError, Appended, ConfigError, ConsumerConfig, ConsumerError, ConsumerInfo, Incoming,
+    Next, Purge, Restored, Stream, StreamConfig,
+};
+use macula_wire::Millis;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::clock::{wall_ms, Clock};
+pub use crate::config::StreamLimits;
+use crate::pubsub::PubSub;
+use store::{StoreError, StreamStore, Write};
+
+pub use macula_stream::{AckPolicy, DeliverPolicy, Discard, ReplayPolicy, Retention};
+
+/// The header an acknowledged publish carries to the mesh: the stream that
+/// stored it (its capture skips it).
+pub const STREAM_HEADER: &str = "macula-stream";
+/// The header naming the stored sequence of an acknowledged publish.
+pub const SEQ_HEADER: &str = "macula-stream-seq";
+
+/// Why a stream operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The node has no data directory (an ephemeral node keeps no streams).
+    #[error("streams need a data directory (this node is ephemeral)")]
+    NoDataDir,
+    /// No stream of that name on this node.
+    #[error("no stream {0:?} on this node")]
+    NotFound(String),
+    /// A stream of that name exists.
+    #[error("stream {0:?} exists")]
+    Exists(String),
+    /// `max_streams` reached.
+    #[error("this node hosts {0} streams, its maximum")]
+    TooMany(usize),
+    /// Two streams of this node would capture a common topic.
+    #[error("subjects overlap stream {0:?}'s")]
+    Overlap(String),
+    /// No stream of this node captures the topic.
+    #[error("no stream on this node captures topic {0:?}")]
+    NotCaptured(String),
+    /// An invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The publish was refused by the stream.
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    /// A consumer operation was refused.
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    /// The store failed (the stream stops taking publishes).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stream could not be opened at start or failed since; its file is
+    /// left as it is.
+    #[error("stream {name:?} failed: {reason}")]
+    Failed {
+        /// The stream.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// An invalid argument (topic, header, batch).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StreamError {
+    /// A short name of the cause, for metrics and the admin API.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StreamError::NoDataDir => "no_data_dir",
+            StreamError::NotFound(_) => "not_found",
+            StreamError::Exists(_) => "exists",
+            StreamError::TooMany(_) => "too_many",
+            StreamError::Overlap(_) => "overlap",
+            StreamError::NotCaptured(_) => "not_captured",
+            StreamError::Config(_) => "config",
+            StreamError::Append(AppendError::Full(_)) => "full",
+            StreamError::Append(AppendError::TooLarge { .. }) => "too_large",
+            StreamError::Append(_) => "refused",
+            StreamError::Consumer(ConsumerError::NotFound(_)) => "no_consumer",
+            StreamError::Consumer(_) => "consumer",
+            StreamError::Store(_) => "store",
+            StreamError::Failed { .. } => "failed",
+            StreamError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Options of an acknowledged publish.
+#[derive(Debug, Clone, Default)]
+pub struct PersistOptions {
+    /// Headers stored and published with the message.
+    pub headers: Vec<(String, String)>,
+    /// De-duplication ID: a second publish with it within the stream's
+    /// window is acknowledged as a duplicate and not stored again.
+    pub msg_id: Option<String>,
+    /// The message's own time to live.
+    pub ttl: Option<Duration>,
+    /// Also publish to the mesh's live subscribers once stored (default
+    /// true through [`PersistOptions::new`]).
+    pub publish: bool,
+}
+
+impl PersistOptions {
+    /// Stored, then published to live subscribers.
+    pub fn new() -> Self {
+        PersistOptions {
+            publish: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// The answer to an acknowledged publish: on disk as `seq` of `stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PubAck {
+    /// The stream.
+    pub stream: String,
+    /// Its sequence in the stream.
+    pub seq: u64,
+    /// A publish of the same message ID was stored before (as `seq`).
+    pub duplicate: bool,
+}
+
+/// A message read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMsg {
+    /// The stream.
+    pub stream: String,
+    /// Its stream sequence (what to ack).
+    pub seq: u64,
+    /// Its delivery number in the consumer (0 for a direct read).
+    pub consumer_seq: u64,
+    /// Deliveries of it so far, this one included.
+    pub deliveries: u32,
+    /// When it was stored (Unix ms).
+    pub ts: u64,
+    /// Its topic.
+    pub subject: String,
+    /// Its headers.
+    pub headers: Vec<(String, String)>,
+    /// The publisher's message ID.
+    pub msg_id: Option<String>,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// An acknowledgement of a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckKind {
+    /// Done.
+    Ack,
+    /// Deliver again, after this delay.
+    Nak(Duration),
+    /// Still working: restart the ack wait.
+    InProgress,
+    /// Never deliver again.
+    Term,
+}
+
+/// A stream's state, as `macula stream info` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// Its configuration.
+    pub config: StreamConfig,
+    /// Stored messages.
+    pub messages: u64,
+    /// Stored bytes.
+    pub bytes: u64,
+    /// First stored sequence.
+    pub first_seq: u64,
+    /// Last sequence assigned.
+    pub last_seq: u64,
+    /// Last timestamp (Unix ms).
+    pub last_ts: u64,
+    /// Highest sequence on disk.
+    pub durable_seq: u64,
+    /// Distinct subjects stored.
+    pub subjects: usize,
+    /// Consumers' names.
+    pub consumers: Vec<String>,
+    /// What the stream counted.
+    pub counters: StreamCountersReport,
+}
+
+/// A stream's counters.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamCountersReport {
+    /// Stored.
+    pub stored: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Publishes refused.
+    pub refused: u64,
+    /// Removed by the message and byte limits.
+    pub removed_limits: u64,
+    /// Removed by age.
+    pub removed_age: u64,
+    /// Removed by their TTL.
+    pub removed_ttl: u64,
+    /// Removed by acknowledgements (interest, work queue).
+    pub removed_acked: u64,
+    /// Removed by purge or delete.
+    pub removed_purged: u64,
+    /// Captured events lost before they could be stored (subscription
+    /// queue overflow).
+    pub capture_lost: u64,
+    /// Group commits.
+    pub commits: u64,
+}
+
+/// A consumer's state, as `macula consumer info` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConsumerReport {
+    /// The stream.
+    pub stream: String,
+    /// Its name.
+    pub name: String,
+    /// Its configuration.
+    pub config: ConsumerConfig,
+    /// Deliveries made.
+    pub delivered_consumer_seq: u64,
+    /// Last stream sequence delivered a first time.
+    pub delivered_stream_seq: u64,
+    /// Every sequence up to this one is acknowledged or not its.
+    pub ack_floor: u64,
+    /// Waiting for an ack.
+    pub num_ack_pending: usize,
+    /// Waiting to be delivered again.
+    pub num_redelivered: usize,
+    /// Stored messages not yet delivered.
+    pub num_pending: u64,
+    /// Deliveries given up after `max_deliver`.
+    pub exhausted: u64,
+}
+
+/// A durable consumer as stored.
+#[derive(Serialize, Deserialize)]
+struct ConsumerRecord {
+    config: ConsumerConfig,
+    state: macula_stream::ConsumerState,
+}
+
+struct Hosted {
+    name: String,
+    core: Mutex<Stream>,
+    store: StreamStore,
+    /// Woken when messages become visible or deliveries become due.
+    changed: Notify,
+    /// Durable consumers whose position changed since the last flush.
+    dirty: Mutex<BTreeSet<String>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    failed: Mutex<Option<String>>,
+    capture_lost: AtomicU64,
+}
+
+impl Hosted {
+    fn check(&self) -> Result<(), StreamError> {
+        match &*self.failed.lock() {
+            Some(reason) => Err(StreamError::Failed {
+                name: self.name.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(stream = %self.name, %reason, "stream failed: it takes no more publishes");
+        self.failed.lock().get_or_insert(reason);
+    }
+
+    fn stop(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+struct Inner {
+    dir: Option<PathBuf>,
+    pubsub: PubSub,
+    limits: StreamLimits,
+    clock: Clock,
+    hosted: Mutex<BTreeMap<String, Arc<Hosted>>>,
+    /// Streams whose file could not be opened at start: name -> why.
+    broken: Mutex<BTreeMap<String, String>>,
+    publishes: AtomicU64,
+    pulls: AtomicU64,
+    delivered: AtomicU64,
+}
+
+/// The streams this node hosts (see the module docs).
+#[derive(Clone)]
+pub struct Streams(Arc<Inner>);
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("dir", &self.0.dir)
+            .field("streams", &self.0.hosted.lock().len())
+            .finish()
+    }
+}
+
+fn now_wall() -> u64 {
+    wall_ms()
+}
+
+impl Streams {
+    /// The streams of a node whose data directory is `data_dir` (`None`:
+    /// an ephemeral node, which hosts none); opens every stream file in
+    /// `<data dir>/streams/`. A file that does not open is reported (log,
+    /// [`Streams::broken`]) and left untouched.
+    pub fn open(
+        data_dir: Option<PathBuf>,
+        pubsub: PubSub,
+        limits: StreamLimits,
+        clock: Clock,
+    ) -> Streams {
+        let streams = Streams(Arc::new(Inner {
+            dir: data_dir.map(|d| d.join("streams")),
+            pubsub,
+            limits,
+            clock,
+            hosted: Mutex::new(BTreeMap::new()),
+            broken: Mutex::new(BTreeMap::new()),
+            publishes: AtomicU64::new(0),
+            pulls: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+        }));
+        if let Some(dir) = streams.0.dir.clone() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "redb"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            for path in files {
+                let name = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let started = std::time::Instant::now();
+                match streams.load(&path) {
+                    Ok(n) => tracing::info!(
+                        stream = %name,
+                        messages = n,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "stream opened"
+                    ),
+                    Err(e) => {
+                        tracing::error!(stream = %name, error = %e, "stream could not be opened; its file is left as it is");
+                        streams.0.broken.lock().insert(name, e.to_string());
+                    }
+                }
+            }
+        }
+        streams
+    }
+
+    fn load(&self, path: &std::path::Path) -> Result<u64, StreamError> {
+        let store = StreamStore::open(path, self.0.limits.cache_bytes)?;
+        let (cfg, last_seq, last_ts) = store.meta()?;
+        let cfg: StreamConfig = serde_json::from_slice(&cfg).map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: format!("configuration: {e}"),
+        })?;
+        let now = now_wall();
+        // A clean shutdown left the index: one read instead of every
+        // message's head. It is removed before anything else is written,
+        // so after a crash the next start scans.
+        let snapshot = store
+            .index_snapshot()?
+            .and_then(|b| {
+                macula_stream::StreamState::from_snapshot(cfg.clone(), &b)
+                    .ok()
+                    .flatten()
+            })
+            .filter(|s| s.last_seq() == last_seq && s.last_ts() == last_ts);
+        let (mut state, n) = match snapshot {
+            Some(state) => {
+                store.write_now(vec![Write::Index(None)])?;
+                let n = state.msgs();
+                (state, n)
+            }
+            None => {
+                let mut state = macula_stream::StreamState::restore(cfg, last_seq, last_ts)?;
+                let mut skipped = 0u64;
+                let n = store.scan(|seq, size, h| {
+                    let ok = state.restore_msg(
+                        now,
+                        Restored {
+                            seq,
+                            ts: h.ts,
+                            size,
+                            subject: h.subject,
+                            msg_id: h.msg_id,
+                            expires: h.expires,
+                        },
+                    );
+                    skipped += u64::from(!ok);
+                })?;
+                if skipped > 0 {
+                    return Err(StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        what: format!("{skipped} messages out of order or past the last sequence"),
+                    }
+                    .into());
+                }
+                // Drop any stale snapshot too.
+                store.write_now(vec![Write::Index(None)])?;
+                (state, n)
+            }
+        };
+        state.set_visible_upto(Some(last_seq));
+        let mut stream = Stream::from_state(state);
+        let mono = self.0.clock.now();
+        for (name, bytes) in store.consumers()? {
+            let rec: ConsumerRecord =
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    what: format!("consumer {name}: {e}"),
+                })?;
+            stream.restore_consumer(rec.config, rec.state, mono)?;
+        }
+        self.host(stream, store);
+        Ok(n)
+    }
+
+    fn host(&self, stream: Stream, store: StreamStore) -> Arc<Hosted> {
+        let name = stream.config().name.clone();
+        let h = Arc::new(Hosted {
+            name: name.clone(),
+            core: Mutex::new(stream),
+            store,
+            changed: Notify::new(),
+            dirty: Mutex::new(BTreeSet::new()),
+            tasks: Mutex::new(Vec::new()),
+            failed: Mutex::new(None),
+            capture_lost: AtomicU64::new(0),
+        });
+        self.start_tasks(&h);
+        self.0.hosted.lock().insert(name, h.clone());
+        h
+    }
+
+    fn start_tasks(&self, h: &Arc<Hosted>) {
+        let mut tasks = vec![
+            tokio::spawn(visibility(Arc::downgrade(h))),
+            tokio::spawn(timers(
+                Arc::downgrade(h),
+                self.0.limits.clone(),
+                self.0.clock,
+            )),
+        ];
+        let patterns: Vec<String> = h.core.lock().config().subjects.clone();
+        for p in patterns {
+            match self.0.pubsub.subscribe(&p) {
+                Ok(sub) => tasks.push(tokio::spawn(capture(Arc::downgrade(h), sub))),
+                Err(e) => {
+                    tracing::warn!(stream = %h.name, pattern = %p, error = %e, "stream cannot capture its subject")
+                }
+            }
+        }
+        *h.tasks.lock() = tasks;
+    }
+
+    fn dir(&self) -> Result<&PathBuf, StreamError> {
+        self.0.dir.as_ref().ok_or(StreamError::NoDataDir)
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<Hosted>, StreamError> {
+        if let Some(reason) = self.0.broken.lock().get(name) {
+            return Err(StreamError::Failed {
+                name: name.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        self.0
+            .hosted
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StreamError::NotFound(name.to_string()))
+    }
+
+    fn check_overlap(&self, cfg: &StreamConfig) -> Result<(), StreamError> {
+        let mine = cfg.validate()?;
+        for (name, h) in self.0.hosted.lock().iter() {
+            if *name == cfg.name {
+                continue;
+            }
+            let core = h.core.lock();
+            let theirs = core.state().patterns();
+            if mine
+                .iter()
+                .any(|a| theirs.iter().any(|b| macula_auth::policy::overlaps(a, b)))
+            {
+                return Err(StreamError::Overlap(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a stream (its file and its capture). Adding a stream again
+    /// with the same configuration is a no-op.
+    pub async fn add(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
+        let dir = self.dir()?.clone();
+        cfg.validate()?;
+        if let Ok(h) = self.get(&cfg.name) {
+            let same = h.core.lock().config() == &cfg;
+            return if same {
+                self.info(&cfg.name)
+            } else {
+                Err(StreamError::Exists(cfg.name.clone()))
+            };
+        }
+        if self.0.broken.lock().contains_key(&cfg.name) {
+            return Err(StreamError::Exists(cfg.name.clone()));
+        }
+        let count = self.0.hosted.lock().len();
+        if count >= self.0.limits.max_streams {
+            return Err(StreamError::TooMany(count));
+        }
+        self.check_overlap(&cfg)?;
+        let stream = Stream::new(cfg.clone())?;
+        let json = serde_json::to_vec(&cfg).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        let path = dir.join(format!("{}.redb", cfg.name));
+        let cache = self.0.limits.cache_bytes;
+        let store = tokio::task::spawn_blocking(move || StreamStore::create(&path, &json, cache))
+            .await
+            .map_err(|e| StreamError::Invalid(e.to_string()))??;
+        let mut stream = stream;
+        stream.set_visible_upto(0);
+        self.host(stream, store);
+        tracing::info!(stream = %cfg.name, subjects = ?cfg.subjects, "stream added");
+        self.info(&cfg.name)
+    }
+
+    /// Changes a stream's configuration (name, replicas and retention are
+    /// fixed); the new limits apply at once.
+    pub async fn edit(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
+        let h = self.get(&cfg.name)?;
+        h.check()?;
+        self.check_overlap(&cfg)?;
+        let json = serde_json::to_vec(&cfg).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        let (rx, subjects_changed) = {
+            let mut core = h.core.lock();
+            let changed = core.config().subjects != cfg.subjects;
+            let removed = core.edit(cfg.clone())?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            h.store
+                .submit(vec![Write::Config(json), Write::Delete(removed)], Some(tx))?;
+            (rx, changed)
+        };
+        wait_written(&h, rx).await?;
+        if subjects_changed {
+            h.stop();
+            self.start_tasks(&h);
+        }
+        self.info(&cfg.name)
+    }
+
+    /// Removes a stream, its consumers and its file.
+    pub async fn delete(&self, name: &str) -> Result<(), StreamError> {
+        if self.0.broken.lock().remove(name).is_some() {
+            let path = self.dir()?.join(format!("{name}.redb"));
+            return std::fs::remove_file(&path).map_err(|e| {
+                StoreError::Io {
+                    path,
+                    message: e.to_string(),
+                }
+                .into()
+            });
+        }
+        let h = self
+            .0
+            .hosted
+            .lock()
+            .remove(name)
+            .ok_or_else(|| StreamError::NotFound(name.to_string()))?;
+        h.stop();
+        h.changed.notify_waiters();
+        let path = h.store.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            h.store.close();
+            std::fs::remove_file(&path).map_err(|e| StoreError::Io {
+                path: path.clone(),
+                message: e.to_string(),
+            })
+        })
+        .await
+        .map_err(|e| StreamError::Invalid(e.to_string()))??;
+        tracing::info!(stream = %name, "stream deleted");
+        Ok(())
+    }
+
+    /// Removes the messages `p` names; returns how many.
+    pub async fn purge(&self, name: &str, p: Purge) -> Result<u64, StreamError> {
+        let h = self.get(name)?;
+        h.check()?;
+        let rx = {
+            let mut core = h.core.lock();
+            let removed = core.purge(&p);
+            let n = removed.len() as u64;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            h.store.submit(vec![Write::Delete(removed)], Some(tx))?;
+            (rx, n)
+        };
+        wait_written(&h, rx.0).await?;
+        Ok(rx.1)
+    }
+
+    /// The names of the streams, sorted, with the broken ones.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.0.hosted.lock().keys().cloned().collect();
+        v.extend(self.0.broken.lock().keys().cloned());
+        v.sort();
+        v
+    }
+
+    /// Streams that could not be opened: name -> why.
+    pub fn broken(&self) -> BTreeMap<String, String> {
+        self.0.broken.lock().clone()
+    }
+
+    /// A stream's state.
+    pub fn info(&self, name: &str) -> Result<StreamInfo, StreamError> {
+        let h = self.get(name)?;
+        let durable_seq = *h.store.durable().borrow();
+        let core = h.core.lock();
+        let st = core.state();
+        let c = st.counters();
+        Ok(StreamInfo {
+            config: core.config().clone(),
+            messages: st.msgs(),
+            bytes: st.bytes(),
+            first_seq: st.first_seq(),
+            last_seq: st.last_seq(),
+            last_ts: st.last_ts(),
+            durable_seq,
+            subjects: st.subjects(),
+            consumers: core.consumer_names().map(str::to_string).collect(),
+            counters: StreamCountersReport {
+                stored: c.stored,
+                duplicates: c.duplicates,
+                refused: c.refused,
+                removed_limits: c.removed_limits,
+                removed_age: c.removed_age,
+                removed_ttl: c.removed_ttl,
+                removed_acked: c.removed_acked,
+                removed_purged: c.removed_purged,
+                capture_lost: h.capture_lost.load(Ordering::Relaxed),
+                commits: h.store.stats().commits.load(Ordering::Relaxed),
+            },
+        })
+    }
+
+    fn capturing(&self, topic: &Topic) -> Option<Arc<Hosted>> {
+        self.0
+            .hosted
+            .lock()
+            .values()
+            .find(|h| h.core.lock().state().captures(topic))
+            .cloned()
+    }
+
+    /// An acknowledged publish: stored by the stream of this node that
+    /// captures `topic`, answered once on disk, then (with
+    /// `opts.publish`) published to the mesh's live subscribers.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PersistOptions,
+    ) -> Result<PubAck, StreamError> {
+        let t = Topic::new(topic).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        macula_pubsub::event::check_headers(&opts.headers)
+            .map_err(|e| StreamError::Invalid(e.to_string()))?;
+        let h = self
+            .capturing(&t)
+            .ok_or_else(|| StreamError::NotCaptured(topic.to_string()))?;
+        h.check()?;
+        let ack = append(
+            &h,
+            &t,
+            &payload,
+            &opts.headers,
+            opts.msg_id.as_deref(),
+            opts.ttl,
+        )?;
+        let ack = match ack {
+            Appending::Duplicate(seq) => PubAck {
+                stream: h.name.clone(),
+                seq,
+                duplicate: true,
+            },
+            Appending::Stored(seq, rx) => {
+                wait_written(&h, rx).await?;
+                // On disk: visible at once, so a consumer reads what its
+                // own acknowledged publish stored (the visibility task
+                // would raise the bound too, a moment later).
+                h.core.lock().set_visible_upto(seq);
+                h.changed.notify_waiters();
+                self.0.publishes.fetch_add(1, Ordering::Relaxed);
+                PubAck {
+                    stream: h.name.clone(),
+                    seq,
+                    duplicate: false,
+                }
+            }
+        };
+        if opts.publish && !ack.duplicate {
+            let mut headers = opts.headers;
+            headers.push((STREAM_HEADER.into(), h.name.clone()));
+            headers.push((SEQ_HEADER.into(), ack.seq.to_string()));
+            let popts = PublishOptions {
+                headers,
+                message_id: opts.msg_id,
+                ..Default::default()
+            };
+            if let Err(e) = self.0.pubsub.publish_mesh(topic, payload, popts).await {
+                tracing::debug!(stream = %h.name, error = %e, "stored message not published to live subscribers");
+            }
+        }
+        Ok(ack)
+    }
+
+    /// Reads one stored message.
+    pub async fn get_msg(&self, name: &str, seq: u64) -> Result<Option<StreamMsg>, StreamError> {
+        let h = self.get(name)?;
+        let visible = h.core.lock().state().visible_upto();
+        if seq > visible {
+            return Ok(None);
+        }
+        let mut got = read(&h, vec![(seq, 0, 0)]).await?;
+        Ok(got.pop())
+    }
+
+    /// Adds a consumer; returns its name (ephemeral ones get `eph-<n>`).
+    pub async fn add_consumer(
+        &self,
+        stream: &str,
+        cfg: ConsumerConfig,
+    ) -> Result<String, StreamError> {
+        let h = self.get(stream)?;
+        let now = self.0.clock.now();
+        let name = h.core.lock().add_consumer(cfg, now)?;
+        self.flush_consumer(&h, &name).await?;
+        Ok(name)
+    }
+
+    /// Removes a consumer.
+    pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), StreamError> {
+        let h = self.get(stream)?;
+        let rx = {
+            let mut core = h.core.lock();
+            let removed = core.delete_consumer(name)?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            h.store.submit(
+                vec![
+                    Write::Delete(removed),
+                    Write::Consumer(name.to_string(), None),
+                ],
+                Some(tx),
+            )?;
+            rx
+        };
+        h.dirty.lock().remove(name);
+        wait_written(&h, rx).await
+    }
+
+    /// A consumer's state.
+    pub fn consumer_info(&self, stream: &str, name: &str) -> Result<ConsumerReport, StreamError> {
+        let h = self.get(stream)?;
+        let mut core = h.core.lock();
+        let (cfg, exhausted) = {
+            let c = core
+                .consumer(name)
+                .ok_or_else(|| ConsumerError::NotFound(name.to_string()))?;
+            (c.config().clone(), c.counters().exhausted)
+        };
+        let i: ConsumerInfo = core.consumer_info(name)?;
+        Ok(ConsumerReport {
+            stream: stream.to_string(),
+            name: name.to_string(),
+            config: cfg,
+            delivered_consumer_seq: i.delivered_consumer_seq,
+            delivered_stream_seq: i.delivered_stream_seq,
+            ack_floor: i.ack_floor,
+            num_ack_pending: i.num_ack_pending,
+            num_redelivered: i.num_redelivered,
+            num_pending: i.num_pending,
+            exhausted,
+        })
+    }
+
+    /// The consumers of a stream.
+    pub fn consumers(&self, stream: &str) -> Result<Vec<ConsumerReport>, StreamError> {
+        let names: Vec<String> = {
+            let h = self.get(stream)?;
+            let core = h.core.lock();
+            core.consumer_names().map(str::to_string).collect()
+        };
+        names
+            .iter()
+            .map(|n| self.consumer_info(stream, n))
+            .collect()
+    }
+
+    /// Pulls up to `batch` messages (and `max_bytes`) from a consumer,
+    /// waiting up to `wait` for the first one; an empty answer means none
+    /// came in time.
+    pub async fn next(
+        &self,
+        stream: &str,
+        consumer: &str,
+        batch: usize,
+        max_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<Vec<StreamMsg>, StreamError> {
+        if batch == 0 || batch > self.0.limits.max_batch {
+            return Err(StreamError::Invalid(format!(
+                "batch must be 1..={}",
+                self.0.limits.max_batch
+            )));
+        }
+        let h = self.get(stream)?;
+        self.0.pulls.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + wait.min(self.0.limits.max_wait);
+        loop {
+            let notified = h.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = self.0.clock.now();
+            let (picked, wait_until) = {
+                let mut core = h.core.lock();
+                let mut picked = Vec::new();
+                let mut bytes = 0u64;
+                let mut wait_until = None;
+                while picked.len() < batch {
+                    let left = max_bytes.map(|m| m.saturating_sub(bytes));
+                    match core.next_within(consumer, now, left)? {
+                        Next::Deliver(d) => {
+                            bytes += u64::from(d.size);
+                            picked.push((d.stream_seq, d.consumer_seq, d.deliveries));
+                        }
+                        Next::Wait(at) => {
+                            wait_until = Some(at);
+                            break;
+                        }
+                        Next::TooBig(size) if picked.is_empty() => {
+                            return Err(StreamError::Invalid(format!(
+                                "the next message is {size} bytes, over max_bytes"
+                            )));
+                        }
+                        _ => break,
+                    }
+                }
+                (picked, wait_until)
+            };
+            if !picked.is_empty() {
+                self.mark_dirty(&h, consumer);
+                let msgs = read(&h, picked).await?;
+                self.0
+                    .delivered
+                    .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                return Ok(msgs);
+            }
+            let mut until = deadline;
+            if let Some(at) = wait_until {
+                let at = tokio::time::Instant::from_std(self.0.clock.instant(at));
+                until = until.min(at);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// Reads a stream from `from` on, as messages come: an ephemeral
+    /// consumer without acks (filtered by `filter`, empty for all) pulled in
+    /// batches. Dropping the subscription removes the consumer (at the
+    /// latest after its idle threshold).
+    pub async fn subscribe(
+        &self,
+        stream: &str,
+        filter: &[&str],
+        from: DeliverPolicy,
+    ) -> Result<StreamSubscription, StreamError> {
+        let cfg = ConsumerConfig {
+            deliver: from,
+            ack: AckPolicy::None,
+            filter: filter.iter().map(|f| f.to_string()).collect(),
+            inactive_threshold: Millis::from_duration(self.0.limits.max_wait * 2),
+            ..Default::default()
+        };
+        let consumer = self.add_consumer(stream, cfg).await?;
+        Ok(StreamSubscription {
+            streams: self.clone(),
+            stream: stream.to_string(),
+            consumer,
+            buffered: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// Acknowledges (or naks, ...) a delivered message.
+    pub async fn ack(
+        &self,
+        stream: &str,
+        consumer: &str,
+        seq: u64,
+        kind: AckKind,
+    ) -> Result<(), StreamError> {
+        let h = self.get(stream)?;
+        let now = self.0.clock.now();
+        let removed = {
+            let mut core = h.core.lock();
+            let removed = match kind {
+                AckKind::Ack => core.ack(consumer, seq, now)?,
+                AckKind::Term => core.term(consumer, seq, now)?,
+                AckKind::Nak(d) => {
+                    core.nak(consumer, seq, Millis::from_duration(d), now)?;
+                    Vec::new()
+                }
+                AckKind::InProgress => {
+                    core.in_progress(consumer, seq, now)?;
+                    Vec::new()
+                }
+            };
+            if !removed.is_empty() {
+                h.store.submit(vec![Write::Delete(removed.clone())], None)?;
+            }
+            removed
+        };
+        let _ = removed;
+        self.mark_dirty(&h, consumer);
+        if matches!(kind, AckKind::Nak(_)) {
+            h.changed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(&self, h: &Hosted, consumer: &str) {
+        let durable = h
+            .core
+            .lock()
+            .consumer(consumer)
+            .is_some_and(|c| c.config().durable.is_some());
+        if durable {
+            h.dirty.lock().insert(consumer.to_string());
+        }
+    }
+
+    async fn flush_consumer(&self, h: &Arc<Hosted>, name: &str) -> Result<(), StreamError> {
+        let rx = {
+            let core = h.core.lock();
+            let Some(c) = core.consumer(name) else {
+                return Ok(());
+            };
+            if c.config().durable.is_none() {
+                return Ok(());
+            }
+            let rec = ConsumerRecord {
+                config: c.config().clone(),
+                state: c.state(),
+            };
+            let bytes =
+                serde_json::to_vec(&rec).map_err(|e| StreamError::Invalid(e.to_string()))?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            h.store.submit(
+                vec![Write::Consumer(name.to_string(), Some(bytes))],
+                Some(tx),
+            )?;
+            rx
+        };
+        wait_written(h, rx).await
+    }
+
+    /// Writes every durable consumer's position and closes the stores
+    /// (at shutdown).
+    pub async fn shutdown(&self) {
+        let hosted: Vec<Arc<Hosted>> = self.0.hosted.lock().values().cloned().collect();
+        for h in hosted {
+            h.stop();
+            // Nothing changes the stream from here on (publishes and acks
+            // still running are refused).
+            h.failed
+                .lock()
+                .get_or_insert_with(|| "the node is shutting down".into());
+            flush_dirty(&h);
+            tokio::task::spawn_blocking(move || h.store.close())
+                .await
+                .ok();
+        }
+    }
+
+    /// Node-wide counters: (acknowledged publishes, pulls, messages
+    /// delivered).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        (
+            self.0.publishes.load(Ordering::Relaxed),
+            self.0.pulls.load(Ordering::Relaxed),
+            self.0.delivered.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A stream read from a position on (see [`Streams::subscribe`]).
+pub struct StreamSubscription {
+    streams: Streams,
+    stream: String,
+    consumer: String,
+    buffered: std::collections::VecDeque<StreamMsg>,
+}
+
+impl std::fmt::Debug for StreamSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSubscription")
+            .field("stream", &self.stream)
+            .field("consumer", &self.consumer)
+            .finish()
+    }
+}
+
+/// Messages one [`StreamSubscription::recv`] pulls at most.
+const SUBSCRIPTION_BATCH: usize = 1000;
+
+impl StreamSubscription {
+    /// The next message, waiting for one; an error when the stream or its
+    /// consumer went away.
+    pub async fn recv(&mut self) -> Result<StreamMsg, StreamError> {
+        loop {
+            if let Some(m) = self.buffered.pop_front() {
+                return Ok(m);
+            }
+            let wait = self.streams.0.limits.max_wait;
+            let got = self
+                .streams
+                .next(&self.stream, &self.consumer, SUBSCRIPTION_BATCH, None, wait)
+                .await?;
+            self.buffered.extend(got);
+        }
+    }
+
+    /// The ephemeral consumer's name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+}
+
+impl Drop for StreamSubscription {
+    fn drop(&mut self) {
+        let streams = self.streams.clone();
+        let (stream, consumer) = (self.stream.clone(), std::mem::take(&mut self.consumer));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = streams.delete_consumer(&stream, &consumer).await;
+            });
+        }
+    }
+}
+
+enum Appending {
+    Duplicate(u64),
+    Stored(u64, tokio::sync::oneshot::Receiver<Result<(), String>>),
+}
+
+/// Appends under the core's lock and queues the write in sequence order.
+fn append(
+    h: &Hosted,
+    t: &Topic,
+    payload: &[u8],
+    headers: &[(String, String)],
+    msg_id: Option<&str>,
+    ttl: Option<Duration>,
+) -> Result<Appending, StreamError> {
+    let now = now_wall();
+    let ttl = ttl.map(Millis::from_duration);
+    // The record's size is what the stream accounts; its timestamp is only
+    // known after the append, so it is encoded with the final one below
+    // (the size does not depend on it).
+    let probe = record::encode(0, None, t.as_str(), msg_id, headers, payload)
+        .map_err(|e| StreamError::Invalid(e.to_string()))?;
+    let size = u32::try_from(probe.len()).unwrap_or(u32::MAX);
+    let mut core = h.core.lock();
+    let out = core.append(
+        now,
+        Incoming {
+            subject: t,
+            size,
+            msg_id,
+            ttl,
+        },
+    )?;
+    match out {
+        Appended::Duplicate { seq } => Ok(Appending::Duplicate(seq)),
+        Appended::Stored { seq, ts, removed } => {
+            let expires = core.state().expires(seq);
+            let mut rec = probe;
+            rec[1..9].copy_from_slice(&ts.to_le_bytes());
+            rec[9..17].copy_from_slice(&expires.unwrap_or(0).to_le_bytes());
+            let mut writes = Vec::with_capacity(3);
+            // On an interest stream nobody wants, the message is removed at
+            // once: it is never written.
+            if !removed.contains(&seq) {
+                writes.push(Write::Put(seq, rec));
+            }
+            if !removed.is_empty() {
+                writes.push(Write::Delete(removed));
+            }
+            writes.push(Write::Last(core.state().last_seq(), core.state().last_ts()));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            h.store.submit(writes, Some(tx))?;
+            Ok(Appending::Stored(seq, rx))
+        }
+    }
+}
+
+async fn wait_written(
+    h: &Hosted,
+    rx: tokio::sync::oneshot::Receiver<Result<(), String>>,
+) -> Result<(), StreamError> {
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            h.fail(e.clone());
+            Err(StoreError::Io {
+                path: h.store.path().to_path_buf(),
+                message: e,
+            }
+            .into())
+        }
+        Err(_) => Err(StoreError::Closed(h.store.path().to_path_buf()).into()),
+    }
+}
+
+/// Reads delivered messages from the store: (stream seq, consumer seq,
+/// deliveries). A message that left the store meanwhile is skipped.
+async fn read(
+    h: &Arc<Hosted>,
+    picked: Vec<(u64, u64, u32)>,
+) -> Result<Vec<StreamMsg>, StreamError> {
+    let h2 = h.clone();
+    tokio::task::spawn_blocking(move || {
+        let seqs: Vec<u64> = picked.iter().map(|p| p.0).collect();
+        let mut found = h2.store.get_batch(&seqs)?.into_iter().peekable();
+        let mut out = Vec::with_capacity(picked.len());
+        for (seq, consumer_seq, deliveries) in picked {
+            // `get_batch` keeps the order of an ascending batch; otherwise
+            // look the sequence up among what was found.
+            let m = match found.peek() {
+                Some((s, _)) if *s == seq => found.next().map(|(_, m)| m),
+                _ => None,
+            };
+            let m = match m {
+                Some(m) => m,
+                None => match h2.store.get(seq)? {
+                    Some(m) => m,
+                    None => continue,
+                },
+            };
+            out.push(StreamMsg {
+                stream: h2.name.clone(),
+                seq,
+                consumer_seq,
+                deliveries,
+                ts: m.ts,
+                subject: m.subject,
+                headers: m.headers,
+                msg_id: m.msg_id,
+                payload: m.payload,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| StreamError::Invalid(e.to_string()))?
+}
+
+/// Raises the consumers' visibility bound as group commits land.
+async fn visibility(h: std::sync::Weak<Hosted>) {
+    let Some(mut durable) = h.upgrade().map(|h| h.store.durable()) else {
+        return;
+    };
+    loop {
+        let d = *durable.borrow_and_update();
+        {
+            let Some(h) = h.upgrade() else { return };
+            h.core.lock().set_visible_upto(d);
+            h.changed.notify_waiters();
+        }
+        if durable.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Captures the events published on one of the stream's subjects.
+async fn capture(h: std::sync::Weak<Hosted>, mut sub: crate::pubsub::Subscription) {
+    while let Some(item) = sub.recv().await {
+        let Some(h) = h.upgrade() else { return };
+        match item {
+            SubscriptionItem::Event(e) => {
+                if e.headers
+                    .iter()
+                    .any(|(k, v)| k == STREAM_HEADER && *v == h.name)
+                {
+                    continue;
+                }
+                if h.check().is_err() {
+                    h.capture_lost.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let Ok(t) = Topic::new(e.topic.as_str()) else {
+                    continue;
+                };
+                match append(
+                    &h,
+                    &t,
+                    &e.payload,
+                    &e.headers,
+                    e.message_id.as_deref(),
+                    None,
+                ) {
+                    Ok(Appending::Stored(_, rx)) => {
+                        // Nobody waits; a failed write fails the stream.
+                        let h2 = h.clone();
+                        tokio::spawn(async move {
+                            let _ = wait_written(&h2, rx).await;
+                        });
+                    }
+                    Ok(Appending::Duplicate(_)) => {}
+                    Err(err) => {
+                        tracing::debug!(stream = %h.name, topic = %e.topic, error = %err, "captured event not stored");
+                    }
+                }
+            }
+            SubscriptionItem::Lagged(n) => {
+                h.capture_lost.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(stream = %h.name, lost = n, "stream capture fell behind: events lost before they were stored");
+            }
+        }
+    }
+}
+
+/// Runs the stream's timers: expiry, ack waits, idle consumers, and the
+/// durable consumers' positions.
+async fn timers(h: std::sync::Weak<Hosted>, limits: StreamLimits, clock: Clock) {
+    let mut last_flush = tokio::time::Instant::now();
+    loop {
+        let sleep = {
+            let Some(h) = h.upgrade() else { return };
+            let core = h.core.lock();
+            let mut d = limits.tick;
+            if let Some(at) = core.state().next_expiry() {
+                d = d.min(Duration::from_millis(at.saturating_sub(now_wall())));
+            }
+            if let Some(at) = core.poll_timeout() {
+                d = d.min(at.saturating_sub(clock.now()).to_duration());
+            }
+            d
+        };
+        tokio::time::sleep(sleep).await;
+        let Some(h) = h.upgrade() else { return };
+        let now = clock.now();
+        let (removed, woke) = {
+            let mut core = h.core.lock();
+            let mut removed = core.expire(now_wall());
+            let exhausted = core.handle_timeout(now);
+            for (consumer, e) in &exhausted {
+                tracing::warn!(stream = %h.name, consumer = %consumer, seq = e.stream_seq, deliveries = e.deliveries, "message given up after max_deliver deliveries");
+            }
+            let (idle, gone) = core.remove_inactive(now);
+            for n in &idle {
+                tracing::debug!(stream = %h.name, consumer = %n, "idle ephemeral consumer removed");
+            }
+            removed.extend(gone);
+            let woke = core.has_redeliveries();
+            (removed, woke)
+        };
+        if !removed.is_empty() && h.store.submit(vec![Write::Delete(removed)], None).is_err() {
+            h.fail("store closed".into());
+        }
+        if woke {
+            h.changed.notify_waiters();
+        }
+        if last_flush.elapsed() >= limits.flush_every {
+            flush_dirty(&h);
+            last_flush = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Queues the positions of the durable consumers that changed.
+fn flush_dirty(h: &Hosted) {
+    let names: Vec<String> = std::mem::take(&mut *h.dirty.lock()).into_iter().collect();
+    if names.is_empty() {
+        return;
+    }
+    let core = h.core.lock();
+    let writes: Vec<Write> = names
+        .into_iter()
+        .filter_map(|n| {
+            let c = core.consumer(&n)?;
+            let rec = ConsumerRecord {
+                config: c.config().clone(),
+                state: c.state(),
+            };
+            serde_json::to_vec(&rec)
+                .ok()
+                .map(|b| Write::Consumer(n, Some(b)))
+        })
+        .collect();
+    if h.store.submit(writes, None).is_err() {
+        tracing::warn!(stream = %h.name, "consumer positions not written: store closed");
+    }
+}

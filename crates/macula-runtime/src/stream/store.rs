@@ -1,0 +1,558 @@
+//! One stream's store: a redb file (`<data dir>/streams/<name>.redb`) with
+//! the messages (`msgs`: sequence -> record, see `record.rs`), the stream's
+//! configuration and last sequence (`meta`), and its durable consumers
+//! (`consumers`: name -> configuration and position).
+//!
+//! **Group commit.** Writes are queued to one writer thread, which puts
+//! everything queued meanwhile into one transaction committed with
+//! `Durability::Immediate` (one `fsync` for the group), then answers each
+//! waiter and raises `durable`: the highest sequence on disk, which the
+//! host makes the consumers' visibility bound. A publish acknowledged to its
+//! publisher is on disk.
+//!
+//! **Corruption.** A file that redb cannot open, or a record that does not
+//! decode, is an error naming the file; nothing is written over it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{oneshot, watch};
+
+use super::record::{self, CorruptRecord, StoredMsg};
+
+const MSGS: TableDefinition<u64, &[u8]> = TableDefinition::new("msgs");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CONSUMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumers");
+
+/// `meta` key of the stream's configuration (JSON).
+pub const META_CONFIG: &str = "config";
+/// `meta` key of the last sequence and timestamp (16 bytes, LE).
+pub const META_LAST: &str = "last";
+/// `meta` key of the index snapshot written at a clean shutdown (removed by
+/// the first write after the next start, so a crash never leaves a stale
+/// one).
+pub const META_INDEX: &str = "index";
+
+/// Writes one group commit takes at most (more wait for the next).
+const MAX_GROUP: usize = 8192;
+/// Record bytes one group commit takes at most.
+const MAX_GROUP_BYTES: usize = 16 << 20;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file could not be opened (corrupt, locked, unreadable).
+    #[error("stream store {path}: {message}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What redb said.
+        message: String,
+    },
+    /// A read or write failed.
+    #[error("stream store {path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A stored record or value that does not decode.
+    #[error("stream store {path}: {what}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What.
+        what: String,
+    },
+    /// The writer stopped (the store is closing or failed earlier).
+    #[error("stream store {0}: closed")]
+    Closed(PathBuf),
+}
+
+/// One write of a group.
+#[derive(Debug)]
+pub enum Write {
+    /// Store a record under a sequence.
+    Put(u64, Vec<u8>),
+    /// Delete records.
+    Delete(Vec<u64>),
+    /// Set the last sequence and timestamp.
+    Last(u64, u64),
+    /// Set the configuration (JSON).
+    Config(Vec<u8>),
+    /// Set (`Some`) or delete a consumer's record.
+    Consumer(String, Option<Vec<u8>>),
+    /// Set (`Some`) or delete the index snapshot.
+    Index(Option<Vec<u8>>),
+}
+
+/// Who waits for a group commit: an async caller or a blocking one.
+enum Done {
+    Async(oneshot::Sender<Result<(), String>>),
+    Blocking(mpsc::Sender<Result<(), String>>),
+}
+
+struct Job {
+    writes: Vec<Write>,
+    done: Option<Done>,
+}
+
+/// What the writer counted.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Writes committed.
+    pub writes: AtomicU64,
+}
+
+/// A stream's store (see the module docs).
+pub struct StreamStore {
+    path: PathBuf,
+    db: Arc<Database>,
+    jobs: parking_lot::Mutex<Option<mpsc::Sender<Job>>>,
+    durable: watch::Receiver<u64>,
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    stats: Arc<StoreStats>,
+}
+
+impl std::fmt::Debug for StreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn io(path: &Path) -> impl Fn(String) -> StoreError + '_ {
+    move |message| StoreError::Io {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+impl StreamStore {
+    /// Creates a new store file (refusing an existing one) holding `config`.
+    pub fn create(path: &Path, config: &[u8], cache_bytes: usize) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError::Open {
+                path: path.to_path_buf(),
+                message: "exists already".into(),
+            });
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io(path)(e.to_string()))?;
+        }
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let s = StreamStore::start(path, db, 0);
+        s.write_now(vec![Write::Config(config.to_vec()), Write::Last(0, 0)])?;
+        Ok(s)
+    }
+
+    /// Opens an existing store file; never creates or repairs one.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Open {
+                path: path.to_path_buf(),
+                message: "no such file".into(),
+            });
+        }
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .open(path)
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let (last, _) = read_last(&db, path)?;
+        Ok(StreamStore::start(path, db, last))
+    }
+
+    fn start(path: &Path, db: Database, durable: u64) -> Self {
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (dtx, drx) = watch::channel(durable);
+        let stats = Arc::new(StoreStats::default());
+        let thread = {
+            let db = db.clone();
+            let path = path.to_path_buf();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("macula-stream-store".into())
+                .spawn(move || writer(&db, &path, &rx, &dtx, &stats))
+                .ok()
+        };
+        StreamStore {
+            path: path.to_path_buf(),
+            db,
+            jobs: parking_lot::Mutex::new(thread.as_ref().map(|_| tx)),
+            durable: drx,
+            thread: parking_lot::Mutex::new(thread),
+            stats,
+        }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues writes; `done` is answered once they are on disk.
+    pub fn submit(
+        &self,
+        writes: Vec<Write>,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    ) -> Result<(), StoreError> {
+        let jobs = self.jobs.lock();
+        let Some(tx) = jobs.as_ref() else {
+            return Err(StoreError::Closed(self.path.clone()));
+        };
+        tx.send(Job {
+            writes,
+            done: done.map(Done::Async),
+        })
+        .map_err(|_| StoreError::Closed(self.path.clone()))
+    }
+
+    /// Writes and waits (blocking the thread; also from inside a runtime)
+    /// until they are on disk.
+    pub fn write_now(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let jobs = self.jobs.lock();
+            let Some(jobs) = jobs.as_ref() else {
+                return Err(StoreError::Closed(self.path.clone()));
+            };
+            jobs.send(Job {
+                writes,
+                done: Some(Done::Blocking(tx)),
+            })
+            .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        }
+        rx.recv()
+            .map_err(|_| StoreError::Closed(self.path.clone()))?
+            .map_err(io(&self.path))
+    }
+
+    /// Writes and waits until they are on disk.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(writes, Some(tx))?;
+        rx.await
+            .map_err(|_| StoreError::Closed(self.path.clone()))?
+            .map_err(io(&self.path))
+    }
+
+    /// The highest sequence on disk, as a watch.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.clone()
+    }
+
+    /// What the writer counted.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Reads one message.
+    pub fn get(&self, seq: u64) -> Result<Option<StoredMsg>, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = match txn.open_table(MSGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(x) => return Err(e(x.to_string())),
+        };
+        let Some(v) = t.get(seq).map_err(|x| e(x.to_string()))? else {
+            return Ok(None);
+        };
+        record::decode(v.value())
+            .map(Some)
+            .map_err(|c| self.corrupt(seq, &c))
+    }
+
+    /// Reads several messages in one read transaction (one range scan when
+    /// they are ascending, as a consumer's batch is); a sequence not stored
+    /// is left out.
+    pub fn get_batch(&self, seqs: &[u64]) -> Result<Vec<(u64, StoredMsg)>, StoreError> {
+        let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = match txn.open_table(MSGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x.to_string())),
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        let ascending = seqs.windows(2).all(|w| w[0] < w[1]);
+        // A dense ascending batch is one range scan; anything else is one
+        // lookup per sequence.
+        if ascending && hi - lo < 4 * seqs.len() as u64 {
+            let mut want = seqs.iter().copied().peekable();
+            for item in t.range(lo..=hi).map_err(|x| e(x.to_string()))? {
+                let (k, v) = item.map_err(|x| e(x.to_string()))?;
+                let seq = k.value();
+                while want.peek().is_some_and(|&w| w < seq) {
+                    want.next();
+                }
+                if want.peek() == Some(&seq) {
+                    want.next();
+                    let m = record::decode(v.value()).map_err(|c| self.corrupt(seq, &c))?;
+                    out.push((seq, m));
+                }
+            }
+        } else {
+            for &seq in seqs {
+                if let Some(v) = t.get(seq).map_err(|x| e(x.to_string()))? {
+                    let m = record::decode(v.value()).map_err(|c| self.corrupt(seq, &c))?;
+                    out.push((seq, m));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn corrupt(&self, seq: u64, c: &CorruptRecord) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what: format!("message {seq}: {c}"),
+        }
+    }
+
+    /// Reads the configuration (JSON) and the last sequence and timestamp.
+    pub fn meta(&self) -> Result<(Vec<u8>, u64, u64), StoreError> {
+        let (last, ts) = self.last()?;
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
+        let cfg = t
+            .get(META_CONFIG)
+            .map_err(|x| e(x.to_string()))?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "no configuration".into(),
+            })?;
+        Ok((cfg, last, ts))
+    }
+
+    /// The index snapshot of the last clean shutdown, if there is one.
+    pub fn index_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
+        let v = t.get(META_INDEX).map_err(|x| e(x.to_string()))?;
+        Ok(v.map(|v| v.value().to_vec()))
+    }
+
+    fn last(&self) -> Result<(u64, u64), StoreError> {
+        read_last(&self.db, &self.path)
+    }
+
+    /// Calls `f` with every stored message's sequence, record size and
+    /// head, ascending (to rebuild the index).
+    pub fn scan(&self, mut f: impl FnMut(u64, u32, record::Head<'_>)) -> Result<u64, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = match txn.open_table(MSGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(x) => return Err(e(x.to_string())),
+        };
+        let mut n = 0;
+        for item in t.iter().map_err(|x| e(x.to_string()))? {
+            let (k, v) = item.map_err(|x| e(x.to_string()))?;
+            let seq = k.value();
+            let bytes = v.value();
+            let head = record::decode_head(bytes).map_err(|c| self.corrupt(seq, &c))?;
+            let size = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            f(seq, size, head);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Stored messages (as redb counts them).
+    pub fn stored_messages(&self) -> Result<u64, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        match txn.open_table(MSGS) {
+            Ok(t) => t.len().map_err(|x| e(x.to_string())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(x) => Err(e(x.to_string())),
+        }
+    }
+
+    /// Every consumer record: name -> bytes.
+    pub fn consumers(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = match txn.open_table(CONSUMERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x.to_string())),
+        };
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|x| e(x.to_string()))? {
+            let (k, v) = item.map_err(|x| e(x.to_string()))?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after what is queued is written.
+    pub fn close(&self) {
+        self.jobs.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for StreamStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn read_last(db: &Database, path: &Path) -> Result<(u64, u64), StoreError> {
+    let e = io(path);
+    let txn = db.begin_read().map_err(|x| e(x.to_string()))?;
+    let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
+    let v = t.get(META_LAST).map_err(|x| e(x.to_string()))?;
+    let bytes = v.as_ref().map(|v| v.value()).unwrap_or(&[]);
+    if bytes.len() != 16 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: "no last sequence".into(),
+        });
+    }
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&bytes[..8]);
+    b.copy_from_slice(&bytes[8..]);
+    Ok((u64::from_le_bytes(a), u64::from_le_bytes(b)))
+}
+
+fn writer(
+    db: &Database,
+    path: &Path,
+    rx: &mpsc::Receiver<Job>,
+    durable: &watch::Sender<u64>,
+    stats: &StoreStats,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        let mut bytes = 0usize;
+        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(j) => {
+                    bytes += j
+                        .writes
+                        .iter()
+                        .map(|w| match w {
+                            Write::Put(_, r) => r.len(),
+                            _ => 0,
+                        })
+                        .sum::<usize>();
+                    group.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = commit(db, &group);
+        if let Err(e) = &result {
+            tracing::error!(path = %path.display(), error = %e, "stream store write failed");
+        } else {
+            let n: usize = group.iter().map(|j| j.writes.len()).sum();
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+            let top = group
+                .iter()
+                .flat_map(|j| j.writes.iter())
+                .filter_map(|w| match w {
+                    Write::Put(seq, _) => Some(*seq),
+                    _ => None,
+                })
+                .max();
+            if let Some(top) = top {
+                durable.send_if_modified(|d| {
+                    let raise = top > *d;
+                    *d = (*d).max(top);
+                    raise
+                });
+            }
+        }
+        for j in group {
+            match j.done {
+                Some(Done::Async(tx)) => {
+                    let _ = tx.send(result.clone());
+                }
+                Some(Done::Blocking(tx)) => {
+                    let _ = tx.send(result.clone());
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+fn commit(db: &Database, group: &[Job]) -> Result<(), String> {
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate);
+    {
+        let mut msgs = txn.open_table(MSGS).map_err(|e| e.to_string())?;
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        let mut consumers = txn.open_table(CONSUMERS).map_err(|e| e.to_string())?;
+        for w in group.iter().flat_map(|j| j.writes.iter()) {
+            match w {
+                Write::Put(seq, r) => {
+                    msgs.insert(*seq, r.as_slice()).map_err(|e| e.to_string())?;
+                }
+                Write::Delete(seqs) => {
+                    for s in seqs {
+                        msgs.remove(*s).map_err(|e| e.to_string())?;
+                    }
+                }
+                Write::Last(seq, ts) => {
+                    let mut b = [0u8; 16];
+                    b[..8].copy_from_slice(&seq.to_le_bytes());
+                    b[8..].copy_from_slice(&ts.to_le_bytes());
+                    meta.insert(META_LAST, b.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Write::Config(c) => {
+                    meta.insert(META_CONFIG, c.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Write::Consumer(name, Some(v)) => {
+                    consumers
+                        .insert(name.as_str(), v.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Write::Consumer(name, None) => {
+                    consumers.remove(name.as_str()).map_err(|e| e.to_string())?;
+                }
+                Write::Index(Some(v)) => {
+                    meta.insert(META_INDEX, v.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Write::Index(None) => {
+                    meta.remove(META_INDEX).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
