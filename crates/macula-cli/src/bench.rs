@@ -71,6 +71,19 @@ pub enum BenchCommand {
     /// storage) in one run: acknowledged publish throughput and latency,
     /// replay throughput and restart time with --replay messages stored.
     Stream(crate::bench_stream::StreamArgs),
+    /// Pub/sub and RPC with tracing off, on at 1% and at 100% sampling
+    /// (in-process nodes on 127.0.0.1, spans exported to a local OTLP sink):
+    /// throughput and latency side by side. Needs the `otlp` feature.
+    Tracing(crate::bench_tracing::TracingArgs),
+}
+
+/// The tracing flags a benchmark runs with: none, except `bench tracing`,
+/// which exports to a sink of its own.
+pub fn trace_args(cmd: &BenchCommand) -> anyhow::Result<crate::otlp::TraceArgs> {
+    match cmd {
+        BenchCommand::Tracing(_) => crate::bench_tracing::trace_args(),
+        _ => Ok(crate::otlp::TraceArgs::default()),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -132,6 +145,11 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::PubsubNode(args) => crate::bench_pubsub::node(args).await,
+        BenchCommand::Tracing(args) => {
+            tokio::time::timeout(MAX_RUNTIME, crate::bench_tracing::run(args))
+                .await
+                .context("benchmark exceeded its time limit")?
+        }
         BenchCommand::Rpc(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_rpc::run(args))
             .await
             .context("benchmark exceeded its time limit")?,

@@ -171,6 +171,8 @@ pub const MQTT_EXPIRY_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(30 * 24 * 3600));
 /// Default log format.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
+/// Default share of the operations that start a trace (with `--otlp`).
+pub const DEFAULT_TRACE_SAMPLE: f64 = 1.0;
 /// Data directory used when the platform has no user data directory.
 pub const FALLBACK_DATA_DIR: &str = "./.macula";
 /// Longest realm name.
@@ -732,6 +734,40 @@ settings! {
     log_format LOG_FORMAT: LogFormat = DEFAULT_LOG_FORMAT, Text(str::parse::<LogFormat>),
         flag "--log-format" "text|json", env "MACULA_LOG_FORMAT", toml "log.format",
         default "text", "Log format: \"text\" or \"json\"";
+    otlp OTLP: Option<String> = None, Text(parse_otlp),
+        flag "--otlp" "URL", env "MACULA_OTLP", toml "trace.otlp",
+        default "none (no spans)",
+        "Export spans (publish, deliver, call, handle, reply, DHT lookups, relay hops, gateway \
+         forwarding) to this OpenTelemetry collector over OTLP/HTTP, http://HOST:PORT (needs \
+         the `otlp` cargo feature)";
+    trace_sample TRACE_SAMPLE: f64 = DEFAULT_TRACE_SAMPLE, Number(parse_ratio),
+        flag "--trace-sample" "RATIO", env "MACULA_TRACE_SAMPLE", toml "trace.sample",
+        default "1",
+        "With --otlp: share of the operations starting here that start a trace, 0..1; a message \
+         or call from a traced parent follows its parent's decision";
+}
+
+/// An OTLP/HTTP collector: `http://HOST:PORT` (no TLS in the exporter).
+pub fn parse_otlp(s: &str) -> Result<String, String> {
+    let base = s.trim_end_matches('/');
+    match base.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
+            Ok(base.to_string())
+        }
+        _ => Err(
+            "expected http://HOST:PORT (OTLP/HTTP; no TLS: run a collector on this host \
+                  or its network)"
+                .to_string(),
+        ),
+    }
+}
+
+/// A share between 0 and 1.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err("expected a number from 0 to 1".to_string()),
+    }
 }
 
 /// Stores a resolved value (`Option<PathBuf>` settings take a `PathBuf`).
@@ -1360,6 +1396,7 @@ impl FileLayer {
         let value = match v {
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(i) if allow_int => i.to_string(),
+            toml::Value::Float(f) if allow_int => f.to_string(),
             _ if allow_int => return Err(self.invalid(key, v, "expected an integer or a string")),
             _ => return Err(self.invalid(key, v, "expected a string")),
         };
@@ -1841,6 +1878,7 @@ mod tests {
             keys::MQTT_CERT_FILE,
             keys::MQTT_KEY_FILE,
             keys::MQTT_USERS,
+            keys::OTLP,
         ];
         for k in keys::ALL.iter().filter(|k| !described.contains(k)) {
             let s = with_flag(k, k.default).unwrap_or_else(|e| panic!("{}: {e}", k.flag));
@@ -1854,7 +1892,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            56,
+            57,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -47,6 +47,19 @@ pub struct MeshArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub trace: crate::otlp::TraceArgs,
+}
+
+impl DhtCommand {
+    /// The mesh flags of the subcommand.
+    pub fn mesh(&self) -> &MeshArgs {
+        match self {
+            DhtCommand::Put(a) => &a.mesh,
+            DhtCommand::Get(a) => &a.mesh,
+            DhtCommand::Closest(a) => &a.mesh,
+        }
+    }
 }
 
 /// The grant token bytes from --grant-file or `MACULA_GRANT_FILE`.

@@ -19,9 +19,11 @@ mod bench_relay;
 mod bench_rpc;
 mod bench_stats;
 mod bench_stream;
+mod bench_tracing;
 mod config;
 mod dht_cli;
 mod member;
+mod otlp;
 mod pubsub_cli;
 mod raft_cli;
 mod realm_cli;
@@ -72,7 +74,7 @@ enum Command {
     Pub(pubsub_cli::PubArgs),
     /// Subscribe to a pattern and print one line per event (joins through --connect).
     Sub(pubsub_cli::SubArgs),
-    /// Follow the messages matching a pattern: one line each with the receive time (UTC) and publisher (joins through --connect).
+    /// Follow the messages matching a pattern: one line each with the receive time (UTC), publisher and trace ID if any (joins through --connect).
     Trace(pubsub_cli::SubArgs),
     /// Call a procedure and print the reply (joins through --connect).
     Call(rpc_cli::CallArgs),
@@ -164,7 +166,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Start(args) => {
             let settings =
                 config::resolve(&args, &env).map_err(|e| usage(anyhow::anyhow!("{e}")))?;
-            init_logging(settings.log_format, "info");
+            let trace = otlp::TraceArgs {
+                otlp: settings.otlp.clone(),
+                trace_sample: settings.trace_sample,
+            };
+            let _trace = otlp::init(settings.log_format, "info", &trace).map_err(usage)?;
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(start(settings))
         }
@@ -193,30 +199,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Bench(cmd) => {
             // Per-connection logs would drown the figures; RUST_LOG still wins.
-            init_logging(LogFormat::Text, "warn");
+            let _trace =
+                otlp::init(LogFormat::Text, "warn", &bench::trace_args(&cmd)?).map_err(usage)?;
             raise_fd_limit();
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(bench::run(cmd))?;
             Ok(())
         }
-        Command::Pub(args) => Ok(client(pubsub_cli::publish(args))?),
-        Command::Sub(args) => Ok(client(pubsub_cli::subscribe(args))?),
-        Command::Dht(cmd) => match client(dht_cli::run(cmd))? {
+        Command::Pub(args) => Ok(client(&args.mesh.trace.clone(), pubsub_cli::publish(args))?),
+        Command::Sub(args) => Ok(client(
+            &args.mesh.trace.clone(),
+            pubsub_cli::subscribe(args),
+        )?),
+        Command::Dht(cmd) => match client(&cmd.mesh().trace.clone(), dht_cli::run(cmd))? {
             dht_cli::Outcome::Ok => Ok(()),
             dht_cli::Outcome::NotFound(what) => Err(Failure {
                 code: 1,
                 error: anyhow::anyhow!(what),
             }),
         },
-        Command::Trace(args) => Ok(client(pubsub_cli::trace(args))?),
-        Command::Call(args) => match client(rpc_cli::call(args))? {
+        Command::Trace(args) => Ok(client(&args.mesh.trace.clone(), pubsub_cli::trace(args))?),
+        Command::Call(args) => match client(&args.mesh.trace.clone(), rpc_cli::call(args))? {
             rpc_cli::CallOutcome::Ok => Ok(()),
             rpc_cli::CallOutcome::Failed(why) => Err(Failure {
                 code: 1,
                 error: anyhow::anyhow!(why),
             }),
         },
-        Command::Serve(args) => Ok(client(async {
+        Command::Serve(args) => Ok(client(&args.mesh.trace.clone(), async {
             let signals = Signals::install()?;
             rpc_cli::serve(args, signals.wait()).await
         })?),
@@ -237,34 +247,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 /// Runs a mesh client command (`pub`, `sub`, `call`...) on a fresh runtime,
 /// logging warnings only (`RUST_LOG` still wins).
-fn client<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    init_logging(LogFormat::Text, "warn");
+fn client<T>(
+    trace: &otlp::TraceArgs,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let _trace = otlp::init(LogFormat::Text, "warn", trace)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(fut)
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn init_logging(format: LogFormat, default_level: &str) {
-    // openraft logs every failed RPC to a member that is down (5 a second,
-    // at ERROR) and dumps whole state structs at INFO; the Raft service
-    // warns once per member and 30 s instead (`raft/network.rs`).
-    let default = format!(
-        "{default_level},openraft=warn,openraft::replication=off,openraft::core::raft_core=off"
-    );
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    // A second init (only possible in tests) is harmless; ignore it.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 /// Maps layered settings onto the runtime's typed configuration.

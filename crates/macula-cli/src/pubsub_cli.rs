@@ -37,7 +37,7 @@ pub struct PubArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
-    mesh: MeshArgs,
+    pub(crate) mesh: MeshArgs,
     #[command(flatten)]
     mode: ModeArgs,
 }
@@ -54,7 +54,7 @@ pub struct SubArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
-    mesh: MeshArgs,
+    pub(crate) mesh: MeshArgs,
     #[command(flatten)]
     mode: ModeArgs,
 }
@@ -108,7 +108,8 @@ pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
 }
 
 /// `macula trace`: like `sub`, each line led by the UTC receive time and
-/// the full publisher node ID (for following traffic while debugging).
+/// the full publisher node ID, and the trace ID of a message that carries
+/// a `traceparent` (for following traffic while debugging).
 pub async fn trace(a: SubArgs) -> anyhow::Result<()> {
     watch(a, true).await
 }
@@ -144,12 +145,19 @@ async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default();
                 let mut out = std::io::stdout().lock();
+                // The trace this message belongs to (its `traceparent`).
+                let trace_id = if trace {
+                    macula::trace::trace_id(&e.headers)
+                } else {
+                    None
+                };
                 if trace && a.mesh.json {
                     let v = serde_json::json!({
                         "ts": crate::text::rfc3339(now),
                         "topic": &*e.topic,
                         "publisher": e.publisher.to_string(),
                         "seq": e.seq,
+                        "trace_id": trace_id,
                         "payload": String::from_utf8_lossy(&e.payload),
                         "headers": e.headers,
                     });
@@ -157,10 +165,11 @@ async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
                 } else if trace {
                     writeln!(
                         out,
-                        "{}  {}  seq={}  {}  {}",
+                        "{}  {}  seq={}  {}{}  {}",
                         crate::text::rfc3339(now),
                         e.publisher,
                         e.seq,
+                        trace_id.map_or(String::new(), |t| format!("trace={t}  ")),
                         &*e.topic,
                         String::from_utf8_lossy(&e.payload)
                     )?;

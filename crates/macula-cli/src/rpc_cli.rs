@@ -49,7 +49,7 @@ pub struct CallArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
-    mesh: MeshArgs,
+    pub(crate) mesh: MeshArgs,
     #[command(flatten)]
     mode: ModeArgs,
 }
@@ -83,7 +83,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:0")]
     listen: SocketAddr,
     #[command(flatten)]
-    mesh: MeshArgs,
+    pub(crate) mesh: MeshArgs,
     #[command(flatten)]
     mode: ModeArgs,
 }

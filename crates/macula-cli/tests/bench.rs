@@ -1,4 +1,4 @@
-//! `macula bench connections`, `bench rpc`, `bench crdt` and `bench authz` with small counts, as
+//! `macula bench connections`, `bench rpc`, `bench crdt`, `bench authz` and `bench tracing` with small counts, as
 //! tests: each starts its own node process on 127.0.0.1, runs to the end and
 //! prints one JSON object whose figures are present and plausible. (The
 //! figures themselves are benchmarks, in BENCHMARKS.md, not asserted here.)
@@ -119,4 +119,40 @@ fn bench_authz_compares_an_open_realm_with_a_granted_one() {
     for figure in ["handshake_p50_us", "publish_msgs_per_s", "calls_per_s"] {
         assert!(v[figure]["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
     }
+}
+
+/// `bench tracing` runs every mode and really exports: nothing when off or
+/// at 0%, something at 1% and 100% (the sink in its own process counts it).
+#[cfg(feature = "otlp")]
+#[test]
+fn bench_tracing_compares_off_with_sampled_tracing() {
+    let v = bench_json(&[
+        "tracing",
+        "--messages",
+        "2000",
+        "--latency-count",
+        "100",
+        "--calls",
+        "500",
+        "--concurrency",
+        "4",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["benchmark"], "tracing");
+    for mode in ["off", "0%", "1%", "100%"] {
+        assert!(v["publish_msgs_per_s"][mode].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["calls_per_s"][mode].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let exported = |mode: &str| {
+        v["rounds"][mode][0]["spans_exported_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(exported("off"), 0, "{v}");
+    assert_eq!(exported("0%"), 0, "{v}");
+    // 1% of the operations: far fewer spans than all of them.
+    assert!(exported("100%") > 10 * exported("1%").max(1), "{v}");
+    assert!(v["otlp_requests"].as_u64().unwrap() > 0, "{v}");
 }

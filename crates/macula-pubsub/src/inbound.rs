@@ -59,6 +59,12 @@ pub struct BatchReceiver<S> {
     /// messages its loss reports named (compared with what a sender that
     /// reset the stream says it wrote).
     messages: u64,
+    /// Trace context for the copies this node forwards of the next batch
+    /// (to attached clients' feeds): entry index and the `traceparent` its
+    /// copies carry instead of the publisher's (a gateway's forwarding
+    /// span). Set by the driver before it hands the batch over, when it
+    /// traces; empty: copies carry the publisher's headers unchanged.
+    pub retrace: Vec<(usize, String)>,
 }
 
 impl<S> BatchReceiver<S> {
@@ -75,6 +81,7 @@ impl<S> BatchReceiver<S> {
             from_client,
             lagged: Vec::new(),
             messages: 0,
+            retrace: Vec::new(),
         }
     }
 
@@ -570,7 +577,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         let publisher = view.publisher;
         let mut origin: Option<Arc<Origin>> = None;
         let mut unmatched = 0u64;
-        for (e, keep) in view.entries.iter().zip(&rx.keep) {
+        for (i, (e, keep)) in view.entries.iter().zip(&rx.keep).enumerate() {
             if !keep {
                 continue;
             }
@@ -608,7 +615,11 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     topic: r.name.clone(),
                     payload: event.payload.clone(),
                     extra: PublishOptions {
-                        headers: event.headers.clone(),
+                        headers: if rx.retrace.is_empty() {
+                            event.headers.clone()
+                        } else {
+                            forwarded_headers(&e.headers, i, &rx.retrace)
+                        },
                         message_id: event.message_id.clone(),
                         overflow: Overflow::default(),
                     }
@@ -701,13 +712,15 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     /// here through `handle_batch`): forwards each message to the other
     /// interested nodes along `routes` (one per topic of the batch, from
     /// [`PubSubCore::route`]; `None`: not routable), keeping the client as
-    /// publisher with its epoch and sequence numbers.
+    /// publisher with its epoch and sequence numbers. `retrace`: as
+    /// [`BatchReceiver::retrace`], for these copies.
     pub fn forward_from_client(
         &mut self,
         from: NodeId,
         view: &PublishBatchView<'_>,
         body: &Bytes,
         routes: &[Option<Arc<Route>>],
+        retrace: &[(usize, String)],
         now: Millis,
     ) {
         let c = self.counters.clone();
@@ -720,7 +733,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             publisher: from,
             epoch: view.epoch,
         });
-        for e in &view.entries {
+        for (i, e) in view.entries.iter().enumerate() {
             let Some(Some(route)) = routes.get(e.topic_index) else {
                 continue;
             };
@@ -728,11 +741,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 continue;
             }
             let extra = PublishOptions {
-                headers: e
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                headers: forwarded_headers(&e.headers, i, retrace),
                 message_id: e.message_id.map(str::to_string),
                 overflow: Overflow::default(),
             }
@@ -751,5 +760,52 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 }
             }
         }
+    }
+}
+
+/// The headers a forwarded copy of batch entry `i` carries: the
+/// publisher's, with the `traceparent` that `retrace` names for `i` (a
+/// forwarding node's span) instead of the publisher's.
+fn forwarded_headers(
+    headers: &[(&str, &str)],
+    i: usize,
+    retrace: &[(usize, String)],
+) -> Vec<(String, String)> {
+    let new = retrace
+        .iter()
+        .find(|(j, _)| *j == i)
+        .map(|(_, v)| v.as_str());
+    headers
+        .iter()
+        .map(|&(k, v)| {
+            let v = match new {
+                Some(n) if k.eq_ignore_ascii_case(macula_wire::trace::TRACEPARENT) => n,
+                _ => v,
+            };
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod retrace_tests {
+    use super::forwarded_headers;
+
+    #[test]
+    fn a_forwarded_copy_carries_the_forwarding_span_as_parent() {
+        let h = [("a", "1"), ("TraceParent", "old"), ("tracestate", "k=v")];
+        let retrace = [(3, "other".to_string()), (1, "new".to_string())];
+        let got = forwarded_headers(&h, 1, &retrace);
+        assert_eq!(
+            got,
+            vec![
+                ("a".to_string(), "1".to_string()),
+                ("TraceParent".to_string(), "new".to_string()),
+                ("tracestate".to_string(), "k=v".to_string()),
+            ]
+        );
+        // Entries the driver did not trace keep the publisher's context.
+        assert_eq!(forwarded_headers(&h, 0, &retrace)[1].1, "old");
+        assert_eq!(forwarded_headers(&h, 1, &[])[1].1, "old");
     }
 }

@@ -365,6 +365,30 @@ enum Command {
     },
 }
 
+impl Command {
+    /// What a request asks (the `macula.op` attribute of its span).
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Put { .. } => "put",
+            Command::Get { fresh: false, .. } => "get",
+            Command::Get { fresh: true, .. } => "get_fresh",
+            Command::Closest { .. } => "closest",
+            Command::Unpublish { .. } => "unpublish",
+            _ => "other",
+        }
+    }
+
+    fn key(&self) -> Option<NodeId> {
+        match self {
+            Command::Put { key, .. }
+            | Command::Get { key, .. }
+            | Command::Closest { key, .. }
+            | Command::Unpublish { key, .. } => Some(*key),
+            _ => None,
+        }
+    }
+}
+
 /// The application's handle on the node's DHT. Cheap to clone.
 #[derive(Clone)]
 pub struct DhtHandle {
@@ -386,7 +410,27 @@ impl DhtHandle {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, DhtError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(make(reply)).map_err(|e| match e {
+        let cmd = make(reply);
+        // Tracing: a lookup made for a traced publish or call is a span of
+        // that trace (never a trace of its own).
+        if crate::trace::on() {
+            if let Some(span) = crate::trace::child(|| {
+                tracing::info_span!(target: crate::trace::TARGET, "macula.dht",
+                    macula.op = cmd.name(),
+                    macula.key = cmd.key().map(tracing::field::display))
+            }) {
+                return tracing::Instrument::instrument(self.send_and_wait(cmd, rx), span).await;
+            }
+        }
+        self.send_and_wait(cmd, rx).await
+    }
+
+    async fn send_and_wait<T>(
+        &self,
+        cmd: Command,
+        rx: oneshot::Receiver<T>,
+    ) -> Result<T, DhtError> {
+        self.tx.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => DhtError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => DhtError::Stopped,
         })?;

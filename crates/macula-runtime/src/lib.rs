@@ -42,6 +42,7 @@ mod service;
 pub mod status;
 pub mod stream;
 pub mod tls;
+pub mod trace;
 pub mod trust;
 pub mod tunnel;
 

@@ -1757,11 +1757,20 @@ impl NodeRuntime {
         }
         let relay = relay.clone();
         let addr = relay.remote_addr();
+        // Tracing: the relay session a traced publish or call opens is a
+        // span of its trace. Only that exchange runs in it: quinn keeps the
+        // span current when it spawns a connection's driver, which would
+        // hold the caller's span open for the connection's lifetime.
+        let parent = if crate::trace::on() {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
         let fut = self.shared_dial(
             |s| &s.relay_dialing,
             target,
             addr,
-            move |node| async move { node.dial_relayed(&relay, target).await }.boxed(),
+            move |node| async move { node.dial_relayed(&relay, target, parent).await }.boxed(),
         );
         let peer = fut.await?;
         peer.touch();
@@ -1811,8 +1820,14 @@ impl NodeRuntime {
             .clone()
     }
 
-    async fn dial_relayed(&self, relay: &Peer, target: NodeId) -> Result<Peer, ConnectError> {
-        let addr = self.0.tunnel.open(relay, target).await?;
+    async fn dial_relayed(
+        &self,
+        relay: &Peer,
+        target: NodeId,
+        parent: tracing::Span,
+    ) -> Result<Peer, ConnectError> {
+        let addr =
+            tracing::Instrument::instrument(self.0.tunnel.open(relay, target), parent).await?;
         let timeout = self.0.config.limits.handshake_timeout;
         let handshake = async {
             let sni = tls::server_name(Some(target));

@@ -495,6 +495,22 @@ impl Relay {
         mut writer: FrameWriter,
     ) {
         let target = req.target;
+        // Tracing: the hop (the target's answer, not the splice) as a child
+        // of the initiator's span, if it sent one.
+        let span = crate::trace::remote(
+            req.traceparent
+                .as_deref()
+                .and_then(|t| macula_wire::trace::TraceParent::parse(t).ok()),
+            None,
+            || {
+                tracing::info_span!(target: crate::trace::TARGET, "macula.relay.hop",
+                    otel.kind = "server",
+                    macula.source = %source.node_id(),
+                    macula.target = %target,
+                    macula.node = %self.0.node_id)
+            },
+        )
+        .unwrap_or_else(tracing::Span::none);
         let refuse = |code: RelayCode, message: String| {
             self.0.counters.count_refusal(code);
             tracing::info!(source = %source.node_id(), target = %target, reason = code.name(), detail = %message, "relay session refused");
@@ -508,9 +524,12 @@ impl Relay {
                 return;
             }
         };
-        let opened = tokio::time::timeout(
-            TARGET_ANSWER_TIMEOUT,
-            self.open_to_target(&target_peer, source.node_id()),
+        let opened = tracing::Instrument::instrument(
+            tokio::time::timeout(
+                TARGET_ANSWER_TIMEOUT,
+                self.open_to_target(&target_peer, source.node_id()),
+            ),
+            span.clone(),
         )
         .await
         .unwrap_or_else(|_| Err("no answer in time".into()));
@@ -535,6 +554,7 @@ impl Relay {
             self.end_session();
             return;
         }
+        drop(span);
         let c = &self.0.counters;
         c.sessions_total.inc();
         tracing::debug!(source = %source.node_id(), target = %target, "relay session open");

@@ -386,6 +386,19 @@ impl Tunnel {
     ) -> Result<SocketAddr, RelayError> {
         let rid = relay.node_id();
         let stream_err = |detail: String| RelayError::Stream { relay: rid, detail };
+        // Tracing: a session opened for a traced publish or call (dialing
+        // a node only reachable through `relay`) is a span of that trace,
+        // and the relay's hop span is its child.
+        let span = crate::trace::child(|| {
+            tracing::info_span!(target: crate::trace::TARGET, "macula.relay.open",
+                otel.kind = "client",
+                macula.relay = %rid,
+                macula.target = %target)
+        });
+        let traceparent = span
+            .as_ref()
+            .and_then(crate::trace::traceparent_of)
+            .map(|t| t.to_string());
         let exchange = async {
             let (send, recv) = relay
                 .connection()
@@ -396,6 +409,7 @@ impl Tunnel {
             let mut r = FrameReader::new(recv, self.0.max_frame_size);
             w.send(&Message::Relay(RelayMessage::Connect(RelayConnect {
                 target,
+                traceparent,
             })))
             .await
             .map_err(|e| stream_err(e.to_string()))?;
@@ -409,6 +423,8 @@ impl Tunnel {
             }
             Ok((r, w))
         };
+        let exchange =
+            tracing::Instrument::instrument(exchange, span.unwrap_or_else(tracing::Span::none));
         let (r, w) = tokio::time::timeout(RELAY_ANSWER_TIMEOUT, exchange)
             .await
             .map_err(|_| RelayError::Timeout {

@@ -26,6 +26,7 @@ pub mod rpc;
 pub mod status;
 pub mod suspect;
 pub mod time;
+pub mod trace;
 pub mod ttl_cache;
 
 pub use client::ClientMessage;

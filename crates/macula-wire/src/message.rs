@@ -1344,9 +1344,12 @@ mod tests {
                         message,
                     }
                 )),
-            any::<[u8; 32]>().prop_map(|t| RelayMessage::Connect(RelayConnect {
-                target: NodeId::from_bytes(t)
-            })),
+            (any::<[u8; 32]>(), proptest::option::of("[0-9a-f-]{0,60}")).prop_map(|(t, tp)| {
+                RelayMessage::Connect(RelayConnect {
+                    target: NodeId::from_bytes(t),
+                    traceparent: tp,
+                })
+            }),
             any::<[u8; 32]>().prop_map(|t| RelayMessage::Incoming(RelayIncoming {
                 source: NodeId::from_bytes(t)
             })),

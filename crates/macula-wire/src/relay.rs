@@ -133,10 +133,22 @@ pub struct RelayReserved {
 
 /// 0x74: "splice this stream to `target`" (first frame of a stream the
 /// initiator opens to the relay).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayConnect {
     pub target: NodeId,
+    /// Optional W3C `traceparent` of the initiator's span (the relay's hop
+    /// span is its child: PROTOCOL.md 5.13); at most
+    /// `MAX_RELAY_TRACEPARENT_LEN` bytes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::nil_default"
+    )]
+    pub traceparent: Option<String>,
 }
+
+/// Longest `traceparent` a RELAY_CONNECT may carry.
+pub const MAX_RELAY_TRACEPARENT_LEN: usize = 256;
 
 /// 0x75: "`source` wants a relayed session with you" (first frame of a
 /// stream the relay opens to the target).
@@ -170,6 +182,15 @@ impl RelayMessage {
         let msg = match self {
             RelayMessage::Reserved(r) => &r.message,
             RelayMessage::Status(s) => &s.message,
+            RelayMessage::Connect(RelayConnect {
+                traceparent: Some(t),
+                ..
+            }) if t.len() > MAX_RELAY_TRACEPARENT_LEN => {
+                return Err(format!(
+                    "traceparent of {} bytes, limit {MAX_RELAY_TRACEPARENT_LEN}",
+                    t.len()
+                ));
+            }
             _ => return Ok(()),
         };
         if msg.len() > MAX_RELAY_MESSAGE_LEN {

@@ -105,6 +105,10 @@ pub use macula_runtime::rpc::{
     AdvertiseOptions, CallOptions, Handler, HandlerError, HandlerResult, ProviderInfo,
     Registration, Request, Response, RpcError,
 };
+/// Distributed tracing: trace context in PUBLISH and CALL headers, and
+/// (cargo feature `otlp`) OpenTelemetry spans for publish, delivery, calls,
+/// handlers, DHT lookups, relay hops and gateway forwarding.
+pub use macula_runtime::trace;
 pub use macula_runtime::{ClientError, ConnectError, Direction, PeerAddr, PeerEvent, StartError};
 /// A small seedable PRNG (xoshiro256**), for tests and benchmarks that
 /// must pick the same things every run.

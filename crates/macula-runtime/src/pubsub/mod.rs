@@ -51,6 +51,7 @@ use macula_pubsub::{
 };
 use macula_wire::{DisconnectReason, ErrorCode, Message, MessageType, NodeId};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::authz::{Authz, Denied};
 use crate::clock::Clock;
@@ -166,6 +167,8 @@ pub(crate) struct Inner {
     /// What this node's (or client's) own application may do: the node's
     /// `authz`, or a client's view of its own grant.
     own: Option<Arc<Authz>>,
+    /// This node (or client): the `macula.node` attribute of its spans.
+    node_id: NodeId,
 }
 
 impl Inner {
@@ -270,6 +273,7 @@ impl PubSub {
     ) -> PubSub {
         let limits = config.limits;
         let stall_timeout = config.out.stall_timeout.to_duration();
+        let node_id = config.node_id;
         let core = Core::new(config);
         PubSub(Arc::new(Inner {
             counters: core.counters().clone(),
@@ -284,6 +288,7 @@ impl PubSub {
             stall_timeout,
             authz,
             own,
+            node_id,
         }))
     }
 
@@ -448,9 +453,10 @@ impl PubSub {
         &self,
         topic: &str,
         payload: Bytes,
-        opts: PublishOptions,
+        mut opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
         self.allowed_here(Perm::Publish, topic)?;
+        let _span = self.publish_span(topic, &mut opts).map(|s| s.entered());
         self.run(|core, now, out| core.publish_local(topic, payload, opts, now, out))
             .map(|p| p.seq)
     }
@@ -463,9 +469,40 @@ impl PubSub {
         &self,
         topic: &str,
         payload: Bytes,
-        opts: PublishOptions,
+        mut opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
         self.allowed_here(Perm::Publish, topic)?;
+        if crate::trace::on() {
+            if let Some(span) = self.publish_span(topic, &mut opts) {
+                return self
+                    .publish_mesh_inner(topic, payload, opts)
+                    .instrument(span)
+                    .await;
+            }
+        }
+        self.publish_mesh_inner(topic, payload, opts).await
+    }
+
+    /// The span of a publish (`None` unless tracing is on and sampled), its
+    /// context put in the message's headers.
+    fn publish_span(&self, topic: &str, opts: &mut PublishOptions) -> Option<tracing::Span> {
+        if !crate::trace::on() {
+            return None;
+        }
+        crate::trace::start(&mut opts.headers, || {
+            tracing::info_span!(target: crate::trace::TARGET, "macula.publish",
+                otel.kind = "producer",
+                macula.topic = topic,
+                macula.node = %self.0.node_id)
+        })
+    }
+
+    async fn publish_mesh_inner(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+    ) -> Result<u64, PubSubError> {
         let block = opts.overflow == Overflow::Block;
         let len = payload.len();
         let mut msg = Some((payload, opts));
@@ -473,7 +510,9 @@ impl PubSub {
         let published = match &self.0.role {
             Role::Local => {
                 let (payload, opts) = msg.unwrap_or_default();
-                return self.publish(topic, payload, opts);
+                return self
+                    .run(|core, now, out| core.publish_local(topic, payload, opts, now, out))
+                    .map(|p| p.seq);
             }
             Role::Client(up) => loop {
                 let room = self.0.room.notified();
@@ -735,6 +774,14 @@ impl PubSub {
                 rx.count_refused(n);
                 continue;
             }
+            // Tracing: this gateway's forwarding spans for the traced
+            // messages of a client's batch (their copies carry them on as
+            // parent); nothing when tracing is off.
+            let forwarding = if from_client && crate::trace::on() {
+                self.forward_spans(&frame.body, &mut rx)
+            } else {
+                Vec::new()
+            };
             let res = {
                 let now = self.0.now();
                 let mut core = self.0.core();
@@ -773,13 +820,60 @@ impl PubSub {
             c.dropped_slow_total.inc_by(dropped);
             if from_client {
                 // A gateway passes its client's messages on into the mesh.
-                self.forward_from_client(from, &frame.body).await;
+                self.forward_from_client(from, &frame.body, &rx.retrace)
+                    .await;
+            }
+            if !forwarding.is_empty() {
+                rx.retrace.clear();
+                drop(forwarding);
             }
         }
     }
 }
 
 impl PubSub {
+    /// A gateway's span per traced message of client batch `body` (a child
+    /// of the publisher's span), each noted in `rx.retrace` so the copies
+    /// it forwards name it as their parent.
+    fn forward_spans(
+        &self,
+        body: &Bytes,
+        rx: &mut BatchReceiver<Arc<SubQueue>>,
+    ) -> Vec<tracing::Span> {
+        rx.retrace.clear();
+        let Ok(view) = macula_wire::PublishBatchView::decode(body) else {
+            return Vec::new();
+        };
+        let mut spans = Vec::new();
+        for (i, e) in view.entries.iter().enumerate() {
+            if e.headers.is_empty() {
+                continue;
+            }
+            let tp = macula_wire::trace::find(e.headers.iter().copied());
+            let state = e
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(crate::trace::TRACESTATE))
+                .map(|(_, v)| *v);
+            let topic = view.topics.get(e.topic_index).copied().unwrap_or("");
+            let Some(span) = crate::trace::remote(tp, state, || {
+                tracing::info_span!(target: crate::trace::TARGET, "macula.gateway.forward",
+                    otel.kind = "consumer",
+                    macula.topic = topic,
+                    macula.publisher = %view.publisher,
+                    macula.seq = e.seq,
+                    macula.node = %self.0.node_id)
+            }) else {
+                continue;
+            };
+            if let Some(tp) = crate::trace::traceparent_of(&span) {
+                rx.retrace.push((i, tp.to_string()));
+            }
+            spans.push(span);
+        }
+        spans
+    }
+
     /// In a realm with an authority: whether `peer` may hand over every
     /// topic of this PUBLISH_BATCH (a client publishes for itself; a node
     /// for itself, or carries others' with `relay`). A batch with any
@@ -940,6 +1034,22 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
+    /// The delivery span of a traced event (a child of its publisher's,
+    /// or of the gateway that forwarded it): recorded as the application
+    /// takes it.
+    fn delivered(&self, e: &Event) {
+        let node = self.owner.upgrade().map(|i| i.node_id);
+        let _span = crate::trace::remote_in(&e.headers, || {
+            tracing::info_span!(target: crate::trace::TARGET, "macula.deliver",
+                otel.kind = "consumer",
+                macula.topic = %e.topic.as_str(),
+                macula.pattern = self.pattern.as_str(),
+                macula.publisher = %e.publisher,
+                macula.seq = e.seq,
+                macula.node = node.map(tracing::field::display))
+        });
+    }
+
     pub fn pattern(&self) -> &str {
         self.pattern.as_str()
     }
@@ -979,6 +1089,9 @@ impl futures::Stream for Subscription {
             this.taken = this.taken.wrapping_add(1);
             if this.queue.waiting.swap(false, Relaxed) {
                 this.queue.room.notify_waiters();
+            }
+            if crate::trace::on() && !e.headers.is_empty() {
+                this.delivered(&e);
             }
             return Poll::Ready(Some(SubscriptionItem::Event(e)));
         }

@@ -192,7 +192,12 @@ impl PubSub {
     /// A batch that attached client `from` published (already delivered
     /// here): forwards it to the other interested nodes, keeping the client
     /// as publisher with its epoch and sequence numbers.
-    pub(super) async fn forward_from_client(&self, from: NodeId, body: &bytes::Bytes) {
+    pub(super) async fn forward_from_client(
+        &self,
+        from: NodeId,
+        body: &bytes::Bytes,
+        retrace: &[(usize, String)],
+    ) {
         let Ok(view) = PublishBatchView::decode(body) else {
             return;
         };
@@ -205,7 +210,7 @@ impl PubSub {
         }
         let now = self.0.now();
         let mut core = self.0.core();
-        core.forward_from_client(from, &view, body, &routes, now);
+        core.forward_from_client(from, &view, body, &routes, retrace, now);
         self.after(core);
     }
 }

@@ -84,9 +84,27 @@ impl Rpc {
         Ok(())
     }
 
-    pub(super) async fn run_call(self, b: CallBuilder) -> Result<Response, RpcError> {
+    pub(super) async fn run_call(self, mut b: CallBuilder) -> Result<Response, RpcError> {
         self.check_call(&b)?;
         self.allowed_here(macula_auth::Action::Call, &b.procedure)?;
+        if crate::trace::on() {
+            let span = crate::trace::start(&mut b.opts.headers, || {
+                tracing::info_span!(target: crate::trace::TARGET, "macula.call",
+                    otel.kind = "client",
+                    macula.procedure = b.procedure.as_str(),
+                    macula.node = %self.0.node_id,
+                    macula.provider = tracing::field::Empty)
+            });
+            if let Some(span) = span {
+                // Checked again: the trace context is one more header.
+                self.check_call(&b)?;
+                let r = tracing::Instrument::instrument(self.run(&b, None), span.clone()).await;
+                if let Ok(r) = &r {
+                    span.record("macula.provider", tracing::field::display(r.provider));
+                }
+                return r;
+            }
+        }
         self.run(&b, None).await
     }
 

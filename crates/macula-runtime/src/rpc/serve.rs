@@ -103,6 +103,15 @@ impl Rpc {
                 slot,
                 deadline,
             } => {
+                // Tracing: the handler runs inside this node's span, a
+                // child of the caller's (so are the application's spans).
+                let span = crate::trace::remote_in(&call.headers, || {
+                    tracing::info_span!(target: crate::trace::TARGET, "macula.handle",
+                        otel.kind = "server",
+                        macula.procedure = call.procedure.as_str(),
+                        macula.caller = %peer.node_id(),
+                        macula.node = %self.0.node_id)
+                });
                 let req = Request {
                     procedure: call.procedure,
                     payload: Bytes::from(call.payload),
@@ -111,7 +120,7 @@ impl Rpc {
                     deadline: self.instant(deadline),
                 };
                 let (id, rpc) = (call.id, self.clone());
-                self.spawn_serving(peer, id, async move {
+                self.spawn_serving(peer, id, span, async move {
                     let _slot = SlotGuard(&rpc, Some(slot));
                     run_handler(&rpc.0.counters, handler.as_ref(), req)
                         .await
@@ -124,11 +133,24 @@ impl Rpc {
                 // client) in its own task, like a handler; the answer keeps
                 // the onward error's kind.
                 let (rpc, id) = (self.clone(), call.id);
-                self.spawn_serving(peer, id, async move {
+                // Tracing: the forwarding span, a child of the caller's; the
+                // onward call (a child of it) names it as parent.
+                let mut headers = call.headers;
+                let span = crate::trace::remote_in(&headers, || {
+                    tracing::info_span!(target: crate::trace::TARGET, "macula.gateway.forward",
+                        otel.kind = "server",
+                        macula.procedure = call.procedure.as_str(),
+                        macula.caller = %peer.node_id(),
+                        macula.node = %self.0.node_id)
+                });
+                if let Some(tp) = span.as_ref().and_then(crate::trace::traceparent_of) {
+                    crate::trace::put(&mut headers, &tp);
+                }
+                self.spawn_serving(peer, id, span, async move {
                     let mut b = rpc
                         .call(&call.procedure, call.payload)
                         .timeout(timeout.to_duration());
-                    b.opts.headers = call.headers;
+                    b.opts.headers = headers;
                     b.await
                         .map(|r| r.payload)
                         .map_err(|e| forwarded_error(id, &e))
@@ -142,8 +164,15 @@ impl Rpc {
     /// aborts it, as does the connection closing) and sends the answer:
     /// REPLY, or CALL_ERROR; an answer that cannot be sent (too large for
     /// a frame) is replaced by an `Invalid` error.
-    pub(super) fn spawn_serving<F>(&self, peer: &Peer, id: u64, work: F)
-    where
+    /// `span`: the tracing span the work and its answer run in (`None`:
+    /// not traced).
+    pub(super) fn spawn_serving<F>(
+        &self,
+        peer: &Peer,
+        id: u64,
+        span: Option<tracing::Span>,
+        work: F,
+    ) where
         F: Future<Output = Result<Bytes, CallError>> + Send + 'static,
     {
         let key = (peer.connection_id(), id);
@@ -168,7 +197,15 @@ impl Rpc {
                     Message::Rpc(RpcMessage::Error(e))
                 }
             };
-            if let Err(e) = peer.send(&msg).await {
+            let reply = crate::trace::child(|| {
+                tracing::info_span!(target: crate::trace::TARGET, "macula.reply",
+                    macula.ok = matches!(msg, Message::Rpc(RpcMessage::Reply(_))))
+            });
+            let sent = match reply {
+                Some(s) => tracing::Instrument::instrument(peer.send(&msg), s).await,
+                None => peer.send(&msg).await,
+            };
+            if let Err(e) = sent {
                 // Too large for a frame, or the connection is gone.
                 tracing::debug!(peer = %peer.node_id(), error = %e, "could not send RPC answer");
                 let message = format!("answer could not be sent: {e}");
@@ -182,6 +219,7 @@ impl Rpc {
             }
         };
         let counters = self.0.counters.clone();
+        let task = tracing::Instrument::instrument(task, span.unwrap_or_else(tracing::Span::none));
         tokio::spawn(async move {
             let _gauge = GaugeGuard::up(&counters.serving);
             let _ = Abortable::new(task, reg).await;

@@ -1,0 +1,400 @@
+//! `macula bench tracing`: pub/sub and RPC between two in-process nodes over
+//! QUIC on 127.0.0.1 with tracing off, on at 1% sampling and on at 100%,
+//! rounds alternating, side by side. Spans are really exported: to an
+//! OTLP/HTTP sink on 127.0.0.1 in this process that reads every request and
+//! counts it (`spans_exported_bytes`).
+//!
+//! Figures per mode: publish throughput (64 B, flat out, until the
+//! subscriber has them all), publish-to-receive latency (one message in
+//! flight), calls per second (`--concurrency` callers) and call latency
+//! (one call in flight).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+use macula::{Identity, Node, SubscriptionItem};
+
+use crate::bench_stats::{build_kind, debug_note};
+use crate::otlp::TraceArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct TracingArgs {
+    /// Messages per throughput run.
+    #[arg(long, default_value_t = 200_000)]
+    messages: usize,
+    /// Messages (one in flight) per latency run, and calls per latency run.
+    #[arg(long, default_value_t = 2_000)]
+    latency_count: usize,
+    /// Calls per throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    calls: usize,
+    /// Concurrent callers in the throughput run.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Rounds (each runs every mode; medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The modes (each round runs them all, starting one further): off (the default), on
+/// but sampling nothing (the cost of the hooks and the decision), 1% and
+/// 100% of the operations traced.
+const MODES: [(&str, Option<f64>); 4] = [
+    ("off", None),
+    ("0%", Some(0.0)),
+    ("1%", Some(0.01)),
+    ("100%", Some(1.0)),
+];
+
+/// The in-process OTLP sink: requests and bytes received.
+#[derive(Default)]
+struct Sink {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
+
+/// The tracing flags `bench tracing` runs with: its own sink as the
+/// collector (started here, before logging is set up).
+pub fn trace_args() -> anyhow::Result<TraceArgs> {
+    anyhow::ensure!(
+        cfg!(feature = "otlp"),
+        "bench tracing needs a macula built with the `otlp` cargo feature \
+         (cargo build --release -p macula-cli --features otlp)"
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind the OTLP sink")?;
+    let addr = listener.local_addr()?;
+    let sink = Arc::new(Sink::default());
+    let _ = SINK.set(sink.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let sink = sink.clone();
+            std::thread::spawn(move || serve_sink(conn, &sink));
+        }
+    });
+    Ok(TraceArgs {
+        otlp: Some(format!("http://{addr}")),
+        trace_sample: 0.0,
+    })
+}
+
+/// Answers OTLP/HTTP export requests on one keep-alive connection with an
+/// empty success, counting what arrived. Ends on any malformed request.
+fn serve_sink(conn: std::net::TcpStream, sink: &Sink) {
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut len = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let Some(len) = len.filter(|&n| n <= 64 << 20) else {
+            return;
+        };
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        sink.requests.fetch_add(1, Relaxed);
+        sink.bytes.fetch_add(len as u64, Relaxed);
+        let ok =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+        if w.write_all(ok.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Round {
+    publish_msgs_per_s: f64,
+    publish_p50_us: f64,
+    publish_p99_us: f64,
+    calls_per_s: f64,
+    call_p50_us: f64,
+    call_p99_us: f64,
+    spans_exported_bytes: u64,
+}
+
+type Figure = fn(&Round) -> f64;
+
+const FIGURES: [(&str, Figure); 6] = [
+    ("publish_msgs_per_s", |r| r.publish_msgs_per_s),
+    ("publish_p50_us", |r| r.publish_p50_us),
+    ("publish_p99_us", |r| r.publish_p99_us),
+    ("calls_per_s", |r| r.calls_per_s),
+    ("call_p50_us", |r| r.call_p50_us),
+    ("call_p99_us", |r| r.call_p99_us),
+];
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> {
+    let limit = Duration::from_secs(30);
+    let sink = SINK.get().context("no OTLP sink")?.clone();
+    let before = sink.bytes.load(Relaxed);
+    let mut sub = b.subscribe("bench.**").await?;
+    a.wait_for_subscribers("bench.t", Duration::from_secs(10))
+        .await?;
+    let payload = Bytes::from(vec![7u8; 64]);
+    // Throughput.
+    let n = args.messages;
+    let t = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        while got < n {
+            match tokio::time::timeout(limit, sub.next()).await {
+                Ok(Some(SubscriptionItem::Event(_))) => got += 1,
+                Ok(Some(SubscriptionItem::Lagged(k))) => got += k as usize,
+                Ok(None) | Err(_) => anyhow::bail!("only {got} of {n} messages arrived"),
+            }
+        }
+        Ok(sub)
+    });
+    for _ in 0..n {
+        a.publish("bench.t", payload.clone()).await?;
+    }
+    let mut sub = reader.await??;
+    let publish_msgs_per_s = n as f64 / t.elapsed().as_secs_f64();
+    // Latency: one message in flight.
+    let mut lat = Vec::with_capacity(args.latency_count);
+    for _ in 0..args.latency_count {
+        let t = Instant::now();
+        a.publish("bench.t", payload.clone()).await?;
+        match tokio::time::timeout(limit, sub.next()).await {
+            Ok(Some(SubscriptionItem::Event(_))) => lat.push(t.elapsed()),
+            other => anyhow::bail!("latency run: {other:?}"),
+        }
+    }
+    drop(sub);
+    lat.sort_unstable();
+    let reg = b
+        .advertise("bench.echo", |r: macula::Request| async move {
+            Ok::<_, macula::HandlerError>(r.payload)
+        })
+        .await?;
+    a.call("bench.echo", Bytes::from_static(b"warm")).await?;
+    let left = Arc::new(AtomicUsize::new(args.calls));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (a, left) = (a.clone(), left.clone());
+        tasks.push(tokio::spawn(async move {
+            while left
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                a.call("bench.echo", Bytes::from_static(b"x")).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let calls_per_s = args.calls as f64 / t.elapsed().as_secs_f64();
+    let mut clat = Vec::with_capacity(args.latency_count);
+    for _ in 0..args.latency_count {
+        let t = Instant::now();
+        a.call("bench.echo", Bytes::from_static(b"x")).await?;
+        clat.push(t.elapsed());
+    }
+    clat.sort_unstable();
+    drop(reg);
+    // What this mode exported: everything, before the next mode starts
+    // (the processor sends every 500 ms; a backlog of spans being encoded
+    // and sent would steal the next mode's CPU).
+    quiesce(&sink).await;
+    Ok(Round {
+        publish_msgs_per_s,
+        publish_p50_us: pct(&lat, 0.5),
+        publish_p99_us: pct(&lat, 0.99),
+        calls_per_s,
+        call_p50_us: pct(&clat, 0.5),
+        call_p99_us: pct(&clat, 0.99),
+        spans_exported_bytes: sink.bytes.load(Relaxed) - before,
+    })
+}
+
+/// Waits until the sink has received nothing new for 1.5 s (at most 60 s).
+async fn quiesce(sink: &Sink) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut still) = (sink.bytes.load(Relaxed), 0);
+    while still < 6 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = sink.bytes.load(Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+}
+
+struct Dirs(Vec<PathBuf>);
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=2_000_000).contains(&args.messages),
+        "--messages must be 1..=2000000"
+    );
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.latency_count),
+        "--latency-count must be 1..=100000"
+    );
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&args.calls),
+        "--calls must be 1..=1000000"
+    );
+    anyhow::ensure!(
+        (1..=1024).contains(&args.concurrency),
+        "--concurrency must be 1..=1024"
+    );
+    anyhow::ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
+    let mut dirs = Dirs(Vec::new());
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..2 {
+        let dir =
+            std::env::temp_dir().join(format!("macula-bench-tracing-{}-{i}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        dirs.0.push(dir.clone());
+        Identity::load_or_create(&dir)?;
+        let mut b = Node::builder()
+            .realm("bench.tracing")
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .data_dir(&dir);
+        if let Some(first) = nodes.first() {
+            b = b.bootstrap([format!("{}@{}", first.id(), first.local_addr()).as_str()]);
+        }
+        nodes.push(b.start().await?);
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); MODES.len()];
+    for r in 0..args.rounds {
+        // Each round starts with the next mode (a mode's place in a round
+        // must not weigh on its figures).
+        for m in (0..MODES.len()).map(|k| (k + r) % MODES.len()) {
+            let (name, ratio) = MODES[m];
+            eprintln!(
+                "bench tracing: round {}/{} tracing {name}...",
+                r + 1,
+                args.rounds
+            );
+            match ratio {
+                None => macula::trace::disable(),
+                #[cfg(feature = "otlp")]
+                Some(x) => macula::trace::enable(x),
+                #[cfg(not(feature = "otlp"))]
+                Some(_) => anyhow::bail!("built without the `otlp` feature"),
+            }
+            rounds[m].push(round(a, b, &args).await?);
+        }
+    }
+    macula::trace::disable();
+    for n in nodes {
+        n.shutdown().await;
+    }
+    let sink = SINK.get().context("no OTLP sink")?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let mut v = serde_json::json!({
+            "benchmark": "tracing",
+            "build": build_kind(),
+            "modes": MODES.iter().map(|m| m.0).collect::<Vec<_>>(),
+            "otlp_requests": sink.requests.load(Relaxed),
+            "otlp_bytes": sink.bytes.load(Relaxed),
+        });
+        for (name, f) in FIGURES {
+            let mut o = serde_json::Map::new();
+            for (m, (mode, _)) in MODES.iter().enumerate() {
+                o.insert(
+                    mode.to_string(),
+                    median(rounds[m].iter().map(f).collect()).into(),
+                );
+            }
+            v[name] = o.into();
+        }
+        for (m, (mode, _)) in MODES.iter().enumerate() {
+            v["rounds"][mode] = serde_json::to_value(&rounds[m])?;
+        }
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(
+            out,
+            "tracing benchmark: two nodes over QUIC on 127.0.0.1, spans exported to a local OTLP/HTTP sink, median of {} rounds{}",
+            args.rounds,
+            debug_note()
+        )?;
+        let mut head = format!("  {:<20}", "");
+        for (mode, _) in MODES {
+            head.push_str(&format!(" {mode:>12}"));
+        }
+        for (mode, _) in &MODES[1..] {
+            head.push_str(&format!(" {:>9}", format!("{mode}/off")));
+        }
+        writeln!(out, "{head}")?;
+        for (name, f) in FIGURES {
+            let v: Vec<f64> = (0..MODES.len())
+                .map(|m| median(rounds[m].iter().map(f).collect()))
+                .collect();
+            let mut line = format!("  {name:<20}");
+            for x in &v {
+                line.push_str(&format!(" {x:>12.1}"));
+            }
+            for x in &v[1..] {
+                line.push_str(&format!(" {:>9.3}", x / v[0]));
+            }
+            writeln!(out, "{line}")?;
+        }
+        let mut line = "  OTLP bytes exported:".to_string();
+        for (m, (mode, _)) in MODES.iter().enumerate() {
+            let bytes: u64 = rounds[m].iter().map(|r| r.spans_exported_bytes).sum();
+            line.push_str(&format!(" {mode} {bytes},"));
+        }
+        writeln!(
+            out,
+            "{line} {} requests in all",
+            sink.requests.load(Relaxed)
+        )?;
+    }
+    Ok(())
+}

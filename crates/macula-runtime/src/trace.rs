@@ -1,0 +1,389 @@
+//! Distributed tracing: where a node starts spans and how their context
+//! crosses the mesh.
+//!
+//! Trace context travels as W3C `traceparent`/`tracestate` headers of
+//! PUBLISH (batch entries) and CALL (`macula_wire::trace`): the pub/sub and
+//! RPC cores carry them as data, so a node forwards an incoming context
+//! whether or not it traces. Spans are `tracing` spans (target
+//! [`TARGET`]) that the `tracing-opentelemetry` layer turns into
+//! OpenTelemetry spans; they are only created once [`enable`] has been
+//! called (cargo feature `otlp`) and the sampling decision says so:
+//!
+//! - an operation this node starts (publish, call) is a child of the
+//!   application's current span when that span is sampled; with no current
+//!   span, a new trace is started for the configured ratio of operations;
+//!   an application that put its own sampled `traceparent` in the headers
+//!   gets a child of that;
+//! - a span for a message or call from another node (delivery, handler,
+//!   gateway forwarding, relay hop) is a child of the remote parent it
+//!   carries, and only exists when that parent was sampled (parent-based).
+//!
+//! Off (the default, and always without the feature), every hook is one
+//! relaxed atomic load ([`on`]): no span, no allocation per message.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+pub use macula_wire::trace::{Ratio, TraceParent, TRACEPARENT, TRACESTATE};
+
+/// Target of every span this crate creates (filter on it to export only
+/// the mesh's spans).
+pub const TARGET: &str = "macula::trace";
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static RATIO: AtomicU64 = AtomicU64::new(0);
+
+/// Whether spans are created (`enable` was called; feature `otlp`).
+#[inline]
+pub fn on() -> bool {
+    cfg!(feature = "otlp") && ENABLED.load(Relaxed)
+}
+
+/// The ratio of new traces (operations without a sampled parent).
+pub fn ratio() -> Ratio {
+    Ratio::from_bits(RATIO.load(Relaxed))
+}
+
+/// Starts creating spans, sampling `ratio` (0.0..=1.0) of the operations
+/// that start a trace. The process must have a `tracing` subscriber with
+/// a `tracing-opentelemetry` layer whose tracer samples as [`Sampler`]
+/// does (or `ParentBased(AlwaysOn)`: the ratio is applied here).
+#[cfg(feature = "otlp")]
+pub fn enable(ratio: f64) {
+    RATIO.store(Ratio::new(ratio).bits(), Relaxed);
+    ENABLED.store(true, Relaxed);
+}
+
+/// Stops creating spans (headers are still carried).
+pub fn disable() {
+    ENABLED.store(false, Relaxed);
+}
+
+/// The trace ID among `headers`, as 32 hex characters (`macula trace`).
+pub fn trace_id(headers: &[(String, String)]) -> Option<String> {
+    find(headers).map(|t| t.trace_id_hex())
+}
+
+/// The `traceparent` among `headers`, if any parses.
+pub fn find(headers: &[(String, String)]) -> Option<TraceParent> {
+    if headers.is_empty() {
+        return None;
+    }
+    macula_wire::trace::find(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+#[cfg(feature = "otlp")]
+pub use imp::*;
+
+#[cfg(feature = "otlp")]
+mod imp {
+    use super::*;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry::Context;
+    use tracing::Span;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    /// 64 random bits for a sampling decision: a per-thread xorshift
+    /// seeded once from the OS (no lock, no allocation).
+    fn random() -> u64 {
+        use std::cell::Cell;
+        thread_local! {
+            static STATE: Cell<u64> = Cell::new({
+                let mut b = [0u8; 8];
+                let _ = getrandom::getrandom(&mut b);
+                u64::from_le_bytes(b) | 1
+            });
+        }
+        STATE.with(|s| {
+            let mut x = s.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.set(x);
+            x
+        })
+    }
+
+    /// The OpenTelemetry context of a `traceparent` from another node.
+    pub fn remote_context(tp: &TraceParent, tracestate: Option<&str>) -> Context {
+        let state = tracestate
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        let sc = SpanContext::new(
+            TraceId::from_bytes(tp.trace_id),
+            SpanId::from_bytes(tp.parent_id),
+            TraceFlags::new(tp.flags),
+            true,
+            state,
+        );
+        Context::new().with_remote_span_context(sc)
+    }
+
+    /// `span`'s own context as a `traceparent` (`None`: not exported).
+    pub fn traceparent_of(span: &Span) -> Option<TraceParent> {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        (sc.is_valid() && sc.is_sampled()).then(|| TraceParent {
+            trace_id: sc.trace_id().to_bytes(),
+            parent_id: sc.span_id().to_bytes(),
+            flags: sc.trace_flags().to_u8(),
+        })
+    }
+
+    fn tracestate(headers: &[(String, String)]) -> Option<&str> {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(TRACESTATE))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Puts `tp` in `headers`, replacing a `traceparent` already there.
+    pub fn put(headers: &mut Vec<(String, String)>, tp: &TraceParent) {
+        let v = tp.to_string();
+        match headers
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(TRACEPARENT))
+        {
+            Some(h) => h.1 = v,
+            None => headers.push((TRACEPARENT.to_string(), v)),
+        }
+    }
+
+    /// A span for an operation this node starts (publish, call), made by
+    /// `make` if the sampling decision says so (see the module doc), with
+    /// its context written into `headers` for the nodes on the way.
+    /// `None` (and `headers` untouched): not traced.
+    pub fn start(headers: &mut Vec<(String, String)>, make: impl FnOnce() -> Span) -> Option<Span> {
+        if !on() {
+            return None;
+        }
+        let span = if let Some(tp) = find(headers) {
+            // The application's own context: a child of it, if sampled.
+            if !tp.sampled() {
+                return None;
+            }
+            let span = make();
+            let _ = span.set_parent(remote_context(&tp, tracestate(headers)));
+            span
+        } else {
+            let current = Span::current();
+            let parent = if current.is_none() {
+                None
+            } else {
+                let sc = current.context().span().span_context().clone();
+                sc.is_valid().then(|| sc.is_sampled())
+            };
+            if !macula_wire::trace::decide(parent, ratio(), random()) {
+                return None;
+            }
+            make()
+        };
+        let tp = traceparent_of(&span)?;
+        put(headers, &tp);
+        Some(span)
+    }
+
+    /// A span for work on behalf of another node (delivery, handler,
+    /// gateway forwarding, relay hop), made by `make` as a child of the
+    /// sampled remote parent `tp`. `None`: not traced.
+    pub fn remote(
+        tp: Option<TraceParent>,
+        tracestate: Option<&str>,
+        make: impl FnOnce() -> Span,
+    ) -> Option<Span> {
+        let tp = tp.filter(|t| on() && t.sampled())?;
+        let span = make();
+        span.set_parent(remote_context(&tp, tracestate)).ok()?;
+        Some(span)
+    }
+
+    /// [`remote`] with the parent taken from `headers`.
+    pub fn remote_in(headers: &[(String, String)], make: impl FnOnce() -> Span) -> Option<Span> {
+        if !on() {
+            return None;
+        }
+        remote(find(headers), tracestate(headers), make)
+    }
+
+    /// A span made by `make` as a child of the current span, only when the
+    /// current span is sampled (DHT lookups, relay connects: they belong to
+    /// a traced publish or call, never start a trace of their own).
+    pub fn child(make: impl FnOnce() -> Span) -> Option<Span> {
+        if !on() {
+            return None;
+        }
+        let current = Span::current();
+        if current.is_none() || !current.context().span().span_context().is_sampled() {
+            return None;
+        }
+        Some(make())
+    }
+
+    /// The sampler a tracer provider should use with this module:
+    /// parent-based; a root span of this crate (target [`TARGET`]'s spans
+    /// are named `macula.*`) was already sampled by [`start`]; any other
+    /// root (the application's own spans) by the ratio on its trace ID.
+    #[derive(Debug, Clone)]
+    pub struct Sampler;
+
+    impl opentelemetry_sdk::trace::ShouldSample for Sampler {
+        fn should_sample(
+            &self,
+            parent: Option<&Context>,
+            trace_id: TraceId,
+            name: &str,
+            _kind: &opentelemetry::trace::SpanKind,
+            _attributes: &[opentelemetry::KeyValue],
+            _links: &[opentelemetry::trace::Link],
+        ) -> opentelemetry_sdk::trace::SamplingResult {
+            use opentelemetry_sdk::trace::{SamplingDecision, SamplingResult};
+            let parent_sc = parent
+                .filter(|cx| cx.has_active_span())
+                .map(|cx| cx.span().span_context().clone())
+                .filter(|sc| sc.is_valid());
+            let sampled = match &parent_sc {
+                Some(sc) => sc.is_sampled(),
+                None if name.starts_with("macula.") => true,
+                None => ratio().admits_trace(&trace_id.to_bytes()),
+            };
+            SamplingResult {
+                decision: if sampled {
+                    SamplingDecision::RecordAndSample
+                } else {
+                    SamplingDecision::Drop
+                },
+                attributes: Vec::new(),
+                trace_state: parent_sc
+                    .map(|sc| sc.trace_state().clone())
+                    .unwrap_or_default(),
+            }
+        }
+    }
+}
+
+/// Without the `otlp` feature: no spans, ever (headers are still carried).
+#[cfg(not(feature = "otlp"))]
+pub use off::*;
+
+#[cfg(not(feature = "otlp"))]
+mod off {
+    use super::*;
+    use tracing::Span;
+
+    pub fn start(_: &mut Vec<(String, String)>, _: impl FnOnce() -> Span) -> Option<Span> {
+        None
+    }
+    pub fn remote(
+        _: Option<TraceParent>,
+        _: Option<&str>,
+        _: impl FnOnce() -> Span,
+    ) -> Option<Span> {
+        None
+    }
+    pub fn remote_in(_: &[(String, String)], _: impl FnOnce() -> Span) -> Option<Span> {
+        None
+    }
+    pub fn child(_: impl FnOnce() -> Span) -> Option<Span> {
+        None
+    }
+    pub fn traceparent_of(_: &Span) -> Option<TraceParent> {
+        None
+    }
+    pub fn put(_: &mut Vec<(String, String)>, _: &TraceParent) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_by_default_and_trace_ids_are_read_from_headers() {
+        assert!(!on());
+        let h = vec![
+            ("x".to_string(), "y".to_string()),
+            (
+                "traceparent".to_string(),
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string(),
+            ),
+        ];
+        assert_eq!(
+            trace_id(&h).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id(&[]), None);
+    }
+
+    /// The SDK sampler agrees with `start` and `remote`: a parent decides;
+    /// a root span of this crate was sampled before it was made; any other
+    /// root gets the ratio (0 until `enable`: no test here enables).
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn the_sampler_is_parent_based_and_trusts_our_own_roots() {
+        use opentelemetry::trace::{SpanKind, TraceId};
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+        let decide = |parent: Option<&opentelemetry::Context>, name: &str| {
+            Sampler
+                .should_sample(
+                    parent,
+                    TraceId::from_bytes([7; 16]),
+                    name,
+                    &SpanKind::Internal,
+                    &[],
+                    &[],
+                )
+                .decision
+        };
+        let tp = |flags| TraceParent {
+            trace_id: [1; 16],
+            parent_id: [2; 8],
+            flags,
+        };
+        let sampled = remote_context(&tp(1), None);
+        let unsampled = remote_context(&tp(0), Some("k=v"));
+        assert_eq!(
+            decide(Some(&sampled), "app"),
+            SamplingDecision::RecordAndSample
+        );
+        assert_eq!(
+            decide(Some(&unsampled), "macula.deliver"),
+            SamplingDecision::Drop
+        );
+        assert_eq!(
+            decide(None, "macula.publish"),
+            SamplingDecision::RecordAndSample
+        );
+        assert_eq!(ratio(), Ratio::NEVER);
+        assert_eq!(decide(None, "app.request"), SamplingDecision::Drop);
+        // An empty context is no parent.
+        let empty = opentelemetry::Context::new();
+        assert_eq!(
+            decide(Some(&empty), "macula.call"),
+            SamplingDecision::RecordAndSample
+        );
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn trace_context_is_put_in_place_of_the_old() {
+        let mut h = vec![("a".to_string(), "b".to_string())];
+        let t = TraceParent {
+            trace_id: [1; 16],
+            parent_id: [2; 8],
+            flags: 1,
+        };
+        put(&mut h, &t);
+        put(&mut h, &t.with_parent([3; 8]));
+        assert_eq!(h.len(), 2);
+        assert_eq!(find(&h), Some(t.with_parent([3; 8])));
+        // Off (the default): nothing is made, headers stay as they are.
+        let mut called = false;
+        assert!(start(&mut h, || {
+            called = true;
+            tracing::Span::none()
+        })
+        .is_none());
+        assert!(remote_in(&h, tracing::Span::none).is_none());
+        assert!(!called && h.len() == 2);
+    }
+}

@@ -1,0 +1,358 @@
+//! W3C Trace Context (<https://www.w3.org/TR/trace-context/>) as carried in
+//! PUBLISH and CALL headers, and the sampling decision of a node.
+//!
+//! A message that is part of a trace carries a `traceparent` header
+//! (`00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`) and may
+//! carry a `tracestate` header (vendor data, passed on unchanged). Both are
+//! plain header pairs: the pub/sub and RPC cores carry them as data, and a
+//! node that does not trace forwards them untouched.
+//!
+//! Pure: no clock, no randomness (the caller hands in the random bits), no
+//! allocation except `Display`.
+
+use std::fmt;
+
+/// Header carrying the trace and parent span (W3C `traceparent`).
+pub const TRACEPARENT: &str = "traceparent";
+/// Header carrying vendor trace state (W3C `tracestate`), passed on as is.
+pub const TRACESTATE: &str = "tracestate";
+/// Length of a version-00 `traceparent` value.
+pub const TRACEPARENT_LEN: usize = 55;
+/// `trace-flags` bit: the caller recorded (sampled) its span.
+pub const FLAG_SAMPLED: u8 = 0x01;
+
+/// A parsed `traceparent`: trace ID, parent span ID, flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub parent_id: [u8; 8],
+    pub flags: u8,
+}
+
+/// Why a `traceparent` value was refused (the header is then ignored: a
+/// message with a bad trace context is delivered as one with none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TraceParentError {
+    #[error("traceparent is {0} bytes, expected 55 (or more for a later version)")]
+    Length(usize),
+    #[error("traceparent is not `version-traceid-parentid-flags`")]
+    Layout,
+    #[error("traceparent has a character that is not lowercase hex")]
+    Hex,
+    #[error("traceparent version ff is invalid")]
+    Version,
+    #[error("traceparent trace id or parent id is all zeros")]
+    Zero,
+}
+
+impl TraceParent {
+    /// Parses a `traceparent` value. Version `00` must be exactly 55 bytes;
+    /// a later version may be longer (its extra fields, after a `-`, are
+    /// ignored, as the specification asks).
+    pub fn parse(s: &str) -> Result<TraceParent, TraceParentError> {
+        let b = s.as_bytes();
+        if b.len() < TRACEPARENT_LEN {
+            return Err(TraceParentError::Length(b.len()));
+        }
+        if b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+            return Err(TraceParentError::Layout);
+        }
+        let version = hex_byte(&b[0..2])?;
+        if version == 0xff {
+            return Err(TraceParentError::Version);
+        }
+        if b.len() > TRACEPARENT_LEN && (version == 0 || b[TRACEPARENT_LEN] != b'-') {
+            return Err(TraceParentError::Length(b.len()));
+        }
+        let mut trace_id = [0u8; 16];
+        for (i, out) in trace_id.iter_mut().enumerate() {
+            *out = hex_byte(&b[3 + 2 * i..5 + 2 * i])?;
+        }
+        let mut parent_id = [0u8; 8];
+        for (i, out) in parent_id.iter_mut().enumerate() {
+            *out = hex_byte(&b[36 + 2 * i..38 + 2 * i])?;
+        }
+        let flags = hex_byte(&b[53..55])?;
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return Err(TraceParentError::Zero);
+        }
+        Ok(TraceParent {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+
+    /// Whether the caller sampled (recorded) its span.
+    pub fn sampled(&self) -> bool {
+        self.flags & FLAG_SAMPLED != 0
+    }
+
+    /// The trace ID as 32 lowercase hex characters.
+    pub fn trace_id_hex(&self) -> String {
+        let mut s = String::with_capacity(32);
+        push_hex(&mut s, &self.trace_id);
+        s
+    }
+
+    /// The same trace with `span` as the parent: what a node passes on
+    /// after it recorded a span of its own (a gateway's forwarding span).
+    pub fn with_parent(self, span: [u8; 8]) -> TraceParent {
+        TraceParent {
+            parent_id: span,
+            ..self
+        }
+    }
+}
+
+/// Formats as a version-00 `traceparent` (55 bytes).
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::with_capacity(TRACEPARENT_LEN);
+        s.push_str("00-");
+        push_hex(&mut s, &self.trace_id);
+        s.push('-');
+        push_hex(&mut s, &self.parent_id);
+        s.push('-');
+        push_hex(&mut s, &[self.flags]);
+        f.write_str(&s)
+    }
+}
+
+/// The `traceparent` among `headers`, if there is one and it parses (the
+/// first, matched without regard to case, as HTTP header names are).
+/// Costs nothing on a message without headers.
+pub fn find<'a, I>(headers: I) -> Option<TraceParent>
+where
+    I: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    headers
+        .into_iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(TRACEPARENT))
+        .and_then(|(_, v)| TraceParent::parse(v).ok())
+}
+
+fn hex_digit(c: u8) -> Result<u8, TraceParentError> {
+    match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        _ => Err(TraceParentError::Hex),
+    }
+}
+
+fn hex_byte(b: &[u8]) -> Result<u8, TraceParentError> {
+    Ok(hex_digit(b[0])? << 4 | hex_digit(b[1])?)
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+}
+
+// ----- sampling ----------------------------------------------------------
+
+/// A sampling ratio as a threshold on 64 random bits: a trace is sampled
+/// when its bits are below it. `0.0` (or less, or NaN) samples nothing,
+/// `1.0` (or more) everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ratio(u64);
+
+impl Ratio {
+    pub const NEVER: Ratio = Ratio(0);
+    pub const ALWAYS: Ratio = Ratio(u64::MAX);
+
+    pub fn new(ratio: f64) -> Ratio {
+        if ratio.is_nan() || ratio <= 0.0 {
+            Ratio::NEVER
+        } else if ratio >= 1.0 {
+            Ratio::ALWAYS
+        } else {
+            // Exact enough: 2^-53 granularity.
+            Ratio((ratio * 18_446_744_073_709_551_616.0) as u64)
+        }
+    }
+
+    /// The threshold, for storing in an atomic.
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u64) -> Ratio {
+        Ratio(bits)
+    }
+
+    /// Whether `random` (uniform 64 bits) falls in the sampled share.
+    pub fn admits(self, random: u64) -> bool {
+        self.0 == u64::MAX || random < self.0
+    }
+
+    /// The ratio's decision for a new trace with `trace_id`, from its low 8
+    /// bytes as OpenTelemetry's `TraceIdRatioBased` reads them (so the
+    /// decision is the same wherever this trace ID is seen).
+    pub fn admits_trace(self, trace_id: &[u8; 16]) -> bool {
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&trace_id[8..]);
+        // Only 63 bits are compared, as the reference does.
+        self.admits((u64::from_be_bytes(low) >> 1) << 1)
+    }
+}
+
+/// What a node decides for a span it is about to start: parent-based (a
+/// remote or local parent's sampled flag decides), and for a new trace
+/// (no parent) the ratio on `random`.
+pub fn decide(parent_sampled: Option<bool>, ratio: Ratio, random: u64) -> bool {
+    match parent_sampled {
+        Some(sampled) => sampled,
+        None => ratio.admits(random),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn parses_the_specification_example() {
+        let t = TraceParent::parse(EXAMPLE).unwrap();
+        assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            t.parent_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert!(t.sampled());
+        assert_eq!(t.to_string(), EXAMPLE);
+        let unsampled = EXAMPLE.replace("-01", "-00");
+        assert!(!TraceParent::parse(&unsampled).unwrap().sampled());
+    }
+
+    #[test]
+    fn refuses_what_the_specification_refuses() {
+        use TraceParentError::*;
+        let bad = |s: &str| TraceParent::parse(s).unwrap_err();
+        assert_eq!(bad(""), Length(0));
+        assert_eq!(bad(&EXAMPLE[..54]), Length(54));
+        assert_eq!(bad(&EXAMPLE.replace("4bf9", "4BF9")), Hex);
+        assert_eq!(bad(&EXAMPLE.replacen("00-", "ff-", 1)), Version);
+        assert_eq!(
+            bad("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            Zero
+        );
+        assert_eq!(
+            bad("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
+            Zero
+        );
+        assert_eq!(bad(&EXAMPLE.replace('-', "_")), Layout);
+        // Version 00 is exactly 55 bytes; a later version may add fields.
+        assert_eq!(bad(&format!("{EXAMPLE}-x")), Length(57));
+        let later = format!("01{}-more", &EXAMPLE[2..]);
+        assert_eq!(TraceParent::parse(&later).unwrap().flags, 1);
+        assert_eq!(bad(&format!("01{}x", &EXAMPLE[2..])), Length(56));
+    }
+
+    #[test]
+    fn finds_the_header_among_others_whatever_its_case() {
+        let h = [("a", "b"), ("TraceParent", EXAMPLE)];
+        assert_eq!(find(h).unwrap().to_string(), EXAMPLE);
+        assert_eq!(find([("traceparent", "junk")]), None);
+        assert_eq!(find(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn a_new_parent_keeps_trace_and_flags() {
+        let t = TraceParent::parse(EXAMPLE).unwrap().with_parent([7; 8]);
+        assert_eq!(
+            t.to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0707070707070707-01"
+        );
+    }
+
+    #[test]
+    fn ratio_edges() {
+        assert!(!Ratio::new(0.0).admits(0));
+        assert!(!Ratio::new(-1.0).admits(0));
+        assert!(!Ratio::new(f64::NAN).admits(0));
+        assert!(Ratio::new(1.0).admits(u64::MAX));
+        assert!(Ratio::new(2.0).admits(u64::MAX));
+        let half = Ratio::new(0.5);
+        assert!(half.admits(u64::MAX / 2 - 1) && !half.admits(u64::MAX / 2 + 1));
+        assert_eq!(Ratio::from_bits(half.bits()), half);
+    }
+
+    #[test]
+    fn parent_based_decisions() {
+        assert!(decide(Some(true), Ratio::NEVER, 0));
+        assert!(!decide(Some(false), Ratio::ALWAYS, 0));
+        assert!(decide(None, Ratio::ALWAYS, u64::MAX));
+        assert!(!decide(None, Ratio::NEVER, 0));
+    }
+
+    #[test]
+    fn a_one_percent_ratio_samples_about_one_percent() {
+        // A fixed sequence of well-spread 64-bit values (splitmix64).
+        let mut x = 0u64;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let r = Ratio::new(0.01);
+        let n = (0..100_000).filter(|_| r.admits(next())).count();
+        assert!((800..1200).contains(&n), "{n}");
+    }
+
+    proptest! {
+        #[test]
+        fn format_then_parse_is_identity(
+            trace_id in any::<[u8; 16]>(),
+            parent_id in any::<[u8; 8]>(),
+            flags in any::<u8>(),
+        ) {
+            prop_assume!(trace_id != [0; 16] && parent_id != [0; 8]);
+            let t = TraceParent { trace_id, parent_id, flags };
+            let s = t.to_string();
+            prop_assert_eq!(s.len(), TRACEPARENT_LEN);
+            prop_assert_eq!(TraceParent::parse(&s), Ok(t));
+            prop_assert_eq!(t.trace_id_hex(), &s[3..35]);
+        }
+
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,80}") {
+            let _ = TraceParent::parse(&s);
+        }
+
+        #[test]
+        fn what_parses_formats_back_the_same(s in "[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}") {
+            if let Ok(t) = TraceParent::parse(&s) {
+                // Version 00 round-trips exactly; a later one as version 00.
+                prop_assert_eq!(t.to_string()[2..].to_string(), s[2..].to_string());
+            }
+        }
+
+        #[test]
+        fn a_higher_ratio_admits_everything_a_lower_one_does(
+            a in 0.0f64..=1.0, b in 0.0f64..=1.0, x in any::<u64>()
+        ) {
+            let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+            if Ratio::new(lo).admits(x) {
+                prop_assert!(Ratio::new(hi).admits(x));
+            }
+        }
+
+        #[test]
+        fn the_trace_decision_depends_on_the_trace_id_only(id in any::<[u8; 16]>(), r in 0.0f64..=1.0) {
+            let ratio = Ratio::new(r);
+            prop_assert_eq!(ratio.admits_trace(&id), ratio.admits_trace(&id));
+            let mut same_low = [0u8; 16];
+            same_low[8..].copy_from_slice(&id[8..]);
+            prop_assert_eq!(ratio.admits_trace(&id), ratio.admits_trace(&same_low));
+        }
+    }
+}
