@@ -961,7 +961,24 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
                 }
             },
             Route::To(t) => {
+                // A named provider still answers to its breaker: while it
+                // is open the call fails at once instead of trying a node
+                // that failed again and again (half-open: this call is the
+                // probe).
                 let t = t.clone();
+                let usable =
+                    self.balancer
+                        .pick(&call.procedure, call.strategy, &[(t.clone(), 1)], &[], now);
+                if usable.is_none() {
+                    self.finish(
+                        call,
+                        Err(CallFailure::Unreachable {
+                            tried: vec![t],
+                            reason: "its circuit breaker is open".into(),
+                        }),
+                    );
+                    return;
+                }
                 let addrs = self.cache.addrs_of(&call.procedure, &t);
                 self.connect(call, t, addrs, now);
             }
