@@ -549,6 +549,47 @@ mod tests {
     }
 
     #[test]
+    fn limits_hold_exactly_at_their_bounds() {
+        let many: Vec<String> = (0..MAX_SUBJECTS).map(|i| format!("t{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(StreamConfig::new("s", &refs).validate().is_ok());
+        let mut c = StreamConfig::new("s", &["a"]);
+        c.max_dedup_ids = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Zero("max_dedup_ids")));
+        c.duplicate_window = Millis::ZERO;
+        assert!(c.validate().is_ok(), "no window, no IDs to keep");
+        let ok = |c: ConsumerConfig| c.validate().is_ok();
+        assert!(ok(ConsumerConfig {
+            filter: many.clone(),
+            ..Default::default()
+        }));
+        let mut more = many.clone();
+        more.push("t-extra".into());
+        assert!(!ok(ConsumerConfig {
+            filter: more,
+            ..Default::default()
+        }));
+        assert!(ok(ConsumerConfig {
+            max_ack_pending: MAX_ACK_PENDING_CEILING,
+            ..Default::default()
+        }));
+        assert!(ok(ConsumerConfig {
+            backoff: vec![Millis(1); MAX_BACKOFF_STEPS],
+            ..Default::default()
+        }));
+        assert!(!ok(ConsumerConfig {
+            backoff: vec![Millis(1); MAX_BACKOFF_STEPS + 1],
+            ..Default::default()
+        }));
+        // A refused name is quoted, cut to a readable length.
+        let long = "é".repeat(200);
+        match StreamConfig::new(long, &["a"]).validate() {
+            Err(ConfigError::Name(n)) => assert_eq!(n.chars().count(), MAX_NAME_LEN + 8),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn edits_keep_what_is_fixed() {
         let a = StreamConfig::new("s", &["a"]);
         let mut b = a.clone();

@@ -1183,6 +1183,23 @@ mod tests {
     }
 
     #[test]
+    fn a_message_of_exactly_the_bytes_left_is_delivered() {
+        let mut s = stream();
+        put(&mut s, 0, "a.x");
+        let mut c = consumer(&s, |c| c.ack_wait = Millis(10));
+        assert!(matches!(
+            c.next_within(Millis(0), &s, Some(10)),
+            Next::Deliver(_)
+        ));
+        c.handle_timeout(Millis(10));
+        // The redelivery too, and one byte less is too big.
+        assert_eq!(c.next_within(Millis(10), &s, Some(9)), Next::TooBig(10));
+        assert!(
+            matches!(c.next_within(Millis(10), &s, Some(10)), Next::Deliver(d) if d.deliveries == 2)
+        );
+    }
+
+    #[test]
     fn state_round_trips_through_restore() {
         let mut s = stream();
         for _ in 0..5 {
