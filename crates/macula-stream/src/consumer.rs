@@ -553,16 +553,7 @@ impl Consumer {
         delay: Millis,
         now: Millis,
     ) -> Result<Option<Exhausted>, AckError> {
-        self.touch(now);
-        if self.cfg.ack == AckPolicy::None {
-            return Err(AckError::NoAcks);
-        }
-        let Some(p) = self.pending.get(&seq).copied() else {
-            return Err(AckError::NotPending(seq));
-        };
-        if self.redeliver.contains(&seq) {
-            return Err(AckError::NotPending(seq));
-        }
+        let p = self.awaiting_ack(seq, now)?;
         self.counters.naked += 1;
         self.timers.remove(&(p.deadline, seq));
         if delay == Millis::ZERO {
@@ -576,18 +567,22 @@ impl Consumer {
         Ok(None)
     }
 
-    /// Work in progress on `seq`: its ack wait starts again from `now`.
-    pub fn in_progress(&mut self, seq: u64, now: Millis) -> Result<(), AckError> {
+    /// The pending delivery of `seq` whose ack wait is running (not one
+    /// queued for redelivery), for a nak or an in-progress.
+    fn awaiting_ack(&mut self, seq: u64, now: Millis) -> Result<Pending, AckError> {
         self.touch(now);
         if self.cfg.ack == AckPolicy::None {
             return Err(AckError::NoAcks);
         }
-        let Some(p) = self.pending.get(&seq).copied() else {
-            return Err(AckError::NotPending(seq));
-        };
-        if self.redeliver.contains(&seq) {
-            return Err(AckError::NotPending(seq));
+        match self.pending.get(&seq) {
+            Some(p) if !self.redeliver.contains(&seq) => Ok(*p),
+            _ => Err(AckError::NotPending(seq)),
         }
+    }
+
+    /// Work in progress on `seq`: its ack wait starts again from `now`.
+    pub fn in_progress(&mut self, seq: u64, now: Millis) -> Result<(), AckError> {
+        let p = self.awaiting_ack(seq, now)?;
         self.timers.remove(&(p.deadline, seq));
         let deadline = now.saturating_add(self.wait(p.deliveries));
         if let Some(p) = self.pending.get_mut(&seq) {

@@ -212,24 +212,7 @@ fn refuse(e: StreamError) -> Response {
         "too_many" => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::BAD_REQUEST,
     };
-    let kind = match e.kind() {
-        "no_data_dir" => "stream.no_data_dir",
-        "not_found" => "stream.not_found",
-        "exists" => "stream.exists",
-        "too_many" => "stream.too_many",
-        "overlap" => "stream.overlap",
-        "not_captured" => "stream.not_captured",
-        "config" => "stream.config",
-        "full" => "stream.full",
-        "too_large" => "stream.too_large",
-        "refused" => "stream.refused",
-        "no_consumer" => "stream.no_consumer",
-        "consumer" => "stream.consumer",
-        "store" => "stream.store",
-        "failed" => "stream.failed",
-        _ => "stream.invalid",
-    };
-    error_kind(status, kind, e.to_string())
+    error_kind(status, &format!("stream.{}", e.kind()), e.to_string())
 }
 
 fn bad_json(e: JsonRejection) -> Response {

@@ -433,7 +433,6 @@ impl Streams {
             .filter(|s| s.last_seq() == last_seq && s.last_ts() == last_ts);
         let (mut state, n) = match snapshot {
             Some(state) => {
-                store.write_now(vec![Write::Index(None)])?;
                 let n = state.msgs();
                 (state, n)
             }
@@ -461,11 +460,10 @@ impl Streams {
                     }
                     .into());
                 }
-                // Drop any stale snapshot too.
-                store.write_now(vec![Write::Index(None)])?;
                 (state, n)
             }
         };
+        store.write_now(vec![Write::Index(None)])?;
         state.set_visible_upto(Some(last_seq));
         let mut stream = Stream::from_state(state);
         let mono = self.0.clock.now();
@@ -972,7 +970,7 @@ impl Streams {
     ) -> Result<(), StreamError> {
         let h = self.get(stream)?;
         let now = self.0.clock.now();
-        let removed = {
+        {
             let mut core = h.core.lock();
             let removed = match kind {
                 AckKind::Ack => core.ack(consumer, seq, now)?,
@@ -987,11 +985,9 @@ impl Streams {
                 }
             };
             if !removed.is_empty() {
-                h.store.submit(vec![Write::Delete(removed.clone())], None)?;
+                h.store.submit(vec![Write::Delete(removed)], None)?;
             }
-            removed
-        };
-        let _ = removed;
+        }
         self.mark_dirty(&h, consumer);
         if matches!(kind, AckKind::Nak(_)) {
             h.changed.notify_waiters();
@@ -1202,21 +1198,13 @@ async fn read(
     let h2 = h.clone();
     tokio::task::spawn_blocking(move || {
         let seqs: Vec<u64> = picked.iter().map(|p| p.0).collect();
+        // `get_batch` keeps the batch's order and leaves out what is no
+        // longer stored (removed since it was picked).
         let mut found = h2.store.get_batch(&seqs)?.into_iter().peekable();
         let mut out = Vec::with_capacity(picked.len());
         for (seq, consumer_seq, deliveries) in picked {
-            // `get_batch` keeps the order of an ascending batch; otherwise
-            // look the sequence up among what was found.
-            let m = match found.peek() {
-                Some((s, _)) if *s == seq => found.next().map(|(_, m)| m),
-                _ => None,
-            };
-            let m = match m {
-                Some(m) => m,
-                None => match h2.store.get(seq)? {
-                    Some(m) => m,
-                    None => continue,
-                },
+            let Some((_, m)) = found.next_if(|(s, _)| *s == seq) else {
+                continue;
             };
             out.push(StreamMsg {
                 stream: h2.name.clone(),
