@@ -544,6 +544,13 @@ impl NodeRuntime {
                 clock,
                 first_node,
                 PoolDialer(weak.clone()),
+                match &config.identity {
+                    IdentitySource::DataDir(dir) => Some(crate::dht::SnapshotSetup {
+                        path: crate::dht_snapshot::path(dir),
+                        interval: config.limits.dht_snapshot_interval,
+                    }),
+                    IdentitySource::Ephemeral => None,
+                },
                 dht_shutdown,
             );
             let pubsub = crate::pubsub::PubSub::node(
@@ -2006,6 +2013,9 @@ impl NodeRuntime {
         if !self.0.rpc.drain(SHUTDOWN_GRACE).await {
             tracing::warn!("shutdown: some RPC requests were still running at the deadline");
         }
+        // Keep the routing table and the records held for the next start
+        // (after the withdrawals above, so they are what the mesh now has).
+        self.0.dht.save_snapshot().await;
         // Stop the Raft groups while the connections are up, so a leader's
         // last heartbeats and answers still go out.
         self.0.raft.shutdown().await;
