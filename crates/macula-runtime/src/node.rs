@@ -762,6 +762,8 @@ impl NodeRuntime {
         );
         tokio::spawn(node.clone().check_reachability());
         tokio::spawn(node.clone().save_epoch());
+        // Streams hosted here are served to the mesh (`_stream.<name>`).
+        node.0.streams.serve_remote(node.0.rpc.clone());
         node.0.realm.load(
             node.0
                 .config
@@ -937,6 +939,21 @@ impl NodeRuntime {
     /// The durable streams this node hosts.
     pub fn streams(&self) -> &crate::stream::Streams {
         &self.0.streams
+    }
+
+    /// Durable stream `name` wherever it lives: hosted here (direct) or by
+    /// another node (over RPC, `_stream.<name>`; each operation but a
+    /// pull bounded by `timeout`).
+    pub fn stream(&self, name: &str, timeout: std::time::Duration) -> crate::stream::StreamHandle {
+        if self.0.streams.hosts(name) {
+            self.0.streams.handle(name)
+        } else {
+            crate::stream::StreamHandle::Remote(crate::stream::remote::RemoteStream::new(
+                self.0.rpc.clone(),
+                name,
+                timeout,
+            ))
+        }
     }
 
     pub fn tunnel(&self) -> &Tunnel {
