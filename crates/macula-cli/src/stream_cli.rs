@@ -250,6 +250,11 @@ pub struct ConsumerAddArgs {
     /// Replay at the pace the messages were stored.
     #[arg(long)]
     pub original_pace: bool,
+    /// A push consumer: the node publishes each delivery to this topic
+    /// (headers macula-stream, macula-stream-seq, macula-stream-consumer,
+    /// macula-stream-deliveries); subscribers ack as usual. Needs a NAME.
+    #[arg(long, value_name = "TOPIC")]
+    pub deliver_subject: Option<String>,
     #[command(flatten)]
     pub read: ReadArgs,
 }
@@ -775,6 +780,7 @@ fn consumer_add(a: &ConsumerAddArgs) -> Result<(), Failure> {
             ReplayPolicy::Instant
         },
         max_deliver: a.max_deliver,
+        deliver_subject: a.deliver_subject.clone(),
         ..Default::default()
     };
     if let Some(w) = &a.ack_wait {

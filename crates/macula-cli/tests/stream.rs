@@ -422,6 +422,46 @@ fn pub_persist_and_sub_stream_reach_a_stream_on_another_node() {
     ]);
     assert_ne!(code, Some(0), "{out}");
     assert!(out.contains("seq:N needs a number"), "{out}");
+
+    // A push consumer: the host publishes its deliveries to a topic that a
+    // plain subscriber on the other node reads (unacknowledged, they come
+    // again after the 1 s ack wait, so a delivery made before the
+    // subscriber's interest reached the host is not lost).
+    let mut push = Proc::spawn(&[
+        "sub",
+        "deliveries.orders",
+        "--count",
+        "5",
+        "--connect",
+        &other_quic,
+        "--realm",
+        REALM,
+    ]);
+    push.wait_for(&["subscribed to deliveries.orders"]);
+    let (code, out) = cli(&[
+        "consumer",
+        "add",
+        "orders",
+        "shipper",
+        "--deliver-subject",
+        "deliveries.orders",
+        "--ack-wait",
+        "1s",
+        "--http",
+        &host_http,
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    // `--count 5`: it exits 0 once five deliveries arrived.
+    assert_eq!(
+        push.wait_exit(Duration::from_secs(20)).map(|s| s.code()),
+        Some(Some(0))
+    );
+    push.wait_for(&["deliveries.orders", "more"]);
+    let (code, out) = cli(&[
+        "consumer", "next", "orders", "shipper", "--http", &host_http,
+    ]);
+    assert_ne!(code, Some(0), "a push consumer takes no pulls: {out}");
+    assert!(out.contains("push consumer"), "{out}");
     drop(other);
     drop(host);
 }

@@ -68,6 +68,14 @@ pub use macula_stream::{AckPolicy, DeliverPolicy, Discard, ReplayPolicy, Retenti
 pub const STREAM_HEADER: &str = "macula-stream";
 /// The header naming the stored sequence of an acknowledged publish.
 pub const SEQ_HEADER: &str = "macula-stream-seq";
+/// The push consumer a delivery comes from (with [`STREAM_HEADER`] and
+/// [`SEQ_HEADER`]: what to ack).
+pub const CONSUMER_HEADER: &str = "macula-stream-consumer";
+/// How many times a push delivery's message was delivered, this one
+/// included.
+pub const DELIVERIES_HEADER: &str = "macula-stream-deliveries";
+/// Messages a push consumer's task pulls at once.
+const PUSH_BATCH: usize = 256;
 
 /// Why a stream operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -352,6 +360,8 @@ struct Hosted {
     /// the task that makes it (retried until the mesh takes it).
     registration: Mutex<Option<crate::rpc::Registration>>,
     advertising: Mutex<Option<JoinHandle<()>>>,
+    /// One task per push consumer, by consumer name.
+    pushers: Mutex<BTreeMap<String, JoinHandle<()>>>,
 }
 
 impl Hosted {
@@ -375,6 +385,9 @@ impl Hosted {
             t.abort();
         }
         if let Some(t) = self.advertising.lock().take() {
+            t.abort();
+        }
+        for (_, t) in std::mem::take(&mut *self.pushers.lock()) {
             t.abort();
         }
     }
@@ -548,11 +561,77 @@ impl Streams {
             capture_lost: AtomicU64::new(0),
             registration: Mutex::new(None),
             advertising: Mutex::new(None),
+            pushers: Mutex::new(BTreeMap::new()),
         });
         self.start_tasks(&h);
         self.0.hosted.lock().insert(name, h.clone());
         self.advertise(&h);
+        let push: Vec<(String, String)> = {
+            let core = h.core.lock();
+            core.consumer_names()
+                .filter_map(|c| {
+                    let subject = core.consumer(c)?.config().deliver_subject.clone()?;
+                    Some((c.to_string(), subject))
+                })
+                .collect()
+        };
+        for (consumer, subject) in push {
+            self.start_push(&h, consumer, subject);
+        }
         h
+    }
+
+    /// Runs push consumer `consumer` of `h`: pulls batches as the consumer
+    /// allows (its `max_ack_pending` is the flow control) and publishes
+    /// each message to `subject` with the headers naming stream, sequence,
+    /// consumer and delivery count; acknowledgements come back like any
+    /// (`ack`, locally or over `_stream.<name>`).
+    fn start_push(&self, h: &Arc<Hosted>, consumer: String, subject: String) {
+        let weak = Arc::downgrade(&self.0);
+        let stream = h.name.clone();
+        let c = consumer.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let streams = Streams(inner);
+                let wait = streams.0.limits.max_wait;
+                let msgs = match streams.pull(&stream, &c, PUSH_BATCH, None, wait).await {
+                    Ok(m) => m,
+                    Err(StreamError::NotFound(_))
+                    | Err(StreamError::Consumer(ConsumerError::NotFound(_))) => return,
+                    Err(e) => {
+                        tracing::warn!(stream = %stream, consumer = %c, error = %e, "push consumer paused");
+                        drop(streams);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                for m in msgs {
+                    let mut headers = m.headers;
+                    headers.push((STREAM_HEADER.into(), stream.clone()));
+                    headers.push((SEQ_HEADER.into(), m.seq.to_string()));
+                    headers.push((CONSUMER_HEADER.into(), c.clone()));
+                    headers.push((DELIVERIES_HEADER.into(), m.deliveries.to_string()));
+                    let opts = PublishOptions {
+                        headers,
+                        ..Default::default()
+                    };
+                    if let Err(e) = streams
+                        .0
+                        .pubsub
+                        .publish_mesh(&subject, m.payload, opts)
+                        .await
+                    {
+                        // Not acknowledged: delivered again after the ack
+                        // wait (with acks); counted by the pub/sub layer.
+                        tracing::debug!(stream = %stream, consumer = %c, error = %e, "push delivery not published");
+                    }
+                }
+            }
+        });
+        if let Some(old) = h.pushers.lock().insert(consumer, task) {
+            old.abort();
+        }
     }
 
     /// Serves every hosted stream, and each one added later, to other
@@ -941,8 +1020,14 @@ impl Streams {
     ) -> Result<String, StreamError> {
         let h = self.get(stream)?;
         let now = self.0.clock.now();
+        let push = cfg.deliver_subject.clone();
         let name = h.core.lock().add_consumer(cfg, now)?;
         self.flush_consumer(&h, &name).await?;
+        if let Some(subject) = push {
+            if !h.pushers.lock().contains_key(&name) {
+                self.start_push(&h, name.clone(), subject);
+            }
+        }
         Ok(name)
     }
 
@@ -963,6 +1048,9 @@ impl Streams {
             rx
         };
         h.dirty.lock().remove(name);
+        if let Some(t) = h.pushers.lock().remove(name) {
+            t.abort();
+        }
         wait_written(&h, rx).await
     }
 
@@ -1008,6 +1096,29 @@ impl Streams {
     /// waiting up to `wait` for the first one; an empty answer means none
     /// came in time.
     pub async fn next(
+        &self,
+        stream: &str,
+        consumer: &str,
+        batch: usize,
+        max_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<Vec<StreamMsg>, StreamError> {
+        let push = {
+            let h = self.get(stream)?;
+            let core = h.core.lock();
+            core.consumer(consumer)
+                .and_then(|c| c.config().deliver_subject.clone())
+        };
+        if let Some(subject) = push {
+            return Err(StreamError::Invalid(format!(
+                "consumer {consumer:?} is a push consumer: its messages go to topic {subject:?}"
+            )));
+        }
+        self.pull(stream, consumer, batch, max_bytes, wait).await
+    }
+
+    /// [`Streams::next`] for any consumer (the push task's pulls).
+    async fn pull(
         &self,
         stream: &str,
         consumer: &str,
@@ -1133,7 +1244,10 @@ impl Streams {
             }
         }
         self.mark_dirty(&h, consumer);
-        if matches!(kind, AckKind::Nak(_)) {
+        if !matches!(kind, AckKind::InProgress) {
+            // A nak makes a message due again; an ack or term frees a place
+            // under max_ack_pending: a pull (or push task) waiting on a
+            // full consumer goes on now, not at its deadline.
             h.changed.notify_waiters();
         }
         Ok(())
