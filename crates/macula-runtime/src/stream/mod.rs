@@ -1301,6 +1301,14 @@ impl Streams {
                 .lock()
                 .get_or_insert_with(|| "the node is shutting down".into());
             flush_dirty(&h);
+            // The index as one snapshot, written after every queued write
+            // (so it matches what is on disk): the next start reads it
+            // instead of every message's head, and removes it before it
+            // writes anything (a crash after that falls back to the scan).
+            let index = h.core.lock().state().snapshot();
+            if h.store.submit(vec![Write::Index(Some(index))], None).is_err() {
+                tracing::warn!(stream = %h.name, "index snapshot not written: store closed");
+            }
             tokio::task::spawn_blocking(move || h.store.close())
                 .await
                 .ok();
