@@ -490,8 +490,7 @@ impl Streams {
         })?;
         let now = now_wall();
         // A clean shutdown left the index: one read instead of every
-        // message's head. It is removed before anything else is written,
-        // so after a crash the next start scans.
+        // message's head.
         let snapshot = store
             .index_snapshot()?
             .and_then(|b| {
@@ -532,7 +531,11 @@ impl Streams {
                 (state, n)
             }
         };
-        store.write_now(vec![Write::Index(None)])?;
+        // The snapshot goes before anything else is written: this removal
+        // is the writer's first job, so it is in the first commit (or an
+        // earlier one) and a crash after any change scans. Not waited for:
+        // until that commit the file is as the snapshot describes it.
+        store.submit(vec![Write::Index(None)], None)?;
         state.set_visible_upto(Some(last_seq));
         let mut stream = Stream::from_state(state);
         let mono = self.0.clock.now();
