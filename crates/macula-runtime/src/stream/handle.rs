@@ -21,6 +21,34 @@ const SUBSCRIPTION_BATCH: usize = 1000;
 /// the host's default `max_wait`).
 const REMOTE_SUBSCRIPTION_WAIT: Duration = Duration::from_secs(20);
 
+impl Streams {
+    /// Reads a stream from `from` on, as messages come: an ephemeral
+    /// consumer without acks (filtered by `filter`, empty for all) pulled in
+    /// batches. Dropping the subscription removes the consumer (at the
+    /// latest after its idle threshold).
+    pub async fn subscribe(
+        &self,
+        stream: &str,
+        filter: &[&str],
+        from: DeliverPolicy,
+    ) -> Result<StreamSubscription, StreamError> {
+        self.handle(stream).subscribe(filter, from).await
+    }
+
+    /// Stream `name` of this node as a [`StreamHandle`].
+    pub fn handle(&self, name: &str) -> StreamHandle {
+        StreamHandle::Local {
+            streams: self.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// How long one pull of a subscription waits.
+    pub(crate) fn max_wait(&self) -> Duration {
+        self.0.limits.max_wait
+    }
+}
+
 /// A stream on this node or another (see the module docs).
 #[derive(Clone, Debug)]
 pub enum StreamHandle {

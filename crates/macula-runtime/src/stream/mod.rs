@@ -637,73 +637,6 @@ impl Streams {
         }
     }
 
-    /// Serves every hosted stream, and each one added later, to other
-    /// nodes and clients over `rpc` (`_stream.<name>`, `remote.rs`).
-    pub fn serve_remote(&self, rpc: crate::rpc::Rpc) {
-        if self.0.rpc.set(rpc).is_err() {
-            return;
-        }
-        let hosted: Vec<Arc<Hosted>> = self.0.hosted.lock().values().cloned().collect();
-        for h in hosted {
-            self.advertise(&h);
-        }
-    }
-
-    /// Advertises `_stream.<name>` in the background, retrying (500 ms
-    /// doubling to 30 s) while the mesh does not take it; a refusal by the
-    /// realm's permissions is final (logged).
-    fn advertise(&self, h: &Arc<Hosted>) {
-        let Some(rpc) = self.0.rpc.get().cloned() else {
-            return;
-        };
-        let weak = Arc::downgrade(&self.0);
-        let hosted = Arc::downgrade(h);
-        let name = h.name.clone();
-        let task = tokio::spawn(async move {
-            let procedure = remote::procedure(&name);
-            let mut delay = Duration::from_millis(500);
-            loop {
-                let (w, n) = (weak.clone(), name.clone());
-                let handler = move |req: crate::rpc::Request| {
-                    let (w, n) = (w.clone(), n.clone());
-                    async move {
-                        match w.upgrade() {
-                            Some(inner) => remote::serve(&Streams(inner), &n, &req.payload).await,
-                            None => Err(crate::rpc::HandlerError::new(503, "the node is stopping")),
-                        }
-                    }
-                };
-                match rpc
-                    .advertise(&procedure, crate::rpc::AdvertiseOptions::default(), handler)
-                    .await
-                {
-                    Ok(reg) => {
-                        if let Some(h) = hosted.upgrade() {
-                            *h.registration.lock() = Some(reg);
-                            tracing::debug!(stream = %name, "stream served to the mesh");
-                        }
-                        return;
-                    }
-                    Err(e @ crate::rpc::RpcError::Unauthorized { .. }) => {
-                        tracing::warn!(stream = %name, error = %e, "stream not served to other nodes");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(stream = %name, error = %e, "stream not advertised yet; retrying");
-                    }
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-                if hosted.upgrade().is_none() {
-                    return;
-                }
-            }
-        });
-        if let Some(old) = h.advertising.lock().replace(task) {
-            old.abort();
-        }
-    }
-
     /// Whether this node hosts `name` (broken files included).
     pub fn hosts(&self, name: &str) -> bool {
         self.0.hosted.lock().contains_key(name) || self.0.broken.lock().contains_key(name)
@@ -1192,32 +1125,6 @@ impl Streams {
         }
     }
 
-    /// Reads a stream from `from` on, as messages come: an ephemeral
-    /// consumer without acks (filtered by `filter`, empty for all) pulled in
-    /// batches. Dropping the subscription removes the consumer (at the
-    /// latest after its idle threshold).
-    pub async fn subscribe(
-        &self,
-        stream: &str,
-        filter: &[&str],
-        from: DeliverPolicy,
-    ) -> Result<StreamSubscription, StreamError> {
-        self.handle(stream).subscribe(filter, from).await
-    }
-
-    /// Stream `name` of this node as a [`StreamHandle`].
-    pub fn handle(&self, name: &str) -> StreamHandle {
-        StreamHandle::Local {
-            streams: self.clone(),
-            name: name.to_string(),
-        }
-    }
-
-    /// How long one pull of a subscription waits.
-    pub(crate) fn max_wait(&self) -> Duration {
-        self.0.limits.max_wait
-    }
-
     /// Acknowledges (or naks, ...) a delivered message.
     pub async fn ack(
         &self,
@@ -1309,7 +1216,10 @@ impl Streams {
             // instead of every message's head, and removes it before it
             // writes anything (a crash after that falls back to the scan).
             let index = h.core.lock().state().snapshot();
-            if h.store.submit(vec![Write::Index(Some(index))], None).is_err() {
+            if h.store
+                .submit(vec![Write::Index(Some(index))], None)
+                .is_err()
+            {
                 tracing::warn!(stream = %h.name, "index snapshot not written: store closed");
             }
             tokio::task::spawn_blocking(move || h.store.close())

@@ -10,6 +10,7 @@
 //! edit, purge, delete) stays with the admin API; the procedure serves what
 //! applications do: acknowledged publish, reads, consumers, pulls and acks.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,8 @@ use macula_wire::NodeId;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamInfo, StreamMsg, Streams,
+    AckKind, ConsumerReport, Hosted, PersistOptions, PubAck, StreamError, StreamInfo, StreamMsg,
+    Streams,
 };
 use crate::rpc::{HandlerError, HandlerResult, Rpc, RpcError};
 
@@ -227,6 +229,75 @@ async fn run(streams: &Streams, stream: &str, op: Op) -> Result<Answer, StreamEr
             Answer::Done
         }
     })
+}
+
+impl Streams {
+    /// Serves every hosted stream, and each one added later, to other
+    /// nodes and clients over `rpc` (`_stream.<name>`, `remote.rs`).
+    pub fn serve_remote(&self, rpc: crate::rpc::Rpc) {
+        if self.0.rpc.set(rpc).is_err() {
+            return;
+        }
+        let hosted: Vec<Arc<Hosted>> = self.0.hosted.lock().values().cloned().collect();
+        for h in hosted {
+            self.advertise(&h);
+        }
+    }
+
+    /// Advertises `_stream.<name>` in the background, retrying (500 ms
+    /// doubling to 30 s) while the mesh does not take it; a refusal by the
+    /// realm's permissions is final (logged).
+    pub(super) fn advertise(&self, h: &Arc<Hosted>) {
+        let Some(rpc) = self.0.rpc.get().cloned() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.0);
+        let hosted = Arc::downgrade(h);
+        let name = h.name.clone();
+        let task = tokio::spawn(async move {
+            let procedure = procedure(&name);
+            let mut delay = Duration::from_millis(500);
+            loop {
+                let (w, n) = (weak.clone(), name.clone());
+                let handler = move |req: crate::rpc::Request| {
+                    let (w, n) = (w.clone(), n.clone());
+                    async move {
+                        match w.upgrade() {
+                            Some(inner) => serve(&Streams(inner), &n, &req.payload).await,
+                            None => Err(crate::rpc::HandlerError::new(503, "the node is stopping")),
+                        }
+                    }
+                };
+                match rpc
+                    .advertise(&procedure, crate::rpc::AdvertiseOptions::default(), handler)
+                    .await
+                {
+                    Ok(reg) => {
+                        if let Some(h) = hosted.upgrade() {
+                            *h.registration.lock() = Some(reg);
+                            tracing::debug!(stream = %name, "stream served to the mesh");
+                        }
+                        return;
+                    }
+                    Err(e @ crate::rpc::RpcError::Unauthorized { .. }) => {
+                        tracing::warn!(stream = %name, error = %e, "stream not served to other nodes");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(stream = %name, error = %e, "stream not advertised yet; retrying");
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                if hosted.upgrade().is_none() {
+                    return;
+                }
+            }
+        });
+        if let Some(old) = h.advertising.lock().replace(task) {
+            old.abort();
+        }
+    }
 }
 
 /// A stream hosted by another node, reached over RPC (`_stream.<name>`).
