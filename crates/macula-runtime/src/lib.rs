@@ -28,6 +28,7 @@ pub mod handshake_error;
 pub mod identity;
 pub mod metrics;
 pub mod mqtt;
+pub mod nat;
 pub mod node;
 pub mod peer;
 pub mod peer_addr;

@@ -468,7 +468,8 @@ impl NodeRuntime {
             addr: config.listen,
             source,
         })?;
-        let reach = crate::reachability::Reachability::new(client.clone(), config.listen.ip());
+        let reach =
+            crate::reachability::Reachability::new(client.clone(), config.listen.ip(), config.nat);
         let relay_counters = Arc::new(crate::relay::RelayCounters::default());
         let tunnel = Tunnel::new(
             tunnel_server,
@@ -508,6 +509,8 @@ impl NodeRuntime {
                 .map(serde_bytes::ByteBuf::from),
             // Full nodes present grants; API keys are for clients.
             api_key: None,
+            // Filled in per connection (`peer::handshake`).
+            observed_addr: None,
         };
         // The node's metrics, shared with the API-key gate (apikey.rs).
         let metrics = Arc::new(Metrics::default());
@@ -967,6 +970,11 @@ impl NodeRuntime {
         self.0.started.elapsed()
     }
 
+    /// This node's monotonic time (what its cores are fed).
+    pub fn now(&self) -> macula_wire::time::Millis {
+        self.0.clock.now()
+    }
+
     /// Peer connect/disconnect notifications from now on.
     pub fn subscribe_events(&self) -> broadcast::Receiver<PeerEvent> {
         self.0.events.subscribe()
@@ -1226,6 +1234,7 @@ impl NodeRuntime {
 
     /// Offers a handshaken connection to the pool and starts driving it.
     async fn register(&self, peer: Peer, reader: FrameReader) -> Result<Peer, ConnectError> {
+        self.observed_by(&peer);
         if peer.is_client() {
             // A client keeps its one connection; evicting it to make room
             // would cut it off until it fails over.
@@ -1298,6 +1307,40 @@ impl NodeRuntime {
         m.connections_current.set(self.0.table.lock().len() as u64);
         self.spawn_driver(peer, reader);
         result
+    }
+
+    /// What a new connection tells about this node's NAT: the address the
+    /// peer saw us at (its HELLO's `observed_addr`; not over a relay, where
+    /// addresses are placeholders), and the direct-rate counters.
+    fn observed_by(&self, peer: &Peer) {
+        if peer.is_client() {
+            return;
+        }
+        let reach = &self.0.reach;
+        reach.connection_opened(peer.relayed_via().is_none());
+        let remote = peer.remote_addr();
+        if peer.relayed_via().is_some() || crate::nat::is_tunnel_addr(&remote) {
+            return;
+        }
+        let Some(observed) = peer
+            .hello()
+            .observed_addr
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        else {
+            return;
+        };
+        let port = self.local_addr().port();
+        let local_ip = peer
+            .connection()
+            .local_ip()
+            .unwrap_or_else(|| self.local_addr().ip());
+        reach.observe(
+            remote,
+            SocketAddr::new(local_ip, port),
+            observed,
+            self.0.clock.now(),
+        );
     }
 
     fn spawn_driver(&self, peer: Peer, reader: FrameReader) {
@@ -1890,7 +1933,6 @@ impl NodeRuntime {
     /// replaces lost ones, and publishes the relay record naming them (an
     /// empty record once the node is no longer private).
     async fn maintain_relays(self) {
-        use crate::reachability::ReachState;
         let mut shutdown = self.0.shutdown.subscribe();
         let mut published: Vec<NodeId> = Vec::new();
         let mut last_error: Option<String> = None;
@@ -1898,14 +1940,18 @@ impl NodeRuntime {
         let key = macula_wire::dht_key(relay_record_name(self.realm(), &self.0.node_id).as_bytes());
         let mut wait = Duration::from_millis(200);
         loop {
+            // Woken at once when peers' observations show this node behind
+            // NAT or the dial-back check answers: a node behind NAT reserves
+            // as soon as one peer has seen it, before any dial-back.
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.0.reach.changed() => {}
                 _ = shutdown.changed() => return,
             }
             if self.is_shutting_down() {
                 return;
             }
-            if self.0.reach.state() != ReachState::Private || want == 0 {
+            if !self.0.reach.wants_relay(self.0.clock.now()) || want == 0 {
                 if !published.is_empty() {
                     self.0.tunnel.release_all();
                     let _ = self.0.dht.put(key, Vec::new(), RELAY_RECORD_TTL).await;

@@ -208,6 +208,17 @@ pub struct Hello {
         skip_serializing_if = "Option::is_none"
     )]
     pub api_key: Option<serde_bytes::ByteBuf>,
+    /// The address (`ip:port`) the sender sees the receiver at: the source
+    /// address of the receiver's packets on this connection, after any NAT
+    /// on the way. The receiver learns its reflexive (public) addresses
+    /// from several peers this way, without STUN servers. Absent when the
+    /// sender cannot tell (a relayed connection). At most `MAX_ADDR_LEN`.
+    #[serde(
+        default,
+        deserialize_with = "crate::nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub observed_addr: Option<String>,
 }
 
 /// Liveness and round-trip probe.
@@ -577,6 +588,9 @@ impl Message {
                     MAX_ADDR_LEN,
                 )?;
                 check_len("agent", &h.agent, MAX_AGENT_LEN)?;
+                if let Some(a) = &h.observed_addr {
+                    check_len("observed address", a, MAX_ADDR_LEN)?;
+                }
                 if let Some(k) = &h.api_key {
                     if k.len() > MAX_API_KEY_LEN {
                         return Err(format!(
@@ -925,6 +939,7 @@ mod tests {
             agent: "macula/0.1.0".into(),
             grant: None,
             api_key: None,
+            observed_addr: Some("198.18.0.101:4433".into()),
         }
     }
 
@@ -1094,6 +1109,33 @@ mod tests {
         );
         with_key.api_key = Some(serde_bytes::ByteBuf::from(vec![7u8; MAX_API_KEY_LEN + 1]));
         let body = rmp_serde::to_vec_named(&with_key).unwrap();
+        assert!(matches!(
+            Message::decode(MessageType::Hello as u8, &body),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn hello_observed_addr_is_optional_and_bounded() {
+        // A HELLO from before the field decodes with none, and one without
+        // an observation leaves the key out.
+        let mut h = hello();
+        h.observed_addr = None;
+        let body = rmp_serde::to_vec_named(&h).unwrap();
+        let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            rmp_serde::from_slice(&body).unwrap();
+        assert!(!keys.contains_key("observed_addr"));
+        assert_eq!(
+            Message::decode(MessageType::Hello as u8, &body),
+            Ok(Message::Hello(h.clone()))
+        );
+        h.observed_addr = Some("198.18.0.101:4433".into());
+        assert_eq!(
+            round_trip(&Message::Hello(h.clone())),
+            Message::Hello(h.clone())
+        );
+        h.observed_addr = Some("9".repeat(MAX_ADDR_LEN + 1));
+        let body = rmp_serde::to_vec_named(&h).unwrap();
         assert!(matches!(
             Message::decode(MessageType::Hello as u8, &body),
             Err(DecodeError::Malformed { .. })
@@ -1428,6 +1470,7 @@ mod tests {
                 any::<u8>(),
                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=MAX_API_KEY_LEN,)),
+                proptest::option::of(arb_string(MAX_ADDR_LEN)),
             )
                 .prop_map(
                     |(
@@ -1440,6 +1483,7 @@ mod tests {
                         version,
                         grant,
                         api_key,
+                        observed_addr,
                     )| {
                         Message::Hello(Hello {
                             version,
@@ -1451,6 +1495,7 @@ mod tests {
                             agent,
                             grant: grant.map(serde_bytes::ByteBuf::from),
                             api_key: api_key.map(serde_bytes::ByteBuf::from),
+                            observed_addr,
                         })
                     }
                 ),
