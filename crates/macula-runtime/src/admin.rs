@@ -538,6 +538,7 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.rpc().register(&mut registry);
     node.gateway_counters().register(&mut registry);
     node.reachability().counters().register(&mut registry);
+    node.hole_punching().counters().register(&mut registry);
     node.relay().counters().register(&mut registry);
     node.raft().counters().register(&mut registry);
     node.trust().counters().register(&mut registry);

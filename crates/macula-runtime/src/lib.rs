@@ -33,6 +33,7 @@ pub mod node;
 pub mod peer;
 pub mod peer_addr;
 pub mod pubsub;
+pub mod punch;
 pub mod quiet;
 pub mod raft;
 pub mod reachability;

@@ -52,6 +52,19 @@ pub struct NatLimits {
     pub max_observations: usize,
     /// An observation not renewed for this long is forgotten.
     pub observation_ttl: Millis,
+    /// Try hole punching over relayed connections this node dialed.
+    pub punch: bool,
+    /// Rounds of one hole-punching attempt (each: exchange candidates,
+    /// measure the round trip, dial at once from both sides).
+    pub punch_rounds: u32,
+    /// How long one round waits for the answer and then for a direct
+    /// connection.
+    pub punch_round_timeout: Millis,
+    /// Wait before the second round; doubled for each further one.
+    pub punch_backoff: Millis,
+    /// Wait after a relayed connection comes up before the first round
+    /// (traffic flows over the relay meanwhile).
+    pub punch_start_delay: Millis,
 }
 
 impl Default for NatLimits {
@@ -59,6 +72,11 @@ impl Default for NatLimits {
         NatLimits {
             max_observations: 32,
             observation_ttl: Millis::from_secs(600),
+            punch: true,
+            punch_rounds: 3,
+            punch_round_timeout: Millis(3_000),
+            punch_backoff: Millis(500),
+            punch_start_delay: Millis::ZERO,
         }
     }
 }
@@ -372,6 +390,65 @@ pub fn punchable(a: (Mapping, Filtering), b: (Mapping, Filtering)) -> bool {
     one_way(a, b) || one_way(b, a)
 }
 
+/// Whether this node (`mine`: its mapping and filtering) should try to
+/// punch to a peer whose HOLE_PUNCH says `theirs`: [`punchable`], with
+/// what is not known yet taken at its best (an unknown mapping as
+/// endpoint-independent), so only pairs known not to work are skipped.
+pub fn should_punch(mine: (Mapping, Filtering), theirs: Mapping) -> bool {
+    let hope = |m: Mapping| match m {
+        Mapping::Unknown => Mapping::EndpointIndependent,
+        m => m,
+    };
+    punchable((hope(mine.0), mine.1), (hope(theirs), Filtering::Unknown))
+}
+
+/// Mapping named as in HOLE_PUNCH (`Mapping::name`); unknown names are
+/// `Unknown`.
+pub fn mapping_named(name: &str) -> Mapping {
+    [
+        Mapping::NoNat,
+        Mapping::EndpointIndependent,
+        Mapping::AddressDependent,
+        Mapping::AddressAndPortDependent,
+    ]
+    .into_iter()
+    .find(|m| m.name() == name)
+    .unwrap_or(Mapping::Unknown)
+}
+
+/// The wait before round `round` (from 0) of a hole-punching attempt: none
+/// before the first, `backoff` before the second, doubling after.
+pub fn round_delay(round: u32, backoff: Millis) -> Millis {
+    match round {
+        0 => Millis::ZERO,
+        r => Millis(backoff.0.saturating_mul(1u64 << (r - 1).min(16))),
+    }
+}
+
+/// How long the initiator waits after sending the sync before it dials:
+/// half the round trip, so both dials leave at about the same time.
+pub fn dial_delay(rtt: Millis) -> Millis {
+    Millis(rtt.0 / 2)
+}
+
+/// A node's hole-punching candidates: its reflexive addresses, then its
+/// listen addresses that name an IP (for peers on the same LAN), without
+/// duplicates, at most `max`.
+pub fn candidates(report: &NatReport, listen: &[String], max: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let listed = listen
+        .iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .filter(|a| !a.ip().is_unspecified() && a.port() != 0);
+    for a in report.reflexive.iter().copied().chain(listed) {
+        let a = a.to_string();
+        if out.len() < max && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +570,7 @@ mod tests {
         let limits = NatLimits {
             max_observations: 2,
             observation_ttl: Millis(100),
+            ..NatLimits::default()
         };
         let mut o = Observations::new(limits);
         obs(&mut o, "198.18.0.10:1", "198.18.0.101:1", 0);
@@ -542,6 +620,59 @@ mod tests {
         assert!(punchable((M::NoNat, F::NoNat), symmetric));
     }
 
+    #[test]
+    fn punch_decisions_and_schedule() {
+        use Filtering as F;
+        use Mapping as M;
+        // Nothing known: try.
+        assert!(should_punch((M::Unknown, F::Unknown), M::Unknown));
+        // Port-restricted cone against a symmetric NAT: skip.
+        assert!(!should_punch(
+            (M::EndpointIndependent, F::AddressAndPortDependent),
+            M::AddressAndPortDependent
+        ));
+        assert!(!should_punch(
+            (M::AddressAndPortDependent, F::Unknown),
+            M::AddressDependent
+        ));
+        assert!(should_punch(
+            (M::AddressAndPortDependent, F::Unknown),
+            M::Unknown
+        ));
+        for m in [
+            M::Unknown,
+            M::NoNat,
+            M::EndpointIndependent,
+            M::AddressDependent,
+            M::AddressAndPortDependent,
+        ] {
+            assert_eq!(mapping_named(m.name()), m);
+        }
+        assert_eq!(mapping_named("something new"), M::Unknown);
+        assert_eq!(round_delay(0, Millis(500)), Millis(0));
+        assert_eq!(round_delay(1, Millis(500)), Millis(500));
+        assert_eq!(round_delay(3, Millis(500)), Millis(2000));
+        assert_eq!(round_delay(u32::MAX, Millis(u64::MAX)), Millis(u64::MAX));
+        assert_eq!(dial_delay(Millis(41)), Millis(20));
+    }
+
+    #[test]
+    fn candidates_are_reflexive_first_then_listen_addresses() {
+        let mut o = Observations::new(NatLimits::default());
+        obs(&mut o, "198.18.0.10:4433", "198.18.0.101:4433", 0);
+        let r = o.classify();
+        let listen = vec![
+            LOCAL.to_string(),
+            "0.0.0.0:4433".to_string(),
+            "198.18.0.101:4433".to_string(),
+        ];
+        assert_eq!(
+            candidates(&r, &listen, 8),
+            vec!["198.18.0.101:4433".to_string(), LOCAL.to_string()]
+        );
+        assert_eq!(candidates(&r, &listen, 1).len(), 1);
+    }
+
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
         (0u8..4, 0u16..4)
             .prop_map(|(h, p)| SocketAddr::new(IpAddr::from([198, 18, 0, 10 + h]), 4000 + p))
@@ -557,7 +688,7 @@ mod tests {
             steps in proptest::collection::vec((arb_addr(), arb_addr(), 0u64..50), 0..40),
             max in 1usize..8,
         ) {
-            let limits = NatLimits { max_observations: max, observation_ttl: Millis(1_000) };
+            let limits = NatLimits { max_observations: max, observation_ttl: Millis(1_000), ..NatLimits::default() };
             let mut o = Observations::new(limits);
             let mut now = 0;
             for (observer, observed, dt) in &steps {
@@ -583,7 +714,7 @@ mod tests {
                     distinct.push((*observer, *observed));
                 }
             }
-            let big = NatLimits { max_observations: 64, observation_ttl: Millis(1_000) };
+            let big = NatLimits { max_observations: 64, observation_ttl: Millis(1_000), ..NatLimits::default() };
             let (mut x, mut y) = (Observations::new(big), Observations::new(big));
             for (ob, seen) in &distinct {
                 x.record(*ob, a(LOCAL), *seen, Millis(0));

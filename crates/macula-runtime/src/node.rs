@@ -72,6 +72,9 @@ impl Pooled for Peer {
     fn addr(&self) -> SocketAddr {
         self.remote_addr()
     }
+    fn relayed(&self) -> bool {
+        self.relayed_via().is_some()
+    }
 }
 
 /// Why the node could not start.
@@ -248,6 +251,7 @@ struct NodeShared {
     pubsub: crate::pubsub::PubSub,
     rpc: crate::rpc::Rpc,
     reach: crate::reachability::Reachability,
+    punch: crate::punch::HolePunching,
     relay: crate::relay::Relay,
     tunnel: Tunnel,
     raft: crate::raft::RaftGroups,
@@ -652,6 +656,33 @@ impl NodeRuntime {
                 config.streams.clone(),
                 clock,
             );
+            let punch = {
+                let dialer = weak.clone();
+                let direct = weak.clone();
+                crate::punch::HolePunching::new(
+                    config.nat,
+                    reach.clone(),
+                    hello.listen_addrs.clone(),
+                    Box::new(move |addr, id| {
+                        let node = dialer.upgrade().map(NodeRuntime);
+                        Box::pin(async move {
+                            let node = node.ok_or("node stopped")?;
+                            node.dial(addr, Some(id))
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        })
+                    }),
+                    Box::new(move |id| {
+                        direct.upgrade().is_some_and(|s| {
+                            s.table
+                                .lock()
+                                .peek(&id)
+                                .is_some_and(|p| p.relayed_via().is_none() && !p.is_closed())
+                        })
+                    }),
+                )
+            };
             // Every service this node runs: one line each.
             let services = Services::new(vec![
                 Arc::new(realm.clone()),
@@ -664,6 +695,7 @@ impl NodeRuntime {
                 Arc::new(relay.clone()),
                 Arc::new(tunnel.clone()),
                 Arc::new(raft.clone()),
+                Arc::new(punch.clone()),
             ]);
             NodeShared {
                 services,
@@ -691,6 +723,7 @@ impl NodeRuntime {
                 streams,
                 relay_dialing: Mutex::new(HashMap::new()),
                 reach,
+                punch,
                 rpc,
                 pubsub,
                 dht,
@@ -898,6 +931,11 @@ impl NodeRuntime {
     /// Whether other nodes can dial this one.
     pub fn reachability(&self) -> &crate::reachability::Reachability {
         &self.0.reach
+    }
+
+    /// Hole punching over relayed connections (`punch.rs`).
+    pub fn hole_punching(&self) -> &crate::punch::HolePunching {
+        &self.0.punch
     }
 
     /// This node's RPC.
@@ -1241,6 +1279,19 @@ impl NodeRuntime {
             peer.set_kept(true);
         }
         let admit = self.0.table.lock().admit(peer.clone());
+        // The direct rate: a node enters the pool once (opened), and counts
+        // as direct when it entered directly or a direct connection later
+        // replaced its relayed one (hole punching).
+        if !peer.is_client() {
+            let direct = peer.relayed_via().is_none();
+            match &admit {
+                Admit::Inserted { .. } => self.0.reach.connection_opened(direct),
+                Admit::Replaced { old } if direct && old.relayed_via().is_some() => {
+                    self.0.reach.connection_upgraded()
+                }
+                _ => {}
+            }
+        }
         let m = &self.0.metrics;
         let grace = self.0.config.limits.duplicate_close_grace;
         let result = match admit {
@@ -1311,13 +1362,12 @@ impl NodeRuntime {
 
     /// What a new connection tells about this node's NAT: the address the
     /// peer saw us at (its HELLO's `observed_addr`; not over a relay, where
-    /// addresses are placeholders), and the direct-rate counters.
+    /// addresses are placeholders).
     fn observed_by(&self, peer: &Peer) {
         if peer.is_client() {
             return;
         }
         let reach = &self.0.reach;
-        reach.connection_opened(peer.relayed_via().is_none());
         let remote = peer.remote_addr();
         if peer.relayed_via().is_some() || crate::nat::is_tunnel_addr(&remote) {
             return;

@@ -319,6 +319,11 @@ impl Reachability {
         }
     }
 
+    /// Counts a relayed connection replaced by a direct one.
+    pub(crate) fn connection_upgraded(&self) {
+        self.0.counters.connections_direct_total.inc();
+    }
+
     /// Connections opened and those ever direct.
     pub fn direct_rate(&self) -> (u64, u64) {
         let c = &self.0.counters;

@@ -476,7 +476,7 @@ impl Tunnel {
     }
 
     /// Reserves at `relay`; returns the lifetime granted.
-    pub(crate) async fn reserve(&self, relay: &Peer) -> Result<Duration, RelayError> {
+    pub async fn reserve(&self, relay: &Peer) -> Result<Duration, RelayError> {
         let rid = relay.node_id();
         let stream_err = |detail: String| RelayError::Stream { relay: rid, detail };
         let exchange = async {

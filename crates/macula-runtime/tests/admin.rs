@@ -190,6 +190,10 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_nat_address_changes", "counter"),
     ("macula_nat_connections_opened", "counter"),
     ("macula_nat_connections_direct", "counter"),
+    ("macula_holepunch_attempts", "counter"),
+    ("macula_holepunch_rounds", "counter"),
+    ("macula_holepunch_first_round", "counter"),
+    ("macula_holepunch_responder_dials", "counter"),
 ];
 
 #[tokio::test]

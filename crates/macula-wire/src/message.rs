@@ -14,7 +14,7 @@ use crate::client::ClientMessage;
 use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
-use crate::nat::{DialBack, DialBackResult};
+use crate::nat::{DialBack, DialBackResult, HolePunch, HolePunchSync};
 use crate::node_id::NodeId;
 use crate::pubsub::{Publish, PublishBatch, PublishBatchView, PublishDropped};
 use crate::raft::*;
@@ -58,6 +58,8 @@ pub enum MessageType {
     RpcCancel = 0x53,
     DialBack = 0x70,
     DialBackResult = 0x71,
+    HolePunch = 0x77,
+    HolePunchSync = 0x78,
     ClientSubscribe = 0x80,
     ClientUnsubscribe = 0x81,
     ClientAdvertise = 0x82,
@@ -77,7 +79,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 38] = [
+    pub const ALL: [MessageType; 40] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -101,6 +103,8 @@ impl MessageType {
         MessageType::RpcCancel,
         MessageType::DialBack,
         MessageType::DialBackResult,
+        MessageType::HolePunch,
+        MessageType::HolePunchSync,
         MessageType::ClientSubscribe,
         MessageType::ClientUnsubscribe,
         MessageType::ClientAdvertise,
@@ -149,6 +153,8 @@ impl MessageType {
             MessageType::RpcCancel => "rpc_cancel",
             MessageType::DialBack => "dial_back",
             MessageType::DialBackResult => "dial_back_result",
+            MessageType::HolePunch => "hole_punch",
+            MessageType::HolePunchSync => "hole_punch_sync",
             MessageType::ClientSubscribe => "client_subscribe",
             MessageType::ClientUnsubscribe => "client_unsubscribe",
             MessageType::ClientAdvertise => "client_advertise",
@@ -450,6 +456,8 @@ pub enum Message {
     Rpc(RpcMessage),
     DialBack(DialBack),
     DialBackResult(DialBackResult),
+    HolePunch(HolePunch),
+    HolePunchSync(HolePunchSync),
     Client(ClientMessage),
     Relay(RelayMessage),
     Raft(RaftMessage),
@@ -529,6 +537,8 @@ impl Message {
             Message::PublishDropped(_) => MessageType::PublishDropped,
             Message::DialBack(_) => MessageType::DialBack,
             Message::DialBackResult(_) => MessageType::DialBackResult,
+            Message::HolePunch(_) => MessageType::HolePunch,
+            Message::HolePunchSync(_) => MessageType::HolePunchSync,
             Message::Client(c) => match c {
                 ClientMessage::Subscribe(_) => MessageType::ClientSubscribe,
                 ClientMessage::Unsubscribe(_) => MessageType::ClientUnsubscribe,
@@ -625,6 +635,8 @@ impl Message {
             Message::Rpc(r) => r.validate(),
             Message::DialBack(d) => d.validate(),
             Message::DialBackResult(d) => d.validate(),
+            Message::HolePunch(h) => h.validate(),
+            Message::HolePunchSync(_) => Ok(()),
             Message::Client(c) => c.validate(),
             Message::Relay(r) => r.validate(),
             Message::Raft(r) => r.validate(),
@@ -667,6 +679,8 @@ impl Message {
             }
             Message::DialBack(m) => rmp_serde::encode::write_named(out, m),
             Message::DialBackResult(m) => rmp_serde::encode::write_named(out, m),
+            Message::HolePunch(m) => rmp_serde::encode::write_named(out, m),
+            Message::HolePunchSync(m) => rmp_serde::encode::write_named(out, m),
             Message::Client(c) => match c {
                 ClientMessage::Subscribe(m) => rmp_serde::encode::write_named(out, m),
                 ClientMessage::Unsubscribe(m) => rmp_serde::encode::write_named(out, m),
@@ -752,6 +766,8 @@ impl Message {
                 }),
             MessageType::DialBack => decode_body(t, body).map(Message::DialBack),
             MessageType::DialBackResult => decode_body(t, body).map(Message::DialBackResult),
+            MessageType::HolePunch => decode_body(t, body).map(Message::HolePunch),
+            MessageType::HolePunchSync => decode_body(t, body).map(Message::HolePunchSync),
             MessageType::ClientSubscribe => {
                 decode_body(t, body).map(|m| Message::Client(ClientMessage::Subscribe(m)))
             }
@@ -1459,6 +1475,24 @@ mod tests {
                         error,
                     })
                 }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(
+                    arb_string(MAX_ADDR_LEN),
+                    0..=crate::nat::MAX_PUNCH_ADDRS
+                ),
+                arb_string(crate::nat::MAX_MAPPING_LEN),
+                any::<bool>(),
+            )
+                .prop_map(|(nonce, addrs, mapping, reply)| {
+                    Message::HolePunch(HolePunch {
+                        nonce,
+                        addrs,
+                        mapping,
+                        reply,
+                    })
+                }),
+            any::<u64>().prop_map(|nonce| Message::HolePunchSync(HolePunchSync { nonce })),
             arb_dht().prop_map(Message::Dht),
             (
                 any::<[u8; 32]>(),
