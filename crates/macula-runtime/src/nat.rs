@@ -394,12 +394,25 @@ pub fn punchable(a: (Mapping, Filtering), b: (Mapping, Filtering)) -> bool {
 /// punch to a peer whose HOLE_PUNCH says `theirs`: [`punchable`], with
 /// what is not known yet taken at its best (an unknown mapping as
 /// endpoint-independent), so only pairs known not to work are skipped.
-pub fn should_punch(mine: (Mapping, Filtering), theirs: Mapping) -> bool {
+pub fn should_punch(mine: (Mapping, Filtering), theirs: (Mapping, Filtering)) -> bool {
     let hope = |m: Mapping| match m {
         Mapping::Unknown => Mapping::EndpointIndependent,
         m => m,
     };
-    punchable((hope(mine.0), mine.1), (hope(theirs), Filtering::Unknown))
+    punchable((hope(mine.0), mine.1), (hope(theirs.0), theirs.1))
+}
+
+/// Filtering named as in HOLE_PUNCH (`Filtering::name`); unknown names
+/// are `Unknown`.
+pub fn filtering_named(name: &str) -> Filtering {
+    [
+        Filtering::NoNat,
+        Filtering::EndpointOrAddressDependent,
+        Filtering::AddressAndPortDependent,
+    ]
+    .into_iter()
+    .find(|f| f.name() == name)
+    .unwrap_or(Filtering::Unknown)
 }
 
 /// Mapping named as in HOLE_PUNCH (`Mapping::name`); unknown names are
@@ -625,20 +638,28 @@ mod tests {
         use Filtering as F;
         use Mapping as M;
         // Nothing known: try.
-        assert!(should_punch((M::Unknown, F::Unknown), M::Unknown));
-        // Port-restricted cone against a symmetric NAT: skip.
-        assert!(!should_punch(
-            (M::EndpointIndependent, F::AddressAndPortDependent),
-            M::AddressAndPortDependent
-        ));
-        assert!(!should_punch(
-            (M::AddressAndPortDependent, F::Unknown),
-            M::AddressDependent
-        ));
+        let unknown = (M::Unknown, F::Unknown);
+        assert!(should_punch(unknown, unknown));
+        // Port-restricted cone against a symmetric NAT, either side: skip.
+        let pr = (M::EndpointIndependent, F::AddressAndPortDependent);
+        let sym = (M::AddressAndPortDependent, F::Unknown);
+        assert!(!should_punch(pr, sym));
+        assert!(!should_punch(sym, pr));
+        assert!(!should_punch(sym, (M::AddressDependent, F::Unknown)));
+        assert!(should_punch(sym, unknown));
+        // A restricted cone against a symmetric NAT works.
         assert!(should_punch(
-            (M::AddressAndPortDependent, F::Unknown),
-            M::Unknown
+            sym,
+            (M::EndpointIndependent, F::EndpointOrAddressDependent)
         ));
+        for f in [
+            F::Unknown,
+            F::NoNat,
+            F::EndpointOrAddressDependent,
+            F::AddressAndPortDependent,
+        ] {
+            assert_eq!(filtering_named(f.name()), f);
+        }
         for m in [
             M::Unknown,
             M::NoNat,

@@ -195,6 +195,7 @@ impl HolePunching {
             nonce,
             addrs: nat::candidates(&nat.report, &self.0.listen, MAX_PUNCH_ADDRS),
             mapping: nat.report.mapping.name().to_string(),
+            filtering: nat.filtering.name().to_string(),
             reply,
         }
     }
@@ -217,7 +218,20 @@ impl HolePunching {
             }
         });
         let all = futures::future::join_all(dials);
-        let _ = tokio::time::timeout(within, all).await;
+        // Done when a direct connection is pooled (ours or the peer's
+        // dial), not when the last dial to a dead candidate gives up.
+        let pooled = async {
+            while !(self.0.is_direct)(id) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(within, async {
+            tokio::select! {
+                _ = all => {}
+                _ = pooled => {}
+            }
+        })
+        .await;
         (self.0.is_direct)(id)
     }
 
@@ -264,9 +278,12 @@ impl HolePunching {
             };
             let rtt = Millis::from_duration(sent.elapsed());
             let nat = self.0.reach.nat(self.now());
-            let theirs = nat::mapping_named(&answer.mapping);
+            let theirs = (
+                nat::mapping_named(&answer.mapping),
+                nat::filtering_named(&answer.filtering),
+            );
             if !nat::should_punch((nat.report.mapping, nat.filtering), theirs) {
-                tracing::debug!(peer = %id, mine = nat.report.mapping.name(), theirs = theirs.name(), "not punchable; staying on the relay");
+                tracing::info!(peer = %id, mine = nat.report.mapping.name(), theirs = theirs.0.name(), "not punchable; staying on the relay");
                 outcome = "unpunchable";
                 break;
             }
@@ -316,6 +333,7 @@ impl HolePunching {
                 nonce: msg.nonce,
                 addrs: Vec::new(),
                 mapping: String::new(),
+                filtering: String::new(),
                 reply: true,
             }));
         }

@@ -295,14 +295,14 @@ impl Reachability {
     }
 
     /// Whether this node should hold relay reservations: it is private, or
-    /// the dial-back check has not answered yet while peers already see it
-    /// behind NAT (relay first, so that it is reachable from the start).
+    /// peers see it behind NAT. The latter holds before the dial-back check
+    /// answers (relay first, so that it is reachable from the start) and
+    /// after it found the node public: a dial-back comes from an IP the
+    /// node talks to, which a NAT with address-dependent filtering lets
+    /// through while it drops everyone else; callers reach such a node
+    /// through the relay and then go direct by hole punching.
     pub fn wants_relay(&self, now: macula_wire::time::Millis) -> bool {
-        match self.state() {
-            ReachState::Private => true,
-            ReachState::Public { .. } => false,
-            ReachState::Unknown => self.nat(now).report.behind_nat == Some(true),
-        }
+        self.state() == ReachState::Private || self.nat(now).report.behind_nat == Some(true)
     }
 
     /// Resolves when an observation changes what this node knows of its NAT

@@ -1482,13 +1482,15 @@ mod tests {
                     0..=crate::nat::MAX_PUNCH_ADDRS
                 ),
                 arb_string(crate::nat::MAX_MAPPING_LEN),
+                arb_string(crate::nat::MAX_MAPPING_LEN),
                 any::<bool>(),
             )
-                .prop_map(|(nonce, addrs, mapping, reply)| {
+                .prop_map(|(nonce, addrs, mapping, filtering, reply)| {
                     Message::HolePunch(HolePunch {
                         nonce,
                         addrs,
                         mapping,
+                        filtering,
                         reply,
                     })
                 }),

@@ -41,6 +41,10 @@ pub struct HolePunch {
     /// cannot punch.
     #[serde(default, deserialize_with = "crate::nil_default")]
     pub mapping: String,
+    /// The sender's NAT filtering as it knows it (`unknown`, `none`,
+    /// `endpoint_or_address_dependent`, `address_and_port_dependent`).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub filtering: String,
     /// False from the initiator, true in the answer.
     #[serde(default, deserialize_with = "crate::nil_default")]
     pub reply: bool,
@@ -67,8 +71,8 @@ impl HolePunch {
         {
             return Err("address too long".into());
         }
-        if self.mapping.len() > MAX_MAPPING_LEN {
-            return Err(format!("mapping of {} bytes", self.mapping.len()));
+        if self.mapping.len() > MAX_MAPPING_LEN || self.filtering.len() > MAX_MAPPING_LEN {
+            return Err("mapping or filtering name too long".into());
         }
         Ok(())
     }

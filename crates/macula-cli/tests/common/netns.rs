@@ -112,7 +112,10 @@ pub struct Spec {
 /// (`portmap`) and, for the restricted cone, a set of (remote IP, port) the
 /// LAN host sent to (`seen`), both learned from outgoing packets: an
 /// inbound packet to a mapped port is forwarded to its host when the kind
-/// allows it, whatever its source port.
+/// allows it, whatever its source port. An unsolicited packet to the
+/// router itself is dropped before conntrack confirms it (as home routers
+/// do): otherwise its entry would hold the mapped port, and the LAN host's
+/// next packet to that sender would be given another port.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum NatKind {
     FullCone,
@@ -171,6 +174,10 @@ table ip nat {{
     }}
 }}
 table inet filter {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "wan0" ct state new drop
+    }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
