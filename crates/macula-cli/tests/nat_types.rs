@@ -375,7 +375,13 @@ fn pair_matrix_goes_direct_where_punchable() {
             let how = if !relayed {
                 "direct from the start".to_string()
             } else if direct {
-                "relayed, then direct by hole punching".to_string()
+                let after = out
+                    .lines()
+                    .find(|l| l.contains("direct connection by hole punching"))
+                    .and_then(|l| l.split("after_ms=").nth(1))
+                    .and_then(|v| v.split_whitespace().next())
+                    .unwrap_or("?");
+                format!("relayed, then direct by hole punching after {after} ms")
             } else {
                 out.lines()
                     .find(|l| l.contains("staying on the relay"))

@@ -65,6 +65,10 @@ pub struct NatLimits {
     /// Wait after a relayed connection comes up before the first round
     /// (traffic flows over the relay meanwhile).
     pub punch_start_delay: Millis,
+    /// Attempts after a failed one (while the relayed connection lives).
+    pub punch_retries: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub punch_retry_after: Millis,
 }
 
 impl Default for NatLimits {
@@ -77,6 +81,8 @@ impl Default for NatLimits {
             punch_round_timeout: Millis(3_000),
             punch_backoff: Millis(500),
             punch_start_delay: Millis::ZERO,
+            punch_retries: 3,
+            punch_retry_after: Millis::from_secs(30),
         }
     }
 }

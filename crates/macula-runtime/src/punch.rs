@@ -19,7 +19,10 @@
 //! by `punch_round_timeout`, `punch_backoff` (doubling) between rounds;
 //! one attempt per peer at a time; at most [`MAX_PENDING`] answers waiting
 //! for their sync. Every attempt ends in one outcome of
-//! `macula_holepunch_attempts_total{outcome}`.
+//! `macula_holepunch_attempts_total{outcome}`. A `failed` attempt (the
+//! pair looked punchable) is tried again while the relayed connection
+//! lives, at most `punch_retries` times, after `punch_retry_after`
+//! (doubling).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -240,10 +243,38 @@ impl HolePunching {
     async fn attempt(self, peer: Peer) {
         let id = peer.node_id();
         let l = self.0.limits;
-        let c = self.0.counters.clone();
-        let began = Instant::now();
-        let mut outcome = "failed";
         tokio::time::sleep(l.punch_start_delay.to_duration()).await;
+        let mut retry = 0;
+        loop {
+            let began = Instant::now();
+            let outcome = self.rounds(&peer).await;
+            if outcome == "direct" {
+                tracing::info!(peer = %id, after_ms = began.elapsed().as_millis() as u64, "direct connection by hole punching; leaving the relay");
+            } else {
+                tracing::info!(peer = %id, outcome, "hole punching did not connect directly; staying on the relay");
+            }
+            self.0.counters.count(outcome);
+            // Only a pair that could have worked is tried again, later,
+            // while its relayed connection lives.
+            if outcome != "failed" || retry >= l.punch_retries {
+                break;
+            }
+            let wait = nat::round_delay(retry + 1, l.punch_retry_after).to_duration();
+            retry += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = peer.connection().closed() => break,
+            }
+        }
+        self.0.running.lock().remove(&id);
+    }
+
+    /// The rounds of one attempt; returns its outcome.
+    async fn rounds(&self, peer: &Peer) -> &'static str {
+        let id = peer.node_id();
+        let l = self.0.limits;
+        let c = self.0.counters.clone();
+        let mut outcome = "failed";
         for round in 0..l.punch_rounds {
             tokio::time::sleep(nat::round_delay(round, l.punch_backoff).to_duration()).await;
             if (self.0.is_direct)(id) {
@@ -309,13 +340,7 @@ impl HolePunching {
             }
             tracing::debug!(peer = %id, round, "hole-punching round failed");
         }
-        if outcome == "direct" {
-            tracing::info!(peer = %id, after_ms = began.elapsed().as_millis() as u64, "direct connection by hole punching; leaving the relay");
-        } else {
-            tracing::info!(peer = %id, outcome, "hole punching did not connect directly; staying on the relay");
-        }
-        c.count(outcome);
-        self.0.running.lock().remove(&id);
+        outcome
     }
 
     /// A HOLE_PUNCH from `peer`: an answer to our attempt, or an offer to
