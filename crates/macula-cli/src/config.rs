@@ -495,6 +495,11 @@ settings! {
         default "auto",
         "\"auto\" (peers dial back to tell) or \"private\" (behind NAT: use relays, accept no \
          direct inbound connection)";
+    hole_punch HOLE_PUNCH: bool = macula::config::NatLimits::default().punch, Text(parse_on_off),
+        flag "--hole-punch" "on|off", env "MACULA_HOLE_PUNCH", toml "nat.hole_punch",
+        default "on",
+        "Try a direct connection by hole punching over every relayed connection this node \
+         opens (`macula_holepunch_attempts_total`); off: relayed connections stay relayed";
     nat_max_observations NAT_MAX_OBSERVATIONS: usize =
         macula::config::NatLimits::default().max_observations,
         Number(|s| parse_count(s, NAT_OBSERVATIONS_RANGE)),
@@ -1901,7 +1906,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            58,
+            59,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -336,6 +336,7 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         reachability: s.reachability,
         nat: macula::config::NatLimits {
             max_observations: s.nat_max_observations,
+            punch: s.hole_punch,
             ..Default::default()
         },
         trust: macula::config::TrustLimits {
