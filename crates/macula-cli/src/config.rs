@@ -86,6 +86,9 @@ pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula::config::DEFAULT_PUBSU
 /// Accepted `pubsub_stall_timeout` range.
 pub const PUBSUB_STALL_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `dht_snapshot_interval` range (0: only at a clean shutdown).
+pub const DHT_SNAPSHOT_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::ZERO, Duration::from_secs(24 * 3600));
 /// Default silence after which the failure detector declares a full node
 /// down (on a fast path; slow paths get more).
 pub const DEFAULT_PEER_DOWN_AFTER: Duration = Duration::from_secs(2);
@@ -432,6 +435,14 @@ settings! {
         flag "--pubsub-stall-timeout" "DURATION", env "MACULA_PUBSUB_STALL_TIMEOUT",
         toml "limits.pubsub_stall_timeout", default "10s",
         "Cut off a peer whose pub/sub data stream accepts nothing this long; 1s..1h";
+    dht_snapshot_interval DHT_SNAPSHOT_INTERVAL: Duration =
+        macula::config::DEFAULT_DHT_SNAPSHOT_INTERVAL,
+        Number(|s| parse_duration_in(s, DHT_SNAPSHOT_INTERVAL_RANGE)),
+        flag "--dht-snapshot-interval" "DURATION", env "MACULA_DHT_SNAPSHOT_INTERVAL",
+        toml "limits.dht_snapshot_interval", default "30s",
+        "Write the DHT's routing table and records to the data directory this often (and at a \
+         clean shutdown), read back at start so a restarted node serves at once; 0s: only at \
+         shutdown; 0s..24h";
     peer_down_after PEER_DOWN_AFTER: Duration = DEFAULT_PEER_DOWN_AFTER,
         Number(|s| parse_duration_in(s, PEER_DOWN_AFTER_RANGE)),
         flag "--peer-down-after" "DURATION", env "MACULA_PEER_DOWN_AFTER",
@@ -1906,7 +1917,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            59,
+            60,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

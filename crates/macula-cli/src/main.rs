@@ -281,6 +281,7 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         max_connections: s.max_connections,
         idle_timeout: s.idle_timeout,
         pubsub_stall_timeout: s.pubsub_stall_timeout,
+        dht_snapshot_interval: s.dht_snapshot_interval,
         peer_down_after: s.peer_down_after,
         // A longer bound than the default ceiling raises the ceiling too.
         peer_down_after_max: s

@@ -126,6 +126,14 @@ impl Member {
         })
     }
 
+    /// Durable stream `name`, on whichever node hosts it.
+    pub fn stream(&self, name: &str, timeout: std::time::Duration) -> macula::stream::StreamHandle {
+        match self {
+            Member::Client(c) => c.stream(name, timeout),
+            Member::Node(n) => n.stream(name, timeout),
+        }
+    }
+
     pub fn call(&self, procedure: &str, payload: Bytes) -> CallBuilder {
         match self {
             Member::Client(c) => c.call(procedure, payload),

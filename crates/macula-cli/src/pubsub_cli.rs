@@ -32,6 +32,11 @@ pub struct PubArgs {
     /// Messages per second at most (0: as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Store each message in durable stream STREAM (which must capture the
+    /// topic), on whichever node hosts it, and wait for its acknowledgement
+    /// (on disk) before the next.
+    #[arg(long, value_name = "STREAM")]
+    persist: Option<String>,
     /// Keep a persistent identity in DIR (a grant names it); default: a
     /// fresh identity.
     #[arg(long, value_name = "DIR")]
@@ -49,6 +54,20 @@ pub struct SubArgs {
     /// Exit after this many events (default: run until interrupted).
     #[arg(long)]
     count: Option<u64>,
+    /// Read durable stream STREAM (on whichever node hosts it) instead of
+    /// live events: its stored messages the pattern matches from --from
+    /// on, then new ones.
+    #[arg(long, value_name = "STREAM")]
+    stream: Option<String>,
+    /// With --stream, where to start: all, new (default), last,
+    /// last-per-subject, seq:N, time:UNIX_MS or time:-DURATION (e.g. time:-10m).
+    #[arg(
+        long,
+        value_name = "POSITION",
+        default_value = "new",
+        requires = "stream"
+    )]
+    from: String,
     /// Keep a persistent identity in DIR (a grant names it); default: a
     /// fresh identity.
     #[arg(long, value_name = "DIR")]
@@ -75,14 +94,25 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
     let mut tick = interval.map(tokio::time::interval);
     let mut result = Ok(());
+    let stream = a
+        .persist
+        .as_deref()
+        .map(|s| node.stream(s, macula::stream::DEFAULT_REMOTE_TIMEOUT));
+    let mut last = None;
     for _ in 0..a.count {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
-        if let Err(e) = node
-            .publish(&a.topic, a.data.clone().into_bytes().into())
-            .await
-        {
+        let payload: bytes::Bytes = a.data.clone().into_bytes().into();
+        let sent = match &stream {
+            Some(s) => s
+                .publish(&a.topic, payload, macula::stream::PersistOptions::new())
+                .await
+                .map(|ack| last = Some(ack))
+                .map_err(anyhow::Error::from),
+            None => node.publish(&a.topic, payload).await,
+        };
+        if let Err(e) = sent {
             result = Err(e).context("publish failed");
             break;
         }
@@ -91,10 +121,17 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     result?;
     let mut out = std::io::stdout().lock();
     if a.mesh.json {
+        let mut v = serde_json::json!({"topic": a.topic, "published": a.count});
+        if let Some(ack) = &last {
+            v["stream"] = ack.stream.clone().into();
+            v["last_seq"] = ack.seq.into();
+        }
+        writeln!(out, "{v}")?;
+    } else if let Some(ack) = &last {
         writeln!(
             out,
-            "{}",
-            serde_json::json!({"topic": a.topic, "published": a.count})
+            "stored {} message(s) on {} in stream {} (last seq {})",
+            a.count, a.topic, ack.stream, ack.seq
         )?;
     } else {
         writeln!(out, "published {} message(s) to {}", a.count, a.topic)?;
@@ -114,9 +151,77 @@ pub async fn trace(a: SubArgs) -> anyhow::Result<()> {
     watch(a, true).await
 }
 
+/// `macula sub --stream`: a durable stream's messages from `--from` on,
+/// one line each (`seq topic payload`, or JSON).
+async fn watch_stream(a: &SubArgs, name: &str) -> anyhow::Result<()> {
+    let from = crate::stream_cli::parse_position(&a.from)
+        .map_err(|e| anyhow::anyhow!("invalid --from {:?}: {e}", a.from))?;
+    let node = Member::start(&a.mesh, &a.mode, a.data_dir.clone(), None).await?;
+    let stream = node.stream(name, macula::stream::DEFAULT_REMOTE_TIMEOUT);
+    let filter: Vec<&str> = if a.pattern == "**" {
+        Vec::new()
+    } else {
+        vec![a.pattern.as_str()]
+    };
+    let mut sub = match stream.subscribe(&filter, from).await {
+        Ok(s) => s,
+        Err(e) => {
+            node.shutdown().await;
+            return Err(e).with_context(|| format!("cannot read stream {name}"));
+        }
+    };
+    eprintln!("reading stream {name} ({}) from {}", a.pattern, a.from);
+    let mut seen = 0u64;
+    let interrupted = crate::bench::interrupted();
+    tokio::pin!(interrupted);
+    let mut result = Ok(());
+    while a.count.is_none_or(|n| seen < n) {
+        let m = tokio::select! {
+            m = sub.recv() => m,
+            _ = &mut interrupted => break,
+        };
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                result = Err(e).context("stream read failed");
+                break;
+            }
+        };
+        seen += 1;
+        let mut out = std::io::stdout().lock();
+        if a.mesh.json {
+            let v = serde_json::json!({
+                "stream": m.stream,
+                "seq": m.seq,
+                "ts": m.ts,
+                "topic": m.subject,
+                "payload": String::from_utf8_lossy(&m.payload),
+                "headers": m.headers,
+            });
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(
+                out,
+                "{}\t{}\t{}",
+                m.seq,
+                m.subject,
+                String::from_utf8_lossy(&m.payload)
+            )?;
+        }
+        out.flush()?;
+    }
+    drop(sub);
+    node.shutdown().await;
+    result
+}
+
 async fn watch(a: SubArgs, trace: bool) -> anyhow::Result<()> {
     macula::names::validate_pattern(&a.pattern)
         .map_err(|e| anyhow::anyhow!("invalid pattern {:?}: {e}", a.pattern))?;
+    if let Some(name) = a.stream.clone() {
+        anyhow::ensure!(!trace, "macula trace reads live events only");
+        return watch_stream(&a, &name).await;
+    }
     let node = Member::start(&a.mesh, &a.mode, a.data_dir.clone(), None).await?;
     let mut sub = match node.subscribe(&a.pattern).await {
         Ok(s) => s,

@@ -250,6 +250,11 @@ pub struct ConsumerAddArgs {
     /// Replay at the pace the messages were stored.
     #[arg(long)]
     pub original_pace: bool,
+    /// A push consumer: the node publishes each delivery to this topic
+    /// (headers macula-stream, macula-stream-seq, macula-stream-consumer,
+    /// macula-stream-deliveries); subscribers ack as usual. Needs a NAME.
+    #[arg(long, value_name = "TOPIC")]
+    pub deliver_subject: Option<String>,
     #[command(flatten)]
     pub read: ReadArgs,
 }
@@ -594,6 +599,12 @@ fn get(a: &GetArgs) -> Result<(), Failure> {
 /// Parses a position: all, new, last, last-per-subject, seq:N, time:MS or
 /// time:-DURATION (before now).
 fn position(flag: &str, s: &str) -> Result<DeliverPolicy, Failure> {
+    parse_position(s).map_err(|e| usage(anyhow!("invalid {flag} {s:?}: {e}")))
+}
+
+/// A position in a stream: all, new, last, last-per-subject, seq:N,
+/// time:UNIX_MS or time:-DURATION (that long ago).
+pub(crate) fn parse_position(s: &str) -> Result<DeliverPolicy, String> {
     Ok(match s {
         "all" => DeliverPolicy::All,
         "new" => DeliverPolicy::New,
@@ -601,8 +612,7 @@ fn position(flag: &str, s: &str) -> Result<DeliverPolicy, Failure> {
         "last-per-subject" => DeliverPolicy::LastPerSubject,
         _ => match s.split_once(':') {
             Some(("seq", n)) => DeliverPolicy::ByStartSeq(
-                n.parse()
-                    .map_err(|_| usage(anyhow!("invalid {flag} {s:?}: seq:N needs a number")))?,
+                n.parse().map_err(|_| "seq:N needs a number".to_string())?,
             ),
             Some(("time", t)) => {
                 let ms = match t.strip_prefix('-') {
@@ -610,21 +620,20 @@ fn position(flag: &str, s: &str) -> Result<DeliverPolicy, Failure> {
                         let now = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .unwrap_or_default();
-                        let back = dur(flag, ago)?;
+                        let back = parse_duration(ago)?;
                         u64::try_from(now.saturating_sub(back).as_millis()).unwrap_or(0)
                     }
                     None => t.parse().map_err(|_| {
-                        usage(anyhow!(
-                            "invalid {flag} {s:?}: time:UNIX_MS or time:-DURATION (e.g. time:-10m)"
-                        ))
+                        "time:UNIX_MS or time:-DURATION (e.g. time:-10m)".to_string()
                     })?,
                 };
                 DeliverPolicy::ByStartTime(ms)
             }
             _ => {
-                return Err(usage(anyhow!(
-                    "invalid {flag} {s:?}: all, new, last, last-per-subject, seq:N, time:UNIX_MS or time:-DURATION"
-                )))
+                return Err(
+                    "all, new, last, last-per-subject, seq:N, time:UNIX_MS or time:-DURATION"
+                        .to_string(),
+                )
             }
         },
     })
@@ -771,6 +780,7 @@ fn consumer_add(a: &ConsumerAddArgs) -> Result<(), Failure> {
             ReplayPolicy::Instant
         },
         max_deliver: a.max_deliver,
+        deliver_subject: a.deliver_subject.clone(),
         ..Default::default()
     };
     if let Some(w) = &a.ack_wait {

@@ -137,3 +137,88 @@ fn dht_commands_report_bad_input_and_unreachable_meshes() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("invalid node ID"), "{out}");
 }
+
+/// Issue 21 item 5: a restarted node takes its routing table and the
+/// records it held back from `dht.snapshot`, so it serves again although
+/// its only bootstrap peer is gone: after a clean restart (the snapshot
+/// written at shutdown) and after `kill -9` (the last periodic one).
+#[test]
+fn a_restarted_node_whose_bootstrap_peer_is_gone_serves_from_its_snapshot() {
+    let realm = "test.dht.snapshot";
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut a = Proc::spawn(&start_args(realm, dirs[0].path(), &[]));
+    let a_addr = a.field("listen");
+    let start = |dir: &tempfile::TempDir| {
+        Proc::spawn(&start_args(
+            realm,
+            dir.path(),
+            &["--bootstrap", &a_addr, "--dht-snapshot-interval", "1s"],
+        ))
+    };
+    let mut b = start(&dirs[1]);
+    b.wait_for(&["joined the DHT"]);
+    let mut c = start(&dirs[2]);
+    let c_addr = c.field("listen");
+    c.wait_for(&["joined the DHT"]);
+    let b_addr = b.field("listen");
+
+    let dht_in = |args: &[&str]| {
+        let mut v = vec!["dht"];
+        v.extend_from_slice(args);
+        v.extend_from_slice(&["--realm", realm]);
+        run(command(&v))
+    };
+    let (code, out) = dht_in(&["put", "greeting", "hello again", "--connect", &b_addr]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = dht_in(&["get", "greeting", "--connect", &c_addr]);
+    assert_eq!(code, Some(0), "{out}");
+
+    // C stops cleanly (its snapshot is written at shutdown); A, its only
+    // bootstrap peer, is killed for good.
+    assert_eq!(c.terminate(), Some(0));
+    drop(a);
+    let snapshot = dirs[2].path().join("dht.snapshot");
+    assert!(snapshot.exists(), "written at shutdown");
+
+    let mut c = start(&dirs[2]);
+    let c_addr = c.field("listen");
+    let line = c.wait_for(&["DHT restored from its snapshot"]);
+    assert!(
+        line.contains("records=") && !line.contains("records=0"),
+        "{line}"
+    );
+    c.wait_for(&["joined the DHT"]);
+    let (code, out) = dht_in(&["get", "greeting", "--connect", &c_addr]);
+    assert_eq!(code, Some(0), "after a clean restart: {out}");
+    assert!(out.contains("hello again"), "{out}");
+
+    // kill -9 once a periodic snapshot has been written since the start.
+    let written = std::fs::metadata(&snapshot).unwrap().modified().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&snapshot).unwrap().modified().unwrap() == written {
+        assert!(
+            Instant::now() < deadline,
+            "no periodic snapshot within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(c);
+    let mut c = start(&dirs[2]);
+    let c_addr = c.field("listen");
+    c.wait_for(&["DHT restored from its snapshot"]);
+    c.wait_for(&["joined the DHT"]);
+    let (code, out) = dht_in(&["get", "greeting", "--connect", &c_addr]);
+    assert_eq!(code, Some(0), "after kill -9: {out}");
+    assert!(out.contains("hello again"), "{out}");
+
+    // Without the snapshot C would be alone: its bootstrap peer is dead.
+    drop(c);
+    std::fs::remove_file(&snapshot).unwrap();
+    let mut c = start(&dirs[2]);
+    assert!(
+        c.poll_for(&["joined the DHT"], Duration::from_secs(3))
+            .is_none(),
+        "a cold node whose bootstrap peer is gone cannot join"
+    );
+    drop(b);
+}

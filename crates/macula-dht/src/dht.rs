@@ -118,6 +118,27 @@ pub enum RequestError {
     FromSelf,
 }
 
+/// The part of a node's DHT state worth keeping across a restart
+/// ([`Dht::snapshot`], [`Dht::restore`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Routing table contacts, nearest to the node first.
+    pub contacts: Vec<Contact>,
+    /// Records held, each with the lifetime it has left.
+    pub records: Vec<(Record, Millis)>,
+}
+
+/// What [`Dht::restore`] took back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Contacts used as the join's seeds.
+    pub contacts: usize,
+    /// Records stored again.
+    pub records: usize,
+    /// Records refused (bad signature, over a limit, expired, stale).
+    pub records_rejected: usize,
+}
+
 /// Counters of everything the core did, dropped or refused: the runtime exports
 /// them as metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -376,6 +397,56 @@ impl Dht {
     /// Lookups running (all purposes).
     pub fn n_lookups(&self) -> usize {
         self.lookups.len()
+    }
+
+    /// What a restarted node needs to serve again without a cold table
+    /// (issue 21 item 5): every contact of the routing table, nearest to us
+    /// first, and every record held with the lifetime it has left at `now`.
+    /// The runtime writes it to disk and gives it back to [`Dht::restore`].
+    pub fn snapshot(&self, now: Millis) -> Snapshot {
+        let own = self.own.id;
+        let mut contacts: Vec<Contact> = self.routing.iter().map(|e| e.contact.clone()).collect();
+        contacts.sort_by_key(|c| distance(&own, &c.id));
+        let records = self
+            .store
+            .iter()
+            .filter(|s| s.expires > now)
+            .map(|s| (s.record.clone(), Millis(s.expires.0 - now.0)))
+            .collect();
+        Snapshot { contacts, records }
+    }
+
+    /// Takes back what [`Dht::snapshot`] saved before a restart: each record
+    /// goes through the checks of a STORE (limits, signature, capacity, the
+    /// publisher's own TTL) with the lifetime it had left; the contacts are
+    /// the join's seeds, nearest first, at most `k` of them (the others are
+    /// learned again by the join's lookups), like [`Dht::bootstrap`]. A node
+    /// with no seeds of its own joins through them; a first node (no seeds
+    /// configured) is bootstrapped at once as always, and its join still
+    /// asks them. Returns what was restored.
+    pub fn restore(&mut self, snapshot: Snapshot, now: Millis) -> Restored {
+        let mut restored = Restored::default();
+        for (record, left) in snapshot.records {
+            match self.check_and_insert(record, left, now) {
+                Ok(()) => restored.records += 1,
+                Err(_) => restored.records_rejected += 1,
+            }
+        }
+        let own = self.own.id;
+        let mut seeds: Vec<Contact> = snapshot
+            .contacts
+            .into_iter()
+            .filter(|c| c.id != own)
+            .collect();
+        seeds.sort_by_key(|c| distance(&own, &c.id));
+        seeds.dedup_by(|a, b| a.id == b.id);
+        seeds.truncate(self.config.k);
+        restored.contacts = seeds.len();
+        if seeds.is_empty() {
+            return restored;
+        }
+        self.bootstrap(seeds, now);
+        restored
     }
 
     /// Up to `n` known contacts closest to `key`, from the routing table only.

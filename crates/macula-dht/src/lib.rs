@@ -86,7 +86,7 @@ pub mod store;
 
 pub use auth::{verify_record_signature, Ed25519Auth, SIGNATURE_LEN};
 pub use config::Config;
-pub use dht::{Dht, Event, LookupError, PutError, PutId, RequestError, Stats};
+pub use dht::{Dht, Event, LookupError, PutError, PutId, RequestError, Restored, Snapshot, Stats};
 pub use lookup::{LookupId, LookupKind, LookupOutcome, LookupStats};
 pub use macula_wire::time::Millis;
 pub use macula_wire::NodeId;

@@ -1147,3 +1147,159 @@ fn the_runtime_declares_suspects() {
         .expect("pong");
     assert!(!d.is_suspected(&id(9), Millis(6)));
 }
+
+// ----- snapshots across a restart (issue 21 item 5) -------------------------
+
+#[test]
+fn a_snapshot_keeps_contacts_nearest_first_and_records_with_their_lifetime_left() {
+    let mut d = node(1, Config::default());
+    for b in [9u8, 2, 200, 3] {
+        let _ = d.handle_request(&contact(b), Request::Ping, Millis(0));
+    }
+    let r = record(id(0x50), id(9), 1, Millis(10_000), b"v");
+    let stored = d.handle_request(
+        &contact(9),
+        Request::Store {
+            record: r.clone(),
+            ttl: Millis(10_000),
+        },
+        Millis(1_000),
+    );
+    assert_eq!(stored, Ok(Response::Stored));
+    let snap = d.snapshot(Millis(4_000));
+    let ids: Vec<NodeId> = snap.contacts.iter().map(|c| c.id).collect();
+    // Distance to 0x01..: 0x03 (2), 0x02 (3), 0x09 (8), 0xc8 (far).
+    assert_eq!(ids, vec![id(3), id(2), id(9), id(200)]);
+    assert_eq!(snap.records, vec![(r.clone(), Millis(7_000))]);
+    // An expired record is not kept.
+    assert!(d.snapshot(Millis(11_000)).records.is_empty());
+}
+
+#[test]
+fn a_restored_node_has_its_records_at_once_and_joins_through_its_old_contacts() {
+    let config = Config::default();
+    let mut d = node(1, config.clone());
+    for b in 2..=40u8 {
+        let _ = d.handle_request(&contact(b), Request::Ping, Millis(0));
+    }
+    let r = record(id(0x50), id(9), 1, Millis(10_000), b"v");
+    let _ = d.handle_request(
+        &contact(9),
+        Request::Store {
+            record: r.clone(),
+            ttl: Millis(10_000),
+        },
+        Millis(0),
+    );
+    let snap = d.snapshot(Millis(2_000));
+    assert_eq!(snap.contacts.len(), 39);
+
+    // The same node after a restart, with no seeds of its own.
+    let mut d = node(1, config.clone());
+    let restored = d.restore(snap, Millis(500));
+    assert_eq!(
+        restored,
+        macula_dht::Restored {
+            contacts: config.k,
+            records: 1,
+            records_rejected: 0
+        }
+    );
+    // The record is served with the lifetime it had left, not a new one.
+    let got = d.store().get_one(&id(0x50), &id(9)).expect("restored");
+    assert_eq!(got.expires, Millis(500 + 8_000));
+    assert_eq!(got.record, r);
+    // It joins through the k nearest old contacts: a lookup of its own ID.
+    // (Beside it, the record goes to old contacts now among its k closest,
+    // as to any newly seen node.)
+    let (out, _) = drain(&mut d);
+    let asked: Vec<NodeId> = out
+        .iter()
+        .filter(|o| matches!(o.request, Request::FindNode { target } if target == id(1)))
+        .map(|o| o.to.id)
+        .collect();
+    assert!(!asked.is_empty());
+    assert!(out
+        .iter()
+        .all(|o| matches!(o.request, Request::FindNode { .. } | Request::Store { .. })));
+    let nearest: Vec<NodeId> = (2..=40u8).map(id).filter(|c| asked.contains(c)).collect();
+    assert_eq!(nearest.len(), asked.len(), "asks only old contacts");
+    assert!(asked.contains(&id(3)), "the nearest old contact is asked");
+}
+
+#[test]
+fn restored_records_pass_the_checks_of_a_store() {
+    let config = Config::default();
+    let snap = macula_dht::Snapshot {
+        contacts: vec![contact(1), contact(2)],
+        records: vec![
+            (
+                record(id(0x50), id(9), 1, Millis(10_000), b"v"),
+                Millis(5_000),
+            ),
+            // Lifetime left longer than the publisher granted: capped.
+            (
+                record(id(0x51), id(9), 1, Millis(3_000), b"v"),
+                Millis(9_000),
+            ),
+            // No lifetime left.
+            (
+                record(id(0x52), id(9), 1, Millis(3_000), b"v"),
+                Millis::ZERO,
+            ),
+        ],
+    };
+    let mut d = node(1, config.clone());
+    let restored = d.restore(snap.clone(), Millis(0));
+    // Our own ID is never a seed.
+    assert_eq!(restored.contacts, 1);
+    assert_eq!((restored.records, restored.records_rejected), (2, 1));
+    assert_eq!(
+        d.store().get_one(&id(0x51), &id(9)).map(|s| s.expires),
+        Some(Millis(3_000))
+    );
+    // A node whose verifier refuses the signatures takes none of them.
+    let mut d = Dht::new(config, contact(1), Box::new(RejectAll), 1);
+    let restored = d.restore(snap, Millis(0));
+    assert_eq!((restored.records, restored.records_rejected), (0, 3));
+    assert!(d.store().is_empty());
+}
+
+#[test]
+fn a_restarted_node_whose_seed_is_gone_serves_again_from_its_snapshot() {
+    let config = Config::default();
+    let mut sim = mesh(12, 77, &config);
+    let key = NodeId::from_bytes([0x42; 32]);
+    put(&mut sim, 3, key, b"hello", Millis::from_secs(600)).expect("quorum");
+    let holder = (4..sim.len())
+        .find(|&i| sim.dht(i).store().get_one(&key, &sim.id(3)).is_some())
+        .expect("a replica other than the publisher and the seed");
+    let now = sim.now();
+    let snap = sim.dht(holder).snapshot(now);
+    assert!(snap.contacts.len() >= 8);
+    // The holder stops; its only seed (node 0) is gone for good.
+    sim.kill(holder);
+    sim.kill(0);
+    sim.run_until(now.saturating_add(Millis(5_000)));
+
+    // Without a snapshot a restarted node with no reachable seed is alone.
+    sim.restart_now(holder, &[]);
+    assert_eq!(sim.dht(holder).routing().len(), 0);
+    assert!(sim.dht(holder).store().is_empty());
+    sim.kill(holder);
+
+    sim.restart_now(holder, &[]);
+    let restored = sim.command(holder, |d, now| d.restore(snap, now));
+    assert_eq!(restored.records, 1);
+    assert!(sim.dht(holder).store().get_one(&key, &sim.id(3)).is_some());
+    let t = sim.now();
+    sim.run_until(t.saturating_add(Millis(5_000)));
+    // It rejoined through its old contacts (node 0 among them is dead).
+    assert!(sim.dht(holder).routing().len() >= 8);
+    assert!(!sim.dht(holder).routing().contains(&sim.id(0)));
+    // ...and the mesh finds it again: another node's get reaches a replica.
+    let outcome = get(&mut sim, 7, key);
+    assert_eq!(outcome.records.len(), 1);
+    let outcome = get(&mut sim, holder, key);
+    assert_eq!(outcome.records[0].value, b"hello");
+}

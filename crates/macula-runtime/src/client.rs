@@ -663,6 +663,16 @@ impl Client {
         &self.0.rpc
     }
 
+    /// Durable stream `name`, hosted by a node of the mesh, reached over
+    /// RPC through the gateway (`_stream.<name>`; each operation but a pull
+    /// bounded by `timeout`).
+    pub fn stream(&self, name: &str, timeout: std::time::Duration) -> crate::stream::StreamHandle {
+        crate::stream::StreamHandle::Remote(
+            crate::stream::remote::RemoteStream::new(self.rpc().clone(), name, timeout)
+                .via_gateway(),
+        )
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.0.metrics
     }

@@ -130,6 +130,11 @@ pub struct Limits {
     /// cut off: the stream is reset and what was queued for it dropped
     /// (`macula_pubsub_peers_cut_off_total`, a warning naming the peer).
     pub pubsub_stall_timeout: Duration,
+    /// The DHT's routing table and records are written to the data
+    /// directory this often (and at a clean shutdown), and read back at
+    /// start so a restarted node serves at once (`dht_snapshot.rs`); zero:
+    /// only at a clean shutdown. Nodes without a data directory keep none.
+    pub dht_snapshot_interval: Duration,
 }
 
 impl Limits {
@@ -175,9 +180,14 @@ impl Default for Limits {
             send_window: 8 << 20,
             socket_buffer: 4 << 20,
             pubsub_stall_timeout: PEER_STALL_TIMEOUT,
+            dht_snapshot_interval: DEFAULT_DHT_SNAPSHOT_INTERVAL,
         }
     }
 }
+
+/// Default [`Limits::dht_snapshot_interval`]: a node killed without a
+/// clean shutdown restarts with a table at most this old.
+pub const DEFAULT_DHT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Why a configuration cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

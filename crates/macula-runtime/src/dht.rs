@@ -128,6 +128,14 @@ pub struct DhtCounters {
     /// Seconds from start to end of each completed lookup, by the runtime's
     /// clock (`macula_dht_lookup_duration_seconds`, millisecond resolution).
     pub lookup_duration: LookupDuration,
+    /// Snapshots written (`dht_snapshot.rs`).
+    pub snapshot_saves_total: Counter,
+    /// Snapshots that could not be written or read back (the node started
+    /// cold).
+    pub snapshot_failures_total: Counter,
+    /// Records and contacts taken back from the snapshot at start.
+    pub snapshot_restored_records_total: Counter,
+    pub snapshot_restored_contacts_total: Counter,
 }
 
 /// Histogram of lookup durations in seconds: 1 ms .. ~16 s.
@@ -322,6 +330,30 @@ impl DhtCounters {
             "Seconds from start to end of each completed DHT lookup.",
             self.lookup_duration.0.clone(),
         );
+        register(
+            r,
+            "macula_dht_snapshot_saves",
+            "DHT snapshots (routing table and records) written to the data directory.",
+            self.snapshot_saves_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_snapshot_failures",
+            "DHT snapshots that could not be written, or read back at start (started cold).",
+            self.snapshot_failures_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_snapshot_restored_records",
+            "Records taken back from the DHT snapshot at start.",
+            self.snapshot_restored_records_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_snapshot_restored_contacts",
+            "Contacts of the DHT snapshot used as seeds at start.",
+            self.snapshot_restored_contacts_total.clone(),
+        );
     }
 }
 
@@ -361,6 +393,10 @@ enum Command {
         reply: oneshot::Sender<Vec<RoutingEntry>>,
     },
     WaitBootstrapped {
+        reply: oneshot::Sender<()>,
+    },
+    /// Write the snapshot now; answered once it is on disk (or failed).
+    SaveSnapshot {
         reply: oneshot::Sender<()>,
     },
 }
@@ -539,6 +575,16 @@ impl DhtHandle {
     pub(crate) fn unlist(&self, peer: &Peer) {
         peer.set_unlisted();
         let _ = self.tx.try_send(Command::PeerLeft(peer.node_id()));
+    }
+
+    /// Writes the DHT snapshot (routing table and records) now, if the node
+    /// keeps one, and waits until it is on disk: called at a clean
+    /// shutdown. Failures are logged and counted, never returned.
+    pub async fn save_snapshot(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::SaveSnapshot { reply }).await.is_ok() {
+            let _ = tokio::time::timeout(DHT_CALL_TIMEOUT, rx).await;
+        }
     }
 
     /// Tells the DHT about a bootstrap peer that just connected.
@@ -793,10 +839,24 @@ struct Task<D: Dialer> {
     cache: GetCache,
     /// The node's monotonic clock: every `now` the core is given.
     clock: Clock,
+    /// Where the snapshot is kept, if the node has a data directory.
+    snapshot: Option<SnapshotSetup>,
+    /// A periodic save is being written (the next tick skips).
+    saving: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Where and how often the DHT task writes its snapshot (`dht_snapshot.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotSetup {
+    pub path: std::path::PathBuf,
+    /// Zero: only at a clean shutdown.
+    pub interval: Duration,
 }
 
 /// Starts the DHT task for a node. `first_node`: no bootstrap peers are
-/// configured, so the node does not wait for seeds.
+/// configured, so the node does not wait for seeds. `snapshot`: where the
+/// routing table and records are kept across restarts (read back first).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn<D: Dialer>(
     identity: Identity,
     own_addr: SocketAddr,
@@ -804,6 +864,7 @@ pub(crate) fn spawn<D: Dialer>(
     clock: Clock,
     first_node: bool,
     dialer: D,
+    snapshot: Option<SnapshotSetup>,
     mut shutdown: watch::Receiver<bool>,
 ) -> DhtHandle {
     let (tx, mut rx) = mpsc::channel(DHT_QUEUE_CAPACITY);
@@ -831,11 +892,24 @@ pub(crate) fn spawn<D: Dialer>(
         first_node,
         bootstrap_waiters: Vec::new(),
         cache: GetCache::new(DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE),
+        snapshot,
+        saving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     if first_node {
         task.dht.bootstrap(Vec::new(), task.clock.now());
     }
     tokio::spawn(async move {
+        task.restore_snapshot().await;
+        let mut saves = task
+            .snapshot
+            .as_ref()
+            .filter(|s| !s.interval.is_zero())
+            .map(|s| {
+                let mut i =
+                    tokio::time::interval_at(tokio::time::Instant::now() + s.interval, s.interval);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
         loop {
             task.drain();
             task.counters.sync(&task.dht);
@@ -854,6 +928,12 @@ pub(crate) fn spawn<D: Dialer>(
                         None => std::future::pending().await,
                     }
                 } => task.dht.handle_timeout(task.clock.now()),
+                _ = async {
+                    match saves.as_mut() {
+                        Some(i) => i.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => task.save_snapshot(None),
                 _ = shutdown.changed() => break,
             }
         }
@@ -863,11 +943,104 @@ pub(crate) fn spawn<D: Dialer>(
 }
 
 impl<D: Dialer> Task<D> {
+    /// Takes back the snapshot a previous run left (records checked like a
+    /// STORE, contacts as the join's seeds). A file that cannot be used is
+    /// reported and the node starts cold.
+    async fn restore_snapshot(&mut self) {
+        let Some(setup) = self.snapshot.clone() else {
+            return;
+        };
+        let path = setup.path.clone();
+        let read = tokio::task::spawn_blocking(move || crate::dht_snapshot::load(&path)).await;
+        let bytes = match read {
+            Ok(Ok(Some(bytes))) => bytes,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                self.counters.snapshot_failures_total.inc();
+                tracing::warn!(file = %setup.path.display(), error = %e, "DHT snapshot not read; starting with an empty routing table");
+                return;
+            }
+            Err(_) => return,
+        };
+        let own = self.dht.own().id;
+        let max_records = self.dht.config().max_records;
+        match crate::dht_snapshot::decode(&bytes, &own, crate::clock::wall_ms(), max_records) {
+            Ok(loaded) => {
+                let restored = self.dht.restore(loaded.snapshot, self.clock.now());
+                self.counters
+                    .snapshot_restored_records_total
+                    .inc_by(restored.records as u64);
+                self.counters
+                    .snapshot_restored_contacts_total
+                    .inc_by(restored.contacts as u64);
+                tracing::info!(
+                    contacts = restored.contacts,
+                    records = restored.records,
+                    rejected = restored.records_rejected,
+                    expired = loaded.expired,
+                    age_ms = crate::clock::wall_ms().saturating_sub(loaded.saved_at_ms),
+                    "DHT restored from its snapshot"
+                );
+            }
+            Err(e) => {
+                self.counters.snapshot_failures_total.inc();
+                tracing::warn!(file = %setup.path.display(), error = %e, "DHT snapshot not used; starting with an empty routing table");
+            }
+        }
+    }
+
+    /// Writes the snapshot on a blocking thread: periodic saves (`reply`
+    /// `None`) skip while one is being written; a save asked for at
+    /// shutdown always writes and answers when done.
+    fn save_snapshot(&mut self, reply: Option<oneshot::Sender<()>>) {
+        use std::sync::atomic::Ordering;
+        let Some(setup) = &self.snapshot else {
+            if let Some(r) = reply {
+                let _ = r.send(());
+            }
+            return;
+        };
+        if reply.is_none() && self.saving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let bytes = crate::dht_snapshot::encode(
+            self.dht.own().id,
+            &self.dht.snapshot(self.clock.now()),
+            crate::clock::wall_ms(),
+        );
+        let path = setup.path.clone();
+        let counters = self.counters.clone();
+        let saving = self.saving.clone();
+        let periodic = reply.is_none();
+        tokio::spawn(async move {
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || crate::dht_snapshot::save(&p, &bytes)).await {
+                Ok(Ok(())) => {
+                    counters.snapshot_saves_total.inc();
+                }
+                Ok(Err(e)) => {
+                    counters.snapshot_failures_total.inc();
+                    tracing::warn!(file = %path.display(), error = %e, "DHT snapshot not written");
+                }
+                Err(_) => {
+                    counters.snapshot_failures_total.inc();
+                }
+            }
+            if periodic {
+                saving.store(false, Ordering::Release);
+            }
+            if let Some(r) = reply {
+                let _ = r.send(());
+            }
+        });
+    }
+
     fn apply(&mut self, cmd: Command) {
         let now = self.clock.now();
         match cmd {
             Command::Inbound { peer, msg } => self.inbound(peer, msg, now),
             Command::Seed(contact) => self.dht.bootstrap(vec![contact], now),
+            Command::SaveSnapshot { reply } => self.save_snapshot(Some(reply)),
             Command::PeerLeft(id) => {
                 tracing::debug!(peer = %id, "peer left the mesh; dropping it from the DHT");
                 self.dht.peer_left(&id, now)

@@ -21,6 +21,7 @@ pub mod config;
 pub mod datadir;
 pub mod dht;
 pub mod dht_cache;
+pub mod dht_snapshot;
 mod driver;
 pub mod framed;
 pub mod gateway;

@@ -551,6 +551,13 @@ impl NodeRuntime {
                 clock,
                 first_node,
                 PoolDialer(weak.clone()),
+                match &config.identity {
+                    IdentitySource::DataDir(dir) => Some(crate::dht::SnapshotSetup {
+                        path: crate::dht_snapshot::path(dir),
+                        interval: config.limits.dht_snapshot_interval,
+                    }),
+                    IdentitySource::Ephemeral => None,
+                },
                 dht_shutdown,
             );
             let pubsub = crate::pubsub::PubSub::node(
@@ -791,6 +798,8 @@ impl NodeRuntime {
         );
         tokio::spawn(node.clone().check_reachability());
         tokio::spawn(node.clone().save_epoch());
+        // Streams hosted here are served to the mesh (`_stream.<name>`).
+        node.0.streams.serve_remote(node.0.rpc.clone());
         node.0.realm.load(
             node.0
                 .config
@@ -971,6 +980,21 @@ impl NodeRuntime {
     /// The durable streams this node hosts.
     pub fn streams(&self) -> &crate::stream::Streams {
         &self.0.streams
+    }
+
+    /// Durable stream `name` wherever it lives: hosted here (direct) or by
+    /// another node (over RPC, `_stream.<name>`; each operation but a
+    /// pull bounded by `timeout`).
+    pub fn stream(&self, name: &str, timeout: std::time::Duration) -> crate::stream::StreamHandle {
+        if self.0.streams.hosts(name) {
+            self.0.streams.handle(name)
+        } else {
+            crate::stream::StreamHandle::Remote(crate::stream::remote::RemoteStream::new(
+                self.0.rpc.clone(),
+                name,
+                timeout,
+            ))
+        }
     }
 
     pub fn tunnel(&self) -> &Tunnel {
@@ -2102,6 +2126,9 @@ impl NodeRuntime {
         if !self.0.rpc.drain(SHUTDOWN_GRACE).await {
             tracing::warn!("shutdown: some RPC requests were still running at the deadline");
         }
+        // Keep the routing table and the records held for the next start
+        // (after the withdrawals above, so they are what the mesh now has).
+        self.0.dht.save_snapshot().await;
         // Stop the Raft groups while the connections are up, so a leader's
         // last heartbeats and answers still go out.
         self.0.raft.shutdown().await;

@@ -388,3 +388,105 @@ async fn old_messages_leave_the_store_and_replay_starts_at_a_time() {
     assert_eq!((info.messages, info.last_seq, info.first_seq), (0, 3, 4));
     s.shutdown().await;
 }
+
+fn header<'a>(e: &'a macula_pubsub::Event, name: &str) -> &'a str {
+    e.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no header {name} in {:?}", e.headers))
+}
+
+async fn delivery(sub: &mut macula_runtime::pubsub::Subscription) -> (u64, u32, Bytes) {
+    let item = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("a push delivery within 10 s")
+        .expect("subscription open");
+    match item {
+        macula_pubsub::SubscriptionItem::Event(e) => {
+            assert_eq!(header(&e, "macula-stream"), "orders");
+            assert_eq!(header(&e, "macula-stream-consumer"), "pusher");
+            (
+                header(&e, "macula-stream-seq").parse().unwrap(),
+                header(&e, "macula-stream-deliveries").parse().unwrap(),
+                e.payload.clone(),
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_push_consumer_publishes_deliveries_within_its_ack_pending_and_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = pubsub();
+    let s = open(dir.path(), &ps);
+    s.add(orders()).await.unwrap();
+    for i in 1..=5 {
+        publish(&s, "orders.eu", &format!("o{i}")).await;
+    }
+    // An ephemeral push consumer is refused (nothing would ever remove it).
+    let eph = ConsumerConfig {
+        deliver_subject: Some("deliveries.orders".into()),
+        ..ConsumerConfig::default()
+    };
+    let e = s.add_consumer("orders", eph).await.unwrap_err();
+    assert!(
+        e.to_string().contains("push consumer must be durable"),
+        "{e}"
+    );
+    let mut sub = ps.subscribe("deliveries.orders").unwrap();
+    let cfg = ConsumerConfig {
+        deliver_subject: Some("deliveries.orders".into()),
+        ack_wait: macula_wire::Millis(300),
+        max_ack_pending: 3,
+        ..ConsumerConfig::durable("pusher")
+    };
+    s.add_consumer("orders", cfg).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(delivery(&mut sub).await);
+    }
+    assert_eq!(
+        got.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>(),
+        vec![(1, 1), (2, 1), (3, 1)]
+    );
+    assert_eq!(got[0].2, Bytes::from("o1"));
+    // Flow control: three wait for their ack, the fourth is not sent.
+    let ci = s.consumer_info("orders", "pusher").unwrap();
+    assert_eq!((ci.num_ack_pending, ci.delivered_stream_seq), (3, 3));
+    // A push consumer takes no pulls.
+    let e = s
+        .next("orders", "pusher", 1, None, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("push consumer"), "{e}");
+    for seq in 1..=3 {
+        s.ack("orders", "pusher", seq, AckKind::Ack).await.unwrap();
+    }
+    assert_eq!(delivery(&mut sub).await.0, 4);
+    assert_eq!(delivery(&mut sub).await.0, 5);
+    s.ack("orders", "pusher", 4, AckKind::Ack).await.unwrap();
+    // 5 is not acknowledged: it comes again after the ack wait.
+    let again = delivery(&mut sub).await;
+    assert_eq!((again.0, again.1), (5, 2));
+    s.ack("orders", "pusher", 5, AckKind::Ack).await.unwrap();
+
+    // After a restart the durable push consumer runs again.
+    s.shutdown().await;
+    drop(s);
+    let s = open(dir.path(), &ps);
+    publish(&s, "orders.eu", "o6").await;
+    let d = delivery(&mut sub).await;
+    assert_eq!((d.0, d.1, d.2), (6, 1, Bytes::from("o6")));
+    // Deleting it stops the deliveries.
+    s.delete_consumer("orders", "pusher").await.unwrap();
+    publish(&s, "orders.eu", "o7").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.recv())
+            .await
+            .is_err(),
+        "no delivery after the consumer is gone"
+    );
+    s.shutdown().await;
+}

@@ -264,6 +264,11 @@ pub struct ConsumerConfig {
     /// An ephemeral consumer nobody asked anything of for this long is
     /// removed.
     pub inactive_threshold: Millis,
+    /// A **push** consumer: its node publishes each delivery to this topic
+    /// (pull requests are refused); `None`: a pull consumer. Push
+    /// consumers are durable.
+    #[serde(default)]
+    pub deliver_subject: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -280,6 +285,7 @@ impl Default for ConsumerConfig {
             replay: ReplayPolicy::Instant,
             max_waiting: DEFAULT_MAX_WAITING,
             inactive_threshold: DEFAULT_INACTIVE_THRESHOLD,
+            deliver_subject: None,
         }
     }
 }
@@ -342,6 +348,17 @@ impl ConsumerConfig {
         }
         if self.durable.is_none() && self.inactive_threshold == Millis::ZERO {
             return Err(ConfigError::Zero("inactive_threshold"));
+        }
+        if let Some(subject) = &self.deliver_subject {
+            macula_pubsub::Topic::new(subject).map_err(|e| ConfigError::Subject {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            })?;
+            if self.durable.is_none() {
+                return Err(ConfigError::Push(
+                    "a push consumer must be durable (give it a name; delete it when done)".into(),
+                ));
+            }
         }
         Ok(filter)
     }
@@ -436,6 +453,9 @@ pub enum ConfigError {
     /// A bad redelivery backoff schedule.
     #[error("invalid backoff: {0}")]
     Backoff(String),
+    /// A push consumer's settings do not hold together.
+    #[error("invalid push consumer: {0}")]
+    Push(String),
     /// A field that cannot change on a live stream.
     #[error("{0} cannot be changed on an existing stream")]
     Immutable(&'static str),

@@ -279,6 +279,12 @@ impl Client {
         self.0.call(procedure, payload).into()
     }
 
+    /// Durable stream `name`, hosted by a node of the mesh, through the
+    /// gateway (see [`crate::Node::stream`]).
+    pub fn stream(&self, name: &str, timeout: Duration) -> crate::stream::StreamHandle {
+        self.0.stream(name, timeout)
+    }
+
     /// The key-value store of Raft group `group`, through its gateway and
     /// any member (see [`crate::Node::kv`]).
     pub fn kv(&self, group: &str, timeout: Duration) -> crate::raft::Kv {

@@ -552,6 +552,15 @@ impl Node {
         self.runtime.streams()
     }
 
+    /// Durable stream `name` wherever it lives in the mesh: hosted by this
+    /// node (direct) or by another (over RPC, procedure `_stream.<name>`,
+    /// which the hosting node advertises); each operation but a pull is
+    /// bounded by `timeout`. Publish with an acknowledgement, read, add
+    /// consumers, pull, ack and subscribe from a position through it.
+    pub fn stream(&self, name: &str, timeout: Duration) -> crate::stream::StreamHandle {
+        self.runtime.stream(name, timeout)
+    }
+
     /// Joins (or re-opens) the Raft group `name` as a member and serves it
     /// to non-members (RPC procedure `_raft.<name>`). `members` are the
     /// founding voters: every founder passes the same list (this node

@@ -7,6 +7,13 @@
 //! only once the event is on disk. Consumers pull batches and acknowledge
 //! them; what is not acknowledged within the ack wait comes again.
 //!
+//! Any node or lightweight client reaches a stream hosted elsewhere with
+//! [`crate::Node::stream`] / [`crate::Client::stream`]: a [`StreamHandle`]
+//! that calls the hosting node's procedure `_stream.<name>` (advertised
+//! by it; the realm's `call` permissions apply), with the same operations
+//! as the local one, and [`StreamHandle::subscribe`] to read from an
+//! offset, a time, the last or only new messages.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,9 +44,11 @@
 //! here): [`StreamConfig`], [`ConsumerConfig`], [`DeliverPolicy`],
 //! [`AckPolicy`], [`ReplayPolicy`], [`Retention`], [`Discard`].
 
+pub use macula_runtime::stream::remote::{procedure, DEFAULT_REMOTE_TIMEOUT};
 pub use macula_runtime::stream::{
-    AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamInfo, StreamMsg,
-    StreamSubscription, Streams, SEQ_HEADER, STREAM_HEADER,
+    AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamHandle, StreamInfo,
+    StreamMsg, StreamSubscription, Streams, CONSUMER_HEADER, DELIVERIES_HEADER, SEQ_HEADER,
+    STREAM_HEADER,
 };
 pub use macula_stream::{
     AckPolicy, ConfigError, ConsumerConfig, DeliverPolicy, Discard, Purge, ReplayPolicy, Retention,

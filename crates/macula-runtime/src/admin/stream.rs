@@ -1,5 +1,6 @@
 //! The durable-stream endpoints of the admin API (`macula stream ...`,
-//! `macula consumer ...`, `macula pub --persist`, `macula sub --stream`).
+//! `macula consumer ...`; from other nodes a stream is reached over RPC
+//! instead, `stream/remote.rs`).
 //! They act on the streams this node hosts (`NodeRuntime::streams`).
 //!
 //! | route | answer |

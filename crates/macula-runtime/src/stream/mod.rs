@@ -30,9 +30,13 @@
 //! expiry, ack waits, idle ephemeral consumers) at their deadlines, at
 //! least every `StreamLimits::tick`.
 
+mod handle;
 pub mod metrics;
 pub mod record;
+pub mod remote;
 pub mod store;
+
+pub use handle::{StreamHandle, StreamSubscription};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -64,6 +68,14 @@ pub use macula_stream::{AckPolicy, DeliverPolicy, Discard, ReplayPolicy, Retenti
 pub const STREAM_HEADER: &str = "macula-stream";
 /// The header naming the stored sequence of an acknowledged publish.
 pub const SEQ_HEADER: &str = "macula-stream-seq";
+/// The push consumer a delivery comes from (with [`STREAM_HEADER`] and
+/// [`SEQ_HEADER`]: what to ack).
+pub const CONSUMER_HEADER: &str = "macula-stream-consumer";
+/// How many times a push delivery's message was delivered, this one
+/// included.
+pub const DELIVERIES_HEADER: &str = "macula-stream-deliveries";
+/// Messages a push consumer's task pulls at once.
+const PUSH_BATCH: usize = 256;
 
 /// Why a stream operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +122,19 @@ pub enum StreamError {
     /// An invalid argument (topic, header, batch).
     #[error("{0}")]
     Invalid(String),
+    /// Refused by the node hosting the stream, reached over RPC; `kind` is
+    /// [`StreamError::kind`] there.
+    #[error("{message}")]
+    Remote {
+        /// The cause, as the hosting node names it.
+        kind: String,
+        /// Its message.
+        message: String,
+    },
+    /// The node hosting the stream could not be found or reached, or did
+    /// not answer in time.
+    #[error("the stream's node could not be reached: {0}")]
+    Unreachable(String),
 }
 
 impl StreamError {
@@ -131,8 +156,37 @@ impl StreamError {
             StreamError::Store(_) => "store",
             StreamError::Failed { .. } => "failed",
             StreamError::Invalid(_) => "invalid",
+            StreamError::Remote { kind, .. } => remote_kind(kind),
+            StreamError::Unreachable(_) => "unreachable",
         }
     }
+}
+
+/// A remote node's error kind as one of ours (`remote` when unknown).
+fn remote_kind(kind: &str) -> &'static str {
+    const KINDS: &[&str] = &[
+        "no_data_dir",
+        "not_found",
+        "exists",
+        "too_many",
+        "overlap",
+        "not_captured",
+        "config",
+        "full",
+        "too_large",
+        "refused",
+        "no_consumer",
+        "consumer",
+        "store",
+        "failed",
+        "invalid",
+        "unreachable",
+    ];
+    KINDS
+        .iter()
+        .find(|k| **k == kind)
+        .copied()
+        .unwrap_or("remote")
 }
 
 /// Options of an acknowledged publish.
@@ -302,6 +356,12 @@ struct Hosted {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     failed: Mutex<Option<String>>,
     capture_lost: AtomicU64,
+    /// The advertisement of `_stream.<name>` (withdrawn when dropped), and
+    /// the task that makes it (retried until the mesh takes it).
+    registration: Mutex<Option<crate::rpc::Registration>>,
+    advertising: Mutex<Option<JoinHandle<()>>>,
+    /// One task per push consumer, by consumer name.
+    pushers: Mutex<BTreeMap<String, JoinHandle<()>>>,
 }
 
 impl Hosted {
@@ -324,6 +384,12 @@ impl Hosted {
         for t in self.tasks.lock().drain(..) {
             t.abort();
         }
+        if let Some(t) = self.advertising.lock().take() {
+            t.abort();
+        }
+        for (_, t) in std::mem::take(&mut *self.pushers.lock()) {
+            t.abort();
+        }
     }
 }
 
@@ -338,6 +404,8 @@ struct Inner {
     publishes: AtomicU64,
     pulls: AtomicU64,
     delivered: AtomicU64,
+    /// Set once the node runs: hosted streams are served over it.
+    rpc: std::sync::OnceLock<crate::rpc::Rpc>,
 }
 
 /// The streams this node hosts (see the module docs).
@@ -378,6 +446,7 @@ impl Streams {
             publishes: AtomicU64::new(0),
             pulls: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            rpc: std::sync::OnceLock::new(),
         }));
         if let Some(dir) = streams.0.dir.clone() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -490,10 +559,163 @@ impl Streams {
             tasks: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
             capture_lost: AtomicU64::new(0),
+            registration: Mutex::new(None),
+            advertising: Mutex::new(None),
+            pushers: Mutex::new(BTreeMap::new()),
         });
         self.start_tasks(&h);
         self.0.hosted.lock().insert(name, h.clone());
+        self.advertise(&h);
+        let push: Vec<(String, String)> = {
+            let core = h.core.lock();
+            core.consumer_names()
+                .filter_map(|c| {
+                    let subject = core.consumer(c)?.config().deliver_subject.clone()?;
+                    Some((c.to_string(), subject))
+                })
+                .collect()
+        };
+        for (consumer, subject) in push {
+            self.start_push(&h, consumer, subject);
+        }
         h
+    }
+
+    /// Runs push consumer `consumer` of `h`: pulls batches as the consumer
+    /// allows (its `max_ack_pending` is the flow control) and publishes
+    /// each message to `subject` with the headers naming stream, sequence,
+    /// consumer and delivery count; acknowledgements come back like any
+    /// (`ack`, locally or over `_stream.<name>`).
+    fn start_push(&self, h: &Arc<Hosted>, consumer: String, subject: String) {
+        let weak = Arc::downgrade(&self.0);
+        let stream = h.name.clone();
+        let c = consumer.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let streams = Streams(inner);
+                let wait = streams.0.limits.max_wait;
+                let msgs = match streams.pull(&stream, &c, PUSH_BATCH, None, wait).await {
+                    Ok(m) => m,
+                    Err(StreamError::NotFound(_))
+                    | Err(StreamError::Consumer(ConsumerError::NotFound(_))) => return,
+                    Err(e) => {
+                        tracing::warn!(stream = %stream, consumer = %c, error = %e, "push consumer paused");
+                        drop(streams);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                for m in msgs {
+                    let mut headers = m.headers;
+                    headers.push((STREAM_HEADER.into(), stream.clone()));
+                    headers.push((SEQ_HEADER.into(), m.seq.to_string()));
+                    headers.push((CONSUMER_HEADER.into(), c.clone()));
+                    headers.push((DELIVERIES_HEADER.into(), m.deliveries.to_string()));
+                    let opts = PublishOptions {
+                        headers,
+                        ..Default::default()
+                    };
+                    if let Err(e) = streams
+                        .0
+                        .pubsub
+                        .publish_mesh(&subject, m.payload, opts)
+                        .await
+                    {
+                        // Not acknowledged: delivered again after the ack
+                        // wait (with acks); counted by the pub/sub layer.
+                        tracing::debug!(stream = %stream, consumer = %c, error = %e, "push delivery not published");
+                    }
+                }
+            }
+        });
+        if let Some(old) = h.pushers.lock().insert(consumer, task) {
+            old.abort();
+        }
+    }
+
+    /// Serves every hosted stream, and each one added later, to other
+    /// nodes and clients over `rpc` (`_stream.<name>`, `remote.rs`).
+    pub fn serve_remote(&self, rpc: crate::rpc::Rpc) {
+        if self.0.rpc.set(rpc).is_err() {
+            return;
+        }
+        let hosted: Vec<Arc<Hosted>> = self.0.hosted.lock().values().cloned().collect();
+        for h in hosted {
+            self.advertise(&h);
+        }
+    }
+
+    /// Advertises `_stream.<name>` in the background, retrying (500 ms
+    /// doubling to 30 s) while the mesh does not take it; a refusal by the
+    /// realm's permissions is final (logged).
+    fn advertise(&self, h: &Arc<Hosted>) {
+        let Some(rpc) = self.0.rpc.get().cloned() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.0);
+        let hosted = Arc::downgrade(h);
+        let name = h.name.clone();
+        let task = tokio::spawn(async move {
+            let procedure = remote::procedure(&name);
+            let mut delay = Duration::from_millis(500);
+            loop {
+                let (w, n) = (weak.clone(), name.clone());
+                let handler = move |req: crate::rpc::Request| {
+                    let (w, n) = (w.clone(), n.clone());
+                    async move {
+                        match w.upgrade() {
+                            Some(inner) => remote::serve(&Streams(inner), &n, &req.payload).await,
+                            None => Err(crate::rpc::HandlerError::new(503, "the node is stopping")),
+                        }
+                    }
+                };
+                match rpc
+                    .advertise(&procedure, crate::rpc::AdvertiseOptions::default(), handler)
+                    .await
+                {
+                    Ok(reg) => {
+                        if let Some(h) = hosted.upgrade() {
+                            *h.registration.lock() = Some(reg);
+                            tracing::debug!(stream = %name, "stream served to the mesh");
+                        }
+                        return;
+                    }
+                    Err(e @ crate::rpc::RpcError::Unauthorized { .. }) => {
+                        tracing::warn!(stream = %name, error = %e, "stream not served to other nodes");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(stream = %name, error = %e, "stream not advertised yet; retrying");
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                if hosted.upgrade().is_none() {
+                    return;
+                }
+            }
+        });
+        if let Some(old) = h.advertising.lock().replace(task) {
+            old.abort();
+        }
+    }
+
+    /// Whether this node hosts `name` (broken files included).
+    pub fn hosts(&self, name: &str) -> bool {
+        self.0.hosted.lock().contains_key(name) || self.0.broken.lock().contains_key(name)
+    }
+
+    /// `Ok` if stream `name` captures `topic` (a publish over RPC names
+    /// its stream).
+    pub(crate) fn check_captures(&self, name: &str, topic: &str) -> Result<(), StreamError> {
+        let t = Topic::new(topic).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        let h = self.get(name)?;
+        if h.core.lock().state().captures(&t) {
+            Ok(())
+        } else {
+            Err(StreamError::NotCaptured(topic.to_string()))
+        }
     }
 
     fn start_tasks(&self, h: &Arc<Hosted>) {
@@ -632,6 +854,7 @@ impl Streams {
             .remove(name)
             .ok_or_else(|| StreamError::NotFound(name.to_string()))?;
         h.stop();
+        drop(h.registration.lock().take());
         h.changed.notify_waiters();
         let path = h.store.path().to_path_buf();
         tokio::task::spawn_blocking(move || {
@@ -797,8 +1020,14 @@ impl Streams {
     ) -> Result<String, StreamError> {
         let h = self.get(stream)?;
         let now = self.0.clock.now();
+        let push = cfg.deliver_subject.clone();
         let name = h.core.lock().add_consumer(cfg, now)?;
         self.flush_consumer(&h, &name).await?;
+        if let Some(subject) = push {
+            if !h.pushers.lock().contains_key(&name) {
+                self.start_push(&h, name.clone(), subject);
+            }
+        }
         Ok(name)
     }
 
@@ -819,6 +1048,9 @@ impl Streams {
             rx
         };
         h.dirty.lock().remove(name);
+        if let Some(t) = h.pushers.lock().remove(name) {
+            t.abort();
+        }
         wait_written(&h, rx).await
     }
 
@@ -864,6 +1096,29 @@ impl Streams {
     /// waiting up to `wait` for the first one; an empty answer means none
     /// came in time.
     pub async fn next(
+        &self,
+        stream: &str,
+        consumer: &str,
+        batch: usize,
+        max_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<Vec<StreamMsg>, StreamError> {
+        let push = {
+            let h = self.get(stream)?;
+            let core = h.core.lock();
+            core.consumer(consumer)
+                .and_then(|c| c.config().deliver_subject.clone())
+        };
+        if let Some(subject) = push {
+            return Err(StreamError::Invalid(format!(
+                "consumer {consumer:?} is a push consumer: its messages go to topic {subject:?}"
+            )));
+        }
+        self.pull(stream, consumer, batch, max_bytes, wait).await
+    }
+
+    /// [`Streams::next`] for any consumer (the push task's pulls).
+    async fn pull(
         &self,
         stream: &str,
         consumer: &str,
@@ -944,20 +1199,20 @@ impl Streams {
         filter: &[&str],
         from: DeliverPolicy,
     ) -> Result<StreamSubscription, StreamError> {
-        let cfg = ConsumerConfig {
-            deliver: from,
-            ack: AckPolicy::None,
-            filter: filter.iter().map(|f| f.to_string()).collect(),
-            inactive_threshold: Millis::from_duration(self.0.limits.max_wait * 2),
-            ..Default::default()
-        };
-        let consumer = self.add_consumer(stream, cfg).await?;
-        Ok(StreamSubscription {
+        self.handle(stream).subscribe(filter, from).await
+    }
+
+    /// Stream `name` of this node as a [`StreamHandle`].
+    pub fn handle(&self, name: &str) -> StreamHandle {
+        StreamHandle::Local {
             streams: self.clone(),
-            stream: stream.to_string(),
-            consumer,
-            buffered: std::collections::VecDeque::new(),
-        })
+            name: name.to_string(),
+        }
+    }
+
+    /// How long one pull of a subscription waits.
+    pub(crate) fn max_wait(&self) -> Duration {
+        self.0.limits.max_wait
     }
 
     /// Acknowledges (or naks, ...) a delivered message.
@@ -989,7 +1244,10 @@ impl Streams {
             }
         }
         self.mark_dirty(&h, consumer);
-        if matches!(kind, AckKind::Nak(_)) {
+        if !matches!(kind, AckKind::InProgress) {
+            // A nak makes a message due again; an ack or term frees a place
+            // under max_ack_pending: a pull (or push task) waiting on a
+            // full consumer goes on now, not at its deadline.
             h.changed.notify_waiters();
         }
         Ok(())
@@ -1057,61 +1315,6 @@ impl Streams {
             self.0.pulls.load(Ordering::Relaxed),
             self.0.delivered.load(Ordering::Relaxed),
         )
-    }
-}
-
-/// A stream read from a position on (see [`Streams::subscribe`]).
-pub struct StreamSubscription {
-    streams: Streams,
-    stream: String,
-    consumer: String,
-    buffered: std::collections::VecDeque<StreamMsg>,
-}
-
-impl std::fmt::Debug for StreamSubscription {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamSubscription")
-            .field("stream", &self.stream)
-            .field("consumer", &self.consumer)
-            .finish()
-    }
-}
-
-/// Messages one [`StreamSubscription::recv`] pulls at most.
-const SUBSCRIPTION_BATCH: usize = 1000;
-
-impl StreamSubscription {
-    /// The next message, waiting for one; an error when the stream or its
-    /// consumer went away.
-    pub async fn recv(&mut self) -> Result<StreamMsg, StreamError> {
-        loop {
-            if let Some(m) = self.buffered.pop_front() {
-                return Ok(m);
-            }
-            let wait = self.streams.0.limits.max_wait;
-            let got = self
-                .streams
-                .next(&self.stream, &self.consumer, SUBSCRIPTION_BATCH, None, wait)
-                .await?;
-            self.buffered.extend(got);
-        }
-    }
-
-    /// The ephemeral consumer's name.
-    pub fn consumer(&self) -> &str {
-        &self.consumer
-    }
-}
-
-impl Drop for StreamSubscription {
-    fn drop(&mut self) {
-        let streams = self.streams.clone();
-        let (stream, consumer) = (self.stream.clone(), std::mem::take(&mut self.consumer));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = streams.delete_consumer(&stream, &consumer).await;
-            });
-        }
     }
 }
 

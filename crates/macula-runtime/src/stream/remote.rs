@@ -1,0 +1,474 @@
+//! Streams reached from other nodes and lightweight clients (issue 21,
+//! item 4): the node hosting a stream serves the RPC procedure
+//! `_stream.<name>`, advertised like any other (so calls find it, the
+//! realm's `call` permissions apply to it, and a caller fails over to
+//! nothing: a stream lives on one node); [`RemoteStream`] calls it.
+//!
+//! Requests and answers are MessagePack maps (PROTOCOL.md 5.12): an [`Op`]
+//! in, a `Result<Answer, Failure>` out, where a [`Failure`] carries the
+//! hosting node's `StreamError::kind` and message. Managing streams (add,
+//! edit, purge, delete) stays with the admin API; the procedure serves what
+//! applications do: acknowledged publish, reads, consumers, pulls and acks.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use macula_stream::ConsumerConfig;
+use macula_wire::NodeId;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamInfo, StreamMsg, Streams,
+};
+use crate::rpc::{HandlerError, HandlerResult, Rpc, RpcError};
+
+/// The RPC procedure the node hosting `stream` serves.
+pub fn procedure(stream: &str) -> String {
+    format!("_stream.{stream}")
+}
+
+/// How long a remote stream operation other than a pull may take.
+pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Added to a pull's wait for its call's deadline.
+const PULL_MARGIN: Duration = Duration::from_secs(5);
+
+/// A request to the stream's node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// An acknowledged publish on `subject` (which this stream captures).
+    Publish {
+        subject: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        #[serde(default)]
+        headers: Vec<(String, String)>,
+        #[serde(default)]
+        msg_id: Option<String>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        /// Also publish to live subscribers once stored.
+        publish: bool,
+    },
+    /// One stored message.
+    Get {
+        seq: u64,
+    },
+    /// The stream's state.
+    Info,
+    AddConsumer(ConsumerConfig),
+    DeleteConsumer(String),
+    ConsumerInfo(String),
+    Consumers,
+    /// A pull: up to `batch` messages, waiting up to `wait_ms` for one.
+    Next {
+        consumer: String,
+        batch: usize,
+        #[serde(default)]
+        max_bytes: Option<u64>,
+        wait_ms: u64,
+    },
+    Ack {
+        consumer: String,
+        seq: u64,
+        kind: AckKind,
+    },
+}
+
+/// A message as it travels.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireMsg {
+    pub seq: u64,
+    pub consumer_seq: u64,
+    pub deliveries: u32,
+    pub ts: u64,
+    pub subject: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub msg_id: Option<String>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// The answer to an [`Op`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    PubAck(PubAck),
+    Msg(Option<WireMsg>),
+    Msgs(Vec<WireMsg>),
+    Info(Box<StreamInfo>),
+    Consumer(String),
+    ConsumerInfo(Box<ConsumerReport>),
+    Consumers(Vec<ConsumerReport>),
+    Done,
+}
+
+/// Why the stream's node refused an [`Op`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Failure {
+    /// `StreamError::kind` on the hosting node.
+    pub kind: String,
+    pub message: String,
+}
+
+fn wire(m: StreamMsg) -> WireMsg {
+    WireMsg {
+        seq: m.seq,
+        consumer_seq: m.consumer_seq,
+        deliveries: m.deliveries,
+        ts: m.ts,
+        subject: m.subject,
+        headers: m.headers,
+        msg_id: m.msg_id,
+        payload: m.payload.to_vec(),
+    }
+}
+
+fn unwire(stream: &str, m: WireMsg) -> StreamMsg {
+    StreamMsg {
+        stream: stream.to_string(),
+        seq: m.seq,
+        consumer_seq: m.consumer_seq,
+        deliveries: m.deliveries,
+        ts: m.ts,
+        subject: m.subject,
+        headers: m.headers,
+        msg_id: m.msg_id,
+        payload: Bytes::from(m.payload),
+    }
+}
+
+/// Decodes a request body (fuzz target `stream_ops`).
+pub fn decode_op(payload: &[u8]) -> Result<Op, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(payload)
+}
+
+/// Decodes an answer body (fuzz target `stream_ops`).
+pub fn decode_answer(payload: &[u8]) -> Result<Result<Answer, Failure>, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(payload)
+}
+
+/// Serves one request for `stream` (the handler behind
+/// `_stream.<stream>`). A body that does not decode is a handler error 400;
+/// a refused operation is an answered `Failure`.
+pub(crate) async fn serve(streams: &Streams, stream: &str, payload: &[u8]) -> HandlerResult {
+    let op = decode_op(payload)
+        .map_err(|e| HandlerError::new(400, format!("bad stream request: {e}")))?;
+    let result = run(streams, stream, op).await.map_err(|e| Failure {
+        kind: e.kind().to_string(),
+        message: e.to_string(),
+    });
+    rmp_serde::to_vec_named(&result)
+        .map(Bytes::from)
+        .map_err(|e| HandlerError::new(500, e.to_string()))
+}
+
+async fn run(streams: &Streams, stream: &str, op: Op) -> Result<Answer, StreamError> {
+    Ok(match op {
+        Op::Publish {
+            subject,
+            payload,
+            headers,
+            msg_id,
+            ttl_ms,
+            publish,
+        } => {
+            streams.check_captures(stream, &subject)?;
+            let opts = PersistOptions {
+                headers,
+                msg_id,
+                ttl: ttl_ms.map(Duration::from_millis),
+                publish,
+            };
+            Answer::PubAck(
+                streams
+                    .publish(&subject, Bytes::from(payload), opts)
+                    .await?,
+            )
+        }
+        Op::Get { seq } => Answer::Msg(streams.get_msg(stream, seq).await?.map(wire)),
+        Op::Info => Answer::Info(Box::new(streams.info(stream)?)),
+        Op::AddConsumer(cfg) => Answer::Consumer(streams.add_consumer(stream, cfg).await?),
+        Op::DeleteConsumer(name) => {
+            streams.delete_consumer(stream, &name).await?;
+            Answer::Done
+        }
+        Op::ConsumerInfo(name) => {
+            Answer::ConsumerInfo(Box::new(streams.consumer_info(stream, &name)?))
+        }
+        Op::Consumers => Answer::Consumers(streams.consumers(stream)?),
+        Op::Next {
+            consumer,
+            batch,
+            max_bytes,
+            wait_ms,
+        } => Answer::Msgs(
+            streams
+                .next(
+                    stream,
+                    &consumer,
+                    batch,
+                    max_bytes,
+                    Duration::from_millis(wait_ms),
+                )
+                .await?
+                .into_iter()
+                .map(wire)
+                .collect(),
+        ),
+        Op::Ack {
+            consumer,
+            seq,
+            kind,
+        } => {
+            streams.ack(stream, &consumer, seq, kind).await?;
+            Answer::Done
+        }
+    })
+}
+
+/// A stream hosted by another node, reached over RPC (`_stream.<name>`).
+#[derive(Clone)]
+pub struct RemoteStream {
+    rpc: Rpc,
+    stream: String,
+    procedure: String,
+    timeout: Duration,
+    /// The node that answered last: calls go straight to it.
+    host: std::sync::Arc<parking_lot::Mutex<Option<NodeId>>>,
+    /// A lightweight client's calls go through its gateway, which finds
+    /// the stream's node: no direct calls.
+    direct: bool,
+}
+
+impl std::fmt::Debug for RemoteStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStream")
+            .field("stream", &self.stream)
+            .field("host", &*self.host.lock())
+            .finish()
+    }
+}
+
+impl RemoteStream {
+    /// `stream` through `rpc` (a node's or a lightweight client's), each
+    /// operation but pulls bounded by `timeout`.
+    pub fn new(rpc: Rpc, stream: &str, timeout: Duration) -> RemoteStream {
+        RemoteStream {
+            rpc,
+            stream: stream.to_string(),
+            procedure: procedure(stream),
+            timeout,
+            host: Default::default(),
+            direct: true,
+        }
+    }
+
+    /// For a lightweight client: every call goes through its gateway.
+    pub fn via_gateway(mut self) -> RemoteStream {
+        self.direct = false;
+        self
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.stream
+    }
+
+    /// Sends `op`; `retry`: the operation may be sent again if its answer
+    /// was lost (reads, and publishes with a message ID, which the stream
+    /// de-duplicates).
+    async fn op(&self, op: &Op, timeout: Duration, retry: bool) -> Result<Answer, StreamError> {
+        let body = Bytes::from(
+            rmp_serde::to_vec_named(op).map_err(|e| StreamError::Invalid(e.to_string()))?,
+        );
+        let host = if self.direct { *self.host.lock() } else { None };
+        let call = match host {
+            Some(h) => self.rpc.call_to(h, &self.procedure, body.clone()),
+            None => self.rpc.call(&self.procedure, body.clone()),
+        };
+        let reply = match call.timeout(timeout).retries(0).await {
+            Ok(r) => r,
+            Err(e) if host.is_some() && retry => {
+                // The node we knew may have gone: ask the mesh again.
+                *self.host.lock() = None;
+                tracing::debug!(stream = %self.stream, error = %e, "stream node did not answer; looking it up again");
+                self.rpc
+                    .call(&self.procedure, body)
+                    .timeout(timeout)
+                    .retries(0)
+                    .await?
+            }
+            Err(e) => {
+                *self.host.lock() = None;
+                return Err(e.into());
+            }
+        };
+        *self.host.lock() = Some(reply.provider);
+        let result = decode_answer(&reply.payload)
+            .map_err(|e| StreamError::Invalid(format!("bad answer from the stream's node: {e}")))?;
+        result.map_err(|f| StreamError::Remote {
+            kind: f.kind,
+            message: f.message,
+        })
+    }
+
+    /// An acknowledged publish: answered once stored on the stream's node.
+    /// Sent once unless it has a message ID (then a lost answer is retried
+    /// and the stream de-duplicates it).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PersistOptions,
+    ) -> Result<PubAck, StreamError> {
+        let retry = opts.msg_id.is_some();
+        let op = Op::Publish {
+            subject: topic.to_string(),
+            payload: payload.to_vec(),
+            headers: opts.headers,
+            msg_id: opts.msg_id,
+            ttl_ms: opts.ttl.map(|d| d.as_millis() as u64),
+            publish: opts.publish,
+        };
+        match self.op(&op, self.timeout, retry).await? {
+            Answer::PubAck(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One stored message.
+    pub async fn get_msg(&self, seq: u64) -> Result<Option<StreamMsg>, StreamError> {
+        match self.op(&Op::Get { seq }, self.timeout, true).await? {
+            Answer::Msg(m) => Ok(m.map(|m| unwire(&self.stream, m))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The stream's state.
+    pub async fn info(&self) -> Result<StreamInfo, StreamError> {
+        match self.op(&Op::Info, self.timeout, true).await? {
+            Answer::Info(i) => Ok(*i),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Adds a consumer; its name.
+    pub async fn add_consumer(&self, cfg: ConsumerConfig) -> Result<String, StreamError> {
+        match self.op(&Op::AddConsumer(cfg), self.timeout, false).await? {
+            Answer::Consumer(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes a consumer.
+    pub async fn delete_consumer(&self, name: &str) -> Result<(), StreamError> {
+        match self
+            .op(&Op::DeleteConsumer(name.to_string()), self.timeout, false)
+            .await?
+        {
+            Answer::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A consumer's state.
+    pub async fn consumer_info(&self, name: &str) -> Result<ConsumerReport, StreamError> {
+        match self
+            .op(&Op::ConsumerInfo(name.to_string()), self.timeout, true)
+            .await?
+        {
+            Answer::ConsumerInfo(r) => Ok(*r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The stream's consumers.
+    pub async fn consumers(&self) -> Result<Vec<ConsumerReport>, StreamError> {
+        match self.op(&Op::Consumers, self.timeout, true).await? {
+            Answer::Consumers(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Pulls up to `batch` messages, waiting up to `wait` for the first.
+    /// Not sent again if its answer is lost (the messages it delivered are
+    /// delivered again after the consumer's ack wait).
+    pub async fn next(
+        &self,
+        consumer: &str,
+        batch: usize,
+        max_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<Vec<StreamMsg>, StreamError> {
+        let op = Op::Next {
+            consumer: consumer.to_string(),
+            batch,
+            max_bytes,
+            wait_ms: wait.as_millis() as u64,
+        };
+        match self.op(&op, wait + PULL_MARGIN, false).await? {
+            Answer::Msgs(ms) => Ok(ms.into_iter().map(|m| unwire(&self.stream, m)).collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Acknowledges (or naks, ...) a delivered message.
+    pub async fn ack(&self, consumer: &str, seq: u64, kind: AckKind) -> Result<(), StreamError> {
+        let op = Op::Ack {
+            consumer: consumer.to_string(),
+            seq,
+            kind,
+        };
+        // An ack sent twice is harmless (the second finds nothing pending).
+        match self.op(&op, self.timeout, true).await? {
+            Answer::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(a: Answer) -> StreamError {
+    StreamError::Invalid(format!("unexpected answer from the stream's node: {a:?}"))
+}
+
+impl From<RpcError> for StreamError {
+    fn from(e: RpcError) -> Self {
+        StreamError::Unreachable(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_round_trip_as_named_maps() {
+        let op = Op::Next {
+            consumer: "billing".into(),
+            batch: 10,
+            max_bytes: None,
+            wait_ms: 500,
+        };
+        let bytes = rmp_serde::to_vec_named(&op).unwrap();
+        match rmp_serde::from_slice::<Op>(&bytes).unwrap() {
+            Op::Next {
+                consumer,
+                batch,
+                wait_ms,
+                ..
+            } => assert_eq!((consumer.as_str(), batch, wait_ms), ("billing", 10, 500)),
+            other => panic!("{other:?}"),
+        }
+        let r: Result<Answer, Failure> = Err(Failure {
+            kind: "not_found".into(),
+            message: "no stream \"x\" on this node".into(),
+        });
+        let bytes = rmp_serde::to_vec_named(&r).unwrap();
+        let back: Result<Answer, Failure> = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.unwrap_err().kind, "not_found");
+        assert!(rmp_serde::from_slice::<Op>(b"\x01\x02").is_err());
+    }
+}
