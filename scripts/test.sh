@@ -26,7 +26,7 @@ cargo test --workspace --locked "${FEATURES[@]}"
 # missing prerequisite fails them (.ci/run sets MACULA_TEST_REQUIRE_NETNS=1).
 if [ "$(id -u)" = 0 ]; then
     step "cargo test: network-namespace tests (root)"
-    cargo test --locked "${FEATURES[@]}" -p macula-cli --test nat --test nat_clients -- --ignored
+    cargo test --locked "${FEATURES[@]}" -p macula-cli --test nat --test nat_clients --test nat_types -- --ignored
 else
     echo "note: network-namespace tests ignored (not root); run scripts/test.sh as root to include them"
 fi

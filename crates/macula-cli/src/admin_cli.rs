@@ -351,6 +351,49 @@ pub fn health(args: &ReadArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `macula nat`: what the node knows of its NAT (from peers' observed
+/// addresses and the dial-back check) and its direct rate.
+pub fn nat(args: &ReadArgs) -> Result<(), Failure> {
+    let target = Target::of(args)?;
+    let body = target.get_ok("/health")?;
+    let report: HealthReport = target.decode("/health", &body)?;
+    let n = &report.nat;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let json = serde_json::to_string(n).map_err(|e| anyhow!("cannot encode: {e}"))?;
+        writeln!(out, "{json}")?;
+        return Ok(());
+    }
+    let tri = |v: Option<bool>| match v {
+        None => "unknown",
+        Some(true) => "yes",
+        Some(false) => "no",
+    };
+    writeln!(out, "node_id: {}", report.node_id)?;
+    writeln!(out, "reachability: {}", report.reachability)?;
+    writeln!(out, "behind_nat: {}", tri(n.behind_nat))?;
+    writeln!(out, "mapping: {}", n.mapping)?;
+    writeln!(out, "filtering: {}", n.filtering)?;
+    writeln!(out, "port_preserved: {}", tri(n.port_preserved))?;
+    let reflexive = if n.reflexive_addrs.is_empty() {
+        "none".to_string()
+    } else {
+        n.reflexive_addrs.join(", ")
+    };
+    writeln!(out, "reflexive_addrs: {reflexive}")?;
+    writeln!(out, "observers: {}", n.observers)?;
+    let rate = n
+        .direct_percent
+        .map_or("n/a".to_string(), |p| format!("{p}%"));
+    writeln!(
+        out,
+        "direct: {} of {} connections ({rate})",
+        n.connections_direct, n.connections_opened
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
 /// `macula metrics`: every sample as a table, as JSON, or raw.
 pub fn metrics(args: &MetricsArgs) -> Result<(), Failure> {
     let target = Target::of(&args.read)?;

@@ -100,6 +100,8 @@ pub const PEER_DOWN_AFTER_RANGE: (Duration, Duration) =
 pub const RELAY_COUNT_RANGE: (usize, usize) = (1, 100_000);
 /// Range of `--trust-max-pins` (0: trust on first use off).
 pub const TRUST_PINS_RANGE: (usize, usize) = (0, 1_000_000);
+/// Accepted `nat.max_observations` range.
+pub const NAT_OBSERVATIONS_RANGE: (usize, usize) = (2, 4096);
 /// Accepted `relay_idle_timeout` range.
 pub const RELAY_IDLE_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(24 * 3600));
@@ -504,6 +506,18 @@ settings! {
         default "auto",
         "\"auto\" (peers dial back to tell) or \"private\" (behind NAT: use relays, accept no \
          direct inbound connection)";
+    hole_punch HOLE_PUNCH: bool = macula::config::NatLimits::default().punch, Text(parse_on_off),
+        flag "--hole-punch" "on|off", env "MACULA_HOLE_PUNCH", toml "nat.hole_punch",
+        default "on",
+        "Try a direct connection by hole punching over every relayed connection this node \
+         opens (`macula_holepunch_attempts_total`); off: relayed connections stay relayed";
+    nat_max_observations NAT_MAX_OBSERVATIONS: usize =
+        macula::config::NatLimits::default().max_observations,
+        Number(|s| parse_count(s, NAT_OBSERVATIONS_RANGE)),
+        flag "--nat-max-observations" "N", env "MACULA_NAT_MAX_OBSERVATIONS",
+        toml "nat.max_observations", default "32",
+        "Peers whose view of this node's address (HELLO observed_addr) is kept to classify its \
+         NAT (`macula nat`), 2..4096; the oldest is forgotten beyond";
     trust_max_pins TRUST_MAX_PINS: usize = macula::config::DEFAULT_MAX_PINS,
         Number(|s| parse_count(s, TRUST_PINS_RANGE)),
         flag "--trust-max-pins" "N", env "MACULA_TRUST_MAX_PINS", toml "trust.max_pins",
@@ -1903,7 +1917,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            58,
+            60,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -68,6 +68,8 @@ enum Command {
     Nodes(admin_cli::NodesArgs),
     /// Show a running node's health; exit code 1 unless it is ready.
     Health(admin_cli::ReadArgs),
+    /// Show what a running node knows of its NAT (mapping, filtering, reflexive addresses) and its direct rate.
+    Nat(admin_cli::ReadArgs),
     /// Show a running node's metrics as a table (--raw for Prometheus text).
     Metrics(admin_cli::MetricsArgs),
     /// Publish messages to a topic (joins through --connect).
@@ -233,6 +235,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Services(args) => admin_cli::services(&args),
         Command::Nodes(args) => admin_cli::nodes(&args),
         Command::Health(args) => admin_cli::health(&args),
+        Command::Nat(args) => admin_cli::nat(&args),
         Command::Metrics(args) => admin_cli::metrics(&args),
         Command::Raft(cmd) => raft_cli::raft(&cmd),
         Command::Kv(cmd) => raft_cli::kv(&cmd),
@@ -332,6 +335,11 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             ..Default::default()
         },
         reachability: s.reachability,
+        nat: macula::config::NatLimits {
+            max_observations: s.nat_max_observations,
+            punch: s.hole_punch,
+            ..Default::default()
+        },
         trust: macula::config::TrustLimits {
             enabled: s.trust_max_pins > 0,
             max_pins: s.trust_max_pins,

@@ -23,6 +23,7 @@ fn two_sites() -> Topology {
     Topology::build(&Spec {
         public_hosts: 1,
         sites: vec![1, 1],
+        ..Spec::default()
     })
 }
 

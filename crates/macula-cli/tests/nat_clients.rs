@@ -26,6 +26,7 @@ fn clients_in_two_nat_sites_talk_through_the_public_node() {
     let t = Topology::build(&Spec {
         public_hosts: 1,
         sites: vec![1, 1],
+        ..Spec::default()
     });
     let (p, a, b) = (t.public(0), &t.site(1).hosts[0], &t.site(2).hosts[0]);
 

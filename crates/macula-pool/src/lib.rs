@@ -43,6 +43,12 @@ pub trait Pooled: Clone {
     fn client(&self) -> bool;
     /// The peer's address (the pool can be searched by it).
     fn addr(&self) -> SocketAddr;
+    /// A connection through a relay: a direct connection to the same node
+    /// always replaces it, and it never replaces a direct one (hole
+    /// punching's upgrade; both sides apply the same rule).
+    fn relayed(&self) -> bool {
+        false
+    }
 }
 
 /// The outcome of offering a new connection to the table.
@@ -236,7 +242,12 @@ impl<P: Pooled> PoolTable<P> {
             if existing.conn_id() == p.conn_id() {
                 return Admit::Duplicate { kept: existing };
             }
-            if prefer_new(self.local, id, existing.outbound(), p.outbound()) {
+            let take_new = if existing.relayed() != p.relayed() {
+                existing.relayed()
+            } else {
+                prefer_new(self.local, id, existing.outbound(), p.outbound())
+            };
+            if take_new {
                 self.remove_if(&id, existing.conn_id());
                 self.insert(p);
                 return Admit::Replaced { old: existing };
@@ -278,6 +289,7 @@ mod tests {
         conn: usize,
         kept: bool,
         client: bool,
+        relayed: bool,
     }
 
     impl Pooled for Fake {
@@ -299,6 +311,9 @@ mod tests {
         fn addr(&self) -> SocketAddr {
             SocketAddr::from(([127, 0, 0, 1], 1000 + self.id.as_bytes()[0] as u16))
         }
+        fn relayed(&self) -> bool {
+            self.relayed
+        }
     }
 
     fn id(n: u8) -> NodeId {
@@ -312,6 +327,37 @@ mod tests {
             conn,
             kept: false,
             client: false,
+            relayed: false,
+        }
+    }
+
+    #[test]
+    fn a_direct_connection_replaces_a_relayed_one_whatever_the_tie_break() {
+        for (local, outbound_old, outbound_new) in [
+            (1u8, true, false),
+            (1, false, true),
+            (3, true, false),
+            (3, false, true),
+        ] {
+            let mut t = PoolTable::new(id(local), 8, 8);
+            let relayed = Fake {
+                relayed: true,
+                ..fake(2, outbound_old, 1)
+            };
+            assert!(matches!(t.admit(relayed.clone()), Admit::Inserted { .. }));
+            let direct = fake(2, outbound_new, 2);
+            assert_eq!(
+                t.admit(direct.clone()),
+                Admit::Replaced {
+                    old: relayed.clone()
+                }
+            );
+            // A relayed one arriving later never displaces it.
+            let late = Fake {
+                relayed: true,
+                ..fake(2, outbound_old, 3)
+            };
+            assert_eq!(t.admit(late), Admit::Duplicate { kept: direct });
         }
     }
 

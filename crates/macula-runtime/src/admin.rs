@@ -157,6 +157,60 @@ pub struct HealthReport {
     /// file), `grant` (its realm has an authority).
     #[serde(default)]
     pub admin_auth_methods: Vec<String>,
+    /// This node's NAT as peers' observed addresses show it (`nat.rs`),
+    /// and its direct rate. Absent from older nodes.
+    #[serde(default)]
+    pub nat: NatHealth,
+}
+
+/// The `nat` part of [`HealthReport`] (also what `macula nat` shows).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NatHealth {
+    /// `unknown`, `none` (no NAT), `endpoint_independent`,
+    /// `address_dependent`, `address_and_port_dependent`.
+    pub mapping: String,
+    /// `unknown`, `none`, `endpoint_or_address_dependent`,
+    /// `address_and_port_dependent` (from the dial-back check; only known
+    /// while the NAT preserves ports).
+    pub filtering: String,
+    /// Whether any peer saw this node at a translated address (`null`: no
+    /// observation yet).
+    pub behind_nat: Option<bool>,
+    /// Whether the NAT kept the local port (`null`: nothing translated).
+    pub port_preserved: Option<bool>,
+    /// Where peers behind no further NAT see this node (reflexive
+    /// addresses), sorted.
+    pub reflexive_addrs: Vec<String>,
+    /// Peers whose observation is held.
+    pub observers: usize,
+    /// Connections to full nodes opened, direct or relayed.
+    pub connections_opened: u64,
+    /// Of those, connections that were direct at some time.
+    pub connections_direct: u64,
+    /// `connections_direct` in percent of `connections_opened` (`null`
+    /// before the first connection), rounded down.
+    pub direct_percent: Option<u64>,
+}
+
+impl NatHealth {
+    /// The report of `node` now.
+    pub fn of(node: &NodeRuntime) -> NatHealth {
+        let reach = node.reachability();
+        let nat = reach.nat(node.now());
+        let (opened, direct) = reach.direct_rate();
+        NatHealth {
+            mapping: nat.report.mapping.name().to_string(),
+            filtering: nat.filtering.name().to_string(),
+            behind_nat: nat.report.behind_nat,
+            port_preserved: nat.report.port_preserved,
+            reflexive_addrs: nat.report.reflexive.iter().map(|a| a.to_string()).collect(),
+            observers: nat.report.observers,
+            connections_opened: opened,
+            connections_direct: direct,
+            direct_percent: (opened > 0).then(|| direct * 100 / opened),
+        }
+    }
 }
 
 /// `GET /ready`.
@@ -484,6 +538,7 @@ pub fn registry(node: &NodeRuntime) -> Registry {
     node.rpc().register(&mut registry);
     node.gateway_counters().register(&mut registry);
     node.reachability().counters().register(&mut registry);
+    node.hole_punching().counters().register(&mut registry);
     node.relay().counters().register(&mut registry);
     node.raft().counters().register(&mut registry);
     node.trust().counters().register(&mut registry);
@@ -640,6 +695,7 @@ async fn health(State(s): State<AdminState>) -> Json<HealthReport> {
             crate::reachability::ReachState::Public { addrs } => addrs,
             _ => Vec::new(),
         },
+        nat: NatHealth::of(node),
     })
 }
 

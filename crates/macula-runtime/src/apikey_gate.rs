@@ -234,6 +234,7 @@ mod tests {
                 agent: String::new(),
                 grant: None,
                 api_key: None,
+                observed_addr: None,
             }
         }
 

@@ -506,6 +506,8 @@ impl Client {
                     (None, Some(k)) => Some(serde_bytes::ByteBuf::from(k.as_bytes().to_vec())),
                     _ => None,
                 },
+                // Filled in per connection (`peer::handshake`).
+                observed_addr: None,
             },
             max_frame_size: config.limits.max_frame_size,
             // A client checks no one: its gateway proves its node ID in TLS.

@@ -352,6 +352,9 @@ pub struct NodeConfig {
     pub streams: StreamLimits,
     /// Whether to detect reachability or assume this node is private.
     pub reachability: ReachabilityMode,
+    /// NAT detection from peers' observed addresses (`nat.rs`): how many
+    /// observers are remembered and for how long.
+    pub nat: crate::nat::NatLimits,
     /// Trust on first use of configured addresses in an open realm
     /// (`trust.rs`): on by default for nodes with a data directory.
     pub trust: TrustLimits,
@@ -670,6 +673,7 @@ impl Default for NodeConfig {
             raft: RaftLimits::default(),
             streams: StreamLimits::default(),
             reachability: ReachabilityMode::Auto,
+            nat: crate::nat::NatLimits::default(),
             trust: TrustLimits::default(),
             admission: None,
             admin_auth: AdminAuthConfig::default(),

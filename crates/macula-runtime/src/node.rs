@@ -72,6 +72,9 @@ impl Pooled for Peer {
     fn addr(&self) -> SocketAddr {
         self.remote_addr()
     }
+    fn relayed(&self) -> bool {
+        self.relayed_via().is_some()
+    }
 }
 
 /// Why the node could not start.
@@ -248,6 +251,7 @@ struct NodeShared {
     pubsub: crate::pubsub::PubSub,
     rpc: crate::rpc::Rpc,
     reach: crate::reachability::Reachability,
+    punch: crate::punch::HolePunching,
     relay: crate::relay::Relay,
     tunnel: Tunnel,
     raft: crate::raft::RaftGroups,
@@ -468,7 +472,8 @@ impl NodeRuntime {
             addr: config.listen,
             source,
         })?;
-        let reach = crate::reachability::Reachability::new(client.clone(), config.listen.ip());
+        let reach =
+            crate::reachability::Reachability::new(client.clone(), config.listen.ip(), config.nat);
         let relay_counters = Arc::new(crate::relay::RelayCounters::default());
         let tunnel = Tunnel::new(
             tunnel_server,
@@ -508,6 +513,8 @@ impl NodeRuntime {
                 .map(serde_bytes::ByteBuf::from),
             // Full nodes present grants; API keys are for clients.
             api_key: None,
+            // Filled in per connection (`peer::handshake`).
+            observed_addr: None,
         };
         // The node's metrics, shared with the API-key gate (apikey.rs).
         let metrics = Arc::new(Metrics::default());
@@ -656,6 +663,33 @@ impl NodeRuntime {
                 config.streams.clone(),
                 clock,
             );
+            let punch = {
+                let dialer = weak.clone();
+                let direct = weak.clone();
+                crate::punch::HolePunching::new(
+                    config.nat,
+                    reach.clone(),
+                    hello.listen_addrs.clone(),
+                    Box::new(move |addr, id| {
+                        let node = dialer.upgrade().map(NodeRuntime);
+                        Box::pin(async move {
+                            let node = node.ok_or("node stopped")?;
+                            node.dial(addr, Some(id))
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        })
+                    }),
+                    Box::new(move |id| {
+                        direct.upgrade().is_some_and(|s| {
+                            s.table
+                                .lock()
+                                .peek(&id)
+                                .is_some_and(|p| p.relayed_via().is_none() && !p.is_closed())
+                        })
+                    }),
+                )
+            };
             // Every service this node runs: one line each.
             let services = Services::new(vec![
                 Arc::new(realm.clone()),
@@ -668,6 +702,7 @@ impl NodeRuntime {
                 Arc::new(relay.clone()),
                 Arc::new(tunnel.clone()),
                 Arc::new(raft.clone()),
+                Arc::new(punch.clone()),
             ]);
             NodeShared {
                 services,
@@ -695,6 +730,7 @@ impl NodeRuntime {
                 streams,
                 relay_dialing: Mutex::new(HashMap::new()),
                 reach,
+                punch,
                 rpc,
                 pubsub,
                 dht,
@@ -906,6 +942,11 @@ impl NodeRuntime {
         &self.0.reach
     }
 
+    /// Hole punching over relayed connections (`punch.rs`).
+    pub fn hole_punching(&self) -> &crate::punch::HolePunching {
+        &self.0.punch
+    }
+
     /// This node's RPC.
     /// The gateway role's counters (clients attached, requests).
     pub fn gateway_counters(&self) -> &Arc<crate::gateway::GatewayCounters> {
@@ -989,6 +1030,11 @@ impl NodeRuntime {
 
     pub fn uptime(&self) -> Duration {
         self.0.started.elapsed()
+    }
+
+    /// This node's monotonic time (what its cores are fed).
+    pub fn now(&self) -> macula_wire::time::Millis {
+        self.0.clock.now()
     }
 
     /// Peer connect/disconnect notifications from now on.
@@ -1250,12 +1296,26 @@ impl NodeRuntime {
 
     /// Offers a handshaken connection to the pool and starts driving it.
     async fn register(&self, peer: Peer, reader: FrameReader) -> Result<Peer, ConnectError> {
+        self.observed_by(&peer);
         if peer.is_client() {
             // A client keeps its one connection; evicting it to make room
             // would cut it off until it fails over.
             peer.set_kept(true);
         }
         let admit = self.0.table.lock().admit(peer.clone());
+        // The direct rate: a node enters the pool once (opened), and counts
+        // as direct when it entered directly or a direct connection later
+        // replaced its relayed one (hole punching).
+        if !peer.is_client() {
+            let direct = peer.relayed_via().is_none();
+            match &admit {
+                Admit::Inserted { .. } => self.0.reach.connection_opened(direct),
+                Admit::Replaced { old } if direct && old.relayed_via().is_some() => {
+                    self.0.reach.connection_upgraded()
+                }
+                _ => {}
+            }
+        }
         let m = &self.0.metrics;
         let grace = self.0.config.limits.duplicate_close_grace;
         let result = match admit {
@@ -1322,6 +1382,39 @@ impl NodeRuntime {
         m.connections_current.set(self.0.table.lock().len() as u64);
         self.spawn_driver(peer, reader);
         result
+    }
+
+    /// What a new connection tells about this node's NAT: the address the
+    /// peer saw us at (its HELLO's `observed_addr`; not over a relay, where
+    /// addresses are placeholders).
+    fn observed_by(&self, peer: &Peer) {
+        if peer.is_client() {
+            return;
+        }
+        let reach = &self.0.reach;
+        let remote = peer.remote_addr();
+        if peer.relayed_via().is_some() || crate::nat::is_tunnel_addr(&remote) {
+            return;
+        }
+        let Some(observed) = peer
+            .hello()
+            .observed_addr
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        else {
+            return;
+        };
+        let port = self.local_addr().port();
+        let local_ip = peer
+            .connection()
+            .local_ip()
+            .unwrap_or_else(|| self.local_addr().ip());
+        reach.observe(
+            remote,
+            SocketAddr::new(local_ip, port),
+            observed,
+            self.0.clock.now(),
+        );
     }
 
     fn spawn_driver(&self, peer: Peer, reader: FrameReader) {
@@ -1914,7 +2007,6 @@ impl NodeRuntime {
     /// replaces lost ones, and publishes the relay record naming them (an
     /// empty record once the node is no longer private).
     async fn maintain_relays(self) {
-        use crate::reachability::ReachState;
         let mut shutdown = self.0.shutdown.subscribe();
         let mut published: Vec<NodeId> = Vec::new();
         let mut last_error: Option<String> = None;
@@ -1922,14 +2014,18 @@ impl NodeRuntime {
         let key = macula_wire::dht_key(relay_record_name(self.realm(), &self.0.node_id).as_bytes());
         let mut wait = Duration::from_millis(200);
         loop {
+            // Woken at once when peers' observations show this node behind
+            // NAT or the dial-back check answers: a node behind NAT reserves
+            // as soon as one peer has seen it, before any dial-back.
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.0.reach.changed() => {}
                 _ = shutdown.changed() => return,
             }
             if self.is_shutting_down() {
                 return;
             }
-            if self.0.reach.state() != ReachState::Private || want == 0 {
+            if !self.0.reach.wants_relay(self.0.clock.now()) || want == 0 {
                 if !published.is_empty() {
                     self.0.tunnel.release_all();
                     let _ = self.0.dht.put(key, Vec::new(), RELAY_RECORD_TTL).await;

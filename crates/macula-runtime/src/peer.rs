@@ -524,7 +524,13 @@ pub(crate) async fn handshake(
     metrics: Arc<Metrics>,
     admit: Option<Admission<'_>>,
 ) -> Result<(Peer, FrameReader), HandshakeError> {
-    let ours = Message::Hello(local.hello.clone());
+    // Tell the peer where we see it (not on a relayed connection, whose
+    // remote address is a placeholder): how it learns its reflexive
+    // address (nat.rs).
+    let mut ours = local.hello.clone();
+    let remote = conn.remote_address();
+    ours.observed_addr = (!crate::nat::is_tunnel_addr(&remote)).then(|| remote.to_string());
+    let ours = Message::Hello(ours);
     let (mut writer, reader, hello, grant) = match direction {
         Direction::Outbound => {
             let (send, recv) = conn.open_bi().await.map_err(|e| conn_lost(&e))?;

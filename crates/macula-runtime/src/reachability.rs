@@ -30,6 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::metrics::{register, CountGauge};
+use crate::nat::{Filtering, NatLimits, NatReport, Observations, Recorded};
 use crate::peer::{close_code, Peer};
 use crate::service::{Answer, Serves, Service};
 
@@ -75,6 +76,19 @@ pub struct ReachCounters {
     pub served_refused_total: Counter,
     /// 0 unknown, 1 public, 2 private.
     pub state: CountGauge,
+    /// `nat::Mapping::code`: 0 unknown, 1 none, 2 endpoint-independent,
+    /// 3 address-dependent, 4 address-and-port-dependent.
+    pub nat_mapping: CountGauge,
+    /// Observers whose view of this node's address is held.
+    pub nat_observers: CountGauge,
+    /// Observations that showed this node's address had changed.
+    pub nat_address_changes_total: Counter,
+    /// Connections to peers opened (full nodes, either direction, direct or
+    /// relayed).
+    pub connections_opened_total: Counter,
+    /// Those that were direct (not relayed) at some time: with
+    /// `connections_opened_total`, the direct rate.
+    pub connections_direct_total: Counter,
 }
 
 impl ReachCounters {
@@ -110,6 +124,37 @@ impl ReachCounters {
             "This node's reachability: 0 unknown, 1 public, 2 private.",
             self.state.clone(),
         );
+        register(
+            r,
+            "macula_nat_mapping",
+            "This node's NAT mapping from peers' observed addresses: 0 unknown, 1 no NAT, \
+             2 endpoint-independent, 3 address-dependent, 4 address-and-port-dependent.",
+            self.nat_mapping.clone(),
+        );
+        register(
+            r,
+            "macula_nat_observers",
+            "Peers whose observation of this node's address is held.",
+            self.nat_observers.clone(),
+        );
+        register(
+            r,
+            "macula_nat_address_changes",
+            "Times a peer saw this node at another IP than before (observations reset).",
+            self.nat_address_changes_total.clone(),
+        );
+        register(
+            r,
+            "macula_nat_connections_opened",
+            "Connections to full nodes opened, direct or relayed.",
+            self.connections_opened_total.clone(),
+        );
+        register(
+            r,
+            "macula_nat_connections_direct",
+            "Connections to full nodes that were direct (not relayed) at some time.",
+            self.connections_direct_total.clone(),
+        );
     }
 }
 
@@ -122,6 +167,16 @@ struct Inner {
     pending: Mutex<HashMap<u64, oneshot::Sender<DialBackResult>>>,
     next_nonce: AtomicU64,
     counters: Arc<ReachCounters>,
+    observations: Mutex<Observations>,
+    /// Woken when an observation changes what this node knows of its NAT.
+    nat_changed: tokio::sync::Notify,
+}
+
+/// What `/health` and `macula nat` show of this node's NAT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatStatus {
+    pub report: NatReport,
+    pub filtering: Filtering,
 }
 
 /// A node's reachability service. Cheap to clone.
@@ -164,7 +219,11 @@ pub fn dial_targets(observed: SocketAddr, claimed: &[String]) -> Vec<SocketAddr>
 impl Reachability {
     /// `client_config` is the node's QUIC client configuration (its TLS
     /// identity); dial-backs bind a separate socket on `bind_ip`.
-    pub(crate) fn new(client_config: quinn::ClientConfig, bind_ip: IpAddr) -> Reachability {
+    pub(crate) fn new(
+        client_config: quinn::ClientConfig,
+        bind_ip: IpAddr,
+        nat: NatLimits,
+    ) -> Reachability {
         Reachability(Arc::new(Inner {
             client_config,
             bind_ip,
@@ -174,7 +233,104 @@ impl Reachability {
             pending: Mutex::new(HashMap::new()),
             next_nonce: AtomicU64::new(1),
             counters: Arc::new(ReachCounters::default()),
+            observations: Mutex::new(Observations::new(nat)),
+            nat_changed: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// Records that a peer at `observer` sees this node, whose connection
+    /// to it uses `local`, at `observed` (its HELLO's `observed_addr`).
+    pub(crate) fn observe(
+        &self,
+        observer: SocketAddr,
+        local: SocketAddr,
+        observed: SocketAddr,
+        now: macula_wire::time::Millis,
+    ) -> Recorded {
+        let (recorded, before, after, observers) = {
+            let mut o = self.0.observations.lock();
+            let before = o.classify();
+            let recorded = o.record(observer, local, observed, now);
+            let after = o.classify();
+            (recorded, before, after, o.entries().len())
+        };
+        let c = &self.0.counters;
+        if recorded == Recorded::AddressChanged {
+            c.nat_address_changes_total.inc();
+            tracing::info!(observer = %observer, observed = %observed, "this node's address changed; NAT detection starts over");
+        }
+        c.nat_observers.set(observers as u64);
+        c.nat_mapping.set(after.mapping.code());
+        if before != after {
+            if before.mapping != after.mapping || before.behind_nat != after.behind_nat {
+                tracing::info!(
+                    mapping = after.mapping.name(),
+                    behind_nat = ?after.behind_nat,
+                    port_preserved = ?after.port_preserved,
+                    reflexive = ?after.reflexive,
+                    "NAT detection"
+                );
+            }
+            self.0.nat_changed.notify_waiters();
+        }
+        recorded
+    }
+
+    /// This node's NAT as the observations and the dial-back check show it.
+    pub fn nat(&self, now: macula_wire::time::Millis) -> NatStatus {
+        let report = {
+            let mut o = self.0.observations.lock();
+            o.expire(now);
+            o.classify()
+        };
+        self.0.counters.nat_observers.set(report.observers as u64);
+        self.0.counters.nat_mapping.set(report.mapping.code());
+        let dialed_back = match &*self.lock_state() {
+            ReachState::Unknown => None,
+            ReachState::Public { .. } => Some(true),
+            ReachState::Private => Some(false),
+        };
+        let filtering = crate::nat::filtering(&report, dialed_back);
+        NatStatus { report, filtering }
+    }
+
+    /// Whether this node should hold relay reservations: it is private, or
+    /// peers see it behind NAT. The latter holds before the dial-back check
+    /// answers (relay first, so that it is reachable from the start) and
+    /// after it found the node public: a dial-back comes from an IP the
+    /// node talks to, which a NAT with address-dependent filtering lets
+    /// through while it drops everyone else; callers reach such a node
+    /// through the relay and then go direct by hole punching.
+    pub fn wants_relay(&self, now: macula_wire::time::Millis) -> bool {
+        self.state() == ReachState::Private || self.nat(now).report.behind_nat == Some(true)
+    }
+
+    /// Resolves when an observation changes what this node knows of its NAT
+    /// (or the reachability state changes).
+    pub(crate) async fn changed(&self) {
+        self.0.nat_changed.notified().await
+    }
+
+    /// Counts a connection opened to a full node, and whether it is direct.
+    pub(crate) fn connection_opened(&self, direct: bool) {
+        self.0.counters.connections_opened_total.inc();
+        if direct {
+            self.0.counters.connections_direct_total.inc();
+        }
+    }
+
+    /// Counts a relayed connection replaced by a direct one.
+    pub(crate) fn connection_upgraded(&self) {
+        self.0.counters.connections_direct_total.inc();
+    }
+
+    /// Connections opened and those ever direct.
+    pub fn direct_rate(&self) -> (u64, u64) {
+        let c = &self.0.counters;
+        (
+            c.connections_opened_total.get(),
+            c.connections_direct_total.get(),
+        )
     }
 
     fn lock_state(&self) -> MutexGuard<'_, ReachState> {
@@ -202,11 +358,16 @@ impl Reachability {
             ReachState::Private => 2,
         };
         let mut cur = self.lock_state();
-        if *cur != s {
+        let changed = *cur != s;
+        if changed {
             tracing::info!(reachability = s.name(), detail = ?s, "reachability changed");
         }
         *cur = s;
         self.0.counters.state.set(code);
+        drop(cur);
+        if changed {
+            self.0.nat_changed.notify_waiters();
+        }
     }
 
     /// A DIAL_BACK or DIAL_BACK_RESULT from `peer` (never blocks). Returns

@@ -70,13 +70,9 @@ pub enum RelayError {
 }
 
 /// True for the placeholder addresses of relayed sessions: they are never
-/// dialed directly.
-pub fn is_tunnel_addr(addr: &SocketAddr) -> bool {
-    match addr.ip() {
-        IpAddr::V6(ip) => ip.segments()[0] == 0x2001 && ip.segments()[1] == 0x0db8,
-        IpAddr::V4(_) => false,
-    }
-}
+/// dialed directly (defined in `nat.rs`, a leaf, so the handshake can tell
+/// a relayed connection without importing this module).
+pub use crate::nat::is_tunnel_addr;
 
 // ---------------------------------------------------------------------------
 // The abstract socket
@@ -480,7 +476,7 @@ impl Tunnel {
     }
 
     /// Reserves at `relay`; returns the lifetime granted.
-    pub(crate) async fn reserve(&self, relay: &Peer) -> Result<Duration, RelayError> {
+    pub async fn reserve(&self, relay: &Peer) -> Result<Duration, RelayError> {
         let rid = relay.node_id();
         let stream_err = |detail: String| RelayError::Stream { relay: rid, detail };
         let exchange = async {
@@ -561,13 +557,19 @@ impl Tunnel {
         self.sync_held();
     }
 
-    /// A cached relay-record answer for `id`: `Some(relays)` (maybe empty:
-    /// no record) if looked up within [`ROUTE_CACHE_TTL`].
+    /// A cached relay-record answer for `id`: `Some(relays)` if a record
+    /// was found within [`ROUTE_CACHE_TTL`] (never an empty answer).
     pub(crate) fn cached_routes(&self, id: &NodeId) -> Option<Vec<RelayEntry>> {
         self.0.routes.lock().get(id, Instant::now()).cloned()
     }
 
     pub(crate) fn cache_routes(&self, id: NodeId, relays: Vec<RelayEntry>) {
+        // No record is not cached: a node that just joined behind NAT
+        // publishes its record a moment later, and a caller must find it
+        // then (issue 22, no cold start).
+        if relays.is_empty() {
+            return;
+        }
         let now = Instant::now();
         let expires = now + ROUTE_CACHE_TTL;
         self.0.routes.lock().insert(id, relays, expires, now);

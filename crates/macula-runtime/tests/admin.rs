@@ -185,6 +185,15 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_rpc_advertised", "gauge"),
     ("macula_rpc_duration_seconds", "histogram"),
     ("macula_node", "info"),
+    ("macula_nat_mapping", "gauge"),
+    ("macula_nat_observers", "gauge"),
+    ("macula_nat_address_changes", "counter"),
+    ("macula_nat_connections_opened", "counter"),
+    ("macula_nat_connections_direct", "counter"),
+    ("macula_holepunch_attempts", "counter"),
+    ("macula_holepunch_rounds", "counter"),
+    ("macula_holepunch_first_round", "counter"),
+    ("macula_holepunch_responder_dials", "counter"),
 ];
 
 #[tokio::test]
@@ -213,6 +222,11 @@ async fn every_endpoint_of_a_first_node() {
     assert_eq!(health.listen, node.local_addr());
     assert!(health.uptime_secs < 60);
     assert_eq!(health.dht_records, 0);
+    // Alone: nobody has observed it yet.
+    assert_eq!(health.nat.mapping, "unknown");
+    assert_eq!(health.nat.behind_nat, None);
+    assert_eq!(health.nat.connections_opened, 0);
+    assert_eq!(health.nat.direct_percent, None);
 
     let peers: PeersReport = admin.json("/admin/peers").await;
     assert_eq!(peers.node_id, node.node_id().to_string());

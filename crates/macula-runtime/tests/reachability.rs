@@ -75,3 +75,44 @@ async fn advertisements_carry_the_address_peers_reached() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Every HELLO tells the peer where it is seen: on loopback nobody is
+/// translated, so every node finds itself behind no NAT, from each peer it
+/// connected to, and every connection was direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observed_addresses_show_no_nat_on_loopback() {
+    use macula_runtime::nat::Mapping;
+    init_tracing();
+    let a = start(config()).await;
+    assert_eq!(
+        a.reachability().nat(a.now()).report.mapping,
+        Mapping::Unknown
+    );
+    let b = start(boot(&a)).await;
+    let c = start(macula_runtime::NodeConfig {
+        bootstrap: vec![
+            macula_runtime::PeerAddr::from(a.local_addr()),
+            macula_runtime::PeerAddr::from(b.local_addr()),
+        ],
+        ..config()
+    })
+    .await;
+    eventually(STEP, "C observed by A and B", || {
+        c.reachability().nat(c.now()).report.observers >= 2
+    })
+    .await;
+    for n in [&a, &b, &c] {
+        let nat = n.reachability().nat(n.now());
+        assert_eq!(nat.report.mapping, Mapping::NoNat, "{nat:?}");
+        assert_eq!(nat.report.behind_nat, Some(false), "{nat:?}");
+        assert!(nat.report.reflexive.is_empty(), "{nat:?}");
+        let (opened, direct) = n.reachability().direct_rate();
+        assert!(opened >= 1);
+        assert_eq!(opened, direct, "every connection on loopback is direct");
+        // Nothing to relay for: no NAT.
+        assert!(!n.reachability().wants_relay(n.now()));
+    }
+    let counters = c.reachability().counters();
+    assert_eq!(counters.nat_mapping.get(), Mapping::NoNat.code());
+    assert_eq!(counters.nat_observers.get(), 2);
+}

@@ -147,6 +147,8 @@ async fn private_nodes_talk_through_the_relay() {
         2,
         "A has exactly two connections: to R (direct) and to C (relayed)"
     );
+    // The direct rate counts both: one of two connections was direct.
+    assert_eq!(a.reachability().direct_rate(), (2, 1));
 
     // The admin view shows it.
     let report = peers_report(&a).await;

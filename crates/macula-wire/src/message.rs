@@ -14,7 +14,7 @@ use crate::client::ClientMessage;
 use crate::dht::*;
 use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
 use crate::limits::*;
-use crate::nat::{DialBack, DialBackResult};
+use crate::nat::{DialBack, DialBackResult, HolePunch, HolePunchSync};
 use crate::node_id::NodeId;
 use crate::pubsub::{Publish, PublishBatch, PublishBatchView, PublishDropped};
 use crate::raft::*;
@@ -58,6 +58,8 @@ pub enum MessageType {
     RpcCancel = 0x53,
     DialBack = 0x70,
     DialBackResult = 0x71,
+    HolePunch = 0x77,
+    HolePunchSync = 0x78,
     ClientSubscribe = 0x80,
     ClientUnsubscribe = 0x81,
     ClientAdvertise = 0x82,
@@ -77,7 +79,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 38] = [
+    pub const ALL: [MessageType; 40] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -101,6 +103,8 @@ impl MessageType {
         MessageType::RpcCancel,
         MessageType::DialBack,
         MessageType::DialBackResult,
+        MessageType::HolePunch,
+        MessageType::HolePunchSync,
         MessageType::ClientSubscribe,
         MessageType::ClientUnsubscribe,
         MessageType::ClientAdvertise,
@@ -149,6 +153,8 @@ impl MessageType {
             MessageType::RpcCancel => "rpc_cancel",
             MessageType::DialBack => "dial_back",
             MessageType::DialBackResult => "dial_back_result",
+            MessageType::HolePunch => "hole_punch",
+            MessageType::HolePunchSync => "hole_punch_sync",
             MessageType::ClientSubscribe => "client_subscribe",
             MessageType::ClientUnsubscribe => "client_unsubscribe",
             MessageType::ClientAdvertise => "client_advertise",
@@ -208,6 +214,17 @@ pub struct Hello {
         skip_serializing_if = "Option::is_none"
     )]
     pub api_key: Option<serde_bytes::ByteBuf>,
+    /// The address (`ip:port`) the sender sees the receiver at: the source
+    /// address of the receiver's packets on this connection, after any NAT
+    /// on the way. The receiver learns its reflexive (public) addresses
+    /// from several peers this way, without STUN servers. Absent when the
+    /// sender cannot tell (a relayed connection). At most `MAX_ADDR_LEN`.
+    #[serde(
+        default,
+        deserialize_with = "crate::nil_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub observed_addr: Option<String>,
 }
 
 /// Liveness and round-trip probe.
@@ -439,6 +456,8 @@ pub enum Message {
     Rpc(RpcMessage),
     DialBack(DialBack),
     DialBackResult(DialBackResult),
+    HolePunch(HolePunch),
+    HolePunchSync(HolePunchSync),
     Client(ClientMessage),
     Relay(RelayMessage),
     Raft(RaftMessage),
@@ -518,6 +537,8 @@ impl Message {
             Message::PublishDropped(_) => MessageType::PublishDropped,
             Message::DialBack(_) => MessageType::DialBack,
             Message::DialBackResult(_) => MessageType::DialBackResult,
+            Message::HolePunch(_) => MessageType::HolePunch,
+            Message::HolePunchSync(_) => MessageType::HolePunchSync,
             Message::Client(c) => match c {
                 ClientMessage::Subscribe(_) => MessageType::ClientSubscribe,
                 ClientMessage::Unsubscribe(_) => MessageType::ClientUnsubscribe,
@@ -577,6 +598,9 @@ impl Message {
                     MAX_ADDR_LEN,
                 )?;
                 check_len("agent", &h.agent, MAX_AGENT_LEN)?;
+                if let Some(a) = &h.observed_addr {
+                    check_len("observed address", a, MAX_ADDR_LEN)?;
+                }
                 if let Some(k) = &h.api_key {
                     if k.len() > MAX_API_KEY_LEN {
                         return Err(format!(
@@ -611,6 +635,8 @@ impl Message {
             Message::Rpc(r) => r.validate(),
             Message::DialBack(d) => d.validate(),
             Message::DialBackResult(d) => d.validate(),
+            Message::HolePunch(h) => h.validate(),
+            Message::HolePunchSync(_) => Ok(()),
             Message::Client(c) => c.validate(),
             Message::Relay(r) => r.validate(),
             Message::Raft(r) => r.validate(),
@@ -653,6 +679,8 @@ impl Message {
             }
             Message::DialBack(m) => rmp_serde::encode::write_named(out, m),
             Message::DialBackResult(m) => rmp_serde::encode::write_named(out, m),
+            Message::HolePunch(m) => rmp_serde::encode::write_named(out, m),
+            Message::HolePunchSync(m) => rmp_serde::encode::write_named(out, m),
             Message::Client(c) => match c {
                 ClientMessage::Subscribe(m) => rmp_serde::encode::write_named(out, m),
                 ClientMessage::Unsubscribe(m) => rmp_serde::encode::write_named(out, m),
@@ -738,6 +766,8 @@ impl Message {
                 }),
             MessageType::DialBack => decode_body(t, body).map(Message::DialBack),
             MessageType::DialBackResult => decode_body(t, body).map(Message::DialBackResult),
+            MessageType::HolePunch => decode_body(t, body).map(Message::HolePunch),
+            MessageType::HolePunchSync => decode_body(t, body).map(Message::HolePunchSync),
             MessageType::ClientSubscribe => {
                 decode_body(t, body).map(|m| Message::Client(ClientMessage::Subscribe(m)))
             }
@@ -925,6 +955,7 @@ mod tests {
             agent: "macula/0.1.0".into(),
             grant: None,
             api_key: None,
+            observed_addr: Some("198.18.0.101:4433".into()),
         }
     }
 
@@ -1094,6 +1125,33 @@ mod tests {
         );
         with_key.api_key = Some(serde_bytes::ByteBuf::from(vec![7u8; MAX_API_KEY_LEN + 1]));
         let body = rmp_serde::to_vec_named(&with_key).unwrap();
+        assert!(matches!(
+            Message::decode(MessageType::Hello as u8, &body),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn hello_observed_addr_is_optional_and_bounded() {
+        // A HELLO from before the field decodes with none, and one without
+        // an observation leaves the key out.
+        let mut h = hello();
+        h.observed_addr = None;
+        let body = rmp_serde::to_vec_named(&h).unwrap();
+        let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            rmp_serde::from_slice(&body).unwrap();
+        assert!(!keys.contains_key("observed_addr"));
+        assert_eq!(
+            Message::decode(MessageType::Hello as u8, &body),
+            Ok(Message::Hello(h.clone()))
+        );
+        h.observed_addr = Some("198.18.0.101:4433".into());
+        assert_eq!(
+            round_trip(&Message::Hello(h.clone())),
+            Message::Hello(h.clone())
+        );
+        h.observed_addr = Some("9".repeat(MAX_ADDR_LEN + 1));
+        let body = rmp_serde::to_vec_named(&h).unwrap();
         assert!(matches!(
             Message::decode(MessageType::Hello as u8, &body),
             Err(DecodeError::Malformed { .. })
@@ -1417,6 +1475,26 @@ mod tests {
                         error,
                     })
                 }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(
+                    arb_string(MAX_ADDR_LEN),
+                    0..=crate::nat::MAX_PUNCH_ADDRS
+                ),
+                arb_string(crate::nat::MAX_MAPPING_LEN),
+                arb_string(crate::nat::MAX_MAPPING_LEN),
+                any::<bool>(),
+            )
+                .prop_map(|(nonce, addrs, mapping, filtering, reply)| {
+                    Message::HolePunch(HolePunch {
+                        nonce,
+                        addrs,
+                        mapping,
+                        filtering,
+                        reply,
+                    })
+                }),
+            any::<u64>().prop_map(|nonce| Message::HolePunchSync(HolePunchSync { nonce })),
             arb_dht().prop_map(Message::Dht),
             (
                 any::<[u8; 32]>(),
@@ -1428,6 +1506,7 @@ mod tests {
                 any::<u8>(),
                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..=MAX_API_KEY_LEN,)),
+                proptest::option::of(arb_string(MAX_ADDR_LEN)),
             )
                 .prop_map(
                     |(
@@ -1440,6 +1519,7 @@ mod tests {
                         version,
                         grant,
                         api_key,
+                        observed_addr,
                     )| {
                         Message::Hello(Hello {
                             version,
@@ -1451,6 +1531,7 @@ mod tests {
                             agent,
                             grant: grant.map(serde_bytes::ByteBuf::from),
                             api_key: api_key.map(serde_bytes::ByteBuf::from),
+                            observed_addr,
                         })
                     }
                 ),

@@ -6,6 +6,14 @@
 //! for the connection they share cannot let the dial through) at the IP it
 //! observes the node at, proves the node's identity in the TLS handshake,
 //! closes, and answers DIAL_BACK_RESULT.
+//!
+//! Two nodes connected through a relay try a direct connection by hole
+//! punching (as libp2p's DCUtR does): the dialer of the relayed connection
+//! sends HOLE_PUNCH with its candidate addresses, the other answers
+//! HOLE_PUNCH (`reply`) with its own, the dialer measures the round trip,
+//! sends HOLE_PUNCH_SYNC and dials half a round trip later, the other dials
+//! on receiving the sync: both NATs see an outgoing packet before the
+//! other's arrives.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +21,62 @@ use serde::{Deserialize, Serialize};
 pub const MAX_DIAL_BACK_ADDRS: usize = 4;
 /// Error text in DIAL_BACK_RESULT.
 pub const MAX_DIAL_BACK_ERROR_LEN: usize = 256;
+
+/// Candidate addresses in one HOLE_PUNCH.
+pub const MAX_PUNCH_ADDRS: usize = 8;
+/// Length of HOLE_PUNCH's `mapping`.
+pub const MAX_MAPPING_LEN: usize = 32;
+
+/// "Let us try a direct connection: here is where I can be reached."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolePunch {
+    /// Names the attempt; the reply and the sync carry it back.
+    pub nonce: u64,
+    /// The sender's candidates (`ip:port`): the reflexive addresses peers
+    /// observed, then its listen addresses.
+    pub addrs: Vec<String>,
+    /// The sender's NAT mapping as it classified it (`unknown`, `none`,
+    /// `endpoint_independent`, `address_dependent`,
+    /// `address_and_port_dependent`), so both sides skip a pair that
+    /// cannot punch.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub mapping: String,
+    /// The sender's NAT filtering as it knows it (`unknown`, `none`,
+    /// `endpoint_or_address_dependent`, `address_and_port_dependent`).
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub filtering: String,
+    /// False from the initiator, true in the answer.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub reply: bool,
+}
+
+/// "Dial now": the initiator dials half a round trip after sending it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolePunchSync {
+    pub nonce: u64,
+}
+
+impl HolePunch {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.addrs.len() > MAX_PUNCH_ADDRS {
+            return Err(format!(
+                "{} addresses, limit {MAX_PUNCH_ADDRS}",
+                self.addrs.len()
+            ));
+        }
+        if self
+            .addrs
+            .iter()
+            .any(|a| a.len() > crate::limits::MAX_ADDR_LEN)
+        {
+            return Err("address too long".into());
+        }
+        if self.mapping.len() > MAX_MAPPING_LEN || self.filtering.len() > MAX_MAPPING_LEN {
+            return Err("mapping or filtering name too long".into());
+        }
+        Ok(())
+    }
+}
 
 /// "Dial me back at one of these addresses."
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -74,7 +74,7 @@ pub use macula_runtime::admin::stream::{
 pub use macula_runtime::admin::{
     request_message, resource, sign_request, AdminLimits, CasReport, CasRequest, ErrorReport,
     EventReport, GrantReport, HealthReport, KvGetReport, KvListReport, KvReport, KvWriteReport,
-    LocalService, MembersRequest, MeshService, PeerReport, PeersReport, ProviderHealth,
+    LocalService, MembersRequest, MeshService, NatHealth, PeerReport, PeersReport, ProviderHealth,
     RaftGroupReport, RaftReport, ReadyReport, RealmReport, RevocationsReport, RoutingContact,
     RoutingReport, ServiceProvider, ServicesReport, SubscriptionInfo, SubscriptionsReport,
     WatchReport, ADMIN_IDLE_TIMEOUT, ADMIN_REQUEST_DEADLINE, BEARER, GRANT_SCHEME,

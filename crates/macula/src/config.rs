@@ -41,6 +41,7 @@ pub use macula_runtime::config::{
 };
 pub use macula_runtime::config::{MqttConfig, MqttLimits, MqttMillis, MqttTls};
 pub use macula_runtime::config::{TrustLimits, DEFAULT_DHT_SNAPSHOT_INTERVAL, DEFAULT_MAX_PINS};
+pub use macula_runtime::nat::NatLimits;
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 pub use macula_runtime::trust::{Pin, Pins};
 

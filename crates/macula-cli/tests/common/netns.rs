@@ -28,7 +28,7 @@
 //! the first topology is built.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -86,11 +86,108 @@ pub fn skip() -> bool {
 }
 
 /// What to build: how many public hosts, and one entry per site with its
-/// number of hosts (site k, counted from 1, gets 198.19.k.0/24).
-#[derive(Clone, Debug)]
+/// number of hosts (site k, counted from 1, gets 198.19.k.0/24); site k's
+/// router behaves as `nats[k - 1]` (port-restricted, Linux masquerade's
+/// default, for sites without an entry).
+#[derive(Clone, Debug, Default)]
 pub struct Spec {
     pub public_hosts: usize,
     pub sites: Vec<usize>,
+    pub nats: Vec<NatKind>,
+}
+
+/// A router's NAT behaviour (RFC 4787 terms), built with nftables.
+///
+/// | kind | mapping | filtering |
+/// |---|---|---|
+/// | `FullCone` | endpoint-independent | endpoint-independent |
+/// | `RestrictedCone` | endpoint-independent | address-dependent |
+/// | `PortRestricted` | endpoint-independent | address-and-port-dependent |
+/// | `Symmetric` | address-and-port-dependent | address-and-port-dependent |
+///
+/// Endpoint-independent mapping is masquerade keeping the source port
+/// (which it does unless two LAN hosts use the same one); symmetric is
+/// masquerade `fully-random` (a random port per destination). The cones'
+/// filtering is a dynamic map from a LAN host's source port to its address
+/// (`portmap`) and, for the restricted cone, a set of (remote IP, port) the
+/// LAN host sent to (`seen`), both learned from outgoing packets: an
+/// inbound packet to a mapped port is forwarded to its host when the kind
+/// allows it, whatever its source port. An unsolicited packet to the
+/// router itself is dropped before conntrack confirms it (as home routers
+/// do): otherwise its entry would hold the mapped port, and the LAN host's
+/// next packet to that sender would be given another port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NatKind {
+    FullCone,
+    RestrictedCone,
+    #[default]
+    PortRestricted,
+    Symmetric,
+}
+
+impl NatKind {
+    pub const ALL: [NatKind; 4] = [
+        NatKind::FullCone,
+        NatKind::RestrictedCone,
+        NatKind::PortRestricted,
+        NatKind::Symmetric,
+    ];
+
+    /// The router's nftables ruleset for LAN `lan` (CIDR).
+    pub fn rules(self, lan: &str) -> String {
+        let masquerade = match self {
+            NatKind::Symmetric => "masquerade fully-random",
+            _ => "masquerade",
+        };
+        let inbound = match self {
+            NatKind::FullCone => r#"iifname "wan0" dnat to udp dport map @portmap"#,
+            NatKind::RestrictedCone => {
+                r#"iifname "wan0" ip saddr . udp dport @seen dnat to udp dport map @portmap"#
+            }
+            NatKind::PortRestricted | NatKind::Symmetric => "",
+        };
+        format!(
+            r#"
+table ip nat {{
+    map portmap {{
+        type inet_service : ipv4_addr
+        flags dynamic,timeout
+        timeout 5m
+    }}
+    set seen {{
+        type ipv4_addr . inet_service
+        flags dynamic,timeout
+        timeout 5m
+    }}
+    chain learn {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "lan0" ip daddr != {lan} update @portmap {{ udp sport : ip saddr }}
+        iifname "lan0" ip daddr != {lan} update @seen {{ ip daddr . udp sport }}
+    }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        {inbound}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" {masquerade}
+    }}
+}}
+table inet filter {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "wan0" ct state new drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "wan0" accept
+        iifname "wan0" oifname "lan0" ct status dnat accept
+    }}
+}}
+"#
+        )
+    }
 }
 
 /// One machine: a namespace with one address.
@@ -314,9 +411,10 @@ impl Topology {
             in_netns(&router, || {
                 std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding")
             });
+            let kind = spec.nats.get(k - 1).copied().unwrap_or_default();
             sh_input(
                 &["ip", "netns", "exec", &router, "nft", "-f", "-"],
-                NAT_RULES,
+                &kind.rules(&format!("198.19.{k}.0/24")),
             );
             let mut hosts = Vec::new();
             for j in 0..n_hosts {
@@ -399,24 +497,6 @@ impl Drop for Topology {
     }
 }
 
-/// A NAT router: masquerade on the WAN side; forward LAN -> WAN, and
-/// WAN -> LAN only for connections the LAN side opened.
-const NAT_RULES: &str = r#"
-table ip nat {
-    chain postrouting {
-        type nat hook postrouting priority srcnat; policy accept;
-        oifname "wan0" masquerade
-    }
-}
-table inet filter {
-    chain forward {
-        type filter hook forward priority filter; policy drop;
-        ct state established,related accept
-        iifname "lan0" oifname "wan0" accept
-    }
-}
-"#;
-
 impl Host {
     /// `program args...` inside this host's namespace. The process gets
     /// SIGKILL if the thread that spawned it dies (a test binary killed
@@ -468,6 +548,12 @@ impl Host {
         self.in_ns(move || TcpListener::bind((ip, 0)).expect("bind TCP listener"))
     }
 
+    /// A UDP socket on this host's address (ephemeral port).
+    pub fn udp_bind(&self) -> UdpSocket {
+        let ip = self.ip;
+        self.in_ns(move || UdpSocket::bind((ip, 0)).expect("bind UDP socket"))
+    }
+
     /// A TCP connection from this host to `to`, within `timeout`.
     pub fn tcp_connect(&self, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
         self.in_ns(move || TcpStream::connect_timeout(&to, timeout))
@@ -501,5 +587,24 @@ pub fn accept_from(l: &TcpListener) -> SocketAddr {
             }
             Err(e) => panic!("accept: {e}"),
         }
+    }
+}
+
+/// One datagram received on `sock` within `wait`: its payload and source;
+/// `None` when nothing came.
+pub fn udp_recv(sock: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    sock.set_read_timeout(Some(wait)).expect("read timeout");
+    let mut buf = [0u8; 1500];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => Some((buf[..n].to_vec(), from)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("recv_from: {e}"),
     }
 }

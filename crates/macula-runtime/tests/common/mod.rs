@@ -218,6 +218,7 @@ impl RawClient {
             agent: "raw-test-client".into(),
             grant: None,
             api_key: None,
+            observed_addr: None,
         }
     }
 
