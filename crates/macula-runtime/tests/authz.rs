@@ -179,6 +179,7 @@ async fn pubsub_is_checked_where_it_enters_and_where_it_is_delivered() {
                     message_id: None,
                 })
                 .collect(),
+            seals: vec![],
         })
     };
     for b in [

@@ -64,7 +64,7 @@ use macula_auth::Action as Perm;
 pub use crate::config::PEER_STALL_TIMEOUT;
 pub(crate) use client::Upstream;
 pub use macula_pubsub::{
-    Event, Overflow, PubSubError, PublishOptions, SubscriptionItem, TopicName,
+    Event, Overflow, Proof, PubSubError, PublishOptions, SubscriptionItem, TopicName,
 };
 pub(crate) use node::MeshLink;
 
@@ -795,6 +795,10 @@ impl PubSub {
                 tracing::debug!(peer = %from, reason = %reason, "closed a pub/sub data stream after bad input");
                 break;
             }
+            if let Some(why) = rx.unproved.take() {
+                // Counted in macula_pubsub_unproved_dropped; never delivered.
+                tracing::debug!(peer = %from, kind = why.kind(), error = %why, "dropped a pub/sub batch whose publisher is not proved");
+            }
             // A loss report's gaps go in before the events after them.
             self.tell_lagged(&mut rx);
             // Backpressure: a full subscription holds this stream (and so,
@@ -820,7 +824,7 @@ impl PubSub {
             c.dropped_slow_total.inc_by(dropped);
             if from_client {
                 // A gateway passes its client's messages on into the mesh.
-                self.forward_from_client(from, &frame.body, &rx.retrace)
+                self.forward_from_client(from, &frame.body, &rx.retrace, &rx.seals)
                     .await;
             }
             if !forwarding.is_empty() {
