@@ -151,7 +151,16 @@ pub fn encode_batches(
     frame_limit: u32,
     batch_bytes: usize,
 ) -> Encoded {
-    encode_batches_marked(out, msgs, publisher, epoch, frame_limit, batch_bytes, None, None)
+    encode_batches_marked(
+        out,
+        msgs,
+        publisher,
+        epoch,
+        frame_limit,
+        batch_bytes,
+        None,
+        None,
+    )
 }
 
 /// Where one frame of [`encode_batches_marked`] ends.
@@ -257,7 +266,8 @@ fn encode_run(
         while let Some(m) = msgs.get(i) {
             let size = m.encoded_size();
             let topic_entry = m.topic.len() + 2;
-            let fits_own = signer.is_none() || m.encoded_size() + topic_entry + OWN_SEAL_BYTES <= budget;
+            let fits_own =
+                signer.is_none() || m.encoded_size() + topic_entry + OWN_SEAL_BYTES <= budget;
             if !fits(m, budget) || !fits_own {
                 // Never fits this receiver: skip it (counted) rather than
                 // fail the frame it would be in.
@@ -465,7 +475,16 @@ mod tests {
         }));
         let mut buf = vec![0xAA; 5]; // bytes already there
         let mut marks = Vec::new();
-        let e = encode_batches_marked(&mut buf, &msgs, &ME, 7, 4096, BATCH_BYTES, Some(&mut marks), None);
+        let e = encode_batches_marked(
+            &mut buf,
+            &msgs,
+            &ME,
+            7,
+            4096,
+            BATCH_BYTES,
+            Some(&mut marks),
+            None,
+        );
         assert_eq!((e.messages, e.too_large), (10, 1));
         assert_eq!(marks.len() as u64, e.frames);
         assert_eq!(

@@ -106,7 +106,7 @@ impl Signer {
     pub fn seal(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> Seal {
         let n = digests.len();
         let mut present = vec![0xffu8; n.div_ceil(8)];
-        if n % 8 != 0 {
+        if !n.is_multiple_of(8) {
             if let Some(last) = present.last_mut() {
                 *last = (1u8 << (n % 8)) - 1;
             }
@@ -142,7 +142,11 @@ pub fn sign(key: &SigningKey, publisher: &NodeId, epoch: u64, digests: &[[u8; 32
 /// in its seal (empty for an unsealed batch).
 pub fn verify(view: &PublishBatchView<'_>) -> Result<Vec<SealRef>, ProofError> {
     let publisher = view.publisher;
-    let mut refs = Vec::with_capacity(if view.seals.is_empty() { 0 } else { view.entries.len() });
+    let mut refs = Vec::with_capacity(if view.seals.is_empty() {
+        0
+    } else {
+        view.entries.len()
+    });
     let mut entries = view.entries.iter();
     for seal in &view.seals {
         let run = check_seal(view, seal, &mut entries, &mut refs)?;
@@ -222,7 +226,11 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
         if let Ok(refs) = refs {
             assert_eq!(
                 refs.len(),
-                if view.seals.is_empty() { 0 } else { view.entries.len() }
+                if view.seals.is_empty() {
+                    0
+                } else {
+                    view.entries.len()
+                }
             );
         }
     }

@@ -1685,7 +1685,15 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
     let mut strict = PubSubCore::<u32, ()>::new(small);
     let rs = route(&mut strict, &dht, "t.x", ms(0));
     let view = macula_wire::PublishBatchView::decode(&bodies[0]).unwrap();
-    strict.forward_from_client(id(50), &view, &bodies[0], &[Some(rs.clone())], &[], &[], ms(1));
+    strict.forward_from_client(
+        id(50),
+        &view,
+        &bodies[0],
+        &[Some(rs.clone())],
+        &[],
+        &[],
+        ms(1),
+    );
     assert_eq!(
         counter(&strict, |c| &c.forwarded_sent_total),
         1,

@@ -111,11 +111,22 @@ fn transmit(c: &mut Core, peer: macula_pubsub::PeerRef) -> Vec<Bytes> {
     frames
 }
 
-fn receive(to: &mut Core, from: NodeId, bodies: &[Bytes], rx: &mut BatchReceiver<u32>) -> Vec<Event> {
+fn receive(
+    to: &mut Core,
+    from: NodeId,
+    bodies: &[Bytes],
+    rx: &mut BatchReceiver<u32>,
+) -> Vec<Event> {
     let mut got = Vec::new();
     for b in bodies {
-        to.handle_batch(from, macula_wire::MessageType::PublishBatch as u8, b, rx, Millis(1))
-            .unwrap();
+        to.handle_batch(
+            from,
+            macula_wire::MessageType::PublishBatch as u8,
+            b,
+            rx,
+            Millis(1),
+        )
+        .unwrap();
         rx.deliver(|_, e| got.append(e));
     }
     got
@@ -151,8 +162,14 @@ fn client_through_gateway(topics: &[&str], sign: bool) -> Core {
     let mut rx = BatchReceiver::new(true);
     let records = [("t", 2, "t.*"), ("u", 3, "u.*")];
     for b in &bodies {
-        gw.handle_batch(id(50), macula_wire::MessageType::PublishBatch as u8, b, &mut rx, Millis(1))
-            .unwrap();
+        gw.handle_batch(
+            id(50),
+            macula_wire::MessageType::PublishBatch as u8,
+            b,
+            &mut rx,
+            Millis(1),
+        )
+        .unwrap();
         let view = PublishBatchView::decode(b).unwrap();
         let routes: Vec<_> = view
             .topics
@@ -180,8 +197,15 @@ fn a_sealed_client_batch_is_proved_through_its_gateway_even_in_part() {
         b.subscribe("**", 7).unwrap();
         let got = receive(&mut b, id(1), bodies, &mut BatchReceiver::new(false));
         let payloads: Vec<_> = got.iter().map(|e| e.payload.clone()).collect();
-        assert_eq!(payloads, want.iter().map(|s| Bytes::from(s.to_string())).collect::<Vec<_>>());
-        assert!(got.iter().all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+        assert_eq!(
+            payloads,
+            want.iter()
+                .map(|s| Bytes::from(s.to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert!(got
+            .iter()
+            .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
         assert_eq!(unproved(&b), 0);
     }
 }
@@ -204,19 +228,36 @@ fn a_trace_context_rewritten_on_the_way_still_verifies() {
     let bodies = transmit(&mut c, q);
     let mut gw = node(1);
     let mut rx = BatchReceiver::new(true);
-    gw.handle_batch(id(50), macula_wire::MessageType::PublishBatch as u8, &bodies[0], &mut rx, Millis(1))
-        .unwrap();
+    gw.handle_batch(
+        id(50),
+        macula_wire::MessageType::PublishBatch as u8,
+        &bodies[0],
+        &mut rx,
+        Millis(1),
+    )
+    .unwrap();
     let view = PublishBatchView::decode(&bodies[0]).unwrap();
     let r = route(&mut gw, &[("t", 2, "t.*")], "t.a");
     let seals = rx.seals.clone();
-    gw.forward_from_client(id(50), &view, &bodies[0], &[Some(r)], &[(0, "00-new".into())], &seals, Millis(1));
+    gw.forward_from_client(
+        id(50),
+        &view,
+        &bodies[0],
+        &[Some(r)],
+        &[(0, "00-new".into())],
+        &seals,
+        Millis(1),
+    );
     let (q, _) = starts(&mut gw)[0];
     let fwd = transmit(&mut gw, q);
     let mut b = node(2);
     b.subscribe("t.*", 7).unwrap();
     let got = receive(&mut b, id(1), &fwd, &mut BatchReceiver::new(false));
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].headers, vec![("traceparent".to_string(), "00-new".to_string())]);
+    assert_eq!(
+        got[0].headers,
+        vec![("traceparent".to_string(), "00-new".to_string())]
+    );
     assert_eq!(got[0].proof, Proof::Signed);
 }
 
@@ -237,8 +278,16 @@ fn forged(publisher: NodeId, sealer: Option<&SigningKey>, payload: &[u8]) -> Byt
         .into_iter()
         .collect();
     let mut buf = Vec::new();
-    macula_wire::encode_sealed_batch_frame(&mut buf, 1 << 20, &publisher, 150, &["t.a"], items, &seals)
-        .unwrap();
+    macula_wire::encode_sealed_batch_frame(
+        &mut buf,
+        1 << 20,
+        &publisher,
+        150,
+        &["t.a"],
+        items,
+        &seals,
+    )
+    .unwrap();
     Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..])
 }
 
@@ -247,8 +296,14 @@ fn a_forged_publisher_is_dropped_and_counted_never_delivered() {
     let victim = id(50);
     let cases: [(&str, Bytes); 4] = [
         ("unsealed", forged(victim, None, b"signed")),
-        ("sealed by the forwarder's own key", forged(victim, Some(&key(1)), b"signed")),
-        ("payload changed after signing", forged(victim, Some(&key(50)), b"forged")),
+        (
+            "sealed by the forwarder's own key",
+            forged(victim, Some(&key(1)), b"signed"),
+        ),
+        (
+            "payload changed after signing",
+            forged(victim, Some(&key(50)), b"forged"),
+        ),
         ("genuine", forged(victim, Some(&key(50)), b"signed")),
     ];
     for (what, body) in cases {
@@ -280,8 +335,14 @@ fn an_unsealed_client_batch_is_delivered_at_its_gateway_but_not_forwarded() {
 fn own_batches_travel_unsealed_without_a_signer_and_prove_by_connection() {
     let mut a = node(9);
     let r = route(&mut a, &[("t", 2, "t.*")], "t.a");
-    a.publish_routed(&r, Bytes::from_static(b"x"), PublishOptions::default(), Millis(0), &mut Vec::new())
-        .unwrap();
+    a.publish_routed(
+        &r,
+        Bytes::from_static(b"x"),
+        PublishOptions::default(),
+        Millis(0),
+        &mut Vec::new(),
+    )
+    .unwrap();
     let (q, _) = starts(&mut a)[0];
     let bodies = transmit(&mut a, q);
     assert_eq!(bodies[0][0], 1);
@@ -296,7 +357,13 @@ fn a_client_takes_unsealed_events_from_its_gateway_as_asserted() {
     let mut c = client(50, 1, false);
     c.subscribe("t.*", 7).unwrap();
     let mut buf = Vec::new();
-    let items = [BatchItem { seq: 1, topic_index: 0, payload: b"x", headers: &[], message_id: None }];
+    let items = [BatchItem {
+        seq: 1,
+        topic_index: 0,
+        payload: b"x",
+        headers: &[],
+        message_id: None,
+    }];
     macula_wire::encode_batch_frame(&mut buf, 1 << 20, &id(9), 5, &["t.a"], items).unwrap();
     let body = Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]);
     let got = receive(&mut c, id(1), &[body], &mut BatchReceiver::new(false));

@@ -533,9 +533,9 @@ impl Client {
                     // A client seals its batches: its gateway forwards them
                     // into the mesh, where its signature proves it
                     // published them (PROTOCOL.md §5.3).
-                    signer: Some(Arc::new(macula_pubsub::Signer::new(
-                        identity.signing_key().clone(),
-                    ))),
+                    signer: config.pubsub.proofs.then(|| {
+                        Arc::new(macula_pubsub::Signer::new(identity.signing_key().clone()))
+                    }),
                     ..crate::pubsub::config(
                         node_id,
                         epoch.value(),
@@ -556,6 +556,8 @@ impl Client {
                 Arc::new(Link(weak.clone())),
                 own,
             );
+            // Its calls carry its signature through its gateway.
+            rpc.sign_calls(identity.signing_key().clone());
             Shared {
                 node_id,
                 dir_lock: Mutex::new(dir_lock),

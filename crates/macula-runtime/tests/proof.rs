@@ -9,10 +9,14 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
+use std::future::IntoFuture;
+
 use macula_runtime::pubsub::{Event, Proof, Subscription, SubscriptionItem};
+use macula_runtime::rpc::{AdvertiseOptions, HandlerError, Request};
 use macula_runtime::{Client, ClientConfig, NodeRuntime, PeerAddr};
 use macula_wire::pubsub::{BatchMessage, PublishBatch};
-use macula_wire::Message;
+use macula_wire::rpc::{Call, RpcMessage};
+use macula_wire::{Message, RpcErrorKind};
 
 fn addr_of(n: &NodeRuntime) -> PeerAddr {
     format!("{}@{}", n.node_id(), n.local_addr())
@@ -112,8 +116,113 @@ async fn a_clients_events_arrive_proved_and_a_forged_publisher_is_dropped() {
             .expect("send a batch");
     }
     let e = next_event(&mut on_b).await;
-    assert_eq!(e.payload, Bytes::from("fence"), "the forgery was not delivered");
+    assert_eq!(
+        e.payload,
+        Bytes::from("fence"),
+        "the forgery was not delivered"
+    );
     assert_eq!(e.proof, Proof::Connection);
     assert_eq!(b.pubsub().counters().unproved_dropped_total.get(), 1);
     assert_eq!(on_b.pending(), 0);
+}
+
+/// The handler's view of who called: (caller, origin).
+fn who(r: &Request) -> Bytes {
+    Bytes::from(format!(
+        "{} {}",
+        r.caller,
+        r.origin.map(|o| o.to_string()).unwrap_or_default()
+    ))
+}
+
+async fn whoami(r: Request) -> Result<Bytes, HandlerError> {
+    Ok(who(&r))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_calls_name_it_proved_and_a_forged_origin_is_refused() {
+    init_tracing();
+    let a = start(config()).await;
+    let b = start(boot(&a)).await;
+    joined(&b).await;
+    let c1 = client(&a).await;
+    let c2 = client(&b).await;
+    let _on_b = b
+        .rpc()
+        .advertise("svc.who", AdvertiseOptions::default(), whoami)
+        .await
+        .expect("advertise on b");
+    let _on_c2 = c2
+        .advertise("svc.who2", AdvertiseOptions::default(), whoami)
+        .await
+        .expect("advertise on c2");
+    // C1 -> gateway A -> B: B's connection names A, the signature C1.
+    let r = within(STEP, "call b", c1.call("svc.who", "x").into_future())
+        .await
+        .expect("call b");
+    assert_eq!(
+        r.payload,
+        Bytes::from(format!("{} {}", a.node_id(), c1.node_id()))
+    );
+    // C1 -> A -> B -> C2 (a client's procedure, through its gateway B).
+    let r = within(STEP, "call c2", c1.call("svc.who2", "x").into_future())
+        .await
+        .expect("call c2");
+    assert_eq!(
+        r.payload,
+        Bytes::from(format!("{} {}", b.node_id(), c1.node_id()))
+    );
+    // A node's own call needs no origin: its connection proves it.
+    let r = within(
+        STEP,
+        "a calls b",
+        a.rpc().call("svc.who", "x").into_future(),
+    )
+    .await
+    .expect("a calls b");
+    assert_eq!(r.payload, Bytes::from(format!("{} ", a.node_id())));
+
+    // A full node hands over a call with C1's origin taken from another
+    // call (it cannot sign as C1): refused, counted, the handler not run.
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let genuine = macula_auth::origin::sign_call(&key, "svc.who", b"real", &[]);
+    let raw = RawClient::connect(&b).await;
+    let mut ctl = raw.handshake(&b).await;
+    ctl.send(&Message::Rpc(RpcMessage::Call(Call {
+        id: 1,
+        procedure: "svc.who".into(),
+        payload: b"forged".to_vec(),
+        timeout_ms: 5_000,
+        headers: vec![],
+        origin: Some(genuine.clone()),
+    })))
+    .await;
+    match ctl.recv().await {
+        Message::Rpc(RpcMessage::Error(e)) => {
+            assert_eq!((e.id, e.kind), (1, RpcErrorKind::Unauthorized));
+            assert!(e.message.contains("not proved"), "{}", e.message);
+        }
+        other => panic!("expected CALL_ERROR, got {other:?}"),
+    }
+    assert_eq!(b.rpc().counters().unproved_callers_total.get(), 1);
+    // The genuine one is served, naming the key's node as origin.
+    ctl.send(&Message::Rpc(RpcMessage::Call(Call {
+        id: 2,
+        procedure: "svc.who".into(),
+        payload: b"real".to_vec(),
+        timeout_ms: 5_000,
+        headers: vec![],
+        origin: Some(genuine),
+    })))
+    .await;
+    let signer = macula_wire::NodeId::from_public_key(key.verifying_key().as_bytes());
+    match ctl.recv().await {
+        Message::Rpc(RpcMessage::Reply(r)) => {
+            assert_eq!(
+                r.payload,
+                format!("{} {signer}", raw.identity.node_id()).into_bytes()
+            );
+        }
+        other => panic!("expected REPLY, got {other:?}"),
+    }
 }

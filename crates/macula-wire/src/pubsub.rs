@@ -129,7 +129,9 @@ pub struct Seal {
 impl Seal {
     /// Whether message `i` of the seal is in the batch.
     pub fn is_present(&self, i: usize) -> bool {
-        self.present.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+        self.present
+            .get(i / 8)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
     }
 
     /// How many of its messages the batch carries.
@@ -139,12 +141,15 @@ impl Seal {
 
     fn check(&self) -> Result<(), String> {
         if self.n == 0 || self.n > MAX_SEAL_ENTRIES {
-            return Err(format!("seal of {} messages, must be 1 to {MAX_SEAL_ENTRIES}", self.n));
+            return Err(format!(
+                "seal of {} messages, must be 1 to {MAX_SEAL_ENTRIES}",
+                self.n
+            ));
         }
         if self.present.len() != self.n.div_ceil(8) {
             return Err("seal bitmap of the wrong length".into());
         }
-        if self.n % 8 != 0 && self.present[self.n / 8] >> (self.n % 8) != 0 {
+        if !self.n.is_multiple_of(8) && self.present[self.n / 8] >> (self.n % 8) != 0 {
             return Err("seal bitmap names messages past its count".into());
         }
         let present = self.present_count();
@@ -179,23 +184,35 @@ impl Seal {
         sig.copy_from_slice(c.bytes(64));
         let n = c.varint()?;
         if n == 0 || n > MAX_SEAL_ENTRIES as u64 {
-            return Err(format!("seal of {n} messages, must be 1 to {MAX_SEAL_ENTRIES}"));
+            return Err(format!(
+                "seal of {n} messages, must be 1 to {MAX_SEAL_ENTRIES}"
+            ));
         }
         let n = n as usize;
         if c.buf.len() < n.div_ceil(8) {
             return Err("truncated seal bitmap".into());
         }
         let present = c.bytes(n.div_ceil(8)).to_vec();
-        let mut seal = Seal { key, sig, n, present, absent: Vec::new() };
+        let mut seal = Seal {
+            key,
+            sig,
+            n,
+            present,
+            absent: Vec::new(),
+        };
         let absent = n - seal.present_count().min(n);
         if c.buf.len() < absent * 32 {
             return Err("truncated seal digests".into());
         }
-        seal.absent = c.bytes(absent * 32).chunks_exact(32).map(|d| {
-            let mut a = [0u8; 32];
-            a.copy_from_slice(d);
-            a
-        }).collect();
+        seal.absent = c
+            .bytes(absent * 32)
+            .chunks_exact(32)
+            .map(|d| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(d);
+                a
+            })
+            .collect();
         seal.check()?;
         Ok(seal)
     }
@@ -772,7 +789,14 @@ impl PublishBatch {
 
     pub(crate) fn write_body(&self, out: &mut Vec<u8>) -> Result<usize, String> {
         let (topics, items) = self.table()?;
-        write_batch_body(out, &self.publisher, self.epoch, &topics, items, &self.seals)
+        write_batch_body(
+            out,
+            &self.publisher,
+            self.epoch,
+            &topics,
+            items,
+            &self.seals,
+        )
     }
 }
 
@@ -1043,7 +1067,10 @@ mod tests {
     fn arb_sealed_batch() -> impl Strategy<Value = PublishBatch> {
         (
             arb_batch(),
-            proptest::collection::vec((1usize..4, 0usize..4, any::<[u8; 32]>(), any::<u8>()), 1..20),
+            proptest::collection::vec(
+                (1usize..4, 0usize..4, any::<[u8; 32]>(), any::<u8>()),
+                1..20,
+            ),
         )
             .prop_map(|(mut b, cuts)| {
                 let mut left = b.messages.len();
@@ -1102,7 +1129,13 @@ mod tests {
     #[test]
     fn event_digests_leave_hop_headers_out() {
         let h = |tp: &'static str| {
-            event_digest(7, "a.b", b"hi", [("k", "v"), ("traceparent", tp)], Some("id"))
+            event_digest(
+                7,
+                "a.b",
+                b"hi",
+                [("k", "v"), ("traceparent", tp)],
+                Some("id"),
+            )
         };
         assert_eq!(h("00-a"), h("00-b"));
         assert_ne!(
@@ -1234,7 +1267,10 @@ mod tests {
         assert!(PublishBatchView::decode(&trailing).is_err());
         let mut v2 = one(1, 0);
         v2[0] = BATCH_FORMAT_SEALED;
-        assert!(PublishBatchView::decode(&v2).is_err(), "sealed without seals");
+        assert!(
+            PublishBatchView::decode(&v2).is_err(),
+            "sealed without seals"
+        );
         let mut v3 = one(1, 0);
         v3[0] = 3;
         assert!(PublishBatchView::decode(&v3).is_err(), "unknown format");

@@ -206,6 +206,7 @@ pub(crate) fn config(
 ) -> Config {
     let mut c = Config::new(node_id, epoch, realm, CoreRole::Local, max_frame_size);
     c.limits = limits;
+    c.require_proof = limits.proofs;
     c.out.stall_timeout = Millis::from_duration(stall_timeout);
     c.interest.record_max = macula_dht::config::MAX_VALUE_LEN;
     c
