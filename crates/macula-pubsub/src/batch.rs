@@ -69,7 +69,7 @@ impl OutMsg {
     /// seal in (every other message of its seal sent as a digest).
     fn seal_cost(&self) -> usize {
         self.seal.as_ref().map_or(0, |s| {
-            let n = s.run.digests.len();
+            let n = s.run.len();
             SEAL_OVERHEAD + n.div_ceil(8) + 32 * n.saturating_sub(1)
         })
     }
@@ -382,7 +382,7 @@ fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<S
         let first = &msgs[picked[k].0];
         let Some(sr) = &first.seal else { return };
         let run = &sr.run;
-        let n = run.digests.len();
+        let n = run.len();
         let mut present = vec![0u8; n.div_ceil(8)];
         while let Some(&(mi, _)) = picked.get(k) {
             let m = &msgs[mi];
@@ -397,10 +397,23 @@ fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<S
             }
             k += 1;
         }
-        let absent = (0..n)
-            .filter(|i| present[i / 8] & (1 << (i % 8)) == 0)
-            .map(|i| run.digests[i])
-            .collect();
+        let all = present
+            .iter()
+            .map(|b| b.count_ones() as usize)
+            .sum::<usize>()
+            == n;
+        let absent = match all {
+            // Every message of the seal is here: no digest to send (and,
+            // at a client's gateway, none computed).
+            true => Vec::new(),
+            false => {
+                let digests = run.digests();
+                (0..n)
+                    .filter(|i| present[i / 8] & (1 << (i % 8)) == 0)
+                    .map(|i| digests[i])
+                    .collect()
+            }
+        };
         seals.push(Seal {
             key: run.key,
             sig: run.sig,

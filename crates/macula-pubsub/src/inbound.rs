@@ -223,7 +223,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         // forwarded batch whose publisher nothing proves is dropped whole.
         rx.unproved = None;
         let client = matches!(self.role, RoleState::Client(_));
-        let proof = match self.prove(from, &view, client, rx) {
+        let proof = match self.prove(from, &view, body, client, rx) {
             Ok(p) => p,
             Err(e) => {
                 Counters::add(&c.unproved_dropped_total, view.entries.len() as u64);
@@ -252,10 +252,22 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         &self,
         from: NodeId,
         view: &PublishBatchView<'_>,
+        body: &Bytes,
         client: bool,
         rx: &mut BatchReceiver<S>,
     ) -> Result<Proof, ProofError> {
         rx.seals.clear();
+        if view.publisher == from && !client {
+            // From the publisher itself (a client to its gateway): its
+            // connection proves it; its seal goes on with the copies,
+            // unverified here (their receivers verify it).
+            rx.seals = match crate::proof::adopt(view, body) {
+                Some(refs) => refs,
+                None if !view.seals.is_empty() => crate::proof::verify(view).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            return Ok(Proof::Connection);
+        }
         if !view.seals.is_empty() {
             rx.seals = crate::proof::verify(view)?;
             return Ok(Proof::Signed);

@@ -12,7 +12,9 @@
 //! signed. Receivers verify with [`verify`]; what does not verify is never
 //! delivered. Pure: no clock, no I/O.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use macula_wire::{event_digest, seal_hash, NodeId, PublishBatchView, Seal};
@@ -23,11 +25,56 @@ const SIGN_TAG: &[u8] = b"macula pub/sub seal v1";
 /// The seal of one batch a publisher signed: its key, its signature and
 /// the digests of every message it covers (in seq order). Shared by every
 /// forwarded copy of those messages.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct SealedRun {
     pub key: [u8; 32],
     pub sig: [u8; 64],
-    pub digests: Vec<[u8; 32]>,
+    n: usize,
+    digests: OnceLock<Vec<[u8; 32]>>,
+    /// The publisher's own batch (a client's, at its gateway): its
+    /// digests are computed from it only when a forwarded frame leaves
+    /// some of its messages out.
+    source: Option<Bytes>,
+}
+
+impl SealedRun {
+    /// A seal whose digests are known.
+    pub fn new(key: [u8; 32], sig: [u8; 64], digests: Vec<[u8; 32]>) -> SealedRun {
+        SealedRun {
+            key,
+            sig,
+            n: digests.len(),
+            digests: OnceLock::from(digests),
+            source: None,
+        }
+    }
+
+    /// Messages it covers.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The digests of the messages it covers, in order.
+    pub fn digests(&self) -> &[[u8; 32]] {
+        self.digests.get_or_init(|| {
+            let view = self
+                .source
+                .as_ref()
+                .and_then(|b| PublishBatchView::decode(b).ok());
+            match view {
+                Some(v) if v.entries.len() == self.n => {
+                    v.entries.iter().map(|e| digest(&v, e)).collect()
+                }
+                // Cannot happen (the body decoded before); digests that
+                // verify nothing make receivers drop the copies.
+                _ => vec![[0; 32]; self.n],
+            }
+        })
+    }
 }
 
 /// A forwarded message's place in the seal that proves its publisher.
@@ -136,6 +183,45 @@ pub fn sign(key: &SigningKey, publisher: &NodeId, epoch: u64, digests: &[[u8; 32
     key.sign(&msg).to_bytes()
 }
 
+/// The places of `view`'s entries in its one seal, trusted without
+/// verification: `view` came from its publisher itself (a client, to its
+/// gateway), whose connection proves it; the receivers of the copies
+/// verify the seal. Digests are computed from `body` only if a copy needs
+/// them. `None`: not one seal covering every entry (then [`verify`]).
+pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> {
+    let [seal] = view.seals.as_slice() else {
+        return None;
+    };
+    if seal.n != view.entries.len() || !seal.absent.is_empty() {
+        return None;
+    }
+    let run = Arc::new(SealedRun {
+        key: seal.key,
+        sig: seal.sig,
+        n: seal.n,
+        digests: OnceLock::new(),
+        source: Some(body.clone()),
+    });
+    Some(
+        (0..seal.n as u32)
+            .map(|index| SealRef {
+                run: run.clone(),
+                index,
+            })
+            .collect(),
+    )
+}
+
+fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>) -> [u8; 32] {
+    event_digest(
+        e.seq,
+        view.topics.get(e.topic_index).copied().unwrap_or(""),
+        e.payload,
+        e.headers.iter().copied(),
+        e.message_id,
+    )
+}
+
 /// Checks every seal of `view`: the key is the publisher's, and the
 /// signature verifies over the digests of the messages received (computed
 /// here) and of those the seal says are absent. Returns each entry's place
@@ -154,7 +240,7 @@ pub fn verify(view: &PublishBatchView<'_>) -> Result<Vec<SealRef>, ProofError> {
         if NodeId::from_public_key(&run.key) != publisher {
             return Err(ProofError::WrongKey { publisher });
         }
-        let hash = seal_hash(&publisher, view.epoch, &run.digests);
+        let hash = seal_hash(&publisher, view.epoch, run.digests());
         let mut msg = [0u8; SIGN_TAG.len() + 32];
         msg[..SIGN_TAG.len()].copy_from_slice(SIGN_TAG);
         msg[SIGN_TAG.len()..].copy_from_slice(&hash);
@@ -184,13 +270,7 @@ fn check_seal<'a, 'b: 'a>(
                 });
             };
             places.push(i as u32);
-            event_digest(
-                e.seq,
-                view.topics.get(e.topic_index).copied().unwrap_or(""),
-                e.payload,
-                e.headers.iter().copied(),
-                e.message_id,
-            )
+            digest(view, e)
         } else {
             match absent.next() {
                 Some(d) => *d,
@@ -203,11 +283,7 @@ fn check_seal<'a, 'b: 'a>(
         };
         digests.push(d);
     }
-    let run = Arc::new(SealedRun {
-        key: seal.key,
-        sig: seal.sig,
-        digests,
-    });
+    let run = Arc::new(SealedRun::new(seal.key, seal.sig, digests));
     refs.extend(places.into_iter().map(|index| SealRef {
         run: run.clone(),
         index,
