@@ -63,6 +63,10 @@ pub enum BenchCommand {
     /// (in-process nodes on 127.0.0.1, rounds alternating): handshake time,
     /// publish and call throughput.
     Authz(crate::bench_authz::AuthzArgs),
+    /// Proved publishers off and on (in-process nodes and a client on
+    /// 127.0.0.1, rounds alternating): client -> gateway -> node throughput
+    /// and latency of 64 B and 16 KiB messages.
+    Proofs(crate::bench_proofs::ProofsArgs),
     /// The MQTT bridge against Debian's mosquitto broker, side by side:
     /// QoS 0 and QoS 1 throughput (1 publisher -> 1 subscriber), round-trip
     /// latency, and memory per idle connection. Starts both itself.
@@ -183,6 +187,11 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::CrdtNode(args) => crate::bench_crdt::node(args).await,
+        BenchCommand::Proofs(args) => {
+            tokio::time::timeout(MAX_RUNTIME, crate::bench_proofs::run(args))
+                .await
+                .context("benchmark exceeded its time limit")?
+        }
         BenchCommand::Authz(args) => {
             tokio::time::timeout(MAX_RUNTIME, crate::bench_authz::run(args))
                 .await

@@ -14,6 +14,7 @@ mod bench_connections;
 mod bench_crdt;
 mod bench_kv;
 mod bench_mqtt;
+mod bench_proofs;
 mod bench_pubsub;
 mod bench_relay;
 mod bench_rpc;

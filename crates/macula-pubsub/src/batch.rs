@@ -11,10 +11,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use macula_wire::pubsub::{MAX_BATCH_MESSAGES, MAX_BATCH_TOPICS};
-use macula_wire::{BatchItem, NodeId};
+use macula_wire::pubsub::{
+    MAX_BATCH_MESSAGES, MAX_BATCH_TOPICS, MAX_SEAL_ENTRIES, SEALS_COUNT_LEN, SEAL_OVERHEAD,
+};
+use macula_wire::{event_digest, BatchItem, NodeId, Seal};
 
 use crate::event::{PublishOptions, TopicName};
+use crate::proof::{SealRef, Signer};
 
 /// Target size of one PUBLISH_BATCH body: bounds the write buffer and how
 /// much one frame pins in memory at the receiver (events slice the frame).
@@ -43,6 +46,9 @@ pub struct OutMsg {
     /// Another publisher's message this node forwards (a gateway, for or to
     /// its clients); `None`: this node's own.
     pub origin: Option<Arc<Origin>>,
+    /// A forwarded message's proof: the seal its publisher signed it in
+    /// (sent along, with the digests of the seal's other messages).
+    pub seal: Option<SealRef>,
 }
 
 impl OutMsg {
@@ -58,7 +64,32 @@ impl OutMsg {
         });
         self.payload.len() + extra + MESSAGE_OVERHEAD
     }
+
+    /// Bytes the seal of a forwarded message adds to a frame it starts a
+    /// seal in (every other message of its seal sent as a digest).
+    fn seal_cost(&self) -> usize {
+        self.seal.as_ref().map_or(0, |s| {
+            let n = s.run.len();
+            SEAL_OVERHEAD + n.div_ceil(8) + 32 * n.saturating_sub(1)
+        })
+    }
+
+    fn same_seal(&self, other: &OutMsg) -> bool {
+        match (&self.seal, &other.seal) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.run, &b.run),
+            _ => false,
+        }
+    }
 }
+
+/// Messages one seal of this node's own covers at most: a node forwarding
+/// some of them to a receiver sends the digests of the others (32 bytes
+/// each), so a seal of 256 fits any frame limit from 16 KiB up, at 3
+/// signatures per 64 KiB batch of 64-byte messages.
+pub const OWN_SEAL_MAX: usize = 256;
+
+/// Bytes a frame signed by this node reserves for its seal.
+const OWN_SEAL_BYTES: usize = SEALS_COUNT_LEN + SEAL_OVERHEAD + OWN_SEAL_MAX / 8;
 
 /// The publisher of a forwarded message.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -100,7 +131,11 @@ pub fn batch_budget(frame_limit: u32, batch_bytes: usize) -> usize {
 /// Whether `m` fits a frame whose payload budget is `budget` (see
 /// [`batch_budget`]); one that does not is skipped by [`encode_batches`].
 pub fn fits(m: &OutMsg, budget: usize) -> bool {
-    m.encoded_size() + m.topic.len() + 2 <= budget
+    let seal = match m.seal {
+        Some(_) => SEALS_COUNT_LEN + m.seal_cost(),
+        None => 0,
+    };
+    m.encoded_size() + m.topic.len() + 2 + seal <= budget
 }
 
 /// Encodes `msgs` (in seq order per publisher) as PUBLISH_BATCH frames into
@@ -116,7 +151,16 @@ pub fn encode_batches(
     frame_limit: u32,
     batch_bytes: usize,
 ) -> Encoded {
-    encode_batches_marked(out, msgs, publisher, epoch, frame_limit, batch_bytes, None)
+    encode_batches_marked(
+        out,
+        msgs,
+        publisher,
+        epoch,
+        frame_limit,
+        batch_bytes,
+        None,
+        None,
+    )
 }
 
 /// Where one frame of [`encode_batches_marked`] ends.
@@ -133,7 +177,9 @@ pub struct Mark {
 
 /// [`encode_batches`], also appending to `marks` where each frame ends: a
 /// write that stops part-way tells from them which messages went out in
-/// whole frames.
+/// whole frames. With `signer`, every frame of this node's own messages is
+/// sealed (signed); forwarded messages carry their publisher's seals.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_batches_marked(
     out: &mut Vec<u8>,
     msgs: &[OutMsg],
@@ -142,6 +188,7 @@ pub fn encode_batches_marked(
     frame_limit: u32,
     batch_bytes: usize,
     mut marks: Option<&mut Vec<Mark>>,
+    signer: Option<&Signer>,
 ) -> Encoded {
     let budget = batch_budget(frame_limit, batch_bytes);
     // One batch names one publisher: split into runs of the same origin
@@ -158,9 +205,9 @@ pub fn encode_batches_marked(
         let (run, tail) = rest.split_at(n);
         let base = msgs.len() - rest.len();
         rest = tail;
-        let (p, e) = match &first.origin {
-            Some(o) => (&o.publisher, o.epoch),
-            None => (publisher, epoch),
+        let (p, e, own) = match &first.origin {
+            Some(o) => (&o.publisher, o.epoch, None),
+            None => (publisher, epoch, signer),
         };
         let at = Marker {
             base,
@@ -175,6 +222,7 @@ pub fn encode_batches_marked(
             budget,
             at,
             marks.as_deref_mut(),
+            own,
         );
     }
     done
@@ -198,20 +246,29 @@ fn encode_run(
     budget: usize,
     at: Marker,
     mut marks: Option<&mut Vec<Mark>>,
+    signer: Option<&Signer>,
 ) -> Encoded {
     let mut done = Encoded::default();
     let mut topics: Vec<&str> = Vec::new();
+    let mut seals: Vec<Seal> = Vec::new();
+    let mut digests: Vec<[u8; 32]> = Vec::new();
+    let max_msgs = match signer {
+        Some(_) => OWN_SEAL_MAX.min(MAX_SEAL_ENTRIES),
+        None => MAX_BATCH_MESSAGES,
+    };
     // (index into msgs, index into topics) of the current frame.
     let mut picked: Vec<(usize, usize)> = Vec::with_capacity(msgs.len().min(4096));
     let mut i = 0;
     while i < msgs.len() {
         topics.clear();
         picked.clear();
-        let mut bytes = 0usize;
+        let mut bytes = if signer.is_some() { OWN_SEAL_BYTES } else { 0 };
         while let Some(m) = msgs.get(i) {
             let size = m.encoded_size();
             let topic_entry = m.topic.len() + 2;
-            if !fits(m, budget) {
+            let fits_own =
+                signer.is_none() || m.encoded_size() + topic_entry + OWN_SEAL_BYTES <= budget;
+            if !fits(m, budget) || !fits_own {
                 // Never fits this receiver: skip it (counted) rather than
                 // fail the frame it would be in.
                 done.too_large += 1;
@@ -223,10 +280,22 @@ fn encode_run(
                 Some(last) if std::ptr::eq(*last, m.topic.as_str()) => Some(topics.len() - 1),
                 _ => topics.iter().position(|t| *t == m.topic.as_str()),
             };
+            // A forwarded message's seal: the first of its seal in this
+            // frame brings the seal (all other digests); each further one
+            // replaces its digest.
+            let prev = picked.last().map(|&(pi, _)| &msgs[pi]);
+            let seal_cost = match (prev, &m.seal) {
+                (_, None) => 0isize,
+                (Some(p), Some(_)) if p.same_seal(m) => -32,
+                (Some(_), Some(_)) => m.seal_cost() as isize,
+                (None, Some(_)) => (SEALS_COUNT_LEN + m.seal_cost()) as isize,
+            };
             let cost = size + if known.is_some() { 0 } else { topic_entry };
+            let after = (bytes + cost).saturating_add_signed(seal_cost);
             if !picked.is_empty()
-                && (bytes + cost > budget
-                    || picked.len() == MAX_BATCH_MESSAGES
+                && (after > budget
+                    || picked.len() == max_msgs
+                    || prev.is_some_and(|p| p.seal.is_some() != m.seal.is_some())
                     || (known.is_none() && topics.len() == MAX_BATCH_TOPICS))
             {
                 break;
@@ -238,12 +307,20 @@ fn encode_run(
                     topics.len() - 1
                 }
             };
-            bytes += cost;
+            bytes = after;
             picked.push((i, t));
             i += 1;
         }
         if picked.is_empty() {
             continue;
+        }
+        seals.clear();
+        if let Some(signer) = signer {
+            digests.clear();
+            digests.extend(picked.iter().map(|&(mi, _)| digest_of(&msgs[mi])));
+            seals.push(signer.seal(publisher, epoch, &digests));
+        } else if msgs[picked[0].0].seal.is_some() {
+            forwarded_seals(msgs, &picked, &mut seals);
         }
         let items = picked.iter().map(|&(mi, topic_index)| {
             let m = &msgs[mi];
@@ -256,7 +333,15 @@ fn encode_run(
                 message_id: o.and_then(|o| o.message_id.as_deref()),
             }
         });
-        match macula_wire::encode_batch_frame(out, frame_limit, publisher, epoch, &topics, items) {
+        match macula_wire::encode_sealed_batch_frame(
+            out,
+            frame_limit,
+            publisher,
+            epoch,
+            &topics,
+            items,
+            &seals,
+        ) {
             Ok(n) => {
                 done.frames += 1;
                 done.messages += n;
@@ -272,6 +357,71 @@ fn encode_run(
         }
     }
     done
+}
+
+/// The digest a seal signs of message `m` (see [`macula_wire::event_digest`]).
+pub fn digest_of(m: &OutMsg) -> [u8; 32] {
+    let o = m.extra.as_deref();
+    event_digest(
+        m.seq,
+        &m.topic,
+        &m.payload,
+        o.map_or(&[][..], |o| &o.headers)
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+        o.and_then(|o| o.message_id.as_deref()),
+    )
+}
+
+/// The seals of a frame of forwarded messages (`picked`, all sealed): one
+/// per run of messages of one seal, with the digests of the seal's
+/// messages not in the frame.
+fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<Seal>) {
+    let mut k = 0;
+    while k < picked.len() {
+        let first = &msgs[picked[k].0];
+        let Some(sr) = &first.seal else { return };
+        let run = &sr.run;
+        let n = run.len();
+        let mut present = vec![0u8; n.div_ceil(8)];
+        while let Some(&(mi, _)) = picked.get(k) {
+            let m = &msgs[mi];
+            if !m.same_seal(first) {
+                break;
+            }
+            if let Some(s) = &m.seal {
+                let i = s.index as usize;
+                if i < n {
+                    present[i / 8] |= 1 << (i % 8);
+                }
+            }
+            k += 1;
+        }
+        let all = present
+            .iter()
+            .map(|b| b.count_ones() as usize)
+            .sum::<usize>()
+            == n;
+        let absent = match all {
+            // Every message of the seal is here: no digest to send (and,
+            // at a client's gateway, none computed).
+            true => Vec::new(),
+            false => {
+                let digests = run.digests();
+                (0..n)
+                    .filter(|i| present[i / 8] & (1 << (i % 8)) == 0)
+                    .map(|i| digests[i])
+                    .collect()
+            }
+        };
+        seals.push(Seal {
+            key: run.key,
+            sig: run.sig,
+            n,
+            present,
+            absent,
+        });
+    }
 }
 
 /// The duplicate-suppression key of a batch that node `from` sent on behalf
@@ -300,6 +450,7 @@ mod tests {
             payload: Bytes::from(vec![seq as u8; len]),
             extra: None,
             origin: None,
+            seal: None,
         }
     }
 
@@ -337,7 +488,16 @@ mod tests {
         }));
         let mut buf = vec![0xAA; 5]; // bytes already there
         let mut marks = Vec::new();
-        let e = encode_batches_marked(&mut buf, &msgs, &ME, 7, 4096, BATCH_BYTES, Some(&mut marks));
+        let e = encode_batches_marked(
+            &mut buf,
+            &msgs,
+            &ME,
+            7,
+            4096,
+            BATCH_BYTES,
+            Some(&mut marks),
+            None,
+        );
         assert_eq!((e.messages, e.too_large), (10, 1));
         assert_eq!(marks.len() as u64, e.frames);
         assert_eq!(

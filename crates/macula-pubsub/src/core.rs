@@ -24,6 +24,7 @@ use crate::interest::{
 use crate::local::{FeedId, Local, SubId, Target};
 use crate::loss::LossReport;
 use crate::outbound::{Enqueued, OutLimits, Outbound, PeerRef, Stall, Take, Wake};
+use crate::proof::Signer;
 use crate::topic::{Pattern, Topic};
 use crate::Limits;
 
@@ -60,6 +61,13 @@ pub struct Config {
     /// and byte limits come from `limits`.
     pub out: OutLimits,
     pub interest: InterestLimits,
+    /// Seals (signs) every batch of this node's own messages (a client,
+    /// whose messages its gateway forwards); `None`: unsigned.
+    pub signer: Option<Arc<Signer>>,
+    /// Drop forwarded batches (publisher not the sender) whose publisher a
+    /// seal does not prove. On by default; a client receiving events
+    /// through its gateway accepts unsealed ones as asserted.
+    pub require_proof: bool,
 }
 
 impl Config {
@@ -75,6 +83,8 @@ impl Config {
             default_frame_limit: max_frame_size,
             out: OutLimits::default(),
             interest: InterestLimits::default(),
+            signer: None,
+            require_proof: true,
         }
     }
 }
@@ -173,6 +183,8 @@ pub struct Batch {
     /// receiver may not have them (the realm's permissions): neither sent
     /// nor counted lost.
     pub refused: usize,
+    /// Seals this node's own messages (see `Config::signer`).
+    pub signer: Option<Arc<Signer>>,
 }
 
 impl Batch {
@@ -212,6 +224,7 @@ impl Batch {
             self.frame_limit,
             self.batch_bytes,
             Some(marks),
+            self.signer.as_deref(),
         );
         for m in &mut marks[first..] {
             m.messages += base;
@@ -284,6 +297,8 @@ pub struct PubSubCore<S, W> {
     /// Per peer whose data stream was reset: (messages read on it, messages
     /// its sender says it wrote), until both are known.
     pub(crate) in_flight: HashMap<NodeId, (Option<u64>, Option<u64>)>,
+    pub(crate) signer: Option<Arc<Signer>>,
+    pub(crate) require_proof: bool,
 }
 
 impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
@@ -321,6 +336,8 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             changes: 0,
             counters: Arc::new(Counters::default()),
             in_flight: HashMap::new(),
+            signer: config.signer,
+            require_proof: config.require_proof,
         }
     }
 
@@ -718,6 +735,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             payload,
             extra: opts.shared(),
             origin: None,
+            seal: None,
         };
         let mut done = Published {
             seq,
@@ -792,6 +810,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                             epoch,
                             headers: o.map(|o| o.headers.clone()).unwrap_or_default(),
                             message_id: o.and_then(|o| o.message_id.clone()),
+                            proof: crate::proof::Proof::Connection,
                         },
                     ));
                 }
@@ -882,6 +901,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             payload: Bytes::from(p.payload),
             extra,
             origin: None,
+            seal: None,
         };
         if self.deliver_local(&topic, msg, from, p.epoch, now, out) == 0 {
             // Sent for a summarized interest record, or just after an
@@ -916,6 +936,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     epoch: self.epoch,
                     report,
                     refused: 0,
+                    signer: self.signer.clone(),
                 })
             }
             Take::Finish => Transmit::Finish,

@@ -54,6 +54,10 @@ pub struct Counters {
     /// Messages received that another node forwarded for their publisher
     /// (a gateway for its client).
     pub forwarded_received_total: Counter,
+    /// Received messages dropped because their publisher was not proved:
+    /// a forwarded batch without a seal, or one whose seal does not verify
+    /// (a forged publisher). Never delivered.
+    pub unproved_dropped_total: Counter,
     /// Messages this node forwarded as a gateway: clients' messages into
     /// the mesh and matching events to clients (one per target).
     pub forwarded_sent_total: Counter,
@@ -223,6 +227,12 @@ impl Counters {
         );
         register(
             r,
+            "macula_pubsub_unproved_dropped",
+            "Received messages dropped, never delivered, because a seal did not prove their publisher (a forwarded batch without a seal, or a wrong signature).",
+            self.unproved_dropped_total.clone(),
+        );
+        register(
+            r,
             "macula_pubsub_forwarded_sent",
             "Messages this node forwarded as a gateway: clients' messages into the mesh and events to clients.",
             self.forwarded_sent_total.clone(),
@@ -348,9 +358,9 @@ mod tests {
         c.subscriptions.set(2);
         let text = render(&c);
         c.delivery_wait.0.observe(0.5);
-        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 31);
-        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 31);
-        assert_eq!(text.matches(" counter\n").count(), 29);
+        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 32);
+        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 32);
+        assert_eq!(text.matches(" counter\n").count(), 30);
         assert!(text.contains("# TYPE macula_pubsub_delivery_wait_seconds histogram\n"));
         assert!(text.contains("macula_pubsub_delivery_wait_seconds_count 0\n"));
         assert!(render(&c).contains("macula_pubsub_delivery_wait_seconds_count 1\n"));

@@ -189,6 +189,9 @@ pub struct Event {
     pub headers: Vec<(String, String)>,
     /// Application message ID, if the publisher set one.
     pub message_id: Option<String>,
+    /// How `publisher` is known: proved (by the connection that carried
+    /// it, or by its signature) or asserted by a client's gateway.
+    pub proof: crate::proof::Proof,
 }
 
 /// What a subscription yields.

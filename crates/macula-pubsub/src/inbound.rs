@@ -21,6 +21,7 @@ use crate::dedup::Observed;
 use crate::event::{Event, Overflow, PublishOptions, TopicName};
 use crate::interest::Route;
 use crate::local::{FeedId, SubId, Target};
+use crate::proof::{Proof, ProofError, SealRef};
 use crate::topic::Topic;
 use crate::Limits;
 
@@ -65,6 +66,13 @@ pub struct BatchReceiver<S> {
     /// span). Set by the driver before it hands the batch over, when it
     /// traces; empty: copies carry the publisher's headers unchanged.
     pub retrace: Vec<(usize, String)>,
+    /// The last batch's entries' places in their seals (empty: it was not
+    /// sealed): what a gateway forwarding it sends along
+    /// ([`PubSubCore::forward_from_client`]).
+    pub seals: Vec<SealRef>,
+    /// Why the last batch's publisher was not proved, if it was dropped
+    /// for that (the driver logs it).
+    pub unproved: Option<ProofError>,
 }
 
 impl<S> BatchReceiver<S> {
@@ -82,6 +90,8 @@ impl<S> BatchReceiver<S> {
             lagged: Vec::new(),
             messages: 0,
             retrace: Vec::new(),
+            seals: Vec::new(),
+            unproved: None,
         }
     }
 
@@ -208,19 +218,69 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         }
         c.batches_received_total.inc();
         rx.messages += view.entries.len() as u64;
+        // Who published it: proved by a seal, by the connection (the
+        // sender is the publisher), or asserted by a client's gateway; a
+        // forwarded batch whose publisher nothing proves is dropped whole.
+        rx.unproved = None;
+        let client = matches!(self.role, RoleState::Client(_));
+        let proof = match self.prove(from, &view, body, client, rx) {
+            Ok(p) => p,
+            Err(e) => {
+                Counters::add(&c.unproved_dropped_total, view.entries.len() as u64);
+                rx.seals.clear();
+                rx.unproved = Some(e);
+                return Ok(());
+            }
+        };
         // A batch naming another publisher is forwarded: by a gateway for
         // its client, or (to a client) by its gateway. A client trusts the
         // gateway it chose; a full node keeps such a stream apart from the
         // publisher's own (see `forwarded_key`).
-        let client = matches!(self.role, RoleState::Client(_));
         let key = if view.publisher == from || client {
             view.publisher
         } else {
             Counters::add(&c.forwarded_received_total, view.entries.len() as u64);
             forwarded_key(&view.publisher, &from)
         };
-        self.deliver_batch(&view, body, rx, key, from, now);
+        self.deliver_batch(&view, body, rx, (key, proof), from, now);
         Ok(())
+    }
+
+    /// How `view`'s publisher is known (see [`Proof`]); its seals' places
+    /// go to `rx.seals`.
+    fn prove(
+        &self,
+        from: NodeId,
+        view: &PublishBatchView<'_>,
+        body: &Bytes,
+        client: bool,
+        rx: &mut BatchReceiver<S>,
+    ) -> Result<Proof, ProofError> {
+        rx.seals.clear();
+        if view.publisher == from && !client {
+            // From the publisher itself (a client to its gateway): its
+            // connection proves it; its seal goes on with the copies,
+            // unverified here (their receivers verify it).
+            rx.seals = match crate::proof::adopt(view, body) {
+                Some(refs) => refs,
+                None if !view.seals.is_empty() => crate::proof::verify(view).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            return Ok(Proof::Connection);
+        }
+        if !view.seals.is_empty() {
+            rx.seals = crate::proof::verify(view)?;
+            return Ok(Proof::Signed);
+        }
+        if view.publisher == from {
+            return Ok(Proof::Connection);
+        }
+        if client || !self.require_proof {
+            return Ok(Proof::Asserted);
+        }
+        Err(ProofError::Unsealed {
+            publisher: view.publisher,
+        })
     }
 
     // ----- client: gateway failover ---------------------------------------
@@ -458,7 +518,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         view: &PublishBatchView<'_>,
         body: &Bytes,
         rx: &mut BatchReceiver<S>,
-        key: NodeId,
+        (key, proof): (NodeId, Proof),
         from: NodeId,
         now: Millis,
     ) {
@@ -600,6 +660,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 message_id: e.message_id.map(str::to_string),
+                proof,
             };
             if !r.feeds.is_empty() {
                 let o = origin
@@ -625,6 +686,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     }
                     .shared(),
                     origin: Some(o),
+                    seal: rx.seals.get(i).cloned(),
                 };
                 for &f in &r.feeds {
                     self.forward_to_feed(f, publisher, msg.clone(), now);
@@ -713,7 +775,12 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     /// interested nodes along `routes` (one per topic of the batch, from
     /// [`PubSubCore::route`]; `None`: not routable), keeping the client as
     /// publisher with its epoch and sequence numbers. `retrace`: as
-    /// [`BatchReceiver::retrace`], for these copies.
+    /// [`BatchReceiver::retrace`], for these copies. `seals`: each entry's
+    /// place in the client's seal ([`BatchReceiver::seals`]), sent along so
+    /// receivers verify the client's signature; a batch the client did not
+    /// seal is not forwarded (receivers would drop it as unproved): it is
+    /// counted in `unproved_dropped_total`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_from_client(
         &mut self,
         from: NodeId,
@@ -721,12 +788,17 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         body: &Bytes,
         routes: &[Option<Arc<Route>>],
         retrace: &[(usize, String)],
+        seals: &[SealRef],
         now: Millis,
     ) {
         let c = self.counters.clone();
         if view.publisher != from {
             // A client publishes only its own messages.
             Counters::add(&c.remote_rejected_total, view.entries.len() as u64);
+            return;
+        }
+        if seals.len() != view.entries.len() && self.require_proof {
+            Counters::add(&c.unproved_dropped_total, view.entries.len() as u64);
             return;
         }
         let origin = Arc::new(Origin {
@@ -752,6 +824,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 payload: body.slice_ref(e.payload),
                 extra,
                 origin: Some(origin.clone()),
+                seal: seals.get(i).cloned(),
             };
             for (node, q) in &route.targets {
                 if *node != from {

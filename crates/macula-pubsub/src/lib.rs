@@ -101,6 +101,7 @@
 //! - [`interest`]: records, lookups, the route cache, unreachable nodes.
 //! - [`outbound`]: per-peer queues, stall and idle decisions, finishing.
 //! - [`batch`]: outbound messages and their encoding sized to the receiver.
+//! - [`proof`]: seals: publishers proved by one signature per batch.
 //! - [`event`]: events, options, errors, the shared topic name.
 //! - [`local`]: subscriptions, the per-segment index, client feeds.
 //! - [`topic`]: `Topic`, `Pattern`, validation errors, the reference matcher.
@@ -123,6 +124,7 @@ pub mod limits;
 pub mod local;
 pub mod loss;
 pub mod outbound;
+pub mod proof;
 pub mod queue;
 pub mod rendezvous;
 pub mod sublist;
@@ -147,6 +149,7 @@ pub use local::{FeedId, SubId};
 pub use loss::LossReport;
 pub use macula_wire::Millis;
 pub use outbound::{Enqueued, OutLimits, PeerRef, Stall};
+pub use proof::{Proof, ProofError, SealRef, SealedRun, Signer};
 pub use queue::BoundedQueue;
 pub use rendezvous::{
     interest_name, interest_segment, lookup_names, segment_name, summarize, Summary,

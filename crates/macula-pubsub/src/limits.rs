@@ -54,6 +54,11 @@ pub struct Limits {
     /// Remote nodes with an outbound queue at once (see
     /// [`MAX_OUTBOUND_PEERS`]).
     pub max_outbound_peers: usize,
+    /// Proved publishers (PROTOCOL.md §5.3): a client seals its batches
+    /// and a full node drops forwarded batches that no seal proves. On by
+    /// default; off only to measure what proofs cost (`macula bench
+    /// proofs`), or beside nodes that predate them.
+    pub proofs: bool,
 }
 
 impl Default for Limits {
@@ -70,6 +75,7 @@ impl Default for Limits {
             peer_queue_capacity: PEER_QUEUE_CAPACITY,
             peer_queue_bytes: PEER_QUEUE_BYTES,
             max_outbound_peers: MAX_OUTBOUND_PEERS,
+            proofs: true,
         }
     }
 }

@@ -173,6 +173,7 @@ mod tests {
             payload: Bytes::new(),
             extra: None,
             origin,
+            seal: None,
         }
     }
 

@@ -594,6 +594,7 @@ mod tests {
             payload: Bytes::from(vec![0; len]),
             extra: None,
             origin: None,
+            seal: None,
         }
     }
 

@@ -15,7 +15,9 @@ fn id(b: u8) -> NodeId {
 }
 
 fn client() -> Core {
-    PubSubCore::new(Config::new(id(50), 1, "r", Role::Client, 1 << 20))
+    let mut c = Config::new(id(50), 1, "r", Role::Client, 1 << 20);
+    c.require_proof = false;
+    PubSubCore::new(c)
 }
 
 /// One PUBLISH_BATCH body of `publisher` (epoch 7): `(seq, topic)` each.
@@ -135,7 +137,9 @@ fn after_a_failover_with_no_gateway_left_the_gap_is_told_once() {
 
 #[test]
 fn a_full_node_never_watches() {
-    let mut n: Core = PubSubCore::new(Config::new(id(9), 1, "r", Role::Node, 1 << 20));
+    let mut cfg = Config::new(id(9), 1, "r", Role::Node, 1 << 20);
+    cfg.require_proof = false;
+    let mut n: Core = PubSubCore::new(cfg);
     n.subscribe("t.*", 0).unwrap();
     let mut rx = BatchReceiver::new(false);
     let mut got = vec![Got::default()];

@@ -26,7 +26,11 @@ fn id(b: u8) -> NodeId {
 }
 
 fn config(me: u8, role: Role) -> Config {
-    Config::new(id(me), 100 + u64::from(me), REALM, role, 1 << 20)
+    let mut c = Config::new(id(me), 100 + u64::from(me), REALM, role, 1 << 20);
+    // These tests' node IDs are not derived from keys: forwarded batches
+    // are unsealed here (tests/proof.rs covers seals).
+    c.require_proof = false;
+    c
 }
 
 fn node(me: u8) -> Core {
@@ -1670,9 +1674,9 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
     let r = route(&mut gw, &dht, "t.x", ms(0));
     for b in &bodies {
         let view = macula_wire::PublishBatchView::decode(b).unwrap();
-        gw.forward_from_client(id(50), &view, b, &[Some(r.clone())], &[], ms(1));
+        gw.forward_from_client(id(50), &view, b, &[Some(r.clone())], &[], &[], ms(1));
         // A client naming another publisher is refused.
-        gw.forward_from_client(id(51), &view, b, &[Some(r.clone())], &[], ms(1));
+        gw.forward_from_client(id(51), &view, b, &[Some(r.clone())], &[], &[], ms(1));
     }
     assert_eq!(counter(&gw, |c| &c.remote_rejected_total), 1);
     // Payloads over this node's limit are not forwarded; one at it is.
@@ -1681,7 +1685,15 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
     let mut strict = PubSubCore::<u32, ()>::new(small);
     let rs = route(&mut strict, &dht, "t.x", ms(0));
     let view = macula_wire::PublishBatchView::decode(&bodies[0]).unwrap();
-    strict.forward_from_client(id(50), &view, &bodies[0], &[Some(rs.clone())], &[], ms(1));
+    strict.forward_from_client(
+        id(50),
+        &view,
+        &bodies[0],
+        &[Some(rs.clone())],
+        &[],
+        &[],
+        ms(1),
+    );
     assert_eq!(
         counter(&strict, |c| &c.forwarded_sent_total),
         1,
@@ -1691,7 +1703,7 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
     tiny.max_payload = 1;
     let mut strict = PubSubCore::<u32, ()>::new(tiny);
     let rs = route(&mut strict, &dht, "t.x", ms(0));
-    strict.forward_from_client(id(50), &view, &bodies[0], &[Some(rs)], &[], ms(1));
+    strict.forward_from_client(id(50), &view, &bodies[0], &[Some(rs)], &[], &[], ms(1));
     assert_eq!(counter(&strict, |c| &c.forwarded_sent_total), 0);
     let (gq, to) = starts(&actions(&mut gw))[0];
     assert_eq!(to, id(2), "not back to the client");
@@ -2135,6 +2147,7 @@ fn a_cut_off_with_nothing_lost_starts_no_sender() {
         Stall::CutOff { dropped: 0 }
     ));
     let empty = macula_pubsub::Batch {
+        signer: None,
         n: 0,
         frame_limit: 1 << 20,
         batch_bytes: macula_pubsub::BATCH_BYTES,

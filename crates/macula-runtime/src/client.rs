@@ -531,14 +531,22 @@ impl Client {
         };
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let pubsub = PubSub::client(
-                crate::pubsub::config(
-                    node_id,
-                    epoch.value(),
-                    max_frame,
-                    config.pubsub,
-                    "",
-                    stall_timeout,
-                ),
+                macula_pubsub::Config {
+                    // A client seals its batches: its gateway forwards them
+                    // into the mesh, where its signature proves it
+                    // published them (PROTOCOL.md §5.3).
+                    signer: config.pubsub.proofs.then(|| {
+                        Arc::new(macula_pubsub::Signer::new(identity.signing_key().clone()))
+                    }),
+                    ..crate::pubsub::config(
+                        node_id,
+                        epoch.value(),
+                        max_frame,
+                        config.pubsub,
+                        "",
+                        stall_timeout,
+                    )
+                },
                 Box::new(Link(weak.clone())),
                 Box::new(GatewayMesh(weak.clone())),
                 own.clone(),
@@ -550,6 +558,8 @@ impl Client {
                 Arc::new(Link(weak.clone())),
                 own,
             );
+            // Its calls carry its signature through its gateway.
+            rpc.sign_calls(identity.signing_key().clone());
             Shared {
                 node_id,
                 dir_lock: Mutex::new(dir_lock),

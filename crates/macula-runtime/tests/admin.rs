@@ -184,6 +184,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_rpc_inflight_calls", "gauge"),
     ("macula_rpc_advertised", "gauge"),
     ("macula_rpc_duration_seconds", "histogram"),
+    ("macula_pubsub_unproved_dropped", "counter"),
+    ("macula_rpc_unproved_callers", "counter"),
     ("macula_node", "info"),
     ("macula_nat_mapping", "gauge"),
     ("macula_nat_observers", "gauge"),

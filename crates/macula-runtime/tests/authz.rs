@@ -179,6 +179,7 @@ async fn pubsub_is_checked_where_it_enters_and_where_it_is_delivered() {
                     message_id: None,
                 })
                 .collect(),
+            seals: vec![],
         })
     };
     for b in [
@@ -324,6 +325,7 @@ async fn rpc_is_checked_where_it_enters_and_where_it_is_served() {
         payload: b"sneak".to_vec(),
         timeout_ms: 5_000,
         headers: vec![],
+        origin: None,
     })))
     .await;
     match ctl.recv().await {

@@ -369,6 +369,7 @@ impl RpcService {
                     payload: app.to_le_bytes().to_vec(),
                     timeout_ms,
                     headers: Vec::new(),
+                    origin: None,
                 };
                 self.frames
                     .push_back((provider, RpcMsg::Rpc(RpcMessage::Call(call))));

@@ -39,8 +39,9 @@ pub use message::{
 };
 pub use node_id::{NodeId, ParseNodeIdError};
 pub use pubsub::{
-    encode_batch_frame, BatchEntry, BatchHead, BatchItem, BatchMessage, Publish, PublishBatch,
-    PublishBatchView, PublishDropped,
+    encode_batch_frame, encode_sealed_batch_frame, event_digest, is_hop_header, seal_hash,
+    BatchEntry, BatchHead, BatchItem, BatchMessage, Publish, PublishBatch, PublishBatchView,
+    PublishDropped, Seal,
 };
 pub use raft::{RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 pub use relay::{RelayCode, RelayMessage, RelayRecord};

@@ -1332,6 +1332,10 @@ mod tests {
                         payload,
                         timeout_ms,
                         headers,
+                        origin: (id % 2 == 0).then(|| crate::rpc::CallOrigin {
+                            key: vec![id as u8; 32],
+                            sig: vec![7; 64],
+                        }),
                     }))
                 }),
             (any::<u64>(), bytes(), headers()).prop_map(|(id, payload, headers)| {

@@ -99,6 +99,200 @@ pub const FLAG_MESSAGE_ID: u8 = 2;
 /// receivers of this version; later versions put new fields there).
 pub const FLAG_EXTENSION: u8 = 4;
 const KNOWN_MESSAGE_FLAGS: u8 = FLAG_HEADERS | FLAG_MESSAGE_ID | FLAG_EXTENSION;
+/// The batch body format of a **sealed** batch: format 1 followed by the
+/// seals that prove its messages' publisher (docs/PROTOCOL.md §5.3,
+/// "Proved publishers").
+pub const BATCH_FORMAT_SEALED: u8 = 2;
+/// Messages one seal covers (the digests a forwarded copy may carry).
+pub const MAX_SEAL_ENTRIES: usize = 1024;
+/// Bytes of one seal besides its presence bitmap and absent digests: key
+/// (32), signature (64), entry count (varint, 2).
+pub const SEAL_OVERHEAD: usize = 32 + 64 + 2;
+/// Bytes of the seal table's count (varint).
+pub const SEALS_COUNT_LEN: usize = 3;
+
+/// One seal as encoded in a sealed batch: the publisher's Ed25519 `key`
+/// and its signature `sig` over the digests of `n` messages it published
+/// (in seq order); bit `i` of `present` (LSB first) says whether message
+/// `i` of the seal is in this batch (then the receiver computes its
+/// digest), else its digest is the next of `absent`. The batch's messages
+/// are the present messages of its seals, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seal {
+    pub key: [u8; 32],
+    pub sig: [u8; 64],
+    pub n: usize,
+    pub present: Vec<u8>,
+    pub absent: Vec<[u8; 32]>,
+}
+
+impl Seal {
+    /// Whether message `i` of the seal is in the batch.
+    pub fn is_present(&self, i: usize) -> bool {
+        self.present
+            .get(i / 8)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    /// How many of its messages the batch carries.
+    pub fn present_count(&self) -> usize {
+        self.present.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.n == 0 || self.n > MAX_SEAL_ENTRIES {
+            return Err(format!(
+                "seal of {} messages, must be 1 to {MAX_SEAL_ENTRIES}",
+                self.n
+            ));
+        }
+        if self.present.len() != self.n.div_ceil(8) {
+            return Err("seal bitmap of the wrong length".into());
+        }
+        if !self.n.is_multiple_of(8) && self.present[self.n / 8] >> (self.n % 8) != 0 {
+            return Err("seal bitmap names messages past its count".into());
+        }
+        let present = self.present_count();
+        if present == 0 {
+            return Err("seal with no message in the batch".into());
+        }
+        if self.absent.len() != self.n - present {
+            return Err("seal digests do not match its bitmap".into());
+        }
+        Ok(())
+    }
+
+    fn write(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.check()?;
+        out.extend_from_slice(&self.key);
+        out.extend_from_slice(&self.sig);
+        put_varint(out, self.n as u64);
+        out.extend_from_slice(&self.present);
+        for d in &self.absent {
+            out.extend_from_slice(d);
+        }
+        Ok(())
+    }
+
+    fn read(c: &mut Cursor<'_>) -> Result<Seal, String> {
+        if c.buf.len() < 96 {
+            return Err("truncated seal".into());
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(c.bytes(32));
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(c.bytes(64));
+        let n = c.varint()?;
+        if n == 0 || n > MAX_SEAL_ENTRIES as u64 {
+            return Err(format!(
+                "seal of {n} messages, must be 1 to {MAX_SEAL_ENTRIES}"
+            ));
+        }
+        let n = n as usize;
+        if c.buf.len() < n.div_ceil(8) {
+            return Err("truncated seal bitmap".into());
+        }
+        let present = c.bytes(n.div_ceil(8)).to_vec();
+        let mut seal = Seal {
+            key,
+            sig,
+            n,
+            present,
+            absent: Vec::new(),
+        };
+        let absent = n - seal.present_count().min(n);
+        if c.buf.len() < absent * 32 {
+            return Err("truncated seal digests".into());
+        }
+        seal.absent = c
+            .bytes(absent * 32)
+            .chunks_exact(32)
+            .map(|d| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(d);
+                a
+            })
+            .collect();
+        seal.check()?;
+        Ok(seal)
+    }
+
+    /// Bytes this seal takes in a batch.
+    pub fn encoded_len(&self) -> usize {
+        32 + 64 + varint_len(self.n as u64) + self.present.len() + 32 * self.absent.len()
+    }
+}
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+/// Headers that are hop-by-hop metadata, not what the publisher said: a
+/// forwarding node rewrites them (trace context), so an event's digest
+/// leaves them out.
+pub fn is_hop_header(name: &str) -> bool {
+    name.eq_ignore_ascii_case(crate::trace::TRACEPARENT)
+        || name.eq_ignore_ascii_case(crate::trace::TRACESTATE)
+}
+
+/// The digest of one published message that a seal signs: BLAKE3 over a
+/// domain tag, its `seq`, topic, payload, headers (hop-by-hop ones left
+/// out, see [`is_hop_header`]) and message ID, each length-prefixed.
+pub fn event_digest<'h>(
+    seq: u64,
+    topic: &str,
+    payload: &[u8],
+    headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+    message_id: Option<&str>,
+) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"macula event digest v1\0");
+    h.update(&seq.to_le_bytes());
+    h.update(&(topic.len() as u64).to_le_bytes());
+    h.update(topic.as_bytes());
+    h.update(&(payload.len() as u64).to_le_bytes());
+    h.update(payload);
+    for (k, v) in headers {
+        if is_hop_header(k) {
+            continue;
+        }
+        h.update(&[1]);
+        h.update(&(k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        h.update(&(v.len() as u64).to_le_bytes());
+        h.update(v.as_bytes());
+    }
+    match message_id {
+        Some(id) => {
+            h.update(&[2]);
+            h.update(&(id.len() as u64).to_le_bytes());
+            h.update(id.as_bytes());
+        }
+        None => {
+            h.update(&[0]);
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What a seal's signature signs: BLAKE3 over a domain tag, the publisher,
+/// its epoch and the digests of the sealed messages in seq order.
+pub fn seal_hash(publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"macula pub/sub seal v1\0");
+    h.update(publisher.as_bytes());
+    h.update(&epoch.to_le_bytes());
+    h.update(&(digests.len() as u64).to_le_bytes());
+    for d in digests {
+        h.update(d);
+    }
+    *h.finalize().as_bytes()
+}
 
 /// One message of an owned `PublishBatch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +313,8 @@ pub struct PublishBatch {
     pub epoch: u64,
     /// In increasing `seq` order.
     pub messages: Vec<BatchMessage>,
+    /// The seals proving the publisher (format 2); empty: format 1.
+    pub seals: Vec<Seal>,
 }
 
 /// One message to encode: its topic is an index into the batch's topic table.
@@ -151,6 +347,8 @@ pub struct BatchHead<'a> {
     pub topics: Vec<&'a str>,
     /// How many messages the batch says it carries.
     pub messages: u64,
+    /// Format 2: seals follow the messages.
+    pub sealed: bool,
 }
 
 impl<'a> BatchHead<'a> {
@@ -164,9 +362,9 @@ impl<'a> BatchHead<'a> {
 
     fn read(c: &mut Cursor<'a>) -> Result<Self, String> {
         let format = c.u8()?;
-        if format != BATCH_FORMAT {
+        if format != BATCH_FORMAT && format != BATCH_FORMAT_SEALED {
             return Err(format!(
-                "batch format {format}, this node reads {BATCH_FORMAT}"
+                "batch format {format}, this node reads {BATCH_FORMAT} and {BATCH_FORMAT_SEALED}"
             ));
         }
         if c.buf.len() < 32 {
@@ -197,6 +395,7 @@ impl<'a> BatchHead<'a> {
             epoch,
             topics,
             messages,
+            sealed: format == BATCH_FORMAT_SEALED,
         })
     }
 }
@@ -209,6 +408,9 @@ pub struct PublishBatchView<'a> {
     pub epoch: u64,
     pub topics: Vec<&'a str>,
     pub entries: Vec<BatchEntry<'a>>,
+    /// Its seals (format 2), in order: their present messages are
+    /// `entries`, in order. Empty: an unsealed batch.
+    pub seals: Vec<Seal>,
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -232,6 +434,7 @@ pub(crate) fn write_batch_body<'a>(
     epoch: u64,
     topics: &[&str],
     items: impl IntoIterator<Item = BatchItem<'a>>,
+    seals: &[Seal],
 ) -> Result<usize, String> {
     if topics.is_empty() || topics.len() > MAX_BATCH_TOPICS {
         return Err(format!(
@@ -239,7 +442,11 @@ pub(crate) fn write_batch_body<'a>(
             topics.len()
         ));
     }
-    out.push(BATCH_FORMAT);
+    out.push(if seals.is_empty() {
+        BATCH_FORMAT
+    } else {
+        BATCH_FORMAT_SEALED
+    });
     out.extend_from_slice(publisher.as_bytes());
     put_varint(out, epoch);
     put_varint(out, topics.len() as u64);
@@ -313,6 +520,18 @@ pub(crate) fn write_batch_body<'a>(
         out.copy_within(count_at + 3.., count_at + count.len());
         out.truncate(out.len() - gap);
     }
+    if !seals.is_empty() {
+        if seals.len() > MAX_BATCH_MESSAGES {
+            return Err(format!("{} seals", seals.len()));
+        }
+        if seals.iter().map(Seal::present_count).sum::<usize>() != n {
+            return Err("the seals do not cover the batch's messages".into());
+        }
+        put_varint(out, seals.len() as u64);
+        for seal in seals {
+            seal.write(out)?;
+        }
+    }
     Ok(n)
 }
 
@@ -327,11 +546,25 @@ pub fn encode_batch_frame<'a>(
     topics: &[&str],
     items: impl IntoIterator<Item = BatchItem<'a>>,
 ) -> Result<usize, crate::EncodeError> {
+    encode_sealed_batch_frame(out, max_len, publisher, epoch, topics, items, &[])
+}
+
+/// [`encode_batch_frame`] of a sealed batch (format 2, `seals` not empty)
+/// or, with no seals, of an unsealed one.
+pub fn encode_sealed_batch_frame<'a>(
+    out: &mut Vec<u8>,
+    max_len: u32,
+    publisher: &NodeId,
+    epoch: u64,
+    topics: &[&str],
+    items: impl IntoIterator<Item = BatchItem<'a>>,
+    seals: &[Seal],
+) -> Result<usize, crate::EncodeError> {
     use crate::frame::{FrameHeader, FRAME_HEADER_LEN};
     let msg_type = crate::MessageType::PublishBatch;
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-    let n = match write_batch_body(out, publisher, epoch, topics, items) {
+    let n = match write_batch_body(out, publisher, epoch, topics, items, seals) {
         Ok(n) => n,
         Err(reason) => {
             out.truncate(start);
@@ -413,6 +646,7 @@ impl<'a> PublishBatchView<'a> {
             epoch,
             topics,
             messages: n_msgs,
+            sealed,
         } = BatchHead::read(&mut c)?;
         let n_topics = topics.len() as u64;
         // Each message takes at least 4 bytes: never reserve beyond the body.
@@ -468,6 +702,22 @@ impl<'a> PublishBatchView<'a> {
                 message_id,
             });
         }
+        let mut seals = Vec::new();
+        if sealed {
+            let n = c.varint()?;
+            if n == 0 || n > n_msgs {
+                return Err(format!("{n} seals for {n_msgs} messages"));
+            }
+            let mut covered = 0usize;
+            for _ in 0..n {
+                let seal = Seal::read(&mut c)?;
+                covered += seal.present_count();
+                seals.push(seal);
+            }
+            if covered as u64 != n_msgs {
+                return Err(format!("seals cover {covered} of {n_msgs} messages"));
+            }
+        }
         if !c.buf.is_empty() {
             return Err(format!("{} trailing bytes after the batch", c.buf.len()));
         }
@@ -476,6 +726,7 @@ impl<'a> PublishBatchView<'a> {
             epoch,
             topics,
             entries,
+            seals,
         })
     }
 
@@ -499,6 +750,7 @@ impl<'a> PublishBatchView<'a> {
                     message_id: e.message_id.map(str::to_string),
                 })
                 .collect(),
+            seals: self.seals.clone(),
         }
     }
 }
@@ -537,7 +789,14 @@ impl PublishBatch {
 
     pub(crate) fn write_body(&self, out: &mut Vec<u8>) -> Result<usize, String> {
         let (topics, items) = self.table()?;
-        write_batch_body(out, &self.publisher, self.epoch, &topics, items)
+        write_batch_body(
+            out,
+            &self.publisher,
+            self.epoch,
+            &topics,
+            items,
+            &self.seals,
+        )
     }
 }
 
@@ -753,6 +1012,7 @@ mod tests {
                     publisher: NodeId::from_bytes(p),
                     epoch,
                     messages,
+                    seals: Vec::new(),
                 }
             })
     }
@@ -800,6 +1060,96 @@ mod tests {
             bytes[i] = byte;
             fuzz_publish_batch(&bytes);
         }
+    }
+
+    /// A batch with seals: its messages split into runs, each run the
+    /// present messages of one seal with up to 3 absent ones around them.
+    fn arb_sealed_batch() -> impl Strategy<Value = PublishBatch> {
+        (
+            arb_batch(),
+            proptest::collection::vec(
+                (1usize..4, 0usize..4, any::<[u8; 32]>(), any::<u8>()),
+                1..20,
+            ),
+        )
+            .prop_map(|(mut b, cuts)| {
+                let mut left = b.messages.len();
+                let mut seals = Vec::new();
+                let mut cut = cuts.iter().cycle();
+                while left > 0 {
+                    let &(present, absent, key, fill) = cut.next().unwrap();
+                    let present = present.min(left);
+                    left -= present;
+                    let n = present + absent;
+                    let mut bits = vec![0u8; n.div_ceil(8)];
+                    // Absent ones first, then the present ones.
+                    for i in absent..n {
+                        bits[i / 8] |= 1 << (i % 8);
+                    }
+                    seals.push(Seal {
+                        key,
+                        sig: [fill; 64],
+                        n,
+                        present: bits,
+                        absent: vec![[fill; 32]; absent],
+                    });
+                }
+                b.seals = seals;
+                b
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn sealed_batches_round_trip(b in arb_sealed_batch()) {
+            let bytes = body(&b);
+            prop_assert_eq!(bytes[0], BATCH_FORMAT_SEALED);
+            let view = PublishBatchView::decode(&bytes).unwrap();
+            prop_assert!(BatchHead::decode(&bytes).unwrap().sealed);
+            prop_assert_eq!(view.to_owned_batch(), b.clone());
+            let cut = bytes.len() - 1;
+            prop_assert!(PublishBatchView::decode(&bytes[..cut]).is_err());
+            // Seals that do not cover the messages exactly do not encode.
+            let mut short = b.clone();
+            short.seals.pop();
+            if !short.seals.is_empty() {
+                prop_assert!(short.validate().is_err());
+            }
+        }
+
+        #[test]
+        fn mutated_sealed_bodies_never_panic(b in arb_sealed_batch(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut bytes = body(&b);
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            fuzz_publish_batch(&bytes);
+        }
+    }
+
+    #[test]
+    fn event_digests_leave_hop_headers_out() {
+        let h = |tp: &'static str| {
+            event_digest(
+                7,
+                "a.b",
+                b"hi",
+                [("k", "v"), ("traceparent", tp)],
+                Some("id"),
+            )
+        };
+        assert_eq!(h("00-a"), h("00-b"));
+        assert_ne!(
+            event_digest(7, "a.b", b"hi", [("k", "v")], Some("id")),
+            event_digest(7, "a.b", b"hi", [("k", "w")], Some("id"))
+        );
+        assert_ne!(
+            event_digest(7, "a.b", b"hi", [], None),
+            event_digest(8, "a.b", b"hi", [], None)
+        );
+        assert_ne!(
+            event_digest(7, "a.b", b"hi", [], None),
+            event_digest(7, "a.bh", b"i", [], None)
+        );
     }
 
     fn arb_dropped() -> impl Strategy<Value = PublishDropped> {
@@ -888,6 +1238,7 @@ mod tests {
                     message_id: None,
                 })
                 .collect(),
+            seals: Vec::new(),
         };
         let bytes = body(&b);
         // 4 bytes of overhead per 64-byte message, plus the batch header.
@@ -915,8 +1266,14 @@ mod tests {
         trailing.push(0);
         assert!(PublishBatchView::decode(&trailing).is_err());
         let mut v2 = one(1, 0);
-        v2[0] = 2;
-        assert!(PublishBatchView::decode(&v2).is_err(), "unknown format");
+        v2[0] = BATCH_FORMAT_SEALED;
+        assert!(
+            PublishBatchView::decode(&v2).is_err(),
+            "sealed without seals"
+        );
+        let mut v3 = one(1, 0);
+        v3[0] = 3;
+        assert!(PublishBatchView::decode(&v3).is_err(), "unknown format");
         // A count far beyond the body allocates nothing large and fails.
         let mut huge = vec![BATCH_FORMAT];
         huge.extend_from_slice(&[0; 32]);
@@ -939,6 +1296,7 @@ mod tests {
                 };
                 2
             ],
+            seals: Vec::new(),
         };
         assert!(dup.validate().is_err(), "equal seqs");
     }

@@ -40,6 +40,46 @@ pub struct Call {
     pub timeout_ms: u32,
     #[serde(default, deserialize_with = "crate::nil_default")]
     pub headers: Vec<(String, String)>,
+    /// The caller that made the call, proved end to end: absent when the
+    /// sending node is the caller (its connection proves it); set by a
+    /// client and passed on unchanged by the nodes forwarding its call
+    /// (docs/PROTOCOL.md §5.4, "Proved callers").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<CallOrigin>,
+}
+
+/// The originator's proof on a forwarded CALL: its Ed25519 key and its
+/// signature over [`call_digest`] of the call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallOrigin {
+    /// 32 bytes.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// 64 bytes.
+    #[serde(with = "serde_bytes")]
+    pub sig: Vec<u8>,
+}
+
+/// What a CALL's originator signs: BLAKE3 over a domain tag, the
+/// procedure, the payload and the headers but the trace context (which a
+/// forwarding node rewrites), each length-prefixed.
+pub fn call_digest(procedure: &str, payload: &[u8], headers: &[(String, String)]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"macula call digest v1\0");
+    h.update(&(procedure.len() as u64).to_le_bytes());
+    h.update(procedure.as_bytes());
+    h.update(&(payload.len() as u64).to_le_bytes());
+    h.update(payload);
+    for (k, v) in headers {
+        if crate::pubsub::is_hop_header(k) {
+            continue;
+        }
+        h.update(&(k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        h.update(&(v.len() as u64).to_le_bytes());
+        h.update(v.as_bytes());
+    }
+    *h.finalize().as_bytes()
 }
 
 /// A successful answer to CALL `id`.
@@ -176,6 +216,11 @@ impl RpcMessage {
             RpcMessage::Call(c) => {
                 if c.procedure.len() > MAX_WIRE_PROCEDURE_LEN {
                     return Err(format!("procedure name of {} bytes", c.procedure.len()));
+                }
+                if let Some(o) = &c.origin {
+                    if o.key.len() != 32 || o.sig.len() != 64 {
+                        return Err("origin key must be 32 bytes, its signature 64".into());
+                    }
                 }
                 check_headers(&c.headers)
             }

@@ -99,7 +99,7 @@ pub use macula_runtime::metrics::Metrics;
 pub use macula_runtime::peer::PingError;
 pub use macula_runtime::peer_addr::{parse_list as parse_peer_addrs, PeerAddrError};
 pub use macula_runtime::pubsub::{
-    Event, Overflow, PubSubError, PublishOptions, Subscription, SubscriptionItem, TopicName,
+    Event, Overflow, Proof, PubSubError, PublishOptions, Subscription, SubscriptionItem, TopicName,
 };
 pub use macula_runtime::rpc::{
     AdvertiseOptions, CallOptions, Handler, HandlerError, HandlerResult, ProviderInfo,

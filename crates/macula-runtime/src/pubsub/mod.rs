@@ -64,7 +64,7 @@ use macula_auth::Action as Perm;
 pub use crate::config::PEER_STALL_TIMEOUT;
 pub(crate) use client::Upstream;
 pub use macula_pubsub::{
-    Event, Overflow, PubSubError, PublishOptions, SubscriptionItem, TopicName,
+    Event, Overflow, Proof, PubSubError, PublishOptions, SubscriptionItem, TopicName,
 };
 pub(crate) use node::MeshLink;
 
@@ -206,6 +206,7 @@ pub(crate) fn config(
 ) -> Config {
     let mut c = Config::new(node_id, epoch, realm, CoreRole::Local, max_frame_size);
     c.limits = limits;
+    c.require_proof = limits.proofs;
     c.out.stall_timeout = Millis::from_duration(stall_timeout);
     c.interest.record_max = macula_dht::config::MAX_VALUE_LEN;
     c
@@ -795,6 +796,10 @@ impl PubSub {
                 tracing::debug!(peer = %from, reason = %reason, "closed a pub/sub data stream after bad input");
                 break;
             }
+            if let Some(why) = rx.unproved.take() {
+                // Counted in macula_pubsub_unproved_dropped; never delivered.
+                tracing::debug!(peer = %from, kind = why.kind(), error = %why, "dropped a pub/sub batch whose publisher is not proved");
+            }
             // A loss report's gaps go in before the events after them.
             self.tell_lagged(&mut rx);
             // Backpressure: a full subscription holds this stream (and so,
@@ -820,7 +825,7 @@ impl PubSub {
             c.dropped_slow_total.inc_by(dropped);
             if from_client {
                 // A gateway passes its client's messages on into the mesh.
-                self.forward_from_client(from, &frame.body, &rx.retrace)
+                self.forward_from_client(from, &frame.body, &rx.retrace, &rx.seals)
                     .await;
             }
             if !forwarding.is_empty() {

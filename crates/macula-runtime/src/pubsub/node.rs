@@ -197,6 +197,7 @@ impl PubSub {
         from: NodeId,
         body: &bytes::Bytes,
         retrace: &[(usize, String)],
+        seals: &[macula_pubsub::SealRef],
     ) {
         let Ok(view) = PublishBatchView::decode(body) else {
             return;
@@ -210,7 +211,7 @@ impl PubSub {
         }
         let now = self.0.now();
         let mut core = self.0.core();
-        core.forward_from_client(from, &view, body, &routes, retrace, now);
+        core.forward_from_client(from, &view, body, &routes, retrace, seals, now);
         self.after(core);
     }
 }

@@ -139,8 +139,14 @@ pub struct Request {
     pub procedure: String,
     pub payload: Bytes,
     pub headers: Vec<(String, String)>,
-    /// The calling node (this node's own ID for a local call).
+    /// The calling node (this node's own ID for a local call): the one
+    /// whose connection carried the call, which for a client's call is its
+    /// gateway.
     pub caller: NodeId,
+    /// The caller that made the call, proved by its signature, when
+    /// another node handed it over (a client's call through its gateway);
+    /// `None`: `caller` made it.
+    pub origin: Option<NodeId>,
     /// When the caller stops waiting. The handler's future is dropped at
     /// this point (and when the caller cancels).
     pub deadline: tokio::time::Instant,
@@ -247,6 +253,9 @@ pub struct CallBuilder {
     pub(super) payload: Bytes,
     pub(super) opts: CallOptions,
     pub(super) target: Option<NodeId>,
+    /// A forwarded call's originator proof, passed on unchanged (a
+    /// gateway calling for its client).
+    pub(super) origin: Option<macula_wire::rpc::CallOrigin>,
 }
 
 impl CallBuilder {

@@ -29,6 +29,7 @@ impl Rpc {
             payload: payload.into(),
             opts: CallOptions::default(),
             target: None,
+            origin: None,
         }
     }
 
@@ -194,6 +195,7 @@ impl Rpc {
             payload: b.payload.clone(),
             headers: b.opts.headers.clone(),
             caller: me,
+            origin: None,
             deadline: self.instant(deadline),
         };
         match run_handler(&self.0.counters, handler.as_ref(), req).await {
@@ -498,12 +500,20 @@ impl Driving<'_> {
         };
         self.probe = None;
         self.watch = Some(peer.clone());
+        // A forwarded call keeps its originator's proof; a client signs
+        // its own calls (PROTOCOL.md §5.4, "Proved callers").
+        let origin = b.origin.clone().or_else(|| {
+            b.rpc.0.signer.get().map(|k| {
+                macula_auth::origin::sign_call(k, &b.procedure, &b.payload, &b.opts.headers)
+            })
+        });
         let call = Message::Rpc(RpcMessage::Call(Call {
             id: wire_id,
             procedure: b.procedure.clone(),
             payload: b.payload.to_vec(),
             timeout_ms,
             headers: b.opts.headers.clone(),
+            origin,
         }));
         peer.touch();
         let sent = tokio::select! {

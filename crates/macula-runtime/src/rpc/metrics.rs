@@ -25,6 +25,8 @@ pub struct RpcCounters {
     pub cancelled_by_caller_total: Counter,
     pub not_found_total: Counter,
     pub unauthorized_total: Counter,
+    /// Calls refused because their originator's signature did not verify.
+    pub unproved_callers_total: Counter,
     pub serving: CountGauge,
     pub advertised: CountGauge,
     pub probes_failed_total: Counter,
@@ -141,6 +143,12 @@ impl RpcCounters {
             "macula_rpc_probes_failed",
             "Providers found dead by a liveness probe during a call.",
             self.probes_failed_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_unproved_callers",
+            "Calls refused (Unauthorized) because the signature of the caller that made them did not verify.",
+            self.unproved_callers_total.clone(),
         );
         register(
             r,

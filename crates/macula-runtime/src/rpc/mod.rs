@@ -88,6 +88,9 @@ struct Inner {
     duration_labels: Mutex<std::collections::HashSet<String>>,
     /// What this node's (or client's) own application may do.
     own: Option<Arc<crate::authz::Authz>>,
+    /// A client signs the calls it makes (their origin, PROTOCOL.md §5.4
+    /// "Proved callers"): its gateway hands them on.
+    signer: std::sync::OnceLock<ed25519_dalek::SigningKey>,
 }
 
 /// A node's RPC. Cheap to clone.
@@ -134,6 +137,11 @@ impl Rpc {
         own: Option<Arc<crate::authz::Authz>>,
     ) -> Rpc {
         Self::build(node_id, max_frame_size, limits, Role::Client(upstream), own)
+    }
+
+    /// Signs every call this (client's) RPC makes with `key` from now on.
+    pub(crate) fn sign_calls(&self, key: ed25519_dalek::SigningKey) {
+        let _ = self.0.signer.set(key);
     }
 
     /// The realm's permissions (a full node of a realm with an authority).
@@ -201,6 +209,7 @@ impl Rpc {
             durations: Family::new_with_constructor(metrics::duration_histogram),
             duration_labels: Mutex::new(std::collections::HashSet::new()),
             own,
+            signer: std::sync::OnceLock::new(),
         }))
     }
 

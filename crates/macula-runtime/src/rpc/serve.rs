@@ -70,6 +70,31 @@ impl Rpc {
     /// Starts serving `call` in its own task, or returns the refusal.
     pub(super) fn serve(&self, peer: &Peer, call: Call) -> Option<Message> {
         let c = &self.0.counters;
+        // A call another node hands over names its originator, proved by
+        // the originator's signature; one that does not verify is refused.
+        let origin = match &call.origin {
+            None => None,
+            Some(o) => {
+                match macula_auth::origin::verify_call(
+                    o,
+                    &call.procedure,
+                    &call.payload,
+                    &call.headers,
+                ) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        c.unproved_callers_total.inc();
+                        tracing::debug!(peer = %peer.node_id(), kind = e.kind(), "refused a call whose origin does not verify");
+                        return Some(Message::Rpc(RpcMessage::Error(CallError {
+                            id: call.id,
+                            kind: RpcErrorKind::Unauthorized,
+                            code: 0,
+                            message: format!("the call's caller is not proved: {e}"),
+                        })));
+                    }
+                }
+            }
+        };
         if let Some(d) = self.caller_denied(peer, &call.procedure) {
             c.unauthorized_total.inc();
             return Some(Message::Rpc(RpcMessage::Error(CallError {
@@ -117,6 +142,7 @@ impl Rpc {
                     payload: Bytes::from(call.payload),
                     headers: call.headers,
                     caller: peer.node_id(),
+                    origin: origin.filter(|o| *o != peer.node_id()),
                     deadline: self.instant(deadline),
                 };
                 let (id, rpc) = (call.id, self.clone());
@@ -151,6 +177,7 @@ impl Rpc {
                         .call(&call.procedure, call.payload)
                         .timeout(timeout.to_duration());
                     b.opts.headers = headers;
+                    b.origin = call.origin;
                     b.await
                         .map(|r| r.payload)
                         .map_err(|e| forwarded_error(id, &e))

@@ -1,0 +1,476 @@
+//! Proved publishers (PROTOCOL.md §5.3, "Proved publishers"): a client
+//! seals its batches, its gateway forwards the seal with each message (the
+//! digests of the ones a receiver does not get), receivers verify; a
+//! forwarded batch whose publisher is not proved is dropped and counted,
+//! never delivered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use macula_pubsub::{
+    segment_name, Action, BatchReceiver, Config, Event, InterestRecord, Millis, OutMsg, Patience,
+    Proof, PubSubCore, PublishOptions, Role, Route, RouteStep, Signer, Transmit,
+};
+use macula_wire::frame::FrameDecoder;
+use macula_wire::{BatchItem, NodeId, PublishBatchView};
+
+type Core = PubSubCore<u32, ()>;
+
+const REALM: &str = "r";
+
+fn key(b: u8) -> SigningKey {
+    SigningKey::from_bytes(&[b; 32])
+}
+
+fn id_of(k: &SigningKey) -> NodeId {
+    NodeId::from_public_key(k.verifying_key().as_bytes())
+}
+
+fn id(b: u8) -> NodeId {
+    id_of(&key(b))
+}
+
+fn node(me: u8) -> Core {
+    PubSubCore::new(Config::new(id(me), 100, REALM, Role::Node, 1 << 20))
+}
+
+fn client(me: u8, gateway: u8, sign: bool) -> Core {
+    let mut c = Config::new(id(me), 150, REALM, Role::Client, 1 << 20);
+    if sign {
+        c.signer = Some(Arc::new(Signer::new(key(me))));
+    }
+    let mut c = PubSubCore::new(c);
+    c.set_gateway(Some(id(gateway)));
+    c
+}
+
+fn actions(c: &mut Core) -> Vec<Action<()>> {
+    std::iter::from_fn(|| c.poll_action()).collect()
+}
+
+fn starts(c: &mut Core) -> Vec<(macula_pubsub::PeerRef, NodeId)> {
+    actions(c)
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start { peer, node, .. } => Some((*peer, *node)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Routes `topic` on `c` with `records` (segment, node, patterns) as the
+/// DHT's answer.
+fn route(c: &mut Core, records: &[(&str, u8, &str)], topic: &str) -> Arc<Route> {
+    let mut dht: HashMap<String, Vec<InterestRecord>> = HashMap::new();
+    for (seg, n, p) in records {
+        dht.entry(segment_name(REALM, seg))
+            .or_default()
+            .push(InterestRecord {
+                publisher: id(*n),
+                seq: 1,
+                value: p.as_bytes().to_vec(),
+            });
+    }
+    for _ in 0..4 {
+        let step = c.route(topic, Millis(0), Patience::Wait).unwrap();
+        let acts = actions(c);
+        match step {
+            RouteStep::Ready(r) => return r,
+            RouteStep::Wait { .. } => {
+                for a in &acts {
+                    if let Action::LookupInterest { name, .. } = a {
+                        let found = dht.get(name).cloned().unwrap_or_default();
+                        c.handle_interest_found(name, Ok(found), Millis(0));
+                    }
+                }
+            }
+        }
+    }
+    panic!("no route");
+}
+
+fn transmit(c: &mut Core, peer: macula_pubsub::PeerRef) -> Vec<Bytes> {
+    let mut msgs: Vec<OutMsg> = Vec::new();
+    let Transmit::Batch(b) = c.poll_transmit(peer, &mut msgs, Millis(0)) else {
+        return Vec::new();
+    };
+    let mut buf = Vec::new();
+    let encoded = b.encode(&mut buf, &msgs);
+    c.handle_written(peer, &b, &msgs, encoded, Millis(0));
+    let dec = FrameDecoder::new(b.frame_limit);
+    let mut frames = Vec::new();
+    let mut rest = &buf[..];
+    while let Some((f, used)) = dec.decode(rest).unwrap() {
+        if f.header.msg_type == macula_wire::MessageType::PublishBatch as u8 {
+            frames.push(Bytes::copy_from_slice(f.body));
+        }
+        rest = &rest[used..];
+    }
+    frames
+}
+
+fn receive(
+    to: &mut Core,
+    from: NodeId,
+    bodies: &[Bytes],
+    rx: &mut BatchReceiver<u32>,
+) -> Vec<Event> {
+    let mut got = Vec::new();
+    for b in bodies {
+        to.handle_batch(
+            from,
+            macula_wire::MessageType::PublishBatch as u8,
+            b,
+            rx,
+            Millis(1),
+        )
+        .unwrap();
+        rx.deliver(|_, e| got.append(e));
+    }
+    got
+}
+
+fn unproved(c: &Core) -> u64 {
+    c.counters().unproved_dropped_total.get()
+}
+
+/// A signing client (50) publishes `topics` through gateway 1; returns the
+/// gateway after it received and forwarded them (routes: node 2 wants
+/// `t.*`, node 3 wants `u.*`).
+fn client_through_gateway(topics: &[&str], sign: bool) -> Core {
+    let mut c = client(50, 1, sign);
+    for (i, t) in topics.iter().enumerate() {
+        c.publish_upstream(
+            t,
+            Bytes::from(format!("m{i}")),
+            PublishOptions {
+                headers: vec![("k".into(), format!("v{i}"))],
+                ..Default::default()
+            },
+            Millis(0),
+            &mut Vec::new(),
+        )
+        .unwrap();
+    }
+    let (q, to) = starts(&mut c)[0];
+    assert_eq!(to, id(1));
+    let bodies = transmit(&mut c, q);
+    assert_eq!(bodies[0][0], if sign { 2 } else { 1 }, "batch format");
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    let records = [("t", 2, "t.*"), ("u", 3, "u.*")];
+    for b in &bodies {
+        gw.handle_batch(
+            id(50),
+            macula_wire::MessageType::PublishBatch as u8,
+            b,
+            &mut rx,
+            Millis(1),
+        )
+        .unwrap();
+        let view = PublishBatchView::decode(b).unwrap();
+        let routes: Vec<_> = view
+            .topics
+            .iter()
+            .map(|t| Some(route(&mut gw, &records, t)))
+            .collect();
+        let seals = rx.seals.clone();
+        gw.forward_from_client(id(50), &view, b, &routes, &[], &seals, Millis(1));
+    }
+    gw
+}
+
+#[test]
+fn a_sealed_client_batch_is_proved_through_its_gateway_even_in_part() {
+    // Node 2 gets only the t.* messages: the others travel as digests.
+    let mut gw = client_through_gateway(&["t.a", "u.b", "t.c", "u.d", "u.e"], true);
+    let mut by_node: HashMap<NodeId, Vec<Bytes>> = HashMap::new();
+    for (q, to) in starts(&mut gw) {
+        by_node.insert(to, transmit(&mut gw, q));
+    }
+    for (n, want) in [(2u8, vec!["m0", "m2"]), (3, vec!["m1", "m3", "m4"])] {
+        let bodies = &by_node[&id(n)];
+        assert!(bodies.iter().all(|b| b[0] == 2), "forwarded sealed");
+        let mut b = node(n);
+        b.subscribe("**", 7).unwrap();
+        let got = receive(&mut b, id(1), bodies, &mut BatchReceiver::new(false));
+        let payloads: Vec<_> = got.iter().map(|e| e.payload.clone()).collect();
+        assert_eq!(
+            payloads,
+            want.iter()
+                .map(|s| Bytes::from(s.to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert!(got
+            .iter()
+            .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+        assert_eq!(unproved(&b), 0);
+    }
+}
+
+#[test]
+fn a_trace_context_rewritten_on_the_way_still_verifies() {
+    let mut c = client(50, 1, true);
+    c.publish_upstream(
+        "t.a",
+        Bytes::from_static(b"x"),
+        PublishOptions {
+            headers: vec![("traceparent".into(), "00-old".into())],
+            ..Default::default()
+        },
+        Millis(0),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    let (q, _) = starts(&mut c)[0];
+    let bodies = transmit(&mut c, q);
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    gw.handle_batch(
+        id(50),
+        macula_wire::MessageType::PublishBatch as u8,
+        &bodies[0],
+        &mut rx,
+        Millis(1),
+    )
+    .unwrap();
+    let view = PublishBatchView::decode(&bodies[0]).unwrap();
+    let r = route(&mut gw, &[("t", 2, "t.*")], "t.a");
+    let seals = rx.seals.clone();
+    gw.forward_from_client(
+        id(50),
+        &view,
+        &bodies[0],
+        &[Some(r)],
+        &[(0, "00-new".into())],
+        &seals,
+        Millis(1),
+    );
+    let (q, _) = starts(&mut gw)[0];
+    let fwd = transmit(&mut gw, q);
+    let mut b = node(2);
+    b.subscribe("t.*", 7).unwrap();
+    let got = receive(&mut b, id(1), &fwd, &mut BatchReceiver::new(false));
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].headers,
+        vec![("traceparent".to_string(), "00-new".to_string())]
+    );
+    assert_eq!(got[0].proof, Proof::Signed);
+}
+
+/// Encodes one batch naming `publisher`, sealed by `sealer` when given.
+fn forged(publisher: NodeId, sealer: Option<&SigningKey>, payload: &[u8]) -> Bytes {
+    let items = [BatchItem {
+        seq: 1,
+        topic_index: 0,
+        payload,
+        headers: &[],
+        message_id: None,
+    }];
+    let seals: Vec<_> = sealer
+        .map(|k| {
+            let d = macula_wire::event_digest(1, "t.a", b"signed", [], None);
+            Signer::new(k.clone()).seal(&publisher, 150, &[d])
+        })
+        .into_iter()
+        .collect();
+    let mut buf = Vec::new();
+    macula_wire::encode_sealed_batch_frame(
+        &mut buf,
+        1 << 20,
+        &publisher,
+        150,
+        &["t.a"],
+        items,
+        &seals,
+    )
+    .unwrap();
+    Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..])
+}
+
+#[test]
+fn a_forged_publisher_is_dropped_and_counted_never_delivered() {
+    let victim = id(50);
+    let cases: [(&str, Bytes); 4] = [
+        ("unsealed", forged(victim, None, b"signed")),
+        (
+            "sealed by the forwarder's own key",
+            forged(victim, Some(&key(1)), b"signed"),
+        ),
+        (
+            "payload changed after signing",
+            forged(victim, Some(&key(50)), b"forged"),
+        ),
+        ("genuine", forged(victim, Some(&key(50)), b"signed")),
+    ];
+    for (what, body) in cases {
+        let mut b = node(2);
+        b.subscribe("t.*", 7).unwrap();
+        let mut rx = BatchReceiver::new(false);
+        // Full node 1 forwards a batch naming node 50 as publisher.
+        let got = receive(&mut b, id(1), &[body], &mut rx);
+        if what == "genuine" {
+            assert_eq!(got.len(), 1, "{what}");
+            assert_eq!(got[0].proof, Proof::Signed);
+            assert_eq!(unproved(&b), 0);
+        } else {
+            assert!(got.is_empty(), "{what}: delivered");
+            assert_eq!(unproved(&b), 1, "{what}: counted");
+            assert!(rx.unproved.is_some(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn an_unsealed_client_batch_is_delivered_at_its_gateway_but_not_forwarded() {
+    let mut gw = client_through_gateway(&["t.a"], false);
+    assert!(starts(&mut gw).is_empty(), "nothing forwarded");
+    assert_eq!(unproved(&gw), 1);
+}
+
+#[test]
+fn own_batches_travel_unsealed_without_a_signer_and_prove_by_connection() {
+    let mut a = node(9);
+    let r = route(&mut a, &[("t", 2, "t.*")], "t.a");
+    a.publish_routed(
+        &r,
+        Bytes::from_static(b"x"),
+        PublishOptions::default(),
+        Millis(0),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    let (q, _) = starts(&mut a)[0];
+    let bodies = transmit(&mut a, q);
+    assert_eq!(bodies[0][0], 1);
+    let mut b = node(2);
+    b.subscribe("t.*", 7).unwrap();
+    let got = receive(&mut b, id(9), &bodies, &mut BatchReceiver::new(false));
+    assert_eq!(got[0].proof, Proof::Connection);
+}
+
+#[test]
+fn a_client_takes_unsealed_events_from_its_gateway_as_asserted() {
+    let mut c = client(50, 1, false);
+    c.subscribe("t.*", 7).unwrap();
+    let mut buf = Vec::new();
+    let items = [BatchItem {
+        seq: 1,
+        topic_index: 0,
+        payload: b"x",
+        headers: &[],
+        message_id: None,
+    }];
+    macula_wire::encode_batch_frame(&mut buf, 1 << 20, &id(9), 5, &["t.a"], items).unwrap();
+    let body = Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]);
+    let got = receive(&mut c, id(1), &[body], &mut BatchReceiver::new(false));
+    assert_eq!(got[0].proof, Proof::Asserted);
+    assert!(!got[0].proof.is_proved());
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever a client publishes, a gateway with any frame limit
+        /// toward node 2 forwards frames within that limit, every one of
+        /// them proves the client, and node 2 gets exactly the t.* ones in
+        /// order (none lost unless too large for the limit, and counted).
+        #[test]
+        fn forwarded_seals_fit_the_receiver_and_always_verify(
+            msgs in proptest::collection::vec((any::<bool>(), 0usize..300), 1..120),
+            limit in 1024u32..40_000,
+        ) {
+            let mut c = client(50, 1, true);
+            for (i, (t, len)) in msgs.iter().enumerate() {
+                let topic = if *t { "t.a" } else { "u.b" };
+                let mut p = vec![b'x'; *len];
+                p.extend_from_slice(format!("{i}").as_bytes());
+                c.publish_upstream(topic, Bytes::from(p), PublishOptions::default(), Millis(0), &mut Vec::new())
+                    .unwrap();
+            }
+            let (q, _) = starts(&mut c)[0];
+            let mut bodies = Vec::new();
+            loop {
+                let more = transmit(&mut c, q);
+                if more.is_empty() {
+                    break;
+                }
+                bodies.extend(more);
+            }
+            let mut gw = node(1);
+            let mut rx = BatchReceiver::new(true);
+            for b in &bodies {
+                gw.handle_batch(id(50), macula_wire::MessageType::PublishBatch as u8, b, &mut rx, Millis(1))
+                    .unwrap();
+                let view = PublishBatchView::decode(b).unwrap();
+                let routes: Vec<_> = view
+                    .topics
+                    .iter()
+                    .map(|t| Some(route(&mut gw, &[("t", 2, "t.*")], t)))
+                    .collect();
+                let seals = rx.seals.clone();
+                gw.forward_from_client(id(50), &view, b, &routes, &[], &seals, Millis(1));
+            }
+            // The receiver's HELLO announced `limit` (its queue exists now).
+            gw.handle_peer_up(&id(2), limit);
+            let mut fwd = Vec::new();
+            if let Some((q, _)) = starts(&mut gw).first().copied() {
+                loop {
+                    let more = transmit(&mut gw, q);
+                    if more.is_empty() {
+                        break;
+                    }
+                    fwd.extend(more);
+                }
+            }
+            for b in &fwd {
+                prop_assert!(b.len() <= limit as usize);
+                let view = PublishBatchView::decode(b).unwrap();
+                prop_assert!(macula_pubsub::proof::verify(&view).is_ok());
+            }
+            let mut b = node(2);
+            b.subscribe("t.*", 7).unwrap();
+            let got = receive(&mut b, id(1), &fwd, &mut BatchReceiver::new(false));
+            prop_assert_eq!(unproved(&b), 0);
+            let too_large = gw.counters().too_large_for_peer_total.get();
+            let want = msgs.iter().filter(|(t, _)| *t).count() as u64;
+            prop_assert_eq!(got.len() as u64 + too_large, want);
+            if limit >= 16_384 {
+                // A seal of at most OWN_SEAL_MAX messages fits.
+                prop_assert_eq!(too_large, 0);
+            }
+            prop_assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+        }
+
+        #[test]
+        fn mutated_sealed_batches_are_refused_or_verified_never_panic(
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let mut c = client(50, 1, true);
+            for i in 0..5 {
+                c.publish_upstream("t.a", Bytes::from(format!("m{i}")), PublishOptions::default(), Millis(0), &mut Vec::new())
+                    .unwrap();
+            }
+            let (q, _) = starts(&mut c)[0];
+            let mut body = transmit(&mut c, q)[0].to_vec();
+            let i = at.index(body.len());
+            let flipped = body[i] != byte;
+            body[i] = byte;
+            macula_pubsub::proof::fuzz_sealed_batch(&body);
+            if flipped {
+                // Any change of a signed byte is caught.
+                if let Ok(view) = PublishBatchView::decode(&body) {
+                    prop_assert!(macula_pubsub::proof::verify(&view).is_err(), "byte {} changed", i);
+                }
+            }
+        }
+    }
+}
