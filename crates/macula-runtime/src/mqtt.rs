@@ -1121,6 +1121,27 @@ impl Collector for MqttCollector {
     }
 }
 
+/// Writes `sessions` to `path` whole: a temporary file beside it, synced,
+/// then renamed over it.
+fn write_sessions(
+    path: &std::path::Path,
+    sessions: &[macula_mqtt::SavedSession],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    serde_json::to_writer(std::io::BufWriter::new(&mut f), sessions)?;
+    f.flush()?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1230,25 +1251,4 @@ mod tests {
             .unwrap_or(0);
         assert!(n <= 1, "closed after the DISCONNECT");
     }
-}
-
-/// Writes `sessions` to `path` whole: a temporary file beside it, synced,
-/// then renamed over it.
-fn write_sessions(
-    path: &std::path::Path,
-    sessions: &[macula_mqtt::SavedSession],
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    serde_json::to_writer(std::io::BufWriter::new(&mut f), sessions)?;
-    f.flush()?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
