@@ -417,12 +417,13 @@ mod tests {
             spans_lost(SpanLoss::ShutDown),
         );
         // The first span's export is held: 8 more wait, the rest are
-        // dropped (at least 100 - 1 - 8, the first may still be queued).
+        // dropped: 91, one more if the first was still queued, one more
+        // if the provider's resource was (it goes through the queue too).
         for _ in 0..100 {
             tracer.start("s").end();
         }
         let full = spans_lost(SpanLoss::QueueFull) - full0;
-        assert!((91..=92).contains(&full), "{full} dropped for a full queue");
+        assert!((91..=93).contains(&full), "{full} dropped for a full queue");
         open.send(()).unwrap();
         provider.force_flush().unwrap();
         assert_eq!(e.got.load(SeqCst), 100 - full);
