@@ -62,6 +62,10 @@ pub struct MqttArgs {
     /// Only the Macula node (no mosquitto).
     #[arg(long)]
     macula_only: bool,
+    /// Another `macula` binary to measure in the same run, after this one
+    /// (an older build: before and after a change, beside mosquitto).
+    #[arg(long, value_name = "BIN")]
+    baseline: Option<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -84,7 +88,7 @@ struct Figures {
 
 /// A broker child process, killed on drop.
 struct Broker {
-    name: &'static str,
+    name: String,
     addr: SocketAddr,
     child: tokio::process::Child,
     _dir: Option<tempfile::TempDir>,
@@ -121,8 +125,11 @@ async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
     bail!("nothing listens on {addr} after {START_TIMEOUT:?}")
 }
 
-async fn start_macula(dir: tempfile::TempDir) -> anyhow::Result<Broker> {
-    let exe = std::env::current_exe().context("cannot find the macula binary")?;
+async fn start_macula(
+    dir: tempfile::TempDir,
+    exe: std::path::PathBuf,
+    name: String,
+) -> anyhow::Result<Broker> {
     let port = free_port()?;
     let mqtt = format!("127.0.0.1:{port}");
     let mut child = tokio::process::Command::new(exe)
@@ -153,7 +160,7 @@ async fn start_macula(dir: tempfile::TempDir) -> anyhow::Result<Broker> {
     let addr: SocketAddr = mqtt.parse()?;
     wait_listening(addr).await?;
     Ok(Broker {
-        name: "macula",
+        name,
         addr,
         child,
         _dir: Some(dir),
@@ -183,7 +190,7 @@ async fn start_mosquitto(bin: &str) -> anyhow::Result<Broker> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     wait_listening(addr).await?;
     Ok(Broker {
-        name: "mosquitto",
+        name: "mosquitto".to_string(),
         addr,
         child,
         _dir: Some(dir),
@@ -401,7 +408,7 @@ async fn measure(b: &Broker, args: &MqttArgs) -> anyhow::Result<Figures> {
     let rtt = rtt(b, args.rtt_count, args.size).await?;
     let (before, after) = idle(b, args.idle).await?;
     Ok(Figures {
-        broker: b.name.to_string(),
+        broker: b.name.clone(),
         qos0_msgs_per_s: q0,
         qos0_received: r0,
         qos1_msgs_per_s: q1,
@@ -431,9 +438,15 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<()> {
     }
     crate::raise_fd_limit();
     let mut all = Vec::new();
-    let node = start_macula(tempfile::tempdir()?).await?;
+    let exe = std::env::current_exe().context("cannot find the macula binary")?;
+    let node = start_macula(tempfile::tempdir()?, exe, "macula".into()).await?;
     all.push(measure(&node, &args).await?);
     drop(node);
+    if let Some(bin) = &args.baseline {
+        let node = start_macula(tempfile::tempdir()?, bin.clone(), "baseline".into()).await?;
+        all.push(measure(&node, &args).await?);
+        drop(node);
+    }
     if !args.macula_only {
         let m = start_mosquitto(&args.mosquitto).await?;
         all.push(measure(&m, &args).await?);

@@ -138,19 +138,49 @@ struct Round {
     calls_per_s: f64,
     call_p50_us: f64,
     call_p99_us: f64,
+    /// CPU time of this process (both nodes, the exporter and the sink)
+    /// per publish of the throughput run, its export included: less
+    /// sensitive than throughput to what else runs on the machine.
+    publish_cpu_us: f64,
+    /// The same per call of the 32-caller run.
+    call_cpu_us: f64,
     spans_exported_bytes: u64,
+    /// Spans the exporter dropped (queue full, export failed).
+    spans_dropped: u64,
 }
 
 type Figure = fn(&Round) -> f64;
 
-const FIGURES: [(&str, Figure); 6] = [
+const FIGURES: [(&str, Figure); 8] = [
     ("publish_msgs_per_s", |r| r.publish_msgs_per_s),
+    ("publish_cpu_us", |r| r.publish_cpu_us),
     ("publish_p50_us", |r| r.publish_p50_us),
     ("publish_p99_us", |r| r.publish_p99_us),
     ("calls_per_s", |r| r.calls_per_s),
+    ("call_cpu_us", |r| r.call_cpu_us),
     ("call_p50_us", |r| r.call_p50_us),
     ("call_p99_us", |r| r.call_p99_us),
 ];
+
+/// CPU time this process has used (user and system), seconds.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage writes the struct it is given; zeroed is valid.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Spans the exporter dropped so far, for any reason.
+fn spans_dropped() -> u64 {
+    macula::trace::SpanLoss::ALL
+        .iter()
+        .map(|w| macula::trace::spans_lost(*w))
+        .sum()
+}
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -166,12 +196,14 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
     let limit = Duration::from_secs(30);
     let sink = SINK.get().context("no OTLP sink")?.clone();
     let before = sink.bytes.load(Relaxed);
+    let dropped_before = spans_dropped();
     let mut sub = b.subscribe("bench.**").await?;
     a.wait_for_subscribers("bench.t", Duration::from_secs(10))
         .await?;
     let payload = Bytes::from(vec![7u8; 64]);
     // Throughput.
     let n = args.messages;
+    let cpu = cpu_secs();
     let t = Instant::now();
     let reader = tokio::spawn(async move {
         let mut got = 0usize;
@@ -189,6 +221,10 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
     }
     let mut sub = reader.await??;
     let publish_msgs_per_s = n as f64 / t.elapsed().as_secs_f64();
+    // Their spans exported too (the CPU of the idle wait is the nodes'
+    // timers: the same in every mode).
+    quiesce(&sink).await;
+    let publish_cpu_us = (cpu_secs() - cpu) * 1e6 / n as f64;
     // Latency: one message in flight.
     let mut lat = Vec::with_capacity(args.latency_count);
     for _ in 0..args.latency_count {
@@ -207,7 +243,9 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
         })
         .await?;
     a.call("bench.echo", Bytes::from_static(b"warm")).await?;
+    quiesce(&sink).await;
     let left = Arc::new(AtomicUsize::new(args.calls));
+    let cpu = cpu_secs();
     let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
@@ -226,6 +264,8 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
         task.await??;
     }
     let calls_per_s = args.calls as f64 / t.elapsed().as_secs_f64();
+    quiesce(&sink).await;
+    let call_cpu_us = (cpu_secs() - cpu) * 1e6 / args.calls as f64;
     let mut clat = Vec::with_capacity(args.latency_count);
     for _ in 0..args.latency_count {
         let t = Instant::now();
@@ -245,7 +285,10 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
         calls_per_s,
         call_p50_us: pct(&clat, 0.5),
         call_p99_us: pct(&clat, 0.99),
+        publish_cpu_us,
+        call_cpu_us,
         spans_exported_bytes: sink.bytes.load(Relaxed) - before,
+        spans_dropped: spans_dropped() - dropped_before,
     })
 }
 
@@ -378,7 +421,11 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
                 .collect();
             let mut line = format!("  {name:<20}");
             for x in &v {
-                line.push_str(&format!(" {x:>12.1}"));
+                if name.ends_with("_cpu_us") {
+                    line.push_str(&format!(" {x:>12.3}"));
+                } else {
+                    line.push_str(&format!(" {x:>12.1}"));
+                }
             }
             for x in &v[1..] {
                 line.push_str(&format!(" {:>9.3}", x / v[0]));
@@ -395,6 +442,12 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             "{line} {} requests in all",
             sink.requests.load(Relaxed)
         )?;
+        let mut line = "  spans dropped by the exporter:".to_string();
+        for (m, (mode, _)) in MODES.iter().enumerate() {
+            let n: u64 = rounds[m].iter().map(|r| r.spans_dropped).sum();
+            line.push_str(&format!(" {mode} {n},"));
+        }
+        writeln!(out, "{}", line.trim_end_matches(','))?;
     }
     Ok(())
 }

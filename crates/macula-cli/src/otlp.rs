@@ -110,7 +110,7 @@ fn exporter(
 ) -> anyhow::Result<TraceGuard> {
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-    use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
     use std::time::Duration;
 
     let base =
@@ -128,18 +128,9 @@ fn exporter(
         .build()
         .map_err(|e| anyhow::anyhow!("--otlp {url}: {e}"))?;
     // Exported every 500 ms (short-lived commands flush at exit); up to
-    // 65,536 spans wait, past that the SDK drops them.
-    let batch = BatchConfigBuilder::default()
-        .with_scheduled_delay(Duration::from_millis(500))
-        .with_max_queue_size(65_536)
-        .with_max_export_batch_size(2_048)
-        .build();
+    // 65,536 spans wait, past that they are dropped and counted.
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(
-            BatchSpanProcessor::builder(exporter)
-                .with_batch_config(batch)
-                .build(),
-        )
+        .with_span_processor(Batcher::start(exporter, BATCHING)?)
         .with_sampler(macula::trace::Sampler)
         .with_resource(
             opentelemetry_sdk::Resource::builder()
@@ -191,5 +182,261 @@ impl opentelemetry_http::HttpClient for UreqClient {
         Ok(http::Response::builder()
             .status(status)
             .body(bytes::Bytes::from(body))?)
+    }
+}
+
+/// How [`Batcher`] batches.
+#[cfg(feature = "otlp")]
+#[derive(Debug, Clone, Copy)]
+struct Batching {
+    /// Spans waiting for export at most; past it they are dropped.
+    max_queue: usize,
+    /// Spans per export request at most.
+    max_batch: usize,
+    /// Longest a span waits for its batch.
+    delay: std::time::Duration,
+}
+
+#[cfg(feature = "otlp")]
+const BATCHING: Batching = Batching {
+    max_queue: 65_536,
+    max_batch: 2_048,
+    delay: std::time::Duration::from_millis(500),
+};
+
+#[cfg(feature = "otlp")]
+enum Job {
+    Span(Box<opentelemetry_sdk::trace::SpanData>),
+    Resource(opentelemetry_sdk::Resource),
+    Flush(std::sync::mpsc::SyncSender<()>),
+    Shutdown(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The span processor: ended spans wait in a bounded queue; one thread
+/// exports them in batches (`max_batch` or every `delay`). It does what the
+/// SDK's `BatchSpanProcessor` does, and counts what that one only logs:
+/// every span is exported or counted lost
+/// (`macula::trace::count_exported` / `count_lost`, the metrics
+/// `macula_trace_spans_exported_total` and
+/// `macula_trace_spans_dropped_total{reason}`).
+#[cfg(feature = "otlp")]
+#[derive(Debug)]
+struct Batcher {
+    tx: std::sync::mpsc::SyncSender<Job>,
+    worker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[cfg(feature = "otlp")]
+impl Batcher {
+    fn start<E>(exporter: E, b: Batching) -> anyhow::Result<Batcher>
+    where
+        E: opentelemetry_sdk::trace::SpanExporter + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(b.max_queue);
+        let worker = std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || export_loop(exporter, rx, b))?;
+        Ok(Batcher {
+            tx,
+            worker: std::sync::Mutex::new(Some(worker)),
+        })
+    }
+
+    /// Sends `job` and waits (at most `timeout`) for the worker's answer.
+    fn ask(
+        &self,
+        job: impl FnOnce(std::sync::mpsc::SyncSender<()>) -> Job,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        use opentelemetry_sdk::error::OTelSdkError;
+        let (done, answer) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .send(job(done))
+            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        answer
+            .recv_timeout(timeout)
+            .map_err(|_| OTelSdkError::Timeout(timeout))
+    }
+}
+
+#[cfg(feature = "otlp")]
+fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
+    mut exporter: E,
+    rx: std::sync::mpsc::Receiver<Job>,
+    b: Batching,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::Instant;
+    let mut batch = Vec::with_capacity(b.max_batch);
+    let mut due = Instant::now() + b.delay;
+    let export = |exporter: &E, batch: &mut Vec<_>| {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        match futures::executor::block_on(exporter.export(std::mem::take(batch))) {
+            Ok(()) => macula::trace::count_exported(n),
+            Err(e) => {
+                macula::trace::count_lost(macula::trace::SpanLoss::ExportFailed, n);
+                tracing::debug!(spans = n, error = %e, "OTLP export failed; spans dropped");
+            }
+        }
+    };
+    loop {
+        let wait = due.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Job::Span(s)) => {
+                batch.push(*s);
+                if batch.len() >= b.max_batch {
+                    export(&exporter, &mut batch);
+                }
+            }
+            Ok(Job::Resource(r)) => exporter.set_resource(&r),
+            Ok(Job::Flush(done)) => {
+                export(&exporter, &mut batch);
+                let _ = exporter.force_flush();
+                let _ = done.send(());
+            }
+            Ok(Job::Shutdown(done)) => {
+                export(&exporter, &mut batch);
+                let _ = exporter.shutdown();
+                let _ = done.send(());
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                export(&exporter, &mut batch);
+                return;
+            }
+        }
+        if Instant::now() >= due {
+            export(&exporter, &mut batch);
+            due = Instant::now() + b.delay;
+        }
+    }
+}
+
+#[cfg(feature = "otlp")]
+impl opentelemetry_sdk::trace::SpanProcessor for Batcher {
+    fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+        use std::sync::mpsc::TrySendError;
+        match self.tx.try_send(Job::Span(Box::new(span))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                macula::trace::count_lost(macula::trace::SpanLoss::QueueFull, 1)
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                macula::trace::count_lost(macula::trace::SpanLoss::ShutDown, 1)
+            }
+        }
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.ask(Job::Flush, std::time::Duration::from_secs(30))
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let worker = self.worker.lock().ok().and_then(|mut w| w.take());
+        let Some(worker) = worker else {
+            return Err(opentelemetry_sdk::error::OTelSdkError::AlreadyShutdown);
+        };
+        let r = self.ask(Job::Shutdown, timeout);
+        if r.is_ok() {
+            let _ = worker.join();
+        }
+        r
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        let _ = self.tx.send(Job::Resource(resource.clone()));
+    }
+}
+
+#[cfg(all(test, feature = "otlp"))]
+mod tests {
+    use super::*;
+    use macula::trace::{spans_exported, spans_lost, SpanLoss};
+    use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+    use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// An exporter that fails while `fail` is set, and holds its first
+    /// export until `gate` is released (so the queue fills behind it).
+    #[derive(Debug, Clone)]
+    struct TestExporter {
+        fail: Arc<AtomicBool>,
+        gate: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
+        got: Arc<AtomicU64>,
+    }
+
+    impl SpanExporter for TestExporter {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some(g) = gate {
+                let _ = g.recv_timeout(Duration::from_secs(30));
+            }
+            if self.fail.load(SeqCst) {
+                return Err(OTelSdkError::InternalFailure("collector down".into()));
+            }
+            self.got.fetch_add(batch.len() as u64, SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Every span is exported or counted dropped, with its reason: a full
+    /// queue behind a stuck export, a failed export.
+    #[test]
+    fn every_span_is_exported_or_counted_dropped() {
+        let (open, gate) = std::sync::mpsc::channel();
+        let e = TestExporter {
+            fail: Arc::new(AtomicBool::new(false)),
+            gate: Arc::new(Mutex::new(Some(gate))),
+            got: Arc::new(AtomicU64::new(0)),
+        };
+        let b = Batching {
+            max_queue: 8,
+            max_batch: 1,
+            delay: Duration::from_millis(10),
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(Batcher::start(e.clone(), b).unwrap())
+            .build();
+        let tracer = provider.tracer("test");
+        let (exported0, full0, failed0, shut0) = (
+            spans_exported(),
+            spans_lost(SpanLoss::QueueFull),
+            spans_lost(SpanLoss::ExportFailed),
+            spans_lost(SpanLoss::ShutDown),
+        );
+        // The first span's export is held: 8 more wait, the rest are
+        // dropped: 91, one more if the first was still queued, one more
+        // if the provider's resource was (it goes through the queue too).
+        for _ in 0..100 {
+            tracer.start("s").end();
+        }
+        let full = spans_lost(SpanLoss::QueueFull) - full0;
+        assert!((91..=93).contains(&full), "{full} dropped for a full queue");
+        open.send(()).unwrap();
+        provider.force_flush().unwrap();
+        assert_eq!(e.got.load(SeqCst), 100 - full);
+        assert_eq!(spans_exported() - exported0, 100 - full);
+        // The collector refuses: counted as export_failed.
+        e.fail.store(true, SeqCst);
+        for _ in 0..5 {
+            tracer.start("s").end();
+        }
+        provider.force_flush().unwrap();
+        assert_eq!(spans_lost(SpanLoss::ExportFailed) - failed0, 5);
+        assert_eq!(spans_exported() - exported0, 100 - full);
+        provider.shutdown().unwrap();
+        assert_eq!(spans_lost(SpanLoss::ShutDown), shut0);
     }
 }

@@ -16,7 +16,9 @@
 //! on reconnect, in order, then the queue) until it expires
 //! (`Limits::session_expiry_max` at most) or a clean connect replaces it.
 //! Sessions live in this process's memory: they survive a client's
-//! reconnect to the same node, not a node restart.
+//! reconnect to the same node. For a node restart the runtime saves the
+//! persistent ones (`saved_sessions`, `changes` says when) and gives them
+//! back to the next process (`restore`).
 //!
 //! Flow control towards a client: at most `min(max_inflight, the client's
 //! receive maximum)` QoS 1 messages wait for PUBACK; behind them at most
@@ -390,6 +392,62 @@ pub struct Stats {
     pub subscriptions_refused: u64,
 }
 
+/// A persistent session as it is kept across a node restart
+/// (`Broker::saved_sessions`, `Broker::restore`): MQTT topics and filters,
+/// nothing of the process that saved it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SavedSession {
+    pub client_id: String,
+    /// Topic filters (MQTT) and their granted QoS.
+    pub subs: Vec<(String, u8)>,
+    /// Sent and not acknowledged: packet ID and message, in send order
+    /// (sent again with DUP when the client comes back).
+    pub inflight: Vec<(u16, SavedMsg)>,
+    /// Waiting behind them.
+    pub queue: Vec<SavedMsg>,
+    pub next_pid: u16,
+    /// The session's expiry interval, milliseconds.
+    pub expiry_ms: u64,
+    /// Time it had left when saved (milliseconds); a session connected then
+    /// has its whole expiry.
+    pub left_ms: u64,
+}
+
+/// A message of a [`SavedSession`] (MQTT topic).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SavedMsg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+impl From<&Msg> for SavedMsg {
+    fn from(m: &Msg) -> SavedMsg {
+        SavedMsg {
+            topic: m.topic.clone(),
+            payload: m.payload.to_vec(),
+            qos: m.qos,
+            retain: m.retain,
+        }
+    }
+}
+
+impl From<SavedMsg> for Msg {
+    fn from(m: SavedMsg) -> Msg {
+        Msg {
+            topic: m.topic,
+            payload: Bytes::from(m.payload),
+            qos: m.qos.min(1),
+            retain: m.retain,
+        }
+    }
+}
+
+/// A restored session's subscriptions, for the runtime to subscribe in the
+/// mesh: (filter, mesh pattern, QoS).
+pub type RestoredSubs = Vec<(String, Pattern, u8)>;
+
 struct Session {
     id: SessionId,
     client_id: String,
@@ -414,7 +472,9 @@ struct Conn {
     out: VecDeque<Out>,
     window: u16,
     client_max_packet: u32,
-    will: Option<Will>,
+    /// Boxed: most clients have none, and an idle connection then carries
+    /// a pointer, not a whole will.
+    will: Option<Box<Will>>,
     closing: bool,
 }
 
@@ -434,6 +494,8 @@ pub struct Broker {
     clients: usize,
     /// Changes whenever queue room may have appeared.
     room: u64,
+    /// Changes whenever a persistent session changed (what is saved).
+    changes: u64,
 }
 
 impl std::fmt::Debug for Broker {
@@ -459,6 +521,7 @@ impl Broker {
             stats: Stats::default(),
             clients: 0,
             room: 0,
+            changes: 0,
         }
     }
 
@@ -496,6 +559,102 @@ impl Broker {
     /// Changes whenever room may have appeared in a client queue.
     pub fn room_generation(&self) -> u64 {
         self.room
+    }
+
+    /// Changes whenever what `saved_sessions` returns may have changed.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Every persistent session (connected or not), as a node restart
+    /// keeps it: a connected one gets its whole expiry from now.
+    pub fn saved_sessions(&self, now: Millis) -> Vec<SavedSession> {
+        let mut v: Vec<SavedSession> = self
+            .sessions
+            .values()
+            .filter(|s| s.expiry > Millis::ZERO)
+            .map(|s| SavedSession {
+                client_id: s.client_id.clone(),
+                subs: s.subs.iter().map(|(f, _, q)| (f.clone(), *q)).collect(),
+                inflight: s.inflight.iter().map(|(p, m)| (*p, m.into())).collect(),
+                queue: s.queue.iter().map(SavedMsg::from).collect(),
+                next_pid: s.next_pid,
+                expiry_ms: s.expiry.0,
+                left_ms: match (s.conn, s.expires_at) {
+                    (None, Some(t)) => t.0.saturating_sub(now.0),
+                    _ => s.expiry.0,
+                },
+            })
+            .collect();
+        v.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        v
+    }
+
+    /// Takes back sessions a previous process saved, disconnected, each
+    /// expiring after the time it had left. Each is checked against this
+    /// node's limits: a client ID already in use, an expired one, or one
+    /// past `max_sessions` is left out; filters that are invalid or past
+    /// `max_subscriptions` are dropped, as are messages past `max_inflight`
+    /// and `queue_len`. Returns each restored session with the
+    /// subscriptions to make in the mesh.
+    pub fn restore(
+        &mut self,
+        saved: Vec<SavedSession>,
+        now: Millis,
+    ) -> Vec<(SessionId, RestoredSubs)> {
+        let mut out = Vec::new();
+        for mut x in saved {
+            let expiry = Millis(x.expiry_ms).min(self.limits.session_expiry_max);
+            let left = Millis(x.left_ms).min(expiry);
+            if x.client_id.is_empty()
+                || expiry == Millis::ZERO
+                || left == Millis::ZERO
+                || self.by_client.contains_key(&x.client_id)
+                || self.sessions.len() >= self.limits.max_sessions
+            {
+                continue;
+            }
+            let mut subs: RestoredSubs = Vec::new();
+            for (f, q) in x.subs {
+                if subs.len() >= self.limits.max_subscriptions
+                    || subs.iter().any(|(g, _, _)| *g == f)
+                {
+                    continue;
+                }
+                if let Ok(p) = filter_to_mesh(&f) {
+                    subs.push((f, p, q.min(1)));
+                }
+            }
+            x.inflight.truncate(usize::from(self.limits.max_inflight));
+            x.queue.truncate(self.limits.queue_len);
+            let mut inflight: VecDeque<(u16, Msg)> = VecDeque::new();
+            for (pid, m) in x.inflight {
+                if pid != 0 && m.qos > 0 && !inflight.iter().any(|(p, _)| *p == pid) {
+                    inflight.push_back((pid, m.into()));
+                }
+            }
+            let sid = self.next_session;
+            self.next_session += 1;
+            self.by_client.insert(x.client_id.clone(), sid);
+            self.sessions.insert(
+                sid,
+                Box::new(Session {
+                    id: sid,
+                    client_id: x.client_id,
+                    conn: None,
+                    subs: subs.clone(),
+                    queue: x.queue.into_iter().map(Msg::from).collect(),
+                    inflight,
+                    next_pid: x.next_pid.max(1),
+                    qos2_in: Vec::new(),
+                    expiry,
+                    expires_at: Some(now.saturating_add(left)),
+                }),
+            );
+            self.changes += 1;
+            out.push((sid, subs));
+        }
+        out
     }
 
     /// Counts a refusal the runtime decided (credentials, permissions).
@@ -619,12 +778,13 @@ impl Broker {
                 out,
                 window,
                 client_max_packet: c.max_packet_size.unwrap_or(u32::MAX),
-                will: c.will,
+                will: c.will.map(Box::new),
                 closing: false,
             }),
         );
         self.clients += 1;
         self.stats.connects += 1;
+        self.changes += 1;
         Ok(sid)
     }
 
@@ -649,6 +809,9 @@ impl Broker {
 
     fn end_session(&mut self, sid: SessionId) {
         if let Some(s) = self.sessions.remove(&sid) {
+            if s.expiry > Millis::ZERO {
+                self.changes += 1;
+            }
             if self.by_client.get(&s.client_id) == Some(&sid) {
                 self.by_client.remove(&s.client_id);
             }
@@ -683,7 +846,7 @@ impl Broker {
             self.events.push_back(Event::Close(conn));
         }
         if let Some(will) = will {
-            self.publish_will(will);
+            self.publish_will(*will);
         }
         if let Some(sid) = sid {
             let end = match self.sessions.get_mut(&sid) {
@@ -693,6 +856,7 @@ impl Broker {
                         true
                     } else {
                         s.expires_at = Some(now.saturating_add(s.expiry));
+                        self.changes += 1;
                         false
                     }
                 }
@@ -794,7 +958,7 @@ impl Broker {
         if with_will {
             // detach(Normal) publishes no will: send it here.
             if let Some(w) = self.conns.get_mut(&conn).and_then(|c| c.will.take()) {
-                self.publish_will(w);
+                self.publish_will(*w);
             }
         }
     }
@@ -980,6 +1144,9 @@ impl Broker {
             if let Some(i) = s.inflight.iter().position(|(p, _)| *p == id) {
                 s.inflight.remove(i);
                 self.room += 1;
+                if s.expiry > Millis::ZERO {
+                    self.changes += 1;
+                }
             }
         }
     }
@@ -1046,6 +1213,7 @@ impl Broker {
                     s.subs.retain(|(f, _, _)| *f != p.filter);
                     replay.push((pattern.clone(), p.qos));
                     s.subs.push((p.filter, pattern, p.qos));
+                    self.changes += 1;
                 }
                 Err(code) => {
                     if code != SubCode::FilterInvalid && code != SubCode::Quota {
@@ -1091,6 +1259,7 @@ impl Broker {
             for f in filters {
                 let before = s.subs.len();
                 s.subs.retain(|(x, _, _)| x != f);
+                self.changes += 1;
                 let hit = s.subs.len() < before;
                 found.push(hit);
                 if hit {
@@ -1137,6 +1306,9 @@ impl Broker {
             return Delivery::Full;
         }
         s.queue.push_back(msg);
+        if s.expiry > Millis::ZERO {
+            self.changes += 1;
+        }
         if let Some(conn) = s.conn {
             if s.queue.len() == 1 {
                 self.events.push_back(Event::Wake(conn));
@@ -1167,6 +1339,9 @@ impl Broker {
             }
             let msg = s.queue.pop_front()?;
             self.room += 1;
+            if s.expiry > Millis::ZERO {
+                self.changes += 1;
+            }
             // 5.0 packet overhead at most: header, length, topic length,
             // packet ID, properties length.
             let size = msg.topic.len() + msg.payload.len() + 12;

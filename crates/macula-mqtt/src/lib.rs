@@ -17,7 +17,8 @@ pub mod topic;
 
 pub use broker::{
     AckCode, Broker, ConnId, Connect, Delivery, Event, Forward, Limits, Msg, Out, Outcome, Planned,
-    Publish, Reason, Refusal, SessionId, Stats, SubCode, Version, Will,
+    Publish, Reason, Refusal, RestoredSubs, SavedMsg, SavedSession, SessionId, Stats, SubCode,
+    Version, Will,
 };
 pub use codec::{Codec, In, ServerInfo};
 pub use macula_wire::Millis;

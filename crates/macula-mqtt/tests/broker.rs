@@ -178,6 +178,134 @@ fn qos1_window_queue_and_redelivery_on_reconnect() {
     assert_eq!(b.stats().redelivered, 2);
 }
 
+/// A persistent session saved by one broker and restored by another (a
+/// node restart): subscriptions, the unacknowledged QoS 1 message (sent
+/// again with DUP), the queue, the time left; `changes` moves when saved
+/// state moves; clean sessions are not saved; the new broker's limits
+/// apply to what it takes back.
+#[test]
+fn persistent_sessions_are_saved_and_restored() {
+    let mut b = Broker::new(small());
+    b.connect(1, Version::V3, connect("keep", false), ms(0))
+        .unwrap();
+    b.connect(2, Version::V3, connect("clean", true), ms(0))
+        .unwrap();
+    drain(&mut b, 1);
+    let c0 = b.changes();
+    assert_eq!(sub(&mut b, 1, "jobs/#", 1), vec![SubCode::Granted(1)]);
+    assert_ne!(b.changes(), c0, "a subscription is saved state");
+    let sid = b.session_of(1).unwrap();
+    for p in ["a", "b", "c"] {
+        b.deliver(sid, "jobs.x", Bytes::from(p), 1);
+    }
+    // Window 2: a and b in flight, c queued; a acknowledged.
+    assert_eq!(publishes(&drain(&mut b, 1)).len(), 2);
+    b.puback(1, 1);
+    let c1 = b.changes();
+    b.closed(1, ms(1000));
+    assert_ne!(b.changes(), c1);
+    let saved = b.saved_sessions(ms(1000));
+    assert_eq!(saved.len(), 1, "only the persistent session: {saved:?}");
+    let s = &saved[0];
+    assert_eq!(s.client_id, "keep");
+    assert_eq!(s.subs, vec![("jobs/#".to_string(), 1)]);
+    assert_eq!(s.inflight.len(), 1);
+    assert_eq!(s.inflight[0].1.payload, b"b");
+    assert_eq!(s.queue.len(), 1);
+    assert_eq!(s.left_ms, Limits::default().session_expiry_max.0);
+
+    // The next process: a fresh broker, its clock starting again.
+    let mut r = Broker::new(small());
+    let restored = r.restore(saved.clone(), ms(5));
+    assert_eq!(restored.len(), 1);
+    assert_eq!(restored[0].1[0].0, "jobs/#");
+    assert_eq!(restored[0].1[0].1.as_str(), "jobs.**");
+    assert_eq!(r.saved_sessions(ms(5)), saved, "restored as saved");
+    // Messages keep arriving for it while its client is away.
+    r.deliver(restored[0].0, "jobs.y", Bytes::from("d"), 1);
+    let c = r.connect(7, Version::V3, connect("keep", false), ms(10));
+    assert_eq!(c, Ok(restored[0].0));
+    let outs = drain(&mut r, 7);
+    assert_eq!(
+        outs[0],
+        Out::ConnAck {
+            session_present: true,
+            assigned_client_id: None
+        }
+    );
+    assert_eq!(
+        publishes(&outs),
+        vec![
+            ("b".to_string(), Some(2), true),
+            ("c".to_string(), Some(3), false)
+        ]
+    );
+    r.puback(7, 2);
+    r.puback(7, 3);
+    assert_eq!(
+        publishes(&drain(&mut r, 7)),
+        vec![("d".to_string(), Some(4), false)]
+    );
+
+    // Expired, duplicate, empty or unusable entries are left out; limits
+    // of the new broker cut what is too much.
+    let mut r = Broker::new(small());
+    let big = SavedSession {
+        client_id: "big".into(),
+        subs: vec![
+            ("a/+".into(), 2),
+            ("a/+".into(), 1),
+            ("bad/#/x".into(), 1),
+            ("b".into(), 0),
+            ("c".into(), 0),
+        ],
+        inflight: (1..=5)
+            .map(|p| {
+                (
+                    p,
+                    SavedMsg {
+                        topic: "a/b".into(),
+                        payload: vec![1],
+                        qos: 1,
+                        retain: false,
+                    },
+                )
+            })
+            .collect(),
+        queue: vec![SavedMsg::default(); 10],
+        next_pid: 0,
+        expiry_ms: 60_000,
+        left_ms: 120_000,
+    };
+    let gone = SavedSession {
+        client_id: "gone".into(),
+        expiry_ms: 60_000,
+        left_ms: 0,
+        ..SavedSession::default()
+    };
+    let anonymous = SavedSession {
+        expiry_ms: 60_000,
+        left_ms: 10,
+        ..SavedSession::default()
+    };
+    let restored = r.restore(vec![big.clone(), big, gone, anonymous], ms(0));
+    assert_eq!(restored.len(), 1);
+    let subs: Vec<(&str, u8)> = restored[0]
+        .1
+        .iter()
+        .map(|(f, _, q)| (f.as_str(), *q))
+        .collect();
+    assert_eq!(subs, vec![("a/+", 1), ("b", 0)], "limit 2, invalid dropped");
+    let s = &r.saved_sessions(ms(0))[0];
+    assert_eq!((s.inflight.len(), s.queue.len()), (2, 3));
+    assert_eq!(s.left_ms, 60_000, "never more than its expiry");
+    assert_eq!(s.next_pid, 1);
+    // It expires after its time left, counted like any other.
+    r.expire(ms(60_000));
+    assert_eq!(r.sessions(), 0);
+    assert_eq!(r.stats().sessions_expired, 1);
+}
+
 #[test]
 fn full_queue_drops_qos0_and_holds_qos1() {
     let mut b = Broker::new(small());

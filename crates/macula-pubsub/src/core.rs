@@ -1232,6 +1232,29 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         self.out.len()
     }
 
+    /// Whether any client feed (a gateway's client) subscribes to `topic`:
+    /// a message on it is forwarded to a client (tracing names that hop).
+    pub fn feeds_topic(&mut self, topic: &str) -> bool {
+        if self.local.feeds.is_empty() {
+            return false;
+        }
+        let Ok(topic) = Topic::new(topic) else {
+            return false;
+        };
+        let ids = self.local.matches(&topic);
+        ids.iter().any(|id| {
+            matches!(
+                self.local.subs.get(id).map(|s| &s.target),
+                Some(Target::Feed(_))
+            )
+        })
+    }
+
+    /// Whether this node has client feeds at all (it is a gateway).
+    pub fn has_feeds(&self) -> bool {
+        !self.local.feeds.is_empty()
+    }
+
     /// How full every bounded table is (for gauges and tests).
     pub fn sizes(&self) -> Sizes {
         let (interest_entries, routes, remembered_puts) = match &self.role {

@@ -549,6 +549,7 @@ pub fn registry(node: &NodeRuntime) -> Registry {
         streams: node.streams().clone(),
     }));
     node.admin_auth().register(&mut registry);
+    crate::trace::register(&mut registry);
     if let Some(mqtt) = node.mqtt() {
         mqtt.register(&mut registry);
     }

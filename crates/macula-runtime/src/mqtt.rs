@@ -14,6 +14,16 @@
 //! mesh accepts is slowed by TCP, not buffered. One pump task per
 //! subscription of a session (while the session lives, connected or not).
 //!
+//! Persistent sessions across a node restart: with a data directory (and
+//! no realm authority: a restored session has no credentials until its
+//! client comes back), the persistent sessions (subscriptions, queued and
+//! unacknowledged messages, time left) are written to
+//! `<data dir>/mqtt-sessions.json` (whole, to a temporary file then
+//! renamed) at most once a second while they change, and at shutdown;
+//! the next start takes them back (`Broker::restore`) and subscribes them
+//! in the mesh again before the listener accepts anyone. A file that does
+//! not parse is left as it is (renamed `.broken`) and counted.
+//!
 //! Credentials: in a realm with an authority the CONNECT's password is an
 //! API key of the node's `--api-keys` file (username free, logged), checked
 //! like a QUIC client's (`ApiKeyGate::admit`: failure limits, the grant
@@ -26,6 +36,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -82,7 +93,16 @@ struct Counters {
     no_connect: Counter,
     /// TLS handshakes that failed.
     tls_failed: Counter,
+    /// Persistent sessions taken back at start.
+    restored: Counter,
+    /// Saves of the persistent sessions that failed (and unreadable files).
+    save_failed: Counter,
 }
+
+/// The file persistent sessions are kept in, in the data directory.
+pub const SESSIONS_FILE: &str = "mqtt-sessions.json";
+/// How often persistent sessions are written while they change.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 struct Inner {
     core: Mutex<Broker>,
@@ -93,8 +113,9 @@ struct Inner {
     /// BLAKE3 of `username:password`, for constant-time comparison.
     users: Vec<blake3::Hash>,
     info: ServerInfo,
-    /// Connected clients' wake-ups.
-    conns: Mutex<HashMap<ConnId, Arc<Notify>>>,
+    /// Connected clients' wake-ups (no allocation of their own: the
+    /// connection task's waker, kept here while it waits).
+    conns: Mutex<HashMap<ConnId, Wake>>,
     /// Each session's pumps, by filter.
     pumps: Mutex<HashMap<SessionId, HashMap<String, tokio::task::AbortHandle>>>,
     /// Notified when client queues may have room (pumps waiting on it).
@@ -102,6 +123,19 @@ struct Inner {
     next_conn: AtomicU64,
     counters: Counters,
     local_addr: SocketAddr,
+    /// `<data dir>/mqtt-sessions.json`, when sessions are kept across
+    /// restarts.
+    store: Option<std::path::PathBuf>,
+    /// The core's `changes()` last written (one writer at a time).
+    saved: tokio::sync::Mutex<Option<u64>>,
+}
+
+/// A connected client's wake-up: its task's waker while it waits, and a
+/// wake-up it has not taken yet (as `Notify::notify_one` keeps a permit).
+#[derive(Default)]
+struct Wake {
+    waker: Option<Waker>,
+    pending: bool,
 }
 
 /// A running MQTT listener. Cheap to clone.
@@ -126,6 +160,8 @@ pub(crate) struct Parts {
     pub gate: Option<Arc<ApiKeyGate>>,
     /// TLS on the listener.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The node's data directory (persistent sessions are kept there).
+    pub dir: Option<std::path::PathBuf>,
 }
 
 /// Who a connection is, for the realm's permissions.
@@ -148,7 +184,12 @@ impl Bridge {
             authz,
             gate,
             tls,
+            dir,
         } = parts;
+        let store = match (&authz, dir) {
+            (None, Some(d)) => Some(d.join(SESSIONS_FILE)),
+            _ => None,
+        };
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| MqttError::Bind {
@@ -181,7 +222,10 @@ impl Bridge {
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
             local_addr,
+            store,
+            saved: tokio::sync::Mutex::new(None),
         }));
+        bridge.0.restore().await;
         tracing::info!(listen = %local_addr, tls = tls.is_some(), "MQTT listener started");
         tokio::spawn(accept_loop(
             Arc::downgrade(&bridge.0),
@@ -196,6 +240,12 @@ impl Bridge {
     /// The listener's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.0.local_addr
+    }
+
+    /// Ends every connection (5.0 clients get DISCONNECT 0x8B) and writes
+    /// the persistent sessions (the node shuts down).
+    pub(crate) async fn shutdown(&self) {
+        self.0.close_all().await;
     }
 
     /// Registers `macula_mqtt_*` in the node's registry.
@@ -253,6 +303,7 @@ async fn accept_loop(
 }
 
 async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
+    let mut last_save = std::time::Instant::now();
     loop {
         let stop = tokio::select! {
             _ = tokio::time::sleep(EXPIRY_TICK) => false,
@@ -262,12 +313,7 @@ async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
             return;
         };
         if stop {
-            // Every connection writes its DISCONNECT (0x8B) and closes.
-            inner
-                .core
-                .lock()
-                .close_all(Reason::ShuttingDown, inner.clock.now());
-            inner.after();
+            inner.close_all().await;
             return;
         }
         let now = inner.clock.now();
@@ -277,10 +323,124 @@ async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
             core.expire(now);
         }
         inner.after();
+        if last_save.elapsed() >= SAVE_EVERY {
+            last_save = std::time::Instant::now();
+            inner.save().await;
+        }
     }
 }
 
 impl Inner {
+    /// Every connection writes its DISCONNECT (0x8B) and closes; the
+    /// persistent sessions are written.
+    async fn close_all(self: &Arc<Self>) {
+        self.core
+            .lock()
+            .close_all(Reason::ShuttingDown, self.clock.now());
+        self.after();
+        self.save().await;
+    }
+
+    /// Writes the persistent sessions if they changed since the last
+    /// write (whole file: a temporary one, synced, then renamed).
+    async fn save(self: &Arc<Self>) {
+        let Some(path) = self.store.clone() else {
+            return;
+        };
+        let mut saved = self.saved.lock().await;
+        let (changes, sessions) = {
+            let core = self.core.lock();
+            if *saved == Some(core.changes()) {
+                return;
+            }
+            (core.changes(), core.saved_sessions(self.clock.now()))
+        };
+        let n = sessions.len();
+        let wrote = tokio::task::spawn_blocking(move || write_sessions(&path, &sessions)).await;
+        match wrote {
+            Ok(Ok(())) => *saved = Some(changes),
+            Ok(Err(e)) => {
+                self.counters.save_failed.inc();
+                tracing::warn!(error = %e, sessions = n, "MQTT sessions not saved");
+            }
+            Err(e) => {
+                self.counters.save_failed.inc();
+                tracing::warn!(error = %e, "MQTT sessions not saved");
+            }
+        }
+    }
+
+    /// Takes back the persistent sessions a previous process saved, and
+    /// subscribes them in the mesh.
+    async fn restore(self: &Arc<Self>) {
+        let Some(path) = self.store.clone() else {
+            return;
+        };
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                self.counters.save_failed.inc();
+                tracing::warn!(file = %path.display(), error = %e, "MQTT sessions not read");
+                return;
+            }
+        };
+        let saved: Vec<macula_mqtt::SavedSession> = match serde_json::from_slice(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                self.counters.save_failed.inc();
+                let broken = path.with_extension("json.broken");
+                tracing::warn!(file = %path.display(), moved_to = %broken.display(), error = %e, "MQTT sessions file does not parse; kept aside, not restored");
+                let _ = std::fs::rename(&path, &broken);
+                return;
+            }
+        };
+        let offered = saved.len();
+        let restored = self.core.lock().restore(saved, self.clock.now());
+        self.counters.restored.inc_by(restored.len() as u64);
+        tracing::info!(
+            sessions = restored.len(),
+            offered,
+            "MQTT persistent sessions restored"
+        );
+        for (sid, subs) in restored {
+            for (filter, pattern, qos) in subs {
+                self.start_pump(sid, filter, &pattern, qos).await;
+            }
+        }
+        *self.saved.lock().await = None;
+    }
+
+    /// Subscribes session `sid`'s `filter` in the mesh and starts its pump;
+    /// false if the mesh refused.
+    async fn start_pump(
+        self: &Arc<Self>,
+        sid: SessionId,
+        filter: String,
+        pattern: &macula_pubsub::Pattern,
+        qos: u8,
+    ) -> bool {
+        match self.pubsub.subscribe_mesh(pattern.as_str()).await {
+            Ok(sub) => {
+                let task = tokio::spawn(pump(Arc::downgrade(self), sid, qos, sub));
+                let old = self
+                    .pumps
+                    .lock()
+                    .entry(sid)
+                    .or_default()
+                    .insert(filter, task.abort_handle());
+                if let Some(old) = old {
+                    old.abort();
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!(filter, error = %e, "MQTT subscription refused by the mesh");
+                false
+            }
+        }
+    }
+
     /// Does what the core asked for (outside its lock).
     fn after(self: &Arc<Self>) {
         loop {
@@ -288,11 +448,7 @@ impl Inner {
                 return;
             };
             match ev {
-                Event::Wake(c) | Event::Close(c) => {
-                    if let Some(n) = self.conns.lock().get(&c) {
-                        n.notify_one();
-                    }
-                }
+                Event::Wake(c) | Event::Close(c) => self.wake(c),
                 Event::SessionGone(sid) => {
                     if let Some(pumps) = self.pumps.lock().remove(&sid) {
                         for (_, p) in pumps {
@@ -315,6 +471,39 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Wakes connection `c`'s task (or leaves it a wake-up to take).
+    fn wake(&self, c: ConnId) {
+        let waker = match self.conns.lock().get_mut(&c) {
+            Some(w) => {
+                w.pending = true;
+                w.waker.take()
+            }
+            None => None,
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ready once connection `c` was woken ([`Inner::wake`]); `c` must be
+    /// in `conns` (from its CONNECT until its task ends).
+    async fn woken(&self, c: ConnId) {
+        std::future::poll_fn(|cx| {
+            let mut conns = self.conns.lock();
+            let Some(w) = conns.get_mut(&c) else {
+                return Poll::Ready(());
+            };
+            if std::mem::take(&mut w.pending) {
+                return Poll::Ready(());
+            }
+            if !w.waker.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
+                w.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     fn allowed(&self, who: &Principal, action: Perm, resource: &str) -> bool {
@@ -425,7 +614,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// One connection: its CONNECT (in a future of its own, boxed and freed
+/// once connected), then its packets until it ends. What an idle
+/// connection's task holds is this future: kept small.
 async fn serve<S>(inner: Arc<Inner>, io: S, remote: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Some((conn, mut c, principal)) = Box::pin(handshake(&inner, io, remote)).await else {
+        return;
+    };
+    run(&inner, conn, &mut c, &principal).await;
+    let _ = c.io.shutdown().await;
+    inner.conns.lock().remove(&conn);
+    inner.core.lock().closed(conn, inner.clock.now());
+    inner.after();
+    inner.room.notify_waiters();
+    tracing::debug!(%remote, who = principal.name, "MQTT client disconnected");
+}
+
+/// A new connection's CONNECT: checked, answered; the connection, once
+/// accepted (a refusal is answered and closed here).
+async fn handshake<S>(
+    inner: &Arc<Inner>,
+    io: S,
+    remote: SocketAddr,
+) -> Option<(ConnId, Conn<S>, Principal)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -436,14 +650,13 @@ where
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
     };
-    // Boxed: the CONNECT phase's timer is not carried by an idle connection.
-    let first = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, c.read())).await;
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, c.read()).await;
     let connect = match first {
         Ok(Ok(Some(In::Connect(connect)))) => connect,
         _ => {
             inner.counters.no_connect.inc();
             tracing::debug!(%remote, "MQTT connection closed before a valid CONNECT");
-            return;
+            return None;
         }
     };
     let version = c.codec.version().unwrap_or(Version::V3);
@@ -456,19 +669,17 @@ where
     };
     let principal = inner
         .authenticate(&connect, remote)
-        .map_err(|why| refused(&inner, why));
+        .map_err(|why| refused(inner, why));
     let principal = principal.and_then(|p| match &connect.will {
         Some(w) => match macula_mqtt::mqtt_to_mesh(&w.topic) {
             Ok(t) if inner.allowed(&p, Perm::Publish, t.as_str()) => Ok(p),
-            Ok(_) => Err(refused(&inner, Refusal::NotAuthorized)),
-            Err(_) => Err(refused(&inner, Refusal::NotAuthorized)),
+            Ok(_) => Err(refused(inner, Refusal::NotAuthorized)),
+            Err(_) => Err(refused(inner, Refusal::NotAuthorized)),
         },
         None => Ok(p),
     });
-    let client_id = connect.client_id.clone();
-    let notify = Arc::new(Notify::new());
     let accepted = principal.and_then(|p| {
-        inner.conns.lock().insert(conn, notify.clone());
+        inner.conns.lock().insert(conn, Wake::default());
         let r = inner
             .core
             .lock()
@@ -479,23 +690,17 @@ where
         Ok(p) => p,
         Err(why) => {
             inner.conns.lock().remove(&conn);
-            tracing::debug!(%remote, client_id, reason = why.name(), "MQTT CONNECT refused");
+            tracing::debug!(%remote, reason = why.name(), "MQTT CONNECT refused");
             if c.codec.encode_refusal(why, &mut c.wbuf).is_ok() {
                 let _ = c.flush().await;
             }
             let _ = c.io.shutdown().await;
-            return;
+            return None;
         }
     };
-    tracing::debug!(%remote, client_id, ?version, "MQTT client connected");
+    tracing::debug!(%remote, who = principal.name, ?version, "MQTT client connected");
     inner.after();
-    run(&inner, conn, &mut c, &principal, &notify).await;
-    let _ = c.io.shutdown().await;
-    inner.conns.lock().remove(&conn);
-    inner.core.lock().closed(conn, inner.clock.now());
-    inner.after();
-    inner.room.notify_waiters();
-    tracing::debug!(%remote, client_id, "MQTT client disconnected");
+    Some((conn, c, principal))
 }
 
 /// Writes what the core queued for `conn`; false when the connection is
@@ -506,26 +711,32 @@ async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Conn<S>,
 ) -> bool {
     loop {
-        let (outs, closing) = {
+        // Taken under the core's lock up to about WRITE_CHUNK bytes, then
+        // encoded with no await in between: the only thing this future
+        // holds while it waits is the write.
+        let (outs, closing, more) = {
             let mut core = inner.core.lock();
             let mut outs = Vec::new();
-            while outs.len() < 256 {
-                match core.poll_transmit(conn) {
-                    Some(o) => outs.push(o),
-                    None => break,
+            let mut bytes = 0;
+            let mut more = false;
+            while let Some(o) = core.poll_transmit(conn) {
+                bytes += match &o {
+                    Out::Publish { msg, .. } => msg.topic.len() + msg.payload.len() + 16,
+                    _ => 16,
+                };
+                outs.push(o);
+                if outs.len() >= 256 || bytes >= WRITE_CHUNK {
+                    more = true;
+                    break;
                 }
             }
-            (outs, core.is_closing(conn))
+            (outs, core.is_closing(conn), more)
         };
-        let more = outs.len() == 256;
         let mut freed = false;
         for o in outs {
             freed |= matches!(o, Out::Publish { .. });
             if let Err(e) = c.codec.encode(o, &mut c.wbuf) {
                 tracing::debug!(error = %e, "MQTT packet not encoded; dropped");
-            }
-            if c.wbuf.len() >= WRITE_CHUNK && c.flush().await.is_err() {
-                return false;
             }
         }
         if freed {
@@ -545,27 +756,35 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     conn: ConnId,
     c: &mut Conn<S>,
     who: &Principal,
-    notify: &Notify,
 ) {
     loop {
         if !write_out(inner, conn, c).await {
             return;
         }
-        tokio::select! {
-            p = c.read() => match p {
-                Ok(Some(p)) => {
+        // The packet's handling is boxed and awaited after the select's
+        // scope: an idle connection's future holds neither it nor a packet.
+        let work = {
+            let got = tokio::select! {
+                p = c.read() => Some(p),
+                _ = inner.woken(conn) => None,
+            };
+            match got {
+                Some(Ok(Some(p))) => {
                     let now = inner.clock.now();
                     inner.core.lock().received(conn, now);
-                    // Boxed: a publish or subscribe awaits the mesh (a DHT
-                    // put), a large future an idle connection need not carry.
-                    Box::pin(handle(inner, conn, who, p)).await;
+                    // A publish or subscribe awaits the mesh (a DHT put).
+                    Some(Box::pin(handle(inner, conn, who, p)))
                 }
-                Ok(None) => return,
-                Err(reason) => {
+                Some(Ok(None)) => return,
+                Some(Err(reason)) => {
                     inner.core.lock().close(conn, reason, inner.clock.now());
+                    None
                 }
-            },
-            _ = notify.notified() => {}
+                None => None,
+            }
+        };
+        if let Some(work) = work {
+            work.await;
         }
         inner.after();
     }
@@ -662,23 +881,12 @@ async fn subscribe(
             p.pattern = Err(SubCode::NotAuthorized);
             continue;
         }
-        match inner.pubsub.subscribe_mesh(pattern.as_str()).await {
-            Ok(sub) => {
-                let task = tokio::spawn(pump(Arc::downgrade(inner), sid, p.qos, sub));
-                let old = inner
-                    .pumps
-                    .lock()
-                    .entry(sid)
-                    .or_default()
-                    .insert(p.filter.clone(), task.abort_handle());
-                if let Some(old) = old {
-                    old.abort();
-                }
-            }
-            Err(e) => {
-                tracing::debug!(filter = p.filter, error = %e, "MQTT subscription refused by the mesh");
-                p.pattern = Err(SubCode::Failed);
-            }
+        let pattern = pattern.clone();
+        if !inner
+            .start_pump(sid, p.filter.clone(), &pattern, p.qos)
+            .await
+        {
+            p.pattern = Err(SubCode::Failed);
         }
     }
     inner.core.lock().subscribe(conn, id, planned);
@@ -897,8 +1105,41 @@ impl Collector for MqttCollector {
             "MQTT TLS handshakes that failed",
             c.tls_failed.get(),
         )?;
+        counter(
+            &mut e,
+            "macula_mqtt_sessions_restored",
+            "Persistent MQTT sessions taken back from the data directory at start",
+            c.restored.get(),
+        )?;
+        counter(
+            &mut e,
+            "macula_mqtt_session_saves_failed",
+            "Writes of the persistent MQTT sessions file that failed, and files that could not be read back",
+            c.save_failed.get(),
+        )?;
         Ok(())
     }
+}
+
+/// Writes `sessions` to `path` whole: a temporary file beside it, synced,
+/// then renamed over it.
+fn write_sessions(
+    path: &std::path::Path,
+    sessions: &[macula_mqtt::SavedSession],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    serde_json::to_writer(std::io::BufWriter::new(&mut f), sessions)?;
+    f.flush()?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -919,6 +1160,7 @@ mod tests {
             authz: None,
             gate: None,
             tls: None,
+            dir: None,
         };
         let b = Bridge::start(&config, "127.0.0.1:0".parse().unwrap(), parts, shutdown)
             .await
@@ -933,8 +1175,8 @@ mod tests {
         b.register(&mut r);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
-        assert_eq!(text.matches("# TYPE macula_mqtt_").count(), 23, "{text}");
-        assert_eq!(text.matches("# HELP macula_mqtt_").count(), 23);
+        assert_eq!(text.matches("# TYPE macula_mqtt_").count(), 25, "{text}");
+        assert_eq!(text.matches("# HELP macula_mqtt_").count(), 25);
         for reason in Reason::ALL {
             assert!(
                 text.contains(&format!(

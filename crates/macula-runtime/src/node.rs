@@ -777,6 +777,10 @@ impl NodeRuntime {
                 authz: node.0.local.authz.clone(),
                 gate: node.0.local.api_keys.clone(),
                 tls,
+                dir: match &node.0.config.identity {
+                    IdentitySource::DataDir(dir) => Some(dir.clone()),
+                    IdentitySource::Ephemeral => None,
+                },
             };
             let bridge = crate::mqtt::Bridge::start(
                 &node.0.config.mqtt,
@@ -2134,6 +2138,10 @@ impl NodeRuntime {
         self.0.raft.shutdown().await;
         // Write the streams' consumer positions and close their stores.
         self.0.streams.shutdown().await;
+        // MQTT clients are told, and persistent sessions written.
+        if let Some(mqtt) = self.0.mqtt.get() {
+            mqtt.shutdown().await;
+        }
         if self.0.shutdown.send_replace(true) {
             return;
         }

@@ -58,6 +58,98 @@ pub fn disable() {
     ENABLED.store(false, Relaxed);
 }
 
+/// Why a sampled span never reached the collector (the exporter's own
+/// queue and export: `macula_trace_spans_dropped_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanLoss {
+    /// The exporter's queue was full (spans made faster than exported).
+    QueueFull,
+    /// The export request failed (collector down, refused, timed out).
+    ExportFailed,
+    /// Ended after the exporter had shut down.
+    ShutDown,
+}
+
+impl SpanLoss {
+    pub const ALL: [SpanLoss; 3] = [
+        SpanLoss::QueueFull,
+        SpanLoss::ExportFailed,
+        SpanLoss::ShutDown,
+    ];
+
+    /// Its label in `macula_trace_spans_dropped_total{reason}`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SpanLoss::QueueFull => "queue_full",
+            SpanLoss::ExportFailed => "export_failed",
+            SpanLoss::ShutDown => "shut_down",
+        }
+    }
+}
+
+/// Spans exported and lost, for the whole process (there is one exporter
+/// per process; it reports here).
+static EXPORTED: AtomicU64 = AtomicU64::new(0);
+static LOST: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// The exporter sent `n` spans to the collector.
+pub fn count_exported(n: u64) {
+    EXPORTED.fetch_add(n, Relaxed);
+}
+
+/// The exporter lost `n` spans for `why`.
+pub fn count_lost(why: SpanLoss, n: u64) {
+    LOST[why as usize].fetch_add(n, Relaxed);
+}
+
+/// Spans exported by this process so far.
+pub fn spans_exported() -> u64 {
+    EXPORTED.load(Relaxed)
+}
+
+/// Spans this process lost for `why` so far.
+pub fn spans_lost(why: SpanLoss) -> u64 {
+    LOST[why as usize].load(Relaxed)
+}
+
+/// Registers `macula_trace_spans_exported_total` and
+/// `macula_trace_spans_dropped_total{reason}` (0 while nothing exports).
+pub fn register(r: &mut prometheus_client::registry::Registry) {
+    r.register_collector(Box::new(SpanCollector));
+}
+
+#[derive(Debug)]
+struct SpanCollector;
+
+impl prometheus_client::collector::Collector for SpanCollector {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::MetricType;
+        let c = ConstCounter::new(spans_exported());
+        c.encode(e.encode_descriptor(
+            "macula_trace_spans_exported",
+            "Sampled spans this process exported to the OTLP collector (--otlp)",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let mut f = e.encode_descriptor(
+            "macula_trace_spans_dropped",
+            "Sampled spans this process never exported, by reason (queue_full: more spans than the exporter's queue of 65,536 holds; export_failed: the collector refused or could not be reached; shut_down: ended after the exporter stopped)",
+            None,
+            MetricType::Counter,
+        )?;
+        for why in SpanLoss::ALL {
+            ConstCounter::new(spans_lost(why))
+                .encode(f.encode_family(&[("reason", why.name())])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The trace ID among `headers`, as 32 hex characters (`macula trace`).
 pub fn trace_id(headers: &[(String, String)]) -> Option<String> {
     find(headers).map(|t| t.trace_id_hex())
@@ -296,6 +388,30 @@ mod off {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The exporter's counts are the metrics' samples.
+    #[test]
+    fn spans_dropped_are_exported_as_metrics() {
+        count_lost(SpanLoss::QueueFull, 3);
+        count_lost(SpanLoss::ExportFailed, 2);
+        count_exported(7);
+        let mut r = prometheus_client::registry::Registry::default();
+        register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert_eq!(text.matches("# TYPE macula_trace_").count(), 2, "{text}");
+        for why in SpanLoss::ALL {
+            assert!(
+                text.contains(&format!(
+                    "macula_trace_spans_dropped_total{{reason=\"{}\"}} {}",
+                    why.name(),
+                    spans_lost(why)
+                )),
+                "{text}"
+            );
+        }
+        assert!(spans_lost(SpanLoss::QueueFull) >= 3 && spans_exported() >= 7);
+    }
 
     #[test]
     fn off_by_default_and_trace_ids_are_read_from_headers() {

@@ -139,6 +139,8 @@ fn sample(text: &str, series: &str) -> f64 {
 
 /// Families every node exports, as (name in `# TYPE`, type).
 const FAMILIES: &[(&str, &str)] = &[
+    ("macula_trace_spans_exported", "counter"),
+    ("macula_trace_spans_dropped", "counter"),
     ("macula_streams", "gauge"),
     ("macula_streams_broken", "gauge"),
     ("macula_stream_publishes", "counter"),

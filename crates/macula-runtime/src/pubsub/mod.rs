@@ -776,10 +776,11 @@ impl PubSub {
                 continue;
             }
             // Tracing: this gateway's forwarding spans for the traced
-            // messages of a client's batch (their copies carry them on as
-            // parent); nothing when tracing is off.
-            let forwarding = if from_client && crate::trace::on() {
-                self.forward_spans(&frame.body, &mut rx)
+            // messages of a client's batch, and for those of another
+            // node's batch that go on to its clients (their copies carry
+            // them on as parent); nothing when tracing is off.
+            let forwarding = if crate::trace::on() && (from_client || self.0.core().has_feeds()) {
+                self.forward_spans(&frame.body, &mut rx, from_client)
             } else {
                 Vec::new()
             };
@@ -837,13 +838,16 @@ impl PubSub {
 }
 
 impl PubSub {
-    /// A gateway's span per traced message of client batch `body` (a child
-    /// of the publisher's span), each noted in `rx.retrace` so the copies
-    /// it forwards name it as their parent.
+    /// A gateway's span per traced message it forwards (a child of the
+    /// publisher's span, or of the node that sent it): every traced message
+    /// of a client's batch `body` (into the mesh), or, for another node's
+    /// batch, those a client of this node subscribes to. Each is noted in
+    /// `rx.retrace` so the copies forwarded name it as their parent.
     fn forward_spans(
         &self,
         body: &Bytes,
         rx: &mut BatchReceiver<Arc<SubQueue>>,
+        from_client: bool,
     ) -> Vec<tracing::Span> {
         rx.retrace.clear();
         let Ok(view) = macula_wire::PublishBatchView::decode(body) else {
@@ -861,9 +865,15 @@ impl PubSub {
                 .find(|(k, _)| k.eq_ignore_ascii_case(crate::trace::TRACESTATE))
                 .map(|(_, v)| *v);
             let topic = view.topics.get(e.topic_index).copied().unwrap_or("");
+            if !tp.as_ref().is_some_and(|t| t.sampled())
+                || (!from_client && !self.0.core().feeds_topic(topic))
+            {
+                continue;
+            }
             let Some(span) = crate::trace::remote(tp, state, || {
                 tracing::info_span!(target: crate::trace::TARGET, "macula.gateway.forward",
                     otel.kind = "consumer",
+                    macula.direction = if from_client { "from_client" } else { "to_clients" },
                     macula.topic = topic,
                     macula.publisher = %view.publisher,
                     macula.seq = e.seq,

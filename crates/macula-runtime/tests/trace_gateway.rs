@@ -1,0 +1,144 @@
+//! Tracing through a gateway to its client, in process (feature `otlp`):
+//! a message published by a full node A reaches client C through its
+//! gateway B, which forwards it: one trace of A's `macula.publish`, B's
+//! `macula.gateway.forward` (direction `to_clients`, a child of the
+//! publish) and C's `macula.deliver` (a child of B's forwarding span).
+//! (A client's own publishes through its gateway are in
+//! `macula-cli/tests/tracing.rs`.) Spans are collected by an exporter in
+//! this test.
+#![cfg(feature = "otlp")]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+use macula_runtime::pubsub::SubscriptionItem;
+use macula_runtime::{Client, ClientConfig, PeerAddr};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+#[derive(Debug, Clone, Default)]
+struct Collect(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanExporter for Collect {
+    async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.lock().unwrap().extend(batch);
+        Ok(())
+    }
+}
+
+fn attr(s: &SpanData, key: &str) -> Option<String> {
+    s.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_forwarding_a_nodes_message_to_its_client_is_a_span() {
+    let spans = Collect::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(spans.clone())
+        .with_sampler(macula_runtime::trace::Sampler)
+        .build();
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("test"))
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(macula_runtime::trace::TARGET, tracing::Level::INFO),
+        );
+    tracing_subscriber::registry().with(layer).init();
+
+    let a = start(config()).await;
+    let b = start(boot(&a)).await;
+    joined(&b).await;
+    let gateway: PeerAddr = format!("{}@{}", b.node_id(), b.local_addr())
+        .parse()
+        .expect("peer address");
+    let c = within(
+        STEP,
+        "client attaches",
+        Client::connect(ClientConfig::new(vec![gateway])),
+    )
+    .await
+    .expect("client attaches");
+    let mut sub = c.subscribe("orders.**").await.expect("subscribe");
+
+    macula_runtime::trace::enable(1.0);
+    // A publishes until the client has one (A learns of B's interest on
+    // the client's behalf within its interest bound).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        a.pubsub()
+            .publish_mesh("orders.new", Bytes::from("o1"), Default::default())
+            .await
+            .expect("publish");
+        if let Ok(Some(SubscriptionItem::Event(e))) =
+            tokio::time::timeout(Duration::from_millis(300), sub.next()).await
+        {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the client never got a message");
+    };
+    assert_eq!(got.publisher, a.node_id());
+    macula_runtime::trace::disable();
+    let _ = provider.force_flush();
+
+    let got = spans.0.lock().unwrap().clone();
+    let id = |s: &SpanData| s.span_context.span_id();
+    let deliver = got
+        .iter()
+        .find(|s| {
+            s.name == "macula.deliver" && attr(s, "macula.node") == Some(c.node_id().to_string())
+        })
+        .unwrap_or_else(|| panic!("no delivery span on the client: {got:#?}"));
+    let forward = got
+        .iter()
+        .find(|s| id(s) == deliver.parent_span_id)
+        .unwrap_or_else(|| panic!("the delivery's parent was not exported: {got:#?}"));
+    assert_eq!(forward.name, "macula.gateway.forward", "{got:#?}");
+    assert_eq!(attr(forward, "macula.node"), Some(b.node_id().to_string()));
+    assert_eq!(
+        attr(forward, "macula.direction").as_deref(),
+        Some("to_clients")
+    );
+    assert_eq!(
+        attr(forward, "macula.publisher"),
+        Some(a.node_id().to_string())
+    );
+    assert!(forward.parent_span_is_remote);
+    let publish = got
+        .iter()
+        .find(|s| id(s) == forward.parent_span_id)
+        .unwrap_or_else(|| panic!("the forwarding span's parent was not exported: {got:#?}"));
+    assert_eq!(publish.name, "macula.publish");
+    assert_eq!(attr(publish, "macula.node"), Some(a.node_id().to_string()));
+    for s in [deliver, forward] {
+        assert_eq!(s.span_context.trace_id(), publish.span_context.trace_id());
+    }
+    // B has no subscriber of its own: no forwarding span for messages its
+    // clients did not want, and exactly one per message forwarded.
+    let forwards = got
+        .iter()
+        .filter(|s| s.name == "macula.gateway.forward")
+        .count();
+    let delivered = got
+        .iter()
+        .filter(|s| {
+            s.name == "macula.deliver" && attr(s, "macula.node") == Some(c.node_id().to_string())
+        })
+        .count();
+    assert!(
+        forwards >= delivered && forwards >= 1,
+        "{forwards} forwards, {delivered} deliveries"
+    );
+    drop(sub);
+    c.shutdown().await;
+}
