@@ -88,16 +88,34 @@ async fn a_gateway_forwarding_a_nodes_message_to_its_client_is_a_span() {
         assert!(Instant::now() < deadline, "the client never got a message");
     };
     assert_eq!(got.publisher, a.node_id());
+    let id = |s: &SpanData| s.span_context.span_id();
+    // A span is exported when it ends: the gateway's forwarding span may
+    // end a moment after the client already has the message (it covers the
+    // write). Wait (bounded) until the client's delivery span and its
+    // parent are both in.
+    let is_delivery = |s: &SpanData| {
+        s.name == "macula.deliver" && attr(s, "macula.node") == Some(c.node_id().to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = provider.force_flush();
+        let done = {
+            let got = spans.0.lock().unwrap();
+            got.iter()
+                .find(|s| is_delivery(s))
+                .is_some_and(|d| got.iter().any(|s| id(s) == d.parent_span_id))
+        };
+        if done || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     macula_runtime::trace::disable();
-    let _ = provider.force_flush();
 
     let got = spans.0.lock().unwrap().clone();
-    let id = |s: &SpanData| s.span_context.span_id();
     let deliver = got
         .iter()
-        .find(|s| {
-            s.name == "macula.deliver" && attr(s, "macula.node") == Some(c.node_id().to_string())
-        })
+        .find(|s| is_delivery(s))
         .unwrap_or_else(|| panic!("no delivery span on the client: {got:#?}"));
     let forward = got
         .iter()
