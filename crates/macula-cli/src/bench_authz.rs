@@ -26,7 +26,7 @@ use futures::StreamExt;
 use macula::auth::{policy::parse_rules, sign, Grant, GrantBody, Key, Subject};
 use macula::{DisconnectReason, Identity, Node, SubscriptionItem};
 
-use crate::bench_stats::{build_kind, debug_note};
+use crate::bench_stats::{build_kind, debug_note, median};
 
 #[derive(clap::Args, Debug)]
 pub struct AuthzArgs {
@@ -228,11 +228,6 @@ async fn round(a: &Node, b: &Node, args: &AuthzArgs) -> anyhow::Result<Round> {
 /// One figure of a round, by name.
 type Figure = fn(&Round) -> f64;
 
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
-}
-
 pub async fn run(args: AuthzArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=10_000).contains(&args.handshakes),
@@ -273,7 +268,7 @@ pub async fn run(args: AuthzArgs) -> anyhow::Result<()> {
     for n in [oa, ob, ra, rb] {
         n.shutdown().await;
     }
-    let pick = |v: &[Round], f: Figure| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let pick = |v: &[Round], f: Figure| median(v.iter().map(f));
     let fields: [(&str, Figure); 4] = [
         ("handshake_p50_us", |r| r.handshake_p50_us),
         ("handshake_mean_us", |r| r.handshake_mean_us),

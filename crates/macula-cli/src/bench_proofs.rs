@@ -25,7 +25,7 @@ use futures::StreamExt;
 use macula::config::PubSubLimits;
 use macula::{Client, Node, Proof, Subscription, SubscriptionItem};
 
-use crate::bench_stats::{build_kind, debug_note};
+use crate::bench_stats::{build_kind, debug_note, median};
 
 #[derive(clap::Args, Debug)]
 pub struct ProofsArgs {
@@ -215,11 +215,6 @@ async fn round(m: &Mesh, on: bool, args: &ProofsArgs) -> anyhow::Result<Round> {
 
 type Figure = fn(&Round) -> f64;
 
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
-}
-
 pub async fn run(args: ProofsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=2_000_000).contains(&args.messages),
@@ -264,7 +259,7 @@ pub async fn run(args: ProofsArgs) -> anyhow::Result<()> {
         m.b.shutdown().await;
         m.a.shutdown().await;
     }
-    let pick = |v: &[Round], f: Figure| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let pick = |v: &[Round], f: Figure| median(v.iter().map(f));
     let fields: [(&str, Figure); 7] = [
         ("publish_64B_msgs_per_s", |r| r.small_msgs_per_s),
         ("publish_16KiB_msgs_per_s", |r| r.large_msgs_per_s),

@@ -19,6 +19,14 @@ pub(crate) fn debug_note() -> &'static str {
     }
 }
 
+/// The median of a benchmark's per-round figures (the upper one of an even
+/// count; 0 for none).
+pub(crate) fn median(xs: impl IntoIterator<Item = f64>) -> f64 {
+    let mut xs: Vec<f64> = xs.into_iter().collect();
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Latency percentiles, in microseconds.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Latency {

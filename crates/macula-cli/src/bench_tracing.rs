@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use macula::{Identity, Node, SubscriptionItem};
 
-use crate::bench_stats::{build_kind, debug_note};
+use crate::bench_stats::{build_kind, debug_note, median};
 use crate::otlp::TraceArgs;
 
 #[derive(clap::Args, Debug)]
@@ -185,11 +185,6 @@ fn spans_dropped() -> u64 {
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }
 
 async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> {
@@ -389,10 +384,7 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         for (name, f) in FIGURES {
             let mut o = serde_json::Map::new();
             for (m, (mode, _)) in MODES.iter().enumerate() {
-                o.insert(
-                    mode.to_string(),
-                    median(rounds[m].iter().map(f).collect()).into(),
-                );
+                o.insert(mode.to_string(), median(rounds[m].iter().map(f)).into());
             }
             v[name] = o.into();
         }
@@ -417,7 +409,7 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         writeln!(out, "{head}")?;
         for (name, f) in FIGURES {
             let v: Vec<f64> = (0..MODES.len())
-                .map(|m| median(rounds[m].iter().map(f).collect()))
+                .map(|m| median(rounds[m].iter().map(f)))
                 .collect();
             let mut line = format!("  {name:<20}");
             for x in &v {

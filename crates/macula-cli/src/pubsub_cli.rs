@@ -105,11 +105,16 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
         }
         let payload: bytes::Bytes = a.data.clone().into_bytes().into();
         let sent = match &stream {
-            Some(s) => s
+            Some(s) => match s
                 .publish(&a.topic, payload, macula::stream::PersistOptions::new())
                 .await
-                .map(|ack| last = Some(ack))
-                .map_err(anyhow::Error::from),
+            {
+                Ok(ack) => {
+                    last = Some(ack);
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            },
             None => node.publish(&a.topic, payload).await,
         };
         if let Err(e) = sent {

@@ -9,36 +9,15 @@
 mod common;
 
 use std::future::IntoFuture;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::spans::attr;
 use common::*;
 use macula_runtime::config::ReachabilityMode;
 use macula_runtime::rpc::{AdvertiseOptions, HandlerError, Request};
 use macula_runtime::{NodeConfig, NodeRuntime};
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
-
-#[derive(Debug, Clone, Default)]
-struct Collect(Arc<Mutex<Vec<SpanData>>>);
-
-impl SpanExporter for Collect {
-    async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.lock().unwrap().extend(batch);
-        Ok(())
-    }
-}
-
-fn attr(s: &SpanData, key: &str) -> Option<String> {
-    s.attributes
-        .iter()
-        .find(|kv| kv.key.as_str() == key)
-        .map(|kv| kv.value.to_string())
-}
+use opentelemetry_sdk::trace::SpanData;
 
 fn private(relay: &NodeRuntime) -> NodeConfig {
     NodeConfig {
@@ -53,18 +32,7 @@ async fn echo(req: Request) -> Result<Bytes, HandlerError> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_through_a_relay_is_one_trace() {
-    let spans = Collect::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(spans.clone())
-        .with_sampler(macula_runtime::trace::Sampler)
-        .build();
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("test"))
-        .with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target(macula_runtime::trace::TARGET, tracing::Level::INFO),
-        );
-    tracing_subscriber::registry().with(layer).init();
+    let (spans, provider) = common::spans::collect();
 
     let r = start(config()).await;
     let c = start(private(&r)).await;

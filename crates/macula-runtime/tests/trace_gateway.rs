@@ -10,51 +10,19 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::spans::attr;
 use common::*;
 use futures::StreamExt;
 use macula_runtime::pubsub::SubscriptionItem;
 use macula_runtime::{Client, ClientConfig, PeerAddr};
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
-
-#[derive(Debug, Clone, Default)]
-struct Collect(Arc<Mutex<Vec<SpanData>>>);
-
-impl SpanExporter for Collect {
-    async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.lock().unwrap().extend(batch);
-        Ok(())
-    }
-}
-
-fn attr(s: &SpanData, key: &str) -> Option<String> {
-    s.attributes
-        .iter()
-        .find(|kv| kv.key.as_str() == key)
-        .map(|kv| kv.value.to_string())
-}
+use opentelemetry_sdk::trace::SpanData;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_forwarding_a_nodes_message_to_its_client_is_a_span() {
-    let spans = Collect::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(spans.clone())
-        .with_sampler(macula_runtime::trace::Sampler)
-        .build();
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("test"))
-        .with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target(macula_runtime::trace::TARGET, tracing::Level::INFO),
-        );
-    tracing_subscriber::registry().with(layer).init();
+    let (spans, provider) = common::spans::collect();
 
     let a = start(config()).await;
     let b = start(boot(&a)).await;

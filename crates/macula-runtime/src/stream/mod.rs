@@ -598,7 +598,10 @@ impl Streams {
                 let Some(inner) = weak.upgrade() else { return };
                 let streams = Streams(inner);
                 let wait = streams.0.limits.max_wait;
-                let msgs = match streams.pull(&stream, &c, PUSH_BATCH, None, wait).await {
+                let msgs = match streams
+                    .pull(&stream, &c, PUSH_BATCH, None, wait, true)
+                    .await
+                {
                     Ok(m) => m,
                     Err(StreamError::NotFound(_))
                     | Err(StreamError::Consumer(ConsumerError::NotFound(_))) => return,
@@ -1039,21 +1042,12 @@ impl Streams {
         max_bytes: Option<u64>,
         wait: Duration,
     ) -> Result<Vec<StreamMsg>, StreamError> {
-        let push = {
-            let h = self.get(stream)?;
-            let core = h.core.lock();
-            core.consumer(consumer)
-                .and_then(|c| c.config().deliver_subject.clone())
-        };
-        if let Some(subject) = push {
-            return Err(StreamError::Invalid(format!(
-                "consumer {consumer:?} is a push consumer: its messages go to topic {subject:?}"
-            )));
-        }
-        self.pull(stream, consumer, batch, max_bytes, wait).await
+        self.pull(stream, consumer, batch, max_bytes, wait, false)
+            .await
     }
 
-    /// [`Streams::next`] for any consumer (the push task's pulls).
+    /// [`Streams::next`]; `push`: the push task's own pulls (anyone
+    /// else's pull of a push consumer is refused).
     async fn pull(
         &self,
         stream: &str,
@@ -1061,6 +1055,7 @@ impl Streams {
         batch: usize,
         max_bytes: Option<u64>,
         wait: Duration,
+        push: bool,
     ) -> Result<Vec<StreamMsg>, StreamError> {
         if batch == 0 || batch > self.0.limits.max_batch {
             return Err(StreamError::Invalid(format!(
@@ -1069,6 +1064,17 @@ impl Streams {
             )));
         }
         let h = self.get(stream)?;
+        if !push {
+            let core = h.core.lock();
+            if let Some(subject) = core
+                .consumer(consumer)
+                .and_then(|c| c.config().deliver_subject.as_deref())
+            {
+                return Err(StreamError::Invalid(format!(
+                    "consumer {consumer:?} is a push consumer: its messages go to topic {subject:?}"
+                )));
+            }
+        }
         self.0.pulls.fetch_add(1, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + wait.min(self.0.limits.max_wait);
         loop {

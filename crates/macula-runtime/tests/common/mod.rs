@@ -7,6 +7,9 @@
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
+#[cfg(feature = "otlp")]
+pub mod spans;
+
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
