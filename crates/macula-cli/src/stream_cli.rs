@@ -409,12 +409,6 @@ fn add(a: &AddArgs) -> Result<(), Failure> {
             )))
         }
     };
-    if cfg.replicas != 1 {
-        return Err(usage(anyhow!(
-            "--replicas {}: replicated streams are not available yet (issue 21); use 1",
-            cfg.replicas
-        )));
-    }
     cfg.validate().map_err(usage)?;
     let target = Target::of(&a.read)?;
     let body = post_json(&target, "POST", "/admin/streams", &cfg)?;

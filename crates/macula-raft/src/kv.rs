@@ -137,6 +137,11 @@ pub enum Request {
     /// [`Response::Batch`]. The leader batches concurrent writes this way.
     /// A batch inside a batch is refused.
     Batch(Vec<Request>),
+    /// Bytes the key space does not read: the store hands them, with their
+    /// log index, to the group's [`crate::Applier`] (a replicated stream's
+    /// writes) and answers with [`Response::Opaque`]. Changes no key and no
+    /// revision.
+    Opaque(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A key with its value and metadata.
@@ -193,6 +198,8 @@ pub enum Response {
     Error(KvError),
     /// The answers to a [`Request::Batch`], in order.
     Batch(Vec<Response>),
+    /// The applier's answer to a [`Request::Opaque`].
+    Opaque(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A change to one key, at the revision it carries.
@@ -256,6 +263,9 @@ pub enum KvError {
     /// oldest revision that can still be watched from is `oldest`.
     #[error("revisions before {oldest} are compacted")]
     Compacted { oldest: u64 },
+    /// A [`Request::Opaque`] reached a group with no applier.
+    #[error("this group has no applier for opaque entries")]
+    NoApplier,
 }
 
 /// A lease as the state machine knows it (no deadline: the leader keeps
@@ -291,6 +301,10 @@ pub struct KvSnapshot {
     pub revision: u64,
     pub entries: Vec<KeyValue>,
     pub leases: Vec<LeaseRecord>,
+    /// The group's applier's state ([`crate::Applier::snapshot`]), if it
+    /// has one.
+    #[serde(default, with = "serde_bytes")]
+    pub applier: Option<Vec<u8>>,
 }
 
 /// A snapshot (or loaded state) that is not a consistent key space.
@@ -458,6 +472,7 @@ impl Kv {
                     ttl_ms: l.ttl_ms,
                 })
                 .collect(),
+            applier: None,
         }
     }
 
@@ -702,6 +717,8 @@ impl Kv {
                 all.response = Response::Batch(responses);
                 all
             }
+            // Answered by the store with the applier's response.
+            Request::Opaque(_) => Applied::only(Response::Opaque(Vec::new())),
             Request::Put {
                 key,
                 value,

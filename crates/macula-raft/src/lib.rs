@@ -66,6 +66,7 @@ use serde::{Deserialize, Serialize};
 
 pub use openraft;
 
+pub mod applier;
 mod error;
 pub mod kv;
 pub mod linearizability;
@@ -73,6 +74,7 @@ pub mod store;
 pub mod wal;
 pub mod watch;
 
+pub use applier::{Applier, ApplierFuture};
 pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};
 pub use store::{
     open, open_with, Durable, LogStore, Options, SnapshotBuilder, StateMachineStore, StoreError,

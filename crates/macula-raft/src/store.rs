@@ -32,10 +32,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::applier::Applier;
 pub use crate::error::StoreError;
 use crate::error::{decode, encode};
 use crate::kv::{
-    Event, KeyValue, Kv, KvError, KvSnapshot, Lease, LeaseRecord, Limits, Response, Workload,
+    Event, KeyValue, Kv, KvError, KvSnapshot, Lease, LeaseRecord, Limits, Request, Response,
+    Workload,
 };
 use crate::wal::{Record, Wal, WalReader};
 use crate::watch::History;
@@ -296,6 +298,7 @@ pub fn open_with(
             writer,
             thread: Mutex::new(sm_thread),
             durable: durable.clone(),
+            applier: RwLock::new(None),
         }),
     };
     Ok((LogStore::new(wal, member, (durable_tx, durable))?, sm))
@@ -427,6 +430,7 @@ fn load_state_machine(db: &Database, limits: &Limits) -> Result<Loaded, StoreErr
             revision,
             entries,
             leases,
+            applier: None,
         },
         limits.clone(),
     )
@@ -1026,6 +1030,8 @@ struct SmShared {
     /// The log's progress to disk: with `Options::member` set, entries are
     /// applied only once on disk here (see [`Durable`]).
     durable: Durable,
+    /// Where opaque entries go ([`crate::applier`]).
+    applier: RwLock<Option<Arc<dyn Applier>>>,
 }
 
 impl Drop for SmShared {
@@ -1121,6 +1127,28 @@ fn sm_writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<SmOp>) {
     }
 }
 
+/// Replaces the key space's placeholder answers to opaque requests (in a
+/// batch too) with the applier's, in order.
+fn fill_opaque(response: &mut Response, answers: &mut impl Iterator<Item = Response>) {
+    match response {
+        Response::Opaque(_) => {
+            if let Some(a) = answers.next() {
+                *response = a;
+            }
+        }
+        Response::Batch(v) => {
+            for r in v.iter_mut() {
+                if let Response::Opaque(_) = r {
+                    if let Some(a) = answers.next() {
+                        *r = a;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The state machine writer's pace: at most one transaction this often.
 const SM_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -1158,6 +1186,61 @@ struct Writes {
 impl StateMachineStore {
     fn state(&self) -> RwLockReadGuard<'_, SmState> {
         self.shared.state.read()
+    }
+
+    /// Sets the applier of the group's opaque entries. Set it before the
+    /// store is given to openraft: an opaque entry applied without one is
+    /// answered [`KvError::NoApplier`] and lost to the applier.
+    pub fn set_applier(&self, applier: Arc<dyn Applier>) {
+        *self.shared.applier.write() = Some(applier);
+    }
+
+    fn applier(&self) -> Option<Arc<dyn Applier>> {
+        self.shared.applier.read().clone()
+    }
+
+    /// Takes the opaque payloads out of `entries` (leaving empty ones) and
+    /// hands them to the applier; returns one answer per payload, in
+    /// order (`NoApplier` errors without one).
+    async fn apply_opaque(&self, entries: &mut [Entry]) -> Result<Vec<Response>, StorageError> {
+        let mut taken: Vec<(u64, Vec<u8>)> = Vec::new();
+        for entry in entries.iter_mut() {
+            let index = entry.log_id.index;
+            match &mut entry.payload {
+                EntryPayload::Normal(Request::Opaque(bytes)) => {
+                    taken.push((index, std::mem::take(bytes)))
+                }
+                EntryPayload::Normal(Request::Batch(requests)) => {
+                    for r in requests.iter_mut() {
+                        if let Request::Opaque(bytes) = r {
+                            taken.push((index, std::mem::take(bytes)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if taken.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(applier) = self.applier() else {
+            return Ok(taken
+                .iter()
+                .map(|_| Response::Error(KvError::NoApplier))
+                .collect());
+        };
+        let n = taken.len();
+        let answers = applier.apply(taken).await.map_err(|e| {
+            tracing::error!(error = %e, "raft applier failed");
+            Self::io_sm(ErrorVerb::Write)(StoreError::Task(format!("applier: {e}")))
+        })?;
+        if answers.len() != n {
+            return Err(Self::io_sm(ErrorVerb::Write)(StoreError::Task(format!(
+                "applier answered {} of {n} entries",
+                answers.len()
+            ))));
+        }
+        Ok(answers.into_iter().map(Response::Opaque).collect())
     }
 
     fn state_mut(&self) -> RwLockWriteGuard<'_, SmState> {
@@ -1336,6 +1419,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .await
                 .map_err(Self::io_sm(ErrorVerb::Write))?;
         }
+        let mut entries = entries;
+        // The applier's entries go first, before `last_applied` moves (see
+        // `crate::applier`); their answers replace the key space's
+        // placeholders below, in the same order.
+        let mut opaque_answers = self.apply_opaque(&mut entries).await?.into_iter();
         let mut responses = Vec::new();
         let mut writes = Writes::default();
         let (last_applied, membership, revision) = {
@@ -1346,7 +1434,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => responses.push(Response::Empty),
                     EntryPayload::Normal(request) => {
-                        let applied = st.kv.apply(request);
+                        let mut applied = st.kv.apply(request);
+                        fill_opaque(&mut applied.response, &mut opaque_answers);
                         for event in applied.events {
                             match &event {
                                 Event::Put(kv) => {
@@ -1431,6 +1520,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         let data = snapshot.into_inner();
+        // The applier first: it is never behind what the store reports
+        // applied (a failed install leaves the old state machine).
+        if let Some(applier) = self.applier() {
+            let snap: KvSnapshot = decode("snapshot data", &data).map_err(sto(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+            ))?;
+            if let Some(state) = snap.applier {
+                applier.install(state).await.map_err(|e| {
+                    tracing::error!(error = %e, "raft applier could not install a snapshot");
+                    sto(
+                        ErrorSubject::Snapshot(Some(meta.signature())),
+                        ErrorVerb::Write,
+                    )(StoreError::Task(format!("applier install: {e}")))
+                })?;
+            }
+        }
         let db = self.shared.db.clone();
         let limits = self.shared.options.limits.clone();
         let owned_meta = meta.clone();
@@ -1478,7 +1584,7 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (snap, last_applied, last_membership) = {
+        let (mut snap, last_applied, last_membership) = {
             let st = self.sm.state();
             (
                 st.kv.to_snapshot(),
@@ -1486,6 +1592,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 st.last_membership.clone(),
             )
         };
+        // Taken after `last_applied`: the applier is at or past it.
+        if let Some(applier) = self.sm.applier() {
+            let state = applier.snapshot().map_err(|e| {
+                sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)(StoreError::Task(format!(
+                    "applier snapshot: {e}"
+                )))
+            })?;
+            snap.applier = Some(state);
+        }
         let seq = self.sm.shared.snapshot_seq.fetch_add(1, Ordering::SeqCst) + 1;
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
@@ -1541,7 +1656,6 @@ mod tests {
     use openraft::CommittedLeaderId;
 
     use super::*;
-    use crate::kv::Request;
 
     fn log_id(index: u64) -> LogId {
         LogId::new(CommittedLeaderId::new(1, MemberId::from(1)), index)
@@ -1882,5 +1996,120 @@ mod tests {
             .expect("read")
             .expect("some");
         assert_eq!(current.meta, newer.meta);
+    }
+
+    /// An applier that records what it got and keeps its state in memory.
+    #[derive(Default)]
+    struct Recorder {
+        got: Mutex<Vec<(u64, Vec<u8>)>>,
+        installed: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Applier for Recorder {
+        fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> crate::ApplierFuture<'_, Vec<Vec<u8>>> {
+            let answers = entries
+                .iter()
+                .map(|(i, b)| [&i.to_be_bytes()[..], b].concat())
+                .collect();
+            self.got.lock().extend(entries);
+            Box::pin(async move { Ok(answers) })
+        }
+
+        fn snapshot(&self) -> Result<Vec<u8>, String> {
+            Ok(format!("state after {}", self.got.lock().len()).into_bytes())
+        }
+
+        fn install(&self, data: Vec<u8>) -> crate::ApplierFuture<'_, ()> {
+            self.installed.lock().push(data);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn opaque(index: u64, request: Request) -> Entry {
+        Entry {
+            log_id: log_id(index),
+            payload: EntryPayload::Normal(request),
+        }
+    }
+
+    #[tokio::test]
+    async fn opaque_entries_go_to_the_applier_in_order_with_their_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_log, mut sm) = open(&dir.path().join("g.redb")).expect("open");
+        // Without an applier: refused, nothing changes.
+        let r = sm
+            .apply(vec![opaque(1, Request::Opaque(b"a".to_vec()))])
+            .await
+            .expect("apply");
+        assert_eq!(r, vec![Response::Error(KvError::NoApplier)]);
+        let rec = Arc::new(Recorder::default());
+        sm.set_applier(rec.clone());
+        let r = sm
+            .apply(vec![
+                opaque(2, Request::Opaque(b"b".to_vec())),
+                put(3, "k"),
+                opaque(
+                    4,
+                    Request::Batch(vec![
+                        Request::Opaque(b"c".to_vec()),
+                        Request::Put {
+                            key: b"j".to_vec(),
+                            value: b"v".to_vec(),
+                            lease: None,
+                            prev_kv: false,
+                        },
+                        Request::Opaque(b"d".to_vec()),
+                    ]),
+                ),
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(
+            *rec.got.lock(),
+            vec![(2, b"b".to_vec()), (4, b"c".to_vec()), (4, b"d".to_vec())]
+        );
+        let answer = |i: u64, b: &[u8]| Response::Opaque([&i.to_be_bytes()[..], b].concat());
+        assert_eq!(r[0], answer(2, b"b"));
+        assert!(matches!(r[1], Response::Put { revision: 1, .. }));
+        match &r[2] {
+            Response::Batch(v) => {
+                assert_eq!(v[0], answer(4, b"c"));
+                assert!(matches!(v[1], Response::Put { revision: 2, .. }));
+                assert_eq!(v[2], answer(4, b"d"));
+            }
+            other => panic!("not a batch: {other:?}"),
+        }
+        // Opaque payloads change no key and no revision.
+        assert_eq!(sm.revision(), 2);
+        assert_eq!(sm.last_applied().map(|l| l.index), Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_carries_the_applier_state_to_another_member() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_log, mut sm) = open(&dir.path().join("a.redb")).expect("open");
+        let rec = Arc::new(Recorder::default());
+        sm.set_applier(rec.clone());
+        sm.apply(vec![
+            opaque(1, Request::Opaque(b"x".to_vec())),
+            opaque(2, Request::Opaque(b"y".to_vec())),
+        ])
+        .await
+        .expect("apply");
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("snapshot");
+        let (_log2, mut other) = open(&dir.path().join("b.redb")).expect("open");
+        let rec2 = Arc::new(Recorder::default());
+        other.set_applier(rec2.clone());
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .expect("install");
+        assert_eq!(*rec2.installed.lock(), vec![b"state after 2".to_vec()]);
+        assert_eq!(other.last_applied().map(|l| l.index), Some(2));
     }
 }

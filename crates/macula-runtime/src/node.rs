@@ -802,8 +802,26 @@ impl NodeRuntime {
         );
         tokio::spawn(node.clone().check_reachability());
         tokio::spawn(node.clone().save_epoch());
-        // Streams hosted here are served to the mesh (`_stream.<name>`).
-        node.0.streams.serve_remote(node.0.rpc.clone());
+        // Streams hosted here are served to the mesh (`_stream.<name>`);
+        // replicated ones rejoin their groups.
+        let placement = Arc::downgrade(&node.0);
+        node.0.streams.start(
+            node.0.rpc.clone(),
+            node.0.raft.clone(),
+            Box::new(move || {
+                placement
+                    .upgrade()
+                    .map(|s| {
+                        NodeRuntime(s)
+                            .peers()
+                            .into_iter()
+                            .filter(|p| !p.is_client() && !p.is_closed())
+                            .map(|p| p.node_id())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }),
+        );
         node.0.realm.load(
             node.0
                 .config

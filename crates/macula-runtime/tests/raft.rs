@@ -50,6 +50,7 @@ async fn join_all(nodes: &[NodeRuntime], name: &str) -> Vec<Group> {
                 name,
                 GroupOptions {
                     members: members.clone(),
+                    ..Default::default()
                 },
             ),
         )
@@ -634,13 +635,20 @@ async fn a_restarted_member_catches_up_from_a_snapshot_and_the_log() {
             "snap",
             GroupOptions {
                 members: members.clone(),
+                ..Default::default()
             },
         )
         .await
         .expect("rejoin");
     let back2 = restarted
         .raft()
-        .join("second", GroupOptions { members })
+        .join(
+            "second",
+            GroupOptions {
+                members,
+                ..Default::default()
+            },
+        )
         .await
         .expect("rejoin");
     let want = groups[l].local_revision();

@@ -582,6 +582,7 @@ impl Node {
                 name,
                 crate::raft::GroupOptions {
                     members: members.into_iter().collect(),
+                    ..Default::default()
                 },
             )
             .await?;

@@ -46,9 +46,9 @@
 
 pub use macula_runtime::stream::remote::{procedure, DEFAULT_REMOTE_TIMEOUT};
 pub use macula_runtime::stream::{
-    AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamHandle, StreamInfo,
-    StreamMsg, StreamSubscription, Streams, CONSUMER_HEADER, DELIVERIES_HEADER, SEQ_HEADER,
-    STREAM_HEADER,
+    AckKind, ConsumerReport, PersistOptions, PubAck, ReplicaStatus, ReplicationReport, StreamError,
+    StreamHandle, StreamInfo, StreamMsg, StreamSubscription, Streams, CONSUMER_HEADER,
+    DELIVERIES_HEADER, SEQ_HEADER, STREAM_HEADER,
 };
 pub use macula_stream::{
     AckPolicy, ConfigError, ConsumerConfig, DeliverPolicy, Discard, Purge, ReplayPolicy, Retention,

@@ -384,6 +384,8 @@ fn group_error(group: &str, e: &GroupError) -> Refusal {
         GroupError::Membership(_) => (StatusCode::CONFLICT, "raft.membership"),
         GroupError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "raft.stopped"),
         GroupError::NoLease(_) => (StatusCode::NOT_FOUND, "raft.no_lease"),
+        GroupError::NotLeader(_) => (StatusCode::SERVICE_UNAVAILABLE, "raft.not_leader"),
+        GroupError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "raft.busy"),
     };
     refusal(status, kind, format!("group {group:?}: {e}"))
 }
@@ -396,7 +398,8 @@ fn kv_status(e: &KvError) -> StatusCode {
         | KvError::ReservedKey
         | KvError::InvalidLease
         | KvError::InvalidName
-        | KvError::NestedBatch => StatusCode::BAD_REQUEST,
+        | KvError::NestedBatch
+        | KvError::NoApplier => StatusCode::BAD_REQUEST,
         KvError::TooManyKeys { .. } | KvError::TooManyLeases { .. } => {
             StatusCode::INSUFFICIENT_STORAGE
         }

@@ -231,13 +231,15 @@ fn ok<T: Serialize>(r: Result<T, StreamError>) -> Response {
 pub(super) async fn list(State(s): State<AdminState>) -> Response {
     let streams = s.node.streams();
     let broken = streams.broken();
+    let mut infos = Vec::new();
+    for n in streams.names().iter().filter(|n| !broken.contains_key(*n)) {
+        // A replicated stream this member does not lead: the leader's view.
+        if let Ok(i) = streams.handle(n).info().await {
+            infos.push(i);
+        }
+    }
     let report = StreamsReport {
-        streams: streams
-            .names()
-            .iter()
-            .filter(|n| !broken.contains_key(*n))
-            .filter_map(|n| streams.info(n).ok())
-            .collect(),
+        streams: infos,
         broken: broken
             .into_iter()
             .map(|(name, error)| BrokenStream { name, error })
@@ -259,7 +261,7 @@ pub(super) async fn add(
 
 /// `GET /admin/streams/{name}`.
 pub(super) async fn info(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    ok(s.node.streams().info(&name))
+    ok(s.node.streams().handle(&name).info().await)
 }
 
 /// `PUT /admin/streams/{name}`.
@@ -336,7 +338,12 @@ pub(super) async fn publish(
         ttl: req.ttl_ms.map(Duration::from_millis),
         publish: true,
     };
-    let r = s.node.streams().publish(&req.topic, payload, opts).await;
+    let r = s
+        .node
+        .streams()
+        .handle(&name)
+        .publish(&req.topic, payload, opts)
+        .await;
     match r {
         Ok(ack) if ack.stream != name => refuse(StreamError::Invalid(format!(
             "topic {} is captured by stream {}, not {name}",
@@ -351,7 +358,7 @@ pub(super) async fn msg(
     State(s): State<AdminState>,
     Path((name, seq)): Path<(String, u64)>,
 ) -> Response {
-    match s.node.streams().get_msg(&name, seq).await {
+    match s.node.streams().handle(&name).get_msg(seq).await {
         Ok(Some(m)) => Json(report(m)).into_response(),
         Ok(None) => error_kind(
             StatusCode::NOT_FOUND,
@@ -364,7 +371,7 @@ pub(super) async fn msg(
 
 /// `GET /admin/streams/{name}/consumers`.
 pub(super) async fn consumers(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    ok(s.node.streams().consumers(&name))
+    ok(s.node.streams().handle(&name).consumers().await)
 }
 
 /// `POST /admin/streams/{name}/consumers`.
@@ -377,9 +384,9 @@ pub(super) async fn add_consumer(
         Ok(Json(c)) => c,
         Err(e) => return bad_json(e),
     };
-    let streams = s.node.streams();
-    match streams.add_consumer(&name, cfg).await {
-        Ok(c) => ok(streams.consumer_info(&name, &c)),
+    let stream = s.node.streams().handle(&name);
+    match stream.add_consumer(cfg).await {
+        Ok(c) => ok(stream.consumer_info(&c).await),
         Err(e) => refuse(e),
     }
 }
@@ -389,7 +396,7 @@ pub(super) async fn consumer(
     State(s): State<AdminState>,
     Path((name, c)): Path<(String, String)>,
 ) -> Response {
-    ok(s.node.streams().consumer_info(&name, &c))
+    ok(s.node.streams().handle(&name).consumer_info(&c).await)
 }
 
 /// `DELETE /admin/streams/{name}/consumers/{c}`.
@@ -397,7 +404,7 @@ pub(super) async fn delete_consumer(
     State(s): State<AdminState>,
     Path((name, c)): Path<(String, String)>,
 ) -> Response {
-    match s.node.streams().delete_consumer(&name, &c).await {
+    match s.node.streams().handle(&name).delete_consumer(&c).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refuse(e),
     }
@@ -416,7 +423,8 @@ pub(super) async fn next(
     let wait = Duration::from_millis(req.wait_ms).min(MAX_NEXT_WAIT);
     ok(s.node
         .streams()
-        .next(&name, &c, req.batch, req.max_bytes, wait)
+        .handle(&name)
+        .next(&c, req.batch, req.max_bytes, wait)
         .await
         .map(|v| v.into_iter().map(report).collect::<Vec<_>>()))
 }
@@ -442,7 +450,7 @@ pub(super) async fn ack(
             )))
         }
     };
-    match s.node.streams().ack(&name, &c, req.seq, kind).await {
+    match s.node.streams().handle(&name).ack(&c, req.seq, kind).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refuse(e),
     }

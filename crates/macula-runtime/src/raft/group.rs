@@ -34,13 +34,25 @@ pub const MAX_GROUP_NAME_LEN: usize = macula_wire::raft::MAX_RAFT_GROUP_LEN;
 const ENTRY_OVERHEAD: usize = 8 * 1024;
 
 /// How a group was asked to start.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct GroupOptions {
     /// The founding voters. A node in this list with an empty log
     /// initializes the group with exactly these voters (all founders may,
     /// with the same list). Empty: join an existing group, as a learner
     /// until the leader promotes this node.
     pub members: Vec<NodeId>,
+    /// The state machine of the group's opaque entries (a replicated
+    /// stream's store), set before openraft applies anything.
+    pub applier: Option<Arc<dyn macula_raft::Applier>>,
+}
+
+impl std::fmt::Debug for GroupOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupOptions")
+            .field("members", &self.members)
+            .field("applier", &self.applier.is_some())
+            .finish()
+    }
 }
 
 /// Who leads a group, as this member sees it.
@@ -109,6 +121,13 @@ pub enum GroupError {
     Stopped(String),
     #[error("no lease {0} (expired or revoked)")]
     NoLease(u64),
+    /// Only the leader proposes this way; the leader as this member knows
+    /// it.
+    #[error("this member is not the group's leader (leader: {0:?})")]
+    NotLeader(Option<NodeId>),
+    /// The proposer's queue is full (4,096 writes wait already).
+    #[error("the group's proposal queue is full")]
+    Busy,
 }
 
 /// Checks a group name: 1 to [`MAX_GROUP_NAME_LEN`] bytes of
@@ -251,6 +270,7 @@ fn request_bytes(r: &Request) -> usize {
         } => name.len() + capabilities.iter().map(String::len).sum::<usize>(),
         Request::Unregister { name, .. } => name.len(),
         Request::Batch(v) => v.iter().map(request_bytes).sum(),
+        Request::Opaque(b) => b.len(),
         Request::LeaseGrant { .. } | Request::LeaseRevoke { .. } => 0,
     }
 }
@@ -293,6 +313,9 @@ impl Group {
         };
         let (log, sm) = macula_raft::open_with(&dir.join(format!("{name}.redb")), store)
             .map_err(|e| GroupError::Store(e.to_string()))?;
+        if let Some(applier) = options.applier.clone() {
+            sm.set_applier(applier);
+        }
         let heartbeat = limits.heartbeat.as_millis().max(1) as u64;
         let election = limits.election_min.as_millis().max(2) as u64;
         let config = Config {
@@ -537,6 +560,59 @@ impl Group {
     }
 
     /// Runs `op` on the leader: here when this node leads, else forwarded.
+    /// Queues `request` for the proposer now, in call order (a replicated
+    /// stream proposes under its core's lock, so its log order is its
+    /// sequence order); the future answers once the entry is committed and
+    /// applied here. Only on the leader; a full queue is refused at once.
+    pub(crate) fn propose_now(
+        &self,
+        request: Request,
+    ) -> Result<impl std::future::Future<Output = Result<Response, GroupError>> + Send, GroupError>
+    {
+        if !self.is_leader() {
+            return Err(GroupError::NotLeader(self.leader()));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .proposals
+            .try_send(Proposal {
+                request,
+                answer: tx,
+            })
+            .map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => GroupError::Busy,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                    GroupError::Stopped("the group has stopped".into())
+                }
+            })?;
+        Ok(async move {
+            match rx.await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => Err(match write_error(e) {
+                    LocalError::NotLeader(l) => GroupError::NotLeader(l),
+                    LocalError::Failed(e) => e,
+                }),
+                Err(_) => Err(GroupError::Stopped("the group has stopped".into())),
+            }
+        })
+    }
+
+    /// Returns once this member leads and has applied every entry
+    /// committed before (`ensure_linearizable`): a new leader's state
+    /// machine is then complete.
+    pub(crate) async fn barrier(&self) -> Result<(), GroupError> {
+        match self.0.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(GroupError::NotLeader(f.leader_id.map(|m| m.0)))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(GroupError::NoLeader(self.0.timeout))
+            }
+            Err(RaftError::Fatal(f)) => Err(GroupError::Stopped(f.to_string())),
+        }
+    }
+
     /// Retries (until the request timeout) while the leader is unknown,
     /// unreachable or has just stepped down, i.e. while nothing was
     /// proposed.

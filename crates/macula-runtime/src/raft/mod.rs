@@ -238,6 +238,32 @@ impl RaftGroups {
         }
     }
 
+    /// Stops the group `name` here and deletes its files (this node leaves
+    /// it for good: remove it from the membership first, or remove the
+    /// whole group everywhere). `false` if it did not run here.
+    pub async fn destroy(&self, name: &str) -> Result<bool, GroupError> {
+        let ran = self.leave(name).await;
+        let Some(dir) = self.0.dir.as_ref().map(|d| d.join("raft")) else {
+            return Ok(ran);
+        };
+        let file = dir.join(format!("{name}.redb"));
+        let log = macula_raft::store::log_dir(&file);
+        let gone = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(GroupError::Store(format!("{}: {e}", file.display())))
+            }
+            _ => Ok(()),
+        };
+        gone(std::fs::remove_file(&file))?;
+        gone(std::fs::remove_dir_all(&log))?;
+        Ok(ran)
+    }
+
+    /// This node's ID (its member ID in every group).
+    pub fn node_id(&self) -> NodeId {
+        self.0.node_id
+    }
+
     /// Stops every group (node shutdown).
     pub async fn shutdown(&self) {
         let all: Vec<Group> = self.0.groups.lock().drain().map(|(_, g)| g).collect();

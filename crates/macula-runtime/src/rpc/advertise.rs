@@ -49,6 +49,40 @@ impl Rpc {
         })
     }
 
+    /// Serves `procedure` (which must start with [`UNLISTED_PREFIX`]) only
+    /// to calls addressed to this node (`call_to`): nothing is put in the
+    /// DHT, so every node can serve the same control procedure without a
+    /// mesh-wide provider list. Dropping the registration stops it.
+    pub fn serve_unlisted<H: Handler>(
+        &self,
+        procedure: &str,
+        handler: H,
+    ) -> Result<Registration, RpcError> {
+        if !procedure.starts_with(UNLISTED_PREFIX) {
+            return Err(RpcError::Advertise {
+                procedure: procedure.to_string(),
+                reason: format!("an unlisted procedure's name starts with {UNLISTED_PREFIX:?}"),
+            });
+        }
+        let ad = Advert {
+            handler: Arc::new(handler) as Arc<dyn Handler>,
+            weight: DEFAULT_WEIGHT,
+            metadata: Vec::new(),
+            max_concurrent: None,
+        };
+        let token = self
+            .state()
+            .core
+            .advertise(procedure, ad)
+            .map_err(|e| advertise_error(procedure, e))?;
+        self.count_advertised();
+        Ok(Registration {
+            procedure: procedure.to_string(),
+            token,
+            owner: Some(Arc::downgrade(&self.0)),
+        })
+    }
+
     pub(super) fn count_advertised(&self) {
         let n = self.state().core.serving().len();
         self.0.counters.advertised.set(n as u64);
@@ -64,6 +98,9 @@ impl Rpc {
     /// Puts the advertisement of `procedure` as the core has it (or, with
     /// `on` false, its withdrawal) and this node's index record.
     pub(super) async fn publish_ad(&self, procedure: &str, on: bool) -> Result<(), String> {
+        if procedure.starts_with(UNLISTED_PREFIX) {
+            return Ok(());
+        }
         let ad = match on {
             true => self.state().core.serving().advertisement(procedure),
             false => None,
@@ -82,7 +119,10 @@ impl Rpc {
     pub(super) fn served_names(&self) -> Vec<String> {
         let s = self.state();
         let v = s.core.serving().advertised();
-        v.into_iter().map(|(name, _, _)| name).collect()
+        v.into_iter()
+            .map(|(name, _, _)| name)
+            .filter(|name| !name.starts_with(UNLISTED_PREFIX))
+            .collect()
     }
 
     /// Sets the addresses advertisements carry (a reachability check found

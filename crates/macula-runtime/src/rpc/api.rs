@@ -200,6 +200,10 @@ where
     }
 }
 
+/// Procedures whose names start with this are served only to calls
+/// addressed to the node ([`Rpc::serve_unlisted`]), never advertised.
+pub const UNLISTED_PREFIX: &str = "_node.";
+
 /// Options of an advertisement.
 #[derive(Debug, Clone, Default)]
 pub struct AdvertiseOptions {

@@ -10,11 +10,14 @@ use bytes::Bytes;
 use macula_stream::{AckPolicy, ConsumerConfig, DeliverPolicy};
 use macula_wire::Millis;
 
-use super::remote::RemoteStream;
+use super::remote::{RemoteStream, DEFAULT_REMOTE_TIMEOUT};
 use super::{
     AckKind, ConsumerReport, PersistOptions, PubAck, StreamError, StreamInfo, StreamMsg, Streams,
 };
 
+/// How long an operation on a replicated stream waits for a leader that
+/// this member just became (or for news of one).
+const OFFICE_PATIENCE: Duration = Duration::from_secs(5);
 /// Messages one [`StreamSubscription::recv`] pulls at most.
 const SUBSCRIPTION_BATCH: usize = 1000;
 /// How long one pull of a subscription to a remote stream waits (below
@@ -40,6 +43,34 @@ impl Streams {
         StreamHandle::Local {
             streams: self.clone(),
             name: name.to_string(),
+        }
+    }
+
+    /// Where an operation on `name` goes when this node is a member of the
+    /// replicated stream that does not serve it: the leader (`Some`), or
+    /// here after waiting a moment for this member's office (`None`, also
+    /// for every other stream).
+    async fn elsewhere(&self, name: &str) -> Result<Option<RemoteStream>, StreamError> {
+        let Some(r) = self.replica(name) else {
+            return Ok(None);
+        };
+        if r.serving() {
+            return Ok(None);
+        }
+        match (
+            r.group.leader().filter(|_| !r.group.is_leader()),
+            self.rpc(),
+        ) {
+            (Some(leader), Some(rpc)) => Ok(Some(RemoteStream::on_member(
+                rpc,
+                name,
+                leader,
+                DEFAULT_REMOTE_TIMEOUT,
+            ))),
+            _ => {
+                r.wait_serving(OFFICE_PATIENCE).await;
+                Ok(None)
+            }
         }
     }
 
@@ -82,6 +113,9 @@ impl StreamHandle {
     ) -> Result<PubAck, StreamError> {
         match self {
             StreamHandle::Local { streams, name } => {
+                if let Some(r) = streams.elsewhere(name).await? {
+                    return r.publish(topic, payload, opts).await;
+                }
                 streams.check_captures(name, topic)?;
                 streams.publish(topic, payload, opts).await
             }
@@ -92,7 +126,10 @@ impl StreamHandle {
     /// One stored message (`None`: not stored, or not durable yet).
     pub async fn get_msg(&self, seq: u64) -> Result<Option<StreamMsg>, StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => streams.get_msg(name, seq).await,
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.get_msg(seq).await,
+                None => streams.get_msg(name, seq).await,
+            },
             StreamHandle::Remote(r) => r.get_msg(seq).await,
         }
     }
@@ -100,7 +137,10 @@ impl StreamHandle {
     /// The stream's state.
     pub async fn info(&self) -> Result<StreamInfo, StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => streams.info(name),
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.info().await,
+                None => streams.info(name),
+            },
             StreamHandle::Remote(r) => r.info().await,
         }
     }
@@ -108,7 +148,10 @@ impl StreamHandle {
     /// Adds a consumer; its name (ephemeral ones get `eph-<n>`).
     pub async fn add_consumer(&self, cfg: ConsumerConfig) -> Result<String, StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => streams.add_consumer(name, cfg).await,
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.add_consumer(cfg).await,
+                None => streams.add_consumer(name, cfg).await,
+            },
             StreamHandle::Remote(r) => r.add_consumer(cfg).await,
         }
     }
@@ -116,7 +159,10 @@ impl StreamHandle {
     /// Removes a consumer.
     pub async fn delete_consumer(&self, consumer: &str) -> Result<(), StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => streams.delete_consumer(name, consumer).await,
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.delete_consumer(consumer).await,
+                None => streams.delete_consumer(name, consumer).await,
+            },
             StreamHandle::Remote(r) => r.delete_consumer(consumer).await,
         }
     }
@@ -124,7 +170,10 @@ impl StreamHandle {
     /// A consumer's state.
     pub async fn consumer_info(&self, consumer: &str) -> Result<ConsumerReport, StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => streams.consumer_info(name, consumer),
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.consumer_info(consumer).await,
+                None => streams.consumer_info(name, consumer),
+            },
             StreamHandle::Remote(r) => r.consumer_info(consumer).await,
         }
     }
@@ -132,7 +181,10 @@ impl StreamHandle {
     /// The stream's consumers.
     pub async fn consumers(&self) -> Result<Vec<ConsumerReport>, StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => streams.consumers(name),
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.consumers().await,
+                None => streams.consumers(name),
+            },
             StreamHandle::Remote(r) => r.consumers().await,
         }
     }
@@ -147,9 +199,10 @@ impl StreamHandle {
         wait: Duration,
     ) -> Result<Vec<StreamMsg>, StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => {
-                streams.next(name, consumer, batch, max_bytes, wait).await
-            }
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.next(consumer, batch, max_bytes, wait).await,
+                None => streams.next(name, consumer, batch, max_bytes, wait).await,
+            },
             StreamHandle::Remote(r) => r.next(consumer, batch, max_bytes, wait).await,
         }
     }
@@ -157,7 +210,10 @@ impl StreamHandle {
     /// Acknowledges (or naks, ...) a delivered message.
     pub async fn ack(&self, consumer: &str, seq: u64, kind: AckKind) -> Result<(), StreamError> {
         match self {
-            StreamHandle::Local { streams, name } => streams.ack(name, consumer, seq, kind).await,
+            StreamHandle::Local { streams, name } => match streams.elsewhere(name).await? {
+                Some(r) => r.ack(consumer, seq, kind).await,
+                None => streams.ack(name, consumer, seq, kind).await,
+            },
             StreamHandle::Remote(r) => r.ack(consumer, seq, kind).await,
         }
     }

@@ -31,16 +31,18 @@
 //! least every `StreamLimits::tick`.
 
 mod handle;
+mod manage;
 pub mod metrics;
 pub mod record;
 pub mod remote;
+pub mod replica;
 pub mod store;
 
 pub use handle::{StreamHandle, StreamSubscription};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +61,8 @@ use tokio::task::JoinHandle;
 use crate::clock::{wall_ms, Clock};
 pub use crate::config::StreamLimits;
 use crate::pubsub::PubSub;
+use crate::raft::{Group, GroupError};
+use macula_raft::{Request, Response};
 use store::{StoreError, StreamStore, Write};
 
 pub use macula_stream::{AckPolicy, DeliverPolicy, Discard, ReplayPolicy, Retention};
@@ -135,6 +139,17 @@ pub enum StreamError {
     /// not answer in time.
     #[error("the stream's node could not be reached: {0}")]
     Unreachable(String),
+    /// A replicated stream's member that does not lead (or does not serve
+    /// yet) was asked to change it.
+    #[error("this member does not lead the replicated stream (leader: {})", leader.as_deref().unwrap_or("unknown"))]
+    NotLeader {
+        /// The leader as this member knows it.
+        leader: Option<String>,
+    },
+    /// A replicated stream's group did not commit the change (no quorum,
+    /// leader change, queue full): it may or may not be stored.
+    #[error("replication failed: {0}")]
+    Replication(String),
 }
 
 impl StreamError {
@@ -158,6 +173,8 @@ impl StreamError {
             StreamError::Invalid(_) => "invalid",
             StreamError::Remote { kind, .. } => remote_kind(kind),
             StreamError::Unreachable(_) => "unreachable",
+            StreamError::NotLeader { .. } => "not_leader",
+            StreamError::Replication(_) => "replication",
         }
     }
 }
@@ -181,6 +198,8 @@ fn remote_kind(kind: &str) -> &'static str {
         "failed",
         "invalid",
         "unreachable",
+        "not_leader",
+        "replication",
     ];
     KINDS
         .iter()
@@ -285,6 +304,35 @@ pub struct StreamInfo {
     pub consumers: Vec<String>,
     /// What the stream counted.
     pub counters: StreamCountersReport,
+    /// A replicated stream's group, as its leader sees it.
+    #[serde(default)]
+    pub replication: Option<ReplicationReport>,
+}
+
+/// A replicated stream's group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicationReport {
+    /// The leader (the member that answered).
+    pub leader: String,
+    /// Voting members.
+    pub members: Vec<String>,
+    /// The Raft term.
+    pub term: u64,
+}
+
+/// One member's view of a replicated stream it holds (`Streams::replica_status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// This member leads and serves the stream.
+    pub serving: bool,
+    /// The leader it knows.
+    pub leader: Option<macula_wire::NodeId>,
+    /// The Raft log index its store has applied.
+    pub applied: u64,
+    /// Messages in its store.
+    pub stored: u64,
+    /// The last sequence in its store.
+    pub last_seq: u64,
 }
 
 /// A stream's counters.
@@ -362,6 +410,12 @@ struct Hosted {
     advertising: Mutex<Option<JoinHandle<()>>>,
     /// One task per push consumer, by consumer name.
     pushers: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    /// `replicas > 1`: every change goes through the group below.
+    replicated: bool,
+    /// A replicated stream's group (`replica.rs`), once joined.
+    replica: std::sync::OnceLock<Arc<Replica>>,
+    /// The Raft log index the store has applied (replicated streams).
+    applied: AtomicU64,
 }
 
 impl Hosted {
@@ -381,15 +435,124 @@ impl Hosted {
     }
 
     fn stop(&self) {
-        for t in self.tasks.lock().drain(..) {
+        self.stop_tasks();
+        if let Some(t) = self.advertising.lock().take() {
             t.abort();
         }
-        if let Some(t) = self.advertising.lock().take() {
+    }
+
+    /// Stops capture, timers, visibility and push consumers.
+    fn stop_tasks(&self) {
+        for t in self.tasks.lock().drain(..) {
             t.abort();
         }
         for (_, t) in std::mem::take(&mut *self.pushers.lock()) {
             t.abort();
         }
+    }
+
+    /// Queues writes the core decided (call under the core's lock: the
+    /// order of calls is the order on disk): to the store, or for a
+    /// replicated stream to its group. Dropping the answer does not cancel
+    /// the write.
+    fn submit(&self, writes: Vec<Write>) -> Result<Pending, StreamError> {
+        match self.replica.get() {
+            Some(r) => r.propose(writes),
+            None if self.replicated => Err(StreamError::NotLeader { leader: None }),
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.store.submit(writes, Some(tx))?;
+                Ok(Pending::Store(rx))
+            }
+        }
+    }
+}
+
+/// A queued write's answer.
+pub(crate) enum Pending {
+    /// The store's group commit.
+    Store(tokio::sync::oneshot::Receiver<Result<(), String>>),
+    /// A replicated stream's entry, committed and applied.
+    Raft(std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StreamError>> + Send>>),
+}
+
+/// A replicated stream on this member: its group and whether it serves.
+pub(crate) struct Replica {
+    pub(super) group: Group,
+    /// This member leads and has rebuilt its core: it takes writes.
+    serving: AtomicBool,
+    /// The term it serves in.
+    pub(super) term: AtomicU64,
+    /// Woken when `serving` changes.
+    changed: tokio::sync::Notify,
+}
+
+impl Replica {
+    pub(super) fn new(group: Group) -> Replica {
+        Replica {
+            group,
+            serving: AtomicBool::new(false),
+            term: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub(super) fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_serving(&self, on: bool, term: u64) {
+        self.term.store(term, Ordering::Release);
+        self.serving.store(on, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits up to `wait` for this member to serve.
+    pub(super) async fn wait_serving(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.serving() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.serving();
+            }
+        }
+    }
+
+    /// Proposes `writes` (the leader's core decided them, under its lock).
+    pub(super) fn propose(&self, writes: Vec<Write>) -> Result<Pending, StreamError> {
+        if !self.serving() {
+            return Err(StreamError::NotLeader {
+                leader: self.group.leader().map(|l| l.to_string()),
+            });
+        }
+        let bytes = rmp_serde::to_vec(&writes).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        let committed = self
+            .group
+            .propose_now(Request::Opaque(bytes))
+            .map_err(replication)?;
+        Ok(Pending::Raft(Box::pin(async move {
+            match committed.await.map_err(replication)? {
+                Response::Opaque(_) => Ok(()),
+                other => Err(StreamError::Replication(format!(
+                    "unexpected answer of the stream's group: {other:?}"
+                ))),
+            }
+        })))
+    }
+}
+
+/// A group error as the stream's.
+pub(super) fn replication(e: GroupError) -> StreamError {
+    match e {
+        GroupError::NotLeader(l) => StreamError::NotLeader {
+            leader: l.map(|l| l.to_string()),
+        },
+        e => StreamError::Replication(e.to_string()),
     }
 }
 
@@ -406,7 +569,17 @@ struct Inner {
     delivered: AtomicU64,
     /// Set once the node runs: hosted streams are served over it.
     rpc: std::sync::OnceLock<crate::rpc::Rpc>,
+    /// Set once the node runs: replicated streams' groups.
+    raft: std::sync::OnceLock<crate::raft::RaftGroups>,
+    /// Set once the node runs: the connected full nodes (replica
+    /// placement).
+    peers: std::sync::OnceLock<PeerList>,
+    /// The unlisted control procedures (`replica.rs`).
+    control: Mutex<Vec<crate::rpc::Registration>>,
 }
+
+/// The connected full nodes, asked when a replicated stream is added.
+pub type PeerList = Box<dyn Fn() -> Vec<macula_wire::NodeId> + Send + Sync>;
 
 /// The streams this node hosts (see the module docs).
 #[derive(Clone)]
@@ -447,6 +620,9 @@ impl Streams {
             pulls: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             rpc: std::sync::OnceLock::new(),
+            raft: std::sync::OnceLock::new(),
+            peers: std::sync::OnceLock::new(),
+            control: Mutex::new(Vec::new()),
         }));
         if let Some(dir) = streams.0.dir.clone() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -483,6 +659,23 @@ impl Streams {
 
     fn load(&self, path: &std::path::Path) -> Result<u64, StreamError> {
         let store = StreamStore::open(path, self.0.limits.cache_bytes)?;
+        let (stream, n) = self.restore(&store, true)?;
+        // The snapshot goes before anything else is written: this removal
+        // is the writer's first job, so it is in the first commit (or an
+        // earlier one) and a crash after any change scans. Not waited for:
+        // until that commit the file is as the snapshot describes it.
+        store.submit(vec![Write::Index(None)], None)?;
+        let applied = store.applied()?;
+        let h = self.host(stream, store);
+        h.applied.store(applied, Ordering::Release);
+        Ok(n)
+    }
+
+    /// A stream's core as its store holds it (with the clean shutdown's
+    /// index snapshot when `use_index` and it matches, else by a scan of
+    /// every message's head) and the number of messages.
+    fn restore(&self, store: &StreamStore, use_index: bool) -> Result<(Stream, u64), StreamError> {
+        let path = store.path();
         let (cfg, last_seq, last_ts) = store.meta()?;
         let cfg: StreamConfig = serde_json::from_slice(&cfg).map_err(|e| StoreError::Corrupt {
             path: path.to_path_buf(),
@@ -491,14 +684,16 @@ impl Streams {
         let now = now_wall();
         // A clean shutdown left the index: one read instead of every
         // message's head.
-        let snapshot = store
-            .index_snapshot()?
-            .and_then(|b| {
-                macula_stream::StreamState::from_snapshot(cfg.clone(), &b)
-                    .ok()
-                    .flatten()
-            })
-            .filter(|s| s.last_seq() == last_seq && s.last_ts() == last_ts);
+        let snapshot = match use_index {
+            true => store.index_snapshot()?,
+            false => None,
+        }
+        .and_then(|b| {
+            macula_stream::StreamState::from_snapshot(cfg.clone(), &b)
+                .ok()
+                .flatten()
+        })
+        .filter(|s| s.last_seq() == last_seq && s.last_ts() == last_ts);
         let (mut state, n) = match snapshot {
             Some(state) => {
                 let n = state.msgs();
@@ -531,11 +726,6 @@ impl Streams {
                 (state, n)
             }
         };
-        // The snapshot goes before anything else is written: this removal
-        // is the writer's first job, so it is in the first commit (or an
-        // earlier one) and a crash after any change scans. Not waited for:
-        // until that commit the file is as the snapshot describes it.
-        store.submit(vec![Write::Index(None)], None)?;
         state.set_visible_upto(Some(last_seq));
         let mut stream = Stream::from_state(state);
         let mono = self.0.clock.now();
@@ -547,12 +737,14 @@ impl Streams {
                 })?;
             stream.restore_consumer(rec.config, rec.state, mono)?;
         }
-        self.host(stream, store);
-        Ok(n)
+        Ok((stream, n))
     }
 
+    /// Hosts a stream: served to the mesh and, unless it is replicated
+    /// (then its leadership task does it, `replica.rs`), running.
     fn host(&self, stream: Stream, store: StreamStore) -> Arc<Hosted> {
         let name = stream.config().name.clone();
+        let replicated = stream.config().replicas > 1;
         let h = Arc::new(Hosted {
             name: name.clone(),
             core: Mutex::new(stream),
@@ -565,10 +757,22 @@ impl Streams {
             registration: Mutex::new(None),
             advertising: Mutex::new(None),
             pushers: Mutex::new(BTreeMap::new()),
+            replicated,
+            replica: std::sync::OnceLock::new(),
+            applied: AtomicU64::new(0),
         });
-        self.start_tasks(&h);
         self.0.hosted.lock().insert(name, h.clone());
         self.advertise(&h);
+        if !replicated {
+            self.start_serving(&h);
+        }
+        h
+    }
+
+    /// Starts a stream's tasks: capture, timers, visibility, push
+    /// consumers.
+    fn start_serving(&self, h: &Arc<Hosted>) {
+        self.start_tasks(h);
         let push: Vec<(String, String)> = {
             let core = h.core.lock();
             core.consumer_names()
@@ -579,9 +783,8 @@ impl Streams {
                 .collect()
         };
         for (consumer, subject) in push {
-            self.start_push(&h, consumer, subject);
+            self.start_push(h, consumer, subject);
         }
-        h
     }
 
     /// Runs push consumer `consumer` of `h`: pulls batches as the consumer
@@ -678,6 +881,82 @@ impl Streams {
         *h.tasks.lock() = tasks;
     }
 
+    /// Stream `name`, refused with `NotLeader` on a member of a replicated
+    /// stream that does not serve it (the caller routes to the leader:
+    /// `handle.rs`, `remote.rs`).
+    fn serving(&self, name: &str) -> Result<Arc<Hosted>, StreamError> {
+        let h = self.get(name)?;
+        check_serving(&h)?;
+        Ok(h)
+    }
+
+    /// The node's RPC, once it runs.
+    pub(crate) fn rpc(&self) -> Option<crate::rpc::Rpc> {
+        self.0.rpc.get().cloned()
+    }
+
+    /// The node's Raft groups, once it runs.
+    pub(crate) fn raft(&self) -> Option<crate::raft::RaftGroups> {
+        self.0.raft.get().cloned()
+    }
+
+    /// Stops a stream's tasks (a replica leaving office).
+    fn stop_serving(&self, h: &Hosted) {
+        h.stop_tasks();
+    }
+
+    /// Rebuilds a replica's core from its store (when it takes office);
+    /// the number of messages.
+    fn rebuild(&self, h: &Hosted) -> Result<u64, StreamError> {
+        let (stream, n) = self.restore(&h.store, false)?;
+        *h.core.lock() = stream;
+        h.changed.notify_waiters();
+        Ok(n)
+    }
+
+    /// This member's view of replicated stream `name` (`None`: not a
+    /// replicated stream hosted here, or its group is not joined yet).
+    pub fn replica_status(&self, name: &str) -> Option<ReplicaStatus> {
+        let h = self.0.hosted.lock().get(name).cloned()?;
+        let r = h.replica.get()?;
+        let (_, last_seq, _) = h.store.meta().ok()?;
+        Some(ReplicaStatus {
+            serving: r.serving(),
+            leader: r.group.leader(),
+            applied: h.applied.load(Ordering::Acquire),
+            stored: h.store.stored_messages().ok()?,
+            last_seq,
+        })
+    }
+
+    /// The group of stream `name` if it is a replicated stream hosted
+    /// here.
+    pub(crate) fn replica(&self, name: &str) -> Option<Arc<Replica>> {
+        self.0
+            .hosted
+            .lock()
+            .get(name)
+            .and_then(|h| h.replica.get().cloned())
+    }
+
+    /// Stored records of stream `name` from `from` on, as stored (a
+    /// replica installing a snapshot fetches them from the leader), at
+    /// most `replica::FETCH_MAX` of them and about `FETCH_MAX_BYTES`.
+    pub(crate) async fn fetch_local(
+        &self,
+        name: &str,
+        from: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StreamError> {
+        let h = self.get(name)?;
+        tokio::task::spawn_blocking(move || {
+            h.store
+                .raw_range(from, FETCH_MAX, FETCH_MAX_BYTES)
+                .map_err(StreamError::from)
+        })
+        .await
+        .map_err(|e| StreamError::Invalid(e.to_string()))?
+    }
+
     fn dir(&self) -> Result<&PathBuf, StreamError> {
         self.0.dir.as_ref().ok_or(StreamError::NoDataDir)
     }
@@ -715,15 +994,15 @@ impl Streams {
         Ok(())
     }
 
-    /// Creates a stream (its file and its capture). Adding a stream again
-    /// with the same configuration is a no-op.
-    pub async fn add(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
+    /// Creates a stream's file and hosts it (`manage.rs` adds streams);
+    /// `Ok(None)` if it is hosted already with this configuration.
+    fn create(&self, cfg: &StreamConfig) -> Result<Option<Arc<Hosted>>, StreamError> {
         let dir = self.dir()?.clone();
         cfg.validate()?;
         if let Ok(h) = self.get(&cfg.name) {
-            let same = h.core.lock().config() == &cfg;
+            let same = h.core.lock().config() == cfg;
             return if same {
-                self.info(&cfg.name)
+                Ok(None)
             } else {
                 Err(StreamError::Exists(cfg.name.clone()))
             };
@@ -735,25 +1014,21 @@ impl Streams {
         if count >= self.0.limits.max_streams {
             return Err(StreamError::TooMany(count));
         }
-        self.check_overlap(&cfg)?;
-        let stream = Stream::new(cfg.clone())?;
-        let json = serde_json::to_vec(&cfg).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        self.check_overlap(cfg)?;
+        let mut stream = Stream::new(cfg.clone())?;
+        let json = serde_json::to_vec(cfg).map_err(|e| StreamError::Invalid(e.to_string()))?;
         let path = dir.join(format!("{}.redb", cfg.name));
-        let cache = self.0.limits.cache_bytes;
-        let store = tokio::task::spawn_blocking(move || StreamStore::create(&path, &json, cache))
-            .await
-            .map_err(|e| StreamError::Invalid(e.to_string()))??;
-        let mut stream = stream;
+        let store = StreamStore::create(&path, &json, self.0.limits.cache_bytes)?;
         stream.set_visible_upto(0);
-        self.host(stream, store);
-        tracing::info!(stream = %cfg.name, subjects = ?cfg.subjects, "stream added");
-        self.info(&cfg.name)
+        let h = self.host(stream, store);
+        tracing::info!(stream = %cfg.name, subjects = ?cfg.subjects, replicas = cfg.replicas, "stream added");
+        Ok(Some(h))
     }
 
     /// Changes a stream's configuration (name, replicas and retention are
     /// fixed); the new limits apply at once.
     pub async fn edit(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
-        let h = self.get(&cfg.name)?;
+        let h = self.serving(&cfg.name)?;
         h.check()?;
         self.check_overlap(&cfg)?;
         let json = serde_json::to_vec(&cfg).map_err(|e| StreamError::Invalid(e.to_string()))?;
@@ -761,24 +1036,25 @@ impl Streams {
             let mut core = h.core.lock();
             let changed = core.config().subjects != cfg.subjects;
             let removed = core.edit(cfg.clone())?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            h.store
-                .submit(vec![Write::Config(json), Write::Delete(removed)], Some(tx))?;
-            (rx, changed)
+            (
+                h.submit(vec![Write::Config(json), Write::Delete(removed)])?,
+                changed,
+            )
         };
         wait_written(&h, rx).await?;
         if subjects_changed {
-            h.stop();
-            self.start_tasks(&h);
+            self.stop_serving(&h);
+            self.start_serving(&h);
         }
         self.info(&cfg.name)
     }
 
-    /// Removes a stream, its consumers and its file.
-    pub async fn delete(&self, name: &str) -> Result<(), StreamError> {
+    /// Removes a stream, its consumers and its file from this node
+    /// (`manage.rs` deletes streams); the removed stream.
+    async fn remove_local(&self, name: &str) -> Result<Option<Arc<Hosted>>, StreamError> {
         if self.0.broken.lock().remove(name).is_some() {
             let path = self.dir()?.join(format!("{name}.redb"));
-            return std::fs::remove_file(&path).map_err(|e| {
+            return std::fs::remove_file(&path).map(|_| None).map_err(|e| {
                 StoreError::Io {
                     path,
                     message: e.to_string(),
@@ -796,8 +1072,9 @@ impl Streams {
         drop(h.registration.lock().take());
         h.changed.notify_waiters();
         let path = h.store.path().to_path_buf();
+        let h2 = h.clone();
         tokio::task::spawn_blocking(move || {
-            h.store.close();
+            h2.store.close();
             std::fs::remove_file(&path).map_err(|e| StoreError::Io {
                 path: path.clone(),
                 message: e.to_string(),
@@ -806,20 +1083,18 @@ impl Streams {
         .await
         .map_err(|e| StreamError::Invalid(e.to_string()))??;
         tracing::info!(stream = %name, "stream deleted");
-        Ok(())
+        Ok(Some(h))
     }
 
     /// Removes the messages `p` names; returns how many.
     pub async fn purge(&self, name: &str, p: Purge) -> Result<u64, StreamError> {
-        let h = self.get(name)?;
+        let h = self.serving(name)?;
         h.check()?;
         let rx = {
             let mut core = h.core.lock();
             let removed = core.purge(&p);
             let n = removed.len() as u64;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            h.store.submit(vec![Write::Delete(removed)], Some(tx))?;
-            (rx, n)
+            (h.submit(vec![Write::Delete(removed)])?, n)
         };
         wait_written(&h, rx.0).await?;
         Ok(rx.1)
@@ -840,7 +1115,7 @@ impl Streams {
 
     /// A stream's state.
     pub fn info(&self, name: &str) -> Result<StreamInfo, StreamError> {
-        let h = self.get(name)?;
+        let h = self.serving(name)?;
         let durable_seq = *h.store.durable().borrow();
         let core = h.core.lock();
         let st = core.state();
@@ -855,6 +1130,14 @@ impl Streams {
             durable_seq,
             subjects: st.subjects(),
             consumers: core.consumer_names().map(str::to_string).collect(),
+            replication: h.replica.get().map(|r| {
+                let st = r.group.leader_state();
+                ReplicationReport {
+                    leader: st.leader.map(|l| l.to_string()).unwrap_or_default(),
+                    members: st.voters.iter().map(|v| v.to_string()).collect(),
+                    term: st.term,
+                }
+            }),
             counters: StreamCountersReport {
                 stored: c.stored,
                 duplicates: c.duplicates,
@@ -895,6 +1178,7 @@ impl Streams {
             .capturing(&t)
             .ok_or_else(|| StreamError::NotCaptured(topic.to_string()))?;
         h.check()?;
+        check_serving(&h)?;
         let ack = append(
             &h,
             &t,
@@ -942,7 +1226,7 @@ impl Streams {
 
     /// Reads one stored message.
     pub async fn get_msg(&self, name: &str, seq: u64) -> Result<Option<StreamMsg>, StreamError> {
-        let h = self.get(name)?;
+        let h = self.serving(name)?;
         let visible = h.core.lock().state().visible_upto();
         if seq > visible {
             return Ok(None);
@@ -957,7 +1241,7 @@ impl Streams {
         stream: &str,
         cfg: ConsumerConfig,
     ) -> Result<String, StreamError> {
-        let h = self.get(stream)?;
+        let h = self.serving(stream)?;
         let now = self.0.clock.now();
         let push = cfg.deliver_subject.clone();
         let name = h.core.lock().add_consumer(cfg, now)?;
@@ -972,19 +1256,14 @@ impl Streams {
 
     /// Removes a consumer.
     pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), StreamError> {
-        let h = self.get(stream)?;
+        let h = self.serving(stream)?;
         let rx = {
             let mut core = h.core.lock();
             let removed = core.delete_consumer(name)?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            h.store.submit(
-                vec![
-                    Write::Delete(removed),
-                    Write::Consumer(name.to_string(), None),
-                ],
-                Some(tx),
-            )?;
-            rx
+            h.submit(vec![
+                Write::Delete(removed),
+                Write::Consumer(name.to_string(), None),
+            ])?
         };
         h.dirty.lock().remove(name);
         if let Some(t) = h.pushers.lock().remove(name) {
@@ -995,7 +1274,7 @@ impl Streams {
 
     /// A consumer's state.
     pub fn consumer_info(&self, stream: &str, name: &str) -> Result<ConsumerReport, StreamError> {
-        let h = self.get(stream)?;
+        let h = self.serving(stream)?;
         let mut core = h.core.lock();
         let (cfg, exhausted) = {
             let c = core
@@ -1021,7 +1300,7 @@ impl Streams {
     /// The consumers of a stream.
     pub fn consumers(&self, stream: &str) -> Result<Vec<ConsumerReport>, StreamError> {
         let names: Vec<String> = {
-            let h = self.get(stream)?;
+            let h = self.serving(stream)?;
             let core = h.core.lock();
             core.consumer_names().map(str::to_string).collect()
         };
@@ -1063,7 +1342,7 @@ impl Streams {
                 self.0.limits.max_batch
             )));
         }
-        let h = self.get(stream)?;
+        let h = self.serving(stream)?;
         if !push {
             let core = h.core.lock();
             if let Some(subject) = core
@@ -1139,7 +1418,7 @@ impl Streams {
         seq: u64,
         kind: AckKind,
     ) -> Result<(), StreamError> {
-        let h = self.get(stream)?;
+        let h = self.serving(stream)?;
         let now = self.0.clock.now();
         {
             let mut core = h.core.lock();
@@ -1156,7 +1435,8 @@ impl Streams {
                 }
             };
             if !removed.is_empty() {
-                h.store.submit(vec![Write::Delete(removed)], None)?;
+                // Not waited for: the next write is queued behind it.
+                drop(h.submit(vec![Write::Delete(removed)])?);
             }
         }
         self.mark_dirty(&h, consumer);
@@ -1195,12 +1475,7 @@ impl Streams {
             };
             let bytes =
                 serde_json::to_vec(&rec).map_err(|e| StreamError::Invalid(e.to_string()))?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            h.store.submit(
-                vec![Write::Consumer(name.to_string(), Some(bytes))],
-                Some(tx),
-            )?;
-            rx
+            h.submit(vec![Write::Consumer(name.to_string(), Some(bytes))])?
         };
         wait_written(h, rx).await
     }
@@ -1221,12 +1496,16 @@ impl Streams {
             // (so it matches what is on disk): the next start reads it
             // instead of every message's head, and removes it before it
             // writes anything (a crash after that falls back to the scan).
-            let index = h.core.lock().state().snapshot();
-            if h.store
-                .submit(vec![Write::Index(Some(index))], None)
-                .is_err()
-            {
-                tracing::warn!(stream = %h.name, "index snapshot not written: store closed");
+            // Not for a replicated stream: a member's core is only rebuilt
+            // when it takes office, from the store.
+            if h.replica.get().is_none() {
+                let index = h.core.lock().state().snapshot();
+                if h.store
+                    .submit(vec![Write::Index(Some(index))], None)
+                    .is_err()
+                {
+                    tracing::warn!(stream = %h.name, "index snapshot not written: store closed");
+                }
             }
             tokio::task::spawn_blocking(move || h.store.close())
                 .await
@@ -1247,7 +1526,7 @@ impl Streams {
 
 enum Appending {
     Duplicate(u64),
-    Stored(u64, tokio::sync::oneshot::Receiver<Result<(), String>>),
+    Stored(u64, Pending),
 }
 
 /// Appends under the core's lock and queues the write in sequence order.
@@ -1294,17 +1573,35 @@ fn append(
                 writes.push(Write::Delete(removed));
             }
             writes.push(Write::Last(core.state().last_seq(), core.state().last_ts()));
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            h.store.submit(writes, Some(tx))?;
-            Ok(Appending::Stored(seq, rx))
+            Ok(Appending::Stored(seq, h.submit(writes)?))
         }
     }
 }
 
-async fn wait_written(
-    h: &Hosted,
-    rx: tokio::sync::oneshot::Receiver<Result<(), String>>,
-) -> Result<(), StreamError> {
+/// `NotLeader` on a member of a replicated stream that does not serve.
+fn check_serving(h: &Hosted) -> Result<(), StreamError> {
+    match h.replica.get() {
+        Some(r) if !r.serving() => Err(StreamError::NotLeader {
+            leader: r.group.leader().map(|l| l.to_string()),
+        }),
+        None if h.replicated => Err(StreamError::NotLeader { leader: None }),
+        _ => Ok(()),
+    }
+}
+
+/// Records one fetch answers at most (a replica installing a snapshot).
+pub const FETCH_MAX: usize = 1024;
+/// Record bytes one fetch answers at most (beyond its first record).
+pub const FETCH_MAX_BYTES: usize = 256 * 1024;
+
+/// Waits for a queued write. A failed store write fails the stream; a
+/// replicated stream's refused or uncommitted entry is only this write's
+/// error.
+async fn wait_written(h: &Hosted, pending: Pending) -> Result<(), StreamError> {
+    let rx = match pending {
+        Pending::Store(rx) => rx,
+        Pending::Raft(committed) => return committed.await,
+    };
     match rx.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
@@ -1455,8 +1752,13 @@ async fn timers(h: std::sync::Weak<Hosted>, limits: StreamLimits, clock: Clock) 
             let woke = core.has_redeliveries();
             (removed, woke)
         };
-        if !removed.is_empty() && h.store.submit(vec![Write::Delete(removed)], None).is_err() {
-            h.fail("store closed".into());
+        if !removed.is_empty() {
+            match h.submit(vec![Write::Delete(removed)]) {
+                Ok(_) => {}
+                // A replica that just left office: the new leader expires.
+                Err(StreamError::NotLeader { .. }) => {}
+                Err(e) => h.fail(format!("expired messages not removed: {e}")),
+            }
         }
         if woke {
             h.changed.notify_waiters();
@@ -1488,7 +1790,7 @@ fn flush_dirty(h: &Hosted) {
                 .map(|b| Write::Consumer(n, Some(b)))
         })
         .collect();
-    if h.store.submit(writes, None).is_err() {
-        tracing::warn!(stream = %h.name, "consumer positions not written: store closed");
+    if let Err(e) = h.submit(writes) {
+        tracing::warn!(stream = %h.name, error = %e, "consumer positions not written");
     }
 }

@@ -9,6 +9,14 @@
 //! hosting node's `StreamError::kind` and message. Managing streams (add,
 //! edit, purge, delete) stays with the admin API; the procedure serves what
 //! applications do: acknowledged publish, reads, consumers, pulls and acks.
+//!
+//! A replicated stream (`replica.rs`) is advertised by each of its members;
+//! a member that does not lead forwards the request to the leader with the
+//! header [`FORWARDED_HEADER`], and answers with the leader's answer. A
+//! forwarded request is never forwarded again: a member that gets one and
+//! does not serve waits a moment for its office, then answers `not_leader`.
+//! `Op::Fetch` (records as stored, for a member installing a snapshot) is
+//! answered by whichever member gets it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +41,11 @@ pub fn procedure(stream: &str) -> String {
 pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Added to a pull's wait for its call's deadline.
 const PULL_MARGIN: Duration = Duration::from_secs(5);
+/// The header of a request a replicated stream's member forwarded to the
+/// leader.
+pub const FORWARDED_HEADER: &str = "macula-stream-forwarded";
+/// How long a member that got a forwarded request waits to serve.
+const FORWARDED_PATIENCE: Duration = Duration::from_secs(2);
 
 /// A request to the stream's node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +88,11 @@ pub enum Op {
         seq: u64,
         kind: AckKind,
     },
+    /// Stored records from `from` on, as stored (a replicated stream's
+    /// member installing a snapshot).
+    Fetch {
+        from: u64,
+    },
 }
 
 /// A message as it travels.
@@ -105,6 +123,8 @@ pub enum Answer {
     ConsumerInfo(Box<ConsumerReport>),
     Consumers(Vec<ConsumerReport>),
     Done,
+    /// `(sequence, record)` pairs, ascending.
+    Records(Vec<(u64, serde_bytes::ByteBuf)>),
 }
 
 /// Why the stream's node refused an [`Op`].
@@ -155,10 +175,56 @@ pub fn decode_answer(payload: &[u8]) -> Result<Result<Answer, Failure>, rmp_serd
 /// Serves one request for `stream` (the handler behind
 /// `_stream.<stream>`). A body that does not decode is a handler error 400;
 /// a refused operation is an answered `Failure`.
-pub(crate) async fn serve(streams: &Streams, stream: &str, payload: &[u8]) -> HandlerResult {
+pub(crate) async fn serve(
+    streams: &Streams,
+    stream: &str,
+    req: &crate::rpc::Request,
+) -> HandlerResult {
+    let payload = &req.payload;
     let op = decode_op(payload)
         .map_err(|e| HandlerError::new(400, format!("bad stream request: {e}")))?;
+    if let Some(r) = streams.replica(stream) {
+        if !matches!(op, Op::Fetch { .. }) && !r.serving() {
+            let forwarded = req.headers.iter().any(|(k, _)| k == FORWARDED_HEADER);
+            let leader = r
+                .group
+                .leader()
+                .filter(|_| !r.group.is_leader() && !forwarded);
+            if let (Some(leader), Some(rpc)) = (leader, streams.rpc()) {
+                let timeout = match &op {
+                    Op::Next { wait_ms, .. } => Duration::from_millis(*wait_ms) + PULL_MARGIN,
+                    _ => DEFAULT_REMOTE_TIMEOUT,
+                };
+                let reply = rpc
+                    .call_to(leader, &procedure(stream), payload.clone())
+                    .header(FORWARDED_HEADER, "1")
+                    .timeout(timeout)
+                    .retries(0)
+                    .await;
+                return match reply {
+                    Ok(r) => Ok(r.payload),
+                    Err(e) => failure(&StreamError::Unreachable(format!(
+                        "the stream's leader {leader}: {e}"
+                    ))),
+                };
+            }
+            // Forwarded here, or this member was just elected: it serves
+            // in a moment, or the caller is told who leads.
+            r.wait_serving(FORWARDED_PATIENCE).await;
+        }
+    }
     let result = run(streams, stream, op).await.map_err(|e| Failure {
+        kind: e.kind().to_string(),
+        message: e.to_string(),
+    });
+    rmp_serde::to_vec_named(&result)
+        .map(Bytes::from)
+        .map_err(|e| HandlerError::new(500, e.to_string()))
+}
+
+/// An answered failure.
+fn failure(e: &StreamError) -> HandlerResult {
+    let result: Result<Answer, Failure> = Err(Failure {
         kind: e.kind().to_string(),
         message: e.to_string(),
     });
@@ -228,6 +294,14 @@ async fn run(streams: &Streams, stream: &str, op: Op) -> Result<Answer, StreamEr
             streams.ack(stream, &consumer, seq, kind).await?;
             Answer::Done
         }
+        Op::Fetch { from } => Answer::Records(
+            streams
+                .fetch_local(stream, from)
+                .await?
+                .into_iter()
+                .map(|(s, r)| (s, serde_bytes::ByteBuf::from(r)))
+                .collect(),
+        ),
     })
 }
 
@@ -263,7 +337,7 @@ impl Streams {
                     let (w, n) = (w.clone(), n.clone());
                     async move {
                         match w.upgrade() {
-                            Some(inner) => serve(&Streams(inner), &n, &req.payload).await,
+                            Some(inner) => serve(&Streams(inner), &n, &req).await,
                             None => Err(crate::rpc::HandlerError::new(503, "the node is stopping")),
                         }
                     }
@@ -334,6 +408,24 @@ impl RemoteStream {
             timeout,
             host: Default::default(),
             direct: true,
+        }
+    }
+
+    /// `stream` on member `node` (a replicated stream's leader): calls go
+    /// to it first.
+    pub fn on_member(rpc: Rpc, stream: &str, node: NodeId, timeout: Duration) -> RemoteStream {
+        let r = RemoteStream::new(rpc, stream, timeout);
+        *r.host.lock() = Some(node);
+        r
+    }
+
+    /// Stored records from `from` on, as stored, from the member this
+    /// handle calls (never through discovery: another member may be
+    /// behind).
+    pub async fn fetch(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>, StreamError> {
+        match self.op(&Op::Fetch { from }, self.timeout, false).await? {
+            Answer::Records(v) => Ok(v.into_iter().map(|(s, r)| (s, r.into_vec())).collect()),
+            other => Err(unexpected(other)),
         }
     }
 

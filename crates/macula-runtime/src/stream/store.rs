@@ -35,6 +35,8 @@ pub const META_LAST: &str = "last";
 /// the first write after the next start, so a crash never leaves a stale
 /// one).
 pub const META_INDEX: &str = "index";
+/// `meta` key of a replicated stream's applied Raft log index (8 bytes, LE).
+pub const META_APPLIED: &str = "applied";
 
 /// Writes one group commit takes at most (more wait for the next).
 const MAX_GROUP: usize = 8192;
@@ -73,21 +75,30 @@ pub enum StoreError {
     Closed(PathBuf),
 }
 
-/// One write of a group.
-#[derive(Debug)]
+/// One write of a group. A replicated stream's writes travel in its Raft
+/// log as MessagePack (`replica.rs`, PROTOCOL.md 5.12), so the enum is
+/// serializable; `Index` and `Applied` are the member's own and never
+/// travel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Write {
     /// Store a record under a sequence.
-    Put(u64, Vec<u8>),
+    Put(u64, #[serde(with = "serde_bytes")] Vec<u8>),
     /// Delete records.
     Delete(Vec<u64>),
     /// Set the last sequence and timestamp.
     Last(u64, u64),
     /// Set the configuration (JSON).
-    Config(Vec<u8>),
+    Config(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Set (`Some`) or delete a consumer's record.
-    Consumer(String, Option<Vec<u8>>),
+    Consumer(String, #[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// Set (`Some`) or delete the index snapshot.
-    Index(Option<Vec<u8>>),
+    Index(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    /// Set the Raft log index a replicated stream's store has applied
+    /// (written with the entry's changes: a replay skips them).
+    Applied(u64),
+    /// Delete every message and consumer (a replica installing another
+    /// member's state).
+    Clear,
 }
 
 /// Who waits for a group commit: an async caller or a blocking one.
@@ -383,6 +394,51 @@ impl StreamStore {
         Ok(n)
     }
 
+    /// The Raft log index a replicated stream's store has applied (0:
+    /// none, or not replicated).
+    pub fn applied(&self) -> Result<u64, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
+        let v = t.get(META_APPLIED).map_err(|x| e(x.to_string()))?;
+        match v.map(|v| <[u8; 8]>::try_from(v.value())) {
+            None => Ok(0),
+            Some(Ok(b)) => Ok(u64::from_le_bytes(b)),
+            Some(Err(_)) => Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "applied index".into(),
+            }),
+        }
+    }
+
+    /// Stored records from `from` on, ascending, as stored (record bytes),
+    /// until `max_bytes` of records (at least one) or `max` records.
+    pub fn raw_range(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let e = io(&self.path);
+        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
+        let t = match txn.open_table(MSGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x.to_string())),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in t.range(from..).map_err(|x| e(x.to_string()))? {
+            let (k, v) = item.map_err(|x| e(x.to_string()))?;
+            if out.len() >= max || (!out.is_empty() && bytes + v.value().len() > max_bytes) {
+                break;
+            }
+            bytes += v.value().len();
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Stored messages (as redb counts them).
     pub fn stored_messages(&self) -> Result<u64, StoreError> {
         let e = io(&self.path);
@@ -550,6 +606,14 @@ fn commit(db: &Database, group: &[Job]) -> Result<(), String> {
                 }
                 Write::Index(None) => {
                     meta.remove(META_INDEX).map_err(|e| e.to_string())?;
+                }
+                Write::Applied(index) => {
+                    meta.insert(META_APPLIED, index.to_le_bytes().as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Write::Clear => {
+                    msgs.retain(|_, _| false).map_err(|e| e.to_string())?;
+                    consumers.retain(|_, _| false).map_err(|e| e.to_string())?;
                 }
             }
         }

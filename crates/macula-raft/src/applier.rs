@@ -1,0 +1,41 @@
+//! A second state machine beside the key space: a group whose entries are
+//! [`Request::Opaque`](crate::Request::Opaque) hands them to an
+//! [`Applier`] (a replicated stream's store, in the runtime).
+//!
+//! The contract that keeps it exactly once across crashes:
+//!
+//! * [`Applier::apply`] gets every opaque payload of the entries being
+//!   applied, in log order, with its log index (a batch entry gives several
+//!   payloads the same index), and returns once they are durable, one
+//!   answer per payload. It is called **before** the key space advances
+//!   `last_applied`, so the applier is never behind what the store reports
+//!   applied.
+//! * It keeps its own applied index, durable with the changes, and skips
+//!   what it already holds (after a crash openraft re-applies the log from
+//!   the state machine's persisted `last_applied`, which may be behind).
+//! * [`Applier::snapshot`] is its state as of some index at or after the
+//!   key space's `last_applied` (snapshots are built beside applies), and
+//!   [`Applier::install`] makes a lagging member's applier equal to that
+//!   state: the data may be a summary (a stream's bounds) that the applier
+//!   completes by fetching from the leader.
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future of the applier.
+pub type ApplierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// The state machine of a group's opaque entries (see the module docs).
+pub trait Applier: Send + Sync + 'static {
+    /// Applies `(log index, payload)` in order; returns once durable, with
+    /// one answer per payload (an empty one for a payload already held).
+    /// An error stops the group (its store can no longer be trusted).
+    fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> ApplierFuture<'_, Vec<Vec<u8>>>;
+
+    /// The applier's state for a snapshot.
+    fn snapshot(&self) -> Result<Vec<u8>, String>;
+
+    /// Replaces this member's state with a snapshot's (`data` as
+    /// [`Applier::snapshot`] made it on another member).
+    fn install(&self, data: Vec<u8>) -> ApplierFuture<'_, ()>;
+}

@@ -1,0 +1,361 @@
+//! Replicated streams (`replicas: 3`): one Raft group per stream,
+//! `_stream.<name>`, on the node's Raft service (`raft/`).
+//!
+//! **The leader decides, every member stores.** The leader runs the
+//! stream's core as an unreplicated stream does (sequence, timestamp,
+//! de-duplication, limits, consumers), but instead of queueing the
+//! resulting store writes (`store::Write`) to its own file it proposes them
+//! as one opaque Raft entry (`Request::Opaque`, MessagePack of the writes,
+//! PROTOCOL.md 5.12), under the core's lock so that log order is sequence
+//! order. Every member, the leader included, applies committed entries to
+//! its own store with the entry's log index (`Write::Applied`) in the same
+//! group commit ([`StreamApplier`]): a replay after a crash skips what the
+//! store holds. A publish is acknowledged once its entry is committed (on
+//! disk on a majority) and applied on the leader.
+//!
+//! **Leadership.** Only the leader serves. When a member takes office it
+//! waits until it has applied everything committed before
+//! ([`Group::barrier`]), rebuilds its core from its store (the store holds
+//! exactly the committed writes: whatever a deposed leader's core decided
+//! and never committed is gone), and then starts the stream's tasks
+//! (capture, timers, push consumers). A member that loses office stops
+//! them. Every member advertises `_stream.<name>`; one that does not serve
+//! forwards the operation to the leader (`Streams::route`), once.
+//!
+//! **Catch-up.** A member that was down replays the log it missed. One
+//! too far behind (the leader purged that log after a snapshot) installs
+//! the group's snapshot, whose applier part is a summary
+//! ([`ReplicaState`]: bounds, configuration, consumers, applied index);
+//! the member then fetches the records from the leader in batches
+//! (`Op::Fetch`) and writes them before it reports the install done.
+//!
+//! **Members** are the node that adds the stream and the two other
+//! connected full nodes nearest (XOR) to the BLAKE3 hash of its name; they
+//! are asked with the unlisted control procedure `_node.streams.replica`.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use macula_raft::ApplierFuture;
+use macula_wire::NodeId;
+use serde::{Deserialize, Serialize};
+
+use super::remote::{RemoteStream, DEFAULT_REMOTE_TIMEOUT};
+use super::store::Write;
+use super::{Hosted, Inner, Replica, StreamError, Streams};
+
+/// The unlisted control procedure that makes a node a member of a
+/// replicated stream ([`ReplicaRequest`]).
+pub const REPLICA_PROCEDURE: &str = "_node.streams.replica";
+/// The unlisted control procedure that removes a replicated stream from a
+/// member (its name as the payload).
+pub const DROP_PROCEDURE: &str = "_node.streams.drop";
+
+/// The Raft group of stream `name`.
+pub fn group_name(name: &str) -> String {
+    format!("_stream.{name}")
+}
+
+/// Asks a node to become a member of a replicated stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaRequest {
+    /// The stream's configuration (JSON, as stored).
+    #[serde(with = "serde_bytes")]
+    pub config: Vec<u8>,
+    /// The founding members.
+    pub members: Vec<NodeId>,
+}
+
+/// What a replicated stream's snapshot carries of the stream: its bounds,
+/// not its messages (the installing member fetches those).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaState {
+    /// The log index the store had applied.
+    pub applied: u64,
+    #[serde(with = "serde_bytes")]
+    pub config: Vec<u8>,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub last_ts: u64,
+    /// Durable consumers: name -> record.
+    pub consumers: Vec<(String, serde_bytes::ByteBuf)>,
+}
+
+/// The Raft applier of one replicated stream: applies committed writes to
+/// this member's store (see the module docs).
+pub(super) struct StreamApplier {
+    pub(super) hosted: Weak<Hosted>,
+    pub(super) streams: Weak<Inner>,
+}
+
+impl StreamApplier {
+    fn hosted(&self) -> Result<Arc<Hosted>, String> {
+        self.hosted
+            .upgrade()
+            .ok_or_else(|| "the stream was removed".to_string())
+    }
+}
+
+impl macula_raft::Applier for StreamApplier {
+    fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> ApplierFuture<'_, Vec<Vec<u8>>> {
+        Box::pin(async move {
+            let h = self.hosted()?;
+            let applied = h.applied.load(Ordering::Acquire);
+            let mut answers = Vec::with_capacity(entries.len());
+            let mut writes = Vec::new();
+            let mut top = applied;
+            for (index, bytes) in entries {
+                answers.push(Vec::new());
+                if index <= applied {
+                    continue;
+                }
+                let ws: Vec<Write> = rmp_serde::from_slice(&bytes)
+                    .map_err(|e| format!("entry {index} does not decode: {e}"))?;
+                writes.extend(
+                    ws.into_iter()
+                        .filter(|w| !matches!(w, Write::Index(_) | Write::Applied(_))),
+                );
+                top = top.max(index);
+            }
+            if top > applied {
+                writes.push(Write::Applied(top));
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                h.store
+                    .submit(writes, Some(tx))
+                    .map_err(|e| e.to_string())?;
+                rx.await
+                    .map_err(|_| "the stream store closed".to_string())??;
+                h.applied.store(top, Ordering::Release);
+            }
+            Ok(answers)
+        })
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        let h = self.hosted()?;
+        let state = replica_state(&h).map_err(|e| e.to_string())?;
+        rmp_serde::to_vec_named(&state).map_err(|e| e.to_string())
+    }
+
+    fn install(&self, data: Vec<u8>) -> ApplierFuture<'_, ()> {
+        Box::pin(async move {
+            let h = self.hosted()?;
+            let state: ReplicaState = rmp_serde::from_slice(&data)
+                .map_err(|e| format!("replica state does not decode: {e}"))?;
+            let streams = self
+                .streams
+                .upgrade()
+                .map(Streams)
+                .ok_or_else(|| "the node is stopping".to_string())?;
+            install(&streams, &h, state).await
+        })
+    }
+}
+
+impl Streams {
+    /// Records of `h` from `from` on, from the group's leader.
+    async fn fetch_from_leader(
+        &self,
+        h: &Hosted,
+        from: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StreamError> {
+        let group = self
+            .raft()
+            .and_then(|r| r.get(&group_name(&h.name)))
+            .ok_or_else(|| StreamError::Replication("the stream's group is not running".into()))?;
+        let leader = group
+            .leader()
+            .filter(|_| !group.is_leader())
+            .ok_or(StreamError::NotLeader { leader: None })?;
+        let rpc = self
+            .rpc()
+            .ok_or_else(|| StreamError::Unreachable("the node is not running yet".into()))?;
+        RemoteStream::on_member(rpc, &h.name, leader, DEFAULT_REMOTE_TIMEOUT)
+            .fetch(from)
+            .await
+    }
+}
+
+/// This member's store as a [`ReplicaState`].
+fn replica_state(h: &Hosted) -> Result<ReplicaState, StreamError> {
+    let applied = h.store.applied()?;
+    let (config, last_seq, last_ts) = h.store.meta()?;
+    let first_seq = h
+        .store
+        .raw_range(0, 1, 1)?
+        .first()
+        .map(|(s, _)| *s)
+        .unwrap_or(last_seq + 1);
+    let consumers = h
+        .store
+        .consumers()?
+        .into_iter()
+        .map(|(n, b)| (n, serde_bytes::ByteBuf::from(b)))
+        .collect();
+    Ok(ReplicaState {
+        applied,
+        config,
+        first_seq,
+        last_seq,
+        last_ts,
+        consumers,
+    })
+}
+
+/// How long an install keeps trying to fetch from the leader.
+const INSTALL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Makes `h`'s store the state a snapshot summarizes: everything cleared,
+/// the configuration, bounds and consumers written, the records fetched
+/// from the leader, and last the applied index (a crash before that
+/// leaves the old index, and the leader sends the snapshot again).
+async fn install(streams: &Streams, h: &Arc<Hosted>, state: ReplicaState) -> Result<(), String> {
+    tracing::info!(stream = %h.name, applied = state.applied, first = state.first_seq, last = state.last_seq, "installing a replicated stream's snapshot");
+    let mut writes = vec![
+        Write::Clear,
+        Write::Config(state.config.clone()),
+        Write::Last(state.last_seq, state.last_ts),
+    ];
+    for (n, b) in &state.consumers {
+        writes.push(Write::Consumer(n.clone(), Some(b.to_vec())));
+    }
+    h.store.write(writes).await.map_err(|e| e.to_string())?;
+    let mut from = state.first_seq;
+    let deadline = tokio::time::Instant::now() + INSTALL_PATIENCE;
+    while from <= state.last_seq {
+        let batch = match streams.fetch_from_leader(h, from).await {
+            Ok(b) => b,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(stream = %h.name, error = %e, "fetch from the leader failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(format!("could not fetch the stream from its leader: {e}")),
+        };
+        let Some(&(last, _)) = batch.last() else {
+            break;
+        };
+        let puts: Vec<Write> = batch
+            .into_iter()
+            .filter(|(s, _)| *s <= state.last_seq)
+            .map(|(s, r)| Write::Put(s, r))
+            .collect();
+        h.store.write(puts).await.map_err(|e| e.to_string())?;
+        from = last + 1;
+    }
+    h.store
+        .write(vec![Write::Applied(state.applied)])
+        .await
+        .map_err(|e| e.to_string())?;
+    h.applied.store(state.applied, Ordering::Release);
+    Ok(())
+}
+
+/// Follows the group's leadership: takes office (barrier, rebuild, tasks)
+/// and leaves it (tasks stopped). Runs as long as the stream is hosted.
+pub(super) async fn lead(streams: Weak<Inner>, hosted: Weak<Hosted>, replica: Arc<Replica>) {
+    let mut leader = replica.group.watch_leader();
+    loop {
+        let state = leader.borrow_and_update().clone();
+        let (Some(h), Some(inner)) = (hosted.upgrade(), streams.upgrade()) else {
+            return;
+        };
+        let streams = Streams(inner);
+        let term_served = replica
+            .serving()
+            .then(|| replica.term.load(Ordering::Acquire));
+        if state.is_leader && term_served != Some(state.term) {
+            if replica.serving() {
+                streams.stop_serving(&h);
+                replica.set_serving(false, 0);
+            }
+            match replica.group.barrier().await {
+                Ok(()) => match streams.rebuild(&h) {
+                    Ok(n) => {
+                        streams.start_serving(&h);
+                        replica.set_serving(true, state.term);
+                        tracing::info!(stream = %h.name, term = state.term, messages = n, "leading the replicated stream");
+                    }
+                    Err(e) => h.fail(format!("could not rebuild the stream as its leader: {e}")),
+                },
+                Err(e) => {
+                    tracing::debug!(stream = %h.name, error = %e, "not taking office yet");
+                    drop((h, streams));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        } else if !state.is_leader && replica.serving() {
+            streams.stop_serving(&h);
+            replica.set_serving(false, 0);
+            tracing::info!(stream = %h.name, leader = ?state.leader, "no longer leading the replicated stream");
+        }
+        drop((h, streams));
+        if leader.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The `count` nodes of `candidates` nearest (XOR) to the hash of
+/// `stream`, in that order.
+pub(super) fn nearest(stream: &str, candidates: &[NodeId], count: usize) -> Vec<NodeId> {
+    let key = NodeId::from_bytes(*blake3::hash(stream.as_bytes()).as_bytes());
+    let mut v: Vec<NodeId> = candidates.to_vec();
+    v.sort_by_key(|n| n.distance(&key));
+    v.dedup();
+    v.truncate(count);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_the_nearest_to_the_name_and_stable() {
+        let ids: Vec<NodeId> = (0u8..10)
+            .map(|i| NodeId::from_public_key(&[i; 32]))
+            .collect();
+        let a = nearest("orders", &ids, 2);
+        assert_eq!(a.len(), 2);
+        let mut rev = ids.clone();
+        rev.reverse();
+        assert_eq!(
+            nearest("orders", &rev, 2),
+            a,
+            "order of candidates does not matter"
+        );
+        let key = NodeId::from_bytes(*blake3::hash(b"orders").as_bytes());
+        let best = ids.iter().min_by_key(|n| n.distance(&key)).copied();
+        assert_eq!(a.first().copied(), best);
+        assert_eq!(nearest("orders", &ids[..1], 2).len(), 1);
+    }
+
+    #[test]
+    fn writes_and_state_round_trip() {
+        let writes = vec![
+            Write::Put(7, vec![1, 2, 3]),
+            Write::Delete(vec![1, 2]),
+            Write::Last(7, 99),
+            Write::Consumer("c".into(), Some(b"{}".to_vec())),
+            Write::Consumer("d".into(), None),
+            Write::Config(b"{}".to_vec()),
+        ];
+        let bytes = rmp_serde::to_vec(&writes).unwrap();
+        let back: Vec<Write> = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, writes);
+        let st = ReplicaState {
+            applied: 3,
+            config: b"{}".to_vec(),
+            first_seq: 2,
+            last_seq: 9,
+            last_ts: 5,
+            consumers: vec![("c".into(), serde_bytes::ByteBuf::from(b"x".to_vec()))],
+        };
+        let bytes = rmp_serde::to_vec_named(&st).unwrap();
+        assert_eq!(rmp_serde::from_slice::<ReplicaState>(&bytes).unwrap(), st);
+        assert!(rmp_serde::from_slice::<Vec<Write>>(b"\x91\xc1").is_err());
+    }
+}
