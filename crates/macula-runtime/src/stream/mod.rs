@@ -939,10 +939,11 @@ impl Streams {
             .and_then(|h| h.replica.get().cloned())
     }
 
-    /// Stored records of stream `name` from `from` on, as stored (a
-    /// replica installing a snapshot fetches them from the leader), at
-    /// most `replica::FETCH_MAX` of them and about `FETCH_MAX_BYTES`.
-    pub(crate) async fn fetch_local(
+    /// This node's own copy of stream `name`'s records from `from` on,
+    /// as stored (what a replica installing a snapshot fetches from the
+    /// leader; also how to compare replicas): at most [`FETCH_MAX`] of
+    /// them and about [`FETCH_MAX_BYTES`].
+    pub async fn fetch_local(
         &self,
         name: &str,
         from: u64,

@@ -1,0 +1,150 @@
+//! Replicated streams over real QUIC between nodes in this process
+//! (issue 21 item 3): a member that was down while the leader wrote far
+//! past its log (snapshots every 50 entries, no log kept after one)
+//! catches up by installing the group's snapshot and fetching the records
+//! from the leader; its copy is then the leader's, byte for byte, and it
+//! applies what comes next from the log.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use macula_runtime::stream::PersistOptions;
+use macula_runtime::{IdentitySource, NodeConfig, NodeRuntime};
+use macula_stream::StreamConfig;
+
+fn with_dir(cfg: NodeConfig, dir: &tempfile::TempDir) -> NodeConfig {
+    NodeConfig {
+        identity: IdentitySource::DataDir(dir.path().to_path_buf()),
+        raft: macula_runtime::RaftLimits {
+            snapshot_every: 50,
+            log_kept_after_snapshot: 0,
+            ..Default::default()
+        },
+        ..cfg
+    }
+}
+
+const STEP: Duration = Duration::from_secs(30);
+
+async fn copy(n: &NodeRuntime) -> Vec<(u64, Vec<u8>)> {
+    let mut all = Vec::new();
+    let mut from = 0;
+    loop {
+        let got = n
+            .streams()
+            .fetch_local("orders", from)
+            .await
+            .expect("local copy");
+        let Some(&(last, _)) = got.last() else {
+            return all;
+        };
+        all.extend(got);
+        from = last + 1;
+    }
+}
+
+async fn publish(n: &NodeRuntime, i: u64) -> u64 {
+    within(STEP, "publish", async {
+        loop {
+            let opts = PersistOptions {
+                msg_id: Some(format!("m{i}")),
+                ..PersistOptions::new()
+            };
+            match n
+                .stream("orders", Duration::from_secs(5))
+                .publish("orders.eu", Bytes::from(format!("payload {i}")), opts)
+                .await
+            {
+                Ok(a) => return a.seq,
+                Err(e) => {
+                    tracing::debug!(error = %e, "publish retried");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_far_behind_installs_a_snapshot_and_fetches_the_records() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes = vec![start(with_dir(config(), &dirs[0])).await];
+    for d in &dirs[1..] {
+        let n = start(with_dir(boot(&nodes[0]), d)).await;
+        joined(&n).await;
+        nodes.push(n);
+    }
+    eventually(STEP, "full mesh", || nodes[0].peers().len() >= 2).await;
+    let cfg = StreamConfig {
+        replicas: 3,
+        ..StreamConfig::new("orders", &["orders.**"])
+    };
+    within(STEP, "add", nodes[0].streams().add(cfg))
+        .await
+        .expect("add");
+    for i in 1..=20 {
+        assert_eq!(publish(&nodes[0], i).await, i);
+    }
+    let leader = nodes
+        .iter()
+        .position(|n| {
+            n.streams()
+                .replica_status("orders")
+                .is_some_and(|r| r.serving)
+        })
+        .expect("a member serves");
+    let f = (leader + 1) % 3;
+    let anchor = nodes[(f + 1) % 3].clone();
+    let port = nodes[f].local_addr().port();
+    eventually(STEP, "the follower has the first 20", || {
+        nodes[f]
+            .streams()
+            .replica_status("orders")
+            .is_some_and(|r| r.stored == 20)
+    })
+    .await;
+    // Stop it and drop every handle (as a process that exited).
+    let stopped = std::mem::replace(&mut nodes[f], anchor.clone());
+    stopped.shutdown().await;
+    drop(stopped);
+
+    // One entry per publish (one in flight): 300 entries, six snapshots,
+    // and the log the follower lacks is purged.
+    for i in 21..=300 {
+        assert_eq!(publish(&nodes[leader], i).await, i);
+    }
+    let restarted = start_on_port(with_dir(boot(&anchor), &dirs[f]), port).await;
+    eventually(STEP, "caught up through a snapshot", || {
+        restarted
+            .streams()
+            .replica_status("orders")
+            .is_some_and(|r| r.stored == 300 && r.last_seq == 300)
+    })
+    .await;
+    let want = copy(&nodes[leader]).await;
+    assert_eq!(want.len(), 300);
+    assert_eq!(copy(&restarted).await, want, "the same records");
+    // And it goes on from the log.
+    for i in 301..=310 {
+        assert_eq!(publish(&nodes[leader], i).await, i);
+    }
+    eventually(STEP, "applies new entries", || {
+        restarted
+            .streams()
+            .replica_status("orders")
+            .is_some_and(|r| r.stored == 310)
+    })
+    .await;
+    assert_eq!(copy(&restarted).await, copy(&nodes[leader]).await);
+    restarted.shutdown().await;
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
