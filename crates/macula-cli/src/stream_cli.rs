@@ -17,7 +17,7 @@ use macula::admin::{
 };
 use macula::stream::{
     AckPolicy, ConsumerConfig, ConsumerReport, DeliverPolicy, Discard, PubAck, ReplayPolicy,
-    Retention, StreamConfig, StreamInfo,
+    ReplicaStatus, Retention, StreamConfig, StreamInfo,
 };
 
 use crate::admin_cli::{write_table, ReadArgs, Target};
@@ -460,6 +460,15 @@ fn show_info(target: &Target, path: &str, body: &str, json: bool) -> Result<(), 
         "counted    stored {}, duplicates {}, refused {}, removed: limits {} age {} ttl {} acked {} purged {}, capture lost {}",
         k.stored, k.duplicates, k.refused, k.removed_limits, k.removed_age, k.removed_ttl, k.removed_acked, k.removed_purged, k.capture_lost
     )?;
+    if let Some(r) = &i.replication {
+        writeln!(
+            out,
+            "replicated leader {} (term {}), members {}",
+            r.leader,
+            r.term,
+            r.members.join(", ")
+        )?;
+    }
     Ok(())
 }
 
@@ -501,7 +510,24 @@ fn info(a: &NameArgs) -> Result<(), Failure> {
     let target = Target::of(&a.read)?;
     let path = stream_path(&a.stream);
     let body = call(&target, "GET", &path, None)?;
-    show_info(&target, &path, &body, a.read.json)
+    show_info(&target, &path, &body, a.read.json)?;
+    if a.read.json {
+        return Ok(());
+    }
+    // This member's own copy of a replicated stream.
+    let replica = format!("{path}/replica");
+    if let Ok(body) = call(&target, "GET", &replica, None) {
+        let r: ReplicaStatus = target.decode(&replica, &body)?;
+        writeln!(
+            std::io::stdout().lock(),
+            "this node {}, applied log index {}, stores {} messages up to seq {}",
+            if r.serving { "leads" } else { "follows" },
+            r.applied,
+            r.stored,
+            r.last_seq
+        )?;
+    }
+    Ok(())
 }
 
 fn edit(a: &EditArgs) -> Result<(), Failure> {

@@ -465,3 +465,194 @@ fn pub_persist_and_sub_stream_reach_a_stream_on_another_node() {
     drop(other);
     drop(host);
 }
+
+/// Publishes `payload` (also its message ID) through the admin API of one
+/// of `addrs`, starting at `first`, moving on when a node does not answer
+/// or is not ready; `Some(seq)` once acknowledged (a repeat after a lost
+/// answer is a duplicate with the first one's sequence).
+fn publish_somewhere(addrs: &[String], first: usize, payload: &str) -> Option<u64> {
+    let body = format!(r#"{{"topic":"orders.eu","payload":"{payload}","msg_id":"{payload}"}}"#);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = first;
+    while Instant::now() < deadline {
+        let addr = &addrs[i % addrs.len()];
+        if let Ok((200, b)) = http(addr, "POST", "/admin/streams/orders/publish", &body) {
+            return json(&b)["seq"].as_u64();
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut first = Proc::spawn(&start_args(REALM, dirs[0].path(), &[]));
+    let seed = first.field("listen");
+    let mut procs = vec![first];
+    for d in &dirs[1..] {
+        let mut p = Proc::spawn(&start_args(REALM, d.path(), &["--bootstrap", &seed]));
+        p.wait_for(&["joined the DHT"]);
+        procs.push(p);
+    }
+    let ids: Vec<String> = procs.iter_mut().map(|p| p.field("node_id")).collect();
+    let https: Vec<String> = procs.iter_mut().map(|p| p.field("http")).collect();
+    let listens: Vec<String> = procs.iter_mut().map(|p| p.field("listen")).collect();
+    // The first node must see both others before it places replicas.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out) = cli(&[
+            "stream",
+            "add",
+            "orders",
+            "--subjects",
+            "orders.**",
+            "--replicas",
+            "3",
+            "--http",
+            &https[0],
+        ]);
+        if code == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stream add: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let info = json(
+        &http(&https[0], "GET", "/admin/streams/orders", "")
+            .unwrap()
+            .1,
+    );
+    let leader_id = info["replication"]["leader"].as_str().unwrap().to_string();
+    let leader = ids.iter().position(|i| *i == leader_id).expect("leader");
+
+    // Three publishers, each waiting for its acknowledgement, through
+    // every node in turn (followers forward to the leader).
+    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..3)
+        .map(|t| {
+            let (acked, stop, addrs) = (acked.clone(), stop.clone(), https.clone());
+            std::thread::spawn(move || {
+                for i in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let payload = format!("t{t}-{i}");
+                    match publish_somewhere(&addrs, t + i, &payload) {
+                        Some(seq) => acked.lock().unwrap().push((seq, payload)),
+                        None => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let wait_acked = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked.lock().unwrap().len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_acked(200);
+    procs[leader].child.kill().expect("kill -9");
+    procs[leader].child.wait().expect("reaped");
+    let at_kill = acked.lock().unwrap().len();
+    // The survivors elect a leader and take publishes again.
+    wait_acked(at_kill + 200);
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.join().expect("publisher");
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(
+        acked.len() >= at_kill + 200,
+        "publishes stalled after the leader died: {} acknowledged, {at_kill} before",
+        acked.len()
+    );
+    let survivor = &https[(leader + 1) % 3];
+    // Every acknowledged event is there, under its sequence.
+    for (seq, payload) in &acked {
+        let (status, body) = http(
+            survivor,
+            "GET",
+            &format!("/admin/streams/orders/msg/{seq}"),
+            "",
+        )
+        .unwrap();
+        assert_eq!(status, 200, "acknowledged seq {seq} lost: {body}");
+        assert_eq!(json(&body)["payload"], payload.as_str(), "seq {seq}");
+    }
+    // Nothing stored twice.
+    let (status, body) = http(
+        survivor,
+        "POST",
+        "/admin/streams/orders/consumers",
+        r#"{"durable":null,"deliver":{"policy":"all"},"ack":"none","ack_wait":30000,"max_deliver":null,"backoff":[],"max_ack_pending":100000,"filter":[],"replay":"instant","max_waiting":512,"inactive_threshold":60000}"#,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let name = json(&body)["name"].as_str().unwrap().to_string();
+    let mut payloads = std::collections::HashSet::new();
+    let mut last = 0;
+    loop {
+        let (status, body) = http(
+            survivor,
+            "POST",
+            &format!("/admin/streams/orders/consumers/{name}/next"),
+            r#"{"batch":10000,"wait_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let msgs = json(&body);
+        let msgs = msgs.as_array().unwrap();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            let seq = m["seq"].as_u64().unwrap();
+            assert!(seq > last, "sequences not increasing");
+            last = seq;
+            let p = m["payload"].as_str().unwrap().to_string();
+            assert!(payloads.insert(p.clone()), "{p} stored twice");
+        }
+    }
+    assert!(payloads.len() >= acked.len());
+
+    // The killed member comes back and catches up to the same copy.
+    let others: Vec<&str> = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| listens[i].as_str())
+        .collect();
+    let mut back = Proc::spawn(&start_args(
+        REALM,
+        dirs[leader].path(),
+        &["--bootstrap", others[0], "--bootstrap", others[1]],
+    ));
+    let back_http = back.field("http");
+    let want = json(
+        &http(survivor, "GET", "/admin/streams/orders", "")
+            .unwrap()
+            .1,
+    )["last_seq"]
+        .as_u64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, b)) = http(&back_http, "GET", "/admin/streams/orders/replica", "") {
+            let r = json(&b);
+            if r["last_seq"].as_u64() == Some(want)
+                && r["stored"].as_u64() == Some(payloads.len() as u64)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not caught up: {r}");
+        }
+        assert!(Instant::now() < deadline, "restarted member never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out) = cli(&["stream", "info", "orders", "--http", &back_http]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replicated leader"), "{out}");
+    assert!(out.contains(&format!("up to seq {want}")), "{out}");
+}

@@ -408,6 +408,7 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         .route("/admin/streams/{name}/purge", post(stream::purge))
         .route("/admin/streams/{name}/publish", post(stream::publish))
         .route("/admin/streams/{name}/msg/{seq}", get(stream::msg))
+        .route("/admin/streams/{name}/replica", get(stream::replica))
         .route(
             "/admin/streams/{name}/consumers",
             get(stream::consumers).post(stream::add_consumer),

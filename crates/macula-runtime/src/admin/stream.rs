@@ -7,7 +7,8 @@
 //! |---|---|
 //! | `GET /admin/streams` | [`StreamsReport`]: every stream (and files that did not open) |
 //! | `POST /admin/streams` | JSON `StreamConfig`: add; [`StreamInfo`] |
-//! | `GET /admin/streams/{name}` | [`StreamInfo`] |
+//! | `GET /admin/streams/{name}` | [`StreamInfo`] (a replicated stream's: from its leader) |
+//! | `GET /admin/streams/{name}/replica` | [`ReplicaStatus`]: this member's own copy of a replicated stream |
 //! | `PUT /admin/streams/{name}` | JSON `StreamConfig`: edit; [`StreamInfo`] |
 //! | `DELETE /admin/streams/{name}` | remove the stream and its file |
 //! | `POST /admin/streams/{name}/purge` | JSON [`PurgeRequest`]; [`PurgeReport`] |
@@ -41,6 +42,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{error_kind, AdminState};
 use crate::stream::{AckKind, PersistOptions, StreamError, StreamMsg};
+#[cfg(doc)]
+use crate::stream::{ReplicaStatus, StreamInfo};
 
 pub use crate::stream::{ConsumerReport, PubAck, StreamInfo};
 
@@ -366,6 +369,18 @@ pub(super) async fn msg(
             format!("no message {seq} in stream {name}"),
         ),
         Err(e) => refuse(e),
+    }
+}
+
+/// `GET /admin/streams/{name}/replica`.
+pub(super) async fn replica(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    match s.node.streams().replica_status(&name) {
+        Some(r) => Json(r).into_response(),
+        None => error_kind(
+            StatusCode::NOT_FOUND,
+            "stream.not_replicated",
+            format!("this node holds no replica of a replicated stream {name}"),
+        ),
     }
 }
 

@@ -320,13 +320,14 @@ pub struct ReplicationReport {
     pub term: u64,
 }
 
-/// One member's view of a replicated stream it holds (`Streams::replica_status`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One member's view of a replicated stream it holds
+/// (`Streams::replica_status`, `GET /admin/streams/{name}/replica`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     /// This member leads and serves the stream.
     pub serving: bool,
     /// The leader it knows.
-    pub leader: Option<macula_wire::NodeId>,
+    pub leader: Option<String>,
     /// The Raft log index its store has applied.
     pub applied: u64,
     /// Messages in its store.
@@ -922,7 +923,7 @@ impl Streams {
         let (_, last_seq, _) = h.store.meta().ok()?;
         Some(ReplicaStatus {
             serving: r.serving(),
-            leader: r.group.leader(),
+            leader: r.group.leader().map(|l| l.to_string()),
             applied: h.applied.load(Ordering::Acquire),
             stored: h.store.stored_messages().ok()?,
             last_seq,
