@@ -3,7 +3,12 @@
 //! acknowledged publish throughput (async: `--window` publishes in flight)
 //! at 64 B and 1 KiB, acknowledged publish latency with one in flight,
 //! replay throughput of `--replay` stored messages, and restart time with
-//! them stored.
+//! them stored. With `--replicas 3` both run three servers: three Macula
+//! nodes in this process with a replicated stream (one Raft group; the
+//! bench publishes and reads on the leader), and a three-server
+//! `nats-server -js` cluster with `num_replicas: 3` (the client connected to
+//! the first server); restart is the whole cluster's, until the stream
+//! answers with everything stored.
 //!
 //! Macula runs in this process (a node with a data directory in a temp
 //! dir; the application API `node.streams()`, the path an embedding
@@ -49,6 +54,9 @@ pub struct StreamArgs {
     /// Only Macula.
     #[arg(long)]
     no_nats: bool,
+    /// Replicas of every stream: 1 (one server each) or 3 (three each).
+    #[arg(long, default_value_t = 1)]
+    replicas: u8,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -68,6 +76,7 @@ struct Side {
 #[derive(Debug, serde::Serialize)]
 struct Report {
     build: &'static str,
+    replicas: u8,
     msgs: usize,
     window: usize,
     replay: usize,
@@ -81,6 +90,9 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
     if !(1..=65_536).contains(&a.window) {
         bail!("--window must be 1..=65536");
     }
+    if !matches!(a.replicas, 1 | 3) {
+        bail!("--replicas must be 1 or 3");
+    }
     let mut sides = vec![macula_side(&a).await?];
     if !a.no_nats {
         match nats_side(&a).await {
@@ -90,6 +102,7 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
     }
     let report = Report {
         build: build_kind(),
+        replicas: a.replicas,
         msgs: a.msgs,
         window: a.window,
         replay: a.replay,
@@ -100,8 +113,8 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "durable streams ({} build), {} msgs per throughput run, {} in flight, {} stored for replay/restart",
-        report.build, report.msgs, report.window, report.replay
+        "durable streams ({} build), R{}, {} msgs per throughput run, {} in flight, {} stored for replay/restart",
+        report.build, report.replicas, report.msgs, report.window, report.replay
     );
     println!(
         "{:<10} {:>14} {:>14} {:>10} {:>10} {:>14} {:>12}",
@@ -137,25 +150,102 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_node(dir: &Path) -> anyhow::Result<macula::Node> {
-    Ok(macula::Node::builder()
+async fn start_node(dir: &Path, boot: Option<String>) -> anyhow::Result<macula::Node> {
+    let mut b = macula::Node::builder()
         .listen("127.0.0.1:0".parse()?)
-        .data_dir(dir)
-        .start()
-        .await?)
+        .data_dir(dir);
+    if let Some(addr) = boot {
+        b = b.bootstrap([addr]);
+    }
+    Ok(b.start().await?)
+}
+
+/// One node, or three in this process (the others bootstrapped through
+/// the first, which sees both before the bench goes on).
+struct Cluster {
+    dirs: Vec<tempfile::TempDir>,
+    nodes: Vec<macula::Node>,
+    replicas: u8,
+}
+
+impl Cluster {
+    async fn start(replicas: u8) -> anyhow::Result<Cluster> {
+        let dirs: Vec<tempfile::TempDir> = (0..replicas)
+            .map(|_| tempfile::tempdir())
+            .collect::<Result<_, _>>()?;
+        let mut c = Cluster {
+            dirs,
+            nodes: Vec::new(),
+            replicas,
+        };
+        c.boot().await?;
+        Ok(c)
+    }
+
+    async fn boot(&mut self) -> anyhow::Result<()> {
+        self.nodes.clear();
+        for (i, d) in self.dirs.iter().enumerate() {
+            let boot = (i > 0).then(|| self.nodes[0].local_addr().to_string());
+            self.nodes.push(start_node(d.path(), boot).await?);
+        }
+        let want = self.nodes.len() - 1;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.nodes[0].peers().len() < want {
+            if Instant::now() > deadline {
+                bail!("the bench's nodes did not connect");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) {
+        for n in self.nodes.drain(..) {
+            n.shutdown().await;
+        }
+    }
+
+    /// Adds stream `name` (on the first node) and returns the streams of
+    /// the node that serves it (the leader of a replicated one).
+    async fn add(&self, name: &str) -> anyhow::Result<&macula::stream::Streams> {
+        let cfg = StreamConfig {
+            replicas: self.replicas,
+            ..StreamConfig::new(name, &[&format!("{name}.**")])
+        };
+        self.nodes[0].streams().add(cfg).await?;
+        self.serving(name).await
+    }
+
+    /// The streams of the node that serves `name`, waiting for one.
+    async fn serving(&self, name: &str) -> anyhow::Result<&macula::stream::Streams> {
+        if self.replicas == 1 {
+            return Ok(self.nodes[0].streams());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(n) = self
+                .nodes
+                .iter()
+                .find(|n| n.streams().replica_status(name).is_some_and(|r| r.serving))
+            {
+                return Ok(n.streams());
+            }
+            if Instant::now() > deadline {
+                bail!("no node serves stream {name}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 async fn macula_publish(
-    node: &macula::Node,
+    cluster: &Cluster,
     stream: &str,
     n: usize,
     size: usize,
     window: usize,
 ) -> anyhow::Result<f64> {
-    let streams = node.streams();
-    streams
-        .add(StreamConfig::new(stream, &[&format!("{stream}.**")]))
-        .await?;
+    let streams = cluster.add(stream).await?;
     let payload = Bytes::from(vec![b'x'; size]);
     let topic = format!("{stream}.x");
     let started = Instant::now();
@@ -171,16 +261,18 @@ async fn macula_publish(
 }
 
 async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
-    let dir = tempfile::tempdir()?;
-    let node = start_node(dir.path()).await?;
+    let mut cluster = Cluster::start(a.replicas).await?;
     let mut side = Side {
-        target: "macula".into(),
+        target: if a.replicas == 1 {
+            "macula".into()
+        } else {
+            format!("macula-r{}", a.replicas)
+        },
         ..Default::default()
     };
-    side.publish_64_per_s = macula_publish(&node, "t64", a.msgs, 64, a.window).await?;
-    side.publish_1k_per_s = macula_publish(&node, "t1k", a.msgs, 1024, a.window).await?;
-    let streams = node.streams();
-    streams.add(StreamConfig::new("lat", &["lat.**"])).await?;
+    side.publish_64_per_s = macula_publish(&cluster, "t64", a.msgs, 64, a.window).await?;
+    side.publish_1k_per_s = macula_publish(&cluster, "t1k", a.msgs, 1024, a.window).await?;
+    let streams = cluster.add("lat").await?;
     let mut ns = Vec::with_capacity(a.latency_count);
     let payload = Bytes::from(vec![b'x'; 64]);
     for _ in 0..a.latency_count {
@@ -192,7 +284,8 @@ async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
     }
     side.publish_latency_64 = Some(latency(&mut ns));
     // Replay: fill, then read everything through one consumer.
-    macula_publish(&node, "replay", a.replay, 64, a.window).await?;
+    macula_publish(&cluster, "replay", a.replay, 64, a.window).await?;
+    let streams = cluster.serving("replay").await?;
     let c = streams
         .add_consumer(
             "replay",
@@ -215,12 +308,11 @@ async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
     }
     side.replay_per_s = got as f64 / started.elapsed().as_secs_f64();
     side.replayed = got;
-    node.shutdown().await;
-    drop(node);
-    // Restart with everything stored: until the node serves the streams.
+    cluster.shutdown().await;
+    // Restart with everything stored: until a node serves the stream.
     let started = Instant::now();
-    let node = start_node(dir.path()).await?;
-    let info = node.streams().info("replay")?;
+    cluster.boot().await?;
+    let info = cluster.serving("replay").await?.info("replay")?;
     side.restart_ms = started.elapsed().as_secs_f64() * 1e3;
     if info.messages as usize != a.replay {
         bail!(
@@ -229,7 +321,7 @@ async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
             a.replay
         );
     }
-    node.shutdown().await;
+    cluster.shutdown().await;
     Ok(side)
 }
 
@@ -379,10 +471,36 @@ struct NatsServer {
 }
 
 impl NatsServer {
-    async fn start(bin: &str, dir: &Path, port: u16) -> anyhow::Result<NatsServer> {
-        let child = tokio::process::Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir)
+    async fn start(
+        bin: &str,
+        dir: &Path,
+        port: u16,
+        cluster: Option<&NatsCluster>,
+        index: usize,
+    ) -> anyhow::Result<NatsServer> {
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir);
+        if let Some(c) = cluster {
+            let routes: Vec<String> = c
+                .cluster_ports
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            cmd.args([
+                "--server_name",
+                &format!("s{index}"),
+                "--cluster_name",
+                "bench",
+                "--cluster",
+                &format!("nats://127.0.0.1:{}", c.cluster_ports[index]),
+                "--routes",
+                &routes.join(","),
+            ]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -411,29 +529,99 @@ impl NatsServer {
     }
 }
 
+/// The cluster ports of a three-server JetStream cluster.
+struct NatsCluster {
+    cluster_ports: Vec<u16>,
+}
+
+/// One `nats-server -js`, or a cluster of `replicas` of them.
+struct NatsServers {
+    bin: String,
+    dirs: Vec<tempfile::TempDir>,
+    ports: Vec<u16>,
+    cluster: Option<NatsCluster>,
+    servers: Vec<NatsServer>,
+}
+
+impl NatsServers {
+    async fn start(bin: &str, replicas: u8) -> anyhow::Result<NatsServers> {
+        let n = usize::from(replicas);
+        let mut s = NatsServers {
+            bin: bin.to_string(),
+            dirs: (0..n)
+                .map(|_| tempfile::tempdir())
+                .collect::<Result<_, _>>()?,
+            ports: (0..n).map(|_| free_port()).collect::<Result<_, _>>()?,
+            cluster: (n > 1)
+                .then(|| -> anyhow::Result<NatsCluster> {
+                    Ok(NatsCluster {
+                        cluster_ports: (0..n).map(|_| free_port()).collect::<Result<_, _>>()?,
+                    })
+                })
+                .transpose()?,
+            servers: Vec::new(),
+        };
+        s.boot().await?;
+        Ok(s)
+    }
+
+    async fn boot(&mut self) -> anyhow::Result<()> {
+        for (i, (d, p)) in self.dirs.iter().zip(&self.ports).enumerate() {
+            let srv = NatsServer::start(&self.bin, d.path(), *p, self.cluster.as_ref(), i).await?;
+            self.servers.push(srv);
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        for s in self.servers.drain(..) {
+            s.stop().await?;
+        }
+        Ok(())
+    }
+
+    fn addr(&self) -> &str {
+        &self.servers[0].addr
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-async fn js_add_stream(c: &mut Nats, name: &str) -> anyhow::Result<()> {
+async fn js_add_stream(c: &mut Nats, name: &str, replicas: u8) -> anyhow::Result<()> {
     let cfg = format!(
-        r#"{{"name":"{name}","subjects":["{name}.>"],"storage":"file","num_replicas":1,"retention":"limits","discard":"old"}}"#
+        r#"{{"name":"{name}","subjects":["{name}.>"],"storage":"file","num_replicas":{replicas},"retention":"limits","discard":"old"}}"#
     );
-    c.request(&format!("$JS.API.STREAM.CREATE.{name}"), cfg.as_bytes())
-        .await?;
-    Ok(())
+    // A cluster answers "temporarily unavailable" until its meta group
+    // has a leader.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c
+            .request(&format!("$JS.API.STREAM.CREATE.{name}"), cfg.as_bytes())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "JetStream stream create retried");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 async fn js_publish(
     c: &mut Nats,
     name: &str,
+    replicas: u8,
     n: usize,
     size: usize,
     window: usize,
 ) -> anyhow::Result<f64> {
-    js_add_stream(c, name).await?;
+    js_add_stream(c, name, replicas).await?;
     let payload = vec![b'x'; size];
     let subject = format!("{name}.x");
     let started = Instant::now();
@@ -457,17 +645,20 @@ async fn js_publish(
 }
 
 async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let server = NatsServer::start(&a.nats_server, dir.path(), port).await?;
-    let mut c = Nats::connect(&server.addr).await?;
+    let r = a.replicas;
+    let mut servers = NatsServers::start(&a.nats_server, r).await?;
+    let mut c = Nats::connect(servers.addr()).await?;
     let mut side = Side {
-        target: "jetstream".into(),
+        target: if r == 1 {
+            "jetstream".into()
+        } else {
+            format!("jetstream-r{r}")
+        },
         ..Default::default()
     };
-    side.publish_64_per_s = js_publish(&mut c, "t64", a.msgs, 64, a.window).await?;
-    side.publish_1k_per_s = js_publish(&mut c, "t1k", a.msgs, 1024, a.window).await?;
-    js_add_stream(&mut c, "lat").await?;
+    side.publish_64_per_s = js_publish(&mut c, "t64", r, a.msgs, 64, a.window).await?;
+    side.publish_1k_per_s = js_publish(&mut c, "t1k", r, a.msgs, 1024, a.window).await?;
+    js_add_stream(&mut c, "lat", r).await?;
     let payload = vec![b'x'; 64];
     let mut ns = Vec::with_capacity(a.latency_count);
     for _ in 0..a.latency_count {
@@ -478,7 +669,7 @@ async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
         ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
     }
     side.publish_latency_64 = Some(latency(&mut ns));
-    js_publish(&mut c, "replay", a.replay, 64, a.window).await?;
+    js_publish(&mut c, "replay", r, a.replay, 64, a.window).await?;
     c.request(
         "$JS.API.CONSUMER.DURABLE.CREATE.replay.r",
         br#"{"stream_name":"replay","config":{"durable_name":"r","deliver_policy":"all","ack_policy":"none","max_waiting":512}}"#,
@@ -515,13 +706,18 @@ async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
     side.replay_per_s = got as f64 / started.elapsed().as_secs_f64();
     side.replayed = got;
     drop(c);
-    server.stop().await?;
-    // Restart with everything stored: until the stream answers its info.
+    servers.stop().await?;
+    // Restart with everything stored: until the stream answers its info
+    // with every message.
     let started = Instant::now();
-    let server = NatsServer::start(&a.nats_server, dir.path(), port).await?;
-    let mut c = Nats::connect(&server.addr).await?;
+    servers.boot().await?;
+    let mut c = Nats::connect(servers.addr()).await?;
     let info = loop {
         match c.request("$JS.API.STREAM.INFO.replay", b"").await {
+            Ok(v) if v["state"]["messages"].as_u64() == Some(a.replay as u64) => break v,
+            Ok(_) if started.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             Ok(v) => break v,
             Err(_) if started.elapsed() < Duration::from_secs(60) => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -535,6 +731,6 @@ async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
         bail!("after restart JetStream holds {stored} of {}", a.replay);
     }
     drop(c);
-    server.stop().await?;
+    servers.stop().await?;
     Ok(side)
 }

@@ -211,7 +211,9 @@ fn refuse(e: StreamError) -> Response {
         "exists" | "overlap" => StatusCode::CONFLICT,
         "full" => StatusCode::INSUFFICIENT_STORAGE,
         "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-        "failed" | "no_data_dir" => StatusCode::SERVICE_UNAVAILABLE,
+        "failed" | "no_data_dir" | "not_leader" | "replication" | "unreachable" => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         "store" => StatusCode::INTERNAL_SERVER_ERROR,
         "too_many" => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::BAD_REQUEST,

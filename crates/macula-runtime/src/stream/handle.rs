@@ -61,12 +61,15 @@ impl Streams {
             r.group.leader().filter(|_| !r.group.is_leader()),
             self.rpc(),
         ) {
-            (Some(leader), Some(rpc)) => Ok(Some(RemoteStream::on_member(
-                rpc,
-                name,
-                leader,
-                DEFAULT_REMOTE_TIMEOUT,
-            ))),
+            (Some(leader), Some(rpc)) => {
+                self.count_forwarded();
+                Ok(Some(RemoteStream::on_member(
+                    rpc,
+                    name,
+                    leader,
+                    DEFAULT_REMOTE_TIMEOUT,
+                )))
+            }
             _ => {
                 r.wait_serving(OFFICE_PATIENCE).await;
                 Ok(None)

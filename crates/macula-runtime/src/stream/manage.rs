@@ -11,7 +11,8 @@ use macula_wire::NodeId;
 
 use super::remote::DEFAULT_REMOTE_TIMEOUT;
 use super::replica::{
-    group_name, lead, nearest, ReplicaRequest, StreamApplier, DROP_PROCEDURE, REPLICA_PROCEDURE,
+    decode_request, group_name, lead, nearest, ReplicaRequest, StreamApplier, DROP_PROCEDURE,
+    REPLICA_PROCEDURE,
 };
 use super::{Hosted, PeerList, Replica, StreamError, StreamInfo, Streams};
 use crate::raft::{GroupOptions, RaftGroups};
@@ -41,7 +42,7 @@ impl Streams {
                     .upgrade()
                     .map(Streams)
                     .ok_or_else(|| HandlerError::new(503, "the node is stopping"))?;
-                let r: ReplicaRequest = rmp_serde::from_slice(&req.payload)
+                let r: ReplicaRequest = decode_request(&req.payload)
                     .map_err(|e| HandlerError::new(400, format!("bad replica request: {e}")))?;
                 let cfg: StreamConfig = serde_json::from_slice(&r.config)
                     .map_err(|e| HandlerError::new(400, format!("bad configuration: {e}")))?;

@@ -11,7 +11,7 @@ use prometheus_client::metrics::MetricType;
 use super::Streams;
 
 /// Metric families this collector exports (pinned by a test).
-pub const FAMILIES: usize = 14;
+pub const FAMILIES: usize = 19;
 
 /// The collector (registered by `admin::registry`).
 #[derive(Debug)]
@@ -55,7 +55,8 @@ impl Collector for StreamCollector {
             .filter_map(|n| self.streams.info(&n).ok())
             .collect();
         let broken = self.streams.broken().len();
-        ConstGauge::new(infos.len() as i64).encode(encoder.encode_descriptor(
+        let hosted = self.streams.names().len().saturating_sub(broken);
+        ConstGauge::new(hosted as i64).encode(encoder.encode_descriptor(
             "macula_streams",
             "Streams this node hosts.",
             None,
@@ -92,6 +93,54 @@ impl Collector for StreamCollector {
                 MetricType::Counter,
             )?)?;
         }
+        let (forwarded, installs) = self.streams.replication_totals();
+        for (name, help, v) in [
+            (
+                "macula_stream_forwarded",
+                "Operations on a replicated stream this node sent on to the stream's leader.",
+                forwarded,
+            ),
+            (
+                "macula_stream_replica_installs",
+                "Replicated streams' snapshots this node installed (records fetched from the leader).",
+                installs,
+            ),
+        ] {
+            ConstCounter::new(v).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        let replicas = self.streams.replicas();
+        let rg = |f: &dyn Fn(&super::ReplicaStatus) -> u64| -> Vec<(String, i64)> {
+            replicas
+                .iter()
+                .map(|(n, r)| (n.clone(), i64::try_from(f(r)).unwrap_or(i64::MAX)))
+                .collect()
+        };
+        gauge(
+            &mut encoder,
+            "macula_stream_replica_leader",
+            "1 while this node leads (and serves) the replicated stream, else 0.",
+            &rg(&|r| u64::from(r.serving)),
+        )?;
+        gauge(
+            &mut encoder,
+            "macula_stream_replica_applied_index",
+            "The Raft log index this node's copy of the replicated stream has applied.",
+            &rg(&|r| r.applied),
+        )?;
+        counter(
+            &mut encoder,
+            "macula_stream_replication_failures",
+            "Writes this node proposed as the replicated stream's leader that were not committed (refused, leadership lost, no quorum in time), per stream.",
+            &replicas
+                .iter()
+                .map(|(n, r)| (n.clone(), r.replication_failures))
+                .collect::<Vec<_>>(),
+        )?;
         let rows = |f: &dyn Fn(&super::StreamInfo) -> u64| -> Vec<(String, u64)> {
             infos
                 .iter()

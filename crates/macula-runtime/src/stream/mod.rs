@@ -334,6 +334,10 @@ pub struct ReplicaStatus {
     pub stored: u64,
     /// The last sequence in its store.
     pub last_seq: u64,
+    /// Writes this member, as leader, proposed that were not committed
+    /// (refused, leadership lost, no quorum in time).
+    #[serde(default)]
+    pub replication_failures: u64,
 }
 
 /// A stream's counters.
@@ -417,6 +421,8 @@ struct Hosted {
     replica: std::sync::OnceLock<Arc<Replica>>,
     /// The Raft log index the store has applied (replicated streams).
     applied: AtomicU64,
+    /// Writes of a replicated stream its group did not take or commit.
+    replication_failures: AtomicU64,
 }
 
 impl Hosted {
@@ -458,7 +464,9 @@ impl Hosted {
     /// the write.
     fn submit(&self, writes: Vec<Write>) -> Result<Pending, StreamError> {
         match self.replica.get() {
-            Some(r) => r.propose(writes),
+            Some(r) => r.propose(writes).inspect_err(|_| {
+                self.replication_failures.fetch_add(1, Ordering::Relaxed);
+            }),
             None if self.replicated => Err(StreamError::NotLeader { leader: None }),
             None => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -568,6 +576,11 @@ struct Inner {
     publishes: AtomicU64,
     pulls: AtomicU64,
     delivered: AtomicU64,
+    /// Operations on a replicated stream sent on to its leader.
+    forwarded: AtomicU64,
+    /// Replicated streams' snapshots installed (records fetched from the
+    /// leader).
+    installs: AtomicU64,
     /// Set once the node runs: hosted streams are served over it.
     rpc: std::sync::OnceLock<crate::rpc::Rpc>,
     /// Set once the node runs: replicated streams' groups.
@@ -620,6 +633,8 @@ impl Streams {
             publishes: AtomicU64::new(0),
             pulls: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            installs: AtomicU64::new(0),
             rpc: std::sync::OnceLock::new(),
             raft: std::sync::OnceLock::new(),
             peers: std::sync::OnceLock::new(),
@@ -761,6 +776,7 @@ impl Streams {
             replicated,
             replica: std::sync::OnceLock::new(),
             applied: AtomicU64::new(0),
+            replication_failures: AtomicU64::new(0),
         });
         self.0.hosted.lock().insert(name, h.clone());
         self.advertise(&h);
@@ -927,6 +943,7 @@ impl Streams {
             applied: h.applied.load(Ordering::Acquire),
             stored: h.store.stored_messages().ok()?,
             last_seq,
+            replication_failures: h.replication_failures.load(Ordering::Relaxed),
         })
     }
 
@@ -1515,6 +1532,32 @@ impl Streams {
         }
     }
 
+    /// Node-wide counters of replicated streams: (operations forwarded to
+    /// a leader, snapshots installed).
+    pub fn replication_totals(&self) -> (u64, u64) {
+        (
+            self.0.forwarded.load(Ordering::Relaxed),
+            self.0.installs.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn count_forwarded(&self) {
+        self.0.forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_install(&self) {
+        self.0.installs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every replicated stream this node holds a replica of, with its view.
+    pub fn replicas(&self) -> Vec<(String, ReplicaStatus)> {
+        let names: Vec<String> = self.0.hosted.lock().keys().cloned().collect();
+        names
+            .into_iter()
+            .filter_map(|n| self.replica_status(&n).map(|r| (n, r)))
+            .collect()
+    }
+
     /// Node-wide counters: (acknowledged publishes, pulls, messages
     /// delivered).
     pub fn totals(&self) -> (u64, u64, u64) {
@@ -1602,7 +1645,11 @@ pub const FETCH_MAX_BYTES: usize = 256 * 1024;
 async fn wait_written(h: &Hosted, pending: Pending) -> Result<(), StreamError> {
     let rx = match pending {
         Pending::Store(rx) => rx,
-        Pending::Raft(committed) => return committed.await,
+        Pending::Raft(committed) => {
+            return committed.await.inspect_err(|_| {
+                h.replication_failures.fetch_add(1, Ordering::Relaxed);
+            })
+        }
     };
     match rx.await {
         Ok(Ok(())) => Ok(()),

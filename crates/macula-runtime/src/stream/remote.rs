@@ -195,6 +195,7 @@ pub(crate) async fn serve(
                     Op::Next { wait_ms, .. } => Duration::from_millis(*wait_ms) + PULL_MARGIN,
                     _ => DEFAULT_REMOTE_TIMEOUT,
                 };
+                streams.count_forwarded();
                 let reply = rpc
                     .call_to(leader, &procedure(stream), payload.clone())
                     .header(FORWARDED_HEADER, "1")

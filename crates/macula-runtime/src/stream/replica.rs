@@ -52,6 +52,24 @@ pub const REPLICA_PROCEDURE: &str = "_node.streams.replica";
 /// member (its name as the payload).
 pub const DROP_PROCEDURE: &str = "_node.streams.drop";
 
+/// Decodes a replicated stream's log entry payload: the store writes the
+/// leader decided (fuzz target `stream_replica`).
+pub fn decode_writes(bytes: &[u8]) -> Result<Vec<Write>, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
+/// Decodes the applier part of a replicated stream's snapshot (fuzz
+/// target `stream_replica`).
+pub fn decode_state(bytes: &[u8]) -> Result<ReplicaState, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
+/// Decodes a `_node.streams.replica` request (fuzz target
+/// `stream_replica`).
+pub fn decode_request(bytes: &[u8]) -> Result<ReplicaRequest, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
 /// The Raft group of stream `name`.
 pub fn group_name(name: &str) -> String {
     format!("_stream.{name}")
@@ -110,7 +128,7 @@ impl macula_raft::Applier for StreamApplier {
                 if index <= applied {
                     continue;
                 }
-                let ws: Vec<Write> = rmp_serde::from_slice(&bytes)
+                let ws = decode_writes(&bytes)
                     .map_err(|e| format!("entry {index} does not decode: {e}"))?;
                 writes.extend(
                     ws.into_iter()
@@ -141,14 +159,16 @@ impl macula_raft::Applier for StreamApplier {
     fn install(&self, data: Vec<u8>) -> ApplierFuture<'_, ()> {
         Box::pin(async move {
             let h = self.hosted()?;
-            let state: ReplicaState = rmp_serde::from_slice(&data)
-                .map_err(|e| format!("replica state does not decode: {e}"))?;
+            let state =
+                decode_state(&data).map_err(|e| format!("replica state does not decode: {e}"))?;
             let streams = self
                 .streams
                 .upgrade()
                 .map(Streams)
                 .ok_or_else(|| "the node is stopping".to_string())?;
-            install(&streams, &h, state).await
+            install(&streams, &h, state).await?;
+            streams.count_install();
+            Ok(())
         })
     }
 }
