@@ -148,3 +148,104 @@ async fn a_member_far_behind_installs_a_snapshot_and_fetches_the_records() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_its_majority_refuses_in_time_and_nothing_acknowledged_is_lost() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes = vec![start(with_dir(config(), &dirs[0])).await];
+    for d in &dirs[1..] {
+        let n = start(with_dir(boot(&nodes[0]), d)).await;
+        joined(&n).await;
+        nodes.push(n);
+    }
+    eventually(STEP, "full mesh", || nodes[0].peers().len() >= 2).await;
+    let cfg = StreamConfig {
+        replicas: 3,
+        ..StreamConfig::new("orders", &["orders.**"])
+    };
+    within(STEP, "add", nodes[0].streams().add(cfg))
+        .await
+        .expect("add");
+    let mut acked = Vec::new();
+    for i in 1..=10 {
+        acked.push((publish(&nodes[0], i).await, i));
+    }
+    let l = nodes
+        .iter()
+        .position(|n| {
+            n.streams()
+                .replica_status("orders")
+                .is_some_and(|r| r.serving)
+        })
+        .expect("a member serves");
+    let ids: Vec<_> = nodes.iter().map(|n| n.node_id()).collect();
+    let others: Vec<_> = ids.iter().copied().filter(|i| *i != ids[l]).collect();
+    // Cut the leader's Raft traffic both ways.
+    nodes[l].raft().partition(&others);
+    for i in 0..3 {
+        if i != l {
+            nodes[i].raft().partition(&[ids[l]]);
+        }
+    }
+    // The old leader cannot commit: its publish fails within the request
+    // timeout instead of hanging.
+    let r = within(
+        STEP,
+        "a refused publish",
+        nodes[l].streams().publish(
+            "orders.eu",
+            Bytes::from("cut off"),
+            PersistOptions {
+                msg_id: Some("cut".into()),
+                ..PersistOptions::new()
+            },
+        ),
+    )
+    .await;
+    let e = r.expect_err("no quorum: not acknowledged");
+    assert!(
+        matches!(e.kind(), "replication" | "not_leader"),
+        "{e} ({})",
+        e.kind()
+    );
+    // The majority elects a leader and goes on.
+    let survivor = &nodes[(l + 1) % 3];
+    for i in 11..=20 {
+        acked.push((publish(survivor, i).await, i));
+    }
+    // Heal: the old leader follows, its copy becomes the majority's.
+    for n in &nodes {
+        n.raft().partition(&[]);
+    }
+    for i in 21..=30 {
+        acked.push((publish(&nodes[l], i).await, i));
+    }
+    let want = copy(survivor).await;
+    eventually(STEP, "the old leader's copy converges", || {
+        nodes[l]
+            .streams()
+            .replica_status("orders")
+            .is_some_and(|r| r.stored == want.len() as u64)
+    })
+    .await;
+    assert_eq!(copy(&nodes[l]).await, want);
+    // Every acknowledged publish is stored once, under its sequence.
+    let mut seqs: Vec<u64> = acked.iter().map(|(s, _)| *s).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), acked.len(), "a sequence acknowledged twice");
+    for (seq, i) in &acked {
+        let rec = want
+            .iter()
+            .find(|(s, _)| s == seq)
+            .unwrap_or_else(|| panic!("acknowledged seq {seq} lost"));
+        let text = String::from_utf8_lossy(&rec.1);
+        assert!(text.contains(&format!("payload {i}")), "seq {seq}: {text}");
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

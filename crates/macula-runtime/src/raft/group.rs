@@ -392,6 +392,11 @@ impl Group {
         Ok(g)
     }
 
+    /// How long a request waits for its answer (`raft_request_timeout`).
+    pub fn request_timeout(&self) -> Duration {
+        self.0.timeout
+    }
+
     /// The group's name.
     pub fn name(&self) -> &str {
         &self.0.name

@@ -466,6 +466,7 @@ impl Hosted {
         match self.replica.get() {
             Some(r) => r.propose(writes).inspect_err(|_| {
                 self.replication_failures.fetch_add(1, Ordering::Relaxed);
+                r.request_resync();
             }),
             None if self.replicated => Err(StreamError::NotLeader { leader: None }),
             None => {
@@ -494,6 +495,11 @@ pub(crate) struct Replica {
     pub(super) term: AtomicU64,
     /// Woken when `serving` changes.
     changed: tokio::sync::Notify,
+    /// A write the core decided was not committed: the leader's core may
+    /// hold what the store does not, so it is rebuilt (`replica::lead`).
+    resync: AtomicBool,
+    /// Wakes the leadership task for a resync.
+    pub(super) wake: tokio::sync::Notify,
 }
 
 impl Replica {
@@ -503,6 +509,8 @@ impl Replica {
             serving: AtomicBool::new(false),
             term: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
+            resync: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -514,6 +522,20 @@ impl Replica {
         self.term.store(term, Ordering::Release);
         self.serving.store(on, Ordering::Release);
         self.changed.notify_waiters();
+    }
+
+    /// Asks the leadership task to rebuild the leader's core from the
+    /// store (after a write that was decided but not committed).
+    pub(super) fn request_resync(&self) {
+        if self.serving() {
+            self.resync.store(true, Ordering::Release);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether a resync was asked for (and clears the request).
+    pub(super) fn take_resync(&self) -> bool {
+        self.resync.swap(false, Ordering::AcqRel)
     }
 
     /// Waits up to `wait` for this member to serve.
@@ -544,8 +566,18 @@ impl Replica {
             .group
             .propose_now(Request::Opaque(bytes))
             .map_err(replication)?;
+        let timeout = self.group.request_timeout();
         Ok(Pending::Raft(Box::pin(async move {
-            match committed.await.map_err(replication)? {
+            // A leader cut off from its majority cannot commit: the writer
+            // is told (the entry may still commit later, or be dropped).
+            let answer = tokio::time::timeout(timeout, committed)
+                .await
+                .map_err(|_| {
+                    StreamError::Replication(format!(
+                        "not committed within {timeout:?} (no quorum reachable?); it may or may not be stored"
+                    ))
+                })?;
+            match answer.map_err(replication)? {
                 Response::Opaque(_) => Ok(()),
                 other => Err(StreamError::Replication(format!(
                     "unexpected answer of the stream's group: {other:?}"
@@ -1648,6 +1680,9 @@ async fn wait_written(h: &Hosted, pending: Pending) -> Result<(), StreamError> {
         Pending::Raft(committed) => {
             return committed.await.inspect_err(|_| {
                 h.replication_failures.fetch_add(1, Ordering::Relaxed);
+                if let Some(r) = h.replica.get() {
+                    r.request_resync();
+                }
             })
         }
     };

@@ -285,7 +285,11 @@ pub(super) async fn lead(streams: Weak<Inner>, hosted: Weak<Hosted>, replica: Ar
         let term_served = replica
             .serving()
             .then(|| replica.term.load(Ordering::Acquire));
-        if state.is_leader && term_served != Some(state.term) {
+        // A write decided but not committed: the core is rebuilt from
+        // what the store holds (a write still in flight is either applied
+        // before the barrier returns or overwritten by a later one).
+        let resync = replica.take_resync();
+        if state.is_leader && (term_served != Some(state.term) || resync) {
             if replica.serving() {
                 streams.stop_serving(&h);
                 replica.set_serving(false, 0);
@@ -312,8 +316,13 @@ pub(super) async fn lead(streams: Weak<Inner>, hosted: Weak<Hosted>, replica: Ar
             tracing::info!(stream = %h.name, leader = ?state.leader, "no longer leading the replicated stream");
         }
         drop((h, streams));
-        if leader.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = replica.wake.notified() => {}
         }
     }
 }
