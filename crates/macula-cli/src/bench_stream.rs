@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures::StreamExt;
-use macula::stream::{AckPolicy, ConsumerConfig, PersistOptions, StreamConfig};
+use macula::stream::{AckPolicy, ConsumerConfig, PersistOptions, StreamConfig, StreamHandle};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -205,9 +205,9 @@ impl Cluster {
         }
     }
 
-    /// Adds stream `name` (on the first node) and returns the streams of
-    /// the node that serves it (the leader of a replicated one).
-    async fn add(&self, name: &str) -> anyhow::Result<&macula::stream::Streams> {
+    /// Adds stream `name` (on the first node) and returns it as the node
+    /// that serves it (the leader of a replicated one) sees it.
+    async fn add(&self, name: &str) -> anyhow::Result<StreamHandle> {
         let cfg = StreamConfig {
             replicas: self.replicas,
             ..StreamConfig::new(name, &[&format!("{name}.**")])
@@ -216,10 +216,12 @@ impl Cluster {
         self.serving(name).await
     }
 
-    /// The streams of the node that serves `name`, waiting for one.
-    async fn serving(&self, name: &str) -> anyhow::Result<&macula::stream::Streams> {
+    /// Stream `name` on the node that serves it, waiting for one (a
+    /// handle on that node: if leadership moves, its operations go to the
+    /// new leader).
+    async fn serving(&self, name: &str) -> anyhow::Result<StreamHandle> {
         if self.replicas == 1 {
-            return Ok(self.nodes[0].streams());
+            return Ok(self.nodes[0].stream(name, Duration::from_secs(30)));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -228,7 +230,7 @@ impl Cluster {
                 .iter()
                 .find(|n| n.streams().replica_status(name).is_some_and(|r| r.serving))
             {
-                return Ok(n.streams());
+                return Ok(n.stream(name, Duration::from_secs(30)));
             }
             if Instant::now() > deadline {
                 bail!("no node serves stream {name}");
@@ -245,12 +247,12 @@ async fn macula_publish(
     size: usize,
     window: usize,
 ) -> anyhow::Result<f64> {
-    let streams = cluster.add(stream).await?;
+    let s = cluster.add(stream).await?;
     let payload = Bytes::from(vec![b'x'; size]);
     let topic = format!("{stream}.x");
     let started = Instant::now();
     let mut acks = futures::stream::iter(0..n)
-        .map(|_| streams.publish(&topic, payload.clone(), PersistOptions::new()))
+        .map(|_| s.publish(&topic, payload.clone(), PersistOptions::new()))
         .buffer_unordered(window);
     let mut done = 0usize;
     while let Some(r) = acks.next().await {
@@ -272,35 +274,29 @@ async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
     };
     side.publish_64_per_s = macula_publish(&cluster, "t64", a.msgs, 64, a.window).await?;
     side.publish_1k_per_s = macula_publish(&cluster, "t1k", a.msgs, 1024, a.window).await?;
-    let streams = cluster.add("lat").await?;
+    let s = cluster.add("lat").await?;
     let mut ns = Vec::with_capacity(a.latency_count);
     let payload = Bytes::from(vec![b'x'; 64]);
     for _ in 0..a.latency_count {
         let t = Instant::now();
-        streams
-            .publish("lat.x", payload.clone(), PersistOptions::new())
+        s.publish("lat.x", payload.clone(), PersistOptions::new())
             .await?;
         ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
     }
     side.publish_latency_64 = Some(latency(&mut ns));
     // Replay: fill, then read everything through one consumer.
     macula_publish(&cluster, "replay", a.replay, 64, a.window).await?;
-    let streams = cluster.serving("replay").await?;
-    let c = streams
-        .add_consumer(
-            "replay",
-            ConsumerConfig {
-                ack: AckPolicy::None,
-                ..Default::default()
-            },
-        )
+    let s = cluster.serving("replay").await?;
+    let c = s
+        .add_consumer(ConsumerConfig {
+            ack: AckPolicy::None,
+            ..Default::default()
+        })
         .await?;
     let started = Instant::now();
     let mut got = 0usize;
     while got < a.replay {
-        let batch = streams
-            .next("replay", &c, 10_000, None, Duration::from_secs(5))
-            .await?;
+        let batch = s.next(&c, 10_000, None, Duration::from_secs(5)).await?;
         if batch.is_empty() {
             bail!("macula replay stopped at {got} of {}", a.replay);
         }
@@ -312,7 +308,7 @@ async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
     // Restart with everything stored: until a node serves the stream.
     let started = Instant::now();
     cluster.boot().await?;
-    let info = cluster.serving("replay").await?.info("replay")?;
+    let info = cluster.serving("replay").await?.info().await?;
     side.restart_ms = started.elapsed().as_secs_f64() * 1e3;
     if info.messages as usize != a.replay {
         bail!(
@@ -393,6 +389,36 @@ impl Nats {
             bail!("{subject}: {v}");
         }
         Ok(v)
+    }
+
+    /// Asks `subject` once every `per_try` until an answer passes
+    /// `accept` (a cluster answers nothing until its meta group, or the
+    /// stream's group, has a leader), each try on its own inbox so that a
+    /// late answer is told apart; at most 60 tries.
+    async fn ask_until(
+        &mut self,
+        subject: &str,
+        payload: &[u8],
+        per_try: Duration,
+        accept: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        for attempt in 0..60 {
+            let inbox = format!("_INBOX.b.ask.{attempt}");
+            self.publish(subject, &inbox, payload).await?;
+            self.w.flush().await?;
+            let until = tokio::time::Instant::now() + per_try;
+            while let Ok(Some(m)) = tokio::time::timeout_at(until, self.rx.recv()).await {
+                if m.subject != inbox || m.status.is_some() {
+                    continue;
+                }
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                    if v.get("error").is_none() && accept(&v) {
+                        return Ok(v);
+                    }
+                }
+            }
+        }
+        bail!("{subject}: no acceptable answer within 60 tries")
     }
 
     async fn recv(&mut self) -> anyhow::Result<NatsMsg> {
@@ -648,6 +674,8 @@ async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
     let r = a.replicas;
     let mut servers = NatsServers::start(&a.nats_server, r).await?;
     let mut c = Nats::connect(servers.addr()).await?;
+    c.ask_until("$JS.API.INFO", b"", Duration::from_secs(1), |_| true)
+        .await?;
     let mut side = Side {
         target: if r == 1 {
             "jetstream".into()
@@ -712,19 +740,15 @@ async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
     let started = Instant::now();
     servers.boot().await?;
     let mut c = Nats::connect(servers.addr()).await?;
-    let info = loop {
-        match c.request("$JS.API.STREAM.INFO.replay", b"").await {
-            Ok(v) if v["state"]["messages"].as_u64() == Some(a.replay as u64) => break v,
-            Ok(_) if started.elapsed() < Duration::from_secs(60) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Ok(v) => break v,
-            Err(_) if started.elapsed() < Duration::from_secs(60) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let want = a.replay as u64;
+    let info = c
+        .ask_until(
+            "$JS.API.STREAM.INFO.replay",
+            b"",
+            Duration::from_millis(500),
+            |v| v["state"]["messages"].as_u64() == Some(want),
+        )
+        .await?;
     side.restart_ms = started.elapsed().as_secs_f64() * 1e3;
     let stored = info["state"]["messages"].as_u64().unwrap_or(0) as usize;
     if stored != a.replay {

@@ -20,7 +20,8 @@
 //! and never committed is gone), and then starts the stream's tasks
 //! (capture, timers, push consumers). A member that loses office stops
 //! them. Every member advertises `_stream.<name>`; one that does not serve
-//! forwards the operation to the leader (`Streams::route`), once.
+//! forwards the operation to the leader, once (`remote.rs` for calls from
+//! other nodes, `handle.rs` for this node's own handles and admin API).
 //!
 //! **Catch-up.** A member that was down replays the log it missed. One
 //! too far behind (the leader purged that log after a snapshot) installs
