@@ -1900,11 +1900,7 @@ impl NodeRuntime {
         // span of its trace. Only that exchange runs in it: quinn keeps the
         // span current when it spawns a connection's driver, which would
         // hold the caller's span open for the connection's lifetime.
-        let parent = if crate::trace::on() {
-            tracing::Span::current()
-        } else {
-            tracing::Span::none()
-        };
+        let parent = crate::trace::Current::get();
         let fut = self.shared_dial(
             |s| &s.relay_dialing,
             target,
@@ -1963,10 +1959,9 @@ impl NodeRuntime {
         &self,
         relay: &Peer,
         target: NodeId,
-        parent: tracing::Span,
+        parent: crate::trace::Current,
     ) -> Result<Peer, ConnectError> {
-        let addr =
-            tracing::Instrument::instrument(self.0.tunnel.open(relay, target), parent).await?;
+        let addr = parent.scope(self.0.tunnel.open(relay, target)).await?;
         let timeout = self.0.config.limits.handshake_timeout;
         let handshake = async {
             let sni = tls::server_name(Some(target));

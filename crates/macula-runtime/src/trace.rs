@@ -6,8 +6,12 @@
 //! RPC cores carry them as data, so a node forwards an incoming context
 //! whether or not it traces. Spans are `tracing` spans (target
 //! [`TARGET`]) that the `tracing-opentelemetry` layer turns into
-//! OpenTelemetry spans; they are only created once [`enable`] has been
-//! called (cargo feature `otlp`) and the sampling decision says so:
+//! OpenTelemetry spans, except on the pub/sub hot path (publish, deliver,
+//! gateway forwarding): those are `Direct` spans, made with the SDK tracer
+//! (`set_tracer`) without a `tracing` span in between, for a traced
+//! message costs its spans' work at every sampled publish. Spans are only
+//! created once [`enable`] has been called (cargo feature `otlp`) and the
+//! sampling decision says so:
 //!
 //! - an operation this node starts (publish, call) is a child of the
 //!   application's current span when that span is sampled; with no current
@@ -46,7 +50,9 @@ pub fn ratio() -> Ratio {
 /// Starts creating spans, sampling `ratio` (0.0..=1.0) of the operations
 /// that start a trace. The process must have a `tracing` subscriber with
 /// a `tracing-opentelemetry` layer whose tracer samples as [`Sampler`]
-/// does (or `ParentBased(AlwaysOn)`: the ratio is applied here).
+/// does (or `ParentBased(AlwaysOn)`: the ratio is applied here), and give
+/// a tracer of the same provider to [`set_tracer`] (the pub/sub spans are
+/// made with it directly).
 #[cfg(feature = "otlp")]
 pub fn enable(ratio: f64) {
     RATIO.store(Ratio::new(ratio).bits(), Relaxed);
@@ -163,16 +169,63 @@ pub fn find(headers: &[(String, String)]) -> Option<TraceParent> {
     macula_wire::trace::find(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
+/// The current span where a future is made, to run it in later (a relay
+/// session opened for a traced publish or call): the `tracing` span and,
+/// with the feature, the OpenTelemetry context of a [`Direct`] span.
+#[derive(Debug)]
+pub struct Current {
+    span: tracing::Span,
+    #[cfg(feature = "otlp")]
+    cx: Option<opentelemetry::Context>,
+}
+
+impl Current {
+    /// The current span(s), when tracing is on (else none: nothing to
+    /// carry).
+    pub fn get() -> Current {
+        if !on() {
+            return Current {
+                span: tracing::Span::none(),
+                #[cfg(feature = "otlp")]
+                cx: None,
+            };
+        }
+        Current {
+            span: tracing::Span::current(),
+            #[cfg(feature = "otlp")]
+            cx: {
+                use opentelemetry::trace::TraceContextExt;
+                let cx = opentelemetry::Context::current();
+                cx.span().span_context().is_sampled().then_some(cx)
+            },
+        }
+    }
+
+    /// Runs `fut` in these spans.
+    pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
+        let fut = tracing::Instrument::instrument(fut, self.span);
+        #[cfg(feature = "otlp")]
+        if let Some(cx) = self.cx {
+            return opentelemetry::context::FutureExt::with_context(fut, cx).await;
+        }
+        fut.await
+    }
+}
+
 #[cfg(feature = "otlp")]
 pub use imp::*;
 
 #[cfg(feature = "otlp")]
 mod imp {
     use super::*;
+    use opentelemetry::trace::Span as _;
+    pub use opentelemetry::trace::SpanKind;
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
     };
     use opentelemetry::Context;
+    pub use opentelemetry::{KeyValue, Value};
+    use opentelemetry_sdk::trace::SdkTracer;
     use tracing::Span;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -300,16 +353,261 @@ mod imp {
 
     /// A span made by `make` as a child of the current span, only when the
     /// current span is sampled (DHT lookups, relay connects: they belong to
-    /// a traced publish or call, never start a trace of their own).
+    /// a traced publish or call, never start a trace of their own). The
+    /// current span is the `tracing` one, or else a [`Direct`] span's
+    /// context a future runs in ([`Direct::in_context`]).
     pub fn child(make: impl FnOnce() -> Span) -> Option<Span> {
         if !on() {
             return None;
         }
         let current = Span::current();
-        if current.is_none() || !current.context().span().span_context().is_sampled() {
+        if !current.is_none() && current.context().span().span_context().is_sampled() {
+            return Some(make());
+        }
+        let cx = Context::current();
+        if !cx.span().span_context().is_sampled() {
             return None;
         }
-        Some(make())
+        let span = make();
+        span.set_parent(cx).ok()?;
+        Some(span)
+    }
+
+    /// The tracer of the [`Direct`] spans (the provider's, set with
+    /// [`enable`]).
+    static TRACER: std::sync::RwLock<Option<SdkTracer>> = std::sync::RwLock::new(None);
+
+    /// Creates the [`Direct`] spans with `tracer` (from the same provider
+    /// as the `tracing-opentelemetry` layer's, with the [`Sampler`]).
+    pub fn set_tracer(tracer: SdkTracer) {
+        if let Ok(mut t) = TRACER.write() {
+            *t = Some(tracer);
+        }
+    }
+
+    fn tracer() -> Option<SdkTracer> {
+        TRACER.read().ok()?.clone()
+    }
+
+    /// A span of the pub/sub hot path (publish, deliver, gateway
+    /// forwarding) made with the SDK tracer directly, not through a
+    /// `tracing` span and the `tracing-opentelemetry` layer: no registry
+    /// entry, no field visitor formatting each attribute, attributes built
+    /// once as `KeyValue`s (node IDs shared, see [`node_value`]). Ends
+    /// (and goes to the exporter) when dropped.
+    pub struct Direct(opentelemetry_sdk::trace::Span);
+
+    impl std::fmt::Debug for Direct {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_tuple("Direct")
+                .field(self.0.span_context())
+                .finish()
+        }
+    }
+
+    impl Direct {
+        /// Its own context as a `traceparent` (for the next hop).
+        pub fn traceparent(&self) -> TraceParent {
+            let sc = self.0.span_context();
+            TraceParent {
+                trace_id: sc.trace_id().to_bytes(),
+                parent_id: sc.span_id().to_bytes(),
+                flags: sc.trace_flags().to_u8(),
+            }
+        }
+
+        /// Runs `fut` with this span as the current OpenTelemetry context
+        /// (so [`child`] spans, e.g. a DHT lookup, are its children); the
+        /// span ends when `fut` is done.
+        pub fn in_context<F: std::future::Future>(
+            self,
+            fut: F,
+        ) -> opentelemetry::context::WithContext<F> {
+            use opentelemetry::context::FutureExt;
+            fut.with_context(Context::new().with_span(self.0))
+        }
+    }
+
+    fn build(
+        parent: &Context,
+        name: &'static str,
+        kind: SpanKind,
+        attrs: Vec<KeyValue>,
+    ) -> Option<Direct> {
+        use opentelemetry::trace::Tracer as _;
+        let tracer = tracer()?;
+        let span = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attrs)
+            .start_with_context(&tracer, parent);
+        (span.span_context().is_sampled()).then_some(Direct(span))
+    }
+
+    /// [`start`] for a [`Direct`] span `name` with the attributes `attrs`
+    /// makes (called only once sampled).
+    pub fn start_direct(
+        headers: &mut Vec<(String, String)>,
+        name: &'static str,
+        kind: SpanKind,
+        attrs: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Direct> {
+        if !on() {
+            return None;
+        }
+        let parent = if let Some(tp) = find(headers) {
+            // The application's own context: a child of it, if sampled.
+            if !tp.sampled() {
+                return None;
+            }
+            remote_context(&tp, tracestate(headers))
+        } else {
+            let current = Span::current();
+            let (parent, cx) = if !current.is_none() {
+                let cx = current.context();
+                let sc = cx.span().span_context().clone();
+                (sc.is_valid().then(|| sc.is_sampled()), Some(cx))
+            } else {
+                // No `tracing` span: a `Direct` one's context, if any.
+                let cx = Context::current();
+                let sc = cx.span().span_context().clone();
+                match sc.is_valid() {
+                    true => (Some(sc.is_sampled()), Some(cx)),
+                    false => (None, None),
+                }
+            };
+            if !macula_wire::trace::decide(parent, ratio(), random()) {
+                return None;
+            }
+            match (parent, cx) {
+                (Some(_), Some(cx)) => cx,
+                _ => Context::new(),
+            }
+        };
+        let span = build(&parent, name, kind, attrs())?;
+        put(headers, &span.traceparent());
+        Some(span)
+    }
+
+    /// [`remote`] for a [`Direct`] span.
+    pub fn remote_direct(
+        tp: Option<TraceParent>,
+        tracestate: Option<&str>,
+        name: &'static str,
+        kind: SpanKind,
+        attrs: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Direct> {
+        let tp = tp.filter(|t| on() && t.sampled())?;
+        build(&remote_context(&tp, tracestate), name, kind, attrs())
+    }
+
+    /// [`remote_direct`] with the parent taken from `headers`.
+    pub fn remote_in_direct(
+        headers: &[(String, String)],
+        name: &'static str,
+        kind: SpanKind,
+        attrs: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Direct> {
+        if !on() {
+            return None;
+        }
+        remote_direct(find(headers), tracestate(headers), name, kind, attrs)
+    }
+
+    /// The span of a publish this node starts (`macula.publish`), its
+    /// context put in `headers`.
+    pub fn publish_span(
+        headers: &mut Vec<(String, String)>,
+        topic: &str,
+        node: &macula_wire::NodeId,
+    ) -> Option<Direct> {
+        start_direct(headers, "macula.publish", SpanKind::Producer, || {
+            vec![
+                KeyValue::new("macula.topic", topic.to_string()),
+                KeyValue::new("macula.node", node_value(node)),
+            ]
+        })
+    }
+
+    /// The span of a traced event's delivery to a subscription
+    /// (`macula.deliver`, a child of the context in its `headers`).
+    pub fn deliver_span(
+        headers: &[(String, String)],
+        topic: &str,
+        pattern: &str,
+        publisher: &macula_wire::NodeId,
+        seq: u64,
+        node: Option<&macula_wire::NodeId>,
+    ) -> Option<Direct> {
+        remote_in_direct(headers, "macula.deliver", SpanKind::Consumer, || {
+            let mut a = Vec::with_capacity(5);
+            a.push(KeyValue::new("macula.topic", topic.to_string()));
+            a.push(KeyValue::new("macula.pattern", pattern.to_string()));
+            a.push(KeyValue::new("macula.publisher", node_value(publisher)));
+            a.push(KeyValue::new("macula.seq", seq as i64));
+            if let Some(n) = node {
+                a.push(KeyValue::new("macula.node", node_value(n)));
+            }
+            a
+        })
+    }
+
+    /// A gateway's span for a traced message it forwards
+    /// (`macula.gateway.forward`, a child of `tp`): from a client into the
+    /// mesh, or from the mesh to its clients.
+    pub fn forward_span(
+        tp: Option<TraceParent>,
+        tracestate: Option<&str>,
+        from_client: bool,
+        topic: &str,
+        publisher: &macula_wire::NodeId,
+        seq: u64,
+        node: &macula_wire::NodeId,
+    ) -> Option<Direct> {
+        remote_direct(
+            tp,
+            tracestate,
+            "macula.gateway.forward",
+            SpanKind::Consumer,
+            || {
+                let direction = if from_client {
+                    "from_client"
+                } else {
+                    "to_clients"
+                };
+                vec![
+                    KeyValue::new("macula.direction", direction),
+                    KeyValue::new("macula.topic", topic.to_string()),
+                    KeyValue::new("macula.publisher", node_value(publisher)),
+                    KeyValue::new("macula.seq", seq as i64),
+                    KeyValue::new("macula.node", node_value(node)),
+                ]
+            },
+        )
+    }
+
+    /// A node ID as an attribute value, formatted once: the last few are
+    /// kept per thread and shared (`Arc<str>`), so a traced message's
+    /// spans do not each format and allocate the text of every node they
+    /// name.
+    pub fn node_value(id: &macula_wire::NodeId) -> Value {
+        use std::cell::RefCell;
+        const KEPT: usize = 8;
+        thread_local! {
+            static IDS: RefCell<Vec<([u8; 32], Value)>> = const { RefCell::new(Vec::new()) };
+        }
+        IDS.with(|ids| {
+            let mut ids = ids.borrow_mut();
+            if let Some(i) = ids.iter().position(|(k, _)| k == id.as_bytes()) {
+                return ids[i].1.clone();
+            }
+            let v = Value::from(std::sync::Arc::<str>::from(id.to_string()));
+            if ids.len() >= KEPT {
+                ids.remove(0);
+            }
+            ids.push((*id.as_bytes(), v.clone()));
+            v
+        })
     }
 
     /// The sampler a tracer provider should use with this module:
@@ -383,6 +681,48 @@ mod off {
         None
     }
     pub fn put(_: &mut Vec<(String, String)>, _: &TraceParent) {}
+
+    /// No span is ever made without the feature.
+    #[derive(Debug)]
+    pub enum Direct {}
+
+    impl Direct {
+        pub fn traceparent(&self) -> TraceParent {
+            match *self {}
+        }
+        pub fn in_context<F: std::future::Future>(self, _: F) -> F {
+            match self {}
+        }
+    }
+
+    pub fn publish_span(
+        _: &mut Vec<(String, String)>,
+        _: &str,
+        _: &macula_wire::NodeId,
+    ) -> Option<Direct> {
+        None
+    }
+    pub fn deliver_span(
+        _: &[(String, String)],
+        _: &str,
+        _: &str,
+        _: &macula_wire::NodeId,
+        _: u64,
+        _: Option<&macula_wire::NodeId>,
+    ) -> Option<Direct> {
+        None
+    }
+    pub fn forward_span(
+        _: Option<TraceParent>,
+        _: Option<&str>,
+        _: bool,
+        _: &str,
+        _: &macula_wire::NodeId,
+        _: u64,
+        _: &macula_wire::NodeId,
+    ) -> Option<Direct> {
+        None
+    }
 }
 
 #[cfg(test)]

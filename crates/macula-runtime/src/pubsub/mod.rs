@@ -51,7 +51,6 @@ use macula_pubsub::{
 };
 use macula_wire::{DisconnectReason, ErrorCode, Message, MessageType, NodeId};
 use tokio::sync::Notify;
-use tracing::Instrument;
 
 use crate::authz::{Authz, Denied};
 use crate::clock::Clock;
@@ -457,7 +456,7 @@ impl PubSub {
         mut opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
         self.allowed_here(Perm::Publish, topic)?;
-        let _span = self.publish_span(topic, &mut opts).map(|s| s.entered());
+        let _span = self.publish_span(topic, &mut opts);
         self.run(|core, now, out| core.publish_local(topic, payload, opts, now, out))
             .map(|p| p.seq)
     }
@@ -475,9 +474,10 @@ impl PubSub {
         self.allowed_here(Perm::Publish, topic)?;
         if crate::trace::on() {
             if let Some(span) = self.publish_span(topic, &mut opts) {
-                return self
-                    .publish_mesh_inner(topic, payload, opts)
-                    .instrument(span)
+                // Its context is current while the publish runs: a DHT
+                // lookup for the route is its child.
+                return span
+                    .in_context(self.publish_mesh_inner(topic, payload, opts))
                     .await;
             }
         }
@@ -486,16 +486,11 @@ impl PubSub {
 
     /// The span of a publish (`None` unless tracing is on and sampled), its
     /// context put in the message's headers.
-    fn publish_span(&self, topic: &str, opts: &mut PublishOptions) -> Option<tracing::Span> {
+    fn publish_span(&self, topic: &str, opts: &mut PublishOptions) -> Option<crate::trace::Direct> {
         if !crate::trace::on() {
             return None;
         }
-        crate::trace::start(&mut opts.headers, || {
-            tracing::info_span!(target: crate::trace::TARGET, "macula.publish",
-                otel.kind = "producer",
-                macula.topic = topic,
-                macula.node = %self.0.node_id)
-        })
+        crate::trace::publish_span(&mut opts.headers, topic, &self.0.node_id)
     }
 
     async fn publish_mesh_inner(
@@ -848,7 +843,7 @@ impl PubSub {
         body: &Bytes,
         rx: &mut BatchReceiver<Arc<SubQueue>>,
         from_client: bool,
-    ) -> Vec<tracing::Span> {
+    ) -> Vec<crate::trace::Direct> {
         rx.retrace.clear();
         let Ok(view) = macula_wire::PublishBatchView::decode(body) else {
             return Vec::new();
@@ -870,20 +865,18 @@ impl PubSub {
             {
                 continue;
             }
-            let Some(span) = crate::trace::remote(tp, state, || {
-                tracing::info_span!(target: crate::trace::TARGET, "macula.gateway.forward",
-                    otel.kind = "consumer",
-                    macula.direction = if from_client { "from_client" } else { "to_clients" },
-                    macula.topic = topic,
-                    macula.publisher = %view.publisher,
-                    macula.seq = e.seq,
-                    macula.node = %self.0.node_id)
-            }) else {
+            let Some(span) = crate::trace::forward_span(
+                tp,
+                state,
+                from_client,
+                topic,
+                &view.publisher,
+                e.seq,
+                &self.0.node_id,
+            ) else {
                 continue;
             };
-            if let Some(tp) = crate::trace::traceparent_of(&span) {
-                rx.retrace.push((i, tp.to_string()));
-            }
+            rx.retrace.push((i, span.traceparent().to_string()));
             spans.push(span);
         }
         spans
@@ -1054,15 +1047,14 @@ impl Subscription {
     /// takes it.
     fn delivered(&self, e: &Event) {
         let node = self.owner.upgrade().map(|i| i.node_id);
-        let _span = crate::trace::remote_in(&e.headers, || {
-            tracing::info_span!(target: crate::trace::TARGET, "macula.deliver",
-                otel.kind = "consumer",
-                macula.topic = %e.topic.as_str(),
-                macula.pattern = self.pattern.as_str(),
-                macula.publisher = %e.publisher,
-                macula.seq = e.seq,
-                macula.node = node.map(tracing::field::display))
-        });
+        let _span = crate::trace::deliver_span(
+            &e.headers,
+            e.topic.as_str(),
+            self.pattern.as_str(),
+            &e.publisher,
+            e.seq,
+            node.as_ref(),
+        );
     }
 
     pub fn pattern(&self) -> &str {

@@ -35,6 +35,7 @@ pub fn collect() -> (Collect, SdkTracerProvider) {
                 .with_target(macula_runtime::trace::TARGET, tracing::Level::INFO),
         );
     tracing_subscriber::registry().with(layer).init();
+    macula_runtime::trace::set_tracer(provider.tracer("test"));
     (spans, provider)
 }
 
