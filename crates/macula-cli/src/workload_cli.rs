@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// UDP address of the node.
     #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:0")]
     listen: SocketAddr,
+    /// Serve the node's admin HTTP API here (`/metrics` with
+    /// `macula_wasm_*`, open to loopback clients; the rest needs the admin
+    /// token of --data-dir).
+    #[arg(long, value_name = "HOST:PORT")]
+    http: Option<SocketAddr>,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -98,6 +103,24 @@ pub async fn run(a: RunArgs, stop: impl std::future::Future<Output = ()>) -> any
     else {
         anyhow::bail!("a workload runs on a full node");
     };
+    host.attach_metrics(&node);
+    let admin = match a.http {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                eprintln!("admin http: {}", listener.local_addr()?);
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(macula::admin::serve(listener, node.clone(), async {
+                    let _ = stopped.await;
+                }));
+                Some((stop, server))
+            }
+            Err(e) => {
+                node.shutdown().await;
+                anyhow::bail!("cannot listen for admin HTTP on {addr}: {e}");
+            }
+        },
+        None => None,
+    };
     let workload = match host.start(&node, &a.app, &compiled, config).await {
         Ok(w) => w,
         Err(e) => {
@@ -114,6 +137,10 @@ pub async fn run(a: RunArgs, stop: impl std::future::Future<Output = ()>) -> any
     );
     stop.await;
     workload.stop().await;
+    if let Some((stop, server)) = admin {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    }
     node.shutdown().await;
     Ok(())
 }

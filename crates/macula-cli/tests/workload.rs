@@ -60,6 +60,22 @@ fn call(seed: &str, procedure: &str, data: &str) -> (Option<i32>, String) {
     ]))
 }
 
+/// `GET /metrics` (open to loopback clients), the body.
+fn get_metrics(http: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).expect("connect to the admin API");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("read the answer");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
 #[test]
 fn a_workload_process_serves_calls_and_survives_its_fuel_limit() {
     let wasm = example();
@@ -96,11 +112,14 @@ fn a_workload_process_serves_calls_and_survives_its_fuel_limit() {
         "20000000",
         "--listen",
         "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
         "--realm",
         REALM,
         "--connect",
         &addr,
     ]);
+    let http = w.field("admin http");
     w.wait_for(&["running demo", "demo.echo"]);
 
     let (code, out) = call(&addr, "demo.echo", "hello");
@@ -118,6 +137,17 @@ fn a_workload_process_serves_calls_and_survives_its_fuel_limit() {
     let (code, out) = call(&addr, "demo.echo", "again");
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("again"), "{out}");
+
+    // The limit is counted in the workload node's /metrics.
+    let text = get_metrics(&http);
+    for needle in [
+        "macula_wasm_limit_hits_total{app=\"demo\",limit=\"fuel\"} 1",
+        "macula_wasm_calls_total{app=\"demo\",outcome=\"ok\"} 2",
+        "macula_wasm_instances_total{app=\"demo\"} 2",
+        "macula_wasm_workloads 1",
+    ] {
+        assert!(text.contains(needle), "{needle} in\n{text}");
+    }
 
     // SIGTERM: it withdraws and exits 0.
     assert_eq!(w.terminate(), Some(0));

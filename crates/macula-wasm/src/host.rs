@@ -23,6 +23,8 @@ pub struct WasmHost {
     pub(crate) limits: WasmLimits,
     pub(crate) metrics: Arc<WasmMetrics>,
     pub(crate) running: Arc<parking_lot::Mutex<std::collections::BTreeSet<String>>>,
+    /// Nodes whose registries show this host's metrics.
+    attached: Arc<parking_lot::Mutex<std::collections::BTreeSet<macula::NodeId>>>,
 }
 
 /// A compiled component, checked against world `macula:mesh/workload`.
@@ -56,6 +58,7 @@ impl WasmHost {
             limits,
             metrics: Arc::new(WasmMetrics::default()),
             running: Arc::default(),
+            attached: Arc::default(),
         })
     }
 
@@ -72,6 +75,18 @@ impl WasmHost {
     /// Adds `macula_wasm_*` to a metrics registry.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         self.metrics.register(registry);
+    }
+
+    /// Makes `node`'s `/metrics` show `macula_wasm_*` (through
+    /// `Metrics::extend`): call it before the node's admin server starts.
+    /// Once per node; a second call does nothing.
+    pub fn attach_metrics(&self, node: &macula::Node) {
+        if !self.attached.lock().insert(node.id()) {
+            return;
+        }
+        let metrics = self.metrics.clone();
+        node.metrics()
+            .extend(Arc::new(move |registry| metrics.register(registry)));
     }
 
     /// Checks and compiles a component file: its size, its BLAKE3 hash when
