@@ -590,6 +590,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn extensions_are_registered_with_the_node_families() {
+        let m = Metrics::default();
+        let added = Counter::<u64>::default();
+        added.inc();
+        let c = added.clone();
+        m.extend(std::sync::Arc::new(move |r: &mut Registry| {
+            r.register("macula_extra", "Added from outside.", c.clone())
+        }));
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert!(text.contains("macula_extra_total 1"), "{text}");
+        assert!(text.contains("macula_connections_current"), "{text}");
+    }
+
+    #[test]
     fn labels_index_their_own_counter() {
         let m = Metrics::default();
         for (i, k) in ProtocolErrorKind::ALL.into_iter().enumerate() {
