@@ -181,6 +181,8 @@ impl Host for State {
     }
 
     async fn advertise(&mut self, procedure: String) -> Result<(), String> {
+        macula::names::validate_procedure(&procedure)
+            .map_err(|e| format!("invalid procedure {procedure:?}: {e}"))?;
         let max = self.limits.max_procedures;
         match &mut self.phase {
             Phase::Init { procedures, .. } => {
@@ -202,6 +204,8 @@ impl Host for State {
     }
 
     async fn subscribe(&mut self, pattern: String) -> Result<(), String> {
+        macula::names::validate_pattern(&pattern)
+            .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
         let max = self.limits.max_subscriptions;
         match &mut self.phase {
             Phase::Init { patterns, .. } => {

@@ -320,6 +320,23 @@ async fn a_second_workload_of_the_same_name_or_past_the_limit_is_refused() {
         .expect_err("past max_workloads");
     assert!(e.to_string().contains("wasm.max_workloads (1)"), "{e}");
     drop(w);
+    // A component whose init fails (here: it asks to serve an invalid
+    // name) is refused with its reason, and takes no slot.
+    let e = host
+        .start(&a, "bad", &compiled, config("bad name"))
+        .await
+        .expect_err("init fails");
+    assert!(matches!(e, WasmError::Init { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("invalid procedure \"bad name.echo\""),
+        "{e}"
+    );
+    let text = metric(&host);
+    assert!(
+        text.contains("macula_wasm_refused_total{reason=\"init_failed\"} 1"),
+        "{text}"
+    );
     // Its slot is free again.
     let w = host
         .start(&a, "two", &compiled, config("two"))
