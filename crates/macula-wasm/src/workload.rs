@@ -207,13 +207,18 @@ impl Workload {
         self.inner.call(procedure, payload).await
     }
 
-    /// Stops serving: withdraws its procedures (waiting for the
-    /// withdrawal), ends its subscriptions, frees the instance.
+    /// Stops serving: withdraws its procedures (waiting for each
+    /// withdrawal; one that fails is logged, the procedure is no longer
+    /// served here either way), ends its subscriptions, frees the instance.
     pub async fn stop(mut self) {
         for pump in self.pumps.drain(..) {
             pump.abort();
         }
-        self.registrations.clear();
+        for reg in self.registrations.drain(..) {
+            if let Err(e) = reg.withdraw().await {
+                tracing::warn!(target: "macula::wasm", app = &*self.inner.app, error = %e, "withdrawing a procedure failed");
+            }
+        }
         *self.inner.live.lock().await = None;
     }
 }
