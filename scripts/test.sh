@@ -12,6 +12,13 @@ step() { printf '\n==> %s\n' "$*"; }
 # without it would rebuild macula-runtime, macula and macula-cli.
 FEATURES=(--features macula-cli/otlp)
 
+# The WebAssembly workloads' tests (crates/macula-wasm/tests) build their
+# example component from source for wasm32-wasip2 (docs/WASM.md).
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    step "rustup target add wasm32-wasip2"
+    rustup target add wasm32-wasip2
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -48,6 +48,11 @@ pub enum BenchCommand {
     /// A relayed path versus a direct one on the same topology (in-process
     /// nodes on 127.0.0.1): RPC round-trip latency and bulk throughput.
     Relay(crate::bench_relay::RelayArgs),
+    /// A WebAssembly workload (cargo feature `wasm`): compile and
+    /// instantiation time, a call into the component versus a native
+    /// handler, directly and over RPC from another node (in process).
+    #[cfg(feature = "wasm")]
+    Wasm(crate::bench_wasm::WasmArgs),
     /// A Raft group's KV (or an etcd cluster, for comparison) under load:
     /// put and linearizable get latency, concurrent put throughput, or the
     /// write gap across a leader kill (`scripts/bench-raft.py` runs both).
@@ -178,6 +183,10 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 .await
                 .context("benchmark exceeded its time limit")?
         }
+        #[cfg(feature = "wasm")]
+        BenchCommand::Wasm(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_wasm::run(args))
+            .await
+            .context("benchmark exceeded its time limit")?,
         BenchCommand::Crdt(args) => {
             // Returning drops the child handles, which kills them.
             let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_crdt::run(args));

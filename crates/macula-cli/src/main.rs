@@ -21,6 +21,8 @@ mod bench_rpc;
 mod bench_stats;
 mod bench_stream;
 mod bench_tracing;
+#[cfg(feature = "wasm")]
+mod bench_wasm;
 mod config;
 mod dht_cli;
 mod member;
@@ -33,6 +35,8 @@ mod stream_cli;
 mod text;
 mod tokens;
 mod trust_cli;
+#[cfg(feature = "wasm")]
+mod workload_cli;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -112,6 +116,10 @@ enum Command {
     /// Trust on first use in an open realm: the node IDs pinned to configured addresses.
     #[command(subcommand)]
     Trust(trust_cli::TrustCommand),
+    /// WebAssembly workloads (cargo feature `wasm`): run a component on a node.
+    #[cfg(feature = "wasm")]
+    #[command(subcommand)]
+    Workload(workload_cli::WorkloadCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -246,6 +254,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
         Command::Audit(cmd) => realm_cli::audit(cmd),
         Command::Trust(cmd) => trust_cli::run(cmd),
+        #[cfg(feature = "wasm")]
+        Command::Workload(workload_cli::WorkloadCommand::Run(args)) => {
+            Ok(client(&args.mesh.trace.clone(), async {
+                let signals = Signals::install()?;
+                workload_cli::run(args, signals.wait()).await
+            })?)
+        }
     }
 }
 

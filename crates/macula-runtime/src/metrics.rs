@@ -267,6 +267,20 @@ pub struct Metrics {
     /// slot counts type bytes this version does not know.
     messages_received: LabelledCounters<MESSAGE_SLOTS>,
     messages_sent: LabelledCounters<MESSAGE_SLOTS>,
+    /// Families added from outside the runtime ([`Metrics::extend`]).
+    extensions: Extensions,
+}
+
+/// Adds metric families to a registry: see [`Metrics::extend`].
+pub type MetricsExtension = std::sync::Arc<dyn Fn(&mut Registry) + Send + Sync>;
+
+#[derive(Default)]
+struct Extensions(parking_lot::Mutex<Vec<MetricsExtension>>);
+
+impl std::fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Extensions({})", self.0.lock().len())
+    }
 }
 
 /// Slots for per-type message counters: every known type plus "unknown".
@@ -328,6 +342,7 @@ impl Default for Metrics {
             api_key_limiter_evictions_total: Counter::default(),
             messages_received: LabelledCounters::new("type", message_labels()),
             messages_sent: LabelledCounters::new("type", message_labels()),
+            extensions: Extensions::default(),
         }
     }
 }
@@ -380,9 +395,21 @@ impl Metrics {
         self.api_key_failures.at(why as usize).get()
     }
 
+    /// Adds families of code outside the runtime (an embedding
+    /// application; `macula-wasm`'s `macula_wasm_*`) to every registry
+    /// built for this node from now on: `f` runs in [`Metrics::register`].
+    /// An admin server started before this call does not show them.
+    pub fn extend(&self, f: MetricsExtension) {
+        self.extensions.0.lock().push(f);
+    }
+
     /// Registers every metric in the node's registry (the names are a
     /// compatibility promise to dashboards).
     pub fn register(&self, r: &mut Registry) {
+        let extensions: Vec<MetricsExtension> = self.extensions.0.lock().clone();
+        for f in extensions {
+            f(r);
+        }
         self.connections.register(
             r,
             "macula_connections",
@@ -561,6 +588,23 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extensions_are_registered_with_the_node_families() {
+        let m = Metrics::default();
+        let added = Counter::<u64>::default();
+        added.inc();
+        let c = added.clone();
+        m.extend(std::sync::Arc::new(move |r: &mut Registry| {
+            r.register("macula_extra", "Added from outside.", c.clone())
+        }));
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert!(text.contains("macula_extra_total 1"), "{text}");
+        assert!(text.contains("macula_connections_current"), "{text}");
+    }
 
     #[test]
     fn labels_index_their_own_counter() {

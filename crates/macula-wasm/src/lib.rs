@@ -1,0 +1,31 @@
+//! Macula workloads as WebAssembly components (issue 25; docs/WASM.md).
+//!
+//! A workload is a component of world `macula:mesh/workload`
+//! (`wit/mesh.wit`): it imports the node's `host` interface (log, publish,
+//! call, advertise, subscribe, KV) and exports `handlers` (`init`,
+//! `handle-call`, `handle-event`). [`WasmHost`] compiles components
+//! (wasmtime, Cranelift) and runs them under [`WasmLimits`] (memory,
+//! tables, fuel per call); [`WasmHost::start`] makes a [`Workload`] on a
+//! node: its procedures advertised through the node's RPC and its
+//! subscriptions made through the node's pub/sub, like any application's.
+//!
+//! Modules, one way: `error` <- `limits` <- `metrics` <- `state` (the
+//! store's data, the WIT host) <- `host` (engine, compile, instantiate) <-
+//! `workload` (serving).
+
+mod bindings;
+mod error;
+mod host;
+mod limits;
+mod metrics;
+mod state;
+mod workload;
+
+pub use error::{Limit, LimitHit, WasmError};
+pub use host::{Compiled, WasmHost};
+pub use limits::WasmLimits;
+pub use metrics::WasmMetrics;
+pub use workload::{Workload, CODE_LIMIT, CODE_TRAP, CODE_UNAVAILABLE};
+
+/// The WIT of world `macula:mesh/workload`, for tools that build guests.
+pub const WIT: &str = include_str!("../wit/mesh.wit");
