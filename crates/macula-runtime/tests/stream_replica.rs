@@ -185,9 +185,9 @@ async fn a_leader_cut_off_from_its_majority_refuses_in_time_and_nothing_acknowle
     let others: Vec<_> = ids.iter().copied().filter(|i| *i != ids[l]).collect();
     // Cut the leader's Raft traffic both ways.
     nodes[l].raft().partition(&others);
-    for i in 0..3 {
+    for (i, n) in nodes.iter().enumerate() {
         if i != l {
-            nodes[i].raft().partition(&[ids[l]]);
+            n.raft().partition(&[ids[l]]);
         }
     }
     // The old leader cannot commit: its publish fails within the request
