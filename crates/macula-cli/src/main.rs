@@ -23,6 +23,7 @@ mod bench_stream;
 mod bench_tracing;
 mod config;
 mod dht_cli;
+mod keys_cli;
 mod member;
 mod otlp;
 mod pubsub_cli;
@@ -103,6 +104,9 @@ enum Command {
     /// A realm authority: its key, the grants it issues, revocations (offline, on this machine's files).
     #[command(subcommand)]
     Realm(realm_cli::RealmCommand),
+    /// End-to-end payload keys of a realm: rotate a pattern's key (as its authority), show what a node holds.
+    #[command(subcommand)]
+    Keys(keys_cli::KeysCommand),
     /// Explain an authorization decision: exit 0 if allowed, 1 if denied (with the reason).
     #[command(subcommand)]
     Authz(AuthzCommand),
@@ -243,6 +247,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Stream(cmd) => stream_cli::stream(cmd),
         Command::Consumer(cmd) => stream_cli::consumer(cmd),
         Command::Realm(cmd) => realm_cli::run(cmd),
+        Command::Keys(cmd) => keys_cli::run(cmd),
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
         Command::Audit(cmd) => realm_cli::audit(cmd),
         Command::Trust(cmd) => trust_cli::run(cmd),
