@@ -12,6 +12,7 @@ mod bench;
 mod bench_authz;
 mod bench_connections;
 mod bench_crdt;
+mod bench_e2e;
 mod bench_kv;
 mod bench_mqtt;
 mod bench_proofs;

@@ -308,6 +308,13 @@ impl Node {
         self.runtime.node_id()
     }
 
+    /// The realm's end-to-end keys as this node holds them (issue 19):
+    /// `install` a key set (it spreads to the mesh and to clients),
+    /// `report` what is held, `member_key` to wrap keys to.
+    pub fn e2e(&self) -> &std::sync::Arc<crate::e2e::E2e> {
+        self.runtime.realm_service().e2e()
+    }
+
     /// The bound QUIC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.runtime.local_addr()
