@@ -197,6 +197,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let v = serde_json::json!({
                     "node_id": identity.node_id().to_string(),
                     "public_key": hex(&identity.public_key()),
+                    // What `macula keys rotate --member` takes.
+                    "member_key": macula::auth::Key(identity.public_key()).to_string(),
                     "key_file": dir.join(macula::config::KEY_FILE_NAME),
                 });
                 writeln!(out, "{v}")?;

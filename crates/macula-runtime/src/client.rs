@@ -550,6 +550,7 @@ impl Client {
             // A client checks no one: its gateway proves its node ID in TLS.
             authz: None,
             api_keys: None,
+            keys: None,
         };
         let (gateway, _) = watch::channel(None);
         let (second, _) = watch::channel(None);
@@ -1248,6 +1249,7 @@ impl Client {
         };
         let (p, shutdown) = (peer.clone(), s.stop_drivers.subscribe());
         cfg.services.peer_up(&peer);
+        let keys = crate::e2e::gateway_keys(peer.hello());
         tokio::spawn(async move {
             let services = cfg.services.clone();
             let ended = driver::drive(p.clone(), reader, cfg, shutdown).await;
@@ -1259,6 +1261,15 @@ impl Client {
             };
             services.peer_down(&p, why);
         });
+        // The gateway holds an end-to-end key set: it sends it right after
+        // the handshake. Attached once it is here, so nothing is published
+        // in the clear on a topic the realm encrypts.
+        if keys > s.e2e.version() && !s.e2e.wait_version(keys, timeout).await {
+            tracing::warn!(gateway = %peer.node_id(), version = keys, "the gateway's end-to-end key set did not arrive in time");
+            return Err(other(format!(
+                "the gateway holds end-to-end key set version {keys}, which did not arrive within {timeout:?}"
+            )));
+        }
         Ok(peer)
     }
 

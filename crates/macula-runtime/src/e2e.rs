@@ -28,6 +28,19 @@ use serde::Serialize;
 use crate::authz::{Installed, RealmCounters};
 use crate::peer::unix_ms;
 
+/// HELLO capability prefix: `e2e-keys=N`, the key set version the sender
+/// (a full node) holds; a client attaching to it waits for that version.
+pub const KEYS_CAPABILITY: &str = "e2e-keys=";
+
+/// The key set version a gateway's HELLO announces (0: none).
+pub fn gateway_keys(hello: &macula_wire::Hello) -> u64 {
+    hello
+        .capabilities
+        .iter()
+        .find_map(|c| c.strip_prefix(KEYS_CAPABILITY)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The file in the data directory holding the last adopted key set.
 pub const KEYSET_FILE: &str = "keyset";
 
@@ -95,6 +108,8 @@ pub struct E2e {
     active: AtomicBool,
     counters: Arc<RealmCounters>,
     dir: Option<PathBuf>,
+    /// Notified when a set is adopted.
+    adopted: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for E2e {
@@ -123,7 +138,23 @@ impl E2e {
             active: AtomicBool::new(false),
             counters,
             dir,
+            adopted: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits (at most `limit`) until the held version is `v` or more.
+    pub async fn wait_version(&self, v: u64, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            loop {
+                let adopted = self.adopted.notified();
+                if self.version() >= v {
+                    return;
+                }
+                adopted.await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// Its counters (a node's are its realm counters, registered in its
@@ -198,6 +229,7 @@ impl E2e {
         self.counters.keysets.at(0).inc();
         self.counters.keyset_version.set(version as i64);
         self.keep(bytes);
+        self.adopted.notify_waiters();
         Ok(Installed::Adopted { version })
     }
 

@@ -752,6 +752,7 @@ impl NodeRuntime {
                     max_frame_size: config.limits.max_frame_size,
                     authz: authz.clone(),
                     api_keys,
+                    keys: Some(e2e.clone()),
                 },
                 table: Mutex::new(PoolTable::new(
                     node_id,

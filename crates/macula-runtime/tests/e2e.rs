@@ -141,6 +141,11 @@ async fn gateways_and_forwarding_nodes_carry_only_ciphertext() {
     // Given to A only: it spreads to B and to both gateways' clients.
     a.realm_service().install_keys(&set, None).expect("install");
     holds(1, &[&c1, &c2], &[&a, &b]).await;
+    // A client attaching now has the set when `connect` returns (its
+    // gateway's HELLO said which version to wait for): its first publish
+    // is sealed.
+    let (c4, _c4d) = client_of(&a, &authority, 6).await;
+    assert_eq!(c4.e2e().version(), 1);
 
     let mut on_c2 = c2.subscribe("orders.**").await.expect("subscribe");
     // What the gateway of the publisher (A) and the gateway of the
