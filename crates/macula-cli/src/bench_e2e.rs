@@ -147,7 +147,7 @@ async fn mesh(dirs: &mut Dirs) -> anyhow::Result<Mesh> {
         &mut macula::e2e::SysRng,
     )?;
     let set = KeySet::sign(&body, &auth)?.to_bytes()?;
-    a.e2e().install(&set)?;
+    a.install_keys(&set)?;
     // A spreads it to B and to its client C.
     let t = Instant::now();
     while b.e2e().version() != 1 || c.e2e().version() != 1 {
