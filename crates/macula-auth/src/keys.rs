@@ -518,6 +518,21 @@ impl Keyring {
         now_ms: u64,
         rng: &mut R,
     ) -> Result<Option<Vec<u8>>, SealError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        self.seal_with_nonce(topic, payload, now_ms, &nonce)
+    }
+
+    /// [`Keyring::seal`] with the caller's nonce, which must never repeat
+    /// under one key: random, or (as the runtime does) a random 16-byte
+    /// prefix drawn once per process and a 64-bit counter.
+    pub fn seal_with_nonce(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: u64,
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<Option<Vec<u8>>, SealError> {
         let Some(p) = self.covering(topic) else {
             return Ok(None);
         };
@@ -534,11 +549,9 @@ impl Keyring {
             .or_else(|| p.keys.iter().find(|k| k.retire_at_ms.is_none()))
             .ok_or_else(no_key)?;
         let cipher = k.cipher.as_ref().ok_or_else(no_key)?;
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill_bytes(&mut nonce);
         let ct = cipher
             .encrypt(
-                XNonce::from_slice(&nonce),
+                XNonce::from_slice(nonce),
                 Payload {
                     msg: payload,
                     aad: topic.as_bytes(),
@@ -548,7 +561,7 @@ impl Keyring {
         let mut out = Vec::with_capacity(1 + KEY_ID_LEN + NONCE_LEN + ct.len());
         out.push(ENVELOPE_TAG);
         out.extend_from_slice(&k.id);
-        out.extend_from_slice(&nonce);
+        out.extend_from_slice(nonce);
         out.extend_from_slice(&ct);
         Ok(Some(out))
     }

@@ -110,6 +110,11 @@ pub struct E2e {
     dir: Option<PathBuf>,
     /// Notified when a set is adopted.
     adopted: tokio::sync::Notify,
+    /// Nonces: a random prefix drawn once, then a counter (no system
+    /// call per message; never repeats within this process's life, and
+    /// the prefix keeps processes sharing a key apart).
+    nonce_prefix: [u8; 16],
+    nonce_counter: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for E2e {
@@ -139,7 +144,21 @@ impl E2e {
             counters,
             dir,
             adopted: tokio::sync::Notify::new(),
+            nonce_prefix: {
+                let mut p = [0u8; 16];
+                SysRng.fill_bytes(&mut p);
+                p
+            },
+            nonce_counter: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn next_nonce(&self) -> [u8; macula_auth::keys::NONCE_LEN] {
+        let mut n = [0u8; macula_auth::keys::NONCE_LEN];
+        n[..16].copy_from_slice(&self.nonce_prefix);
+        let c = self.nonce_counter.fetch_add(1, Relaxed);
+        n[16..].copy_from_slice(&c.to_le_bytes());
+        n
     }
 
     /// Waits (at most `limit`) until the held version is `v` or more.
@@ -255,7 +274,10 @@ impl E2e {
             return Ok(payload);
         }
         let held = self.held.read().clone();
-        match held.ring.seal(topic, &payload, unix_ms(), &mut SysRng) {
+        match held
+            .ring
+            .seal_with_nonce(topic, &payload, unix_ms(), &self.next_nonce())
+        {
             Ok(Some(sealed)) => {
                 self.counters.e2e.at(0).inc();
                 Ok(Bytes::from(sealed))
