@@ -18,6 +18,7 @@
 
 pub mod audit;
 pub mod grant;
+pub mod keys;
 pub mod origin;
 pub mod policy;
 pub mod revocation;

@@ -466,7 +466,7 @@ impl Target {
     }
 
     /// `GET path`, requiring a 200; errors name the address.
-    fn get_ok(&self, path: &str) -> Result<String, Failure> {
+    pub(crate) fn get_ok(&self, path: &str) -> Result<String, Failure> {
         let reply = self
             .request("GET", path, None, REQUEST_TIMEOUT)
             .with_context(|| format!("cannot reach the node's admin API at {}", self.text))?;

@@ -72,6 +72,11 @@ pub enum BenchCommand {
     /// 127.0.0.1, rounds alternating): client -> gateway -> node throughput
     /// and latency of 64 B and 16 KiB messages.
     Proofs(crate::bench_proofs::ProofsArgs),
+    /// End-to-end payload encryption off and on (in-process nodes and a
+    /// client of a realm with an authority on 127.0.0.1, rounds
+    /// alternating): client -> gateway -> node throughput and latency of
+    /// 64 B and 16 KiB messages.
+    E2e(crate::bench_e2e::E2eArgs),
     /// The MQTT bridge against Debian's mosquitto broker, side by side:
     /// QoS 0 and QoS 1 throughput (1 publisher -> 1 subscriber), round-trip
     /// latency, and memory per idle connection. Starts both itself.
@@ -201,6 +206,9 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 .await
                 .context("benchmark exceeded its time limit")?
         }
+        BenchCommand::E2e(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_e2e::run(args))
+            .await
+            .context("benchmark exceeded its time limit")?,
         BenchCommand::Authz(args) => {
             tokio::time::timeout(MAX_RUNTIME, crate::bench_authz::run(args))
                 .await

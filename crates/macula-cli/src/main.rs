@@ -12,6 +12,7 @@ mod bench;
 mod bench_authz;
 mod bench_connections;
 mod bench_crdt;
+mod bench_e2e;
 mod bench_kv;
 mod bench_mqtt;
 mod bench_proofs;
@@ -25,6 +26,7 @@ mod bench_tracing;
 mod bench_wasm;
 mod config;
 mod dht_cli;
+mod keys_cli;
 mod member;
 mod otlp;
 mod pubsub_cli;
@@ -107,6 +109,9 @@ enum Command {
     /// A realm authority: its key, the grants it issues, revocations (offline, on this machine's files).
     #[command(subcommand)]
     Realm(realm_cli::RealmCommand),
+    /// End-to-end payload keys of a realm: rotate a pattern's key (as its authority), show what a node holds.
+    #[command(subcommand)]
+    Keys(keys_cli::KeysCommand),
     /// Explain an authorization decision: exit 0 if allowed, 1 if denied (with the reason).
     #[command(subcommand)]
     Authz(AuthzCommand),
@@ -200,6 +205,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let v = serde_json::json!({
                     "node_id": identity.node_id().to_string(),
                     "public_key": hex(&identity.public_key()),
+                    // What `macula keys rotate --member` takes.
+                    "member_key": macula::auth::Key(identity.public_key()).to_string(),
                     "key_file": dir.join(macula::config::KEY_FILE_NAME),
                 });
                 writeln!(out, "{v}")?;
@@ -251,6 +258,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Stream(cmd) => stream_cli::stream(cmd),
         Command::Consumer(cmd) => stream_cli::consumer(cmd),
         Command::Realm(cmd) => realm_cli::run(cmd),
+        Command::Keys(cmd) => keys_cli::run(cmd),
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
         Command::Audit(cmd) => realm_cli::audit(cmd),
         Command::Trust(cmd) => trust_cli::run(cmd),

@@ -465,7 +465,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn realm_dir(args: &NameArgs) -> Result<PathBuf, Failure> {
+pub(crate) fn realm_dir(args: &NameArgs) -> Result<PathBuf, Failure> {
     if args.name.is_empty()
         || args.name.len() > 64
         || !args
@@ -488,7 +488,7 @@ fn authority_path(dir: &Path) -> PathBuf {
 }
 
 /// The authority's signing key; `create` makes it if it does not exist.
-fn authority(dir: &Path, create: bool) -> Result<SigningKey, Failure> {
+pub(crate) fn authority(dir: &Path, create: bool) -> Result<SigningKey, Failure> {
     let path = authority_path(dir);
     if !create && !path.exists() {
         return Err(anyhow!(
@@ -903,7 +903,12 @@ fn append_line(path: &Path, line: &str, what: &str) -> anyhow::Result<()> {
 
 /// Appends one entry to the realm's own audit trail (`<realm dir>/audit/`,
 /// checkpoints signed with the authority key): what this machine issued.
-fn realm_audit(dir: &Path, key: &SigningKey, kind: &str, detail: &str) -> Result<(), Failure> {
+pub(crate) fn realm_audit(
+    dir: &Path,
+    key: &SigningKey,
+    kind: &str,
+    detail: &str,
+) -> Result<(), Failure> {
     let log = macula::audit_log::AuditLog::open(
         &dir.join("audit"),
         key.clone(),

@@ -1,4 +1,4 @@
-//! `macula bench connections`, `bench rpc`, `bench crdt`, `bench authz` and `bench tracing` with small counts, as
+//! `macula bench connections`, `bench rpc`, `bench crdt`, `bench authz`, `bench e2e` and `bench tracing` with small counts, as
 //! tests: each starts its own node process on 127.0.0.1, runs to the end and
 //! prints one JSON object whose figures are present and plausible. (The
 //! figures themselves are benchmarks, in BENCHMARKS.md, not asserted here.)
@@ -117,6 +117,29 @@ fn bench_authz_compares_an_open_realm_with_a_granted_one() {
     assert_eq!(v["benchmark"], "authz");
     assert_eq!(v["rules"], 1000);
     for figure in ["handshake_p50_us", "publish_msgs_per_s", "calls_per_s"] {
+        assert!(v[figure]["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    }
+}
+
+/// `bench e2e` runs both modes on one mesh and really seals: every
+/// message of the encrypted rounds (throughput and latency, both sizes).
+#[test]
+fn bench_e2e_compares_clear_with_encrypted_payloads() {
+    let v = bench_json(&[
+        "e2e",
+        "--messages",
+        "300",
+        "--large-messages",
+        "30",
+        "--latency-messages",
+        "10",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["benchmark"], "e2e");
+    assert_eq!(v["sealed"], 300 + 30 + 2 * 10);
+    for figure in ["publish_64B_msgs_per_s", "latency_16KiB_p50_us"] {
         assert!(v[figure]["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
     }
 }

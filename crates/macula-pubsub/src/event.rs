@@ -46,6 +46,11 @@ pub enum PubSubError {
     /// another configured node); the message was not sent.
     #[error("not attached to a gateway (client mode); retry once it reconnects")]
     Detached,
+    /// The topic is encrypted end to end (a realm key set names a pattern
+    /// that matches it) and this publisher cannot seal: it holds no active
+    /// key for it. Nothing was published.
+    #[error("cannot publish on {topic:?}: {reason}")]
+    Sealing { topic: String, reason: String },
     /// The operation needs a full node's view of the mesh's interest (a
     /// lightweight client only sees its gateway).
     #[error("{what} needs a full node; a lightweight client does not see the mesh's interest")]

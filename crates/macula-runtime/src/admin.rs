@@ -13,7 +13,7 @@
 //! | `GET /admin/services` | [`ServicesReport`]: local and mesh-wide RPC procedures |
 //! | `GET /dashboard` (and its `app.js`, `style.css`) | the live web dashboard, a static page (`admin/dashboard.rs`) |
 //! | `GET /admin/dashboard`, `GET /admin/dashboard/events` | [`DashboardReport`] once, or as a server-sent event stream (bounded: `dashboard_max_streams`) |
-//! | `/admin/realm`, `POST /admin/realm/revocations` | the realm's authority, grant and revocation list (`admin/realm.rs`: [`RealmReport`], [`RevocationsReport`]) |
+//! | `/admin/realm`, `POST /admin/realm/revocations`, `/admin/realm/keys` | the realm's authority, grant and revocation list (`admin/realm.rs`: [`RealmReport`], [`RevocationsReport`]) |
 //! | `/admin/raft...` | Raft groups and their key-value store (`admin/raft.rs`: [`RaftReport`], [`KvGetReport`], [`CasReport`], [`WatchReport`]...) |
 //!
 //! Anything else is a 404 (405 for another method) with a JSON
@@ -400,6 +400,10 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
         .route("/admin/dashboard/events", get(dashboard::events))
         .route("/admin/realm", get(realm::status))
         .route("/admin/realm/revocations", post(realm::revocations))
+        .route(
+            "/admin/realm/keys",
+            get(realm::keys).post(realm::install_keys),
+        )
         .route("/admin/streams", get(stream::list).post(stream::add))
         .route(
             "/admin/streams/{name}",

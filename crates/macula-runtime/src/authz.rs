@@ -205,6 +205,15 @@ pub struct RealmCounters {
     pub revocation_lists: LabelledCounters<4>,
     /// Connections closed because their grant was revoked, or expired.
     pub closed: LabelledCounters<2>,
+    /// Version of the end-to-end key set held (0: none).
+    pub keyset_version: Gauge,
+    /// Key sets received, by outcome (as `revocation_lists`).
+    pub keysets: LabelledCounters<4>,
+    /// End-to-end payloads at this edge, by outcome: `sealed`, `opened`,
+    /// `no_key` (not delivered: sealed with a key this principal does not
+    /// hold), `refused` (not delivered: malformed, retired or forged),
+    /// `seal_refused` (a publish refused: no active key).
+    pub e2e: LabelledCounters<5>,
 }
 
 impl Default for RealmCounters {
@@ -218,6 +227,12 @@ impl Default for RealmCounters {
                 ["adopted", "stale", "invalid", "too_large"],
             ),
             closed: LabelledCounters::new("reason", ["revoked", "expired"]),
+            keyset_version: Gauge::default(),
+            keysets: LabelledCounters::new("outcome", ["adopted", "stale", "invalid", "too_large"]),
+            e2e: LabelledCounters::new(
+                "outcome",
+                ["sealed", "opened", "no_key", "refused", "seal_refused"],
+            ),
         }
     }
 }
@@ -250,6 +265,22 @@ impl RealmCounters {
             r,
             "macula_realm_connections_closed",
             "Connections this node closed because the peer's grant was revoked or expired.",
+        );
+        register(
+            r,
+            "macula_e2e_keyset_version",
+            "Version of the realm's end-to-end key set this node holds (0: none).",
+            self.keyset_version.clone(),
+        );
+        self.keysets.register(
+            r,
+            "macula_e2e_keysets",
+            "End-to-end key sets received (from peers, the gateway, the admin API or the data directory), by outcome; too_large: not sent to a peer whose frame limit it exceeds.",
+        );
+        self.e2e.register(
+            r,
+            "macula_e2e_payloads",
+            "End-to-end encrypted payloads at this edge, by outcome: sealed, opened, no_key and refused (not delivered), seal_refused (publish refused).",
         );
     }
 }

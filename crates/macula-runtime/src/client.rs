@@ -214,6 +214,8 @@ struct Shared {
     second: watch::Sender<Option<Attached>>,
     /// Which configured node each connection uses or is dialing.
     claims: Mutex<Claims>,
+    /// The realm's end-to-end keys, from the gateway.
+    e2e: Arc<crate::e2e::E2e>,
     /// Notified when a pattern is subscribed: a client without
     /// subscriptions keeps no second gateway.
     subscribed: tokio::sync::Notify,
@@ -411,6 +413,41 @@ type AdSpec = (u32, Vec<(String, String)>);
 /// A request message waiting for its ID.
 type MakeMsg = Box<dyn FnOnce(u64) -> ClientMessage + Send>;
 
+/// Takes the realm's end-to-end key set from the gateway (REALM_KEYS).
+#[derive(Debug)]
+struct Keys(Arc<crate::e2e::E2e>);
+
+impl Service for Keys {
+    fn name(&self) -> &'static str {
+        "client-keys"
+    }
+
+    fn serves(&self) -> Serves {
+        Serves {
+            messages: &[macula_wire::MessageType::RealmKeys],
+            ..Serves::default()
+        }
+    }
+
+    fn on_message(&self, _peer: &Peer, msg: Message) -> Answer {
+        if let Message::RealmKeys(k) = msg {
+            match self.0.install(&k.set) {
+                Ok(crate::authz::Installed::Adopted { version }) => {
+                    tracing::info!(
+                        version,
+                        "realm end-to-end key set adopted (from the gateway)"
+                    )
+                }
+                Ok(crate::authz::Installed::Stale { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the gateway's end-to-end key set was refused")
+                }
+            }
+        }
+        Answer::Done
+    }
+}
+
 /// Matches the gateway's acknowledgements to requests.
 #[derive(Debug)]
 struct Acks(Weak<Shared>);
@@ -513,6 +550,7 @@ impl Client {
             // A client checks no one: its gateway proves its node ID in TLS.
             authz: None,
             api_keys: None,
+            keys: None,
         };
         let (gateway, _) = watch::channel(None);
         let (second, _) = watch::channel(None);
@@ -529,6 +567,12 @@ impl Client {
                     .map_err(|e| ClientError::Grant(e.to_string()))?,
             )),
         };
+        let e2e = Arc::new(crate::e2e::E2e::new(
+            own.as_ref().map(|a| *a.authority()),
+            identity.signing_key().clone(),
+            Arc::default(),
+            None,
+        ));
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let pubsub = PubSub::client(
                 macula_pubsub::Config {
@@ -560,7 +604,9 @@ impl Client {
             );
             // Its calls carry its signature through its gateway.
             rpc.sign_calls(identity.signing_key().clone());
+            pubsub.set_e2e(e2e.clone());
             Shared {
+                e2e,
                 node_id,
                 dir_lock: Mutex::new(dir_lock),
                 endpoint,
@@ -663,6 +709,11 @@ impl Client {
     /// told to each subscription).
     pub fn missed_after_failover(&self) -> u64 {
         self.0.pubsub.failover_stats().n_watch_missing
+    }
+
+    /// The realm's end-to-end keys as this client holds them.
+    pub fn e2e(&self) -> &Arc<crate::e2e::E2e> {
+        &self.0.e2e
     }
 
     pub fn pubsub(&self) -> &PubSub {
@@ -1193,10 +1244,12 @@ impl Client {
                 Arc::new(s.pubsub.clone()),
                 Arc::new(s.rpc.clone()),
                 Arc::new(Acks(Arc::downgrade(&self.0))),
+                Arc::new(Keys(s.e2e.clone())),
             ]),
         };
         let (p, shutdown) = (peer.clone(), s.stop_drivers.subscribe());
         cfg.services.peer_up(&peer);
+        let keys = crate::e2e::gateway_keys(peer.hello());
         tokio::spawn(async move {
             let services = cfg.services.clone();
             let ended = driver::drive(p.clone(), reader, cfg, shutdown).await;
@@ -1208,6 +1261,15 @@ impl Client {
             };
             services.peer_down(&p, why);
         });
+        // The gateway holds an end-to-end key set: it sends it right after
+        // the handshake. Attached once it is here, so nothing is published
+        // in the clear on a topic the realm encrypts.
+        if keys > s.e2e.version() && !s.e2e.wait_version(keys, timeout).await {
+            tracing::warn!(gateway = %peer.node_id(), version = keys, "the gateway's end-to-end key set did not arrive in time");
+            return Err(other(format!(
+                "the gateway holds end-to-end key set version {keys}, which did not arrive within {timeout:?}"
+            )));
+        }
         Ok(peer)
     }
 

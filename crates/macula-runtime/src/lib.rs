@@ -23,6 +23,7 @@ pub mod dht;
 pub mod dht_cache;
 pub mod dht_snapshot;
 mod driver;
+pub mod e2e;
 pub mod framed;
 pub mod gateway;
 pub mod handshake_error;

@@ -540,6 +540,16 @@ impl NodeRuntime {
             z.set_trail(trail.clone());
             security.admin_auth.set_authz(z.clone());
         }
+        let e2e = Arc::new(crate::e2e::E2e::new(
+            authz.as_ref().map(|a| *a.authority()),
+            identity.signing_key().clone(),
+            realm_counters.clone(),
+            match &config.identity {
+                IdentitySource::DataDir(dir) => Some(dir.clone()),
+                IdentitySource::Ephemeral => None,
+            },
+        ));
+        e2e.load();
         let shared = Arc::new_cyclic(|weak| {
             let dht = crate::dht::spawn(
                 dht_identity,
@@ -577,6 +587,7 @@ impl NodeRuntime {
                     authz: authz.clone(),
                 },
             );
+            pubsub.set_e2e(e2e.clone());
             let rpc = crate::rpc::Rpc::with_link(
                 node_id,
                 max_frame_size,
@@ -634,6 +645,7 @@ impl NodeRuntime {
                     IdentitySource::DataDir(dir) => Some(dir.clone()),
                     IdentitySource::Ephemeral => None,
                 },
+                e2e.clone(),
             );
             let status_of = weak.clone();
             let status_peers = weak.clone();
@@ -740,6 +752,7 @@ impl NodeRuntime {
                     max_frame_size: config.limits.max_frame_size,
                     authz: authz.clone(),
                     api_keys,
+                    keys: Some(e2e.clone()),
                 },
                 table: Mutex::new(PoolTable::new(
                     node_id,

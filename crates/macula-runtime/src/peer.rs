@@ -79,6 +79,10 @@ pub struct LocalInfo {
     pub authz: Option<Arc<crate::authz::Authz>>,
     /// The API keys this node accepts from clients (`apikey.rs`), if any.
     pub api_keys: Option<Arc<crate::apikey_gate::ApiKeyGate>>,
+    /// The realm's end-to-end keys held (a full node): the version goes in
+    /// each HELLO's capabilities (`e2e-keys=N`), so a client waits for the
+    /// key set before it publishes (PROTOCOL.md §5.14).
+    pub keys: Option<Arc<crate::e2e::E2e>>,
 }
 
 /// A cheap, clonable handle to an authenticated peer connection.
@@ -528,6 +532,10 @@ pub(crate) async fn handshake(
     // remote address is a placeholder): how it learns its reflexive
     // address (nat.rs).
     let mut ours = local.hello.clone();
+    if let Some(v) = local.keys.as_ref().map(|k| k.version()).filter(|v| *v > 0) {
+        ours.capabilities
+            .push(format!("{}{v}", crate::e2e::KEYS_CAPABILITY));
+    }
     let remote = conn.remote_address();
     ours.observed_addr = (!crate::nat::is_tunnel_addr(&remote)).then(|| remote.to_string());
     let ours = Message::Hello(ours);

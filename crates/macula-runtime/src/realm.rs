@@ -51,6 +51,8 @@ struct Inner {
     peers: PeerList,
     /// Where the adopted list is kept (`None`: an ephemeral node).
     dir: Option<PathBuf>,
+    /// The realm's end-to-end key set (spread like the list).
+    e2e: Arc<crate::e2e::E2e>,
 }
 
 impl std::fmt::Debug for Realm {
@@ -77,6 +79,7 @@ impl Realm {
         trail: Arc<AuditTrail>,
         peers: PeerList,
         dir: Option<PathBuf>,
+        e2e: Arc<crate::e2e::E2e>,
     ) -> Realm {
         Realm(Arc::new(Inner {
             authz,
@@ -84,7 +87,43 @@ impl Realm {
             counters,
             peers,
             dir,
+            e2e,
         }))
+    }
+
+    /// The realm's end-to-end keys as this node holds them.
+    pub fn e2e(&self) -> &Arc<crate::e2e::E2e> {
+        &self.0.e2e
+    }
+
+    /// Takes a signed end-to-end key set (from the admin API or a peer
+    /// `from`): when newer, adopts it, keeps it and passes it on to every
+    /// other peer, clients included (they seal and open at their edge).
+    pub fn install_keys(
+        &self,
+        bytes: &[u8],
+        from: Option<NodeId>,
+    ) -> Result<Installed, crate::e2e::E2eError> {
+        let outcome = self.0.e2e.install(bytes)?;
+        if let Installed::Adopted { version } = outcome {
+            tracing::info!(version, from = ?from, "realm end-to-end key set adopted");
+            self.0.trail.record("keyset", &version.to_string(), || {
+                let by = from.map_or("the admin API or a file".to_string(), |f| {
+                    format!("node {f}")
+                });
+                format!("end-to-end key set version {version} adopted, from {by}")
+            });
+            let msg = Message::RealmKeys(macula_wire::message::RealmKeys {
+                set: bytes.to_vec(),
+            });
+            for p in (self.0.peers)() {
+                if Some(p.node_id()) == from || p.is_closed() {
+                    continue;
+                }
+                send(p, msg.clone(), &self.0.counters);
+            }
+        }
+        Ok(outcome)
     }
 
     /// The realm's permissions; `None` in an open realm.
@@ -228,11 +267,19 @@ impl Realm {
 fn send(p: Peer, msg: Message, counters: &RealmCounters) {
     let size = match &msg {
         Message::Revocations(r) => r.list.len(),
+        Message::RealmKeys(k) => k.set.len(),
         _ => 0,
     };
     // The body's MessagePack framing adds a few bytes to the list.
     if size + 64 > p.hello().max_frame_size as usize {
-        counters.revocation_lists.at(3).inc();
+        match &msg {
+            Message::RealmKeys(_) => {
+                counters.keysets.at(3).inc();
+            }
+            _ => {
+                counters.revocation_lists.at(3).inc();
+            }
+        }
         tracing::warn!(peer = %p.node_id(), size, limit = p.hello().max_frame_size, "the realm revocation list is over the peer's frame limit; not sent (the peer can take it from the admin API or --revocations)");
         return;
     }
@@ -252,12 +299,15 @@ impl Service for Realm {
 
     fn serves(&self) -> Serves {
         Serves {
-            messages: &[MessageType::Revocations],
+            messages: &[MessageType::Revocations, MessageType::RealmKeys],
             ..Serves::default()
         }
     }
 
     fn on_message(&self, peer: &Peer, msg: Message) -> Answer {
+        if let Message::RealmKeys(k) = &msg {
+            return self.on_keys(peer, &k.set);
+        }
         let Message::Revocations(r) = msg else {
             return Answer::Refuse {
                 code: ErrorCode::UnexpectedMessage,
@@ -305,6 +355,14 @@ impl Service for Realm {
 
     fn peer_up(&self, peer: &Peer) {
         let Some(authz) = &self.0.authz else { return };
+        let keys = self.0.e2e.held_bytes();
+        if !keys.is_empty() {
+            send(
+                peer.clone(),
+                Message::RealmKeys(macula_wire::message::RealmKeys { set: keys }),
+                &self.0.counters,
+            );
+        }
         // Admitted against an older list while a newer one came in.
         self.close_revoked(authz, std::slice::from_ref(peer));
         let held = authz.revoked();
@@ -316,6 +374,42 @@ impl Service for Realm {
                 }),
                 &self.0.counters,
             );
+        }
+    }
+}
+
+impl Realm {
+    /// REALM_KEYS from a full node: adopted and passed on when newer; a
+    /// peer behind gets ours back.
+    fn on_keys(&self, peer: &Peer, set: &[u8]) -> Answer {
+        if peer.is_client() {
+            return Answer::Refuse {
+                code: ErrorCode::Unauthorized,
+                reason: "a client does not spread key sets".into(),
+            };
+        }
+        match self.install_keys(set, Some(peer.node_id())) {
+            Ok(Installed::Adopted { .. }) => Answer::Done,
+            Ok(Installed::Stale { have }) => {
+                let theirs = macula_auth::keys::KeySet::from_bytes(set)
+                    .and_then(|s| s.body())
+                    .map(|b| b.version)
+                    .unwrap_or(0);
+                if theirs < have {
+                    return Answer::Reply(Message::RealmKeys(macula_wire::message::RealmKeys {
+                        set: self.0.e2e.held_bytes(),
+                    }));
+                }
+                Answer::Done
+            }
+            Err(crate::e2e::E2eError::Open) => Answer::Refuse {
+                code: ErrorCode::UnexpectedMessage,
+                reason: crate::e2e::E2eError::Open.to_string(),
+            },
+            Err(e) => Answer::Refuse {
+                code: ErrorCode::Unauthorized,
+                reason: e.to_string(),
+            },
         }
     }
 }

@@ -139,6 +139,9 @@ fn sample(text: &str, series: &str) -> f64 {
 
 /// Families every node exports, as (name in `# TYPE`, type).
 const FAMILIES: &[(&str, &str)] = &[
+    ("macula_e2e_keyset_version", "gauge"),
+    ("macula_e2e_keysets", "counter"),
+    ("macula_e2e_payloads", "counter"),
     ("macula_trace_spans_exported", "counter"),
     ("macula_trace_spans_dropped", "counter"),
     ("macula_streams", "gauge"),

@@ -73,13 +73,14 @@ pub enum MessageType {
     RaftRequest = 0x90,
     RaftResponse = 0x91,
     Revocations = 0xa0,
+    RealmKeys = 0xa1,
     StatusRequest = 0xb0,
     StatusReport = 0xb1,
 }
 
 impl MessageType {
     /// Every type this version defines.
-    pub const ALL: [MessageType; 40] = [
+    pub const ALL: [MessageType; 41] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -118,6 +119,7 @@ impl MessageType {
         MessageType::RaftRequest,
         MessageType::RaftResponse,
         MessageType::Revocations,
+        MessageType::RealmKeys,
         MessageType::StatusRequest,
         MessageType::StatusReport,
     ];
@@ -168,6 +170,7 @@ impl MessageType {
             MessageType::RaftRequest => "raft_request",
             MessageType::RaftResponse => "raft_response",
             MessageType::Revocations => "revocations",
+            MessageType::RealmKeys => "realm_keys",
             MessageType::StatusRequest => "status_request",
             MessageType::StatusReport => "status_report",
         }
@@ -462,6 +465,7 @@ pub enum Message {
     Relay(RelayMessage),
     Raft(RaftMessage),
     Revocations(Revocations),
+    RealmKeys(RealmKeys),
     Status(StatusMessage),
 }
 
@@ -472,6 +476,16 @@ pub struct Revocations {
     /// `macula_auth::RevocationList` bytes, at most `MAX_REVOCATIONS_LEN`.
     #[serde(with = "serde_bytes")]
     pub list: Vec<u8>,
+}
+
+/// A realm's signed key set for end-to-end payload encryption (issue 19),
+/// spread like [`Revocations`]: a node that adopts a newer set passes it
+/// on to its other peers, and a gateway to its clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealmKeys {
+    /// `macula_auth::keys::KeySet` bytes, at most `MAX_REVOCATIONS_LEN`.
+    #[serde(with = "serde_bytes")]
+    pub set: Vec<u8>,
 }
 
 /// Why a message could not be encoded.
@@ -554,6 +568,7 @@ impl Message {
                 RelayMessage::Status(_) => MessageType::RelayStatus,
             },
             Message::Revocations(_) => MessageType::Revocations,
+            Message::RealmKeys(_) => MessageType::RealmKeys,
             Message::Status(StatusMessage::Request(_)) => MessageType::StatusRequest,
             Message::Status(StatusMessage::Report(_)) => MessageType::StatusReport,
             Message::Raft(r) => match r {
@@ -647,6 +662,13 @@ impl Message {
                 )),
                 _ => Ok(()),
             },
+            Message::RealmKeys(r) => match r.set.len() {
+                0 => Err("empty key set".into()),
+                n if n > MAX_REVOCATIONS_LEN => Err(format!(
+                    "key set of {n} bytes, over the limit of {MAX_REVOCATIONS_LEN}"
+                )),
+                _ => Ok(()),
+            },
             Message::Status(s) => s.validate(),
         }
     }
@@ -700,6 +722,7 @@ impl Message {
                 RaftMessage::Response(m) => rmp_serde::encode::write_named(out, m),
             },
             Message::Revocations(m) => rmp_serde::encode::write_named(out, m),
+            Message::RealmKeys(m) => rmp_serde::encode::write_named(out, m),
             Message::Status(StatusMessage::Request(m)) => rmp_serde::encode::write_named(out, m),
             Message::Status(StatusMessage::Report(m)) => rmp_serde::encode::write_named(out, m),
             Message::Rpc(r) => match r {
@@ -799,6 +822,7 @@ impl Message {
                 decode_body(t, body).map(|m| Message::Relay(RelayMessage::Status(m)))
             }
             MessageType::Revocations => decode_body(t, body).map(Message::Revocations),
+            MessageType::RealmKeys => decode_body(t, body).map(Message::RealmKeys),
             MessageType::StatusRequest => decode_body::<StatusRequest>(t, body)
                 .map(|m| Message::Status(StatusMessage::Request(m))),
             MessageType::StatusReport => decode_body::<StatusReport>(t, body)
@@ -1457,6 +1481,8 @@ mod tests {
         prop_oneof![
             proptest::collection::vec(any::<u8>(), 1..256)
                 .prop_map(|list| Message::Revocations(Revocations { list })),
+            proptest::collection::vec(any::<u8>(), 1..256)
+                .prop_map(|set| Message::RealmKeys(RealmKeys { set })),
             arb_publish(),
             arb_raft(),
             arb_client(),

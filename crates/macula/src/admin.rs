@@ -110,3 +110,7 @@ pub async fn serve_with(
 ) -> std::io::Result<()> {
     macula_runtime::admin::serve_with(listener, node.runtime().clone(), shutdown, limits).await
 }
+
+/// End-to-end keys (issue 19): `GET /admin/realm/keys`, and the CSPRNG the
+/// CLI wraps keys with.
+pub use macula_runtime::e2e::{KeysReport, SysRng};

@@ -224,6 +224,12 @@ impl Client {
         self.0.node_id()
     }
 
+    /// The realm's end-to-end keys as this client holds them (from its
+    /// gateway).
+    pub fn e2e(&self) -> &std::sync::Arc<crate::e2e::E2e> {
+        self.0.e2e()
+    }
+
     /// The node this client is attached to now.
     pub fn gateway(&self) -> Option<NodeId> {
         self.0.gateway()

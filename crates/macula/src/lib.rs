@@ -94,6 +94,8 @@ pub use macula_rpc::Strategy;
 /// oldest first).
 pub use macula_runtime::audit_log;
 pub use macula_runtime::dht::{DhtError, DhtHandle, DhtRecord, DhtStatus};
+/// End-to-end payload encryption at the edges (issue 19).
+pub use macula_runtime::e2e;
 pub use macula_runtime::identity::{Identity, IdentityError};
 pub use macula_runtime::metrics::Metrics;
 pub use macula_runtime::peer::PingError;

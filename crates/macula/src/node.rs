@@ -308,6 +308,25 @@ impl Node {
         self.runtime.node_id()
     }
 
+    /// The realm's end-to-end keys as this node holds them (issue 19):
+    /// `report` what is held, `member_key` to wrap keys to, `version`.
+    /// (`install_keys` below takes a new set and spreads it.)
+    pub fn e2e(&self) -> &std::sync::Arc<crate::e2e::E2e> {
+        self.runtime.realm_service().e2e()
+    }
+
+    /// Takes a signed end-to-end key set (`macula::auth::keys::KeySet`
+    /// bytes) as `POST /admin/realm/keys` does: adopted when newer, then
+    /// spread to the mesh and to clients. Returns the version held.
+    pub fn install_keys(&self, set: &[u8]) -> Result<u64, crate::e2e::E2eError> {
+        Ok(
+            match self.runtime.realm_service().install_keys(set, None)? {
+                macula_runtime::authz::Installed::Adopted { version } => version,
+                macula_runtime::authz::Installed::Stale { have } => have,
+            },
+        )
+    }
+
     /// The bound QUIC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.runtime.local_addr()

@@ -4,6 +4,8 @@
 //! |---|---|
 //! | `GET /admin/realm` | [`RealmReport`]: the authority, this node's grant, the revocation list held, decisions and denials |
 //! | `POST /admin/realm/revocations` | body: a signed revocation list (the bytes `macula realm revoke` writes); adopted when newer ([`RevocationsReport`]), 400 `realm.invalid_revocations` when it does not verify, 409 `realm.open` in an open realm |
+//! | `GET /admin/realm/keys` | [`crate::e2e::KeysReport`]: the end-to-end key set held (issue 19): each pattern's key generations, whether this node holds each, the patterns due for rotation, and the signed set itself |
+//! | `POST /admin/realm/keys` | body: a signed key set (what `macula keys rotate` makes); adopted when newer and spread ([`RevocationsReport`]), 400 `realm.invalid_keys` when it does not verify, 409 `realm.open` in an open realm |
 //!
 //! A revocation list carries the authority's signature, so the node trusts
 //! the list, not whoever posts it; the body is bounded by the wire limit
@@ -126,5 +128,41 @@ pub(super) async fn revocations(State(s): State<AdminState>, body: Bytes) -> Res
             "realm.invalid_revocations",
             e.to_string(),
         ),
+    }
+}
+
+pub(super) async fn keys(State(s): State<AdminState>) -> Response {
+    Json(s.node.realm_service().e2e().report()).into_response()
+}
+
+pub(super) async fn install_keys(State(s): State<AdminState>, body: Bytes) -> Response {
+    if body.len() > macula_wire::MAX_REVOCATIONS_LEN {
+        return error_kind(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "realm.too_large",
+            format!(
+                "a key set of {} bytes is over the limit of {}",
+                body.len(),
+                macula_wire::MAX_REVOCATIONS_LEN
+            ),
+        );
+    }
+    match s.node.realm_service().install_keys(&body, None) {
+        Ok(Installed::Adopted { version }) => Json(RevocationsReport {
+            outcome: "adopted".into(),
+            version,
+        })
+        .into_response(),
+        Ok(Installed::Stale { have }) => Json(RevocationsReport {
+            outcome: "stale".into(),
+            version: have,
+        })
+        .into_response(),
+        Err(e @ crate::e2e::E2eError::Open) => {
+            error_kind(StatusCode::CONFLICT, "realm.open", e.to_string())
+        }
+        Err(e @ crate::e2e::E2eError::Invalid(_)) => {
+            error_kind(StatusCode::BAD_REQUEST, "realm.invalid_keys", e.to_string())
+        }
     }
 }

@@ -168,6 +168,9 @@ pub(crate) struct Inner {
     own: Option<Arc<Authz>>,
     /// This node (or client): the `macula.node` attribute of its spans.
     node_id: NodeId,
+    /// End-to-end keys (a realm with an authority): publishes seal,
+    /// subscriptions open. Set once, right after construction.
+    e2e: std::sync::OnceLock<Arc<crate::e2e::E2e>>,
 }
 
 impl Inner {
@@ -289,7 +292,24 @@ impl PubSub {
             authz,
             own,
             node_id,
+            e2e: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Seals payloads on the realm's encrypted topics with `e2e`'s keys.
+    pub(crate) fn set_e2e(&self, e2e: Arc<crate::e2e::E2e>) {
+        let _ = self.0.e2e.set(e2e);
+    }
+
+    /// `payload` as it leaves this edge: sealed on an encrypted topic.
+    fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, PubSubError> {
+        match self.0.e2e.get() {
+            None => Ok(payload),
+            Some(e) => e.seal(topic, payload).map_err(|e| PubSubError::Sealing {
+                topic: topic.to_string(),
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// The realm's permissions, in a realm with an authority.
@@ -388,10 +408,14 @@ impl PubSub {
     /// unsubscribes. The mesh learns of it in the background (use
     /// `subscribe_mesh` to wait until it has).
     pub fn subscribe(&self, pattern: &str) -> Result<Subscription, PubSubError> {
-        self.subscribe_inner(pattern).map(|(s, _)| s)
+        self.subscribe_inner(pattern, true).map(|(s, _)| s)
     }
 
-    fn subscribe_inner(&self, pattern: &str) -> Result<(Subscription, Interest), PubSubError> {
+    fn subscribe_inner(
+        &self,
+        pattern: &str,
+        open: bool,
+    ) -> Result<(Subscription, Interest), PubSubError> {
         self.allowed_here(Perm::Subscribe, pattern)?;
         let queue = self.new_queue();
         let mut core = self.0.core();
@@ -403,6 +427,11 @@ impl PubSub {
             queue,
             owner: Arc::downgrade(&self.0),
             taken: 0,
+            e2e: if open {
+                self.0.e2e.get().cloned()
+            } else {
+                None
+            },
         };
         Ok((sub, s.interest))
     }
@@ -411,7 +440,24 @@ impl PubSub {
     /// record is in the DHT, or the gateway acknowledged it), so publishers
     /// can find this node.
     pub async fn subscribe_mesh(&self, pattern: &str) -> Result<Subscription, PubSubError> {
-        let (sub, interest) = self.subscribe_inner(pattern)?;
+        self.subscribe_mesh_as(pattern, true).await
+    }
+
+    /// A **tap**: a mesh subscription whose events are not opened, so
+    /// payloads on end-to-end encrypted topics come as the mesh carries
+    /// them (the sealed envelope, `macula_auth::keys`): what a gateway or
+    /// a forwarding node sees. A diagnostic (and what the tests assert the
+    /// bytes of); applications subscribe.
+    pub async fn tap_mesh(&self, pattern: &str) -> Result<Subscription, PubSubError> {
+        self.subscribe_mesh_as(pattern, false).await
+    }
+
+    async fn subscribe_mesh_as(
+        &self,
+        pattern: &str,
+        open: bool,
+    ) -> Result<Subscription, PubSubError> {
+        let (sub, interest) = self.subscribe_inner(pattern, open)?;
         match self.announce(interest).await {
             Ok(()) => Ok(sub),
             // Dropping the subscription takes the pattern back out.
@@ -456,6 +502,7 @@ impl PubSub {
         mut opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
         self.allowed_here(Perm::Publish, topic)?;
+        let payload = self.seal(topic, payload)?;
         let _span = self.publish_span(topic, &mut opts);
         self.run(|core, now, out| core.publish_local(topic, payload, opts, now, out))
             .map(|p| p.seq)
@@ -472,6 +519,7 @@ impl PubSub {
         mut opts: PublishOptions,
     ) -> Result<u64, PubSubError> {
         self.allowed_here(Perm::Publish, topic)?;
+        let payload = self.seal(topic, payload)?;
         if crate::trace::on() {
             if let Some(span) = self.publish_span(topic, &mut opts) {
                 // Its context is current while the publish runs: a DHT
@@ -1031,6 +1079,9 @@ pub struct Subscription {
     owner: Weak<Inner>,
     /// Events taken, for sampling their queue wait (`DELIVERY_WAIT_SAMPLE`).
     taken: u32,
+    /// Opens payloads on end-to-end encrypted topics (`None`: a tap, or
+    /// no realm keys).
+    e2e: Option<Arc<crate::e2e::E2e>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -1088,8 +1139,19 @@ impl futures::Stream for Subscription {
         if lagged > 0 {
             return Poll::Ready(Some(SubscriptionItem::Lagged(lagged)));
         }
-        if let Some((e, at)) = q.pop() {
+        while let Some((mut e, at)) = q.pop() {
             drop(q);
+            // Opened outside the queue's lock (the publisher pushes there).
+            if let Some(keys) = &this.e2e {
+                match keys.open(e.topic.as_str(), e.payload) {
+                    Some(p) => e.payload = p,
+                    // Not delivered: counted by `open`.
+                    None => {
+                        q = this.queue.lock();
+                        continue;
+                    }
+                }
+            }
             if this.taken.is_multiple_of(DELIVERY_WAIT_SAMPLE) {
                 this.queue.wait.0.observe(at.elapsed().as_secs_f64());
             }

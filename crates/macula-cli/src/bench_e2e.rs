@@ -1,0 +1,354 @@
+//! `macula bench e2e`: what end-to-end payload encryption costs (issue
+//! 19, item 2). One invocation runs both modes side by side on the same
+//! mesh, rounds alternating so the machine's drift hits both alike, in
+//! process on 127.0.0.1, in a realm with an authority whose key set
+//! encrypts `sec.**` and not `clear.**`:
+//!
+//! * **on**: topic `sec.t`: the client seals each payload
+//!   (XChaCha20-Poly1305, a random nonce, 57 bytes more), the gateway and
+//!   the node carry the envelope, the subscriber opens it as it takes it;
+//! * **off**: topic `clear.t`: the same path, the payload as it is.
+//!
+//! The path: client C -> gateway node A -> subscriber node B (proved
+//! publishers on, as by default). Figures per payload size (64 B and
+//! 16 KiB): publish-to-receive throughput flat out, and one-in-flight
+//! latency (publish, wait for B to have it).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+use macula::auth::keys::{rotate, KeySet, Rotation};
+use macula::auth::{Key, Subject};
+use macula::{Client, Node, Subscription, SubscriptionItem};
+
+use crate::bench_stats::{build_kind, debug_note, median};
+
+#[derive(clap::Args, Debug)]
+pub struct E2eArgs {
+    /// 64-byte messages published per round and mode (1..=2000000).
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// 16 KiB messages published per round and mode (1..=200000).
+    #[arg(long, default_value_t = 10_000)]
+    large_messages: usize,
+    /// Messages timed one at a time per round, mode and size (1..=100000).
+    #[arg(long, default_value_t = 1_000)]
+    latency_messages: usize,
+    /// Rounds of each mode, alternating (1..=10).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Temporary data directories, removed when dropped.
+struct Dirs(Vec<PathBuf>);
+
+impl Dirs {
+    fn make(&mut self) -> anyhow::Result<PathBuf> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "macula-bench-e2e-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+        self.0.push(d.clone());
+        Ok(d)
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Gateway A, subscriber B (joined through A) and client C attached to A,
+/// in a realm whose authority `auth` granted all three everything.
+struct Mesh {
+    a: Node,
+    b: Node,
+    c: Client,
+}
+
+fn grant(
+    auth: &ed25519_dalek::SigningKey,
+    serial: u8,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<u8>> {
+    let id = macula::Identity::load_or_create(dir)?.node_id();
+    let realm = Key::of(auth);
+    let body = macula::auth::GrantBody {
+        realm,
+        issuer: realm,
+        id: [serial; 16],
+        subject: Subject::Node(id),
+        rules: macula::auth::policy::parse_rules("allow publish **\nallow subscribe **")?,
+        roles: vec![],
+        not_before_ms: 0,
+        expires_ms: u64::MAX / 2,
+    };
+    Ok(macula::auth::Grant {
+        grant: macula::auth::sign(&body, auth)?,
+        signer: None,
+    }
+    .to_bytes()?)
+}
+
+async fn mesh(dirs: &mut Dirs) -> anyhow::Result<Mesh> {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).context("no random source")?;
+    let auth = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let node = |boot: Option<&Node>, dir: PathBuf, grant: Vec<u8>| {
+        let mut b = Node::builder()
+            .realm("bench.e2e")
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .data_dir(dir)
+            .realm_authority(Key::of(&auth), Some(grant));
+        if let Some(a) = boot {
+            b = b.bootstrap([format!("{}@{}", a.id(), a.local_addr()).as_str()]);
+        }
+        b.start()
+    };
+    let (da, db, dc) = (dirs.make()?, dirs.make()?, dirs.make()?);
+    let a = node(None, da.clone(), grant(&auth, 1, &da)?).await?;
+    let b = node(Some(&a), db.clone(), grant(&auth, 2, &db)?).await?;
+    let gateway = format!("{}@{}", a.id(), a.local_addr()).parse()?;
+    let c = Client::builder([gateway])
+        .realm("bench.e2e")
+        .data_dir(dc.clone())
+        .grant(grant(&auth, 3, &dc)?)
+        .connect()
+        .await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let (body, _) = rotate(
+        None,
+        Key::of(&auth),
+        &Rotation {
+            pattern: "sec.**".into(),
+            members: vec![c.e2e().member_key(), b.e2e().member_key()],
+            now_ms: now,
+            activate_in_ms: 0,
+            grace_ms: 600_000,
+            rotate_every_ms: None,
+        },
+        &mut macula::e2e::SysRng,
+    )?;
+    let set = KeySet::sign(&body, &auth)?.to_bytes()?;
+    a.install_keys(&set)?;
+    // A spreads it to B and to its client C.
+    let t = Instant::now();
+    while b.e2e().version() != 1 || c.e2e().version() != 1 {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "the key set did not spread"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(Mesh { a, b, c })
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Round {
+    small_msgs_per_s: f64,
+    large_msgs_per_s: f64,
+    large_mb_per_s: f64,
+    small_p50_us: f64,
+    small_p99_us: f64,
+    large_p50_us: f64,
+    large_p99_us: f64,
+}
+
+/// The next item of `sub`: an event (whose payload must be `want`), or
+/// events the subscription could not keep (it fell behind: they reached
+/// the node all the same). Returns (events, lagged).
+async fn next(sub: &mut Subscription, want: &Bytes) -> anyhow::Result<(usize, usize)> {
+    match tokio::time::timeout(Duration::from_secs(30), sub.next()).await {
+        Ok(Some(SubscriptionItem::Event(e))) => {
+            anyhow::ensure!(
+                e.payload == want,
+                "an event's payload differs from what was sent"
+            );
+            Ok((1, 0))
+        }
+        Ok(Some(SubscriptionItem::Lagged(k))) => Ok((0, k as usize)),
+        Ok(None) | Err(_) => anyhow::bail!("an event did not arrive"),
+    }
+}
+
+/// Throughput (messages per second) of `n` messages of `size` bytes, C to
+/// B, and the latencies (µs, sorted) of `lat` messages one at a time.
+async fn measure(
+    m: &Mesh,
+    sub: &mut Subscription,
+    topic: &'static str,
+    size: usize,
+    n: usize,
+    lat: usize,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let payload = Bytes::from(vec![7u8; size]);
+    let t = Instant::now();
+    let publisher = {
+        let (c, payload) = (m.c.clone(), payload.clone());
+        tokio::spawn(async move {
+            for _ in 0..n {
+                c.publish(topic, payload.clone()).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    let (mut got, mut lagged) = (0, 0);
+    while got + lagged < n {
+        let (g, l) = next(sub, &payload).await?;
+        got += g;
+        lagged += l;
+    }
+    publisher.await??;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let mut us = Vec::with_capacity(lat);
+    for _ in 0..lat {
+        let t = Instant::now();
+        m.c.publish(topic, payload.clone()).await?;
+        while next(sub, &payload).await?.0 == 0 {}
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    us.sort_by(f64::total_cmp);
+    if lagged > 0 {
+        eprintln!("bench e2e: the subscription fell behind by {lagged} of {n} ({size} B)");
+    }
+    Ok((rate, us))
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(0.0)
+}
+
+async fn round(m: &Mesh, on: bool, args: &E2eArgs) -> anyhow::Result<Round> {
+    let (pattern, topic) = if on {
+        ("sec.**", "sec.t")
+    } else {
+        ("clear.**", "clear.t")
+    };
+    let mut sub = m.b.subscribe(pattern).await?;
+    m.a.wait_for_subscribers(topic, Duration::from_secs(10))
+        .await?;
+    let (small, small_us) =
+        measure(m, &mut sub, topic, 64, args.messages, args.latency_messages).await?;
+    let (large, large_us) = measure(
+        m,
+        &mut sub,
+        topic,
+        16 * 1024,
+        args.large_messages,
+        args.latency_messages,
+    )
+    .await?;
+    Ok(Round {
+        small_msgs_per_s: small,
+        large_msgs_per_s: large,
+        large_mb_per_s: large * 16.0 * 1024.0 / 1e6,
+        small_p50_us: pct(&small_us, 0.5),
+        small_p99_us: pct(&small_us, 0.99),
+        large_p50_us: pct(&large_us, 0.5),
+        large_p99_us: pct(&large_us, 0.99),
+    })
+}
+
+type Figure = fn(&Round) -> f64;
+
+pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=2_000_000).contains(&args.messages),
+        "--messages must be 1..=2000000"
+    );
+    anyhow::ensure!(
+        (1..=200_000).contains(&args.large_messages),
+        "--large-messages must be 1..=200000"
+    );
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.latency_messages),
+        "--latency-messages must be 1..=100000"
+    );
+    anyhow::ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
+    let mut dirs = Dirs(Vec::new());
+    let m = mesh(&mut dirs).await?;
+    let (mut r_off, mut r_on) = (Vec::new(), Vec::new());
+    for r in 0..args.rounds {
+        // Each round starts with the other mode, so neither always runs
+        // on a warmer machine.
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for mode in order {
+            eprintln!(
+                "bench e2e: round {}/{} encryption {}...",
+                r + 1,
+                args.rounds,
+                if mode { "on" } else { "off" }
+            );
+            match mode {
+                true => r_on.push(round(&m, true, &args).await?),
+                false => r_off.push(round(&m, false, &args).await?),
+            }
+        }
+    }
+    let sealed = m.c.e2e().counters().e2e.at(0).get();
+    m.c.shutdown().await;
+    m.b.shutdown().await;
+    m.a.shutdown().await;
+    let pick = |v: &[Round], f: Figure| median(v.iter().map(f));
+    let fields: [(&str, Figure); 7] = [
+        ("publish_64B_msgs_per_s", |r| r.small_msgs_per_s),
+        ("publish_16KiB_msgs_per_s", |r| r.large_msgs_per_s),
+        ("publish_16KiB_MB_per_s", |r| r.large_mb_per_s),
+        ("latency_64B_p50_us", |r| r.small_p50_us),
+        ("latency_64B_p99_us", |r| r.small_p99_us),
+        ("latency_16KiB_p50_us", |r| r.large_p50_us),
+        ("latency_16KiB_p99_us", |r| r.large_p99_us),
+    ];
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let mut v = serde_json::json!({
+            "benchmark": "e2e",
+            "sealed": sealed,
+            "build": build_kind(),
+            "rounds": {"off": r_off, "on": r_on},
+        });
+        for (name, f) in fields {
+            let (o, n) = (pick(&r_off, f), pick(&r_on, f));
+            v[name] = serde_json::json!({"off": o, "on": n, "ratio": n / o});
+        }
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(
+            out,
+            "e2e benchmark: client -> gateway -> node, encryption off vs on ({sealed} payloads sealed), median of {} rounds{}",
+            args.rounds,
+            debug_note()
+        )?;
+        for (name, f) in fields {
+            let (o, n) = (pick(&r_off, f), pick(&r_on, f));
+            writeln!(
+                out,
+                "  {name:<26} off {o:>12.1}  on {n:>12.1}  on/off {:.3}",
+                n / o
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! End-to-end payload encryption (issue 19) with real nodes and clients
+//! over real QUIC on 127.0.0.1: a realm key set names `orders.**`; the
+//! clients at the edges seal and open, the gateways and the node between
+//! them carry only the envelope; a subscriber left out of a rotation
+//! reads nothing published after it, and a rotation in the middle of a
+//! stream of messages loses none and keeps their order.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{boot, config, init_tracing, joined, start, within, STEP};
+use ed25519_dalek::SigningKey;
+use futures::StreamExt;
+use macula_auth::keys::{rotate, Envelope, KeySet, KeySetBody, Rotation, ENVELOPE_OVERHEAD};
+use macula_auth::{Key, Subject};
+use macula_runtime::config::Admission;
+use macula_runtime::pubsub::{PubSubError, Subscription, SubscriptionItem};
+use macula_runtime::{
+    Client, ClientConfig, Identity, IdentitySource, NodeConfig, NodeRuntime, PeerAddr,
+};
+use macula_wire::NodeId;
+
+const FAR: u64 = u64::MAX / 2;
+const ALL: &str = "allow subscribe **\nallow publish **";
+
+fn identity_in(dir: &Path) -> Identity {
+    Identity::load_or_create(dir).expect("identity")
+}
+
+fn grant(authority: &SigningKey, serial: u8, subject: NodeId) -> Vec<u8> {
+    common::signed_grant(authority, serial, Subject::Node(subject), ALL, 0, FAR)
+}
+
+async fn member(
+    authority: &SigningKey,
+    serial: u8,
+    via: Option<&NodeRuntime>,
+) -> (NodeRuntime, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let g = grant(authority, serial, identity_in(dir.path()).node_id());
+    let node = start(NodeConfig {
+        identity: IdentitySource::DataDir(dir.path().to_path_buf()),
+        admission: Some(Admission::new(Key::of(authority), Some(g))),
+        ..via.map(boot).unwrap_or_else(config)
+    })
+    .await;
+    if via.is_some() {
+        joined(&node).await;
+    }
+    (node, dir)
+}
+
+async fn client_of(
+    gateway: &NodeRuntime,
+    authority: &SigningKey,
+    serial: u8,
+) -> (Client, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let addr: PeerAddr = format!("{}@{}", gateway.node_id(), gateway.local_addr())
+        .parse()
+        .expect("address");
+    let mut cfg = ClientConfig::new(vec![addr]);
+    cfg.identity = IdentitySource::DataDir(dir.path().to_path_buf());
+    cfg.grant = Some(grant(authority, serial, identity_in(dir.path()).node_id()));
+    let c = within(STEP, "client attaches", Client::connect(cfg))
+        .await
+        .expect("client attaches");
+    (c, dir)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// The next key set: a new key for `orders.**`, wrapped to `members`.
+fn next_set(
+    authority: &SigningKey,
+    prev: Option<KeySetBody>,
+    members: &[&Client],
+    activate_in_ms: u64,
+) -> (KeySetBody, Vec<u8>) {
+    let (body, _) = rotate(
+        prev,
+        Key::of(authority),
+        &Rotation {
+            pattern: "orders.**".into(),
+            members: members.iter().map(|c| c.e2e().member_key()).collect(),
+            now_ms: now_ms(),
+            activate_in_ms,
+            grace_ms: 60_000,
+            rotate_every_ms: None,
+        },
+        &mut macula_runtime::e2e::SysRng,
+    )
+    .expect("rotate");
+    let bytes = KeySet::sign(&body, authority)
+        .expect("sign")
+        .to_bytes()
+        .expect("encode");
+    (body, bytes)
+}
+
+/// Waits (bounded) until every holder has version `v`.
+async fn holds(v: u64, clients: &[&Client], nodes: &[&NodeRuntime]) {
+    within(STEP, "key set spreads", async {
+        loop {
+            let c = clients.iter().all(|c| c.e2e().version() == v);
+            let n = nodes.iter().all(|n| n.realm_service().e2e().version() == v);
+            if c && n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+async fn next_payload(sub: &mut Subscription) -> Bytes {
+    match within(STEP, "event", sub.next()).await {
+        Some(SubscriptionItem::Event(e)) => e.payload,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_and_forwarding_nodes_carry_only_ciphertext() {
+    init_tracing();
+    let authority = SigningKey::from_bytes(&[42; 32]);
+    let (a, _ad) = member(&authority, 1, None).await;
+    let (b, _bd) = member(&authority, 2, Some(&a)).await;
+    let (c1, _c1d) = client_of(&a, &authority, 3).await;
+    let (c2, _c2d) = client_of(&b, &authority, 4).await;
+    let (_, set) = next_set(&authority, None, &[&c1, &c2], 0);
+    // Given to A only: it spreads to B and to both gateways' clients.
+    a.realm_service().install_keys(&set, None).expect("install");
+    holds(1, &[&c1, &c2], &[&a, &b]).await;
+    // A client attaching now has the set when `connect` returns (its
+    // gateway's HELLO said which version to wait for): its first publish
+    // is sealed.
+    let (c4, _c4d) = client_of(&a, &authority, 6).await;
+    assert_eq!(c4.e2e().version(), 1);
+
+    let mut on_c2 = c2.subscribe("orders.**").await.expect("subscribe");
+    // What the gateway of the publisher (A) and the gateway of the
+    // subscriber (B) carry, as they carry it.
+    let mut tap_a = a.pubsub().tap_mesh("orders.**").await.expect("tap a");
+    let mut tap_b = b.pubsub().tap_mesh("orders.**").await.expect("tap b");
+    // A subscribes as an application would: it holds no key.
+    let mut on_a = a.pubsub().subscribe_mesh("orders.**").await.expect("sub a");
+    let n = 20u32;
+    for i in 0..n {
+        c1.publish("orders.new", format!("secret order {i}"))
+            .await
+            .expect("publish");
+    }
+    let mut ids = HashSet::new();
+    for i in 0..n {
+        let plain = format!("secret order {i}");
+        assert_eq!(next_payload(&mut on_c2).await, Bytes::from(plain.clone()));
+        for tap in [&mut tap_a, &mut tap_b] {
+            let carried = next_payload(tap).await;
+            assert_eq!(carried.len(), plain.len() + ENVELOPE_OVERHEAD);
+            assert!(
+                !carried.windows(6).any(|w| w == b"secret"),
+                "a gateway carried plaintext"
+            );
+            ids.insert(Envelope::decode(&carried).expect("an envelope").key_id);
+        }
+    }
+    assert_eq!(ids.len(), 1, "one key");
+    // A's own subscription gets nothing it could read: as its application
+    // takes events, the sealed ones are not delivered, and are counted.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), on_a.next())
+            .await
+            .is_err(),
+        "A delivered an event it holds no key for"
+    );
+    assert_eq!(a.realm_service().counters().e2e.at(2).get(), u64::from(n));
+    assert_eq!(on_a.pending(), 0);
+    // A node without the key cannot publish on the encrypted topics.
+    match a
+        .pubsub()
+        .publish_mesh("orders.x", Bytes::from("x"), Default::default())
+        .await
+    {
+        Err(PubSubError::Sealing { topic, .. }) => assert_eq!(topic, "orders.x"),
+        other => panic!("expected a sealing error, got {other:?}"),
+    }
+    assert_eq!(c2.e2e().counters().e2e.at(1).get(), u64::from(n));
+    assert_eq!(c1.e2e().counters().e2e.at(0).get(), u64::from(n));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_load_loses_nothing_and_locks_out_the_revoked() {
+    init_tracing();
+    let authority = SigningKey::from_bytes(&[43; 32]);
+    let (a, _ad) = member(&authority, 1, None).await;
+    let (b, _bd) = member(&authority, 2, Some(&a)).await;
+    let (c1, _c1d) = client_of(&a, &authority, 3).await;
+    let (c2, _c2d) = client_of(&b, &authority, 4).await;
+    let (c3, _c3d) = client_of(&b, &authority, 5).await;
+    let (v1, set1) = next_set(&authority, None, &[&c1, &c2, &c3], 0);
+    a.realm_service()
+        .install_keys(&set1, None)
+        .expect("install");
+    holds(1, &[&c1, &c2, &c3], &[&a, &b]).await;
+    let mut on_c2 = c2.subscribe("orders.**").await.expect("subscribe c2");
+    let mut on_c3 = c3.subscribe("orders.**").await.expect("subscribe c3");
+    let mut tap_b = b.pubsub().tap_mesh("orders.**").await.expect("tap b");
+
+    // C3 is revoked: the next key (active 300 ms after it is made, time
+    // for the set to reach every member) goes to C1 and C2 only. It is
+    // made while C1 publishes.
+    const N: u32 = 3_000;
+    let publisher = c1.clone();
+    let load = tokio::spawn(async move {
+        for i in 0..N {
+            publisher
+                .publish("orders.flow", i.to_be_bytes().to_vec())
+                .await
+                .expect("publish");
+            // Paced (about 1 s in all), so the key changes mid-stream.
+            if i % 30 == 29 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    // Mid-stream.
+    within(STEP, "the stream is flowing", async {
+        while c1.e2e().counters().e2e.at(0).get() < u64::from(N) / 4 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    let (_, set2) = next_set(&authority, Some(v1), &[&c1, &c2], 300);
+    b.realm_service()
+        .install_keys(&set2, None)
+        .expect("install");
+    holds(2, &[&c1, &c2, &c3], &[&a, &b]).await;
+    within(STEP, "the load ends", load)
+        .await
+        .expect("publisher task");
+    // After the activation for sure: one more, under the new key.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    c1.publish("orders.flow", N.to_be_bytes().to_vec())
+        .await
+        .expect("publish after the rotation");
+
+    // C2 gets every message, in order.
+    for i in 0..=N {
+        let p = next_payload(&mut on_c2).await;
+        assert_eq!(p.as_ref(), i.to_be_bytes(), "message {i}");
+    }
+    // The forwarding node saw both keys go by, never the plaintext.
+    let mut ids = HashSet::new();
+    for _ in 0..=N {
+        let carried = next_payload(&mut tap_b).await;
+        ids.insert(Envelope::decode(&carried).expect("an envelope").key_id);
+    }
+    assert_eq!(ids.len(), 2, "the stream crossed the rotation");
+    // C3 reads a prefix (what was sealed before the activation), and
+    // nothing after it: neither the rest of the stream nor the message
+    // published after the rotation.
+    let mut read = 0u32;
+    while let Ok(item) = tokio::time::timeout(Duration::from_millis(500), on_c3.next()).await {
+        match item {
+            Some(SubscriptionItem::Event(e)) => {
+                assert_eq!(
+                    e.payload.as_ref(),
+                    read.to_be_bytes(),
+                    "C3's message {read}"
+                );
+                read += 1;
+            }
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    assert!(read > 0 && read < N, "C3 read {read} of {N}");
+    let no_key = c3.e2e().counters().e2e.at(2).get();
+    assert_eq!(
+        u64::from(read) + no_key,
+        u64::from(N) + 1,
+        "every message reached C3"
+    );
+    assert_eq!(c2.e2e().counters().e2e.at(2).get(), 0, "C2 missed no key");
+}
