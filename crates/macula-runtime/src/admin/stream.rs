@@ -41,9 +41,9 @@ use macula_stream::{ConsumerConfig, Purge, StreamConfig};
 use serde::{Deserialize, Serialize};
 
 use super::{error_kind, AdminState};
-use crate::stream::{AckKind, PersistOptions, StreamError, StreamMsg};
 #[cfg(doc)]
-use crate::stream::{ReplicaStatus, StreamInfo};
+use crate::stream::ReplicaStatus;
+use crate::stream::{AckKind, PersistOptions, StreamError, StreamMsg};
 
 pub use crate::stream::{ConsumerReport, PubAck, StreamInfo};
 

@@ -84,7 +84,7 @@ impl Rpc {
     }
 
     pub(super) fn count_advertised(&self) {
-        let n = self.state().core.serving().len();
+        let n = self.advertised().len();
         self.0.counters.advertised.set(n as u64);
     }
 
@@ -147,8 +147,12 @@ impl Rpc {
     }
 
     /// Procedures this node advertises, with weight and free handler slots.
+    /// Unlisted procedures (`_node.*`, [`Rpc::serve_unlisted`]) are not
+    /// among them.
     pub fn advertised(&self) -> Vec<(String, u32, usize)> {
-        self.state().core.serving().advertised()
+        let mut v = self.state().core.serving().advertised();
+        v.retain(|(name, _, _)| !name.starts_with(UNLISTED_PREFIX));
+        v
     }
 
     /// Every procedure advertised in the mesh with its providers, read from
