@@ -26,7 +26,7 @@ use parking_lot::RwLock;
 use serde::Serialize;
 
 use crate::authz::{Installed, RealmCounters};
-use crate::peer::unix_ms;
+use crate::clock::wall_ms as unix_ms;
 
 /// HELLO capability prefix: `e2e-keys=N`, the key set version the sender
 /// (a full node) holds; a client attaching to it waits for that version.
