@@ -13,9 +13,12 @@
 //! store holds. A publish is acknowledged once its entry is committed (on
 //! disk on a majority) and applied on the leader.
 //!
-//! **Leadership.** Only the leader serves. When a member takes office it
-//! waits until it has applied everything committed before
-//! ([`Group::barrier`]), rebuilds its core from its store (the store holds
+//! **Leadership.** Only the leader serves. When a member takes office (or
+//! after one of its writes was not committed) it first proposes an entry
+//! with no writes and waits until it is applied, so that every write it
+//! queued earlier is applied or has failed; it then waits until it has
+//! applied everything committed before ([`Group::barrier`]), rebuilds its
+//! core from its store (the store holds
 //! exactly the committed writes: whatever a deposed leader's core decided
 //! and never committed is gone), and then starts the stream's tasks
 //! (capture, timers, push consumers). A member that loses office stops
@@ -287,13 +290,23 @@ pub(super) async fn lead(streams: Weak<Inner>, hosted: Weak<Hosted>, replica: Ar
             .serving()
             .then(|| replica.term.load(Ordering::Acquire));
         // A write decided but not committed: the core is rebuilt from
-        // what the store holds (a write still in flight is either applied
-        // before the barrier returns or overwritten by a later one).
+        // what the store holds.
         let resync = replica.take_resync();
         if state.is_leader && (term_served != Some(state.term) || resync) {
             if replica.serving() {
                 streams.stop_serving(&h);
                 replica.set_serving(false, 0);
+            }
+            // Writes this member queued before (in this term or an earlier
+            // one) may still be proposed and committed: an empty entry
+            // behind them, once applied, means each of them is applied or
+            // failed, so the rebuilt core cannot hand out a sequence one of
+            // them holds.
+            if let Err(e) = drain_proposals(&replica).await {
+                tracing::debug!(stream = %h.name, error = %e, "not taking office yet");
+                drop((h, streams));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
             match replica.group.barrier().await {
                 Ok(()) => match streams.rebuild(&h) {
@@ -325,6 +338,23 @@ pub(super) async fn lead(streams: Weak<Inner>, hosted: Weak<Hosted>, replica: Ar
             }
             _ = replica.wake.notified() => {}
         }
+    }
+}
+
+/// Proposes an entry with no writes and waits until it is applied here.
+async fn drain_proposals(replica: &Replica) -> Result<(), StreamError> {
+    let no_writes: Vec<Write> = Vec::new();
+    let bytes = rmp_serde::to_vec(&no_writes).map_err(|e| StreamError::Invalid(e.to_string()))?;
+    let applied = replica
+        .group
+        .propose_now(macula_raft::Request::Opaque(bytes))
+        .map_err(|e| StreamError::Replication(e.to_string()))?;
+    match tokio::time::timeout(replica.group.request_timeout(), applied).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(StreamError::Replication(e.to_string())),
+        Err(_) => Err(StreamError::Replication(
+            "the draining entry was not committed in time".into(),
+        )),
     }
 }
 
