@@ -14,7 +14,6 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,10 +22,10 @@ use anyhow::Context;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
-use macula::auth::{policy::parse_rules, sign, Grant, GrantBody, Key, Subject};
+use macula::auth::Key;
 use macula::{DisconnectReason, Identity, Node, SubscriptionItem};
 
-use crate::bench_stats::{build_kind, debug_note, median};
+use crate::bench_stats::{build_kind, debug_note, median, node_grant, TempDirs};
 
 #[derive(clap::Args, Debug)]
 pub struct AuthzArgs {
@@ -67,57 +66,11 @@ fn rules(n: usize) -> String {
     text
 }
 
-fn grant(
-    authority: &SigningKey,
-    serial: u8,
-    node: macula::NodeId,
-    rules: &str,
-) -> anyhow::Result<Vec<u8>> {
-    let realm = Key::of(authority);
-    let body = GrantBody {
-        realm,
-        issuer: realm,
-        id: [serial; 16],
-        subject: Subject::Node(node),
-        rules: parse_rules(rules)?,
-        roles: vec![],
-        not_before_ms: 0,
-        expires_ms: u64::MAX / 2,
-    };
-    Ok(Grant {
-        grant: sign(&body, authority)?,
-        signer: None,
-    }
-    .to_bytes()?)
-}
-
-/// A fresh data directory for one benchmark node (removed by `Dirs`).
-struct Dirs(Vec<PathBuf>);
-
-impl Dirs {
-    fn make(&mut self) -> anyhow::Result<PathBuf> {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "macula-bench-authz-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
-        self.0.push(d.clone());
-        Ok(d)
-    }
-}
-
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
 /// Two nodes, B joined through A; with `realm`, both hold `rules`.
-async fn pair(realm: Option<(&SigningKey, &str)>, dirs: &mut Dirs) -> anyhow::Result<(Node, Node)> {
+async fn pair(
+    realm: Option<(&SigningKey, &str)>,
+    dirs: &mut TempDirs,
+) -> anyhow::Result<(Node, Node)> {
     let mut nodes = Vec::new();
     for i in 0..2u8 {
         let dir = dirs.make()?;
@@ -129,7 +82,7 @@ async fn pair(realm: Option<(&SigningKey, &str)>, dirs: &mut Dirs) -> anyhow::Re
         if let Some((authority, rules)) = realm {
             b = b.realm_authority(
                 Key::of(authority),
-                Some(grant(authority, i + 1, id, rules)?),
+                Some(node_grant(authority, i + 1, id, rules)?),
             );
         }
         if let Some(first) = nodes.first() {
@@ -249,7 +202,7 @@ pub async fn run(args: AuthzArgs) -> anyhow::Result<()> {
     anyhow::ensure!((5..=1024).contains(&args.rules), "--rules must be 5..=1024");
     let authority = SigningKey::from_bytes(&rand_seed());
     let rules = rules(args.rules);
-    let mut dirs = Dirs(Vec::new());
+    let mut dirs = TempDirs::new("authz");
     let (oa, ob) = pair(None, &mut dirs).await?;
     let (ra, rb) = pair(Some((&authority, &rules)), &mut dirs).await?;
     let mut open = Vec::new();

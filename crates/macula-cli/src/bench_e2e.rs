@@ -17,17 +17,16 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use macula::auth::keys::{rotate, KeySet, Rotation};
-use macula::auth::{Key, Subject};
+use macula::auth::Key;
 use macula::{Client, Node, Subscription, SubscriptionItem};
 
-use crate::bench_stats::{build_kind, debug_note, median};
+use crate::bench_stats::{build_kind, debug_note, median, node_grant, TempDirs};
 
 #[derive(clap::Args, Debug)]
 pub struct E2eArgs {
@@ -48,31 +47,6 @@ pub struct E2eArgs {
     json: bool,
 }
 
-/// Temporary data directories, removed when dropped.
-struct Dirs(Vec<PathBuf>);
-
-impl Dirs {
-    fn make(&mut self) -> anyhow::Result<PathBuf> {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "macula-bench-e2e-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
-        self.0.push(d.clone());
-        Ok(d)
-    }
-}
-
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
 /// Gateway A, subscriber B (joined through A) and client C attached to A,
 /// in a realm whose authority `auth` granted all three everything.
 struct Mesh {
@@ -81,31 +55,18 @@ struct Mesh {
     c: Client,
 }
 
+/// A grant to the node whose data directory is `dir`: publish and
+/// subscribe anything.
 fn grant(
     auth: &ed25519_dalek::SigningKey,
     serial: u8,
     dir: &std::path::Path,
 ) -> anyhow::Result<Vec<u8>> {
     let id = macula::Identity::load_or_create(dir)?.node_id();
-    let realm = Key::of(auth);
-    let body = macula::auth::GrantBody {
-        realm,
-        issuer: realm,
-        id: [serial; 16],
-        subject: Subject::Node(id),
-        rules: macula::auth::policy::parse_rules("allow publish **\nallow subscribe **")?,
-        roles: vec![],
-        not_before_ms: 0,
-        expires_ms: u64::MAX / 2,
-    };
-    Ok(macula::auth::Grant {
-        grant: macula::auth::sign(&body, auth)?,
-        signer: None,
-    }
-    .to_bytes()?)
+    node_grant(auth, serial, id, "allow publish **\nallow subscribe **")
 }
 
-async fn mesh(dirs: &mut Dirs) -> anyhow::Result<Mesh> {
+async fn mesh(dirs: &mut TempDirs) -> anyhow::Result<Mesh> {
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).context("no random source")?;
     let auth = ed25519_dalek::SigningKey::from_bytes(&seed);
@@ -283,7 +244,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
         "--latency-messages must be 1..=100000"
     );
     anyhow::ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
-    let mut dirs = Dirs(Vec::new());
+    let mut dirs = TempDirs::new("e2e");
     let m = mesh(&mut dirs).await?;
     let (mut r_off, mut r_on) = (Vec::new(), Vec::new());
     for r in 0..args.rounds {

@@ -16,16 +16,14 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use macula::config::PubSubLimits;
 use macula::{Client, Node, Proof, Subscription, SubscriptionItem};
 
-use crate::bench_stats::{build_kind, debug_note, median};
+use crate::bench_stats::{build_kind, debug_note, median, TempDirs};
 
 #[derive(clap::Args, Debug)]
 pub struct ProofsArgs {
@@ -46,31 +44,6 @@ pub struct ProofsArgs {
     json: bool,
 }
 
-/// Temporary data directories, removed when dropped.
-struct Dirs(Vec<PathBuf>);
-
-impl Dirs {
-    fn make(&mut self) -> anyhow::Result<PathBuf> {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "macula-bench-proofs-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
-        self.0.push(d.clone());
-        Ok(d)
-    }
-}
-
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
 /// Gateway A, subscriber B (joined through A) and client C attached to A,
 /// all with proofs `on` or off.
 struct Mesh {
@@ -79,7 +52,7 @@ struct Mesh {
     c: Client,
 }
 
-async fn mesh(on: bool, dirs: &mut Dirs) -> anyhow::Result<Mesh> {
+async fn mesh(on: bool, dirs: &mut TempDirs) -> anyhow::Result<Mesh> {
     let limits = PubSubLimits {
         proofs: on,
         ..PubSubLimits::default()
@@ -229,7 +202,7 @@ pub async fn run(args: ProofsArgs) -> anyhow::Result<()> {
         "--latency-messages must be 1..=100000"
     );
     anyhow::ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
-    let mut dirs = Dirs(Vec::new());
+    let mut dirs = TempDirs::new("proofs");
     let off = mesh(false, &mut dirs).await?;
     let on = mesh(true, &mut dirs).await?;
     let (mut r_off, mut r_on) = (Vec::new(), Vec::new());

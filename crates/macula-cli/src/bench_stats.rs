@@ -1,6 +1,11 @@
 //! What every benchmark shares: which build produced a figure, latency
 //! percentiles, and the clock shared by a benchmark's processes. Each `bench_*` module imports this; this imports none.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context;
+
 /// "debug" or "release": every figure says which build produced it.
 pub(crate) fn build_kind() -> &'static str {
     if cfg!(debug_assertions) {
@@ -72,4 +77,68 @@ pub(crate) fn mono_ns() -> u64 {
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Fresh data directories for a benchmark's nodes
+/// (`<temp>/macula-bench-<name>-<pid>-<n>`), removed when dropped.
+pub(crate) struct TempDirs {
+    name: &'static str,
+    dirs: Vec<PathBuf>,
+}
+
+impl TempDirs {
+    pub(crate) fn new(name: &'static str) -> TempDirs {
+        TempDirs {
+            name,
+            dirs: Vec::new(),
+        }
+    }
+
+    pub(crate) fn make(&mut self) -> anyhow::Result<PathBuf> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "macula-bench-{}-{}-{}",
+            self.name,
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+        self.dirs.push(d.clone());
+        Ok(d)
+    }
+}
+
+impl Drop for TempDirs {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A grant from realm authority `authority` to `node` with `rules` (ID
+/// `[serial; 16]`, valid from 0 to far in the future), as bytes.
+pub(crate) fn node_grant(
+    authority: &ed25519_dalek::SigningKey,
+    serial: u8,
+    node: macula::NodeId,
+    rules: &str,
+) -> anyhow::Result<Vec<u8>> {
+    use macula::auth::{policy::parse_rules, sign, Grant, GrantBody, Key, Subject};
+    let realm = Key::of(authority);
+    let body = GrantBody {
+        realm,
+        issuer: realm,
+        id: [serial; 16],
+        subject: Subject::Node(node),
+        rules: parse_rules(rules)?,
+        roles: vec![],
+        not_before_ms: 0,
+        expires_ms: u64::MAX / 2,
+    };
+    Ok(Grant {
+        grant: sign(&body, authority)?,
+        signer: None,
+    }
+    .to_bytes()?)
 }

@@ -200,37 +200,7 @@ fn rotate_cmd(args: RotateArgs) -> Result<(), Failure> {
 
 /// Posts the signed key set to each node's admin API.
 fn push(set: &[u8], targets: &[String], auth: &PushAuth) -> Result<(), Failure> {
-    let creds = crate::admin_cli::AuthArgs {
-        admin_token_file: auth.admin_token_file.clone(),
-        data_dir: auth.node_data_dir.clone(),
-        admin_grant: auth.admin_grant.clone(),
-        admin_key: auth.admin_key.clone(),
-    };
-    for target in targets {
-        let mut t = crate::admin_cli::Target::parse(target)?;
-        t.creds = crate::admin_cli::Credentials::resolve(&creds)?;
-        let reply = t
-            .request(
-                "POST",
-                "/admin/realm/keys",
-                Some(("application/octet-stream", set)),
-                Duration::from_secs(10),
-            )
-            .with_context(|| format!("could not send the key set to {target}"))?;
-        if reply.status != 200 {
-            return Err(anyhow!(
-                "the node at {target} refused the key set (HTTP {}): {}{}",
-                reply.status,
-                reply.body.trim(),
-                crate::admin_cli::auth_hint(reply.status)
-            )
-            .into());
-        }
-        let r: macula::admin::RevocationsReport = serde_json::from_str(&reply.body)
-            .with_context(|| format!("unexpected answer from {target}"))?;
-        eprintln!("{target}: {} (version {})", r.outcome, r.version);
-    }
-    Ok(())
+    crate::realm_cli::push_signed(set, targets, auth, "/admin/realm/keys", "key set")
 }
 
 fn status(args: crate::admin_cli::ReadArgs) -> Result<(), Failure> {

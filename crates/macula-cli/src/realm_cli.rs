@@ -665,6 +665,25 @@ pub fn run(cmd: RealmCommand) -> Result<(), Failure> {
 /// Posts a signed revocation list to each node's admin API; every node
 /// answers, or the command fails naming the first that did not.
 fn push(list: &[u8], targets: &[String], auth: &PushAuth) -> Result<(), Failure> {
+    push_signed(
+        list,
+        targets,
+        auth,
+        "/admin/realm/revocations",
+        "revocation list",
+    )
+}
+
+/// Posts a signed realm document (`what`, at admin `path`) to each node's
+/// admin API; every node answers `{outcome, version}`, or the command fails
+/// naming the first that did not.
+pub(crate) fn push_signed(
+    bytes: &[u8],
+    targets: &[String],
+    auth: &PushAuth,
+    path: &str,
+    what: &str,
+) -> Result<(), Failure> {
     let creds = crate::admin_cli::AuthArgs {
         admin_token_file: auth.admin_token_file.clone(),
         data_dir: auth.node_data_dir.clone(),
@@ -677,14 +696,14 @@ fn push(list: &[u8], targets: &[String], auth: &PushAuth) -> Result<(), Failure>
         let reply = t
             .request(
                 "POST",
-                "/admin/realm/revocations",
-                Some(("application/octet-stream", list)),
+                path,
+                Some(("application/octet-stream", bytes)),
                 std::time::Duration::from_secs(10),
             )
-            .with_context(|| format!("could not send the revocation list to {target}"))?;
+            .with_context(|| format!("could not send the {what} to {target}"))?;
         if reply.status != 200 {
             return Err(anyhow!(
-                "the node at {target} refused the revocation list (HTTP {}): {}{}",
+                "the node at {target} refused the {what} (HTTP {}): {}{}",
                 reply.status,
                 reply.body.trim(),
                 crate::admin_cli::auth_hint(reply.status)

@@ -52,6 +52,40 @@ fn start(dir: &std::path::Path) -> (Proc, String) {
     (node, addr)
 }
 
+/// Every message of stream `orders` through the admin API at `addr`, in
+/// order: (sequence, payload), read by a new consumer without acks.
+fn read_back(addr: &str) -> Vec<(u64, String)> {
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/admin/streams/orders/consumers",
+        r#"{"durable":null,"deliver":{"policy":"all"},"ack":"none","ack_wait":30000,"max_deliver":null,"backoff":[],"max_ack_pending":100000,"filter":[],"replay":"instant","max_waiting":512,"inactive_threshold":60000}"#,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let name = json(&body)["name"].as_str().unwrap().to_string();
+    let mut all = Vec::new();
+    loop {
+        let (status, body) = http(
+            addr,
+            "POST",
+            &format!("/admin/streams/orders/consumers/{name}/next"),
+            r#"{"batch":10000,"wait_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let msgs = json(&body);
+        let msgs = msgs.as_array().unwrap();
+        if msgs.is_empty() {
+            return all;
+        }
+        for m in msgs {
+            let p = m["payload"].as_str().unwrap().to_string();
+            all.push((m["seq"].as_u64().unwrap(), p));
+        }
+    }
+}
+
 #[test]
 fn acknowledged_events_survive_kill_9_during_a_burst() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,36 +161,11 @@ fn acknowledged_events_survive_kill_9_during_a_burst() {
         assert_eq!(json(&body)["payload"], payload.as_str(), "seq {seq}");
     }
     // And nothing is stored twice: read everything back.
-    let (status, body) = http(
-        &addr,
-        "POST",
-        "/admin/streams/orders/consumers",
-        r#"{"durable":null,"deliver":{"policy":"all"},"ack":"none","ack_wait":30000,"max_deliver":null,"backoff":[],"max_ack_pending":1000,"filter":[],"replay":"instant","max_waiting":512,"inactive_threshold":60000}"#,
-    )
-    .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let name = json(&body)["name"].as_str().unwrap().to_string();
     let mut seqs = Vec::new();
     let mut payloads = std::collections::HashSet::new();
-    loop {
-        let (status, body) = http(
-            &addr,
-            "POST",
-            &format!("/admin/streams/orders/consumers/{name}/next"),
-            r#"{"batch":10000,"wait_ms":0}"#,
-        )
-        .unwrap();
-        assert_eq!(status, 200, "{body}");
-        let msgs = json(&body);
-        let msgs = msgs.as_array().unwrap();
-        if msgs.is_empty() {
-            break;
-        }
-        for m in msgs {
-            seqs.push(m["seq"].as_u64().unwrap());
-            let p = m["payload"].as_str().unwrap().to_string();
-            assert!(payloads.insert(p.clone()), "{p} stored twice");
-        }
+    for (seq, p) in read_back(&addr) {
+        seqs.push(seq);
+        assert!(payloads.insert(p.clone()), "{p} stored twice");
     }
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
@@ -584,38 +593,12 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
         assert_eq!(json(&body)["payload"], payload.as_str(), "seq {seq}");
     }
     // Nothing stored twice.
-    let (status, body) = http(
-        survivor,
-        "POST",
-        "/admin/streams/orders/consumers",
-        r#"{"durable":null,"deliver":{"policy":"all"},"ack":"none","ack_wait":30000,"max_deliver":null,"backoff":[],"max_ack_pending":100000,"filter":[],"replay":"instant","max_waiting":512,"inactive_threshold":60000}"#,
-    )
-    .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let name = json(&body)["name"].as_str().unwrap().to_string();
     let mut payloads = std::collections::HashSet::new();
     let mut last = 0;
-    loop {
-        let (status, body) = http(
-            survivor,
-            "POST",
-            &format!("/admin/streams/orders/consumers/{name}/next"),
-            r#"{"batch":10000,"wait_ms":0}"#,
-        )
-        .unwrap();
-        assert_eq!(status, 200, "{body}");
-        let msgs = json(&body);
-        let msgs = msgs.as_array().unwrap();
-        if msgs.is_empty() {
-            break;
-        }
-        for m in msgs {
-            let seq = m["seq"].as_u64().unwrap();
-            assert!(seq > last, "sequences not increasing");
-            last = seq;
-            let p = m["payload"].as_str().unwrap().to_string();
-            assert!(payloads.insert(p.clone()), "{p} stored twice");
-        }
+    for (seq, p) in read_back(survivor) {
+        assert!(seq > last, "sequences not increasing");
+        last = seq;
+        assert!(payloads.insert(p.clone()), "{p} stored twice");
     }
     assert!(payloads.len() >= acked.len());
 

@@ -69,12 +69,9 @@ async fn publish(n: &NodeRuntime, i: u64) -> u64 {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_member_far_behind_installs_a_snapshot_and_fetches_the_records() {
-    init_tracing();
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+/// Three nodes (the others bootstrapped through the first, which sees
+/// both) and stream `orders` added on the first with three replicas.
+async fn replicated_orders(dirs: &[tempfile::TempDir]) -> Vec<NodeRuntime> {
     let mut nodes = vec![start(with_dir(config(), &dirs[0])).await];
     for d in &dirs[1..] {
         let n = start(with_dir(boot(&nodes[0]), d)).await;
@@ -89,17 +86,32 @@ async fn a_member_far_behind_installs_a_snapshot_and_fetches_the_records() {
     within(STEP, "add", nodes[0].streams().add(cfg))
         .await
         .expect("add");
-    for i in 1..=20 {
-        assert_eq!(publish(&nodes[0], i).await, i);
-    }
-    let leader = nodes
+    nodes
+}
+
+/// The node that serves `orders` (its leader).
+fn serving(nodes: &[NodeRuntime]) -> usize {
+    nodes
         .iter()
         .position(|n| {
             n.streams()
                 .replica_status("orders")
                 .is_some_and(|r| r.serving)
         })
-        .expect("a member serves");
+        .expect("a member serves")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_far_behind_installs_a_snapshot_and_fetches_the_records() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut nodes = replicated_orders(&dirs).await;
+    for i in 1..=20 {
+        assert_eq!(publish(&nodes[0], i).await, i);
+    }
+    let leader = serving(&nodes);
     let f = (leader + 1) % 3;
     let anchor = nodes[(f + 1) % 3].clone();
     let port = nodes[f].local_addr().port();
@@ -155,32 +167,12 @@ async fn a_leader_cut_off_from_its_majority_refuses_in_time_and_nothing_acknowle
     let dirs: Vec<_> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
-    let mut nodes = vec![start(with_dir(config(), &dirs[0])).await];
-    for d in &dirs[1..] {
-        let n = start(with_dir(boot(&nodes[0]), d)).await;
-        joined(&n).await;
-        nodes.push(n);
-    }
-    eventually(STEP, "full mesh", || nodes[0].peers().len() >= 2).await;
-    let cfg = StreamConfig {
-        replicas: 3,
-        ..StreamConfig::new("orders", &["orders.**"])
-    };
-    within(STEP, "add", nodes[0].streams().add(cfg))
-        .await
-        .expect("add");
+    let nodes = replicated_orders(&dirs).await;
     let mut acked = Vec::new();
     for i in 1..=10 {
         acked.push((publish(&nodes[0], i).await, i));
     }
-    let l = nodes
-        .iter()
-        .position(|n| {
-            n.streams()
-                .replica_status("orders")
-                .is_some_and(|r| r.serving)
-        })
-        .expect("a member serves");
+    let l = serving(&nodes);
     let ids: Vec<_> = nodes.iter().map(|n| n.node_id()).collect();
     let others: Vec<_> = ids.iter().copied().filter(|i| *i != ids[l]).collect();
     // Cut the leader's Raft traffic both ways.

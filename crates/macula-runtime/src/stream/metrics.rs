@@ -114,7 +114,7 @@ impl Collector for StreamCollector {
             )?)?;
         }
         let replicas = self.streams.replicas();
-        let rg = |f: &dyn Fn(&super::ReplicaStatus) -> u64| -> Vec<(String, i64)> {
+        let rg = |f: &dyn Fn(&super::ReplicaCounters) -> u64| -> Vec<(String, i64)> {
             replicas
                 .iter()
                 .map(|(n, r)| (n.clone(), i64::try_from(f(r)).unwrap_or(i64::MAX)))

@@ -320,6 +320,15 @@ pub struct ReplicationReport {
     pub term: u64,
 }
 
+/// What `/metrics` shows of a replicated stream's member
+/// (`Streams::replicas`; the fields mean what [`ReplicaStatus`]'s do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaCounters {
+    pub serving: bool,
+    pub applied: u64,
+    pub replication_failures: u64,
+}
+
 /// One member's view of a replicated stream it holds
 /// (`Streams::replica_status`, `GET /admin/streams/{name}/replica`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1581,12 +1590,24 @@ impl Streams {
         self.0.installs.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Every replicated stream this node holds a replica of, with its view.
-    pub fn replicas(&self) -> Vec<(String, ReplicaStatus)> {
-        let names: Vec<String> = self.0.hosted.lock().keys().cloned().collect();
-        names
-            .into_iter()
-            .filter_map(|n| self.replica_status(&n).map(|r| (n, r)))
+    /// Every replicated stream this node holds a replica of, with what
+    /// `/metrics` shows of it (read from memory: a scrape reads no store).
+    pub fn replicas(&self) -> Vec<(String, ReplicaCounters)> {
+        self.0
+            .hosted
+            .lock()
+            .iter()
+            .filter_map(|(n, h)| {
+                let r = h.replica.get()?;
+                Some((
+                    n.clone(),
+                    ReplicaCounters {
+                        serving: r.serving(),
+                        applied: h.applied.load(Ordering::Acquire),
+                        replication_failures: h.replication_failures.load(Ordering::Relaxed),
+                    },
+                ))
+            })
             .collect()
     }
 

@@ -204,9 +204,9 @@ pub(crate) async fn serve(
                     .await;
                 return match reply {
                     Ok(r) => Ok(r.payload),
-                    Err(e) => failure(&StreamError::Unreachable(format!(
+                    Err(e) => answer(Err(StreamError::Unreachable(format!(
                         "the stream's leader {leader}: {e}"
-                    ))),
+                    )))),
                 };
             }
             // Forwarded here, or this member was just elected: it serves
@@ -214,18 +214,12 @@ pub(crate) async fn serve(
             r.wait_serving(FORWARDED_PATIENCE).await;
         }
     }
-    let result = run(streams, stream, op).await.map_err(|e| Failure {
-        kind: e.kind().to_string(),
-        message: e.to_string(),
-    });
-    rmp_serde::to_vec_named(&result)
-        .map(Bytes::from)
-        .map_err(|e| HandlerError::new(500, e.to_string()))
+    answer(run(streams, stream, op).await)
 }
 
-/// An answered failure.
-fn failure(e: &StreamError) -> HandlerResult {
-    let result: Result<Answer, Failure> = Err(Failure {
+/// The reply payload: `{"Ok": answer}`, or `{"Err": {kind, message}}`.
+fn answer(result: Result<Answer, StreamError>) -> HandlerResult {
+    let result = result.map_err(|e| Failure {
         kind: e.kind().to_string(),
         message: e.to_string(),
     });
