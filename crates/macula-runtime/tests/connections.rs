@@ -193,6 +193,9 @@ async fn a_full_pool_evicts_mesh_connections_and_turns_away_when_nothing_may_go(
     // A full node: the least recently used mesh connection makes room.
     let p3 = start(config()).await;
     within(STEP, "p3 dials", dial(&p3)).await.expect("p3 in");
+    // The node admits p3 (and evicts) on its own side of the handshake,
+    // a moment after p3's connect returns.
+    eventually(STEP, "an eviction", || m.pool_evictions_total.get() >= 1).await;
     assert_eq!(m.pool_evictions_total.get(), 1);
     assert!(node.peer(&p1.node_id()).is_none(), "p1 was the LRU");
     assert_eq!(m.connections_current.get(), 4);
