@@ -653,6 +653,16 @@ settings! {
         flag "--audit-checkpoint-interval" "DURATION", env "MACULA_AUDIT_CHECKPOINT_INTERVAL",
         toml "audit.checkpoint_interval", default "5m",
         "...or this long after the last checkpoint, once there are new entries; 1s..24h";
+    workloads WORKLOADS: bool = true, Text(parse_on_off),
+        flag "--workloads" "on|off", env "MACULA_WORKLOADS", toml "workloads.enabled",
+        default "on",
+        "The WebAssembly workload agent (docs/WASM.md): runs what `macula deploy` and `macula \
+         upgrade` place on this node and serves the artifacts it holds to peers; needs the \
+         `wasm` cargo feature (on by default)";
+    labels LABELS: Vec<String> = Vec::new(), List(parse_labels, parse_label),
+        flag "--label" "KEY=VALUE[,...]", env "MACULA_LABELS", toml "labels", default "none",
+        "Labels of this node, matched by a deployment's placement (`macula deploy --label`); \
+         comma-separated, repeatable";
     raft_groups RAFT_GROUPS: Vec<String> = Vec::new(), List(parse_raft_groups, parse_raft_group),
         flag "--raft-group" "NAME[,NAME...]", env "MACULA_RAFT_GROUPS", toml "raft_groups",
         default "none",
@@ -1269,6 +1279,33 @@ fn parse_raft_group(s: &str) -> Result<Vec<String>, String> {
     let name = s.trim();
     validate_raft_group(name)?;
     Ok(vec![name.to_string()])
+}
+
+fn parse_label(s: &str) -> Result<Vec<String>, String> {
+    let s = s.trim();
+    let ok = s.split_once('=').is_some_and(|(k, v)| {
+        let fine = |t: &str| {
+            !t.is_empty()
+                && t.len() <= 64
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        };
+        fine(k) && fine(v)
+    });
+    if !ok {
+        return Err(format!(
+            "label {s:?}: expected KEY=VALUE, each 1 to 64 of A-Z a-z 0-9 . _ -"
+        ));
+    }
+    Ok(vec![s.to_string()])
+}
+
+fn parse_labels(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').filter(|i| !i.trim().is_empty()) {
+        out.extend(parse_label(item)?);
+    }
+    Ok(out)
 }
 
 fn parse_raft_groups(s: &str) -> Result<Vec<String>, String> {
@@ -1893,6 +1930,7 @@ mod tests {
             keys::TLS_CERT_FILE,
             keys::TLS_PINNED,
             keys::RAFT_GROUPS,
+            keys::LABELS,
             keys::RAFT_MEMBERS,
             keys::REALM_AUTHORITY,
             keys::GRANT_FILE,
@@ -1917,7 +1955,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            60,
+            61,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -25,6 +25,8 @@ mod bench_tracing;
 #[cfg(feature = "wasm")]
 mod bench_wasm;
 mod config;
+#[cfg(feature = "wasm")]
+mod deploy_cli;
 mod dht_cli;
 mod keys_cli;
 mod member;
@@ -125,6 +127,12 @@ enum Command {
     #[cfg(feature = "wasm")]
     #[command(subcommand)]
     Workload(workload_cli::WorkloadCommand),
+    /// Deploy a WebAssembly workload's version to the mesh: stored on the node, fetched by the others from their peers; a first version is placed and started (through its admin HTTP API).
+    #[cfg(feature = "wasm")]
+    Deploy(deploy_cli::DeployArgs),
+    /// Roll a deployed version out: rolling, canary or all-at-once, health checks, rollback; status, history, promote, abort.
+    #[cfg(feature = "wasm")]
+    Upgrade(deploy_cli::UpgradeCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -262,6 +270,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Authz(AuthzCommand::Check(args)) => realm_cli::check(args),
         Command::Audit(cmd) => realm_cli::audit(cmd),
         Command::Trust(cmd) => trust_cli::run(cmd),
+        #[cfg(feature = "wasm")]
+        Command::Deploy(args) => deploy_cli::deploy(args),
+        #[cfg(feature = "wasm")]
+        Command::Upgrade(cmd) => deploy_cli::upgrade(cmd),
         #[cfg(feature = "wasm")]
         Command::Workload(workload_cli::WorkloadCommand::Run(args)) => {
             Ok(client(&args.mesh.trace.clone(), async {
@@ -520,10 +532,25 @@ async fn start(settings: Settings) -> Result<(), Failure> {
             macula::Error::Start(macula::StartError::Config(_)) => usage(e),
             other => Failure::from(other),
         })?;
+    // The workload agent (issue 25) before the admin server: its metrics
+    // and routes are part of the admin API.
+    let agent = match start_agent(&node, &settings).await {
+        Ok(a) => a,
+        Err(e) => {
+            node.shutdown().await;
+            return Err(e);
+        }
+    };
     let (stop_admin, admin_stop) = tokio::sync::oneshot::channel::<()>();
-    let admin = tokio::spawn(macula::admin::serve(http, node.clone(), async move {
-        let _ = admin_stop.await;
-    }));
+    let admin = tokio::spawn(macula::admin::serve_with_routes(
+        http,
+        node.clone(),
+        async move {
+            let _ = admin_stop.await;
+        },
+        macula::admin::AdminLimits::default(),
+        agent_routes(agent.as_ref()),
+    ));
     // Kept for the daemon's lifetime: dropping a group stops serving it to
     // non-members.
     let groups = match join_groups(&node, &settings).await {
@@ -557,6 +584,7 @@ async fn start(settings: Settings) -> Result<(), Failure> {
     }
     signals.wait().await;
     tracing::info!("shutting down");
+    stop_agent(agent).await;
     // The admin server stays up while the node says goodbye, so probes see
     // /ready turn 503 ("shutting down") rather than a refused connection.
     node.shutdown().await;
@@ -573,6 +601,65 @@ async fn start(settings: Settings) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+#[cfg(feature = "wasm")]
+type AgentHandle = macula_wasm::Agent;
+#[cfg(not(feature = "wasm"))]
+type AgentHandle = ();
+
+/// Starts the workload agent (`--workloads on`, the default, with the
+/// `wasm` feature): artifacts and state in `<data dir>/workloads`.
+#[cfg(feature = "wasm")]
+async fn start_agent(node: &Node, settings: &Settings) -> Result<Option<AgentHandle>, Failure> {
+    if !settings.workloads {
+        return Ok(None);
+    }
+    let host = macula_wasm::WasmHost::new(macula_wasm::WasmLimits::default())?;
+    host.attach_metrics(node);
+    let mut opts = macula_wasm::AgentOptions::new(settings.data_dir.join("workloads"));
+    opts.labels = settings
+        .labels
+        .iter()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let agent = macula_wasm::Agent::start(node, host, opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the workload agent: {e}"))?;
+    Ok(Some(agent))
+}
+
+#[cfg(not(feature = "wasm"))]
+async fn start_agent(_: &Node, settings: &Settings) -> Result<Option<AgentHandle>, Failure> {
+    if settings.workloads && !settings.labels.is_empty() {
+        tracing::warn!(
+            "--label has no effect: this build has no workload agent (cargo feature wasm)"
+        );
+    }
+    Ok(None)
+}
+
+#[cfg(feature = "wasm")]
+fn agent_routes(agent: Option<&AgentHandle>) -> macula::admin::Routes {
+    agent.map_or_else(macula::admin::Routes::new, |a| {
+        macula_wasm::admin::routes(a.clone())
+    })
+}
+
+#[cfg(not(feature = "wasm"))]
+fn agent_routes(_: Option<&AgentHandle>) -> macula::admin::Routes {
+    macula::admin::Routes::new()
+}
+
+#[cfg(feature = "wasm")]
+async fn stop_agent(agent: Option<AgentHandle>) {
+    if let Some(a) = agent {
+        a.stop().await;
+    }
+}
+
+#[cfg(not(feature = "wasm"))]
+async fn stop_agent(_: Option<AgentHandle>) {}
 
 /// Longest time joining one Raft group may take at start (opening its log,
 /// advertising its RPC procedure); joining does not wait for a quorum.

@@ -339,6 +339,19 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: AdminLimits,
 ) -> std::io::Result<()> {
+    serve_with_routes(listener, node, shutdown, limits, Router::new()).await
+}
+
+/// [`serve_with`] with `routes` merged beside the node's own, behind the
+/// same credentials check (a service's admin API). A route that clashes
+/// with one of the node's panics at start, as axum does.
+pub async fn serve_with_routes(
+    listener: TcpListener,
+    node: NodeRuntime,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: AdminLimits,
+    routes: Router,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, node_id = %node.node_id(), "admin HTTP server listening");
     let counters = Arc::new(AdminCounters::default());
@@ -346,7 +359,8 @@ pub async fn serve_with(
         inner: listener,
         table: Arc::new(ConnTable::new(limits, counters.clone())),
     };
-    let app = router_with(node, Some(counters)).into_make_service_with_connect_info::<Remote>();
+    let app =
+        router_with(node, Some(counters), routes).into_make_service_with_connect_info::<Remote>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -357,12 +371,12 @@ pub async fn serve_with(
 /// The admin routes over `node`, for embedding in another server or for
 /// tests. A new endpoint is one `.route` line here.
 pub fn router(node: NodeRuntime) -> Router {
-    router_with(node, None)
+    router_with(node, None, Router::new())
 }
 
 /// The admin routes; `counters` (the connection counters of [`serve`]) are
 /// added to `/metrics` when given.
-fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Router {
+fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>, extra: Router) -> Router {
     let mut registry = registry(&node);
     if let Some(counters) = counters {
         counters.register(&mut registry);
@@ -429,13 +443,14 @@ fn router_with(node: NodeRuntime, counters: Option<Arc<AdminCounters>>) -> Route
             "/admin/streams/{name}/consumers/{consumer}/ack",
             post(stream::ack),
         )
+        .with_state(state.clone())
+        .merge(extra)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state,
             require_credentials,
         ))
-        .with_state(state)
 }
 
 /// The client's address, as the listener of [`serve`] saw it (absent when

@@ -9,18 +9,30 @@
 //! node: its procedures advertised through the node's RPC and its
 //! subscriptions made through the node's pub/sub, like any application's.
 //!
+//! Around it, the mesh's workload service (items 2-4): [`artifact`]
+//! (content-addressed, chunked component files fetched from peers),
+//! [`rollout`] (the records and the rollout plan's rules, pure),
+//! [`agent`] (one per node: runs what it is ordered to; the leader of
+//! group `_workloads` coordinates rollouts) and [`admin`] (its HTTP
+//! routes on the node's admin API).
+//!
 //! Modules, one way: `error` <- `limits` <- `metrics` <- `state` (the
 //! store's data, the WIT host) <- `host` (engine, compile, instantiate) <-
-//! `workload` (serving).
+//! `workload` (serving) <- `artifact`, `rollout` <- `agent` <- `admin`.
 
+pub mod admin;
+pub mod agent;
+pub mod artifact;
 mod bindings;
 mod error;
 mod host;
 mod limits;
 mod metrics;
+pub mod rollout;
 mod state;
 mod workload;
 
+pub use agent::{Agent, AgentError, AgentOptions};
 pub use error::{Limit, LimitHit, WasmError};
 pub use host::{Compiled, WasmHost};
 pub use limits::WasmLimits;

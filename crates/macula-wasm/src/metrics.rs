@@ -32,10 +32,34 @@ pub struct WasmMetrics {
     pub refused: Family<Labels, Counter>,
     /// Log lines written by components, by app.
     pub logs: Family<Labels, Counter>,
+    /// Components replaced in place ([`crate::Workload::upgrade`]), by app.
+    pub upgrades: Family<Labels, Counter>,
+    /// Artifact chunks this node served to peers.
+    pub artifact_chunks_served: Counter,
+    /// Artifacts fetched from peers, by outcome (`ok`, `failed`).
+    pub artifact_fetches: Family<Labels, Counter>,
+    /// Artifact data refused on arrival, by reason (`chunk_hash`,
+    /// `artifact_hash`, `manifest`, `size`): a peer that sent it is
+    /// skipped.
+    pub artifact_refused: Family<Labels, Counter>,
+    /// Artifacts stored on this node.
+    pub artifacts_stored: Gauge,
+    /// Orders to this node's agent to run a version, by outcome (`ok`,
+    /// `failed`).
+    pub agent_applies: Family<Labels, Counter>,
+    /// Rollouts this node coordinated to their end, by strategy and
+    /// outcome (`completed`, `rolled_back`, `failed`, `aborted`).
+    pub rollouts: Family<Labels, Counter>,
+    /// Health checks between batches, by outcome (`ok`, `failed`).
+    pub health_checks: Family<Labels, Counter>,
 }
 
 pub(crate) fn app(app: &str) -> Labels {
     vec![("app", app.to_string())]
+}
+
+pub(crate) fn outcome(outcome: &str) -> Labels {
+    vec![("outcome", outcome.to_string())]
 }
 
 pub(crate) fn app_and(app: &str, key: &'static str, value: &str) -> Labels {
@@ -78,6 +102,46 @@ impl WasmMetrics {
             self.refused.clone(),
         );
         r.register("logs", "Log lines written by components", self.logs.clone());
+        r.register(
+            "upgrades",
+            "Components replaced in place, by app",
+            self.upgrades.clone(),
+        );
+        r.register(
+            "artifact_chunks_served",
+            "Artifact chunks served to peers",
+            self.artifact_chunks_served.clone(),
+        );
+        r.register(
+            "artifact_fetches",
+            "Artifacts fetched from peers, by outcome",
+            self.artifact_fetches.clone(),
+        );
+        r.register(
+            "artifact_refused",
+            "Artifact data refused on arrival, by reason",
+            self.artifact_refused.clone(),
+        );
+        r.register(
+            "artifacts_stored",
+            "Artifacts stored on this node",
+            self.artifacts_stored.clone(),
+        );
+        r.register(
+            "agent_applies",
+            "Orders to run a version applied by this node's agent, by outcome",
+            self.agent_applies.clone(),
+        );
+        r.register(
+            "rollouts",
+            "Rollouts coordinated by this node, by strategy and outcome",
+            self.rollouts.clone(),
+        );
+        r.register(
+            "health_checks",
+            "Health checks between rollout batches, by outcome",
+            self.health_checks.clone(),
+        );
     }
 }
 
@@ -102,12 +166,27 @@ mod tests {
             .get_or_create(&vec![("reason", "invalid".to_string())])
             .inc();
         m.logs.get_or_create(&app("a")).inc();
+        m.upgrades.get_or_create(&app("a")).inc();
+        m.artifact_chunks_served.inc();
+        m.artifact_fetches.get_or_create(&outcome("ok")).inc();
+        m.artifact_refused
+            .get_or_create(&vec![("reason", "chunk_hash".to_string())])
+            .inc();
+        m.artifacts_stored.set(1);
+        m.agent_applies.get_or_create(&outcome("ok")).inc();
+        m.rollouts
+            .get_or_create(&vec![
+                ("strategy", "rolling".to_string()),
+                ("outcome", "completed".to_string()),
+            ])
+            .inc();
+        m.health_checks.get_or_create(&outcome("ok")).inc();
         let mut reg = Registry::default();
         m.register(&mut reg);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 8, "{text}");
+        assert_eq!(families, 16, "{text}");
         assert!(
             text.contains("macula_wasm_calls_total{app=\"a\",outcome=\"ok\"} 1"),
             "{text}"

@@ -3,6 +3,7 @@
 //! the node's pub/sub, exactly as an application's would be; each call or
 //! event enters the one instance in turn.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -36,21 +37,36 @@ struct Inner {
     live: tokio::sync::Mutex<Option<Live>>,
 }
 
+/// What the node's registrations reach: the instance serving now. An
+/// upgrade swaps it; calls and events already in an older one finish there
+/// (they hold its `Arc`), and the older one is freed after the last.
+struct Slot {
+    current: parking_lot::RwLock<Arc<Inner>>,
+}
+
+impl Slot {
+    fn current(&self) -> Arc<Inner> {
+        self.current.read().clone()
+    }
+}
+
 /// A running workload. Dropping it (or [`Workload::stop`]) withdraws its
 /// procedures, ends its subscriptions and frees its instance.
+/// [`Workload::upgrade`] replaces its component in place.
 pub struct Workload {
-    inner: Arc<Inner>,
-    registrations: Vec<macula::Registration>,
-    pumps: Vec<JoinHandle<()>>,
+    slot: Arc<Slot>,
+    registrations: BTreeMap<String, macula::Registration>,
+    pumps: BTreeMap<String, JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.slot.current();
         f.debug_struct("Workload")
-            .field("app", &self.inner.app)
-            .field("hash", &self.inner.compiled.hash)
-            .field("procedures", &self.inner.procedures)
-            .field("patterns", &self.inner.patterns)
+            .field("app", &inner.app)
+            .field("hash", &inner.compiled.hash)
+            .field("procedures", &inner.procedures)
+            .field("patterns", &inner.patterns)
             .finish()
     }
 }
@@ -126,34 +142,13 @@ impl WasmHost {
         guard.host = None;
         self.metrics.workloads.inc();
         let mut workload = Workload {
-            inner: inner.clone(),
-            registrations: Vec::new(),
-            pumps: Vec::new(),
+            slot: Arc::new(Slot {
+                current: parking_lot::RwLock::new(inner.clone()),
+            }),
+            registrations: BTreeMap::new(),
+            pumps: BTreeMap::new(),
         };
-        let weak = Arc::downgrade(&inner);
-        for procedure in inner.procedures.iter() {
-            let w = weak.clone();
-            let reg = node
-                .advertise(procedure, move |req: macula::Request| {
-                    let w = w.clone();
-                    async move { serve(w, req).await }
-                })
-                .await
-                .map_err(|e| WasmError::Mesh {
-                    app: app.to_string(),
-                    what: format!("advertising {procedure}"),
-                    reason: e.to_string(),
-                })?;
-            workload.registrations.push(reg);
-        }
-        for pattern in inner.patterns.iter() {
-            let sub = node.subscribe(pattern).await.map_err(|e| WasmError::Mesh {
-                app: app.to_string(),
-                what: format!("subscribing to {pattern}"),
-                reason: e.to_string(),
-            })?;
-            workload.pumps.push(tokio::spawn(pump(weak.clone(), sub)));
-        }
+        workload.serve_new(&inner).await?;
         tracing::info!(
             target: "macula::wasm",
             app,
@@ -182,61 +177,203 @@ impl Drop for Running {
 
 impl Workload {
     /// The workload's name.
-    pub fn app(&self) -> &str {
-        &self.inner.app
+    pub fn app(&self) -> String {
+        self.slot.current().app.to_string()
     }
 
-    /// The component's BLAKE3 hash (hex).
-    pub fn hash(&self) -> &str {
-        &self.inner.compiled.hash
+    /// The serving component's BLAKE3 hash (hex).
+    pub fn hash(&self) -> String {
+        self.slot.current().compiled.hash.clone()
     }
 
     /// The procedures it serves.
-    pub fn procedures(&self) -> &[String] {
-        &self.inner.procedures
+    pub fn procedures(&self) -> Vec<String> {
+        self.slot.current().procedures.to_vec()
     }
 
     /// The patterns it subscribed to.
-    pub fn patterns(&self) -> &[String] {
-        &self.inner.patterns
+    pub fn patterns(&self) -> Vec<String> {
+        self.slot.current().patterns.to_vec()
+    }
+
+    /// The configuration its serving instance was started with.
+    pub fn config(&self) -> Vec<(String, String)> {
+        self.slot.current().config.clone()
     }
 
     /// Calls the component's handler directly, without the mesh (what a
     /// call through the node ends in); for benchmarks and tests.
     pub async fn call(&self, procedure: &str, payload: Bytes) -> macula::HandlerResult {
-        self.inner.call(procedure, payload).await
+        self.slot.current().call(procedure, payload).await
+    }
+
+    /// Replaces the component in place, without a gap in service: a new
+    /// instance of `compiled` is started beside the serving one and its
+    /// `init` run with `config`; only if that succeeds do new calls and
+    /// events go to it. Calls and events already in the old instance
+    /// finish there; it is freed after the last. Procedures and patterns
+    /// the new version adds are advertised and subscribed first, those it
+    /// drops are withdrawn after the switch. On failure nothing changes.
+    pub async fn upgrade(
+        &mut self,
+        compiled: &Compiled,
+        config: Vec<(String, String)>,
+    ) -> Result<(), WasmError> {
+        let old = self.slot.current();
+        let r = self.upgrade_inner(&old, compiled, config).await;
+        if let Err(e) = &r {
+            old.host.refused(e);
+        }
+        r
+    }
+
+    async fn upgrade_inner(
+        &mut self,
+        old: &Arc<Inner>,
+        compiled: &Compiled,
+        config: Vec<(String, String)>,
+    ) -> Result<(), WasmError> {
+        let first = Phase::Init {
+            procedures: Vec::new(),
+            patterns: Vec::new(),
+        };
+        let (live, asked) = old
+            .host
+            .instantiate(&old.app, &old.node, compiled, &config, first)
+            .await?;
+        let Phase::Init {
+            procedures,
+            patterns,
+        } = asked
+        else {
+            unreachable!("a first instance's phase is Init");
+        };
+        let new = Arc::new(Inner {
+            app: old.app.clone(),
+            host: old.host.clone(),
+            node: old.node.clone(),
+            compiled: compiled.clone(),
+            config,
+            procedures: procedures.into(),
+            patterns: patterns.into(),
+            live: tokio::sync::Mutex::new(Some(live)),
+        });
+        // What the new version adds is served before the switch: a caller
+        // that finds the procedure reaches the new instance.
+        self.serve_new(&new).await?;
+        *self.slot.current.write() = new.clone();
+        let keep: BTreeSet<&String> = new.procedures.iter().collect();
+        let gone: Vec<String> = self
+            .registrations
+            .keys()
+            .filter(|p| !keep.contains(p))
+            .cloned()
+            .collect();
+        for procedure in gone {
+            if let Some(reg) = self.registrations.remove(&procedure) {
+                if let Err(e) = reg.withdraw().await {
+                    tracing::warn!(target: "macula::wasm", app = &*new.app, procedure, error = %e, "withdrawing a procedure failed");
+                }
+            }
+        }
+        let keep: BTreeSet<&String> = new.patterns.iter().collect();
+        self.pumps.retain(|pattern, pump| {
+            let stays = keep.contains(pattern);
+            if !stays {
+                pump.abort();
+            }
+            stays
+        });
+        old.host
+            .metrics
+            .upgrades
+            .get_or_create(&metrics::app(&new.app))
+            .inc();
+        tracing::info!(
+            target: "macula::wasm",
+            app = &*new.app,
+            from = %old.compiled.hash,
+            to = %new.compiled.hash,
+            "workload upgraded in place"
+        );
+        Ok(())
+    }
+
+    /// Advertises `inner`'s procedures and subscribes its patterns that
+    /// this workload does not serve yet; each reaches whichever instance
+    /// is current.
+    async fn serve_new(&mut self, inner: &Arc<Inner>) -> Result<(), WasmError> {
+        let weak = Arc::downgrade(&self.slot);
+        for procedure in inner.procedures.iter() {
+            if self.registrations.contains_key(procedure) {
+                continue;
+            }
+            let w = weak.clone();
+            let reg = inner
+                .node
+                .advertise(procedure, move |req: macula::Request| {
+                    let w = w.clone();
+                    async move { serve(w, req).await }
+                })
+                .await
+                .map_err(|e| WasmError::Mesh {
+                    app: inner.app.to_string(),
+                    what: format!("advertising {procedure}"),
+                    reason: e.to_string(),
+                })?;
+            self.registrations.insert(procedure.clone(), reg);
+        }
+        for pattern in inner.patterns.iter() {
+            if self.pumps.contains_key(pattern) {
+                continue;
+            }
+            let sub = inner
+                .node
+                .subscribe(pattern)
+                .await
+                .map_err(|e| WasmError::Mesh {
+                    app: inner.app.to_string(),
+                    what: format!("subscribing to {pattern}"),
+                    reason: e.to_string(),
+                })?;
+            self.pumps
+                .insert(pattern.clone(), tokio::spawn(pump(weak.clone(), sub)));
+        }
+        Ok(())
     }
 
     /// Stops serving: withdraws its procedures (waiting for each
     /// withdrawal; one that fails is logged, the procedure is no longer
     /// served here either way), ends its subscriptions, frees the instance.
     pub async fn stop(mut self) {
-        for pump in self.pumps.drain(..) {
+        for (_, pump) in std::mem::take(&mut self.pumps) {
             pump.abort();
         }
-        for reg in self.registrations.drain(..) {
+        let app = self.app();
+        for (_, reg) in std::mem::take(&mut self.registrations) {
             if let Err(e) = reg.withdraw().await {
-                tracing::warn!(target: "macula::wasm", app = &*self.inner.app, error = %e, "withdrawing a procedure failed");
+                tracing::warn!(target: "macula::wasm", app, error = %e, "withdrawing a procedure failed");
             }
         }
-        *self.inner.live.lock().await = None;
+        *self.slot.current().live.lock().await = None;
     }
 }
 
 impl Drop for Workload {
     fn drop(&mut self) {
-        for pump in &self.pumps {
+        for pump in self.pumps.values() {
             pump.abort();
         }
-        let host = &self.inner.host;
-        host.running.lock().remove(&*self.inner.app);
+        let inner = self.slot.current();
+        let host = &inner.host;
+        host.running.lock().remove(&*inner.app);
         host.metrics.workloads.dec();
-        tracing::info!(target: "macula::wasm", app = &*self.inner.app, "workload stopped");
+        tracing::info!(target: "macula::wasm", app = &*inner.app, "workload stopped");
     }
 }
 
-async fn serve(w: Weak<Inner>, req: macula::Request) -> macula::HandlerResult {
-    let Some(inner) = w.upgrade() else {
+async fn serve(w: Weak<Slot>, req: macula::Request) -> macula::HandlerResult {
+    let Some(inner) = w.upgrade().map(|slot| slot.current()) else {
         return Err(macula::HandlerError::new(
             CODE_UNAVAILABLE,
             "workload stopped",
@@ -245,9 +382,11 @@ async fn serve(w: Weak<Inner>, req: macula::Request) -> macula::HandlerResult {
     inner.call(&req.procedure, req.payload).await
 }
 
-async fn pump(w: Weak<Inner>, mut sub: macula::Subscription) {
+async fn pump(w: Weak<Slot>, mut sub: macula::Subscription) {
     while let Some(item) = sub.next().await {
-        let Some(inner) = w.upgrade() else { return };
+        let Some(inner) = w.upgrade().map(|slot| slot.current()) else {
+            return;
+        };
         match item {
             macula::SubscriptionItem::Event(ev) => {
                 inner.event(ev.topic.to_string(), ev.payload).await;

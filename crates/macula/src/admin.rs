@@ -111,6 +111,30 @@ pub async fn serve_with(
     macula_runtime::admin::serve_with(listener, node.runtime().clone(), shutdown, limits).await
 }
 
+/// Routes a service adds to the admin API ([`serve_with_routes`]): an
+/// axum router without state.
+pub type Routes = axum::Router;
+
+/// [`serve_with`] with more routes beside the node's own (a service's
+/// admin API, e.g. the workload agent's `/admin/workloads`): they sit
+/// behind the same credentials check and connection limits.
+pub async fn serve_with_routes(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: AdminLimits,
+    routes: Routes,
+) -> std::io::Result<()> {
+    macula_runtime::admin::serve_with_routes(
+        listener,
+        node.runtime().clone(),
+        shutdown,
+        limits,
+        routes,
+    )
+    .await
+}
+
 /// End-to-end keys (issue 19): `GET /admin/realm/keys`, and the CSPRNG the
 /// CLI wraps keys with.
 pub use macula_runtime::e2e::{KeysReport, SysRng};

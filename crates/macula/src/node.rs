@@ -524,6 +524,18 @@ impl Node {
             .await?)
     }
 
+    /// Serves `procedure` (its name must start with `_node.`) only to calls
+    /// addressed to this node ([`Node::call_to`]): nothing is advertised,
+    /// so every node can serve the same control procedure. Dropping the
+    /// [`Registration`] stops serving it.
+    pub fn serve_unlisted<H: Handler>(
+        &self,
+        procedure: &str,
+        handler: H,
+    ) -> Result<Registration, Error> {
+        Ok(self.runtime.rpc().serve_unlisted(procedure, handler)?)
+    }
+
     /// Calls `procedure` on a provider found in the mesh (this node's own
     /// handler, if it has one, without a network hop). Configure with
     /// `.timeout(d)` (default 5 s, retries included), `.retries(n)`

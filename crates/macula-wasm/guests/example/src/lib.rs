@@ -8,6 +8,10 @@
 //! - `<prefix>.hog`: allocates 1 MiB blocks until the memory limit stops it;
 //! - `<prefix>.spin`: loops until its fuel runs out;
 //! - `<prefix>.fail`: answers a handler error (code 7);
+//! - `<prefix>.version`: answers the configuration key `version` (default
+//!   `0`): the tests tell versions of a rollout apart by it;
+//! - `<prefix>.health`: answers `ok`, or a handler error (code 13) when
+//!   the configuration key `healthy` is `no` (a rollout's health check);
 //! - it subscribes to `<prefix>.in` and publishes each event's payload
 //!   prefixed by `seen:` to `<prefix>.out`.
 #![no_std]
@@ -72,6 +76,8 @@ use exports::macula::mesh::handlers::{CallError, Guest};
 use macula::mesh::host::{self, Level};
 
 static mut PREFIX: Option<String> = None;
+static mut VERSION: Option<String> = None;
+static mut HEALTHY: bool = true;
 
 fn prefix() -> String {
     // Single-threaded: the component model never enters an instance twice.
@@ -88,7 +94,12 @@ impl Guest for Example {
             .find(|(k, _)| k == "prefix")
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| "wasm".to_string());
-        for p in ["echo", "relay", "kv", "hog", "spin", "fail"] {
+        let get = |key: &str| config.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        unsafe {
+            VERSION = get("version");
+            HEALTHY = get("healthy").as_deref() != Some("no");
+        }
+        for p in ["echo", "relay", "kv", "hog", "spin", "fail", "version", "health"] {
             host::advertise(&format!("{prefix}.{p}"))?;
         }
         host::subscribe(&format!("{prefix}.in"))?;
@@ -132,6 +143,18 @@ impl Guest for Example {
                 }
             }
             "fail" => Err(err(7, "asked to fail")),
+            "version" => {
+                #[allow(static_mut_refs)]
+                let v = unsafe { VERSION.clone() }.unwrap_or_else(|| "0".to_string());
+                Ok(v.into_bytes())
+            }
+            "health" => {
+                if unsafe { HEALTHY } {
+                    Ok(b"ok".to_vec())
+                } else {
+                    Err(err(13, "unhealthy (configuration healthy=no)"))
+                }
+            }
             _ => Err(err(404, &format!("no procedure {procedure}"))),
         }
     }
