@@ -24,7 +24,8 @@ pub struct DeployArgs {
     /// The app's name (1 to 64 of A-Z a-z 0-9 . _ -).
     app: String,
     /// The version's name (same characters).
-    version: String,
+    #[arg(value_name = "VERSION")]
+    release: String,
     /// The component file (.wasm).
     file: PathBuf,
     /// Configuration handed to the component's init, KEY=VALUE
@@ -67,7 +68,8 @@ pub struct UpgradeCommand {
     /// The app to upgrade.
     app: Option<String>,
     /// The deployed version to roll out (`macula deploy APP VERSION FILE`).
-    version: Option<String>,
+    #[arg(value_name = "VERSION")]
+    release: Option<String>,
     /// rolling (batch after batch), canary (a first batch, then a pause
     /// until `promote` or `abort`) or all-at-once.
     #[arg(long, default_value = "rolling")]
@@ -195,7 +197,7 @@ pub fn deploy(a: DeployArgs) -> Result<(), Failure> {
         .into());
     }
     let req = DeployRequest {
-        version: a.version.clone(),
+        version: a.release.clone(),
         hash,
         config,
         placement: Placement {
@@ -243,7 +245,7 @@ pub fn upgrade(c: UpgradeCommand) -> Result<(), Failure> {
         Some(UpgradeSub::Promote(p)) => act(&p, "promote"),
         Some(UpgradeSub::Abort(p)) => act(&p, "abort"),
         None => {
-            let (Some(app), Some(version)) = (c.app, c.version) else {
+            let (Some(app), Some(version)) = (c.app, c.release) else {
                 return Err(usage(anyhow!(
                     "usage: macula upgrade APP VERSION [--strategy ...] (or status, history, promote, abort)"
                 )));

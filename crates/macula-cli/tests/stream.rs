@@ -14,30 +14,6 @@ use common::*;
 
 const REALM: &str = "test.stream";
 
-/// One HTTP/1.1 request to the admin API with the test token: (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status in {out:?}")))?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
-}
-
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
@@ -55,7 +31,7 @@ fn start(dir: &std::path::Path) -> (Proc, String) {
 /// Every message of stream `orders` through the admin API at `addr`, in
 /// order: (sequence, payload), read by a new consumer without acks.
 fn read_back(addr: &str) -> Vec<(u64, String)> {
-    let (status, body) = http(
+    let (status, body) = admin_http(
         addr,
         "POST",
         "/admin/streams/orders/consumers",
@@ -66,7 +42,7 @@ fn read_back(addr: &str) -> Vec<(u64, String)> {
     let name = json(&body)["name"].as_str().unwrap().to_string();
     let mut all = Vec::new();
     loop {
-        let (status, body) = http(
+        let (status, body) = admin_http(
             addr,
             "POST",
             &format!("/admin/streams/orders/consumers/{name}/next"),
@@ -114,7 +90,7 @@ fn acknowledged_events_survive_kill_9_during_a_burst() {
                     }
                     let payload = format!("t{t}-{i}");
                     let body = format!(r#"{{"topic":"orders.t{t}","payload":"{payload}"}}"#);
-                    match http(&addr, "POST", "/admin/streams/orders/publish", &body) {
+                    match admin_http(&addr, "POST", "/admin/streams/orders/publish", &body) {
                         Ok((200, b)) => {
                             let seq = json(&b)["seq"].as_u64().expect("seq");
                             acked.lock().unwrap().push((seq, payload));
@@ -147,7 +123,7 @@ fn acknowledged_events_survive_kill_9_during_a_burst() {
     let (_node, addr) = start(dir.path());
     // Every acknowledged event is there, under its sequence.
     for (seq, payload) in &acked {
-        let (status, body) = http(
+        let (status, body) = admin_http(
             &addr,
             "GET",
             &format!("/admin/streams/orders/msg/{seq}"),
@@ -172,7 +148,11 @@ fn acknowledged_events_survive_kill_9_during_a_burst() {
         "sequences not increasing"
     );
     assert!(seqs.len() >= acked.len());
-    let info = json(&http(&addr, "GET", "/admin/streams/orders", "").unwrap().1);
+    let info = json(
+        &admin_http(&addr, "GET", "/admin/streams/orders", "")
+            .unwrap()
+            .1,
+    );
     assert_eq!(info["messages"].as_u64().unwrap() as usize, seqs.len());
 }
 
@@ -485,7 +465,7 @@ fn publish_somewhere(addrs: &[String], first: usize, payload: &str) -> Option<u6
     let mut i = first;
     while Instant::now() < deadline {
         let addr = &addrs[i % addrs.len()];
-        if let Ok((200, b)) = http(addr, "POST", "/admin/streams/orders/publish", &body) {
+        if let Ok((200, b)) = admin_http(addr, "POST", "/admin/streams/orders/publish", &body) {
             return json(&b)["seq"].as_u64();
         }
         i += 1;
@@ -529,7 +509,7 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let info = json(
-        &http(&https[0], "GET", "/admin/streams/orders", "")
+        &admin_http(&https[0], "GET", "/admin/streams/orders", "")
             .unwrap()
             .1,
     );
@@ -582,7 +562,7 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
     let survivor = &https[(leader + 1) % 3];
     // Every acknowledged event is there, under its sequence.
     for (seq, payload) in &acked {
-        let (status, body) = http(
+        let (status, body) = admin_http(
             survivor,
             "GET",
             &format!("/admin/streams/orders/msg/{seq}"),
@@ -614,7 +594,7 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
     ));
     let back_http = back.field("http");
     let want = json(
-        &http(survivor, "GET", "/admin/streams/orders", "")
+        &admin_http(survivor, "GET", "/admin/streams/orders", "")
             .unwrap()
             .1,
     )["last_seq"]
@@ -622,7 +602,7 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok((200, b)) = http(&back_http, "GET", "/admin/streams/orders/replica", "") {
+        if let Ok((200, b)) = admin_http(&back_http, "GET", "/admin/streams/orders/replica", "") {
             let r = json(&b);
             if r["last_seq"].as_u64() == Some(want)
                 && r["stored"].as_u64() == Some(payloads.len() as u64)

@@ -15,35 +15,6 @@ use common::*;
 
 const REALM: &str = "test.workload";
 
-fn example() -> PathBuf {
-    let manifest =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../macula-wasm/guests/example/Cargo.toml");
-    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            "wasm32-wasip2",
-        ])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .output()
-        .expect("running cargo to build the example workload");
-    assert!(
-        out.status.success(),
-        "building the example workload failed (`rustup target add wasm32-wasip2`?):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target_dir.join("wasm32-wasip2/release/macula_example_workload.wasm")
-}
-
 fn call(seed: &str, procedure: &str, data: &str) -> (Option<i32>, String) {
     run(command(&[
         "call",

@@ -145,6 +145,31 @@ impl Manifest {
     }
 }
 
+/// `component` with a custom section `macula-tag` holding `tag` appended:
+/// it behaves exactly as before (runtimes skip custom sections) but is
+/// another artifact (another BLAKE3). Stamps a build with its version;
+/// the tests make distinct versions of one component with it.
+pub fn tagged(component: &[u8], tag: &str) -> Vec<u8> {
+    let name = b"macula-tag";
+    let mut payload = vec![name.len() as u8];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    let mut out = component.to_vec();
+    out.push(0); // custom section id
+    let mut len = payload.len();
+    loop {
+        let b = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    }
+    out.extend_from_slice(&payload);
+    out
+}
+
 /// 64 lowercase hex digits.
 pub fn is_hash(s: &str) -> bool {
     s.len() == 64

@@ -75,27 +75,9 @@ async fn mesh(realm: &str, n: usize) -> Vec<Member> {
     members
 }
 
-/// The example component with a custom section appended: the same
-/// behaviour, another artifact (another BLAKE3).
+/// The example component as another artifact (another BLAKE3).
 fn variant(tag: &str) -> Vec<u8> {
-    let mut bytes = common::example().to_vec();
-    let name = b"macula-test-version";
-    let mut payload = vec![name.len() as u8];
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(tag.as_bytes());
-    bytes.push(0); // custom section
-    let mut len = payload.len();
-    loop {
-        let b = (len & 0x7f) as u8;
-        len >>= 7;
-        if len == 0 {
-            bytes.push(b);
-            break;
-        }
-        bytes.push(b | 0x80);
-    }
-    bytes.extend_from_slice(&payload);
-    bytes
+    macula_wasm::artifact::tagged(common::example(), tag)
 }
 
 fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

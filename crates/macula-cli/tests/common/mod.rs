@@ -230,3 +230,64 @@ pub fn start_args<'a>(realm: &'a str, dir: &'a Path, extra: &[&'a str]) -> Vec<&
     v.extend_from_slice(extra);
     v
 }
+
+/// One HTTP/1.1 request to the admin API with the test token: (status, body).
+pub fn admin_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {out:?}")))?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// The example WebAssembly workload (crates/macula-wasm/guests/example),
+/// built from source for `wasm32-wasip2` into this build's target dir.
+pub fn example() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../macula-wasm/guests/example/Cargo.toml");
+    let target_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .expect("running cargo to build the example workload");
+    assert!(
+        out.status.success(),
+        "building the example workload failed (`rustup target add wasm32-wasip2`?):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target_dir.join("wasm32-wasip2/release/macula_example_workload.wasm")
+}
