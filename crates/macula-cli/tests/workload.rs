@@ -8,9 +8,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use common::*;
 
 const REALM: &str = "test.workload";
