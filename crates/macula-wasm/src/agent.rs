@@ -25,22 +25,21 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::artifact::{ArtifactError, ArtifactStore, Manifest};
 use crate::error::WasmError;
 use crate::host::{Compiled, WasmHost};
 use crate::metrics;
-use crate::rollout::{
+use crate::workload::Workload;
+pub use macula_rollout::control::{
+    decode_control, AppReport, Control, DeployReport, DeployRequest, LocalApp, NodeReport, CONTROL,
+};
+use macula_rollout::records::{
     app_key, history_key, merge_config, release_key, rollout_key, validate_name, AppSpec, Phase,
     Placement, Release, Rollout, Strategy, UpgradeRequest, GROUP,
 };
-use crate::workload::Workload;
-
-/// The control procedure of every agent (served only to calls addressed
-/// to the node).
-pub const CONTROL: &str = "_node.workloads";
 
 /// The agent's knobs.
 #[derive(Debug, Clone)]
@@ -113,84 +112,6 @@ pub enum AgentError {
 
 fn mesh(what: &str, e: impl std::fmt::Display) -> AgentError {
     AgentError::Unavailable(format!("{what}: {e}"))
-}
-
-/// One workload on one node, as its agent reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LocalApp {
-    pub app: String,
-    pub version: String,
-    pub hash: String,
-    pub procedures: Vec<String>,
-}
-
-/// An agent's answer to `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeReport {
-    pub node: String,
-    pub labels: BTreeMap<String, String>,
-    pub apps: Vec<LocalApp>,
-    pub artifacts: Vec<String>,
-    /// This node is a member of group [`GROUP`].
-    pub group_member: bool,
-    /// This node leads it (coordinates rollouts).
-    pub coordinator: bool,
-}
-
-/// An app as the records have it, with its last rollout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppReport {
-    pub spec: AppSpec,
-    pub rollout: Option<Rollout>,
-    pub versions: Vec<String>,
-}
-
-/// What `deploy` did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployReport {
-    pub app: String,
-    pub version: String,
-    pub hash: String,
-    pub size: u64,
-    /// The rollout a first deployment started (a later version waits for
-    /// `upgrade`).
-    pub rollout: Option<Rollout>,
-}
-
-/// What `deploy` is asked for (besides the artifact).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployRequest {
-    pub version: String,
-    /// BLAKE3 (hex) of an artifact stored on this node.
-    pub hash: String,
-    #[serde(default)]
-    pub config: Vec<(String, String)>,
-    /// Placement of a first deployment (ignored afterwards).
-    #[serde(default)]
-    pub placement: Placement,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Control {
-    Chunk {
-        manifest: Manifest,
-        index: u32,
-    },
-    Apply {
-        app: String,
-        version: String,
-        manifest: Manifest,
-        config: Vec<(String, String)>,
-        holders: Vec<String>,
-    },
-    Stop {
-        app: String,
-    },
-    Status,
-    Join {
-        members: Vec<String>,
-    },
 }
 
 struct Running {
@@ -363,8 +284,7 @@ impl Agent {
     // ---- the control procedure ------------------------------------------
 
     async fn control(&self, payload: Bytes) -> macula::HandlerResult {
-        let op: Control = serde_json::from_slice(&payload)
-            .map_err(|e| macula::HandlerError::new(400, format!("bad control request: {e}")))?;
+        let op = decode_control(&payload).map_err(|e| macula::HandlerError::new(400, e))?;
         let fail = |e: AgentError| {
             let code = match e {
                 AgentError::BadRequest(_) => 400,
@@ -378,7 +298,7 @@ impl Agent {
             Control::Chunk { manifest, index } => {
                 manifest
                     .check(self.max_artifact_bytes())
-                    .map_err(|e| fail(e.into()))?;
+                    .map_err(|e| fail(ArtifactError::from(e).into()))?;
                 let store = self.0.store.clone();
                 let chunk = tokio::task::spawn_blocking(move || store.chunk(&manifest, index))
                     .await

@@ -11,14 +11,15 @@
 //!
 //! Around it, the mesh's workload service (items 2-4): [`artifact`]
 //! (content-addressed, chunked component files fetched from peers),
-//! [`rollout`] (the records and the rollout plan's rules, pure),
+//! [`rollout`] (the records and the rollout plan's rules: the pure core
+//! `macula-rollout`, re-exported),
 //! [`agent`] (one per node: runs what it is ordered to; the leader of
 //! group `_workloads` coordinates rollouts) and [`admin`] (its HTTP
 //! routes on the node's admin API).
 //!
 //! Modules, one way: `error` <- `limits` <- `metrics` <- `state` (the
 //! store's data, the WIT host) <- `host` (engine, compile, instantiate) <-
-//! `workload` (serving) <- `artifact`, `rollout` <- `agent` <- `admin`.
+//! `workload` (serving) <- `artifact` <- `agent` <- `admin`.
 
 pub mod admin;
 pub mod agent;
@@ -28,7 +29,6 @@ mod error;
 mod host;
 mod limits;
 mod metrics;
-pub mod rollout;
 mod state;
 mod workload;
 
@@ -36,6 +36,8 @@ pub use agent::{Agent, AgentError, AgentOptions};
 pub use error::{Limit, LimitHit, WasmError};
 pub use host::{Compiled, WasmHost};
 pub use limits::WasmLimits;
+/// The records, plan rules and wire types of rollouts (the pure core).
+pub use macula_rollout::records as rollout;
 pub use metrics::WasmMetrics;
 pub use workload::{Workload, CODE_LIMIT, CODE_TRAP, CODE_UNAVAILABLE};
 

@@ -1,7 +1,7 @@
 //! The records of deployments and upgrades, kept in the KV of Raft group
 //! [`GROUP`], and the rollout plan's rules (issue 25, items 2-4). Pure:
-//! no I/O, time as an argument; the agent ([`crate::agent`]) reads and
-//! writes these records and carries the plan out.
+//! no I/O, time as an argument; the workload agent (`macula_wasm::agent`)
+//! reads and writes these records and carries the plan out.
 //!
 //! Keys (values are JSON):
 //! - `app/<app>`: [`AppSpec`], what runs where (node -> version);
@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::Manifest;
+use crate::manifest::Manifest;
 
 /// The Raft group whose leader coordinates rollouts and whose KV holds
 /// the records.
@@ -79,10 +79,10 @@ impl Placement {
     pub fn choose(
         &self,
         app: &str,
-        candidates: &[(macula::NodeId, BTreeMap<String, String>)],
-    ) -> Vec<macula::NodeId> {
-        let key = macula::NodeId::from_bytes(*blake3::hash(app.as_bytes()).as_bytes());
-        let mut v: Vec<macula::NodeId> = candidates
+        candidates: &[(macula_wire::NodeId, BTreeMap<String, String>)],
+    ) -> Vec<macula_wire::NodeId> {
+        let key = macula_wire::NodeId::from_bytes(*blake3::hash(app.as_bytes()).as_bytes());
+        let mut v: Vec<macula_wire::NodeId> = candidates
             .iter()
             .filter(|(_, labels)| {
                 self.labels
@@ -348,7 +348,7 @@ impl Rollout {
     /// Every node the rollout may have changed: the batches done and the
     /// one in progress.
     pub fn touched(&self) -> Vec<String> {
-        let upto = (self.done + 1).min(self.batches.len());
+        let upto = self.done.saturating_add(1).min(self.batches.len());
         self.batches[..upto].iter().flatten().cloned().collect()
     }
 
@@ -357,7 +357,7 @@ impl Rollout {
         if self.phase != Phase::Running {
             return;
         }
-        self.done += 1;
+        self.done = self.done.saturating_add(1);
         let text = format!("batch {} of {} done", self.done, self.batches.len());
         self.event(now_ms, text);
         if self.done >= self.batches.len() {
@@ -601,8 +601,8 @@ mod tests {
 
     #[test]
     fn placement_filters_by_label_and_is_stable() {
-        let ids: Vec<macula::NodeId> = (0u8..6)
-            .map(|i| macula::NodeId::from_public_key(&[i; 32]))
+        let ids: Vec<macula_wire::NodeId> = (0u8..6)
+            .map(|i| macula_wire::NodeId::from_public_key(&[i; 32]))
             .collect();
         let cands: Vec<_> = ids
             .iter()
