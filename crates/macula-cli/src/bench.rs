@@ -53,6 +53,11 @@ pub enum BenchCommand {
     /// handler, directly and over RPC from another node (in process).
     #[cfg(feature = "wasm")]
     Wasm(crate::bench_wasm::WasmArgs),
+    /// Rolling a new version of a WebAssembly workload out across
+    /// in-process nodes (cargo feature `wasm`): upgrade time by strategy,
+    /// call latency during the rollout against before.
+    #[cfg(feature = "wasm")]
+    Upgrade(crate::bench_upgrade::UpgradeArgs),
     /// A Raft group's KV (or an etcd cluster, for comparison) under load:
     /// put and linearizable get latency, concurrent put throughput, or the
     /// write gap across a leader kill (`scripts/bench-raft.py` runs both).
@@ -192,6 +197,12 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Wasm(args) => tokio::time::timeout(MAX_RUNTIME, crate::bench_wasm::run(args))
             .await
             .context("benchmark exceeded its time limit")?,
+        #[cfg(feature = "wasm")]
+        BenchCommand::Upgrade(args) => {
+            tokio::time::timeout(MAX_RUNTIME, crate::bench_upgrade::run(args))
+                .await
+                .context("benchmark exceeded its time limit")?
+        }
         BenchCommand::Crdt(args) => {
             // Returning drops the child handles, which kills them.
             let bench = tokio::time::timeout(MAX_RUNTIME, crate::bench_crdt::run(args));

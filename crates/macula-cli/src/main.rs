@@ -23,6 +23,8 @@ mod bench_stats;
 mod bench_stream;
 mod bench_tracing;
 #[cfg(feature = "wasm")]
+mod bench_upgrade;
+#[cfg(feature = "wasm")]
 mod bench_wasm;
 mod config;
 #[cfg(feature = "wasm")]
