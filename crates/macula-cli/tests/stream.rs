@@ -475,17 +475,12 @@ fn publish_somewhere(addrs: &[String], first: usize, payload: &str) -> Option<u6
 #[test]
 fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut first = Proc::spawn(&start_args(REALM, dirs[0].path(), &[]));
-    let seed = first.field("listen");
-    let mut procs = vec![first];
-    for d in &dirs[1..] {
-        let mut p = Proc::spawn(&start_args(REALM, d.path(), &["--bootstrap", &seed]));
-        p.wait_for(&["joined the DHT"]);
-        procs.push(p);
-    }
-    let ids: Vec<String> = procs.iter_mut().map(|p| p.field("node_id")).collect();
-    let https: Vec<String> = procs.iter_mut().map(|p| p.field("http")).collect();
-    let listens: Vec<String> = procs.iter_mut().map(|p| p.field("listen")).collect();
+    let Mesh {
+        mut procs,
+        ids,
+        https,
+        listens,
+    } = Mesh::start(REALM, &dirs);
     // The first node must see both others before it places replicas.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -50,17 +50,12 @@ fn a_coordinator_killed_mid_upgrade_is_replaced_and_the_rollout_ends_on_record()
     std::fs::write(&v2_path, macula_wasm::artifact::tagged(&v1, "2")).expect("write v2");
     let v1_path = example();
     let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut first = Proc::spawn(&start_args(REALM, dirs[0].path(), &[]));
-    let seed = first.field("listen");
-    let mut procs = vec![first];
-    for d in &dirs[1..] {
-        let mut p = Proc::spawn(&start_args(REALM, d.path(), &["--bootstrap", &seed]));
-        p.wait_for(&["joined the DHT"]);
-        procs.push(p);
-    }
-    let ids: Vec<String> = procs.iter_mut().map(|p| p.field("node_id")).collect();
-    let https: Vec<String> = procs.iter_mut().map(|p| p.field("http")).collect();
-    let listens: Vec<String> = procs.iter_mut().map(|p| p.field("listen")).collect();
+    let Mesh {
+        mut procs,
+        ids,
+        https,
+        listens,
+    } = Mesh::start(REALM, &dirs);
 
     // Version 1 through node 0, on every node; node 0 must see the others
     // first (placement takes the agents in reach).

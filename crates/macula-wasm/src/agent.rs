@@ -810,34 +810,10 @@ impl Agent {
         app: &str,
         f: impl Fn(&mut Rollout, u64) -> Result<(), String>,
     ) -> Result<Rollout, AgentError> {
-        let kv = self.kv();
-        let key = rollout_key(app);
-        for _ in 0..5 {
-            let Some(cur) = kv
-                .get(&key)
-                .await
-                .map_err(|e| mesh("reading the rollout", e))?
-            else {
-                return Err(AgentError::NotFound(format!("no rollout of {app}")));
-            };
-            let mut r: Rollout = decode(&key, &cur.value)?;
-            f(&mut r, now_ms()).map_err(AgentError::Conflict)?;
-            if kv
-                .compare_and_swap(
-                    &key,
-                    macula::raft::Expect::ModRevision(cur.mod_revision),
-                    json(&r),
-                )
-                .await
-                .map_err(|e| mesh("recording the rollout", e))?
-                .is_ok()
-            {
-                return Ok(r);
-            }
-        }
-        Err(AgentError::Conflict(format!(
-            "the rollout of {app} kept changing; try again"
-        )))
+        update(&self.kv(), &rollout_key(app), |r: &mut Rollout| {
+            f(r, now_ms()).map_err(AgentError::Conflict)
+        })
+        .await
     }
 
     /// `macula upgrade promote APP`: a paused canary goes on.
@@ -909,6 +885,42 @@ impl Agent {
             .map(|kv| decode("history", &kv.value))
             .collect()
     }
+}
+
+/// Reads the record at `key`, changes it with `f` and writes it back if
+/// nobody wrote it meanwhile (compare-and-swap on its revision), reading
+/// again up to ten times; the record as written.
+async fn update<T: Serialize + serde::de::DeserializeOwned>(
+    kv: &macula::raft::Kv,
+    key: &str,
+    mut f: impl FnMut(&mut T) -> Result<(), AgentError>,
+) -> Result<T, AgentError> {
+    for _ in 0..10 {
+        let Some(cur) = kv
+            .get(key)
+            .await
+            .map_err(|e| mesh("reading the records", e))?
+        else {
+            return Err(AgentError::NotFound(format!("record {key} is missing")));
+        };
+        let mut v: T = decode(key, &cur.value)?;
+        f(&mut v)?;
+        if kv
+            .compare_and_swap(
+                key,
+                macula::raft::Expect::ModRevision(cur.mod_revision),
+                json(&v),
+            )
+            .await
+            .map_err(|e| mesh("writing the records", e))?
+            .is_ok()
+        {
+            return Ok(v);
+        }
+    }
+    Err(AgentError::Conflict(format!(
+        "record {key} kept changing; try again"
+    )))
 }
 
 // ---- at start: run what the records say -----------------------------------
@@ -1106,28 +1118,16 @@ impl Coordinator<'_> {
         nodes: &[String],
         version: Option<&str>,
     ) -> Result<AppSpec, AgentError> {
-        let key = app_key(app);
-        for _ in 0..10 {
-            let (mut spec, rev): (AppSpec, u64) = self.read(&key).await?;
+        update(self.kv, &app_key(app), |spec: &mut AppSpec| {
             for n in nodes {
                 match version {
                     Some(v) => spec.nodes.insert(n.clone(), v.to_string()),
                     None => spec.nodes.remove(n),
                 };
             }
-            if self
-                .kv
-                .compare_and_swap(&key, macula::raft::Expect::ModRevision(rev), json(&spec))
-                .await
-                .map_err(|e| mesh("recording the assignment", e))?
-                .is_ok()
-            {
-                return Ok(spec);
-            }
-        }
-        Err(AgentError::Conflict(format!(
-            "the record of {app} kept changing"
-        )))
+            Ok(())
+        })
+        .await
     }
 
     /// Orders every node of `nodes` to run `rel` with `config` (or, with
@@ -1292,53 +1292,29 @@ impl Coordinator<'_> {
     /// The new holders of a release's artifact (best effort: a missing one
     /// only means fewer sources).
     async fn add_holders(&self, app: &str, version: &str, nodes: &[String]) {
-        let key = release_key(app, version);
-        for _ in 0..5 {
-            let Ok((mut rel, rev)) = self.read::<Release>(&key).await else {
-                return;
-            };
-            let before = rel.holders.len();
+        let added = update(self.kv, &release_key(app, version), |rel: &mut Release| {
             for n in nodes {
                 if !rel.holders.contains(n) {
                     rel.holders.push(n.clone());
                 }
             }
-            if rel.holders.len() == before {
-                return;
-            }
-            match self
-                .kv
-                .compare_and_swap(&key, macula::raft::Expect::ModRevision(rev), json(&rel))
-                .await
-            {
-                Ok(Ok(_)) => return,
-                Ok(Err(_)) => continue,
-                Err(_) => return,
-            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = added {
+            tracing::debug!(target: "macula::wasm", app, version, error = %e, "holders not recorded");
         }
     }
 
     /// The app's record says the new version is in service.
     async fn complete(&self, r: &Rollout, config: &[(String, String)]) -> Result<(), AgentError> {
-        let key = app_key(&r.app);
-        for _ in 0..10 {
-            let (mut spec, rev): (AppSpec, u64) = self.read(&key).await?;
+        update(self.kv, &app_key(&r.app), |spec: &mut AppSpec| {
             spec.version = Some(r.to.clone());
             spec.config = config.to_vec();
-            if self
-                .kv
-                .compare_and_swap(&key, macula::raft::Expect::ModRevision(rev), json(&spec))
-                .await
-                .map_err(|e| mesh("recording the app", e))?
-                .is_ok()
-            {
-                return Ok(());
-            }
-        }
-        Err(AgentError::Conflict(format!(
-            "the record of {} kept changing",
-            r.app
-        )))
+            Ok(())
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn roll_back(mut self, mut r: Rollout) -> Result<(), AgentError> {

@@ -114,30 +114,7 @@ impl WasmHost {
             host: Some(self.clone()),
             app: name.clone(),
         };
-        let first = Phase::Init {
-            procedures: Vec::new(),
-            patterns: Vec::new(),
-        };
-        let (live, asked) = self
-            .instantiate(&name, node, compiled, &config, first)
-            .await?;
-        let Phase::Init {
-            procedures,
-            patterns,
-        } = asked
-        else {
-            unreachable!("a first instance's phase is Init");
-        };
-        let inner = Arc::new(Inner {
-            app: name.clone(),
-            host: self.clone(),
-            node: node.clone(),
-            compiled: compiled.clone(),
-            config,
-            procedures: procedures.into(),
-            patterns: patterns.into(),
-            live: tokio::sync::Mutex::new(Some(live)),
-        });
+        let inner = self.first_instance(&name, node, compiled, config).await?;
         // From here on, dropping the workload undoes its start.
         guard.host = None;
         self.metrics.workloads.inc();
@@ -158,6 +135,43 @@ impl WasmHost {
             "workload started"
         );
         Ok(workload)
+    }
+}
+
+impl WasmHost {
+    /// A first instance of `compiled` for `app`, its `init` run with
+    /// `config`: what serves the workload (a start's, or an upgrade's).
+    async fn first_instance(
+        &self,
+        app: &Arc<str>,
+        node: &macula::Node,
+        compiled: &Compiled,
+        config: Vec<(String, String)>,
+    ) -> Result<Arc<Inner>, WasmError> {
+        let first = Phase::Init {
+            procedures: Vec::new(),
+            patterns: Vec::new(),
+        };
+        let (live, asked) = self
+            .instantiate(app, node, compiled, &config, first)
+            .await?;
+        let Phase::Init {
+            procedures,
+            patterns,
+        } = asked
+        else {
+            unreachable!("a first instance's phase is Init");
+        };
+        Ok(Arc::new(Inner {
+            app: app.clone(),
+            host: self.clone(),
+            node: node.clone(),
+            compiled: compiled.clone(),
+            config,
+            procedures: procedures.into(),
+            patterns: patterns.into(),
+            live: tokio::sync::Mutex::new(Some(live)),
+        }))
     }
 }
 
@@ -233,31 +247,10 @@ impl Workload {
         compiled: &Compiled,
         config: Vec<(String, String)>,
     ) -> Result<(), WasmError> {
-        let first = Phase::Init {
-            procedures: Vec::new(),
-            patterns: Vec::new(),
-        };
-        let (live, asked) = old
+        let new = old
             .host
-            .instantiate(&old.app, &old.node, compiled, &config, first)
+            .first_instance(&old.app, &old.node, compiled, config)
             .await?;
-        let Phase::Init {
-            procedures,
-            patterns,
-        } = asked
-        else {
-            unreachable!("a first instance's phase is Init");
-        };
-        let new = Arc::new(Inner {
-            app: old.app.clone(),
-            host: old.host.clone(),
-            node: old.node.clone(),
-            compiled: compiled.clone(),
-            config,
-            procedures: procedures.into(),
-            patterns: patterns.into(),
-            live: tokio::sync::Mutex::new(Some(live)),
-        });
         // What the new version adds is served before the switch: a caller
         // that finds the procedure reaches the new instance.
         self.serve_new(&new).await?;

@@ -291,3 +291,34 @@ pub fn example() -> std::path::PathBuf {
     );
     target_dir.join("wasm32-wasip2/release/macula_example_workload.wasm")
 }
+
+/// `macula start` nodes in `realm`, one per data dir: the first is the
+/// others' bootstrap peer; each has joined the DHT when this returns.
+pub struct Mesh {
+    pub procs: Vec<Proc>,
+    pub ids: Vec<String>,
+    pub https: Vec<String>,
+    pub listens: Vec<String>,
+}
+
+impl Mesh {
+    pub fn start(realm: &str, dirs: &[tempfile::TempDir]) -> Mesh {
+        let mut first = Proc::spawn(&start_args(realm, dirs[0].path(), &[]));
+        let seed = first.field("listen");
+        let mut procs = vec![first];
+        for d in &dirs[1..] {
+            let mut p = Proc::spawn(&start_args(realm, d.path(), &["--bootstrap", &seed]));
+            p.wait_for(&["joined the DHT"]);
+            procs.push(p);
+        }
+        let ids = procs.iter_mut().map(|p| p.field("node_id")).collect();
+        let https = procs.iter_mut().map(|p| p.field("http")).collect();
+        let listens = procs.iter_mut().map(|p| p.field("listen")).collect();
+        Mesh {
+            procs,
+            ids,
+            https,
+            listens,
+        }
+    }
+}
