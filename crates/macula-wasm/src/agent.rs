@@ -65,6 +65,9 @@ pub struct AgentOptions {
     pub group_size: usize,
     /// Compiled components kept for reuse (by hash).
     pub max_compiled: usize,
+    /// Artifacts kept in the store; past it the oldest not running here
+    /// are deleted (`macula_wasm_artifacts_pruned_total`).
+    pub max_artifacts: usize,
     /// Time the coordinator waits between looks at the records when idle.
     pub poll: Duration,
 }
@@ -83,6 +86,7 @@ impl AgentOptions {
             kv_timeout: Duration::from_secs(5),
             group_size: 3,
             max_compiled: 8,
+            max_artifacts: 32,
             poll: Duration::from_millis(200),
         }
     }
@@ -418,6 +422,10 @@ impl Agent {
                 );
             }
         }
+        let running: Vec<String> = apps.values().map(|r| r.workload.hash()).collect();
+        let store = self.0.store.clone();
+        let max = self.0.opts.max_artifacts.max(1);
+        let _ = tokio::task::spawn_blocking(move || store.prune(&running, max)).await;
         let r = &apps[app];
         tracing::info!(target: "macula::wasm", app, version, hash = %manifest.hash, "running");
         Ok(LocalApp {

@@ -173,6 +173,44 @@ impl ArtifactStore {
         Ok(chunk)
     }
 
+    /// Deletes the oldest artifacts (by file time) but those in `keep`
+    /// until at most `max` remain; how many were deleted (counted in
+    /// `macula_wasm_artifacts_pruned_total`). A holder that pruned an
+    /// artifact answers "missing" and a fetcher asks the next holder.
+    pub fn prune(&self, keep: &[String], max: usize) -> usize {
+        let mut files: Vec<(std::time::SystemTime, String)> = self
+            .list()
+            .into_iter()
+            .filter(|h| !keep.contains(h))
+            .map(|h| {
+                let t = std::fs::metadata(self.path(&h))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (t, h)
+            })
+            .collect();
+        let total = files.len() + keep.iter().filter(|h| self.path(h).exists()).count();
+        if total <= max {
+            return 0;
+        }
+        files.sort();
+        let mut removed = 0;
+        for (_, h) in files.into_iter().take(total - max) {
+            match std::fs::remove_file(self.path(&h)) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(target: "macula::wasm", hash = %h, "artifact pruned (wasm.max_artifacts)");
+                }
+                Err(e) => {
+                    tracing::warn!(target: "macula::wasm", hash = %h, error = %e, "could not prune an artifact")
+                }
+            }
+        }
+        self.metrics.artifacts_pruned.inc_by(removed as u64);
+        self.metrics.artifacts_stored.set(self.list().len() as i64);
+        removed
+    }
+
     /// The hashes stored here.
     pub fn list(&self) -> Vec<String> {
         let Ok(dir) = std::fs::read_dir(&*self.dir) else {
@@ -307,6 +345,35 @@ mod tests {
             s.read_checked(&"0".repeat(64)),
             Err(ArtifactError::Missing("0".repeat(64)))
         );
+    }
+
+    #[test]
+    fn prune_keeps_what_runs_and_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let hashes: Vec<String> = (0..5u8)
+            .map(|i| {
+                let m = s.put(&[i; 10]).unwrap();
+                // Distinct file times, oldest first.
+                let t =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + u64::from(i));
+                let f = std::fs::File::options()
+                    .write(true)
+                    .open(dir.path().join(format!("{}.wasm", m.hash)))
+                    .unwrap();
+                f.set_modified(t).unwrap();
+                m.hash
+            })
+            .collect();
+        assert_eq!(s.prune(&[hashes[0].clone()], 10), 0, "under the limit");
+        // Keep the oldest (it runs) and two more: the newest two of the rest.
+        assert_eq!(s.prune(&[hashes[0].clone()], 3), 2);
+        let mut left = s.list();
+        left.sort();
+        let mut want = vec![hashes[0].clone(), hashes[3].clone(), hashes[4].clone()];
+        want.sort();
+        assert_eq!(left, want);
+        assert_eq!(s.metrics.artifacts_pruned.get(), 2);
     }
 
     #[tokio::test]

@@ -44,6 +44,8 @@ pub struct WasmMetrics {
     pub artifact_refused: Family<Labels, Counter>,
     /// Artifacts stored on this node.
     pub artifacts_stored: Gauge,
+    /// Artifacts deleted to stay within `AgentOptions::max_artifacts`.
+    pub artifacts_pruned: Counter,
     /// Orders to this node's agent to run a version, by outcome (`ok`,
     /// `failed`).
     pub agent_applies: Family<Labels, Counter>,
@@ -128,6 +130,11 @@ impl WasmMetrics {
             self.artifacts_stored.clone(),
         );
         r.register(
+            "artifacts_pruned",
+            "Artifacts deleted to stay within the agent's max_artifacts",
+            self.artifacts_pruned.clone(),
+        );
+        r.register(
             "agent_applies",
             "Orders to run a version applied by this node's agent, by outcome",
             self.agent_applies.clone(),
@@ -173,6 +180,7 @@ mod tests {
             .get_or_create(&vec![("reason", "chunk_hash".to_string())])
             .inc();
         m.artifacts_stored.set(1);
+        m.artifacts_pruned.inc();
         m.agent_applies.get_or_create(&outcome("ok")).inc();
         m.rollouts
             .get_or_create(&vec![
@@ -186,7 +194,7 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 16, "{text}");
+        assert_eq!(families, 17, "{text}");
         assert!(
             text.contains("macula_wasm_calls_total{app=\"a\",outcome=\"ok\"} 1"),
             "{text}"
