@@ -450,7 +450,8 @@ pub type RestoredSubs = Vec<(String, Pattern, u8)>;
 
 struct Session {
     id: SessionId,
-    client_id: String,
+    /// Boxed (no spare capacity), as the key of `by_client`.
+    client_id: Box<str>,
     conn: Option<ConnId>,
     subs: Vec<(String, Pattern, u8)>,
     queue: VecDeque<Msg>,
@@ -485,7 +486,7 @@ pub struct Broker {
     /// it grew) then cost a pointer each, not a whole entry.
     conns: HashMap<ConnId, Box<Conn>>,
     sessions: HashMap<SessionId, Box<Session>>,
-    by_client: HashMap<String, SessionId>,
+    by_client: HashMap<Box<str>, SessionId>,
     retained: std::collections::BTreeMap<String, (Topic, Msg)>,
     retained_bytes: usize,
     next_session: SessionId,
@@ -574,7 +575,7 @@ impl Broker {
             .values()
             .filter(|s| s.expiry > Millis::ZERO)
             .map(|s| SavedSession {
-                client_id: s.client_id.clone(),
+                client_id: s.client_id.to_string(),
                 subs: s.subs.iter().map(|(f, _, q)| (f.clone(), *q)).collect(),
                 inflight: s.inflight.iter().map(|(p, m)| (*p, m.into())).collect(),
                 queue: s.queue.iter().map(SavedMsg::from).collect(),
@@ -609,7 +610,7 @@ impl Broker {
             if x.client_id.is_empty()
                 || expiry == Millis::ZERO
                 || left == Millis::ZERO
-                || self.by_client.contains_key(&x.client_id)
+                || self.by_client.contains_key(x.client_id.as_str())
                 || self.sessions.len() >= self.limits.max_sessions
             {
                 continue;
@@ -635,12 +636,13 @@ impl Broker {
             }
             let sid = self.next_session;
             self.next_session += 1;
-            self.by_client.insert(x.client_id.clone(), sid);
+            let client_id: Box<str> = x.client_id.into();
+            self.by_client.insert(client_id.clone(), sid);
             self.sessions.insert(
                 sid,
                 Box::new(Session {
                     id: sid,
-                    client_id: x.client_id,
+                    client_id,
                     conn: None,
                     subs: subs.clone(),
                     queue: x.queue.into_iter().map(Msg::from).collect(),
@@ -684,7 +686,7 @@ impl Broker {
                 assigned = Some(client_id.clone());
             }
         }
-        let existing = self.by_client.get(&client_id).copied();
+        let existing = self.by_client.get(client_id.as_str()).copied();
         let taking_over = existing
             .and_then(|s| self.sessions.get(&s))
             .is_some_and(|s| s.conn.is_some());
@@ -730,7 +732,7 @@ impl Broker {
                     sid,
                     Box::new(Session {
                         id: sid,
-                        client_id: client_id.clone(),
+                        client_id: client_id.as_str().into(),
                         conn: None,
                         subs: Vec::new(),
                         queue: VecDeque::new(),
@@ -741,7 +743,7 @@ impl Broker {
                         expires_at: None,
                     }),
                 );
-                self.by_client.insert(client_id.clone(), sid);
+                self.by_client.insert(client_id.into(), sid);
                 sid
             }
         };
@@ -921,6 +923,12 @@ impl Broker {
     /// The version `conn` speaks, once connected.
     pub fn version(&self, conn: ConnId) -> Option<Version> {
         self.conns.get(&conn).map(|c| c.version)
+    }
+
+    /// The largest packet `conn`'s client accepts (`u32::MAX`: it set
+    /// none), once connected.
+    pub fn client_max_packet(&self, conn: ConnId) -> Option<u32> {
+        self.conns.get(&conn).map(|c| c.client_max_packet)
     }
 
     /// Whether `conn` is closing (write what is queued, then close).
