@@ -465,10 +465,14 @@ struct Session {
     expires_at: Option<Millis>,
 }
 
+/// Kept small (72 bytes): an idle client holds one of these and its
+/// session, and little else.
 struct Conn {
-    session: Option<SessionId>,
+    /// Session IDs start at 1 (`next_session`): `None` costs no space.
+    session: Option<std::num::NonZeroU64>,
     version: Version,
-    keep_alive: Millis,
+    /// Milliseconds (1.5 times the keep-alive of at most 65,535 s fits).
+    keep_alive_ms: u32,
     last_rx: Millis,
     out: VecDeque<Out>,
     window: u16,
@@ -477,6 +481,16 @@ struct Conn {
     /// a pointer, not a whole will.
     will: Option<Box<Will>>,
     closing: bool,
+}
+
+impl Conn {
+    fn sid(&self) -> Option<SessionId> {
+        self.session.map(|s| s.get())
+    }
+
+    fn keep_alive(&self) -> Millis {
+        Millis(u64::from(self.keep_alive_ms))
+    }
 }
 
 /// The bridge's state on one node. See the module docs.
@@ -773,9 +787,9 @@ impl Broker {
         self.conns.insert(
             conn,
             Box::new(Conn {
-                session: Some(sid),
+                session: std::num::NonZeroU64::new(sid),
                 version,
-                keep_alive: Millis(u64::from(c.keep_alive) * 1500),
+                keep_alive_ms: u32::from(c.keep_alive) * 1500,
                 last_rx: now,
                 out,
                 window,
@@ -840,7 +854,7 @@ impl Broker {
             c.out.push_back(Out::Disconnect(reason));
         }
         self.stats.disconnects[reason as usize] += 1;
-        let sid = c.session.take();
+        let sid = c.session.take().map(|s| s.get());
         self.clients = self.clients.saturating_sub(1);
         if !matches!(reason, Reason::Gone | Reason::Normal) {
             // Its task writes the DISCONNECT and closes (it may be idle:
@@ -938,7 +952,7 @@ impl Broker {
 
     /// The session `conn` is attached to.
     pub fn session_of(&self, conn: ConnId) -> Option<SessionId> {
-        self.conns.get(&conn).and_then(|c| c.session)
+        self.conns.get(&conn).and_then(|c| c.sid())
     }
 
     /// The runtime (or the client's input) ends `conn` for `reason`: 5.0
@@ -981,7 +995,7 @@ impl Broker {
     /// last packet), if it has one.
     pub fn poll_timeout(&self, conn: ConnId) -> Option<Millis> {
         let c = self.conns.get(&conn)?;
-        (c.keep_alive > Millis::ZERO && !c.closing).then(|| c.last_rx.saturating_add(c.keep_alive))
+        (c.keep_alive_ms > 0 && !c.closing).then(|| c.last_rx.saturating_add(c.keep_alive()))
     }
 
     pub fn handle_timeout(&mut self, conn: ConnId, now: Millis) {
@@ -997,9 +1011,7 @@ impl Broker {
             .conns
             .iter()
             .filter(|(_, c)| {
-                !c.closing
-                    && c.keep_alive > Millis::ZERO
-                    && now >= c.last_rx.saturating_add(c.keep_alive)
+                !c.closing && c.keep_alive_ms > 0 && now >= c.last_rx.saturating_add(c.keep_alive())
             })
             .map(|(id, _)| *id)
             .collect();
@@ -1031,7 +1043,7 @@ impl Broker {
             return None;
         }
         let version = c.version;
-        let sid = c.session?;
+        let sid = c.sid()?;
         let s = self.sessions.get_mut(&sid)?;
         self.stats.messages_in += 1;
         if p.qos == 2 {
@@ -1115,7 +1127,7 @@ impl Broker {
             (1, Some(id)) => c.out.push_back(Out::PubAck { id, code }),
             (2, Some(id)) => {
                 if code == AckCode::Success {
-                    if let Some(s) = c.session.and_then(|s| self.sessions.get_mut(&s)) {
+                    if let Some(s) = c.sid().and_then(|s| self.sessions.get_mut(&s)) {
                         s.qos2_in.push(id);
                     }
                 }
@@ -1130,7 +1142,7 @@ impl Broker {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let found = match c.session.and_then(|s| self.sessions.get_mut(&s)) {
+        let found = match c.sid().and_then(|s| self.sessions.get_mut(&s)) {
             Some(s) => match s.qos2_in.iter().position(|&x| x == id) {
                 Some(i) => {
                     s.qos2_in.swap_remove(i);
@@ -1338,7 +1350,7 @@ impl Broker {
         if c.closing {
             return None;
         }
-        let s = self.sessions.get_mut(&c.session?)?;
+        let s = self.sessions.get_mut(&c.sid()?)?;
         loop {
             let front = s.queue.front()?;
             if front.qos > 0 && s.inflight.len() >= usize::from(c.window) {

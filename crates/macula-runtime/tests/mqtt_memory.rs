@@ -130,7 +130,7 @@ async fn an_idle_mqtt_connection_holds_little_heap() {
         println!("  {n:6.2} allocations of {size} bytes per connection");
     }
     println!("heap per idle MQTT connection: {per:.0} bytes ({before} -> {after})");
-    // 549 bytes (the core's session and connection records, the client ID
+    // 541 bytes (the core's session and connection records, the client ID
     // twice, the map buckets; the socket waits in the idle poller, with no
     // task and no tokio registration); 1,629 before connections parked,
     // 2,269 before the connection task was made smaller (BENCHMARKS.md,
