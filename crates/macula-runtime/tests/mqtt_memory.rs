@@ -134,7 +134,7 @@ async fn an_idle_mqtt_connection_holds_little_heap() {
     // twice, the map buckets; the socket waits in the idle poller, with no
     // task and no tokio registration); 1,629 before connections parked,
     // 2,269 before the connection task was made smaller (BENCHMARKS.md,
-    // "The MQTT bridge"). Same in a debug build. The bound fails if a task
+    // "The MQTT bridge"), measured in a debug build. The bound fails if a task
     // (640 bytes) or a registration (256) per idle connection comes back.
     let limit = 620.0;
     assert!(
