@@ -461,16 +461,17 @@ fn start_idle() -> std::io::Result<(Idle, mio::Poll)> {
 fn idle_poller(inner: Weak<Inner>, mut poll: mio::Poll) {
     let mut events = mio::Events::with_capacity(256);
     loop {
-        if let Err(e) = poll.poll(&mut events, Some(EXPIRY_TICK)) {
+        let waited = poll.poll(&mut events, Some(EXPIRY_TICK));
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Err(e) = waited {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 tracing::warn!(error = %e, "MQTT idle poller wait failed");
                 std::thread::sleep(Duration::from_millis(10));
             }
             continue;
         }
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
         for ev in events.iter() {
             if ev.token() != IDLE_WAKER {
                 inner.unpark(ev.token().0 as ConnId);
