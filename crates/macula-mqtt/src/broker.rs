@@ -450,7 +450,8 @@ pub type RestoredSubs = Vec<(String, Pattern, u8)>;
 
 struct Session {
     id: SessionId,
-    client_id: String,
+    /// Boxed (no spare capacity), as the key of `by_client`.
+    client_id: Box<str>,
     conn: Option<ConnId>,
     subs: Vec<(String, Pattern, u8)>,
     queue: VecDeque<Msg>,
@@ -464,10 +465,14 @@ struct Session {
     expires_at: Option<Millis>,
 }
 
+/// Kept small (72 bytes): an idle client holds one of these and its
+/// session, and little else.
 struct Conn {
-    session: Option<SessionId>,
+    /// Session IDs start at 1 (`next_session`): `None` costs no space.
+    session: Option<std::num::NonZeroU64>,
     version: Version,
-    keep_alive: Millis,
+    /// Milliseconds (1.5 times the keep-alive of at most 65,535 s fits).
+    keep_alive_ms: u32,
     last_rx: Millis,
     out: VecDeque<Out>,
     window: u16,
@@ -478,6 +483,16 @@ struct Conn {
     closing: bool,
 }
 
+impl Conn {
+    fn sid(&self) -> Option<SessionId> {
+        self.session.map(|s| s.get())
+    }
+
+    fn keep_alive(&self) -> Millis {
+        Millis(u64::from(self.keep_alive_ms))
+    }
+}
+
 /// The bridge's state on one node. See the module docs.
 pub struct Broker {
     limits: Limits,
@@ -485,7 +500,7 @@ pub struct Broker {
     /// it grew) then cost a pointer each, not a whole entry.
     conns: HashMap<ConnId, Box<Conn>>,
     sessions: HashMap<SessionId, Box<Session>>,
-    by_client: HashMap<String, SessionId>,
+    by_client: HashMap<Box<str>, SessionId>,
     retained: std::collections::BTreeMap<String, (Topic, Msg)>,
     retained_bytes: usize,
     next_session: SessionId,
@@ -574,7 +589,7 @@ impl Broker {
             .values()
             .filter(|s| s.expiry > Millis::ZERO)
             .map(|s| SavedSession {
-                client_id: s.client_id.clone(),
+                client_id: s.client_id.to_string(),
                 subs: s.subs.iter().map(|(f, _, q)| (f.clone(), *q)).collect(),
                 inflight: s.inflight.iter().map(|(p, m)| (*p, m.into())).collect(),
                 queue: s.queue.iter().map(SavedMsg::from).collect(),
@@ -609,7 +624,7 @@ impl Broker {
             if x.client_id.is_empty()
                 || expiry == Millis::ZERO
                 || left == Millis::ZERO
-                || self.by_client.contains_key(&x.client_id)
+                || self.by_client.contains_key(x.client_id.as_str())
                 || self.sessions.len() >= self.limits.max_sessions
             {
                 continue;
@@ -635,12 +650,13 @@ impl Broker {
             }
             let sid = self.next_session;
             self.next_session += 1;
-            self.by_client.insert(x.client_id.clone(), sid);
+            let client_id: Box<str> = x.client_id.into();
+            self.by_client.insert(client_id.clone(), sid);
             self.sessions.insert(
                 sid,
                 Box::new(Session {
                     id: sid,
-                    client_id: x.client_id,
+                    client_id,
                     conn: None,
                     subs: subs.clone(),
                     queue: x.queue.into_iter().map(Msg::from).collect(),
@@ -684,7 +700,7 @@ impl Broker {
                 assigned = Some(client_id.clone());
             }
         }
-        let existing = self.by_client.get(&client_id).copied();
+        let existing = self.by_client.get(client_id.as_str()).copied();
         let taking_over = existing
             .and_then(|s| self.sessions.get(&s))
             .is_some_and(|s| s.conn.is_some());
@@ -730,7 +746,7 @@ impl Broker {
                     sid,
                     Box::new(Session {
                         id: sid,
-                        client_id: client_id.clone(),
+                        client_id: client_id.as_str().into(),
                         conn: None,
                         subs: Vec::new(),
                         queue: VecDeque::new(),
@@ -741,7 +757,7 @@ impl Broker {
                         expires_at: None,
                     }),
                 );
-                self.by_client.insert(client_id.clone(), sid);
+                self.by_client.insert(client_id.into(), sid);
                 sid
             }
         };
@@ -771,9 +787,9 @@ impl Broker {
         self.conns.insert(
             conn,
             Box::new(Conn {
-                session: Some(sid),
+                session: std::num::NonZeroU64::new(sid),
                 version,
-                keep_alive: Millis(u64::from(c.keep_alive) * 1500),
+                keep_alive_ms: u32::from(c.keep_alive) * 1500,
                 last_rx: now,
                 out,
                 window,
@@ -838,7 +854,7 @@ impl Broker {
             c.out.push_back(Out::Disconnect(reason));
         }
         self.stats.disconnects[reason as usize] += 1;
-        let sid = c.session.take();
+        let sid = c.session.take().map(|s| s.get());
         self.clients = self.clients.saturating_sub(1);
         if !matches!(reason, Reason::Gone | Reason::Normal) {
             // Its task writes the DISCONNECT and closes (it may be idle:
@@ -923,6 +939,12 @@ impl Broker {
         self.conns.get(&conn).map(|c| c.version)
     }
 
+    /// The largest packet `conn`'s client accepts (`u32::MAX`: it set
+    /// none), once connected.
+    pub fn client_max_packet(&self, conn: ConnId) -> Option<u32> {
+        self.conns.get(&conn).map(|c| c.client_max_packet)
+    }
+
     /// Whether `conn` is closing (write what is queued, then close).
     pub fn is_closing(&self, conn: ConnId) -> bool {
         self.conns.get(&conn).is_none_or(|c| c.closing)
@@ -930,7 +952,7 @@ impl Broker {
 
     /// The session `conn` is attached to.
     pub fn session_of(&self, conn: ConnId) -> Option<SessionId> {
-        self.conns.get(&conn).and_then(|c| c.session)
+        self.conns.get(&conn).and_then(|c| c.sid())
     }
 
     /// The runtime (or the client's input) ends `conn` for `reason`: 5.0
@@ -973,7 +995,7 @@ impl Broker {
     /// last packet), if it has one.
     pub fn poll_timeout(&self, conn: ConnId) -> Option<Millis> {
         let c = self.conns.get(&conn)?;
-        (c.keep_alive > Millis::ZERO && !c.closing).then(|| c.last_rx.saturating_add(c.keep_alive))
+        (c.keep_alive_ms > 0 && !c.closing).then(|| c.last_rx.saturating_add(c.keep_alive()))
     }
 
     pub fn handle_timeout(&mut self, conn: ConnId, now: Millis) {
@@ -989,9 +1011,7 @@ impl Broker {
             .conns
             .iter()
             .filter(|(_, c)| {
-                !c.closing
-                    && c.keep_alive > Millis::ZERO
-                    && now >= c.last_rx.saturating_add(c.keep_alive)
+                !c.closing && c.keep_alive_ms > 0 && now >= c.last_rx.saturating_add(c.keep_alive())
             })
             .map(|(id, _)| *id)
             .collect();
@@ -1023,7 +1043,7 @@ impl Broker {
             return None;
         }
         let version = c.version;
-        let sid = c.session?;
+        let sid = c.sid()?;
         let s = self.sessions.get_mut(&sid)?;
         self.stats.messages_in += 1;
         if p.qos == 2 {
@@ -1107,7 +1127,7 @@ impl Broker {
             (1, Some(id)) => c.out.push_back(Out::PubAck { id, code }),
             (2, Some(id)) => {
                 if code == AckCode::Success {
-                    if let Some(s) = c.session.and_then(|s| self.sessions.get_mut(&s)) {
+                    if let Some(s) = c.sid().and_then(|s| self.sessions.get_mut(&s)) {
                         s.qos2_in.push(id);
                     }
                 }
@@ -1122,7 +1142,7 @@ impl Broker {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let found = match c.session.and_then(|s| self.sessions.get_mut(&s)) {
+        let found = match c.sid().and_then(|s| self.sessions.get_mut(&s)) {
             Some(s) => match s.qos2_in.iter().position(|&x| x == id) {
                 Some(i) => {
                     s.qos2_in.swap_remove(i);
@@ -1330,7 +1350,7 @@ impl Broker {
         if c.closing {
             return None;
         }
-        let s = self.sessions.get_mut(&c.session?)?;
+        let s = self.sessions.get_mut(&c.sid()?)?;
         loop {
             let front = s.queue.front()?;
             if front.qos > 0 && s.inflight.len() >= usize::from(c.window) {

@@ -106,6 +106,21 @@ impl Codec {
         }
     }
 
+    /// The codec of a connection whose CONNECT was seen (`version`), as
+    /// it is between packets: for a connection whose reading resumes after
+    /// it was parked (its decoder held no partial packet then).
+    pub fn connected(info: ServerInfo, version: Version, client_max: u32) -> Codec {
+        let mut c = Codec::new(info);
+        c.inner = match version {
+            Version::V3 => MqttCodec::V3(v3::Codec::new(info.max_packet_size)),
+            Version::V5 => MqttCodec::V5(v5::Codec::new(info.max_packet_size, 0)),
+        };
+        if client_max != u32::MAX {
+            c.set_client_max(client_max);
+        }
+        c
+    }
+
     /// The version, once the CONNECT was seen.
     pub fn version(&self) -> Option<Version> {
         match self.inner {

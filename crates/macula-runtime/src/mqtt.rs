@@ -6,13 +6,27 @@
 //! subscription (`PubSub::subscribe_mesh`) whose events a pump task hands
 //! to the core. See docs/MQTT.md.
 //!
-//! One task per connection: it reads packets (`rmqtt-codec`, size-limited
+//! One task per active connection: it reads packets (`rmqtt-codec`, size-limited
 //! before the body is read), feeds the core under its mutex (never held
 //! across an await), publishes and subscribes in the mesh, and writes what
 //! the core queued. A PUBLISH is acknowledged after the mesh took it, and
 //! the next packet is read only then: a client publishing faster than the
 //! mesh accepts is slowed by TCP, not buffered. One pump task per
 //! subscription of a session (while the session lives, connected or not).
+//!
+//! Idle connections park: a plain-TCP connection with nothing half-read,
+//! unwritten or pending ends its task and leaves only its socket (taken
+//! from tokio, `into_std`) and who it is in the bridge's table. This
+//! happens at once after its CONNECT if the client sent nothing more, else
+//! when the one-second sweep asks and the connection was idle for
+//! [`IDLE_AFTER`]. One thread (`mqtt-idle`, an epoll set through `mio`)
+//! waits on every parked socket; the socket becoming readable (a packet,
+//! the client closing) or the core having something for the connection (a
+//! delivery, a keep-alive or takeover close, shutdown: [`Inner::wake`])
+//! starts its task again, with a codec rebuilt from the core's state (no
+//! partial packet is ever parked). An idle connection then costs the
+//! core's records and a few map entries (`tests/mqtt_memory.rs`). TLS
+//! connections keep their task (the session state is in the stream).
 //!
 //! Persistent sessions across a node restart: with a data directory (and
 //! no realm authority: a restored session has no credentials until its
@@ -40,12 +54,13 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use macula_auth::Action as Perm;
 use macula_mqtt::{
     codec::decode_reason, Broker, Codec, ConnId, Event, In, Out, Outcome, Reason, Refusal,
     ServerInfo, SessionId, SubCode, Version,
 };
+use macula_wire::time::Millis;
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -113,9 +128,17 @@ struct Inner {
     /// BLAKE3 of `username:password`, for constant-time comparison.
     users: Vec<blake3::Hash>,
     info: ServerInfo,
-    /// Connected clients' wake-ups (no allocation of their own: the
-    /// connection task's waker, kept here while it waits).
-    conns: Mutex<HashMap<ConnId, Wake>>,
+    /// Connected clients: a running one's wake-up (no allocation of its
+    /// own: the connection task's waker, kept here while it waits), or a
+    /// parked one's socket.
+    conns: Mutex<HashMap<ConnId, Slot>>,
+    /// The idle poller parked connections wait in (none if the poller
+    /// could not be started: connections then keep their tasks).
+    idle: Option<Idle>,
+    /// The runtime parked connections' tasks are started on again.
+    rt: tokio::runtime::Handle,
+    /// Connections parked now (`Slot::Parked` in `conns`).
+    parked: AtomicU64,
     /// Each session's pumps, by filter.
     pumps: Mutex<HashMap<SessionId, HashMap<String, tokio::task::AbortHandle>>>,
     /// Notified when client queues may have room (pumps waiting on it).
@@ -136,6 +159,86 @@ struct Inner {
 struct Wake {
     waker: Option<Waker>,
     pending: bool,
+    /// The sweep asks the task to park if it has been idle a while.
+    park: bool,
+}
+
+/// A connected client in the bridge's table.
+enum Slot {
+    /// Its task runs (or waits for its socket or a wake-up).
+    Running(Wake),
+    /// Idle: no task and no registration with tokio; its socket waits in
+    /// the idle poller's set (see [`Inner::park`]).
+    Parked(Parked),
+}
+
+/// What a parked connection keeps: its socket and who it is. The rest of
+/// its state is the core's (version, session, keep-alive), and its
+/// decoder held no partial packet when it parked.
+struct Parked {
+    io: std::net::TcpStream,
+    who: Principal,
+}
+
+/// The idle poller: one thread waiting on the sockets of every parked
+/// connection (an epoll set through `mio`, token = the connection's ID).
+/// Readable (data, the client closing, an error) starts the connection's
+/// task again; so does the core having something for it ([`Inner::wake`]).
+struct Idle {
+    registry: mio::Registry,
+    /// Ends the poller's wait when the bridge is dropped.
+    waker: mio::Waker,
+}
+
+/// The poller's own token (connection IDs start at 1 and count up).
+const IDLE_WAKER: mio::Token = mio::Token(usize::MAX);
+/// A connection with nothing read, written or queued for this long parks
+/// at the next sweep (so within `IDLE_AFTER + EXPIRY_TICK` of going idle).
+const IDLE_AFTER: Duration = Duration::from_millis(500);
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(idle) = &self.idle {
+            let _ = idle.waker.wake();
+        }
+    }
+}
+
+fn token(conn: ConnId) -> mio::Token {
+    mio::Token(conn as usize)
+}
+
+/// A stream type whose connections can be parked: a plain TCP socket can
+/// (its whole state is the socket), a TLS one cannot (its session is in
+/// the stream) and keeps its task.
+trait Park: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    const PARKS: bool;
+    /// The socket, no longer registered with tokio (`Err`: this kind of
+    /// stream does not park; `Ok(Err)`: deregistering failed, the socket
+    /// is closed).
+    fn unregister(self) -> Result<std::io::Result<std::net::TcpStream>, Self>;
+    /// A socket from [`Park::unregister`] registered with tokio again.
+    fn register(io: std::net::TcpStream) -> std::io::Result<Self>;
+}
+
+impl Park for tokio::net::TcpStream {
+    const PARKS: bool = true;
+    fn unregister(self) -> Result<std::io::Result<std::net::TcpStream>, Self> {
+        Ok(self.into_std())
+    }
+    fn register(io: std::net::TcpStream) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(io)
+    }
+}
+
+impl Park for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    const PARKS: bool = false;
+    fn unregister(self) -> Result<std::io::Result<std::net::TcpStream>, Self> {
+        Err(self)
+    }
+    fn register(_: std::net::TcpStream) -> std::io::Result<Self> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// A running MQTT listener. Cheap to clone.
@@ -164,10 +267,29 @@ pub(crate) struct Parts {
     pub dir: Option<std::path::PathBuf>,
 }
 
-/// Who a connection is, for the realm's permissions.
-struct Principal {
+/// Who a connection is, for the realm's permissions: `None` for anyone
+/// (no realm authority, no user list), which then costs a connection a
+/// pointer and no allocation.
+struct Principal(Option<Box<Named>>);
+
+struct Named {
     name: String,
     grant: Option<Arc<PeerGrant>>,
+}
+
+impl Principal {
+    fn named(name: String, grant: Option<Arc<PeerGrant>>) -> Principal {
+        Principal(Some(Box::new(Named { name, grant })))
+    }
+
+    /// For logs and permission errors.
+    fn who(&self) -> &str {
+        self.0.as_ref().map_or("anyone", |n| n.name.as_str())
+    }
+
+    fn grant(&self) -> Option<&PeerGrant> {
+        self.0.as_ref().and_then(|n| n.grant.as_deref())
+    }
 }
 
 impl Bridge {
@@ -201,7 +323,14 @@ impl Bridge {
             source,
         })?;
         let limits = config.limits;
-        let bridge = Bridge(Arc::new(Inner {
+        let (idle, poll) = match start_idle() {
+            Ok((idle, poll)) => (Some(idle), Some(poll)),
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT idle poller not started: idle connections keep their tasks");
+                (None, None)
+            }
+        };
+        let mut bridge = Bridge(Arc::new(Inner {
             core: Mutex::new(Broker::new(limits)),
             pubsub,
             clock,
@@ -217,6 +346,9 @@ impl Bridge {
                 max_packet_size: limits.max_packet_size,
             },
             conns: Mutex::new(HashMap::new()),
+            idle,
+            rt: tokio::runtime::Handle::current(),
+            parked: AtomicU64::new(0),
             pumps: Mutex::new(HashMap::new()),
             room: Notify::new(),
             next_conn: AtomicU64::new(1),
@@ -225,6 +357,19 @@ impl Bridge {
             store,
             saved: tokio::sync::Mutex::new(None),
         }));
+        if let Some(poll) = poll {
+            let weak = Arc::downgrade(&bridge.0);
+            let started = std::thread::Builder::new()
+                .name("mqtt-idle".into())
+                .spawn(move || idle_poller(weak, poll));
+            if let Err(e) = started {
+                // Parked connections would never wake: park none.
+                tracing::warn!(error = %e, "MQTT idle poller thread not started: idle connections keep their tasks");
+                if let Some(b) = Arc::get_mut(&mut bridge.0) {
+                    b.idle = None;
+                }
+            }
+        }
         bridge.0.restore().await;
         tracing::info!(listen = %local_addr, tls = tls.is_some(), "MQTT listener started");
         tokio::spawn(accept_loop(
@@ -302,6 +447,39 @@ async fn accept_loop(
     }
 }
 
+/// The idle poller's epoll set and its handle for the bridge.
+fn start_idle() -> std::io::Result<(Idle, mio::Poll)> {
+    let poll = mio::Poll::new()?;
+    let registry = poll.registry().try_clone()?;
+    let waker = mio::Waker::new(poll.registry(), IDLE_WAKER)?;
+    Ok((Idle { registry, waker }, poll))
+}
+
+/// The idle poller's thread: waits on every parked connection's socket
+/// and starts the task of one that became readable. Ends when the bridge
+/// is dropped (woken by `Inner`'s drop, or at the latest a second later).
+fn idle_poller(inner: Weak<Inner>, mut poll: mio::Poll) {
+    let mut events = mio::Events::with_capacity(256);
+    loop {
+        let waited = poll.poll(&mut events, Some(EXPIRY_TICK));
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if let Err(e) = waited {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::warn!(error = %e, "MQTT idle poller wait failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        for ev in events.iter() {
+            if ev.token() != IDLE_WAKER {
+                inner.unpark(ev.token().0 as ConnId);
+            }
+        }
+    }
+}
+
 async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
     let mut last_save = std::time::Instant::now();
     loop {
@@ -323,6 +501,7 @@ async fn expiry_loop(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
             core.expire(now);
         }
         inner.after();
+        inner.ask_to_park();
         if last_save.elapsed() >= SAVE_EVERY {
             last_save = std::time::Instant::now();
             inner.save().await;
@@ -473,30 +652,175 @@ impl Inner {
         }
     }
 
-    /// Wakes connection `c`'s task (or leaves it a wake-up to take).
-    fn wake(&self, c: ConnId) {
-        let waker = match self.conns.lock().get_mut(&c) {
-            Some(w) => {
-                w.pending = true;
-                w.waker.take()
+    /// Wakes connection `c`'s task (or leaves it a wake-up to take); a
+    /// parked connection gets its task back.
+    fn wake(self: &Arc<Self>, c: ConnId) {
+        let waker = {
+            let mut conns = self.conns.lock();
+            match conns.get_mut(&c) {
+                Some(Slot::Running(w)) => {
+                    w.pending = true;
+                    w.waker.take()
+                }
+                Some(Slot::Parked(_)) => {
+                    self.unpark_locked(&mut conns, c);
+                    None
+                }
+                None => None,
             }
-            None => None,
         };
         if let Some(w) = waker {
             w.wake();
         }
     }
 
+    /// Starts parked connection `c`'s task again (its socket was readable
+    /// or the core has something for it); nothing if it is not parked.
+    fn unpark(self: &Arc<Self>, c: ConnId) {
+        let mut conns = self.conns.lock();
+        self.unpark_locked(&mut conns, c);
+    }
+
+    fn unpark_locked(self: &Arc<Self>, conns: &mut HashMap<ConnId, Slot>, c: ConnId) {
+        let Some(slot) = conns.get_mut(&c) else {
+            return;
+        };
+        if matches!(slot, Slot::Running(_)) {
+            return;
+        }
+        let running = Slot::Running(Wake {
+            pending: true,
+            ..Wake::default()
+        });
+        let Slot::Parked(p) = std::mem::replace(slot, running) else {
+            return;
+        };
+        self.parked.fetch_sub(1, Relaxed);
+        if let Some(idle) = &self.idle {
+            // Under the table's lock, as `park` registers: the socket is
+            // in the set exactly while the connection is parked.
+            use std::os::fd::AsRawFd;
+            let fd = p.io.as_raw_fd();
+            if let Err(e) = idle.registry.deregister(&mut mio::unix::SourceFd(&fd)) {
+                tracing::debug!(conn = c, error = %e, "MQTT socket not taken from the idle poller");
+            }
+        }
+        self.rt.spawn(resume(self.clone(), c, p));
+    }
+
+    /// Parks connection `conn`: its task ends, its socket waits in the
+    /// idle poller. Not if a wake-up is pending (the connection is handed
+    /// back to go on), or if the stream cannot park.
+    fn park<S: Park>(self: &Arc<Self>, conn: ConnId, c: Conn<S>, who: Principal) -> Parking<S> {
+        let Some(idle) = &self.idle else {
+            return Parking::Back(c, who);
+        };
+        let pending = |conns: &HashMap<ConnId, Slot>| !matches!(conns.get(&conn), Some(Slot::Running(w)) if !w.pending);
+        if pending(&self.conns.lock()) {
+            return Parking::Back(c, who);
+        }
+        let Conn {
+            io,
+            codec,
+            rbuf,
+            wbuf,
+            partial,
+        } = c;
+        let io = match io.unregister() {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                tracing::debug!(conn, error = %e, "MQTT socket not taken from tokio; connection lost");
+                return Parking::Lost(who);
+            }
+            Err(io) => {
+                return Parking::Back(
+                    Conn {
+                        io,
+                        codec,
+                        rbuf,
+                        wbuf,
+                        partial,
+                    },
+                    who,
+                )
+            }
+        };
+        let mut conns = self.conns.lock();
+        if !pending(&conns) {
+            use std::os::fd::AsRawFd;
+            let fd = io.as_raw_fd();
+            match idle.registry.register(
+                &mut mio::unix::SourceFd(&fd),
+                token(conn),
+                mio::Interest::READABLE,
+            ) {
+                Ok(()) => {
+                    conns.insert(conn, Slot::Parked(Parked { io, who }));
+                    self.parked.fetch_add(1, Relaxed);
+                    return Parking::Parked;
+                }
+                Err(e) => {
+                    tracing::debug!(conn, error = %e, "MQTT connection not parked");
+                }
+            }
+        }
+        drop(conns);
+        match S::register(io) {
+            Ok(io) => Parking::Back(
+                Conn {
+                    io,
+                    codec,
+                    rbuf,
+                    wbuf,
+                    partial,
+                },
+                who,
+            ),
+            Err(e) => {
+                tracing::debug!(conn, error = %e, "MQTT socket not given back to tokio; connection lost");
+                Parking::Lost(who)
+            }
+        }
+    }
+
+    /// Asks every running connection's task to park if it has been idle
+    /// for [`IDLE_AFTER`] (the sweep, once a second).
+    fn ask_to_park(&self) {
+        if self.idle.is_none() {
+            return;
+        }
+        let wakers: Vec<Waker> = self
+            .conns
+            .lock()
+            .values_mut()
+            .filter_map(|s| match s {
+                Slot::Running(w) => {
+                    w.park = true;
+                    w.waker.take()
+                }
+                Slot::Parked(_) => None,
+            })
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
     /// Ready once connection `c` was woken ([`Inner::wake`]); `c` must be
-    /// in `conns` (from its CONNECT until its task ends).
-    async fn woken(&self, c: ConnId) {
+    /// in `conns` (from its CONNECT until its task ends). True when the
+    /// only wake-up was the sweep asking it to park.
+    async fn woken(&self, c: ConnId) -> bool {
         std::future::poll_fn(|cx| {
             let mut conns = self.conns.lock();
-            let Some(w) = conns.get_mut(&c) else {
-                return Poll::Ready(());
+            let Some(Slot::Running(w)) = conns.get_mut(&c) else {
+                return Poll::Ready(false);
             };
+            let park = std::mem::take(&mut w.park);
             if std::mem::take(&mut w.pending) {
-                return Poll::Ready(());
+                return Poll::Ready(false);
+            }
+            if park {
+                return Poll::Ready(true);
             }
             if !w.waker.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
                 w.waker = Some(cx.waker().clone());
@@ -510,7 +834,7 @@ impl Inner {
         let Some(authz) = &self.authz else {
             return true;
         };
-        match authz.check(who.grant.as_deref(), &who.name, action, resource) {
+        match authz.check(who.grant(), who.who(), action, resource) {
             Ok(()) => true,
             Err(d) => {
                 self.counters.denied.inc();
@@ -540,10 +864,10 @@ impl Inner {
             return match gate.admit(authz, &key, remote, crate::peer::unix_ms(), true) {
                 Ok(v) => {
                     let grant = PeerGrant::new(v);
-                    Ok(Principal {
-                        name: format!("mqtt client {} ({})", c.client_id, grant.subject()),
-                        grant: Some(Arc::new(grant)),
-                    })
+                    Ok(Principal::named(
+                        format!("mqtt client {} ({})", c.client_id, grant.subject()),
+                        Some(Arc::new(grant)),
+                    ))
                 }
                 Err(crate::handshake_error::HandshakeError::RateLimited { .. }) => {
                     Err(Refusal::RateLimited)
@@ -555,10 +879,9 @@ impl Inner {
             };
         }
         if self.users.is_empty() {
-            return Ok(Principal {
-                name: format!("mqtt client {}", c.client_id),
-                grant: None,
-            });
+            // Anyone: no name kept (nothing checks it; an idle connection
+            // then holds no string for it).
+            return Ok(Principal(None));
         }
         let mut given = user.clone().into_bytes();
         given.push(b':');
@@ -567,10 +890,7 @@ impl Inner {
         // blake3::Hash compares in constant time; every entry is compared.
         let ok = self.users.iter().fold(false, |ok, u| ok | (*u == h));
         if ok {
-            Ok(Principal {
-                name: format!("mqtt user {user}"),
-                grant: None,
-            })
+            Ok(Principal::named(format!("mqtt user {user}"), None))
         } else {
             tracing::debug!(%remote, user, "MQTT client refused: bad username or password");
             Err(Refusal::BadCredentials)
@@ -584,14 +904,44 @@ struct Conn<S> {
     codec: Codec,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Bytes were read that did not end with a whole packet: the decoder
+    /// may hold part of one (the connection cannot park).
+    partial: bool,
+}
+
+/// What came of [`Inner::park`].
+enum Parking<S> {
+    Parked,
+    /// Not parked: the connection goes on.
+    Back(Conn<S>, Principal),
+    /// The socket was lost on the way (it is closed).
+    Lost(Principal),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(io: S, codec: Codec) -> Conn<S> {
+        Conn {
+            io,
+            codec,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            partial: false,
+        }
+    }
+
+    /// Nothing half-read, nothing unwritten: the connection may park.
+    fn at_rest(&self) -> bool {
+        !self.partial && self.rbuf.is_empty() && self.wbuf.is_empty()
+    }
+
     /// The next packet; `Ok(None)` at the end of the stream.
     async fn read(&mut self) -> Result<Option<In>, Reason> {
         loop {
             match self.codec.decode(&mut self.rbuf) {
-                Ok(Some(p)) => return Ok(Some(p)),
+                Ok(Some(p)) => {
+                    self.partial = !self.rbuf.is_empty();
+                    return Ok(Some(p));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "MQTT packet refused");
@@ -600,7 +950,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             match self.io.read_buf(&mut self.rbuf).await {
                 Ok(0) | Err(_) => return Ok(None),
-                Ok(_) => {}
+                Ok(_) => self.partial = true,
             }
         }
     }
@@ -615,22 +965,74 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 }
 
 /// One connection: its CONNECT (in a future of its own, boxed and freed
-/// once connected), then its packets until it ends. What an idle
-/// connection's task holds is this future: kept small.
-async fn serve<S>(inner: Arc<Inner>, io: S, remote: SocketAddr)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let Some((conn, mut c, principal)) = Box::pin(handshake(&inner, io, remote)).await else {
+/// once connected), then its packets until it ends or parks.
+async fn serve<S: Park>(inner: Arc<Inner>, io: S, remote: SocketAddr) {
+    let Some((conn, c, principal)) = Box::pin(handshake(&inner, io, remote)).await else {
         return;
     };
-    run(&inner, conn, &mut c, &principal).await;
+    live(inner, conn, c, principal, true).await;
+}
+
+/// A parked connection's task, started again ([`Inner::unpark`]): its
+/// socket back with tokio and a codec as it was between packets.
+async fn resume(inner: Arc<Inner>, conn: ConnId, p: Parked) {
+    let Parked { io, who } = p;
+    let (version, max) = {
+        let core = inner.core.lock();
+        (core.version(conn), core.client_max_packet(conn))
+    };
+    let io = match (version, tokio::net::TcpStream::register(io)) {
+        (Some(v), Ok(io)) => Some((v, io)),
+        (_, Err(e)) => {
+            tracing::debug!(conn, error = %e, "MQTT socket not given back to tokio; connection lost");
+            None
+        }
+        (None, _) => None,
+    };
+    match io {
+        Some((version, io)) => {
+            let codec = Codec::connected(inner.info, version, max.unwrap_or(u32::MAX));
+            live(inner, conn, Conn::new(io, codec), who, false).await;
+        }
+        None => ended(&inner, conn, &who),
+    }
+}
+
+/// A connected client until it ends (or parks: its task ends, the
+/// connection stays).
+async fn live<S: Park>(
+    inner: Arc<Inner>,
+    conn: ConnId,
+    mut c: Conn<S>,
+    mut who: Principal,
+    mut fresh: bool,
+) {
+    // Bounded: each pass ends with the connection, with a park, or with a
+    // park undone by a wake-up that came meanwhile.
+    loop {
+        if !run(&inner, conn, &mut c, &who, std::mem::take(&mut fresh)).await {
+            break;
+        }
+        match inner.park(conn, c, who) {
+            Parking::Parked => return,
+            Parking::Back(c2, who2) => {
+                c = c2;
+                who = who2;
+            }
+            Parking::Lost(who) => return ended(&inner, conn, &who),
+        }
+    }
     let _ = c.io.shutdown().await;
+    ended(&inner, conn, &who);
+}
+
+/// Connection `conn` is gone: out of the table and the core.
+fn ended(inner: &Arc<Inner>, conn: ConnId, who: &Principal) {
     inner.conns.lock().remove(&conn);
     inner.core.lock().closed(conn, inner.clock.now());
     inner.after();
     inner.room.notify_waiters();
-    tracing::debug!(%remote, who = principal.name, "MQTT client disconnected");
+    tracing::debug!(conn, who = who.who(), "MQTT client disconnected");
 }
 
 /// A new connection's CONNECT: checked, answered; the connection, once
@@ -644,12 +1046,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let conn = inner.next_conn.fetch_add(1, Relaxed);
-    let mut c = Conn {
-        io,
-        codec: Codec::new(inner.info),
-        rbuf: BytesMut::new(),
-        wbuf: BytesMut::new(),
-    };
+    let mut c = Conn::new(io, Codec::new(inner.info));
     let first = tokio::time::timeout(CONNECT_TIMEOUT, c.read()).await;
     let connect = match first {
         Ok(Ok(Some(In::Connect(connect)))) => connect,
@@ -679,7 +1076,10 @@ where
         None => Ok(p),
     });
     let accepted = principal.and_then(|p| {
-        inner.conns.lock().insert(conn, Wake::default());
+        inner
+            .conns
+            .lock()
+            .insert(conn, Slot::Running(Wake::default()));
         let r = inner
             .core
             .lock()
@@ -698,18 +1098,19 @@ where
             return None;
         }
     };
-    tracing::debug!(%remote, who = principal.name, ?version, "MQTT client connected");
+    tracing::debug!(conn, %remote, who = principal.who(), ?version, "MQTT client connected");
     inner.after();
     Some((conn, c, principal))
 }
 
-/// Writes what the core queued for `conn`; false when the connection is
-/// done (closing, or the write failed).
+/// Writes what the core queued for `conn`: whether it wrote anything, or
+/// `None` when the connection is done (closing, or the write failed).
 async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
     inner: &Arc<Inner>,
     conn: ConnId,
     c: &mut Conn<S>,
-) -> bool {
+) -> Option<bool> {
+    let mut wrote = false;
     loop {
         // Taken under the core's lock up to about WRITE_CHUNK bytes, then
         // encoded with no await in between: the only thing this future
@@ -733,6 +1134,7 @@ async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
             (outs, core.is_closing(conn), more)
         };
         let mut freed = false;
+        wrote |= !outs.is_empty();
         for o in outs {
             freed |= matches!(o, Out::Publish { .. });
             if let Err(e) = c.codec.encode(o, &mut c.wbuf) {
@@ -743,39 +1145,65 @@ async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
             inner.room.notify_waiters();
         }
         if c.flush().await.is_err() {
-            return false;
+            return None;
         }
         if !more {
-            return !closing;
+            return (!closing).then_some(wrote);
         }
     }
 }
 
-async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+/// Serves `conn` until it ends (false) or may park (true): at rest and
+/// idle for [`IDLE_AFTER`] when the sweep asks, or, with `fresh` (just
+/// connected), at once if the client sent nothing after its CONNECT (a
+/// client that connects and waits then never holds a task for long).
+async fn run<S: Park>(
     inner: &Arc<Inner>,
     conn: ConnId,
     c: &mut Conn<S>,
     who: &Principal,
-) {
+    mut fresh: bool,
+) -> bool {
+    let mut active = inner.clock.now();
     loop {
-        if !write_out(inner, conn, c).await {
-            return;
+        match write_out(inner, conn, c).await {
+            None => return false,
+            Some(true) => active = inner.clock.now(),
+            Some(false) => {}
         }
         // The packet's handling is boxed and awaited after the select's
-        // scope: an idle connection's future holds neither it nor a packet.
+        // scope: the connection's future holds neither it nor a packet.
         let work = {
-            let got = tokio::select! {
-                p = c.read() => Some(p),
-                _ = inner.woken(conn) => None,
+            let early = if std::mem::take(&mut fresh) && S::PARKS && c.at_rest() {
+                match c.read().now_or_never() {
+                    None => return true,
+                    Some(p) => Some(p),
+                }
+            } else {
+                None
+            };
+            let got = match early {
+                Some(p) => Some(p),
+                None => tokio::select! {
+                    p = c.read() => Some(p),
+                    park = inner.woken(conn) => {
+                        let idle = inner.clock.now().saturating_sub(active);
+                        if park && S::PARKS && c.at_rest() && idle >= Millis::from_duration(IDLE_AFTER) {
+                            return true;
+                        }
+                        None
+                    }
+                },
             };
             match got {
                 Some(Ok(Some(p))) => {
                     let now = inner.clock.now();
+                    active = now;
                     inner.core.lock().received(conn, now);
                     // A publish or subscribe awaits the mesh (a DHT put).
                     Some(Box::pin(handle(inner, conn, who, p)))
                 }
-                Some(Ok(None)) => return,
+                Some(Ok(None)) => return false,
                 Some(Err(reason)) => {
                     inner.core.lock().close(conn, reason, inner.clock.now());
                     None
@@ -978,6 +1406,12 @@ impl Collector for MqttCollector {
         )?;
         gauge(
             &mut e,
+            "macula_mqtt_parked",
+            "MQTT clients connected and idle: no task, their socket in the bridge's idle poller",
+            inner.parked.load(Relaxed) as i64,
+        )?;
+        gauge(
+            &mut e,
             "macula_mqtt_sessions",
             "MQTT sessions kept, connected or not (limit: mqtt_max_sessions)",
             sessions as i64,
@@ -1175,8 +1609,8 @@ mod tests {
         b.register(&mut r);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
-        assert_eq!(text.matches("# TYPE macula_mqtt_").count(), 25, "{text}");
-        assert_eq!(text.matches("# HELP macula_mqtt_").count(), 25);
+        assert_eq!(text.matches("# TYPE macula_mqtt_").count(), 26, "{text}");
+        assert_eq!(text.matches("# HELP macula_mqtt_").count(), 26);
         for reason in Reason::ALL {
             assert!(
                 text.contains(&format!(
@@ -1250,5 +1684,130 @@ mod tests {
             .expect("closed in time")
             .unwrap_or(0);
         assert!(n <= 1, "closed after the DISCONNECT");
+    }
+
+    /// A 3.1.1 CONNECT for `id` with `keep_alive` seconds and, if given,
+    /// a will (QoS 0) on `will`.
+    fn connect_v3(id: &str, keep_alive: u16, will: Option<(&str, &[u8])>) -> Vec<u8> {
+        let flags = if will.is_some() { 0x06 } else { 0x02 };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags];
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        body.extend_from_slice(id.as_bytes());
+        if let Some((topic, payload)) = will {
+            body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            body.extend_from_slice(topic.as_bytes());
+            body.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            body.extend_from_slice(payload);
+        }
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend(body);
+        p
+    }
+
+    async fn client(b: &Bridge, connect: &[u8]) -> tokio::net::TcpStream {
+        let mut s = tokio::net::TcpStream::connect(b.local_addr())
+            .await
+            .unwrap();
+        s.write_all(connect).await.unwrap();
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, [0x20, 2, 0, 0]);
+        s
+    }
+
+    async fn subscribe(s: &mut tokio::net::TcpStream, topic: &str) {
+        let mut p = vec![0x82, (topic.len() + 5) as u8, 0, 1];
+        p.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        p.extend_from_slice(topic.as_bytes());
+        p.push(0);
+        s.write_all(&p).await.unwrap();
+        let mut ack = [0u8; 5];
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, [0x90, 3, 0, 1, 0]);
+    }
+
+    /// How many connections are parked and how many run.
+    fn slots(b: &Bridge) -> (usize, usize) {
+        let conns = b.0.conns.lock();
+        let parked = conns
+            .values()
+            .filter(|s| matches!(s, Slot::Parked(_)))
+            .count();
+        assert_eq!(b.0.parked.load(Relaxed) as usize, parked, "the gauge");
+        (parked, conns.len() - parked)
+    }
+
+    /// Waits (bounded) until `n` connections are parked and none runs.
+    async fn all_parked(b: &Bridge, n: usize) {
+        for _ in 0..200 {
+            if slots(b) == (n, 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("not parked: {:?} (parked, running)", slots(b));
+    }
+
+    async fn read_within(s: &mut tokio::net::TcpStream, buf: &mut [u8]) {
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(buf))
+            .await
+            .expect("in time")
+            .unwrap();
+    }
+
+    /// An idle connection has no task (parked in the idle poller), and a
+    /// parked one still gets what it is sent (a delivery: the core wakes
+    /// it) and answers what it sends (a PINGREQ: its socket wakes it); it
+    /// parks again afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parked_connection_gets_deliveries_and_answers() {
+        let (b, _stop) = bridge(MqttConfig::default()).await;
+        let mut sub = client(&b, &connect_v3("sub", 60, None)).await;
+        subscribe(&mut sub, "a/b").await;
+        let mut publ = client(&b, &connect_v3("pub", 60, None)).await;
+        all_parked(&b, 2).await;
+        publ.write_all(&[0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i'])
+            .await
+            .unwrap();
+        let mut got = [0u8; 9];
+        read_within(&mut sub, &mut got).await;
+        assert_eq!(got, [0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i']);
+        all_parked(&b, 2).await;
+        sub.write_all(&[0xc0, 0]).await.unwrap();
+        let mut pong = [0u8; 2];
+        read_within(&mut sub, &mut pong).await;
+        assert_eq!(pong, [0xd0, 0]);
+        all_parked(&b, 2).await;
+        // A parked client that goes away is gone from the table.
+        drop(publ);
+        all_parked(&b, 1).await;
+        assert_eq!(b.0.core.lock().clients(), 1);
+    }
+
+    /// A parked connection's keep-alive still runs out (the sweep): it is
+    /// closed and its will published to a subscriber, itself parked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parked_connection_times_out_with_its_will() {
+        let (b, _stop) = bridge(MqttConfig::default()).await;
+        let mut watcher = client(&b, &connect_v3("watcher", 60, None)).await;
+        subscribe(&mut watcher, "wills").await;
+        let mut quiet = client(&b, &connect_v3("quiet", 1, Some(("wills", b"bye")))).await;
+        all_parked(&b, 2).await;
+        // Keep-alive 1 s: closed 1.5 s after the CONNECT, at a sweep.
+        let mut rest = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), quiet.read(&mut rest))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "3.1.1: closed without a DISCONNECT");
+        let mut will = [0u8; 12];
+        read_within(&mut watcher, &mut will).await;
+        assert_eq!(&will[..], b"\x30\x0a\x00\x05willsbye");
+        assert_eq!(
+            b.0.core.lock().stats().disconnects[Reason::KeepAlive as usize],
+            1
+        );
+        all_parked(&b, 1).await;
     }
 }
