@@ -284,6 +284,9 @@ async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
         ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
     }
     side.publish_latency_64 = Some(latency(&mut ns));
+    // A handle holds its node (and so the stores' files) open: none may
+    // outlive the shutdown before the restart.
+    drop(s);
     // Replay: fill, then read everything through one consumer.
     macula_publish(&cluster, "replay", a.replay, 64, a.window).await?;
     let s = cluster.serving("replay").await?;
@@ -304,6 +307,7 @@ async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
     }
     side.replay_per_s = got as f64 / started.elapsed().as_secs_f64();
     side.replayed = got;
+    drop(s);
     cluster.shutdown().await;
     // Restart with everything stored: until a node serves the stream.
     let started = Instant::now();

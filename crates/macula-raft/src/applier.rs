@@ -6,13 +6,20 @@
 //!
 //! * [`Applier::apply`] gets every opaque payload of the entries being
 //!   applied, in log order, with its log index (a batch entry gives several
-//!   payloads the same index), and returns once they are durable, one
+//!   payloads the same index), and returns once they are applied, one
 //!   answer per payload. It is called **before** the key space advances
 //!   `last_applied`, so the applier is never behind what the store reports
 //!   applied.
-//! * It keeps its own applied index, durable with the changes, and skips
+//! * It keeps its own applied index, written with the changes, and skips
 //!   what it already holds (after a crash openraft re-applies the log from
 //!   the state machine's persisted `last_applied`, which may be behind).
+//! * Its changes need not be durable when `apply` returns (the log is):
+//!   [`Applier::synced`] then names the last index whose changes survive a
+//!   crash, and the store reports openraft, at start, the lower of that and
+//!   its own `last_applied`, so the log is re-applied from there. Only for
+//!   groups whose key space re-applies harmlessly (no key writes: a
+//!   stream's group), and the applier must be synced up to any snapshot it
+//!   makes (the log before it may be purged).
 //! * [`Applier::snapshot`] is its state as of some index at or after the
 //!   key space's `last_applied` (snapshots are built beside applies), and
 //!   [`Applier::install`] makes a lagging member's applier equal to that
@@ -27,10 +34,17 @@ pub type ApplierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> +
 
 /// The state machine of a group's opaque entries (see the module docs).
 pub trait Applier: Send + Sync + 'static {
-    /// Applies `(log index, payload)` in order; returns once durable, with
+    /// Applies `(log index, payload)` in order; returns once applied, with
     /// one answer per payload (an empty one for a payload already held).
     /// An error stops the group (its store can no longer be trusted).
     fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> ApplierFuture<'_, Vec<Vec<u8>>>;
+
+    /// The last log index whose changes survive a crash, if that can be
+    /// behind what [`Applier::apply`] returned (see the module docs);
+    /// `None` (the default): every apply is durable when it returns.
+    fn synced(&self) -> Option<u64> {
+        None
+    }
 
     /// The applier's state for a snapshot.
     fn snapshot(&self) -> Result<Vec<u8>, String>;

@@ -299,6 +299,7 @@ pub fn open_with(
             thread: Mutex::new(sm_thread),
             durable: durable.clone(),
             applier: RwLock::new(None),
+            log: wal.reader(),
         }),
     };
     Ok((LogStore::new(wal, member, (durable_tx, durable))?, sm))
@@ -1032,6 +1033,9 @@ struct SmShared {
     durable: Durable,
     /// Where opaque entries go ([`crate::applier`]).
     applier: RwLock<Option<Arc<dyn Applier>>>,
+    /// The log, to name the entry an unsynced applier is back to
+    /// ([`Applier::synced`]).
+    log: crate::wal::WalReader,
 }
 
 impl Drop for SmShared {
@@ -1329,6 +1333,33 @@ impl StateMachineStore {
         Ok((backlog, st.events.subscribe()))
     }
 
+    /// The log id of the entry at `index` (`None` for 0): in the log, its
+    /// last purged entry, or the current snapshot's last.
+    fn log_id_at(&self, index: u64) -> Result<Option<LogId>, StoreError> {
+        if index == 0 {
+            return Ok(None);
+        }
+        let log = &self.shared.log;
+        if let Some(id) = log.log_id(index) {
+            return Ok(Some(id));
+        }
+        if let Some(p) = log.last_purged().filter(|p| p.index == index) {
+            return Ok(Some(p));
+        }
+        let snap: Option<Meta> =
+            read_meta(&self.shared.db, SNAPSHOT, SNAPSHOT_META, "snapshot meta")?;
+        if let Some(l) = snap
+            .and_then(|m| m.last_log_id)
+            .filter(|l| l.index == index)
+        {
+            return Ok(Some(l));
+        }
+        Err(StoreError::Corrupt(format!(
+            "the applier is synced up to log index {index}, which the log no longer holds (purged up to {:?})",
+            log.last_purged().map(|p| p.index)
+        )))
+    }
+
     fn io_sm(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError {
         sto(ErrorSubject::StateMachine, verb)
     }
@@ -1399,9 +1430,30 @@ impl StateMachineStore {
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
+    /// openraft asks this at start only. With an applier whose changes
+    /// are synced behind ([`Applier::synced`]), the lower of the two applied
+    /// indexes: openraft re-applies the log from there, the key space
+    /// takes those entries again (harmless for a group of opaque entries
+    /// only) and the applier takes what a crash lost.
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let st = self.state();
-        Ok((st.last_applied, st.last_membership.clone()))
+        let (mut last, membership) = {
+            let st = self.state();
+            (st.last_applied, st.last_membership.clone())
+        };
+        let synced = self.applier().and_then(|a| a.synced());
+        if let (Some(synced), Some(l)) = (synced, last) {
+            if synced < l.index {
+                last = self
+                    .log_id_at(synced)
+                    .map_err(Self::io_sm(ErrorVerb::Read))?;
+                tracing::info!(
+                    applied = l.index,
+                    synced,
+                    "the applier is synced behind the state machine: the log is re-applied from its index"
+                );
+            }
+        }
+        Ok((last, membership))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
@@ -2111,5 +2163,94 @@ mod tests {
             .expect("install");
         assert_eq!(*rec2.installed.lock(), vec![b"state after 2".to_vec()]);
         assert_eq!(other.last_applied().map(|l| l.index), Some(2));
+    }
+
+    /// An applier whose changes reach the disk behind its applies (a
+    /// replicated stream's store): `synced` is what a crash leaves.
+    #[derive(Default)]
+    struct Unsynced {
+        rec: Recorder,
+        synced: AtomicU64,
+    }
+
+    impl Applier for Unsynced {
+        fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> crate::ApplierFuture<'_, Vec<Vec<u8>>> {
+            self.rec.apply(entries)
+        }
+
+        fn synced(&self) -> Option<u64> {
+            Some(self.synced.load(Ordering::SeqCst))
+        }
+
+        fn snapshot(&self) -> Result<Vec<u8>, String> {
+            self.rec.snapshot()
+        }
+
+        fn install(&self, data: Vec<u8>) -> crate::ApplierFuture<'_, ()> {
+            self.rec.install(data)
+        }
+    }
+
+    /// A crash after the log's fsync and the applier's unsynced commit:
+    /// at start the store reports the applier's synced index, and openraft
+    /// re-applies the rest of the committed log to it.
+    #[tokio::test]
+    async fn an_applier_synced_behind_gets_the_log_again_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.redb");
+        let entries = |r: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
+            r.map(|i| opaque(i, Request::Opaque(vec![i as u8])))
+                .collect()
+        };
+        {
+            let (mut log, mut sm) = open(&p).expect("open");
+            let a = Arc::new(Unsynced::default());
+            sm.set_applier(a.clone());
+            // From index 0, where a group's log starts (its first
+            // membership).
+            log.blocking_append(entries(0..=4)).await.expect("append");
+            log.save_committed(Some(log_id(4))).await.expect("commit");
+            // The commit hint rides with the next write.
+            log.save_vote(&Vote::new_committed(1, MemberId::from(1u64)))
+                .await
+                .expect("vote");
+            sm.apply(entries(0..=4)).await.expect("apply");
+            assert_eq!(sm.last_applied(), Some(log_id(4)));
+            assert_eq!(a.rec.got.lock().len(), 5);
+            // The process dies with the applier synced up to entry 2.
+        }
+        let (mut log, mut sm) = open(&p).expect("reopen");
+        assert_eq!(
+            sm.last_applied(),
+            Some(log_id(4)),
+            "the state machine is ahead"
+        );
+        let a = Arc::new(Unsynced::default());
+        a.synced.store(2, Ordering::SeqCst);
+        sm.set_applier(a.clone());
+        assert_eq!(sm.applied_state().await.expect("state").0, Some(log_id(2)));
+        openraft::storage::StorageHelper::new(&mut log, &mut sm)
+            .get_initial_state()
+            .await
+            .expect("initial state");
+        assert_eq!(
+            *a.rec.got.lock(),
+            vec![(3, vec![3]), (4, vec![4])],
+            "what the crash lost is applied again, nothing before it"
+        );
+        assert_eq!(sm.last_applied(), Some(log_id(4)));
+        // Synced at or past the state machine: reported as it is.
+        a.synced.store(4, Ordering::SeqCst);
+        assert_eq!(sm.applied_state().await.expect("state").0, Some(log_id(4)));
+        a.synced.store(0, Ordering::SeqCst);
+        assert_eq!(sm.applied_state().await.expect("state").0, None);
+        a.synced.store(1, Ordering::SeqCst);
+        assert_eq!(sm.applied_state().await.expect("state").0, Some(log_id(1)));
+        // Synced behind a purged log: it cannot be replayed, and says so.
+        log.purge(log_id(3)).await.expect("purge");
+        a.synced.store(1, Ordering::SeqCst);
+        assert!(sm.applied_state().await.is_err());
+        a.synced.store(3, Ordering::SeqCst);
+        assert_eq!(sm.applied_state().await.expect("state").0, Some(log_id(3)));
     }
 }

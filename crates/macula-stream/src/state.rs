@@ -21,8 +21,9 @@ const DEAD: u32 = u32::MAX;
 /// outnumber the live ones).
 const COMPACT_AFTER: usize = 1024;
 
-/// The first bytes of a [`StreamState::snapshot`] (its format's version).
-const SNAPSHOT_MAGIC: &[u8] = b"macula-stream-index-1\0";
+/// The first bytes of a [`StreamState::snapshot`] (its format's version;
+/// a snapshot of another version is not read, the store is scanned).
+const SNAPSHOT_MAGIC: &[u8] = b"macula-stream-index-2\0";
 
 /// A reader over a snapshot that never reads past its end.
 struct Snap<'a> {
@@ -46,6 +47,29 @@ impl<'a> Snap<'a> {
     fn u32(&mut self) -> Option<u32> {
         self.take(4)?.try_into().ok().map(u32::from_le_bytes)
     }
+
+    /// A LEB128 varint (at most 10 bytes).
+    fn var(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self.buf.split_first()?;
+            self.buf = rest;
+            v |= u64::from(b & 0x7f).checked_shl(7 * i)?;
+            if b < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
+/// Appends `v` as a LEB128 varint.
+fn put_var(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 /// One stored message's index entry (24 bytes).
@@ -369,8 +393,9 @@ impl StreamState {
 
     /// The whole index as bytes, to store at a clean shutdown so the next
     /// start reads one value instead of every message's head (see
-    /// [`StreamState::from_snapshot`]). About 24 bytes per message plus the
-    /// subjects and the message IDs in the window.
+    /// [`StreamState::from_snapshot`]). About a byte per message when
+    /// consecutive messages share a subject and a size (32 bytes per run of
+    /// them), plus the subjects and the message IDs in the window.
     pub fn snapshot(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.entries.len() * 24);
         out.extend_from_slice(SNAPSHOT_MAGIC);
@@ -383,13 +408,31 @@ impl StreamState {
             out.extend_from_slice(&(name.len() as u64).to_le_bytes());
             out.extend_from_slice(name.as_bytes());
         }
-        let live = self.entries.iter().filter(|e| e.live());
+        // The live entries in runs: consecutive sequences of one size and
+        // one subject whose timestamps do not go back, as (first sequence,
+        // length, size, subject, first timestamp) and then each further
+        // timestamp's step as a varint (a byte or two a message, not 24).
         out.extend_from_slice(&((self.entries.len() - self.dead) as u64).to_le_bytes());
-        for e in live {
-            out.extend_from_slice(&e.seq.to_le_bytes());
-            out.extend_from_slice(&e.ts.to_le_bytes());
-            out.extend_from_slice(&e.size.to_le_bytes());
-            out.extend_from_slice(&e.subject.to_le_bytes());
+        let mut live = self.entries.iter().filter(|e| e.live()).peekable();
+        let mut steps = Vec::new();
+        while let Some(first) = live.next() {
+            let mut last = *first;
+            steps.clear();
+            while let Some(e) = live.next_if(|e| {
+                e.seq == last.seq + 1
+                    && e.size == first.size
+                    && e.subject == first.subject
+                    && e.ts >= last.ts
+            }) {
+                put_var(&mut steps, e.ts - last.ts);
+                last = *e;
+            }
+            out.extend_from_slice(&first.seq.to_le_bytes());
+            out.extend_from_slice(&(last.seq - first.seq + 1).to_le_bytes());
+            out.extend_from_slice(&first.size.to_le_bytes());
+            out.extend_from_slice(&first.subject.to_le_bytes());
+            out.extend_from_slice(&first.ts.to_le_bytes());
+            out.extend_from_slice(&steps);
         }
         out.extend_from_slice(&(self.ttl_of.len() as u64).to_le_bytes());
         for (seq, at) in &self.ttl_of {
@@ -447,23 +490,40 @@ impl StreamState {
         }
         let n = r.u64()?;
         let mut prev = 0u64;
+        let mut read = 0u64;
+        // A run takes at least 32 bytes and a byte per further message.
         self.entries
-            .reserve(usize::try_from(n).unwrap_or(0).min(r.buf.len() / 24));
-        for _ in 0..n {
-            let (seq, ts, size, subject) = (r.u64()?, r.u64()?, r.u32()?, r.u32()?);
-            if seq <= prev || seq > self.last_seq || ts > self.last_ts {
+            .reserve(usize::try_from(n).unwrap_or(0).min(r.buf.len()));
+        while read < n {
+            let (seq, len, size, subject, mut ts) =
+                (r.u64()?, r.u64()?, r.u32()?, r.u32()?, r.u64()?);
+            if seq <= prev
+                || len == 0
+                || len > n - read
+                || seq.checked_add(len - 1)? > self.last_seq
+                || ts > self.last_ts
+            {
                 return None;
             }
-            prev = seq;
-            self.subjects.names.get_mut(&subject)?.1 += 1;
-            self.entries.push_back(Entry {
-                seq,
-                ts,
-                size,
-                subject,
-            });
-            self.msgs += 1;
-            self.bytes += u64::from(size);
+            self.subjects.names.get_mut(&subject)?.1 += len;
+            for i in 0..len {
+                if i > 0 {
+                    ts = ts.checked_add(r.var()?)?;
+                    if ts > self.last_ts {
+                        return None;
+                    }
+                }
+                self.entries.push_back(Entry {
+                    seq: seq + i,
+                    ts,
+                    size,
+                    subject,
+                });
+            }
+            prev = seq + len - 1;
+            read += len;
+            self.msgs += len;
+            self.bytes += u64::from(size).saturating_mul(len);
         }
         // A subject no message has is not kept.
         let unused: Vec<u32> = self
@@ -1339,6 +1399,33 @@ mod tests {
                 .unwrap()
                 .is_none());
         }
+    }
+
+    #[test]
+    fn a_snapshot_of_runs_is_about_a_byte_a_message() {
+        let mut s = stream(|_| {});
+        for i in 0..10_000u64 {
+            // Runs broken by a subject, a size and a deleted message.
+            let subject = if i == 5_000 { "a.y" } else { "a.x" };
+            let size = if i == 7_000 { 9 } else { 5 };
+            put(&mut s, i / 3, subject, size);
+        }
+        s.delete(8_000);
+        let snap = s.snapshot();
+        assert!(snap.len() < 12_000, "{} bytes", snap.len());
+        let r = StreamState::from_snapshot(s.config().clone(), &snap)
+            .unwrap()
+            .expect("valid snapshot");
+        let view = |s: &StreamState| {
+            s.iter_from(0)
+                .map(|m| (m.seq, m.ts, m.size, m.subject.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(view(&r), view(&s));
+        assert_eq!(
+            (r.msgs(), r.bytes(), r.subjects()),
+            (s.msgs(), s.bytes(), s.subjects())
+        );
     }
 
     proptest! {

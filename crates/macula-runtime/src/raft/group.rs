@@ -12,7 +12,9 @@ use std::time::Duration;
 use macula_raft::openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, RaftError,
 };
-use macula_raft::openraft::raft::{AppendEntriesResponse, InstallSnapshotRequest};
+use macula_raft::openraft::raft::{
+    AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest,
+};
 use macula_raft::openraft::{ChangeMembers, Config, EmptyNode, ServerState, SnapshotPolicy};
 use macula_raft::{
     Event, KeyValue, KvError, MemberId, Raft, Request, Response, StateMachineStore, TypeConfig,
@@ -257,6 +259,9 @@ struct Proposal {
 
 /// Writes in one batch entry at most.
 const MAX_BATCH: usize = 1024;
+/// Entries the proposer has on their way (proposed, not yet applied) at
+/// most; writes queue meanwhile and become the next batch.
+const PROPOSALS_IN_FLIGHT: usize = 8;
 
 /// Bytes of a request's keys and values, to bound a batch.
 fn request_bytes(r: &Request) -> usize {
@@ -883,16 +888,25 @@ impl Group {
         }
     }
 
-    /// The proposer: takes the writes that queued up while the previous
-    /// entry was being committed and proposes them as one entry (a
+    /// The proposer: takes the writes that queued up while earlier
+    /// entries were being committed and proposes them as one entry (a
     /// `Request::Batch` when there are several), like etcd's batching: many
     /// concurrent writers share one log entry, one fsync per member and one
-    /// AppendEntries per follower. A lone write is proposed as itself at
-    /// once.
+    /// AppendEntries per follower. Up to [`PROPOSALS_IN_FLIGHT`] entries
+    /// are on their way at once (pipelined: the next is appended while the
+    /// previous ones replicate); a lone write is proposed as itself at once.
     async fn propose(self, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
         let mut stop = self.0.stop.subscribe();
         let mut carry: Option<Proposal> = None;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT));
         loop {
+            let permit = tokio::select! {
+                p = in_flight.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = stop.changed() => return,
+            };
             let first = match carry.take() {
                 Some(p) => p,
                 None => tokio::select! {
@@ -919,33 +933,65 @@ impl Group {
                     Err(_) => break,
                 }
             }
-            if batch.len() == 1 {
+            let (request, answers) = if batch.len() == 1 {
                 let p = batch.remove(0);
-                let r = self.0.raft.client_write(p.request).await;
-                let _ = p.answer.send(r.map(|w| w.data));
-                continue;
+                (p.request, vec![p.answer])
+            } else {
+                let (requests, answers): (Vec<Request>, Vec<_>) =
+                    batch.into_iter().map(|p| (p.request, p.answer)).unzip();
+                (Request::Batch(requests), answers)
+            };
+            let single = answers.len() == 1;
+            // Handed to openraft here, in queue order (so log order is
+            // call order); answered by a task of its own.
+            let committed = self.0.raft.client_write_ff(request).await;
+            let name = self.0.name.clone();
+            tokio::spawn(async move {
+                let r: Result<ClientWriteResponse<TypeConfig>, WriteError> = match committed {
+                    Err(fatal) => Err(RaftError::Fatal(fatal)),
+                    Ok(rx) => match rx.await {
+                        Ok(Ok(w)) => Ok(w),
+                        Ok(Err(e)) => Err(RaftError::APIError(e)),
+                        Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
+                    },
+                };
+                drop(permit);
+                Self::answer_batch(&name, single, answers, r);
+            });
+        }
+    }
+
+    /// Answers the writers of one proposed entry.
+    fn answer_batch(
+        group: &str,
+        single: bool,
+        answers: Vec<tokio::sync::oneshot::Sender<Result<Response, WriteError>>>,
+        r: Result<ClientWriteResponse<TypeConfig>, WriteError>,
+    ) {
+        if single {
+            if let Some(a) = answers.into_iter().next() {
+                let _ = a.send(r.map(|w| w.data));
             }
-            let (requests, answers): (Vec<Request>, Vec<_>) =
-                batch.into_iter().map(|p| (p.request, p.answer)).unzip();
-            match self.0.raft.client_write(Request::Batch(requests)).await {
-                Ok(w) => match w.data {
-                    Response::Batch(responses) if responses.len() == answers.len() => {
-                        for (a, r) in answers.into_iter().zip(responses) {
-                            let _ = a.send(Ok(r));
-                        }
+            return;
+        }
+        match r {
+            Ok(w) => match w.data {
+                Response::Batch(responses) if responses.len() == answers.len() => {
+                    for (a, r) in answers.into_iter().zip(responses) {
+                        let _ = a.send(Ok(r));
                     }
-                    other => {
-                        // Not what a batch answers: tell every writer.
-                        tracing::error!(group = %self.0.name, answer = ?other, "unexpected answer to a batch");
-                        for a in answers {
-                            let _ = a.send(Ok(Response::Error(KvError::NestedBatch)));
-                        }
-                    }
-                },
-                Err(e) => {
+                }
+                other => {
+                    // Not what a batch answers: tell every writer.
+                    tracing::error!(group = %group, answer = ?other, "unexpected answer to a batch");
                     for a in answers {
-                        let _ = a.send(Err(e.clone()));
+                        let _ = a.send(Ok(Response::Error(KvError::NestedBatch)));
                     }
+                }
+            },
+            Err(e) => {
+                for a in answers {
+                    let _ = a.send(Err(e.clone()));
                 }
             }
         }

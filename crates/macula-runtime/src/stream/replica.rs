@@ -11,7 +11,14 @@
 //! its own store with the entry's log index (`Write::Applied`) in the same
 //! group commit ([`StreamApplier`]): a replay after a crash skips what the
 //! store holds. A publish is acknowledged once its entry is committed (on
-//! disk on a majority) and applied on the leader.
+//! disk on a majority) and applied on the leader. The applier's commits
+//! are not synced (`StreamStore::submit_unsynced`): the Raft log is the
+//! durable copy. The store syncs at least every `store::SYNC_EVERY` and
+//! before each snapshot (so the log it lets the group purge is never
+//! needed again), and the group, at start, reports the lower of its own
+//! applied index and the store's last synced one
+//! (`macula_raft::Applier::synced`): openraft replays the log from there,
+//! and the applier takes again what a crash lost.
 //!
 //! **Leadership.** Only the leader serves. When a member takes office (or
 //! after one of its writes was not committed) it first proposes an entry
@@ -143,8 +150,11 @@ impl macula_raft::Applier for StreamApplier {
             if top > applied {
                 writes.push(Write::Applied(top));
                 let (tx, rx) = tokio::sync::oneshot::channel();
+                // Unsynced: the entries are in the Raft log on a majority
+                // of disks already; a crash before the store's next synced
+                // commit replays them (`synced`).
                 h.store
-                    .submit(writes, Some(tx))
+                    .submit_unsynced(writes, Some(tx))
                     .map_err(|e| e.to_string())?;
                 rx.await
                     .map_err(|_| "the stream store closed".to_string())??;
@@ -154,8 +164,15 @@ impl macula_raft::Applier for StreamApplier {
         })
     }
 
+    fn synced(&self) -> Option<u64> {
+        self.hosted().ok().map(|h| h.store.synced_applied())
+    }
+
     fn snapshot(&self) -> Result<Vec<u8>, String> {
         let h = self.hosted()?;
+        // Synced first: the log up to this snapshot may be purged, and a
+        // crash must not need it.
+        h.store.sync().map_err(|e| e.to_string())?;
         let state = replica_state(&h).map_err(|e| e.to_string())?;
         rmp_serde::to_vec_named(&state).map_err(|e| e.to_string())
     }

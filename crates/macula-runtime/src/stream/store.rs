@@ -10,6 +10,15 @@
 //! host makes the consumers' visibility bound. A publish acknowledged to its
 //! publisher is on disk.
 //!
+//! **Unsynced writes** ([`StreamStore::submit_unsynced`]) are a replicated
+//! stream's applier's: what it writes is already in the Raft log on a
+//! majority of disks, so its commits skip the `fsync`
+//! (`Durability::None`: a crash of the process loses them, and the group
+//! replays them from the log). A group with only such writes commits
+//! without syncing, unless the last synced commit is older than
+//! [`SYNC_EVERY`]; [`StreamStore::synced_applied`] is the applied index
+//! (`Write::Applied`) of the last synced commit, what survives a crash.
+//!
 //! **Corruption.** A file that redb cannot open, or a record that does not
 //! decode, is an error naming the file; nothing is written over it.
 
@@ -42,6 +51,9 @@ pub const META_APPLIED: &str = "applied";
 const MAX_GROUP: usize = 8192;
 /// Record bytes one group commit takes at most.
 const MAX_GROUP_BYTES: usize = 16 << 20;
+/// Unsynced writes are synced at least this often (redb frees pages only
+/// in synced commits, and a crash replays less).
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +122,8 @@ enum Done {
 struct Job {
     writes: Vec<Write>,
     done: Option<Done>,
+    /// Committed with an `fsync` (else see the module docs).
+    sync: bool,
 }
 
 /// What the writer counted.
@@ -119,6 +133,8 @@ pub struct StoreStats {
     pub commits: AtomicU64,
     /// Writes committed.
     pub writes: AtomicU64,
+    /// Transactions committed with an `fsync`.
+    pub syncs: AtomicU64,
 }
 
 /// A stream's store (see the module docs).
@@ -129,6 +145,8 @@ pub struct StreamStore {
     durable: watch::Receiver<u64>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<StoreStats>,
+    /// The applied index (`Write::Applied`) of the last synced commit.
+    synced_applied: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -165,7 +183,7 @@ impl StreamStore {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        let s = StreamStore::start(path, db, 0);
+        let s = StreamStore::start(path, db, 0, 0);
         s.write_now(vec![Write::Config(config.to_vec()), Write::Last(0, 0)])?;
         Ok(s)
     }
@@ -186,21 +204,35 @@ impl StreamStore {
                 message: e.to_string(),
             })?;
         let (last, _) = read_last(&db, path)?;
-        Ok(StreamStore::start(path, db, last))
+        let applied = read_applied(&db, path)?;
+        Ok(StreamStore::start(path, db, last, applied))
     }
 
-    fn start(path: &Path, db: Database, durable: u64) -> Self {
+    fn start(path: &Path, db: Database, durable: u64, applied: u64) -> Self {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, drx) = watch::channel(durable);
         let stats = Arc::new(StoreStats::default());
+        let synced_applied = Arc::new(AtomicU64::new(applied));
         let thread = {
             let db = db.clone();
             let path = path.to_path_buf();
             let stats = stats.clone();
+            let synced = synced_applied.clone();
             std::thread::Builder::new()
                 .name("macula-stream-store".into())
-                .spawn(move || writer(&db, &path, &rx, &dtx, &stats))
+                .spawn(move || {
+                    writer(
+                        &db,
+                        &path,
+                        &rx,
+                        &Progress {
+                            durable: &dtx,
+                            stats: &stats,
+                            synced_applied: &synced,
+                        },
+                    )
+                })
                 .ok()
         };
         StreamStore {
@@ -210,6 +242,7 @@ impl StreamStore {
             durable: drx,
             thread: parking_lot::Mutex::new(thread),
             stats,
+            synced_applied,
         }
     }
 
@@ -224,32 +257,46 @@ impl StreamStore {
         writes: Vec<Write>,
         done: Option<oneshot::Sender<Result<(), String>>>,
     ) -> Result<(), StoreError> {
+        self.queue(writes, done.map(Done::Async), true)
+    }
+
+    /// Queues writes committed without an `fsync` (a replicated stream's
+    /// applier: see the module docs); `done` is answered once they are
+    /// committed (readable; lost by a crash until the next synced commit).
+    pub fn submit_unsynced(
+        &self,
+        writes: Vec<Write>,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    ) -> Result<(), StoreError> {
+        self.queue(writes, done.map(Done::Async), false)
+    }
+
+    fn queue(&self, writes: Vec<Write>, done: Option<Done>, sync: bool) -> Result<(), StoreError> {
         let jobs = self.jobs.lock();
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
         };
-        tx.send(Job {
-            writes,
-            done: done.map(Done::Async),
-        })
-        .map_err(|_| StoreError::Closed(self.path.clone()))
+        tx.send(Job { writes, done, sync })
+            .map_err(|_| StoreError::Closed(self.path.clone()))
+    }
+
+    /// Makes everything committed so far durable (one synced commit) and
+    /// waits for it.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.write_now(Vec::new())
+    }
+
+    /// The applied index (`Write::Applied`) as of the last synced commit:
+    /// what a crash of the process leaves.
+    pub fn synced_applied(&self) -> u64 {
+        self.synced_applied.load(Ordering::Acquire)
     }
 
     /// Writes and waits (blocking the thread; also from inside a runtime)
     /// until they are on disk.
     pub fn write_now(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
-        {
-            let jobs = self.jobs.lock();
-            let Some(jobs) = jobs.as_ref() else {
-                return Err(StoreError::Closed(self.path.clone()));
-            };
-            jobs.send(Job {
-                writes,
-                done: Some(Done::Blocking(tx)),
-            })
-            .map_err(|_| StoreError::Closed(self.path.clone()))?;
-        }
+        self.queue(writes, Some(Done::Blocking(tx)), true)?;
         rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
             .map_err(io(&self.path))
@@ -397,18 +444,7 @@ impl StreamStore {
     /// The Raft log index a replicated stream's store has applied (0:
     /// none, or not replicated).
     pub fn applied(&self) -> Result<u64, StoreError> {
-        let e = io(&self.path);
-        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
-        let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
-        let v = t.get(META_APPLIED).map_err(|x| e(x.to_string()))?;
-        match v.map(|v| <[u8; 8]>::try_from(v.value())) {
-            None => Ok(0),
-            Some(Ok(b)) => Ok(u64::from_le_bytes(b)),
-            Some(Err(_)) => Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                what: "applied index".into(),
-            }),
-        }
+        read_applied(&self.db, &self.path)
     }
 
     /// Stored records from `from` on, ascending, as stored (record bytes),
@@ -467,8 +503,13 @@ impl StreamStore {
         Ok(out)
     }
 
-    /// Stops the writer after what is queued is written.
+    /// Stops the writer after what is queued is written (and synced).
     pub fn close(&self) {
+        if self.jobs.lock().is_some() {
+            if let Err(e) = self.sync() {
+                tracing::warn!(path = %self.path.display(), error = %e, "stream store not synced at close");
+            }
+        }
         self.jobs.lock().take();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
@@ -501,13 +542,38 @@ fn read_last(db: &Database, path: &Path) -> Result<(u64, u64), StoreError> {
     Ok((u64::from_le_bytes(a), u64::from_le_bytes(b)))
 }
 
-fn writer(
-    db: &Database,
-    path: &Path,
-    rx: &mpsc::Receiver<Job>,
-    durable: &watch::Sender<u64>,
-    stats: &StoreStats,
-) {
+fn read_applied(db: &Database, path: &Path) -> Result<u64, StoreError> {
+    let e = io(path);
+    let txn = db.begin_read().map_err(|x| e(x.to_string()))?;
+    let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
+    let v = t.get(META_APPLIED).map_err(|x| e(x.to_string()))?;
+    match v.map(|v| <[u8; 8]>::try_from(v.value())) {
+        None => Ok(0),
+        Some(Ok(b)) => Ok(u64::from_le_bytes(b)),
+        Some(Err(_)) => Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: "applied index".into(),
+        }),
+    }
+}
+
+/// What the writer reports.
+struct Progress<'a> {
+    durable: &'a watch::Sender<u64>,
+    stats: &'a StoreStats,
+    synced_applied: &'a AtomicU64,
+}
+
+fn writer(db: &Database, path: &Path, rx: &mpsc::Receiver<Job>, progress: &Progress<'_>) {
+    let Progress {
+        durable,
+        stats,
+        synced_applied,
+    } = *progress;
+    // The applied index written so far (synced or not), and when the last
+    // synced commit was.
+    let mut applied = synced_applied.load(Ordering::Acquire);
+    let mut last_sync = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         let mut bytes = 0usize;
@@ -527,13 +593,24 @@ fn writer(
                 Err(_) => break,
             }
         }
-        let result = commit(db, &group);
+        let sync = group.iter().any(|j| j.sync) || last_sync.elapsed() >= SYNC_EVERY;
+        let result = commit(db, &group, sync);
         if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, "stream store write failed");
         } else {
             let n: usize = group.iter().map(|j| j.writes.len()).sum();
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+            for w in group.iter().flat_map(|j| j.writes.iter()) {
+                if let Write::Applied(i) = w {
+                    applied = *i;
+                }
+            }
+            if sync {
+                stats.syncs.fetch_add(1, Ordering::Relaxed);
+                last_sync = std::time::Instant::now();
+                synced_applied.store(applied, Ordering::Release);
+            }
             let top = group
                 .iter()
                 .flat_map(|j| j.writes.iter())
@@ -564,9 +641,13 @@ fn writer(
     }
 }
 
-fn commit(db: &Database, group: &[Job]) -> Result<(), String> {
+fn commit(db: &Database, group: &[Job], sync: bool) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(Durability::Immediate);
+    txn.set_durability(if sync {
+        Durability::Immediate
+    } else {
+        Durability::None
+    });
     {
         let mut msgs = txn.open_table(MSGS).map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
