@@ -99,6 +99,7 @@ async fn mesh(dirs: &mut TempDirs) -> anyhow::Result<Mesh> {
         Key::of(&auth),
         &Rotation {
             pattern: "sec.**".into(),
+            kind: macula::auth::keys::PatternKind::Topic,
             members: vec![c.e2e().member_key(), b.e2e().member_key()],
             now_ms: now,
             activate_in_ms: 0,

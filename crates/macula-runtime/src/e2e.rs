@@ -20,7 +20,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use macula_auth::keys::rand_core::{CryptoRng, RngCore};
-use macula_auth::keys::{KeySet, KeySetBody, KeyStatus, Keyring, OpenError, Opened};
+use macula_auth::keys::{
+    Envelope, KeyId, KeySet, KeySetBody, KeyStatus, Keyring, OpenError, Opened, SealError,
+    NONCE_LEN,
+};
 use macula_auth::Key;
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -40,6 +43,13 @@ pub fn gateway_keys(hello: &macula_wire::Hello) -> u64 {
         .find_map(|c| c.strip_prefix(KEYS_CAPABILITY)?.parse().ok())
         .unwrap_or(0)
 }
+
+/// An envelope's nonce.
+pub type Nonce = [u8; NONCE_LEN];
+
+/// A sealed call's key id and nonce: what its reply is sealed with and
+/// bound to.
+pub type CallSeal = (KeyId, Nonce);
 
 /// The file in the data directory holding the last adopted key set.
 pub const KEYSET_FILE: &str = "keyset";
@@ -269,7 +279,7 @@ impl E2e {
 
     /// The payload to publish on `topic`: sealed when the topic is
     /// encrypted, as it is otherwise.
-    pub fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, macula_auth::keys::SealError> {
+    pub fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, SealError> {
         if !self.is_active() {
             return Ok(payload);
         }
@@ -312,6 +322,151 @@ impl E2e {
                 self.counters.e2e.at(3).inc();
                 tracing::debug!(topic, error = %e, "end-to-end: an event was not delivered");
                 None
+            }
+        }
+    }
+
+    /// Whether `topic` is encrypted end to end by the set held.
+    pub fn encrypts(&self, topic: &str) -> bool {
+        self.is_active() && self.held.read().ring.encrypts(topic)
+    }
+
+    /// Whether calls of `procedure` are encrypted end to end by the set
+    /// held.
+    pub fn encrypts_call(&self, procedure: &str) -> bool {
+        self.is_active() && self.held.read().ring.encrypts_call(procedure)
+    }
+
+    /// The arguments of a call of `procedure` as they leave this caller:
+    /// sealed on an encrypted procedure (with the envelope's nonce, which
+    /// the reply is bound to), as they are otherwise.
+    pub fn seal_call(
+        &self,
+        procedure: &str,
+        payload: Bytes,
+    ) -> Result<(Bytes, Option<Nonce>), SealError> {
+        if !self.is_active() {
+            return Ok((payload, None));
+        }
+        let held = self.held.read().clone();
+        let nonce = self.next_nonce();
+        match held
+            .ring
+            .seal_call_with_nonce(procedure, &payload, unix_ms(), &nonce)
+        {
+            Ok(Some(sealed)) => {
+                self.counters.e2e_calls.at(0).inc();
+                Ok((Bytes::from(sealed), Some(nonce)))
+            }
+            Ok(None) => Ok((payload, None)),
+            Err(e) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// The arguments of a call of `procedure` as its handler gets them,
+    /// and the request's key id and nonce when they were sealed (the reply
+    /// is sealed with them). Every failure is counted.
+    pub fn open_call(
+        &self,
+        procedure: &str,
+        payload: Bytes,
+    ) -> Result<(Bytes, Option<CallSeal>), OpenError> {
+        if !self.is_active() {
+            return Ok((payload, None));
+        }
+        let held = self.held.read().clone();
+        match held.ring.open_call(procedure, &payload, unix_ms()) {
+            Ok(Opened::Clear) => Ok((payload, None)),
+            Ok(Opened::Plain {
+                payload: plain,
+                key,
+            }) => {
+                self.counters.e2e_calls.at(1).inc();
+                let nonce = Envelope::decode(&payload)
+                    .map(|e| e.nonce)
+                    .map_err(|_| OpenError::Malformed)?;
+                Ok((Bytes::from(plain), Some((key, nonce))))
+            }
+            Err(e) => {
+                let at = match e {
+                    OpenError::NoKey => 2,
+                    // Not an envelope: a call in the clear.
+                    OpenError::Malformed => 5,
+                    _ => 3,
+                };
+                self.counters.e2e_calls.at(at).inc();
+                tracing::debug!(procedure, error = %e, "end-to-end: a call was not served");
+                Err(e)
+            }
+        }
+    }
+
+    /// A handler's reply to a call whose arguments were sealed (`request`,
+    /// from [`E2e::open_call`]): sealed with the request's key, bound to
+    /// it.
+    pub fn seal_reply(
+        &self,
+        procedure: &str,
+        request: &CallSeal,
+        payload: Bytes,
+    ) -> Result<Bytes, SealError> {
+        let held = self.held.read().clone();
+        let nonce = self.next_nonce();
+        match held
+            .ring
+            .seal_reply_with_nonce(procedure, (&request.0, &request.1), &payload, &nonce)
+        {
+            Ok(Some(sealed)) => {
+                self.counters.e2e_calls.at(0).inc();
+                Ok(Bytes::from(sealed))
+            }
+            // The set changed under the call and no longer encrypts the
+            // procedure: the reply still goes sealed or not at all.
+            Ok(None) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(SealError::NoReplyKey {
+                    procedure: procedure.to_string(),
+                })
+            }
+            Err(e) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// The reply to a call of `procedure` this caller sealed with
+    /// `request_nonce`, opened. Every failure is counted.
+    pub fn open_reply(
+        &self,
+        procedure: &str,
+        request_nonce: &Nonce,
+        payload: Bytes,
+    ) -> Result<Bytes, OpenError> {
+        let held = self.held.read().clone();
+        let opened = match held
+            .ring
+            .open_reply(procedure, request_nonce, &payload, unix_ms())
+        {
+            // The set no longer encrypts it: a reply in the clear to a
+            // sealed call is still refused.
+            Ok(Opened::Clear) => Err(OpenError::Malformed),
+            other => other,
+        };
+        match opened {
+            Ok(Opened::Plain { payload, .. }) => {
+                self.counters.e2e_calls.at(1).inc();
+                Ok(Bytes::from(payload))
+            }
+            Ok(Opened::Clear) => Ok(payload),
+            Err(e) => {
+                let at = if e == OpenError::NoKey { 2 } else { 3 };
+                self.counters.e2e_calls.at(at).inc();
+                tracing::debug!(procedure, error = %e, "end-to-end: a reply was not taken");
+                Err(e)
             }
         }
     }

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use common::{boot, config, init_tracing, joined, start, within, STEP};
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
-use macula_auth::keys::{rotate, Envelope, KeySet, KeySetBody, Rotation, ENVELOPE_OVERHEAD};
+use macula_auth::keys::{
+    rotate, Envelope, KeySet, KeySetBody, PatternKind, Rotation, ENVELOPE_OVERHEAD,
+};
 use macula_auth::{Key, Subject};
 use macula_runtime::config::Admission;
 use macula_runtime::pubsub::{PubSubError, Subscription, SubscriptionItem};
@@ -91,6 +93,7 @@ fn next_set(
         Key::of(authority),
         &Rotation {
             pattern: "orders.**".into(),
+            kind: PatternKind::Topic,
             members: members.iter().map(|c| c.e2e().member_key()).collect(),
             now_ms: now_ms(),
             activate_in_ms,
