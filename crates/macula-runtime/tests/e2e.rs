@@ -295,3 +295,77 @@ async fn rotation_under_load_loses_nothing_and_locks_out_the_revoked() {
     );
     assert_eq!(c2.e2e().counters().e2e.at(2).get(), 0, "C2 missed no key");
 }
+
+/// Waits (bounded) until `counter` reads at least `n`.
+async fn reaches(what: &str, counter: &prometheus_client::metrics::counter::Counter, n: u64) {
+    within(STEP, what, async {
+        while counter.get() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_the_clear_on_encrypted_topics_are_refused_where_they_enter() {
+    init_tracing();
+    let authority = SigningKey::from_bytes(&[45; 32]);
+    let (a, _ad) = member(&authority, 1, None).await;
+    let (b, _bd) = member(&authority, 2, Some(&a)).await;
+    let (c1, _c1d) = client_of(&a, &authority, 3).await;
+    let (c2, _c2d) = client_of(&b, &authority, 4).await;
+    let (_, set) = next_set(&authority, None, &[&c1, &c2], 0);
+    a.realm_service().install_keys(&set, None).expect("install");
+    holds(1, &[&c1, &c2], &[&a, &b]).await;
+    let mut on_c2 = c2.subscribe("orders.**").await.expect("subscribe");
+
+    // A client handing its gateway a message in the clear on an encrypted
+    // topic: the gateway refuses it, counts it, passes nothing on.
+    c1.pubsub()
+        .publish_carried(
+            "orders.new",
+            Bytes::from("clear secret"),
+            Default::default(),
+        )
+        .await
+        .expect("handed to the gateway");
+    reaches(
+        "A refuses the clear batch",
+        a.realm_service().counters().e2e.at(5),
+        1,
+    )
+    .await;
+    // A node publishing for itself in the clear: refused by the next node.
+    a.pubsub()
+        .publish_carried(
+            "orders.node",
+            Bytes::from("clear secret"),
+            Default::default(),
+        )
+        .await
+        .expect("sent to B");
+    reaches(
+        "B refuses the node's clear batch",
+        b.realm_service().counters().e2e.at(5),
+        1,
+    )
+    .await;
+    // The streams stay up: a sealed message after them is delivered, and
+    // nothing in the clear reached the subscriber first.
+    c1.publish("orders.new", "sealed secret")
+        .await
+        .expect("publish");
+    assert_eq!(next_payload(&mut on_c2).await, Bytes::from("sealed secret"));
+    assert_eq!(
+        c2.e2e().counters().e2e.at(3).get(),
+        0,
+        "nothing malformed arrived"
+    );
+    // A topic outside the patterns is carried in the clear as before.
+    let mut plain = c2.subscribe("news.**").await.expect("subscribe");
+    c1.pubsub()
+        .publish_carried("news.x", Bytes::from("hello"), Default::default())
+        .await
+        .expect("publish");
+    assert_eq!(next_payload(&mut plain).await, Bytes::from("hello"));
+}
