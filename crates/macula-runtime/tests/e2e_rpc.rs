@@ -6,6 +6,10 @@
 //! seals the reply; both gateways carry only envelopes. A principal
 //! without the key cannot call, and a call in the clear on the encrypted
 //! procedure is refused by the gateway, with a clear error and a metric.
+//! And with a relay in the path (two private nodes reaching each other
+//! through a public one): what the relay forwards holds no plaintext of an
+//! encrypted event or call, and the event crosses the relayed connection
+//! as an envelope.
 
 mod common;
 
@@ -16,9 +20,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{boot, config, init_tracing, joined, start, within, STEP};
 use ed25519_dalek::SigningKey;
+use futures::StreamExt;
 use macula_auth::keys::{rotate, Envelope, KeySet, PatternKind, Rotation, ENVELOPE_OVERHEAD};
 use macula_auth::{Key, Subject};
-use macula_runtime::config::Admission;
+use macula_runtime::config::{Admission, ReachabilityMode};
+use macula_runtime::pubsub::SubscriptionItem;
 use macula_runtime::rpc::{AdvertiseOptions, Carried, HandlerResult, Request, RpcError};
 use macula_runtime::{
     Client, ClientConfig, Identity, IdentitySource, NodeConfig, NodeRuntime, PeerAddr,
@@ -80,23 +86,40 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A key set encrypting calls of `billing.**` for `members`.
+/// A key set encrypting calls of `billing.**` (and, with `topics`, events
+/// on `orders.**`) for `members`.
 fn procedure_set(authority: &SigningKey, members: &[Key]) -> Vec<u8> {
-    let (body, _) = rotate(
+    key_set(authority, members, false)
+}
+
+fn key_set(authority: &SigningKey, members: &[Key], topics: bool) -> Vec<u8> {
+    let rotation = |pattern: &str, kind| Rotation {
+        pattern: pattern.into(),
+        kind,
+        members: members.to_vec(),
+        now_ms: now_ms(),
+        activate_in_ms: 0,
+        grace_ms: 60_000,
+        rotate_every_ms: None,
+    };
+    let mut rng = macula_runtime::e2e::SysRng;
+    let (mut body, _) = rotate(
         None,
         Key::of(authority),
-        &Rotation {
-            pattern: "billing.**".into(),
-            kind: PatternKind::Procedure,
-            members: members.to_vec(),
-            now_ms: now_ms(),
-            activate_in_ms: 0,
-            grace_ms: 60_000,
-            rotate_every_ms: None,
-        },
-        &mut macula_runtime::e2e::SysRng,
+        &rotation("billing.**", PatternKind::Procedure),
+        &mut rng,
     )
     .expect("rotate");
+    if topics {
+        body = rotate(
+            Some(body),
+            Key::of(authority),
+            &rotation("orders.**", PatternKind::Topic),
+            &mut rng,
+        )
+        .expect("rotate")
+        .0;
+    }
     KeySet::sign(&body, authority)
         .expect("sign")
         .to_bytes()
@@ -272,4 +295,130 @@ async fn encrypted_calls_cross_gateways_as_ciphertext_and_clear_calls_are_refuse
     .await
     .expect("plain call");
     assert_eq!(r.payload, Bytes::from("hello"));
+}
+
+/// A member node behind (emulated) NAT, bootstrapped through `relay`: it
+/// refuses every direct inbound connection.
+async fn private_member(
+    authority: &SigningKey,
+    serial: u8,
+    relay: &NodeRuntime,
+) -> (NodeRuntime, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let g = grant(authority, serial, identity_in(dir.path()).node_id());
+    let node = start(NodeConfig {
+        identity: IdentitySource::DataDir(dir.path().to_path_buf()),
+        admission: Some(Admission::new(Key::of(authority), Some(g))),
+        reachability: ReachabilityMode::Private,
+        ..boot(relay)
+    })
+    .await;
+    joined(&node).await;
+    let rid = relay.node_id();
+    common::eventually(STEP, "reservation at the relay", || {
+        node.tunnel().reserved_relays().contains(&rid)
+    })
+    .await;
+    (node, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_in_the_path_forwards_no_plaintext_of_encrypted_events_and_calls() {
+    init_tracing();
+    let authority = SigningKey::from_bytes(&[46; 32]);
+    let (r, _rd) = member(&authority, 1, None).await;
+    let (a, _ad) = private_member(&authority, 2, &r).await;
+    let (c, _cd) = private_member(&authority, 3, &r).await;
+    // The edges are the two private nodes' own applications.
+    let members = [
+        a.realm_service().e2e().member_key(),
+        c.realm_service().e2e().member_key(),
+    ];
+    let set = key_set(&authority, &members, true);
+    r.realm_service().install_keys(&set, None).expect("install");
+    // Two rotations: version 2.
+    holds(2, &[], &[&r, &a, &c]).await;
+    let mut forwarded = r.relay().tap_bytes(1 << 16);
+
+    let mut on_c = c
+        .pubsub()
+        .subscribe_mesh("orders.**")
+        .await
+        .expect("subscribe");
+    let mut tap_c = c.pubsub().tap_mesh("orders.**").await.expect("tap");
+    let _reg = c
+        .rpc()
+        .advertise("billing.charge", AdvertiseOptions::default(), receipt)
+        .await
+        .expect("advertise");
+    // The first publish finds C (the DHT), fails to dial it directly and
+    // goes through its relay: repeated until one arrives.
+    let got = within(
+        Duration::from_secs(20),
+        "an event through the relay",
+        async {
+            loop {
+                a.pubsub()
+                    .publish_mesh(
+                        "orders.new",
+                        Bytes::from("secret order"),
+                        Default::default(),
+                    )
+                    .await
+                    .expect("publish");
+                if let Ok(Some(SubscriptionItem::Event(e))) =
+                    tokio::time::timeout(Duration::from_millis(300), on_c.next()).await
+                {
+                    return e;
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(got.payload, Bytes::from("secret order"));
+    assert_eq!(
+        a.peer(&c.node_id()).and_then(|p| p.relayed_via()),
+        Some(r.node_id()),
+        "A reached C through R"
+    );
+    // What crossed the relayed connection was the envelope.
+    let carried = within(STEP, "tap", tap_c.next()).await;
+    match carried {
+        Some(SubscriptionItem::Event(e)) => {
+            assert_eq!(e.payload.len(), "secret order".len() + ENVELOPE_OVERHEAD);
+            assert!(no_plaintext(&e.payload));
+        }
+        other => panic!("expected an event, got {other:?}"),
+    }
+    // An encrypted call over the same relayed connection.
+    let reply = within(
+        STEP,
+        "a call through the relay",
+        a.rpc()
+            .call("billing.charge", "secret card r")
+            .into_future(),
+    )
+    .await
+    .expect("the call succeeds");
+    assert_eq!(reply.payload, Bytes::from("receipt for secret card r"));
+    assert_eq!(reply.provider, c.node_id());
+    assert_eq!(
+        c.realm_service().counters().e2e_calls.at(1).get(),
+        1,
+        "C opened the call"
+    );
+
+    // Every byte the relay forwarded, both ways: some, none of them the
+    // plaintext of the event, the call or the reply.
+    let mut seen = 0usize;
+    let mut all = Vec::new();
+    while let Ok(chunk) = forwarded.try_recv() {
+        seen += chunk.len();
+        all.extend_from_slice(&chunk);
+    }
+    assert!(seen > 0, "the relay forwarded nothing");
+    assert!(no_plaintext(&all), "the relay forwarded plaintext");
+    for n in [&a, &c, &r] {
+        n.shutdown().await;
+    }
 }
