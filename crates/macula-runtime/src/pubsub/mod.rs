@@ -301,8 +301,20 @@ impl PubSub {
         let _ = self.0.e2e.set(e2e);
     }
 
+    /// The end-to-end keys, in a realm with an authority.
+    pub(crate) fn e2e(&self) -> Option<&Arc<crate::e2e::E2e>> {
+        self.0.e2e.get()
+    }
+
+    /// A local subscription whose events are not opened: payloads on
+    /// encrypted topics come sealed, as carried (a stream capturing them
+    /// stores them so; its readers open them).
+    pub(crate) fn subscribe_carried(&self, pattern: &str) -> Result<Subscription, PubSubError> {
+        self.subscribe_inner(pattern, false).map(|(s, _)| s)
+    }
+
     /// `payload` as it leaves this edge: sealed on an encrypted topic.
-    fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, PubSubError> {
+    pub(crate) fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, PubSubError> {
         match self.0.e2e.get() {
             None => Ok(payload),
             Some(e) => e.seal(topic, payload).map_err(|e| PubSubError::Sealing {

@@ -239,6 +239,11 @@ impl Rpc {
         }
     }
 
+    /// The end-to-end keys, in a realm with an authority.
+    pub(crate) fn e2e(&self) -> Option<&Arc<crate::e2e::E2e>> {
+        self.0.e2e.get()
+    }
+
     /// Seals calls of the realm's encrypted procedures with `e2e`'s keys.
     pub(crate) fn set_e2e(&self, e2e: Arc<crate::e2e::E2e>) {
         let _ = self.0.e2e.set(e2e);
