@@ -244,7 +244,7 @@ async fn measure_rpc(
     args: &E2eArgs,
 ) -> anyhow::Result<(f64, Vec<f64>)> {
     let payload = Bytes::from(vec![7u8; size]);
-    let call = |c: Client, payload: Bytes| async move {
+    let call = move |c: Client, payload: Bytes| async move {
         let r = c
             .call(procedure, payload.clone())
             .timeout(Duration::from_secs(30))
