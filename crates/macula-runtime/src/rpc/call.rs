@@ -117,9 +117,6 @@ impl Rpc {
         via: Option<&Peer>,
     ) -> Result<Response, RpcError> {
         let c = &self.0.counters;
-        // End-to-end: the arguments as they leave this node (a remote call
-        // of an encrypted procedure), sealed once for every attempt.
-        let sealed = self.seal_args(b);
         let spec = CallSpec {
             procedure: b.procedure.clone(),
             timeout: ms(b.opts.timeout),
@@ -155,7 +152,10 @@ impl Rpc {
             }
             Ok(Started::Remote(id)) => {
                 let _gauge = GaugeGuard::up(&c.inflight_calls);
-                match sealed {
+                // End-to-end: the arguments as they leave this node (an
+                // encrypted procedure), sealed once for every attempt; a
+                // call in process is not sealed.
+                match self.seal_args(b) {
                     Ok(None) => self.drive(id, b, via).await,
                     Ok(Some((sb, nonce))) => {
                         let r = self.drive(id, &sb, via).await;
