@@ -1,6 +1,6 @@
 //! End-to-end payload encryption at the edges (issue 19): the realm's key
 //! set this node (or client) holds, and sealing and opening of payloads on
-//! encrypted topics.
+//! encrypted topics and of calls of encrypted procedures.
 //!
 //! The key set (`macula_auth::keys`) is signed by the realm authority and
 //! spread like the revocation list (`realm.rs`): from the admin API
@@ -9,9 +9,13 @@
 //! kept and passed on to full nodes, and a gateway sends it to its clients.
 //!
 //! Only the edges touch payloads: a publish seals (`pubsub::PubSub`), a
-//! subscription opens as the application takes an event. The pub/sub core,
-//! gateways and forwarding nodes carry the envelope as they carry any
-//! payload.
+//! subscription opens as the application takes an event; a call of an
+//! encrypted procedure is sealed by the caller's `rpc::Rpc` and opened by
+//! the provider's before its handler, the reply the other way round
+//! (bound to the request); a stream stores envelopes as captured and its
+//! readers open them. The pub/sub core, gateways and forwarding nodes
+//! carry the envelope as they carry any payload; where a message or call
+//! enters the mesh they refuse one in the clear on an encrypted pattern.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
