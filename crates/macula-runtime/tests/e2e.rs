@@ -399,6 +399,14 @@ async fn a_stream_on_an_encrypted_topic_stores_ciphertext_and_members_read_it() 
             .expect("publish");
     }
     let t = Duration::from_secs(5);
+    // The stream's procedure is advertised in the background: wait
+    // (bounded) until C2 finds it.
+    within(STEP, "the stream is found", async {
+        while c2.stream("orders", t).info().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let ack = within(
         STEP,
         "stream publish",
