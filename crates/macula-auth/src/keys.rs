@@ -97,10 +97,37 @@ pub struct Generation {
     pub wrapped: Vec<Wrapped>,
 }
 
+/// What an encrypted pattern names: topics (pub/sub payloads) or
+/// procedures (RPC arguments and replies). Each kind has its own keys and
+/// members, so one pattern text can be encrypted for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PatternKind {
+    #[default]
+    Topic,
+    Procedure,
+}
+
+impl PatternKind {
+    pub fn is_topic(&self) -> bool {
+        *self == PatternKind::Topic
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            PatternKind::Topic => "topic",
+            PatternKind::Procedure => "procedure",
+        }
+    }
+}
+
 /// One encrypted pattern and its keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PatternKeys {
     pub pattern: String,
+    /// Topics (absent on the wire: the default) or procedures.
+    #[serde(default, skip_serializing_if = "PatternKind::is_topic")]
+    pub kind: PatternKind,
     /// Rotation schedule: a key older than this is due (0: none).
     pub rotate_every_ms: u64,
     /// Oldest first; the last one active is the publishers' key.
@@ -161,6 +188,10 @@ pub enum OpenError {
 pub enum SealError {
     #[error("topic {topic:?} is encrypted end to end (pattern {pattern:?}) and this principal holds no active key for it")]
     NoKey { topic: String, pattern: String },
+    #[error("procedure {procedure:?} is encrypted end to end (pattern {pattern:?}) and this principal holds no active key for it")]
+    NoCallKey { procedure: String, pattern: String },
+    #[error("the reply to {procedure:?} cannot be sealed: the request's key is no longer held")]
+    NoReplyKey { procedure: String },
 }
 
 impl KeySet {
@@ -305,6 +336,8 @@ pub fn unwrap(w: &Wrapped, id: &[u8], identity: &SigningKey) -> Option<[u8; 32]>
 #[derive(Debug, Clone)]
 pub struct Rotation {
     pub pattern: String,
+    /// Topics or procedures.
+    pub kind: PatternKind,
     /// Who receives the new key (the pattern's publishers and subscribers).
     pub members: Vec<Key>,
     /// Unix ms now.
@@ -356,7 +389,11 @@ pub fn rotate<R: RngCore + CryptoRng>(
         wrapped.push(wrap(&key, &id, m, rng)?);
     }
     let active_from_ms = r.now_ms.saturating_add(r.activate_in_ms);
-    let at = match body.patterns.iter().position(|p| p.pattern == r.pattern) {
+    let at = match body
+        .patterns
+        .iter()
+        .position(|p| p.pattern == r.pattern && p.kind == r.kind)
+    {
         Some(i) => i,
         None => {
             if body.patterns.len() >= MAX_PATTERNS {
@@ -366,6 +403,7 @@ pub fn rotate<R: RngCore + CryptoRng>(
             }
             body.patterns.push(PatternKeys {
                 pattern: r.pattern.clone(),
+                kind: r.kind,
                 rotate_every_ms: 0,
                 generations: Vec::new(),
             });
@@ -408,6 +446,7 @@ struct HeldKey {
 
 struct HeldPattern {
     pattern: Pattern,
+    kind: PatternKind,
     /// Oldest first.
     keys: Vec<HeldKey>,
 }
@@ -432,6 +471,8 @@ pub enum Opened {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyStatus {
     pub pattern: String,
+    #[serde(default)]
+    pub kind: PatternKind,
     /// Hex.
     pub key_id: String,
     pub number: u64,
@@ -479,7 +520,11 @@ impl Keyring {
                         })
                     })
                     .collect();
-                Some(HeldPattern { pattern, keys })
+                Some(HeldPattern {
+                    pattern,
+                    kind: p.kind,
+                    keys,
+                })
             })
             .collect();
         Keyring {
@@ -496,17 +541,31 @@ impl Keyring {
         self.patterns.is_empty()
     }
 
-    fn covering(&self, topic: &str) -> Option<&HeldPattern> {
+    /// The first pattern of `kind` that matches `name`.
+    fn covering(&self, kind: PatternKind, name: &str) -> Option<&HeldPattern> {
         if self.patterns.is_empty() {
             return None;
         }
-        let t = Topic::new(topic).ok()?;
-        self.patterns.iter().find(|p| p.pattern.matches(&t))
+        let t = match kind {
+            PatternKind::Topic => Topic::new(name).ok()?,
+            // Procedure names (at most 256 bytes of `.`-separated segments)
+            // may have more segments than a topic: matched without the
+            // topic limits, so no valid procedure escapes its pattern.
+            PatternKind::Procedure => Topic::with_limits(name, &procedure_limits()).ok()?,
+        };
+        self.patterns
+            .iter()
+            .find(|p| p.kind == kind && p.pattern.matches(&t))
     }
 
     /// Whether `topic` is encrypted end to end.
     pub fn encrypts(&self, topic: &str) -> bool {
-        self.covering(topic).is_some()
+        self.covering(PatternKind::Topic, topic).is_some()
+    }
+
+    /// Whether calls of `procedure` are encrypted end to end.
+    pub fn encrypts_call(&self, procedure: &str) -> bool {
+        self.covering(PatternKind::Procedure, procedure).is_some()
     }
 
     /// Seals `payload` for `topic` with the pattern's newest active key;
@@ -533,67 +592,104 @@ impl Keyring {
         now_ms: u64,
         nonce: &[u8; NONCE_LEN],
     ) -> Result<Option<Vec<u8>>, SealError> {
-        let Some(p) = self.covering(topic) else {
+        let Some(p) = self.covering(PatternKind::Topic, topic) else {
             return Ok(None);
         };
         let no_key = || SealError::NoKey {
             topic: topic.to_string(),
             pattern: p.pattern.as_str().to_string(),
         };
+        let k = p.sealing_key(now_ms).ok_or_else(no_key)?;
+        seal_with(k, topic.as_bytes(), payload, nonce)
+            .map(Some)
+            .ok_or_else(no_key)
+    }
+
+    /// Seals the arguments of a call of `procedure` (additional data: the
+    /// procedure name) with the pattern's newest active key; `Ok(None)`
+    /// when the procedure is not encrypted.
+    pub fn seal_call_with_nonce(
+        &self,
+        procedure: &str,
+        payload: &[u8],
+        now_ms: u64,
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<Option<Vec<u8>>, SealError> {
+        let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
+            return Ok(None);
+        };
+        let no_key = || SealError::NoCallKey {
+            procedure: procedure.to_string(),
+            pattern: p.pattern.as_str().to_string(),
+        };
+        let k = p.sealing_key(now_ms).ok_or_else(no_key)?;
+        seal_with(k, procedure.as_bytes(), payload, nonce)
+            .map(Some)
+            .ok_or_else(no_key)
+    }
+
+    /// Seals the reply to a call of `procedure` whose arguments came in
+    /// envelope `request`: with the request's key (the caller holds it),
+    /// bound to the request (additional data [`reply_aad`]); `Ok(None)`
+    /// when the procedure is not encrypted.
+    pub fn seal_reply_with_nonce(
+        &self,
+        procedure: &str,
+        request: (&KeyId, &[u8; NONCE_LEN]),
+        payload: &[u8],
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<Option<Vec<u8>>, SealError> {
+        let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
+            return Ok(None);
+        };
+        let no_key = || SealError::NoReplyKey {
+            procedure: procedure.to_string(),
+        };
         let k = p
             .keys
             .iter()
-            .rev()
-            .find(|k| k.active_from_ms <= now_ms && k.retire_at_ms.is_none_or(|t| t > now_ms))
-            // Before the first key's activation: the first key.
-            .or_else(|| p.keys.iter().find(|k| k.retire_at_ms.is_none()))
+            .find(|k| &k.id == request.0)
             .ok_or_else(no_key)?;
-        let cipher = k.cipher.as_ref().ok_or_else(no_key)?;
-        let ct = cipher
-            .encrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: payload,
-                    aad: topic.as_bytes(),
-                },
-            )
-            .map_err(|_| no_key())?;
-        let mut out = Vec::with_capacity(1 + KEY_ID_LEN + NONCE_LEN + ct.len());
-        out.push(ENVELOPE_TAG);
-        out.extend_from_slice(&k.id);
-        out.extend_from_slice(nonce);
-        out.extend_from_slice(&ct);
-        Ok(Some(out))
+        seal_with(k, &reply_aad(procedure, request.1), payload, nonce)
+            .map(Some)
+            .ok_or_else(no_key)
     }
 
     /// Opens the payload of an event on `topic`.
     pub fn open(&self, topic: &str, payload: &[u8], now_ms: u64) -> Result<Opened, OpenError> {
-        let Some(p) = self.covering(topic) else {
+        let Some(p) = self.covering(PatternKind::Topic, topic) else {
             return Ok(Opened::Clear);
         };
-        let env = Envelope::decode(payload)?;
-        let k = p
-            .keys
-            .iter()
-            .find(|k| k.id == env.key_id)
-            .ok_or(OpenError::NoKey)?;
-        if k.retire_at_ms.is_some_and(|t| t <= now_ms) {
-            return Err(OpenError::Retired);
-        }
-        let cipher = k.cipher.as_ref().ok_or(OpenError::NoKey)?;
-        let plain = cipher
-            .decrypt(
-                XNonce::from_slice(&env.nonce),
-                Payload {
-                    msg: env.ciphertext,
-                    aad: topic.as_bytes(),
-                },
-            )
-            .map_err(|_| OpenError::Forged)?;
-        Ok(Opened::Plain {
-            payload: plain,
-            key: k.id,
-        })
+        p.open(topic.as_bytes(), payload, now_ms)
+    }
+
+    /// Opens the arguments of a call of `procedure` (the envelope's nonce
+    /// and key id, for the reply, are in [`Envelope::decode`] of it).
+    pub fn open_call(
+        &self,
+        procedure: &str,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Opened, OpenError> {
+        let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
+            return Ok(Opened::Clear);
+        };
+        p.open(procedure.as_bytes(), payload, now_ms)
+    }
+
+    /// Opens the reply to a call of `procedure` whose arguments were
+    /// sealed with nonce `request_nonce`.
+    pub fn open_reply(
+        &self,
+        procedure: &str,
+        request_nonce: &[u8; NONCE_LEN],
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Opened, OpenError> {
+        let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
+            return Ok(Opened::Clear);
+        };
+        p.open(&reply_aad(procedure, request_nonce), payload, now_ms)
     }
 
     /// Every generation held, for `macula keys status` (members from the
@@ -604,7 +700,7 @@ impl Keyring {
             let held = self
                 .patterns
                 .iter()
-                .find(|h| h.pattern.as_str() == p.pattern);
+                .find(|h| h.pattern.as_str() == p.pattern && h.kind == p.kind);
             for g in &p.generations {
                 let has = held.is_some_and(|h| {
                     h.keys
@@ -613,6 +709,7 @@ impl Keyring {
                 });
                 out.push(KeyStatus {
                     pattern: p.pattern.clone(),
+                    kind: p.kind,
                     key_id: hex(&g.id),
                     number: g.number,
                     active_from_ms: g.active_from_ms,
@@ -627,12 +724,90 @@ impl Keyring {
 
     /// The newest generation's number of each held pattern (tests, status).
     pub fn current(&self, topic: &str, now_ms: u64) -> Option<u64> {
-        let p = self.covering(topic)?;
+        let p = self.covering(PatternKind::Topic, topic)?;
         p.keys
             .iter()
             .rev()
             .find(|k| k.active_from_ms <= now_ms)
             .map(|k| k.number)
+    }
+}
+
+/// Topic limits for matching procedure names (longer than any valid
+/// procedure, 256 bytes, can be).
+fn procedure_limits() -> macula_pubsub::Limits {
+    macula_pubsub::Limits {
+        max_topic_len: 1_024,
+        max_segments: 1_024,
+        ..macula_pubsub::Limits::default()
+    }
+}
+
+/// What a reply's additional data is after the procedure name (a NUL
+/// cannot be in a name, so no name's bytes equal a reply's).
+pub const REPLY_AAD_TAG: &[u8] = b"\0macula reply\0";
+
+/// The additional data of the reply to a call of `procedure` sealed with
+/// `request_nonce`: `procedure || "\0macula reply\0" || request_nonce`.
+/// Bound to the request, so a node on the way can neither answer a call
+/// with the call's own envelope nor with the reply to another call.
+pub fn reply_aad(procedure: &str, request_nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(procedure.len() + REPLY_AAD_TAG.len() + NONCE_LEN);
+    aad.extend_from_slice(procedure.as_bytes());
+    aad.extend_from_slice(REPLY_AAD_TAG);
+    aad.extend_from_slice(request_nonce);
+    aad
+}
+
+/// One envelope with key `k` (`None`: not wrapped to this principal).
+fn seal_with(k: &HeldKey, aad: &[u8], payload: &[u8], nonce: &[u8; NONCE_LEN]) -> Option<Vec<u8>> {
+    let cipher = k.cipher.as_ref()?;
+    let ct = cipher
+        .encrypt(XNonce::from_slice(nonce), Payload { msg: payload, aad })
+        .ok()?;
+    let mut out = Vec::with_capacity(1 + KEY_ID_LEN + NONCE_LEN + ct.len());
+    out.push(ENVELOPE_TAG);
+    out.extend_from_slice(&k.id);
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(&ct);
+    Some(out)
+}
+
+impl HeldPattern {
+    /// The publishers' (callers') key at `now_ms`: the newest active one
+    /// (before the first one's activation, the first one).
+    fn sealing_key(&self, now_ms: u64) -> Option<&HeldKey> {
+        self.keys
+            .iter()
+            .rev()
+            .find(|k| k.active_from_ms <= now_ms && k.retire_at_ms.is_none_or(|t| t > now_ms))
+            .or_else(|| self.keys.iter().find(|k| k.retire_at_ms.is_none()))
+    }
+
+    fn open(&self, aad: &[u8], payload: &[u8], now_ms: u64) -> Result<Opened, OpenError> {
+        let env = Envelope::decode(payload)?;
+        let k = self
+            .keys
+            .iter()
+            .find(|k| k.id == env.key_id)
+            .ok_or(OpenError::NoKey)?;
+        if k.retire_at_ms.is_some_and(|t| t <= now_ms) {
+            return Err(OpenError::Retired);
+        }
+        let cipher = k.cipher.as_ref().ok_or(OpenError::NoKey)?;
+        let plain = cipher
+            .decrypt(
+                XNonce::from_slice(&env.nonce),
+                Payload {
+                    msg: env.ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| OpenError::Forged)?;
+        Ok(Opened::Plain {
+            payload: plain,
+            key: k.id,
+        })
     }
 }
 
@@ -675,31 +850,36 @@ impl<'a> Envelope<'a> {
     }
 }
 
-/// The fuzz target's body: envelope and key set decoders take any bytes.
+/// The fuzz target's body: envelope and key set decoders take any bytes
+/// (topic payloads, call arguments and replies alike).
 pub fn fuzz_envelope(data: &[u8]) {
     if let Ok(e) = Envelope::decode(data) {
         assert_eq!(e.encode(), data);
     }
     let ring = fuzz_ring();
     let _ = ring.open("e2e.fuzz", data, 0);
+    let _ = ring.open_call("e2e.fuzz", data, 0);
+    let _ = ring.open_reply("e2e.fuzz", &[3; NONCE_LEN], data, 0);
     if let Ok(set) = KeySet::from_bytes(data) {
         let _ = set.verify(&Key([7; 32]));
     }
 }
 
 fn fuzz_ring() -> Keyring {
+    let held = |kind| HeldPattern {
+        pattern: Pattern::new("e2e.**").unwrap_or_else(|_| unreachable!()),
+        kind,
+        keys: vec![HeldKey {
+            id: [0; KEY_ID_LEN],
+            number: 1,
+            active_from_ms: 0,
+            retire_at_ms: None,
+            cipher: Some(XChaCha20Poly1305::new(&[1u8; 32].into())),
+        }],
+    };
     Keyring {
         version: 1,
-        patterns: vec![HeldPattern {
-            pattern: Pattern::new("e2e.**").unwrap_or_else(|_| unreachable!()),
-            keys: vec![HeldKey {
-                id: [0; KEY_ID_LEN],
-                number: 1,
-                active_from_ms: 0,
-                retire_at_ms: None,
-                cipher: Some(XChaCha20Poly1305::new(&[1u8; 32].into())),
-            }],
-        }],
+        patterns: vec![held(PatternKind::Topic), held(PatternKind::Procedure)],
     }
 }
 
@@ -738,6 +918,7 @@ mod tests {
     fn rot(pattern: &str, members: &[&SigningKey], now: u64, activate: u64) -> Rotation {
         Rotation {
             pattern: pattern.into(),
+            kind: PatternKind::Topic,
             members: members.iter().map(|k| Key::of(k)).collect(),
             now_ms: now,
             activate_in_ms: activate,
@@ -861,6 +1042,95 @@ mod tests {
         let st = Keyring::new(&v3, &alice).status(&v3);
         assert_eq!(st.len(), 2);
         assert!(st.iter().all(|s| s.held && s.members == 1));
+    }
+
+    #[test]
+    fn procedure_patterns_seal_calls_and_replies_bound_to_the_request() {
+        let (auth, alice, bob, eve) = (key(1), key(2), key(3), key(4));
+        let mut rng = TestRng(4);
+        let realm = Key::of(&auth);
+        let mut r = rot("billing.**", &[&alice, &bob], 0, 0);
+        r.kind = PatternKind::Procedure;
+        let (body, id) = rotate(None, realm, &r, &mut rng).expect("rotate");
+        // The same text as a topic pattern is another entry, other keys.
+        let (body, _) = rotate(
+            Some(body),
+            realm,
+            &rot("billing.**", &[&alice], 0, 0),
+            &mut rng,
+        )
+        .expect("rotate topic");
+        assert_eq!(body.patterns.len(), 2);
+        let set = KeySet::sign(&body, &auth).expect("sign");
+        let body = KeySet::from_bytes(&set.to_bytes().expect("encode"))
+            .expect("decode")
+            .verify(&realm)
+            .expect("verify");
+        assert_eq!(body.patterns[0].kind, PatternKind::Procedure);
+        assert_eq!(body.patterns[1].kind, PatternKind::Topic);
+        let (a, b, e) = (
+            Keyring::new(&body, &alice),
+            Keyring::new(&body, &bob),
+            Keyring::new(&body, &eve),
+        );
+        assert!(a.encrypts_call("billing.invoice.create"));
+        assert!(!a.encrypts_call("other.x"));
+        let n1 = [1u8; NONCE_LEN];
+        let call = a
+            .seal_call_with_nonce("billing.invoice.create", b"args", 5, &n1)
+            .expect("seal")
+            .expect("sealed");
+        let env = Envelope::decode(&call).expect("envelope");
+        assert_eq!(env.key_id, id);
+        // Bob (a member) opens it; Eve cannot; a topic key does not.
+        assert!(matches!(
+            b.open_call("billing.invoice.create", &call, 5),
+            Ok(Opened::Plain { ref payload, .. }) if payload == b"args"
+        ));
+        assert_eq!(
+            e.open_call("billing.invoice.create", &call, 5),
+            Err(OpenError::NoKey)
+        );
+        assert!(b.open("billing.invoice.create", &call, 5).is_err());
+        assert!(matches!(
+            e.seal_call_with_nonce("billing.x", b"x", 5, &n1),
+            Err(SealError::NoCallKey { .. })
+        ));
+        // Another procedure of the pattern: does not authenticate.
+        assert_eq!(
+            b.open_call("billing.invoice.delete", &call, 5),
+            Err(OpenError::Forged)
+        );
+        // The reply: Bob seals with the request's key, bound to it.
+        let reply = b
+            .seal_reply_with_nonce(
+                "billing.invoice.create",
+                (&env.key_id, &env.nonce),
+                b"done",
+                &[2; NONCE_LEN],
+            )
+            .expect("seal reply")
+            .expect("sealed");
+        assert!(matches!(
+            a.open_reply("billing.invoice.create", &env.nonce, &reply, 5),
+            Ok(Opened::Plain { ref payload, .. }) if payload == b"done"
+        ));
+        // Not an answer to another call, and the call is not its own reply.
+        assert_eq!(
+            a.open_reply("billing.invoice.create", &[9; NONCE_LEN], &reply, 5),
+            Err(OpenError::Forged)
+        );
+        assert_eq!(
+            a.open_reply("billing.invoice.create", &env.nonce, &call, 5),
+            Err(OpenError::Forged)
+        );
+        assert_eq!(
+            a.open_call("billing.invoice.create", &reply, 5),
+            Err(OpenError::Forged)
+        );
+        // A procedure outside the patterns is left alone.
+        assert_eq!(a.seal_call_with_nonce("x.y", b"a", 5, &n1), Ok(None));
+        assert_eq!(a.open_call("x.y", b"a", 5), Ok(Opened::Clear));
     }
 
     proptest! {

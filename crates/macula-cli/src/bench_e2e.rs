@@ -13,6 +13,12 @@
 //! publishers on, as by default). Figures per payload size (64 B and
 //! 16 KiB): publish-to-receive throughput flat out, and one-in-flight
 //! latency (publish, wait for B to have it).
+//!
+//! RPC the same way: C calls `sec.echo` (a procedure pattern of the key
+//! set: C seals the arguments, B opens them before its handler and seals
+//! the reply, C opens it; A carries envelopes) or `clear.echo`, served by
+//! B's own application, echoing the payload. Figures per size: calls per
+//! second with `--rpc-concurrency` in flight, and one-at-a-time latency.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
-use macula::auth::keys::{rotate, KeySet, Rotation};
+use macula::auth::keys::{rotate, KeySet, PatternKind, Rotation};
 use macula::auth::Key;
 use macula::{Client, Node, Subscription, SubscriptionItem};
 
@@ -39,6 +45,15 @@ pub struct E2eArgs {
     /// Messages timed one at a time per round, mode and size (1..=100000).
     #[arg(long, default_value_t = 1_000)]
     latency_messages: usize,
+    /// Calls per round, mode and size (1..=1000000; 0: no RPC rows).
+    #[arg(long, default_value_t = 20_000)]
+    calls: usize,
+    /// Calls timed one at a time per round, mode and size (1..=100000).
+    #[arg(long, default_value_t = 1_000)]
+    latency_calls: usize,
+    /// Calls in flight for the throughput figure (1..=1024).
+    #[arg(long, default_value_t = 32)]
+    rpc_concurrency: usize,
     /// Rounds of each mode, alternating (1..=10).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -47,12 +62,14 @@ pub struct E2eArgs {
     json: bool,
 }
 
-/// Gateway A, subscriber B (joined through A) and client C attached to A,
-/// in a realm whose authority `auth` granted all three everything.
+/// Gateway A, subscriber and provider B (joined through A) and client C
+/// attached to A, in a realm whose authority `auth` granted all three
+/// everything.
 struct Mesh {
     a: Node,
     b: Node,
     c: Client,
+    _echo: [macula::Registration; 2],
 }
 
 /// A grant to the node whose data directory is `dir`: publish and
@@ -63,7 +80,12 @@ fn grant(
     dir: &std::path::Path,
 ) -> anyhow::Result<Vec<u8>> {
     let id = macula::Identity::load_or_create(dir)?.node_id();
-    node_grant(auth, serial, id, "allow publish **\nallow subscribe **")
+    node_grant(
+        auth,
+        serial,
+        id,
+        "allow publish **\nallow subscribe **\nallow call **\nallow advertise **",
+    )
 }
 
 async fn mesh(dirs: &mut TempDirs) -> anyhow::Result<Mesh> {
@@ -94,31 +116,45 @@ async fn mesh(dirs: &mut TempDirs) -> anyhow::Result<Mesh> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
+    let rotation = |kind| Rotation {
+        pattern: "sec.**".into(),
+        kind,
+        members: vec![c.e2e().member_key(), b.e2e().member_key()],
+        now_ms: now,
+        activate_in_ms: 0,
+        grace_ms: 600_000,
+        rotate_every_ms: None,
+    };
+    // Topics and procedures under `sec.`: version 2.
     let (body, _) = rotate(
         None,
         Key::of(&auth),
-        &Rotation {
-            pattern: "sec.**".into(),
-            members: vec![c.e2e().member_key(), b.e2e().member_key()],
-            now_ms: now,
-            activate_in_ms: 0,
-            grace_ms: 600_000,
-            rotate_every_ms: None,
-        },
+        &rotation(PatternKind::Topic),
+        &mut macula::e2e::SysRng,
+    )?;
+    let (body, _) = rotate(
+        Some(body),
+        Key::of(&auth),
+        &rotation(PatternKind::Procedure),
         &mut macula::e2e::SysRng,
     )?;
     let set = KeySet::sign(&body, &auth)?.to_bytes()?;
     a.install_keys(&set)?;
     // A spreads it to B and to its client C.
     let t = Instant::now();
-    while b.e2e().version() != 1 || c.e2e().version() != 1 {
+    while b.e2e().version() != 2 || c.e2e().version() != 2 {
         anyhow::ensure!(
             t.elapsed() < Duration::from_secs(10),
             "the key set did not spread"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok(Mesh { a, b, c })
+    let echo = |r: macula::Request| async move { Ok::<_, macula::HandlerError>(r.payload) };
+    let _echo = [
+        b.advertise("sec.echo", echo).await?,
+        b.advertise("clear.echo", echo).await?,
+    ];
+    Ok(Mesh { a, b, c, _echo })
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -130,6 +166,12 @@ struct Round {
     small_p99_us: f64,
     large_p50_us: f64,
     large_p99_us: f64,
+    rpc_small_calls_per_s: f64,
+    rpc_large_calls_per_s: f64,
+    rpc_small_p50_us: f64,
+    rpc_small_p99_us: f64,
+    rpc_large_p50_us: f64,
+    rpc_large_p99_us: f64,
 }
 
 /// The next item of `sub`: an event (whose payload must be `want`), or
@@ -192,6 +234,60 @@ async fn measure(
     Ok((rate, us))
 }
 
+/// Calls per second of `n` calls of `procedure` with `size`-byte
+/// arguments (`conc` in flight), C to B and back, and the latencies (µs,
+/// sorted) of `lat` calls one at a time. Every reply must echo.
+async fn measure_rpc(
+    m: &Mesh,
+    procedure: &'static str,
+    size: usize,
+    args: &E2eArgs,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let payload = Bytes::from(vec![7u8; size]);
+    let call = move |c: Client, payload: Bytes| async move {
+        let r = c
+            .call(procedure, payload.clone())
+            .timeout(Duration::from_secs(30))
+            .await?;
+        anyhow::ensure!(r.payload == payload, "a reply differs from the arguments");
+        Ok::<_, anyhow::Error>(())
+    };
+    // Warm: the provider found, the connection up.
+    let t = Instant::now();
+    while let Err(e) = call(m.c.clone(), payload.clone()).await {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "{procedure} never answered: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n = args.calls;
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(args.rpc_concurrency);
+    for w in 0..args.rpc_concurrency {
+        let (c, payload) = (m.c.clone(), payload.clone());
+        let share = n / args.rpc_concurrency + usize::from(w < n % args.rpc_concurrency);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..share {
+                call(c.clone(), payload.clone()).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let mut us = Vec::with_capacity(args.latency_calls);
+    for _ in 0..args.latency_calls {
+        let t = Instant::now();
+        call(m.c.clone(), payload.clone()).await?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    us.sort_by(f64::total_cmp);
+    Ok((rate, us))
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).copied().unwrap_or(0.0)
@@ -217,7 +313,17 @@ async fn round(m: &Mesh, on: bool, args: &E2eArgs) -> anyhow::Result<Round> {
         args.latency_messages,
     )
     .await?;
+    drop(sub);
+    let procedure = if on { "sec.echo" } else { "clear.echo" };
+    let (rpc_small, rpc_small_us) = measure_rpc(m, procedure, 64, args).await?;
+    let (rpc_large, rpc_large_us) = measure_rpc(m, procedure, 16 * 1024, args).await?;
     Ok(Round {
+        rpc_small_calls_per_s: rpc_small,
+        rpc_large_calls_per_s: rpc_large,
+        rpc_small_p50_us: pct(&rpc_small_us, 0.5),
+        rpc_small_p99_us: pct(&rpc_small_us, 0.99),
+        rpc_large_p50_us: pct(&rpc_large_us, 0.5),
+        rpc_large_p99_us: pct(&rpc_large_us, 0.99),
         small_msgs_per_s: small,
         large_msgs_per_s: large,
         large_mb_per_s: large * 16.0 * 1024.0 / 1e6,
@@ -242,6 +348,18 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=100_000).contains(&args.latency_messages),
         "--latency-messages must be 1..=100000"
+    );
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&args.calls),
+        "--calls must be 1..=1000000"
+    );
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.latency_calls),
+        "--latency-calls must be 1..=100000"
+    );
+    anyhow::ensure!(
+        (1..=1024).contains(&args.rpc_concurrency),
+        "--rpc-concurrency must be 1..=1024"
     );
     anyhow::ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
     let mut dirs = TempDirs::new("e2e");
@@ -269,11 +387,13 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
         }
     }
     let sealed = m.c.e2e().counters().e2e.at(0).get();
+    let calls_sealed = m.c.e2e().counters().e2e_calls.at(0).get();
+    let calls_opened = m.b.e2e().counters().e2e_calls.at(1).get();
     m.c.shutdown().await;
     m.b.shutdown().await;
     m.a.shutdown().await;
     let pick = |v: &[Round], f: Figure| median(v.iter().map(f));
-    let fields: [(&str, Figure); 7] = [
+    let fields: [(&str, Figure); 13] = [
         ("publish_64B_msgs_per_s", |r| r.small_msgs_per_s),
         ("publish_16KiB_msgs_per_s", |r| r.large_msgs_per_s),
         ("publish_16KiB_MB_per_s", |r| r.large_mb_per_s),
@@ -281,12 +401,21 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
         ("latency_64B_p99_us", |r| r.small_p99_us),
         ("latency_16KiB_p50_us", |r| r.large_p50_us),
         ("latency_16KiB_p99_us", |r| r.large_p99_us),
+        ("rpc_64B_calls_per_s", |r| r.rpc_small_calls_per_s),
+        ("rpc_16KiB_calls_per_s", |r| r.rpc_large_calls_per_s),
+        ("rpc_latency_64B_p50_us", |r| r.rpc_small_p50_us),
+        ("rpc_latency_64B_p99_us", |r| r.rpc_small_p99_us),
+        ("rpc_latency_16KiB_p50_us", |r| r.rpc_large_p50_us),
+        ("rpc_latency_16KiB_p99_us", |r| r.rpc_large_p99_us),
     ];
     let mut out = std::io::stdout().lock();
     if args.json {
         let mut v = serde_json::json!({
             "benchmark": "e2e",
             "sealed": sealed,
+            "calls_sealed": calls_sealed,
+            "calls_opened": calls_opened,
+            "rpc_concurrency": args.rpc_concurrency,
             "build": build_kind(),
             "rounds": {"off": r_off, "on": r_on},
         });
@@ -298,7 +427,8 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     } else {
         writeln!(
             out,
-            "e2e benchmark: client -> gateway -> node, encryption off vs on ({sealed} payloads sealed), median of {} rounds{}",
+            "e2e benchmark: client -> gateway -> node, encryption off vs on ({sealed} payloads and {calls_sealed} calls sealed; RPC {} in flight), median of {} rounds{}",
+            args.rpc_concurrency,
             args.rounds,
             debug_note()
         )?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
-use macula::auth::keys::{hex, rotate, KeySet, KeySetBody, Rotation};
+use macula::auth::keys::{hex, rotate, KeySet, KeySetBody, PatternKind, Rotation};
 use macula::auth::Key;
 
 use crate::realm_cli::{authority, realm_audit, realm_dir, NameArgs, PushAuth};
@@ -32,8 +32,14 @@ pub enum KeysCommand {
 
 #[derive(Args, Debug)]
 pub struct RotateArgs {
-    /// The topic or procedure pattern (`orders.**`); omit with --due.
+    /// The topic pattern (`orders.**`), or with --procedure the procedure
+    /// pattern (`billing.**`); omit with --due.
     pub pattern: Option<String>,
+    /// PATTERN names procedures (RPC arguments and replies are sealed),
+    /// not topics. Its members are the principals granted `call` or
+    /// `advertise` on it.
+    #[arg(long)]
+    pub procedure: bool,
     /// The realm's name (as `macula realm init` made it).
     #[arg(long, value_name = "NAME")]
     pub realm: String,
@@ -111,7 +117,12 @@ fn rotate_cmd(args: RotateArgs) -> Result<(), Failure> {
         Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display()).into()),
     };
     let now = now_ms();
-    let patterns: Vec<String> = if args.due {
+    let kind = if args.procedure {
+        PatternKind::Procedure
+    } else {
+        PatternKind::Topic
+    };
+    let patterns: Vec<(String, PatternKind)> = if args.due {
         prev.iter()
             .flat_map(|b| b.patterns.iter())
             .filter(|p| {
@@ -120,11 +131,11 @@ fn rotate_cmd(args: RotateArgs) -> Result<(), Failure> {
                         .last()
                         .is_some_and(|g| now.saturating_sub(g.active_from_ms) >= p.rotate_every_ms)
             })
-            .map(|p| p.pattern.clone())
+            .map(|p| (p.pattern.clone(), p.kind))
             .collect()
     } else {
         match &args.pattern {
-            Some(p) => vec![p.clone()],
+            Some(p) => vec![(p.clone(), kind)],
             None => {
                 return Err(crate::usage(anyhow!(
                     "name a PATTERN to rotate, or --due for those whose schedule is due"
@@ -140,11 +151,11 @@ fn rotate_cmd(args: RotateArgs) -> Result<(), Failure> {
     let revoke = parse_keys(&args.revoke, "--revoke")?;
     let mut body = prev;
     let mut made = Vec::new();
-    for pattern in &patterns {
+    for (pattern, kind) in &patterns {
         let mut members: Vec<Key> = body
             .iter()
             .flat_map(|b| b.patterns.iter())
-            .filter(|p| &p.pattern == pattern)
+            .filter(|p| &p.pattern == pattern && p.kind == *kind)
             .filter_map(|p| p.generations.last())
             .flat_map(|g| g.wrapped.iter().map(|w| w.to))
             .collect();
@@ -159,6 +170,7 @@ fn rotate_cmd(args: RotateArgs) -> Result<(), Failure> {
         }
         let r = Rotation {
             pattern: pattern.clone(),
+            kind: *kind,
             members: members.clone(),
             now_ms: now,
             activate_in_ms: args.activate_in.as_millis() as u64,
@@ -167,7 +179,7 @@ fn rotate_cmd(args: RotateArgs) -> Result<(), Failure> {
         };
         let (next, id) = rotate(body.take(), realm, &r, &mut macula::admin::SysRng)
             .map_err(|e| anyhow!("cannot rotate {pattern:?}: {e}"))?;
-        made.push((pattern.clone(), hex(&id), members.len()));
+        made.push((pattern.clone(), *kind, hex(&id), members.len()));
         body = Some(next);
     }
     let body = body.ok_or_else(|| anyhow!("nothing was rotated"))?;
@@ -178,21 +190,25 @@ fn rotate_cmd(args: RotateArgs) -> Result<(), Failure> {
     std::fs::write(&tmp, &bytes)
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot write {}", path.display()))?;
-    for (pattern, id, n) in &made {
+    for (pattern, kind, id, n) in &made {
         realm_audit(
             &dir,
             &key,
             "keys_rotate",
             &format!(
-                "key {id} for {pattern} (key set version {}), wrapped to {n} members, revoked {}",
+                "key {id} for {} {pattern} (key set version {}), wrapped to {n} members, revoked {}",
+                kind.name(),
                 body.version,
                 revoke.len()
             ),
         )?;
         println!("{pattern} {id}");
         eprintln!(
-            "{pattern}: key {id} (key set version {}), {n} members, active in {:?}, the old key accepted {:?} longer",
-            body.version, args.activate_in, args.grace
+            "{} {pattern}: key {id} (key set version {}), {n} members, active in {:?}, the old key accepted {:?} longer",
+            kind.name(),
+            body.version,
+            args.activate_in,
+            args.grace
         );
     }
     push(&bytes, &args.http, &args.auth)
@@ -215,6 +231,7 @@ fn status(args: crate::admin_cli::ReadArgs) -> Result<(), Failure> {
     println!("key set version {}  member key {}", r.version, r.member_key);
     let header = [
         "PATTERN",
+        "KIND",
         "GEN",
         "KEY ID",
         "ACTIVE FROM",
@@ -223,12 +240,13 @@ fn status(args: crate::admin_cli::ReadArgs) -> Result<(), Failure> {
         "MEMBERS",
     ]
     .map(String::from);
-    let rows: Vec<[String; 7]> = r
+    let rows: Vec<[String; 8]> = r
         .keys
         .iter()
         .map(|k| {
             [
                 k.pattern.clone(),
+                k.kind.name().to_string(),
                 k.number.to_string(),
                 k.key_id.clone(),
                 k.active_from_ms.to_string(),

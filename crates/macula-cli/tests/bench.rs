@@ -122,7 +122,8 @@ fn bench_authz_compares_an_open_realm_with_a_granted_one() {
 }
 
 /// `bench e2e` runs both modes on one mesh and really seals: every
-/// message of the encrypted rounds (throughput and latency, both sizes).
+/// message and call of the encrypted rounds (throughput and latency, both
+/// sizes).
 #[test]
 fn bench_e2e_compares_clear_with_encrypted_payloads() {
     let v = bench_json(&[
@@ -133,13 +134,29 @@ fn bench_e2e_compares_clear_with_encrypted_payloads() {
         "30",
         "--latency-messages",
         "10",
+        "--calls",
+        "40",
+        "--latency-calls",
+        "5",
+        "--rpc-concurrency",
+        "4",
         "--rounds",
         "1",
         "--json",
     ]);
     assert_eq!(v["benchmark"], "e2e");
     assert_eq!(v["sealed"], 300 + 30 + 2 * 10);
-    for figure in ["publish_64B_msgs_per_s", "latency_16KiB_p50_us"] {
+    // Every call of the encrypted round was sealed by the client and
+    // opened by the provider (and at least one warming call per size).
+    let sealed = v["calls_sealed"].as_u64().expect("calls_sealed");
+    assert!(sealed >= 2 * (40 + 5 + 1), "{v}");
+    assert_eq!(v["calls_opened"], sealed, "{v}");
+    for figure in [
+        "publish_64B_msgs_per_s",
+        "latency_16KiB_p50_us",
+        "rpc_64B_calls_per_s",
+        "rpc_latency_16KiB_p50_us",
+    ] {
         assert!(v[figure]["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
     }
 }

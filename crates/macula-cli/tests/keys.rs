@@ -218,6 +218,35 @@ fn keys_rotate_reaches_the_mesh_and_a_revoked_member_reads_nothing_after() {
         x.poll_for(&["after"], Duration::from_secs(2)).is_none(),
         "the revoked member read a message published after the rotation"
     );
+
+    // The same text as a procedure pattern is another entry with its own
+    // key and members (RPC arguments and replies).
+    let line = out(&[
+        "keys",
+        "rotate",
+        "secret.*",
+        "--procedure",
+        "--realm",
+        "acme",
+        "--data-dir",
+        r,
+        "--member",
+        &sk,
+        "--activate-in",
+        "0s",
+        "--http",
+        &a_http,
+    ]);
+    assert!(line.starts_with("secret.* "), "{line}");
+    let v = holds(&b_http, 3);
+    let keys = v["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 3, "{v}");
+    let procedure: Vec<_> = keys.iter().filter(|k| k["kind"] == "procedure").collect();
+    assert_eq!(procedure.len(), 1, "{v}");
+    assert_eq!(procedure[0]["members"], 1);
+    assert_eq!(procedure[0]["number"], 1, "a first key of its own");
+    let table = out(&["keys", "status", "--http", &b_http]);
+    assert!(table.contains("procedure"), "{table}");
     for p in [&mut s, &mut x, &mut b, &mut a] {
         p.terminate();
     }

@@ -212,9 +212,28 @@ pub struct RealmCounters {
     /// End-to-end payloads at this edge, by outcome: `sealed`, `opened`,
     /// `no_key` (not delivered: sealed with a key this principal does not
     /// hold), `refused` (not delivered: malformed, retired or forged),
-    /// `seal_refused` (a publish refused: no active key).
-    pub e2e: LabelledCounters<5>,
+    /// `seal_refused` (a publish refused: no active key),
+    /// `plaintext_refused` (a gateway or node refused a message in the
+    /// clear on an encrypted topic).
+    pub e2e: LabelledCounters<6>,
+    /// End-to-end encrypted RPC at this edge, by outcome: `sealed` (call
+    /// arguments or a reply), `opened`, `no_key` and `refused` (a call not
+    /// served, or a reply not taken: sealed with a key this principal does
+    /// not hold; malformed, retired or forged), `seal_refused` (a call or
+    /// reply refused: no key), `plaintext_refused` (a call in the clear on
+    /// an encrypted procedure refused, by a gateway or the provider).
+    pub e2e_calls: LabelledCounters<6>,
 }
+
+/// The outcomes of `macula_e2e_payloads` and `macula_e2e_calls`.
+const E2E_OUTCOMES: [&str; 6] = [
+    "sealed",
+    "opened",
+    "no_key",
+    "refused",
+    "seal_refused",
+    "plaintext_refused",
+];
 
 impl Default for RealmCounters {
     fn default() -> Self {
@@ -229,10 +248,8 @@ impl Default for RealmCounters {
             closed: LabelledCounters::new("reason", ["revoked", "expired"]),
             keyset_version: Gauge::default(),
             keysets: LabelledCounters::new("outcome", ["adopted", "stale", "invalid", "too_large"]),
-            e2e: LabelledCounters::new(
-                "outcome",
-                ["sealed", "opened", "no_key", "refused", "seal_refused"],
-            ),
+            e2e: LabelledCounters::new("outcome", E2E_OUTCOMES),
+            e2e_calls: LabelledCounters::new("outcome", E2E_OUTCOMES),
         }
     }
 }
@@ -280,7 +297,12 @@ impl RealmCounters {
         self.e2e.register(
             r,
             "macula_e2e_payloads",
-            "End-to-end encrypted payloads at this edge, by outcome: sealed, opened, no_key and refused (not delivered), seal_refused (publish refused).",
+            "End-to-end encrypted payloads at this edge, by outcome: sealed, opened, no_key and refused (not delivered), seal_refused (publish refused), plaintext_refused (a message in the clear on an encrypted topic refused).",
+        );
+        self.e2e_calls.register(
+            r,
+            "macula_e2e_calls",
+            "End-to-end encrypted RPC arguments and replies at this edge, by outcome: sealed, opened, no_key and refused (a call not served or a reply not taken), seal_refused (no key to seal with), plaintext_refused (a call in the clear on an encrypted procedure refused).",
         );
     }
 }

@@ -604,6 +604,7 @@ impl Client {
             );
             // Its calls carry its signature through its gateway.
             rpc.sign_calls(identity.signing_key().clone());
+            rpc.set_e2e(e2e.clone());
             pubsub.set_e2e(e2e.clone());
             Shared {
                 e2e,

@@ -1,6 +1,6 @@
 //! End-to-end payload encryption at the edges (issue 19): the realm's key
 //! set this node (or client) holds, and sealing and opening of payloads on
-//! encrypted topics.
+//! encrypted topics and of calls of encrypted procedures.
 //!
 //! The key set (`macula_auth::keys`) is signed by the realm authority and
 //! spread like the revocation list (`realm.rs`): from the admin API
@@ -9,9 +9,13 @@
 //! kept and passed on to full nodes, and a gateway sends it to its clients.
 //!
 //! Only the edges touch payloads: a publish seals (`pubsub::PubSub`), a
-//! subscription opens as the application takes an event. The pub/sub core,
-//! gateways and forwarding nodes carry the envelope as they carry any
-//! payload.
+//! subscription opens as the application takes an event; a call of an
+//! encrypted procedure is sealed by the caller's `rpc::Rpc` and opened by
+//! the provider's before its handler, the reply the other way round
+//! (bound to the request); a stream stores envelopes as captured and its
+//! readers open them. The pub/sub core, gateways and forwarding nodes
+//! carry the envelope as they carry any payload; where a message or call
+//! enters the mesh they refuse one in the clear on an encrypted pattern.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -20,7 +24,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use macula_auth::keys::rand_core::{CryptoRng, RngCore};
-use macula_auth::keys::{KeySet, KeySetBody, KeyStatus, Keyring, OpenError, Opened};
+use macula_auth::keys::{
+    Envelope, KeyId, KeySet, KeySetBody, KeyStatus, Keyring, OpenError, Opened, SealError,
+    NONCE_LEN,
+};
 use macula_auth::Key;
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -40,6 +47,13 @@ pub fn gateway_keys(hello: &macula_wire::Hello) -> u64 {
         .find_map(|c| c.strip_prefix(KEYS_CAPABILITY)?.parse().ok())
         .unwrap_or(0)
 }
+
+/// An envelope's nonce.
+pub type Nonce = [u8; NONCE_LEN];
+
+/// A sealed call's key id and nonce: what its reply is sealed with and
+/// bound to.
+pub type CallSeal = (KeyId, Nonce);
 
 /// The file in the data directory holding the last adopted key set.
 pub const KEYSET_FILE: &str = "keyset";
@@ -269,7 +283,7 @@ impl E2e {
 
     /// The payload to publish on `topic`: sealed when the topic is
     /// encrypted, as it is otherwise.
-    pub fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, macula_auth::keys::SealError> {
+    pub fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, SealError> {
         if !self.is_active() {
             return Ok(payload);
         }
@@ -314,6 +328,176 @@ impl E2e {
                 None
             }
         }
+    }
+
+    /// Whether `topic` is encrypted end to end by the set held.
+    pub fn encrypts(&self, topic: &str) -> bool {
+        self.is_active() && self.held.read().ring.encrypts(topic)
+    }
+
+    /// Whether calls of `procedure` are encrypted end to end by the set
+    /// held.
+    pub fn encrypts_call(&self, procedure: &str) -> bool {
+        self.is_active() && self.held.read().ring.encrypts_call(procedure)
+    }
+
+    /// The arguments of a call of `procedure` as they leave this caller:
+    /// sealed on an encrypted procedure (with the envelope's nonce, which
+    /// the reply is bound to), as they are otherwise.
+    pub fn seal_call(
+        &self,
+        procedure: &str,
+        payload: Bytes,
+    ) -> Result<(Bytes, Option<Nonce>), SealError> {
+        if !self.is_active() {
+            return Ok((payload, None));
+        }
+        let held = self.held.read().clone();
+        let nonce = self.next_nonce();
+        match held
+            .ring
+            .seal_call_with_nonce(procedure, &payload, unix_ms(), &nonce)
+        {
+            Ok(Some(sealed)) => {
+                self.counters.e2e_calls.at(0).inc();
+                Ok((Bytes::from(sealed), Some(nonce)))
+            }
+            Ok(None) => Ok((payload, None)),
+            Err(e) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// The arguments of a call of `procedure` as its handler gets them,
+    /// and the request's key id and nonce when they were sealed (the reply
+    /// is sealed with them). Every failure is counted.
+    pub fn open_call(
+        &self,
+        procedure: &str,
+        payload: Bytes,
+    ) -> Result<(Bytes, Option<CallSeal>), OpenError> {
+        if !self.is_active() {
+            return Ok((payload, None));
+        }
+        let held = self.held.read().clone();
+        match held.ring.open_call(procedure, &payload, unix_ms()) {
+            Ok(Opened::Clear) => Ok((payload, None)),
+            Ok(Opened::Plain {
+                payload: plain,
+                key,
+            }) => {
+                self.counters.e2e_calls.at(1).inc();
+                let nonce = Envelope::decode(&payload)
+                    .map(|e| e.nonce)
+                    .map_err(|_| OpenError::Malformed)?;
+                Ok((Bytes::from(plain), Some((key, nonce))))
+            }
+            Err(e) => {
+                let at = match e {
+                    OpenError::NoKey => 2,
+                    // Not an envelope: a call in the clear.
+                    OpenError::Malformed => 5,
+                    _ => 3,
+                };
+                self.counters.e2e_calls.at(at).inc();
+                tracing::debug!(procedure, error = %e, "end-to-end: a call was not served");
+                Err(e)
+            }
+        }
+    }
+
+    /// A handler's reply to a call whose arguments were sealed (`request`,
+    /// from [`E2e::open_call`]): sealed with the request's key, bound to
+    /// it.
+    pub fn seal_reply(
+        &self,
+        procedure: &str,
+        request: &CallSeal,
+        payload: Bytes,
+    ) -> Result<Bytes, SealError> {
+        let held = self.held.read().clone();
+        let nonce = self.next_nonce();
+        match held
+            .ring
+            .seal_reply_with_nonce(procedure, (&request.0, &request.1), &payload, &nonce)
+        {
+            Ok(Some(sealed)) => {
+                self.counters.e2e_calls.at(0).inc();
+                Ok(Bytes::from(sealed))
+            }
+            // The set changed under the call and no longer encrypts the
+            // procedure: the reply still goes sealed or not at all.
+            Ok(None) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(SealError::NoReplyKey {
+                    procedure: procedure.to_string(),
+                })
+            }
+            Err(e) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// The reply to a call of `procedure` this caller sealed with
+    /// `request_nonce`, opened. Every failure is counted.
+    pub fn open_reply(
+        &self,
+        procedure: &str,
+        request_nonce: &Nonce,
+        payload: Bytes,
+    ) -> Result<Bytes, OpenError> {
+        let held = self.held.read().clone();
+        let opened = match held
+            .ring
+            .open_reply(procedure, request_nonce, &payload, unix_ms())
+        {
+            // The set no longer encrypts it: a reply in the clear to a
+            // sealed call is still refused.
+            Ok(Opened::Clear) => Err(OpenError::Malformed),
+            other => other,
+        };
+        match opened {
+            Ok(Opened::Plain { payload, .. }) => {
+                self.counters.e2e_calls.at(1).inc();
+                Ok(Bytes::from(payload))
+            }
+            Ok(Opened::Clear) => Ok(payload),
+            Err(e) => {
+                let at = if e == OpenError::NoKey { 2 } else { 3 };
+                self.counters.e2e_calls.at(at).inc();
+                tracing::debug!(procedure, error = %e, "end-to-end: a reply was not taken");
+                Err(e)
+            }
+        }
+    }
+
+    /// A stream message as the application reads it: opened on an
+    /// encrypted topic (a stream stores what it captured, sealed). `None`:
+    /// not readable here (counted, as an event not delivered).
+    pub(crate) fn open_stored(
+        &self,
+        mut m: crate::stream::StreamMsg,
+    ) -> Option<crate::stream::StreamMsg> {
+        m.payload = self.open(&m.subject, std::mem::take(&mut m.payload))?;
+        Some(m)
+    }
+
+    /// [`E2e::open_stored`] of one message read by sequence: a message
+    /// that does not open is an error, not an absent message.
+    pub(crate) fn open_stored_one(
+        &self,
+        m: crate::stream::StreamMsg,
+    ) -> Result<crate::stream::StreamMsg, crate::stream::StreamError> {
+        let (seq, subject) = (m.seq, m.subject.clone());
+        self.open_stored(m).ok_or_else(|| {
+            crate::stream::StreamError::Invalid(format!(
+                "end-to-end: message {seq} on topic {subject:?} is encrypted and this principal cannot open it"
+            ))
+        })
     }
 
     /// What `macula keys status` shows.

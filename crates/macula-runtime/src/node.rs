@@ -604,6 +604,7 @@ impl NodeRuntime {
                     authz: authz.clone(),
                 }),
             );
+            rpc.set_e2e(e2e.clone());
             let gateway = crate::gateway::Gateway::new(pubsub.clone(), rpc.clone());
             let lookup = weak.clone();
             let relay_reach = reach.clone();

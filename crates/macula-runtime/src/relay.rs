@@ -321,6 +321,10 @@ struct Inner {
     is_private: IsPrivate,
     dht: Option<crate::dht::DhtHandle>,
     epoch: Instant,
+    /// Where the bytes it splices are copied (`tap_bytes`); `tapped` keeps
+    /// the lock off the path while there is none.
+    tap: Mutex<Option<tokio::sync::mpsc::Sender<Bytes>>>,
+    tapped: std::sync::atomic::AtomicBool,
 }
 
 /// This node's relay service. Cheap to clone.
@@ -362,7 +366,20 @@ impl Relay {
             is_private,
             dht,
             epoch: Instant::now(),
+            tap: Mutex::new(None),
+            tapped: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// A copy of every chunk this relay splices from now on, both
+    /// directions, as it forwards them. A diagnostic (the tests assert
+    /// what a relay can see): at most `capacity` chunks wait; while the
+    /// receiver is full, chunks are not copied. Replaces an earlier tap.
+    pub fn tap_bytes(&self, capacity: usize) -> tokio::sync::mpsc::Receiver<Bytes> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        *self.0.tap.lock() = Some(tx);
+        self.0.tapped.store(true, Relaxed);
+        rx
     }
 
     fn lock(&self) -> MutexGuard<'_, RelayTable> {
@@ -683,6 +700,11 @@ impl Relay {
             let now = self.now_us();
             last.store(now, Relaxed);
             c.bytes_total.inc_by(n);
+            if self.0.tapped.load(Relaxed) {
+                if let Some(tx) = self.0.tap.lock().as_ref() {
+                    let _ = tx.try_send(data.clone());
+                }
+            }
             if send.write_all(&data).await.is_err() {
                 let _ = recv.stop(stream_code(RelayCode::TargetRefused));
                 return;

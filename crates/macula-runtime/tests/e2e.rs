@@ -15,7 +15,9 @@ use bytes::Bytes;
 use common::{boot, config, init_tracing, joined, start, within, STEP};
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
-use macula_auth::keys::{rotate, Envelope, KeySet, KeySetBody, Rotation, ENVELOPE_OVERHEAD};
+use macula_auth::keys::{
+    rotate, Envelope, KeySet, KeySetBody, PatternKind, Rotation, ENVELOPE_OVERHEAD,
+};
 use macula_auth::{Key, Subject};
 use macula_runtime::config::Admission;
 use macula_runtime::pubsub::{PubSubError, Subscription, SubscriptionItem};
@@ -25,7 +27,7 @@ use macula_runtime::{
 use macula_wire::NodeId;
 
 const FAR: u64 = u64::MAX / 2;
-const ALL: &str = "allow subscribe **\nallow publish **";
+const ALL: &str = "allow subscribe **\nallow publish **\nallow call **\nallow advertise **";
 
 fn identity_in(dir: &Path) -> Identity {
     Identity::load_or_create(dir).expect("identity")
@@ -91,6 +93,7 @@ fn next_set(
         Key::of(authority),
         &Rotation {
             pattern: "orders.**".into(),
+            kind: PatternKind::Topic,
             members: members.iter().map(|c| c.e2e().member_key()).collect(),
             now_ms: now_ms(),
             activate_in_ms,
@@ -291,4 +294,181 @@ async fn rotation_under_load_loses_nothing_and_locks_out_the_revoked() {
         "every message reached C3"
     );
     assert_eq!(c2.e2e().counters().e2e.at(2).get(), 0, "C2 missed no key");
+}
+
+/// Waits (bounded) until `counter` reads at least `n`.
+async fn reaches(what: &str, counter: &prometheus_client::metrics::counter::Counter, n: u64) {
+    within(STEP, what, async {
+        while counter.get() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_the_clear_on_encrypted_topics_are_refused_where_they_enter() {
+    init_tracing();
+    let authority = SigningKey::from_bytes(&[45; 32]);
+    let (a, _ad) = member(&authority, 1, None).await;
+    let (b, _bd) = member(&authority, 2, Some(&a)).await;
+    let (c1, _c1d) = client_of(&a, &authority, 3).await;
+    let (c2, _c2d) = client_of(&b, &authority, 4).await;
+    let (_, set) = next_set(&authority, None, &[&c1, &c2], 0);
+    a.realm_service().install_keys(&set, None).expect("install");
+    holds(1, &[&c1, &c2], &[&a, &b]).await;
+    let mut on_c2 = c2.subscribe("orders.**").await.expect("subscribe");
+
+    // A client handing its gateway a message in the clear on an encrypted
+    // topic: the gateway refuses it, counts it, passes nothing on.
+    c1.pubsub()
+        .publish_carried(
+            "orders.new",
+            Bytes::from("clear secret"),
+            Default::default(),
+        )
+        .await
+        .expect("handed to the gateway");
+    reaches(
+        "A refuses the clear batch",
+        a.realm_service().counters().e2e.at(5),
+        1,
+    )
+    .await;
+    // A node publishing for itself in the clear: refused by the next node.
+    a.pubsub()
+        .publish_carried(
+            "orders.node",
+            Bytes::from("clear secret"),
+            Default::default(),
+        )
+        .await
+        .expect("sent to B");
+    reaches(
+        "B refuses the node's clear batch",
+        b.realm_service().counters().e2e.at(5),
+        1,
+    )
+    .await;
+    // The streams stay up: a sealed message after them is delivered, and
+    // nothing in the clear reached the subscriber first.
+    c1.publish("orders.new", "sealed secret")
+        .await
+        .expect("publish");
+    assert_eq!(next_payload(&mut on_c2).await, Bytes::from("sealed secret"));
+    assert_eq!(
+        c2.e2e().counters().e2e.at(3).get(),
+        0,
+        "nothing malformed arrived"
+    );
+    // A topic outside the patterns is carried in the clear as before.
+    let mut plain = c2.subscribe("news.**").await.expect("subscribe");
+    c1.pubsub()
+        .publish_carried("news.x", Bytes::from("hello"), Default::default())
+        .await
+        .expect("publish");
+    assert_eq!(next_payload(&mut plain).await, Bytes::from("hello"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_an_encrypted_topic_stores_ciphertext_and_members_read_it() {
+    use macula_runtime::stream::{PersistOptions, StreamError};
+    use macula_stream::{DeliverPolicy, StreamConfig};
+    init_tracing();
+    let authority = SigningKey::from_bytes(&[47; 32]);
+    // A hosts the stream and holds no key.
+    let (a, ad) = member(&authority, 1, None).await;
+    let (b, _bd) = member(&authority, 2, Some(&a)).await;
+    let (c1, _c1d) = client_of(&a, &authority, 3).await;
+    let (c2, _c2d) = client_of(&b, &authority, 4).await;
+    let (c3, _c3d) = client_of(&b, &authority, 5).await;
+    let (_, set) = next_set(&authority, None, &[&c1, &c2], 0);
+    a.realm_service().install_keys(&set, None).expect("install");
+    holds(1, &[&c1, &c2, &c3], &[&a, &b]).await;
+    a.streams()
+        .add(StreamConfig::new("orders", &["orders.**"]))
+        .await
+        .expect("stream");
+
+    // Captured events (sealed by their publisher) and a publish to the
+    // stream itself from a remote member (sealed by it).
+    let n = 10u64;
+    for i in 0..n {
+        c1.publish("orders.new", format!("secret order {i}"))
+            .await
+            .expect("publish");
+    }
+    let t = Duration::from_secs(5);
+    // The stream's procedure is advertised in the background: wait
+    // (bounded) until C2 finds it.
+    within(STEP, "the stream is found", async {
+        while c2.stream("orders", t).info().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let ack = within(
+        STEP,
+        "stream publish",
+        c2.stream("orders", t).publish(
+            "orders.direct",
+            Bytes::from(format!("secret order {n}")),
+            PersistOptions::new(),
+        ),
+    )
+    .await
+    .expect("stored");
+    assert!(ack.seq >= 1);
+    within(STEP, "all stored", async {
+        while a.streams().info("orders").expect("info").messages < n + 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // A member reading the stream remotely opens every message, in order.
+    let mut sub = within(
+        STEP,
+        "subscribe",
+        c2.stream("orders", t).subscribe(&[], DeliverPolicy::All),
+    )
+    .await
+    .expect("subscribe");
+    for i in 0..=n {
+        let m = within(STEP, "stream message", sub.recv())
+            .await
+            .expect("a message");
+        assert_eq!(m.payload, Bytes::from(format!("secret order {i}")));
+    }
+    assert_eq!(c2.e2e().counters().e2e.at(1).get(), n + 1, "opened");
+    // A principal the key is not wrapped to reads nothing of it: its pull
+    // leaves the messages out (counted), its read by sequence is an error.
+    let c3s = c3.stream("orders", t);
+    let mut sub3 = within(STEP, "subscribe", c3s.subscribe(&[], DeliverPolicy::All))
+        .await
+        .expect("subscribe");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub3.recv())
+            .await
+            .is_err(),
+        "a non-member read a message"
+    );
+    assert_eq!(c3.e2e().counters().e2e.at(2).get(), n + 1, "all left out");
+    match within(STEP, "get", c3s.get_msg(1)).await {
+        Err(StreamError::Invalid(m)) => assert!(m.contains("end-to-end"), "{m}"),
+        other => panic!("expected an end-to-end error, got {other:?}"),
+    }
+    // So does the host itself, which holds no key.
+    assert!(matches!(
+        a.streams().get_msg("orders", 1).await,
+        Err(StreamError::Invalid(_))
+    ));
+    // And the host stored what it carried: no plaintext on its disk.
+    drop((sub, sub3));
+    a.streams().shutdown().await;
+    let file = std::fs::read(ad.path().join("streams").join("orders.redb")).expect("store");
+    assert!(file.len() > 1_000, "the store holds the messages");
+    assert!(
+        !file.windows(12).any(|w| w == b"secret order"),
+        "the stream's node stored plaintext"
+    );
 }

@@ -264,6 +264,7 @@ fn rpc_kind(e: &RpcError) -> &'static str {
         RpcError::TooManyHeaders { .. } => "rpc.too_many_headers",
         RpcError::TooManyAdvertised { .. } => "rpc.too_many_advertised",
         RpcError::Advertise { .. } => "rpc.advertise_failed",
+        RpcError::Sealing { .. } => "rpc.sealing",
         _ => "rpc.other",
     }
 }

@@ -301,8 +301,20 @@ impl PubSub {
         let _ = self.0.e2e.set(e2e);
     }
 
+    /// The end-to-end keys, in a realm with an authority.
+    pub(crate) fn e2e(&self) -> Option<&Arc<crate::e2e::E2e>> {
+        self.0.e2e.get()
+    }
+
+    /// A local subscription whose events are not opened: payloads on
+    /// encrypted topics come sealed, as carried (a stream capturing them
+    /// stores them so; its readers open them).
+    pub(crate) fn subscribe_carried(&self, pattern: &str) -> Result<Subscription, PubSubError> {
+        self.subscribe_inner(pattern, false).map(|(s, _)| s)
+    }
+
     /// `payload` as it leaves this edge: sealed on an encrypted topic.
-    fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, PubSubError> {
+    pub(crate) fn seal(&self, topic: &str, payload: Bytes) -> Result<Bytes, PubSubError> {
         match self.0.e2e.get() {
             None => Ok(payload),
             Some(e) => e.seal(topic, payload).map_err(|e| PubSubError::Sealing {
@@ -529,6 +541,21 @@ impl PubSub {
                     .await;
             }
         }
+        self.publish_mesh_inner(topic, payload, opts).await
+    }
+
+    /// [`PubSub::publish_mesh`] with the payload as given, never sealed
+    /// end to end: what a node carrying another's message does. A
+    /// diagnostic (the tests publish in the clear on an encrypted topic
+    /// with it, and see it refused); applications do not need it.
+    #[doc(hidden)]
+    pub async fn publish_carried(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PublishOptions,
+    ) -> Result<u64, PubSubError> {
+        self.allowed_here(Perm::Publish, topic)?;
         self.publish_mesh_inner(topic, payload, opts).await
     }
 
@@ -814,7 +841,10 @@ impl PubSub {
             m.frames_received_total.inc();
             m.message_received(frame.msg_type);
             peer.touch();
-            if let Some(n) = self.refused_batch(&peer, frame.msg_type, &frame.body) {
+            if let Some(n) = self
+                .refused_batch(&peer, frame.msg_type, &frame.body)
+                .or_else(|| self.clear_batch(&peer, frame.msg_type, &frame.body))
+            {
                 rx.count_refused(n);
                 continue;
             }
@@ -957,6 +987,57 @@ impl PubSub {
     }
 }
 
+impl PubSub {
+    /// End-to-end (issue 19): whether a PUBLISH_BATCH its publisher hands
+    /// over itself (a client to its gateway, a node for itself) carries a
+    /// message in the clear on a topic the realm encrypts. Such a batch is
+    /// refused whole, like one refused by the permissions: the publisher
+    /// holds the key set (a client is attached only once it does) and
+    /// seals, so this is a misbehaving or outdated one. Returns how many
+    /// messages it carried (counted in
+    /// `macula_e2e_payloads{outcome="plaintext_refused"}` and logged);
+    /// `None`: go on. A batch a node carries for others is left to their
+    /// subscribers, which do not deliver what does not open.
+    fn clear_batch(&self, peer: &Peer, msg_type: u8, body: &Bytes) -> Option<u64> {
+        let keys = self.0.e2e.get().filter(|k| k.is_active())?;
+        if msg_type != MessageType::PublishBatch as u8 {
+            return None;
+        }
+        let head = macula_wire::BatchHead::decode(body).ok()?;
+        if head.publisher != peer.node_id() || !head.topics.iter().any(|t| keys.encrypts(t)) {
+            return None;
+        }
+        let view = macula_wire::PublishBatchView::decode(body).ok()?;
+        let encrypted: Vec<bool> = view.topics.iter().map(|t| keys.encrypts(t)).collect();
+        let clear = view.entries.iter().find(|e| {
+            encrypted.get(e.topic_index).copied().unwrap_or(false)
+                && macula_auth::keys::Envelope::decode(e.payload).is_err()
+        })?;
+        let topic = view.topics.get(clear.topic_index).copied().unwrap_or("");
+        let n = head.messages;
+        keys.counters().e2e.at(5).inc_by(n);
+        tracing::warn!(peer = %peer.node_id(), messages = n, topic, "refused a pub/sub batch: a message in the clear on a topic the realm encrypts end to end");
+        Some(n)
+    }
+
+    /// End-to-end: the refusal of a PUBLISH in the clear on an encrypted
+    /// topic (`None`: go on).
+    fn clear_publish(&self, p: &macula_wire::Publish) -> Option<Answer> {
+        let keys = self.0.e2e.get().filter(|k| k.is_active())?;
+        if !keys.encrypts(&p.topic) || macula_auth::keys::Envelope::decode(&p.payload).is_ok() {
+            return None;
+        }
+        keys.counters().e2e.at(5).inc();
+        Some(Answer::Refuse {
+            code: ErrorCode::Unauthorized,
+            reason: format!(
+                "topic {:?} is encrypted end to end by the realm's policy: a message in the clear is refused",
+                p.topic
+            ),
+        })
+    }
+}
+
 fn unauthorized(d: Denied) -> PubSubError {
     PubSubError::Unauthorized {
         kind: d.kind,
@@ -1022,6 +1103,9 @@ impl Service for PubSub {
                             reason: d.to_string(),
                         };
                     }
+                }
+                if let Some(refused) = self.clear_publish(&p) {
+                    return refused;
                 }
                 match self.run(|core, now, out| core.handle_publish(peer.node_id(), p, now, out)) {
                     Ok(()) => Answer::Done,

@@ -108,6 +108,17 @@ pub enum RpcError {
         provider: Option<NodeId>,
         message: String,
     },
+    /// End-to-end encryption (issue 19): the procedure is encrypted and
+    /// this node (`provider` None) holds no key to seal the call with, the
+    /// provider (or a gateway on the way) could not open it or refused it
+    /// in the clear, or the reply did not open. Never a silent fallback to
+    /// the clear.
+    #[error("{procedure:?}: end-to-end encryption{}: {reason}", .provider.map(|p| format!(" (provider {p})")).unwrap_or_default())]
+    Sealing {
+        procedure: String,
+        provider: Option<NodeId>,
+        reason: String,
+    },
 }
 
 impl RpcError {
@@ -129,6 +140,7 @@ impl RpcError {
             RpcError::TooManyAdvertised { .. } => "too_many_advertised",
             RpcError::Advertise { .. } => "advertise_failed",
             RpcError::Unauthorized { .. } => "unauthorized",
+            RpcError::Sealing { .. } => "sealing",
         }
     }
 }
@@ -260,6 +272,9 @@ pub struct CallBuilder {
     /// A forwarded call's originator proof, passed on unchanged (a
     /// gateway calling for its client).
     pub(super) origin: Option<macula_wire::rpc::CallOrigin>,
+    /// A gateway's onward call for another's: its payload (and the reply)
+    /// are carried as they are, never sealed or opened here.
+    pub(super) pass_through: bool,
 }
 
 impl CallBuilder {
@@ -290,6 +305,29 @@ impl CallBuilder {
     pub fn options(&self) -> &CallOptions {
         &self.opts
     }
+
+    /// Sends the payload as given and returns the reply as it comes,
+    /// neither sealed nor opened end to end: what a gateway does with the
+    /// calls it carries for others. A diagnostic (the tests send a call in
+    /// the clear on an encrypted procedure with it); applications do not
+    /// need it.
+    #[doc(hidden)]
+    pub fn as_carried(mut self) -> Self {
+        self.pass_through = true;
+        self
+    }
+}
+
+/// A call a gateway carried for another (its client, or a client of
+/// another gateway) and its reply, as it carried them
+/// ([`Rpc::tap_carried`]): on an end-to-end encrypted procedure, the
+/// envelopes.
+#[derive(Debug, Clone)]
+pub struct Carried {
+    pub procedure: String,
+    pub arguments: Bytes,
+    /// `None`: the onward call failed.
+    pub reply: Option<Bytes>,
 }
 
 impl IntoFuture for CallBuilder {

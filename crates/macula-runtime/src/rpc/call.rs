@@ -30,6 +30,7 @@ impl Rpc {
             opts: CallOptions::default(),
             target: None,
             origin: None,
+            pass_through: false,
         }
     }
 
@@ -151,7 +152,26 @@ impl Rpc {
             }
             Ok(Started::Remote(id)) => {
                 let _gauge = GaugeGuard::up(&c.inflight_calls);
-                self.drive(id, b, via).await
+                // End-to-end: the arguments as they leave this node (an
+                // encrypted procedure), sealed once for every attempt; a
+                // call in process is not sealed.
+                match self.seal_args(b) {
+                    Ok(None) => self.drive(id, b, via).await,
+                    Ok(Some((sb, nonce))) => {
+                        let r = self.drive(id, &sb, via).await;
+                        r.and_then(|r| self.open_answer(b, r, &nonce))
+                    }
+                    Err(reason) => {
+                        // Nothing was sent: the core forgets the call.
+                        let now = self.now();
+                        self.state().core.drop_call(id, now);
+                        Err(RpcError::Sealing {
+                            procedure: b.procedure.clone(),
+                            provider: None,
+                            reason,
+                        })
+                    }
+                }
             }
         };
         match &res {
@@ -160,6 +180,67 @@ impl Rpc {
         };
         self.observe_duration(&b.procedure, at.elapsed());
         res
+    }
+
+    /// The call with its arguments sealed, and the envelope's nonce (the
+    /// reply is bound to it); `None`: not encrypted (or carried for
+    /// another, as it came).
+    fn seal_args(
+        &self,
+        b: &CallBuilder,
+    ) -> Result<Option<(CallBuilder, crate::e2e::Nonce)>, String> {
+        let Some(keys) = self.0.e2e.get().filter(|k| k.is_active()) else {
+            return Ok(None);
+        };
+        if b.pass_through {
+            return Ok(None);
+        }
+        match keys.seal_call(&b.procedure, b.payload.clone()) {
+            Ok((_, None)) => Ok(None),
+            Ok((payload, Some(nonce))) => {
+                if payload.len() > self.0.max_payload {
+                    return Err(format!(
+                        "the sealed arguments ({} bytes) exceed the payload limit of {}",
+                        payload.len(),
+                        self.0.max_payload
+                    ));
+                }
+                let sb = CallBuilder {
+                    rpc: self.clone(),
+                    procedure: b.procedure.clone(),
+                    payload,
+                    opts: b.opts.clone(),
+                    target: b.target,
+                    origin: b.origin.clone(),
+                    pass_through: false,
+                };
+                Ok(Some((sb, nonce)))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A sealed call's reply, opened.
+    fn open_answer(
+        &self,
+        b: &CallBuilder,
+        mut r: Response,
+        nonce: &crate::e2e::Nonce,
+    ) -> Result<Response, RpcError> {
+        let Some(keys) = self.0.e2e.get() else {
+            return Ok(r);
+        };
+        match keys.open_reply(&b.procedure, nonce, std::mem::take(&mut r.payload)) {
+            Ok(p) => {
+                r.payload = p;
+                Ok(r)
+            }
+            Err(e) => Err(RpcError::Sealing {
+                procedure: b.procedure.clone(),
+                provider: Some(r.provider),
+                reason: format!("the reply does not open: {e}"),
+            }),
+        }
     }
 
     pub(super) fn observe_duration(&self, procedure: &str, d: Duration) {
@@ -230,11 +311,20 @@ impl Rpc {
                 procedure,
                 provider,
             },
-            CallFailure::Unauthorized { provider, message } => RpcError::Unauthorized {
-                procedure,
-                provider: Some(provider),
-                message,
-            },
+            CallFailure::Unauthorized { provider, message } => {
+                match message.strip_prefix(super::E2E_REFUSAL) {
+                    Some(reason) => RpcError::Sealing {
+                        procedure,
+                        provider: Some(provider),
+                        reason: reason.to_string(),
+                    },
+                    None => RpcError::Unauthorized {
+                        procedure,
+                        provider: Some(provider),
+                        message,
+                    },
+                }
+            }
             CallFailure::Overloaded { provider } => RpcError::Overloaded {
                 procedure,
                 provider,

@@ -91,6 +91,12 @@ struct Inner {
     /// A client signs the calls it makes (their origin, PROTOCOL.md §5.4
     /// "Proved callers"): its gateway hands them on.
     signer: std::sync::OnceLock<ed25519_dalek::SigningKey>,
+    /// End-to-end keys (a realm with an authority): calls of encrypted
+    /// procedures are sealed by the caller and opened before the handler;
+    /// replies the other way. Set once, right after construction.
+    e2e: std::sync::OnceLock<Arc<crate::e2e::E2e>>,
+    /// Where what this gateway carries is copied (`tap_carried`).
+    carried_tap: Mutex<Option<tokio::sync::mpsc::Sender<Carried>>>,
 }
 
 /// A node's RPC. Cheap to clone.
@@ -210,7 +216,37 @@ impl Rpc {
             duration_labels: Mutex::new(std::collections::HashSet::new()),
             own,
             signer: std::sync::OnceLock::new(),
+            e2e: std::sync::OnceLock::new(),
+            carried_tap: Mutex::new(None),
         }))
+    }
+
+    /// A copy of every call this node carries for another from now on,
+    /// with its reply, as it carries them (on an encrypted procedure: the
+    /// envelopes). A diagnostic (what the tests assert the bytes of): at
+    /// most `capacity` wait; while the receiver is full, copies are not
+    /// made. Replaces an earlier tap.
+    pub fn tap_carried(&self, capacity: usize) -> tokio::sync::mpsc::Receiver<Carried> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        *self.0.carried_tap.lock() = Some(tx);
+        rx
+    }
+
+    fn tap(&self, c: impl FnOnce() -> Carried) {
+        let tap = self.0.carried_tap.lock().clone();
+        if let Some(tx) = tap {
+            let _ = tx.try_send(c());
+        }
+    }
+
+    /// The end-to-end keys, in a realm with an authority.
+    pub(crate) fn e2e(&self) -> Option<&Arc<crate::e2e::E2e>> {
+        self.0.e2e.get()
+    }
+
+    /// Seals calls of the realm's encrypted procedures with `e2e`'s keys.
+    pub(crate) fn set_e2e(&self, e2e: Arc<crate::e2e::E2e>) {
+        let _ = self.0.e2e.set(e2e);
     }
 
     pub fn counters(&self) -> &Arc<RpcCounters> {
@@ -291,6 +327,12 @@ fn advertise_error(procedure: &str, e: AdvertiseError) -> RpcError {
         },
     }
 }
+
+/// How the reference begins the message of a CALL_ERROR `Unauthorized`
+/// that refuses a call for end-to-end encryption (a call in the clear on
+/// an encrypted procedure, or one the provider cannot open): the caller
+/// reports it as [`RpcError::Sealing`].
+pub(crate) const E2E_REFUSAL: &str = "end-to-end: ";
 
 fn truncate(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);

@@ -137,8 +137,9 @@ impl Rpc {
                         macula.caller = %peer.node_id(),
                         macula.node = %self.0.node_id)
                 });
-                let req = Request {
-                    procedure: call.procedure,
+                let procedure = call.procedure;
+                let mut req = Request {
+                    procedure: procedure.clone(),
                     payload: Bytes::from(call.payload),
                     headers: call.headers,
                     caller: peer.node_id(),
@@ -146,15 +147,50 @@ impl Rpc {
                     deadline: self.instant(deadline),
                 };
                 let (id, rpc) = (call.id, self.clone());
+                let keys = self.0.e2e.get().filter(|k| k.is_active()).cloned();
                 self.spawn_serving(peer, id, span, async move {
                     let _slot = SlotGuard(&rpc, Some(slot));
-                    run_handler(&rpc.0.counters, handler.as_ref(), req)
+                    // End-to-end: the handler gets the arguments opened;
+                    // a call that does not open (or came in the clear on
+                    // an encrypted procedure) is refused, never served.
+                    let sealed = match &keys {
+                        None => None,
+                        Some(k) => {
+                            let (payload, sealed) = k
+                                .open_call(&procedure, std::mem::take(&mut req.payload))
+                                .map_err(|e| e2e_refusal(id, &procedure, &e.to_string()))?;
+                            req.payload = payload;
+                            sealed
+                        }
+                    };
+                    let reply = run_handler(&rpc.0.counters, handler.as_ref(), req)
                         .await
-                        .map_err(|f| handler_failure(id, f))
+                        .map_err(|f| handler_failure(id, f))?;
+                    match (&keys, sealed) {
+                        (Some(k), Some(s)) => k
+                            .seal_reply(&procedure, &s, reply)
+                            .map_err(|e| e2e_refusal(id, &procedure, &e.to_string())),
+                        _ => Ok(reply),
+                    }
                 });
                 None
             }
             Admission::Forward { timeout } => {
+                // A gateway carries sealed calls as they are, and refuses
+                // a call in the clear on an encrypted procedure.
+                if let Some(k) = self.0.e2e.get() {
+                    if k.encrypts_call(&call.procedure)
+                        && macula_auth::keys::Envelope::decode(&call.payload).is_err()
+                    {
+                        k.counters().e2e_calls.at(5).inc();
+                        tracing::debug!(peer = %peer.node_id(), procedure = %call.procedure, "refused a call in the clear on an encrypted procedure");
+                        return Some(Message::Rpc(RpcMessage::Error(e2e_refusal(
+                            call.id,
+                            &call.procedure,
+                            &macula_auth::keys::OpenError::Malformed.to_string(),
+                        ))));
+                    }
+                }
                 // A gateway calls onward (its clients, or the mesh for a
                 // client) in its own task, like a handler; the answer keeps
                 // the onward error's kind.
@@ -173,14 +209,20 @@ impl Rpc {
                     crate::trace::put(&mut headers, &tp);
                 }
                 self.spawn_serving(peer, id, span, async move {
+                    let args = Bytes::from(call.payload);
                     let mut b = rpc
-                        .call(&call.procedure, call.payload)
+                        .call(&call.procedure, args.clone())
                         .timeout(timeout.to_duration());
                     b.opts.headers = headers;
                     b.origin = call.origin;
-                    b.await
-                        .map(|r| r.payload)
-                        .map_err(|e| forwarded_error(id, &e))
+                    b.pass_through = true;
+                    let r = b.await.map(|r| r.payload);
+                    rpc.tap(|| Carried {
+                        procedure: call.procedure.clone(),
+                        arguments: args,
+                        reply: r.as_ref().ok().cloned(),
+                    });
+                    r.map_err(|e| forwarded_error(id, &e))
                 });
                 None
             }
@@ -325,6 +367,21 @@ fn handler_failure(id: u64, f: HandlerFailure) -> CallError {
     }
 }
 
+/// The CALL_ERROR refusing call `id` for end-to-end encryption: kind
+/// `Unauthorized`, message [`E2E_REFUSAL`] first (the caller reports it as
+/// `RpcError::Sealing`).
+fn e2e_refusal(id: u64, procedure: &str, why: &str) -> CallError {
+    let message = format!(
+        "{E2E_REFUSAL}procedure {procedure:?} is encrypted end to end by the realm's policy; the call was refused: {why}"
+    );
+    CallError {
+        id,
+        kind: RpcErrorKind::Unauthorized,
+        code: 0,
+        message: truncate(&message, macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN),
+    }
+}
+
 /// The CALL_ERROR for a forwarded call's failure: the kind survives the hop.
 fn forwarded_error(id: u64, e: &RpcError) -> CallError {
     let (kind, code) = match e {
@@ -336,11 +393,13 @@ fn forwarded_error(id: u64, e: &RpcError) -> CallError {
         RpcError::ShuttingDown => (RpcErrorKind::ShuttingDown, 0),
         RpcError::NoProviders { .. } => (RpcErrorKind::NoProviders, 0),
         RpcError::Unreachable { .. } => (RpcErrorKind::Unreachable, 0),
-        RpcError::Unauthorized { .. } => (RpcErrorKind::Unauthorized, 0),
+        RpcError::Unauthorized { .. } | RpcError::Sealing { .. } => (RpcErrorKind::Unauthorized, 0),
         _ => (RpcErrorKind::Invalid, 0),
     };
     let message = match e {
         RpcError::Handler { message, .. } => message.clone(),
+        // Still a sealing refusal for the caller at the other end.
+        RpcError::Sealing { reason, .. } => format!("{E2E_REFUSAL}{reason}"),
         other => other.to_string(),
     };
     CallError {

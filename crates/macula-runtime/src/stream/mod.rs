@@ -929,7 +929,9 @@ impl Streams {
         ];
         let patterns: Vec<String> = h.core.lock().config().subjects.clone();
         for p in patterns {
-            match self.0.pubsub.subscribe(&p) {
+            // Not opened: a stream stores events on encrypted topics as
+            // they were carried (sealed); its readers open them.
+            match self.0.pubsub.subscribe_carried(&p) {
                 Ok(sub) => tasks.push(tokio::spawn(capture(Arc::downgrade(h), sub))),
                 Err(e) => {
                     tracing::warn!(stream = %h.name, pattern = %p, error = %e, "stream cannot capture its subject")
@@ -1224,8 +1226,27 @@ impl Streams {
 
     /// An acknowledged publish: stored by the stream of this node that
     /// captures `topic`, answered once on disk, then (with
-    /// `opts.publish`) published to the mesh's live subscribers.
+    /// `opts.publish`) published to the mesh's live subscribers. On an
+    /// end-to-end encrypted topic the payload is sealed here (this node's
+    /// application is the edge) and stored sealed.
     pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        opts: PersistOptions,
+    ) -> Result<PubAck, StreamError> {
+        let payload = self
+            .0
+            .pubsub
+            .seal(topic, payload)
+            .map_err(|e| StreamError::Invalid(format!("end-to-end: {e}")))?;
+        self.publish_carried(topic, payload, opts).await
+    }
+
+    /// [`Streams::publish`] of a payload as given (sealed at its edge, on
+    /// an encrypted topic): what a stream's node does for a remote
+    /// publisher.
+    pub(crate) async fn publish_carried(
         &self,
         topic: &str,
         payload: Bytes,
@@ -1277,15 +1298,29 @@ impl Streams {
                 message_id: opts.msg_id,
                 ..Default::default()
             };
-            if let Err(e) = self.0.pubsub.publish_mesh(topic, payload, popts).await {
+            if let Err(e) = self.0.pubsub.publish_carried(topic, payload, popts).await {
                 tracing::debug!(stream = %h.name, error = %e, "stored message not published to live subscribers");
             }
         }
         Ok(ack)
     }
 
-    /// Reads one stored message.
+    /// Reads one stored message (opened, on an encrypted topic: an error
+    /// if this node cannot).
     pub async fn get_msg(&self, name: &str, seq: u64) -> Result<Option<StreamMsg>, StreamError> {
+        let m = self.get_msg_stored(name, seq).await?;
+        match (m, self.0.pubsub.e2e()) {
+            (Some(m), Some(keys)) => keys.open_stored_one(m).map(Some),
+            (m, _) => Ok(m),
+        }
+    }
+
+    /// One stored message as stored (sealed, on an encrypted topic).
+    pub(crate) async fn get_msg_stored(
+        &self,
+        name: &str,
+        seq: u64,
+    ) -> Result<Option<StreamMsg>, StreamError> {
         let h = self.serving(name)?;
         let visible = h.core.lock().state().visible_upto();
         if seq > visible {
@@ -1372,8 +1407,31 @@ impl Streams {
 
     /// Pulls up to `batch` messages (and `max_bytes`) from a consumer,
     /// waiting up to `wait` for the first one; an empty answer means none
-    /// came in time.
+    /// came in time. Messages on encrypted topics are opened; one this
+    /// node cannot open is left out (counted in
+    /// `macula_e2e_payloads{outcome="no_key"|"refused"}`).
     pub async fn next(
+        &self,
+        stream: &str,
+        consumer: &str,
+        batch: usize,
+        max_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<Vec<StreamMsg>, StreamError> {
+        let msgs = self
+            .next_stored(stream, consumer, batch, max_bytes, wait)
+            .await?;
+        Ok(match self.0.pubsub.e2e() {
+            Some(keys) => msgs
+                .into_iter()
+                .filter_map(|m| keys.open_stored(m))
+                .collect(),
+            None => msgs,
+        })
+    }
+
+    /// [`Streams::next`] as stored (sealed, on an encrypted topic).
+    pub(crate) async fn next_stored(
         &self,
         stream: &str,
         consumer: &str,

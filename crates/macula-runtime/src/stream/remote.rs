@@ -245,13 +245,14 @@ async fn run(streams: &Streams, stream: &str, op: Op) -> Result<Answer, StreamEr
                 ttl: ttl_ms.map(Duration::from_millis),
                 publish,
             };
+            // Sealed by the remote publisher, on an encrypted topic.
             Answer::PubAck(
                 streams
-                    .publish(&subject, Bytes::from(payload), opts)
+                    .publish_carried(&subject, Bytes::from(payload), opts)
                     .await?,
             )
         }
-        Op::Get { seq } => Answer::Msg(streams.get_msg(stream, seq).await?.map(wire)),
+        Op::Get { seq } => Answer::Msg(streams.get_msg_stored(stream, seq).await?.map(wire)),
         Op::Info => Answer::Info(Box::new(streams.info(stream)?)),
         Op::AddConsumer(cfg) => Answer::Consumer(streams.add_consumer(stream, cfg).await?),
         Op::DeleteConsumer(name) => {
@@ -269,7 +270,7 @@ async fn run(streams: &Streams, stream: &str, op: Op) -> Result<Answer, StreamEr
             wait_ms,
         } => Answer::Msgs(
             streams
-                .next(
+                .next_stored(
                     stream,
                     &consumer,
                     batch,
@@ -483,6 +484,14 @@ impl RemoteStream {
         opts: PersistOptions,
     ) -> Result<PubAck, StreamError> {
         let retry = opts.msg_id.is_some();
+        // This publisher is the edge: sealed here on an encrypted topic,
+        // stored sealed by the stream's node.
+        let payload = match self.rpc.e2e() {
+            Some(keys) => keys
+                .seal(topic, payload)
+                .map_err(|e| StreamError::Invalid(format!("end-to-end: {e}")))?,
+            None => payload,
+        };
         let op = Op::Publish {
             subject: topic.to_string(),
             payload: payload.to_vec(),
@@ -500,7 +509,13 @@ impl RemoteStream {
     /// One stored message.
     pub async fn get_msg(&self, seq: u64) -> Result<Option<StreamMsg>, StreamError> {
         match self.op(&Op::Get { seq }, self.timeout, true).await? {
-            Answer::Msg(m) => Ok(m.map(|m| unwire(&self.stream, m))),
+            Answer::Msg(m) => {
+                let m = m.map(|m| unwire(&self.stream, m));
+                match (m, self.rpc.e2e()) {
+                    (Some(m), Some(keys)) => keys.open_stored_one(m).map(Some),
+                    (m, _) => Ok(m),
+                }
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -568,7 +583,19 @@ impl RemoteStream {
             wait_ms: wait.as_millis() as u64,
         };
         match self.op(&op, wait + PULL_MARGIN, false).await? {
-            Answer::Msgs(ms) => Ok(ms.into_iter().map(|m| unwire(&self.stream, m)).collect()),
+            // Opened here (the reader is the edge); one this reader cannot
+            // open is left out, counted.
+            Answer::Msgs(ms) => {
+                let keys = self.rpc.e2e();
+                Ok(ms
+                    .into_iter()
+                    .map(|m| unwire(&self.stream, m))
+                    .filter_map(|m| match keys {
+                        Some(k) => k.open_stored(m),
+                        None => Some(m),
+                    })
+                    .collect())
+            }
             other => Err(unexpected(other)),
         }
     }
