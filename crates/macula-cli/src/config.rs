@@ -132,6 +132,8 @@ pub const MAX_RAFT_GROUP_NAME_LEN: usize = macula::raft::MAX_GROUP_NAME_LEN;
 /// Accepted `raft_timeout` range.
 pub const RAFT_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(60));
+/// Accepted `raft_proposals_in_flight` range.
+pub const RAFT_PROPOSALS_RANGE: (usize, usize) = (1, 1024);
 /// Accepted `raft_max_groups` range.
 pub const RAFT_MAX_GROUPS_RANGE: (usize, usize) = (1, 4096);
 /// Accepted `max_streams` range.
@@ -684,6 +686,13 @@ settings! {
         Number(|s| parse_count(s, RAFT_MAX_GROUPS_RANGE)),
         flag "--raft-max-groups" "N", env "MACULA_RAFT_MAX_GROUPS", toml "raft_max_groups",
         default "64", "Raft groups this node may run at once, 1..4096";
+    raft_proposals_in_flight RAFT_PROPOSALS_IN_FLIGHT: usize =
+        RaftLimits::default().proposals_in_flight,
+        Number(|s| parse_count(s, RAFT_PROPOSALS_RANGE)),
+        flag "--raft-proposals-in-flight" "N", env "MACULA_RAFT_PROPOSALS_IN_FLIGHT",
+        toml "raft_proposals_in_flight", default "8",
+        "Log entries a Raft group's leader has proposed and not yet committed at most (pipelining; \
+         writes queue meanwhile and share the next entry: macula_raft_proposer_full_total), 1..1024";
     max_streams MAX_STREAMS: usize = StreamLimits::default().max_streams,
         Number(|s| parse_count(s, MAX_STREAMS_RANGE)),
         flag "--max-streams" "N", env "MACULA_MAX_STREAMS", toml "max_streams",
@@ -1955,7 +1964,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            61,
+            62,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -366,6 +366,7 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
             // A quarter of the election timeout: several heartbeats fit in
             // one, so one lost heartbeat does not start an election.
             heartbeat: s.raft_election_timeout / 4,
+            proposals_in_flight: s.raft_proposals_in_flight,
             ..RaftLimits::default()
         },
         streams: macula::config::StreamLimits {

@@ -271,7 +271,14 @@ pub struct RaftLimits {
     /// Log entries kept behind the last snapshot (a follower that is at
     /// most this far behind catches up from the log instead of a snapshot).
     pub log_kept_after_snapshot: u64,
+    /// Entries a group's proposer has on their way (proposed, not yet
+    /// committed) at most; writes queue meanwhile and become the next
+    /// batch entry (`macula_raft_proposer_full_total` counts the waits).
+    pub proposals_in_flight: usize,
 }
+
+/// Default [`RaftLimits::proposals_in_flight`].
+pub const DEFAULT_PROPOSALS_IN_FLIGHT: usize = 8;
 
 impl Default for RaftLimits {
     fn default() -> Self {
@@ -282,6 +289,7 @@ impl Default for RaftLimits {
             election_min: Duration::from_millis(200),
             snapshot_every: 10_000,
             log_kept_after_snapshot: 1_000,
+            proposals_in_flight: DEFAULT_PROPOSALS_IN_FLIGHT,
         }
     }
 }

@@ -244,6 +244,9 @@ struct Inner {
     /// The largest batch entry, in bytes of keys and values (well inside a
     /// frame: an entry travels in one AppendEntries).
     batch_bytes: usize,
+    /// Entries the proposer has on their way at most
+    /// (`RaftLimits::proposals_in_flight`).
+    in_flight: usize,
     /// News of a leader, for the election watchdog.
     heard: Arc<Heard>,
 }
@@ -259,9 +262,6 @@ struct Proposal {
 
 /// Writes in one batch entry at most.
 const MAX_BATCH: usize = 1024;
-/// Entries the proposer has on their way (proposed, not yet applied) at
-/// most; writes queue meanwhile and become the next batch.
-const PROPOSALS_IN_FLIGHT: usize = 8;
 
 /// Bytes of a request's keys and values, to bound a batch.
 fn request_bytes(r: &Request) -> usize {
@@ -376,6 +376,7 @@ impl Group {
             stop,
             proposals,
             batch_bytes: (max_frame as usize / 2).max(1),
+            in_flight: limits.proposals_in_flight.max(1),
             heard: heard.clone(),
         }));
         tokio::spawn(g.clone().propose(proposals_rx));
@@ -892,20 +893,27 @@ impl Group {
     /// entries were being committed and proposes them as one entry (a
     /// `Request::Batch` when there are several), like etcd's batching: many
     /// concurrent writers share one log entry, one fsync per member and one
-    /// AppendEntries per follower. Up to [`PROPOSALS_IN_FLIGHT`] entries
+    /// AppendEntries per follower. Up to `RaftLimits::proposals_in_flight` entries
     /// are on their way at once (pipelined: the next is appended while the
     /// previous ones replicate); a lone write is proposed as itself at once.
     async fn propose(self, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
         let mut stop = self.0.stop.subscribe();
         let mut carry: Option<Proposal> = None;
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT));
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.0.in_flight));
         loop {
-            let permit = tokio::select! {
-                p = in_flight.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = stop.changed() => return,
+            let permit = match in_flight.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // Every slot is on its way: writes wait in the queue.
+                    self.0.transport.counters.proposer_full_total.inc();
+                    tokio::select! {
+                        p = in_flight.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
+                        _ = stop.changed() => return,
+                    }
+                }
             };
             let first = match carry.take() {
                 Some(p) => p,

@@ -66,6 +66,9 @@ pub struct RaftCounters {
     pub groups_refused_total: Counter,
     /// Elections the watchdog started (`watchdog.rs`).
     pub watchdog_elections_total: Counter,
+    /// Times a group's proposer found all `proposals_in_flight` slots
+    /// taken and writes waited in its queue.
+    pub proposer_full_total: Counter,
 }
 
 impl RaftCounters {
@@ -124,6 +127,12 @@ impl RaftCounters {
             "macula_raft_watchdog_elections",
             "Elections started by the election watchdog (no leader heard for openraft's election timeout, without openraft 0.9's stale smaller-log backoff), all groups.",
             self.watchdog_elections_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_proposer_full",
+            "Times a group's proposer had raft_proposals_in_flight entries on their way and writes waited in its queue, all groups.",
+            self.proposer_full_total.clone(),
         );
         register(
             r,
