@@ -475,31 +475,6 @@ impl E2e {
         }
     }
 
-    /// A stream message as the application reads it: opened on an
-    /// encrypted topic (a stream stores what it captured, sealed). `None`:
-    /// not readable here (counted, as an event not delivered).
-    pub(crate) fn open_stored(
-        &self,
-        mut m: crate::stream::StreamMsg,
-    ) -> Option<crate::stream::StreamMsg> {
-        m.payload = self.open(&m.subject, std::mem::take(&mut m.payload))?;
-        Some(m)
-    }
-
-    /// [`E2e::open_stored`] of one message read by sequence: a message
-    /// that does not open is an error, not an absent message.
-    pub(crate) fn open_stored_one(
-        &self,
-        m: crate::stream::StreamMsg,
-    ) -> Result<crate::stream::StreamMsg, crate::stream::StreamError> {
-        let (seq, subject) = (m.seq, m.subject.clone());
-        self.open_stored(m).ok_or_else(|| {
-            crate::stream::StreamError::Invalid(format!(
-                "end-to-end: message {seq} on topic {subject:?} is encrypted and this principal cannot open it"
-            ))
-        })
-    }
-
     /// What `macula keys status` shows.
     pub fn report(&self) -> KeysReport {
         let held = self.held.read().clone();

@@ -14,77 +14,19 @@
 mod common;
 
 use std::future::IntoFuture;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{boot, config, init_tracing, joined, start, within, STEP};
+use common::realm::*;
+use common::{boot, init_tracing, joined, start, within, STEP};
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
 use macula_auth::keys::{rotate, Envelope, KeySet, PatternKind, Rotation, ENVELOPE_OVERHEAD};
-use macula_auth::{Key, Subject};
+use macula_auth::Key;
 use macula_runtime::config::{Admission, ReachabilityMode};
 use macula_runtime::pubsub::SubscriptionItem;
 use macula_runtime::rpc::{AdvertiseOptions, Carried, HandlerResult, Request, RpcError};
-use macula_runtime::{
-    Client, ClientConfig, Identity, IdentitySource, NodeConfig, NodeRuntime, PeerAddr,
-};
-use macula_wire::NodeId;
-
-const FAR: u64 = u64::MAX / 2;
-const ALL: &str = "allow subscribe **\nallow publish **\nallow call **\nallow advertise **";
-
-fn identity_in(dir: &Path) -> Identity {
-    Identity::load_or_create(dir).expect("identity")
-}
-
-fn grant(authority: &SigningKey, serial: u8, subject: NodeId) -> Vec<u8> {
-    common::signed_grant(authority, serial, Subject::Node(subject), ALL, 0, FAR)
-}
-
-async fn member(
-    authority: &SigningKey,
-    serial: u8,
-    via: Option<&NodeRuntime>,
-) -> (NodeRuntime, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("dir");
-    let g = grant(authority, serial, identity_in(dir.path()).node_id());
-    let node = start(NodeConfig {
-        identity: IdentitySource::DataDir(dir.path().to_path_buf()),
-        admission: Some(Admission::new(Key::of(authority), Some(g))),
-        ..via.map(boot).unwrap_or_else(config)
-    })
-    .await;
-    if via.is_some() {
-        joined(&node).await;
-    }
-    (node, dir)
-}
-
-async fn client_of(
-    gateway: &NodeRuntime,
-    authority: &SigningKey,
-    serial: u8,
-) -> (Client, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("dir");
-    let addr: PeerAddr = format!("{}@{}", gateway.node_id(), gateway.local_addr())
-        .parse()
-        .expect("address");
-    let mut cfg = ClientConfig::new(vec![addr]);
-    cfg.identity = IdentitySource::DataDir(dir.path().to_path_buf());
-    cfg.grant = Some(grant(authority, serial, identity_in(dir.path()).node_id()));
-    let c = within(STEP, "client attaches", Client::connect(cfg))
-        .await
-        .expect("client attaches");
-    (c, dir)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
-}
+use macula_runtime::{Client, IdentitySource, NodeConfig, NodeRuntime};
 
 /// A key set encrypting calls of `billing.**` (and, with `topics`, events
 /// on `orders.**`) for `members`.

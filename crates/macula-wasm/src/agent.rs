@@ -612,13 +612,13 @@ impl Agent {
             }
             e => e.into(),
         })?;
+        let manifest = Manifest::of(&bytes);
         // Refuse what cannot run before anything is recorded.
         let host = self.0.host.clone();
         let (a, h) = (app.to_string(), req.hash.clone());
         tokio::task::spawn_blocking(move || host.compile(&a, &bytes, Some(&h)))
             .await
             .map_err(|e| AgentError::Unavailable(format!("compiling: {e}")))??;
-        let manifest = Manifest::of(&self.0.store.read_checked(&req.hash)?);
         let release = Release {
             app: app.to_string(),
             version: req.version.clone(),

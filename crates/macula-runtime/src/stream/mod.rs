@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod record;
 pub mod remote;
 pub mod replica;
+mod sealed;
 pub mod store;
 
 pub use handle::{StreamHandle, StreamSubscription};
@@ -1309,10 +1310,7 @@ impl Streams {
     /// if this node cannot).
     pub async fn get_msg(&self, name: &str, seq: u64) -> Result<Option<StreamMsg>, StreamError> {
         let m = self.get_msg_stored(name, seq).await?;
-        match (m, self.0.pubsub.e2e()) {
-            (Some(m), Some(keys)) => keys.open_stored_one(m).map(Some),
-            (m, _) => Ok(m),
-        }
+        sealed::open_one(self.0.pubsub.e2e(), m)
     }
 
     /// One stored message as stored (sealed, on an encrypted topic).
@@ -1421,13 +1419,7 @@ impl Streams {
         let msgs = self
             .next_stored(stream, consumer, batch, max_bytes, wait)
             .await?;
-        Ok(match self.0.pubsub.e2e() {
-            Some(keys) => msgs
-                .into_iter()
-                .filter_map(|m| keys.open_stored(m))
-                .collect(),
-            None => msgs,
-        })
+        Ok(sealed::open_all(self.0.pubsub.e2e(), msgs))
     }
 
     /// [`Streams::next`] as stored (sealed, on an encrypted topic).

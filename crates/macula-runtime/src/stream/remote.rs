@@ -511,10 +511,7 @@ impl RemoteStream {
         match self.op(&Op::Get { seq }, self.timeout, true).await? {
             Answer::Msg(m) => {
                 let m = m.map(|m| unwire(&self.stream, m));
-                match (m, self.rpc.e2e()) {
-                    (Some(m), Some(keys)) => keys.open_stored_one(m).map(Some),
-                    (m, _) => Ok(m),
-                }
+                super::sealed::open_one(self.rpc.e2e(), m)
             }
             other => Err(unexpected(other)),
         }
@@ -585,17 +582,10 @@ impl RemoteStream {
         match self.op(&op, wait + PULL_MARGIN, false).await? {
             // Opened here (the reader is the edge); one this reader cannot
             // open is left out, counted.
-            Answer::Msgs(ms) => {
-                let keys = self.rpc.e2e();
-                Ok(ms
-                    .into_iter()
-                    .map(|m| unwire(&self.stream, m))
-                    .filter_map(|m| match keys {
-                        Some(k) => k.open_stored(m),
-                        None => Some(m),
-                    })
-                    .collect())
-            }
+            Answer::Msgs(ms) => Ok(super::sealed::open_all(
+                self.rpc.e2e(),
+                ms.into_iter().map(|m| unwire(&self.stream, m)),
+            )),
             other => Err(unexpected(other)),
         }
     }
