@@ -178,6 +178,9 @@ async fn a_full_pool_evicts_mesh_connections_and_turns_away_when_nothing_may_go(
     within(STEP, "p1 dials", dial(&p1)).await.expect("p1 in");
     let clients = attach(&node, &endpoint, 0..2).await;
     within(STEP, "p2 dials", dial(&p2)).await.expect("p2 in");
+    // The node counts p2 on its own side of the handshake, a moment after
+    // p2's connect returns.
+    common::eventually(STEP, "p2 counted", || m.connections_current.get() == 4).await;
     assert_eq!(m.connections_current.get(), 4);
 
     // A third client: over the client cap, turned away at once.
