@@ -57,6 +57,17 @@ pub struct StreamArgs {
     /// Replicas of every stream: 1 (one server each) or 3 (three each).
     #[arg(long, default_value_t = 1)]
     replicas: u8,
+    /// Macula's runs, one per stream sync setting (`sync_interval`, R1
+    /// only): always (synced before each acknowledgement) and/or a
+    /// DURATION (acknowledged once written, synced at least that often:
+    /// JetStream 2.9's file store syncs every 2m).
+    #[arg(
+        long,
+        value_name = "always|DURATION",
+        value_delimiter = ',',
+        default_value = "always,2m"
+    )]
+    sync: Vec<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -93,7 +104,27 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
     if !matches!(a.replicas, 1 | 3) {
         bail!("--replicas must be 1 or 3");
     }
-    let mut sides = vec![macula_side(&a).await?];
+    let mut syncs = Vec::new();
+    for w in &a.sync {
+        syncs.push(match w.as_str() {
+            "always" => None,
+            d => Some(macula::stream::Millis::from_duration(
+                crate::config::parse_duration(d)
+                    .map_err(|e| anyhow::anyhow!("--sync {d:?}: {e}"))?,
+            )),
+        });
+    }
+    if a.replicas > 1 {
+        syncs.retain(Option::is_none);
+        syncs.truncate(1);
+        if syncs.is_empty() {
+            syncs.push(None);
+        }
+    }
+    let mut sides = Vec::new();
+    for sync in syncs {
+        sides.push(macula_side(&a, sync).await?);
+    }
     if !a.no_nats {
         match nats_side(&a).await {
             Ok(s) => sides.push(s),
@@ -117,7 +148,7 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
         report.build, report.replicas, report.msgs, report.window, report.replay
     );
     println!(
-        "{:<10} {:>14} {:>14} {:>10} {:>10} {:>14} {:>12}",
+        "{:<16} {:>14} {:>14} {:>10} {:>10} {:>14} {:>12}",
         "target", "pub 64B/s", "pub 1KiB/s", "p50 us", "p99 us", "replay msg/s", "restart ms"
     );
     for s in &report.sides {
@@ -126,7 +157,7 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
             .as_ref()
             .map_or((0.0, 0.0), |l| (l.p50_us, l.p99_us));
         println!(
-            "{:<10} {:>14.0} {:>14.0} {:>10.0} {:>10.0} {:>14.0} {:>12.1}",
+            "{:<16} {:>14.0} {:>14.0} {:>10.0} {:>10.0} {:>14.0} {:>12.1}",
             s.target,
             s.publish_64_per_s,
             s.publish_1k_per_s,
@@ -136,9 +167,13 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
             s.restart_ms
         );
     }
-    if let [m, n] = &report.sides[..] {
+    let Some(n) = report.sides.iter().find(|s| s.target == "jetstream") else {
+        return Ok(());
+    };
+    for m in report.sides.iter().filter(|s| s.target != "jetstream") {
         println!(
-            "ratio macula/jetstream: pub 64B {:.2}, pub 1KiB {:.2}, p50 latency {:.2} (lower is better), replay {:.2}, restart {:.2} (lower is better)",
+            "ratio {}/jetstream: pub 64B {:.2}, pub 1KiB {:.2}, p50 latency {:.2} (lower is better), replay {:.2}, restart {:.2} (lower is better)",
+            m.target,
             m.publish_64_per_s / n.publish_64_per_s,
             m.publish_1k_per_s / n.publish_1k_per_s,
             m.publish_latency_64.as_ref().map_or(0.0, |l| l.p50_us)
@@ -166,10 +201,14 @@ struct Cluster {
     dirs: Vec<tempfile::TempDir>,
     nodes: Vec<macula::Node>,
     replicas: u8,
+    sync_interval: Option<macula::stream::Millis>,
 }
 
 impl Cluster {
-    async fn start(replicas: u8) -> anyhow::Result<Cluster> {
+    async fn start(
+        replicas: u8,
+        sync_interval: Option<macula::stream::Millis>,
+    ) -> anyhow::Result<Cluster> {
         let dirs: Vec<tempfile::TempDir> = (0..replicas)
             .map(|_| tempfile::tempdir())
             .collect::<Result<_, _>>()?;
@@ -177,6 +216,7 @@ impl Cluster {
             dirs,
             nodes: Vec::new(),
             replicas,
+            sync_interval,
         };
         c.boot().await?;
         Ok(c)
@@ -210,6 +250,7 @@ impl Cluster {
     async fn add(&self, name: &str) -> anyhow::Result<StreamHandle> {
         let cfg = StreamConfig {
             replicas: self.replicas,
+            sync_interval: self.sync_interval,
             ..StreamConfig::new(name, &[&format!("{name}.**")])
         };
         self.nodes[0].streams().add(cfg).await?;
@@ -262,13 +303,16 @@ async fn macula_publish(
     Ok(done as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn macula_side(a: &StreamArgs) -> anyhow::Result<Side> {
-    let mut cluster = Cluster::start(a.replicas).await?;
+async fn macula_side(
+    a: &StreamArgs,
+    sync_interval: Option<macula::stream::Millis>,
+) -> anyhow::Result<Side> {
+    let mut cluster = Cluster::start(a.replicas, sync_interval).await?;
     let mut side = Side {
-        target: if a.replicas == 1 {
-            "macula".into()
-        } else {
-            format!("macula-r{}", a.replicas)
+        target: match (a.replicas, sync_interval) {
+            (1, None) => "macula".into(),
+            (1, Some(d)) => format!("macula/{}ms", d.0),
+            (r, _) => format!("macula-r{r}"),
         },
         ..Default::default()
     };

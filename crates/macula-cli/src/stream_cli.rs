@@ -100,6 +100,12 @@ pub struct LimitArgs {
     /// De-duplication window for message IDs (default 2m).
     #[arg(long, value_name = "DURATION")]
     pub dupe_window: Option<String>,
+    /// When an acknowledged publish is on disk: always (default: synced
+    /// before its acknowledgement) or a DURATION (acknowledged once written,
+    /// which survives kill -9 of the node but not a power loss; synced at
+    /// least this often, at most 2m; replicas 1 only).
+    #[arg(long, value_name = "always|DURATION")]
+    pub sync: Option<String>,
 }
 
 /// `macula stream add`.
@@ -110,7 +116,7 @@ pub struct AddArgs {
     pub stream: String,
     #[command(flatten)]
     pub limits: LimitArgs,
-    /// Copies kept: 1 (this node). 3 needs replication, not available yet.
+    /// Copies kept: 1 (this node) or 3 (a Raft group of three nodes).
     #[arg(long, default_value_t = 1)]
     pub replicas: u8,
     /// limits (default), interest (until every interested consumer acked) or workqueue (until one consumer acked).
@@ -334,6 +340,12 @@ fn apply_limits(cfg: &mut StreamConfig, l: &LimitArgs) -> Result<(), Failure> {
     if let Some(w) = &l.dupe_window {
         cfg.duplicate_window = millis(dur("--dupe-window", w)?);
     }
+    if let Some(w) = &l.sync {
+        cfg.sync_interval = match w.as_str() {
+            "always" => None,
+            d => Some(millis(dur("--sync", d)?)),
+        };
+    }
     Ok(())
 }
 
@@ -440,6 +452,14 @@ fn show_info(target: &Target, path: &str, body: &str, json: bool) -> Result<(), 
         c.max_msg_size,
         c.duplicate_window.0
     )?;
+    match c.sync_interval {
+        None => writeln!(out, "sync       always (before each acknowledgement)")?,
+        Some(d) => writeln!(
+            out,
+            "sync       every {}ms (acknowledged once written)",
+            d.0
+        )?,
+    }
     writeln!(
         out,
         "messages   {} ({} bytes), sequences {}..={}, durable up to {}",

@@ -26,13 +26,13 @@ fn start(dir: &std::path::Path) -> (Proc, String) {
     (node, addr)
 }
 
-/// Every message of stream `orders` through the admin API at `addr`, in
-/// order: (sequence, payload), read by a new consumer without acks.
-fn read_back(addr: &str) -> Vec<(u64, String)> {
+/// Every message of `stream` through the admin API at `addr`, in order:
+/// (sequence, payload), read by a new consumer without acks.
+fn read_back(addr: &str, stream: &str) -> Vec<(u64, String)> {
     let (status, body) = admin_http(
         addr,
         "POST",
-        "/admin/streams/orders/consumers",
+        &format!("/admin/streams/{stream}/consumers"),
         r#"{"durable":null,"deliver":{"policy":"all"},"ack":"none","ack_wait":30000,"max_deliver":null,"backoff":[],"max_ack_pending":100000,"filter":[],"replay":"instant","max_waiting":512,"inactive_threshold":60000}"#,
     )
     .unwrap();
@@ -43,7 +43,7 @@ fn read_back(addr: &str) -> Vec<(u64, String)> {
         let (status, body) = admin_http(
             addr,
             "POST",
-            &format!("/admin/streams/orders/consumers/{name}/next"),
+            &format!("/admin/streams/{stream}/consumers/{name}/next"),
             r#"{"batch":10000,"wait_ms":0}"#,
         )
         .unwrap();
@@ -64,34 +64,49 @@ fn read_back(addr: &str) -> Vec<(u64, String)> {
 fn acknowledged_events_survive_kill_9_during_a_burst() {
     let dir = tempfile::tempdir().unwrap();
     let (mut node, addr) = start(dir.path());
-    let (code, out) = cli(&[
-        "stream",
-        "add",
-        "orders",
-        "--subjects",
-        "orders.**",
-        "--http",
-        &addr,
-    ]);
+    // `orders` syncs before each acknowledgement; `fast` acknowledges once
+    // written and syncs every 2 minutes: both survive a kill of the
+    // process.
+    for (name, sync) in [("orders", "always"), ("fast", "2m")] {
+        let subjects = format!("{name}.**");
+        let (code, out) = cli(&[
+            "stream",
+            "add",
+            name,
+            "--subjects",
+            &subjects,
+            "--sync",
+            sync,
+            "--http",
+            &addr,
+        ]);
+        assert_eq!(code, Some(0), "{out}");
+    }
+    let (code, out) = cli(&["stream", "info", "fast", "--http", &addr]);
     assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("sync       every 120000ms"), "{out}");
 
-    // Four publishers, each waiting for its acknowledgement before the next.
-    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    // Four publishers per stream, each waiting for its acknowledgement
+    // before the next.
+    type Acked = Arc<Mutex<Vec<(&'static str, u64, String)>>>;
+    let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let publishers: Vec<_> = (0..4)
+    let publishers: Vec<_> = (0..8)
         .map(|t| {
             let (acked, stop, addr) = (acked.clone(), stop.clone(), addr.clone());
+            let stream = if t % 2 == 0 { "orders" } else { "fast" };
             std::thread::spawn(move || {
                 for i in 0..100_000 {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
                     let payload = format!("t{t}-{i}");
-                    let body = format!(r#"{{"topic":"orders.t{t}","payload":"{payload}"}}"#);
-                    match admin_http(&addr, "POST", "/admin/streams/orders/publish", &body) {
+                    let body = format!(r#"{{"topic":"{stream}.t{t}","payload":"{payload}"}}"#);
+                    let path = format!("/admin/streams/{stream}/publish");
+                    match admin_http(&addr, "POST", &path, &body) {
                         Ok((200, b)) => {
                             let seq = json(&b)["seq"].as_u64().expect("seq");
-                            acked.lock().unwrap().push((seq, payload));
+                            acked.lock().unwrap().push((stream, seq, payload));
                         }
                         // The node died under us: what was not answered is
                         // not acknowledged.
@@ -102,7 +117,7 @@ fn acknowledged_events_survive_kill_9_during_a_burst() {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while acked.lock().unwrap().len() < 300 && Instant::now() < deadline {
+    while acked.lock().unwrap().len() < 600 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     node.child.kill().expect("kill -9");
@@ -112,46 +127,51 @@ fn acknowledged_events_survive_kill_9_during_a_burst() {
         p.join().expect("publisher");
     }
     let acked = std::mem::take(&mut *acked.lock().unwrap());
-    assert!(
-        acked.len() >= 100,
-        "only {} publishes acknowledged",
-        acked.len()
-    );
+    for stream in ["orders", "fast"] {
+        let n = acked.iter().filter(|a| a.0 == stream).count();
+        assert!(n >= 100, "only {n} publishes to {stream} acknowledged");
+    }
 
     let (_node, addr) = start(dir.path());
     // Every acknowledged event is there, under its sequence.
-    for (seq, payload) in &acked {
+    for (stream, seq, payload) in &acked {
         let (status, body) = admin_http(
             &addr,
             "GET",
-            &format!("/admin/streams/orders/msg/{seq}"),
+            &format!("/admin/streams/{stream}/msg/{seq}"),
             "",
         )
         .unwrap();
         assert_eq!(
             status, 200,
-            "acknowledged seq {seq} lost after kill -9: {body}"
+            "acknowledged {stream} seq {seq} lost after kill -9: {body}"
         );
-        assert_eq!(json(&body)["payload"], payload.as_str(), "seq {seq}");
+        assert_eq!(
+            json(&body)["payload"],
+            payload.as_str(),
+            "{stream} seq {seq}"
+        );
     }
     // And nothing is stored twice: read everything back.
-    let mut seqs = Vec::new();
-    let mut payloads = std::collections::HashSet::new();
-    for (seq, p) in read_back(&addr) {
-        seqs.push(seq);
-        assert!(payloads.insert(p.clone()), "{p} stored twice");
+    for stream in ["orders", "fast"] {
+        let mut seqs = Vec::new();
+        let mut payloads = std::collections::HashSet::new();
+        for (seq, p) in read_back(&addr, stream) {
+            seqs.push(seq);
+            assert!(payloads.insert(p.clone()), "{p} stored twice in {stream}");
+        }
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "sequences not increasing in {stream}"
+        );
+        assert!(seqs.len() >= acked.iter().filter(|a| a.0 == stream).count());
+        let info = json(
+            &admin_http(&addr, "GET", &format!("/admin/streams/{stream}"), "")
+                .unwrap()
+                .1,
+        );
+        assert_eq!(info["messages"].as_u64().unwrap() as usize, seqs.len());
     }
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "sequences not increasing"
-    );
-    assert!(seqs.len() >= acked.len());
-    let info = json(
-        &admin_http(&addr, "GET", "/admin/streams/orders", "")
-            .unwrap()
-            .1,
-    );
-    assert_eq!(info["messages"].as_u64().unwrap() as usize, seqs.len());
 }
 
 #[test]
@@ -568,7 +588,7 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
     // Nothing stored twice.
     let mut payloads = std::collections::HashSet::new();
     let mut last = 0;
-    for (seq, p) in read_back(survivor) {
+    for (seq, p) in read_back(survivor, "orders") {
         assert!(seq > last, "sequences not increasing");
         last = seq;
         assert!(payloads.insert(p.clone()), "{p} stored twice");

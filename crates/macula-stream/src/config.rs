@@ -42,6 +42,9 @@ pub const DEFAULT_MAX_WAITING: usize = 512;
 pub const DEFAULT_MAX_CONSUMERS: usize = 256;
 /// Most steps in a redelivery backoff schedule.
 pub const MAX_BACKOFF_STEPS: usize = 32;
+/// Longest `sync_interval` (JetStream's server default is two minutes; a
+/// longer window of writes that a power loss may take is refused).
+pub const MAX_SYNC_INTERVAL: Millis = Millis(120_000);
 /// Default time an ephemeral consumer lives without being asked for a
 /// message before it is removed (JetStream's default: 5 s).
 pub const DEFAULT_INACTIVE_THRESHOLD: Millis = Millis(5_000);
@@ -102,6 +105,15 @@ pub struct StreamConfig {
     pub allow_msg_ttl: bool,
     /// Consumers at most.
     pub max_consumers: usize,
+    /// When an acknowledged publish is on disk. `None` (the default): before
+    /// its acknowledgement (the store's journal is synced first). `Some(d)`:
+    /// the acknowledgement follows the journal's write to the operating
+    /// system, so it survives a crash or `kill -9` of the process but not a
+    /// power loss of the last `d`; the journal is synced at least every
+    /// `d` (JetStream's file store behaves this way, with two minutes).
+    /// Replicated streams are durable through their Raft log and refuse it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_interval: Option<Millis>,
 }
 
 impl StreamConfig {
@@ -121,6 +133,7 @@ impl StreamConfig {
             max_dedup_ids: DEFAULT_MAX_DEDUP_IDS,
             allow_msg_ttl: true,
             max_consumers: DEFAULT_MAX_CONSUMERS,
+            sync_interval: None,
         }
     }
 
@@ -170,6 +183,19 @@ impl StreamConfig {
         }
         if self.max_dedup_ids == 0 && self.duplicate_window > Millis::ZERO {
             return Err(ConfigError::Zero("max_dedup_ids"));
+        }
+        if let Some(d) = self.sync_interval {
+            if d == Millis::ZERO || d > MAX_SYNC_INTERVAL {
+                return Err(ConfigError::SyncInterval(format!(
+                    "{} ms out of range 1..={} ms",
+                    d.0, MAX_SYNC_INTERVAL.0
+                )));
+            }
+            if self.replicas > 1 {
+                return Err(ConfigError::SyncInterval(
+                    "a replicated stream is durable through its Raft log; sync_interval applies to replicas 1 only".into(),
+                ));
+            }
         }
         Ok(patterns)
     }
@@ -459,6 +485,9 @@ pub enum ConfigError {
     /// A field that cannot change on a live stream.
     #[error("{0} cannot be changed on an existing stream")]
     Immutable(&'static str),
+    /// A `sync_interval` out of range, or on a replicated stream.
+    #[error("invalid sync_interval: {0}")]
+    SyncInterval(String),
 }
 
 #[cfg(test)]
@@ -559,6 +588,36 @@ mod tests {
         for (c, e) in cases {
             assert_eq!(c.validate(), Err(e));
         }
+        for bad in [Millis::ZERO, Millis(MAX_SYNC_INTERVAL.0 + 1)] {
+            let c = StreamConfig {
+                sync_interval: Some(bad),
+                ..base.clone()
+            };
+            assert!(
+                matches!(c.validate(), Err(ConfigError::SyncInterval(_))),
+                "{bad:?}"
+            );
+        }
+        let r3 = StreamConfig {
+            replicas: 3,
+            sync_interval: Some(Millis(100)),
+            ..base.clone()
+        };
+        assert!(matches!(r3.validate(), Err(ConfigError::SyncInterval(_))));
+        let r1 = StreamConfig {
+            sync_interval: Some(MAX_SYNC_INTERVAL),
+            ..base.clone()
+        };
+        assert!(r1.validate().is_ok());
+        // Left out of the JSON when unset, so older readers take it; read
+        // back as unset from JSON without it.
+        let json = serde_json::to_string(&base).unwrap();
+        assert!(!json.contains("sync_interval"), "{json}");
+        let back: StreamConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.sync_interval, None);
+        let json = serde_json::to_string(&r1).unwrap();
+        let back: StreamConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r1);
         assert!(StreamConfig {
             replicas: 3,
             max_msg_size: MAX_MSG_SIZE_CEILING,

@@ -31,6 +31,7 @@
 //! least every `StreamLimits::tick`.
 
 mod handle;
+pub mod journal;
 mod manage;
 pub mod metrics;
 pub mod record;
@@ -803,6 +804,7 @@ impl Streams {
     fn host(&self, stream: Stream, store: StreamStore) -> Arc<Hosted> {
         let name = stream.config().name.clone();
         let replicated = stream.config().replicas > 1;
+        store.set_sync_interval(stream.config().sync_interval.map(Millis::to_duration));
         let h = Arc::new(Hosted {
             name: name.clone(),
             core: Mutex::new(stream),
@@ -1105,6 +1107,8 @@ impl Streams {
             )
         };
         wait_written(&h, rx).await?;
+        h.store
+            .set_sync_interval(cfg.sync_interval.map(Millis::to_duration));
         if subjects_changed {
             self.stop_serving(&h);
             self.start_serving(&h);
@@ -1117,6 +1121,7 @@ impl Streams {
     async fn remove_local(&self, name: &str) -> Result<Option<Arc<Hosted>>, StreamError> {
         if self.0.broken.lock().remove(name).is_some() {
             let path = self.dir()?.join(format!("{name}.redb"));
+            remove_journal(&path)?;
             return std::fs::remove_file(&path).map(|_| None).map_err(|e| {
                 StoreError::Io {
                     path,
@@ -1138,6 +1143,7 @@ impl Streams {
         let h2 = h.clone();
         tokio::task::spawn_blocking(move || {
             h2.store.close();
+            remove_journal(&path)?;
             std::fs::remove_file(&path).map_err(|e| StoreError::Io {
                 path: path.clone(),
                 message: e.to_string(),
@@ -1804,6 +1810,19 @@ async fn read(
     })
     .await
     .map_err(|e| StreamError::Invalid(e.to_string()))?
+}
+
+/// Removes the journal beside a store file being removed (there is none
+/// beside a file from before journals).
+fn remove_journal(store: &std::path::Path) -> Result<(), StoreError> {
+    let path = journal::path_of(store);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+            path,
+            message: e.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Raises the consumers' visibility bound as group commits land.

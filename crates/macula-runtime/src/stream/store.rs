@@ -3,21 +3,36 @@
 //! configuration and last sequence (`meta`), and its durable consumers
 //! (`consumers`: name -> configuration and position).
 //!
-//! **Group commit.** Writes are queued to one writer thread, which puts
-//! everything queued meanwhile into one transaction committed with
-//! `Durability::Immediate` (one `fsync` for the group), then answers each
-//! waiter and raises `durable`: the highest sequence on disk, which the
-//! host makes the consumers' visibility bound. A publish acknowledged to its
-//! publisher is on disk.
+//! **Group commit through a journal.** Writes are queued to one writer
+//! thread, which takes everything queued meanwhile as one group: it
+//! appends the group to the stream's journal (`journal.rs`) and syncs it
+//! (one `fdatasync` of an append), then commits the group to redb without
+//! syncing (`Durability::None`), answers each waiter and raises `durable`:
+//! the highest sequence stored, which the host makes the consumers'
+//! visibility bound. A publish acknowledged to its publisher is on disk, in
+//! the journal. A **checkpoint** (a redb commit with `Durability::Immediate`
+//! that also moves the journal to its next epoch) runs at least every
+//! [`SYNC_EVERY`] while redb holds unsynced commits, when the journal passes
+//! [`JOURNAL_MAX`], on [`StreamStore::sync`] and at close. At open, the
+//! journal's records of the current epoch are replayed into redb (one
+//! checkpoint) before anything reads the file.
+//!
+//! **Sync interval** ([`StreamStore::set_sync_interval`], a stream's
+//! `sync_interval`): the journal is written (to the operating system)
+//! before the acknowledgement but synced at most every interval, so an
+//! acknowledged write survives a crash or `kill -9` of the process, not a
+//! power loss of the last interval.
 //!
 //! **Unsynced writes** ([`StreamStore::submit_unsynced`]) are a replicated
 //! stream's applier's: what it writes is already in the Raft log on a
 //! majority of disks, so its commits skip the `fsync`
 //! (`Durability::None`: a crash of the process loses them, and the group
-//! replays them from the log). A group with only such writes commits
-//! without syncing, unless the last synced commit is older than
+//! replays them from the log) and skip the journal. A group with only such
+//! writes commits without syncing, unless the last checkpoint is older than
 //! [`SYNC_EVERY`]; [`StreamStore::synced_applied`] is the applied index
-//! (`Write::Applied`) of the last synced commit, what survives a crash.
+//! (`Write::Applied`) of what survives a crash. Once redb holds such
+//! unjournaled commits, a write that must be durable is a checkpoint (the
+//! journal alone would replay it without them).
 //!
 //! **Corruption.** A file that redb cannot open, or a record that does not
 //! decode, is an error naming the file; nothing is written over it.
@@ -30,6 +45,7 @@ use std::sync::Arc;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{oneshot, watch};
 
+use super::journal::{self, Journal};
 use super::record::{self, CorruptRecord, StoredMsg};
 
 const MSGS: TableDefinition<u64, &[u8]> = TableDefinition::new("msgs");
@@ -46,6 +62,8 @@ pub const META_LAST: &str = "last";
 pub const META_INDEX: &str = "index";
 /// `meta` key of a replicated stream's applied Raft log index (8 bytes, LE).
 pub const META_APPLIED: &str = "applied";
+/// `meta` key of the journal's epoch (8 bytes, LE; absent: 0).
+pub const META_JOURNAL: &str = "journal";
 
 /// Writes one group commit takes at most (more wait for the next).
 const MAX_GROUP: usize = 8192;
@@ -54,6 +72,9 @@ const MAX_GROUP_BYTES: usize = 16 << 20;
 /// Unsynced writes are synced at least this often (redb frees pages only
 /// in synced commits, and a crash replays less).
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// A journal this long is checkpointed at the next group (it is replayed
+/// whole at open, so its length bounds the replay after a crash).
+pub const JOURNAL_MAX: u64 = 64 << 20;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,8 +154,12 @@ pub struct StoreStats {
     pub commits: AtomicU64,
     /// Writes committed.
     pub writes: AtomicU64,
-    /// Transactions committed with an `fsync`.
+    /// Transactions committed with an `fsync` (checkpoints).
     pub syncs: AtomicU64,
+    /// Groups appended to the journal.
+    pub journal_appends: AtomicU64,
+    /// `fdatasync`s of the journal.
+    pub journal_syncs: AtomicU64,
 }
 
 /// A stream's store (see the module docs).
@@ -147,6 +172,13 @@ pub struct StreamStore {
     stats: Arc<StoreStats>,
     /// The applied index (`Write::Applied`) of the last synced commit.
     synced_applied: Arc<AtomicU64>,
+    /// The sync interval in milliseconds (0: sync before every
+    /// acknowledgement).
+    sync_interval_ms: Arc<AtomicU64>,
+    /// Checkpoints at least this often while redb holds unsynced commits
+    /// ([`SYNC_EVERY`]; tests stretch it).
+    #[cfg(test)]
+    checkpoint_every_ms: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -183,7 +215,8 @@ impl StreamStore {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        let s = StreamStore::start(path, db, 0, 0);
+        let journal = Journal::create(&journal::path_of(path), 0).map_err(journal_err)?;
+        let s = StreamStore::start(path, db, journal, 0, 0);
         s.write_now(vec![Write::Config(config.to_vec()), Write::Last(0, 0)])?;
         Ok(s)
     }
@@ -203,36 +236,50 @@ impl StreamStore {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
+        let epoch = read_u64(&db, path, META_JOURNAL)?;
+        let (mut journal, groups) =
+            Journal::open(&journal::path_of(path), epoch).map_err(journal_err)?;
+        if !groups.is_empty() {
+            // What the journal holds beyond the last checkpoint goes into
+            // redb first, as one checkpoint.
+            let writes: Vec<&Write> = groups.iter().flatten().collect();
+            tracing::info!(path = %path.display(), groups = groups.len(), writes = writes.len(), "stream store: replaying its journal");
+            commit(&db, writes.into_iter(), Some(epoch + 1)).map_err(io(path))?;
+            journal.restart(epoch + 1);
+        }
         let (last, _) = read_last(&db, path)?;
         let applied = read_applied(&db, path)?;
-        Ok(StreamStore::start(path, db, last, applied))
+        Ok(StreamStore::start(path, db, journal, last, applied))
     }
 
-    fn start(path: &Path, db: Database, durable: u64, applied: u64) -> Self {
+    fn start(path: &Path, db: Database, journal: Journal, durable: u64, applied: u64) -> Self {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, drx) = watch::channel(durable);
         let stats = Arc::new(StoreStats::default());
         let synced_applied = Arc::new(AtomicU64::new(applied));
+        let sync_interval_ms = Arc::new(AtomicU64::new(0));
+        let checkpoint_every_ms = Arc::new(AtomicU64::new(SYNC_EVERY.as_millis() as u64));
         let thread = {
-            let db = db.clone();
-            let path = path.to_path_buf();
-            let stats = stats.clone();
-            let synced = synced_applied.clone();
+            let mut w = Writer {
+                db: db.clone(),
+                path: path.to_path_buf(),
+                durable: dtx,
+                stats: stats.clone(),
+                synced_applied: synced_applied.clone(),
+                sync_interval_ms: sync_interval_ms.clone(),
+                checkpoint_every_ms: checkpoint_every_ms.clone(),
+                journal,
+                applied,
+                last_checkpoint: std::time::Instant::now(),
+                last_journal_sync: std::time::Instant::now(),
+                dirty: false,
+                unjournaled: false,
+                failed: None,
+            };
             std::thread::Builder::new()
                 .name("macula-stream-store".into())
-                .spawn(move || {
-                    writer(
-                        &db,
-                        &path,
-                        &rx,
-                        &Progress {
-                            durable: &dtx,
-                            stats: &stats,
-                            synced_applied: &synced,
-                        },
-                    )
-                })
+                .spawn(move || w.run(&rx))
                 .ok()
         };
         StreamStore {
@@ -243,7 +290,26 @@ impl StreamStore {
             thread: parking_lot::Mutex::new(thread),
             stats,
             synced_applied,
+            sync_interval_ms,
+            #[cfg(test)]
+            checkpoint_every_ms,
         }
+    }
+
+    /// Sets how often a checkpoint runs at least while redb holds unsynced
+    /// commits (default [`SYNC_EVERY`]).
+    #[cfg(test)]
+    pub(crate) fn set_checkpoint_every(&self, every: std::time::Duration) {
+        self.checkpoint_every_ms
+            .store(every.as_millis() as u64, Ordering::Release);
+    }
+
+    /// Sets when acknowledged writes are synced: `None`, before each
+    /// acknowledgement; `Some(d)`, at least every `d` (see the module
+    /// docs).
+    pub fn set_sync_interval(&self, interval: Option<std::time::Duration>) {
+        let ms = interval.map_or(0, |d| (d.as_millis() as u64).max(1));
+        self.sync_interval_ms.store(ms, Ordering::Release);
     }
 
     /// The file.
@@ -280,8 +346,8 @@ impl StreamStore {
             .map_err(|_| StoreError::Closed(self.path.clone()))
     }
 
-    /// Makes everything committed so far durable (one synced commit) and
-    /// waits for it.
+    /// Makes everything committed so far durable (a checkpoint) and waits
+    /// for it.
     pub fn sync(&self) -> Result<(), StoreError> {
         self.write_now(Vec::new())
     }
@@ -543,107 +609,297 @@ fn read_last(db: &Database, path: &Path) -> Result<(u64, u64), StoreError> {
 }
 
 fn read_applied(db: &Database, path: &Path) -> Result<u64, StoreError> {
+    read_u64(db, path, META_APPLIED)
+}
+
+/// A `meta` value of 8 bytes (LE); 0 when absent.
+fn read_u64(db: &Database, path: &Path, key: &str) -> Result<u64, StoreError> {
     let e = io(path);
     let txn = db.begin_read().map_err(|x| e(x.to_string()))?;
-    let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
-    let v = t.get(META_APPLIED).map_err(|x| e(x.to_string()))?;
+    // A file whose first commit is still in its journal has no table yet.
+    let t = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(x) => return Err(e(x.to_string())),
+    };
+    let v = t.get(key).map_err(|x| e(x.to_string()))?;
     match v.map(|v| <[u8; 8]>::try_from(v.value())) {
         None => Ok(0),
         Some(Ok(b)) => Ok(u64::from_le_bytes(b)),
         Some(Err(_)) => Err(StoreError::Corrupt {
             path: path.to_path_buf(),
-            what: "applied index".into(),
+            what: format!("meta {key}"),
         }),
     }
 }
 
-/// What the writer reports.
-struct Progress<'a> {
-    durable: &'a watch::Sender<u64>,
-    stats: &'a StoreStats,
-    synced_applied: &'a AtomicU64,
+fn journal_err(e: journal::JournalError) -> StoreError {
+    match e {
+        journal::JournalError::Io { path, message } => StoreError::Io { path, message },
+        journal::JournalError::Corrupt {
+            path,
+            offset,
+            message,
+        } => StoreError::Corrupt {
+            path,
+            what: format!("record at offset {offset}: {message}"),
+        },
+    }
 }
 
-fn writer(db: &Database, path: &Path, rx: &mpsc::Receiver<Job>, progress: &Progress<'_>) {
-    let Progress {
-        durable,
-        stats,
-        synced_applied,
-    } = *progress;
-    // The applied index written so far (synced or not), and when the last
-    // synced commit was.
-    let mut applied = synced_applied.load(Ordering::Acquire);
-    let mut last_sync = std::time::Instant::now();
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        let mut bytes = 0usize;
-        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-            match rx.try_recv() {
-                Ok(j) => {
-                    bytes += j
-                        .writes
-                        .iter()
-                        .map(|w| match w {
-                            Write::Put(_, r) => r.len(),
-                            _ => 0,
-                        })
-                        .sum::<usize>();
-                    group.push(j);
+/// The writer thread's state (see the module docs).
+struct Writer {
+    db: Arc<Database>,
+    path: PathBuf,
+    durable: watch::Sender<u64>,
+    stats: Arc<StoreStats>,
+    synced_applied: Arc<AtomicU64>,
+    sync_interval_ms: Arc<AtomicU64>,
+    checkpoint_every_ms: Arc<AtomicU64>,
+    journal: Journal,
+    /// The applied index written so far (synced or not).
+    applied: u64,
+    last_checkpoint: std::time::Instant,
+    last_journal_sync: std::time::Instant,
+    /// redb holds commits made since the last checkpoint.
+    dirty: bool,
+    /// ... of which some are in neither the journal nor a checkpoint (a
+    /// replicated stream's applier's).
+    unjournaled: bool,
+    /// A journal write or sync failed: nothing more is acknowledged (what
+    /// reached the file is unknown; the next open replays what is whole).
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: &mpsc::Receiver<Job>) {
+        loop {
+            let first = match self.due() {
+                None => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                },
+                Some(at) => {
+                    let wait = at.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(j) => j,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.housekeeping();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
                 }
-                Err(_) => break,
+            };
+            let mut group = vec![first];
+            let mut bytes = 0usize;
+            while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        bytes += j
+                            .writes
+                            .iter()
+                            .map(|w| match w {
+                                Write::Put(_, r) => r.len(),
+                                _ => 0,
+                            })
+                            .sum::<usize>();
+                        group.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.write(&group);
+            if let Err(e) = &result {
+                tracing::error!(path = %self.path.display(), error = %e, "stream store write failed");
+            }
+            for j in group {
+                match j.done {
+                    Some(Done::Async(tx)) => {
+                        let _ = tx.send(result.clone());
+                    }
+                    Some(Done::Blocking(tx)) => {
+                        let _ = tx.send(result.clone());
+                    }
+                    None => {}
+                }
             }
         }
-        let sync = group.iter().any(|j| j.sync) || last_sync.elapsed() >= SYNC_EVERY;
-        let result = commit(db, &group, sync);
-        if let Err(e) = &result {
-            tracing::error!(path = %path.display(), error = %e, "stream store write failed");
+        // What was acknowledged is in the journal; sync what an interval
+        // left unsynced (a close checkpoints before this).
+        if let Err(e) = self.sync_journal() {
+            tracing::warn!(path = %self.path.display(), error = %e, "stream journal not synced at close");
+        }
+    }
+
+    fn checkpoint_every(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.checkpoint_every_ms.load(Ordering::Acquire))
+    }
+
+    fn interval(&self) -> Option<std::time::Duration> {
+        match self.sync_interval_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// When the writer must act without a job: the next checkpoint while
+    /// redb holds unsynced commits, the next journal sync in interval mode.
+    fn due(&self) -> Option<std::time::Instant> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let checkpoint = self
+            .dirty
+            .then(|| self.last_checkpoint + self.checkpoint_every());
+        let journal = match (self.journal.unsynced(), self.interval()) {
+            (true, Some(d)) => Some(self.last_journal_sync + d),
+            (true, None) => Some(std::time::Instant::now()),
+            _ => None,
+        };
+        match (checkpoint, journal) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let result = if self.dirty && now >= self.last_checkpoint + self.checkpoint_every() {
+            self.checkpoint(&[])
+        } else if self.journal.unsynced()
+            && self
+                .interval()
+                .is_none_or(|d| now >= self.last_journal_sync + d)
+        {
+            self.sync_journal()
         } else {
-            let n: usize = group.iter().map(|j| j.writes.len()).sum();
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats.writes.fetch_add(n as u64, Ordering::Relaxed);
-            for w in group.iter().flat_map(|j| j.writes.iter()) {
-                if let Write::Applied(i) = w {
-                    applied = *i;
-                }
+            Ok(())
+        };
+        if let Err(e) = result {
+            // Tried again a checkpoint interval later.
+            self.last_checkpoint = now;
+            tracing::error!(path = %self.path.display(), error = %e, "stream store sync failed");
+        }
+    }
+
+    fn write(&mut self, group: &[Job]) -> Result<(), String> {
+        if let Some(f) = &self.failed {
+            return Err(f.clone());
+        }
+        let durable = group.iter().any(|j| j.sync);
+        let has_writes = group.iter().any(|j| !j.writes.is_empty());
+        let checkpoint_due = self.last_checkpoint.elapsed() >= self.checkpoint_every();
+        if !has_writes && !durable {
+            return Ok(());
+        }
+        if (durable && (!has_writes || self.unjournaled || self.journal.len() >= JOURNAL_MAX))
+            || (checkpoint_due && self.dirty)
+        {
+            return self.checkpoint(group);
+        }
+        if durable {
+            let appended = self
+                .journal
+                .append(group.iter().flat_map(|j| j.writes.iter()))
+                .map_err(|e| e.to_string());
+            if let Err(e) = appended {
+                self.failed = Some(e.clone());
+                return Err(e);
             }
-            if sync {
-                stats.syncs.fetch_add(1, Ordering::Relaxed);
-                last_sync = std::time::Instant::now();
-                synced_applied.store(applied, Ordering::Release);
-            }
-            let top = group
-                .iter()
-                .flat_map(|j| j.writes.iter())
-                .filter_map(|w| match w {
-                    Write::Put(seq, _) => Some(*seq),
-                    _ => None,
-                })
-                .max();
-            if let Some(top) = top {
-                durable.send_if_modified(|d| {
-                    let raise = top > *d;
-                    *d = (*d).max(top);
-                    raise
-                });
+            self.stats.journal_appends.fetch_add(1, Ordering::Relaxed);
+            let sync_now = self
+                .interval()
+                .is_none_or(|d| self.last_journal_sync.elapsed() >= d);
+            if sync_now {
+                self.sync_journal()?;
             }
         }
-        for j in group {
-            match j.done {
-                Some(Done::Async(tx)) => {
-                    let _ = tx.send(result.clone());
-                }
-                Some(Done::Blocking(tx)) => {
-                    let _ = tx.send(result.clone());
-                }
-                None => {}
+        commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None)?;
+        self.dirty = true;
+        if !durable {
+            self.unjournaled = true;
+        }
+        self.committed(group);
+        if durable && !self.unjournaled && !self.journal.unsynced() {
+            self.synced_applied.store(self.applied, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn sync_journal(&mut self) -> Result<(), String> {
+        if !self.journal.unsynced() {
+            return Ok(());
+        }
+        if let Err(e) = self.journal.sync() {
+            let e = e.to_string();
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
+        self.stats.journal_syncs.fetch_add(1, Ordering::Relaxed);
+        self.last_journal_sync = std::time::Instant::now();
+        if !self.unjournaled {
+            self.synced_applied.store(self.applied, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// One synced redb commit of `group` (and of everything before it),
+    /// moving the journal to its next epoch.
+    fn checkpoint(&mut self, group: &[Job]) -> Result<(), String> {
+        let epoch = self.journal.epoch() + 1;
+        commit(
+            &self.db,
+            group.iter().flat_map(|j| j.writes.iter()),
+            Some(epoch),
+        )?;
+        self.journal.restart(epoch);
+        self.dirty = false;
+        self.unjournaled = false;
+        self.last_checkpoint = std::time::Instant::now();
+        self.last_journal_sync = self.last_checkpoint;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.committed(group);
+        self.synced_applied.store(self.applied, Ordering::Release);
+        Ok(())
+    }
+
+    /// Counts a committed group, follows its applied index and raises
+    /// `durable`.
+    fn committed(&mut self, group: &[Job]) {
+        let n: usize = group.iter().map(|j| j.writes.len()).sum();
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+        let mut top = None;
+        for w in group.iter().flat_map(|j| j.writes.iter()) {
+            match w {
+                Write::Applied(i) => self.applied = *i,
+                Write::Put(seq, _) => top = top.max(Some(*seq)),
+                _ => {}
             }
+        }
+        if let Some(top) = top {
+            self.durable.send_if_modified(|d| {
+                let raise = top > *d;
+                *d = (*d).max(top);
+                raise
+            });
         }
     }
 }
 
-fn commit(db: &Database, group: &[Job], sync: bool) -> Result<(), String> {
+/// Commits writes in one transaction: unsynced, or with `checkpoint`
+/// (the journal's next epoch) synced and recording that epoch.
+fn commit<'a>(
+    db: &Database,
+    writes: impl Iterator<Item = &'a Write>,
+    checkpoint: Option<u64>,
+) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(if sync {
+    txn.set_durability(if checkpoint.is_some() {
         Durability::Immediate
     } else {
         Durability::None
@@ -652,7 +908,7 @@ fn commit(db: &Database, group: &[Job], sync: bool) -> Result<(), String> {
         let mut msgs = txn.open_table(MSGS).map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
         let mut consumers = txn.open_table(CONSUMERS).map_err(|e| e.to_string())?;
-        for w in group.iter().flat_map(|j| j.writes.iter()) {
+        for w in writes {
             match w {
                 Write::Put(seq, r) => {
                     msgs.insert(*seq, r.as_slice()).map_err(|e| e.to_string())?;
@@ -698,6 +954,146 @@ fn commit(db: &Database, group: &[Job], sync: bool) -> Result<(), String> {
                 }
             }
         }
+        if let Some(epoch) = checkpoint {
+            meta.insert(META_JOURNAL, epoch.to_le_bytes().as_slice())
+                .map_err(|e| e.to_string())?;
+        }
     }
     txn.commit().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn put(seq: u64) -> Write {
+        Write::Put(
+            seq,
+            record::encode(seq, None, "s.x", None, &[], &seq.to_le_bytes()).unwrap(),
+        )
+    }
+
+    /// What a crash leaves on disk: the files as they are now (the page
+    /// cache is what a `kill -9` leaves), copied while the store is open.
+    fn crash_image(store: &StreamStore, to: &Path) -> PathBuf {
+        let copy = to.join("s.redb");
+        std::fs::copy(store.path(), &copy).unwrap();
+        std::fs::copy(journal::path_of(store.path()), journal::path_of(&copy)).unwrap();
+        copy
+    }
+
+    fn open_store(dir: &Path) -> StreamStore {
+        let s = StreamStore::create(&dir.join("s.redb"), b"{}", 1 << 20).unwrap();
+        s.set_checkpoint_every(Duration::from_secs(3600));
+        s
+    }
+
+    #[test]
+    fn acknowledged_writes_are_in_the_journal_and_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        let syncs = s.stats().syncs.load(Ordering::Relaxed);
+        for seq in 1..=50 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        // Acknowledged through the journal: one sync each, no checkpoint.
+        assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs);
+        assert!(s.stats().journal_syncs.load(Ordering::Relaxed) >= 50);
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        assert_eq!(
+            groups.len(),
+            51,
+            "the creation's group and every acknowledged one are in the journal"
+        );
+        // Reopened, the copy holds every acknowledged write.
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        for seq in 1..=50 {
+            assert!(back.get(seq).unwrap().is_some(), "message {seq}");
+        }
+        assert_eq!(back.last().unwrap(), (50, 50));
+        // The replay was a checkpoint: the journal moved to the next epoch.
+        assert_eq!(
+            read_u64(&back.db, back.path(), META_JOURNAL).unwrap(),
+            epoch + 1
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_empties_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        for seq in 1..=5 {
+            s.write_now(vec![put(seq)]).unwrap();
+        }
+        s.sync().unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        assert!(groups.is_empty());
+        // Writes after it go on in the new epoch, from the journal's start.
+        s.write_now(vec![put(6)]).unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        assert_eq!(groups, vec![vec![put(6)]]);
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 6);
+    }
+
+    #[test]
+    fn with_a_sync_interval_writes_are_acknowledged_before_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let synced = s.stats().journal_syncs.load(Ordering::Relaxed);
+        for seq in 1..=20 {
+            s.write_now(vec![put(seq)]).unwrap();
+        }
+        // At most the first one found the interval elapsed.
+        assert!(s.stats().journal_syncs.load(Ordering::Relaxed) <= synced + 1);
+        // Written to the file all the same: a crash of the process keeps them.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 20);
+    }
+
+    #[test]
+    fn a_durable_write_after_unjournaled_ones_is_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        s.submit_unsynced(vec![put(1), Write::Applied(7)], Some(tx))
+            .unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(s.synced_applied(), 0);
+        let syncs = s.stats().syncs.load(Ordering::Relaxed);
+        s.write_now(vec![put(2)]).unwrap();
+        // The journal alone would replay 2 without 1: redb was synced.
+        assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs + 1);
+        assert_eq!(s.synced_applied(), 7);
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert!(back.get(1).unwrap().is_some() && back.get(2).unwrap().is_some());
+        assert_eq!(back.applied().unwrap(), 7);
+    }
+
+    #[test]
+    fn a_store_from_before_journals_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = {
+            let s = open_store(dir.path());
+            s.write_now(vec![put(1)]).unwrap();
+            s.close();
+            s.path().to_path_buf()
+        };
+        std::fs::remove_file(journal::path_of(&path)).unwrap();
+        let back = StreamStore::open(&path, 1 << 20).unwrap();
+        assert!(back.get(1).unwrap().is_some());
+        assert!(journal::path_of(&path).is_file());
+    }
 }
