@@ -908,7 +908,14 @@ fn commit<'a>(
         let mut msgs = txn.open_table(MSGS).map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
         let mut consumers = txn.open_table(CONSUMERS).map_err(|e| e.to_string())?;
-        for w in writes {
+        // Each publish sets the last sequence: only a group's final one is
+        // written (the others would be overwritten in this transaction).
+        let writes: Vec<&Write> = writes.collect();
+        let final_last = writes.iter().rposition(|w| matches!(w, Write::Last(..)));
+        for (i, w) in writes.into_iter().enumerate() {
+            if matches!(w, Write::Last(..)) && Some(i) != final_last {
+                continue;
+            }
             match w {
                 Write::Put(seq, r) => {
                     msgs.insert(*seq, r.as_slice()).map_err(|e| e.to_string())?;
@@ -1080,6 +1087,31 @@ mod tests {
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
         assert!(back.get(1).unwrap().is_some() && back.get(2).unwrap().is_some());
         assert_eq!(back.applied().unwrap(), 7);
+    }
+
+    #[test]
+    fn a_groups_last_sequence_is_its_final_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.write_now(vec![put(1), Write::Last(1, 10), put(2), Write::Last(2, 20)])
+            .unwrap();
+        assert_eq!(s.last().unwrap(), (2, 20));
+        // Also when several publishers' jobs form one group.
+        let rxs: Vec<_> = (3..=9)
+            .map(|seq| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                s.submit(vec![put(seq), Write::Last(seq, seq * 10)], Some(tx))
+                    .unwrap();
+                rx
+            })
+            .collect();
+        for rx in rxs {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(s.last().unwrap(), (9, 90));
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.last().unwrap(), (9, 90));
     }
 
     #[test]
