@@ -1347,8 +1347,12 @@ impl NodeRuntime {
             match &admit {
                 Admit::Inserted { .. } => self.0.reach.connection_opened(direct),
                 Admit::Replaced { old } if direct && old.relayed_via().is_some() => {
+                    peer.set_punched();
                     self.0.reach.connection_upgraded()
                 }
+                // Both sides' punching dials got through: the tie-break's
+                // winner replaces the first, and is punched as well.
+                Admit::Replaced { old } if direct && old.is_punched() => peer.set_punched(),
                 _ => {}
             }
         }
