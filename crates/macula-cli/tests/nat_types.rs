@@ -418,10 +418,10 @@ fn pair_matrix_goes_direct_where_punchable() {
 
 /// Fallback: two port-restricted sites go direct by hole punching; then
 /// their routers drop everything between them (the direct path dies, the
-/// relay's does not). The liveness probe closes the direct connection, the
-/// next calls go through the relay again: at most the calls in flight at
-/// the cut fail (with an error the caller sees), every later one is
-/// answered.
+/// relay's does not). The liveness probe closes the direct connection, and
+/// the call in flight on it is re-sent (same ID) through the relay, where
+/// the server answers it once; the next calls go through the relay too.
+/// Every call is answered: the caller never sees the switch.
 #[test]
 #[ignore = "needs root: network namespaces (scripts/test.sh runs these with --ignored as root)"]
 fn a_dead_direct_path_falls_back_to_the_relay() {
@@ -461,7 +461,10 @@ fn a_dead_direct_path_falls_back_to_the_relay() {
     ];
     call_args.extend(mesh);
     let mut cmd = a.macula(&call_args);
-    cmd.env("RUST_LOG", "info,macula_runtime::node=debug");
+    cmd.env(
+        "RUST_LOG",
+        "info,macula_runtime::node=debug,macula_runtime::rpc=debug",
+    );
     let mut caller = Proc::spawn_cmd(cmd);
     caller.wait_for(&["direct connection by hole punching"]);
 
@@ -492,9 +495,8 @@ fn a_dead_direct_path_falls_back_to_the_relay() {
         .expect("the calls finish");
     caller.seen.extend(caller.lines.try_iter());
     let out = caller.seen.join("\n");
-    // The call in flight when the path died may fail (reported to the
-    // caller: the RPC core does not yet retry the one provider over the
-    // new route); every later one is answered through the relay.
+    // The call sent on the dead path is re-sent through the relay and
+    // answered; so is every later one.
     let summary = out
         .lines()
         .find(|l| l.starts_with("100 calls: "))
@@ -505,8 +507,12 @@ fn a_dead_direct_path_falls_back_to_the_relay() {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{summary}"));
-    assert!(ok >= 98, "{summary}\n{out}");
-    assert!(status.success() || ok < 100, "{out}");
+    assert_eq!(ok, 100, "{summary}\n{out}");
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("re-sending it over a new route"),
+        "no call was in flight on the dead path: {out}"
+    );
     let relayed = out.matches("relayed connection established").count();
     assert!(
         relayed >= 2,

@@ -116,10 +116,11 @@ impl Rpc {
         // Re-sent calls (PROTOCOL.md §5.4): a call that came on a
         // replaceable connection is remembered, so a copy re-sent over a
         // new route after that connection died runs once.
+        // One lock for this and the admission (the hot path).
         let remember = peer.is_replaceable();
-        let seen = {
+        let (seen, admission) = {
             let mut s = self.state();
-            if remember || !s.recent.is_empty() {
+            let seen = if remember || !s.recent.is_empty() {
                 s.recent.admit(
                     now,
                     &peer.node_id(),
@@ -131,10 +132,18 @@ impl Rpc {
                 )
             } else {
                 Ok(Seen::New)
+            };
+            let admission = matches!(seen, Ok(Seen::New)).then(|| {
+                s.core
+                    .admit(now, &call.procedure, call.timeout_ms, peer.is_client())
+            });
+            if remember && matches!(admission, Some(Admission::Refuse { .. })) {
+                s.recent.forget(&peer.node_id(), call.id);
             }
+            (seen, admission)
         };
-        match seen {
-            Ok(Seen::New) => {}
+        let admission = match seen {
+            Ok(Seen::New) => admission,
             Ok(Seen::Running) => {
                 // Its answer goes to this connection when it ends.
                 c.resends_answered_total.inc();
@@ -161,14 +170,10 @@ impl Rpc {
                     message: full.to_string(),
                 })));
             }
-        }
-        let admission =
-            self.state()
-                .core
-                .admit(now, &call.procedure, call.timeout_ms, peer.is_client());
-        if remember && matches!(admission, Admission::Refuse { .. }) {
-            self.state().recent.forget(&peer.node_id(), call.id);
-        }
+        };
+        let Some(admission) = admission else {
+            return None;
+        };
         match admission {
             Admission::Refuse { kind, message } => {
                 match kind {
