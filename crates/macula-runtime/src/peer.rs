@@ -223,6 +223,11 @@ impl Peer {
         self.set_unlisted();
     }
 
+    /// Time since the connection was authenticated (TLS and HELLO done).
+    pub fn age(&self) -> std::time::Duration {
+        self.0.epoch.elapsed()
+    }
+
     /// A direct connection that replaced a relayed one to the same node
     /// (hole punching), so a relay route to the node exists.
     pub fn is_punched(&self) -> bool {

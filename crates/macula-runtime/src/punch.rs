@@ -247,9 +247,9 @@ impl HolePunching {
         let mut retry = 0;
         loop {
             let began = Instant::now();
-            let outcome = self.rounds(&peer).await;
+            let (outcome, rounds) = self.rounds(&peer).await;
             if outcome == "direct" {
-                tracing::info!(peer = %id, after_ms = began.elapsed().as_millis() as u64, "direct connection by hole punching; leaving the relay");
+                tracing::info!(peer = %id, after_ms = began.elapsed().as_millis() as u64, rounds, retry, "direct connection by hole punching; leaving the relay");
             } else {
                 tracing::info!(peer = %id, outcome, "hole punching did not connect directly; staying on the relay");
             }
@@ -269,13 +269,15 @@ impl HolePunching {
         self.0.running.lock().remove(&id);
     }
 
-    /// The rounds of one attempt; returns its outcome.
-    async fn rounds(&self, peer: &Peer) -> &'static str {
+    /// The rounds of one attempt; returns its outcome and the rounds run.
+    async fn rounds(&self, peer: &Peer) -> (&'static str, u32) {
         let id = peer.node_id();
         let l = self.0.limits;
         let c = self.0.counters.clone();
         let mut outcome = "failed";
+        let mut ran = 0;
         for round in 0..l.punch_rounds {
+            ran = round + 1;
             tokio::time::sleep(nat::round_delay(round, l.punch_backoff).to_duration()).await;
             if (self.0.is_direct)(id) {
                 outcome = "direct";
@@ -340,7 +342,7 @@ impl HolePunching {
             }
             tracing::debug!(peer = %id, round, "hole-punching round failed");
         }
-        outcome
+        (outcome, ran)
     }
 
     /// A HOLE_PUNCH from `peer`: an answer to our attempt, or an offer to
