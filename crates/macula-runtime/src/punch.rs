@@ -200,6 +200,7 @@ impl HolePunching {
             mapping: nat.report.mapping.name().to_string(),
             filtering: nat.filtering.name().to_string(),
             reply,
+            predicted: !nat.report.predicted.is_empty(),
         }
     }
 
@@ -315,7 +316,9 @@ impl HolePunching {
                 nat::mapping_named(&answer.mapping),
                 nat::filtering_named(&answer.filtering),
             );
-            if !nat::should_punch((nat.report.mapping, nat.filtering), theirs) {
+            let mine = (nat.report.mapping, nat.filtering);
+            let predicted = (!nat.report.predicted.is_empty(), answer.predicted);
+            if !nat::should_punch_predicted(mine, theirs, predicted) {
                 tracing::info!(peer = %id, mine = nat.report.mapping.name(), theirs = theirs.0.name(), "not punchable; staying on the relay");
                 outcome = "unpunchable";
                 break;
@@ -362,6 +365,7 @@ impl HolePunching {
                 mapping: String::new(),
                 filtering: String::new(),
                 reply: true,
+                predicted: false,
             }));
         }
         {
