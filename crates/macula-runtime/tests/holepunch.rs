@@ -3,7 +3,8 @@
 //! its candidates, both dial, and the direct connection replaces the
 //! relayed one on both sides while A publishes without pause to C's
 //! subscription: C receives every message from the first on, in order,
-//! once. A call in flight when the direct path dies is answered once,
+//! once, and DHT lookups made meanwhile all succeed. A call in flight
+//! when the direct path dies is answered once,
 //! over the new route (re-sent with the same ID; the provider runs it
 //! once): while its handler runs, and when its answer was lost with the
 //! path. (Real NATs: `macula-cli/tests/nat_types.rs`.)
@@ -88,6 +89,44 @@ async fn a_relayed_connection_goes_direct_without_losing_a_message() {
     let (opened, direct) = a.reachability().direct_rate();
     assert_eq!(opened, direct + 1);
 
+    // DHT traffic across the upgrade too: C stores a record, and A asks
+    // for it without pause (fresh lookups, bounded by the stream) while
+    // the connection moves; none may fail or time out.
+    let key = macula_wire::dht_key(b"holepunch.dht");
+    within(
+        STEP,
+        "put",
+        c.dht().put(key, b"here".to_vec(), Duration::from_secs(60)),
+    )
+    .await
+    .expect("put");
+    let dht_before = {
+        let d = a.dht().counters();
+        (d.sends_failed_total.get(), d.request_timeouts_total.get())
+    };
+    let (stop_dht, mut stopped) = tokio::sync::watch::channel(false);
+    let lookups = {
+        let (a, cid) = (a.clone(), c.node_id());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !*stopped.borrow_and_update() && n < 2_000 {
+                let found = a.dht().get_fresh(key).await.expect("DHT get");
+                assert!(
+                    found
+                        .iter()
+                        .any(|r| r.publisher == cid && r.value == b"here"),
+                    "lookup {n} did not find C's record: {found:?}"
+                );
+                n += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+            n
+        })
+    };
+
     // Publish 0, 1, 2, ... every 2 ms (bounded: at most 3,000 messages or
     // 10 s) until C has received one and the connection is direct, and
     // 200 more after that.
@@ -148,6 +187,15 @@ async fn a_relayed_connection_goes_direct_without_losing_a_message() {
     })
     .await;
     let direct_at = direct_at.expect("the connection never went direct");
+    stop_dht.send_replace(true);
+    let n = within(STEP, "lookups", lookups).await.expect("lookup task");
+    let d = a.dht().counters();
+    assert_eq!(
+        (d.sends_failed_total.get(), d.request_timeouts_total.get()),
+        dht_before,
+        "DHT requests failed or timed out across the upgrade"
+    );
+    eprintln!("{n} DHT lookups across the upgrade, all answered");
     let first = got[0];
     eprintln!("sent {sent}: from {first} received, direct after {direct_at}");
     assert!(
