@@ -4,10 +4,10 @@
 //! relayed one on both sides while A publishes without pause to C's
 //! subscription: C receives every message from the first on, in order,
 //! once, and DHT lookups made meanwhile all succeed. A call in flight
-//! when the direct path dies is answered once,
-//! over the new route (re-sent with the same ID; the provider runs it
-//! once): while its handler runs, and when its answer was lost with the
-//! path. (Real NATs: `macula-cli/tests/nat_types.rs`.)
+//! when the direct path dies is answered once, over the new route
+//! (re-sent with the same ID; the provider runs it once): while its
+//! handler runs, and when its answer was lost with the path. (Real NATs:
+//! `macula-cli/tests/nat_types.rs`.)
 
 mod common;
 
