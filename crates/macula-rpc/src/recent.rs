@@ -129,23 +129,22 @@ impl<K: Key, R: Clone> RecentCalls<K, R> {
         self.bytes
     }
 
-    /// A CALL `id` for `procedure` from `caller`, arriving on `route` with
-    /// `timeout` left. A known call is [`Seen::Running`] (its answer will
-    /// go to `route` from now on) or [`Seen::Answered`]. A new one is
-    /// remembered as running when `remember` (it came on a replaceable
-    /// connection); `Err(Full)` when there is no room: refuse it.
+    /// A CALL for `procedure` named `key` (its caller, its wire ID),
+    /// arriving on `route` with `timeout` left. A known call is
+    /// [`Seen::Running`] (its answer will go to `route` from now on) or
+    /// [`Seen::Answered`]. A new one is remembered as running when
+    /// `remember` (it came on a replaceable connection); `Err(Full)` when
+    /// there is no room: refuse it.
     pub fn admit(
         &mut self,
         now: Millis,
-        caller: &K,
-        id: u64,
+        key: (K, u64),
         procedure: &str,
         route: R,
         timeout: Millis,
         remember: bool,
     ) -> Result<Seen, Full> {
         self.expire(now);
-        let key = (caller.clone(), id);
         match self.entries.get_mut(&key) {
             Some(Entry::Running {
                 procedure: p,
@@ -304,13 +303,13 @@ mod tests {
     fn a_resent_call_is_attached_while_running_and_replayed_once_answered() {
         let mut t = table(8, 1024);
         assert_eq!(
-            t.admit(Millis(0), &1, 7, "p", "direct", T, true),
+            t.admit(Millis(0), (1, 7), "p", "direct", T, true),
             Ok(Seen::New)
         );
         // Re-sent over the relay while the handler runs: not run again,
         // and the answer goes to the new route.
         assert_eq!(
-            t.admit(Millis(10), &1, 7, "p", "relay", T, false),
+            t.admit(Millis(10), (1, 7), "p", "relay", T, false),
             Ok(Seen::Running)
         );
         assert_eq!(
@@ -319,13 +318,13 @@ mod tests {
         );
         // Re-sent again after the answer: the same answer, not run.
         assert_eq!(
-            t.admit(Millis(30), &1, 7, "p", "relay2", T, true),
+            t.admit(Millis(30), (1, 7), "p", "relay2", T, true),
             Ok(Seen::Answered(Ok(b"hi".to_vec())))
         );
         assert_eq!(t.bytes(), 2);
         // Kept `keep` after the answer, then forgotten.
         assert_eq!(
-            t.admit(Millis(1020), &1, 7, "p", "x", T, false),
+            t.admit(Millis(1020), (1, 7), "p", "x", T, false),
             Ok(Seen::New)
         );
         assert!(t.is_empty());
@@ -335,9 +334,15 @@ mod tests {
     #[test]
     fn another_caller_or_procedure_is_another_call() {
         let mut t = table(8, 1024);
-        t.admit(Millis(0), &1, 7, "p", "a", T, true).unwrap();
-        assert_eq!(t.admit(Millis(0), &2, 7, "p", "b", T, false), Ok(Seen::New));
-        assert_eq!(t.admit(Millis(0), &1, 7, "q", "b", T, false), Ok(Seen::New));
+        t.admit(Millis(0), (1, 7), "p", "a", T, true).unwrap();
+        assert_eq!(
+            t.admit(Millis(0), (2, 7), "p", "b", T, false),
+            Ok(Seen::New)
+        );
+        assert_eq!(
+            t.admit(Millis(0), (1, 7), "q", "b", T, false),
+            Ok(Seen::New)
+        );
         // Not remembered: not known later.
         assert_eq!(t.len(), 1);
     }
@@ -345,22 +350,22 @@ mod tests {
     #[test]
     fn a_full_table_gives_up_old_answers_then_refuses() {
         let mut t = table(2, 1024);
-        t.admit(Millis(0), &1, 1, "p", "a", T, true).unwrap();
-        t.admit(Millis(0), &1, 2, "p", "a", T, true).unwrap();
+        t.admit(Millis(0), (1, 1), "p", "a", T, true).unwrap();
+        t.admit(Millis(0), (1, 2), "p", "a", T, true).unwrap();
         // Both running: no room.
         assert_eq!(
-            t.admit(Millis(0), &1, 3, "p", "a", T, true),
+            t.admit(Millis(0), (1, 3), "p", "a", T, true),
             Err(Full { max: 2 })
         );
         // One answered: its entry makes room.
         t.complete(Millis(1), &1, 1, Ok(vec![0; 10]));
-        assert_eq!(t.admit(Millis(2), &1, 3, "p", "a", T, true), Ok(Seen::New));
+        assert_eq!(t.admit(Millis(2), (1, 3), "p", "a", T, true), Ok(Seen::New));
         assert_eq!(t.len(), 2);
         assert_eq!(t.bytes(), 0);
         // A running entry never completed is dropped after its deadline
         // plus `keep`.
         assert_eq!(
-            t.admit(Millis(6001), &1, 4, "p", "a", T, true),
+            t.admit(Millis(6001), (1, 4), "p", "a", T, true),
             Ok(Seen::New)
         );
     }
@@ -369,15 +374,18 @@ mod tests {
     fn answers_stay_within_the_byte_limit_and_a_huge_one_becomes_an_error() {
         let mut t = table(8, 100);
         for id in 0..3 {
-            t.admit(Millis(0), &1, id, "p", "a", T, true).unwrap();
+            t.admit(Millis(0), (1, id), "p", "a", T, true).unwrap();
         }
         t.complete(Millis(1), &1, 0, Ok(vec![0; 60]));
         t.complete(Millis(2), &1, 1, Ok(vec![0; 60]));
         // The older answer went to make room.
         assert_eq!(t.bytes(), 60);
-        assert_eq!(t.admit(Millis(3), &1, 0, "p", "a", T, false), Ok(Seen::New));
+        assert_eq!(
+            t.admit(Millis(3), (1, 0), "p", "a", T, false),
+            Ok(Seen::New)
+        );
         t.complete(Millis(4), &1, 2, Ok(vec![0; 500]));
-        match t.admit(Millis(5), &1, 2, "p", "a", T, false) {
+        match t.admit(Millis(5), (1, 2), "p", "a", T, false) {
             Ok(Seen::Answered(Err(e))) => {
                 assert_eq!(e.kind, RpcErrorKind::Invalid);
                 assert!(e.message.contains("not kept"), "{}", e.message);
@@ -404,7 +412,7 @@ mod tests {
                     0 | 1 => {
                         t.expire(now);
                         let before = t.entries.contains_key(&(1, id));
-                        let r = t.admit(now, &1, id, "p", 0, Millis(100), true);
+                        let r = t.admit(now, (1, id), "p", 0, Millis(100), true);
                         if before && t.entries.contains_key(&(1, id)) {
                             prop_assert_ne!(r, Ok(Seen::New));
                         }

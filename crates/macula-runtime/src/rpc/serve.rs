@@ -123,8 +123,7 @@ impl Rpc {
             let seen = if remember || !s.recent.is_empty() {
                 s.recent.admit(
                     now,
-                    &peer.node_id(),
-                    call.id,
+                    (peer.node_id(), call.id),
                     &call.procedure,
                     peer.clone(),
                     Millis(u64::from(call.timeout_ms)),
@@ -171,10 +170,8 @@ impl Rpc {
                 })));
             }
         };
-        let Some(admission) = admission else {
-            return None;
-        };
-        match admission {
+        // None: a re-sent copy, answered above.
+        match admission? {
             Admission::Refuse { kind, message } => {
                 match kind {
                     RpcErrorKind::NotFound => c.not_found_total.inc(),
