@@ -221,7 +221,11 @@ impl HolePunching {
                 }
             }
         });
-        let all = futures::future::join_all(dials);
+        // The dials run to their end in their own task (each bounded by
+        // the handshake timeout): one dropped in the middle of its
+        // handshake would close a connection the other side may just have
+        // pooled as its winner, leaving neither side direct.
+        let all = tokio::spawn(futures::future::join_all(dials));
         // Done when a direct connection is pooled (ours or the peer's
         // dial), not when the last dial to a dead candidate gives up.
         let pooled = async {

@@ -170,7 +170,7 @@ impl Rpc {
                 })));
             }
         };
-        // None: a re-sent copy, answered above.
+        // Some whenever the call is new (a re-sent copy returned above).
         match admission? {
             Admission::Refuse { kind, message } => {
                 match kind {
