@@ -40,6 +40,11 @@ pub struct ModeArgs {
         conflicts_with = "full_node"
     )]
     pub api_key: Option<String>,
+    /// As a full node: stay this many milliseconds on a relayed connection
+    /// before hole punching starts (the pair matrix benchmark measures
+    /// the relay first); at most 60000.
+    #[arg(long, value_name = "MS", requires = "full_node", value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub hole_punch_delay: Option<u64>,
 }
 
 /// A lightweight client or a full node.
@@ -61,6 +66,12 @@ impl Member {
         let listen = listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         if mode.full_node {
             let mut builder = Node::builder().listen(listen);
+            if let Some(ms) = mode.hole_punch_delay {
+                builder = builder.nat(macula::config::NatLimits {
+                    punch_start_delay: macula::config::MqttMillis(ms),
+                    ..Default::default()
+                });
+            }
             if let Some(dir) = data_dir {
                 builder = builder.data_dir(dir);
             }

@@ -82,6 +82,12 @@ pub struct Config {
     pub down_ttl: Millis,
     /// Providers remembered as down at once (the oldest forgotten first).
     pub max_down: usize,
+    /// Times one call may be re-sent with the same wire ID over a new
+    /// route to the same provider after the connection carrying it died,
+    /// when that connection was replaceable (relayed, or direct by hole
+    /// punching: the provider remembers such calls and runs each once).
+    /// 2: the direct path dying, then the relayed one replaced.
+    pub max_resends: u32,
     pub backoff: Backoff,
     pub breaker: BreakerConfig,
     pub balancer: BalancerLimits,
@@ -103,6 +109,7 @@ impl Default for Config {
             gateway_wait: Millis::from_secs(5),
             down_ttl: Millis::from_secs(120),
             max_down: 1024,
+            max_resends: 2,
             backoff: Backoff::default(),
             breaker: BreakerConfig::default(),
             balancer: BalancerLimits::default(),
@@ -261,6 +268,10 @@ pub enum Action<K> {
     /// An attempt failed in a way another attempt may fix; the call backs
     /// off and tries again (for metrics and logs; nothing to do).
     Retrying { after: CallFailure<K> },
+    /// The replaceable connection carrying CALL `wire_id` died: the same
+    /// CALL (same wire ID) goes to the same provider over a new route, a
+    /// `Connect` and a `Send` that follow (for metrics and logs).
+    Resending { provider: K, wire_id: u64 },
     /// The call is over.
     Done(Result<Answer<K>, CallFailure<K>>),
 }
@@ -312,6 +323,9 @@ struct Attempt<K> {
     started: Millis,
     /// Feeds the balancer (breaker, latency): direct calls to providers.
     record: bool,
+    /// The connection reached is replaceable (relayed, or direct by hole
+    /// punching): losing it under the CALL re-sends the CALL.
+    fallback: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +340,11 @@ struct Call<K> {
     attempt: Option<Attempt<K>>,
     /// Attempts started (providers tried, or gateway attempts).
     attempts: u32,
+    /// Re-sends made (see `Config::max_resends`).
+    resends: u32,
+    /// The wire ID the next `Send` reuses (a re-send in progress; still
+    /// in `pending`).
+    resend: Option<u64>,
     last: Option<CallFailure<K>>,
     out: VecDeque<Action<K>>,
 }
@@ -441,6 +460,14 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         &self.cfg
     }
 
+    /// Numbers this node's CALLs from `first` on (never 0). The runtime
+    /// starts at a random value, so a restarted caller does not reuse its
+    /// previous run's wire IDs, which providers remember a while for
+    /// re-sent calls ([`crate::RecentCalls`]).
+    pub fn start_wire_ids_at(&mut self, first: u64) {
+        self.next_wire = first.max(1);
+    }
+
     /// Calls outstanding now.
     pub fn inflight(&self) -> usize {
         self.inflight
@@ -534,6 +561,8 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
             phase: Phase::Start,
             attempt: None,
             attempts: 0,
+            resends: 0,
+            resend: None,
             last: None,
             out: VecDeque::new(),
         };
@@ -657,11 +686,23 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
 
     /// The provider of call `id` was reached: the CALL goes out.
     pub fn handle_connected(&mut self, id: CallId, now: Millis) {
+        self.handle_reached(id, now, false);
+    }
+
+    /// The provider of call `id` was reached over a connection that is
+    /// replaceable (`fallback`: relayed, or direct by hole punching, so
+    /// another route to it exists) or not: the CALL goes out. Losing a
+    /// replaceable connection under the CALL re-sends it (same wire ID)
+    /// over a new route, at most `Config::max_resends` times.
+    pub fn handle_reached(&mut self, id: CallId, now: Millis, fallback: bool) {
         let Some(mut call) = self.calls.remove(&id) else {
             return;
         };
         self.tick(&mut call, now);
         if matches!(call.phase, Phase::Connecting { .. }) {
+            if let Some(a) = &mut call.attempt {
+                a.fallback = fallback;
+            }
             self.send(&mut call, now);
         }
         self.calls.insert(id, call);
@@ -689,6 +730,7 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
                         provider: g,
                         started: now,
                         record: false,
+                        fallback: false,
                     });
                     self.send(&mut call, now);
                 }
@@ -705,8 +747,14 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         let Some(mut call) = self.calls.remove(&id) else {
             return;
         };
+        // Re-sending, a lost connection is the old one (its closing seen
+        // twice: by the call and by the failure detector): already
+        // handled. Reaching the provider anew fails with `lost` false.
+        let stale = lost && call.resend.is_some();
         if let Phase::Connecting { .. } | Phase::Waiting { .. } = call.phase {
-            self.link_failed(&mut call, now, reason, lost);
+            if !stale {
+                self.link_failed(&mut call, now, reason, lost);
+            }
         }
         self.calls.insert(id, call);
     }
@@ -730,8 +778,14 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
             self.down_seq.remove(from);
         }
         let mut call = self.calls.remove(&id)?;
-        let matched = matches!(call.phase, Phase::Waiting { wire_id: w, .. } if w == wire_id);
+        let matched = match call.phase {
+            Phase::Waiting { wire_id: w, .. } => w == wire_id,
+            // The answer beat the re-send's new connection.
+            Phase::Connecting { .. } => call.resend == Some(wire_id),
+            _ => false,
+        };
         if matched {
+            call.resend = None;
             // Answered: nothing left to cancel.
             call.phase = Phase::Start;
             if now >= call.deadline {
@@ -796,6 +850,7 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
             .filter(|(_, c)| {
                 c.attempt.as_ref().is_some_and(|a| a.provider == *node)
                     && matches!(c.phase, Phase::Connecting { .. } | Phase::Waiting { .. })
+                    && c.resend.is_none()
             })
             .map(|(id, _)| *id)
             .collect();
@@ -995,6 +1050,7 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
                         provider: client.clone(),
                         started: now,
                         record: false,
+                        fallback: false,
                     });
                     call.out.push_back(Action::ConnectClient { client, conn });
                     // Bounded by the deadline only: the client is attached.
@@ -1067,6 +1123,7 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
             provider: provider.clone(),
             started: now,
             record: true,
+            fallback: false,
         });
         call.out.push_back(Action::Connect { provider, addrs });
         call.phase = Phase::Connecting {
@@ -1080,9 +1137,16 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         let Some(a) = &call.attempt else {
             return;
         };
-        let wire_id = self.next_wire;
-        self.next_wire += 1;
-        self.pending.insert(wire_id, (call.id, a.provider.clone()));
+        let wire_id = match call.resend.take() {
+            // A re-send: the same CALL, still pending.
+            Some(w) => w,
+            None => {
+                let w = self.next_wire;
+                self.next_wire = self.next_wire.wrapping_add(1).max(1);
+                self.pending.insert(w, (call.id, a.provider.clone()));
+                w
+            }
+        };
         let left = call.deadline.saturating_sub(now).0;
         call.out.push_back(Action::Send {
             provider: a.provider.clone(),
@@ -1110,7 +1174,16 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
 
     fn link_failed(&mut self, call: &mut Call<K>, now: Millis, reason: String, lost: bool) {
         if let Phase::Waiting { wire_id, .. } = call.phase {
+            let replaceable = call.attempt.as_ref().is_some_and(|a| a.fallback);
+            let named = matches!(call.route, Route::Mesh { .. } | Route::To(_));
+            if lost && replaceable && named && call.resends < self.cfg.max_resends {
+                self.resend(call, now, wire_id);
+                return;
+            }
             self.pending.remove(&wire_id);
+        }
+        if let Some(w) = call.resend.take() {
+            self.pending.remove(&w);
         }
         call.phase = Phase::Start;
         let provider = match &call.attempt {
@@ -1217,6 +1290,30 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
         }
     }
 
+    /// The replaceable connection carrying CALL `wire_id` died: reach the
+    /// same provider again (the driver's route finds the other path) and
+    /// send the same CALL; the provider answers it once.
+    fn resend(&mut self, call: &mut Call<K>, now: Millis, wire_id: u64) {
+        let Some(a) = &mut call.attempt else {
+            return;
+        };
+        a.fallback = false;
+        let provider = a.provider.clone();
+        call.resends += 1;
+        call.resend = Some(wire_id);
+        let addrs = self.cache.addrs_of(&call.procedure, &provider);
+        call.out.push_back(Action::Resending {
+            provider: provider.clone(),
+            wire_id,
+        });
+        call.out.push_back(Action::Connect { provider, addrs });
+        call.phase = Phase::Connecting {
+            until: call
+                .deadline
+                .min(now.saturating_add(self.cfg.reach_timeout)),
+        };
+    }
+
     fn retry(&mut self, call: &mut Call<K>, now: Millis, e: CallFailure<K>, retry: u32) {
         let delay = self.cfg.backoff.delay(retry, &mut self.rng);
         call.out.push_back(Action::Retrying { after: e.clone() });
@@ -1231,6 +1328,8 @@ impl<K: Key, H: Clone> RpcCore<K, H> {
     fn abandon(&mut self, call: &mut Call<K>, now: Millis) -> Option<Action<K>> {
         let waiting = match call.phase {
             Phase::Waiting { wire_id, .. } => Some(wire_id),
+            // Re-sending: the provider may be working on it.
+            Phase::Connecting { .. } => call.resend.take(),
             _ => None,
         };
         let a = call.attempt.take()?;

@@ -68,6 +68,13 @@
 //!   a call given up nothing. Latency has the clock's 1 ms resolution.
 //! - A provider silent for `probe_after` is probed; no answer within
 //!   `probe_timeout` fails the attempt and closes the connection.
+//! - A CALL out on a *replaceable* connection (the driver says so in
+//!   [`RpcCore::handle_reached`]: relayed, or direct by hole punching) whose
+//!   connection dies is re-sent with the same wire ID to the same provider
+//!   over a new route (`Resending`, `Connect`, `Send`), at most
+//!   `max_resends` times; the provider remembers calls that came on such
+//!   connections ([`RecentCalls`]) and runs each once, so the caller never
+//!   sees the path change.
 //!
 //! # Invariants (property-tested)
 //! - A call never outlives its deadline: polled at or after it, it is done.
@@ -82,6 +89,7 @@
 //! # Code map
 //! - [`core`]: [`RpcCore`], the state machine tying the rest together.
 //! - [`serve`]: the served-procedures table and admission.
+//! - [`recent`]: a provider's recent calls on replaceable connections (re-sent calls run once).
 //! - [`cache`]: providers by procedure, with a TTL.
 //! - [`name`]: procedure-name validation and DHT names.
 //! - [`breaker`]: the per-provider circuit breaker state machine.
@@ -93,6 +101,7 @@ pub mod breaker;
 pub mod cache;
 pub mod core;
 pub mod name;
+pub mod recent;
 pub mod serve;
 
 pub use crate::core::{
@@ -106,4 +115,5 @@ pub use macula_wire::backoff::Backoff;
 pub use macula_wire::rng::Rng;
 pub use macula_wire::time::Millis;
 pub use name::{ad_name, index_name, validate_procedure, NameError, MAX_PROCEDURE_LEN};
+pub use recent::{Full as RecentFull, RecentCalls, RecentLimits, Seen};
 pub use serve::{Admission, Advert, AdvertiseError, ClientAd, ConnId, ServeTable, Slot, Token};

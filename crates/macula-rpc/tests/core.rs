@@ -1273,3 +1273,205 @@ fn a_re_advertised_provider_is_no_longer_suspected() {
     lookup(&mut c, 20_000, 3);
     assert!(!c.is_down(&first, Millis(20_000)));
 }
+
+/// After the backoff of a mesh call whose only provider failed: its new
+/// lookup finds that provider again (tried), so the call ends.
+fn after_backoff(c: &mut Core, id: CallId, provider: u32) -> Vec<Action<u32>> {
+    let v = drain(c, id, 1000);
+    if !matches!(v[..], [Action::Lookup { .. }]) {
+        return v;
+    }
+    c.handle_providers(id, Millis(1000), Ok(vec![info(provider)]));
+    drain(c, id, 1000)
+}
+
+/// Reaches the pending `Connect` over a replaceable connection (relayed,
+/// or direct by hole punching) and returns the CALL's wire ID.
+fn send_replaceable(c: &mut Core, id: CallId, now: u64) -> u64 {
+    c.handle_reached(id, Millis(now), true);
+    match one(c, id, now) {
+        Action::Send { wire_id, .. } => wire_id,
+        other => panic!("expected Send, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_call_whose_replaceable_connection_dies_is_re_sent_with_the_same_id() {
+    let mut c = core(Role::Node);
+    // The only provider: today's failover would have nowhere to go.
+    let (id, p) = started(&mut c, &[1], spec("p"), 0);
+    let w = send_replaceable(&mut c, id, 1);
+    // The direct path dies under the CALL.
+    c.handle_link_failed(id, Millis(100), "connection closed".into(), true);
+    assert_eq!(
+        drain(&mut c, id, 100),
+        vec![
+            Action::Resending {
+                provider: p,
+                wire_id: w
+            },
+            Action::Connect {
+                provider: p,
+                addrs: vec!["127.0.0.1:4000".into()]
+            }
+        ]
+    );
+    // The new route (the relay): the same CALL, same wire ID and attempt.
+    c.handle_reached(id, Millis(120), true);
+    assert_eq!(
+        one(&mut c, id, 120),
+        Action::Send {
+            provider: p,
+            wire_id: w,
+            timeout_ms: 4880,
+            attempt: 1
+        }
+    );
+    assert_eq!(c.n_pending(), 1);
+    assert_eq!(
+        c.handle_answer(Millis(130), &p, w, Ok(b"once".to_vec())),
+        Some(id)
+    );
+    match one(&mut c, id, 130) {
+        Action::Done(Ok(a)) => {
+            assert_eq!(a.payload, b"once".to_vec());
+            assert_eq!(a.attempts, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.n_pending(), 0);
+    assert_eq!(c.inflight(), 0);
+}
+
+#[test]
+fn a_failed_probe_on_a_replaceable_connection_closes_it_and_re_sends() {
+    let mut c = core(Role::Node);
+    let (id, p) = started(&mut c, &[1], spec("p"), 0);
+    let w = send_replaceable(&mut c, id, 0);
+    let probe_after = Config::default().probe_after.0;
+    assert!(matches!(one(&mut c, id, probe_after), Action::Probe { .. }));
+    c.handle_probe_failed(id, Millis(probe_after + 5), w, "timed out".into());
+    let v = drain(&mut c, id, probe_after + 5);
+    assert!(
+        matches!(v[0], Action::Close { provider, .. } if provider == p),
+        "{v:?}"
+    );
+    assert_eq!(
+        v[1],
+        Action::Resending {
+            provider: p,
+            wire_id: w
+        }
+    );
+    assert_eq!(connect_to(&v[2]), p);
+}
+
+#[test]
+fn re_sends_are_bounded_then_the_call_fails_as_before() {
+    let mut c = core(Role::Node);
+    let (id, _) = started(&mut c, &[1], spec("p"), 0);
+    let w = send_replaceable(&mut c, id, 0);
+    for n in 0..Config::default().max_resends {
+        c.handle_link_failed(id, Millis(10), "closed".into(), true);
+        assert!(
+            matches!(
+                drain(&mut c, id, 10).first(),
+                Some(Action::Resending { .. })
+            ),
+            "re-send {n}"
+        );
+        assert_eq!(send_replaceable(&mut c, id, 10), w);
+    }
+    c.handle_link_failed(id, Millis(20), "closed".into(), true);
+    // Nothing re-sent: the one provider failed; no other to try (after
+    // the backoff).
+    let v = drain(&mut c, id, 20);
+    assert!(matches!(v[..], [Action::Retrying { .. }]), "{v:?}");
+    let v = after_backoff(&mut c, id, 1);
+    assert!(
+        matches!(
+            v.last(),
+            Some(Action::Done(Err(CallFailure::Unreachable { .. })))
+        ),
+        "{v:?}"
+    );
+    assert_eq!(c.n_pending(), 0);
+}
+
+#[test]
+fn a_connection_that_is_not_replaceable_is_not_re_sent_and_a_failed_reach_ends_the_re_send() {
+    // Not replaceable: the old behaviour (no other provider: it fails).
+    let mut c = core(Role::Node);
+    let (id, _) = started(&mut c, &[1], spec("p"), 0);
+    send(&mut c, id, 0);
+    c.handle_link_failed(id, Millis(10), "closed".into(), true);
+    let v = drain(&mut c, id, 10);
+    assert!(matches!(v[..], [Action::Retrying { .. }]), "{v:?}");
+    let v = after_backoff(&mut c, id, 1);
+    assert!(
+        matches!(
+            v.last(),
+            Some(Action::Done(Err(CallFailure::Unreachable { .. })))
+        ),
+        "{v:?}"
+    );
+
+    // Replaceable, but the provider cannot be reached again: the pending
+    // CALL is forgotten and the call fails over (here: nowhere).
+    let mut c = core(Role::Node);
+    let (id, p) = started(&mut c, &[2], spec("p"), 100);
+    let w = send_replaceable(&mut c, id, 100);
+    c.handle_link_failed(id, Millis(110), "closed".into(), true);
+    assert_eq!(drain(&mut c, id, 110).len(), 2);
+    c.handle_link_failed(id, Millis(120), "could not connect".into(), false);
+    let v = drain(&mut c, id, 120);
+    assert!(matches!(v[..], [Action::Retrying { .. }]), "{v:?}");
+    let v = after_backoff(&mut c, id, 2);
+    assert!(matches!(v.last(), Some(Action::Done(Err(_)))), "{v:?}");
+    assert_eq!(c.n_pending(), 0);
+    // A late answer to it completes nothing.
+    assert_eq!(c.handle_answer(Millis(130), &p, w, Ok(Vec::new())), None);
+}
+
+#[test]
+fn a_call_given_up_while_re_sending_cancels_the_call_out() {
+    let mut c = core(Role::Node);
+    let (id, p) = started(&mut c, &[1], spec("p"), 0);
+    let w = send_replaceable(&mut c, id, 0);
+    c.handle_link_failed(id, Millis(10), "closed".into(), true);
+    drain(&mut c, id, 10);
+    assert_eq!(
+        c.drop_call(id, Millis(20)),
+        Some(Action::Cancel {
+            provider: p,
+            wire_id: w
+        })
+    );
+    assert_eq!(c.n_pending(), 0);
+    assert_eq!(c.inflight(), 0);
+}
+
+#[test]
+fn the_old_connections_loss_seen_twice_does_not_end_the_re_send() {
+    let mut c = core(Role::Node);
+    let (id, p) = started(&mut c, &[1], spec("p"), 0);
+    let w = send_replaceable(&mut c, id, 0);
+    // The call sees its connection close; then the failure detector
+    // reports the same loss (or the other way round).
+    c.handle_link_failed(id, Millis(10), "connection closed".into(), true);
+    assert_eq!(drain(&mut c, id, 10).len(), 2);
+    assert!(c.handle_peer_down(&p, Millis(11)).is_empty());
+    c.handle_link_failed(id, Millis(12), "connection closed".into(), true);
+    assert_eq!(drain(&mut c, id, 12), vec![]);
+    assert_eq!(send_replaceable(&mut c, id, 20), w);
+    assert_eq!(c.handle_answer(Millis(30), &p, w, Ok(Vec::new())), Some(id));
+    assert!(matches!(one(&mut c, id, 30), Action::Done(Ok(_))));
+}
+
+#[test]
+fn wire_ids_start_where_the_driver_says() {
+    let mut c = core(Role::Node);
+    c.start_wire_ids_at(1 << 40);
+    let (id, _) = started(&mut c, &[1], spec("p"), 0);
+    assert_eq!(send(&mut c, id, 0), 1 << 40);
+}

@@ -244,7 +244,10 @@ mod lifecycle {
                         prop_assert_eq!(u64::from(timeout_ms), l.deadline.saturating_sub(now).0);
                         l.out = Some((provider, wire_id));
                     }
-                    Action::Close { .. } | Action::Cancel { .. } | Action::Retrying { .. } => {
+                    Action::Close { .. }
+                    | Action::Cancel { .. }
+                    | Action::Retrying { .. }
+                    | Action::Resending { .. } => {
                         l.out = None;
                         l.connecting = None;
                     }

@@ -28,13 +28,31 @@ pub struct RpcLimits {
     /// Default concurrent requests per advertised handler; past it callers
     /// get `Overloaded` (and fail over to another provider).
     pub handler_concurrency: usize,
+    /// Calls a provider remembers at once (running, or answered within
+    /// `recent_call_keep`) that came on replaceable connections (relayed,
+    /// or direct by hole punching), so a caller re-sending one over a new
+    /// route after its connection died gets the one execution's answer.
+    /// Past it, old answers are given up; with every one still running, a
+    /// new call on such a connection is refused `Overloaded` ("the
+    /// recent-calls table is full"; `macula_rpc_recent_full_total`).
+    pub recent_calls: usize,
+    /// Bytes of answers kept for re-sent calls, in all; the oldest go
+    /// first, and an answer larger than this is replaced by an error
+    /// saying so.
+    pub recent_call_bytes: usize,
+    /// How long an answer is kept for a re-sent copy of its call.
+    pub recent_call_keep: Duration,
 }
 
 impl Default for RpcLimits {
     fn default() -> Self {
+        let recent = macula_rpc::RecentLimits::default();
         RpcLimits {
             max_inflight_calls: 10_000,
             handler_concurrency: 1024,
+            recent_calls: recent.max_calls,
+            recent_call_bytes: recent.max_bytes,
+            recent_call_keep: recent.keep.to_duration(),
         }
     }
 }
@@ -736,6 +754,13 @@ impl NodeConfig {
             a.api_key_limits
                 .validate()
                 .map_err(|r| invalid("api_key_limits", format!("{:?}", a.api_key_limits), r))?;
+        }
+        if self.rpc.recent_calls == 0 {
+            return Err(invalid(
+                "rpc.recent_calls",
+                "0".into(),
+                "must be at least 1 (calls on relayed or hole-punched connections are remembered so a re-sent call runs once)".into(),
+            ));
         }
         let l = &self.limits;
         if !(MIN_MAX_FRAME_SIZE..=MAX_MAX_FRAME_SIZE).contains(&l.max_frame_size) {

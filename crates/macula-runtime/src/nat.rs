@@ -30,6 +30,18 @@
 //! observation is forgotten and classification starts over. The set is
 //! bounded ([`NatLimits::max_observations`], oldest forgotten first) and
 //! observations expire ([`NatLimits::observation_ttl`]).
+//!
+//! **Port prediction.** A NAT that maps per destination (address-dependent
+//! or address-and-port-dependent: symmetric) but hands ports out in order
+//! shows it in the observations: the ports one local socket was seen at,
+//! sorted, are at least [`PREDICT_MIN_PORTS`] and no two consecutive ones
+//! are more than [`PREDICT_MAX_STEP`] apart ([`sequential_ports`]). Its
+//! next mapping (for the next destination, a hole-punching peer) is then
+//! one of the next few ports: [`predicted`] names a window of
+//! [`PREDICT_WINDOW`] of them, which come first among the node's
+//! hole-punching candidates ([`candidates`]), so the peer dials them;
+//! [`should_punch_predicted`] lets such a node punch towards
+//! port-restricted filtering.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -190,6 +202,16 @@ pub enum Recorded {
     AddressChanged,
 }
 
+/// Ports seen at once for one local socket before allocation is called
+/// sequential (two could be chance).
+pub const PREDICT_MIN_PORTS: usize = 3;
+/// The largest gap between consecutive ports a sequential allocator may
+/// leave (other flows of the host take ports in between).
+pub const PREDICT_MAX_STEP: u16 = 8;
+/// Predicted ports offered as candidates (HOLE_PUNCH carries at most 8
+/// addresses in all).
+pub const PREDICT_WINDOW: usize = 4;
+
 /// The classification of the current observations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatReport {
@@ -204,6 +226,10 @@ pub struct NatReport {
     pub reflexive: Vec<SocketAddr>,
     /// Observers remembered.
     pub observers: usize,
+    /// A symmetric mapping whose ports are handed out in order: where
+    /// this node's next mappings are expected (see "Port prediction");
+    /// empty otherwise.
+    pub predicted: Vec<SocketAddr>,
 }
 
 /// IPv4-mapped IPv6 addresses compare equal to their IPv4 form.
@@ -321,14 +347,77 @@ impl Observations {
         let mut reflexive: Vec<SocketAddr> = translated.iter().map(|e| e.observed).collect();
         reflexive.sort();
         reflexive.dedup();
+        let symmetric = matches!(
+            mapping,
+            Mapping::AddressDependent | Mapping::AddressAndPortDependent
+        );
+        let predicted = match symmetric {
+            true => sequential_ports(&translated, PREDICT_MAX_STEP)
+                .map(|(last, step)| predicted(last, step, PREDICT_WINDOW))
+                .unwrap_or_default(),
+            false => Vec::new(),
+        };
         NatReport {
             mapping,
             behind_nat,
             port_preserved,
             reflexive,
             observers: self.entries.len(),
+            predicted,
         }
     }
+}
+
+/// Whether the NAT hands ports out in order, from translated observations:
+/// for the local socket seen at the most distinct ports (at least
+/// [`PREDICT_MIN_PORTS`], at one IP), the ports sorted never jump by more
+/// than `max_step`. Returns the highest mapping seen and the smallest step;
+/// `None` for ports spread at random, preserved, or too few to tell.
+pub fn sequential_ports(translated: &[&Observation], max_step: u16) -> Option<(SocketAddr, u16)> {
+    let mut locals: Vec<SocketAddr> = translated.iter().map(|o| o.local).collect();
+    locals.sort();
+    locals.dedup();
+    let mut best: Option<(usize, SocketAddr, u16)> = None;
+    for local in locals {
+        let seen: Vec<SocketAddr> = translated
+            .iter()
+            .filter(|o| o.local == local)
+            .map(|o| o.observed)
+            .collect();
+        let ip = seen[0].ip();
+        if seen.iter().any(|a| a.ip() != ip) {
+            continue;
+        }
+        let mut ports: Vec<u16> = seen.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.len() < PREDICT_MIN_PORTS {
+            continue;
+        }
+        let gaps = ports.windows(2).map(|w| w[1] - w[0]);
+        if gaps.clone().any(|g| g > max_step) {
+            continue;
+        }
+        let step = gaps.min().unwrap_or(1).max(1);
+        let last = SocketAddr::new(ip, ports[ports.len() - 1]);
+        if best.as_ref().is_none_or(|(n, _, _)| ports.len() > *n) {
+            best = Some((ports.len(), last, step));
+        }
+    }
+    best.map(|(_, last, step)| (last, step))
+}
+
+/// The `window` mappings after `last`, `step` apart (none past port
+/// 65535).
+pub fn predicted(last: SocketAddr, step: u16, window: usize) -> Vec<SocketAddr> {
+    (1..=window as u32)
+        .map_while(|k| {
+            let port = u32::from(last.port()) + k * u32::from(step);
+            u16::try_from(port)
+                .ok()
+                .map(|p| SocketAddr::new(last.ip(), p))
+        })
+        .collect()
 }
 
 /// The mapping told by translated observations (at least one).
@@ -450,8 +539,31 @@ pub fn dial_delay(rtt: Millis) -> Millis {
     Millis(rtt.0 / 2)
 }
 
-/// A node's hole-punching candidates: its reflexive addresses, then its
-/// listen addresses that name an IP (for peers on the same LAN), without
+/// Whether this node (`mine`) should try to punch to a peer (`theirs`),
+/// as [`should_punch`], where a side whose symmetric mapping is
+/// predictable (`predicted`: mine, theirs; it offers its next mappings as
+/// candidates, so the other's dials reach the mapping its own dial will
+/// make) counts as endpoint-independent.
+pub fn should_punch_predicted(
+    mine: (Mapping, Filtering),
+    theirs: (Mapping, Filtering),
+    predicted: (bool, bool),
+) -> bool {
+    let as_eim = |m: Mapping, p: bool| match (p, m) {
+        (true, Mapping::AddressDependent | Mapping::AddressAndPortDependent) => {
+            Mapping::EndpointIndependent
+        }
+        (_, m) => m,
+    };
+    should_punch(
+        (as_eim(mine.0, predicted.0), mine.1),
+        (as_eim(theirs.0, predicted.1), theirs.1),
+    )
+}
+
+/// A node's hole-punching candidates: its predicted next mappings (a
+/// sequential symmetric NAT), its reflexive addresses, then its listen
+/// addresses that name an IP (for peers on the same LAN), without
 /// duplicates, at most `max`.
 pub fn candidates(report: &NatReport, listen: &[String], max: usize) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -459,7 +571,8 @@ pub fn candidates(report: &NatReport, listen: &[String], max: usize) -> Vec<Stri
         .iter()
         .filter_map(|a| a.parse::<SocketAddr>().ok())
         .filter(|a| !a.ip().is_unspecified() && a.port() != 0);
-    for a in report.reflexive.iter().copied().chain(listed) {
+    let known = report.predicted.iter().chain(report.reflexive.iter());
+    for a in known.copied().chain(listed) {
         let a = a.to_string();
         if out.len() < max && !out.contains(&a) {
             out.push(a);
@@ -703,6 +816,113 @@ mod tests {
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
         (0u8..4, 0u16..4)
             .prop_map(|(h, p)| SocketAddr::new(IpAddr::from([198, 18, 0, 10 + h]), 4000 + p))
+    }
+
+    #[test]
+    fn a_sequential_symmetric_nat_predicts_its_next_ports() {
+        let mut o = Observations::new(NatLimits::default());
+        // Three observers, two at one IP: a port per destination, handed
+        // out in order (two apart: another flow took one between).
+        obs(&mut o, "198.18.0.10:4433", "198.18.0.101:40001", 0);
+        obs(&mut o, "198.18.0.10:4434", "198.18.0.101:40002", 1);
+        obs(&mut o, "198.18.0.11:4433", "198.18.0.101:40004", 2);
+        let r = o.classify();
+        assert_eq!(r.mapping, Mapping::AddressAndPortDependent);
+        assert_eq!(
+            r.predicted,
+            vec![
+                a("198.18.0.101:40005"),
+                a("198.18.0.101:40006"),
+                a("198.18.0.101:40007"),
+                a("198.18.0.101:40008"),
+            ]
+        );
+        // They come first among the candidates, within the limit.
+        let c = candidates(&r, &[LOCAL.to_string()], 8);
+        assert_eq!(c[0], "198.18.0.101:40005");
+        assert_eq!(c.len(), 8);
+        assert_eq!(c[7], LOCAL);
+        // Such a node punches towards port-restricted filtering; without
+        // prediction it does not.
+        let mine = (r.mapping, Filtering::Unknown);
+        let theirs = (
+            Mapping::EndpointIndependent,
+            Filtering::AddressAndPortDependent,
+        );
+        assert!(!should_punch(mine, theirs));
+        assert!(should_punch_predicted(mine, theirs, (true, false)));
+        assert!(!should_punch_predicted(mine, theirs, (false, false)));
+        // The other way round: the answer says the peer is predictable.
+        assert!(should_punch_predicted(theirs, mine, (false, true)));
+        // Two symmetric NATs filtering by port: only when both are
+        // predictable.
+        let strict = (
+            Mapping::AddressAndPortDependent,
+            Filtering::AddressAndPortDependent,
+        );
+        assert!(!should_punch_predicted(strict, strict, (true, false)));
+        assert!(should_punch_predicted(strict, strict, (true, true)));
+    }
+
+    #[test]
+    fn random_preserved_or_too_few_ports_predict_nothing() {
+        // Spread at random (masquerade fully-random).
+        let mut o = Observations::new(NatLimits::default());
+        obs(&mut o, "198.18.0.10:4433", "198.18.0.101:40001", 0);
+        obs(&mut o, "198.18.0.10:4434", "198.18.0.101:51377", 1);
+        obs(&mut o, "198.18.0.11:4433", "198.18.0.101:33012", 2);
+        let r = o.classify();
+        assert_eq!(r.mapping, Mapping::AddressAndPortDependent);
+        assert!(r.predicted.is_empty());
+        // Two ports only.
+        let mut o = Observations::new(NatLimits::default());
+        obs(&mut o, "198.18.0.10:4433", "198.18.0.101:40001", 0);
+        obs(&mut o, "198.18.0.10:4434", "198.18.0.101:40002", 1);
+        assert!(o.classify().predicted.is_empty());
+        // Endpoint-independent: one mapping, nothing to predict.
+        let mut o = Observations::new(NatLimits::default());
+        obs(&mut o, "198.18.0.10:4433", "198.18.0.101:4433", 0);
+        obs(&mut o, "198.18.0.11:4433", "198.18.0.101:4433", 1);
+        assert!(o.classify().predicted.is_empty());
+        // No port past 65535.
+        assert_eq!(
+            predicted(a("198.18.0.101:65534"), 1, 4),
+            vec![a("198.18.0.101:65535")]
+        );
+    }
+
+    proptest! {
+        /// Prediction is bounded (at most the window, each after the
+        /// highest port seen, in order, at the mapping's IP) and only ever
+        /// for a symmetric mapping whose ports never jump by more than the
+        /// step limit.
+        #[test]
+        fn prediction_is_bounded_and_only_for_sequential_symmetric_nats(
+            ports in proptest::collection::vec(1024u16..65535, 0..10),
+        ) {
+            let mut o = Observations::new(NatLimits::default());
+            for (i, p) in ports.iter().enumerate() {
+                let observer = format!("198.18.0.{}:{}", 10 + i % 2, 4433 + i);
+                obs(&mut o, &observer, &format!("198.18.0.101:{p}"), i as u64);
+            }
+            let r = o.classify();
+            prop_assert!(r.predicted.len() <= PREDICT_WINDOW);
+            if !r.predicted.is_empty() {
+                prop_assert!(matches!(r.mapping, Mapping::AddressDependent | Mapping::AddressAndPortDependent));
+                let mut seen: Vec<u16> = ports.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                prop_assert!(seen.len() >= PREDICT_MIN_PORTS);
+                prop_assert!(seen.windows(2).all(|w| w[1] - w[0] <= PREDICT_MAX_STEP));
+                let top = *seen.last().unwrap();
+                let mut prev = top;
+                for p in &r.predicted {
+                    prop_assert_eq!(p.ip(), a("198.18.0.101:1").ip());
+                    prop_assert!(p.port() > prev && p.port() - prev <= PREDICT_MAX_STEP);
+                    prev = p.port();
+                }
+            }
+        }
     }
 
     proptest! {

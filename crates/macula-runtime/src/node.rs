@@ -1347,8 +1347,15 @@ impl NodeRuntime {
             match &admit {
                 Admit::Inserted { .. } => self.0.reach.connection_opened(direct),
                 Admit::Replaced { old } if direct && old.relayed_via().is_some() => {
+                    peer.set_punched();
+                    // From here every send routes over the direct
+                    // connection: how long after it was authenticated.
+                    tracing::debug!(peer = %peer.node_id(), moved_us = peer.age().as_micros() as u64, "traffic moved from the relayed connection to the direct one");
                     self.0.reach.connection_upgraded()
                 }
+                // Both sides' punching dials got through: the tie-break's
+                // winner replaces the first, and is punched as well.
+                Admit::Replaced { old } if direct && old.is_punched() => peer.set_punched(),
                 _ => {}
             }
         }

@@ -106,6 +106,9 @@ struct PeerShared {
     relayed_via: std::sync::OnceLock<NodeId>,
     /// Not a DHT contact for others: it cannot be dialed directly.
     unlisted: AtomicBool,
+    /// A direct connection that replaced a relayed one (hole punching):
+    /// the relay is the way back when it dies.
+    punched: AtomicBool,
     /// The grant the peer proved in HELLO (a realm with an authority).
     grant: Option<Arc<PeerGrant>>,
     metrics: Arc<Metrics>,
@@ -218,6 +221,30 @@ impl Peer {
     pub(crate) fn set_relayed_via(&self, relay: NodeId) {
         let _ = self.0.relayed_via.set(relay);
         self.set_unlisted();
+    }
+
+    /// Time since the connection was authenticated (TLS and HELLO done).
+    pub fn age(&self) -> std::time::Duration {
+        self.0.epoch.elapsed()
+    }
+
+    /// A direct connection that replaced a relayed one to the same node
+    /// (hole punching), so a relay route to the node exists.
+    pub fn is_punched(&self) -> bool {
+        self.0.punched.load(Relaxed)
+    }
+
+    pub(crate) fn set_punched(&self) {
+        self.0.punched.store(true, Relaxed);
+    }
+
+    /// Whether another route to this node exists when this connection
+    /// dies (a node's connection that is relayed, or direct by hole
+    /// punching): RPC re-sends a call in flight on it over the new route,
+    /// and a provider remembers the calls that came on it so it runs each
+    /// once (PROTOCOL.md §5.4, "Re-sent calls").
+    pub fn is_replaceable(&self) -> bool {
+        !self.is_client() && (self.relayed_via().is_some() || self.is_punched())
     }
 
     /// True when this peer must not be listed as a DHT contact (it is
@@ -610,6 +637,7 @@ pub(crate) async fn handshake(
         kept: AtomicBool::new(false),
         relayed_via: std::sync::OnceLock::new(),
         unlisted: AtomicBool::new(false),
+        punched: AtomicBool::new(false),
         grant,
         metrics,
     }));

@@ -200,6 +200,7 @@ impl HolePunching {
             mapping: nat.report.mapping.name().to_string(),
             filtering: nat.filtering.name().to_string(),
             reply,
+            predicted: !nat.report.predicted.is_empty(),
         }
     }
 
@@ -220,7 +221,11 @@ impl HolePunching {
                 }
             }
         });
-        let all = futures::future::join_all(dials);
+        // The dials run to their end in their own task (each bounded by
+        // the handshake timeout): one dropped in the middle of its
+        // handshake would close a connection the other side may just have
+        // pooled as its winner, leaving neither side direct.
+        let all = tokio::spawn(futures::future::join_all(dials));
         // Done when a direct connection is pooled (ours or the peer's
         // dial), not when the last dial to a dead candidate gives up.
         let pooled = async {
@@ -247,9 +252,9 @@ impl HolePunching {
         let mut retry = 0;
         loop {
             let began = Instant::now();
-            let outcome = self.rounds(&peer).await;
+            let (outcome, rounds) = self.rounds(&peer).await;
             if outcome == "direct" {
-                tracing::info!(peer = %id, after_ms = began.elapsed().as_millis() as u64, "direct connection by hole punching; leaving the relay");
+                tracing::info!(peer = %id, after_ms = began.elapsed().as_millis() as u64, rounds, retry, "direct connection by hole punching; leaving the relay");
             } else {
                 tracing::info!(peer = %id, outcome, "hole punching did not connect directly; staying on the relay");
             }
@@ -269,13 +274,15 @@ impl HolePunching {
         self.0.running.lock().remove(&id);
     }
 
-    /// The rounds of one attempt; returns its outcome.
-    async fn rounds(&self, peer: &Peer) -> &'static str {
+    /// The rounds of one attempt; returns its outcome and the rounds run.
+    async fn rounds(&self, peer: &Peer) -> (&'static str, u32) {
         let id = peer.node_id();
         let l = self.0.limits;
         let c = self.0.counters.clone();
         let mut outcome = "failed";
+        let mut ran = 0;
         for round in 0..l.punch_rounds {
+            ran = round + 1;
             tokio::time::sleep(nat::round_delay(round, l.punch_backoff).to_duration()).await;
             if (self.0.is_direct)(id) {
                 outcome = "direct";
@@ -313,7 +320,9 @@ impl HolePunching {
                 nat::mapping_named(&answer.mapping),
                 nat::filtering_named(&answer.filtering),
             );
-            if !nat::should_punch((nat.report.mapping, nat.filtering), theirs) {
+            let mine = (nat.report.mapping, nat.filtering);
+            let predicted = (!nat.report.predicted.is_empty(), answer.predicted);
+            if !nat::should_punch_predicted(mine, theirs, predicted) {
                 tracing::info!(peer = %id, mine = nat.report.mapping.name(), theirs = theirs.0.name(), "not punchable; staying on the relay");
                 outcome = "unpunchable";
                 break;
@@ -340,7 +349,7 @@ impl HolePunching {
             }
             tracing::debug!(peer = %id, round, "hole-punching round failed");
         }
-        outcome
+        (outcome, ran)
     }
 
     /// A HOLE_PUNCH from `peer`: an answer to our attempt, or an offer to
@@ -360,6 +369,7 @@ impl HolePunching {
                 mapping: String::new(),
                 filtering: String::new(),
                 reply: true,
+                predicted: false,
             }));
         }
         {

@@ -3,52 +3,66 @@
 //! its candidates, both dial, and the direct connection replaces the
 //! relayed one on both sides while A publishes without pause to C's
 //! subscription: C receives every message from the first on, in order,
-//! once. (Real NATs: `macula-cli/tests/nat_types.rs`.)
+//! once, and DHT lookups made meanwhile all succeed. A call in flight
+//! when the direct path dies is answered once, over the new route
+//! (re-sent with the same ID; the provider runs it once): while its
+//! handler runs, and when its answer was lost with the path. (Real NATs:
+//! `macula-cli/tests/nat_types.rs`.)
 
 mod common;
 
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
+use macula_runtime::peer::Peer;
 use macula_runtime::pubsub::{PublishOptions, SubscriptionItem};
-use macula_runtime::NodeConfig;
+use macula_runtime::rpc::{AdvertiseOptions, HandlerError, Request};
+use macula_runtime::{NodeConfig, NodeRuntime};
 use macula_wire::time::Millis;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relayed_connection_goes_direct_without_losing_a_message() {
-    init_tracing();
+/// A relay R, a node C holding a reservation at R, and a node A that
+/// reaches C through R (no direct connection between them); A starts
+/// punching `punch_delay` after the relayed connection is up. Returns
+/// (R, C, A, A's relayed connection to C).
+async fn relayed_pair(punch_delay: Millis) -> (NodeRuntime, NodeRuntime, NodeRuntime, Peer) {
     let r = start(config()).await;
     let c = start(boot(&r)).await;
     joined(&c).await;
-    // A waits a second on the relay before punching: the stream below
-    // starts on the relayed connection and moves to the direct one.
     let mut cfg: NodeConfig = boot(&r);
-    cfg.nat.punch_start_delay = Millis(1_000);
+    cfg.nat.punch_start_delay = punch_delay;
     let a = start(cfg).await;
     joined(&a).await;
 
-    let mut sub = within(STEP, "subscribe", c.pubsub().subscribe_mesh("up.*"))
-        .await
-        .expect("subscribe");
     // C reserves at R (it is public: it would not by itself).
     let cr = c.peer(&r.node_id()).expect("C is connected to R");
     within(STEP, "reservation", c.tunnel().reserve(&cr))
         .await
         .expect("reserve at R");
-    // Joining may have connected A and C directly: close that (as idle),
+    // Joining may have connected A and C directly (the DHT may do so
+    // again a moment later): close that (as idle) until they stay apart,
     // so that A reaches C through R.
-    if let Some(p) = a.peer(&c.node_id()) {
-        p.disconnect(
-            macula_wire::DisconnectReason::Idle,
-            "test: go through the relay",
-        )
-        .await;
+    let mut apart = false;
+    for _ in 0..50 {
+        for (x, y) in [(&a, &c), (&c, &a)] {
+            if let Some(p) = x.peer(&y.node_id()) {
+                p.disconnect(
+                    macula_wire::DisconnectReason::Idle,
+                    "test: go through the relay",
+                )
+                .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if a.peer(&c.node_id()).is_none() && c.peer(&a.node_id()).is_none() {
+            apart = true;
+            break;
+        }
     }
-    eventually(STEP, "A and C apart", || {
-        a.peer(&c.node_id()).is_none() && c.peer(&a.node_id()).is_none()
-    })
-    .await;
+    assert!(apart, "A and C never stayed apart");
     let relay = a.peer(&r.node_id()).expect("A is connected to R");
     let relayed = within(
         STEP,
@@ -58,10 +72,60 @@ async fn a_relayed_connection_goes_direct_without_losing_a_message() {
     .await
     .expect("connect through R");
     assert_eq!(relayed.relayed_via(), Some(r.node_id()));
+    (r, c, a, relayed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_connection_goes_direct_without_losing_a_message() {
+    init_tracing();
+    // A waits a second on the relay before punching: the stream below
+    // starts on the relayed connection and moves to the direct one.
+    let (r, c, a, _relayed) = relayed_pair(Millis(1_000)).await;
+    let mut sub = within(STEP, "subscribe", c.pubsub().subscribe_mesh("up.*"))
+        .await
+        .expect("subscribe");
     // Connections A opened (to R, to C when joining, to C through R), and
     // the direct ones so far: all but the relayed one.
     let (opened, direct) = a.reachability().direct_rate();
     assert_eq!(opened, direct + 1);
+
+    // DHT traffic across the upgrade too: C stores a record, and A asks
+    // for it without pause (fresh lookups, bounded by the stream) while
+    // the connection moves; none may fail or time out.
+    let key = macula_wire::dht_key(b"holepunch.dht");
+    within(
+        STEP,
+        "put",
+        c.dht().put(key, b"here".to_vec(), Duration::from_secs(60)),
+    )
+    .await
+    .expect("put");
+    let dht_before = {
+        let d = a.dht().counters();
+        (d.sends_failed_total.get(), d.request_timeouts_total.get())
+    };
+    let (stop_dht, mut stopped) = tokio::sync::watch::channel(false);
+    let lookups = {
+        let (a, cid) = (a.clone(), c.node_id());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !*stopped.borrow_and_update() && n < 2_000 {
+                let found = a.dht().get_fresh(key).await.expect("DHT get");
+                assert!(
+                    found
+                        .iter()
+                        .any(|r| r.publisher == cid && r.value == b"here"),
+                    "lookup {n} did not find C's record: {found:?}"
+                );
+                n += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+            n
+        })
+    };
 
     // Publish 0, 1, 2, ... every 2 ms (bounded: at most 3,000 messages or
     // 10 s) until C has received one and the connection is direct, and
@@ -123,6 +187,15 @@ async fn a_relayed_connection_goes_direct_without_losing_a_message() {
     })
     .await;
     let direct_at = direct_at.expect("the connection never went direct");
+    stop_dht.send_replace(true);
+    let n = within(STEP, "lookups", lookups).await.expect("lookup task");
+    let d = a.dht().counters();
+    assert_eq!(
+        (d.sends_failed_total.get(), d.request_timeouts_total.get()),
+        dht_before,
+        "DHT requests failed or timed out across the upgrade"
+    );
+    eprintln!("{n} DHT lookups across the upgrade, all answered");
     let first = got[0];
     eprintln!("sent {sent}: from {first} received, direct after {direct_at}");
     assert!(
@@ -150,6 +223,128 @@ async fn a_relayed_connection_goes_direct_without_losing_a_message() {
     // The relayed connection counts as direct now: it went direct.
     assert_eq!(a.reachability().direct_rate(), (opened, opened));
 
+    for n in [&a, &c, &r] {
+        n.shutdown().await;
+    }
+}
+
+/// A relayed pair gone direct by hole punching, on both sides.
+async fn punched_pair() -> (NodeRuntime, NodeRuntime, NodeRuntime) {
+    let (r, c, a, _relayed) = relayed_pair(Millis::ZERO).await;
+    eventually(STEP, "A and C direct by hole punching", || {
+        a.peer(&c.node_id()).is_some_and(|p| p.is_punched())
+            && c.peer(&a.node_id()).is_some_and(|p| p.is_punched())
+    })
+    .await;
+    (r, c, a)
+}
+
+/// The direct path dies while the provider's handler runs: the caller
+/// re-sends the call (same ID) over a new route, the provider attaches
+/// the copy to the running call instead of running it again, and the
+/// answer comes back on the new route. Without re-sending, the call
+/// failed `Unreachable` (its only provider) and the handler was aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_running_when_the_direct_path_dies_is_answered_once() {
+    init_tracing();
+    let (r, c, a) = punched_pair().await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let _reg = {
+        let runs = runs.clone();
+        within(
+            STEP,
+            "advertise",
+            c.rpc().advertise(
+                "nat.slow",
+                AdvertiseOptions::default(),
+                move |req: Request| {
+                    runs.fetch_add(1, Relaxed);
+                    let mut gate = gate.clone();
+                    async move {
+                        let _ = gate.wait_for(|open| *open).await;
+                        Ok::<Bytes, HandlerError>(req.payload)
+                    }
+                },
+            ),
+        )
+        .await
+        .expect("advertise")
+    };
+    let call = tokio::spawn(
+        a.rpc()
+            .call("nat.slow", "once")
+            .timeout(Duration::from_secs(15))
+            .into_future(),
+    );
+    eventually(STEP, "the handler runs", || runs.load(Relaxed) == 1).await;
+    let direct = a.peer(&c.node_id()).expect("A-C");
+    assert!(direct.is_punched(), "the call went over the punched path");
+    direct
+        .connection()
+        .close(0u32.into(), b"test: the direct path dies");
+    eventually(STEP, "the call re-sent and attached", || {
+        a.rpc().counters().resends_total.get() == 1
+            && c.rpc().counters().resends_answered_total.get() == 1
+    })
+    .await;
+    open.send_replace(true);
+    let answer = within(STEP, "the call", call)
+        .await
+        .expect("call task")
+        .expect("the call in flight is answered");
+    assert_eq!(answer.payload, Bytes::from("once"));
+    assert_eq!(answer.provider, c.node_id());
+    assert_eq!(runs.load(Relaxed), 1, "the handler ran twice");
+    assert_eq!(a.rpc().counters().calls_failed_total.get(), 0);
+    for n in [&a, &c, &r] {
+        n.shutdown().await;
+    }
+}
+
+/// The direct path dies with the answer on it (the provider's side closes
+/// it as the handler returns, so the reply cannot go out): the re-sent
+/// copy gets the kept answer; the handler is not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_answer_died_with_the_direct_path_is_answered_from_the_kept_answer() {
+    init_tracing();
+    let (r, c, a) = punched_pair().await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let _reg = {
+        let (runs, provider, caller) = (runs.clone(), c.clone(), a.node_id());
+        within(
+            STEP,
+            "advertise",
+            c.rpc().advertise(
+                "nat.cut",
+                AdvertiseOptions::default(),
+                move |req: Request| {
+                    runs.fetch_add(1, Relaxed);
+                    if let Some(p) = provider.peer(&caller) {
+                        p.connection()
+                            .close(0u32.into(), b"test: the direct path dies");
+                    }
+                    async move { Ok::<Bytes, HandlerError>(req.payload) }
+                },
+            ),
+        )
+        .await
+        .expect("advertise")
+    };
+    let answer = within(
+        STEP,
+        "the call",
+        a.rpc()
+            .call("nat.cut", "kept")
+            .timeout(Duration::from_secs(15))
+            .into_future(),
+    )
+    .await
+    .expect("the call whose answer was lost is answered");
+    assert_eq!(answer.payload, Bytes::from("kept"));
+    assert_eq!(runs.load(Relaxed), 1, "the handler ran twice");
+    assert_eq!(a.rpc().counters().resends_total.get(), 1);
+    assert_eq!(c.rpc().counters().resends_answered_total.get(), 1);
     for n in [&a, &c, &r] {
         n.shutdown().await;
     }

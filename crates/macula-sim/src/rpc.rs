@@ -394,6 +394,8 @@ impl RpcService {
                     RpcMsg::Rpc(RpcMessage::Cancel(Cancel { id: wire_id })),
                 ));
             }
+            // The simulator's connections are never replaceable.
+            Action::Resending { .. } => {}
             Action::Retrying { .. } => {
                 self.retries += 1;
                 if let Some(c) = self.calls.get_mut(&id) {

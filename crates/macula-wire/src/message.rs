@@ -1514,14 +1514,16 @@ mod tests {
                 arb_string(crate::nat::MAX_MAPPING_LEN),
                 arb_string(crate::nat::MAX_MAPPING_LEN),
                 any::<bool>(),
+                any::<bool>(),
             )
-                .prop_map(|(nonce, addrs, mapping, filtering, reply)| {
+                .prop_map(|(nonce, addrs, mapping, filtering, reply, predicted)| {
                     Message::HolePunch(HolePunch {
                         nonce,
                         addrs,
                         mapping,
                         filtering,
                         reply,
+                        predicted,
                     })
                 }),
             any::<u64>().prop_map(|nonce| Message::HolePunchSync(HolePunchSync { nonce })),

@@ -48,6 +48,11 @@ pub struct HolePunch {
     /// False from the initiator, true in the answer.
     #[serde(default, deserialize_with = "crate::nil_default")]
     pub reply: bool,
+    /// The sender's mapping is per destination but its ports are handed
+    /// out in order: its first candidates are its predicted next mappings,
+    /// and it counts as endpoint-independent for the punchability check.
+    #[serde(default, deserialize_with = "crate::nil_default")]
+    pub predicted: bool,
 }
 
 /// "Dial now": the initiator dials half a round trip after sending it.

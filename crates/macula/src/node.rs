@@ -161,6 +161,13 @@ impl NodeBuilder {
         self
     }
 
+    /// NAT detection and hole punching (`punch_start_delay`: how long a
+    /// relayed connection is used before punching starts).
+    pub fn nat(mut self, nat: crate::config::NatLimits) -> Self {
+        self.config.nat = nat;
+        self
+    }
+
     /// Whether to find out if peers can dial this node (default), or to
     /// behave as a node behind NAT without asking.
     pub fn reachability(mut self, mode: ReachabilityMode) -> Self {

@@ -361,6 +361,7 @@ impl Rpc {
             watch: None,
             probe: None,
             done: false,
+            fixed: via.is_some(),
         };
         let mut input: Option<Input> = None;
         let mut wait_until: Option<Millis> = None;
@@ -473,6 +474,26 @@ impl Rpc {
                     }
                 }
                 Action::Cancel { wire_id, .. } => call.cancel(wire_id),
+                Action::Resending { provider, wire_id } => {
+                    self.0.counters.resends_total.inc();
+                    tracing::debug!(peer = %provider, procedure = %b.procedure, wire_id, "the connection carrying the call died; re-sending it over a new route");
+                    // The dead connection must not be handed out again.
+                    if let Some(p) = call.peer.take() {
+                        if !p.is_closed() {
+                            p.connection().close(
+                                crate::peer::close_code(
+                                    macula_wire::DisconnectReason::ProtocolError,
+                                ),
+                                b"path lost under a call",
+                            );
+                        }
+                    }
+                    call.watch = None;
+                    call.probe = None;
+                    if idle {
+                        wait_until = Some(wake);
+                    }
+                }
                 Action::Retrying { after } => {
                     self.0.counters.retries_total.inc();
                     tracing::debug!(procedure = %b.procedure, error = ?after, "retrying on another provider");
@@ -525,7 +546,7 @@ impl Rpc {
 /// What an action led to, fed to the core with the next step's lock.
 enum Input {
     Providers(Result<Vec<ProviderInfo>, String>),
-    Connected,
+    Connected { fallback: bool },
     Failed { reason: String, lost: bool },
     Gateway(Option<NodeId>),
     Pong(u64),
@@ -536,7 +557,7 @@ impl Input {
     fn feed(self, core: &mut super::Core, id: CallId, now: Millis) {
         match self {
             Input::Providers(found) => core.handle_providers(id, now, found),
-            Input::Connected => core.handle_connected(id, now),
+            Input::Connected { fallback } => core.handle_reached(id, now, fallback),
             Input::Failed { reason, lost } => core.handle_link_failed(id, now, reason, lost),
             Input::Gateway(g) => core.handle_gateway(id, now, g),
             Input::Pong(w) => core.handle_pong(id, now, w),
@@ -555,6 +576,8 @@ struct Driving<'a> {
     watch: Option<Peer>,
     probe: Option<(u64, ProbeFuture)>,
     done: bool,
+    /// Made over a given connection (`call_via`): never re-sent elsewhere.
+    fixed: bool,
 }
 
 type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -564,8 +587,12 @@ impl Driving<'_> {
     fn connected(&mut self, peer: Option<Peer>, why: &str, lost: bool) -> Input {
         match peer {
             Some(p) => {
+                // Another route exists when this connection dies: the
+                // core re-sends a CALL lost with it (not for a call made
+                // over a given connection).
+                let fallback = !self.fixed && p.is_replaceable();
                 self.peer = Some(p);
-                Input::Connected
+                Input::Connected { fallback }
             }
             None => Input::Failed {
                 reason: why.to_string(),

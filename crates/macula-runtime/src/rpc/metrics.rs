@@ -31,11 +31,39 @@ pub struct RpcCounters {
     pub advertised: CountGauge,
     pub probes_failed_total: Counter,
     pub late_replies_total: Counter,
+    /// Calls re-sent (same wire ID) over a new route after the replaceable
+    /// connection carrying them died (the caller's side).
+    pub resends_total: Counter,
+    /// Re-sent copies of calls this provider had already received: the
+    /// running call answers on the new route, or the kept answer is sent
+    /// again; never run twice.
+    pub resends_answered_total: Counter,
+    /// Calls on replaceable connections refused because the recent-calls
+    /// table was full of running calls.
+    pub recent_full_total: Counter,
 }
 
 impl RpcCounters {
     /// Registers every metric in the node's registry.
     pub fn register(&self, r: &mut Registry) {
+        register(
+            r,
+            "macula_rpc_resends",
+            "Calls re-sent with the same ID over a new route after the relayed or hole-punched connection carrying them died.",
+            self.resends_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_resends_answered",
+            "Re-sent calls this provider had already received, answered without running the handler again.",
+            self.resends_answered_total.clone(),
+        );
+        register(
+            r,
+            "macula_rpc_recent_full",
+            "Calls on relayed or hole-punched connections refused because the recent-calls table was full (RpcLimits::recent_calls).",
+            self.recent_full_total.clone(),
+        );
         register(
             r,
             "macula_rpc_calls",

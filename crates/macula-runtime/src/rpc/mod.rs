@@ -46,7 +46,7 @@ use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::AbortHandle;
-use macula_rpc::{AdvertiseError, CallId, Millis, RpcCore, Slot};
+use macula_rpc::{AdvertiseError, CallId, Millis, RecentCalls, RpcCore, Slot};
 use macula_wire::NodeId;
 use prometheus_client::metrics::family::Family;
 
@@ -66,6 +66,11 @@ type Core = RpcCore<NodeId, Arc<dyn Handler>>;
 struct State {
     core: Core,
     notify: HashMap<CallId, Arc<tokio::sync::Notify>>,
+    /// Calls served that came on replaceable connections (relayed, or
+    /// direct by hole punching), by caller and wire ID: a copy re-sent over
+    /// a new route is answered once (`serve.rs`). The route is where a
+    /// running call's answer goes: the connection it last came in on.
+    recent: RecentCalls<NodeId, Peer>,
 }
 
 struct Inner {
@@ -77,6 +82,10 @@ struct Inner {
     state: Mutex<State>,
     /// Requests being served: (connection, call id) → abort handle.
     serving: Mutex<HashMap<(usize, u64), AbortHandle>>,
+    /// Requests being served that came on replaceable connections: (caller,
+    /// call id) → abort handle. Their connection closing does not abort
+    /// them (the caller re-sends them over a new route); CANCEL does.
+    serving_kept: Mutex<HashMap<(NodeId, u64), AbortHandle>>,
     /// A gateway's attached clients that serve procedures, by connection.
     clients: Mutex<HashMap<u64, Peer>>,
     /// Serialises DHT updates of advertisements and the index.
@@ -197,7 +206,16 @@ impl Rpc {
             gateway_wait: ms(GATEWAY_WAIT),
             ..macula_rpc::Config::default()
         };
-        let core = RpcCore::new(node_id, role.core_role(), cfg, crate::backoff::seed());
+        let mut core = RpcCore::new(node_id, role.core_role(), cfg, crate::backoff::seed());
+        // Wire IDs from a random start: providers remember a caller's IDs
+        // for a while (re-sent calls), and a restarted caller must not
+        // meet its previous run's.
+        core.start_wire_ids_at(1 + (crate::backoff::seed() >> 2));
+        let recent = RecentCalls::new(macula_rpc::RecentLimits {
+            max_calls: limits.recent_calls.max(1),
+            max_bytes: limits.recent_call_bytes,
+            keep: ms(limits.recent_call_keep),
+        });
         Rpc(Arc::new(Inner {
             node_id,
             max_payload: (max_frame_size as usize).saturating_sub(CALL_HEADROOM),
@@ -206,8 +224,10 @@ impl Rpc {
             state: Mutex::new(State {
                 core,
                 notify: HashMap::new(),
+                recent,
             }),
             serving: Mutex::new(HashMap::new()),
+            serving_kept: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             ad_lock: tokio::sync::Mutex::new(()),
             client_ads: tokio::sync::Mutex::new(()),

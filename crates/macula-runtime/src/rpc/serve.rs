@@ -8,7 +8,7 @@ use std::future::Future;
 use bytes::Bytes;
 use futures::future::{AbortHandle, Abortable};
 use futures::FutureExt;
-use macula_rpc::Admission;
+use macula_rpc::{Admission, Seen};
 use macula_wire::rpc::{Call, CallError, Cancel, Reply, RpcErrorKind, RpcMessage};
 use macula_wire::Message;
 
@@ -28,7 +28,15 @@ impl Rpc {
             RpcMessage::Reply(r) => self.complete(peer, r.id, Ok(r.payload)),
             RpcMessage::Error(e) => self.complete(peer, e.id, Err(e)),
             RpcMessage::Cancel(Cancel { id }) => {
-                let handle = self.0.serving.lock().remove(&(peer.connection_id(), id));
+                let mut handle = self.0.serving.lock().remove(&(peer.connection_id(), id));
+                if handle.is_none() {
+                    // A call that came on a replaceable connection: the
+                    // CANCEL may come on another one.
+                    handle = self.0.serving_kept.lock().remove(&(peer.node_id(), id));
+                    if handle.is_some() {
+                        self.state().recent.forget(&peer.node_id(), id);
+                    }
+                }
                 if let Some(h) = handle {
                     h.abort();
                     self.0.counters.cancelled_by_caller_total.inc();
@@ -105,11 +113,65 @@ impl Rpc {
             })));
         }
         let now = self.now();
-        let admission =
-            self.state()
-                .core
-                .admit(now, &call.procedure, call.timeout_ms, peer.is_client());
-        match admission {
+        // Re-sent calls (PROTOCOL.md §5.4): a call that came on a
+        // replaceable connection is remembered, so a copy re-sent over a
+        // new route after that connection died runs once.
+        // One lock for this and the admission (the hot path).
+        let remember = peer.is_replaceable();
+        let (seen, admission) = {
+            let mut s = self.state();
+            let seen = if remember || !s.recent.is_empty() {
+                s.recent.admit(
+                    now,
+                    (peer.node_id(), call.id),
+                    &call.procedure,
+                    peer.clone(),
+                    Millis(u64::from(call.timeout_ms)),
+                    remember,
+                )
+            } else {
+                Ok(Seen::New)
+            };
+            let admission = matches!(seen, Ok(Seen::New)).then(|| {
+                s.core
+                    .admit(now, &call.procedure, call.timeout_ms, peer.is_client())
+            });
+            if remember && matches!(admission, Some(Admission::Refuse { .. })) {
+                s.recent.forget(&peer.node_id(), call.id);
+            }
+            (seen, admission)
+        };
+        let admission = match seen {
+            Ok(Seen::New) => admission,
+            Ok(Seen::Running) => {
+                // Its answer goes to this connection when it ends.
+                c.resends_answered_total.inc();
+                return None;
+            }
+            Ok(Seen::Answered(answer)) => {
+                c.resends_answered_total.inc();
+                return Some(Message::Rpc(match answer {
+                    Ok(payload) => RpcMessage::Reply(Reply {
+                        id: call.id,
+                        payload,
+                        headers: Vec::new(),
+                    }),
+                    Err(e) => RpcMessage::Error(e),
+                }));
+            }
+            Err(full) => {
+                c.recent_full_total.inc();
+                tracing::warn!(peer = %peer.node_id(), procedure = %call.procedure, "{full}; refusing a call");
+                return Some(Message::Rpc(RpcMessage::Error(CallError {
+                    id: call.id,
+                    kind: RpcErrorKind::Overloaded,
+                    code: 0,
+                    message: full.to_string(),
+                })));
+            }
+        };
+        // Some whenever the call is new (a re-sent copy returned above).
+        match admission? {
             Admission::Refuse { kind, message } => {
                 match kind {
                     RpcErrorKind::NotFound => c.not_found_total.inc(),
@@ -148,7 +210,7 @@ impl Rpc {
                 };
                 let (id, rpc) = (call.id, self.clone());
                 let keys = self.0.e2e.get().filter(|k| k.is_active()).cloned();
-                self.spawn_serving(peer, id, span, async move {
+                self.spawn_serving(peer, id, span, remember, async move {
                     let _slot = SlotGuard(&rpc, Some(slot));
                     // End-to-end: the handler gets the arguments opened;
                     // a call that does not open (or came in the clear on
@@ -208,7 +270,7 @@ impl Rpc {
                 if let Some(tp) = span.as_ref().and_then(crate::trace::traceparent_of) {
                     crate::trace::put(&mut headers, &tp);
                 }
-                self.spawn_serving(peer, id, span, async move {
+                self.spawn_serving(peer, id, span, remember, async move {
                     let args = Bytes::from(call.payload);
                     let mut b = rpc
                         .call(&call.procedure, args.clone())
@@ -230,27 +292,48 @@ impl Rpc {
     }
 
     /// Serves request `id` from `peer` with `work` in its own task (CANCEL
-    /// aborts it, as does the connection closing) and sends the answer:
-    /// REPLY, or CALL_ERROR; an answer that cannot be sent (too large for
-    /// a frame) is replaced by an `Invalid` error.
+    /// aborts it, as does the connection closing unless `kept`) and sends
+    /// the answer: REPLY, or CALL_ERROR; an answer that cannot be sent (too
+    /// large for a frame) is replaced by an `Invalid` error.
     /// `span`: the tracing span the work and its answer run in (`None`:
-    /// not traced).
+    /// not traced). `kept`: the call came on a replaceable connection and
+    /// is in the recent-calls table: its answer is kept there and goes to
+    /// the connection its last copy came in on.
     pub(super) fn spawn_serving<F>(
         &self,
         peer: &Peer,
         id: u64,
         span: Option<tracing::Span>,
+        kept: bool,
         work: F,
     ) where
         F: Future<Output = Result<Bytes, CallError>> + Send + 'static,
     {
         let key = (peer.connection_id(), id);
+        let kept_key = (peer.node_id(), id);
         let (abort, reg) = AbortHandle::new_pair();
-        self.0.serving.lock().insert(key, abort);
-        let (rpc, peer) = (self.clone(), peer.clone());
+        if kept {
+            self.0.serving_kept.lock().insert(kept_key, abort);
+        } else {
+            self.0.serving.lock().insert(key, abort);
+        }
+        let (rpc, mut peer) = (self.clone(), peer.clone());
         let task = async move {
             let outcome = work.await;
-            rpc.0.serving.lock().remove(&key);
+            if kept {
+                rpc.0.serving_kept.lock().remove(&kept_key);
+                let answer = match &outcome {
+                    Ok(payload) => Ok(payload.to_vec()),
+                    Err(e) => Err(e.clone()),
+                };
+                let now = rpc.now();
+                let route = rpc.state().recent.complete(now, &kept_key.0, id, answer);
+                if let Some(r) = route {
+                    peer = r;
+                }
+            } else {
+                rpc.0.serving.lock().remove(&key);
+            }
             let c = &rpc.0.counters;
             let msg = match outcome {
                 Ok(payload) => {
