@@ -4,9 +4,10 @@
 //!
 //! The spans themselves are the runtime's (`macula::trace`); this module
 //! installs the `tracing-opentelemetry` layer that turns them into
-//! OpenTelemetry spans, the SDK's batch processor (its own thread) and an
-//! exporter whose HTTP client is `ureq` (already the CLI's admin client:
-//! plain HTTP, no second TLS stack). Built with the cargo feature `otlp`;
+//! OpenTelemetry spans, the span processor (`Batcher`, its own thread) and
+//! the exporter (`otlp_encode`: protobuf written straight from the spans,
+//! sent with `ureq`, already the CLI's admin client: plain HTTP, no second
+//! TLS stack). Built with the cargo feature `otlp`;
 //! without it `--otlp` is refused with an error naming the feature.
 
 use tracing_subscriber::layer::SubscriberExt;

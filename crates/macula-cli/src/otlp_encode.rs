@@ -442,12 +442,12 @@ mod tests {
         ));
         SpanData {
             span_context: sc,
-            parent_span_id: if i % 2 == 0 {
+            parent_span_id: if i.is_multiple_of(2) {
                 SpanId::from_bytes([7; 8])
             } else {
                 SpanId::INVALID
             },
-            parent_span_is_remote: i % 2 == 0,
+            parent_span_is_remote: i.is_multiple_of(2),
             span_kind: SpanKind::Consumer,
             name: Cow::Borrowed("macula.deliver"),
             start_time: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_001),
