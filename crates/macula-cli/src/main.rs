@@ -33,6 +33,8 @@ mod dht_cli;
 mod keys_cli;
 mod member;
 mod otlp;
+#[cfg(feature = "otlp")]
+mod otlp_encode;
 mod pubsub_cli;
 mod raft_cli;
 mod realm_cli;

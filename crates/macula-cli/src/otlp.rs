@@ -4,9 +4,10 @@
 //!
 //! The spans themselves are the runtime's (`macula::trace`); this module
 //! installs the `tracing-opentelemetry` layer that turns them into
-//! OpenTelemetry spans, the SDK's batch processor (its own thread) and an
-//! exporter whose HTTP client is `ureq` (already the CLI's admin client:
-//! plain HTTP, no second TLS stack). Built with the cargo feature `otlp`;
+//! OpenTelemetry spans, the span processor (`Batcher`, its own thread) and
+//! the exporter (`otlp_encode`: protobuf written straight from the spans,
+//! sent with `ureq`, already the CLI's admin client: plain HTTP, no second
+//! TLS stack). Built with the cargo feature `otlp`;
 //! without it `--otlp` is refused with an error naming the feature.
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -109,24 +110,11 @@ fn exporter(
     layers: &mut Vec<Box<dyn Layer<Registry> + Send + Sync>>,
 ) -> anyhow::Result<TraceGuard> {
     use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
     use opentelemetry_sdk::trace::SdkTracerProvider;
-    use std::time::Duration;
 
     let base =
         crate::config::parse_otlp(url).map_err(|e| anyhow::anyhow!("--otlp {url:?}: {e}"))?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(UreqClient(agent))
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_endpoint(format!("{base}/v1/traces"))
-        .build()
-        .map_err(|e| anyhow::anyhow!("--otlp {url}: {e}"))?;
+    let exporter = crate::otlp_encode::Exporter::new(&base);
     // Exported every 500 ms (short-lived commands flush at exit); up to
     // 65,536 spans wait, past that they are dropped and counted.
     let provider = SdkTracerProvider::builder()
@@ -160,31 +148,6 @@ fn exporter(
     Ok(TraceGuard {
         provider: Some(provider),
     })
-}
-
-/// The exporter's HTTP client: a blocking `ureq` agent, called from the
-/// batch processor's own thread.
-#[cfg(feature = "otlp")]
-#[derive(Debug)]
-struct UreqClient(ureq::Agent);
-
-#[cfg(feature = "otlp")]
-#[async_trait::async_trait]
-impl opentelemetry_http::HttpClient for UreqClient {
-    async fn send_bytes(
-        &self,
-        request: http::Request<bytes::Bytes>,
-    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
-        let (parts, body) = request.into_parts();
-        let mut resp = self
-            .0
-            .run(http::Request::from_parts(parts, body.to_vec()))?;
-        let status = resp.status();
-        let body = resp.body_mut().with_config().limit(1 << 20).read_to_vec()?;
-        Ok(http::Response::builder()
-            .status(status)
-            .body(bytes::Bytes::from(body))?)
-    }
 }
 
 /// How [`Batcher`] batches.
@@ -364,9 +327,13 @@ fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
             q.closed |= shutting;
             // The spans go when a batch is full, at the delay, and on a
             // flush or shutdown (not for a new resource).
+            // The queue keeps room for as many as went now (up to a
+            // batch), so spans ending meanwhile do not regrow it (each
+            // regrowth copies it under the lock).
             let spans =
                 if timed_out || shutting || flushing || q.gone || q.spans.len() >= b.max_batch {
-                    std::mem::take(&mut q.spans)
+                    let room = q.spans.len().min(b.max_batch);
+                    std::mem::replace(&mut q.spans, Vec::with_capacity(room))
                 } else {
                     Vec::new()
                 };

@@ -285,7 +285,7 @@ mod imp {
 
     /// Puts `tp` in `headers`, replacing a `traceparent` already there.
     pub fn put(headers: &mut Vec<(String, String)>, tp: &TraceParent) {
-        let v = tp.to_string();
+        let v = tp.encode();
         match headers
             .iter_mut()
             .find(|(k, _)| k.eq_ignore_ascii_case(TRACEPARENT))
@@ -462,26 +462,30 @@ mod imp {
             }
             remote_context(&tp, tracestate(headers))
         } else {
+            // The decision first, on what is current, without cloning it
+            // (an unsampled publish clones, allocates and formats nothing).
             let current = Span::current();
-            let (parent, cx) = if !current.is_none() {
+            let tracing_span = !current.is_none();
+            let parent = if tracing_span {
                 let cx = current.context();
-                let sc = cx.span().span_context().clone();
-                (sc.is_valid().then(|| sc.is_sampled()), Some(cx))
+                let span = cx.span();
+                let sc = span.span_context();
+                sc.is_valid().then(|| sc.is_sampled())
             } else {
                 // No `tracing` span: a `Direct` one's context, if any.
-                let cx = Context::current();
-                let sc = cx.span().span_context().clone();
-                match sc.is_valid() {
-                    true => (Some(sc.is_sampled()), Some(cx)),
-                    false => (None, None),
-                }
+                Context::map_current(|cx| {
+                    let span = cx.span();
+                    let sc = span.span_context();
+                    sc.is_valid().then(|| sc.is_sampled())
+                })
             };
             if !macula_wire::trace::decide(parent, ratio(), random()) {
                 return None;
             }
-            match (parent, cx) {
-                (Some(_), Some(cx)) => cx,
-                _ => Context::new(),
+            match parent {
+                Some(_) if tracing_span => current.context(),
+                Some(_) => Context::current(),
+                None => Context::new(),
             }
         };
         let span = build(&parent, name, kind, attrs())?;

@@ -105,9 +105,10 @@ impl TraceParent {
     }
 }
 
-/// Formats as a version-00 `traceparent` (55 bytes).
-impl fmt::Display for TraceParent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl TraceParent {
+    /// The version-00 `traceparent` value (55 bytes): one allocation, no
+    /// formatter (what `to_string` gives, for the hot path).
+    pub fn encode(&self) -> String {
         let mut s = String::with_capacity(TRACEPARENT_LEN);
         s.push_str("00-");
         push_hex(&mut s, &self.trace_id);
@@ -115,7 +116,14 @@ impl fmt::Display for TraceParent {
         push_hex(&mut s, &self.parent_id);
         s.push('-');
         push_hex(&mut s, &[self.flags]);
-        f.write_str(&s)
+        s
+    }
+}
+
+/// Formats as a version-00 `traceparent` (55 bytes).
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
     }
 }
 
@@ -227,6 +235,7 @@ mod tests {
         );
         assert!(t.sampled());
         assert_eq!(t.to_string(), EXAMPLE);
+        assert_eq!(t.encode(), EXAMPLE);
         let unsampled = EXAMPLE.replace("-01", "-00");
         assert!(!TraceParent::parse(&unsampled).unwrap().sampled());
     }
