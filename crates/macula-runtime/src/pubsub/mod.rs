@@ -1227,7 +1227,7 @@ impl futures::Stream for Subscription {
             drop(q);
             // Opened outside the queue's lock (the publisher pushes there).
             if let Some(keys) = &this.e2e {
-                match keys.open(e.topic.as_str(), e.payload) {
+                match keys.open_event(e.topic.as_str(), &e.headers, e.payload) {
                     Some(p) => e.payload = p,
                     // Not delivered: counted by `open`.
                     None => {
