@@ -857,6 +857,10 @@ impl PubSub {
             } else {
                 Vec::new()
             };
+            // A forwarded batch's seals are verified before the core is
+            // locked (the signature check is most of a sealed batch's
+            // cost); the core takes the outcome.
+            rx.prove_ahead(from, frame.msg_type, &frame.body);
             let res = {
                 let now = self.0.now();
                 let mut core = self.0.core();
