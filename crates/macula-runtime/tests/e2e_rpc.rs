@@ -207,6 +207,32 @@ async fn encrypted_calls_cross_gateways_as_ciphertext_and_clear_calls_are_refuse
         u64::from(n) + 1,
         "provider sealed the error"
     );
+    // A message too long for CALL_ERROR once sealed is cut (at a
+    // character boundary) before it is sealed.
+    let _long = provider
+        .advertise(
+            "billing.long",
+            AdvertiseOptions::default(),
+            |_r: Request| async move {
+                Err(macula_runtime::rpc::HandlerError::new(1, "é".repeat(2_000)))
+            },
+        )
+        .await
+        .expect("advertise");
+    match within(
+        STEP,
+        "long error",
+        caller.call("billing.long", "x").into_future(),
+    )
+    .await
+    {
+        Err(RpcError::Handler { message, .. }) => assert_eq!(message, "é".repeat(351)),
+        other => panic!("expected the handler's error, got {other:?}"),
+    }
+    for tap in [&mut tap_a, &mut tap_b] {
+        let e = carried(tap).await.error.expect("the call failed");
+        assert!(e.len() <= 1_024 && e.starts_with(macula_runtime::e2e::SEALED_ERROR));
+    }
 
     // A client the key is not wrapped to cannot call: a clear error here,
     // nothing sent.
