@@ -364,14 +364,7 @@ fn encode_run(
         }
     }
     if !group.is_empty() {
-        w.flush(
-            &mut group,
-            &picked,
-            &topics,
-            signer,
-            &mut done,
-            marks.as_deref_mut(),
-        );
+        w.flush(&mut group, &picked, &topics, signer, &mut done, marks);
     }
     done
 }

@@ -540,7 +540,7 @@ impl E2e {
         match held.ring.seal_error_with_nonce(
             procedure,
             (&request.0, &request.1),
-            message[..cut].as_bytes(),
+            &message.as_bytes()[..cut],
             &nonce,
         ) {
             Ok(Some(sealed)) => {
