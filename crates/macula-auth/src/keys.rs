@@ -655,6 +655,34 @@ impl Keyring {
             .ok_or_else(no_key)
     }
 
+    /// Seals a handler's error message answering a call of `procedure`
+    /// whose arguments came in envelope `request`: like
+    /// [`Keyring::seal_reply_with_nonce`], with additional data
+    /// [`error_aad`] (so an error is never taken for a reply, nor a reply
+    /// for an error); `Ok(None)` when the procedure is not encrypted.
+    pub fn seal_error_with_nonce(
+        &self,
+        procedure: &str,
+        request: (&KeyId, &[u8; NONCE_LEN]),
+        message: &[u8],
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<Option<Vec<u8>>, SealError> {
+        let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
+            return Ok(None);
+        };
+        let no_key = || SealError::NoReplyKey {
+            procedure: procedure.to_string(),
+        };
+        let k = p
+            .keys
+            .iter()
+            .find(|k| &k.id == request.0)
+            .ok_or_else(no_key)?;
+        seal_with(k, &error_aad(procedure, request.1), message, nonce)
+            .map(Some)
+            .ok_or_else(no_key)
+    }
+
     /// Opens the payload of an event on `topic`.
     pub fn open(&self, topic: &str, payload: &[u8], now_ms: u64) -> Result<Opened, OpenError> {
         let Some(p) = self.covering(PatternKind::Topic, topic) else {
@@ -690,6 +718,21 @@ impl Keyring {
             return Ok(Opened::Clear);
         };
         p.open(&reply_aad(procedure, request_nonce), payload, now_ms)
+    }
+
+    /// Opens a handler's error message answering a call of `procedure`
+    /// whose arguments were sealed with nonce `request_nonce`.
+    pub fn open_error(
+        &self,
+        procedure: &str,
+        request_nonce: &[u8; NONCE_LEN],
+        sealed: &[u8],
+        now_ms: u64,
+    ) -> Result<Opened, OpenError> {
+        let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
+            return Ok(Opened::Clear);
+        };
+        p.open(&error_aad(procedure, request_nonce), sealed, now_ms)
     }
 
     /// Every generation held, for `macula keys status` (members from the
@@ -752,9 +795,23 @@ pub const REPLY_AAD_TAG: &[u8] = b"\0macula reply\0";
 /// Bound to the request, so a node on the way can neither answer a call
 /// with the call's own envelope nor with the reply to another call.
 pub fn reply_aad(procedure: &str, request_nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(procedure.len() + REPLY_AAD_TAG.len() + NONCE_LEN);
+    answer_aad(procedure, REPLY_AAD_TAG, request_nonce)
+}
+
+/// What a handler error's additional data is after the procedure name.
+pub const ERROR_AAD_TAG: &[u8] = b"\0macula error\0";
+
+/// The additional data of a handler's error message answering a call of
+/// `procedure` sealed with `request_nonce`:
+/// `procedure || "\0macula error\0" || request_nonce`.
+pub fn error_aad(procedure: &str, request_nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+    answer_aad(procedure, ERROR_AAD_TAG, request_nonce)
+}
+
+fn answer_aad(procedure: &str, tag: &[u8], request_nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(procedure.len() + tag.len() + NONCE_LEN);
     aad.extend_from_slice(procedure.as_bytes());
-    aad.extend_from_slice(REPLY_AAD_TAG);
+    aad.extend_from_slice(tag);
     aad.extend_from_slice(request_nonce);
     aad
 }
@@ -860,6 +917,7 @@ pub fn fuzz_envelope(data: &[u8]) {
     let _ = ring.open("e2e.fuzz", data, 0);
     let _ = ring.open_call("e2e.fuzz", data, 0);
     let _ = ring.open_reply("e2e.fuzz", &[3; NONCE_LEN], data, 0);
+    let _ = ring.open_error("e2e.fuzz", &[3; NONCE_LEN], data, 0);
     if let Ok(set) = KeySet::from_bytes(data) {
         let _ = set.verify(&Key([7; 32]));
     }
@@ -1123,6 +1181,37 @@ mod tests {
         assert_eq!(
             a.open_reply("billing.invoice.create", &env.nonce, &call, 5),
             Err(OpenError::Forged)
+        );
+        // A handler's error message: sealed like the reply, bound to the
+        // request, and never taken for a reply (nor a reply for an error).
+        let err = b
+            .seal_error_with_nonce(
+                "billing.invoice.create",
+                (&env.key_id, &env.nonce),
+                b"card declined",
+                &[3; NONCE_LEN],
+            )
+            .expect("seal error")
+            .expect("sealed");
+        assert!(matches!(
+            a.open_error("billing.invoice.create", &env.nonce, &err, 5),
+            Ok(Opened::Plain { ref payload, .. }) if payload == b"card declined"
+        ));
+        assert_eq!(
+            a.open_error("billing.invoice.create", &[9; NONCE_LEN], &err, 5),
+            Err(OpenError::Forged)
+        );
+        assert_eq!(
+            a.open_reply("billing.invoice.create", &env.nonce, &err, 5),
+            Err(OpenError::Forged)
+        );
+        assert_eq!(
+            a.open_error("billing.invoice.create", &env.nonce, &reply, 5),
+            Err(OpenError::Forged)
+        );
+        assert_eq!(
+            e.open_error("billing.invoice.create", &env.nonce, &err, 5),
+            Err(OpenError::NoKey)
         );
         assert_eq!(
             a.open_call("billing.invoice.create", &reply, 5),

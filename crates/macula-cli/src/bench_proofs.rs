@@ -2,10 +2,11 @@
 //! One invocation runs both modes side by side, rounds alternating so the
 //! machine's drift hits both alike, in process on 127.0.0.1:
 //!
-//! * **on** (the default): the client seals every batch (one Ed25519
-//!   signature over the BLAKE3 digests of its messages), its gateway
-//!   verifies the seal and forwards it with every message, the subscriber
-//!   node verifies it again;
+//! * **on** (the default): the client seals what it sends (one Ed25519
+//!   signature over the BLAKE3 digests of up to 256 messages, a seal
+//!   spanning the frames it writes at once), its gateway forwards the seal
+//!   with every message unverified (the client's connection proves it),
+//!   the subscriber node verifies it;
 //! * **off**: `PubSubLimits::proofs = false` on all three: unsealed
 //!   batches, nothing signed or verified (as before issue 19).
 //!

@@ -235,7 +235,28 @@ struct Marker {
     messages: u64,
 }
 
-/// `encode_batches` for messages of one publisher.
+/// Digest bytes a frame of this node's own messages may carry for the
+/// messages of its seal sent in other frames (a seal spanning frames), as a
+/// share of the frame's payload budget: 1/16 (4 KiB of 64 KiB, 128
+/// digests), outside the budget, so spanning never makes frames hold
+/// fewer messages.
+const SPAN_SHARE: usize = 16;
+
+/// One frame being put together: its messages and topic table, as ranges
+/// of the run's lists, and how many of the run's messages it accounts for.
+struct Frame {
+    picked: std::ops::Range<usize>,
+    topics: std::ops::Range<usize>,
+    consumed: usize,
+}
+
+/// `encode_batches` for messages of one publisher. With `signer` (this
+/// node's own messages), one signature covers the messages of consecutive
+/// frames, up to [`OWN_SEAL_MAX`]: each frame carries the seal with the
+/// digests of the messages sent in the others (at most 1/[`SPAN_SHARE`]
+/// of the budget, and only when the receiver's frame limit has that room
+/// beyond the budget). Frames are written as soon as their messages are
+/// known (nothing waits for more): a lone message is sealed alone.
 #[allow(clippy::too_many_arguments)]
 fn encode_run(
     out: &mut Vec<u8>,
@@ -250,113 +271,266 @@ fn encode_run(
 ) -> Encoded {
     let mut done = Encoded::default();
     let mut topics: Vec<&str> = Vec::new();
-    let mut seals: Vec<Seal> = Vec::new();
-    let mut digests: Vec<[u8; 32]> = Vec::new();
-    let max_msgs = match signer {
-        Some(_) => OWN_SEAL_MAX.min(MAX_SEAL_ENTRIES),
-        None => MAX_BATCH_MESSAGES,
-    };
-    // (index into msgs, index into topics) of the current frame.
+    // (index into msgs, index into the frame's topics), frame after frame.
     let mut picked: Vec<(usize, usize)> = Vec::with_capacity(msgs.len().min(4096));
+    // The frames one seal of this node's will cover (one without signer).
+    let mut group: Vec<Frame> = Vec::new();
+    let span_bytes = match signer {
+        Some(_)
+            if (frame_limit as usize)
+                >= budget + BATCH_BODY_OVERHEAD + OWN_SEAL_BYTES + budget / SPAN_SHARE =>
+        {
+            budget / SPAN_SHARE
+        }
+        _ => 0,
+    };
+    let mut w = FrameWriter {
+        out,
+        msgs,
+        publisher,
+        epoch,
+        frame_limit,
+        at,
+        digests: Vec::new(),
+        seals: Vec::new(),
+    };
     let mut i = 0;
     while i < msgs.len() {
-        topics.clear();
-        picked.clear();
-        let mut bytes = if signer.is_some() { OWN_SEAL_BYTES } else { 0 };
-        while let Some(m) = msgs.get(i) {
-            let size = m.encoded_size();
-            let topic_entry = m.topic.len() + 2;
-            let fits_own =
-                signer.is_none() || m.encoded_size() + topic_entry + OWN_SEAL_BYTES <= budget;
-            if !fits(m, budget) || !fits_own {
-                // Never fits this receiver: skip it (counted) rather than
-                // fail the frame it would be in.
-                done.too_large += 1;
-                i += 1;
-                continue;
-            }
-            // Same topic as the last message: the common case, no search.
-            let known = match topics.last() {
-                Some(last) if std::ptr::eq(*last, m.topic.as_str()) => Some(topics.len() - 1),
-                _ => topics.iter().position(|t| *t == m.topic.as_str()),
-            };
-            // A forwarded message's seal: the first of its seal in this
-            // frame brings the seal (all other digests); each further one
-            // replaces its digest.
-            let prev = picked.last().map(|&(pi, _)| &msgs[pi]);
-            let seal_cost = match (prev, &m.seal) {
-                (_, None) => 0isize,
-                (Some(p), Some(_)) if p.same_seal(m) => -32,
-                (Some(_), Some(_)) => m.seal_cost() as isize,
-                (None, Some(_)) => (SEALS_COUNT_LEN + m.seal_cost()) as isize,
-            };
-            let cost = size + if known.is_some() { 0 } else { topic_entry };
-            let after = (bytes + cost).saturating_add_signed(seal_cost);
-            if !picked.is_empty()
-                && (after > budget
-                    || picked.len() == max_msgs
-                    || prev.is_some_and(|p| p.seal.is_some() != m.seal.is_some())
-                    || (known.is_none() && topics.len() == MAX_BATCH_TOPICS))
-            {
-                break;
-            }
-            let t = match known {
-                Some(t) => t,
-                None => {
-                    topics.push(m.topic.as_str());
-                    topics.len() - 1
-                }
-            };
-            bytes = after;
-            picked.push((i, t));
-            i += 1;
-        }
-        if picked.is_empty() {
+        let p0 = picked.len();
+        let t0 = topics.len();
+        i = pick_frame(
+            msgs,
+            i,
+            budget,
+            signer.is_some(),
+            &mut picked,
+            &mut topics,
+            t0,
+            &mut done,
+        );
+        if picked.len() == p0 {
             continue;
         }
-        seals.clear();
-        if let Some(signer) = signer {
-            digests.clear();
-            digests.extend(picked.iter().map(|&(mi, _)| digest_of(&msgs[mi])));
-            seals.push(signer.seal(publisher, epoch, &digests));
-        } else if msgs[picked[0].0].seal.is_some() {
-            forwarded_seals(msgs, &picked, &mut seals);
-        }
-        let items = picked.iter().map(|&(mi, topic_index)| {
-            let m = &msgs[mi];
-            let o = m.extra.as_deref();
-            BatchItem {
-                seq: m.seq,
-                topic_index,
-                payload: &m.payload,
-                headers: o.map_or(&[][..], |o| &o.headers),
-                message_id: o.and_then(|o| o.message_id.as_deref()),
-            }
-        });
-        match macula_wire::encode_sealed_batch_frame(
-            out,
-            frame_limit,
-            publisher,
-            epoch,
-            &topics,
-            items,
-            &seals,
-        ) {
-            Ok(n) => {
-                done.frames += 1;
-                done.messages += n;
-            }
-            Err(_) => done.refused += picked.len(),
-        }
-        if let Some(marks) = marks.as_deref_mut() {
-            marks.push(Mark {
-                end: out.len(),
-                consumed: at.base + i,
-                messages: at.messages + done.messages as u64,
+        let frame = Frame {
+            picked: p0..picked.len(),
+            topics: t0..topics.len(),
+            consumed: i,
+        };
+        let Some(signer) = signer else {
+            group.push(frame);
+            w.flush(
+                &mut group,
+                &picked,
+                &topics,
+                None,
+                &mut done,
+                marks.as_deref_mut(),
+            );
+            picked.clear();
+            topics.clear();
+            continue;
+        };
+        // Does this frame join the seal of the frames before it? Every
+        // frame of a seal carries the digests of the others' messages.
+        let k = frame.picked.len();
+        let n: usize = group.iter().map(|f| f.picked.len()).sum::<usize>() + k;
+        let smallest = group
+            .iter()
+            .map(|f| f.picked.len())
+            .min()
+            .unwrap_or(k)
+            .min(k);
+        let joins = !group.is_empty() && n <= OWN_SEAL_MAX && 32 * (n - smallest) <= span_bytes;
+        if !group.is_empty() && !joins {
+            // Written first; this frame's entries move to the front.
+            let (fp, ft) = (frame.picked.clone(), frame.topics.clone());
+            w.flush(
+                &mut group,
+                &picked,
+                &topics,
+                Some(signer),
+                &mut done,
+                marks.as_deref_mut(),
+            );
+            picked.drain(..fp.start);
+            topics.drain(..ft.start);
+            group.push(Frame {
+                picked: 0..fp.len(),
+                topics: 0..ft.len(),
+                consumed: frame.consumed,
             });
+        } else {
+            group.push(frame);
         }
     }
+    if !group.is_empty() {
+        w.flush(&mut group, &picked, &topics, signer, &mut done, marks);
+    }
     done
+}
+
+/// Picks the messages of one frame from `msgs[i..]` (appended to `picked`,
+/// new topics to `topics` from `t0`); returns where the next frame starts.
+/// Messages that can never fit this receiver are skipped and counted.
+#[allow(clippy::too_many_arguments)]
+fn pick_frame<'a>(
+    msgs: &'a [OutMsg],
+    mut i: usize,
+    budget: usize,
+    own_seal: bool,
+    picked: &mut Vec<(usize, usize)>,
+    topics: &mut Vec<&'a str>,
+    t0: usize,
+    done: &mut Encoded,
+) -> usize {
+    let max_msgs = match own_seal {
+        true => OWN_SEAL_MAX.min(MAX_SEAL_ENTRIES),
+        false => MAX_BATCH_MESSAGES,
+    };
+    let p0 = picked.len();
+    let mut bytes = if own_seal { OWN_SEAL_BYTES } else { 0 };
+    while let Some(m) = msgs.get(i) {
+        let size = m.encoded_size();
+        let topic_entry = m.topic.len() + 2;
+        let fits_own = !own_seal || m.encoded_size() + topic_entry + OWN_SEAL_BYTES <= budget;
+        if !fits(m, budget) || !fits_own {
+            // Never fits this receiver: skip it (counted) rather than
+            // fail the frame it would be in.
+            done.too_large += 1;
+            i += 1;
+            continue;
+        }
+        let frame_topics = &topics[t0..];
+        // Same topic as the last message: the common case, no search.
+        let known = match frame_topics.last() {
+            Some(last) if std::ptr::eq(*last, m.topic.as_str()) => Some(frame_topics.len() - 1),
+            _ => frame_topics.iter().position(|t| *t == m.topic.as_str()),
+        };
+        // A forwarded message's seal: the first of its seal in this
+        // frame brings the seal (all other digests); each further one
+        // replaces its digest.
+        let prev = picked[p0..].last().map(|&(pi, _)| &msgs[pi]);
+        let seal_cost = match (prev, &m.seal) {
+            (_, None) => 0isize,
+            (Some(p), Some(_)) if p.same_seal(m) => -32,
+            (Some(_), Some(_)) => m.seal_cost() as isize,
+            (None, Some(_)) => (SEALS_COUNT_LEN + m.seal_cost()) as isize,
+        };
+        let cost = size + if known.is_some() { 0 } else { topic_entry };
+        let after = (bytes + cost).saturating_add_signed(seal_cost);
+        let n = picked.len() - p0;
+        if n > 0
+            && (after > budget
+                || n == max_msgs
+                || prev.is_some_and(|p| p.seal.is_some() != m.seal.is_some())
+                || (known.is_none() && frame_topics.len() == MAX_BATCH_TOPICS))
+        {
+            break;
+        }
+        let t = match known {
+            Some(t) => t,
+            None => {
+                topics.push(m.topic.as_str());
+                topics.len() - 1 - t0
+            }
+        };
+        bytes = after;
+        picked.push((i, t));
+        i += 1;
+    }
+    i
+}
+
+/// Writes frames of one run: what `encode_run` hands it, with their seals.
+struct FrameWriter<'a, 'o> {
+    out: &'o mut Vec<u8>,
+    msgs: &'a [OutMsg],
+    publisher: &'a NodeId,
+    epoch: u64,
+    frame_limit: u32,
+    at: Marker,
+    digests: Vec<[u8; 32]>,
+    seals: Vec<Seal>,
+}
+
+impl FrameWriter<'_, '_> {
+    /// Writes the frames of `group` (emptied): with `signer`, all under
+    /// one signature over every message of the group; else each with the
+    /// seals of its forwarded messages, if any.
+    fn flush(
+        &mut self,
+        group: &mut Vec<Frame>,
+        picked: &[(usize, usize)],
+        topics: &[&str],
+        signer: Option<&Signer>,
+        done: &mut Encoded,
+        mut marks: Option<&mut Vec<Mark>>,
+    ) {
+        let msgs = self.msgs;
+        let sig = signer.map(|signer| {
+            self.digests.clear();
+            for f in group.iter() {
+                let d = picked[f.picked.clone()]
+                    .iter()
+                    .map(|&(mi, _)| digest_of(&msgs[mi]));
+                self.digests.extend(d);
+            }
+            (
+                signer,
+                signer.sign(self.publisher, self.epoch, &self.digests),
+            )
+        });
+        let mut offset = 0;
+        for f in group.drain(..) {
+            let frame = &picked[f.picked.clone()];
+            self.seals.clear();
+            match sig {
+                Some((signer, sig)) => {
+                    let k = frame.len();
+                    self.seals
+                        .push(signer.seal_part(sig, &self.digests, offset..offset + k));
+                    offset += k;
+                }
+                None if msgs[frame[0].0].seal.is_some() => {
+                    forwarded_seals(msgs, frame, &mut self.seals)
+                }
+                None => {}
+            }
+            let items = frame.iter().map(|&(mi, topic_index)| {
+                let m = &msgs[mi];
+                let o = m.extra.as_deref();
+                BatchItem {
+                    seq: m.seq,
+                    topic_index,
+                    payload: &m.payload,
+                    headers: o.map_or(&[][..], |o| &o.headers),
+                    message_id: o.and_then(|o| o.message_id.as_deref()),
+                }
+            });
+            match macula_wire::encode_sealed_batch_frame(
+                self.out,
+                self.frame_limit,
+                self.publisher,
+                self.epoch,
+                &topics[f.topics.clone()],
+                items,
+                &self.seals,
+            ) {
+                Ok(n) => {
+                    done.frames += 1;
+                    done.messages += n;
+                }
+                Err(_) => done.refused += frame.len(),
+            }
+            if let Some(marks) = marks.as_deref_mut() {
+                marks.push(Mark {
+                    end: self.out.len(),
+                    consumed: self.at.base + f.consumed,
+                    messages: self.at.messages + done.messages as u64,
+                });
+            }
+        }
+    }
 }
 
 /// The digest a seal signs of message `m` (see [`macula_wire::event_digest`]).
@@ -402,11 +576,14 @@ fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<S
             .map(|b| b.count_ones() as usize)
             .sum::<usize>()
             == n;
-        let absent = match all {
+        let absent = match (all, run.as_sent(&present)) {
             // Every message of the seal is here: no digest to send (and,
             // at a client's gateway, none computed).
-            true => Vec::new(),
-            false => {
+            (true, _) => Vec::new(),
+            // Exactly the messages of the publisher's frame (its seal
+            // spans frames): the digests it sent along, none computed.
+            (false, Some(sent)) => sent.to_vec(),
+            (false, None) => {
                 let digests = run.digests();
                 (0..n)
                     .filter(|i| present[i / 8] & (1 << (i % 8)) == 0)

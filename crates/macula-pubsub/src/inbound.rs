@@ -21,7 +21,7 @@ use crate::dedup::Observed;
 use crate::event::{Event, Overflow, PublishOptions, TopicName};
 use crate::interest::Route;
 use crate::local::{FeedId, SubId, Target};
-use crate::proof::{Proof, ProofError, SealRef};
+use crate::proof::{KeyCache, Proof, ProofError, SealRef};
 use crate::topic::Topic;
 use crate::Limits;
 
@@ -73,7 +73,17 @@ pub struct BatchReceiver<S> {
     /// Why the last batch's publisher was not proved, if it was dropped
     /// for that (the driver logs it).
     pub unproved: Option<ProofError>,
+    /// Publishers' keys decoded for the seals of this stream's batches.
+    keys: KeyCache,
+    /// The seals of the next batch, verified by [`BatchReceiver::prove_ahead`]
+    /// before the core was locked: the body's address and length, and the
+    /// outcome.
+    ahead: Option<Ahead>,
 }
+
+/// A batch's seals verified ahead: its body's address and length, and the
+/// outcome.
+type Ahead = (usize, usize, Result<Vec<SealRef>, ProofError>);
 
 impl<S> BatchReceiver<S> {
     /// Receive state for one data stream; `from_client` when its sender is
@@ -92,6 +102,44 @@ impl<S> BatchReceiver<S> {
             retrace: Vec::new(),
             seals: Vec::new(),
             unproved: None,
+            keys: KeyCache::default(),
+            ahead: None,
+        }
+    }
+
+    /// Verifies the seals of a forwarded batch from `from` (a
+    /// PUBLISH_BATCH naming another publisher) now, so that the driver
+    /// can do it before it locks the core: the signature check, the
+    /// costly part of a sealed batch, then holds nothing up. The next
+    /// [`PubSubCore::handle_batch`] of this very `body` takes the outcome
+    /// (and drops the batch if it did not verify); anything else is
+    /// verified there as before. Nothing to do for other frames.
+    pub fn prove_ahead(&mut self, from: NodeId, msg_type: u8, body: &Bytes) {
+        self.ahead = None;
+        if self.from_client || msg_type != macula_wire::MessageType::PublishBatch as u8 {
+            return;
+        }
+        let Ok(view) = PublishBatchView::decode(body) else {
+            return;
+        };
+        if view.publisher == from || view.seals.is_empty() {
+            return;
+        }
+        let proved = crate::proof::verify_with(&view, &mut self.keys);
+        self.ahead = Some((body.as_ptr() as usize, body.len(), proved));
+    }
+
+    /// The seals of `view` (from `body`) verified: by
+    /// [`BatchReceiver::prove_ahead`] if it saw this body, else now.
+    fn verified(
+        &mut self,
+        ahead: Option<Ahead>,
+        view: &PublishBatchView<'_>,
+        body: &Bytes,
+    ) -> Result<Vec<SealRef>, ProofError> {
+        match ahead {
+            Some((at, len, proved)) if at == body.as_ptr() as usize && len == body.len() => proved,
+            _ => crate::proof::verify_with(view, &mut self.keys),
         }
     }
 
@@ -190,6 +238,8 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         now: Millis,
     ) -> Result<(), String> {
         let c = self.counters.clone();
+        // What `prove_ahead` verified holds for this call only.
+        let ahead = rx.ahead.take();
         if msg_type == macula_wire::MessageType::PublishDropped as u8 {
             return self.handle_dropped(from, body, rx, now);
         }
@@ -223,7 +273,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         // forwarded batch whose publisher nothing proves is dropped whole.
         rx.unproved = None;
         let client = matches!(self.role, RoleState::Client(_));
-        let proof = match self.prove(from, &view, body, client, rx) {
+        let proof = match self.prove(from, &view, body, client, rx, ahead) {
             Ok(p) => p,
             Err(e) => {
                 Counters::add(&c.unproved_dropped_total, view.entries.len() as u64);
@@ -255,6 +305,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         body: &Bytes,
         client: bool,
         rx: &mut BatchReceiver<S>,
+        ahead: Option<Ahead>,
     ) -> Result<Proof, ProofError> {
         rx.seals.clear();
         if view.publisher == from && !client {
@@ -269,7 +320,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             return Ok(Proof::Connection);
         }
         if !view.seals.is_empty() {
-            rx.seals = crate::proof::verify(view)?;
+            rx.seals = rx.verified(ahead, view, body)?;
             return Ok(Proof::Signed);
         }
         if view.publisher == from {

@@ -31,10 +31,19 @@ pub struct SealedRun {
     pub sig: [u8; 64],
     n: usize,
     digests: OnceLock<Vec<[u8; 32]>>,
-    /// The publisher's own batch (a client's, at its gateway): its
-    /// digests are computed from it only when a forwarded frame leaves
-    /// some of its messages out.
-    source: Option<Bytes>,
+    /// The publisher's own frame (a client's, at its gateway): the digests
+    /// of its messages are computed from it only when a forwarded frame
+    /// leaves some of them out.
+    source: Option<Source>,
+}
+
+/// A publisher's frame as it came: its body, and its seal's bitmap of the
+/// messages in it and digests of the others (a seal spanning frames).
+#[derive(Debug)]
+struct Source {
+    body: Bytes,
+    present: Vec<u8>,
+    absent: Vec<[u8; 32]>,
 }
 
 impl SealedRun {
@@ -58,21 +67,40 @@ impl SealedRun {
         self.n == 0
     }
 
+    /// The digests the publisher's own frame carried for the messages not
+    /// in it, when `present` is that frame's bitmap: a copy forwarding
+    /// exactly the frame's messages sends them as they came, no digest
+    /// computed.
+    pub fn as_sent(&self, present: &[u8]) -> Option<&[[u8; 32]]> {
+        let src = self.source.as_ref()?;
+        (src.present == present).then_some(&src.absent[..])
+    }
+
     /// The digests of the messages it covers, in order.
     pub fn digests(&self) -> &[[u8; 32]] {
         self.digests.get_or_init(|| {
-            let view = self
-                .source
-                .as_ref()
-                .and_then(|b| PublishBatchView::decode(b).ok());
-            match view {
-                Some(v) if v.entries.len() == self.n => {
-                    v.entries.iter().map(|e| digest(&v, e)).collect()
-                }
+            let (Some(src), n) = (&self.source, self.n) else {
+                return vec![[0; 32]; self.n];
+            };
+            let Ok(v) = PublishBatchView::decode(&src.body) else {
                 // Cannot happen (the body decoded before); digests that
                 // verify nothing make receivers drop the copies.
-                _ => vec![[0; 32]; self.n],
+                return vec![[0; 32]; n];
+            };
+            let (mut entries, mut absent) = (v.entries.iter(), src.absent.iter());
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n {
+                let present = src
+                    .present
+                    .get(i / 8)
+                    .is_some_and(|b| b & (1 << (i % 8)) != 0);
+                let d = match present {
+                    true => entries.next().map(|e| digest(&v, e)),
+                    false => absent.next().copied(),
+                };
+                out.push(d.unwrap_or([0; 32]));
             }
+            out
         })
     }
 }
@@ -151,19 +179,37 @@ impl Signer {
 
     /// The seal over `digests` of all the messages of one batch.
     pub fn seal(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> Seal {
+        let sig = self.sign(publisher, epoch, digests);
+        self.seal_part(sig, digests, 0..digests.len())
+    }
+
+    /// Signs the digests of messages this node publishes as `publisher`.
+    pub fn sign(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 64] {
+        sign(&self.key, publisher, epoch, digests)
+    }
+
+    /// The seal `sig` (over all of `digests`) as the frame carrying the
+    /// messages `range` sends it: those present, the others' digests.
+    pub fn seal_part(
+        &self,
+        sig: [u8; 64],
+        digests: &[[u8; 32]],
+        range: std::ops::Range<usize>,
+    ) -> Seal {
         let n = digests.len();
-        let mut present = vec![0xffu8; n.div_ceil(8)];
-        if !n.is_multiple_of(8) {
-            if let Some(last) = present.last_mut() {
-                *last = (1u8 << (n % 8)) - 1;
-            }
+        let mut present = vec![0u8; n.div_ceil(8)];
+        for i in range.clone() {
+            present[i / 8] |= 1 << (i % 8);
         }
+        let mut absent = Vec::with_capacity(n - range.len());
+        absent.extend_from_slice(&digests[..range.start]);
+        absent.extend_from_slice(&digests[range.end..]);
         Seal {
             key: self.public,
-            sig: sign(&self.key, publisher, epoch, digests),
+            sig,
             n,
             present,
-            absent: Vec::new(),
+            absent,
         }
     }
 }
@@ -192,7 +238,10 @@ pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> 
     let [seal] = view.seals.as_slice() else {
         return None;
     };
-    if seal.n != view.entries.len() || !seal.absent.is_empty() {
+    // The decoder checked that the seal covers the entries exactly; the
+    // others it sealed (a seal spanning the publisher's frames) come as
+    // digests.
+    if seal.present_count() != view.entries.len() {
         return None;
     }
     let run = Arc::new(SealedRun {
@@ -200,10 +249,15 @@ pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> 
         sig: seal.sig,
         n: seal.n,
         digests: OnceLock::new(),
-        source: Some(body.clone()),
+        source: Some(Source {
+            body: body.clone(),
+            present: seal.present.clone(),
+            absent: seal.absent.clone(),
+        }),
     });
     Some(
         (0..seal.n as u32)
+            .filter(|&i| seal.is_present(i as usize))
             .map(|index| SealRef {
                 run: run.clone(),
                 index,
@@ -227,6 +281,73 @@ fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>) -> [u8; 
 /// here) and of those the seal says are absent. Returns each entry's place
 /// in its seal (empty for an unsealed batch).
 pub fn verify(view: &PublishBatchView<'_>) -> Result<Vec<SealRef>, ProofError> {
+    verify_with(view, &mut KeyCache::default())
+}
+
+/// Publishers' keys already decoded (an Ed25519 point decompression per
+/// seal saved): a few, the most recent first to be replaced.
+///
+/// It also remembers the last few signatures that verified, with the key
+/// and the seal hash they verified over: a seal spanning several of its
+/// publisher's frames comes again with each of them (the same signature
+/// over the same hash), and a verification gives the same answer every
+/// time, so it is checked once.
+#[derive(Default)]
+pub struct KeyCache {
+    keys: Vec<([u8; 32], VerifyingKey)>,
+    next: usize,
+    verified: Vec<([u8; 32], [u8; 32], [u8; 64])>,
+    next_verified: usize,
+}
+
+/// Keys a [`KeyCache`] holds at most.
+const KEY_CACHE: usize = 8;
+
+impl KeyCache {
+    fn verified(&self, key: &[u8; 32], hash: &[u8; 32], sig: &[u8; 64]) -> bool {
+        self.verified
+            .iter()
+            .any(|(k, h, s)| h == hash && k == key && s == sig)
+    }
+
+    fn remember(&mut self, key: [u8; 32], hash: [u8; 32], sig: [u8; 64]) {
+        if self.verified.len() < KEY_CACHE {
+            self.verified.push((key, hash, sig));
+        } else {
+            self.verified[self.next_verified] = (key, hash, sig);
+            self.next_verified = (self.next_verified + 1) % KEY_CACHE;
+        }
+    }
+
+    fn get(&mut self, key: &[u8; 32]) -> Result<VerifyingKey, ProofError> {
+        if let Some((_, vk)) = self.keys.iter().find(|(k, _)| k == key) {
+            return Ok(*vk);
+        }
+        let vk = VerifyingKey::from_bytes(key).map_err(|_| ProofError::BadKey)?;
+        if self.keys.len() < KEY_CACHE {
+            self.keys.push((*key, vk));
+        } else {
+            self.keys[self.next] = (*key, vk);
+            self.next = (self.next + 1) % KEY_CACHE;
+        }
+        Ok(vk)
+    }
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+/// [`verify`] with decoded keys kept in `keys` (a data stream's receiver
+/// keeps one: its forwarded batches come from a few publishers).
+pub fn verify_with(
+    view: &PublishBatchView<'_>,
+    keys: &mut KeyCache,
+) -> Result<Vec<SealRef>, ProofError> {
     let publisher = view.publisher;
     let mut refs = Vec::with_capacity(if view.seals.is_empty() {
         0
@@ -236,16 +357,22 @@ pub fn verify(view: &PublishBatchView<'_>) -> Result<Vec<SealRef>, ProofError> {
     let mut entries = view.entries.iter();
     for seal in &view.seals {
         let run = check_seal(view, seal, &mut entries, &mut refs)?;
-        let vk = VerifyingKey::from_bytes(&run.key).map_err(|_| ProofError::BadKey)?;
         if NodeId::from_public_key(&run.key) != publisher {
+            // A key that is not a point is refused as such first.
+            keys.get(&run.key)?;
             return Err(ProofError::WrongKey { publisher });
         }
         let hash = seal_hash(&publisher, view.epoch, run.digests());
+        if keys.verified(&run.key, &hash, &run.sig) {
+            continue;
+        }
+        let vk = keys.get(&run.key)?;
         let mut msg = [0u8; SIGN_TAG.len() + 32];
         msg[..SIGN_TAG.len()].copy_from_slice(SIGN_TAG);
         msg[SIGN_TAG.len()..].copy_from_slice(&hash);
         vk.verify(&msg, &Signature::from_bytes(&run.sig))
             .map_err(|_| ProofError::BadSignature { publisher })?;
+        keys.remember(run.key, hash, run.sig);
     }
     Ok(refs)
 }

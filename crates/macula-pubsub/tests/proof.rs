@@ -211,6 +211,99 @@ fn a_sealed_client_batch_is_proved_through_its_gateway_even_in_part() {
 }
 
 #[test]
+fn one_signature_spans_a_clients_frames_and_proves_each_of_them() {
+    // 40 messages of 4 KiB: three 64 KiB frames, one seal over all 40.
+    let mut c = client(50, 1, true);
+    for i in 0..40 {
+        let topic = if i % 2 == 0 { "t.a" } else { "u.b" };
+        let mut p = vec![b'x'; 4096];
+        p.extend_from_slice(format!("{i}").as_bytes());
+        c.publish_upstream(
+            topic,
+            Bytes::from(p),
+            PublishOptions::default(),
+            Millis(0),
+            &mut Vec::new(),
+        )
+        .unwrap();
+    }
+    let (q, _) = starts(&mut c)[0];
+    let bodies = transmit(&mut c, q);
+    assert!(bodies.len() >= 3, "{} frames", bodies.len());
+    let views: Vec<_> = bodies
+        .iter()
+        .map(|b| PublishBatchView::decode(b).unwrap())
+        .collect();
+    let sig = views[0].seals[0].sig;
+    for v in &views {
+        assert_eq!(v.seals.len(), 1);
+        assert_eq!(v.seals[0].n, 40, "one seal over all the messages");
+        assert_eq!(v.seals[0].sig, sig, "one signature");
+        assert_eq!(v.seals[0].absent.len(), 40 - v.entries.len());
+        assert!(macula_pubsub::proof::verify(v).is_ok());
+    }
+    // A changed message in one frame: that frame no longer verifies.
+    let mut bad = bodies[1].to_vec();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    let bad = PublishBatchView::decode(&bad).unwrap();
+    assert!(macula_pubsub::proof::verify(&bad).is_err());
+    // Through its gateway: node 2 (t.*) and node 3 (u.*) each get their
+    // half (the other half's digests computed at the gateway), node 4
+    // (both) all of them (the digests as the client sent them), every
+    // message proved by the one signature.
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    let records = [
+        ("t", 2, "t.*"),
+        ("u", 3, "u.*"),
+        ("t", 4, "t.*"),
+        ("u", 4, "u.*"),
+    ];
+    let mut senders = Vec::new();
+    for (b, view) in bodies.iter().zip(&views) {
+        gw.handle_batch(
+            id(50),
+            macula_wire::MessageType::PublishBatch as u8,
+            b,
+            &mut rx,
+            Millis(1),
+        )
+        .unwrap();
+        let routes: Vec<_> = view
+            .topics
+            .iter()
+            .map(|t| Some(route(&mut gw, &records, t)))
+            .collect();
+        let seals = rx.seals.clone();
+        assert_eq!(seals.len(), view.entries.len());
+        gw.forward_from_client(id(50), view, b, &routes, &[], &seals, Millis(1));
+        // (`route` takes the actions of the next frame's routing.)
+        senders.extend(starts(&mut gw));
+    }
+    assert_eq!(senders.len(), 3, "a sender to nodes 2, 3 and 4");
+    for (q, to) in senders {
+        let mut fwd = Vec::new();
+        loop {
+            let more = transmit(&mut gw, q);
+            if more.is_empty() {
+                break;
+            }
+            fwd.extend(more);
+        }
+        let me = (2..=4).find(|&n| id(n) == to).unwrap();
+        let mut n = node(me);
+        n.subscribe("**", 7).unwrap();
+        let got = receive(&mut n, id(1), &fwd, &mut BatchReceiver::new(false));
+        assert_eq!(got.len(), if me == 4 { 40 } else { 20 });
+        assert!(got
+            .iter()
+            .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+        assert_eq!(unproved(&n), 0);
+    }
+}
+
+#[test]
 fn a_trace_context_rewritten_on_the_way_still_verifies() {
     let mut c = client(50, 1, true);
     c.publish_upstream(
@@ -384,7 +477,9 @@ mod props {
         /// order (none lost unless too large for the limit, and counted).
         #[test]
         fn forwarded_seals_fit_the_receiver_and_always_verify(
-            msgs in proptest::collection::vec((any::<bool>(), 0usize..300), 1..120),
+            // Up to 3 KB: a client's messages fill several 64 KiB frames
+            // under one seal (seals spanning frames) as well as one.
+            msgs in proptest::collection::vec((any::<bool>(), 0usize..3_000), 1..120),
             limit in 1024u32..40_000,
         ) {
             let mut c = client(50, 1, true);
@@ -406,6 +501,7 @@ mod props {
             }
             let mut gw = node(1);
             let mut rx = BatchReceiver::new(true);
+            let mut senders = Vec::new();
             for b in &bodies {
                 gw.handle_batch(id(50), macula_wire::MessageType::PublishBatch as u8, b, &mut rx, Millis(1))
                     .unwrap();
@@ -417,11 +513,14 @@ mod props {
                     .collect();
                 let seals = rx.seals.clone();
                 gw.forward_from_client(id(50), &view, b, &routes, &[], &seals, Millis(1));
+                // (`route` takes the actions of the next frame's routing.)
+                senders.extend(starts(&mut gw));
             }
             // The receiver's HELLO announced `limit` (its queue exists now).
             gw.handle_peer_up(&id(2), limit);
+            senders.extend(starts(&mut gw));
             let mut fwd = Vec::new();
-            if let Some((q, _)) = starts(&mut gw).first().copied() {
+            if let Some((q, _)) = senders.first().copied() {
                 loop {
                     let more = transmit(&mut gw, q);
                     if more.is_empty() {

@@ -55,6 +55,10 @@ pub type Nonce = [u8; NONCE_LEN];
 /// bound to.
 pub type CallSeal = (KeyId, Nonce);
 
+/// How a sealed handler error's text begins (PROTOCOL.md §5.14): the
+/// envelope follows in URL-safe base64 without padding.
+pub const SEALED_ERROR: &str = "e2e-sealed:";
+
 /// The file in the data directory holding the last adopted key set.
 pub const KEYSET_FILE: &str = "keyset";
 
@@ -330,6 +334,42 @@ impl E2e {
         }
     }
 
+    /// Opens an event on `topic` as a subscription hands it over: as
+    /// [`E2e::open`], then, for a push consumer's delivery (headers
+    /// `macula-stream` and `macula-stream-subject`, naming the topic the
+    /// message was captured from), the stored envelope with that original
+    /// topic as additional data when the realm encrypts it. The delivery
+    /// topic's own sealing (if it is encrypted too) was opened first. A
+    /// delivery from an encrypted topic that does not open (this
+    /// principal is not a member of that topic's key, or the payload is
+    /// not an envelope sealed for it) is not delivered and is counted.
+    pub fn open_event(
+        &self,
+        topic: &str,
+        headers: &[(String, String)],
+        payload: Bytes,
+    ) -> Option<Bytes> {
+        let payload = self.open(topic, payload)?;
+        if headers.is_empty() || !self.is_active() {
+            return Some(payload);
+        }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        match (
+            header(crate::stream::STREAM_HEADER),
+            header(crate::stream::SUBJECT_HEADER),
+        ) {
+            (Some(_), Some(original)) if original != topic && self.encrypts(original) => {
+                self.open(original, payload)
+            }
+            _ => Some(payload),
+        }
+    }
+
     /// Whether `topic` is encrypted end to end by the set held.
     pub fn encrypts(&self, topic: &str) -> bool {
         self.is_active() && self.held.read().ring.encrypts(topic)
@@ -470,6 +510,94 @@ impl E2e {
                 let at = if e == OpenError::NoKey { 2 } else { 3 };
                 self.counters.e2e_calls.at(at).inc();
                 tracing::debug!(procedure, error = %e, "end-to-end: a reply was not taken");
+                Err(e)
+            }
+        }
+    }
+
+    /// A handler's error message answering a call whose arguments were
+    /// sealed (`request`): sealed like the reply (with the request's key,
+    /// bound to it, additional data `error_aad`) and carried as text in
+    /// CALL_ERROR's `message`: [`SEALED_ERROR`] then the envelope in
+    /// URL-safe base64 without padding. A message too long for the
+    /// CALL_ERROR limit once sealed is cut (at a character boundary)
+    /// before it is sealed.
+    pub fn seal_error(
+        &self,
+        procedure: &str,
+        request: &CallSeal,
+        message: &str,
+    ) -> Result<String, SealError> {
+        use base64::Engine as _;
+        let room = (macula_wire::rpc::MAX_WIRE_RPC_ERROR_LEN - SEALED_ERROR.len()) / 4 * 3
+            - macula_auth::keys::ENVELOPE_OVERHEAD;
+        let mut cut = message.len().min(room);
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let held = self.held.read().clone();
+        let nonce = self.next_nonce();
+        match held.ring.seal_error_with_nonce(
+            procedure,
+            (&request.0, &request.1),
+            &message.as_bytes()[..cut],
+            &nonce,
+        ) {
+            Ok(Some(sealed)) => {
+                self.counters.e2e_calls.at(0).inc();
+                let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed);
+                Ok(format!("{SEALED_ERROR}{b64}"))
+            }
+            Ok(None) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(SealError::NoReplyKey {
+                    procedure: procedure.to_string(),
+                })
+            }
+            Err(e) => {
+                self.counters.e2e_calls.at(4).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// A handler's error message answering a call of `procedure` this
+    /// caller sealed with `request_nonce`, opened. A message that is not
+    /// sealed (in the clear on an encrypted procedure), or does not open,
+    /// is refused and counted: no fallback to the clear.
+    pub fn open_error(
+        &self,
+        procedure: &str,
+        request_nonce: &Nonce,
+        message: &str,
+    ) -> Result<String, OpenError> {
+        use base64::Engine as _;
+        let sealed = message.strip_prefix(SEALED_ERROR).and_then(|b| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(b)
+                .ok()
+        });
+        let held = self.held.read().clone();
+        let opened = match sealed {
+            None => Err(OpenError::Malformed),
+            Some(b) => match held
+                .ring
+                .open_error(procedure, request_nonce, &b, unix_ms())
+            {
+                Ok(Opened::Clear) => Err(OpenError::Malformed),
+                other => other,
+            },
+        };
+        match opened {
+            Ok(Opened::Plain { payload, .. }) => {
+                self.counters.e2e_calls.at(1).inc();
+                Ok(String::from_utf8_lossy(&payload).into_owned())
+            }
+            Ok(Opened::Clear) => Ok(message.to_string()),
+            Err(e) => {
+                let at = if e == OpenError::NoKey { 2 } else { 3 };
+                self.counters.e2e_calls.at(at).inc();
+                tracing::debug!(procedure, error = %e, "end-to-end: a handler's error message was not taken");
                 Err(e)
             }
         }

@@ -403,6 +403,75 @@ async fn a_stream_on_an_encrypted_topic_stores_ciphertext_and_members_read_it() 
         a.streams().get_msg("orders", 1).await,
         Err(StreamError::Invalid(_))
     ));
+    // A push consumer delivering to a topic in the clear: each delivery
+    // carries the envelope as stored and names the topic it was captured
+    // from, which a member's subscription opens it with; a non-member's
+    // subscription delivers nothing of it (counted).
+    let mut push2 = c2.subscribe("deliver.orders").await.expect("subscribe");
+    let mut push3 = c3.subscribe("deliver.orders").await.expect("subscribe");
+    let no_key3 = c3.e2e().counters().e2e.at(2).get();
+    let cfg = macula_stream::ConsumerConfig {
+        deliver_subject: Some("deliver.orders".into()),
+        ack_wait: macula_wire::Millis(500),
+        ..macula_stream::ConsumerConfig::durable("pusher")
+    };
+    a.streams()
+        .add_consumer("orders", cfg)
+        .await
+        .expect("push consumer");
+    let header = |e: &macula_runtime::pubsub::Event, k: &str| {
+        e.headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    // Delivered again after the ack wait until acknowledged: take each
+    // sequence once.
+    let mut got = std::collections::BTreeMap::new();
+    within(STEP, "push deliveries", async {
+        while got.len() < n as usize + 1 {
+            let Some(SubscriptionItem::Event(e)) = push2.next().await else {
+                panic!("subscription ended");
+            };
+            let seq: u64 = header(&e, "macula-stream-seq").parse().expect("seq");
+            let subject = header(&e, macula_runtime::stream::SUBJECT_HEADER);
+            got.insert(seq, (subject, e.payload));
+        }
+    })
+    .await;
+    for (i, (subject, payload)) in got.values().enumerate() {
+        assert_eq!(payload, &Bytes::from(format!("secret order {i}")));
+        let want = if i as u64 == n {
+            "orders.direct"
+        } else {
+            "orders.new"
+        };
+        assert_eq!(subject, want);
+    }
+    for seq in got.keys() {
+        a.streams()
+            .ack(
+                "orders",
+                "pusher",
+                *seq,
+                macula_runtime::stream::AckKind::Ack,
+            )
+            .await
+            .expect("ack");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), push3.next())
+            .await
+            .is_err(),
+        "a non-member took a push delivery"
+    );
+    assert!(
+        c3.e2e().counters().e2e.at(2).get() > no_key3,
+        "the non-member's refusals are counted"
+    );
+    drop((push2, push3));
+
     // And the host stored what it carried: no plaintext on its disk.
     drop((sub, sub3));
     a.streams().shutdown().await;

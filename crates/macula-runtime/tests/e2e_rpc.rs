@@ -160,6 +160,80 @@ async fn encrypted_calls_cross_gateways_as_ciphertext_and_clear_calls_are_refuse
     assert_eq!(pc.e2e_calls.at(1).get(), u64::from(n), "provider opened");
     assert_eq!(pc.e2e_calls.at(0).get(), u64::from(n), "provider sealed");
 
+    // A handler's error message is sealed like a reply: the caller gets
+    // it opened, both gateways carried only the envelope.
+    let _refuse = provider
+        .advertise(
+            "billing.refuse",
+            AdvertiseOptions::default(),
+            |_r: Request| async move {
+                Err(macula_runtime::rpc::HandlerError::new(
+                    402,
+                    "secret card declined",
+                ))
+            },
+        )
+        .await
+        .expect("advertise");
+    match within(
+        STEP,
+        "refused call",
+        caller.call("billing.refuse", "secret card r").into_future(),
+    )
+    .await
+    {
+        Err(RpcError::Handler { code, message, .. }) => {
+            assert_eq!((code, message.as_str()), (402, "secret card declined"))
+        }
+        other => panic!("expected the handler's error, got {other:?}"),
+    }
+    for tap in [&mut tap_a, &mut tap_b] {
+        let c = carried(tap).await;
+        assert_eq!(c.procedure, "billing.refuse");
+        let e = c.error.expect("the call failed");
+        assert!(
+            e.starts_with(macula_runtime::e2e::SEALED_ERROR) && no_plaintext(e.as_bytes()),
+            "a gateway carried the error message in the clear: {e}"
+        );
+        assert!(!e.contains("declined"), "{e}");
+    }
+    assert_eq!(
+        cc.e2e_calls.at(1).get(),
+        u64::from(n) + 1,
+        "caller opened the error"
+    );
+    assert_eq!(
+        pc.e2e_calls.at(0).get(),
+        u64::from(n) + 1,
+        "provider sealed the error"
+    );
+    // A message too long for CALL_ERROR once sealed is cut (at a
+    // character boundary) before it is sealed.
+    let _long = provider
+        .advertise(
+            "billing.long",
+            AdvertiseOptions::default(),
+            |_r: Request| async move {
+                Err(macula_runtime::rpc::HandlerError::new(1, "é".repeat(2_000)))
+            },
+        )
+        .await
+        .expect("advertise");
+    match within(
+        STEP,
+        "long error",
+        caller.call("billing.long", "x").into_future(),
+    )
+    .await
+    {
+        Err(RpcError::Handler { message, .. }) => assert_eq!(message, "é".repeat(351)),
+        other => panic!("expected the handler's error, got {other:?}"),
+    }
+    for tap in [&mut tap_a, &mut tap_b] {
+        let e = carried(tap).await.error.expect("the call failed");
+        assert!(e.len() <= 1_024 && e.starts_with(macula_runtime::e2e::SEALED_ERROR));
+    }
+
     // A client the key is not wrapped to cannot call: a clear error here,
     // nothing sent.
     match within(

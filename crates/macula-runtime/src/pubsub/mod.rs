@@ -857,6 +857,10 @@ impl PubSub {
             } else {
                 Vec::new()
             };
+            // A forwarded batch's seals are verified before the core is
+            // locked (the signature check is most of a sealed batch's
+            // cost); the core takes the outcome.
+            rx.prove_ahead(from, frame.msg_type, &frame.body);
             let res = {
                 let now = self.0.now();
                 let mut core = self.0.core();
@@ -1227,7 +1231,7 @@ impl futures::Stream for Subscription {
             drop(q);
             // Opened outside the queue's lock (the publisher pushes there).
             if let Some(keys) = &this.e2e {
-                match keys.open(e.topic.as_str(), e.payload) {
+                match keys.open_event(e.topic.as_str(), &e.headers, e.payload) {
                     Some(p) => e.payload = p,
                     // Not delivered: counted by `open`.
                     None => {

@@ -328,6 +328,9 @@ pub struct Carried {
     pub arguments: Bytes,
     /// `None`: the onward call failed.
     pub reply: Option<Bytes>,
+    /// The onward call's failure as carried: a handler's message as it
+    /// came (sealed on an encrypted procedure), else the error's text.
+    pub error: Option<String>,
 }
 
 impl IntoFuture for CallBuilder {

@@ -157,10 +157,10 @@ impl Rpc {
                 // call in process is not sealed.
                 match self.seal_args(b) {
                     Ok(None) => self.drive(id, b, via).await,
-                    Ok(Some((sb, nonce))) => {
-                        let r = self.drive(id, &sb, via).await;
-                        r.and_then(|r| self.open_answer(b, r, &nonce))
-                    }
+                    Ok(Some((sb, nonce))) => match self.drive(id, &sb, via).await {
+                        Ok(r) => self.open_answer(b, r, &nonce),
+                        Err(e) => Err(self.open_error(b, e, &nonce)),
+                    },
                     Err(reason) => {
                         // Nothing was sent: the core forgets the call.
                         let now = self.now();
@@ -240,6 +240,36 @@ impl Rpc {
                 provider: Some(r.provider),
                 reason: format!("the reply does not open: {e}"),
             }),
+        }
+    }
+
+    /// A sealed call's failure: a handler's error message opened (it is
+    /// sealed like the reply); one that does not open is `Sealing`.
+    fn open_error(&self, b: &CallBuilder, e: RpcError, nonce: &crate::e2e::Nonce) -> RpcError {
+        let (
+            Some(keys),
+            RpcError::Handler {
+                procedure,
+                provider,
+                code,
+                message,
+            },
+        ) = (self.0.e2e.get(), &e)
+        else {
+            return e;
+        };
+        match keys.open_error(&b.procedure, nonce, message) {
+            Ok(message) => RpcError::Handler {
+                procedure: procedure.clone(),
+                provider: *provider,
+                code: *code,
+                message,
+            },
+            Err(why) => RpcError::Sealing {
+                procedure: b.procedure.clone(),
+                provider: Some(*provider),
+                reason: format!("the handler's error message does not open: {why}"),
+            },
         }
     }
 

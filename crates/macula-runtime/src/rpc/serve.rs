@@ -225,9 +225,20 @@ impl Rpc {
                             sealed
                         }
                     };
-                    let reply = run_handler(&rpc.0.counters, handler.as_ref(), req)
-                        .await
-                        .map_err(|f| handler_failure(id, f))?;
+                    let reply = match run_handler(&rpc.0.counters, handler.as_ref(), req).await {
+                        Ok(r) => r,
+                        // The handler's own message is the application's:
+                        // sealed like the reply.
+                        Err(HandlerFailure::Error(mut e)) if sealed.is_some() => {
+                            if let (Some(k), Some(s)) = (&keys, &sealed) {
+                                e.message = k
+                                    .seal_error(&procedure, s, &e.message)
+                                    .map_err(|x| e2e_refusal(id, &procedure, &x.to_string()))?;
+                            }
+                            return Err(handler_failure(id, HandlerFailure::Error(e)));
+                        }
+                        Err(f) => return Err(handler_failure(id, f)),
+                    };
                     match (&keys, sealed) {
                         (Some(k), Some(s)) => k
                             .seal_reply(&procedure, &s, reply)
@@ -283,6 +294,10 @@ impl Rpc {
                         procedure: call.procedure.clone(),
                         arguments: args,
                         reply: r.as_ref().ok().cloned(),
+                        error: r.as_ref().err().map(|e| match e {
+                            RpcError::Handler { message, .. } => message.clone(),
+                            other => other.to_string(),
+                        }),
                     });
                     r.map_err(|e| forwarded_error(id, &e))
                 });

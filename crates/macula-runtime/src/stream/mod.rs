@@ -74,6 +74,12 @@ pub use macula_stream::{AckPolicy, DeliverPolicy, Discard, ReplayPolicy, Retenti
 pub const STREAM_HEADER: &str = "macula-stream";
 /// The header naming the stored sequence of an acknowledged publish.
 pub const SEQ_HEADER: &str = "macula-stream-seq";
+/// The topic a push consumer's delivery was captured from (the
+/// delivery goes out on the consumer's deliver subject). On an encrypted
+/// topic the payload is the envelope as stored, sealed with this topic as
+/// additional data: the subscriber opens it with it
+/// ([`crate::e2e::E2e::open_event`]).
+pub const SUBJECT_HEADER: &str = "macula-stream-subject";
 /// The push consumer a delivery comes from (with [`STREAM_HEADER`] and
 /// [`SEQ_HEADER`]: what to ack).
 pub const CONSUMER_HEADER: &str = "macula-stream-consumer";
@@ -879,6 +885,7 @@ impl Streams {
                 for m in msgs {
                     let mut headers = m.headers;
                     headers.push((STREAM_HEADER.into(), stream.clone()));
+                    headers.push((SUBJECT_HEADER.into(), m.subject.clone()));
                     headers.push((SEQ_HEADER.into(), m.seq.to_string()));
                     headers.push((CONSUMER_HEADER.into(), c.clone()));
                     headers.push((DELIVERIES_HEADER.into(), m.deliveries.to_string()));
