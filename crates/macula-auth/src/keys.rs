@@ -639,20 +639,13 @@ impl Keyring {
         payload: &[u8],
         nonce: &[u8; NONCE_LEN],
     ) -> Result<Option<Vec<u8>>, SealError> {
-        let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
-            return Ok(None);
-        };
-        let no_key = || SealError::NoReplyKey {
-            procedure: procedure.to_string(),
-        };
-        let k = p
-            .keys
-            .iter()
-            .find(|k| &k.id == request.0)
-            .ok_or_else(no_key)?;
-        seal_with(k, &reply_aad(procedure, request.1), payload, nonce)
-            .map(Some)
-            .ok_or_else(no_key)
+        self.seal_answer(
+            procedure,
+            request,
+            &reply_aad(procedure, request.1),
+            payload,
+            nonce,
+        )
     }
 
     /// Seals a handler's error message answering a call of `procedure`
@@ -667,6 +660,25 @@ impl Keyring {
         message: &[u8],
         nonce: &[u8; NONCE_LEN],
     ) -> Result<Option<Vec<u8>>, SealError> {
+        self.seal_answer(
+            procedure,
+            request,
+            &error_aad(procedure, request.1),
+            message,
+            nonce,
+        )
+    }
+
+    /// Seals an answer (reply or error) to a call of `procedure` with the
+    /// key its request came sealed with, under additional data `aad`.
+    fn seal_answer(
+        &self,
+        procedure: &str,
+        request: (&KeyId, &[u8; NONCE_LEN]),
+        aad: &[u8],
+        payload: &[u8],
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<Option<Vec<u8>>, SealError> {
         let Some(p) = self.covering(PatternKind::Procedure, procedure) else {
             return Ok(None);
         };
@@ -678,7 +690,7 @@ impl Keyring {
             .iter()
             .find(|k| &k.id == request.0)
             .ok_or_else(no_key)?;
-        seal_with(k, &error_aad(procedure, request.1), message, nonce)
+        seal_with(k, aad, payload, nonce)
             .map(Some)
             .ok_or_else(no_key)
     }
