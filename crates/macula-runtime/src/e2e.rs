@@ -360,8 +360,8 @@ impl E2e {
                 .map(|(_, v)| v.as_str())
         };
         match (
-            header(crate::stream::STREAM_HEADER),
-            header(crate::stream::SUBJECT_HEADER),
+            header(crate::stream::headers::STREAM_HEADER),
+            header(crate::stream::headers::SUBJECT_HEADER),
         ) {
             (Some(_), Some(original)) if original != topic && self.encrypts(original) => {
                 self.open(original, payload)

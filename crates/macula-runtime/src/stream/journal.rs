@@ -38,7 +38,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::store::Write;
+use super::write::Write;
 
 /// `len` and checksum.
 const HEADER: usize = 4 + 8;

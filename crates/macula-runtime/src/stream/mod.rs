@@ -31,6 +31,7 @@
 //! least every `StreamLimits::tick`.
 
 mod handle;
+pub mod headers;
 pub mod journal;
 mod manage;
 pub mod metrics;
@@ -39,6 +40,7 @@ pub mod remote;
 pub mod replica;
 mod sealed;
 pub mod store;
+pub mod write;
 
 pub use handle::{StreamHandle, StreamSubscription};
 
@@ -67,25 +69,9 @@ use crate::raft::{Group, GroupError};
 use macula_raft::{Request, Response};
 use store::{StoreError, StreamStore, Write};
 
+pub use headers::{CONSUMER_HEADER, DELIVERIES_HEADER, SEQ_HEADER, STREAM_HEADER, SUBJECT_HEADER};
 pub use macula_stream::{AckPolicy, DeliverPolicy, Discard, ReplayPolicy, Retention};
 
-/// The header an acknowledged publish carries to the mesh: the stream that
-/// stored it (its capture skips it).
-pub const STREAM_HEADER: &str = "macula-stream";
-/// The header naming the stored sequence of an acknowledged publish.
-pub const SEQ_HEADER: &str = "macula-stream-seq";
-/// The topic a push consumer's delivery was captured from (the
-/// delivery goes out on the consumer's deliver subject). On an encrypted
-/// topic the payload is the envelope as stored, sealed with this topic as
-/// additional data: the subscriber opens it with it
-/// ([`crate::e2e::E2e::open_event`]).
-pub const SUBJECT_HEADER: &str = "macula-stream-subject";
-/// The push consumer a delivery comes from (with [`STREAM_HEADER`] and
-/// [`SEQ_HEADER`]: what to ack).
-pub const CONSUMER_HEADER: &str = "macula-stream-consumer";
-/// How many times a push delivery's message was delivered, this one
-/// included.
-pub const DELIVERIES_HEADER: &str = "macula-stream-deliveries";
 /// Messages a push consumer's task pulls at once.
 const PUSH_BATCH: usize = 256;
 

@@ -47,6 +47,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::record::{self, CorruptRecord, StoredMsg};
+pub use super::write::Write;
 
 const MSGS: TableDefinition<u64, &[u8]> = TableDefinition::new("msgs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -106,32 +107,6 @@ pub enum StoreError {
     /// The writer stopped (the store is closing or failed earlier).
     #[error("stream store {0}: closed")]
     Closed(PathBuf),
-}
-
-/// One write of a group. A replicated stream's writes travel in its Raft
-/// log as MessagePack (`replica.rs`, PROTOCOL.md 5.12), so the enum is
-/// serializable; `Index` and `Applied` are the member's own and never
-/// travel.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Write {
-    /// Store a record under a sequence.
-    Put(u64, #[serde(with = "serde_bytes")] Vec<u8>),
-    /// Delete records.
-    Delete(Vec<u64>),
-    /// Set the last sequence and timestamp.
-    Last(u64, u64),
-    /// Set the configuration (JSON).
-    Config(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// Set (`Some`) or delete a consumer's record.
-    Consumer(String, #[serde(with = "serde_bytes")] Option<Vec<u8>>),
-    /// Set (`Some`) or delete the index snapshot.
-    Index(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
-    /// Set the Raft log index a replicated stream's store has applied
-    /// (written with the entry's changes: a replay skips them).
-    Applied(u64),
-    /// Delete every message and consumer (a replica installing another
-    /// member's state).
-    Clear,
 }
 
 /// Who waits for a group commit: an async caller or a blocking one.
