@@ -117,6 +117,12 @@ async fn clients_beyond_the_connection_limit_are_turned_away() {
     )
     .await
     .expect("a peer slot is free");
+    // The node counts the peer on its own side of the handshake, a moment
+    // after the peer's connect returns.
+    common::eventually(STEP, "the peer counted", || {
+        m.connections_current.get() == LIMIT as u64 + 1
+    })
+    .await;
     assert_eq!(m.connections_current.get(), LIMIT as u64 + 1);
 
     // The clients it holds are served as before.
