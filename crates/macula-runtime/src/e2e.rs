@@ -491,28 +491,34 @@ impl E2e {
         payload: Bytes,
     ) -> Result<Bytes, OpenError> {
         let held = self.held.read().clone();
-        let opened = match held
+        let opened = held
             .ring
-            .open_reply(procedure, request_nonce, &payload, unix_ms())
-        {
-            // The set no longer encrypts it: a reply in the clear to a
-            // sealed call is still refused.
-            Ok(Opened::Clear) => Err(OpenError::Malformed),
-            other => other,
-        };
-        match opened {
+            .open_reply(procedure, request_nonce, &payload, unix_ms());
+        self.take_answer(procedure, opened, "a reply")
+            .map(Bytes::from)
+    }
+
+    /// An opened answer (reply or handler error) to a sealed call, counted:
+    /// one in the clear is refused as malformed (the set no longer encrypts
+    /// the procedure, but the call was sealed).
+    fn take_answer(
+        &self,
+        procedure: &str,
+        opened: Result<Opened, OpenError>,
+        what: &str,
+    ) -> Result<Vec<u8>, OpenError> {
+        let e = match opened {
             Ok(Opened::Plain { payload, .. }) => {
                 self.counters.e2e_calls.at(1).inc();
-                Ok(Bytes::from(payload))
+                return Ok(payload);
             }
-            Ok(Opened::Clear) => Ok(payload),
-            Err(e) => {
-                let at = if e == OpenError::NoKey { 2 } else { 3 };
-                self.counters.e2e_calls.at(at).inc();
-                tracing::debug!(procedure, error = %e, "end-to-end: a reply was not taken");
-                Err(e)
-            }
-        }
+            Ok(Opened::Clear) => OpenError::Malformed,
+            Err(e) => e,
+        };
+        let at = if e == OpenError::NoKey { 2 } else { 3 };
+        self.counters.e2e_calls.at(at).inc();
+        tracing::debug!(procedure, error = %e, "end-to-end: {what} was not taken");
+        Err(e)
     }
 
     /// A handler's error message answering a call whose arguments were
@@ -580,27 +586,12 @@ impl E2e {
         let held = self.held.read().clone();
         let opened = match sealed {
             None => Err(OpenError::Malformed),
-            Some(b) => match held
+            Some(b) => held
                 .ring
-                .open_error(procedure, request_nonce, &b, unix_ms())
-            {
-                Ok(Opened::Clear) => Err(OpenError::Malformed),
-                other => other,
-            },
+                .open_error(procedure, request_nonce, &b, unix_ms()),
         };
-        match opened {
-            Ok(Opened::Plain { payload, .. }) => {
-                self.counters.e2e_calls.at(1).inc();
-                Ok(String::from_utf8_lossy(&payload).into_owned())
-            }
-            Ok(Opened::Clear) => Ok(message.to_string()),
-            Err(e) => {
-                let at = if e == OpenError::NoKey { 2 } else { 3 };
-                self.counters.e2e_calls.at(at).inc();
-                tracing::debug!(procedure, error = %e, "end-to-end: a handler's error message was not taken");
-                Err(e)
-            }
-        }
+        self.take_answer(procedure, opened, "a handler's error message")
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
     }
 
     /// What `macula keys status` shows.
