@@ -288,18 +288,33 @@ fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
     b: Batching,
 ) {
     use std::time::Instant;
-    let export = |exporter: &E, mut spans: Vec<_>| {
-        while !spans.is_empty() {
-            let rest = spans.split_off(spans.len().min(b.max_batch));
-            let n = spans.len() as u64;
-            match futures::executor::block_on(exporter.export(spans)) {
-                Ok(()) => macula::trace::count_exported(n),
-                Err(e) => {
-                    macula::trace::count_lost(macula::trace::SpanLoss::ExportFailed, n);
-                    tracing::debug!(spans = n, error = %e, "OTLP export failed; spans dropped");
-                }
+    let export_one = |exporter: &E, spans: Vec<_>| {
+        let n = spans.len() as u64;
+        match futures::executor::block_on(exporter.export(spans)) {
+            Ok(()) => macula::trace::count_exported(n),
+            Err(e) => {
+                macula::trace::count_lost(macula::trace::SpanLoss::ExportFailed, n);
+                tracing::debug!(spans = n, error = %e, "OTLP export failed; spans dropped");
             }
-            spans = rest;
+        }
+    };
+    // A queue longer than a batch goes in batches taken from its front,
+    // each span moved once (splitting the rest off for every batch copied
+    // the whole remaining queue each time: quadratic in a backlog).
+    let export = |exporter: &E, spans: Vec<_>| {
+        if spans.len() <= b.max_batch {
+            if !spans.is_empty() {
+                export_one(exporter, spans);
+            }
+            return;
+        }
+        let mut rest = spans.into_iter();
+        loop {
+            let batch: Vec<_> = rest.by_ref().take(b.max_batch).collect();
+            if batch.is_empty() {
+                break;
+            }
+            export_one(exporter, batch);
         }
     };
     let mut due = Instant::now() + b.delay;
@@ -440,6 +455,8 @@ mod tests {
         fail: Arc<AtomicBool>,
         gate: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
         got: Arc<AtomicU64>,
+        /// The largest batch exported.
+        biggest: Arc<AtomicU64>,
     }
 
     impl SpanExporter for TestExporter {
@@ -452,6 +469,7 @@ mod tests {
                 return Err(OTelSdkError::InternalFailure("collector down".into()));
             }
             self.got.fetch_add(batch.len() as u64, SeqCst);
+            self.biggest.fetch_max(batch.len() as u64, SeqCst);
             Ok(())
         }
     }
@@ -466,6 +484,7 @@ mod tests {
             fail: Arc::new(AtomicBool::new(false)),
             gate: Arc::new(Mutex::new(None)),
             got: Arc::new(AtomicU64::new(0)),
+            biggest: Arc::new(AtomicU64::new(0)),
         };
         let b = Batching {
             max_queue: 64,
@@ -509,6 +528,7 @@ mod tests {
             fail: Arc::new(AtomicBool::new(false)),
             gate: Arc::new(Mutex::new(Some(gate))),
             got: Arc::new(AtomicU64::new(0)),
+            biggest: Arc::new(AtomicU64::new(0)),
         };
         let b = Batching {
             max_queue: 8,
@@ -537,6 +557,8 @@ mod tests {
         provider.force_flush().unwrap();
         assert_eq!(e.got.load(SeqCst), 100 - full);
         assert_eq!(spans_exported() - exported0, 100 - full);
+        // The backlog behind the held export went in batches of one.
+        assert_eq!(e.biggest.load(SeqCst), 1);
         // The collector refuses: counted as export_failed.
         e.fail.store(true, SeqCst);
         for _ in 0..5 {
