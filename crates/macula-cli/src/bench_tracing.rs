@@ -7,7 +7,10 @@
 //! Figures per mode: publish throughput (64 B, flat out, until the
 //! subscriber has them all), publish-to-receive latency (one message in
 //! flight), calls per second (`--concurrency` callers) and call latency
-//! (one call in flight).
+//! (one call in flight). Then, with `--mixed-count`, the latencies again
+//! with off, 0% and 1% taking turns every 100 operations: a mode's figure
+//! then comes from the whole run's time, so a difference of a few percent
+//! is the mode's, not the machine's drift between rounds.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -41,6 +44,11 @@ pub struct TracingArgs {
     /// Rounds (each runs every mode; medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Messages and calls per mode (one in flight) for the interleaved
+    /// latency run: off, 0% and 1% take turns every `MIXED_BLOCK`
+    /// operations, so the machine's drift weighs on each alike (0: none).
+    #[arg(long, default_value_t = 20_000)]
+    mixed_count: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -55,6 +63,13 @@ const MODES: [(&str, Option<f64>); 4] = [
     ("1%", Some(0.01)),
     ("100%", Some(1.0)),
 ];
+
+/// Operations per turn of a mode in the interleaved latency run.
+const MIXED_BLOCK: usize = 100;
+
+/// The modes of the interleaved latency run (100% is left out: its
+/// export's backlog would run into the next mode's turn).
+const MIXED_MODES: [usize; 3] = [0, 1, 2];
 
 /// The in-process OTLP sink: requests and bytes received.
 #[derive(Default)]
@@ -287,6 +302,64 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
     })
 }
 
+fn set_mode(ratio: Option<f64>) -> anyhow::Result<()> {
+    match ratio {
+        None => macula::trace::disable(),
+        #[cfg(feature = "otlp")]
+        Some(x) => macula::trace::enable(x),
+        #[cfg(not(feature = "otlp"))]
+        Some(_) => anyhow::bail!("built without the `otlp` feature"),
+    }
+    Ok(())
+}
+
+/// Publish and call latencies (one in flight) of [`MIXED_MODES`], taking
+/// turns every [`MIXED_BLOCK`] operations, each turn starting with the
+/// next mode: per mode, sorted publish and call latencies.
+async fn mixed(
+    a: &Node,
+    b: &Node,
+    count: usize,
+) -> anyhow::Result<Vec<(Vec<Duration>, Vec<Duration>)>> {
+    let limit = Duration::from_secs(30);
+    let mut out = vec![(Vec::with_capacity(count), Vec::with_capacity(count)); MIXED_MODES.len()];
+    let mut sub = b.subscribe("bench.mixed").await?;
+    a.wait_for_subscribers("bench.mixed", Duration::from_secs(10))
+        .await?;
+    let reg = b
+        .advertise("bench.mixed.echo", |r: macula::Request| async move {
+            Ok::<_, macula::HandlerError>(r.payload)
+        })
+        .await?;
+    a.call("bench.mixed.echo", Bytes::from_static(b"warm"))
+        .await?;
+    let payload = Bytes::from(vec![7u8; 64]);
+    for turn in 0..count.div_ceil(MIXED_BLOCK) {
+        let n = MIXED_BLOCK.min(count - turn * MIXED_BLOCK);
+        for k in 0..MIXED_MODES.len() {
+            let i = (k + turn) % MIXED_MODES.len();
+            set_mode(MODES[MIXED_MODES[i]].1)?;
+            for _ in 0..n {
+                let t = Instant::now();
+                a.publish("bench.mixed", payload.clone()).await?;
+                match tokio::time::timeout(limit, sub.next()).await {
+                    Ok(Some(SubscriptionItem::Event(_))) => out[i].0.push(t.elapsed()),
+                    other => anyhow::bail!("interleaved latency run: {other:?}"),
+                }
+                let t = Instant::now();
+                a.call("bench.mixed.echo", Bytes::from_static(b"x")).await?;
+                out[i].1.push(t.elapsed());
+            }
+        }
+    }
+    drop(reg);
+    for (p, c) in &mut out {
+        p.sort_unstable();
+        c.sort_unstable();
+    }
+    Ok(out)
+}
+
 /// Waits until the sink has received nothing new for 1.5 s (at most 60 s).
 async fn quiesce(sink: &Sink) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -327,6 +400,10 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         "--concurrency must be 1..=1024"
     );
     anyhow::ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
+    anyhow::ensure!(
+        args.mixed_count <= 200_000,
+        "--mixed-count must be 0..=200000"
+    );
     let mut dirs = Dirs(Vec::new());
     let mut nodes: Vec<Node> = Vec::new();
     for i in 0..2 {
@@ -357,16 +434,19 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
                 r + 1,
                 args.rounds
             );
-            match ratio {
-                None => macula::trace::disable(),
-                #[cfg(feature = "otlp")]
-                Some(x) => macula::trace::enable(x),
-                #[cfg(not(feature = "otlp"))]
-                Some(_) => anyhow::bail!("built without the `otlp` feature"),
-            }
+            set_mode(ratio)?;
             rounds[m].push(round(a, b, &args).await?);
         }
     }
+    let mixed = if args.mixed_count > 0 {
+        eprintln!(
+            "bench tracing: interleaved latency, {} per mode...",
+            args.mixed_count
+        );
+        mixed(a, b, args.mixed_count).await?
+    } else {
+        Vec::new()
+    };
     macula::trace::disable();
     for n in nodes {
         n.shutdown().await;
@@ -390,6 +470,15 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         }
         for (m, (mode, _)) in MODES.iter().enumerate() {
             v["rounds"][mode] = serde_json::to_value(&rounds[m])?;
+        }
+        for (i, (p, c)) in mixed.iter().enumerate() {
+            let mode = MODES[MIXED_MODES[i]].0;
+            v["interleaved"][mode] = serde_json::json!({
+                "publish_p50_us": pct(p, 0.5),
+                "publish_p99_us": pct(p, 0.99),
+                "call_p50_us": pct(c, 0.5),
+                "call_p99_us": pct(c, 0.99),
+            });
         }
         writeln!(out, "{v}")?;
     } else {
@@ -440,6 +529,39 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             line.push_str(&format!(" {mode} {n},"));
         }
         writeln!(out, "{}", line.trim_end_matches(','))?;
+        if !mixed.is_empty() {
+            writeln!(
+                out,
+                "interleaved latency (one in flight; off, 0% and 1% taking turns every {MIXED_BLOCK}), {} each:",
+                args.mixed_count
+            )?;
+            let mut head = format!("  {:<20}", "");
+            for &m in &MIXED_MODES {
+                head.push_str(&format!(" {:>12}", MODES[m].0));
+            }
+            for &m in &MIXED_MODES[1..] {
+                head.push_str(&format!(" {:>9}", format!("{}/off", MODES[m].0)));
+            }
+            writeln!(out, "{head}")?;
+            type Pick = fn(&(Vec<Duration>, Vec<Duration>)) -> f64;
+            let rows: [(&str, Pick); 4] = [
+                ("publish_p50_us", |x| pct(&x.0, 0.5)),
+                ("publish_p99_us", |x| pct(&x.0, 0.99)),
+                ("call_p50_us", |x| pct(&x.1, 0.5)),
+                ("call_p99_us", |x| pct(&x.1, 0.99)),
+            ];
+            for (name, f) in rows {
+                let v: Vec<f64> = mixed.iter().map(f).collect();
+                let mut line = format!("  {name:<20}");
+                for x in &v {
+                    line.push_str(&format!(" {x:>12.1}"));
+                }
+                for x in &v[1..] {
+                    line.push_str(&format!(" {:>9.3}", x / v[0]));
+                }
+                writeln!(out, "{line}")?;
+            }
+        }
     }
     Ok(())
 }
