@@ -49,6 +49,11 @@ pub struct TracingArgs {
     /// operations, so the machine's drift weighs on each alike (0: none).
     #[arg(long, default_value_t = 20_000)]
     mixed_count: usize,
+    /// Messages per mode for the interleaved throughput run (turns of
+    /// `MIXED_FLAT` flat out, each ending with its spans exported, so a
+    /// turn's CPU is its mode's own; 0: none).
+    #[arg(long, default_value_t = 200_000)]
+    mixed_messages: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -66,6 +71,9 @@ const MODES: [(&str, Option<f64>); 4] = [
 
 /// Operations per turn of a mode in the interleaved latency run.
 const MIXED_BLOCK: usize = 100;
+
+/// Messages per turn of a mode in the interleaved throughput run.
+const MIXED_FLAT: usize = 10_000;
 
 /// The modes of the interleaved latency run (100% is left out: its
 /// export's backlog would run into the next mode's turn).
@@ -165,6 +173,20 @@ struct Round {
 }
 
 type Figure = fn(&Round) -> f64;
+
+/// The interleaved runs' figures.
+const MIXED_ROWS: [(&str, fn(&Mixed) -> f64); 6] = [
+    ("publish_msgs_per_s", |m| {
+        m.messages as f64 / m.secs.max(1e-9)
+    }),
+    ("publish_cpu_us", |m| {
+        m.cpu_secs * 1e6 / (m.messages.max(1) as f64)
+    }),
+    ("publish_p50_us", |m| pct(&m.publish, 0.5)),
+    ("publish_p99_us", |m| pct(&m.publish, 0.99)),
+    ("call_p50_us", |m| pct(&m.call, 0.5)),
+    ("call_p99_us", |m| pct(&m.call, 0.99)),
+];
 
 const FIGURES: [(&str, Figure); 8] = [
     ("publish_msgs_per_s", |r| r.publish_msgs_per_s),
@@ -313,16 +335,68 @@ fn set_mode(ratio: Option<f64>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One mode's share of the interleaved runs.
+#[derive(Debug, Clone, Default)]
+struct Mixed {
+    /// Sorted publish and call latencies (one in flight).
+    publish: Vec<Duration>,
+    call: Vec<Duration>,
+    /// Messages published flat out, their time, and the process's CPU
+    /// time meanwhile (their spans' export included).
+    messages: usize,
+    secs: f64,
+    cpu_secs: f64,
+}
+
+/// Flat-out turns of [`MIXED_MODES`], [`MIXED_FLAT`] messages each, every
+/// turn ending once the subscriber has them all and their spans are
+/// exported; adds each turn's time and CPU to its mode.
+async fn mixed_flat(a: &Node, b: &Node, count: usize, out: &mut [Mixed]) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(30);
+    let mut sub = b.subscribe("bench.flat").await?;
+    a.wait_for_subscribers("bench.flat", Duration::from_secs(10))
+        .await?;
+    let payload = Bytes::from(vec![7u8; 64]);
+    for turn in 0..count.div_ceil(MIXED_FLAT) {
+        let n = MIXED_FLAT.min(count - turn * MIXED_FLAT);
+        for k in 0..MIXED_MODES.len() {
+            let i = (k + turn) % MIXED_MODES.len();
+            set_mode(MODES[MIXED_MODES[i]].1)?;
+            let cpu = cpu_secs();
+            let t = Instant::now();
+            let reader = tokio::spawn(async move {
+                let mut got = 0usize;
+                while got < n {
+                    match tokio::time::timeout(limit, sub.next()).await {
+                        Ok(Some(SubscriptionItem::Event(_))) => got += 1,
+                        Ok(Some(SubscriptionItem::Lagged(k))) => got += k as usize,
+                        Ok(None) | Err(_) => {
+                            anyhow::bail!("only {got} of {n} messages arrived")
+                        }
+                    }
+                }
+                Ok(sub)
+            });
+            for _ in 0..n {
+                a.publish("bench.flat", payload.clone()).await?;
+            }
+            sub = reader.await??;
+            let secs = t.elapsed().as_secs_f64();
+            // Its spans exported now, on its own turn.
+            tokio::task::block_in_place(crate::otlp::flush);
+            out[i].messages += n;
+            out[i].secs += secs;
+            out[i].cpu_secs += cpu_secs() - cpu;
+        }
+    }
+    Ok(())
+}
+
 /// Publish and call latencies (one in flight) of [`MIXED_MODES`], taking
 /// turns every [`MIXED_BLOCK`] operations, each turn starting with the
 /// next mode: per mode, sorted publish and call latencies.
-async fn mixed(
-    a: &Node,
-    b: &Node,
-    count: usize,
-) -> anyhow::Result<Vec<(Vec<Duration>, Vec<Duration>)>> {
+async fn mixed(a: &Node, b: &Node, count: usize, out: &mut [Mixed]) -> anyhow::Result<()> {
     let limit = Duration::from_secs(30);
-    let mut out = vec![(Vec::with_capacity(count), Vec::with_capacity(count)); MIXED_MODES.len()];
     let mut sub = b.subscribe("bench.mixed").await?;
     a.wait_for_subscribers("bench.mixed", Duration::from_secs(10))
         .await?;
@@ -343,21 +417,21 @@ async fn mixed(
                 let t = Instant::now();
                 a.publish("bench.mixed", payload.clone()).await?;
                 match tokio::time::timeout(limit, sub.next()).await {
-                    Ok(Some(SubscriptionItem::Event(_))) => out[i].0.push(t.elapsed()),
+                    Ok(Some(SubscriptionItem::Event(_))) => out[i].publish.push(t.elapsed()),
                     other => anyhow::bail!("interleaved latency run: {other:?}"),
                 }
                 let t = Instant::now();
                 a.call("bench.mixed.echo", Bytes::from_static(b"x")).await?;
-                out[i].1.push(t.elapsed());
+                out[i].call.push(t.elapsed());
             }
         }
     }
     drop(reg);
-    for (p, c) in &mut out {
-        p.sort_unstable();
-        c.sort_unstable();
+    for m in out.iter_mut() {
+        m.publish.sort_unstable();
+        m.call.sort_unstable();
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Waits until the sink has received nothing new for 1.5 s (at most 60 s).
@@ -404,6 +478,10 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         args.mixed_count <= 200_000,
         "--mixed-count must be 0..=200000"
     );
+    anyhow::ensure!(
+        args.mixed_messages <= 2_000_000,
+        "--mixed-messages must be 0..=2000000"
+    );
     let mut dirs = Dirs(Vec::new());
     let mut nodes: Vec<Node> = Vec::new();
     for i in 0..2 {
@@ -438,12 +516,23 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             rounds[m].push(round(a, b, &args).await?);
         }
     }
-    let mixed = if args.mixed_count > 0 {
+    let mut mixed_out = vec![Mixed::default(); MIXED_MODES.len()];
+    if args.mixed_messages > 0 {
+        eprintln!(
+            "bench tracing: interleaved throughput, {} per mode...",
+            args.mixed_messages
+        );
+        mixed_flat(a, b, args.mixed_messages, &mut mixed_out).await?;
+    }
+    if args.mixed_count > 0 {
         eprintln!(
             "bench tracing: interleaved latency, {} per mode...",
             args.mixed_count
         );
-        mixed(a, b, args.mixed_count).await?
+        mixed(a, b, args.mixed_count, &mut mixed_out).await?;
+    }
+    let mixed = if args.mixed_messages > 0 || args.mixed_count > 0 {
+        mixed_out
     } else {
         Vec::new()
     };
@@ -471,14 +560,13 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         for (m, (mode, _)) in MODES.iter().enumerate() {
             v["rounds"][mode] = serde_json::to_value(&rounds[m])?;
         }
-        for (i, (p, c)) in mixed.iter().enumerate() {
+        for (i, m) in mixed.iter().enumerate() {
             let mode = MODES[MIXED_MODES[i]].0;
-            v["interleaved"][mode] = serde_json::json!({
-                "publish_p50_us": pct(p, 0.5),
-                "publish_p99_us": pct(p, 0.99),
-                "call_p50_us": pct(c, 0.5),
-                "call_p99_us": pct(c, 0.99),
-            });
+            let mut o = serde_json::Map::new();
+            for (name, f) in MIXED_ROWS {
+                o.insert(name.to_string(), f(m).into());
+            }
+            v["interleaved"][mode] = o.into();
         }
         writeln!(out, "{v}")?;
     } else {
@@ -532,8 +620,9 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         if !mixed.is_empty() {
             writeln!(
                 out,
-                "interleaved latency (one in flight; off, 0% and 1% taking turns every {MIXED_BLOCK}), {} each:",
-                args.mixed_count
+                "interleaved (off, 0% and 1% taking turns: {} messages flat out in turns of {MIXED_FLAT}, \
+                 each turn's spans exported in it; {} one in flight in turns of {MIXED_BLOCK}):",
+                args.mixed_messages, args.mixed_count
             )?;
             let mut head = format!("  {:<20}", "");
             for &m in &MIXED_MODES {
@@ -543,18 +632,15 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
                 head.push_str(&format!(" {:>9}", format!("{}/off", MODES[m].0)));
             }
             writeln!(out, "{head}")?;
-            type Pick = fn(&(Vec<Duration>, Vec<Duration>)) -> f64;
-            let rows: [(&str, Pick); 4] = [
-                ("publish_p50_us", |x| pct(&x.0, 0.5)),
-                ("publish_p99_us", |x| pct(&x.0, 0.99)),
-                ("call_p50_us", |x| pct(&x.1, 0.5)),
-                ("call_p99_us", |x| pct(&x.1, 0.99)),
-            ];
-            for (name, f) in rows {
+            for (name, f) in MIXED_ROWS {
                 let v: Vec<f64> = mixed.iter().map(f).collect();
                 let mut line = format!("  {name:<20}");
                 for x in &v {
-                    line.push_str(&format!(" {x:>12.1}"));
+                    if name.ends_with("_cpu_us") {
+                        line.push_str(&format!(" {x:>12.3}"));
+                    } else {
+                        line.push_str(&format!(" {x:>12.1}"));
+                    }
                 }
                 for x in &v[1..] {
                     line.push_str(&format!(" {:>9.3}", x / v[0]));

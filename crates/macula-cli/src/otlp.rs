@@ -57,6 +57,22 @@ impl Drop for TraceGuard {
     }
 }
 
+/// The exporting provider, for [`flush`].
+#[cfg(feature = "otlp")]
+static PROVIDER: std::sync::OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> =
+    std::sync::OnceLock::new();
+
+/// Exports every span ended so far and waits until the collector took
+/// them (`macula bench tracing`, to charge a mode's turn with its own
+/// export). False without an exporter.
+pub fn flush() -> bool {
+    #[cfg(feature = "otlp")]
+    if let Some(p) = PROVIDER.get() {
+        return p.force_flush().is_ok();
+    }
+    false
+}
+
 /// Installs logging on stderr (`RUST_LOG` wins over `default_level`) and,
 /// with `--otlp`, the span exporter.
 pub fn init(
@@ -145,6 +161,7 @@ fn exporter(
     // The pub/sub hot path's spans are made with the tracer directly.
     macula::trace::set_tracer(provider.tracer("macula"));
     macula::trace::enable(ratio);
+    let _ = PROVIDER.set(provider.clone());
     Ok(TraceGuard {
         provider: Some(provider),
     })
