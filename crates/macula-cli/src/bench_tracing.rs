@@ -174,8 +174,11 @@ struct Round {
 
 type Figure = fn(&Round) -> f64;
 
+/// A figure of the interleaved runs.
+type MixedFigure = fn(&Mixed) -> f64;
+
 /// The interleaved runs' figures.
-const MIXED_ROWS: [(&str, fn(&Mixed) -> f64); 6] = [
+const MIXED_ROWS: [(&str, MixedFigure); 6] = [
     ("publish_msgs_per_s", |m| {
         m.messages as f64 / m.secs.max(1e-9)
     }),
