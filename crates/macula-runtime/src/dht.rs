@@ -46,6 +46,10 @@ pub const DHT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// re-send (see [`Task::transmit`]); past this a request is sent
 /// unwatched, and times out as before if its connection closes.
 pub const MAX_WATCHED_REQUESTS: usize = 1024;
+/// Times a re-send asks the pool for a route other than the closed
+/// connection, [`RESEND_ROUTE_WAIT`] apart.
+const RESEND_ROUTE_TRIES: usize = 5;
+const RESEND_ROUTE_WAIT: Duration = Duration::from_millis(20);
 
 /// Why a DHT call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1245,10 +1249,20 @@ impl<D: Dialer> Task<D> {
             }
             counters.resends_total.inc();
             tracing::debug!(peer = %id, id = cid, "the connection carrying a DHT request closed before its answer; re-sending it over a new route");
-            let sent = match dialer.dial(addr, id).await {
-                Some(p) if p.connection_id() != peer.connection_id() => p.send(&msg).await.is_ok(),
-                _ => false,
-            };
+            // The pool may still hand out the closed connection for a
+            // moment (until its driver has seen the close): ask again,
+            // a bounded number of times.
+            let mut sent = false;
+            for _ in 0..RESEND_ROUTE_TRIES {
+                match dialer.dial(addr, id).await {
+                    Some(p) if p.connection_id() != peer.connection_id() => {
+                        sent = p.send(&msg).await.is_ok();
+                        break;
+                    }
+                    Some(_) => tokio::time::sleep(RESEND_ROUTE_WAIT).await,
+                    None => break,
+                }
+            }
             if !sent {
                 counters.sends_failed_total.inc();
             }

@@ -103,6 +103,7 @@ fn a_failed_round_is_retried_within_the_attempt() {
     let mut s = Scenario::new(seed);
     s.loss = 0.5;
     let report = run(&s);
+    println!("{report}");
     let ctx = format!("replay with MACULA_SIM_SEED={seed}:\n{report}");
     let later = report
         .pairs
