@@ -41,6 +41,8 @@ use crate::nat::{NatBox, NatKind};
 /// 333 ms initial RTT): a dial's first packet is sent again after it,
 /// then after twice as long, and so on.
 pub const PTO: Millis = Millis(1_000);
+/// Packets one dial sends at most in a round (the first and its resends).
+pub const MAX_SENDS_PER_DIAL: usize = 16;
 
 /// The pair matrix's parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -351,8 +353,12 @@ fn attempt(s: &Scenario, ka: NatKind, kb: NatKind, rng: &mut Rng) -> Outcome {
         {
             for target in targets.iter() {
                 let (mut at, mut pto) = (start, PTO);
-                // Bounded: the wait doubles until the round ends.
-                while at <= round_end {
+                // The wait doubles until the round ends (at most
+                // MAX_SENDS_PER_DIAL packets, whatever the limits).
+                for _ in 0..MAX_SENDS_PER_DIAL {
+                    if at > round_end {
+                        break;
+                    }
                     sends.push((at, from_a, *target));
                     at = at.saturating_add(pto);
                     pto = Millis(pto.0.saturating_mul(2));

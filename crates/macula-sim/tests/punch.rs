@@ -122,3 +122,35 @@ fn a_run_replays_exactly_from_its_seed() {
     other.seed += 1;
     assert_ne!(run(&s), run(&other));
 }
+
+#[test]
+fn on_near_zero_latency_links_a_dropped_first_packet_is_resent_within_the_round() {
+    // As in the namespace harness: links of 0-1 ms, so which side's first
+    // packet leaves first is chance. A symmetric initiator's first packet
+    // to a restricted cone that has not sent to it yet is dropped, and
+    // QUIC's resend 1 s later gets through: within the round, since a
+    // round waits at least `punch::MIN_ROUND_WAIT` (1.2 s).
+    let seed = seed();
+    let mut s = Scenario::new(seed);
+    s.link = (Millis(0), Millis(1));
+    s.jitter = Millis(2);
+    s.loss = 0.0;
+    let report = run(&s);
+    println!("{report}");
+    let ctx = format!("replay with MACULA_SIM_SEED={seed}:\n{report}");
+    let p = report
+        .pair(NatKind::Symmetric, NatKind::RestrictedCone)
+        .expect("pair");
+    assert!(
+        p.outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Direct { rounds: 1, after } if *after >= Millis(1_000))),
+        "no first packet needed its resend: {:?}\n{ctx}",
+        p.outcomes
+    );
+    for p in &report.pairs {
+        if punchable(p.initiator, p.responder) {
+            assert_eq!(p.first_round(), p.outcomes.len(), "{ctx}");
+        }
+    }
+}
