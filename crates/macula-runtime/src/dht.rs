@@ -42,6 +42,14 @@ pub const MAX_INFLIGHT_SENDS: usize = 1024;
 /// Upper bound on one API call (put, get, closest); the core's own lookups
 /// end sooner, this only guards against a stuck task.
 pub const DHT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests on relayed or hole-punched connections watched at once for a
+/// re-send (see [`Task::transmit`]); past this a request is sent
+/// unwatched, and times out as before if its connection closes.
+pub const MAX_WATCHED_REQUESTS: usize = 1024;
+/// Times a re-send asks the pool for a route other than the closed
+/// connection, [`RESEND_ROUTE_WAIT`] apart.
+const RESEND_ROUTE_TRIES: usize = 5;
+const RESEND_ROUTE_WAIT: Duration = Duration::from_millis(20);
 
 /// Why a DHT call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +103,11 @@ pub struct DhtCounters {
     pub sends_dropped_total: Counter,
     /// Requests that could not be delivered (dial or write failed).
     pub sends_failed_total: Counter,
+    /// Requests re-sent over a new route because the relayed or
+    /// hole-punched connection carrying them closed before the answer
+    /// (issue 22: the relayed connection closes after a direct one
+    /// replaced it).
+    pub resends_total: Counter,
     /// Contacts whose address could not be parsed (not exported).
     pub bad_contact_addr_total: AtomicU64,
     /// `get` calls answered from the local cache.
@@ -221,6 +234,12 @@ impl DhtCounters {
             "macula_dht_requests_rate_limited",
             "DHT requests refused by the per-peer rate limit.",
             self.requests_rate_limited_total.clone(),
+        );
+        register(
+            r,
+            "macula_dht_resends",
+            "DHT requests re-sent over a new route after the relayed or hole-punched connection carrying them closed.",
+            self.resends_total.clone(),
         );
         register(
             r,
@@ -843,6 +862,12 @@ struct Task<D: Dialer> {
     snapshot: Option<SnapshotSetup>,
     /// A periodic save is being written (the next tick skips).
     saving: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests sent and not answered yet, by correlation ID: the answer
+    /// wakes the task watching the request's connection
+    /// ([`Task::transmit`]). An entry whose watcher is gone is pruned.
+    answers: HashMap<u64, oneshot::Sender<()>>,
+    /// The core's request timeout: how long a request is watched.
+    request_timeout: Duration,
 }
 
 /// Where and how often the DHT task writes its snapshot (`dht_snapshot.rs`).
@@ -869,6 +894,7 @@ pub(crate) fn spawn<D: Dialer>(
 ) -> DhtHandle {
     let (tx, mut rx) = mpsc::channel(DHT_QUEUE_CAPACITY);
     let counters = Arc::new(DhtCounters::default());
+    let request_timeout = config.request_timeout.to_duration();
     let own = Contact::new(identity.node_id(), own_addr.to_string());
     let seed = u64::from_le_bytes(
         identity.node_id().as_bytes()[..8]
@@ -894,6 +920,8 @@ pub(crate) fn spawn<D: Dialer>(
         cache: GetCache::new(DHT_CACHE_CAPACITY, DHT_CACHE_MAX_AGE),
         snapshot,
         saving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        answers: HashMap::new(),
+        request_timeout,
     };
     if first_node {
         task.dht.bootstrap(Vec::new(), task.clock.now());
@@ -1155,6 +1183,9 @@ impl<D: Dialer> Task<D> {
             },
             Incoming::Response(id, resp) => {
                 tracing::trace!(from = %from.id, id = id.0, "DHT response");
+                if let Some(answered) = self.answers.remove(&id.0) {
+                    let _ = answered.send(());
+                }
                 self.dht.handle_response(&from.id, id, resp, now)
             }
         }
@@ -1169,6 +1200,15 @@ impl<D: Dialer> Task<D> {
         }
     }
 
+    /// Sends a request over the pool. One sent on a relayed or
+    /// hole-punched connection is watched until its answer comes (or the
+    /// core's request timeout): when that connection closes first (the
+    /// relayed one closes after the duplicate grace once a direct one
+    /// replaced it; a punched path dies), the request is re-sent once,
+    /// with the same correlation ID, over the pool's route to the node
+    /// now. DHT requests are idempotent (a STORE of the same record again
+    /// refreshes it), and the core takes the first answer and counts a
+    /// second as unmatched. Nothing times out because of the switch.
     fn transmit(&mut self, out: Outgoing) {
         tracing::trace!(to = %out.to.id, addr = %out.to.addr, request = out.request.name(), id = out.correlation_id.0, "DHT request");
         let Ok(addr) = out.to.addr.parse::<SocketAddr>() else {
@@ -1179,21 +1219,70 @@ impl<D: Dialer> Task<D> {
             self.counters.sends_dropped_total.inc();
             return;
         };
+        let cid = out.correlation_id.0;
         let msg = Message::Dht(wire_request(out.correlation_id, &out.request));
         let dialer = self.dialer.clone();
         let counters = self.counters.clone();
         let id = out.to.id;
+        let answered = self.watch_answer(cid);
+        let watch_for = self.request_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
-            let sent = match dialer.dial(addr, id).await {
-                Some(peer) => peer.send(&msg).await.is_ok(),
-                None => false,
+            let peer = match dialer.dial(addr, id).await {
+                Some(peer) if peer.send(&msg).await.is_ok() => peer,
+                _ => {
+                    // The core times the request out and retries or gives up.
+                    counters.sends_failed_total.inc();
+                    return;
+                }
             };
+            drop(permit);
+            let Some(answered) = answered.filter(|_| peer.is_replaceable()) else {
+                return;
+            };
+            let closed = tokio::select! {
+                _ = answered => false,
+                _ = peer.connection().closed() => true,
+                _ = tokio::time::sleep(watch_for) => false,
+            };
+            if !closed {
+                return;
+            }
+            counters.resends_total.inc();
+            tracing::debug!(peer = %id, id = cid, "the connection carrying a DHT request closed before its answer; re-sending it over a new route");
+            // The pool may still hand out the closed connection for a
+            // moment (until its driver has seen the close): ask again,
+            // a bounded number of times.
+            let mut sent = false;
+            for _ in 0..RESEND_ROUTE_TRIES {
+                match dialer.dial(addr, id).await {
+                    Some(p) if p.connection_id() != peer.connection_id() => {
+                        sent = p.send(&msg).await.is_ok();
+                        break;
+                    }
+                    Some(_) => tokio::time::sleep(RESEND_ROUTE_WAIT).await,
+                    None => break,
+                }
+            }
             if !sent {
-                // The core times the request out and retries or gives up.
                 counters.sends_failed_total.inc();
             }
         });
+    }
+
+    /// Registers a request for its answer; `None` past
+    /// [`MAX_WATCHED_REQUESTS`] (after pruning entries whose watcher is
+    /// gone: answered elsewhere, timed out, or on a connection that is not
+    /// replaceable).
+    fn watch_answer(&mut self, cid: u64) -> Option<oneshot::Receiver<()>> {
+        if self.answers.len() >= MAX_WATCHED_REQUESTS {
+            self.answers.retain(|_, tx| !tx.is_closed());
+            if self.answers.len() >= MAX_WATCHED_REQUESTS {
+                return None;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.answers.insert(cid, tx);
+        Some(rx)
     }
 
     fn on_event(&mut self, ev: Event) {

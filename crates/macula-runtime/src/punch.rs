@@ -15,8 +15,14 @@
 //! connection always wins over a relayed one), which closes after the
 //! duplicate grace period; the relay stays whenever punching fails.
 //!
-//! Limits (`NatLimits`): `punch_rounds` rounds per attempt, each bounded
-//! by `punch_round_timeout`, `punch_backoff` (doubling) between rounds;
+//! The decisions are `macula-nat`'s (`punch::on_answer`, `dial_targets`,
+//! `round_wait`), shared with the simulator's pair matrix.
+//!
+//! Limits (`NatLimits`): `punch_rounds` rounds per attempt, each waiting
+//! for a direct connection `punch::round_wait` (8 round trips, at least
+//! 1.2 s, at most `punch_round_timeout`) after its dials leave, then
+//! `punch_backoff` (doubling) before the next round, whose dials leave
+//! anew from both sides;
 //! one attempt per peer at a time; at most [`MAX_PENDING`] answers waiting
 //! for their sync. Every attempt ends in one outcome of
 //! `macula_holepunch_attempts_total{outcome}`. A `failed` attempt (the
@@ -40,7 +46,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 
 use crate::metrics::{register, LabelledCounters};
-use crate::nat::{self, NatLimits};
+use crate::nat::{self, punch, NatLimits};
 use crate::peer::{Direction, Peer};
 use crate::reachability::Reachability;
 use crate::service::{Answer, Serves, Service};
@@ -206,13 +212,7 @@ impl HolePunching {
 
     /// Dials every candidate at once; true when a direct connection is
     /// pooled within `within`.
-    async fn dial_all(&self, id: NodeId, addrs: &[String], within: Duration) -> bool {
-        let targets: Vec<SocketAddr> = addrs
-            .iter()
-            .take(MAX_PUNCH_ADDRS)
-            .filter_map(|a| a.parse().ok())
-            .filter(|a: &SocketAddr| !a.ip().is_unspecified() && !nat::is_tunnel_addr(a))
-            .collect();
+    async fn dial_all(&self, id: NodeId, targets: Vec<SocketAddr>, within: Duration) -> bool {
         let dials = targets.into_iter().map(|a| {
             let fut = (self.0.dial)(a, id);
             async move {
@@ -316,21 +316,29 @@ impl HolePunching {
             };
             let rtt = Millis::from_duration(sent.elapsed());
             let nat = self.0.reach.nat(self.now());
-            let theirs = (
-                nat::mapping_named(&answer.mapping),
-                nat::filtering_named(&answer.filtering),
-            );
-            let mine = (nat.report.mapping, nat.filtering);
-            let predicted = (!nat.report.predicted.is_empty(), answer.predicted);
-            if !nat::should_punch_predicted(mine, theirs, predicted) {
-                tracing::info!(peer = %id, mine = nat.report.mapping.name(), theirs = theirs.0.name(), "not punchable; staying on the relay");
-                outcome = "unpunchable";
-                break;
-            }
-            if answer.addrs.is_empty() {
-                outcome = "no_candidates";
-                break;
-            }
+            let mine = punch::Side {
+                mapping: nat.report.mapping,
+                filtering: nat.filtering,
+                predicted: !nat.report.predicted.is_empty(),
+            };
+            let theirs = punch::Side {
+                mapping: nat::mapping_named(&answer.mapping),
+                filtering: nat::filtering_named(&answer.filtering),
+                predicted: answer.predicted,
+            };
+            let targets = punch::dial_targets(&answer.addrs, MAX_PUNCH_ADDRS);
+            let after = match punch::on_answer(mine, theirs, targets.len(), rtt) {
+                punch::Step::Unpunchable => {
+                    tracing::info!(peer = %id, mine = mine.mapping.name(), theirs = theirs.mapping.name(), "not punchable; staying on the relay");
+                    outcome = "unpunchable";
+                    break;
+                }
+                punch::Step::NoCandidates => {
+                    outcome = "no_candidates";
+                    break;
+                }
+                punch::Step::Dial { after } => after,
+            };
             if peer
                 .send(&Message::HolePunchSync(HolePunchSync { nonce }))
                 .await
@@ -339,8 +347,12 @@ impl HolePunching {
                 outcome = "relay_closed";
                 break;
             }
-            tokio::time::sleep(nat::dial_delay(rtt).to_duration()).await;
-            if self.dial_all(id, &answer.addrs, timeout).await {
+            tokio::time::sleep(after.to_duration()).await;
+            // Not the whole round timeout: a round whose first packets
+            // crossed is retried (new dials from both sides at once) after
+            // a few round trips and the backoff.
+            let wait = punch::round_wait(rtt, l.punch_round_timeout).to_duration();
+            if self.dial_all(id, targets, wait).await {
                 outcome = "direct";
                 if round == 0 {
                     c.first_round_total.inc();
@@ -397,8 +409,9 @@ impl HolePunching {
         self.0.counters.responder_dials_total.inc();
         let this = self.clone();
         let within = self.0.limits.punch_round_timeout.to_duration();
+        let targets = punch::dial_targets(&addrs, MAX_PUNCH_ADDRS);
         tokio::spawn(async move {
-            this.dial_all(id, &addrs, within).await;
+            this.dial_all(id, targets, within).await;
         });
     }
 }

@@ -179,6 +179,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("macula_dht_routing_table_size", "gauge"),
     ("macula_dht_lookups", "counter"),
     ("macula_dht_request_timeouts", "counter"),
+    ("macula_dht_resends", "counter"),
     ("macula_dht_cache_hits", "counter"),
     ("macula_ready", "gauge"),
     ("macula_dht_routing_hops", "histogram"),

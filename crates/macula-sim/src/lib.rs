@@ -56,7 +56,9 @@
 //!   again on every reconnection; that is what heals a partition.
 //!
 //! Not modelled: idle-connection closing (the pool's 300 s idle timeout),
-//! lightweight clients and gateway forwarding, relays and NAT, clock drift
+//! lightweight clients and gateway forwarding, relays and NAT (in the
+//! mesh; the hole-punching pair matrix, [`punch`] over [`nat`], runs on
+//! its own), clock drift
 //! (every node reads the one virtual clock), bandwidth and flow control
 //! (writes complete at once, so the pub/sub stall cut-off is not exercised),
 //! graceful shutdown of pub/sub and RPC (withdrawals).
@@ -154,6 +156,10 @@
 //! - [`dht`]: the DHT experiment whose figures BENCHMARKS.md quotes.
 //! - [`mesh`]: the fault scenario: registration, publishes and calls under
 //!   faults (safety), heal, liveness phase.
+//! - [`nat`]: simulated NAT boxes (full cone, restricted cone,
+//!   port-restricted, symmetric with random or sequential ports).
+//! - [`punch`]: the hole-punching pair matrix (issue 22): `macula-nat`'s
+//!   decisions, the runtime's, for every ordered pair of NAT kinds.
 
 pub mod check;
 pub mod crdt;
@@ -161,9 +167,11 @@ pub mod dht;
 pub mod engine;
 pub mod figures;
 pub mod mesh;
+pub mod nat;
 pub mod net;
 pub mod node;
 pub mod pubsub;
+pub mod punch;
 mod queue;
 pub mod rpc;
 pub mod service;
