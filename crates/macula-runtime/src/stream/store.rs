@@ -122,6 +122,65 @@ struct Job {
     sync: bool,
 }
 
+/// Groups acknowledged ahead of their redb commit, and how many of them
+/// are committed: a read waits until what was acknowledged before it is
+/// in redb (see the module docs, "Acknowledged from the journal").
+#[derive(Debug, Default)]
+struct Gate {
+    /// Groups acknowledged from the journal (raised before the answers).
+    acked: AtomicU64,
+    /// ... of which committed to redb (raised after the commit).
+    committed: AtomicU64,
+    /// Held to wait on and to notify `moved`.
+    lock: parking_lot::Mutex<()>,
+    /// Notified when `committed` moves or a commit fails.
+    moved: parking_lot::Condvar,
+    /// A commit of acknowledged writes failed: reads that wait for it fail
+    /// (the journal holds them; the next open replays them).
+    failed: parking_lot::Mutex<Option<String>>,
+}
+
+/// How long a read waits at most for the commit of writes acknowledged
+/// before it (a commit takes microseconds to milliseconds; this bounds a
+/// stuck disk).
+pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Gate {
+    /// Waits until every group acknowledged so far is committed; whether
+    /// it had to wait.
+    fn settle(&self, path: &Path) -> Result<bool, StoreError> {
+        let want = self.acked.load(Ordering::Acquire);
+        if self.committed.load(Ordering::Acquire) >= want {
+            return Ok(false);
+        }
+        let deadline = std::time::Instant::now() + READ_WAIT;
+        let mut guard = self.lock.lock();
+        while self.committed.load(Ordering::Acquire) < want {
+            if let Some(f) = &*self.failed.lock() {
+                return Err(io(path)(format!("commit of acknowledged writes: {f}")));
+            }
+            if self.moved.wait_until(&mut guard, deadline).timed_out() {
+                return Err(io(path)(format!(
+                    "acknowledged writes not committed within {READ_WAIT:?}"
+                )));
+            }
+        }
+        Ok(true)
+    }
+
+    fn committed_one(&self) {
+        self.committed.fetch_add(1, Ordering::AcqRel);
+        let _guard = self.lock.lock();
+        self.moved.notify_all();
+    }
+
+    fn fail(&self, e: &str) {
+        self.failed.lock().get_or_insert_with(|| e.to_string());
+        let _guard = self.lock.lock();
+        self.moved.notify_all();
+    }
+}
+
 /// What the writer counted.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -135,6 +194,10 @@ pub struct StoreStats {
     pub journal_appends: AtomicU64,
     /// `fdatasync`s of the journal.
     pub journal_syncs: AtomicU64,
+    /// Groups acknowledged from the journal before their redb commit.
+    pub early_acks: AtomicU64,
+    /// Reads that waited for the commit of acknowledged writes.
+    pub read_waits: AtomicU64,
 }
 
 /// A stream's store (see the module docs).
@@ -145,6 +208,7 @@ pub struct StreamStore {
     durable: watch::Receiver<u64>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<StoreStats>,
+    gate: Arc<Gate>,
     /// The applied index (`Write::Applied`) of the last synced commit.
     synced_applied: Arc<AtomicU64>,
     /// The sync interval in milliseconds (0: sync before every
@@ -232,6 +296,7 @@ impl StreamStore {
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, drx) = watch::channel(durable);
         let stats = Arc::new(StoreStats::default());
+        let gate = Arc::new(Gate::default());
         let synced_applied = Arc::new(AtomicU64::new(applied));
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
         let checkpoint_every_ms = Arc::new(AtomicU64::new(SYNC_EVERY.as_millis() as u64));
@@ -241,6 +306,7 @@ impl StreamStore {
                 path: path.to_path_buf(),
                 durable: dtx,
                 stats: stats.clone(),
+                gate: gate.clone(),
                 synced_applied: synced_applied.clone(),
                 sync_interval_ms: sync_interval_ms.clone(),
                 checkpoint_every_ms: checkpoint_every_ms.clone(),
@@ -264,6 +330,7 @@ impl StreamStore {
             durable: drx,
             thread: parking_lot::Mutex::new(thread),
             stats,
+            gate,
             synced_applied,
             sync_interval_ms,
             #[cfg(test)]
@@ -364,6 +431,7 @@ impl StreamStore {
 
     /// Reads one message.
     pub fn get(&self, seq: u64) -> Result<Option<StoredMsg>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -383,6 +451,7 @@ impl StreamStore {
     /// they are ascending, as a consumer's batch is); a sequence not stored
     /// is left out.
     pub fn get_batch(&self, seqs: &[u64]) -> Result<Vec<(u64, StoredMsg)>, StoreError> {
+        self.settled()?;
         let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
             return Ok(Vec::new());
         };
@@ -422,6 +491,16 @@ impl StreamStore {
         Ok(out)
     }
 
+    /// Waits until the writes acknowledged before this read are committed
+    /// to redb (at once unless a group was acknowledged from the journal
+    /// and its commit is still running).
+    fn settled(&self) -> Result<(), StoreError> {
+        if self.gate.settle(&self.path)? {
+            self.stats.read_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn corrupt(&self, seq: u64, c: &CorruptRecord) -> StoreError {
         StoreError::Corrupt {
             path: self.path.clone(),
@@ -431,6 +510,7 @@ impl StreamStore {
 
     /// Reads the configuration (JSON) and the last sequence and timestamp.
     pub fn meta(&self) -> Result<(Vec<u8>, u64, u64), StoreError> {
+        self.settled()?;
         let (last, ts) = self.last()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
@@ -448,6 +528,7 @@ impl StreamStore {
 
     /// The index snapshot of the last clean shutdown, if there is one.
     pub fn index_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
@@ -456,12 +537,14 @@ impl StreamStore {
     }
 
     fn last(&self) -> Result<(u64, u64), StoreError> {
+        self.settled()?;
         read_last(&self.db, &self.path)
     }
 
     /// Calls `f` with every stored message's sequence, record size and
     /// head, ascending (to rebuild the index).
     pub fn scan(&self, mut f: impl FnMut(u64, u32, record::Head<'_>)) -> Result<u64, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -485,6 +568,7 @@ impl StreamStore {
     /// The Raft log index a replicated stream's store has applied (0:
     /// none, or not replicated).
     pub fn applied(&self) -> Result<u64, StoreError> {
+        self.settled()?;
         read_applied(&self.db, &self.path)
     }
 
@@ -496,6 +580,7 @@ impl StreamStore {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -518,6 +603,7 @@ impl StreamStore {
 
     /// Stored messages (as redb counts them).
     pub fn stored_messages(&self) -> Result<u64, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         match txn.open_table(MSGS) {
@@ -529,6 +615,7 @@ impl StreamStore {
 
     /// Every consumer record: name -> bytes.
     pub fn consumers(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(CONSUMERS) {
@@ -628,6 +715,7 @@ struct Writer {
     path: PathBuf,
     durable: watch::Sender<u64>,
     stats: Arc<StoreStats>,
+    gate: Arc<Gate>,
     synced_applied: Arc<AtomicU64>,
     sync_interval_ms: Arc<AtomicU64>,
     checkpoint_every_ms: Arc<AtomicU64>,
@@ -684,21 +772,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write(&group);
+            let result = self.write(&mut group);
             if let Err(e) = &result {
                 tracing::error!(path = %self.path.display(), error = %e, "stream store write failed");
             }
-            for j in group {
-                match j.done {
-                    Some(Done::Async(tx)) => {
-                        let _ = tx.send(result.clone());
-                    }
-                    Some(Done::Blocking(tx)) => {
-                        let _ = tx.send(result.clone());
-                    }
-                    None => {}
-                }
-            }
+            answer(&mut group, &result);
         }
         // What was acknowledged is in the journal; sync what an interval
         // left unsynced (a close checkpoints before this).
@@ -761,22 +839,24 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, group: &[Job]) -> Result<(), String> {
+    fn write(&mut self, group: &mut [Job]) -> Result<(), String> {
         if let Some(f) = &self.failed {
             return Err(f.clone());
         }
         let durable = group.iter().any(|j| j.sync);
         let has_writes = group.iter().any(|j| !j.writes.is_empty());
-        let checkpoint_due = self.last_checkpoint.elapsed() >= self.checkpoint_every();
         if !has_writes && !durable {
             return Ok(());
         }
-        if (durable && (!has_writes || self.unjournaled || self.journal.len() >= JOURNAL_MAX))
-            || (checkpoint_due && self.dirty)
-        {
+        let checkpoint_due = self.last_checkpoint.elapsed() >= self.checkpoint_every();
+        // A durable group goes through the journal unless there is nothing
+        // to journal or redb holds unjournaled commits (the journal alone
+        // would replay it without them).
+        let journaled = durable && has_writes && !self.unjournaled;
+        if durable && !journaled {
             return self.checkpoint(group);
         }
-        if durable {
+        if journaled {
             let appended = self
                 .journal
                 .append(group.iter().flat_map(|j| j.writes.iter()))
@@ -792,17 +872,42 @@ impl Writer {
             if sync_now {
                 self.sync_journal()?;
             }
+            // In the journal as the stream's mode requires (synced, or
+            // written with a sync interval): acknowledged now, before the
+            // redb commit. A read waits for that commit (`Gate`); a crash
+            // before it replays the journal.
+            self.raise_durable(group);
+            self.gate.acked.fetch_add(1, Ordering::AcqRel);
+            self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
+            answer(group, &Ok(()));
         }
-        commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None)?;
-        self.dirty = true;
-        if !durable {
-            self.unjournaled = true;
+        let result = if self.journal.len() >= JOURNAL_MAX || (checkpoint_due && self.dirty) {
+            self.checkpoint(group)
+        } else {
+            commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None).map(|()| {
+                self.dirty = true;
+                if !durable {
+                    self.unjournaled = true;
+                }
+                self.committed(group);
+                if durable && !self.unjournaled && !self.journal.unsynced() {
+                    self.synced_applied.store(self.applied, Ordering::Release);
+                }
+            })
+        };
+        if journaled {
+            match &result {
+                Ok(()) => self.gate.committed_one(),
+                Err(e) => {
+                    // Acknowledged but not in redb: nothing more is
+                    // written, reads waiting for it fail, the next open
+                    // replays the journal.
+                    self.failed = Some(e.clone());
+                    self.gate.fail(e);
+                }
+            }
         }
-        self.committed(group);
-        if durable && !self.unjournaled && !self.journal.unsynced() {
-            self.synced_applied.store(self.applied, Ordering::Release);
-        }
-        Ok(())
+        result
     }
 
     fn sync_journal(&mut self) -> Result<(), String> {
@@ -848,20 +953,45 @@ impl Writer {
         let n: usize = group.iter().map(|j| j.writes.len()).sum();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
-        let mut top = None;
         for w in group.iter().flat_map(|j| j.writes.iter()) {
-            match w {
-                Write::Applied(i) => self.applied = *i,
-                Write::Put(seq, _) => top = top.max(Some(*seq)),
-                _ => {}
+            if let Write::Applied(i) = w {
+                self.applied = *i;
             }
         }
+        self.raise_durable(group);
+    }
+
+    /// Raises `durable` to the group's highest sequence.
+    fn raise_durable(&self, group: &[Job]) {
+        let top = group
+            .iter()
+            .flat_map(|j| j.writes.iter())
+            .filter_map(|w| match w {
+                Write::Put(seq, _) => Some(*seq),
+                _ => None,
+            })
+            .max();
         if let Some(top) = top {
             self.durable.send_if_modified(|d| {
                 let raise = top > *d;
                 *d = (*d).max(top);
                 raise
             });
+        }
+    }
+}
+
+/// Answers the group's waiters not answered yet.
+fn answer(group: &mut [Job], result: &Result<(), String>) {
+    for j in group {
+        match j.done.take() {
+            Some(Done::Async(tx)) => {
+                let _ = tx.send(result.clone());
+            }
+            Some(Done::Blocking(tx)) => {
+                let _ = tx.send(result.clone());
+            }
+            None => {}
         }
     }
 }
