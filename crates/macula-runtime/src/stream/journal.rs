@@ -46,6 +46,8 @@ const HEADER: usize = 4 + 8;
 const CHUNK: u64 = 1 << 20;
 /// No record is larger (a group is bounded well below, `store::MAX_GROUP_BYTES`).
 const MAX_RECORD: usize = 1 << 30;
+/// A record buffer up to this size is kept for the next append.
+const KEEP_BUFFER: usize = 4 << 20;
 
 /// Why the journal failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,8 @@ pub struct Journal {
     allocated: u64,
     /// Appended since the last `fdatasync`.
     unsynced: bool,
+    /// The last record's buffer, reused by the next append.
+    buf: Vec<u8>,
 }
 
 fn checksum(body: &[u8]) -> [u8; 8] {
@@ -115,6 +119,7 @@ impl Journal {
             offset: 0,
             allocated: 0,
             unsynced: false,
+            buf: Vec::new(),
         })
     }
 
@@ -137,6 +142,7 @@ impl Journal {
             offset: 0,
             allocated,
             unsynced: false,
+            buf: Vec::new(),
         };
         let groups = j.replay()?;
         Ok((j, groups))
@@ -200,17 +206,44 @@ impl Journal {
     }
 
     /// Appends one group of writes (not synced: see [`Journal::sync`]).
-    pub fn append<'a>(
-        &mut self,
-        writes: impl IntoIterator<Item = &'a Write>,
-    ) -> Result<(), JournalError> {
-        let writes: Vec<&Write> = writes.into_iter().collect();
-        let mut record = vec![0u8; HEADER];
+    pub fn append<'a, I>(&mut self, writes: I) -> Result<(), JournalError>
+    where
+        I: IntoIterator<Item = &'a Write>,
+        I::IntoIter: Clone,
+    {
+        let writes = writes.into_iter();
+        // The record is built in a buffer kept from one append to the
+        // next (a group of 1 KiB publishes is hundreds of KiB).
+        let mut record = std::mem::take(&mut self.buf);
+        record.clear();
+        record.resize(HEADER, 0);
         record.extend_from_slice(&self.epoch.to_le_bytes());
-        rmp_serde::encode::write(&mut record, &writes).map_err(|e| JournalError::Io {
-            path: self.path.clone(),
-            message: format!("encoding: {e}"),
-        })?;
+        // The writes as one MessagePack array (what a `Vec<Write>`
+        // encodes to), without collecting them first.
+        let n = writes.clone().count();
+        match u32::try_from(n) {
+            Ok(n) if n < 16 => record.push(0x90 | n as u8),
+            Ok(n) if n <= u32::from(u16::MAX) => {
+                record.push(0xdc);
+                record.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            Ok(n) => {
+                record.push(0xdd);
+                record.extend_from_slice(&n.to_be_bytes());
+            }
+            Err(_) => {
+                return Err(JournalError::Io {
+                    path: self.path.clone(),
+                    message: format!("a group of {n} writes is over the record limit"),
+                })
+            }
+        }
+        for w in writes {
+            rmp_serde::encode::write(&mut record, w).map_err(|e| JournalError::Io {
+                path: self.path.clone(),
+                message: format!("encoding: {e}"),
+            })?;
+        }
         let len = record.len() - HEADER;
         if len > MAX_RECORD {
             return Err(JournalError::Io {
@@ -225,9 +258,12 @@ impl Journal {
         if end > self.allocated {
             self.grow(end)?;
         }
-        self.file
-            .write_all_at(&record, self.offset)
-            .map_err(|e| io_err(&self.path, e))?;
+        let written = self.file.write_all_at(&record, self.offset);
+        // A buffer grown by an unusually large group is not kept.
+        if record.capacity() <= KEEP_BUFFER {
+            self.buf = record;
+        }
+        written.map_err(|e| io_err(&self.path, e))?;
         self.offset = end;
         self.unsynced = true;
         Ok(())

@@ -218,6 +218,19 @@ pub struct StreamStore {
     /// ([`SYNC_EVERY`]; tests stretch it).
     #[cfg(test)]
     checkpoint_every_ms: Arc<AtomicU64>,
+    #[cfg(test)]
+    hooks: Arc<TestHooks>,
+}
+
+/// What tests make the writer do between an early acknowledgement and the
+/// redb commit.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct TestHooks {
+    /// Sleep this long before each commit of an acknowledged group.
+    commit_delay_ms: AtomicU64,
+    /// Fail the next commit of an acknowledged group.
+    fail_commit: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -300,6 +313,8 @@ impl StreamStore {
         let synced_applied = Arc::new(AtomicU64::new(applied));
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
         let checkpoint_every_ms = Arc::new(AtomicU64::new(SYNC_EVERY.as_millis() as u64));
+        #[cfg(test)]
+        let hooks = Arc::new(TestHooks::default());
         let thread = {
             let mut w = Writer {
                 db: db.clone(),
@@ -310,6 +325,8 @@ impl StreamStore {
                 synced_applied: synced_applied.clone(),
                 sync_interval_ms: sync_interval_ms.clone(),
                 checkpoint_every_ms: checkpoint_every_ms.clone(),
+                #[cfg(test)]
+                hooks: hooks.clone(),
                 journal,
                 applied,
                 last_checkpoint: std::time::Instant::now(),
@@ -335,6 +352,8 @@ impl StreamStore {
             sync_interval_ms,
             #[cfg(test)]
             checkpoint_every_ms,
+            #[cfg(test)]
+            hooks,
         }
     }
 
@@ -719,6 +738,8 @@ struct Writer {
     synced_applied: Arc<AtomicU64>,
     sync_interval_ms: Arc<AtomicU64>,
     checkpoint_every_ms: Arc<AtomicU64>,
+    #[cfg(test)]
+    hooks: Arc<TestHooks>,
     journal: Journal,
     /// The applied index written so far (synced or not).
     applied: u64,
@@ -880,6 +901,17 @@ impl Writer {
             self.gate.acked.fetch_add(1, Ordering::AcqRel);
             self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
             answer(group, &Ok(()));
+            #[cfg(test)]
+            {
+                let ms = self.hooks.commit_delay_ms.load(Ordering::Acquire);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                if self.hooks.fail_commit.swap(false, Ordering::AcqRel) {
+                    let e = "commit failed (test)".to_string();
+                    self.failed = Some(e.clone());
+                    self.gate.fail(&e);
+                    return Err(e);
+                }
+            }
         }
         let result = if self.journal.len() >= JOURNAL_MAX || (checkpoint_due && self.dirty) {
             self.checkpoint(group)
@@ -1232,5 +1264,65 @@ mod tests {
         let back = StreamStore::open(&path, 1 << 20).unwrap();
         assert!(back.get(1).unwrap().is_some());
         assert!(journal::path_of(&path).is_file());
+    }
+
+    #[test]
+    fn a_read_after_an_acknowledgement_waits_for_its_commit() {
+        for interval in [None, Some(Duration::from_secs(3600))] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = open_store(dir.path());
+            s.set_sync_interval(interval);
+            // Each acknowledged group's commit lands 50 ms after its answer.
+            s.hooks.commit_delay_ms.store(50, Ordering::Release);
+            for seq in 1..=3 {
+                let started = std::time::Instant::now();
+                s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+                assert!(
+                    started.elapsed() < Duration::from_millis(50),
+                    "answered before the commit ({interval:?})"
+                );
+                assert!(s.get(seq).unwrap().is_some(), "read back {seq} ({interval:?})");
+                assert_eq!(s.get_batch(&[seq]).unwrap().len(), 1);
+                assert_eq!(s.last().unwrap(), (seq, seq));
+            }
+            assert!(s.stats().early_acks.load(Ordering::Relaxed) >= 3);
+            assert!(s.stats().read_waits.load(Ordering::Relaxed) >= 3);
+        }
+    }
+
+    #[test]
+    fn a_write_acknowledged_before_its_commit_survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        s.write_now(vec![put(1), Write::Last(1, 1)]).unwrap();
+        // The next commit hangs for a second: the crash image is taken
+        // after the answer and before redb holds the write.
+        s.hooks.commit_delay_ms.store(1000, Ordering::Release);
+        s.write_now(vec![put(2), Write::Last(2, 2)]).unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert!(back.get(2).unwrap().is_some(), "replayed from the journal");
+        assert_eq!(back.last().unwrap(), (2, 2));
+    }
+
+    #[test]
+    fn a_failed_commit_of_acknowledged_writes_fails_reads_and_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.write_now(vec![put(1)]).unwrap();
+        s.hooks.fail_commit.store(true, Ordering::Release);
+        // In the journal (synced): acknowledged.
+        s.write_now(vec![put(2)]).unwrap();
+        // Not in redb: a read does not miss it quietly, it fails.
+        let err = s.get(2).unwrap_err();
+        assert!(err.to_string().contains("commit failed (test)"), "{err}");
+        assert!(s.write_now(vec![put(3)]).is_err());
+        // The journal has it: the next open replays it.
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert!(back.get(2).unwrap().is_some());
+        assert!(back.get(3).unwrap().is_none());
     }
 }
