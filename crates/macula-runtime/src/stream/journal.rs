@@ -77,14 +77,16 @@ pub enum JournalError {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    file: std::sync::Arc<File>,
     epoch: u64,
     /// Where the next record goes.
     offset: u64,
     /// The file's size: zero-filled past `offset`, or older records.
     allocated: u64,
     /// Appended since the last `fdatasync`.
-    unsynced: bool,
+    /// Records appended (ever, across epochs) and of those synced.
+    appended: u64,
+    synced: u64,
     /// The last record's buffer, reused by the next append.
     buf: Vec<u8>,
 }
@@ -114,11 +116,12 @@ impl Journal {
             .map_err(|e| io_err(path, e))?;
         Ok(Journal {
             path: path.to_path_buf(),
-            file,
+            file: std::sync::Arc::new(file),
             epoch,
             offset: 0,
             allocated: 0,
-            unsynced: false,
+            appended: 0,
+            synced: 0,
             buf: Vec::new(),
         })
     }
@@ -137,11 +140,12 @@ impl Journal {
         let allocated = file.metadata().map_err(|e| io_err(path, e))?.len();
         let mut j = Journal {
             path: path.to_path_buf(),
-            file,
+            file: std::sync::Arc::new(file),
             epoch,
             offset: 0,
             allocated,
-            unsynced: false,
+            appended: 0,
+            synced: 0,
             buf: Vec::new(),
         };
         let groups = j.replay()?;
@@ -202,7 +206,7 @@ impl Journal {
 
     /// Whether something was appended since the last [`Journal::sync`].
     pub fn unsynced(&self) -> bool {
-        self.unsynced
+        self.appended > self.synced
     }
 
     /// Appends one group of writes (not synced: see [`Journal::sync`]).
@@ -265,7 +269,7 @@ impl Journal {
         }
         written.map_err(|e| io_err(&self.path, e))?;
         self.offset = end;
-        self.unsynced = true;
+        self.appended += 1;
         Ok(())
     }
 
@@ -285,11 +289,29 @@ impl Journal {
 
     /// Makes what was appended durable (`fdatasync`).
     pub fn sync(&mut self) -> Result<(), JournalError> {
-        if self.unsynced {
+        if self.unsynced() {
             self.file.sync_data().map_err(|e| io_err(&self.path, e))?;
-            self.unsynced = false;
+            self.synced = self.appended;
         }
         Ok(())
+    }
+
+    /// What a sync outside the journal's lock needs: the file, and the
+    /// count of records appended so far, to give [`Journal::mark_synced`]
+    /// once the file's `fdatasync` returned.
+    pub fn sync_handle(&self) -> (std::sync::Arc<File>, u64) {
+        (self.file.clone(), self.appended)
+    }
+
+    /// Records the sync of what was appended up to `upto` (see
+    /// [`Journal::sync_handle`]).
+    pub fn mark_synced(&mut self, upto: u64) {
+        self.synced = self.synced.max(upto);
+    }
+
+    /// The path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Starts epoch `epoch` at offset 0: call once the store holds
@@ -298,7 +320,7 @@ impl Journal {
     pub fn restart(&mut self, epoch: u64) {
         self.epoch = epoch;
         self.offset = 0;
-        self.unsynced = false;
+        self.synced = self.appended;
     }
 }
 

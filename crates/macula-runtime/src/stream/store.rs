@@ -6,11 +6,21 @@
 //! **Group commit through a journal.** Writes are queued to one writer
 //! thread, which takes everything queued meanwhile as one group: it
 //! appends the group to the stream's journal (`journal.rs`) and syncs it
-//! (one `fdatasync` of an append), then commits the group to redb without
-//! syncing (`Durability::None`), answers each waiter and raises `durable`:
-//! the highest sequence stored, which the host makes the consumers'
-//! visibility bound. A publish acknowledged to its publisher is on disk, in
-//! the journal. A **checkpoint** (a redb commit with `Durability::Immediate`
+//! (one `fdatasync` of an append), raises `durable` (the highest sequence
+//! stored, which the host makes the consumers' visibility bound), answers
+//! each waiter, and then commits the group to redb without syncing
+//! (`Durability::None`). A publish acknowledged to its publisher is on
+//! disk, in the journal.
+//!
+//! **Acknowledged from the journal.** As the answers go out before the
+//! redb commit, every read first waits until the groups acknowledged before
+//! it are committed (`Gate`: a count of groups acknowledged and one of
+//! groups committed; two atomic loads when nothing is pending, at most
+//! [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads an
+//! acknowledged message at once. A commit that fails after its
+//! acknowledgement fails the store (nothing more is acknowledged) and the
+//! reads waiting for it; the journal holds the writes and the next open
+//! replays them. A **checkpoint** (a redb commit with `Durability::Immediate`
 //! that also moves the journal to its next epoch) runs at least every
 //! [`SYNC_EVERY`] while redb holds unsynced commits, when the journal passes
 //! [`JOURNAL_MAX`], on [`StreamStore::sync`] and at close. At open, the
@@ -120,6 +130,21 @@ struct Job {
     done: Option<Done>,
     /// Committed with an `fsync` (else see the module docs).
     sync: bool,
+    /// Appended to the journal when it was queued.
+    journaled: bool,
+    /// Acknowledged (and counted in `Gate::acked`) ahead of its commit.
+    acked: bool,
+}
+
+/// The journal, shared by the submitters (who append to it as they queue,
+/// under this lock, so the journal's order is the queue's) and the writer
+/// (who syncs it and checkpoints).
+struct Side {
+    journal: Journal,
+    /// Unsynced writes were queued since the last checkpoint: durable
+    /// writes are not journaled until the next one (the journal would
+    /// replay them without those).
+    unjournaled: bool,
 }
 
 /// Groups acknowledged ahead of their redb commit, and how many of them
@@ -168,8 +193,15 @@ impl Gate {
         Ok(true)
     }
 
-    fn committed_one(&self) {
-        self.committed.fetch_add(1, Ordering::AcqRel);
+    fn failed(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
+    fn committed_n(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.committed.fetch_add(n, Ordering::AcqRel);
         let _guard = self.lock.lock();
         self.moved.notify_all();
     }
@@ -205,7 +237,9 @@ pub struct StreamStore {
     path: PathBuf,
     db: Arc<Database>,
     jobs: parking_lot::Mutex<Option<mpsc::Sender<Job>>>,
+    side: Arc<parking_lot::Mutex<Side>>,
     durable: watch::Receiver<u64>,
+    durable_tx: Arc<watch::Sender<u64>>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<StoreStats>,
     gate: Arc<Gate>,
@@ -308,6 +342,11 @@ impl StreamStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, drx) = watch::channel(durable);
+        let dtx = Arc::new(dtx);
+        let side = Arc::new(parking_lot::Mutex::new(Side {
+            journal,
+            unjournaled: false,
+        }));
         let stats = Arc::new(StoreStats::default());
         let gate = Arc::new(Gate::default());
         let synced_applied = Arc::new(AtomicU64::new(applied));
@@ -319,7 +358,9 @@ impl StreamStore {
             let mut w = Writer {
                 db: db.clone(),
                 path: path.to_path_buf(),
-                durable: dtx,
+                durable: dtx.clone(),
+                rx,
+                side: side.clone(),
                 stats: stats.clone(),
                 gate: gate.clone(),
                 synced_applied: synced_applied.clone(),
@@ -327,24 +368,24 @@ impl StreamStore {
                 checkpoint_every_ms: checkpoint_every_ms.clone(),
                 #[cfg(test)]
                 hooks: hooks.clone(),
-                journal,
                 applied,
                 last_checkpoint: std::time::Instant::now(),
                 last_journal_sync: std::time::Instant::now(),
                 dirty: false,
                 unjournaled: false,
-                failed: None,
             };
             std::thread::Builder::new()
                 .name("macula-stream-store".into())
-                .spawn(move || w.run(&rx))
+                .spawn(move || w.run())
                 .ok()
         };
         StreamStore {
             path: path.to_path_buf(),
             db,
             jobs: parking_lot::Mutex::new(thread.as_ref().map(|_| tx)),
+            side,
             durable: drx,
+            durable_tx: dtx,
             thread: parking_lot::Mutex::new(thread),
             stats,
             gate,
@@ -403,8 +444,56 @@ impl StreamStore {
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
         };
-        tx.send(Job { writes, done, sync })
-            .map_err(|_| StoreError::Closed(self.path.clone()))
+        let closed = |_| StoreError::Closed(self.path.clone());
+        let mut job = Job {
+            writes,
+            done,
+            sync,
+            journaled: false,
+            acked: false,
+        };
+        // Appended and queued under the journal's lock: the journal's
+        // order is the queue's, and a checkpoint (which takes the lock and
+        // everything queued) covers every record it drops.
+        let mut side = self.side.lock();
+        if !sync {
+            side.unjournaled = true;
+            return tx.send(job).map_err(closed);
+        }
+        if job.writes.is_empty() || side.unjournaled {
+            return tx.send(job).map_err(closed);
+        }
+        if let Some(f) = self.gate.failed() {
+            return Err(io(&self.path)(f));
+        }
+        if let Err(e) = side.journal.append(job.writes.iter()) {
+            let e = e.to_string();
+            self.gate.fail(&e);
+            return Err(io(&self.path)(e));
+        }
+        self.stats.journal_appends.fetch_add(1, Ordering::Relaxed);
+        job.journaled = true;
+        if self.sync_interval_ms.load(Ordering::Acquire) == 0 {
+            // Acknowledged by the writer once its sync covers the record.
+            return tx.send(job).map_err(closed);
+        }
+        // With a sync interval, written is acknowledged: at once, here,
+        // before the writer commits it to redb (reads wait: `Gate`).
+        raise_durable(&self.durable_tx, &job.writes);
+        self.gate.acked.fetch_add(1, Ordering::AcqRel);
+        self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
+        job.acked = true;
+        let done = job.done.take();
+        if tx.send(job).is_err() {
+            // Counted as acknowledged but never committed: reads fail
+            // rather than wait for it.
+            self.gate.fail("the store's writer stopped");
+            return Err(StoreError::Closed(self.path.clone()));
+        }
+        drop(side);
+        drop(jobs);
+        answer_one(done, &Ok(()));
+        Ok(())
     }
 
     /// Makes everything committed so far durable (a checkpoint) and waits
@@ -732,7 +821,9 @@ fn journal_err(e: journal::JournalError) -> StoreError {
 struct Writer {
     db: Arc<Database>,
     path: PathBuf,
-    durable: watch::Sender<u64>,
+    durable: Arc<watch::Sender<u64>>,
+    rx: mpsc::Receiver<Job>,
+    side: Arc<parking_lot::Mutex<Side>>,
     stats: Arc<StoreStats>,
     gate: Arc<Gate>,
     synced_applied: Arc<AtomicU64>,
@@ -740,7 +831,6 @@ struct Writer {
     checkpoint_every_ms: Arc<AtomicU64>,
     #[cfg(test)]
     hooks: Arc<TestHooks>,
-    journal: Journal,
     /// The applied index written so far (synced or not).
     applied: u64,
     last_checkpoint: std::time::Instant,
@@ -750,22 +840,19 @@ struct Writer {
     /// ... of which some are in neither the journal nor a checkpoint (a
     /// replicated stream's applier's).
     unjournaled: bool,
-    /// A journal write or sync failed: nothing more is acknowledged (what
-    /// reached the file is unknown; the next open replays what is whole).
-    failed: Option<String>,
 }
 
 impl Writer {
-    fn run(&mut self, rx: &mpsc::Receiver<Job>) {
+    fn run(&mut self) {
         loop {
             let first = match self.due() {
-                None => match rx.recv() {
+                None => match self.rx.recv() {
                     Ok(j) => j,
                     Err(_) => break,
                 },
                 Some(at) => {
                     let wait = at.saturating_duration_since(std::time::Instant::now());
-                    match rx.recv_timeout(wait) {
+                    match self.rx.recv_timeout(wait) {
                         Ok(j) => j,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             self.housekeeping();
@@ -778,7 +865,7 @@ impl Writer {
             let mut group = vec![first];
             let mut bytes = 0usize;
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-                match rx.try_recv() {
+                match self.rx.try_recv() {
                     Ok(j) => {
                         bytes += j
                             .writes
@@ -820,13 +907,13 @@ impl Writer {
     /// When the writer must act without a job: the next checkpoint while
     /// redb holds unsynced commits, the next journal sync in interval mode.
     fn due(&self) -> Option<std::time::Instant> {
-        if self.failed.is_some() {
+        if self.gate.failed().is_some() {
             return None;
         }
         let checkpoint = self
             .dirty
             .then(|| self.last_checkpoint + self.checkpoint_every());
-        let journal = match (self.journal.unsynced(), self.interval()) {
+        let journal = match (self.side.lock().journal.unsynced(), self.interval()) {
             (true, Some(d)) => Some(self.last_journal_sync + d),
             (true, None) => Some(std::time::Instant::now()),
             _ => None,
@@ -838,16 +925,19 @@ impl Writer {
     }
 
     fn housekeeping(&mut self) {
-        if self.failed.is_some() {
+        if self.gate.failed().is_some() {
             return;
         }
         let now = std::time::Instant::now();
         let result = if self.dirty && now >= self.last_checkpoint + self.checkpoint_every() {
-            self.checkpoint(&[])
-        } else if self.journal.unsynced()
-            && self
-                .interval()
-                .is_none_or(|d| now >= self.last_journal_sync + d)
+            // What the checkpoint takes from the queue is answered here.
+            let mut group = Vec::new();
+            let result = self.checkpoint(&mut group);
+            answer(&mut group, &result);
+            result
+        } else if self
+            .interval()
+            .is_none_or(|d| now >= self.last_journal_sync + d)
         {
             self.sync_journal()
         } else {
@@ -860,9 +950,15 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, group: &mut [Job]) -> Result<(), String> {
-        if let Some(f) = &self.failed {
-            return Err(f.clone());
+    /// Fails the store: nothing more is acknowledged, and reads waiting
+    /// for acknowledged writes fail.
+    fn fail(&self, e: &str) {
+        self.gate.fail(e);
+    }
+
+    fn write(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
+        if let Some(f) = self.gate.failed() {
+            return Err(f);
         }
         let durable = group.iter().any(|j| j.sync);
         let has_writes = group.iter().any(|j| !j.writes.is_empty());
@@ -870,87 +966,75 @@ impl Writer {
             return Ok(());
         }
         let checkpoint_due = self.last_checkpoint.elapsed() >= self.checkpoint_every();
-        // A durable group goes through the journal unless there is nothing
-        // to journal or redb holds unjournaled commits (the journal alone
-        // would replay it without them).
-        let journaled = durable && has_writes && !self.unjournaled;
-        if durable && !journaled {
+        // A durable job not in the journal (a sync, or one queued after
+        // unsynced writes) is made durable by a checkpoint, as is
+        // everything when one is due.
+        let journal_full = self.side.lock().journal.len() >= JOURNAL_MAX;
+        if group.iter().any(|j| j.sync && !j.journaled)
+            || journal_full
+            || (checkpoint_due && self.dirty)
+        {
             return self.checkpoint(group);
         }
-        if journaled {
-            let appended = self
-                .journal
-                .append(group.iter().flat_map(|j| j.writes.iter()))
-                .map_err(|e| e.to_string());
-            if let Err(e) = appended {
-                self.failed = Some(e.clone());
-                return Err(e);
-            }
-            self.stats.journal_appends.fetch_add(1, Ordering::Relaxed);
-            let sync_now = self
-                .interval()
-                .is_none_or(|d| self.last_journal_sync.elapsed() >= d);
-            if sync_now {
-                self.sync_journal()?;
-            }
-            // In the journal as the stream's mode requires (synced, or
-            // written with a sync interval): acknowledged now, before the
-            // redb commit. A read waits for that commit (`Gate`); a crash
-            // before it replays the journal.
-            self.raise_durable(group);
-            self.gate.acked.fetch_add(1, Ordering::AcqRel);
-            self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
-            answer(group, &Ok(()));
-            #[cfg(test)]
-            {
-                let ms = self.hooks.commit_delay_ms.load(Ordering::Acquire);
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-                if self.hooks.fail_commit.swap(false, Ordering::AcqRel) {
-                    let e = "commit failed (test)".to_string();
-                    self.failed = Some(e.clone());
-                    self.gate.fail(&e);
-                    return Err(e);
-                }
+        if group.iter().any(|j| j.journaled && !j.acked) {
+            // Queued without a sync interval: acknowledged once synced.
+            self.sync_journal()?;
+            for j in group.iter_mut().filter(|j| j.journaled && !j.acked) {
+                raise_durable(&self.durable, &j.writes);
+                self.gate.acked.fetch_add(1, Ordering::AcqRel);
+                self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
+                j.acked = true;
+                answer_one(j.done.take(), &Ok(()));
             }
         }
-        let result = if self.journal.len() >= JOURNAL_MAX || (checkpoint_due && self.dirty) {
-            self.checkpoint(group)
-        } else {
-            commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None).map(|()| {
+        #[cfg(test)]
+        {
+            let ms = self.hooks.commit_delay_ms.load(Ordering::Acquire);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            if self.hooks.fail_commit.swap(false, Ordering::AcqRel) {
+                let e = "commit failed (test)".to_string();
+                self.fail(&e);
+                return Err(e);
+            }
+        }
+        let acked = group.iter().filter(|j| j.acked).count() as u64;
+        match commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None) {
+            Ok(()) => {
                 self.dirty = true;
-                if !durable {
+                if group.iter().any(|j| !j.sync) {
                     self.unjournaled = true;
                 }
                 self.committed(group);
-                if durable && !self.unjournaled && !self.journal.unsynced() {
-                    self.synced_applied.store(self.applied, Ordering::Release);
-                }
-            })
-        };
-        if journaled {
-            match &result {
-                Ok(()) => self.gate.committed_one(),
-                Err(e) => {
+                self.gate.committed_n(acked);
+                Ok(())
+            }
+            Err(e) => {
+                if acked > 0 {
                     // Acknowledged but not in redb: nothing more is
                     // written, reads waiting for it fail, the next open
                     // replays the journal.
-                    self.failed = Some(e.clone());
-                    self.gate.fail(e);
+                    self.fail(&e);
                 }
+                Err(e)
             }
         }
-        result
     }
 
+    /// Syncs the journal (outside its lock: submitters go on appending).
     fn sync_journal(&mut self) -> Result<(), String> {
-        if !self.journal.unsynced() {
-            return Ok(());
-        }
-        if let Err(e) = self.journal.sync() {
-            let e = e.to_string();
-            self.failed = Some(e.clone());
+        let (file, upto) = {
+            let side = self.side.lock();
+            if !side.journal.unsynced() {
+                return Ok(());
+            }
+            side.journal.sync_handle()
+        };
+        if let Err(e) = file.sync_data() {
+            let e = format!("journal {}: {e}", self.path.display());
+            self.fail(&e);
             return Err(e);
         }
+        self.side.lock().journal.mark_synced(upto);
         self.stats.journal_syncs.fetch_add(1, Ordering::Relaxed);
         self.last_journal_sync = std::time::Instant::now();
         if !self.unjournaled {
@@ -959,22 +1043,38 @@ impl Writer {
         Ok(())
     }
 
-    /// One synced redb commit of `group` (and of everything before it),
-    /// moving the journal to its next epoch.
-    fn checkpoint(&mut self, group: &[Job]) -> Result<(), String> {
-        let epoch = self.journal.epoch() + 1;
-        commit(
+    /// One synced redb commit of `group`, of everything queued meanwhile
+    /// (taken into `group`) and of everything before, moving the journal
+    /// to its next epoch. Holds the journal's lock throughout: every
+    /// record the new epoch drops is then in this commit or an earlier one.
+    fn checkpoint(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
+        let side = self.side.clone();
+        let mut side = side.lock();
+        while let Ok(j) = self.rx.try_recv() {
+            group.push(j);
+        }
+        let epoch = side.journal.epoch() + 1;
+        let acked = group.iter().filter(|j| j.acked).count() as u64;
+        if let Err(e) = commit(
             &self.db,
             group.iter().flat_map(|j| j.writes.iter()),
             Some(epoch),
-        )?;
-        self.journal.restart(epoch);
+        ) {
+            if acked > 0 {
+                self.fail(&e);
+            }
+            return Err(e);
+        }
+        side.journal.restart(epoch);
+        side.unjournaled = false;
+        drop(side);
         self.dirty = false;
         self.unjournaled = false;
         self.last_checkpoint = std::time::Instant::now();
         self.last_journal_sync = self.last_checkpoint;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.committed(group);
+        self.gate.committed_n(acked);
         self.synced_applied.store(self.applied, Ordering::Release);
         Ok(())
     }
@@ -985,46 +1085,52 @@ impl Writer {
         let n: usize = group.iter().map(|j| j.writes.len()).sum();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
-        for w in group.iter().flat_map(|j| j.writes.iter()) {
-            if let Write::Applied(i) = w {
-                self.applied = *i;
+        for j in group {
+            for w in &j.writes {
+                if let Write::Applied(i) = w {
+                    self.applied = *i;
+                }
             }
+            raise_durable(&self.durable, &j.writes);
         }
-        self.raise_durable(group);
     }
+}
 
-    /// Raises `durable` to the group's highest sequence.
-    fn raise_durable(&self, group: &[Job]) {
-        let top = group
-            .iter()
-            .flat_map(|j| j.writes.iter())
-            .filter_map(|w| match w {
-                Write::Put(seq, _) => Some(*seq),
-                _ => None,
-            })
-            .max();
-        if let Some(top) = top {
-            self.durable.send_if_modified(|d| {
-                let raise = top > *d;
-                *d = (*d).max(top);
-                raise
-            });
+/// Raises `durable` to the highest sequence `writes` put.
+fn raise_durable(durable: &watch::Sender<u64>, writes: &[Write]) {
+    let top = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Put(seq, _) => Some(*seq),
+            _ => None,
+        })
+        .max();
+    if let Some(top) = top {
+        durable.send_if_modified(|d| {
+            let raise = top > *d;
+            *d = (*d).max(top);
+            raise
+        });
+    }
+}
+
+/// Answers one waiter.
+fn answer_one(done: Option<Done>, result: &Result<(), String>) {
+    match done {
+        Some(Done::Async(tx)) => {
+            let _ = tx.send(result.clone());
         }
+        Some(Done::Blocking(tx)) => {
+            let _ = tx.send(result.clone());
+        }
+        None => {}
     }
 }
 
 /// Answers the group's waiters not answered yet.
 fn answer(group: &mut [Job], result: &Result<(), String>) {
     for j in group {
-        match j.done.take() {
-            Some(Done::Async(tx)) => {
-                let _ = tx.send(result.clone());
-            }
-            Some(Done::Blocking(tx)) => {
-                let _ = tx.send(result.clone());
-            }
-            None => {}
-        }
+        answer_one(j.done.take(), result);
     }
 }
 
@@ -1272,13 +1378,13 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let s = open_store(dir.path());
             s.set_sync_interval(interval);
-            // Each acknowledged group's commit lands 50 ms after its answer.
-            s.hooks.commit_delay_ms.store(50, Ordering::Release);
+            // Each acknowledged group's commit lands 500 ms after its answer.
+            s.hooks.commit_delay_ms.store(500, Ordering::Release);
             for seq in 1..=3 {
                 let started = std::time::Instant::now();
                 s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
                 assert!(
-                    started.elapsed() < Duration::from_millis(50),
+                    started.elapsed() < Duration::from_millis(500),
                     "answered before the commit ({interval:?})"
                 );
                 assert!(s.get(seq).unwrap().is_some(), "read back {seq} ({interval:?})");
@@ -1312,6 +1418,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open_store(dir.path());
         s.write_now(vec![put(1)]).unwrap();
+        // Committed (the read waits for it) before the hook is armed.
+        assert!(s.get(1).unwrap().is_some());
         s.hooks.fail_commit.store(true, Ordering::Release);
         // In the journal (synced): acknowledged.
         s.write_now(vec![put(2)]).unwrap();
@@ -1324,5 +1432,37 @@ mod tests {
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
         assert!(back.get(2).unwrap().is_some());
         assert!(back.get(3).unwrap().is_none());
+    }
+
+    #[test]
+    fn checkpoints_amid_appends_keep_every_acknowledged_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        // A checkpoint at nearly every group, while four threads append
+        // (each acknowledged when written, before the writer sees it).
+        s.set_checkpoint_every(Duration::from_millis(1));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..150u64 {
+                        s.write_now(vec![put(1 + t * 1000 + i)]).unwrap();
+                        // Spread over a few checkpoint intervals.
+                        if i % 10 == 0 {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(s.stats().syncs.load(Ordering::Relaxed) > 1);
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 600);
+        assert_eq!(s.stored_messages().unwrap(), 600);
     }
 }
