@@ -44,7 +44,8 @@ use super::write::Write;
 const HEADER: usize = 4 + 8;
 /// The file grows by zero-filled chunks of this size.
 const CHUNK: u64 = 1 << 20;
-/// No record is larger (a group is bounded well below, `store::MAX_GROUP_BYTES`).
+/// No record is larger (a record is one queued write: a publish's writes,
+/// bounded well below by the stream's message size limit).
 const MAX_RECORD: usize = 1 << 30;
 /// A record buffer up to this size is kept for the next append.
 const KEEP_BUFFER: usize = 4 << 20;
@@ -209,7 +210,7 @@ impl Journal {
         self.appended > self.synced
     }
 
-    /// Appends one group of writes (not synced: see [`Journal::sync`]).
+    /// Appends one record of writes (not synced: see [`Journal::sync`]).
     pub fn append<'a, I>(&mut self, writes: I) -> Result<(), JournalError>
     where
         I: IntoIterator<Item = &'a Write>,
@@ -217,7 +218,7 @@ impl Journal {
     {
         let writes = writes.into_iter();
         // The record is built in a buffer kept from one append to the
-        // next (a group of 1 KiB publishes is hundreds of KiB).
+        // next: no allocation per publish).
         let mut record = std::mem::take(&mut self.buf);
         record.clear();
         record.resize(HEADER, 0);

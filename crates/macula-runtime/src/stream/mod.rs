@@ -716,10 +716,7 @@ impl Streams {
 
     /// Opens stream files, at most [`OPEN_THREADS`] at a time; each file
     /// with what came of it, in the order given.
-    fn open_all(
-        &self,
-        files: Vec<PathBuf>,
-    ) -> Vec<(PathBuf, Result<Opened, StreamError>)> {
+    fn open_all(&self, files: Vec<PathBuf>) -> Vec<(PathBuf, Result<Opened, StreamError>)> {
         let threads = std::thread::available_parallelism()
             .map_or(1, usize::from)
             .clamp(1, OPEN_THREADS)
@@ -750,9 +747,8 @@ impl Streams {
             .into_iter()
             .zip(results.into_inner())
             .map(|(p, o)| {
-                let o = o.unwrap_or_else(|| {
-                    Err(StreamError::Invalid("stream file not opened".into()))
-                });
+                let o =
+                    o.unwrap_or_else(|| Err(StreamError::Invalid("stream file not opened".into())));
                 (p, o)
             })
             .collect()
@@ -1405,7 +1401,12 @@ impl Streams {
                 message_id: opts.msg_id,
                 ..Default::default()
             };
-            if let Err(e) = self.0.pubsub.publish_carried(t.as_str(), payload, popts).await {
+            if let Err(e) = self
+                .0
+                .pubsub
+                .publish_carried(t.as_str(), payload, popts)
+                .await
+            {
                 tracing::debug!(stream = %h.name, error = %e, "stored message not published to live subscribers");
             }
         }

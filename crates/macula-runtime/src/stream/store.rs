@@ -3,35 +3,43 @@
 //! configuration and last sequence (`meta`), and its durable consumers
 //! (`consumers`: name -> configuration and position).
 //!
-//! **Group commit through a journal.** Writes are queued to one writer
-//! thread, which takes everything queued meanwhile as one group: it
-//! appends the group to the stream's journal (`journal.rs`) and syncs it
-//! (one `fdatasync` of an append), raises `durable` (the highest sequence
+//! **Group commit through a journal.** A durable write is appended to the
+//! stream's journal (`journal.rs`, one checksummed record per write) as it
+//! is queued, by the submitter, under the journal's lock (so the journal's
+//! order is the queue's, which the caller's lock on the stream's core
+//! makes the sequence order). One writer thread takes everything queued
+//! meanwhile as one group: it syncs the journal once for the group (one
+//! `fdatasync`, outside the lock), raises `durable` (the highest sequence
 //! stored, which the host makes the consumers' visibility bound), answers
 //! each waiter, and then commits the group to redb without syncing
 //! (`Durability::None`). A publish acknowledged to its publisher is on
 //! disk, in the journal.
 //!
+//! **Sync interval** ([`StreamStore::set_sync_interval`], a stream's
+//! `sync_interval`): the submitter answers as soon as its record is written
+//! (to the operating system), with no hand-off to the writer, which syncs
+//! the journal at least every interval; so an acknowledged write survives
+//! a crash or `kill -9` of the process, not a power loss of the last
+//! interval.
+//!
 //! **Acknowledged from the journal.** As the answers go out before the
-//! redb commit, every read first waits until the groups acknowledged before
-//! it are committed (`Gate`: a count of groups acknowledged and one of
-//! groups committed; two atomic loads when nothing is pending, at most
+//! redb commit, every read first waits until the writes acknowledged before
+//! it are committed (`Gate`: a count of writes acknowledged and one of
+//! those committed; two atomic loads when nothing is pending, at most
 //! [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads an
 //! acknowledged message at once. A commit that fails after its
 //! acknowledgement fails the store (nothing more is acknowledged) and the
 //! reads waiting for it; the journal holds the writes and the next open
-//! replays them. A **checkpoint** (a redb commit with `Durability::Immediate`
-//! that also moves the journal to its next epoch) runs at least every
-//! [`SYNC_EVERY`] while redb holds unsynced commits, when the journal passes
-//! [`JOURNAL_MAX`], on [`StreamStore::sync`] and at close. At open, the
-//! journal's records of the current epoch are replayed into redb (one
-//! checkpoint) before anything reads the file.
+//! replays them.
 //!
-//! **Sync interval** ([`StreamStore::set_sync_interval`], a stream's
-//! `sync_interval`): the journal is written (to the operating system)
-//! before the acknowledgement but synced at most every interval, so an
-//! acknowledged write survives a crash or `kill -9` of the process, not a
-//! power loss of the last interval.
+//! **Checkpoints.** A checkpoint (a redb commit with
+//! `Durability::Immediate` that also moves the journal to its next epoch)
+//! runs at least every [`SYNC_EVERY`] while redb holds unsynced commits,
+//! when the journal passes [`JOURNAL_MAX`], on [`StreamStore::sync`] and at
+//! close. It holds the journal's lock and takes everything queued into its
+//! commit, so every record the new epoch drops is in redb, synced. At open,
+//! the journal's records of the current epoch are replayed into redb (one
+//! checkpoint) before anything reads the file.
 //!
 //! **Unsynced writes** ([`StreamStore::submit_unsynced`]) are a replicated
 //! stream's applier's: what it writes is already in the Raft log on a
@@ -40,9 +48,10 @@
 //! replays them from the log) and skip the journal. A group with only such
 //! writes commits without syncing, unless the last checkpoint is older than
 //! [`SYNC_EVERY`]; [`StreamStore::synced_applied`] is the applied index
-//! (`Write::Applied`) of what survives a crash. Once redb holds such
-//! unjournaled commits, a write that must be durable is a checkpoint (the
-//! journal alone would replay it without them).
+//! (`Write::Applied`) of what survives a crash. Once such writes are
+//! queued, a write that must be durable is not journaled but made durable
+//! by a checkpoint (the journal alone would replay it without them), until
+//! a checkpoint.
 //!
 //! **Corruption.** A file that redb cannot open, or a record that does not
 //! decode, is an error naming the file; nothing is written over it.
@@ -1387,7 +1396,10 @@ mod tests {
                     started.elapsed() < Duration::from_millis(500),
                     "answered before the commit ({interval:?})"
                 );
-                assert!(s.get(seq).unwrap().is_some(), "read back {seq} ({interval:?})");
+                assert!(
+                    s.get(seq).unwrap().is_some(),
+                    "read back {seq} ({interval:?})"
+                );
                 assert_eq!(s.get_batch(&[seq]).unwrap().len(), 1);
                 assert_eq!(s.last().unwrap(), (seq, seq));
             }
