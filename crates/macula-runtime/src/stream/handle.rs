@@ -119,8 +119,7 @@ impl StreamHandle {
                 if let Some(r) = streams.elsewhere(name).await? {
                     return r.publish(topic, payload, opts).await;
                 }
-                streams.check_captures(name, topic)?;
-                streams.publish(topic, payload, opts).await
+                streams.publish_on(name, topic, payload, opts).await
             }
             StreamHandle::Remote(r) => r.publish(topic, payload, opts).await,
         }

@@ -44,8 +44,11 @@ use super::write::Write;
 const HEADER: usize = 4 + 8;
 /// The file grows by zero-filled chunks of this size.
 const CHUNK: u64 = 1 << 20;
-/// No record is larger (a group is bounded well below, `store::MAX_GROUP_BYTES`).
+/// No record is larger (a record is one queued write: a publish's writes,
+/// bounded well below by the stream's message size limit).
 const MAX_RECORD: usize = 1 << 30;
+/// A record buffer up to this size is kept for the next append.
+const KEEP_BUFFER: usize = 4 << 20;
 
 /// Why the journal failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,14 +78,18 @@ pub enum JournalError {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    file: std::sync::Arc<File>,
     epoch: u64,
     /// Where the next record goes.
     offset: u64,
     /// The file's size: zero-filled past `offset`, or older records.
     allocated: u64,
     /// Appended since the last `fdatasync`.
-    unsynced: bool,
+    /// Records appended (ever, across epochs) and of those synced.
+    appended: u64,
+    synced: u64,
+    /// The last record's buffer, reused by the next append.
+    buf: Vec<u8>,
 }
 
 fn checksum(body: &[u8]) -> [u8; 8] {
@@ -110,11 +117,13 @@ impl Journal {
             .map_err(|e| io_err(path, e))?;
         Ok(Journal {
             path: path.to_path_buf(),
-            file,
+            file: std::sync::Arc::new(file),
             epoch,
             offset: 0,
             allocated: 0,
-            unsynced: false,
+            appended: 0,
+            synced: 0,
+            buf: Vec::new(),
         })
     }
 
@@ -132,11 +141,13 @@ impl Journal {
         let allocated = file.metadata().map_err(|e| io_err(path, e))?.len();
         let mut j = Journal {
             path: path.to_path_buf(),
-            file,
+            file: std::sync::Arc::new(file),
             epoch,
             offset: 0,
             allocated,
-            unsynced: false,
+            appended: 0,
+            synced: 0,
+            buf: Vec::new(),
         };
         let groups = j.replay()?;
         Ok((j, groups))
@@ -196,21 +207,48 @@ impl Journal {
 
     /// Whether something was appended since the last [`Journal::sync`].
     pub fn unsynced(&self) -> bool {
-        self.unsynced
+        self.appended > self.synced
     }
 
-    /// Appends one group of writes (not synced: see [`Journal::sync`]).
-    pub fn append<'a>(
-        &mut self,
-        writes: impl IntoIterator<Item = &'a Write>,
-    ) -> Result<(), JournalError> {
-        let writes: Vec<&Write> = writes.into_iter().collect();
-        let mut record = vec![0u8; HEADER];
+    /// Appends one record of writes (not synced: see [`Journal::sync`]).
+    pub fn append<'a, I>(&mut self, writes: I) -> Result<(), JournalError>
+    where
+        I: IntoIterator<Item = &'a Write>,
+        I::IntoIter: Clone,
+    {
+        let writes = writes.into_iter();
+        // The record is built in a buffer kept from one append to the
+        // next: no allocation per publish).
+        let mut record = std::mem::take(&mut self.buf);
+        record.clear();
+        record.resize(HEADER, 0);
         record.extend_from_slice(&self.epoch.to_le_bytes());
-        rmp_serde::encode::write(&mut record, &writes).map_err(|e| JournalError::Io {
-            path: self.path.clone(),
-            message: format!("encoding: {e}"),
-        })?;
+        // The writes as one MessagePack array (what a `Vec<Write>`
+        // encodes to), without collecting them first.
+        let n = writes.clone().count();
+        match u32::try_from(n) {
+            Ok(n) if n < 16 => record.push(0x90 | n as u8),
+            Ok(n) if n <= u32::from(u16::MAX) => {
+                record.push(0xdc);
+                record.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            Ok(n) => {
+                record.push(0xdd);
+                record.extend_from_slice(&n.to_be_bytes());
+            }
+            Err(_) => {
+                return Err(JournalError::Io {
+                    path: self.path.clone(),
+                    message: format!("a group of {n} writes is over the record limit"),
+                })
+            }
+        }
+        for w in writes {
+            rmp_serde::encode::write(&mut record, w).map_err(|e| JournalError::Io {
+                path: self.path.clone(),
+                message: format!("encoding: {e}"),
+            })?;
+        }
         let len = record.len() - HEADER;
         if len > MAX_RECORD {
             return Err(JournalError::Io {
@@ -225,11 +263,14 @@ impl Journal {
         if end > self.allocated {
             self.grow(end)?;
         }
-        self.file
-            .write_all_at(&record, self.offset)
-            .map_err(|e| io_err(&self.path, e))?;
+        let written = self.file.write_all_at(&record, self.offset);
+        // A buffer grown by an unusually large group is not kept.
+        if record.capacity() <= KEEP_BUFFER {
+            self.buf = record;
+        }
+        written.map_err(|e| io_err(&self.path, e))?;
         self.offset = end;
-        self.unsynced = true;
+        self.appended += 1;
         Ok(())
     }
 
@@ -249,11 +290,29 @@ impl Journal {
 
     /// Makes what was appended durable (`fdatasync`).
     pub fn sync(&mut self) -> Result<(), JournalError> {
-        if self.unsynced {
+        if self.unsynced() {
             self.file.sync_data().map_err(|e| io_err(&self.path, e))?;
-            self.unsynced = false;
+            self.synced = self.appended;
         }
         Ok(())
+    }
+
+    /// What a sync outside the journal's lock needs: the file, and the
+    /// count of records appended so far, to give [`Journal::mark_synced`]
+    /// once the file's `fdatasync` returned.
+    pub fn sync_handle(&self) -> (std::sync::Arc<File>, u64) {
+        (self.file.clone(), self.appended)
+    }
+
+    /// Records the sync of what was appended up to `upto` (see
+    /// [`Journal::sync_handle`]).
+    pub fn mark_synced(&mut self, upto: u64) {
+        self.synced = self.synced.max(upto);
+    }
+
+    /// The path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Starts epoch `epoch` at offset 0: call once the store holds
@@ -262,7 +321,7 @@ impl Journal {
     pub fn restart(&mut self, epoch: u64) {
         self.epoch = epoch;
         self.offset = 0;
-        self.unsynced = false;
+        self.synced = self.appended;
     }
 }
 

@@ -684,20 +684,26 @@ impl Streams {
                 })
                 .unwrap_or_default();
             files.sort();
-            for path in files {
+            // The stores open and their indexes load in parallel (a few
+            // threads); they are hosted in name order on this thread.
+            for (path, opened) in streams.open_all(files) {
                 let name = path
                     .file_stem()
                     .and_then(|s| s.to_str())
                     .unwrap_or_default()
                     .to_string();
-                let started = std::time::Instant::now();
-                match streams.load(&path) {
-                    Ok(n) => tracing::info!(
-                        stream = %name,
-                        messages = n,
-                        took_ms = started.elapsed().as_millis() as u64,
-                        "stream opened"
-                    ),
+                match opened {
+                    Ok(o) => {
+                        tracing::info!(
+                            stream = %name,
+                            messages = o.messages,
+                            took_ms = o.took.as_millis() as u64,
+                            store_ms = o.store_took.as_millis() as u64,
+                            from_index = o.from_index,
+                            "stream opened"
+                        );
+                        streams.host_opened(o);
+                    }
                     Err(e) => {
                         tracing::error!(stream = %name, error = %e, "stream could not be opened; its file is left as it is");
                         streams.0.broken.lock().insert(name, e.to_string());
@@ -708,24 +714,83 @@ impl Streams {
         streams
     }
 
-    fn load(&self, path: &std::path::Path) -> Result<u64, StreamError> {
+    /// Opens stream files, at most [`OPEN_THREADS`] at a time; each file
+    /// with what came of it, in the order given.
+    fn open_all(&self, files: Vec<PathBuf>) -> Vec<(PathBuf, Result<Opened, StreamError>)> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, OPEN_THREADS)
+            .min(files.len());
+        if threads <= 1 {
+            return files
+                .into_iter()
+                .map(|p| {
+                    let o = self.open_one(&p);
+                    (p, o)
+                })
+                .collect();
+        }
+        let next = AtomicU64::new(0);
+        let results: Mutex<Vec<Option<Result<Opened, StreamError>>>> =
+            Mutex::new((0..files.len()).map(|_| None).collect());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(path) = files.get(i) else { break };
+                    let o = self.open_one(path);
+                    results.lock()[i] = Some(o);
+                });
+            }
+        });
+        files
+            .into_iter()
+            .zip(results.into_inner())
+            .map(|(p, o)| {
+                let o =
+                    o.unwrap_or_else(|| Err(StreamError::Invalid("stream file not opened".into())));
+                (p, o)
+            })
+            .collect()
+    }
+
+    /// Opens one stream's store and restores its core (no task started).
+    fn open_one(&self, path: &std::path::Path) -> Result<Opened, StreamError> {
+        let started = std::time::Instant::now();
         let store = StreamStore::open(path, self.0.limits.cache_bytes)?;
-        let (stream, n) = self.restore(&store, true)?;
+        let store_took = started.elapsed();
+        let (stream, messages, from_index) = self.restore(&store, true)?;
         // The snapshot goes before anything else is written: this removal
         // is the writer's first job, so it is in the first commit (or an
         // earlier one) and a crash after any change scans. Not waited for:
         // until that commit the file is as the snapshot describes it.
         store.submit(vec![Write::Index(None)], None)?;
         let applied = store.applied()?;
-        let h = self.host(stream, store);
-        h.applied.store(applied, Ordering::Release);
-        Ok(n)
+        Ok(Opened {
+            store,
+            stream,
+            messages,
+            applied,
+            from_index,
+            took: started.elapsed(),
+            store_took,
+        })
+    }
+
+    /// Hosts a stream [`Streams::open_one`] opened.
+    fn host_opened(&self, o: Opened) {
+        let h = self.host(o.stream, o.store);
+        h.applied.store(o.applied, Ordering::Release);
     }
 
     /// A stream's core as its store holds it (with the clean shutdown's
     /// index snapshot when `use_index` and it matches, else by a scan of
     /// every message's head) and the number of messages.
-    fn restore(&self, store: &StreamStore, use_index: bool) -> Result<(Stream, u64), StreamError> {
+    fn restore(
+        &self,
+        store: &StreamStore,
+        use_index: bool,
+    ) -> Result<(Stream, u64, bool), StreamError> {
         let path = store.path();
         let (cfg, last_seq, last_ts) = store.meta()?;
         let cfg: StreamConfig = serde_json::from_slice(&cfg).map_err(|e| StoreError::Corrupt {
@@ -745,6 +810,7 @@ impl Streams {
                 .flatten()
         })
         .filter(|s| s.last_seq() == last_seq && s.last_ts() == last_ts);
+        let from_index = snapshot.is_some();
         let (mut state, n) = match snapshot {
             Some(state) => {
                 let n = state.msgs();
@@ -788,7 +854,7 @@ impl Streams {
                 })?;
             stream.restore_consumer(rec.config, rec.state, mono)?;
         }
-        Ok((stream, n))
+        Ok((stream, n, from_index))
     }
 
     /// Hosts a stream: served to the mesh and, unless it is replicated
@@ -964,7 +1030,7 @@ impl Streams {
     /// Rebuilds a replica's core from its store (when it takes office);
     /// the number of messages.
     fn rebuild(&self, h: &Hosted) -> Result<u64, StreamError> {
-        let (stream, n) = self.restore(&h.store, false)?;
+        let (stream, n, _) = self.restore(&h.store, false)?;
         *h.core.lock() = stream;
         h.changed.notify_waiters();
         Ok(n)
@@ -1258,6 +1324,43 @@ impl Streams {
         let h = self
             .capturing(&t)
             .ok_or_else(|| StreamError::NotCaptured(topic.to_string()))?;
+        self.publish_hosted(h, t, payload, opts).await
+    }
+
+    /// [`Streams::publish`] on stream `name`, which must capture `topic`
+    /// (a [`StreamHandle`]'s publish: the stream is known, so the topic is
+    /// parsed once and no other stream is looked at).
+    pub(crate) async fn publish_on(
+        &self,
+        name: &str,
+        topic: &str,
+        payload: Bytes,
+        opts: PersistOptions,
+    ) -> Result<PubAck, StreamError> {
+        let t = Topic::new(topic).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        let h = self.get(name)?;
+        if !h.core.lock().state().captures(&t) {
+            return Err(StreamError::NotCaptured(topic.to_string()));
+        }
+        let payload = self
+            .0
+            .pubsub
+            .seal(topic, payload)
+            .map_err(|e| StreamError::Invalid(format!("end-to-end: {e}")))?;
+        macula_pubsub::event::check_headers(&opts.headers)
+            .map_err(|e| StreamError::Invalid(e.to_string()))?;
+        self.publish_hosted(h, t, payload, opts).await
+    }
+
+    /// Stores a publish in `h`, which captures `t`, and answers once it is
+    /// on disk (see [`Streams::publish`]).
+    async fn publish_hosted(
+        &self,
+        h: Arc<Hosted>,
+        t: Topic,
+        payload: Bytes,
+        opts: PersistOptions,
+    ) -> Result<PubAck, StreamError> {
         h.check()?;
         check_serving(&h)?;
         let ack = append(
@@ -1298,7 +1401,12 @@ impl Streams {
                 message_id: opts.msg_id,
                 ..Default::default()
             };
-            if let Err(e) = self.0.pubsub.publish_carried(topic, payload, popts).await {
+            if let Err(e) = self
+                .0
+                .pubsub
+                .publish_carried(t.as_str(), payload, popts)
+                .await
+            {
                 tracing::debug!(stream = %h.name, error = %e, "stored message not published to live subscribers");
             }
         }
@@ -1669,6 +1777,20 @@ impl Streams {
             self.0.delivered.load(Ordering::Relaxed),
         )
     }
+}
+
+/// Stream files opened in parallel at a node's start at most.
+pub const OPEN_THREADS: usize = 4;
+
+/// A stream [`Streams::open_one`] opened, to host.
+struct Opened {
+    store: StreamStore,
+    stream: Stream,
+    messages: u64,
+    applied: u64,
+    from_index: bool,
+    took: Duration,
+    store_took: Duration,
 }
 
 enum Appending {

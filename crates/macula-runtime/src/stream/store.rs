@@ -3,25 +3,43 @@
 //! configuration and last sequence (`meta`), and its durable consumers
 //! (`consumers`: name -> configuration and position).
 //!
-//! **Group commit through a journal.** Writes are queued to one writer
-//! thread, which takes everything queued meanwhile as one group: it
-//! appends the group to the stream's journal (`journal.rs`) and syncs it
-//! (one `fdatasync` of an append), then commits the group to redb without
-//! syncing (`Durability::None`), answers each waiter and raises `durable`:
-//! the highest sequence stored, which the host makes the consumers'
-//! visibility bound. A publish acknowledged to its publisher is on disk, in
-//! the journal. A **checkpoint** (a redb commit with `Durability::Immediate`
-//! that also moves the journal to its next epoch) runs at least every
-//! [`SYNC_EVERY`] while redb holds unsynced commits, when the journal passes
-//! [`JOURNAL_MAX`], on [`StreamStore::sync`] and at close. At open, the
-//! journal's records of the current epoch are replayed into redb (one
-//! checkpoint) before anything reads the file.
+//! **Group commit through a journal.** A durable write is appended to the
+//! stream's journal (`journal.rs`, one checksummed record per write) as it
+//! is queued, by the submitter, under the journal's lock (so the journal's
+//! order is the queue's, which the caller's lock on the stream's core
+//! makes the sequence order). One writer thread takes everything queued
+//! meanwhile as one group: it syncs the journal once for the group (one
+//! `fdatasync`, outside the lock), raises `durable` (the highest sequence
+//! stored, which the host makes the consumers' visibility bound), answers
+//! each waiter, and then commits the group to redb without syncing
+//! (`Durability::None`). A publish acknowledged to its publisher is on
+//! disk, in the journal.
 //!
 //! **Sync interval** ([`StreamStore::set_sync_interval`], a stream's
-//! `sync_interval`): the journal is written (to the operating system)
-//! before the acknowledgement but synced at most every interval, so an
-//! acknowledged write survives a crash or `kill -9` of the process, not a
-//! power loss of the last interval.
+//! `sync_interval`): the submitter answers as soon as its record is written
+//! (to the operating system), with no hand-off to the writer, which syncs
+//! the journal at least every interval; so an acknowledged write survives
+//! a crash or `kill -9` of the process, not a power loss of the last
+//! interval.
+//!
+//! **Acknowledged from the journal.** As the answers go out before the
+//! redb commit, every read first waits until the writes acknowledged before
+//! it are committed (`Gate`: a count of writes acknowledged and one of
+//! those committed; two atomic loads when nothing is pending, at most
+//! [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads an
+//! acknowledged message at once. A commit that fails after its
+//! acknowledgement fails the store (nothing more is acknowledged) and the
+//! reads waiting for it; the journal holds the writes and the next open
+//! replays them.
+//!
+//! **Checkpoints.** A checkpoint (a redb commit with
+//! `Durability::Immediate` that also moves the journal to its next epoch)
+//! runs at least every [`SYNC_EVERY`] while redb holds unsynced commits,
+//! when the journal passes [`JOURNAL_MAX`], on [`StreamStore::sync`] and at
+//! close. It holds the journal's lock and takes everything queued into its
+//! commit, so every record the new epoch drops is in redb, synced. At open,
+//! the journal's records of the current epoch are replayed into redb (one
+//! checkpoint) before anything reads the file.
 //!
 //! **Unsynced writes** ([`StreamStore::submit_unsynced`]) are a replicated
 //! stream's applier's: what it writes is already in the Raft log on a
@@ -30,9 +48,10 @@
 //! replays them from the log) and skip the journal. A group with only such
 //! writes commits without syncing, unless the last checkpoint is older than
 //! [`SYNC_EVERY`]; [`StreamStore::synced_applied`] is the applied index
-//! (`Write::Applied`) of what survives a crash. Once redb holds such
-//! unjournaled commits, a write that must be durable is a checkpoint (the
-//! journal alone would replay it without them).
+//! (`Write::Applied`) of what survives a crash. Once such writes are
+//! queued, a write that must be durable is not journaled but made durable
+//! by a checkpoint (the journal alone would replay it without them), until
+//! a checkpoint.
 //!
 //! **Corruption.** A file that redb cannot open, or a record that does not
 //! decode, is an error naming the file; nothing is written over it.
@@ -120,6 +139,87 @@ struct Job {
     done: Option<Done>,
     /// Committed with an `fsync` (else see the module docs).
     sync: bool,
+    /// Appended to the journal when it was queued.
+    journaled: bool,
+    /// Acknowledged (and counted in `Gate::acked`) ahead of its commit.
+    acked: bool,
+}
+
+/// The journal, shared by the submitters (who append to it as they queue,
+/// under this lock, so the journal's order is the queue's) and the writer
+/// (who syncs it and checkpoints).
+struct Side {
+    journal: Journal,
+    /// Unsynced writes were queued since the last checkpoint: durable
+    /// writes are not journaled until the next one (the journal would
+    /// replay them without those).
+    unjournaled: bool,
+}
+
+/// Groups acknowledged ahead of their redb commit, and how many of them
+/// are committed: a read waits until what was acknowledged before it is
+/// in redb (see the module docs, "Acknowledged from the journal").
+#[derive(Debug, Default)]
+struct Gate {
+    /// Groups acknowledged from the journal (raised before the answers).
+    acked: AtomicU64,
+    /// ... of which committed to redb (raised after the commit).
+    committed: AtomicU64,
+    /// Held to wait on and to notify `moved`.
+    lock: parking_lot::Mutex<()>,
+    /// Notified when `committed` moves or a commit fails.
+    moved: parking_lot::Condvar,
+    /// A commit of acknowledged writes failed: reads that wait for it fail
+    /// (the journal holds them; the next open replays them).
+    failed: parking_lot::Mutex<Option<String>>,
+}
+
+/// How long a read waits at most for the commit of writes acknowledged
+/// before it (a commit takes microseconds to milliseconds; this bounds a
+/// stuck disk).
+pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Gate {
+    /// Waits until every group acknowledged so far is committed; whether
+    /// it had to wait.
+    fn settle(&self, path: &Path) -> Result<bool, StoreError> {
+        let want = self.acked.load(Ordering::Acquire);
+        if self.committed.load(Ordering::Acquire) >= want {
+            return Ok(false);
+        }
+        let deadline = std::time::Instant::now() + READ_WAIT;
+        let mut guard = self.lock.lock();
+        while self.committed.load(Ordering::Acquire) < want {
+            if let Some(f) = &*self.failed.lock() {
+                return Err(io(path)(format!("commit of acknowledged writes: {f}")));
+            }
+            if self.moved.wait_until(&mut guard, deadline).timed_out() {
+                return Err(io(path)(format!(
+                    "acknowledged writes not committed within {READ_WAIT:?}"
+                )));
+            }
+        }
+        Ok(true)
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
+    fn committed_n(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.committed.fetch_add(n, Ordering::AcqRel);
+        let _guard = self.lock.lock();
+        self.moved.notify_all();
+    }
+
+    fn fail(&self, e: &str) {
+        self.failed.lock().get_or_insert_with(|| e.to_string());
+        let _guard = self.lock.lock();
+        self.moved.notify_all();
+    }
 }
 
 /// What the writer counted.
@@ -135,6 +235,10 @@ pub struct StoreStats {
     pub journal_appends: AtomicU64,
     /// `fdatasync`s of the journal.
     pub journal_syncs: AtomicU64,
+    /// Groups acknowledged from the journal before their redb commit.
+    pub early_acks: AtomicU64,
+    /// Reads that waited for the commit of acknowledged writes.
+    pub read_waits: AtomicU64,
 }
 
 /// A stream's store (see the module docs).
@@ -142,9 +246,12 @@ pub struct StreamStore {
     path: PathBuf,
     db: Arc<Database>,
     jobs: parking_lot::Mutex<Option<mpsc::Sender<Job>>>,
+    side: Arc<parking_lot::Mutex<Side>>,
     durable: watch::Receiver<u64>,
+    durable_tx: Arc<watch::Sender<u64>>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<StoreStats>,
+    gate: Arc<Gate>,
     /// The applied index (`Write::Applied`) of the last synced commit.
     synced_applied: Arc<AtomicU64>,
     /// The sync interval in milliseconds (0: sync before every
@@ -154,6 +261,19 @@ pub struct StreamStore {
     /// ([`SYNC_EVERY`]; tests stretch it).
     #[cfg(test)]
     checkpoint_every_ms: Arc<AtomicU64>,
+    #[cfg(test)]
+    hooks: Arc<TestHooks>,
+}
+
+/// What tests make the writer do between an early acknowledgement and the
+/// redb commit.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct TestHooks {
+    /// Sleep this long before each commit of an acknowledged group.
+    commit_delay_ms: AtomicU64,
+    /// Fail the next commit of an acknowledged group.
+    fail_commit: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -231,43 +351,59 @@ impl StreamStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, drx) = watch::channel(durable);
+        let dtx = Arc::new(dtx);
+        let side = Arc::new(parking_lot::Mutex::new(Side {
+            journal,
+            unjournaled: false,
+        }));
         let stats = Arc::new(StoreStats::default());
+        let gate = Arc::new(Gate::default());
         let synced_applied = Arc::new(AtomicU64::new(applied));
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
         let checkpoint_every_ms = Arc::new(AtomicU64::new(SYNC_EVERY.as_millis() as u64));
+        #[cfg(test)]
+        let hooks = Arc::new(TestHooks::default());
         let thread = {
             let mut w = Writer {
                 db: db.clone(),
                 path: path.to_path_buf(),
-                durable: dtx,
+                durable: dtx.clone(),
+                rx,
+                side: side.clone(),
                 stats: stats.clone(),
+                gate: gate.clone(),
                 synced_applied: synced_applied.clone(),
                 sync_interval_ms: sync_interval_ms.clone(),
                 checkpoint_every_ms: checkpoint_every_ms.clone(),
-                journal,
+                #[cfg(test)]
+                hooks: hooks.clone(),
                 applied,
                 last_checkpoint: std::time::Instant::now(),
                 last_journal_sync: std::time::Instant::now(),
                 dirty: false,
                 unjournaled: false,
-                failed: None,
             };
             std::thread::Builder::new()
                 .name("macula-stream-store".into())
-                .spawn(move || w.run(&rx))
+                .spawn(move || w.run())
                 .ok()
         };
         StreamStore {
             path: path.to_path_buf(),
             db,
             jobs: parking_lot::Mutex::new(thread.as_ref().map(|_| tx)),
+            side,
             durable: drx,
+            durable_tx: dtx,
             thread: parking_lot::Mutex::new(thread),
             stats,
+            gate,
             synced_applied,
             sync_interval_ms,
             #[cfg(test)]
             checkpoint_every_ms,
+            #[cfg(test)]
+            hooks,
         }
     }
 
@@ -317,8 +453,56 @@ impl StreamStore {
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
         };
-        tx.send(Job { writes, done, sync })
-            .map_err(|_| StoreError::Closed(self.path.clone()))
+        let closed = |_| StoreError::Closed(self.path.clone());
+        let mut job = Job {
+            writes,
+            done,
+            sync,
+            journaled: false,
+            acked: false,
+        };
+        // Appended and queued under the journal's lock: the journal's
+        // order is the queue's, and a checkpoint (which takes the lock and
+        // everything queued) covers every record it drops.
+        let mut side = self.side.lock();
+        if !sync {
+            side.unjournaled = true;
+            return tx.send(job).map_err(closed);
+        }
+        if job.writes.is_empty() || side.unjournaled {
+            return tx.send(job).map_err(closed);
+        }
+        if let Some(f) = self.gate.failed() {
+            return Err(io(&self.path)(f));
+        }
+        if let Err(e) = side.journal.append(job.writes.iter()) {
+            let e = e.to_string();
+            self.gate.fail(&e);
+            return Err(io(&self.path)(e));
+        }
+        self.stats.journal_appends.fetch_add(1, Ordering::Relaxed);
+        job.journaled = true;
+        if self.sync_interval_ms.load(Ordering::Acquire) == 0 {
+            // Acknowledged by the writer once its sync covers the record.
+            return tx.send(job).map_err(closed);
+        }
+        // With a sync interval, written is acknowledged: at once, here,
+        // before the writer commits it to redb (reads wait: `Gate`).
+        raise_durable(&self.durable_tx, &job.writes);
+        self.gate.acked.fetch_add(1, Ordering::AcqRel);
+        self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
+        job.acked = true;
+        let done = job.done.take();
+        if tx.send(job).is_err() {
+            // Counted as acknowledged but never committed: reads fail
+            // rather than wait for it.
+            self.gate.fail("the store's writer stopped");
+            return Err(StoreError::Closed(self.path.clone()));
+        }
+        drop(side);
+        drop(jobs);
+        answer_one(done, &Ok(()));
+        Ok(())
     }
 
     /// Makes everything committed so far durable (a checkpoint) and waits
@@ -364,6 +548,7 @@ impl StreamStore {
 
     /// Reads one message.
     pub fn get(&self, seq: u64) -> Result<Option<StoredMsg>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -383,6 +568,7 @@ impl StreamStore {
     /// they are ascending, as a consumer's batch is); a sequence not stored
     /// is left out.
     pub fn get_batch(&self, seqs: &[u64]) -> Result<Vec<(u64, StoredMsg)>, StoreError> {
+        self.settled()?;
         let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
             return Ok(Vec::new());
         };
@@ -422,6 +608,16 @@ impl StreamStore {
         Ok(out)
     }
 
+    /// Waits until the writes acknowledged before this read are committed
+    /// to redb (at once unless a group was acknowledged from the journal
+    /// and its commit is still running).
+    fn settled(&self) -> Result<(), StoreError> {
+        if self.gate.settle(&self.path)? {
+            self.stats.read_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn corrupt(&self, seq: u64, c: &CorruptRecord) -> StoreError {
         StoreError::Corrupt {
             path: self.path.clone(),
@@ -431,6 +627,7 @@ impl StreamStore {
 
     /// Reads the configuration (JSON) and the last sequence and timestamp.
     pub fn meta(&self) -> Result<(Vec<u8>, u64, u64), StoreError> {
+        self.settled()?;
         let (last, ts) = self.last()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
@@ -448,6 +645,7 @@ impl StreamStore {
 
     /// The index snapshot of the last clean shutdown, if there is one.
     pub fn index_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = txn.open_table(META).map_err(|x| e(x.to_string()))?;
@@ -456,12 +654,14 @@ impl StreamStore {
     }
 
     fn last(&self) -> Result<(u64, u64), StoreError> {
+        self.settled()?;
         read_last(&self.db, &self.path)
     }
 
     /// Calls `f` with every stored message's sequence, record size and
     /// head, ascending (to rebuild the index).
     pub fn scan(&self, mut f: impl FnMut(u64, u32, record::Head<'_>)) -> Result<u64, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -485,6 +685,7 @@ impl StreamStore {
     /// The Raft log index a replicated stream's store has applied (0:
     /// none, or not replicated).
     pub fn applied(&self) -> Result<u64, StoreError> {
+        self.settled()?;
         read_applied(&self.db, &self.path)
     }
 
@@ -496,6 +697,7 @@ impl StreamStore {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -518,6 +720,7 @@ impl StreamStore {
 
     /// Stored messages (as redb counts them).
     pub fn stored_messages(&self) -> Result<u64, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         match txn.open_table(MSGS) {
@@ -529,6 +732,7 @@ impl StreamStore {
 
     /// Every consumer record: name -> bytes.
     pub fn consumers(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(CONSUMERS) {
@@ -626,12 +830,16 @@ fn journal_err(e: journal::JournalError) -> StoreError {
 struct Writer {
     db: Arc<Database>,
     path: PathBuf,
-    durable: watch::Sender<u64>,
+    durable: Arc<watch::Sender<u64>>,
+    rx: mpsc::Receiver<Job>,
+    side: Arc<parking_lot::Mutex<Side>>,
     stats: Arc<StoreStats>,
+    gate: Arc<Gate>,
     synced_applied: Arc<AtomicU64>,
     sync_interval_ms: Arc<AtomicU64>,
     checkpoint_every_ms: Arc<AtomicU64>,
-    journal: Journal,
+    #[cfg(test)]
+    hooks: Arc<TestHooks>,
     /// The applied index written so far (synced or not).
     applied: u64,
     last_checkpoint: std::time::Instant,
@@ -641,22 +849,19 @@ struct Writer {
     /// ... of which some are in neither the journal nor a checkpoint (a
     /// replicated stream's applier's).
     unjournaled: bool,
-    /// A journal write or sync failed: nothing more is acknowledged (what
-    /// reached the file is unknown; the next open replays what is whole).
-    failed: Option<String>,
 }
 
 impl Writer {
-    fn run(&mut self, rx: &mpsc::Receiver<Job>) {
+    fn run(&mut self) {
         loop {
             let first = match self.due() {
-                None => match rx.recv() {
+                None => match self.rx.recv() {
                     Ok(j) => j,
                     Err(_) => break,
                 },
                 Some(at) => {
                     let wait = at.saturating_duration_since(std::time::Instant::now());
-                    match rx.recv_timeout(wait) {
+                    match self.rx.recv_timeout(wait) {
                         Ok(j) => j,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             self.housekeeping();
@@ -669,7 +874,7 @@ impl Writer {
             let mut group = vec![first];
             let mut bytes = 0usize;
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-                match rx.try_recv() {
+                match self.rx.try_recv() {
                     Ok(j) => {
                         bytes += j
                             .writes
@@ -684,21 +889,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write(&group);
+            let result = self.write(&mut group);
             if let Err(e) = &result {
                 tracing::error!(path = %self.path.display(), error = %e, "stream store write failed");
             }
-            for j in group {
-                match j.done {
-                    Some(Done::Async(tx)) => {
-                        let _ = tx.send(result.clone());
-                    }
-                    Some(Done::Blocking(tx)) => {
-                        let _ = tx.send(result.clone());
-                    }
-                    None => {}
-                }
-            }
+            answer(&mut group, &result);
         }
         // What was acknowledged is in the journal; sync what an interval
         // left unsynced (a close checkpoints before this).
@@ -721,13 +916,13 @@ impl Writer {
     /// When the writer must act without a job: the next checkpoint while
     /// redb holds unsynced commits, the next journal sync in interval mode.
     fn due(&self) -> Option<std::time::Instant> {
-        if self.failed.is_some() {
+        if self.gate.failed().is_some() {
             return None;
         }
         let checkpoint = self
             .dirty
             .then(|| self.last_checkpoint + self.checkpoint_every());
-        let journal = match (self.journal.unsynced(), self.interval()) {
+        let journal = match (self.side.lock().journal.unsynced(), self.interval()) {
             (true, Some(d)) => Some(self.last_journal_sync + d),
             (true, None) => Some(std::time::Instant::now()),
             _ => None,
@@ -739,16 +934,19 @@ impl Writer {
     }
 
     fn housekeeping(&mut self) {
-        if self.failed.is_some() {
+        if self.gate.failed().is_some() {
             return;
         }
         let now = std::time::Instant::now();
         let result = if self.dirty && now >= self.last_checkpoint + self.checkpoint_every() {
-            self.checkpoint(&[])
-        } else if self.journal.unsynced()
-            && self
-                .interval()
-                .is_none_or(|d| now >= self.last_journal_sync + d)
+            // What the checkpoint takes from the queue is answered here.
+            let mut group = Vec::new();
+            let result = self.checkpoint(&mut group);
+            answer(&mut group, &result);
+            result
+        } else if self
+            .interval()
+            .is_none_or(|d| now >= self.last_journal_sync + d)
         {
             self.sync_journal()
         } else {
@@ -761,59 +959,91 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, group: &[Job]) -> Result<(), String> {
-        if let Some(f) = &self.failed {
-            return Err(f.clone());
+    /// Fails the store: nothing more is acknowledged, and reads waiting
+    /// for acknowledged writes fail.
+    fn fail(&self, e: &str) {
+        self.gate.fail(e);
+    }
+
+    fn write(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
+        if let Some(f) = self.gate.failed() {
+            return Err(f);
         }
         let durable = group.iter().any(|j| j.sync);
         let has_writes = group.iter().any(|j| !j.writes.is_empty());
-        let checkpoint_due = self.last_checkpoint.elapsed() >= self.checkpoint_every();
         if !has_writes && !durable {
             return Ok(());
         }
-        if (durable && (!has_writes || self.unjournaled || self.journal.len() >= JOURNAL_MAX))
+        let checkpoint_due = self.last_checkpoint.elapsed() >= self.checkpoint_every();
+        // A durable job not in the journal (a sync, or one queued after
+        // unsynced writes) is made durable by a checkpoint, as is
+        // everything when one is due.
+        let journal_full = self.side.lock().journal.len() >= JOURNAL_MAX;
+        if group.iter().any(|j| j.sync && !j.journaled)
+            || journal_full
             || (checkpoint_due && self.dirty)
         {
             return self.checkpoint(group);
         }
-        if durable {
-            let appended = self
-                .journal
-                .append(group.iter().flat_map(|j| j.writes.iter()))
-                .map_err(|e| e.to_string());
-            if let Err(e) = appended {
-                self.failed = Some(e.clone());
+        if group.iter().any(|j| j.journaled && !j.acked) {
+            // Queued without a sync interval: acknowledged once synced.
+            self.sync_journal()?;
+            for j in group.iter_mut().filter(|j| j.journaled && !j.acked) {
+                raise_durable(&self.durable, &j.writes);
+                self.gate.acked.fetch_add(1, Ordering::AcqRel);
+                self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
+                j.acked = true;
+                answer_one(j.done.take(), &Ok(()));
+            }
+        }
+        #[cfg(test)]
+        {
+            let ms = self.hooks.commit_delay_ms.load(Ordering::Acquire);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            if self.hooks.fail_commit.swap(false, Ordering::AcqRel) {
+                let e = "commit failed (test)".to_string();
+                self.fail(&e);
                 return Err(e);
             }
-            self.stats.journal_appends.fetch_add(1, Ordering::Relaxed);
-            let sync_now = self
-                .interval()
-                .is_none_or(|d| self.last_journal_sync.elapsed() >= d);
-            if sync_now {
-                self.sync_journal()?;
+        }
+        let acked = group.iter().filter(|j| j.acked).count() as u64;
+        match commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None) {
+            Ok(()) => {
+                self.dirty = true;
+                if group.iter().any(|j| !j.sync) {
+                    self.unjournaled = true;
+                }
+                self.committed(group);
+                self.gate.committed_n(acked);
+                Ok(())
+            }
+            Err(e) => {
+                if acked > 0 {
+                    // Acknowledged but not in redb: nothing more is
+                    // written, reads waiting for it fail, the next open
+                    // replays the journal.
+                    self.fail(&e);
+                }
+                Err(e)
             }
         }
-        commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None)?;
-        self.dirty = true;
-        if !durable {
-            self.unjournaled = true;
-        }
-        self.committed(group);
-        if durable && !self.unjournaled && !self.journal.unsynced() {
-            self.synced_applied.store(self.applied, Ordering::Release);
-        }
-        Ok(())
     }
 
+    /// Syncs the journal (outside its lock: submitters go on appending).
     fn sync_journal(&mut self) -> Result<(), String> {
-        if !self.journal.unsynced() {
-            return Ok(());
-        }
-        if let Err(e) = self.journal.sync() {
-            let e = e.to_string();
-            self.failed = Some(e.clone());
+        let (file, upto) = {
+            let side = self.side.lock();
+            if !side.journal.unsynced() {
+                return Ok(());
+            }
+            side.journal.sync_handle()
+        };
+        if let Err(e) = file.sync_data() {
+            let e = format!("journal {}: {e}", self.path.display());
+            self.fail(&e);
             return Err(e);
         }
+        self.side.lock().journal.mark_synced(upto);
         self.stats.journal_syncs.fetch_add(1, Ordering::Relaxed);
         self.last_journal_sync = std::time::Instant::now();
         if !self.unjournaled {
@@ -822,22 +1052,38 @@ impl Writer {
         Ok(())
     }
 
-    /// One synced redb commit of `group` (and of everything before it),
-    /// moving the journal to its next epoch.
-    fn checkpoint(&mut self, group: &[Job]) -> Result<(), String> {
-        let epoch = self.journal.epoch() + 1;
-        commit(
+    /// One synced redb commit of `group`, of everything queued meanwhile
+    /// (taken into `group`) and of everything before, moving the journal
+    /// to its next epoch. Holds the journal's lock throughout: every
+    /// record the new epoch drops is then in this commit or an earlier one.
+    fn checkpoint(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
+        let side = self.side.clone();
+        let mut side = side.lock();
+        while let Ok(j) = self.rx.try_recv() {
+            group.push(j);
+        }
+        let epoch = side.journal.epoch() + 1;
+        let acked = group.iter().filter(|j| j.acked).count() as u64;
+        if let Err(e) = commit(
             &self.db,
             group.iter().flat_map(|j| j.writes.iter()),
             Some(epoch),
-        )?;
-        self.journal.restart(epoch);
+        ) {
+            if acked > 0 {
+                self.fail(&e);
+            }
+            return Err(e);
+        }
+        side.journal.restart(epoch);
+        side.unjournaled = false;
+        drop(side);
         self.dirty = false;
         self.unjournaled = false;
         self.last_checkpoint = std::time::Instant::now();
         self.last_journal_sync = self.last_checkpoint;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.committed(group);
+        self.gate.committed_n(acked);
         self.synced_applied.store(self.applied, Ordering::Release);
         Ok(())
     }
@@ -848,21 +1094,52 @@ impl Writer {
         let n: usize = group.iter().map(|j| j.writes.len()).sum();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
-        let mut top = None;
-        for w in group.iter().flat_map(|j| j.writes.iter()) {
-            match w {
-                Write::Applied(i) => self.applied = *i,
-                Write::Put(seq, _) => top = top.max(Some(*seq)),
-                _ => {}
+        for j in group {
+            for w in &j.writes {
+                if let Write::Applied(i) = w {
+                    self.applied = *i;
+                }
             }
+            raise_durable(&self.durable, &j.writes);
         }
-        if let Some(top) = top {
-            self.durable.send_if_modified(|d| {
-                let raise = top > *d;
-                *d = (*d).max(top);
-                raise
-            });
+    }
+}
+
+/// Raises `durable` to the highest sequence `writes` put.
+fn raise_durable(durable: &watch::Sender<u64>, writes: &[Write]) {
+    let top = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Put(seq, _) => Some(*seq),
+            _ => None,
+        })
+        .max();
+    if let Some(top) = top {
+        durable.send_if_modified(|d| {
+            let raise = top > *d;
+            *d = (*d).max(top);
+            raise
+        });
+    }
+}
+
+/// Answers one waiter.
+fn answer_one(done: Option<Done>, result: &Result<(), String>) {
+    match done {
+        Some(Done::Async(tx)) => {
+            let _ = tx.send(result.clone());
         }
+        Some(Done::Blocking(tx)) => {
+            let _ = tx.send(result.clone());
+        }
+        None => {}
+    }
+}
+
+/// Answers the group's waiters not answered yet.
+fn answer(group: &mut [Job], result: &Result<(), String>) {
+    for j in group {
+        answer_one(j.done.take(), result);
     }
 }
 
@@ -1102,5 +1379,102 @@ mod tests {
         let back = StreamStore::open(&path, 1 << 20).unwrap();
         assert!(back.get(1).unwrap().is_some());
         assert!(journal::path_of(&path).is_file());
+    }
+
+    #[test]
+    fn a_read_after_an_acknowledgement_waits_for_its_commit() {
+        for interval in [None, Some(Duration::from_secs(3600))] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = open_store(dir.path());
+            s.set_sync_interval(interval);
+            // Each acknowledged group's commit lands 500 ms after its answer.
+            s.hooks.commit_delay_ms.store(500, Ordering::Release);
+            for seq in 1..=3 {
+                let started = std::time::Instant::now();
+                s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+                assert!(
+                    started.elapsed() < Duration::from_millis(500),
+                    "answered before the commit ({interval:?})"
+                );
+                assert!(
+                    s.get(seq).unwrap().is_some(),
+                    "read back {seq} ({interval:?})"
+                );
+                assert_eq!(s.get_batch(&[seq]).unwrap().len(), 1);
+                assert_eq!(s.last().unwrap(), (seq, seq));
+            }
+            assert!(s.stats().early_acks.load(Ordering::Relaxed) >= 3);
+            assert!(s.stats().read_waits.load(Ordering::Relaxed) >= 3);
+        }
+    }
+
+    #[test]
+    fn a_write_acknowledged_before_its_commit_survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        s.write_now(vec![put(1), Write::Last(1, 1)]).unwrap();
+        // The next commit hangs for a second: the crash image is taken
+        // after the answer and before redb holds the write.
+        s.hooks.commit_delay_ms.store(1000, Ordering::Release);
+        s.write_now(vec![put(2), Write::Last(2, 2)]).unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert!(back.get(2).unwrap().is_some(), "replayed from the journal");
+        assert_eq!(back.last().unwrap(), (2, 2));
+    }
+
+    #[test]
+    fn a_failed_commit_of_acknowledged_writes_fails_reads_and_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.write_now(vec![put(1)]).unwrap();
+        // Committed (the read waits for it) before the hook is armed.
+        assert!(s.get(1).unwrap().is_some());
+        s.hooks.fail_commit.store(true, Ordering::Release);
+        // In the journal (synced): acknowledged.
+        s.write_now(vec![put(2)]).unwrap();
+        // Not in redb: a read does not miss it quietly, it fails.
+        let err = s.get(2).unwrap_err();
+        assert!(err.to_string().contains("commit failed (test)"), "{err}");
+        assert!(s.write_now(vec![put(3)]).is_err());
+        // The journal has it: the next open replays it.
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert!(back.get(2).unwrap().is_some());
+        assert!(back.get(3).unwrap().is_none());
+    }
+
+    #[test]
+    fn checkpoints_amid_appends_keep_every_acknowledged_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        // A checkpoint at nearly every group, while four threads append
+        // (each acknowledged when written, before the writer sees it).
+        s.set_checkpoint_every(Duration::from_millis(1));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..150u64 {
+                        s.write_now(vec![put(1 + t * 1000 + i)]).unwrap();
+                        // Spread over a few checkpoint intervals.
+                        if i % 10 == 0 {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(s.stats().syncs.load(Ordering::Relaxed) > 1);
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 600);
+        assert_eq!(s.stored_messages().unwrap(), 600);
     }
 }
