@@ -403,22 +403,71 @@ pub fn verify_each_with(
         failed: Vec::new(),
     };
     let mut entries = view.entries.iter();
+    // The signatures left to check after the key checks and the cache.
+    let mut pending: Vec<Pending> = Vec::new();
     for seal in &view.seals {
         let first = out.refs.len();
         let run = check_seal(view, seal, &mut entries, &mut out.refs)?;
-        if let Err(e) = verify_seal(view, &run, keys) {
-            out.failed.push((first..out.refs.len(), e));
+        match prepare(view, &run, keys) {
+            Ok(None) => {}
+            Ok(Some((msg, vk))) => pending.push(Pending {
+                entries: first..out.refs.len(),
+                key: run.key,
+                sig: run.sig,
+                msg,
+                vk,
+            }),
+            Err(e) => out.failed.push((first..out.refs.len(), e)),
         }
     }
+    let publisher = view.publisher;
+    // Several signatures of one batch are checked together (one
+    // multi-scalar multiplication instead of one per seal); when the
+    // batch does not verify, each is checked alone to find which failed.
+    let batched = pending.len() > 1 && {
+        let msgs: Vec<&[u8]> = pending.iter().map(|p| &p.msg[..]).collect();
+        let sigs: Vec<Signature> = pending
+            .iter()
+            .map(|p| Signature::from_bytes(&p.sig))
+            .collect();
+        let vks: Vec<VerifyingKey> = pending.iter().map(|p| p.vk).collect();
+        ed25519_dalek::verify_batch(&msgs, &sigs, &vks).is_ok()
+    };
+    for p in pending {
+        let ok = batched || p.vk.verify(&p.msg, &Signature::from_bytes(&p.sig)).is_ok();
+        match ok {
+            true => {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&p.msg[SIGN_TAG.len()..]);
+                keys.remember(p.key, hash, p.sig);
+            }
+            false => out
+                .failed
+                .push((p.entries, ProofError::BadSignature { publisher })),
+        }
+    }
+    out.failed.sort_by_key(|(r, _)| r.start);
     Ok(out)
 }
 
-/// One seal's key and signature over `run`'s digests.
-fn verify_seal(
+/// A seal whose signature is still to be checked.
+struct Pending {
+    entries: std::ops::Range<usize>,
+    key: [u8; 32],
+    sig: [u8; 64],
+    msg: [u8; SIGN_TAG.len() + 32],
+    vk: VerifyingKey,
+}
+
+/// One seal's key checked, and what its signature must verify over with
+/// which key: `None` when the same signature over the same seal hash
+/// verified lately (a seal spanning frames).
+#[allow(clippy::type_complexity)]
+fn prepare(
     view: &PublishBatchView<'_>,
     run: &SealedRun,
     keys: &mut KeyCache,
-) -> Result<(), ProofError> {
+) -> Result<Option<([u8; SIGN_TAG.len() + 32], VerifyingKey)>, ProofError> {
     let publisher = view.publisher;
     if NodeId::from_public_key(&run.key) != publisher {
         // A key that is not a point is refused as such first.
@@ -427,16 +476,13 @@ fn verify_seal(
     }
     let hash = seal_hash(&publisher, view.epoch, run.digests());
     if keys.verified(&run.key, &hash, &run.sig) {
-        return Ok(());
+        return Ok(None);
     }
     let vk = keys.get(&run.key)?;
     let mut msg = [0u8; SIGN_TAG.len() + 32];
     msg[..SIGN_TAG.len()].copy_from_slice(SIGN_TAG);
     msg[SIGN_TAG.len()..].copy_from_slice(&hash);
-    vk.verify(&msg, &Signature::from_bytes(&run.sig))
-        .map_err(|_| ProofError::BadSignature { publisher })?;
-    keys.remember(run.key, hash, run.sig);
-    Ok(())
+    Ok(Some((msg, vk)))
 }
 
 /// The digests one seal covers, with the places of the entries it covers
