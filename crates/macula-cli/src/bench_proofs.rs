@@ -3,10 +3,11 @@
 //! machine's drift hits both alike, in process on 127.0.0.1:
 //!
 //! * **on** (the default): the client seals what it sends (one Ed25519
-//!   signature over the BLAKE3 digests of up to 256 messages, a seal
-//!   spanning the frames it writes at once), its gateway forwards the seal
-//!   with every message unverified (the client's connection proves it),
-//!   the subscriber node verifies it;
+//!   signature over the BLAKE3 digests of up to 256 messages: several
+//!   seals in a frame of small messages, a seal spanning the frames it
+//!   writes at once for large ones), its gateway forwards the seals with
+//!   every message unverified (the client's connection proves it), the
+//!   subscriber node verifies them (a frame's several seals together);
 //! * **off**: `PubSubLimits::proofs = false` on all three: unsealed
 //!   batches, nothing signed or verified (as before issue 19).
 //!

@@ -88,8 +88,16 @@ impl OutMsg {
 /// signatures per 64 KiB batch of 64-byte messages.
 pub const OWN_SEAL_MAX: usize = 256;
 
-/// Bytes a frame signed by this node reserves for its seal.
+/// Bytes a frame signed by this node reserves for its seal (and the seal
+/// count); each further seal of the frame takes this less the count.
 const OWN_SEAL_BYTES: usize = SEALS_COUNT_LEN + SEAL_OVERHEAD + OWN_SEAL_MAX / 8;
+
+/// Messages of one own seal, as a `usize` bounded by the wire's limit.
+const OWN_SEAL_CHUNK: usize = if OWN_SEAL_MAX < MAX_SEAL_ENTRIES {
+    OWN_SEAL_MAX
+} else {
+    MAX_SEAL_ENTRIES
+};
 
 /// The publisher of a forwarded message.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -292,6 +300,7 @@ fn encode_run(
         frame_limit,
         at,
         digests: Vec::new(),
+        sigs: Vec::new(),
         seals: Vec::new(),
     };
     let mut i = 0;
@@ -383,10 +392,9 @@ fn pick_frame<'a>(
     t0: usize,
     done: &mut Encoded,
 ) -> usize {
-    let max_msgs = match own_seal {
-        true => OWN_SEAL_MAX.min(MAX_SEAL_ENTRIES),
-        false => MAX_BATCH_MESSAGES,
-    };
+    // A frame of this node's own carries one seal per `OWN_SEAL_MAX` of
+    // its messages, so it holds as many messages as an unsealed one.
+    let max_msgs = MAX_BATCH_MESSAGES;
     let p0 = picked.len();
     let mut bytes = if own_seal { OWN_SEAL_BYTES } else { 0 };
     while let Some(m) = msgs.get(i) {
@@ -416,9 +424,14 @@ fn pick_frame<'a>(
             (Some(_), Some(_)) => m.seal_cost() as isize,
             (None, Some(_)) => (SEALS_COUNT_LEN + m.seal_cost()) as isize,
         };
-        let cost = size + if known.is_some() { 0 } else { topic_entry };
-        let after = (bytes + cost).saturating_add_signed(seal_cost);
         let n = picked.len() - p0;
+        // Every `OWN_SEAL_MAX` own messages start another seal.
+        let own_cost = match own_seal && n > 0 && n.is_multiple_of(OWN_SEAL_CHUNK) {
+            true => OWN_SEAL_BYTES - SEALS_COUNT_LEN,
+            false => 0,
+        };
+        let cost = size + own_cost + if known.is_some() { 0 } else { topic_entry };
+        let after = (bytes + cost).saturating_add_signed(seal_cost);
         if n > 0
             && (after > budget
                 || n == max_msgs
@@ -450,7 +463,28 @@ struct FrameWriter<'a, 'o> {
     frame_limit: u32,
     at: Marker,
     digests: Vec<[u8; 32]>,
+    /// The signatures of a group's chunks of `OWN_SEAL_CHUNK` digests.
+    sigs: Vec<[u8; 64]>,
     seals: Vec<Seal>,
+}
+
+/// The seals of the frame carrying the group's messages `range`: one per
+/// chunk of `OWN_SEAL_CHUNK` digests (signed `sigs[c]`) that it overlaps,
+/// with the bits of its messages and the digests of the chunk's others.
+fn own_seals(
+    signer: &Signer,
+    sigs: &[[u8; 64]],
+    digests: &[[u8; 32]],
+    range: std::ops::Range<usize>,
+    seals: &mut Vec<Seal>,
+) {
+    for (c, (sig, chunk)) in sigs.iter().zip(digests.chunks(OWN_SEAL_CHUNK)).enumerate() {
+        let start = c * OWN_SEAL_CHUNK;
+        let (lo, hi) = (range.start.max(start), range.end.min(start + chunk.len()));
+        if lo < hi {
+            seals.push(signer.seal_part(*sig, chunk, lo - start..hi - start));
+        }
+    }
 }
 
 impl FrameWriter<'_, '_> {
@@ -467,7 +501,11 @@ impl FrameWriter<'_, '_> {
         mut marks: Option<&mut Vec<Mark>>,
     ) {
         let msgs = self.msgs;
-        let sig = signer.map(|signer| {
+        // The group's messages are signed in consecutive chunks of
+        // `OWN_SEAL_CHUNK`: one seal for a group of small frames, several
+        // for one frame of more messages.
+        self.sigs.clear();
+        if let Some(signer) = signer {
             self.digests.clear();
             for f in group.iter() {
                 let d = picked[f.picked.clone()]
@@ -475,20 +513,25 @@ impl FrameWriter<'_, '_> {
                     .map(|&(mi, _)| digest_of(&msgs[mi]));
                 self.digests.extend(d);
             }
-            (
-                signer,
-                signer.sign(self.publisher, self.epoch, &self.digests),
-            )
-        });
+            for chunk in self.digests.chunks(OWN_SEAL_CHUNK) {
+                self.sigs
+                    .push(signer.sign(self.publisher, self.epoch, chunk));
+            }
+        }
         let mut offset = 0;
         for f in group.drain(..) {
             let frame = &picked[f.picked.clone()];
             self.seals.clear();
-            match sig {
-                Some((signer, sig)) => {
+            match signer {
+                Some(signer) => {
                     let k = frame.len();
-                    self.seals
-                        .push(signer.seal_part(sig, &self.digests, offset..offset + k));
+                    own_seals(
+                        signer,
+                        &self.sigs,
+                        &self.digests,
+                        offset..offset + k,
+                        &mut self.seals,
+                    );
                     offset += k;
                 }
                 None if msgs[frame[0].0].seal.is_some() => {

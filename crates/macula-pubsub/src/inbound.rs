@@ -21,7 +21,7 @@ use crate::dedup::Observed;
 use crate::event::{Event, Overflow, PublishOptions, TopicName};
 use crate::interest::Route;
 use crate::local::{FeedId, SubId, Target};
-use crate::proof::{KeyCache, Proof, ProofError, SealRef};
+use crate::proof::{KeyCache, Proof, ProofError, SealRef, Verified};
 use crate::topic::Topic;
 use crate::Limits;
 
@@ -70,9 +70,13 @@ pub struct BatchReceiver<S> {
     /// sealed): what a gateway forwarding it sends along
     /// ([`PubSubCore::forward_from_client`]).
     pub seals: Vec<SealRef>,
-    /// Why the last batch's publisher was not proved, if it was dropped
-    /// for that (the driver logs it).
+    /// Why the last batch's publisher was not proved, if it (or, for a
+    /// batch with several seals, some of its messages) was dropped for
+    /// that (the driver logs it).
     pub unproved: Option<ProofError>,
+    /// The entries of the last batch whose seal did not verify (a batch
+    /// with several seals, others of which did): dropped and counted.
+    failed: Vec<std::ops::Range<usize>>,
     /// Publishers' keys decoded for the seals of this stream's batches.
     keys: KeyCache,
     /// The seals of the next batch, verified by [`BatchReceiver::prove_ahead`]
@@ -83,7 +87,7 @@ pub struct BatchReceiver<S> {
 
 /// A batch's seals verified ahead: its body's address and length, and the
 /// outcome.
-type Ahead = (usize, usize, Result<Vec<SealRef>, ProofError>);
+type Ahead = (usize, usize, Result<Verified, ProofError>);
 
 impl<S> BatchReceiver<S> {
     /// Receive state for one data stream; `from_client` when its sender is
@@ -102,6 +106,7 @@ impl<S> BatchReceiver<S> {
             retrace: Vec::new(),
             seals: Vec::new(),
             unproved: None,
+            failed: Vec::new(),
             keys: KeyCache::default(),
             ahead: None,
         }
@@ -125,7 +130,7 @@ impl<S> BatchReceiver<S> {
         if view.publisher == from || view.seals.is_empty() {
             return;
         }
-        let proved = crate::proof::verify_with(&view, &mut self.keys);
+        let proved = crate::proof::verify_each_with(&view, &mut self.keys);
         self.ahead = Some((body.as_ptr() as usize, body.len(), proved));
     }
 
@@ -136,10 +141,10 @@ impl<S> BatchReceiver<S> {
         ahead: Option<Ahead>,
         view: &PublishBatchView<'_>,
         body: &Bytes,
-    ) -> Result<Vec<SealRef>, ProofError> {
+    ) -> Result<Verified, ProofError> {
         match ahead {
             Some((at, len, proved)) if at == body.as_ptr() as usize && len == body.len() => proved,
-            _ => crate::proof::verify_with(view, &mut self.keys),
+            _ => crate::proof::verify_each_with(view, &mut self.keys),
         }
     }
 
@@ -308,6 +313,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         ahead: Option<Ahead>,
     ) -> Result<Proof, ProofError> {
         rx.seals.clear();
+        rx.failed.clear();
         if view.publisher == from && !client {
             // From the publisher itself (a client to its gateway): its
             // connection proves it; its seal goes on with the copies,
@@ -320,7 +326,24 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             return Ok(Proof::Connection);
         }
         if !view.seals.is_empty() {
-            rx.seals = rx.verified(ahead, view, body)?;
+            // Each seal on its own: a failed one drops its messages (in
+            // `deliver_batch`), the whole batch if every seal failed.
+            let v = rx.verified(ahead, view, body)?;
+            if v.failed_entries() == view.entries.len() {
+                return Err(v.failed.into_iter().next().map_or(
+                    ProofError::BadSignature {
+                        publisher: view.publisher,
+                    },
+                    |(_, e)| e,
+                ));
+            }
+            rx.seals = v.refs;
+            let mut failed = v.failed.into_iter();
+            if let Some((r, e)) = failed.next() {
+                rx.unproved = Some(e);
+                rx.failed.push(r);
+                rx.failed.extend(failed.map(|(r, _)| r));
+            }
             return Ok(Proof::Signed);
         }
         if view.publisher == from {
@@ -587,7 +610,15 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         rx.keep.clear();
         rx.idx.clear();
         let mut rejected = 0u64;
+        let mut unproved = 0u64;
         for (i, e) in view.entries.iter().enumerate() {
+            // A message whose seal failed (others of the batch verified)
+            // is dropped and counted, never delivered nor seen.
+            if !rx.failed.is_empty() && rx.failed.iter().any(|r| r.contains(&i)) {
+                rx.keep.push(false);
+                unproved += 1;
+                continue;
+            }
             let ok = rx.resolved[e.topic_index].is_some() && e.payload.len() <= self.max_payload;
             rx.keep.push(ok);
             if ok {
@@ -596,6 +627,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 rejected += 1;
             }
         }
+        Counters::add(&c.unproved_dropped_total, unproved);
         // A client's gateway that runs ahead of the publisher's stream as
         // delivered has not joined it yet: its copies are dropped (the
         // gateway that has joined delivers them).
@@ -650,7 +682,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         Counters::add(&c.remote_rejected_total, rejected);
         Counters::add(&c.duplicates_dropped_total, dups);
         Counters::add(&c.gaps_total, gaps);
-        let accepted = view.entries.len() as u64 - rejected - dups;
+        let accepted = view.entries.len() as u64 - rejected - dups - unproved;
         Counters::add(&c.received_remote_total, accepted);
         if accepted == 0 {
             return;

@@ -42,6 +42,9 @@ pub struct SealedRun {
 #[derive(Debug)]
 struct Source {
     body: Bytes,
+    /// The index among the frame's entries of the first this seal covers
+    /// (a frame carrying several seals).
+    first: usize,
     present: Vec<u8>,
     absent: Vec<[u8; 32]>,
 }
@@ -87,7 +90,7 @@ impl SealedRun {
                 // verify nothing make receivers drop the copies.
                 return vec![[0; 32]; n];
             };
-            let (mut entries, mut absent) = (v.entries.iter(), src.absent.iter());
+            let (mut entries, mut absent) = (v.entries.iter().skip(src.first), src.absent.iter());
             let mut out = Vec::with_capacity(n);
             for i in 0..n {
                 let present = src
@@ -229,41 +232,44 @@ pub fn sign(key: &SigningKey, publisher: &NodeId, epoch: u64, digests: &[[u8; 32
     key.sign(&msg).to_bytes()
 }
 
-/// The places of `view`'s entries in its one seal, trusted without
-/// verification: `view` came from its publisher itself (a client, to its
-/// gateway), whose connection proves it; the receivers of the copies
-/// verify the seal. Digests are computed from `body` only if a copy needs
-/// them. `None`: not one seal covering every entry (then [`verify`]).
+/// The places of `view`'s entries in its seals (one or several), trusted
+/// without verification: `view` came from its publisher itself (a client,
+/// to its gateway), whose connection proves it; the receivers of the
+/// copies verify the seals. Digests are computed from `body` only if a
+/// copy needs them. `None`: no seal, or seals that do not cover the
+/// entries exactly (the decoder refuses those; then [`verify`]).
 pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> {
-    let [seal] = view.seals.as_slice() else {
-        return None;
-    };
-    // The decoder checked that the seal covers the entries exactly; the
-    // others it sealed (a seal spanning the publisher's frames) come as
-    // digests.
-    if seal.present_count() != view.entries.len() {
+    // The decoder checked that the seals cover the entries exactly, in
+    // order; the others a seal covers (a seal spanning the publisher's
+    // frames) come as digests.
+    let covered: usize = view.seals.iter().map(Seal::present_count).sum();
+    if view.seals.is_empty() || covered != view.entries.len() {
         return None;
     }
-    let run = Arc::new(SealedRun {
-        key: seal.key,
-        sig: seal.sig,
-        n: seal.n,
-        digests: OnceLock::new(),
-        source: Some(Source {
-            body: body.clone(),
-            present: seal.present.clone(),
-            absent: seal.absent.clone(),
-        }),
-    });
-    Some(
-        (0..seal.n as u32)
-            .filter(|&i| seal.is_present(i as usize))
-            .map(|index| SealRef {
-                run: run.clone(),
-                index,
-            })
-            .collect(),
-    )
+    let mut refs = Vec::with_capacity(view.entries.len());
+    for seal in &view.seals {
+        let run = Arc::new(SealedRun {
+            key: seal.key,
+            sig: seal.sig,
+            n: seal.n,
+            digests: OnceLock::new(),
+            source: Some(Source {
+                body: body.clone(),
+                first: refs.len(),
+                present: seal.present.clone(),
+                absent: seal.absent.clone(),
+            }),
+        });
+        refs.extend(
+            (0..seal.n as u32)
+                .filter(|&i| seal.is_present(i as usize))
+                .map(|index| SealRef {
+                    run: run.clone(),
+                    index,
+                }),
+        );
+    }
+    Some(refs)
 }
 
 fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>) -> [u8; 32] {
@@ -343,38 +349,140 @@ impl std::fmt::Debug for KeyCache {
 }
 
 /// [`verify`] with decoded keys kept in `keys` (a data stream's receiver
-/// keeps one: its forwarded batches come from a few publishers).
+/// keeps one: its forwarded batches come from a few publishers): the
+/// batch is refused whole if any of its seals fails.
 pub fn verify_with(
     view: &PublishBatchView<'_>,
     keys: &mut KeyCache,
 ) -> Result<Vec<SealRef>, ProofError> {
-    let publisher = view.publisher;
-    let mut refs = Vec::with_capacity(if view.seals.is_empty() {
-        0
-    } else {
-        view.entries.len()
-    });
-    let mut entries = view.entries.iter();
-    for seal in &view.seals {
-        let run = check_seal(view, seal, &mut entries, &mut refs)?;
-        if NodeId::from_public_key(&run.key) != publisher {
-            // A key that is not a point is refused as such first.
-            keys.get(&run.key)?;
-            return Err(ProofError::WrongKey { publisher });
-        }
-        let hash = seal_hash(&publisher, view.epoch, run.digests());
-        if keys.verified(&run.key, &hash, &run.sig) {
-            continue;
-        }
-        let vk = keys.get(&run.key)?;
-        let mut msg = [0u8; SIGN_TAG.len() + 32];
-        msg[..SIGN_TAG.len()].copy_from_slice(SIGN_TAG);
-        msg[SIGN_TAG.len()..].copy_from_slice(&hash);
-        vk.verify(&msg, &Signature::from_bytes(&run.sig))
-            .map_err(|_| ProofError::BadSignature { publisher })?;
-        keys.remember(run.key, hash, run.sig);
+    let v = verify_each_with(view, keys)?;
+    match v.failed.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(v.refs),
     }
-    Ok(refs)
+}
+
+/// What [`verify_each_with`] found: each seal is judged on its own, so a
+/// batch carrying several seals loses only the messages of one that fails.
+#[derive(Debug, Default)]
+pub struct Verified {
+    /// Each entry's place in its seal (empty for an unsealed batch),
+    /// whether that seal verified or not.
+    pub refs: Vec<SealRef>,
+    /// The entries (a range of indices) of each seal that did not verify,
+    /// and why: never to be delivered.
+    pub failed: Vec<(std::ops::Range<usize>, ProofError)>,
+}
+
+impl Verified {
+    /// Whether entry `i`'s seal failed.
+    pub fn is_failed(&self, i: usize) -> bool {
+        self.failed.iter().any(|(r, _)| r.contains(&i))
+    }
+
+    /// Entries whose seal failed.
+    pub fn failed_entries(&self) -> usize {
+        self.failed.iter().map(|(r, _)| r.len()).sum()
+    }
+}
+
+/// Checks each seal of `view` on its own (see [`verify`]): the entries of
+/// a seal whose key is not the publisher's, or whose signature does not
+/// verify, are listed in [`Verified::failed`]. `Err` only for seals that
+/// do not cover the entries (the decoder refuses those).
+pub fn verify_each_with(
+    view: &PublishBatchView<'_>,
+    keys: &mut KeyCache,
+) -> Result<Verified, ProofError> {
+    let mut out = Verified {
+        refs: Vec::with_capacity(if view.seals.is_empty() {
+            0
+        } else {
+            view.entries.len()
+        }),
+        failed: Vec::new(),
+    };
+    let mut entries = view.entries.iter();
+    // The signatures left to check after the key checks and the cache.
+    let mut pending: Vec<Pending> = Vec::new();
+    for seal in &view.seals {
+        let first = out.refs.len();
+        let run = check_seal(view, seal, &mut entries, &mut out.refs)?;
+        match prepare(view, &run, keys) {
+            Ok(None) => {}
+            Ok(Some((msg, vk))) => pending.push(Pending {
+                entries: first..out.refs.len(),
+                key: run.key,
+                sig: run.sig,
+                msg,
+                vk,
+            }),
+            Err(e) => out.failed.push((first..out.refs.len(), e)),
+        }
+    }
+    let publisher = view.publisher;
+    // Several signatures of one batch are checked together (one
+    // multi-scalar multiplication instead of one per seal); when the
+    // batch does not verify, each is checked alone to find which failed.
+    let batched = pending.len() > 1 && {
+        let msgs: Vec<&[u8]> = pending.iter().map(|p| &p.msg[..]).collect();
+        let sigs: Vec<Signature> = pending
+            .iter()
+            .map(|p| Signature::from_bytes(&p.sig))
+            .collect();
+        let vks: Vec<VerifyingKey> = pending.iter().map(|p| p.vk).collect();
+        ed25519_dalek::verify_batch(&msgs, &sigs, &vks).is_ok()
+    };
+    for p in pending {
+        let ok = batched || p.vk.verify(&p.msg, &Signature::from_bytes(&p.sig)).is_ok();
+        match ok {
+            true => {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&p.msg[SIGN_TAG.len()..]);
+                keys.remember(p.key, hash, p.sig);
+            }
+            false => out
+                .failed
+                .push((p.entries, ProofError::BadSignature { publisher })),
+        }
+    }
+    out.failed.sort_by_key(|(r, _)| r.start);
+    Ok(out)
+}
+
+/// A seal whose signature is still to be checked.
+struct Pending {
+    entries: std::ops::Range<usize>,
+    key: [u8; 32],
+    sig: [u8; 64],
+    msg: [u8; SIGN_TAG.len() + 32],
+    vk: VerifyingKey,
+}
+
+/// One seal's key checked, and what its signature must verify over with
+/// which key: `None` when the same signature over the same seal hash
+/// verified lately (a seal spanning frames).
+#[allow(clippy::type_complexity)]
+fn prepare(
+    view: &PublishBatchView<'_>,
+    run: &SealedRun,
+    keys: &mut KeyCache,
+) -> Result<Option<([u8; SIGN_TAG.len() + 32], VerifyingKey)>, ProofError> {
+    let publisher = view.publisher;
+    if NodeId::from_public_key(&run.key) != publisher {
+        // A key that is not a point is refused as such first.
+        keys.get(&run.key)?;
+        return Err(ProofError::WrongKey { publisher });
+    }
+    let hash = seal_hash(&publisher, view.epoch, run.digests());
+    if keys.verified(&run.key, &hash, &run.sig) {
+        return Ok(None);
+    }
+    let vk = keys.get(&run.key)?;
+    let mut msg = [0u8; SIGN_TAG.len() + 32];
+    msg[..SIGN_TAG.len()].copy_from_slice(SIGN_TAG);
+    msg[SIGN_TAG.len()..].copy_from_slice(&hash);
+    Ok(Some((msg, vk)))
 }
 
 /// The digests one seal covers, with the places of the entries it covers
@@ -425,6 +533,12 @@ fn check_seal<'a, 'b: 'a>(
 pub fn fuzz_sealed_batch(data: &[u8]) {
     macula_wire::pubsub::fuzz_publish_batch(data);
     if let Ok(view) = PublishBatchView::decode(data) {
+        // Judged seal by seal: the same places, and failures only within
+        // the entries, the whole batch refused exactly when one fails.
+        if let Ok(each) = verify_each_with(&view, &mut KeyCache::default()) {
+            assert!(each.failed.iter().all(|(r, _)| r.end <= view.entries.len()));
+            assert_eq!(verify(&view).is_ok(), each.failed.is_empty());
+        }
         let refs = verify(&view);
         if let Ok(refs) = refs {
             assert_eq!(

@@ -354,6 +354,213 @@ fn a_trace_context_rewritten_on_the_way_still_verifies() {
     assert_eq!(got[0].proof, Proof::Signed);
 }
 
+/// Client 50 publishes `n` messages of `len` bytes (topics `t.a` and `u.b`
+/// alternating, the index at the end of each payload) and writes them to
+/// its gateway: the frames.
+fn client_frames(n: usize, len: usize) -> Vec<Bytes> {
+    let mut c = client(50, 1, true);
+    for i in 0..n {
+        let topic = if i % 2 == 0 { "t.a" } else { "u.b" };
+        let mut p = vec![b'x'; len];
+        p.extend_from_slice(format!("{i}").as_bytes());
+        c.publish_upstream(
+            topic,
+            Bytes::from(p),
+            PublishOptions::default(),
+            Millis(0),
+            &mut Vec::new(),
+        )
+        .unwrap();
+    }
+    let (q, _) = starts(&mut c)[0];
+    let mut bodies = Vec::new();
+    loop {
+        let more = transmit(&mut c, q);
+        if more.is_empty() {
+            break;
+        }
+        bodies.extend(more);
+    }
+    bodies
+}
+
+#[test]
+fn a_clients_frame_holds_as_many_small_messages_as_an_unsealed_one_under_several_seals() {
+    // 700 messages of 64 B: one frame (an unsealed one holds about 740),
+    // sealed in chunks of at most 256 messages.
+    let bodies = client_frames(700, 64);
+    assert_eq!(bodies.len(), 1, "one frame");
+    let view = PublishBatchView::decode(&bodies[0]).unwrap();
+    assert_eq!(view.entries.len(), 700);
+    let sizes: Vec<usize> = view.seals.iter().map(|s| s.n).collect();
+    assert_eq!(sizes, [256, 256, 188]);
+    assert!(view.seals.iter().all(|s| s.absent.is_empty()));
+    assert!(view.seals.windows(2).all(|w| w[0].sig != w[1].sig));
+    assert_eq!(
+        macula_pubsub::proof::verify(&view).map(|r| r.len()),
+        Ok(700)
+    );
+    // Its gateway adopts the three seals unverified and forwards them:
+    // node 4 (both topics) gets the frame's messages with the client's
+    // seals as they came, nodes 2 and 3 their halves with the digests of
+    // the others, computed at the gateway for each seal from its own
+    // entries of the frame.
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    gw.handle_batch(
+        id(50),
+        macula_wire::MessageType::PublishBatch as u8,
+        &bodies[0],
+        &mut rx,
+        Millis(1),
+    )
+    .unwrap();
+    assert_eq!(rx.seals.len(), 700, "adopted");
+    let runs: Vec<_> = rx.seals.iter().map(|s| s.run.len()).collect();
+    assert_eq!((runs[0], runs[256], runs[699]), (256, 256, 188));
+    let records = [
+        ("t", 2, "t.*"),
+        ("u", 3, "u.*"),
+        ("t", 4, "t.*"),
+        ("u", 4, "u.*"),
+    ];
+    let routes: Vec<_> = view
+        .topics
+        .iter()
+        .map(|t| Some(route(&mut gw, &records, t)))
+        .collect();
+    let seals = rx.seals.clone();
+    gw.forward_from_client(id(50), &view, &bodies[0], &routes, &[], &seals, Millis(1));
+    let senders = starts(&mut gw);
+    assert_eq!(senders.len(), 3);
+    for (q, to) in senders {
+        let fwd = transmit(&mut gw, q);
+        let me = (2..=4).find(|&n| id(n) == to).unwrap();
+        let mut n = node(me);
+        n.subscribe("**", 7).unwrap();
+        let got = receive(&mut n, id(1), &fwd, &mut BatchReceiver::new(false));
+        let want: Vec<usize> = (0..700)
+            .filter(|i| me == 4 || (i % 2 == 0) == (me == 2))
+            .collect();
+        let have: Vec<usize> = got
+            .iter()
+            .map(|e| {
+                let p = std::str::from_utf8(&e.payload[64..]).unwrap();
+                p.parse().unwrap()
+            })
+            .collect();
+        assert_eq!(have, want, "node {me}");
+        assert!(got
+            .iter()
+            .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+        assert_eq!(unproved(&n), 0);
+    }
+}
+
+#[test]
+fn one_forged_seal_of_several_drops_only_its_messages() {
+    let body = client_frames(600, 16).remove(0);
+    let view = PublishBatchView::decode(&body).unwrap();
+    assert_eq!(view.seals.len(), 3);
+    let (a, b) = (view.seals[0].n, view.seals[0].n + view.seals[1].n);
+    // Three forgeries of the middle seal's messages, as a full node
+    // forwarding the client's frame could make them.
+    let entries: Vec<_> = view
+        .entries
+        .iter()
+        .map(|e| (e.seq, e.topic_index, e.payload.to_vec()))
+        .collect();
+    let encode = |payload_of: &dyn Fn(usize) -> Vec<u8>, seals: &[macula_wire::Seal]| {
+        let items = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (seq, t, _))| BatchItem {
+                seq: *seq,
+                topic_index: *t,
+                payload: Box::leak(payload_of(i).into_boxed_slice()),
+                headers: &[],
+                message_id: None,
+            });
+        let mut buf = Vec::new();
+        macula_wire::encode_sealed_batch_frame(
+            &mut buf,
+            1 << 20,
+            &view.publisher,
+            view.epoch,
+            &view.topics,
+            items,
+            seals,
+        )
+        .unwrap();
+        Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..])
+    };
+    let genuine = |i: usize| entries[i].2.clone();
+    let changed = |i: usize| {
+        let mut p = entries[i].2.clone();
+        if i == a + 3 {
+            p[0] ^= 1;
+        }
+        p
+    };
+    // The middle seal signed again by the forwarder's own key.
+    let mut resigned = view.seals.clone();
+    let digests: Vec<[u8; 32]> = entries[a..b]
+        .iter()
+        .map(|(seq, t, p)| macula_wire::event_digest(*seq, view.topics[*t], p, [], None))
+        .collect();
+    resigned[1] = Signer::new(key(1)).seal(&view.publisher, view.epoch, &digests);
+    // The middle seal's signature replaced by the first seal's.
+    let mut swapped = view.seals.clone();
+    swapped[1].sig = swapped[0].sig;
+    let cases: [(&str, Bytes); 3] = [
+        ("a payload changed", encode(&changed, &view.seals)),
+        ("sealed by another key", encode(&genuine, &resigned)),
+        ("another seal's signature", encode(&genuine, &swapped)),
+    ];
+    for (what, forged) in cases {
+        let mut n = node(2);
+        n.subscribe("**", 7).unwrap();
+        let mut rx = BatchReceiver::new(false);
+        let got = receive(&mut n, id(1), &[forged], &mut rx);
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+        let want: Vec<u64> = entries[..a]
+            .iter()
+            .chain(&entries[b..])
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(seqs, want, "{what}: the other seals' messages delivered");
+        assert!(got.iter().all(|e| e.proof == Proof::Signed));
+        assert_eq!(unproved(&n), (b - a) as u64, "{what}: counted");
+        assert!(rx.unproved.is_some(), "{what}: told");
+        assert_eq!(
+            n.counters().received_remote_total.get(),
+            (entries.len() - (b - a)) as u64
+        );
+    }
+    // Every seal forged: the batch is dropped whole.
+    let mut all = view.seals.clone();
+    for s in &mut all {
+        s.sig = [7; 64];
+    }
+    let mut n = node(2);
+    n.subscribe("**", 7).unwrap();
+    let mut rx = BatchReceiver::new(false);
+    let got = receive(&mut n, id(1), &[encode(&genuine, &all)], &mut rx);
+    assert!(got.is_empty());
+    assert_eq!(unproved(&n), entries.len() as u64);
+    // And the genuine frame delivers everything.
+    let mut n = node(2);
+    n.subscribe("**", 7).unwrap();
+    let got = receive(
+        &mut n,
+        id(1),
+        &[encode(&genuine, &view.seals)],
+        &mut BatchReceiver::new(false),
+    );
+    assert_eq!(got.len(), entries.len());
+    assert_eq!(unproved(&n), 0);
+}
+
 /// Encodes one batch naming `publisher`, sealed by `sealer` when given.
 fn forged(publisher: NodeId, sealer: Option<&SigningKey>, payload: &[u8]) -> Bytes {
     let items = [BatchItem {
@@ -545,6 +752,58 @@ mod props {
                 // A seal of at most OWN_SEAL_MAX messages fits.
                 prop_assert_eq!(too_large, 0);
             }
+            prop_assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+        }
+
+        /// Many small messages: a client's frames hold up to the batch
+        /// limit under one seal per at most 256 of them, and every frame,
+        /// and every forwarded copy, verifies and delivers in order.
+        #[test]
+        fn frames_with_several_seals_verify_and_deliver_in_order(
+            n in 1usize..1_500,
+            len in 0usize..200,
+            limit in 16_384u32..100_000,
+        ) {
+            let bodies = client_frames(n, len);
+            let mut gw = node(1);
+            let mut rx = BatchReceiver::new(true);
+            let mut senders = Vec::new();
+            for b in &bodies {
+                let view = PublishBatchView::decode(b).unwrap();
+                prop_assert!(view.seals.iter().all(|s| s.n <= macula_pubsub::batch::OWN_SEAL_MAX));
+                prop_assert!(macula_pubsub::proof::verify(&view).is_ok());
+                gw.handle_batch(id(50), macula_wire::MessageType::PublishBatch as u8, b, &mut rx, Millis(1))
+                    .unwrap();
+                prop_assert_eq!(rx.seals.len(), view.entries.len());
+                let routes: Vec<_> = view
+                    .topics
+                    .iter()
+                    .map(|t| Some(route(&mut gw, &[("t", 2, "t.*")], t)))
+                    .collect();
+                let seals = rx.seals.clone();
+                gw.forward_from_client(id(50), &view, b, &routes, &[], &seals, Millis(1));
+                senders.extend(starts(&mut gw));
+            }
+            gw.handle_peer_up(&id(2), limit);
+            senders.extend(starts(&mut gw));
+            let mut fwd = Vec::new();
+            if let Some((q, _)) = senders.first().copied() {
+                loop {
+                    let more = transmit(&mut gw, q);
+                    if more.is_empty() {
+                        break;
+                    }
+                    fwd.extend(more);
+                }
+            }
+            for b in &fwd {
+                prop_assert!(b.len() <= limit as usize);
+            }
+            let mut r = node(2);
+            r.subscribe("t.*", 7).unwrap();
+            let got = receive(&mut r, id(1), &fwd, &mut BatchReceiver::new(false));
+            prop_assert_eq!(unproved(&r), 0);
+            prop_assert_eq!(got.len(), n.div_ceil(2));
             prop_assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
         }
 
