@@ -440,6 +440,36 @@ async fn mixed(a: &Node, b: &Node, count: usize, out: &mut [Mixed]) -> anyhow::R
     Ok(())
 }
 
+/// A table's head: the modes (the first is off), then each other's ratio
+/// to it.
+fn table_head(modes: &[&str]) -> String {
+    let mut head = format!("  {:<20}", "");
+    for mode in modes {
+        head.push_str(&format!(" {mode:>12}"));
+    }
+    for mode in modes.iter().skip(1) {
+        head.push_str(&format!(" {:>9}", format!("{mode}/off")));
+    }
+    head
+}
+
+/// A table's row: figure `name` per mode, then each other's ratio to off.
+fn table_row(name: &str, v: &[f64]) -> String {
+    let mut line = format!("  {name:<20}");
+    for x in v {
+        if name.ends_with("_cpu_us") {
+            line.push_str(&format!(" {x:>12.3}"));
+        } else {
+            line.push_str(&format!(" {x:>12.1}"));
+        }
+    }
+    let off = v.first().copied().unwrap_or(0.0);
+    for x in v.iter().skip(1) {
+        line.push_str(&format!(" {:>9.3}", x / off));
+    }
+    line
+}
+
 /// Waits until the sink has received nothing new for 1.5 s (at most 60 s).
 async fn quiesce(sink: &Sink) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -582,30 +612,13 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             args.rounds,
             debug_note()
         )?;
-        let mut head = format!("  {:<20}", "");
-        for (mode, _) in MODES {
-            head.push_str(&format!(" {mode:>12}"));
-        }
-        for (mode, _) in &MODES[1..] {
-            head.push_str(&format!(" {:>9}", format!("{mode}/off")));
-        }
-        writeln!(out, "{head}")?;
+        let names: Vec<&str> = MODES.iter().map(|m| m.0).collect();
+        writeln!(out, "{}", table_head(&names))?;
         for (name, f) in FIGURES {
             let v: Vec<f64> = (0..MODES.len())
                 .map(|m| median(rounds[m].iter().map(f)))
                 .collect();
-            let mut line = format!("  {name:<20}");
-            for x in &v {
-                if name.ends_with("_cpu_us") {
-                    line.push_str(&format!(" {x:>12.3}"));
-                } else {
-                    line.push_str(&format!(" {x:>12.1}"));
-                }
-            }
-            for x in &v[1..] {
-                line.push_str(&format!(" {:>9.3}", x / v[0]));
-            }
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", table_row(name, &v))?;
         }
         let mut line = "  OTLP bytes exported:".to_string();
         for (m, (mode, _)) in MODES.iter().enumerate() {
@@ -630,28 +643,11 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
                  each turn's spans exported in it; {} one in flight in turns of {MIXED_BLOCK}):",
                 args.mixed_messages, args.mixed_count
             )?;
-            let mut head = format!("  {:<20}", "");
-            for &m in &MIXED_MODES {
-                head.push_str(&format!(" {:>12}", MODES[m].0));
-            }
-            for &m in &MIXED_MODES[1..] {
-                head.push_str(&format!(" {:>9}", format!("{}/off", MODES[m].0)));
-            }
-            writeln!(out, "{head}")?;
+            let names: Vec<&str> = MIXED_MODES.iter().map(|&m| MODES[m].0).collect();
+            writeln!(out, "{}", table_head(&names))?;
             for (name, f) in MIXED_ROWS {
                 let v: Vec<f64> = mixed.iter().map(f).collect();
-                let mut line = format!("  {name:<20}");
-                for x in &v {
-                    if name.ends_with("_cpu_us") {
-                        line.push_str(&format!(" {x:>12.3}"));
-                    } else {
-                        line.push_str(&format!(" {x:>12.1}"));
-                    }
-                }
-                for x in &v[1..] {
-                    line.push_str(&format!(" {:>9.3}", x / v[0]));
-                }
-                writeln!(out, "{line}")?;
+                writeln!(out, "{}", table_row(name, &v))?;
             }
         }
     }

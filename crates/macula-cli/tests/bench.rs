@@ -178,9 +178,29 @@ fn bench_tracing_compares_off_with_sampled_tracing() {
         "4",
         "--rounds",
         "1",
+        "--mixed-messages",
+        "3000",
+        "--mixed-count",
+        "150",
         "--json",
     ]);
     assert_eq!(v["benchmark"], "tracing");
+    // The interleaved runs: off, 0% and 1% each measured (not 100%).
+    for mode in ["off", "0%", "1%"] {
+        let m = &v["interleaved"][mode];
+        for figure in [
+            "publish_msgs_per_s",
+            "publish_cpu_us",
+            "publish_p50_us",
+            "call_p50_us",
+        ] {
+            assert!(
+                m[figure].as_f64().is_some_and(|x| x > 0.0),
+                "{mode} {figure}: {v}"
+            );
+        }
+    }
+    assert!(v["interleaved"]["100%"].is_null(), "{v}");
     for mode in ["off", "0%", "1%", "100%"] {
         assert!(v["publish_msgs_per_s"][mode].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["calls_per_s"][mode].as_f64().unwrap() > 0.0, "{v}");
