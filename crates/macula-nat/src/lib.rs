@@ -610,6 +610,96 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_addresses_are_2001_db8_only() {
+        assert!(is_tunnel_addr(&a("[2001:db8::1]:4433")));
+        assert!(!is_tunnel_addr(&a("[2001:db9::1]:4433")));
+        assert!(!is_tunnel_addr(&a("[2002:db8::1]:4433")));
+        assert!(!is_tunnel_addr(&a("198.18.0.1:4433")));
+    }
+
+    #[test]
+    fn mapping_gauge_codes_are_distinct_and_documented() {
+        let codes: Vec<u64> = [
+            Mapping::Unknown,
+            Mapping::NoNat,
+            Mapping::EndpointIndependent,
+            Mapping::AddressDependent,
+            Mapping::AddressAndPortDependent,
+        ]
+        .into_iter()
+        .map(Mapping::code)
+        .collect();
+        assert_eq!(codes, vec![0, 1, 2, 3, 4]);
+    }
+
+    fn seen(local: &str, observed: &str) -> Observation {
+        Observation {
+            observer: a("198.18.0.10:4433"),
+            local: a(local),
+            observed: a(observed),
+            at: Millis(0),
+        }
+    }
+
+    #[test]
+    fn sequential_ports_take_a_step_of_max_step_and_the_most_seen_socket() {
+        // Gaps of exactly `max_step` are sequential; one more is not.
+        let at_max = [
+            seen(LOCAL, "198.18.0.101:1000"),
+            seen(LOCAL, "198.18.0.101:1008"),
+            seen(LOCAL, "198.18.0.101:1016"),
+        ];
+        let refs: Vec<&Observation> = at_max.iter().collect();
+        assert_eq!(
+            sequential_ports(&refs, 8),
+            Some((a("198.18.0.101:1016"), 8))
+        );
+        assert_eq!(sequential_ports(&refs, 7), None);
+        // Two local sockets: the one seen at more ports wins, whichever
+        // comes first; on a tie the first (lowest local address) stays.
+        let two = [
+            seen("198.19.1.10:4000", "198.18.0.101:2000"),
+            seen("198.19.1.10:4000", "198.18.0.101:2001"),
+            seen("198.19.1.10:4000", "198.18.0.101:2002"),
+            seen("198.19.1.10:4000", "198.18.0.101:2003"),
+            seen("198.19.1.10:5000", "198.18.0.101:3000"),
+            seen("198.19.1.10:5000", "198.18.0.101:3002"),
+            seen("198.19.1.10:5000", "198.18.0.101:3004"),
+        ];
+        let refs: Vec<&Observation> = two.iter().collect();
+        assert_eq!(
+            sequential_ports(&refs, 8),
+            Some((a("198.18.0.101:2003"), 1))
+        );
+        let refs: Vec<&Observation> = two.iter().rev().collect();
+        assert_eq!(
+            sequential_ports(&refs, 8),
+            Some((a("198.18.0.101:2003"), 1))
+        );
+        let refs: Vec<&Observation> = two[1..].iter().collect();
+        assert_eq!(
+            sequential_ports(&refs, 8),
+            Some((a("198.18.0.101:2003"), 1))
+        );
+    }
+
+    #[test]
+    fn predicted_ports_are_steps_apart_and_stop_at_65535() {
+        assert_eq!(
+            predicted(a("198.18.0.101:1000"), 3, 3),
+            vec![
+                a("198.18.0.101:1003"),
+                a("198.18.0.101:1006"),
+                a("198.18.0.101:1009")
+            ]
+        );
+        assert_eq!(
+            predicted(a("198.18.0.101:65530"), 4, 4),
+            vec![a("198.18.0.101:65534")]
+        );
+    }
+
+    #[test]
     fn nothing_observed_is_unknown() {
         let o = Observations::new(NatLimits::default());
         let r = o.classify();
