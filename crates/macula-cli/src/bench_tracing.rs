@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
-use macula::{Identity, Node, SubscriptionItem};
+use macula::{Identity, Node, Subscription, SubscriptionItem};
 
 use crate::bench_stats::{build_kind, debug_note, median};
 use crate::otlp::TraceArgs;
@@ -235,7 +235,7 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
     let sink = SINK.get().context("no OTLP sink")?.clone();
     let before = sink.bytes.load(Relaxed);
     let dropped_before = spans_dropped();
-    let mut sub = b.subscribe("bench.**").await?;
+    let sub = b.subscribe("bench.**").await?;
     a.wait_for_subscribers("bench.t", Duration::from_secs(10))
         .await?;
     let payload = Bytes::from(vec![7u8; 64]);
@@ -243,21 +243,7 @@ async fn round(a: &Node, b: &Node, args: &TracingArgs) -> anyhow::Result<Round> 
     let n = args.messages;
     let cpu = cpu_secs();
     let t = Instant::now();
-    let reader = tokio::spawn(async move {
-        let mut got = 0usize;
-        while got < n {
-            match tokio::time::timeout(limit, sub.next()).await {
-                Ok(Some(SubscriptionItem::Event(_))) => got += 1,
-                Ok(Some(SubscriptionItem::Lagged(k))) => got += k as usize,
-                Ok(None) | Err(_) => anyhow::bail!("only {got} of {n} messages arrived"),
-            }
-        }
-        Ok(sub)
-    });
-    for _ in 0..n {
-        a.publish("bench.t", payload.clone()).await?;
-    }
-    let mut sub = reader.await??;
+    let mut sub = flat_out(a, "bench.t", sub, n, &payload, limit).await?;
     let publish_msgs_per_s = n as f64 / t.elapsed().as_secs_f64();
     // Their spans exported too (the CPU of the idle wait is the nodes'
     // timers: the same in every mode).
@@ -354,6 +340,34 @@ struct Mixed {
     cpu_secs: f64,
 }
 
+/// Publishes `n` messages on `topic` flat out and returns once `sub` has
+/// them all (a `Lagged` item counts what it skipped), or fails after
+/// `limit` without one.
+async fn flat_out(
+    a: &Node,
+    topic: &str,
+    mut sub: Subscription,
+    n: usize,
+    payload: &Bytes,
+    limit: Duration,
+) -> anyhow::Result<Subscription> {
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        while got < n {
+            match tokio::time::timeout(limit, sub.next()).await {
+                Ok(Some(SubscriptionItem::Event(_))) => got += 1,
+                Ok(Some(SubscriptionItem::Lagged(k))) => got += k as usize,
+                Ok(None) | Err(_) => anyhow::bail!("only {got} of {n} messages arrived"),
+            }
+        }
+        Ok(sub)
+    });
+    for _ in 0..n {
+        a.publish(topic, payload.clone()).await?;
+    }
+    reader.await?
+}
+
 /// Flat-out turns of [`MIXED_MODES`], [`MIXED_FLAT`] messages each, every
 /// turn ending once the subscriber has them all and their spans are
 /// exported; adds each turn's time and CPU to its mode.
@@ -370,23 +384,7 @@ async fn mixed_flat(a: &Node, b: &Node, count: usize, out: &mut [Mixed]) -> anyh
             set_mode(MODES[MIXED_MODES[i]].1)?;
             let cpu = cpu_secs();
             let t = Instant::now();
-            let reader = tokio::spawn(async move {
-                let mut got = 0usize;
-                while got < n {
-                    match tokio::time::timeout(limit, sub.next()).await {
-                        Ok(Some(SubscriptionItem::Event(_))) => got += 1,
-                        Ok(Some(SubscriptionItem::Lagged(k))) => got += k as usize,
-                        Ok(None) | Err(_) => {
-                            anyhow::bail!("only {got} of {n} messages arrived")
-                        }
-                    }
-                }
-                Ok(sub)
-            });
-            for _ in 0..n {
-                a.publish("bench.flat", payload.clone()).await?;
-            }
-            sub = reader.await??;
+            sub = flat_out(a, "bench.flat", sub, n, &payload, limit).await?;
             let secs = t.elapsed().as_secs_f64();
             // Its spans exported now, on its own turn.
             tokio::task::block_in_place(crate::otlp::flush);

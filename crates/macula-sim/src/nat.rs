@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn filtering_follows_the_kind() {
-        let lan = a("10.0.0.2:4433");
+        let lan = a("198.19.0.2:4433");
         let peer = a("198.18.9.1:4433");
         let same_ip_other_port = a("198.18.9.1:5000");
         let stranger = a("198.18.9.2:4433");
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn symmetric_mappings_differ_per_destination() {
-        let lan = a("10.0.0.2:4433");
+        let lan = a("198.19.0.2:4433");
         let mut rng = Rng::new(2);
         let mut seq = NatBox::new(
             NatKind::SymmetricSequential,
