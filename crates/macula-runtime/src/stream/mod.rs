@@ -1610,7 +1610,12 @@ impl Streams {
                 self.0
                     .delivered
                     .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-                return Ok(msgs);
+                if !msgs.is_empty() {
+                    return Ok(msgs);
+                }
+                // All removed since they were picked (retention): the
+                // pull goes on waiting for the next ones.
+                continue;
             }
             let mut until = deadline;
             if let Some(at) = wait_until {

@@ -488,8 +488,11 @@ impl StreamStore {
         }
         // With a sync interval, written is acknowledged: at once, here,
         // before the writer commits it to redb (reads wait: `Gate`).
-        raise_durable(&self.durable_tx, &job.writes);
+        // Counted before `durable` rises: the visibility task makes the
+        // writes readable when it does, and a read must then wait for
+        // their commit.
         self.gate.acked.fetch_add(1, Ordering::AcqRel);
+        raise_durable(&self.durable_tx, &job.writes);
         self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
         job.acked = true;
         let done = job.done.take();
@@ -989,8 +992,9 @@ impl Writer {
             // Queued without a sync interval: acknowledged once synced.
             self.sync_journal()?;
             for j in group.iter_mut().filter(|j| j.journaled && !j.acked) {
-                raise_durable(&self.durable, &j.writes);
+                // Counted before `durable` rises (see `queue`).
                 self.gate.acked.fetch_add(1, Ordering::AcqRel);
+                raise_durable(&self.durable, &j.writes);
                 self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
                 j.acked = true;
                 answer_one(j.done.take(), &Ok(()));
