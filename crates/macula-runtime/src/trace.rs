@@ -218,14 +218,13 @@ pub use imp::*;
 #[cfg(feature = "otlp")]
 mod imp {
     use super::*;
-    use opentelemetry::trace::Span as _;
     pub use opentelemetry::trace::SpanKind;
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
     };
     use opentelemetry::Context;
     pub use opentelemetry::{KeyValue, Value};
-    use opentelemetry_sdk::trace::SdkTracer;
+    pub use opentelemetry_sdk::trace::SpanData;
     use tracing::Span;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -252,17 +251,7 @@ mod imp {
 
     /// The OpenTelemetry context of a `traceparent` from another node.
     pub fn remote_context(tp: &TraceParent, tracestate: Option<&str>) -> Context {
-        let state = tracestate
-            .and_then(|s| s.parse::<TraceState>().ok())
-            .unwrap_or_default();
-        let sc = SpanContext::new(
-            TraceId::from_bytes(tp.trace_id),
-            SpanId::from_bytes(tp.parent_id),
-            TraceFlags::new(tp.flags),
-            true,
-            state,
-        );
-        Context::new().with_remote_span_context(sc)
+        Context::new().with_remote_span_context(remote_span_context(tp, tracestate))
     }
 
     /// `span`'s own context as a `traceparent` (`None`: not exported).
@@ -373,42 +362,77 @@ mod imp {
         Some(span)
     }
 
-    /// The tracer of the [`Direct`] spans (the provider's, set with
-    /// [`enable`]).
-    static TRACER: std::sync::RwLock<Option<SdkTracer>> = std::sync::RwLock::new(None);
+    /// Where ended [`Direct`] spans go: the exporter's span processor
+    /// (`set_sink`).
+    type Sink = std::sync::Arc<dyn Fn(SpanData) + Send + Sync>;
 
-    /// Creates the [`Direct`] spans with `tracer` (from the same provider
-    /// as the `tracing-opentelemetry` layer's, with the [`Sampler`]).
-    pub fn set_tracer(tracer: SdkTracer) {
-        if let Ok(mut t) = TRACER.write() {
-            *t = Some(tracer);
+    static SINK: std::sync::RwLock<Option<Sink>> = std::sync::RwLock::new(None);
+
+    /// Hands every ended [`Direct`] span to `sink` (the span processor of
+    /// the provider whose tracer the `tracing-opentelemetry` layer uses:
+    /// its `on_end`). Until a sink is set, no `Direct` span is made.
+    pub fn set_sink(sink: impl Fn(SpanData) + Send + Sync + 'static) {
+        if let Ok(mut s) = SINK.write() {
+            *s = Some(std::sync::Arc::new(sink));
         }
     }
 
-    fn tracer() -> Option<SdkTracer> {
-        TRACER.read().ok()?.clone()
+    fn sink() -> Option<Sink> {
+        SINK.read().ok()?.clone()
+    }
+
+    /// The instrumentation scope of the [`Direct`] spans.
+    fn scope() -> &'static opentelemetry::InstrumentationScope {
+        static SCOPE: std::sync::OnceLock<opentelemetry::InstrumentationScope> =
+            std::sync::OnceLock::new();
+        SCOPE.get_or_init(|| opentelemetry::InstrumentationScope::builder("macula").build())
     }
 
     /// A span of the pub/sub hot path (publish, deliver, gateway
-    /// forwarding) made with the SDK tracer directly, not through a
-    /// `tracing` span and the `tracing-opentelemetry` layer: no registry
-    /// entry, no field visitor formatting each attribute, attributes built
-    /// once as `KeyValue`s (node IDs shared, see [`node_value`]). Ends
-    /// (and goes to the exporter) when dropped.
-    pub struct Direct(opentelemetry_sdk::trace::Span);
+    /// forwarding), made here as the exporter's `SpanData` and handed to
+    /// the sink (`set_sink`) when dropped: no `tracing` span, no SDK span
+    /// (no tracer, sampler call, builder, `Context` or processor chain per
+    /// span; the sampling decision is [`start_direct`]'s or the remote
+    /// parent's), attributes built once as `KeyValue`s (node IDs shared,
+    /// see [`node_value`]). IDs come from a per-thread generator seeded
+    /// from the OS.
+    pub struct Direct {
+        data: Option<SpanData>,
+        sink: Sink,
+    }
 
     impl std::fmt::Debug for Direct {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_tuple("Direct")
-                .field(self.0.span_context())
+                .field(&self.data.as_ref().map(|d| &d.span_context))
                 .finish()
         }
     }
 
+    impl Drop for Direct {
+        fn drop(&mut self) {
+            if let Some(mut d) = self.data.take() {
+                d.end_time = std::time::SystemTime::now();
+                (self.sink)(d);
+            }
+        }
+    }
+
     impl Direct {
+        fn context(&self) -> SpanContext {
+            self.data
+                .as_ref()
+                .map(|d| d.span_context.clone())
+                .unwrap_or_else(SpanContext::empty_context)
+        }
+
         /// Its own context as a `traceparent` (for the next hop).
         pub fn traceparent(&self) -> TraceParent {
-            let sc = self.0.span_context();
+            let sc = self
+                .data
+                .as_ref()
+                .map(|d| &d.span_context)
+                .unwrap_or(&SpanContext::NONE);
             TraceParent {
                 trace_id: sc.trace_id().to_bytes(),
                 parent_id: sc.span_id().to_bytes(),
@@ -422,26 +446,84 @@ mod imp {
         pub fn in_context<F: std::future::Future>(
             self,
             fut: F,
-        ) -> opentelemetry::context::WithContext<F> {
+        ) -> impl std::future::Future<Output = F::Output> {
             use opentelemetry::context::FutureExt;
-            fut.with_context(Context::new().with_span(self.0))
+            let cx = Context::new().with_remote_span_context(self.context());
+            async move {
+                let out = fut.with_context(cx).await;
+                drop(self);
+                out
+            }
         }
     }
 
+    /// A new span ID (never zero).
+    fn span_id() -> SpanId {
+        SpanId::from_bytes(random().to_be_bytes())
+    }
+
+    /// A [`Direct`] span `name`, child of `parent` (`None`: a new trace),
+    /// if a sink is set.
     fn build(
-        parent: &Context,
+        parent: Option<&SpanContext>,
         name: &'static str,
         kind: SpanKind,
         attrs: Vec<KeyValue>,
     ) -> Option<Direct> {
-        use opentelemetry::trace::Tracer as _;
-        let tracer = tracer()?;
-        let span = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attrs)
-            .start_with_context(&tracer, parent);
-        (span.span_context().is_sampled()).then_some(Direct(span))
+        let sink = sink()?;
+        let (trace_id, parent_id, remote, state) = match parent {
+            Some(p) => (
+                p.trace_id(),
+                p.span_id(),
+                p.is_remote(),
+                p.trace_state().clone(),
+            ),
+            None => {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&random().to_be_bytes());
+                id[8..].copy_from_slice(&random().to_be_bytes());
+                (
+                    TraceId::from_bytes(id),
+                    SpanId::INVALID,
+                    false,
+                    TraceState::default(),
+                )
+            }
+        };
+        let now = std::time::SystemTime::now();
+        let data = SpanData {
+            span_context: SpanContext::new(trace_id, span_id(), TraceFlags::SAMPLED, false, state),
+            parent_span_id: parent_id,
+            parent_span_is_remote: remote,
+            span_kind: kind,
+            name: std::borrow::Cow::Borrowed(name),
+            start_time: now,
+            end_time: now,
+            attributes: attrs,
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: opentelemetry::trace::Status::Unset,
+            instrumentation_scope: scope().clone(),
+        };
+        Some(Direct {
+            data: Some(data),
+            sink,
+        })
+    }
+
+    /// A remote parent's context from a `traceparent` and `tracestate`.
+    fn remote_span_context(tp: &TraceParent, tracestate: Option<&str>) -> SpanContext {
+        let state = tracestate
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        SpanContext::new(
+            TraceId::from_bytes(tp.trace_id),
+            SpanId::from_bytes(tp.parent_id),
+            TraceFlags::new(tp.flags),
+            true,
+            state,
+        )
     }
 
     /// [`start`] for a [`Direct`] span `name` with the attributes `attrs`
@@ -460,7 +542,7 @@ mod imp {
             if !tp.sampled() {
                 return None;
             }
-            remote_context(&tp, tracestate(headers))
+            Some(remote_span_context(&tp, tracestate(headers)))
         } else {
             // The decision first, on what is current, without cloning it
             // (an unsampled publish clones, allocates and formats nothing).
@@ -483,12 +565,12 @@ mod imp {
                 return None;
             }
             match parent {
-                Some(_) if tracing_span => current.context(),
-                Some(_) => Context::current(),
-                None => Context::new(),
+                Some(_) if tracing_span => Some(current.context().span().span_context().clone()),
+                Some(_) => Some(Context::map_current(|cx| cx.span().span_context().clone())),
+                None => None,
             }
         };
-        let span = build(&parent, name, kind, attrs())?;
+        let span = build(parent.as_ref(), name, kind, attrs())?;
         put(headers, &span.traceparent());
         Some(span)
     }
@@ -502,7 +584,12 @@ mod imp {
         attrs: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Direct> {
         let tp = tp.filter(|t| on() && t.sampled())?;
-        build(&remote_context(&tp, tracestate), name, kind, attrs())
+        build(
+            Some(&remote_span_context(&tp, tracestate)),
+            name,
+            kind,
+            attrs(),
+        )
     }
 
     /// [`remote_direct`] with the parent taken from `headers`.
@@ -527,7 +614,7 @@ mod imp {
     ) -> Option<Direct> {
         start_direct(headers, "macula.publish", SpanKind::Producer, || {
             vec![
-                KeyValue::new("macula.topic", topic.to_string()),
+                KeyValue::new("macula.topic", text_value(topic)),
                 KeyValue::new("macula.node", node_value(node)),
             ]
         })
@@ -545,8 +632,8 @@ mod imp {
     ) -> Option<Direct> {
         remote_in_direct(headers, "macula.deliver", SpanKind::Consumer, || {
             let mut a = Vec::with_capacity(5);
-            a.push(KeyValue::new("macula.topic", topic.to_string()));
-            a.push(KeyValue::new("macula.pattern", pattern.to_string()));
+            a.push(KeyValue::new("macula.topic", text_value(topic)));
+            a.push(KeyValue::new("macula.pattern", text_value(pattern)));
             a.push(KeyValue::new("macula.publisher", node_value(publisher)));
             a.push(KeyValue::new("macula.seq", seq as i64));
             if let Some(n) = node {
@@ -581,7 +668,7 @@ mod imp {
                 };
                 vec![
                     KeyValue::new("macula.direction", direction),
-                    KeyValue::new("macula.topic", topic.to_string()),
+                    KeyValue::new("macula.topic", text_value(topic)),
                     KeyValue::new("macula.publisher", node_value(publisher)),
                     KeyValue::new("macula.seq", seq as i64),
                     KeyValue::new("macula.node", node_value(node)),
@@ -610,6 +697,36 @@ mod imp {
                 ids.remove(0);
             }
             ids.push((*id.as_bytes(), v.clone()));
+            v
+        })
+    }
+
+    /// A topic or pattern as an attribute value: the last few are kept
+    /// per thread and shared (`Arc<str>`), so a traced message's spans do
+    /// not each allocate and copy its topic (long ones are not kept).
+    pub fn text_value(text: &str) -> Value {
+        use std::cell::RefCell;
+        const KEPT: usize = 16;
+        const LONGEST: usize = 256;
+        thread_local! {
+            static TEXTS: RefCell<Vec<Value>> = const { RefCell::new(Vec::new()) };
+        }
+        if text.len() > LONGEST {
+            return Value::from(text.to_string());
+        }
+        TEXTS.with(|texts| {
+            let mut texts = texts.borrow_mut();
+            if let Some(v) = texts
+                .iter()
+                .find(|v| matches!(v, Value::String(s) if s.as_str() == text))
+            {
+                return v.clone();
+            }
+            let v = Value::from(std::sync::Arc::<str>::from(text));
+            if texts.len() >= KEPT {
+                texts.remove(0);
+            }
+            texts.push(v.clone());
             v
         })
     }
@@ -821,6 +938,28 @@ mod tests {
             decide(Some(&empty), "macula.call"),
             SamplingDecision::RecordAndSample
         );
+    }
+
+    /// Attribute texts are shared while kept, and always the text asked
+    /// for (kept, evicted, or too long to keep).
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn attribute_texts_are_the_texts_asked_for() {
+        let shared = |a: &Value, b: &Value| match (a, b) {
+            (Value::String(x), Value::String(y)) => std::ptr::eq(x.as_str(), y.as_str()),
+            _ => false,
+        };
+        let a = text_value("orders.new");
+        assert!(shared(&a, &text_value("orders.new")));
+        assert!(!shared(&a, &text_value("orders.old")));
+        for i in 0..40 {
+            let t = format!("topic.{i}");
+            assert_eq!(text_value(&t).as_str(), t.as_str());
+        }
+        assert_eq!(text_value("orders.new").as_str(), "orders.new");
+        let long = "x".repeat(300);
+        assert_eq!(text_value(&long).as_str(), long.as_str());
+        assert_eq!(text_value("").as_str(), "");
     }
 
     #[cfg(feature = "otlp")]

@@ -62,6 +62,12 @@ async fn work_for_a_direct_publish_span_is_its_child() {
         .expect("the publish span");
     assert_eq!(publish.span_context.span_id().to_bytes(), tp.parent_id);
     assert_eq!(publish.span_context.trace_id().to_bytes(), tp.trace_id);
+    assert_eq!(
+        publish.parent_span_id,
+        opentelemetry::trace::SpanId::INVALID,
+        "a new trace"
+    );
+    assert!(publish.span_context.is_sampled());
     assert_eq!(attr(publish, "macula.topic").as_deref(), Some("orders.new"));
     assert_eq!(attr(publish, "macula.node"), Some(node.to_string()));
     for name in ["macula.dht", "macula.relay.open"] {
@@ -75,6 +81,10 @@ async fn work_for_a_direct_publish_span_is_its_child() {
             "{name}'s parent"
         );
         assert_eq!(s.span_context.trace_id(), publish.span_context.trace_id());
+        assert!(
+            !s.parent_span_is_remote,
+            "{name}'s parent is in this process"
+        );
     }
     assert_eq!(got.len(), 3, "{got:?}");
 }

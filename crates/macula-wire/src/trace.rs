@@ -65,13 +65,9 @@ impl TraceParent {
             return Err(TraceParentError::Length(b.len()));
         }
         let mut trace_id = [0u8; 16];
-        for (i, out) in trace_id.iter_mut().enumerate() {
-            *out = hex_byte(&b[3 + 2 * i..5 + 2 * i])?;
-        }
+        hex_into(&b[3..35], &mut trace_id)?;
         let mut parent_id = [0u8; 8];
-        for (i, out) in parent_id.iter_mut().enumerate() {
-            *out = hex_byte(&b[36 + 2 * i..38 + 2 * i])?;
-        }
+        hex_into(&b[36..52], &mut parent_id)?;
         let flags = hex_byte(&b[53..55])?;
         if trace_id == [0; 16] || parent_id == [0; 8] {
             return Err(TraceParentError::Zero);
@@ -140,16 +136,46 @@ where
         .and_then(|(_, v)| TraceParent::parse(v).ok())
 }
 
-fn hex_digit(c: u8) -> Result<u8, TraceParentError> {
-    match c {
-        b'0'..=b'9' => Ok(c - b'0'),
-        b'a'..=b'f' => Ok(c - b'a' + 10),
-        _ => Err(TraceParentError::Hex),
+/// Lowercase hex digits' values; 0xff for every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 fn hex_byte(b: &[u8]) -> Result<u8, TraceParentError> {
-    Ok(hex_digit(b[0])? << 4 | hex_digit(b[1])?)
+    let (hi, lo) = (HEX_VALUE[usize::from(b[0])], HEX_VALUE[usize::from(b[1])]);
+    if (hi | lo) & 0xf0 != 0 {
+        return Err(TraceParentError::Hex);
+    }
+    Ok(hi << 4 | lo)
+}
+
+/// `out.len()` bytes from twice as many lowercase hex digits, checked once
+/// at the end (a traceparent is parsed for every traced message).
+fn hex_into(digits: &[u8], out: &mut [u8]) -> Result<(), TraceParentError> {
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let (hi, lo) = (
+            HEX_VALUE[usize::from(pair[0])],
+            HEX_VALUE[usize::from(pair[1])],
+        );
+        bad |= hi | lo;
+        *o = hi << 4 | lo;
+    }
+    if bad & 0xf0 != 0 {
+        return Err(TraceParentError::Hex);
+    }
+    Ok(())
 }
 
 fn push_hex(s: &mut String, bytes: &[u8]) {
@@ -330,6 +356,16 @@ mod tests {
             prop_assert_eq!(s.len(), TRACEPARENT_LEN);
             prop_assert_eq!(TraceParent::parse(&s), Ok(t));
             prop_assert_eq!(t.trace_id_hex(), &s[3..35]);
+        }
+
+        #[test]
+        fn one_bad_digit_anywhere_is_refused(pos in 0usize..55, c in any::<u8>()) {
+            let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+            prop_assume!(![2, 35, 52].contains(&pos) && !hex(c) && c.is_ascii());
+            let mut b = EXAMPLE.as_bytes().to_vec();
+            b[pos] = c;
+            let s = String::from_utf8(b).unwrap();
+            prop_assert_eq!(TraceParent::parse(&s), Err(TraceParentError::Hex));
         }
 
         #[test]

@@ -35,7 +35,9 @@ pub fn collect() -> (Collect, SdkTracerProvider) {
                 .with_target(macula_runtime::trace::TARGET, tracing::Level::INFO),
         );
     tracing_subscriber::registry().with(layer).init();
-    macula_runtime::trace::set_tracer(provider.tracer("test"));
+    // The pub/sub hot path's spans (`trace::Direct`) go to the same place.
+    let direct = spans.clone();
+    macula_runtime::trace::set_sink(move |d| direct.0.lock().unwrap().push(d));
     (spans, provider)
 }
 
