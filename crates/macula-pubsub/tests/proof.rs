@@ -157,7 +157,7 @@ fn client_through_gateway(topics: &[&str], sign: bool) -> Core {
     let (q, to) = starts(&mut c)[0];
     assert_eq!(to, id(1));
     let bodies = transmit(&mut c, q);
-    assert_eq!(bodies[0][0], if sign { 2 } else { 1 }, "batch format");
+    assert_eq!(bodies[0][0], if sign { 3 } else { 1 }, "batch format");
     let mut gw = node(1);
     let mut rx = BatchReceiver::new(true);
     let records = [("t", 2, "t.*"), ("u", 3, "u.*")];
@@ -192,7 +192,7 @@ fn a_sealed_client_batch_is_proved_through_its_gateway_even_in_part() {
     }
     for (n, want) in [(2u8, vec!["m0", "m2"]), (3, vec!["m1", "m3", "m4"])] {
         let bodies = &by_node[&id(n)];
-        assert!(bodies.iter().all(|b| b[0] == 2), "forwarded sealed");
+        assert!(bodies.iter().all(|b| b[0] == 3), "forwarded sealed (kind 2)");
         let mut b = node(n);
         b.subscribe("**", 7).unwrap();
         let got = receive(&mut b, id(1), bodies, &mut BatchReceiver::new(false));
