@@ -484,8 +484,7 @@ fn own_seals(
     range: std::ops::Range<usize>,
     seals: &mut Vec<Seal>,
 ) {
-    for (c, ((sig, whole), chunk)) in sigs.iter().zip(digests.chunks(OWN_SEAL_CHUNK)).enumerate()
-    {
+    for (c, ((sig, whole), chunk)) in sigs.iter().zip(digests.chunks(OWN_SEAL_CHUNK)).enumerate() {
         let start = c * OWN_SEAL_CHUNK;
         let (lo, hi) = (range.start.max(start), range.end.min(start + chunk.len()));
         if lo < hi {

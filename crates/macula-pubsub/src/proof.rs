@@ -658,7 +658,9 @@ fn check_seal<'a, 'b: 'a>(
                     source: None,
                     ..SealedRun::from_seal(view, seal, &Bytes::new(), first)
                 };
-                let _ = run.digests.set(mine.iter().map(|e| digest(view, e)).collect());
+                let _ = run
+                    .digests
+                    .set(mine.iter().map(|e| digest(view, e)).collect());
                 run
             }
         };
