@@ -731,6 +731,15 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
             assert!(each.failed.iter().all(|(r, _)| r.end <= view.entries.len()));
             assert_eq!(verify(&view).is_ok(), each.failed.is_empty());
         }
+        // With the body kept (a receiver's way): what a copy forwarded
+        // on needs is computed from it, whatever it holds.
+        let body = Bytes::copy_from_slice(data);
+        if let Ok(each) = verify_each_with(&view, Some(&body), &mut KeyCache::default()) {
+            for r in each.refs.iter().take(64) {
+                let _ = (r.run.carried(true), r.run.carried(false));
+                assert_eq!(r.run.digests().len(), r.run.len());
+            }
+        }
         let refs = verify(&view);
         if let Ok(refs) = refs {
             assert_eq!(
