@@ -11,6 +11,13 @@
 //! receiver can check the signature over exactly what the publisher
 //! signed. Receivers verify with [`verify`]; what does not verify is never
 //! delivered. Pure: no clock, no I/O.
+//!
+//! A seal of kind 2 (format 3, PROTOCOL.md §5.3 "Seals over the whole")
+//! signs a hash of two hashes: the messages hashed as one input
+//! ([`macula_wire::seal_whole`]) and the [`seal_hash`] of their digests.
+//! It carries the one its receiver does not compute: a receiver of all its
+//! messages hashes them whole (no digest per message), one of some
+//! computes their digests.
 
 use std::sync::{Arc, OnceLock};
 
