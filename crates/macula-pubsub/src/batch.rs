@@ -88,6 +88,11 @@ impl OutMsg {
 /// signatures per 64 KiB batch of 64-byte messages.
 pub const OWN_SEAL_MAX: usize = 256;
 
+/// Average payload bytes of the messages of a chunk sealed as kind 2
+/// (their whole hash signed, besides their digests): larger ones are
+/// sealed as kind 1.
+const WHOLE_MAX_AVERAGE: usize = 1024;
+
 /// Bytes a frame signed by this node reserves for its seal (and the seal
 /// count); each further seal of the frame takes this less the count.
 const OWN_SEAL_BYTES: usize = SEALS_COUNT_LEN + SEAL_OVERHEAD + OWN_SEAL_MAX / 8;
@@ -534,6 +539,15 @@ impl FrameWriter<'_, '_> {
                 // it checks over the messages hashed whole. One spanning
                 // frames: kind 1 (each frame's receiver computes digests).
                 let within = ends.iter().find(|&&e| e > start).is_some_and(|&e| end <= e);
+                // Large messages gain nothing from kind 2 (a digest of
+                // each already hashes its 1 KiB chunks in parallel) and
+                // would cost the client a second pass over them.
+                let small = self.order[start..end]
+                    .iter()
+                    .map(|&mi| msgs[mi].payload.len())
+                    .sum::<usize>()
+                    <= WHOLE_MAX_AVERAGE * chunk.len();
+                let within = within && small;
                 self.sigs.push(match within {
                     true => {
                         let whole = whole_of_out(

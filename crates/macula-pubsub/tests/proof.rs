@@ -724,6 +724,27 @@ fn a_receiver_of_part_of_a_whole_seal_checks_digests_and_tampering_drops_only_th
 }
 
 #[test]
+fn small_messages_are_sealed_whole_large_ones_and_spanning_seals_by_digests() {
+    // One small message, alone in its frame: kind 2 (format 3).
+    let small = client_frames(1, 64);
+    assert_eq!(small.len(), 1);
+    assert_eq!(small[0][0], 3);
+    // One 16 KiB message alone: kind 1 (format 2), no second pass over it.
+    let large = client_frames(1, 16 * 1024);
+    assert_eq!(large.len(), 1);
+    assert_eq!(large[0][0], 2);
+    // A seal spanning frames: kind 1, each frame verifies.
+    let spanning = client_frames(10, 8 * 1024);
+    assert!(spanning.len() > 1);
+    for b in &spanning {
+        assert_eq!(b[0], 2);
+        let v = PublishBatchView::decode(b).unwrap();
+        assert!(v.seals.iter().all(|s| s.carried.is_none()));
+        assert!(macula_pubsub::proof::verify(&v).is_ok());
+    }
+}
+
+#[test]
 fn a_whole_seal_verified_without_digests_still_gives_copies_what_they_need() {
     // A node that verified a complete seal of kind 2 over the messages
     // hashed whole computed no digest; forwarding some of them on (to its
