@@ -14,7 +14,7 @@ use bytes::Bytes;
 use macula_wire::pubsub::{
     MAX_BATCH_MESSAGES, MAX_BATCH_TOPICS, MAX_SEAL_ENTRIES, SEALS_COUNT_LEN, SEAL_OVERHEAD,
 };
-use macula_wire::{event_digest, BatchItem, NodeId, Seal};
+use macula_wire::{event_digest, BatchItem, NodeId, Seal, WholeHasher};
 
 use crate::event::{PublishOptions, TopicName};
 use crate::proof::{SealRef, Signer};
@@ -87,6 +87,11 @@ impl OutMsg {
 /// each), so a seal of 256 fits any frame limit from 16 KiB up, at 3
 /// signatures per 64 KiB batch of 64-byte messages.
 pub const OWN_SEAL_MAX: usize = 256;
+
+/// Average payload bytes of the messages of a chunk sealed as kind 2
+/// (their whole hash signed, besides their digests): larger ones are
+/// sealed as kind 1.
+const WHOLE_MAX_AVERAGE: usize = 1024;
 
 /// Bytes a frame signed by this node reserves for its seal (and the seal
 /// count); each further seal of the frame takes this less the count.
@@ -300,6 +305,7 @@ fn encode_run(
         frame_limit,
         at,
         digests: Vec::new(),
+        order: Vec::new(),
         sigs: Vec::new(),
         seals: Vec::new(),
     };
@@ -463,26 +469,34 @@ struct FrameWriter<'a, 'o> {
     frame_limit: u32,
     at: Marker,
     digests: Vec<[u8; 32]>,
-    /// The signatures of a group's chunks of `OWN_SEAL_CHUNK` digests.
-    sigs: Vec<[u8; 64]>,
+    /// The group's messages (indices into `msgs`), in order.
+    order: Vec<usize>,
+    /// The signatures of a group's chunks of `OWN_SEAL_CHUNK` digests,
+    /// and for a chunk within one frame (a seal of kind 2) the digests'
+    /// hash its seal carries.
+    sigs: Vec<([u8; 64], Option<[u8; 32]>)>,
     seals: Vec<Seal>,
 }
 
 /// The seals of the frame carrying the group's messages `range`: one per
 /// chunk of `OWN_SEAL_CHUNK` digests (signed `sigs[c]`) that it overlaps,
-/// with the bits of its messages and the digests of the chunk's others.
+/// with the bits of its messages and the digests of the chunk's others;
+/// a chunk within the frame is a seal of kind 2 (its digests' hash).
 fn own_seals(
     signer: &Signer,
-    sigs: &[[u8; 64]],
+    sigs: &[([u8; 64], Option<[u8; 32]>)],
     digests: &[[u8; 32]],
     range: std::ops::Range<usize>,
     seals: &mut Vec<Seal>,
 ) {
-    for (c, (sig, chunk)) in sigs.iter().zip(digests.chunks(OWN_SEAL_CHUNK)).enumerate() {
+    for (c, ((sig, whole), chunk)) in sigs.iter().zip(digests.chunks(OWN_SEAL_CHUNK)).enumerate() {
         let start = c * OWN_SEAL_CHUNK;
         let (lo, hi) = (range.start.max(start), range.end.min(start + chunk.len()));
         if lo < hi {
-            seals.push(signer.seal_part(*sig, chunk, lo - start..hi - start));
+            seals.push(match whole {
+                Some(dh) => signer.seal_complete(*sig, chunk.len(), *dh),
+                None => signer.seal_part(*sig, chunk, lo - start..hi - start),
+            });
         }
     }
 }
@@ -507,15 +521,46 @@ impl FrameWriter<'_, '_> {
         self.sigs.clear();
         if let Some(signer) = signer {
             self.digests.clear();
+            self.order.clear();
+            // Where each frame of the group ends (in group order).
+            let mut ends = Vec::with_capacity(group.len());
             for f in group.iter() {
-                let d = picked[f.picked.clone()]
-                    .iter()
-                    .map(|&(mi, _)| digest_of(&msgs[mi]));
-                self.digests.extend(d);
+                let frame = &picked[f.picked.clone()];
+                self.order.extend(frame.iter().map(|&(mi, _)| mi));
+                self.digests
+                    .extend(frame.iter().map(|&(mi, _)| digest_of(&msgs[mi])));
+                ends.push(self.order.len());
             }
-            for chunk in self.digests.chunks(OWN_SEAL_CHUNK) {
-                self.sigs
-                    .push(signer.sign(self.publisher, self.epoch, chunk));
+            for (c, chunk) in self.digests.chunks(OWN_SEAL_CHUNK).enumerate() {
+                let start = c * OWN_SEAL_CHUNK;
+                let end = start + chunk.len();
+                // A chunk within one frame: its receiver gets all of it
+                // (or its gateway, the copies' digests), a seal of kind 2
+                // it checks over the messages hashed whole. One spanning
+                // frames: kind 1 (each frame's receiver computes digests).
+                let within = ends.iter().find(|&&e| e > start).is_some_and(|&e| end <= e);
+                // Large messages gain nothing from kind 2 (a digest of
+                // each already hashes its 1 KiB chunks in parallel) and
+                // would cost the client a second pass over them.
+                let small = self.order[start..end]
+                    .iter()
+                    .map(|&mi| msgs[mi].payload.len())
+                    .sum::<usize>()
+                    <= WHOLE_MAX_AVERAGE * chunk.len();
+                let within = within && small;
+                self.sigs.push(match within {
+                    true => {
+                        let whole = whole_of_out(
+                            self.publisher,
+                            self.epoch,
+                            self.order[start..end].iter().map(|&mi| &msgs[mi]),
+                        );
+                        let (sig, dh) =
+                            signer.sign_whole(self.publisher, self.epoch, &whole, chunk);
+                        (sig, Some(dh))
+                    }
+                    false => (signer.sign(self.publisher, self.epoch, chunk), None),
+                });
             }
         }
         let mut offset = 0;
@@ -574,6 +619,28 @@ impl FrameWriter<'_, '_> {
             }
         }
     }
+}
+
+/// The whole hash ([`macula_wire::seal_whole`]) of `msgs`, in order.
+pub fn whole_of_out<'m>(
+    publisher: &NodeId,
+    epoch: u64,
+    msgs: impl ExactSizeIterator<Item = &'m OutMsg>,
+) -> [u8; 32] {
+    let mut h = WholeHasher::new(publisher, epoch, msgs.len());
+    for m in msgs {
+        let o = m.extra.as_deref();
+        h.add(
+            m.seq,
+            &m.topic,
+            &m.payload,
+            o.map_or(&[][..], |o| &o.headers)
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+            o.and_then(|o| o.message_id.as_deref()),
+        );
+    }
+    h.finish()
 }
 
 /// The digest a seal signs of message `m` (see [`macula_wire::event_digest`]).
@@ -640,6 +707,9 @@ fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<S
             n,
             present,
             absent,
+            // Kind 2: the digests' hash to a receiver of every message,
+            // else the messages' whole hash.
+            carried: run.carried(all),
         });
     }
 }

@@ -130,7 +130,7 @@ impl<S> BatchReceiver<S> {
         if view.publisher == from || view.seals.is_empty() {
             return;
         }
-        let proved = crate::proof::verify_each_with(&view, &mut self.keys);
+        let proved = crate::proof::verify_each_with(&view, Some(body), &mut self.keys);
         self.ahead = Some((body.as_ptr() as usize, body.len(), proved));
     }
 
@@ -144,7 +144,7 @@ impl<S> BatchReceiver<S> {
     ) -> Result<Verified, ProofError> {
         match ahead {
             Some((at, len, proved)) if at == body.as_ptr() as usize && len == body.len() => proved,
-            _ => crate::proof::verify_each_with(view, &mut self.keys),
+            _ => crate::proof::verify_each_with(view, Some(body), &mut self.keys),
         }
     }
 

@@ -11,16 +11,31 @@
 //! receiver can check the signature over exactly what the publisher
 //! signed. Receivers verify with [`verify`]; what does not verify is never
 //! delivered. Pure: no clock, no I/O.
+//!
+//! A seal of kind 2 (format 3, PROTOCOL.md §5.3 "Seals over the whole")
+//! signs a hash of two hashes: the messages hashed as one input
+//! ([`macula_wire::seal_whole`]) and the [`seal_hash`] of their digests.
+//! It carries the one its receiver does not compute: a receiver of all its
+//! messages hashes them whole (no digest per message), one of some
+//! computes their digests.
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
-use macula_wire::{event_digest, seal_hash, NodeId, PublishBatchView, Seal};
+use macula_wire::{
+    event_digest, seal_hash, seal_hash_whole, NodeId, PublishBatchView, Seal, WholeHasher,
+};
 
-/// Domain tag in front of the seal hash in what is signed.
+/// Domain tag in front of the seal hash in what is signed (a seal of
+/// kind 1, over its messages' digests).
 const SIGN_TAG: &[u8] = b"macula pub/sub seal v1";
+/// Domain tag in front of the seal hash of a seal of kind 2 (over its
+/// messages hashed whole and their digests): the same length as
+/// [`SIGN_TAG`], so the two signed messages never coincide.
+const SIGN_TAG_WHOLE: &[u8] = b"macula pub/sub seal v2";
+const _: () = assert!(SIGN_TAG.len() == SIGN_TAG_WHOLE.len());
 
 /// The seal of one batch a publisher signed: its key, its signature and
 /// the digests of every message it covers (in seq order). Shared by every
@@ -30,10 +45,22 @@ pub struct SealedRun {
     pub key: [u8; 32],
     pub sig: [u8; 64],
     n: usize,
+    /// A seal of kind 2 (format 3): its signature covers the messages
+    /// hashed whole and the hash of their digests.
+    whole_kind: bool,
+    publisher: NodeId,
+    epoch: u64,
     digests: OnceLock<Vec<[u8; 32]>>,
-    /// The publisher's own frame (a client's, at its gateway): the digests
-    /// of its messages are computed from it only when a forwarded frame
-    /// leaves some of them out.
+    /// Kind 2: the messages hashed whole ([`macula_wire::seal_whole`]),
+    /// sent to a receiver of some of them.
+    whole: OnceLock<[u8; 32]>,
+    /// Kind 2: the [`seal_hash`] of the digests, sent to a receiver of
+    /// all of them.
+    digests_hash: OnceLock<[u8; 32]>,
+    /// The frame the seal came in (a client's, at its gateway; a
+    /// forwarded one, at a node that verified it): the digests of its
+    /// messages are computed from it only when a forwarded frame leaves
+    /// some of them out.
     source: Option<Source>,
 }
 
@@ -50,15 +77,86 @@ struct Source {
 }
 
 impl SealedRun {
-    /// A seal whose digests are known.
+    /// A seal of kind 1 whose digests are known.
     pub fn new(key: [u8; 32], sig: [u8; 64], digests: Vec<[u8; 32]>) -> SealedRun {
         SealedRun {
             key,
             sig,
             n: digests.len(),
+            whole_kind: false,
+            publisher: NodeId::from_bytes([0; 32]),
+            epoch: 0,
             digests: OnceLock::from(digests),
+            whole: OnceLock::new(),
+            digests_hash: OnceLock::new(),
             source: None,
         }
+    }
+
+    /// A seal as it came in `view` (from `body`), its messages from
+    /// entry `first` on; what it carried is kept, the rest computed
+    /// when a copy needs it.
+    fn from_seal(view: &PublishBatchView<'_>, seal: &Seal, body: &Bytes, first: usize) -> Self {
+        let run = SealedRun {
+            key: seal.key,
+            sig: seal.sig,
+            n: seal.n,
+            whole_kind: seal.carried.is_some(),
+            publisher: view.publisher,
+            epoch: view.epoch,
+            digests: OnceLock::new(),
+            whole: OnceLock::new(),
+            digests_hash: OnceLock::new(),
+            source: Some(Source {
+                body: body.clone(),
+                first,
+                present: seal.present.clone(),
+                absent: seal.absent.clone(),
+            }),
+        };
+        if let Some(c) = seal.carried {
+            let _ = match seal.is_complete() {
+                true => run.digests_hash.set(c),
+                false => run.whole.set(c),
+            };
+        }
+        run
+    }
+
+    /// Whether the seal is of kind 2 (format 3: see [`Seal::carried`]).
+    pub fn is_whole_kind(&self) -> bool {
+        self.whole_kind
+    }
+
+    /// What a copy of this seal carries besides its messages and the
+    /// digests of the others (kind 2): the digests' hash when it has all
+    /// its messages (`complete`), else the messages' whole hash. `None`
+    /// for kind 1.
+    pub fn carried(&self, complete: bool) -> Option<[u8; 32]> {
+        if !self.whole_kind {
+            return None;
+        }
+        Some(match complete {
+            true => *self
+                .digests_hash
+                .get_or_init(|| seal_hash(&self.publisher, self.epoch, self.digests())),
+            false => *self.whole.get_or_init(|| self.whole_from_source()),
+        })
+    }
+
+    /// The whole hash of the source frame's messages, when it carries
+    /// them all (else it carried the hash, set at construction).
+    fn whole_from_source(&self) -> [u8; 32] {
+        let Some(src) = &self.source else {
+            return [0; 32];
+        };
+        let Ok(v) = PublishBatchView::decode(&src.body) else {
+            return [0; 32];
+        };
+        let Some(entries) = v.entries.get(src.first..src.first + self.n) else {
+            return [0; 32];
+        };
+        whole_of(&v, entries)
     }
 
     /// Messages it covers.
@@ -186,6 +284,41 @@ impl Signer {
         self.seal_part(sig, digests, 0..digests.len())
     }
 
+    /// Signs, in a seal of kind 2, messages this node publishes as
+    /// `publisher`: `whole`, their [`macula_wire::seal_whole`] hash, and
+    /// `digests`, their digests. Returns the signature and the digests'
+    /// [`seal_hash`] (what a frame carrying all of them carries).
+    pub fn sign_whole(
+        &self,
+        publisher: &NodeId,
+        epoch: u64,
+        whole: &[u8; 32],
+        digests: &[[u8; 32]],
+    ) -> ([u8; 64], [u8; 32]) {
+        let digests_hash = seal_hash(publisher, epoch, digests);
+        let msg = signed_message(true, &seal_hash_whole(whole, &digests_hash));
+        (self.key.sign(&msg).to_bytes(), digests_hash)
+    }
+
+    /// The seal of kind 2 `sig` of `n` messages, as the frame carrying all
+    /// of them sends it (with their digests' hash).
+    pub fn seal_complete(&self, sig: [u8; 64], n: usize, digests_hash: [u8; 32]) -> Seal {
+        let mut present = vec![0xffu8; n.div_ceil(8)];
+        if !n.is_multiple_of(8) {
+            if let Some(last) = present.last_mut() {
+                *last = (1u8 << (n % 8)) - 1;
+            }
+        }
+        Seal {
+            key: self.public,
+            sig,
+            n,
+            present,
+            absent: Vec::new(),
+            carried: Some(digests_hash),
+        }
+    }
+
     /// Signs the digests of messages this node publishes as `publisher`.
     pub fn sign(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 64] {
         sign(&self.key, publisher, epoch, digests)
@@ -213,6 +346,7 @@ impl Signer {
             n,
             present,
             absent,
+            carried: None,
         }
     }
 }
@@ -225,10 +359,7 @@ impl std::fmt::Debug for Signer {
 
 /// Signs the digests of messages `publisher` published under `epoch`.
 pub fn sign(key: &SigningKey, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 64] {
-    let hash = seal_hash(publisher, epoch, digests);
-    let mut msg = [0u8; SIGN_TAG.len() + 32];
-    msg[..SIGN_TAG.len()].copy_from_slice(SIGN_TAG);
-    msg[SIGN_TAG.len()..].copy_from_slice(&hash);
+    let msg = signed_message(false, &seal_hash(publisher, epoch, digests));
     key.sign(&msg).to_bytes()
 }
 
@@ -248,18 +379,7 @@ pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> 
     }
     let mut refs = Vec::with_capacity(view.entries.len());
     for seal in &view.seals {
-        let run = Arc::new(SealedRun {
-            key: seal.key,
-            sig: seal.sig,
-            n: seal.n,
-            digests: OnceLock::new(),
-            source: Some(Source {
-                body: body.clone(),
-                first: refs.len(),
-                present: seal.present.clone(),
-                absent: seal.absent.clone(),
-            }),
-        });
+        let run = Arc::new(SealedRun::from_seal(view, seal, body, refs.len()));
         refs.extend(
             (0..seal.n as u32)
                 .filter(|&i| seal.is_present(i as usize))
@@ -270,6 +390,21 @@ pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> 
         );
     }
     Some(refs)
+}
+
+/// The whole hash ([`macula_wire::seal_whole`]) of `entries` of `view`.
+fn whole_of(view: &PublishBatchView<'_>, entries: &[macula_wire::BatchEntry<'_>]) -> [u8; 32] {
+    let mut h = WholeHasher::new(&view.publisher, view.epoch, entries.len());
+    for e in entries {
+        h.add(
+            e.seq,
+            view.topics.get(e.topic_index).copied().unwrap_or(""),
+            e.payload,
+            e.headers.iter().copied(),
+            e.message_id,
+        );
+    }
+    h.finish()
 }
 
 fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>) -> [u8; 32] {
@@ -355,7 +490,7 @@ pub fn verify_with(
     view: &PublishBatchView<'_>,
     keys: &mut KeyCache,
 ) -> Result<Vec<SealRef>, ProofError> {
-    let v = verify_each_with(view, keys)?;
+    let v = verify_each_with(view, None, keys)?;
     match v.failed.into_iter().next() {
         Some((_, e)) => Err(e),
         None => Ok(v.refs),
@@ -389,9 +524,14 @@ impl Verified {
 /// Checks each seal of `view` on its own (see [`verify`]): the entries of
 /// a seal whose key is not the publisher's, or whose signature does not
 /// verify, are listed in [`Verified::failed`]. `Err` only for seals that
-/// do not cover the entries (the decoder refuses those).
+/// do not cover the entries (the decoder refuses those). `body`, the
+/// bytes `view` was decoded from: a seal of kind 2 that came whole is
+/// checked over its messages hashed whole, and their digests (what a copy
+/// of some of them forwarded from here needs) computed from `body` only
+/// if one is sent; without it, they are computed now.
 pub fn verify_each_with(
     view: &PublishBatchView<'_>,
+    body: Option<&Bytes>,
     keys: &mut KeyCache,
 ) -> Result<Verified, ProofError> {
     let mut out = Verified {
@@ -407,8 +547,8 @@ pub fn verify_each_with(
     let mut pending: Vec<Pending> = Vec::new();
     for seal in &view.seals {
         let first = out.refs.len();
-        let run = check_seal(view, seal, &mut entries, &mut out.refs)?;
-        match prepare(view, &run, keys) {
+        let (run, hash) = check_seal(view, seal, body, &mut entries, &mut out.refs)?;
+        match prepare(view, &run, hash, keys) {
             Ok(None) => {}
             Ok(Some((msg, vk))) => pending.push(Pending {
                 entries: first..out.refs.len(),
@@ -461,11 +601,13 @@ struct Pending {
 
 /// One seal's key checked, and what its signature must verify over with
 /// which key: `None` when the same signature over the same seal hash
-/// verified lately (a seal spanning frames).
+/// verified lately (a seal spanning frames). `hash`: what the signature
+/// signs, after its tag (see [`signed_message`]).
 #[allow(clippy::type_complexity)]
 fn prepare(
     view: &PublishBatchView<'_>,
     run: &SealedRun,
+    hash: [u8; 32],
     keys: &mut KeyCache,
 ) -> Result<Option<([u8; SIGN_TAG.len() + 32], VerifyingKey)>, ProofError> {
     let publisher = view.publisher;
@@ -474,25 +616,69 @@ fn prepare(
         keys.get(&run.key)?;
         return Err(ProofError::WrongKey { publisher });
     }
-    let hash = seal_hash(&publisher, view.epoch, run.digests());
     if keys.verified(&run.key, &hash, &run.sig) {
         return Ok(None);
     }
     let vk = keys.get(&run.key)?;
-    let mut msg = [0u8; SIGN_TAG.len() + 32];
-    msg[..SIGN_TAG.len()].copy_from_slice(SIGN_TAG);
-    msg[SIGN_TAG.len()..].copy_from_slice(&hash);
-    Ok(Some((msg, vk)))
+    Ok(Some((signed_message(run.whole_kind, &hash), vk)))
 }
 
-/// The digests one seal covers, with the places of the entries it covers
-/// appended to `refs`.
+/// What a seal's signature signs: its kind's tag, then `hash`.
+fn signed_message(whole_kind: bool, hash: &[u8; 32]) -> [u8; SIGN_TAG.len() + 32] {
+    let mut msg = [0u8; SIGN_TAG.len() + 32];
+    msg[..SIGN_TAG.len()].copy_from_slice(match whole_kind {
+        true => SIGN_TAG_WHOLE,
+        false => SIGN_TAG,
+    });
+    msg[SIGN_TAG.len()..].copy_from_slice(hash);
+    msg
+}
+
+/// The seal as received, and the hash its signature must sign (after its
+/// kind's tag), computed from the entries it covers (their places
+/// appended to `refs`) and what it carries: the digests of the absent
+/// ones and, kind 2, the hash it carries. A seal of kind 2 with every one
+/// of its messages here is checked over the messages hashed whole (one
+/// BLAKE3 input, no per-message digest) and the digests' hash it carries.
 fn check_seal<'a, 'b: 'a>(
     view: &PublishBatchView<'b>,
     seal: &Seal,
+    body: Option<&Bytes>,
     entries: &mut impl Iterator<Item = &'a macula_wire::BatchEntry<'b>>,
     refs: &mut Vec<SealRef>,
-) -> Result<Arc<SealedRun>, ProofError> {
+) -> Result<(Arc<SealedRun>, [u8; 32]), ProofError> {
+    let bad = || ProofError::BadSignature {
+        publisher: view.publisher,
+    };
+    if let (Some(carried), true) = (seal.carried, seal.is_complete()) {
+        // The decoder checked that the seals cover the entries exactly.
+        let first = refs.len();
+        let mine = view.entries.get(first..first + seal.n).ok_or_else(bad)?;
+        for _ in 0..seal.n {
+            entries.next().ok_or_else(bad)?;
+        }
+        let whole = whole_of(view, mine);
+        let run = match body {
+            Some(body) => SealedRun::from_seal(view, seal, body, first),
+            None => {
+                let run = SealedRun {
+                    source: None,
+                    ..SealedRun::from_seal(view, seal, &Bytes::new(), first)
+                };
+                let _ = run
+                    .digests
+                    .set(mine.iter().map(|e| digest(view, e)).collect());
+                run
+            }
+        };
+        let _ = run.whole.set(whole);
+        let run = Arc::new(run);
+        refs.extend((0..seal.n as u32).map(|index| SealRef {
+            run: run.clone(),
+            index,
+        }));
+        return Ok((run, seal_hash_whole(&whole, &carried)));
+    }
     let mut digests = Vec::with_capacity(seal.n);
     let mut absent = seal.absent.iter();
     let mut places = Vec::with_capacity(seal.n);
@@ -518,12 +704,25 @@ fn check_seal<'a, 'b: 'a>(
         };
         digests.push(d);
     }
-    let run = Arc::new(SealedRun::new(seal.key, seal.sig, digests));
+    let digests_hash = seal_hash(&view.publisher, view.epoch, &digests);
+    let mut run = SealedRun::new(seal.key, seal.sig, digests);
+    run.publisher = view.publisher;
+    run.epoch = view.epoch;
+    let hash = match seal.carried {
+        None => digests_hash,
+        Some(whole) => {
+            run.whole_kind = true;
+            let _ = run.whole.set(whole);
+            let _ = run.digests_hash.set(digests_hash);
+            seal_hash_whole(&whole, &digests_hash)
+        }
+    };
+    let run = Arc::new(run);
     refs.extend(places.into_iter().map(|index| SealRef {
         run: run.clone(),
         index,
     }));
-    Ok(run)
+    Ok((run, hash))
 }
 
 /// Fuzz entry point for sealed batches: the PUBLISH_BATCH decoder's round
@@ -535,9 +734,18 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
     if let Ok(view) = PublishBatchView::decode(data) {
         // Judged seal by seal: the same places, and failures only within
         // the entries, the whole batch refused exactly when one fails.
-        if let Ok(each) = verify_each_with(&view, &mut KeyCache::default()) {
+        if let Ok(each) = verify_each_with(&view, None, &mut KeyCache::default()) {
             assert!(each.failed.iter().all(|(r, _)| r.end <= view.entries.len()));
             assert_eq!(verify(&view).is_ok(), each.failed.is_empty());
+        }
+        // With the body kept (a receiver's way): what a copy forwarded
+        // on needs is computed from it, whatever it holds.
+        let body = Bytes::copy_from_slice(data);
+        if let Ok(each) = verify_each_with(&view, Some(&body), &mut KeyCache::default()) {
+            for r in each.refs.iter().take(64) {
+                let _ = (r.run.carried(true), r.run.carried(false));
+                assert_eq!(r.run.digests().len(), r.run.len());
+            }
         }
         let refs = verify(&view);
         if let Ok(refs) = refs {

@@ -157,7 +157,7 @@ fn client_through_gateway(topics: &[&str], sign: bool) -> Core {
     let (q, to) = starts(&mut c)[0];
     assert_eq!(to, id(1));
     let bodies = transmit(&mut c, q);
-    assert_eq!(bodies[0][0], if sign { 2 } else { 1 }, "batch format");
+    assert_eq!(bodies[0][0], if sign { 3 } else { 1 }, "batch format");
     let mut gw = node(1);
     let mut rx = BatchReceiver::new(true);
     let records = [("t", 2, "t.*"), ("u", 3, "u.*")];
@@ -192,7 +192,10 @@ fn a_sealed_client_batch_is_proved_through_its_gateway_even_in_part() {
     }
     for (n, want) in [(2u8, vec!["m0", "m2"]), (3, vec!["m1", "m3", "m4"])] {
         let bodies = &by_node[&id(n)];
-        assert!(bodies.iter().all(|b| b[0] == 2), "forwarded sealed");
+        assert!(
+            bodies.iter().all(|b| b[0] == 3),
+            "forwarded sealed (kind 2)"
+        );
         let mut b = node(n);
         b.subscribe("**", 7).unwrap();
         let got = receive(&mut b, id(1), bodies, &mut BatchReceiver::new(false));
@@ -462,6 +465,13 @@ fn one_forged_seal_of_several_drops_only_its_messages() {
     let body = client_frames(600, 16).remove(0);
     let view = PublishBatchView::decode(&body).unwrap();
     assert_eq!(view.seals.len(), 3);
+    // Seals of kind 2, each with all its messages: checked over them
+    // hashed whole, and the digests' hash each carries.
+    assert_eq!(body[0], 3, "format 3");
+    assert!(view
+        .seals
+        .iter()
+        .all(|s| s.carried.is_some() && s.absent.is_empty()));
     let (a, b) = (view.seals[0].n, view.seals[0].n + view.seals[1].n);
     // Three forgeries of the middle seal's messages, as a full node
     // forwarding the client's frame could make them.
@@ -512,10 +522,26 @@ fn one_forged_seal_of_several_drops_only_its_messages() {
     // The middle seal's signature replaced by the first seal's.
     let mut swapped = view.seals.clone();
     swapped[1].sig = swapped[0].sig;
-    let cases: [(&str, Bytes); 3] = [
+    // The digests' hash the middle seal carries changed.
+    let mut carried = view.seals.clone();
+    carried[1].carried = Some([9; 32]);
+    // The middle seal presented as one of kind 1 (its signature is over
+    // the kind 2 tag: it cannot be read as a signature over digests).
+    let mut downgraded = view.seals.clone();
+    downgraded[1].carried = None;
+    // Its kind 2 signature over what the first seal carries.
+    let mut mixed = view.seals.clone();
+    mixed[1].carried = mixed[0].carried;
+    let cases: [(&str, Bytes); 6] = [
         ("a payload changed", encode(&changed, &view.seals)),
         ("sealed by another key", encode(&genuine, &resigned)),
         ("another seal's signature", encode(&genuine, &swapped)),
+        (
+            "the digests' hash carried changed",
+            encode(&genuine, &carried),
+        ),
+        ("read as kind 1", encode(&genuine, &downgraded)),
+        ("another seal's digests' hash", encode(&genuine, &mixed)),
     ];
     for (what, forged) in cases {
         let mut n = node(2);
@@ -559,6 +585,217 @@ fn one_forged_seal_of_several_drops_only_its_messages() {
     );
     assert_eq!(got.len(), entries.len());
     assert_eq!(unproved(&n), 0);
+}
+
+/// `view`'s messages again (entry `i`'s payload `payload_of(i)`) under
+/// `seals`: what a forwarding full node could send.
+fn reencode(
+    view: &PublishBatchView<'_>,
+    payload_of: &dyn Fn(usize) -> Vec<u8>,
+    seals: &[macula_wire::Seal],
+) -> Bytes {
+    let items = view.entries.iter().enumerate().map(|(i, e)| BatchItem {
+        seq: e.seq,
+        topic_index: e.topic_index,
+        payload: Box::leak(payload_of(i).into_boxed_slice()),
+        headers: &[],
+        message_id: None,
+    });
+    let mut buf = Vec::new();
+    macula_wire::encode_sealed_batch_frame(
+        &mut buf,
+        1 << 20,
+        &view.publisher,
+        view.epoch,
+        &view.topics,
+        items,
+        seals,
+    )
+    .unwrap();
+    Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..])
+}
+
+#[test]
+fn a_receiver_of_part_of_a_whole_seal_checks_digests_and_tampering_drops_only_that_seal() {
+    // 600 small messages, t.a and u.b alternating: one client frame, three
+    // seals of kind 2. Node 2 (t.*) gets half of each seal: its copy
+    // carries, per seal, the other half's digests and the messages' whole
+    // hash (both computed at the gateway); node 4 (both) gets all of
+    // them: its copy carries the digests' hashes as the client sent them.
+    let body = client_frames(600, 16).remove(0);
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    gw.handle_batch(
+        id(50),
+        macula_wire::MessageType::PublishBatch as u8,
+        &body,
+        &mut rx,
+        Millis(1),
+    )
+    .unwrap();
+    let view = PublishBatchView::decode(&body).unwrap();
+    let records = [("t", 2, "t.*"), ("t", 4, "t.*"), ("u", 4, "u.*")];
+    let routes: Vec<_> = view
+        .topics
+        .iter()
+        .map(|t| Some(route(&mut gw, &records, t)))
+        .collect();
+    let seals = rx.seals.clone();
+    gw.forward_from_client(id(50), &view, &body, &routes, &[], &seals, Millis(1));
+    let mut copies: HashMap<NodeId, Vec<Bytes>> = HashMap::new();
+    for (q, to) in starts(&mut gw) {
+        copies.insert(to, transmit(&mut gw, q));
+    }
+    let all = &copies[&id(4)];
+    assert_eq!(all.len(), 1);
+    let all_view = PublishBatchView::decode(&all[0]).unwrap();
+    assert_eq!(
+        all_view.seals, view.seals,
+        "the client's seals as they came"
+    );
+    let half = &copies[&id(2)];
+    assert_eq!(half.len(), 1);
+    let hv = PublishBatchView::decode(&half[0]).unwrap();
+    assert_eq!(hv.entries.len(), 300);
+    assert_eq!(hv.seals.len(), 3);
+    for (s, orig) in hv.seals.iter().zip(&view.seals) {
+        assert_eq!(s.sig, orig.sig);
+        assert_eq!(s.absent.len(), s.n - s.present_count());
+        assert!(!s.absent.is_empty() && s.carried.is_some());
+        assert_ne!(s.carried, orig.carried, "the whole hash, not the digests'");
+    }
+    let a = hv.seals[0].present_count();
+    let b = a + hv.seals[1].present_count();
+    let deliver = |bytes: Bytes| {
+        let mut n = node(2);
+        n.subscribe("**", 7).unwrap();
+        let mut rx = BatchReceiver::new(false);
+        let got = receive(&mut n, id(1), &[bytes], &mut rx);
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+        (seqs, unproved(&n), rx.unproved.is_some())
+    };
+    // Genuine: all 300, proved.
+    let (seqs, bad, told) = deliver(half[0].clone());
+    assert_eq!(seqs.len(), 300);
+    assert_eq!((bad, told), (0, false));
+    // Each forgery of the middle seal drops its messages only, counted.
+    let genuine = |i: usize| hv.entries[i].payload.to_vec();
+    let changed = |i: usize| {
+        let mut p = hv.entries[i].payload.to_vec();
+        if i == a + 1 {
+            p[0] ^= 1;
+        }
+        p
+    };
+    let mut digest = hv.seals.clone();
+    digest[1].absent[5][0] ^= 1;
+    let mut whole = hv.seals.clone();
+    whole[1].carried = Some([9; 32]);
+    let mut moved = hv.seals.clone();
+    moved[1].absent.swap(0, 1);
+    let want: Vec<u64> = hv.entries[..a]
+        .iter()
+        .chain(&hv.entries[b..])
+        .map(|e| e.seq)
+        .collect();
+    for (what, forged) in [
+        ("a payload changed", reencode(&hv, &changed, &hv.seals)),
+        (
+            "an absent message's digest changed",
+            reencode(&hv, &genuine, &digest),
+        ),
+        ("two digests swapped", reencode(&hv, &genuine, &moved)),
+        (
+            "the whole hash carried changed",
+            reencode(&hv, &genuine, &whole),
+        ),
+    ] {
+        let (seqs, bad, told) = deliver(forged);
+        assert_eq!(seqs, want, "{what}: the other seals' messages delivered");
+        assert_eq!(bad, (b - a) as u64, "{what}: counted");
+        assert!(told, "{what}: told");
+    }
+    // The same half with the digests' hash of the complete seal instead
+    // of the whole hash: not what the signature signed over these.
+    let mut swapped = hv.seals.clone();
+    swapped[1].carried = view.seals[1].carried;
+    let (seqs, bad, _) = deliver(reencode(&hv, &genuine, &swapped));
+    assert_eq!((seqs, bad), (want, (b - a) as u64));
+}
+
+#[test]
+fn small_messages_are_sealed_whole_large_ones_and_spanning_seals_by_digests() {
+    // One small message, alone in its frame: kind 2 (format 3).
+    let small = client_frames(1, 64);
+    assert_eq!(small.len(), 1);
+    assert_eq!(small[0][0], 3);
+    // One 16 KiB message alone: kind 1 (format 2), no second pass over it.
+    let large = client_frames(1, 16 * 1024);
+    assert_eq!(large.len(), 1);
+    assert_eq!(large[0][0], 2);
+    // A seal spanning frames: kind 1, each frame verifies.
+    let spanning = client_frames(10, 8 * 1024);
+    assert!(spanning.len() > 1);
+    for b in &spanning {
+        assert_eq!(b[0], 2);
+        let v = PublishBatchView::decode(b).unwrap();
+        assert!(v.seals.iter().all(|s| s.carried.is_none()));
+        assert!(macula_pubsub::proof::verify(&v).is_ok());
+    }
+}
+
+#[test]
+fn a_whole_seal_verified_without_digests_still_gives_copies_what_they_need() {
+    // A node that verified a complete seal of kind 2 over the messages
+    // hashed whole computed no digest; forwarding some of them on (to its
+    // own clients) it needs them and the whole hash: computed from the
+    // frame it kept, the same as the publisher's.
+    let body = client_frames(300, 16).remove(0);
+    let view = PublishBatchView::decode(&body).unwrap();
+    let v = macula_pubsub::proof::verify_each_with(
+        &view,
+        Some(&body),
+        &mut macula_pubsub::KeyCache::default(),
+    )
+    .unwrap();
+    assert!(v.failed.is_empty());
+    let mut first = 0;
+    for seal in &view.seals {
+        let run = &v.refs[first].run;
+        assert!(run.is_whole_kind());
+        let mine = &view.entries[first..first + seal.n];
+        let digests: Vec<[u8; 32]> = mine
+            .iter()
+            .map(|e| {
+                macula_wire::event_digest(e.seq, view.topics[e.topic_index], e.payload, [], None)
+            })
+            .collect();
+        assert_eq!(run.digests(), &digests[..]);
+        assert_eq!(run.carried(true), seal.carried);
+        assert_eq!(
+            run.carried(true),
+            Some(macula_wire::seal_hash(
+                &view.publisher,
+                view.epoch,
+                &digests
+            ))
+        );
+        let whole = macula_wire::seal_whole(
+            &view.publisher,
+            view.epoch,
+            mine.iter().map(|e| {
+                (
+                    e.seq,
+                    view.topics[e.topic_index],
+                    e.payload,
+                    std::iter::empty::<(&str, &str)>(),
+                    None,
+                )
+            }),
+        );
+        assert_eq!(run.carried(false), Some(whole));
+        first += seal.n;
+    }
 }
 
 /// Encodes one batch naming `publisher`, sealed by `sealer` when given.

@@ -103,11 +103,24 @@ const KNOWN_MESSAGE_FLAGS: u8 = FLAG_HEADERS | FLAG_MESSAGE_ID | FLAG_EXTENSION;
 /// seals that prove its messages' publisher (docs/PROTOCOL.md §5.3,
 /// "Proved publishers").
 pub const BATCH_FORMAT_SEALED: u8 = 2;
+/// The batch body format whose seals each start with a kind byte:
+/// [`SEAL_KIND_DIGESTS`] (a format 2 seal) or [`SEAL_KIND_WHOLE`] (a seal
+/// whose signature also covers the seal's messages hashed as one input,
+/// see [`seal_whole`]); docs/PROTOCOL.md §5.3, "Seals over the whole".
+pub const BATCH_FORMAT_SEALED_WHOLE: u8 = 3;
+/// Seal kind (format 3): the seal of format 2 (its signature over
+/// [`seal_hash`] of the messages' digests).
+pub const SEAL_KIND_DIGESTS: u8 = 1;
+/// Seal kind (format 3): its signature is over [`seal_hash_whole`] of the
+/// messages hashed as one input and of their digests' [`seal_hash`]; the
+/// seal carries the one of those two a receiver does not compute.
+pub const SEAL_KIND_WHOLE: u8 = 2;
 /// Messages one seal covers (the digests a forwarded copy may carry).
 pub const MAX_SEAL_ENTRIES: usize = 1024;
-/// Bytes of one seal besides its presence bitmap and absent digests: key
-/// (32), signature (64), entry count (varint, 2).
-pub const SEAL_OVERHEAD: usize = 32 + 64 + 2;
+/// Bytes of one seal besides its presence bitmap and absent digests: kind
+/// (1, format 3), key (32), signature (64), entry count (varint, 2), the
+/// hash a seal of kind [`SEAL_KIND_WHOLE`] carries (32).
+pub const SEAL_OVERHEAD: usize = 1 + 32 + 64 + 2 + 32;
 /// Bytes of the seal table's count (varint).
 pub const SEALS_COUNT_LEN: usize = 3;
 
@@ -117,6 +130,12 @@ pub const SEALS_COUNT_LEN: usize = 3;
 /// `i` of the seal is in this batch (then the receiver computes its
 /// digest), else its digest is the next of `absent`. The batch's messages
 /// are the present messages of its seals, in order.
+///
+/// A seal of kind [`SEAL_KIND_WHOLE`] has `carried` set: the
+/// [`seal_hash`] of its messages' digests when every one of them is in the
+/// batch (the receiver hashes them whole, [`seal_whole`]), else their
+/// [`seal_whole`] hash (the receiver computes the digests). `None`: a seal
+/// of kind [`SEAL_KIND_DIGESTS`] (format 2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seal {
     pub key: [u8; 32],
@@ -124,6 +143,7 @@ pub struct Seal {
     pub n: usize,
     pub present: Vec<u8>,
     pub absent: Vec<[u8; 32]>,
+    pub carried: Option<[u8; 32]>,
 }
 
 impl Seal {
@@ -137,6 +157,11 @@ impl Seal {
     /// How many of its messages the batch carries.
     pub fn present_count(&self) -> usize {
         self.present.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    /// Whether every message it covers is in the batch (no digest sent).
+    pub fn is_complete(&self) -> bool {
+        self.absent.is_empty()
     }
 
     fn check(&self) -> Result<(), String> {
@@ -162,19 +187,37 @@ impl Seal {
         Ok(())
     }
 
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), String> {
+    fn write(&self, out: &mut Vec<u8>, kinds: bool) -> Result<(), String> {
         self.check()?;
+        if kinds {
+            out.push(match self.carried {
+                Some(_) => SEAL_KIND_WHOLE,
+                None => SEAL_KIND_DIGESTS,
+            });
+        }
         out.extend_from_slice(&self.key);
         out.extend_from_slice(&self.sig);
         put_varint(out, self.n as u64);
         out.extend_from_slice(&self.present);
+        if let Some(c) = &self.carried {
+            out.extend_from_slice(c);
+        }
         for d in &self.absent {
             out.extend_from_slice(d);
         }
         Ok(())
     }
 
-    fn read(c: &mut Cursor<'_>) -> Result<Seal, String> {
+    /// Reads one seal; `kinds`: format 3, a kind byte first.
+    fn read(c: &mut Cursor<'_>, kinds: bool) -> Result<Seal, String> {
+        let whole = match kinds {
+            false => false,
+            true => match c.u8()? {
+                SEAL_KIND_DIGESTS => false,
+                SEAL_KIND_WHOLE => true,
+                k => return Err(format!("seal kind {k}")),
+            },
+        };
         if c.buf.len() < 96 {
             return Err("truncated seal".into());
         }
@@ -193,12 +236,24 @@ impl Seal {
             return Err("truncated seal bitmap".into());
         }
         let present = c.bytes(n.div_ceil(8)).to_vec();
+        let carried = match whole {
+            false => None,
+            true => {
+                if c.buf.len() < 32 {
+                    return Err("truncated seal hash".into());
+                }
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c.bytes(32));
+                Some(h)
+            }
+        };
         let mut seal = Seal {
             key,
             sig,
             n,
             present,
             absent: Vec::new(),
+            carried,
         };
         let absent = n - seal.present_count().min(n);
         if c.buf.len() < absent * 32 {
@@ -217,9 +272,13 @@ impl Seal {
         Ok(seal)
     }
 
-    /// Bytes this seal takes in a batch.
+    /// Bytes this seal takes in a batch (its kind byte included: format 3).
     pub fn encoded_len(&self) -> usize {
-        32 + 64 + varint_len(self.n as u64) + self.present.len() + 32 * self.absent.len()
+        1 + 32
+            + 64
+            + varint_len(self.n as u64)
+            + self.present.len()
+            + 32 * (self.absent.len() + usize::from(self.carried.is_some()))
     }
 }
 
@@ -344,6 +403,133 @@ pub fn seal_hash(publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 3
     *h.finalize().as_bytes()
 }
 
+/// Domain tag of [`seal_whole`].
+const WHOLE_TAG: &[u8] = b"macula pub/sub seal whole v2\0";
+
+/// Bytes [`WholeHasher`] gathers before it hands them to BLAKE3 (so that
+/// it hashes several 1 KiB chunks of the seal at once).
+const WHOLE_BUF: usize = 16 * 1024;
+
+/// Payloads at least this long go to the hasher as they are, not copied
+/// into the gathering buffer.
+const WHOLE_DIRECT: usize = 2 * 1024;
+
+/// The hash of a seal's messages as one input ([`seal_whole`]): fed the
+/// messages in order, it hashes their bytes in few large BLAKE3 updates,
+/// with no per-message finalisation.
+pub struct WholeHasher {
+    hasher: blake3::Hasher,
+    buf: Vec<u8>,
+}
+
+impl WholeHasher {
+    /// Starts the hash of the `n` messages `publisher` sealed under `epoch`.
+    pub fn new(publisher: &NodeId, epoch: u64, n: usize) -> WholeHasher {
+        let mut buf = Vec::with_capacity(WHOLE_BUF);
+        buf.extend_from_slice(WHOLE_TAG);
+        buf.extend_from_slice(publisher.as_bytes());
+        buf.extend_from_slice(&epoch.to_le_bytes());
+        buf.extend_from_slice(&(n as u64).to_le_bytes());
+        WholeHasher {
+            hasher: blake3::Hasher::new(),
+            buf,
+        }
+    }
+
+    fn put(&mut self, b: &[u8]) {
+        if self.buf.len() + b.len() > WHOLE_BUF {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
+        if b.len() >= WHOLE_DIRECT {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+            self.hasher.update(b);
+        } else {
+            self.buf.extend_from_slice(b);
+        }
+    }
+
+    /// The next message: the same fields, in the same encoding, as
+    /// [`event_digest`] hashes after its domain tag.
+    pub fn add<'h>(
+        &mut self,
+        seq: u64,
+        topic: &str,
+        payload: &[u8],
+        headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+        message_id: Option<&str>,
+    ) {
+        self.put(&seq.to_le_bytes());
+        self.put(&(topic.len() as u64).to_le_bytes());
+        self.put(topic.as_bytes());
+        self.put(&(payload.len() as u64).to_le_bytes());
+        self.put(payload);
+        for (k, v) in headers {
+            if is_hop_header(k) {
+                continue;
+            }
+            self.put(&[1]);
+            self.put(&(k.len() as u64).to_le_bytes());
+            self.put(k.as_bytes());
+            self.put(&(v.len() as u64).to_le_bytes());
+            self.put(v.as_bytes());
+        }
+        match message_id {
+            Some(id) => {
+                self.put(&[2]);
+                self.put(&(id.len() as u64).to_le_bytes());
+                self.put(id.as_bytes());
+            }
+            None => self.put(&[0]),
+        }
+    }
+
+    /// The hash.
+    pub fn finish(mut self) -> [u8; 32] {
+        self.hasher.update(&self.buf);
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+impl std::fmt::Debug for WholeHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WholeHasher").finish_non_exhaustive()
+    }
+}
+
+/// The hash of one seal's messages as a single input (docs/PROTOCOL.md
+/// §5.3): BLAKE3 over a domain tag, the publisher, its epoch, the count
+/// and each message's fields as [`event_digest`] encodes them (without
+/// its tag), one after the other. `msgs` yields (seq, topic, payload,
+/// headers, message ID).
+pub fn seal_whole<'a, H>(
+    publisher: &NodeId,
+    epoch: u64,
+    msgs: impl ExactSizeIterator<Item = (u64, &'a str, &'a [u8], H, Option<&'a str>)>,
+) -> [u8; 32]
+where
+    H: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    let mut h = WholeHasher::new(publisher, epoch, msgs.len());
+    for (seq, topic, payload, headers, id) in msgs {
+        h.add(seq, topic, payload, headers, id);
+    }
+    h.finish()
+}
+
+/// What the signature of a seal of kind [`SEAL_KIND_WHOLE`] signs: BLAKE3
+/// over a domain tag, the [`seal_whole`] hash of its messages and the
+/// [`seal_hash`] of their digests (both over the same publisher, epoch
+/// and messages).
+pub fn seal_hash_whole(whole: &[u8; 32], digests_hash: &[u8; 32]) -> [u8; 32] {
+    let mut b = [0u8; 23 + 64];
+    b[..23].copy_from_slice(b"macula pub/sub seal v2\0");
+    b[23..55].copy_from_slice(whole);
+    b[55..].copy_from_slice(digests_hash);
+    *blake3::hash(&b).as_bytes()
+}
+
 /// One message of an owned `PublishBatch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchMessage {
@@ -397,8 +583,10 @@ pub struct BatchHead<'a> {
     pub topics: Vec<&'a str>,
     /// How many messages the batch says it carries.
     pub messages: u64,
-    /// Format 2: seals follow the messages.
+    /// Format 2 or 3: seals follow the messages.
     pub sealed: bool,
+    /// Format 3: each seal starts with its kind.
+    pub seal_kinds: bool,
 }
 
 impl<'a> BatchHead<'a> {
@@ -412,9 +600,12 @@ impl<'a> BatchHead<'a> {
 
     fn read(c: &mut Cursor<'a>) -> Result<Self, String> {
         let format = c.u8()?;
-        if format != BATCH_FORMAT && format != BATCH_FORMAT_SEALED {
+        if !matches!(
+            format,
+            BATCH_FORMAT | BATCH_FORMAT_SEALED | BATCH_FORMAT_SEALED_WHOLE
+        ) {
             return Err(format!(
-                "batch format {format}, this node reads {BATCH_FORMAT} and {BATCH_FORMAT_SEALED}"
+                "batch format {format}, this node reads {BATCH_FORMAT} to {BATCH_FORMAT_SEALED_WHOLE}"
             ));
         }
         if c.buf.len() < 32 {
@@ -445,7 +636,8 @@ impl<'a> BatchHead<'a> {
             epoch,
             topics,
             messages,
-            sealed: format == BATCH_FORMAT_SEALED,
+            sealed: format != BATCH_FORMAT,
+            seal_kinds: format == BATCH_FORMAT_SEALED_WHOLE,
         })
     }
 }
@@ -492,10 +684,13 @@ pub(crate) fn write_batch_body<'a>(
             topics.len()
         ));
     }
-    out.push(if seals.is_empty() {
-        BATCH_FORMAT
-    } else {
-        BATCH_FORMAT_SEALED
+    // Format 3 when a seal is of the new kind; format 2 keeps the seals
+    // of receivers that predate it readable.
+    let kinds = seals.iter().any(|s| s.carried.is_some());
+    out.push(match (seals.is_empty(), kinds) {
+        (true, _) => BATCH_FORMAT,
+        (false, false) => BATCH_FORMAT_SEALED,
+        (false, true) => BATCH_FORMAT_SEALED_WHOLE,
     });
     out.extend_from_slice(publisher.as_bytes());
     put_varint(out, epoch);
@@ -579,7 +774,7 @@ pub(crate) fn write_batch_body<'a>(
         }
         put_varint(out, seals.len() as u64);
         for seal in seals {
-            seal.write(out)?;
+            seal.write(out, kinds)?;
         }
     }
     Ok(n)
@@ -697,6 +892,7 @@ impl<'a> PublishBatchView<'a> {
             topics,
             messages: n_msgs,
             sealed,
+            seal_kinds,
         } = BatchHead::read(&mut c)?;
         let n_topics = topics.len() as u64;
         // Each message takes at least 4 bytes: never reserve beyond the body.
@@ -760,7 +956,7 @@ impl<'a> PublishBatchView<'a> {
             }
             let mut covered = 0usize;
             for _ in 0..n {
-                let seal = Seal::read(&mut c)?;
+                let seal = Seal::read(&mut c, seal_kinds)?;
                 covered += seal.present_count();
                 seals.push(seal);
             }
@@ -1142,6 +1338,8 @@ mod tests {
                         n,
                         present: bits,
                         absent: vec![[fill; 32]; absent],
+                        // Every fourth seal of the whole kind (format 3).
+                        carried: (fill % 4 == 0).then_some([fill ^ 0x5a; 32]),
                     });
                 }
                 b.seals = seals;
@@ -1153,7 +1351,11 @@ mod tests {
         #[test]
         fn sealed_batches_round_trip(b in arb_sealed_batch()) {
             let bytes = body(&b);
-            prop_assert_eq!(bytes[0], BATCH_FORMAT_SEALED);
+            let whole = b.seals.iter().any(|s| s.carried.is_some());
+            prop_assert_eq!(
+                bytes[0],
+                if whole { BATCH_FORMAT_SEALED_WHOLE } else { BATCH_FORMAT_SEALED }
+            );
             let view = PublishBatchView::decode(&bytes).unwrap();
             prop_assert!(BatchHead::decode(&bytes).unwrap().sealed);
             prop_assert_eq!(view.to_owned_batch(), b.clone());
@@ -1275,6 +1477,139 @@ mod tests {
             }
             prop_assert_eq!(seal_hash(&p, 5, &digests), *h.finalize().as_bytes());
         }
+    }
+
+    proptest! {
+        /// The whole hash gathered in a buffer (payloads past it streamed
+        /// as they are) is BLAKE3 over the bytes PROTOCOL.md §5.3 lists,
+        /// streamed piece by piece.
+        #[test]
+        fn seal_whole_is_the_streamed_hash(
+            msgs in proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    arb_str(40),
+                    proptest::collection::vec(any::<u8>(), 0..5_000),
+                    proptest::collection::vec((arb_str(20), arb_str(300)), 0..3),
+                    proptest::option::of(arb_str(60)),
+                ),
+                0..12,
+            ),
+        ) {
+            let p = NodeId::from_bytes([9; 32]);
+            let mut h = blake3::Hasher::new();
+            h.update(b"macula pub/sub seal whole v2\0");
+            h.update(p.as_bytes());
+            h.update(&5u64.to_le_bytes());
+            h.update(&(msgs.len() as u64).to_le_bytes());
+            for (seq, topic, payload, headers, id) in &msgs {
+                h.update(&seq.to_le_bytes());
+                h.update(&(topic.len() as u64).to_le_bytes());
+                h.update(topic.as_bytes());
+                h.update(&(payload.len() as u64).to_le_bytes());
+                h.update(payload);
+                for (k, v) in headers {
+                    if is_hop_header(k) {
+                        continue;
+                    }
+                    h.update(&[1]);
+                    h.update(&(k.len() as u64).to_le_bytes());
+                    h.update(k.as_bytes());
+                    h.update(&(v.len() as u64).to_le_bytes());
+                    h.update(v.as_bytes());
+                }
+                match id {
+                    Some(id) => {
+                        h.update(&[2]);
+                        h.update(&(id.len() as u64).to_le_bytes());
+                        h.update(id.as_bytes());
+                    }
+                    None => {
+                        h.update(&[0]);
+                    }
+                }
+            }
+            let got = seal_whole(
+                &p,
+                5,
+                msgs.iter().map(|(seq, t, pl, hs, id)| {
+                    (
+                        *seq,
+                        t.as_str(),
+                        &pl[..],
+                        hs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                        id.as_deref(),
+                    )
+                }),
+            );
+            prop_assert_eq!(got, *h.finalize().as_bytes());
+        }
+    }
+
+    #[test]
+    fn whole_seals_hash_what_they_say() {
+        let p = NodeId::from_bytes([9; 32]);
+        let one = |payload: &'static [u8], seq| {
+            seal_whole(
+                &p,
+                5,
+                [(seq, "a.b", payload, [("k", "v")], None)].into_iter(),
+            )
+        };
+        assert_ne!(one(b"hi", 7), one(b"ho", 7));
+        assert_ne!(one(b"hi", 7), one(b"hi", 8));
+        // Two messages are not one message with their bytes run together.
+        let two = seal_whole(
+            &p,
+            5,
+            [(7, "a", &b"x"[..], [], None), (8, "a", &b"y"[..], [], None)].into_iter(),
+        );
+        let joined = seal_whole(&p, 5, [(7, "a", &b"xy"[..], [], None)].into_iter());
+        assert_ne!(two, joined);
+        // The hash signed binds both halves.
+        let (w, d) = ([1; 32], [2; 32]);
+        assert_ne!(seal_hash_whole(&w, &d), seal_hash_whole(&d, &w));
+    }
+
+    #[test]
+    fn seal_kinds_are_checked() {
+        let seal = |carried| Seal {
+            key: [3; 32],
+            sig: [4; 64],
+            n: 1,
+            present: vec![1],
+            absent: vec![],
+            carried,
+        };
+        let b = |seals| PublishBatch {
+            publisher: NodeId::from_bytes([1; 32]),
+            epoch: 5,
+            messages: vec![BatchMessage {
+                seq: 7,
+                topic: "a.b".into(),
+                payload: b"hi".to_vec(),
+                headers: vec![],
+                message_id: None,
+            }],
+            seals,
+        };
+        let old = body(&b(vec![seal(None)]));
+        assert_eq!(old[0], BATCH_FORMAT_SEALED, "old seals keep format 2");
+        let new = body(&b(vec![seal(Some([6; 32]))]));
+        assert_eq!(new[0], BATCH_FORMAT_SEALED_WHOLE);
+        let v = PublishBatchView::decode(&new).unwrap();
+        assert_eq!(v.seals[0].carried, Some([6; 32]));
+        // The kind byte follows the message count: an unknown kind is
+        // malformed.
+        let at = new.len() - (1 + 32 + 64 + 1 + 1 + 32);
+        assert_eq!(new[at], SEAL_KIND_WHOLE);
+        let mut bad = new.clone();
+        bad[at] = 3;
+        assert!(PublishBatchView::decode(&bad).is_err());
+        // A format 2 body read as format 3 is malformed, not misread.
+        let mut as3 = old.clone();
+        as3[0] = BATCH_FORMAT_SEALED_WHOLE;
+        assert!(PublishBatchView::decode(&as3).is_err());
     }
 
     fn arb_dropped() -> impl Strategy<Value = PublishDropped> {
