@@ -20,6 +20,13 @@
 //! body     = epoch:u64le  writes (MessagePack of Vec<Write>, PROTOCOL.md 5.12)
 //! ```
 //!
+//! **Group append.** Writes are staged in memory ([`Journal::stage`]) and
+//! a [`Journal::flush`] appends everything staged since the last one as
+//! one record: one `pwrite` and one checksum for a whole group of
+//! publishes. A flushed record's array head is always an array 32 (`0xdd`
+//! and a big-endian `u32` count, written once the count is known);
+//! records of earlier versions (any array head) read the same.
+//!
 //! **Epochs.** The redb file stores the epoch its journal is in
 //! (`meta.journal`). A checkpoint (a synced redb commit of everything so
 //! far) stores the next epoch in the same commit, and only then does the
@@ -42,6 +49,9 @@ use super::write::Write;
 
 /// `len` and checksum.
 const HEADER: usize = 4 + 8;
+/// The header, the epoch and a MessagePack array 32's head (`0xdd` and a
+/// `u32` count): what a staged record starts with.
+const PREFIX: usize = HEADER + 8 + 5;
 /// The file grows by zero-filled chunks of this size.
 const CHUNK: u64 = 1 << 20;
 /// No record is larger (a record is one queued write: a publish's writes,
@@ -88,8 +98,11 @@ pub struct Journal {
     /// Records appended (ever, across epochs) and of those synced.
     appended: u64,
     synced: u64,
-    /// The last record's buffer, reused by the next append.
-    buf: Vec<u8>,
+    /// The next record, staged (empty, or [`PREFIX`] and the writes'
+    /// MessagePack; reused from one record to the next).
+    pending: Vec<u8>,
+    /// Writes in `pending`.
+    pending_writes: u32,
 }
 
 fn checksum(body: &[u8]) -> [u8; 8] {
@@ -123,7 +136,8 @@ impl Journal {
             allocated: 0,
             appended: 0,
             synced: 0,
-            buf: Vec::new(),
+            pending: Vec::new(),
+            pending_writes: 0,
         })
     }
 
@@ -147,7 +161,8 @@ impl Journal {
             allocated,
             appended: 0,
             synced: 0,
-            buf: Vec::new(),
+            pending: Vec::new(),
+            pending_writes: 0,
         };
         let groups = j.replay()?;
         Ok((j, groups))
@@ -210,68 +225,104 @@ impl Journal {
         self.appended > self.synced
     }
 
-    /// Appends one record of writes (not synced: see [`Journal::sync`]).
+    /// Appends one record of writes (not synced: see [`Journal::sync`]):
+    /// [`Journal::stage`] and [`Journal::flush`].
     pub fn append<'a, I>(&mut self, writes: I) -> Result<(), JournalError>
     where
         I: IntoIterator<Item = &'a Write>,
-        I::IntoIter: Clone,
     {
-        let writes = writes.into_iter();
-        // The record is built in a buffer kept from one append to the
-        // next: no allocation per publish).
-        let mut record = std::mem::take(&mut self.buf);
-        record.clear();
-        record.resize(HEADER, 0);
-        record.extend_from_slice(&self.epoch.to_le_bytes());
-        // The writes as one MessagePack array (what a `Vec<Write>`
-        // encodes to), without collecting them first.
-        let n = writes.clone().count();
-        match u32::try_from(n) {
-            Ok(n) if n < 16 => record.push(0x90 | n as u8),
-            Ok(n) if n <= u32::from(u16::MAX) => {
-                record.push(0xdc);
-                record.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            Ok(n) => {
-                record.push(0xdd);
-                record.extend_from_slice(&n.to_be_bytes());
-            }
-            Err(_) => {
+        self.stage(writes)?;
+        self.flush().map(|_| ())
+    }
+
+    /// Adds writes to the record the next [`Journal::flush`] appends (in
+    /// memory: nothing is written yet). Every write staged until then
+    /// goes into that one record, so a group of publishes costs one
+    /// `pwrite` and one checksum.
+    pub fn stage<'a, I>(&mut self, writes: I) -> Result<(), JournalError>
+    where
+        I: IntoIterator<Item = &'a Write>,
+    {
+        if self.pending.is_empty() {
+            // The header, the epoch and the array's head are filled in by
+            // `flush`, once the count is known.
+            self.pending.resize(PREFIX, 0);
+        }
+        let at = self.pending.len();
+        let mut n = 0u32;
+        for w in writes {
+            if let Err(e) = rmp_serde::encode::write(&mut self.pending, w) {
+                self.pending.truncate(at);
                 return Err(JournalError::Io {
                     path: self.path.clone(),
-                    message: format!("a group of {n} writes is over the record limit"),
-                })
+                    message: format!("encoding: {e}"),
+                });
             }
+            n += 1;
         }
-        for w in writes {
-            rmp_serde::encode::write(&mut record, w).map_err(|e| JournalError::Io {
-                path: self.path.clone(),
-                message: format!("encoding: {e}"),
-            })?;
-        }
-        let len = record.len() - HEADER;
-        if len > MAX_RECORD {
+        if self.pending.len() - HEADER > MAX_RECORD {
+            self.pending.truncate(at);
             return Err(JournalError::Io {
                 path: self.path.clone(),
-                message: format!("a group of {len} bytes is over the record limit"),
+                message: format!("a group over the record limit of {MAX_RECORD} bytes"),
             });
         }
+        self.pending_writes += n;
+        if self.pending.len() == PREFIX {
+            // Nothing staged after all.
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Drops what was staged.
+    pub fn discard_staged(&mut self) {
+        self.pending.clear();
+        self.pending_writes = 0;
+    }
+
+    /// Bytes staged for the next [`Journal::flush`] (0: nothing staged).
+    pub fn staged_bytes(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Appends what was staged as one record (not synced); whether there
+    /// was anything. What was staged is dropped either way.
+    pub fn flush(&mut self) -> Result<bool, JournalError> {
+        if self.pending.is_empty() {
+            return Ok(false);
+        }
+        let mut record = std::mem::take(&mut self.pending);
+        let n = std::mem::take(&mut self.pending_writes);
+        let len = record.len() - HEADER;
+        record[HEADER..HEADER + 8].copy_from_slice(&self.epoch.to_le_bytes());
+        // The writes as one MessagePack array (what a `Vec<Write>` encodes
+        // to), its length always as an array 32.
+        record[HEADER + 8] = 0xdd;
+        record[HEADER + 9..PREFIX].copy_from_slice(&n.to_be_bytes());
         let sum = checksum(&record[HEADER..]);
         record[..4].copy_from_slice(&(len as u32).to_le_bytes());
         record[4..HEADER].copy_from_slice(&sum);
         let end = self.offset + record.len() as u64;
-        if end > self.allocated {
-            self.grow(end)?;
+        let written = if end > self.allocated {
+            self.grow(end)
+        } else {
+            Ok(())
         }
-        let written = self.file.write_all_at(&record, self.offset);
+        .and_then(|()| {
+            self.file
+                .write_all_at(&record, self.offset)
+                .map_err(|e| io_err(&self.path, e))
+        });
         // A buffer grown by an unusually large group is not kept.
         if record.capacity() <= KEEP_BUFFER {
-            self.buf = record;
+            record.clear();
+            self.pending = record;
         }
-        written.map_err(|e| io_err(&self.path, e))?;
+        written?;
         self.offset = end;
         self.appended += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Zero-fills the file up to at least `end`, by whole chunks.
@@ -319,6 +370,8 @@ impl Journal {
     /// everything the journal did, durably, and records `epoch` as its
     /// journal's.
     pub fn restart(&mut self, epoch: u64) {
+        // Staged writes are in the checkpoint too.
+        self.discard_staged();
         self.epoch = epoch;
         self.offset = 0;
         self.synced = self.appended;

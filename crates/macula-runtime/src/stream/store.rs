@@ -137,6 +137,11 @@ enum Done {
 struct Job {
     writes: Vec<Write>,
     done: Option<Done>,
+    /// Its place in the queue (from 1): what `Gate` counts.
+    ticket: u64,
+    /// Answered by the journal flush that writes it (sync interval), not
+    /// by the writer.
+    early: bool,
     /// Committed with an `fsync` (else see the module docs).
     sync: bool,
     /// Appended to the journal when it was queued.
@@ -154,16 +159,40 @@ struct Side {
     /// writes are not journaled until the next one (the journal would
     /// replay them without those).
     unjournaled: bool,
+    /// The last job's ticket.
+    ticket: u64,
+    /// Jobs staged in the journal with a sync interval, answered by the
+    /// flush that writes them (`flush_side`).
+    waiters: Vec<Waiter>,
 }
 
-/// Groups acknowledged ahead of their redb commit, and how many of them
-/// are committed: a read waits until what was acknowledged before it is
-/// in redb (see the module docs, "Acknowledged from the journal").
+/// A job staged with a sync interval, waiting for its journal flush.
+struct Waiter {
+    ticket: u64,
+    /// The highest sequence it puts (0: none).
+    top: u64,
+    done: Option<Done>,
+}
+
+/// Staged writes past this many bytes are flushed by the submitter that
+/// staged them, without waiting for the group's end.
+const FLUSH_BYTES: usize = 1 << 20;
+/// Staged writes whose publishers went away are flushed by the writer
+/// thread this long after it found nothing else to do.
+const FLUSH_LATE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The last job acknowledged ahead of its redb commit, and the last job
+/// committed: a read waits until what was acknowledged before it is in
+/// redb (see the module docs, "Acknowledged from the journal"). Both are
+/// tickets (a job's place in the queue), which the writer commits in
+/// order, so an acknowledgement that comes after the commit (a journal
+/// flush that ran late) waits for nothing.
 #[derive(Debug, Default)]
 struct Gate {
-    /// Groups acknowledged from the journal (raised before the answers).
+    /// The highest ticket acknowledged from the journal (raised before
+    /// the answers, and before `durable`).
     acked: AtomicU64,
-    /// ... of which committed to redb (raised after the commit).
+    /// The highest ticket committed to redb (raised after the commit).
     committed: AtomicU64,
     /// Held to wait on and to notify `moved`.
     lock: parking_lot::Mutex<()>,
@@ -206,11 +235,15 @@ impl Gate {
         self.failed.lock().clone()
     }
 
-    fn committed_n(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        self.committed.fetch_add(n, Ordering::AcqRel);
+    /// Acknowledged up to `ticket` (before `durable` rises and before the
+    /// answers).
+    fn acked_to(&self, ticket: u64) {
+        self.acked.fetch_max(ticket, Ordering::AcqRel);
+    }
+
+    /// Committed up to `ticket`.
+    fn committed_to(&self, ticket: u64) {
+        self.committed.fetch_max(ticket, Ordering::AcqRel);
         let _guard = self.lock.lock();
         self.moved.notify_all();
     }
@@ -355,6 +388,8 @@ impl StreamStore {
         let side = Arc::new(parking_lot::Mutex::new(Side {
             journal,
             unjournaled: false,
+            ticket: 0,
+            waiters: Vec::new(),
         }));
         let stats = Arc::new(StoreStats::default());
         let gate = Arc::new(Gate::default());
@@ -454,17 +489,20 @@ impl StreamStore {
             return Err(StoreError::Closed(self.path.clone()));
         };
         let closed = |_| StoreError::Closed(self.path.clone());
+        // Staged and queued under the journal's lock: the journal's order
+        // is the queue's, and a checkpoint (which takes the lock and
+        // everything queued) covers every record it drops.
+        let mut side = self.side.lock();
+        side.ticket += 1;
         let mut job = Job {
             writes,
             done,
+            ticket: side.ticket,
+            early: false,
             sync,
             journaled: false,
             acked: false,
         };
-        // Appended and queued under the journal's lock: the journal's
-        // order is the queue's, and a checkpoint (which takes the lock and
-        // everything queued) covers every record it drops.
-        let mut side = self.side.lock();
         if !sync {
             side.unjournaled = true;
             return tx.send(job).map_err(closed);
@@ -475,37 +513,68 @@ impl StreamStore {
         if let Some(f) = self.gate.failed() {
             return Err(io(&self.path)(f));
         }
-        if let Err(e) = side.journal.append(job.writes.iter()) {
+        if let Err(e) = side.journal.stage(job.writes.iter()) {
             let e = e.to_string();
             self.gate.fail(&e);
             return Err(io(&self.path)(e));
         }
-        self.stats.journal_appends.fetch_add(1, Ordering::Relaxed);
         job.journaled = true;
         if self.sync_interval_ms.load(Ordering::Acquire) == 0 {
-            // Acknowledged by the writer once its sync covers the record.
+            // Written, synced and acknowledged by the writer, once per
+            // group.
             return tx.send(job).map_err(closed);
         }
-        // With a sync interval, written is acknowledged: at once, here,
-        // before the writer commits it to redb (reads wait: `Gate`).
-        // Counted before `durable` rises: the visibility task makes the
-        // writes readable when it does, and a read must then wait for
-        // their commit.
-        self.gate.acked.fetch_add(1, Ordering::AcqRel);
-        raise_durable(&self.durable_tx, &job.writes);
-        self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
-        job.acked = true;
-        let done = job.done.take();
+        // With a sync interval, written is acknowledged: by the journal
+        // flush that writes this record (`flush_staged`: the submitter's,
+        // after letting the publishes ready meanwhile stage theirs), before
+        // the writer commits it to redb (reads wait: `Gate`).
+        job.early = true;
+        let waiter = Waiter {
+            ticket: job.ticket,
+            top: top_put(&job.writes),
+            done: job.done.take(),
+        };
         if tx.send(job).is_err() {
-            // Counted as acknowledged but never committed: reads fail
-            // rather than wait for it.
+            // Staged but never committed: nothing is acknowledged any more.
             self.gate.fail("the store's writer stopped");
             return Err(StoreError::Closed(self.path.clone()));
         }
-        drop(side);
-        drop(jobs);
-        answer_one(done, &Ok(()));
+        side.waiters.push(waiter);
+        if side.journal.staged_bytes() >= FLUSH_BYTES {
+            // Bounds what is staged: flushed now, whoever waits.
+            let _ = flush_side(&mut side, &self.gate, &self.durable_tx, &self.stats);
+        }
         Ok(())
+    }
+
+    /// Writes what was staged in the journal and answers its waiters (see
+    /// [`StreamStore::flush_staged`]).
+    pub fn flush(&self) {
+        let mut side = self.side.lock();
+        // A failure fails the store and is the waiters' answer.
+        let _ = flush_side(&mut side, &self.gate, &self.durable_tx, &self.stats);
+    }
+
+    /// With a sync interval, a submitted write is answered by the journal
+    /// flush that writes it: call this after [`StreamStore::submit`],
+    /// before awaiting the answer. It first lets the other tasks ready to
+    /// run stage their writes (one yield), then writes everything staged
+    /// as one journal record and answers every write in it, so publishes
+    /// in flight together cost one `pwrite` and one checksum. At once
+    /// when nothing waits for a flush; dropped during its yield, it
+    /// flushes all the same.
+    pub async fn flush_staged(&self) {
+        if self.side.lock().waiters.is_empty() {
+            return;
+        }
+        struct FlushOnDrop<'a>(&'a StreamStore);
+        impl Drop for FlushOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.flush();
+            }
+        }
+        let _flush = FlushOnDrop(self);
+        tokio::task::yield_now().await;
     }
 
     /// Makes everything committed so far durable (a checkpoint) and waits
@@ -525,6 +594,7 @@ impl StreamStore {
     pub fn write_now(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
         self.queue(writes, Some(Done::Blocking(tx)), true)?;
+        self.flush();
         rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
             .map_err(io(&self.path))
@@ -534,6 +604,7 @@ impl StreamStore {
     pub async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.submit(writes, Some(tx))?;
+        self.flush_staged().await;
         rx.await
             .map_err(|_| StoreError::Closed(self.path.clone()))?
             .map_err(io(&self.path))
@@ -925,20 +996,29 @@ impl Writer {
         let checkpoint = self
             .dirty
             .then(|| self.last_checkpoint + self.checkpoint_every());
-        let journal = match (self.side.lock().journal.unsynced(), self.interval()) {
+        let (unsynced, staged) = {
+            let side = self.side.lock();
+            (side.journal.unsynced(), !side.waiters.is_empty())
+        };
+        let journal = match (unsynced, self.interval()) {
             (true, Some(d)) => Some(self.last_journal_sync + d),
             (true, None) => Some(std::time::Instant::now()),
             _ => None,
         };
-        match (checkpoint, journal) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let flush = staged.then(|| std::time::Instant::now() + FLUSH_LATE);
+        [checkpoint, journal, flush].into_iter().flatten().min()
     }
 
     fn housekeeping(&mut self) {
         if self.gate.failed().is_some() {
             return;
+        }
+        {
+            // Staged writes nobody flushed (their publishers went away).
+            let mut side = self.side.lock();
+            if !side.waiters.is_empty() {
+                let _ = flush_side(&mut side, &self.gate, &self.durable, &self.stats);
+            }
         }
         let now = std::time::Instant::now();
         let result = if self.dirty && now >= self.last_checkpoint + self.checkpoint_every() {
@@ -988,12 +1068,24 @@ impl Writer {
         {
             return self.checkpoint(group);
         }
-        if group.iter().any(|j| j.journaled && !j.acked) {
-            // Queued without a sync interval: acknowledged once synced.
+        if let Some(ticket) = group
+            .iter()
+            .filter(|j| j.journaled && !j.early)
+            .map(|j| j.ticket)
+            .max()
+        {
+            // Queued without a sync interval: written (one record for
+            // everything staged), synced, then acknowledged.
+            {
+                let mut side = self.side.lock();
+                flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
+            }
             self.sync_journal()?;
-            for j in group.iter_mut().filter(|j| j.journaled && !j.acked) {
-                // Counted before `durable` rises (see `queue`).
-                self.gate.acked.fetch_add(1, Ordering::AcqRel);
+            // Counted before `durable` rises: the visibility task makes
+            // the writes readable when it does, and a read must then wait
+            // for their commit.
+            self.gate.acked_to(ticket);
+            for j in group.iter_mut().filter(|j| j.journaled && !j.early) {
                 raise_durable(&self.durable, &j.writes);
                 self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
                 j.acked = true;
@@ -1010,7 +1102,6 @@ impl Writer {
                 return Err(e);
             }
         }
-        let acked = group.iter().filter(|j| j.acked).count() as u64;
         match commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None) {
             Ok(()) => {
                 self.dirty = true;
@@ -1018,14 +1109,13 @@ impl Writer {
                     self.unjournaled = true;
                 }
                 self.committed(group);
-                self.gate.committed_n(acked);
                 Ok(())
             }
             Err(e) => {
-                if acked > 0 {
-                    // Acknowledged but not in redb: nothing more is
-                    // written, reads waiting for it fail, the next open
-                    // replays the journal.
+                if group.iter().any(|j| j.journaled) {
+                    // Acknowledged (or to be, by a journal flush) but not
+                    // in redb: nothing more is written, reads waiting for
+                    // it fail, the next open replays the journal.
                     self.fail(&e);
                 }
                 Err(e)
@@ -1066,14 +1156,16 @@ impl Writer {
         while let Ok(j) = self.rx.try_recv() {
             group.push(j);
         }
+        // Staged writes are written and answered first (they are in this
+        // commit too; the new epoch starts empty).
+        flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
         let epoch = side.journal.epoch() + 1;
-        let acked = group.iter().filter(|j| j.acked).count() as u64;
         if let Err(e) = commit(
             &self.db,
             group.iter().flat_map(|j| j.writes.iter()),
             Some(epoch),
         ) {
-            if acked > 0 {
+            if group.iter().any(|j| j.journaled) {
                 self.fail(&e);
             }
             return Err(e);
@@ -1087,44 +1179,105 @@ impl Writer {
         self.last_journal_sync = self.last_checkpoint;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.committed(group);
-        self.gate.committed_n(acked);
         self.synced_applied.store(self.applied, Ordering::Release);
         Ok(())
     }
 
-    /// Counts a committed group, follows its applied index and raises
-    /// `durable`.
+    /// Counts a committed group, follows its applied index, raises
+    /// `durable` (for the jobs a journal flush does not answer: the
+    /// flush raises it for those once they are written) and the gate's
+    /// committed ticket.
     fn committed(&mut self, group: &[Job]) {
         let n: usize = group.iter().map(|j| j.writes.len()).sum();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+        let mut ticket = 0;
         for j in group {
             for w in &j.writes {
                 if let Write::Applied(i) = w {
                     self.applied = *i;
                 }
             }
-            raise_durable(&self.durable, &j.writes);
+            if !j.early {
+                raise_durable(&self.durable, &j.writes);
+            }
+            ticket = ticket.max(j.ticket);
         }
+        self.gate.committed_to(ticket);
     }
 }
 
-/// Raises `durable` to the highest sequence `writes` put.
-fn raise_durable(durable: &watch::Sender<u64>, writes: &[Write]) {
-    let top = writes
+/// The highest sequence `writes` put (0: none).
+fn top_put(writes: &[Write]) -> u64 {
+    writes
         .iter()
         .filter_map(|w| match w {
             Write::Put(seq, _) => Some(*seq),
             _ => None,
         })
-        .max();
-    if let Some(top) = top {
+        .max()
+        .unwrap_or(0)
+}
+
+/// Raises `durable` to the highest sequence `writes` put.
+fn raise_durable(durable: &watch::Sender<u64>, writes: &[Write]) {
+    raise_durable_to(durable, top_put(writes));
+}
+
+fn raise_durable_to(durable: &watch::Sender<u64>, top: u64) {
+    if top > 0 {
         durable.send_if_modified(|d| {
             let raise = top > *d;
             *d = (*d).max(top);
             raise
         });
     }
+}
+
+/// Writes what is staged in the journal as one record and answers the
+/// writes waiting for it (sync interval): the gate's acknowledged ticket
+/// rises first, then `durable`, then the answers. A failure fails the
+/// store (the writer may have committed some of them; nothing more is
+/// acknowledged) and is the waiters' answer.
+fn flush_side(
+    side: &mut Side,
+    gate: &Gate,
+    durable: &watch::Sender<u64>,
+    stats: &StoreStats,
+) -> Result<(), String> {
+    let written = match gate.failed() {
+        Some(f) => Err(f),
+        None => side.journal.flush().map_err(|e| e.to_string()),
+    };
+    match written {
+        Ok(false) => {}
+        Ok(true) => {
+            stats.journal_appends.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            // Whatever was staged is dropped: never acknowledged.
+            side.journal.discard_staged();
+            gate.fail(&e);
+            for w in side.waiters.drain(..) {
+                answer_one(w.done, &Err(e.clone()));
+            }
+            return Err(e);
+        }
+    }
+    if side.waiters.is_empty() {
+        return Ok(());
+    }
+    let ticket = side.waiters.iter().map(|w| w.ticket).max().unwrap_or(0);
+    let top = side.waiters.iter().map(|w| w.top).max().unwrap_or(0);
+    gate.acked_to(ticket);
+    raise_durable_to(durable, top);
+    stats
+        .early_acks
+        .fetch_add(side.waiters.len() as u64, Ordering::Relaxed);
+    for w in side.waiters.drain(..) {
+        answer_one(w.done, &Ok(()));
+    }
+    Ok(())
 }
 
 /// Answers one waiter.
