@@ -530,6 +530,32 @@ mod tests {
         assert!(groups.is_empty());
     }
 
+    #[test]
+    fn staged_writes_are_one_record_at_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.journal");
+        let mut j = Journal::create(&p, 4).unwrap();
+        assert!(!j.flush().unwrap(), "nothing staged");
+        j.stage(&[put(1)]).unwrap();
+        j.stage(&[put(2), Write::Last(2, 2)]).unwrap();
+        j.stage(&[]).unwrap();
+        assert!(j.is_empty(), "nothing written before the flush");
+        assert!(j.flush().unwrap());
+        assert_eq!(j.staged_bytes(), 0);
+        // A staged write dropped by a restart is not written.
+        j.stage(&[put(3)]).unwrap();
+        j.discard_staged();
+        assert!(!j.flush().unwrap());
+        j.stage(&[put(4)]).unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let (_, groups) = Journal::open(&p, 4).unwrap();
+        assert_eq!(
+            groups,
+            vec![vec![put(1), put(2), Write::Last(2, 2)], vec![put(4)]]
+        );
+    }
+
     proptest::proptest! {
         /// Whatever bytes the file holds, opening it never panics, and
         /// the groups it returns are a prefix of what was appended.

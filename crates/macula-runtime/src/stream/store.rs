@@ -1634,4 +1634,164 @@ mod tests {
         assert_eq!(back.stored_messages().unwrap(), 600);
         assert_eq!(s.stored_messages().unwrap(), 600);
     }
+
+    fn submit_rx(s: &StreamStore, seq: u64) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        s.submit(vec![put(seq), Write::Last(seq, seq)], Some(tx))
+            .unwrap();
+        rx
+    }
+
+    #[test]
+    fn writes_staged_together_are_one_journal_record_answered_by_its_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let appends = s.stats().journal_appends.load(Ordering::Relaxed);
+        let mut rxs: Vec<_> = (1..=40).map(|seq| submit_rx(&s, seq)).collect();
+        // Staged, not written: nobody is answered, nothing is durable.
+        for rx in &mut rxs {
+            assert!(rx.try_recv().is_err());
+        }
+        assert_eq!(*s.durable().borrow(), 0);
+        s.flush();
+        for rx in rxs {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(*s.durable().borrow(), 40);
+        assert_eq!(
+            s.stats().journal_appends.load(Ordering::Relaxed),
+            appends + 1,
+            "one record for the forty"
+        );
+        assert_eq!(s.stats().early_acks.load(Ordering::Relaxed), 40 + 1);
+        // The record holds all forty, and a crash keeps them.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        assert_eq!(groups.last().map(Vec::len), Some(80));
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 40);
+        assert_eq!(back.last().unwrap(), (40, 40));
+        // Reads see every answered write.
+        assert_eq!(s.get_batch(&(1..=40).collect::<Vec<_>>()).unwrap().len(), 40);
+    }
+
+    #[test]
+    fn a_flush_after_the_commit_makes_no_read_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let commits = s.stats().commits.load(Ordering::Relaxed);
+        let rx = submit_rx(&s, 1);
+        // The writer commits the job before its record is written (it does
+        // not wait for the flush); bounded wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.stats().commits.load(Ordering::Relaxed) == commits {
+            assert!(std::time::Instant::now() < deadline, "not committed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Committed, but not acknowledged: not durable yet (a kill -9
+        // could lose it), so consumers do not see it.
+        assert_eq!(*s.durable().borrow(), 0);
+        s.flush();
+        rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(*s.durable().borrow(), 1);
+        let waits = s.stats().read_waits.load(Ordering::Relaxed);
+        assert!(s.get(1).unwrap().is_some());
+        assert_eq!(s.stats().read_waits.load(Ordering::Relaxed), waits);
+    }
+
+    #[test]
+    fn staged_writes_nobody_flushes_are_written_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        // The publisher went away before flushing.
+        drop(submit_rx(&s, 1));
+        let rx = submit_rx(&s, 2);
+        rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(*s.durable().borrow(), 2);
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn flush_staged_dropped_in_its_yield_flushes_all_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let rx = submit_rx(&s, 1);
+        {
+            let mut f = std::pin::pin!(s.flush_staged());
+            // Its first poll yields; it is dropped there.
+            assert!(futures::poll!(f.as_mut()).is_pending());
+        }
+        rx.await.unwrap().unwrap();
+        assert_eq!(*s.durable().borrow(), 1);
+        // With nothing staged it does not yield.
+        let f = std::pin::pin!(s.flush_staged());
+        assert!(futures::poll!(f).is_ready());
+    }
+
+    #[tokio::test]
+    async fn async_writes_in_flight_together_share_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let appends = s.stats().journal_appends.load(Ordering::Relaxed);
+        // As the bench publishes: many futures polled by one task.
+        use futures::StreamExt;
+        let n = futures::stream::iter(1..=64u64)
+            .map(|seq| {
+                let s = &s;
+                async move { s.write(vec![put(seq), Write::Last(seq, seq)]).await }
+            })
+            .buffer_unordered(64)
+            .filter(|r| std::future::ready(r.is_ok()))
+            .count()
+            .await;
+        assert_eq!(n, 64);
+        let records = s.stats().journal_appends.load(Ordering::Relaxed) - appends;
+        assert!(records < 8, "{records} journal records for 64 writes");
+        assert_eq!(s.stored_messages().unwrap(), 64);
+    }
+
+    #[test]
+    fn a_checkpoint_answers_what_was_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let rx = submit_rx(&s, 1);
+        s.sync().unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        // In the checkpoint: the new epoch's journal is empty.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        assert!(groups.is_empty());
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert!(back.get(1).unwrap().is_some());
+    }
+
+    #[test]
+    fn without_an_interval_a_group_is_written_and_synced_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        let rxs: Vec<_> = (1..=30).map(|seq| submit_rx(&s, seq)).collect();
+        for rx in rxs {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        // Answered only once synced; at most one record per sync.
+        let st = s.stats();
+        assert!(
+            st.journal_appends.load(Ordering::Relaxed) <= st.journal_syncs.load(Ordering::Relaxed)
+        );
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 30);
+    }
 }
