@@ -27,16 +27,20 @@
 //! and a big-endian `u32` count, written once the count is known);
 //! records of earlier versions (any array head) read the same.
 //!
-//! **Epochs.** The redb file stores the epoch its journal is in
-//! (`meta.journal`). A checkpoint (a synced redb commit of everything so
-//! far) stores the next epoch in the same commit, and only then does the
-//! journal start again at offset 0 with that epoch. Replay at open reads
-//! records from offset 0 while they are whole, their checksum holds and
-//! their epoch is the file's: the first that is not ends the journal (a
-//! torn append, never acknowledged in `sync always` mode, or a record of
-//! an older epoch the new one has not overwritten yet). So the file is
-//! never truncated, and an `fdatasync` after an append rarely has a size
-//! to update: it grows by zero-filled chunks up to its high-water mark.
+//! **Epochs and the start offset.** The redb file stores the epoch its
+//! journal is in and the offset its replay starts from (`meta.journal`,
+//! `meta.journal_at`). A checkpoint (a synced redb commit of everything so
+//! far) usually stores the journal's current end as the new start offset:
+//! the journal goes on appending in the same epoch, and the records before
+//! that offset are never read again. Past a size bound (`JOURNAL_MAX`) a
+//! checkpoint stores the next epoch and offset 0 instead, and only then
+//! does the journal start again at offset 0 with that epoch. Replay at open
+//! reads records from the start offset while they are whole, their
+//! checksum holds and their epoch is the file's: the first that is not
+//! ends the journal (a torn append, never acknowledged, or a record of an
+//! older epoch the new one has not overwritten yet). So the file is never
+//! truncated, and an `fdatasync` after an append rarely has a size to
+//! update: it grows by zero-filled chunks up to its high-water mark.
 //!
 //! A record whose checksum holds but whose body does not decode is
 //! corruption: the store refuses to open, and nothing is written over it.
@@ -142,9 +146,14 @@ impl Journal {
     }
 
     /// Opens the journal (creating an empty one if there is none) and
-    /// returns it with the groups of writes of `epoch` it holds, in order.
-    /// The journal then appends after them.
-    pub fn open(path: &Path, epoch: u64) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
+    /// returns it with the groups of writes of `epoch` it holds from
+    /// offset `at` on (what the last checkpoint left), in order. The
+    /// journal then appends after them.
+    pub fn open(
+        path: &Path,
+        epoch: u64,
+        at: u64,
+    ) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -157,7 +166,7 @@ impl Journal {
             path: path.to_path_buf(),
             file: std::sync::Arc::new(file),
             epoch,
-            offset: 0,
+            offset: at,
             allocated,
             appended: 0,
             synced: 0,
@@ -453,11 +462,11 @@ mod tests {
         j.append(&[Write::Last(2, 9)]).unwrap();
         j.sync().unwrap();
         drop(j);
-        let (j, groups) = Journal::open(&p, 7).unwrap();
+        let (j, groups) = Journal::open(&p, 7, 0).unwrap();
         assert_eq!(groups, vec![vec![put(1), put(2)], vec![Write::Last(2, 9)]]);
         assert!(!j.is_empty());
         // Another epoch's records are not this one's.
-        let (_, groups) = Journal::open(&p, 8).unwrap();
+        let (_, groups) = Journal::open(&p, 8, 0).unwrap();
         assert!(groups.is_empty());
     }
 
@@ -473,12 +482,12 @@ mod tests {
         j.append(&[put(21)]).unwrap();
         drop(j);
         // Epoch 1's later records still follow epoch 2's first one.
-        let (mut j, groups) = Journal::open(&p, 2).unwrap();
+        let (mut j, groups) = Journal::open(&p, 2, 0).unwrap();
         assert_eq!(groups, vec![vec![put(21)]]);
         // Appending goes on after it.
         j.append(&[put(22)]).unwrap();
         drop(j);
-        let (_, groups) = Journal::open(&p, 2).unwrap();
+        let (_, groups) = Journal::open(&p, 2, 0).unwrap();
         assert_eq!(groups, vec![vec![put(21)], vec![put(22)]]);
     }
 
@@ -494,7 +503,7 @@ mod tests {
         // Flip a byte of the second record's body.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], first + HEADER as u64 + 9).unwrap();
-        let (j, groups) = Journal::open(&p, 1).unwrap();
+        let (j, groups) = Journal::open(&p, 1, 0).unwrap();
         assert_eq!(groups, vec![vec![put(1)]]);
         assert_eq!(j.len(), first);
     }
@@ -509,7 +518,7 @@ mod tests {
         rec.extend_from_slice(&checksum(&body));
         rec.extend_from_slice(&body);
         std::fs::write(&p, &rec).unwrap();
-        let err = Journal::open(&p, 3).unwrap_err();
+        let err = Journal::open(&p, 3, 0).unwrap_err();
         assert!(
             matches!(err, JournalError::Corrupt { offset: 0, .. }),
             "{err}"
@@ -526,7 +535,7 @@ mod tests {
         j.append(&[put(1)]).unwrap();
         drop(j);
         drop(Journal::create(&p, 0).unwrap());
-        let (_, groups) = Journal::open(&p, 0).unwrap();
+        let (_, groups) = Journal::open(&p, 0, 0).unwrap();
         assert!(groups.is_empty());
     }
 
@@ -549,7 +558,7 @@ mod tests {
         j.stage(&[put(4)]).unwrap();
         j.flush().unwrap();
         drop(j);
-        let (_, groups) = Journal::open(&p, 4).unwrap();
+        let (_, groups) = Journal::open(&p, 4, 0).unwrap();
         assert_eq!(
             groups,
             vec![vec![put(1), put(2), Write::Last(2, 2)], vec![put(4)]]
@@ -573,7 +582,7 @@ mod tests {
             let at = at % bytes.len();
             bytes[at] ^= byte | 1;
             std::fs::write(&p, &bytes).unwrap();
-            if let Ok((_, groups)) = Journal::open(&p, 5) {
+            if let Ok((_, groups)) = Journal::open(&p, 5, 0) {
                 proptest::prop_assert!(groups.len() <= appended.len());
                 proptest::prop_assert_eq!(&groups[..], &appended[..groups.len()]);
             }

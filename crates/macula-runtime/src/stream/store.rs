@@ -84,6 +84,9 @@ pub const META_INDEX: &str = "index";
 pub const META_APPLIED: &str = "applied";
 /// `meta` key of the journal's epoch (8 bytes, LE; absent: 0).
 pub const META_JOURNAL: &str = "journal";
+/// `meta` key of the offset the journal's replay starts from (8 bytes, LE;
+/// absent: 0): what the last checkpoint left of its epoch.
+pub const META_JOURNAL_AT: &str = "journal_at";
 
 /// Writes one group commit takes at most (more wait for the next).
 const MAX_GROUP: usize = 8192;
@@ -307,6 +310,11 @@ struct TestHooks {
     commit_delay_ms: AtomicU64,
     /// Fail the next commit of an acknowledged group.
     fail_commit: std::sync::atomic::AtomicBool,
+    /// Sleep this long in each checkpoint before its commit (after the
+    /// journal's lock is released, unless it wraps).
+    checkpoint_delay_ms: AtomicU64,
+    /// Set while a checkpoint sleeps for `checkpoint_delay_ms`.
+    in_checkpoint: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -365,14 +373,15 @@ impl StreamStore {
                 message: e.to_string(),
             })?;
         let epoch = read_u64(&db, path, META_JOURNAL)?;
+        let at = read_u64(&db, path, META_JOURNAL_AT)?;
         let (mut journal, groups) =
-            Journal::open(&journal::path_of(path), epoch).map_err(journal_err)?;
+            Journal::open(&journal::path_of(path), epoch, at).map_err(journal_err)?;
         if !groups.is_empty() {
             // What the journal holds beyond the last checkpoint goes into
             // redb first, as one checkpoint.
             let writes: Vec<&Write> = groups.iter().flatten().collect();
             tracing::info!(path = %path.display(), groups = groups.len(), writes = writes.len(), "stream store: replaying its journal");
-            commit(&db, writes.into_iter(), Some(epoch + 1)).map_err(io(path))?;
+            commit(&db, writes.into_iter(), Some((epoch + 1, 0))).map_err(io(path))?;
             journal.restart(epoch + 1);
         }
         let (last, _) = read_last(&db, path)?;
@@ -1147,9 +1156,16 @@ impl Writer {
     }
 
     /// One synced redb commit of `group`, of everything queued meanwhile
-    /// (taken into `group`) and of everything before, moving the journal
-    /// to its next epoch. Holds the journal's lock throughout: every
-    /// record the new epoch drops is then in this commit or an earlier one.
+    /// (taken into `group`) and of everything before, under the journal's
+    /// lock. Then either:
+    /// - the journal goes on in its epoch from where it stands, and the
+    ///   commit records that offset as the journal's start: the lock is
+    ///   released before the commit, so publishers stage and flush during
+    ///   its sync;
+    /// - or, past [`JOURNAL_MAX`] or after unjournaled writes (which the
+    ///   journal alone would replay wrongly), it restarts at offset 0 in
+    ///   its next epoch, and the lock is held throughout: every record the
+    ///   new epoch drops is then in this commit or an earlier one.
     fn checkpoint(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
         let side = self.side.clone();
         let mut side = side.lock();
@@ -1157,26 +1173,53 @@ impl Writer {
             group.push(j);
         }
         // Staged writes are written and answered first (they are in this
-        // commit too; the new epoch starts empty).
+        // commit too).
         flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
-        let epoch = side.journal.epoch() + 1;
+        let started = std::time::Instant::now();
+        let wrap = side.unjournaled || side.journal.len() >= JOURNAL_MAX;
+        let (epoch, at, upto) = if wrap {
+            (side.journal.epoch() + 1, 0, 0)
+        } else {
+            (
+                side.journal.epoch(),
+                side.journal.len(),
+                side.journal.sync_handle().1,
+            )
+        };
+        // Unless it wraps, the lock goes now: records appended from here on
+        // are after `at`, where the journal's replay starts.
+        let held = wrap.then_some(side);
+        #[cfg(test)]
+        {
+            self.hooks.in_checkpoint.store(true, Ordering::Release);
+            std::thread::sleep(std::time::Duration::from_millis(
+                self.hooks.checkpoint_delay_ms.load(Ordering::Acquire),
+            ));
+            self.hooks.in_checkpoint.store(false, Ordering::Release);
+        }
         if let Err(e) = commit(
             &self.db,
             group.iter().flat_map(|j| j.writes.iter()),
-            Some(epoch),
+            Some((epoch, at)),
         ) {
-            if group.iter().any(|j| j.journaled) {
-                self.fail(&e);
-            }
+            // The journal may already hold later records that need this
+            // commit: nothing more is written.
+            self.fail(&e);
             return Err(e);
         }
-        side.journal.restart(epoch);
-        side.unjournaled = false;
-        drop(side);
+        match held {
+            Some(mut side) => {
+                side.journal.restart(epoch);
+                side.unjournaled = false;
+            }
+            None => self.side.lock().journal.mark_synced(upto),
+        }
         self.dirty = false;
         self.unjournaled = false;
         self.last_checkpoint = std::time::Instant::now();
-        self.last_journal_sync = self.last_checkpoint;
+        // What was appended during the commit is synced an interval after
+        // its start at the latest.
+        self.last_journal_sync = started;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.committed(group);
         self.synced_applied.store(self.applied, Ordering::Release);
@@ -1301,11 +1344,12 @@ fn answer(group: &mut [Job], result: &Result<(), String>) {
 }
 
 /// Commits writes in one transaction: unsynced, or with `checkpoint`
-/// (the journal's next epoch) synced and recording that epoch.
+/// (the journal's epoch and start offset from then on) synced and
+/// recording them.
 fn commit<'a>(
     db: &Database,
     writes: impl Iterator<Item = &'a Write>,
-    checkpoint: Option<u64>,
+    checkpoint: Option<(u64, u64)>,
 ) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(if checkpoint.is_some() {
@@ -1370,8 +1414,10 @@ fn commit<'a>(
                 }
             }
         }
-        if let Some(epoch) = checkpoint {
+        if let Some((epoch, at)) = checkpoint {
             meta.insert(META_JOURNAL, epoch.to_le_bytes().as_slice())
+                .map_err(|e| e.to_string())?;
+            meta.insert(META_JOURNAL_AT, at.to_le_bytes().as_slice())
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -1399,6 +1445,14 @@ mod tests {
         copy
     }
 
+    /// The groups a crash image's journal replays (from the store's start
+    /// offset, in its epoch).
+    fn journal_groups(s: &StreamStore, copy: &Path) -> Vec<Vec<Write>> {
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        let at = read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap();
+        Journal::open(&journal::path_of(copy), epoch, at).unwrap().1
+    }
+
     fn open_store(dir: &Path) -> StreamStore {
         let s = StreamStore::create(&dir.join("s.redb"), b"{}", 1 << 20).unwrap();
         s.set_checkpoint_every(Duration::from_secs(3600));
@@ -1419,7 +1473,7 @@ mod tests {
         let crashed = tempfile::tempdir().unwrap();
         let copy = crash_image(&s, crashed.path());
         let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        let groups = journal_groups(&s, &copy);
         assert_eq!(
             groups.len(),
             51,
@@ -1448,14 +1502,14 @@ mod tests {
         s.sync().unwrap();
         let crashed = tempfile::tempdir().unwrap();
         let copy = crash_image(&s, crashed.path());
-        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
-        assert!(groups.is_empty());
-        // Writes after it go on in the new epoch, from the journal's start.
+        assert!(journal_groups(&s, &copy).is_empty());
+        // Writes after it go on in the same epoch, after the checkpoint's
+        // start offset.
+        let at = read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap();
+        assert!(at > 0);
         s.write_now(vec![put(6)]).unwrap();
         let copy = crash_image(&s, crashed.path());
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
-        assert_eq!(groups, vec![vec![put(6)]]);
+        assert_eq!(journal_groups(&s, &copy), vec![vec![put(6)]]);
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 6);
     }
@@ -1488,9 +1542,13 @@ mod tests {
         rx.blocking_recv().unwrap().unwrap();
         assert_eq!(s.synced_applied(), 0);
         let syncs = s.stats().syncs.load(Ordering::Relaxed);
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
         s.write_now(vec![put(2)]).unwrap();
-        // The journal alone would replay 2 without 1: redb was synced.
+        // The journal alone would replay 2 without 1: redb was synced, and
+        // the journal restarted in its next epoch.
         assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs + 1);
+        assert_eq!(read_u64(&s.db, s.path(), META_JOURNAL).unwrap(), epoch + 1);
+        assert_eq!(read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap(), 0);
         assert_eq!(s.synced_applied(), 7);
         let crashed = tempfile::tempdir().unwrap();
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
@@ -1668,8 +1726,7 @@ mod tests {
         // The record holds all forty, and a crash keeps them.
         let crashed = tempfile::tempdir().unwrap();
         let copy = crash_image(&s, crashed.path());
-        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        let groups = journal_groups(&s, &copy);
         assert_eq!(groups.last().map(Vec::len), Some(80));
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 40);
@@ -1770,9 +1827,7 @@ mod tests {
         // In the checkpoint: the new epoch's journal is empty.
         let crashed = tempfile::tempdir().unwrap();
         let copy = crash_image(&s, crashed.path());
-        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
-        assert!(groups.is_empty());
+        assert!(journal_groups(&s, &copy).is_empty());
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert!(back.get(1).unwrap().is_some());
     }
@@ -1793,5 +1848,51 @@ mod tests {
         let crashed = tempfile::tempdir().unwrap();
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 30);
+    }
+
+    #[test]
+    fn writes_go_on_during_a_checkpoints_sync_and_survive_a_crash_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        for seq in 1..=10 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        let syncs = s.stats().syncs.load(Ordering::Relaxed);
+        // The next checkpoint stalls for 3 s before its commit, without
+        // the journal's lock.
+        s.hooks.checkpoint_delay_ms.store(3000, Ordering::Release);
+        let checkpoint = {
+            let s = s.clone();
+            std::thread::spawn(move || s.sync())
+        };
+        // Bounded wait until the checkpoint has taken the queue.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !s.hooks.in_checkpoint.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for seq in 11..=20 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        // Acknowledged while the checkpoint still waits for its commit.
+        assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs);
+        // A crash now: redb has neither the checkpoint nor the later
+        // writes; the journal, from the old start offset, has them all.
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 20);
+        assert_eq!(back.last().unwrap(), (20, 20));
+        drop(back);
+        checkpoint.join().unwrap().unwrap();
+        assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs + 1);
+        // After it, the journal replays only what followed the checkpoint.
+        s.hooks.checkpoint_delay_ms.store(0, Ordering::Release);
+        let copy = crash_image(&s, crashed.path());
+        let replayed: usize = journal_groups(&s, &copy).iter().map(Vec::len).sum();
+        assert_eq!(replayed, 20, "only the writes after the checkpoint's offset");
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 20);
+        assert_eq!(back.last().unwrap(), (20, 20));
     }
 }
