@@ -3,43 +3,57 @@
 //! configuration and last sequence (`meta`), and its durable consumers
 //! (`consumers`: name -> configuration and position).
 //!
-//! **Group commit through a journal.** A durable write is appended to the
-//! stream's journal (`journal.rs`, one checksummed record per write) as it
-//! is queued, by the submitter, under the journal's lock (so the journal's
-//! order is the queue's, which the caller's lock on the stream's core
-//! makes the sequence order). One writer thread takes everything queued
-//! meanwhile as one group: it syncs the journal once for the group (one
-//! `fdatasync`, outside the lock), raises `durable` (the highest sequence
-//! stored, which the host makes the consumers' visibility bound), answers
-//! each waiter, and then commits the group to redb without syncing
-//! (`Durability::None`). A publish acknowledged to its publisher is on
-//! disk, in the journal.
+//! **Group commit through a journal.** A durable write is staged in the
+//! stream's journal (`journal.rs`) as it is queued, by the submitter,
+//! under the journal's lock (so the journal's order is the queue's, which
+//! the caller's lock on the stream's core makes the sequence order). The
+//! writes staged together are appended as one checksummed record by one
+//! `pwrite` (a flush). One writer thread takes everything queued meanwhile
+//! as one group: it flushes what is staged, syncs the journal once for the
+//! group (one `fdatasync`, outside the lock), raises `durable` (the
+//! highest sequence stored, which the host makes the consumers' visibility
+//! bound), answers each waiter, and then commits the group to redb without
+//! syncing (`Durability::None`). A publish acknowledged to its publisher is
+//! on disk, in the journal.
 //!
 //! **Sync interval** ([`StreamStore::set_sync_interval`], a stream's
-//! `sync_interval`): the submitter answers as soon as its record is written
-//! (to the operating system), with no hand-off to the writer, which syncs
-//! the journal at least every interval; so an acknowledged write survives
-//! a crash or `kill -9` of the process, not a power loss of the last
-//! interval.
+//! `sync_interval`): a write is acknowledged as soon as its record is
+//! written (to the operating system), with no hand-off to the writer,
+//! which syncs the journal at least every interval; so an acknowledged
+//! write survives a crash or `kill -9` of the process, not a power loss of
+//! the last interval. The flush is the submitter's
+//! ([`StreamStore::flush_staged`]): it yields once, so the other publishes
+//! ready to run stage theirs, then writes everything staged as one record
+//! and answers every write in it (leader and followers: whoever resumes
+//! first writes for all). A flush dropped in its yield still flushes;
+//! staged writes nobody flushed are flushed by the writer thread when it
+//! idles ([`FLUSH_LATE`]); past [`FLUSH_BYTES`] staged, the submitter
+//! flushes at once.
 //!
 //! **Acknowledged from the journal.** As the answers go out before the
 //! redb commit, every read first waits until the writes acknowledged before
-//! it are committed (`Gate`: a count of writes acknowledged and one of
-//! those committed; two atomic loads when nothing is pending, at most
-//! [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads an
-//! acknowledged message at once. A commit that fails after its
-//! acknowledgement fails the store (nothing more is acknowledged) and the
-//! reads waiting for it; the journal holds the writes and the next open
-//! replays them.
+//! it are committed (`Gate`: the highest ticket (queue place) acknowledged
+//! and the highest committed; two atomic loads when nothing is pending, at
+//! most [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads
+//! an acknowledged message at once. The writer may commit a write before
+//! its flush; `durable` rises only at the acknowledgement. A commit that
+//! fails after its acknowledgement fails the store (nothing more is
+//! acknowledged) and the reads waiting for it; the journal holds the writes
+//! and the next open replays them.
 //!
 //! **Checkpoints.** A checkpoint (a redb commit with
-//! `Durability::Immediate` that also moves the journal to its next epoch)
-//! runs at least every [`SYNC_EVERY`] while redb holds unsynced commits,
-//! when the journal passes [`JOURNAL_MAX`], on [`StreamStore::sync`] and at
-//! close. It holds the journal's lock and takes everything queued into its
-//! commit, so every record the new epoch drops is in redb, synced. At open,
-//! the journal's records of the current epoch are replayed into redb (one
-//! checkpoint) before anything reads the file.
+//! `Durability::Immediate`) runs at least every [`SYNC_EVERY`] while redb
+//! holds unsynced commits, when the journal passes [`JOURNAL_MAX`], on
+//! [`StreamStore::sync`] and at close. Under the journal's lock it flushes
+//! what is staged and takes everything queued into its commit. Then,
+//! usually, it releases the lock and its commit records the journal's end
+//! as the replay's start offset (`meta.journal_at`): publishers go on
+//! appending during its sync. Past [`JOURNAL_MAX`], or after unjournaled
+//! writes, it keeps the lock through the commit, which moves the journal
+//! to its next epoch at offset 0, so every record the new epoch drops is
+//! in redb, synced. At open, the journal's records of the current epoch
+//! from the start offset are replayed into redb (one checkpoint) before
+//! anything reads the file.
 //!
 //! **Unsynced writes** ([`StreamStore::submit_unsynced`]) are a replicated
 //! stream's applier's: what it writes is already in the Raft log on a
