@@ -149,11 +149,7 @@ impl Journal {
     /// returns it with the groups of writes of `epoch` it holds from
     /// offset `at` on (what the last checkpoint left), in order. The
     /// journal then appends after them.
-    pub fn open(
-        path: &Path,
-        epoch: u64,
-        at: u64,
-    ) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
+    pub fn open(path: &Path, epoch: u64, at: u64) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -1746,7 +1746,10 @@ mod tests {
         assert_eq!(back.stored_messages().unwrap(), 40);
         assert_eq!(back.last().unwrap(), (40, 40));
         // Reads see every answered write.
-        assert_eq!(s.get_batch(&(1..=40).collect::<Vec<_>>()).unwrap().len(), 40);
+        assert_eq!(
+            s.get_batch(&(1..=40).collect::<Vec<_>>()).unwrap().len(),
+            40
+        );
     }
 
     #[test]
@@ -1904,7 +1907,10 @@ mod tests {
         s.hooks.checkpoint_delay_ms.store(0, Ordering::Release);
         let copy = crash_image(&s, crashed.path());
         let replayed: usize = journal_groups(&s, &copy).iter().map(Vec::len).sum();
-        assert_eq!(replayed, 20, "only the writes after the checkpoint's offset");
+        assert_eq!(
+            replayed, 20,
+            "only the writes after the checkpoint's offset"
+        );
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 20);
         assert_eq!(back.last().unwrap(), (20, 20));
