@@ -339,8 +339,6 @@ struct TestHooks {
     /// Sleep this long in each checkpoint before its commit (after the
     /// journal's lock is released, unless it wraps).
     checkpoint_delay_ms: AtomicU64,
-    /// The writer's wait for more writes (0: `COALESCE_WAIT`).
-    coalesce_wait_ms: AtomicU64,
     /// Set while a checkpoint sleeps for `checkpoint_delay_ms`.
     in_checkpoint: std::sync::atomic::AtomicBool,
 }
@@ -1003,7 +1001,7 @@ impl Writer {
             let mut coalesce = first.early;
             let mut bytes = put_bytes(&first);
             let mut group = vec![first];
-            let until = std::time::Instant::now() + self.coalesce_wait();
+            let until = std::time::Instant::now() + COALESCE_WAIT;
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
                 let next = match self.rx.try_recv() {
                     Ok(j) => Some(j),
@@ -1035,17 +1033,6 @@ impl Writer {
         if let Err(e) = self.sync_journal() {
             tracing::warn!(path = %self.path.display(), error = %e, "stream journal not synced at close");
         }
-    }
-
-    fn coalesce_wait(&self) -> std::time::Duration {
-        #[cfg(test)]
-        {
-            let ms = self.hooks.coalesce_wait_ms.load(Ordering::Acquire);
-            if ms > 0 {
-                return std::time::Duration::from_millis(ms);
-            }
-        }
-        COALESCE_WAIT
     }
 
     fn checkpoint_every(&self) -> std::time::Duration {
@@ -1974,28 +1961,5 @@ mod tests {
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 20);
         assert_eq!(back.last().unwrap(), (20, 20));
-    }
-
-    #[test]
-    fn writes_acknowledged_meanwhile_share_a_commit_and_a_read_ends_the_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open_store(dir.path());
-        s.set_sync_interval(Some(Duration::from_secs(3600)));
-        // The writer waits up to 20 s for more writes after a group's first.
-        s.hooks.coalesce_wait_ms.store(20_000, Ordering::Release);
-        // The creation's commit is done once a read returns.
-        s.last().unwrap();
-        let commits = s.stats().commits.load(Ordering::Relaxed);
-        for seq in 1..=50 {
-            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
-        }
-        // Acknowledged (by their flushes), not committed: the writer waits.
-        assert_eq!(s.stats().commits.load(Ordering::Relaxed), commits);
-        // A read pokes it: it commits the fifty at once, well before 20 s.
-        let started = std::time::Instant::now();
-        assert!(s.get(50).unwrap().is_some());
-        assert!(started.elapsed() < Duration::from_secs(10));
-        assert_eq!(s.stats().commits.load(Ordering::Relaxed), commits + 1);
-        assert_eq!(s.stored_messages().unwrap(), 50);
     }
 }
