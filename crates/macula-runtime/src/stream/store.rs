@@ -191,13 +191,6 @@ struct Waiter {
     done: Option<Done>,
 }
 
-/// With a sync interval, the writer waits this long at most for more
-/// writes to commit with a group's first (one redb transaction for more
-/// writes: its B-tree branch pages are rebuilt and written once per
-/// commit), unless a read waits for them.
-const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
-/// ... and stops waiting at this many writes.
-const COALESCE_JOBS: usize = 2048;
 /// Staged writes past this many bytes are flushed by the submitter that
 /// staged them, without waiting for the group's end.
 const FLUSH_BYTES: usize = 1 << 20;
@@ -257,11 +250,6 @@ impl Gate {
 
     fn failed(&self) -> Option<String> {
         self.failed.lock().clone()
-    }
-
-    /// Whether something acknowledged is not committed yet.
-    fn pending(&self) -> bool {
-        self.committed.load(Ordering::Acquire) < self.acked.load(Ordering::Acquire)
     }
 
     /// Acknowledged up to `ticket` (before `durable` rises and before the
@@ -721,21 +709,6 @@ impl StreamStore {
     /// to redb (at once unless a group was acknowledged from the journal
     /// and its commit is still running).
     fn settled(&self) -> Result<(), StoreError> {
-        if self.gate.pending() {
-            // The writer may be waiting for more writes to commit with
-            // these (`COALESCE_WAIT`): an empty job ends its wait.
-            if let Some(tx) = self.jobs.lock().as_ref() {
-                let _ = tx.send(Job {
-                    writes: Vec::new(),
-                    done: None,
-                    ticket: 0,
-                    early: false,
-                    sync: false,
-                    journaled: false,
-                    acked: false,
-                });
-            }
-        }
         if self.gate.settle(&self.path)? {
             self.stats.read_waits.fetch_add(1, Ordering::Relaxed);
         }
@@ -995,32 +968,23 @@ impl Writer {
                     }
                 }
             };
-            // Only writes answered by their journal flush (sync interval)
-            // wait for more: nobody waits for their commit but a read,
-            // which pokes the writer (`StreamStore::settled`).
-            let mut coalesce = first.early;
-            let mut bytes = put_bytes(&first);
             let mut group = vec![first];
-            let until = std::time::Instant::now() + COALESCE_WAIT;
+            let mut bytes = 0usize;
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-                let next = match self.rx.try_recv() {
-                    Ok(j) => Some(j),
-                    Err(mpsc::TryRecvError::Disconnected) => None,
-                    Err(mpsc::TryRecvError::Empty) => {
-                        let left = until.saturating_duration_since(std::time::Instant::now());
-                        if !coalesce || group.len() >= COALESCE_JOBS || left.is_zero() {
-                            None
-                        } else {
-                            self.rx.recv_timeout(left).ok()
-                        }
+                match self.rx.try_recv() {
+                    Ok(j) => {
+                        bytes += j
+                            .writes
+                            .iter()
+                            .map(|w| match w {
+                                Write::Put(_, r) => r.len(),
+                                _ => 0,
+                            })
+                            .sum::<usize>();
+                        group.push(j);
                     }
-                };
-                let Some(j) = next else { break };
-                // A poke (a read waiting) or a job its submitter waits for
-                // ends the wait.
-                coalesce &= j.early;
-                bytes += put_bytes(&j);
-                group.push(j);
+                    Err(_) => break,
+                }
             }
             let result = self.write(&mut group);
             if let Err(e) = &result {
@@ -1164,7 +1128,7 @@ impl Writer {
         match commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None) {
             Ok(()) => {
                 self.dirty = true;
-                if group.iter().any(|j| !j.sync && !j.writes.is_empty()) {
+                if group.iter().any(|j| !j.sync) {
                     self.unjournaled = true;
                 }
                 self.committed(group);
@@ -1298,17 +1262,6 @@ impl Writer {
         }
         self.gate.committed_to(ticket);
     }
-}
-
-/// Record bytes a job puts.
-fn put_bytes(j: &Job) -> usize {
-    j.writes
-        .iter()
-        .map(|w| match w {
-            Write::Put(_, r) => r.len(),
-            _ => 0,
-        })
-        .sum()
 }
 
 /// The highest sequence `writes` put (0: none).
