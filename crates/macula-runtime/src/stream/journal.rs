@@ -20,16 +20,27 @@
 //! body     = epoch:u64le  writes (MessagePack of Vec<Write>, PROTOCOL.md 5.12)
 //! ```
 //!
-//! **Epochs.** The redb file stores the epoch its journal is in
-//! (`meta.journal`). A checkpoint (a synced redb commit of everything so
-//! far) stores the next epoch in the same commit, and only then does the
-//! journal start again at offset 0 with that epoch. Replay at open reads
-//! records from offset 0 while they are whole, their checksum holds and
-//! their epoch is the file's: the first that is not ends the journal (a
-//! torn append, never acknowledged in `sync always` mode, or a record of
-//! an older epoch the new one has not overwritten yet). So the file is
-//! never truncated, and an `fdatasync` after an append rarely has a size
-//! to update: it grows by zero-filled chunks up to its high-water mark.
+//! **Group append.** Writes are staged in memory ([`Journal::stage`]) and
+//! a [`Journal::flush`] appends everything staged since the last one as
+//! one record: one `pwrite` and one checksum for a whole group of
+//! publishes. A flushed record's array head is always an array 32 (`0xdd`
+//! and a big-endian `u32` count, written once the count is known);
+//! records of earlier versions (any array head) read the same.
+//!
+//! **Epochs and the start offset.** The redb file stores the epoch its
+//! journal is in and the offset its replay starts from (`meta.journal`,
+//! `meta.journal_at`). A checkpoint (a synced redb commit of everything so
+//! far) usually stores the journal's current end as the new start offset:
+//! the journal goes on appending in the same epoch, and the records before
+//! that offset are never read again. Past a size bound (`JOURNAL_MAX`) a
+//! checkpoint stores the next epoch and offset 0 instead, and only then
+//! does the journal start again at offset 0 with that epoch. Replay at open
+//! reads records from the start offset while they are whole, their
+//! checksum holds and their epoch is the file's: the first that is not
+//! ends the journal (a torn append, never acknowledged, or a record of an
+//! older epoch the new one has not overwritten yet). So the file is never
+//! truncated, and an `fdatasync` after an append rarely has a size to
+//! update: it grows by zero-filled chunks up to its high-water mark.
 //!
 //! A record whose checksum holds but whose body does not decode is
 //! corruption: the store refuses to open, and nothing is written over it.
@@ -42,6 +53,9 @@ use super::write::Write;
 
 /// `len` and checksum.
 const HEADER: usize = 4 + 8;
+/// The header, the epoch and a MessagePack array 32's head (`0xdd` and a
+/// `u32` count): what a staged record starts with.
+const PREFIX: usize = HEADER + 8 + 5;
 /// The file grows by zero-filled chunks of this size.
 const CHUNK: u64 = 1 << 20;
 /// No record is larger (a record is one queued write: a publish's writes,
@@ -88,8 +102,11 @@ pub struct Journal {
     /// Records appended (ever, across epochs) and of those synced.
     appended: u64,
     synced: u64,
-    /// The last record's buffer, reused by the next append.
-    buf: Vec<u8>,
+    /// The next record, staged (empty, or [`PREFIX`] and the writes'
+    /// MessagePack; reused from one record to the next).
+    pending: Vec<u8>,
+    /// Writes in `pending`.
+    pending_writes: u32,
 }
 
 fn checksum(body: &[u8]) -> [u8; 8] {
@@ -123,14 +140,16 @@ impl Journal {
             allocated: 0,
             appended: 0,
             synced: 0,
-            buf: Vec::new(),
+            pending: Vec::new(),
+            pending_writes: 0,
         })
     }
 
     /// Opens the journal (creating an empty one if there is none) and
-    /// returns it with the groups of writes of `epoch` it holds, in order.
-    /// The journal then appends after them.
-    pub fn open(path: &Path, epoch: u64) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
+    /// returns it with the groups of writes of `epoch` it holds from
+    /// offset `at` on (what the last checkpoint left), in order. The
+    /// journal then appends after them.
+    pub fn open(path: &Path, epoch: u64, at: u64) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -143,11 +162,12 @@ impl Journal {
             path: path.to_path_buf(),
             file: std::sync::Arc::new(file),
             epoch,
-            offset: 0,
+            offset: at,
             allocated,
             appended: 0,
             synced: 0,
-            buf: Vec::new(),
+            pending: Vec::new(),
+            pending_writes: 0,
         };
         let groups = j.replay()?;
         Ok((j, groups))
@@ -210,68 +230,104 @@ impl Journal {
         self.appended > self.synced
     }
 
-    /// Appends one record of writes (not synced: see [`Journal::sync`]).
+    /// Appends one record of writes (not synced: see [`Journal::sync`]):
+    /// [`Journal::stage`] and [`Journal::flush`].
     pub fn append<'a, I>(&mut self, writes: I) -> Result<(), JournalError>
     where
         I: IntoIterator<Item = &'a Write>,
-        I::IntoIter: Clone,
     {
-        let writes = writes.into_iter();
-        // The record is built in a buffer kept from one append to the
-        // next: no allocation per publish).
-        let mut record = std::mem::take(&mut self.buf);
-        record.clear();
-        record.resize(HEADER, 0);
-        record.extend_from_slice(&self.epoch.to_le_bytes());
-        // The writes as one MessagePack array (what a `Vec<Write>`
-        // encodes to), without collecting them first.
-        let n = writes.clone().count();
-        match u32::try_from(n) {
-            Ok(n) if n < 16 => record.push(0x90 | n as u8),
-            Ok(n) if n <= u32::from(u16::MAX) => {
-                record.push(0xdc);
-                record.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            Ok(n) => {
-                record.push(0xdd);
-                record.extend_from_slice(&n.to_be_bytes());
-            }
-            Err(_) => {
+        self.stage(writes)?;
+        self.flush().map(|_| ())
+    }
+
+    /// Adds writes to the record the next [`Journal::flush`] appends (in
+    /// memory: nothing is written yet). Every write staged until then
+    /// goes into that one record, so a group of publishes costs one
+    /// `pwrite` and one checksum.
+    pub fn stage<'a, I>(&mut self, writes: I) -> Result<(), JournalError>
+    where
+        I: IntoIterator<Item = &'a Write>,
+    {
+        if self.pending.is_empty() {
+            // The header, the epoch and the array's head are filled in by
+            // `flush`, once the count is known.
+            self.pending.resize(PREFIX, 0);
+        }
+        let at = self.pending.len();
+        let mut n = 0u32;
+        for w in writes {
+            if let Err(e) = rmp_serde::encode::write(&mut self.pending, w) {
+                self.pending.truncate(at);
                 return Err(JournalError::Io {
                     path: self.path.clone(),
-                    message: format!("a group of {n} writes is over the record limit"),
-                })
+                    message: format!("encoding: {e}"),
+                });
             }
+            n += 1;
         }
-        for w in writes {
-            rmp_serde::encode::write(&mut record, w).map_err(|e| JournalError::Io {
-                path: self.path.clone(),
-                message: format!("encoding: {e}"),
-            })?;
-        }
-        let len = record.len() - HEADER;
-        if len > MAX_RECORD {
+        if self.pending.len() - HEADER > MAX_RECORD {
+            self.pending.truncate(at);
             return Err(JournalError::Io {
                 path: self.path.clone(),
-                message: format!("a group of {len} bytes is over the record limit"),
+                message: format!("a group over the record limit of {MAX_RECORD} bytes"),
             });
         }
+        self.pending_writes += n;
+        if self.pending.len() == PREFIX {
+            // Nothing staged after all.
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Drops what was staged.
+    pub fn discard_staged(&mut self) {
+        self.pending.clear();
+        self.pending_writes = 0;
+    }
+
+    /// Bytes staged for the next [`Journal::flush`] (0: nothing staged).
+    pub fn staged_bytes(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Appends what was staged as one record (not synced); whether there
+    /// was anything. What was staged is dropped either way.
+    pub fn flush(&mut self) -> Result<bool, JournalError> {
+        if self.pending.is_empty() {
+            return Ok(false);
+        }
+        let mut record = std::mem::take(&mut self.pending);
+        let n = std::mem::take(&mut self.pending_writes);
+        let len = record.len() - HEADER;
+        record[HEADER..HEADER + 8].copy_from_slice(&self.epoch.to_le_bytes());
+        // The writes as one MessagePack array (what a `Vec<Write>` encodes
+        // to), its length always as an array 32.
+        record[HEADER + 8] = 0xdd;
+        record[HEADER + 9..PREFIX].copy_from_slice(&n.to_be_bytes());
         let sum = checksum(&record[HEADER..]);
         record[..4].copy_from_slice(&(len as u32).to_le_bytes());
         record[4..HEADER].copy_from_slice(&sum);
         let end = self.offset + record.len() as u64;
-        if end > self.allocated {
-            self.grow(end)?;
+        let written = if end > self.allocated {
+            self.grow(end)
+        } else {
+            Ok(())
         }
-        let written = self.file.write_all_at(&record, self.offset);
+        .and_then(|()| {
+            self.file
+                .write_all_at(&record, self.offset)
+                .map_err(|e| io_err(&self.path, e))
+        });
         // A buffer grown by an unusually large group is not kept.
         if record.capacity() <= KEEP_BUFFER {
-            self.buf = record;
+            record.clear();
+            self.pending = record;
         }
-        written.map_err(|e| io_err(&self.path, e))?;
+        written?;
         self.offset = end;
         self.appended += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Zero-fills the file up to at least `end`, by whole chunks.
@@ -319,6 +375,8 @@ impl Journal {
     /// everything the journal did, durably, and records `epoch` as its
     /// journal's.
     pub fn restart(&mut self, epoch: u64) {
+        // Staged writes are in the checkpoint too.
+        self.discard_staged();
         self.epoch = epoch;
         self.offset = 0;
         self.synced = self.appended;
@@ -400,11 +458,11 @@ mod tests {
         j.append(&[Write::Last(2, 9)]).unwrap();
         j.sync().unwrap();
         drop(j);
-        let (j, groups) = Journal::open(&p, 7).unwrap();
+        let (j, groups) = Journal::open(&p, 7, 0).unwrap();
         assert_eq!(groups, vec![vec![put(1), put(2)], vec![Write::Last(2, 9)]]);
         assert!(!j.is_empty());
         // Another epoch's records are not this one's.
-        let (_, groups) = Journal::open(&p, 8).unwrap();
+        let (_, groups) = Journal::open(&p, 8, 0).unwrap();
         assert!(groups.is_empty());
     }
 
@@ -420,12 +478,12 @@ mod tests {
         j.append(&[put(21)]).unwrap();
         drop(j);
         // Epoch 1's later records still follow epoch 2's first one.
-        let (mut j, groups) = Journal::open(&p, 2).unwrap();
+        let (mut j, groups) = Journal::open(&p, 2, 0).unwrap();
         assert_eq!(groups, vec![vec![put(21)]]);
         // Appending goes on after it.
         j.append(&[put(22)]).unwrap();
         drop(j);
-        let (_, groups) = Journal::open(&p, 2).unwrap();
+        let (_, groups) = Journal::open(&p, 2, 0).unwrap();
         assert_eq!(groups, vec![vec![put(21)], vec![put(22)]]);
     }
 
@@ -441,7 +499,7 @@ mod tests {
         // Flip a byte of the second record's body.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], first + HEADER as u64 + 9).unwrap();
-        let (j, groups) = Journal::open(&p, 1).unwrap();
+        let (j, groups) = Journal::open(&p, 1, 0).unwrap();
         assert_eq!(groups, vec![vec![put(1)]]);
         assert_eq!(j.len(), first);
     }
@@ -456,7 +514,7 @@ mod tests {
         rec.extend_from_slice(&checksum(&body));
         rec.extend_from_slice(&body);
         std::fs::write(&p, &rec).unwrap();
-        let err = Journal::open(&p, 3).unwrap_err();
+        let err = Journal::open(&p, 3, 0).unwrap_err();
         assert!(
             matches!(err, JournalError::Corrupt { offset: 0, .. }),
             "{err}"
@@ -473,8 +531,34 @@ mod tests {
         j.append(&[put(1)]).unwrap();
         drop(j);
         drop(Journal::create(&p, 0).unwrap());
-        let (_, groups) = Journal::open(&p, 0).unwrap();
+        let (_, groups) = Journal::open(&p, 0, 0).unwrap();
         assert!(groups.is_empty());
+    }
+
+    #[test]
+    fn staged_writes_are_one_record_at_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.journal");
+        let mut j = Journal::create(&p, 4).unwrap();
+        assert!(!j.flush().unwrap(), "nothing staged");
+        j.stage(&[put(1)]).unwrap();
+        j.stage(&[put(2), Write::Last(2, 2)]).unwrap();
+        j.stage(&[]).unwrap();
+        assert!(j.is_empty(), "nothing written before the flush");
+        assert!(j.flush().unwrap());
+        assert_eq!(j.staged_bytes(), 0);
+        // A staged write dropped by a restart is not written.
+        j.stage(&[put(3)]).unwrap();
+        j.discard_staged();
+        assert!(!j.flush().unwrap());
+        j.stage(&[put(4)]).unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let (_, groups) = Journal::open(&p, 4, 0).unwrap();
+        assert_eq!(
+            groups,
+            vec![vec![put(1), put(2), Write::Last(2, 2)], vec![put(4)]]
+        );
     }
 
     proptest::proptest! {
@@ -494,7 +578,7 @@ mod tests {
             let at = at % bytes.len();
             bytes[at] ^= byte | 1;
             std::fs::write(&p, &bytes).unwrap();
-            if let Ok((_, groups)) = Journal::open(&p, 5) {
+            if let Ok((_, groups)) = Journal::open(&p, 5, 0) {
                 proptest::prop_assert!(groups.len() <= appended.len());
                 proptest::prop_assert_eq!(&groups[..], &appended[..groups.len()]);
             }

@@ -1883,6 +1883,11 @@ async fn wait_written(h: &Hosted, pending: Pending) -> Result<(), StreamError> {
             })
         }
     };
+    // With a sync interval the answer comes from the journal flush that
+    // writes this record: this task's, after the other publishes in flight
+    // staged theirs (one `pwrite` for them all), unless another's came
+    // first.
+    h.store.flush_staged().await;
     match rx.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {

@@ -3,43 +3,57 @@
 //! configuration and last sequence (`meta`), and its durable consumers
 //! (`consumers`: name -> configuration and position).
 //!
-//! **Group commit through a journal.** A durable write is appended to the
-//! stream's journal (`journal.rs`, one checksummed record per write) as it
-//! is queued, by the submitter, under the journal's lock (so the journal's
-//! order is the queue's, which the caller's lock on the stream's core
-//! makes the sequence order). One writer thread takes everything queued
-//! meanwhile as one group: it syncs the journal once for the group (one
-//! `fdatasync`, outside the lock), raises `durable` (the highest sequence
-//! stored, which the host makes the consumers' visibility bound), answers
-//! each waiter, and then commits the group to redb without syncing
-//! (`Durability::None`). A publish acknowledged to its publisher is on
-//! disk, in the journal.
+//! **Group commit through a journal.** A durable write is staged in the
+//! stream's journal (`journal.rs`) as it is queued, by the submitter,
+//! under the journal's lock (so the journal's order is the queue's, which
+//! the caller's lock on the stream's core makes the sequence order). The
+//! writes staged together are appended as one checksummed record by one
+//! `pwrite` (a flush). One writer thread takes everything queued meanwhile
+//! as one group: it flushes what is staged, syncs the journal once for the
+//! group (one `fdatasync`, outside the lock), raises `durable` (the
+//! highest sequence stored, which the host makes the consumers' visibility
+//! bound), answers each waiter, and then commits the group to redb without
+//! syncing (`Durability::None`). A publish acknowledged to its publisher is
+//! on disk, in the journal.
 //!
 //! **Sync interval** ([`StreamStore::set_sync_interval`], a stream's
-//! `sync_interval`): the submitter answers as soon as its record is written
-//! (to the operating system), with no hand-off to the writer, which syncs
-//! the journal at least every interval; so an acknowledged write survives
-//! a crash or `kill -9` of the process, not a power loss of the last
-//! interval.
+//! `sync_interval`): a write is acknowledged as soon as its record is
+//! written (to the operating system), with no hand-off to the writer,
+//! which syncs the journal at least every interval; so an acknowledged
+//! write survives a crash or `kill -9` of the process, not a power loss of
+//! the last interval. The flush is the submitter's
+//! ([`StreamStore::flush_staged`]): it yields once, so the other publishes
+//! ready to run stage theirs, then writes everything staged as one record
+//! and answers every write in it (leader and followers: whoever resumes
+//! first writes for all). A flush dropped in its yield still flushes;
+//! staged writes nobody flushed are flushed by the writer thread when it
+//! idles ([`FLUSH_LATE`]); past [`FLUSH_BYTES`] staged, the submitter
+//! flushes at once.
 //!
 //! **Acknowledged from the journal.** As the answers go out before the
 //! redb commit, every read first waits until the writes acknowledged before
-//! it are committed (`Gate`: a count of writes acknowledged and one of
-//! those committed; two atomic loads when nothing is pending, at most
-//! [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads an
-//! acknowledged message at once. A commit that fails after its
-//! acknowledgement fails the store (nothing more is acknowledged) and the
-//! reads waiting for it; the journal holds the writes and the next open
-//! replays them.
+//! it are committed (`Gate`: the highest ticket (queue place) acknowledged
+//! and the highest committed; two atomic loads when nothing is pending, at
+//! most [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads
+//! an acknowledged message at once. The writer may commit a write before
+//! its flush; `durable` rises only at the acknowledgement. A commit that
+//! fails after its acknowledgement fails the store (nothing more is
+//! acknowledged) and the reads waiting for it; the journal holds the writes
+//! and the next open replays them.
 //!
 //! **Checkpoints.** A checkpoint (a redb commit with
-//! `Durability::Immediate` that also moves the journal to its next epoch)
-//! runs at least every [`SYNC_EVERY`] while redb holds unsynced commits,
-//! when the journal passes [`JOURNAL_MAX`], on [`StreamStore::sync`] and at
-//! close. It holds the journal's lock and takes everything queued into its
-//! commit, so every record the new epoch drops is in redb, synced. At open,
-//! the journal's records of the current epoch are replayed into redb (one
-//! checkpoint) before anything reads the file.
+//! `Durability::Immediate`) runs at least every [`SYNC_EVERY`] while redb
+//! holds unsynced commits, when the journal passes [`JOURNAL_MAX`], on
+//! [`StreamStore::sync`] and at close. Under the journal's lock it flushes
+//! what is staged and takes everything queued into its commit. Then,
+//! usually, it releases the lock and its commit records the journal's end
+//! as the replay's start offset (`meta.journal_at`): publishers go on
+//! appending during its sync. Past [`JOURNAL_MAX`], or after unjournaled
+//! writes, it keeps the lock through the commit, which moves the journal
+//! to its next epoch at offset 0, so every record the new epoch drops is
+//! in redb, synced. At open, the journal's records of the current epoch
+//! from the start offset are replayed into redb (one checkpoint) before
+//! anything reads the file.
 //!
 //! **Unsynced writes** ([`StreamStore::submit_unsynced`]) are a replicated
 //! stream's applier's: what it writes is already in the Raft log on a
@@ -84,6 +98,9 @@ pub const META_INDEX: &str = "index";
 pub const META_APPLIED: &str = "applied";
 /// `meta` key of the journal's epoch (8 bytes, LE; absent: 0).
 pub const META_JOURNAL: &str = "journal";
+/// `meta` key of the offset the journal's replay starts from (8 bytes, LE;
+/// absent: 0): what the last checkpoint left of its epoch.
+pub const META_JOURNAL_AT: &str = "journal_at";
 
 /// Writes one group commit takes at most (more wait for the next).
 const MAX_GROUP: usize = 8192;
@@ -137,6 +154,11 @@ enum Done {
 struct Job {
     writes: Vec<Write>,
     done: Option<Done>,
+    /// Its place in the queue (from 1): what `Gate` counts.
+    ticket: u64,
+    /// Answered by the journal flush that writes it (sync interval), not
+    /// by the writer.
+    early: bool,
     /// Committed with an `fsync` (else see the module docs).
     sync: bool,
     /// Appended to the journal when it was queued.
@@ -154,16 +176,40 @@ struct Side {
     /// writes are not journaled until the next one (the journal would
     /// replay them without those).
     unjournaled: bool,
+    /// The last job's ticket.
+    ticket: u64,
+    /// Jobs staged in the journal with a sync interval, answered by the
+    /// flush that writes them (`flush_side`).
+    waiters: Vec<Waiter>,
 }
 
-/// Groups acknowledged ahead of their redb commit, and how many of them
-/// are committed: a read waits until what was acknowledged before it is
-/// in redb (see the module docs, "Acknowledged from the journal").
+/// A job staged with a sync interval, waiting for its journal flush.
+struct Waiter {
+    ticket: u64,
+    /// The highest sequence it puts (0: none).
+    top: u64,
+    done: Option<Done>,
+}
+
+/// Staged writes past this many bytes are flushed by the submitter that
+/// staged them, without waiting for the group's end.
+const FLUSH_BYTES: usize = 1 << 20;
+/// Staged writes whose publishers went away are flushed by the writer
+/// thread this long after it found nothing else to do.
+const FLUSH_LATE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The last job acknowledged ahead of its redb commit, and the last job
+/// committed: a read waits until what was acknowledged before it is in
+/// redb (see the module docs, "Acknowledged from the journal"). Both are
+/// tickets (a job's place in the queue), which the writer commits in
+/// order, so an acknowledgement that comes after the commit (a journal
+/// flush that ran late) waits for nothing.
 #[derive(Debug, Default)]
 struct Gate {
-    /// Groups acknowledged from the journal (raised before the answers).
+    /// The highest ticket acknowledged from the journal (raised before
+    /// the answers, and before `durable`).
     acked: AtomicU64,
-    /// ... of which committed to redb (raised after the commit).
+    /// The highest ticket committed to redb (raised after the commit).
     committed: AtomicU64,
     /// Held to wait on and to notify `moved`.
     lock: parking_lot::Mutex<()>,
@@ -206,11 +252,15 @@ impl Gate {
         self.failed.lock().clone()
     }
 
-    fn committed_n(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        self.committed.fetch_add(n, Ordering::AcqRel);
+    /// Acknowledged up to `ticket` (before `durable` rises and before the
+    /// answers).
+    fn acked_to(&self, ticket: u64) {
+        self.acked.fetch_max(ticket, Ordering::AcqRel);
+    }
+
+    /// Committed up to `ticket`.
+    fn committed_to(&self, ticket: u64) {
+        self.committed.fetch_max(ticket, Ordering::AcqRel);
         let _guard = self.lock.lock();
         self.moved.notify_all();
     }
@@ -274,6 +324,11 @@ struct TestHooks {
     commit_delay_ms: AtomicU64,
     /// Fail the next commit of an acknowledged group.
     fail_commit: std::sync::atomic::AtomicBool,
+    /// Sleep this long in each checkpoint before its commit (after the
+    /// journal's lock is released, unless it wraps).
+    checkpoint_delay_ms: AtomicU64,
+    /// Set while a checkpoint sleeps for `checkpoint_delay_ms`.
+    in_checkpoint: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -332,14 +387,15 @@ impl StreamStore {
                 message: e.to_string(),
             })?;
         let epoch = read_u64(&db, path, META_JOURNAL)?;
+        let at = read_u64(&db, path, META_JOURNAL_AT)?;
         let (mut journal, groups) =
-            Journal::open(&journal::path_of(path), epoch).map_err(journal_err)?;
+            Journal::open(&journal::path_of(path), epoch, at).map_err(journal_err)?;
         if !groups.is_empty() {
             // What the journal holds beyond the last checkpoint goes into
             // redb first, as one checkpoint.
             let writes: Vec<&Write> = groups.iter().flatten().collect();
             tracing::info!(path = %path.display(), groups = groups.len(), writes = writes.len(), "stream store: replaying its journal");
-            commit(&db, writes.into_iter(), Some(epoch + 1)).map_err(io(path))?;
+            commit(&db, writes.into_iter(), Some((epoch + 1, 0))).map_err(io(path))?;
             journal.restart(epoch + 1);
         }
         let (last, _) = read_last(&db, path)?;
@@ -355,6 +411,8 @@ impl StreamStore {
         let side = Arc::new(parking_lot::Mutex::new(Side {
             journal,
             unjournaled: false,
+            ticket: 0,
+            waiters: Vec::new(),
         }));
         let stats = Arc::new(StoreStats::default());
         let gate = Arc::new(Gate::default());
@@ -454,17 +512,20 @@ impl StreamStore {
             return Err(StoreError::Closed(self.path.clone()));
         };
         let closed = |_| StoreError::Closed(self.path.clone());
+        // Staged and queued under the journal's lock: the journal's order
+        // is the queue's, and a checkpoint (which takes the lock and
+        // everything queued) covers every record it drops.
+        let mut side = self.side.lock();
+        side.ticket += 1;
         let mut job = Job {
             writes,
             done,
+            ticket: side.ticket,
+            early: false,
             sync,
             journaled: false,
             acked: false,
         };
-        // Appended and queued under the journal's lock: the journal's
-        // order is the queue's, and a checkpoint (which takes the lock and
-        // everything queued) covers every record it drops.
-        let mut side = self.side.lock();
         if !sync {
             side.unjournaled = true;
             return tx.send(job).map_err(closed);
@@ -475,37 +536,68 @@ impl StreamStore {
         if let Some(f) = self.gate.failed() {
             return Err(io(&self.path)(f));
         }
-        if let Err(e) = side.journal.append(job.writes.iter()) {
+        if let Err(e) = side.journal.stage(job.writes.iter()) {
             let e = e.to_string();
             self.gate.fail(&e);
             return Err(io(&self.path)(e));
         }
-        self.stats.journal_appends.fetch_add(1, Ordering::Relaxed);
         job.journaled = true;
         if self.sync_interval_ms.load(Ordering::Acquire) == 0 {
-            // Acknowledged by the writer once its sync covers the record.
+            // Written, synced and acknowledged by the writer, once per
+            // group.
             return tx.send(job).map_err(closed);
         }
-        // With a sync interval, written is acknowledged: at once, here,
-        // before the writer commits it to redb (reads wait: `Gate`).
-        // Counted before `durable` rises: the visibility task makes the
-        // writes readable when it does, and a read must then wait for
-        // their commit.
-        self.gate.acked.fetch_add(1, Ordering::AcqRel);
-        raise_durable(&self.durable_tx, &job.writes);
-        self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
-        job.acked = true;
-        let done = job.done.take();
+        // With a sync interval, written is acknowledged: by the journal
+        // flush that writes this record (`flush_staged`: the submitter's,
+        // after letting the publishes ready meanwhile stage theirs), before
+        // the writer commits it to redb (reads wait: `Gate`).
+        job.early = true;
+        let waiter = Waiter {
+            ticket: job.ticket,
+            top: top_put(&job.writes),
+            done: job.done.take(),
+        };
         if tx.send(job).is_err() {
-            // Counted as acknowledged but never committed: reads fail
-            // rather than wait for it.
+            // Staged but never committed: nothing is acknowledged any more.
             self.gate.fail("the store's writer stopped");
             return Err(StoreError::Closed(self.path.clone()));
         }
-        drop(side);
-        drop(jobs);
-        answer_one(done, &Ok(()));
+        side.waiters.push(waiter);
+        if side.journal.staged_bytes() >= FLUSH_BYTES {
+            // Bounds what is staged: flushed now, whoever waits.
+            let _ = flush_side(&mut side, &self.gate, &self.durable_tx, &self.stats);
+        }
         Ok(())
+    }
+
+    /// Writes what was staged in the journal and answers its waiters (see
+    /// [`StreamStore::flush_staged`]).
+    pub fn flush(&self) {
+        let mut side = self.side.lock();
+        // A failure fails the store and is the waiters' answer.
+        let _ = flush_side(&mut side, &self.gate, &self.durable_tx, &self.stats);
+    }
+
+    /// With a sync interval, a submitted write is answered by the journal
+    /// flush that writes it: call this after [`StreamStore::submit`],
+    /// before awaiting the answer. It first lets the other tasks ready to
+    /// run stage their writes (one yield), then writes everything staged
+    /// as one journal record and answers every write in it, so publishes
+    /// in flight together cost one `pwrite` and one checksum. At once
+    /// when nothing waits for a flush; dropped during its yield, it
+    /// flushes all the same.
+    pub async fn flush_staged(&self) {
+        if self.side.lock().waiters.is_empty() {
+            return;
+        }
+        struct FlushOnDrop<'a>(&'a StreamStore);
+        impl Drop for FlushOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.flush();
+            }
+        }
+        let _flush = FlushOnDrop(self);
+        tokio::task::yield_now().await;
     }
 
     /// Makes everything committed so far durable (a checkpoint) and waits
@@ -525,6 +617,7 @@ impl StreamStore {
     pub fn write_now(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
         self.queue(writes, Some(Done::Blocking(tx)), true)?;
+        self.flush();
         rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
             .map_err(io(&self.path))
@@ -534,6 +627,7 @@ impl StreamStore {
     pub async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.submit(writes, Some(tx))?;
+        self.flush_staged().await;
         rx.await
             .map_err(|_| StoreError::Closed(self.path.clone()))?
             .map_err(io(&self.path))
@@ -925,20 +1019,29 @@ impl Writer {
         let checkpoint = self
             .dirty
             .then(|| self.last_checkpoint + self.checkpoint_every());
-        let journal = match (self.side.lock().journal.unsynced(), self.interval()) {
+        let (unsynced, staged) = {
+            let side = self.side.lock();
+            (side.journal.unsynced(), !side.waiters.is_empty())
+        };
+        let journal = match (unsynced, self.interval()) {
             (true, Some(d)) => Some(self.last_journal_sync + d),
             (true, None) => Some(std::time::Instant::now()),
             _ => None,
         };
-        match (checkpoint, journal) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let flush = staged.then(|| std::time::Instant::now() + FLUSH_LATE);
+        [checkpoint, journal, flush].into_iter().flatten().min()
     }
 
     fn housekeeping(&mut self) {
         if self.gate.failed().is_some() {
             return;
+        }
+        {
+            // Staged writes nobody flushed (their publishers went away).
+            let mut side = self.side.lock();
+            if !side.waiters.is_empty() {
+                let _ = flush_side(&mut side, &self.gate, &self.durable, &self.stats);
+            }
         }
         let now = std::time::Instant::now();
         let result = if self.dirty && now >= self.last_checkpoint + self.checkpoint_every() {
@@ -988,12 +1091,24 @@ impl Writer {
         {
             return self.checkpoint(group);
         }
-        if group.iter().any(|j| j.journaled && !j.acked) {
-            // Queued without a sync interval: acknowledged once synced.
+        if let Some(ticket) = group
+            .iter()
+            .filter(|j| j.journaled && !j.early)
+            .map(|j| j.ticket)
+            .max()
+        {
+            // Queued without a sync interval: written (one record for
+            // everything staged), synced, then acknowledged.
+            {
+                let mut side = self.side.lock();
+                flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
+            }
             self.sync_journal()?;
-            for j in group.iter_mut().filter(|j| j.journaled && !j.acked) {
-                // Counted before `durable` rises (see `queue`).
-                self.gate.acked.fetch_add(1, Ordering::AcqRel);
+            // Counted before `durable` rises: the visibility task makes
+            // the writes readable when it does, and a read must then wait
+            // for their commit.
+            self.gate.acked_to(ticket);
+            for j in group.iter_mut().filter(|j| j.journaled && !j.early) {
                 raise_durable(&self.durable, &j.writes);
                 self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
                 j.acked = true;
@@ -1010,7 +1125,6 @@ impl Writer {
                 return Err(e);
             }
         }
-        let acked = group.iter().filter(|j| j.acked).count() as u64;
         match commit(&self.db, group.iter().flat_map(|j| j.writes.iter()), None) {
             Ok(()) => {
                 self.dirty = true;
@@ -1018,14 +1132,13 @@ impl Writer {
                     self.unjournaled = true;
                 }
                 self.committed(group);
-                self.gate.committed_n(acked);
                 Ok(())
             }
             Err(e) => {
-                if acked > 0 {
-                    // Acknowledged but not in redb: nothing more is
-                    // written, reads waiting for it fail, the next open
-                    // replays the journal.
+                if group.iter().any(|j| j.journaled) {
+                    // Acknowledged (or to be, by a journal flush) but not
+                    // in redb: nothing more is written, reads waiting for
+                    // it fail, the next open replays the journal.
                     self.fail(&e);
                 }
                 Err(e)
@@ -1057,74 +1170,171 @@ impl Writer {
     }
 
     /// One synced redb commit of `group`, of everything queued meanwhile
-    /// (taken into `group`) and of everything before, moving the journal
-    /// to its next epoch. Holds the journal's lock throughout: every
-    /// record the new epoch drops is then in this commit or an earlier one.
+    /// (taken into `group`) and of everything before, under the journal's
+    /// lock. Then either:
+    /// - the journal goes on in its epoch from where it stands, and the
+    ///   commit records that offset as the journal's start: the lock is
+    ///   released before the commit, so publishers stage and flush during
+    ///   its sync;
+    /// - or, past [`JOURNAL_MAX`] or after unjournaled writes (which the
+    ///   journal alone would replay wrongly), it restarts at offset 0 in
+    ///   its next epoch, and the lock is held throughout: every record the
+    ///   new epoch drops is then in this commit or an earlier one.
     fn checkpoint(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
         let side = self.side.clone();
         let mut side = side.lock();
         while let Ok(j) = self.rx.try_recv() {
             group.push(j);
         }
-        let epoch = side.journal.epoch() + 1;
-        let acked = group.iter().filter(|j| j.acked).count() as u64;
+        // Staged writes are written and answered first (they are in this
+        // commit too).
+        flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
+        let started = std::time::Instant::now();
+        let wrap = side.unjournaled || side.journal.len() >= JOURNAL_MAX;
+        let (epoch, at, upto) = if wrap {
+            (side.journal.epoch() + 1, 0, 0)
+        } else {
+            (
+                side.journal.epoch(),
+                side.journal.len(),
+                side.journal.sync_handle().1,
+            )
+        };
+        // Unless it wraps, the lock goes now: records appended from here on
+        // are after `at`, where the journal's replay starts.
+        let held = wrap.then_some(side);
+        #[cfg(test)]
+        {
+            self.hooks.in_checkpoint.store(true, Ordering::Release);
+            std::thread::sleep(std::time::Duration::from_millis(
+                self.hooks.checkpoint_delay_ms.load(Ordering::Acquire),
+            ));
+            self.hooks.in_checkpoint.store(false, Ordering::Release);
+        }
         if let Err(e) = commit(
             &self.db,
             group.iter().flat_map(|j| j.writes.iter()),
-            Some(epoch),
+            Some((epoch, at)),
         ) {
-            if acked > 0 {
-                self.fail(&e);
-            }
+            // The journal may already hold later records that need this
+            // commit: nothing more is written.
+            self.fail(&e);
             return Err(e);
         }
-        side.journal.restart(epoch);
-        side.unjournaled = false;
-        drop(side);
+        match held {
+            Some(mut side) => {
+                side.journal.restart(epoch);
+                side.unjournaled = false;
+            }
+            None => self.side.lock().journal.mark_synced(upto),
+        }
         self.dirty = false;
         self.unjournaled = false;
         self.last_checkpoint = std::time::Instant::now();
-        self.last_journal_sync = self.last_checkpoint;
+        // What was appended during the commit is synced an interval after
+        // its start at the latest.
+        self.last_journal_sync = started;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.committed(group);
-        self.gate.committed_n(acked);
         self.synced_applied.store(self.applied, Ordering::Release);
         Ok(())
     }
 
-    /// Counts a committed group, follows its applied index and raises
-    /// `durable`.
+    /// Counts a committed group, follows its applied index, raises
+    /// `durable` (for the jobs a journal flush does not answer: the
+    /// flush raises it for those once they are written) and the gate's
+    /// committed ticket.
     fn committed(&mut self, group: &[Job]) {
         let n: usize = group.iter().map(|j| j.writes.len()).sum();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+        let mut ticket = 0;
         for j in group {
             for w in &j.writes {
                 if let Write::Applied(i) = w {
                     self.applied = *i;
                 }
             }
-            raise_durable(&self.durable, &j.writes);
+            if !j.early {
+                raise_durable(&self.durable, &j.writes);
+            }
+            ticket = ticket.max(j.ticket);
         }
+        self.gate.committed_to(ticket);
     }
 }
 
-/// Raises `durable` to the highest sequence `writes` put.
-fn raise_durable(durable: &watch::Sender<u64>, writes: &[Write]) {
-    let top = writes
+/// The highest sequence `writes` put (0: none).
+fn top_put(writes: &[Write]) -> u64 {
+    writes
         .iter()
         .filter_map(|w| match w {
             Write::Put(seq, _) => Some(*seq),
             _ => None,
         })
-        .max();
-    if let Some(top) = top {
+        .max()
+        .unwrap_or(0)
+}
+
+/// Raises `durable` to the highest sequence `writes` put.
+fn raise_durable(durable: &watch::Sender<u64>, writes: &[Write]) {
+    raise_durable_to(durable, top_put(writes));
+}
+
+fn raise_durable_to(durable: &watch::Sender<u64>, top: u64) {
+    if top > 0 {
         durable.send_if_modified(|d| {
             let raise = top > *d;
             *d = (*d).max(top);
             raise
         });
     }
+}
+
+/// Writes what is staged in the journal as one record and answers the
+/// writes waiting for it (sync interval): the gate's acknowledged ticket
+/// rises first, then `durable`, then the answers. A failure fails the
+/// store (the writer may have committed some of them; nothing more is
+/// acknowledged) and is the waiters' answer.
+fn flush_side(
+    side: &mut Side,
+    gate: &Gate,
+    durable: &watch::Sender<u64>,
+    stats: &StoreStats,
+) -> Result<(), String> {
+    let written = match gate.failed() {
+        Some(f) => Err(f),
+        None => side.journal.flush().map_err(|e| e.to_string()),
+    };
+    match written {
+        Ok(false) => {}
+        Ok(true) => {
+            stats.journal_appends.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            // Whatever was staged is dropped: never acknowledged.
+            side.journal.discard_staged();
+            gate.fail(&e);
+            for w in side.waiters.drain(..) {
+                answer_one(w.done, &Err(e.clone()));
+            }
+            return Err(e);
+        }
+    }
+    if side.waiters.is_empty() {
+        return Ok(());
+    }
+    let ticket = side.waiters.iter().map(|w| w.ticket).max().unwrap_or(0);
+    let top = side.waiters.iter().map(|w| w.top).max().unwrap_or(0);
+    gate.acked_to(ticket);
+    raise_durable_to(durable, top);
+    stats
+        .early_acks
+        .fetch_add(side.waiters.len() as u64, Ordering::Relaxed);
+    for w in side.waiters.drain(..) {
+        answer_one(w.done, &Ok(()));
+    }
+    Ok(())
 }
 
 /// Answers one waiter.
@@ -1148,11 +1358,12 @@ fn answer(group: &mut [Job], result: &Result<(), String>) {
 }
 
 /// Commits writes in one transaction: unsynced, or with `checkpoint`
-/// (the journal's next epoch) synced and recording that epoch.
+/// (the journal's epoch and start offset from then on) synced and
+/// recording them.
 fn commit<'a>(
     db: &Database,
     writes: impl Iterator<Item = &'a Write>,
-    checkpoint: Option<u64>,
+    checkpoint: Option<(u64, u64)>,
 ) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(if checkpoint.is_some() {
@@ -1217,8 +1428,10 @@ fn commit<'a>(
                 }
             }
         }
-        if let Some(epoch) = checkpoint {
+        if let Some((epoch, at)) = checkpoint {
             meta.insert(META_JOURNAL, epoch.to_le_bytes().as_slice())
+                .map_err(|e| e.to_string())?;
+            meta.insert(META_JOURNAL_AT, at.to_le_bytes().as_slice())
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -1246,6 +1459,14 @@ mod tests {
         copy
     }
 
+    /// The groups a crash image's journal replays (from the store's start
+    /// offset, in its epoch).
+    fn journal_groups(s: &StreamStore, copy: &Path) -> Vec<Vec<Write>> {
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        let at = read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap();
+        Journal::open(&journal::path_of(copy), epoch, at).unwrap().1
+    }
+
     fn open_store(dir: &Path) -> StreamStore {
         let s = StreamStore::create(&dir.join("s.redb"), b"{}", 1 << 20).unwrap();
         s.set_checkpoint_every(Duration::from_secs(3600));
@@ -1266,7 +1487,7 @@ mod tests {
         let crashed = tempfile::tempdir().unwrap();
         let copy = crash_image(&s, crashed.path());
         let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
+        let groups = journal_groups(&s, &copy);
         assert_eq!(
             groups.len(),
             51,
@@ -1295,14 +1516,14 @@ mod tests {
         s.sync().unwrap();
         let crashed = tempfile::tempdir().unwrap();
         let copy = crash_image(&s, crashed.path());
-        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
-        assert!(groups.is_empty());
-        // Writes after it go on in the new epoch, from the journal's start.
+        assert!(journal_groups(&s, &copy).is_empty());
+        // Writes after it go on in the same epoch, after the checkpoint's
+        // start offset.
+        let at = read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap();
+        assert!(at > 0);
         s.write_now(vec![put(6)]).unwrap();
         let copy = crash_image(&s, crashed.path());
-        let (_, groups) = Journal::open(&journal::path_of(&copy), epoch).unwrap();
-        assert_eq!(groups, vec![vec![put(6)]]);
+        assert_eq!(journal_groups(&s, &copy), vec![vec![put(6)]]);
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 6);
     }
@@ -1335,9 +1556,13 @@ mod tests {
         rx.blocking_recv().unwrap().unwrap();
         assert_eq!(s.synced_applied(), 0);
         let syncs = s.stats().syncs.load(Ordering::Relaxed);
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
         s.write_now(vec![put(2)]).unwrap();
-        // The journal alone would replay 2 without 1: redb was synced.
+        // The journal alone would replay 2 without 1: redb was synced, and
+        // the journal restarted in its next epoch.
         assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs + 1);
+        assert_eq!(read_u64(&s.db, s.path(), META_JOURNAL).unwrap(), epoch + 1);
+        assert_eq!(read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap(), 0);
         assert_eq!(s.synced_applied(), 7);
         let crashed = tempfile::tempdir().unwrap();
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
@@ -1480,5 +1705,214 @@ mod tests {
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 600);
         assert_eq!(s.stored_messages().unwrap(), 600);
+    }
+
+    fn submit_rx(s: &StreamStore, seq: u64) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        s.submit(vec![put(seq), Write::Last(seq, seq)], Some(tx))
+            .unwrap();
+        rx
+    }
+
+    #[test]
+    fn writes_staged_together_are_one_journal_record_answered_by_its_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let appends = s.stats().journal_appends.load(Ordering::Relaxed);
+        let mut rxs: Vec<_> = (1..=40).map(|seq| submit_rx(&s, seq)).collect();
+        // Staged, not written: nobody is answered, nothing is durable.
+        for rx in &mut rxs {
+            assert!(rx.try_recv().is_err());
+        }
+        assert_eq!(*s.durable().borrow(), 0);
+        s.flush();
+        for rx in rxs {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(*s.durable().borrow(), 40);
+        assert_eq!(
+            s.stats().journal_appends.load(Ordering::Relaxed),
+            appends + 1,
+            "one record for the forty"
+        );
+        assert_eq!(s.stats().early_acks.load(Ordering::Relaxed), 40 + 1);
+        // The record holds all forty, and a crash keeps them.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        let groups = journal_groups(&s, &copy);
+        assert_eq!(groups.last().map(Vec::len), Some(80));
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 40);
+        assert_eq!(back.last().unwrap(), (40, 40));
+        // Reads see every answered write.
+        assert_eq!(
+            s.get_batch(&(1..=40).collect::<Vec<_>>()).unwrap().len(),
+            40
+        );
+    }
+
+    #[test]
+    fn a_flush_after_the_commit_makes_no_read_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let commits = s.stats().commits.load(Ordering::Relaxed);
+        let rx = submit_rx(&s, 1);
+        // The writer commits the job before its record is written (it does
+        // not wait for the flush); bounded wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.stats().commits.load(Ordering::Relaxed) == commits {
+            assert!(std::time::Instant::now() < deadline, "not committed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Committed, but not acknowledged: not durable yet (a kill -9
+        // could lose it), so consumers do not see it.
+        assert_eq!(*s.durable().borrow(), 0);
+        s.flush();
+        rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(*s.durable().borrow(), 1);
+        let waits = s.stats().read_waits.load(Ordering::Relaxed);
+        assert!(s.get(1).unwrap().is_some());
+        assert_eq!(s.stats().read_waits.load(Ordering::Relaxed), waits);
+    }
+
+    #[test]
+    fn staged_writes_nobody_flushes_are_written_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        // The publisher went away before flushing.
+        drop(submit_rx(&s, 1));
+        let rx = submit_rx(&s, 2);
+        rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(*s.durable().borrow(), 2);
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn flush_staged_dropped_in_its_yield_flushes_all_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let rx = submit_rx(&s, 1);
+        {
+            let mut f = std::pin::pin!(s.flush_staged());
+            // Its first poll yields; it is dropped there.
+            assert!(futures::poll!(f.as_mut()).is_pending());
+        }
+        rx.await.unwrap().unwrap();
+        assert_eq!(*s.durable().borrow(), 1);
+        // With nothing staged it does not yield.
+        let f = std::pin::pin!(s.flush_staged());
+        assert!(futures::poll!(f).is_ready());
+    }
+
+    #[tokio::test]
+    async fn async_writes_in_flight_together_share_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let appends = s.stats().journal_appends.load(Ordering::Relaxed);
+        // As the bench publishes: many futures polled by one task.
+        use futures::StreamExt;
+        let n = futures::stream::iter(1..=64u64)
+            .map(|seq| {
+                let s = &s;
+                async move { s.write(vec![put(seq), Write::Last(seq, seq)]).await }
+            })
+            .buffer_unordered(64)
+            .filter(|r| std::future::ready(r.is_ok()))
+            .count()
+            .await;
+        assert_eq!(n, 64);
+        let records = s.stats().journal_appends.load(Ordering::Relaxed) - appends;
+        assert!(records < 8, "{records} journal records for 64 writes");
+        assert_eq!(s.stored_messages().unwrap(), 64);
+    }
+
+    #[test]
+    fn a_checkpoint_answers_what_was_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let rx = submit_rx(&s, 1);
+        s.sync().unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        // In the checkpoint: the new epoch's journal is empty.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        assert!(journal_groups(&s, &copy).is_empty());
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert!(back.get(1).unwrap().is_some());
+    }
+
+    #[test]
+    fn without_an_interval_a_group_is_written_and_synced_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        let rxs: Vec<_> = (1..=30).map(|seq| submit_rx(&s, seq)).collect();
+        for rx in rxs {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        // Answered only once synced; at most one record per sync.
+        let st = s.stats();
+        assert!(
+            st.journal_appends.load(Ordering::Relaxed) <= st.journal_syncs.load(Ordering::Relaxed)
+        );
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 30);
+    }
+
+    #[test]
+    fn writes_go_on_during_a_checkpoints_sync_and_survive_a_crash_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        for seq in 1..=10 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        let syncs = s.stats().syncs.load(Ordering::Relaxed);
+        // The next checkpoint stalls for 3 s before its commit, without
+        // the journal's lock.
+        s.hooks.checkpoint_delay_ms.store(3000, Ordering::Release);
+        let checkpoint = {
+            let s = s.clone();
+            std::thread::spawn(move || s.sync())
+        };
+        // Bounded wait until the checkpoint has taken the queue.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !s.hooks.in_checkpoint.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for seq in 11..=20 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        // Acknowledged while the checkpoint still waits for its commit.
+        assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs);
+        // A crash now: redb has neither the checkpoint nor the later
+        // writes; the journal, from the old start offset, has them all.
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 20);
+        assert_eq!(back.last().unwrap(), (20, 20));
+        drop(back);
+        checkpoint.join().unwrap().unwrap();
+        assert_eq!(s.stats().syncs.load(Ordering::Relaxed), syncs + 1);
+        // After it, the journal replays only what followed the checkpoint.
+        s.hooks.checkpoint_delay_ms.store(0, Ordering::Release);
+        let copy = crash_image(&s, crashed.path());
+        let replayed: usize = journal_groups(&s, &copy).iter().map(Vec::len).sum();
+        assert_eq!(
+            replayed, 20,
+            "only the writes after the checkpoint's offset"
+        );
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 20);
+        assert_eq!(back.last().unwrap(), (20, 20));
     }
 }
