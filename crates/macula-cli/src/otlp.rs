@@ -236,12 +236,10 @@ impl Shared {
 /// second (1% sampling) do not each pay a thread wake-up.
 #[cfg(feature = "otlp")]
 struct Batcher {
-    shared: std::sync::Arc<Shared>,
-    batching: Batching,
-    worker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Where ended spans are queued (`on_end`, and the runtime's direct
-    /// spans: `macula::trace::set_sink`).
+    /// spans: `macula::trace::set_sink`), with the queue the worker reads.
     ends: Ends,
+    worker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Queues ended spans for the export thread (bounded: past `max_queue`
@@ -281,7 +279,7 @@ impl Ends {
 impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batcher")
-            .field("batching", &self.batching)
+            .field("batching", &self.ends.batching)
             .finish()
     }
 }
@@ -302,11 +300,9 @@ impl Batcher {
             .spawn(move || export_loop(exporter, &s, b))?;
         Ok(Batcher {
             ends: Ends {
-                shared: shared.clone(),
+                shared,
                 batching: b,
             },
-            shared,
-            batching: b,
             worker: std::sync::Mutex::new(Some(worker)),
         })
     }
@@ -320,13 +316,13 @@ impl Batcher {
         use opentelemetry_sdk::error::OTelSdkError;
         let (done, answer) = std::sync::mpsc::sync_channel(1);
         {
-            let mut q = self.shared.lock();
+            let mut q = self.ends.shared.lock();
             if q.closed {
                 return Err(OTelSdkError::AlreadyShutdown);
             }
             q.jobs.push(job(done));
         }
-        self.shared.wake.notify_one();
+        self.ends.shared.wake.notify_one();
         answer
             .recv_timeout(timeout)
             .map_err(|_| OTelSdkError::Timeout(timeout))
@@ -336,8 +332,8 @@ impl Batcher {
 #[cfg(feature = "otlp")]
 impl Drop for Batcher {
     fn drop(&mut self) {
-        self.shared.lock().gone = true;
-        self.shared.wake.notify_one();
+        self.ends.shared.lock().gone = true;
+        self.ends.shared.wake.notify_one();
     }
 }
 
@@ -472,11 +468,12 @@ impl opentelemetry_sdk::trace::SpanProcessor for Batcher {
     }
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        self.shared
+        self.ends
+            .shared
             .lock()
             .jobs
             .push(Job::Resource(resource.clone()));
-        self.shared.wake.notify_one();
+        self.ends.shared.wake.notify_one();
     }
 }
 

@@ -52,6 +52,16 @@ pub struct OutMsg {
 }
 
 impl OutMsg {
+    /// Its headers and message ID, as a seal's hashes read them.
+    fn signed_extra(&self) -> (impl Iterator<Item = (&str, &str)>, Option<&str>) {
+        let o = self.extra.as_deref();
+        let headers = o
+            .map_or(&[][..], |o| &o.headers)
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        (headers, o.and_then(|o| o.message_id.as_deref()))
+    }
+
     /// Upper bound of the bytes this message takes in a batch body, its
     /// topic table entry excluded.
     pub fn encoded_size(&self) -> usize {
@@ -629,32 +639,16 @@ pub fn whole_of_out<'m>(
 ) -> [u8; 32] {
     let mut h = WholeHasher::new(publisher, epoch, msgs.len());
     for m in msgs {
-        let o = m.extra.as_deref();
-        h.add(
-            m.seq,
-            &m.topic,
-            &m.payload,
-            o.map_or(&[][..], |o| &o.headers)
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-            o.and_then(|o| o.message_id.as_deref()),
-        );
+        let (headers, id) = m.signed_extra();
+        h.add(m.seq, &m.topic, &m.payload, headers, id);
     }
     h.finish()
 }
 
 /// The digest a seal signs of message `m` (see [`macula_wire::event_digest`]).
 pub fn digest_of(m: &OutMsg) -> [u8; 32] {
-    let o = m.extra.as_deref();
-    event_digest(
-        m.seq,
-        &m.topic,
-        &m.payload,
-        o.map_or(&[][..], |o| &o.headers)
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str())),
-        o.and_then(|o| o.message_id.as_deref()),
-    )
+    let (headers, id) = m.signed_extra();
+    event_digest(m.seq, &m.topic, &m.payload, headers, id)
 }
 
 /// The seals of a frame of forwarded messages (`picked`, all sealed): one
