@@ -82,11 +82,27 @@ const MIXED_FLAT: usize = 100_000;
 /// export's backlog would run into the next mode's turn).
 const MIXED_MODES: [usize; 3] = [0, 1, 2];
 
-/// The in-process OTLP sink: requests and bytes received.
+/// The in-process OTLP sink: requests and bytes received, and the CPU
+/// time its threads spent receiving them (left out of the figures: it
+/// stands in for a collector, which runs on a machine of its own).
 #[derive(Default)]
 struct Sink {
     requests: AtomicU64,
     bytes: AtomicU64,
+    cpu_ns: AtomicU64,
+}
+
+/// CPU time of the calling thread, nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
@@ -120,7 +136,13 @@ pub fn trace_args() -> anyhow::Result<TraceArgs> {
 fn serve_sink(conn: std::net::TcpStream, sink: &Sink) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = BufReader::new(conn);
+    let mut cpu = thread_cpu_ns();
     loop {
+        // What this thread spent since the last request (reading this
+        // one included) is the sink's.
+        let now = thread_cpu_ns();
+        sink.cpu_ns.fetch_add(now.saturating_sub(cpu), Relaxed);
+        cpu = now;
         let mut len = None;
         let mut line = String::new();
         loop {
@@ -148,6 +170,9 @@ fn serve_sink(conn: std::net::TcpStream, sink: &Sink) {
         }
         sink.requests.fetch_add(1, Relaxed);
         sink.bytes.fetch_add(len as u64, Relaxed);
+        let now = thread_cpu_ns();
+        sink.cpu_ns.fetch_add(now.saturating_sub(cpu), Relaxed);
+        cpu = now;
         let ok =
             "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
         if w.write_all(ok.as_bytes()).is_err() {
@@ -164,8 +189,9 @@ struct Round {
     calls_per_s: f64,
     call_p50_us: f64,
     call_p99_us: f64,
-    /// CPU time of this process (both nodes, the exporter and the sink)
-    /// per publish of the throughput run, its export included: less
+    /// CPU time of this process (both nodes and the exporter, not the
+    /// in-process sink) per publish of the throughput run, its export
+    /// included: less
     /// sensitive than throughput to what else runs on the machine.
     publish_cpu_us: f64,
     /// The same per call of the 32-caller run.
@@ -205,8 +231,15 @@ const FIGURES: [(&str, Figure); 8] = [
     ("call_p99_us", |r| r.call_p99_us),
 ];
 
-/// CPU time this process has used (user and system), seconds.
+/// CPU time this process has used (user and system), seconds, less what
+/// the in-process OTLP sink used (the collector's work, not Macula's).
 fn cpu_secs() -> f64 {
+    let sink = SINK.get().map_or(0, |s| s.cpu_ns.load(Relaxed)) as f64 / 1e9;
+    process_cpu_secs() - sink
+}
+
+/// CPU time this process has used (user and system), seconds.
+fn process_cpu_secs() -> f64 {
     // SAFETY: getrusage writes the struct it is given; zeroed is valid.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above; RUSAGE_SELF is always valid.
@@ -334,7 +367,7 @@ struct Mixed {
     publish: Vec<Duration>,
     call: Vec<Duration>,
     /// Messages published flat out, their time, and the process's CPU
-    /// time meanwhile (their spans' export included).
+    /// time meanwhile (their spans' export included, the sink left out).
     messages: usize,
     secs: f64,
     cpu_secs: f64,

@@ -160,8 +160,9 @@ fn kv_pairs(kvs: &[KeyValue]) -> impl Iterator<Item = (&str, &Value)> {
     kvs.iter().map(|kv| (kv.key.as_str(), &kv.value))
 }
 
-/// `Span` (`trace.proto`) of `d` into `b`.
-fn span(b: &mut Vec<u8>, d: &SpanData, s: &mut Scratch) {
+/// `Span` (`trace.proto`) of `d` into `b`, without its attribute at
+/// `moved` (said once by its resource instead).
+fn span(b: &mut Vec<u8>, d: &SpanData, moved: Option<usize>, s: &mut Scratch) {
     let sc = &d.span_context;
     bytes(b, 1, &sc.trace_id().to_bytes());
     bytes(b, 2, &sc.span_id().to_bytes());
@@ -181,7 +182,13 @@ fn span(b: &mut Vec<u8>, d: &SpanData, s: &mut Scratch) {
     uint(b, 6, kind);
     fixed64(b, 7, nanos(d.start_time));
     fixed64(b, 8, nanos(d.end_time));
-    attributes(b, 9, kv_pairs(&d.attributes), s);
+    let kept = d
+        .attributes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != moved)
+        .map(|(_, kv)| (kv.key.as_str(), &kv.value));
+    attributes(b, 9, kept, s);
     uint(b, 10, u64::from(d.dropped_attributes_count));
     for e in &d.events.events {
         s.item.clear();
@@ -250,15 +257,37 @@ fn scope_message(b: &mut Vec<u8>, scope: &InstrumentationScope, s: &mut Scratch)
     );
 }
 
+/// The span attribute naming the node that made a span. The encoder
+/// says it once per request, as an attribute of the node's resource
+/// (with `service.instance.id`), instead of on every span: 64 hex
+/// characters that were about a quarter of a pub/sub span's bytes.
+pub(crate) const NODE_ATTRIBUTE: &str = "macula.node";
+
+/// The position and text of `d`'s node attribute, if it has one.
+fn node_of(d: &SpanData) -> Option<(usize, &str)> {
+    // The runtime's spans put it last; look from the end.
+    d.attributes
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, kv)| match &kv.value {
+            Value::String(v) if kv.key.as_str() == NODE_ATTRIBUTE => Some((i, v.as_str())),
+            _ => None,
+        })
+}
+
 /// Encodes export requests (`ExportTraceServiceRequest`) into its own
-/// reused buffers.
+/// reused buffers: one `ResourceSpans` per node the spans name (the
+/// process's resource plus the node's ID), then one `ScopeSpans` per
+/// instrumentation scope.
 #[derive(Default)]
 pub(crate) struct Encoder {
-    /// The `Resource` message, encoded once per resource.
+    /// The `Resource` message's attributes, encoded once per resource.
     resource: Vec<u8>,
     resource_schema: Option<String>,
     out: Vec<u8>,
     rs: Vec<u8>,
+    /// The encoded spans of each (node, scope) group of a batch.
     spans: Vec<Vec<u8>>,
     one: Vec<u8>,
     scope: Vec<u8>,
@@ -280,55 +309,73 @@ impl Encoder {
 
     /// The request body for `batch`.
     pub(crate) fn encode(&mut self, batch: &[SpanData]) -> &[u8] {
-        // Spans grouped by instrumentation scope (nearly always one).
-        let mut scopes: Vec<&InstrumentationScope> = Vec::new();
-        let mut used = 0;
+        // Spans grouped by node and instrumentation scope (nearly always
+        // one of each), in the order they first appear.
+        let mut groups: Vec<(Option<&str>, &InstrumentationScope)> = Vec::new();
         for d in batch {
-            let i = match scopes.iter().position(|x| **x == d.instrumentation_scope) {
+            let node = node_of(d);
+            let key = (node.map(|(_, n)| n), &d.instrumentation_scope);
+            let i = match groups.iter().position(|g| g.0 == key.0 && *g.1 == *key.1) {
                 Some(i) => i,
                 None => {
-                    scopes.push(&d.instrumentation_scope);
-                    if self.spans.len() < scopes.len() {
+                    groups.push(key);
+                    if self.spans.len() < groups.len() {
                         self.spans.push(Vec::new());
                     }
-                    self.spans[scopes.len() - 1].clear();
-                    scopes.len() - 1
+                    self.spans[groups.len() - 1].clear();
+                    groups.len() - 1
                 }
             };
-            used = used.max(i + 1);
             self.one.clear();
-            span(&mut self.one, d, &mut self.s);
+            span(&mut self.one, d, node.map(|(at, _)| at), &mut self.s);
             message(&mut self.spans[i], 2, &self.one);
         }
-        // ResourceSpans { resource = 1; repeated ScopeSpans = 2; schema_url = 3 }
-        self.rs.clear();
-        message(&mut self.rs, 1, &self.resource);
-        for (i, scope) in scopes.iter().enumerate().take(used) {
-            // ScopeSpans { scope = 1; repeated Span spans = 2; schema_url = 3 }
-            self.s.item.clear();
-            let mut item = std::mem::take(&mut self.s.item);
-            scope_message(&mut item, scope, &mut self.s);
-            self.scope.clear();
-            message(&mut self.scope, 1, &item);
-            self.s.item = item;
-            self.scope.extend_from_slice(&self.spans[i]);
-            bytes(
-                &mut self.scope,
-                3,
-                scope.schema_url().unwrap_or_default().as_bytes(),
-            );
-            message(&mut self.rs, 2, &self.scope);
-        }
-        bytes(
-            &mut self.rs,
-            3,
-            self.resource_schema
-                .as_deref()
-                .unwrap_or_default()
-                .as_bytes(),
-        );
         self.out.clear();
-        if !batch.is_empty() {
+        let mut done = vec![false; groups.len()];
+        for first in 0..groups.len() {
+            if done[first] {
+                continue;
+            }
+            let node = groups[first].0;
+            // ResourceSpans { resource = 1; repeated ScopeSpans = 2; schema_url = 3 }
+            self.rs.clear();
+            self.scope.clear();
+            self.scope.extend_from_slice(&self.resource);
+            if let Some(id) = node {
+                let id = Value::from(id.to_string());
+                let kvs = [(NODE_ATTRIBUTE, &id), ("service.instance.id", &id)];
+                attributes(&mut self.scope, 1, kvs, &mut self.s);
+            }
+            message(&mut self.rs, 1, &self.scope);
+            for i in first..groups.len() {
+                if groups[i].0 != node {
+                    continue;
+                }
+                done[i] = true;
+                let scope = groups[i].1;
+                // ScopeSpans { scope = 1; repeated Span spans = 2; schema_url = 3 }
+                self.s.item.clear();
+                let mut item = std::mem::take(&mut self.s.item);
+                scope_message(&mut item, scope, &mut self.s);
+                self.scope.clear();
+                message(&mut self.scope, 1, &item);
+                self.s.item = item;
+                self.scope.extend_from_slice(&self.spans[i]);
+                bytes(
+                    &mut self.scope,
+                    3,
+                    scope.schema_url().unwrap_or_default().as_bytes(),
+                );
+                message(&mut self.rs, 2, &self.scope);
+            }
+            bytes(
+                &mut self.rs,
+                3,
+                self.resource_schema
+                    .as_deref()
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
             message(&mut self.out, 1, &self.rs);
         }
         &self.out
@@ -513,5 +560,69 @@ mod tests {
         };
         assert_eq!(again, theirs);
         assert!(enc.encode(&[]).is_empty());
+    }
+
+    /// Spans naming their node are sent under one resource per node, the
+    /// node's ID said there once (as `macula.node` and
+    /// `service.instance.id`) and no longer on each span; spans naming
+    /// none keep the process's resource. Otherwise what
+    /// `opentelemetry-proto` encodes.
+    #[test]
+    fn the_node_is_said_once_per_request() {
+        let base = || opentelemetry_sdk::Resource::builder().with_service_name("macula");
+        let a = InstrumentationScope::builder("macula").build();
+        let b = InstrumentationScope::builder("other").build();
+        let (n1, n2) = ("1".repeat(64), "2".repeat(64));
+        // Nodes n1, n2, none, n1, n2 (its scope b), n1 ...
+        let node = |i: u8| match i % 3 {
+            0 => Some(&n1),
+            1 => Some(&n2),
+            _ => None,
+        };
+        let batch: Vec<SpanData> = (0..9u8)
+            .map(|i| {
+                let mut d = span_data(i, if i == 4 { &b } else { &a });
+                if let Some(n) = node(i) {
+                    // Not always last: the encoder finds it anywhere.
+                    let at = usize::from(i) % 3;
+                    d.attributes
+                        .insert(at, KeyValue::new(NODE_ATTRIBUTE, n.clone()));
+                }
+                d
+            })
+            .collect();
+        let mut enc = Encoder::default();
+        enc.set_resource(&base().build());
+        let mut ours = ExportTraceServiceRequest::decode(enc.encode(&batch)).unwrap();
+        let mut theirs = ExportTraceServiceRequest::default();
+        for n in [Some(&n1), Some(&n2), None] {
+            let spans: Vec<SpanData> = (0..9u8)
+                .filter(|i| node(*i) == n)
+                .map(|i| span_data(i, if i == 4 { &b } else { &a }))
+                .collect();
+            let resource = match n {
+                Some(n) => base()
+                    .with_attributes([
+                        KeyValue::new("macula.node", n.clone()),
+                        KeyValue::new("service.instance.id", n.clone()),
+                    ])
+                    .build(),
+                None => base().build(),
+            };
+            theirs
+                .resource_spans
+                .extend(group_spans_by_resource_and_scope(
+                    spans,
+                    &ResourceAttributesWithSchema::from(&resource),
+                ));
+        }
+        for req in [&mut ours, &mut theirs] {
+            for rs in &mut req.resource_spans {
+                let r = rs.resource.as_mut().unwrap();
+                r.attributes.sort_by(|x, y| x.key.cmp(&y.key));
+            }
+        }
+        assert_eq!(ours.resource_spans.len(), 3);
+        assert_eq!(ours, theirs);
     }
 }

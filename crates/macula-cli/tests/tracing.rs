@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use prost::Message as _;
 
 const REALM: &str = "test.tracing";
@@ -34,6 +35,17 @@ struct Span {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// An attribute as (key, its value as text).
+fn text(kv: &KeyValue) -> (String, String) {
+    let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        Some(AnyValue::IntValue(i)) => i.to_string(),
+        Some(AnyValue::BoolValue(b)) => b.to_string(),
+        other => format!("{other:?}"),
+    };
+    (kv.key.clone(), v)
 }
 
 /// An OTLP/HTTP receiver on 127.0.0.1: decodes every export request
@@ -75,25 +87,23 @@ fn receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
                     let req = ExportTraceServiceRequest::decode(&body[..]).expect("OTLP protobuf");
                     let mut got = spans.lock().unwrap();
                     for rs in req.resource_spans {
+                        // The node that made the spans is said once, by
+                        // their resource; a reader sees it on each span.
+                        let resource: Vec<(String, String)> = rs
+                            .resource
+                            .iter()
+                            .flat_map(|r| r.attributes.iter().map(text))
+                            .collect();
                         for ss in rs.scope_spans {
                             for s in ss.spans {
-                                let attrs = s
-                                    .attributes
-                                    .iter()
-                                    .map(|kv| {
-                                        let v = match kv
-                                            .value
-                                            .as_ref()
-                                            .and_then(|v| v.value.as_ref())
-                                        {
-                                            Some(AnyValue::StringValue(s)) => s.clone(),
-                                            Some(AnyValue::IntValue(i)) => i.to_string(),
-                                            Some(AnyValue::BoolValue(b)) => b.to_string(),
-                                            other => format!("{other:?}"),
-                                        };
-                                        (kv.key.clone(), v)
-                                    })
-                                    .collect();
+                                let own: Vec<(String, String)> =
+                                    s.attributes.iter().map(text).collect();
+                                assert!(
+                                    own.iter().all(|(k, _)| k != "macula.node"),
+                                    "{}: the node ID belongs to the resource",
+                                    s.name
+                                );
+                                let attrs = own.into_iter().chain(resource.clone()).collect();
                                 got.push(Span {
                                     name: s.name,
                                     trace_id: hex(&s.trace_id),
