@@ -54,6 +54,11 @@ pub struct TracingArgs {
     /// turn's CPU is its mode's own; 0: none).
     #[arg(long, default_value_t = 600_000)]
     mixed_messages: usize,
+    /// The modes the rounds run, of off, 0%, 1% and 100% (ratios are to
+    /// the first given). One mode alone, run under `valgrind --tool=callgrind`
+    /// at two message counts, gives its instructions per message.
+    #[arg(long, value_delimiter = ',', default_value = "off,0%,1%,100%")]
+    modes: Vec<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -471,20 +476,20 @@ async fn mixed(a: &Node, b: &Node, count: usize, out: &mut [Mixed]) -> anyhow::R
     Ok(())
 }
 
-/// A table's head: the modes (the first is off), then each other's ratio
-/// to it.
+/// A table's head: the modes, then each other's ratio to the first.
 fn table_head(modes: &[&str]) -> String {
     let mut head = format!("  {:<20}", "");
     for mode in modes {
         head.push_str(&format!(" {mode:>12}"));
     }
     for mode in modes.iter().skip(1) {
-        head.push_str(&format!(" {:>9}", format!("{mode}/off")));
+        head.push_str(&format!(" {:>9}", format!("{mode}/{}", modes[0])));
     }
     head
 }
 
-/// A table's row: figure `name` per mode, then each other's ratio to off.
+/// A table's row: figure `name` per mode, then each other's ratio to the
+/// first.
 fn table_row(name: &str, v: &[f64]) -> String {
     let mut line = format!("  {name:<20}");
     for x in v {
@@ -549,6 +554,16 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         args.mixed_messages <= 2_000_000,
         "--mixed-messages must be 0..=2000000"
     );
+    let mut chosen = Vec::new();
+    for name in &args.modes {
+        let m = MODES
+            .iter()
+            .position(|(mode, _)| mode == name)
+            .with_context(|| format!("--modes: no mode {name:?} (off, 0%, 1%, 100%)"))?;
+        anyhow::ensure!(!chosen.contains(&m), "--modes: {name} given twice");
+        chosen.push(m);
+    }
+    anyhow::ensure!(!chosen.is_empty(), "--modes: none given");
     let mut dirs = Dirs(Vec::new());
     let mut nodes: Vec<Node> = Vec::new();
     for i in 0..2 {
@@ -572,7 +587,7 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
     for r in 0..args.rounds {
         // Each round starts with the next mode (a mode's place in a round
         // must not weigh on its figures).
-        for m in (0..MODES.len()).map(|k| (k + r) % MODES.len()) {
+        for m in (0..chosen.len()).map(|k| chosen[(k + r) % chosen.len()]) {
             let (name, ratio) = MODES[m];
             eprintln!(
                 "bench tracing: round {}/{} tracing {name}...",
@@ -613,19 +628,22 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
         let mut v = serde_json::json!({
             "benchmark": "tracing",
             "build": build_kind(),
-            "modes": MODES.iter().map(|m| m.0).collect::<Vec<_>>(),
+            "modes": chosen.iter().map(|&m| MODES[m].0).collect::<Vec<_>>(),
             "otlp_requests": sink.requests.load(Relaxed),
             "otlp_bytes": sink.bytes.load(Relaxed),
         });
         for (name, f) in FIGURES {
             let mut o = serde_json::Map::new();
-            for (m, (mode, _)) in MODES.iter().enumerate() {
-                o.insert(mode.to_string(), median(rounds[m].iter().map(f)).into());
+            for &m in &chosen {
+                o.insert(
+                    MODES[m].0.to_string(),
+                    median(rounds[m].iter().map(f)).into(),
+                );
             }
             v[name] = o.into();
         }
-        for (m, (mode, _)) in MODES.iter().enumerate() {
-            v["rounds"][mode] = serde_json::to_value(&rounds[m])?;
+        for &m in &chosen {
+            v["rounds"][MODES[m].0] = serde_json::to_value(&rounds[m])?;
         }
         for (i, m) in mixed.iter().enumerate() {
             let mode = MODES[MIXED_MODES[i]].0;
@@ -643,18 +661,19 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             args.rounds,
             debug_note()
         )?;
-        let names: Vec<&str> = MODES.iter().map(|m| m.0).collect();
+        let names: Vec<&str> = chosen.iter().map(|&m| MODES[m].0).collect();
         writeln!(out, "{}", table_head(&names))?;
         for (name, f) in FIGURES {
-            let v: Vec<f64> = (0..MODES.len())
-                .map(|m| median(rounds[m].iter().map(f)))
+            let v: Vec<f64> = chosen
+                .iter()
+                .map(|&m| median(rounds[m].iter().map(f)))
                 .collect();
             writeln!(out, "{}", table_row(name, &v))?;
         }
         let mut line = "  OTLP bytes exported:".to_string();
-        for (m, (mode, _)) in MODES.iter().enumerate() {
+        for &m in &chosen {
             let bytes: u64 = rounds[m].iter().map(|r| r.spans_exported_bytes).sum();
-            line.push_str(&format!(" {mode} {bytes},"));
+            line.push_str(&format!(" {} {bytes},", MODES[m].0));
         }
         writeln!(
             out,
@@ -662,9 +681,9 @@ pub async fn run(args: TracingArgs) -> anyhow::Result<()> {
             sink.requests.load(Relaxed)
         )?;
         let mut line = "  spans dropped by the exporter:".to_string();
-        for (m, (mode, _)) in MODES.iter().enumerate() {
+        for &m in &chosen {
             let n: u64 = rounds[m].iter().map(|r| r.spans_dropped).sum();
-            line.push_str(&format!(" {mode} {n},"));
+            line.push_str(&format!(" {} {n},", MODES[m].0));
         }
         writeln!(out, "{}", line.trim_end_matches(','))?;
         if !mixed.is_empty() {

@@ -216,3 +216,49 @@ fn bench_tracing_compares_off_with_sampled_tracing() {
     assert!(exported("100%") > 10 * exported("1%").max(1), "{v}");
     assert!(v["otlp_requests"].as_u64().unwrap() > 0, "{v}");
 }
+
+/// `bench tracing --modes` runs only the modes given, in their order (for
+/// instruction counts under callgrind, one mode a run); an unknown one is
+/// refused, naming it.
+#[cfg(feature = "otlp")]
+#[test]
+fn bench_tracing_runs_the_modes_given() {
+    let v = bench_json(&[
+        "tracing",
+        "--modes",
+        "100%,off",
+        "--messages",
+        "500",
+        "--latency-count",
+        "20",
+        "--calls",
+        "50",
+        "--concurrency",
+        "2",
+        "--rounds",
+        "1",
+        "--mixed-messages",
+        "0",
+        "--mixed-count",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(v["modes"], serde_json::json!(["100%", "off"]), "{v}");
+    assert!(
+        v["publish_msgs_per_s"]["100%"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(
+        v["publish_msgs_per_s"]["off"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(v["publish_msgs_per_s"]["1%"].is_null(), "{v}");
+    assert!(v["rounds"]["0%"].is_null(), "{v}");
+    assert!(v["interleaved"].is_null(), "{v}");
+    let out = command(&["bench", "tracing", "--modes", "off,2%"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no mode \"2%\""), "{err}");
+}
