@@ -37,9 +37,19 @@ fn node(me: u8) -> Core {
 }
 
 fn client(me: u8, gateway: u8, sign: bool) -> Core {
+    client_kind(me, gateway, sign, false)
+}
+
+/// A client whose frames of small messages are sealed by topic groups
+/// (kind 3, `groups`) or, as before, in seals of kind 2 of at most 256.
+fn client_kind(me: u8, gateway: u8, sign: bool, groups: bool) -> Core {
     let mut c = Config::new(id(me), 150, REALM, Role::Client, 1 << 20);
     if sign {
-        c.signer = Some(Arc::new(Signer::new(key(me))));
+        let s = Signer::new(key(me));
+        c.signer = Some(Arc::new(match groups {
+            true => s,
+            false => s.without_groups(),
+        }));
     }
     let mut c = PubSubCore::new(c);
     c.set_gateway(Some(id(gateway)));
