@@ -1019,6 +1019,15 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
         let body = Bytes::copy_from_slice(data);
         if let Ok(each) = verify_each_with(&view, Some(&body), &mut KeyCache::default()) {
             for r in each.refs.iter().take(64) {
+                if r.run.is_groups_kind() {
+                    // A copy of this message alone: whatever the seal
+                    // held, an answer.
+                    let mut present = vec![0u8; r.run.len().div_ceil(8)];
+                    present[r.index as usize / 8] |= 1 << (r.index % 8);
+                    let copy = r.run.group_copy(&present);
+                    assert!(copy.drop.iter().all(|&i| (i as usize) < r.run.len()));
+                    continue;
+                }
                 let _ = (r.run.carried(true), r.run.carried(false));
                 assert_eq!(r.run.digests().len(), r.run.len());
             }
@@ -1033,6 +1042,143 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
                     view.entries.len()
                 }
             );
+        }
+    }
+}
+
+/// Fuzz entry point for seals of kind 3 (topic groups): `data` makes up
+/// up to 64 messages on three topics, sealed by a fixed key as one seal
+/// of kind 3, and a subset of them, a forwarded copy. The complete frame
+/// must verify; the copy ([`SealedRun::group_copy`]: whole groups and the
+/// others' digests, part of a group left out) must verify and hold only
+/// whole groups; the copy with one byte changed (chosen by `data`) must
+/// answer, never panic, and verify only if it decodes to the same
+/// messages. Shared by `fuzz/fuzz_targets/publish_batch_groups.rs` and
+/// the property tests.
+pub fn fuzz_group_copies(data: &[u8]) {
+    const TOPICS: [&str; 3] = ["a.x", "b.y", "c.z"];
+    let Some((&head, rest)) = data.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        return;
+    }
+    let at = |i: usize| rest[i % rest.len()];
+    let n = 1 + usize::from(head) % 64;
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let publisher = NodeId::from_public_key(&key.verifying_key().to_bytes());
+    let epoch = 5;
+    // (seq, topic index, payload)
+    let msgs: Vec<(u64, usize, &[u8])> = (0..n)
+        .map(|i| {
+            let from = i % rest.len();
+            let len = usize::from(at(i + 1)) % 24;
+            let to = (from + len).min(rest.len());
+            (i as u64 + 1, usize::from(at(i)) % 3, &rest[from..to])
+        })
+        .collect();
+    let mut groups: Vec<[u8; 32]> = (0..3)
+        .filter(|t| msgs.iter().any(|m| m.1 == *t))
+        .map(|t| {
+            macula_wire::group_digest(msgs.iter().filter(|m| m.1 == t).map(|m| {
+                (
+                    m.0,
+                    TOPICS[m.1],
+                    m.2,
+                    std::iter::empty::<(&str, &str)>(),
+                    None,
+                )
+            }))
+        })
+        .collect();
+    let signer = Signer::new(key);
+    let sig = signer.sign_groups(&publisher, epoch, n, &mut groups);
+    let seal = signer.seal_groups_complete(sig, n);
+    let encode = |keep: &dyn Fn(usize) -> bool, seal: &Seal| -> Bytes {
+        let items = msgs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, m)| macula_wire::BatchItem {
+                seq: m.0,
+                topic_index: m.1,
+                payload: m.2,
+                headers: &[],
+                message_id: None,
+            });
+        let mut buf = Vec::new();
+        match macula_wire::encode_sealed_batch_frame(
+            &mut buf,
+            1 << 20,
+            &publisher,
+            epoch,
+            &TOPICS,
+            items,
+            std::slice::from_ref(seal),
+        ) {
+            Ok(_) => Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]),
+            Err(e) => panic!("a genuine frame encodes: {e}"),
+        }
+    };
+    let body = encode(&|_| true, &seal);
+    let Ok(view) = PublishBatchView::decode(&body) else {
+        panic!("a genuine frame decodes");
+    };
+    assert_eq!(verify(&view).map(|r| r.len()).ok(), Some(n));
+    // A copy of some: whole groups, the others' digests.
+    let Some(refs) = adopt(&view, &body) else {
+        panic!("a complete seal is adopted");
+    };
+    let run = &refs[0].run;
+    let mut present = vec![0u8; n.div_ceil(8)];
+    for i in (0..n).filter(|&i| at(3 * i + 2) & 1 == 1) {
+        present[i / 8] |= 1 << (i % 8);
+    }
+    let copy = run.group_copy(&present);
+    for &i in &copy.drop {
+        present[i as usize / 8] &= !(1 << (i % 8));
+    }
+    if present.iter().all(|&b| b == 0) {
+        return;
+    }
+    let is = |i: usize| present[i / 8] & (1 << (i % 8)) != 0;
+    // Only whole groups: a topic is all in or all out.
+    for t in 0..3 {
+        let mut of = msgs.iter().enumerate().filter(|(_, m)| m.1 == t);
+        if let Some((first, _)) = of.next() {
+            assert!(of.all(|(i, _)| is(i) == is(first)), "a whole group");
+        }
+    }
+    let part = Seal {
+        present: present.clone(),
+        absent: copy.absent,
+        ..seal.clone()
+    };
+    let copy_body = encode(&is, &part);
+    let Ok(cv) = PublishBatchView::decode(&copy_body) else {
+        panic!("a copy decodes");
+    };
+    let kept = (0..n).filter(|&i| is(i)).count();
+    assert_eq!(
+        verify(&cv).map(|r| r.len()).ok(),
+        Some(kept),
+        "a copy verifies"
+    );
+    // One byte changed: refused, or the same messages.
+    let mut bad = copy_body.to_vec();
+    let i = usize::from(at(7)) * 31 % bad.len();
+    bad[i] ^= at(11) | 1;
+    if let Ok(bv) = PublishBatchView::decode(&bad) {
+        if verify(&bv).is_ok() {
+            let same = |a: &PublishBatchView<'_>, b: &PublishBatchView<'_>| {
+                a.entries.len() == b.entries.len()
+                    && a.entries.iter().zip(&b.entries).all(|(x, y)| {
+                        x.seq == y.seq
+                            && x.payload == y.payload
+                            && a.topics.get(x.topic_index) == b.topics.get(y.topic_index)
+                    })
+            };
+            assert!(same(&bv, &cv), "a changed copy verified");
         }
     }
 }

@@ -941,8 +941,9 @@ mod props {
             // under one seal (seals spanning frames) as well as one.
             msgs in proptest::collection::vec((any::<bool>(), 0usize..3_000), 1..120),
             limit in 1024u32..40_000,
+            groups in any::<bool>(),
         ) {
-            let mut c = client(50, 1, true);
+            let mut c = client_kind(50, 1, true, groups);
             for (i, (t, len)) in msgs.iter().enumerate() {
                 let topic = if *t { "t.a" } else { "u.b" };
                 let mut p = vec![b'x'; *len];
@@ -999,8 +1000,12 @@ mod props {
             let got = receive(&mut b, id(1), &fwd, &mut BatchReceiver::new(false));
             prop_assert_eq!(unproved(&b), 0);
             let too_large = gw.counters().too_large_for_peer_total.get();
+            // A topic group of a client's frame (kind 3) larger than the
+            // receiver's frame cannot go whole: left out, counted.
+            let ungrouped = gw.counters().ungrouped_total.get();
+            prop_assert!(groups || ungrouped == 0);
             let want = msgs.iter().filter(|(t, _)| *t).count() as u64;
-            prop_assert_eq!(got.len() as u64 + too_large, want);
+            prop_assert_eq!(got.len() as u64 + too_large + ungrouped, want);
             if limit >= 16_384 {
                 // A seal of at most OWN_SEAL_MAX messages fits.
                 prop_assert_eq!(too_large, 0);
@@ -1016,14 +1021,19 @@ mod props {
             n in 1usize..1_500,
             len in 0usize..200,
             limit in 16_384u32..100_000,
+            groups in any::<bool>(),
         ) {
-            let bodies = client_frames(n, len);
+            let bodies = client_frames_kind(n, len, groups);
             let mut gw = node(1);
             let mut rx = BatchReceiver::new(true);
             let mut senders = Vec::new();
             for b in &bodies {
                 let view = PublishBatchView::decode(b).unwrap();
-                prop_assert!(view.seals.iter().all(|s| s.n <= macula_pubsub::batch::OWN_SEAL_MAX));
+                let max = match groups {
+                    true => macula_wire::pubsub::MAX_SEAL_ENTRIES,
+                    false => macula_pubsub::batch::OWN_SEAL_MAX,
+                };
+                prop_assert!(view.seals.iter().all(|s| s.n <= max && s.groups == groups));
                 prop_assert!(macula_pubsub::proof::verify(&view).is_ok());
                 gw.handle_batch(id(50), macula_wire::MessageType::PublishBatch as u8, b, &mut rx, Millis(1))
                     .unwrap();
@@ -1056,16 +1066,32 @@ mod props {
             r.subscribe("t.*", 7).unwrap();
             let got = receive(&mut r, id(1), &fwd, &mut BatchReceiver::new(false));
             prop_assert_eq!(unproved(&r), 0);
-            prop_assert_eq!(got.len(), n.div_ceil(2));
+            let ungrouped = gw.counters().ungrouped_total.get() as usize;
+            prop_assert_eq!(got.len() + ungrouped, n.div_ceil(2));
+            if limit >= 70_000 {
+                // A client frame's group fits the receiver's frame whole.
+                prop_assert_eq!(ungrouped, 0);
+            }
             prop_assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+        }
+
+        /// Seals of kind 3: a frame and any copy of some of its
+        /// messages verify, copies hold whole groups, a changed copy
+        /// does not verify (see `fuzz_group_copies`).
+        #[test]
+        fn topic_group_copies_verify_and_changed_ones_do_not(
+            data in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            macula_pubsub::proof::fuzz_group_copies(&data);
         }
 
         #[test]
         fn mutated_sealed_batches_are_refused_or_verified_never_panic(
             at in any::<prop::sample::Index>(),
             byte in any::<u8>(),
+            groups in any::<bool>(),
         ) {
-            let mut c = client(50, 1, true);
+            let mut c = client_kind(50, 1, true, groups);
             for i in 0..5 {
                 c.publish_upstream("t.a", Bytes::from(format!("m{i}")), PublishOptions::default(), Millis(0), &mut Vec::new())
                     .unwrap();
@@ -1253,7 +1279,10 @@ fn forged_topic_groups_are_dropped_and_counted_never_delivered() {
     // what a forwarder dropping one message would send unless it left
     // the rest out too.
     let mut part = hv.seals.clone();
-    let last = (0..part[0].n).rev().find(|&i| part[0].is_present(i)).unwrap();
+    let last = (0..part[0].n)
+        .rev()
+        .find(|&i| part[0].is_present(i))
+        .unwrap();
     part[0].present[last / 8] &= !(1 << (last % 8));
     // Downgrades: the same signature presented as a seal of kind 1 (the
     // per-message digests of all 40, computed honestly) or of kind 2.
@@ -1297,7 +1326,12 @@ fn forged_topic_groups_are_dropped_and_counted_never_delivered() {
             2,
             20,
         ),
-        ("part of a group", reencode_without(&hv, &[19], &part), 2, 19),
+        (
+            "part of a group",
+            reencode_without(&hv, &[19], &part),
+            2,
+            19,
+        ),
         (
             "downgraded to kind 1",
             reencode(&view, &|i| view.entries[i].payload.to_vec(), &as_kind1),

@@ -1681,6 +1681,85 @@ mod tests {
     }
 
     #[test]
+    fn seals_of_topic_groups_carry_a_count_of_group_digests() {
+        let seal = |present: Vec<u8>, absent: Vec<[u8; 32]>| Seal {
+            key: [3; 32],
+            sig: [4; 64],
+            n: 4,
+            present,
+            absent,
+            carried: None,
+            groups: true,
+        };
+        let msg = |seq| BatchMessage {
+            seq,
+            topic: "a.b".into(),
+            payload: b"hi".to_vec(),
+            headers: vec![],
+            message_id: None,
+        };
+        let b = |seals| PublishBatch {
+            publisher: NodeId::from_bytes([1; 32]),
+            epoch: 5,
+            messages: vec![msg(7), msg(8)],
+            seals,
+        };
+        // Two of four present, one digest for the two others (one group).
+        let part = body(&b(vec![seal(vec![0b0011], vec![[6; 32]])]));
+        assert_eq!(part[0], BATCH_FORMAT_SEALED_WHOLE);
+        let tail = 1 + 32 + 64 + 1 + 1 + 1 + 32;
+        let at = part.len() - tail;
+        assert_eq!(part[at], SEAL_KIND_GROUPS);
+        assert_eq!(part[part.len() - 33], 1, "the count of group digests");
+        let v = PublishBatchView::decode(&part).unwrap();
+        assert!(v.seals[0].groups && v.seals[0].carried.is_none());
+        assert_eq!(v.seals[0].absent, vec![[6; 32]]);
+        assert_eq!(v.seals[0].encoded_len(), tail);
+        // A count of more digests than absent messages, or none for
+        // absent messages: malformed.
+        let mut more = part.clone();
+        more[part.len() - 33] = 3;
+        assert!(PublishBatchView::decode(&more).is_err());
+        assert!(b(vec![seal(vec![0b0011], vec![])])
+            .write_body(&mut Vec::new())
+            .is_err());
+        let mut none = part.clone();
+        none[part.len() - 33] = 0;
+        none.truncate(part.len() - 32);
+        assert!(PublishBatchView::decode(&none).is_err());
+        // Complete: no digest.
+        let whole = PublishBatch {
+            messages: vec![msg(7), msg(8), msg(9), msg(10)],
+            ..b(vec![seal(vec![0b1111], vec![])])
+        };
+        let v = body(&whole);
+        assert_eq!(
+            PublishBatchView::decode(&v).unwrap().seals[0].absent.len(),
+            0
+        );
+        // The seal hash binds the set of group digests, in any order,
+        // and the counts.
+        let p = NodeId::from_bytes([1; 32]);
+        let (x, y) = ([1u8; 32], [2u8; 32]);
+        let h = seal_hash_groups(&p, 5, 4, &mut [x, y]);
+        assert_eq!(h, seal_hash_groups(&p, 5, 4, &mut [y, x]));
+        assert_ne!(h, seal_hash_groups(&p, 5, 3, &mut [x, y]));
+        assert_ne!(h, seal_hash_groups(&p, 5, 4, &mut [x, y, y]));
+        assert_ne!(h, seal_hash_groups(&p, 6, 4, &mut [x, y]));
+        // A group's digest is not the whole hash of the same messages.
+        let m = || {
+            [(
+                7u64,
+                "a.b",
+                &b"hi"[..],
+                std::iter::empty::<(&str, &str)>(),
+                None,
+            )]
+        };
+        assert_ne!(group_digest(m()), seal_whole(&p, 5, m().into_iter()));
+    }
+
+    #[test]
     fn seal_kinds_are_checked() {
         let seal = |carried| Seal {
             key: [3; 32],
