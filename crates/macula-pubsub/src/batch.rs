@@ -736,32 +736,34 @@ impl FrameWriter<'_, '_> {
     ) {
         let msgs = self.msgs;
         let frame = &picked[f.picked.clone()];
-        {
-            if !self.drop.is_empty() {
-                self.drop.sort_unstable();
-                done.ungrouped += self.drop.len();
-                if let Some(u) = self.ungrouped.as_deref_mut() {
-                    u.extend(self.drop.iter().map(|&p| self.at.base + frame[p].0));
-                }
+        if !self.drop.is_empty() {
+            self.drop.sort_unstable();
+            done.ungrouped += self.drop.len();
+            if let Some(u) = self.ungrouped.as_deref_mut() {
+                u.extend(self.drop.iter().map(|&p| self.at.base + frame[p].0));
             }
-            let drop = &self.drop;
-            // (Cleared at the next frame.)
-            let items = frame
-                .iter()
-                .enumerate()
-                .filter(|(p, _)| drop.binary_search(p).is_err())
-                .map(|(_, &(mi, topic_index))| {
-                    let m = &msgs[mi];
-                    let o = m.extra.as_deref();
-                    BatchItem {
-                        seq: m.seq,
-                        topic_index,
-                        payload: &m.payload,
-                        headers: o.map_or(&[][..], |o| &o.headers),
-                        message_id: o.and_then(|o| o.message_id.as_deref()),
-                    }
-                });
-            match macula_wire::encode_sealed_batch_frame(
+        }
+        let drop = &self.drop;
+        // Every message left out: no frame (a batch has at least one).
+        let all_left = drop.len() == frame.len();
+        let items = frame
+            .iter()
+            .enumerate()
+            .filter(|(p, _)| drop.binary_search(p).is_err())
+            .map(|(_, &(mi, topic_index))| {
+                let m = &msgs[mi];
+                let o = m.extra.as_deref();
+                BatchItem {
+                    seq: m.seq,
+                    topic_index,
+                    payload: &m.payload,
+                    headers: o.map_or(&[][..], |o| &o.headers),
+                    message_id: o.and_then(|o| o.message_id.as_deref()),
+                }
+            });
+        let written = match all_left {
+            true => Ok(0),
+            false => macula_wire::encode_sealed_batch_frame(
                 self.out,
                 self.frame_limit,
                 self.publisher,
@@ -769,20 +771,22 @@ impl FrameWriter<'_, '_> {
                 &topics[f.topics.clone()],
                 items,
                 &self.seals,
-            ) {
-                Ok(n) => {
-                    done.frames += 1;
-                    done.messages += n;
-                }
-                Err(_) => done.refused += frame.len() - self.drop.len(),
+            ),
+        };
+        match written {
+            Ok(0) => {}
+            Ok(n) => {
+                done.frames += 1;
+                done.messages += n;
             }
-            if let Some(marks) = marks {
-                marks.push(Mark {
-                    end: self.out.len(),
-                    consumed: self.at.base + f.consumed,
-                    messages: self.at.messages + done.messages as u64,
-                });
-            }
+            Err(_) => done.refused += frame.len() - self.drop.len(),
+        }
+        if let Some(marks) = marks {
+            marks.push(Mark {
+                end: self.out.len(),
+                consumed: self.at.base + f.consumed,
+                messages: self.at.messages + done.messages as u64,
+            });
         }
     }
 }

@@ -1431,4 +1431,108 @@ fn a_forwarder_missing_part_of_a_group_leaves_the_rest_out_and_reports_it() {
     let (have, bad) = deliver_indices(4, &[copy]);
     assert_eq!(have, (1..40).step_by(2).collect::<Vec<_>>());
     assert_eq!(bad, 0);
+    // A copy of only that part of the t.a group: no frame at all.
+    let only: Vec<OutMsg> = msgs.iter().filter(|m| m.topic == "t.a").cloned().collect();
+    let mut out = Vec::new();
+    let done = macula_pubsub::encode_batches(&mut out, &only, &me, 1, 1 << 20, 64 * 1024);
+    assert_eq!((done.frames, done.messages, done.ungrouped), (0, 0, 19));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_gateway_queue_overflow_loses_whole_groups_and_the_subscriber_is_told() {
+    // Client 50 writes a frame of 40 (t.a and u.b alternating, one seal
+    // of kind 3), then one of 20. Gateway 1's queue to node 2 holds 30:
+    // 10 of the first frame are dropped, so both its groups would go in
+    // part; the other 30 are left out too (`ungrouped`), and all 40 are
+    // reported ahead of the second frame: node 2 is told `Lagged(40)`
+    // and gets the second frame's 20, proved, none unproved.
+    let mut c = client_kind(50, 1, true, true);
+    let publish = |c: &mut Core, from: usize, n: usize| {
+        for i in from..from + n {
+            let topic = if i % 2 == 0 { "t.a" } else { "u.b" };
+            c.publish_upstream(
+                topic,
+                Bytes::from(format!("x{i:03}")),
+                PublishOptions::default(),
+                Millis(0),
+                &mut Vec::new(),
+            )
+            .unwrap();
+        }
+    };
+    publish(&mut c, 0, 40);
+    let (cq, _) = starts(&mut c)[0];
+    let first = transmit(&mut c, cq);
+    publish(&mut c, 40, 20);
+    let second = transmit(&mut c, cq);
+    assert_eq!((first.len(), second.len()), (1, 1));
+    let mut cfg = Config::new(id(1), 100, REALM, Role::Node, 1 << 20);
+    cfg.limits.peer_queue_capacity = 30;
+    let mut gw = PubSubCore::new(cfg);
+    let records = [("t", 2, "t.*"), ("u", 2, "u.*")];
+    let mut rx = BatchReceiver::new(true);
+    // Gateway -> node 2: (message type, body) of each frame written.
+    let mut sent: Vec<(u8, Bytes)> = Vec::new();
+    let mut q = None;
+    for body in [&first[0], &second[0]] {
+        gw.handle_batch(
+            id(50),
+            macula_wire::MessageType::PublishBatch as u8,
+            body,
+            &mut rx,
+            Millis(1),
+        )
+        .unwrap();
+        let view = PublishBatchView::decode(body).unwrap();
+        let routes: Vec<_> = view
+            .topics
+            .iter()
+            .map(|t| Some(route(&mut gw, &records, t)))
+            .collect();
+        let seals = rx.seals.clone();
+        gw.forward_from_client(id(50), &view, body, &routes, &[], &seals, Millis(1));
+        if let Some((p, _)) = starts(&mut gw).first() {
+            q = Some(*p);
+        }
+        let q = q.unwrap();
+        let mut msgs: Vec<OutMsg> = Vec::new();
+        if let Transmit::Batch(b) = gw.poll_transmit(q, &mut msgs, Millis(1)) {
+            let mut buf = Vec::new();
+            let encoded = b.encode(&mut buf, &msgs);
+            gw.handle_written(q, &b, &msgs, encoded, Millis(1));
+            let dec = FrameDecoder::new(1 << 20);
+            let mut rest = &buf[..];
+            while let Some((f, used)) = dec.decode(rest).unwrap() {
+                sent.push((f.header.msg_type, Bytes::copy_from_slice(f.body)));
+                rest = &rest[used..];
+            }
+        }
+    }
+    assert_eq!(gw.counters().ungrouped_total.get(), 30);
+    let kinds: Vec<u8> = sent.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        kinds,
+        [
+            macula_wire::MessageType::PublishDropped as u8,
+            macula_wire::MessageType::PublishDropped as u8,
+            macula_wire::MessageType::PublishBatch as u8
+        ],
+        "the queue's drops reported, no frame for the rest of the first \
+         (left out), their report ahead of the second"
+    );
+    let mut n = node(2);
+    n.subscribe("**", 7).unwrap();
+    let mut nrx = BatchReceiver::new(false);
+    let mut got = Vec::new();
+    for (t, body) in &sent {
+        n.handle_batch(id(1), *t, body, &mut nrx, Millis(2))
+            .unwrap();
+        nrx.deliver(|_, e| got.append(e));
+    }
+    let lagged = nrx.deliver_lagged(|_, _| {});
+    assert_eq!(lagged, 40, "every message lost, reported");
+    assert_eq!(got.len(), 20);
+    assert!(got.iter().all(|e| e.proof == Proof::Signed));
+    assert_eq!(unproved(&n), 0);
 }
