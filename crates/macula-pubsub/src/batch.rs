@@ -524,16 +524,23 @@ fn pick_frame<'a>(
         if n > 0 && starts_groups {
             // A topic table entry counted at each change of topic (at
             // least once per topic: never less than the frame needs).
-            let mut run_bytes = 0usize;
+            // The same for its topics (at most one new per change) and
+            // messages: the frame's other limits must not split it either.
+            let (mut run_bytes, mut run_msgs, mut changes) = (0usize, 0usize, 0usize);
             let mut last: Option<&str> = None;
             for x in msgs[i..].iter().take_while(|x| x.same_seal(m)) {
                 run_bytes += x.encoded_size();
+                run_msgs += 1;
                 if last != Some(x.topic.as_str()) {
                     run_bytes += x.topic.len() + 2;
+                    changes += 1;
                     last = Some(x.topic.as_str());
                 }
             }
-            if (bytes + run_bytes).saturating_add_signed(seal_cost) > budget {
+            if (bytes + run_bytes).saturating_add_signed(seal_cost) > budget
+                || n + run_msgs > max_msgs
+                || frame_topics.len() + changes > MAX_BATCH_TOPICS
+            {
                 break;
             }
         }
