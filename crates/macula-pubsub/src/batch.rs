@@ -80,8 +80,20 @@ impl OutMsg {
     fn seal_cost(&self) -> usize {
         self.seal.as_ref().map_or(0, |s| {
             let n = s.run.len();
-            SEAL_OVERHEAD + n.div_ceil(8) + 32 * n.saturating_sub(1)
+            match s.run.is_groups_kind() {
+                // One digest per group left out (at most one per group
+                // but this one's), and their count.
+                true => {
+                    SEAL_OVERHEAD + n.div_ceil(8) + 3 + 32 * s.run.group_count().saturating_sub(1)
+                }
+                false => SEAL_OVERHEAD + n.div_ceil(8) + 32 * n.saturating_sub(1),
+            }
         })
+    }
+
+    /// A forwarded message of a seal of kind 3 (topic groups).
+    fn groups_seal(&self) -> bool {
+        self.seal.as_ref().is_some_and(|s| s.run.is_groups_kind())
     }
 
     fn same_seal(&self, other: &OutMsg) -> bool {
@@ -134,6 +146,11 @@ pub struct Encoded {
     /// Messages skipped because the wire codec refused them (a limit of the
     /// wire format the core did not check; a bug if it ever happens).
     pub refused: usize,
+    /// Forwarded messages left out because the frame would have carried
+    /// only part of their topic group in a seal of kind 3 (the rest of the
+    /// group was dropped before, or went to another frame): they would
+    /// not verify at the receiver (counted, and reported lost to it).
+    pub ungrouped: usize,
 }
 
 impl std::ops::AddAssign for Encoded {
@@ -142,6 +159,7 @@ impl std::ops::AddAssign for Encoded {
         self.messages += o.messages;
         self.too_large += o.too_large;
         self.refused += o.refused;
+        self.ungrouped += o.ungrouped;
     }
 }
 
@@ -210,8 +228,61 @@ pub fn encode_batches_marked(
     epoch: u64,
     frame_limit: u32,
     batch_bytes: usize,
+    marks: Option<&mut Vec<Mark>>,
+    signer: Option<&Signer>,
+) -> Encoded {
+    encode_all(
+        out,
+        msgs,
+        publisher,
+        epoch,
+        frame_limit,
+        batch_bytes,
+        marks,
+        signer,
+        None,
+    )
+}
+
+/// Which of `msgs` (indices) [`encode_batches_marked`] left out for the
+/// same receiver because a frame would have carried only part of their
+/// topic group (see [`Encoded::ungrouped`]): encodes them again (only
+/// forwarded messages can be left out so, and their frames do not depend
+/// on a signer). For the loss report of a batch that left some out.
+pub fn ungrouped_messages(
+    msgs: &[OutMsg],
+    publisher: &NodeId,
+    epoch: u64,
+    frame_limit: u32,
+    batch_bytes: usize,
+) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut left = Vec::new();
+    encode_all(
+        &mut out,
+        msgs,
+        publisher,
+        epoch,
+        frame_limit,
+        batch_bytes,
+        None,
+        None,
+        Some(&mut left),
+    );
+    left
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_all(
+    out: &mut Vec<u8>,
+    msgs: &[OutMsg],
+    publisher: &NodeId,
+    epoch: u64,
+    frame_limit: u32,
+    batch_bytes: usize,
     mut marks: Option<&mut Vec<Mark>>,
     signer: Option<&Signer>,
+    mut ungrouped: Option<&mut Vec<usize>>,
 ) -> Encoded {
     let budget = batch_budget(frame_limit, batch_bytes);
     // One batch names one publisher: split into runs of the same origin
@@ -246,6 +317,7 @@ pub fn encode_batches_marked(
             at,
             marks.as_deref_mut(),
             own,
+            ungrouped.as_deref_mut(),
         );
     }
     done
@@ -291,6 +363,7 @@ fn encode_run(
     at: Marker,
     mut marks: Option<&mut Vec<Mark>>,
     signer: Option<&Signer>,
+    ungrouped: Option<&mut Vec<usize>>,
 ) -> Encoded {
     let mut done = Encoded::default();
     let mut topics: Vec<&str> = Vec::new();
@@ -318,6 +391,8 @@ fn encode_run(
         order: Vec::new(),
         sigs: Vec::new(),
         seals: Vec::new(),
+        drop: Vec::new(),
+        ungrouped,
     };
     let mut i = 0;
     while i < msgs.len() {
@@ -436,11 +511,39 @@ fn pick_frame<'a>(
         let prev = picked[p0..].last().map(|&(pi, _)| &msgs[pi]);
         let seal_cost = match (prev, &m.seal) {
             (_, None) => 0isize,
+            (Some(p), Some(_)) if p.same_seal(m) && m.groups_seal() => 0,
             (Some(p), Some(_)) if p.same_seal(m) => -32,
             (Some(_), Some(_)) => m.seal_cost() as isize,
             (None, Some(_)) => (SEALS_COUNT_LEN + m.seal_cost()) as isize,
         };
         let n = picked.len() - p0;
+        // A seal of topic groups is not split between frames when it
+        // fits one (each frame would carry part of a group): a frame ends
+        // before it instead.
+        let starts_groups = m.groups_seal() && !prev.is_some_and(|p| p.same_seal(m));
+        if n > 0 && starts_groups {
+            // A topic table entry counted at each change of topic (at
+            // least once per topic: never less than the frame needs).
+            // The same for its topics (at most one new per change) and
+            // messages: the frame's other limits must not split it either.
+            let (mut run_bytes, mut run_msgs, mut changes) = (0usize, 0usize, 0usize);
+            let mut last: Option<&str> = None;
+            for x in msgs[i..].iter().take_while(|x| x.same_seal(m)) {
+                run_bytes += x.encoded_size();
+                run_msgs += 1;
+                if last != Some(x.topic.as_str()) {
+                    run_bytes += x.topic.len() + 2;
+                    changes += 1;
+                    last = Some(x.topic.as_str());
+                }
+            }
+            if (bytes + run_bytes).saturating_add_signed(seal_cost) > budget
+                || n + run_msgs > max_msgs
+                || frame_topics.len() + changes > MAX_BATCH_TOPICS
+            {
+                break;
+            }
+        }
         // Every `OWN_SEAL_MAX` own messages start another seal.
         let own_cost = match own_seal && n > 0 && n.is_multiple_of(OWN_SEAL_CHUNK) {
             true => OWN_SEAL_BYTES - SEALS_COUNT_LEN,
@@ -486,6 +589,11 @@ struct FrameWriter<'a, 'o> {
     /// hash its seal carries.
     sigs: Vec<([u8; 64], Option<[u8; 32]>)>,
     seals: Vec<Seal>,
+    /// Places in the frame being written of forwarded messages left out
+    /// (only part of their topic group in it: see [`forwarded_seals`]).
+    drop: Vec<usize>,
+    /// Where those messages (indices into `msgs`) are collected, if asked.
+    ungrouped: Option<&'o mut Vec<usize>>,
 }
 
 /// The seals of the frame carrying the group's messages `range`: one per
@@ -525,6 +633,30 @@ impl FrameWriter<'_, '_> {
         mut marks: Option<&mut Vec<Mark>>,
     ) {
         let msgs = self.msgs;
+        // One frame of small messages: sealed by topic groups (kind 3),
+        // in chunks of up to `MAX_SEAL_ENTRIES`, no digest per message.
+        if let (Some(signer), [f]) = (signer.filter(|s| s.seals_groups()), &group[..]) {
+            let frame = &picked[f.picked.clone()];
+            let small = frame
+                .iter()
+                .map(|&(mi, _)| msgs[mi].payload.len())
+                .sum::<usize>()
+                <= WHOLE_MAX_AVERAGE * frame.len();
+            if small {
+                self.seals.clear();
+                for chunk in frame.chunks(MAX_SEAL_ENTRIES) {
+                    let mut groups = group_digests_out(msgs, chunk);
+                    let sig =
+                        signer.sign_groups(self.publisher, self.epoch, chunk.len(), &mut groups);
+                    self.seals
+                        .push(signer.seal_groups_complete(sig, chunk.len()));
+                }
+                self.drop.clear();
+                let f = group.remove(0);
+                self.write_frame(&f, picked, topics, done, marks);
+                return;
+            }
+        }
         // The group's messages are signed in consecutive chunks of
         // `OWN_SEAL_CHUNK`: one seal for a group of small frames, several
         // for one frame of more messages.
@@ -577,6 +709,7 @@ impl FrameWriter<'_, '_> {
         for f in group.drain(..) {
             let frame = &picked[f.picked.clone()];
             self.seals.clear();
+            self.drop.clear();
             match signer {
                 Some(signer) => {
                     let k = frame.len();
@@ -590,11 +723,41 @@ impl FrameWriter<'_, '_> {
                     offset += k;
                 }
                 None if msgs[frame[0].0].seal.is_some() => {
-                    forwarded_seals(msgs, frame, &mut self.seals)
+                    forwarded_seals(msgs, frame, &mut self.seals, &mut self.drop)
                 }
                 None => {}
             }
-            let items = frame.iter().map(|&(mi, topic_index)| {
+            self.write_frame(&f, picked, topics, done, marks.as_deref_mut());
+        }
+    }
+
+    /// Writes one frame of `picked` with the seals in `self.seals`
+    /// (leaving out the places in `self.drop`).
+    fn write_frame(
+        &mut self,
+        f: &Frame,
+        picked: &[(usize, usize)],
+        topics: &[&str],
+        done: &mut Encoded,
+        marks: Option<&mut Vec<Mark>>,
+    ) {
+        let msgs = self.msgs;
+        let frame = &picked[f.picked.clone()];
+        if !self.drop.is_empty() {
+            self.drop.sort_unstable();
+            done.ungrouped += self.drop.len();
+            if let Some(u) = self.ungrouped.as_deref_mut() {
+                u.extend(self.drop.iter().map(|&p| self.at.base + frame[p].0));
+            }
+        }
+        let drop = &self.drop;
+        // Every message left out: no frame (a batch has at least one).
+        let all_left = drop.len() == frame.len();
+        let items = frame
+            .iter()
+            .enumerate()
+            .filter(|(p, _)| drop.binary_search(p).is_err())
+            .map(|(_, &(mi, topic_index))| {
                 let m = &msgs[mi];
                 let o = m.extra.as_deref();
                 BatchItem {
@@ -605,7 +768,9 @@ impl FrameWriter<'_, '_> {
                     message_id: o.and_then(|o| o.message_id.as_deref()),
                 }
             });
-            match macula_wire::encode_sealed_batch_frame(
+        let written = match all_left {
+            true => Ok(0),
+            false => macula_wire::encode_sealed_batch_frame(
                 self.out,
                 self.frame_limit,
                 self.publisher,
@@ -613,22 +778,49 @@ impl FrameWriter<'_, '_> {
                 &topics[f.topics.clone()],
                 items,
                 &self.seals,
-            ) {
-                Ok(n) => {
-                    done.frames += 1;
-                    done.messages += n;
-                }
-                Err(_) => done.refused += frame.len(),
+            ),
+        };
+        match written {
+            Ok(0) => {}
+            Ok(n) => {
+                done.frames += 1;
+                done.messages += n;
             }
-            if let Some(marks) = marks.as_deref_mut() {
-                marks.push(Mark {
-                    end: self.out.len(),
-                    consumed: self.at.base + f.consumed,
-                    messages: self.at.messages + done.messages as u64,
-                });
-            }
+            Err(_) => done.refused += frame.len() - self.drop.len(),
+        }
+        if let Some(marks) = marks {
+            marks.push(Mark {
+                end: self.out.len(),
+                consumed: self.at.base + f.consumed,
+                messages: self.at.messages + done.messages as u64,
+            });
         }
     }
+}
+
+/// The digests of the topic groups of the frame's messages `chunk`
+/// (index into `msgs`, index of its topic in the frame), in the order the
+/// groups first appear ([`macula_wire::WholeHasher::group`]).
+fn group_digests_out(msgs: &[OutMsg], chunk: &[(usize, usize)]) -> Vec<[u8; 32]> {
+    let mut hashers: Vec<(usize, WholeHasher)> = Vec::new();
+    let mut last = 0usize;
+    for &(mi, t) in chunk {
+        let g = match hashers.get(last) {
+            Some((lt, _)) if *lt == t => last,
+            _ => match hashers.iter().position(|(lt, _)| *lt == t) {
+                Some(p) => p,
+                None => {
+                    hashers.push((t, WholeHasher::group()));
+                    hashers.len() - 1
+                }
+            },
+        };
+        last = g;
+        let m = &msgs[mi];
+        let (headers, id) = m.signed_extra();
+        hashers[g].1.add(m.seq, &m.topic, &m.payload, headers, id);
+    }
+    hashers.into_iter().map(|(_, h)| h.finish()).collect()
 }
 
 /// The whole hash ([`macula_wire::seal_whole`]) of `msgs`, in order.
@@ -654,7 +846,17 @@ pub fn digest_of(m: &OutMsg) -> [u8; 32] {
 /// The seals of a frame of forwarded messages (`picked`, all sealed): one
 /// per run of messages of one seal, with the digests of the seal's
 /// messages not in the frame.
-fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<Seal>) {
+///
+/// A seal of kind 3 (topic groups) carries the digests of the groups the
+/// frame has none of; the messages of a group the frame has only part of
+/// are left out (their places in `picked` appended to `drop`): they would
+/// not verify.
+fn forwarded_seals(
+    msgs: &[OutMsg],
+    picked: &[(usize, usize)],
+    seals: &mut Vec<Seal>,
+    drop: &mut Vec<usize>,
+) {
     let mut k = 0;
     while k < picked.len() {
         let first = &msgs[picked[k].0];
@@ -662,6 +864,7 @@ fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<S
         let run = &sr.run;
         let n = run.len();
         let mut present = vec![0u8; n.div_ceil(8)];
+        let k0 = k;
         while let Some(&(mi, _)) = picked.get(k) {
             let m = &msgs[mi];
             if !m.same_seal(first) {
@@ -674,6 +877,46 @@ fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<S
                 }
             }
             k += 1;
+        }
+        if run.is_groups_kind() {
+            let all = present
+                .iter()
+                .map(|b| b.count_ones() as usize)
+                .sum::<usize>()
+                == n;
+            let absent = match (all, run.as_sent(&present)) {
+                (true, _) => Vec::new(),
+                (false, Some(sent)) => sent.to_vec(),
+                (false, None) => {
+                    let copy = run.group_copy(&present);
+                    for &i in &copy.drop {
+                        let i = i as usize;
+                        present[i / 8] &= !(1 << (i % 8));
+                        let at = picked[k0..k].iter().position(|&(mi, _)| {
+                            msgs[mi]
+                                .seal
+                                .as_ref()
+                                .is_some_and(|s| s.index as usize == i)
+                        });
+                        if let Some(p) = at {
+                            drop.push(k0 + p);
+                        }
+                    }
+                    copy.absent
+                }
+            };
+            if present.iter().any(|&b| b != 0) {
+                seals.push(Seal {
+                    key: run.key,
+                    sig: run.sig,
+                    n,
+                    present,
+                    absent,
+                    carried: None,
+                    groups: true,
+                });
+            }
+            continue;
         }
         let all = present
             .iter()
@@ -704,6 +947,7 @@ fn forwarded_seals(msgs: &[OutMsg], picked: &[(usize, usize)], seals: &mut Vec<S
             // Kind 2: the digests' hash to a receiver of every message,
             // else the messages' whole hash.
             carried: run.carried(all),
+            groups: false,
         });
     }
 }

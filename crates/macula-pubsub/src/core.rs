@@ -979,6 +979,27 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 self.count_unreported();
             }
         }
+        if encoded.ungrouped > 0 {
+            // Forwarded messages left out because their frame would have
+            // carried only part of their topic group (a seal of kind 3):
+            // reported lost, by topic, like any other drop.
+            if let Some(node) = self.out.node_of(peer) {
+                let left = crate::batch::ungrouped_messages(
+                    msgs,
+                    &batch.publisher,
+                    batch.epoch,
+                    batch.frame_limit,
+                    batch.batch_bytes,
+                );
+                Counters::add(&c.ungrouped_total, left.len() as u64);
+                self.out.note_loss(node, |r| {
+                    left.iter()
+                        .filter_map(|&i| msgs.get(i))
+                        .for_each(|m| r.add(m, 1))
+                });
+                self.count_unreported();
+            }
+        }
     }
 
     /// The sender of `peer` could not write the `msgs` it took, nor the

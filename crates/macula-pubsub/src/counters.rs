@@ -75,6 +75,11 @@ pub struct Counters {
     /// node's frame limit (its HELLO `max_frame_size`); also counted in
     /// `remote_dropped_total`.
     pub too_large_for_peer_total: Counter,
+    /// Forwarded messages left out of a frame because it would have
+    /// carried only part of their topic group in a seal of kind 3 (which
+    /// then would not verify); reported lost to the receiver and also
+    /// counted in `remote_dropped_total`.
+    pub ungrouped_total: Counter,
     /// Interested nodes found unreachable (connection timed out or closed
     /// by the node leaving, or a failed attempt to reach it): their
     /// interest is set aside and nothing is queued to them.
@@ -263,6 +268,12 @@ impl Counters {
         );
         register(
             r,
+            "macula_pubsub_ungrouped",
+            "Forwarded messages left out because their frame would have carried only part of their topic group (a seal of kind 3); reported lost to the receiver.",
+            self.ungrouped_total.clone(),
+        );
+        register(
+            r,
             "macula_pubsub_peers_unreachable",
             "Interested nodes found unreachable (connection timed out, node left, or not reachable): their interest is set aside.",
             self.peers_unreachable_total.clone(),
@@ -358,9 +369,9 @@ mod tests {
         c.subscriptions.set(2);
         let text = render(&c);
         c.delivery_wait.0.observe(0.5);
-        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 32);
-        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 32);
-        assert_eq!(text.matches(" counter\n").count(), 30);
+        assert_eq!(text.matches("# TYPE macula_pubsub_").count(), 33);
+        assert_eq!(text.matches("# HELP macula_pubsub_").count(), 33);
+        assert_eq!(text.matches(" counter\n").count(), 31);
         assert!(text.contains("# TYPE macula_pubsub_delivery_wait_seconds histogram\n"));
         assert!(text.contains("macula_pubsub_delivery_wait_seconds_count 0\n"));
         assert!(render(&c).contains("macula_pubsub_delivery_wait_seconds_count 1\n"));

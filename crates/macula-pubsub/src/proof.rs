@@ -18,6 +18,14 @@
 //! It carries the one its receiver does not compute: a receiver of all its
 //! messages hashes them whole (no digest per message), one of some
 //! computes their digests.
+//!
+//! A seal of kind 3 (format 3, PROTOCOL.md §5.3 "Seals over topic
+//! groups") signs one digest per topic group (its messages of one topic,
+//! in order, hashed as one input: [`macula_wire::WholeHasher::group`]):
+//! neither the publisher nor a receiver hashes a message alone. A copy
+//! carries whole groups and the digests of the others; a forwarder that
+//! would send part of a group leaves that part out and reports it lost
+//! ([`SealedRun::group_copy`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -25,7 +33,8 @@ use bytes::Bytes;
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use macula_wire::{
-    event_digest, seal_hash, seal_hash_whole, NodeId, PublishBatchView, Seal, WholeHasher,
+    event_digest, seal_hash, seal_hash_groups, seal_hash_whole, NodeId, PublishBatchView, Seal,
+    WholeHasher,
 };
 
 /// Domain tag in front of the seal hash in what is signed (a seal of
@@ -36,6 +45,10 @@ const SIGN_TAG: &[u8] = b"macula pub/sub seal v1";
 /// [`SIGN_TAG`], so the two signed messages never coincide.
 const SIGN_TAG_WHOLE: &[u8] = b"macula pub/sub seal v2";
 const _: () = assert!(SIGN_TAG.len() == SIGN_TAG_WHOLE.len());
+/// Domain tag in front of the seal hash of a seal of kind 3 (over its
+/// topic groups' digests), the same length again.
+const SIGN_TAG_GROUPS: &[u8] = b"macula pub/sub seal v3";
+const _: () = assert!(SIGN_TAG.len() == SIGN_TAG_GROUPS.len());
 
 /// The seal of one batch a publisher signed: its key, its signature and
 /// the digests of every message it covers (in seq order). Shared by every
@@ -48,6 +61,14 @@ pub struct SealedRun {
     /// A seal of kind 2 (format 3): its signature covers the messages
     /// hashed whole and the hash of their digests.
     whole_kind: bool,
+    /// A seal of kind 3 (format 3): its signature covers the digests of
+    /// its topic groups.
+    groups_kind: bool,
+    /// Kind 3: the group of each message and the groups' digests.
+    groups: OnceLock<Groups>,
+    /// Kind 3: at least as many as its groups known here (what the
+    /// digests a copy carries are bounded by), counted without hashing.
+    n_groups: usize,
     publisher: NodeId,
     epoch: u64,
     digests: OnceLock<Vec<[u8; 32]>>,
@@ -62,6 +83,29 @@ pub struct SealedRun {
     /// messages are computed from it only when a forwarded frame leaves
     /// some of them out.
     source: Option<Source>,
+}
+
+/// The topic groups of a seal of kind 3 as a node knows them.
+#[derive(Debug, Default)]
+struct Groups {
+    /// Per message of the seal: its group (an index into `digests`), or
+    /// `u32::MAX` when it is not in the frame the seal came in.
+    of: Vec<u32>,
+    /// Messages of each group present in that frame.
+    count: Vec<u32>,
+    /// Digests of the groups present in that frame, in the order of
+    /// `count`, then those of the groups it carried (absent from it).
+    digests: Vec<[u8; 32]>,
+}
+
+/// What a copy of a seal of kind 3 carries ([`SealedRun::group_copy`]).
+#[derive(Debug, Default)]
+pub struct GroupCopy {
+    /// The digests of the groups none of whose messages the copy has.
+    pub absent: Vec<[u8; 32]>,
+    /// Messages of the seal (indices) the copy must leave out: it has
+    /// only part of their group (counted and reported lost).
+    pub drop: Vec<u32>,
 }
 
 /// A publisher's frame as it came: its body, and its seal's bitmap of the
@@ -84,6 +128,9 @@ impl SealedRun {
             sig,
             n: digests.len(),
             whole_kind: false,
+            groups_kind: false,
+            groups: OnceLock::new(),
+            n_groups: 0,
             publisher: NodeId::from_bytes([0; 32]),
             epoch: 0,
             digests: OnceLock::from(digests),
@@ -102,6 +149,12 @@ impl SealedRun {
             sig: seal.sig,
             n: seal.n,
             whole_kind: seal.carried.is_some(),
+            groups_kind: seal.groups,
+            groups: OnceLock::new(),
+            n_groups: match seal.groups {
+                true => seal.absent.len() + topics_in(view, first, seal.present_count()),
+                false => 0,
+            },
             publisher: view.publisher,
             epoch: view.epoch,
             digests: OnceLock::new(),
@@ -126,6 +179,73 @@ impl SealedRun {
     /// Whether the seal is of kind 2 (format 3: see [`Seal::carried`]).
     pub fn is_whole_kind(&self) -> bool {
         self.whole_kind
+    }
+
+    /// Whether the seal is of kind 3 (topic groups: see [`Seal::groups`]).
+    pub fn is_groups_kind(&self) -> bool {
+        self.groups_kind
+    }
+
+    /// Kind 3: at least as many as its groups known here (those of the
+    /// frame it came in, and those it carried digests of).
+    pub fn group_count(&self) -> usize {
+        self.n_groups
+    }
+
+    /// Kind 3: what a copy whose messages are `present` (the seal's
+    /// bitmap) carries: the digests of the groups it has none of, and
+    /// the messages it must leave out because it has only part of their
+    /// group (their digest is then sent in their place, so the rest of
+    /// the copy still verifies).
+    pub fn group_copy(&self, present: &[u8]) -> GroupCopy {
+        let g = self.groups();
+        let mut here = vec![0u32; g.count.len()];
+        let is = |i: usize| present.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+        for (i, &grp) in g.of.iter().enumerate() {
+            if is(i) {
+                if let Some(h) = here.get_mut(grp as usize) {
+                    *h += 1;
+                }
+            }
+        }
+        let mut out = GroupCopy::default();
+        for (grp, (&h, &c)) in here.iter().zip(&g.count).enumerate() {
+            if h != c {
+                out.absent.push(g.digests[grp]);
+                if h > 0 {
+                    out.drop.extend(
+                        (0..g.of.len() as u32)
+                            .filter(|&i| g.of[i as usize] as usize == grp && is(i as usize)),
+                    );
+                }
+            }
+        }
+        out.absent.extend_from_slice(&g.digests[g.count.len()..]);
+        out
+    }
+
+    /// Kind 3: the groups, computed from the source frame if not known.
+    fn groups(&self) -> &Groups {
+        self.groups.get_or_init(|| {
+            let Some(src) = &self.source else {
+                return Groups::default();
+            };
+            let Ok(v) = PublishBatchView::decode(&src.body) else {
+                return Groups::default();
+            };
+            let k: usize = src.present.iter().map(|b| b.count_ones() as usize).sum();
+            let Some(entries) = v.entries.get(src.first..src.first + k) else {
+                return Groups::default();
+            };
+            let present = |i: usize| {
+                src.present
+                    .get(i / 8)
+                    .is_some_and(|b| b & (1 << (i % 8)) != 0)
+            };
+            let mut g = group_entries(&v, entries, self.n, present);
+            g.digests.extend_from_slice(&src.absent);
+            g
+        })
     }
 
     /// What a copy of this seal carries besides its messages and the
@@ -177,7 +297,7 @@ impl SealedRun {
         (src.present == present).then_some(&src.absent[..])
     }
 
-    /// The digests of the messages it covers, in order.
+    /// The digests of the messages it covers, in order (kinds 1 and 2).
     pub fn digests(&self) -> &[[u8; 32]] {
         self.digests.get_or_init(|| {
             let (Some(src), n) = (&self.source, self.n) else {
@@ -270,12 +390,33 @@ impl ProofError {
 pub struct Signer {
     key: SigningKey,
     public: [u8; 32],
+    groups: bool,
 }
 
 impl Signer {
+    /// Seals a frame of small messages by topic groups (kind 3).
     pub fn new(key: SigningKey) -> Signer {
         let public = key.verifying_key().to_bytes();
-        Signer { key, public }
+        Signer {
+            key,
+            public,
+            groups: true,
+        }
+    }
+
+    /// Seals as before kind 3 (a frame of small messages in seals of kind
+    /// 2 of at most 256): for meshes whose nodes read format 3 but not
+    /// kind 3 seals.
+    pub fn without_groups(self) -> Signer {
+        Signer {
+            groups: false,
+            ..self
+        }
+    }
+
+    /// Whether a frame of small messages is sealed by topic groups.
+    pub fn seals_groups(&self) -> bool {
+        self.groups
     }
 
     /// The seal over `digests` of all the messages of one batch.
@@ -296,7 +437,7 @@ impl Signer {
         digests: &[[u8; 32]],
     ) -> ([u8; 64], [u8; 32]) {
         let digests_hash = seal_hash(publisher, epoch, digests);
-        let msg = signed_message(true, &seal_hash_whole(whole, &digests_hash));
+        let msg = signed_message(Tag::Whole, &seal_hash_whole(whole, &digests_hash));
         (self.key.sign(&msg).to_bytes(), digests_hash)
     }
 
@@ -316,6 +457,33 @@ impl Signer {
             present,
             absent: Vec::new(),
             carried: Some(digests_hash),
+            groups: false,
+        }
+    }
+
+    /// Signs, in a seal of kind 3, the `n` messages this node publishes
+    /// as `publisher` whose topic groups' digests are `groups` (sorted
+    /// here).
+    pub fn sign_groups(
+        &self,
+        publisher: &NodeId,
+        epoch: u64,
+        n: usize,
+        groups: &mut [[u8; 32]],
+    ) -> [u8; 64] {
+        let hash = seal_hash_groups(publisher, epoch, n, groups);
+        self.key
+            .sign(&signed_message(Tag::Groups, &hash))
+            .to_bytes()
+    }
+
+    /// The seal of kind 3 `sig` of `n` messages, as the frame carrying all
+    /// of them sends it.
+    pub fn seal_groups_complete(&self, sig: [u8; 64], n: usize) -> Seal {
+        Seal {
+            carried: None,
+            groups: true,
+            ..self.seal_complete(sig, n, [0; 32])
         }
     }
 
@@ -347,6 +515,7 @@ impl Signer {
             present,
             absent,
             carried: None,
+            groups: false,
         }
     }
 }
@@ -359,7 +528,7 @@ impl std::fmt::Debug for Signer {
 
 /// Signs the digests of messages `publisher` published under `epoch`.
 pub fn sign(key: &SigningKey, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 64] {
-    let msg = signed_message(false, &seal_hash(publisher, epoch, digests));
+    let msg = signed_message(Tag::Digests, &seal_hash(publisher, epoch, digests));
     key.sign(&msg).to_bytes()
 }
 
@@ -405,6 +574,70 @@ fn whole_of(view: &PublishBatchView<'_>, entries: &[macula_wire::BatchEntry<'_>]
         );
     }
     h.finish()
+}
+
+/// Distinct topic indices of `k` entries of `view` from `first` on.
+fn topics_in(view: &PublishBatchView<'_>, first: usize, k: usize) -> usize {
+    let mut seen = [0u64; 4];
+    let mut count = 0;
+    for e in view.entries.iter().skip(first).take(k) {
+        let t = e.topic_index % 256;
+        if seen[t / 64] & (1 << (t % 64)) == 0 {
+            seen[t / 64] |= 1 << (t % 64);
+            count += 1;
+        }
+    }
+    count
+}
+
+/// The topic groups of `entries` of `view`, the present messages of a
+/// seal of `n` (`present(i)`: message `i` of the seal is among them):
+/// each group's messages hashed as one input, in order.
+fn group_entries(
+    view: &PublishBatchView<'_>,
+    entries: &[macula_wire::BatchEntry<'_>],
+    n: usize,
+    present: impl Fn(usize) -> bool,
+) -> Groups {
+    let mut g = Groups {
+        of: vec![u32::MAX; n],
+        count: Vec::new(),
+        digests: Vec::new(),
+    };
+    // (topic, hasher) per group; the last one used first looked at.
+    let mut hashers: Vec<(&str, WholeHasher)> = Vec::new();
+    let mut last = 0usize;
+    let mut entries = entries.iter();
+    for i in 0..n {
+        if !present(i) {
+            continue;
+        }
+        let Some(e) = entries.next() else { break };
+        let topic = view.topics.get(e.topic_index).copied().unwrap_or("");
+        let grp = match hashers.get(last) {
+            Some((t, _)) if *t == topic => last,
+            _ => match hashers.iter().position(|(t, _)| *t == topic) {
+                Some(p) => p,
+                None => {
+                    hashers.push((topic, WholeHasher::group()));
+                    g.count.push(0);
+                    hashers.len() - 1
+                }
+            },
+        };
+        last = grp;
+        hashers[grp].1.add(
+            e.seq,
+            topic,
+            e.payload,
+            e.headers.iter().copied(),
+            e.message_id,
+        );
+        g.of[i] = grp as u32;
+        g.count[grp] += 1;
+    }
+    g.digests = hashers.into_iter().map(|(_, h)| h.finish()).collect();
+    g
 }
 
 fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>) -> [u8; 32] {
@@ -620,15 +853,29 @@ fn prepare(
         return Ok(None);
     }
     let vk = keys.get(&run.key)?;
-    Ok(Some((signed_message(run.whole_kind, &hash), vk)))
+    let tag = match (run.groups_kind, run.whole_kind) {
+        (true, _) => Tag::Groups,
+        (false, true) => Tag::Whole,
+        (false, false) => Tag::Digests,
+    };
+    Ok(Some((signed_message(tag, &hash), vk)))
+}
+
+/// A seal kind's signing tag.
+#[derive(Clone, Copy)]
+enum Tag {
+    Digests,
+    Whole,
+    Groups,
 }
 
 /// What a seal's signature signs: its kind's tag, then `hash`.
-fn signed_message(whole_kind: bool, hash: &[u8; 32]) -> [u8; SIGN_TAG.len() + 32] {
+fn signed_message(tag: Tag, hash: &[u8; 32]) -> [u8; SIGN_TAG.len() + 32] {
     let mut msg = [0u8; SIGN_TAG.len() + 32];
-    msg[..SIGN_TAG.len()].copy_from_slice(match whole_kind {
-        true => SIGN_TAG_WHOLE,
-        false => SIGN_TAG,
+    msg[..SIGN_TAG.len()].copy_from_slice(match tag {
+        Tag::Digests => SIGN_TAG,
+        Tag::Whole => SIGN_TAG_WHOLE,
+        Tag::Groups => SIGN_TAG_GROUPS,
     });
     msg[SIGN_TAG.len()..].copy_from_slice(hash);
     msg
@@ -650,6 +897,35 @@ fn check_seal<'a, 'b: 'a>(
     let bad = || ProofError::BadSignature {
         publisher: view.publisher,
     };
+    if seal.groups {
+        // The decoder checked that the seals cover the entries exactly.
+        let first = refs.len();
+        let k = seal.present_count();
+        let mine = view.entries.get(first..first + k).ok_or_else(bad)?;
+        for _ in 0..k {
+            entries.next().ok_or_else(bad)?;
+        }
+        let mut g = group_entries(view, mine, seal.n, |i| seal.is_present(i));
+        let mut all = g.digests.clone();
+        all.extend_from_slice(&seal.absent);
+        let hash = seal_hash_groups(&view.publisher, view.epoch, seal.n, &mut all);
+        g.digests.extend_from_slice(&seal.absent);
+        let run = SealedRun {
+            source: None,
+            ..SealedRun::from_seal(view, seal, &Bytes::new(), first)
+        };
+        let _ = run.groups.set(g);
+        let run = Arc::new(run);
+        refs.extend(
+            (0..seal.n as u32)
+                .filter(|&i| seal.is_present(i as usize))
+                .map(|index| SealRef {
+                    run: run.clone(),
+                    index,
+                }),
+        );
+        return Ok((run, hash));
+    }
     if let (Some(carried), true) = (seal.carried, seal.is_complete()) {
         // The decoder checked that the seals cover the entries exactly.
         let first = refs.len();
@@ -743,6 +1019,15 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
         let body = Bytes::copy_from_slice(data);
         if let Ok(each) = verify_each_with(&view, Some(&body), &mut KeyCache::default()) {
             for r in each.refs.iter().take(64) {
+                if r.run.is_groups_kind() {
+                    // A copy of this message alone: whatever the seal
+                    // held, an answer.
+                    let mut present = vec![0u8; r.run.len().div_ceil(8)];
+                    present[r.index as usize / 8] |= 1 << (r.index % 8);
+                    let copy = r.run.group_copy(&present);
+                    assert!(copy.drop.iter().all(|&i| (i as usize) < r.run.len()));
+                    continue;
+                }
                 let _ = (r.run.carried(true), r.run.carried(false));
                 assert_eq!(r.run.digests().len(), r.run.len());
             }
@@ -757,6 +1042,143 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
                     view.entries.len()
                 }
             );
+        }
+    }
+}
+
+/// Fuzz entry point for seals of kind 3 (topic groups): `data` makes up
+/// up to 64 messages on three topics, sealed by a fixed key as one seal
+/// of kind 3, and a subset of them, a forwarded copy. The complete frame
+/// must verify; the copy ([`SealedRun::group_copy`]: whole groups and the
+/// others' digests, part of a group left out) must verify and hold only
+/// whole groups; the copy with one byte changed (chosen by `data`) must
+/// answer, never panic, and verify only if it decodes to the same
+/// messages. Shared by `fuzz/fuzz_targets/publish_batch_groups.rs` and
+/// the property tests.
+pub fn fuzz_group_copies(data: &[u8]) {
+    const TOPICS: [&str; 3] = ["a.x", "b.y", "c.z"];
+    let Some((&head, rest)) = data.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        return;
+    }
+    let at = |i: usize| rest[i % rest.len()];
+    let n = 1 + usize::from(head) % 64;
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let publisher = NodeId::from_public_key(&key.verifying_key().to_bytes());
+    let epoch = 5;
+    // (seq, topic index, payload)
+    let msgs: Vec<(u64, usize, &[u8])> = (0..n)
+        .map(|i| {
+            let from = i % rest.len();
+            let len = usize::from(at(i + 1)) % 24;
+            let to = (from + len).min(rest.len());
+            (i as u64 + 1, usize::from(at(i)) % 3, &rest[from..to])
+        })
+        .collect();
+    let mut groups: Vec<[u8; 32]> = (0..3)
+        .filter(|t| msgs.iter().any(|m| m.1 == *t))
+        .map(|t| {
+            macula_wire::group_digest(msgs.iter().filter(|m| m.1 == t).map(|m| {
+                (
+                    m.0,
+                    TOPICS[m.1],
+                    m.2,
+                    std::iter::empty::<(&str, &str)>(),
+                    None,
+                )
+            }))
+        })
+        .collect();
+    let signer = Signer::new(key);
+    let sig = signer.sign_groups(&publisher, epoch, n, &mut groups);
+    let seal = signer.seal_groups_complete(sig, n);
+    let encode = |keep: &dyn Fn(usize) -> bool, seal: &Seal| -> Bytes {
+        let items = msgs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, m)| macula_wire::BatchItem {
+                seq: m.0,
+                topic_index: m.1,
+                payload: m.2,
+                headers: &[],
+                message_id: None,
+            });
+        let mut buf = Vec::new();
+        match macula_wire::encode_sealed_batch_frame(
+            &mut buf,
+            1 << 20,
+            &publisher,
+            epoch,
+            &TOPICS,
+            items,
+            std::slice::from_ref(seal),
+        ) {
+            Ok(_) => Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]),
+            Err(e) => panic!("a genuine frame encodes: {e}"),
+        }
+    };
+    let body = encode(&|_| true, &seal);
+    let Ok(view) = PublishBatchView::decode(&body) else {
+        panic!("a genuine frame decodes");
+    };
+    assert_eq!(verify(&view).map(|r| r.len()).ok(), Some(n));
+    // A copy of some: whole groups, the others' digests.
+    let Some(refs) = adopt(&view, &body) else {
+        panic!("a complete seal is adopted");
+    };
+    let run = &refs[0].run;
+    let mut present = vec![0u8; n.div_ceil(8)];
+    for i in (0..n).filter(|&i| at(3 * i + 2) & 1 == 1) {
+        present[i / 8] |= 1 << (i % 8);
+    }
+    let copy = run.group_copy(&present);
+    for &i in &copy.drop {
+        present[i as usize / 8] &= !(1 << (i % 8));
+    }
+    if present.iter().all(|&b| b == 0) {
+        return;
+    }
+    let is = |i: usize| present[i / 8] & (1 << (i % 8)) != 0;
+    // Only whole groups: a topic is all in or all out.
+    for t in 0..3 {
+        let mut of = msgs.iter().enumerate().filter(|(_, m)| m.1 == t);
+        if let Some((first, _)) = of.next() {
+            assert!(of.all(|(i, _)| is(i) == is(first)), "a whole group");
+        }
+    }
+    let part = Seal {
+        present: present.clone(),
+        absent: copy.absent,
+        ..seal.clone()
+    };
+    let copy_body = encode(&is, &part);
+    let Ok(cv) = PublishBatchView::decode(&copy_body) else {
+        panic!("a copy decodes");
+    };
+    let kept = (0..n).filter(|&i| is(i)).count();
+    assert_eq!(
+        verify(&cv).map(|r| r.len()).ok(),
+        Some(kept),
+        "a copy verifies"
+    );
+    // One byte changed: refused, or the same messages.
+    let mut bad = copy_body.to_vec();
+    let i = usize::from(at(7)) * 31 % bad.len();
+    bad[i] ^= at(11) | 1;
+    if let Ok(bv) = PublishBatchView::decode(&bad) {
+        if verify(&bv).is_ok() {
+            let same = |a: &PublishBatchView<'_>, b: &PublishBatchView<'_>| {
+                a.entries.len() == b.entries.len()
+                    && a.entries.iter().zip(&b.entries).all(|(x, y)| {
+                        x.seq == y.seq
+                            && x.payload == y.payload
+                            && a.topics.get(x.topic_index) == b.topics.get(y.topic_index)
+                    })
+            };
+            assert!(same(&bv, &cv), "a changed copy verified");
         }
     }
 }

@@ -37,9 +37,19 @@ fn node(me: u8) -> Core {
 }
 
 fn client(me: u8, gateway: u8, sign: bool) -> Core {
+    client_kind(me, gateway, sign, false)
+}
+
+/// A client whose frames of small messages are sealed by topic groups
+/// (kind 3, `groups`) or, as before, in seals of kind 2 of at most 256.
+fn client_kind(me: u8, gateway: u8, sign: bool, groups: bool) -> Core {
     let mut c = Config::new(id(me), 150, REALM, Role::Client, 1 << 20);
     if sign {
-        c.signer = Some(Arc::new(Signer::new(key(me))));
+        let s = Signer::new(key(me));
+        c.signer = Some(Arc::new(match groups {
+            true => s,
+            false => s.without_groups(),
+        }));
     }
     let mut c = PubSubCore::new(c);
     c.set_gateway(Some(id(gateway)));
@@ -361,7 +371,13 @@ fn a_trace_context_rewritten_on_the_way_still_verifies() {
 /// alternating, the index at the end of each payload) and writes them to
 /// its gateway: the frames.
 fn client_frames(n: usize, len: usize) -> Vec<Bytes> {
-    let mut c = client(50, 1, true);
+    client_frames_kind(n, len, false)
+}
+
+/// [`client_frames`], the client sealing frames of small messages by
+/// topic groups (kind 3) when `groups`.
+fn client_frames_kind(n: usize, len: usize, groups: bool) -> Vec<Bytes> {
+    let mut c = client_kind(50, 1, true, groups);
     for i in 0..n {
         let topic = if i % 2 == 0 { "t.a" } else { "u.b" };
         let mut p = vec![b'x'; len];
@@ -925,8 +941,9 @@ mod props {
             // under one seal (seals spanning frames) as well as one.
             msgs in proptest::collection::vec((any::<bool>(), 0usize..3_000), 1..120),
             limit in 1024u32..40_000,
+            groups in any::<bool>(),
         ) {
-            let mut c = client(50, 1, true);
+            let mut c = client_kind(50, 1, true, groups);
             for (i, (t, len)) in msgs.iter().enumerate() {
                 let topic = if *t { "t.a" } else { "u.b" };
                 let mut p = vec![b'x'; *len];
@@ -983,8 +1000,12 @@ mod props {
             let got = receive(&mut b, id(1), &fwd, &mut BatchReceiver::new(false));
             prop_assert_eq!(unproved(&b), 0);
             let too_large = gw.counters().too_large_for_peer_total.get();
+            // A topic group of a client's frame (kind 3) larger than the
+            // receiver's frame cannot go whole: left out, counted.
+            let ungrouped = gw.counters().ungrouped_total.get();
+            prop_assert!(groups || ungrouped == 0);
             let want = msgs.iter().filter(|(t, _)| *t).count() as u64;
-            prop_assert_eq!(got.len() as u64 + too_large, want);
+            prop_assert_eq!(got.len() as u64 + too_large + ungrouped, want);
             if limit >= 16_384 {
                 // A seal of at most OWN_SEAL_MAX messages fits.
                 prop_assert_eq!(too_large, 0);
@@ -1000,14 +1021,19 @@ mod props {
             n in 1usize..1_500,
             len in 0usize..200,
             limit in 16_384u32..100_000,
+            groups in any::<bool>(),
         ) {
-            let bodies = client_frames(n, len);
+            let bodies = client_frames_kind(n, len, groups);
             let mut gw = node(1);
             let mut rx = BatchReceiver::new(true);
             let mut senders = Vec::new();
             for b in &bodies {
                 let view = PublishBatchView::decode(b).unwrap();
-                prop_assert!(view.seals.iter().all(|s| s.n <= macula_pubsub::batch::OWN_SEAL_MAX));
+                let max = match groups {
+                    true => macula_wire::pubsub::MAX_SEAL_ENTRIES,
+                    false => macula_pubsub::batch::OWN_SEAL_MAX,
+                };
+                prop_assert!(view.seals.iter().all(|s| s.n <= max && s.groups == groups));
                 prop_assert!(macula_pubsub::proof::verify(&view).is_ok());
                 gw.handle_batch(id(50), macula_wire::MessageType::PublishBatch as u8, b, &mut rx, Millis(1))
                     .unwrap();
@@ -1040,16 +1066,32 @@ mod props {
             r.subscribe("t.*", 7).unwrap();
             let got = receive(&mut r, id(1), &fwd, &mut BatchReceiver::new(false));
             prop_assert_eq!(unproved(&r), 0);
-            prop_assert_eq!(got.len(), n.div_ceil(2));
+            let ungrouped = gw.counters().ungrouped_total.get() as usize;
+            prop_assert_eq!(got.len() + ungrouped, n.div_ceil(2));
+            if limit >= 70_000 {
+                // A client frame's group fits the receiver's frame whole.
+                prop_assert_eq!(ungrouped, 0);
+            }
             prop_assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+        }
+
+        /// Seals of kind 3: a frame and any copy of some of its
+        /// messages verify, copies hold whole groups, a changed copy
+        /// does not verify (see `fuzz_group_copies`).
+        #[test]
+        fn topic_group_copies_verify_and_changed_ones_do_not(
+            data in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            macula_pubsub::proof::fuzz_group_copies(&data);
         }
 
         #[test]
         fn mutated_sealed_batches_are_refused_or_verified_never_panic(
             at in any::<prop::sample::Index>(),
             byte in any::<u8>(),
+            groups in any::<bool>(),
         ) {
-            let mut c = client(50, 1, true);
+            let mut c = client_kind(50, 1, true, groups);
             for i in 0..5 {
                 c.publish_upstream("t.a", Bytes::from(format!("m{i}")), PublishOptions::default(), Millis(0), &mut Vec::new())
                     .unwrap();
@@ -1068,4 +1110,429 @@ mod props {
             }
         }
     }
+}
+
+// Seals of kind 3: topic groups (PROTOCOL.md §5.3, "Seals over topic groups").
+
+/// Gateway 1 adopts client 50's frame `body` and forwards it with
+/// `records` as routes: the copies, per receiving node.
+fn forward_groups(body: &Bytes, records: &[(&str, u8, &str)]) -> HashMap<NodeId, Vec<Bytes>> {
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    gw.handle_batch(
+        id(50),
+        macula_wire::MessageType::PublishBatch as u8,
+        body,
+        &mut rx,
+        Millis(1),
+    )
+    .unwrap();
+    let view = PublishBatchView::decode(body).unwrap();
+    let routes: Vec<_> = view
+        .topics
+        .iter()
+        .map(|t| Some(route(&mut gw, records, t)))
+        .collect();
+    let seals = rx.seals.clone();
+    gw.forward_from_client(id(50), &view, body, &routes, &[], &seals, Millis(1));
+    let mut copies = HashMap::new();
+    for (q, to) in starts(&mut gw) {
+        copies.insert(to, transmit(&mut gw, q));
+    }
+    copies
+}
+
+/// Node `me` (subscribed to everything) receives `bodies` from gateway 1:
+/// the payload indices delivered (all proved by signature), and the
+/// messages dropped as unproved.
+fn deliver_indices(me: u8, bodies: &[Bytes]) -> (Vec<usize>, u64) {
+    let mut n = node(me);
+    n.subscribe("**", 7).unwrap();
+    let got = receive(&mut n, id(1), bodies, &mut BatchReceiver::new(false));
+    assert!(got
+        .iter()
+        .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+    let have = got
+        .iter()
+        .map(|e| {
+            let p = std::str::from_utf8(&e.payload[e.payload.len() - 3..]).unwrap();
+            p.trim_start_matches('x').parse().unwrap()
+        })
+        .collect();
+    (have, unproved(&n))
+}
+
+/// `view`'s entries but those in `skip`, under `seals`.
+fn reencode_without(
+    view: &PublishBatchView<'_>,
+    skip: &[usize],
+    seals: &[macula_wire::Seal],
+) -> Bytes {
+    let items = view
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !skip.contains(i))
+        .map(|(_, e)| BatchItem {
+            seq: e.seq,
+            topic_index: e.topic_index,
+            payload: e.payload,
+            headers: &[],
+            message_id: None,
+        });
+    let mut buf = Vec::new();
+    macula_wire::encode_sealed_batch_frame(
+        &mut buf,
+        1 << 20,
+        &view.publisher,
+        view.epoch,
+        &view.topics,
+        items,
+        seals,
+    )
+    .unwrap();
+    Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..])
+}
+
+#[test]
+fn a_frame_of_small_messages_is_sealed_by_topic_groups_and_copies_carry_whole_groups() {
+    // 700 messages of 64 B, t.a and u.b alternating: one frame, one seal
+    // of kind 3 over both topic groups (no digest per message), one
+    // signature for the 700.
+    let bodies = client_frames_kind(700, 64, true);
+    assert_eq!(bodies.len(), 1, "one frame");
+    assert_eq!(bodies[0][0], 3, "format 3");
+    let view = PublishBatchView::decode(&bodies[0]).unwrap();
+    assert_eq!(view.entries.len(), 700);
+    assert_eq!(view.seals.len(), 1);
+    let seal = &view.seals[0];
+    assert!(seal.groups && seal.carried.is_none() && seal.absent.is_empty());
+    assert_eq!(seal.n, 700);
+    assert_eq!(
+        macula_pubsub::proof::verify(&view).map(|r| r.len()),
+        Ok(700)
+    );
+    // Node 4 wants both topics: the client's seal as it came; nodes 2
+    // and 3 one group each, with the other group's digest.
+    let copies = forward_groups(
+        &bodies[0],
+        &[
+            ("t", 2, "t.*"),
+            ("u", 3, "u.*"),
+            ("t", 4, "t.*"),
+            ("u", 4, "u.*"),
+        ],
+    );
+    assert_eq!(copies.len(), 3);
+    for (me, want) in [
+        (2u8, (0..700).step_by(2).collect::<Vec<usize>>()),
+        (3, (1..700).step_by(2).collect()),
+        (4, (0..700).collect()),
+    ] {
+        let c = &copies[&id(me)];
+        assert_eq!(c.len(), 1, "node {me}: one frame");
+        let v = PublishBatchView::decode(&c[0]).unwrap();
+        assert_eq!(v.seals.len(), 1);
+        let s = &v.seals[0];
+        assert!(s.groups && s.carried.is_none());
+        assert_eq!(s.sig, seal.sig);
+        assert_eq!(s.absent.len(), usize::from(me != 4), "node {me}");
+        let (have, bad) = deliver_indices(me, c);
+        assert_eq!(have, want, "node {me}");
+        assert_eq!(bad, 0);
+    }
+}
+
+#[test]
+fn forged_topic_groups_are_dropped_and_counted_never_delivered() {
+    let body = client_frames_kind(40, 16, true).remove(0);
+    let view = PublishBatchView::decode(&body).unwrap();
+    let copies = forward_groups(&body, &[("t", 2, "t.*"), ("t", 4, "t.*"), ("u", 4, "u.*")]);
+    let half = copies[&id(2)][0].clone();
+    let hv = PublishBatchView::decode(&half).unwrap();
+    assert_eq!((hv.entries.len(), hv.seals[0].absent.len()), (20, 1));
+    // Genuine: the t.a group, proved.
+    let (have, bad) = deliver_indices(2, std::slice::from_ref(&half));
+    assert_eq!((have.len(), bad), (20, 0));
+    let changed = |i: usize| {
+        let mut p = hv.entries[i].payload.to_vec();
+        if i == 3 {
+            p[0] ^= 1;
+        }
+        p
+    };
+    let mut carried = hv.seals.clone();
+    carried[0].absent[0][0] ^= 1;
+    // The group it has, also named as absent: not the signed set.
+    let mut twice = hv.seals.clone();
+    let own = macula_wire::group_digest(hv.entries.iter().map(|e| {
+        (
+            e.seq,
+            hv.topics[e.topic_index],
+            e.payload,
+            std::iter::empty::<(&str, &str)>(),
+            None,
+        )
+    }));
+    twice[0].absent.push(own);
+    // Part of the group (its last message left out, its bit cleared):
+    // what a forwarder dropping one message would send unless it left
+    // the rest out too.
+    let mut part = hv.seals.clone();
+    let last = (0..part[0].n)
+        .rev()
+        .find(|&i| part[0].is_present(i))
+        .unwrap();
+    part[0].present[last / 8] &= !(1 << (last % 8));
+    // Downgrades: the same signature presented as a seal of kind 1 (the
+    // per-message digests of all 40, computed honestly) or of kind 2.
+    let digests: Vec<[u8; 32]> = view
+        .entries
+        .iter()
+        .map(|e| {
+            macula_wire::event_digest(
+                e.seq,
+                view.topics[e.topic_index],
+                e.payload,
+                std::iter::empty::<(&str, &str)>(),
+                None,
+            )
+        })
+        .collect();
+    let mut as_kind1 = view.seals.clone();
+    as_kind1[0].groups = false;
+    let mut as_kind2 = as_kind1.clone();
+    as_kind2[0].carried = Some(macula_wire::seal_hash(
+        &view.publisher,
+        view.epoch,
+        &digests,
+    ));
+    for (what, forged, me, lost) in [
+        (
+            "a payload changed",
+            reencode(&hv, &changed, &hv.seals),
+            2u8,
+            20u64,
+        ),
+        (
+            "the carried group digest changed",
+            reencode(&hv, &|i| hv.entries[i].payload.to_vec(), &carried),
+            2,
+            20,
+        ),
+        (
+            "a present group also carried",
+            reencode(&hv, &|i| hv.entries[i].payload.to_vec(), &twice),
+            2,
+            20,
+        ),
+        (
+            "part of a group",
+            reencode_without(&hv, &[19], &part),
+            2,
+            19,
+        ),
+        (
+            "downgraded to kind 1",
+            reencode(&view, &|i| view.entries[i].payload.to_vec(), &as_kind1),
+            4,
+            40,
+        ),
+        (
+            "downgraded to kind 2",
+            reencode(&view, &|i| view.entries[i].payload.to_vec(), &as_kind2),
+            4,
+            40,
+        ),
+    ] {
+        let (have, bad) = deliver_indices(me, &[forged]);
+        assert!(have.is_empty(), "{what}: nothing delivered");
+        assert_eq!(bad, lost, "{what}: counted");
+    }
+}
+
+#[test]
+fn one_topic_group_is_hashed_once_and_a_forged_one_is_dropped() {
+    // The benchmark's case: one topic, so one group: the receiver hashes
+    // the seal's messages as one input.
+    let mut c = client_kind(50, 1, true, true);
+    for i in 0..300 {
+        c.publish_upstream(
+            "t.a",
+            Bytes::from(format!("x{i:03}")),
+            PublishOptions::default(),
+            Millis(0),
+            &mut Vec::new(),
+        )
+        .unwrap();
+    }
+    let (q, _) = starts(&mut c)[0];
+    let body = transmit(&mut c, q).remove(0);
+    let view = PublishBatchView::decode(&body).unwrap();
+    assert_eq!((view.seals.len(), view.seals[0].n), (1, 300));
+    let copies = forward_groups(&body, &[("t", 4, "t.*")]);
+    let (have, bad) = deliver_indices(4, &copies[&id(4)]);
+    assert_eq!((have.len(), bad), (300, 0));
+    // A second message put in the place of one: the group does not
+    // verify, nothing of it is delivered.
+    let fv = PublishBatchView::decode(&copies[&id(4)][0]).unwrap();
+    let forged = reencode(
+        &fv,
+        &|i| match i {
+            7 => b"x999".to_vec(),
+            _ => fv.entries[i].payload.to_vec(),
+        },
+        &fv.seals,
+    );
+    let (have, bad) = deliver_indices(4, &[forged]);
+    assert_eq!((have.len(), bad), (0, 300));
+}
+
+#[test]
+fn a_forwarder_missing_part_of_a_group_leaves_the_rest_out_and_reports_it() {
+    // The gateway's queue for a node lost one t.a message (flow control):
+    // the copy cannot carry part of the t.a group, so it leaves the
+    // group's other messages out (counted as `ungrouped`, listed for the
+    // loss report) and sends the u.b group whole, which verifies.
+    let body = client_frames_kind(40, 16, true).remove(0);
+    let view = PublishBatchView::decode(&body).unwrap();
+    let refs = macula_pubsub::proof::adopt(&view, &body).unwrap();
+    let origin = Arc::new(macula_pubsub::Origin {
+        publisher: view.publisher,
+        epoch: view.epoch,
+    });
+    let msgs: Vec<OutMsg> = view
+        .entries
+        .iter()
+        .zip(&refs)
+        .enumerate()
+        .filter(|(i, _)| *i != 4)
+        .map(|(_, (e, r))| OutMsg {
+            seq: e.seq,
+            topic: view.topics[e.topic_index].into(),
+            payload: Bytes::copy_from_slice(e.payload),
+            extra: None,
+            origin: Some(origin.clone()),
+            seal: Some(r.clone()),
+        })
+        .collect();
+    let mut out = Vec::new();
+    let me = id(1);
+    let done = macula_pubsub::encode_batches(&mut out, &msgs, &me, 1, 1 << 20, 64 * 1024);
+    assert_eq!((done.messages, done.ungrouped), (20, 19));
+    let left = macula_pubsub::batch::ungrouped_messages(&msgs, &me, 1, 1 << 20, 64 * 1024);
+    assert_eq!(left.len(), 19);
+    assert!(left.iter().all(|&i| msgs[i].topic == "t.a"));
+    let dec = FrameDecoder::new(1 << 20);
+    let (f, _) = dec.decode(&out).unwrap().unwrap();
+    let copy = Bytes::copy_from_slice(f.body);
+    let v = PublishBatchView::decode(&copy).unwrap();
+    assert_eq!(v.seals[0].absent.len(), 1, "the t.a group's digest");
+    let (have, bad) = deliver_indices(4, &[copy]);
+    assert_eq!(have, (1..40).step_by(2).collect::<Vec<_>>());
+    assert_eq!(bad, 0);
+    // A copy of only that part of the t.a group: no frame at all.
+    let only: Vec<OutMsg> = msgs.iter().filter(|m| m.topic == "t.a").cloned().collect();
+    let mut out = Vec::new();
+    let done = macula_pubsub::encode_batches(&mut out, &only, &me, 1, 1 << 20, 64 * 1024);
+    assert_eq!((done.frames, done.messages, done.ungrouped), (0, 0, 19));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_gateway_queue_overflow_loses_whole_groups_and_the_subscriber_is_told() {
+    // Client 50 writes a frame of 40 (t.a and u.b alternating, one seal
+    // of kind 3), then one of 20. Gateway 1's queue to node 2 holds 30:
+    // 10 of the first frame are dropped, so both its groups would go in
+    // part; the other 30 are left out too (`ungrouped`), and all 40 are
+    // reported ahead of the second frame: node 2 is told `Lagged(40)`
+    // and gets the second frame's 20, proved, none unproved.
+    let mut c = client_kind(50, 1, true, true);
+    let publish = |c: &mut Core, from: usize, n: usize| {
+        for i in from..from + n {
+            let topic = if i % 2 == 0 { "t.a" } else { "u.b" };
+            c.publish_upstream(
+                topic,
+                Bytes::from(format!("x{i:03}")),
+                PublishOptions::default(),
+                Millis(0),
+                &mut Vec::new(),
+            )
+            .unwrap();
+        }
+    };
+    publish(&mut c, 0, 40);
+    let (cq, _) = starts(&mut c)[0];
+    let first = transmit(&mut c, cq);
+    publish(&mut c, 40, 20);
+    let second = transmit(&mut c, cq);
+    assert_eq!((first.len(), second.len()), (1, 1));
+    let mut cfg = Config::new(id(1), 100, REALM, Role::Node, 1 << 20);
+    cfg.limits.peer_queue_capacity = 30;
+    let mut gw = PubSubCore::new(cfg);
+    let records = [("t", 2, "t.*"), ("u", 2, "u.*")];
+    let mut rx = BatchReceiver::new(true);
+    // Gateway -> node 2: (message type, body) of each frame written.
+    let mut sent: Vec<(u8, Bytes)> = Vec::new();
+    let mut q = None;
+    for body in [&first[0], &second[0]] {
+        gw.handle_batch(
+            id(50),
+            macula_wire::MessageType::PublishBatch as u8,
+            body,
+            &mut rx,
+            Millis(1),
+        )
+        .unwrap();
+        let view = PublishBatchView::decode(body).unwrap();
+        let routes: Vec<_> = view
+            .topics
+            .iter()
+            .map(|t| Some(route(&mut gw, &records, t)))
+            .collect();
+        let seals = rx.seals.clone();
+        gw.forward_from_client(id(50), &view, body, &routes, &[], &seals, Millis(1));
+        if let Some((p, _)) = starts(&mut gw).first() {
+            q = Some(*p);
+        }
+        let q = q.unwrap();
+        let mut msgs: Vec<OutMsg> = Vec::new();
+        if let Transmit::Batch(b) = gw.poll_transmit(q, &mut msgs, Millis(1)) {
+            let mut buf = Vec::new();
+            let encoded = b.encode(&mut buf, &msgs);
+            gw.handle_written(q, &b, &msgs, encoded, Millis(1));
+            let dec = FrameDecoder::new(1 << 20);
+            let mut rest = &buf[..];
+            while let Some((f, used)) = dec.decode(rest).unwrap() {
+                sent.push((f.header.msg_type, Bytes::copy_from_slice(f.body)));
+                rest = &rest[used..];
+            }
+        }
+    }
+    assert_eq!(gw.counters().ungrouped_total.get(), 30);
+    let kinds: Vec<u8> = sent.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        kinds,
+        [
+            macula_wire::MessageType::PublishDropped as u8,
+            macula_wire::MessageType::PublishDropped as u8,
+            macula_wire::MessageType::PublishBatch as u8
+        ],
+        "the queue's drops reported, no frame for the rest of the first \
+         (left out), their report ahead of the second"
+    );
+    let mut n = node(2);
+    n.subscribe("**", 7).unwrap();
+    let mut nrx = BatchReceiver::new(false);
+    let mut got = Vec::new();
+    for (t, body) in &sent {
+        n.handle_batch(id(1), *t, body, &mut nrx, Millis(2))
+            .unwrap();
+        nrx.deliver(|_, e| got.append(e));
+    }
+    let lagged = nrx.deliver_lagged(|_, _| {});
+    assert_eq!(lagged, 40, "every message lost, reported");
+    assert_eq!(got.len(), 20);
+    assert!(got.iter().all(|e| e.proof == Proof::Signed));
+    assert_eq!(unproved(&n), 0);
 }

@@ -115,6 +115,12 @@ pub const SEAL_KIND_DIGESTS: u8 = 1;
 /// messages hashed as one input and of their digests' [`seal_hash`]; the
 /// seal carries the one of those two a receiver does not compute.
 pub const SEAL_KIND_WHOLE: u8 = 2;
+/// Seal kind (format 3): its signature is over [`seal_hash_groups`] of
+/// one digest per **topic group** (the seal's messages of one topic, in
+/// order, hashed as one input: [`GroupHasher`]); a copy carries the
+/// digests of the groups it leaves out, never part of a group
+/// (docs/PROTOCOL.md §5.3, "Seals over topic groups").
+pub const SEAL_KIND_GROUPS: u8 = 3;
 /// Messages one seal covers (the digests a forwarded copy may carry).
 pub const MAX_SEAL_ENTRIES: usize = 1024;
 /// Bytes of one seal besides its presence bitmap and absent digests: kind
@@ -136,6 +142,11 @@ pub const SEALS_COUNT_LEN: usize = 3;
 /// batch (the receiver hashes them whole, [`seal_whole`]), else their
 /// [`seal_whole`] hash (the receiver computes the digests). `None`: a seal
 /// of kind [`SEAL_KIND_DIGESTS`] (format 2).
+///
+/// A seal of kind [`SEAL_KIND_GROUPS`] has `groups` set (and `carried`
+/// `None`): `absent` then holds the digests of the topic groups none of
+/// whose messages is in the batch (at least one when a message is
+/// absent, at most one per absent message), in any order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seal {
     pub key: [u8; 32],
@@ -144,6 +155,7 @@ pub struct Seal {
     pub present: Vec<u8>,
     pub absent: Vec<[u8; 32]>,
     pub carried: Option<[u8; 32]>,
+    pub groups: bool,
 }
 
 impl Seal {
@@ -181,19 +193,37 @@ impl Seal {
         if present == 0 {
             return Err("seal with no message in the batch".into());
         }
+        if self.groups {
+            if self.carried.is_some() {
+                return Err("seal of topic groups carries a hash".into());
+            }
+            let missing = self.n - present;
+            if self.absent.len() > missing || (missing > 0) == self.absent.is_empty() {
+                return Err("seal group digests do not match its bitmap".into());
+            }
+            return Ok(());
+        }
         if self.absent.len() != self.n - present {
             return Err("seal digests do not match its bitmap".into());
         }
         Ok(())
     }
 
+    /// Its kind byte (format 3).
+    pub fn kind(&self) -> u8 {
+        match (self.groups, self.carried) {
+            (true, _) => SEAL_KIND_GROUPS,
+            (false, Some(_)) => SEAL_KIND_WHOLE,
+            (false, None) => SEAL_KIND_DIGESTS,
+        }
+    }
+
     fn write(&self, out: &mut Vec<u8>, kinds: bool) -> Result<(), String> {
         self.check()?;
         if kinds {
-            out.push(match self.carried {
-                Some(_) => SEAL_KIND_WHOLE,
-                None => SEAL_KIND_DIGESTS,
-            });
+            out.push(self.kind());
+        } else if self.groups || self.carried.is_some() {
+            return Err("a seal of kind 2 or 3 in a format 2 batch".into());
         }
         out.extend_from_slice(&self.key);
         out.extend_from_slice(&self.sig);
@@ -201,6 +231,9 @@ impl Seal {
         out.extend_from_slice(&self.present);
         if let Some(c) = &self.carried {
             out.extend_from_slice(c);
+        }
+        if self.groups {
+            put_varint(out, self.absent.len() as u64);
         }
         for d in &self.absent {
             out.extend_from_slice(d);
@@ -210,11 +243,12 @@ impl Seal {
 
     /// Reads one seal; `kinds`: format 3, a kind byte first.
     fn read(c: &mut Cursor<'_>, kinds: bool) -> Result<Seal, String> {
-        let whole = match kinds {
-            false => false,
+        let (whole, groups) = match kinds {
+            false => (false, false),
             true => match c.u8()? {
-                SEAL_KIND_DIGESTS => false,
-                SEAL_KIND_WHOLE => true,
+                SEAL_KIND_DIGESTS => (false, false),
+                SEAL_KIND_WHOLE => (true, false),
+                SEAL_KIND_GROUPS => (false, true),
                 k => return Err(format!("seal kind {k}")),
             },
         };
@@ -254,8 +288,19 @@ impl Seal {
             present,
             absent: Vec::new(),
             carried,
+            groups,
         };
-        let absent = n - seal.present_count().min(n);
+        let missing = n - seal.present_count().min(n);
+        let absent = match groups {
+            false => missing,
+            true => {
+                let k = c.varint()?;
+                if k > missing as u64 {
+                    return Err(format!("{k} group digests for {missing} absent messages"));
+                }
+                k as usize
+            }
+        };
         if c.buf.len() < absent * 32 {
             return Err("truncated seal digests".into());
         }
@@ -279,6 +324,10 @@ impl Seal {
             + varint_len(self.n as u64)
             + self.present.len()
             + 32 * (self.absent.len() + usize::from(self.carried.is_some()))
+            + match self.groups {
+                true => varint_len(self.absent.len() as u64),
+                false => 0,
+            }
     }
 }
 
@@ -450,6 +499,19 @@ impl WholeHasher {
         }
     }
 
+    /// Starts the digest of one topic group of a seal of kind
+    /// [`SEAL_KIND_GROUPS`]: BLAKE3 over [`GROUP_TAG`] and its messages
+    /// as [`WholeHasher::add`] encodes them, in order. Its buffer grows
+    /// as needed (a seal of many topics has many groups).
+    pub fn group() -> WholeHasher {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(GROUP_TAG);
+        WholeHasher {
+            hasher: blake3::Hasher::new(),
+            buf,
+        }
+    }
+
     /// The next message: the same fields, in the same encoding, as
     /// [`event_digest`] hashes after its domain tag.
     pub fn add<'h>(
@@ -516,6 +578,47 @@ where
         h.add(seq, topic, payload, headers, id);
     }
     h.finish()
+}
+
+/// Domain tag of a topic group's digest ([`WholeHasher::group`]).
+pub const GROUP_TAG: &[u8] = b"macula pub/sub topic group v3\0";
+
+/// The digest of one topic group: `msgs` (seq, topic, payload, headers,
+/// message ID), the seal's messages of one topic in order, hashed as
+/// [`WholeHasher::group`] does.
+pub fn group_digest<'a, H>(
+    msgs: impl IntoIterator<Item = (u64, &'a str, &'a [u8], H, Option<&'a str>)>,
+) -> [u8; 32]
+where
+    H: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    let mut h = WholeHasher::group();
+    for (seq, topic, payload, headers, id) in msgs {
+        h.add(seq, topic, payload, headers, id);
+    }
+    h.finish()
+}
+
+/// What the signature of a seal of kind [`SEAL_KIND_GROUPS`] signs (after
+/// its tag): BLAKE3 over a domain tag, the publisher, its epoch, the
+/// seal's message count, its group count and the digests of its topic
+/// groups in increasing byte order (so a receiver of some groups needs
+/// no place for the others': `groups` is sorted here).
+pub fn seal_hash_groups(
+    publisher: &NodeId,
+    epoch: u64,
+    n: usize,
+    groups: &mut [[u8; 32]],
+) -> [u8; 32] {
+    groups.sort_unstable();
+    let mut h = blake3::Hasher::new();
+    h.update(b"macula pub/sub seal v3\0");
+    h.update(publisher.as_bytes());
+    h.update(&epoch.to_le_bytes());
+    h.update(&(n as u64).to_le_bytes());
+    h.update(&(groups.len() as u64).to_le_bytes());
+    h.update(groups.as_flattened());
+    *h.finalize().as_bytes()
 }
 
 /// What the signature of a seal of kind [`SEAL_KIND_WHOLE`] signs: BLAKE3
@@ -686,7 +789,7 @@ pub(crate) fn write_batch_body<'a>(
     }
     // Format 3 when a seal is of the new kind; format 2 keeps the seals
     // of receivers that predate it readable.
-    let kinds = seals.iter().any(|s| s.carried.is_some());
+    let kinds = seals.iter().any(|s| s.carried.is_some() || s.groups);
     out.push(match (seals.is_empty(), kinds) {
         (true, _) => BATCH_FORMAT,
         (false, false) => BATCH_FORMAT_SEALED,
@@ -1337,9 +1440,15 @@ mod tests {
                         sig: [fill; 64],
                         n,
                         present: bits,
-                        absent: vec![[fill; 32]; absent],
-                        // Every fourth seal of the whole kind (format 3).
+                        // Every fourth seal of the whole kind, every
+                        // fourth another of topic groups (format 3): one
+                        // group digest for all its absent messages.
                         carried: (fill % 4 == 0).then_some([fill ^ 0x5a; 32]),
+                        groups: fill % 4 == 1,
+                        absent: match fill % 4 == 1 && absent > 0 {
+                            true => vec![[fill; 32]; 1 + absent / 2],
+                            false => vec![[fill; 32]; absent],
+                        },
                     });
                 }
                 b.seals = seals;
@@ -1351,7 +1460,7 @@ mod tests {
         #[test]
         fn sealed_batches_round_trip(b in arb_sealed_batch()) {
             let bytes = body(&b);
-            let whole = b.seals.iter().any(|s| s.carried.is_some());
+            let whole = b.seals.iter().any(|s| s.carried.is_some() || s.groups);
             prop_assert_eq!(
                 bytes[0],
                 if whole { BATCH_FORMAT_SEALED_WHOLE } else { BATCH_FORMAT_SEALED }
@@ -1572,6 +1681,85 @@ mod tests {
     }
 
     #[test]
+    fn seals_of_topic_groups_carry_a_count_of_group_digests() {
+        let seal = |present: Vec<u8>, absent: Vec<[u8; 32]>| Seal {
+            key: [3; 32],
+            sig: [4; 64],
+            n: 4,
+            present,
+            absent,
+            carried: None,
+            groups: true,
+        };
+        let msg = |seq| BatchMessage {
+            seq,
+            topic: "a.b".into(),
+            payload: b"hi".to_vec(),
+            headers: vec![],
+            message_id: None,
+        };
+        let b = |seals| PublishBatch {
+            publisher: NodeId::from_bytes([1; 32]),
+            epoch: 5,
+            messages: vec![msg(7), msg(8)],
+            seals,
+        };
+        // Two of four present, one digest for the two others (one group).
+        let part = body(&b(vec![seal(vec![0b0011], vec![[6; 32]])]));
+        assert_eq!(part[0], BATCH_FORMAT_SEALED_WHOLE);
+        let tail = 1 + 32 + 64 + 1 + 1 + 1 + 32;
+        let at = part.len() - tail;
+        assert_eq!(part[at], SEAL_KIND_GROUPS);
+        assert_eq!(part[part.len() - 33], 1, "the count of group digests");
+        let v = PublishBatchView::decode(&part).unwrap();
+        assert!(v.seals[0].groups && v.seals[0].carried.is_none());
+        assert_eq!(v.seals[0].absent, vec![[6; 32]]);
+        assert_eq!(v.seals[0].encoded_len(), tail);
+        // A count of more digests than absent messages, or none for
+        // absent messages: malformed.
+        let mut more = part.clone();
+        more[part.len() - 33] = 3;
+        assert!(PublishBatchView::decode(&more).is_err());
+        assert!(b(vec![seal(vec![0b0011], vec![])])
+            .write_body(&mut Vec::new())
+            .is_err());
+        let mut none = part.clone();
+        none[part.len() - 33] = 0;
+        none.truncate(part.len() - 32);
+        assert!(PublishBatchView::decode(&none).is_err());
+        // Complete: no digest.
+        let whole = PublishBatch {
+            messages: vec![msg(7), msg(8), msg(9), msg(10)],
+            ..b(vec![seal(vec![0b1111], vec![])])
+        };
+        let v = body(&whole);
+        assert_eq!(
+            PublishBatchView::decode(&v).unwrap().seals[0].absent.len(),
+            0
+        );
+        // The seal hash binds the set of group digests, in any order,
+        // and the counts.
+        let p = NodeId::from_bytes([1; 32]);
+        let (x, y) = ([1u8; 32], [2u8; 32]);
+        let h = seal_hash_groups(&p, 5, 4, &mut [x, y]);
+        assert_eq!(h, seal_hash_groups(&p, 5, 4, &mut [y, x]));
+        assert_ne!(h, seal_hash_groups(&p, 5, 3, &mut [x, y]));
+        assert_ne!(h, seal_hash_groups(&p, 5, 4, &mut [x, y, y]));
+        assert_ne!(h, seal_hash_groups(&p, 6, 4, &mut [x, y]));
+        // A group's digest is not the whole hash of the same messages.
+        let m = || {
+            [(
+                7u64,
+                "a.b",
+                &b"hi"[..],
+                std::iter::empty::<(&str, &str)>(),
+                None,
+            )]
+        };
+        assert_ne!(group_digest(m()), seal_whole(&p, 5, m().into_iter()));
+    }
+
+    #[test]
     fn seal_kinds_are_checked() {
         let seal = |carried| Seal {
             key: [3; 32],
@@ -1580,6 +1768,7 @@ mod tests {
             present: vec![1],
             absent: vec![],
             carried,
+            groups: false,
         };
         let b = |seals| PublishBatch {
             publisher: NodeId::from_bytes([1; 32]),
@@ -1604,7 +1793,7 @@ mod tests {
         let at = new.len() - (1 + 32 + 64 + 1 + 1 + 32);
         assert_eq!(new[at], SEAL_KIND_WHOLE);
         let mut bad = new.clone();
-        bad[at] = 3;
+        bad[at] = 4;
         assert!(PublishBatchView::decode(&bad).is_err());
         // A format 2 body read as format 3 is malformed, not misread.
         let mut as3 = old.clone();
