@@ -445,6 +445,16 @@ impl Journal {
         &self.path
     }
 
+    /// Empties the file (at a clean close, after a checkpoint moved the
+    /// journal to an epoch with no record yet).
+    pub fn truncate(&mut self) -> Result<(), JournalError> {
+        self.file.set_len(0).map_err(|e| io_err(&self.path, e))?;
+        self.allocated = 0;
+        self.offset = 0;
+        self.link = NO_LINK;
+        Ok(())
+    }
+
     /// Starts epoch `epoch` at offset 0: call once the store holds
     /// everything the journal did, durably, and records `epoch` as its
     /// journal's.

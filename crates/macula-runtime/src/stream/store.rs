@@ -305,6 +305,8 @@ struct Job {
     journaled: bool,
     /// Acknowledged (and counted in `Gate::acked`) ahead of its commit.
     acked: bool,
+    /// A checkpoint that moves the journal to its next epoch (at close).
+    wrap: bool,
 }
 
 /// The journal, shared by the submitters (who append to it as they queue,
@@ -760,6 +762,17 @@ impl StreamStore {
         sync: bool,
         room: Admission,
     ) -> Result<(), StoreError> {
+        self.queue_as(writes, done, sync, room, false)
+    }
+
+    fn queue_as(
+        &self,
+        writes: Vec<Write>,
+        done: Option<Done>,
+        sync: bool,
+        room: Admission,
+        wrap: bool,
+    ) -> Result<(), StoreError> {
         let jobs = self.jobs.lock();
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
@@ -779,12 +792,13 @@ impl StreamStore {
             sync,
             journaled: false,
             acked: false,
+            wrap,
         };
         if !sync {
             side.unjournaled = true;
             return tx.send(job).map_err(closed);
         }
-        if job.writes.is_empty() || side.unjournaled {
+        if job.writes.is_empty() || side.unjournaled || wrap {
             return tx.send(job).map_err(closed);
         }
         if let Some(f) = self.gate.failed() {
@@ -869,9 +883,15 @@ impl StreamStore {
     /// Writes and waits (blocking the thread; also from inside a runtime)
     /// until they are on disk.
     pub fn write_now(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.write_now_as(writes, false)
+    }
+
+    /// [`StreamStore::write_now`]; `wrap`: as a checkpoint that moves the
+    /// journal to its next epoch at offset 0.
+    fn write_now_as(&self, writes: Vec<Write>, wrap: bool) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
         let room = self.room.force(charge(&writes));
-        self.queue(writes, Some(Done::Blocking(tx)), true, room)?;
+        self.queue_as(writes, Some(Done::Blocking(tx)), true, room, wrap)?;
         self.flush();
         rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
@@ -1101,10 +1121,19 @@ impl StreamStore {
     }
 
     /// Stops the writer after what is queued is written (and synced).
+    /// The last checkpoint moves the journal to its next epoch, and the
+    /// journal file is then emptied: the next open has nothing to read in
+    /// it, and the pages of the records it held, which a sync interval
+    /// leaves unwritten (up to [`JOURNAL_MAX`]), are dropped rather than
+    /// written back while the next start reads its files.
     pub fn close(&self) {
+        let mut clean = false;
         if self.jobs.lock().is_some() {
-            if let Err(e) = self.sync() {
-                tracing::warn!(path = %self.path.display(), error = %e, "stream store not synced at close");
+            match self.write_now_as(Vec::new(), true) {
+                Ok(()) => clean = true,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "stream store not synced at close")
+                }
             }
         }
         self.jobs.lock().take();
@@ -1112,6 +1141,18 @@ impl StreamStore {
         self.room.notify.notify_waiters();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
+        }
+        if clean {
+            // Nothing was appended after the wrapping checkpoint (the queue
+            // is closed and the writer gone); its epoch is in redb, synced,
+            // so a crash that loses this truncation finds older epochs'
+            // records only, which it does not replay.
+            let mut side = self.side.lock();
+            if side.journal.is_empty() && side.journal.staged_bytes() == 0 {
+                if let Err(e) = side.journal.truncate() {
+                    tracing::warn!(path = %self.path.display(), error = %e, "stream journal not emptied at close");
+                }
+            }
         }
     }
 }
@@ -1475,7 +1516,8 @@ impl Writer {
         // commit too).
         flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
         let started = std::time::Instant::now();
-        let wrap = side.unjournaled || side.journal.len() >= JOURNAL_MAX;
+        let wrap =
+            side.unjournaled || side.journal.len() >= JOURNAL_MAX || group.iter().any(|j| j.wrap);
         let (start, upto) = if wrap {
             (journal::Start::epoch(side.journal.epoch() + 1), 0)
         } else {
@@ -2390,5 +2432,37 @@ mod tests {
         assert!(again.get(8).unwrap().is_none(), "the earlier pass's 8");
         assert_eq!(again.last().unwrap(), (7, 107));
         assert_eq!(again.get(7).unwrap().unwrap().ts, 107);
+    }
+
+    #[test]
+    fn a_clean_close_leaves_an_empty_journal_in_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        for seq in 1..=20 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        drop(s);
+        // Emptied: nothing to read at the next open, nothing left to
+        // write back.
+        assert_eq!(std::fs::metadata(journal::path_of(&path)).unwrap().len(), 0);
+        let s = StreamStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            read_start(&s.db, s.path()).unwrap(),
+            journal::Start::epoch(epoch + 1)
+        );
+        assert_eq!(s.stored_messages().unwrap(), 20);
+        // The next pass journals as before, and a crash replays it.
+        for seq in 21..=25 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        assert_eq!(journal_groups(&s, &copy).len(), 5);
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 25);
+        assert_eq!(back.last().unwrap(), (25, 25));
     }
 }
