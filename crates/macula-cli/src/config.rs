@@ -1982,7 +1982,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            62,
+            64,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());
