@@ -248,7 +248,8 @@ impl Journal {
             self.file
                 .read_exact_at(&mut head, at)
                 .map_err(|e| io_err(&self.path, e))?;
-            let len = (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & !CHAINED) as usize;
+            let len =
+                (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & !CHAINED) as usize;
             if len > MAX_RECORD || at + (HEADER + len) as u64 > self.allocated {
                 break;
             }

@@ -1859,7 +1859,10 @@ async fn admit(
         + 23
         + (t.as_str().len()
             + msg_id.map_or(0, str::len)
-            + headers.iter().map(|(k, v)| 6 + k.len() + v.len()).sum::<usize>()
+            + headers
+                .iter()
+                .map(|(k, v)| 6 + k.len() + v.len())
+                .sum::<usize>()
             + payload.len()) as u64;
     Ok(Some(h.store.admit(bytes).await?))
 }
@@ -2052,7 +2055,9 @@ async fn capture(h: std::sync::Weak<Hosted>, mut sub: crate::pubsub::Subscriptio
                 };
                 // A full writer queue holds the capture (its subscription
                 // queue then drops its oldest events, counted below).
-                let room = match admit(&h, &t, &e.payload, &e.headers, e.message_id.as_deref()).await {
+                let room = match admit(&h, &t, &e.payload, &e.headers, e.message_id.as_deref())
+                    .await
+                {
                     Ok(r) => r,
                     Err(err) => {
                         h.capture_lost.fetch_add(1, Ordering::Relaxed);

@@ -555,8 +555,12 @@ impl StreamStore {
             // redb first, as one checkpoint.
             let writes: Vec<&Write> = groups.iter().flatten().collect();
             tracing::info!(path = %path.display(), groups = groups.len(), writes = writes.len(), "stream store: replaying its journal");
-            commit(&db, writes.into_iter(), Some(journal::Start::epoch(epoch + 1)))
-                .map_err(io(path))?;
+            commit(
+                &db,
+                writes.into_iter(),
+                Some(journal::Start::epoch(epoch + 1)),
+            )
+            .map_err(io(path))?;
             journal.restart(epoch + 1);
         }
         let (last, _) = read_last(&db, path)?;
@@ -2418,8 +2422,15 @@ mod tests {
         let other = |seq: u64| {
             Write::Put(
                 seq,
-                record::encode(seq + 100, None, "s.x", None, &[], &(seq + 1000).to_le_bytes())
-                    .unwrap(),
+                record::encode(
+                    seq + 100,
+                    None,
+                    "s.x",
+                    None,
+                    &[],
+                    &(seq + 1000).to_le_bytes(),
+                )
+                .unwrap(),
             )
         };
         for seq in 6..=7 {
