@@ -226,7 +226,7 @@ impl Room {
         let limit = self.limit.load(Ordering::Acquire);
         let now = self
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
                 (q == 0 || q.saturating_add(bytes) <= limit).then(|| q + bytes)
             })
             .ok()?;
@@ -259,8 +259,10 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.room.queued.fetch_sub(self.bytes, Ordering::AcqRel);
-        if self.room.waiting.load(Ordering::Acquire) > 0 {
+        // SeqCst with the waiter's `waiting` increment and retry: one of
+        // the two sees the other's write, so no wake-up is lost.
+        self.room.queued.fetch_sub(self.bytes, Ordering::SeqCst);
+        if self.room.waiting.load(Ordering::SeqCst) > 0 {
             self.room.notify.notify_waiters();
         }
     }
@@ -687,7 +689,7 @@ impl StreamStore {
                 self.0.waiting.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        room.waiting.fetch_add(1, Ordering::AcqRel);
+        room.waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(room);
         let timeout = std::time::Duration::from_millis(room.timeout_ms.load(Ordering::Acquire));
         let started = tokio::time::Instant::now();
