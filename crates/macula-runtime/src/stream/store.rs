@@ -295,7 +295,7 @@ struct Job {
     done: Option<Done>,
     /// Its room in the queue, given back when the job is dropped (after
     /// its commit).
-    _room: Admission,
+    room: Option<Admission>,
     /// Its place in the queue (from 1): what `Gate` counts.
     ticket: u64,
     /// Answered by the journal flush that writes it (sync interval), not
@@ -792,7 +792,7 @@ impl StreamStore {
         let mut job = Job {
             writes,
             done,
-            _room: room,
+            room: Some(room),
             ticket: side.ticket,
             early: false,
             sync,
@@ -1687,8 +1687,12 @@ fn answer_one(done: Option<Done>, result: &Result<(), String>) {
     }
 }
 
-/// Answers the group's waiters not answered yet.
+/// Gives back the group's room in the queue (it is committed, or failed),
+/// then answers the waiters not answered yet.
 fn answer(group: &mut [Job], result: &Result<(), String>) {
+    for j in group.iter_mut() {
+        j.room.take();
+    }
     for j in group {
         answer_one(j.done.take(), result);
     }
@@ -2257,6 +2261,21 @@ mod tests {
         assert_eq!(back.last().unwrap(), (20, 20));
     }
 
+    /// Holds the writer (a stalled disk) until dropped, also when the test
+    /// panics (a store dropped with its writer held would wait forever).
+    struct Held<'a>(&'a StreamStore);
+    impl<'a> Held<'a> {
+        fn new(s: &'a StreamStore) -> Self {
+            s.hooks.hold.store(true, Ordering::Release);
+            Held(s)
+        }
+    }
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.hooks.hold.store(false, Ordering::Release);
+        }
+    }
+
     /// Submits through the queue's admission, as a publish does.
     async fn publish(s: &StreamStore, seq: u64) -> Result<(), StoreError> {
         let writes = vec![put(seq), Write::Last(seq, seq)];
@@ -2290,8 +2309,10 @@ mod tests {
         s.set_sync_interval(Some(Duration::from_secs(3600)));
         let one = charge(&[put(1), Write::Last(1, 1)]);
         s.set_queue_limit(4 * one, Duration::from_secs(3600));
+        // The creation's write is committed (its room given back).
+        until("an empty queue", || s.queue_stats().queued == 0).await;
         // The disk stalls: the writer commits nothing.
-        s.hooks.hold.store(true, Ordering::Release);
+        let held = Held::new(&s);
         for seq in 1..=4 {
             publish(&s, seq).await.unwrap();
         }
@@ -2313,7 +2334,7 @@ mod tests {
         assert_eq!(back.stored_messages().unwrap(), 4);
         drop(back);
         // The disk comes back: the waiting publishers go on.
-        s.hooks.hold.store(false, Ordering::Release);
+        drop(held);
         for t in waiting {
             t.await.unwrap().unwrap();
         }
@@ -2332,7 +2353,8 @@ mod tests {
         s.set_sync_interval(Some(Duration::from_secs(3600)));
         let one = charge(&[put(1), Write::Last(1, 1)]);
         s.set_queue_limit(2 * one, Duration::from_secs(5));
-        s.hooks.hold.store(true, Ordering::Release);
+        until("an empty queue", || s.queue_stats().queued == 0).await;
+        let held = Held::new(&s);
         publish(&s, 1).await.unwrap();
         publish(&s, 2).await.unwrap();
         // Simulated time: the wait runs out at once, nothing else moves.
@@ -2354,7 +2376,7 @@ mod tests {
         assert!(err.to_string().contains("queue stayed full"), "{err}");
         assert_eq!(s.queue_stats().refused, 1);
         // Nothing of the refused publish was queued; the others commit.
-        s.hooks.hold.store(false, Ordering::Release);
+        drop(held);
         until("the queue drained", || s.queue_stats().queued == 0).await;
         assert_eq!(s.stored_messages().unwrap(), 2);
         // A write larger than the whole bound goes in alone.
@@ -2371,11 +2393,18 @@ mod tests {
         for seq in 1..=3 {
             s.write_now(vec![put(seq)]).unwrap();
         }
-        s.hooks.hold.store(true, Ordering::Release);
+        // Given back at the commit, which may follow the answer.
+        for _ in 0..10_000 {
+            if s.queue_stats().queued == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let held = Held::new(&s);
         s.submit(vec![Write::Consumer("c".into(), Some(vec![1; 100]))], None)
             .unwrap();
         assert!(s.queue_stats().queued >= JOB_OVERHEAD + 100);
-        s.hooks.hold.store(false, Ordering::Release);
+        drop(held);
         s.sync().unwrap();
         // Given back as the writer drops the group, just after answering.
         for _ in 0..10_000 {
