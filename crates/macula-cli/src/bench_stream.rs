@@ -300,7 +300,19 @@ async fn macula_publish(
         r?;
         done += 1;
     }
-    Ok(done as f64 / started.elapsed().as_secs_f64())
+    let per_s = done as f64 / started.elapsed().as_secs_f64();
+    drop(acks);
+    // How often the store's bounded writer queue held the publishers.
+    if let Ok(i) = s.info().await {
+        let k = i.counters;
+        if k.write_queue_waits > 0 || k.write_queue_refused > 0 {
+            eprintln!(
+                "macula stream {stream}: {} publishes waited for room in the store's write queue, {} refused",
+                k.write_queue_waits, k.write_queue_refused
+            );
+        }
+    }
+    Ok(per_s)
 }
 
 async fn macula_side(

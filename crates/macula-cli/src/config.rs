@@ -138,6 +138,11 @@ pub const RAFT_PROPOSALS_RANGE: (usize, usize) = (1, 1024);
 pub const RAFT_MAX_GROUPS_RANGE: (usize, usize) = (1, 4096);
 /// Accepted `max_streams` range.
 pub const MAX_STREAMS_RANGE: (usize, usize) = (1, 4096);
+/// Accepted `stream_write_queue` range.
+pub const STREAM_WRITE_QUEUE_RANGE: (u64, u64) = (64 << 10, 16 << 30);
+/// Accepted `stream_write_timeout` range.
+pub const STREAM_WRITE_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(3600));
 /// Accepted `admin_request_window` and `admin_failure_window` range.
 pub const ADMIN_WINDOW_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
@@ -697,6 +702,19 @@ settings! {
         Number(|s| parse_count(s, MAX_STREAMS_RANGE)),
         flag "--max-streams" "N", env "MACULA_MAX_STREAMS", toml "max_streams",
         default "64", "Durable streams this node may host (`macula stream add`), 1..4096";
+    stream_write_queue STREAM_WRITE_QUEUE: u64 = StreamLimits::default().write_queue_bytes,
+        Number(|s| parse_size_in(s, STREAM_WRITE_QUEUE_RANGE)),
+        flag "--stream-write-queue" "SIZE", env "MACULA_STREAM_WRITE_QUEUE",
+        toml "stream_write_queue", default "64MiB",
+        "Bytes of writes each stream's store may hold queued for its disk (redb) at most; a \
+         publish that finds it full waits for room (macula_stream_write_queue_waits_total), \
+         64KiB..16384MiB";
+    stream_write_timeout STREAM_WRITE_TIMEOUT: Duration = StreamLimits::default().write_queue_timeout,
+        Number(|s| parse_duration_in(s, STREAM_WRITE_TIMEOUT_RANGE)),
+        flag "--stream-write-timeout" "DURATION", env "MACULA_STREAM_WRITE_TIMEOUT",
+        toml "stream_write_timeout", default "10s",
+        "How long a publish waits for room in a full stream write queue before it is refused \
+         (error kind busy, macula_stream_write_queue_refused_total), 10ms..1h";
     raft_election_timeout RAFT_ELECTION_TIMEOUT: Duration = RaftLimits::default().election_min,
         Number(|s| parse_duration_in(s, RAFT_ELECTION_TIMEOUT_RANGE)),
         flag "--raft-election-timeout" "DURATION", env "MACULA_RAFT_ELECTION_TIMEOUT",
@@ -1964,7 +1982,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            62,
+            64,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

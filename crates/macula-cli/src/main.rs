@@ -373,6 +373,8 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         },
         streams: macula::config::StreamLimits {
             max_streams: s.max_streams,
+            write_queue_bytes: s.stream_write_queue,
+            write_queue_timeout: s.stream_write_timeout,
             ..Default::default()
         },
         reachability: s.reachability,

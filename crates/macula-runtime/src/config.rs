@@ -327,6 +327,15 @@ pub struct StreamLimits {
     pub flush_every: Duration,
     /// The timer task runs at least this often.
     pub tick: Duration,
+    /// Bound of each stream store's writer queue: bytes of writes queued
+    /// and not committed to redb yet (record bytes plus 128 per write). A
+    /// publish that finds it full waits for room (`stream/store.rs`,
+    /// "Backpressure"; `macula_stream_write_queue_waits_total`).
+    pub write_queue_bytes: u64,
+    /// How long a publish waits for room in a full writer queue before it
+    /// is refused (`StoreError::Busy`, error kind `busy`;
+    /// `macula_stream_write_queue_refused_total`).
+    pub write_queue_timeout: Duration,
 }
 
 /// Default [`StreamLimits::max_streams`].
@@ -347,6 +356,8 @@ impl Default for StreamLimits {
             max_wait: DEFAULT_MAX_WAIT,
             flush_every: Duration::from_millis(200),
             tick: Duration::from_millis(250),
+            write_queue_bytes: crate::stream::store::DEFAULT_QUEUE_BYTES,
+            write_queue_timeout: crate::stream::store::DEFAULT_QUEUE_TIMEOUT,
         }
     }
 }

@@ -211,7 +211,7 @@ fn refuse(e: StreamError) -> Response {
         "exists" | "overlap" => StatusCode::CONFLICT,
         "full" => StatusCode::INSUFFICIENT_STORAGE,
         "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-        "failed" | "no_data_dir" | "not_leader" | "replication" | "unreachable" => {
+        "failed" | "no_data_dir" | "not_leader" | "replication" | "unreachable" | "busy" => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         "store" => StatusCode::INTERNAL_SERVER_ERROR,

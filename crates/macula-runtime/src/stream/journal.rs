@@ -16,9 +16,25 @@
 //!
 //! ```text
 //! record   = len:u32le  checksum:[u8; 8]  body[len]
-//! checksum = the first 8 bytes of BLAKE3(body)
+//! len      = the body's length, with bit 31 set (a chained record)
+//! checksum = the first 8 bytes of BLAKE3(link || body), link being the
+//!            previous record's checksum (the first record of an epoch,
+//!            at offset 0: eight zero bytes; the first after a
+//!            checkpoint's start offset: `meta.journal_link`)
 //! body     = epoch:u64le  writes (MessagePack of Vec<Write>, PROTOCOL.md 5.12)
 //! ```
+//!
+//! **Chained records.** A record's checksum covers the previous record's
+//! checksum, so a replay only reads records written one after the other
+//! in one pass. Without it, a power loss could leave a torn (unsynced)
+//! record followed by intact ones of the same epoch; the next open stops at
+//! the torn one and appends over it, and if its new records end exactly
+//! where an old one starts (same-sized publishes make that likely), a later
+//! open would replay the old, never acknowledged records after the new
+//! ones, with sequences the new ones reused. Records of earlier versions
+//! (bit 31 clear, checksum of the body alone) are read while no chained
+//! record came before them in the replay and the store records no link
+//! (`Start::link` is `None`).
 //!
 //! **Group append.** Writes are staged in memory ([`Journal::stage`]) and
 //! a [`Journal::flush`] appends everything staged since the last one as
@@ -63,6 +79,35 @@ const CHUNK: u64 = 1 << 20;
 const MAX_RECORD: usize = 1 << 30;
 /// A record buffer up to this size is kept for the next append.
 const KEEP_BUFFER: usize = 4 << 20;
+/// Bit 31 of `len`: a chained record (see the module docs).
+const CHAINED: u32 = 1 << 31;
+/// The link of an epoch's first record (at offset 0).
+pub const NO_LINK: [u8; 8] = [0; 8];
+
+/// Where a replay starts (what the last checkpoint recorded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Start {
+    /// The epoch.
+    pub epoch: u64,
+    /// The offset.
+    pub at: u64,
+    /// The checksum of the record that ends at `at` ([`NO_LINK`] at offset
+    /// 0); `None` for a store that recorded none (an earlier version's:
+    /// records of the earlier format are read too, and a chained record
+    /// links to [`NO_LINK`]).
+    pub link: Option<[u8; 8]>,
+}
+
+impl Start {
+    /// An epoch's start, at offset 0.
+    pub fn epoch(epoch: u64) -> Start {
+        Start {
+            epoch,
+            at: 0,
+            link: Some(NO_LINK),
+        }
+    }
+}
 
 /// Why the journal failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,11 +152,24 @@ pub struct Journal {
     pending: Vec<u8>,
     /// Writes in `pending`.
     pending_writes: u32,
+    /// The last record's checksum: the next record's link.
+    link: [u8; 8],
 }
 
+/// An earlier version's checksum: of the body alone.
 fn checksum(body: &[u8]) -> [u8; 8] {
     let mut c = [0u8; 8];
     c.copy_from_slice(&blake3::hash(body).as_bytes()[..8]);
+    c
+}
+
+/// A chained record's checksum: of the previous record's and the body.
+fn chained(link: &[u8; 8], body: &[u8]) -> [u8; 8] {
+    let mut h = blake3::Hasher::new();
+    h.update(link);
+    h.update(body);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&h.finalize().as_bytes()[..8]);
     c
 }
 
@@ -142,14 +200,16 @@ impl Journal {
             synced: 0,
             pending: Vec::new(),
             pending_writes: 0,
+            link: NO_LINK,
         })
     }
 
     /// Opens the journal (creating an empty one if there is none) and
-    /// returns it with the groups of writes of `epoch` it holds from
-    /// offset `at` on (what the last checkpoint left), in order. The
-    /// journal then appends after them.
-    pub fn open(path: &Path, epoch: u64, at: u64) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
+    /// returns it with the groups of writes it holds from `start` on (what
+    /// the last checkpoint left), in order. The journal then appends after
+    /// them.
+    pub fn open(path: &Path, start: Start) -> Result<(Self, Vec<Vec<Write>>), JournalError> {
+        let Start { epoch, at, link } = start;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -168,12 +228,16 @@ impl Journal {
             synced: 0,
             pending: Vec::new(),
             pending_writes: 0,
+            link: link.unwrap_or(NO_LINK),
         };
-        let groups = j.replay()?;
+        let groups = j.replay(link.is_none())?;
         Ok((j, groups))
     }
 
-    fn replay(&mut self) -> Result<Vec<Vec<Write>>, JournalError> {
+    /// Reads records from `offset` while they are whole, chained to the
+    /// one before and of the journal's epoch; `plain`: records of the
+    /// earlier format are read too until the first chained one.
+    fn replay(&mut self, mut plain: bool) -> Result<Vec<Vec<Write>>, JournalError> {
         let mut groups = Vec::new();
         let mut head = [0u8; HEADER];
         loop {
@@ -184,7 +248,8 @@ impl Journal {
             self.file
                 .read_exact_at(&mut head, at)
                 .map_err(|e| io_err(&self.path, e))?;
-            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let len =
+                (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & !CHAINED) as usize;
             if len > MAX_RECORD || at + (HEADER + len) as u64 > self.allocated {
                 break;
             }
@@ -192,11 +257,13 @@ impl Journal {
             self.file
                 .read_exact_at(&mut record, at)
                 .map_err(|e| io_err(&self.path, e))?;
-            match parse(&record, self.epoch) {
+            match parse(&record, self.epoch, &self.link, plain) {
                 Parsed::End => break,
-                Parsed::Record(writes, n) => {
+                Parsed::Record(writes, n, sum, was_chained) => {
                     groups.push(writes);
                     self.offset = at + n as u64;
+                    self.link = sum;
+                    plain &= !was_chained;
                 }
                 Parsed::Corrupt(message) => {
                     return Err(JournalError::Corrupt {
@@ -218,6 +285,13 @@ impl Journal {
     /// Where the next record goes (the bytes of this epoch so far).
     pub fn len(&self) -> u64 {
         self.offset
+    }
+
+    /// The last record's checksum (what the next record links to, and
+    /// what a checkpoint that starts the replay at [`Journal::len`]
+    /// records).
+    pub fn link(&self) -> [u8; 8] {
+        self.link
     }
 
     /// Whether this epoch holds no record.
@@ -305,8 +379,8 @@ impl Journal {
         // to), its length always as an array 32.
         record[HEADER + 8] = 0xdd;
         record[HEADER + 9..PREFIX].copy_from_slice(&n.to_be_bytes());
-        let sum = checksum(&record[HEADER..]);
-        record[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        let sum = chained(&self.link, &record[HEADER..]);
+        record[..4].copy_from_slice(&(len as u32 | CHAINED).to_le_bytes());
         record[4..HEADER].copy_from_slice(&sum);
         let end = self.offset + record.len() as u64;
         let written = if end > self.allocated {
@@ -326,6 +400,7 @@ impl Journal {
         }
         written?;
         self.offset = end;
+        self.link = sum;
         self.appended += 1;
         Ok(true)
     }
@@ -371,6 +446,16 @@ impl Journal {
         &self.path
     }
 
+    /// Empties the file (at a clean close, after a checkpoint moved the
+    /// journal to an epoch with no record yet).
+    pub fn truncate(&mut self) -> Result<(), JournalError> {
+        self.file.set_len(0).map_err(|e| io_err(&self.path, e))?;
+        self.allocated = 0;
+        self.offset = 0;
+        self.link = NO_LINK;
+        Ok(())
+    }
+
     /// Starts epoch `epoch` at offset 0: call once the store holds
     /// everything the journal did, durably, and records `epoch` as its
     /// journal's.
@@ -379,6 +464,7 @@ impl Journal {
         self.discard_staged();
         self.epoch = epoch;
         self.offset = 0;
+        self.link = NO_LINK;
         self.synced = self.appended;
     }
 }
@@ -388,24 +474,34 @@ enum Parsed {
     /// The journal's end: no whole record of this epoch with a valid
     /// checksum.
     End,
-    /// A record's writes and its length.
-    Record(Vec<Write>, usize),
+    /// A record's writes, its length, its checksum and whether it is
+    /// chained.
+    Record(Vec<Write>, usize, [u8; 8], bool),
     /// A whole record with a valid checksum that does not decode.
     Corrupt(String),
 }
 
-fn parse(bytes: &[u8], epoch: u64) -> Parsed {
+/// The record at the start of `bytes`, if it is whole, of `epoch` and
+/// chained to `link` (or, with `plain`, of the earlier unchained format).
+fn parse(bytes: &[u8], epoch: u64, link: &[u8; 8], plain: bool) -> Parsed {
     let Some(head) = bytes.get(..HEADER) else {
         return Parsed::End;
     };
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if !(8..=MAX_RECORD).contains(&len) {
+    let raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let is_chained = raw & CHAINED != 0;
+    let len = (raw & !CHAINED) as usize;
+    if !(8..=MAX_RECORD).contains(&len) || !(is_chained || plain) {
         return Parsed::End;
     }
     let Some(body) = bytes.get(HEADER..HEADER + len) else {
         return Parsed::End;
     };
-    if head[4..] != checksum(body) {
+    let sum = if is_chained {
+        chained(link, body)
+    } else {
+        checksum(body)
+    };
+    if head[4..] != sum {
         return Parsed::End;
     }
     let mut e = [0u8; 8];
@@ -414,7 +510,7 @@ fn parse(bytes: &[u8], epoch: u64) -> Parsed {
         return Parsed::End;
     }
     match rmp_serde::from_slice::<Vec<Write>>(&body[8..]) {
-        Ok(writes) => Parsed::Record(writes, HEADER + len),
+        Ok(writes) => Parsed::Record(writes, HEADER + len, sum, is_chained),
         Err(e) => Parsed::Corrupt(e.to_string()),
     }
 }
@@ -427,8 +523,12 @@ pub fn fuzz_replay(bytes: &[u8]) -> usize {
         .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
     let mut at = 0;
     let mut groups = 0;
-    while let Parsed::Record(_, n) = parse(&bytes[at..], epoch) {
+    let mut link = NO_LINK;
+    let mut plain = true;
+    while let Parsed::Record(_, n, sum, c) = parse(&bytes[at..], epoch, &link, plain) {
         at += n;
+        link = sum;
+        plain &= !c;
         groups += 1;
     }
     groups
@@ -458,11 +558,11 @@ mod tests {
         j.append(&[Write::Last(2, 9)]).unwrap();
         j.sync().unwrap();
         drop(j);
-        let (j, groups) = Journal::open(&p, 7, 0).unwrap();
+        let (j, groups) = Journal::open(&p, Start::epoch(7)).unwrap();
         assert_eq!(groups, vec![vec![put(1), put(2)], vec![Write::Last(2, 9)]]);
         assert!(!j.is_empty());
         // Another epoch's records are not this one's.
-        let (_, groups) = Journal::open(&p, 8, 0).unwrap();
+        let (_, groups) = Journal::open(&p, Start::epoch(8)).unwrap();
         assert!(groups.is_empty());
     }
 
@@ -478,12 +578,12 @@ mod tests {
         j.append(&[put(21)]).unwrap();
         drop(j);
         // Epoch 1's later records still follow epoch 2's first one.
-        let (mut j, groups) = Journal::open(&p, 2, 0).unwrap();
+        let (mut j, groups) = Journal::open(&p, Start::epoch(2)).unwrap();
         assert_eq!(groups, vec![vec![put(21)]]);
         // Appending goes on after it.
         j.append(&[put(22)]).unwrap();
         drop(j);
-        let (_, groups) = Journal::open(&p, 2, 0).unwrap();
+        let (_, groups) = Journal::open(&p, Start::epoch(2)).unwrap();
         assert_eq!(groups, vec![vec![put(21)], vec![put(22)]]);
     }
 
@@ -499,7 +599,7 @@ mod tests {
         // Flip a byte of the second record's body.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], first + HEADER as u64 + 9).unwrap();
-        let (j, groups) = Journal::open(&p, 1, 0).unwrap();
+        let (j, groups) = Journal::open(&p, Start::epoch(1)).unwrap();
         assert_eq!(groups, vec![vec![put(1)]]);
         assert_eq!(j.len(), first);
     }
@@ -510,11 +610,11 @@ mod tests {
         let p = dir.path().join("s.journal");
         let mut body = 3u64.to_le_bytes().to_vec();
         body.extend_from_slice(&[0xc1, 0xc1, 0xc1]); // never valid MessagePack
-        let mut rec = (body.len() as u32).to_le_bytes().to_vec();
-        rec.extend_from_slice(&checksum(&body));
+        let mut rec = (body.len() as u32 | CHAINED).to_le_bytes().to_vec();
+        rec.extend_from_slice(&chained(&NO_LINK, &body));
         rec.extend_from_slice(&body);
         std::fs::write(&p, &rec).unwrap();
-        let err = Journal::open(&p, 3, 0).unwrap_err();
+        let err = Journal::open(&p, Start::epoch(3)).unwrap_err();
         assert!(
             matches!(err, JournalError::Corrupt { offset: 0, .. }),
             "{err}"
@@ -531,7 +631,7 @@ mod tests {
         j.append(&[put(1)]).unwrap();
         drop(j);
         drop(Journal::create(&p, 0).unwrap());
-        let (_, groups) = Journal::open(&p, 0, 0).unwrap();
+        let (_, groups) = Journal::open(&p, Start::epoch(0)).unwrap();
         assert!(groups.is_empty());
     }
 
@@ -554,11 +654,124 @@ mod tests {
         j.stage(&[put(4)]).unwrap();
         j.flush().unwrap();
         drop(j);
-        let (_, groups) = Journal::open(&p, 4, 0).unwrap();
+        let (_, groups) = Journal::open(&p, Start::epoch(4)).unwrap();
         assert_eq!(
             groups,
             vec![vec![put(1), put(2), Write::Last(2, 2)], vec![put(4)]]
         );
+    }
+
+    /// An earlier version's record: unchained, checksum of the body alone.
+    fn plain_record(epoch: u64, writes: &[Write]) -> Vec<u8> {
+        let mut body = epoch.to_le_bytes().to_vec();
+        body.extend_from_slice(&rmp_serde::to_vec(writes).unwrap());
+        let mut rec = (body.len() as u32).to_le_bytes().to_vec();
+        rec.extend_from_slice(&checksum(&body));
+        rec.extend_from_slice(&body);
+        rec
+    }
+
+    /// A power loss can leave an unsynced record torn and a later one
+    /// whole: the replay stops at the torn one and never skips it to
+    /// replay the later one (no hole in the sequence).
+    #[test]
+    fn a_torn_record_hides_the_whole_ones_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.journal");
+        let mut j = Journal::create(&p, 1).unwrap();
+        j.append(&[put(1)]).unwrap();
+        let second = j.len();
+        j.append(&[put(2)]).unwrap();
+        j.append(&[put(3)]).unwrap();
+        j.append(&[put(4)]).unwrap();
+        drop(j);
+        // The second record's page never reached the disk.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0u8; 8], second + 4).unwrap();
+        let (_, groups) = Journal::open(&p, Start::epoch(1)).unwrap();
+        assert_eq!(groups, vec![vec![put(1)]]);
+    }
+
+    /// After a torn record, the next pass appends over it in the same
+    /// epoch. Its records end where an old, never acknowledged record of
+    /// the earlier pass starts (same sizes): the chain keeps that record
+    /// out of every later replay.
+    #[test]
+    fn an_earlier_pass_is_never_replayed_after_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.journal");
+        let mut j = Journal::create(&p, 1).unwrap();
+        j.append(&[put(1)]).unwrap();
+        let second = j.len();
+        j.append(&[put(2)]).unwrap();
+        j.append(&[put(3)]).unwrap();
+        drop(j);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0u8; 8], second + 4).unwrap();
+        // The second pass: replays 1, then writes another 2 of the same
+        // size where the torn one was.
+        let (mut j, groups) = Journal::open(&p, Start::epoch(1)).unwrap();
+        assert_eq!(groups, vec![vec![put(1)]]);
+        let other = Write::Put(2, vec![0xee; 10]);
+        j.append(std::slice::from_ref(&other)).unwrap();
+        assert_eq!(j.len(), second * 2, "the new record ends where 3 starts");
+        let link = j.link();
+        let end = j.len();
+        drop(j);
+        // Replayed from the start, and from a checkpoint at its end (what
+        // a clean close records): the old 3 is never read.
+        let (_, groups) = Journal::open(&p, Start::epoch(1)).unwrap();
+        assert_eq!(groups, vec![vec![put(1)], vec![other]]);
+        let start = Start {
+            epoch: 1,
+            at: end,
+            link: Some(link),
+        };
+        let (_, groups) = Journal::open(&p, start).unwrap();
+        assert!(groups.is_empty(), "{groups:?}");
+    }
+
+    /// A journal of the earlier, unchained format replays (a store that
+    /// recorded no link), and appends chained records after it; an
+    /// unchained record after a chained one is an earlier pass's.
+    #[test]
+    fn an_earlier_format_journal_replays_and_goes_on_chained() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.journal");
+        let mut bytes = plain_record(6, &[put(1)]);
+        bytes.extend(plain_record(6, &[put(2)]));
+        let after_two = bytes.len() as u64;
+        bytes.extend(plain_record(6, &[put(3)]));
+        std::fs::write(&p, &bytes).unwrap();
+        let old = Start {
+            epoch: 6,
+            at: 0,
+            link: None,
+        };
+        // A store that records a link reads no unchained record.
+        let (_, groups) = Journal::open(&p, Start::epoch(6)).unwrap();
+        assert!(groups.is_empty());
+        let (_, groups) = Journal::open(&p, old).unwrap();
+        assert_eq!(groups, vec![vec![put(1)], vec![put(2)], vec![put(3)]]);
+        // Torn third record: the new version appends a chained one over it.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0u8; 8], after_two + 4).unwrap();
+        let (mut j, groups) = Journal::open(&p, old).unwrap();
+        assert_eq!(groups.len(), 2);
+        j.append(&[put(9)]).unwrap();
+        drop(j);
+        let (_, groups) = Journal::open(&p, old).unwrap();
+        assert_eq!(groups, vec![vec![put(1)], vec![put(2)], vec![put(9)]]);
+        // An unchained record after the chained one is not read.
+        let mut bytes = std::fs::read(&p).unwrap();
+        let (j, _) = Journal::open(&p, old).unwrap();
+        let end = j.len() as usize;
+        drop(j);
+        let stale = plain_record(6, &[put(10)]);
+        bytes[end..end + stale.len()].copy_from_slice(&stale);
+        std::fs::write(&p, &bytes).unwrap();
+        let (_, groups) = Journal::open(&p, old).unwrap();
+        assert_eq!(groups.len(), 3);
     }
 
     proptest::proptest! {
@@ -578,7 +791,7 @@ mod tests {
             let at = at % bytes.len();
             bytes[at] ^= byte | 1;
             std::fs::write(&p, &bytes).unwrap();
-            if let Ok((_, groups)) = Journal::open(&p, 5, 0) {
+            if let Ok((_, groups)) = Journal::open(&p, Start::epoch(5)) {
                 proptest::prop_assert!(groups.len() <= appended.len());
                 proptest::prop_assert_eq!(&groups[..], &appended[..groups.len()]);
             }

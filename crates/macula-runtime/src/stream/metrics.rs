@@ -11,7 +11,7 @@ use prometheus_client::metrics::MetricType;
 use super::Streams;
 
 /// Metric families this collector exports (pinned by a test).
-pub const FAMILIES: usize = 19;
+pub const FAMILIES: usize = 22;
 
 /// The collector (registered by `admin::registry`).
 #[derive(Debug)]
@@ -200,6 +200,24 @@ impl Collector for StreamCollector {
             "macula_stream_commits",
             "Group commits of the stream's store, per stream.",
             &rows(&|i| i.counters.commits),
+        )?;
+        gauge(
+            &mut encoder,
+            "macula_stream_write_queue_bytes",
+            "Bytes in the stream store's writer queue (writes queued, not committed to redb yet; record bytes plus 128 per write), per stream. Bounded by write_queue_bytes for publishes.",
+            &g(&|i| i.counters.write_queue_bytes),
+        )?;
+        counter(
+            &mut encoder,
+            "macula_stream_write_queue_waits",
+            "Publishes that found the stream store's writer queue full and waited for room, per stream.",
+            &rows(&|i| i.counters.write_queue_waits),
+        )?;
+        counter(
+            &mut encoder,
+            "macula_stream_write_queue_refused",
+            "Publishes refused (error kind busy) after waiting write_queue_timeout for room in the stream store's writer queue, per stream.",
+            &rows(&|i| i.counters.write_queue_refused),
         )?;
         let mut family = encoder.encode_descriptor(
             "macula_stream_removed",

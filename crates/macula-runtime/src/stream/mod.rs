@@ -162,6 +162,7 @@ impl StreamError {
             StreamError::Append(_) => "refused",
             StreamError::Consumer(ConsumerError::NotFound(_)) => "no_consumer",
             StreamError::Consumer(_) => "consumer",
+            StreamError::Store(StoreError::Busy { .. }) => "busy",
             StreamError::Store(_) => "store",
             StreamError::Failed { .. } => "failed",
             StreamError::Invalid(_) => "invalid",
@@ -188,6 +189,7 @@ fn remote_kind(kind: &str) -> &'static str {
         "refused",
         "no_consumer",
         "consumer",
+        "busy",
         "store",
         "failed",
         "invalid",
@@ -367,6 +369,15 @@ pub struct StreamCountersReport {
     pub capture_lost: u64,
     /// Group commits.
     pub commits: u64,
+    /// Bytes in the store's writer queue (charged, not committed yet).
+    #[serde(default)]
+    pub write_queue_bytes: u64,
+    /// Publishes that waited for room in the writer queue.
+    #[serde(default)]
+    pub write_queue_waits: u64,
+    /// Publishes refused after waiting `write_queue_timeout` for room.
+    #[serde(default)]
+    pub write_queue_refused: u64,
 }
 
 /// A consumer's state, as `macula consumer info` shows it.
@@ -466,6 +477,17 @@ impl Hosted {
     /// replicated stream to its group. Dropping the answer does not cancel
     /// the write.
     fn submit(&self, writes: Vec<Write>) -> Result<Pending, StreamError> {
+        self.submit_in(writes, None)
+    }
+
+    /// [`Hosted::submit`] with room taken in the store's queue
+    /// ([`StreamStore::admit`]; a replicated stream's group has bounds of
+    /// its own and gives the room back at once).
+    fn submit_in(
+        &self,
+        writes: Vec<Write>,
+        room: Option<store::Admission>,
+    ) -> Result<Pending, StreamError> {
         match self.replica.get() {
             Some(r) => r.propose(writes).inspect_err(|_| {
                 self.replication_failures.fetch_add(1, Ordering::Relaxed);
@@ -474,7 +496,10 @@ impl Hosted {
             None if self.replicated => Err(StreamError::NotLeader { leader: None }),
             None => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                self.store.submit(writes, Some(tx))?;
+                match room {
+                    Some(room) => self.store.submit_admitted(writes, Some(tx), room)?,
+                    None => self.store.submit(writes, Some(tx))?,
+                }
                 Ok(Pending::Store(rx))
             }
         }
@@ -863,6 +888,10 @@ impl Streams {
         let name = stream.config().name.clone();
         let replicated = stream.config().replicas > 1;
         store.set_sync_interval(stream.config().sync_interval.map(Millis::to_duration));
+        store.set_queue_limit(
+            self.0.limits.write_queue_bytes,
+            self.0.limits.write_queue_timeout,
+        );
         let h = Arc::new(Hosted {
             name: name.clone(),
             core: Mutex::new(stream),
@@ -1245,6 +1274,7 @@ impl Streams {
     pub fn info(&self, name: &str) -> Result<StreamInfo, StreamError> {
         let h = self.serving(name)?;
         let durable_seq = *h.store.durable().borrow();
+        let q = h.store.queue_stats();
         let core = h.core.lock();
         let st = core.state();
         let c = st.counters();
@@ -1277,6 +1307,9 @@ impl Streams {
                 removed_purged: c.removed_purged,
                 capture_lost: h.capture_lost.load(Ordering::Relaxed),
                 commits: h.store.stats().commits.load(Ordering::Relaxed),
+                write_queue_bytes: q.queued,
+                write_queue_waits: q.waits,
+                write_queue_refused: q.refused,
             },
         })
     }
@@ -1363,6 +1396,7 @@ impl Streams {
     ) -> Result<PubAck, StreamError> {
         h.check()?;
         check_serving(&h)?;
+        let room = admit(&h, &t, &payload, &opts.headers, opts.msg_id.as_deref()).await?;
         let ack = append(
             &h,
             &t,
@@ -1370,6 +1404,7 @@ impl Streams {
             &opts.headers,
             opts.msg_id.as_deref(),
             opts.ttl,
+            room,
         )?;
         let ack = match ack {
             Appending::Duplicate(seq) => PubAck {
@@ -1803,7 +1838,37 @@ enum Appending {
     Stored(u64, Pending),
 }
 
-/// Appends under the core's lock and queues the write in sequence order.
+/// Takes room in the stream store's writer queue for a publish (before the
+/// core's lock: a full queue makes the publisher wait, `store.rs`,
+/// "Backpressure"); `None` for a replicated stream (its group bounds its
+/// proposals).
+async fn admit(
+    h: &Hosted,
+    t: &Topic,
+    payload: &[u8],
+    headers: &[(String, String)],
+    msg_id: Option<&str>,
+) -> Result<Option<store::Admission>, StreamError> {
+    if h.replicated {
+        return Ok(None);
+    }
+    // What the record will take, close enough (`record.rs`): its fixed
+    // head, subject, message ID, headers and payload, plus the put's
+    // neighbours (last sequence).
+    let bytes = store::JOB_OVERHEAD
+        + 23
+        + (t.as_str().len()
+            + msg_id.map_or(0, str::len)
+            + headers
+                .iter()
+                .map(|(k, v)| 6 + k.len() + v.len())
+                .sum::<usize>()
+            + payload.len()) as u64;
+    Ok(Some(h.store.admit(bytes).await?))
+}
+
+/// Appends under the core's lock and queues the write in sequence order
+/// (in `room`, if taken: [`admit`]).
 fn append(
     h: &Hosted,
     t: &Topic,
@@ -1811,6 +1876,7 @@ fn append(
     headers: &[(String, String)],
     msg_id: Option<&str>,
     ttl: Option<Duration>,
+    room: Option<store::Admission>,
 ) -> Result<Appending, StreamError> {
     let now = now_wall();
     let ttl = ttl.map(Millis::from_duration);
@@ -1847,7 +1913,7 @@ fn append(
                 writes.push(Write::Delete(removed));
             }
             writes.push(Write::Last(core.state().last_seq(), core.state().last_ts()));
-            Ok(Appending::Stored(seq, h.submit(writes)?))
+            Ok(Appending::Stored(seq, h.submit_in(writes, room)?))
         }
     }
 }
@@ -1987,6 +2053,18 @@ async fn capture(h: std::sync::Weak<Hosted>, mut sub: crate::pubsub::Subscriptio
                 let Ok(t) = Topic::new(e.topic.as_str()) else {
                     continue;
                 };
+                // A full writer queue holds the capture (its subscription
+                // queue then drops its oldest events, counted below).
+                let room = match admit(&h, &t, &e.payload, &e.headers, e.message_id.as_deref())
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(err) => {
+                        h.capture_lost.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(stream = %h.name, topic = %e.topic, error = %err, "captured event not stored");
+                        continue;
+                    }
+                };
                 match append(
                     &h,
                     &t,
@@ -1994,6 +2072,7 @@ async fn capture(h: std::sync::Weak<Hosted>, mut sub: crate::pubsub::Subscriptio
                     &e.headers,
                     e.message_id.as_deref(),
                     None,
+                    room,
                 ) {
                     Ok(Appending::Stored(_, rx)) => {
                         // Nobody waits; a failed write fails the stream.

@@ -67,6 +67,22 @@
 //! by a checkpoint (the journal alone would replay it without them), until
 //! a checkpoint.
 //!
+//! **Backpressure.** The writer's queue is bounded
+//! ([`StreamStore::set_queue_limit`], `StreamLimits::write_queue_bytes`
+//! and `write_queue_timeout`): each queued job is charged its record bytes
+//! plus [`JOB_OVERHEAD`] until the writer has committed it to redb. A
+//! publisher first takes room for its write ([`StreamStore::admit`],
+//! before the stream's core lock); with the queue full it waits, without
+//! a thread, until commits make room, and past the timeout gets
+//! [`StoreError::Busy`]. With a sync interval this is what keeps
+//! publishers that the journal acknowledges at once from outrunning redb's
+//! commits. Other writes (consumer positions, removals, configuration,
+//! a replica's applied entries, which its applier awaits one batch at a
+//! time) never wait but are charged: the queue can pass the bound by
+//! them, never by publishes. A single write larger than the bound is let
+//! in alone, when the queue is empty. Counted: the bytes queued (a
+//! gauge), the publishes that waited and those refused.
+//!
 //! **Corruption.** A file that redb cannot open, or a record that does not
 //! decode, is an error naming the file; nothing is written over it.
 
@@ -101,6 +117,10 @@ pub const META_JOURNAL: &str = "journal";
 /// `meta` key of the offset the journal's replay starts from (8 bytes, LE;
 /// absent: 0): what the last checkpoint left of its epoch.
 pub const META_JOURNAL_AT: &str = "journal_at";
+/// `meta` key of the checksum the journal's record at `journal_at` links
+/// to (16 bytes: that offset, LE, and the 8-byte checksum; absent, or for
+/// another offset: a store of an earlier version, see `journal.rs`).
+pub const META_JOURNAL_LINK: &str = "journal_link";
 
 /// Writes one group commit takes at most (more wait for the next).
 const MAX_GROUP: usize = 8192;
@@ -143,6 +163,125 @@ pub enum StoreError {
     /// The writer stopped (the store is closing or failed earlier).
     #[error("stream store {0}: closed")]
     Closed(PathBuf),
+    /// The writer's queue stayed full for the whole timeout: the disk
+    /// takes the stream's writes more slowly than they come.
+    #[error("stream store {path}: the writer's queue stayed full ({queued} of {limit} bytes queued) for {waited:?}: the disk is slower than the publishers; the publish was not stored")]
+    Busy {
+        /// The file.
+        path: PathBuf,
+        /// Bytes queued when it gave up.
+        queued: u64,
+        /// The bound.
+        limit: u64,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+}
+
+/// What a queued job is charged beyond its record bytes (the job, its
+/// writes and answer).
+pub const JOB_OVERHEAD: u64 = 128;
+/// Default bound of the writer's queue, in charged bytes
+/// (`StreamLimits::write_queue_bytes`).
+pub const DEFAULT_QUEUE_BYTES: u64 = 64 << 20;
+/// Default time a publisher waits for room in a full queue
+/// (`StreamLimits::write_queue_timeout`).
+pub const DEFAULT_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The writer's queue bound (see the module docs, "Backpressure").
+#[derive(Debug)]
+struct Room {
+    /// Bytes charged by the jobs queued and not committed yet.
+    queued: AtomicU64,
+    /// The bound.
+    limit: AtomicU64,
+    /// The publisher's wait for room, in milliseconds.
+    timeout_ms: AtomicU64,
+    /// Publishers waiting for room (notified only when there are some).
+    waiting: AtomicU64,
+    notify: tokio::sync::Notify,
+    /// Publishes that waited for room, and those refused after the wait.
+    waits: AtomicU64,
+    refused: AtomicU64,
+    /// The most bytes queued so far.
+    high: AtomicU64,
+}
+
+impl Room {
+    fn new() -> Room {
+        Room {
+            queued: AtomicU64::new(0),
+            limit: AtomicU64::new(DEFAULT_QUEUE_BYTES),
+            timeout_ms: AtomicU64::new(DEFAULT_QUEUE_TIMEOUT.as_millis() as u64),
+            waiting: AtomicU64::new(0),
+            notify: tokio::sync::Notify::new(),
+            waits: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            high: AtomicU64::new(0),
+        }
+    }
+
+    /// Charges `bytes` if they fit (or the queue is empty).
+    fn try_take(self: &Arc<Self>, bytes: u64) -> Option<Admission> {
+        let limit = self.limit.load(Ordering::Acquire);
+        let now = self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q == 0 || q.saturating_add(bytes) <= limit).then(|| q + bytes)
+            })
+            .ok()?;
+        self.high.fetch_max(now + bytes, Ordering::Relaxed);
+        Some(Admission {
+            room: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Charges `bytes` whether they fit or not.
+    fn force(self: &Arc<Self>, bytes: u64) -> Admission {
+        let now = self.queued.fetch_add(bytes, Ordering::AcqRel);
+        self.high.fetch_max(now + bytes, Ordering::Relaxed);
+        Admission {
+            room: self.clone(),
+            bytes,
+        }
+    }
+}
+
+/// Room taken in a store's writer queue ([`StreamStore::admit`]): handed
+/// to the write it was taken for ([`StreamStore::submit_admitted`]), and
+/// given back when the writer has committed it (or when dropped unused).
+#[derive(Debug)]
+pub struct Admission {
+    room: Arc<Room>,
+    bytes: u64,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // SeqCst with the waiter's `waiting` increment and retry: one of
+        // the two sees the other's write, so no wake-up is lost.
+        self.room.queued.fetch_sub(self.bytes, Ordering::SeqCst);
+        if self.room.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify.notify_waiters();
+        }
+    }
+}
+
+/// What a write is charged in the queue.
+pub fn charge(writes: &[Write]) -> u64 {
+    JOB_OVERHEAD
+        + writes
+            .iter()
+            .map(|w| match w {
+                Write::Put(_, r) => r.len() as u64,
+                Write::Config(b) | Write::Consumer(_, Some(b)) | Write::Index(Some(b)) => {
+                    b.len() as u64
+                }
+                Write::Delete(seqs) => 8 * seqs.len() as u64,
+                _ => 0,
+            })
+            .sum::<u64>()
 }
 
 /// Who waits for a group commit: an async caller or a blocking one.
@@ -154,6 +293,9 @@ enum Done {
 struct Job {
     writes: Vec<Write>,
     done: Option<Done>,
+    /// Its room in the queue, given back when the job is dropped (after
+    /// its commit).
+    room: Option<Admission>,
     /// Its place in the queue (from 1): what `Gate` counts.
     ticket: u64,
     /// Answered by the journal flush that writes it (sync interval), not
@@ -165,6 +307,8 @@ struct Job {
     journaled: bool,
     /// Acknowledged (and counted in `Gate::acked`) ahead of its commit.
     acked: bool,
+    /// A checkpoint that moves the journal to its next epoch (at close).
+    wrap: bool,
 }
 
 /// The journal, shared by the submitters (who append to it as they queue,
@@ -291,6 +435,21 @@ pub struct StoreStats {
     pub read_waits: AtomicU64,
 }
 
+/// The writer queue's figures ([`StreamStore::queue_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Bytes charged by the writes queued and not committed yet.
+    pub queued: u64,
+    /// The most ever queued.
+    pub high: u64,
+    /// The bound.
+    pub limit: u64,
+    /// Publishes that waited for room.
+    pub waits: u64,
+    /// Publishes refused after waiting the whole timeout.
+    pub refused: u64,
+}
+
 /// A stream's store (see the module docs).
 pub struct StreamStore {
     path: PathBuf,
@@ -302,6 +461,7 @@ pub struct StreamStore {
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<StoreStats>,
     gate: Arc<Gate>,
+    room: Arc<Room>,
     /// The applied index (`Write::Applied`) of the last synced commit.
     synced_applied: Arc<AtomicU64>,
     /// The sync interval in milliseconds (0: sync before every
@@ -329,6 +489,8 @@ struct TestHooks {
     checkpoint_delay_ms: AtomicU64,
     /// Set while a checkpoint sleeps for `checkpoint_delay_ms`.
     in_checkpoint: std::sync::atomic::AtomicBool,
+    /// While set, the writer takes no group (a stalled disk).
+    hold: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for StreamStore {
@@ -386,16 +548,21 @@ impl StreamStore {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        let epoch = read_u64(&db, path, META_JOURNAL)?;
-        let at = read_u64(&db, path, META_JOURNAL_AT)?;
+        let start = read_start(&db, path)?;
+        let epoch = start.epoch;
         let (mut journal, groups) =
-            Journal::open(&journal::path_of(path), epoch, at).map_err(journal_err)?;
+            Journal::open(&journal::path_of(path), start).map_err(journal_err)?;
         if !groups.is_empty() {
             // What the journal holds beyond the last checkpoint goes into
             // redb first, as one checkpoint.
             let writes: Vec<&Write> = groups.iter().flatten().collect();
             tracing::info!(path = %path.display(), groups = groups.len(), writes = writes.len(), "stream store: replaying its journal");
-            commit(&db, writes.into_iter(), Some((epoch + 1, 0))).map_err(io(path))?;
+            commit(
+                &db,
+                writes.into_iter(),
+                Some(journal::Start::epoch(epoch + 1)),
+            )
+            .map_err(io(path))?;
             journal.restart(epoch + 1);
         }
         let (last, _) = read_last(&db, path)?;
@@ -456,6 +623,7 @@ impl StreamStore {
             thread: parking_lot::Mutex::new(thread),
             stats,
             gate,
+            room: Arc::new(Room::new()),
             synced_applied,
             sync_interval_ms,
             #[cfg(test)]
@@ -481,18 +649,104 @@ impl StreamStore {
         self.sync_interval_ms.store(ms, Ordering::Release);
     }
 
+    /// Sets the bound of the writer's queue (charged bytes) and how long
+    /// a publisher waits for room in it (see the module docs).
+    pub fn set_queue_limit(&self, bytes: u64, timeout: std::time::Duration) {
+        self.room.limit.store(bytes.max(1), Ordering::Release);
+        self.room
+            .timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Release);
+        // A raised bound makes room.
+        self.room.notify.notify_waiters();
+    }
+
+    /// The writer queue's figures.
+    pub fn queue_stats(&self) -> QueueStats {
+        QueueStats {
+            queued: self.room.queued.load(Ordering::Acquire),
+            high: self.room.high.load(Ordering::Relaxed),
+            limit: self.room.limit.load(Ordering::Acquire),
+            waits: self.room.waits.load(Ordering::Relaxed),
+            refused: self.room.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes room for a write of `bytes` (see [`charge`]) in the writer's
+    /// queue: at once while the queue is under its bound; else waits for
+    /// the writer's commits to make room, and past the queue's timeout
+    /// fails with [`StoreError::Busy`]. Call before taking the lock the
+    /// write is decided under; hand the room to
+    /// [`StreamStore::submit_admitted`].
+    pub async fn admit(&self, bytes: u64) -> Result<Admission, StoreError> {
+        let room = &self.room;
+        if let Some(a) = room.try_take(bytes) {
+            return Ok(a);
+        }
+        room.waits.fetch_add(1, Ordering::Relaxed);
+        struct Waiting<'a>(&'a Room);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        room.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(room);
+        let timeout = std::time::Duration::from_millis(room.timeout_ms.load(Ordering::Acquire));
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let notified = room.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(a) = room.try_take(bytes) {
+                return Ok(a);
+            }
+            if self.jobs.lock().is_none() {
+                return Err(StoreError::Closed(self.path.clone()));
+            }
+            if let Some(f) = self.gate.failed() {
+                return Err(io(&self.path)(f));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                room.refused.fetch_add(1, Ordering::Relaxed);
+                let queued = room.queued.load(Ordering::Acquire);
+                let limit = room.limit.load(Ordering::Acquire);
+                tracing::warn!(path = %self.path.display(), queued, limit, ?timeout, "stream store: a publish refused, the writer's queue stayed full");
+                return Err(StoreError::Busy {
+                    path: self.path.clone(),
+                    queued,
+                    limit,
+                    waited: started.elapsed(),
+                });
+            }
+        }
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Queues writes; `done` is answered once they are on disk.
+    /// Queues writes; `done` is answered once they are on disk. Charged
+    /// in the queue without waiting for room (see
+    /// [`StreamStore::submit_admitted`]).
     pub fn submit(
         &self,
         writes: Vec<Write>,
         done: Option<oneshot::Sender<Result<(), String>>>,
     ) -> Result<(), StoreError> {
-        self.queue(writes, done.map(Done::Async), true)
+        let room = self.room.force(charge(&writes));
+        self.queue(writes, done.map(Done::Async), true, room)
+    }
+
+    /// [`StreamStore::submit`] with room taken by [`StreamStore::admit`].
+    pub fn submit_admitted(
+        &self,
+        writes: Vec<Write>,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+        room: Admission,
+    ) -> Result<(), StoreError> {
+        self.queue(writes, done.map(Done::Async), true, room)
     }
 
     /// Queues writes committed without an `fsync` (a replicated stream's
@@ -503,10 +757,28 @@ impl StreamStore {
         writes: Vec<Write>,
         done: Option<oneshot::Sender<Result<(), String>>>,
     ) -> Result<(), StoreError> {
-        self.queue(writes, done.map(Done::Async), false)
+        let room = self.room.force(charge(&writes));
+        self.queue(writes, done.map(Done::Async), false, room)
     }
 
-    fn queue(&self, writes: Vec<Write>, done: Option<Done>, sync: bool) -> Result<(), StoreError> {
+    fn queue(
+        &self,
+        writes: Vec<Write>,
+        done: Option<Done>,
+        sync: bool,
+        room: Admission,
+    ) -> Result<(), StoreError> {
+        self.queue_as(writes, done, sync, room, false)
+    }
+
+    fn queue_as(
+        &self,
+        writes: Vec<Write>,
+        done: Option<Done>,
+        sync: bool,
+        room: Admission,
+        wrap: bool,
+    ) -> Result<(), StoreError> {
         let jobs = self.jobs.lock();
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
@@ -520,17 +792,19 @@ impl StreamStore {
         let mut job = Job {
             writes,
             done,
+            room: Some(room),
             ticket: side.ticket,
             early: false,
             sync,
             journaled: false,
             acked: false,
+            wrap,
         };
         if !sync {
             side.unjournaled = true;
             return tx.send(job).map_err(closed);
         }
-        if job.writes.is_empty() || side.unjournaled {
+        if job.writes.is_empty() || side.unjournaled || wrap {
             return tx.send(job).map_err(closed);
         }
         if let Some(f) = self.gate.failed() {
@@ -615,8 +889,15 @@ impl StreamStore {
     /// Writes and waits (blocking the thread; also from inside a runtime)
     /// until they are on disk.
     pub fn write_now(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.write_now_as(writes, false)
+    }
+
+    /// [`StreamStore::write_now`]; `wrap`: as a checkpoint that moves the
+    /// journal to its next epoch at offset 0.
+    fn write_now_as(&self, writes: Vec<Write>, wrap: bool) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
-        self.queue(writes, Some(Done::Blocking(tx)), true)?;
+        let room = self.room.force(charge(&writes));
+        self.queue_as(writes, Some(Done::Blocking(tx)), true, room, wrap)?;
         self.flush();
         rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
@@ -846,15 +1127,38 @@ impl StreamStore {
     }
 
     /// Stops the writer after what is queued is written (and synced).
+    /// The last checkpoint moves the journal to its next epoch, and the
+    /// journal file is then emptied: the next open has nothing to read in
+    /// it, and the pages of the records it held, which a sync interval
+    /// leaves unwritten (up to [`JOURNAL_MAX`]), are dropped rather than
+    /// written back while the next start reads its files.
     pub fn close(&self) {
+        let mut clean = false;
         if self.jobs.lock().is_some() {
-            if let Err(e) = self.sync() {
-                tracing::warn!(path = %self.path.display(), error = %e, "stream store not synced at close");
+            match self.write_now_as(Vec::new(), true) {
+                Ok(()) => clean = true,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "stream store not synced at close")
+                }
             }
         }
         self.jobs.lock().take();
+        // Publishers waiting for room find the store closed.
+        self.room.notify.notify_waiters();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
+        }
+        if clean {
+            // Nothing was appended after the wrapping checkpoint (the queue
+            // is closed and the writer gone); its epoch is in redb, synced,
+            // so a crash that loses this truncation finds older epochs'
+            // records only, which it does not replay.
+            let mut side = self.side.lock();
+            if side.journal.is_empty() && side.journal.staged_bytes() == 0 {
+                if let Err(e) = side.journal.truncate() {
+                    tracing::warn!(path = %self.path.display(), error = %e, "stream journal not emptied at close");
+                }
+            }
         }
     }
 }
@@ -882,6 +1186,30 @@ fn read_last(db: &Database, path: &Path) -> Result<(u64, u64), StoreError> {
     a.copy_from_slice(&bytes[..8]);
     b.copy_from_slice(&bytes[8..]);
     Ok((u64::from_le_bytes(a), u64::from_le_bytes(b)))
+}
+
+/// Where the journal's replay starts: `meta.journal`, `journal_at` and
+/// `journal_link` (see [`META_JOURNAL_LINK`]).
+fn read_start(db: &Database, path: &Path) -> Result<journal::Start, StoreError> {
+    let epoch = read_u64(db, path, META_JOURNAL)?;
+    let at = read_u64(db, path, META_JOURNAL_AT)?;
+    let e = io(path);
+    let txn = db.begin_read().map_err(|x| e(x.to_string()))?;
+    let link = match txn.open_table(META) {
+        Ok(t) => t
+            .get(META_JOURNAL_LINK)
+            .map_err(|x| e(x.to_string()))?
+            .and_then(|v| {
+                let b = v.value();
+                let (o, l) = (b.get(..8)?, b.get(8..16)?);
+                (b.len() == 16 && u64::from_le_bytes(o.try_into().ok()?) == at)
+                    .then(|| <[u8; 8]>::try_from(l).ok())
+                    .flatten()
+            }),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(x) => return Err(e(x.to_string())),
+    };
+    Ok(journal::Start { epoch, at, link })
 }
 
 fn read_applied(db: &Database, path: &Path) -> Result<u64, StoreError> {
@@ -1072,6 +1400,10 @@ impl Writer {
     }
 
     fn write(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
+        #[cfg(test)]
+        while self.hooks.hold.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         if let Some(f) = self.gate.failed() {
             return Err(f);
         }
@@ -1190,16 +1522,21 @@ impl Writer {
         // commit too).
         flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
         let started = std::time::Instant::now();
-        let wrap = side.unjournaled || side.journal.len() >= JOURNAL_MAX;
-        let (epoch, at, upto) = if wrap {
-            (side.journal.epoch() + 1, 0, 0)
+        let wrap =
+            side.unjournaled || side.journal.len() >= JOURNAL_MAX || group.iter().any(|j| j.wrap);
+        let (start, upto) = if wrap {
+            (journal::Start::epoch(side.journal.epoch() + 1), 0)
         } else {
             (
-                side.journal.epoch(),
-                side.journal.len(),
+                journal::Start {
+                    epoch: side.journal.epoch(),
+                    at: side.journal.len(),
+                    link: Some(side.journal.link()),
+                },
                 side.journal.sync_handle().1,
             )
         };
+        let epoch = start.epoch;
         // Unless it wraps, the lock goes now: records appended from here on
         // are after `at`, where the journal's replay starts.
         let held = wrap.then_some(side);
@@ -1214,7 +1551,7 @@ impl Writer {
         if let Err(e) = commit(
             &self.db,
             group.iter().flat_map(|j| j.writes.iter()),
-            Some((epoch, at)),
+            Some(start),
         ) {
             // The journal may already hold later records that need this
             // commit: nothing more is written.
@@ -1350,20 +1687,24 @@ fn answer_one(done: Option<Done>, result: &Result<(), String>) {
     }
 }
 
-/// Answers the group's waiters not answered yet.
+/// Gives back the group's room in the queue (it is committed, or failed),
+/// then answers the waiters not answered yet.
 fn answer(group: &mut [Job], result: &Result<(), String>) {
+    for j in group.iter_mut() {
+        j.room.take();
+    }
     for j in group {
         answer_one(j.done.take(), result);
     }
 }
 
 /// Commits writes in one transaction: unsynced, or with `checkpoint`
-/// (the journal's epoch and start offset from then on) synced and
-/// recording them.
+/// (where the journal's replay starts from then on) synced and recording
+/// it.
 fn commit<'a>(
     db: &Database,
     writes: impl Iterator<Item = &'a Write>,
-    checkpoint: Option<(u64, u64)>,
+    checkpoint: Option<journal::Start>,
 ) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(if checkpoint.is_some() {
@@ -1428,10 +1769,15 @@ fn commit<'a>(
                 }
             }
         }
-        if let Some((epoch, at)) = checkpoint {
-            meta.insert(META_JOURNAL, epoch.to_le_bytes().as_slice())
+        if let Some(start) = checkpoint {
+            meta.insert(META_JOURNAL, start.epoch.to_le_bytes().as_slice())
                 .map_err(|e| e.to_string())?;
-            meta.insert(META_JOURNAL_AT, at.to_le_bytes().as_slice())
+            meta.insert(META_JOURNAL_AT, start.at.to_le_bytes().as_slice())
+                .map_err(|e| e.to_string())?;
+            let mut link = [0u8; 16];
+            link[..8].copy_from_slice(&start.at.to_le_bytes());
+            link[8..].copy_from_slice(&start.link.unwrap_or(journal::NO_LINK));
+            meta.insert(META_JOURNAL_LINK, link.as_slice())
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -1462,9 +1808,8 @@ mod tests {
     /// The groups a crash image's journal replays (from the store's start
     /// offset, in its epoch).
     fn journal_groups(s: &StreamStore, copy: &Path) -> Vec<Vec<Write>> {
-        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
-        let at = read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap();
-        Journal::open(&journal::path_of(copy), epoch, at).unwrap().1
+        let start = read_start(&s.db, s.path()).unwrap();
+        Journal::open(&journal::path_of(copy), start).unwrap().1
     }
 
     fn open_store(dir: &Path) -> StreamStore {
@@ -1914,5 +2259,252 @@ mod tests {
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 20);
         assert_eq!(back.last().unwrap(), (20, 20));
+    }
+
+    /// Holds the writer (a stalled disk) until dropped, also when the test
+    /// panics (a store dropped with its writer held would wait forever).
+    struct Held<'a>(&'a StreamStore);
+    impl<'a> Held<'a> {
+        fn new(s: &'a StreamStore) -> Self {
+            s.hooks.hold.store(true, Ordering::Release);
+            Held(s)
+        }
+    }
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.hooks.hold.store(false, Ordering::Release);
+        }
+    }
+
+    /// Submits through the queue's admission, as a publish does.
+    async fn publish(s: &StreamStore, seq: u64) -> Result<(), StoreError> {
+        let writes = vec![put(seq), Write::Last(seq, seq)];
+        let room = s.admit(charge(&writes)).await?;
+        let (tx, rx) = oneshot::channel();
+        s.submit_admitted(writes, Some(tx), room)?;
+        s.flush_staged().await;
+        rx.await
+            .map_err(|_| StoreError::Closed(s.path().to_path_buf()))?
+            .map_err(io(s.path()))
+    }
+
+    /// Bounded wait for a condition another thread or task brings about.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..10_000 {
+            if f() {
+                return;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("{what} never happened");
+    }
+
+    #[tokio::test]
+    async fn a_full_writer_queue_holds_publishers_until_commits_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        // Acknowledged once written: only the bound keeps publishers from
+        // outrunning the writer.
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let one = charge(&[put(1), Write::Last(1, 1)]);
+        s.set_queue_limit(4 * one, Duration::from_secs(3600));
+        // The creation's write is committed (its room given back).
+        until("an empty queue", || s.queue_stats().queued == 0).await;
+        // The disk stalls: the writer commits nothing.
+        let held = Held::new(&s);
+        for seq in 1..=4 {
+            publish(&s, seq).await.unwrap();
+        }
+        assert_eq!(s.queue_stats().queued, 4 * one);
+        // The fifth and sixth wait for room, acknowledged by nobody.
+        let waiting: Vec<_> = (5..=6)
+            .map(|seq| {
+                let s = s.clone();
+                tokio::spawn(async move { publish(&s, seq).await })
+            })
+            .collect();
+        until("two publishers waiting", || s.queue_stats().waits == 2).await;
+        assert!(waiting.iter().all(|t| !t.is_finished()));
+        assert!(s.queue_stats().queued <= s.queue_stats().limit);
+        // Acknowledged writes are in the journal though not in redb: a
+        // crash now keeps them.
+        let crashed = tempfile::tempdir().unwrap();
+        let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 4);
+        drop(back);
+        // The disk comes back: the waiting publishers go on.
+        drop(held);
+        for t in waiting {
+            t.await.unwrap().unwrap();
+        }
+        until("the queue drained", || s.queue_stats().queued == 0).await;
+        let q = s.queue_stats();
+        assert!(q.high <= q.limit, "{q:?}");
+        assert_eq!((q.waits, q.refused), (2, 0));
+        assert_eq!(s.stored_messages().unwrap(), 6);
+        assert_eq!(s.last().unwrap(), (6, 6));
+    }
+
+    #[tokio::test]
+    async fn a_publisher_that_finds_no_room_in_time_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        let one = charge(&[put(1), Write::Last(1, 1)]);
+        s.set_queue_limit(2 * one, Duration::from_secs(5));
+        until("an empty queue", || s.queue_stats().queued == 0).await;
+        let held = Held::new(&s);
+        publish(&s, 1).await.unwrap();
+        publish(&s, 2).await.unwrap();
+        // Simulated time: the wait runs out at once, nothing else moves.
+        tokio::time::pause();
+        let err = publish(&s, 3).await.unwrap_err();
+        tokio::time::resume();
+        match &err {
+            StoreError::Busy {
+                queued,
+                limit,
+                waited,
+                ..
+            } => {
+                assert_eq!((*queued, *limit), (2 * one, 2 * one));
+                assert!(*waited >= Duration::from_secs(5), "{waited:?}");
+            }
+            e => panic!("{e}"),
+        }
+        assert!(err.to_string().contains("queue stayed full"), "{err}");
+        assert_eq!(s.queue_stats().refused, 1);
+        // Nothing of the refused publish was queued; the others commit.
+        drop(held);
+        until("the queue drained", || s.queue_stats().queued == 0).await;
+        assert_eq!(s.stored_messages().unwrap(), 2);
+        // A write larger than the whole bound goes in alone.
+        s.set_queue_limit(1, Duration::from_secs(5));
+        publish(&s, 3).await.unwrap();
+        assert_eq!(s.stored_messages().unwrap(), 3);
+    }
+
+    #[test]
+    fn writes_that_are_not_publishes_are_charged_but_never_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_queue_limit(1, Duration::from_secs(3600));
+        for seq in 1..=3 {
+            s.write_now(vec![put(seq)]).unwrap();
+        }
+        // Given back at the commit, which may follow the answer.
+        for _ in 0..10_000 {
+            if s.queue_stats().queued == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let held = Held::new(&s);
+        s.submit(vec![Write::Consumer("c".into(), Some(vec![1; 100]))], None)
+            .unwrap();
+        assert!(s.queue_stats().queued >= JOB_OVERHEAD + 100);
+        drop(held);
+        s.sync().unwrap();
+        // Given back as the writer drops the group, just after answering.
+        for _ in 0..10_000 {
+            if s.queue_stats().queued == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(s.queue_stats().queued, 0);
+    }
+
+    /// Item of issue 21: a power loss tears the first record after the
+    /// checkpoint's offset and leaves later ones whole. The next pass
+    /// appends the same-sized records over the torn one and closes
+    /// cleanly; the record of the earlier pass that follows them must not
+    /// come back.
+    #[test]
+    fn a_torn_record_after_the_checkpoint_never_brings_back_the_ones_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        for seq in 1..=5 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        s.sync().unwrap();
+        let at = read_u64(&s.db, s.path(), META_JOURNAL_AT).unwrap();
+        for seq in 6..=8 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        drop(s);
+        // 6's record never reached the disk; 7's and 8's did.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(journal::path_of(&copy))
+                .unwrap();
+            f.write_all_at(&[0u8; 8], at + 4).unwrap();
+        }
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        // Stopped at the torn record: nothing after it.
+        assert_eq!(back.stored_messages().unwrap(), 5);
+        assert_eq!(back.last().unwrap(), (5, 5));
+        // The next pass stores other 6 and 7, of the same sizes.
+        let other = |seq: u64| {
+            Write::Put(
+                seq,
+                record::encode(
+                    seq + 100,
+                    None,
+                    "s.x",
+                    None,
+                    &[],
+                    &(seq + 1000).to_le_bytes(),
+                )
+                .unwrap(),
+            )
+        };
+        for seq in 6..=7 {
+            back.write_now(vec![other(seq), Write::Last(seq, seq + 100)])
+                .unwrap();
+        }
+        drop(back);
+        let again = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(again.stored_messages().unwrap(), 7);
+        assert!(again.get(8).unwrap().is_none(), "the earlier pass's 8");
+        assert_eq!(again.last().unwrap(), (7, 107));
+        assert_eq!(again.get(7).unwrap().unwrap().ts, 107);
+    }
+
+    #[test]
+    fn a_clean_close_leaves_an_empty_journal_in_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        for seq in 1..=20 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        let epoch = read_u64(&s.db, s.path(), META_JOURNAL).unwrap();
+        drop(s);
+        // Emptied: nothing to read at the next open, nothing left to
+        // write back.
+        assert_eq!(std::fs::metadata(journal::path_of(&path)).unwrap().len(), 0);
+        let s = StreamStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            read_start(&s.db, s.path()).unwrap(),
+            journal::Start::epoch(epoch + 1)
+        );
+        assert_eq!(s.stored_messages().unwrap(), 20);
+        // The next pass journals as before, and a crash replays it.
+        for seq in 21..=25 {
+            s.write_now(vec![put(seq), Write::Last(seq, seq)]).unwrap();
+        }
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crash_image(&s, crashed.path());
+        assert_eq!(journal_groups(&s, &copy).len(), 5);
+        let back = StreamStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(back.stored_messages().unwrap(), 25);
+        assert_eq!(back.last().unwrap(), (25, 25));
     }
 }
