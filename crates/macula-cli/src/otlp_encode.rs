@@ -276,21 +276,63 @@ fn node_of(d: &SpanData) -> Option<(usize, &str)> {
         })
 }
 
+/// Bytes of `v` as a varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes of a length-delimited field of `len` bytes (field numbers below
+/// 16: a one-byte key).
+fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// Bytes of a `bytes` field of `len` (omitted when empty).
+fn optional_len(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        field_len(len)
+    }
+}
+
+/// Writes a length-delimited field `field` into `b` by `write`, in place:
+/// two bytes are kept for the length (a span is 128 bytes to 16 KiB) and
+/// moved only when it needs one or three.
+fn message_in_place(b: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
+    key(b, field, LEN);
+    let at = b.len();
+    b.extend_from_slice(&[0, 0]);
+    write(b);
+    let len = b.len() - at - 2;
+    let mut v = Vec::with_capacity(3);
+    varint(&mut v, len as u64);
+    match v.len() {
+        2 => b[at..at + 2].copy_from_slice(&v),
+        _ => {
+            b.splice(at..at + 2, v);
+        }
+    }
+}
+
 /// Encodes export requests (`ExportTraceServiceRequest`) into its own
 /// reused buffers: one `ResourceSpans` per node the spans name (the
 /// process's resource plus the node's ID), then one `ScopeSpans` per
-/// instrumentation scope.
+/// instrumentation scope. Each span is encoded once, in place, into its
+/// group's buffer; the enclosing messages' lengths are computed, so the
+/// spans are copied once more, into the request.
 #[derive(Default)]
 pub(crate) struct Encoder {
     /// The `Resource` message's attributes, encoded once per resource.
     resource: Vec<u8>,
     resource_schema: Option<String>,
     out: Vec<u8>,
-    rs: Vec<u8>,
-    /// The encoded spans of each (node, scope) group of a batch.
+    /// The resource message of one node's group.
+    res: Vec<u8>,
+    /// The encoded spans (each a `spans` field) of each (node, scope)
+    /// group of a batch, and the group's `InstrumentationScope` message.
     spans: Vec<Vec<u8>>,
-    one: Vec<u8>,
-    scope: Vec<u8>,
+    scopes: Vec<Vec<u8>>,
     s: Scratch,
 }
 
@@ -321,62 +363,64 @@ impl Encoder {
                     groups.push(key);
                     if self.spans.len() < groups.len() {
                         self.spans.push(Vec::new());
+                        self.scopes.push(Vec::new());
                     }
-                    self.spans[groups.len() - 1].clear();
-                    groups.len() - 1
+                    let g = groups.len() - 1;
+                    self.spans[g].clear();
+                    self.scopes[g].clear();
+                    scope_message(&mut self.scopes[g], key.1, &mut self.s);
+                    g
                 }
             };
-            self.one.clear();
-            span(&mut self.one, d, node.map(|(at, _)| at), &mut self.s);
-            message(&mut self.spans[i], 2, &self.one);
+            let s = &mut self.s;
+            message_in_place(&mut self.spans[i], 2, |b| {
+                span(b, d, node.map(|(at, _)| at), s)
+            });
         }
         self.out.clear();
+        let resource_schema = self.resource_schema.as_deref().unwrap_or_default();
         let mut done = vec![false; groups.len()];
         for first in 0..groups.len() {
             if done[first] {
                 continue;
             }
             let node = groups[first].0;
-            // ResourceSpans { resource = 1; repeated ScopeSpans = 2; schema_url = 3 }
-            self.rs.clear();
-            self.scope.clear();
-            self.scope.extend_from_slice(&self.resource);
+            self.res.clear();
+            self.res.extend_from_slice(&self.resource);
             if let Some(id) = node {
                 let id = Value::from(id.to_string());
                 let kvs = [(NODE_ATTRIBUTE, &id), ("service.instance.id", &id)];
-                attributes(&mut self.scope, 1, kvs, &mut self.s);
+                attributes(&mut self.res, 1, kvs, &mut self.s);
             }
-            message(&mut self.rs, 1, &self.scope);
-            for i in first..groups.len() {
-                if groups[i].0 != node {
+            // ScopeSpans { scope = 1; repeated Span spans = 2; schema_url = 3 }
+            let scope_len = |g: usize| {
+                field_len(self.scopes[g].len())
+                    + self.spans[g].len()
+                    + optional_len(groups[g].1.schema_url().unwrap_or_default().len())
+            };
+            // ResourceSpans { resource = 1; repeated ScopeSpans = 2; schema_url = 3 }
+            let mut rs_len = field_len(self.res.len()) + optional_len(resource_schema.len());
+            for g in first..groups.len() {
+                if groups[g].0 == node {
+                    rs_len += field_len(scope_len(g));
+                }
+            }
+            key(&mut self.out, 1, LEN);
+            varint(&mut self.out, rs_len as u64);
+            message(&mut self.out, 1, &self.res);
+            for g in first..groups.len() {
+                if groups[g].0 != node {
                     continue;
                 }
-                done[i] = true;
-                let scope = groups[i].1;
-                // ScopeSpans { scope = 1; repeated Span spans = 2; schema_url = 3 }
-                self.s.item.clear();
-                let mut item = std::mem::take(&mut self.s.item);
-                scope_message(&mut item, scope, &mut self.s);
-                self.scope.clear();
-                message(&mut self.scope, 1, &item);
-                self.s.item = item;
-                self.scope.extend_from_slice(&self.spans[i]);
-                bytes(
-                    &mut self.scope,
-                    3,
-                    scope.schema_url().unwrap_or_default().as_bytes(),
-                );
-                message(&mut self.rs, 2, &self.scope);
+                done[g] = true;
+                key(&mut self.out, 2, LEN);
+                varint(&mut self.out, scope_len(g) as u64);
+                message(&mut self.out, 1, &self.scopes[g]);
+                self.out.extend_from_slice(&self.spans[g]);
+                let schema = groups[g].1.schema_url().unwrap_or_default();
+                bytes(&mut self.out, 3, schema.as_bytes());
             }
-            bytes(
-                &mut self.rs,
-                3,
-                self.resource_schema
-                    .as_deref()
-                    .unwrap_or_default()
-                    .as_bytes(),
-            );
-            message(&mut self.out, 1, &self.rs);
+            bytes(&mut self.out, 3, resource_schema.as_bytes());
         }
         &self.out
     }
@@ -560,6 +604,48 @@ mod tests {
         };
         assert_eq!(again, theirs);
         assert!(enc.encode(&[]).is_empty());
+    }
+
+    /// A span's length takes one, two or three bytes: a span under 128
+    /// bytes, one of a few hundred and one over 16 KiB are each written in
+    /// place (their length prefix moved when it is not two bytes), as
+    /// `opentelemetry-proto` encodes them.
+    #[test]
+    fn spans_of_every_length_prefix() {
+        for n in [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
+            let mut v = Vec::new();
+            varint(&mut v, n);
+            assert_eq!(varint_len(n), v.len(), "{n}");
+        }
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("macula")
+            .build();
+        let a = InstrumentationScope::builder("macula").build();
+        let small = |i: u8| {
+            let mut d = span_data(i, &a);
+            d.attributes.clear();
+            d.events = Default::default();
+            d.links = Default::default();
+            d.name = Cow::Borrowed("s");
+            d
+        };
+        let mut big = span_data(3, &a);
+        big.attributes
+            .push(KeyValue::new("big", "x".repeat(20_000)));
+        let batch = vec![small(1), span_data(2, &a), big, small(4)];
+        let mut enc = Encoder::default();
+        enc.set_resource(&resource);
+        let mut one = Vec::new();
+        span(&mut one, &batch[0], None, &mut Scratch::default());
+        assert!(one.len() < 128, "{}", one.len());
+        let ours = ExportTraceServiceRequest::decode(enc.encode(&batch)).unwrap();
+        let theirs = ExportTraceServiceRequest {
+            resource_spans: group_spans_by_resource_and_scope(
+                batch.clone(),
+                &ResourceAttributesWithSchema::from(&resource),
+            ),
+        };
+        assert_eq!(ours, theirs);
     }
 
     /// Spans naming their node are sent under one resource per node, the
