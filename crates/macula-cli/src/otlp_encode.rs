@@ -400,11 +400,10 @@ impl Encoder {
             };
             // ResourceSpans { resource = 1; repeated ScopeSpans = 2; schema_url = 3 }
             let mut rs_len = field_len(self.res.len()) + optional_len(resource_schema.len());
-            for g in first..groups.len() {
-                if groups[g].0 == node {
-                    rs_len += field_len(scope_len(g));
-                }
-            }
+            rs_len += (first..groups.len())
+                .filter(|&g| groups[g].0 == node)
+                .map(|g| field_len(scope_len(g)))
+                .sum::<usize>();
             key(&mut self.out, 1, LEN);
             varint(&mut self.out, rs_len as u64);
             message(&mut self.out, 1, &self.res);
