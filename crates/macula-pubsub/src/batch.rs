@@ -879,12 +879,7 @@ fn forwarded_seals(
             k += 1;
         }
         if run.is_groups_kind() {
-            let all = present
-                .iter()
-                .map(|b| b.count_ones() as usize)
-                .sum::<usize>()
-                == n;
-            let absent = match (all, run.as_sent(&present)) {
+            let absent = match (all_present(&present, n), run.as_sent(&present)) {
                 (true, _) => Vec::new(),
                 (false, Some(sent)) => sent.to_vec(),
                 (false, None) => {
@@ -918,11 +913,7 @@ fn forwarded_seals(
             }
             continue;
         }
-        let all = present
-            .iter()
-            .map(|b| b.count_ones() as usize)
-            .sum::<usize>()
-            == n;
+        let all = all_present(&present, n);
         let absent = match (all, run.as_sent(&present)) {
             // Every message of the seal is here: no digest to send (and,
             // at a client's gateway, none computed).
@@ -962,6 +953,15 @@ pub fn forwarded_key(publisher: &NodeId, from: &NodeId) -> NodeId {
     h.update(publisher.as_bytes());
     h.update(from.as_bytes());
     NodeId::from_bytes(*h.finalize().as_bytes())
+}
+
+/// Whether the presence bitmap `present` holds all `n` messages of a seal.
+fn all_present(present: &[u8], n: usize) -> bool {
+    present
+        .iter()
+        .map(|b| b.count_ones() as usize)
+        .sum::<usize>()
+        == n
 }
 
 #[cfg(test)]

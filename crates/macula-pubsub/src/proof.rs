@@ -549,14 +549,7 @@ pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> 
     let mut refs = Vec::with_capacity(view.entries.len());
     for seal in &view.seals {
         let run = Arc::new(SealedRun::from_seal(view, seal, body, refs.len()));
-        refs.extend(
-            (0..seal.n as u32)
-                .filter(|&i| seal.is_present(i as usize))
-                .map(|index| SealRef {
-                    run: run.clone(),
-                    index,
-                }),
-        );
+        refs.extend(refs_of(&run, seal));
     }
     Some(refs)
 }
@@ -916,14 +909,7 @@ fn check_seal<'a, 'b: 'a>(
         };
         let _ = run.groups.set(g);
         let run = Arc::new(run);
-        refs.extend(
-            (0..seal.n as u32)
-                .filter(|&i| seal.is_present(i as usize))
-                .map(|index| SealRef {
-                    run: run.clone(),
-                    index,
-                }),
-        );
+        refs.extend(refs_of(&run, seal));
         return Ok((run, hash));
     }
     if let (Some(carried), true) = (seal.carried, seal.is_complete()) {
@@ -1181,4 +1167,14 @@ pub fn fuzz_group_copies(data: &[u8]) {
             assert!(same(&bv, &cv), "a changed copy verified");
         }
     }
+}
+
+/// The references to `run` of the messages `seal` says are present.
+fn refs_of<'a>(run: &'a Arc<SealedRun>, seal: &'a Seal) -> impl Iterator<Item = SealRef> + 'a {
+    (0..seal.n as u32)
+        .filter(|&i| seal.is_present(i as usize))
+        .map(|index| SealRef {
+            run: run.clone(),
+            index,
+        })
 }
