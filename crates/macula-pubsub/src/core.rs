@@ -602,7 +602,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             _ => {
                 let parsed = self.parse_topic(topic)?;
                 Ok(RouteStep::Ready(Arc::new(Route {
-                    fetched: now,
+                    until: now,
                     name: TopicName::from(parsed.as_str()),
                     topic: parsed,
                     targets: Vec::new(),

@@ -10,6 +10,9 @@
 //! **Invariant:** a route is never used more than `cache_ttl` after the
 //! oldest lookup it was built from *started* (the delivery bound), except
 //! while a refresh is running and the entry is younger than `stale_max`.
+//! A route built from such a stale entry is cached until the next lookup
+//! finishes (or the entry reaches `stale_max`), so publishes meanwhile do
+//! not each rebuild it.
 //!
 //! **Invariant:** a node set aside as unreachable gets no route until it
 //! comes back (reconnects, or its interest record is newer than the one it
@@ -162,7 +165,11 @@ pub enum RecordForm {
 /// TTL after the oldest lookup it was built from.
 #[derive(Debug)]
 pub struct Route {
-    pub(crate) fetched: Millis,
+    /// Used until then: `cache_ttl` after the oldest lookup it was built
+    /// from started, or, for a route built from a stale entry while its
+    /// refresh runs, the entry's `stale_max` (and only until a lookup
+    /// finishes: `Mesh::provisional`).
+    pub(crate) until: Millis,
     pub(crate) topic: Topic,
     pub(crate) name: TopicName,
     /// Interested nodes and their queues (`None`: no queue, the
@@ -266,6 +273,9 @@ pub(crate) struct Mesh {
     /// Routes by topic, expiring `cache_ttl` after `Route::fetched`.
     routes: TtlCache<Box<str>, Arc<Route>>,
     last: Option<Arc<Route>>,
+    /// Some cached route was built from a stale entry while its refresh
+    /// runs: the next lookup to finish forgets the routes.
+    provisional: bool,
     down: HashMap<NodeId, Down>,
     puts: HashMap<String, NamePuts>,
     leaving: bool,
@@ -294,6 +304,7 @@ impl Mesh {
             lookups: HashMap::new(),
             routes: TtlCache::new(limits.route_cache_capacity.max(1)),
             last: None,
+            provisional: false,
             down: HashMap::new(),
             puts: HashMap::new(),
             leaving: false,
@@ -318,7 +329,7 @@ impl Mesh {
                 r
             }
         };
-        if now.saturating_sub(r.fetched) >= self.limits.cache_ttl
+        if now >= r.until
             || r.targets
                 .iter()
                 .any(|(_, q)| q.is_some_and(|q| !out.is_live(q)))
@@ -350,6 +361,8 @@ impl Mesh {
         let names = lookup_names(&self.realm, &parsed);
         // Forever (None) beats any deadline; a deadline beats no wait.
         let mut wait: Option<Option<Millis>> = None;
+        // The earliest a stale entry used here gets too old to use.
+        let mut stale_until: Option<Millis> = None;
         for name in &names {
             let age = self
                 .cache
@@ -361,6 +374,10 @@ impl Mesh {
                     // Stale: refresh it. Only the publish that starts the
                     // refresh waits for it (a little); the others use the
                     // stale entry meanwhile.
+                    let end = now
+                        .saturating_sub(age)
+                        .saturating_add(self.limits.stale_max);
+                    stale_until = Some(stale_until.map_or(end, |u| u.min(end)));
                     if !self.lookups.contains_key(name) {
                         self.start_lookup(name, now, actions);
                         let until = now.saturating_add(self.limits.refresh_wait);
@@ -380,7 +397,14 @@ impl Mesh {
         if let (Some(until), Patience::Wait) = (wait, patience) {
             return Ok(RouteStep::Wait { until });
         }
-        let route = Arc::new(self.build_route(parsed, &names, now, out, frame_limit));
+        let mut route = self.build_route(parsed, &names, now, out, frame_limit);
+        if let Some(until) = stale_until {
+            // Built from a stale entry while its refresh runs: kept (not
+            // rebuilt by every publish meanwhile) until a lookup finishes.
+            route.until = until;
+            self.provisional = true;
+        }
+        let route = Arc::new(route);
         self.cache_route(route.clone(), now);
         Ok(RouteStep::Ready(route))
     }
@@ -415,7 +439,7 @@ impl Mesh {
             .map(|n| (n, out.queue_for(n, frame_limit, now)))
             .collect();
         Route {
-            fetched,
+            until: fetched.saturating_add(self.limits.cache_ttl),
             name: TopicName::from(topic.as_str()),
             topic,
             targets,
@@ -423,7 +447,7 @@ impl Mesh {
     }
 
     fn cache_route(&mut self, route: Arc<Route>, now: Millis) {
-        let expires = route.fetched.saturating_add(self.limits.cache_ttl);
+        let expires = route.until;
         self.last = Some(route.clone());
         self.routes
             .insert(route.topic.as_str().into(), route, expires, now);
@@ -432,6 +456,7 @@ impl Mesh {
     fn forget_routes(&mut self) {
         self.routes.clear();
         self.last = None;
+        self.provisional = false;
     }
 
     // ----- lookups -----------------------------------------------------
@@ -466,6 +491,11 @@ impl Mesh {
         // A result nobody asked for (or a repeated one) still carries news;
         // its age is counted from now.
         let started = self.lookups.remove(name).unwrap_or(now);
+        if self.provisional {
+            // Routes built from stale entries were kept while refreshes
+            // ran: rebuilt now, from what this one found.
+            self.forget_routes();
+        }
         let entry = match result {
             Ok(records) => {
                 let mut nodes = Vec::with_capacity(records.len());

@@ -496,9 +496,36 @@ fn a_stale_entry_is_refreshed_while_publishes_go_on() {
         panic!("stale entry used")
     };
     assert_eq!(nodes(&stale), vec![id(2)]);
+    // ... and the route it built is kept while the refresh runs: the
+    // publishes meanwhile do not each rebuild it.
+    let kept = c
+        .cached_route("t.a", ms(1650))
+        .expect("kept while refreshing");
+    assert!(Arc::ptr_eq(&kept, &stale));
+    assert!(matches!(
+        c.route("t.a", ms(1660), Patience::Wait).unwrap(),
+        RouteStep::Ready(r) if Arc::ptr_eq(&r, &stale)
+    ));
+    assert!(actions(&mut c).is_empty(), "no lookup started again");
     dht.answer(&mut c, &acts, ms(1700));
+    // The refresh finished: the stale route is not used any more.
+    assert!(c.cached_route("t.a", ms(1700)).is_none());
     let fresh = route(&mut c, &dht, "t.a", ms(1701));
     assert_eq!(nodes(&fresh), vec![id(2), id(3)]);
+    // A route built from a stale entry whose refresh never ends is kept
+    // at most until the entry is too old to use (30 s after its lookup
+    // started at 1500).
+    c.route("t.a", ms(3000), Patience::Wait).unwrap();
+    let acts = actions(&mut c);
+    assert_eq!(lookups(&acts).len(), 2, "refreshing");
+    let RouteStep::Ready(stale) = c.route("t.a", ms(3001), Patience::Wait).unwrap() else {
+        panic!("stale entry used")
+    };
+    let kept = c
+        .cached_route("t.a", ms(31_499))
+        .expect("kept while refreshing");
+    assert!(Arc::ptr_eq(&kept, &stale));
+    assert!(c.cached_route("t.a", ms(31_500)).is_none(), "too old");
     // Too old to use stale (30 s): wait for the lookup.
     let step = c.route("t.a", ms(40_000), Patience::Wait).unwrap();
     assert!(matches!(step, RouteStep::Wait { until: None }), "{step:?}");
