@@ -305,13 +305,13 @@ fn message_in_place(b: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>
     b.extend_from_slice(&[0, 0]);
     write(b);
     let len = b.len() - at - 2;
-    let mut v = Vec::with_capacity(3);
-    varint(&mut v, len as u64);
-    match v.len() {
-        2 => b[at..at + 2].copy_from_slice(&v),
-        _ => {
-            b.splice(at..at + 2, v);
-        }
+    if varint_len(len as u64) == 2 {
+        b[at] = len as u8 | 0x80;
+        b[at + 1] = (len >> 7) as u8;
+    } else {
+        let mut v = Vec::with_capacity(10);
+        varint(&mut v, len as u64);
+        b.splice(at..at + 2, v);
     }
 }
 
