@@ -17,7 +17,7 @@ use macula_wire::pubsub::{
 use macula_wire::{event_digest, BatchItem, NodeId, Seal, WholeHasher};
 
 use crate::event::{PublishOptions, TopicName};
-use crate::proof::{SealRef, Signer};
+use crate::proof::{SealPlace, SealedRun, Signer};
 
 /// Target size of one PUBLISH_BATCH body: bounds the write buffer and how
 /// much one frame pins in memory at the receiver (events slice the frame).
@@ -46,12 +46,20 @@ pub struct OutMsg {
     /// Another publisher's message this node forwards (a gateway, for or to
     /// its clients); `None`: this node's own.
     pub origin: Option<Arc<Origin>>,
-    /// A forwarded message's proof: the seal its publisher signed it in
-    /// (sent along, with the digests of the seal's other messages).
-    pub seal: Option<SealRef>,
+    /// A forwarded message's proof: its place in the seal its publisher
+    /// signed it in, one of those its `origin` holds (sent along, with
+    /// the digests of the seal's other messages).
+    pub seal: Option<SealPlace>,
 }
 
 impl OutMsg {
+    /// Its seal (held by its origin) and its index in it.
+    pub fn sealed(&self) -> Option<(&Arc<SealedRun>, u32)> {
+        let p = self.seal?;
+        let run = self.origin.as_deref()?.seals.get(p.seal as usize)?;
+        Some((run, p.index))
+    }
+
     /// Its headers and message ID, as a seal's hashes read them.
     fn signed_extra(&self) -> (impl Iterator<Item = (&str, &str)>, Option<&str>) {
         let o = self.extra.as_deref();
@@ -78,13 +86,13 @@ impl OutMsg {
     /// Bytes the seal of a forwarded message adds to a frame it starts a
     /// seal in (every other message of its seal sent as a digest).
     fn seal_cost(&self) -> usize {
-        self.seal.as_ref().map_or(0, |s| {
-            let n = s.run.len();
-            match s.run.is_groups_kind() {
+        self.sealed().map_or(0, |(run, _)| {
+            let n = run.len();
+            match run.is_groups_kind() {
                 // One digest per group left out (at most one per group
                 // but this one's), and their count.
                 true => {
-                    SEAL_OVERHEAD + n.div_ceil(8) + 3 + 32 * s.run.group_count().saturating_sub(1)
+                    SEAL_OVERHEAD + n.div_ceil(8) + 3 + 32 * run.group_count().saturating_sub(1)
                 }
                 false => SEAL_OVERHEAD + n.div_ceil(8) + 32 * n.saturating_sub(1),
             }
@@ -93,12 +101,17 @@ impl OutMsg {
 
     /// A forwarded message of a seal of kind 3 (topic groups).
     fn groups_seal(&self) -> bool {
-        self.seal.as_ref().is_some_and(|s| s.run.is_groups_kind())
+        self.sealed().is_some_and(|(run, _)| run.is_groups_kind())
     }
 
     fn same_seal(&self, other: &OutMsg) -> bool {
-        match (&self.seal, &other.seal) {
-            (Some(a), Some(b)) => Arc::ptr_eq(&a.run, &b.run),
+        match (self.seal, other.seal, &self.origin, &other.origin) {
+            // The same seal of the same batch: no need to look further.
+            (Some(a), Some(b), Some(oa), Some(ob)) if Arc::ptr_eq(oa, ob) => a.seal == b.seal,
+            (Some(_), Some(_), _, _) => match (self.sealed(), other.sealed()) {
+                (Some((a, _)), Some((b, _))) => Arc::ptr_eq(a, b),
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -126,11 +139,41 @@ const OWN_SEAL_CHUNK: usize = if OWN_SEAL_MAX < MAX_SEAL_ENTRIES {
     MAX_SEAL_ENTRIES
 };
 
-/// The publisher of a forwarded message.
-#[derive(Debug, PartialEq, Eq, Hash)]
+/// The publisher of a forwarded message, and the seals of the batch it
+/// came in (shared by that batch's messages and their copies; their
+/// [`OutMsg::seal`] says which). Equal when publisher and epoch are.
+#[derive(Debug)]
 pub struct Origin {
     pub publisher: NodeId,
     pub epoch: u64,
+    /// The seals of the batch its messages came in (empty: unsealed).
+    pub seals: Vec<Arc<SealedRun>>,
+}
+
+impl Origin {
+    /// The origin of unsealed messages.
+    pub fn new(publisher: NodeId, epoch: u64) -> Origin {
+        Origin {
+            publisher,
+            epoch,
+            seals: Vec::new(),
+        }
+    }
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, o: &Origin) -> bool {
+        self.publisher == o.publisher && self.epoch == o.epoch
+    }
+}
+
+impl Eq for Origin {}
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.publisher.hash(h);
+        self.epoch.hash(h);
+    }
 }
 
 /// What [`encode_batches`] did with the messages it was given.
@@ -860,8 +903,9 @@ fn forwarded_seals(
     let mut k = 0;
     while k < picked.len() {
         let first = &msgs[picked[k].0];
-        let Some(sr) = &first.seal else { return };
-        let run = &sr.run;
+        let Some((run, _)) = first.sealed() else {
+            return;
+        };
         let n = run.len();
         let mut present = vec![0u8; n.div_ceil(8)];
         let k0 = k;
@@ -870,7 +914,7 @@ fn forwarded_seals(
             if !m.same_seal(first) {
                 break;
             }
-            if let Some(s) = &m.seal {
+            if let Some(s) = m.seal {
                 let i = s.index as usize;
                 if i < n {
                     present[i / 8] |= 1 << (i % 8);
@@ -888,10 +932,7 @@ fn forwarded_seals(
                         let i = i as usize;
                         present[i / 8] &= !(1 << (i % 8));
                         let at = picked[k0..k].iter().position(|&(mi, _)| {
-                            msgs[mi]
-                                .seal
-                                .as_ref()
-                                .is_some_and(|s| s.index as usize == i)
+                            msgs[mi].seal.is_some_and(|s| s.index as usize == i)
                         });
                         if let Some(p) = at {
                             drop.push(k0 + p);
@@ -1010,10 +1051,7 @@ mod tests {
         let mut msgs: Vec<OutMsg> = (1..=10).map(|s| msg(s, &t, 1000)).collect();
         // One too large for any frame, and one of another publisher.
         msgs.insert(3, msg(50, &t, 9000));
-        msgs[7].origin = Some(Arc::new(Origin {
-            publisher: NodeId::from_bytes([2; 32]),
-            epoch: 1,
-        }));
+        msgs[7].origin = Some(Arc::new(Origin::new(NodeId::from_bytes([2; 32]), 1)));
         let mut buf = vec![0xAA; 5]; // bytes already there
         let mut marks = Vec::new();
         let e = encode_batches_marked(
@@ -1096,10 +1134,7 @@ mod tests {
     #[test]
     fn forwarded_messages_are_batched_per_publisher() {
         let t = TopicName::from("t");
-        let other = Arc::new(Origin {
-            publisher: NodeId::from_bytes([2; 32]),
-            epoch: 9,
-        });
+        let other = Arc::new(Origin::new(NodeId::from_bytes([2; 32]), 9));
         let mut msgs = vec![msg(1, &t, 1), msg(2, &t, 1)];
         for s in [5, 6] {
             let mut m = msg(s, &t, 1);
@@ -1122,12 +1157,7 @@ mod tests {
     #[test]
     fn equal_origins_make_one_run_even_in_different_arcs() {
         let t = TopicName::from("t");
-        let origin = || {
-            Some(Arc::new(Origin {
-                publisher: NodeId::from_bytes([2; 32]),
-                epoch: 9,
-            }))
-        };
+        let origin = || Some(Arc::new(Origin::new(NodeId::from_bytes([2; 32]), 9)));
         let mut a = msg(1, &t, 1);
         a.origin = origin();
         let mut b = msg(2, &t, 1);

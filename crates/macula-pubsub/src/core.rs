@@ -820,7 +820,8 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         }
         n += feeds.len();
         if !feeds.is_empty() {
-            let origin = (publisher != self.node_id).then(|| Arc::new(Origin { publisher, epoch }));
+            let origin =
+                (publisher != self.node_id).then(|| Arc::new(Origin::new(publisher, epoch)));
             for f in feeds {
                 let fwd = OutMsg {
                     origin: origin.clone(),

@@ -21,7 +21,7 @@ use crate::dedup::Observed;
 use crate::event::{Event, Overflow, PublishOptions, TopicName};
 use crate::interest::Route;
 use crate::local::{FeedId, SubId, Target};
-use crate::proof::{KeyCache, Proof, ProofError, SealRef, Verified};
+use crate::proof::{KeyCache, Proof, ProofError, SealPlaces, Verified};
 use crate::topic::Topic;
 use crate::Limits;
 
@@ -69,7 +69,7 @@ pub struct BatchReceiver<S> {
     /// The last batch's entries' places in their seals (empty: it was not
     /// sealed): what a gateway forwarding it sends along
     /// ([`PubSubCore::forward_from_client`]).
-    pub seals: Vec<SealRef>,
+    pub seals: SealPlaces,
     /// Why the last batch's publisher was not proved, if it (or, for a
     /// batch with several seals, some of its messages) was dropped for
     /// that (the driver logs it).
@@ -104,7 +104,7 @@ impl<S> BatchReceiver<S> {
             lagged: Vec::new(),
             messages: 0,
             retrace: Vec::new(),
-            seals: Vec::new(),
+            seals: SealPlaces::default(),
             unproved: None,
             failed: Vec::new(),
             keys: KeyCache::default(),
@@ -321,7 +321,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             rx.seals = match crate::proof::adopt(view, body) {
                 Some(refs) => refs,
                 None if !view.seals.is_empty() => crate::proof::verify(view).unwrap_or_default(),
-                None => Vec::new(),
+                None => SealPlaces::default(),
             };
             return Ok(Proof::Connection);
         }
@@ -432,12 +432,8 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 d.publisher
             ));
         }
-        let origin = (d.publisher != self.node_id).then(|| {
-            Arc::new(Origin {
-                publisher: d.publisher,
-                epoch: d.epoch,
-            })
-        });
+        let origin =
+            (d.publisher != self.node_id).then(|| Arc::new(Origin::new(d.publisher, d.epoch)));
         // What the report names counts as carried on the stream, like the
         // messages of a batch (a reset stream's count includes it).
         rx.messages += d.topics.iter().map(|t| t.1).sum::<u64>();
@@ -751,6 +747,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                         Arc::new(Origin {
                             publisher,
                             epoch: view.epoch,
+                            seals: rx.seals.runs.clone(),
                         })
                     })
                     .clone();
@@ -769,7 +766,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                     }
                     .shared(),
                     origin: Some(o),
-                    seal: rx.seals.get(i).cloned(),
+                    seal: rx.seals.places.get(i).copied(),
                 };
                 for &f in &r.feeds {
                     self.forward_to_feed(f, publisher, msg.clone(), now);
@@ -871,7 +868,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         body: &Bytes,
         routes: &[Option<Arc<Route>>],
         retrace: &[(usize, String)],
-        seals: &[SealRef],
+        seals: &SealPlaces,
         now: Millis,
     ) {
         let c = self.counters.clone();
@@ -887,6 +884,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         let origin = Arc::new(Origin {
             publisher: from,
             epoch: view.epoch,
+            seals: seals.runs.clone(),
         });
         for (i, e) in view.entries.iter().enumerate() {
             let Some(Some(route)) = routes.get(e.topic_index) else {
@@ -907,7 +905,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 payload: body.slice_ref(e.payload),
                 extra,
                 origin: Some(origin.clone()),
-                seal: seals.get(i).cloned(),
+                seal: seals.places.get(i).copied(),
             };
             for (node, q) in &route.targets {
                 if *node != from {

@@ -149,7 +149,7 @@ pub use local::{FeedId, SubId};
 pub use loss::LossReport;
 pub use macula_wire::Millis;
 pub use outbound::{Enqueued, OutLimits, PeerRef, Stall};
-pub use proof::{KeyCache, Proof, ProofError, SealRef, SealedRun, Signer};
+pub use proof::{KeyCache, Proof, ProofError, SealPlace, SealPlaces, SealedRun, Signer};
 pub use queue::BoundedQueue;
 pub use rendezvous::{
     interest_name, interest_segment, lookup_names, segment_name, summarize, Summary,

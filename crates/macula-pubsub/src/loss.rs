@@ -59,7 +59,13 @@ impl LossReport {
         if let Some(c) = self.dropped.get_mut(&key) {
             *c += n;
         } else if self.dropped.len() < MAX_REPORT_TOPICS {
-            self.dropped.insert(key, n);
+            // The key names the publisher only: not the seals a forwarded
+            // message's origin holds (nor the frame they pin).
+            let origin = key.0.map(|o| match o.seals.is_empty() {
+                true => o,
+                false => Arc::new(Origin::new(o.publisher, o.epoch)),
+            });
+            self.dropped.insert((origin, key.1), n);
         } else {
             self.unnamed += n;
         }
@@ -195,10 +201,7 @@ mod tests {
     #[test]
     fn counts_add_up_per_publisher_and_topic() {
         let me = NodeId::from_bytes([1; 32]);
-        let other = Arc::new(Origin {
-            publisher: NodeId::from_bytes([2; 32]),
-            epoch: 9,
-        });
+        let other = Arc::new(Origin::new(NodeId::from_bytes([2; 32]), 9));
         let mut r = LossReport::default();
         assert!(r.is_empty());
         r.add(&msg("a", None), 2);

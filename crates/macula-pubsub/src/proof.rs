@@ -6,7 +6,7 @@
 //! Ed25519 key and one signature over [`macula_wire::seal_hash`] of the
 //! digests of the batch's messages ([`macula_wire::event_digest`]), so one
 //! signature is amortized over a whole batch. A node forwarding those
-//! messages keeps the seal with each one ([`SealRef`]) and, in a batch that
+//! messages keeps the seal with them ([`SealPlaces`]) and, in a batch that
 //! carries only some of them, sends the digests of the others, so the
 //! receiver can check the signature over exactly what the publisher
 //! signed. Receivers verify with [`verify`]; what does not verify is never
@@ -326,12 +326,67 @@ impl SealedRun {
     }
 }
 
-/// A forwarded message's place in the seal that proves its publisher.
-#[derive(Clone, Debug)]
-pub struct SealRef {
-    pub run: Arc<SealedRun>,
+/// A forwarded message's place in the seal that proves its publisher:
+/// which of its batch's seals (an index into [`SealPlaces::runs`], which
+/// the message's [`crate::Origin`] carries) and its index among that
+/// seal's messages. Plain numbers: a message and each of its copies
+/// touch no reference count for their seal (the origin, shared by the
+/// batch's messages, holds the seals).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealPlace {
+    /// Index of the seal among the batch's seals.
+    pub seal: u32,
     /// Index of the message among the seal's digests.
     pub index: u32,
+}
+
+/// The seals of one batch ([`SealedRun`], one per seal) and each entry's
+/// place in them: one reference count per seal, none per message.
+#[derive(Clone, Debug, Default)]
+pub struct SealPlaces {
+    /// The batch's seals, in order.
+    pub runs: Vec<Arc<SealedRun>>,
+    /// Each entry's place (empty for an unsealed batch).
+    pub places: Vec<SealPlace>,
+}
+
+impl SealPlaces {
+    /// Entries placed.
+    pub fn len(&self) -> usize {
+        self.places.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.places.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.runs.clear();
+        self.places.clear();
+    }
+
+    /// Entry `i`'s seal and its index in it.
+    pub fn get(&self, i: usize) -> Option<(&Arc<SealedRun>, u32)> {
+        let p = self.places.get(i)?;
+        Some((self.runs.get(p.seal as usize)?, p.index))
+    }
+
+    /// Each entry's seal and index, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<SealedRun>, u32)> + '_ {
+        (0..self.places.len()).filter_map(|i| self.get(i))
+    }
+
+    /// Appends `run` and the places of the messages `seal` says are
+    /// present.
+    fn push(&mut self, run: Arc<SealedRun>, seal: &Seal) {
+        let no = self.runs.len() as u32;
+        self.runs.push(run);
+        self.places.extend(
+            (0..seal.n as u32)
+                .filter(|&i| seal.is_present(i as usize))
+                .map(|index| SealPlace { seal: no, index }),
+        );
+    }
 }
 
 /// How a delivered event's publisher is known.
@@ -538,7 +593,7 @@ pub fn sign(key: &SigningKey, publisher: &NodeId, epoch: u64, digests: &[[u8; 32
 /// copies verify the seals. Digests are computed from `body` only if a
 /// copy needs them. `None`: no seal, or seals that do not cover the
 /// entries exactly (the decoder refuses those; then [`verify`]).
-pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> {
+pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<SealPlaces> {
     // The decoder checked that the seals cover the entries exactly, in
     // order; the others a seal covers (a seal spanning the publisher's
     // frames) come as digests.
@@ -546,10 +601,13 @@ pub fn adopt(view: &PublishBatchView<'_>, body: &Bytes) -> Option<Vec<SealRef>> 
     if view.seals.is_empty() || covered != view.entries.len() {
         return None;
     }
-    let mut refs = Vec::with_capacity(view.entries.len());
+    let mut refs = SealPlaces {
+        runs: Vec::with_capacity(view.seals.len()),
+        places: Vec::with_capacity(view.entries.len()),
+    };
     for seal in &view.seals {
         let run = Arc::new(SealedRun::from_seal(view, seal, body, refs.len()));
-        refs.extend(refs_of(&run, seal));
+        refs.push(run, seal);
     }
     Some(refs)
 }
@@ -647,7 +705,7 @@ fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>) -> [u8; 
 /// signature verifies over the digests of the messages received (computed
 /// here) and of those the seal says are absent. Returns each entry's place
 /// in its seal (empty for an unsealed batch).
-pub fn verify(view: &PublishBatchView<'_>) -> Result<Vec<SealRef>, ProofError> {
+pub fn verify(view: &PublishBatchView<'_>) -> Result<SealPlaces, ProofError> {
     verify_with(view, &mut KeyCache::default())
 }
 
@@ -715,7 +773,7 @@ impl std::fmt::Debug for KeyCache {
 pub fn verify_with(
     view: &PublishBatchView<'_>,
     keys: &mut KeyCache,
-) -> Result<Vec<SealRef>, ProofError> {
+) -> Result<SealPlaces, ProofError> {
     let v = verify_each_with(view, None, keys)?;
     match v.failed.into_iter().next() {
         Some((_, e)) => Err(e),
@@ -729,7 +787,7 @@ pub fn verify_with(
 pub struct Verified {
     /// Each entry's place in its seal (empty for an unsealed batch),
     /// whether that seal verified or not.
-    pub refs: Vec<SealRef>,
+    pub refs: SealPlaces,
     /// The entries (a range of indices) of each seal that did not verify,
     /// and why: never to be delivered.
     pub failed: Vec<(std::ops::Range<usize>, ProofError)>,
@@ -761,11 +819,14 @@ pub fn verify_each_with(
     keys: &mut KeyCache,
 ) -> Result<Verified, ProofError> {
     let mut out = Verified {
-        refs: Vec::with_capacity(if view.seals.is_empty() {
-            0
-        } else {
-            view.entries.len()
-        }),
+        refs: SealPlaces {
+            runs: Vec::with_capacity(view.seals.len()),
+            places: Vec::with_capacity(if view.seals.is_empty() {
+                0
+            } else {
+                view.entries.len()
+            }),
+        },
         failed: Vec::new(),
     };
     let mut entries = view.entries.iter();
@@ -885,7 +946,7 @@ fn check_seal<'a, 'b: 'a>(
     seal: &Seal,
     body: Option<&Bytes>,
     entries: &mut impl Iterator<Item = &'a macula_wire::BatchEntry<'b>>,
-    refs: &mut Vec<SealRef>,
+    refs: &mut SealPlaces,
 ) -> Result<(Arc<SealedRun>, [u8; 32]), ProofError> {
     let bad = || ProofError::BadSignature {
         publisher: view.publisher,
@@ -909,7 +970,7 @@ fn check_seal<'a, 'b: 'a>(
         };
         let _ = run.groups.set(g);
         let run = Arc::new(run);
-        refs.extend(refs_of(&run, seal));
+        refs.push(run.clone(), seal);
         return Ok((run, hash));
     }
     if let (Some(carried), true) = (seal.carried, seal.is_complete()) {
@@ -935,10 +996,7 @@ fn check_seal<'a, 'b: 'a>(
         };
         let _ = run.whole.set(whole);
         let run = Arc::new(run);
-        refs.extend((0..seal.n as u32).map(|index| SealRef {
-            run: run.clone(),
-            index,
-        }));
+        refs.push(run.clone(), seal);
         return Ok((run, seal_hash_whole(&whole, &carried)));
     }
     let mut digests = Vec::with_capacity(seal.n);
@@ -980,10 +1038,13 @@ fn check_seal<'a, 'b: 'a>(
         }
     };
     let run = Arc::new(run);
-    refs.extend(places.into_iter().map(|index| SealRef {
-        run: run.clone(),
-        index,
-    }));
+    let no = refs.runs.len() as u32;
+    refs.runs.push(run.clone());
+    refs.places.extend(
+        places
+            .into_iter()
+            .map(|index| SealPlace { seal: no, index }),
+    );
     Ok((run, hash))
 }
 
@@ -1004,18 +1065,18 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
         // on needs is computed from it, whatever it holds.
         let body = Bytes::copy_from_slice(data);
         if let Ok(each) = verify_each_with(&view, Some(&body), &mut KeyCache::default()) {
-            for r in each.refs.iter().take(64) {
-                if r.run.is_groups_kind() {
+            for (run, index) in each.refs.iter().take(64) {
+                if run.is_groups_kind() {
                     // A copy of this message alone: whatever the seal
                     // held, an answer.
-                    let mut present = vec![0u8; r.run.len().div_ceil(8)];
-                    present[r.index as usize / 8] |= 1 << (r.index % 8);
-                    let copy = r.run.group_copy(&present);
-                    assert!(copy.drop.iter().all(|&i| (i as usize) < r.run.len()));
+                    let mut present = vec![0u8; run.len().div_ceil(8)];
+                    present[index as usize / 8] |= 1 << (index % 8);
+                    let copy = run.group_copy(&present);
+                    assert!(copy.drop.iter().all(|&i| (i as usize) < run.len()));
                     continue;
                 }
-                let _ = (r.run.carried(true), r.run.carried(false));
-                assert_eq!(r.run.digests().len(), r.run.len());
+                let _ = (run.carried(true), run.carried(false));
+                assert_eq!(run.digests().len(), run.len());
             }
         }
         let refs = verify(&view);
@@ -1115,7 +1176,7 @@ pub fn fuzz_group_copies(data: &[u8]) {
     let Some(refs) = adopt(&view, &body) else {
         panic!("a complete seal is adopted");
     };
-    let run = &refs[0].run;
+    let run = &refs.runs[0];
     let mut present = vec![0u8; n.div_ceil(8)];
     for i in (0..n).filter(|&i| at(3 * i + 2) & 1 == 1) {
         present[i / 8] |= 1 << (i % 8);
@@ -1167,14 +1228,4 @@ pub fn fuzz_group_copies(data: &[u8]) {
             assert!(same(&bv, &cv), "a changed copy verified");
         }
     }
-}
-
-/// The references to `run` of the messages `seal` says are present.
-fn refs_of<'a>(run: &'a Arc<SealedRun>, seal: &'a Seal) -> impl Iterator<Item = SealRef> + 'a {
-    (0..seal.n as u32)
-        .filter(|&i| seal.is_present(i as usize))
-        .map(|index| SealRef {
-            run: run.clone(),
-            index,
-        })
 }

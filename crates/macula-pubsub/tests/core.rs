@@ -1701,9 +1701,25 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
     let r = route(&mut gw, &dht, "t.x", ms(0));
     for b in &bodies {
         let view = macula_wire::PublishBatchView::decode(b).unwrap();
-        gw.forward_from_client(id(50), &view, b, &[Some(r.clone())], &[], &[], ms(1));
+        gw.forward_from_client(
+            id(50),
+            &view,
+            b,
+            &[Some(r.clone())],
+            &[],
+            &Default::default(),
+            ms(1),
+        );
         // A client naming another publisher is refused.
-        gw.forward_from_client(id(51), &view, b, &[Some(r.clone())], &[], &[], ms(1));
+        gw.forward_from_client(
+            id(51),
+            &view,
+            b,
+            &[Some(r.clone())],
+            &[],
+            &Default::default(),
+            ms(1),
+        );
     }
     assert_eq!(counter(&gw, |c| &c.remote_rejected_total), 1);
     // Payloads over this node's limit are not forwarded; one at it is.
@@ -1718,7 +1734,7 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
         &bodies[0],
         &[Some(rs.clone())],
         &[],
-        &[],
+        &Default::default(),
         ms(1),
     );
     assert_eq!(
@@ -1730,7 +1746,15 @@ fn a_gateway_forwards_its_clients_messages_into_the_mesh() {
     tiny.max_payload = 1;
     let mut strict = PubSubCore::<u32, ()>::new(tiny);
     let rs = route(&mut strict, &dht, "t.x", ms(0));
-    strict.forward_from_client(id(50), &view, &bodies[0], &[Some(rs)], &[], &[], ms(1));
+    strict.forward_from_client(
+        id(50),
+        &view,
+        &bodies[0],
+        &[Some(rs)],
+        &[],
+        &Default::default(),
+        ms(1),
+    );
     assert_eq!(counter(&strict, |c| &c.forwarded_sent_total), 0);
     let (gq, to) = starts(&actions(&mut gw))[0];
     assert_eq!(to, id(2), "not back to the client");

@@ -435,7 +435,7 @@ fn a_clients_frame_holds_as_many_small_messages_as_an_unsealed_one_under_several
     )
     .unwrap();
     assert_eq!(rx.seals.len(), 700, "adopted");
-    let runs: Vec<_> = rx.seals.iter().map(|s| s.run.len()).collect();
+    let runs: Vec<_> = rx.seals.iter().map(|(run, _)| run.len()).collect();
     assert_eq!((runs[0], runs[256], runs[699]), (256, 256, 188));
     let records = [
         ("t", 2, "t.*"),
@@ -777,7 +777,7 @@ fn a_whole_seal_verified_without_digests_still_gives_copies_what_they_need() {
     assert!(v.failed.is_empty());
     let mut first = 0;
     for seal in &view.seals {
-        let run = &v.refs[first].run;
+        let run = v.refs.get(first).unwrap().0;
         assert!(run.is_whole_kind());
         let mine = &view.entries[first..first + seal.n];
         let digests: Vec<[u8; 32]> = mine
@@ -1400,11 +1400,12 @@ fn a_forwarder_missing_part_of_a_group_leaves_the_rest_out_and_reports_it() {
     let origin = Arc::new(macula_pubsub::Origin {
         publisher: view.publisher,
         epoch: view.epoch,
+        seals: refs.runs.clone(),
     });
     let msgs: Vec<OutMsg> = view
         .entries
         .iter()
-        .zip(&refs)
+        .zip(&refs.places)
         .enumerate()
         .filter(|(i, _)| *i != 4)
         .map(|(_, (e, r))| OutMsg {
@@ -1413,7 +1414,7 @@ fn a_forwarder_missing_part_of_a_group_leaves_the_rest_out_and_reports_it() {
             payload: Bytes::copy_from_slice(e.payload),
             extra: None,
             origin: Some(origin.clone()),
-            seal: Some(r.clone()),
+            seal: Some(*r),
         })
         .collect();
     let mut out = Vec::new();

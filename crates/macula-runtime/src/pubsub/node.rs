@@ -197,7 +197,7 @@ impl PubSub {
         from: NodeId,
         body: &bytes::Bytes,
         retrace: &[(usize, String)],
-        seals: &[macula_pubsub::SealRef],
+        seals: &macula_pubsub::SealPlaces,
     ) {
         let Ok(view) = PublishBatchView::decode(body) else {
             return;
