@@ -845,25 +845,39 @@ impl FrameWriter<'_, '_> {
 /// (index into `msgs`, index of its topic in the frame), in the order the
 /// groups first appear ([`macula_wire::WholeHasher::group`]).
 fn group_digests_out(msgs: &[OutMsg], chunk: &[(usize, usize)]) -> Vec<[u8; 32]> {
-    let mut hashers: Vec<(usize, WholeHasher)> = Vec::new();
+    // Two passes: each group's size (so its hasher gathers with no buffer
+    // growth), then the hashing. (topic index, bytes) per group, in the
+    // order they first appear; the last one used first looked at.
+    let mut sizes: Vec<(usize, usize)> = Vec::new();
+    let mut of: Vec<u32> = Vec::with_capacity(chunk.len());
     let mut last = 0usize;
     for &(mi, t) in chunk {
-        let g = match hashers.get(last) {
+        let g = match sizes.get(last) {
             Some((lt, _)) if *lt == t => last,
-            _ => match hashers.iter().position(|(lt, _)| *lt == t) {
+            _ => match sizes.iter().position(|(lt, _)| *lt == t) {
                 Some(p) => p,
                 None => {
-                    hashers.push((t, WholeHasher::group()));
-                    hashers.len() - 1
+                    sizes.push((t, 0));
+                    sizes.len() - 1
                 }
             },
         };
         last = g;
         let m = &msgs[mi];
         let (headers, id) = m.signed_extra();
-        hashers[g].1.add(m.seq, &m.topic, &m.payload, headers, id);
+        sizes[g].1 += WholeHasher::added_len(&m.topic, m.payload.len(), headers, id);
+        of.push(g as u32);
     }
-    hashers.into_iter().map(|(_, h)| h.finish()).collect()
+    let mut hashers: Vec<WholeHasher> = sizes
+        .iter()
+        .map(|&(_, b)| WholeHasher::group_sized(b))
+        .collect();
+    for (&(mi, _), &g) in chunk.iter().zip(&of) {
+        let m = &msgs[mi];
+        let (headers, id) = m.signed_extra();
+        hashers[g as usize].add(m.seq, &m.topic, &m.payload, headers, id);
+    }
+    hashers.into_iter().map(WholeHasher::finish).collect()
 }
 
 /// The whole hash ([`macula_wire::seal_whole`]) of `msgs`, in order.

@@ -655,39 +655,61 @@ fn group_entries(
         count: Vec::new(),
         digests: Vec::new(),
     };
-    // (topic, hasher) per group; the last one used first looked at.
-    let mut hashers: Vec<(&str, WholeHasher)> = Vec::new();
+    // Two passes: each message's group and each group's size (so its
+    // hasher gathers with no buffer growth), then the hashing.
+    // (topic, bytes) per group; the last one used first looked at.
+    let mut sizes: Vec<(&str, usize)> = Vec::new();
     let mut last = 0usize;
-    let mut entries = entries.iter();
+    let mut it = entries.iter();
     for i in 0..n {
         if !present(i) {
             continue;
         }
-        let Some(e) = entries.next() else { break };
+        let Some(e) = it.next() else { break };
         let topic = view.topics.get(e.topic_index).copied().unwrap_or("");
-        let grp = match hashers.get(last) {
+        let grp = match sizes.get(last) {
             Some((t, _)) if *t == topic => last,
-            _ => match hashers.iter().position(|(t, _)| *t == topic) {
+            _ => match sizes.iter().position(|(t, _)| *t == topic) {
                 Some(p) => p,
                 None => {
-                    hashers.push((topic, WholeHasher::group()));
+                    sizes.push((topic, 0));
                     g.count.push(0);
-                    hashers.len() - 1
+                    sizes.len() - 1
                 }
             },
         };
         last = grp;
-        hashers[grp].1.add(
-            e.seq,
+        sizes[grp].1 += WholeHasher::added_len(
             topic,
-            e.payload,
+            e.payload.len(),
             e.headers.iter().copied(),
             e.message_id,
         );
         g.of[i] = grp as u32;
         g.count[grp] += 1;
     }
-    g.digests = hashers.into_iter().map(|(_, h)| h.finish()).collect();
+    let mut hashers: Vec<WholeHasher> = sizes
+        .iter()
+        .map(|&(_, b)| WholeHasher::group_sized(b))
+        .collect();
+    let mut it = entries.iter();
+    for &grp in &g.of {
+        if grp == u32::MAX {
+            continue;
+        }
+        let Some(e) = it.next() else { break };
+        let topic = view.topics.get(e.topic_index).copied().unwrap_or("");
+        if let Some(h) = hashers.get_mut(grp as usize) {
+            h.add(
+                e.seq,
+                topic,
+                e.payload,
+                e.headers.iter().copied(),
+                e.message_id,
+            );
+        }
+    }
+    g.digests = hashers.into_iter().map(WholeHasher::finish).collect();
     g
 }
 

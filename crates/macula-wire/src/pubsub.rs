@@ -455,45 +455,57 @@ pub fn seal_hash(publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 3
 /// Domain tag of [`seal_whole`].
 const WHOLE_TAG: &[u8] = b"macula pub/sub seal whole v2\0";
 
-/// Bytes [`WholeHasher`] gathers before it hands them to BLAKE3 (so that
-/// it hashes several 1 KiB chunks of the seal at once).
-const WHOLE_BUF: usize = 16 * 1024;
+/// Bytes [`WholeHasher`] gathers before it hands them to BLAKE3: a seal
+/// or group up to this size (a 64 KiB frame of small messages gathers
+/// about 92 KiB) is hashed in one call ([`blake3::hash`], which hashes
+/// every whole 1 KiB chunk of it in parallel), larger ones in updates of
+/// this size.
+const WHOLE_BUF: usize = 128 * 1024;
+
+/// What [`WholeHasher::new`] reserves first (it grows to [`WHOLE_BUF`]).
+const WHOLE_START: usize = 16 * 1024;
 
 /// Payloads at least this long go to the hasher as they are, not copied
 /// into the gathering buffer.
 const WHOLE_DIRECT: usize = 2 * 1024;
 
 /// The hash of a seal's messages as one input ([`seal_whole`]): fed the
-/// messages in order, it hashes their bytes in few large BLAKE3 updates,
-/// with no per-message finalisation.
+/// messages in order, it gathers their bytes and hashes them in one BLAKE3
+/// call (or few large updates), with no per-message finalisation.
 pub struct WholeHasher {
-    hasher: blake3::Hasher,
+    /// Only once the bytes outgrow the buffer (or a large payload came).
+    hasher: Option<Box<blake3::Hasher>>,
     buf: Vec<u8>,
 }
 
 impl WholeHasher {
     /// Starts the hash of the `n` messages `publisher` sealed under `epoch`.
     pub fn new(publisher: &NodeId, epoch: u64, n: usize) -> WholeHasher {
-        let mut buf = Vec::with_capacity(WHOLE_BUF);
+        let mut buf = Vec::with_capacity(WHOLE_START);
         buf.extend_from_slice(WHOLE_TAG);
         buf.extend_from_slice(publisher.as_bytes());
         buf.extend_from_slice(&epoch.to_le_bytes());
         buf.extend_from_slice(&(n as u64).to_le_bytes());
-        WholeHasher {
-            hasher: blake3::Hasher::new(),
-            buf,
-        }
+        WholeHasher { hasher: None, buf }
     }
 
+    #[inline]
     fn put(&mut self, b: &[u8]) {
-        if self.buf.len() + b.len() > WHOLE_BUF {
-            self.hasher.update(&self.buf);
-            self.buf.clear();
+        if self.buf.len() + b.len() > WHOLE_BUF || b.len() >= WHOLE_DIRECT {
+            return self.spill(b);
         }
+        self.buf.extend_from_slice(b);
+    }
+
+    /// `b` does not go into the buffer as it is: the buffer goes to the
+    /// hasher first, then `b` (a large payload, as it is).
+    #[cold]
+    fn spill(&mut self, b: &[u8]) {
+        let h = self.hasher.get_or_insert_with(Default::default);
+        h.update(&self.buf);
+        self.buf.clear();
         if b.len() >= WHOLE_DIRECT {
-            self.hasher.update(&self.buf);
-            self.buf.clear();
-            self.hasher.update(b);
+            h.update(b);
         } else {
             self.buf.extend_from_slice(b);
         }
@@ -504,12 +516,31 @@ impl WholeHasher {
     /// as [`WholeHasher::add`] encodes them, in order. Its buffer grows
     /// as needed (a seal of many topics has many groups).
     pub fn group() -> WholeHasher {
-        let mut buf = Vec::new();
+        WholeHasher::group_sized(0)
+    }
+
+    /// [`WholeHasher::group`] with room for `bytes` of messages (see
+    /// [`WholeHasher::added_len`]): no buffer growth on the way.
+    pub fn group_sized(bytes: usize) -> WholeHasher {
+        let mut buf = Vec::with_capacity((GROUP_TAG.len() + bytes).min(WHOLE_BUF));
         buf.extend_from_slice(GROUP_TAG);
-        WholeHasher {
-            hasher: blake3::Hasher::new(),
-            buf,
-        }
+        WholeHasher { hasher: None, buf }
+    }
+
+    /// Bytes [`WholeHasher::add`] gathers for a message (at most): what a
+    /// caller sizing a [`WholeHasher::group_sized`] adds up.
+    pub fn added_len<'h>(
+        topic: &str,
+        payload: usize,
+        headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+        message_id: Option<&str>,
+    ) -> usize {
+        let payload = if payload >= WHOLE_DIRECT { 0 } else { payload };
+        let headers: usize = headers
+            .into_iter()
+            .map(|(k, v)| 17 + k.len() + v.len())
+            .sum();
+        25 + topic.len() + payload + headers + message_id.map_or(0, |id| 8 + id.len())
     }
 
     /// The next message: the same fields, in the same encoding, as
@@ -548,9 +579,14 @@ impl WholeHasher {
     }
 
     /// The hash.
-    pub fn finish(mut self) -> [u8; 32] {
-        self.hasher.update(&self.buf);
-        *self.hasher.finalize().as_bytes()
+    pub fn finish(self) -> [u8; 32] {
+        match self.hasher {
+            None => *blake3::hash(&self.buf).as_bytes(),
+            Some(mut h) => {
+                h.update(&self.buf);
+                *h.finalize().as_bytes()
+            }
+        }
     }
 }
 
@@ -1652,6 +1688,78 @@ mod tests {
                 }),
             );
             prop_assert_eq!(got, *h.finalize().as_bytes());
+        }
+
+        /// A topic group sized with `added_len` gathers without growing
+        /// its buffer and, past the buffer (more than 128 KiB of
+        /// messages, large payloads streamed as they are), still hashes
+        /// exactly the streamed bytes.
+        #[test]
+        fn a_sized_group_is_the_streamed_hash_and_never_grows(
+            msgs in proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    arb_str(20),
+                    (0usize..4_000, any::<u8>()),
+                    proptest::collection::vec((arb_str(10), arb_str(40)), 0..2),
+                    proptest::option::of(arb_str(20)),
+                ),
+                0..160,
+            ),
+        ) {
+            let msgs: Vec<_> = msgs
+                .into_iter()
+                .map(|(seq, t, (n, b), hs, id)| (seq, t, vec![b; n], hs, id))
+                .collect();
+            let mut h = blake3::Hasher::new();
+            h.update(GROUP_TAG);
+            let mut bytes = 0;
+            for (seq, topic, payload, headers, id) in &msgs {
+                bytes += WholeHasher::added_len(
+                    topic,
+                    payload.len(),
+                    headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    id.as_deref(),
+                );
+                h.update(&seq.to_le_bytes());
+                h.update(&(topic.len() as u64).to_le_bytes());
+                h.update(topic.as_bytes());
+                h.update(&(payload.len() as u64).to_le_bytes());
+                h.update(payload);
+                for (k, v) in headers {
+                    if is_hop_header(k) {
+                        continue;
+                    }
+                    h.update(&[1]);
+                    h.update(&(k.len() as u64).to_le_bytes());
+                    h.update(k.as_bytes());
+                    h.update(&(v.len() as u64).to_le_bytes());
+                    h.update(v.as_bytes());
+                }
+                match id {
+                    Some(id) => {
+                        h.update(&[2]);
+                        h.update(&(id.len() as u64).to_le_bytes());
+                        h.update(id.as_bytes());
+                    }
+                    None => {
+                        h.update(&[0]);
+                    }
+                }
+            }
+            let mut g = WholeHasher::group_sized(bytes);
+            let room = g.buf.capacity();
+            for (seq, t, pl, hs, id) in &msgs {
+                g.add(
+                    *seq,
+                    t,
+                    pl,
+                    hs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    id.as_deref(),
+                );
+                prop_assert_eq!(g.buf.capacity(), room);
+            }
+            prop_assert_eq!(g.finish(), *h.finalize().as_bytes());
         }
     }
 
