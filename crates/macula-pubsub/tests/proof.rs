@@ -1244,6 +1244,53 @@ fn a_frame_of_small_messages_is_sealed_by_topic_groups_and_copies_carry_whole_gr
 }
 
 #[test]
+fn queued_copies_hold_their_seal_once_per_batch_not_per_message() {
+    // 700 messages of one kind 3 seal, forwarded to three nodes (one
+    // wants both topics): 1,050 queued copies, and the seal's reference
+    // count is that of the batch's places and its one origin, not one
+    // per message and copy. The copies still verify.
+    let body = client_frames_kind(700, 64, true).remove(0);
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    gw.handle_batch(
+        id(50),
+        macula_wire::MessageType::PublishBatch as u8,
+        &body,
+        &mut rx,
+        Millis(1),
+    )
+    .unwrap();
+    assert_eq!(rx.seals.len(), 700);
+    assert_eq!(rx.seals.runs.len(), 1);
+    let run = rx.seals.runs[0].clone();
+    let view = PublishBatchView::decode(&body).unwrap();
+    let records = [
+        ("t", 2, "t.*"),
+        ("u", 3, "u.*"),
+        ("t", 4, "t.*"),
+        ("u", 4, "u.*"),
+    ];
+    let routes: Vec<_> = view
+        .topics
+        .iter()
+        .map(|t| Some(route(&mut gw, &records, t)))
+        .collect();
+    gw.forward_from_client(id(50), &view, &body, &routes, &[], &rx.seals, Millis(1));
+    // `run`, `rx.seals` and the copies' one origin.
+    assert_eq!(Arc::strong_count(&run), 3);
+    rx.seals.clear();
+    assert_eq!(Arc::strong_count(&run), 2, "queued copies share one origin");
+    let mut copies = HashMap::new();
+    for (q, to) in starts(&mut gw) {
+        copies.insert(to, transmit(&mut gw, q));
+    }
+    for (me, n) in [(2u8, 350), (3, 350), (4, 700)] {
+        let (have, bad) = deliver_indices(me, &copies[&id(me)]);
+        assert_eq!((have.len(), bad), (n, 0), "node {me}");
+    }
+}
+
+#[test]
 fn forged_topic_groups_are_dropped_and_counted_never_delivered() {
     let body = client_frames_kind(40, 16, true).remove(0);
     let view = PublishBatchView::decode(&body).unwrap();
