@@ -35,7 +35,12 @@
 //! it are committed (`Gate`: the highest ticket (queue place) acknowledged
 //! and the highest committed; two atomic loads when nothing is pending, at
 //! most [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads
-//! an acknowledged message at once. The writer may commit a write before
+//! an acknowledged message at once. A read of messages (`get`,
+//! `get_batch`) waits only until the highest sequence it reads is
+//! committed (`Gate::committed_seq`: puts are queued in sequence order, so
+//! every put up to it is in redb), not for everything acknowledged since:
+//! a consumer reading the start of a stream right after a burst is not
+//! held behind the burst's commits. The writer may commit a write before
 //! its flush; `durable` rises only at the acknowledgement. A commit that
 //! fails after its acknowledgement fails the store (nothing more is
 //! acknowledged) and the reads waiting for it; the journal holds the writes
@@ -355,6 +360,10 @@ struct Gate {
     acked: AtomicU64,
     /// The highest ticket committed to redb (raised after the commit).
     committed: AtomicU64,
+    /// The highest sequence put by a committed job (raised after the
+    /// commit): puts are queued in ascending sequence order, so every put
+    /// up to it is in redb.
+    committed_seq: AtomicU64,
     /// Held to wait on and to notify `moved`.
     lock: parking_lot::Mutex<()>,
     /// Notified when `committed` moves or a commit fails.
@@ -370,16 +379,21 @@ struct Gate {
 pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Gate {
-    /// Waits until every group acknowledged so far is committed; whether
-    /// it had to wait.
-    fn settle(&self, path: &Path) -> Result<bool, StoreError> {
+    /// Waits until every group acknowledged so far is committed, or every
+    /// put up to sequence `seq` is (enough for a read of messages up to
+    /// `seq`); whether it had to wait.
+    fn settle_for(&self, path: &Path, seq: u64) -> Result<bool, StoreError> {
         let want = self.acked.load(Ordering::Acquire);
-        if self.committed.load(Ordering::Acquire) >= want {
+        let done = || {
+            self.committed.load(Ordering::Acquire) >= want
+                || self.committed_seq.load(Ordering::Acquire) >= seq
+        };
+        if done() {
             return Ok(false);
         }
         let deadline = std::time::Instant::now() + READ_WAIT;
         let mut guard = self.lock.lock();
-        while self.committed.load(Ordering::Acquire) < want {
+        while !done() {
             if let Some(f) = &*self.failed.lock() {
                 return Err(io(path)(format!("commit of acknowledged writes: {f}")));
             }
@@ -402,8 +416,9 @@ impl Gate {
         self.acked.fetch_max(ticket, Ordering::AcqRel);
     }
 
-    /// Committed up to `ticket`.
-    fn committed_to(&self, ticket: u64) {
+    /// Committed up to `ticket`, with puts up to sequence `seq`.
+    fn committed_to(&self, ticket: u64, seq: u64) {
+        self.committed_seq.fetch_max(seq, Ordering::AcqRel);
         self.committed.fetch_max(ticket, Ordering::AcqRel);
         let _guard = self.lock.lock();
         self.moved.notify_all();
@@ -926,7 +941,7 @@ impl StreamStore {
 
     /// Reads one message.
     pub fn get(&self, seq: u64) -> Result<Option<StoredMsg>, StoreError> {
-        self.settled()?;
+        self.settled_upto(seq)?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -946,10 +961,10 @@ impl StreamStore {
     /// they are ascending, as a consumer's batch is); a sequence not stored
     /// is left out.
     pub fn get_batch(&self, seqs: &[u64]) -> Result<Vec<(u64, StoredMsg)>, StoreError> {
-        self.settled()?;
         let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
             return Ok(Vec::new());
         };
+        self.settled_upto(hi)?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -990,7 +1005,13 @@ impl StreamStore {
     /// to redb (at once unless a group was acknowledged from the journal
     /// and its commit is still running).
     fn settled(&self) -> Result<(), StoreError> {
-        if self.gate.settle(&self.path)? {
+        self.settled_upto(u64::MAX)
+    }
+
+    /// [`StreamStore::settled`] for a read of messages up to `seq`: waits
+    /// only until the puts up to `seq` are committed.
+    fn settled_upto(&self, seq: u64) -> Result<(), StoreError> {
+        if self.gate.settle_for(&self.path, seq)? {
             self.stats.read_waits.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -1585,7 +1606,7 @@ impl Writer {
         let n: usize = group.iter().map(|j| j.writes.len()).sum();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
-        let mut ticket = 0;
+        let (mut ticket, mut seq) = (0, 0);
         for j in group {
             for w in &j.writes {
                 if let Write::Applied(i) = w {
@@ -1596,8 +1617,9 @@ impl Writer {
                 raise_durable(&self.durable, &j.writes);
             }
             ticket = ticket.max(j.ticket);
+            seq = seq.max(top_put(&j.writes));
         }
-        self.gate.committed_to(ticket);
+        self.gate.committed_to(ticket, seq);
     }
 }
 
@@ -1980,6 +2002,36 @@ mod tests {
             assert!(s.stats().early_acks.load(Ordering::Relaxed) >= 3);
             assert!(s.stats().read_waits.load(Ordering::Relaxed) >= 3);
         }
+    }
+
+    #[test]
+    fn a_read_of_committed_messages_does_not_wait_for_later_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        s.write_now(vec![put(1), Write::Last(1, 1)]).unwrap();
+        assert!(s.get(1).unwrap().is_some());
+        let waits = s.stats().read_waits.load(Ordering::Relaxed);
+        // The disk stalls: 2 is acknowledged (from the journal), not
+        // committed.
+        let held = Held::new(&s);
+        s.write_now(vec![put(2), Write::Last(2, 2)]).unwrap();
+        // Reads of 1 go on at once.
+        assert!(s.get(1).unwrap().is_some());
+        assert_eq!(s.get_batch(&[1]).unwrap().len(), 1);
+        assert_eq!(s.stats().read_waits.load(Ordering::Relaxed), waits);
+        // A read of 2 waits for its commit: released 200 ms later.
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                drop(held);
+            });
+            let started = std::time::Instant::now();
+            assert_eq!(s.get_batch(&[1, 2]).unwrap().len(), 2);
+            assert!(started.elapsed() >= Duration::from_millis(150));
+        });
+        assert_eq!(s.stats().read_waits.load(Ordering::Relaxed), waits + 1);
+        assert_eq!(s.last().unwrap(), (2, 2));
     }
 
     #[test]
