@@ -346,7 +346,12 @@ mod tests {
                 runs.iter_from(s).rev().take(3).collect::<Vec<_>>(),
                 old.iter_from(s).rev().take(3).collect::<Vec<_>>()
             );
-            prop_assert_eq!(runs.seq_at_time(s / 2), old.seq_at_time(s / 2), "time {}", s / 2);
+            prop_assert_eq!(
+                runs.seq_at_time(s / 2),
+                old.seq_at_time(s / 2),
+                "time {}",
+                s / 2
+            );
         }
         // No two neighbouring live runs that should be one were left
         // apart by a push, and no run is empty.
@@ -428,10 +433,25 @@ mod tests {
         assert_eq!((ix.len(), ix.dead), (52, 1));
         let mut ix2 = Index::default();
         for seq in 1..=5 {
-            ix2.push(Entry { seq, ts: 7, size: 64, subject: 0 });
+            ix2.push(Entry {
+                seq,
+                ts: 7,
+                size: 64,
+                subject: 0,
+            });
         }
-        ix2.push(Entry { seq: 6, ts: 7, size: 64, subject: 1 });
-        ix2.push(Entry { seq: 7, ts: 7, size: 64, subject: 0 });
+        ix2.push(Entry {
+            seq: 6,
+            ts: 7,
+            size: 64,
+            subject: 1,
+        });
+        ix2.push(Entry {
+            seq: 7,
+            ts: 7,
+            size: 64,
+            subject: 0,
+        });
         assert!(ix2.remove(6).is_some());
         assert_eq!((ix2.len(), ix2.dead), (3, 1));
         assert!(ix2.remove(3).is_some());
