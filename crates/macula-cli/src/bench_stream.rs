@@ -81,6 +81,9 @@ struct Side {
     publish_latency_64: Option<Latency>,
     replay_per_s: f64,
     replayed: usize,
+    /// Of the replay: until its first batch (Macula: a read waits for the
+    /// commit of the messages it reads).
+    replay_first_batch_ms: f64,
     restart_ms: f64,
 }
 
@@ -359,10 +362,17 @@ async fn macula_side(
         if batch.is_empty() {
             bail!("macula replay stopped at {got} of {}", a.replay);
         }
+        if got == 0 {
+            side.replay_first_batch_ms = started.elapsed().as_secs_f64() * 1e3;
+        }
         got += batch.len();
     }
     side.replay_per_s = got as f64 / started.elapsed().as_secs_f64();
     side.replayed = got;
+    eprintln!(
+        "{}: first replay batch after {:.1} ms",
+        side.target, side.replay_first_batch_ms
+    );
     drop(s);
     cluster.shutdown().await;
     // Restart with everything stored: until a node serves the stream.

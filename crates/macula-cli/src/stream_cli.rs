@@ -432,9 +432,14 @@ fn show_info(target: &Target, path: &str, body: &str, json: bool) -> Result<(), 
         return print_json(body);
     }
     let i: StreamInfo = target.decode(path, body)?;
+    write_info(&mut std::io::stdout().lock(), &i)?;
+    Ok(())
+}
+
+/// `macula stream info`'s text.
+fn write_info(out: &mut impl Write, i: &StreamInfo) -> std::io::Result<()> {
     let c = &i.config;
     let opt = |v: Option<u64>| v.map_or("unlimited".to_string(), |v| v.to_string());
-    let mut out = std::io::stdout().lock();
     writeln!(out, "stream     {}", c.name)?;
     writeln!(out, "subjects   {}", c.subjects.join(", "))?;
     writeln!(
@@ -479,6 +484,16 @@ fn show_info(target: &Target, path: &str, body: &str, json: bool) -> Result<(), 
         out,
         "counted    stored {}, duplicates {}, refused {}, removed: limits {} age {} ttl {} acked {} purged {}, capture lost {}",
         k.stored, k.duplicates, k.refused, k.removed_limits, k.removed_age, k.removed_ttl, k.removed_acked, k.removed_purged, k.capture_lost
+    )?;
+    writeln!(
+        out,
+        "store      commits {}, write queue {} of {} bytes (most {}), publishes waited {}, refused {}",
+        k.commits,
+        k.write_queue_bytes,
+        k.write_queue_limit,
+        k.write_queue_high,
+        k.write_queue_waits,
+        k.write_queue_refused
     )?;
     if let Some(r) = &i.replication {
         writeln!(
@@ -922,4 +937,38 @@ fn next(a: &NextArgs) -> Result<(), Failure> {
         eprintln!("no message within {}", a.wait);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_text_shows_the_store_queue() {
+        let mut i: StreamInfo = serde_json::from_value(serde_json::json!({
+            "config": StreamConfig::new("orders", &["orders.**"]),
+            "messages": 3, "bytes": 192, "first_seq": 1, "last_seq": 3, "last_ts": 9,
+            "durable_seq": 3, "subjects": 1, "consumers": [],
+            "counters": {
+                "stored": 3, "duplicates": 0, "refused": 0, "removed_limits": 0,
+                "removed_age": 0, "removed_ttl": 0, "removed_acked": 0, "removed_purged": 0,
+                "capture_lost": 0, "commits": 2
+            }
+        }))
+        .unwrap();
+        i.counters.write_queue_bytes = 640;
+        i.counters.write_queue_limit = 64 << 20;
+        i.counters.write_queue_high = 4096;
+        i.counters.write_queue_waits = 5;
+        i.counters.write_queue_refused = 1;
+        let mut out = Vec::new();
+        write_info(&mut out, &i).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                "store      commits 2, write queue 640 of 67108864 bytes (most 4096), publishes waited 5, refused 1\n"
+            ),
+            "{text}"
+        );
+    }
 }

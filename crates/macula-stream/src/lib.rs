@@ -38,6 +38,7 @@
 
 pub mod config;
 pub mod consumer;
+mod index;
 pub mod state;
 pub mod stream;
 

@@ -4,9 +4,11 @@
 //!
 //! The payloads live in the caller's store: [`StreamState::append`] says
 //! what sequence a message gets and which older messages to delete; the
-//! caller writes and deletes accordingly. Memory is about 24 bytes per
-//! stored message (a removed one in the middle costs the same until the
-//! index compacts, which it does once removed entries outnumber live ones).
+//! caller writes and deletes accordingly. The messages are held as runs
+//! (see the `index` module): consecutive sequences with one subject, size
+//! and timestamp take 32 bytes together, so memory is 32 bytes per run
+//! (at most one per message; a burst of many messages in a millisecond on
+//! one subject is one run).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -14,16 +16,15 @@ use macula_pubsub::{Pattern, Topic};
 use macula_wire::Millis;
 
 use crate::config::{ConfigError, Discard, StreamConfig, MAX_MSG_ID_LEN};
-
-/// A subject id meaning "this entry was removed".
-const DEAD: u32 = u32::MAX;
-/// Removed entries kept before the index may compact (and only when they
-/// outnumber the live ones).
-const COMPACT_AFTER: usize = 1024;
+use crate::index::{Entry, Index, Run, DEAD};
 
 /// The first bytes of a [`StreamState::snapshot`] (its format's version;
 /// a snapshot of another version is not read, the store is scanned).
-const SNAPSHOT_MAGIC: &[u8] = b"macula-stream-index-2\0";
+const SNAPSHOT_MAGIC: &[u8] = b"macula-stream-index-3\0";
+/// The previous version, still read (a store closed by an earlier
+/// release): runs of one size and subject with a timestamp step per
+/// further message.
+const SNAPSHOT_MAGIC_2: &[u8] = b"macula-stream-index-2\0";
 
 /// A reader over a snapshot that never reads past its end.
 struct Snap<'a> {
@@ -64,27 +65,13 @@ impl<'a> Snap<'a> {
 }
 
 /// Appends `v` as a LEB128 varint.
+#[cfg(test)]
 fn put_var(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
     }
     out.push(v as u8);
-}
-
-/// One stored message's index entry (24 bytes).
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    seq: u64,
-    ts: u64,
-    size: u32,
-    subject: u32,
-}
-
-impl Entry {
-    fn live(&self) -> bool {
-        self.subject != DEAD
-    }
 }
 
 /// What [`StreamState::get`] and the iterators say of a stored message.
@@ -312,8 +299,7 @@ impl Dedup {
 pub struct StreamState {
     cfg: StreamConfig,
     patterns: Vec<Pattern>,
-    entries: VecDeque<Entry>,
-    dead: usize,
+    index: Index,
     last_seq: u64,
     last_ts: u64,
     msgs: u64,
@@ -333,8 +319,7 @@ impl StreamState {
         Ok(StreamState {
             cfg,
             patterns,
-            entries: VecDeque::new(),
-            dead: 0,
+            index: Index::default(),
             last_seq: 0,
             last_ts: 0,
             msgs: 0,
@@ -364,12 +349,12 @@ impl StreamState {
     /// changed) when it breaks the order: a sequence not above the last one
     /// restored, above `last_seq`, or a timestamp above `last_ts`.
     pub fn restore_msg(&mut self, now: u64, m: Restored<'_>) -> bool {
-        let prev = self.entries.back().map_or(0, |e| e.seq);
+        let prev = self.index.last_seq();
         if m.seq <= prev || m.seq > self.last_seq || m.ts > self.last_ts {
             return false;
         }
         let subject = self.subjects.intern(m.subject);
-        self.entries.push_back(Entry {
+        self.index.push(Entry {
             seq: m.seq,
             ts: m.ts,
             size: m.size,
@@ -393,11 +378,58 @@ impl StreamState {
 
     /// The whole index as bytes, to store at a clean shutdown so the next
     /// start reads one value instead of every message's head (see
-    /// [`StreamState::from_snapshot`]). About a byte per message when
-    /// consecutive messages share a subject and a size (32 bytes per run of
-    /// them), plus the subjects and the message IDs in the window.
+    /// [`StreamState::from_snapshot`]): the subjects, the runs as they are
+    /// held (32 bytes each: a burst of messages on one subject in one
+    /// millisecond is one), the TTLs and the message IDs in the window.
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.entries.len() * 24);
+        self.snapshot_with(|out, index| {
+            // The live runs: (first sequence, length, size, subject,
+            // timestamp).
+            for r in index.runs() {
+                out.extend_from_slice(&r.seq.to_le_bytes());
+                out.extend_from_slice(&u64::from(r.len).to_le_bytes());
+                out.extend_from_slice(&r.size.to_le_bytes());
+                out.extend_from_slice(&r.subject.to_le_bytes());
+                out.extend_from_slice(&r.ts.to_le_bytes());
+            }
+        })
+    }
+
+    /// A snapshot in the previous format (version 2), as an earlier
+    /// release wrote it: runs of one size and subject whose timestamps do
+    /// not go back, with each further timestamp's step as a varint.
+    #[cfg(test)]
+    fn snapshot_v2(&self) -> Vec<u8> {
+        let mut out = self.snapshot_with(|out, index| {
+            let mut live = index.iter_from(0).peekable();
+            let mut steps = Vec::new();
+            while let Some(first) = live.next() {
+                let mut last = first;
+                steps.clear();
+                while let Some(e) = live.next_if(|e| {
+                    e.seq == last.seq + 1
+                        && e.size == first.size
+                        && e.subject == first.subject
+                        && e.ts >= last.ts
+                }) {
+                    put_var(&mut steps, e.ts - last.ts);
+                    last = e;
+                }
+                out.extend_from_slice(&first.seq.to_le_bytes());
+                out.extend_from_slice(&(last.seq - first.seq + 1).to_le_bytes());
+                out.extend_from_slice(&first.size.to_le_bytes());
+                out.extend_from_slice(&first.subject.to_le_bytes());
+                out.extend_from_slice(&first.ts.to_le_bytes());
+                out.extend_from_slice(&steps);
+            }
+        });
+        out[..SNAPSHOT_MAGIC_2.len()].copy_from_slice(SNAPSHOT_MAGIC_2);
+        out
+    }
+
+    /// A snapshot with the runs written by `runs`.
+    fn snapshot_with(&self, runs: impl FnOnce(&mut Vec<u8>, &Index)) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.index.len() * 32);
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&self.last_seq.to_le_bytes());
         out.extend_from_slice(&self.last_ts.to_le_bytes());
@@ -408,32 +440,8 @@ impl StreamState {
             out.extend_from_slice(&(name.len() as u64).to_le_bytes());
             out.extend_from_slice(name.as_bytes());
         }
-        // The live entries in runs: consecutive sequences of one size and
-        // one subject whose timestamps do not go back, as (first sequence,
-        // length, size, subject, first timestamp) and then each further
-        // timestamp's step as a varint (a byte or two a message, not 24).
-        out.extend_from_slice(&((self.entries.len() - self.dead) as u64).to_le_bytes());
-        let mut live = self.entries.iter().filter(|e| e.live()).peekable();
-        let mut steps = Vec::new();
-        while let Some(first) = live.next() {
-            let mut last = *first;
-            steps.clear();
-            while let Some(e) = live.next_if(|e| {
-                e.seq == last.seq + 1
-                    && e.size == first.size
-                    && e.subject == first.subject
-                    && e.ts >= last.ts
-            }) {
-                put_var(&mut steps, e.ts - last.ts);
-                last = *e;
-            }
-            out.extend_from_slice(&first.seq.to_le_bytes());
-            out.extend_from_slice(&(last.seq - first.seq + 1).to_le_bytes());
-            out.extend_from_slice(&first.size.to_le_bytes());
-            out.extend_from_slice(&first.subject.to_le_bytes());
-            out.extend_from_slice(&first.ts.to_le_bytes());
-            out.extend_from_slice(&steps);
-        }
+        out.extend_from_slice(&self.msgs.to_le_bytes());
+        runs(&mut out, &self.index);
         out.extend_from_slice(&(self.ttl_of.len() as u64).to_le_bytes());
         for (seq, at) in &self.ttl_of {
             out.extend_from_slice(&seq.to_le_bytes());
@@ -456,10 +464,12 @@ impl StreamState {
         out
     }
 
-    /// The index [`StreamState::snapshot`] wrote, checked throughout
-    /// (ascending sequences, known subjects, nothing past the last
-    /// sequence); `None` when it is not a valid snapshot (rebuild from the
-    /// messages instead).
+    /// The index [`StreamState::snapshot`] wrote (or an earlier release's,
+    /// version 2), checked throughout (ascending sequences and timestamps,
+    /// known subjects, nothing past the last sequence); `None` when it is
+    /// not a valid snapshot (rebuild from the messages instead). A version
+    /// 3 snapshot loads in time proportional to its runs, not its
+    /// messages.
     pub fn from_snapshot(cfg: StreamConfig, bytes: &[u8]) -> Result<Option<Self>, ConfigError> {
         let mut s = StreamState::new(cfg)?;
         Ok(s.load_snapshot(bytes).map(|()| s))
@@ -467,9 +477,11 @@ impl StreamState {
 
     fn load_snapshot(&mut self, bytes: &[u8]) -> Option<()> {
         let mut r = Snap { buf: bytes };
-        if r.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
-            return None;
-        }
+        let v2 = match r.take(SNAPSHOT_MAGIC.len())? {
+            m if m == SNAPSHOT_MAGIC => false,
+            m if m == SNAPSHOT_MAGIC_2 => true,
+            _ => return None,
+        };
         self.last_seq = r.u64()?;
         self.last_ts = r.u64()?;
         let n = r.u64()?;
@@ -490,10 +502,13 @@ impl StreamState {
         }
         let n = r.u64()?;
         let mut prev = 0u64;
+        let mut prev_ts = 0u64;
         let mut read = 0u64;
-        // A run takes at least 32 bytes and a byte per further message.
-        self.entries
-            .reserve(usize::try_from(n).unwrap_or(0).min(r.buf.len()));
+        if !v2 {
+            // A run takes 32 bytes.
+            self.index
+                .reserve(usize::try_from(n).unwrap_or(0).min(r.buf.len() / 32));
+        }
         while read < n {
             let (seq, len, size, subject, mut ts) =
                 (r.u64()?, r.u64()?, r.u32()?, r.u32()?, r.u64()?);
@@ -502,25 +517,43 @@ impl StreamState {
                 || len > n - read
                 || seq.checked_add(len - 1)? > self.last_seq
                 || ts > self.last_ts
+                || ts < prev_ts
             {
                 return None;
             }
             self.subjects.names.get_mut(&subject)?.1 += len;
-            for i in 0..len {
-                if i > 0 {
-                    ts = ts.checked_add(r.var()?)?;
-                    if ts > self.last_ts {
-                        return None;
+            if v2 {
+                for i in 0..len {
+                    if i > 0 {
+                        ts = ts.checked_add(r.var()?)?;
+                        if ts > self.last_ts {
+                            return None;
+                        }
                     }
+                    self.index.push(Entry {
+                        seq: seq + i,
+                        ts,
+                        size,
+                        subject,
+                    });
                 }
-                self.entries.push_back(Entry {
-                    seq: seq + i,
-                    ts,
-                    size,
-                    subject,
-                });
+            } else {
+                // Longer than a run holds: in pieces.
+                let mut at = 0u64;
+                while at < len {
+                    let piece = (len - at).min(u64::from(u32::MAX));
+                    self.index.push_run(Run {
+                        seq: seq + at,
+                        ts,
+                        len: u32::try_from(piece).ok()?,
+                        size,
+                        subject,
+                    });
+                    at += piece;
+                }
             }
             prev = seq + len - 1;
+            prev_ts = ts;
             read += len;
             self.msgs += len;
             self.bytes += u64::from(size).saturating_mul(len);
@@ -542,7 +575,7 @@ impl StreamState {
         let n = r.u64()?;
         for _ in 0..n {
             let (seq, at) = (r.u64()?, r.u64()?);
-            self.position(seq)?;
+            self.index.get(seq)?;
             self.ttl.insert((at, seq));
             self.ttl_of.insert(seq, at);
         }
@@ -650,7 +683,7 @@ impl StreamState {
         self.last_ts = ts;
         let seq = self.last_seq;
         let subject = self.subjects.intern(m.subject.as_str());
-        self.entries.push_back(Entry {
+        self.index.push(Entry {
             seq,
             ts,
             size: m.size,
@@ -693,7 +726,7 @@ impl StreamState {
     pub fn expire(&mut self, now: u64) -> Vec<u64> {
         let mut removed = Vec::new();
         if let Some(age) = self.cfg.max_age {
-            while let Some(e) = self.entries.front().copied() {
+            while let Some(e) = self.index.first() {
                 if e.ts.saturating_add(age.0) > now {
                     break;
                 }
@@ -721,7 +754,7 @@ impl StreamState {
         let age = self
             .cfg
             .max_age
-            .and_then(|a| self.entries.front().map(|e| e.ts.saturating_add(a.0)));
+            .and_then(|a| self.index.first().map(|e| e.ts.saturating_add(a.0)));
         let ttl = self.ttl.first().map(|&(at, _)| at);
         match (age, ttl) {
             (Some(a), Some(t)) => Some(a.min(t)),
@@ -778,38 +811,15 @@ impl StreamState {
         removed
     }
 
-    fn position(&self, seq: u64) -> Option<usize> {
-        let i = self.entries.partition_point(|e| e.seq < seq);
-        (self.entries.get(i)?.seq == seq).then_some(i)
-    }
-
     fn remove(&mut self, seq: u64) -> bool {
-        let Some(i) = self.position(seq) else {
+        let Some(e) = self.index.remove(seq) else {
             return false;
         };
-        let e = self.entries[i];
-        if !e.live() {
-            return false;
-        }
-        self.entries[i].subject = DEAD;
-        self.dead += 1;
         self.msgs -= 1;
         self.bytes -= u64::from(e.size);
         self.subjects.release(e.subject);
         if let Some(at) = self.ttl_of.remove(&seq) {
             self.ttl.remove(&(at, seq));
-        }
-        while self.entries.front().is_some_and(|e| !e.live()) {
-            self.entries.pop_front();
-            self.dead -= 1;
-        }
-        while self.entries.back().is_some_and(|e| !e.live()) {
-            self.entries.pop_back();
-            self.dead -= 1;
-        }
-        if self.dead > COMPACT_AFTER && self.dead > self.entries.len() - self.dead {
-            self.entries.retain(Entry::live);
-            self.dead = 0;
         }
         true
     }
@@ -820,9 +830,9 @@ impl StreamState {
             ..Subjects::default()
         };
         let mut map = HashMap::new();
-        for e in self.entries.iter_mut().filter(|e| e.live()) {
-            let id = *map.entry(e.subject).or_insert_with(|| {
-                let name = self.subjects.name(e.subject);
+        for r in self.index.runs_mut() {
+            let id = *map.entry(r.subject).or_insert_with(|| {
+                let name = self.subjects.name(r.subject);
                 let id = fresh.next;
                 fresh.next += 1;
                 fresh.ids.insert(name.into(), id);
@@ -830,9 +840,9 @@ impl StreamState {
                 id
             });
             if let Some(n) = fresh.names.get_mut(&id) {
-                n.1 += 1;
+                n.1 += u64::from(r.len);
             }
-            e.subject = id;
+            r.subject = id;
         }
         self.subjects = fresh;
     }
@@ -844,10 +854,10 @@ impl StreamState {
     }
 
     fn first_live(&self) -> Option<u64> {
-        self.entries.iter().find(|e| e.live()).map(|e| e.seq)
+        self.index.first().map(|e| e.seq)
     }
 
-    fn meta(&self, e: &Entry) -> MsgMeta<'_> {
+    fn meta(&self, e: Entry) -> MsgMeta<'_> {
         MsgMeta {
             seq: e.seq,
             ts: e.ts,
@@ -859,17 +869,12 @@ impl StreamState {
 
     /// A stored message's index entry.
     pub fn get(&self, seq: u64) -> Option<MsgMeta<'_>> {
-        let e = &self.entries[self.position(seq)?];
-        e.live().then(|| self.meta(e))
+        self.index.get(seq).map(|e| self.meta(e))
     }
 
     /// Stored messages with a sequence of at least `seq`, ascending.
     pub fn iter_from(&self, seq: u64) -> impl DoubleEndedIterator<Item = MsgMeta<'_>> + '_ {
-        let i = self.entries.partition_point(|e| e.seq < seq);
-        self.entries
-            .range(i..)
-            .filter(|e| e.live())
-            .map(|e| self.meta(e))
+        self.index.iter_from(seq).map(|e| self.meta(e))
     }
 
     /// The first stored message at or after `seq` that consumers may see
@@ -901,11 +906,7 @@ impl StreamState {
     /// The sequence of the first message stored at or after `t` (Unix
     /// ms), or `last_seq + 1` when none is.
     pub fn seq_at_time(&self, t: u64) -> u64 {
-        let i = self.entries.partition_point(|e| e.ts < t);
-        self.entries
-            .range(i..)
-            .find(|e| e.live())
-            .map_or(self.last_seq + 1, |e| e.seq)
+        self.index.seq_at_time(t).unwrap_or(self.last_seq + 1)
     }
 
     /// The first stored sequence (`last_seq + 1` when empty).
@@ -958,10 +959,15 @@ impl StreamState {
         self.counters
     }
 
-    /// Index entries held, removed ones included (memory is about 24
-    /// bytes each).
+    /// Runs the index holds, removed ones included (see the module docs:
+    /// consecutive messages of one subject, size and timestamp are one).
     pub fn index_len(&self) -> usize {
-        self.entries.len()
+        self.index.len()
+    }
+
+    /// Bytes the index's runs take (32 per run held).
+    pub fn index_bytes(&self) -> usize {
+        self.index.mem_bytes()
     }
 }
 
@@ -969,6 +975,7 @@ impl StreamState {
 mod tests {
     use super::*;
     use crate::config::Discard;
+    use crate::index::COMPACT_AFTER;
     use proptest::prelude::*;
 
     fn topic(s: &str) -> Topic {
@@ -1402,20 +1409,27 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_of_runs_is_about_a_byte_a_message() {
+    fn a_burst_is_held_and_snapshotted_as_a_few_runs() {
         let mut s = stream(|_| {});
-        for i in 0..10_000u64 {
-            // Runs broken by a subject, a size and a deleted message.
-            let subject = if i == 5_000 { "a.y" } else { "a.x" };
-            let size = if i == 7_000 { 9 } else { 5 };
-            put(&mut s, i / 3, subject, size);
+        for i in 0..100_000u64 {
+            // 1,000 a millisecond; runs broken by a subject, a size and a
+            // deleted message.
+            let subject = if i == 50_000 { "a.y" } else { "a.x" };
+            let size = if i == 70_000 { 9 } else { 5 };
+            put(&mut s, i / 1000, subject, size);
         }
-        s.delete(8_000);
+        s.delete(80_000);
+        // 100 milliseconds, plus one run each for the subject and the size
+        // (each the first message of its millisecond); the deleted message
+        // ended its run.
+        assert_eq!(s.index_len(), 102);
+        assert!(s.index_bytes() < 8 * 1024, "{} bytes", s.index_bytes());
         let snap = s.snapshot();
-        assert!(snap.len() < 12_000, "{} bytes", snap.len());
+        assert!(snap.len() < 4_000, "{} bytes", snap.len());
         let r = StreamState::from_snapshot(s.config().clone(), &snap)
             .unwrap()
             .expect("valid snapshot");
+        assert_eq!(r.index_len(), 102);
         let view = |s: &StreamState| {
             s.iter_from(0)
                 .map(|m| (m.seq, m.ts, m.size, m.subject.to_string()))
@@ -1426,12 +1440,38 @@ mod tests {
             (r.msgs(), r.bytes(), r.subjects()),
             (s.msgs(), s.bytes(), s.subjects())
         );
+        // An earlier release's snapshot (version 2) gives the same runs.
+        let old = s.snapshot_v2();
+        assert!(old.starts_with(SNAPSHOT_MAGIC_2));
+        let r = StreamState::from_snapshot(s.config().clone(), &old)
+            .unwrap()
+            .expect("valid version 2 snapshot");
+        assert_eq!(r.index_len(), 102);
+        assert_eq!(view(&r), view(&s));
+    }
+
+    #[test]
+    fn a_snapshot_with_timestamps_going_back_is_not_read() {
+        let mut s = stream(|_| {});
+        put(&mut s, 10, "a.x", 5);
+        put(&mut s, 20, "a.y", 5);
+        let mut snap = s.snapshot();
+        // The second run's timestamp is the last 8 bytes before the TTL and
+        // ID counts (16 bytes).
+        let at = snap.len() - 16 - 8;
+        snap[at..at + 8].copy_from_slice(&5u64.to_le_bytes());
+        assert!(StreamState::from_snapshot(s.config().clone(), &snap)
+            .unwrap()
+            .is_none());
     }
 
     proptest! {
         #[test]
         fn snapshot_decoding_never_panics(b in proptest::collection::vec(any::<u8>(), 0..400)) {
             let mut bytes = SNAPSHOT_MAGIC.to_vec();
+            bytes.extend_from_slice(&b);
+            let _ = StreamState::from_snapshot(StreamConfig::new("s", &["a.**"]), &bytes);
+            let mut bytes = SNAPSHOT_MAGIC_2.to_vec();
             bytes.extend_from_slice(&b);
             let _ = StreamState::from_snapshot(StreamConfig::new("s", &["a.**"]), &bytes);
         }
@@ -1623,6 +1663,23 @@ mod tests {
                 prop_assert_eq!(s.first_seq(), model.keys().next().copied().unwrap_or(last + 1));
                 for (&k, m) in &model {
                     prop_assert_eq!(s.expires(k), m.expires);
+                }
+                // A snapshot of either format restores the same index.
+                for snap in [s.snapshot(), s.snapshot_v2()] {
+                    let r = StreamState::from_snapshot(s.config().clone(), &snap).unwrap();
+                    prop_assert!(r.is_some(), "snapshot not read back");
+                    let r = r.unwrap();
+                    let view = |s: &StreamState| {
+                        s.iter_from(0)
+                            .map(|m| (m.seq, m.ts, m.size, m.subject.to_string(), s.expires(m.seq)))
+                            .collect::<Vec<_>>()
+                    };
+                    prop_assert_eq!(view(&r), view(&s));
+                    prop_assert_eq!(
+                        (r.msgs(), r.bytes(), r.last_seq(), r.last_ts(), r.subjects(), r.dedup_ids(), r.next_expiry()),
+                        (s.msgs(), s.bytes(), s.last_seq(), s.last_ts(), s.subjects(), s.dedup_ids(), s.next_expiry())
+                    );
+                    prop_assert_eq!(r.seq_at_time(now / 2), s.seq_at_time(now / 2));
                 }
             }
         }

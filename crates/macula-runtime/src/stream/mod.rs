@@ -378,6 +378,12 @@ pub struct StreamCountersReport {
     /// Publishes refused after waiting `write_queue_timeout` for room.
     #[serde(default)]
     pub write_queue_refused: u64,
+    /// The queue's bound (`write_queue_bytes`).
+    #[serde(default)]
+    pub write_queue_limit: u64,
+    /// The most bytes the queue held at once.
+    #[serde(default)]
+    pub write_queue_high: u64,
 }
 
 /// A consumer's state, as `macula consumer info` shows it.
@@ -725,6 +731,8 @@ impl Streams {
                             took_ms = o.took.as_millis() as u64,
                             store_ms = o.store_took.as_millis() as u64,
                             from_index = o.from_index,
+                            index_runs = o.stream.state().index_len(),
+                            index_bytes = o.stream.state().index_bytes(),
                             "stream opened"
                         );
                         streams.host_opened(o);
@@ -1310,6 +1318,8 @@ impl Streams {
                 write_queue_bytes: q.queued,
                 write_queue_waits: q.waits,
                 write_queue_refused: q.refused,
+                write_queue_limit: q.limit,
+                write_queue_high: q.high,
             },
         })
     }

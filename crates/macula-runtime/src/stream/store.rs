@@ -35,7 +35,12 @@
 //! it are committed (`Gate`: the highest ticket (queue place) acknowledged
 //! and the highest committed; two atomic loads when nothing is pending, at
 //! most [`READ_WAIT`] otherwise), so a publisher, a consumer or `get` reads
-//! an acknowledged message at once. The writer may commit a write before
+//! an acknowledged message at once. A read of messages (`get`,
+//! `get_batch`) waits only until the highest sequence it reads is
+//! committed (`Gate::committed_seq`: puts are queued in sequence order, so
+//! every put up to it is in redb), not for everything acknowledged since:
+//! a consumer reading the start of a stream right after a burst is not
+//! held behind the burst's commits. The writer may commit a write before
 //! its flush; `durable` rises only at the acknowledgement. A commit that
 //! fails after its acknowledgement fails the store (nothing more is
 //! acknowledged) and the reads waiting for it; the journal holds the writes
@@ -97,6 +102,18 @@ use tokio::sync::{oneshot, watch};
 use super::journal::{self, Journal};
 use super::record::{self, CorruptRecord, StoredMsg};
 pub use super::write::Write;
+
+mod gate;
+mod queue;
+mod staging;
+
+use gate::Gate;
+pub use gate::READ_WAIT;
+use queue::Room;
+pub use queue::{
+    charge, Admission, QueueStats, DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_TIMEOUT, JOB_OVERHEAD,
+};
+use staging::{flush_side, Side, Waiter, FLUSH_BYTES, FLUSH_LATE};
 
 const MSGS: TableDefinition<u64, &[u8]> = TableDefinition::new("msgs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -178,112 +195,6 @@ pub enum StoreError {
     },
 }
 
-/// What a queued job is charged beyond its record bytes (the job, its
-/// writes and answer).
-pub const JOB_OVERHEAD: u64 = 128;
-/// Default bound of the writer's queue, in charged bytes
-/// (`StreamLimits::write_queue_bytes`).
-pub const DEFAULT_QUEUE_BYTES: u64 = 64 << 20;
-/// Default time a publisher waits for room in a full queue
-/// (`StreamLimits::write_queue_timeout`).
-pub const DEFAULT_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The writer's queue bound (see the module docs, "Backpressure").
-#[derive(Debug)]
-struct Room {
-    /// Bytes charged by the jobs queued and not committed yet.
-    queued: AtomicU64,
-    /// The bound.
-    limit: AtomicU64,
-    /// The publisher's wait for room, in milliseconds.
-    timeout_ms: AtomicU64,
-    /// Publishers waiting for room (notified only when there are some).
-    waiting: AtomicU64,
-    notify: tokio::sync::Notify,
-    /// Publishes that waited for room, and those refused after the wait.
-    waits: AtomicU64,
-    refused: AtomicU64,
-    /// The most bytes queued so far.
-    high: AtomicU64,
-}
-
-impl Room {
-    fn new() -> Room {
-        Room {
-            queued: AtomicU64::new(0),
-            limit: AtomicU64::new(DEFAULT_QUEUE_BYTES),
-            timeout_ms: AtomicU64::new(DEFAULT_QUEUE_TIMEOUT.as_millis() as u64),
-            waiting: AtomicU64::new(0),
-            notify: tokio::sync::Notify::new(),
-            waits: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            high: AtomicU64::new(0),
-        }
-    }
-
-    /// Charges `bytes` if they fit (or the queue is empty).
-    fn try_take(self: &Arc<Self>, bytes: u64) -> Option<Admission> {
-        let limit = self.limit.load(Ordering::Acquire);
-        let now = self
-            .queued
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
-                (q == 0 || q.saturating_add(bytes) <= limit).then(|| q + bytes)
-            })
-            .ok()?;
-        self.high.fetch_max(now + bytes, Ordering::Relaxed);
-        Some(Admission {
-            room: self.clone(),
-            bytes,
-        })
-    }
-
-    /// Charges `bytes` whether they fit or not.
-    fn force(self: &Arc<Self>, bytes: u64) -> Admission {
-        let now = self.queued.fetch_add(bytes, Ordering::AcqRel);
-        self.high.fetch_max(now + bytes, Ordering::Relaxed);
-        Admission {
-            room: self.clone(),
-            bytes,
-        }
-    }
-}
-
-/// Room taken in a store's writer queue ([`StreamStore::admit`]): handed
-/// to the write it was taken for ([`StreamStore::submit_admitted`]), and
-/// given back when the writer has committed it (or when dropped unused).
-#[derive(Debug)]
-pub struct Admission {
-    room: Arc<Room>,
-    bytes: u64,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        // SeqCst with the waiter's `waiting` increment and retry: one of
-        // the two sees the other's write, so no wake-up is lost.
-        self.room.queued.fetch_sub(self.bytes, Ordering::SeqCst);
-        if self.room.waiting.load(Ordering::SeqCst) > 0 {
-            self.room.notify.notify_waiters();
-        }
-    }
-}
-
-/// What a write is charged in the queue.
-pub fn charge(writes: &[Write]) -> u64 {
-    JOB_OVERHEAD
-        + writes
-            .iter()
-            .map(|w| match w {
-                Write::Put(_, r) => r.len() as u64,
-                Write::Config(b) | Write::Consumer(_, Some(b)) | Write::Index(Some(b)) => {
-                    b.len() as u64
-                }
-                Write::Delete(seqs) => 8 * seqs.len() as u64,
-                _ => 0,
-            })
-            .sum::<u64>()
-}
-
 /// Who waits for a group commit: an async caller or a blocking one.
 enum Done {
     Async(oneshot::Sender<Result<(), String>>),
@@ -311,111 +222,6 @@ struct Job {
     wrap: bool,
 }
 
-/// The journal, shared by the submitters (who append to it as they queue,
-/// under this lock, so the journal's order is the queue's) and the writer
-/// (who syncs it and checkpoints).
-struct Side {
-    journal: Journal,
-    /// Unsynced writes were queued since the last checkpoint: durable
-    /// writes are not journaled until the next one (the journal would
-    /// replay them without those).
-    unjournaled: bool,
-    /// The last job's ticket.
-    ticket: u64,
-    /// Jobs staged in the journal with a sync interval, answered by the
-    /// flush that writes them (`flush_side`).
-    waiters: Vec<Waiter>,
-}
-
-/// A job staged with a sync interval, waiting for its journal flush.
-struct Waiter {
-    ticket: u64,
-    /// The highest sequence it puts (0: none).
-    top: u64,
-    done: Option<Done>,
-}
-
-/// Staged writes past this many bytes are flushed by the submitter that
-/// staged them, without waiting for the group's end.
-const FLUSH_BYTES: usize = 1 << 20;
-/// Staged writes whose publishers went away are flushed by the writer
-/// thread this long after it found nothing else to do.
-const FLUSH_LATE: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// The last job acknowledged ahead of its redb commit, and the last job
-/// committed: a read waits until what was acknowledged before it is in
-/// redb (see the module docs, "Acknowledged from the journal"). Both are
-/// tickets (a job's place in the queue), which the writer commits in
-/// order, so an acknowledgement that comes after the commit (a journal
-/// flush that ran late) waits for nothing.
-#[derive(Debug, Default)]
-struct Gate {
-    /// The highest ticket acknowledged from the journal (raised before
-    /// the answers, and before `durable`).
-    acked: AtomicU64,
-    /// The highest ticket committed to redb (raised after the commit).
-    committed: AtomicU64,
-    /// Held to wait on and to notify `moved`.
-    lock: parking_lot::Mutex<()>,
-    /// Notified when `committed` moves or a commit fails.
-    moved: parking_lot::Condvar,
-    /// A commit of acknowledged writes failed: reads that wait for it fail
-    /// (the journal holds them; the next open replays them).
-    failed: parking_lot::Mutex<Option<String>>,
-}
-
-/// How long a read waits at most for the commit of writes acknowledged
-/// before it (a commit takes microseconds to milliseconds; this bounds a
-/// stuck disk).
-pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl Gate {
-    /// Waits until every group acknowledged so far is committed; whether
-    /// it had to wait.
-    fn settle(&self, path: &Path) -> Result<bool, StoreError> {
-        let want = self.acked.load(Ordering::Acquire);
-        if self.committed.load(Ordering::Acquire) >= want {
-            return Ok(false);
-        }
-        let deadline = std::time::Instant::now() + READ_WAIT;
-        let mut guard = self.lock.lock();
-        while self.committed.load(Ordering::Acquire) < want {
-            if let Some(f) = &*self.failed.lock() {
-                return Err(io(path)(format!("commit of acknowledged writes: {f}")));
-            }
-            if self.moved.wait_until(&mut guard, deadline).timed_out() {
-                return Err(io(path)(format!(
-                    "acknowledged writes not committed within {READ_WAIT:?}"
-                )));
-            }
-        }
-        Ok(true)
-    }
-
-    fn failed(&self) -> Option<String> {
-        self.failed.lock().clone()
-    }
-
-    /// Acknowledged up to `ticket` (before `durable` rises and before the
-    /// answers).
-    fn acked_to(&self, ticket: u64) {
-        self.acked.fetch_max(ticket, Ordering::AcqRel);
-    }
-
-    /// Committed up to `ticket`.
-    fn committed_to(&self, ticket: u64) {
-        self.committed.fetch_max(ticket, Ordering::AcqRel);
-        let _guard = self.lock.lock();
-        self.moved.notify_all();
-    }
-
-    fn fail(&self, e: &str) {
-        self.failed.lock().get_or_insert_with(|| e.to_string());
-        let _guard = self.lock.lock();
-        self.moved.notify_all();
-    }
-}
-
 /// What the writer counted.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -433,21 +239,6 @@ pub struct StoreStats {
     pub early_acks: AtomicU64,
     /// Reads that waited for the commit of acknowledged writes.
     pub read_waits: AtomicU64,
-}
-
-/// The writer queue's figures ([`StreamStore::queue_stats`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Bytes charged by the writes queued and not committed yet.
-    pub queued: u64,
-    /// The most ever queued.
-    pub high: u64,
-    /// The bound.
-    pub limit: u64,
-    /// Publishes that waited for room.
-    pub waits: u64,
-    /// Publishes refused after waiting the whole timeout.
-    pub refused: u64,
 }
 
 /// A stream's store (see the module docs).
@@ -926,7 +717,7 @@ impl StreamStore {
 
     /// Reads one message.
     pub fn get(&self, seq: u64) -> Result<Option<StoredMsg>, StoreError> {
-        self.settled()?;
+        self.settled_upto(seq)?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -946,10 +737,10 @@ impl StreamStore {
     /// they are ascending, as a consumer's batch is); a sequence not stored
     /// is left out.
     pub fn get_batch(&self, seqs: &[u64]) -> Result<Vec<(u64, StoredMsg)>, StoreError> {
-        self.settled()?;
         let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
             return Ok(Vec::new());
         };
+        self.settled_upto(hi)?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
         let t = match txn.open_table(MSGS) {
@@ -990,7 +781,13 @@ impl StreamStore {
     /// to redb (at once unless a group was acknowledged from the journal
     /// and its commit is still running).
     fn settled(&self) -> Result<(), StoreError> {
-        if self.gate.settle(&self.path)? {
+        self.settled_upto(u64::MAX)
+    }
+
+    /// [`StreamStore::settled`] for a read of messages up to `seq`: waits
+    /// only until the puts up to `seq` are committed.
+    fn settled_upto(&self, seq: u64) -> Result<(), StoreError> {
+        if self.gate.settle_for(&self.path, seq)? {
             self.stats.read_waits.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -1585,7 +1382,7 @@ impl Writer {
         let n: usize = group.iter().map(|j| j.writes.len()).sum();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
-        let mut ticket = 0;
+        let (mut ticket, mut seq) = (0, 0);
         for j in group {
             for w in &j.writes {
                 if let Write::Applied(i) = w {
@@ -1596,8 +1393,9 @@ impl Writer {
                 raise_durable(&self.durable, &j.writes);
             }
             ticket = ticket.max(j.ticket);
+            seq = seq.max(top_put(&j.writes));
         }
-        self.gate.committed_to(ticket);
+        self.gate.committed_to(ticket, seq);
     }
 }
 
@@ -1626,52 +1424,6 @@ fn raise_durable_to(durable: &watch::Sender<u64>, top: u64) {
             raise
         });
     }
-}
-
-/// Writes what is staged in the journal as one record and answers the
-/// writes waiting for it (sync interval): the gate's acknowledged ticket
-/// rises first, then `durable`, then the answers. A failure fails the
-/// store (the writer may have committed some of them; nothing more is
-/// acknowledged) and is the waiters' answer.
-fn flush_side(
-    side: &mut Side,
-    gate: &Gate,
-    durable: &watch::Sender<u64>,
-    stats: &StoreStats,
-) -> Result<(), String> {
-    let written = match gate.failed() {
-        Some(f) => Err(f),
-        None => side.journal.flush().map_err(|e| e.to_string()),
-    };
-    match written {
-        Ok(false) => {}
-        Ok(true) => {
-            stats.journal_appends.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            // Whatever was staged is dropped: never acknowledged.
-            side.journal.discard_staged();
-            gate.fail(&e);
-            for w in side.waiters.drain(..) {
-                answer_one(w.done, &Err(e.clone()));
-            }
-            return Err(e);
-        }
-    }
-    if side.waiters.is_empty() {
-        return Ok(());
-    }
-    let ticket = side.waiters.iter().map(|w| w.ticket).max().unwrap_or(0);
-    let top = side.waiters.iter().map(|w| w.top).max().unwrap_or(0);
-    gate.acked_to(ticket);
-    raise_durable_to(durable, top);
-    stats
-        .early_acks
-        .fetch_add(side.waiters.len() as u64, Ordering::Relaxed);
-    for w in side.waiters.drain(..) {
-        answer_one(w.done, &Ok(()));
-    }
-    Ok(())
 }
 
 /// Answers one waiter.
@@ -1980,6 +1732,36 @@ mod tests {
             assert!(s.stats().early_acks.load(Ordering::Relaxed) >= 3);
             assert!(s.stats().read_waits.load(Ordering::Relaxed) >= 3);
         }
+    }
+
+    #[test]
+    fn a_read_of_committed_messages_does_not_wait_for_later_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.set_sync_interval(Some(Duration::from_secs(3600)));
+        s.write_now(vec![put(1), Write::Last(1, 1)]).unwrap();
+        assert!(s.get(1).unwrap().is_some());
+        let waits = s.stats().read_waits.load(Ordering::Relaxed);
+        // The disk stalls: 2 is acknowledged (from the journal), not
+        // committed.
+        let held = Held::new(&s);
+        s.write_now(vec![put(2), Write::Last(2, 2)]).unwrap();
+        // Reads of 1 go on at once.
+        assert!(s.get(1).unwrap().is_some());
+        assert_eq!(s.get_batch(&[1]).unwrap().len(), 1);
+        assert_eq!(s.stats().read_waits.load(Ordering::Relaxed), waits);
+        // A read of 2 waits for its commit: released 200 ms later.
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                drop(held);
+            });
+            let started = std::time::Instant::now();
+            assert_eq!(s.get_batch(&[1, 2]).unwrap().len(), 2);
+            assert!(started.elapsed() >= Duration::from_millis(150));
+        });
+        assert_eq!(s.stats().read_waits.load(Ordering::Relaxed), waits + 1);
+        assert_eq!(s.last().unwrap(), (2, 2));
     }
 
     #[test]
