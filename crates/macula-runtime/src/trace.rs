@@ -7,14 +7,18 @@
 //! whether or not it traces. Spans are `tracing` spans (target
 //! [`TARGET`]) that the `tracing-opentelemetry` layer turns into
 //! OpenTelemetry spans, except on the pub/sub hot path (publish, deliver,
-//! gateway forwarding): those are `Direct` spans, made with the SDK tracer
-//! (`set_tracer`) without a `tracing` span in between, for a traced
-//! message costs its spans' work at every sampled publish. Spans are only
+//! gateway forwarding): those are `Direct` spans, made here as the SDK's
+//! `SpanData` and handed to the span processor (`set_sink`) without a
+//! `tracing` span or tracer in between, for a traced message costs its
+//! spans' work at every sampled publish. Spans are only
 //! created once [`enable`] has been called (cargo feature `otlp`) and the
 //! sampling decision says so:
 //!
 //! - an operation this node starts (publish, call) is a child of the
-//!   application's current span when that span is sampled; with no current
+//!   application's current span when that span is sampled (a publish finds
+//!   it in the current OpenTelemetry context, where the
+//!   `tracing-opentelemetry` layer puts an entered span's: one thread-local
+//!   read, no `tracing` lookup per publish); with no current
 //!   span, a new trace is started for the configured ratio of operations;
 //!   an application that put its own sampled `traceparent` in the headers
 //!   gets a child of that;
@@ -50,9 +54,11 @@ pub fn ratio() -> Ratio {
 /// Starts creating spans, sampling `ratio` (0.0..=1.0) of the operations
 /// that start a trace. The process must have a `tracing` subscriber with
 /// a `tracing-opentelemetry` layer whose tracer samples as [`Sampler`]
-/// does (or `ParentBased(AlwaysOn)`: the ratio is applied here), and give
-/// a tracer of the same provider to [`set_tracer`] (the pub/sub spans are
-/// made with it directly).
+/// does (or `ParentBased(AlwaysOn)`: the ratio is applied here) and that
+/// activates each entered span's context (its default; a publish finds
+/// the application's current span in the OpenTelemetry context only), and
+/// give that provider's span processor to [`set_sink`] (the pub/sub spans
+/// are made directly, without a tracer).
 #[cfg(feature = "otlp")]
 pub fn enable(ratio: f64) {
     RATIO.store(Ratio::new(ratio).bits(), Relaxed);
@@ -526,51 +532,111 @@ mod imp {
         )
     }
 
+    /// Whether this operation, which would start a new trace, starts one:
+    /// the ratio's decision, made by counting down the operations it
+    /// passes over (`Ratio::skip`, drawn per thread once per sampled
+    /// operation and again when the ratio changes). The same decisions as
+    /// a random draw per operation, for one decrement.
+    #[inline]
+    fn new_trace() -> bool {
+        use std::cell::Cell;
+        thread_local! {
+            /// The ratio counted for, and the operations left to pass over.
+            static LEFT: Cell<Option<(u64, u64)>> = const { Cell::new(None) };
+        }
+        let bits = RATIO.load(Relaxed);
+        LEFT.with(|c| match c.get() {
+            Some((b, left)) if b == bits && left > 0 => {
+                c.set(Some((b, left - 1)));
+                false
+            }
+            Some((b, _)) if b == bits => {
+                c.set(Some((b, Ratio::from_bits(b).skip(random()))));
+                true
+            }
+            _ => {
+                // First use here, or a new ratio: this operation counts.
+                let r = Ratio::from_bits(bits);
+                match r.skip(random()) {
+                    0 => {
+                        c.set(Some((bits, r.skip(random()))));
+                        true
+                    }
+                    skip => {
+                        c.set(Some((bits, skip - 1)));
+                        false
+                    }
+                }
+            }
+        })
+    }
+
+    /// Whether an operation starting here (a publish) is traced: the
+    /// sampling decision alone, inline on every publish, before anything
+    /// is built. The application's own `traceparent` in `headers`
+    /// decides if there is one; else the current OpenTelemetry context's
+    /// span (one thread-local read): a `Direct` span's
+    /// (`Direct::in_context`), the application's own, or a `tracing`
+    /// span's, which the `tracing-opentelemetry` layer makes current while
+    /// it is entered (its context activation, on by default), so no
+    /// `tracing` lookup per publish; with none, the ratio ([`new_trace`]:
+    /// a countdown, no random draw per publish). A yes is followed by
+    /// [`start_sampled`], which reads the same parent again.
+    #[inline]
+    pub fn sampled_here(headers: &[(String, String)]) -> bool {
+        if !on() {
+            return false;
+        }
+        if !headers.is_empty() {
+            if let Some(tp) = find(headers) {
+                return tp.sampled();
+            }
+        }
+        let parent = Context::map_current(|cx| {
+            let span = cx.span();
+            let sc = span.span_context();
+            sc.is_valid().then(|| sc.is_sampled())
+        });
+        match parent {
+            Some(sampled) => sampled,
+            None => new_trace(),
+        }
+    }
+
     /// [`start`] for a [`Direct`] span `name` with the attributes `attrs`
-    /// makes (called only once sampled).
+    /// makes: [`sampled_here`], then [`start_sampled`].
     pub fn start_direct(
         headers: &mut Vec<(String, String)>,
         name: &'static str,
         kind: SpanKind,
         attrs: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Direct> {
-        if !on() {
+        if !sampled_here(headers) {
             return None;
         }
-        let parent = if let Some(tp) = find(headers) {
-            // The application's own context: a child of it, if sampled.
-            if !tp.sampled() {
-                return None;
-            }
-            Some(remote_span_context(&tp, tracestate(headers)))
-        } else {
-            // The decision first, on what is current, without cloning it
-            // (an unsampled publish clones, allocates and formats nothing).
-            let current = Span::current();
-            let tracing_span = !current.is_none();
-            let parent = if tracing_span {
-                let cx = current.context();
+        start_sampled(headers, name, kind, attrs())
+    }
+
+    /// The [`Direct`] span `name` of an operation [`sampled_here`] said
+    /// yes to, a child of the parent it found there (the `traceparent` in
+    /// `headers`, or the current context's span; none: a new trace), its
+    /// context put in `headers`.
+    #[inline(never)]
+    pub fn start_sampled(
+        headers: &mut Vec<(String, String)>,
+        name: &'static str,
+        kind: SpanKind,
+        attrs: Vec<KeyValue>,
+    ) -> Option<Direct> {
+        let parent = match find(headers) {
+            Some(tp) => Some(remote_span_context(&tp, tracestate(headers))),
+            None => Context::map_current(|cx| {
                 let span = cx.span();
                 let sc = span.span_context();
-                sc.is_valid().then(|| sc.is_sampled())
-            } else {
-                // No `tracing` span: a `Direct` one's context, if any.
-                Context::map_current(|cx| {
-                    let span = cx.span();
-                    let sc = span.span_context();
-                    sc.is_valid().then(|| sc.is_sampled())
-                })
-            };
-            if !macula_wire::trace::decide(parent, ratio(), random()) {
-                return None;
-            }
-            match parent {
-                Some(_) if tracing_span => Some(current.context().span().span_context().clone()),
-                Some(_) => Some(Context::map_current(|cx| cx.span().span_context().clone())),
-                None => None,
-            }
+                sc.is_valid().then(|| sc.clone())
+            }),
         };
-        let span = build(parent.as_ref(), name, kind, attrs())?;
+        let span = build(parent.as_ref(), name, kind, attrs)?;
         put(headers, &span.traceparent());
         Some(span)
     }
@@ -603,6 +669,24 @@ mod imp {
             return None;
         }
         remote_direct(find(headers), tracestate(headers), name, kind, attrs)
+    }
+
+    /// The `macula.publish` span of a publish [`sampled_here`] said yes
+    /// to, its context put in `headers`.
+    pub fn publish_span_sampled(
+        headers: &mut Vec<(String, String)>,
+        topic: &str,
+        node: &macula_wire::NodeId,
+    ) -> Option<Direct> {
+        start_sampled(
+            headers,
+            "macula.publish",
+            SpanKind::Producer,
+            vec![
+                KeyValue::new("macula.topic", text_value(topic)),
+                KeyValue::new("macula.node", node_value(node)),
+            ],
+        )
     }
 
     /// The span of a publish this node starts (`macula.publish`), its
@@ -803,6 +887,12 @@ mod off {
     }
     pub fn put(_: &mut Vec<(String, String)>, _: &TraceParent) {}
 
+    /// Never traced without the feature.
+    #[inline]
+    pub fn sampled_here(_: &[(String, String)]) -> bool {
+        false
+    }
+
     /// No span is ever made without the feature.
     #[derive(Debug)]
     pub enum Direct {}
@@ -817,6 +907,13 @@ mod off {
     }
 
     pub fn publish_span(
+        _: &mut Vec<(String, String)>,
+        _: &str,
+        _: &macula_wire::NodeId,
+    ) -> Option<Direct> {
+        None
+    }
+    pub fn publish_span_sampled(
         _: &mut Vec<(String, String)>,
         _: &str,
         _: &macula_wire::NodeId,

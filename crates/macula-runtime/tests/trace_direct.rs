@@ -87,4 +87,58 @@ async fn work_for_a_direct_publish_span_is_its_child() {
         );
     }
     assert_eq!(got.len(), 3, "{got:?}");
+    spans.0.lock().unwrap().clear();
+
+    // The application's current `tracing` span is the parent: its sampling
+    // decides (parent-based), whatever the ratio. The publish sees it
+    // through the OpenTelemetry context that the `tracing-opentelemetry`
+    // layer makes current while the span is entered.
+    // (An application span's OpenTelemetry span starts, and is sampled,
+    // when first asked for or entered: each is asked for at its ratio.)
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    trace::enable(1.0);
+    let sampled = tracing::info_span!(target: trace::TARGET, "app.order");
+    let app_sc = sampled.context().span().span_context().clone();
+    assert!(app_sc.is_sampled());
+    trace::enable(0.0);
+    let unsampled = tracing::info_span!(target: trace::TARGET, "app.audit");
+    assert!(!unsampled.context().span().span_context().is_sampled());
+    let mut inside = Vec::new();
+    let child = sampled
+        .in_scope(|| trace::publish_span(&mut inside, "orders.new", &node))
+        .expect("a child of the sampled application span, at ratio 0");
+    let child_tp = child.traceparent();
+    drop(child);
+    let mut outside = Vec::new();
+    assert!(
+        trace::publish_span(&mut outside, "orders.new", &node).is_none(),
+        "ratio 0, no parent: not traced"
+    );
+    trace::enable(1.0);
+    let mut under = Vec::new();
+    assert!(
+        unsampled
+            .in_scope(|| trace::publish_span(&mut under, "orders.new", &node))
+            .is_none(),
+        "an unsampled parent is followed, even at ratio 1"
+    );
+    assert!(under.is_empty() && outside.is_empty());
+    drop((sampled, unsampled));
+    trace::disable();
+    provider.force_flush().expect("flush");
+    let got = spans.0.lock().unwrap().clone();
+    let publish = got
+        .iter()
+        .find(|s| s.name == "macula.publish")
+        .expect("the publish span");
+    assert_eq!(publish.parent_span_id, app_sc.span_id(), "its parent");
+    assert_eq!(publish.span_context.trace_id(), app_sc.trace_id());
+    assert_eq!(child_tp.trace_id, app_sc.trace_id().to_bytes());
+    assert_eq!(trace::find(&inside), Some(child_tp));
+    assert_eq!(
+        got.iter().filter(|s| s.name == "macula.publish").count(),
+        1,
+        "{got:?}"
+    );
 }

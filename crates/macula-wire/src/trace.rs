@@ -105,14 +105,17 @@ impl TraceParent {
     /// The version-00 `traceparent` value (55 bytes): one allocation, no
     /// formatter (what `to_string` gives, for the hot path).
     pub fn encode(&self) -> String {
-        let mut s = String::with_capacity(TRACEPARENT_LEN);
-        s.push_str("00-");
-        push_hex(&mut s, &self.trace_id);
-        s.push('-');
-        push_hex(&mut s, &self.parent_id);
-        s.push('-');
-        push_hex(&mut s, &[self.flags]);
-        s
+        // Written as bytes, then one copy: every traced message's headers
+        // get one.
+        let mut b = [b'-'; TRACEPARENT_LEN];
+        b[..2].copy_from_slice(b"00");
+        hex_to(&self.trace_id, &mut b[3..35]);
+        hex_to(&self.parent_id, &mut b[36..52]);
+        hex_to(&[self.flags], &mut b[53..55]);
+        // Only ASCII was written.
+        std::str::from_utf8(&b)
+            .map(str::to_owned)
+            .unwrap_or_default()
     }
 }
 
@@ -178,6 +181,15 @@ fn hex_into(digits: &[u8], out: &mut [u8]) -> Result<(), TraceParentError> {
     Ok(())
 }
 
+/// `bytes` as lowercase hex digits into `out` (twice as long).
+fn hex_to(bytes: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (&b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = HEX[usize::from(b >> 4)];
+        o[1] = HEX[usize::from(b & 15)];
+    }
+}
+
 fn push_hex(s: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for &b in bytes {
@@ -221,6 +233,28 @@ impl Ratio {
     /// Whether `random` (uniform 64 bits) falls in the sampled share.
     pub fn admits(self, random: u64) -> bool {
         self.0 == u64::MAX || random < self.0
+    }
+
+    /// How many operations that could start a trace to pass over before
+    /// the next one that does, from `random` (uniform 64 bits): geometric
+    /// with this ratio as its chance of success, so that counting down
+    /// from it decides exactly as drawing [`Ratio::admits`] for each
+    /// operation would (independently, at this ratio), with one draw per
+    /// sampled operation instead of one per operation. `0` for
+    /// [`Ratio::ALWAYS`], `u64::MAX` (never reached) for [`Ratio::NEVER`];
+    /// never larger for a larger ratio and the same `random`.
+    pub fn skip(self, random: u64) -> u64 {
+        if self.0 == u64::MAX {
+            return 0;
+        }
+        if self.0 == 0 {
+            return u64::MAX;
+        }
+        // U uniform in (0, 1], 53 bits; P(skip >= k) = (1 - p)^k.
+        let u = ((random >> 11) + 1) as f64 / 9_007_199_254_740_992.0;
+        let p = self.0 as f64 / 18_446_744_073_709_551_616.0;
+        // Saturating: a ratio too small for f64 to tell from 0 is never.
+        (u.ln() / (-p).ln_1p()).floor() as u64
     }
 
     /// The ratio's decision for a new trace with `trace_id`, from its low 8
@@ -343,7 +377,63 @@ mod tests {
         assert!((800..1200).contains(&n), "{n}");
     }
 
+    #[test]
+    fn counting_down_skips_samples_at_the_ratio() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        assert_eq!(Ratio::ALWAYS.skip(next()), 0);
+        assert_eq!(Ratio::NEVER.skip(next()), u64::MAX);
+        assert_eq!(Ratio::new(1e-300).skip(next()), u64::MAX);
+        for (ratio, n) in [(0.01, 1_000_000u64), (0.5, 100_000), (0.9, 100_000)] {
+            let r = Ratio::new(ratio);
+            // Operations sampled out of n, counting down from each skip.
+            let (mut sampled, mut left) = (0u64, r.skip(next()));
+            let mut gaps = Vec::new();
+            for _ in 0..n {
+                if left == 0 {
+                    sampled += 1;
+                    let g = r.skip(next());
+                    gaps.push(g);
+                    left = g;
+                } else {
+                    left -= 1;
+                }
+            }
+            // Binomial(n, ratio): within 4 standard deviations.
+            let (mean, sd) = (n as f64 * ratio, (n as f64 * ratio * (1.0 - ratio)).sqrt());
+            assert!(
+                (sampled as f64 - mean).abs() < 4.0 * sd,
+                "{ratio}: {sampled} of {n}"
+            );
+            // Geometric gaps: P(0) = ratio, mean (1 - ratio) / ratio.
+            let zero = gaps.iter().filter(|&&g| g == 0).count() as f64 / gaps.len() as f64;
+            assert!(
+                (zero - ratio).abs() < 0.02 + ratio * 0.1,
+                "{ratio}: P(0) {zero}"
+            );
+            let avg = gaps.iter().sum::<u64>() as f64 / gaps.len() as f64;
+            let want = (1.0 - ratio) / ratio;
+            assert!(
+                (avg - want).abs() < 0.1 * want + 0.05,
+                "{ratio}: mean gap {avg}"
+            );
+        }
+    }
+
     proptest! {
+        #[test]
+        fn a_higher_ratio_never_skips_more(
+            a in 0.0f64..=1.0, b in 0.0f64..=1.0, x in any::<u64>()
+        ) {
+            let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+            prop_assert!(Ratio::new(hi).skip(x) <= Ratio::new(lo).skip(x));
+        }
+
         #[test]
         fn format_then_parse_is_identity(
             trace_id in any::<[u8; 16]>(),

@@ -532,12 +532,18 @@ impl PubSub {
     ) -> Result<u64, PubSubError> {
         self.allowed_here(Perm::Publish, topic)?;
         let payload = self.seal(topic, payload)?;
-        if crate::trace::on() {
-            if let Some(span) = self.publish_span(topic, &mut opts) {
+        // The decision inline (no span built, nothing returned by value
+        // for an untraced publish); the span only for a sampled one.
+        if crate::trace::sampled_here(&opts.headers) {
+            if let Some(span) =
+                crate::trace::publish_span_sampled(&mut opts.headers, topic, &self.0.node_id)
+            {
                 // Its context is current while the publish runs: a DHT
-                // lookup for the route is its child.
+                // lookup for the route is its child. Boxed: the context
+                // wrappers would otherwise move the whole publish future
+                // (kilobytes) at each layer of nesting.
                 return span
-                    .in_context(self.publish_mesh_inner(topic, payload, opts))
+                    .in_context(Box::pin(self.publish_mesh_inner(topic, payload, opts)))
                     .await;
             }
         }
