@@ -149,7 +149,7 @@ fn exporter(
     // export bytes). An entered span's OpenTelemetry context is made
     // current (context activation, the default): that is where a publish
     // looks for its parent, in one thread-local read instead of a `tracing`
-    // lookup per publish (`macula::trace::start_direct`). Only sampled
+    // lookup per publish (`macula::trace::sampled_here`). Only sampled
     // spans exist here, so only traced work pays for it.
     let layer = tracing_opentelemetry::layer()
         .with_location(false)

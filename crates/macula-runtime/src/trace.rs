@@ -398,7 +398,7 @@ mod imp {
     /// forwarding), made here as the exporter's `SpanData` and handed to
     /// the sink (`set_sink`) when dropped: no `tracing` span, no SDK span
     /// (no tracer, sampler call, builder, `Context` or processor chain per
-    /// span; the sampling decision is [`start_direct`]'s or the remote
+    /// span; the sampling decision is [`sampled_here`]'s or the remote
     /// parent's), attributes built once as `KeyValue`s (node IDs shared,
     /// see [`node_value`]). IDs come from a per-thread generator seeded
     /// from the OS.
@@ -545,28 +545,19 @@ mod imp {
             static LEFT: Cell<Option<(u64, u64)>> = const { Cell::new(None) };
         }
         let bits = RATIO.load(Relaxed);
-        LEFT.with(|c| match c.get() {
-            Some((b, left)) if b == bits && left > 0 => {
-                c.set(Some((b, left - 1)));
+        let ratio = Ratio::from_bits(bits);
+        LEFT.with(|c| {
+            // First use here, or a new ratio: this operation counts too.
+            let left = match c.get() {
+                Some((b, left)) if b == bits => left,
+                _ => ratio.skip(random()),
+            };
+            if left > 0 {
+                c.set(Some((bits, left - 1)));
                 false
-            }
-            Some((b, _)) if b == bits => {
-                c.set(Some((b, Ratio::from_bits(b).skip(random()))));
+            } else {
+                c.set(Some((bits, ratio.skip(random()))));
                 true
-            }
-            _ => {
-                // First use here, or a new ratio: this operation counts.
-                let r = Ratio::from_bits(bits);
-                match r.skip(random()) {
-                    0 => {
-                        c.set(Some((bits, r.skip(random()))));
-                        true
-                    }
-                    skip => {
-                        c.set(Some((bits, skip - 1)));
-                        false
-                    }
-                }
             }
         })
     }
@@ -601,20 +592,6 @@ mod imp {
             Some(sampled) => sampled,
             None => new_trace(),
         }
-    }
-
-    /// [`start`] for a [`Direct`] span `name` with the attributes `attrs`
-    /// makes: [`sampled_here`], then [`start_sampled`].
-    pub fn start_direct(
-        headers: &mut Vec<(String, String)>,
-        name: &'static str,
-        kind: SpanKind,
-        attrs: impl FnOnce() -> Vec<KeyValue>,
-    ) -> Option<Direct> {
-        if !sampled_here(headers) {
-            return None;
-        }
-        start_sampled(headers, name, kind, attrs())
     }
 
     /// The [`Direct`] span `name` of an operation [`sampled_here`] said
@@ -690,18 +667,17 @@ mod imp {
     }
 
     /// The span of a publish this node starts (`macula.publish`), its
-    /// context put in `headers`.
+    /// context put in `headers`: [`sampled_here`], then
+    /// [`publish_span_sampled`].
     pub fn publish_span(
         headers: &mut Vec<(String, String)>,
         topic: &str,
         node: &macula_wire::NodeId,
     ) -> Option<Direct> {
-        start_direct(headers, "macula.publish", SpanKind::Producer, || {
-            vec![
-                KeyValue::new("macula.topic", text_value(topic)),
-                KeyValue::new("macula.node", node_value(node)),
-            ]
-        })
+        if !sampled_here(headers) {
+            return None;
+        }
+        publish_span_sampled(headers, topic, node)
     }
 
     /// The span of a traced event's delivery to a subscription

@@ -83,19 +83,7 @@ impl Index {
     /// Adds a message after every one held (`seq` above [`Index::last_seq`]:
     /// the caller checks): it extends the last run when it continues it.
     pub fn push(&mut self, e: Entry) {
-        if let Some(r) = self.runs.back_mut() {
-            if r.live()
-                && r.end() == e.seq
-                && r.ts == e.ts
-                && r.size == e.size
-                && r.subject == e.subject
-                && r.len < u32::MAX
-            {
-                r.len += 1;
-                return;
-            }
-        }
-        self.runs.push_back(Run {
+        self.push_run(Run {
             seq: e.seq,
             ts: e.ts,
             len: 1,

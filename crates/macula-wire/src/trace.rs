@@ -86,9 +86,11 @@ impl TraceParent {
 
     /// The trace ID as 32 lowercase hex characters.
     pub fn trace_id_hex(&self) -> String {
-        let mut s = String::with_capacity(32);
-        push_hex(&mut s, &self.trace_id);
-        s
+        let mut b = [0u8; 32];
+        hex_to(&self.trace_id, &mut b);
+        std::str::from_utf8(&b)
+            .map(str::to_owned)
+            .unwrap_or_default()
     }
 
     /// The same trace with `span` as the parent: what a node passes on
@@ -187,14 +189,6 @@ fn hex_to(bytes: &[u8], out: &mut [u8]) {
     for (&b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
         o[0] = HEX[usize::from(b >> 4)];
         o[1] = HEX[usize::from(b & 15)];
-    }
-}
-
-fn push_hex(s: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
     }
 }
 
