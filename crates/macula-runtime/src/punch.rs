@@ -43,7 +43,7 @@ use macula_wire::{Message, NodeId};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::{register, LabelledCounters};
 use crate::nat::{self, punch, NatLimits};
@@ -149,6 +149,8 @@ struct Inner {
     answered: Mutex<VecDeque<(u64, NodeId, Vec<String>)>>,
     /// Peers with an attempt running.
     running: Mutex<HashSet<NodeId>>,
+    /// Wakes the attempts waiting out `punch_start_delay` (`start_now`).
+    start_now: Notify,
     next_nonce: AtomicU64,
     started: Instant,
     counters: Arc<PunchCounters>,
@@ -183,6 +185,7 @@ impl HolePunching {
             waiting: Mutex::new(HashMap::new()),
             answered: Mutex::new(VecDeque::new()),
             running: Mutex::new(HashSet::new()),
+            start_now: Notify::new(),
             next_nonce: AtomicU64::new(crate::backoff::seed() | 1),
             started: Instant::now(),
             counters: Arc::new(PunchCounters::default()),
@@ -191,6 +194,15 @@ impl HolePunching {
 
     pub fn counters(&self) -> &Arc<PunchCounters> {
         &self.0.counters
+    }
+
+    /// Starts at once the attempts waiting out `punch_start_delay` now
+    /// (those begun later wait as usual): for an operator who wants the
+    /// direct path without waiting, and for tests that start punching at
+    /// a chosen moment rather than after a delay a loaded machine may
+    /// overrun.
+    pub fn start_now(&self) {
+        self.0.start_now.notify_waiters();
     }
 
     fn now(&self) -> Millis {
@@ -248,7 +260,10 @@ impl HolePunching {
     async fn attempt(self, peer: Peer) {
         let id = peer.node_id();
         let l = self.0.limits;
-        tokio::time::sleep(l.punch_start_delay.to_duration()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(l.punch_start_delay.to_duration()) => {}
+            _ = self.0.start_now.notified() => {}
+        }
         let mut retry = 0;
         loop {
             let began = Instant::now();
