@@ -75,6 +75,15 @@ pub struct FrameReader {
     /// empty it is replaced, so a kept frame never pins more than the chunks
     /// it was read from.
     buf: BytesMut,
+    /// Chunks read for a frame whose header is in `buf` but whose body is
+    /// not whole yet: held as read, and copied into `buf` at once when the
+    /// frame is whole (one allocation of the right size and one copy of
+    /// each byte; growing `buf` chunk by chunk reallocated and copied a
+    /// 64 KiB frame's start some six times). Never more than the bytes
+    /// that arrived: a header alone reserves nothing.
+    parts: Vec<Bytes>,
+    /// Bytes in `parts`.
+    parts_len: usize,
 }
 
 impl FrameReader {
@@ -83,6 +92,8 @@ impl FrameReader {
             recv,
             decoder: FrameDecoder::new(max_len),
             buf: BytesMut::new(),
+            parts: Vec::new(),
+            parts_len: 0,
         }
     }
 
@@ -121,23 +132,44 @@ impl FrameReader {
             }
             // Need more bytes. `read_chunk` takes data from the stream only
             // when it completes, so this is cancel-safe (the caller polls it
-            // inside `select!`).
-            match self.recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+            // inside `select!`; a chunk is either held or not yet read).
+            let chunk = match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => chunk.bytes,
                 Ok(None) => {
-                    return match self.buf.len() {
+                    return match self.buf.len() + self.parts_len {
                         0 => Ok(None),
                         n => Err(ReadError::Truncated(n)),
                     };
                 }
                 Err(e) => return Err(e.into()),
+            };
+            match self.decoder.frame_len(&self.buf) {
+                Some(total) if self.buf.len() + self.parts_len + chunk.len() < total => {
+                    // Still short of the frame (its header was checked
+                    // against the limit): hold the chunk.
+                    self.parts_len += chunk.len();
+                    self.parts.push(chunk);
+                }
+                _ => self.take_parts(&chunk),
             }
         }
     }
 
+    /// Moves the held chunks and then `last` into `buf`, making room for
+    /// all of them at once.
+    fn take_parts(&mut self, last: &[u8]) {
+        self.buf.reserve(self.parts_len + last.len());
+        for p in self.parts.drain(..) {
+            self.buf.extend_from_slice(&p);
+        }
+        self.parts_len = 0;
+        self.buf.extend_from_slice(last);
+    }
+
     /// The stream and the bytes read past the last frame: for a stream that
     /// stops carrying frames (a relayed session after its status frame).
-    pub fn into_parts(self) -> (RecvStream, Bytes) {
+    pub fn into_parts(mut self) -> (RecvStream, Bytes) {
+        self.take_parts(&[]);
         (self.recv, self.buf.freeze())
     }
 

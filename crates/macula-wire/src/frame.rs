@@ -129,6 +129,15 @@ impl FrameDecoder {
         self.max_len
     }
 
+    /// The length (header and body) of the frame at the front of `buf`,
+    /// once `buf` holds its header and the header is valid: a reader
+    /// makes room for the whole frame at once.
+    pub fn frame_len(&self, buf: &[u8]) -> Option<usize> {
+        let head = buf.first_chunk::<FRAME_HEADER_LEN>()?;
+        let header = FrameHeader::decode(head, self.max_len).ok()?;
+        Some(FRAME_HEADER_LEN + header.len as usize)
+    }
+
     /// Decodes one frame from the front of `buf`.
     ///
     /// Returns `Ok(None)` when `buf` holds only part of a frame (read more),
@@ -158,6 +167,17 @@ mod tests {
             .decode(bytes)
             .map(|o| o.map(|(f, n)| (f.header.msg_type, n)));
         assert_eq!(got, expected, "input {bytes:?}");
+    }
+
+    #[test]
+    fn frame_len_once_the_header_is_in() {
+        let d = FrameDecoder::new(16);
+        assert_eq!(d.frame_len(&[1, 2, 0, 0, 0, 0, 0]), None);
+        assert_eq!(d.frame_len(&[1, 2, 0, 0, 0, 0, 0, 9]), Some(17));
+        assert_eq!(d.frame_len(&[1, 2, 0, 0, 0, 0, 0, 2, 9, 9, 1]), Some(10));
+        // Over the limit, or an unknown version: no room made.
+        assert_eq!(d.frame_len(&[1, 2, 0, 0, 0, 0, 0, 17]), None);
+        assert_eq!(d.frame_len(&[2, 2, 0, 0, 0, 0, 0, 1]), None);
     }
 
     #[test]
