@@ -1102,13 +1102,29 @@ impl Streams {
     /// This node's own copy of stream `name`'s records from `from` on,
     /// as stored (what a replica installing a snapshot fetches from the
     /// leader; also how to compare replicas): at most [`FETCH_MAX`] of
-    /// them and about [`FETCH_MAX_BYTES`].
+    /// them and about [`FETCH_MAX_BYTES`]. Read once this member has
+    /// applied the log up to `applied` (a snapshot's index): a leader
+    /// just elected may not have yet, and records it has not stored would
+    /// be missing from the installing member for good (its applied index
+    /// says it has them). Waits at most [`FETCH_APPLIED_WAIT`], then
+    /// fails (`replication`: the installer asks again).
     pub async fn fetch_local(
         &self,
         name: &str,
         from: u64,
+        applied: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StreamError> {
         let h = self.get(name)?;
+        let deadline = tokio::time::Instant::now() + FETCH_APPLIED_WAIT;
+        while h.replicated && h.applied.load(Ordering::Acquire) < applied {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StreamError::Replication(format!(
+                    "this member has applied the log up to {}, not yet {applied}",
+                    h.applied.load(Ordering::Acquire)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::task::spawn_blocking(move || {
             h.store
                 .raw_range(from, FETCH_MAX, FETCH_MAX_BYTES)
@@ -1943,6 +1959,10 @@ fn check_serving(h: &Hosted) -> Result<(), StreamError> {
 pub const FETCH_MAX: usize = 1024;
 /// Record bytes one fetch answers at most (beyond its first record).
 pub const FETCH_MAX_BYTES: usize = 256 * 1024;
+/// How long a member asked for records waits until it has applied the
+/// installer's snapshot index ([`Streams::fetch_local`]); less than the
+/// call's timeout, so the installer hears why and asks again.
+pub const FETCH_APPLIED_WAIT: Duration = Duration::from_secs(5);
 
 /// Waits for a queued write. A failed store write fails the stream; a
 /// replicated stream's refused or uncommitted entry is only this write's

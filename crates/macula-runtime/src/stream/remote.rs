@@ -89,9 +89,13 @@ pub enum Op {
         kind: AckKind,
     },
     /// Stored records from `from` on, as stored (a replicated stream's
-    /// member installing a snapshot).
+    /// member installing a snapshot), once the answering member has
+    /// applied the log up to `applied` (the snapshot's index; absent:
+    /// at once).
     Fetch {
         from: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applied: Option<u64>,
     },
 }
 
@@ -290,9 +294,9 @@ async fn run(streams: &Streams, stream: &str, op: Op) -> Result<Answer, StreamEr
             streams.ack(stream, &consumer, seq, kind).await?;
             Answer::Done
         }
-        Op::Fetch { from } => Answer::Records(
+        Op::Fetch { from, applied } => Answer::Records(
             streams
-                .fetch_local(stream, from)
+                .fetch_local(stream, from, applied.unwrap_or(0))
                 .await?
                 .into_iter()
                 .map(|(s, r)| (s, serde_bytes::ByteBuf::from(r)))
@@ -417,9 +421,13 @@ impl RemoteStream {
 
     /// Stored records from `from` on, as stored, from the member this
     /// handle calls (never through discovery: another member may be
-    /// behind).
-    pub async fn fetch(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>, StreamError> {
-        match self.op(&Op::Fetch { from }, self.timeout, false).await? {
+    /// behind), once it has applied the log up to `applied`.
+    pub async fn fetch(&self, from: u64, applied: u64) -> Result<Vec<(u64, Vec<u8>)>, StreamError> {
+        let op = Op::Fetch {
+            from,
+            applied: Some(applied),
+        };
+        match self.op(&op, self.timeout, false).await? {
             Answer::Records(v) => Ok(v.into_iter().map(|(s, r)| (s, r.into_vec())).collect()),
             other => Err(unexpected(other)),
         }

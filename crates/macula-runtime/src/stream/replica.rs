@@ -195,11 +195,13 @@ impl macula_raft::Applier for StreamApplier {
 }
 
 impl Streams {
-    /// Records of `h` from `from` on, from the group's leader.
+    /// Records of `h` from `from` on, from the group's leader once it has
+    /// applied the log up to `applied`.
     async fn fetch_from_leader(
         &self,
         h: &Hosted,
         from: u64,
+        applied: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StreamError> {
         let group = self
             .raft()
@@ -213,7 +215,7 @@ impl Streams {
             .rpc()
             .ok_or_else(|| StreamError::Unreachable("the node is not running yet".into()))?;
         RemoteStream::on_member(rpc, &h.name, leader, DEFAULT_REMOTE_TIMEOUT)
-            .fetch(from)
+            .fetch(from, applied)
             .await
     }
 }
@@ -265,7 +267,11 @@ async fn install(streams: &Streams, h: &Arc<Hosted>, state: ReplicaState) -> Res
     let mut from = state.first_seq;
     let deadline = tokio::time::Instant::now() + INSTALL_PATIENCE;
     while from <= state.last_seq {
-        let batch = match streams.fetch_from_leader(h, from).await {
+        // The leader's copy once it has applied up to the snapshot: a
+        // record it has not stored yet would be missing here for good.
+        // Past that, a record it lacks was removed by a later entry, which
+        // this member applies after the install.
+        let batch = match streams.fetch_from_leader(h, from, state.applied).await {
             Ok(b) => b,
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(stream = %h.name, error = %e, "fetch from the leader failed; retrying");
