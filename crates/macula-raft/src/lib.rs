@@ -77,7 +77,8 @@ pub mod watch;
 pub use applier::{Applier, ApplierFuture};
 pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};
 pub use store::{
-    open, open_with, Durable, LogStore, Options, SnapshotBuilder, StateMachineStore, StoreError,
+    open, open_with, Durable, LogStore, LogSyncInterval, Options, SnapshotBuilder,
+    StateMachineStore, StoreError,
 };
 
 /// A group member: a Macula node ID.

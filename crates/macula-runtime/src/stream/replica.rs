@@ -126,6 +126,23 @@ impl StreamApplier {
     }
 }
 
+/// Takes a replicated stream's `sync_interval` from a configuration it
+/// applies (an edit) to this member's Raft log.
+fn follow_sync_interval(h: &Hosted, json: &[u8]) {
+    let Some(r) = h.replica.get() else {
+        // Not joined yet: `join_group` reads the configuration.
+        return;
+    };
+    match serde_json::from_slice::<macula_stream::StreamConfig>(json) {
+        Ok(cfg) => r
+            .group
+            .set_log_sync_interval(cfg.sync_interval.map(macula_stream::Millis::to_duration)),
+        Err(e) => {
+            tracing::warn!(stream = %h.name, error = %e, "a replicated configuration does not decode")
+        }
+    }
+}
+
 impl macula_raft::Applier for StreamApplier {
     fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> ApplierFuture<'_, Vec<Vec<u8>>> {
         Box::pin(async move {
@@ -141,6 +158,11 @@ impl macula_raft::Applier for StreamApplier {
                 }
                 let ws = decode_writes(&bytes)
                     .map_err(|e| format!("entry {index} does not decode: {e}"))?;
+                for w in &ws {
+                    if let Write::Config(json) = w {
+                        follow_sync_interval(&h, json);
+                    }
+                }
                 writes.extend(
                     ws.into_iter()
                         .filter(|w| !matches!(w, Write::Index(_) | Write::Applied(_))),
@@ -252,6 +274,7 @@ const INSTALL_PATIENCE: Duration = Duration::from_secs(30);
 /// from the leader, and last the applied index (a crash before that
 /// leaves the old index, and the leader sends the snapshot again).
 async fn install(streams: &Streams, h: &Arc<Hosted>, state: ReplicaState) -> Result<(), String> {
+    follow_sync_interval(h, &state.config);
     tracing::info!(stream = %h.name, applied = state.applied, first = state.first_seq, last = state.last_seq, "installing a replicated stream's snapshot");
     let mut writes = vec![
         Write::Clear,
