@@ -1932,15 +1932,17 @@ mod tests {
                 .expect("vote");
             let after_vote = log.syncs();
             assert!(after_vote >= 1, "the vote is synced");
-            log.blocking_append((1..=3).map(put))
-                .await
-                .expect("append");
+            log.blocking_append((1..=3).map(put)).await.expect("append");
             log.save_committed(Some(put(2).log_id))
                 .await
                 .expect("committed");
             log.truncate(put(3).log_id).await.expect("truncate");
             log.blocking_append([put(3)]).await.expect("append");
-            assert_eq!(log.syncs(), after_vote, "appends, hints, truncations unsynced");
+            assert_eq!(
+                log.syncs(),
+                after_vote,
+                "appends, hints, truncations unsynced"
+            );
             // A vote syncs at once, with everything written before it.
             log.save_vote(&Vote::new_committed(2, me))
                 .await
