@@ -12,7 +12,8 @@
 //! group commit ([`StreamApplier`]): a replay after a crash skips what the
 //! store holds. A publish is acknowledged once its entry is committed (on
 //! disk on a majority) and applied on the leader. The applier's commits
-//! are not synced (`StreamStore::submit_unsynced`): the Raft log is the
+//! are not synced (`StreamStore::apply_unsynced`, which answers once they
+//! are queued; reads wait for their commit): the Raft log is the
 //! durable copy. The store syncs at least every `store::SYNC_EVERY` and
 //! before each snapshot (so the log it lets the group purge is never
 //! needed again), and the group, at start, reports the lower of its own
@@ -171,15 +172,12 @@ impl macula_raft::Applier for StreamApplier {
             }
             if top > applied {
                 writes.push(Write::Applied(top));
-                let (tx, rx) = tokio::sync::oneshot::channel();
                 // Unsynced: the entries are in the Raft log on a majority
-                // of disks already; a crash before the store's next synced
-                // commit replays them (`synced`).
-                h.store
-                    .submit_unsynced(writes, Some(tx))
-                    .map_err(|e| e.to_string())?;
-                rx.await
-                    .map_err(|_| "the stream store closed".to_string())??;
+                // already; a crash before the store's next synced commit
+                // replays them (`synced`). Applied once queued: the
+                // store's reads wait for the commit (`Gate`), so the
+                // publisher's answer does not.
+                h.store.apply_unsynced(writes).map_err(|e| e.to_string())?;
                 h.applied.store(top, Ordering::Release);
             }
             Ok(answers)
