@@ -373,7 +373,19 @@ async fn macula_side(
     // Restart with everything stored: until a node serves the stream.
     let started = Instant::now();
     cluster.boot().await?;
-    let info = cluster.serving("replay").await?.info().await?;
+    // Leadership may still move right after the first election (a loaded
+    // machine): until a serving node answers, within a bound.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        match cluster.serving("replay").await?.info().await {
+            Ok(info) => break info,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{}: restart: {e}; asking again", side.target);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     side.restart_ms = started.elapsed().as_secs_f64() * 1e3;
     if info.messages as usize != a.replay {
         bail!(
