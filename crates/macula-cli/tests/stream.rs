@@ -645,9 +645,8 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
 /// or `stop` is set (`None`).
 fn publish_until(addrs: &[String], first: usize, payload: &str, stop: &AtomicBool) -> Option<u64> {
     let body = format!(r#"{{"topic":"orders.eu","payload":"{payload}","msg_id":"{payload}"}}"#);
-    let mut i = first;
     // Bounded: the test sets `stop` within its own deadlines.
-    for _ in 0..100_000 {
+    for i in first..first + 100_000 {
         if stop.load(Ordering::Relaxed) {
             return None;
         }
@@ -655,7 +654,6 @@ fn publish_until(addrs: &[String], first: usize, payload: &str, stop: &AtomicBoo
         if let Ok((200, b)) = admin_http(addr, "POST", "/admin/streams/orders/publish", &body) {
             return json(&b)["seq"].as_u64();
         }
-        i += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
     None
