@@ -57,10 +57,11 @@ pub struct StreamArgs {
     /// Replicas of every stream: 1 (one server each) or 3 (three each).
     #[arg(long, default_value_t = 1)]
     replicas: u8,
-    /// Macula's runs, one per stream sync setting (`sync_interval`, R1
-    /// only): always (synced before each acknowledgement) and/or a
-    /// DURATION (acknowledged once written, synced at least that often:
-    /// JetStream 2.9's file store syncs every 2m).
+    /// Macula's runs, one per stream sync setting (`sync_interval`; of the
+    /// store with R1, of the Raft log with R3): always (synced before each
+    /// acknowledgement) and/or a DURATION (acknowledged once written,
+    /// synced at least that often: JetStream 2.9's file store and Raft log
+    /// sync every 2m).
     #[arg(
         long,
         value_name = "always|DURATION",
@@ -116,13 +117,6 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("--sync {d:?}: {e}"))?,
             )),
         });
-    }
-    if a.replicas > 1 {
-        syncs.retain(Option::is_none);
-        syncs.truncate(1);
-        if syncs.is_empty() {
-            syncs.push(None);
-        }
     }
     let mut sides = Vec::new();
     for sync in syncs {
@@ -327,7 +321,8 @@ async fn macula_side(
         target: match (a.replicas, sync_interval) {
             (1, None) => "macula".into(),
             (1, Some(d)) => format!("macula/{}ms", d.0),
-            (r, _) => format!("macula-r{r}"),
+            (r, None) => format!("macula-r{r}"),
+            (r, Some(d)) => format!("macula-r{r}/{}ms", d.0),
         },
         ..Default::default()
     };
@@ -378,7 +373,19 @@ async fn macula_side(
     // Restart with everything stored: until a node serves the stream.
     let started = Instant::now();
     cluster.boot().await?;
-    let info = cluster.serving("replay").await?.info().await?;
+    // Leadership may still move right after the first election (a loaded
+    // machine): until a serving node answers, within a bound.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        match cluster.serving("replay").await?.info().await {
+            Ok(info) => break info,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{}: restart: {e}; asking again", side.target);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     side.restart_ms = started.elapsed().as_secs_f64() * 1e3;
     if info.messages as usize != a.replay {
         bail!(

@@ -103,7 +103,8 @@ pub struct LimitArgs {
     /// When an acknowledged publish is on disk: always (default: synced
     /// before its acknowledgement) or a DURATION (acknowledged once written,
     /// which survives kill -9 of the node but not a power loss; synced at
-    /// least this often, at most 2m; replicas 1 only).
+    /// least this often, at most 2m; on a replicated stream, the Raft log
+    /// of every member: acknowledged once a majority has written it).
     #[arg(long, value_name = "always|DURATION")]
     pub sync: Option<String>,
 }

@@ -46,6 +46,11 @@
 //! * `save_vote`, `truncate`, `purge` (with `last_purged`) return once
 //!   their record is synced; `save_committed` is a hint written with the
 //!   next record (losing it only means re-applying more on restart).
+//! * With a sync interval ([`store::Options::log_sync_interval`]), appends,
+//!   truncations, purges and commit hints are acknowledged once written
+//!   (to the operating system) and synced within the interval and at close;
+//!   `save_vote` is still synced before it returns. The log then survives
+//!   a crash of the process, not a power loss within the interval.
 //! * `apply` writes the changed keys, leases, `last_applied`,
 //!   `last_membership` and `revision` in one transaction, by default
 //!   `Durability::Immediate` (see [`store::Options::durable_apply`]).
@@ -77,7 +82,8 @@ pub mod watch;
 pub use applier::{Applier, ApplierFuture};
 pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};
 pub use store::{
-    open, open_with, Durable, LogStore, Options, SnapshotBuilder, StateMachineStore, StoreError,
+    open, open_with, Durable, LogStore, LogSyncInterval, Options, SnapshotBuilder,
+    StateMachineStore, StoreError,
 };
 
 /// A group member: a Macula node ID.

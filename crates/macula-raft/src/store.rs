@@ -118,6 +118,15 @@ pub struct Options {
     /// index with [`Durable::clamp`]. `None` (the default) makes every
     /// append wait for the disk.
     pub member: Option<MemberId>,
+    /// `None` (the default): every log write is synced (`fdatasync`)
+    /// before it is acknowledged. `Some(d)`: appends, truncations, purges
+    /// and commit hints are acknowledged once written to the operating
+    /// system, and synced within `d` of the first unsynced write and at a
+    /// clean close; a vote is always synced before it is acknowledged
+    /// (with whatever is written before it). Such a log survives a crash
+    /// of the process, not a power loss within `d` (see
+    /// [`LogStore::set_sync_interval`], which changes it later).
+    pub log_sync_interval: Option<std::time::Duration>,
 }
 
 impl Default for Options {
@@ -130,6 +139,7 @@ impl Default for Options {
             durable_apply: true,
             cache_bytes: 16 * 1024 * 1024,
             member: None,
+            log_sync_interval: None,
         }
     }
 }
@@ -190,6 +200,7 @@ pub fn open_with(
     options: Options,
 ) -> Result<(LogStore, StateMachineStore), StoreError> {
     let member = options.member;
+    let log_sync_interval = options.log_sync_interval;
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)?;
@@ -302,7 +313,9 @@ pub fn open_with(
             log: wal.reader(),
         }),
     };
-    Ok((LogStore::new(wal, member, (durable_tx, durable))?, sm))
+    let log = LogStore::new(wal, member, (durable_tx, durable))?;
+    log.set_sync_interval(log_sync_interval);
+    Ok((log, sm))
 }
 
 type Loaded = (Kv, Option<LogId>, StoredMembership, u64);
@@ -542,6 +555,19 @@ impl Durable {
     }
 }
 
+/// Sets a log's sync interval ([`LogStore::sync_interval`]).
+#[derive(Clone, Debug)]
+pub struct LogSyncInterval(Arc<AtomicU64>);
+
+impl LogSyncInterval {
+    /// `None`: every log write is synced before it is acknowledged (from
+    /// the next one on). A duration under 1 ms is taken as 1 ms.
+    pub fn set(&self, interval: Option<std::time::Duration>) {
+        let ms = interval.map_or(0, |d| (d.as_millis() as u64).max(1));
+        self.0.store(ms, Ordering::Release);
+    }
+}
+
 /// The Raft log and vote of one group ([`RaftLogStorage`]); also its own
 /// [`RaftLogReader`]. Cheap to clone (shares the log files and the writer).
 ///
@@ -582,6 +608,8 @@ struct LogShared {
     writer: Mutex<Option<std::sync::mpsc::Sender<LogOp>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     durable: Durable,
+    /// The log's sync interval in ms, 0 for none (shared with the writer).
+    sync_interval_ms: Arc<AtomicU64>,
 }
 
 impl Drop for LogShared {
@@ -672,15 +700,56 @@ fn last_after(batch: &[LogOp], mut last: Option<LogId>) -> Option<LogId> {
     last
 }
 
+/// Syncs what an interval left unsynced; a failure fails the log (what
+/// was acknowledged may not reach the disk).
+fn sync_late(wal: &mut Wal, on_disk: &tokio::sync::watch::Sender<DurableState>) {
+    if let Err(e) = wal.sync() {
+        tracing::error!(error = %e, "raft log sync failed");
+        let e = e.to_string();
+        on_disk.send_modify(|d| {
+            d.failed.get_or_insert(e);
+        });
+    }
+}
+
 /// The writer thread: group commits until every `LogStore` clone is gone.
+/// With a sync interval (`interval_ms` > 0) a batch without a vote is
+/// written unsynced, and the writer syncs once the oldest unsynced write
+/// is `interval_ms` old (waking up for it when idle) and at close.
 fn log_writer(
     mut wal: Wal,
     pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
     committed: Arc<Mutex<Option<LogId>>>,
     rx: std::sync::mpsc::Receiver<LogOp>,
     on_disk: tokio::sync::watch::Sender<DurableState>,
+    interval_ms: Arc<AtomicU64>,
 ) {
-    while let Ok(first) = rx.recv() {
+    let interval_now = || match interval_ms.load(Ordering::Acquire) {
+        0 => None,
+        ms => Some(std::time::Duration::from_millis(ms)),
+    };
+    // When the oldest write not yet synced was made.
+    let mut dirty_since: Option<std::time::Instant> = None;
+    loop {
+        let interval = interval_now();
+        let due = dirty_since.map(|t| t + interval.unwrap_or_default());
+        let first = match due {
+            Some(due) => {
+                match rx.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
+                    Ok(op) => op,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        sync_late(&mut wal, &on_disk);
+                        dirty_since = None;
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP_COMMIT {
             match rx.try_recv() {
@@ -697,7 +766,20 @@ fn log_writer(
         if let Some(c) = committed.lock().take() {
             records.push(Record::Committed(clamp_to(Some(c), last)));
         }
-        let result = wal.write(&records);
+        let now = std::time::Instant::now();
+        // As it stands now (it may have changed while the writer waited).
+        let interval = interval_now();
+        let sync = interval.is_none()
+            || batch.iter().any(|op| matches!(op, LogOp::Vote { .. }))
+            || dirty_since.is_some_and(|t| now >= t + interval.unwrap_or_default());
+        let result = wal.write_with(&records, sync);
+        if result.is_ok() {
+            dirty_since = if wal.unsynced() {
+                dirty_since.or(Some(now))
+            } else {
+                None
+            };
+        }
         drop(records);
         let err = result.as_ref().err().map(|e| e.to_string());
         on_disk.send_modify(|d| match &err {
@@ -746,12 +828,16 @@ fn log_writer(
             }
         }
     }
-    // Closed: the last commit hint, if it is not written yet.
+    // Closed: the last commit hint, if it is not written yet, and what an
+    // interval left unsynced.
     if let Some(c) = committed.lock().take() {
         let last = on_disk.borrow().last;
         if let Err(e) = wal.write(&[Record::Committed(clamp_to(Some(c), last))]) {
             tracing::warn!(error = %e, "could not save the raft commit index at close");
         }
+    }
+    if let Err(e) = wal.sync() {
+        tracing::error!(error = %e, "raft log not synced at close");
     }
 }
 
@@ -771,6 +857,7 @@ impl LogStore {
         let vote = reader.vote();
         let (tx, rx) = std::sync::mpsc::channel();
         let (durable_tx, durable) = durable;
+        let sync_interval_ms = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(LogShared {
             pending: Arc::default(),
             committed: Arc::default(),
@@ -779,17 +866,35 @@ impl LogStore {
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(None),
             durable,
+            sync_interval_ms: sync_interval_ms.clone(),
         });
         let pending = shared.pending.clone();
         let committed = shared.committed.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || log_writer(wal, pending, committed, rx, durable_tx))?;
+            .spawn(move || log_writer(wal, pending, committed, rx, durable_tx, sync_interval_ms))?;
         *shared.thread.lock() = Some(thread);
         Ok(LogStore {
             wal: reader,
             shared,
         })
+    }
+
+    /// Sets the log's sync interval ([`Options::log_sync_interval`]);
+    /// `None` syncs every write again from the next one on.
+    pub fn set_sync_interval(&self, interval: Option<std::time::Duration>) {
+        self.sync_interval().set(interval);
+    }
+
+    /// A handle that sets the sync interval later without keeping the log
+    /// (or its writer) alive.
+    pub fn sync_interval(&self) -> LogSyncInterval {
+        LogSyncInterval(self.shared.sync_interval_ms.clone())
+    }
+
+    /// How many times the log was synced (`fdatasync`) since it was opened.
+    pub fn syncs(&self) -> u64 {
+        self.wal.syncs()
     }
 
     /// How far this log is on disk.
@@ -1799,6 +1904,88 @@ mod tests {
                 .last_log_id
                 .map(|l| l.index),
             Some(1)
+        );
+    }
+
+    /// With a log sync interval, appends (a follower's too: no member ID
+    /// here), truncations and commit hints are acknowledged unsynced and
+    /// readable after a reopen (the page cache, as after `kill -9`); a
+    /// vote is synced before it returns; the interval's end and the close
+    /// sync what is left.
+    #[tokio::test]
+    async fn with_a_sync_interval_only_votes_wait_for_a_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let path = dir.path().join("a.redb");
+        let opts = || Options {
+            log_sync_interval: Some(std::time::Duration::from_secs(3600)),
+            ..Options::default()
+        };
+        let put = |index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, me), index),
+            payload: EntryPayload::Blank,
+        };
+        {
+            let (mut log, _sm) = open_with(&path, opts()).expect("open");
+            log.save_vote(&Vote::new_committed(1, me))
+                .await
+                .expect("vote");
+            let after_vote = log.syncs();
+            assert!(after_vote >= 1, "the vote is synced");
+            log.blocking_append((1..=3).map(put)).await.expect("append");
+            log.save_committed(Some(put(2).log_id))
+                .await
+                .expect("committed");
+            log.truncate(put(3).log_id).await.expect("truncate");
+            log.blocking_append([put(3)]).await.expect("append");
+            assert_eq!(
+                log.syncs(),
+                after_vote,
+                "appends, hints, truncations unsynced"
+            );
+            // A vote syncs at once, with everything written before it.
+            log.save_vote(&Vote::new_committed(2, me))
+                .await
+                .expect("vote");
+            assert_eq!(log.syncs(), after_vote + 1);
+            log.blocking_append([put(4)]).await.expect("append");
+            assert_eq!(log.syncs(), after_vote + 1);
+            // A shorter interval: the writer syncs when it is due, idle.
+            log.set_sync_interval(Some(std::time::Duration::from_millis(1)));
+            log.blocking_append([put(5)]).await.expect("append");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while log.syncs() < after_vote + 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the interval's sync never came"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            // Back to none: every write syncs.
+            log.set_sync_interval(None);
+            let before = log.syncs();
+            log.blocking_append([put(6)]).await.expect("append");
+            assert_eq!(log.syncs(), before + 1);
+            log.set_sync_interval(Some(std::time::Duration::from_secs(3600)));
+            log.blocking_append([put(7)]).await.expect("append");
+            assert_eq!(log.syncs(), before + 1);
+            // A clean close syncs what is left (the writer is joined).
+            let reader = log.wal.clone();
+            drop((log, _sm));
+            assert!(reader.syncs() > before + 1, "synced at close");
+        }
+        let (mut again, _sm) = open_with(&path, opts()).expect("reopen");
+        let got: Vec<u64> = again
+            .try_get_log_entries(1..=10)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(
+            again.read_vote().await.expect("vote"),
+            Some(Vote::new_committed(2, me))
         );
     }
 

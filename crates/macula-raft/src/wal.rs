@@ -1,6 +1,7 @@
 //! The Raft log's own append-only files: entries, truncations, purges, the
 //! vote and the commit hint, written as checksummed records and made
-//! durable by one `fdatasync` per group commit.
+//! durable by one `fdatasync` per group commit (or, with a sync interval,
+//! written per group commit and synced later: [`Wal::write_with`]).
 //!
 //! Why not redb, like the state machine: a redb commit with
 //! `Durability::Immediate` rewrites B-tree and allocator pages at scattered
@@ -158,6 +159,8 @@ pub struct WalReader {
     /// from reaching the disk.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) gate: Arc<Mutex<()>>,
+    /// `fdatasync`s of segments by the writer (diagnostics and tests).
+    syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl WalReader {
@@ -212,6 +215,11 @@ impl WalReader {
     pub fn committed(&self) -> Option<LogId> {
         self.state.read().committed
     }
+
+    /// How many times the writer synced a segment (`fdatasync`) since open.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The writer: appends records to the active segment.
@@ -227,6 +235,8 @@ pub struct Wal {
     len: u64,
     /// The highest entry index each segment ever held (`None`: no entries).
     highest: BTreeMap<u64, Option<u64>>,
+    /// Records were written to the active segment since its last sync.
+    unsynced: bool,
 }
 
 fn segment_name(id: u64) -> String {
@@ -494,12 +504,14 @@ impl Wal {
             reader: WalReader {
                 state: Arc::new(RwLock::new(state)),
                 gate: Arc::default(),
+                syncs: Arc::default(),
             },
             active,
             file,
             pos,
             len,
             highest,
+            unsynced: false,
         })
     }
 
@@ -507,11 +519,44 @@ impl Wal {
         self.reader.clone()
     }
 
+    fn counted_sync(&self) {
+        self.reader
+            .syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Appends `records` and makes them durable (one `fdatasync`, and a
     /// directory sync when a segment was started); only then are they
     /// visible to readers. On an error nothing of them is visible (what
     /// reached the file is overwritten by the next write).
     pub fn write(&mut self, records: &[Record<'_>]) -> Result<(), StoreError> {
+        self.write_with(records, true)
+    }
+
+    /// Whether records were written since the last `fdatasync` of the
+    /// active segment ([`Wal::write_with`] without a sync).
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Syncs the active segment if records were written to it unsynced.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.counted_sync();
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// [`Wal::write`], with `sync == false` written to the operating system
+    /// only (page cache) and visible to readers at once: such records
+    /// survive a crash of the process, not a power loss before the next
+    /// [`Wal::sync`] (or synced write). Starting a segment always syncs the
+    /// one it closes first, so only the active segment ever holds unsynced
+    /// records, and a torn record after a power loss can only be in the
+    /// last segment (which a replay cuts there, as after a torn write).
+    pub fn write_with(&mut self, records: &[Record<'_>], sync: bool) -> Result<(), StoreError> {
         let gate = self.reader.gate.clone();
         let _held = gate.lock();
         let rotate = self.pos >= SEGMENT_BYTES;
@@ -543,6 +588,10 @@ impl Wal {
         for r in records {
             parsed.push(put_record(&mut buf, base, segment, r)?);
         }
+        if rotate {
+            // The closing segment's unsynced tail first (see `write_with`).
+            self.sync()?;
+        }
         let (file, len) = if rotate {
             (Arc::new(create_segment(&self.dir, segment)?), 0)
         } else {
@@ -557,7 +606,10 @@ impl Wal {
             zero(&file, len, new_len)?;
         }
         file.write_all_at(&buf, base)?;
-        file.sync_data()?;
+        if sync {
+            file.sync_data()?;
+            self.counted_sync();
+        }
         if rotate {
             sync_dir(&self.dir)?;
             self.active = segment;
@@ -566,6 +618,7 @@ impl Wal {
         }
         self.pos = end;
         self.len = new_len;
+        self.unsynced = !sync;
         let mut purged = false;
         {
             let mut s = self.reader.state.write();
@@ -731,6 +784,60 @@ mod tests {
         drop(wal);
         let wal = Wal::open(&p).expect("reopen");
         assert_eq!(indexes(&wal.reader()), vec![(1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn unsynced_writes_are_read_back_and_synced_on_demand_or_at_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("g.wal");
+        {
+            let mut wal = Wal::open(&p).expect("open");
+            let bytes = entry_bytes(id(1, 1));
+            wal.write_with(
+                &[Record::Entry {
+                    log_id: id(1, 1),
+                    bytes: &bytes,
+                }],
+                false,
+            )
+            .expect("write");
+            assert!(wal.unsynced());
+            assert_eq!(wal.reader().syncs(), 0);
+            // Readable at once.
+            assert_eq!(indexes(&wal.reader()), vec![(1, 1)]);
+            wal.sync().expect("sync");
+            assert!(!wal.unsynced());
+            assert_eq!(wal.reader().syncs(), 1);
+            wal.sync().expect("nothing to sync");
+            assert_eq!(wal.reader().syncs(), 1);
+            // A new segment syncs the one it closes first.
+            let bytes = entry_bytes(id(1, 2));
+            wal.write_with(
+                &[Record::Entry {
+                    log_id: id(1, 2),
+                    bytes: &bytes,
+                }],
+                false,
+            )
+            .expect("write");
+            wal.pos = SEGMENT_BYTES;
+            let bytes = entry_bytes(id(1, 3));
+            wal.write_with(
+                &[Record::Entry {
+                    log_id: id(1, 3),
+                    bytes: &bytes,
+                }],
+                false,
+            )
+            .expect("write");
+            assert_eq!(wal.segments(), vec![1, 2]);
+            assert_eq!(wal.reader().syncs(), 2);
+            assert!(wal.unsynced());
+            // Dropped unsynced, as a killed process leaves it: the page
+            // cache has the records.
+        }
+        let wal = Wal::open(&p).expect("reopen");
+        assert_eq!(indexes(&wal.reader()), vec![(1, 1), (1, 2), (1, 3)]);
     }
 
     #[test]

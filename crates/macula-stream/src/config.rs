@@ -111,7 +111,10 @@ pub struct StreamConfig {
     /// system, so it survives a crash or `kill -9` of the process but not a
     /// power loss of the last `d`; the journal is synced at least every
     /// `d` (JetStream's file store behaves this way, with two minutes).
-    /// Replicated streams are durable through their Raft log and refuse it.
+    /// On a replicated stream it is the interval of the group's Raft log on
+    /// every member: a publish is acknowledged once a majority has written
+    /// its entry (not synced it), the log is synced at least every `d`, and
+    /// votes are always synced at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_interval: Option<Millis>,
 }
@@ -190,11 +193,6 @@ impl StreamConfig {
                     "{} ms out of range 1..={} ms",
                     d.0, MAX_SYNC_INTERVAL.0
                 )));
-            }
-            if self.replicas > 1 {
-                return Err(ConfigError::SyncInterval(
-                    "a replicated stream is durable through its Raft log; sync_interval applies to replicas 1 only".into(),
-                ));
             }
         }
         Ok(patterns)
@@ -485,7 +483,7 @@ pub enum ConfigError {
     /// A field that cannot change on a live stream.
     #[error("{0} cannot be changed on an existing stream")]
     Immutable(&'static str),
-    /// A `sync_interval` out of range, or on a replicated stream.
+    /// A `sync_interval` out of range.
     #[error("invalid sync_interval: {0}")]
     SyncInterval(String),
 }
@@ -603,7 +601,8 @@ mod tests {
             sync_interval: Some(Millis(100)),
             ..base.clone()
         };
-        assert!(matches!(r3.validate(), Err(ConfigError::SyncInterval(_))));
+        // A replicated stream takes it too (for its Raft log).
+        assert!(r3.validate().is_ok());
         let r1 = StreamConfig {
             sync_interval: Some(MAX_SYNC_INTERVAL),
             ..base.clone()

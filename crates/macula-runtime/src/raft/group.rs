@@ -46,6 +46,10 @@ pub struct GroupOptions {
     /// The state machine of the group's opaque entries (a replicated
     /// stream's store), set before openraft applies anything.
     pub applier: Option<Arc<dyn macula_raft::Applier>>,
+    /// The log's sync interval (`macula_raft::Options::log_sync_interval`;
+    /// a replicated stream's `sync_interval`). `None`: every log write is
+    /// synced before it is acknowledged.
+    pub log_sync_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for GroupOptions {
@@ -53,6 +57,7 @@ impl std::fmt::Debug for GroupOptions {
         f.debug_struct("GroupOptions")
             .field("members", &self.members)
             .field("applier", &self.applier.is_some())
+            .field("log_sync_interval", &self.log_sync_interval)
             .finish()
     }
 }
@@ -249,6 +254,8 @@ struct Inner {
     in_flight: usize,
     /// News of a leader, for the election watchdog.
     heard: Arc<Heard>,
+    /// Sets this member's log sync interval.
+    log_sync: macula_raft::LogSyncInterval,
 }
 
 /// Why openraft did not commit a write.
@@ -314,6 +321,7 @@ impl Group {
             durable_apply: false,
             // The leader's appends overlap its fsync with replication.
             member: Some(MemberId(me)),
+            log_sync_interval: options.log_sync_interval,
             ..macula_raft::Options::default()
         };
         let (log, sm) = macula_raft::open_with(&dir.join(format!("{name}.redb")), store)
@@ -337,6 +345,7 @@ impl Group {
         }
         .validate()
         .map_err(|e| GroupError::Store(format!("raft config: {e}")))?;
+        let log_sync = log.sync_interval();
         let heard = Arc::new(Heard::new());
         let factory = MeshNetworkFactory {
             transport: transport.clone(),
@@ -378,6 +387,7 @@ impl Group {
             batch_bytes: (max_frame as usize / 2).max(1),
             in_flight: limits.proposals_in_flight.max(1),
             heard: heard.clone(),
+            log_sync,
         }));
         tokio::spawn(g.clone().propose(proposals_rx));
         tokio::spawn(g.clone().watch_leadership(leader_tx));
@@ -401,6 +411,12 @@ impl Group {
     /// How long a request waits for its answer (`raft_request_timeout`).
     pub fn request_timeout(&self) -> Duration {
         self.0.timeout
+    }
+
+    /// Changes this member's log sync interval
+    /// ([`GroupOptions::log_sync_interval`]).
+    pub fn set_log_sync_interval(&self, interval: Option<Duration>) {
+        self.0.log_sync.set(interval);
     }
 
     /// The group's name.

@@ -245,12 +245,19 @@ impl Streams {
             hosted: Arc::downgrade(h),
             streams: Arc::downgrade(&self.0),
         });
+        let log_sync_interval = h
+            .core
+            .lock()
+            .config()
+            .sync_interval
+            .map(macula_stream::Millis::to_duration);
         let group = raft
             .join(
                 &group_name(&h.name),
                 GroupOptions {
                     members,
                     applier: Some(applier),
+                    log_sync_interval,
                 },
             )
             .await

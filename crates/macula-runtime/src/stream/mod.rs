@@ -895,7 +895,11 @@ impl Streams {
     fn host(&self, stream: Stream, store: StreamStore) -> Arc<Hosted> {
         let name = stream.config().name.clone();
         let replicated = stream.config().replicas > 1;
-        store.set_sync_interval(stream.config().sync_interval.map(Millis::to_duration));
+        if !replicated {
+            // A replicated stream's interval is its Raft log's
+            // (`manage.rs`, `join_group`); its store is unsynced anyway.
+            store.set_sync_interval(stream.config().sync_interval.map(Millis::to_duration));
+        }
         store.set_queue_limit(
             self.0.limits.write_queue_bytes,
             self.0.limits.write_queue_timeout,
@@ -1219,8 +1223,16 @@ impl Streams {
             )
         };
         wait_written(&h, rx).await?;
-        h.store
-            .set_sync_interval(cfg.sync_interval.map(Millis::to_duration));
+        match h.replica.get() {
+            // Every member takes it as it applies the entry
+            // (`replica.rs`); the leader already has.
+            Some(r) => r
+                .group
+                .set_log_sync_interval(cfg.sync_interval.map(Millis::to_duration)),
+            None => h
+                .store
+                .set_sync_interval(cfg.sync_interval.map(Millis::to_duration)),
+        }
         if subjects_changed {
             self.stop_serving(&h);
             self.start_serving(&h);

@@ -12,7 +12,8 @@
 //! group commit ([`StreamApplier`]): a replay after a crash skips what the
 //! store holds. A publish is acknowledged once its entry is committed (on
 //! disk on a majority) and applied on the leader. The applier's commits
-//! are not synced (`StreamStore::submit_unsynced`): the Raft log is the
+//! are not synced (`StreamStore::apply_unsynced`, which answers once they
+//! are queued; reads wait for their commit): the Raft log is the
 //! durable copy. The store syncs at least every `store::SYNC_EVERY` and
 //! before each snapshot (so the log it lets the group purge is never
 //! needed again), and the group, at start, reports the lower of its own
@@ -126,6 +127,23 @@ impl StreamApplier {
     }
 }
 
+/// Takes a replicated stream's `sync_interval` from a configuration it
+/// applies (an edit) to this member's Raft log.
+fn follow_sync_interval(h: &Hosted, json: &[u8]) {
+    let Some(r) = h.replica.get() else {
+        // Not joined yet: `join_group` reads the configuration.
+        return;
+    };
+    match serde_json::from_slice::<macula_stream::StreamConfig>(json) {
+        Ok(cfg) => r
+            .group
+            .set_log_sync_interval(cfg.sync_interval.map(macula_stream::Millis::to_duration)),
+        Err(e) => {
+            tracing::warn!(stream = %h.name, error = %e, "a replicated configuration does not decode")
+        }
+    }
+}
+
 impl macula_raft::Applier for StreamApplier {
     fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> ApplierFuture<'_, Vec<Vec<u8>>> {
         Box::pin(async move {
@@ -141,6 +159,11 @@ impl macula_raft::Applier for StreamApplier {
                 }
                 let ws = decode_writes(&bytes)
                     .map_err(|e| format!("entry {index} does not decode: {e}"))?;
+                for w in &ws {
+                    if let Write::Config(json) = w {
+                        follow_sync_interval(&h, json);
+                    }
+                }
                 writes.extend(
                     ws.into_iter()
                         .filter(|w| !matches!(w, Write::Index(_) | Write::Applied(_))),
@@ -149,15 +172,12 @@ impl macula_raft::Applier for StreamApplier {
             }
             if top > applied {
                 writes.push(Write::Applied(top));
-                let (tx, rx) = tokio::sync::oneshot::channel();
                 // Unsynced: the entries are in the Raft log on a majority
-                // of disks already; a crash before the store's next synced
-                // commit replays them (`synced`).
-                h.store
-                    .submit_unsynced(writes, Some(tx))
-                    .map_err(|e| e.to_string())?;
-                rx.await
-                    .map_err(|_| "the stream store closed".to_string())??;
+                // already; a crash before the store's next synced commit
+                // replays them (`synced`). Applied once queued: the
+                // store's reads wait for the commit (`Gate`), so the
+                // publisher's answer does not.
+                h.store.apply_unsynced(writes).map_err(|e| e.to_string())?;
                 h.applied.store(top, Ordering::Release);
             }
             Ok(answers)
@@ -254,6 +274,7 @@ const INSTALL_PATIENCE: Duration = Duration::from_secs(30);
 /// from the leader, and last the applied index (a crash before that
 /// leaves the old index, and the leader sends the snapshot again).
 async fn install(streams: &Streams, h: &Arc<Hosted>, state: ReplicaState) -> Result<(), String> {
+    follow_sync_interval(h, &state.config);
     tracing::info!(stream = %h.name, applied = state.applied, first = state.first_seq, last = state.last_seq, "installing a replicated stream's snapshot");
     let mut writes = vec![
         Write::Clear,

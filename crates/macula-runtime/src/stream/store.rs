@@ -552,6 +552,49 @@ impl StreamStore {
         self.queue(writes, done.map(Done::Async), false, room)
     }
 
+    /// Queues a replicated stream's applied writes, committed without an
+    /// `fsync`, and counts them acknowledged at once: `durable` rises and
+    /// reads wait for their commit (`Gate`), as for a write acknowledged
+    /// from the journal, but nothing waits for the writer. The Raft log
+    /// holds them on a majority; a failed commit fails the store (reads
+    /// waiting for it fail, nothing more is written) and the next open
+    /// replays the log from the store's last synced applied index.
+    pub fn apply_unsynced(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let room = self.room.force(charge(&writes));
+        let jobs = self.jobs.lock();
+        let Some(tx) = jobs.as_ref() else {
+            return Err(StoreError::Closed(self.path.clone()));
+        };
+        if let Some(f) = self.gate.failed() {
+            return Err(io(&self.path)(f));
+        }
+        let top = top_put(&writes);
+        // Under the journal's lock, as every job is queued: tickets in
+        // queue order.
+        let mut side = self.side.lock();
+        side.ticket += 1;
+        side.unjournaled = true;
+        let ticket = side.ticket;
+        let job = Job {
+            writes,
+            done: None,
+            room: Some(room),
+            ticket,
+            early: true,
+            sync: false,
+            journaled: false,
+            acked: true,
+            wrap: false,
+        };
+        tx.send(job)
+            .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        // Counted before `durable` rises (a read must then wait).
+        self.gate.acked_to(ticket);
+        raise_durable_to(&self.durable_tx, top);
+        self.stats.early_acks.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn queue(
         &self,
         writes: Vec<Write>,
@@ -1264,7 +1307,7 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                if group.iter().any(|j| j.journaled) {
+                if group.iter().any(|j| j.journaled || j.acked) {
                     // Acknowledged (or to be, by a journal flush) but not
                     // in redb: nothing more is written, reads waiting for
                     // it fail, the next open replays the journal.
@@ -1800,6 +1843,40 @@ mod tests {
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
         assert!(back.get(2).unwrap().is_some());
         assert!(back.get(3).unwrap().is_none());
+    }
+
+    #[test]
+    fn applied_writes_are_answered_before_their_commit_and_read_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.write_now(vec![put(1), Write::Last(1, 1)]).unwrap();
+        let durable = s.durable();
+        // The commit hangs: the call returns all the same, `durable` is up
+        // and a read waits for the commit.
+        s.hooks.commit_delay_ms.store(300, Ordering::Release);
+        let t = std::time::Instant::now();
+        s.apply_unsynced(vec![put(2), Write::Last(2, 2), Write::Applied(5)])
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(*durable.borrow(), 2);
+        assert!(
+            s.get(2).unwrap().is_some(),
+            "the read waited for the commit"
+        );
+        assert_eq!(s.applied().unwrap(), 5);
+        // Not synced.
+        assert!(s.synced_applied() < 5);
+        // A failed commit of such writes fails reads and later writes.
+        s.hooks.commit_delay_ms.store(0, Ordering::Release);
+        s.hooks.fail_commit.store(true, Ordering::Release);
+        s.apply_unsynced(vec![put(3), Write::Applied(6)]).unwrap();
+        let err = s.get(3).unwrap_err();
+        assert!(err.to_string().contains("commit failed (test)"), "{err}");
+        assert!(s.apply_unsynced(vec![put(4)]).is_err());
     }
 
     #[test]
