@@ -278,6 +278,51 @@ impl Cluster {
     }
 }
 
+/// Times one publish is asked again while a replicated stream's
+/// leadership moves ([`publish_acked`]).
+const PUBLISH_RETRIES: u32 = 100;
+
+/// One acknowledged publish. Under load a replicated stream's leadership
+/// can move in the middle of a run (heartbeats time out); a publish
+/// refused meanwhile (`not_leader`, `replication`, `unreachable`) is asked
+/// again after 20 ms with the same message ID, so the stream stores it
+/// once, at most [`PUBLISH_RETRIES`] times. Without an ID (one node) a
+/// refusal ends the run. Counts the retries in `retried`.
+async fn publish_acked(
+    s: &StreamHandle,
+    topic: &str,
+    payload: Bytes,
+    id: Option<String>,
+    retried: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<()> {
+    let mut tries = 0;
+    loop {
+        let opts = PersistOptions {
+            msg_id: id.clone(),
+            ..PersistOptions::new()
+        };
+        match s.publish(topic, payload.clone(), opts).await {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if id.is_some()
+                    && tries < PUBLISH_RETRIES
+                    && matches!(e.kind(), "not_leader" | "replication" | "unreachable") =>
+            {
+                tries += 1;
+                retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A publish's message ID in a run on a replicated stream (see
+/// [`publish_acked`]); none on one node.
+fn run_msg_id(cluster: &Cluster, stream: &str, i: usize) -> Option<String> {
+    (cluster.replicas > 1).then(|| format!("{stream}-{i}"))
+}
+
 async fn macula_publish(
     cluster: &Cluster,
     stream: &str,
@@ -288,9 +333,13 @@ async fn macula_publish(
     let s = cluster.add(stream).await?;
     let payload = Bytes::from(vec![b'x'; size]);
     let topic = format!("{stream}.x");
+    let retried = std::sync::atomic::AtomicU64::new(0);
     let started = Instant::now();
     let mut acks = futures::stream::iter(0..n)
-        .map(|_| s.publish(&topic, payload.clone(), PersistOptions::new()))
+        .map(|i| {
+            let id = run_msg_id(cluster, stream, i);
+            publish_acked(&s, &topic, payload.clone(), id, &retried)
+        })
         .buffer_unordered(window);
     let mut done = 0usize;
     while let Some(r) = acks.next().await {
@@ -299,6 +348,10 @@ async fn macula_publish(
     }
     let per_s = done as f64 / started.elapsed().as_secs_f64();
     drop(acks);
+    let retried = retried.into_inner();
+    if retried > 0 {
+        eprintln!("macula stream {stream}: {retried} publishes asked again while leadership moved");
+    }
     // How often the store's bounded writer queue held the publishers.
     if let Ok(i) = s.info().await {
         let k = i.counters;
@@ -331,11 +384,16 @@ async fn macula_side(
     let s = cluster.add("lat").await?;
     let mut ns = Vec::with_capacity(a.latency_count);
     let payload = Bytes::from(vec![b'x'; 64]);
-    for _ in 0..a.latency_count {
+    let retried = std::sync::atomic::AtomicU64::new(0);
+    for i in 0..a.latency_count {
+        let id = run_msg_id(&cluster, "lat", i);
         let t = Instant::now();
-        s.publish("lat.x", payload.clone(), PersistOptions::new())
-            .await?;
+        publish_acked(&s, "lat.x", payload.clone(), id, &retried).await?;
         ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    let retried = retried.into_inner();
+    if retried > 0 {
+        eprintln!("macula stream lat: {retried} publishes asked again while leadership moved (their latency includes it)");
     }
     side.publish_latency_64 = Some(latency(&mut ns));
     // A handle holds its node (and so the stores' files) open: none may
