@@ -508,26 +508,7 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
         https,
         listens,
     } = Mesh::start(REALM, &dirs);
-    // The first node must see both others before it places replicas.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, out) = cli(&[
-            "stream",
-            "add",
-            "orders",
-            "--subjects",
-            "orders.**",
-            "--replicas",
-            "3",
-            "--http",
-            &https[0],
-        ]);
-        if code == Some(0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "stream add: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    add_replicated_orders(&https[0], &[]);
     let info = json(
         &admin_http(&https[0], "GET", "/admin/streams/orders", "")
             .unwrap()
@@ -657,6 +638,33 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
 }
 
 /// Publishes `payload` (also its message ID) through the admin API of
+/// Adds stream `orders` with three replicas (and `extra` options) through
+/// the node at `http`, asking again (for at most 20 s) until that node
+/// sees both others, which it must before it places replicas.
+fn add_replicated_orders(http: &str, extra: &[&str]) {
+    let mut args = vec![
+        "stream",
+        "add",
+        "orders",
+        "--subjects",
+        "orders.**",
+        "--replicas",
+        "3",
+        "--http",
+        http,
+    ];
+    args.extend_from_slice(extra);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out) = cli(&args);
+        if code == Some(0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "stream add: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `addrs`, one after another from `first`, until acknowledged (`Some(seq)`)
 /// or `stop` is set (`None`).
 fn publish_until(addrs: &[String], first: usize, payload: &str, stop: &AtomicBool) -> Option<u64> {
@@ -689,27 +697,7 @@ fn a_replicated_stream_with_a_sync_interval_survives_kill_9_of_every_member() {
         listens,
         ..
     } = Mesh::start(REALM, &dirs);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, out) = cli(&[
-            "stream",
-            "add",
-            "orders",
-            "--subjects",
-            "orders.**",
-            "--replicas",
-            "3",
-            "--sync",
-            "2m",
-            "--http",
-            &https[0],
-        ]);
-        if code == Some(0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "stream add: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    add_replicated_orders(&https[0], &["--sync", "2m"]);
     let (code, out) = cli(&["stream", "info", "orders", "--http", &https[0]]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("sync       every 120000ms"), "{out}");
