@@ -1337,3 +1337,141 @@ pub fn fuzz_group_copies(data: &[u8]) {
         }
     }
 }
+
+/// Fuzz entry point for seals of kind 4 (aligned digests): `data` makes
+/// up up to 32 messages on two topics (payloads up to about 5 KiB, cut
+/// from `data` repeated, so some span several BLAKE3 chunks), sealed by a
+/// fixed key as one seal of kind 4, and a subset of them, a forwarded
+/// copy carrying the others' aligned digests. The complete frame and the
+/// copy must verify; the copy re-presented as kind 1, or with one carried
+/// digest changed, must not; the copy with one byte changed (chosen by
+/// `data`) must answer, never panic, and verify only if it decodes to the
+/// same messages. Shared by `fuzz/fuzz_targets/publish_batch_aligned.rs`
+/// and the property tests.
+pub fn fuzz_aligned_copies(data: &[u8]) {
+    const TOPICS: [&str; 2] = ["a.x", "b.y"];
+    let Some((&head, rest)) = data.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        return;
+    }
+    let at = |i: usize| rest[i % rest.len()];
+    let n = 1 + usize::from(head) % 32;
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let publisher = NodeId::from_public_key(&key.verifying_key().to_bytes());
+    let epoch = 5;
+    // (seq, topic index, payload)
+    let msgs: Vec<(u64, usize, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let len = usize::from(at(i + 1)) * 20;
+            let p = (0..len).map(|j| at(i + j)).collect();
+            (i as u64 + 1, usize::from(at(i)) % 2, p)
+        })
+        .collect();
+    let digests: Vec<[u8; 32]> = msgs
+        .iter()
+        .map(|m| event_digest_aligned(m.0, TOPICS[m.1], &m.2, [], None))
+        .collect();
+    let signer = Signer::new(key);
+    let seal = signer.seal_aligned(&publisher, epoch, &digests);
+    let encode = |keep: &dyn Fn(usize) -> bool, seal: &Seal| -> Bytes {
+        let items = msgs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, m)| macula_wire::BatchItem {
+                seq: m.0,
+                topic_index: m.1,
+                payload: &m.2,
+                headers: &[],
+                message_id: None,
+            });
+        let mut buf = Vec::new();
+        match macula_wire::encode_sealed_batch_frame(
+            &mut buf,
+            1 << 20,
+            &publisher,
+            epoch,
+            &TOPICS,
+            items,
+            std::slice::from_ref(seal),
+        ) {
+            Ok(_) => Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]),
+            Err(e) => panic!("a genuine frame encodes: {e}"),
+        }
+    };
+    let body = encode(&|_| true, &seal);
+    let Ok(view) = PublishBatchView::decode(&body) else {
+        panic!("a genuine frame decodes");
+    };
+    assert_eq!(verify(&view).map(|r| r.len()).ok(), Some(n));
+    // A copy of some: the others' aligned digests, as a forwarder
+    // computes them from the publisher's frame.
+    let Some(refs) = adopt(&view, &body) else {
+        panic!("a complete seal is adopted");
+    };
+    let run = &refs.runs[0];
+    assert!(run.is_aligned_kind());
+    assert_eq!(run.digests(), &digests[..]);
+    let keep: Vec<bool> = (0..n).map(|i| at(3 * i + 2) & 1 == 1).collect();
+    if !keep.iter().any(|&k| k) {
+        return;
+    }
+    let is = |i: usize| keep[i];
+    let part = Seal {
+        present: (0..n.div_ceil(8))
+            .map(|b| (0..8).fold(0u8, |acc, j| acc | (u8::from(b * 8 + j < n && keep[b * 8 + j]) << j)))
+            .collect(),
+        absent: (0..n).filter(|&i| !keep[i]).map(|i| run.digests()[i]).collect(),
+        ..seal.clone()
+    };
+    let copy_body = encode(&is, &part);
+    let Ok(cv) = PublishBatchView::decode(&copy_body) else {
+        panic!("a copy decodes");
+    };
+    let kept = keep.iter().filter(|&&k| k).count();
+    assert_eq!(
+        verify(&cv).map(|r| r.len()).ok(),
+        Some(kept),
+        "a copy verifies"
+    );
+    // Re-presented as kind 1: refused.
+    let as_kind1 = Seal {
+        aligned: false,
+        ..part.clone()
+    };
+    let k1_body = encode(&is, &as_kind1);
+    let Ok(k1) = PublishBatchView::decode(&k1_body) else {
+        panic!("a kind 1 copy decodes");
+    };
+    assert!(verify(&k1).is_err(), "a kind 4 seal read as kind 1");
+    // A carried digest changed: refused.
+    if !part.absent.is_empty() {
+        let mut changed = part.clone();
+        let j = usize::from(at(5)) % changed.absent.len();
+        changed.absent[j][usize::from(at(6)) % 32] ^= at(9) | 1;
+        let cd_body = encode(&is, &changed);
+        let Ok(cd) = PublishBatchView::decode(&cd_body) else {
+            panic!("a changed copy decodes");
+        };
+        assert!(verify(&cd).is_err(), "a carried digest changed");
+    }
+    // One byte changed: refused, or the same messages.
+    let mut bad = copy_body.to_vec();
+    let i = usize::from(at(7)) * 31 % bad.len();
+    bad[i] ^= at(11) | 1;
+    if let Ok(bv) = PublishBatchView::decode(&bad) {
+        if verify(&bv).is_ok() {
+            let same = |a: &PublishBatchView<'_>, b: &PublishBatchView<'_>| {
+                a.entries.len() == b.entries.len()
+                    && a.entries.iter().zip(&b.entries).all(|(x, y)| {
+                        x.seq == y.seq
+                            && x.payload == y.payload
+                            && a.topics.get(x.topic_index) == b.topics.get(y.topic_index)
+                    })
+            };
+            assert!(same(&bv, &cv), "a changed copy verified");
+        }
+    }
+}

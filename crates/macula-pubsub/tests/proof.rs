@@ -1085,6 +1085,16 @@ mod props {
             macula_pubsub::proof::fuzz_group_copies(&data);
         }
 
+        /// Seals of kind 4: a frame and any copy of some of its messages
+        /// verify, a copy re-presented as kind 1 or with a carried digest
+        /// changed does not (see `fuzz_aligned_copies`).
+        #[test]
+        fn aligned_copies_verify_and_changed_ones_do_not(
+            data in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            macula_pubsub::proof::fuzz_aligned_copies(&data);
+        }
+
         #[test]
         fn mutated_sealed_batches_are_refused_or_verified_never_panic(
             at in any::<prop::sample::Index>(),
