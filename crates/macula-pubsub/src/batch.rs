@@ -744,7 +744,10 @@ impl FrameWriter<'_, '_> {
                 // would cost the client a second pass over them; they are
                 // sealed over aligned digests (kind 4), whose payloads
                 // BLAKE3 takes from their own byte 0.
-                let small = chunk.iter().map(|&mi| msgs[mi].payload.len()).sum::<usize>()
+                let small = chunk
+                    .iter()
+                    .map(|&mi| msgs[mi].payload.len())
+                    .sum::<usize>()
                     <= WHOLE_MAX_AVERAGE * chunk.len();
                 let kind = match (within && small, !small && signer.seals_aligned()) {
                     (true, _) => OwnKind::Whole([0; 32]),

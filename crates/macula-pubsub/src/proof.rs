@@ -589,10 +589,7 @@ impl Signer {
     /// `publisher`; its seals are [`Signer::seal_part`] with
     /// [`Seal::aligned`] set.
     pub fn sign_aligned(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 64] {
-        let msg = signed_message(
-            Tag::Aligned,
-            &seal_hash_aligned(publisher, epoch, digests),
-        );
+        let msg = signed_message(Tag::Aligned, &seal_hash_aligned(publisher, epoch, digests));
         self.key.sign(&msg).to_bytes()
     }
 
@@ -1421,9 +1418,16 @@ pub fn fuzz_aligned_copies(data: &[u8]) {
     let is = |i: usize| keep[i];
     let part = Seal {
         present: (0..n.div_ceil(8))
-            .map(|b| (0..8).fold(0u8, |acc, j| acc | (u8::from(b * 8 + j < n && keep[b * 8 + j]) << j)))
+            .map(|b| {
+                (0..8).fold(0u8, |acc, j| {
+                    acc | (u8::from(b * 8 + j < n && keep[b * 8 + j]) << j)
+                })
+            })
             .collect(),
-        absent: (0..n).filter(|&i| !keep[i]).map(|i| run.digests()[i]).collect(),
+        absent: (0..n)
+            .filter(|&i| !keep[i])
+            .map(|i| run.digests()[i])
+            .collect(),
         ..seal.clone()
     };
     let copy_body = encode(&is, &part);

@@ -1691,7 +1691,10 @@ fn a_receiver_of_part_of_an_aligned_seal_checks_the_others_aligned_digests() {
     // six t.a ones, node 4 (both) all twelve.
     let bodies = client_frames_kind(12, 16 * 1024, true);
     assert!(bodies.len() >= 3);
-    let copies = forward_all(&bodies, &[("t", 2, "t.*"), ("t", 4, "t.*"), ("u", 4, "u.*")]);
+    let copies = forward_all(
+        &bodies,
+        &[("t", 2, "t.*"), ("t", 4, "t.*"), ("u", 4, "u.*")],
+    );
     for (n, want) in [(2u8, 6usize), (4, 12)] {
         let fwd = &copies[&id(n)];
         let mut r = node(n);
@@ -1785,7 +1788,10 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
         let got = receive(&mut n, id(1), &[bytes], rx);
         (got.len(), unproved(&n), rx.unproved.is_some())
     };
-    let (n, bad, _) = deliver(reencode(&hv, &genuine, &hv.seals), &mut BatchReceiver::new(false));
+    let (n, bad, _) = deliver(
+        reencode(&hv, &genuine, &hv.seals),
+        &mut BatchReceiver::new(false),
+    );
     assert_eq!((n, bad), (hv.entries.len(), 0), "genuine");
     let all = hv.entries.len() as u64;
     for (what, forged, dropped) in [
@@ -1834,8 +1840,18 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
     let mut up = ov.seals.clone();
     up[0].aligned = true;
     let ogenuine = |i: usize| ov.entries[i].payload.to_vec();
-    let (n, bad, _) = deliver(reencode(&ov, &ogenuine, &ov.seals), &mut BatchReceiver::new(false));
+    let (n, bad, _) = deliver(
+        reencode(&ov, &ogenuine, &ov.seals),
+        &mut BatchReceiver::new(false),
+    );
     assert_eq!((n, bad), (1, 0), "genuine kind 1");
-    let (n, bad, told) = deliver(reencode(&ov, &ogenuine, &up), &mut BatchReceiver::new(false));
-    assert_eq!((n, bad, told), (0, 1, true), "kind 1 re-presented as kind 4");
+    let (n, bad, told) = deliver(
+        reencode(&ov, &ogenuine, &up),
+        &mut BatchReceiver::new(false),
+    );
+    assert_eq!(
+        (n, bad, told),
+        (0, 1, true),
+        "kind 1 re-presented as kind 4"
+    );
 }
