@@ -375,14 +375,10 @@ struct Marker {
 
 /// Digest bytes a frame of this node's own messages may carry for the
 /// messages of its seal sent in other frames (a seal spanning frames), as a
-/// share of the frame's payload budget: 1/32 (2 KiB of 64 KiB, 64
+/// share of the frame's payload budget: 1/16 (4 KiB of 64 KiB, 128
 /// digests), outside the budget, so spanning never makes frames hold
-/// fewer messages. Each frame of a seal carries the others' digests
-/// through the transport, each signature costs a signing and a check:
-/// for 16 KiB messages (4 to a frame) a seal of about 17 frames costs
-/// about 4 µs a message on the reference machine, one of 33 (1/16) about
-/// 6 (BENCHMARKS.md, "Seals over aligned digests").
-const SPAN_SHARE: usize = 32;
+/// fewer messages.
+const SPAN_SHARE: usize = 16;
 
 /// One frame being put together: its messages and topic table, as ranges
 /// of the run's lists, and how many of the run's messages it accounts for.
