@@ -14,7 +14,7 @@ use bytes::Bytes;
 use macula_wire::pubsub::{
     MAX_BATCH_MESSAGES, MAX_BATCH_TOPICS, MAX_SEAL_ENTRIES, SEALS_COUNT_LEN, SEAL_OVERHEAD,
 };
-use macula_wire::{event_digest, BatchItem, NodeId, Seal, WholeHasher};
+use macula_wire::{event_digest, event_digest_aligned, BatchItem, NodeId, Seal, WholeHasher};
 
 use crate::event::{PublishOptions, TopicName};
 use crate::proof::{SealPlace, SealedRun, Signer};
@@ -630,7 +630,7 @@ struct FrameWriter<'a, 'o> {
     /// The signatures of a group's chunks of `OWN_SEAL_CHUNK` digests,
     /// and for a chunk within one frame (a seal of kind 2) the digests'
     /// hash its seal carries.
-    sigs: Vec<([u8; 64], Option<[u8; 32]>)>,
+    sigs: Vec<([u8; 64], OwnKind)>,
     seals: Vec<Seal>,
     /// Places in the frame being written of forwarded messages left out
     /// (only part of their topic group in it: see [`forwarded_seals`]).
@@ -639,13 +639,26 @@ struct FrameWriter<'a, 'o> {
     ungrouped: Option<&'o mut Vec<usize>>,
 }
 
+/// The kind of one of a signing node's own seals (a chunk of
+/// `OWN_SEAL_CHUNK` messages).
+#[derive(Clone, Copy, Debug)]
+enum OwnKind {
+    /// Kind 1: digests ([`macula_wire::event_digest`]).
+    Digests,
+    /// Kind 2 (within one frame): the digests' hash it carries.
+    Whole([u8; 32]),
+    /// Kind 4 (large messages): aligned digests
+    /// ([`macula_wire::event_digest_aligned`]).
+    Aligned,
+}
+
 /// The seals of the frame carrying the group's messages `range`: one per
 /// chunk of `OWN_SEAL_CHUNK` digests (signed `sigs[c]`) that it overlaps,
 /// with the bits of its messages and the digests of the chunk's others;
 /// a chunk within the frame is a seal of kind 2 (its digests' hash).
 fn own_seals(
     signer: &Signer,
-    sigs: &[([u8; 64], Option<[u8; 32]>)],
+    sigs: &[([u8; 64], OwnKind)],
     digests: &[[u8; 32]],
     range: std::ops::Range<usize>,
     seals: &mut Vec<Seal>,
@@ -655,8 +668,12 @@ fn own_seals(
         let (lo, hi) = (range.start.max(start), range.end.min(start + chunk.len()));
         if lo < hi {
             seals.push(match whole {
-                Some(dh) => signer.seal_complete(*sig, chunk.len(), *dh),
-                None => signer.seal_part(*sig, chunk, lo - start..hi - start),
+                OwnKind::Whole(dh) => signer.seal_complete(*sig, chunk.len(), *dh),
+                OwnKind::Digests => signer.seal_part(*sig, chunk, lo - start..hi - start),
+                OwnKind::Aligned => Seal {
+                    aligned: true,
+                    ..signer.seal_part(*sig, chunk, lo - start..hi - start)
+                },
             });
         }
     }
@@ -712,13 +729,11 @@ impl FrameWriter<'_, '_> {
             for f in group.iter() {
                 let frame = &picked[f.picked.clone()];
                 self.order.extend(frame.iter().map(|&(mi, _)| mi));
-                self.digests
-                    .extend(frame.iter().map(|&(mi, _)| digest_of(&msgs[mi])));
                 ends.push(self.order.len());
             }
-            for (c, chunk) in self.digests.chunks(OWN_SEAL_CHUNK).enumerate() {
-                let start = c * OWN_SEAL_CHUNK;
-                let end = start + chunk.len();
+            for start in (0..self.order.len()).step_by(OWN_SEAL_CHUNK) {
+                let end = (start + OWN_SEAL_CHUNK).min(self.order.len());
+                let chunk = &self.order[start..end];
                 // A chunk within one frame: its receiver gets all of it
                 // (or its gateway, the copies' digests), a seal of kind 2
                 // it checks over the messages hashed whole. One spanning
@@ -726,25 +741,44 @@ impl FrameWriter<'_, '_> {
                 let within = ends.iter().find(|&&e| e > start).is_some_and(|&e| end <= e);
                 // Large messages gain nothing from kind 2 (a digest of
                 // each already hashes its 1 KiB chunks in parallel) and
-                // would cost the client a second pass over them.
-                let small = self.order[start..end]
+                // would cost the client a second pass over them; they are
+                // sealed over aligned digests (kind 4), whose payloads
+                // BLAKE3 takes from their own byte 0.
+                let small = chunk
                     .iter()
                     .map(|&mi| msgs[mi].payload.len())
                     .sum::<usize>()
                     <= WHOLE_MAX_AVERAGE * chunk.len();
-                let within = within && small;
-                self.sigs.push(match within {
-                    true => {
+                let kind = match (within && small, !small && signer.seals_aligned()) {
+                    (true, _) => OwnKind::Whole([0; 32]),
+                    (false, true) => OwnKind::Aligned,
+                    (false, false) => OwnKind::Digests,
+                };
+                let aligned = matches!(kind, OwnKind::Aligned);
+                self.digests.extend(chunk.iter().map(|&mi| match aligned {
+                    true => aligned_digest_of(&msgs[mi]),
+                    false => digest_of(&msgs[mi]),
+                }));
+                let digests = &self.digests[start..end];
+                self.sigs.push(match kind {
+                    OwnKind::Whole(_) => {
                         let whole = whole_of_out(
                             self.publisher,
                             self.epoch,
-                            self.order[start..end].iter().map(|&mi| &msgs[mi]),
+                            chunk.iter().map(|&mi| &msgs[mi]),
                         );
                         let (sig, dh) =
-                            signer.sign_whole(self.publisher, self.epoch, &whole, chunk);
-                        (sig, Some(dh))
+                            signer.sign_whole(self.publisher, self.epoch, &whole, digests);
+                        (sig, OwnKind::Whole(dh))
                     }
-                    false => (signer.sign(self.publisher, self.epoch, chunk), None),
+                    OwnKind::Aligned => (
+                        signer.sign_aligned(self.publisher, self.epoch, digests),
+                        OwnKind::Aligned,
+                    ),
+                    OwnKind::Digests => (
+                        signer.sign(self.publisher, self.epoch, digests),
+                        OwnKind::Digests,
+                    ),
                 });
             }
         }
@@ -900,6 +934,13 @@ pub fn digest_of(m: &OutMsg) -> [u8; 32] {
     event_digest(m.seq, &m.topic, &m.payload, headers, id)
 }
 
+/// The digest a seal of kind 4 signs of message `m` (see
+/// [`macula_wire::event_digest_aligned`]).
+pub fn aligned_digest_of(m: &OutMsg) -> [u8; 32] {
+    let (headers, id) = m.signed_extra();
+    event_digest_aligned(m.seq, &m.topic, &m.payload, headers, id)
+}
+
 /// The seals of a frame of forwarded messages (`picked`, all sealed): one
 /// per run of messages of one seal, with the digests of the seal's
 /// messages not in the frame.
@@ -964,6 +1005,7 @@ fn forwarded_seals(
                     absent,
                     carried: None,
                     groups: true,
+                    aligned: false,
                 });
             }
             continue;
@@ -994,6 +1036,8 @@ fn forwarded_seals(
             // else the messages' whole hash.
             carried: run.carried(all),
             groups: false,
+            // Kind 4: the digests above are aligned ones.
+            aligned: run.is_aligned_kind(),
         });
     }
 }

@@ -26,6 +26,13 @@
 //! carries whole groups and the digests of the others; a forwarder that
 //! would send part of a group leaves that part out and reports it lost
 //! ([`SealedRun::group_copy`]).
+//!
+//! A seal of kind 4 (format 3, PROTOCOL.md §5.3 "Seals over aligned
+//! digests") is kind 1 with another digest per message
+//! ([`macula_wire::event_digest_aligned`]: the payload hashed from its own
+//! byte 0, then bound with the other fields), for large messages: BLAKE3
+//! hashes every whole 1 KiB chunk of a payload in parallel, and nothing is
+//! gathered or copied.
 
 use std::sync::{Arc, OnceLock};
 
@@ -33,8 +40,8 @@ use bytes::Bytes;
 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use macula_wire::{
-    event_digest, seal_hash, seal_hash_groups, seal_hash_whole, NodeId, PublishBatchView, Seal,
-    WholeHasher,
+    event_digest, event_digest_aligned, seal_hash, seal_hash_aligned, seal_hash_groups,
+    seal_hash_whole, NodeId, PublishBatchView, Seal, WholeHasher,
 };
 
 /// Domain tag in front of the seal hash in what is signed (a seal of
@@ -49,6 +56,10 @@ const _: () = assert!(SIGN_TAG.len() == SIGN_TAG_WHOLE.len());
 /// topic groups' digests), the same length again.
 const SIGN_TAG_GROUPS: &[u8] = b"macula pub/sub seal v3";
 const _: () = assert!(SIGN_TAG.len() == SIGN_TAG_GROUPS.len());
+/// Domain tag in front of the seal hash of a seal of kind 4 (over its
+/// messages' aligned digests), the same length again.
+const SIGN_TAG_ALIGNED: &[u8] = b"macula pub/sub seal v4";
+const _: () = assert!(SIGN_TAG.len() == SIGN_TAG_ALIGNED.len());
 
 /// The seal of one batch a publisher signed: its key, its signature and
 /// the digests of every message it covers (in seq order). Shared by every
@@ -64,6 +75,9 @@ pub struct SealedRun {
     /// A seal of kind 3 (format 3): its signature covers the digests of
     /// its topic groups.
     groups_kind: bool,
+    /// A seal of kind 4 (format 3): kind 1 over the messages' aligned
+    /// digests ([`event_digest_aligned`]).
+    aligned_kind: bool,
     /// Kind 3: the group of each message and the groups' digests.
     groups: OnceLock<Groups>,
     /// Kind 3: at least as many as its groups known here (what the
@@ -129,6 +143,7 @@ impl SealedRun {
             n: digests.len(),
             whole_kind: false,
             groups_kind: false,
+            aligned_kind: false,
             groups: OnceLock::new(),
             n_groups: 0,
             publisher: NodeId::from_bytes([0; 32]),
@@ -150,6 +165,7 @@ impl SealedRun {
             n: seal.n,
             whole_kind: seal.carried.is_some(),
             groups_kind: seal.groups,
+            aligned_kind: seal.aligned,
             groups: OnceLock::new(),
             n_groups: match seal.groups {
                 true => seal.absent.len() + topics_in(view, first, seal.present_count()),
@@ -184,6 +200,12 @@ impl SealedRun {
     /// Whether the seal is of kind 3 (topic groups: see [`Seal::groups`]).
     pub fn is_groups_kind(&self) -> bool {
         self.groups_kind
+    }
+
+    /// Whether the seal is of kind 4 (aligned digests: see
+    /// [`Seal::aligned`]).
+    pub fn is_aligned_kind(&self) -> bool {
+        self.aligned_kind
     }
 
     /// Kind 3: at least as many as its groups known here (those of the
@@ -297,7 +319,8 @@ impl SealedRun {
         (src.present == present).then_some(&src.absent[..])
     }
 
-    /// The digests of the messages it covers, in order (kinds 1 and 2).
+    /// The digests of the messages it covers, in order (kinds 1, 2 and 4;
+    /// kind 4's are aligned digests).
     pub fn digests(&self) -> &[[u8; 32]] {
         self.digests.get_or_init(|| {
             let (Some(src), n) = (&self.source, self.n) else {
@@ -316,7 +339,7 @@ impl SealedRun {
                     .get(i / 8)
                     .is_some_and(|b| b & (1 << (i % 8)) != 0);
                 let d = match present {
-                    true => entries.next().map(|e| digest(&v, e)),
+                    true => entries.next().map(|e| digest(&v, e, self.aligned_kind)),
                     false => absent.next().copied(),
                 };
                 out.push(d.unwrap_or([0; 32]));
@@ -446,6 +469,7 @@ pub struct Signer {
     key: SigningKey,
     public: [u8; 32],
     groups: bool,
+    aligned: bool,
 }
 
 impl Signer {
@@ -456,7 +480,23 @@ impl Signer {
             key,
             public,
             groups: true,
+            aligned: true,
         }
+    }
+
+    /// Seals large messages as before kind 4 (kind 1, digests over the
+    /// payload gathered with the other fields): for meshes whose nodes
+    /// read format 3 but not kind 4 seals.
+    pub fn without_aligned(self) -> Signer {
+        Signer {
+            aligned: false,
+            ..self
+        }
+    }
+
+    /// Whether large messages are sealed over aligned digests (kind 4).
+    pub fn seals_aligned(&self) -> bool {
+        self.aligned
     }
 
     /// Seals as before kind 3 (a frame of small messages in seals of kind
@@ -465,6 +505,7 @@ impl Signer {
     pub fn without_groups(self) -> Signer {
         Signer {
             groups: false,
+            aligned: false,
             ..self
         }
     }
@@ -513,6 +554,7 @@ impl Signer {
             absent: Vec::new(),
             carried: Some(digests_hash),
             groups: false,
+            aligned: false,
         }
     }
 
@@ -539,6 +581,25 @@ impl Signer {
             carried: None,
             groups: true,
             ..self.seal_complete(sig, n, [0; 32])
+        }
+    }
+
+    /// Signs, in a seal of kind 4, the aligned digests
+    /// ([`event_digest_aligned`]) of messages this node publishes as
+    /// `publisher`; its seals are [`Signer::seal_part`] with
+    /// [`Seal::aligned`] set.
+    pub fn sign_aligned(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 64] {
+        let msg = signed_message(Tag::Aligned, &seal_hash_aligned(publisher, epoch, digests));
+        self.key.sign(&msg).to_bytes()
+    }
+
+    /// The seal of kind 4 over all of `digests` (aligned digests) of one
+    /// batch.
+    pub fn seal_aligned(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> Seal {
+        let sig = self.sign_aligned(publisher, epoch, digests);
+        Seal {
+            aligned: true,
+            ..self.seal_part(sig, digests, 0..digests.len())
         }
     }
 
@@ -571,6 +632,7 @@ impl Signer {
             absent,
             carried: None,
             groups: false,
+            aligned: false,
         }
     }
 }
@@ -713,14 +775,25 @@ fn group_entries(
     g
 }
 
-fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>) -> [u8; 32] {
-    event_digest(
-        e.seq,
-        view.topics.get(e.topic_index).copied().unwrap_or(""),
-        e.payload,
-        e.headers.iter().copied(),
-        e.message_id,
-    )
+/// The digest a seal signs of entry `e`: aligned (kind 4) or not.
+fn digest(view: &PublishBatchView<'_>, e: &macula_wire::BatchEntry<'_>, aligned: bool) -> [u8; 32] {
+    let topic = view.topics.get(e.topic_index).copied().unwrap_or("");
+    match aligned {
+        true => event_digest_aligned(
+            e.seq,
+            topic,
+            e.payload,
+            e.headers.iter().copied(),
+            e.message_id,
+        ),
+        false => event_digest(
+            e.seq,
+            topic,
+            e.payload,
+            e.headers.iter().copied(),
+            e.message_id,
+        ),
+    }
 }
 
 /// Checks every seal of `view`: the key is the publisher's, and the
@@ -743,7 +816,8 @@ pub fn verify(view: &PublishBatchView<'_>) -> Result<SealPlaces, ProofError> {
 pub struct KeyCache {
     keys: Vec<([u8; 32], VerifyingKey)>,
     next: usize,
-    verified: Vec<([u8; 32], [u8; 32], [u8; 64])>,
+    /// Key, signed message (its kind's tag and the seal hash), signature.
+    verified: Vec<([u8; 32], SignedMessage, [u8; 64])>,
     next_verified: usize,
 }
 
@@ -751,13 +825,13 @@ pub struct KeyCache {
 const KEY_CACHE: usize = 8;
 
 impl KeyCache {
-    fn verified(&self, key: &[u8; 32], hash: &[u8; 32], sig: &[u8; 64]) -> bool {
+    fn verified(&self, key: &[u8; 32], msg: &SignedMessage, sig: &[u8; 64]) -> bool {
         self.verified
             .iter()
-            .any(|(k, h, s)| h == hash && k == key && s == sig)
+            .any(|(k, m, s)| m == msg && k == key && s == sig)
     }
 
-    fn remember(&mut self, key: [u8; 32], hash: [u8; 32], sig: [u8; 64]) {
+    fn remember(&mut self, key: [u8; 32], hash: SignedMessage, sig: [u8; 64]) {
         if self.verified.len() < KEY_CACHE {
             self.verified.push((key, hash, sig));
         } else {
@@ -885,11 +959,7 @@ pub fn verify_each_with(
     for p in pending {
         let ok = batched || p.vk.verify(&p.msg, &Signature::from_bytes(&p.sig)).is_ok();
         match ok {
-            true => {
-                let mut hash = [0u8; 32];
-                hash.copy_from_slice(&p.msg[SIGN_TAG.len()..]);
-                keys.remember(p.key, hash, p.sig);
-            }
+            true => keys.remember(p.key, p.msg, p.sig),
             false => out
                 .failed
                 .push((p.entries, ProofError::BadSignature { publisher })),
@@ -904,9 +974,12 @@ struct Pending {
     entries: std::ops::Range<usize>,
     key: [u8; 32],
     sig: [u8; 64],
-    msg: [u8; SIGN_TAG.len() + 32],
+    msg: SignedMessage,
     vk: VerifyingKey,
 }
+
+/// What a seal's signature signs: its kind's tag, then its seal hash.
+type SignedMessage = [u8; SIGN_TAG.len() + 32];
 
 /// One seal's key checked, and what its signature must verify over with
 /// which key: `None` when the same signature over the same seal hash
@@ -918,23 +991,27 @@ fn prepare(
     run: &SealedRun,
     hash: [u8; 32],
     keys: &mut KeyCache,
-) -> Result<Option<([u8; SIGN_TAG.len() + 32], VerifyingKey)>, ProofError> {
+) -> Result<Option<(SignedMessage, VerifyingKey)>, ProofError> {
     let publisher = view.publisher;
     if NodeId::from_public_key(&run.key) != publisher {
         // A key that is not a point is refused as such first.
         keys.get(&run.key)?;
         return Err(ProofError::WrongKey { publisher });
     }
-    if keys.verified(&run.key, &hash, &run.sig) {
-        return Ok(None);
-    }
-    let vk = keys.get(&run.key)?;
     let tag = match (run.groups_kind, run.whole_kind) {
+        _ if run.aligned_kind => Tag::Aligned,
         (true, _) => Tag::Groups,
         (false, true) => Tag::Whole,
         (false, false) => Tag::Digests,
     };
-    Ok(Some((signed_message(tag, &hash), vk)))
+    // The cache holds what was signed, tag included: a signature that
+    // verified for one kind is never taken for another.
+    let msg = signed_message(tag, &hash);
+    if keys.verified(&run.key, &msg, &run.sig) {
+        return Ok(None);
+    }
+    let vk = keys.get(&run.key)?;
+    Ok(Some((msg, vk)))
 }
 
 /// A seal kind's signing tag.
@@ -943,15 +1020,17 @@ enum Tag {
     Digests,
     Whole,
     Groups,
+    Aligned,
 }
 
 /// What a seal's signature signs: its kind's tag, then `hash`.
-fn signed_message(tag: Tag, hash: &[u8; 32]) -> [u8; SIGN_TAG.len() + 32] {
+fn signed_message(tag: Tag, hash: &[u8; 32]) -> SignedMessage {
     let mut msg = [0u8; SIGN_TAG.len() + 32];
     msg[..SIGN_TAG.len()].copy_from_slice(match tag {
         Tag::Digests => SIGN_TAG,
         Tag::Whole => SIGN_TAG_WHOLE,
         Tag::Groups => SIGN_TAG_GROUPS,
+        Tag::Aligned => SIGN_TAG_ALIGNED,
     });
     msg[SIGN_TAG.len()..].copy_from_slice(hash);
     msg
@@ -1012,7 +1091,7 @@ fn check_seal<'a, 'b: 'a>(
                 };
                 let _ = run
                     .digests
-                    .set(mine.iter().map(|e| digest(view, e)).collect());
+                    .set(mine.iter().map(|e| digest(view, e, false)).collect());
                 run
             }
         };
@@ -1033,7 +1112,7 @@ fn check_seal<'a, 'b: 'a>(
                 });
             };
             places.push(i as u32);
-            digest(view, e)
+            digest(view, e, seal.aligned)
         } else {
             match absent.next() {
                 Some(d) => *d,
@@ -1046,10 +1125,14 @@ fn check_seal<'a, 'b: 'a>(
         };
         digests.push(d);
     }
-    let digests_hash = seal_hash(&view.publisher, view.epoch, &digests);
+    let digests_hash = match seal.aligned {
+        true => seal_hash_aligned(&view.publisher, view.epoch, &digests),
+        false => seal_hash(&view.publisher, view.epoch, &digests),
+    };
     let mut run = SealedRun::new(seal.key, seal.sig, digests);
     run.publisher = view.publisher;
     run.epoch = view.epoch;
+    run.aligned_kind = seal.aligned;
     let hash = match seal.carried {
         None => digests_hash,
         Some(whole) => {
@@ -1233,6 +1316,151 @@ pub fn fuzz_group_copies(data: &[u8]) {
         Some(kept),
         "a copy verifies"
     );
+    // One byte changed: refused, or the same messages.
+    let mut bad = copy_body.to_vec();
+    let i = usize::from(at(7)) * 31 % bad.len();
+    bad[i] ^= at(11) | 1;
+    if let Ok(bv) = PublishBatchView::decode(&bad) {
+        if verify(&bv).is_ok() {
+            let same = |a: &PublishBatchView<'_>, b: &PublishBatchView<'_>| {
+                a.entries.len() == b.entries.len()
+                    && a.entries.iter().zip(&b.entries).all(|(x, y)| {
+                        x.seq == y.seq
+                            && x.payload == y.payload
+                            && a.topics.get(x.topic_index) == b.topics.get(y.topic_index)
+                    })
+            };
+            assert!(same(&bv, &cv), "a changed copy verified");
+        }
+    }
+}
+
+/// Fuzz entry point for seals of kind 4 (aligned digests): `data` makes
+/// up up to 32 messages on two topics (payloads up to about 5 KiB, cut
+/// from `data` repeated, so some span several BLAKE3 chunks), sealed by a
+/// fixed key as one seal of kind 4, and a subset of them, a forwarded
+/// copy carrying the others' aligned digests. The complete frame and the
+/// copy must verify; the copy re-presented as kind 1, or with one carried
+/// digest changed, must not; the copy with one byte changed (chosen by
+/// `data`) must answer, never panic, and verify only if it decodes to the
+/// same messages. Shared by `fuzz/fuzz_targets/publish_batch_aligned.rs`
+/// and the property tests.
+pub fn fuzz_aligned_copies(data: &[u8]) {
+    const TOPICS: [&str; 2] = ["a.x", "b.y"];
+    let Some((&head, rest)) = data.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        return;
+    }
+    let at = |i: usize| rest[i % rest.len()];
+    let n = 1 + usize::from(head) % 32;
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let publisher = NodeId::from_public_key(&key.verifying_key().to_bytes());
+    let epoch = 5;
+    // (seq, topic index, payload)
+    let msgs: Vec<(u64, usize, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let len = usize::from(at(i + 1)) * 20;
+            let p = (0..len).map(|j| at(i + j)).collect();
+            (i as u64 + 1, usize::from(at(i)) % 2, p)
+        })
+        .collect();
+    let digests: Vec<[u8; 32]> = msgs
+        .iter()
+        .map(|m| event_digest_aligned(m.0, TOPICS[m.1], &m.2, [], None))
+        .collect();
+    let signer = Signer::new(key);
+    let seal = signer.seal_aligned(&publisher, epoch, &digests);
+    let encode = |keep: &dyn Fn(usize) -> bool, seal: &Seal| -> Bytes {
+        let items = msgs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, m)| macula_wire::BatchItem {
+                seq: m.0,
+                topic_index: m.1,
+                payload: &m.2,
+                headers: &[],
+                message_id: None,
+            });
+        let mut buf = Vec::new();
+        match macula_wire::encode_sealed_batch_frame(
+            &mut buf,
+            1 << 20,
+            &publisher,
+            epoch,
+            &TOPICS,
+            items,
+            std::slice::from_ref(seal),
+        ) {
+            Ok(_) => Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]),
+            Err(e) => panic!("a genuine frame encodes: {e}"),
+        }
+    };
+    let body = encode(&|_| true, &seal);
+    let Ok(view) = PublishBatchView::decode(&body) else {
+        panic!("a genuine frame decodes");
+    };
+    assert_eq!(verify(&view).map(|r| r.len()).ok(), Some(n));
+    // A copy of some: the others' aligned digests, as a forwarder
+    // computes them from the publisher's frame.
+    let Some(refs) = adopt(&view, &body) else {
+        panic!("a complete seal is adopted");
+    };
+    let run = &refs.runs[0];
+    assert!(run.is_aligned_kind());
+    assert_eq!(run.digests(), &digests[..]);
+    let keep: Vec<bool> = (0..n).map(|i| at(3 * i + 2) & 1 == 1).collect();
+    if !keep.iter().any(|&k| k) {
+        return;
+    }
+    let is = |i: usize| keep[i];
+    let part = Seal {
+        present: (0..n.div_ceil(8))
+            .map(|b| {
+                (0..8).fold(0u8, |acc, j| {
+                    acc | (u8::from(b * 8 + j < n && keep[b * 8 + j]) << j)
+                })
+            })
+            .collect(),
+        absent: (0..n)
+            .filter(|&i| !keep[i])
+            .map(|i| run.digests()[i])
+            .collect(),
+        ..seal.clone()
+    };
+    let copy_body = encode(&is, &part);
+    let Ok(cv) = PublishBatchView::decode(&copy_body) else {
+        panic!("a copy decodes");
+    };
+    let kept = keep.iter().filter(|&&k| k).count();
+    assert_eq!(
+        verify(&cv).map(|r| r.len()).ok(),
+        Some(kept),
+        "a copy verifies"
+    );
+    // Re-presented as kind 1: refused.
+    let as_kind1 = Seal {
+        aligned: false,
+        ..part.clone()
+    };
+    let k1_body = encode(&is, &as_kind1);
+    let Ok(k1) = PublishBatchView::decode(&k1_body) else {
+        panic!("a kind 1 copy decodes");
+    };
+    assert!(verify(&k1).is_err(), "a kind 4 seal read as kind 1");
+    // A carried digest changed: refused.
+    if !part.absent.is_empty() {
+        let mut changed = part.clone();
+        let j = usize::from(at(5)) % changed.absent.len();
+        changed.absent[j][usize::from(at(6)) % 32] ^= at(9) | 1;
+        let cd_body = encode(&is, &changed);
+        let Ok(cd) = PublishBatchView::decode(&cd_body) else {
+            panic!("a changed copy decodes");
+        };
+        assert!(verify(&cd).is_err(), "a carried digest changed");
+    }
     // One byte changed: refused, or the same messages.
     let mut bad = copy_body.to_vec();
     let i = usize::from(at(7)) * 31 % bad.len();

@@ -1085,6 +1085,16 @@ mod props {
             macula_pubsub::proof::fuzz_group_copies(&data);
         }
 
+        /// Seals of kind 4: a frame and any copy of some of its messages
+        /// verify, a copy re-presented as kind 1 or with a carried digest
+        /// changed does not (see `fuzz_aligned_copies`).
+        #[test]
+        fn aligned_copies_verify_and_changed_ones_do_not(
+            data in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            macula_pubsub::proof::fuzz_aligned_copies(&data);
+        }
+
         #[test]
         fn mutated_sealed_batches_are_refused_or_verified_never_panic(
             at in any::<prop::sample::Index>(),
@@ -1583,4 +1593,265 @@ fn a_gateway_queue_overflow_loses_whole_groups_and_the_subscriber_is_told() {
     assert_eq!(got.len(), 20);
     assert!(got.iter().all(|e| e.proof == Proof::Signed));
     assert_eq!(unproved(&n), 0);
+}
+
+// Seals of kind 4: aligned digests (PROTOCOL.md §5.3, "Seals over aligned
+// digests").
+
+/// The aligned digests of `view`'s entries.
+fn aligned_digests(view: &PublishBatchView<'_>) -> Vec<[u8; 32]> {
+    view.entries
+        .iter()
+        .map(|e| {
+            macula_wire::event_digest_aligned(
+                e.seq,
+                view.topics[e.topic_index],
+                e.payload,
+                [],
+                None,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn large_messages_are_sealed_over_aligned_digests_small_ones_are_not() {
+    // One 16 KiB message alone: kind 4 (format 3), not kind 3.
+    let large = client_frames_kind(1, 16 * 1024, true);
+    assert_eq!(large.len(), 1);
+    assert_eq!(large[0][0], 3);
+    let v = PublishBatchView::decode(&large[0]).unwrap();
+    assert!(v.seals[0].aligned && !v.seals[0].groups && v.seals[0].carried.is_none());
+    // Its signature is over the aligned digest, under the v4 tag.
+    let signed = Signer::new(key(50)).seal_aligned(&v.publisher, v.epoch, &aligned_digests(&v));
+    assert_eq!(signed.sig, v.seals[0].sig);
+    let refs = macula_pubsub::proof::verify(&v).unwrap();
+    assert!(refs.get(0).unwrap().0.is_aligned_kind());
+    // A seal spanning frames (8 KiB messages): kind 4 in every frame,
+    // each frame verifies with the others' aligned digests.
+    let spanning = client_frames_kind(10, 8 * 1024, true);
+    assert!(spanning.len() > 1);
+    for b in &spanning {
+        assert_eq!(b[0], 3);
+        let v = PublishBatchView::decode(b).unwrap();
+        assert!(v.seals.iter().all(|s| s.aligned));
+        assert!(macula_pubsub::proof::verify(&v).is_ok());
+    }
+    // Small messages keep kind 3; a signer for meshes that predate kind 3
+    // (and kind 4) keeps kind 1 for large ones.
+    let small = client_frames_kind(10, 64, true);
+    let v = PublishBatchView::decode(&small[0]).unwrap();
+    assert!(v.seals.iter().all(|s| s.groups && !s.aligned));
+    let old = client_frames_kind(1, 16 * 1024, false);
+    assert_eq!(old[0][0], 2);
+}
+
+/// Gateway 1 adopts client 50's frames `bodies` and forwards them with
+/// `records` as routes: the copies, per receiving node.
+fn forward_all(bodies: &[Bytes], records: &[(&str, u8, &str)]) -> HashMap<NodeId, Vec<Bytes>> {
+    let mut gw = node(1);
+    let mut rx = BatchReceiver::new(true);
+    let mut senders = Vec::new();
+    for b in bodies {
+        gw.handle_batch(
+            id(50),
+            macula_wire::MessageType::PublishBatch as u8,
+            b,
+            &mut rx,
+            Millis(1),
+        )
+        .unwrap();
+        let view = PublishBatchView::decode(b).unwrap();
+        let routes: Vec<_> = view
+            .topics
+            .iter()
+            .map(|t| Some(route(&mut gw, records, t)))
+            .collect();
+        let seals = rx.seals.clone();
+        gw.forward_from_client(id(50), &view, b, &routes, &[], &seals, Millis(1));
+        senders.extend(starts(&mut gw));
+    }
+    let mut out: HashMap<NodeId, Vec<Bytes>> = HashMap::new();
+    for (q, to) in senders {
+        loop {
+            let more = transmit(&mut gw, q);
+            if more.is_empty() {
+                break;
+            }
+            out.entry(to).or_default().extend(more);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_receiver_of_part_of_an_aligned_seal_checks_the_others_aligned_digests() {
+    // 12 messages of 16 KiB, t.a and u.b alternating: one kind 4 seal
+    // spanning the client's frames (4 to a frame). Node 2 (t.*) gets the
+    // six t.a ones, node 4 (both) all twelve.
+    let bodies = client_frames_kind(12, 16 * 1024, true);
+    assert!(bodies.len() >= 3);
+    let copies = forward_all(
+        &bodies,
+        &[("t", 2, "t.*"), ("t", 4, "t.*"), ("u", 4, "u.*")],
+    );
+    for (n, want) in [(2u8, 6usize), (4, 12)] {
+        let fwd = &copies[&id(n)];
+        let mut r = node(n);
+        r.subscribe("**", 7).unwrap();
+        let got = receive(&mut r, id(1), fwd, &mut BatchReceiver::new(false));
+        assert_eq!(got.len(), want, "node {n}");
+        assert!(got
+            .iter()
+            .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+        assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(unproved(&r), 0);
+        for b in fwd {
+            let v = PublishBatchView::decode(b).unwrap();
+            assert!(v.seals.iter().all(|s| s.aligned), "forwarded as kind 4");
+        }
+    }
+    // Node 2's copies carry the u.b messages' aligned digests (computed at
+    // the gateway from the client's frames).
+    let all: Vec<[u8; 32]> = bodies
+        .iter()
+        .flat_map(|b| aligned_digests(&PublishBatchView::decode(b).unwrap()))
+        .collect();
+    let v = PublishBatchView::decode(&copies[&id(2)][0]).unwrap();
+    let s = &v.seals[0];
+    let absent: Vec<[u8; 32]> = (0..s.n)
+        .filter(|&i| !s.is_present(i))
+        .map(|i| all[i])
+        .collect();
+    assert_eq!(s.absent, absent);
+}
+
+#[test]
+fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
+    // Three client frames of 16 KiB messages under one kind 4 seal; node
+    // 2 gets the t.a half. Every forgery a forwarder could try on its
+    // copy is dropped and counted: a tampered carried digest, the seal
+    // re-presented as kind 1 (with the same digests, or with the absent
+    // messages' kind 1 digests), a payload swapped between two messages
+    // of the seal, and a genuine kind 1 seal re-presented as kind 4.
+    let bodies = client_frames_kind(12, 16 * 1024, true);
+    let copies = forward_all(&bodies, &[("t", 2, "t.*")]);
+    let half = &copies[&id(2)];
+    let hv = PublishBatchView::decode(&half[0]).unwrap();
+    assert!(hv.entries.len() >= 2);
+    assert!(hv.seals[0].aligned && !hv.seals[0].absent.is_empty());
+    // (The gateway forwards the messages of each client frame under the
+    // seal that frame carried: one seal per client frame in a copy.)
+    let k0 = hv.seals[0].present_count();
+    assert!(k0 >= 2, "two messages of one seal to swap");
+    let genuine = |i: usize| hv.entries[i].payload.to_vec();
+    let swapped = |i: usize| match i {
+        0 => hv.entries[1].payload.to_vec(),
+        1 => hv.entries[0].payload.to_vec(),
+        _ => hv.entries[i].payload.to_vec(),
+    };
+    let mut tampered = hv.seals.clone();
+    tampered.iter_mut().for_each(|s| s.absent[0][7] ^= 1);
+    let mut as_kind1 = hv.seals.clone();
+    as_kind1.iter_mut().for_each(|s| s.aligned = false);
+    // As kind 1 with the kind 1 digests of the absent messages (what a
+    // forwarder holding the client's frames could compute).
+    let seal = &hv.seals[0];
+    assert!(hv.seals.iter().all(|s| s.sig == seal.sig && s.n == seal.n));
+    let mut kind1 = vec![None; seal.n];
+    for b in &bodies {
+        let v = PublishBatchView::decode(b).unwrap();
+        let Some(s) = v.seals.iter().find(|s| s.sig == seal.sig) else {
+            continue;
+        };
+        let present = (0..s.n).filter(|&i| s.is_present(i));
+        for (i, e) in present.zip(&v.entries) {
+            kind1[i] = Some(macula_wire::event_digest(
+                e.seq,
+                v.topics[e.topic_index],
+                e.payload,
+                [],
+                None,
+            ));
+        }
+    }
+    let mut as_kind1_digests = as_kind1.clone();
+    for s in &mut as_kind1_digests {
+        s.absent = (0..s.n)
+            .filter(|&i| !s.is_present(i))
+            .map(|i| kind1[i].unwrap())
+            .collect();
+    }
+    let deliver = |bytes: Bytes, rx: &mut BatchReceiver<u32>| {
+        let mut n = node(2);
+        n.subscribe("**", 7).unwrap();
+        let got = receive(&mut n, id(1), &[bytes], rx);
+        (got.len(), unproved(&n), rx.unproved.is_some())
+    };
+    let (n, bad, _) = deliver(
+        reencode(&hv, &genuine, &hv.seals),
+        &mut BatchReceiver::new(false),
+    );
+    assert_eq!((n, bad), (hv.entries.len(), 0), "genuine");
+    let all = hv.entries.len() as u64;
+    for (what, forged, dropped) in [
+        (
+            "a carried digest changed",
+            reencode(&hv, &genuine, &tampered),
+            all,
+        ),
+        (
+            "re-presented as kind 1",
+            reencode(&hv, &genuine, &as_kind1),
+            all,
+        ),
+        (
+            "re-presented as kind 1 with kind 1 digests",
+            reencode(&hv, &genuine, &as_kind1_digests),
+            all,
+        ),
+        (
+            "two payloads of the seal swapped",
+            reencode(&hv, &swapped, &hv.seals),
+            k0 as u64,
+        ),
+    ] {
+        let (n, bad, told) = deliver(forged.clone(), &mut BatchReceiver::new(false));
+        assert_eq!(n as u64, all - dropped, "{what}: delivered");
+        assert_eq!(bad, dropped, "{what}: counted");
+        assert!(told, "{what}: told");
+        // With a cache of verified signatures that holds the genuine
+        // copy's (a data stream that just verified it): still refused.
+        let mut keys = macula_pubsub::KeyCache::default();
+        let gv = reencode(&hv, &genuine, &hv.seals);
+        let gv = PublishBatchView::decode(&gv).unwrap();
+        assert!(macula_pubsub::proof::verify_with(&gv, &mut keys).is_ok());
+        let fv = PublishBatchView::decode(&forged).unwrap();
+        assert!(
+            macula_pubsub::proof::verify_with(&fv, &mut keys).is_err(),
+            "{what}: taken from the cache"
+        );
+    }
+    // The reverse: a kind 1 seal (a client that predates kind 4)
+    // re-presented as kind 4.
+    let old = client_frames_kind(1, 16 * 1024, false);
+    let ov = PublishBatchView::decode(&old[0]).unwrap();
+    assert!(!ov.seals[0].aligned);
+    let mut up = ov.seals.clone();
+    up[0].aligned = true;
+    let ogenuine = |i: usize| ov.entries[i].payload.to_vec();
+    let (n, bad, _) = deliver(
+        reencode(&ov, &ogenuine, &ov.seals),
+        &mut BatchReceiver::new(false),
+    );
+    assert_eq!((n, bad), (1, 0), "genuine kind 1");
+    let (n, bad, told) = deliver(
+        reencode(&ov, &ogenuine, &up),
+        &mut BatchReceiver::new(false),
+    );
+    assert_eq!(
+        (n, bad, told),
+        (0, 1, true),
+        "kind 1 re-presented as kind 4"
+    );
 }

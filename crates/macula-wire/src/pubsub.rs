@@ -121,6 +121,12 @@ pub const SEAL_KIND_WHOLE: u8 = 2;
 /// digests of the groups it leaves out, never part of a group
 /// (docs/PROTOCOL.md §5.3, "Seals over topic groups").
 pub const SEAL_KIND_GROUPS: u8 = 3;
+/// Seal kind (format 3): a seal of kind [`SEAL_KIND_DIGESTS`] whose
+/// digests are [`event_digest_aligned`] (each payload hashed from its own
+/// byte 0, so BLAKE3 takes its whole 1 KiB chunks in parallel) and whose
+/// signature is over [`seal_hash_aligned`] (docs/PROTOCOL.md §5.3,
+/// "Seals over aligned digests").
+pub const SEAL_KIND_ALIGNED: u8 = 4;
 /// Messages one seal covers (the digests a forwarded copy may carry).
 pub const MAX_SEAL_ENTRIES: usize = 1024;
 /// Bytes of one seal besides its presence bitmap and absent digests: kind
@@ -147,6 +153,10 @@ pub const SEALS_COUNT_LEN: usize = 3;
 /// `None`): `absent` then holds the digests of the topic groups none of
 /// whose messages is in the batch (at least one when a message is
 /// absent, at most one per absent message), in any order.
+///
+/// A seal of kind [`SEAL_KIND_ALIGNED`] has `aligned` set (and neither
+/// `carried` nor `groups`): laid out as kind 1, its digests are
+/// [`event_digest_aligned`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seal {
     pub key: [u8; 32],
@@ -156,6 +166,7 @@ pub struct Seal {
     pub absent: Vec<[u8; 32]>,
     pub carried: Option<[u8; 32]>,
     pub groups: bool,
+    pub aligned: bool,
 }
 
 impl Seal {
@@ -193,6 +204,9 @@ impl Seal {
         if present == 0 {
             return Err("seal with no message in the batch".into());
         }
+        if self.aligned && (self.groups || self.carried.is_some()) {
+            return Err("a seal of aligned digests of another kind too".into());
+        }
         if self.groups {
             if self.carried.is_some() {
                 return Err("seal of topic groups carries a hash".into());
@@ -212,6 +226,7 @@ impl Seal {
     /// Its kind byte (format 3).
     pub fn kind(&self) -> u8 {
         match (self.groups, self.carried) {
+            _ if self.aligned => SEAL_KIND_ALIGNED,
             (true, _) => SEAL_KIND_GROUPS,
             (false, Some(_)) => SEAL_KIND_WHOLE,
             (false, None) => SEAL_KIND_DIGESTS,
@@ -222,8 +237,8 @@ impl Seal {
         self.check()?;
         if kinds {
             out.push(self.kind());
-        } else if self.groups || self.carried.is_some() {
-            return Err("a seal of kind 2 or 3 in a format 2 batch".into());
+        } else if self.kind() != SEAL_KIND_DIGESTS {
+            return Err("a seal of kind 2, 3 or 4 in a format 2 batch".into());
         }
         out.extend_from_slice(&self.key);
         out.extend_from_slice(&self.sig);
@@ -243,12 +258,13 @@ impl Seal {
 
     /// Reads one seal; `kinds`: format 3, a kind byte first.
     fn read(c: &mut Cursor<'_>, kinds: bool) -> Result<Seal, String> {
-        let (whole, groups) = match kinds {
-            false => (false, false),
+        let (whole, groups, aligned) = match kinds {
+            false => (false, false, false),
             true => match c.u8()? {
-                SEAL_KIND_DIGESTS => (false, false),
-                SEAL_KIND_WHOLE => (true, false),
-                SEAL_KIND_GROUPS => (false, true),
+                SEAL_KIND_DIGESTS => (false, false, false),
+                SEAL_KIND_WHOLE => (true, false, false),
+                SEAL_KIND_GROUPS => (false, true, false),
+                SEAL_KIND_ALIGNED => (false, false, true),
                 k => return Err(format!("seal kind {k}")),
             },
         };
@@ -289,6 +305,7 @@ impl Seal {
             absent: Vec::new(),
             carried,
             groups,
+            aligned,
         };
         let missing = n - seal.present_count().min(n);
         let absent = match groups {
@@ -391,6 +408,64 @@ pub fn event_digest<'h>(
     h.finish()
 }
 
+/// Domain tag of [`event_digest_aligned`].
+const ALIGNED_TAG: &[u8] = b"macula event digest v4\0";
+
+/// The digest of one published message that a seal of kind
+/// [`SEAL_KIND_ALIGNED`] signs: BLAKE3 over a domain tag, its `seq`,
+/// topic, the payload's length and **its own BLAKE3 hash**, headers
+/// (hop-by-hop ones left out) and message ID, each length-prefixed as in
+/// [`event_digest`]:
+///
+/// ```text
+/// BLAKE3("macula event digest v4" 0x00 ‖ u64le seq ‖ u64le len ‖ topic ‖ u64le len(payload) ‖ BLAKE3(payload)
+///        ‖ headers as in v1 ‖ (0x02 ‖ u64le len ‖ message_id | 0x00))
+/// ```
+///
+/// The payload is hashed from its own byte 0 ([`blake3::hash`], no copy),
+/// so every whole 1 KiB chunk of it goes through BLAKE3's parallel
+/// `hash_many` path; in [`event_digest`] the payload follows the fields
+/// in one input, so its chunks start unaligned and a large payload is
+/// gathered behind them (a boxed hasher, its first and last chunks one
+/// block at a time).
+pub fn event_digest_aligned<'h>(
+    seq: u64,
+    topic: &str,
+    payload: &[u8],
+    headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+    message_id: Option<&str>,
+) -> [u8; 32] {
+    let payload_hash = blake3::hash(payload);
+    let mut h = DigestSink::new();
+    h.put(ALIGNED_TAG);
+    h.put(&seq.to_le_bytes());
+    h.put(&(topic.len() as u64).to_le_bytes());
+    h.put(topic.as_bytes());
+    h.put(&(payload.len() as u64).to_le_bytes());
+    h.put(payload_hash.as_bytes());
+    for (k, v) in headers {
+        if is_hop_header(k) {
+            continue;
+        }
+        h.put(&[1]);
+        h.put(&(k.len() as u64).to_le_bytes());
+        h.put(k.as_bytes());
+        h.put(&(v.len() as u64).to_le_bytes());
+        h.put(v.as_bytes());
+    }
+    match message_id {
+        Some(id) => {
+            h.put(&[2]);
+            h.put(&(id.len() as u64).to_le_bytes());
+            h.put(id.as_bytes());
+        }
+        None => {
+            h.put(&[0]);
+        }
+    }
+    h.finish()
+}
+
 /// Bytes [`event_digest`] gathers before it hashes them in one call.
 const DIGEST_BUF: usize = 512;
 
@@ -448,6 +523,19 @@ pub fn seal_hash(publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 3
     h.update(&(digests.len() as u64).to_le_bytes());
     // One update over all the digests (contiguous): BLAKE3 hashes their
     // 1 KiB chunks in parallel, the same hash as one update per digest.
+    h.update(digests.as_flattened());
+    *h.finalize().as_bytes()
+}
+
+/// What the signature of a seal of kind [`SEAL_KIND_ALIGNED`] signs
+/// (after its tag): as [`seal_hash`], over the messages'
+/// [`event_digest_aligned`] digests, under its own domain tag.
+pub fn seal_hash_aligned(publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"macula pub/sub seal v4\0");
+    h.update(publisher.as_bytes());
+    h.update(&epoch.to_le_bytes());
+    h.update(&(digests.len() as u64).to_le_bytes());
     h.update(digests.as_flattened());
     *h.finalize().as_bytes()
 }
@@ -825,7 +913,7 @@ pub(crate) fn write_batch_body<'a>(
     }
     // Format 3 when a seal is of the new kind; format 2 keeps the seals
     // of receivers that predate it readable.
-    let kinds = seals.iter().any(|s| s.carried.is_some() || s.groups);
+    let kinds = seals.iter().any(|s| s.kind() != SEAL_KIND_DIGESTS);
     out.push(match (seals.is_empty(), kinds) {
         (true, _) => BATCH_FORMAT,
         (false, false) => BATCH_FORMAT_SEALED,
@@ -1478,9 +1566,11 @@ mod tests {
                         present: bits,
                         // Every fourth seal of the whole kind, every
                         // fourth another of topic groups (format 3): one
-                        // group digest for all its absent messages.
+                        // group digest for all its absent messages, and
+                        // every fourth another of aligned digests.
                         carried: (fill % 4 == 0).then_some([fill ^ 0x5a; 32]),
                         groups: fill % 4 == 1,
+                        aligned: fill % 4 == 2,
                         absent: match fill % 4 == 1 && absent > 0 {
                             true => vec![[fill; 32]; 1 + absent / 2],
                             false => vec![[fill; 32]; absent],
@@ -1496,7 +1586,7 @@ mod tests {
         #[test]
         fn sealed_batches_round_trip(b in arb_sealed_batch()) {
             let bytes = body(&b);
-            let whole = b.seals.iter().any(|s| s.carried.is_some() || s.groups);
+            let whole = b.seals.iter().any(|s| s.kind() != SEAL_KIND_DIGESTS);
             prop_assert_eq!(
                 bytes[0],
                 if whole { BATCH_FORMAT_SEALED_WHOLE } else { BATCH_FORMAT_SEALED }
@@ -1605,6 +1695,67 @@ mod tests {
                 event_digest(seq, &topic, &payload, hs.iter().copied(), id.as_deref()),
                 reference_digest(seq, &topic, &payload, &hs, id.as_deref())
             );
+        }
+
+        /// The aligned digest is BLAKE3 over the bytes PROTOCOL.md §5.3
+        /// lists, streamed piece by piece: the v1 fields with the payload
+        /// replaced by its own hash; never a v1 digest.
+        #[test]
+        fn aligned_digest_is_the_streamed_digest(
+            seq in any::<u64>(),
+            topic in arb_str(40),
+            payload in proptest::collection::vec(any::<u8>(), 0..40_000),
+            headers in proptest::collection::vec((arb_str(20), arb_str(300)), 0..4),
+            id in proptest::option::of(arb_str(60)),
+        ) {
+            let hs: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut h = blake3::Hasher::new();
+            h.update(b"macula event digest v4\0");
+            h.update(&seq.to_le_bytes());
+            h.update(&(topic.len() as u64).to_le_bytes());
+            h.update(topic.as_bytes());
+            h.update(&(payload.len() as u64).to_le_bytes());
+            let mut ph = blake3::Hasher::new();
+            for piece in payload.chunks(777) {
+                ph.update(piece);
+            }
+            h.update(ph.finalize().as_bytes());
+            for (k, v) in hs.iter().filter(|(k, _)| !is_hop_header(k)) {
+                h.update(&[1]);
+                h.update(&(k.len() as u64).to_le_bytes());
+                h.update(k.as_bytes());
+                h.update(&(v.len() as u64).to_le_bytes());
+                h.update(v.as_bytes());
+            }
+            match id.as_deref() {
+                Some(id) => {
+                    h.update(&[2]);
+                    h.update(&(id.len() as u64).to_le_bytes());
+                    h.update(id.as_bytes());
+                }
+                None => {
+                    h.update(&[0]);
+                }
+            }
+            let d = event_digest_aligned(seq, &topic, &payload, hs.iter().copied(), id.as_deref());
+            prop_assert_eq!(d, *h.finalize().as_bytes());
+            prop_assert_ne!(d, event_digest(seq, &topic, &payload, hs.iter().copied(), id.as_deref()));
+        }
+
+        #[test]
+        fn seal_hash_aligned_is_its_own(
+            digests in proptest::collection::vec(any::<[u8; 32]>(), 0..300),
+        ) {
+            let p = NodeId::from_bytes([9; 32]);
+            let mut h = blake3::Hasher::new();
+            h.update(b"macula pub/sub seal v4\0");
+            h.update(p.as_bytes());
+            h.update(&5u64.to_le_bytes());
+            h.update(&(digests.len() as u64).to_le_bytes());
+            h.update(digests.as_flattened());
+            prop_assert_eq!(seal_hash_aligned(&p, 5, &digests), *h.finalize().as_bytes());
+            prop_assert_ne!(seal_hash_aligned(&p, 5, &digests), seal_hash(&p, 5, &digests));
         }
 
         #[test]
@@ -1789,6 +1940,75 @@ mod tests {
     }
 
     #[test]
+    fn seals_of_aligned_digests_are_kind_4_laid_out_as_kind_1() {
+        let seal = |present: Vec<u8>, absent: Vec<[u8; 32]>| Seal {
+            key: [3; 32],
+            sig: [4; 64],
+            n: 4,
+            present,
+            absent,
+            carried: None,
+            groups: false,
+            aligned: true,
+        };
+        let msg = |seq| BatchMessage {
+            seq,
+            topic: "a.b".into(),
+            payload: b"hi".to_vec(),
+            headers: vec![],
+            message_id: None,
+        };
+        let b = |seals| PublishBatch {
+            publisher: NodeId::from_bytes([1; 32]),
+            epoch: 5,
+            messages: vec![msg(7), msg(8)],
+            seals,
+        };
+        // Two of four present: the two others' digests, as kind 1.
+        let part = body(&b(vec![seal(vec![0b0011], vec![[6; 32], [7; 32]])]));
+        assert_eq!(part[0], BATCH_FORMAT_SEALED_WHOLE);
+        let tail = 1 + 32 + 64 + 1 + 1 + 64;
+        let at = part.len() - tail;
+        assert_eq!(part[at], SEAL_KIND_ALIGNED);
+        let v = PublishBatchView::decode(&part).unwrap();
+        let s = &v.seals[0];
+        assert!(s.aligned && !s.groups && s.carried.is_none());
+        assert_eq!(s.kind(), SEAL_KIND_ALIGNED);
+        assert_eq!(s.absent, vec![[6; 32], [7; 32]]);
+        assert_eq!(s.encoded_len(), tail);
+        // The same bytes under kind 1 read as kind 1 (what the signature's
+        // tag then refuses, in macula-pubsub), never as kind 4.
+        let mut as1 = part.clone();
+        as1[at] = SEAL_KIND_DIGESTS;
+        let v1 = PublishBatchView::decode(&as1).unwrap();
+        assert!(!v1.seals[0].aligned);
+        // Digests that do not match the bitmap, another kind at once, or
+        // kind 4 in a format 2 batch: refused.
+        assert!(b(vec![seal(vec![0b0011], vec![[6; 32]])])
+            .write_body(&mut Vec::new())
+            .is_err());
+        let mixed = Seal {
+            groups: true,
+            absent: vec![[6; 32]],
+            ..seal(vec![0b0011], vec![])
+        };
+        assert!(b(vec![mixed]).write_body(&mut Vec::new()).is_err());
+        let carried = Seal {
+            carried: Some([1; 32]),
+            ..seal(vec![0b0011], vec![[6; 32], [7; 32]])
+        };
+        assert!(b(vec![carried]).write_body(&mut Vec::new()).is_err());
+        let mut as2 = part.clone();
+        as2[0] = BATCH_FORMAT_SEALED;
+        as2.remove(at);
+        assert!(PublishBatchView::decode(&as2).map_or(true, |v| !v.seals[0].aligned));
+        // A kind past 4: malformed.
+        let mut k5 = part.clone();
+        k5[at] = 5;
+        assert!(PublishBatchView::decode(&k5).is_err());
+    }
+
+    #[test]
     fn seals_of_topic_groups_carry_a_count_of_group_digests() {
         let seal = |present: Vec<u8>, absent: Vec<[u8; 32]>| Seal {
             key: [3; 32],
@@ -1798,6 +2018,7 @@ mod tests {
             absent,
             carried: None,
             groups: true,
+            aligned: false,
         };
         let msg = |seq| BatchMessage {
             seq,
@@ -1877,6 +2098,7 @@ mod tests {
             absent: vec![],
             carried,
             groups: false,
+            aligned: false,
         };
         let b = |seals| PublishBatch {
             publisher: NodeId::from_bytes([1; 32]),
