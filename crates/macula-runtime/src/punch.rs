@@ -43,7 +43,7 @@ use macula_wire::{Message, NodeId};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch};
 
 use crate::metrics::{register, LabelledCounters};
 use crate::nat::{self, punch, NatLimits};
@@ -149,8 +149,10 @@ struct Inner {
     answered: Mutex<VecDeque<(u64, NodeId, Vec<String>)>>,
     /// Peers with an attempt running.
     running: Mutex<HashSet<NodeId>>,
-    /// Wakes the attempts waiting out `punch_start_delay` (`start_now`).
-    start_now: Notify,
+    /// Raised by `start_now`: the attempts begun before it stop waiting
+    /// out `punch_start_delay` (each watches from its beginning, so one
+    /// not yet running when it is raised does not miss it).
+    start_now: watch::Sender<u64>,
     next_nonce: AtomicU64,
     started: Instant,
     counters: Arc<PunchCounters>,
@@ -185,7 +187,7 @@ impl HolePunching {
             waiting: Mutex::new(HashMap::new()),
             answered: Mutex::new(VecDeque::new()),
             running: Mutex::new(HashSet::new()),
-            start_now: Notify::new(),
+            start_now: watch::Sender::new(0),
             next_nonce: AtomicU64::new(crate::backoff::seed() | 1),
             started: Instant::now(),
             counters: Arc::new(PunchCounters::default()),
@@ -196,13 +198,13 @@ impl HolePunching {
         &self.0.counters
     }
 
-    /// Starts at once the attempts waiting out `punch_start_delay` now
-    /// (those begun later wait as usual): for an operator who wants the
-    /// direct path without waiting, and for tests that start punching at
-    /// a chosen moment rather than after a delay a loaded machine may
-    /// overrun.
+    /// Starts at once the attempts begun so far that are waiting out
+    /// `punch_start_delay` (those begun later wait as usual): for an
+    /// operator who wants the direct path without waiting, and for tests
+    /// that start punching at a chosen moment rather than after a delay a
+    /// loaded machine may overrun.
     pub fn start_now(&self) {
-        self.0.start_now.notify_waiters();
+        self.0.start_now.send_modify(|g| *g += 1);
     }
 
     fn now(&self) -> Millis {
@@ -257,12 +259,12 @@ impl HolePunching {
 
     /// One attempt over the relayed connection `peer` (the initiator's
     /// side): rounds until a direct connection exists or they run out.
-    async fn attempt(self, peer: Peer) {
+    async fn attempt(self, peer: Peer, mut start_now: watch::Receiver<u64>) {
         let id = peer.node_id();
         let l = self.0.limits;
         tokio::select! {
             _ = tokio::time::sleep(l.punch_start_delay.to_duration()) => {}
-            _ = self.0.start_now.notified() => {}
+            _ = start_now.changed() => {}
         }
         let mut retry = 0;
         loop {
@@ -472,6 +474,7 @@ impl Service for HolePunching {
         if !self.0.running.lock().insert(peer.node_id()) {
             return;
         }
-        tokio::spawn(self.clone().attempt(peer.clone()));
+        let start_now = self.0.start_now.subscribe();
+        tokio::spawn(self.clone().attempt(peer.clone(), start_now));
     }
 }
