@@ -119,6 +119,56 @@ async fn acknowledged_publishes_are_stored_and_survive_a_restart() {
     s.shutdown().await;
 }
 
+/// The stream's own acknowledged publishes, republished live, are never
+/// queued to its capture: a burst of them larger than the capture's queue
+/// loses nothing and counts nothing as lost (before, the capture took each
+/// and skipped it, and a burst overflowed its queue: `capture_lost` counted
+/// events the stream held). A plain publish after the burst is captured.
+#[tokio::test]
+async fn a_burst_of_acknowledged_publishes_is_not_counted_lost_by_the_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let ps = PubSub::new(
+        NodeId::from_bytes([7; 32]),
+        1 << 20,
+        Limits {
+            queue_capacity: 4,
+            ..Limits::default()
+        },
+    );
+    let s = open(dir.path(), &ps);
+    s.add(orders()).await.unwrap();
+    // All in flight at once: one group commit answers many, and their
+    // republishes are pushed before the capture task runs again.
+    let s2 = &s;
+    let acked = futures::future::join_all(
+        (0..200).map(|i| async move { publish(s2, "orders.eu", &format!("a{i}")).await }),
+    )
+    .await;
+    assert_eq!(acked.len(), 200);
+    ps.publish(
+        "orders.us",
+        Bytes::from_static(b"plain"),
+        PublishOptions::default(),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.info("orders").unwrap().messages < 201 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "plain publish not captured"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let info = s.info("orders").unwrap();
+    assert_eq!(
+        (info.messages, info.last_seq),
+        (201, 201),
+        "each stored once"
+    );
+    assert_eq!(info.counters.capture_lost, 0);
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn plain_publishes_are_captured_and_acked_ones_are_published_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -127,11 +127,30 @@ pub(crate) struct SubQueue {
     lossy: AtomicBool,
     /// The node's `macula_pubsub_delivery_wait_seconds` histogram.
     wait: macula_pubsub::counters::DeliveryWait,
+    /// Events carrying this header (name, value) are not queued here: a
+    /// stream's capture does not take the stream's own republished events
+    /// (which would otherwise fill its queue and be told as `Lagged`).
+    skip: Option<(String, String)>,
 }
 
 impl SubQueue {
     fn lock(&self) -> MutexGuard<'_, BoundedQueue<Queued>> {
         self.queue.lock()
+    }
+
+    /// Whether `e` is queued here (see `skip`).
+    fn wants(&self, e: &Event) -> bool {
+        match &self.skip {
+            None => true,
+            Some((k, v)) => !e.headers.iter().any(|(hk, hv)| hk == k && hv == v),
+        }
+    }
+
+    /// Leaves out of `events` those not queued here.
+    fn keep_wanted(&self, events: &mut Vec<Event>) {
+        if self.skip.is_some() {
+            events.retain(|e| self.wants(e));
+        }
     }
 }
 
@@ -308,9 +327,15 @@ impl PubSub {
 
     /// A local subscription whose events are not opened: payloads on
     /// encrypted topics come sealed, as carried (a stream capturing them
-    /// stores them so; its readers open them).
-    pub(crate) fn subscribe_carried(&self, pattern: &str) -> Result<Subscription, PubSubError> {
-        self.subscribe_inner(pattern, false).map(|(s, _)| s)
+    /// stores them so; its readers open them). Events carrying header
+    /// `skip` (name, value) are never queued to it: not delivered, not
+    /// counted, never the cause of a `Lagged`.
+    pub(crate) fn subscribe_carried(
+        &self,
+        pattern: &str,
+        skip: Option<(String, String)>,
+    ) -> Result<Subscription, PubSubError> {
+        self.subscribe_inner(pattern, false, skip).map(|(s, _)| s)
     }
 
     /// `payload` as it leaves this edge: sealed on an encrypted topic.
@@ -395,6 +420,9 @@ impl PubSub {
         let c = &self.0.counters;
         let at = Instant::now();
         for (q, event) in out {
+            if !q.wants(&event) {
+                continue;
+            }
             let size = event.payload.len() + EVENT_OVERHEAD;
             let dropped = q.lock().push_sized((event, at), size);
             c.dropped_slow_total.inc_by(dropped);
@@ -403,7 +431,7 @@ impl PubSub {
         }
     }
 
-    fn new_queue(&self) -> Arc<SubQueue> {
+    fn new_queue(&self, skip: Option<(String, String)>) -> Arc<SubQueue> {
         Arc::new(SubQueue {
             queue: Mutex::new(BoundedQueue::with_limits(&self.0.limits)),
             waker: AtomicWaker::new(),
@@ -412,6 +440,7 @@ impl PubSub {
             waiting: AtomicBool::new(false),
             lossy: AtomicBool::new(false),
             wait: self.0.counters.delivery_wait.clone(),
+            skip,
         })
     }
 
@@ -420,16 +449,17 @@ impl PubSub {
     /// unsubscribes. The mesh learns of it in the background (use
     /// `subscribe_mesh` to wait until it has).
     pub fn subscribe(&self, pattern: &str) -> Result<Subscription, PubSubError> {
-        self.subscribe_inner(pattern, true).map(|(s, _)| s)
+        self.subscribe_inner(pattern, true, None).map(|(s, _)| s)
     }
 
     fn subscribe_inner(
         &self,
         pattern: &str,
         open: bool,
+        skip: Option<(String, String)>,
     ) -> Result<(Subscription, Interest), PubSubError> {
         self.allowed_here(Perm::Subscribe, pattern)?;
-        let queue = self.new_queue();
+        let queue = self.new_queue(skip);
         let mut core = self.0.core();
         let s = core.subscribe(pattern, queue.clone())?;
         self.after(core);
@@ -469,7 +499,7 @@ impl PubSub {
         pattern: &str,
         open: bool,
     ) -> Result<Subscription, PubSubError> {
-        let (sub, interest) = self.subscribe_inner(pattern, open)?;
+        let (sub, interest) = self.subscribe_inner(pattern, open, None)?;
         match self.announce(interest).await {
             Ok(()) => Ok(sub),
             // Dropping the subscription takes the pattern back out.
@@ -894,6 +924,7 @@ impl PubSub {
             // The batch arrived now: its events' queue wait starts here.
             let at = Instant::now();
             rx.deliver(|q, events| {
+                q.keep_wanted(events);
                 delivered += events.len() as u64;
                 let (_, d) = push_fitting(q, events, at);
                 dropped += d;

@@ -11,7 +11,8 @@
 //! counted in `macula_stream_capture_lost_total`). An **acknowledged
 //! publish** ([`Streams::publish`]) is appended directly, answered once it
 //! is on disk, and then published to the mesh's live subscribers with the
-//! header `macula-stream: <name>` (which the capture skips).
+//! header `macula-stream: <name>` (never queued to the capture's own
+//! subscription: `PubSub::subscribe_carried`'s `skip`).
 //!
 //! **Visibility.** A message enters the index when it is appended and the
 //! store's writer raises the durable sequence after its group commit;
@@ -1033,8 +1034,10 @@ impl Streams {
         let patterns: Vec<String> = h.core.lock().config().subjects.clone();
         for p in patterns {
             // Not opened: a stream stores events on encrypted topics as
-            // they were carried (sealed); its readers open them.
-            match self.0.pubsub.subscribe_carried(&p) {
+            // they were carried (sealed); its readers open them. The
+            // stream's own republished events are never queued to it.
+            let own = Some((STREAM_HEADER.to_string(), h.name.clone()));
+            match self.0.pubsub.subscribe_carried(&p, own) {
                 Ok(sub) => tasks.push(tokio::spawn(capture(Arc::downgrade(h), sub))),
                 Err(e) => {
                     tracing::warn!(stream = %h.name, pattern = %p, error = %e, "stream cannot capture its subject")
@@ -2081,13 +2084,9 @@ async fn capture(h: std::sync::Weak<Hosted>, mut sub: crate::pubsub::Subscriptio
     while let Some(item) = sub.recv().await {
         let Some(h) = h.upgrade() else { return };
         match item {
+            // The stream's own republished events (header `macula-stream:
+            // <name>`) are not queued to this subscription at all.
             SubscriptionItem::Event(e) => {
-                if e.headers
-                    .iter()
-                    .any(|(k, v)| k == STREAM_HEADER && *v == h.name)
-                {
-                    continue;
-                }
                 if h.check().is_err() {
                     h.capture_lost.fetch_add(1, Ordering::Relaxed);
                     continue;
