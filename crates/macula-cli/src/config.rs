@@ -86,6 +86,9 @@ pub const DEFAULT_PUBSUB_STALL_TIMEOUT: Duration = macula::config::DEFAULT_PUBSU
 /// Accepted `pubsub_stall_timeout` range.
 pub const PUBSUB_STALL_TIMEOUT_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `dht_request_timeout` range.
+pub const DHT_REQUEST_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(60));
 /// Accepted `dht_snapshot_interval` range (0: only at a clean shutdown).
 pub const DHT_SNAPSHOT_INTERVAL_RANGE: (Duration, Duration) =
     (Duration::ZERO, Duration::from_secs(24 * 3600));
@@ -450,6 +453,13 @@ settings! {
         "Write the DHT's routing table and records to the data directory this often (and at a \
          clean shutdown), read back at start so a restarted node serves at once; 0s: only at \
          shutdown; 0s..24h";
+    dht_request_timeout DHT_REQUEST_TIMEOUT: Duration =
+        macula::config::DEFAULT_DHT_REQUEST_TIMEOUT,
+        Number(|s| parse_duration_in(s, DHT_REQUEST_TIMEOUT_RANGE)),
+        flag "--dht-request-timeout" "DURATION", env "MACULA_DHT_REQUEST_TIMEOUT",
+        toml "limits.dht_request_timeout", default "1s",
+        "A DHT request unanswered this long is counted lost and sent again or elsewhere; \
+         raise it on slow or loaded paths; 100ms..60s";
     peer_down_after PEER_DOWN_AFTER: Duration = DEFAULT_PEER_DOWN_AFTER,
         Number(|s| parse_duration_in(s, PEER_DOWN_AFTER_RANGE)),
         flag "--peer-down-after" "DURATION", env "MACULA_PEER_DOWN_AFTER",
@@ -1982,7 +1992,7 @@ mod tests {
         }
         assert_eq!(
             keys::ALL.len() - described.len(),
-            64,
+            65,
             "keys with a value default"
         );
         assert_eq!(d.listen, "0.0.0.0:4433".parse().unwrap());

@@ -322,6 +322,7 @@ fn node_config(s: &Settings) -> Result<NodeConfig, Failure> {
         idle_timeout: s.idle_timeout,
         pubsub_stall_timeout: s.pubsub_stall_timeout,
         dht_snapshot_interval: s.dht_snapshot_interval,
+        dht_request_timeout: s.dht_request_timeout,
         peer_down_after: s.peer_down_after,
         // A longer bound than the default ceiling raises the ceiling too.
         peer_down_after_max: s

@@ -153,6 +153,10 @@ pub struct Limits {
     /// start so a restarted node serves at once (`dht_snapshot.rs`); zero:
     /// only at a clean shutdown. Nodes without a data directory keep none.
     pub dht_snapshot_interval: Duration,
+    /// A DHT request (ping, find, store) unanswered this long is counted
+    /// lost (`macula_dht_request_timeouts_total`) and sent again or to
+    /// another contact; a contact that misses repeatedly is replaced.
+    pub dht_request_timeout: Duration,
 }
 
 impl Limits {
@@ -199,9 +203,13 @@ impl Default for Limits {
             socket_buffer: 4 << 20,
             pubsub_stall_timeout: PEER_STALL_TIMEOUT,
             dht_snapshot_interval: DEFAULT_DHT_SNAPSHOT_INTERVAL,
+            dht_request_timeout: DEFAULT_DHT_REQUEST_TIMEOUT,
         }
     }
 }
+
+/// Default [`Limits::dht_request_timeout`] (`macula_dht`'s own default).
+pub const DEFAULT_DHT_REQUEST_TIMEOUT: Duration = macula_dht::config::REQUEST_TIMEOUT.to_duration();
 
 /// Default [`Limits::dht_snapshot_interval`]: a node killed without a
 /// clean shutdown restarts with a table at most this old.

@@ -556,6 +556,9 @@ impl NodeRuntime {
                 local_addr,
                 macula_dht::Config {
                     seq_base: epoch.value(),
+                    request_timeout: macula_wire::time::Millis::from_duration(
+                        config.limits.dht_request_timeout,
+                    ),
                     ..macula_dht::Config::default()
                 },
                 clock,

@@ -40,7 +40,9 @@ pub use macula_runtime::config::{
     DEFAULT_DASHBOARD_STREAM_MAX, DEFAULT_STATUS_MAX_LINKS, DEFAULT_STATUS_MIN_ANSWER_INTERVAL,
 };
 pub use macula_runtime::config::{MqttConfig, MqttLimits, MqttMillis, MqttTls};
-pub use macula_runtime::config::{TrustLimits, DEFAULT_DHT_SNAPSHOT_INTERVAL, DEFAULT_MAX_PINS};
+pub use macula_runtime::config::{
+    TrustLimits, DEFAULT_DHT_REQUEST_TIMEOUT, DEFAULT_DHT_SNAPSHOT_INTERVAL, DEFAULT_MAX_PINS,
+};
 pub use macula_runtime::nat::NatLimits;
 pub use macula_runtime::tls::{TlsError, TlsMode, TlsOptions};
 pub use macula_runtime::trust::{Pin, Pins};
