@@ -1711,19 +1711,23 @@ fn a_receiver_of_part_of_an_aligned_seal_checks_the_others_aligned_digests() {
             assert!(v.seals.iter().all(|s| s.aligned), "forwarded as kind 4");
         }
     }
-    // Node 2's copies carry the u.b messages' aligned digests (computed at
-    // the gateway from the client's frames).
+    // Node 2's copies carry the hashes of the subtrees of the seal's tree
+    // with none of their messages (computed at the gateway from the
+    // client's frames): those of the publisher's own tree.
     let all: Vec<[u8; 32]> = bodies
         .iter()
         .flat_map(|b| aligned_digests(&PublishBatchView::decode(b).unwrap()))
         .collect();
-    let v = PublishBatchView::decode(&copies[&id(2)][0]).unwrap();
-    let s = &v.seals[0];
-    let absent: Vec<[u8; 32]> = (0..s.n)
-        .filter(|&i| !s.is_present(i))
-        .map(|i| all[i])
-        .collect();
-    assert_eq!(s.absent, absent);
+    let tree = macula_wire::SealTree::new(&all);
+    for b in &copies[&id(2)] {
+        let v = PublishBatchView::decode(b).unwrap();
+        for s in &v.seals {
+            let mut absent = Vec::new();
+            tree.absent(&s.present, &mut absent).unwrap();
+            assert_eq!(s.absent, absent);
+            assert!(s.absent.len() < s.n - s.present_count() || s.n - s.present_count() <= 1);
+        }
+    }
 }
 
 #[test]
@@ -1752,13 +1756,16 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
     };
     let mut tampered = hv.seals.clone();
     tampered.iter_mut().for_each(|s| s.absent[0][7] ^= 1);
+    // As kind 1 with the aligned digests of the absent messages (what a
+    // forwarder holding the client's frames could compute: kind 1's
+    // layout, kind 4's digests).
     let mut as_kind1 = hv.seals.clone();
-    as_kind1.iter_mut().for_each(|s| s.aligned = false);
     // As kind 1 with the kind 1 digests of the absent messages (what a
     // forwarder holding the client's frames could compute).
     let seal = &hv.seals[0];
     assert!(hv.seals.iter().all(|s| s.sig == seal.sig && s.n == seal.n));
     let mut kind1 = vec![None; seal.n];
+    let mut kind4 = vec![None; seal.n];
     for b in &bodies {
         let v = PublishBatchView::decode(b).unwrap();
         let Some(s) = v.seals.iter().find(|s| s.sig == seal.sig) else {
@@ -1766,6 +1773,13 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
         };
         let present = (0..s.n).filter(|&i| s.is_present(i));
         for (i, e) in present.zip(&v.entries) {
+            kind4[i] = Some(macula_wire::event_digest_aligned(
+                e.seq,
+                v.topics[e.topic_index],
+                e.payload,
+                [],
+                None,
+            ));
             kind1[i] = Some(macula_wire::event_digest(
                 e.seq,
                 v.topics[e.topic_index],
@@ -1774,6 +1788,13 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
                 None,
             ));
         }
+    }
+    for s in &mut as_kind1 {
+        s.aligned = false;
+        s.absent = (0..s.n)
+            .filter(|&i| !s.is_present(i))
+            .map(|i| kind4[i].unwrap())
+            .collect();
     }
     let mut as_kind1_digests = as_kind1.clone();
     for s in &mut as_kind1_digests {
@@ -1801,7 +1822,7 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
             all,
         ),
         (
-            "re-presented as kind 1",
+            "re-presented as kind 1 with the aligned digests",
             reencode(&hv, &genuine, &as_kind1),
             all,
         ),
