@@ -1473,9 +1473,12 @@ pub fn fuzz_group_copies(data: &[u8]) {
 /// up up to 32 messages on two topics (payloads up to about 5 KiB, cut
 /// from `data` repeated, so some span several BLAKE3 chunks), sealed by a
 /// fixed key as one seal of kind 4, and a subset of them, a forwarded
-/// copy carrying the others' aligned digests. The complete frame and the
-/// copy must verify; the copy re-presented as kind 1, or with one carried
-/// digest changed, must not; the copy with one byte changed (chosen by
+/// copy carrying the hashes of the subtrees of the seal's tree it has
+/// none of (which must be the publisher's tree's). The complete frame,
+/// the copy and a part of it forwarded on by a node that verified it must
+/// verify; the copy re-presented as kind 1 (with the absent messages'
+/// aligned digests), with one carried hash changed, or with two payloads
+/// swapped, must not; the copy with one byte changed (chosen by
 /// `data`) must answer, never panic, and verify only if it decodes to the
 /// same messages. Shared by `fuzz/fuzz_targets/publish_batch_aligned.rs`
 /// and the property tests.
@@ -1514,8 +1517,8 @@ pub fn fuzz_aligned_copies(data: &[u8]) {
         panic!("a genuine frame decodes");
     };
     assert_eq!(verify(&view).map(|r| r.len()).ok(), Some(n));
-    // A copy of some: the others' aligned digests, as a forwarder
-    // computes them from the publisher's frame.
+    // A copy of some: the hashes of the subtrees it has none of, as a
+    // forwarder computes them from the publisher's frame.
     let Some(refs) = adopt(&view, &body) else {
         panic!("a complete seal is adopted");
     };
