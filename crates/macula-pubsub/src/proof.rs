@@ -332,7 +332,8 @@ impl SealedRun {
     /// here (computed once from the source frame).
     pub fn tree_absent(&self, present: &[u8]) -> Vec<[u8; 32]> {
         let mut out = Vec::new();
-        if self.tree().absent(present, &mut out).is_none() {
+        let tree = self.tree();
+        if tree.len() != self.n || tree.absent(present, &mut out).is_none() {
             // Not within what came here (cannot happen: a copy holds
             // messages received): hashes that verify nothing, so the
             // receiver drops the copy (counted), never delivers it.
