@@ -14,7 +14,10 @@ use bytes::Bytes;
 use macula_wire::pubsub::{
     MAX_BATCH_MESSAGES, MAX_BATCH_TOPICS, MAX_SEAL_ENTRIES, SEALS_COUNT_LEN, SEAL_OVERHEAD,
 };
-use macula_wire::{event_digest, event_digest_aligned, BatchItem, NodeId, Seal, WholeHasher};
+use macula_wire::{
+    event_digest, event_digest_aligned, seal_tree_depth, BatchItem, NodeId, Seal, SealTree,
+    WholeHasher,
+};
 
 use crate::event::{PublishOptions, TopicName};
 use crate::proof::{SealPlace, SealedRun, Signer};
@@ -94,9 +97,29 @@ impl OutMsg {
                 true => {
                     SEAL_OVERHEAD + n.div_ceil(8) + 3 + 32 * run.group_count().saturating_sub(1)
                 }
+                // Kind 4: one message leaves at most one subtree per
+                // level of the tree (its siblings on the way up).
+                false if run.is_aligned_kind() => {
+                    SEAL_OVERHEAD + n.div_ceil(8) + 32 * n.saturating_sub(1).min(seal_tree_depth(n))
+                }
                 false => SEAL_OVERHEAD + n.div_ceil(8) + 32 * n.saturating_sub(1),
             }
         })
+    }
+
+    /// Bytes each further message of its seal adds to a frame (after
+    /// [`OutMsg::seal_cost`] for the first): kind 1 one digest less; kind
+    /// 4 at most one subtree per level but one more (the subtree it was
+    /// in is replaced by its siblings on the way down to it); kind 3
+    /// nothing (its group's digest, if left out, was counted).
+    fn further_seal_cost(&self) -> isize {
+        match self.sealed() {
+            Some((run, _)) if run.is_groups_kind() => 0,
+            Some((run, _)) if run.is_aligned_kind() => {
+                32 * seal_tree_depth(run.len()).saturating_sub(1) as isize
+            }
+            _ => -32,
+        }
     }
 
     /// A forwarded message of a seal of kind 3 (topic groups).
@@ -483,7 +506,22 @@ fn encode_run(
             .min()
             .unwrap_or(k)
             .min(k);
-        let joins = !group.is_empty() && n <= OWN_SEAL_MAX && 32 * (n - smallest) <= span_bytes;
+        // A seal of large messages is of kind 4: a frame of it carries
+        // the hashes of at most two subtrees per level of its tree.
+        let large = signer.seals_aligned() && {
+            let bytes = |f: &Frame| -> usize {
+                picked[f.picked.clone()]
+                    .iter()
+                    .map(|&(mi, _)| msgs[mi].payload.len())
+                    .sum()
+            };
+            group.iter().map(bytes).sum::<usize>() + bytes(&frame) > WHOLE_MAX_AVERAGE * n
+        };
+        let carried = match large {
+            true => (n - smallest).min(2 * seal_tree_depth(n)),
+            false => n - smallest,
+        };
+        let joins = !group.is_empty() && n <= OWN_SEAL_MAX && 32 * carried <= span_bytes;
         if !group.is_empty() && !joins {
             // Written first; this frame's entries move to the front.
             let (fp, ft) = (frame.picked.clone(), frame.topics.clone());
@@ -554,8 +592,7 @@ fn pick_frame<'a>(
         let prev = picked[p0..].last().map(|&(pi, _)| &msgs[pi]);
         let seal_cost = match (prev, &m.seal) {
             (_, None) => 0isize,
-            (Some(p), Some(_)) if p.same_seal(m) && m.groups_seal() => 0,
-            (Some(p), Some(_)) if p.same_seal(m) => -32,
+            (Some(p), Some(_)) if p.same_seal(m) => m.further_seal_cost(),
             (Some(_), Some(_)) => m.seal_cost() as isize,
             (None, Some(_)) => (SEALS_COUNT_LEN + m.seal_cost()) as isize,
         };
@@ -627,10 +664,8 @@ struct FrameWriter<'a, 'o> {
     digests: Vec<[u8; 32]>,
     /// The group's messages (indices into `msgs`), in order.
     order: Vec<usize>,
-    /// The signatures of a group's chunks of `OWN_SEAL_CHUNK` digests,
-    /// and for a chunk within one frame (a seal of kind 2) the digests'
-    /// hash its seal carries.
-    sigs: Vec<([u8; 64], OwnKind)>,
+    /// The seals of a group's chunks of `OWN_SEAL_CHUNK` messages.
+    sigs: Vec<OwnSeal>,
     seals: Vec<Seal>,
     /// Places in the frame being written of forwarded messages left out
     /// (only part of their topic group in it: see [`forwarded_seals`]).
@@ -639,41 +674,41 @@ struct FrameWriter<'a, 'o> {
     ungrouped: Option<&'o mut Vec<usize>>,
 }
 
-/// The kind of one of a signing node's own seals (a chunk of
-/// `OWN_SEAL_CHUNK` messages).
-#[derive(Clone, Copy, Debug)]
-enum OwnKind {
-    /// Kind 1: digests ([`macula_wire::event_digest`]).
-    Digests,
+/// One of a signing node's own seals (a chunk of `OWN_SEAL_CHUNK`
+/// messages): its signature and what its kind needs to write its frames'
+/// seals. Neither `digests_hash` nor `tree`: kind 1
+/// ([`macula_wire::event_digest`] digests).
+#[derive(Debug)]
+struct OwnSeal {
+    sig: [u8; 64],
     /// Kind 2 (within one frame): the digests' hash it carries.
-    Whole([u8; 32]),
-    /// Kind 4 (large messages): aligned digests
-    /// ([`macula_wire::event_digest_aligned`]).
-    Aligned,
+    digests_hash: Option<[u8; 32]>,
+    /// Kind 4 (large messages): the tree over the aligned digests
+    /// ([`macula_wire::event_digest_aligned`]) whose root it signs.
+    tree: Option<SealTree>,
 }
 
 /// The seals of the frame carrying the group's messages `range`: one per
-/// chunk of `OWN_SEAL_CHUNK` digests (signed `sigs[c]`) that it overlaps,
-/// with the bits of its messages and the digests of the chunk's others;
-/// a chunk within the frame is a seal of kind 2 (its digests' hash).
+/// chunk of `OWN_SEAL_CHUNK` messages (`sigs[c]`) that it overlaps, with
+/// the bits of its messages and what stands for the chunk's others (kind
+/// 1 their digests, kind 4 the hashes of its tree's subtrees with none of
+/// the frame's); a chunk within the frame is a seal of kind 2 (its
+/// digests' hash).
 fn own_seals(
     signer: &Signer,
-    sigs: &[([u8; 64], OwnKind)],
+    sigs: &[OwnSeal],
     digests: &[[u8; 32]],
     range: std::ops::Range<usize>,
     seals: &mut Vec<Seal>,
 ) {
-    for (c, ((sig, whole), chunk)) in sigs.iter().zip(digests.chunks(OWN_SEAL_CHUNK)).enumerate() {
+    for (c, (own, chunk)) in sigs.iter().zip(digests.chunks(OWN_SEAL_CHUNK)).enumerate() {
         let start = c * OWN_SEAL_CHUNK;
         let (lo, hi) = (range.start.max(start), range.end.min(start + chunk.len()));
         if lo < hi {
-            seals.push(match whole {
-                OwnKind::Whole(dh) => signer.seal_complete(*sig, chunk.len(), *dh),
-                OwnKind::Digests => signer.seal_part(*sig, chunk, lo - start..hi - start),
-                OwnKind::Aligned => Seal {
-                    aligned: true,
-                    ..signer.seal_part(*sig, chunk, lo - start..hi - start)
-                },
+            seals.push(match (&own.digests_hash, &own.tree) {
+                (Some(dh), _) => signer.seal_complete(own.sig, chunk.len(), *dh),
+                (None, Some(tree)) => signer.seal_tree_part(own.sig, tree, lo - start..hi - start),
+                (None, None) => signer.seal_part(own.sig, chunk, lo - start..hi - start),
             });
         }
     }
@@ -749,19 +784,17 @@ impl FrameWriter<'_, '_> {
                     .map(|&mi| msgs[mi].payload.len())
                     .sum::<usize>()
                     <= WHOLE_MAX_AVERAGE * chunk.len();
-                let kind = match (within && small, !small && signer.seals_aligned()) {
-                    (true, _) => OwnKind::Whole([0; 32]),
-                    (false, true) => OwnKind::Aligned,
-                    (false, false) => OwnKind::Digests,
-                };
-                let aligned = matches!(kind, OwnKind::Aligned);
+                // Two booleans pick the kind: kind 2 (whole), kind 4
+                // (aligned), else kind 1.
+                let whole = within && small;
+                let aligned = !small && signer.seals_aligned();
                 self.digests.extend(chunk.iter().map(|&mi| match aligned {
                     true => aligned_digest_of(&msgs[mi]),
                     false => digest_of(&msgs[mi]),
                 }));
                 let digests = &self.digests[start..end];
-                self.sigs.push(match kind {
-                    OwnKind::Whole(_) => {
+                self.sigs.push(match (whole, aligned) {
+                    (true, _) => {
                         let whole = whole_of_out(
                             self.publisher,
                             self.epoch,
@@ -769,16 +802,25 @@ impl FrameWriter<'_, '_> {
                         );
                         let (sig, dh) =
                             signer.sign_whole(self.publisher, self.epoch, &whole, digests);
-                        (sig, OwnKind::Whole(dh))
+                        OwnSeal {
+                            sig,
+                            digests_hash: Some(dh),
+                            tree: None,
+                        }
                     }
-                    OwnKind::Aligned => (
-                        signer.sign_aligned(self.publisher, self.epoch, digests),
-                        OwnKind::Aligned,
-                    ),
-                    OwnKind::Digests => (
-                        signer.sign(self.publisher, self.epoch, digests),
-                        OwnKind::Digests,
-                    ),
+                    (false, true) => {
+                        let tree = SealTree::new(digests);
+                        OwnSeal {
+                            sig: signer.sign_tree(self.publisher, self.epoch, &tree),
+                            digests_hash: None,
+                            tree: Some(tree),
+                        }
+                    }
+                    (false, false) => OwnSeal {
+                        sig: signer.sign(self.publisher, self.epoch, digests),
+                        digests_hash: None,
+                        tree: None,
+                    },
                 });
             }
         }
@@ -1018,6 +1060,9 @@ fn forwarded_seals(
             // Exactly the messages of the publisher's frame (its seal
             // spans frames): the digests it sent along, none computed.
             (false, Some(sent)) => sent.to_vec(),
+            // Kind 4: the hashes of the subtrees with none of the copy's
+            // messages, from the tree as known here.
+            (false, None) if run.is_aligned_kind() => run.tree_absent(&present),
             (false, None) => {
                 let digests = run.digests();
                 (0..n)
@@ -1036,7 +1081,7 @@ fn forwarded_seals(
             // else the messages' whole hash.
             carried: run.carried(all),
             groups: false,
-            // Kind 4: the digests above are aligned ones.
+            // Kind 4: the hashes above are its tree's.
             aligned: run.is_aligned_kind(),
         });
     }

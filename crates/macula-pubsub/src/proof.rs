@@ -28,11 +28,13 @@
 //! ([`SealedRun::group_copy`]).
 //!
 //! A seal of kind 4 (format 3, PROTOCOL.md §5.3 "Seals over aligned
-//! digests") is kind 1 with another digest per message
-//! ([`macula_wire::event_digest_aligned`]: the payload hashed from its own
-//! byte 0, then bound with the other fields), for large messages: BLAKE3
-//! hashes every whole 1 KiB chunk of a payload in parallel, and nothing is
-//! gathered or copied.
+//! digests") signs the root of a tree ([`SealTree`]) over another digest
+//! per message ([`macula_wire::event_digest_aligned`]: the payload hashed
+//! from its own byte 0, then bound with the other fields), for large
+//! messages: BLAKE3 hashes every whole 1 KiB chunk of a payload in
+//! parallel, nothing is gathered or copied, and a frame of a few of a
+//! large seal's messages carries the hashes of a few subtrees, not one
+//! digest per other message.
 
 use std::sync::{Arc, OnceLock};
 
@@ -41,7 +43,7 @@ use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use macula_wire::{
     event_digest, event_digest_aligned, seal_hash, seal_hash_aligned, seal_hash_groups,
-    seal_hash_whole, NodeId, PublishBatchView, Seal, WholeHasher,
+    seal_hash_whole, NodeId, PublishBatchView, Seal, SealTree, WholeHasher,
 };
 
 /// Domain tag in front of the seal hash in what is signed (a seal of
@@ -86,6 +88,9 @@ pub struct SealedRun {
     publisher: NodeId,
     epoch: u64,
     digests: OnceLock<Vec<[u8; 32]>>,
+    /// Kind 4: its tree as far as known here (every node, at a publisher;
+    /// the messages received and the subtrees carried, elsewhere).
+    tree: OnceLock<SealTree>,
     /// Kind 2: the messages hashed whole ([`macula_wire::seal_whole`]),
     /// sent to a receiver of some of them.
     whole: OnceLock<[u8; 32]>,
@@ -149,6 +154,7 @@ impl SealedRun {
             publisher: NodeId::from_bytes([0; 32]),
             epoch: 0,
             digests: OnceLock::from(digests),
+            tree: OnceLock::new(),
             whole: OnceLock::new(),
             digests_hash: OnceLock::new(),
             source: None,
@@ -174,6 +180,7 @@ impl SealedRun {
             publisher: view.publisher,
             epoch: view.epoch,
             digests: OnceLock::new(),
+            tree: OnceLock::new(),
             whole: OnceLock::new(),
             digests_hash: OnceLock::new(),
             source: Some(Source {
@@ -319,8 +326,46 @@ impl SealedRun {
         (src.present == present).then_some(&src.absent[..])
     }
 
-    /// The digests of the messages it covers, in order (kinds 1, 2 and 4;
-    /// kind 4's are aligned digests).
+    /// Kind 4: the hashes a copy whose messages are `present` (the
+    /// seal's bitmap, within the messages this node got) carries: those
+    /// of the maximal subtrees with none of them, from the tree as known
+    /// here (computed once from the source frame).
+    pub fn tree_absent(&self, present: &[u8]) -> Vec<[u8; 32]> {
+        let mut out = Vec::new();
+        let tree = self.tree();
+        if tree.len() != self.n || tree.absent(present, &mut out).is_none() {
+            // Not within what came here (cannot happen: a copy holds
+            // messages received): hashes that verify nothing, so the
+            // receiver drops the copy (counted), never delivers it.
+            out.clear();
+            out.resize(
+                macula_wire::seal_tree_absent_count(self.n, present),
+                [0; 32],
+            );
+        }
+        out
+    }
+
+    /// Kind 4: the tree, computed from the source frame if not known.
+    fn tree(&self) -> &SealTree {
+        self.tree.get_or_init(|| {
+            let Some(src) = &self.source else {
+                return SealTree::default();
+            };
+            let Ok(v) = PublishBatchView::decode(&src.body) else {
+                return SealTree::default();
+            };
+            let k: usize = src.present.iter().map(|b| b.count_ones() as usize).sum();
+            let Some(entries) = v.entries.get(src.first..src.first + k) else {
+                return SealTree::default();
+            };
+            let leaves = entries.iter().map(|e| digest(&v, e, true));
+            SealTree::from_part(self.n, &src.present, leaves, &src.absent).unwrap_or_default()
+        })
+    }
+
+    /// The digests of the messages it covers, in order (kinds 1 and 2;
+    /// kind 4 carries subtree hashes instead: [`SealedRun::tree_absent`]).
     pub fn digests(&self) -> &[[u8; 32]] {
         self.digests.get_or_init(|| {
             let (Some(src), n) = (&self.source, self.n) else {
@@ -584,22 +629,57 @@ impl Signer {
         }
     }
 
-    /// Signs, in a seal of kind 4, the aligned digests
-    /// ([`event_digest_aligned`]) of messages this node publishes as
-    /// `publisher`; its seals are [`Signer::seal_part`] with
-    /// [`Seal::aligned`] set.
+    /// Signs, in a seal of kind 4, the root of `tree`, the tree over the
+    /// aligned digests ([`event_digest_aligned`]) of messages this node
+    /// publishes as `publisher`; its seals are [`Signer::seal_tree_part`].
+    pub fn sign_tree(&self, publisher: &NodeId, epoch: u64, tree: &SealTree) -> [u8; 64] {
+        let root = tree.root().unwrap_or_default();
+        let hash = seal_hash_aligned(publisher, epoch, tree.len(), &root);
+        self.key
+            .sign(&signed_message(Tag::Aligned, &hash))
+            .to_bytes()
+    }
+
+    /// Signs, in a seal of kind 4, the aligned digests `digests` (the
+    /// root of their tree).
     pub fn sign_aligned(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 64] {
-        let msg = signed_message(Tag::Aligned, &seal_hash_aligned(publisher, epoch, digests));
-        self.key.sign(&msg).to_bytes()
+        self.sign_tree(publisher, epoch, &SealTree::new(digests))
     }
 
     /// The seal of kind 4 over all of `digests` (aligned digests) of one
     /// batch.
     pub fn seal_aligned(&self, publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> Seal {
-        let sig = self.sign_aligned(publisher, epoch, digests);
+        let tree = SealTree::new(digests);
+        let sig = self.sign_tree(publisher, epoch, &tree);
+        self.seal_tree_part(sig, &tree, 0..digests.len())
+    }
+
+    /// The seal of kind 4 `sig` (over the root of `tree`) as the frame
+    /// carrying the messages `range` sends it: those present, the hashes
+    /// of the maximal subtrees with none of them.
+    pub fn seal_tree_part(
+        &self,
+        sig: [u8; 64],
+        tree: &SealTree,
+        range: std::ops::Range<usize>,
+    ) -> Seal {
+        let n = tree.len();
+        let mut present = vec![0u8; n.div_ceil(8)];
+        for i in range {
+            present[i / 8] |= 1 << (i % 8);
+        }
+        let mut absent = Vec::new();
+        // The publisher's tree knows every node.
+        let _ = tree.absent(&present, &mut absent);
         Seal {
+            key: self.public,
+            sig,
+            n,
+            present,
+            absent,
+            carried: None,
+            groups: false,
             aligned: true,
-            ..self.seal_part(sig, digests, 0..digests.len())
         }
     }
 
@@ -1100,6 +1180,38 @@ fn check_seal<'a, 'b: 'a>(
         refs.push(run.clone(), seal);
         return Ok((run, seal_hash_whole(&whole, &carried)));
     }
+    if seal.aligned {
+        // The root of the tree from the messages here and the subtrees
+        // carried; the tree kept for copies forwarded on.
+        let mut places = Vec::with_capacity(seal.present_count());
+        let mut leaves = Vec::with_capacity(seal.present_count());
+        for i in (0..seal.n).filter(|&i| seal.is_present(i)) {
+            // The decoder checked that the seals cover the entries exactly.
+            let e = entries.next().ok_or_else(bad)?;
+            places.push(i as u32);
+            leaves.push(digest(view, e, true));
+        }
+        let tree =
+            SealTree::from_part(seal.n, &seal.present, leaves, &seal.absent).ok_or_else(bad)?;
+        let root = tree.root().ok_or_else(bad)?;
+        let hash = seal_hash_aligned(&view.publisher, view.epoch, seal.n, &root);
+        let mut run = SealedRun::new(seal.key, seal.sig, Vec::new());
+        run.n = seal.n;
+        run.digests = OnceLock::new();
+        run.publisher = view.publisher;
+        run.epoch = view.epoch;
+        run.aligned_kind = true;
+        let _ = run.tree.set(tree);
+        let run = Arc::new(run);
+        let no = refs.runs.len() as u32;
+        refs.runs.push(run.clone());
+        refs.places.extend(
+            places
+                .into_iter()
+                .map(|index| SealPlace { seal: no, index }),
+        );
+        return Ok((run, hash));
+    }
     let mut digests = Vec::with_capacity(seal.n);
     let mut absent = seal.absent.iter();
     let mut places = Vec::with_capacity(seal.n);
@@ -1112,7 +1224,7 @@ fn check_seal<'a, 'b: 'a>(
                 });
             };
             places.push(i as u32);
-            digest(view, e, seal.aligned)
+            digest(view, e, false)
         } else {
             match absent.next() {
                 Some(d) => *d,
@@ -1125,14 +1237,10 @@ fn check_seal<'a, 'b: 'a>(
         };
         digests.push(d);
     }
-    let digests_hash = match seal.aligned {
-        true => seal_hash_aligned(&view.publisher, view.epoch, &digests),
-        false => seal_hash(&view.publisher, view.epoch, &digests),
-    };
+    let digests_hash = seal_hash(&view.publisher, view.epoch, &digests);
     let mut run = SealedRun::new(seal.key, seal.sig, digests);
     run.publisher = view.publisher;
     run.epoch = view.epoch;
-    run.aligned_kind = seal.aligned;
     let hash = match seal.carried {
         None => digests_hash,
         Some(whole) => {
@@ -1180,6 +1288,19 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
                     assert!(copy.drop.iter().all(|&i| (i as usize) < run.len()));
                     continue;
                 }
+                if run.is_aligned_kind() {
+                    // A copy of this message alone: one hash per level
+                    // at most, whatever the seal held.
+                    let mut present = vec![0u8; run.len().div_ceil(8)];
+                    present[index as usize / 8] |= 1 << (index % 8);
+                    let absent = run.tree_absent(&present);
+                    assert_eq!(
+                        absent.len(),
+                        macula_wire::seal_tree_absent_count(run.len(), &present)
+                    );
+                    assert!(absent.len() <= macula_wire::seal_tree_depth(run.len()));
+                    continue;
+                }
                 let _ = (run.carried(true), run.carried(false));
                 assert_eq!(run.digests().len(), run.len());
             }
@@ -1195,6 +1316,43 @@ pub fn fuzz_sealed_batch(data: &[u8]) {
                 }
             );
         }
+    }
+}
+
+/// The frame body of the fuzz functions' messages (`(seq, topic index,
+/// payload)`) for which `keep` holds, sealed by `seal`: one encoder for
+/// payloads borrowed or owned.
+fn fuzz_frame<P: AsRef<[u8]>>(
+    publisher: &NodeId,
+    epoch: u64,
+    topics: &[&str],
+    msgs: &[(u64, usize, P)],
+    keep: &dyn Fn(usize) -> bool,
+    seal: &Seal,
+) -> Bytes {
+    let items = msgs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, m)| macula_wire::BatchItem {
+            seq: m.0,
+            topic_index: m.1,
+            payload: m.2.as_ref(),
+            headers: &[],
+            message_id: None,
+        });
+    let mut buf = Vec::new();
+    match macula_wire::encode_sealed_batch_frame(
+        &mut buf,
+        1 << 20,
+        publisher,
+        epoch,
+        topics,
+        items,
+        std::slice::from_ref(seal),
+    ) {
+        Ok(_) => Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]),
+        Err(e) => panic!("a genuine frame encodes: {e}"),
     }
 }
 
@@ -1247,30 +1405,7 @@ pub fn fuzz_group_copies(data: &[u8]) {
     let sig = signer.sign_groups(&publisher, epoch, n, &mut groups);
     let seal = signer.seal_groups_complete(sig, n);
     let encode = |keep: &dyn Fn(usize) -> bool, seal: &Seal| -> Bytes {
-        let items = msgs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| keep(*i))
-            .map(|(_, m)| macula_wire::BatchItem {
-                seq: m.0,
-                topic_index: m.1,
-                payload: m.2,
-                headers: &[],
-                message_id: None,
-            });
-        let mut buf = Vec::new();
-        match macula_wire::encode_sealed_batch_frame(
-            &mut buf,
-            1 << 20,
-            &publisher,
-            epoch,
-            &TOPICS,
-            items,
-            std::slice::from_ref(seal),
-        ) {
-            Ok(_) => Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]),
-            Err(e) => panic!("a genuine frame encodes: {e}"),
-        }
+        fuzz_frame(&publisher, epoch, &TOPICS, &msgs, keep, seal)
     };
     let body = encode(&|_| true, &seal);
     let Ok(view) = PublishBatchView::decode(&body) else {
@@ -1339,9 +1474,12 @@ pub fn fuzz_group_copies(data: &[u8]) {
 /// up up to 32 messages on two topics (payloads up to about 5 KiB, cut
 /// from `data` repeated, so some span several BLAKE3 chunks), sealed by a
 /// fixed key as one seal of kind 4, and a subset of them, a forwarded
-/// copy carrying the others' aligned digests. The complete frame and the
-/// copy must verify; the copy re-presented as kind 1, or with one carried
-/// digest changed, must not; the copy with one byte changed (chosen by
+/// copy carrying the hashes of the subtrees of the seal's tree it has
+/// none of (which must be the publisher's tree's). The complete frame,
+/// the copy and a part of it forwarded on by a node that verified it must
+/// verify; the copy re-presented as kind 1 (with the absent messages'
+/// aligned digests), with one carried hash changed, or with two payloads
+/// swapped, must not; the copy with one byte changed (chosen by
 /// `data`) must answer, never panic, and verify only if it decodes to the
 /// same messages. Shared by `fuzz/fuzz_targets/publish_batch_aligned.rs`
 /// and the property tests.
@@ -1373,63 +1511,45 @@ pub fn fuzz_aligned_copies(data: &[u8]) {
     let signer = Signer::new(key);
     let seal = signer.seal_aligned(&publisher, epoch, &digests);
     let encode = |keep: &dyn Fn(usize) -> bool, seal: &Seal| -> Bytes {
-        let items = msgs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| keep(*i))
-            .map(|(_, m)| macula_wire::BatchItem {
-                seq: m.0,
-                topic_index: m.1,
-                payload: &m.2,
-                headers: &[],
-                message_id: None,
-            });
-        let mut buf = Vec::new();
-        match macula_wire::encode_sealed_batch_frame(
-            &mut buf,
-            1 << 20,
-            &publisher,
-            epoch,
-            &TOPICS,
-            items,
-            std::slice::from_ref(seal),
-        ) {
-            Ok(_) => Bytes::copy_from_slice(&buf[macula_wire::frame::FRAME_HEADER_LEN..]),
-            Err(e) => panic!("a genuine frame encodes: {e}"),
-        }
+        fuzz_frame(&publisher, epoch, &TOPICS, &msgs, keep, seal)
     };
     let body = encode(&|_| true, &seal);
     let Ok(view) = PublishBatchView::decode(&body) else {
         panic!("a genuine frame decodes");
     };
     assert_eq!(verify(&view).map(|r| r.len()).ok(), Some(n));
-    // A copy of some: the others' aligned digests, as a forwarder
-    // computes them from the publisher's frame.
+    // A copy of some: the hashes of the subtrees it has none of, as a
+    // forwarder computes them from the publisher's frame.
     let Some(refs) = adopt(&view, &body) else {
         panic!("a complete seal is adopted");
     };
     let run = &refs.runs[0];
     assert!(run.is_aligned_kind());
-    assert_eq!(run.digests(), &digests[..]);
     let keep: Vec<bool> = (0..n).map(|i| at(3 * i + 2) & 1 == 1).collect();
     if !keep.iter().any(|&k| k) {
         return;
     }
     let is = |i: usize| keep[i];
-    let part = Seal {
-        present: (0..n.div_ceil(8))
-            .map(|b| {
-                (0..8).fold(0u8, |acc, j| {
-                    acc | (u8::from(b * 8 + j < n && keep[b * 8 + j]) << j)
-                })
+    let present: Vec<u8> = (0..n.div_ceil(8))
+        .map(|b| {
+            (0..8).fold(0u8, |acc, j| {
+                acc | (u8::from(b * 8 + j < n && keep[b * 8 + j]) << j)
             })
-            .collect(),
-        absent: (0..n)
-            .filter(|&i| !keep[i])
-            .map(|i| run.digests()[i])
-            .collect(),
+        })
+        .collect();
+    // The hashes a forwarder computes from the publisher's frame are the
+    // publisher's own tree's.
+    let mut expected = Vec::new();
+    assert!(SealTree::new(&digests)
+        .absent(&present, &mut expected)
+        .is_some());
+    let part = Seal {
+        absent: run.tree_absent(&present),
+        present,
         ..seal.clone()
     };
+    assert_eq!(part.absent, expected);
+    assert!(part.absent.len() <= (0..n).filter(|&i| !keep[i]).count());
     let copy_body = encode(&is, &part);
     let Ok(cv) = PublishBatchView::decode(&copy_body) else {
         panic!("a copy decodes");
@@ -1440,16 +1560,40 @@ pub fn fuzz_aligned_copies(data: &[u8]) {
         Some(kept),
         "a copy verifies"
     );
-    // Re-presented as kind 1: refused.
+    // A node that verified the copy forwards part of it on: the same
+    // hashes as the publisher's tree gives that part.
+    if let Ok(refs) = verify(&cv) {
+        let first = (0..n).find(|&i| keep[i]).unwrap_or(0);
+        let mut one = vec![0u8; n.div_ceil(8)];
+        one[first / 8] |= 1 << (first % 8);
+        let mut want = Vec::new();
+        let _ = SealTree::new(&digests).absent(&one, &mut want);
+        assert_eq!(refs.runs[0].tree_absent(&one), want);
+    }
+    // Re-presented as kind 1: malformed (other counts), or refused.
     let as_kind1 = Seal {
         aligned: false,
         ..part.clone()
     };
-    let k1_body = encode(&is, &as_kind1);
-    let Ok(k1) = PublishBatchView::decode(&k1_body) else {
-        panic!("a kind 1 copy decodes");
-    };
-    assert!(verify(&k1).is_err(), "a kind 4 seal read as kind 1");
+    if as_kind1.absent.len() == n - kept {
+        let k1_body = encode(&is, &as_kind1);
+        if let Ok(k1) = PublishBatchView::decode(&k1_body) {
+            assert!(verify(&k1).is_err(), "a kind 4 seal read as kind 1");
+        }
+    }
+    // Two kept messages' payloads swapped: refused (unless equal).
+    let kept_at: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
+    if let [x, .., y] = kept_at[..] {
+        if msgs[x].2 != msgs[y].2 {
+            let mut swapped = msgs.clone();
+            swapped.swap(x, y);
+            (swapped[x].0, swapped[y].0) = (msgs[x].0, msgs[y].0);
+            let sw = fuzz_frame(&publisher, epoch, &TOPICS, &swapped, &is, &part);
+            if let Ok(v) = PublishBatchView::decode(&sw) {
+                assert!(verify(&v).is_err(), "payloads swapped");
+            }
+        }
+    }
     // A carried digest changed: refused.
     if !part.absent.is_empty() {
         let mut changed = part.clone();

@@ -377,10 +377,15 @@ fn client_frames(n: usize, len: usize) -> Vec<Bytes> {
 /// [`client_frames`], the client sealing frames of small messages by
 /// topic groups (kind 3) when `groups`.
 fn client_frames_kind(n: usize, len: usize, groups: bool) -> Vec<Bytes> {
+    client_frames_fill(n, len, groups, b'x')
+}
+
+/// [`client_frames_kind`] with payloads of `fill` bytes.
+fn client_frames_fill(n: usize, len: usize, groups: bool, fill: u8) -> Vec<Bytes> {
     let mut c = client_kind(50, 1, true, groups);
     for i in 0..n {
         let topic = if i % 2 == 0 { "t.a" } else { "u.b" };
-        let mut p = vec![b'x'; len];
+        let mut p = vec![fill; len];
         p.extend_from_slice(format!("{i}").as_bytes());
         c.publish_upstream(
             topic,
@@ -1711,19 +1716,23 @@ fn a_receiver_of_part_of_an_aligned_seal_checks_the_others_aligned_digests() {
             assert!(v.seals.iter().all(|s| s.aligned), "forwarded as kind 4");
         }
     }
-    // Node 2's copies carry the u.b messages' aligned digests (computed at
-    // the gateway from the client's frames).
+    // Node 2's copies carry the hashes of the subtrees of the seal's tree
+    // with none of their messages (computed at the gateway from the
+    // client's frames): those of the publisher's own tree.
     let all: Vec<[u8; 32]> = bodies
         .iter()
         .flat_map(|b| aligned_digests(&PublishBatchView::decode(b).unwrap()))
         .collect();
-    let v = PublishBatchView::decode(&copies[&id(2)][0]).unwrap();
-    let s = &v.seals[0];
-    let absent: Vec<[u8; 32]> = (0..s.n)
-        .filter(|&i| !s.is_present(i))
-        .map(|i| all[i])
-        .collect();
-    assert_eq!(s.absent, absent);
+    let tree = macula_wire::SealTree::new(&all);
+    for b in &copies[&id(2)] {
+        let v = PublishBatchView::decode(b).unwrap();
+        for s in &v.seals {
+            let mut absent = Vec::new();
+            tree.absent(&s.present, &mut absent).unwrap();
+            assert_eq!(s.absent, absent);
+            assert!(s.absent.len() < s.n - s.present_count() || s.n - s.present_count() <= 1);
+        }
+    }
 }
 
 #[test]
@@ -1752,13 +1761,16 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
     };
     let mut tampered = hv.seals.clone();
     tampered.iter_mut().for_each(|s| s.absent[0][7] ^= 1);
+    // As kind 1 with the aligned digests of the absent messages (what a
+    // forwarder holding the client's frames could compute: kind 1's
+    // layout, kind 4's digests).
     let mut as_kind1 = hv.seals.clone();
-    as_kind1.iter_mut().for_each(|s| s.aligned = false);
     // As kind 1 with the kind 1 digests of the absent messages (what a
     // forwarder holding the client's frames could compute).
     let seal = &hv.seals[0];
     assert!(hv.seals.iter().all(|s| s.sig == seal.sig && s.n == seal.n));
     let mut kind1 = vec![None; seal.n];
+    let mut kind4 = vec![None; seal.n];
     for b in &bodies {
         let v = PublishBatchView::decode(b).unwrap();
         let Some(s) = v.seals.iter().find(|s| s.sig == seal.sig) else {
@@ -1766,6 +1778,13 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
         };
         let present = (0..s.n).filter(|&i| s.is_present(i));
         for (i, e) in present.zip(&v.entries) {
+            kind4[i] = Some(macula_wire::event_digest_aligned(
+                e.seq,
+                v.topics[e.topic_index],
+                e.payload,
+                [],
+                None,
+            ));
             kind1[i] = Some(macula_wire::event_digest(
                 e.seq,
                 v.topics[e.topic_index],
@@ -1774,6 +1793,13 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
                 None,
             ));
         }
+    }
+    for s in &mut as_kind1 {
+        s.aligned = false;
+        s.absent = (0..s.n)
+            .filter(|&i| !s.is_present(i))
+            .map(|i| kind4[i].unwrap())
+            .collect();
     }
     let mut as_kind1_digests = as_kind1.clone();
     for s in &mut as_kind1_digests {
@@ -1801,7 +1827,7 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
             all,
         ),
         (
-            "re-presented as kind 1",
+            "re-presented as kind 1 with the aligned digests",
             reencode(&hv, &genuine, &as_kind1),
             all,
         ),
@@ -1853,5 +1879,133 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
         (n, bad, told),
         (0, 1, true),
         "kind 1 re-presented as kind 4"
+    );
+}
+
+#[test]
+fn a_large_seal_spans_many_frames_each_carrying_a_few_subtree_hashes() {
+    // 64 messages of 16 KiB written at once: one kind 4 seal over all of
+    // them (before the tree, at most 132 per seal: each frame carried
+    // every other message's digest, up to 4 KiB); each frame carries at
+    // most two hashes per level of the tree (2 x 6 here, not 60).
+    let bodies = client_frames_kind(64, 16 * 1024, true);
+    assert!(bodies.len() >= 16, "{} frames", bodies.len());
+    let views: Vec<_> = bodies
+        .iter()
+        .map(|b| PublishBatchView::decode(b).unwrap())
+        .collect();
+    let sig = views[0].seals[0].sig;
+    for v in &views {
+        assert_eq!(v.seals.len(), 1);
+        let s = &v.seals[0];
+        assert!(s.aligned);
+        assert_eq!((s.sig, s.n), (sig, 64), "one signature over all 64");
+        assert!(s.absent.len() <= 2 * macula_wire::seal_tree_depth(64));
+        assert_eq!(
+            s.absent.len(),
+            macula_wire::seal_tree_absent_count(s.n, &s.present)
+        );
+    }
+    // A receiver of only some of the seal's frames (the first, one in
+    // the middle, the last) checks each of them and delivers all their
+    // messages.
+    let some = [
+        bodies[0].clone(),
+        bodies[bodies.len() / 2].clone(),
+        bodies[bodies.len() - 1].clone(),
+    ];
+    let want: usize = [0, bodies.len() / 2, bodies.len() - 1]
+        .iter()
+        .map(|&i| views[i].entries.len())
+        .sum();
+    let mut r = node(2);
+    r.subscribe("**", 7).unwrap();
+    let got = receive(&mut r, id(1), &some, &mut BatchReceiver::new(false));
+    assert_eq!(got.len(), want);
+    assert!(got
+        .iter()
+        .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+    assert_eq!(unproved(&r), 0);
+    // Through a gateway: every copy verifies, node 2 (t.*) gets half.
+    let copies = forward_all(&bodies, &[("t", 2, "t.*")]);
+    let mut r = node(2);
+    r.subscribe("**", 7).unwrap();
+    let got = receive(
+        &mut r,
+        id(1),
+        &copies[&id(2)],
+        &mut BatchReceiver::new(false),
+    );
+    assert_eq!(got.len(), 32);
+    assert_eq!(unproved(&r), 0);
+    for b in &copies[&id(2)] {
+        let v = PublishBatchView::decode(b).unwrap();
+        for s in &v.seals {
+            assert!(s.aligned);
+            assert!(s.absent.len() <= 2 * macula_wire::seal_tree_depth(64) + s.present_count());
+        }
+    }
+}
+
+#[test]
+fn payloads_swapped_between_frames_or_a_frame_replayed_into_another_seal_are_dropped() {
+    // Two kind 4 seals of 12 messages of 16 KiB (other payloads, the same
+    // seqs and layout), each spanning three frames.
+    let a = client_frames_kind(12, 16 * 1024, true);
+    let b = client_frames_fill(12, 16 * 1024, true, b'y');
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 2);
+    let av = PublishBatchView::decode(&a[0]).unwrap();
+    let a1 = PublishBatchView::decode(&a[1]).unwrap();
+    let bv = PublishBatchView::decode(&b[0]).unwrap();
+    assert_eq!(av.seals[0].present, bv.seals[0].present);
+    assert_eq!(av.seals[0].absent.len(), bv.seals[0].absent.len());
+    assert_ne!(av.seals[0].sig, bv.seals[0].sig);
+    let deliver = |bytes: &[Bytes]| {
+        let mut n = node(2);
+        n.subscribe("**", 7).unwrap();
+        let got = receive(&mut n, id(1), bytes, &mut BatchReceiver::new(false));
+        (got.len(), unproved(&n))
+    };
+    let k = av.entries.len();
+    assert_eq!(deliver(&[a[0].clone()]), (k, 0), "genuine");
+    let genuine = |v: &PublishBatchView<'_>| {
+        let p: Vec<Vec<u8>> = v.entries.iter().map(|e| e.payload.to_vec()).collect();
+        move |i: usize| p[i].clone()
+    };
+    // Frame 0 of seal B under seal A's signature and hashes (a frame
+    // replayed into another seal), or under A's signature with its own
+    // hashes: dropped, counted.
+    let replayed = reencode(&bv, &genuine(&bv), &av.seals);
+    assert_eq!(deliver(&[replayed]), (0, k as u64), "replayed into seal A");
+    let mut mixed = av.seals.clone();
+    mixed[0].absent = bv.seals[0].absent.clone();
+    let replayed = reencode(&bv, &genuine(&bv), &mixed);
+    assert_eq!(
+        deliver(&[replayed]),
+        (0, k as u64),
+        "B's hashes under A's signature"
+    );
+    // A payload of frame 0 swapped with one of frame 1 (the same seal):
+    // both frames dropped, counted.
+    let p0 = av.entries[0].payload.to_vec();
+    let p1 = a1.entries[0].payload.to_vec();
+    assert_ne!(p0, p1);
+    let g0 = genuine(&av);
+    let f0 = reencode(&av, &|i| if i == 0 { p1.clone() } else { g0(i) }, &av.seals);
+    let g1 = genuine(&a1);
+    let f1 = reencode(&a1, &|i| if i == 0 { p0.clone() } else { g1(i) }, &a1.seals);
+    let k1 = a1.entries.len();
+    assert_eq!(
+        deliver(&[f0, f1]),
+        (0, (k + k1) as u64),
+        "swapped between frames"
+    );
+    // The genuine frames after a forged one still verify (the verified
+    // signature memory keys on the whole signed message).
+    let forged = reencode(&bv, &genuine(&bv), &av.seals);
+    assert_eq!(
+        deliver(&[forged, a[0].clone(), a[1].clone()]),
+        (k + k1, k as u64)
     );
 }

@@ -41,8 +41,9 @@ pub use node_id::{NodeId, ParseNodeIdError};
 pub use pubsub::{
     encode_batch_frame, encode_sealed_batch_frame, event_digest, event_digest_aligned,
     group_digest, is_hop_header, seal_hash, seal_hash_aligned, seal_hash_groups, seal_hash_whole,
-    seal_whole, BatchEntry, BatchHead, BatchItem, BatchMessage, Publish, PublishBatch,
-    PublishBatchView, PublishDropped, Seal, WholeHasher,
+    seal_node, seal_tree_absent, seal_tree_absent_count, seal_tree_depth, seal_whole, BatchEntry,
+    BatchHead, BatchItem, BatchMessage, Publish, PublishBatch, PublishBatchView, PublishDropped,
+    Seal, SealTree, WholeHasher,
 };
 pub use raft::{RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 pub use relay::{RelayCode, RelayMessage, RelayRecord};

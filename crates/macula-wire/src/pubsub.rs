@@ -121,11 +121,12 @@ pub const SEAL_KIND_WHOLE: u8 = 2;
 /// digests of the groups it leaves out, never part of a group
 /// (docs/PROTOCOL.md §5.3, "Seals over topic groups").
 pub const SEAL_KIND_GROUPS: u8 = 3;
-/// Seal kind (format 3): a seal of kind [`SEAL_KIND_DIGESTS`] whose
-/// digests are [`event_digest_aligned`] (each payload hashed from its own
-/// byte 0, so BLAKE3 takes its whole 1 KiB chunks in parallel) and whose
-/// signature is over [`seal_hash_aligned`] (docs/PROTOCOL.md §5.3,
-/// "Seals over aligned digests").
+/// Seal kind (format 3): a seal over the tree ([`SealTree`]) of its
+/// messages' [`event_digest_aligned`] digests (each payload hashed from
+/// its own byte 0, so BLAKE3 takes its whole 1 KiB chunks in parallel),
+/// its signature over [`seal_hash_aligned`] of the root; a batch carries
+/// the hashes of the subtrees it has no message of (docs/PROTOCOL.md
+/// §5.3, "Seals over aligned digests").
 pub const SEAL_KIND_ALIGNED: u8 = 4;
 /// Messages one seal covers (the digests a forwarded copy may carry).
 pub const MAX_SEAL_ENTRIES: usize = 1024;
@@ -155,8 +156,11 @@ pub const SEALS_COUNT_LEN: usize = 3;
 /// absent, at most one per absent message), in any order.
 ///
 /// A seal of kind [`SEAL_KIND_ALIGNED`] has `aligned` set (and neither
-/// `carried` nor `groups`): laid out as kind 1, its digests are
-/// [`event_digest_aligned`].
+/// `carried` nor `groups`): laid out as kind 1, but `absent` holds the
+/// hashes of the maximal subtrees of its tree ([`SealTree`]) with no
+/// present message, left to right ([`seal_tree_absent`]): a frame of a
+/// few messages of a large seal carries a few hashes, not one per
+/// message it does not carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seal {
     pub key: [u8; 32],
@@ -217,7 +221,12 @@ impl Seal {
             }
             return Ok(());
         }
-        if self.absent.len() != self.n - present {
+        let carried = match self.aligned {
+            // Kind 4: the hashes of the maximal absent subtrees.
+            true => seal_tree_absent_count(self.n, &self.present),
+            false => self.n - present,
+        };
+        if self.absent.len() != carried {
             return Err("seal digests do not match its bitmap".into());
         }
         Ok(())
@@ -308,9 +317,10 @@ impl Seal {
             aligned,
         };
         let missing = n - seal.present_count().min(n);
-        let absent = match groups {
-            false => missing,
-            true => {
+        let absent = match (groups, aligned) {
+            (false, true) => seal_tree_absent_count(n, &seal.present),
+            (false, false) => missing,
+            (true, _) => {
                 let k = c.varint()?;
                 if k > missing as u64 {
                     return Err(format!("{k} group digests for {missing} absent messages"));
@@ -528,16 +538,247 @@ pub fn seal_hash(publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 3
 }
 
 /// What the signature of a seal of kind [`SEAL_KIND_ALIGNED`] signs
-/// (after its tag): as [`seal_hash`], over the messages'
-/// [`event_digest_aligned`] digests, under its own domain tag.
-pub fn seal_hash_aligned(publisher: &NodeId, epoch: u64, digests: &[[u8; 32]]) -> [u8; 32] {
+/// (after its tag): BLAKE3 over its own domain tag, the publisher, its
+/// epoch, the message count `n` and the `root` of the tree over the
+/// messages' [`event_digest_aligned`] digests ([`SealTree`]).
+pub fn seal_hash_aligned(publisher: &NodeId, epoch: u64, n: usize, root: &[u8; 32]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"macula pub/sub seal v4\0");
     h.update(publisher.as_bytes());
     h.update(&epoch.to_le_bytes());
-    h.update(&(digests.len() as u64).to_le_bytes());
-    h.update(digests.as_flattened());
+    h.update(&(n as u64).to_le_bytes());
+    h.update(root);
     *h.finalize().as_bytes()
+}
+
+/// Domain tag of an inner node of a seal of kind [`SEAL_KIND_ALIGNED`]'s
+/// tree ([`seal_node`]): never the start of an [`event_digest_aligned`]
+/// input (`macula event digest v4`), so no leaf reads as a node.
+const NODE_TAG: &[u8] = b"macula pub/sub seal node v4\0";
+
+/// An inner node of the tree a seal of kind [`SEAL_KIND_ALIGNED`] signs
+/// the root of: BLAKE3 over its tag, then its left and right children.
+pub fn seal_node(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut buf = [0u8; NODE_TAG.len() + 64];
+    buf[..NODE_TAG.len()].copy_from_slice(NODE_TAG);
+    buf[NODE_TAG.len()..NODE_TAG.len() + 32].copy_from_slice(left);
+    buf[NODE_TAG.len() + 32..].copy_from_slice(right);
+    *blake3::hash(&buf).as_bytes()
+}
+
+/// Where the tree of `n` ≥ 2 leaves splits (RFC 9162 §2.1.1): the largest
+/// power of two below `n`.
+fn tree_split(n: usize) -> usize {
+    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+}
+
+/// Height of the tree of `n` leaves (⌈log2 n⌉): a leaf has at most this
+/// many ancestors, so one present leaf leaves at most this many maximal
+/// absent subtrees, and a contiguous run of them twice as many.
+pub fn seal_tree_depth(n: usize) -> usize {
+    match n {
+        0 | 1 => 0,
+        n => (usize::BITS - (n - 1).leading_zeros()) as usize,
+    }
+}
+
+/// Whether any bit of `lo..hi` is set in `bits` (LSB first).
+fn any_bit(bits: &[u8], lo: usize, hi: usize) -> bool {
+    let mut i = lo;
+    while i < hi {
+        let Some(&b) = bits.get(i / 8) else {
+            return false;
+        };
+        if i.is_multiple_of(8) && i + 8 <= hi {
+            if b != 0 {
+                return true;
+            }
+            i += 8;
+            continue;
+        }
+        if b & (1 << (i % 8)) != 0 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The maximal subtrees with no present leaf (bit set in `present`) of
+/// the tree of `n` leaves, left to right, as leaf ranges: the nodes whose
+/// hashes a seal of kind [`SEAL_KIND_ALIGNED`] carries. Depth-bounded
+/// recursion (at most [`seal_tree_depth`] of [`MAX_SEAL_ENTRIES`]).
+pub fn seal_tree_absent(n: usize, present: &[u8], out: &mut Vec<(usize, usize)>) {
+    fn walk(lo: usize, hi: usize, present: &[u8], out: &mut Vec<(usize, usize)>) {
+        if !any_bit(present, lo, hi) {
+            out.push((lo, hi));
+            return;
+        }
+        if hi - lo < 2 {
+            return;
+        }
+        let k = tree_split(hi - lo);
+        walk(lo, lo + k, present, out);
+        walk(lo + k, hi, present, out);
+    }
+    if n > 0 {
+        walk(0, n, present, out);
+    }
+}
+
+/// How many hashes a seal of kind [`SEAL_KIND_ALIGNED`] of `n` messages
+/// whose bitmap is `present` carries ([`seal_tree_absent`], counted).
+pub fn seal_tree_absent_count(n: usize, present: &[u8]) -> usize {
+    fn walk(lo: usize, hi: usize, present: &[u8]) -> usize {
+        if !any_bit(present, lo, hi) {
+            return 1;
+        }
+        if hi - lo < 2 {
+            return 0;
+        }
+        let k = tree_split(hi - lo);
+        walk(lo, lo + k, present) + walk(lo + k, hi, present)
+    }
+    match n {
+        0 => 0,
+        n => walk(0, n, present),
+    }
+}
+
+/// The tree over the aligned digests of a seal of kind
+/// [`SEAL_KIND_ALIGNED`] (RFC 9162 §2.1.1's shape, BLAKE3 with domain
+/// tags: the leaves are [`event_digest_aligned`], each inner node
+/// [`seal_node`] of its children), as far as a node knows it: the
+/// publisher knows every leaf; a receiver the leaves it got and the
+/// hashes of the maximal subtrees it did not get (what the seal carried).
+/// Every node it can compute is kept, so a copy of any subset of what it
+/// got can be given its carried hashes ([`SealTree::absent`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SealTree {
+    n: usize,
+    /// `(lo, hi, hash)` of every node known, sorted by `(lo, hi)`.
+    nodes: Vec<(u32, u32, [u8; 32])>,
+}
+
+impl SealTree {
+    /// The tree of all of `leaves` (a publisher's).
+    pub fn new(leaves: &[[u8; 32]]) -> SealTree {
+        fn build(
+            lo: usize,
+            hi: usize,
+            leaves: &[[u8; 32]],
+            out: &mut Vec<(u32, u32, [u8; 32])>,
+        ) -> [u8; 32] {
+            let h = match hi - lo {
+                1 => leaves[lo],
+                len => {
+                    let k = tree_split(len);
+                    let l = build(lo, lo + k, leaves, out);
+                    let r = build(lo + k, hi, leaves, out);
+                    seal_node(&l, &r)
+                }
+            };
+            out.push((lo as u32, hi as u32, h));
+            h
+        }
+        let mut nodes = Vec::with_capacity(2 * leaves.len());
+        if !leaves.is_empty() {
+            build(0, leaves.len(), leaves, &mut nodes);
+        }
+        nodes.sort_unstable_by_key(|&(lo, hi, _)| (lo, hi));
+        SealTree {
+            n: leaves.len(),
+            nodes,
+        }
+    }
+
+    /// The tree as a seal of `n` messages with bitmap `present` shows it:
+    /// `leaves`, the digests of the present messages in order; `carried`,
+    /// the hashes of the maximal absent subtrees in order. `None` when
+    /// they do not add up.
+    pub fn from_part(
+        n: usize,
+        present: &[u8],
+        leaves: impl IntoIterator<Item = [u8; 32]>,
+        carried: &[[u8; 32]],
+    ) -> Option<SealTree> {
+        struct Walk<'a, L> {
+            present: &'a [u8],
+            leaves: L,
+            carried: std::slice::Iter<'a, [u8; 32]>,
+            out: Vec<(u32, u32, [u8; 32])>,
+        }
+        fn walk<L: Iterator<Item = [u8; 32]>>(
+            w: &mut Walk<'_, L>,
+            lo: usize,
+            hi: usize,
+        ) -> Option<[u8; 32]> {
+            let h = if !any_bit(w.present, lo, hi) {
+                *w.carried.next()?
+            } else if hi - lo == 1 {
+                w.leaves.next()?
+            } else {
+                let k = tree_split(hi - lo);
+                let l = walk(w, lo, lo + k)?;
+                let r = walk(w, lo + k, hi)?;
+                seal_node(&l, &r)
+            };
+            w.out.push((lo as u32, hi as u32, h));
+            Some(h)
+        }
+        if n == 0 || n > MAX_SEAL_ENTRIES {
+            return None;
+        }
+        let mut w = Walk {
+            present,
+            leaves: leaves.into_iter(),
+            carried: carried.iter(),
+            out: Vec::with_capacity(4 * seal_tree_depth(n) + 8),
+        };
+        walk(&mut w, 0, n)?;
+        if w.leaves.next().is_some() || w.carried.next().is_some() {
+            return None;
+        }
+        let mut nodes = w.out;
+        nodes.sort_unstable_by_key(|&(lo, hi, _)| (lo, hi));
+        Some(SealTree { n, nodes })
+    }
+
+    /// Leaves the tree has.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn node(&self, lo: usize, hi: usize) -> Option<[u8; 32]> {
+        let key = (lo as u32, hi as u32);
+        self.nodes
+            .binary_search_by_key(&key, |&(l, h, _)| (l, h))
+            .ok()
+            .map(|i| self.nodes[i].2)
+    }
+
+    /// Its root (what the signature binds, [`seal_hash_aligned`]).
+    pub fn root(&self) -> Option<[u8; 32]> {
+        self.node(0, self.n)
+    }
+
+    /// The hashes a seal of it whose bitmap is `present` carries (the
+    /// maximal subtrees with no present leaf, left to right), appended to
+    /// `out`. `None` when one is not known here (`present` is not within
+    /// what this node got).
+    pub fn absent(&self, present: &[u8], out: &mut Vec<[u8; 32]>) -> Option<()> {
+        let mut ranges = Vec::new();
+        seal_tree_absent(self.n, present, &mut ranges);
+        out.reserve(ranges.len());
+        for (lo, hi) in ranges {
+            out.push(self.node(lo, hi)?);
+        }
+        Some(())
+    }
 }
 
 /// Domain tag of [`seal_whole`].
@@ -1563,7 +1804,7 @@ mod tests {
                         key,
                         sig: [fill; 64],
                         n,
-                        present: bits,
+                        present: bits.clone(),
                         // Every fourth seal of the whole kind, every
                         // fourth another of topic groups (format 3): one
                         // group digest for all its absent messages, and
@@ -1571,9 +1812,11 @@ mod tests {
                         carried: (fill % 4 == 0).then_some([fill ^ 0x5a; 32]),
                         groups: fill % 4 == 1,
                         aligned: fill % 4 == 2,
-                        absent: match fill % 4 == 1 && absent > 0 {
-                            true => vec![[fill; 32]; 1 + absent / 2],
-                            false => vec![[fill; 32]; absent],
+                        absent: match (fill % 4, absent > 0) {
+                            (1, true) => vec![[fill; 32]; 1 + absent / 2],
+                            // Kind 4: one hash per maximal absent subtree.
+                            (2, _) => vec![[fill; 32]; seal_tree_absent_count(n, &bits)],
+                            _ => vec![[fill; 32]; absent],
                         },
                     });
                 }
@@ -1745,17 +1988,97 @@ mod tests {
 
         #[test]
         fn seal_hash_aligned_is_its_own(
-            digests in proptest::collection::vec(any::<[u8; 32]>(), 0..300),
+            digests in proptest::collection::vec(any::<[u8; 32]>(), 1..300),
         ) {
             let p = NodeId::from_bytes([9; 32]);
+            let root = SealTree::new(&digests).root().unwrap_or_default();
             let mut h = blake3::Hasher::new();
             h.update(b"macula pub/sub seal v4\0");
             h.update(p.as_bytes());
             h.update(&5u64.to_le_bytes());
             h.update(&(digests.len() as u64).to_le_bytes());
-            h.update(digests.as_flattened());
-            prop_assert_eq!(seal_hash_aligned(&p, 5, &digests), *h.finalize().as_bytes());
-            prop_assert_ne!(seal_hash_aligned(&p, 5, &digests), seal_hash(&p, 5, &digests));
+            h.update(&root);
+            prop_assert_eq!(seal_hash_aligned(&p, 5, digests.len(), &root), *h.finalize().as_bytes());
+            prop_assert_ne!(seal_hash_aligned(&p, 5, digests.len(), &root), seal_hash(&p, 5, &digests));
+        }
+
+        #[test]
+        fn a_seal_tree_is_rfc_9162_shaped_and_any_part_of_it_gives_its_root(
+            leaves in proptest::collection::vec(any::<[u8; 32]>(), 1..200),
+            bits in proptest::collection::vec(any::<u8>(), 25),
+            run in (0usize..200, 1usize..40),
+        ) {
+            // The reference: RFC 9162 §2.1.1's MTH, BLAKE3 and tags.
+            fn mth(d: &[[u8; 32]]) -> [u8; 32] {
+                if d.len() == 1 {
+                    return d[0];
+                }
+                let mut k = 1;
+                while 2 * k < d.len() {
+                    k *= 2;
+                }
+                let mut h = blake3::Hasher::new();
+                h.update(b"macula pub/sub seal node v4\0");
+                h.update(&mth(&d[..k]));
+                h.update(&mth(&d[k..]));
+                *h.finalize().as_bytes()
+            }
+            let n = leaves.len();
+            let full = SealTree::new(&leaves);
+            prop_assert_eq!(full.root(), Some(mth(&leaves)));
+            let bitmap = |keep: &dyn Fn(usize) -> bool| -> Vec<u8> {
+                let mut b = vec![0u8; n.div_ceil(8)];
+                for i in (0..n).filter(|&i| keep(i)) {
+                    b[i / 8] |= 1 << (i % 8);
+                }
+                b
+            };
+            let is = |b: &[u8], i: usize| b[i / 8] & (1 << (i % 8)) != 0;
+            // Any subset, and a contiguous run (a client's frame).
+            let any_set = bitmap(&|i| bits[i % 25] & (1 << (i % 8)) != 0 || i == 0);
+            let (a, len) = (run.0 % n, run.1);
+            let contiguous = bitmap(&|i| i >= a && i < a + len);
+            for present in [&any_set, &contiguous] {
+                let mut carried = Vec::new();
+                prop_assert!(full.absent(present, &mut carried).is_some());
+                prop_assert_eq!(carried.len(), seal_tree_absent_count(n, present));
+                let absent_leaves = (0..n).filter(|&i| !is(present, i)).count();
+                prop_assert!(carried.len() <= absent_leaves);
+                let got: Vec<[u8; 32]> =
+                    (0..n).filter(|&i| is(present, i)).map(|i| leaves[i]).collect();
+                let part = SealTree::from_part(n, present, got.iter().copied(), &carried);
+                prop_assert!(part.is_some());
+                let part = part.unwrap_or_default();
+                prop_assert_eq!(part.root(), full.root());
+                // A copy of a subset of it: the same hashes as the
+                // publisher's tree gives it.
+                let sub = bitmap(&|i| is(present, i) && (i % 3 != 1 || i == a));
+                if sub.iter().any(|&b| b != 0) {
+                    let (mut x, mut y) = (Vec::new(), Vec::new());
+                    prop_assert!(part.absent(&sub, &mut x).is_some());
+                    prop_assert!(full.absent(&sub, &mut y).is_some());
+                    prop_assert_eq!(x, y);
+                }
+                // One carried hash changed, or one leaf: another root.
+                if !carried.is_empty() {
+                    let mut c = carried.clone();
+                    let j = bits[0] as usize % c.len();
+                    c[j][bits[1] as usize % 32] ^= 1;
+                    let bad = SealTree::from_part(n, present, got.iter().copied(), &c);
+                    prop_assert_ne!(bad.and_then(|t| t.root()), full.root());
+                }
+                let mut g = got.clone();
+                g[0][0] ^= 1;
+                let bad = SealTree::from_part(n, present, g.iter().copied(), &carried);
+                prop_assert_ne!(bad.and_then(|t| t.root()), full.root());
+                // Counts that do not add up: refused.
+                prop_assert!(SealTree::from_part(n, present, got.iter().copied().skip(1), &carried).is_none());
+                let mut more = carried.clone();
+                more.push([0; 32]);
+                prop_assert!(SealTree::from_part(n, present, got.iter().copied(), &more).is_none());
+            }
+            // A contiguous run carries at most two hashes per level.
+            prop_assert!(seal_tree_absent_count(n, &contiguous) <= 2 * seal_tree_depth(n));
         }
 
         #[test]
@@ -1940,7 +2263,7 @@ mod tests {
     }
 
     #[test]
-    fn seals_of_aligned_digests_are_kind_4_laid_out_as_kind_1() {
+    fn seals_of_aligned_digests_are_kind_4_and_carry_subtree_hashes() {
         let seal = |present: Vec<u8>, absent: Vec<[u8; 32]>| Seal {
             key: [3; 32],
             sig: [4; 64],
@@ -1964,8 +2287,20 @@ mod tests {
             messages: vec![msg(7), msg(8)],
             seals,
         };
-        // Two of four present: the two others' digests, as kind 1.
-        let part = body(&b(vec![seal(vec![0b0011], vec![[6; 32], [7; 32]])]));
+        // The first two of four present: one hash, of the subtree of the
+        // last two (a tree of 4 splits at 2).
+        let first_two = body(&b(vec![seal(vec![0b0011], vec![[6; 32]])]));
+        let tail = 1 + 32 + 64 + 1 + 1 + 32;
+        assert_eq!(first_two[first_two.len() - tail], SEAL_KIND_ALIGNED);
+        let v = PublishBatchView::decode(&first_two).unwrap();
+        assert_eq!(v.seals[0].absent, vec![[6; 32]]);
+        // Under kind 1 the same bytes are one digest short: malformed.
+        let mut as1 = first_two.clone();
+        let at = first_two.len() - tail;
+        as1[at] = SEAL_KIND_DIGESTS;
+        assert!(PublishBatchView::decode(&as1).is_err());
+        // Messages 0 and 2 present: the leaves 1 and 3, two hashes.
+        let part = body(&b(vec![seal(vec![0b0101], vec![[6; 32], [7; 32]])]));
         assert_eq!(part[0], BATCH_FORMAT_SEALED_WHOLE);
         let tail = 1 + 32 + 64 + 1 + 1 + 64;
         let at = part.len() - tail;
@@ -1984,7 +2319,10 @@ mod tests {
         assert!(!v1.seals[0].aligned);
         // Digests that do not match the bitmap, another kind at once, or
         // kind 4 in a format 2 batch: refused.
-        assert!(b(vec![seal(vec![0b0011], vec![[6; 32]])])
+        assert!(b(vec![seal(vec![0b0011], vec![[6; 32], [7; 32]])])
+            .write_body(&mut Vec::new())
+            .is_err());
+        assert!(b(vec![seal(vec![0b0101], vec![[6; 32]])])
             .write_body(&mut Vec::new())
             .is_err());
         let mixed = Seal {
@@ -1995,7 +2333,7 @@ mod tests {
         assert!(b(vec![mixed]).write_body(&mut Vec::new()).is_err());
         let carried = Seal {
             carried: Some([1; 32]),
-            ..seal(vec![0b0011], vec![[6; 32], [7; 32]])
+            ..seal(vec![0b0101], vec![[6; 32], [7; 32]])
         };
         assert!(b(vec![carried]).write_body(&mut Vec::new()).is_err());
         let mut as2 = part.clone();
