@@ -256,24 +256,16 @@ impl SealedRun {
     /// Kind 3: the groups, computed from the source frame if not known.
     fn groups(&self) -> &Groups {
         self.groups.get_or_init(|| {
-            let Some(src) = &self.source else {
-                return Groups::default();
-            };
-            let Ok(v) = PublishBatchView::decode(&src.body) else {
-                return Groups::default();
-            };
-            let k: usize = src.present.iter().map(|b| b.count_ones() as usize).sum();
-            let Some(entries) = v.entries.get(src.first..src.first + k) else {
-                return Groups::default();
-            };
-            let present = |i: usize| {
-                src.present
-                    .get(i / 8)
-                    .is_some_and(|b| b & (1 << (i % 8)) != 0)
-            };
-            let mut g = group_entries(&v, entries, self.n, present);
-            g.digests.extend_from_slice(&src.absent);
-            g
+            self.with_source(|src, v, entries| {
+                let present = |i: usize| {
+                    src.present
+                        .get(i / 8)
+                        .is_some_and(|b| b & (1 << (i % 8)) != 0)
+                };
+                let mut g = group_entries(v, entries, self.n, present);
+                g.digests.extend_from_slice(&src.absent);
+                g
+            })
         })
     }
 
@@ -349,19 +341,30 @@ impl SealedRun {
     /// Kind 4: the tree, computed from the source frame if not known.
     fn tree(&self) -> &SealTree {
         self.tree.get_or_init(|| {
-            let Some(src) = &self.source else {
-                return SealTree::default();
-            };
-            let Ok(v) = PublishBatchView::decode(&src.body) else {
-                return SealTree::default();
-            };
-            let k: usize = src.present.iter().map(|b| b.count_ones() as usize).sum();
-            let Some(entries) = v.entries.get(src.first..src.first + k) else {
-                return SealTree::default();
-            };
-            let leaves = entries.iter().map(|e| digest(&v, e, true));
-            SealTree::from_part(self.n, &src.present, leaves, &src.absent).unwrap_or_default()
+            self.with_source(|src, v, entries| {
+                let leaves = entries.iter().map(|e| digest(v, e, true));
+                SealTree::from_part(self.n, &src.present, leaves, &src.absent).unwrap_or_default()
+            })
         })
+    }
+
+    /// `f` of the source frame, decoded, and the entries this seal covers
+    /// in it; the default when there is no source or it does not decode.
+    fn with_source<T: Default>(
+        &self,
+        f: impl FnOnce(&Source, &PublishBatchView<'_>, &[macula_wire::BatchEntry<'_>]) -> T,
+    ) -> T {
+        let Some(src) = &self.source else {
+            return T::default();
+        };
+        let Ok(v) = PublishBatchView::decode(&src.body) else {
+            return T::default();
+        };
+        let k: usize = src.present.iter().map(|b| b.count_ones() as usize).sum();
+        match v.entries.get(src.first..src.first + k) {
+            Some(entries) => f(src, &v, entries),
+            None => T::default(),
+        }
     }
 
     /// The digests of the messages it covers, in order (kinds 1 and 2;
