@@ -667,10 +667,7 @@ impl Signer {
         range: std::ops::Range<usize>,
     ) -> Seal {
         let n = tree.len();
-        let mut present = vec![0u8; n.div_ceil(8)];
-        for i in range {
-            present[i / 8] |= 1 << (i % 8);
-        }
+        let present = present_bits(n, range);
         let mut absent = Vec::new();
         // The publisher's tree knows every node.
         let _ = tree.absent(&present, &mut absent);
@@ -700,10 +697,7 @@ impl Signer {
         range: std::ops::Range<usize>,
     ) -> Seal {
         let n = digests.len();
-        let mut present = vec![0u8; n.div_ceil(8)];
-        for i in range.clone() {
-            present[i / 8] |= 1 << (i % 8);
-        }
+        let present = present_bits(n, range.clone());
         let mut absent = Vec::with_capacity(n - range.len());
         absent.extend_from_slice(&digests[..range.start]);
         absent.extend_from_slice(&digests[range.end..]);
@@ -718,6 +712,15 @@ impl Signer {
             aligned: false,
         }
     }
+}
+
+/// The bitmap of a seal of `n` messages whose present ones are `range`.
+fn present_bits(n: usize, range: std::ops::Range<usize>) -> Vec<u8> {
+    let mut present = vec![0u8; n.div_ceil(8)];
+    for i in range {
+        present[i / 8] |= 1 << (i % 8);
+    }
+    present
 }
 
 impl std::fmt::Debug for Signer {
