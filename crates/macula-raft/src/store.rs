@@ -292,6 +292,9 @@ pub fn open_with(
     let durable = Durable {
         rx: durable_tx.subscribe(),
     };
+    let log_reader = wal.reader();
+    let log = LogStore::new(wal, member, (durable_tx, durable.clone()))?;
+    log.set_sync_interval(log_sync_interval);
     let (tx, _) = broadcast::channel(options.broadcast_capacity.max(1));
     let state = SmState {
         history: History::new(kv.revision(), options.history_events, options.history_bytes),
@@ -308,13 +311,12 @@ pub fn open_with(
             snapshot_seq: AtomicU64::new(seq),
             writer,
             thread: Mutex::new(sm_thread),
-            durable: durable.clone(),
+            durable,
             applier: RwLock::new(None),
-            log: wal.reader(),
+            log: log_reader,
+            log_syncer: log.syncer(),
         }),
     };
-    let log = LogStore::new(wal, member, (durable_tx, durable))?;
-    log.set_sync_interval(log_sync_interval);
     Ok((log, sm))
 }
 
@@ -568,6 +570,62 @@ impl LogSyncInterval {
     }
 }
 
+/// Syncs a log up to an index on demand ([`LogStore::syncer`]): what an
+/// applier whose own store is synced on its own schedule
+/// ([`Applier::synced`]) calls before it makes an applied index durable,
+/// so that with a sync interval a power loss can never leave the applier
+/// ahead of the log it replays from. Cheap to clone.
+#[derive(Clone)]
+pub struct LogSyncer {
+    synced_upto: Arc<AtomicU64>,
+    shared: std::sync::Weak<LogShared>,
+}
+
+impl Debug for LogSyncer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSyncer")
+            .field("synced_upto", &self.synced_upto())
+            .finish()
+    }
+}
+
+impl LogSyncer {
+    /// Every entry the log holds at an index up to this one is synced.
+    pub fn synced_upto(&self) -> u64 {
+        self.synced_upto.load(Ordering::Acquire)
+    }
+
+    /// Returns once every entry the log holds up to `index` is synced: at
+    /// once when it is (an atomic load), else after one `fdatasync` of the
+    /// log's writer (with whatever it writes meanwhile). **Blocks** the
+    /// calling thread: call it from a thread that may block (a store's
+    /// writer thread), never from an async task. An error when the log's
+    /// writer failed or stopped without syncing.
+    pub fn sync_to(&self, index: u64) -> Result<(), StoreError> {
+        if self.synced_upto() >= index {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let Some(shared) = self.shared.upgrade() else {
+                // Closed: its writer synced everything at the close (then
+                // `synced_upto` is at its maximum) or could not.
+                return if self.synced_upto() >= index {
+                    Ok(())
+                } else {
+                    Err(StoreError::Task(format!(
+                        "the raft log is closed, not synced up to index {index}"
+                    )))
+                };
+            };
+            shared.send(LogOp::Sync { done: tx })?;
+        }
+        rx.recv()
+            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))?
+            .map_err(StoreError::Task)
+    }
+}
+
 /// The Raft log and vote of one group ([`RaftLogStorage`]); also its own
 /// [`RaftLogReader`]. Cheap to clone (shares the log files and the writer).
 ///
@@ -610,6 +668,20 @@ struct LogShared {
     durable: Durable,
     /// The log's sync interval in ms, 0 for none (shared with the writer).
     sync_interval_ms: Arc<AtomicU64>,
+    /// Every entry this log holds at an index up to this one is synced
+    /// (set by the writer; see [`LogSyncer`]).
+    synced_upto: Arc<AtomicU64>,
+}
+
+impl LogShared {
+    fn send(&self, op: LogOp) -> Result<(), StoreError> {
+        self.writer
+            .lock()
+            .as_ref()
+            .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?
+            .send(op)
+            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))
+    }
 }
 
 impl Drop for LogShared {
@@ -653,6 +725,12 @@ enum LogOp {
         vote: Vote<MemberId>,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+    /// Sync the log (with whatever else is in the batch): every entry
+    /// written is then on disk ([`LogSyncer::sync_to`]; an applier asks
+    /// only for entries written, which it has applied).
+    Sync {
+        done: std::sync::mpsc::Sender<Result<(), String>>,
+    },
 }
 
 /// Most operations committed in one transaction.
@@ -671,6 +749,7 @@ impl LogOp {
             LogOp::Truncate { from, .. } => out.push(Record::Truncate { from: *from }),
             LogOp::Purge { upto, .. } => out.push(Record::Purge { upto: *upto }),
             LogOp::Vote { vote, .. } => out.push(Record::Vote(*vote)),
+            LogOp::Sync { .. } => {}
         }
     }
 }
@@ -694,22 +773,51 @@ fn last_after(batch: &[LogOp], mut last: Option<LogId>) -> Option<LogId> {
                     last = *keep;
                 }
             }
-            LogOp::Purge { .. } | LogOp::Vote { .. } => {}
+            LogOp::Purge { .. } | LogOp::Vote { .. } | LogOp::Sync { .. } => {}
         }
     }
     last
 }
 
+/// `synced_upto` lowered below what `batch` rewrites: a truncation, or an
+/// append at an index the log held (only uncommitted entries are ever
+/// rewritten, but a sync must not be skipped for their replacements).
+fn synced_before(batch: &[LogOp], mut synced: u64) -> u64 {
+    for op in batch {
+        let from = match op {
+            LogOp::Append { rows, .. } => rows.first().map(|r| r.0),
+            LogOp::Truncate { from, .. } => Some(*from),
+            _ => None,
+        };
+        if let Some(from) = from {
+            synced = synced.min(from.saturating_sub(1));
+        }
+    }
+    synced
+}
+
 /// Syncs what an interval left unsynced; a failure fails the log (what
 /// was acknowledged may not reach the disk).
-fn sync_late(wal: &mut Wal, on_disk: &tokio::sync::watch::Sender<DurableState>) {
-    if let Err(e) = wal.sync() {
-        tracing::error!(error = %e, "raft log sync failed");
-        let e = e.to_string();
-        on_disk.send_modify(|d| {
-            d.failed.get_or_insert(e);
-        });
+fn sync_late(
+    wal: &mut Wal,
+    on_disk: &tokio::sync::watch::Sender<DurableState>,
+    synced_upto: &AtomicU64,
+) {
+    match wal.sync() {
+        Ok(()) => synced_upto.store(last_index(on_disk), Ordering::Release),
+        Err(e) => {
+            tracing::error!(error = %e, "raft log sync failed");
+            let e = e.to_string();
+            on_disk.send_modify(|d| {
+                d.failed.get_or_insert(e);
+            });
+        }
     }
+}
+
+/// The index of the last entry written (or purged), 0 for none.
+fn last_index(on_disk: &tokio::sync::watch::Sender<DurableState>) -> u64 {
+    on_disk.borrow().last.map_or(0, |l| l.index)
 }
 
 /// The writer thread: group commits until every `LogStore` clone is gone.
@@ -723,6 +831,7 @@ fn log_writer(
     rx: std::sync::mpsc::Receiver<LogOp>,
     on_disk: tokio::sync::watch::Sender<DurableState>,
     interval_ms: Arc<AtomicU64>,
+    synced_upto: Arc<AtomicU64>,
 ) {
     let interval_now = || match interval_ms.load(Ordering::Acquire) {
         0 => None,
@@ -738,7 +847,7 @@ fn log_writer(
                 match rx.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
                     Ok(op) => op,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        sync_late(&mut wal, &on_disk);
+                        sync_late(&mut wal, &on_disk, &synced_upto);
                         dirty_since = None;
                         continue;
                     }
@@ -770,9 +879,24 @@ fn log_writer(
         // As it stands now (it may have changed while the writer waited).
         let interval = interval_now();
         let sync = interval.is_none()
+            || batch.iter().any(|op| matches!(op, LogOp::Sync { .. }))
             || batch.iter().any(|op| matches!(op, LogOp::Vote { .. }))
             || dirty_since.is_some_and(|t| now >= t + interval.unwrap_or_default());
-        let result = wal.write_with(&records, sync);
+        // Lowered before the write: nothing may skip a sync for entries
+        // this batch rewrites.
+        synced_upto.store(
+            synced_before(&batch, synced_upto.load(Ordering::Acquire)),
+            Ordering::Release,
+        );
+        let result = if records.is_empty() {
+            wal.sync()
+        } else {
+            wal.write_with(&records, sync)
+        };
+        if result.is_ok() && !wal.unsynced() {
+            // Every entry written, by this process or an earlier one.
+            synced_upto.store(last.map_or(0, |l| l.index), Ordering::Release);
+        }
         if result.is_ok() {
             dirty_since = if wal.unsynced() {
                 dirty_since.or(Some(now))
@@ -825,6 +949,9 @@ fn log_writer(
                 | LogOp::Vote { done, .. } => {
                     let _ = done.send(answer);
                 }
+                LogOp::Sync { done, .. } => {
+                    let _ = done.send(answer);
+                }
             }
         }
     }
@@ -836,8 +963,10 @@ fn log_writer(
             tracing::warn!(error = %e, "could not save the raft commit index at close");
         }
     }
-    if let Err(e) = wal.sync() {
-        tracing::error!(error = %e, "raft log not synced at close");
+    match wal.sync() {
+        // Nothing is written after this: every entry is synced.
+        Ok(()) => synced_upto.store(u64::MAX, Ordering::Release),
+        Err(e) => tracing::error!(error = %e, "raft log not synced at close"),
     }
 }
 
@@ -858,6 +987,9 @@ impl LogStore {
         let (tx, rx) = std::sync::mpsc::channel();
         let (durable_tx, durable) = durable;
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
+        // Nothing known synced: what an earlier process wrote may not be
+        // (`Wal::unsynced`).
+        let synced_upto = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(LogShared {
             pending: Arc::default(),
             committed: Arc::default(),
@@ -867,12 +999,23 @@ impl LogStore {
             thread: Mutex::new(None),
             durable,
             sync_interval_ms: sync_interval_ms.clone(),
+            synced_upto: synced_upto.clone(),
         });
         let pending = shared.pending.clone();
         let committed = shared.committed.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || log_writer(wal, pending, committed, rx, durable_tx, sync_interval_ms))?;
+            .spawn(move || {
+                log_writer(
+                    wal,
+                    pending,
+                    committed,
+                    rx,
+                    durable_tx,
+                    sync_interval_ms,
+                    synced_upto,
+                )
+            })?;
         *shared.thread.lock() = Some(thread);
         Ok(LogStore {
             wal: reader,
@@ -895,6 +1038,15 @@ impl LogStore {
     /// How many times the log was synced (`fdatasync`) since it was opened.
     pub fn syncs(&self) -> u64 {
         self.wal.syncs()
+    }
+
+    /// A handle that syncs this log up to an index on demand, without
+    /// keeping the log (or its writer) alive.
+    pub fn syncer(&self) -> LogSyncer {
+        LogSyncer {
+            synced_upto: self.shared.synced_upto.clone(),
+            shared: Arc::downgrade(&self.shared),
+        }
     }
 
     /// How far this log is on disk.
@@ -941,13 +1093,7 @@ impl LogStore {
     }
 
     fn send(&self, op: LogOp) -> Result<(), StoreError> {
-        self.shared
-            .writer
-            .lock()
-            .as_ref()
-            .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?
-            .send(op)
-            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))
+        self.shared.send(op)
     }
 
     /// Queues `make(done)` and waits for its commit.
@@ -1141,6 +1287,8 @@ struct SmShared {
     /// The log, to name the entry an unsynced applier is back to
     /// ([`Applier::synced`]).
     log: crate::wal::WalReader,
+    /// Syncs the log for an applier ([`Applier::attach_log`]).
+    log_syncer: LogSyncer,
 }
 
 impl Drop for SmShared {
@@ -1301,6 +1449,7 @@ impl StateMachineStore {
     /// store is given to openraft: an opaque entry applied without one is
     /// answered [`KvError::NoApplier`] and lost to the applier.
     pub fn set_applier(&self, applier: Arc<dyn Applier>) {
+        applier.attach_log(self.shared.log_syncer.clone());
         *self.shared.applier.write() = Some(applier);
     }
 
@@ -1987,6 +2136,77 @@ mod tests {
             again.read_vote().await.expect("vote"),
             Some(Vote::new_committed(2, me))
         );
+    }
+
+    /// An applier syncing its own store first syncs the log up to the
+    /// index it makes durable: one `fdatasync` when the log is behind,
+    /// none when it is not, again when entries were rewritten, and none
+    /// after a close (which syncs).
+    #[tokio::test]
+    async fn a_syncer_syncs_the_log_up_to_an_index_only_when_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let path = dir.path().join("a.redb");
+        let opts = || Options {
+            log_sync_interval: Some(std::time::Duration::from_secs(3600)),
+            ..Options::default()
+        };
+        let entry = |term: u64, index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, me), index),
+            payload: EntryPayload::Blank,
+        };
+        let syncer = {
+            let (mut log, _sm) = open_with(&path, opts()).expect("open");
+            let syncer = log.syncer();
+            log.save_vote(&Vote::new_committed(1, me))
+                .await
+                .expect("vote");
+            log.blocking_append((1..=3).map(|i| entry(1, i)))
+                .await
+                .expect("append");
+            let before = log.syncs();
+            assert!(syncer.synced_upto() < 2, "appended unsynced");
+            syncer.sync_to(2).expect("sync");
+            assert_eq!(log.syncs(), before + 1, "one sync for what is behind");
+            assert!(syncer.synced_upto() >= 3, "everything written is synced");
+            syncer.sync_to(3).expect("sync");
+            assert_eq!(log.syncs(), before + 1, "already synced: no sync");
+            log.blocking_append([entry(1, 4)]).await.expect("append");
+            syncer.sync_to(3).expect("sync");
+            assert_eq!(log.syncs(), before + 1, "an unsynced tail past 3");
+            syncer.sync_to(4).expect("sync");
+            assert_eq!(log.syncs(), before + 2);
+            // A rewritten entry (truncated, appended anew) is not synced.
+            log.truncate(entry(1, 4).log_id).await.expect("truncate");
+            log.blocking_append([entry(2, 4)]).await.expect("append");
+            assert!(syncer.synced_upto() < 4);
+            syncer.sync_to(4).expect("sync");
+            assert_eq!(log.syncs(), before + 3);
+            // The interval's own sync counts too.
+            log.blocking_append([entry(2, 5)]).await.expect("append");
+            log.set_sync_interval(Some(std::time::Duration::from_millis(1)));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while syncer.synced_upto() < 5 {
+                assert!(std::time::Instant::now() < deadline, "no interval sync");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let synced = log.syncs();
+            syncer.sync_to(5).expect("sync");
+            assert_eq!(log.syncs(), synced);
+            syncer
+        };
+        // Closed: the close synced everything; the syncer does not keep
+        // the log open.
+        syncer.sync_to(1_000).expect("synced at close");
+        let (log, _sm) = open_with(&path, opts()).expect("reopen");
+        // What an earlier process wrote is not known synced: the first
+        // request syncs the log whatever the writer did.
+        let syncer = log.syncer();
+        let before = log.syncs();
+        syncer.sync_to(5).expect("sync");
+        assert_eq!(log.syncs(), before + 1);
+        syncer.sync_to(5).expect("sync");
+        assert_eq!(log.syncs(), before + 1);
     }
 
     /// A leader's own entries are reported flushed before they are on disk
