@@ -150,6 +150,10 @@ pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(500
 /// whole at open, so its length bounds the replay after a crash).
 pub const JOURNAL_MAX: u64 = 64 << 20;
 
+/// Syncs a replicated stream's Raft log up to a log index, blocking
+/// ([`StreamStore::set_log_sync`]).
+pub type LogSync = Arc<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -255,6 +259,9 @@ pub struct StreamStore {
     room: Arc<Room>,
     /// The applied index (`Write::Applied`) of the last synced commit.
     synced_applied: Arc<AtomicU64>,
+    /// Syncs the Raft log before a checkpoint makes an applied index
+    /// durable (a replicated stream's).
+    log_sync: Arc<parking_lot::RwLock<Option<LogSync>>>,
     /// The sync interval in milliseconds (0: sync before every
     /// acknowledgement).
     sync_interval_ms: Arc<AtomicU64>,
@@ -375,6 +382,7 @@ impl StreamStore {
         let stats = Arc::new(StoreStats::default());
         let gate = Arc::new(Gate::default());
         let synced_applied = Arc::new(AtomicU64::new(applied));
+        let log_sync = Arc::new(parking_lot::RwLock::new(None));
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
         let checkpoint_every_ms = Arc::new(AtomicU64::new(SYNC_EVERY.as_millis() as u64));
         #[cfg(test)]
@@ -389,6 +397,7 @@ impl StreamStore {
                 stats: stats.clone(),
                 gate: gate.clone(),
                 synced_applied: synced_applied.clone(),
+                log_sync: log_sync.clone(),
                 sync_interval_ms: sync_interval_ms.clone(),
                 checkpoint_every_ms: checkpoint_every_ms.clone(),
                 #[cfg(test)]
@@ -416,6 +425,7 @@ impl StreamStore {
             gate,
             room: Arc::new(Room::new()),
             synced_applied,
+            log_sync,
             sync_interval_ms,
             #[cfg(test)]
             checkpoint_every_ms,
@@ -438,6 +448,14 @@ impl StreamStore {
     pub fn set_sync_interval(&self, interval: Option<std::time::Duration>) {
         let ms = interval.map_or(0, |d| (d.as_millis() as u64).max(1));
         self.sync_interval_ms.store(ms, Ordering::Release);
+    }
+
+    /// Sets what syncs a replicated stream's Raft log: before a checkpoint
+    /// makes an applied index (`Write::Applied`) durable, the writer calls
+    /// it with that index and waits, so that after a power loss the store
+    /// is never ahead of the log it replays from (see the module docs).
+    pub fn set_log_sync(&self, sync: LogSync) {
+        *self.log_sync.write() = Some(sync);
     }
 
     /// Sets the bound of the writer's queue (charged bytes) and how long
@@ -1101,6 +1119,7 @@ struct Writer {
     stats: Arc<StoreStats>,
     gate: Arc<Gate>,
     synced_applied: Arc<AtomicU64>,
+    log_sync: Arc<parking_lot::RwLock<Option<LogSync>>>,
     sync_interval_ms: Arc<AtomicU64>,
     checkpoint_every_ms: Arc<AtomicU64>,
     #[cfg(test)]
@@ -1353,11 +1372,17 @@ impl Writer {
     ///   its next epoch, and the lock is held throughout: every record the
     ///   new epoch drops is then in this commit or an earlier one.
     fn checkpoint(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
+        // The Raft log first, up to the applied index this commit makes
+        // durable: outside the journal's lock (the applier queues under
+        // it), so that the check under the lock, for what is queued
+        // meanwhile, usually finds the log synced already.
+        self.sync_log(self.applied_after(group))?;
         let side = self.side.clone();
         let mut side = side.lock();
         while let Ok(j) = self.rx.try_recv() {
             group.push(j);
         }
+        self.sync_log(self.applied_after(group))?;
         // Staged writes are written and answered first (they are in this
         // commit too).
         flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
@@ -1415,6 +1440,39 @@ impl Writer {
         self.committed(group);
         self.synced_applied.store(self.applied, Ordering::Release);
         Ok(())
+    }
+
+    /// The applied index once `group` is committed.
+    fn applied_after(&self, group: &[Job]) -> u64 {
+        group
+            .iter()
+            .flat_map(|j| j.writes.iter())
+            .filter_map(|w| match w {
+                Write::Applied(i) => Some(*i),
+                _ => None,
+            })
+            .fold(self.applied, u64::max)
+    }
+
+    /// Makes the Raft log durable up to `applied` before a checkpoint
+    /// makes that applied index durable (invariant: the store's synced
+    /// applied index is never ahead of the synced log; see
+    /// [`StreamStore::set_log_sync`]). Nothing to do at or below the
+    /// index synced already, or without a log (an unreplicated stream).
+    /// A failure fails the store: the applied writes it holds unsynced
+    /// were acknowledged and can no longer be made durable.
+    fn sync_log(&self, applied: u64) -> Result<(), String> {
+        if applied <= self.synced_applied.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(sync) = self.log_sync.read().clone() else {
+            return Ok(());
+        };
+        sync(applied).map_err(|e| {
+            let e = format!("raft log not synced up to {applied}: {e}");
+            self.fail(&e);
+            e
+        })
     }
 
     /// Counts a committed group, follows its applied index, raises
@@ -1873,6 +1931,65 @@ mod tests {
         let err = s.get(3).unwrap_err();
         assert!(err.to_string().contains("commit failed (test)"), "{err}");
         assert!(s.apply_unsynced(vec![put(4)]).is_err());
+    }
+
+    /// Before a checkpoint makes an applied index durable, the Raft log is
+    /// synced up to it (and only then); nothing is asked when nothing new
+    /// is applied; a log that cannot be synced fails the checkpoint and
+    /// the store, and the applied index stays where it was.
+    #[test]
+    fn a_checkpoint_syncs_the_raft_log_up_to_its_applied_index_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        // Each call: the index asked for, and the store's synced applied
+        // index at that moment.
+        let calls: Arc<parking_lot::Mutex<Vec<(u64, u64)>>> = Arc::default();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (calls, fail, store) = (calls.clone(), fail.clone(), Arc::downgrade(&s));
+            s.set_log_sync(Arc::new(move |index| {
+                let synced = store.upgrade().map_or(0, |s| s.synced_applied());
+                calls.lock().push((index, synced));
+                if fail.load(Ordering::Acquire) {
+                    Err("disk gone (test)".into())
+                } else {
+                    Ok(())
+                }
+            }));
+        }
+        // A durable write without applied entries: no log to sync.
+        s.write_now(vec![put(1), Write::Last(1, 1)]).unwrap();
+        s.sync().unwrap();
+        assert!(calls.lock().is_empty(), "{:?}", calls.lock());
+        s.apply_unsynced(vec![put(2), Write::Last(2, 2), Write::Applied(5)])
+            .unwrap();
+        s.apply_unsynced(vec![put(3), Write::Last(3, 3), Write::Applied(7)])
+            .unwrap();
+        assert_eq!(s.synced_applied(), 0);
+        s.sync().unwrap();
+        assert_eq!(s.synced_applied(), 7);
+        {
+            let calls = calls.lock();
+            assert!(!calls.is_empty(), "the log was not synced");
+            // Every request came before the commit that made 7 durable,
+            // and the last one covered it.
+            assert!(calls.iter().all(|&(_, synced)| synced == 0), "{calls:?}");
+            assert_eq!(calls.last().map(|c| c.0), Some(7), "{calls:?}");
+        }
+        // Nothing applied since: nothing asked.
+        let n = calls.lock().len();
+        s.sync().unwrap();
+        assert_eq!(calls.lock().len(), n);
+        // A log that does not sync: the checkpoint fails, 8 is not made
+        // durable, and the store is failed.
+        fail.store(true, Ordering::Release);
+        s.apply_unsynced(vec![put(4), Write::Last(4, 4), Write::Applied(8)])
+            .unwrap();
+        let err = s.sync().unwrap_err();
+        assert!(err.to_string().contains("disk gone (test)"), "{err}");
+        assert_eq!(s.synced_applied(), 7);
+        assert_eq!(calls.lock().last().map(|c| c.0), Some(8));
+        assert!(s.apply_unsynced(vec![put(5)]).is_err());
     }
 
     #[test]
