@@ -226,6 +226,43 @@ struct Job {
     wrap: bool,
 }
 
+/// How a job is queued ([`StreamStore::queue_as`]).
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    /// Made durable before it is answered (journal or checkpoint); else
+    /// committed without an `fsync`, skipping the journal.
+    sync: bool,
+    /// A checkpoint that moves the journal to its next epoch.
+    wrap: bool,
+    /// Counted acknowledged by the caller as it is queued (a replica's
+    /// applied writes): refused once the store failed, never answered by
+    /// the writer.
+    acked: bool,
+}
+
+impl Queued {
+    const DURABLE: Queued = Queued {
+        sync: true,
+        wrap: false,
+        acked: false,
+    };
+    const WRAP: Queued = Queued {
+        sync: true,
+        wrap: true,
+        acked: false,
+    };
+    const UNSYNCED: Queued = Queued {
+        sync: false,
+        wrap: false,
+        acked: false,
+    };
+    const ACKED: Queued = Queued {
+        sync: false,
+        wrap: false,
+        acked: true,
+    };
+}
+
 /// What the writer counted.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -579,33 +616,8 @@ impl StreamStore {
     /// replays the log from the store's last synced applied index.
     pub fn apply_unsynced(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let room = self.room.force(charge(&writes));
-        let jobs = self.jobs.lock();
-        let Some(tx) = jobs.as_ref() else {
-            return Err(StoreError::Closed(self.path.clone()));
-        };
-        if let Some(f) = self.gate.failed() {
-            return Err(io(&self.path)(f));
-        }
         let top = top_put(&writes);
-        // Under the journal's lock, as every job is queued: tickets in
-        // queue order.
-        let mut side = self.side.lock();
-        side.ticket += 1;
-        side.unjournaled = true;
-        let ticket = side.ticket;
-        let job = Job {
-            writes,
-            done: None,
-            room: Some(room),
-            ticket,
-            early: true,
-            sync: false,
-            journaled: false,
-            acked: true,
-            wrap: false,
-        };
-        tx.send(job)
-            .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        let ticket = self.queue_as(writes, None, room, Queued::ACKED)?;
         // Counted before `durable` rises (a read must then wait).
         self.gate.acked_to(ticket);
         raise_durable_to(&self.durable_tx, top);
@@ -620,44 +632,59 @@ impl StreamStore {
         sync: bool,
         room: Admission,
     ) -> Result<(), StoreError> {
-        self.queue_as(writes, done, sync, room, false)
+        let how = if sync {
+            Queued::DURABLE
+        } else {
+            Queued::UNSYNCED
+        };
+        self.queue_as(writes, done, room, how).map(|_| ())
     }
 
+    /// Queues a job for the writer (staged in the journal first when it
+    /// is durable and journaled) and returns its ticket.
     fn queue_as(
         &self,
         writes: Vec<Write>,
         done: Option<Done>,
-        sync: bool,
         room: Admission,
-        wrap: bool,
-    ) -> Result<(), StoreError> {
+        how: Queued,
+    ) -> Result<u64, StoreError> {
+        let Queued { sync, wrap, acked } = how;
         let jobs = self.jobs.lock();
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
         };
-        let closed = |_| StoreError::Closed(self.path.clone());
+        if acked {
+            if let Some(f) = self.gate.failed() {
+                return Err(io(&self.path)(f));
+            }
+        }
         // Staged and queued under the journal's lock: the journal's order
-        // is the queue's, and a checkpoint (which takes the lock and
-        // everything queued) covers every record it drops.
+        // is the queue's (tickets in queue order), and a checkpoint (which
+        // takes the lock and everything queued) covers every record it
+        // drops.
         let mut side = self.side.lock();
         side.ticket += 1;
+        let ticket = side.ticket;
         let mut job = Job {
             writes,
             done,
             room: Some(room),
-            ticket: side.ticket,
-            early: false,
+            ticket,
+            // Acknowledged by the caller, not by the writer.
+            early: acked,
             sync,
             journaled: false,
-            acked: false,
+            acked,
             wrap,
         };
+        let closed = |_| StoreError::Closed(self.path.clone());
         if !sync {
             side.unjournaled = true;
-            return tx.send(job).map_err(closed);
+            return tx.send(job).map(|()| ticket).map_err(closed);
         }
         if job.writes.is_empty() || side.unjournaled || wrap {
-            return tx.send(job).map_err(closed);
+            return tx.send(job).map(|()| ticket).map_err(closed);
         }
         if let Some(f) = self.gate.failed() {
             return Err(io(&self.path)(f));
@@ -671,7 +698,7 @@ impl StreamStore {
         if self.sync_interval_ms.load(Ordering::Acquire) == 0 {
             // Written, synced and acknowledged by the writer, once per
             // group.
-            return tx.send(job).map_err(closed);
+            return tx.send(job).map(|()| ticket).map_err(closed);
         }
         // With a sync interval, written is acknowledged: by the journal
         // flush that writes this record (`flush_staged`: the submitter's,
@@ -693,7 +720,7 @@ impl StreamStore {
             // Bounds what is staged: flushed now, whoever waits.
             let _ = flush_side(&mut side, &self.gate, &self.durable_tx, &self.stats);
         }
-        Ok(())
+        Ok(ticket)
     }
 
     /// Writes what was staged in the journal and answers its waiters (see
@@ -749,7 +776,8 @@ impl StreamStore {
     fn write_now_as(&self, writes: Vec<Write>, wrap: bool) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
         let room = self.room.force(charge(&writes));
-        self.queue_as(writes, Some(Done::Blocking(tx)), true, room, wrap)?;
+        let how = if wrap { Queued::WRAP } else { Queued::DURABLE };
+        self.queue_as(writes, Some(Done::Blocking(tx)), room, how)?;
         self.flush();
         rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
