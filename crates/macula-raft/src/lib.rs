@@ -80,6 +80,7 @@ pub mod applier;
 mod error;
 pub mod kv;
 pub mod linearizability;
+pub mod probe;
 pub mod store;
 pub mod wal;
 pub mod watch;

@@ -926,6 +926,11 @@ fn log_writer(
                     callback,
                     done,
                 } => {
+                    crate::probe::mark(if callback.is_none() {
+                        crate::probe::Phase::LeaderWritten
+                    } else {
+                        crate::probe::Phase::FollowerWritten
+                    });
                     if answer.is_ok() {
                         {
                             let mut pending = pending.lock();
@@ -1197,6 +1202,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         let early = self.own_leader_entries(&rows);
+        crate::probe::mark(if early {
+            crate::probe::Phase::LeaderAppend
+        } else {
+            crate::probe::Phase::FollowerAppend
+        });
         {
             // Readable from now on, before they reach the disk.
             let mut pending = self.shared.pending.lock();
@@ -1716,6 +1726,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        crate::probe::mark(crate::probe::Phase::ApplyStart);
         if let (Some(last), Some(_)) = (entries.last(), self.shared.options.member) {
             // A leader's own entries may be committed before its copy is
             // on disk: applied (and so answered) only once it is.
@@ -1730,6 +1741,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // `crate::applier`); their answers replace the key space's
         // placeholders below, in the same order.
         let mut opaque_answers = self.apply_opaque(&mut entries).await?.into_iter();
+        crate::probe::mark(crate::probe::Phase::Applied);
         let mut responses = Vec::new();
         let mut writes = Writes::default();
         let (last_applied, membership, revision) = {
@@ -1788,6 +1800,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .send(op)
                 .map_err(|_| StoreError::Task("the state machine writer has stopped".into()))
                 .map_err(Self::io_sm(ErrorVerb::Write))?;
+            crate::probe::mark(crate::probe::Phase::ApplyDone);
             return Ok(responses);
         }
         let db = self.shared.db.clone();

@@ -13,7 +13,7 @@ use macula_raft::openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, RaftError,
 };
 use macula_raft::openraft::raft::{
-    AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest,
+    AppendEntriesRequest, AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest,
 };
 use macula_raft::openraft::{ChangeMembers, Config, EmptyNode, ServerState, SnapshotPolicy};
 use macula_raft::{
@@ -846,9 +846,16 @@ impl Group {
         let malformed = |e: TransportError| refuse(RaftStatus::Malformed, e.to_string());
         let raft = &self.0.raft;
         let answer = match kind {
-            RaftKind::AppendEntries => match decode(body) {
+            RaftKind::AppendEntries => match decode::<AppendEntriesRequest<TypeConfig>>(body) {
                 Ok(req) => {
+                    let entries = !req.entries.is_empty();
+                    if entries {
+                        macula_raft::probe::mark(macula_raft::probe::Phase::FollowerGot);
+                    }
                     let r = raft.append_entries(req).await;
+                    if entries {
+                        macula_raft::probe::mark(macula_raft::probe::Phase::FollowerAnswered);
+                    }
                     // Anything but "higher vote" means this node follows
                     // the sender (heartbeats are AppendEntries too).
                     if matches!(&r, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
@@ -941,6 +948,7 @@ impl Group {
                     _ = stop.changed() => return,
                 },
             };
+            macula_raft::probe::mark(macula_raft::probe::Phase::ProposerTook);
             let mut bytes = request_bytes(&first.request);
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -969,6 +977,7 @@ impl Group {
             // Handed to openraft here, in queue order (so log order is
             // call order); answered by a task of its own.
             let committed = self.0.raft.client_write_ff(request).await;
+            macula_raft::probe::mark(macula_raft::probe::Phase::RaftTook);
             let name = self.0.name.clone();
             tokio::spawn(async move {
                 let r: Result<ClientWriteResponse<TypeConfig>, WriteError> = match committed {
@@ -979,6 +988,7 @@ impl Group {
                         Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
                     },
                 };
+                macula_raft::probe::mark(macula_raft::probe::Phase::ProposerAnswered);
                 drop(permit);
                 Self::answer_batch(&name, single, answers, r);
             });
