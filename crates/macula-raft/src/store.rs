@@ -671,16 +671,26 @@ struct LogShared {
     /// Every entry this log holds at an index up to this one is synced
     /// (set by the writer; see [`LogSyncer`]).
     synced_upto: Arc<AtomicU64>,
+    /// The writer's state (its thread's and inline appends').
+    writing: Arc<Writing>,
 }
 
 impl LogShared {
     fn send(&self, op: LogOp) -> Result<(), StoreError> {
-        self.writer
-            .lock()
+        let counted = !matches!(op, LogOp::Wake);
+        let writer = self.writer.lock();
+        let tx = writer
             .as_ref()
-            .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?
-            .send(op)
-            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))
+            .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?;
+        if counted {
+            self.writing.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        tx.send(op).map_err(|_| {
+            if counted {
+                self.writing.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            StoreError::Task("the raft log writer has stopped".into())
+        })
     }
 }
 
@@ -731,6 +741,9 @@ enum LogOp {
     Sync {
         done: std::sync::mpsc::Sender<Result<(), String>>,
     },
+    /// Nothing to write: the writer looks at `dirty_since` again (an
+    /// inline append left the log unsynced).
+    Wake,
 }
 
 /// Most operations committed in one transaction.
@@ -749,7 +762,7 @@ impl LogOp {
             LogOp::Truncate { from, .. } => out.push(Record::Truncate { from: *from }),
             LogOp::Purge { upto, .. } => out.push(Record::Purge { upto: *upto }),
             LogOp::Vote { vote, .. } => out.push(Record::Vote(*vote)),
-            LogOp::Sync { .. } => {}
+            LogOp::Sync { .. } | LogOp::Wake => {}
         }
     }
 }
@@ -773,7 +786,7 @@ fn last_after(batch: &[LogOp], mut last: Option<LogId>) -> Option<LogId> {
                     last = *keep;
                 }
             }
-            LogOp::Purge { .. } | LogOp::Vote { .. } | LogOp::Sync { .. } => {}
+            LogOp::Purge { .. } | LogOp::Vote { .. } | LogOp::Sync { .. } | LogOp::Wake => {}
         }
     }
     last
@@ -820,35 +833,52 @@ fn last_index(on_disk: &tokio::sync::watch::Sender<DurableState>) -> u64 {
     on_disk.borrow().last.map_or(0, |l| l.index)
 }
 
+/// The log writer's state, shared by its thread and the appends written
+/// inline (a follower's, with a sync interval: see [`LogStore`]).
+struct Writing {
+    wal: Mutex<Wal>,
+    on_disk: tokio::sync::watch::Sender<DurableState>,
+    /// When the oldest write not yet synced was made.
+    dirty_since: Mutex<Option<std::time::Instant>>,
+    /// Operations sent to the writer thread and not yet written: an append
+    /// is written inline only when there are none (log order).
+    queued: std::sync::atomic::AtomicUsize,
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    committed: Arc<Mutex<Option<LogId>>>,
+    interval_ms: Arc<AtomicU64>,
+    synced_upto: Arc<AtomicU64>,
+}
+
+impl Writing {
+    fn interval(&self) -> Option<std::time::Duration> {
+        match self.interval_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+}
+
 /// The writer thread: group commits until every `LogStore` clone is gone.
 /// With a sync interval (`interval_ms` > 0) a batch without a vote is
 /// written unsynced, and the writer syncs once the oldest unsynced write
 /// is `interval_ms` old (waking up for it when idle) and at close.
-fn log_writer(
-    mut wal: Wal,
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
-    committed: Arc<Mutex<Option<LogId>>>,
-    rx: std::sync::mpsc::Receiver<LogOp>,
-    on_disk: tokio::sync::watch::Sender<DurableState>,
-    interval_ms: Arc<AtomicU64>,
-    synced_upto: Arc<AtomicU64>,
-) {
-    let interval_now = || match interval_ms.load(Ordering::Acquire) {
-        0 => None,
-        ms => Some(std::time::Duration::from_millis(ms)),
-    };
-    // When the oldest write not yet synced was made.
-    let mut dirty_since: Option<std::time::Instant> = None;
+fn log_writer(w: Arc<Writing>, rx: std::sync::mpsc::Receiver<LogOp>) {
     loop {
-        let interval = interval_now();
-        let due = dirty_since.map(|t| t + interval.unwrap_or_default());
+        let interval = w.interval();
+        let due = w
+            .dirty_since
+            .lock()
+            .map(|t| t + interval.unwrap_or_default());
         let first = match due {
             Some(due) => {
                 match rx.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
                     Ok(op) => op,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        sync_late(&mut wal, &on_disk, &synced_upto);
-                        dirty_since = None;
+                        let mut wal = w.wal.lock();
+                        sync_late(&mut wal, &w.on_disk, &w.synced_upto);
+                        if !wal.unsynced() {
+                            *w.dirty_since.lock() = None;
+                        }
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -866,52 +896,68 @@ fn log_writer(
                 Err(_) => break,
             }
         }
-        let last = last_after(&batch, on_disk.borrow().last);
-        let mut records = Vec::new();
-        for op in &batch {
-            op.records(&mut records);
-        }
-        // The commit hint rides along, never ahead of the log it names.
-        if let Some(c) = committed.lock().take() {
-            records.push(Record::Committed(clamp_to(Some(c), last)));
-        }
-        let now = std::time::Instant::now();
-        // As it stands now (it may have changed while the writer waited).
-        let interval = interval_now();
-        let sync = interval.is_none()
-            || batch.iter().any(|op| matches!(op, LogOp::Sync { .. }))
-            || batch.iter().any(|op| matches!(op, LogOp::Vote { .. }))
-            || dirty_since.is_some_and(|t| now >= t + interval.unwrap_or_default());
-        // Lowered before the write: nothing may skip a sync for entries
-        // this batch rewrites.
-        synced_upto.store(
-            synced_before(&batch, synced_upto.load(Ordering::Acquire)),
-            Ordering::Release,
-        );
-        let result = if records.is_empty() {
-            wal.sync()
-        } else {
-            wal.write_with(&records, sync)
-        };
-        if result.is_ok() && !wal.unsynced() {
-            // Every entry written, by this process or an earlier one.
-            synced_upto.store(last.map_or(0, |l| l.index), Ordering::Release);
-        }
-        if result.is_ok() {
-            dirty_since = if wal.unsynced() {
-                dirty_since.or(Some(now))
-            } else {
-                None
-            };
-        }
-        drop(records);
-        let err = result.as_ref().err().map(|e| e.to_string());
-        on_disk.send_modify(|d| match &err {
-            Some(e) => {
-                d.failed.get_or_insert_with(|| e.clone());
+        let counted = batch.iter().filter(|op| !matches!(op, LogOp::Wake)).count();
+        let err = {
+            // Held through the write: inline appends wait their turn.
+            let mut wal = w.wal.lock();
+            let last = last_after(&batch, w.on_disk.borrow().last);
+            let mut records = Vec::new();
+            for op in &batch {
+                op.records(&mut records);
             }
-            None => d.last = last,
-        });
+            // The commit hint rides along, never ahead of the log it names.
+            if let Some(c) = w.committed.lock().take() {
+                records.push(Record::Committed(clamp_to(Some(c), last)));
+            }
+            let now = std::time::Instant::now();
+            // As it stands now (it may have changed while the writer waited).
+            let interval = w.interval();
+            let mut dirty_since = w.dirty_since.lock();
+            let asked = batch.iter().any(|op| matches!(op, LogOp::Sync { .. }));
+            let sync = interval.is_none()
+                || asked
+                || batch.iter().any(|op| matches!(op, LogOp::Vote { .. }))
+                || dirty_since.is_some_and(|t| now >= t + interval.unwrap_or_default());
+            // Lowered before the write: nothing may skip a sync for entries
+            // this batch rewrites.
+            w.synced_upto.store(
+                synced_before(&batch, w.synced_upto.load(Ordering::Acquire)),
+                Ordering::Release,
+            );
+            let result = if records.is_empty() {
+                if sync {
+                    wal.sync()
+                } else {
+                    Ok(())
+                }
+            } else {
+                wal.write_with(&records, sync)
+            };
+            if result.is_ok() && !wal.unsynced() {
+                // Every entry written, by this process or an earlier one.
+                w.synced_upto
+                    .store(last.map_or(0, |l| l.index), Ordering::Release);
+            }
+            if result.is_ok() {
+                *dirty_since = if wal.unsynced() {
+                    dirty_since.or(Some(now))
+                } else {
+                    None
+                };
+            }
+            drop(dirty_since);
+            drop(records);
+            let err = result.as_ref().err().map(|e| e.to_string());
+            w.on_disk.send_modify(|d| match &err {
+                Some(e) => {
+                    d.failed.get_or_insert_with(|| e.clone());
+                }
+                None => d.last = last,
+            });
+            // Written (or failed): an inline append may follow.
+            w.queued.fetch_sub(counted, Ordering::AcqRel);
+            err
+        };
         if let Some(e) = &err {
             tracing::error!(error = %e, "raft log write failed");
         }
@@ -933,7 +979,7 @@ fn log_writer(
                     });
                     if answer.is_ok() {
                         {
-                            let mut pending = pending.lock();
+                            let mut pending = w.pending.lock();
                             for (index, _, log_id) in &rows {
                                 // Unless truncated and appended anew since.
                                 if pending.get(index).is_some_and(|e| e.log_id == *log_id) {
@@ -957,20 +1003,22 @@ fn log_writer(
                 LogOp::Sync { done, .. } => {
                     let _ = done.send(answer);
                 }
+                LogOp::Wake => {}
             }
         }
     }
     // Closed: the last commit hint, if it is not written yet, and what an
     // interval left unsynced.
-    if let Some(c) = committed.lock().take() {
-        let last = on_disk.borrow().last;
+    let mut wal = w.wal.lock();
+    if let Some(c) = w.committed.lock().take() {
+        let last = w.on_disk.borrow().last;
         if let Err(e) = wal.write(&[Record::Committed(clamp_to(Some(c), last))]) {
             tracing::warn!(error = %e, "could not save the raft commit index at close");
         }
     }
     match wal.sync() {
         // Nothing is written after this: every entry is synced.
-        Ok(()) => synced_upto.store(u64::MAX, Ordering::Release),
+        Ok(()) => w.synced_upto.store(u64::MAX, Ordering::Release),
         Err(e) => tracing::error!(error = %e, "raft log not synced at close"),
     }
 }
@@ -995,32 +1043,33 @@ impl LogStore {
         // Nothing known synced: what an earlier process wrote may not be
         // (`Wal::unsynced`).
         let synced_upto = Arc::new(AtomicU64::new(0));
+        let pending: Arc<Mutex<BTreeMap<u64, Entry>>> = Arc::default();
+        let committed: Arc<Mutex<Option<LogId>>> = Arc::default();
+        let writing = Arc::new(Writing {
+            wal: Mutex::new(wal),
+            on_disk: durable_tx,
+            dirty_since: Mutex::new(None),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            pending: pending.clone(),
+            committed: committed.clone(),
+            interval_ms: sync_interval_ms.clone(),
+            synced_upto: synced_upto.clone(),
+        });
         let shared = Arc::new(LogShared {
-            pending: Arc::default(),
-            committed: Arc::default(),
+            pending,
+            committed,
             vote: Mutex::new(vote),
             member,
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(None),
             durable,
-            sync_interval_ms: sync_interval_ms.clone(),
-            synced_upto: synced_upto.clone(),
+            sync_interval_ms,
+            synced_upto,
+            writing: writing.clone(),
         });
-        let pending = shared.pending.clone();
-        let committed = shared.committed.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || {
-                log_writer(
-                    wal,
-                    pending,
-                    committed,
-                    rx,
-                    durable_tx,
-                    sync_interval_ms,
-                    synced_upto,
-                )
-            })?;
+            .spawn(move || log_writer(writing, rx))?;
         *shared.thread.lock() = Some(thread);
         Ok(LogStore {
             wal: reader,
@@ -1132,6 +1181,95 @@ impl LogStore {
     }
 }
 
+/// What [`LogStore::append_inline`] did.
+enum Inline {
+    /// Written (or failed), and the callback told.
+    Done(Result<(), StorageError>),
+    /// Left to the writer thread.
+    Not(LogFlushed<TypeConfig>),
+}
+
+impl LogStore {
+    /// With a sync interval, a follower's append is only a write (no
+    /// `fdatasync`): the caller writes it itself when the writer thread
+    /// has nothing queued and is not writing (log order), saving the
+    /// hand-off to the thread and back on the path of every
+    /// AppendEntries. Not when the write would start a segment (that syncs
+    /// the closing one). The writer thread is woken when this leaves the
+    /// log unsynced, to sync it within the interval.
+    fn append_inline(
+        &self,
+        rows: &[(u64, Vec<u8>, LogId)],
+        callback: LogFlushed<TypeConfig>,
+    ) -> Inline {
+        let w = &self.shared.writing;
+        if w.interval().is_none() || w.queued.load(Ordering::Acquire) > 0 {
+            return Inline::Not(callback);
+        }
+        let Some(mut wal) = w.wal.try_lock() else {
+            return Inline::Not(callback);
+        };
+        // Under the lock: the thread decrements after its write, holding
+        // it, so none is queued before this one.
+        if w.queued.load(Ordering::Acquire) > 0 || wal.would_rotate() {
+            return Inline::Not(callback);
+        }
+        let last = rows.last().map(|r| r.2).or(w.on_disk.borrow().last);
+        let mut records: Vec<Record<'_>> = rows
+            .iter()
+            .map(|(_, bytes, log_id)| Record::Entry {
+                log_id: *log_id,
+                bytes,
+            })
+            .collect();
+        if let Some(c) = w.committed.lock().take() {
+            records.push(Record::Committed(clamp_to(Some(c), last)));
+        }
+        if let Some(first) = rows.first() {
+            let synced = w.synced_upto.load(Ordering::Acquire);
+            w.synced_upto
+                .store(synced.min(first.0.saturating_sub(1)), Ordering::Release);
+        }
+        let now = std::time::Instant::now();
+        let result = wal.write_with(&records, false);
+        drop(records);
+        let wake = match &result {
+            Ok(()) => {
+                let mut dirty = w.dirty_since.lock();
+                // The writer waits for the interval only once told of an
+                // unsynced write; one that is due (the interval may have
+                // been shortened) is synced now.
+                let interval = w.interval().unwrap_or_default();
+                let wake = dirty.is_none_or(|t| now >= t + interval);
+                dirty.get_or_insert(now);
+                w.on_disk.send_modify(|d| d.last = last);
+                wake
+            }
+            Err(e) => {
+                let e = e.to_string();
+                tracing::error!(error = %e, "raft log write failed");
+                w.on_disk.send_modify(|d| {
+                    d.failed.get_or_insert(e);
+                });
+                false
+            }
+        };
+        drop(wal);
+        crate::probe::mark(crate::probe::Phase::FollowerWritten);
+        if wake {
+            // Not counted, not awaited: the writer looks at the interval.
+            let _ = self.send(LogOp::Wake);
+        }
+        let answer = result.map_err(|e| e.to_string());
+        callback.log_io_completed(answer.clone().map_err(std::io::Error::other));
+        Inline::Done(
+            answer
+                .map_err(StoreError::Task)
+                .map_err(sto(ErrorSubject::Logs, ErrorVerb::Write)),
+        )
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -1207,6 +1345,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         } else {
             crate::probe::Phase::FollowerAppend
         });
+        let callback = if early {
+            callback
+        } else {
+            match self.append_inline(&rows, callback) {
+                Inline::Done(r) => return r,
+                Inline::Not(callback) => callback,
+            }
+        };
         {
             // Readable from now on, before they reach the disk.
             let mut pending = self.shared.pending.lock();
@@ -2195,9 +2341,10 @@ mod tests {
             assert!(syncer.synced_upto() < 4);
             syncer.sync_to(4).expect("sync");
             assert_eq!(log.syncs(), before + 3);
-            // The interval's own sync counts too.
-            log.blocking_append([entry(2, 5)]).await.expect("append");
+            // The interval's own sync counts too (a changed interval
+            // applies from the next write on).
             log.set_sync_interval(Some(std::time::Duration::from_millis(1)));
+            log.blocking_append([entry(2, 5)]).await.expect("append");
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while syncer.synced_upto() < 5 {
                 assert!(std::time::Instant::now() < deadline, "no interval sync");

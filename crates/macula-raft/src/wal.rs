@@ -537,6 +537,12 @@ impl Wal {
         self.write_with(records, true)
     }
 
+    /// Whether the next write starts a new segment (and so syncs the one
+    /// it closes).
+    pub fn would_rotate(&self) -> bool {
+        self.pos >= SEGMENT_BYTES
+    }
+
     /// Whether records were written since the last `fdatasync` of the
     /// active segment ([`Wal::write_with`] without a sync), or may have
     /// been (by an earlier process: true after opening an existing log
