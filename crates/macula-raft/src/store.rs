@@ -1872,7 +1872,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        crate::probe::mark(crate::probe::Phase::ApplyStart);
+        // The leader's apply of its own entries only (a follower applies
+        // the previous entry when the next one tells it of its commit).
+        let own = crate::probe::on()
+            && entries.last().is_some_and(|e| {
+                self.shared.options.member.is_some()
+                    && e.log_id.leader_id.voted_for() == self.shared.options.member
+            });
+        if own {
+            crate::probe::mark(crate::probe::Phase::ApplyStart);
+        }
         if let (Some(last), Some(_)) = (entries.last(), self.shared.options.member) {
             // A leader's own entries may be committed before its copy is
             // on disk: applied (and so answered) only once it is.
@@ -1887,7 +1896,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // `crate::applier`); their answers replace the key space's
         // placeholders below, in the same order.
         let mut opaque_answers = self.apply_opaque(&mut entries).await?.into_iter();
-        crate::probe::mark(crate::probe::Phase::Applied);
+        if own {
+            crate::probe::mark(crate::probe::Phase::Applied);
+        }
         let mut responses = Vec::new();
         let mut writes = Writes::default();
         let (last_applied, membership, revision) = {
@@ -1946,7 +1957,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .send(op)
                 .map_err(|_| StoreError::Task("the state machine writer has stopped".into()))
                 .map_err(Self::io_sm(ErrorVerb::Write))?;
-            crate::probe::mark(crate::probe::Phase::ApplyDone);
+            if own {
+                crate::probe::mark(crate::probe::Phase::ApplyDone);
+            }
             return Ok(responses);
         }
         let db = self.shared.db.clone();
