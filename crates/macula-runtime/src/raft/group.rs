@@ -278,7 +278,7 @@ type Committed = std::pin::Pin<
 /// What the proposer tells a writer.
 enum Answer {
     /// Its result (a write of a batch entry, or one openraft refused).
-    Done(Result<Response, WriteError>),
+    Done(Box<Result<Response, WriteError>>),
     /// Its entry, its own, was handed to openraft: the writer awaits
     /// openraft's answer itself (one task hand-off less between the commit
     /// and the writer), holding the proposer's slot until then. A writer
@@ -290,7 +290,7 @@ impl Answer {
     /// The write's result.
     async fn result(self) -> Result<Response, WriteError> {
         match self {
-            Answer::Done(r) => r,
+            Answer::Done(r) => *r,
             Answer::Own(committed, permit) => {
                 let r = committed.await.map(|w| w.data);
                 drop(permit);
@@ -1053,20 +1053,22 @@ impl Group {
             Ok(w) => match w.data {
                 Response::Batch(responses) if responses.len() == answers.len() => {
                     for (a, r) in answers.into_iter().zip(responses) {
-                        let _ = a.send(Answer::Done(Ok(r)));
+                        let _ = a.send(Answer::Done(Box::new(Ok(r))));
                     }
                 }
                 other => {
                     // Not what a batch answers: tell every writer.
                     tracing::error!(group = %group, answer = ?other, "unexpected answer to a batch");
                     for a in answers {
-                        let _ = a.send(Answer::Done(Ok(Response::Error(KvError::NestedBatch))));
+                        let _ = a.send(Answer::Done(Box::new(Ok(Response::Error(
+                            KvError::NestedBatch,
+                        )))));
                     }
                 }
             },
             Err(e) => {
                 for a in answers {
-                    let _ = a.send(Answer::Done(Err(e.clone())));
+                    let _ = a.send(Answer::Done(Box::new(Err(e.clone()))));
                 }
             }
         }
