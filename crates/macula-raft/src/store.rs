@@ -846,6 +846,9 @@ struct Writing {
     pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
     committed: Arc<Mutex<Option<LogId>>>,
     interval_ms: Arc<AtomicU64>,
+    /// The interval (ms) the writer thread last waited with: an inline
+    /// append wakes it when the interval has changed since.
+    interval_seen: AtomicU64,
     synced_upto: Arc<AtomicU64>,
 }
 
@@ -864,6 +867,8 @@ impl Writing {
 /// is `interval_ms` old (waking up for it when idle) and at close.
 fn log_writer(w: Arc<Writing>, rx: std::sync::mpsc::Receiver<LogOp>) {
     loop {
+        w.interval_seen
+            .store(w.interval_ms.load(Ordering::Acquire), Ordering::Release);
         let interval = w.interval();
         let due = w
             .dirty_since
@@ -1053,6 +1058,7 @@ impl LogStore {
             pending: pending.clone(),
             committed: committed.clone(),
             interval_ms: sync_interval_ms.clone(),
+            interval_seen: AtomicU64::new(0),
             synced_upto: synced_upto.clone(),
         });
         let shared = Arc::new(LogShared {
@@ -1240,7 +1246,9 @@ impl LogStore {
                 // unsynced write; one that is due (the interval may have
                 // been shortened) is synced now.
                 let interval = w.interval().unwrap_or_default();
-                let wake = dirty.is_none_or(|t| now >= t + interval);
+                let wake = dirty.is_none_or(|t| now >= t + interval)
+                    || w.interval_seen.load(Ordering::Acquire)
+                        != w.interval_ms.load(Ordering::Acquire);
                 dirty.get_or_insert(now);
                 w.on_disk.send_modify(|d| d.last = last);
                 wake
