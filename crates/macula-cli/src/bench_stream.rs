@@ -72,6 +72,22 @@ pub struct StreamArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Time the phases of each replicated publish of the latency run
+    /// (proposer, openraft, log writes, AppendEntries, apply, answer) and
+    /// print their p50/p90 since the publish started (R3 only; the probes
+    /// cost a clock read and a lock per phase while on).
+    #[arg(long)]
+    phases: bool,
+}
+
+/// One phase of the latency run's publishes (`--phases`): microseconds
+/// since the publish started.
+#[derive(Debug, Default, serde::Serialize)]
+struct PhaseRow {
+    phase: &'static str,
+    count: usize,
+    p50_us: u32,
+    p90_us: u32,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -80,6 +96,9 @@ struct Side {
     publish_64_per_s: f64,
     publish_1k_per_s: f64,
     publish_latency_64: Option<Latency>,
+    /// `--phases`: where the latency run's publishes spent their time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    phases: Vec<PhaseRow>,
     replay_per_s: f64,
     replayed: usize,
     /// Of the replay: until its first batch (Macula: a read waits for the
@@ -163,6 +182,30 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
             s.replay_per_s,
             s.restart_ms
         );
+    }
+    for s in report.sides.iter().filter(|s| !s.phases.is_empty()) {
+        println!(
+            "{}: one-in-flight publish, time since it started (us; step = p50 minus the previous p50)",
+            s.target
+        );
+        println!(
+            "  {:<28} {:>7} {:>8} {:>8} {:>8}",
+            "phase", "count", "p50", "step", "p90"
+        );
+        let mut prev = 0u32;
+        for p in &s.phases {
+            println!(
+                "  {:<28} {:>7} {:>8} {:>8} {:>8}",
+                p.phase,
+                p.count,
+                p.p50_us,
+                i64::from(p.p50_us) - i64::from(prev),
+                p.p90_us
+            );
+            if p.count > 0 {
+                prev = p.p50_us;
+            }
+        }
     }
     let Some(n) = report.sides.iter().find(|s| s.target == "jetstream") else {
         return Ok(());
@@ -385,11 +428,27 @@ async fn macula_side(
     let mut ns = Vec::with_capacity(a.latency_count);
     let payload = Bytes::from(vec![b'x'; 64]);
     let retried = std::sync::atomic::AtomicU64::new(0);
+    let phases = a.phases && a.replicas > 1;
+    if phases {
+        macula::stream::Streams::phase_timing(true);
+    }
     for i in 0..a.latency_count {
         let id = run_msg_id(&cluster, "lat", i);
         let t = Instant::now();
         publish_acked(&s, "lat.x", payload.clone(), id, &retried).await?;
         ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    if phases {
+        macula::stream::Streams::phase_timing(false);
+        side.phases = macula::stream::Streams::phase_report()
+            .into_iter()
+            .map(|(phase, count, p50_us, p90_us)| PhaseRow {
+                phase,
+                count,
+                p50_us,
+                p90_us,
+            })
+            .collect();
     }
     let retried = retried.into_inner();
     if retried > 0 {

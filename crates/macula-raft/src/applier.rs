@@ -20,6 +20,11 @@
 //!   groups whose key space re-applies harmlessly (no key writes: a
 //!   stream's group), and the applier must be synced up to any snapshot it
 //!   makes (the log before it may be purged).
+//! * With a log sync interval (`Options::log_sync_interval`) the log
+//!   itself may be behind the disk, so before such an applier makes an
+//!   applied index durable it syncs the log up to that index with the
+//!   [`LogSyncer`] given to [`Applier::attach_log`]: after a power loss
+//!   its synced index is then never ahead of the log it replays from.
 //! * [`Applier::snapshot`] is its state as of some index at or after the
 //!   key space's `last_applied` (snapshots are built beside applies), and
 //!   [`Applier::install`] makes a lagging member's applier equal to that
@@ -28,6 +33,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+
+use crate::store::LogSyncer;
 
 /// A boxed future of the applier.
 pub type ApplierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
@@ -45,6 +52,13 @@ pub trait Applier: Send + Sync + 'static {
     fn synced(&self) -> Option<u64> {
         None
     }
+
+    /// Gives the applier its group's log once, when it is set
+    /// (`StateMachineStore::set_applier`): an applier that makes its
+    /// applied index durable on its own schedule ([`Applier::synced`])
+    /// calls [`LogSyncer::sync_to`] with that index first (see the module
+    /// docs). Default: not kept.
+    fn attach_log(&self, _log: LogSyncer) {}
 
     /// The applier's state for a snapshot.
     fn snapshot(&self) -> Result<Vec<u8>, String>;

@@ -50,7 +50,12 @@
 //!   truncations, purges and commit hints are acknowledged once written
 //!   (to the operating system) and synced within the interval and at close;
 //!   `save_vote` is still synced before it returns. The log then survives
-//!   a crash of the process, not a power loss within the interval.
+//!   a crash of the process, not a power loss within the interval. An
+//!   applier that syncs its own store syncs the log first
+//!   ([`store::LogSyncer`], [`Applier::attach_log`]), so after a power
+//!   loss it is never ahead of the log. An existing log is not known
+//!   synced when it is opened (an earlier process may have been killed
+//!   with writes in the page cache): its first sync request syncs it.
 //! * `apply` writes the changed keys, leases, `last_applied`,
 //!   `last_membership` and `revision` in one transaction, by default
 //!   `Durability::Immediate` (see [`store::Options::durable_apply`]).
@@ -75,6 +80,7 @@ pub mod applier;
 mod error;
 pub mod kv;
 pub mod linearizability;
+pub mod probe;
 pub mod store;
 pub mod wal;
 pub mod watch;
@@ -82,7 +88,7 @@ pub mod watch;
 pub use applier::{Applier, ApplierFuture};
 pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};
 pub use store::{
-    open, open_with, Durable, LogStore, LogSyncInterval, Options, SnapshotBuilder,
+    open, open_with, Durable, LogStore, LogSyncInterval, LogSyncer, Options, SnapshotBuilder,
     StateMachineStore, StoreError,
 };
 

@@ -292,6 +292,9 @@ pub fn open_with(
     let durable = Durable {
         rx: durable_tx.subscribe(),
     };
+    let log_reader = wal.reader();
+    let log = LogStore::new(wal, member, (durable_tx, durable.clone()))?;
+    log.set_sync_interval(log_sync_interval);
     let (tx, _) = broadcast::channel(options.broadcast_capacity.max(1));
     let state = SmState {
         history: History::new(kv.revision(), options.history_events, options.history_bytes),
@@ -308,13 +311,12 @@ pub fn open_with(
             snapshot_seq: AtomicU64::new(seq),
             writer,
             thread: Mutex::new(sm_thread),
-            durable: durable.clone(),
+            durable,
             applier: RwLock::new(None),
-            log: wal.reader(),
+            log: log_reader,
+            log_syncer: log.syncer(),
         }),
     };
-    let log = LogStore::new(wal, member, (durable_tx, durable))?;
-    log.set_sync_interval(log_sync_interval);
     Ok((log, sm))
 }
 
@@ -568,6 +570,62 @@ impl LogSyncInterval {
     }
 }
 
+/// Syncs a log up to an index on demand ([`LogStore::syncer`]): what an
+/// applier whose own store is synced on its own schedule
+/// ([`Applier::synced`]) calls before it makes an applied index durable,
+/// so that with a sync interval a power loss can never leave the applier
+/// ahead of the log it replays from. Cheap to clone.
+#[derive(Clone)]
+pub struct LogSyncer {
+    synced_upto: Arc<AtomicU64>,
+    shared: std::sync::Weak<LogShared>,
+}
+
+impl Debug for LogSyncer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSyncer")
+            .field("synced_upto", &self.synced_upto())
+            .finish()
+    }
+}
+
+impl LogSyncer {
+    /// Every entry the log holds at an index up to this one is synced.
+    pub fn synced_upto(&self) -> u64 {
+        self.synced_upto.load(Ordering::Acquire)
+    }
+
+    /// Returns once every entry the log holds up to `index` is synced: at
+    /// once when it is (an atomic load), else after one `fdatasync` of the
+    /// log's writer (with whatever it writes meanwhile). **Blocks** the
+    /// calling thread: call it from a thread that may block (a store's
+    /// writer thread), never from an async task. An error when the log's
+    /// writer failed or stopped without syncing.
+    pub fn sync_to(&self, index: u64) -> Result<(), StoreError> {
+        if self.synced_upto() >= index {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let Some(shared) = self.shared.upgrade() else {
+                // Closed: its writer synced everything at the close (then
+                // `synced_upto` is at its maximum) or could not.
+                return if self.synced_upto() >= index {
+                    Ok(())
+                } else {
+                    Err(StoreError::Task(format!(
+                        "the raft log is closed, not synced up to index {index}"
+                    )))
+                };
+            };
+            shared.send(LogOp::Sync { done: tx })?;
+        }
+        rx.recv()
+            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))?
+            .map_err(StoreError::Task)
+    }
+}
+
 /// The Raft log and vote of one group ([`RaftLogStorage`]); also its own
 /// [`RaftLogReader`]. Cheap to clone (shares the log files and the writer).
 ///
@@ -610,6 +668,30 @@ struct LogShared {
     durable: Durable,
     /// The log's sync interval in ms, 0 for none (shared with the writer).
     sync_interval_ms: Arc<AtomicU64>,
+    /// Every entry this log holds at an index up to this one is synced
+    /// (set by the writer; see [`LogSyncer`]).
+    synced_upto: Arc<AtomicU64>,
+    /// The writer's state (its thread's and inline appends').
+    writing: Arc<Writing>,
+}
+
+impl LogShared {
+    fn send(&self, op: LogOp) -> Result<(), StoreError> {
+        let counted = !matches!(op, LogOp::Wake);
+        let writer = self.writer.lock();
+        let tx = writer
+            .as_ref()
+            .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?;
+        if counted {
+            self.writing.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        tx.send(op).map_err(|_| {
+            if counted {
+                self.writing.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            StoreError::Task("the raft log writer has stopped".into())
+        })
+    }
 }
 
 impl Drop for LogShared {
@@ -653,6 +735,15 @@ enum LogOp {
         vote: Vote<MemberId>,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+    /// Sync the log (with whatever else is in the batch): every entry
+    /// written is then on disk ([`LogSyncer::sync_to`]; an applier asks
+    /// only for entries written, which it has applied).
+    Sync {
+        done: std::sync::mpsc::Sender<Result<(), String>>,
+    },
+    /// Nothing to write: the writer looks at `dirty_since` again (an
+    /// inline append left the log unsynced).
+    Wake,
 }
 
 /// Most operations committed in one transaction.
@@ -671,6 +762,7 @@ impl LogOp {
             LogOp::Truncate { from, .. } => out.push(Record::Truncate { from: *from }),
             LogOp::Purge { upto, .. } => out.push(Record::Purge { upto: *upto }),
             LogOp::Vote { vote, .. } => out.push(Record::Vote(*vote)),
+            LogOp::Sync { .. } | LogOp::Wake => {}
         }
     }
 }
@@ -694,21 +786,78 @@ fn last_after(batch: &[LogOp], mut last: Option<LogId>) -> Option<LogId> {
                     last = *keep;
                 }
             }
-            LogOp::Purge { .. } | LogOp::Vote { .. } => {}
+            LogOp::Purge { .. } | LogOp::Vote { .. } | LogOp::Sync { .. } | LogOp::Wake => {}
         }
     }
     last
 }
 
+/// `synced_upto` lowered below what `batch` rewrites: a truncation, or an
+/// append at an index the log held (only uncommitted entries are ever
+/// rewritten, but a sync must not be skipped for their replacements).
+fn synced_before(batch: &[LogOp], mut synced: u64) -> u64 {
+    for op in batch {
+        let from = match op {
+            LogOp::Append { rows, .. } => rows.first().map(|r| r.0),
+            LogOp::Truncate { from, .. } => Some(*from),
+            _ => None,
+        };
+        if let Some(from) = from {
+            synced = synced.min(from.saturating_sub(1));
+        }
+    }
+    synced
+}
+
 /// Syncs what an interval left unsynced; a failure fails the log (what
 /// was acknowledged may not reach the disk).
-fn sync_late(wal: &mut Wal, on_disk: &tokio::sync::watch::Sender<DurableState>) {
-    if let Err(e) = wal.sync() {
-        tracing::error!(error = %e, "raft log sync failed");
-        let e = e.to_string();
-        on_disk.send_modify(|d| {
-            d.failed.get_or_insert(e);
-        });
+fn sync_late(
+    wal: &mut Wal,
+    on_disk: &tokio::sync::watch::Sender<DurableState>,
+    synced_upto: &AtomicU64,
+) {
+    match wal.sync() {
+        Ok(()) => synced_upto.store(last_index(on_disk), Ordering::Release),
+        Err(e) => {
+            tracing::error!(error = %e, "raft log sync failed");
+            let e = e.to_string();
+            on_disk.send_modify(|d| {
+                d.failed.get_or_insert(e);
+            });
+        }
+    }
+}
+
+/// The index of the last entry written (or purged), 0 for none.
+fn last_index(on_disk: &tokio::sync::watch::Sender<DurableState>) -> u64 {
+    on_disk.borrow().last.map_or(0, |l| l.index)
+}
+
+/// The log writer's state, shared by its thread and the appends written
+/// inline (a follower's, with a sync interval: see [`LogStore`]).
+struct Writing {
+    wal: Mutex<Wal>,
+    on_disk: tokio::sync::watch::Sender<DurableState>,
+    /// When the oldest write not yet synced was made.
+    dirty_since: Mutex<Option<std::time::Instant>>,
+    /// Operations sent to the writer thread and not yet written: an append
+    /// is written inline only when there are none (log order).
+    queued: std::sync::atomic::AtomicUsize,
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    committed: Arc<Mutex<Option<LogId>>>,
+    interval_ms: Arc<AtomicU64>,
+    /// The interval (ms) the writer thread last waited with: an inline
+    /// append wakes it when the interval has changed since.
+    interval_seen: AtomicU64,
+    synced_upto: Arc<AtomicU64>,
+}
+
+impl Writing {
+    fn interval(&self) -> Option<std::time::Duration> {
+        match self.interval_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
     }
 }
 
@@ -716,30 +865,25 @@ fn sync_late(wal: &mut Wal, on_disk: &tokio::sync::watch::Sender<DurableState>) 
 /// With a sync interval (`interval_ms` > 0) a batch without a vote is
 /// written unsynced, and the writer syncs once the oldest unsynced write
 /// is `interval_ms` old (waking up for it when idle) and at close.
-fn log_writer(
-    mut wal: Wal,
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
-    committed: Arc<Mutex<Option<LogId>>>,
-    rx: std::sync::mpsc::Receiver<LogOp>,
-    on_disk: tokio::sync::watch::Sender<DurableState>,
-    interval_ms: Arc<AtomicU64>,
-) {
-    let interval_now = || match interval_ms.load(Ordering::Acquire) {
-        0 => None,
-        ms => Some(std::time::Duration::from_millis(ms)),
-    };
-    // When the oldest write not yet synced was made.
-    let mut dirty_since: Option<std::time::Instant> = None;
+fn log_writer(w: Arc<Writing>, rx: std::sync::mpsc::Receiver<LogOp>) {
     loop {
-        let interval = interval_now();
-        let due = dirty_since.map(|t| t + interval.unwrap_or_default());
+        w.interval_seen
+            .store(w.interval_ms.load(Ordering::Acquire), Ordering::Release);
+        let interval = w.interval();
+        let due = w
+            .dirty_since
+            .lock()
+            .map(|t| t + interval.unwrap_or_default());
         let first = match due {
             Some(due) => {
                 match rx.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
                     Ok(op) => op,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        sync_late(&mut wal, &on_disk);
-                        dirty_since = None;
+                        let mut wal = w.wal.lock();
+                        sync_late(&mut wal, &w.on_disk, &w.synced_upto);
+                        if !wal.unsynced() {
+                            *w.dirty_since.lock() = None;
+                        }
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -757,37 +901,68 @@ fn log_writer(
                 Err(_) => break,
             }
         }
-        let last = last_after(&batch, on_disk.borrow().last);
-        let mut records = Vec::new();
-        for op in &batch {
-            op.records(&mut records);
-        }
-        // The commit hint rides along, never ahead of the log it names.
-        if let Some(c) = committed.lock().take() {
-            records.push(Record::Committed(clamp_to(Some(c), last)));
-        }
-        let now = std::time::Instant::now();
-        // As it stands now (it may have changed while the writer waited).
-        let interval = interval_now();
-        let sync = interval.is_none()
-            || batch.iter().any(|op| matches!(op, LogOp::Vote { .. }))
-            || dirty_since.is_some_and(|t| now >= t + interval.unwrap_or_default());
-        let result = wal.write_with(&records, sync);
-        if result.is_ok() {
-            dirty_since = if wal.unsynced() {
-                dirty_since.or(Some(now))
-            } else {
-                None
-            };
-        }
-        drop(records);
-        let err = result.as_ref().err().map(|e| e.to_string());
-        on_disk.send_modify(|d| match &err {
-            Some(e) => {
-                d.failed.get_or_insert_with(|| e.clone());
+        let counted = batch.iter().filter(|op| !matches!(op, LogOp::Wake)).count();
+        let err = {
+            // Held through the write: inline appends wait their turn.
+            let mut wal = w.wal.lock();
+            let last = last_after(&batch, w.on_disk.borrow().last);
+            let mut records = Vec::new();
+            for op in &batch {
+                op.records(&mut records);
             }
-            None => d.last = last,
-        });
+            // The commit hint rides along, never ahead of the log it names.
+            if let Some(c) = w.committed.lock().take() {
+                records.push(Record::Committed(clamp_to(Some(c), last)));
+            }
+            let now = std::time::Instant::now();
+            // As it stands now (it may have changed while the writer waited).
+            let interval = w.interval();
+            let mut dirty_since = w.dirty_since.lock();
+            let asked = batch.iter().any(|op| matches!(op, LogOp::Sync { .. }));
+            let sync = interval.is_none()
+                || asked
+                || batch.iter().any(|op| matches!(op, LogOp::Vote { .. }))
+                || dirty_since.is_some_and(|t| now >= t + interval.unwrap_or_default());
+            // Lowered before the write: nothing may skip a sync for entries
+            // this batch rewrites.
+            w.synced_upto.store(
+                synced_before(&batch, w.synced_upto.load(Ordering::Acquire)),
+                Ordering::Release,
+            );
+            let result = if records.is_empty() {
+                if sync {
+                    wal.sync()
+                } else {
+                    Ok(())
+                }
+            } else {
+                wal.write_with(&records, sync)
+            };
+            if result.is_ok() && !wal.unsynced() {
+                // Every entry written, by this process or an earlier one.
+                w.synced_upto
+                    .store(last.map_or(0, |l| l.index), Ordering::Release);
+            }
+            if result.is_ok() {
+                *dirty_since = if wal.unsynced() {
+                    dirty_since.or(Some(now))
+                } else {
+                    None
+                };
+            }
+            drop(dirty_since);
+            drop(records);
+            let err = result.as_ref().err().map(|e| e.to_string());
+            w.on_disk.send_modify(|d| match &err {
+                Some(e) => {
+                    d.failed.get_or_insert_with(|| e.clone());
+                }
+                None => d.last = last,
+            });
+            // Written (or failed): an inline append may follow.
+            w.queued.fetch_sub(counted, Ordering::AcqRel);
+            err
+        };
         if let Some(e) = &err {
             tracing::error!(error = %e, "raft log write failed");
         }
@@ -802,9 +977,14 @@ fn log_writer(
                     callback,
                     done,
                 } => {
+                    crate::probe::mark(if callback.is_none() {
+                        crate::probe::Phase::LeaderWritten
+                    } else {
+                        crate::probe::Phase::FollowerWritten
+                    });
                     if answer.is_ok() {
                         {
-                            let mut pending = pending.lock();
+                            let mut pending = w.pending.lock();
                             for (index, _, log_id) in &rows {
                                 // Unless truncated and appended anew since.
                                 if pending.get(index).is_some_and(|e| e.log_id == *log_id) {
@@ -825,19 +1005,26 @@ fn log_writer(
                 | LogOp::Vote { done, .. } => {
                     let _ = done.send(answer);
                 }
+                LogOp::Sync { done, .. } => {
+                    let _ = done.send(answer);
+                }
+                LogOp::Wake => {}
             }
         }
     }
     // Closed: the last commit hint, if it is not written yet, and what an
     // interval left unsynced.
-    if let Some(c) = committed.lock().take() {
-        let last = on_disk.borrow().last;
+    let mut wal = w.wal.lock();
+    if let Some(c) = w.committed.lock().take() {
+        let last = w.on_disk.borrow().last;
         if let Err(e) = wal.write(&[Record::Committed(clamp_to(Some(c), last))]) {
             tracing::warn!(error = %e, "could not save the raft commit index at close");
         }
     }
-    if let Err(e) = wal.sync() {
-        tracing::error!(error = %e, "raft log not synced at close");
+    match wal.sync() {
+        // Nothing is written after this: every entry is synced.
+        Ok(()) => w.synced_upto.store(u64::MAX, Ordering::Release),
+        Err(e) => tracing::error!(error = %e, "raft log not synced at close"),
     }
 }
 
@@ -858,21 +1045,37 @@ impl LogStore {
         let (tx, rx) = std::sync::mpsc::channel();
         let (durable_tx, durable) = durable;
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
+        // Nothing known synced: what an earlier process wrote may not be
+        // (`Wal::unsynced`).
+        let synced_upto = Arc::new(AtomicU64::new(0));
+        let pending: Arc<Mutex<BTreeMap<u64, Entry>>> = Arc::default();
+        let committed: Arc<Mutex<Option<LogId>>> = Arc::default();
+        let writing = Arc::new(Writing {
+            wal: Mutex::new(wal),
+            on_disk: durable_tx,
+            dirty_since: Mutex::new(None),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            pending: pending.clone(),
+            committed: committed.clone(),
+            interval_ms: sync_interval_ms.clone(),
+            interval_seen: AtomicU64::new(0),
+            synced_upto: synced_upto.clone(),
+        });
         let shared = Arc::new(LogShared {
-            pending: Arc::default(),
-            committed: Arc::default(),
+            pending,
+            committed,
             vote: Mutex::new(vote),
             member,
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(None),
             durable,
-            sync_interval_ms: sync_interval_ms.clone(),
+            sync_interval_ms,
+            synced_upto,
+            writing: writing.clone(),
         });
-        let pending = shared.pending.clone();
-        let committed = shared.committed.clone();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || log_writer(wal, pending, committed, rx, durable_tx, sync_interval_ms))?;
+            .spawn(move || log_writer(writing, rx))?;
         *shared.thread.lock() = Some(thread);
         Ok(LogStore {
             wal: reader,
@@ -895,6 +1098,15 @@ impl LogStore {
     /// How many times the log was synced (`fdatasync`) since it was opened.
     pub fn syncs(&self) -> u64 {
         self.wal.syncs()
+    }
+
+    /// A handle that syncs this log up to an index on demand, without
+    /// keeping the log (or its writer) alive.
+    pub fn syncer(&self) -> LogSyncer {
+        LogSyncer {
+            synced_upto: self.shared.synced_upto.clone(),
+            shared: Arc::downgrade(&self.shared),
+        }
     }
 
     /// How far this log is on disk.
@@ -941,13 +1153,7 @@ impl LogStore {
     }
 
     fn send(&self, op: LogOp) -> Result<(), StoreError> {
-        self.shared
-            .writer
-            .lock()
-            .as_ref()
-            .ok_or_else(|| StoreError::Task("the raft log writer has stopped".into()))?
-            .send(op)
-            .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))
+        self.shared.send(op)
     }
 
     /// Queues `make(done)` and waits for its commit.
@@ -978,6 +1184,97 @@ impl LogStore {
         // Without `single-term-leader`, a log id's leader is a `LeaderId`.
         let leader = vote.leader_id();
         rows.iter().all(|(_, _, id)| id.leader_id == *leader)
+    }
+}
+
+/// What [`LogStore::append_inline`] did.
+enum Inline {
+    /// Written (or failed), and the callback told.
+    Done(Result<(), StorageError>),
+    /// Left to the writer thread.
+    Not(LogFlushed<TypeConfig>),
+}
+
+impl LogStore {
+    /// With a sync interval, a follower's append is only a write (no
+    /// `fdatasync`): the caller writes it itself when the writer thread
+    /// has nothing queued and is not writing (log order), saving the
+    /// hand-off to the thread and back on the path of every
+    /// AppendEntries. Not when the write would start a segment (that syncs
+    /// the closing one). The writer thread is woken when this leaves the
+    /// log unsynced, to sync it within the interval.
+    fn append_inline(
+        &self,
+        rows: &[(u64, Vec<u8>, LogId)],
+        callback: LogFlushed<TypeConfig>,
+    ) -> Inline {
+        let w = &self.shared.writing;
+        if w.interval().is_none() || w.queued.load(Ordering::Acquire) > 0 {
+            return Inline::Not(callback);
+        }
+        let Some(mut wal) = w.wal.try_lock() else {
+            return Inline::Not(callback);
+        };
+        // Under the lock: the thread decrements after its write, holding
+        // it, so none is queued before this one.
+        if w.queued.load(Ordering::Acquire) > 0 || wal.would_rotate() {
+            return Inline::Not(callback);
+        }
+        let last = rows.last().map(|r| r.2).or(w.on_disk.borrow().last);
+        let mut records: Vec<Record<'_>> = rows
+            .iter()
+            .map(|(_, bytes, log_id)| Record::Entry {
+                log_id: *log_id,
+                bytes,
+            })
+            .collect();
+        if let Some(c) = w.committed.lock().take() {
+            records.push(Record::Committed(clamp_to(Some(c), last)));
+        }
+        if let Some(first) = rows.first() {
+            let synced = w.synced_upto.load(Ordering::Acquire);
+            w.synced_upto
+                .store(synced.min(first.0.saturating_sub(1)), Ordering::Release);
+        }
+        let now = std::time::Instant::now();
+        let result = wal.write_with(&records, false);
+        drop(records);
+        let wake = match &result {
+            Ok(()) => {
+                let mut dirty = w.dirty_since.lock();
+                // The writer waits for the interval only once told of an
+                // unsynced write; one that is due (the interval may have
+                // been shortened) is synced now.
+                let interval = w.interval().unwrap_or_default();
+                let wake = dirty.is_none_or(|t| now >= t + interval)
+                    || w.interval_seen.load(Ordering::Acquire)
+                        != w.interval_ms.load(Ordering::Acquire);
+                dirty.get_or_insert(now);
+                w.on_disk.send_modify(|d| d.last = last);
+                wake
+            }
+            Err(e) => {
+                let e = e.to_string();
+                tracing::error!(error = %e, "raft log write failed");
+                w.on_disk.send_modify(|d| {
+                    d.failed.get_or_insert(e);
+                });
+                false
+            }
+        };
+        drop(wal);
+        crate::probe::mark(crate::probe::Phase::FollowerWritten);
+        if wake {
+            // Not counted, not awaited: the writer looks at the interval.
+            let _ = self.send(LogOp::Wake);
+        }
+        let answer = result.map_err(|e| e.to_string());
+        callback.log_io_completed(answer.clone().map_err(std::io::Error::other));
+        Inline::Done(
+            answer
+                .map_err(StoreError::Task)
+                .map_err(sto(ErrorSubject::Logs, ErrorVerb::Write)),
+        )
     }
 }
 
@@ -1051,6 +1348,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         let early = self.own_leader_entries(&rows);
+        crate::probe::mark(if early {
+            crate::probe::Phase::LeaderAppend
+        } else {
+            crate::probe::Phase::FollowerAppend
+        });
+        let callback = if early {
+            callback
+        } else {
+            match self.append_inline(&rows, callback) {
+                Inline::Done(r) => return r,
+                Inline::Not(callback) => callback,
+            }
+        };
         {
             // Readable from now on, before they reach the disk.
             let mut pending = self.shared.pending.lock();
@@ -1141,6 +1451,8 @@ struct SmShared {
     /// The log, to name the entry an unsynced applier is back to
     /// ([`Applier::synced`]).
     log: crate::wal::WalReader,
+    /// Syncs the log for an applier ([`Applier::attach_log`]).
+    log_syncer: LogSyncer,
 }
 
 impl Drop for SmShared {
@@ -1301,6 +1613,7 @@ impl StateMachineStore {
     /// store is given to openraft: an opaque entry applied without one is
     /// answered [`KvError::NoApplier`] and lost to the applier.
     pub fn set_applier(&self, applier: Arc<dyn Applier>) {
+        applier.attach_log(self.shared.log_syncer.clone());
         *self.shared.applier.write() = Some(applier);
     }
 
@@ -1567,6 +1880,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        // The leader's apply of its own entries only (a follower applies
+        // the previous entry when the next one tells it of its commit).
+        let own = crate::probe::on()
+            && entries.last().is_some_and(|e| {
+                self.shared.options.member.is_some()
+                    && e.log_id.leader_id.voted_for() == self.shared.options.member
+            });
+        if own {
+            crate::probe::mark(crate::probe::Phase::ApplyStart);
+        }
         if let (Some(last), Some(_)) = (entries.last(), self.shared.options.member) {
             // A leader's own entries may be committed before its copy is
             // on disk: applied (and so answered) only once it is.
@@ -1581,6 +1904,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // `crate::applier`); their answers replace the key space's
         // placeholders below, in the same order.
         let mut opaque_answers = self.apply_opaque(&mut entries).await?.into_iter();
+        if own {
+            crate::probe::mark(crate::probe::Phase::Applied);
+        }
         let mut responses = Vec::new();
         let mut writes = Writes::default();
         let (last_applied, membership, revision) = {
@@ -1639,6 +1965,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .send(op)
                 .map_err(|_| StoreError::Task("the state machine writer has stopped".into()))
                 .map_err(Self::io_sm(ErrorVerb::Write))?;
+            if own {
+                crate::probe::mark(crate::probe::Phase::ApplyDone);
+            }
             return Ok(responses);
         }
         let db = self.shared.db.clone();
@@ -1987,6 +2316,78 @@ mod tests {
             again.read_vote().await.expect("vote"),
             Some(Vote::new_committed(2, me))
         );
+    }
+
+    /// An applier syncing its own store first syncs the log up to the
+    /// index it makes durable: one `fdatasync` when the log is behind,
+    /// none when it is not, again when entries were rewritten, and none
+    /// after a close (which syncs).
+    #[tokio::test]
+    async fn a_syncer_syncs_the_log_up_to_an_index_only_when_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let path = dir.path().join("a.redb");
+        let opts = || Options {
+            log_sync_interval: Some(std::time::Duration::from_secs(3600)),
+            ..Options::default()
+        };
+        let entry = |term: u64, index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, me), index),
+            payload: EntryPayload::Blank,
+        };
+        let syncer = {
+            let (mut log, _sm) = open_with(&path, opts()).expect("open");
+            let syncer = log.syncer();
+            log.save_vote(&Vote::new_committed(1, me))
+                .await
+                .expect("vote");
+            log.blocking_append((1..=3).map(|i| entry(1, i)))
+                .await
+                .expect("append");
+            let before = log.syncs();
+            assert!(syncer.synced_upto() < 2, "appended unsynced");
+            syncer.sync_to(2).expect("sync");
+            assert_eq!(log.syncs(), before + 1, "one sync for what is behind");
+            assert!(syncer.synced_upto() >= 3, "everything written is synced");
+            syncer.sync_to(3).expect("sync");
+            assert_eq!(log.syncs(), before + 1, "already synced: no sync");
+            log.blocking_append([entry(1, 4)]).await.expect("append");
+            syncer.sync_to(3).expect("sync");
+            assert_eq!(log.syncs(), before + 1, "an unsynced tail past 3");
+            syncer.sync_to(4).expect("sync");
+            assert_eq!(log.syncs(), before + 2);
+            // A rewritten entry (truncated, appended anew) is not synced.
+            log.truncate(entry(1, 4).log_id).await.expect("truncate");
+            log.blocking_append([entry(2, 4)]).await.expect("append");
+            assert!(syncer.synced_upto() < 4);
+            syncer.sync_to(4).expect("sync");
+            assert_eq!(log.syncs(), before + 3);
+            // The interval's own sync counts too (a changed interval
+            // applies from the next write on).
+            log.set_sync_interval(Some(std::time::Duration::from_millis(1)));
+            log.blocking_append([entry(2, 5)]).await.expect("append");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while syncer.synced_upto() < 5 {
+                assert!(std::time::Instant::now() < deadline, "no interval sync");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let synced = log.syncs();
+            syncer.sync_to(5).expect("sync");
+            assert_eq!(log.syncs(), synced);
+            syncer
+        };
+        // Closed: the close synced everything; the syncer does not keep
+        // the log open.
+        syncer.sync_to(1_000).expect("synced at close");
+        let (log, _sm) = open_with(&path, opts()).expect("reopen");
+        // What an earlier process wrote is not known synced: the first
+        // request syncs the log whatever the writer did.
+        let syncer = log.syncer();
+        let before = log.syncs();
+        syncer.sync_to(5).expect("sync");
+        assert_eq!(log.syncs(), before + 1);
+        syncer.sync_to(5).expect("sync");
+        assert_eq!(log.syncs(), before + 1);
     }
 
     /// A leader's own entries are reported flushed before they are on disk

@@ -490,6 +490,10 @@ impl Wal {
                 tail = Some((id, file, found.end, data.len() as u64));
             }
         }
+        // An existing active segment may hold what an earlier process
+        // wrote unsynced (in the page cache only, after a `kill -9`): not
+        // known synced until this writer syncs it.
+        let existing = tail.is_some();
         let (active, file, pos, len) = match tail {
             Some(t) => t,
             None => {
@@ -511,7 +515,7 @@ impl Wal {
             pos,
             len,
             highest,
-            unsynced: false,
+            unsynced: existing,
         })
     }
 
@@ -533,8 +537,16 @@ impl Wal {
         self.write_with(records, true)
     }
 
+    /// Whether the next write starts a new segment (and so syncs the one
+    /// it closes).
+    pub fn would_rotate(&self) -> bool {
+        self.pos >= SEGMENT_BYTES
+    }
+
     /// Whether records were written since the last `fdatasync` of the
-    /// active segment ([`Wal::write_with`] without a sync).
+    /// active segment ([`Wal::write_with`] without a sync), or may have
+    /// been (by an earlier process: true after opening an existing log
+    /// until the first sync).
     pub fn unsynced(&self) -> bool {
         self.unsynced
     }

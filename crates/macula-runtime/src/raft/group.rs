@@ -13,7 +13,7 @@ use macula_raft::openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, RaftError,
 };
 use macula_raft::openraft::raft::{
-    AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest,
+    AppendEntriesRequest, AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest,
 };
 use macula_raft::openraft::{ChangeMembers, Config, EmptyNode, ServerState, SnapshotPolicy};
 use macula_raft::{
@@ -264,7 +264,40 @@ type WriteError = RaftError<MemberId, ClientWriteError<MemberId, EmptyNode>>;
 /// A write waiting to be proposed.
 struct Proposal {
     request: Request,
-    answer: tokio::sync::oneshot::Sender<Result<Response, WriteError>>,
+    answer: tokio::sync::oneshot::Sender<Answer>,
+}
+
+/// openraft's answer to one entry, as the proposer got it.
+type Committed = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<ClientWriteResponse<TypeConfig>, WriteError>>
+            + Send,
+    >,
+>;
+
+/// What the proposer tells a writer.
+enum Answer {
+    /// Its result (a write of a batch entry, or one openraft refused).
+    Done(Box<Result<Response, WriteError>>),
+    /// Its entry, its own, was handed to openraft: the writer awaits
+    /// openraft's answer itself (one task hand-off less between the commit
+    /// and the writer), holding the proposer's slot until then. A writer
+    /// that stops waiting frees the slot early.
+    Own(Committed, tokio::sync::OwnedSemaphorePermit),
+}
+
+impl Answer {
+    /// The write's result.
+    async fn result(self) -> Result<Response, WriteError> {
+        match self {
+            Answer::Done(r) => *r,
+            Answer::Own(committed, permit) => {
+                let r = committed.await.map(|w| w.data);
+                drop(permit);
+                r
+            }
+        }
+    }
 }
 
 /// Writes in one batch entry at most.
@@ -613,13 +646,15 @@ impl Group {
                 }
             })?;
         Ok(async move {
-            match rx.await {
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(e)) => Err(match write_error(e) {
+            let Ok(answer) = rx.await else {
+                return Err(GroupError::Stopped("the group has stopped".into()));
+            };
+            match answer.result().await {
+                Ok(resp) => Ok(resp),
+                Err(e) => Err(match write_error(e) {
                     LocalError::NotLeader(l) => GroupError::NotLeader(l),
                     LocalError::Failed(e) => e,
                 }),
-                Err(_) => Err(GroupError::Stopped("the group has stopped".into())),
             }
         })
     }
@@ -754,10 +789,12 @@ impl Group {
                 if queued.await.is_err() {
                     return Err(failed(GroupError::Stopped("the group has stopped".into())));
                 }
-                match rx.await {
-                    Ok(Ok(resp)) => enc(encode(&resp)),
-                    Ok(Err(e)) => Err(write_error(e)),
-                    Err(_) => Err(failed(GroupError::Stopped("the group has stopped".into()))),
+                let Ok(answer) = rx.await else {
+                    return Err(failed(GroupError::Stopped("the group has stopped".into())));
+                };
+                match answer.result().await {
+                    Ok(resp) => enc(encode(&resp)),
+                    Err(e) => Err(write_error(e)),
                 }
             }
             Op::Read(read) => match self.0.raft.ensure_linearizable().await {
@@ -846,9 +883,16 @@ impl Group {
         let malformed = |e: TransportError| refuse(RaftStatus::Malformed, e.to_string());
         let raft = &self.0.raft;
         let answer = match kind {
-            RaftKind::AppendEntries => match decode(body) {
+            RaftKind::AppendEntries => match decode::<AppendEntriesRequest<TypeConfig>>(body) {
                 Ok(req) => {
+                    let entries = !req.entries.is_empty();
+                    if entries {
+                        macula_raft::probe::mark(macula_raft::probe::Phase::FollowerGot);
+                    }
                     let r = raft.append_entries(req).await;
+                    if entries {
+                        macula_raft::probe::mark(macula_raft::probe::Phase::FollowerAnswered);
+                    }
                     // Anything but "higher vote" means this node follows
                     // the sender (heartbeats are AppendEntries too).
                     if matches!(&r, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
@@ -941,6 +985,7 @@ impl Group {
                     _ = stop.changed() => return,
                 },
             };
+            macula_raft::probe::mark(macula_raft::probe::Phase::ProposerTook);
             let mut bytes = request_bytes(&first.request);
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -969,9 +1014,9 @@ impl Group {
             // Handed to openraft here, in queue order (so log order is
             // call order); answered by a task of its own.
             let committed = self.0.raft.client_write_ff(request).await;
-            let name = self.0.name.clone();
-            tokio::spawn(async move {
-                let r: Result<ClientWriteResponse<TypeConfig>, WriteError> = match committed {
+            macula_raft::probe::mark(macula_raft::probe::Phase::RaftTook);
+            let committed: Committed = Box::pin(async move {
+                let r = match committed {
                     Err(fatal) => Err(RaftError::Fatal(fatal)),
                     Ok(rx) => match rx.await {
                         Ok(Ok(w)) => Ok(w),
@@ -979,8 +1024,21 @@ impl Group {
                         Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
                     },
                 };
+                macula_raft::probe::mark(macula_raft::probe::Phase::ProposerAnswered);
+                r
+            });
+            if single {
+                // The writer awaits openraft's answer itself.
+                if let Some(a) = answers.into_iter().next() {
+                    let _ = a.send(Answer::Own(committed, permit));
+                }
+                continue;
+            }
+            let name = self.0.name.clone();
+            tokio::spawn(async move {
+                let r = committed.await;
                 drop(permit);
-                Self::answer_batch(&name, single, answers, r);
+                Self::answer_batch(&name, answers, r);
             });
         }
     }
@@ -988,34 +1046,29 @@ impl Group {
     /// Answers the writers of one proposed entry.
     fn answer_batch(
         group: &str,
-        single: bool,
-        answers: Vec<tokio::sync::oneshot::Sender<Result<Response, WriteError>>>,
+        answers: Vec<tokio::sync::oneshot::Sender<Answer>>,
         r: Result<ClientWriteResponse<TypeConfig>, WriteError>,
     ) {
-        if single {
-            if let Some(a) = answers.into_iter().next() {
-                let _ = a.send(r.map(|w| w.data));
-            }
-            return;
-        }
         match r {
             Ok(w) => match w.data {
                 Response::Batch(responses) if responses.len() == answers.len() => {
                     for (a, r) in answers.into_iter().zip(responses) {
-                        let _ = a.send(Ok(r));
+                        let _ = a.send(Answer::Done(Box::new(Ok(r))));
                     }
                 }
                 other => {
                     // Not what a batch answers: tell every writer.
                     tracing::error!(group = %group, answer = ?other, "unexpected answer to a batch");
                     for a in answers {
-                        let _ = a.send(Ok(Response::Error(KvError::NestedBatch)));
+                        let _ = a.send(Answer::Done(Box::new(Ok(Response::Error(
+                            KvError::NestedBatch,
+                        )))));
                     }
                 }
             },
             Err(e) => {
                 for a in answers {
-                    let _ = a.send(Err(e.clone()));
+                    let _ = a.send(Answer::Done(Box::new(Err(e.clone()))));
                 }
             }
         }

@@ -304,14 +304,22 @@ impl RaftNetwork<TypeConfig> for MeshNetwork {
             }
         }
         let n = rpc.entries.len();
-        self.call(
-            RaftKind::AppendEntries,
-            &rpc,
-            &option,
-            RPCTypes::AppendEntries,
-            n,
-        )
-        .await
+        if n > 0 {
+            macula_raft::probe::mark(macula_raft::probe::Phase::AppendSent);
+        }
+        let r = self
+            .call(
+                RaftKind::AppendEntries,
+                &rpc,
+                &option,
+                RPCTypes::AppendEntries,
+                n,
+            )
+            .await;
+        if n > 0 {
+            macula_raft::probe::mark(macula_raft::probe::Phase::AnswerGot);
+        }
+        r
     }
 
     async fn install_snapshot(

@@ -16,7 +16,11 @@
 //! are queued; reads wait for their commit): the Raft log is the
 //! durable copy. The store syncs at least every `store::SYNC_EVERY` and
 //! before each snapshot (so the log it lets the group purge is never
-//! needed again), and the group, at start, reports the lower of its own
+//! needed again), each time after syncing the group's Raft log up to the
+//! applied index it makes durable (`macula_raft::LogSyncer`, skipped
+//! when the log is synced that far: with a `sync_interval` the log may
+//! be behind the disk, and the store must never be ahead of the log
+//! after a power loss), and the group, at start, reports the lower of its own
 //! applied index and the store's last synced one
 //! (`macula_raft::Applier::synced`): openraft replays the log from there,
 //! and the applier takes again what a crash lost.
@@ -186,6 +190,18 @@ impl macula_raft::Applier for StreamApplier {
 
     fn synced(&self) -> Option<u64> {
         self.hosted().ok().map(|h| h.store.synced_applied())
+    }
+
+    fn attach_log(&self, log: macula_raft::LogSyncer) {
+        // Each checkpoint of the store syncs the log up to the applied
+        // index it makes durable, first (with a sync interval the log may
+        // be behind the disk): a power loss then never leaves the store
+        // ahead of the log. Called on the store's writer thread.
+        if let Ok(h) = self.hosted() {
+            h.store.set_log_sync(Arc::new(move |index| {
+                log.sync_to(index).map_err(|e| e.to_string())
+            }));
+        }
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, String> {

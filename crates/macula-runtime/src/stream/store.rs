@@ -150,6 +150,10 @@ pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(500
 /// whole at open, so its length bounds the replay after a crash).
 pub const JOURNAL_MAX: u64 = 64 << 20;
 
+/// Syncs a replicated stream's Raft log up to a log index, blocking
+/// ([`StreamStore::set_log_sync`]).
+pub type LogSync = Arc<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -222,6 +226,43 @@ struct Job {
     wrap: bool,
 }
 
+/// How a job is queued ([`StreamStore::queue_as`]).
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    /// Made durable before it is answered (journal or checkpoint); else
+    /// committed without an `fsync`, skipping the journal.
+    sync: bool,
+    /// A checkpoint that moves the journal to its next epoch.
+    wrap: bool,
+    /// Counted acknowledged by the caller as it is queued (a replica's
+    /// applied writes): refused once the store failed, never answered by
+    /// the writer.
+    acked: bool,
+}
+
+impl Queued {
+    const DURABLE: Queued = Queued {
+        sync: true,
+        wrap: false,
+        acked: false,
+    };
+    const WRAP: Queued = Queued {
+        sync: true,
+        wrap: true,
+        acked: false,
+    };
+    const UNSYNCED: Queued = Queued {
+        sync: false,
+        wrap: false,
+        acked: false,
+    };
+    const ACKED: Queued = Queued {
+        sync: false,
+        wrap: false,
+        acked: true,
+    };
+}
+
 /// What the writer counted.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -255,6 +296,9 @@ pub struct StreamStore {
     room: Arc<Room>,
     /// The applied index (`Write::Applied`) of the last synced commit.
     synced_applied: Arc<AtomicU64>,
+    /// Syncs the Raft log before a checkpoint makes an applied index
+    /// durable (a replicated stream's).
+    log_sync: Arc<parking_lot::RwLock<Option<LogSync>>>,
     /// The sync interval in milliseconds (0: sync before every
     /// acknowledgement).
     sync_interval_ms: Arc<AtomicU64>,
@@ -375,6 +419,7 @@ impl StreamStore {
         let stats = Arc::new(StoreStats::default());
         let gate = Arc::new(Gate::default());
         let synced_applied = Arc::new(AtomicU64::new(applied));
+        let log_sync = Arc::new(parking_lot::RwLock::new(None));
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
         let checkpoint_every_ms = Arc::new(AtomicU64::new(SYNC_EVERY.as_millis() as u64));
         #[cfg(test)]
@@ -389,6 +434,7 @@ impl StreamStore {
                 stats: stats.clone(),
                 gate: gate.clone(),
                 synced_applied: synced_applied.clone(),
+                log_sync: log_sync.clone(),
                 sync_interval_ms: sync_interval_ms.clone(),
                 checkpoint_every_ms: checkpoint_every_ms.clone(),
                 #[cfg(test)]
@@ -416,6 +462,7 @@ impl StreamStore {
             gate,
             room: Arc::new(Room::new()),
             synced_applied,
+            log_sync,
             sync_interval_ms,
             #[cfg(test)]
             checkpoint_every_ms,
@@ -438,6 +485,14 @@ impl StreamStore {
     pub fn set_sync_interval(&self, interval: Option<std::time::Duration>) {
         let ms = interval.map_or(0, |d| (d.as_millis() as u64).max(1));
         self.sync_interval_ms.store(ms, Ordering::Release);
+    }
+
+    /// Sets what syncs a replicated stream's Raft log: before a checkpoint
+    /// makes an applied index (`Write::Applied`) durable, the writer calls
+    /// it with that index and waits, so that after a power loss the store
+    /// is never ahead of the log it replays from (see the module docs).
+    pub fn set_log_sync(&self, sync: LogSync) {
+        *self.log_sync.write() = Some(sync);
     }
 
     /// Sets the bound of the writer's queue (charged bytes) and how long
@@ -561,33 +616,8 @@ impl StreamStore {
     /// replays the log from the store's last synced applied index.
     pub fn apply_unsynced(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let room = self.room.force(charge(&writes));
-        let jobs = self.jobs.lock();
-        let Some(tx) = jobs.as_ref() else {
-            return Err(StoreError::Closed(self.path.clone()));
-        };
-        if let Some(f) = self.gate.failed() {
-            return Err(io(&self.path)(f));
-        }
         let top = top_put(&writes);
-        // Under the journal's lock, as every job is queued: tickets in
-        // queue order.
-        let mut side = self.side.lock();
-        side.ticket += 1;
-        side.unjournaled = true;
-        let ticket = side.ticket;
-        let job = Job {
-            writes,
-            done: None,
-            room: Some(room),
-            ticket,
-            early: true,
-            sync: false,
-            journaled: false,
-            acked: true,
-            wrap: false,
-        };
-        tx.send(job)
-            .map_err(|_| StoreError::Closed(self.path.clone()))?;
+        let ticket = self.queue_as(writes, None, room, Queued::ACKED)?;
         // Counted before `durable` rises (a read must then wait).
         self.gate.acked_to(ticket);
         raise_durable_to(&self.durable_tx, top);
@@ -602,44 +632,59 @@ impl StreamStore {
         sync: bool,
         room: Admission,
     ) -> Result<(), StoreError> {
-        self.queue_as(writes, done, sync, room, false)
+        let how = if sync {
+            Queued::DURABLE
+        } else {
+            Queued::UNSYNCED
+        };
+        self.queue_as(writes, done, room, how).map(|_| ())
     }
 
+    /// Queues a job for the writer (staged in the journal first when it
+    /// is durable and journaled) and returns its ticket.
     fn queue_as(
         &self,
         writes: Vec<Write>,
         done: Option<Done>,
-        sync: bool,
         room: Admission,
-        wrap: bool,
-    ) -> Result<(), StoreError> {
+        how: Queued,
+    ) -> Result<u64, StoreError> {
+        let Queued { sync, wrap, acked } = how;
         let jobs = self.jobs.lock();
         let Some(tx) = jobs.as_ref() else {
             return Err(StoreError::Closed(self.path.clone()));
         };
-        let closed = |_| StoreError::Closed(self.path.clone());
+        if acked {
+            if let Some(f) = self.gate.failed() {
+                return Err(io(&self.path)(f));
+            }
+        }
         // Staged and queued under the journal's lock: the journal's order
-        // is the queue's, and a checkpoint (which takes the lock and
-        // everything queued) covers every record it drops.
+        // is the queue's (tickets in queue order), and a checkpoint (which
+        // takes the lock and everything queued) covers every record it
+        // drops.
         let mut side = self.side.lock();
         side.ticket += 1;
+        let ticket = side.ticket;
         let mut job = Job {
             writes,
             done,
             room: Some(room),
-            ticket: side.ticket,
-            early: false,
+            ticket,
+            // Acknowledged by the caller, not by the writer.
+            early: acked,
             sync,
             journaled: false,
-            acked: false,
+            acked,
             wrap,
         };
+        let closed = |_| StoreError::Closed(self.path.clone());
         if !sync {
             side.unjournaled = true;
-            return tx.send(job).map_err(closed);
+            return tx.send(job).map(|()| ticket).map_err(closed);
         }
         if job.writes.is_empty() || side.unjournaled || wrap {
-            return tx.send(job).map_err(closed);
+            return tx.send(job).map(|()| ticket).map_err(closed);
         }
         if let Some(f) = self.gate.failed() {
             return Err(io(&self.path)(f));
@@ -653,7 +698,7 @@ impl StreamStore {
         if self.sync_interval_ms.load(Ordering::Acquire) == 0 {
             // Written, synced and acknowledged by the writer, once per
             // group.
-            return tx.send(job).map_err(closed);
+            return tx.send(job).map(|()| ticket).map_err(closed);
         }
         // With a sync interval, written is acknowledged: by the journal
         // flush that writes this record (`flush_staged`: the submitter's,
@@ -675,7 +720,7 @@ impl StreamStore {
             // Bounds what is staged: flushed now, whoever waits.
             let _ = flush_side(&mut side, &self.gate, &self.durable_tx, &self.stats);
         }
-        Ok(())
+        Ok(ticket)
     }
 
     /// Writes what was staged in the journal and answers its waiters (see
@@ -731,7 +776,8 @@ impl StreamStore {
     fn write_now_as(&self, writes: Vec<Write>, wrap: bool) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel();
         let room = self.room.force(charge(&writes));
-        self.queue_as(writes, Some(Done::Blocking(tx)), true, room, wrap)?;
+        let how = if wrap { Queued::WRAP } else { Queued::DURABLE };
+        self.queue_as(writes, Some(Done::Blocking(tx)), room, how)?;
         self.flush();
         rx.recv()
             .map_err(|_| StoreError::Closed(self.path.clone()))?
@@ -1101,6 +1147,7 @@ struct Writer {
     stats: Arc<StoreStats>,
     gate: Arc<Gate>,
     synced_applied: Arc<AtomicU64>,
+    log_sync: Arc<parking_lot::RwLock<Option<LogSync>>>,
     sync_interval_ms: Arc<AtomicU64>,
     checkpoint_every_ms: Arc<AtomicU64>,
     #[cfg(test)]
@@ -1353,11 +1400,17 @@ impl Writer {
     ///   its next epoch, and the lock is held throughout: every record the
     ///   new epoch drops is then in this commit or an earlier one.
     fn checkpoint(&mut self, group: &mut Vec<Job>) -> Result<(), String> {
+        // The Raft log first, up to the applied index this commit makes
+        // durable: outside the journal's lock (the applier queues under
+        // it), so that the check under the lock, for what is queued
+        // meanwhile, usually finds the log synced already.
+        self.sync_log(self.applied_after(group))?;
         let side = self.side.clone();
         let mut side = side.lock();
         while let Ok(j) = self.rx.try_recv() {
             group.push(j);
         }
+        self.sync_log(self.applied_after(group))?;
         // Staged writes are written and answered first (they are in this
         // commit too).
         flush_side(&mut side, &self.gate, &self.durable, &self.stats)?;
@@ -1415,6 +1468,39 @@ impl Writer {
         self.committed(group);
         self.synced_applied.store(self.applied, Ordering::Release);
         Ok(())
+    }
+
+    /// The applied index once `group` is committed.
+    fn applied_after(&self, group: &[Job]) -> u64 {
+        group
+            .iter()
+            .flat_map(|j| j.writes.iter())
+            .filter_map(|w| match w {
+                Write::Applied(i) => Some(*i),
+                _ => None,
+            })
+            .fold(self.applied, u64::max)
+    }
+
+    /// Makes the Raft log durable up to `applied` before a checkpoint
+    /// makes that applied index durable (invariant: the store's synced
+    /// applied index is never ahead of the synced log; see
+    /// [`StreamStore::set_log_sync`]). Nothing to do at or below the
+    /// index synced already, or without a log (an unreplicated stream).
+    /// A failure fails the store: the applied writes it holds unsynced
+    /// were acknowledged and can no longer be made durable.
+    fn sync_log(&self, applied: u64) -> Result<(), String> {
+        if applied <= self.synced_applied.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(sync) = self.log_sync.read().clone() else {
+            return Ok(());
+        };
+        sync(applied).map_err(|e| {
+            let e = format!("raft log not synced up to {applied}: {e}");
+            self.fail(&e);
+            e
+        })
     }
 
     /// Counts a committed group, follows its applied index, raises
@@ -1873,6 +1959,65 @@ mod tests {
         let err = s.get(3).unwrap_err();
         assert!(err.to_string().contains("commit failed (test)"), "{err}");
         assert!(s.apply_unsynced(vec![put(4)]).is_err());
+    }
+
+    /// Before a checkpoint makes an applied index durable, the Raft log is
+    /// synced up to it (and only then); nothing is asked when nothing new
+    /// is applied; a log that cannot be synced fails the checkpoint and
+    /// the store, and the applied index stays where it was.
+    #[test]
+    fn a_checkpoint_syncs_the_raft_log_up_to_its_applied_index_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open_store(dir.path()));
+        // Each call: the index asked for, and the store's synced applied
+        // index at that moment.
+        let calls: Arc<parking_lot::Mutex<Vec<(u64, u64)>>> = Arc::default();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (calls, fail, store) = (calls.clone(), fail.clone(), Arc::downgrade(&s));
+            s.set_log_sync(Arc::new(move |index| {
+                let synced = store.upgrade().map_or(0, |s| s.synced_applied());
+                calls.lock().push((index, synced));
+                if fail.load(Ordering::Acquire) {
+                    Err("disk gone (test)".into())
+                } else {
+                    Ok(())
+                }
+            }));
+        }
+        // A durable write without applied entries: no log to sync.
+        s.write_now(vec![put(1), Write::Last(1, 1)]).unwrap();
+        s.sync().unwrap();
+        assert!(calls.lock().is_empty(), "{:?}", calls.lock());
+        s.apply_unsynced(vec![put(2), Write::Last(2, 2), Write::Applied(5)])
+            .unwrap();
+        s.apply_unsynced(vec![put(3), Write::Last(3, 3), Write::Applied(7)])
+            .unwrap();
+        assert_eq!(s.synced_applied(), 0);
+        s.sync().unwrap();
+        assert_eq!(s.synced_applied(), 7);
+        {
+            let calls = calls.lock();
+            assert!(!calls.is_empty(), "the log was not synced");
+            // Every request came before the commit that made 7 durable,
+            // and the last one covered it.
+            assert!(calls.iter().all(|&(_, synced)| synced == 0), "{calls:?}");
+            assert_eq!(calls.last().map(|c| c.0), Some(7), "{calls:?}");
+        }
+        // Nothing applied since: nothing asked.
+        let n = calls.lock().len();
+        s.sync().unwrap();
+        assert_eq!(calls.lock().len(), n);
+        // A log that does not sync: the checkpoint fails, 8 is not made
+        // durable, and the store is failed.
+        fail.store(true, Ordering::Release);
+        s.apply_unsynced(vec![put(4), Write::Last(4, 4), Write::Applied(8)])
+            .unwrap();
+        let err = s.sync().unwrap_err();
+        assert!(err.to_string().contains("disk gone (test)"), "{err}");
+        assert_eq!(s.synced_applied(), 7);
+        assert_eq!(calls.lock().last().map(|c| c.0), Some(8));
+        assert!(s.apply_unsynced(vec![put(5)]).is_err());
     }
 
     #[test]
