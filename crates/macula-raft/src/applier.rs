@@ -23,8 +23,9 @@
 //! * With a log sync interval (`Options::log_sync_interval`) the log
 //!   itself may be behind the disk, so before such an applier makes an
 //!   applied index durable it syncs the log up to that index with the
-//!   [`LogSyncer`] given to [`Applier::attach_log`]: after a power loss
-//!   its synced index is then never ahead of the log it replays from.
+//!   [`LogSync`] given to [`Applier::attach_log`] (the store's
+//!   `LogSyncer`): after a power loss its synced index is then never ahead
+//!   of the log it replays from.
 //! * [`Applier::snapshot`] is its state as of some index at or after the
 //!   key space's `last_applied` (snapshots are built beside applies), and
 //!   [`Applier::install`] makes a lagging member's applier equal to that
@@ -33,8 +34,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use crate::store::LogSyncer;
+use crate::error::StoreError;
 
 /// A boxed future of the applier.
 pub type ApplierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
@@ -56,9 +58,9 @@ pub trait Applier: Send + Sync + 'static {
     /// Gives the applier its group's log once, when it is set
     /// (`StateMachineStore::set_applier`): an applier that makes its
     /// applied index durable on its own schedule ([`Applier::synced`])
-    /// calls [`LogSyncer::sync_to`] with that index first (see the module
+    /// calls [`LogSync::sync_to`] with that index first (see the module
     /// docs). Default: not kept.
-    fn attach_log(&self, _log: LogSyncer) {}
+    fn attach_log(&self, _log: Arc<dyn LogSync>) {}
 
     /// The applier's state for a snapshot.
     fn snapshot(&self) -> Result<Vec<u8>, String>;
@@ -66,4 +68,13 @@ pub trait Applier: Send + Sync + 'static {
     /// Replaces this member's state with a snapshot's (`data` as
     /// [`Applier::snapshot`] made it on another member).
     fn install(&self, data: Vec<u8>) -> ApplierFuture<'_, ()>;
+}
+
+/// Syncs a group's log up to an index on demand (the store's
+/// `LogSyncer`; see the module docs).
+pub trait LogSync: Send + Sync + 'static {
+    /// Returns once every entry the log holds up to `index` is on disk.
+    /// **Blocks** the calling thread: call it from a thread that may block
+    /// (a store's writer thread), never from an async task.
+    fn sync_to(&self, index: u64) -> Result<(), StoreError>;
 }

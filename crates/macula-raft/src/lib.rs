@@ -85,7 +85,7 @@ pub mod store;
 pub mod wal;
 pub mod watch;
 
-pub use applier::{Applier, ApplierFuture};
+pub use applier::{Applier, ApplierFuture, LogSync};
 pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};
 pub use store::{
     open, open_with, Durable, LogStore, LogSyncInterval, LogSyncer, Options, SnapshotBuilder,

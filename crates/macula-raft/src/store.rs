@@ -32,7 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::applier::Applier;
+use crate::applier::{Applier, LogSync};
 pub use crate::error::StoreError;
 use crate::error::{decode, encode};
 use crate::kv::{
@@ -623,6 +623,12 @@ impl LogSyncer {
         rx.recv()
             .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))?
             .map_err(StoreError::Task)
+    }
+}
+
+impl LogSync for LogSyncer {
+    fn sync_to(&self, index: u64) -> Result<(), StoreError> {
+        LogSyncer::sync_to(self, index)
     }
 }
 
@@ -1613,7 +1619,7 @@ impl StateMachineStore {
     /// store is given to openraft: an opaque entry applied without one is
     /// answered [`KvError::NoApplier`] and lost to the applier.
     pub fn set_applier(&self, applier: Arc<dyn Applier>) {
-        applier.attach_log(self.shared.log_syncer.clone());
+        applier.attach_log(Arc::new(self.shared.log_syncer.clone()));
         *self.shared.applier.write() = Some(applier);
     }
 

@@ -192,7 +192,7 @@ impl macula_raft::Applier for StreamApplier {
         self.hosted().ok().map(|h| h.store.synced_applied())
     }
 
-    fn attach_log(&self, log: macula_raft::LogSyncer) {
+    fn attach_log(&self, log: Arc<dyn macula_raft::LogSync>) {
         // Each checkpoint of the store syncs the log up to the applied
         // index it makes durable, first (with a sync interval the log may
         // be behind the disk): a power loss then never leaves the store
