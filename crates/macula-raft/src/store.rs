@@ -2352,7 +2352,9 @@ mod tests {
                 .expect("append");
             let before = log.syncs();
             assert!(syncer.synced_upto() < 2, "appended unsynced");
-            syncer.sync_to(2).expect("sync");
+            // As an applier holds it (`Applier::attach_log`).
+            let held: Arc<dyn LogSync> = Arc::new(syncer.clone());
+            held.sync_to(2).expect("sync");
             assert_eq!(log.syncs(), before + 1, "one sync for what is behind");
             assert!(syncer.synced_upto() >= 3, "everything written is synced");
             syncer.sync_to(3).expect("sync");
@@ -2394,6 +2396,58 @@ mod tests {
         assert_eq!(log.syncs(), before + 1);
         syncer.sync_to(5).expect("sync");
         assert_eq!(log.syncs(), before + 1);
+    }
+
+    /// A closed log's syncer answers from what the close synced: up to it,
+    /// done; past it (a close whose sync failed), an error.
+    #[test]
+    fn a_closed_logs_syncer_answers_from_what_was_synced() {
+        let syncer = LogSyncer {
+            synced_upto: Arc::new(AtomicU64::new(3)),
+            shared: std::sync::Weak::new(),
+        };
+        syncer.sync_to(3).expect("synced up to 3");
+        assert!(syncer.sync_to(4).is_err(), "4 was never synced");
+    }
+
+    /// What a batch rewrites lowers the synced mark below it: a truncation
+    /// from its index, an append from its first row; other operations
+    /// leave it.
+    #[test]
+    fn rewrites_lower_the_synced_mark_below_them() {
+        let me = MemberId::from(1u64);
+        let id = |index| LogId::new(CommittedLeaderId::new(1, me), index);
+        let done = || tokio::sync::oneshot::channel().0;
+        let truncate = LogOp::Truncate {
+            from: 4,
+            keep: Some(id(3)),
+            done: done(),
+        };
+        assert_eq!(synced_before(&[truncate], 10), 3);
+        let append = LogOp::Append {
+            rows: vec![(6, Vec::new(), id(6)), (7, Vec::new(), id(7))],
+            callback: None,
+            done: None,
+        };
+        assert_eq!(synced_before(&[append], 10), 5);
+        let append_past = LogOp::Append {
+            rows: vec![(11, Vec::new(), id(11))],
+            callback: None,
+            done: None,
+        };
+        assert_eq!(synced_before(&[append_past], 10), 10, "not a rewrite");
+        let others = [
+            LogOp::Purge {
+                upto: id(2),
+                done: done(),
+            },
+            LogOp::Vote {
+                vote: Vote::new_committed(1, me),
+                done: done(),
+            },
+            LogOp::Wake,
+        ];
+        assert_eq!(synced_before(&others, 10), 10);
     }
 
     /// A leader's own entries are reported flushed before they are on disk
