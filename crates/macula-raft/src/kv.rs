@@ -141,7 +141,80 @@ pub enum Request {
     /// log index, to the group's [`crate::Applier`] (a replicated stream's
     /// writes) and answers with [`Response::Opaque`]. Changes no key and no
     /// revision.
-    Opaque(#[serde(with = "serde_bytes")] Vec<u8>),
+    Opaque(OpaqueBytes),
+}
+
+/// The bytes of a [`Request::Opaque`] and, on the member that proposes
+/// it, a tag in memory only (`crate::commit`): encoded exactly as the
+/// bytes alone (MessagePack `bin`, as `serde_bytes` writes a `Vec<u8>`), so
+/// an entry read back from the log or received from the leader has no tag,
+/// and the log and wire formats are those of untagged bytes.
+#[derive(Clone, Default)]
+pub struct OpaqueBytes {
+    bytes: Vec<u8>,
+    /// 0: none (see `crate::commit::Commits::tag`).
+    tag: u64,
+}
+
+impl OpaqueBytes {
+    /// Untagged bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        OpaqueBytes { bytes, tag: 0 }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Takes the bytes out (leaving none).
+    pub fn take_bytes(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.bytes)
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    pub(crate) fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    pub(crate) fn set_tag(&mut self, tag: u64) {
+        self.tag = tag;
+    }
+}
+
+impl From<Vec<u8>> for OpaqueBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        OpaqueBytes::new(bytes)
+    }
+}
+
+/// The bytes only: a tag is not part of the value.
+impl PartialEq for OpaqueBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for OpaqueBytes {}
+
+impl std::fmt::Debug for OpaqueBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.bytes, f)
+    }
+}
+
+impl Serialize for OpaqueBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::serialize(&self.bytes, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OpaqueBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_bytes::deserialize::<Vec<u8>, D>(d).map(OpaqueBytes::new)
+    }
 }
 
 /// A key with its value and metadata.

@@ -77,6 +77,7 @@ use serde::{Deserialize, Serialize};
 pub use openraft;
 
 pub mod applier;
+pub mod commit;
 mod error;
 pub mod kv;
 pub mod linearizability;
@@ -86,7 +87,10 @@ pub mod wal;
 pub mod watch;
 
 pub use applier::{Applier, ApplierFuture, LogSync};
-pub use kv::{Event, Expect, KeyValue, Kv, KvError, Lease, Limits, Request, Response, Workload};
+pub use commit::{CommitTicket, Commits, NotCommitted};
+pub use kv::{
+    Event, Expect, KeyValue, Kv, KvError, Lease, Limits, OpaqueBytes, Request, Response, Workload,
+};
 pub use store::{
     open, open_with, Durable, LogStore, LogSyncInterval, LogSyncer, Options, SnapshotBuilder,
     StateMachineStore, StoreError,

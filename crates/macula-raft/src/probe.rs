@@ -42,6 +42,9 @@ pub enum Phase {
     FollowerAnswered,
     /// The leader got the answer.
     AnswerGot,
+    /// The leader's log store saw the commit and answered the proposer
+    /// (`crate::commit`).
+    CommitSeen,
     /// The leader's state machine began applying the entry.
     ApplyStart,
     /// Its applier (the stream store) applied it.
@@ -56,7 +59,7 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 16] = [
+    pub const ALL: [Phase; 17] = [
         Phase::Proposed,
         Phase::ProposerTook,
         Phase::RaftTook,
@@ -68,6 +71,7 @@ impl Phase {
         Phase::FollowerWritten,
         Phase::FollowerAnswered,
         Phase::AnswerGot,
+        Phase::CommitSeen,
         Phase::ApplyStart,
         Phase::Applied,
         Phase::ApplyDone,
@@ -89,6 +93,7 @@ impl Phase {
             Phase::FollowerWritten => "follower log written",
             Phase::FollowerAnswered => "follower answered",
             Phase::AnswerGot => "leader got the answer",
+            Phase::CommitSeen => "leader saw the commit",
             Phase::ApplyStart => "leader apply started",
             Phase::Applied => "stream store applied",
             Phase::ApplyDone => "leader apply done",

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::applier::{Applier, LogSync};
+use crate::commit::Commits;
 pub use crate::error::StoreError;
 use crate::error::{decode, encode};
 use crate::kv::{
@@ -679,6 +680,9 @@ struct LogShared {
     synced_upto: Arc<AtomicU64>,
     /// The writer's state (its thread's and inline appends').
     writing: Arc<Writing>,
+    /// Proposers waiting for the commit of their tagged payloads
+    /// (`crate::commit`).
+    commits: Arc<Commits>,
 }
 
 impl LogShared {
@@ -1078,6 +1082,7 @@ impl LogStore {
             sync_interval_ms,
             synced_upto,
             writing: writing.clone(),
+            commits: Arc::default(),
         });
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
@@ -1118,6 +1123,21 @@ impl LogStore {
     /// How far this log is on disk.
     pub fn durable(&self) -> Durable {
         self.shared.durable.clone()
+    }
+
+    /// The waits for the commit of tagged payloads proposed on this member
+    /// (`crate::commit`).
+    pub fn commits(&self) -> Arc<Commits> {
+        self.shared.commits.clone()
+    }
+
+    /// This member's leader id, if its saved vote is committed for itself.
+    fn leading(&self) -> Option<openraft::LeaderId<MemberId>> {
+        let me = self.shared.member?;
+        let vote = self.shared.vote.lock();
+        let vote = vote.as_ref()?;
+        (vote.is_committed() && vote.leader_id().voted_for() == Some(me))
+            .then(|| *vote.leader_id())
     }
 
     fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
@@ -1310,6 +1330,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
             .map_err(sto(ErrorSubject::Vote, ErrorVerb::Write))?;
         *self.shared.vote.lock() = Some(*vote);
+        self.shared.commits.voted(self.leading());
         Ok(())
     }
 
@@ -1322,8 +1343,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // next transaction, not one of its own (a follower hears of a
         // commit after every write; a transaction each would cost it CPU
         // on the path of the next write).
-        if committed.is_some() {
+        if let Some(c) = committed {
             *self.shared.committed.lock() = committed;
+            // Proposers waiting for this commit are answered now, before
+            // the state machine applies it (`crate::commit`).
+            self.shared.commits.committed(c, self.leading());
         }
         Ok(())
     }
@@ -1353,6 +1377,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Ok(()));
             return Ok(());
         }
+        // Before openraft hears of the append (it may commit then).
+        self.shared.commits.appended(&fresh);
         let early = self.own_leader_entries(&rows);
         crate::probe::mark(if early {
             crate::probe::Phase::LeaderAppend
@@ -1400,6 +1426,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating raft log");
+        self.shared.commits.truncated(log_id.index);
         self.shared.pending.lock().retain(|i, _| *i < log_id.index);
         let keep = match log_id.index.checked_sub(1) {
             None => None,
@@ -1421,6 +1448,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging raft log");
+        self.shared.commits.purged(log_id.index);
         self.shared.pending.lock().retain(|i, _| *i > log_id.index);
         self.write_wait(|done| LogOp::Purge { upto: log_id, done })
             .await
@@ -1636,12 +1664,12 @@ impl StateMachineStore {
             let index = entry.log_id.index;
             match &mut entry.payload {
                 EntryPayload::Normal(Request::Opaque(bytes)) => {
-                    taken.push((index, std::mem::take(bytes)))
+                    taken.push((index, bytes.take_bytes()))
                 }
                 EntryPayload::Normal(Request::Batch(requests)) => {
                     for r in requests.iter_mut() {
                         if let Request::Opaque(bytes) = r {
-                            taken.push((index, std::mem::take(bytes)));
+                            taken.push((index, bytes.take_bytes()));
                         }
                     }
                 }
@@ -2242,6 +2270,141 @@ mod tests {
         );
     }
 
+    /// Whether the ticket is still unanswered (call only while nothing
+    /// is committed for it: see `CommitTicket::committed`).
+    async fn unanswered(t: &mut crate::CommitTicket) -> bool {
+        tokio::time::timeout(std::time::Duration::ZERO, t.committed())
+            .await
+            .is_err()
+    }
+
+    /// `crate::commit`: a tagged payload's proposer hears of the commit
+    /// from the log store (alone in its entry or in a batch), not before;
+    /// not when the entry was truncated, when this member no longer leads,
+    /// or from another member's store that got the same entry; the tag is
+    /// not encoded.
+    #[tokio::test]
+    async fn tagged_payloads_are_answered_at_their_commit_by_their_leader_only() {
+        use crate::{NotCommitted, OpaqueBytes};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let other = MemberId::from(2u64);
+        let opts = |member| Options {
+            member: Some(member),
+            ..Options::default()
+        };
+        let (mut log, _sm) = open_with(&dir.path().join("a.redb"), opts(me)).expect("open");
+        log.save_vote(&Vote::new_committed(1, me))
+            .await
+            .expect("vote");
+        let commits = log.commits();
+        let id = |term: u64, leader: MemberId, index: u64| {
+            LogId::new(openraft::CommittedLeaderId::new(term, leader), index)
+        };
+        let durable = log.durable();
+        let tagged = |b: &[u8]| {
+            let mut p = OpaqueBytes::new(b.to_vec());
+            let t = commits.tag(&mut p, durable.clone());
+            (p, t)
+        };
+        let entry = |log_id: LogId, r: Request| Entry {
+            log_id,
+            payload: EntryPayload::Normal(r),
+        };
+        // One payload alone at 1, two in a batch entry at 2.
+        let (a, mut ta) = tagged(b"a");
+        let (b, mut tb) = tagged(b"b");
+        let (c, mut tc) = tagged(b"c");
+        log.blocking_append([
+            entry(id(1, me, 1), Request::Opaque(a)),
+            entry(
+                id(1, me, 2),
+                Request::Batch(vec![Request::Opaque(b), Request::Opaque(c)]),
+            ),
+        ])
+        .await
+        .expect("append");
+        assert!(unanswered(&mut ta).await, "answered before the commit");
+        log.save_committed(Some(id(1, me, 1)))
+            .await
+            .expect("commit");
+        assert_eq!(ta.committed().await, Ok(id(1, me, 1)));
+        assert!(unanswered(&mut tb).await, "2 is not committed yet");
+        log.save_committed(Some(id(1, me, 2)))
+            .await
+            .expect("commit");
+        assert_eq!(tb.committed().await, Ok(id(1, me, 2)));
+        assert_eq!(tc.committed().await, Ok(id(1, me, 2)));
+        assert_eq!(commits.answered(), 3);
+        // Truncated before its commit: not committed, and a later commit
+        // of that index (another entry) answers nobody.
+        let (d, mut td) = tagged(b"d");
+        log.blocking_append([entry(id(1, me, 3), Request::Opaque(d))])
+            .await
+            .expect("append");
+        log.truncate(id(1, me, 3)).await.expect("truncate");
+        assert_eq!(td.committed().await, Err(NotCommitted));
+        log.blocking_append([entry(id(1, me, 3), Request::Opaque(b"x".to_vec().into()))])
+            .await
+            .expect("append");
+        log.save_committed(Some(id(1, me, 3)))
+            .await
+            .expect("commit");
+        assert_eq!(commits.answered(), 3);
+        // Appended, then this member votes for another leader: a follower's
+        // commit index may come from a snapshot its log need not match.
+        let (e, mut te) = tagged(b"e");
+        log.blocking_append([entry(id(1, me, 4), Request::Opaque(e))])
+            .await
+            .expect("append");
+        log.save_vote(&Vote::new_committed(2, other))
+            .await
+            .expect("vote");
+        log.save_committed(Some(id(1, me, 4)))
+            .await
+            .expect("commit");
+        assert_eq!(te.committed().await, Err(NotCommitted));
+        assert_eq!(commits.answered(), 3);
+        // Another member's store (a test network hands it the entry with
+        // its tag) answers none of this member's proposers.
+        let (mut b_log, _b_sm) =
+            open_with(&dir.path().join("b.redb"), opts(other)).expect("open");
+        b_log
+            .save_vote(&Vote::new_committed(3, other))
+            .await
+            .expect("vote");
+        let (f, mut tf) = tagged(b"f");
+        b_log
+            .blocking_append([entry(id(3, other, 1), Request::Opaque(f))])
+            .await
+            .expect("append");
+        b_log
+            .save_committed(Some(id(3, other, 1)))
+            .await
+            .expect("commit");
+        assert_eq!(b_log.commits().answered(), 0);
+        assert!(unanswered(&mut tf).await);
+        drop(tf);
+        assert!(format!("{commits:?}").contains("proposed: 0"), "{commits:?}");
+        // The tag is never encoded: the log's and the wire's bytes are
+        // the untagged payload's.
+        let (g, _tg) = tagged(b"g");
+        let bytes = rmp_serde::to_vec_named(&Request::Opaque(g.clone())).expect("encode");
+        assert_eq!(
+            bytes,
+            rmp_serde::to_vec_named(&Request::Opaque(OpaqueBytes::new(b"g".to_vec())))
+                .expect("encode")
+        );
+        assert_eq!(
+            rmp_serde::to_vec_named(&g).expect("encode"),
+            rmp_serde::to_vec_named(&serde_bytes::Bytes::new(b"g")).expect("encode")
+        );
+        match rmp_serde::from_slice::<Request>(&bytes).expect("decode") {
+            Request::Opaque(p) => assert_eq!((p.as_bytes(), p.tag()), (&b"g"[..], 0)),
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
     /// With a log sync interval, appends (a follower's too: no member ID
     /// here), truncations and commit hints are acknowledged unsynced and
     /// readable after a reopen (the page cache, as after `kill -9`); a
@@ -2738,7 +2901,7 @@ mod tests {
         let (_log, mut sm) = open(&dir.path().join("g.redb")).expect("open");
         // Without an applier: refused, nothing changes.
         let r = sm
-            .apply(vec![opaque(1, Request::Opaque(b"a".to_vec()))])
+            .apply(vec![opaque(1, Request::Opaque(b"a".to_vec().into()))])
             .await
             .expect("apply");
         assert_eq!(r, vec![Response::Error(KvError::NoApplier)]);
@@ -2746,19 +2909,19 @@ mod tests {
         sm.set_applier(rec.clone());
         let r = sm
             .apply(vec![
-                opaque(2, Request::Opaque(b"b".to_vec())),
+                opaque(2, Request::Opaque(b"b".to_vec().into())),
                 put(3, "k"),
                 opaque(
                     4,
                     Request::Batch(vec![
-                        Request::Opaque(b"c".to_vec()),
+                        Request::Opaque(b"c".to_vec().into()),
                         Request::Put {
                             key: b"j".to_vec(),
                             value: b"v".to_vec(),
                             lease: None,
                             prev_kv: false,
                         },
-                        Request::Opaque(b"d".to_vec()),
+                        Request::Opaque(b"d".to_vec().into()),
                     ]),
                 ),
             ])
@@ -2791,8 +2954,8 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         sm.set_applier(rec.clone());
         sm.apply(vec![
-            opaque(1, Request::Opaque(b"x".to_vec())),
-            opaque(2, Request::Opaque(b"y".to_vec())),
+            opaque(1, Request::Opaque(b"x".to_vec().into())),
+            opaque(2, Request::Opaque(b"y".to_vec().into())),
         ])
         .await
         .expect("apply");
@@ -2847,7 +3010,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("g.redb");
         let entries = |r: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
-            r.map(|i| opaque(i, Request::Opaque(vec![i as u8])))
+            r.map(|i| opaque(i, Request::Opaque(vec![i as u8].into())))
                 .collect()
         };
         {

@@ -4,7 +4,9 @@
 //! catches up by installing the group's snapshot and fetching the records
 //! from the leader; its copy is then the leader's, byte for byte, and it
 //! applies what comes next from the log. A member asked for records up to
-//! a snapshot's index answers only once it has applied that far.
+//! a snapshot's index answers only once it has applied that far. A publish
+//! is answered at its commit, before the leader's apply, and a read of it
+//! waits for that apply.
 
 mod common;
 
@@ -283,6 +285,9 @@ async fn a_member_behind_the_snapshot_index_waits_before_it_answers_a_fetch() {
     for i in 11..=20 {
         assert_eq!(publish(&nodes[l], i).await, i);
     }
+    // A publish is answered at its commit, maybe before the leader's
+    // apply: its local read waits for that.
+    assert_eq!(copy(&nodes[l]).await.len(), 20);
     let index = nodes[l]
         .streams()
         .replica_status("orders")
@@ -327,6 +332,67 @@ async fn a_member_behind_the_snapshot_index_waits_before_it_answers_a_fetch() {
     .await;
     assert_eq!(got.len(), 20, "every record up to the index");
     assert_eq!(got, copy(&nodes[l]).await, "the leader's records");
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+/// A publish is acknowledged once its entry is committed, before the
+/// leader's store applied it (the applies are held here), and a read of
+/// that sequence on the leader waits until the apply, then finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_is_answered_at_its_commit_and_a_read_of_it_waits_for_the_apply() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let nodes = replicated_orders(&dirs).await;
+    assert_eq!(publish(&nodes[0], 1).await, 1);
+    let l = serving(&nodes);
+    let status = || {
+        nodes[l]
+            .streams()
+            .replica_status("orders")
+            .expect("leader status")
+    };
+    // The first publish is applied (its read waits for that).
+    assert_eq!(copy(&nodes[l]).await.len(), 1);
+    let before = status();
+    assert!(nodes[l].streams().hold_applies("orders", true));
+    let opts = PersistOptions {
+        msg_id: Some("m2".into()),
+        ..PersistOptions::new()
+    };
+    let ack = within(
+        STEP,
+        "the publish, answered at its commit",
+        nodes[l]
+            .stream("orders", Duration::from_secs(5))
+            .publish("orders.eu", Bytes::from("payload 2"), opts),
+    )
+    .await
+    .expect("acknowledged while the leader's applies are held");
+    assert_eq!(ack.seq, 2);
+    let after = status();
+    assert_eq!(after.applied, before.applied, "nothing applied meanwhile");
+    assert_eq!(after.acked_at_commit, before.acked_at_commit + 1);
+    let read = {
+        let n = nodes[l].clone();
+        tokio::spawn(async move { n.streams().get_msg("orders", 2).await })
+    };
+    eventually(STEP, "the read waits for the apply", || {
+        status().apply_waits > before.apply_waits
+    })
+    .await;
+    assert!(!read.is_finished(), "read before the apply");
+    assert!(nodes[l].streams().hold_applies("orders", false));
+    let msg = within(STEP, "the read", read)
+        .await
+        .expect("read task")
+        .expect("read")
+        .expect("the acknowledged message");
+    assert_eq!(msg.payload, Bytes::from("payload 2"));
+    assert!(status().applied > before.applied);
     for n in &nodes {
         n.shutdown().await;
     }

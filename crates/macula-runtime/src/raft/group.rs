@@ -13,7 +13,8 @@ use macula_raft::openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, RaftError,
 };
 use macula_raft::openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest,
+    AppendEntriesRequest, AppendEntriesResponse, ClientWriteResponse, ClientWriteResult,
+    InstallSnapshotRequest,
 };
 use macula_raft::openraft::{ChangeMembers, Config, EmptyNode, ServerState, SnapshotPolicy};
 use macula_raft::{
@@ -256,7 +257,19 @@ struct Inner {
     heard: Arc<Heard>,
     /// Sets this member's log sync interval.
     log_sync: macula_raft::LogSyncInterval,
+    /// Writes answered at their commit wait here (`macula_raft::commit`).
+    commits: Arc<macula_raft::Commits>,
+    /// How far this member's log is on disk.
+    durable: macula_raft::Durable,
+    /// openraft's answers to writes answered at their commit, kept until
+    /// openraft sends them (the apply's answer to a dropped receiver is a
+    /// warning in openraft's log); the sent ones are dropped whenever one
+    /// more is kept.
+    unanswered: Mutex<Vec<RaftAnswer>>,
 }
+
+/// openraft's answer to one entry (`client_write_ff`'s receiver).
+type RaftAnswer = tokio::sync::oneshot::Receiver<ClientWriteResult<TypeConfig>>;
 
 /// Why openraft did not commit a write.
 type WriteError = RaftError<MemberId, ClientWriteError<MemberId, EmptyNode>>;
@@ -267,13 +280,29 @@ struct Proposal {
     answer: tokio::sync::oneshot::Sender<Answer>,
 }
 
-/// openraft's answer to one entry, as the proposer got it.
-type Committed = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = Result<ClientWriteResponse<TypeConfig>, WriteError>>
-            + Send,
-    >,
->;
+/// openraft's answer to one entry, as the proposer got it
+/// (`client_write_ff`).
+type Committed = Result<RaftAnswer, Fatal<MemberId>>;
+
+/// Waits for openraft's answer to one entry (after its apply).
+async fn raft_answer(committed: Committed) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
+    match committed {
+        Err(fatal) => Err(RaftError::Fatal(fatal)),
+        Ok(rx) => raft_result(rx.await),
+    }
+}
+
+/// openraft's answer as received.
+fn raft_result(
+    r: Result<ClientWriteResult<TypeConfig>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
+    macula_raft::probe::mark(macula_raft::probe::Phase::ProposerAnswered);
+    match r {
+        Ok(Ok(w)) => Ok(w),
+        Ok(Err(e)) => Err(RaftError::APIError(e)),
+        Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
+    }
+}
 
 /// What the proposer tells a writer.
 enum Answer {
@@ -292,12 +321,23 @@ impl Answer {
         match self {
             Answer::Done(r) => *r,
             Answer::Own(committed, permit) => {
-                let r = committed.await.map(|w| w.data);
+                let r = raft_answer(committed).await.map(|w| w.data);
                 drop(permit);
                 r
             }
         }
     }
+}
+
+/// How a write proposed with [`Group::propose_committed`] was answered.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Proposed {
+    /// Committed (on a majority's log, this member's included), at this
+    /// log index; not yet known applied here.
+    Committed(u64),
+    /// Applied here, with the state machine's answer (a payload that is
+    /// not tagged, or whose commit this member's log store did not see).
+    Applied(Response),
 }
 
 /// Writes in one batch entry at most.
@@ -315,7 +355,7 @@ fn request_bytes(r: &Request) -> usize {
         } => name.len() + capabilities.iter().map(String::len).sum::<usize>(),
         Request::Unregister { name, .. } => name.len(),
         Request::Batch(v) => v.iter().map(request_bytes).sum(),
-        Request::Opaque(b) => b.len(),
+        Request::Opaque(b) => b.as_bytes().len(),
         Request::LeaseGrant { .. } | Request::LeaseRevoke { .. } => 0,
     }
 }
@@ -379,6 +419,8 @@ impl Group {
         .validate()
         .map_err(|e| GroupError::Store(format!("raft config: {e}")))?;
         let log_sync = log.sync_interval();
+        let commits = log.commits();
+        let durable = log.durable();
         let heard = Arc::new(Heard::new());
         let factory = MeshNetworkFactory {
             transport: transport.clone(),
@@ -421,6 +463,9 @@ impl Group {
             in_flight: limits.proposals_in_flight.max(1),
             heard: heard.clone(),
             log_sync,
+            commits,
+            durable,
+            unanswered: Mutex::new(Vec::new()),
         }));
         tokio::spawn(g.clone().propose(proposals_rx));
         tokio::spawn(g.clone().watch_leadership(leader_tx));
@@ -629,6 +674,111 @@ impl Group {
         request: Request,
     ) -> Result<impl std::future::Future<Output = Result<Response, GroupError>> + Send, GroupError>
     {
+        let rx = self.enqueue(request)?;
+        Ok(async move {
+            let Ok(answer) = rx.await else {
+                return Err(stopped());
+            };
+            answer.result().await.map_err(group_error)
+        })
+    }
+
+    /// [`Group::propose_now`] answered at the commit: an opaque payload
+    /// is tagged (`macula_raft::commit`), and the future answers
+    /// [`Proposed::Committed`] with the entry's log index as soon as this
+    /// member's log store sees it committed and its own copy is on disk,
+    /// before the state machine applies it. The caller must make reads of
+    /// what it wrote wait for the apply. When the commit is not seen (the
+    /// entry left the log, leadership moved) the answer is openraft's, after
+    /// the apply ([`Proposed::Applied`]) or its error.
+    pub(crate) fn propose_committed(
+        &self,
+        mut request: Request,
+    ) -> Result<impl std::future::Future<Output = Result<Proposed, GroupError>> + Send, GroupError>
+    {
+        let ticket = match &mut request {
+            Request::Opaque(p) => Some(self.0.commits.tag(p, self.0.durable.clone())),
+            _ => None,
+        };
+        let mut rx = self.enqueue(request)?;
+        let g = self.clone();
+        Ok(async move {
+            let Some(mut ticket) = ticket else {
+                let Ok(answer) = rx.await else {
+                    return Err(stopped());
+                };
+                return answer
+                    .result()
+                    .await
+                    .map(Proposed::Applied)
+                    .map_err(group_error);
+            };
+            // The proposer's answer (right after openraft took the entry),
+            // or the commit if it comes first (a batch entry's writers
+            // hear from the proposer only after the apply).
+            let first = tokio::select! {
+                biased;
+                c = ticket.committed() => Err(c),
+                a = &mut rx => Ok(a),
+            };
+            let answer = match first {
+                Err(Ok(id)) => {
+                    g.forget_answer(rx);
+                    return Ok(Proposed::Committed(id.index));
+                }
+                // Not seen: openraft answers.
+                Err(Err(_)) => {
+                    let Ok(answer) = rx.await else {
+                        return Err(stopped());
+                    };
+                    return answer
+                        .result()
+                        .await
+                        .map(Proposed::Applied)
+                        .map_err(group_error);
+                }
+                Ok(Err(_)) => return Err(stopped()),
+                Ok(Ok(answer)) => answer,
+            };
+            let (committed, permit) = match answer {
+                Answer::Done(r) => return (*r).map(Proposed::Applied).map_err(group_error),
+                Answer::Own(committed, permit) => (committed, permit),
+            };
+            let mut orx = match committed {
+                Ok(orx) => orx,
+                Err(fatal) => return Err(group_error(RaftError::Fatal(fatal))),
+            };
+            let seen = tokio::select! {
+                biased;
+                c = ticket.committed() => c.ok(),
+                // openraft answered first (the apply ran before this task).
+                r = &mut orx => {
+                    drop(permit);
+                    return raft_result(r).map(|w| Proposed::Applied(w.data)).map_err(group_error);
+                }
+            };
+            match seen {
+                Some(id) => {
+                    // The slot is free at the commit: the next entry is on
+                    // its way while this one is applied.
+                    drop(permit);
+                    g.keep_answer(orx);
+                    Ok(Proposed::Committed(id.index))
+                }
+                None => {
+                    let r = raft_answer(Ok(orx)).await;
+                    drop(permit);
+                    r.map(|w| Proposed::Applied(w.data)).map_err(group_error)
+                }
+            }
+        })
+    }
+
+    /// Queues `request` for the proposer (only on the leader).
+    fn enqueue(
+        &self,
+        request: Request,
+    ) -> Result<tokio::sync::oneshot::Receiver<Answer>, GroupError> {
         if !self.is_leader() {
             return Err(GroupError::NotLeader(self.leader()));
         }
@@ -641,22 +791,38 @@ impl Group {
             })
             .map_err(|e| match e {
                 tokio::sync::mpsc::error::TrySendError::Full(_) => GroupError::Busy,
-                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
-                    GroupError::Stopped("the group has stopped".into())
-                }
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => stopped(),
             })?;
-        Ok(async move {
-            let Ok(answer) = rx.await else {
-                return Err(GroupError::Stopped("the group has stopped".into()));
-            };
-            match answer.result().await {
-                Ok(resp) => Ok(resp),
-                Err(e) => Err(match write_error(e) {
-                    LocalError::NotLeader(l) => GroupError::NotLeader(l),
-                    LocalError::Failed(e) => e,
-                }),
-            }
-        })
+        Ok(rx)
+    }
+
+    /// Keeps openraft's answer to a write answered at its commit until
+    /// openraft sends it (see `Inner::unanswered`).
+    fn keep_answer(&self, mut rx: RaftAnswer) {
+        if !matches!(
+            rx.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ) {
+            return;
+        }
+        let mut kept = self.0.unanswered.lock();
+        kept.retain_mut(|r| {
+            matches!(
+                r.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            )
+        });
+        kept.push(rx);
+    }
+
+    /// The writer answered at the commit before the proposer's answer
+    /// came: openraft's receiver, if the proposer sent it, is kept (the
+    /// proposer keeps it itself once the channel is closed).
+    fn forget_answer(&self, mut rx: tokio::sync::oneshot::Receiver<Answer>) {
+        rx.close();
+        if let Ok(Answer::Own(Ok(orx), _permit)) = rx.try_recv() {
+            self.keep_answer(orx);
+        }
     }
 
     /// Returns once this member leads and has applied every entry
@@ -1013,30 +1179,21 @@ impl Group {
             let single = answers.len() == 1;
             // Handed to openraft here, in queue order (so log order is
             // call order); answered by a task of its own.
-            let committed = self.0.raft.client_write_ff(request).await;
+            let committed: Committed = self.0.raft.client_write_ff(request).await;
             macula_raft::probe::mark(macula_raft::probe::Phase::RaftTook);
-            let committed: Committed = Box::pin(async move {
-                let r = match committed {
-                    Err(fatal) => Err(RaftError::Fatal(fatal)),
-                    Ok(rx) => match rx.await {
-                        Ok(Ok(w)) => Ok(w),
-                        Ok(Err(e)) => Err(RaftError::APIError(e)),
-                        Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
-                    },
-                };
-                macula_raft::probe::mark(macula_raft::probe::Phase::ProposerAnswered);
-                r
-            });
             if single {
                 // The writer awaits openraft's answer itself.
                 if let Some(a) = answers.into_iter().next() {
-                    let _ = a.send(Answer::Own(committed, permit));
+                    if let Err(Answer::Own(Ok(rx), _)) = a.send(Answer::Own(committed, permit)) {
+                        // The writer was answered at the commit already.
+                        self.keep_answer(rx);
+                    }
                 }
                 continue;
             }
             let name = self.0.name.clone();
             tokio::spawn(async move {
-                let r = committed.await;
+                let r = raft_answer(committed).await;
                 drop(permit);
                 Self::answer_batch(&name, answers, r);
             });
@@ -1185,6 +1342,18 @@ impl Group {
                 }
             }
         }
+    }
+}
+
+fn stopped() -> GroupError {
+    GroupError::Stopped("the group has stopped".into())
+}
+
+/// A write's error as the group's.
+fn group_error(e: WriteError) -> GroupError {
+    match write_error(e) {
+        LocalError::NotLeader(l) => GroupError::NotLeader(l),
+        LocalError::Failed(e) => e,
     }
 }
 

@@ -44,6 +44,7 @@ pub use group::{
     check_name as validate_group_name, Group, GroupError, GroupOptions, LeaderState, LogProgress,
     ReadConsistency, MAX_GROUP_NAME_LEN,
 };
+pub(crate) use group::Proposed;
 pub(crate) use network::Reach;
 use network::Transport;
 

@@ -66,7 +66,7 @@ use tokio::task::JoinHandle;
 use crate::clock::{wall_ms, Clock};
 pub use crate::config::StreamLimits;
 use crate::pubsub::PubSub;
-use crate::raft::{Group, GroupError};
+use crate::raft::{Group, GroupError, Proposed};
 use macula_raft::{Request, Response};
 use store::{StoreError, StreamStore, Write};
 
@@ -324,6 +324,8 @@ pub struct ReplicaCounters {
     pub serving: bool,
     pub applied: u64,
     pub replication_failures: u64,
+    pub acked_at_commit: u64,
+    pub apply_waits: u64,
 }
 
 /// One member's view of a replicated stream it holds
@@ -344,6 +346,14 @@ pub struct ReplicaStatus {
     /// (refused, leadership lost, no quorum in time).
     #[serde(default)]
     pub replication_failures: u64,
+    /// Writes this member, as leader, acknowledged at their commit,
+    /// before it applied them.
+    #[serde(default)]
+    pub acked_at_commit: u64,
+    /// Reads on this member that waited for the apply of a write
+    /// acknowledged at its commit.
+    #[serde(default)]
+    pub apply_waits: u64,
 }
 
 /// A stream's counters.
@@ -444,6 +454,19 @@ struct Hosted {
     applied: AtomicU64,
     /// Writes of a replicated stream its group did not take or commit.
     replication_failures: AtomicU64,
+    /// The highest Raft log index acknowledged at its commit, before this
+    /// member applied it (raised before the answer goes out): reads wait
+    /// until `applied` reaches it ([`settle_applied`]).
+    promised: AtomicU64,
+    /// Notified when `applied` moves or the stream fails.
+    applied_moved: Notify,
+    /// Writes acknowledged at their commit (`promised`), and reads that
+    /// waited for an apply.
+    acked_at_commit: AtomicU64,
+    apply_waits: AtomicU64,
+    /// Fault injection for tests: the applier waits while this is set
+    /// ([`Streams::hold_applies`]).
+    apply_held: AtomicBool,
 }
 
 impl Hosted {
@@ -460,6 +483,14 @@ impl Hosted {
     fn fail(&self, reason: String) {
         tracing::error!(stream = %self.name, %reason, "stream failed: it takes no more publishes");
         self.failed.lock().get_or_insert(reason);
+        self.applied_moved.notify_waiters();
+    }
+
+    /// The store has applied up to Raft log index `index` (reads waiting
+    /// for it go on).
+    pub(super) fn set_applied(&self, index: u64) {
+        self.applied.store(index, Ordering::Release);
+        self.applied_moved.notify_waiters();
     }
 
     fn stop(&self) {
@@ -517,8 +548,13 @@ impl Hosted {
 pub(crate) enum Pending {
     /// The store's group commit.
     Store(tokio::sync::oneshot::Receiver<Result<(), String>>),
-    /// A replicated stream's entry, committed and applied.
-    Raft(std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StreamError>> + Send>>),
+    /// A replicated stream's entry, committed: at its log index, not yet
+    /// known applied here (`Some`), or applied here (`None`).
+    Raft(
+        std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Option<u64>, StreamError>> + Send>,
+        >,
+    ),
 }
 
 /// A replicated stream on this member: its group and whether it serves.
@@ -597,9 +633,12 @@ impl Replica {
             });
         }
         let bytes = rmp_serde::to_vec(&writes).map_err(|e| StreamError::Invalid(e.to_string()))?;
+        // Answered at the commit: the writes were decided (sequence,
+        // timestamp, de-duplication) before the proposal, and reads wait
+        // for the apply (`settle_applied`).
         let committed = self
             .group
-            .propose_now(Request::Opaque(bytes))
+            .propose_committed(Request::Opaque(bytes.into()))
             .map_err(replication)?;
         macula_raft::probe::mark(macula_raft::probe::Phase::Proposed);
         let timeout = self.group.request_timeout();
@@ -614,8 +653,9 @@ impl Replica {
                     ))
                 })?;
             match answer.map_err(replication)? {
-                Response::Opaque(_) => Ok(()),
-                other => Err(StreamError::Replication(format!(
+                Proposed::Committed(index) => Ok(Some(index)),
+                Proposed::Applied(Response::Opaque(_)) => Ok(None),
+                Proposed::Applied(other) => Err(StreamError::Replication(format!(
                     "unexpected answer of the stream's group: {other:?}"
                 ))),
             }
@@ -922,6 +962,11 @@ impl Streams {
             replica: std::sync::OnceLock::new(),
             applied: AtomicU64::new(0),
             replication_failures: AtomicU64::new(0),
+            promised: AtomicU64::new(0),
+            applied_moved: Notify::new(),
+            acked_at_commit: AtomicU64::new(0),
+            apply_waits: AtomicU64::new(0),
+            apply_held: AtomicBool::new(false),
         });
         self.0.hosted.lock().insert(name, h.clone());
         self.advertise(&h);
@@ -1094,7 +1139,22 @@ impl Streams {
             stored: h.store.stored_messages().ok()?,
             last_seq,
             replication_failures: h.replication_failures.load(Ordering::Relaxed),
+            acked_at_commit: h.acked_at_commit.load(Ordering::Relaxed),
+            apply_waits: h.apply_waits.load(Ordering::Relaxed),
         })
+    }
+
+    /// Fault injection for tests: while `held`, this member's applier of
+    /// replicated stream `name` waits before it applies anything (a slow
+    /// state machine). Whether the stream is hosted here.
+    #[doc(hidden)]
+    pub fn hold_applies(&self, name: &str, held: bool) -> bool {
+        let Some(h) = self.0.hosted.lock().get(name).cloned() else {
+            return false;
+        };
+        h.apply_held.store(held, Ordering::Release);
+        h.applied_moved.notify_waiters();
+        true
     }
 
     /// The group of stream `name` if it is a replicated stream hosted
@@ -1133,6 +1193,8 @@ impl Streams {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // And what this member acknowledged at its commit.
+        settle_applied(&h).await?;
         tokio::task::spawn_blocking(move || {
             h.store
                 .raw_range(from, FETCH_MAX, FETCH_MAX_BYTES)
@@ -1866,6 +1928,8 @@ impl Streams {
                         serving: r.serving(),
                         applied: h.applied.load(Ordering::Acquire),
                         replication_failures: h.replication_failures.load(Ordering::Relaxed),
+                        acked_at_commit: h.acked_at_commit.load(Ordering::Relaxed),
+                        apply_waits: h.apply_waits.load(Ordering::Relaxed),
                     },
                 ))
             })
@@ -2009,12 +2073,19 @@ async fn wait_written(h: &Hosted, pending: Pending) -> Result<(), StreamError> {
     let rx = match pending {
         Pending::Store(rx) => rx,
         Pending::Raft(committed) => {
-            return committed.await.inspect_err(|_| {
+            let index = committed.await.inspect_err(|_| {
                 h.replication_failures.fetch_add(1, Ordering::Relaxed);
                 if let Some(r) = h.replica.get() {
                     r.request_resync();
                 }
-            })
+            })?;
+            if let Some(index) = index {
+                // Committed, maybe not applied here yet: reads from now
+                // on wait for its apply (before anyone hears of it).
+                h.promised.fetch_max(index, Ordering::AcqRel);
+                h.acked_at_commit.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(());
         }
     };
     // With a sync interval the answer comes from the journal flush that
@@ -2042,6 +2113,7 @@ async fn read(
     h: &Arc<Hosted>,
     picked: Vec<(u64, u64, u32)>,
 ) -> Result<Vec<StreamMsg>, StreamError> {
+    settle_applied(h).await?;
     let h2 = h.clone();
     tokio::task::spawn_blocking(move || {
         let seqs: Vec<u64> = picked.iter().map(|p| p.0).collect();
@@ -2069,6 +2141,36 @@ async fn read(
     })
     .await
     .map_err(|e| StreamError::Invalid(e.to_string()))?
+}
+
+/// Waits until this member's store has applied every write of a
+/// replicated stream acknowledged at its commit so far (`Hosted::promised`):
+/// a read then finds what was acknowledged before it (the store's own
+/// `Gate` then waits for its redb commit). Two atomic loads when nothing
+/// is pending; at most `store::READ_WAIT`. Asynchronous: the apply is an
+/// async task (openraft's state machine worker), so no thread blocks on it.
+async fn settle_applied(h: &Hosted) -> Result<(), StreamError> {
+    let want = h.promised.load(Ordering::Acquire);
+    if h.applied.load(Ordering::Acquire) >= want {
+        return Ok(());
+    }
+    h.apply_waits.fetch_add(1, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + store::READ_WAIT;
+    loop {
+        let moved = h.applied_moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        if h.applied.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        h.check()?;
+        if tokio::time::timeout_at(deadline, moved).await.is_err() {
+            return Err(StreamError::Replication(format!(
+                "writes acknowledged at their commit not applied here within {:?}",
+                store::READ_WAIT
+            )));
+        }
+    }
 }
 
 /// Removes the journal beside a store file being removed (there is none

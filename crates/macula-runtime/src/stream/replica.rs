@@ -152,6 +152,16 @@ impl macula_raft::Applier for StreamApplier {
     fn apply(&self, entries: Vec<(u64, Vec<u8>)>) -> ApplierFuture<'_, Vec<Vec<u8>>> {
         Box::pin(async move {
             let h = self.hosted()?;
+            while h.apply_held.load(Ordering::Acquire) {
+                // A test holds this member's applies (`hold_applies`).
+                let moved = h.applied_moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                if !h.apply_held.load(Ordering::Acquire) {
+                    break;
+                }
+                moved.await;
+            }
             let applied = h.applied.load(Ordering::Acquire);
             let mut answers = Vec::with_capacity(entries.len());
             let mut writes = Vec::new();
@@ -181,8 +191,13 @@ impl macula_raft::Applier for StreamApplier {
                 // replays them (`synced`). Applied once queued: the
                 // store's reads wait for the commit (`Gate`), so the
                 // publisher's answer does not.
-                h.store.apply_unsynced(writes).map_err(|e| e.to_string())?;
-                h.applied.store(top, Ordering::Release);
+                if let Err(e) = h.store.apply_unsynced(writes) {
+                    // Reads waiting for this apply fail now, not at their
+                    // deadline.
+                    h.fail(format!("applying entry {top} failed: {e}"));
+                    return Err(e.to_string());
+                }
+                h.set_applied(top);
             }
             Ok(answers)
         })
@@ -332,7 +347,7 @@ async fn install(streams: &Streams, h: &Arc<Hosted>, state: ReplicaState) -> Res
         .write(vec![Write::Applied(state.applied)])
         .await
         .map_err(|e| e.to_string())?;
-    h.applied.store(state.applied, Ordering::Release);
+    h.set_applied(state.applied);
     Ok(())
 }
 
@@ -407,7 +422,7 @@ async fn drain_proposals(replica: &Replica) -> Result<(), StreamError> {
     let bytes = rmp_serde::to_vec(&no_writes).map_err(|e| StreamError::Invalid(e.to_string()))?;
     let applied = replica
         .group
-        .propose_now(macula_raft::Request::Opaque(bytes))
+        .propose_now(macula_raft::Request::Opaque(bytes.into()))
         .map_err(|e| StreamError::Replication(e.to_string()))?;
     match tokio::time::timeout(replica.group.request_timeout(), applied).await {
         Ok(Ok(_)) => Ok(()),
