@@ -358,6 +358,7 @@ async fn a_publish_is_answered_at_its_commit_and_a_read_of_it_waits_for_the_appl
     // The first publish is applied (its read waits for that).
     assert_eq!(copy(&nodes[l]).await.len(), 1);
     let before = status();
+    let direct = nodes[l].raft().counters().proposed_directly_total.get();
     assert!(nodes[l].streams().hold_applies("orders", true));
     let opts = PersistOptions {
         msg_id: Some("m2".into()),
@@ -376,6 +377,8 @@ async fn a_publish_is_answered_at_its_commit_and_a_read_of_it_waits_for_the_appl
     let after = status();
     assert_eq!(after.applied, before.applied, "nothing applied meanwhile");
     assert_eq!(after.acked_at_commit, before.acked_at_commit + 1);
+    // Alone, it went to openraft without the proposer task's hop.
+    assert!(nodes[l].raft().counters().proposed_directly_total.get() > direct);
     let read = {
         let n = nodes[l].clone();
         tokio::spawn(async move { n.streams().get_msg("orders", 2).await })
@@ -393,6 +396,56 @@ async fn a_publish_is_answered_at_its_commit_and_a_read_of_it_waits_for_the_appl
         .expect("the acknowledged message");
     assert_eq!(msg.payload, Bytes::from("payload 2"));
     assert!(status().applied > before.applied);
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Publishes in flight together, some handed to openraft directly and
+/// some batched by the proposer: log order stays sequence order, so every
+/// member ends with the same records, each acknowledged sequence holding
+/// its own publish's payload, and `last_seq` the highest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishes_are_stored_in_sequence_order_on_every_member() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let nodes = replicated_orders(&dirs).await;
+    assert_eq!(publish(&nodes[0], 1).await, 1);
+    let l = serving(&nodes);
+    let tasks: Vec<_> = (2..=201u64)
+        .map(|i| {
+            let n = nodes[l].clone();
+            tokio::spawn(async move { (publish(&n, i).await, i) })
+        })
+        .collect();
+    let mut acked = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (seq, i) = t.await.expect("publish task");
+        assert!(acked.insert(seq, i).is_none(), "sequence {seq} twice");
+    }
+    assert_eq!(acked.keys().copied().collect::<Vec<_>>(), (2..=201).collect::<Vec<_>>());
+    for (&seq, &i) in &acked {
+        let m = nodes[l]
+            .streams()
+            .get_msg("orders", seq)
+            .await
+            .expect("read")
+            .expect("an acknowledged message");
+        assert_eq!(m.payload, Bytes::from(format!("payload {i}")), "sequence {seq}");
+    }
+    let want = copy(&nodes[l]).await;
+    assert_eq!(want.len(), 201);
+    for n in &nodes {
+        eventually(STEP, "every member has every record", || {
+            n.streams()
+                .replica_status("orders")
+                .is_some_and(|r| r.stored == 201 && r.last_seq == 201)
+        })
+        .await;
+        assert_eq!(copy(n).await, want, "the leader's copy");
+    }
     for n in &nodes {
         n.shutdown().await;
     }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -251,8 +252,14 @@ struct Inner {
     /// frame: an entry travels in one AppendEntries).
     batch_bytes: usize,
     /// Entries the proposer has on their way at most
-    /// (`RaftLimits::proposals_in_flight`).
-    in_flight: usize,
+    /// (`RaftLimits::proposals_in_flight`): one permit each, the
+    /// proposer's and a writer's handed directly alike.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Proposals queued for the proposer and not yet handed to openraft
+    /// (lowered once they are): while there are any, a write may not be
+    /// handed to openraft directly ([`Group::propose_committed`]), or it
+    /// could overtake them.
+    queued: std::sync::atomic::AtomicUsize,
     /// News of a leader, for the election watchdog.
     heard: Arc<Heard>,
     /// Sets this member's log sync interval.
@@ -327,6 +334,14 @@ impl Answer {
             }
         }
     }
+}
+
+/// Where a write proposed with [`Group::propose_committed`] went.
+enum Start {
+    /// To openraft directly (`Group::hand_directly`).
+    Direct((Committed, tokio::sync::OwnedSemaphorePermit)),
+    /// To the proposer's queue.
+    Queued(tokio::sync::oneshot::Receiver<Answer>),
 }
 
 /// How a write proposed with [`Group::propose_committed`] was answered.
@@ -460,7 +475,10 @@ impl Group {
             stop,
             proposals,
             batch_bytes: (max_frame as usize / 2).max(1),
-            in_flight: limits.proposals_in_flight.max(1),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                limits.proposals_in_flight.max(1),
+            )),
+            queued: std::sync::atomic::AtomicUsize::new(0),
             heard: heard.clone(),
             log_sync,
             commits,
@@ -700,18 +718,32 @@ impl Group {
             Request::Opaque(p) => Some(self.0.commits.tag(p, self.0.durable.clone())),
             _ => None,
         };
-        let mut rx = self.enqueue(request)?;
+        let start = if ticket.is_some() {
+            match self.hand_directly(request) {
+                Ok(own) => Start::Direct(own),
+                Err(request) => Start::Queued(self.enqueue(request)?),
+            }
+        } else {
+            Start::Queued(self.enqueue(request)?)
+        };
         let g = self.clone();
         Ok(async move {
-            let Some(mut ticket) = ticket else {
-                let Ok(answer) = rx.await else {
-                    return Err(stopped());
-                };
-                return answer
-                    .result()
-                    .await
-                    .map(Proposed::Applied)
-                    .map_err(group_error);
+            let (mut ticket, mut rx) = match (ticket, start) {
+                (Some(ticket), Start::Queued(rx)) => (ticket, rx),
+                (Some(mut ticket), Start::Direct((committed, permit))) => {
+                    return g.own_answer(&mut ticket, committed, permit).await;
+                }
+                (None, Start::Queued(rx)) => {
+                    let Ok(answer) = rx.await else {
+                        return Err(stopped());
+                    };
+                    return answer
+                        .result()
+                        .await
+                        .map(Proposed::Applied)
+                        .map_err(group_error);
+                }
+                (None, Start::Direct(_)) => return Err(stopped()),
             };
             // The proposer's answer (right after openraft took the entry),
             // or the commit if it comes first (a batch entry's writers
@@ -724,6 +756,7 @@ impl Group {
             let answer = match first {
                 Err(Ok(id)) => {
                     g.forget_answer(rx);
+                    g.0.transport.counters.answered_at_commit_total.inc();
                     return Ok(Proposed::Committed(id.index));
                 }
                 // Not seen: openraft answers.
@@ -740,38 +773,84 @@ impl Group {
                 Ok(Err(_)) => return Err(stopped()),
                 Ok(Ok(answer)) => answer,
             };
-            let (committed, permit) = match answer {
-                Answer::Done(r) => return (*r).map(Proposed::Applied).map_err(group_error),
-                Answer::Own(committed, permit) => (committed, permit),
-            };
-            let mut orx = match committed {
-                Ok(orx) => orx,
-                Err(fatal) => return Err(group_error(RaftError::Fatal(fatal))),
-            };
-            let seen = tokio::select! {
-                biased;
-                c = ticket.committed() => c.ok(),
-                // openraft answered first (the apply ran before this task).
-                r = &mut orx => {
-                    drop(permit);
-                    return raft_result(r).map(|w| Proposed::Applied(w.data)).map_err(group_error);
-                }
-            };
-            match seen {
-                Some(id) => {
-                    // The slot is free at the commit: the next entry is on
-                    // its way while this one is applied.
-                    drop(permit);
-                    g.keep_answer(orx);
-                    Ok(Proposed::Committed(id.index))
-                }
-                None => {
-                    let r = raft_answer(Ok(orx)).await;
-                    drop(permit);
-                    r.map(|w| Proposed::Applied(w.data)).map_err(group_error)
+            match answer {
+                Answer::Done(r) => (*r).map(Proposed::Applied).map_err(group_error),
+                Answer::Own(committed, permit) => {
+                    g.own_answer(&mut ticket, committed, permit).await
                 }
             }
         })
+    }
+
+    /// Hands a lone write to openraft directly, without the proposer's
+    /// task hop, when nothing is queued for the proposer (log order stays
+    /// call order: everything queued before is in openraft's queue
+    /// already) and an in-flight slot is free; else gives it back. The
+    /// caller serializes its writes (a stream's core lock), as for
+    /// [`Group::propose_now`].
+    fn hand_directly(
+        &self,
+        request: Request,
+    ) -> Result<(Committed, tokio::sync::OwnedSemaphorePermit), Request> {
+        use futures::FutureExt;
+        if !self.is_leader() || self.0.queued.load(Ordering::Acquire) > 0 {
+            return Err(request);
+        }
+        let Ok(permit) = self.0.in_flight.clone().try_acquire_owned() else {
+            return Err(request);
+        };
+        macula_raft::probe::mark(macula_raft::probe::Phase::ProposerTook);
+        // An unbounded channel send: ready at once unless openraft's core
+        // has stopped (then it waits for the core's error, which this
+        // does not: the group has stopped either way).
+        let committed = self
+            .0
+            .raft
+            .client_write_ff(request)
+            .now_or_never()
+            .unwrap_or(Err(Fatal::Stopped));
+        macula_raft::probe::mark(macula_raft::probe::Phase::RaftTook);
+        self.0.transport.counters.proposed_directly_total.inc();
+        Ok((committed, permit))
+    }
+
+    /// Awaits a lone entry's answer: the commit as the log store sees it
+    /// (`ticket`), or openraft's after the apply if that comes first or
+    /// the commit is not seen. Holds the in-flight slot until then.
+    async fn own_answer(
+        &self,
+        ticket: &mut macula_raft::CommitTicket,
+        committed: Committed,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Proposed, GroupError> {
+        let mut orx = match committed {
+            Ok(orx) => orx,
+            Err(fatal) => return Err(group_error(RaftError::Fatal(fatal))),
+        };
+        let seen = tokio::select! {
+            biased;
+            c = ticket.committed() => c.ok(),
+            // openraft answered first (the apply ran before this task).
+            r = &mut orx => {
+                drop(permit);
+                return raft_result(r).map(|w| Proposed::Applied(w.data)).map_err(group_error);
+            }
+        };
+        match seen {
+            Some(id) => {
+                // The slot is free at the commit: the next entry is on
+                // its way while this one is applied.
+                drop(permit);
+                self.keep_answer(orx);
+                self.0.transport.counters.answered_at_commit_total.inc();
+                Ok(Proposed::Committed(id.index))
+            }
+            None => {
+                let r = raft_answer(Ok(orx)).await;
+                drop(permit);
+                r.map(|w| Proposed::Applied(w.data)).map_err(group_error)
+            }
+        }
     }
 
     /// Queues `request` for the proposer (only on the leader).
@@ -783,15 +862,19 @@ impl Group {
             return Err(GroupError::NotLeader(self.leader()));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.queued.fetch_add(1, Ordering::AcqRel);
         self.0
             .proposals
             .try_send(Proposal {
                 request,
                 answer: tx,
             })
-            .map_err(|e| match e {
-                tokio::sync::mpsc::error::TrySendError::Full(_) => GroupError::Busy,
-                tokio::sync::mpsc::error::TrySendError::Closed(_) => stopped(),
+            .map_err(|e| {
+                self.0.queued.fetch_sub(1, Ordering::AcqRel);
+                match e {
+                    tokio::sync::mpsc::error::TrySendError::Full(_) => GroupError::Busy,
+                    tokio::sync::mpsc::error::TrySendError::Closed(_) => stopped(),
+                }
             })?;
         Ok(rx)
     }
@@ -1125,7 +1208,7 @@ impl Group {
     async fn propose(self, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
         let mut stop = self.0.stop.subscribe();
         let mut carry: Option<Proposal> = None;
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.0.in_flight));
+        let in_flight = self.0.in_flight.clone();
         loop {
             let permit = match in_flight.clone().try_acquire_owned() {
                 Ok(p) => p,
@@ -1180,6 +1263,9 @@ impl Group {
             // Handed to openraft here, in queue order (so log order is
             // call order); answered by a task of its own.
             let committed: Committed = self.0.raft.client_write_ff(request).await;
+            // In openraft's queue now: a write handed directly after this
+            // comes after them.
+            self.0.queued.fetch_sub(answers.len(), Ordering::AcqRel);
             macula_raft::probe::mark(macula_raft::probe::Phase::RaftTook);
             if single {
                 // The writer awaits openraft's answer itself.

@@ -70,6 +70,12 @@ pub struct RaftCounters {
     /// Times a group's proposer found all `proposals_in_flight` slots
     /// taken and writes waited in its queue.
     pub proposer_full_total: Counter,
+    /// Writes handed to openraft directly, without the proposer's task
+    /// (nothing queued for it, a slot free: `Group::propose_committed`).
+    pub proposed_directly_total: Counter,
+    /// Writes answered at their commit, before their apply
+    /// (`macula_raft::commit`).
+    pub answered_at_commit_total: Counter,
 }
 
 impl RaftCounters {
@@ -134,6 +140,18 @@ impl RaftCounters {
             "macula_raft_proposer_full",
             "Times a group's proposer had raft_proposals_in_flight entries on their way and writes waited in its queue, all groups.",
             self.proposer_full_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_proposed_directly",
+            "Writes handed to openraft directly by their writer, without the proposer task (nothing queued for it and an in-flight slot free), all groups.",
+            self.proposed_directly_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_answered_at_commit",
+            "Writes answered once committed and on the leader's disk, before the leader applied them (replicated stream publishes), all groups.",
+            self.answered_at_commit_total.clone(),
         );
         register(
             r,
