@@ -123,7 +123,10 @@ impl CommitTicket {
             }
         };
         let id = got.ok_or(NotCommitted)?;
-        self.durable.wait(id.index).await.map_err(|_| NotCommitted)?;
+        self.durable
+            .wait(id.index)
+            .await
+            .map_err(|_| NotCommitted)?;
         Ok(id)
     }
 }

@@ -1136,8 +1136,7 @@ impl LogStore {
         let me = self.shared.member?;
         let vote = self.shared.vote.lock();
         let vote = vote.as_ref()?;
-        (vote.is_committed() && vote.leader_id().voted_for() == Some(me))
-            .then(|| *vote.leader_id())
+        (vote.is_committed() && vote.leader_id().voted_for() == Some(me)).then(|| *vote.leader_id())
     }
 
     fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
@@ -2367,8 +2366,7 @@ mod tests {
         assert_eq!(commits.answered(), 3);
         // Another member's store (a test network hands it the entry with
         // its tag) answers none of this member's proposers.
-        let (mut b_log, _b_sm) =
-            open_with(&dir.path().join("b.redb"), opts(other)).expect("open");
+        let (mut b_log, _b_sm) = open_with(&dir.path().join("b.redb"), opts(other)).expect("open");
         b_log
             .save_vote(&Vote::new_committed(3, other))
             .await
@@ -2385,7 +2383,10 @@ mod tests {
         assert_eq!(b_log.commits().answered(), 0);
         assert!(unanswered(&mut tf).await);
         drop(tf);
-        assert!(format!("{commits:?}").contains("proposed: 0"), "{commits:?}");
+        assert!(
+            format!("{commits:?}").contains("proposed: 0"),
+            "{commits:?}"
+        );
         // The tag is never encoded: the log's and the wire's bytes are
         // the untagged payload's.
         let (g, _tg) = tagged(b"g");

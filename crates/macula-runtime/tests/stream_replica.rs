@@ -367,9 +367,11 @@ async fn a_publish_is_answered_at_its_commit_and_a_read_of_it_waits_for_the_appl
     let ack = within(
         STEP,
         "the publish, answered at its commit",
-        nodes[l]
-            .stream("orders", Duration::from_secs(5))
-            .publish("orders.eu", Bytes::from("payload 2"), opts),
+        nodes[l].stream("orders", Duration::from_secs(5)).publish(
+            "orders.eu",
+            Bytes::from("payload 2"),
+            opts,
+        ),
     )
     .await
     .expect("acknowledged while the leader's applies are held");
@@ -425,7 +427,10 @@ async fn concurrent_publishes_are_stored_in_sequence_order_on_every_member() {
         let (seq, i) = t.await.expect("publish task");
         assert!(acked.insert(seq, i).is_none(), "sequence {seq} twice");
     }
-    assert_eq!(acked.keys().copied().collect::<Vec<_>>(), (2..=201).collect::<Vec<_>>());
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (2..=201).collect::<Vec<_>>()
+    );
     for (&seq, &i) in &acked {
         let m = nodes[l]
             .streams()
@@ -433,7 +438,11 @@ async fn concurrent_publishes_are_stored_in_sequence_order_on_every_member() {
             .await
             .expect("read")
             .expect("an acknowledged message");
-        assert_eq!(m.payload, Bytes::from(format!("payload {i}")), "sequence {seq}");
+        assert_eq!(
+            m.payload,
+            Bytes::from(format!("payload {i}")),
+            "sequence {seq}"
+        );
     }
     let want = copy(&nodes[l]).await;
     assert_eq!(want.len(), 201);

@@ -40,11 +40,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 pub use crate::config::RaftLimits;
+pub(crate) use group::Proposed;
 pub use group::{
     check_name as validate_group_name, Group, GroupError, GroupOptions, LeaderState, LogProgress,
     ReadConsistency, MAX_GROUP_NAME_LEN,
 };
-pub(crate) use group::Proposed;
 pub(crate) use network::Reach;
 use network::Transport;
 
