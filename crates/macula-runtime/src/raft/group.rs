@@ -289,17 +289,18 @@ struct Proposal {
 
 /// openraft's answer to one entry, as the proposer got it
 /// (`client_write_ff`).
-type Committed = Result<RaftAnswer, Fatal<MemberId>>;
+type Committed = Result<RaftAnswer, Box<Fatal<MemberId>>>;
 
 /// Waits for openraft's answer to one entry (after its apply).
 async fn raft_answer(committed: Committed) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
     match committed {
-        Err(fatal) => Err(RaftError::Fatal(fatal)),
+        Err(fatal) => Err(RaftError::Fatal(*fatal)),
         Ok(rx) => raft_result(rx.await),
     }
 }
 
-/// openraft's answer as received.
+/// openraft's answer as received (openraft's error type is what it is).
+#[allow(clippy::result_large_err)]
 fn raft_result(
     r: Result<ClientWriteResult<TypeConfig>, tokio::sync::oneshot::error::RecvError>,
 ) -> Result<ClientWriteResponse<TypeConfig>, WriteError> {
@@ -808,7 +809,8 @@ impl Group {
             .raft
             .client_write_ff(request)
             .now_or_never()
-            .unwrap_or(Err(Fatal::Stopped));
+            .unwrap_or(Err(Fatal::Stopped))
+            .map_err(Box::new);
         macula_raft::probe::mark(macula_raft::probe::Phase::RaftTook);
         self.0.transport.counters.proposed_directly_total.inc();
         Ok((committed, permit))
@@ -825,7 +827,7 @@ impl Group {
     ) -> Result<Proposed, GroupError> {
         let mut orx = match committed {
             Ok(orx) => orx,
-            Err(fatal) => return Err(group_error(RaftError::Fatal(fatal))),
+            Err(fatal) => return Err(group_error(RaftError::Fatal(*fatal))),
         };
         let seen = tokio::select! {
             biased;
@@ -1262,7 +1264,7 @@ impl Group {
             let single = answers.len() == 1;
             // Handed to openraft here, in queue order (so log order is
             // call order); answered by a task of its own.
-            let committed: Committed = self.0.raft.client_write_ff(request).await;
+            let committed: Committed = self.0.raft.client_write_ff(request).await.map_err(Box::new);
             // In openraft's queue now: a write handed directly after this
             // comes after them.
             self.0.queued.fetch_sub(answers.len(), Ordering::AcqRel);
