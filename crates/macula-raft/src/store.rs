@@ -2364,6 +2364,17 @@ mod tests {
             .expect("commit");
         assert_eq!(te.committed().await, Err(NotCommitted));
         assert_eq!(commits.answered(), 3);
+        // Appended while it follows (its tag in memory, as in a test's
+        // network): a follower's commit answers nobody.
+        let (h, mut th) = tagged(b"h");
+        log.blocking_append([entry(id(2, other, 5), Request::Opaque(h))])
+            .await
+            .expect("append");
+        log.save_committed(Some(id(2, other, 5)))
+            .await
+            .expect("commit");
+        assert_eq!(th.committed().await, Err(NotCommitted));
+        assert_eq!(commits.answered(), 3);
         // Another member's store (a test network hands it the entry with
         // its tag) answers none of this member's proposers.
         let (mut b_log, _b_sm) = open_with(&dir.path().join("b.redb"), opts(other)).expect("open");
