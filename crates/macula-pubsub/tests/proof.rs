@@ -2040,7 +2040,7 @@ fn a_forwarders_frame_carries_one_seal_entry_per_signature() {
         .iter()
         .all(|v| v.seals.len() == 1 && v.seals[0].sig == sig && v.seals[0].n == 24));
     // The client frame each message of the seal came in.
-    let mut frame_of = vec![usize::MAX; 24];
+    let mut frame_of = [usize::MAX; 24];
     for (f, v) in views.iter().enumerate() {
         for (i, slot) in frame_of.iter_mut().enumerate() {
             if v.seals[0].is_present(i) {
