@@ -12,12 +12,16 @@
 //!   batches, nothing signed or verified (as before issue 19).
 //!
 //! The path: client C -> gateway node A -> subscriber node B. Figures per
-//! payload size (64 B and 16 KiB): publish-to-receive throughput flat out,
-//! and one-in-flight latency (publish, wait for B to have it).
+//! payload size (64 B and 16 KiB): publish-to-receive throughput flat out
+//! (or, with `--window`, paced: at most that many messages published and
+//! not yet received, so no queue on the way fills and nothing is dropped
+//! as lagged), and one-in-flight latency (publish, wait for B to have it).
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,6 +45,11 @@ pub struct ProofsArgs {
     /// Rounds of each mode, alternating (1..=10).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Messages the publisher keeps in flight at most (published, not yet
+    /// received by the subscription) in the throughput runs; 0: flat out
+    /// (0..=100000).
+    #[arg(long, default_value_t = 0)]
+    window: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -91,6 +100,9 @@ struct Round {
     small_p99_us: f64,
     large_p50_us: f64,
     large_p99_us: f64,
+    /// Events the subscription could not keep (told as lagged).
+    small_lagged: usize,
+    large_lagged: usize,
 }
 
 /// The next item of `sub`: an event (whose proof must be `want`), or
@@ -112,21 +124,33 @@ async fn next(sub: &mut Subscription, want: Proof) -> anyhow::Result<(usize, usi
 }
 
 /// Throughput (messages per second) of `n` messages of `size` bytes, C to
-/// B, and the latencies (µs, sorted) of `lat` messages one at a time.
+/// B (at most `window` in flight, 0: no bound), the latencies (µs, sorted)
+/// of `lat` messages one at a time, and how many events the subscription
+/// could not keep.
 async fn measure(
     m: &Mesh,
     sub: &mut Subscription,
     want: Proof,
     size: usize,
-    n: usize,
+    (n, window): (usize, usize),
     lat: usize,
-) -> anyhow::Result<(f64, Vec<f64>)> {
+) -> anyhow::Result<(f64, Vec<f64>, usize)> {
     let payload = Bytes::from(vec![7u8; size]);
+    // Messages received (or told lagged) so far, and a wake-up for the
+    // publisher waiting for the window to open.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(tokio::sync::Notify::new());
     let t = Instant::now();
     let publisher = {
         let (c, payload) = (m.c.clone(), payload.clone());
+        let (seen, opened) = (seen.clone(), opened.clone());
         tokio::spawn(async move {
-            for _ in 0..n {
+            for i in 0..n {
+                // A permit stored by `notify_one` is never lost: the
+                // check after a wake-up sees the count it followed.
+                while window > 0 && i >= seen.load(Ordering::Acquire) + window {
+                    opened.notified().await;
+                }
                 c.publish("bench.t", payload.clone()).await?;
             }
             Ok::<_, anyhow::Error>(())
@@ -137,6 +161,8 @@ async fn measure(
         let (g, l) = next(sub, want).await?;
         got += g;
         lagged += l;
+        seen.store(got + lagged, Ordering::Release);
+        opened.notify_one();
     }
     publisher.await??;
     let rate = n as f64 / t.elapsed().as_secs_f64();
@@ -151,7 +177,7 @@ async fn measure(
     if lagged > 0 {
         eprintln!("bench proofs: the subscription fell behind by {lagged} of {n} ({size} B)");
     }
-    Ok((rate, us))
+    Ok((rate, us, lagged))
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -166,14 +192,21 @@ async fn round(m: &Mesh, on: bool, args: &ProofsArgs) -> anyhow::Result<Round> {
     let mut sub = m.b.subscribe("bench.**").await?;
     m.a.wait_for_subscribers("bench.t", Duration::from_secs(10))
         .await?;
-    let (small, small_us) =
-        measure(m, &mut sub, want, 64, args.messages, args.latency_messages).await?;
-    let (large, large_us) = measure(
+    let (small, small_us, small_lagged) = measure(
+        m,
+        &mut sub,
+        want,
+        64,
+        (args.messages, args.window),
+        args.latency_messages,
+    )
+    .await?;
+    let (large, large_us, large_lagged) = measure(
         m,
         &mut sub,
         want,
         16 * 1024,
-        args.large_messages,
+        (args.large_messages, args.window),
         args.latency_messages,
     )
     .await?;
@@ -185,6 +218,8 @@ async fn round(m: &Mesh, on: bool, args: &ProofsArgs) -> anyhow::Result<Round> {
         small_p99_us: pct(&small_us, 0.99),
         large_p50_us: pct(&large_us, 0.5),
         large_p99_us: pct(&large_us, 0.99),
+        small_lagged,
+        large_lagged,
     })
 }
 
@@ -204,6 +239,7 @@ pub async fn run(args: ProofsArgs) -> anyhow::Result<()> {
         "--latency-messages must be 1..=100000"
     );
     anyhow::ensure!((1..=10).contains(&args.rounds), "--rounds must be 1..=10");
+    anyhow::ensure!(args.window <= 100_000, "--window must be 0..=100000");
     let mut dirs = TempDirs::new("proofs");
     let off = mesh(false, &mut dirs).await?;
     let on = mesh(true, &mut dirs).await?;
@@ -271,6 +307,17 @@ pub async fn run(args: ProofsArgs) -> anyhow::Result<()> {
                 n / o
             )?;
         }
+        // Throughput counts only when nothing fell behind.
+        let lagged = |v: &[Round], f: fn(&Round) -> usize| v.iter().map(f).sum::<usize>();
+        writeln!(
+            out,
+            "  lagged events, all rounds  64 B off {} on {}; 16 KiB off {} on {} (window {})",
+            lagged(&r_off, |r| r.small_lagged),
+            lagged(&r_on, |r| r.small_lagged),
+            lagged(&r_off, |r| r.large_lagged),
+            lagged(&r_on, |r| r.large_lagged),
+            args.window
+        )?;
     }
     Ok(())
 }

@@ -15,8 +15,8 @@ use macula_wire::pubsub::{
     MAX_BATCH_MESSAGES, MAX_BATCH_TOPICS, MAX_SEAL_ENTRIES, SEALS_COUNT_LEN, SEAL_OVERHEAD,
 };
 use macula_wire::{
-    event_digest, event_digest_aligned, seal_tree_depth, BatchItem, NodeId, Seal, SealTree,
-    WholeHasher,
+    event_digest, event_digest_aligned, seal_tree_depth, BatchItem, NodeId, Seal, SealHashes,
+    SealTree, WholeHasher,
 };
 
 use crate::event::{PublishOptions, TopicName};
@@ -125,6 +125,22 @@ impl OutMsg {
     /// A forwarded message of a seal of kind 3 (topic groups).
     fn groups_seal(&self) -> bool {
         self.sealed().is_some_and(|(run, _)| run.is_groups_kind())
+    }
+
+    /// Whether `next`, after this message in a frame, goes in the same
+    /// seal entry: the same seal, or another frame's copy of the same
+    /// signature (a seal spanning its publisher's frames, kinds 1 and 4)
+    /// whose message comes later in it. A forwarder's frame that holds
+    /// messages of several of the publisher's frames so carries one entry
+    /// per signature (one key, signature and bitmap; the hashes of the
+    /// subtrees, or digests, of the messages none of them has), and its
+    /// receiver checks one seal, not one per publisher's frame.
+    fn continues_seal(&self, next: &OutMsg) -> bool {
+        self.same_seal(next)
+            || match (self.sealed(), next.sealed()) {
+                (Some((a, i)), Some((b, j))) => j > i && a.same_signature(b),
+                _ => false,
+            }
     }
 
     fn same_seal(&self, other: &OutMsg) -> bool {
@@ -592,7 +608,7 @@ fn pick_frame<'a>(
         let prev = picked[p0..].last().map(|&(pi, _)| &msgs[pi]);
         let seal_cost = match (prev, &m.seal) {
             (_, None) => 0isize,
-            (Some(p), Some(_)) if p.same_seal(m) => m.further_seal_cost(),
+            (Some(p), Some(_)) if p.continues_seal(m) => m.further_seal_cost(),
             (Some(_), Some(_)) => m.seal_cost() as isize,
             (None, Some(_)) => (SEALS_COUNT_LEN + m.seal_cost()) as isize,
         };
@@ -1006,10 +1022,19 @@ fn forwarded_seals(
         let n = run.len();
         let mut present = vec![0u8; n.div_ceil(8)];
         let k0 = k;
+        // The publisher's other frames (each its own `SealedRun`) of the
+        // same signature whose messages this entry holds.
+        let mut others: Vec<&Arc<SealedRun>> = Vec::new();
+        let mut prev = first;
         while let Some(&(mi, _)) = picked.get(k) {
             let m = &msgs[mi];
-            if !m.same_seal(first) {
+            if k > k0 && !prev.continues_seal(m) {
                 break;
+            }
+            if let Some((r, _)) = m.sealed() {
+                if !Arc::ptr_eq(r, run) && !others.iter().any(|x| Arc::ptr_eq(x, r)) {
+                    others.push(r);
+                }
             }
             if let Some(s) = m.seal {
                 let i = s.index as usize;
@@ -1017,12 +1042,13 @@ fn forwarded_seals(
                     present[i / 8] |= 1 << (i % 8);
                 }
             }
+            prev = m;
             k += 1;
         }
         if run.is_groups_kind() {
             let absent = match (all_present(&present, n), run.as_sent(&present)) {
-                (true, _) => Vec::new(),
-                (false, Some(sent)) => sent.to_vec(),
+                (true, _) => SealHashes::default(),
+                (false, Some(sent)) => sent.clone(),
                 (false, None) => {
                     let copy = run.group_copy(&present);
                     for &i in &copy.drop {
@@ -1035,7 +1061,7 @@ fn forwarded_seals(
                             drop.push(k0 + p);
                         }
                     }
-                    copy.absent
+                    copy.absent.into()
                 }
             };
             if present.iter().any(|&b| b != 0) {
@@ -1053,16 +1079,29 @@ fn forwarded_seals(
             continue;
         }
         let all = all_present(&present, n);
-        let absent = match (all, run.as_sent(&present)) {
+        let as_sent = match others.is_empty() {
+            true => run.as_sent(&present),
+            false => None,
+        };
+        let absent = match (all, as_sent) {
             // Every message of the seal is here: no digest to send (and,
             // at a client's gateway, none computed).
-            (true, _) => Vec::new(),
+            (true, _) => SealHashes::default(),
             // Exactly the messages of the publisher's frame (its seal
-            // spans frames): the digests it sent along, none computed.
-            (false, Some(sent)) => sent.to_vec(),
+            // spans frames): the digests it sent along (a slice of that
+            // frame), none computed or copied.
+            (false, Some(sent)) => sent.clone(),
             // Kind 4: the hashes of the subtrees with none of the copy's
-            // messages, from the tree as known here.
-            (false, None) if run.is_aligned_kind() => run.tree_absent(&present),
+            // messages, from what the publisher's frames carried or the
+            // tree as known here.
+            (false, None) if run.is_aligned_kind() => {
+                let mut runs = Vec::with_capacity(1 + others.len());
+                runs.push(run);
+                runs.extend(others.iter().copied());
+                SealedRun::tree_absent_among(&runs, &present).into()
+            }
+            // Kind 1: any of the publisher's frames of the seal carried
+            // (or has) every digest but its messages'.
             (false, None) => {
                 let digests = run.digests();
                 (0..n)

@@ -124,7 +124,7 @@ impl<S> BatchReceiver<S> {
         if self.from_client || msg_type != macula_wire::MessageType::PublishBatch as u8 {
             return;
         }
-        let Ok(view) = PublishBatchView::decode(body) else {
+        let Ok(view) = PublishBatchView::decode_shared(body) else {
             return;
         };
         if view.publisher == from || view.seals.is_empty() {
@@ -254,7 +254,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
                 "message type {msg_type:#04x} on a pub/sub data stream"
             ));
         }
-        let view = match PublishBatchView::decode(body) {
+        let view = match PublishBatchView::decode_shared(body) {
             Ok(v) => v,
             Err(reason) => {
                 c.data_streams_rejected_total.inc();

@@ -43,7 +43,7 @@ use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use macula_wire::{
     event_digest, event_digest_aligned, seal_hash, seal_hash_aligned, seal_hash_groups,
-    seal_hash_whole, NodeId, PublishBatchView, Seal, SealTree, WholeHasher,
+    seal_hash_whole, NodeId, PublishBatchView, Seal, SealHashes, SealTree, WholeHasher,
 };
 
 /// Domain tag in front of the seal hash in what is signed (a seal of
@@ -136,7 +136,9 @@ struct Source {
     /// (a frame carrying several seals).
     first: usize,
     present: Vec<u8>,
-    absent: Vec<[u8; 32]>,
+    /// A slice of the frame the seal came in (no copy), when decoded from
+    /// its bytes ([`PublishBatchView::decode_shared`]).
+    absent: SealHashes,
 }
 
 impl SealedRun {
@@ -291,7 +293,7 @@ impl SealedRun {
         let Some(src) = &self.source else {
             return [0; 32];
         };
-        let Ok(v) = PublishBatchView::decode(&src.body) else {
+        let Ok(v) = PublishBatchView::decode_shared(&src.body) else {
             return [0; 32];
         };
         let Some(entries) = v.entries.get(src.first..src.first + self.n) else {
@@ -313,9 +315,9 @@ impl SealedRun {
     /// in it, when `present` is that frame's bitmap: a copy forwarding
     /// exactly the frame's messages sends them as they came, no digest
     /// computed.
-    pub fn as_sent(&self, present: &[u8]) -> Option<&[[u8; 32]]> {
+    pub fn as_sent(&self, present: &[u8]) -> Option<&SealHashes> {
         let src = self.source.as_ref()?;
-        (src.present == present).then_some(&src.absent[..])
+        (src.present == present).then_some(&src.absent)
     }
 
     /// Kind 4: the hashes a copy whose messages are `present` (the
@@ -334,6 +336,80 @@ impl SealedRun {
                 macula_wire::seal_tree_absent_count(self.n, present),
                 [0; 32],
             );
+        }
+        out
+    }
+
+    /// Whether `other` is a copy of this seal from another of its
+    /// publisher's frames (the same key, signature, count and kind: a seal
+    /// of kind 1 or 4 spanning frames), so a forwarder may send their
+    /// messages under one entry. A pointer check first; kinds 2 and 3
+    /// never span frames.
+    pub fn same_signature(&self, other: &SealedRun) -> bool {
+        std::ptr::eq(self, other)
+            || (!self.groups_kind
+                && !other.groups_kind
+                && !self.whole_kind
+                && !other.whole_kind
+                && self.aligned_kind == other.aligned_kind
+                && self.n == other.n
+                && self.sig == other.sig
+                && self.key == other.key
+                && self.publisher == other.publisher
+                && self.epoch == other.epoch)
+    }
+
+    /// Kind 4: [`SealedRun::tree_absent`] of a copy holding messages of
+    /// several of the publisher's frames of one seal (`runs`, each its
+    /// [`SealedRun`], [`SealedRun::same_signature`]). A maximal subtree
+    /// with none of the copy's messages is one the frame holding its
+    /// sibling's messages carried, so a copy of whole frames is given
+    /// hashes as they came, none computed; one of part of a frame, from
+    /// that frame's tree (computed once).
+    pub fn tree_absent_among(runs: &[&Arc<SealedRun>], present: &[u8]) -> Vec<[u8; 32]> {
+        let Some(first) = runs.first() else {
+            return Vec::new();
+        };
+        let n = first.n;
+        let mut want = Vec::new();
+        macula_wire::seal_tree_absent(n, present, &mut want);
+        // What each frame carried, by leaf range (nothing hashed).
+        let carried: Vec<Vec<(usize, usize)>> = runs
+            .iter()
+            .map(|r| {
+                let mut ranges = Vec::new();
+                if let Some(src) = &r.source {
+                    macula_wire::seal_tree_absent(n, &src.present, &mut ranges);
+                }
+                ranges
+            })
+            .collect();
+        let mut out = Vec::with_capacity(want.len());
+        for &(lo, hi) in &want {
+            let sent = runs.iter().zip(&carried).find_map(|(r, c)| {
+                let at = c.iter().position(|&x| x == (lo, hi))?;
+                r.source.as_ref()?.absent.get(at).copied()
+            });
+            let known = sent.or_else(|| {
+                runs.iter().find_map(|r| {
+                    let tree = r.tree();
+                    match tree.len() == n {
+                        true => tree.node(lo, hi),
+                        false => None,
+                    }
+                })
+            });
+            match known {
+                Some(h) => out.push(h),
+                None => {
+                    // Not within what came here (cannot happen: a copy
+                    // holds messages received): hashes that verify
+                    // nothing, so the receiver drops the copy (counted).
+                    out.clear();
+                    out.resize(want.len(), [0; 32]);
+                    return out;
+                }
+            }
         }
         out
     }
@@ -357,7 +433,7 @@ impl SealedRun {
         let Some(src) = &self.source else {
             return T::default();
         };
-        let Ok(v) = PublishBatchView::decode(&src.body) else {
+        let Ok(v) = PublishBatchView::decode_shared(&src.body) else {
             return T::default();
         };
         let k: usize = src.present.iter().map(|b| b.count_ones() as usize).sum();
@@ -374,7 +450,7 @@ impl SealedRun {
             let (Some(src), n) = (&self.source, self.n) else {
                 return vec![[0; 32]; self.n];
             };
-            let Ok(v) = PublishBatchView::decode(&src.body) else {
+            let Ok(v) = PublishBatchView::decode_shared(&src.body) else {
                 // Cannot happen (the body decoded before); digests that
                 // verify nothing make receivers drop the copies.
                 return vec![[0; 32]; n];
@@ -599,7 +675,7 @@ impl Signer {
             sig,
             n,
             present,
-            absent: Vec::new(),
+            absent: SealHashes::default(),
             carried: Some(digests_hash),
             groups: false,
             aligned: false,
@@ -676,7 +752,7 @@ impl Signer {
             sig,
             n,
             present,
-            absent,
+            absent: absent.into(),
             carried: None,
             groups: false,
             aligned: true,
@@ -706,7 +782,7 @@ impl Signer {
             sig,
             n,
             present,
-            absent,
+            absent: absent.into(),
             carried: None,
             groups: false,
             aligned: false,
@@ -905,6 +981,11 @@ pub struct KeyCache {
     /// Key, signed message (its kind's tag and the seal hash), signature.
     verified: Vec<([u8; 32], SignedMessage, [u8; 64])>,
     next_verified: usize,
+    /// Keys and the node IDs they derive (a key derivation, two BLAKE3
+    /// calls, per seal saved: a seal spanning frames names its key in
+    /// each).
+    ids: Vec<([u8; 32], NodeId)>,
+    next_id: usize,
 }
 
 /// Keys a [`KeyCache`] holds at most.
@@ -924,6 +1005,21 @@ impl KeyCache {
             self.verified[self.next_verified] = (key, hash, sig);
             self.next_verified = (self.next_verified + 1) % KEY_CACHE;
         }
+    }
+
+    /// The node ID of `key` ([`NodeId::from_public_key`]).
+    fn id_of(&mut self, key: &[u8; 32]) -> NodeId {
+        if let Some((_, id)) = self.ids.iter().find(|(k, _)| k == key) {
+            return *id;
+        }
+        let id = NodeId::from_public_key(key);
+        if self.ids.len() < KEY_CACHE {
+            self.ids.push((*key, id));
+        } else {
+            self.ids[self.next_id] = (*key, id);
+            self.next_id = (self.next_id + 1) % KEY_CACHE;
+        }
+        id
     }
 
     fn get(&mut self, key: &[u8; 32]) -> Result<VerifyingKey, ProofError> {
@@ -1079,7 +1175,7 @@ fn prepare(
     keys: &mut KeyCache,
 ) -> Result<Option<(SignedMessage, VerifyingKey)>, ProofError> {
     let publisher = view.publisher;
-    if NodeId::from_public_key(&run.key) != publisher {
+    if keys.id_of(&run.key) != publisher {
         // A key that is not a point is refused as such first.
         keys.get(&run.key)?;
         return Err(ProofError::WrongKey { publisher });
@@ -1187,16 +1283,14 @@ fn check_seal<'a, 'b: 'a>(
         return Ok((run, seal_hash_whole(&whole, &carried)));
     }
     if seal.aligned {
-        // The root of the tree from the messages here and the subtrees
-        // carried; the tree kept for copies forwarded on.
-        let mut places = Vec::with_capacity(seal.present_count());
-        let mut leaves = Vec::with_capacity(seal.present_count());
-        for i in (0..seal.n).filter(|&i| seal.is_present(i)) {
-            // The decoder checked that the seals cover the entries exactly.
-            let e = entries.next().ok_or_else(bad)?;
-            places.push(i as u32);
-            leaves.push(digest(view, e, true));
-        }
+        // The root of the tree from the messages here (each hashed as the
+        // walk reaches it, nothing gathered) and the subtrees carried; the
+        // tree kept for copies forwarded on. The decoder checked that the
+        // seals cover the entries exactly (too few: no tree, refused).
+        let leaves = entries
+            .by_ref()
+            .take(seal.present_count())
+            .map(|e| digest(view, e, true));
         let tree =
             SealTree::from_part(seal.n, &seal.present, leaves, &seal.absent).ok_or_else(bad)?;
         let root = tree.root().ok_or_else(bad)?;
@@ -1209,13 +1303,7 @@ fn check_seal<'a, 'b: 'a>(
         run.aligned_kind = true;
         let _ = run.tree.set(tree);
         let run = Arc::new(run);
-        let no = refs.runs.len() as u32;
-        refs.runs.push(run.clone());
-        refs.places.extend(
-            places
-                .into_iter()
-                .map(|index| SealPlace { seal: no, index }),
-        );
+        refs.push(run.clone(), seal);
         return Ok((run, hash));
     }
     let mut digests = Vec::with_capacity(seal.n);
@@ -1444,7 +1532,7 @@ pub fn fuzz_group_copies(data: &[u8]) {
     }
     let part = Seal {
         present: present.clone(),
-        absent: copy.absent,
+        absent: copy.absent.into(),
         ..seal.clone()
     };
     let copy_body = encode(&is, &part);
@@ -1550,12 +1638,37 @@ pub fn fuzz_aligned_copies(data: &[u8]) {
         .absent(&present, &mut expected)
         .is_some());
     let part = Seal {
-        absent: run.tree_absent(&present),
+        absent: run.tree_absent(&present).into(),
         present,
         ..seal.clone()
     };
     assert_eq!(part.absent, expected);
     assert!(part.absent.len() <= (0..n).filter(|&i| !keep[i]).count());
+    // The publisher's frames of the seal split in two (each adopted on
+    // its own, as a gateway does): a copy of the same messages under one
+    // entry is given the same hashes, from what the two frames carried
+    // and their trees.
+    if n >= 2 {
+        let cut = 1 + usize::from(at(13)) % (n - 1);
+        let tree = SealTree::new(&digests);
+        let halves: Vec<Arc<SealedRun>> = [0..cut, cut..n]
+            .into_iter()
+            .filter_map(|r| {
+                let s = signer.seal_tree_part(seal.sig, &tree, r.clone());
+                let b = encode(&|i| r.contains(&i), &s);
+                let v = PublishBatchView::decode_shared(&b).ok()?;
+                adopt(&v, &b).and_then(|p| p.runs.first().cloned())
+            })
+            .collect();
+        assert_eq!(halves.len(), 2, "both frames adopted");
+        assert!(halves[0].same_signature(&halves[1]));
+        let runs: Vec<&Arc<SealedRun>> = halves.iter().collect();
+        assert_eq!(
+            SealedRun::tree_absent_among(&runs, &part.present),
+            expected,
+            "one entry over both frames"
+        );
+    }
     let copy_body = encode(&is, &part);
     let Ok(cv) = PublishBatchView::decode(&copy_body) else {
         panic!("a copy decodes");
@@ -1604,7 +1717,9 @@ pub fn fuzz_aligned_copies(data: &[u8]) {
     if !part.absent.is_empty() {
         let mut changed = part.clone();
         let j = usize::from(at(5)) % changed.absent.len();
-        changed.absent[j][usize::from(at(6)) % 32] ^= at(9) | 1;
+        let mut absent = changed.absent.to_vec();
+        absent[j][usize::from(at(6)) % 32] ^= at(9) | 1;
+        changed.absent = absent.into();
         let cd_body = encode(&is, &changed);
         let Ok(cd) = PublishBatchView::decode(&cd_body) else {
             panic!("a changed copy decodes");

@@ -709,11 +709,15 @@ fn a_receiver_of_part_of_a_whole_seal_checks_digests_and_tampering_drops_only_th
         p
     };
     let mut digest = hv.seals.clone();
-    digest[1].absent[5][0] ^= 1;
+    let mut hashes = digest[1].absent.to_vec();
+    hashes[5][0] ^= 1;
+    digest[1].absent = hashes.into();
     let mut whole = hv.seals.clone();
     whole[1].carried = Some([9; 32]);
     let mut moved = hv.seals.clone();
-    moved[1].absent.swap(0, 1);
+    let mut hashes = moved[1].absent.to_vec();
+    hashes.swap(0, 1);
+    moved[1].absent = hashes.into();
     let want: Vec<u64> = hv.entries[..a]
         .iter()
         .chain(&hv.entries[b..])
@@ -1324,7 +1328,9 @@ fn forged_topic_groups_are_dropped_and_counted_never_delivered() {
         p
     };
     let mut carried = hv.seals.clone();
-    carried[0].absent[0][0] ^= 1;
+    let mut hashes = carried[0].absent.to_vec();
+    hashes[0][0] ^= 1;
+    carried[0].absent = hashes.into();
     // The group it has, also named as absent: not the signed set.
     let mut twice = hv.seals.clone();
     let own = macula_wire::group_digest(hv.entries.iter().map(|e| {
@@ -1336,7 +1342,9 @@ fn forged_topic_groups_are_dropped_and_counted_never_delivered() {
             None,
         )
     }));
-    twice[0].absent.push(own);
+    let mut hashes = twice[0].absent.to_vec();
+    hashes.push(own);
+    twice[0].absent = hashes.into();
     // Part of the group (its last message left out, its bit cleared):
     // what a forwarder dropping one message would send unless it left
     // the rest out too.
@@ -1760,7 +1768,11 @@ fn forged_aligned_seals_are_dropped_and_counted_never_delivered() {
         _ => hv.entries[i].payload.to_vec(),
     };
     let mut tampered = hv.seals.clone();
-    tampered.iter_mut().for_each(|s| s.absent[0][7] ^= 1);
+    tampered.iter_mut().for_each(|s| {
+        let mut hashes = s.absent.to_vec();
+        hashes[0][7] ^= 1;
+        s.absent = hashes.into();
+    });
     // As kind 1 with the aligned digests of the absent messages (what a
     // forwarder holding the client's frames could compute: kind 1's
     // layout, kind 4's digests).
@@ -2007,5 +2019,77 @@ fn payloads_swapped_between_frames_or_a_frame_replayed_into_another_seal_are_dro
     assert_eq!(
         deliver(&[forged, a[0].clone(), a[1].clone()]),
         (k + k1, k as u64)
+    );
+}
+
+#[test]
+fn a_forwarders_frame_carries_one_seal_entry_per_signature() {
+    // 24 messages of 16 KiB, t.a and u.b alternating: one kind 4 seal
+    // spanning the client's frames. Node 2 (t.*) gets the t.a half, so
+    // each of the gateway's frames holds messages of two or more of the
+    // client's frames: one entry for their one signature (one key,
+    // signature and bitmap, the hashes of the subtrees with none of
+    // them), not one per client frame. Node 4 gets all of them.
+    let bodies = client_frames_kind(24, 16 * 1024, true);
+    let views: Vec<_> = bodies
+        .iter()
+        .map(|b| PublishBatchView::decode(b).unwrap())
+        .collect();
+    let sig = views[0].seals[0].sig;
+    assert!(views
+        .iter()
+        .all(|v| v.seals.len() == 1 && v.seals[0].sig == sig && v.seals[0].n == 24));
+    // The client frame each message of the seal came in.
+    let mut frame_of = [usize::MAX; 24];
+    for (f, v) in views.iter().enumerate() {
+        for (i, slot) in frame_of.iter_mut().enumerate() {
+            if v.seals[0].is_present(i) {
+                *slot = f;
+            }
+        }
+    }
+    assert!(frame_of.iter().all(|&f| f < views.len()));
+    let all: Vec<[u8; 32]> = views.iter().flat_map(aligned_digests).collect();
+    let tree = macula_wire::SealTree::new(&all);
+    let copies = forward_all(
+        &bodies,
+        &[("t", 2, "t.*"), ("t", 4, "t.*"), ("u", 4, "u.*")],
+    );
+    let mut spanning = 0;
+    for (n, want) in [(2u8, 12usize), (4, 24)] {
+        for b in &copies[&id(n)] {
+            let v = PublishBatchView::decode(b).unwrap();
+            assert_eq!(v.seals.len(), 1, "node {n}: one entry per signature");
+            let s = &v.seals[0];
+            assert!(s.aligned && s.sig == sig);
+            let mut absent = Vec::new();
+            tree.absent(&s.present, &mut absent).unwrap();
+            assert_eq!(s.absent, absent, "the publisher's tree's hashes");
+            let frames: std::collections::BTreeSet<usize> = (0..24)
+                .filter(|&i| s.is_present(i))
+                .map(|i| frame_of[i])
+                .collect();
+            if frames.len() > 1 {
+                spanning += 1;
+            }
+        }
+        let mut r = node(n);
+        r.subscribe("**", 7).unwrap();
+        let got = receive(
+            &mut r,
+            id(1),
+            &copies[&id(n)],
+            &mut BatchReceiver::new(false),
+        );
+        assert_eq!(got.len(), want, "node {n}");
+        assert!(got
+            .iter()
+            .all(|e| e.publisher == id(50) && e.proof == Proof::Signed));
+        assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(unproved(&r), 0);
+    }
+    assert!(
+        spanning > 0,
+        "a copy holds messages of several client frames"
     );
 }

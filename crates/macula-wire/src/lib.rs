@@ -43,7 +43,7 @@ pub use pubsub::{
     group_digest, is_hop_header, seal_hash, seal_hash_aligned, seal_hash_groups, seal_hash_whole,
     seal_node, seal_tree_absent, seal_tree_absent_count, seal_tree_depth, seal_whole, BatchEntry,
     BatchHead, BatchItem, BatchMessage, Publish, PublishBatch, PublishBatchView, PublishDropped,
-    Seal, SealTree, WholeHasher,
+    Seal, SealHashes, SealTree, WholeHasher,
 };
 pub use raft::{RaftKind, RaftMessage, RaftRequest, RaftResponse, RaftStatus};
 pub use relay::{RelayCode, RelayMessage, RelayRecord};

@@ -5,6 +5,7 @@
 //! only: matching, interest and delivery live in `macula-pubsub` and the
 //! runtime.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::node_id::NodeId;
@@ -167,10 +168,82 @@ pub struct Seal {
     pub sig: [u8; 64],
     pub n: usize,
     pub present: Vec<u8>,
-    pub absent: Vec<[u8; 32]>,
+    pub absent: SealHashes,
     pub carried: Option<[u8; 32]>,
     pub groups: bool,
     pub aligned: bool,
+}
+
+/// The hashes a seal carries (32 bytes each, in order), read as
+/// `[[u8; 32]]`. Decoded from a frame held as [`Bytes`]
+/// ([`PublishBatchView::decode_shared`]), they are a slice of it: keeping
+/// them with the frame's messages, or forwarding them as they came,
+/// copies and allocates nothing.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SealHashes(Bytes);
+
+impl SealHashes {
+    /// The hashes in `bytes`; `None` unless its length is a multiple of 32.
+    pub fn from_bytes(bytes: Bytes) -> Option<SealHashes> {
+        bytes.len().is_multiple_of(32).then_some(SealHashes(bytes))
+    }
+
+    /// The hashes as they are on the wire (concatenated).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// `raw` (a multiple of 32 bytes), a slice of `owner` when it lies
+    /// within it, else copied.
+    fn shared(owner: Option<&Bytes>, raw: &[u8]) -> SealHashes {
+        let within = owner.filter(|b| {
+            let (start, at) = (b.as_ptr() as usize, raw.as_ptr() as usize);
+            at >= start && at + raw.len() <= start + b.len()
+        });
+        SealHashes(match within {
+            Some(b) if !raw.is_empty() => b.slice_ref(raw),
+            _ => Bytes::copy_from_slice(raw),
+        })
+    }
+}
+
+impl std::ops::Deref for SealHashes {
+    type Target = [[u8; 32]];
+
+    fn deref(&self) -> &[[u8; 32]] {
+        // Never a remainder: every constructor keeps whole hashes.
+        self.0.as_chunks::<32>().0
+    }
+}
+
+impl From<Vec<[u8; 32]>> for SealHashes {
+    fn from(v: Vec<[u8; 32]>) -> SealHashes {
+        SealHashes(Bytes::from(v.into_flattened()))
+    }
+}
+
+impl From<&[[u8; 32]]> for SealHashes {
+    fn from(v: &[[u8; 32]]) -> SealHashes {
+        SealHashes(Bytes::copy_from_slice(v.as_flattened()))
+    }
+}
+
+impl FromIterator<[u8; 32]> for SealHashes {
+    fn from_iter<I: IntoIterator<Item = [u8; 32]>>(it: I) -> SealHashes {
+        it.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl PartialEq<Vec<[u8; 32]>> for SealHashes {
+    fn eq(&self, o: &Vec<[u8; 32]>) -> bool {
+        **self == o[..]
+    }
+}
+
+impl std::fmt::Debug for SealHashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 impl Seal {
@@ -192,6 +265,13 @@ impl Seal {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.check_counted(None)
+    }
+
+    /// [`Seal::check`]; `counted`: how many hashes a seal of kind 4 with
+    /// its bitmap carries, when the caller counted them already (the
+    /// decoder, to know how many to read).
+    fn check_counted(&self, counted: Option<usize>) -> Result<(), String> {
         if self.n == 0 || self.n > MAX_SEAL_ENTRIES {
             return Err(format!(
                 "seal of {} messages, must be 1 to {MAX_SEAL_ENTRIES}",
@@ -223,7 +303,7 @@ impl Seal {
         }
         let carried = match self.aligned {
             // Kind 4: the hashes of the maximal absent subtrees.
-            true => seal_tree_absent_count(self.n, &self.present),
+            true => counted.unwrap_or_else(|| seal_tree_absent_count(self.n, &self.present)),
             false => self.n - present,
         };
         if self.absent.len() != carried {
@@ -259,14 +339,13 @@ impl Seal {
         if self.groups {
             put_varint(out, self.absent.len() as u64);
         }
-        for d in &self.absent {
-            out.extend_from_slice(d);
-        }
+        out.extend_from_slice(self.absent.as_bytes());
         Ok(())
     }
 
-    /// Reads one seal; `kinds`: format 3, a kind byte first.
-    fn read(c: &mut Cursor<'_>, kinds: bool) -> Result<Seal, String> {
+    /// Reads one seal; `kinds`: format 3, a kind byte first. Its hashes
+    /// are a slice of `owner` (the body the cursor reads) when given.
+    fn read(c: &mut Cursor<'_>, kinds: bool, owner: Option<&Bytes>) -> Result<Seal, String> {
         let (whole, groups, aligned) = match kinds {
             false => (false, false, false),
             true => match c.u8()? {
@@ -311,7 +390,7 @@ impl Seal {
             sig,
             n,
             present,
-            absent: Vec::new(),
+            absent: SealHashes::default(),
             carried,
             groups,
             aligned,
@@ -331,16 +410,9 @@ impl Seal {
         if c.buf.len() < absent * 32 {
             return Err("truncated seal digests".into());
         }
-        seal.absent = c
-            .bytes(absent * 32)
-            .chunks_exact(32)
-            .map(|d| {
-                let mut a = [0u8; 32];
-                a.copy_from_slice(d);
-                a
-            })
-            .collect();
-        seal.check()?;
+        seal.absent = SealHashes::shared(owner, c.bytes(absent * 32));
+        // Kind 4: the hashes were counted above, not again.
+        seal.check_counted(aligned.then_some(absent))?;
         Ok(seal)
     }
 
@@ -753,7 +825,8 @@ impl SealTree {
         self.n == 0
     }
 
-    fn node(&self, lo: usize, hi: usize) -> Option<[u8; 32]> {
+    /// The hash of the subtree over leaves `lo..hi`, if known here.
+    pub fn node(&self, lo: usize, hi: usize) -> Option<[u8; 32]> {
         let key = (lo as u32, hi as u32);
         self.nodes
             .binary_search_by_key(&key, |&(l, h, _)| (l, h))
@@ -1353,6 +1426,17 @@ impl<'a> PublishBatchView<'a> {
     /// Decodes a PUBLISH_BATCH body. Never panics; allocates at most in
     /// proportion to the body's length.
     pub fn decode(body: &'a [u8]) -> Result<Self, String> {
+        Self::decode_in(body, None)
+    }
+
+    /// [`PublishBatchView::decode`] of a body held as [`Bytes`]: the
+    /// hashes its seals carry are slices of it ([`SealHashes`]), not
+    /// copies.
+    pub fn decode_shared(body: &'a Bytes) -> Result<Self, String> {
+        Self::decode_in(body, Some(body))
+    }
+
+    fn decode_in(body: &'a [u8], owner: Option<&Bytes>) -> Result<Self, String> {
         let mut c = Cursor { buf: body };
         let BatchHead {
             publisher,
@@ -1424,7 +1508,7 @@ impl<'a> PublishBatchView<'a> {
             }
             let mut covered = 0usize;
             for _ in 0..n {
-                let seal = Seal::read(&mut c, seal_kinds)?;
+                let seal = Seal::read(&mut c, seal_kinds, owner)?;
                 covered += seal.present_count();
                 seals.push(seal);
             }
@@ -1668,7 +1752,22 @@ pub fn fuzz_publish_dropped(data: &[u8]) {
 /// `fuzz/fuzz_targets/publish_batch.rs` and the property tests.
 pub fn fuzz_publish_batch(data: &[u8]) {
     let _ = BatchHead::decode(data);
+    // Held as `Bytes`: the same answer, its seals' hashes slices of it.
+    let shared = Bytes::copy_from_slice(data);
+    let from_shared = PublishBatchView::decode_shared(&shared);
+    assert_eq!(from_shared.is_ok(), PublishBatchView::decode(data).is_ok());
+    if let Ok(v) = &from_shared {
+        let (start, end) = (
+            shared.as_ptr() as usize,
+            shared.as_ptr() as usize + shared.len(),
+        );
+        for s in v.seals.iter().filter(|s| !s.absent.is_empty()) {
+            let at = s.absent.as_bytes().as_ptr() as usize;
+            assert!(at >= start && at + s.absent.as_bytes().len() <= end);
+        }
+    }
     if let Ok(view) = PublishBatchView::decode(data) {
+        assert_eq!(from_shared.as_ref(), Ok(&view));
         let owned = view.to_owned_batch();
         let mut body = Vec::new();
         assert!(
@@ -1817,7 +1916,8 @@ mod tests {
                             // Kind 4: one hash per maximal absent subtree.
                             (2, _) => vec![[fill; 32]; seal_tree_absent_count(n, &bits)],
                             _ => vec![[fill; 32]; absent],
-                        },
+                        }
+                        .into(),
                     });
                 }
                 b.seals = seals;
@@ -1837,6 +1937,8 @@ mod tests {
             let view = PublishBatchView::decode(&bytes).unwrap();
             prop_assert!(BatchHead::decode(&bytes).unwrap().sealed);
             prop_assert_eq!(view.to_owned_batch(), b.clone());
+            // Decoded from shared bytes: the same, its hashes not copied.
+            fuzz_publish_batch(&bytes);
             let cut = bytes.len() - 1;
             prop_assert!(PublishBatchView::decode(&bytes[..cut]).is_err());
             // Seals that do not cover the messages exactly do not encode.
@@ -2269,7 +2371,7 @@ mod tests {
             sig: [4; 64],
             n: 4,
             present,
-            absent,
+            absent: absent.into(),
             carried: None,
             groups: false,
             aligned: true,
@@ -2327,7 +2429,7 @@ mod tests {
             .is_err());
         let mixed = Seal {
             groups: true,
-            absent: vec![[6; 32]],
+            absent: vec![[6; 32]].into(),
             ..seal(vec![0b0011], vec![])
         };
         assert!(b(vec![mixed]).write_body(&mut Vec::new()).is_err());
@@ -2353,7 +2455,7 @@ mod tests {
             sig: [4; 64],
             n: 4,
             present,
-            absent,
+            absent: absent.into(),
             carried: None,
             groups: true,
             aligned: false,
@@ -2433,7 +2535,7 @@ mod tests {
             sig: [4; 64],
             n: 1,
             present: vec![1],
-            absent: vec![],
+            absent: SealHashes::default(),
             carried,
             groups: false,
             aligned: false,

@@ -964,7 +964,7 @@ impl PubSub {
         from_client: bool,
     ) -> Vec<crate::trace::Direct> {
         rx.retrace.clear();
-        let Ok(view) = macula_wire::PublishBatchView::decode(body) else {
+        let Ok(view) = macula_wire::PublishBatchView::decode_shared(body) else {
             return Vec::new();
         };
         let mut spans = Vec::new();
@@ -1048,7 +1048,7 @@ impl PubSub {
         if head.publisher != peer.node_id() || !head.topics.iter().any(|t| keys.encrypts(t)) {
             return None;
         }
-        let view = macula_wire::PublishBatchView::decode(body).ok()?;
+        let view = macula_wire::PublishBatchView::decode_shared(body).ok()?;
         let encrypted: Vec<bool> = view.topics.iter().map(|t| keys.encrypts(t)).collect();
         let clear = view.entries.iter().find(|e| {
             encrypted.get(e.topic_index).copied().unwrap_or(false)

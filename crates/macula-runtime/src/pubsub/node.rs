@@ -199,7 +199,7 @@ impl PubSub {
         retrace: &[(usize, String)],
         seals: &macula_pubsub::SealPlaces,
     ) {
-        let Ok(view) = PublishBatchView::decode(body) else {
+        let Ok(view) = PublishBatchView::decode_shared(body) else {
             return;
         };
         if self.dht().is_none() {
