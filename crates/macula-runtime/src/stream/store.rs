@@ -1663,10 +1663,7 @@ fn commit<'a>(
                 <[u8; 8]>::try_from(v.value()).map_err(|_| "meta count is not 8 bytes")?,
             ),
         };
-        let mut msgs = BlockWriter::new(
-            txn.open_table(BLOCKS).map_err(|e| e.to_string())?,
-            count,
-        );
+        let mut msgs = BlockWriter::new(txn.open_table(BLOCKS).map_err(|e| e.to_string())?, count);
         let mut consumers = txn.open_table(CONSUMERS).map_err(|e| e.to_string())?;
         // Each publish sets the last sequence: only a group's final one is
         // written (the others would be overwritten in this transaction).
@@ -2774,6 +2771,37 @@ mod tests {
     }
 
     #[test]
+    fn puts_below_the_highest_sequence_keep_blocks_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.write_now(vec![Write::Put(1_000_000, sized(1_000_000, 10, 1))])
+            .unwrap();
+        // Every one below what is stored: each goes into the block that
+        // covers it, which splits past twice the bound.
+        s.write_now((1..=1000).map(|q| Write::Put(q, sized(q, 10, 2))).collect())
+            .unwrap();
+        s.sync().unwrap();
+        let txn = s.db.begin_read().unwrap();
+        let t = txn.open_table(BLOCKS).unwrap();
+        let sizes: Vec<usize> = t
+            .iter()
+            .unwrap()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                blocks::entries(k.value(), v.value()).count()
+            })
+            .collect();
+        assert!(sizes.iter().all(|n| *n <= 2 * BLOCK_MSGS), "{sizes:?}");
+        assert!(sizes.len() > 1000 / (2 * BLOCK_MSGS), "{sizes:?}");
+        let model: std::collections::BTreeMap<u64, Vec<u8>> = (1..=1000)
+            .map(|q| (q, sized(q, 10, 2)))
+            .chain([(1_000_000, sized(1_000_000, 10, 1))])
+            .collect();
+        drop((t, txn));
+        check_against(&s, &model);
+    }
+
+    #[test]
     fn an_earlier_versions_records_are_moved_into_blocks_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
@@ -2810,7 +2838,8 @@ mod tests {
             Err(redb::TableError::TableDoesNotExist(_))
         ));
         drop(txn);
-        s.write_now(vec![Write::Put(301, sized(301, 5, 1))]).unwrap();
+        s.write_now(vec![Write::Put(301, sized(301, 5, 1))])
+            .unwrap();
         drop(s);
         let s = StreamStore::open(&path, 1 << 20).unwrap();
         assert_eq!(s.stored_messages().unwrap(), model.len() as u64 + 1);

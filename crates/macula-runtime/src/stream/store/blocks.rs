@@ -231,28 +231,39 @@ impl<'t> BlockWriter<'t> {
             return Ok(());
         }
         self.flush()?;
-        // At or below what is stored: into the block that covers it.
+        // At or below what is stored: into the block that covers it (a
+        // block grown past twice the bounds is split in two, so puts out of
+        // order never make one block take them all).
         let found = block_of(&self.table, seq)?.map(|(k, v)| (k, v.value().to_vec()));
         let (key, old) = found.unwrap_or((seq, Vec::new()));
-        let added = find(key, &old, seq)?.is_none();
-        let mut block = Vec::with_capacity(old.len() + ENTRY_HEAD + rec.len());
-        let mut placed = false;
+        let mut merged: Vec<(u64, &[u8])> = Vec::new();
+        let mut added = true;
         for e in entries(key, &old) {
             let (s, r) = e?;
-            if !placed && s >= seq {
-                push_entry(&mut block, seq, rec);
-                placed = true;
-                if s == seq {
-                    continue;
-                }
+            if s == seq {
+                added = false;
+            } else {
+                merged.push((s, r));
             }
-            push_entry(&mut block, s, r);
         }
-        if !placed {
-            push_entry(&mut block, seq, rec);
-        }
+        let at = merged.partition_point(|(s, _)| *s < seq);
+        merged.insert(at, (seq, rec));
         self.count += u64::from(added);
-        self.table.insert(key, block.as_slice())?;
+        let bytes: usize = merged.iter().map(|(_, r)| ENTRY_HEAD + r.len()).sum();
+        let halves =
+            if merged.len() > 2 * BLOCK_MSGS || (merged.len() > 1 && bytes > 2 * BLOCK_BYTES) {
+                let (a, b) = merged.split_at(merged.len() / 2);
+                vec![(key, a), (b[0].0, b)]
+            } else {
+                vec![(key, &merged[..])]
+            };
+        for (k, part) in halves {
+            let mut block = Vec::with_capacity(bytes);
+            for (s, r) in part {
+                push_entry(&mut block, *s, r);
+            }
+            self.table.insert(k, block.as_slice())?;
+        }
         Ok(())
     }
 
@@ -264,6 +275,7 @@ impl<'t> BlockWriter<'t> {
         sorted.dedup();
         let mut i = 0;
         while i < sorted.len() {
+            let first = i;
             let Some((key, old)) =
                 block_of(&self.table, sorted[i])?.map(|(k, v)| (k, v.value().to_vec()))
             else {
@@ -289,6 +301,11 @@ impl<'t> BlockWriter<'t> {
             // Past this block's last entry: the next sequences are in a
             // later block, if anywhere.
             while i < sorted.len() && sorted[i] <= last {
+                i += 1;
+            }
+            if i == first {
+                // Past this block's last entry, below the next block: not
+                // stored.
                 i += 1;
             }
             if removed > 0 {
