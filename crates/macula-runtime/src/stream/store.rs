@@ -1,7 +1,8 @@
 //! One stream's store: a redb file (`<data dir>/streams/<name>.redb`) with
-//! the messages (`msgs`: sequence -> record, see `record.rs`), the stream's
-//! configuration and last sequence (`meta`), and its durable consumers
-//! (`consumers`: name -> configuration and position).
+//! the messages (`blocks`: runs of up to [`BLOCK_MSGS`] records under their
+//! first sequence, see `store/blocks.rs` and `record.rs`), the stream's
+//! configuration, last sequence and message count (`meta`), and its
+//! durable consumers (`consumers`: name -> configuration and position).
 //!
 //! **Group commit through a journal.** A durable write is staged in the
 //! stream's journal (`journal.rs`) as it is queued, by the submitter,
@@ -96,17 +97,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 use tokio::sync::{oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::record::{self, CorruptRecord, StoredMsg};
 pub use super::write::Write;
 
+mod blocks;
 mod gate;
 mod queue;
 mod staging;
 
+use blocks::{BadBlock, BlockWriter, BLOCKS};
+pub use blocks::{BLOCK_BYTES, BLOCK_MSGS, META_COUNT};
 use gate::Gate;
 pub use gate::READ_WAIT;
 use queue::Room;
@@ -115,7 +119,6 @@ pub use queue::{
 };
 use staging::{flush_side, Side, Waiter, FLUSH_BYTES, FLUSH_LATE};
 
-const MSGS: TableDefinition<u64, &[u8]> = TableDefinition::new("msgs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONSUMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumers");
 
@@ -383,6 +386,7 @@ impl StreamStore {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
+        migrate(&db, path)?;
         let start = read_start(&db, path)?;
         let epoch = start.epoch;
         let (mut journal, groups) =
@@ -809,17 +813,47 @@ impl StreamStore {
         self.settled_upto(seq)?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
-        let t = match txn.open_table(MSGS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(x) => return Err(e(x.to_string())),
-        };
-        let Some(v) = t.get(seq).map_err(|x| e(x.to_string()))? else {
+        let Some(t) = self.blocks(&txn)? else {
             return Ok(None);
         };
-        record::decode(v.value())
+        self.lookup(&t, seq)
+    }
+
+    /// Message `seq` in table `t`.
+    fn lookup(
+        &self,
+        t: &redb::ReadOnlyTable<u64, &'static [u8]>,
+        seq: u64,
+    ) -> Result<Option<StoredMsg>, StoreError> {
+        let e = io(&self.path);
+        let Some((key, v)) = blocks::block_of(t, seq).map_err(|x| e(x.to_string()))? else {
+            return Ok(None);
+        };
+        let Some(rec) = blocks::find(key, v.value(), seq).map_err(|b| self.bad(&b))? else {
+            return Ok(None);
+        };
+        record::decode(rec)
             .map(Some)
             .map_err(|c| self.corrupt(seq, &c))
+    }
+
+    /// The blocks table (`None`: the file holds no message yet).
+    fn blocks(
+        &self,
+        txn: &redb::ReadTransaction,
+    ) -> Result<Option<redb::ReadOnlyTable<u64, &'static [u8]>>, StoreError> {
+        match txn.open_table(BLOCKS) {
+            Ok(t) => Ok(Some(t)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(x) => Err(io(&self.path)(x.to_string())),
+        }
+    }
+
+    fn bad(&self, b: &BadBlock) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what: b.to_string(),
+        }
     }
 
     /// Reads several messages in one read transaction (one range scan when
@@ -832,33 +866,36 @@ impl StreamStore {
         self.settled_upto(hi)?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
-        let t = match txn.open_table(MSGS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(x) => return Err(e(x.to_string())),
+        let Some(t) = self.blocks(&txn)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::with_capacity(seqs.len());
         let ascending = seqs.windows(2).all(|w| w[0] < w[1]);
-        // A dense ascending batch is one range scan; anything else is one
-        // lookup per sequence.
+        // A dense ascending batch is one range scan over the blocks;
+        // anything else is one lookup per sequence.
         if ascending && hi - lo < 4 * seqs.len() as u64 {
             let mut want = seqs.iter().copied().peekable();
-            for item in t.range(lo..=hi).map_err(|x| e(x.to_string()))? {
+            let start = blocks::start_key(&t, lo).map_err(|x| e(x.to_string()))?;
+            'blocks: for item in t.range(start..=hi).map_err(|x| e(x.to_string()))? {
                 let (k, v) = item.map_err(|x| e(x.to_string()))?;
-                let seq = k.value();
-                while want.peek().is_some_and(|&w| w < seq) {
-                    want.next();
-                }
-                if want.peek() == Some(&seq) {
-                    want.next();
-                    let m = record::decode(v.value()).map_err(|c| self.corrupt(seq, &c))?;
-                    out.push((seq, m));
+                for entry in blocks::entries(k.value(), v.value()) {
+                    let (seq, rec) = entry.map_err(|b| self.bad(&b))?;
+                    if seq > hi {
+                        break 'blocks;
+                    }
+                    while want.peek().is_some_and(|&w| w < seq) {
+                        want.next();
+                    }
+                    if want.peek() == Some(&seq) {
+                        want.next();
+                        let m = record::decode(rec).map_err(|c| self.corrupt(seq, &c))?;
+                        out.push((seq, m));
+                    }
                 }
             }
         } else {
             for &seq in seqs {
-                if let Some(v) = t.get(seq).map_err(|x| e(x.to_string()))? {
-                    let m = record::decode(v.value()).map_err(|c| self.corrupt(seq, &c))?;
+                if let Some(m) = self.lookup(&t, seq)? {
                     out.push((seq, m));
                 }
             }
@@ -928,20 +965,19 @@ impl StreamStore {
         self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
-        let t = match txn.open_table(MSGS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(x) => return Err(e(x.to_string())),
+        let Some(t) = self.blocks(&txn)? else {
+            return Ok(0);
         };
         let mut n = 0;
         for item in t.iter().map_err(|x| e(x.to_string()))? {
             let (k, v) = item.map_err(|x| e(x.to_string()))?;
-            let seq = k.value();
-            let bytes = v.value();
-            let head = record::decode_head(bytes).map_err(|c| self.corrupt(seq, &c))?;
-            let size = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-            f(seq, size, head);
-            n += 1;
+            for entry in blocks::entries(k.value(), v.value()) {
+                let (seq, bytes) = entry.map_err(|b| self.bad(&b))?;
+                let head = record::decode_head(bytes).map_err(|c| self.corrupt(seq, &c))?;
+                let size = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                f(seq, size, head);
+                n += 1;
+            }
         }
         Ok(n)
     }
@@ -964,34 +1000,33 @@ impl StreamStore {
         self.settled()?;
         let e = io(&self.path);
         let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
-        let t = match txn.open_table(MSGS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(x) => return Err(e(x.to_string())),
+        let Some(t) = self.blocks(&txn)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for item in t.range(from..).map_err(|x| e(x.to_string()))? {
+        let start = blocks::start_key(&t, from).map_err(|x| e(x.to_string()))?;
+        'blocks: for item in t.range(start..).map_err(|x| e(x.to_string()))? {
             let (k, v) = item.map_err(|x| e(x.to_string()))?;
-            if out.len() >= max || (!out.is_empty() && bytes + v.value().len() > max_bytes) {
-                break;
+            for entry in blocks::entries(k.value(), v.value()) {
+                let (seq, rec) = entry.map_err(|b| self.bad(&b))?;
+                if seq < from {
+                    continue;
+                }
+                if out.len() >= max || (!out.is_empty() && bytes + rec.len() > max_bytes) {
+                    break 'blocks;
+                }
+                bytes += rec.len();
+                out.push((seq, rec.to_vec()));
             }
-            bytes += v.value().len();
-            out.push((k.value(), v.value().to_vec()));
         }
         Ok(out)
     }
 
-    /// Stored messages (as redb counts them).
+    /// Stored messages (`meta.count`, kept with every commit).
     pub fn stored_messages(&self) -> Result<u64, StoreError> {
         self.settled()?;
-        let e = io(&self.path);
-        let txn = self.db.begin_read().map_err(|x| e(x.to_string()))?;
-        match txn.open_table(MSGS) {
-            Ok(t) => t.len().map_err(|x| e(x.to_string())),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(x) => Err(e(x.to_string())),
-        }
+        read_u64(&self.db, &self.path, META_COUNT)
     }
 
     /// Every consumer record: name -> bytes.
@@ -1096,6 +1131,33 @@ fn read_start(db: &Database, path: &Path) -> Result<journal::Start, StoreError> 
         Err(x) => return Err(e(x.to_string())),
     };
     Ok(journal::Start { epoch, at, link })
+}
+
+/// Moves an earlier version's records (table `msgs`) into blocks, in one
+/// synced commit; nothing is written when there are none.
+fn migrate(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let e = io(path);
+    let count = read_u64(db, path, META_COUNT)?;
+    let txn = db.begin_write().map_err(|x| e(x.to_string()))?;
+    let moved = blocks::migrate(&txn, count).map_err(|x| match x {
+        blocks::BlockError::Bad(b) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: b.to_string(),
+        },
+        blocks::BlockError::Redb(m) => e(m),
+    })?;
+    match moved {
+        None => txn.abort().map_err(|x| e(x.to_string())),
+        Some(n) => {
+            {
+                let mut meta = txn.open_table(META).map_err(|x| e(x.to_string()))?;
+                meta.insert(META_COUNT, n.to_le_bytes().as_slice())
+                    .map_err(|x| e(x.to_string()))?;
+            }
+            tracing::info!(path = %path.display(), messages = n, "stream store: records moved into blocks");
+            txn.commit().map_err(|x| e(x.to_string()))
+        }
+    }
 }
 
 fn read_applied(db: &Database, path: &Path) -> Result<u64, StoreError> {
@@ -1594,8 +1656,14 @@ fn commit<'a>(
         Durability::None
     });
     {
-        let mut msgs = txn.open_table(MSGS).map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        let count = match meta.get(META_COUNT).map_err(|e| e.to_string())? {
+            None => 0,
+            Some(v) => u64::from_le_bytes(
+                <[u8; 8]>::try_from(v.value()).map_err(|_| "meta count is not 8 bytes")?,
+            ),
+        };
+        let mut msgs = BlockWriter::new(txn.open_table(BLOCKS).map_err(|e| e.to_string())?, count);
         let mut consumers = txn.open_table(CONSUMERS).map_err(|e| e.to_string())?;
         // Each publish sets the last sequence: only a group's final one is
         // written (the others would be overwritten in this transaction).
@@ -1606,14 +1674,8 @@ fn commit<'a>(
                 continue;
             }
             match w {
-                Write::Put(seq, r) => {
-                    msgs.insert(*seq, r.as_slice()).map_err(|e| e.to_string())?;
-                }
-                Write::Delete(seqs) => {
-                    for s in seqs {
-                        msgs.remove(*s).map_err(|e| e.to_string())?;
-                    }
-                }
+                Write::Put(seq, r) => msgs.put(*seq, r).map_err(|e| e.to_string())?,
+                Write::Delete(seqs) => msgs.delete(seqs).map_err(|e| e.to_string())?,
                 Write::Last(seq, ts) => {
                     let mut b = [0u8; 16];
                     b[..8].copy_from_slice(&seq.to_le_bytes());
@@ -1645,11 +1707,14 @@ fn commit<'a>(
                         .map_err(|e| e.to_string())?;
                 }
                 Write::Clear => {
-                    msgs.retain(|_, _| false).map_err(|e| e.to_string())?;
+                    msgs.clear().map_err(|e| e.to_string())?;
                     consumers.retain(|_, _| false).map_err(|e| e.to_string())?;
                 }
             }
         }
+        let count = msgs.finish().map_err(|e| e.to_string())?;
+        meta.insert(META_COUNT, count.to_le_bytes().as_slice())
+            .map_err(|e| e.to_string())?;
         if let Some(start) = checkpoint {
             meta.insert(META_JOURNAL, start.epoch.to_le_bytes().as_slice())
                 .map_err(|e| e.to_string())?;
@@ -2030,30 +2095,38 @@ mod tests {
         let s = Arc::new(open_store(dir.path()));
         s.set_sync_interval(Some(Duration::from_secs(3600)));
         // A checkpoint at nearly every group, while four threads append
-        // (each acknowledged when written, before the writer sees it).
+        // (each acknowledged when written, before the writer sees it). They
+        // go on until the writer has checkpointed a few times amid them (a
+        // starved writer, or a slow sync on a busy disk, may take a burst
+        // as one group): bounded at 10 s, which only a writer that never
+        // checkpoints reaches.
         s.set_checkpoint_every(Duration::from_millis(1));
+        let syncs = s.stats().syncs.load(Ordering::Relaxed);
+        let amid = move |s: &StreamStore| s.stats().syncs.load(Ordering::Relaxed) >= syncs + 3;
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
                 let s = s.clone();
                 std::thread::spawn(move || {
-                    for i in 0..150u64 {
-                        s.write_now(vec![put(1 + t * 1000 + i)]).unwrap();
+                    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+                    let mut i = 0u64;
+                    while (i < 150 || !amid(&s)) && std::time::Instant::now() < give_up {
+                        s.write_now(vec![put(1 + t * 1_000_000 + i)]).unwrap();
+                        i += 1;
                         // Spread over a few checkpoint intervals.
                         if i % 10 == 0 {
                             std::thread::sleep(Duration::from_millis(2));
                         }
                     }
+                    i
                 })
             })
             .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert!(s.stats().syncs.load(Ordering::Relaxed) > 1);
+        let written: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(amid(&s), "no checkpoints amid {written} appends");
         let crashed = tempfile::tempdir().unwrap();
         let back = StreamStore::open(&crash_image(&s, crashed.path()), 1 << 20).unwrap();
-        assert_eq!(back.stored_messages().unwrap(), 600);
-        assert_eq!(s.stored_messages().unwrap(), 600);
+        assert_eq!(back.stored_messages().unwrap(), written);
+        assert_eq!(s.stored_messages().unwrap(), written);
     }
 
     fn submit_rx(s: &StreamStore, seq: u64) -> oneshot::Receiver<Result<(), String>> {
@@ -2510,5 +2583,299 @@ mod tests {
         let back = StreamStore::open(&copy, 1 << 20).unwrap();
         assert_eq!(back.stored_messages().unwrap(), 25);
         assert_eq!(back.last().unwrap(), (25, 25));
+    }
+
+    /// A record for `seq` of `size` payload bytes, the payload telling
+    /// which put wrote it (`tag`).
+    fn sized(seq: u64, size: usize, tag: u8) -> Vec<u8> {
+        let mut payload = vec![tag; size];
+        for (i, b) in seq.to_le_bytes().iter().enumerate().take(size) {
+            payload[i] = *b;
+        }
+        record::encode(seq, None, "s.x", None, &[], &payload).unwrap()
+    }
+
+    #[derive(Debug, Clone)]
+    enum BlockOp {
+        /// `n` new sequences after the highest ever put, `size` bytes each,
+        /// in one group.
+        Append(u64, usize),
+        /// Sequence `at` (an offset into 1..=highest) put again, or below
+        /// the lowest stored.
+        PutAgain(u64, usize),
+        /// These offsets into 1..=highest removed, in one group.
+        Delete(Vec<u64>),
+        Clear,
+        /// Closed and opened again.
+        Reopen,
+    }
+
+    fn block_op() -> impl proptest::strategy::Strategy<Value = BlockOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            5 => (1u64..150, prop_oneof![0usize..64, 900usize..1100])
+                .prop_map(|(n, size)| BlockOp::Append(n, size)),
+            1 => (1u64..8, 20_000usize..40_000).prop_map(|(n, size)| BlockOp::Append(n, size)),
+            2 => (any::<u64>(), 0usize..2000).prop_map(|(at, size)| BlockOp::PutAgain(at, size)),
+            3 => proptest::collection::vec(any::<u64>(), 0..40).prop_map(BlockOp::Delete),
+            1 => Just(BlockOp::Clear),
+            1 => Just(BlockOp::Reopen),
+        ]
+    }
+
+    /// Every read of the store answers what a map of sequence -> record
+    /// holds, through appends that fill blocks by count and by bytes, puts
+    /// again at or below the highest sequence, removals and clears, and
+    /// across reopens (the count is kept).
+    fn check_against(s: &StreamStore, model: &std::collections::BTreeMap<u64, Vec<u8>>) {
+        assert_eq!(s.stored_messages().unwrap(), model.len() as u64);
+        let mut scanned = Vec::new();
+        let n = s
+            .scan(|seq, size, _| scanned.push((seq, size as usize)))
+            .unwrap();
+        assert_eq!(n, model.len() as u64);
+        let want: Vec<(u64, usize)> = model.iter().map(|(k, v)| (*k, v.len())).collect();
+        assert_eq!(scanned, want);
+        let top = model.keys().next_back().copied().unwrap_or(0) + 2;
+        for seq in (0..=top).step_by(usize::try_from(top / 37 + 1).unwrap()) {
+            let got = s.get(seq).unwrap().map(|m| m.payload.to_vec());
+            let want = model
+                .get(&seq)
+                .map(|r| record::decode(r).unwrap().payload.to_vec());
+            assert_eq!(got, want, "get({seq})");
+        }
+        // Dense ascending (one scan over the blocks) and sparse batches.
+        for (lo, step) in [(1, 1), (top / 3, 1), (1, 7)] {
+            let seqs: Vec<u64> = (lo..lo + 60).map(|i| lo + (i - lo) * step).collect();
+            let got: Vec<(u64, Vec<u8>)> = s
+                .get_batch(&seqs)
+                .unwrap()
+                .into_iter()
+                .map(|(k, m)| (k, m.payload.to_vec()))
+                .collect();
+            let want: Vec<(u64, Vec<u8>)> = seqs
+                .iter()
+                .filter_map(|k| {
+                    model
+                        .get(k)
+                        .map(|r| (*k, record::decode(r).unwrap().payload.to_vec()))
+                })
+                .collect();
+            assert_eq!(got, want, "get_batch from {lo} step {step}");
+        }
+        for (from, max, max_bytes) in [(0, 10, usize::MAX), (top / 2, 1000, 5000), (top, 5, 1)] {
+            let got = s.raw_range(from, max, max_bytes).unwrap();
+            let mut want = Vec::new();
+            let mut bytes = 0;
+            for (k, v) in model.range(from..) {
+                if want.len() >= max || (!want.is_empty() && bytes + v.len() > max_bytes) {
+                    break;
+                }
+                bytes += v.len();
+                want.push((*k, v.clone()));
+            }
+            assert_eq!(got, want, "raw_range({from}, {max}, {max_bytes})");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
+        #[test]
+        fn blocks_answer_what_a_map_of_records_holds(
+            ops in proptest::collection::vec(block_op(), 1..10)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.redb");
+            let mut s = open_store(dir.path());
+            s.set_sync_interval(Some(Duration::from_secs(3600)));
+            let mut model = std::collections::BTreeMap::new();
+            let mut highest = 0u64;
+            for (i, op) in ops.into_iter().enumerate() {
+                let tag = i as u8;
+                match op {
+                    BlockOp::Append(n, size) => {
+                        let mut writes = Vec::new();
+                        for seq in highest + 1..=highest + n {
+                            let r = sized(seq, size, tag);
+                            model.insert(seq, r.clone());
+                            writes.push(Write::Put(seq, r));
+                        }
+                        highest += n;
+                        s.write_now(writes).unwrap();
+                    }
+                    BlockOp::PutAgain(at, size) => {
+                        let seq = match highest {
+                            0 => 1 + at % 5,
+                            h => 1 + at % h,
+                        };
+                        highest = highest.max(seq);
+                        let r = sized(seq, size, tag);
+                        model.insert(seq, r.clone());
+                        s.write_now(vec![Write::Put(seq, r)]).unwrap();
+                    }
+                    BlockOp::Delete(at) => {
+                        let seqs: Vec<u64> =
+                            at.iter().map(|a| 1 + a % highest.max(1)).collect();
+                        for q in &seqs {
+                            model.remove(q);
+                        }
+                        s.write_now(vec![Write::Delete(seqs)]).unwrap();
+                    }
+                    BlockOp::Clear => {
+                        model.clear();
+                        s.write_now(vec![Write::Clear]).unwrap();
+                    }
+                    BlockOp::Reopen => {
+                        drop(s);
+                        s = StreamStore::open(&path, 1 << 20).unwrap();
+                        s.set_sync_interval(Some(Duration::from_secs(3600)));
+                    }
+                }
+                check_against(&s, &model);
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_of_puts_is_stored_in_blocks_bounded_by_count_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        // 200 small records: blocks of BLOCK_MSGS.
+        s.write_now((1..=200).map(|q| Write::Put(q, sized(q, 10, 1))).collect())
+            .unwrap();
+        // 40 records of 20 KiB: three to a block of BLOCK_BYTES.
+        s.write_now(
+            (201..=240)
+                .map(|q| Write::Put(q, sized(q, 20 << 10, 2)))
+                .collect(),
+        )
+        .unwrap();
+        // Read past the store: its commits first.
+        s.sync().unwrap();
+        let txn = s.db.begin_read().unwrap();
+        let t = txn.open_table(BLOCKS).unwrap();
+        let sizes: Vec<(u64, usize)> = t
+            .iter()
+            .unwrap()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                (k.value(), blocks::entries(k.value(), v.value()).count())
+            })
+            .collect();
+        let small = 200usize.div_ceil(BLOCK_MSGS);
+        assert_eq!(sizes.len(), small + 40usize.div_ceil(3), "{sizes:?}");
+        assert_eq!(sizes[0], (1, BLOCK_MSGS));
+        assert_eq!(sizes[small], (201, 3));
+        assert!(sizes.iter().all(|(_, n)| *n <= BLOCK_MSGS));
+        assert_eq!(s.stored_messages().unwrap(), 240);
+    }
+
+    #[test]
+    fn puts_below_the_highest_sequence_keep_blocks_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path());
+        s.write_now(vec![Write::Put(1_000_000, sized(1_000_000, 10, 1))])
+            .unwrap();
+        // Every one below what is stored: each goes into the block that
+        // covers it, which splits past twice the bound.
+        s.write_now((1..=1000).map(|q| Write::Put(q, sized(q, 10, 2))).collect())
+            .unwrap();
+        s.sync().unwrap();
+        let txn = s.db.begin_read().unwrap();
+        let t = txn.open_table(BLOCKS).unwrap();
+        let sizes: Vec<usize> = t
+            .iter()
+            .unwrap()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                blocks::entries(k.value(), v.value()).count()
+            })
+            .collect();
+        assert!(sizes.iter().all(|n| *n <= 2 * BLOCK_MSGS), "{sizes:?}");
+        assert!(sizes.len() > 1000 / (2 * BLOCK_MSGS), "{sizes:?}");
+        let model: std::collections::BTreeMap<u64, Vec<u8>> = (1..=1000)
+            .map(|q| (q, sized(q, 10, 2)))
+            .chain([(1_000_000, sized(1_000_000, 10, 1))])
+            .collect();
+        drop((t, txn));
+        check_against(&s, &model);
+    }
+
+    #[test]
+    fn an_earlier_versions_records_are_moved_into_blocks_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(open_store(dir.path()));
+        {
+            // What an earlier version wrote: one record per key in `msgs`,
+            // no count.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut msgs = txn.open_table(blocks::MSGS).unwrap();
+                for q in (1..=300).filter(|q| q % 7 != 0) {
+                    msgs.insert(q, sized(q, 100, 9).as_slice()).unwrap();
+                }
+                let mut meta = txn.open_table(META).unwrap();
+                meta.remove(META_COUNT).unwrap();
+                let mut last = [0u8; 16];
+                last[..8].copy_from_slice(&300u64.to_le_bytes());
+                meta.insert(META_LAST, last.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = StreamStore::open(&path, 1 << 20).unwrap();
+        let model: std::collections::BTreeMap<u64, Vec<u8>> = (1..=300)
+            .filter(|q| q % 7 != 0)
+            .map(|q| (q, sized(q, 100, 9)))
+            .collect();
+        check_against(&s, &model);
+        // Moved, not copied: the old table is gone, and a second open
+        // writes nothing.
+        let txn = s.db.begin_read().unwrap();
+        assert!(matches!(
+            txn.open_table(blocks::MSGS),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
+        drop(txn);
+        s.write_now(vec![Write::Put(301, sized(301, 5, 1))])
+            .unwrap();
+        drop(s);
+        let s = StreamStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(s.stored_messages().unwrap(), model.len() as u64 + 1);
+    }
+
+    #[test]
+    fn a_block_that_does_not_decode_is_reported_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let s = open_store(dir.path());
+        s.write_now((1..=10).map(|q| Write::Put(q, sized(q, 10, 1))).collect())
+            .unwrap();
+        drop(s);
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(BLOCKS).unwrap();
+                let cut = t.get(1).unwrap().unwrap().value()[..30].to_vec();
+                t.insert(1, cut.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = StreamStore::open(&path, 1 << 20).unwrap();
+        let e = s.get(5).unwrap_err().to_string();
+        assert!(e.contains("block 1") && e.contains("cut short"), "{e}");
+        assert!(s.scan(|_, _, _| {}).is_err());
+        // Out of order is refused too.
+        let mut b = Vec::new();
+        for q in [3u64, 2] {
+            b.extend_from_slice(&q.to_le_bytes());
+            b.extend_from_slice(&0u32.to_le_bytes());
+        }
+        let got: Vec<_> = blocks::entries(2, &b).collect();
+        assert!(got[1].is_err(), "{got:?}");
+        let below: Vec<_> = blocks::entries(5, &b).collect();
+        assert!(below[0].is_err(), "a sequence below its block's key");
     }
 }
