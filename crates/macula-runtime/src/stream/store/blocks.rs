@@ -100,12 +100,15 @@ fn push_entry(buf: &mut Vec<u8>, seq: u64, rec: &[u8]) {
     buf.extend_from_slice(rec);
 }
 
+/// A block as read from its table.
+pub(super) type Block<'t> = redb::AccessGuard<'t, &'static [u8]>;
+
 /// The block that would hold `seq` (the greatest key at or below it),
 /// with that key.
 pub(super) fn block_of<'t, T: ReadableTable<u64, &'static [u8]>>(
     t: &'t T,
     seq: u64,
-) -> Result<Option<(u64, redb::AccessGuard<'t, &'static [u8]>)>, redb::StorageError> {
+) -> Result<Option<(u64, Block<'t>)>, redb::StorageError> {
     match t.range(..=seq)?.next_back() {
         Some(item) => {
             let (k, v) = item?;
