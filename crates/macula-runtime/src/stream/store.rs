@@ -2113,7 +2113,7 @@ mod tests {
                         s.write_now(vec![put(1 + t * 1_000_000 + i)]).unwrap();
                         i += 1;
                         // Spread over a few checkpoint intervals.
-                        if i % 10 == 0 {
+                        if i.is_multiple_of(10) {
                             std::thread::sleep(Duration::from_millis(2));
                         }
                     }
