@@ -45,8 +45,8 @@ use openraft::{EntryPayload, LeaderId};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::durable::Durable;
 use crate::kv::{OpaqueBytes, Request};
-use crate::store::Durable;
 use crate::{LogId, MemberId};
 
 /// The next tag (0 is none).
@@ -163,7 +163,10 @@ impl Commits {
 
     /// The log store was given these entries: tagged payloads' waiters
     /// move to their log ids.
-    pub(crate) fn appended<'a>(&self, entries: impl IntoIterator<Item = &'a crate::store::Entry>) {
+    pub(crate) fn appended<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a openraft::Entry<crate::TypeConfig>>,
+    ) {
         let mut inner = self.inner.lock();
         if inner.proposed.is_empty() {
             return;

@@ -78,6 +78,7 @@ pub use openraft;
 
 pub mod applier;
 pub mod commit;
+mod durable;
 mod error;
 pub mod kv;
 pub mod linearizability;
