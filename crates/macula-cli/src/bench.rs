@@ -88,7 +88,8 @@ pub enum BenchCommand {
     Mqtt(crate::bench_mqtt::MqttArgs),
     /// Durable streams against NATS JetStream (`nats-server -js`, file
     /// storage) in one run: acknowledged publish throughput and latency,
-    /// replay throughput and restart time with --replay messages stored.
+    /// replay throughput and restart time with --replay messages stored,
+    /// and a work queue of --msgs messages emptied with one ack each.
     Stream(crate::bench_stream::StreamArgs),
     /// Pub/sub and RPC with tracing off, on at 1% and at 100% sampling
     /// (in-process nodes on 127.0.0.1, spans exported to a local OTLP sink):

@@ -2,8 +2,9 @@
 //! `nats-server -js`, file storage) on the same machine, in one run:
 //! acknowledged publish throughput (async: `--window` publishes in flight)
 //! at 64 B and 1 KiB, acknowledged publish latency with one in flight,
-//! replay throughput of `--replay` stored messages, and restart time with
-//! them stored. With `--replicas 3` both run three servers: three Macula
+//! replay throughput of `--replay` stored messages, restart time with
+//! them stored, and a work queue emptied by one consumer acknowledging each
+//! of `--msgs` stored messages (64 B) on its own. With `--replicas 3` both run three servers: three Macula
 //! nodes in this process with a replicated stream (one Raft group; the
 //! bench publishes and reads on the leader), and a three-server
 //! `nats-server -js` cluster with `num_replicas: 3` (the client connected to
@@ -25,7 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures::StreamExt;
-use macula::stream::{AckPolicy, ConsumerConfig, PersistOptions, StreamConfig, StreamHandle};
+use macula::stream::{
+    AckKind, AckPolicy, ConsumerConfig, PersistOptions, Retention, StreamConfig, StreamHandle,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -105,10 +108,14 @@ struct Side {
     /// commit of the messages it reads).
     replay_first_batch_ms: f64,
     restart_ms: f64,
+    /// Messages of a work queue stream pulled and acknowledged one by one
+    /// per second, until the acknowledgements removed them all.
+    work_acked_per_s: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
 struct Report {
+    benchmark: &'static str,
     build: &'static str,
     replicas: u8,
     msgs: usize,
@@ -148,6 +155,7 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
         }
     }
     let report = Report {
+        benchmark: "stream",
         build: build_kind(),
         replicas: a.replicas,
         msgs: a.msgs,
@@ -164,8 +172,15 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
         report.build, report.replicas, report.msgs, report.window, report.replay
     );
     println!(
-        "{:<16} {:>14} {:>14} {:>10} {:>10} {:>14} {:>12}",
-        "target", "pub 64B/s", "pub 1KiB/s", "p50 us", "p99 us", "replay msg/s", "restart ms"
+        "{:<20} {:>12} {:>12} {:>8} {:>8} {:>13} {:>11} {:>11}",
+        "target",
+        "pub 64B/s",
+        "pub 1KiB/s",
+        "p50 us",
+        "p99 us",
+        "replay msg/s",
+        "restart ms",
+        "work ack/s"
     );
     for s in &report.sides {
         let (p50, p99) = s
@@ -173,14 +188,15 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
             .as_ref()
             .map_or((0.0, 0.0), |l| (l.p50_us, l.p99_us));
         println!(
-            "{:<16} {:>14.0} {:>14.0} {:>10.0} {:>10.0} {:>14.0} {:>12.1}",
+            "{:<20} {:>12.0} {:>12.0} {:>8.0} {:>8.0} {:>13.0} {:>11.1} {:>11.0}",
             s.target,
             s.publish_64_per_s,
             s.publish_1k_per_s,
             p50,
             p99,
             s.replay_per_s,
-            s.restart_ms
+            s.restart_ms,
+            s.work_acked_per_s
         );
     }
     for s in report.sides.iter().filter(|s| !s.phases.is_empty()) {
@@ -207,19 +223,29 @@ pub async fn run(a: StreamArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let Some(n) = report.sides.iter().find(|s| s.target == "jetstream") else {
+    let Some(n) = report
+        .sides
+        .iter()
+        .find(|s| s.target.starts_with("jetstream"))
+    else {
         return Ok(());
     };
-    for m in report.sides.iter().filter(|s| s.target != "jetstream") {
+    for m in report
+        .sides
+        .iter()
+        .filter(|s| !s.target.starts_with("jetstream"))
+    {
         println!(
-            "ratio {}/jetstream: pub 64B {:.2}, pub 1KiB {:.2}, p50 latency {:.2} (lower is better), replay {:.2}, restart {:.2} (lower is better)",
+            "ratio {}/{}: pub 64B {:.2}, pub 1KiB {:.2}, p50 latency {:.2} (lower is better), replay {:.2}, restart {:.2} (lower is better), work ack {:.2}",
             m.target,
+            n.target,
             m.publish_64_per_s / n.publish_64_per_s,
             m.publish_1k_per_s / n.publish_1k_per_s,
             m.publish_latency_64.as_ref().map_or(0.0, |l| l.p50_us)
                 / n.publish_latency_64.as_ref().map_or(1.0, |l| l.p50_us),
             m.replay_per_s / n.replay_per_s,
             m.restart_ms / n.restart_ms,
+            m.work_acked_per_s / n.work_acked_per_s,
         );
     }
     Ok(())
@@ -288,9 +314,15 @@ impl Cluster {
     /// Adds stream `name` (on the first node) and returns it as the node
     /// that serves it (the leader of a replicated one) sees it.
     async fn add(&self, name: &str) -> anyhow::Result<StreamHandle> {
+        self.add_with(name, Retention::Limits).await
+    }
+
+    /// [`Cluster::add`] with `retention`.
+    async fn add_with(&self, name: &str, retention: Retention) -> anyhow::Result<StreamHandle> {
         let cfg = StreamConfig {
             replicas: self.replicas,
             sync_interval: self.sync_interval,
+            retention,
             ..StreamConfig::new(name, &[&format!("{name}.**")])
         };
         self.nodes[0].streams().add(cfg).await?;
@@ -374,6 +406,19 @@ async fn macula_publish(
     window: usize,
 ) -> anyhow::Result<f64> {
     let s = cluster.add(stream).await?;
+    macula_fill(cluster, &s, stream, n, size, window).await
+}
+
+/// Publishes `n` messages of `size` bytes on stream `s` (named `stream`),
+/// `window` in flight; acknowledged publishes per second.
+async fn macula_fill(
+    cluster: &Cluster,
+    s: &StreamHandle,
+    stream: &str,
+    n: usize,
+    size: usize,
+    window: usize,
+) -> anyhow::Result<f64> {
     let payload = Bytes::from(vec![b'x'; size]);
     let topic = format!("{stream}.x");
     let retried = std::sync::atomic::AtomicU64::new(0);
@@ -381,7 +426,7 @@ async fn macula_publish(
     let mut acks = futures::stream::iter(0..n)
         .map(|i| {
             let id = run_msg_id(cluster, stream, i);
-            publish_acked(&s, &topic, payload.clone(), id, &retried)
+            publish_acked(s, &topic, payload.clone(), id, &retried)
         })
         .buffer_unordered(window);
     let mut done = 0usize;
@@ -408,6 +453,56 @@ async fn macula_publish(
     Ok(per_s)
 }
 
+/// Messages a work queue consumer pulls at a time (both sides; also its
+/// `max_ack_pending`, JetStream's default and ours).
+const WORK_PULL: usize = 1_000;
+
+/// A work queue stream holding `n` messages of 64 B, emptied by one
+/// consumer that pulls [`WORK_PULL`] at a time and acknowledges each on its
+/// own (`window` acknowledgements in flight): acknowledged messages per
+/// second, until the stream holds none.
+async fn macula_workqueue(cluster: &Cluster, n: usize, window: usize) -> anyhow::Result<f64> {
+    let s = cluster.add_with("work", Retention::Workqueue).await?;
+    macula_fill(cluster, &s, "work", n, 64, window).await?;
+    let c = s
+        .add_consumer(ConsumerConfig {
+            ack: AckPolicy::Explicit,
+            max_ack_pending: WORK_PULL as u32,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut acked = 0usize;
+    while acked < n {
+        let batch = s
+            .next(&c, WORK_PULL.min(n - acked), None, Duration::from_secs(5))
+            .await?;
+        if batch.is_empty() {
+            bail!("macula work queue: no message after {acked} of {n}");
+        }
+        let (s, c) = (&s, &c);
+        let mut acks = futures::stream::iter(batch)
+            .map(|m| async move { s.ack(c, m.seq, AckKind::Ack).await })
+            .buffer_unordered(window);
+        while let Some(r) = acks.next().await {
+            r?;
+            acked += 1;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = s.info().await?.messages;
+        if left == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("macula work queue: {left} messages left 30 s after the last ack");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(acked as f64 / started.elapsed().as_secs_f64())
+}
+
 async fn macula_side(
     a: &StreamArgs,
     sync_interval: Option<macula::stream::Millis>,
@@ -424,6 +519,7 @@ async fn macula_side(
     };
     side.publish_64_per_s = macula_publish(&cluster, "t64", a.msgs, 64, a.window).await?;
     side.publish_1k_per_s = macula_publish(&cluster, "t1k", a.msgs, 1024, a.window).await?;
+    side.work_acked_per_s = macula_workqueue(&cluster, a.msgs, a.window).await?;
     let s = cluster.add("lat").await?;
     let mut ns = Vec::with_capacity(a.latency_count);
     let payload = Bytes::from(vec![b'x'; 64]);
@@ -522,6 +618,8 @@ async fn macula_side(
 /// A message received on the client's inbox.
 struct NatsMsg {
     subject: String,
+    /// The reply subject (a pulled JetStream message's ack subject).
+    reply: Option<String>,
     /// The status of a JetStream status message (`NATS/1.0 404`), if any.
     status: Option<u16>,
     payload: Vec<u8>,
@@ -561,10 +659,14 @@ impl Nats {
         Ok(n)
     }
 
+    /// `PUB`; no reply subject when `reply` is empty.
     async fn publish(&mut self, subject: &str, reply: &str, payload: &[u8]) -> anyhow::Result<()> {
-        self.w
-            .write_all(format!("PUB {subject} {reply} {}\r\n", payload.len()).as_bytes())
-            .await?;
+        let head = if reply.is_empty() {
+            format!("PUB {subject} {}\r\n", payload.len())
+        } else {
+            format!("PUB {subject} {reply} {}\r\n", payload.len())
+        };
+        self.w.write_all(head.as_bytes()).await?;
         self.w.write_all(payload).await?;
         self.w.write_all(b"\r\n").await?;
         Ok(())
@@ -641,8 +743,10 @@ async fn read_loop(
                 let mut buf = vec![0u8; len + 2];
                 r.read_exact(&mut buf).await?;
                 buf.truncate(len);
+                // MSG <subject> <sid> [reply-to] <#bytes>
                 let m = NatsMsg {
                     subject: parts.get(1).unwrap_or(&"").to_string(),
+                    reply: (parts.len() == 5).then(|| parts[3].to_string()),
                     status: None,
                     payload: buf,
                 };
@@ -662,8 +766,10 @@ async fn read_loop(
                     .and_then(|l| l.split_whitespace().nth(1))
                     .and_then(|c| c.parse().ok());
                 let payload = buf[hdr..total].to_vec();
+                // HMSG <subject> <sid> [reply-to] <#header bytes> <#bytes>
                 let m = NatsMsg {
                     subject: parts.get(1).unwrap_or(&"").to_string(),
+                    reply: (parts.len() == 6).then(|| parts[3].to_string()),
                     status,
                     payload,
                 };
@@ -811,9 +917,14 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn js_add_stream(c: &mut Nats, name: &str, replicas: u8) -> anyhow::Result<()> {
+async fn js_add_stream(
+    c: &mut Nats,
+    name: &str,
+    replicas: u8,
+    retention: &str,
+) -> anyhow::Result<()> {
     let cfg = format!(
-        r#"{{"name":"{name}","subjects":["{name}.>"],"storage":"file","num_replicas":{replicas},"retention":"limits","discard":"old"}}"#
+        r#"{{"name":"{name}","subjects":["{name}.>"],"storage":"file","num_replicas":{replicas},"retention":"{retention}","discard":"old"}}"#
     );
     // A cluster answers "temporarily unavailable" until its meta group
     // has a leader.
@@ -841,7 +952,19 @@ async fn js_publish(
     size: usize,
     window: usize,
 ) -> anyhow::Result<f64> {
-    js_add_stream(c, name, replicas).await?;
+    js_add_stream(c, name, replicas, "limits").await?;
+    js_fill(c, name, n, size, window).await
+}
+
+/// Publishes `n` messages of `size` bytes on stream `name`, `window` in
+/// flight; acknowledged publishes per second.
+async fn js_fill(
+    c: &mut Nats,
+    name: &str,
+    n: usize,
+    size: usize,
+    window: usize,
+) -> anyhow::Result<f64> {
     let payload = vec![b'x'; size];
     let subject = format!("{name}.x");
     let started = Instant::now();
@@ -864,6 +987,67 @@ async fn js_publish(
     Ok(acked as f64 / started.elapsed().as_secs_f64())
 }
 
+/// [`macula_workqueue`] on JetStream: a `workqueue` stream, a durable pull
+/// consumer with explicit acks, each message acknowledged on its own (an
+/// ack is a publish to its reply subject, not answered), until the stream
+/// info says it holds none.
+async fn js_workqueue(c: &mut Nats, r: u8, n: usize, window: usize) -> anyhow::Result<f64> {
+    js_add_stream(c, "work", r, "workqueue").await?;
+    js_fill(c, "work", n, 64, window).await?;
+    c.request(
+        "$JS.API.CONSUMER.DURABLE.CREATE.work.w",
+        format!(
+            r#"{{"stream_name":"work","config":{{"durable_name":"w","deliver_policy":"all","ack_policy":"explicit","max_ack_pending":{WORK_PULL},"max_waiting":512}}}}"#
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let started = Instant::now();
+    let mut acked = 0usize;
+    while acked < n {
+        let want = WORK_PULL.min(n - acked);
+        c.publish(
+            "$JS.API.CONSUMER.MSG.NEXT.work.w",
+            "_INBOX.b.work",
+            format!(r#"{{"batch":{want},"expires":5000000000}}"#).as_bytes(),
+        )
+        .await?;
+        c.w.flush().await?;
+        let mut got = 0;
+        while got < want {
+            let m = c.recv().await?;
+            match m.status {
+                None => {
+                    let reply = m
+                        .reply
+                        .context("a pulled JetStream message without its ack subject")?;
+                    c.publish(&reply, "", b"").await?;
+                    got += 1;
+                }
+                Some(s) => bail!(
+                    "JetStream work queue: status {s} after {} of {n}",
+                    acked + got
+                ),
+            }
+        }
+        c.w.flush().await?;
+        acked += got;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = c.request("$JS.API.STREAM.INFO.work", b"").await?;
+        let left = info["state"]["messages"].as_u64().unwrap_or(u64::MAX);
+        if left == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("JetStream work queue: {left} messages left 30 s after the last ack");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(acked as f64 / started.elapsed().as_secs_f64())
+}
+
 async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
     let r = a.replicas;
     let mut servers = NatsServers::start(&a.nats_server, r).await?;
@@ -880,7 +1064,8 @@ async fn nats_side(a: &StreamArgs) -> anyhow::Result<Side> {
     };
     side.publish_64_per_s = js_publish(&mut c, "t64", r, a.msgs, 64, a.window).await?;
     side.publish_1k_per_s = js_publish(&mut c, "t1k", r, a.msgs, 1024, a.window).await?;
-    js_add_stream(&mut c, "lat", r).await?;
+    side.work_acked_per_s = js_workqueue(&mut c, r, a.msgs, a.window).await?;
+    js_add_stream(&mut c, "lat", r, "limits").await?;
     let payload = vec![b'x'; 64];
     let mut ns = Vec::with_capacity(a.latency_count);
     for _ in 0..a.latency_count {

@@ -1,4 +1,4 @@
-//! `macula bench connections`, `bench rpc`, `bench crdt`, `bench authz`, `bench e2e` and `bench tracing` with small counts, as
+//! `macula bench connections`, `bench rpc`, `bench crdt`, `bench authz`, `bench e2e`, `bench tracing` and `bench stream` with small counts, as
 //! tests: each starts its own node process on 127.0.0.1, runs to the end and
 //! prints one JSON object whose figures are present and plausible. (The
 //! figures themselves are benchmarks, in BENCHMARKS.md, not asserted here.)
@@ -261,4 +261,42 @@ fn bench_tracing_runs_the_modes_given() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no mode \"2%\""), "{err}");
+}
+
+#[test]
+fn bench_stream_reports_publishes_replay_restart_and_an_emptied_work_queue() {
+    // Macula only (CI has no nats-server); the work queue run fails unless
+    // every acknowledgement removed its message.
+    let v = bench_json(&[
+        "stream",
+        "--no-nats",
+        "--sync",
+        "2m",
+        "--msgs",
+        "300",
+        "--replay",
+        "300",
+        "--latency-count",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(v["benchmark"], "stream", "{v}");
+    let s = &v["sides"][0];
+    assert_eq!(s["target"], "macula/120000ms", "{v}");
+    assert_eq!(s["replayed"], 300, "{v}");
+    for k in [
+        "publish_64_per_s",
+        "publish_1k_per_s",
+        "replay_per_s",
+        "restart_ms",
+        "work_acked_per_s",
+    ] {
+        assert!(s[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+    }
+    assert!(
+        s["publish_latency_64"]["p50_us"]
+            .as_f64()
+            .is_some_and(|p| p > 0.0),
+        "{v}"
+    );
 }
