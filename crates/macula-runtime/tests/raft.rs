@@ -152,14 +152,20 @@ async fn three_members_elect_replicate_and_read_through_any_member() {
         other => panic!("unexpected {other:?}"),
     }
 
-    // A watch from revision 1 sees the history, then live changes.
+    // A watch from revision 1 sees the history, then live changes. The
+    // history is what `other` has applied: wait until that includes the
+    // CAS, or its live events would start with it, not with `b`.
+    let Response::Cas { revision: cas, .. } = first else {
+        panic!("unexpected {first:?}")
+    };
+    eventually(STEP, "cas applied", || other.local_revision() >= cas).await;
     let (backlog, mut live) = other.watch(b"", 1).expect("watch");
     assert!(backlog.iter().any(|e| e.key() == b"a"), "{backlog:?}");
     follower.write(put("b", "x")).await.expect("put b");
     let (_, ev) = within(STEP, "watch event", live.recv())
         .await
         .expect("event");
-    assert_eq!(ev.key(), b"b");
+    assert_eq!(ev.key(), b"b", "{ev:?}");
 
     // Membership as every member sees it.
     let state = groups[l].leader_state();

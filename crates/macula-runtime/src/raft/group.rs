@@ -337,6 +337,18 @@ impl Answer {
     }
 }
 
+/// openraft's answer to a queued write, after the apply.
+async fn applied(rx: tokio::sync::oneshot::Receiver<Answer>) -> Result<Proposed, GroupError> {
+    let Ok(answer) = rx.await else {
+        return Err(stopped());
+    };
+    answer
+        .result()
+        .await
+        .map(Proposed::Applied)
+        .map_err(group_error)
+}
+
 /// Where a write proposed with [`Group::propose_committed`] went.
 enum Start {
     /// To openraft directly (`Group::hand_directly`).
@@ -734,16 +746,7 @@ impl Group {
                 (Some(mut ticket), Start::Direct((committed, permit))) => {
                     return g.own_answer(&mut ticket, committed, permit).await;
                 }
-                (None, Start::Queued(rx)) => {
-                    let Ok(answer) = rx.await else {
-                        return Err(stopped());
-                    };
-                    return answer
-                        .result()
-                        .await
-                        .map(Proposed::Applied)
-                        .map_err(group_error);
-                }
+                (None, Start::Queued(rx)) => return applied(rx).await,
                 (None, Start::Direct(_)) => return Err(stopped()),
             };
             // The proposer's answer (right after openraft took the entry),
@@ -761,16 +764,7 @@ impl Group {
                     return Ok(Proposed::Committed(id.index));
                 }
                 // Not seen: openraft answers.
-                Err(Err(_)) => {
-                    let Ok(answer) = rx.await else {
-                        return Err(stopped());
-                    };
-                    return answer
-                        .result()
-                        .await
-                        .map(Proposed::Applied)
-                        .map_err(group_error);
-                }
+                Err(Err(_)) => return applied(rx).await,
                 Ok(Err(_)) => return Err(stopped()),
                 Ok(Ok(answer)) => answer,
             };
