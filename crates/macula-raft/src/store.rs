@@ -2654,6 +2654,61 @@ mod tests {
         assert!(syncer.synced_upto() >= 4);
     }
 
+    /// A truncation during a sync made beside the writer: the entry it
+    /// replaced was synced, its replacement may not be, so the sync does
+    /// not count it and the writer syncs again before `sync_to` returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_beside_the_writer_does_not_count_an_entry_rewritten_during_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let (mut log, _sm) = open_with(
+            &dir.path().join("a.redb"),
+            Options {
+                log_sync_interval: Some(std::time::Duration::from_secs(3600)),
+                ..Options::default()
+            },
+        )
+        .expect("open");
+        let entry = |term: u64, index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, me), index),
+            payload: EntryPayload::Blank,
+        };
+        log.save_vote(&Vote::new_committed(1, me))
+            .await
+            .expect("vote");
+        log.blocking_append((1..=3).map(|i| entry(1, i)))
+            .await
+            .expect("append");
+        let reader = log.shared.writing.wal.lock().reader();
+        let held = reader.sync_gate.lock();
+        let waiting = reader
+            .syncs_waiting
+            .load(std::sync::atomic::Ordering::Acquire);
+        let syncer = log.syncer();
+        let before = log.syncs();
+        let syncing = std::thread::spawn(move || syncer.sync_to(3));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reader
+            .syncs_waiting
+            .load(std::sync::atomic::Ordering::Acquire)
+            == waiting
+        {
+            assert!(std::time::Instant::now() < deadline, "no sync started");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Entry 3 replaced while the sync is under way.
+        log.truncate(entry(1, 3).log_id).await.expect("truncate");
+        log.blocking_append([entry(2, 3)]).await.expect("append");
+        drop(held);
+        syncing.join().expect("join").expect("sync");
+        assert_eq!(
+            log.syncs(),
+            before + 2,
+            "the sync beside the writer, then the writer's for the new 3"
+        );
+        assert!(log.syncer().synced_upto() >= 3);
+    }
+
     /// A closed log's syncer answers from what the close synced: up to it,
     /// done; past it (a close whose sync failed), an error.
     #[test]
