@@ -2597,6 +2597,8 @@ mod tests {
     /// the log's writer, not on it: while its `fdatasync` is under way
     /// (held here), appends are still written and answered, and the sync,
     /// once done, counts only what was written before it.
+    // The held gate is the point: the sync waits on it on another thread.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_appliers_sync_does_not_hold_the_logs_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -2657,6 +2659,8 @@ mod tests {
     /// A truncation during a sync made beside the writer: the entry it
     /// replaced was synced, its replacement may not be, so the sync does
     /// not count it and the writer syncs again before `sync_to` returns.
+    // The held gate is the point: the sync waits on it on another thread.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sync_beside_the_writer_does_not_count_an_entry_rewritten_during_it() {
         let dir = tempfile::tempdir().expect("tempdir");
