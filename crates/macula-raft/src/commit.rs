@@ -211,16 +211,21 @@ impl Commits {
         let later = inner.appended.split_off(&(upto.index + 1));
         let due = std::mem::replace(&mut inner.appended, later);
         drop(inner);
-        let mut n = 0;
-        for (id, w) in due.into_values().flatten() {
-            if leading.as_ref() == Some(&id.leader_id) {
-                n += 1;
-                let _ = w.send(id);
-            }
+        let answered: Vec<(LogId, Waiter)> = due
+            .into_values()
+            .flatten()
+            .filter(|(id, _)| leading.as_ref() == Some(&id.leader_id))
+            .collect();
+        if answered.is_empty() {
+            return;
         }
-        if n > 0 {
-            self.answered.fetch_add(n, Ordering::Relaxed);
-            crate::probe::mark(crate::probe::Phase::CommitSeen);
+        self.answered
+            .fetch_add(answered.len() as u64, Ordering::Relaxed);
+        // Before the answers: once answered, the publisher may start its
+        // next publish, which this point would then be counted for.
+        crate::probe::mark(crate::probe::Phase::CommitSeen);
+        for (id, w) in answered {
+            let _ = w.send(id);
         }
     }
 

@@ -559,6 +559,11 @@ impl LogSyncer {
         if self.synced_upto() >= index {
             return Ok(());
         }
+        if let Some(shared) = self.shared.upgrade() {
+            if sync_beside(&shared.writing, index)? {
+                return Ok(());
+            }
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let Some(shared) = self.shared.upgrade() else {
@@ -578,6 +583,55 @@ impl LogSyncer {
             .map_err(|_| StoreError::Task("the raft log writer has stopped".into()))?
             .map_err(StoreError::Task)
     }
+}
+
+/// [`LogSyncer::sync_to`] without the writer thread: when every entry up
+/// to `index` is written, one `fdatasync` of the active segment on the
+/// calling thread, outside the log's lock, so that the writer (and the
+/// appends behind it: the leader's own copy, which its commit waits for,
+/// and a follower's answer) goes on meanwhile instead of waiting for the
+/// disk. Then, under the lock again, `synced_upto` rises to the last entry
+/// written before the sync, unless a rewrite (truncation) came between
+/// (then false: the writer syncs). A failed sync fails the log, as the
+/// writer's does.
+fn sync_beside(w: &Writing, index: u64) -> Result<bool, StoreError> {
+    let (point, last, rewrites, reader) = {
+        let wal = w.wal.lock();
+        if w.on_disk.borrow().failed.is_some() {
+            return Ok(false);
+        }
+        let last = last_index(&w.on_disk);
+        if last < index {
+            // Not all written yet: the writer syncs after writing them.
+            return Ok(false);
+        }
+        let rewrites = w.rewrites.load(Ordering::Acquire);
+        match wal.sync_point() {
+            Some(p) => (p, last, rewrites, wal.reader()),
+            None => {
+                // Written and synced (by the writer, or at a rotation).
+                w.synced_upto.fetch_max(last, Ordering::AcqRel);
+                return Ok(true);
+            }
+        }
+    };
+    if let Err(e) = point.sync(&reader) {
+        tracing::error!(error = %e, "raft log sync failed");
+        let e = e.to_string();
+        w.on_disk.send_modify(|d| {
+            d.failed.get_or_insert(e.clone());
+        });
+        return Err(StoreError::Task(e));
+    }
+    let mut wal = w.wal.lock();
+    if w.rewrites.load(Ordering::Acquire) != rewrites {
+        return Ok(false);
+    }
+    if wal.synced_at(&point) {
+        *w.dirty_since.lock() = None;
+    }
+    w.synced_upto.fetch_max(last, Ordering::AcqRel);
+    Ok(true)
 }
 
 impl LogSync for LogSyncer {
@@ -763,6 +817,16 @@ fn synced_before(batch: &[LogOp], mut synced: u64) -> u64 {
     synced
 }
 
+/// Whether `batch` replaces entries the log held up to `last` (a
+/// truncation, or an append at an index at or below it).
+fn rewrites_held(batch: &[LogOp], last: u64) -> bool {
+    batch.iter().any(|op| match op {
+        LogOp::Append { rows, .. } => rows.first().is_some_and(|r| r.0 <= last),
+        LogOp::Truncate { .. } => true,
+        _ => false,
+    })
+}
+
 /// Syncs what an interval left unsynced; a failure fails the log (what
 /// was acknowledged may not reach the disk).
 fn sync_late(
@@ -804,6 +868,11 @@ struct Writing {
     /// append wakes it when the interval has changed since.
     interval_seen: AtomicU64,
     synced_upto: Arc<AtomicU64>,
+    /// Raised (under `wal`'s lock) by every write that replaces entries
+    /// the log held (a truncation, an append at an index it held): a sync
+    /// made outside the writer ([`LogSyncer::sync_to`]) then covers the
+    /// entries it saw only if this did not move meanwhile.
+    rewrites: AtomicU64,
 }
 
 impl Writing {
@@ -883,6 +952,9 @@ fn log_writer(w: Arc<Writing>, rx: std::sync::mpsc::Receiver<LogOp>) {
                 synced_before(&batch, w.synced_upto.load(Ordering::Acquire)),
                 Ordering::Release,
             );
+            if rewrites_held(&batch, last_index(&w.on_disk)) {
+                w.rewrites.fetch_add(1, Ordering::AcqRel);
+            }
             let result = if records.is_empty() {
                 if sync {
                     wal.sync()
@@ -1014,6 +1086,7 @@ impl LogStore {
             interval_ms: sync_interval_ms.clone(),
             interval_seen: AtomicU64::new(0),
             synced_upto: synced_upto.clone(),
+            rewrites: AtomicU64::new(0),
         });
         let shared = Arc::new(LogShared {
             pending,
@@ -1204,6 +1277,9 @@ impl LogStore {
             let synced = w.synced_upto.load(Ordering::Acquire);
             w.synced_upto
                 .store(synced.min(first.0.saturating_sub(1)), Ordering::Release);
+            if first.0 <= last_index(&w.on_disk) {
+                w.rewrites.fetch_add(1, Ordering::AcqRel);
+            }
         }
         let now = std::time::Instant::now();
         let result = wal.write_with(&records, false);
@@ -2515,6 +2591,126 @@ mod tests {
         assert_eq!(log.syncs(), before + 1);
         syncer.sync_to(5).expect("sync");
         assert_eq!(log.syncs(), before + 1);
+    }
+
+    /// A sync asked by an applier (`LogSyncer::sync_to`) is made beside
+    /// the log's writer, not on it: while its `fdatasync` is under way
+    /// (held here), appends are still written and answered, and the sync,
+    /// once done, counts only what was written before it.
+    // The held gate is the point: the sync waits on it on another thread.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_appliers_sync_does_not_hold_the_logs_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let (mut log, _sm) = open_with(
+            &dir.path().join("a.redb"),
+            Options {
+                log_sync_interval: Some(std::time::Duration::from_secs(3600)),
+                ..Options::default()
+            },
+        )
+        .expect("open");
+        let entry = |index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, me), index),
+            payload: EntryPayload::Blank,
+        };
+        log.save_vote(&Vote::new_committed(1, me))
+            .await
+            .expect("vote");
+        log.blocking_append((1..=3).map(entry))
+            .await
+            .expect("append");
+        let reader = log.shared.writing.wal.lock().reader();
+        let held = reader.sync_gate.lock();
+        let waiting = reader
+            .syncs_waiting
+            .load(std::sync::atomic::Ordering::Acquire);
+        let syncer = log.syncer();
+        let syncing = std::thread::spawn(move || syncer.sync_to(3));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reader
+            .syncs_waiting
+            .load(std::sync::atomic::Ordering::Acquire)
+            == waiting
+        {
+            assert!(std::time::Instant::now() < deadline, "no sync started");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // The sync is under way: an append is written and answered.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            log.blocking_append([entry(4)]),
+        )
+        .await
+        .expect("an append waited for the sync")
+        .expect("append");
+        drop(held);
+        syncing.join().expect("join").expect("sync");
+        let syncer = log.syncer();
+        assert!(syncer.synced_upto() >= 3, "synced what was written before");
+        assert!(syncer.synced_upto() < 4, "not what was written during it");
+        let before = log.syncs();
+        syncer.sync_to(4).expect("sync");
+        assert_eq!(log.syncs(), before + 1, "the later write is synced");
+        assert!(syncer.synced_upto() >= 4);
+    }
+
+    /// A truncation during a sync made beside the writer: the entry it
+    /// replaced was synced, its replacement may not be, so the sync does
+    /// not count it and the writer syncs again before `sync_to` returns.
+    // The held gate is the point: the sync waits on it on another thread.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_beside_the_writer_does_not_count_an_entry_rewritten_during_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let (mut log, _sm) = open_with(
+            &dir.path().join("a.redb"),
+            Options {
+                log_sync_interval: Some(std::time::Duration::from_secs(3600)),
+                ..Options::default()
+            },
+        )
+        .expect("open");
+        let entry = |term: u64, index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, me), index),
+            payload: EntryPayload::Blank,
+        };
+        log.save_vote(&Vote::new_committed(1, me))
+            .await
+            .expect("vote");
+        log.blocking_append((1..=3).map(|i| entry(1, i)))
+            .await
+            .expect("append");
+        let reader = log.shared.writing.wal.lock().reader();
+        let held = reader.sync_gate.lock();
+        let waiting = reader
+            .syncs_waiting
+            .load(std::sync::atomic::Ordering::Acquire);
+        let syncer = log.syncer();
+        let before = log.syncs();
+        let syncing = std::thread::spawn(move || syncer.sync_to(3));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reader
+            .syncs_waiting
+            .load(std::sync::atomic::Ordering::Acquire)
+            == waiting
+        {
+            assert!(std::time::Instant::now() < deadline, "no sync started");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Entry 3 replaced while the sync is under way.
+        log.truncate(entry(1, 3).log_id).await.expect("truncate");
+        log.blocking_append([entry(2, 3)]).await.expect("append");
+        drop(held);
+        syncing.join().expect("join").expect("sync");
+        assert_eq!(
+            log.syncs(),
+            before + 2,
+            "the sync beside the writer, then the writer's for the new 3"
+        );
+        assert!(log.syncer().synced_upto() >= 3);
     }
 
     /// A closed log's syncer answers from what the close synced: up to it,

@@ -161,9 +161,51 @@ pub struct WalReader {
     pub(crate) gate: Arc<Mutex<()>>,
     /// `fdatasync`s of segments by the writer (diagnostics and tests).
     syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// Tests: every `fdatasync` of a segment waits for this, after
+    /// counting itself in `syncs_waiting` (a test holds it to keep a sync
+    /// under way).
+    #[cfg(test)]
+    pub(crate) sync_gate: Arc<Mutex<()>>,
+    #[cfg(test)]
+    pub(crate) syncs_waiting: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Where the active segment stood when [`Wal::sync_point`] was taken: an
+/// `fdatasync` of `file` made outside the writer's lock covers every
+/// record written before ([`Wal::synced_at`]).
+#[derive(Debug, Clone)]
+pub struct SyncPoint {
+    file: Arc<File>,
+    segment: u64,
+    pos: u64,
+}
+
+impl SyncPoint {
+    /// `fdatasync`s the segment (blocking; the writer goes on meanwhile).
+    pub fn sync(&self, reader: &WalReader) -> Result<(), StoreError> {
+        reader.sync_file(&self.file)?;
+        reader.counted_sync();
+        Ok(())
+    }
 }
 
 impl WalReader {
+    /// `fdatasync`s a segment (tests may hold it: `sync_gate`).
+    fn sync_file(&self, file: &File) -> std::io::Result<()> {
+        #[cfg(test)]
+        let _held = {
+            self.syncs_waiting
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.sync_gate.lock()
+        };
+        file.sync_data()
+    }
+
+    fn counted_sync(&self) {
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The entries in `range` that are on disk, in index order.
     pub fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>, StoreError> {
         let locs: Vec<(Loc, Arc<File>)> = {
@@ -509,6 +551,10 @@ impl Wal {
                 state: Arc::new(RwLock::new(state)),
                 gate: Arc::default(),
                 syncs: Arc::default(),
+                #[cfg(test)]
+                sync_gate: Arc::default(),
+                #[cfg(test)]
+                syncs_waiting: Arc::default(),
             },
             active,
             file,
@@ -524,9 +570,7 @@ impl Wal {
     }
 
     fn counted_sync(&self) {
-        self.reader
-            .syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reader.counted_sync();
     }
 
     /// Appends `records` and makes them durable (one `fdatasync`, and a
@@ -554,11 +598,33 @@ impl Wal {
     /// Syncs the active segment if records were written to it unsynced.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         if self.unsynced {
-            self.file.sync_data()?;
+            self.reader.sync_file(&self.file)?;
             self.counted_sync();
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// What a sync made without this writer ([`SyncPoint::sync`], which
+    /// needs no `&mut`, so the caller can release the writer's lock for
+    /// it) must cover now; `None` when nothing is unsynced. Only the
+    /// active segment can hold unsynced records (see [`Wal::write_with`]).
+    pub fn sync_point(&self) -> Option<SyncPoint> {
+        self.unsynced.then(|| SyncPoint {
+            file: self.file.clone(),
+            segment: self.active,
+            pos: self.pos,
+        })
+    }
+
+    /// A [`SyncPoint`] was synced: if nothing was written since it was
+    /// taken, the log holds no unsynced record any more (true returned).
+    /// Otherwise what was written since is still unsynced (false).
+    pub fn synced_at(&mut self, point: &SyncPoint) -> bool {
+        if self.active == point.segment && self.pos == point.pos {
+            self.unsynced = false;
+        }
+        !self.unsynced
     }
 
     /// [`Wal::write`], with `sync == false` written to the operating system
@@ -619,7 +685,7 @@ impl Wal {
         }
         file.write_all_at(&buf, base)?;
         if sync {
-            file.sync_data()?;
+            self.reader.sync_file(&file)?;
             self.counted_sync();
         }
         if rotate {
