@@ -240,7 +240,13 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
     ) -> Result<(), String> {
         if msg_type == macula_wire::MessageType::PublishBatch as u8 {
             let view = PublishBatchView::decode_shared(body);
-            return self.handle_batch_view(from, body, view.as_ref().map_err(String::as_str), rx, now);
+            return self.handle_batch_view(
+                from,
+                body,
+                view.as_ref().map_err(String::as_str),
+                rx,
+                now,
+            );
         }
         // What `prove_ahead` verified holds for the next batch only.
         rx.ahead = None;
