@@ -113,24 +113,20 @@ impl<S> BatchReceiver<S> {
     }
 
     /// Verifies the seals of a forwarded batch from `from` (a
-    /// PUBLISH_BATCH naming another publisher) now, so that the driver
-    /// can do it before it locks the core: the signature check, the
-    /// costly part of a sealed batch, then holds nothing up. The next
-    /// [`PubSubCore::handle_batch`] of this very `body` takes the outcome
+    /// PUBLISH_BATCH naming another publisher), `view` decoded from `body`,
+    /// now, so that the driver can do it before it locks the core: the
+    /// signature check, the costly part of a sealed batch, then holds
+    /// nothing up. The next [`PubSubCore::handle_batch_view`] (or
+    /// [`PubSubCore::handle_batch`]) of this very `body` takes the outcome
     /// (and drops the batch if it did not verify); anything else is
-    /// verified there as before. Nothing to do for other frames.
-    pub fn prove_ahead(&mut self, from: NodeId, msg_type: u8, body: &Bytes) {
+    /// verified there as before. Nothing to do for other batches. The
+    /// driver decodes each frame once and hands the same view to both.
+    pub fn prove_ahead(&mut self, from: NodeId, view: &PublishBatchView<'_>, body: &Bytes) {
         self.ahead = None;
-        if self.from_client || msg_type != macula_wire::MessageType::PublishBatch as u8 {
+        if self.from_client || view.publisher == from || view.seals.is_empty() {
             return;
         }
-        let Ok(view) = PublishBatchView::decode_shared(body) else {
-            return;
-        };
-        if view.publisher == from || view.seals.is_empty() {
-            return;
-        }
-        let proved = crate::proof::verify_each_with(&view, Some(body), &mut self.keys);
+        let proved = crate::proof::verify_each_with(view, Some(body), &mut self.keys);
         self.ahead = Some((body.as_ptr() as usize, body.len(), proved));
     }
 
@@ -242,19 +238,43 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         rx: &mut BatchReceiver<S>,
         now: Millis,
     ) -> Result<(), String> {
-        let c = self.counters.clone();
-        // What `prove_ahead` verified holds for this call only.
-        let ahead = rx.ahead.take();
+        if msg_type == macula_wire::MessageType::PublishBatch as u8 {
+            let view = PublishBatchView::decode_shared(body);
+            return self.handle_batch_view(
+                from,
+                body,
+                view.as_ref().map_err(String::as_str),
+                rx,
+                now,
+            );
+        }
+        // What `prove_ahead` verified holds for the next batch only.
+        rx.ahead = None;
         if msg_type == macula_wire::MessageType::PublishDropped as u8 {
             return self.handle_dropped(from, body, rx, now);
         }
-        if msg_type != macula_wire::MessageType::PublishBatch as u8 {
-            c.data_streams_rejected_total.inc();
-            return Err(format!(
-                "message type {msg_type:#04x} on a pub/sub data stream"
-            ));
-        }
-        let view = match PublishBatchView::decode_shared(body) {
+        self.counters.data_streams_rejected_total.inc();
+        Err(format!(
+            "message type {msg_type:#04x} on a pub/sub data stream"
+        ))
+    }
+
+    /// [`PubSubCore::handle_batch`] of a PUBLISH_BATCH `body` the driver
+    /// has decoded already (`view`: the decoder's answer, `Err` with why it
+    /// is malformed), so that one decode serves
+    /// [`BatchReceiver::prove_ahead`], this call and a gateway's forwarding.
+    pub fn handle_batch_view(
+        &mut self,
+        from: NodeId,
+        body: &Bytes,
+        view: Result<&PublishBatchView<'_>, &str>,
+        rx: &mut BatchReceiver<S>,
+        now: Millis,
+    ) -> Result<(), String> {
+        let c = self.counters.clone();
+        // What `prove_ahead` verified holds for this call only.
+        let ahead = rx.ahead.take();
+        let view = match view {
             Ok(v) => v,
             Err(reason) => {
                 c.data_streams_rejected_total.inc();
@@ -278,7 +298,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
         // forwarded batch whose publisher nothing proves is dropped whole.
         rx.unproved = None;
         let client = matches!(self.role, RoleState::Client(_));
-        let proof = match self.prove(from, &view, body, client, rx, ahead) {
+        let proof = match self.prove(from, view, body, client, rx, ahead) {
             Ok(p) => p,
             Err(e) => {
                 Counters::add(&c.unproved_dropped_total, view.entries.len() as u64);
@@ -297,7 +317,7 @@ impl<S: Clone, W: Clone + Default> PubSubCore<S, W> {
             Counters::add(&c.forwarded_received_total, view.entries.len() as u64);
             forwarded_key(&view.publisher, &from)
         };
-        self.deliver_batch(&view, body, rx, (key, proof), from, now);
+        self.deliver_batch(view, body, rx, (key, proof), from, now);
         Ok(())
     }
 

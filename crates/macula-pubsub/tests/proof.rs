@@ -886,6 +886,72 @@ fn a_forged_publisher_is_dropped_and_counted_never_delivered() {
     }
 }
 
+/// What the runtime's data stream reader does with a frame: one decode,
+/// the seals verified ahead of the core's lock
+/// (`BatchReceiver::prove_ahead`), then `handle_batch_view` with that view.
+fn receive_decoded_once(
+    to: &mut Core,
+    from: NodeId,
+    body: &Bytes,
+    rx: &mut BatchReceiver<u32>,
+) -> Vec<Event> {
+    let view = PublishBatchView::decode_shared(body).unwrap();
+    rx.prove_ahead(from, &view, body);
+    to.handle_batch_view(from, body, Ok(&view), rx, Millis(1))
+        .unwrap();
+    let mut got = Vec::new();
+    rx.deliver(|_, e| got.append(e));
+    got
+}
+
+#[test]
+fn a_batch_decoded_once_and_verified_ahead_still_drops_every_forgery() {
+    let victim = id(50);
+    let genuine = forged(victim, Some(&key(50)), b"signed");
+    let forgeries = [
+        forged(victim, None, b"signed"),
+        forged(victim, Some(&key(1)), b"signed"),
+        forged(victim, Some(&key(50)), b"forged"),
+    ];
+    for (i, body) in forgeries.iter().enumerate() {
+        let mut b = node(2);
+        b.subscribe("t.*", 7).unwrap();
+        let mut rx = BatchReceiver::new(false);
+        assert!(
+            receive_decoded_once(&mut b, id(1), body, &mut rx).is_empty(),
+            "forgery {i} delivered"
+        );
+        assert_eq!(unproved(&b), 1, "forgery {i} counted");
+        // What was verified ahead holds for that very body only: the
+        // genuine batch verified ahead does not pass a forgery handed
+        // over instead, nor does a failed one drop the genuine batch.
+        let view = PublishBatchView::decode_shared(&genuine).unwrap();
+        rx.prove_ahead(id(1), &view, &genuine);
+        let forged_view = PublishBatchView::decode_shared(body).unwrap();
+        b.handle_batch_view(id(1), body, Ok(&forged_view), &mut rx, Millis(1))
+            .unwrap();
+        let mut got = Vec::new();
+        rx.deliver(|_, e| got.append(e));
+        assert!(got.is_empty(), "forgery {i} passed on another's proof");
+        assert_eq!(unproved(&b), 2, "forgery {i} counted again");
+        rx.prove_ahead(id(1), &forged_view, body);
+        let got = receive(&mut b, id(1), std::slice::from_ref(&genuine), &mut rx);
+        assert_eq!(got.len(), 1, "genuine after forgery {i}");
+        assert_eq!(got[0].proof, Proof::Signed);
+    }
+    let mut b = node(2);
+    b.subscribe("t.*", 7).unwrap();
+    let mut rx = BatchReceiver::new(false);
+    let got = receive_decoded_once(&mut b, id(1), &genuine, &mut rx);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].proof, Proof::Signed);
+    assert_eq!(unproved(&b), 0);
+    // A body that did not decode closes the stream, counted.
+    let err = b.handle_batch_view(id(1), &genuine, Err("truncated"), &mut rx, Millis(1));
+    assert!(err.is_err());
+    assert_eq!(b.counters().data_streams_rejected_total.get(), 1);
+}
+
 #[test]
 fn an_unsealed_client_batch_is_delivered_at_its_gateway_but_not_forwarded() {
     let mut gw = client_through_gateway(&["t.a"], false);

@@ -884,23 +884,40 @@ impl PubSub {
                 rx.count_refused(n);
                 continue;
             }
+            // A PUBLISH_BATCH is decoded once, here: the seals' check
+            // ahead, the core and (a gateway) the forwarding read this view.
+            let batch = (frame.msg_type == MessageType::PublishBatch as u8)
+                .then(|| macula_wire::PublishBatchView::decode_shared(&frame.body));
+            let view = batch.as_ref().and_then(|b| b.as_ref().ok());
             // Tracing: this gateway's forwarding spans for the traced
             // messages of a client's batch, and for those of another
             // node's batch that go on to its clients (their copies carry
             // them on as parent); nothing when tracing is off.
-            let forwarding = if crate::trace::on() && (from_client || self.0.core().has_feeds()) {
-                self.forward_spans(&frame.body, &mut rx, from_client)
-            } else {
-                Vec::new()
+            let forwarding = match view {
+                Some(view) if crate::trace::on() && (from_client || self.0.core().has_feeds()) => {
+                    self.forward_spans(view, &mut rx, from_client)
+                }
+                _ => Vec::new(),
             };
             // A forwarded batch's seals are verified before the core is
             // locked (the signature check is most of a sealed batch's
             // cost); the core takes the outcome.
-            rx.prove_ahead(from, frame.msg_type, &frame.body);
+            if let Some(view) = view {
+                rx.prove_ahead(from, view, &frame.body);
+            }
             let res = {
                 let now = self.0.now();
                 let mut core = self.0.core();
-                let res = core.handle_batch(from, frame.msg_type, &frame.body, &mut rx, now);
+                let res = match &batch {
+                    Some(b) => core.handle_batch_view(
+                        from,
+                        &frame.body,
+                        b.as_ref().map_err(String::as_str),
+                        &mut rx,
+                        now,
+                    ),
+                    None => core.handle_batch(from, frame.msg_type, &frame.body, &mut rx, now),
+                };
                 self.after(core);
                 res
             };
@@ -938,9 +955,9 @@ impl PubSub {
             }
             c.delivered_local_total.inc_by(delivered);
             c.dropped_slow_total.inc_by(dropped);
-            if from_client {
+            if let (true, Some(view)) = (from_client, view) {
                 // A gateway passes its client's messages on into the mesh.
-                self.forward_from_client(from, &frame.body, &rx.retrace, &rx.seals)
+                self.forward_from_client(from, view, &frame.body, &rx.retrace, &rx.seals)
                     .await;
             }
             if !forwarding.is_empty() {
@@ -954,19 +971,16 @@ impl PubSub {
 impl PubSub {
     /// A gateway's span per traced message it forwards (a child of the
     /// publisher's span, or of the node that sent it): every traced message
-    /// of a client's batch `body` (into the mesh), or, for another node's
+    /// of a client's batch `view` (into the mesh), or, for another node's
     /// batch, those a client of this node subscribes to. Each is noted in
     /// `rx.retrace` so the copies forwarded name it as their parent.
     fn forward_spans(
         &self,
-        body: &Bytes,
+        view: &macula_wire::PublishBatchView<'_>,
         rx: &mut BatchReceiver<Arc<SubQueue>>,
         from_client: bool,
     ) -> Vec<crate::trace::Direct> {
         rx.retrace.clear();
-        let Ok(view) = macula_wire::PublishBatchView::decode_shared(body) else {
-            return Vec::new();
-        };
         let mut spans = Vec::new();
         for (i, e) in view.entries.iter().enumerate() {
             if e.headers.is_empty() {

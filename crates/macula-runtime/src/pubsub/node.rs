@@ -189,19 +189,18 @@ impl PubSub {
         }
     }
 
-    /// A batch that attached client `from` published (already delivered
-    /// here): forwards it to the other interested nodes, keeping the client
-    /// as publisher with its epoch and sequence numbers.
+    /// A batch that attached client `from` published (`view`, decoded
+    /// from `body` by the stream's reader; already delivered here):
+    /// forwards it to the other interested nodes, keeping the client as
+    /// publisher with its epoch and sequence numbers.
     pub(super) async fn forward_from_client(
         &self,
         from: NodeId,
+        view: &PublishBatchView<'_>,
         body: &bytes::Bytes,
         retrace: &[(usize, String)],
         seals: &macula_pubsub::SealPlaces,
     ) {
-        let Ok(view) = PublishBatchView::decode_shared(body) else {
-            return;
-        };
         if self.dht().is_none() {
             return;
         }
@@ -211,7 +210,7 @@ impl PubSub {
         }
         let now = self.0.now();
         let mut core = self.0.core();
-        core.forward_from_client(from, &view, body, &routes, retrace, seals, now);
+        core.forward_from_client(from, view, body, &routes, retrace, seals, now);
         self.after(core);
     }
 }
