@@ -588,11 +588,15 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
         .filter(|i| *i != leader)
         .map(|i| listens[i].as_str())
         .collect();
-    let mut back = Proc::spawn(&start_args(
-        REALM,
-        dirs[leader].path(),
-        &["--bootstrap", others[0], "--bootstrap", others[1]],
-    ));
+    let mut back = {
+        let mut cmd = command(&start_args(
+            REALM,
+            dirs[leader].path(),
+            &["--bootstrap", others[0], "--bootstrap", others[1]],
+        ));
+        cmd.env("RUST_LOG", "info,macula_runtime::stream::replica=trace");
+        Proc::spawn_cmd(cmd)
+    };
     let back_http = back.field("http");
     let want = json(
         &admin_http(survivor, "GET", "/admin/streams/orders", "")
@@ -611,8 +615,10 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
                 break;
             }
             if Instant::now() >= deadline {
-                // Seen once in CI (last_seq 405, stored 404), not
-                // reproduced since: say everything that tells why.
+                // Say everything that tells why (the restarted member
+                // logs each entry it applies, with the sequences it puts:
+                // this is how a member that led its old term again after
+                // the restart, and lost an entry to it, was found).
                 let mut lines = back.seen.clone();
                 lines.extend(back.lines.try_iter());
                 for l in lines

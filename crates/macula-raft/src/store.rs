@@ -658,7 +658,9 @@ impl LogSync for LogSyncer {
 /// [`Durable`]: nothing of an entry leaves the leader before its copy is
 /// on disk. Every other append (a follower's) is reported, and returns,
 /// only once durable, because openraft 0.9 answers AppendEntries when
-/// `append` returns.
+/// `append` returns. Since followers may hold entries the leader's own log
+/// lost in a crash, a restarted member never leads its old term again
+/// ([`restarted_vote`]).
 #[derive(Clone)]
 pub struct LogStore {
     wal: WalReader,
@@ -1067,7 +1069,7 @@ impl LogStore {
         durable: (tokio::sync::watch::Sender<DurableState>, Durable),
     ) -> Result<Self, StoreError> {
         let reader = wal.reader();
-        let vote = reader.vote();
+        let vote = reader.vote().map(restarted_vote);
         let (tx, rx) = std::sync::mpsc::channel();
         let (durable_tx, durable) = durable;
         let sync_interval_ms = Arc::new(AtomicU64::new(0));
@@ -1229,6 +1231,23 @@ impl LogStore {
     }
 }
 
+/// The vote a member starts with: the one it saved, never committed.
+///
+/// openraft 0.9 restores a member whose saved vote is committed for itself
+/// as the leader of that term at once, with the log it finds. But a leader
+/// here sends its entries before its own copy is written (see
+/// [`LogStore`]): a `kill -9` can take entries from its log that followers
+/// hold. Leading that term again, it would append different entries under
+/// the same log ids, which followers take for the ones they hold (Raft
+/// matches entries by log id), and apply them in their place: one member
+/// loses an entry a majority committed. Reported uncommitted, the vote
+/// still bars voting for anyone else in that term, and the member leads
+/// again only after winning an election in a later term.
+fn restarted_vote(mut vote: Vote<MemberId>) -> Vote<MemberId> {
+    vote.committed = false;
+    vote
+}
+
 /// What [`LogStore::append_inline`] did.
 enum Inline {
     /// Written (or failed), and the callback told.
@@ -1353,8 +1372,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
+    /// openraft reads it once, at start. A vote this member's leadership
+    /// committed comes back uncommitted ([`restarted_vote`]).
     async fn read_vote(&mut self) -> Result<Option<Vote<MemberId>>, StorageError> {
-        Ok(self.wal.vote())
+        Ok(self.wal.vote().map(restarted_vote))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
@@ -2513,9 +2534,10 @@ mod tests {
             .map(|e| e.log_id.index)
             .collect();
         assert_eq!(got, vec![1, 2, 3, 4, 5, 6, 7]);
+        // Read back at start uncommitted (`restarted_vote`).
         assert_eq!(
             again.read_vote().await.expect("vote"),
-            Some(Vote::new_committed(2, me))
+            Some(Vote::new(2, me))
         );
     }
 
@@ -2915,7 +2937,12 @@ mod tests {
             .map(|e| e.log_id.index)
             .collect();
         assert_eq!(ids, vec![2, 3, 4]);
-        assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+        // Moved whole; openraft gets it uncommitted (`restarted_vote`).
+        assert_eq!(log.wal.vote(), Some(vote));
+        assert_eq!(
+            log.read_vote().await.expect("vote"),
+            Some(Vote::new(3, MemberId::from(1u64)))
+        );
         assert_eq!(log.read_committed().await.expect("c"), Some(log_id(3)));
         let state = log.get_log_state().await.expect("state");
         assert_eq!(state.last_purged_log_id, Some(log_id(1)));

@@ -316,3 +316,79 @@ async fn replicate_restart_and_catch_up_from_snapshot() {
     }
     raft.shutdown().await.expect("shutdown");
 }
+
+/// A member that led, stopped and started again, does not lead its old
+/// term again: a leader sends entries before its own copy is written, so a
+/// crash can take from its log entries that followers hold, and leading
+/// that term again it would append other entries under the same log ids
+/// (which followers take for theirs). It leads again only after winning an
+/// election in a later term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_leads_again_only_in_a_later_term() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = Router::default();
+    let mut members = Vec::new();
+    for n in 1..=3 {
+        members.push(start(&router, dir.path(), n).await);
+    }
+    let ids: BTreeSet<MemberId> = (1..=3).map(MemberId::from).collect();
+    members[0].0.initialize(ids).await.expect("initialize");
+    let lead = leader(&router).await;
+    for i in 0..5 {
+        lead.client_write(put(&format!("k/{i}"), "v"))
+            .await
+            .expect("write");
+    }
+    let (lead_id, term) = {
+        let m = lead.metrics().borrow().clone();
+        (m.id, m.current_term)
+    };
+    let lead_n = (1..=3)
+        .find(|n| MemberId::from(*n) == lead_id)
+        .expect("leader n");
+    drop(lead);
+    // Every member stops.
+    for (raft, _) in members.drain(..) {
+        let id = raft.metrics().borrow().id;
+        router.set(id, None);
+        raft.shutdown().await.expect("shutdown");
+    }
+    // Give the stores a moment to be released, then the leader comes back
+    // alone: its term and log are loaded, and it does not lead.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (back, back_sm) = start(&router, dir.path(), lead_n).await;
+    let m = back
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.current_term >= term, "state loaded")
+        .await
+        .expect("loaded");
+    assert_ne!(
+        (m.current_term, m.current_leader),
+        (term, Some(lead_id)),
+        "leads its old term again: {m:?}"
+    );
+    // With the others back, a leader is elected in a later term, and every
+    // write is there.
+    let mut now = vec![(back, back_sm)];
+    for n in (1..=3).filter(|n| *n != lead_n) {
+        now.push(start(&router, dir.path(), n).await);
+    }
+    let lead = leader(&router).await;
+    let lead_now = lead.metrics().borrow().clone();
+    assert!(
+        lead_now.current_term > term,
+        "term {} <= {term}",
+        lead_now.current_term
+    );
+    lead.client_write(put("k/after", "v"))
+        .await
+        .expect("write after");
+    let (_, sm) = now
+        .iter()
+        .find(|(r, _)| r.metrics().borrow().id == lead_now.id)
+        .expect("the leader's state machine");
+    assert_eq!(sm.count(b"k/"), 6);
+    for (raft, _) in now {
+        raft.shutdown().await.expect("shutdown");
+    }
+}

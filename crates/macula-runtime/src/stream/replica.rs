@@ -169,10 +169,12 @@ impl macula_raft::Applier for StreamApplier {
             for (index, bytes) in entries {
                 answers.push(Vec::new());
                 if index <= applied {
+                    tracing::trace!(stream = %h.name, index, applied, "entry applied before: skipped");
                     continue;
                 }
                 let ws = decode_writes(&bytes)
                     .map_err(|e| format!("entry {index} does not decode: {e}"))?;
+                tracing::trace!(stream = %h.name, index, puts = ?ws.iter().filter_map(|w| match w { Write::Put(s, _) => Some(*s), _ => None }).collect::<Vec<_>>(), "applying entry");
                 for w in &ws {
                     if let Write::Config(json) = w {
                         follow_sync_interval(&h, json);
