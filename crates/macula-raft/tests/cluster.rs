@@ -170,17 +170,26 @@ async fn leader(router: &Router) -> Raft {
     panic!("no leader");
 }
 
+/// Members 1, 2 and 3 of a new group in `dir`, and its leader once elected.
+async fn three_members(
+    router: &Router,
+    dir: &std::path::Path,
+) -> (Vec<(Raft, StateMachineStore)>, Raft) {
+    let mut members = Vec::new();
+    for n in 1..=3 {
+        members.push(start(router, dir, n).await);
+    }
+    let ids: BTreeSet<MemberId> = (1..=3).map(MemberId::from).collect();
+    members[0].0.initialize(ids).await.expect("initialize");
+    let lead = leader(router).await;
+    (members, lead)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_restart_and_catch_up_from_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = Router::default();
-    let mut members = Vec::new();
-    for n in 1..=3 {
-        members.push(start(&router, dir.path(), n).await);
-    }
-    let ids: BTreeSet<MemberId> = (1..=3).map(MemberId::from).collect();
-    members[0].0.initialize(ids).await.expect("initialize");
-    let lead = leader(&router).await;
+    let (mut members, lead) = three_members(&router, dir.path()).await;
 
     // Writes, a lease and a watch through Raft.
     let (_, mut rx) = members[1].1.watch(b"k/", 0).expect("watch");
@@ -327,13 +336,7 @@ async fn replicate_restart_and_catch_up_from_snapshot() {
 async fn a_restarted_leader_leads_again_only_in_a_later_term() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = Router::default();
-    let mut members = Vec::new();
-    for n in 1..=3 {
-        members.push(start(&router, dir.path(), n).await);
-    }
-    let ids: BTreeSet<MemberId> = (1..=3).map(MemberId::from).collect();
-    members[0].0.initialize(ids).await.expect("initialize");
-    let lead = leader(&router).await;
+    let (mut members, lead) = three_members(&router, dir.path()).await;
     for i in 0..5 {
         lead.client_write(put(&format!("k/{i}"), "v"))
             .await
