@@ -555,11 +555,25 @@ fn a_replicated_stream_survives_kill_9_of_its_leader_under_load() {
         p.join().expect("publisher");
     }
     let acked = std::mem::take(&mut *acked.lock().unwrap());
-    assert!(
-        acked.len() >= at_kill + 200,
-        "publishes stalled after the leader died: {} acknowledged, {at_kill} before",
-        acked.len()
-    );
+    if acked.len() < at_kill + 200 {
+        // Seen once under a load of about 10 on two cores: say what the
+        // survivors' groups did.
+        for (i, p) in procs.iter_mut().enumerate().filter(|(i, _)| *i != leader) {
+            let mut lines = std::mem::take(&mut p.seen);
+            lines.extend(p.lines.try_iter());
+            let told: Vec<&String> = lines
+                .iter()
+                .filter(|l| l.contains("stream") || l.contains("raft"))
+                .collect();
+            for l in &told[told.len().saturating_sub(80)..] {
+                eprintln!("survivor {i}: {l}");
+            }
+        }
+        panic!(
+            "publishes stalled after the leader died: {} acknowledged, {at_kill} before",
+            acked.len()
+        );
+    }
     let survivor = &https[(leader + 1) % 3];
     // Every acknowledged event is there, under its sequence.
     for (seq, payload) in &acked {
