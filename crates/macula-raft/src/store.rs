@@ -875,6 +875,8 @@ struct Writing {
     /// made outside the writer ([`LogSyncer::sync_to`]) then covers the
     /// entries it saw only if this did not move meanwhile.
     rewrites: AtomicU64,
+    /// Appends written by their caller ([`LogStore::append_inline`]).
+    inline_appends: AtomicU64,
 }
 
 impl Writing {
@@ -1089,6 +1091,7 @@ impl LogStore {
             interval_seen: AtomicU64::new(0),
             synced_upto: synced_upto.clone(),
             rewrites: AtomicU64::new(0),
+            inline_appends: AtomicU64::new(0),
         });
         let shared = Arc::new(LogShared {
             pending,
@@ -1137,6 +1140,12 @@ impl LogStore {
             synced_upto: self.shared.synced_upto.clone(),
             shared: Arc::downgrade(&self.shared),
         }
+    }
+
+    /// How many appends their caller wrote itself, without the writer
+    /// thread (with a sync interval, when the writer was idle).
+    pub fn inline_appends(&self) -> u64 {
+        self.shared.writing.inline_appends.load(Ordering::Relaxed)
     }
 
     /// How far this log is on disk.
@@ -1257,17 +1266,20 @@ enum Inline {
 }
 
 impl LogStore {
-    /// With a sync interval, a follower's append is only a write (no
-    /// `fdatasync`): the caller writes it itself when the writer thread
-    /// has nothing queued and is not writing (log order), saving the
-    /// hand-off to the thread and back on the path of every
-    /// AppendEntries. Not when the write would start a segment (that syncs
-    /// the closing one). The writer thread is woken when this leaves the
-    /// log unsynced, to sync it within the interval.
+    /// With a sync interval, an append is only a write (no `fdatasync`):
+    /// the caller (openraft's core) writes it itself when the writer
+    /// thread has nothing queued and is not writing (log order), saving
+    /// the hand-off to the thread and back: on a follower, on the path of
+    /// every AppendEntries answer; on the leader (`leader`: its own
+    /// entries), before the commit it may send and its own apply, which
+    /// wait for its copy ([`Durable`]). Not when the write would start a
+    /// segment (that syncs the closing one). The writer thread is woken
+    /// when this leaves the log unsynced, to sync it within the interval.
     fn append_inline(
         &self,
         rows: &[(u64, Vec<u8>, LogId)],
         callback: LogFlushed<TypeConfig>,
+        leader: bool,
     ) -> Inline {
         let w = &self.shared.writing;
         if w.interval().is_none() || w.queued.load(Ordering::Acquire) > 0 {
@@ -1327,7 +1339,12 @@ impl LogStore {
             }
         };
         drop(wal);
-        crate::probe::mark(crate::probe::Phase::FollowerWritten);
+        w.inline_appends.fetch_add(1, Ordering::Relaxed);
+        crate::probe::mark(if leader {
+            crate::probe::Phase::LeaderWritten
+        } else {
+            crate::probe::Phase::FollowerWritten
+        });
         if wake {
             // Not counted, not awaited: the writer looks at the interval.
             let _ = self.send(LogOp::Wake);
@@ -1425,13 +1442,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         } else {
             crate::probe::Phase::FollowerAppend
         });
-        let callback = if early {
-            callback
-        } else {
-            match self.append_inline(&rows, callback) {
-                Inline::Done(r) => return r,
-                Inline::Not(callback) => callback,
-            }
+        // A leader's own entries too: written inline, they are on disk
+        // before openraft hears of them, so neither the replication (for
+        // the commit it sends) nor the state machine waits for the writer.
+        let callback = match self.append_inline(&rows, callback, early) {
+            Inline::Done(r) => return r,
+            Inline::Not(callback) => callback,
         };
         {
             // Readable from now on, before they reach the disk.
@@ -2539,6 +2555,71 @@ mod tests {
             again.read_vote().await.expect("vote"),
             Some(Vote::new(2, me))
         );
+    }
+
+    /// With a sync interval and the writer idle, a leader's own entries
+    /// are written by the append itself, as a follower's are: on disk
+    /// ([`Durable`]) when `append` returns, with no hand-off to the writer
+    /// thread. Without an interval they go to the writer (an fsync each)
+    /// and are reported early, as before.
+    #[tokio::test]
+    async fn with_a_sync_interval_a_leaders_own_append_is_written_inline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = MemberId::from(1u64);
+        let other = MemberId::from(2u64);
+        let (mut log, _sm) = open_with(
+            &dir.path().join("a.redb"),
+            Options {
+                member: Some(me),
+                log_sync_interval: Some(std::time::Duration::from_secs(3600)),
+                ..Options::default()
+            },
+        )
+        .expect("open");
+        let entry = |leader: MemberId, term: u64, index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, leader), index),
+            payload: EntryPayload::Blank,
+        };
+        log.save_vote(&Vote::new_committed(1, me))
+            .await
+            .expect("vote");
+        assert!(log.own_leader_entries(&[(1, Vec::new(), entry(me, 1, 1).log_id)]));
+        let durable = log.durable();
+        for i in 1..=3 {
+            log.blocking_append([entry(me, 1, i)])
+                .await
+                .expect("append");
+            assert_eq!(log.inline_appends(), i, "own entry {i} written inline");
+            assert_eq!(durable.last().map(|l| l.index), Some(i), "on disk at once");
+        }
+        // A follower's entries, as before.
+        log.save_vote(&Vote::new_committed(2, other))
+            .await
+            .expect("vote");
+        log.blocking_append([entry(other, 2, 4)])
+            .await
+            .expect("append");
+        assert_eq!(log.inline_appends(), 4);
+        // Without an interval every append goes to the writer (and syncs).
+        log.save_vote(&Vote::new_committed(3, me))
+            .await
+            .expect("vote");
+        log.set_sync_interval(None);
+        let syncs = log.syncs();
+        log.blocking_append([entry(me, 3, 5)])
+            .await
+            .expect("append");
+        durable.wait(5).await.expect("written");
+        assert_eq!(log.inline_appends(), 4, "not inline without an interval");
+        assert!(log.syncs() > syncs, "synced by the writer");
+        let got: Vec<u64> = log
+            .try_get_log_entries(1..=5)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
     }
 
     /// An applier syncing its own store first syncs the log up to the

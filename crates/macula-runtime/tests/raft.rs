@@ -680,3 +680,79 @@ async fn a_restarted_member_catches_up_from_a_snapshot_and_the_log() {
         }
     }
 }
+
+/// A member whose group starts after the others elected a leader (a
+/// group just created, the last member's join still on its way) answers
+/// "no such group" meanwhile. The leader tries it again every
+/// 20 ms, not after the 200 ms back-off of an unreachable
+/// member (which let the late member's election timer fire first and
+/// unseat a healthy leader of a just-created replicated stream): it
+/// counts those answers, several per 200 ms. The late member (the lowest
+/// ID, the founder that initializes first when it is there from the
+/// start) does not initialize the group again once it runs it: it hears
+/// from the leader first and follows it, in the same term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_starts_its_group_late_is_tried_again_within_an_election_timeout() {
+    init_tracing();
+    let m = mesh(3).await;
+    let members: Vec<NodeId> = m.nodes.iter().map(|n| n.node_id()).collect();
+    let opts = || GroupOptions {
+        members: members.clone(),
+        ..Default::default()
+    };
+    // The late one is the lowest ID, the founder that initializes first
+    // (after two heartbeats) when it is there from the start.
+    let late_i = (0..3)
+        .min_by_key(|&i| m.nodes[i].node_id())
+        .expect("three nodes");
+    let early: Vec<&NodeRuntime> = (0..3)
+        .filter(|&i| i != late_i)
+        .map(|i| &m.nodes[i])
+        .collect();
+    let mut groups = Vec::new();
+    for n in &early {
+        groups.push(
+            within(STEP, "join", n.raft().join("late", opts()))
+                .await
+                .expect("joins"),
+        );
+    }
+    let l = agreed_leader(&groups).await;
+    let term = groups[l].leader_state().term;
+    let counted = || -> u64 {
+        m.nodes
+            .iter()
+            .map(|n| n.raft().counters().no_group_answers_total.get())
+            .sum()
+    };
+    let before = counted();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let answers = counted() - before;
+    // Every 20 ms: up to 50 in a second (the vote requests before the
+    // election besides); with a 200 ms back-off at most 5 or 6.
+    assert!(
+        answers >= 8,
+        "{answers} no-group answers in a second: backing off"
+    );
+    let late = within(
+        STEP,
+        "late join",
+        m.nodes[late_i].raft().join("late", opts()),
+    )
+    .await
+    .expect("joins");
+    groups.push(late);
+    let leader = groups[l].leader();
+    eventually(STEP, "the late member follows the leader", || {
+        groups[2].leader() == leader
+    })
+    .await;
+    assert_eq!(
+        groups[l].leader_state().term,
+        term,
+        "the leader kept its term"
+    );
+    for n in &m.nodes {
+        n.shutdown().await;
+    }
+}

@@ -459,3 +459,46 @@ async fn concurrent_publishes_are_stored_in_sequence_order_on_every_member() {
         n.shutdown().await;
     }
 }
+
+/// A replicated stream removed while one member is behind in its applies
+/// (it has a backlog of acknowledged entries to apply): the removal
+/// succeeds, every member drops the stream, its store file and its
+/// group's files, and a stream of the same name added afterwards starts
+/// over at sequence 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replicated_stream_removed_with_applies_behind_is_gone_from_every_member() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let nodes = replicated_orders(&dirs).await;
+    assert_eq!(publish(&nodes[0], 1).await, 1);
+    let l = serving(&nodes);
+    let f = (l + 1) % nodes.len();
+    assert!(nodes[f].streams().hold_applies("orders", true));
+    for i in 2..=100 {
+        publish(&nodes[l], i).await;
+    }
+    // The held member applies its backlog while the removal goes on.
+    assert!(nodes[f].streams().hold_applies("orders", false));
+    within(STEP, "remove", nodes[l].streams().delete("orders"))
+        .await
+        .expect("removed from every member");
+    for (n, d) in nodes.iter().zip(&dirs) {
+        assert!(!n.streams().names().contains(&"orders".to_string()));
+        assert!(n.streams().replica_status("orders").is_none());
+        assert!(!d.path().join("streams/orders.redb").exists());
+        assert!(!d.path().join("raft/_stream.orders.redb").exists());
+    }
+    let cfg = StreamConfig {
+        replicas: 3,
+        ..StreamConfig::new("orders", &["orders.**"])
+    };
+    within(STEP, "add again", nodes[0].streams().add(cfg))
+        .await
+        .expect("added again");
+    assert_eq!(publish(&nodes[0], 1000).await, 1, "a new stream");
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

@@ -41,8 +41,10 @@ const ENTRY_OVERHEAD: usize = 8 * 1024;
 #[derive(Clone, Default)]
 pub struct GroupOptions {
     /// The founding voters. A node in this list with an empty log
-    /// initializes the group with exactly these voters (all founders may,
-    /// with the same list). Empty: join an existing group, as a learner
+    /// initializes the group with exactly these voters unless a leader's
+    /// membership reaches it first: the lowest ID after two heartbeats,
+    /// the others after two election timeouts (all founders may, with the
+    /// same list). Empty: join an existing group, as a learner
     /// until the leader promotes this node.
     pub members: Vec<NodeId>,
     /// The state machine of the group's opaque entries (a replicated
@@ -53,6 +55,44 @@ pub struct GroupOptions {
     /// synced before it is acknowledged.
     pub log_sync_interval: Option<Duration>,
 }
+
+/// Initializes a founder's group with `founders` after `grace`, unless it
+/// is initialized by then (the membership came from a leader, or a
+/// restart found it in the log). Errors are another founder's success or
+/// a group that stopped meanwhile: logged at debug.
+async fn initialize_unless_joined(
+    raft: Raft,
+    founders: BTreeSet<MemberId>,
+    grace: Duration,
+    name: Arc<str>,
+) {
+    if !grace.is_zero() {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            match raft.is_initialized().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(group = %name, error = %e, "raft stopped before its initialization");
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(INIT_POLL).await;
+        }
+        tracing::debug!(group = %name, "no leader replicated the membership in time: initializing");
+    }
+    if let Err(e) = raft.initialize(founders).await {
+        // Another founder got there first: that is the goal.
+        tracing::debug!(group = %name, error = %e, "raft initialize");
+    }
+}
+
+/// How often a founder waiting to initialize looks whether a leader's
+/// membership reached it.
+const INIT_POLL: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for GroupOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -467,10 +507,27 @@ impl Group {
                 .await
                 .map_err(|e| GroupError::Stopped(e.to_string()))?;
             if !initialized {
-                if let Err(e) = raft.initialize(founders).await {
-                    // Another founder got there first: that is the goal.
-                    tracing::debug!(group = name, error = %e, "raft initialize");
-                }
+                // openraft's `initialize` starts an election: from a
+                // founder that joined after the others had elected a
+                // leader, it unseated that leader (a new replicated
+                // stream lost its leader for up to 1.5 s in one bench run
+                // in six). So a founder initializes only if no leader's
+                // membership reached it within a grace: two heartbeats
+                // for the lowest ID (a leader elsewhere tries a member
+                // without the group every 20 ms), two election timeouts
+                // for the others (that founder down or late).
+                let first = founders.first() == Some(&MemberId(me));
+                let grace = if first {
+                    2 * limits.heartbeat
+                } else {
+                    2 * limits.election_min
+                };
+                tokio::spawn(initialize_unless_joined(
+                    raft.clone(),
+                    founders,
+                    grace,
+                    Arc::from(name),
+                ));
             }
         }
         let (leader_tx, leader_rx) = watch::channel(LeaderState::default());

@@ -62,6 +62,9 @@ pub struct RaftCounters {
     pub requests_refused_total: Counter,
     pub forwarded_total: Counter,
     pub payload_too_large_total: Counter,
+    /// Requests a member answered with "no such group" (not created or
+    /// opened there yet), tried again after 20 ms, not 200.
+    pub no_group_answers_total: Counter,
     pub leader_changes_total: Counter,
     pub leases_expired_total: Counter,
     pub groups_refused_total: Counter,
@@ -116,6 +119,12 @@ impl RaftCounters {
             "macula_raft_payload_too_large",
             "Log batches too large for a member's frame limit (sent again in smaller batches).",
             self.payload_too_large_total.clone(),
+        );
+        register(
+            r,
+            "macula_raft_no_group_answers",
+            "Raft requests a member answered with no such group (not created or opened there yet): tried again after 20 ms, not the 200 ms back-off of an unreachable member.",
+            self.no_group_answers_total.clone(),
         );
         register(
             r,

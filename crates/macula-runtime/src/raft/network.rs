@@ -199,6 +199,7 @@ impl RaftNetworkFactory<TypeConfig> for MeshNetworkFactory {
             quiet: LogLimit::new(UNREACHABLE_LOG_EVERY),
             durable: self.durable.clone(),
             heard: self.heard.clone(),
+            no_group: Arc::default(),
         }
     }
 }
@@ -214,10 +215,21 @@ pub(crate) struct MeshNetwork {
     quiet: LogLimit,
     durable: Durable,
     heard: Arc<Heard>,
+    /// The last failure was "no such group" (the back-off is short).
+    no_group: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// At most one "member unreachable" warning per member and interval.
 const UNREACHABLE_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// How often a member that is down is tried again.
+const UNREACHABLE_RETRY: Duration = Duration::from_millis(200);
+
+/// How often a member that answered it does not run the group (yet) is
+/// tried again: well within an election timeout, so that a member whose
+/// group starts a little after the others hears from their leader before
+/// its own election timer fires.
+const NO_GROUP_RETRY: Duration = Duration::from_millis(20);
 
 type RpcErr<E = macula_raft::openraft::error::Infallible> =
     RPCError<MemberId, EmptyNode, RaftError<MemberId, E>>;
@@ -263,12 +275,33 @@ impl MeshNetwork {
                 }))
             }
             Err(
+                e @ TransportError::Refused {
+                    status: RaftStatus::NoGroup,
+                    ..
+                },
+            ) => {
+                // Up, but not running the group yet: a member of a group
+                // just created (or a node still opening its groups) that
+                // starts it within milliseconds. Retried after a short
+                // back-off ([`NO_GROUP_RETRY`], see `backoff`), not the
+                // 200 ms of a member that is down: the member's election
+                // timer, not hearing from this leader, could fire first
+                // and unseat it.
+                self.no_group
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.transport.counters.no_group_answers_total.inc();
+                tracing::debug!(group = %self.group, member = %self.target, error = %e, "raft member not running the group yet");
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            Err(
                 e @ (TransportError::Unreachable(_)
                 | TransportError::Refused { .. }
                 | TransportError::Stream { .. }),
             ) => {
-                // A member that is down, cut off, or up but not running the
-                // group (yet): back off before trying again.
+                // A member that is down, cut off, or refusing: back off
+                // before trying again.
+                self.no_group
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 if let Some(held) = self.quiet.allow() {
                     tracing::warn!(group = %self.group, member = %self.target, error = %e, repeats = held, "raft member unreachable; retrying every 200 ms");
                 }
@@ -359,7 +392,15 @@ impl RaftNetwork<TypeConfig> for MeshNetwork {
 
     fn backoff(&self) -> macula_raft::openraft::network::Backoff {
         // A member that is down is retried every 200 ms (openraft's default
-        // is 500 ms): a restarted member catches up sooner.
-        macula_raft::openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+        // is 500 ms): a restarted member catches up sooner. One that
+        // answered it does not run the group yet, every `NO_GROUP_RETRY`.
+        let no_group = self.no_group.clone();
+        macula_raft::openraft::network::Backoff::new(std::iter::repeat_with(move || {
+            if no_group.load(std::sync::atomic::Ordering::Relaxed) {
+                NO_GROUP_RETRY
+            } else {
+                UNREACHABLE_RETRY
+            }
+        }))
     }
 }

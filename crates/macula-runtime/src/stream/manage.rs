@@ -304,14 +304,22 @@ impl Streams {
 
     /// Removes a replicated stream from this member: its group (and the
     /// group's files) and its stream file.
+    ///
+    /// The group stops first: an entry it still applied after the store
+    /// was closed (a member behind in its applies has many) would fail the
+    /// stream, with errors logged for a removal that went as asked.
     pub(crate) async fn drop_replica(&self, name: &str) -> Result<(), StreamError> {
-        let removed = self.remove_local(name).await?;
-        if let Some(raft) = self.raft() {
+        let raft = self.raft();
+        if let Some(raft) = &raft {
+            raft.leave(&group_name(name)).await;
+        }
+        let removed = self.remove_local(name).await;
+        if let Some(raft) = &raft {
             raft.destroy(&group_name(name))
                 .await
                 .map_err(|e| StreamError::Replication(e.to_string()))?;
         }
-        if removed.is_none() {
+        if removed?.is_none() {
             return Err(StreamError::NotFound(name.to_string()));
         }
         Ok(())
