@@ -72,6 +72,13 @@ async fn publish(n: &NodeRuntime, i: u64) -> u64 {
     .await
 }
 
+/// Data directories for three nodes.
+fn three_dirs() -> Vec<tempfile::TempDir> {
+    (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect()
+}
+
 /// Three nodes (the others bootstrapped through the first, which sees
 /// both) and stream `orders` added on the first with three replicas.
 async fn replicated_orders(dirs: &[tempfile::TempDir]) -> Vec<NodeRuntime> {
@@ -107,9 +114,7 @@ fn serving(nodes: &[NodeRuntime]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_far_behind_installs_a_snapshot_and_fetches_the_records() {
     init_tracing();
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = three_dirs();
     let mut nodes = replicated_orders(&dirs).await;
     for i in 1..=20 {
         assert_eq!(publish(&nodes[0], i).await, i);
@@ -167,9 +172,7 @@ async fn a_member_far_behind_installs_a_snapshot_and_fetches_the_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_its_majority_refuses_in_time_and_nothing_acknowledged_is_lost() {
     init_tracing();
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = three_dirs();
     let nodes = replicated_orders(&dirs).await;
     let mut acked = Vec::new();
     for i in 1..=10 {
@@ -257,9 +260,7 @@ async fn a_leader_cut_off_from_its_majority_refuses_in_time_and_nothing_acknowle
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_behind_the_snapshot_index_waits_before_it_answers_a_fetch() {
     init_tracing();
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = three_dirs();
     let nodes = replicated_orders(&dirs).await;
     for i in 1..=10 {
         assert_eq!(publish(&nodes[0], i).await, i);
@@ -343,9 +344,7 @@ async fn a_member_behind_the_snapshot_index_waits_before_it_answers_a_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_publish_is_answered_at_its_commit_and_a_read_of_it_waits_for_the_apply() {
     init_tracing();
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = three_dirs();
     let nodes = replicated_orders(&dirs).await;
     assert_eq!(publish(&nodes[0], 1).await, 1);
     let l = serving(&nodes);
@@ -410,9 +409,7 @@ async fn a_publish_is_answered_at_its_commit_and_a_read_of_it_waits_for_the_appl
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_publishes_are_stored_in_sequence_order_on_every_member() {
     init_tracing();
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = three_dirs();
     let nodes = replicated_orders(&dirs).await;
     assert_eq!(publish(&nodes[0], 1).await, 1);
     let l = serving(&nodes);
@@ -468,9 +465,7 @@ async fn concurrent_publishes_are_stored_in_sequence_order_on_every_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replicated_stream_removed_with_applies_behind_is_gone_from_every_member() {
     init_tracing();
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = three_dirs();
     let nodes = replicated_orders(&dirs).await;
     assert_eq!(publish(&nodes[0], 1).await, 1);
     let l = serving(&nodes);

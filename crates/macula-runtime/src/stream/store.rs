@@ -2142,6 +2142,9 @@ mod tests {
         let s = open_store(dir.path());
         s.set_sync_interval(Some(Duration::from_secs(3600)));
         let appends = s.stats().journal_appends.load(Ordering::Relaxed);
+        // The writer held: it flushes what nobody did 1 ms after it idles,
+        // which a slow test thread could let it do amid the submits.
+        let held = Held::new(&s);
         let mut rxs: Vec<_> = (1..=40).map(|seq| submit_rx(&s, seq)).collect();
         // Staged, not written: nobody is answered, nothing is durable.
         for rx in &mut rxs {
@@ -2152,6 +2155,7 @@ mod tests {
         for rx in rxs {
             rx.blocking_recv().unwrap().unwrap();
         }
+        drop(held);
         assert_eq!(*s.durable().borrow(), 40);
         assert_eq!(
             s.stats().journal_appends.load(Ordering::Relaxed),
